@@ -1,0 +1,27 @@
+"""User-facing errors: anything a person can fix (recipe, flag, path, data) raises `UserError`.
+
+The CLI turns a `UserError` into one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """A mistake in the user's input; the message is the whole story, in one line."""
+
+
+class RecipeError(UserError):
+    """A bad recipe value: names the file and the dotted key path."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key = source, key
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {message}")
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

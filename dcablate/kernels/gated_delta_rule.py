@@ -1,0 +1,115 @@
+"""Gated delta rule: fla's chunked Triton kernel on CUDA, a pure-torch recurrence as reference.
+
+Per head, with state `S [K, V]`, log-decay `g_t`, write strength `beta_t` and L2-normalised `q, k`:
+
+    S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - S_{t-1}'^T k_t))^T      (S' = exp(g_t) S_{t-1})
+    o_t = S_t^T (scale * q_t)
+
+The gate is the Gated DeltaNet parameterisation, `g = -exp(A_log) * softplus(a + dt_bias)` and
+`beta = sigmoid(b)` (times 2 when negative eigenvalues are allowed), computed from raw `a, b`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import require_fla, use_fla
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim (fla's l2norm)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+              allow_neg_eigval: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw projections `a, b [B, T, H]` -> (log-decay g, beta), both fp32."""
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    beta = b.float().sigmoid()
+    return g, (2 * beta if allow_neg_eigval else beta)
+
+
+def delta_rule_recurrence(q, k, v, g, beta, scale: float) -> torch.Tensor:
+    """Token-by-token recurrence in fp32; q, k [B, T, H, K] (already normalised), v [B, T, H, V],
+    g, beta [B, T, H]. Returns o [B, T, H, V] in fp32."""
+    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    B, T, H, K = k.shape
+    S = k.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None]
+        k_t = k[:, t]
+        update = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", k_t, S))
+        S = S + k_t[..., :, None] * update[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(outs, dim=1)
+
+
+def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64) -> torch.Tensor:
+    """The same function as `delta_rule_recurrence`, computed chunk-parallel in fp32 (the CPU path).
+
+    Within a chunk with cumulative log-decay `G` and chunk-start state `S0`, the state is
+    `S_t = e^{G_t} S0 + sum_{i<=t} e^{G_t-G_i} k_i u_i^T` where the new values `u` solve the unit
+    lower-triangular system `(I + A) u = beta (v - e^{G} K S0)`, `A_ti = beta_t e^{G_t-G_i} k_t.k_i`
+    (i < t). Splitting `u = U - W S0` lets every chunk's solve run at once; only the cheap state
+    hand-off between chunks is sequential.
+    """
+    q, k, v, g, beta = (t.float().transpose(1, 2) for t in (q, k, v, g, beta))  # [B, H, T, .]
+    B, H, T, K = k.shape
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    if pad:  # zero keys/values and zero log-decay leave the state untouched
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    n = (T + pad) // C
+    q, k, v = (t.reshape(B, H, n, C, -1) for t in (q, k, v))
+    g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
+
+    G = g.cumsum(-1)                                                   # [B, H, n, C]
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    diff = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf"))
+    decay = diff.exp()                                                 # e^{G_t - G_i}, i <= t, else 0
+    eye = torch.eye(C, device=k.device)
+    A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))) * (1 - eye)
+    system = eye + A
+    W = torch.linalg.solve_triangular(system, beta[..., None] * G.exp()[..., None] * k, upper=False,
+                                      unitriangular=True)
+    U = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
+    scores = (q @ k.transpose(-1, -2)) * decay * scale                 # causal, decayed q.k
+    q_decayed = q * (G.exp()[..., None] * scale)
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]                  # e^{G_C - G_i} k_i
+
+    S = k.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for c in range(n):
+        u = U[:, :, c] - W[:, :, c] @ S
+        outs.append(q_decayed[:, :, c] @ S + scores[:, :, c] @ u)
+        S = G[:, :, c, -1].exp()[..., None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ u
+    o = torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T]
+    return o.transpose(1, 2)
+
+
+def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: bool = False,
+                               chunked: bool = True):
+    """Reference of the full op from raw inputs (q, k un-normalised, a, b raw); fp32 inside."""
+    g, beta = gdn_gates(a, b, A_log, dt_bias, allow_neg_eigval)
+    q, k = l2_normalize(q.float()), l2_normalize(k.float())
+    core = delta_rule_chunked if chunked else delta_rule_recurrence
+    o = core(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)
+    return o.to(v.dtype)
+
+
+def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: bool = False, backend: str = "auto"):
+    """q, k [B, T, H, K]; v [B, T, H, V]; a, b [B, T, H] raw; returns o [B, T, H, V]."""
+    if use_fla(q, backend):
+        require_fla()
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        o, _ = chunk_gated_delta_rule(
+            q=q, k=k, v=v, g=a, beta=b,
+            use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=allow_neg_eigval,
+            use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+        )
+        return o
+    return gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval)

@@ -1,0 +1,43 @@
+"""Metrics sinks of a run: `metrics.jsonl` (one JSON object per record) and TensorBoard's `tb/`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """One record, e.g. kind="train" {loss, lr, ...} or kind="eval" {T64_kv4, overall, loss}."""
+        self.file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def text(self, tag: str, body: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, body)
+
+    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
+        if self.tb is not None:
+            clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+            self.tb.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""Models: the LM shell, token mixers, channel mixers and short-conv plug-ins."""

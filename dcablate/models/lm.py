@@ -1,0 +1,64 @@
+"""The language model shell: embedding -> pre-norm blocks -> norm -> LM head (tied by default)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .ffn import build_ffn
+from .mixers import build_mixer
+
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layers), as GPT-2
+
+
+class Block(nn.Module):
+    def __init__(self, m, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.mixer = build_mixer(m, layer_idx)
+        self.ffn = build_ffn(m)
+        self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps) if self.ffn is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x))
+        if self.ffn is not None:
+            x = x + self.ffn(self.ffn_norm(x))
+        return x
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, m, vocab_size: int):
+        super().__init__()
+        self.config, self.vocab_size = m, vocab_size
+        self.embed = nn.Embedding(vocab_size, m.d_model)
+        self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
+        self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
+        self._init_weights(m.init_std, m.n_layers)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self, std: float, n_layers: int) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states `[B, T, D]` (project only where a loss is needed)."""
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids))
+
+    def scored_logits(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets at scored positions only (target != -100): MQAR scores a handful of
+        positions, and the vocabulary-wide head is most of a small model's work."""
+        h = self.hidden(input_ids)
+        mask = targets != -100
+        return self.lm_head(h[mask]), targets[mask]

@@ -1,0 +1,64 @@
+"""Causal multi-head softmax attention with RoPE, through torch SDPA (flash / cuDNN on CUDA)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..conv import make_conv
+
+
+def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32):
+    """cos/sin tables `[T, dim/2]` for rotating pairs (i, i + dim/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, Dh]; rotate-half convention (GPT-NeoX / Llama)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_theta: float = 10000.0,
+                 conv_cfg=None, backend: str = "auto"):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_theta = n_heads, head_dim, rope_theta
+        inner = n_heads * head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        use_conv = conv_cfg is not None and conv_cfg.kind != "none"
+        self.q_conv1d = make_conv(conv_cfg, inner, backend) if use_conv else None
+        self.k_conv1d = make_conv(conv_cfg, inner, backend) if use_conv else None
+        self.v_conv1d = make_conv(conv_cfg, inner, backend) if use_conv else None
+
+    @classmethod
+    def from_config(cls, m, layer_idx: int) -> "Attention":
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        return cls(m.d_model, m.n_heads, head_dim, m.attention.rope_theta, m.conv, m.backend)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        if self.q_conv1d is not None:
+            q, k, v = self.q_conv1d(q, h), self.k_conv1d(k, h), self.v_conv1d(v, h)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
+        cos, sin = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats cached per sequence at length `seq_len` (K and V), plus conv history."""
+        conv = 3 * (self.q_conv1d.width - 1) * self.n_heads * self.head_dim if self.q_conv1d is not None else 0
+        return 2 * seq_len * self.n_heads * self.head_dim + conv
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token of the attention core (QK^T and AV, causal average T/2)."""
+        return 2 * 2 * self.n_heads * self.head_dim * (seq_len + 1) // 2

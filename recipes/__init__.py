@@ -1,0 +1,1 @@
+"""Shipped recipes: installed as package data `dcablate.recipes`, addressable by name."""
