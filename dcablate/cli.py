@@ -48,11 +48,17 @@ def run(recipe, overrides, dry_run, quiet):
         for name, r in points:
             click.echo(f"{root / name if name else root}  (recipe {r.digest()})")
         return
+    from .train import check_runtime, train  # torch import deferred so --help and validation stay fast
+
+    for _, r in points:  # device and backend problems end the command before anything is written
+        check_runtime(r)
     root = fresh_dir(root)
+    try:
+        root.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"run.out_dir: cannot create {root}: {e.strerror}") from None
     if root.name != base.run.name:
         click.echo(f"{root.parent / base.run.name} exists; writing to {root}")
-
-    from .train import train  # torch import deferred so --help and validation stay fast
 
     rows = []
     for i, (name, r) in enumerate(points):
@@ -159,9 +165,12 @@ def main(argv=None) -> int:
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         return 2
+    except click.exceptions.NoArgsIsHelpError as e:  # plain `dcablate`: the help, not an error
+        click.echo(e.ctx.get_help())
+        return 0
     except click.UsageError as e:
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
         return 2
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)

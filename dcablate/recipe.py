@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -181,7 +182,10 @@ RECIPE_SUFFIX = ".toml"
 
 def shipped_recipes() -> dict[str, Path]:
     """Recipes that ship with the package, by name (path relative to the recipes folder, no suffix)."""
-    root = Path(str(resources.files("dcablate.recipes")))
+    try:
+        root = Path(str(resources.files("dcablate.recipes")))
+    except ModuleNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        root = Path(__file__).resolve().parent.parent / "recipes"
     return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob(f"*{RECIPE_SUFFIX}"))}
 
 
@@ -208,6 +212,8 @@ def _read_toml(path: Path) -> dict:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: not UTF-8 text (byte {e.start})") from None
 
 
 def _merge(base: dict, over: dict, origins: dict, over_source: str, prefix: str = "") -> dict:
@@ -271,9 +277,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 def _set_path(data: dict, dotted: str, value, origins: dict, source: str) -> None:
     node = data
     parts = dotted.split(".")
-    if parts[0] == "sweep":
+    if parts[0] == "sweep" and len(parts) > 1:
         parts = ["sweep", ".".join(parts[1:])]  # sweep keys are themselves dotted recipe paths
     for i, part in enumerate(parts[:-1]):
+        if part not in node:
+            origins[".".join(parts[: i + 1])] = source
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
             raise RecipeError(source, ".".join(parts[: i + 1]), "is a value, not a table")
@@ -287,11 +295,11 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
     path = find_recipe(ref)
     origins: dict[str, str] = {}
     data = _load_raw(path, origins)
-    if isinstance(data.get("sweep"), dict):
-        data["sweep"] = _flatten(data["sweep"])
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value, origins, "--set")
+    if isinstance(data.get("sweep"), dict):
+        data["sweep"] = _flatten(data["sweep"])
     return data, origins, path
 
 
@@ -328,7 +336,7 @@ def _src(origins: dict, path: str, default: str) -> str:
     while path:
         if path in origins:
             return origins[path]
-        path = path.rpartition(".")[0]
+        path = path[: path.rindex("[")] if path.endswith("]") else path.rpartition(".")[0]
     return default
 
 
@@ -386,6 +394,8 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {_describe(value)}")
     if tp is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise RecipeError(src, path, f"must be a finite number, got {value}")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
         allowed = "|".join(meta["choices"])
@@ -513,7 +523,23 @@ def _emit_table(table: dict, path: list[str], lines: list[str]) -> None:
 
 
 def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else json.dumps(k)
+    return k if k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k) else _str(k)
+
+
+def _str(s: str) -> str:
+    """A TOML basic string, ASCII only: escapes for quotes, backslash, control and non-ASCII characters."""
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= o < 0x7F:
+            out.append(ch)
+        elif o <= 0xFFFF:
+            out.append(f"\\u{o:04X}")
+        else:
+            out.append(f"\\U{o:08X}")
+    return '"' + "".join(out) + '"'
 
 
 def _value(v) -> str:
@@ -522,7 +548,7 @@ def _value(v) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return _str(v)
     if isinstance(v, list):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, dict):

@@ -33,6 +33,14 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def check_runtime(recipe) -> torch.device:
+    """The device a recipe trains on; raises UserError for what only this machine can rule out."""
+    device = resolve_device(recipe.run.device)
+    if recipe.model.backend == "fla" and device.type != "cuda":
+        raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
+    return device
+
+
 def autocast_for(device: torch.device, precision: str):
     """A factory of autocast contexts: bf16 on CUDA by default, plain fp32 on CPU."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -73,7 +81,7 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
 def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
     """Train `recipe` into `run_dir` (which must be new or empty) and return the summary."""
     started = time.time()
-    device = resolve_device(recipe.run.device)
+    device = check_runtime(recipe)
     autocast = autocast_for(device, recipe.train.precision)
     seed_everything(recipe.run.seed)
 

@@ -24,16 +24,18 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
               allow_neg_eigval: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw projections `a, b [B, T, H]` -> (log-decay g, beta), both fp32."""
-    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    beta = b.float().sigmoid()
+    """Raw projections `a, b [B, T, H]` -> (log-decay g, beta), both at least fp32."""
+    dt = torch.promote_types(a.dtype, torch.float32)
+    g = -A_log.to(dt).exp() * F.softplus(a.to(dt) + dt_bias.to(dt))
+    beta = b.to(dt).sigmoid()
     return g, (2 * beta if allow_neg_eigval else beta)
 
 
 def delta_rule_recurrence(q, k, v, g, beta, scale: float) -> torch.Tensor:
     """Token-by-token recurrence in fp32; q, k [B, T, H, K] (already normalised), v [B, T, H, V],
-    g, beta [B, T, H]. Returns o [B, T, H, V] in fp32."""
-    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
+    g, beta [B, T, H]. Returns o [B, T, H, V] in fp32 (fp64 for fp64 inputs)."""
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g, beta = (t.to(dt) for t in (q, k, v, g, beta))
     B, T, H, K = k.shape
     S = k.new_zeros(B, H, K, v.shape[-1])
     outs = []
@@ -55,7 +57,8 @@ def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64) -> 
     (i < t). Splitting `u = U - W S0` lets every chunk's solve run at once; only the cheap state
     hand-off between chunks is sequential.
     """
-    q, k, v, g, beta = (t.float().transpose(1, 2) for t in (q, k, v, g, beta))  # [B, H, T, .]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g, beta = (t.to(dt).transpose(1, 2) for t in (q, k, v, g, beta))  # [B, H, T, .]
     B, H, T, K = k.shape
     C = min(chunk_size, T)
     pad = (-T) % C
@@ -70,7 +73,7 @@ def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64) -> 
     lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
     diff = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf"))
     decay = diff.exp()                                                 # e^{G_t - G_i}, i <= t, else 0
-    eye = torch.eye(C, device=k.device)
+    eye = torch.eye(C, device=k.device, dtype=dt)
     A = (beta[..., :, None] * decay * (k @ k.transpose(-1, -2))) * (1 - eye)
     system = eye + A
     W = torch.linalg.solve_triangular(system, beta[..., None] * G.exp()[..., None] * k, upper=False,
@@ -94,7 +97,8 @@ def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: 
                                chunked: bool = True):
     """Reference of the full op from raw inputs (q, k un-normalised, a, b raw); fp32 inside."""
     g, beta = gdn_gates(a, b, A_log, dt_bias, allow_neg_eigval)
-    q, k = l2_normalize(q.float()), l2_normalize(k.float())
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, k = l2_normalize(q.to(dt)), l2_normalize(k.to(dt))
     core = delta_rule_chunked if chunked else delta_rule_recurrence
     o = core(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)
     return o.to(v.dtype)

@@ -1,0 +1,319 @@
+"""Every user mistake ends as one line on stderr naming the file (or --set) and the key, exit code 2, no traceback.
+
+Table-driven: each case writes some files into a fresh working directory, calls the real entry point
+`dcablate.cli.main(argv)` in-process, and checks the error line. A few cases also run end to end in a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import dcablate.recipe as R
+from dcablate.cli import main
+
+# A valid recipe; runs (if any slipped through) would land in ./out, which every case checks is never created.
+OK = """\
+[run]
+out_dir = "out"
+[model]
+d_model = 32
+[train]
+steps = 2
+warmup_steps = 0
+batch_size = 4
+[eval]
+batch_size = 32
+[log]
+tensorboard = false
+progress = false
+[task.mqar]
+vocab_size = 64
+[[task.mqar.train]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 32
+[[task.mqar.test]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 32
+"""
+
+DRY = ["--dry-run"]
+
+
+@functools.cache
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]
+    expect: tuple[str, ...]                 # substrings of the one error line: file or --set, key path, message
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    dirs: tuple[str, ...] = ()
+    shipped: tuple[str, ...] = ()           # pretend these names are shipped recipes (valid ones)
+    cpu_only: bool = False                  # the case relies on there being no CUDA device
+    bug: str | None = None                  # xfail(strict=True) reason: a bug in dcablate/, see the report
+
+    def param(self):
+        marks = [pytest.mark.xfail(strict=True, reason=self.bug)] if self.bug else []
+        return pytest.param(self, id=self.id, marks=marks)
+
+
+def bad(case_id: str, text: str | bytes, *expect: str, bug: str | None = None) -> Case:
+    """A malformed recipe `r.toml` validated by `dcablate run r.toml --dry-run`."""
+    return Case(case_id, ["run", "r.toml", *DRY], expect, files={"r.toml": text}, bug=bug)
+
+
+def bad_set(case_id: str, overrides: list[str], *expect: str, cmd: str = "run", bug: str | None = None) -> Case:
+    """A valid recipe with bad `--set` overrides."""
+    argv = [cmd, "ok.toml", *(DRY if cmd == "run" else [])]
+    for o in overrides:
+        argv += ["--set", o]
+    return Case(case_id, argv, expect, bug=bug)
+
+
+TINY_RUN = ["run", "ok.toml", "--quiet"]
+
+CASES = [
+    # --- unknown keys, with did-you-mean
+    bad("unknown-section", "[modle]\nd_model = 64\n", "r.toml: modle: unknown key", "did you mean 'model'"),
+    bad("unknown-key", "[model]\nd_modle = 64\n", "r.toml: model.d_modle: unknown key",
+        "did you mean 'd_model'", "allowed here: mixer, d_model"),
+    bad("unknown-nested-key", "[model.conv]\nwidht = 3\n", "r.toml: model.conv.widht", "did you mean 'width'"),
+    bad("unknown-key-dotted-form", "model.conv.knid = 'static'\n", "r.toml: model.conv.knid", "did you mean 'kind'"),
+    # --- wrong types
+    bad("str-for-int", '[model]\nd_model = "64"\n', "r.toml: model.d_model", "must be an integer", "str '64'"),
+    bad("float-for-int", "[train]\nsteps = 10.0\n", "r.toml: train.steps", "must be an integer", "float 10.0"),
+    bad("int-for-bool", "[log]\ntensorboard = 1\n", "r.toml: log.tensorboard", "must be true or false", "int 1"),
+    bad("bool-for-int", "[model]\nn_layers = true\n", "r.toml: model.n_layers", "must be an integer",
+        "boolean true"),
+    bad("bool-for-float", "[train]\nlr = false\n", "r.toml: train.lr", "must be a number", "boolean false"),
+    bad("str-for-float", '[train]\nlr = "3e-3"\n', "r.toml: train.lr", "must be a number", "str '3e-3'"),
+    bad("table-for-scalar", "[model]\nd_model = {value = 64}\n", "r.toml: model.d_model",
+        "must be an integer, got a table"),
+    bad("list-for-scalar", "[model]\nd_model = [64]\n", "r.toml: model.d_model", "must be an integer, got a list"),
+    bad("scalar-for-table", '[model]\nconv = "static"\n', "r.toml: model.conv", "must be a table", "str 'static'"),
+    bad("scalar-for-section", "model = 3\n", "r.toml: model", "must be a table", "int 3"),
+    # --- out of range
+    bad("negative-lr", "[train]\nlr = -0.001\n", "r.toml: train.lr", "must be > 0.0, got -0.001"),
+    bad("zero-lr", "[train]\nlr = 0\n", "r.toml: train.lr", "must be > 0.0"),
+    bad("zero-steps", "[train]\nsteps = 0\nwarmup_steps = 0\n", "r.toml: train.steps", "must be >= 1, got 0"),
+    bad("conv-width-9", "[model.conv]\nwidth = 9\n", "r.toml: model.conv.width", "must be <= 8, got 9"),
+    bad("early-stop-1.5", "[eval]\nearly_stop = 1.5\n", "r.toml: eval.early_stop", "must be <= 1.0, got 1.5"),
+    bad("negative-seed", "[run]\nseed = -1\n", "r.toml: run.seed", "must be >= 0"),
+    bad("nan-lr", "[train]\nlr = nan\n", "r.toml: train.lr", "finite"),
+    # --- choices, with did-you-mean
+    bad("bad-mixer", '[model]\nmixer = "atention"\n', "r.toml: model.mixer",
+        "'atention' is not one of attention|gated_deltanet", "did you mean 'attention'"),
+    bad("bad-device", '[run]\ndevice = "gpu"\n', "r.toml: run.device", "'gpu' is not one of auto|cpu|cuda"),
+    bad("bad-conv-kind", '[model.conv]\nkind = "dynamc"\n', "r.toml: model.conv.kind", "not one of none|static"),
+    # --- cross-key checks
+    bad("d-model-not-divisible", "[model]\nd_model = 65\n", "r.toml: model.n_heads",
+        "d_model 65 is not divisible by n_heads 2"),
+    bad("odd-head-dim", "[model]\nhead_dim = 7\n", "r.toml: model.head_dim", "RoPE needs an even head dim, got 7"),
+    bad("odd-derived-head-dim", "[model]\nd_model = 6\nn_heads = 2\n", "model.head_dim", "even head dim, got 3"),
+    bad("expand-v-fraction", '[model]\nmixer = "gated_deltanet"\nhead_dim = 3\nd_model = 64\n'
+                             "[model.gated_deltanet]\nexpand_v = 0.5\n",
+        "r.toml: model.gated_deltanet.expand_v", "is not an integer"),
+    bad("odd-seq-len", "[[task.mqar.train]]\nseq_len = 63\nnum_kv_pairs = 4\n",
+        "r.toml: task.mqar.train[0].seq_len", "must be even, got 63"),
+    bad("4kv-over-T", "[[task.mqar.test]]\nseq_len = 64\n[[task.mqar.test]]\nseq_len = 64\nnum_kv_pairs = 20\n",
+        "r.toml: task.mqar.test[1].num_kv_pairs", "4 * num_kv_pairs (80) must be <= seq_len (64)"),
+    bad("kv-over-half-vocab", "[task.mqar]\nvocab_size = 8\n", "r.toml: task.mqar.train[0].num_kv_pairs",
+        "fewer than vocab_size/2 = 4"),
+    bad("warmup-over-steps", "[train]\nsteps = 10\nwarmup_steps = 20\n", "r.toml: train.warmup_steps",
+        "20 is more than train.steps 10"),
+    bad("model-vocab-too-small", "[model]\nvocab_size = 100\n", "r.toml: model.vocab_size",
+        "100 is smaller than task.mqar.vocab_size 8192"),
+    # --- segments
+    bad("empty-segment-list", "[task.mqar]\ntrain = []\n", "r.toml: task.mqar.train", "must be a non-empty list"),
+    bad("segment-unknown-key", "[[task.mqar.test]]\nseqlen = 64\n", "r.toml: task.mqar.test[0].seqlen",
+        "did you mean 'seq_len'"),
+    bad("segment-not-a-table", "[task.mqar]\ntest = [64]\n", "r.toml: task.mqar.test[0]", "must be a table"),
+    bad("segments-not-a-list", "[task.mqar.train]\nseq_len = 64\n", "r.toml: task.mqar.train",
+        "must be a non-empty list of tables, got a table"),
+    # --- TOML syntax and files
+    bad("invalid-toml", "[model]\nd_model = \n", "r.toml: not valid TOML", "line 2"),
+    bad("duplicate-key", "[model]\nd_model = 64\nd_model = 32\n", "r.toml: not valid TOML"),
+    bad("not-utf8", b'[run]\nname = "\xff"\n', "r.toml", "UTF-8"),
+    Case("missing-recipe", ["run", "nope.toml", *DRY], ("nope.toml: no such recipe file or shipped recipe",)),
+    Case("missing-recipe-did-you-mean-shipped", ["run", "quickstrat", *DRY],
+         ("quickstrat: no such recipe file", "did you mean 'quickstart'"), shipped=("quickstart",)),
+    Case("recipe-is-a-directory", ["run", "somedir", *DRY], ("somedir: not a file",), dirs=("somedir",)),
+    # --- extends
+    bad("extends-missing", 'extends = "base.toml"\n', "r.toml: extends: no such file", "base.toml"),
+    Case("extends-cycle", ["run", "a.toml", *DRY], ("b.toml: extends: cycle: a.toml -> b.toml -> a.toml",),
+         files={"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'}),
+    bad("extends-self", 'extends = "r.toml"\n', "r.toml: extends: cycle: r.toml -> r.toml"),
+    bad("extends-not-a-string", "extends = 3\n", "r.toml: extends: must be a string"),
+    bad("extends-in-a-table", '[model]\nextends = "base.toml"\n', "r.toml: model.extends: unknown key"),
+    Case("error-in-parent-names-parent", ["run", "r.toml", *DRY], ("base.toml: model.n_layers", "must be >= 1"),
+         files={"base.toml": "[model]\nn_layers = 0\n", "r.toml": 'extends = "base.toml"\n[model]\nd_model = 64\n'}),
+    Case("child-segment-names-child", ["run", "r.toml", *DRY], ("r.toml: task.mqar.train[0].seq_len", "even"),
+         files={"base.toml": "[task.mqar]\nvocab_size = 128\n",
+                "r.toml": 'extends = "base.toml"\n[[task.mqar.train]]\nseq_len = 63\n'}),
+    # --- --set
+    bad_set("set-without-equals", ["train.lr"], "--set train.lr: expected KEY=VALUE"),
+    bad_set("set-empty-key", ["=3"], "--set =3: expected KEY=VALUE"),
+    bad_set("set-unknown-key", ["model.d_modle=64"], "--set: model.d_modle: unknown key", "did you mean 'd_model'"),
+    bad_set("set-unknown-section", ["modle.d_model=64"], "--set: modle: unknown key", "did you mean 'model'"),
+    bad_set("set-bad-toml-value", ["model.mixer=[attention"], "--set model.mixer=[attention: value is not valid TOML"),
+    bad_set("set-empty-value", ["train.lr="], "--set train.lr=: value is not valid TOML"),
+    bad_set("set-bad-choice", ["model.mixer=atention"], "--set: model.mixer", "did you mean 'attention'"),
+    bad_set("set-wrong-type", ["train.steps=ten"], "--set: train.steps", "must be an integer, got str 'ten'"),
+    bad_set("set-float-for-int", ["model.d_model=1e3"], "--set: model.d_model", "must be an integer"),
+    bad_set("set-into-a-value", ["model.d_model.x=1"], "--set: model.d_model: is a value, not a table"),
+    bad_set("set-bad-segment", ["task.mqar.test=[{seq_len=64, nkv=3}]"], "--set: task.mqar.test[0].nkv",
+            "unknown key"),
+    bad_set("set-later-wins-but-still-validated", ["train.lr=1e-3", "train.lr=-1"], "--set: train.lr", "must be > 0"),
+    # --- sweeps
+    bad("sweep-not-a-list", '[sweep]\n"model.d_model" = 64\n', "r.toml: sweep.model.d_model",
+        "must be a non-empty list of values"),
+    bad("sweep-invalid-value", '[sweep.model]\nmixer = ["attention", "atention"]\n', "r.toml: sweep.model.mixer",
+        "value 'atention'", "did you mean 'attention'"),
+    bad("sweep-cross-key-value", "[sweep.model]\nd_model = [64, 65]\n", "r.toml: sweep.model.d_model", "value 65",
+        "not divisible"),
+    bad("sweep-unknown-key", '[sweep]\n"model.d_modle" = [64]\n', "r.toml: sweep.model.d_modle",
+        "did you mean 'd_model'"),
+    bad("sweep-not-a-table", "sweep = 3\n", "r.toml: sweep: must be a table"),
+    bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
+    bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),
+    bad_set("set-sweep-not-a-table", ["sweep=3"], "--set: sweep: must be a table"),
+    # --- eval
+    Case("eval-missing-run-dir", ["eval", "--task", "mqar", "--run", "nope"], ("nope: no such run directory",)),
+    Case("eval-dir-without-recipe", ["eval", "--task", "mqar", "--run", "somedir"],
+         ("somedir: not a run directory (no recipe.toml)",), dirs=("somedir",)),
+    Case("eval-without-checkpoint", ["eval", "--task", "mqar", "--run", "rd"],
+         ("final.pt: no checkpoint here",), files={"rd/recipe.toml": OK}),
+    Case("eval-bad-recipe-in-run-dir", ["eval", "--task", "mqar", "--run", "rd"],
+         ("recipe.toml: model.d_modle", "did you mean 'd_model'"), files={"rd/recipe.toml": "[model]\nd_modle = 1\n"}),
+    Case("eval-bad-set", ["eval", "--task", "mqar", "--run", "rd", "--set", "task.mqar.test=[{seq_len=63}]"],
+         ("--set", "task.mqar.test", "seq_len", "must be even"), files={"rd/recipe.toml": OK}),
+    Case("eval-bad-task", ["eval", "--task", "lm", "--run", "rd"], ("Invalid value for '--task'", "'lm'")),
+    Case("eval-missing-task", ["eval", "--run", "rd"], ("Missing option '--task'",)),
+    # --- info
+    Case("info-bad-recipe", ["info", "r.toml"], ("r.toml: model.d_modle", "did you mean 'd_model'"),
+         files={"r.toml": "[model]\nd_modle = 64\n"}),
+    Case("info-missing-recipe", ["info", "nope"], ("nope: no such recipe file",)),
+    bad_set("info-bad-set", ["model.n_heads=3"], "--set: model.n_heads", "not divisible", cmd="info"),
+    # --- command line
+    Case("unknown-option", ["run", "ok.toml", "--bogus"], ("No such option", "--bogus")),
+    Case("unknown-option-did-you-mean", ["run", "ok.toml", "--dryrun"], ("No such option", "'--dry-run'")),
+    Case("unknown-command", ["trian"], ("No such command 'trian'",)),
+    Case("missing-argument", ["run"], ("Missing argument 'RECIPE'",)),
+    Case("extra-argument", ["run", "ok.toml", "extra", *DRY], ("unexpected extra argument (extra)",)),
+    # --- checks at the start of a real run (must fail before anything is written)
+    Case("device-cuda-without-cuda", [*TINY_RUN, "--set", "run.device=cuda"], ("run.device", "no CUDA device"),
+         cpu_only=True),
+    Case("backend-fla-without-cuda-gdn", [*TINY_RUN, "--set", "model.mixer=gated_deltanet",
+                                          "--set", "model.backend=fla"], ("model.backend", "CUDA"), cpu_only=True),
+    Case("backend-fla-without-cuda-attention", [*TINY_RUN, "--set", "model.backend=fla"], ("model.backend", "CUDA"),
+         cpu_only=True),
+    Case("out-dir-is-a-file", [*TINY_RUN, "--set", "run.out_dir=ok.toml/sub", "--set", "run.device=cpu"],
+         ("ok.toml",)),
+]
+
+
+def _setup(case: Case, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.toml").write_text(OK)
+    for name, text in case.files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
+    for d in case.dirs:
+        (tmp_path / d).mkdir(parents=True)
+    if case.shipped:
+        fake = {}
+        for name in case.shipped:
+            fake[name] = tmp_path / "shipped" / f"{name}.toml"
+            fake[name].parent.mkdir(exist_ok=True)
+            fake[name].write_text(OK)
+        real = R.shipped_recipes()
+        monkeypatch.setattr(R, "shipped_recipes", lambda: {**real, **fake})
+    if case.cpu_only and cuda_available():
+        pytest.skip("needs a machine without CUDA")
+
+
+def _check(case: Case, rc: int, out: str, err: str, tmp_path: Path) -> None:
+    assert "Traceback" not in err and "Traceback" not in out, err
+    assert rc == 2, f"exit code {rc}, stderr: {err!r}"
+    lines = err.splitlines()
+    assert len(lines) == 1, f"stderr is not exactly one line: {err!r}"
+    line = lines[0]
+    assert line.startswith("error: ") and line.strip() != "error:", line
+    for fragment in case.expect:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert not (tmp_path / "out").exists(), "a run directory was written before the error"
+    assert not (tmp_path / "rd" / "eval").exists(), "eval wrote results before the error"
+
+
+def test_enough_cases():
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CASES])
+def test_cli_error(case: Case, tmp_path, monkeypatch, capsys):
+    _setup(case, tmp_path, monkeypatch)
+    rc = main(case.argv)
+    out, err = capsys.readouterr()
+    _check(case, rc, out, err, tmp_path)
+
+
+def test_valid_recipe_passes_dry_run(tmp_path, monkeypatch, capsys):
+    """The fixture recipe every case starts from is itself valid (so each case fails for its own reason)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.toml").write_text(OK)
+    assert main(["run", "ok.toml", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith(os.path.join("out", "run"))
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+
+def _script() -> list[str]:
+    exe = Path(sys.executable).parent / "dcablate"
+    found = str(exe) if exe.is_file() else shutil.which("dcablate")
+    if not found:
+        pytest.skip("the dcablate console script is not installed")
+    return [found]
+
+
+SUBPROCESS = {
+    "unknown-key": "module",
+    "invalid-toml": "script",
+    "set-bad-choice": "module",
+    "extends-cycle": "script",
+    "missing-recipe": "module",
+    "unknown-option": "script",
+    "eval-missing-run-dir": "module",
+    "device-cuda-without-cuda": "script",
+}
+
+
+@pytest.mark.parametrize("case_id, how", sorted(SUBPROCESS.items()))
+def test_cli_error_end_to_end(case_id, how, tmp_path, monkeypatch):
+    case = next(c for c in CASES if c.id == case_id)
+    assert not case.bug
+    _setup(case, tmp_path, monkeypatch)
+    cmd = [sys.executable, "-m", "dcablate.cli"] if how == "module" else _script()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*cmd, *case.argv], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    _check(case, proc.returncode, proc.stdout, proc.stderr, tmp_path)

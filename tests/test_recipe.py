@@ -1,0 +1,485 @@
+"""Recipe schema, docs coverage, extends, --set, sweeps, TOML round trip and the shipped recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import re
+import tomllib
+import typing
+from pathlib import Path
+
+import pytest
+
+from dcablate import recipe as R
+from dcablate.errors import RecipeError, UserError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+
+
+# ----------------------------------------------------------------------------------------- schema walk
+
+
+def schema_keys(cls=R.Recipe, prefix: str = ""):
+    """(dotted path, type, field) for every key of the schema, tables and list-of-table items included.
+
+    Keys of a list of tables (`[[task.mqar.train]]`) are documented as `task.mqar.train.seq_len`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, path = hints[f.name], prefix + f.name
+        yield path, tp, f
+        if dataclasses.is_dataclass(tp):
+            yield from schema_keys(tp, path + ".")
+        elif typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            assert dataclasses.is_dataclass(item), f"{path}: only lists of tables are expected in the schema"
+            yield from schema_keys(item, path + ".")
+
+
+SCHEMA = {path: (tp, f) for path, tp, f in schema_keys()}
+ALL_KEYS = sorted(SCHEMA) + ["extends"]
+TYPE_WORDS = {int: "integer", float: "float", str: "string", bool: "boolean", dict: "table"}
+
+
+def type_word(tp) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    if typing.get_origin(tp) is list:
+        return "array of tables"
+    return TYPE_WORDS[tp]
+
+
+def default_of(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    value = f.default_factory()
+    if isinstance(value, list):
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return value
+
+
+@functools.lru_cache(maxsize=1)
+def doc_rows() -> dict[str, list[str]]:
+    """Rows of the key tables (header `| Key | Type | ...`): dotted key -> the remaining cells."""
+    rows, in_key_table = {}, False
+    for line in DOC.read_text().splitlines():
+        if not line.startswith("|"):
+            in_key_table = False
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[:2] == ["Key", "Type"]:
+            in_key_table = True
+            continue
+        if not in_key_table or set(cells[0]) <= {"-"}:
+            continue
+        m = re.fullmatch(r"`([A-Za-z0-9_.]+)`", cells[0])
+        assert m, f"docs/recipes.md: first cell of a key row is not a `dotted.key`: {line}"
+        assert m.group(1) not in rows, f"docs/recipes.md documents `{m.group(1)}` twice"
+        assert len(cells) == 6, f"docs/recipes.md: row of `{m.group(1)}` has {len(cells)} cells, expected 6"
+        rows[m.group(1)] = cells[1:]
+    return rows
+
+
+def test_schema_walk_sees_nested_tables_and_segments():
+    assert {"run.name", "model.conv.kind", "model.gated_deltanet.expand_v", "task.mqar.vocab_size",
+            "task.mqar.train.seq_len", "task.mqar.test.num_examples", "sweep"} <= set(SCHEMA)
+    assert len(SCHEMA) > 50
+
+
+@pytest.mark.parametrize("key", ALL_KEYS)
+def test_every_key_is_documented(key):
+    assert f"`{key}`" in DOC.read_text(), f"docs/recipes.md does not mention `{key}`"
+    assert key in doc_rows(), f"docs/recipes.md has no table row for `{key}`"
+
+
+def test_docs_document_no_stale_keys():
+    stale = set(doc_rows()) - set(ALL_KEYS)
+    assert not stale, f"docs/recipes.md documents keys the schema does not have: {sorted(stale)}"
+
+
+def _unticked(cell: str) -> str:
+    m = re.fullmatch(r"`(.*)`", cell)
+    assert m, f"expected one `code` span, got {cell!r}"
+    return m.group(1)
+
+
+@pytest.mark.parametrize("key", sorted(SCHEMA))
+def test_doc_row_matches_schema(key):
+    """Type, default, choices and range bounds in the docs agree with the dataclass fields."""
+    tp, f = SCHEMA[key]
+    typ, default, allowed, meaning, example = doc_rows()[key]
+    assert typ == type_word(tp), f"`{key}`: docs say type {typ!r}, schema has {type_word(tp)!r}"
+    assert meaning, f"`{key}`: no description"
+    if dataclasses.is_dataclass(tp):
+        return
+    assert tomllib.loads(f"v = {_unticked(default)}")["v"] == default_of(f), f"`{key}`: default differs"
+    meta = f.metadata
+    for choice in meta.get("choices") or ():
+        assert f"`{choice}`" in allowed, f"`{key}`: choice {choice!r} missing from {allowed!r}"
+    numbers = {float(x) for x in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?", allowed)}
+    for bound in (meta.get("min"), meta.get("max")):
+        if bound is not None:
+            assert float(bound) in numbers, f"`{key}`: bound {bound} missing from {allowed!r}"
+    if meta.get("min") is not None:
+        op = ">" if meta.get("min_open") else ">="
+        lo = f"{meta['min']:g}"
+        assert f"{op} {lo}" in allowed or f"{lo} {'<' if meta.get('min_open') else '<='} x" in allowed, \
+            f"`{key}`: lower bound should read '{op} {lo}' in {allowed!r}"
+
+
+def _set_example(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        tp = SCHEMA[".".join(parts[: i + 1])][0]
+        if typing.get_origin(tp) is list:  # a segment key: one segment table holding it
+            node[part] = [{parts[-1]: value}]
+            return
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+@pytest.mark.parametrize("key", [k for k in sorted(SCHEMA) if not dataclasses.is_dataclass(SCHEMA[k][0])
+                                 and typing.get_origin(SCHEMA[k][0]) is not list and k != "sweep"])
+def test_doc_example_is_a_valid_recipe_line(key):
+    example = _unticked(doc_rows()[key][4])
+    parsed = tomllib.loads(example)
+    assert list(parsed) == [key.rsplit(".", 1)[-1]], f"`{key}`: example {example!r} sets another key"
+    data: dict = {}
+    _set_example(data, key, parsed[key.rsplit(".", 1)[-1]])
+    R.build(data)  # the example value is valid on its own
+
+
+# ----------------------------------------------------------------------------------------- extends
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_deep_merge_across_three_files(tmp_path, monkeypatch):
+    write(tmp_path / "common" / "grand.toml", """
+        [model]
+        d_model = 256
+        n_heads = 4
+        [model.conv]
+        kind = "static"
+        width = 3
+        [task.mqar]
+        vocab_size = 512
+        [[task.mqar.train]]
+        seq_len = 64
+        num_kv_pairs = 4
+        [[task.mqar.train]]
+        seq_len = 128
+        num_kv_pairs = 8
+        [train]
+        lr = 0.002
+        steps = 300
+        [sweep]
+        "model.n_layers" = [1, 2]
+    """.replace("\n        ", "\n"))
+    write(tmp_path / "exp" / "base" / "parent.toml", """
+extends = "../../common/grand.toml"
+[model]
+n_layers = 3
+[model.conv]
+width = 2
+[train]
+lr = 0.003
+""")
+    child = write(tmp_path / "exp" / "child.toml", """
+extends = "base/parent.toml"
+[model.conv]
+activation = "none"
+[[task.mqar.train]]
+seq_len = 32
+num_kv_pairs = 2
+[train]
+steps = 200
+[sweep]
+"model.n_layers" = [4]
+""")
+    monkeypatch.chdir(write(tmp_path / "elsewhere" / "x", "").parent)  # paths are relative to the file, not cwd
+    r = R.load(str(child))
+    assert (r.model.d_model, r.model.n_heads, r.model.n_layers) == (256, 4, 3)  # tables merge
+    assert (r.model.conv.kind, r.model.conv.width, r.model.conv.activation) == ("static", 2, "none")
+    assert r.task.mqar.vocab_size == 512
+    assert [(s.seq_len, s.num_kv_pairs) for s in r.task.mqar.train] == [(32, 2)]  # lists replace
+    assert (r.train.lr, r.train.steps) == (0.003, 200)
+    assert r.sweep == {"model.n_layers": [4]}  # a sweep list replaces, too
+    assert "extends" not in r.to_dict()
+
+
+def test_extends_from_the_recipes_own_folder_by_relative_name(tmp_path, monkeypatch):
+    write(tmp_path / "a" / "base.toml", "[model]\nd_model = 64\n")
+    write(tmp_path / "a" / "child.toml", 'extends = "base.toml"\n[model]\nn_heads = 4\n')
+    monkeypatch.chdir(tmp_path)
+    r = R.load("a/child.toml")
+    assert (r.model.d_model, r.model.n_heads) == (64, 4)
+
+
+def test_extends_a_shipped_recipe_by_name(tmp_path, monkeypatch):
+    shipped = write(tmp_path / "pkg" / "fakebase.toml", "[model]\nd_model = 96\n")
+    monkeypatch.setattr(R, "shipped_recipes", lambda: {"fakebase": shipped})
+    child = write(tmp_path / "child.toml", 'extends = "fakebase"\n[train]\nsteps = 7\nwarmup_steps = 0\n')
+    r = R.load(str(child))
+    assert (r.model.d_model, r.train.steps) == (96, 7)
+
+
+@pytest.mark.parametrize("files, start, names", [
+    ({"a.toml": 'extends = "b.toml"', "b.toml": 'extends = "a.toml"'}, "a.toml", ["a.toml", "b.toml"]),
+    ({"a.toml": 'extends = "a.toml"'}, "a.toml", ["a.toml"]),
+    ({"a.toml": 'extends = "b.toml"', "b.toml": 'extends = "c.toml"', "c.toml": 'extends = "b.toml"'},
+     "a.toml", ["b.toml", "c.toml"]),
+], ids=["a-b-a", "self", "a-b-c-b"])
+def test_extends_cycle_rejected(tmp_path, files, start, names):
+    for name, text in files.items():
+        write(tmp_path / name, text + "\n")
+    with pytest.raises(RecipeError) as e:
+        R.load(str(tmp_path / start))
+    assert e.value.key == "extends"
+    msg = str(e.value)
+    assert "extends" in msg and "cycle" in msg
+    for name in names:
+        assert name in msg
+
+
+def test_extends_missing_parent(tmp_path):
+    child = write(tmp_path / "child.toml", 'extends = "nope/base.toml"\n')
+    with pytest.raises(RecipeError) as e:
+        R.load(str(child))
+    assert e.value.key == "extends"
+    assert "child.toml" in str(e.value) and "nope" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_extends_must_be_a_string(tmp_path):
+    child = write(tmp_path / "child.toml", "extends = 3\n")
+    with pytest.raises(RecipeError, match="extends: must be a string"):
+        R.load(str(child))
+
+
+def test_error_in_a_parent_names_the_parent(tmp_path):
+    write(tmp_path / "base.toml", "[model]\nn_layers = 0\n")
+    child = write(tmp_path / "child.toml", 'extends = "base.toml"\n[model]\nd_model = 64\n')
+    with pytest.raises(RecipeError) as e:
+        R.load(str(child))
+    assert e.value.key == "model.n_layers" and e.value.source.endswith("base.toml")
+
+
+# ----------------------------------------------------------------------------------------- --set
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("train.steps=10", "train.steps", 10),
+    ("train.lr=3e-3", "train.lr", 3e-3),
+    ("train.lr = 0.5", "train.lr", 0.5),
+    ("train.beta2=1", "train.beta2", 1),
+    ("log.progress=false", "log.progress", False),
+    ("model.tie_embeddings=true", "model.tie_embeddings", True),
+    ("model.mixer=attention", "model.mixer", "attention"),
+    ("run.out_dir=runs/ablation-1", "run.out_dir", "runs/ablation-1"),
+    ("run.name=my run", "run.name", "my run"),
+    ('run.name="quoted = with equals"', "run.name", "quoted = with equals"),
+    ("run.name='literal'", "run.name", "literal"),
+    ("sweep.model.d_model=[64, 128]", "sweep.model.d_model", [64, 128]),
+    ('sweep.model.mixer=["attention", "gated_deltanet"]', "sweep.model.mixer", ["attention", "gated_deltanet"]),
+    ("task.mqar.test=[{seq_len=256, num_kv_pairs=16, num_examples=500}]", "task.mqar.test",
+     [{"seq_len": 256, "num_kv_pairs": 16, "num_examples": 500}]),
+    ("model={d_model=64, n_heads=4}", "model", {"d_model": 64, "n_heads": 4}),
+])
+def test_parse_override(text, key, value):
+    k, v = R.parse_override(text)
+    assert (k, v) == (key, value)
+    assert type(v) is type(value)
+
+
+@pytest.mark.parametrize("text", [
+    "train.lr",                      # no '='
+    "=3",                            # no key
+    " =3",
+    "train.lr=",                     # no value
+    "model.mixer=[attention",        # unbalanced bracket
+    'run.name="unterminated',        # unbalanced quote
+    "task.mqar.test=[{seq_len=256,", # broken inline table
+    "train.lr=1=2",                  # '=' in a bare value
+    "sweep.model.mixer=[attention, gated_deltanet]",  # bare words inside a list are not TOML
+])
+def test_parse_override_rejects_bad_syntax(text):
+    with pytest.raises(UserError) as e:
+        R.parse_override(text)
+    assert str(e.value).startswith("--set ") and "\n" not in str(e.value)
+
+
+def test_overrides_apply_in_order_and_validate(tmp_path):
+    path = write(tmp_path / "r.toml", "[model]\nd_model = 64\n[train]\nsteps = 10\nwarmup_steps = 0\n")
+    r = R.load(str(path), ["train.lr=2e-3", "model.mixer=gated_deltanet", "train.lr=5e-3",
+                           "task.mqar.test=[{seq_len=256, num_kv_pairs=16, num_examples=500}]"])
+    assert (r.train.lr, r.model.mixer, r.model.d_model) == (5e-3, "gated_deltanet", 64)
+    assert [(s.seq_len, s.num_kv_pairs, s.num_examples) for s in r.task.mqar.test] == [(256, 16, 500)]
+    with pytest.raises(RecipeError) as e:
+        R.load(str(path), ["model.d_modle=3"])
+    assert (e.value.source, e.value.key) == ("--set", "model.d_modle")
+    assert "did you mean 'd_model'" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- sweeps
+
+
+SWEEP_QUOTED = """
+[train]
+steps = 10
+warmup_steps = 0
+[sweep]
+"model.mixer" = ["attention", "gated_deltanet"]
+"model.conv.kind" = ["none", "static"]
+"train.lr" = [1e-3, 2e-3, 3e-3]
+"""
+
+SWEEP_NESTED = """
+[train]
+steps = 10
+warmup_steps = 0
+[sweep.model]
+mixer = ["attention", "gated_deltanet"]
+conv.kind = ["none", "static"]
+[sweep.train]
+lr = [1e-3, 2e-3, 3e-3]
+"""
+
+
+@pytest.mark.parametrize("text", [SWEEP_QUOTED, SWEEP_NESTED], ids=["quoted", "nested"])
+def test_sweep_expansion(tmp_path, text):
+    base, points = R.expand(str(write(tmp_path / "s.toml", text)))
+    assert base.sweep == {"model.mixer": ["attention", "gated_deltanet"], "model.conv.kind": ["none", "static"],
+                          "train.lr": [1e-3, 2e-3, 3e-3]}
+    assert len(points) == 2 * 2 * 3
+    expected = [f"mixer={m},conv.kind={c},lr={lr}" for m, c, lr in
+                itertools.product(["attention", "gated_deltanet"], ["none", "static"], [0.001, 0.002, 0.003])]
+    assert [name for name, _ in points] == expected
+    for (name, r), (m, c, lr) in zip(points, itertools.product(["attention", "gated_deltanet"], ["none", "static"],
+                                                                 [1e-3, 2e-3, 3e-3])):
+        assert (r.model.mixer, r.model.conv.kind, r.train.lr, r.sweep) == (m, c, lr, {})
+        assert r.train.steps == 10
+    assert len({r.digest() for _, r in points}) == len(points)
+
+
+def test_sweep_forms_are_equivalent(tmp_path):
+    _, a = R.expand(str(write(tmp_path / "a.toml", SWEEP_QUOTED)))
+    _, b = R.expand(str(write(tmp_path / "b.toml", SWEEP_NESTED)))
+    assert [(n, r.to_dict()) for n, r in a] == [(n, r.to_dict()) for n, r in b]
+
+
+def test_no_sweep_is_one_unnamed_point(tmp_path):
+    base, points = R.expand(str(write(tmp_path / "r.toml", "[model]\nd_model = 64\n")))
+    assert len(points) == 1 and points[0][0] == "" and points[0][1].to_dict() == base.to_dict()
+
+
+def test_sweep_names_keep_other_sections_and_write_booleans_lowercase(tmp_path):
+    path = write(tmp_path / "r.toml", '[sweep]\n"log.every" = [5]\n"model.tie_embeddings" = [true, false]\n'
+                                      '"task.mqar.vocab_size" = [64]\n')
+    _, points = R.expand(str(path))
+    assert [n for n, _ in points] == ["log.every=5,tie_embeddings=true,mqar.vocab_size=64",
+                                      "log.every=5,tie_embeddings=false,mqar.vocab_size=64"]
+
+
+def test_sweep_from_set_overrides(tmp_path):
+    path = write(tmp_path / "r.toml", SWEEP_QUOTED)
+    _, points = R.expand(str(path), ["sweep.train.lr=[0.01]", "sweep.model.d_model=[64, 256]"])
+    assert len(points) == 2 * 2 * 1 * 2
+    assert points[0][0] == "mixer=attention,conv.kind=none,lr=0.01,d_model=64"
+
+
+@pytest.mark.parametrize("text, key, fragment", [
+    ('[sweep]\n"model.mixer" = ["attention", "atention"]\n', "sweep.model.mixer", "did you mean 'attention'"),
+    ("[sweep.model]\nd_model = [64, 65]\n", "sweep.model.d_model", "not divisible by n_heads"),
+    ('[sweep]\n"model.d_modle" = [64]\n', "sweep.model.d_modle", "did you mean 'd_model'"),
+    ('[sweep]\n"train.steps" = [1000, 0]\n', "sweep.train.steps", "must be >= 1"),
+    ('[sweep]\n"model.d_model" = 64\n', "sweep.model.d_model", "non-empty list"),
+    ('[sweep]\n"model.d_model" = []\n', "sweep.model.d_model", "non-empty list"),
+], ids=["bad-choice", "cross-key", "unknown-key", "out-of-range", "not-a-list", "empty-list"])
+def test_sweep_rejects_invalid_values(tmp_path, text, key, fragment):
+    path = write(tmp_path / "r.toml", text)
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path))
+    assert e.value.key == key and fragment in str(e.value) and "r.toml" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- TOML out
+
+
+def _rich_recipe() -> R.Recipe:
+    return R.build({
+        "run": {"name": 'tricky "name" \\ with\ttab and é', "seed": 3, "out_dir": "runs/x y", "device": "cpu"},
+        "model": {"mixer": "gated_deltanet", "d_model": 96, "n_heads": 3, "head_dim": 32, "ffn": "mlp",
+                  "tie_embeddings": False, "norm_eps": 1e-6, "conv": {"kind": "static", "width": 3},
+                  "gated_deltanet": {"expand_v": 2, "allow_neg_eigval": True}},
+        "task": {"mqar": {"vocab_size": 300, "power_a": 0.5, "filler": "zero",
+                          "train": [{"seq_len": 32, "num_kv_pairs": 2, "num_examples": 10},
+                                    {"seq_len": 64, "num_kv_pairs": 8}],
+                          "test": [{"seq_len": 128, "num_kv_pairs": 16, "num_examples": 7}]}},
+        "train": {"steps": 20, "warmup_steps": 5, "lr": 1, "schedule": "constant"},
+        "eval": {"early_stop": 0},
+        "sweep": {"model.conv.kind": ["none", "static"], "train.lr": [1e-3, 0.5],
+                  "model.tie_embeddings": [True, False],
+                  "task.mqar.test": [[{"seq_len": 64, "num_kv_pairs": 4, "num_examples": 5}]]},
+    })
+
+
+@pytest.mark.parametrize("make", [R.Recipe, lambda: R.build({}), _rich_recipe], ids=["default", "empty", "rich"])
+def test_to_toml_round_trip(make):
+    r = make()
+    text = r.to_toml()
+    again = R.build(tomllib.loads(text))
+    assert again.to_dict() == r.to_dict()
+    assert again.digest() == r.digest()
+    assert again.to_toml() == text
+
+
+def test_digest_is_stable_and_sensitive():
+    a, b = _rich_recipe(), _rich_recipe()
+    assert a.digest() == b.digest() and re.fullmatch(r"[0-9a-f]{16}", a.digest())
+    assert R.Recipe().digest() == R.Recipe().digest() == R.build({}).digest()
+    assert R.build({"train": {"lr": 0.002}}).digest() != R.Recipe().digest()
+    assert R.build({"train": {"lr": 1}}).digest() == R.build({"train": {"lr": 1.0}}).digest()
+
+
+def test_loaded_recipe_round_trips_through_a_file(tmp_path):
+    path = write(tmp_path / "r.toml", SWEEP_NESTED)
+    r = R.load(str(path))
+    out = write(tmp_path / "resolved.toml", r.to_toml())
+    assert R.load(str(out)).to_dict() == r.to_dict()
+
+
+def test_to_toml_round_trip_non_bmp_string():
+    r = R.build({"run": {"name": "run-\U0001F600"}})
+    assert tomllib.loads(r.to_toml())["run"]["name"] == r.run.name
+
+
+# ----------------------------------------------------------------------------------------- shipped recipes
+
+
+SHIPPED = R.shipped_recipes()
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_recipe_loads_and_validates(name):
+    path = SHIPPED[name]
+    assert path.suffix == ".toml" and path.is_file()
+    assert R.find_recipe(name) == path
+    base, points = R.expand(name)
+    assert points, name
+    for _, r in points:
+        assert R.build(tomllib.loads(r.to_toml())).to_dict() == r.to_dict()
+    first = path.read_text().splitlines()[:1]
+    assert first and first[0].startswith("#"), f"{name}: first line should be a `# description` comment " \
+                                                "(`dcablate recipes` shows it)"
+
+
+def test_shipped_recipe_names_match_their_paths():
+    for name, path in SHIPPED.items():
+        assert path.suffix == ".toml" and not name.endswith(".toml")
+        assert path.with_suffix("").as_posix().endswith("/" + name), (name, path)
