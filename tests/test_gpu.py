@@ -28,9 +28,10 @@ def run_layer(module, x, dtype):
     return grads_of(module, x, out)
 
 
+# Every new (head dims, dtype) costs minutes of fla autotuning on a fresh machine: keep shapes few.
+# T=100 is not a multiple of fla's 64-token chunk.
 GDN_SHAPES = [  # B, T, D, heads, head_dim, expand_v
     (2, 100, 128, 4, 32, 1.0),
-    (1, 257, 64, 2, 32, 2.0),
 ]
 
 
@@ -58,15 +59,16 @@ def test_gated_deltanet_matches_fla_layer(shape, dtype):
     ours_fla = run_layer(ours["fla"], x, dtype)
     ours_ref = run_layer(ours["torch"], x, torch.float32)  # the reference in fp32 is the oracle
     bound = 2e-2 if dtype == torch.bfloat16 else 5e-3
-    for name in ref:
-        assert rel(ours_fla[name], ref[name]) < 1e-5, f"{name}: our fla path differs from fla's layer"
-        err = rel(ref[name], ours_ref[name])
+    errors = {name: (rel(ours_fla[name], ref[name]), rel(ref[name], ours_ref[name])) for name in ref}
+    for name, (same, err) in errors.items():  # printed as measured: run with -s to see them
+        print(f"GDN {dtype} {name:16s} ours(fla) vs fla layer {same:.1e}   fla layer vs torch reference {err:.1e}")
+    for name, (same, err) in errors.items():
+        assert same < 1e-5, f"{name}: our fla path differs from fla's layer ({same:.1e})"
         assert err < bound, f"{name}: fla layer vs torch reference relative error {err:.2e} >= {bound}"
 
 
-@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("width,activation", [(3, "silu"), (4, "silu"), (4, None)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("activation", [None, "silu"])
 def test_static_conv_matches_reference(width, dtype, activation):
     from dcablate.kernels.short_conv import short_conv
 
@@ -82,6 +84,7 @@ def test_static_conv_matches_reference(width, dtype, activation):
         outs[backend] = (y, gx, gw)
     bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for a, b, what in zip(outs["fla"], outs["torch"], ("y", "dx", "dw")):
+        print(f"static conv W={width} {activation} {dtype} {what}: {rel(a, b):.1e}")
         assert rel(a, b) < bound, f"{what}: {rel(a, b):.2e}"
 
 
@@ -103,5 +106,6 @@ def test_model_cuda_step_matches_reference(mixer):
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.roll(-1, 1).flatten())
         loss.backward()
         losses[backend] = loss.item()
+        print(f"model step {mixer} backend={backend} loss {loss.item():.5f}")
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert abs(losses["auto"] - losses["torch"]) < 2e-2 * abs(losses["torch"])
