@@ -63,7 +63,8 @@ def test_gated_deltanet_matches_fla_layer(shape, dtype):
     for name, (same, err) in errors.items():  # printed as measured: run with -s to see them
         print(f"GDN {dtype} {name:16s} ours(fla) vs fla layer {same:.1e}   fla layer vs torch reference {err:.1e}")
     for name, (same, err) in errors.items():
-        assert same < 1e-5, f"{name}: our fla path differs from fla's layer ({same:.1e})"
+        # fla's layer convolves q, k, v in one fused call: in bf16 the input gradient rounds differently
+        assert same < (5e-3 if dtype == torch.bfloat16 else 1e-5), f"{name}: our fla path vs fla's layer {same:.1e}"
         assert err < bound, f"{name}: fla layer vs torch reference relative error {err:.2e} >= {bound}"
 
 
