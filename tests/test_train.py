@@ -120,7 +120,9 @@ def test_schedule_warmup_then_cosine():
 def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "r.toml"
-    path.write_text(tiny(tmp_path).to_toml() + '\n[sweep]\n"model.conv.kind" = ["none", "static"]\n')
+    data = tiny(tmp_path).to_dict()
+    data["sweep"] = {"model.conv.kind": ["none", "static"]}
+    path.write_text(recipes.dumps_toml(data))
     assert main(["run", str(path), "--dry-run"]) == 0
     assert "conv.kind=none" in capsys.readouterr().out
     assert main(["run", str(path), "--quiet"]) == 0
