@@ -47,12 +47,21 @@ class RunSection:
 
 @dataclass
 class ConvSection:
-    kind: str = _f("none", "short convolution on the mixer's streams", choices=("none", "static"))
-    placement: str = _f("qkv", "which streams get the conv: `qkv` = the mixer's q, k and v projections",
-                        choices=("qkv",))
+    kind: str = _f("none", "short convolution on the mixer's streams: none, static (fla's ShortConvolution) or "
+                   "dynamic (input-dependent filters, Sieberling et al. 2026)", choices=("none", "static", "dynamic"))
+    placement: str = _f("qkv", "which streams get a conv: `qkv` = the mixer's q, k, v projections; `all_linear` = "
+                        "after every linear layer of the block (q, k, v, o, MLP gate/up/down)",
+                        choices=("qkv", "all_linear"))
     width: int = _f(4, "filter width W (taps, the current token included)", min=2, max=8)
-    activation: str = _f("auto", "activation after the conv; `auto` = silu for static (as fla does)",
+    rank: int = _f(15, "dynamic low-rank filters: ranks R of the generator z = W_in h (paper: 15, plus the static S)",
+                   min=1)
+    heads: int = _f(0, "dynamic head-wise filters: one generated filter per group of D/heads channels "
+                    "(heads = D is per channel); 0 = the low-rank parameterisation", min=0)
+    static_filter: bool = _f(True, "dynamic convs add a learned static filter S to the generated one")
+    activation: str = _f("auto", "activation after the conv; `auto` = silu for static (as fla does), none for dynamic",
                          choices=("auto", "silu", "none"))
+    residual: typing.Optional[bool] = _f(None, "add the conv's input back (y = x + conv(x)); unset = true for "
+                                         "dynamic (the paper's form), false for static (fla's)")
 
 
 @dataclass
@@ -379,6 +388,9 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path + ".", origins, default)
     origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]: None is the default ("auto"), a given value must be an X
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(tp, value, f, path, origins, default)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list) or not value:
@@ -414,6 +426,25 @@ def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> 
         raise RecipeError(_src(origins, path, default), path, message)
 
 
+def swiglu_hidden(d_model: int, requested: int) -> int:
+    """`requested`, or 8/3 d_model rounded up to a multiple of 16 (same parameters as a 4x GELU MLP)."""
+    return requested or -(-(8 * d_model // 3) // 16) * 16
+
+
+def conv_streams(m: ModelSection) -> list[tuple[str, int]]:
+    """(stream, channels) of every stream a conv placement covers, for one block."""
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    key_dim = m.n_heads * head_dim
+    value_dim = int(round(key_dim * m.gated_deltanet.expand_v)) if m.mixer == "gated_deltanet" else key_dim
+    streams = [("q", key_dim), ("k", key_dim), ("v", value_dim)]
+    if m.conv.placement == "all_linear":
+        streams.append(("o", m.d_model))
+        if m.ffn == "mlp":
+            hidden = swiglu_hidden(m.d_model, m.ffn_hidden)
+            streams += [("gate", hidden), ("up", hidden), ("down", m.d_model)]
+    return streams
+
+
 def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
     """Choices that are valid alone but not together."""
     m = r.model
@@ -427,6 +458,10 @@ def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
         hv = head_dim * m.gated_deltanet.expand_v
         _check(abs(hv - round(hv)) < 1e-6, origins, src, "model.gated_deltanet.expand_v",
                f"head_dim {head_dim} * expand_v {m.gated_deltanet.expand_v} is not an integer")
+    if m.conv.kind == "dynamic" and m.conv.heads:
+        for stream, dim in conv_streams(m):
+            _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
+                   f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
     if r.task.kind == "mqar":
         q = r.task.mqar
         for split in ("train", "test"):
@@ -506,7 +541,8 @@ def _is_table_list(v) -> bool:
 
 
 def _emit_table(table: dict, path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_table_list(v)}
+    scalars = {k: v for k, v in table.items()
+               if v is not None and not isinstance(v, dict) and not _is_table_list(v)}  # None = unset
     for k, v in scalars.items():
         lines.append(f"{_key(k)} = {_value(v)}")
     for k, v in table.items():

@@ -43,6 +43,8 @@ TYPE_WORDS = {int: "integer", float: "float", str: "string", bool: "boolean", di
 
 
 def type_word(tp) -> str:
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]: unset means "auto"
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
     if dataclasses.is_dataclass(tp):
         return "table"
     if typing.get_origin(tp) is list:
@@ -113,7 +115,10 @@ def test_doc_row_matches_schema(key):
     assert meaning, f"`{key}`: no description"
     if dataclasses.is_dataclass(tp):
         return
-    assert tomllib.loads(f"v = {_unticked(default)}")["v"] == default_of(f), f"`{key}`: default differs"
+    if default_of(f) is None:
+        assert default == "unset", f"`{key}`: an optional key's default should read 'unset'"
+    else:
+        assert tomllib.loads(f"v = {_unticked(default)}")["v"] == default_of(f), f"`{key}`: default differs"
     meta = f.metadata
     for choice in meta.get("choices") or ():
         assert f"`{choice}`" in allowed, f"`{key}`: choice {choice!r} missing from {allowed!r}"

@@ -6,12 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def swiglu_hidden(d_model: int, requested: int) -> int:
-    """`requested`, or 8/3 d_model rounded up to a multiple of 16 (same parameters as a 4x GELU MLP)."""
-    if requested:
-        return requested
-    return -(-(8 * d_model // 3) // 16) * 16
+from ..recipe import swiglu_hidden
 
 
 class SwiGLU(nn.Module):
