@@ -30,9 +30,7 @@ def component(name: str) -> str:
         sub = parts[2]
         if sub in ("mixer_norm", "ffn_norm"):
             return "norms"
-        if sub == "mixer":
-            return "conv" if parts[3].endswith(CONV_SUFFIX) else "mixer"
-        return sub
+        return "conv" if parts[3].endswith(CONV_SUFFIX) else sub
     return parts[0]
 
 
@@ -59,11 +57,12 @@ def costs(model: LanguageModel, seq_len: int) -> Costs:
     params = parameter_table(model)
     matmul = sum(m.weight.numel() for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear))
     mixers = [b.mixer for b in model.blocks]
-    convs = sum(m.weight.numel() for n, m in model.blocks.named_modules() if n.endswith(CONV_SUFFIX))
-    flops = 2 * matmul + 2 * convs + sum(m.flops_per_token(seq_len) for m in mixers)
+    convs = [m for n, m in model.blocks.named_modules() if n.endswith(CONV_SUFFIX)]
+    flops = 2 * matmul + sum(c.flops_per_token() for c in convs) + sum(m.flops_per_token(seq_len) for m in mixers)
+    conv_history = sum((c.width - 1) * c.dim for c in convs)  # the last W-1 inputs of every conv
     return Costs(
         params=params,
-        state_floats=sum(m.state_size(seq_len) for m in mixers),
+        state_floats=sum(m.state_size(seq_len) for m in mixers) + conv_history,
         seq_len=seq_len,
         flops_per_token=flops,
         head_flops_per_token=2 * model.lm_head.weight.numel(),

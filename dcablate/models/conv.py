@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..kernels.dynamic_conv import dynamic_conv_headwise, dynamic_conv_lowrank
 from ..kernels.short_conv import short_conv
 
 
@@ -20,9 +21,10 @@ class StaticShortConv(nn.Module):
     """Depthwise causal conv with a learned `[D, W]` filter; parameter `weight` is `[D, 1, W]` so
     state dicts are interchangeable with fla's `ShortConvolution` (bias-free)."""
 
-    def __init__(self, dim: int, width: int = 4, activation: str | None = "silu", backend: str = "auto"):
+    def __init__(self, dim: int, width: int = 4, activation: str | None = "silu", backend: str = "auto",
+                 residual: bool = False):
         super().__init__()
-        self.dim, self.width, self.activation, self.backend = dim, width, activation, backend
+        self.dim, self.width, self.activation, self.backend, self.residual = dim, width, activation, backend, residual
         self.weight = nn.Parameter(torch.empty(dim, 1, width))
         self.reset_parameters()
 
@@ -32,23 +34,89 @@ class StaticShortConv(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        return short_conv(x, self.weight, self.activation, self.backend)
+        y = short_conv(x, self.weight, self.activation, self.backend)
+        return y + x if self.residual else y
+
+    def flops_per_token(self) -> int:
+        return 2 * self.width * self.dim + (self.dim if self.residual else 0)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, width={self.width}, activation={self.activation}"
+        return f"dim={self.dim}, width={self.width}, activation={self.activation}, residual={self.residual}"
+
+
+class DynamicShortConv(nn.Module):
+    """Input-dependent depthwise causal conv (Sieberling et al. 2026; DESIGN.md §2).
+
+    The filter of token t is generated from the block's normalised input `h_t`:
+    low-rank `K_t = (W_in h_t)·U + S`, or head-wise `K_t[k, d] = (W_g h_t)[d // (D/H), k] + S[k, d]`.
+    `U` (low-rank) and `W_g` (head-wise) start at zero, so at init the layer is exactly
+    "static conv S + identity". Parameters: `generator.weight`, `U` (low-rank), `S`.
+    """
+
+    def __init__(self, dim: int, gen_dim: int, width: int = 4, rank: int = 15, heads: int = 0,
+                 static_filter: bool = True, activation: str | None = None, residual: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        if heads and dim % heads:
+            raise ValueError(f"heads {heads} must divide dim {dim}")
+        self.dim, self.width, self.rank, self.heads = dim, width, rank, heads
+        self.activation, self.residual, self.backend = activation, residual, backend
+        self.generator = nn.Linear(gen_dim, heads * width if heads else rank, bias=False)
+        self.generator._keep_init = True  # the LM's generic init must not overwrite the zero init below
+        self.U = nn.Parameter(torch.zeros(rank, width, dim)) if not heads else None
+        self.S = nn.Parameter(torch.empty(width, dim)) if static_filter else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.heads:
+            nn.init.zeros_(self.generator.weight)
+        else:
+            nn.init.normal_(self.generator.weight, std=self.generator.in_features ** -0.5)
+            nn.init.zeros_(self.U)
+        if self.S is not None:
+            bound = 1 / math.sqrt(self.width)
+            nn.init.uniform_(self.S, -bound, bound)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        g = self.generator(h)
+        if self.heads:
+            G = g.view(*g.shape[:-1], self.heads, self.width)
+            return dynamic_conv_headwise(x, G, self.S, self.activation, self.residual, backend=self.backend)
+        return dynamic_conv_lowrank(x, g, self.U, self.S, self.activation, self.residual, backend=self.backend)
+
+    def flops_per_token(self) -> int:
+        """Filter formation (z·U) and the conv itself; the generator is an nn.Linear, counted with the others."""
+        form = 0 if self.heads else 2 * self.rank * self.width * self.dim
+        return form + 2 * self.width * self.dim + (self.dim if self.residual else 0)
+
+    def extra_repr(self) -> str:
+        kind = f"heads={self.heads}" if self.heads else f"rank={self.rank}"
+        return f"dim={self.dim}, width={self.width}, {kind}, activation={self.activation}, residual={self.residual}"
 
 
 def conv_activation(kind: str, activation: str) -> str | None:
-    """Resolve `auto`: static convs keep fla's SiLU."""
+    """Resolve `auto`: static convs keep fla's SiLU, dynamic ones have none (as the paper)."""
     if activation == "auto":
         return "silu" if kind == "static" else None
     return None if activation == "none" else activation
 
 
-def make_conv(conv_cfg, dim: int, backend: str = "auto") -> nn.Module | None:
-    """The conv for one stream of width `dim`, or None for `kind = "none"`."""
-    if conv_cfg.kind == "none":
+def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "auto") -> nn.Module | None:
+    """The conv on `stream` (q k v o gate up down) of width `dim`, whose block input has width `gen_dim`;
+    None when the recipe's kind is `none` or its placement does not cover the stream."""
+    if conv_cfg is None or conv_cfg.kind == "none":
         return None
+    if stream not in ("q", "k", "v") and conv_cfg.placement != "all_linear":
+        return None
+    act = conv_activation(conv_cfg.kind, conv_cfg.activation)
+    residual = conv_cfg.residual if conv_cfg.residual is not None else conv_cfg.kind == "dynamic"
     if conv_cfg.kind == "static":
-        return StaticShortConv(dim, conv_cfg.width, conv_activation(conv_cfg.kind, conv_cfg.activation), backend)
+        return StaticShortConv(dim, conv_cfg.width, act, backend, residual=residual)
+    if conv_cfg.kind == "dynamic":
+        return DynamicShortConv(dim, gen_dim, conv_cfg.width, conv_cfg.rank, conv_cfg.heads, conv_cfg.static_filter,
+                                act, residual, backend)
     raise ValueError(f"unknown conv kind {conv_cfg.kind!r}")  # the recipe schema rejects this earlier
+
+
+def conv_or_identity(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return x if conv is None else conv(x, h)

@@ -7,20 +7,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..recipe import swiglu_hidden
+from .conv import conv_or_identity, make_conv
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int):
+    """With `placement = "all_linear"` a conv follows each of gate, up and down; their filters are
+    generated from the MLP's normalised input."""
+
+    def __init__(self, d_model: int, hidden: int, conv_cfg=None, backend: str = "auto"):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_conv1d = make_conv(conv_cfg, "gate", hidden, d_model, backend)
+        self.up_conv1d = make_conv(conv_cfg, "up", hidden, d_model, backend)
+        self.down_conv1d = make_conv(conv_cfg, "down", d_model, d_model, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = conv_or_identity(self.gate_conv1d, self.gate_proj(x), x)
+        up = conv_or_identity(self.up_conv1d, self.up_proj(x), x)
+        return conv_or_identity(self.down_conv1d, self.down_proj(F.silu(gate) * up), x)
 
 
 def build_ffn(m) -> nn.Module | None:
     if m.ffn == "none":
         return None
-    return SwiGLU(m.d_model, swiglu_hidden(m.d_model, m.ffn_hidden))
+    return SwiGLU(m.d_model, swiglu_hidden(m.d_model, m.ffn_hidden), m.conv, m.backend)

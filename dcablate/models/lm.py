@@ -42,7 +42,7 @@ class LanguageModel(nn.Module):
 
     def _init_weights(self, std: float, n_layers: int) -> None:
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_keep_init", False):
                 scale = 1 / math.sqrt(2 * n_layers) if name.endswith(RESIDUAL_OUTPUTS) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conv import make_conv
+from ..conv import conv_or_identity, make_conv
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32):
@@ -33,10 +33,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, inner, bias=False)
         self.v_proj = nn.Linear(d_model, inner, bias=False)
         self.o_proj = nn.Linear(inner, d_model, bias=False)
-        use_conv = conv_cfg is not None and conv_cfg.kind != "none"
-        self.q_conv1d = make_conv(conv_cfg, inner, backend) if use_conv else None
-        self.k_conv1d = make_conv(conv_cfg, inner, backend) if use_conv else None
-        self.v_conv1d = make_conv(conv_cfg, inner, backend) if use_conv else None
+        self.q_conv1d = make_conv(conv_cfg, "q", inner, d_model, backend)
+        self.k_conv1d = make_conv(conv_cfg, "k", inner, d_model, backend)
+        self.v_conv1d = make_conv(conv_cfg, "v", inner, d_model, backend)
+        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend)
 
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "Attention":
@@ -45,19 +45,18 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, T, _ = h.shape
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        if self.q_conv1d is not None:
-            q, k, v = self.q_conv1d(q, h), self.k_conv1d(k, h), self.v_conv1d(v, h)
+        q = conv_or_identity(self.q_conv1d, self.q_proj(h), h)
+        k = conv_or_identity(self.k_conv1d, self.k_proj(h), h)
+        v = conv_or_identity(self.v_conv1d, self.v_proj(h), h)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
         cos, sin = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return conv_or_identity(self.o_conv1d, self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), h)
 
     def state_size(self, seq_len: int) -> int:
-        """Floats cached per sequence at length `seq_len` (K and V), plus conv history."""
-        conv = 3 * (self.q_conv1d.width - 1) * self.n_heads * self.head_dim if self.q_conv1d is not None else 0
-        return 2 * seq_len * self.n_heads * self.head_dim + conv
+        """Floats cached per sequence at length `seq_len` (K and V); conv history is counted by `info`."""
+        return 2 * seq_len * self.n_heads * self.head_dim
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token of the attention core (QK^T and AV, causal average T/2)."""

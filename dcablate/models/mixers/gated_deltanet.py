@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ...kernels.gated_delta_rule import gated_delta_rule
 from ...kernels.gated_norm import gated_rms_norm
-from ..conv import make_conv
+from ..conv import conv_or_identity, make_conv
 
 
 class GatedRMSNorm(nn.Module):
@@ -52,10 +52,10 @@ class GatedDeltaNet(nn.Module):
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
 
-        use_conv = conv_cfg is not None and conv_cfg.kind != "none"
-        self.q_conv1d = make_conv(conv_cfg, self.key_dim, backend) if use_conv else None
-        self.k_conv1d = make_conv(conv_cfg, self.key_dim, backend) if use_conv else None
-        self.v_conv1d = make_conv(conv_cfg, self.value_dim, backend) if use_conv else None
+        self.q_conv1d = make_conv(conv_cfg, "q", self.key_dim, d_model, backend)
+        self.k_conv1d = make_conv(conv_cfg, "k", self.key_dim, d_model, backend)
+        self.v_conv1d = make_conv(conv_cfg, "v", self.value_dim, d_model, backend)
+        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend)
         if use_gate:
             self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v_dim, norm_eps, backend)
@@ -73,7 +73,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         if self.q_conv1d is not None:
             q, k, v = self.q_conv1d(q, h), self.k_conv1d(k, h), self.v_conv1d(v, h)
-        else:
+        else:  # fla's layer without short convs
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q = q.view(B, T, self.n_heads, self.head_k_dim)
         k = k.view(B, T, self.n_heads, self.head_k_dim)
@@ -82,14 +82,11 @@ class GatedDeltaNet(nn.Module):
                              self.allow_neg_eigval, self.backend)
         gate = self.g_proj(h).view(B, T, self.n_heads, self.head_v_dim) if self.use_gate else None
         o = self.o_norm(o, gate)
-        return self.o_proj(o.reshape(B, T, self.value_dim))
+        return conv_or_identity(self.o_conv1d, self.o_proj(o.reshape(B, T, self.value_dim)), h)
 
     def state_size(self, seq_len: int) -> int:
-        """Floats of recurrent state per sequence (independent of length) plus conv history."""
-        conv = 0
-        if self.q_conv1d is not None:
-            conv = (self.q_conv1d.width - 1) * (2 * self.key_dim + self.value_dim)
-        return self.n_heads * self.head_k_dim * self.head_v_dim + conv
+        """Floats of recurrent state per sequence (independent of length); conv history is counted by `info`."""
+        return self.n_heads * self.head_k_dim * self.head_v_dim
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token of the recurrence: decay, k^T S, outer-product write, q^T S."""
