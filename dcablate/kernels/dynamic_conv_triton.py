@@ -1,0 +1,173 @@
+"""Triton kernels for the low-rank dynamic short conv: `y_t = sum_k (z_t·U_k + S_k) ⊙ x_{t-k} (+ x_t)`.
+
+The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never written to memory.
+
+- forward  (grid D-blocks × T-blocks × B): y.
+- backward (same grid): dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k], re-forming the filters
+  of the later tokens, and dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T, added across D-blocks atomically.
+- weight gradients (grid D-blocks × W × B·splits): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and
+  dS_k = sum_t dy_t ⊙ x_{t-k}, accumulated over a range of tokens on chip, then added atomically.
+
+Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap
+reaches `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32
+inputs and TF32 otherwise. An activation, when asked for, is applied by the caller in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                  BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr,
+                  PREC: tl.constexpr):
+    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    d = pid_d * BD + tl.arange(0, BD)
+    r = tl.arange(0, BR)
+    mt, md, mr = t < T, d < D, r < R
+    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+    zt = tl.load(z + (b * T + t[:, None]) * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        Uk = tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+        K = tl.dot(zt, Uk.to(tl.float32), input_precision=PREC)
+        if HAS_S:
+            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+        ok = mt & (p >= k)
+        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
+        xs = xs.to(tl.float32)
+        acc += K * xs
+        if RESIDUAL and k == 0:
+            acc += xs
+    tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
+
+
+@triton.jit
+def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
+                        VARLEN: tl.constexpr, PREC: tl.constexpr):
+    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    d = pid_d * BD + tl.arange(0, BD)
+    r = tl.arange(0, BR)
+    mt, md, mr = t < T, d < D, r < R
+    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+    dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+    dy_t = dy_t.to(tl.float32)
+    dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+    dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
+    for k in tl.static_range(W):
+        Uk = tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+        Uk = Uk.to(tl.float32)
+        # dz_t += (dy_t ⊙ x_{t-k}) · U_k^T
+        ok = mt & (p >= k)
+        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
+        dz_acc += tl.dot(dy_t * xs.to(tl.float32), tl.trans(Uk), input_precision=PREC)
+        # dx_t += dy_{t+k} ⊙ K_{t+k}[k]  (only when t+k is in t's sequence)
+        tk = t + k
+        mk = tk < T
+        if VARLEN:
+            mk = mk & (tl.load(pos + tk, mask=mk, other=0) >= k)
+        zk = tl.load(z + (b * T + tk[:, None]) * R + r[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
+        K = tl.dot(zk.to(tl.float32), Uk, input_precision=PREC)
+        if HAS_S:
+            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+        dyk = tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+        dx_acc += dyk.to(tl.float32) * K
+    tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
+    tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
+
+
+@triton.jit
+def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
+                        PREC: tl.constexpr):
+    pid_d, k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_splits = tl.cdiv(T, tokens_per_split)
+    b, split = pid_s // n_splits, pid_s % n_splits
+    d = pid_d * BD + tl.arange(0, BD)
+    r = tl.arange(0, BR)
+    md, mr = d < D, r < R
+    dU_acc = tl.zeros([BR, BD], dtype=tl.float32)
+    dS_acc = tl.zeros([BD], dtype=tl.float32)
+    start = split * tokens_per_split
+    for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
+        t = t0 + tl.arange(0, BT)
+        mt = t < T
+        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+        ok = mt & (p >= k)
+        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
+        dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+        g = dy_t.to(tl.float32) * xs.to(tl.float32)                     # dK_t[k, d]
+        zt = tl.load(z + (b * T + t[:, None]) * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)
+        dU_acc += tl.dot(tl.trans(zt.to(tl.float32)), g, input_precision=PREC)
+        if HAS_S:
+            dS_acc += tl.sum(g, axis=0)
+    tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc, mask=mr[:, None] & md[None, :])
+    if HAS_S:
+        tl.atomic_add(dS + k * D + d, dS_acc, mask=md)
+
+
+def _block_sizes(D: int, R: int) -> tuple[int, int, int]:
+    BR = max(16, triton.next_power_of_2(R))
+    BD = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
+    return 64, BD, BR
+
+
+def positions(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """Each packed token's offset within its own sequence (int32 [T])."""
+    cu = cu_seqlens.long()
+    seq = torch.searchsorted(cu[1:], torch.arange(T, device=cu.device), right=True)
+    return (torch.arange(T, device=cu.device) - cu[seq]).to(torch.int32)
+
+
+class DynamicConvLowRank(torch.autograd.Function):
+    """x [B, T, D], z [B, T, R], U [R, W, D], S [W, D] or None -> y [B, T, D] (fused residual optional)."""
+
+    @staticmethod
+    def forward(ctx, x, z, U, S, residual: bool, cu_seqlens):
+        x, z, U = x.contiguous(), z.contiguous(), U.contiguous()
+        S = S.contiguous() if S is not None else None
+        B, T, D = x.shape
+        R, W = U.shape[0], U.shape[1]
+        pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
+        BT, BD, BR = _block_sizes(D, R)
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        y = torch.empty_like(x)
+        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+        _dyn_conv_fwd[grid](x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR,
+                            HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None, PREC=prec)
+        ctx.save_for_backward(x, z, U, S, pos)
+        ctx.residual, ctx.varlen, ctx.prec = residual, cu_seqlens is not None, prec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, U, S, pos = ctx.saved_tensors
+        dy = dy.contiguous()
+        B, T, D = x.shape
+        R, W = U.shape[0], U.shape[1]
+        BT, BD, BR = _block_sizes(D, R)
+        dx = torch.empty_like(x)
+        dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+        _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
+                                  BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual, VARLEN=ctx.varlen, PREC=ctx.prec)
+        dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
+        dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
+        # enough programs to fill the GPU (~1024), each summing a run of tokens on chip
+        splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(1024, B * W * triton.cdiv(D, BD))))
+        tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
+        splits = triton.cdiv(T, tokens_per_split)
+        grid = (triton.cdiv(D, BD), W, B * splits)
+        _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
+                                  HAS_S=S is not None, VARLEN=ctx.varlen, PREC=ctx.prec)
+        return (dx, dz.to(z.dtype), dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
+
+
+def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None):
+    return DynamicConvLowRank.apply(x, z, U, S, residual, cu_seqlens)
