@@ -171,3 +171,104 @@ class DynamicConvLowRank(torch.autograd.Function):
 
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None):
     return DynamicConvLowRank.apply(x, z, U, S, residual, cu_seqlens)
+
+
+# ----------------------------------------------------------------------------- head-wise filters
+# K_t[k, d] = G_t[d // (D/H), k] (+ S[k, d]): the filter is a gather from G, no dot needed.
+
+
+@triton.jit
+def _dyn_conv_hw_fwd(x, G, S, y, pos, T, D, H, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr):
+    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    d = pid_d * BD + tl.arange(0, BD)
+    mt, md = t < T, d < D
+    head = d // (D // H)
+    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        K = tl.load(G + ((b * T + t[:, None]) * H + head[None, :]) * W + k, mask=mt[:, None] & md[None, :], other=0.0)
+        K = K.to(tl.float32)
+        if HAS_S:
+            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+        ok = mt & (p >= k)
+        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
+        xs = xs.to(tl.float32)
+        acc += K * xs
+        if RESIDUAL and k == 0:
+            acc += xs
+    tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
+
+
+@triton.jit
+def _dyn_conv_hw_bwd(x, G, S, dy, dx, dG, dS, pos, T, D, H, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr):
+    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t = pid_t * BT + tl.arange(0, BT)
+    d = pid_d * BD + tl.arange(0, BD)
+    mt, md = t < T, d < D
+    head = d // (D // H)
+    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+    dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+    dy_t = dy_t.to(tl.float32)
+    dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        # dG[t, head(d), k] += dy_t[d] x_{t-k}[d]   (summed over the head's channels by atomics)
+        ok = mt & (p >= k)
+        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
+        g = dy_t * xs.to(tl.float32)
+        tl.atomic_add(dG + ((b * T + t[:, None]) * H + head[None, :]) * W + k, g, mask=mt[:, None] & md[None, :])
+        if HAS_S:
+            tl.atomic_add(dS + k * D + d, tl.sum(g, axis=0), mask=md)
+        # dx_t += dy_{t+k} K_{t+k}[k]
+        tk = t + k
+        mk = tk < T
+        if VARLEN:
+            mk = mk & (tl.load(pos + tk, mask=mk, other=0) >= k)
+        K = tl.load(G + ((b * T + tk[:, None]) * H + head[None, :]) * W + k, mask=mk[:, None] & md[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_S:
+            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+        dyk = tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=mk[:, None] & md[None, :], other=0.0)
+        dx_acc += dyk.to(tl.float32) * K
+    tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
+
+
+class DynamicConvHeadwise(torch.autograd.Function):
+    """x [B, T, D], G [B, T, H, W], S [W, D] or None -> y [B, T, D] (fused residual optional)."""
+
+    @staticmethod
+    def forward(ctx, x, G, S, residual: bool, cu_seqlens):
+        x, G = x.contiguous(), G.contiguous()
+        S = S.contiguous() if S is not None else None
+        B, T, D = x.shape
+        H, W = G.shape[-2:]
+        pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
+        BT, BD, _ = _block_sizes(D, 1)
+        y = torch.empty_like(x)
+        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+        _dyn_conv_hw_fwd[grid](x, G, S if S is not None else x, y, pos, T, D, H, W=W, BT=BT, BD=BD,
+                               HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None)
+        ctx.save_for_backward(x, G, S, pos)
+        ctx.residual, ctx.varlen = residual, cu_seqlens is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, G, S, pos = ctx.saved_tensors
+        dy = dy.contiguous()
+        B, T, D = x.shape
+        H, W = G.shape[-2:]
+        BT, BD, _ = _block_sizes(D, 1)
+        dx = torch.empty_like(x)
+        dG = torch.zeros(G.shape, device=x.device, dtype=torch.float32)
+        dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
+        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+        _dyn_conv_hw_bwd[grid](x, G, S if S is not None else x, dy, dx, dG, dS, pos, T, D, H, W=W, BT=BT, BD=BD,
+                               HAS_S=S is not None, RESIDUAL=ctx.residual, VARLEN=ctx.varlen)
+        return dx, dG.to(G.dtype), (dS.to(S.dtype) if S is not None else None), None, None
+
+
+def dynamic_conv_headwise_triton(x, G, S=None, residual: bool = True, cu_seqlens=None):
+    return DynamicConvHeadwise.apply(x, G, S, residual, cu_seqlens)
