@@ -11,19 +11,21 @@ import torch.nn.functional as F
 from . import require_fla, use_fla
 
 
-def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """x [B, T, D], weight [D, 1, W] -> y [B, T, D]; zero history before t=0."""
+def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, activation: str | None, bias=None) -> torch.Tensor:
+    """x [B, T, D], weight [D, 1, W], bias [D] or None -> y [B, T, D]; zero history before t=0."""
     T, W = x.shape[1], weight.shape[-1]
-    y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), padding=W - 1, groups=x.shape[-1])[..., :T]
+    bias = bias.to(x.dtype) if bias is not None else None
+    y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), bias, padding=W - 1, groups=x.shape[-1])[..., :T]
     y = y.transpose(1, 2)
     return F.silu(y) if activation == "silu" else y
 
 
-def short_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None, backend: str = "auto") -> torch.Tensor:
+def short_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None, backend: str = "auto",
+               bias=None) -> torch.Tensor:
     if use_fla(x, backend):
         require_fla()
         from fla.modules.causal_conv1d import causal_conv1d
 
-        y, _ = causal_conv1d(x=x, weight=weight.squeeze(1), activation=activation, backend="triton")
+        y, _ = causal_conv1d(x=x, weight=weight.squeeze(1), bias=bias, activation=activation, backend="triton")
         return y
-    return short_conv_reference(x, weight, activation)
+    return short_conv_reference(x, weight, activation, bias)

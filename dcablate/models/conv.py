@@ -22,19 +22,22 @@ class StaticShortConv(nn.Module):
     state dicts are interchangeable with fla's `ShortConvolution` (bias-free)."""
 
     def __init__(self, dim: int, width: int = 4, activation: str | None = "silu", backend: str = "auto",
-                 residual: bool = False):
+                 residual: bool = False, bias: bool = False):
         super().__init__()
         self.dim, self.width, self.activation, self.backend, self.residual = dim, width, activation, backend, residual
         self.weight = nn.Parameter(torch.empty(dim, 1, width))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # nn.Conv1d's default: U(±1/sqrt(fan_in)), fan_in = W for a depthwise filter
         bound = 1 / math.sqrt(self.width)
         nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        y = short_conv(x, self.weight, self.activation, self.backend)
+        y = short_conv(x, self.weight, self.activation, self.backend, self.bias)
         return y + x if self.residual else y
 
     def flops_per_token(self) -> int:
@@ -101,17 +104,20 @@ def conv_activation(kind: str, activation: str) -> str | None:
     return None if activation == "none" else activation
 
 
-def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "auto") -> nn.Module | None:
+def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "auto", activation: str | None = None,
+              bias: bool = False) -> nn.Module | None:
     """The conv on `stream` (q k v o gate up down) of width `dim`, whose block input has width `gen_dim`;
-    None when the recipe's kind is `none` or its placement does not cover the stream."""
+    None when the recipe's kind is `none` or its placement does not cover the stream. A mixer that
+    applies its own activation after the conv passes `activation="none"`; `bias` is for static convs
+    that mirror a biased fla layer (Mamba-2's conv1d)."""
     if conv_cfg is None or conv_cfg.kind == "none":
         return None
     if stream not in ("q", "k", "v") and conv_cfg.placement != "all_linear":
         return None
-    act = conv_activation(conv_cfg.kind, conv_cfg.activation)
+    act = conv_activation(conv_cfg.kind, activation or conv_cfg.activation)
     residual = conv_cfg.residual if conv_cfg.residual is not None else conv_cfg.kind == "dynamic"
     if conv_cfg.kind == "static":
-        return StaticShortConv(dim, conv_cfg.width, act, backend, residual=residual)
+        return StaticShortConv(dim, conv_cfg.width, act, backend, residual=residual, bias=bias)
     if conv_cfg.kind == "dynamic":
         return DynamicShortConv(dim, gen_dim, conv_cfg.width, conv_cfg.rank, conv_cfg.heads, conv_cfg.static_filter,
                                 act, residual, backend)

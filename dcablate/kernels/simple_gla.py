@@ -1,0 +1,64 @@
+"""Scalar-decay gated linear attention (Mamba-2's SSD): fla's `chunk_simple_gla` on CUDA, torch on CPU.
+
+Per head, with state `S [K, V]` and log-decay `g_t` (a scalar per head and token):
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T          o_t = S_t^T (scale * q_t)
+
+Mamba-2 maps onto it with q = C, k = B, v = x·dt, g = A·dt, scale = 1 (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import require_fla, use_fla
+
+
+def simple_gla_recurrence(q, k, v, g, scale: float) -> torch.Tensor:
+    """Token by token (the oracle). q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] -> o [B, T, H, V]."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g = (t.to(acc) for t in (q, k, v, g))
+    B, T, H, K = k.shape
+    S = k.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None] + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(outs, dim=1)
+
+
+def simple_gla_chunked(q, k, v, g, scale: float, chunk_size: int = 64) -> torch.Tensor:
+    """The same function, chunk-parallel: intra-chunk decayed attention plus the carried state."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g = (t.to(acc).transpose(1, 2) for t in (q, k, v, g))  # [B, H, T, .]
+    B, H, T, K = k.shape
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    if pad:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        g = torch.nn.functional.pad(g, (0, pad))
+    n = (T + pad) // C
+    q, k, v = (t.reshape(B, H, n, C, -1) for t in (q, k, v))
+    G = g.reshape(B, H, n, C).cumsum(-1)
+    lower = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~lower, float("-inf")).exp()
+    intra = ((q @ k.transpose(-1, -2)) * decay * scale) @ v              # [B, H, n, C, V]
+    q_decayed = q * (G.exp()[..., None] * scale)
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+    S = k.new_zeros(B, H, K, v.shape[-1])
+    outs = []
+    for c in range(n):
+        outs.append(intra[:, :, c] + q_decayed[:, :, c] @ S)
+        S = G[:, :, c, -1].exp()[..., None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ v[:, :, c]
+    return torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T].transpose(1, 2)
+
+
+def simple_gla(q, k, v, g, scale: float, backend: str = "auto") -> torch.Tensor:
+    """o [B, T, H, V] in v's dtype."""
+    if use_fla(q, backend):
+        require_fla()
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        o, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale)
+        return o
+    return simple_gla_chunked(q, k, v, g, scale).to(v.dtype)

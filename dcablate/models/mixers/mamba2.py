@@ -1,0 +1,97 @@
+"""Mamba-2 token mixer with `fla.layers.Mamba2`'s parameter layout, computed as gated linear attention.
+
+Parameters (`in_proj conv1d dt_bias A_log D norm out_proj`) match fla's layer, so weights move
+between them. `in_proj` makes `[z | xBC | dt]`; the short conv (none, static with bias as fla's
+`conv1d`, or dynamic) runs on the concatenated `xBC` stream, then SiLU; the SSD is fla's
+`chunk_simple_gla` on CUDA with q = C, k = B, v = x·dt, g = A·dt, scale = 1 (DESIGN.md §3), then
+`y += D·x`, a grouped gated RMSNorm `norm(y · silu(z))` and `out_proj`. With `n_groups > 1`
+head h reads group `h // (H / n_groups)` (mamba_ssm's rule).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...kernels.simple_gla import simple_gla
+from ..conv import conv_or_identity, make_conv
+
+
+class GroupedGatedRMSNorm(nn.Module):
+    """`rmsnorm(x · silu(z))` over groups of `group_size` channels, times `weight` (fla's RMSNormGated,
+    norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, z):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        y = x.to(acc) * F.silu(z.to(acc))
+        y = y.unflatten(-1, (-1, self.group_size))
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (y * self.weight.to(acc)).to(x.dtype)
+
+
+class Mamba2(nn.Module):
+    def __init__(self, d_model: int, head_dim: int = 64, state_size: int = 64, expand: int = 2, n_groups: int = 1,
+                 conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto"):
+        super().__init__()
+        self.d_inner = expand * d_model
+        if self.d_inner % head_dim:
+            raise ValueError(f"expand * d_model = {self.d_inner} is not divisible by head_dim {head_dim}")
+        self.head_dim, self.d_state, self.n_groups = head_dim, state_size, n_groups
+        self.n_heads = self.d_inner // head_dim
+        self.backend = backend
+        self.conv_dim = self.d_inner + 2 * n_groups * state_size
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
+        # the conv on the xBC stream; Mamba's SiLU follows it here, not inside it (`activation = "none"`
+        # in the recipe drops it, an ablation knob for dynamic convs)
+        self.conv1d = make_conv(conv_cfg, "q", self.conv_dim, d_model, backend, activation="none", bias=True)
+        self.xbc_act = conv_cfg is None or conv_cfg.kind == "none" or conv_cfg.activation != "none"
+        # fla's init: dt ~ logU(1e-3, 1e-1) through the inverse softplus, A ~ U(1, 16)
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // n_groups, norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend)
+
+    @classmethod
+    def from_config(cls, m, layer_idx: int) -> "Mamba2":
+        c = m.mamba2
+        return cls(m.d_model, c.head_dim, c.state_size, c.expand, c.n_groups, m.conv, m.norm_eps, m.backend)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
+        z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC = conv_or_identity(self.conv1d, xBC, h)
+        xBC = F.silu(xBC) if self.xbc_act else xBC
+        x, Bm, Cm = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1)
+        x = x.view(B, T, self.n_heads, self.head_dim)
+        per_group = self.n_heads // self.n_groups  # head h reads group h // per_group
+        Bm = Bm.view(B, T, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2)
+        Cm = Cm.view(B, T, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))                    # [B, T, H]
+        g = -self.A_log.to(acc).exp() * dt
+        v = (x.to(acc) * dt[..., None]).to(x.dtype)
+        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
+        y = y + x * self.D.to(x.dtype)[:, None]
+        y = self.norm(y.reshape(B, T, self.d_inner), z)
+        return conv_or_identity(self.o_conv1d, self.out_proj(y), h)
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats of SSM state per sequence; conv history is counted by `info`."""
+        return self.n_heads * self.head_dim * self.d_state
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Decay, k v^T write and q^T S read per head."""
+        return 6 * self.n_heads * self.head_dim * self.d_state
