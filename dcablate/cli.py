@@ -26,7 +26,7 @@ def cli():
 
 
 def fresh_dir(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... if it exists: a new run never overwrites an old one."""
+    """`path`, or `path-2`, `path-3`, ... if it exists: --force-new never touches an old run."""
     if not path.exists():
         return path
     n = 2
@@ -35,40 +35,87 @@ def fresh_dir(path: Path) -> Path:
     return path.with_name(f"{path.name}-{n}")
 
 
+def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
+    """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
+    from .checkpoint import describe_changes, recipe_changes
+
+    if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
+        raise UserError(f"{sweep_root}: holds a single run, not this sweep; use --force-new for a fresh directory")
+    if not run_dir.exists():
+        return "new"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a directory; pick another run.name or run.out_dir")
+    recipe_file = run_dir / "recipe.toml"
+    if not recipe_file.is_file():
+        leftovers = {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} - {".lock", "checkpoints"}
+        if not leftovers and not any((run_dir / "checkpoints").glob("step-*.pt")):
+            return "new"  # a run killed before it wrote anything
+        raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
+                        f"fresh directory")
+    old = recipes.load(str(recipe_file))
+    changes = recipe_changes(old.to_dict(), r.to_dict())
+    if changes:
+        raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); use "
+                        f"--force-new to train it in a fresh directory")
+    return "finished" if (run_dir / "summary.json").is_file() else "resume"
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); move it away to finish the run again") from None
+
+
 @cli.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--dry-run", is_flag=True, help="Validate and list the runs without training.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(recipe, overrides, dry_run, quiet):
-    """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point."""
+@click.option("--force-new", is_flag=True,
+              help="Train from scratch in a fresh directory (NAME-2, ...) if NAME exists; nothing is deleted.")
+def run(recipe, overrides, dry_run, quiet, force_new):
+    """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
+
+    If the run directory exists, the run resumes from its newest good checkpoint, or is reported
+    as finished; a changed recipe is refused unless --force-new."""
     base, points = recipes.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
+    if force_new and root.exists():
+        new_root = fresh_dir(root)
+        click.echo(f"{root} exists; writing to {new_root}")
+        root = new_root
+    sweep_root = root if base.sweep else None
+    plan = []
+    for name, r in points:  # every point checked before anything trains
+        run_dir = root / name if name else root
+        plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
     if dry_run:
-        for name, r in points:
-            click.echo(f"{root / name if name else root}  (recipe {r.digest()})")
+        for _, r, run_dir, state in plan:
+            click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         return
     from .train import check_runtime, train  # torch import deferred so --help and validation stay fast
 
     for _, r in points:  # device and backend problems end the command before anything is written
         check_runtime(r)
-    root = fresh_dir(root)
     try:
-        root.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"run.out_dir: cannot create {root}: {e.strerror}") from None
-    if root.name != base.run.name:
-        click.echo(f"{root.parent / base.run.name} exists; writing to {root}")
 
     rows = []
-    for i, (name, r) in enumerate(points):
-        run_dir = root / name if name else root
+    for i, (name, r, run_dir, state) in enumerate(plan):
         if len(points) > 1:
             click.echo(f"[{i + 1}/{len(points)}] {name}")
-        summary = train(r, run_dir, quiet=quiet)
+        if state == "finished":
+            summary = read_summary(run_dir)
+            click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
+        else:
+            summary = train(r, run_dir, quiet=quiet)
+            click.echo(f"  -> {run_dir}  overall {summary['final'].get('overall', float('nan')):.3f} "
+                       f"in {summary['wall_time_s']:.1f}s")
         rows.append(result_row(name or r.run.name, summary))
-        click.echo(f"  -> {run_dir}  overall {summary['final'].get('overall', float('nan')):.3f} "
-                   f"in {summary['wall_time_s']:.1f}s")
     click.echo("")
     click.echo(format_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
@@ -102,17 +149,16 @@ def eval_(task_kind, run_dir, overrides):
     from . import checkpoint
     from .info import build_model
     from .tasks import build_task
-    from .train import autocast_for, resolve_device
+    from .train import autocast_for, check_runtime, first_line
 
+    device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
-    device = resolve_device(r.run.device)
     task = build_task(r.task, train=False)
-    model = build_model(r, state["vocab_size"])
     try:
+        model = build_model(r, state.get("vocab_size", r.task.mqar.vocab_size))
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first})") from None
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
     model.to(device)
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
     out = run_dir / "eval" / f"{task_kind}.json"
@@ -181,6 +227,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
+    except Exception as e:  # a run that stopped on a fault (train.Stop): its line says what and where
+        train = sys.modules.get("dcablate.train")  # only loaded (with torch) once a run started
+        if train is None or not isinstance(e, train.Stop):
+            raise
+        click.echo(str(e), err=True)
+        return e.code
     return 0
 
 

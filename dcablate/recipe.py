@@ -144,6 +144,10 @@ class TrainSection:
     beta2: float = _f(0.98, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 turns clipping off", min=0.0)
     precision: str = _f("auto", "`auto` = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    micro_batch_size: int = _f(0, "examples per forward/backward pass; gradients of batch_size / micro_batch_size "
+                               "passes are accumulated into one step (0 = batch_size, no accumulation)", min=0)
+    nonfinite: str = _f("stop", "on a non-finite loss or gradient: stop the run (last good checkpoint kept) or skip "
+                        "the update", choices=("stop", "skip"))
 
 
 @dataclass
@@ -162,6 +166,13 @@ class LogSection:
 
 
 @dataclass
+class CheckpointSection:
+    every: int = _f(100, "save the full training state every N steps (and always at the end); 0 = only at the end "
+                    "and on SIGINT/SIGTERM", min=0)
+    keep: int = _f(2, "step checkpoints kept (the newest); older ones are deleted", min=1)
+
+
+@dataclass
 class Recipe:
     run: RunSection = field(default_factory=RunSection, metadata={"doc": "run identity and placement"})
     model: ModelSection = field(default_factory=ModelSection, metadata={"doc": "the model"})
@@ -169,6 +180,8 @@ class Recipe:
     train: TrainSection = field(default_factory=TrainSection, metadata={"doc": "optimisation"})
     eval: EvalSection = field(default_factory=EvalSection, metadata={"doc": "evaluation cadence"})
     log: LogSection = field(default_factory=LogSection, metadata={"doc": "logging"})
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection,
+                                          metadata={"doc": "checkpoints and resume"})
     sweep: dict = field(default_factory=dict, metadata={"doc": "grid: recipe path -> list of values"})
 
     def to_dict(self) -> dict:
@@ -477,6 +490,8 @@ def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
                    f"{m.vocab_size} is smaller than task.mqar.vocab_size {q.vocab_size}")
     _check(r.train.warmup_steps <= r.train.steps, origins, src, "train.warmup_steps",
            f"{r.train.warmup_steps} is more than train.steps {r.train.steps}")
+    _check(r.train.micro_batch_size <= r.train.batch_size, origins, src, "train.micro_batch_size",
+           f"{r.train.micro_batch_size} is more than train.batch_size {r.train.batch_size}")
 
 
 def _check_sweep(r: Recipe, data: dict, origins: dict, src: str) -> None:

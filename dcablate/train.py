@@ -1,7 +1,11 @@
-"""The training loop: AdamW, warmup + cosine/constant, clipping, autocast, periodic evaluation.
+"""The training loop: AdamW, warmup + cosine/constant, clipping, gradient accumulation, autocast, evaluation.
 
-One call trains one resolved recipe into one run directory (DESIGN.md §1):
-`recipe.toml`, `metrics.jsonl`, `tb/`, `checkpoints/final.pt`, `summary.json`.
+One call trains one resolved recipe into one run directory (DESIGN.md §1): `recipe.toml`, `metrics.jsonl`,
+`tb/`, `checkpoints/` (`step-*.pt` and `final.pt`), `summary.json`. A run directory that already holds
+checkpoints is resumed from its newest good one, so that on CPU in fp32 the resumed run is bit-for-bit
+the uninterrupted one: the checkpoint carries model, optimizer, scheduler, data position and every RNG.
+Faults (signals, non-finite loss, CUDA OOM, a full disk) end the run with a `Stop` whose one-line message
+says what happened and where the last good checkpoint is.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ import contextlib
 import json
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +30,14 @@ from .errors import UserError
 from .info import build_model, costs
 from .logs import MetricsLog
 from .tasks import build_task
+
+
+class Stop(Exception):
+    """The run stopped before its end for a reason the user must see; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -55,6 +70,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def lr_lambda(t):
     """Multiplier of the peak lr at step `s` (0-based): linear warmup, then cosine to the floor or constant."""
     def f(s: int) -> float:
@@ -78,98 +106,266 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
 
 
+@contextlib.contextmanager
+def signals_caught():
+    """SIGINT/SIGTERM set a flag (the loop saves and stops at the next step); a second one acts at once."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        caught.append(signum)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
-    """Train `recipe` into `run_dir` (which must be new or empty) and return the summary."""
-    started = time.time()
+    """Train `recipe` into `run_dir`, resuming from its newest good checkpoint if it has one; the summary."""
     device = check_runtime(recipe)
-    autocast = autocast_for(device, recipe.train.precision)
-    seed_everything(recipe.run.seed)
+    with checkpoint.locked(run_dir), signals_caught() as caught:
+        return Trainer(recipe, run_dir, device, quiet, caught).run()
 
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.toml").write_text(recipe.to_toml())
 
-    task = build_task(recipe.task)
-    model = build_model(recipe, task.vocab_size)
-    info = costs(model, task.max_seq_len)
-    model.to(device)
-    optimizer = make_optimizer(model, recipe.train, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train))
+class Trainer:
+    """One run: built fresh, or restored from a checkpoint, then stepped to the end."""
 
-    log = MetricsLog(run_dir, recipe.log.tensorboard)
-    log.text("recipe", "```toml\n" + recipe.to_toml() + "\n```")
-    log.text("parameters", "\n".join(f"{k}: {v:,}" for k, v in info.params.items()))
-    log.write("params", 0, {k: float(v) for k, v in info.params.items()})
+    def __init__(self, recipe, run_dir: Path, device: torch.device, quiet: bool, caught: list[int]):
+        self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.started = time.time()
+        self.autocast = autocast_for(device, recipe.train.precision)
+        seed_everything(recipe.run.seed)
+        self.task = build_task(recipe.task)
+        self.model = build_model(recipe, self.task.vocab_size)
+        self.info = costs(self.model, self.task.max_seq_len)
+        self.model.to(device)
+        self.optimizer = make_optimizer(self.model, recipe.train, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.train))
+        self.step, self.done, self.stopped_early, self.skipped, self.wall_before = 0, False, False, 0, 0.0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.saved: Path | None = None  # the newest good step checkpoint on disk
+        self.phase = "starting"  # for error messages: what the run was doing
 
-    t = recipe.train
-    batches = task.train_batches(t.batch_size, seed=recipe.run.seed)
-    history: list[dict] = []
-    best: dict | None = None
-    stopped_early = False
-    tokens_since, time_since = 0, time.time()
-    bar = tqdm(total=t.steps, disable=quiet or not recipe.log.progress, dynamic_ncols=True, leave=False,
-               desc=recipe.run.name)
+    # ------------------------------------------------------------------------------------- state
 
-    def evaluate(step: int) -> dict:
-        nonlocal best
-        metrics = task.evaluate(model, device, recipe.eval.batch_size, autocast)
-        log.write("eval", step, metrics)
-        history.append({"step": step, **metrics})
-        if best is None or metrics[task.headline] > best[task.headline]:
-            best = {"step": step, **metrics}
+    def state(self) -> dict:
+        return {
+            "format": 1, "step": self.step, "done": self.done, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "data": {"batches": self.step}, "rng": rng_state(), "recipe": self.recipe.to_dict(),
+            "recipe_hash": self.recipe.digest(), "vocab_size": self.model.vocab_size, "history": self.history,
+            "best": self.best, "stopped_early": self.stopped_early, "skipped_steps": self.skipped,
+            "wall_time_s": self.wall_time(),
+        }
+
+    def restore(self) -> bool:
+        """Load the newest good step checkpoint, if any; the previous one is used when the newest is corrupt."""
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.sweep_leftovers(self.ckpt_dir)
+        state, path = checkpoint.latest_good(self.ckpt_dir, warn=lambda line: click.echo(line, err=True))
+        if state is None:
+            return False
+        changes = checkpoint.recipe_changes(state.get("recipe", {}), self.recipe.to_dict())
+        if changes:
+            raise UserError(f"{path}: written by another recipe ({checkpoint.describe_changes(changes)}); "
+                            f"use --force-new to start a fresh run directory")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{path}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
+        except KeyError as e:
+            raise UserError(f"{path}: not a step checkpoint (no {e})") from None
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.done, self.stopped_early = state["step"], state["done"], state["stopped_early"]
+            self.history, self.best, self.skipped = state["history"], state["best"], state["skipped_steps"]
+            self.wall_before = state["wall_time_s"]
+            set_rng_state(state["rng"])
+        except KeyError as e:
+            raise UserError(f"{path}: not a step checkpoint (no {e})") from None
+        self.saved = path
+        click.echo(f"resuming {self.run_dir} from step {self.step} ({path.name})")
+        return True
+
+    def save(self) -> None:
+        """A step checkpoint of the current state, then drop the ones beyond `checkpoint.keep`."""
+        if self.saved is not None and self.saved == checkpoint.step_path(self.ckpt_dir, self.step):
+            return
+        path = checkpoint.step_path(self.ckpt_dir, self.step)
+        try:
+            checkpoint.save(path, self.state())
+        except checkpoint.WriteError as e:
+            kept = f"the previous checkpoint {self.saved} is intact" if self.saved else "no earlier checkpoint"
+            raise Stop(f"error: {e}; {kept}; free some space and run the same command to resume", 1) from None
+        self.saved = path
+        checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep)
+
+    def wall_time(self) -> float:
+        return round(self.wall_before + time.time() - self.started, 2)
+
+    def check_signal(self) -> None:
+        if self.caught:
+            self.save()
+            name = signal.Signals(self.caught[0]).name
+            raise Stop(f"interrupted ({name}) at step {self.step}; checkpoint saved to {self.saved}; "
+                       f"run the same command to resume", 128 + self.caught[0])
+
+    # ------------------------------------------------------------------------------------- steps
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward over micro-batches (the loss weighted by scored targets, so the sum equals the
+        full-batch mean), clip, and step unless the loss or gradient is not finite."""
+        t = self.recipe.train
+        chunks = list(zip(x.split(t.micro_batch_size or len(x)), y.split(t.micro_batch_size or len(x))))
+        n_scored = int((y != -100).sum()) if len(chunks) > 1 else None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch.zeros((), device=self.device)
+        for xs, ys in chunks:
+            xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits, targets = self.model.scored_logits(xs, ys)
+            if n_scored is None:
+                part = F.cross_entropy(logits.float(), targets)
+            else:
+                part = F.cross_entropy(logits.float(), targets, reduction="sum") / n_scored
+            part.backward()
+            loss += part.detach()
+        clip = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self.nonfinite(loss, grad_norm)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss, grad_norm
+
+    def nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        what = f"loss {loss.item()}, gradient norm {grad_norm.item()}"
+        if self.recipe.train.nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.log.write("skip", self.step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item()})
+            return
+        kept = f"last good checkpoint {self.saved}" if self.saved else "no checkpoint yet"
+        raise Stop(f"error: non-finite {what} at step {self.step + 1}; {kept}; lower train.lr or set "
+                   f"train.grad_clip (then --force-new), or set train.nonfinite = \"skip\" and rerun to resume", 1)
+
+    def evaluate(self) -> dict:
+        self.phase = f"evaluating at step {self.step}"
+        metrics = self.task.evaluate(self.model, self.device, self.recipe.eval.batch_size, self.autocast)
+        self.log.write("eval", self.step, metrics)
+        self.history.append({"step": self.step, **metrics})
+        if self.best is None or metrics[self.task.headline] > self.best[self.task.headline]:
+            self.best = {"step": self.step, **metrics}
         return metrics
 
-    model.train()
-    step, postfix = 0, {}
-    while step < t.steps:
-        x, y = next(batches)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            logits, targets = model.scored_logits(x, y)
-        loss = F.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        tokens_since += x.numel()
-        bar.update(1)
+    # ------------------------------------------------------------------------------------- the run
 
-        if step % recipe.log.every == 0 or step == t.steps:
-            elapsed = time.time() - time_since
-            record = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                      "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
-            log.write("train", step, record)
-            postfix["loss"] = f"{record['loss']:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-            tokens_since, time_since = 0, time.time()
-        if step % recipe.eval.every == 0 or step == t.steps:
-            metrics = evaluate(step)
-            postfix["acc"] = f"{metrics[task.headline]:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-            if recipe.eval.early_stop and metrics[task.headline] >= recipe.eval.early_stop:
-                stopped_early = step < t.steps
-                break
-    bar.close()
-    if not history or history[-1]["step"] != step:
-        evaluate(step)
+    def run(self) -> dict:
+        recipe, t = self.recipe, self.recipe.train
+        self.log = None
+        try:
+            checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
+            resumed = self.restore()
+            self.log = MetricsLog(self.run_dir, recipe.log.tensorboard, resume_step=self.step if resumed else None)
+            if not resumed:
+                self.log.text("recipe", "```toml\n" + recipe.to_toml() + "\n```")
+                self.log.text("parameters", "\n".join(f"{k}: {v:,}" for k, v in self.info.params.items()))
+                self.log.write("params", 0, {k: float(v) for k, v in self.info.params.items()})
+            self.loop()
+            self.check_signal()
+            return self.finish()
+        except torch.OutOfMemoryError:
+            raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
+                       f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
+                       f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating", 1) from None
+        except OSError as e:  # a full disk or a vanished directory while writing logs: one line, not a trace
+            if e.errno is None:
+                raise
+            kept = f"the checkpoint {self.saved} is intact" if self.saved else "no checkpoint yet"
+            raise Stop(f"error: {e.filename or self.run_dir}: {e.strerror}; {kept}", 1) from None
+        finally:
+            if self.log is not None:
+                self.log.close()
 
-    final = history[-1]
-    checkpoint.save(run_dir / "checkpoints" / "final.pt", {
-        "model": model.state_dict(), "step": step, "recipe": recipe.to_dict(), "recipe_hash": recipe.digest(),
-        "vocab_size": model.vocab_size,
-    })
-    summary = {
-        "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "steps": step, "stopped_early": stopped_early, "wall_time_s": round(time.time() - started, 2),
-        "final": final, "best": best, "params": info.params, "state_floats": info.state_floats,
-        "flops_per_token": info.flops_per_token,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.hparams(hparams_of(recipe), {k: v for k, v in final.items() if k != "step"})
-    log.close()
-    return summary
+    def loop(self) -> None:
+        recipe, t = self.recipe, self.recipe.train
+        batches = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step)
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.quiet or not recipe.log.progress,
+                   dynamic_ncols=True, leave=False, desc=recipe.run.name)
+        tokens_since, time_since, postfix = 0, time.time(), {}
+        self.model.train()
+        while not self.done and self.step < t.steps:
+            self.check_signal()
+            self.phase = f"training step {self.step + 1}"
+            x, y = next(batches)
+            loss, grad_norm = self.train_step(x, y)
+            self.step += 1
+            tokens_since += x.numel()
+            bar.update(1)
+            if self.step % recipe.log.every == 0 or self.step == t.steps:
+                elapsed = time.time() - time_since
+                record = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                          "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+                self.log.write("train", self.step, record)
+                postfix["loss"] = f"{record['loss']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                tokens_since, time_since = 0, time.time()
+            if self.step % recipe.eval.every == 0 or self.step == t.steps:
+                metrics = self.evaluate()
+                postfix["acc"] = f"{metrics[self.task.headline]:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                if recipe.eval.early_stop and metrics[self.task.headline] >= recipe.eval.early_stop:
+                    self.stopped_early, self.done = self.step < t.steps, True
+            every = recipe.checkpoint.every
+            if every and self.step % every == 0 and not self.done and self.step < t.steps:
+                self.save()
+        bar.close()
+
+    def finish(self) -> dict:
+        """Final evaluation, the end checkpoint, `final.pt` and `summary.json` (written last: it marks the
+        run finished)."""
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.evaluate()
+        self.done = True
+        self.save()
+        recipe, final = self.recipe, self.history[-1]
+        try:
+            checkpoint.save(self.ckpt_dir / "final.pt", {
+                "model": self.model.state_dict(), "step": self.step, "recipe": recipe.to_dict(),
+                "recipe_hash": recipe.digest(), "vocab_size": self.model.vocab_size,
+            })
+        except checkpoint.WriteError as e:
+            raise Stop(f"error: {e}; the end checkpoint {self.saved} is intact; free some space and run the "
+                       f"same command to finish", 1) from None
+        summary = {
+            "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "steps": self.step, "stopped_early": self.stopped_early, "skipped_steps": self.skipped,
+            "wall_time_s": self.wall_time(), "final": final, "best": self.best, "params": self.info.params,
+            "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
+        }
+        self.log.hparams(hparams_of(recipe), {k: v for k, v in final.items() if k != "step"})
+        checkpoint.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def first_line(e: Exception) -> str:
+    """The telling line of a torch error (load_state_dict puts it second)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
 
 
 def hparams_of(recipe) -> dict:

@@ -30,9 +30,9 @@ class MQARTask:
     def max_seq_len(self) -> int:
         return max(s.seq_len for s in self.train_segments + self.test_segments)
 
-    def train_batches(self, batch_size: int, seed: int):
-        """Endless (inputs, targets) batches, each from one segment."""
-        for _, x, y in self.data.train_batches(batch_size, seed):
+    def train_batches(self, batch_size: int, seed: int, start: int = 0):
+        """Endless (inputs, targets) batches, each from one segment; `start` skips that many (resume)."""
+        for _, x, y in self.data.train_batches(batch_size, seed, start):
             yield x, y
 
     @torch.no_grad()

@@ -251,20 +251,29 @@ class MQARData:
         _check_batch_size(batch_size)
         return sum(max(1, seg.num_examples // batch_size) for seg in self.train)
 
-    def train_batches(self, batch_size: int, seed: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def train_batches(
+        self, batch_size: int, seed: int, start: int = 0
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Endless stream of (segment_index, inputs int64 [b, T], targets int64 [b, T]).
 
         Each batch comes from one segment. Per epoch every segment's examples are shuffled and cut into
         batches of batch_size (the last partial batch dropped, unless the segment is smaller than
         batch_size, in which case it forms one smaller batch), and the batch order across segments is
-        shuffled. Everything is driven by np.random.default_rng(seed)."""
+        shuffled. Everything is driven by np.random.default_rng(seed). ``start`` skips that many batches
+        without building them (a resumed run continues the exact stream)."""
         _check_batch_size(batch_size)
         if not self.train:
             raise ValueError("MQARData has no train segments")
         rng = np.random.default_rng(seed)
+        skip = start
         while True:
             plan = self._epoch_plan(batch_size, rng)
-            for p in rng.permutation(len(plan)):
+            order = rng.permutation(len(plan))
+            if skip >= len(order):
+                skip -= len(order)
+                continue
+            order, skip = order[skip:], 0
+            for p in order:
                 j, idx = plan[p]
                 x, y = _to_batch(*self.train_data[j], idx)
                 yield j, x, y
