@@ -228,6 +228,117 @@ CASES = [
 ]
 
 
+# ----------------------------------------------------------------------------------------- reliability (issue 7)
+# Run-directory cases train into ./prev (never ./out); checkpoint files are built here with torch.
+
+
+def _resolved(**changes) -> dict:
+    """The resolved recipe of `ok.toml --set run.out_dir=prev`, with dotted-key changes."""
+    import tomllib
+
+    data = tomllib.loads(OK)
+    data["run"]["out_dir"] = "prev"
+    for key, value in changes.items():
+        section, name = key.split("__")
+        data.setdefault(section, {})[name] = value
+    return R.build(data)
+
+
+def _ckpt(payload) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _weights(**changes) -> dict:
+    from dcablate.info import build_model
+
+    return build_model(_resolved(**changes), 64).state_dict()
+
+
+PREV_RUN = ["run", "ok.toml", "--quiet", "--set", "run.out_dir=prev"]
+PREV_TOML = _resolved().to_toml()
+FINAL = _ckpt({"model": _weights(), "step": 2, "vocab_size": 64})
+
+CASES += [
+    # --- new recipe keys: [checkpoint], train.micro_batch_size, train.nonfinite
+    bad("checkpoint-every-negative", "[checkpoint]\nevery = -1\n", "r.toml: checkpoint.every", "must be >= 0, got -1"),
+    bad("checkpoint-keep-zero", "[checkpoint]\nkeep = 0\n", "r.toml: checkpoint.keep", "must be >= 1, got 0"),
+    bad("checkpoint-unknown-key", "[checkpoint]\nevry = 10\n", "r.toml: checkpoint.evry: unknown key",
+        "did you mean 'every'", "allowed here: every, keep"),
+    bad("checkpoint-not-a-table", "checkpoint = 5\n", "r.toml: checkpoint", "must be a table, got int 5"),
+    bad("checkpoint-every-float", "[checkpoint]\nevery = 1.5\n", "r.toml: checkpoint.every", "must be an integer"),
+    bad("checkpoint-keep-bool", "[checkpoint]\nkeep = true\n", "r.toml: checkpoint.keep", "boolean true"),
+    bad("micro-batch-over-batch", "[train]\nbatch_size = 4\nmicro_batch_size = 8\n", "r.toml: train.micro_batch_size",
+        "8 is more than train.batch_size 4"),
+    bad("micro-batch-negative", "[train]\nmicro_batch_size = -2\n", "r.toml: train.micro_batch_size", "must be >= 0"),
+    bad("nonfinite-bad-choice", '[train]\nnonfinite = "skp"\n', "r.toml: train.nonfinite",
+        "'skp' is not one of stop|skip", "did you mean 'skip'"),
+    bad("sweep-micro-batch-over-batch", '[sweep]\n"train.micro_batch_size" = [2, 400]\n',
+        "r.toml: sweep.train.micro_batch_size", "value 400", "more than train.batch_size"),
+    bad_set("set-checkpoint-keep-string", ["checkpoint.keep=all"], "--set: checkpoint.keep",
+            "must be an integer, got str 'all'"),
+    bad_set("set-nonfinite-bad-choice", ["train.nonfinite=ignore"], "--set: train.nonfinite", "not one of stop|skip"),
+    Case("force-new-takes-no-value", ["run", "ok.toml", "--force-new=yes"],
+         ("Option '--force-new' does not take a value",)),
+    # --- an existing run directory: resume, refuse, or say why not
+    Case("resume-changed-recipe", PREV_RUN, ("prev/run: recipe changed since this run started (train.lr: 0.002 -> "
+                                             "0.001); use --force-new",),
+         files={"prev/run/recipe.toml": _resolved(train__lr=2e-3).to_toml()}),
+    Case("resume-changed-recipe-many-keys", [*PREV_RUN, *DRY],
+         ("recipe changed", "model.d_model: 64 -> 32", "and 1 more"),
+         files={"prev/run/recipe.toml": _resolved(train__lr=2e-3, model__d_model=64, model__n_layers=3,
+                                                  run__seed=4, eval__every=7).to_toml()}),
+    Case("resume-run-dir-is-a-file", PREV_RUN, ("prev/run: exists and is not a directory",), files={"prev/run": "x"}),
+    Case("resume-not-a-run-dir", PREV_RUN, ("prev/run: exists but is not a run directory (no recipe.toml)",),
+         files={"prev/run/notes.txt": "mine"}),
+    Case("sweep-into-a-single-run", [*PREV_RUN, "--set", "sweep.train.lr=[1e-3, 2e-3]"],
+         ("prev/run: holds a single run, not this sweep",), files={"prev/run/recipe.toml": PREV_TOML}),
+    Case("resume-bad-recipe-in-run-dir", PREV_RUN, ("prev/run/recipe.toml: model.d_modle", "unknown key"),
+         files={"prev/run/recipe.toml": "[model]\nd_modle = 1\n"}),
+    Case("finished-run-summary-unreadable", PREV_RUN, ("prev/run/summary.json: unreadable",),
+         files={"prev/run/recipe.toml": PREV_TOML, "prev/run/summary.json": "{not json"}),
+    Case("resume-checkpoint-of-another-recipe", PREV_RUN,
+         ("step-000001.pt: written by another recipe (model.d_model: 16 -> 32)", "--force-new"),
+         files={"prev/run/recipe.toml": PREV_TOML, "prev/run/checkpoints/step-000001.pt": _ckpt(
+             {"model": _weights(model__d_model=16), "step": 1, "recipe": _resolved(model__d_model=16).to_dict()})}),
+    Case("resume-checkpoint-of-another-shape", PREV_RUN,
+         ("step-000001.pt: checkpoint does not fit the recipe's model", "size mismatch"),
+         files={"prev/run/recipe.toml": PREV_TOML, "prev/run/checkpoints/step-000001.pt": _ckpt(
+             {"model": _weights(model__d_model=16), "step": 1, "recipe": _resolved().to_dict()})}),
+    Case("resume-from-a-weights-only-file", PREV_RUN, ("step-000001.pt: not a step checkpoint (no 'optimizer')",),
+         files={"prev/run/recipe.toml": PREV_TOML, "prev/run/checkpoints/step-000001.pt": _ckpt(
+             {"model": _weights(), "step": 1, "recipe": _resolved().to_dict()})}),
+    # --- dcablate eval on damaged or foreign checkpoints, and on a machine without the recipe's GPU
+    Case("eval-final-garbage", ["eval", "--task", "mqar", "--run", "rd"], ("final.pt: unreadable checkpoint",),
+         files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": b"PK\x03\x04 not a zip"}),
+    Case("eval-final-truncated", ["eval", "--task", "mqar", "--run", "rd"], ("final.pt: unreadable checkpoint",),
+         files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": FINAL[: len(FINAL) // 2]}),
+    Case("eval-final-checksum-mismatch", ["eval", "--task", "mqar", "--run", "rd"],
+         ("rd/checkpoints/final.pt: checksum mismatch (truncated or corrupt file)",),
+         files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": FINAL,
+                "rd/checkpoints/final.pt.sha256": "0" * 64 + "  final.pt\n"}),
+    Case("eval-final-not-a-checkpoint", ["eval", "--task", "mqar", "--run", "rd"],
+         ("final.pt: not a dcablate checkpoint",), files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": _ckpt([1])}),
+    Case("eval-final-of-another-shape", ["eval", "--task", "mqar", "--run", "rd"],
+         ("rd: checkpoint does not fit the recipe's model", "size mismatch for embed.weight"),
+         files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": _ckpt(
+             {"model": _weights(model__d_model=16), "step": 2, "vocab_size": 64})}),
+    Case("eval-device-cuda-without-cuda", ["eval", "--task", "mqar", "--run", "rd", "--set", "run.device=cuda"],
+         ("run.device = 'cuda' but no CUDA device",), files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": FINAL},
+         cpu_only=True),
+    Case("eval-backend-fla-without-cuda", ["eval", "--task", "mqar", "--run", "rd", "--set", "model.backend=fla"],
+         ("model.backend = 'fla' needs a CUDA device",), files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": FINAL},
+         cpu_only=True),
+    Case("eval-run-is-a-file", ["eval", "--task", "mqar", "--run", "f.txt"], ("f.txt: no such run directory",),
+         files={"f.txt": "x"}),
+]
+
+
 def _setup(case: Case, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ok.toml").write_text(OK)
@@ -305,6 +416,8 @@ SUBPROCESS = {
     "unknown-option": "script",
     "eval-missing-run-dir": "module",
     "device-cuda-without-cuda": "script",
+    "resume-changed-recipe": "script",
+    "eval-final-checksum-mismatch": "module",
 }
 
 
