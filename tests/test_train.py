@@ -130,8 +130,9 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert "conv.kind=static" in out and "overall" in out
     run_dir = tmp_path / "t" / "conv.kind=static"
     assert (run_dir / "summary.json").is_file()
-    # a second run never overwrites the first
-    assert main(["run", str(path), "--quiet", "--set", "train.steps=3"]) == 0
+    # a changed recipe is refused; --force-new trains it in a fresh directory, never touching the first
+    assert main(["run", str(path), "--quiet", "--set", "train.steps=3"]) == 2
+    assert main(["run", str(path), "--quiet", "--set", "train.steps=3", "--force-new"]) == 0
     assert (tmp_path / "t-2" / "conv.kind=none" / "summary.json").is_file()
 
     capsys.readouterr()
