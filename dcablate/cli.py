@@ -194,6 +194,21 @@ def info(recipe, overrides):
                    f"{human(c.head_flops_per_token)} (LM head, per scored token); training ~3x\n")
 
 
+@cli.group()
+def bench():
+    """Speed benchmarks (GPU): print a table comparing variants in one run on one card."""
+
+
+@bench.command(name="conv")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--skip-reference", is_flag=True, help="Do not time the pure-torch reference.")
+def bench_conv(dtype, skip_reference):
+    """Dynamic conv kernels vs fla's static ShortConvolution vs the torch reference (fwd, bwd, GB/s)."""
+    from .bench import conv_benchmark
+
+    conv_benchmark(dtype, skip_reference)
+
+
 @cli.command(name="recipes")
 def list_recipes():
     """List the recipes shipped with dcablate (run one by name: dcablate run NAME)."""

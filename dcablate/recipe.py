@@ -77,13 +77,34 @@ class GatedDeltaNetSection:
 
 
 @dataclass
+class Mamba2Section:
+    head_dim: int = _f(64, "channels per SSM head; heads = expand * d_model / head_dim", min=1)
+    state_size: int = _f(64, "SSM state size N per head (B and C width per group)", min=1)
+    expand: int = _f(2, "inner width = expand * d_model", min=1)
+    n_groups: int = _f(1, "groups of B/C shared by heads; head h reads group h // (heads / n_groups)", min=1)
+
+
+@dataclass
+class MoESection:
+    n_experts: int = _f(8, "routed experts", min=1)
+    top_k: int = _f(2, "experts per token (token choice, dropless)", min=1)
+    d_expert: int = _f(0, "SwiGLU hidden width of each expert; 0 = the dense MLP's width (model.ffn_hidden rule)",
+                       min=0)
+    score: str = _f("softmax", "router scores over experts", choices=("softmax", "sigmoid"))
+    renormalize: bool = _f(True, "rescale the top-k weights to sum to 1")
+    shared_expert: bool = _f(False, "add a dense SwiGLU expert of width d_expert applied to every token")
+    load_balance_coef: float = _f(0.01, "weight of the load-balancing loss (mean over MoE layers)", min=0.0)
+    z_loss_coef: float = _f(0.001, "weight of the router z-loss (mean over MoE layers)", min=0.0)
+
+
+@dataclass
 class ModelSection:
-    mixer: str = _f("attention", "token mixer of every block", choices=("attention", "gated_deltanet"))
+    mixer: str = _f("attention", "token mixer of every block", choices=("attention", "gated_deltanet", "mamba2"))
     d_model: int = _f(128, "residual stream width", min=1)
     n_layers: int = _f(2, "number of blocks", min=1)
     n_heads: int = _f(2, "heads of the token mixer", min=1)
     head_dim: int = _f(0, "q/k head dim; 0 = d_model / n_heads", min=0)
-    ffn: str = _f("none", "channel mixer after each token mixer", choices=("none", "mlp"))
+    ffn: str = _f("none", "channel mixer after each token mixer", choices=("none", "mlp", "moe"))
     ffn_hidden: int = _f(0, "SwiGLU hidden width; 0 = 8/3 d_model rounded up to a multiple of 16", min=0)
     vocab_size: int = _f(0, "embedding rows; 0 = the task's vocabulary", min=0)
     tie_embeddings: bool = _f(True, "share the embedding matrix with the LM head")
@@ -95,6 +116,9 @@ class ModelSection:
     attention: AttentionSection = field(default_factory=AttentionSection, metadata={"doc": "attention options"})
     gated_deltanet: GatedDeltaNetSection = field(default_factory=GatedDeltaNetSection,
                                                  metadata={"doc": "Gated DeltaNet options"})
+    mamba2: Mamba2Section = field(default_factory=lambda: Mamba2Section(), metadata={"doc": "Mamba-2 options"})
+    moe: MoESection = field(default_factory=lambda: MoESection(),
+                            metadata={"doc": "mixture-of-experts options (model.ffn = \"moe\")"})
 
 
 @dataclass
@@ -446,15 +470,21 @@ def swiglu_hidden(d_model: int, requested: int) -> int:
 
 def conv_streams(m: ModelSection) -> list[tuple[str, int]]:
     """(stream, channels) of every stream a conv placement covers, for one block."""
-    head_dim = m.head_dim or m.d_model // m.n_heads
-    key_dim = m.n_heads * head_dim
-    value_dim = int(round(key_dim * m.gated_deltanet.expand_v)) if m.mixer == "gated_deltanet" else key_dim
-    streams = [("q", key_dim), ("k", key_dim), ("v", value_dim)]
+    if m.mixer == "mamba2":  # one conv on the concatenated x, B, C stream (x ~ v, B ~ k, C ~ q)
+        c = m.mamba2
+        streams = [("xbc", c.expand * m.d_model + 2 * c.n_groups * c.state_size)]
+    else:
+        head_dim = m.head_dim or m.d_model // m.n_heads
+        key_dim = m.n_heads * head_dim
+        value_dim = int(round(key_dim * m.gated_deltanet.expand_v)) if m.mixer == "gated_deltanet" else key_dim
+        streams = [("q", key_dim), ("k", key_dim), ("v", value_dim)]
     if m.conv.placement == "all_linear":
         streams.append(("o", m.d_model))
         if m.ffn == "mlp":
             hidden = swiglu_hidden(m.d_model, m.ffn_hidden)
             streams += [("gate", hidden), ("up", hidden), ("down", m.d_model)]
+        if m.ffn == "moe":  # one conv after the whole MoE output (see models/moe.py)
+            streams.append(("down", m.d_model))
     return streams
 
 
@@ -471,6 +501,16 @@ def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
         hv = head_dim * m.gated_deltanet.expand_v
         _check(abs(hv - round(hv)) < 1e-6, origins, src, "model.gated_deltanet.expand_v",
                f"head_dim {head_dim} * expand_v {m.gated_deltanet.expand_v} is not an integer")
+    if m.mixer == "mamba2":
+        c = m.mamba2
+        inner = c.expand * m.d_model
+        _check(inner % c.head_dim == 0, origins, src, "model.mamba2.head_dim",
+               f"expand * d_model = {inner} is not divisible by head_dim {c.head_dim}")
+        _check((inner // c.head_dim) % c.n_groups == 0, origins, src, "model.mamba2.n_groups",
+               f"{c.n_groups} groups do not divide the {inner // c.head_dim} heads")
+    if m.ffn == "moe":
+        _check(m.moe.top_k <= m.moe.n_experts, origins, src, "model.moe.top_k",
+               f"top_k {m.moe.top_k} exceeds n_experts {m.moe.n_experts}")
     if m.conv.kind == "dynamic" and m.conv.heads:
         for stream, dim in conv_streams(m):
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",

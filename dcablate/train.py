@@ -29,6 +29,7 @@ from . import checkpoint
 from .errors import UserError
 from .info import build_model, costs
 from .logs import MetricsLog
+from .models.moe import moe_aux_loss, moe_load_stats
 from .tasks import build_task
 
 
@@ -240,8 +241,9 @@ class Trainer:
                 part = F.cross_entropy(logits.float(), targets)
             else:
                 part = F.cross_entropy(logits.float(), targets, reduction="sum") / n_scored
-            part.backward()
-            loss += part.detach()
+            aux = moe_aux_loss(self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
+            (part if aux is None else part + aux * (len(xs) / len(x))).backward()  # aux: this micro-batch's share
+            loss += part.detach()  # the logged loss stays pure cross-entropy
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
@@ -318,7 +320,7 @@ class Trainer:
             if self.step % recipe.log.every == 0 or self.step == t.steps:
                 elapsed = time.time() - time_since
                 record = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                          "tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+                          "tokens_per_s": tokens_since / max(elapsed, 1e-9), **moe_load_stats(self.model)}
                 self.log.write("train", self.step, record)
                 postfix["loss"] = f"{record['loss']:.3f}"
                 bar.set_postfix(postfix, refresh=False)

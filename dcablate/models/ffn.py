@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..recipe import swiglu_hidden
 from .conv import conv_or_identity, make_conv
+from .moe import MoE
 
 
 class SwiGLU(nn.Module):
@@ -32,4 +35,9 @@ class SwiGLU(nn.Module):
 def build_ffn(m) -> nn.Module | None:
     if m.ffn == "none":
         return None
+    if m.ffn == "moe":
+        o = m.moe
+        return MoE(m.d_model, o.n_experts, o.top_k, o.d_expert or swiglu_hidden(m.d_model, m.ffn_hidden), o.score,
+                   o.shared_expert, m.conv, m.backend, renormalize=o.renormalize, init_std=m.init_std,
+                   down_std=m.init_std / math.sqrt(2 * m.n_layers))
     return SwiGLU(m.d_model, swiglu_hidden(m.d_model, m.ffn_hidden), m.conv, m.backend)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from .attention import Attention
 from .gated_deltanet import GatedDeltaNet
+from .mamba2 import Mamba2
 
 MIXERS = {
     "attention": Attention,
     "gated_deltanet": GatedDeltaNet,
+    "mamba2": Mamba2,
 }
 
 
