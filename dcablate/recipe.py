@@ -26,9 +26,10 @@ from typing import Any
 from .errors import RecipeError, UserError, did_you_mean
 
 
-def _f(default, doc: str, *, choices=None, min=None, max=None, min_open=False, factory=None):
-    """A schema field: default, one-line doc, allowed choices and range."""
-    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "min_open": min_open}
+def _f(default, doc: str, *, choices=None, min=None, max=None, min_open=False, factory=None, or_list=False):
+    """A schema field: default, one-line doc, allowed choices and range; `or_list` also takes a
+    non-empty list of such values."""
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "min_open": min_open, "or_list": or_list}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -99,7 +100,8 @@ class MoESection:
 
 @dataclass
 class ModelSection:
-    mixer: str = _f("attention", "token mixer of every block", choices=("attention", "gated_deltanet", "mamba2"))
+    mixer: str = _f("attention", "token mixer of every block, or a list of them applied cyclically over the layers",
+                    choices=("attention", "gated_deltanet", "mamba2", "short_conv"), or_list=True)
     d_model: int = _f(128, "residual stream width", min=1)
     n_layers: int = _f(2, "number of blocks", min=1)
     n_heads: int = _f(2, "heads of the token mixer", min=1)
@@ -119,6 +121,15 @@ class ModelSection:
     mamba2: Mamba2Section = field(default_factory=lambda: Mamba2Section(), metadata={"doc": "Mamba-2 options"})
     moe: MoESection = field(default_factory=lambda: MoESection(),
                             metadata={"doc": "mixture-of-experts options (model.ffn = \"moe\")"})
+
+    def mixer_at(self, layer: int) -> str:
+        """The token mixer of block `layer` (a list of mixers repeats over the layers)."""
+        return self.mixer[layer % len(self.mixer)] if isinstance(self.mixer, list) else self.mixer
+
+    @property
+    def mixers(self) -> list[str]:
+        """The distinct token mixers of the stack, in order of first use."""
+        return list(dict.fromkeys(self.mixer if isinstance(self.mixer, list) else [self.mixer]))
 
 
 @dataclass
@@ -437,6 +448,11 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         if not isinstance(value, dict):
             raise RecipeError(src, path, f"must be a table, got {_describe(value)}")
         return value
+    if f.metadata.get("or_list") and isinstance(value, list):  # one value, or a list of them
+        if not value:
+            raise RecipeError(src, path, "must be a value or a non-empty list of values, got an empty list")
+        single = dataclasses.field(metadata={**f.metadata, "or_list": False})
+        return [_coerce(tp, v, single, f"{path}[{i}]", origins, default) for i, v in enumerate(value)]
     ok = (isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))) or (
         tp is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
@@ -468,15 +484,18 @@ def swiglu_hidden(d_model: int, requested: int) -> int:
     return requested or -(-(8 * d_model // 3) // 16) * 16
 
 
-def conv_streams(m: ModelSection) -> list[tuple[str, int]]:
-    """(stream, channels) of every stream a conv placement covers, for one block."""
-    if m.mixer == "mamba2":  # one conv on the concatenated x, B, C stream (x ~ v, B ~ k, C ~ q)
+def conv_streams(m: ModelSection, layer: int = 0) -> list[tuple[str, int]]:
+    """(stream, channels) of every stream a conv placement covers, for block `layer`."""
+    mixer = m.mixer_at(layer)
+    if mixer == "mamba2":  # one conv on the concatenated x, B, C stream (x ~ v, B ~ k, C ~ q)
         c = m.mamba2
         streams = [("xbc", c.expand * m.d_model + 2 * c.n_groups * c.state_size)]
+    elif mixer == "short_conv":  # the conv is the whole mixer
+        streams = [("x", m.d_model)]
     else:
         head_dim = m.head_dim or m.d_model // m.n_heads
         key_dim = m.n_heads * head_dim
-        value_dim = int(round(key_dim * m.gated_deltanet.expand_v)) if m.mixer == "gated_deltanet" else key_dim
+        value_dim = int(round(key_dim * m.gated_deltanet.expand_v)) if mixer == "gated_deltanet" else key_dim
         streams = [("q", key_dim), ("k", key_dim), ("v", value_dim)]
     if m.conv.placement == "all_linear":
         streams.append(("o", m.d_model))
@@ -495,13 +514,13 @@ def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
         _check(m.d_model % m.n_heads == 0, origins, src, "model.n_heads",
                f"d_model {m.d_model} is not divisible by n_heads {m.n_heads} (or set model.head_dim)")
     head_dim = m.head_dim or m.d_model // m.n_heads
-    if m.mixer == "attention":
+    if "attention" in m.mixers:
         _check(head_dim % 2 == 0, origins, src, "model.head_dim", f"RoPE needs an even head dim, got {head_dim}")
-    if m.mixer == "gated_deltanet":
+    if "gated_deltanet" in m.mixers:
         hv = head_dim * m.gated_deltanet.expand_v
         _check(abs(hv - round(hv)) < 1e-6, origins, src, "model.gated_deltanet.expand_v",
                f"head_dim {head_dim} * expand_v {m.gated_deltanet.expand_v} is not an integer")
-    if m.mixer == "mamba2":
+    if "mamba2" in m.mixers:
         c = m.mamba2
         inner = c.expand * m.d_model
         _check(inner % c.head_dim == 0, origins, src, "model.mamba2.head_dim",
@@ -512,7 +531,8 @@ def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
         _check(m.moe.top_k <= m.moe.n_experts, origins, src, "model.moe.top_k",
                f"top_k {m.moe.top_k} exceeds n_experts {m.moe.n_experts}")
     if m.conv.kind == "dynamic" and m.conv.heads:
-        for stream, dim in conv_streams(m):
+        layers = len(m.mixer) if isinstance(m.mixer, list) else 1
+        for stream, dim in (sd for layer in range(layers) for sd in conv_streams(m, layer)):
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
                    f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
     if r.task.kind == "mqar":
@@ -578,6 +598,8 @@ def _short(key: str) -> str:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, list):
+        return "+".join(_fmt(v) for v in value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 

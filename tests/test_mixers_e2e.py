@@ -69,3 +69,26 @@ def test_moe_aux_loss_reaches_the_router(tmp_path):
 def test_shipped_recipes_sweep_conv_kinds(name):
     base, points = recipes.expand(name)
     assert [p.model.conv.kind for _, p in points] == ["none", "static", "dynamic"]
+
+
+def test_hybrid_stack_cycles_mixers_and_trains(tmp_path):
+    from dcablate.models.mixers import Attention, GatedDeltaNet, ShortConvMixer
+
+    r = tiny(tmp_path, {"mixer": ["short_conv", "gated_deltanet", "attention"], "n_layers": 4,
+                        "conv": {"kind": "dynamic", "rank": 3}})
+    model = build_model(r, 64)
+    kinds = [type(b.mixer) for b in model.blocks]
+    assert kinds == [ShortConvMixer, GatedDeltaNet, Attention, ShortConvMixer]
+    assert costs(model, 16).params["conv"] > 0
+    assert train(r, tmp_path / "t", quiet=True)["steps"] == 4
+
+
+def test_mixer_list_is_validated_item_by_item():
+    from dcablate.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"model.mixer\[1\]: 'gated_deltanett' is not one of .*did you mean"):
+        recipes.build({"model": {"mixer": ["attention", "gated_deltanett"]}})
+    with pytest.raises(RecipeError, match="empty list"):
+        recipes.build({"model": {"mixer": []}})
+    base, points = recipes.expand("quickstart", ['sweep.model.mixer=[["short_conv", "gated_deltanet"], "attention"]'])
+    assert points[0][0].startswith("mixer=short_conv+gated_deltanet")

@@ -8,13 +8,16 @@ from __future__ import annotations
 from .attention import Attention
 from .gated_deltanet import GatedDeltaNet
 from .mamba2 import Mamba2
+from .short_conv import ShortConvMixer
 
 MIXERS = {
     "attention": Attention,
     "gated_deltanet": GatedDeltaNet,
     "mamba2": Mamba2,
+    "short_conv": ShortConvMixer,
 }
 
 
 def build_mixer(model_cfg, layer_idx: int):
-    return MIXERS[model_cfg.mixer].from_config(model_cfg, layer_idx)
+    """The mixer of block `layer_idx`: `model.mixer` may list several, applied cyclically."""
+    return MIXERS[model_cfg.mixer_at(layer_idx)].from_config(model_cfg, layer_idx)

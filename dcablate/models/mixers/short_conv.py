@@ -1,0 +1,36 @@
+"""A token mixer that is only a short convolution (Zoology's conv layer in its "conv, then mixer" stacks).
+
+`y = conv(h)` over the full width: the recipe's `model.conv` chooses static or dynamic (with `kind =
+"none"` a static conv is used, since the conv is the whole mixer). It gives a 2-layer hybrid such as
+`mixer = ["short_conv", "gated_deltanet"]` its previous-token shift without touching the other mixer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from ..conv import make_conv
+
+
+class ShortConvMixer(nn.Module):
+    def __init__(self, d_model: int, conv_cfg, backend: str = "auto"):
+        super().__init__()
+        if conv_cfg.kind == "none":
+            conv_cfg = dataclasses.replace(conv_cfg, kind="static")
+        self.x_conv1d = make_conv(conv_cfg, "q", d_model, d_model, backend)
+
+    @classmethod
+    def from_config(cls, m, layer_idx: int) -> "ShortConvMixer":
+        return cls(m.d_model, m.conv, m.backend)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.x_conv1d(h, h)
+
+    def state_size(self, seq_len: int) -> int:
+        return 0  # only the conv history, which `info` counts
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return 0  # the conv's own FLOPs are counted with the other convs
