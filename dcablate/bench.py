@@ -68,7 +68,8 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False) -
         e = x.element_size()
         floor_fwd = (2 * B * T * D + B * T * R) * e                  # read x, z; write y
         floor_bwd = (3 * B * T * D + 2 * B * T * R) * e              # read x, dy, z; write dx, dz
-        variants = {"dynamic (ours, Triton)": (dynamic_conv_lowrank_triton, (x, z, U, S, True))}
+        variants = {"dynamic (ours, Triton)": (dynamic_conv_lowrank_triton, (x, z, U, S, True)),
+                    "dynamic (ours, fused bwd)": (dynamic_conv_lowrank_triton, (x, z, U, S, True, None, True))}
         static = ShortConvolution(D, W, activation=None).cuda()
         variants["static (fla ShortConvolution)"] = (lambda x: static(x)[0], (x,))
         if not skip_reference:

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent("""
     cases = [  # B, T, D, R, W, with S, residual, varlen lengths
         (2, 1, 16, 1, 4, True, True, None), (1, 7, 300, 7, 2, False, False, None),
         (2, 70, 33, 15, 8, True, True, None), (1, 130, 20, 16, 3, True, False, None),
-        (1, 18, 6, 4, 4, True, True, [5, 1, 9, 3]),
+        (1, 18, 6, 4, 4, True, True, [5, 1, 9, 3]), (1, 300, 20, 5, 4, True, True, None),
     ]
     for seed, (B, T, D, R, W, with_S, residual, lengths) in enumerate(cases):
         g = torch.Generator().manual_seed(1000 + seed)
@@ -34,15 +34,16 @@ SCRIPT = textwrap.dedent("""
         S = torch.randn(W, D, generator=g) if with_S else None
         cu = torch.tensor([0, *itertools.accumulate(lengths)]) if lengths else None
         ins = [t.requires_grad_() for t in (x, z, U, S) if t is not None]
-        y = kernel(x, z, U, S, residual, cu)
-        cot = torch.randn(y.shape, generator=g)
-        grads = torch.autograd.grad((y * cot).sum(), ins)
+        cot = torch.randn(B, T, D, generator=g)
         ins64 = [t.detach().double().requires_grad_() for t in ins]
         y64 = ref(*ins64[:3], ins64[3] if with_S else None, None, residual, cu)
         grads64 = torch.autograd.grad((y64 * cot.double()).sum(), ins64)
-        errs = [rel(y, y64)] + [rel(a, b) for a, b in zip(grads, grads64)]
-        print(B, T, D, R, W, with_S, residual, lengths, " ".join(f"{e:.1e}" for e in errs))
-        assert max(errs) < 1e-5, errs
+        for fused in (False, True):
+            y = kernel(x, z, U, S, residual, cu, fused_backward=fused)
+            grads = torch.autograd.grad((y * cot).sum(), ins)
+            errs = [rel(y, y64)] + [rel(a, b) for a, b in zip(grads, grads64)]
+            print(B, T, D, R, W, with_S, residual, lengths, fused, " ".join(f"{e:.1e}" for e in errs))
+            assert max(errs) < 1e-5, errs
 
     from dcablate.kernels.dynamic_conv_triton import dynamic_conv_headwise_triton as hw_kernel
     from dcablate.kernels.dynamic_conv_reference import dynamic_conv_headwise_reference as hw_ref

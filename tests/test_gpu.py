@@ -122,7 +122,8 @@ DYN_CASES = [  # B, T, D, R, W, with S, residual, varlen lengths
 @pytest.mark.parametrize("case", DYN_CASES, ids=lambda c: "B{}_T{}_D{}_R{}_W{}_S{}_res{}_varlen{}".format(
     *c[:7], c[7] is not None))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_dynamic_conv_triton_matches_float64_reference(case, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["split_bwd", "fused_bwd"])
+def test_dynamic_conv_triton_matches_float64_reference(case, dtype, fused):
     import itertools
 
     from dcablate.kernels.dynamic_conv_reference import dynamic_conv_lowrank_reference
@@ -137,7 +138,7 @@ def test_dynamic_conv_triton_matches_float64_reference(case, dtype):
     S = torch.randn(W, D, device="cuda", generator=g) if with_S else None
     cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda") if lengths else None
     ins = [t.requires_grad_() for t in (x, z, U, S) if t is not None]
-    y = dynamic_conv_lowrank_triton(x, z, U, S, residual, cu)
+    y = dynamic_conv_lowrank_triton(x, z, U, S, residual, cu, fused_backward=fused)
     cot = torch.randn(y.shape, device="cuda", generator=g)
     grads = torch.autograd.grad((y.float() * cot).sum(), ins)
     ins64 = [t.detach().double().requires_grad_() for t in ins]
