@@ -161,3 +161,22 @@ def test_one_set_switches_conv_kind():
         base, points = recipes.expand("quickstart", [f"sweep.model.conv.kind=[\"{kind}\"]"])
         assert {p.model.conv.kind for _, p in points} == {kind}
         assert recipes.load("quickstart", [f"model.conv.kind={kind}"]).model.conv.kind == kind
+
+
+@pytest.mark.parametrize("make", [
+    lambda: StaticShortConv(6, 4, activation="silu"),
+    lambda: StaticShortConv(6, 3, activation=None, residual=True, bias=True),
+    lambda: DynamicShortConv(6, 5, width=4, rank=3),
+    lambda: DynamicShortConv(6, 5, width=2, heads=3, activation="silu", residual=False),
+], ids=["static_silu", "static_bias_residual", "dynamic_lowrank", "dynamic_headwise"])
+def test_module_decode_step_reproduces_forward(make):
+    torch.manual_seed(0)
+    conv = make().double()
+    for p in conv.parameters():  # move off the zero init so every term matters
+        torch.nn.init.normal_(p, std=0.5)
+    x, h = rand(2, 9, 6, seed=1), rand(2, 9, 5, seed=2)
+    full = conv(x, h)
+    state = None
+    for t in range(9):
+        y, state = conv.step(x[:, t], h[:, t], state)
+        torch.testing.assert_close(y, full[:, t], rtol=1e-10, atol=1e-12)

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..kernels.dynamic_conv import dynamic_conv_headwise, dynamic_conv_lowrank
+from ..kernels.dynamic_conv_reference import dynamic_conv_step, filter_at_token
 from ..kernels.short_conv import short_conv
 
 
@@ -39,6 +40,12 @@ class StaticShortConv(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         y = short_conv(x, self.weight, self.activation, self.backend, self.bias)
         return y + x if self.residual else y
+
+    def step(self, x_t: torch.Tensor, h_t: torch.Tensor | None, state: torch.Tensor | None):
+        """One decode step: x_t [B, D] and the last W-1 inputs `state` [B, D, W-1] (None = zeros)
+        -> (y_t, new state). Same function as `forward` applied token by token."""
+        K = self.weight.squeeze(1).flip(-1).t()[None].expand(x_t.shape[0], -1, -1)  # [B, W, D], lag k
+        return _step(self, x_t, K, state, self.bias)
 
     def flops_per_token(self) -> int:
         return 2 * self.width * self.dim + (self.dim if self.residual else 0)
@@ -87,6 +94,15 @@ class DynamicShortConv(nn.Module):
             return dynamic_conv_headwise(x, G, self.S, self.activation, self.residual, backend=self.backend)
         return dynamic_conv_lowrank(x, g, self.U, self.S, self.activation, self.residual, backend=self.backend)
 
+    def step(self, x_t: torch.Tensor, h_t: torch.Tensor, state: torch.Tensor | None):
+        """One decode step (x_t [B, D], h_t [B, D_in], state [B, D, W-1] or None) -> (y_t, new state)."""
+        g = self.generator(h_t)
+        if self.heads:
+            K = filter_at_token(g.view(-1, self.heads, self.width), None, self.S, self.dim)
+        else:
+            K = filter_at_token(g, self.U, self.S, self.dim)
+        return _step(self, x_t, K, state)
+
     def flops_per_token(self) -> int:
         """Filter formation (z·U) and the conv itself; the generator is an nn.Linear, counted with the others."""
         form = 0 if self.heads else 2 * self.rank * self.width * self.dim
@@ -95,6 +111,21 @@ class DynamicShortConv(nn.Module):
     def extra_repr(self) -> str:
         kind = f"heads={self.heads}" if self.heads else f"rank={self.rank}"
         return f"dim={self.dim}, width={self.width}, {kind}, activation={self.activation}, residual={self.residual}"
+
+
+def _step(conv, x_t, K, state, bias=None):
+    """Shared decode step: the conv's filter `K [B, W, D]` (lag k = 0 is the current token) over the
+    cached inputs; bias, activation and residual as the module's forward applies them."""
+    if state is None:
+        state = x_t.new_zeros(x_t.shape[0], conv.dim, conv.width - 1)
+    K = K + 0  # never write into a parameter view
+    if bias is not None:  # a bias is a constant tap: fold it into the current token's output
+        y, state = dynamic_conv_step(x_t, K, state, activation=None, residual=False)
+        y = y + bias.to(y.dtype)
+        y = torch.nn.functional.silu(y) if conv.activation == "silu" else y
+    else:
+        y, state = dynamic_conv_step(x_t, K, state, activation=conv.activation, residual=False)
+    return (y + x_t if conv.residual else y), state
 
 
 def conv_activation(kind: str, activation: str) -> str | None:
