@@ -1,4 +1,4 @@
-"""`dcablate` command line: run, eval, info, recipes.
+"""`dcablate` command line: run, eval, info, report, recipes.
 
 Every user mistake ends as one line on stderr and exit code 2 (see `main`).
 """
@@ -207,6 +207,17 @@ def bench_conv(dtype, skip_reference):
     from .bench import conv_benchmark
 
     conv_benchmark(dtype, skip_reference)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+def report(directory):
+    """Tables (report.md, report.csv) and PNG figures over every run below DIRECTORY, written into it."""
+    from .report import write_report
+
+    files = write_report(directory)
+    for path in files.values():
+        click.echo(f"wrote {path}")
 
 
 @cli.command(name="recipes")

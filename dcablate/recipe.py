@@ -217,7 +217,8 @@ class Recipe:
     log: LogSection = field(default_factory=LogSection, metadata={"doc": "logging"})
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection,
                                           metadata={"doc": "checkpoints and resume"})
-    sweep: dict = field(default_factory=dict, metadata={"doc": "grid: recipe path -> list of values"})
+    sweep: dict = field(default_factory=dict, metadata={"doc": "grid: recipe path -> list of values; `zip` lists "
+                                                        "groups of keys that advance together"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -558,37 +559,88 @@ def _check_sweep(r: Recipe, data: dict, origins: dict, src: str) -> None:
     for key, values in r.sweep.items():
         path = f"sweep.{key}"
         where = _src(origins, path, src)
+        if key == ZIP_KEY:
+            continue
         if not isinstance(values, list) or not values:
             raise RecipeError(where, path, f"must be a non-empty list of values, got {_describe(values)}")
         if key == "sweep" or key.startswith("sweep."):
             raise RecipeError(where, path, "a sweep cannot sweep itself")
-        for value in values:  # each point must itself be a valid recipe
+    _check_zip(r.sweep, _src(origins, f"sweep.{ZIP_KEY}", src))
+    for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
+        path = f"sweep.{keys[0]}" if len(keys) == 1 else f"sweep.{ZIP_KEY}"
+        where = _src(origins, path, src)
+        for values in points:
             trial = copy.deepcopy(data)
             trial.pop("sweep", None)
-            _set_path(trial, key, value, {}, where)
+            for key, value in zip(keys, values):
+                _set_path(trial, key, value, {}, where)
             try:
                 build(trial, {}, where)
             except RecipeError as e:
-                raise RecipeError(where, path, f"value {value!r}: {str(e).split(': ', 2)[-1]}") from None
+                what = f"value {values[0]!r}" if len(keys) == 1 else \
+                    "values " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
+                raise RecipeError(where, path, f"{what}: {str(e).split(': ', 2)[-1]}") from None
+
+
+def _check_zip(sweep: dict, where: str) -> None:
+    """`sweep.zip`: a list of groups, each a list of >= 2 swept keys with lists of equal length."""
+    groups = sweep.get(ZIP_KEY, [])
+    path = f"sweep.{ZIP_KEY}"
+    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+        raise RecipeError(where, path, f'must be a list of lists of swept keys, e.g. [["train.lr", '
+                          f'"model.d_model"]], got {_describe(groups)}')
+    seen: set = set()
+    for g in groups:
+        if len(g) < 2 or not all(isinstance(k, str) for k in g):
+            raise RecipeError(where, path, f"each group must list at least two keys (strings), got {g!r}")
+        for k in g:
+            if k not in sweep or k == ZIP_KEY:
+                raise RecipeError(where, path, f"'{k}' is not a key of [sweep]{did_you_mean(k, list(sweep))}")
+            if k in seen:
+                raise RecipeError(where, path, f"'{k}' is in two zip groups")
+            seen.add(k)
+        lengths = {k: len(sweep[k]) for k in g}
+        if len(set(lengths.values())) > 1:
+            raise RecipeError(where, path, "zipped keys need lists of equal length, got " +
+                              ", ".join(f"{k}: {n}" for k, n in lengths.items()))
 
 
 # ----------------------------------------------------------------------------------------- sweeps
 
 
+ZIP_KEY = "zip"  # [sweep] zip = [["train.lr", "model.d_model"]]: those keys advance together
+
+
+def sweep_axes(sweep: dict) -> list[tuple[list[str], list[tuple]]]:
+    """The grid's axes in key order as (keys, value tuples): one key alone, or a zip group (at the
+    position of its first key) whose keys take their i-th values together."""
+    group_of = {k: g for g in sweep.get(ZIP_KEY, []) for k in g}
+    axes, seen = [], set()
+    for key in sweep:
+        if key == ZIP_KEY or key in seen:
+            continue
+        keys = group_of.get(key, [key])
+        seen.update(keys)
+        axes.append((keys, list(zip(*(sweep[k] for k in keys)))))
+    return axes
+
+
 def expand(ref: str, overrides: list[str] = ()) -> tuple[Recipe, list[tuple[str, Recipe]]]:
-    """The base recipe and its grid points as (point name, recipe); one point if there is no sweep."""
+    """The base recipe and its grid points as (point name, recipe); one point if there is no sweep.
+    The grid is the product of the axes (see `sweep_axes`), the last axis varying fastest."""
     data, origins, path = load_raw(ref, overrides)
     base = build(data, origins, str(path))
     if not base.sweep:
         return base, [("", base)]
-    keys = list(base.sweep)
+    axes = sweep_axes(base.sweep)
     points = []
-    for combo in itertools.product(*(base.sweep[k] for k in keys)):
+    for combo in itertools.product(*(values for _, values in axes)):
+        pairs = [(k, v) for (keys, _), values in zip(axes, combo) for k, v in zip(keys, values)]
         point = copy.deepcopy(data)
         point.pop("sweep")
-        for key, value in zip(keys, combo):
+        for key, value in pairs:
             _set_path(point, key, value, {}, str(path))
-        name = ",".join(f"{_short(k)}={_fmt(v)}" for k, v in zip(keys, combo))
+        name = ",".join(f"{_short(k)}={_fmt(v)}" for k, v in pairs)
         points.append((name, build(point, origins, str(path))))
     return base, points
 

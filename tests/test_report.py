@@ -1,0 +1,137 @@
+"""`dcablate report` on hand-made run directories with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from dcablate import recipe as recipes
+from dcablate.cli import main
+from dcablate.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root, name, *, mixer="attention", kind="none", placement="qkv", d_model=64, lr=1e-3, seed=0,
+             best=None, final=None, state_floats=1000, curve=((10, 0.2), (20, 0.5))):
+    """A run directory: recipe.toml through the real recipe code, summary.json (unless best is None) and
+    metrics.jsonl written by hand."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    r = recipes.build({"run": {"seed": seed}, "train": {"lr": lr},
+                       "model": {"mixer": mixer, "d_model": d_model, "conv": {"kind": kind, "placement": placement}}})
+    (run_dir / "recipe.toml").write_text(r.to_toml())
+    records = [{"kind": "train", "step": 5, "loss": 3.0}] + [
+        {"kind": "eval", "step": s, "T64_kv4": a, "overall": a, "loss": 1.0} for s, a in curve]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+    if best is not None:
+        best_rec = {"step": 20, "T64_kv4": best[0], "T128_kv8": best[1], "overall": best[2], "loss": 1.0}
+        summary = {"best": best_rec, "final": final or {**best_rec, "overall": 0.0}, "state_floats": state_floats,
+                   "params": {"total": 12345}, "steps": 20, "wall_time_s": 1.0}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def grid(tmp_path):
+    """attention without conv: d_model 64 at lr 1e-3 (seeds 0, 1) and 1e-2 (seeds 0, 1), d_model 128 at one lr;
+    gated_deltanet with a static conv at d_model 64; one unfinished run."""
+    root = tmp_path / "sweep"
+    make_run(root, "a/lr1/s0", lr=1e-3, seed=0, best=(0.6, 0.2, 0.40))
+    make_run(root, "a/lr1/s1", lr=1e-3, seed=1, best=(0.8, 0.4, 0.60))  # mean 0.50
+    make_run(root, "a/lr2/s0", lr=1e-2, seed=0, best=(0.9, 0.5, 0.70))
+    make_run(root, "a/lr2/s1", lr=1e-2, seed=1, best=(0.7, 0.3, 0.50))  # mean 0.60: chosen
+    make_run(root, "a/w128", d_model=128, best=(1.0, 0.8, 0.90), state_floats=4000)
+    make_run(root, "g/s0", mixer=["short_conv", "gated_deltanet"], kind="static", best=(1.0, 1.0, 1.0))
+    make_run(root, "g/lr2", mixer=["short_conv", "gated_deltanet"], kind="static", lr=1e-2, best=(0.1, 0.1, 0.1),
+             placement="all_linear")
+    make_run(root, "unfinished", mixer="gated_deltanet", best=None)
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_best_over_lr_mean_and_std_over_seeds(grid):
+    files = write_report(grid)
+    rows = read_csv(files["csv"])
+    attn64 = {float(r["lr"]): r for r in rows if r["mixer"] == "attention" and r["d_model"] == "64"}
+    assert set(attn64) == {1e-3, 1e-2}
+    low, high = attn64[1e-3], attn64[1e-2]
+    assert float(low["score_mean"]) == pytest.approx(0.5) and float(high["score_mean"]) == pytest.approx(0.6)
+    assert float(high["score_std"]) == pytest.approx(statistics.stdev([0.7, 0.5]))
+    assert float(high["T64_kv4_mean"]) == pytest.approx(0.8) and float(high["T128_kv8_mean"]) == pytest.approx(0.4)
+    assert (low["best_lr"], high["best_lr"]) == ("False", "True")
+    assert high["seeds"] == "2" and high["variant"] == "attention conv=none"
+    one_seed = next(r for r in rows if r["d_model"] == "128")
+    assert one_seed["score_std"] == "" and one_seed["state_floats"] == "4000"
+
+
+def test_variants_from_recipe_mixer_lists_and_placement(grid):
+    rows = read_csv(write_report(grid)["csv"])
+    variants = {r["variant"] for r in rows}
+    # static conv on qkv and on all_linear are different variants; a list of mixers is joined with '+'
+    assert variants == {"attention conv=none", "short_conv+gated_deltanet conv=static@qkv",
+                        "short_conv+gated_deltanet conv=static@all_linear"}
+
+
+def test_markdown_ranking_tables_and_unfinished(grid):
+    md = write_report(grid)["md"].read_text()
+    assert "7 finished runs, 1 unfinished" in md
+    ranking = md[md.index("## Ranking"):md.index("## attention")]
+    # mean over widths of the best-over-lr score: gdn@qkv 1.0, attention (0.6 + 0.9) / 2 = 0.75, gdn@all_linear 0.1
+    order = [line.split(" | ")[1] for line in ranking.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert order == ["short_conv+gated_deltanet conv=static@qkv", "attention conv=none",
+                     "short_conv+gated_deltanet conv=static@all_linear"]
+    assert "| 1 | short_conv+gated_deltanet conv=static@qkv | 1.000 | 64 |" in ranking
+    assert "| 2 | attention conv=none | 0.750 | 64, 128 |" in ranking
+    assert "| 64 | 0.01 | 2 | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.400 ± 0.141 | 1000 |" in md
+    assert "| 128 | 0.001 | 1 | 0.900 | 1.000 | 0.800 | 4000 |" in md
+    assert "## Unfinished" in md and "`unfinished`" in md
+
+
+def test_figures_are_png(grid):
+    files = write_report(grid)
+    pngs = [p for p in files.values() if p.suffix == ".png"]
+    assert {p.name for p in pngs} == {"accuracy_vs_d_model.png", "accuracy_vs_state.png", "validation_curves.png"}
+    for p in pngs:
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, p
+        assert f"]({p.name})" in files["md"].read_text()
+
+
+def test_only_unfinished_runs_still_reports(tmp_path):
+    make_run(tmp_path, "r", best=None)
+    files = write_report(tmp_path)
+    assert "0 finished runs, 1 unfinished" in files["md"].read_text()
+    assert len(read_csv(files["csv"])) == 0
+
+
+@pytest.mark.parametrize("setup, fragment", [
+    (lambda p: None, "no such directory"),
+    (lambda p: p.mkdir(), "no runs below it"),
+])
+def test_errors_are_one_line_exit_2(tmp_path, capsys, setup, fragment):
+    target = tmp_path / "nothing"
+    setup(target)
+    assert main(["report", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_report_writes_files(grid, capsys):
+    assert main(["report", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "report.md" in out and "report.csv" in out
+    assert (grid / "report.md").is_file()
+
+
+def test_damaged_summary_is_skipped_not_fatal(grid):
+    (grid / "a" / "w128" / "summary.json").write_text("{not json")
+    md = write_report(grid)["md"].read_text()
+    assert "6 finished runs, 1 unfinished, 1 skipped" in md and "`a/w128`: summary.json" in md

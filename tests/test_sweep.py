@@ -1,0 +1,131 @@
+"""Zipped sweep axes, and a tiny real sweep end to end on CPU: dry run, train, rerun skips, report."""
+
+from __future__ import annotations
+
+import csv
+import tomllib
+
+import pytest
+
+from dcablate import recipe as R
+from dcablate.cli import main
+from dcablate.errors import RecipeError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+ZIPPED = """
+[sweep]
+"model.conv.kind" = ["none", "static"]
+"train.lr" = [1e-3, 3e-3, 1e-2]
+"model.d_model" = [64, 128, 256]
+"run.seed" = [0, 1]
+zip = [["train.lr", "model.d_model"]]
+"""
+
+
+def test_zipped_axes_advance_together(tmp_path):
+    base, points = R.expand(str(write(tmp_path / "z.toml", ZIPPED)))
+    assert base.sweep["zip"] == [["train.lr", "model.d_model"]]
+    assert len(points) == 2 * 3 * 2  # conv x (lr, d_model) x seed
+    assert [n for n, _ in points[:3]] == ["conv.kind=none,lr=0.001,d_model=64,seed=0",
+                                          "conv.kind=none,lr=0.001,d_model=64,seed=1",
+                                          "conv.kind=none,lr=0.003,d_model=128,seed=0"]
+    assert {(r.train.lr, r.model.d_model) for _, r in points} == {(1e-3, 64), (3e-3, 128), (1e-2, 256)}
+    assert all(r.sweep == {} for _, r in points)
+    assert R.build(tomllib.loads(base.to_toml())).sweep == base.sweep  # round trip keeps the zip
+
+
+def test_zip_from_set_and_as_nested_table(tmp_path):
+    path = write(tmp_path / "r.toml", '[sweep.model]\nd_model = [64, 96]\nn_heads = [2, 3]\n')
+    with pytest.raises(RecipeError):  # n_heads 3 alone does not divide the base d_model
+        R.expand(str(path))
+    _, points = R.expand(str(path), ['sweep.zip=[["model.d_model", "model.n_heads"]]'])
+    assert [n for n, _ in points] == ["d_model=64,n_heads=2", "d_model=96,n_heads=3"]  # checked jointly
+
+
+@pytest.mark.parametrize("zip_value, fragment", [
+    ('[["train.lr", "model.d_model"]]', "equal length"),
+    ('[["train.lr"]]', "at least two keys"),
+    ('[["train.lr", "model.d_modle"]]', "is not a key of [sweep] (did you mean 'model.d_model'?)"),
+    ('[["model.d_model", "run.seed"], ["run.seed", "model.d_model"]]', "in two zip groups"),
+    ('["train.lr", "model.d_model"]', "must be a list of lists"),
+], ids=["lengths", "one-key", "unknown", "twice", "flat"])
+def test_zip_errors_are_one_line(tmp_path, zip_value, fragment):
+    text = f'[sweep]\n"train.lr" = [1e-3, 3e-3]\n"model.d_model" = [64]\n"run.seed" = [0]\nzip = {zip_value}\n'
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(write(tmp_path / "r.toml", text)))
+    assert e.value.key == "sweep.zip" and fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_zipped_point_error_names_both_values(tmp_path):
+    text = '[sweep]\n"model.d_model" = [64, 65]\n"train.lr" = [1e-3, 2e-3]\nzip = [["model.d_model", "train.lr"]]\n'
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(write(tmp_path / "r.toml", text)))
+    assert e.value.key == "sweep.zip" and "model.d_model=65, train.lr=0.002" in str(e.value)
+
+
+TINY = """\
+[run]
+name = "s"
+out_dir = "out"
+device = "cpu"
+[model]
+mixer = "attention"
+n_heads = 2
+[task.mqar]
+vocab_size = 64
+train = [{ seq_len = 16, num_kv_pairs = 2, num_examples = 128 }]
+test = [{ seq_len = 16, num_kv_pairs = 2, num_examples = 16 }, { seq_len = 32, num_kv_pairs = 4, num_examples = 8 }]
+[train]
+steps = 4
+batch_size = 8
+warmup_steps = 1
+[eval]
+every = 2
+[log]
+progress = false
+[sweep]
+"model.conv.kind" = ["none", "static"]
+"model.d_model" = [16, 32]
+"train.lr" = [1e-3, 3e-3]
+zip = [["model.d_model", "train.lr"]]
+"""
+
+
+def test_tiny_sweep_end_to_end_then_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "s.toml", TINY)
+    assert main(["run", "s.toml", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and lines[0].startswith("out/s/conv.kind=none,d_model=16,lr=0.001  (recipe ")
+
+    assert main(["run", "s.toml", "--quiet"]) == 0
+    root = tmp_path / "out" / "s"
+    runs = sorted(p.name for p in root.iterdir())
+    assert runs == ["conv.kind=none,d_model=16,lr=0.001", "conv.kind=none,d_model=32,lr=0.003",
+                    "conv.kind=static,d_model=16,lr=0.001", "conv.kind=static,d_model=32,lr=0.003"]
+    capsys.readouterr()
+    # a rerun trains nothing; --dry-run says every point is finished
+    assert main(["run", "s.toml", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("finished") == 4
+    assert main(["run", "s.toml", "--quiet"]) == 0
+    assert capsys.readouterr().out.count("finished earlier, not retrained") == 4
+
+    # TensorBoard's hparams view: every run wrote an hparams session
+    for run in root.iterdir():
+        assert any((run / "tb" / "hparams").glob("events.out.tfevents.*")), run
+
+    assert main(["report", str(root)]) == 0
+    with open(root / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["variant"] for r in rows} == {"attention conv=none", "attention conv=static@qkv"}
+    assert all(r["best_lr"] == "True" and r["seeds"] == "1" for r in rows)  # one lr per width (zipped)
+    assert {"T16_kv2_mean", "T32_kv4_mean"} <= set(rows[0])
+    for name in ("report.md", "accuracy_vs_d_model.png", "accuracy_vs_state.png", "validation_curves.png"):
+        assert (root / name).is_file()
+    # the report's files do not confuse a later run of the sweep
+    assert main(["run", "s.toml", "--dry-run"]) == 0
