@@ -68,6 +68,20 @@ def test_zipped_point_error_names_both_values(tmp_path):
     assert e.value.key == "sweep.zip" and "model.d_model=65, train.lr=0.002" in str(e.value)
 
 
+def hparams_session(run_dir) -> dict:
+    """The hparams a run logged for TensorBoard's HPARAMS tab (its session_start_info)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import metadata
+
+    for path in (run_dir / "tb" / "hparams").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == metadata.SESSION_START_INFO_TAG:
+                    info = metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+                    return {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in info.hparams.items()}
+    raise AssertionError(f"{run_dir}: no hparams session")
+
+
 TINY = """\
 [run]
 name = "s"
@@ -115,9 +129,9 @@ def test_tiny_sweep_end_to_end_then_report(tmp_path, monkeypatch, capsys):
     assert main(["run", "s.toml", "--quiet"]) == 0
     assert capsys.readouterr().out.count("finished earlier, not retrained") == 4
 
-    # TensorBoard's hparams view: every run wrote an hparams session
+    # TensorBoard's hparams view: every run wrote an hparams session with its grid values
     for run in root.iterdir():
-        assert any((run / "tb" / "hparams").glob("events.out.tfevents.*")), run
+        assert hparams_session(run)["model.conv.kind"] == run.name.split(",")[0].split("=")[1]
 
     assert main(["report", str(root)]) == 0
     with open(root / "report.csv", newline="") as f:
