@@ -35,8 +35,7 @@ def make_run(root, name, *, mixer="attention", kind="none", placement="qkv", d_m
     return run_dir
 
 
-@pytest.fixture
-def grid(tmp_path):
+def make_grid(tmp_path):
     """attention without conv: d_model 64 at lr 1e-3 (seeds 0, 1) and 1e-2 (seeds 0, 1), d_model 128 at one lr;
     gated_deltanet with a static conv at d_model 64; one unfinished run."""
     root = tmp_path / "sweep"
@@ -52,14 +51,24 @@ def grid(tmp_path):
     return root
 
 
+@pytest.fixture
+def grid(tmp_path):
+    return make_grid(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The files of one report over the grid (read-only: shared by the tests below)."""
+    return write_report(make_grid(tmp_path_factory.mktemp("report")))
+
+
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_best_over_lr_mean_and_std_over_seeds(grid):
-    files = write_report(grid)
-    rows = read_csv(files["csv"])
+def test_best_over_lr_mean_and_std_over_seeds(report):
+    rows = read_csv(report["csv"])
     attn64 = {float(r["lr"]): r for r in rows if r["mixer"] == "attention" and r["d_model"] == "64"}
     assert set(attn64) == {1e-3, 1e-2}
     low, high = attn64[1e-3], attn64[1e-2]
@@ -72,16 +81,16 @@ def test_best_over_lr_mean_and_std_over_seeds(grid):
     assert one_seed["score_std"] == "" and one_seed["state_floats"] == "4000"
 
 
-def test_variants_from_recipe_mixer_lists_and_placement(grid):
-    rows = read_csv(write_report(grid)["csv"])
+def test_variants_from_recipe_mixer_lists_and_placement(report):
+    rows = read_csv(report["csv"])
     variants = {r["variant"] for r in rows}
     # static conv on qkv and on all_linear are different variants; a list of mixers is joined with '+'
     assert variants == {"attention conv=none", "short_conv+gated_deltanet conv=static@qkv",
                         "short_conv+gated_deltanet conv=static@all_linear"}
 
 
-def test_markdown_ranking_tables_and_unfinished(grid):
-    md = write_report(grid)["md"].read_text()
+def test_markdown_ranking_tables_and_unfinished(report):
+    md = report["md"].read_text()
     assert "7 finished runs, 1 unfinished" in md
     ranking = md[md.index("## Ranking"):md.index("## attention")]
     # mean over widths of the best-over-lr score: gdn@qkv 1.0, attention (0.6 + 0.9) / 2 = 0.75, gdn@all_linear 0.1
@@ -95,8 +104,8 @@ def test_markdown_ranking_tables_and_unfinished(grid):
     assert "## Unfinished" in md and "`unfinished`" in md
 
 
-def test_figures_are_png(grid):
-    files = write_report(grid)
+def test_figures_are_png(report):
+    files = report
     pngs = [p for p in files.values() if p.suffix == ".png"]
     assert {p.name for p in pngs} == {"accuracy_vs_d_model.png", "accuracy_vs_state.png", "validation_curves.png"}
     for p in pngs:
