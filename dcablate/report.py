@@ -61,7 +61,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every MQAR run directory below `root` (finished or not), and those skipped: files that could not be
     read, runs of another task."""
     if not root.is_dir():
-        raise UserError(f"{root}: no such directory")
+        raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
     runs, bad = [], []
     for recipe_file in sorted(root.rglob("recipe.toml")):
         run_dir = recipe_file.parent
@@ -137,7 +137,15 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
 
 def write_report(root: Path) -> dict[str, Path]:
     """Write report.md, report.csv and the PNG figures into `root`; returns the written files by kind."""
-    root = Path(root)
+    try:
+        return _write_report(Path(root))
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise UserError(f"{e.filename or root}: cannot write the report: {e.strerror}") from None
+
+
+def _write_report(root: Path) -> dict[str, Path]:
     runs, bad = find_runs(root)
     table = aggregate(runs)
     segs = segments_of(runs)
@@ -154,10 +162,10 @@ def write_report(root: Path) -> dict[str, Path]:
                 std = cell.std()
                 first = cell.runs[0].summary
                 w.writerow([variant_name(variant), *variant, d_model, lr, len(cell.runs), cell.mean(),
-                            "" if std is None else std, lr == chosen, *(cell.mean(s) for s in segs), first.get("state_floats", ""),
-                            first.get("params", {}).get("total", "")])
+                            "" if std is None else std, lr == chosen, *(cell.mean(s) for s in segs),
+                            first.get("state_floats", ""), first.get("params", {}).get("total", "")])
 
-    out.update(_figures(root, table, segs, runs))
+    out.update(_figures(root, table, segs))
 
     lines = [f"# Report: {root}", "",
              f"{len(runs) - len(unfinished)} finished runs, {len(unfinished)} unfinished"
@@ -193,7 +201,7 @@ def write_report(root: Path) -> dict[str, Path]:
     return out
 
 
-def _figures(root: Path, table: dict, segs: list[str], runs: list[Run]) -> dict[str, Path]:
+def _figures(root: Path, table: dict, segs: list[str]) -> dict[str, Path]:
     """accuracy_vs_d_model.png (one panel per segment), accuracy_vs_state.png, validation_curves.png."""
     if not table:
         return {}

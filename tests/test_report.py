@@ -124,6 +124,7 @@ def test_only_unfinished_runs_still_reports(tmp_path):
 @pytest.mark.parametrize("setup, fragment", [
     (lambda p: None, "no such directory"),
     (lambda p: p.mkdir(), "no runs below it"),
+    (lambda p: p.write_text("x"), "not a directory"),
 ])
 def test_errors_are_one_line_exit_2(tmp_path, capsys, setup, fragment):
     target = tmp_path / "nothing"
