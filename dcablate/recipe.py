@@ -161,9 +161,28 @@ class MQARSection:
 
 
 @dataclass
+class LMSection:
+    data: str = _f("", "the text: a .txt/.jsonl/.parquet file, a folder of them or a glob")
+    text_field: str = _f("text", "the text field of .jsonl lines and the text column of .parquet files")
+    tokenizer: str = _f("byte", "byte = UTF-8 bytes plus a document separator (vocabulary 257); bpe = byte-level "
+                        "BPE through `tokenizers`, trained on the training split or loaded from tokenizer_file",
+                        choices=("byte", "bpe"))
+    vocab_size: int = _f(4096, "vocabulary of a BPE tokenizer trained here (256 bytes + separator + merges)",
+                         min=257)
+    tokenizer_file: str = _f("", "a tokenizer.json to load instead of training BPE (tokenizer = \"bpe\")")
+    seq_len: int = _f(256, "tokens per packed training and validation sequence", min=1)
+    val_fraction: float = _f(0.05, "share of documents held out for validation (at least one)",
+                             min=0.0, max=1.0, min_open=True)
+    split_seed: int = _f(0, "seed of the deterministic train/validation split by document", min=0)
+    eval_sequences: int = _f(0, "validation sequences evaluated; 0 = all", min=0)
+    cache_dir: str = _f("", "tokenized-shard cache; empty = $DCABLATE_CACHE or ~/.cache/dcablate")
+
+
+@dataclass
 class TaskSection:
-    kind: str = _f("mqar", "the task", choices=("mqar",))
+    kind: str = _f("mqar", "the task", choices=("mqar", "lm"))
     mqar: MQARSection = field(default_factory=MQARSection, metadata={"doc": "MQAR options"})
+    lm: LMSection = field(default_factory=LMSection, metadata={"doc": "language-modelling options"})
 
 
 @dataclass
@@ -549,6 +568,12 @@ def _check_consistency(r: Recipe, origins: dict, src: str) -> None:
         if m.vocab_size:
             _check(m.vocab_size >= q.vocab_size, origins, src, "model.vocab_size",
                    f"{m.vocab_size} is smaller than task.mqar.vocab_size {q.vocab_size}")
+    if r.task.kind == "lm":
+        _check(bool(r.task.lm.data), origins, src, "task.lm.data", "task.kind = 'lm' needs the text to train on")
+        if m.vocab_size and not r.task.lm.tokenizer_file:
+            need = 257 if r.task.lm.tokenizer == "byte" else r.task.lm.vocab_size
+            _check(m.vocab_size >= need, origins, src, "model.vocab_size",
+                   f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({need})")
     _check(r.train.warmup_steps <= r.train.steps, origins, src, "train.warmup_steps",
            f"{r.train.warmup_steps} is more than train.steps {r.train.steps}")
     _check(r.train.micro_batch_size <= r.train.batch_size, origins, src, "train.micro_batch_size",

@@ -137,6 +137,11 @@ def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
         return Trainer(recipe, run_dir, device, quiet, caught).run()
 
 
+def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
+    """Early stopping: the headline metric reached `target` (>= for accuracy, <= for bits per byte)."""
+    return value >= target if higher_is_better else value <= target
+
+
 class Trainer:
     """One run: built fresh, or restored from a checkpoint, then stepped to the end."""
 
@@ -264,12 +269,15 @@ class Trainer:
         raise Stop(f"error: non-finite {what} at step {self.step + 1}; {kept}; lower train.lr or set "
                    f"train.grad_clip (then --force-new), or set train.nonfinite = \"skip\" and rerun to resume", 1)
 
+    def better(self, a: float, b: float) -> bool:
+        return a > b if getattr(self.task, "higher_is_better", True) else a < b
+
     def evaluate(self) -> dict:
         self.phase = f"evaluating at step {self.step}"
         metrics = self.task.evaluate(self.model, self.device, self.recipe.eval.batch_size, self.autocast)
         self.log.write("eval", self.step, metrics)
         self.history.append({"step": self.step, **metrics})
-        if self.best is None or metrics[self.task.headline] > self.best[self.task.headline]:
+        if self.best is None or self.better(metrics[self.task.headline], self.best[self.task.headline]):
             self.best = {"step": self.step, **metrics}
         return metrics
 
@@ -329,7 +337,8 @@ class Trainer:
                 metrics = self.evaluate()
                 postfix["acc"] = f"{metrics[self.task.headline]:.3f}"
                 bar.set_postfix(postfix, refresh=False)
-                if recipe.eval.early_stop and metrics[self.task.headline] >= recipe.eval.early_stop:
+                if recipe.eval.early_stop and reached(metrics[self.task.headline], recipe.eval.early_stop,
+                                                      getattr(self.task, "higher_is_better", True)):
                     self.stopped_early, self.done = self.step < t.steps, True
             every = recipe.checkpoint.every
             if every and self.step % every == 0 and not self.done and self.step < t.steps:

@@ -203,7 +203,7 @@ CASES = [
          ("recipe.toml: model.d_modle", "did you mean 'd_model'"), files={"rd/recipe.toml": "[model]\nd_modle = 1\n"}),
     Case("eval-bad-set", ["eval", "--task", "mqar", "--run", "rd", "--set", "task.mqar.test=[{seq_len=63}]"],
          ("--set", "task.mqar.test", "seq_len", "must be even"), files={"rd/recipe.toml": OK}),
-    Case("eval-bad-task", ["eval", "--task", "lm", "--run", "rd"], ("Invalid value for '--task'", "'lm'")),
+    Case("eval-bad-task", ["eval", "--task", "text", "--run", "rd"], ("Invalid value for '--task'", "'text'")),
     Case("eval-missing-task", ["eval", "--run", "rd"], ("Missing option '--task'",)),
     # --- info
     Case("info-bad-recipe", ["info", "r.toml"], ("r.toml: model.d_modle", "did you mean 'd_model'"),

@@ -13,6 +13,7 @@ class MQARTask:
 
     kind = "mqar"
     headline = "overall"  # the metric early stopping and tables read
+    higher_is_better = True  # LM's headline (bits per byte) is lower-is-better
 
     def __init__(self, cfg, train: bool = True, test_segments=None):
         self.cfg = cfg
@@ -54,7 +55,12 @@ class MQARTask:
         return {**meter.result(), "loss": loss_sum / max(n_scored, 1)}
 
 
-def build_task(task_cfg, train: bool = True, test_segments=None) -> MQARTask:
+def build_task(task_cfg, train: bool = True, test_segments=None, data: str | None = None):
+    """The recipe's task; `data` replaces task.lm.data (dcablate eval --data)."""
     if task_cfg.kind == "mqar":
         return MQARTask(task_cfg.mqar, train=train, test_segments=test_segments)
+    if task_cfg.kind == "lm":
+        from .lm import LMTask
+
+        return LMTask(task_cfg.lm, train=train, data=data)
     raise ValueError(f"unknown task {task_cfg.kind!r}")  # the recipe schema rejects this earlier

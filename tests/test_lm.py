@@ -1,0 +1,289 @@
+"""Language-modelling task: sources, split, cache, packing, bits per byte, training, CLI errors.
+
+Every test makes its own text; none needs the shipped corpus."""
+
+import json
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from dcablate import recipe as recipes
+from dcablate.cli import main
+from dcablate.errors import UserError
+from dcablate.tasks import build_task
+from dcablate.tasks.lm import LMTask, bits_per_byte
+from dcablate.tasks.lm_data import (ByteTokenizer, load_corpus, packed_batches, read_documents, source_files,
+                                    split_documents, windows)
+from dcablate.train import reached
+
+WORDS = "the cat sat on a mat while small dogs ran past green hills and rivers under grey skies".split()
+
+
+def make_docs(n=12, words=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, words)) + f" é{i}." for i in range(n)]
+
+
+def write_txt(folder, docs):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(docs):
+        (folder / f"doc{i:03d}.txt").write_text(d, encoding="utf-8")
+    return folder
+
+
+def lm_cfg(tmp_path, data, **kw):
+    return recipes.build({"task": {"kind": "lm", "lm": {"data": str(data), "cache_dir": str(tmp_path / "cache"),
+                                                        "seq_len": 16, "val_fraction": 0.25, **kw}}}).task.lm
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def test_every_source_type_reads_the_same_documents(tmp_path):
+    docs = make_docs(6)
+    write_txt(tmp_path / "txt", docs)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet")
+
+    assert read_documents(source_files(str(tmp_path / "txt"))) == docs  # a folder
+    assert read_documents(source_files(str(tmp_path / "txt" / "doc00[0-2].txt"))) == docs[:3]  # a glob
+    assert read_documents(source_files(str(tmp_path / "txt" / "doc001.txt"))) == docs[1:2]  # one file
+    assert read_documents(source_files(str(tmp_path / "c.jsonl")), "body") == docs
+    assert read_documents(source_files(str(tmp_path / "c.parquet")), "body") == docs
+
+
+def test_split_is_deterministic_by_document_and_order_free():
+    docs = make_docs(40)
+    train, val = split_documents(docs, 0.1, 0)
+    assert len(val) == 4 and len(train) == 36 and set(train).isdisjoint(val)
+    train2, val2 = split_documents(list(reversed(docs)), 0.1, 0)
+    assert set(val2) == set(val) and set(train2) == set(train)
+    assert split_documents(docs, 0.1, 0) == (train, val)
+    assert set(split_documents(docs, 0.1, 1)[1]) != set(val)  # another seed, another split
+    with pytest.raises(UserError, match="at least 2 documents"):
+        split_documents(docs[:1], 0.1, 0)
+
+
+# ----------------------------------------------------------------------------------------- tokenizer, cache
+
+
+def test_byte_tokenizer_puts_a_separator_before_every_document():
+    tok = ByteTokenizer()
+    ids = tok.encode_documents(["ab", "é"])
+    assert ids.tolist() == [256, 97, 98, 256, 0xC3, 0xA9]
+    assert tok.decode(ids) == "abé"
+    assert tok.token_bytes[256] == 0 and tok.token_bytes[:256].sum() == 256
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_source(tmp_path):
+    folder = write_txt(tmp_path / "txt", make_docs(8))
+    cfg = lm_cfg(tmp_path, folder)
+    first = load_corpus(cfg)
+    assert not first.reused and first.train.dtype == np.uint16
+    total = sum(len(d.encode()) + 1 for d in make_docs(8))
+    assert first.train.size + first.val.size == total
+    second = load_corpus(cfg)
+    assert second.reused and second.directory == first.directory
+    assert np.array_equal(second.train, first.train)
+    (folder / "doc003.txt").write_text("changed text, changed key")
+    third = load_corpus(cfg)
+    assert not third.reused and third.directory != first.directory
+    other_split = load_corpus(lm_cfg(tmp_path, folder, split_seed=3))
+    assert other_split.directory != third.directory
+
+
+def test_cache_dir_from_environment(tmp_path, monkeypatch):
+    folder = write_txt(tmp_path / "txt", make_docs(4))
+    monkeypatch.setenv("DCABLATE_CACHE", str(tmp_path / "envcache"))
+    cfg = recipes.build({"task": {"kind": "lm", "lm": {"data": str(folder)}}}).task.lm
+    corpus = load_corpus(cfg)
+    assert corpus.directory.parent.parent == tmp_path / "envcache"
+
+
+# ----------------------------------------------------------------------------------------- packing
+
+
+def test_windows_and_packed_batches_resume():
+    stream = np.arange(101, dtype=np.uint16)
+    w = windows(stream, 10)
+    assert w.shape == (10, 11) and w[3].tolist() == list(range(30, 41))
+    full = [b.copy() for _, b in zip(range(7), packed_batches(stream, 10, 3, seed=5))]
+    assert all(b.shape == (3, 11) for b in full)
+    epoch = np.concatenate(full[:3])[:, 0]
+    assert len(set(epoch.tolist())) == 9  # one epoch: distinct windows
+    resumed = [b for _, b in zip(range(3), packed_batches(stream, 10, 3, seed=5, start=4))]
+    assert all(np.array_equal(a, b) for a, b in zip(full[4:], resumed))
+
+
+def test_train_batches_are_shifted_pairs(tmp_path):
+    folder = write_txt(tmp_path / "txt", make_docs(8))
+    task = build_task(recipes.build({"task": {"kind": "lm", "lm": {
+        "data": str(folder), "cache_dir": str(tmp_path / "c"), "seq_len": 16}}}).task)
+    x, y = next(task.train_batches(4, seed=0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert task.vocab_size == 257 and int(x.max()) <= 256
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def test_bits_per_byte_hand_computed():
+    assert bits_per_byte(math.log(2) * 12, 6) == pytest.approx(2.0)
+    assert bits_per_byte(3 * math.log(4), 3) == pytest.approx(2.0)  # 3 bytes at probability 1/4 each
+
+
+class Uniform(torch.nn.Module):
+    """All logits 0: every token has probability 1/vocab."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, x):
+        return torch.zeros(*x.shape, self.vocab)
+
+
+def test_evaluate_bits_per_byte_on_a_hand_computed_case(tmp_path):
+    # two documents, one goes to validation: the stream is [SEP, b1, ..., bn]; the n targets are the bytes
+    # (1 byte each); a uniform model pays ln 257 nats per target -> bpb = log2(257) exactly
+    folder = write_txt(tmp_path / "txt", ["héllo wörld, twelve+", "a second document that is the other one"])
+    cfg = lm_cfg(tmp_path, folder, seq_len=4, val_fraction=0.5)
+    task = LMTask(cfg)
+    m = task.evaluate(Uniform(257), "cpu", 8, nullcontext)
+    assert m["loss"] == pytest.approx(math.log(257))
+    assert m["perplexity"] == pytest.approx(257)
+    assert m["bpb"] == pytest.approx(math.log2(257))
+    # the validation document's only separator is the first token, never a target: every target is 1 byte
+    w = task.val_windows()
+    assert int(task.token_bytes[torch.from_numpy(w[:, 1:].astype(np.int64))].sum()) == w[:, 1:].size
+
+
+def test_early_stopping_and_best_follow_the_metric_direction():
+    assert reached(0.99, 0.99) and not reached(0.5, 0.99)
+    assert reached(1.2, 1.5, higher_is_better=False) and not reached(1.6, 1.5, higher_is_better=False)
+
+
+def test_lm_trains_and_bpb_falls_then_eval_on_other_text(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = write_txt(tmp_path / "txt", make_docs(30, words=80))
+    data = {
+        "run": {"name": "lm", "out_dir": str(tmp_path / "runs"), "device": "cpu"},
+        "model": {"mixer": "gated_deltanet", "d_model": 32, "n_heads": 2, "n_layers": 1},
+        "task": {"kind": "lm", "lm": {"data": str(folder), "cache_dir": str(tmp_path / "c"), "seq_len": 32}},
+        "train": {"steps": 40, "batch_size": 8, "lr": 1e-2, "warmup_steps": 4},
+        "eval": {"every": 20, "early_stop": 0.0},
+        "log": {"progress": False, "tensorboard": False},
+    }
+    path = tmp_path / "lm.toml"
+    path.write_text(recipes.dumps_toml(data))
+    assert main(["run", str(path), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "runs" / "lm" / "summary.json").read_text())
+    final = summary["final"]
+    assert set(final) >= {"loss", "perplexity", "bpb"}
+    assert final["bpb"] < math.log2(257) - 2  # learnt the word distribution
+    assert summary["best"]["bpb"] == min(h["bpb"] for h in [final, summary["best"]])
+    assert main(["info", str(path)]) == 0
+    other = write_txt(tmp_path / "other", make_docs(3, seed=9))
+    capsys.readouterr()
+    assert main(["eval", "--task", "lm", "--run", str(tmp_path / "runs" / "lm"), "--data", str(other)]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    result = json.loads((tmp_path / "runs" / "lm" / "eval" / "lm.json").read_text())
+    assert result["data"] == str(other) and result["metrics"]["bpb"] < 6
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+
+
+def _one_line_exit_2(capsys, argv):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _lm_recipe(tmp_path, data, **lm):
+    path = tmp_path / "bad.toml"
+    path.write_text(recipes.dumps_toml({
+        "run": {"out_dir": str(tmp_path / "runs"), "device": "cpu"}, "model": {"d_model": 16, "n_heads": 2},
+        "task": {"kind": "lm", "lm": {"data": str(data), "cache_dir": str(tmp_path / "c"), **lm}},
+        "train": {"steps": 2, "warmup_steps": 0}, "log": {"progress": False, "tensorboard": False}}))
+    return str(path)
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tmp_path, capsys):
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "nope.txt"), "--quiet"])
+    assert "no such file" in err
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    (tmp_path / "empty" / "b.txt").write_text("")
+    assert "empty corpus" in _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "empty"), "--quiet"])
+    (tmp_path / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "x.jsonl"), "--quiet"])
+    assert "x.jsonl:2" in err and "'text'" in err
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"body": ["a", "b"]}), tmp_path / "x.parquet")
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "x.parquet"), "--quiet"])
+    assert "no column 'text'" in err
+    folder = write_txt(tmp_path / "ok", make_docs(4))
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, folder), "--quiet", "--set", "model.vocab_size=100"])
+    assert "vocabulary" in err
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, ""), "--quiet"])
+    assert "task.lm.data" in err
+    assert "unknown corpus" in _one_line_exit_2(capsys, ["data", "get", "no-such-corpus"])
+
+
+# ----------------------------------------------------------------------------------------- BPE
+
+
+def test_bpe_is_trained_cached_and_counts_bytes(tmp_path):
+    folder = write_txt(tmp_path / "txt", make_docs(20, words=100))
+    cfg = lm_cfg(tmp_path, folder, tokenizer="bpe", vocab_size=300)
+    first = load_corpus(cfg)
+    tok = first.tokenizer
+    assert 257 < tok.vocab_size <= 300 and tok.sep == 0
+    assert first.train.size + first.val.size < sum(len(d.encode()) + 1 for d in make_docs(20, words=100)) * 0.8
+    saved = list((tmp_path / "cache" / "lm" / "tokenizers").glob("bpe-*.json"))
+    assert len(saved) == 1
+    second = load_corpus(cfg)
+    assert second.reused and second.tokenizer.spec() == tok.spec()
+    # bytes a token stream stands for = the UTF-8 bytes of its text (separators count 0)
+    docs = make_docs(3, seed=4)
+    ids = tok.encode_documents(docs)
+    assert int(tok.token_bytes[ids.astype(np.int64)].sum()) == sum(len(d.encode()) for d in docs)
+    assert tok.decode(tok.encode(docs[0])) == docs[0]
+    # another vocabulary size is another tokenizer and another cache entry
+    other = load_corpus(lm_cfg(tmp_path, folder, tokenizer="bpe", vocab_size=280))
+    assert other.directory != first.directory and other.tokenizer.vocab_size <= 280
+
+
+def test_bpe_from_a_tokenizer_file_and_bpb_agrees_with_bytes(tmp_path):
+    from dcablate.tasks.lm_data import train_bpe
+
+    folder = write_txt(tmp_path / "txt", make_docs(10, words=80))
+    train_bpe(make_docs(10, words=80), 290).save(str(tmp_path / "tokenizer.json"))
+    cfg = lm_cfg(tmp_path, folder, tokenizer="bpe", tokenizer_file=str(tmp_path / "tokenizer.json"), seq_len=8)
+    task = LMTask(cfg)
+    V = task.vocab_size
+    m = task.evaluate(Uniform(V), "cpu", 4, nullcontext)
+    w = task.val_windows()
+    n_tokens = w[:, 1:].size
+    n_bytes = int(task.token_bytes[torch.from_numpy(w[:, 1:].astype(np.int64))].sum())
+    assert m["bpb"] == pytest.approx(n_tokens * math.log(V) / (math.log(2) * n_bytes))
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.BPE()).save(str(tmp_path / "nosep.json"))
+    with pytest.raises(UserError, match="separator"):
+        LMTask(lm_cfg(tmp_path, folder, tokenizer="bpe", tokenizer_file=str(tmp_path / "nosep.json")))
+
+
+def test_bpe_vocabulary_too_small_is_a_recipe_error(tmp_path, capsys):
+    folder = write_txt(tmp_path / "ok", make_docs(4))
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, folder, tokenizer="bpe", vocab_size=100), "--quiet"])
+    assert "task.lm.vocab_size" in err and ">= 257" in err
