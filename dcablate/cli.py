@@ -236,6 +236,50 @@ def report(directory):
         click.echo(f"wrote {path}")
 
 
+@cli.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished LM run directory.")
+@click.option("--prompt", default="", help="Text to continue (a new document when empty).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = the whole vocabulary.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
+    """Stream text sampled from a trained language model (task.kind = "lm")."""
+    if not (run_dir / "recipe.toml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
+    r = recipes.load(str(run_dir / "recipe.toml"))
+    if r.task.kind != "lm":
+        raise UserError(f"{run_dir}: generate needs a language model; this run was trained on "
+                        f"task.kind = '{r.task.kind}'")
+    import torch
+
+    from . import checkpoint
+    from .info import build_model
+    from .tasks import build_task
+    from .tasks.generate import sample_ids, stream_text
+    from .train import check_runtime, first_line
+
+    device = check_runtime(r)
+    final = run_dir / "checkpoints" / "final.pt"
+    if not final.is_file():
+        raise UserError(f"{run_dir}: no final checkpoint yet (finish the run first)")
+    state = checkpoint.load(final)
+    tok = build_task(r.task, train=False).tokenizer
+    try:
+        model = build_model(r, state.get("vocab_size", tok.vocab_size))
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
+    model.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    ids = sample_ids(model, [tok.sep] + tok.encode(prompt), max_tokens, r.task.lm.seq_len, temperature, top_k,
+                     gen, device, stop_id=tok.sep)
+    click.echo(prompt, nl=False)
+    for piece in stream_text(tok, prompt, ids):
+        click.echo(piece, nl=False)
+    click.echo("")
+
+
 @cli.group()
 def data():
     """Text corpora for task.kind = "lm"."""
