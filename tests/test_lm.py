@@ -330,3 +330,36 @@ def test_generation_greedy_matches_a_manual_full_recompute_and_cli_streams(tmp_p
     assert capsys.readouterr().out.startswith("the cat")
     err = _one_line_exit_2(capsys, ["generate", "--run", str(tmp_path / "nope")])
     assert "not a run directory" in err
+
+
+# ----------------------------------------------------------------------------------------- hf: sources
+
+
+def test_hf_source_through_datasets_on_local_files(tmp_path):
+    pytest.importorskip("datasets")
+    docs = make_docs(10)
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = lm_cfg(tmp_path, "hf:" + str(tmp_path / "d.jsonl"))
+    first = load_corpus(cfg)
+    assert not first.reused
+    assert first.train.size + first.val.size == sum(len(d.encode()) + 1 for d in docs)
+    files = load_corpus(lm_cfg(tmp_path, tmp_path / "d.jsonl"))  # the same text read directly
+    assert np.array_equal(np.asarray(files.train), np.asarray(first.train))
+    assert load_corpus(cfg).reused
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    with pytest.raises(UserError, match="no column 'text'"):
+        load_corpus(lm_cfg(tmp_path, "hf:" + str(folder)))
+    assert load_corpus(lm_cfg(tmp_path, "hf:" + str(folder), text_field="body")).val.size > 0
+
+
+def test_eval_on_other_text_keeps_the_runs_bpe(tmp_path):
+    folder = write_txt(tmp_path / "txt", make_docs(12, words=80))
+    other = write_txt(tmp_path / "other", ["completely different words: zebra quartz", "xylophone jukebox"])
+    cfg = lm_cfg(tmp_path, folder, tokenizer="bpe", vocab_size=290)
+    run_task = LMTask(cfg)
+    eval_task = LMTask(cfg, data=str(other))
+    assert eval_task.tokenizer.spec() == run_task.tokenizer.spec()
+    assert eval_task.eval_stream.size == eval_task.corpus.train.size + eval_task.corpus.val.size
+    assert len(list((tmp_path / "cache" / "lm" / "tokenizers").glob("bpe-*.json"))) == 1

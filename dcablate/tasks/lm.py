@@ -27,8 +27,10 @@ class LMTask:
 
     def __init__(self, cfg, train: bool = True, data: str | None = None):
         self.cfg = cfg
-        if data is not None:  # evaluate on other text (dcablate eval --data)
+        if data is not None:  # evaluate on other text (dcablate eval --data) with the run's tokenizer
             import dataclasses
+            if cfg.tokenizer == "bpe" and not cfg.tokenizer_file:  # the BPE trained on the run's text
+                cfg = dataclasses.replace(cfg, tokenizer_file=load_corpus(cfg).tokenizer.path)
             cfg = dataclasses.replace(cfg, data=data)
         self.corpus = load_corpus(cfg)
         self.tokenizer = self.corpus.tokenizer

@@ -121,6 +121,36 @@ def _read_parquet(f: Path, text_field: str) -> list[str]:
     return [x for x in column if isinstance(x, str)]
 
 
+def load_hf(spec: str, text_field: str, cache_dir: Path | None = None):
+    """`hf:NAME[/CONFIG]` through `datasets`: NAME is a hub id (`owner/name`) or a local dataset folder or
+    file; a third path part of a hub id is its config. Reads the dataset's `train` split."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"hf:{spec}: hf: sources need the datasets library (pip install -e \".[hf]\")") from None
+    local = Path(spec).expanduser()
+    name, config, files = spec, None, None
+    if local.is_file():  # one local file: the matching builder
+        builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+        if local.suffix not in builders:
+            raise UserError(f"hf:{spec}: unknown file type '{local.suffix}'")
+        name, files = builders[local.suffix], str(local)
+    elif local.is_dir():
+        name = str(local)
+    elif spec.count("/") >= 2:
+        name, _, config = spec.rpartition("/")
+    try:
+        ds = datasets.load_dataset(name, config, data_files=files, split="train",
+                                   cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as e:  # datasets raises many kinds (hub unreachable, no such dataset, bad files)
+        raise UserError(f"hf:{spec}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
+            from None
+    if text_field not in ds.column_names:
+        raise UserError(f"hf:{spec}: no column '{text_field}' (columns: {', '.join(ds.column_names)}; "
+                        f"set task.lm.text_field)")
+    return ds
+
+
 def fingerprint(files: list[Path], text_field: str) -> str:
     """Content hash of the source: every file's bytes, in order, plus the field read."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{text_field}".encode())
@@ -197,7 +227,7 @@ class BPETokenizer:
     name = "bpe"
 
     def __init__(self, tok, source: str):
-        self.tok = tok
+        self.tok, self.path = tok, source  # the tokenizer.json it came from
         self.vocab_size = tok.get_vocab_size()
         vocab = tok.get_vocab()
         sep = next((s for s in SEPARATORS if s in vocab), None)
@@ -259,7 +289,7 @@ def build_tokenizer(cfg, cache_root: Path | None = None, source_hash: str = "", 
         except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
             raise UserError(f"task.lm.tokenizer_file: {path}: not a tokenizer.json ({str(e).splitlines()[0]})") \
                 from None
-        return BPETokenizer(tok, str(path))
+        return BPETokenizer(tok, str(path.resolve()))
     from tokenizers import Tokenizer
 
     key = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "source": source_hash, "vocab": cfg.vocab_size,
@@ -277,7 +307,7 @@ def build_tokenizer(cfg, cache_root: Path | None = None, source_hash: str = "", 
             os.replace(tmp, path)
         except OSError as e:
             raise UserError(f"task.lm.cache_dir: cannot write {path.parent}: {e.strerror}") from None
-    return BPETokenizer(tok, "trained BPE")
+    return BPETokenizer(tok, str(path) if path is not None else "trained BPE")
 
 
 def tokenizer_vocab_size(cfg) -> int:
@@ -313,15 +343,25 @@ def _dtype(vocab_size: int):
 
 def load_corpus(cfg) -> Corpus:
     """Tokenized train and validation streams of `cfg` (a task.lm section), from the cache or built."""
-    files = source_files(cfg.data)
-    source_hash = fingerprint(files, cfg.text_field)
+    if cfg.data.startswith("hf:"):
+        ds = load_hf(cfg.data[3:], cfg.text_field, default_cache_dir(cfg.cache_dir) / "hf")
+        source_hash = hashlib.sha256(f"hf|{ds._fingerprint}|{cfg.text_field}".encode()).hexdigest()
+
+        def read():
+            docs = [x for x in ds[cfg.text_field] if isinstance(x, str) and x]
+            if not docs:
+                raise UserError(f"{cfg.data}: empty corpus (no text)")
+            return docs
+    else:
+        files = source_files(cfg.data)
+        source_hash = fingerprint(files, cfg.text_field)
+        read = lambda: read_documents(files, cfg.text_field)
     root = default_cache_dir(cfg.cache_dir) / "lm"
     split_cache: list = []
 
     def splits():  # read and split the documents at most once, and only when something needs them
         if not split_cache:
-            split_cache.extend(split_documents(read_documents(files, cfg.text_field), cfg.val_fraction,
-                                               cfg.split_seed))
+            split_cache.extend(split_documents(read(), cfg.val_fraction, cfg.split_seed))
         return split_cache
 
     tok = build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
@@ -337,7 +377,7 @@ def load_corpus(cfg) -> Corpus:
             raise UserError(f"task.lm.cache_dir: cannot write {root}: {e.strerror}") from None
         try:
             meta = {"format": FORMAT_VERSION, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
-                    "dtype": _dtype(tok.vocab_size).name, "files": len(files), "source": cfg.data,
+                    "dtype": _dtype(tok.vocab_size).name, "source": cfg.data,
                     "documents": {"train": len(train_docs), "val": len(val_docs)}}
             for split, split_docs in (("train", train_docs), ("val", val_docs)):
                 ids = tok.encode_documents(split_docs).astype(_dtype(tok.vocab_size), copy=False)
