@@ -335,7 +335,7 @@ class Trainer:
                 tokens_since, time_since = 0, time.time()
             if self.step % recipe.eval.every == 0 or self.step == t.steps:
                 metrics = self.evaluate()
-                postfix["acc"] = f"{metrics[self.task.headline]:.3f}"
+                postfix[self.task.headline] = f"{metrics[self.task.headline]:.3f}"
                 bar.set_postfix(postfix, refresh=False)
                 if recipe.eval.early_stop and reached(metrics[self.task.headline], recipe.eval.early_stop,
                                                       getattr(self.task, "higher_is_better", True)):
