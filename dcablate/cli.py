@@ -131,6 +131,19 @@ def result_row(name: str, summary: dict) -> dict:
     return row
 
 
+def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
+    """The recipe's model with a checkpoint's weights, on `device`; a mismatch is a one-line error."""
+    from .info import build_model
+    from .train import first_line
+
+    try:
+        model = build_model(recipe, state.get("vocab_size", vocab_size))
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
+    return model.to(device)
+
+
 @cli.command(name="eval")
 @click.option("--task", "task_kind", type=click.Choice(["mqar", "lm"]), required=True, help="What to measure.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
@@ -150,21 +163,15 @@ def eval_(task_kind, run_dir, overrides, data):
         raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}'")
 
     from . import checkpoint
-    from .info import build_model
     from .tasks import build_task
-    from .train import autocast_for, check_runtime, first_line
+    from .train import autocast_for, check_runtime
 
     device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
     if data is not None and task_kind != "lm":
         raise UserError("--data applies to --task lm only")
     task = build_task(r.task, train=False, data=data)
-    try:
-        model = build_model(r, state.get("vocab_size", task.vocab_size))
-        model.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
-    model.to(device)
+    model = trained_model(run_dir, r, state, task.vocab_size, device)
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
     out = run_dir / "eval" / f"{task_kind}.json"
     out.parent.mkdir(exist_ok=True)
@@ -254,10 +261,9 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     import torch
 
     from . import checkpoint
-    from .info import build_model
     from .tasks import build_task
     from .tasks.generate import sample_ids, stream_text
-    from .train import check_runtime, first_line
+    from .train import check_runtime
 
     device = check_runtime(r)
     final = run_dir / "checkpoints" / "final.pt"
@@ -265,12 +271,7 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
         raise UserError(f"{run_dir}: no final checkpoint yet (finish the run first)")
     state = checkpoint.load(final)
     tok = build_task(r.task, train=False).tokenizer
-    try:
-        model = build_model(r, state.get("vocab_size", tok.vocab_size))
-        model.load_state_dict(state["model"])
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise UserError(f"{run_dir}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
-    model.to(device)
+    model = trained_model(run_dir, r, state, tok.vocab_size, device)
     gen = torch.Generator().manual_seed(seed)
     ids = sample_ids(model, [tok.sep] + tok.encode(prompt), max_tokens, r.task.lm.seq_len, temperature, top_k,
                      gen, device, stop_id=tok.sep)

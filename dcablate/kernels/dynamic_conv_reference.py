@@ -104,7 +104,6 @@ def dynamic_conv_step(x_t, K_t, state, activation: str | None = None, residual: 
     """One decode step. x_t [B, D]; K_t [B, W, D] (from `filter_at_token`); state [B, D, W-1] holding
     x_{t-W+1} .. x_{t-1} (oldest first), zeros at the start. Returns (y_t [B, D], new state)."""
     acc = K_t.dtype
-    W = K_t.shape[1]
     window = torch.cat([state.to(acc), x_t.to(acc)[..., None]], dim=-1)  # [B, D, W], newest last
     y = (window * K_t.flip(1).transpose(1, 2)).sum(-1)                   # lag k <-> window[..., W-1-k]
     if activation == "silu":

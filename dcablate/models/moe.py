@@ -49,8 +49,6 @@ module's init, so a caller wanting GPT-2's residual scaling passes `down_std`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
