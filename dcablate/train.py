@@ -246,7 +246,8 @@ class Trainer:
                 part = F.cross_entropy(logits.float(), targets)
             else:
                 part = F.cross_entropy(logits.float(), targets, reduction="sum") / n_scored
-            aux = moe_aux_loss(self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
+            aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
+                self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
             (part if aux is None else part + aux * (len(xs) / len(x))).backward()  # aux: this micro-batch's share
             loss += part.detach()  # the logged loss stays pure cross-entropy
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
