@@ -22,6 +22,41 @@ import triton.language as tl
 
 
 @triton.jit
+def _rows(ptr, b, T, rows, cols, n_cols, row_ok, col_ok):
+    """fp32 tile of a contiguous [B, T, n_cols] tensor: batch b, the given rows and columns, 0 where masked."""
+    ptrs = ptr + (b * T + rows[:, None]) * n_cols + cols[None, :]
+    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _tap(S, k, d, D, md):
+    """The static filter's lag-k tap as a [1, BD] row."""
+    return tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _u_tap(U, k, r, d, W, D, mr, md):
+    """U[:, k, d-block] of the low-rank filter basis `U [R, W, D]` as an fp32 [BR, BD] tile."""
+    return tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _g_tap(G, b, T, rows, head, H, W, k, row_ok, md):
+    """Head-wise filters `G [B, T, H, W]` at lag k, gathered per channel (channel d reads head(d))."""
+    ptrs = G + ((b * T + rows[:, None]) * H + head[None, :]) * W + k
+    return tl.load(ptrs, mask=row_ok[:, None] & md[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
+    """Rows t whose token t+k exists and lies in t's own sequence (its tap k reaches back to t)."""
+    ok = tk < T
+    if VARLEN:
+        ok = ok & (tl.load(pos + tk, mask=ok, other=0) >= k)
+    return ok
+
+
+@triton.jit
 def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                   BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr,
                   PREC: tl.constexpr):
@@ -31,16 +66,15 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr
     r = tl.arange(0, BR)
     mt, md, mr = t < T, d < D, r < R
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    zt = tl.load(z + (b * T + t[:, None]) * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0).to(tl.float32)
+    zt = _rows(z, b, T, t, r, R, mt, mr)
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     for k in tl.static_range(W):
-        Uk = tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        K = tl.dot(zt, Uk.to(tl.float32), input_precision=PREC)
+        Uk = _u_tap(U, k, r, d, W, D, mr, md)
+        K = tl.dot(zt, Uk, input_precision=PREC)
         if HAS_S:
-            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+            K += _tap(S, k, d, D, md)
         ok = mt & (p >= k)
-        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
-        xs = xs.to(tl.float32)
+        xs = _rows(x, b, T, t - k, d, D, ok, md)
         acc += K * xs
         if RESIDUAL and k == 0:
             acc += xs
@@ -57,28 +91,24 @@ def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, B
     r = tl.arange(0, BR)
     mt, md, mr = t < T, d < D, r < R
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-    dy_t = dy_t.to(tl.float32)
+    dy_t = _rows(dy, b, T, t, d, D, mt, md)
     dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
     dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
     for k in tl.static_range(W):
-        Uk = tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        Uk = Uk.to(tl.float32)
+        Uk = _u_tap(U, k, r, d, W, D, mr, md)
         # dz_t += (dy_t ⊙ x_{t-k}) · U_k^T
         ok = mt & (p >= k)
-        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
-        dz_acc += tl.dot(dy_t * xs.to(tl.float32), tl.trans(Uk), input_precision=PREC)
+        xs = _rows(x, b, T, t - k, d, D, ok, md)
+        dz_acc += tl.dot(dy_t * xs, tl.trans(Uk), input_precision=PREC)
         # dx_t += dy_{t+k} ⊙ K_{t+k}[k]  (only when t+k is in t's sequence)
         tk = t + k
-        mk = tk < T
-        if VARLEN:
-            mk = mk & (tl.load(pos + tk, mask=mk, other=0) >= k)
-        zk = tl.load(z + (b * T + tk[:, None]) * R + r[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
-        K = tl.dot(zk.to(tl.float32), Uk, input_precision=PREC)
+        mk = _ahead_ok(pos, tk, T, k, VARLEN)
+        zk = _rows(z, b, T, tk, r, R, mk, mr)
+        K = tl.dot(zk, Uk, input_precision=PREC)
         if HAS_S:
-            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
-        dyk = tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=mk[:, None] & md[None, :], other=0.0)
-        dx_acc += dyk.to(tl.float32) * K
+            K += _tap(S, k, d, D, md)
+        dyk = _rows(dy, b, T, tk, d, D, mk, md)
+        dx_acc += dyk * K
     tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
     tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
 
@@ -101,11 +131,11 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
         mt = t < T
         p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
         ok = mt & (p >= k)
-        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
-        dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-        g = dy_t.to(tl.float32) * xs.to(tl.float32)                     # dK_t[k, d]
-        zt = tl.load(z + (b * T + t[:, None]) * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)
-        dU_acc += tl.dot(tl.trans(zt.to(tl.float32)), g, input_precision=PREC)
+        xs = _rows(x, b, T, t - k, d, D, ok, md)
+        dy_t = _rows(dy, b, T, t, d, D, mt, md)
+        g = dy_t * xs                     # dK_t[k, d]
+        zt = _rows(z, b, T, t, r, R, mt, mr)
+        dU_acc += tl.dot(tl.trans(zt), g, input_precision=PREC)
         if HAS_S:
             dS_acc += tl.sum(g, axis=0)
     tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc, mask=mr[:, None] & md[None, :])
@@ -132,32 +162,27 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
         t = t0 + tl.arange(0, BT)
         mt = t < T
         p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-        dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-        dy_t = dy_t.to(tl.float32)
-        zt = tl.load(z + (b * T + t[:, None]) * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)
-        zt = zt.to(tl.float32)
+        dy_t = _rows(dy, b, T, t, d, D, mt, md)
+        zt = _rows(z, b, T, t, r, R, mt, mr)
         dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
         dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
         for k in tl.static_range(W):
-            Uk = tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-            Uk = Uk.to(tl.float32)
+            Uk = _u_tap(U, k, r, d, W, D, mr, md)
             ok = mt & (p >= k)
-            xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
-            g = dy_t * xs.to(tl.float32)                                     # dK_t[k, :]
+            xs = _rows(x, b, T, t - k, d, D, ok, md)
+            g = dy_t * xs                                     # dK_t[k, :]
             dz_acc += tl.dot(g, tl.trans(Uk), input_precision=PREC)
             dU_acc += tl.where(lag[:, None, None] == k, tl.dot(tl.trans(zt), g, input_precision=PREC)[None, :, :], 0.0)
             if HAS_S:
                 dS_acc += tl.where(lag[:, None] == k, tl.sum(g, axis=0)[None, :], 0.0)
             tk = t + k
-            mk = tk < T
-            if VARLEN:
-                mk = mk & (tl.load(pos + tk, mask=mk, other=0) >= k)
-            zk = tl.load(z + (b * T + tk[:, None]) * R + r[None, :], mask=mk[:, None] & mr[None, :], other=0.0)
-            K = tl.dot(zk.to(tl.float32), Uk, input_precision=PREC)
+            mk = _ahead_ok(pos, tk, T, k, VARLEN)
+            zk = _rows(z, b, T, tk, r, R, mk, mr)
+            K = tl.dot(zk, Uk, input_precision=PREC)
             if HAS_S:
-                K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
-            dyk = tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=mk[:, None] & md[None, :], other=0.0)
-            dx_acc += dyk.to(tl.float32) * K
+                K += _tap(S, k, d, D, md)
+            dyk = _rows(dy, b, T, tk, d, D, mk, md)
+            dx_acc += dyk * K
         tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
                  mask=mt[:, None] & md[None, :])
         tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
@@ -272,13 +297,11 @@ def _dyn_conv_hw_fwd(x, G, S, y, pos, T, D, H, W: tl.constexpr, BT: tl.constexpr
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     for k in tl.static_range(W):
-        K = tl.load(G + ((b * T + t[:, None]) * H + head[None, :]) * W + k, mask=mt[:, None] & md[None, :], other=0.0)
-        K = K.to(tl.float32)
+        K = _g_tap(G, b, T, t, head, H, W, k, mt, md)
         if HAS_S:
-            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
+            K += _tap(S, k, d, D, md)
         ok = mt & (p >= k)
-        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
-        xs = xs.to(tl.float32)
+        xs = _rows(x, b, T, t - k, d, D, ok, md)
         acc += K * xs
         if RESIDUAL and k == 0:
             acc += xs
@@ -294,28 +317,24 @@ def _dyn_conv_hw_bwd(x, G, S, dy, dx, dG, dS, pos, T, D, H, W: tl.constexpr, BT:
     mt, md = t < T, d < D
     head = d // (D // H)
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    dy_t = tl.load(dy + (b * T + t[:, None]) * D + d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
-    dy_t = dy_t.to(tl.float32)
+    dy_t = _rows(dy, b, T, t, d, D, mt, md)
     dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
     for k in tl.static_range(W):
         # dG[t, head(d), k] += dy_t[d] x_{t-k}[d]   (summed over the head's channels by atomics)
         ok = mt & (p >= k)
-        xs = tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok[:, None] & md[None, :], other=0.0)
-        g = dy_t * xs.to(tl.float32)
+        xs = _rows(x, b, T, t - k, d, D, ok, md)
+        g = dy_t * xs
         tl.atomic_add(dG + ((b * T + t[:, None]) * H + head[None, :]) * W + k, g, mask=mt[:, None] & md[None, :])
         if HAS_S:
             tl.atomic_add(dS + k * D + d, tl.sum(g, axis=0), mask=md)
         # dx_t += dy_{t+k} K_{t+k}[k]
         tk = t + k
-        mk = tk < T
-        if VARLEN:
-            mk = mk & (tl.load(pos + tk, mask=mk, other=0) >= k)
-        K = tl.load(G + ((b * T + tk[:, None]) * H + head[None, :]) * W + k, mask=mk[:, None] & md[None, :],
-                    other=0.0).to(tl.float32)
+        mk = _ahead_ok(pos, tk, T, k, VARLEN)
+        K = _g_tap(G, b, T, tk, head, H, W, k, mk, md)
         if HAS_S:
-            K += tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
-        dyk = tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=mk[:, None] & md[None, :], other=0.0)
-        dx_acc += dyk.to(tl.float32) * K
+            K += _tap(S, k, d, D, md)
+        dyk = _rows(dy, b, T, tk, d, D, mk, md)
+        dx_acc += dyk * K
     tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
 
 
