@@ -28,6 +28,7 @@ class Attention(nn.Module):
                  conv_cfg=None, backend: str = "auto"):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_theta = n_heads, head_dim, rope_theta
+        self._rope: dict = {}
         inner = n_heads * head_dim
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
@@ -49,7 +50,10 @@ class Attention(nn.Module):
         k = conv_or_identity(self.k_conv1d, self.k_proj(h), h)
         v = conv_or_identity(self.v_conv1d, self.v_proj(h), h)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
-        cos, sin = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
+        key = (T, h.device)
+        if key not in self._rope:  # one table per length and device, not one per forward
+            self._rope[key] = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
+        cos, sin = self._rope[key]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return conv_or_identity(self.o_conv1d, self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), h)
