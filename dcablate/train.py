@@ -22,7 +22,6 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import checkpoint
@@ -241,11 +240,10 @@ class Trainer:
         for xs, ys in chunks:
             xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
             with self.autocast():
-                logits, targets = self.model.scored_logits(xs, ys)
-            if n_scored is None:
-                part = F.cross_entropy(logits.float(), targets)
-            else:
-                part = F.cross_entropy(logits.float(), targets, reduction="sum") / n_scored
+                if n_scored is None:
+                    part = self.model(xs, ys)
+                else:
+                    part = self.model(xs, ys, reduction="sum") / n_scored
             aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
                 self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
             (part if aux is None else part + aux * (len(xs) / len(x))).backward()  # aux: this micro-batch's share

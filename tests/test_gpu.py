@@ -207,3 +207,67 @@ def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
         err = rel(ours[name], ref[name])
         print(f"mamba2 {dtype} groups={n_groups} {name:16s} {err:.1e}")
         assert err < bound, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_mamba2_fla_path_matches_fla_layer(n_groups):
+    """Our Mamba-2 (fla chunk_simple_gla) equals fla.layers.Mamba2 (its torch path on CUDA, no mamba_ssm)
+    with the same weights, fp32, output and every gradient."""
+    from fla.layers import Mamba2 as FlaMamba2
+
+    from dcablate.models.mixers.mamba2 import Mamba2
+    from dcablate.recipe import ConvSection
+
+    torch.manual_seed(10 + n_groups)
+    theirs = FlaMamba2(num_heads=8, head_dim=32, hidden_size=128, state_size=16, expand=2, n_groups=n_groups,
+                       chunk_size=64).cuda()
+    ours = Mamba2(128, head_dim=32, state_size=16, expand=2, n_groups=n_groups,
+                  conv_cfg=ConvSection(kind="static"), backend="fla").cuda()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 100, 128, device="cuda", requires_grad=True)
+    y_theirs, y_ours = theirs(x), ours(x)
+    y_theirs = y_theirs[0] if isinstance(y_theirs, tuple) else y_theirs
+    cot = torch.randn_like(y_ours)
+    g_theirs = torch.autograd.grad((y_theirs * cot).sum(), [x, *theirs.parameters()])
+    g_ours = torch.autograd.grad((y_ours * cot).sum(), [x, *(dict(ours.named_parameters())[n]
+                                                             for n, _ in theirs.named_parameters())])
+    errs = {"y": rel(y_ours, y_theirs)}
+    errs.update({n: rel(a, b) for (n, _), a, b in zip([("x", None), *theirs.named_parameters()], g_ours, g_theirs)})
+    print(f"mamba2 vs fla layer groups={n_groups}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert all(e < 5e-3 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_linear_cross_entropy_matches_plain(dtype):
+    """A large-vocabulary LM's loss through fla's fused linear CE equals logits + F.cross_entropy,
+    loss and every gradient, mean and sum, with ignored positions."""
+    import dcablate.models.lm as lm
+    from dcablate import recipe as R
+    from dcablate.info import build_model
+
+    r = R.build({"run": {"name": "ce"}, "model": {"mixer": "attention", "d_model": 64, "n_layers": 1,
+                                                   "n_heads": 2},
+                 "task": {"kind": "mqar"}})
+    torch.manual_seed(0)
+    model = build_model(r, 8192).cuda()
+    x = torch.randint(0, 8192, (3, 50), device="cuda")
+    y = torch.randint(0, 8192, (3, 50), device="cuda")
+    y[:, :7] = -100
+    for reduction in ("mean", "sum"):
+        losses, grads = [], []
+        for fused in (True, False):
+            model.use_fused_ce = (lambda h: True) if fused else (lambda h: False)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(x, y, reduction=reduction)
+            model.zero_grad()
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        del model.use_fused_ce
+        bound = 1e-5 if dtype == torch.float32 else 2e-2
+        assert rel(losses[0], losses[1]) < bound
+        for n in grads[1]:
+            err = rel(grads[0][n], grads[1][n])
+            assert err < bound, f"{reduction} {n}: {err:.1e}"
+        print(f"fused CE {dtype} {reduction}: loss {losses[0].item():.5f} vs {losses[1].item():.5f}")
+    assert lm.FUSED_CE_MIN_VOCAB <= 8192

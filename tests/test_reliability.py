@@ -300,19 +300,19 @@ def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def nan_at(monkeypatch, call: int) -> None:
-    """The model's logits turn NaN at the `call`-th training forward pass."""
+    """The model's hidden states turn NaN at the `call`-th training forward pass."""
     from dcablate.models.lm import LanguageModel
 
-    original, calls = LanguageModel.scored_logits, []
+    original, calls = LanguageModel.hidden, []
 
-    def scored_logits(self, x, y):
-        logits, targets = original(self, x, y)
+    def hidden(self, x):
+        h = original(self, x)
         if self.training:
             calls.append(1)
             if len(calls) == call:
-                logits = logits * float("nan")
-        return logits, targets
-    monkeypatch.setattr(LanguageModel, "scored_logits", scored_logits)
+                h = h * float("nan")
+        return h
+    monkeypatch.setattr(LanguageModel, "hidden", hidden)
 
 
 def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, capsys):
@@ -354,9 +354,9 @@ def test_nonfinite_skip_leaves_the_weights_untouched(tmp_path, monkeypatch, caps
 def test_cuda_out_of_memory_suggests_micro_batches(tmp_path, monkeypatch, capsys):
     from dcablate.models.lm import LanguageModel
 
-    def oom(self, x, y):
+    def oom(self, x):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(LanguageModel, "scored_logits", oom)
+    monkeypatch.setattr(LanguageModel, "hidden", oom)
     rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path))
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: CUDA out of memory while training step 1; set train.micro_batch_size")

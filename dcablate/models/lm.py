@@ -6,11 +6,13 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .ffn import build_ffn
 from .mixers import build_mixer
 
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layers), as GPT-2
+FUSED_CE_MIN_VOCAB = 4096  # below this the logits are small and F.cross_entropy is as fast
 
 
 class Block(nn.Module):
@@ -53,8 +55,26 @@ class LanguageModel(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids))
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits `[B, T, V]`, or with `targets` the cross-entropy over the scored positions
+        (target != -100), `mean` or `sum`, in fp32. The loss goes through `forward` so that wrappers
+        such as DDP see the call that produces the gradients."""
+        if targets is None:
+            return self.lm_head(self.hidden(input_ids))
+        h = self.hidden(input_ids)
+        mask = targets != -100
+        h, targets = h[mask], targets[mask]
+        if self.use_fused_ce(h):
+            from fla.modules import FusedLinearCrossEntropyLoss
+
+            return FusedLinearCrossEntropyLoss(reduction=reduction)(h, targets, self.lm_head.weight).float()
+        return F.cross_entropy(self.lm_head(h).float(), targets, reduction=reduction)
+
+    def use_fused_ce(self, h: torch.Tensor) -> bool:
+        """fla's fused linear cross-entropy never materialises the `[N, V]` logits: worth it on CUDA
+        once the vocabulary is large (LM runs with BPE), not for MQAR's few scored positions."""
+        return h.is_cuda and self.vocab_size >= FUSED_CE_MIN_VOCAB and h.shape[0] > 0
 
     def scored_logits(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets at scored positions only (target != -100): MQAR scores a handful of
