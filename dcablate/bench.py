@@ -100,3 +100,121 @@ def main(argv=None):
         conv_benchmark(args.dtype, args.skip_reference)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+def time_train_step(module, x: torch.Tensor, dy: torch.Tensor) -> float:
+    """Median ms of forward + backward under bf16 autocast (fp32 parameters, as training runs);
+    gradients accumulate into `.grad`, which costs what a real step's first micro-batch costs."""
+    import triton
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(dy)
+    return triton.testing.do_bench(step, return_mode="median")
+
+
+def _header(what: str) -> None:
+    import triton
+
+    print(f"{what}  card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+
+
+def _need_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise UserError(f"bench {what} needs a CUDA device (it times GPU kernels)")
+
+
+def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) -> list[tuple]:
+    """Mamba-2 (ours, fla chunk_simple_gla) vs `fla.layers.Mamba2` (its torch fallback: no mamba_ssm)
+    vs a Gated DeltaNet layer of the same inner width, forward + backward in bf16 autocast."""
+    _need_cuda("mixer")
+    from fla.layers import Mamba2 as FlaMamba2
+
+    from .models.mixers.gated_deltanet import GatedDeltaNet
+    from .models.mixers.mamba2 import Mamba2
+    from .recipe import ConvSection
+
+    _header("mixers")
+    static = ConvSection(kind="static")
+    head_dim, state, expand = 64, 64, 2
+    heads = expand * d_model // head_dim
+    ours = Mamba2(d_model, head_dim=head_dim, state_size=state, expand=expand, conv_cfg=static, backend="fla")
+    theirs = FlaMamba2(num_heads=heads, head_dim=head_dim, hidden_size=d_model, state_size=state, expand=expand,
+                       n_groups=1, chunk_size=256)
+    gdn = GatedDeltaNet(d_model, n_heads=heads // 2, head_dim=head_dim, expand_v=2.0, conv_cfg=static, backend="fla")
+    variants = {"Mamba-2 (ours, fla chunk_simple_gla)": ours, "Mamba-2 (fla.layers.Mamba2 fallback)": theirs,
+                "Gated DeltaNet (ours, fla chunk)": gdn}
+    rows = []
+    for label, module in variants.items():
+        module.cuda()
+        b = batch
+        while True:  # the fallback materialises per-chunk matrices: halve the batch until it fits
+            try:
+                x = torch.randn(b, seq_len, d_model, device="cuda", requires_grad=True)
+                dy = torch.randn(b, seq_len, d_model, device="cuda", dtype=torch.bfloat16)
+                ms = time_train_step(module, x, dy)
+                break
+            except torch.OutOfMemoryError:
+                del x, dy
+                torch.cuda.empty_cache()
+                if b == 1:
+                    raise
+                b //= 2
+        params = sum(p.numel() for p in module.parameters())
+        rows.append((label, b, params, ms, ms * batch / b))
+        module.cpu()
+        torch.cuda.empty_cache()
+    print(f"\nB{batch} T{seq_len} d_model {d_model}, Mamba-2 heads {heads}x{head_dim} state {state}; "
+          f"GDN {heads // 2} heads, k {head_dim}, v {2 * head_dim}; static conv W4 on both")
+    print(f"{'variant':40s} {'batch':>5s} {'params':>10s} {'fwd+bwd ms':>11s} {'ms @B' + str(batch):>10s}")
+    for label, b, params, ms, scaled in rows:
+        print(f"{label:40s} {b:5d} {params:10,d} {ms:11.2f} {scaled:10.2f}")
+    ours_ms, fla_ms, gdn_ms = (r[4] for r in rows)
+    print(f"fla fallback / ours = {fla_ms / ours_ms:.1f}x   ours / GDN = {ours_ms / gdn_ms:.2f}x")
+    return rows
+
+
+def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_experts: int = 8,
+                  top_k: int = 2) -> list[tuple]:
+    """MoE (grouped GEMM) vs a dense SwiGLU MLP with the same active parameters (hidden = top_k x
+    d_expert), forward + backward + AdamW step, bf16 autocast over fp32 parameters."""
+    _need_cuda("moe")
+    import triton
+
+    from .models.ffn import SwiGLU
+    from .models.moe import MoE
+    from .recipe import swiglu_hidden
+
+    _header("MoE")
+    d_expert = swiglu_hidden(d_model, 0)
+    moe = MoE(d_model, n_experts, top_k, d_expert).cuda()
+    dense = SwiGLU(d_model, top_k * d_expert).cuda()
+    x = torch.randn(batch, seq_len, d_model, device="cuda", requires_grad=True)
+    dy = torch.randn(batch, seq_len, d_model, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for label, module in ((f"MoE {n_experts} experts top-{top_k} (grouped GEMM)", moe),
+                          (f"dense SwiGLU hidden {top_k * d_expert}", dense)):
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = module(x)
+            out.backward(dy)
+            opt.step()
+        ms = triton.testing.do_bench(step, return_mode="median")
+        fb = time_train_step(module, x, dy)
+        active = sum(p.numel() for p in module.parameters()) if module is dense else \
+            top_k * 3 * d_model * d_expert + d_model * n_experts
+        rows.append((label, sum(p.numel() for p in module.parameters()), active, fb, ms))
+    print(f"\nB{batch} T{seq_len} d_model {d_model}, d_expert {d_expert}")
+    print(f"{'variant':40s} {'params':>12s} {'active':>12s} {'fwd+bwd ms':>11s} {'step ms':>9s}")
+    for label, params, active, fb, ms in rows:
+        print(f"{label:40s} {params:12,d} {active:12,d} {fb:11.2f} {ms:9.2f}")
+    print(f"MoE / dense: fwd+bwd {rows[0][3] / rows[1][3]:.2f}x, step {rows[0][4] / rows[1][4]:.2f}x")
+    return rows

@@ -232,6 +232,30 @@ def bench_conv(dtype, skip_reference):
     conv_benchmark(dtype, skip_reference)
 
 
+@bench.command(name="mixer")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--d-model", type=click.IntRange(min=64), default=1024, show_default=True)
+def bench_mixer(batch, seq_len, d_model):
+    """Mamba-2 (ours) vs fla.layers.Mamba2's fallback vs a Gated DeltaNet layer (fwd+bwd, bf16)."""
+    from .bench import mixer_benchmark
+
+    mixer_benchmark(batch, seq_len, d_model)
+
+
+@bench.command(name="moe")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--d-model", type=click.IntRange(min=16), default=1024, show_default=True)
+@click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
+def bench_moe(batch, seq_len, d_model, experts, top_k):
+    """MoE vs a dense SwiGLU MLP with the same active parameters (fwd+bwd and AdamW step, bf16)."""
+    from .bench import moe_benchmark
+
+    moe_benchmark(batch, seq_len, d_model, experts, top_k)
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 def report(directory):
