@@ -147,8 +147,11 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
     theirs = FlaMamba2(num_heads=heads, head_dim=head_dim, hidden_size=d_model, state_size=state, expand=expand,
                        n_groups=1, chunk_size=256)
     gdn = GatedDeltaNet(d_model, n_heads=heads // 2, head_dim=head_dim, expand_v=2.0, conv_cfg=static, backend="fla")
-    variants = {"Mamba-2 (ours, fla chunk_simple_gla)": ours, "Mamba-2 (fla.layers.Mamba2 fallback)": theirs,
-                "Gated DeltaNet (ours, fla chunk)": gdn}
+    variants = {"Mamba-2 (ours, fla chunk_simple_gla)": ours, "Gated DeltaNet (ours, fla chunk)": gdn,
+                "Mamba-2 (fla.layers.Mamba2 fallback)": theirs}
+    print(f"B{batch} T{seq_len} d_model {d_model}, Mamba-2 heads {heads}x{head_dim} state {state}; "
+          f"GDN {heads // 2} heads, k {head_dim}, v {2 * head_dim}; static conv W4 on both")
+    print(f"{'variant':40s} {'batch':>5s} {'params':>10s} {'fwd+bwd ms':>11s} {'ms @B' + str(batch):>10s}")
     rows = []
     for label, module in variants.items():
         module.cuda()
@@ -167,14 +170,10 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
                 b //= 2
         params = sum(p.numel() for p in module.parameters())
         rows.append((label, b, params, ms, ms * batch / b))
+        print(f"{label:40s} {b:5d} {params:10,d} {ms:11.2f} {ms * batch / b:10.2f}", flush=True)
         module.cpu()
         torch.cuda.empty_cache()
-    print(f"\nB{batch} T{seq_len} d_model {d_model}, Mamba-2 heads {heads}x{head_dim} state {state}; "
-          f"GDN {heads // 2} heads, k {head_dim}, v {2 * head_dim}; static conv W4 on both")
-    print(f"{'variant':40s} {'batch':>5s} {'params':>10s} {'fwd+bwd ms':>11s} {'ms @B' + str(batch):>10s}")
-    for label, b, params, ms, scaled in rows:
-        print(f"{label:40s} {b:5d} {params:10,d} {ms:11.2f} {scaled:10.2f}")
-    ours_ms, fla_ms, gdn_ms = (r[4] for r in rows)
+    ours_ms, gdn_ms, fla_ms = (r[4] for r in rows)
     print(f"fla fallback / ours = {fla_ms / ours_ms:.1f}x   ours / GDN = {ours_ms / gdn_ms:.2f}x")
     return rows
 
