@@ -157,3 +157,30 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
 
 def conv_or_identity(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return x if conv is None else conv(x, h)
+
+
+# ------------------------------------------------------------------------------------------ decoding
+# A conv's decode state is the last `W-1` inputs of its stream, `[B, D, W-1]` oldest first (the layout
+# of `dynamic_conv_step`); None for a missing conv. A mixer's prefill runs the parallel conv and keeps
+# that tail, then each decode step slides it by one token.
+
+
+def conv_prefill(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor):
+    """`conv_or_identity` over a whole prompt `x [B, T, D]` that also returns the conv's decode state."""
+    if conv is None:
+        return x, None
+    return conv(x, h), conv_state(x, conv.width)
+
+
+def conv_step(conv: nn.Module | None, x_t: torch.Tensor, h_t: torch.Tensor, state: torch.Tensor | None):
+    """One token `x_t [B, D]` through the conv (identity without one) -> (y_t, new state)."""
+    if conv is None:
+        return x_t, None
+    return conv.step(x_t, h_t, state)
+
+
+def conv_state(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The last `width - 1` inputs of `x [B, T, D]` as `[B, D, width-1]`, zeros before t = 0 (short prompts)."""
+    tail = x[:, max(x.shape[1] - (width - 1), 0):].transpose(1, 2)
+    pad = width - 1 - tail.shape[-1]
+    return torch.nn.functional.pad(tail, (pad, 0)) if pad else tail.contiguous()

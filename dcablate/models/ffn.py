@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..recipe import swiglu_hidden
-from .conv import conv_or_identity, make_conv
+from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
 from .moe import MoE
 
 
@@ -30,6 +30,22 @@ class SwiGLU(nn.Module):
         gate = conv_or_identity(self.gate_conv1d, self.gate_proj(x), x)
         up = conv_or_identity(self.up_conv1d, self.up_proj(x), x)
         return conv_or_identity(self.down_conv1d, self.down_proj(F.silu(gate) * up), x)
+
+    def prefill(self, x: torch.Tensor):
+        """`forward` over a prompt, also returning the decode state: the gate/up/down conv states
+        (all None without `all_linear` convs: the MLP is then per-token)."""
+        gate, sg = conv_prefill(self.gate_conv1d, self.gate_proj(x), x)
+        up, su = conv_prefill(self.up_conv1d, self.up_proj(x), x)
+        y, sd = conv_prefill(self.down_conv1d, self.down_proj(F.silu(gate) * up), x)
+        return y, (sg, su, sd)
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token `x_t [B, D]` -> (y_t, new state)."""
+        sg, su, sd = state
+        gate, sg = conv_step(self.gate_conv1d, self.gate_proj(x_t), x_t, sg)
+        up, su = conv_step(self.up_conv1d, self.up_proj(x_t), x_t, su)
+        y, sd = conv_step(self.down_conv1d, self.down_proj(F.silu(gate) * up), x_t, sd)
+        return y, (sg, su, sd)
 
 
 def build_ffn(m) -> nn.Module | None:

@@ -29,6 +29,29 @@ class Block(nn.Module):
             x = x + self.ffn(self.ffn_norm(x))
         return x
 
+    def prefill(self, x: torch.Tensor, window: int | None = None):
+        """`forward` over a prompt, also returning this block's decode cache `(mixer, ffn)`."""
+        y, mixer_cache = self.mixer.prefill(self.mixer_norm(x), window)
+        x = x + y
+        ffn_cache = None
+        if self.ffn is not None:
+            y, ffn_cache = self.ffn.prefill(self.ffn_norm(x))
+            x = x + y
+        return x, (mixer_cache, ffn_cache)
+
+    def step(self, x_t: torch.Tensor, cache):
+        """One token `x_t [B, D]` -> (output, new cache)."""
+        mixer_cache, ffn_cache = cache
+        y, mixer_cache = self.mixer.step(self.mixer_norm(x_t), mixer_cache)
+        x_t = x_t + y
+        if self.ffn is not None:
+            y, ffn_cache = self.ffn.step(self.ffn_norm(x_t), ffn_cache)
+            x_t = x_t + y
+        return x_t, (mixer_cache, ffn_cache)
+
+    def supports_cache(self) -> bool:
+        return all(hasattr(m, "prefill") and hasattr(m, "step") for m in (self.mixer, self.ffn) if m is not None)
+
 
 class LanguageModel(nn.Module):
     def __init__(self, m, vocab_size: int):
@@ -82,3 +105,33 @@ class LanguageModel(nn.Module):
         h = self.hidden(input_ids)
         mask = targets != -100
         return self.lm_head(h[mask]), targets[mask]
+
+    # ---------------------------------------------------------------------------------- decoding
+    # Cached decoding for `generate`: `prefill` runs the prompt once (in parallel) and returns every
+    # block's cache (attention: keys and values; Gated DeltaNet / Mamba-2: the recurrent state; every
+    # short conv: its last W-1 inputs); `step` then costs one token per call instead of a forward over
+    # the whole context. The logits equal `forward`'s at every position (tests/test_decode.py).
+
+    def supports_cache(self) -> bool:
+        """Whether every mixer and FFN implements `prefill`/`step`; otherwise decode by full recompute."""
+        return all(block.supports_cache() for block in self.blocks)
+
+    def prefill(self, input_ids: torch.Tensor, window: int | None = None):
+        """Prompt `input_ids [B, T]` -> (logits of the next token `[B, V]`, cache). `window` bounds the keys
+        an attention layer keeps for later steps (a sliding window; None keeps all); recurrent mixers
+        have fixed-size states and ignore it."""
+        x = self.embed(input_ids)
+        cache = []
+        for block in self.blocks:
+            x, c = block.prefill(x, window)
+            cache.append(c)
+        return self.lm_head(self.norm(x[:, -1])), cache
+
+    def step(self, token_ids: torch.Tensor, cache: list):
+        """The next tokens `token_ids [B]` -> (logits of the token after them `[B, V]`, new cache)."""
+        x = self.embed(token_ids)
+        new = []
+        for block, c in zip(self.blocks, cache):
+            x, c = block.step(x, c)
+            new.append(c)
+        return self.lm_head(self.norm(x)), new

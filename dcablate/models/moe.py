@@ -53,9 +53,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conv import conv_or_identity, make_conv
+from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x[perm]` for a permutation `perm` with inverse `inv`: the gradient is `grad[inv]`, a gather,
+    where plain indexing would scatter-add with atomics."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad[inv], None, None
 
 
 class SharedExpert(nn.Module):
@@ -157,20 +172,23 @@ class MoE(nn.Module):
                          dtype: torch.dtype | None = None) -> torch.Tensor:
         """Same function as `_experts_loop` with three grouped GEMMs over the (token, slot) pairs sorted by
         expert (offsets = cumulative counts, int32; empty experts are empty groups); matmuls in `dtype`
-        (default: x's), weighted sum over the k slots in the weights' dtype."""
+        (default: x's). The routing weight scales each pair's hidden activation before the down GEMM,
+        and the k slots are summed in the weights' dtype. Rows move by permutations whose backward is
+        the inverse permutation (`_PermuteRows`), not an atomic scatter: deterministic and cheaper."""
         N, k = experts.shape
         dtype = dtype or x.dtype
         flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = torch.arange(N, device=x.device).repeat_interleave(k)[order]
+        order = torch.argsort(flat, stable=True)                     # pair p = token * k + slot
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
         offs = torch.cumsum(torch.bincount(flat, minlength=self.n_experts), 0).to(torch.int32)
-        xs = x.to(dtype)[token]
+        xs = _PermuteRows.apply(x.to(dtype).repeat_interleave(k, dim=0), order, inverse)
         gate = _grouped_mm(xs, self.w_gate.to(dtype), offs=offs)
         up = _grouped_mm(xs, self.w_up.to(dtype), offs=offs)
-        ys = _grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), offs=offs)
-        # back to (token, slot) order and a sum over the k slots: no atomic scatter, so deterministic on CUDA
-        ys = ys[torch.argsort(order)].view(N, k, self.d_model).to(weights.dtype)
-        return (ys * weights[..., None]).sum(1)
+        w = weights.reshape(-1)[order].to(dtype)[:, None]
+        ys = _grouped_mm(F.silu(gate) * up * w, self.w_down.to(dtype), offs=offs)
+        ys = _PermuteRows.apply(ys, inverse, order).view(N, k, self.d_model)
+        return ys.sum(1, dtype=weights.dtype)
 
     def _grouped_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """bf16 when the grouped-GEMM path applies to `x`, else None (use the loop)."""
@@ -190,6 +208,19 @@ class MoE(nn.Module):
     # ----------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_or_identity(self.down_conv1d, self._mix(x), x)
+
+    def prefill(self, x: torch.Tensor):
+        """`forward` over a prompt, also returning the decode state: the output conv's (None without one;
+        routing is per token)."""
+        return conv_prefill(self.down_conv1d, self._mix(x), x)
+
+    def step(self, x_t: torch.Tensor, state):
+        """One token `x_t [B, D]` -> (y_t, new state)."""
+        return conv_step(self.down_conv1d, self._mix(x_t), x_t, state)
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """Routed (and shared) experts over tokens `x [..., D]`, before the output conv."""
         shape = x.shape
         flat = x.reshape(-1, self.d_model)
         logits, scores, experts, weights = self.route(flat)
@@ -204,8 +235,7 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
         # experts accumulate in the routing dtype (>= fp32); hand back the residual stream's dtype
-        y = out.to(x.dtype).reshape(shape)
-        return conv_or_identity(self.down_conv1d, y, x)
+        return out.to(x.dtype).reshape(shape)
 
     # ----------------------------------------------------------------------------------- stats
 

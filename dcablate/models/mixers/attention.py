@@ -6,13 +6,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conv import conv_or_identity, make_conv
+from ..conv import conv_or_identity, conv_prefill, conv_step, make_conv
 
 
-def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32):
-    """cos/sin tables `[T, dim/2]` for rotating pairs (i, i + dim/2)."""
+def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, start: int = 0):
+    """cos/sin tables `[T, dim/2]` for rotating pairs (i, i + dim/2), positions `start .. start + T - 1`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(start, start + seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -57,6 +57,47 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return conv_or_identity(self.o_conv1d, self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), h)
+
+    # ------------------------------------------------------------------------------ decoding
+    # Cache: post-RoPE keys and values `[B, H, L, Dh]`, the absolute position of the next token, the
+    # sliding-window length (None = keep every key) and the q/k/v/o conv states.
+
+    def prefill(self, h: torch.Tensor, window: int | None = None):
+        """`forward` over a prompt, also returning the KV cache. `window` caps the keys kept for later
+        steps: RoPE makes scores depend on relative positions only, so a query that sees its last
+        `window` keys sees distances it was trained on, however long decoding runs."""
+        B, T, _ = h.shape
+        q, sq = conv_prefill(self.q_conv1d, self.q_proj(h), h)
+        k, sk = conv_prefill(self.k_conv1d, self.k_proj(h), h)
+        v, sv = conv_prefill(self.v_conv1d, self.v_proj(h), h)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
+        cos, sin = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
+        q, k = (apply_rotary(t, cos, sin).transpose(1, 2) for t in (q, k))
+        v = v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+        y, so = conv_prefill(self.o_conv1d, self.o_proj(o), h)
+        keep = slice(-window, None) if window else slice(None)
+        return y, {"k": k[:, :, keep], "v": v[:, :, keep], "pos": T, "window": window,
+                   "conv": (sq, sk, sv, so)}
+
+    def step(self, h_t: torch.Tensor, cache: dict):
+        """One token `h_t [B, D]`: rotate its q, k at the absolute position `cache["pos"]`, append k, v
+        and attend over the cache (no mask: every cached key is in the past)."""
+        B = h_t.shape[0]
+        sq, sk, sv, so = cache["conv"]
+        q, sq = conv_step(self.q_conv1d, self.q_proj(h_t), h_t, sq)
+        k, sk = conv_step(self.k_conv1d, self.k_proj(h_t), h_t, sk)
+        v, sv = conv_step(self.v_conv1d, self.v_proj(h_t), h_t, sv)
+        q, k, v = (t.view(B, 1, self.n_heads, self.head_dim) for t in (q, k, v))
+        cos, sin = rotary_tables(1, self.head_dim, self.rope_theta, h_t.device, start=cache["pos"])
+        q, k = (apply_rotary(t, cos, sin).transpose(1, 2) for t in (q, k))
+        window = cache["window"]
+        keep = slice(-window, None) if window else slice(None)
+        k = torch.cat([cache["k"], k], dim=2)[:, :, keep]
+        v = torch.cat([cache["v"], v.transpose(1, 2)], dim=2)[:, :, keep]
+        o = F.scaled_dot_product_attention(q, k, v).reshape(B, -1)
+        y, so = conv_step(self.o_conv1d, self.o_proj(o), h_t, so)
+        return y, {"k": k, "v": v, "pos": cache["pos"] + 1, "window": window, "conv": (sq, sk, sv, so)}
 
     def state_size(self, seq_len: int) -> int:
         """Floats cached per sequence at length `seq_len` (K and V); conv history is counted by `info`."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.simple_gla import simple_gla
-from ..conv import conv_or_identity, make_conv
+from ..conv import conv_or_identity, conv_prefill, conv_step, make_conv
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -70,23 +70,57 @@ class Mamba2(nn.Module):
         return cls(m.d_model, c.head_dim, c.state_size, c.expand, c.n_groups, m.conv, m.norm_eps, m.backend)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        B, T, _ = h.shape
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xBC = conv_or_identity(self.conv1d, xBC, h)
+        x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h.dtype)
+        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
+        return conv_or_identity(self.o_conv1d, self._output(y, x, z), h)
+
+    def _ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor, dtype: torch.dtype):
+        """The conv'd `xBC` and raw `dt` `[..., .]` -> per-head x, B, C `[..., H, .]`, log-decay g `[..., H]`
+        (in the accumulation dtype of `dtype`) and the SSD's values v = x·dt; `...` is `B, T` or `B`."""
         xBC = F.silu(xBC) if self.xbc_act else xBC
         x, Bm, Cm = xBC.split([self.d_inner, self.n_groups * self.d_state, self.n_groups * self.d_state], -1)
-        x = x.view(B, T, self.n_heads, self.head_dim)
+        x = x.unflatten(-1, (self.n_heads, self.head_dim))
         per_group = self.n_heads // self.n_groups  # head h reads group h // per_group
-        Bm = Bm.view(B, T, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2)
-        Cm = Cm.view(B, T, self.n_groups, self.d_state).repeat_interleave(per_group, dim=2)
-        acc = torch.promote_types(h.dtype, torch.float32)
-        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))                    # [B, T, H]
+        Bm = Bm.unflatten(-1, (self.n_groups, self.d_state)).repeat_interleave(per_group, dim=-2)
+        Cm = Cm.unflatten(-1, (self.n_groups, self.d_state)).repeat_interleave(per_group, dim=-2)
+        acc = torch.promote_types(dtype, torch.float32)
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))                    # [..., H]
         g = -self.A_log.to(acc).exp() * dt
         v = (x.to(acc) * dt[..., None]).to(x.dtype)
-        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
+        return x, Bm, Cm, g, v
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """SSD output `[..., H, P]` -> `+ D·x`, gated grouped norm with z, out_proj (before the o conv)."""
         y = y + x * self.D.to(x.dtype)[:, None]
-        y = self.norm(y.reshape(B, T, self.d_inner), z)
-        return conv_or_identity(self.o_conv1d, self.out_proj(y), h)
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    # ------------------------------------------------------------------------------ decoding
+    # State: the SSM matrix `S [B, H, N, P]` (accumulation dtype) and the xBC and o conv states.
+
+    def prefill(self, h: torch.Tensor, window: int | None = None):
+        """`forward` over a prompt `h [B, T, D]`, also returning the decode state (no window: the state
+        has a fixed size). All parallel: the final state is `sum_t e^{g_{t+1} + .. + g_T} B_t v_t^T`."""
+        z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC, sc = conv_prefill(self.conv1d, xBC, h)
+        x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h.dtype)
+        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
+        later = g.flip(1).cumsum(1).flip(1) - g  # decay every later token applies to token t's write
+        S = torch.einsum("bth,bthn,bthp->bhnp", later.exp(), Bm.to(g.dtype), v.to(g.dtype))
+        y, so = conv_prefill(self.o_conv1d, self._output(y, x, z), h)
+        return y, {"S": S, "conv": (sc, so)}
+
+    def step(self, h_t: torch.Tensor, state: dict):
+        """One token `h_t [B, D]`: `S = e^{g} S + B v^T`, `y = C^T S` (scale 1), then as `forward`."""
+        sc, so = state["conv"]
+        z, xBC, dt = self.in_proj(h_t).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC, sc = conv_step(self.conv1d, xBC, h_t, sc)
+        x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h_t.dtype)
+        S = state["S"] * g.exp()[..., None, None] + Bm.to(g.dtype)[..., :, None] * v.to(g.dtype)[..., None, :]
+        y = torch.einsum("bhn,bhnp->bhp", Cm.to(g.dtype), S).to(v.dtype)
+        y, so = conv_step(self.o_conv1d, self._output(y, x, z), h_t, so)
+        return y, {"S": S, "conv": (sc, so)}
 
     def state_size(self, seq_len: int) -> int:
         """Floats of SSM state per sequence; conv history is counted by `info`."""

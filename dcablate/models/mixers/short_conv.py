@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from ..conv import make_conv
+from ..conv import conv_prefill, conv_step, make_conv
 
 
 class ShortConvMixer(nn.Module):
@@ -28,6 +28,14 @@ class ShortConvMixer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.x_conv1d(h, h)
+
+    def prefill(self, h: torch.Tensor, window: int | None = None):
+        """`forward` plus the decode state: the conv's last W-1 inputs (a recurrent mixer; no window)."""
+        return conv_prefill(self.x_conv1d, h, h)
+
+    def step(self, h_t: torch.Tensor, state: torch.Tensor):
+        """One token `h_t [B, D]` -> (y_t, new state)."""
+        return conv_step(self.x_conv1d, h_t, h_t, state)
 
     def state_size(self, seq_len: int) -> int:
         return 0  # only the conv history, which `info` counts
