@@ -6,6 +6,7 @@ Every user mistake ends as one line on stderr and exit code 2 (see `main`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
         raise UserError(f"{run_dir}: exists and is not a directory; pick another run.name or run.out_dir")
     recipe_file = run_dir / "recipe.toml"
     if not recipe_file.is_file():
-        leftovers = {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} - {".lock", "checkpoints"}
+        leftovers = {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} - {".lock", "checkpoints",
+                                                                                              "worker.log"}
         if not leftovers and not any((run_dir / "checkpoints").glob("step-*.pt")):
             return "new"  # a run killed before it wrote anything
         raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
@@ -75,11 +77,22 @@ def read_summary(run_dir: Path) -> dict:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force-new", is_flag=True,
               help="Train from scratch in a fresh directory (NAME-2, ...) if NAME exists; nothing is deleted.")
-def run(recipe, overrides, dry_run, quiet, force_new):
+@click.option("--per-gpu", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Sweeps: train N runs at a time on each GPU, each in its own worker process (default 1; "
+                   "with several GPUs visible, one worker per GPU). On CPU: N worker processes.")
+@click.option("--gpus", default=None, metavar="0,1,...",
+              help="Sweeps: the GPUs to spread runs over (indices as CUDA numbers them; default: all visible).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU sweeps: train N runs at a time in worker processes (torch threads split between them).")
+def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
-    as finished; a changed recipe is refused unless --force-new."""
+    as finished; a changed recipe is refused unless --force-new. Runs of a sweep are spread over
+    all visible GPUs (one worker each, --per-gpu N for more); each worker logs to RUN_DIR/worker.log."""
+    from . import workers as parallel
+
+    gpu_list = parallel.parse_gpus(gpus)
     base, points = recipes.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():
@@ -91,18 +104,29 @@ def run(recipe, overrides, dry_run, quiet, force_new):
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
         plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun every rank follows rank 0's directories
+        from .distributed import broadcast, setup
+
+        setup()
+        root, plan = broadcast((root, plan))
     if dry_run:
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         return
     from .train import check_runtime, train  # torch import deferred so --help and validation stay fast
 
-    for _, r in points:  # device and backend problems end the command before anything is written
-        check_runtime(r)
+    devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
+    import torch
+
+    to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
+    slots = parallel.plan_slots(per_gpu, gpu_list, workers, any(d.type == "cuda" for d in devices),
+                                torch.cuda.device_count() if torch.cuda.is_available() else 0, len(to_train))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"run.out_dir: cannot create {root}: {e.strerror}") from None
+    if slots:
+        return run_with_workers(recipe, list(overrides), plan, to_train, slots, root)
 
     rows = []
     for i, (name, r, run_dir, state) in enumerate(plan):
@@ -120,6 +144,37 @@ def run(recipe, overrides, dry_run, quiet, force_new):
     click.echo("")
     click.echo(format_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
+
+
+def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> None:
+    """`run` over worker processes (dcablate/workers.py): the same run directories, lines and table."""
+    from . import workers as parallel
+    from .train import Stop
+
+    for name, _, run_dir, state in plan:
+        if state == "finished":
+            click.echo(f"{name}: {run_dir} finished earlier, not retrained (--force-new trains it again)")
+    jobs = [parallel.Job(i, plan[i][0], plan[i][2], plan[i][1].digest(),
+                         "bpb" if plan[i][1].task.kind == "lm" else "overall") for i in to_train]
+    out = parallel.run_sweep(recipe, overrides, jobs, slots, len(to_train), read_summary)
+    rows = []
+    for i, (name, r, run_dir, state) in enumerate(plan):
+        summary = read_summary(run_dir) if state == "finished" else out.summaries.get(i)
+        if summary is not None:
+            rows.append(result_row(name or r.run.name, summary))
+    click.echo("")
+    if rows:
+        click.echo(format_table(rows))
+    click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
+    for job, code, line in out.failed:
+        click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / parallel.LOG_NAME}]", err=True)
+    if out.signal_name:
+        raise Stop(f"interrupted ({out.signal_name}): {len(out.interrupted)} runs stopped with a checkpoint, "
+                   f"{out.not_started} not started, {len(out.failed)} failed; run the same command to resume",
+                   128 + out.signal)
+    if out.failed:
+        raise Stop(f"error: {len(out.failed)} of {len(to_train)} runs failed (listed above); the others "
+                   f"finished; fix the cause and run the same command to train the failed ones", 1)
 
 
 def result_row(name: str, summary: dict) -> dict:

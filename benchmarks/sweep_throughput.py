@@ -1,0 +1,153 @@
+"""Sweep throughput vs runs per GPU: a small MQAR sweep trained with `dcablate run --per-gpu N`.
+
+    python benchmarks/sweep_throughput.py                      # GPU: N = 1, 2, 4, 8 per visible GPU, 16 runs
+    python benchmarks/sweep_throughput.py --gpus 0             # one card only
+    python benchmarks/sweep_throughput.py --per-gpu 1,2 --runs 4 --steps 5 --examples 512   # CPU smoke check
+
+The sweep (generated, `d_model` <= 128): 2-layer models, conv none/static on q/k/v x d_model 64/128 x
+runs/4 learning rates (1e-3 ... 1e-2), MQAR T=64/4 kv and T=128/8 kv, a fixed number of steps (no early
+stopping, one evaluation at the end) so that every N does the same work. Each N trains the whole sweep
+from scratch into its own temporary folder through the real command (a subprocess: `python -m
+dcablate.cli run RECIPE --per-gpu N`), timed from start to exit. N = 1 on a single GPU is the plain
+in-process loop (no workers). Before the timed runs one short warm-up run fills Triton's on-disk kernel
+cache, so compilation is not charged to the first N (autotuning still happens once per process).
+
+Prints the device, the software and a table: workers, wall time, runs per minute, speed-up vs N = 1,
+the mean per-run training time (from each summary.json) and the mean final accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, examples: int, batch_size: int,
+                sweep: bool = True) -> str:
+    lines = [
+        "[run]", f'name = "{name}"', f'out_dir = "{out_dir}"', "",
+        "[model]", f'mixer = "{mixer}"', "n_layers = 2", "n_heads = 2", 'ffn = "none"', "d_model = 64", "",
+        "[task.mqar]", "vocab_size = 8192",
+        f"train = [{{ seq_len = 64, num_kv_pairs = 4, num_examples = {examples} }}, "
+        f"{{ seq_len = 128, num_kv_pairs = 8, num_examples = {examples} }}]",
+        "test = [{ seq_len = 64, num_kv_pairs = 4, num_examples = 500 }, "
+        "{ seq_len = 128, num_kv_pairs = 8, num_examples = 500 }]", "",
+        "[train]", "lr = 3e-3", f"steps = {steps}", f"batch_size = {batch_size}", f"warmup_steps = {max(1, steps // 10)}", "",
+        "[eval]", f"every = {steps}", "early_stop = 0", "",
+        "[log]", "progress = false", "every = 50", "",
+        "[checkpoint]", "every = 0", "",
+    ]
+    if sweep:
+        lines += ["[sweep]", '"model.conv.kind" = ["none", "static"]', '"model.d_model" = [64, 128]']
+        if runs >= 8:  # runs / 4 learning rates, log-spaced from 1e-3 to 1e-2
+            lrs = [round(1e-3 * 10 ** (i / (runs // 4 - 1)), 6) for i in range(runs // 4)]
+            lines.append(f'"train.lr" = {lrs}')
+    else:
+        lines += ["[model.conv]", 'kind = "static"']
+    return "\n".join(lines) + "\n"
+
+
+def dcablate(args: list[str], log: Path, env: dict) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, "-m", "dcablate.cli", "run", *args], stdout=f,
+                               stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return code, time.perf_counter() - t0
+
+
+def device_line() -> tuple[str, int]:
+    import torch
+
+    sw = f"torch {torch.__version__}, python {platform.python_version()}"
+    try:
+        import triton
+
+        sw += f", triton {triton.__version__}"
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
+        return f"{n} x {' / '.join(names)} ({sw})", n
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU, {cores} cores ({sw})", 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--per-gpu", default="1,2,4,8", help="comma-separated N values (default 1,2,4,8)")
+    ap.add_argument("--gpus", default=None, help="passed to dcablate run --gpus (default: all visible)")
+    ap.add_argument("--runs", type=int, default=16, help="runs in the sweep: 4, or a multiple of 4 >= 8")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--examples", type=int, default=10000, help="training examples per segment")
+    ap.add_argument("--mixer", default="attention", help="model.mixer (e.g. gated_deltanet; default attention)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    ap.add_argument("--keep", default=None, help="keep the run folders under this directory")
+    args = ap.parse_args()
+    if args.runs < 4 or args.runs % 4:
+        ap.error("--runs must be 4 or a multiple of 4")
+    ns = [int(x) for x in args.per_gpu.split(",")]
+
+    device, n_gpus = device_line()
+    gpus = len(args.gpus.split(",")) if args.gpus else max(n_gpus, 1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    base = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="sweep_throughput_"))
+    base.mkdir(parents=True, exist_ok=True)
+    print(f"device: {device}")
+    print(f"sweep: {args.runs} runs ({args.mixer}, conv none/static, d_model 64/128), {args.steps} steps of "
+          f"{args.batch_size}, {args.examples} examples per training segment; folders under {base}")
+    gpu_flag = ["--gpus", args.gpus] if args.gpus else []
+    try:
+        if not args.no_warmup:
+            warm = base / "warmup.toml"
+            warm.write_text(recipe_text("warmup", base / "warmup", args.mixer, 4, 2, 256, 8, sweep=False))
+            code, secs = dcablate([str(warm), "--quiet"], base / "warmup.log", env)
+            print(f"warm-up run: {secs:.1f}s (exit {code})")
+        rows = []
+        for n in ns:
+            recipe = base / f"n{n}.toml"
+            recipe.write_text(recipe_text("sweep", base / f"n{n}", args.mixer, args.runs, args.steps, args.examples,
+                                          args.batch_size))
+            log = base / f"n{n}.log"
+            code, wall = dcablate([str(recipe), "--quiet", "--per-gpu", str(n), *gpu_flag], log, env)
+            summaries = [json.loads(p.read_text()) for p in (base / f"n{n}" / "sweep").glob("*/summary.json")]
+            if code != 0:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                print(f"N={n}: exit {code}; see {log}: " + " | ".join(tail))
+            workers = min(gpus * n, args.runs)
+            rows.append({
+                "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else workers,
+                "runs": len(summaries), "wall_s": wall, "runs_per_min": 60 * len(summaries) / wall,
+                "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
+                "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
+            })
+            r = rows[-1]
+            print(f"N={n}: {r['runs']} runs in {wall:.1f}s ({r['runs_per_min']:.2f} runs/min)", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+    first = rows[0]["runs_per_min"] if rows and rows[0]["runs_per_min"] else None
+    print(f"\n| runs per GPU | workers | runs | wall s | runs/min | speed-up vs N={ns[0]} | mean run s | "
+          f"mean final acc |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        speed = f"{r['runs_per_min'] / first:.2f}x" if first else "-"
+        print(f"| {r['per_gpu']} | {r['workers']} | {r['runs']} | {r['wall_s']:.1f} | {r['runs_per_min']:.2f} | "
+              f"{speed} | {r['run_s']:.1f} | {r['acc']:.3f} |")
+    print(f"\n{time.strftime('%Y-%m-%d')}; {device}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Sweeps over worker processes on CPU (`dcablate run --workers N`): same results as in-process, finished
+runs skipped, a failing point reported without stopping the others, SIGTERM forwarded, flag errors."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dcablate.cli import main
+from dcablate.workers import parse_gpus, plan_slots
+
+SWEEP = """\
+[run]
+name = "w"
+out_dir = "out"
+device = "cpu"
+[model]
+mixer = "attention"
+n_heads = 2
+[task.mqar]
+vocab_size = 64
+train = [{ seq_len = 16, num_kv_pairs = 2, num_examples = 128 }]
+test = [{ seq_len = 16, num_kv_pairs = 2, num_examples = 32 }]
+[train]
+steps = 6
+batch_size = 8
+warmup_steps = 1
+[eval]
+every = 3
+[log]
+progress = false
+tensorboard = false
+[sweep]
+"model.conv.kind" = ["none", "static"]
+"model.d_model" = [16, 32]
+"""
+NAMES = ["conv.kind=none,d_model=16", "conv.kind=none,d_model=32", "conv.kind=static,d_model=16",
+         "conv.kind=static,d_model=32"]
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.toml").write_text(SWEEP)
+    return tmp_path
+
+
+def finals(root: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text())["final"] for p in sorted(root.glob("*/summary.json"))}
+
+
+def test_workers_match_in_process_report_failures_and_skip_finished(sweep, capsys):
+    assert main(["run", "w.toml", "--quiet", "--set", 'run.out_dir="inproc"']) == 0
+    expected = finals(sweep / "inproc" / "w")
+    capsys.readouterr()
+
+    # 2 workers; one point fails (another process holds its run directory) and the others still finish
+    root = sweep / "out" / "w"
+    (root / NAMES[2]).mkdir(parents=True)
+    with open(root / NAMES[2] / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["run", "w.toml", "--workers", "2"]) == 1
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    assert "training 4 runs on 2 workers (cpu x2)" in out
+    assert sum(line.startswith(f"[{k}/4] ") for k in range(1, 5) for line in out.splitlines()) == 4
+    assert "FAILED with exit code 2 (cpu)" in out
+    assert f"failed: {NAMES[2]} (exit code 2): error: " in err and "another dcablate process" in err
+    assert "error: 1 of 4 runs failed" in err
+    table = out.split("\n\n", 1)[1]
+    assert [n for n in NAMES if n in table] == [NAMES[0], NAMES[1], NAMES[3]] and "run directory: out/w" in out
+    assert [n for n in NAMES if (root / n / "summary.json").is_file()] == [NAMES[0], NAMES[1], NAMES[3]]
+    got = finals(root)
+    assert all(got[n] == expected[n] for n in got)  # fp32 on CPU: bit-for-bit the in-process runs
+    assert all((root / n / "worker.log").read_text().count("-> out/w/") == 1 for n in got)
+
+    # rerun: finished runs are skipped, the failed one (its leftover worker.log is no obstacle) and a
+    # removed one are trained by the workers
+    shutil.rmtree(root / NAMES[0])
+    assert main(["run", "w.toml", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("finished") == 2
+    assert main(["run", "w.toml", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, not retrained") == 2 and "training 2 runs on 2 workers" in out
+    assert finals(root) == expected
+    assert main(["run", "w.toml", "--workers", "2"]) == 0  # all finished: nothing starts
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 4 and "workers" not in out
+
+
+def test_sigterm_is_forwarded_and_the_sweep_resumes(sweep):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "dcablate.cli", "run", "w.toml", "--workers", "2",
+           "--set", "train.steps=100000", "--set", "eval.every=100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    root = sweep / "out" / "w"
+    deadline = time.time() + 60
+    while time.time() < deadline and sum((root / n / "metrics.jsonl").is_file() for n in NAMES) < 2:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "interrupted (SIGTERM): 2 runs stopped with a checkpoint, 2 not started" in err
+    assert out.count("stopped (cpu): interrupted (SIGTERM) at step") == 2
+    started = [n for n in NAMES if (root / n / "checkpoints").is_dir()]
+    assert started == NAMES[:2] and all(list((root / n / "checkpoints").glob("step-*.pt")) for n in started)
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0 and dry.stdout.count("  resume") == 2
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--per-gpu", "0"], "Invalid value for '--per-gpu': 0 is not in the range x>=1"),
+    (["--workers", "0"], "Invalid value for '--workers'"),
+    (["--gpus", "0,x"], "'0,x' is not a comma-separated list of GPU indices"),
+    (["--gpus", "1,1"], "'1,1' names a GPU twice"),
+    (["--gpus", "0"], "--gpus 0: "),
+    (["--workers", "2", "--per-gpu", "2"], "--workers and --per-gpu: give one"),
+], ids=["per-gpu-0", "workers-0", "gpus-syntax", "gpus-twice", "gpus-on-cpu", "both"])
+def test_flag_errors_are_one_line(sweep, capsys, flags, fragment):
+    assert main(["run", "w.toml", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and err.count("\n") == 1
+    assert not (sweep / "out").exists()
+
+
+def test_plan_slots():
+    assert plan_slots(None, None, None, uses_cuda=True, cuda_count=1, to_train=8) == []  # one GPU: in-process
+    assert plan_slots(None, None, None, uses_cuda=False, cuda_count=0, to_train=8) == []  # CPU: in-process
+    slots = plan_slots(None, None, None, uses_cuda=True, cuda_count=4, to_train=8)
+    assert [s.gpu for s in slots] == [0, 1, 2, 3]  # several GPUs: one worker each by default
+    slots = plan_slots(2, [1, 3], None, uses_cuda=True, cuda_count=4, to_train=8)
+    assert [s.gpu for s in slots] == [1, 3, 1, 3] and slots[0].label == "gpu 1"
+    assert len(plan_slots(8, None, None, uses_cuda=True, cuda_count=2, to_train=3)) == 3  # no idle workers
+    assert plan_slots(4, None, None, uses_cuda=True, cuda_count=2, to_train=1) == []  # a single run: in-process
+    assert [s.gpu for s in plan_slots(None, [2], None, uses_cuda=True, cuda_count=4, to_train=1)] == [2]
+    assert [s.gpu for s in plan_slots(None, None, 3, uses_cuda=False, cuda_count=0, to_train=5)] == [None] * 3
+    assert plan_slots(2, None, None, uses_cuda=False, cuda_count=0, to_train=5) == \
+        plan_slots(None, None, 2, uses_cuda=False, cuda_count=0, to_train=5)  # --per-gpu N on CPU = N workers
+    assert parse_gpus(None) is None and parse_gpus("0, 2") == [0, 2]
+
+
+def test_gpu_pinning_maps_through_cuda_visible_devices(monkeypatch):
+    from dcablate.workers import worker_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    slots = plan_slots(1, [0, 2], None, uses_cuda=True, cuda_count=3, to_train=4)
+    assert [worker_env(s)["CUDA_VISIBLE_DEVICES"] for s in slots] == ["4", "6"]
