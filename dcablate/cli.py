@@ -84,6 +84,10 @@ def read_summary(run_dir: Path) -> dict:
               help="Sweeps: the GPUs to spread runs over (indices as CUDA numbers them; default: all visible).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
               help="CPU sweeps: train N runs at a time in worker processes (torch threads split between them).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N", expose_value=False,
+              callback=lambda ctx, _, value: ctx.meta.__setitem__("dcablate.nproc", value),
+              help="Train each run data-parallel over N processes (one per GPU) through torchrun; "
+                   "train.parallel picks DDP or FSDP2 (docs/distributed.md).")
 def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
@@ -114,6 +118,12 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         return
     from .train import check_runtime, train  # torch import deferred so --help and validation stay fast
+
+    if click.get_current_context().meta.get("dcablate.nproc"):  # --nproc N: this command again under torchrun
+        from .distributed import relaunch
+
+        relaunch(click.get_current_context().meta["dcablate.nproc"], recipe, list(overrides), quiet, force_new,
+                 [check_runtime(r) for _, r in points], any(v is not None for v in (per_gpu, gpus, workers)))
 
     devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
     import torch

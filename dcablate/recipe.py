@@ -202,6 +202,9 @@ class TrainSection:
                                "passes are accumulated into one step (0 = batch_size, no accumulation)", min=0)
     nonfinite: str = _f("stop", "on a non-finite loss or gradient: stop the run (last good checkpoint kept) or skip "
                         "the update", choices=("stop", "skip"))
+    parallel: str = _f("ddp", "several processes (torchrun or `dcablate run --nproc N`): `ddp` keeps a full model on "
+                       "every rank, `fsdp` shards parameters, gradients and optimizer state (FSDP2)",
+                       choices=("ddp", "fsdp"))
 
 
 @dataclass

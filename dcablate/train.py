@@ -6,11 +6,16 @@ checkpoints is resumed from its newest good one, so that on CPU in fp32 the resu
 the uninterrupted one: the checkpoint carries model, optimizer, scheduler, data position and every RNG.
 Faults (signals, non-finite loss, CUDA OOM, a full disk) end the run with a `Stop` whose one-line message
 says what happened and where the last good checkpoint is.
+
+Under torchrun (several ranks, see `distributed.py` and docs/distributed.md) every rank draws the same
+global batch and trains on its slice; the step's gradient is the one-process full-batch gradient, rank 0
+alone writes the run directory and evaluates, and every stop decision is taken collectively.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -25,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
+from . import distributed as ddp
 from .errors import UserError
 from .info import build_model, costs
 from .logs import MetricsLog
@@ -107,8 +113,11 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
 
 
 @contextlib.contextmanager
-def signals_caught():
-    """SIGINT/SIGTERM set a flag (the loop saves and stops at the next step); a second one acts at once."""
+def signals_caught(once: bool = True):
+    """SIGINT/SIGTERM set a flag (the loop saves and stops at the next step); a second one acts at once.
+
+    With `once=False` (several ranks) later signals are only recorded: torchrun forwards the terminal's
+    Ctrl-C to its workers a second time, which must not cut the checkpoint being saved."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught
@@ -117,8 +126,9 @@ def signals_caught():
 
     def handler(signum, frame):
         caught.append(signum)
-        for s, h in previous.items():
-            signal.signal(s, h)
+        if once:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     for s in previous:
         signal.signal(s, handler)
@@ -132,8 +142,23 @@ def signals_caught():
 def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
     """Train `recipe` into `run_dir`, resuming from its newest good checkpoint if it has one; the summary."""
     device = check_runtime(recipe)
-    with checkpoint.locked(run_dir), signals_caught() as caught:
+    several = ddp.setup()
+    device = ddp.device_for(device)
+    lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
+    with lock, signals_caught(once=not several) as caught:
         return Trainer(recipe, run_dir, device, quiet, caught).run()
+
+
+class NullLog:
+    """The metrics sink of ranks other than 0: rank 0 alone writes the run directory."""
+
+    def write(self, *args) -> None:
+        pass
+
+    text = hparams = write
+
+    def close(self) -> None:
+        pass
 
 
 def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
@@ -151,10 +176,15 @@ class Trainer:
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
         self.task = build_task(recipe.task)
-        self.model = build_model(recipe, self.task.vocab_size)
-        self.info = costs(self.model, self.task.max_seq_len)
-        self.model.to(device)
-        self.optimizer = make_optimizer(self.model, recipe.train, device)
+        self.net = build_model(recipe, self.task.vocab_size)  # the LanguageModel (sharded in place by FSDP)
+        self.info = costs(self.net, self.task.max_seq_len)
+        self.net.to(device)
+        self.main = ddp.is_main()
+        self.fsdp = ddp.active() and recipe.train.parallel == "fsdp"
+        # FSDP2 shards the model: rank 0 evaluates a full copy that gets the gathered weights before each use
+        self.eval_net = copy.deepcopy(self.net) if self.fsdp and self.main else None
+        self.model = ddp.wrap(self.net, recipe.train.parallel, device)  # what the training step calls
+        self.optimizer = make_optimizer(self.net, recipe.train, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe.train))
         self.step, self.done, self.stopped_early, self.skipped, self.wall_before = 0, False, False, 0, 0.0
         self.history: list[dict] = []
@@ -164,30 +194,51 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- state
 
-    def state(self) -> dict:
+    def state(self) -> dict | None:
+        """The full training state on rank 0 (None on the others): unsharded model and optimizer state in
+        one-process form, so any number of ranks resumes it. Collective: every rank calls it."""
+        model, optimizer = ddp.model_state(self.model), ddp.optimizer_state(self.model, self.optimizer)
+        if not self.main:
+            return None
         return {
-            "format": 1, "step": self.step, "done": self.done, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "format": 1, "step": self.step, "done": self.done, "model": model,
+            "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
             "data": {"batches": self.step}, "rng": rng_state(), "recipe": self.recipe.to_dict(),
-            "recipe_hash": self.recipe.digest(), "vocab_size": self.model.vocab_size, "history": self.history,
+            "recipe_hash": self.recipe.digest(), "vocab_size": self.net.vocab_size, "history": self.history,
             "best": self.best, "stopped_early": self.stopped_early, "skipped_steps": self.skipped,
             "wall_time_s": self.wall_time(),
         }
 
-    def restore(self) -> bool:
-        """Load the newest good step checkpoint, if any; the previous one is used when the newest is corrupt."""
+    def newest_checkpoint(self) -> tuple[dict | None, Path | None]:
+        """The newest good step checkpoint and its path (rank 0); the previous one when the newest is corrupt."""
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.sweep_leftovers(self.ckpt_dir)
         state, path = checkpoint.latest_good(self.ckpt_dir, warn=lambda line: click.echo(line, err=True))
         if state is None:
-            return False
+            return None, None
         changes = checkpoint.recipe_changes(state.get("recipe", {}), self.recipe.to_dict())
         if changes:
             raise UserError(f"{path}: written by another recipe ({checkpoint.describe_changes(changes)}); "
                             f"use --force-new to start a fresh run directory")
+        return state, path
+
+    def restore(self) -> bool:
+        """Load the newest good step checkpoint, if any. Rank 0 reads it and sends it to the other ranks (the
+        run directory need not be on a shared disk); a refusal ends every rank with the same line."""
+        state, path, error = None, None, None
+        if self.main:
+            try:
+                state, path = self.newest_checkpoint()
+            except UserError as e:
+                error = str(e)
+        state, path, error = ddp.broadcast((state, path, error))
+        if error is not None:
+            raise UserError(error)
+        if state is None:
+            return False
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            ddp.load_model_state(self.model, state["model"])
+            ddp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         except (RuntimeError, ValueError) as e:
             raise UserError(f"{path}: checkpoint does not fit the recipe's model ({first_line(e)})") from None
         except KeyError as e:
@@ -209,48 +260,78 @@ class Trainer:
         if self.saved is not None and self.saved == checkpoint.step_path(self.ckpt_dir, self.step):
             return
         path = checkpoint.step_path(self.ckpt_dir, self.step)
-        try:
-            checkpoint.save(path, self.state())
-        except checkpoint.WriteError as e:
+        state, error = self.state(), None
+        if self.main:
+            try:
+                checkpoint.save(path, state)
+            except checkpoint.WriteError as e:
+                error = str(e)
+        error = ddp.broadcast(error)  # every rank stops when rank 0 could not write
+        if error is not None:
             kept = f"the previous checkpoint {self.saved} is intact" if self.saved else "no earlier checkpoint"
-            raise Stop(f"error: {e}; {kept}; free some space and run the same command to resume", 1) from None
+            raise Stop(f"error: {error}; {kept}; free some space and run the same command to resume", 1)
         self.saved = path
-        checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep)
+        if self.main:
+            checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep)
 
     def wall_time(self) -> float:
         return round(self.wall_before + time.time() - self.started, 2)
 
     def check_signal(self) -> None:
-        if self.caught:
+        """Save and stop after a SIGINT/SIGTERM; with several ranks, as soon as any rank caught one."""
+        signum = ddp.all_max(self.caught[0] if self.caught else 0)
+        if signum:
             self.save()
-            name = signal.Signals(self.caught[0]).name
+            name = signal.Signals(signum).name
             raise Stop(f"interrupted ({name}) at step {self.step}; checkpoint saved to {self.saved}; "
-                       f"run the same command to resume", 128 + self.caught[0])
+                       f"run the same command to resume", 128 + signum)
 
     # ------------------------------------------------------------------------------------- steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over micro-batches (the loss weighted by scored targets, so the sum equals the
-        full-batch mean), clip, and step unless the loss or gradient is not finite."""
-        t = self.recipe.train
-        chunks = list(zip(x.split(t.micro_batch_size or len(x)), y.split(t.micro_batch_size or len(x))))
-        n_scored = int((y != -100).sum()) if len(chunks) > 1 else None
+        full-batch mean), clip, and step unless the loss or gradient is not finite.
+
+        `x, y` is the global batch. With several ranks each takes its rows (`distributed.local_rows`), cut
+        into micro-batches; the losses are normalised by the global count of scored targets and scaled by
+        the number of ranks, which DDP/FSDP divide the reduced gradient by, so the gradient is the
+        one-process full-batch gradient. Every rank makes the same number of passes (a rank short of rows
+        runs an empty pass: a real row at weight 0), so the ranks' collectives stay matched."""
+        t, world = self.recipe.train, ddp.world()
+        passes = ddp.micro_chunks(len(x), t.micro_batch_size, world)
+        rows = ddp.local_rows(len(x))
+        lx, ly = x[rows], y[rows]
+        size = t.micro_batch_size or max(len(lx), 1)
+        chunks: list = list(zip(lx.split(size), ly.split(size)))
+        chunks += [(None, None)] * (passes - len(chunks))
+        n_scored = int((y != -100).sum()) if passes > 1 or world > 1 else None
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
-        for xs, ys in chunks:
+        for i, (xs, ys) in enumerate(chunks):
+            empty = xs is None
+            if empty:
+                xs, ys = x[:1], y[:1]
             xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
-            with self.autocast():
-                if n_scored is None:
-                    part = self.model(xs, ys)
-                else:
-                    part = self.model(xs, ys, reduction="sum") / n_scored
-            aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
-                self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
-            (part if aux is None else part + aux * (len(xs) / len(x))).backward()  # aux: this micro-batch's share
-            loss += part.detach()  # the logged loss stays pure cross-entropy
+            with ddp.no_sync(self.model, last=i == len(chunks) - 1):
+                with self.autocast():
+                    if n_scored is None:
+                        part = self.model(xs, ys)
+                    else:
+                        part = self.model(xs, ys, reduction="sum") / n_scored
+                aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
+                    self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
+                scale = 0.0 if empty else float(world)
+                objective = part * scale if world > 1 or empty else part
+                if aux is not None:  # aux: this micro-batch's share of the global batch
+                    objective = objective + aux * (scale * len(xs) / len(x))
+                objective.backward()
+            if not empty:
+                loss += part.detach()  # the logged loss stays pure cross-entropy
+        ddp.sum_(loss)
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+        grad_norm = ddp.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if ddp.all_max(0 if finite else 1):  # one decision for all ranks
             self.nonfinite(loss, grad_norm)
         else:
             self.optimizer.step()
@@ -272,8 +353,18 @@ class Trainer:
         return a > b if getattr(self.task, "higher_is_better", True) else a < b
 
     def evaluate(self) -> dict:
+        """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank."""
         self.phase = f"evaluating at step {self.step}"
-        metrics = self.task.evaluate(self.model, self.device, self.recipe.eval.batch_size, self.autocast)
+        net = self.net
+        if self.fsdp:
+            weights = ddp.model_state(self.model)  # collective
+            if self.main:
+                self.eval_net.load_state_dict(weights)
+                net = self.eval_net
+        metrics = None
+        if self.main:
+            metrics = self.task.evaluate(net, self.device, self.recipe.eval.batch_size, self.autocast)
+        metrics = ddp.broadcast(metrics)
         self.log.write("eval", self.step, metrics)
         self.history.append({"step": self.step, **metrics})
         if self.best is None or self.better(metrics[self.task.headline], self.best[self.task.headline]):
@@ -286,9 +377,11 @@ class Trainer:
         recipe, t = self.recipe, self.recipe.train
         self.log = None
         try:
-            checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
+            if self.main:
+                checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
             resumed = self.restore()
-            self.log = MetricsLog(self.run_dir, recipe.log.tensorboard, resume_step=self.step if resumed else None)
+            self.log = NullLog() if not self.main else \
+                MetricsLog(self.run_dir, recipe.log.tensorboard, resume_step=self.step if resumed else None)
             if not resumed:
                 self.log.text("recipe", "```toml\n" + recipe.to_toml() + "\n```")
                 self.log.text("parameters", "\n".join(f"{k}: {v:,}" for k, v in self.info.params.items()))
@@ -312,7 +405,7 @@ class Trainer:
     def loop(self) -> None:
         recipe, t = self.recipe, self.recipe.train
         batches = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step)
-        bar = tqdm(total=t.steps, initial=self.step, disable=self.quiet or not recipe.log.progress,
+        bar = tqdm(total=t.steps, initial=self.step, disable=self.quiet or not recipe.log.progress or not self.main,
                    dynamic_ncols=True, leave=False, desc=recipe.run.name)
         tokens_since, time_since, postfix = 0, time.time(), {}
         self.model.train()
@@ -327,7 +420,7 @@ class Trainer:
             if self.step % recipe.log.every == 0 or self.step == t.steps:
                 elapsed = time.time() - time_since
                 record = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                          "tokens_per_s": tokens_since / max(elapsed, 1e-9), **moe_load_stats(self.model)}
+                          "tokens_per_s": tokens_since / max(elapsed, 1e-9), **moe_load_stats(self.net)}
                 self.log.write("train", self.step, record)
                 postfix["loss"] = f"{record['loss']:.3f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -352,14 +445,19 @@ class Trainer:
         self.done = True
         self.save()
         recipe, final = self.recipe, self.history[-1]
-        try:
-            checkpoint.save(self.ckpt_dir / "final.pt", {
-                "model": self.model.state_dict(), "step": self.step, "recipe": recipe.to_dict(),
-                "recipe_hash": recipe.digest(), "vocab_size": self.model.vocab_size,
-            })
-        except checkpoint.WriteError as e:
-            raise Stop(f"error: {e}; the end checkpoint {self.saved} is intact; free some space and run the "
-                       f"same command to finish", 1) from None
+        weights, error = ddp.model_state(self.model), None
+        if self.main:
+            try:
+                checkpoint.save(self.ckpt_dir / "final.pt", {
+                    "model": weights, "step": self.step, "recipe": recipe.to_dict(),
+                    "recipe_hash": recipe.digest(), "vocab_size": self.net.vocab_size,
+                })
+            except checkpoint.WriteError as e:
+                error = str(e)
+        error = ddp.broadcast(error)
+        if error is not None:
+            raise Stop(f"error: {error}; the end checkpoint {self.saved} is intact; free some space and run the "
+                       f"same command to finish", 1)
         summary = {
             "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
@@ -367,8 +465,11 @@ class Trainer:
             "wall_time_s": self.wall_time(), "final": final, "best": self.best, "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
         }
+        if ddp.active():
+            summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel
         self.log.hparams(hparams_of(recipe), {k: v for k, v in final.items() if k != "step"})
-        checkpoint.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.main:
+            checkpoint.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 

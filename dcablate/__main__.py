@@ -1,0 +1,7 @@
+"""`python -m dcablate`: the command line, as torchrun launches it (`torchrun ... -m dcablate run RECIPE`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

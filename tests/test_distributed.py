@@ -1,0 +1,257 @@
+"""Data-parallel training over several processes (issue: DDP and FSDP2 through torchrun), on CPU with gloo.
+
+Each launch starts real processes (torchrun, or `dcablate run --nproc 2`), so the launches are few and
+train small sweeps: one launch covers several configurations. Every distributed run is compared step by
+step with the same recipe trained in this process: fp32 losses within 1e-5, the same evaluations, the
+same final weights up to float rounding. NVLink multicast is kept off (NCCL_NVLS_ENABLE=0) in everything
+launched here, as the docs ask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcablate import checkpoint
+from dcablate.cli import main
+from dcablate.distributed import local_rows, micro_chunks
+
+BASE = """\
+[run]
+name = "t"
+out_dir = "out"
+device = "cpu"
+[model]
+d_model = 16
+[train]
+steps = 6
+warmup_steps = 2
+batch_size = 16
+precision = "fp32"
+lr = 3e-3
+[eval]
+every = 3
+batch_size = 64
+early_stop = 0.0
+[checkpoint]
+every = 2
+keep = 10
+[log]
+every = 1
+progress = false
+tensorboard = false
+[task.mqar]
+vocab_size = 64
+[[task.mqar.train]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 128
+[[task.mqar.test]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 32
+"""
+
+# DDP: a dense model without accumulation, and an MoE model accumulating 2 micro-batches per rank (the
+# micro-batches are those of one process with the same micro_batch_size, so the MoE aux loss matches too)
+DDP_RECIPE = BASE + """
+[sweep]
+"model.ffn" = ["none", "moe"]
+"train.micro_batch_size" = [0, 4]
+zip = [["model.ffn", "train.micro_batch_size"]]
+"""
+DDP_POINTS = ("ffn=none,micro_batch_size=0", "ffn=moe,micro_batch_size=4")
+
+# FSDP2: a segment smaller than the batch gives 3-row batches, split 2 + 1 over the ranks; seed=1 is
+# resumed by 2 ranks from a 1-process checkpoint
+FSDP_RECIPE = BASE.replace("[[task.mqar.test]]", """[[task.mqar.train]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 3
+[[task.mqar.test]]""") + """
+[sweep]
+"run.seed" = [0, 1]
+"train.parallel" = ["fsdp"]
+"""
+FSDP_POINTS = ("seed=0,parallel=fsdp", "seed=1,parallel=fsdp")
+
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DCABLATE_RUN = ["-m", "dcablate", "run", "r.toml", "--quiet"]
+
+
+def setup_dir(path: Path, text: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "r.toml").write_text(text)
+    return path
+
+
+def in_process(cwd: Path) -> None:
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert main(["run", "r.toml", "--quiet"]) == 0
+    finally:
+        os.chdir(old)
+
+
+def launch(cwd: Path, cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_matches(run_dir: Path, ref_dir: Path, tol: float = 1e-5) -> None:
+    """The same records step by step (losses and eval losses within `tol`), the same final weights."""
+    a, b = records(run_dir), records(ref_dir)
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]  # rank 0 wrote once
+    for x, y in zip(a, b):
+        if x["kind"] == "train":
+            assert abs(x["loss"] - y["loss"]) <= tol, (x["step"], x["loss"], y["loss"])
+            assert abs(x["grad_norm"] - y["grad_norm"]) <= 1e-4 * max(1.0, y["grad_norm"])
+        elif x["kind"] == "eval":
+            assert abs(x["loss"] - y["loss"]) <= tol, (x["step"], x["loss"], y["loss"])
+            assert abs(x["overall"] - y["overall"]) <= 0.02
+    wa = checkpoint.load(run_dir / "checkpoints" / "final.pt")["model"]
+    wb = checkpoint.load(ref_dir / "checkpoints" / "final.pt")["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=0, msg=k)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6
+
+
+def trim(src: Path, dst: Path, step: int) -> None:
+    """`dst`: a copy of the run `src` as if it had been stopped right after saving step `step`."""
+    shutil.copytree(src, dst)
+    (dst / "summary.json").unlink()
+    for p in (dst / "checkpoints").iterdir():
+        m = checkpoint.STEP_FILE.match(p.name)
+        if p.name.startswith("final") or (m and int(m.group(1)) > step):
+            p.unlink()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> Path:
+    cwd = setup_dir(tmp_path_factory.mktemp("ddp_ref"), DDP_RECIPE)
+    in_process(cwd)
+    return cwd / "out" / "t"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, str]:
+    """`dcablate run --nproc 2` (the CLI re-executes itself under torchrun): DDP, 2 gloo processes."""
+    cwd = setup_dir(tmp_path_factory.mktemp("ddp"), DDP_RECIPE)
+    p = launch(cwd, [sys.executable, *DCABLATE_RUN, "--nproc", "2"])
+    return cwd / "out" / "t", p.stdout
+
+
+# ----------------------------------------------------------------------------------------- unit
+
+
+def test_rows_cover_the_batch_once():
+    for n in (1, 3, 16, 17):
+        for w in (1, 2, 3):
+            got = [i for r in range(w) for i in range(n)[local_rows(n, r, w)]]
+            assert got == list(range(n))
+    assert micro_chunks(16, 0, 2) == 1 and micro_chunks(16, 4, 2) == 2 and micro_chunks(16, 4, 1) == 4
+    assert micro_chunks(3, 4, 2) == 1 and micro_chunks(1, 0, 2) == 1
+
+
+# ----------------------------------------------------------------------------------------- DDP
+
+
+def test_ddp_two_processes_match_one(ddp_run, ddp_reference):
+    run_dir, stdout = ddp_run
+    for point in DDP_POINTS:
+        assert_matches(run_dir / point, ddp_reference / point)
+        summary = json.loads((run_dir / point / "summary.json").read_text())
+        assert summary["ranks"] == 2 and summary["parallel"] == "ddp"
+    assert stdout.count("run directory:") == 1  # the table comes from rank 0 only
+
+
+def test_ddp_checkpoint_resumes_with_one_process(ddp_run, ddp_reference, tmp_path):
+    """A run saved by 2 ranks goes on in 1 process: full (unsharded) state, the same data position."""
+    run_dir, _ = ddp_run
+    cwd = setup_dir(tmp_path, DDP_RECIPE)
+    for point in DDP_POINTS:
+        trim(run_dir / point, cwd / "out" / "t" / point, step=2 if point.startswith("ffn=moe") else 4)
+    in_process(cwd)
+    for point in DDP_POINTS:
+        assert_matches(cwd / "out" / "t" / point, ddp_reference / point)
+
+
+# ----------------------------------------------------------------------------------------- FSDP2
+
+
+def test_fsdp_matches_one_process_and_resumes_a_one_process_checkpoint(tmp_path):
+    """torchrun directly, train.parallel = "fsdp": seed=0 from scratch, seed=1 resumed by 2 ranks from
+    step 2 of the 1-process run; uneven 2 + 1 row splits included."""
+    ref = setup_dir(tmp_path / "ref", FSDP_RECIPE)
+    in_process(ref)
+    cwd = setup_dir(tmp_path / "fsdp", FSDP_RECIPE)
+    trim(ref / "out" / "t" / FSDP_POINTS[1], cwd / "out" / "t" / FSDP_POINTS[1], step=2)
+    p = launch(cwd, [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *DCABLATE_RUN])
+    assert "resuming" in p.stdout
+    for point in FSDP_POINTS:
+        assert_matches(cwd / "out" / "t" / point, ref / "out" / "t" / point)
+        state = checkpoint.load(cwd / "out" / "t" / point / "checkpoints" / "step-000006.pt")
+        assert isinstance(next(iter(state["optimizer"]["state"])), int)  # torch.optim's own form
+
+
+# ----------------------------------------------------------------------------------------- two nodes
+
+
+def test_two_nodes_on_loopback(ddp_reference, tmp_path):
+    """Two torchrun agents (`--nnodes 2`, c10d rendezvous on 127.0.0.1), one process each."""
+    cwd = setup_dir(tmp_path, DDP_RECIPE)
+    cmd = [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "dcablate-test", *DCABLATE_RUN]
+    nodes = [subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    try:
+        outs = [n.communicate(timeout=180)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    for point in DDP_POINTS:
+        assert_matches(cwd / "out" / "t" / point, ddp_reference / point)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def test_nproc_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    setup_dir(tmp_path, BASE)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.toml", "--nproc", "2", "--workers", "2"]) == 2
+    assert "--nproc 2: trains one model over several processes" in capsys.readouterr().err
+    assert main(["run", "r.toml", "--nproc", "0"]) == 2
+    assert "--nproc" in capsys.readouterr().err
+    assert main(["run", "r.toml", "--set", 'train.parallel="zero"']) == 2
+    assert "train.parallel" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert main(["run", "r.toml", "--nproc", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "already started by torchrun" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
