@@ -12,6 +12,9 @@ dcablate.cli run RECIPE --per-gpu N`), timed from start to exit. N = 1 on a sing
 in-process loop (no workers). Before the timed runs one short warm-up run fills Triton's on-disk kernel
 cache, so compilation is not charged to the first N (autotuning still happens once per process).
 
+With the defaults (16 runs of 300 steps) the four sweeps take a few minutes on one H100; run the N values
+in separate commands (`--per-gpu 1`, `--per-gpu 2,4,8`) where a command has a time limit.
+
 Prints the device, the software and a table: workers, wall time, runs per minute, speed-up vs N = 1,
 the mean per-run training time (from each summary.json) and the mean final accuracy.
 """
@@ -88,13 +91,14 @@ def main() -> None:
     ap.add_argument("--per-gpu", default="1,2,4,8", help="comma-separated N values (default 1,2,4,8)")
     ap.add_argument("--gpus", default=None, help="passed to dcablate run --gpus (default: all visible)")
     ap.add_argument("--runs", type=int, default=16, help="runs in the sweep: 4, or a multiple of 4 >= 8")
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--examples", type=int, default=10000, help="training examples per segment")
     ap.add_argument("--mixer", default="attention", help="model.mixer (e.g. gated_deltanet; default attention)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
     ap.add_argument("--keep", default=None, help="keep the run folders under this directory")
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
     if args.runs < 4 or args.runs % 4:
         ap.error("--runs must be 4 or a multiple of 4")
     ns = [int(x) for x in args.per_gpu.split(",")]

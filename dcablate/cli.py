@@ -96,7 +96,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
     all visible GPUs (one worker each, --per-gpu N for more); each worker logs to RUN_DIR/worker.log."""
     from . import workers as parallel
 
-    gpu_list = parallel.parse_gpus(gpus)
+    gpu_list = parallel.check_flags(per_gpu, gpus, workers)
     base, points = recipes.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():

@@ -48,6 +48,13 @@ def parse_gpus(value: str | None) -> list[int] | None:
     return gpus
 
 
+def check_flags(per_gpu: int | None, gpus: str | None, workers: int | None) -> list[int] | None:
+    """What can be checked before the recipe is read (so --dry-run checks it too); the parsed --gpus."""
+    if workers is not None and per_gpu is not None:
+        raise UserError("--workers and --per-gpu: give one (--workers N is N CPU workers, --per-gpu N is N runs per GPU)")
+    return parse_gpus(gpus)
+
+
 @dataclass
 class Slot:
     """Where one worker runs: a GPU (its index as this process sees it) or the CPU."""
@@ -229,8 +236,8 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
                     out.interrupted.append(job)
                     click.echo(f"{prefix}  stopped ({job.slot.label}): {last_line(job.run_dir / LOG_NAME)}")
                 else:
-                    out.failed.append((job, code, last_line(job.run_dir / LOG_NAME)))
-                    click.echo(f"{prefix}  FAILED with exit code {code} ({job.slot.label}); "
+                    out.failed.append((job, exit_code(code), last_line(job.run_dir / LOG_NAME)))
+                    click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.slot.label}); "
                                f"see {job.run_dir / LOG_NAME}")
     finally:
         for s, h in previous.items():
@@ -240,6 +247,16 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
     out.not_started = len(pending)
     out.signal = caught[0] if caught else None
     return out
+
+
+def exit_code(code: int) -> str:
+    """`1`, or `-9 (SIGKILL)` for a worker killed by a signal (e.g. by the kernel's out-of-memory killer)."""
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
 
 
 def forward(running: list[Job], caught: list[int]) -> None:
