@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,3 +257,52 @@ def test_nproc_errors_are_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "already started by torchrun" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------- faults
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def local_rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"LOCAL_RANK=")), None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Only rank 1 gets SIGTERM: the ranks agree to stop after the step, rank 0 saves, nobody hangs."""
+    text = BASE.replace("steps = 6", "steps = 100000").replace("every = 3", "every = 100000") \
+        .replace("every = 2\nkeep", "every = 0\nkeep")
+    cwd = setup_dir(tmp_path, text)
+    agent = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *DCABLATE_RUN], cwd=cwd, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = cwd / "out" / "t" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and agent.poll() is None:
+            if metrics.is_file() and sum(1 for line in metrics.read_text().splitlines() if '"train"' in line) >= 3:
+                break
+            time.sleep(0.05)
+        rank1 = [p for p in children(agent.pid) if local_rank_of(p) == "1"]
+        assert agent.poll() is None and len(rank1) == 1, "the run did not start"
+        os.kill(rank1[0], signal.SIGTERM)
+        _, err = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode != 0
+    assert "interrupted (SIGTERM) at step" in err
+    saved = checkpoint.step_files(cwd / "out" / "t" / "checkpoints")
+    assert len(saved) == 1
+    step = saved[0][0]
+    state = checkpoint.load(saved[0][1])
+    assert state["step"] == step >= 3 and state["data"]["batches"] == step
+    assert records(cwd / "out" / "t")[-1]["step"] == step  # rank 0 logged every step it trained
