@@ -129,8 +129,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
     import torch
 
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
-    slots = parallel.plan_slots(per_gpu, gpu_list, workers, any(d.type == "cuda" for d in devices),
-                                torch.cuda.device_count() if torch.cuda.is_available() else 0, len(to_train))
+    distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # one model over all ranks: no sweep workers
+    slots = None if distributed else parallel.plan_slots(
+        per_gpu, gpu_list, workers, any(d.type == "cuda" for d in devices),
+        torch.cuda.device_count() if torch.cuda.is_available() else 0, len(to_train))
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
