@@ -129,6 +129,20 @@ def _need_cuda(what: str) -> None:
         raise UserError(f"bench {what} needs a CUDA device (it times GPU kernels)")
 
 
+def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
+    """The kernels that take a step's GPU time (torch.profiler, `steps` steps after one warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n{label}: GPU time per kernel over {steps} steps")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
 def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) -> list[tuple]:
     """Mamba-2 (ours, fla chunk_simple_gla) vs `fla.layers.Mamba2` (its torch fallback: no mamba_ssm)
     vs a Gated DeltaNet layer of the same inner width, forward + backward in bf16 autocast."""
@@ -179,7 +193,7 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
 
 
 def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_experts: int = 8,
-                  top_k: int = 2) -> list[tuple]:
+                  top_k: int = 2, profile: bool = False) -> list[tuple]:
     """MoE (grouped GEMM) vs a dense SwiGLU MLP with the same active parameters (hidden = top_k x
     d_expert), forward + backward + AdamW step, bf16 autocast over fp32 parameters."""
     _need_cuda("moe")
@@ -207,6 +221,8 @@ def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_ex
             out.backward(dy)
             opt.step()
         ms = triton.testing.do_bench(step, return_mode="median")
+        if profile:
+            print_profile(label, step)
         fb = time_train_step(module, x, dy)
         active = sum(p.numel() for p in module.parameters()) if module is dense else \
             top_k * 3 * d_model * d_expert + d_model * n_experts

@@ -316,11 +316,12 @@ def bench_mixer(batch, seq_len, d_model):
 @click.option("--d-model", type=click.IntRange(min=16), default=1024, show_default=True)
 @click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
-def bench_moe(batch, seq_len, d_model, experts, top_k):
+@click.option("--profile", is_flag=True, help="Also print the kernels that take each variant's step time.")
+def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
     """MoE vs a dense SwiGLU MLP with the same active parameters (fwd+bwd and AdamW step, bf16)."""
     from .bench import moe_benchmark
 
-    moe_benchmark(batch, seq_len, d_model, experts, top_k)
+    moe_benchmark(batch, seq_len, d_model, experts, top_k, profile)
 
 
 @cli.command()

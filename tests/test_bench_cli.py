@@ -1,0 +1,19 @@
+"""The GPU benchmarks' CLI: without CUDA each ends with one clear line and exit 2."""
+
+import pytest
+import torch
+
+from dcablate.cli import main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+@pytest.mark.parametrize("args", [["bench", "conv"], ["bench", "mixer"], ["bench", "moe", "--profile"]])
+def test_gpu_benchmarks_need_cuda(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: bench {args[1]} needs a CUDA device") and len(err.splitlines()) == 1
+
+
+def test_bench_moe_rejects_bad_top_k(capsys):
+    assert main(["bench", "moe", "--top-k", "0"]) == 2
+    assert "--top-k" in capsys.readouterr().err
