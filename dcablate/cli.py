@@ -324,6 +324,22 @@ def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
     moe_benchmark(batch, seq_len, d_model, experts, top_k, profile)
 
 
+@bench.command(name="train")
+@click.argument("recipe")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP + " Applies to every variant.")
+@click.option("--compare", multiple=True, metavar='"NAME: K=V,K=V"',
+              help="A variant: the recipe with these overrides (repeatable; ratios are against the first).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps per variant.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
+@click.option("--fla-reference", is_flag=True,
+              help="Also time fla's GatedDeltaNetForCausalLM with the recipe's config (CUDA, GDN recipes).")
+def bench_train(recipe, overrides, compare, steps, warmup, fla_reference):
+    """Training-step time, tokens/s, MFU and peak memory of RECIPE (each --compare variant or sweep point)."""
+    from .bench_train import train_benchmark
+
+    train_benchmark(recipe, list(overrides), list(compare), steps, warmup, fla_reference)
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
 def report(directory):

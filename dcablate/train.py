@@ -149,6 +149,39 @@ def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
         return Trainer(recipe, run_dir, device, quiet, caught).run()
 
 
+class Prefetcher:
+    """The batches of an iterator; on CUDA each is copied to the device (pinned memory, a side stream)
+    while the previous step runs, so the step never waits on a host-to-device copy. On CPU a pass-through."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = iter(batches), device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.next = self._load() if self.stream is not None else None
+
+    def _load(self):
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(self.stream):
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.stream is None:
+            return next(self.batches)
+        if self.next is None:
+            raise StopIteration
+        batch, current = self.next, torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)
+        for t in batch:  # allocated on the side stream, used on this one
+            t.record_stream(current)
+        self.next = self._load()
+        return batch
+
+
 class NullLog:
     """The metrics sink of ranks other than 0: rank 0 alone writes the run directory."""
 
@@ -169,13 +202,13 @@ def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
 class Trainer:
     """One run: built fresh, or restored from a checkpoint, then stepped to the end."""
 
-    def __init__(self, recipe, run_dir: Path, device: torch.device, quiet: bool, caught: list[int]):
+    def __init__(self, recipe, run_dir: Path, device: torch.device, quiet: bool, caught: list[int], task=None):
         self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
         self.ckpt_dir = run_dir / "checkpoints"
         self.started = time.time()
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
-        self.task = build_task(recipe.task)
+        self.task = task if task is not None else build_task(recipe.task)
         self.net = build_model(recipe, self.task.vocab_size)  # the LanguageModel (sharded in place by FSDP)
         self.info = costs(self.net, self.task.max_seq_len)
         self.net.to(device)
@@ -191,6 +224,11 @@ class Trainer:
         self.best: dict | None = None
         self.saved: Path | None = None  # the newest good step checkpoint on disk
         self.phase = "starting"  # for error messages: what the run was doing
+        # A fused AdamW skips a non-finite step on the device (`found_inf`), so the step needs no host sync:
+        # the finiteness of the steps since the last check is read back at the next log, eval, save or end.
+        # (Not under FSDP: its sharded parameters would meet a plain `found_inf` tensor.)
+        self.deferred = bool(self.optimizer.defaults.get("fused")) and not self.fsdp
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------------------------- state
 
@@ -257,6 +295,7 @@ class Trainer:
 
     def save(self) -> None:
         """A step checkpoint of the current state, then drop the ones beyond `checkpoint.keep`."""
+        self.flush()
         if self.saved is not None and self.saved == checkpoint.step_path(self.ckpt_dir, self.step):
             return
         path = checkpoint.step_path(self.ckpt_dir, self.step)
@@ -304,7 +343,10 @@ class Trainer:
         size = t.micro_batch_size or max(len(lx), 1)
         chunks: list = list(zip(lx.split(size), ly.split(size)))
         chunks += [(None, None)] * (passes - len(chunks))
-        n_scored = int((y != -100).sum()) if passes > 1 or world > 1 else None
+        n_scored = None
+        if passes > 1 or world > 1:  # a device tensor when the batch is already there: no host sync
+            n_scored = (y != -100).sum()
+            n_scored = n_scored if n_scored.is_cuda else int(n_scored)
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
         for i, (xs, ys) in enumerate(chunks):
@@ -330,23 +372,43 @@ class Trainer:
         ddp.sum_(loss)
         clip = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = ddp.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if ddp.all_max(0 if finite else 1):  # one decision for all ranks
-            self.nonfinite(loss, grad_norm)
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.deferred:  # the update is skipped on the device; `flush` reports it later
+            bad = bad.float()
+            if ddp.active():  # one decision for all ranks, still on the device
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            self.optimizer.found_inf = bad
+            self.optimizer.step()
+            self.pending.append((self.step + 1, bad, loss, grad_norm))
+        elif ddp.all_max(int(bad)):  # one decision for all ranks
+            self.nonfinite(self.step + 1, loss.item(), grad_norm.item())
         else:
             self.optimizer.step()
         self.scheduler.step()
         return loss, grad_norm
 
-    def nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        what = f"loss {loss.item()}, gradient norm {grad_norm.item()}"
+    def flush(self) -> None:
+        """Act on the non-finite steps since the last call (one host sync for all of them): stop at the
+        first, or count and log each skipped one. Called before anything reads or writes the weights."""
+        if not self.pending:
+            return
+        steps = [p[0] for p in self.pending]
+        rows = torch.stack([torch.stack([b, l.float(), g.float()]) for _, b, l, g in self.pending]).tolist()
+        self.pending = []
+        for step, (bad, loss, grad_norm) in zip(steps, rows):
+            if bad:
+                self.nonfinite(step, loss, grad_norm)
+
+    def nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Step `step` (1-based) had a non-finite loss or gradient and did not update the weights."""
+        what = f"loss {loss}, gradient norm {grad_norm}"
         if self.recipe.train.nonfinite == "skip":
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
-            self.log.write("skip", self.step + 1, {"loss": loss.item(), "grad_norm": grad_norm.item()})
+            self.log.write("skip", step, {"loss": loss, "grad_norm": grad_norm})
             return
         kept = f"last good checkpoint {self.saved}" if self.saved else "no checkpoint yet"
-        raise Stop(f"error: non-finite {what} at step {self.step + 1}; {kept}; lower train.lr or set "
+        raise Stop(f"error: non-finite {what} at step {step}; {kept}; lower train.lr or set "
                    f"train.grad_clip (then --force-new), or set train.nonfinite = \"skip\" and rerun to resume", 1)
 
     def better(self, a: float, b: float) -> bool:
@@ -354,6 +416,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank."""
+        self.flush()
         self.phase = f"evaluating at step {self.step}"
         net = self.net
         if self.fsdp:
@@ -404,7 +467,7 @@ class Trainer:
 
     def loop(self) -> None:
         recipe, t = self.recipe, self.recipe.train
-        batches = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step)
+        batches = Prefetcher(self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step), self.device)
         bar = tqdm(total=t.steps, initial=self.step, disable=self.quiet or not recipe.log.progress or not self.main,
                    dynamic_ncols=True, leave=False, desc=recipe.run.name)
         tokens_since, time_since, postfix = 0, time.time(), {}
@@ -418,6 +481,7 @@ class Trainer:
             tokens_since += x.numel()
             bar.update(1)
             if self.step % recipe.log.every == 0 or self.step == t.steps:
+                self.flush()  # reads the losses anyway: the one host sync of these steps
                 elapsed = time.time() - time_since
                 record = {"loss": loss.item(), "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                           "tokens_per_s": tokens_since / max(elapsed, 1e-9), **moe_load_stats(self.net)}
@@ -435,6 +499,7 @@ class Trainer:
             every = recipe.checkpoint.every
             if every and self.step % every == 0 and not self.done and self.step < t.steps:
                 self.save()
+        self.flush()
         bar.close()
 
     def finish(self) -> dict:

@@ -1,0 +1,322 @@
+"""`dcablate bench train` on CPU, the batch prefetcher, and the training step without host syncs
+(a fused AdamW skips a non-finite step on the device; `Trainer.flush` reports it later)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcablate import checkpoint
+from dcablate import recipe as R
+from dcablate.cli import main
+
+TINY = """\
+# tiny MQAR bench
+[run]
+name = "tiny"
+device = "cpu"
+[model]
+mixer = "gated_deltanet"
+d_model = 32
+n_layers = 1
+[train]
+batch_size = 4
+[task.mqar]
+vocab_size = 64
+[[task.mqar.train]]
+seq_len = 32
+num_kv_pairs = 4
+num_examples = 64
+[[task.mqar.test]]
+seq_len = 32
+num_kv_pairs = 4
+num_examples = 16
+"""
+
+TINY_LM = """\
+# tiny LM bench: the corpus does not exist, the bench steps on random tokens
+[run]
+device = "cpu"
+[model]
+d_model = 32
+n_layers = 1
+[task]
+kind = "lm"
+[task.lm]
+data = "no/such/corpus"
+seq_len = 24
+[train]
+batch_size = 2
+"""
+
+
+def bench(monkeypatch, capsys, tmp_path: Path, text: str, *args: str) -> tuple[int, str, str]:
+    (tmp_path / "r.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "train", "r.toml", "--warmup", "2", "--steps", "3", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+def table(out: str) -> dict[str, list[str]]:
+    """Rows of the printed table by variant name (columns split on two or more spaces)."""
+    import re
+
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("variant"))
+    rows = {}
+    for line in lines[head + 2:]:
+        if not line.strip():
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_compare_prints_the_table_with_ratios(tmp_path, monkeypatch, capsys):
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY, "--compare", "none: model.conv.kind=none",
+                         "--compare", "static: model.conv.kind=static,model.conv.width=3")
+    assert rc == 0, err
+    assert "card: cpu" in out and "2 warmup + 3 timed steps" in out
+    header = next(line for line in out.splitlines() if line.startswith("variant"))
+    for column in ("step ms", "tokens/s", "MFU", "peak mem", "step time vs first", "tokens/s vs first"):
+        assert column in header
+    rows = table(out)
+    assert list(rows) == ["none", "static"]
+    assert rows["none"][-2:] == ["1.000x", "1.000x"]
+    assert rows["none"][4:6] == ["n/a", "n/a"]  # MFU and peak memory on CPU
+    assert float(rows["static"][2]) > 0 and rows["static"][-1].endswith("x")
+    assert int(rows["static"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the conv's weights
+
+
+def test_lm_recipe_steps_on_random_tokens_without_its_corpus(tmp_path, monkeypatch, capsys):
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY_LM)
+    assert rc == 0, err
+    assert "random tokens" in out and "batch 2 x T 24" in out
+    (row,) = table(out).values()
+    assert float(row[3].replace(",", "")) > 0  # tokens/s
+
+
+def test_sweep_points_are_variants(tmp_path, monkeypatch, capsys):
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY + '[sweep]\n"model.conv.kind" = ["none", "static"]\n')
+    assert rc == 0, err
+    assert list(table(out)) == ["conv.kind=none", "conv.kind=static"]
+
+
+@pytest.mark.parametrize("extra, args", [
+    ('[sweep]\n"model.d_model" = [' + ", ".join(str(8 * i) for i in range(1, 18)) + "]\n", ()),
+    ('[sweep]\n"model.d_model" = [8, 16, 24, 32, 40, 48]\n', ("--compare", "a: train.lr=1e-3", "--compare",
+                                                            "b: train.lr=2e-3", "--compare", "c: train.lr=3e-3")),
+])
+def test_more_than_16_variants_is_one_error_line(tmp_path, monkeypatch, capsys, extra, args):
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY + extra, *args)
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: bench train: more than 16 variants") and "card:" not in out
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("--compare", "oops: model.d_model"), "is not KEY=VALUE"),
+    (("--compare", "a: train.lr=1e-3", "--compare", "a: train.lr=2e-3"), "two variants are named 'a'"),
+    (("--compare", "bad: model.conv.kind=wobbly"), "--compare 'bad': --set: model.conv.kind"),
+])
+def test_bad_compare_is_one_error_line(tmp_path, monkeypatch, capsys, args, expect):
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY, *args)
+    assert rc == 2 and len(err.splitlines()) == 1 and expect in err, err
+
+
+def test_fla_reference_needs_cuda(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal")
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY, "--fla-reference")
+    assert rc == 2 and err == "error: --fla-reference needs a CUDA device (fla's kernels are Triton)\n"
+    assert out == ""
+
+
+def test_compare_splits_only_top_level_commas():
+    from dcablate.bench_train import parse_compare
+
+    assert parse_compare("dyn: model.conv.kind=dynamic, sweep.zip=[['a', 'b']]") == \
+        ("dyn", ["model.conv.kind=dynamic", "sweep.zip=[['a', 'b']]"])
+    assert parse_compare("train.lr=1e-3") == ("train.lr=1e-3", ["train.lr=1e-3"])
+
+
+def test_fla_config_mirrors_the_recipe():
+    pytest.importorskip("fla")
+    from dcablate.bench_train import fla_config
+
+    _, points = R.expand("bench/gdn_125m")
+    assert [(r.model.conv.kind, r.model.conv.placement) for _, r in points] == \
+        [("none", "qkv"), ("static", "qkv"), ("dynamic", "qkv"), ("dynamic", "all_linear")]
+    c = fla_config(points[1][1], 32000)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_heads, c.head_dim, c.expand_v) == (768, 12, 6, 128, 2.0)
+    assert c.use_short_conv and c.conv_size == 4 and c.intermediate_size == 2048 and c.vocab_size == 32000
+    assert c.fuse_linear_cross_entropy and not c.fuse_cross_entropy and c.tie_word_embeddings
+    assert not fla_config(points[0][1], 32000).use_short_conv
+
+
+# ----------------------------------------------------------------------------------------- prefetcher
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_prefetcher_yields_the_same_batches_in_order(device):
+    from dcablate.train import Prefetcher
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 9, (3, 5), generator=g), torch.randint(0, 9, (3, 5), generator=g)) for _ in range(6)]
+    got = list(Prefetcher(iter(batches), torch.device(device)))
+    assert len(got) == len(batches)
+    for (x, y), (gx, gy) in zip(batches, got):
+        assert gx.device.type == device and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
+
+
+def test_prefetcher_reads_one_batch_ahead_at_most():
+    from dcablate.train import Prefetcher
+
+    drawn = []
+
+    def source():
+        for i in range(3):
+            drawn.append(i)
+            yield torch.tensor([i]), torch.tensor([i])
+    p = Prefetcher(source(), torch.device("cpu"))
+    assert drawn == [] and next(p)[0].item() == 0 and drawn == [0]
+
+
+# ----------------------------------------------------------------------------------------- no host sync
+
+
+RECIPE = """\
+[run]
+name = "t"
+out_dir = "out"
+device = "cpu"
+[model]
+d_model = 32
+[train]
+steps = 12
+warmup_steps = 2
+batch_size = 16
+[eval]
+every = 5
+batch_size = 64
+early_stop = 0.0
+[checkpoint]
+every = 2
+keep = 2
+[log]
+every = 4
+progress = false
+tensorboard = false
+[task.mqar]
+vocab_size = 64
+[[task.mqar.train]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 256
+[[task.mqar.test]]
+seq_len = 16
+num_kv_pairs = 2
+num_examples = 64
+"""
+
+
+def use_fused(monkeypatch):
+    """Train with a fused AdamW on CPU too: the step then takes the path it takes on CUDA."""
+    import dcablate.train as T
+
+    def make_optimizer(model, t, device):
+        opt = original(model, t, device)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+    original = T.make_optimizer
+    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+
+
+def nan_at(monkeypatch, call: int) -> None:
+    from dcablate.models.lm import LanguageModel
+
+    original, calls = LanguageModel.hidden, []
+
+    def hidden(self, x):
+        h = original(self, x)
+        if self.training:
+            calls.append(1)
+            if len(calls) == call:
+                h = h * float("nan")
+        return h
+    monkeypatch.setattr(LanguageModel, "hidden", hidden)
+
+
+def trainer_for(tmp_path, nonfinite: str):
+    from dcablate.train import NullLog, Trainer
+
+    r = R.build({**tomllib.loads(RECIPE), "train": {"steps": 4, "warmup_steps": 0, "nonfinite": nonfinite}})
+    trainer = Trainer(r, tmp_path, torch.device("cpu"), True, [])
+    trainer.log = NullLog()
+    return trainer
+
+
+@pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+def test_fused_step_skips_a_nonfinite_update_on_the_device(tmp_path, monkeypatch, nonfinite):
+    from dcablate.train import Stop
+
+    use_fused(monkeypatch)
+    trainer = trainer_for(tmp_path, nonfinite)
+    assert trainer.deferred
+    nan_at(monkeypatch, 2)
+    batches = trainer.task.train_batches(16, seed=0)
+    trainer.train_step(*next(batches))
+    trainer.step += 1
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    steps_before = [s["step"].clone() for s in trainer.optimizer.state.values()]
+    loss, _ = trainer.train_step(*next(batches))  # no exception, no count yet: nothing was read back
+    trainer.step += 1
+    assert not torch.isfinite(loss) and trainer.skipped == 0 and len(trainer.pending) == 2
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert [s["step"] for s in trainer.optimizer.state.values()] == steps_before
+    trainer.train_step(*next(batches))  # a good step after it updates again
+    assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    if nonfinite == "stop":
+        with pytest.raises(Stop, match=r"^error: non-finite loss nan, gradient norm nan at step 2; no checkpoint"):
+            trainer.flush()
+    else:
+        trainer.flush()
+        assert trainer.skipped == 1
+    assert trainer.pending == []
+
+
+def run(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
+    monkeypatch.chdir(cwd)
+    rc = main(["run", "r.toml", "--quiet", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+def test_fused_run_stops_at_the_nonfinite_step_before_saving_later_ones(tmp_path, monkeypatch, capsys):
+    (tmp_path / "r.toml").write_text(RECIPE)
+    use_fused(monkeypatch)
+    nan_at(monkeypatch, 7)  # found at the log of step 8, before step 8's checkpoint
+    rc, out, err = run(monkeypatch, capsys, tmp_path)
+    ckpt = Path("out/t/checkpoints/step-000006.pt")
+    assert rc == 1 and err.startswith("error: non-finite loss nan, gradient norm nan at step 7; last good "
+                                      f"checkpoint {ckpt}; lower train.lr"), err
+    assert checkpoint.load(tmp_path / ckpt)["step"] == 6
+    assert not (tmp_path / "out/t/checkpoints/step-000008.pt").exists()
+    monkeypatch.undo()
+    use_fused(monkeypatch)
+    # resumed with "skip": the step is skipped, logged and counted, and the run finishes
+    nan_at(monkeypatch, 1)
+    rc, out, err = run(monkeypatch, capsys, tmp_path, "--set", "train.nonfinite=skip")
+    assert rc == 0 and "from step 6" in out, err
+    summary = json.loads((tmp_path / "out/t/summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 12
+    records = [json.loads(line) for line in (tmp_path / "out/t/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "skip"] == [7]
