@@ -163,8 +163,11 @@ class Prefetcher:
             batch = next(self.batches)
         except StopIteration:
             return None
+        # a contiguous pinned copy (LM batches are overlapping views of one window): the copy to the device
+        # is then one asynchronous transfer
+        pinned = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in batch)
         with torch.cuda.stream(self.stream):
-            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in batch)
+            return tuple(t.to(self.device, non_blocking=True) for t in pinned)
 
     def __iter__(self):
         return self

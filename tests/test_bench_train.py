@@ -137,6 +137,21 @@ def test_fla_reference_needs_cuda(tmp_path, monkeypatch, capsys):
     assert out == ""
 
 
+@pytest.mark.gpu
+def test_fla_reference_on_cuda(tmp_path, monkeypatch, capsys):
+    """On a card: MFU and peak memory are filled in, and fla's GDN LM is timed on the same batches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    text = TINY.replace('device = "cpu"', 'device = "cuda"').replace("n_layers = 1", 'n_layers = 1\nffn = "mlp"')
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, text, "--fla-reference", "--compare",
+                         "none: model.conv.kind=none", "--compare", "static: model.conv.kind=static")
+    assert rc == 0, err
+    rows = table(out)
+    assert list(rows)[:2] == ["none", "static"] and len(rows) == 4  # one fla reference per conv setting
+    assert rows["static"][5].endswith("GiB")
+    assert "static: tokens/s = " in out and "x fla GatedDeltaNetForCausalLM (as static)" in out
+
+
 def test_compare_splits_only_top_level_commas():
     from dcablate.bench_train import parse_compare
 
@@ -162,7 +177,7 @@ def test_fla_config_mirrors_the_recipe():
 # ----------------------------------------------------------------------------------------- prefetcher
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_prefetcher_yields_the_same_batches_in_order(device):
     from dcablate.train import Prefetcher
 
