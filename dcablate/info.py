@@ -15,7 +15,9 @@ CONV_SUFFIX = "_conv1d"
 
 def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
     with torch.device(device):
-        return LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
+        model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
+    model.gather_scored = recipe.task.kind == "mqar"  # LM scores (nearly) every position
+    return model
 
 
 def component(name: str) -> str:

@@ -365,3 +365,28 @@ def test_eval_on_other_text_keeps_the_runs_bpe(tmp_path):
     assert eval_task.tokenizer.spec() == run_task.tokenizer.spec()
     assert eval_task.eval_stream.size == eval_task.corpus.train.size + eval_task.corpus.val.size
     assert len(list((tmp_path / "cache" / "lm" / "tokenizers").glob("bpe-*.json"))) == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dense_lm_loss_equals_gathered_loss(reduction):
+    """LM models skip the scored-position gather (no host sync) and use ignore_index: same loss, same grads."""
+    from dcablate.info import build_model
+
+    r = recipes.build({"model": {"mixer": "attention", "d_model": 16, "n_heads": 2, "n_layers": 1},
+                       "task": {"kind": "lm", "lm": {"data": "x", "seq_len": 8}}})
+    torch.manual_seed(0)
+    model = build_model(r, 257)
+    assert model.gather_scored is False
+    x = torch.randint(0, 257, (3, 8))
+    y = torch.randint(0, 257, (3, 8))
+    y[0, :3] = -100
+    out = {}
+    for gather in (False, True):
+        model.gather_scored = gather
+        model.zero_grad()
+        loss = model(x, y, reduction=reduction)
+        loss.backward()
+        out[gather] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(out[False][0], out[True][0])
+    for a, b in zip(out[False][1], out[True][1]):
+        torch.testing.assert_close(a, b)

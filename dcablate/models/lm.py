@@ -57,6 +57,7 @@ class LanguageModel(nn.Module):
     def __init__(self, m, vocab_size: int):
         super().__init__()
         self.config, self.vocab_size = m, vocab_size
+        self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
@@ -86,13 +87,17 @@ class LanguageModel(nn.Module):
         if targets is None:
             return self.lm_head(self.hidden(input_ids))
         h = self.hidden(input_ids)
-        mask = targets != -100
-        h, targets = h[mask], targets[mask]
+        if self.gather_scored:  # MQAR: a handful of scored positions, gathered before the vocabulary-wide head
+            mask = targets != -100
+            h, targets = h[mask], targets[mask]
+        else:  # LM: nearly every position counts; ignore_index skips the rest without the gather's host sync
+            h, targets = h.flatten(0, -2), targets.flatten()
         if self.use_fused_ce(h):
             from fla.modules import FusedLinearCrossEntropyLoss
 
-            return FusedLinearCrossEntropyLoss(reduction=reduction)(h, targets, self.lm_head.weight).float()
-        return F.cross_entropy(self.lm_head(h).float(), targets, reduction=reduction)
+            return FusedLinearCrossEntropyLoss(ignore_index=-100, reduction=reduction)(
+                h, targets, self.lm_head.weight).float()
+        return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=-100, reduction=reduction)
 
     def use_fused_ce(self, h: torch.Tensor) -> bool:
         """fla's fused linear cross-entropy never materialises the `[N, V]` logits: worth it on CUDA
