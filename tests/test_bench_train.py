@@ -13,6 +13,7 @@ import torch
 from dcablate import checkpoint
 from dcablate import recipe as R
 from dcablate.cli import main
+from tiny_recipes import tiny_mqar
 
 TINY = """\
 # tiny MQAR bench
@@ -207,39 +208,7 @@ def test_prefetcher_reads_one_batch_ahead_at_most():
 # ----------------------------------------------------------------------------------------- no host sync
 
 
-RECIPE = """\
-[run]
-name = "t"
-out_dir = "out"
-device = "cpu"
-[model]
-d_model = 32
-[train]
-steps = 12
-warmup_steps = 2
-batch_size = 16
-[eval]
-every = 5
-batch_size = 64
-early_stop = 0.0
-[checkpoint]
-every = 2
-keep = 2
-[log]
-every = 4
-progress = false
-tensorboard = false
-[task.mqar]
-vocab_size = 64
-[[task.mqar.train]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 256
-[[task.mqar.test]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 64
-"""
+RECIPE = tiny_mqar(train={"steps": 12}, log={"every": 4})
 
 
 def use_fused(monkeypatch):

@@ -25,42 +25,13 @@ import torch
 from dcablate import checkpoint
 from dcablate.cli import main
 from dcablate.distributed import local_rows, micro_chunks
+from tiny_recipes import merge, tiny_mqar
 
-BASE = """\
-[run]
-name = "t"
-out_dir = "out"
-device = "cpu"
-[model]
-d_model = 16
-[train]
-steps = 6
-warmup_steps = 2
-batch_size = 16
-precision = "fp32"
-lr = 3e-3
-[eval]
-every = 3
-batch_size = 64
-early_stop = 0.0
-[checkpoint]
-every = 2
-keep = 10
-[log]
-every = 1
-progress = false
-tensorboard = false
-[task.mqar]
-vocab_size = 64
-[[task.mqar.train]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 128
-[[task.mqar.test]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 32
-"""
+SEGMENT = {"seq_len": 16, "num_kv_pairs": 2}
+SMALL = dict(model={"d_model": 16}, train={"steps": 6, "precision": "fp32", "lr": 3e-3}, eval={"every": 3},
+             checkpoint={"keep": 10}, log={"every": 1})
+BASE = tiny_mqar(**SMALL, task={"mqar": {"train": [{**SEGMENT, "num_examples": 128}],
+                                         "test": [{**SEGMENT, "num_examples": 32}]}})
 
 # DDP: a dense model without accumulation, and an MoE model accumulating 2 micro-batches per rank (the
 # micro-batches are those of one process with the same micro_batch_size, so the MoE aux loss matches too)
@@ -74,11 +45,9 @@ DDP_POINTS = ("ffn=none,micro_batch_size=0", "ffn=moe,micro_batch_size=4")
 
 # FSDP2: a segment smaller than the batch gives 3-row batches, split 2 + 1 over the ranks; seed=1 is
 # resumed by 2 ranks from a 1-process checkpoint
-FSDP_RECIPE = BASE.replace("[[task.mqar.test]]", """[[task.mqar.train]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 3
-[[task.mqar.test]]""") + """
+FSDP_RECIPE = tiny_mqar(**SMALL, task={"mqar": {
+    "train": [{**SEGMENT, "num_examples": 128}, {**SEGMENT, "num_examples": 3}],
+    "test": [{**SEGMENT, "num_examples": 32}]}}) + """
 [sweep]
 "run.seed" = [0, 1]
 "train.parallel" = ["fsdp"]
@@ -280,8 +249,9 @@ def local_rank_of(pid: int) -> str | None:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     """Only rank 1 gets SIGTERM: the ranks agree to stop after the step, rank 0 saves, nobody hangs."""
-    text = BASE.replace("steps = 6", "steps = 100000").replace("every = 3", "every = 100000") \
-        .replace("every = 2\nkeep", "every = 0\nkeep")
+    text = tiny_mqar(**merge(SMALL, dict(train={"steps": 100000}, eval={"every": 100000}, checkpoint={"every": 0})),
+                     task={"mqar": {"train": [{**SEGMENT, "num_examples": 128}],
+                                    "test": [{**SEGMENT, "num_examples": 32}]}})
     cwd = setup_dir(tmp_path, text)
     agent = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc-per-node", "2", *DCABLATE_RUN], cwd=cwd, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -27,40 +27,9 @@ import torch
 from dcablate import checkpoint
 from dcablate.cli import main
 from dcablate.tasks import MQARTask
+from tiny_recipes import tiny_mqar
 
-RECIPE = """\
-[run]
-name = "t"
-out_dir = "out"
-device = "cpu"
-[model]
-d_model = 32
-[train]
-steps = 24
-warmup_steps = 2
-batch_size = 16
-[eval]
-every = 5
-batch_size = 64
-early_stop = 0.0
-[checkpoint]
-every = 2
-keep = 2
-[log]
-every = 2
-progress = false
-tensorboard = false
-[task.mqar]
-vocab_size = 64
-[[task.mqar.train]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 256
-[[task.mqar.test]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 64
-"""
+RECIPE = tiny_mqar()
 
 WALL_CLOCK = ("time", "tokens_per_s")
 
@@ -199,7 +168,7 @@ def test_sweep_points_resume_or_skip_independently(tmp_path, monkeypatch, capsys
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch, capsys, reference):
-    cwd = setup_dir(tmp_path, RECIPE.replace("keep = 2", "keep = 3"))
+    cwd = setup_dir(tmp_path, tiny_mqar(checkpoint={"keep": 3}))
     signal_at(monkeypatch, 10)
     assert cli(monkeypatch, capsys, cwd)[0] == 130
     monkeypatch.undo()
@@ -224,7 +193,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch,
 def test_tensorboard_and_metrics_have_no_duplicates_after_resume(tmp_path, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cwd = setup_dir(tmp_path, RECIPE.replace("tensorboard = false", "tensorboard = true"))
+    cwd = setup_dir(tmp_path, tiny_mqar(log={"tensorboard": True}))
     signal_at(monkeypatch, 9)  # checkpoint every 2: the log at step 8 and eval at 5 were written before
     assert cli(monkeypatch, capsys, cwd, "--set", "checkpoint.every=4")[0] == 130
     monkeypatch.undo()
@@ -612,7 +581,7 @@ def test_console_script_sigterm(tmp_path):
     exe = Path(sys.executable).parent / "dcablate"
     if not exe.is_file():
         pytest.skip("the dcablate console script is not installed")
-    cwd = setup_dir(tmp_path, RECIPE.replace("steps = 24", "steps = 100000"))
+    cwd = setup_dir(tmp_path, tiny_mqar(train={"steps": 100000}))
     proc = subprocess.Popen([str(exe), "run", "r.toml", "--quiet"], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = cwd / "out/t/metrics.jsonl"
