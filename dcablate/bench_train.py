@@ -189,6 +189,7 @@ def bench_variant(label: str, r, warmup: int, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(r, Path("bench-train-unused"), device, True, [], task=task)
     trainer.log = NullLog()
+    trainer.shrink_micro_batch = lambda batch: False  # a bench times the recipe's micro-batch or reports OOM
     seq_len = train_seq_len(r, task)
     info = costs(trainer.net, seq_len)
     batches = Prefetcher(task.train_batches(r.train.batch_size, seed=r.run.seed), device)

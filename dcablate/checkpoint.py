@@ -176,7 +176,8 @@ def locked(run_dir: Path):
 
 
 # Keys a resume may change: they decide how a run is carried out or logged, not its results.
-RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.nonfinite", "train.parallel", "eval.batch_size")
+RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.oom_retry", "train.nonfinite", "train.parallel",
+               "eval.batch_size")
 
 
 def _flat(node, prefix: str = "") -> dict:

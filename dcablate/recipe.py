@@ -200,6 +200,8 @@ class TrainSection:
     precision: str = _f("auto", "`auto` = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     micro_batch_size: int = _f(0, "examples per forward/backward pass; gradients of batch_size / micro_batch_size "
                                "passes are accumulated into one step (0 = batch_size, no accumulation)", min=0)
+    oom_retry: bool = _f(True, "on a CUDA out-of-memory error in a training step (one process), halve the micro-batch "
+                         "and retry the step, down to 1 example (printed and logged as `micro_batch`)")
     nonfinite: str = _f("stop", "on a non-finite loss or gradient: stop the run (last good checkpoint kept) or skip "
                         "the update", choices=("stop", "skip"))
     parallel: str = _f("ddp", "several processes (torchrun or `dcablate run --nproc N`): `ddp` keeps a full model on "

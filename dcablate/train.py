@@ -231,6 +231,7 @@ class Trainer:
         # the finiteness of the steps since the last check is read back at the next log, eval, save or end.
         # (Not under FSDP: its sharded parameters would meet a plain `found_inf` tensor.)
         self.deferred = bool(self.optimizer.defaults.get("fused")) and not self.fsdp
+        self.micro = recipe.train.micro_batch_size  # halved at run time on CUDA OOM (train.oom_retry)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     # ------------------------------------------------------------------------------------- state
@@ -339,11 +340,39 @@ class Trainer:
         the number of ranks, which DDP/FSDP divide the reduced gradient by, so the gradient is the
         one-process full-batch gradient. Every rank makes the same number of passes (a rank short of rows
         runs an empty pass: a real row at weight 0), so the ranks' collectives stay matched."""
-        t, world = self.recipe.train, ddp.world()
-        passes = ddp.micro_chunks(len(x), t.micro_batch_size, world)
+        t = self.recipe.train
+        while True:
+            try:
+                loss = self.accumulate(x, y)
+                break
+            except torch.OutOfMemoryError:
+                if not self.shrink_micro_batch(len(x)):
+                    raise
+        clip = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = ddp.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.deferred:  # the update is skipped on the device; `flush` reports it later
+            bad = bad.float()
+            if ddp.active():  # one decision for all ranks, still on the device
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            self.optimizer.found_inf = bad
+            self.optimizer.step()
+            self.pending.append((self.step + 1, bad, loss, grad_norm))
+        elif ddp.all_max(int(bad)):  # one decision for all ranks
+            self.nonfinite(self.step + 1, loss.item(), grad_norm.item())
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss, grad_norm
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Zero the gradients, then forward/backward this rank's rows in micro-batches of `self.micro`;
+        returns the summed (logged) loss."""
+        world = ddp.world()
+        passes = ddp.micro_chunks(len(x), self.micro, world)
         rows = ddp.local_rows(len(x))
         lx, ly = x[rows], y[rows]
-        size = t.micro_batch_size or max(len(lx), 1)
+        size = self.micro or max(len(lx), 1)
         chunks: list = list(zip(lx.split(size), ly.split(size)))
         chunks += [(None, None)] * (passes - len(chunks))
         n_scored = None
@@ -373,22 +402,23 @@ class Trainer:
             if not empty:
                 loss += part.detach()  # the logged loss stays pure cross-entropy
         ddp.sum_(loss)
-        clip = t.grad_clip if t.grad_clip > 0 else math.inf
-        grad_norm = ddp.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if self.deferred:  # the update is skipped on the device; `flush` reports it later
-            bad = bad.float()
-            if ddp.active():  # one decision for all ranks, still on the device
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-            self.optimizer.found_inf = bad
-            self.optimizer.step()
-            self.pending.append((self.step + 1, bad, loss, grad_norm))
-        elif ddp.all_max(int(bad)):  # one decision for all ranks
-            self.nonfinite(self.step + 1, loss.item(), grad_norm.item())
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        return loss, grad_norm
+        return loss
+
+    def shrink_micro_batch(self, batch: int) -> bool:
+        """After a CUDA OOM in the forward/backward: halve the micro-batch and say so, if the recipe allows
+        it (`train.oom_retry`, one process) and it is above 1; False = give up. Accumulated gradients
+        equal the full batch's up to float rounding, so the run's numbers stay comparable."""
+        old = self.micro or batch
+        if not self.recipe.train.oom_retry or ddp.world() > 1 or old <= 1:
+            return False
+        self.micro = old // 2
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        click.echo(f"CUDA out of memory in step {self.step + 1} at micro-batch {old}; retrying with micro-batch "
+                   f"{self.micro} (gradients accumulated; train.oom_retry = false stops instead)", err=True)
+        self.log.write("micro_batch", self.step + 1, {"micro_batch_size": self.micro})
+        return True
 
     def flush(self) -> None:
         """Act on the non-finite steps since the last call (one host sync for all of them): stop at the
@@ -456,6 +486,9 @@ class Trainer:
             self.check_signal()
             return self.finish()
         except torch.OutOfMemoryError:
+            if self.micro == 1 and self.phase.startswith("training"):
+                raise Stop(f"error: CUDA out of memory while {self.phase}, even with micro-batches of one example; "
+                           f"use a smaller model or shorter sequences", 1) from None
             raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
                        f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
                        f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating", 1) from None

@@ -326,10 +326,50 @@ def test_cuda_out_of_memory_suggests_micro_batches(tmp_path, monkeypatch, capsys
     def oom(self, x):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(LanguageModel, "hidden", oom)
-    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path))
+    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path, tiny_mqar(train={"oom_retry": False})))
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: CUDA out of memory while training step 1; set train.micro_batch_size")
     assert "train.batch_size (16)" in err
+
+
+def oom_above(monkeypatch, rows: int) -> None:
+    """Forward passes over more than `rows` examples raise CUDA's out-of-memory error."""
+    from dcablate.models.lm import LanguageModel
+
+    original = LanguageModel.hidden
+
+    def hidden(self, x):
+        if self.training and len(x) > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, x)
+    monkeypatch.setattr(LanguageModel, "hidden", hidden)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_equals_accumulation(tmp_path, monkeypatch, capsys):
+    """OOM above 4 examples: the step is retried at 8, then 4, said once per halving, and the run equals one
+    asked for micro-batches of 4 (same batches, same accumulation)."""
+    reference = setup_dir(tmp_path / "ref", tiny_mqar(train={"micro_batch_size": 4}))
+    assert cli(monkeypatch, capsys, reference)[0] == 0
+    oom_above(monkeypatch, 4)
+    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path / "oom"))
+    assert rc == 0, err
+    assert err.splitlines() == [
+        "CUDA out of memory in step 1 at micro-batch 16; retrying with micro-batch 8 (gradients accumulated; "
+        "train.oom_retry = false stops instead)",
+        "CUDA out of memory in step 1 at micro-batch 8; retrying with micro-batch 4 (gradients accumulated; "
+        "train.oom_retry = false stops instead)"]
+    got = records(tmp_path / "oom" / "out" / "t")
+    assert [r for r in got if r["kind"] == "micro_batch"] == [
+        {"kind": "micro_batch", "step": 1, "micro_batch_size": 8}, {"kind": "micro_batch", "step": 1, "micro_batch_size": 4}]
+    assert [r for r in got if r["kind"] != "micro_batch"] == records(tmp_path / "ref" / "out" / "t")
+
+
+def test_out_of_memory_at_one_example_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    oom_above(monkeypatch, 0)
+    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path))
+    assert rc == 1
+    assert err.splitlines()[-1] == ("error: CUDA out of memory while training step 1, even with micro-batches of "
+                                    "one example; use a smaller model or shorter sequences")
 
 
 @pytest.mark.parametrize("micro", [4, 5])
