@@ -44,7 +44,22 @@ def time_fwd_bwd(fn, inputs, dy):
     return fwd, bwd
 
 
-def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False) -> list[tuple]:
+def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
+    """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs."""
+    import triton
+
+    from .kernels.dynamic_conv_triton import lowrank_bwd_dU_dS, lowrank_bwd_dx_dz
+
+    x, z, U, S = (t.detach().contiguous() for t in (x, z, U, S))
+    pos = x.new_empty(1, dtype=torch.int32)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    return {"dx/dz kernel": triton.testing.do_bench(
+                lambda: lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec), return_mode="median"),
+            "dU/dS kernel": triton.testing.do_bench(
+                lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec), return_mode="median")}
+
+
+def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, breakdown: bool = False) -> list[tuple]:
     """Time every variant at every shape; prints the table and returns its rows."""
     if not torch.cuda.is_available():
         raise UserError("bench conv needs a CUDA device (it times GPU kernels)")
@@ -79,6 +94,12 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False) -
             floor = (floor_fwd + floor_bwd) if "dynamic" in label else 5 * B * T * D * e
             gbps = floor / ((fwd + bwd) * 1e-3) / 1e9
             rows.append((name, label, fwd, bwd, fwd + bwd, gbps, floor / (gbps_copy * 1e9) * 1e3))
+        if breakdown:
+            split_bwd = next(r[3] for r in rows if r[0] == name and r[1] == "dynamic (ours, Triton)")
+            parts = backward_breakdown(x, z, U, S, dy, W)
+            rest = split_bwd - sum(parts.values())
+            print(f"{name}: split backward {split_bwd:.3f} ms = " + " + ".join(
+                f"{k} {v:.3f}" for k, v in parts.items()) + f" + the rest (zero-fills, casts, autograd) {rest:.3f}")
     print(f"\n{'shape':30s} {'variant':30s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s} {'GB/s':>7s} "
           f"{'floor ms':>9s} {'x floor':>8s}")
     for name, label, fwd, bwd, total, gbps, floor_ms in rows:
@@ -95,9 +116,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
+    parser.add_argument("--breakdown", action="store_true", help="also time each kernel of the split backward")
     args = parser.parse_args(argv)
     try:
-        conv_benchmark(args.dtype, args.skip_reference)
+        conv_benchmark(args.dtype, args.skip_reference, args.breakdown)
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
 

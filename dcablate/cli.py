@@ -292,11 +292,12 @@ def bench():
 @bench.command(name="conv")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--skip-reference", is_flag=True, help="Do not time the pure-torch reference.")
-def bench_conv(dtype, skip_reference):
+@click.option("--breakdown", is_flag=True, help="Also time each kernel of the split backward alone.")
+def bench_conv(dtype, skip_reference, breakdown):
     """Dynamic conv kernels vs fla's static ShortConvolution vs the torch reference (fwd, bwd, GB/s)."""
     from .bench import conv_benchmark
 
-    conv_benchmark(dtype, skip_reference)
+    conv_benchmark(dtype, skip_reference, breakdown)
 
 
 @bench.command(name="mixer")

@@ -7,7 +7,8 @@ from dcablate.cli import main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
-@pytest.mark.parametrize("args", [["bench", "conv"], ["bench", "mixer"], ["bench", "moe", "--profile"]])
+@pytest.mark.parametrize("args", [["bench", "conv", "--breakdown"], ["bench", "mixer"],
+                                  ["bench", "moe", "--profile"]])
 def test_gpu_benchmarks_need_cuda(args, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err

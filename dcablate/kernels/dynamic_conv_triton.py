@@ -229,30 +229,46 @@ class DynamicConvLowRank(torch.autograd.Function):
     def backward(ctx, dy):
         x, z, U, S, pos = ctx.saved_tensors
         dy = dy.contiguous()
-        B, T, D = x.shape
-        R, W = U.shape[0], U.shape[1]
-        BT, BD, BR = _block_sizes(D, R)
-        dx = torch.empty_like(x)
-        dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
-        _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
-                                  BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual, VARLEN=ctx.varlen, PREC=ctx.prec)
-        dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
-        dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-        # enough programs to fill the GPU (~1024), each summing a run of tokens on chip
-        splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(1024, B * W * triton.cdiv(D, BD))))
-        tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-        splits = triton.cdiv(T, tokens_per_split)
-        grid = (triton.cdiv(D, BD), W, B * splits)
-        _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
-                                  HAS_S=S is not None, VARLEN=ctx.varlen, PREC=ctx.prec)
+        dx, dz = lowrank_bwd_dx_dz(x, z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
+        dU, dS = lowrank_bwd_dU_dS(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
         return (dx, dz.to(z.dtype), dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
+
+
+def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str):
+    """The split backward's first kernel: dx (input dtype) and dz (fp32, summed over D-blocks atomically).
+    Separate from the autograd Function so `dcablate bench conv --breakdown` can time it alone."""
+    B, T, D = x.shape
+    R, W = U.shape[0], U.shape[1]
+    BT, BD, BR = _block_sizes(D, R)
+    dx = torch.empty_like(x)
+    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+    _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
+                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+    return dx, dz
+
+
+def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str):
+    """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
+    B, T, D = x.shape
+    R = z.shape[-1]
+    BT, BD, BR = _block_sizes(D, R)
+    dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
+    dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
+    # enough programs to fill the GPU (~1024), each summing a run of tokens on chip
+    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(1024, B * W * triton.cdiv(D, BD))))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
+    splits = triton.cdiv(T, tokens_per_split)
+    grid = (triton.cdiv(D, BD), W, B * splits)
+    _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
+                              HAS_S=has_S, VARLEN=varlen, PREC=prec)
+    return dU, dS
 
 
 class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
     """Same forward; one backward kernel per (D-block, token run) that also keeps dU and dS on chip
-    across its tokens, so x and dy are read once instead of once per lag. Checked in the interpreter
-    and awaiting GPU timing against the two-kernel backward (`dcablate bench conv` shows both)."""
+    across its tokens, so x and dy are read once instead of once per lag. Opt-in: on an H100 it was slower
+    than the two-kernel backward at the paper's shape (docs/benchmarks.md)."""
 
     @staticmethod
     def backward(ctx, dy):
