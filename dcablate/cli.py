@@ -300,10 +300,20 @@ def bench_conv(dtype, skip_reference, breakdown):
     conv_benchmark(dtype, skip_reference, breakdown)
 
 
+def layer_shape(min_d_model: int):
+    """The `--batch --seq-len --d-model` options of the layer benchmarks (default: B8 T2048 d1024)."""
+    def decorate(fn):
+        for option in reversed([click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True),
+                                click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True),
+                                click.option("--d-model", type=click.IntRange(min=min_d_model), default=1024,
+                                             show_default=True)]):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
 @bench.command(name="mixer")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--d-model", type=click.IntRange(min=64), default=1024, show_default=True)
+@layer_shape(min_d_model=64)
 def bench_mixer(batch, seq_len, d_model):
     """Mamba-2 (ours) vs fla.layers.Mamba2's fallback vs a Gated DeltaNet layer (fwd+bwd, bf16)."""
     from .bench import mixer_benchmark
@@ -312,9 +322,7 @@ def bench_mixer(batch, seq_len, d_model):
 
 
 @bench.command(name="moe")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True)
-@click.option("--d-model", type=click.IntRange(min=16), default=1024, show_default=True)
+@layer_shape(min_d_model=16)
 @click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--profile", is_flag=True, help="Also print the kernels that take each variant's step time.")

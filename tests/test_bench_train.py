@@ -13,6 +13,7 @@ import torch
 from dcablate import checkpoint
 from dcablate import recipe as R
 from dcablate.cli import main
+from faults import nan_at
 from tiny_recipes import tiny_mqar
 
 TINY = """\
@@ -221,21 +222,6 @@ def use_fused(monkeypatch):
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
     original = T.make_optimizer
     monkeypatch.setattr(T, "make_optimizer", make_optimizer)
-
-
-def nan_at(monkeypatch, call: int) -> None:
-    from dcablate.models.lm import LanguageModel
-
-    original, calls = LanguageModel.hidden, []
-
-    def hidden(self, x):
-        h = original(self, x)
-        if self.training:
-            calls.append(1)
-            if len(calls) == call:
-                h = h * float("nan")
-        return h
-    monkeypatch.setattr(LanguageModel, "hidden", hidden)
 
 
 def trainer_for(tmp_path, nonfinite: str):

@@ -27,6 +27,7 @@ import torch
 from dcablate import checkpoint
 from dcablate.cli import main
 from dcablate.tasks import MQARTask
+from faults import nan_at, oom_above
 from tiny_recipes import tiny_mqar
 
 RECIPE = tiny_mqar()
@@ -268,22 +269,6 @@ def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
                               "out/t/checkpoints/step-000006.pt is intact\n"
 
 
-def nan_at(monkeypatch, call: int) -> None:
-    """The model's hidden states turn NaN at the `call`-th training forward pass."""
-    from dcablate.models.lm import LanguageModel
-
-    original, calls = LanguageModel.hidden, []
-
-    def hidden(self, x):
-        h = original(self, x)
-        if self.training:
-            calls.append(1)
-            if len(calls) == call:
-                h = h * float("nan")
-        return h
-    monkeypatch.setattr(LanguageModel, "hidden", hidden)
-
-
 def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path)
     nan_at(monkeypatch, 7)
@@ -330,19 +315,6 @@ def test_cuda_out_of_memory_suggests_micro_batches(tmp_path, monkeypatch, capsys
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: CUDA out of memory while training step 1; set train.micro_batch_size")
     assert "train.batch_size (16)" in err
-
-
-def oom_above(monkeypatch, rows: int) -> None:
-    """Forward passes over more than `rows` examples raise CUDA's out-of-memory error."""
-    from dcablate.models.lm import LanguageModel
-
-    original = LanguageModel.hidden
-
-    def hidden(self, x):
-        if self.training and len(x) > rows:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return original(self, x)
-    monkeypatch.setattr(LanguageModel, "hidden", hidden)
 
 
 def test_out_of_memory_halves_the_micro_batch_and_equals_accumulation(tmp_path, monkeypatch, capsys):
