@@ -130,7 +130,7 @@ def test_dynamic_conv_triton_matches_float64_reference(case, dtype, fused):
     from dcablate.kernels.dynamic_conv_triton import dynamic_conv_lowrank_triton
 
     B, T, D, R, W, with_S, residual, lengths = case
-    if fused and dtype == torch.float32:  # refused (raised on an H100 for B > 1, see the kernel's docstring)
+    if fused and dtype == torch.float32:  # refused (raised on an H100, see the kernel's docstring)
         with pytest.raises(ValueError, match="fused_backward"):
             x = torch.randn(B, T, D, device="cuda")
             dynamic_conv_lowrank_triton(x, x[..., :R], torch.zeros(R, W, D, device="cuda"), fused_backward=True)
