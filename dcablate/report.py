@@ -2,9 +2,10 @@
 
 A run is a directory holding `recipe.toml`; it is finished when it also holds `summary.json`. Its
 variant is (mixer, conv kind, conv placement, ffn) and its grid point (d_model, lr, seed), all read
-from the resolved recipe. The score of a run is `summary.json`'s `best` evaluation (the one with the
-highest overall MQAR accuracy during training, Zoology's convention); per width, the learning rate
-with the best mean score over seeds is selected, and its mean ± std over seeds reported.
+from the resolved recipe. The score of a run is `summary.json`'s `best` evaluation: the highest
+overall MQAR accuracy during training (Zoology's convention), or for language modelling the lowest
+validation bits per byte; per width, the learning rate with the best mean score over seeds is
+selected, and its mean ± std over seeds reported. MQAR and LM runs below one folder get a section each.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from .errors import RecipeError, UserError
 from .logs import _records
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What a task's runs are scored by."""
+    key: str                 # in summary.json's `best` and the eval records
+    higher_is_better: bool
+    label: str
+    bounded: bool            # in [0, 1] (accuracy): fixed axis limits
+
+
+METRICS = {"mqar": Metric("overall", True, "overall MQAR accuracy", True),
+           "lm": Metric("bpb", False, "validation bits per byte", False)}
+
+
 @dataclass
 class Run:
     path: Path
@@ -29,12 +43,13 @@ class Run:
     d_model: int
     lr: float
     seed: int
+    task: str = "mqar"
     summary: dict | None = None  # None = unfinished
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, overall) of each evaluation
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score) of each evaluation
 
     @property
     def score(self) -> float:
-        return self.summary["best"]["overall"]
+        return self.summary["best"][METRICS[self.task].key]
 
 
 @dataclass
@@ -58,8 +73,8 @@ def variant_name(v: tuple) -> str:
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Every MQAR run directory below `root` (finished or not), and those skipped: files that could not be
-    read, runs of another task."""
+    """Every MQAR and LM run directory below `root` (finished or not), and those skipped: files that could
+    not be read."""
     if not root.is_dir():
         raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
     runs, bad = [], []
@@ -70,13 +85,13 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         except (OSError, ValueError, RecipeError) as e:
             bad.append((run_dir, f"recipe.toml: {e}"))
             continue
-        if r.task.kind != "mqar":
-            bad.append((run_dir, f"task.kind = {r.task.kind!r}: reports cover MQAR runs only"))
+        if r.task.kind not in METRICS:
+            bad.append((run_dir, f"task.kind = {r.task.kind!r}: reports cover {', '.join(METRICS)} runs"))
             continue
         m = r.model
         mixer = "+".join(m.mixer) if isinstance(m.mixer, list) else m.mixer
         placement = "-" if m.conv.kind == "none" else m.conv.placement  # no conv: placement is moot
-        run = Run(run_dir, (mixer, m.conv.kind, placement, m.ffn), m.d_model, r.train.lr, r.run.seed)
+        run = Run(run_dir, (mixer, m.conv.kind, placement, m.ffn), m.d_model, r.train.lr, r.run.seed, r.task.kind)
         summary_file = run_dir / "summary.json"
         if summary_file.is_file():
             try:
@@ -85,8 +100,9 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 bad.append((run_dir, f"summary.json: {e!r}"))
                 continue
-        run.curve = [(rec["step"], rec["overall"]) for _, rec in _records(run_dir / "metrics.jsonl")
-                     if rec.get("kind") == "eval" and "overall" in rec]
+        key = METRICS[run.task].key
+        run.curve = [(rec["step"], rec[key]) for _, rec in _records(run_dir / "metrics.jsonl")
+                     if rec.get("kind") == "eval" and key in rec]
         runs.append(run)
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
@@ -102,27 +118,31 @@ def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:
     return {k: {lr: Cell(rs) for lr, rs in sorted(by_lr.items())} for k, by_lr in sorted(cells.items())}
 
 
-def best_lr(by_lr: dict[float, Cell]) -> float:
-    """The learning rate with the highest mean score over seeds (the smaller lr on a tie)."""
-    return max(by_lr, key=lambda lr: (by_lr[lr].mean(), -lr))
+def best_lr(by_lr: dict[float, Cell], metric: Metric = METRICS["mqar"]) -> float:
+    """The learning rate with the best mean score over seeds (the smaller lr on a tie)."""
+    sign = 1 if metric.higher_is_better else -1
+    return max(by_lr, key=lambda lr: (sign * by_lr[lr].mean(metric.key), -lr))
 
 
-def segments_of(runs: list[Run]) -> list[str]:
-    """Test segment keys (`T64_kv4`, ...) in the order of the first finished run's evaluation."""
+def segments_of(runs: list[Run], metric: Metric = METRICS["mqar"]) -> list[str]:
+    """The other evaluation columns in the order of the first finished run's evaluation: MQAR's test
+    segments (`T64_kv4`, ...), LM's loss and perplexity."""
+    skip = {"step", metric.key} | ({"loss"} if metric.bounded else set())
     keys: dict[str, None] = {}
     for run in runs:
         if run.summary is not None:
-            keys.update((k, None) for k in run.summary["best"] if k not in ("step", "loss", "overall"))
+            keys.update((k, None) for k in run.summary["best"] if k not in skip)
     return list(keys)
 
 
-def ranking(table: dict[tuple, dict[float, Cell]]) -> list[tuple[tuple, float, list[int]]]:
+def ranking(table: dict[tuple, dict[float, Cell]],
+            metric: Metric = METRICS["mqar"]) -> list[tuple[tuple, float, list[int]]]:
     """Variants by the mean over widths of their best-over-lr score, best first."""
     per_variant: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
     for (variant, d_model), by_lr in table.items():
-        per_variant[variant].append((d_model, by_lr[best_lr(by_lr)].mean()))
+        per_variant[variant].append((d_model, by_lr[best_lr(by_lr, metric)].mean(metric.key)))
     rows = [(v, statistics.fmean(s for _, s in ws), [d for d, _ in ws]) for v, ws in per_variant.items()]
-    return sorted(rows, key=lambda row: -row[1])
+    return sorted(rows, key=lambda row: -row[1] if metric.higher_is_better else row[1])
 
 
 def _pm(mean: float, std: float | None) -> str:
@@ -147,49 +167,36 @@ def write_report(root: Path) -> dict[str, Path]:
 
 def _write_report(root: Path) -> dict[str, Path]:
     runs, bad = find_runs(root)
-    table = aggregate(runs)
-    segs = segments_of(runs)
+    by_task = {task: [r for r in runs if r.task == task] for task in METRICS}
     unfinished = [r for r in runs if r.summary is None]
     out = {"md": root / "report.md", "csv": root / "report.csv"}
-
-    with open(out["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
-                    "score_mean", "score_std", "best_lr", *(f"{s}_mean" for s in segs), "state_floats", "params"])
-        for (variant, d_model), by_lr in table.items():
-            chosen = best_lr(by_lr)
-            for lr, cell in by_lr.items():
-                std = cell.std()
-                first = cell.runs[0].summary
-                w.writerow([variant_name(variant), *variant, d_model, lr, len(cell.runs), cell.mean(),
-                            "" if std is None else std, lr == chosen, *(cell.mean(s) for s in segs),
-                            first.get("state_floats", ""), first.get("params", {}).get("total", "")])
-
-    out.update(_figures(root, table, segs))
-
     lines = [f"# Report: {root}", "",
              f"{len(runs) - len(unfinished)} finished runs, {len(unfinished)} unfinished"
-             + (f", {len(bad)} skipped" if bad else "") + ".", "",
-             "Score = overall MQAR accuracy of each run's best evaluation (`summary.json` `best`); per width the "
-             "learning rate with the best mean score over seeds is chosen; mean ± sample std over seeds.", ""]
-    if table:
-        lines += ["## Ranking", "", "Mean over widths of the best-over-lr score.", ""]
-        lines += _md_table(["rank", "variant", "score", "widths"],
-                           [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))]
-                            for i, (v, s, ds) in enumerate(ranking(table))])
-        for variant in dict.fromkeys(v for v, _ in table):
-            lines += [f"## {variant_name(variant)}", ""]
-            rows = []
-            for (v, d_model), by_lr in table.items():
-                if v != variant:
-                    continue
-                lr = best_lr(by_lr)
-                cell = by_lr[lr]
-                rows.append([d_model, f"{lr:g}", len(cell.runs), _pm(cell.mean(), cell.std()),
-                             *(_pm(cell.mean(s), cell.std(s)) for s in segs),
-                             cell.runs[0].summary.get("state_floats", "")])
-            lines += _md_table(["d_model", "best lr", "seeds", "overall", *segs, "state floats"], rows)
-        lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in out.items() if p.suffix == ".png"] + [""]
+             + (f", {len(bad)} skipped" if bad else "") + ".", ""]
+
+    tasks = {task: (METRICS[task], aggregate(rs), segments_of(rs, METRICS[task]))
+             for task, rs in by_task.items() if rs}
+    all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
+    with open(out["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
+                    "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
+                    "params"])
+        for task, (metric, table, segs) in tasks.items():
+            for (variant, d_model), by_lr in table.items():
+                chosen = best_lr(by_lr, metric)
+                for lr, cell in by_lr.items():
+                    std = cell.std(metric.key)
+                    first = cell.runs[0].summary
+                    w.writerow([task, variant_name(variant), *variant, d_model, lr, len(cell.runs),
+                                cell.mean(metric.key), "" if std is None else std, lr == chosen,
+                                *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
+                                first.get("state_floats", ""), first.get("params", {}).get("total", "")])
+    for task, (metric, table, segs) in tasks.items():
+        figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
+        out.update(figures)
+        lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1)
+
     if unfinished:
         lines += ["## Unfinished (no summary.json)", ""] + [f"- `{r.path.relative_to(root)}`" for r in unfinished]
         lines += [""]
@@ -201,8 +208,38 @@ def _write_report(root: Path) -> dict[str, Path]:
     return out
 
 
-def _figures(root: Path, table: dict, segs: list[str]) -> dict[str, Path]:
-    """accuracy_vs_d_model.png (one panel per segment), accuracy_vs_state.png, validation_curves.png."""
+def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool) -> list[str]:
+    """The markdown of one task's runs: how they are scored, the ranking, a table per variant, figures."""
+    better = "highest" if metric.higher_is_better else "lowest"
+    lines = ([f"# {'MQAR' if task == 'mqar' else 'Language modelling'}", ""] if titled else [])
+    lines += [f"Score = {metric.label} of each run's best evaluation (`summary.json` `best`, the {better}); per "
+              "width the learning rate with the best mean score over seeds is chosen; mean ± sample std over "
+              "seeds.", ""]
+    if not table:
+        return lines
+    lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
+    lines += _md_table(["rank", "variant", "score", "widths"],
+                       [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))]
+                        for i, (v, s, ds) in enumerate(ranking(table, metric))])
+    for variant in dict.fromkeys(v for v, _ in table):
+        lines += [f"## {variant_name(variant)}", ""]
+        rows = []
+        for (v, d_model), by_lr in table.items():
+            if v != variant:
+                continue
+            lr = best_lr(by_lr, metric)
+            cell = by_lr[lr]
+            rows.append([d_model, f"{lr:g}", len(cell.runs), _pm(cell.mean(metric.key), cell.std(metric.key)),
+                         *(_pm(cell.mean(seg), cell.std(seg)) for seg in segs),
+                         cell.runs[0].summary.get("state_floats", "")])
+        lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, "state floats"], rows)
+    lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
+    return lines
+
+
+def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: str = "") -> dict[str, Path]:
+    """Score vs d_model (MQAR: one panel per test segment), score vs recurrent-state size, and the
+    validation curves of the best lr per width; LM files carry the `lm_` prefix."""
     if not table:
         return {}
     import matplotlib
@@ -212,29 +249,30 @@ def _figures(root: Path, table: dict, segs: list[str]) -> dict[str, Path]:
 
     variants = list(dict.fromkeys(v for v, _ in table))
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
-    best = {key: by_lr[best_lr(by_lr)] for key, by_lr in table.items()}
+    best = {key: by_lr[best_lr(by_lr, metric)] for key, by_lr in table.items()}
+    ylim = (-0.02, 1.02) if metric.bounded else None
+    short = "accuracy" if metric.bounded else metric.key
     files = {}
 
-    panels = segs or ["overall"]
+    panels = (segs or [metric.key]) if metric.bounded else [metric.key]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, seg in zip(axes[0], panels):
         for v in variants:
             pts = sorted((d, c.mean(seg)) for (vv, d), c in best.items() if vv == v)
             ax.plot([d for d, _ in pts], [a for _, a in pts], "o-", color=colors[v], label=variant_name(v))
         ax.set_xscale("log", base=2)
-        ax.set_title(seg)
-        ax.set_xlabel("d_model")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][0].set_ylabel("MQAR accuracy (best lr)")
-    files["accuracy_vs_d_model"] = _save(fig, axes[0][-1], root / "accuracy_vs_d_model.png")
+        ax.set(title=seg, xlabel="d_model", ylim=ylim)
+    axes[0][0].set_ylabel(f"{'MQAR accuracy' if metric.bounded else metric.label} (best lr)")
+    files[f"{prefix}{short}_vs_d_model"] = _save(fig, axes[0][-1], root / f"{prefix}{short}_vs_d_model.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for v in variants:
-        pts = sorted((c.runs[0].summary.get("state_floats", 0), c.mean()) for (vv, _), c in best.items() if vv == v)
+        pts = sorted((c.runs[0].summary.get("state_floats", 0), c.mean(metric.key))
+                     for (vv, _), c in best.items() if vv == v)
         ax.plot([s for s, _ in pts], [a for _, a in pts], "o-", color=colors[v], label=variant_name(v))
     ax.set_xscale("log")
-    ax.set(xlabel="recurrent state (floats per sequence)", ylabel="overall accuracy (best lr)", ylim=(-0.02, 1.02))
-    files["accuracy_vs_state"] = _save(fig, ax, root / "accuracy_vs_state.png")
+    ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)", ylim=ylim)
+    files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")
 
     widths = sorted({d for _, d in table})
     fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.6), squeeze=False, sharey=True)
@@ -243,9 +281,9 @@ def _figures(root: Path, table: dict, segs: list[str]) -> dict[str, Path]:
             cell = best.get((v, d))
             for i, run in enumerate(r for r in (cell.runs if cell else []) if r.curve):
                 ax.plot(*zip(*run.curve), color=colors[v], alpha=0.8, label=variant_name(v) if i == 0 else None)
-        ax.set(title=f"d_model={d} (best lr)", xlabel="step", ylim=(-0.02, 1.02))
-    axes[0][0].set_ylabel("overall accuracy")
-    files["validation_curves"] = _save(fig, axes[0][-1], root / "validation_curves.png")
+        ax.set(title=f"d_model={d} (best lr)", xlabel="step", ylim=ylim)
+    axes[0][0].set_ylabel(metric.label)
+    files[f"{prefix}validation_curves"] = _save(fig, axes[0][-1], root / f"{prefix}validation_curves.png")
     return files
 
 

@@ -145,3 +145,41 @@ def test_damaged_summary_is_skipped_not_fatal(grid):
     (grid / "a" / "w128" / "summary.json").write_text("{not json")
     md = write_report(grid)["md"].read_text()
     assert "6 finished runs, 1 unfinished, 1 skipped" in md and "`a/w128`: summary.json" in md
+
+
+def make_lm_run(root, name, *, mixer="attention", lr=1e-3, seed=0, bpb=1.5, curve=((10, 2.0), (20, 1.5))):
+    """An LM run directory: the real recipe code, a hand-made summary (lower bpb is better) and curve."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    r = recipes.build({"run": {"seed": seed}, "train": {"lr": lr}, "model": {"mixer": mixer},
+                       "task": {"kind": "lm", "lm": {"data": "x"}}})
+    (run_dir / "recipe.toml").write_text(r.to_toml())
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "eval", "step": s, "bpb": b, "loss": b / 2, "perplexity": 3.0}) + "\n" for s, b in curve))
+    best = {"step": 20, "loss": bpb / 2, "perplexity": 3.0, "bpb": bpb}
+    (run_dir / "summary.json").write_text(json.dumps({"best": best, "final": best, "state_floats": 10,
+                                                      "params": {"total": 1}, "steps": 20}))
+    return run_dir
+
+
+def test_lm_runs_are_scored_by_lowest_bpb_beside_mqar(tmp_path):
+    """LM runs: the lr with the lowest mean bpb wins and the ranking is ascending; a folder holding MQAR
+    runs too gets one section per task and LM figures with an `lm_` prefix."""
+    root = tmp_path / "mixed"
+    make_lm_run(root, "lm/a1", lr=1e-3, bpb=1.4)
+    make_lm_run(root, "lm/a2", lr=3e-3, bpb=1.2)      # attention's best lr: the lower bpb
+    make_lm_run(root, "lm/g1", mixer="gated_deltanet", bpb=1.3)
+    make_run(root, "mqar/a", best=(0.9, 0.8, 0.85))
+    files = write_report(root)
+    md = files["md"].read_text()
+    assert "# MQAR" in md and "# Language modelling" in md
+    lm = md[md.index("# Language modelling"):]
+    assert "| 1 | attention conv=none | 1.200 | 128 |" in lm and "| 2 | gated_deltanet conv=none | 1.300 | 128 |" in lm
+    assert "| 128 | 0.003 | 1 | 1.200 | 0.600 | 3.000 | 10 |" in lm
+    rows = read_csv(files["csv"])
+    lm_rows = {float(r["lr"]): r for r in rows if r["task"] == "lm" and r["mixer"] == "attention"}
+    assert (lm_rows[1e-3]["best_lr"], lm_rows[3e-3]["best_lr"]) == ("False", "True")
+    assert lm_rows[3e-3]["perplexity_mean"] == "3.0" and lm_rows[3e-3]["T64_kv4_mean"] == ""
+    names = {p.name for p in files.values() if p.suffix == ".png"}
+    assert {"lm_bpb_vs_d_model.png", "lm_bpb_vs_state.png", "lm_validation_curves.png",
+            "accuracy_vs_d_model.png", "validation_curves.png"} <= names
