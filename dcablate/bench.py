@@ -25,9 +25,9 @@ SHAPES = {  # name: B, T, D, W, R
 
 
 def copy_bandwidth() -> float:
+    """Device-to-device copy in GB/s (bytes read + written), the practical memory ceiling."""
     import triton
 
-    """Device-to-device copy in GB/s (bytes read + written), the practical memory ceiling."""
     a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
@@ -48,11 +48,11 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
     """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs."""
     import triton
 
-    from .kernels.dynamic_conv_triton import lowrank_bwd_dU_dS, lowrank_bwd_dx_dz
+    from .kernels.dynamic_conv_triton import dot_precision, lowrank_bwd_dU_dS, lowrank_bwd_dx_dz
 
     x, z, U, S = (t.detach().contiguous() for t in (x, z, U, S))
     pos = x.new_empty(1, dtype=torch.int32)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    prec = dot_precision(x.dtype)
     return {"dx/dz kernel": triton.testing.do_bench(
                 lambda: lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec), return_mode="median"),
             "dU/dS kernel": triton.testing.do_bench(
@@ -61,8 +61,7 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
 
 def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, breakdown: bool = False) -> list[tuple]:
     """Time every variant at every shape; prints the table and returns its rows."""
-    if not torch.cuda.is_available():
-        raise UserError("bench conv needs a CUDA device (it times GPU kernels)")
+    _need_cuda("conv")
     import triton
     from fla.modules import ShortConvolution
 

@@ -139,33 +139,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock(device: torch.device):
+    """(mark, elapsed ms between two marks): CUDA events on the GPU (the step is asynchronous), the
+    wall clock on CPU."""
+    if device.type == "cuda":
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return mark, lambda a, b: a.elapsed_time(b)
+    return time.perf_counter, lambda a, b: (b - a) * 1e3
+
+
 def time_steps(step, batches, device: torch.device, warmup: int, steps: int) -> tuple[list[float], int, int]:
     """Run `step(x, y)` `warmup` times, then `steps` timed times: per-step ms, tokens and scored targets
     of the timed steps."""
     for _ in range(warmup):
         step(*next(batches))
     synchronize(device)
-    times, tokens, scored = [], 0, torch.zeros((), dtype=torch.int64, device=device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for start, end in events:
-            x, y = next(batches)
-            start.record()
-            step(x, y)
-            end.record()
-            tokens += x.numel()
-            scored += (y != -100).sum()  # on the device: read once at the end
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(steps):
-            x, y = next(batches)
-            t0 = time.perf_counter()
-            step(x, y)
-            times.append((time.perf_counter() - t0) * 1e3)
-            tokens += x.numel()
-            scored += (y != -100).sum()
-    return times, tokens, int(scored)
+    mark, elapsed = clock(device)
+    marks, tokens, scored = [], 0, torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(steps):
+        x, y = next(batches)
+        start = mark()
+        step(x, y)
+        marks.append((start, mark()))
+        tokens += x.numel()
+        scored += (y != -100).sum()  # on the device: read once at the end
+    synchronize(device)
+    return [elapsed(a, b) for a, b in marks], tokens, int(scored)
 
 
 def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_token: float | None,

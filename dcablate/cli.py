@@ -15,7 +15,7 @@ import click
 from . import __version__
 from . import recipe as recipes
 from .errors import UserError
-from .tables import format_table
+from .tables import format_table, headline_result
 
 SET_HELP = "Override a recipe key, e.g. --set train.lr=3e-3 (value parsed as TOML; repeatable)."
 
@@ -84,11 +84,10 @@ def read_summary(run_dir: Path) -> dict:
               help="Sweeps: the GPUs to spread runs over (indices as CUDA numbers them; default: all visible).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
               help="CPU sweeps: train N runs at a time in worker processes (torch threads split between them).")
-@click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N", expose_value=False,
-              callback=lambda ctx, _, value: ctx.meta.__setitem__("dcablate.nproc", value),
+@click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train each run data-parallel over N processes (one per GPU) through torchrun; "
                    "train.parallel picks DDP or FSDP2 (docs/distributed.md).")
-def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
+def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, nproc):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
@@ -108,7 +107,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
         plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
-    if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun every rank follows rank 0's directories
+    distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # under torchrun: one model over all ranks
+    if distributed:  # every rank follows rank 0's directories
         from .distributed import broadcast, setup
 
         setup()
@@ -119,18 +119,17 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
         return
     from .train import check_runtime, train  # torch import deferred so --help and validation stay fast
 
-    if click.get_current_context().meta.get("dcablate.nproc"):  # --nproc N: this command again under torchrun
+    if nproc:  # --nproc N: this command again under torchrun
         from .distributed import relaunch
 
-        relaunch(click.get_current_context().meta["dcablate.nproc"], recipe, list(overrides), quiet, force_new,
-                 [check_runtime(r) for _, r in points], any(v is not None for v in (per_gpu, gpus, workers)))
+        relaunch(nproc, recipe, list(overrides), quiet, force_new, [check_runtime(r) for _, r in points],
+                 any(v is not None for v in (per_gpu, gpus, workers)))
 
     devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
     import torch
 
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
-    distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # one model over all ranks: no sweep workers
-    slots = None if distributed else parallel.plan_slots(
+    slots = None if distributed else parallel.plan_slots(  # no sweep workers under torchrun
         per_gpu, gpu_list, workers, any(d.type == "cuda" for d in devices),
         torch.cuda.device_count() if torch.cuda.is_available() else 0, len(to_train))
     try:
@@ -149,9 +148,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers):
             click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
         else:
             summary = train(r, run_dir, quiet=quiet)
-            head = "bpb" if r.task.kind == "lm" else "overall"
-            click.echo(f"  -> {run_dir}  {head} {summary['final'].get(head, float('nan')):.3f} "
-                       f"in {summary['wall_time_s']:.1f}s")
+            click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         rows.append(result_row(name or r.run.name, summary))
     click.echo("")
     click.echo(format_table(rows))
@@ -166,8 +163,7 @@ def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> No
     for name, _, run_dir, state in plan:
         if state == "finished":
             click.echo(f"{name}: {run_dir} finished earlier, not retrained (--force-new trains it again)")
-    jobs = [parallel.Job(i, plan[i][0], plan[i][2], plan[i][1].digest(),
-                         "bpb" if plan[i][1].task.kind == "lm" else "overall") for i in to_train]
+    jobs = [parallel.Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind) for i in to_train]
     out = parallel.run_sweep(recipe, overrides, jobs, slots, len(to_train), read_summary)
     rows = []
     for i, (name, r, run_dir, state) in enumerate(plan):

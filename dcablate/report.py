@@ -21,6 +21,7 @@ from pathlib import Path
 from . import recipe as recipes
 from .errors import RecipeError, UserError
 from .logs import _records
+from .tables import HEADLINE
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class Metric:
     bounded: bool            # in [0, 1] (accuracy): fixed axis limits
 
 
-METRICS = {"mqar": Metric("overall", True, "overall MQAR accuracy", True),
-           "lm": Metric("bpb", False, "validation bits per byte", False)}
+METRICS = {"mqar": Metric(HEADLINE["mqar"], True, "overall MQAR accuracy", True),
+           "lm": Metric(HEADLINE["lm"], False, "validation bits per byte", False)}
 
 
 @dataclass

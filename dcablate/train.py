@@ -303,19 +303,24 @@ class Trainer:
         if self.saved is not None and self.saved == checkpoint.step_path(self.ckpt_dir, self.step):
             return
         path = checkpoint.step_path(self.ckpt_dir, self.step)
-        state, error = self.state(), None
-        if self.main:
-            try:
-                checkpoint.save(path, state)
-            except checkpoint.WriteError as e:
-                error = str(e)
-        error = ddp.broadcast(error)  # every rank stops when rank 0 could not write
+        error = self.write_on_main(path, self.state())
         if error is not None:
             kept = f"the previous checkpoint {self.saved} is intact" if self.saved else "no earlier checkpoint"
             raise Stop(f"error: {error}; {kept}; free some space and run the same command to resume", 1)
         self.saved = path
         if self.main:
             checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep)
+
+    def write_on_main(self, path: Path, payload: dict | None) -> str | None:
+        """Rank 0 saves `payload` (built collectively) to `path`; every rank gets rank 0's write error, or
+        None, so that all of them stop together when the disk is full."""
+        error = None
+        if self.main:
+            try:
+                checkpoint.save(path, payload)
+            except checkpoint.WriteError as e:
+                error = str(e)
+        return ddp.broadcast(error)
 
     def wall_time(self) -> float:
         return round(self.wall_before + time.time() - self.started, 2)
@@ -406,11 +411,14 @@ class Trainer:
 
     def shrink_micro_batch(self, batch: int) -> bool:
         """After a CUDA OOM in the forward/backward: halve the micro-batch and say so, if the recipe allows
-        it (`train.oom_retry`, one process) and it is above 1; False = give up. Accumulated gradients
-        equal the full batch's up to float rounding, so the run's numbers stay comparable."""
+        it (`train.oom_retry`, one process); False = not allowed, a Stop when it is already one example.
+        Accumulated gradients equal the full batch's up to float rounding, so the numbers stay comparable."""
         old = self.micro or batch
-        if not self.recipe.train.oom_retry or ddp.world() > 1 or old <= 1:
+        if not self.recipe.train.oom_retry or ddp.world() > 1:
             return False
+        if old <= 1:
+            raise Stop(f"error: CUDA out of memory while {self.phase}, even with micro-batches of one example; "
+                       f"use a smaller model or shorter sequences", 1) from None
         self.micro = old // 2
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -486,9 +494,6 @@ class Trainer:
             self.check_signal()
             return self.finish()
         except torch.OutOfMemoryError:
-            if self.micro == 1 and self.phase.startswith("training"):
-                raise Stop(f"error: CUDA out of memory while {self.phase}, even with micro-batches of one example; "
-                           f"use a smaller model or shorter sequences", 1) from None
             raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
                        f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
                        f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating", 1) from None
@@ -546,16 +551,10 @@ class Trainer:
         self.done = True
         self.save()
         recipe, final = self.recipe, self.history[-1]
-        weights, error = ddp.model_state(self.model), None
-        if self.main:
-            try:
-                checkpoint.save(self.ckpt_dir / "final.pt", {
-                    "model": weights, "step": self.step, "recipe": recipe.to_dict(),
-                    "recipe_hash": recipe.digest(), "vocab_size": self.net.vocab_size,
-                })
-            except checkpoint.WriteError as e:
-                error = str(e)
-        error = ddp.broadcast(error)
+        error = self.write_on_main(self.ckpt_dir / "final.pt", {
+            "model": ddp.model_state(self.model), "step": self.step, "recipe": recipe.to_dict(),
+            "recipe_hash": recipe.digest(), "vocab_size": self.net.vocab_size,
+        })
         if error is not None:
             raise Stop(f"error: {error}; the end checkpoint {self.saved} is intact; free some space and run the "
                        f"same command to finish", 1)

@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 
 from .errors import UserError
+from .tables import headline_result
 
 LOG_NAME = "worker.log"
 
@@ -126,7 +127,7 @@ class Job:
     name: str
     run_dir: Path
     digest: str
-    headline: str = "overall"
+    task_kind: str = "mqar"  # picks the headline metric of its result line
     slot: Slot | None = None
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -229,9 +230,8 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
                 if code == 0 and (job.run_dir / "summary.json").is_file():
                     summary = read_summary(job.run_dir)
                     out.summaries[job.index] = summary
-                    head = job.headline
-                    click.echo(f"{prefix}  {head} {summary['final'].get(head, float('nan')):.3f} "
-                               f"in {summary['wall_time_s']:.1f}s  ({elapsed:.1f}s wall, {job.slot.label})")
+                    click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, "
+                               f"{job.slot.label})")
                 elif caught and code in (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
                     out.interrupted.append(job)
                     click.echo(f"{prefix}  stopped ({job.slot.label}): {last_line(job.run_dir / LOG_NAME)}")
@@ -315,9 +315,7 @@ def worker_main(argv: list[str]) -> int:
         except Stop as e:
             click.echo(str(e))
             return e.code
-        head = "bpb" if r.task.kind == "lm" else "overall"
-        click.echo(f"-> {run_dir}  {head} {summary['final'].get(head, float('nan')):.3f} "
-                   f"in {summary['wall_time_s']:.1f}s")
+        click.echo(f"-> {run_dir}  {headline_result(summary, r.task.kind)}")
         return 0
     except UserError as e:
         click.echo(f"error: {e}")

@@ -14,7 +14,7 @@ from dcablate import checkpoint
 from dcablate import recipe as R
 from dcablate.cli import main
 from faults import nan_at
-from tiny_recipes import tiny_mqar
+from tiny_recipes import run_cli, tiny_mqar
 
 TINY = """\
 # tiny MQAR bench
@@ -262,19 +262,11 @@ def test_fused_step_skips_a_nonfinite_update_on_the_device(tmp_path, monkeypatch
     assert trainer.pending == []
 
 
-def run(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
-    monkeypatch.chdir(cwd)
-    rc = main(["run", "r.toml", "--quiet", *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return rc, out, err
-
-
 def test_fused_run_stops_at_the_nonfinite_step_before_saving_later_ones(tmp_path, monkeypatch, capsys):
     (tmp_path / "r.toml").write_text(RECIPE)
     use_fused(monkeypatch)
     nan_at(monkeypatch, 7)  # found at the log of step 8, before step 8's checkpoint
-    rc, out, err = run(monkeypatch, capsys, tmp_path)
+    rc, out, err = run_cli(monkeypatch, capsys, tmp_path)
     ckpt = Path("out/t/checkpoints/step-000006.pt")
     assert rc == 1 and err.startswith("error: non-finite loss nan, gradient norm nan at step 7; last good "
                                       f"checkpoint {ckpt}; lower train.lr"), err
@@ -284,7 +276,7 @@ def test_fused_run_stops_at_the_nonfinite_step_before_saving_later_ones(tmp_path
     use_fused(monkeypatch)
     # resumed with "skip": the step is skipped, logged and counted, and the run finishes
     nan_at(monkeypatch, 1)
-    rc, out, err = run(monkeypatch, capsys, tmp_path, "--set", "train.nonfinite=skip")
+    rc, out, err = run_cli(monkeypatch, capsys, tmp_path, "--set", "train.nonfinite=skip")
     assert rc == 0 and "from step 6" in out, err
     summary = json.loads((tmp_path / "out/t/summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["steps"] == 12

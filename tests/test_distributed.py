@@ -25,7 +25,7 @@ import torch
 from dcablate import checkpoint
 from dcablate.cli import main
 from dcablate.distributed import local_rows, micro_chunks
-from tiny_recipes import merge, tiny_mqar
+from tiny_recipes import merge, run_in, setup_dir, tiny_mqar
 
 SEGMENT = {"seq_len": 16, "num_kv_pairs": 2}
 SMALL = dict(model={"d_model": 16}, train={"steps": 6, "precision": "fp32", "lr": 3e-3}, eval={"every": 3},
@@ -57,21 +57,6 @@ FSDP_POINTS = ("seed=0,parallel=fsdp", "seed=1,parallel=fsdp")
 ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 DCABLATE_RUN = ["-m", "dcablate", "run", "r.toml", "--quiet"]
-
-
-def setup_dir(path: Path, text: str) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "r.toml").write_text(text)
-    return path
-
-
-def in_process(cwd: Path) -> None:
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        assert main(["run", "r.toml", "--quiet"]) == 0
-    finally:
-        os.chdir(old)
 
 
 def launch(cwd: Path, cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
@@ -123,7 +108,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory) -> Path:
     cwd = setup_dir(tmp_path_factory.mktemp("ddp_ref"), DDP_RECIPE)
-    in_process(cwd)
+    run_in(cwd)
     return cwd / "out" / "t"
 
 
@@ -165,7 +150,7 @@ def test_ddp_checkpoint_resumes_with_one_process(ddp_run, ddp_reference, tmp_pat
     cwd = setup_dir(tmp_path, DDP_RECIPE)
     for point in DDP_POINTS:
         trim(run_dir / point, cwd / "out" / "t" / point, step=2 if point.startswith("ffn=moe") else 4)
-    in_process(cwd)
+    run_in(cwd)
     for point in DDP_POINTS:
         assert_matches(cwd / "out" / "t" / point, ddp_reference / point)
 
@@ -177,7 +162,7 @@ def test_fsdp_matches_one_process_and_resumes_a_one_process_checkpoint(tmp_path)
     """torchrun directly, train.parallel = "fsdp": seed=0 from scratch, seed=1 resumed by 2 ranks from
     step 2 of the 1-process run; uneven 2 + 1 row splits included."""
     ref = setup_dir(tmp_path / "ref", FSDP_RECIPE)
-    in_process(ref)
+    run_in(ref)
     cwd = setup_dir(tmp_path / "fsdp", FSDP_RECIPE)
     trim(ref / "out" / "t" / FSDP_POINTS[1], cwd / "out" / "t" / FSDP_POINTS[1], step=2)
     p = launch(cwd, [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *DCABLATE_RUN])

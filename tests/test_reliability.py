@@ -25,10 +25,9 @@ import pytest
 import torch
 
 from dcablate import checkpoint
-from dcablate.cli import main
 from dcablate.tasks import MQARTask
 from faults import nan_at, oom_above
-from tiny_recipes import tiny_mqar
+from tiny_recipes import run_cli, run_in, setup_dir, tiny_mqar
 
 RECIPE = tiny_mqar()
 
@@ -59,30 +58,11 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
 
 
-def setup_dir(path: Path, text: str = RECIPE) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "r.toml").write_text(text)
-    return path
-
-
-def cli(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
-    monkeypatch.chdir(cwd)
-    rc = main(["run", "r.toml", "--quiet", *args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return rc, out, err
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """The undisturbed run every disturbed one must reproduce exactly."""
     cwd = setup_dir(tmp_path_factory.mktemp("reference"))
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        assert main(["run", "r.toml", "--quiet"]) == 0
-    finally:
-        os.chdir(old)
+    run_in(cwd)
     return outcome(cwd / "out" / "t")
 
 
@@ -118,7 +98,7 @@ def test_data_stream_restarts_at_any_position():
 def test_sigint_saves_and_resume_equals_uninterrupted(tmp_path, monkeypatch, capsys, reference):
     cwd = setup_dir(tmp_path)
     signal_at(monkeypatch, 7)
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     ckpt = Path("out/t/checkpoints/step-000007.pt")
     assert rc == 130 and err == f"interrupted (SIGINT) at step 7; checkpoint saved to {ckpt}; run the same command " \
                                 "to resume\n"
@@ -126,16 +106,16 @@ def test_sigint_saves_and_resume_equals_uninterrupted(tmp_path, monkeypatch, cap
     assert not (cwd / "out/t/summary.json").exists()
     assert max(r["step"] for r in records(cwd / "out/t")) == 6  # logged every 2 steps
     monkeypatch.undo()
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0 and err == "" and "resuming out/t from step 7 (step-000007.pt)" in out
     assert_same(outcome(cwd / "out/t"), reference)
 
 
 def test_finished_run_is_reported_not_retrained(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path)
-    assert cli(monkeypatch, capsys, cwd)[0] == 0
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 0
     before = {p: p.stat().st_mtime_ns for p in (cwd / "out/t").rglob("*")}
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0 and "finished earlier, not retrained" in out and "overall" in out and "T16_kv2" in out
     assert before == {p: p.stat().st_mtime_ns for p in (cwd / "out/t").rglob("*")}
 
@@ -143,15 +123,15 @@ def test_finished_run_is_reported_not_retrained(tmp_path, monkeypatch, capsys):
 def test_changed_recipe_is_refused_with_a_diff_unless_force_new(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path)
     signal_at(monkeypatch, 3)
-    assert cli(monkeypatch, capsys, cwd)[0] == 130
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 130
     monkeypatch.undo()
-    rc, out, err = cli(monkeypatch, capsys, cwd, "--set", "train.lr=3e-3", "--set", "model.n_layers=1")
+    rc, out, err = run_cli(monkeypatch, capsys, cwd, "--set", "train.lr=3e-3", "--set", "model.n_layers=1")
     assert rc == 2 and err == "error: out/t: recipe changed since this run started (model.n_layers: 2 -> 1, " \
                               "train.lr: 0.001 -> 0.003); use --force-new to train it in a fresh directory\n"
     # keys that do not change results may differ
-    rc, out, err = cli(monkeypatch, capsys, cwd, "--set", "train.micro_batch_size=4", "--set", "checkpoint.keep=3")
+    rc, out, err = run_cli(monkeypatch, capsys, cwd, "--set", "train.micro_batch_size=4", "--set", "checkpoint.keep=3")
     assert rc == 0 and "resuming out/t from step 3" in out
-    rc, out, err = cli(monkeypatch, capsys, cwd, "--set", "train.lr=3e-3", "--force-new")
+    rc, out, err = run_cli(monkeypatch, capsys, cwd, "--set", "train.lr=3e-3", "--force-new")
     assert rc == 0 and "out/t exists; writing to out/t-2" in out
     assert (cwd / "out/t-2/summary.json").is_file() and (cwd / "out/t/summary.json").is_file()
 
@@ -159,10 +139,10 @@ def test_changed_recipe_is_refused_with_a_diff_unless_force_new(tmp_path, monkey
 def test_sweep_points_resume_or_skip_independently(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path, RECIPE + '[sweep]\n"train.lr" = [1e-3, 2e-3]\n')
     signal_at(monkeypatch, 24 + 5)  # the first point finishes (24 batches), the second stops at its step 5
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 130 and "lr=0.002/checkpoints/step-000005.pt" in err
     monkeypatch.undo()
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0, err
     assert "out/t/lr=0.001: finished earlier" in out and "resuming out/t/lr=0.002 from step 5" in out
     assert out.count("lr=0.00") >= 4  # both points in the results table
@@ -171,7 +151,7 @@ def test_sweep_points_resume_or_skip_independently(tmp_path, monkeypatch, capsys
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch, capsys, reference):
     cwd = setup_dir(tmp_path, tiny_mqar(checkpoint={"keep": 3}))
     signal_at(monkeypatch, 10)
-    assert cli(monkeypatch, capsys, cwd)[0] == 130
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 130
     monkeypatch.undo()
     folder = cwd / "out/t/checkpoints"
     assert [s for s, _ in checkpoint.step_files(folder)] == [6, 8, 10]
@@ -181,7 +161,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch,
     newest.write_bytes(bytes(data))
     with open(folder / "step-000008.pt", "r+b") as f:  # and a torn one behind it
         f.truncate(1000)
-    rc, out, err = cli(monkeypatch, capsys, cwd, "--set", "checkpoint.keep=2")
+    rc, out, err = run_cli(monkeypatch, capsys, cwd, "--set", "checkpoint.keep=2")
     lines = err.splitlines()
     assert rc == 0 and len(lines) == 2, err
     assert lines[0].startswith("warning: ") and "step-000010.pt: checksum mismatch" in lines[0]
@@ -196,12 +176,12 @@ def test_tensorboard_and_metrics_have_no_duplicates_after_resume(tmp_path, monke
 
     cwd = setup_dir(tmp_path, tiny_mqar(log={"tensorboard": True}))
     signal_at(monkeypatch, 9)  # checkpoint every 2: the log at step 8 and eval at 5 were written before
-    assert cli(monkeypatch, capsys, cwd, "--set", "checkpoint.every=4")[0] == 130
+    assert run_cli(monkeypatch, capsys, cwd, "--set", "checkpoint.every=4")[0] == 130
     monkeypatch.undo()
     # a kill between writing records and saving the next checkpoint leaves records past it: fake one
     with open(cwd / "out/t/metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 10, "loss": 1.0}\n{"kind": "eval", "st')
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0 and "from step 9" in out
     steps = [(r["kind"], r["step"]) for r in records(cwd / "out/t")]
     assert len(steps) == len(set(steps)) and ("train", 10) in steps
@@ -223,10 +203,10 @@ def test_second_writer_is_locked_out(tmp_path, monkeypatch, capsys):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write("4242\n")
         held.flush()
-        rc, out, err = cli(monkeypatch, capsys, cwd)
+        rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 2 and err == "error: out/t: another dcablate process (pid 4242) is writing to this run directory\n"
     assert not (run_dir / "recipe.toml").exists()
-    assert cli(monkeypatch, capsys, cwd)[0] == 0  # released: the run goes ahead
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 0  # released: the run goes ahead
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, reference):
@@ -241,7 +221,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(path, data)
     monkeypatch.setattr(checkpoint, "_write", write)
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     ckpt = Path("out/t/checkpoints")
     assert rc == 1 and err == f"error: cannot write {ckpt / 'step-000006.pt'}: No space left on device; the previous " \
                               f"checkpoint {ckpt / 'step-000004.pt'} is intact; free some space and run the same " \
@@ -249,7 +229,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, 
     assert sorted(p.name for p in (cwd / ckpt).iterdir()) == ["step-000002.pt", "step-000002.pt.sha256",
                                                              "step-000004.pt", "step-000004.pt.sha256"]
     monkeypatch.setattr(checkpoint, "_write", real)
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0 and "from step 4" in out
     assert_same(outcome(cwd / "out/t"), reference)
 
@@ -264,7 +244,7 @@ def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/t/metrics.jsonl")
         real(self, kind, step, values)
     monkeypatch.setattr(MetricsLog, "write", write)
-    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path))
+    rc, out, err = run_cli(monkeypatch, capsys, setup_dir(tmp_path))
     assert rc == 1 and err == "error: out/t/metrics.jsonl: No space left on device; the checkpoint " \
                               "out/t/checkpoints/step-000006.pt is intact\n"
 
@@ -272,7 +252,7 @@ def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
 def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path)
     nan_at(monkeypatch, 7)
-    rc, out, err = cli(monkeypatch, capsys, cwd)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
     ckpt = Path("out/t/checkpoints/step-000006.pt")
     assert rc == 1 and err.startswith("error: non-finite loss nan, gradient norm nan at step 7; last good "
                                       f"checkpoint {ckpt}; lower train.lr or set train.grad_clip")
@@ -281,7 +261,7 @@ def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, ca
     # switching to "skip" is allowed on resume: it skips that update and finishes
     monkeypatch.undo()
     nan_at(monkeypatch, 1)  # the same step fails again: its first forward pass after the resume
-    rc, out, err = cli(monkeypatch, capsys, cwd, "--set", "train.nonfinite=skip")
+    rc, out, err = run_cli(monkeypatch, capsys, cwd, "--set", "train.nonfinite=skip")
     assert rc == 0 and "from step 6" in out
     summary = json.loads((cwd / "out/t/summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["steps"] == 24
@@ -311,7 +291,7 @@ def test_cuda_out_of_memory_suggests_micro_batches(tmp_path, monkeypatch, capsys
     def oom(self, x):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(LanguageModel, "hidden", oom)
-    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path, tiny_mqar(train={"oom_retry": False})))
+    rc, out, err = run_cli(monkeypatch, capsys, setup_dir(tmp_path, tiny_mqar(train={"oom_retry": False})))
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("error: CUDA out of memory while training step 1; set train.micro_batch_size")
     assert "train.batch_size (16)" in err
@@ -321,9 +301,9 @@ def test_out_of_memory_halves_the_micro_batch_and_equals_accumulation(tmp_path, 
     """OOM above 4 examples: the step is retried at 8, then 4, said once per halving, and the run equals one
     asked for micro-batches of 4 (same batches, same accumulation)."""
     reference = setup_dir(tmp_path / "ref", tiny_mqar(train={"micro_batch_size": 4}))
-    assert cli(monkeypatch, capsys, reference)[0] == 0
+    assert run_cli(monkeypatch, capsys, reference)[0] == 0
     oom_above(monkeypatch, 4)
-    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path / "oom"))
+    rc, out, err = run_cli(monkeypatch, capsys, setup_dir(tmp_path / "oom"))
     assert rc == 0, err
     assert err.splitlines() == [
         "CUDA out of memory in step 1 at micro-batch 16; retrying with micro-batch 8 (gradients accumulated; "
@@ -338,7 +318,7 @@ def test_out_of_memory_halves_the_micro_batch_and_equals_accumulation(tmp_path, 
 
 def test_out_of_memory_at_one_example_stops_with_one_line(tmp_path, monkeypatch, capsys):
     oom_above(monkeypatch, 0)
-    rc, out, err = cli(monkeypatch, capsys, setup_dir(tmp_path))
+    rc, out, err = run_cli(monkeypatch, capsys, setup_dir(tmp_path))
     assert rc == 1
     assert err.splitlines()[-1] == ("error: CUDA out of memory while training step 1, even with micro-batches of "
                                     "one example; use a smaller model or shorter sequences")
@@ -375,12 +355,12 @@ def test_resume_on_cuda(tmp_path, monkeypatch, capsys, precision):
         pytest.skip("needs a CUDA device")
     on_cuda = ["--set", "run.device=cuda", "--set", f"train.precision={precision}", "--set", "model.backend=torch"]
     ref = setup_dir(tmp_path / "ref")
-    assert cli(monkeypatch, capsys, ref, *on_cuda)[0] == 0
+    assert run_cli(monkeypatch, capsys, ref, *on_cuda)[0] == 0
     cwd = setup_dir(tmp_path / "resumed")
     signal_at(monkeypatch, 7)
-    assert cli(monkeypatch, capsys, cwd, *on_cuda)[0] == 130
+    assert run_cli(monkeypatch, capsys, cwd, *on_cuda)[0] == 130
     monkeypatch.undo()
-    rc, out, err = cli(monkeypatch, capsys, cwd, *on_cuda)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd, *on_cuda)
     assert rc == 0 and "from step 7" in out
     a, b = outcome(cwd / "out/t"), outcome(ref / "out/t")
     exact = a["records"] == b["records"] and all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])

@@ -1,9 +1,12 @@
-"""The tiny MQAR recipe the CPU training tests share (a 1-layer-pair d_model-32 model, 16-token
-sequences, a few steps), with per-test overrides merged in: `tiny_mqar(train={"steps": 12})`."""
+"""The tiny MQAR recipe the CPU training tests share (a 2-layer d_model-32 model, 16-token sequences,
+a few steps), with per-test overrides merged in: `tiny_mqar(train={"steps": 12})`; a folder holding it
+and an in-process run of it."""
 
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 from dcablate import recipe as R
 
@@ -30,3 +33,34 @@ def merge(base: dict, over: dict) -> dict:
 def tiny_mqar(**sections) -> str:
     """The base recipe as TOML text, each keyword a section whose keys override the base's."""
     return R.dumps_toml(merge(BASE, sections))
+
+
+def setup_dir(path: Path, text: str | None = None) -> Path:
+    """A folder holding `r.toml` (the base recipe unless `text`)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "r.toml").write_text(tiny_mqar() if text is None else text)
+    return path
+
+
+def run_in(cwd: Path) -> None:
+    """`dcablate run r.toml --quiet` in this process, from `cwd`; it must succeed."""
+    from dcablate.cli import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert main(["run", "r.toml", "--quiet"]) == 0
+    finally:
+        os.chdir(old)
+
+
+def run_cli(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, str, str]:
+    """`dcablate run r.toml --quiet ARGS` from `cwd` through the real entry point: (exit code, stdout,
+    stderr); a traceback on stderr fails the test."""
+    from dcablate.cli import main
+
+    monkeypatch.chdir(cwd)
+    rc = main(["run", "r.toml", "--quiet", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err

@@ -198,6 +198,11 @@ def _block_sizes(D: int, R: int) -> tuple[int, int, int]:
     return 64, BD, BR
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """The kernels' `tl.dot` precision: IEEE fp32 for fp32 inputs (the 1e-5 target), TF32 for 16-bit ones."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def positions(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """Each packed token's offset within its own sequence (int32 [T])."""
     cu = cu_seqlens.long()
@@ -216,7 +221,7 @@ class DynamicConvLowRank(torch.autograd.Function):
         R, W = U.shape[0], U.shape[1]
         pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
         BT, BD, BR = _block_sizes(D, R)
-        prec = "ieee" if x.dtype == torch.float32 else "tf32"
+        prec = dot_precision(x.dtype)
         y = torch.empty_like(x)
         grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
         _dyn_conv_fwd[grid](x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR,

@@ -31,21 +31,30 @@ def gdn_gates(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: to
     return g, (2 * beta if allow_neg_eigval else beta)
 
 
-def delta_rule_recurrence(q, k, v, g, beta, scale: float) -> torch.Tensor:
+def delta_rule_step(S, q_t, k_t, v_t, g_t, beta_t, scale: float):
+    """One token for every head: state `S [B, H, K, V]`, q_t, k_t `[B, H, K]` (normalised), v_t `[B, H, V]`,
+    g_t, beta_t `[B, H]`, all in one dtype -> (o_t `[B, H, V]`, new S). The recurrence's update, also the
+    decode step of the Gated DeltaNet mixer."""
+    S = S * g_t.exp()[..., None, None]
+    update = beta_t[..., None] * (v_t - torch.einsum("bhk,bhkv->bhv", k_t, S))
+    S = S + k_t[..., :, None] * update[..., None, :]
+    return torch.einsum("bhk,bhkv->bhv", q_t * scale, S), S
+
+
+def delta_rule_recurrence(q, k, v, g, beta, scale: float, return_state: bool = False):
     """Token-by-token recurrence in fp32; q, k [B, T, H, K] (already normalised), v [B, T, H, V],
-    g, beta [B, T, H]. Returns o [B, T, H, V] in fp32 (fp64 for fp64 inputs)."""
+    g, beta [B, T, H]. Returns o [B, T, H, V] in fp32 (fp64 for fp64 inputs), and with `return_state`
+    also the final state [B, H, K, V]."""
     dt = torch.promote_types(q.dtype, torch.float32)
     q, k, v, g, beta = (t.to(dt) for t in (q, k, v, g, beta))
     B, T, H, K = k.shape
     S = k.new_zeros(B, H, K, v.shape[-1])
     outs = []
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None]
-        k_t = k[:, t]
-        update = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", k_t, S))
-        S = S + k_t[..., :, None] * update[..., None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
-    return torch.stack(outs, dim=1)
+        o_t, S = delta_rule_step(S, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], scale)
+        outs.append(o_t)
+    o = torch.stack(outs, dim=1)
+    return (o, S) if return_state else o
 
 
 def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64) -> torch.Tensor:

@@ -165,10 +165,11 @@ def conv_or_identity(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor) -
 # that tail, then each decode step slides it by one token.
 
 
-def conv_prefill(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor):
-    """`conv_or_identity` over a whole prompt `x [B, T, D]` that also returns the conv's decode state."""
-    if conv is None:
-        return x, None
+def conv_prefill(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor, keep: bool = True):
+    """`conv_or_identity` over a whole prompt `x [B, T, D]` that also returns the conv's decode state
+    (None with `keep=False`: a mixer's training forward shares its code with prefill, not the state)."""
+    if conv is None or not keep:
+        return conv_or_identity(conv, x, h), None
     return conv(x, h), conv_state(x, conv.width)
 
 

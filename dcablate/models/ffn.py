@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..recipe import swiglu_hidden
-from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
+from .conv import conv_prefill, conv_step, make_conv
 from .moe import MoE
 
 
@@ -27,16 +27,17 @@ class SwiGLU(nn.Module):
         self.down_conv1d = make_conv(conv_cfg, "down", d_model, d_model, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = conv_or_identity(self.gate_conv1d, self.gate_proj(x), x)
-        up = conv_or_identity(self.up_conv1d, self.up_proj(x), x)
-        return conv_or_identity(self.down_conv1d, self.down_proj(F.silu(gate) * up), x)
+        return self._mlp(x, keep=False)[0]
 
     def prefill(self, x: torch.Tensor):
         """`forward` over a prompt, also returning the decode state: the gate/up/down conv states
         (all None without `all_linear` convs: the MLP is then per-token)."""
-        gate, sg = conv_prefill(self.gate_conv1d, self.gate_proj(x), x)
-        up, su = conv_prefill(self.up_conv1d, self.up_proj(x), x)
-        y, sd = conv_prefill(self.down_conv1d, self.down_proj(F.silu(gate) * up), x)
+        return self._mlp(x, keep=True)
+
+    def _mlp(self, x: torch.Tensor, keep: bool):
+        gate, sg = conv_prefill(self.gate_conv1d, self.gate_proj(x), x, keep)
+        up, su = conv_prefill(self.up_conv1d, self.up_proj(x), x, keep)
+        y, sd = conv_prefill(self.down_conv1d, self.down_proj(F.silu(gate) * up), x, keep)
         return y, (sg, su, sd)
 
     def step(self, x_t: torch.Tensor, state):

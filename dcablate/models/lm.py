@@ -15,6 +15,12 @@ RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layer
 FUSED_CE_MIN_VOCAB = 4096  # below this the logits are small and F.cross_entropy is as fast
 
 
+def scored(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states `[N, D]` and targets `[N]` of the scored positions (target != -100)."""
+    mask = targets != -100
+    return h[mask], targets[mask]
+
+
 class Block(nn.Module):
     def __init__(self, m, layer_idx: int):
         super().__init__()
@@ -88,8 +94,7 @@ class LanguageModel(nn.Module):
             return self.lm_head(self.hidden(input_ids))
         h = self.hidden(input_ids)
         if self.gather_scored:  # MQAR: a handful of scored positions, gathered before the vocabulary-wide head
-            mask = targets != -100
-            h, targets = h[mask], targets[mask]
+            h, targets = scored(h, targets)
         else:  # LM: nearly every position counts; ignore_index skips the rest without the gather's host sync
             h, targets = h.flatten(0, -2), targets.flatten()
         if self.use_fused_ce(h):
@@ -107,9 +112,8 @@ class LanguageModel(nn.Module):
     def scored_logits(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets at scored positions only (target != -100): MQAR scores a handful of
         positions, and the vocabulary-wide head is most of a small model's work."""
-        h = self.hidden(input_ids)
-        mask = targets != -100
-        return self.lm_head(h[mask]), targets[mask]
+        h, targets = scored(self.hidden(input_ids), targets)
+        return self.lm_head(h), targets
 
     # ---------------------------------------------------------------------------------- decoding
     # Cached decoding for `generate`: `prefill` runs the prompt once (in parallel) and returns every

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conv import conv_or_identity, conv_prefill, conv_step, make_conv
+from ..conv import conv_prefill, conv_step, make_conv
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, start: int = 0):
@@ -45,18 +45,24 @@ class Attention(nn.Module):
         return cls(m.d_model, m.n_heads, head_dim, m.attention.rope_theta, m.conv, m.backend)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._attend(h, keep=False)[0]
+
+    def _attend(self, h: torch.Tensor, keep: bool):
+        """Causal attention over `h [B, T, D]` -> (output, (post-RoPE keys, values `[B, H, T, Dh]`, the
+        q/k/v/o conv states: None unless `keep`))."""
         B, T, _ = h.shape
-        q = conv_or_identity(self.q_conv1d, self.q_proj(h), h)
-        k = conv_or_identity(self.k_conv1d, self.k_proj(h), h)
-        v = conv_or_identity(self.v_conv1d, self.v_proj(h), h)
+        projections = ((self.q_conv1d, self.q_proj), (self.k_conv1d, self.k_proj), (self.v_conv1d, self.v_proj))
+        (q, sq), (k, sk), (v, sv) = (conv_prefill(conv, proj(h), h, keep) for conv, proj in projections)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
         key = (T, h.device)
         if key not in self._rope:  # one table per length and device, not one per forward
             self._rope[key] = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
         cos, sin = self._rope[key]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return conv_or_identity(self.o_conv1d, self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), h)
+        q, k = (apply_rotary(t, cos, sin).transpose(1, 2) for t in (q, k))
+        v = v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+        y, so = conv_prefill(self.o_conv1d, self.o_proj(o), h, keep)
+        return y, (k, v, (sq, sk, sv, so))
 
     # ------------------------------------------------------------------------------ decoding
     # Cache: post-RoPE keys and values `[B, H, L, Dh]`, the absolute position of the next token, the
@@ -66,19 +72,9 @@ class Attention(nn.Module):
         """`forward` over a prompt, also returning the KV cache. `window` caps the keys kept for later
         steps: RoPE makes scores depend on relative positions only, so a query that sees its last
         `window` keys sees distances it was trained on, however long decoding runs."""
-        B, T, _ = h.shape
-        q, sq = conv_prefill(self.q_conv1d, self.q_proj(h), h)
-        k, sk = conv_prefill(self.k_conv1d, self.k_proj(h), h)
-        v, sv = conv_prefill(self.v_conv1d, self.v_proj(h), h)
-        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
-        cos, sin = rotary_tables(T, self.head_dim, self.rope_theta, h.device)
-        q, k = (apply_rotary(t, cos, sin).transpose(1, 2) for t in (q, k))
-        v = v.transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
-        y, so = conv_prefill(self.o_conv1d, self.o_proj(o), h)
+        y, (k, v, convs) = self._attend(h, keep=True)
         keep = slice(-window, None) if window else slice(None)
-        return y, {"k": k[:, :, keep], "v": v[:, :, keep], "pos": T, "window": window,
-                   "conv": (sq, sk, sv, so)}
+        return y, {"k": k[:, :, keep], "v": v[:, :, keep], "pos": h.shape[1], "window": window, "conv": convs}
 
     def step(self, h_t: torch.Tensor, cache: dict):
         """One token `h_t [B, D]`: rotate its q, k at the absolute position `cache["pos"]`, append k, v

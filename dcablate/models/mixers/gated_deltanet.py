@@ -14,25 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.gated_delta_rule import gated_delta_rule, gdn_gates, l2_normalize
+from ...kernels.gated_delta_rule import (delta_rule_recurrence, delta_rule_step, gated_delta_rule, gdn_gates,
+                                          l2_normalize)
 from ...kernels.gated_norm import gated_rms_norm
 from ..conv import conv_or_identity, conv_prefill, conv_step, make_conv
-
-
-def delta_rule_step(q, k, v, g, beta, S=None):
-    """One token of the gated delta rule for every head: q, k `[B, H, K]` (raw; L2-normalised here),
-    v `[B, H, V]`, gates g, beta `[B, H]` (from `gdn_gates`), state `S [B, H, K, V]` (None = zeros).
-    Returns (o `[B, H, V]` in v's dtype, new S in the accumulation dtype): the update of
-    `delta_rule_recurrence`, which the chunked forward computes in parallel."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    q, k = l2_normalize(q.to(acc)), l2_normalize(k.to(acc))
-    if S is None:
-        S = q.new_zeros(*k.shape, v.shape[-1])
-    S = S * g.to(acc).exp()[..., None, None]
-    u = beta.to(acc)[..., None] * (v.to(acc) - torch.einsum("bhk,bhkv->bhv", k, S))
-    S = S + k[..., :, None] * u[..., None, :]
-    o = torch.einsum("bhk,bhkv->bhv", q * q.shape[-1] ** -0.5, S)
-    return o.to(v.dtype), S
 
 
 class GatedRMSNorm(nn.Module):
@@ -85,15 +70,24 @@ class GatedDeltaNet(nn.Module):
                    m.backend)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        if self.q_conv1d is not None:
-            q, k, v = self.q_conv1d(q, h), self.k_conv1d(k, h), self.v_conv1d(v, h)
-        else:  # fla's layer without short convs
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k, v = self._heads(q, k, v)
+        q, k, v, _ = self._streams(h, keep=False)
         o = gated_delta_rule(q, k, v, self.a_proj(h), self.b_proj(h), self.A_log, self.dt_bias,
                              self.allow_neg_eigval, self.backend)
         return conv_or_identity(self.o_conv1d, self._output(o, h), h)
+
+    def _streams(self, h: torch.Tensor, keep: bool):
+        """q, k, v per head after their convs (SiLU without convs, as fla's layer) and the conv states
+        (None unless `keep`)."""
+        xs = (self.q_proj(h), self.k_proj(h), self.v_proj(h))
+        if self.q_conv1d is None:  # fla's layer without short convs
+            return (*self._heads(*(F.silu(x) for x in xs)), (None, None, None))
+        (q, sq), (k, sk), (v, sv) = (conv_prefill(c, x, h, keep) for c, x in zip(self._qkv_convs(), xs))
+        return (*self._heads(q, k, v), (sq, sk, sv))
+
+    def _core_inputs(self, q, k, v):
+        """L2-normalised q, k and v in the accumulation dtype, as the recurrence takes them."""
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return l2_normalize(q.to(acc)), l2_normalize(k.to(acc)), v.to(acc)
 
     def _heads(self, q, k, v):
         """`[..., H*K]` streams -> `[..., H, K]` (and `V` for v); `...` is `B, T` or, decoding, `B`."""
@@ -111,20 +105,12 @@ class GatedDeltaNet(nn.Module):
     def prefill(self, h: torch.Tensor, window: int | None = None):
         """`forward` over a prompt `h [B, T, D]`, also returning the decode state (no window: the state
         has a fixed size). Projections and convs run in parallel over the prompt; the delta rule is
-        scanned token by token with `step`'s update, since the chunked kernels do not hand back their
-        final state."""
-        xs = (self.q_proj(h), self.k_proj(h), self.v_proj(h))
-        if self.q_conv1d is not None:
-            (q, sq), (k, sk), (v, sv) = (conv_prefill(c, x, h) for c, x in zip(self._qkv_convs(), xs))
-        else:
-            (q, k, v), (sq, sk, sv) = (F.silu(x) for x in xs), (None, None, None)
-        q, k, v = self._heads(q, k, v)
+        the token-by-token recurrence, since the chunked kernels do not hand back their final state."""
+        q, k, v, (sq, sk, sv) = self._streams(h, keep=True)
         g, beta = gdn_gates(self.a_proj(h), self.b_proj(h), self.A_log, self.dt_bias, self.allow_neg_eigval)
-        S, outs = None, []
-        for t in range(h.shape[1]):
-            o_t, S = delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
-            outs.append(o_t)
-        y, so = conv_prefill(self.o_conv1d, self._output(torch.stack(outs, 1), h), h)
+        o, S = delta_rule_recurrence(*self._core_inputs(q, k, v), g, beta, self.head_k_dim ** -0.5,
+                                     return_state=True)
+        y, so = conv_prefill(self.o_conv1d, self._output(o.to(v.dtype), h), h)
         return y, {"S": S, "conv": (sq, sk, sv, so)}
 
     def step(self, h_t: torch.Tensor, state: dict):
@@ -138,8 +124,8 @@ class GatedDeltaNet(nn.Module):
             q, k, v = (F.silu(x) for x in xs)
         q, k, v = self._heads(q, k, v)
         g, beta = gdn_gates(self.a_proj(h_t), self.b_proj(h_t), self.A_log, self.dt_bias, self.allow_neg_eigval)
-        o, S = delta_rule_step(q, k, v, g, beta, state["S"])
-        y, so = conv_step(self.o_conv1d, self._output(o, h_t), h_t, so)
+        o, S = delta_rule_step(state["S"], *self._core_inputs(q, k, v), g, beta, self.head_k_dim ** -0.5)
+        y, so = conv_step(self.o_conv1d, self._output(o.to(v.dtype), h_t), h_t, so)
         return y, {"S": S, "conv": (sq, sk, sv, so)}
 
     def _qkv_convs(self):

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...kernels.simple_gla import simple_gla
-from ..conv import conv_or_identity, conv_prefill, conv_step, make_conv
+from ..conv import conv_prefill, conv_step, make_conv
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -70,11 +70,17 @@ class Mamba2(nn.Module):
         return cls(m.d_model, c.head_dim, c.state_size, c.expand, c.n_groups, m.conv, m.norm_eps, m.backend)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self._mix(h, keep=False)[0]
+
+    def _mix(self, h: torch.Tensor, keep: bool):
+        """The layer over `h [B, T, D]` -> (output, the xBC and o conv states (None unless `keep`), and the
+        SSD's g, B, v, from which `prefill` forms the final state)."""
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC = conv_or_identity(self.conv1d, xBC, h)
+        xBC, sc = conv_prefill(self.conv1d, xBC, h, keep)
         x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h.dtype)
         y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
-        return conv_or_identity(self.o_conv1d, self._output(y, x, z), h)
+        y, so = conv_prefill(self.o_conv1d, self._output(y, x, z), h, keep)
+        return y, (sc, so), (g, Bm, v)
 
     def _ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor, dtype: torch.dtype):
         """The conv'd `xBC` and raw `dt` `[..., .]` -> per-head x, B, C `[..., H, .]`, log-decay g `[..., H]`
@@ -102,14 +108,10 @@ class Mamba2(nn.Module):
     def prefill(self, h: torch.Tensor, window: int | None = None):
         """`forward` over a prompt `h [B, T, D]`, also returning the decode state (no window: the state
         has a fixed size). All parallel: the final state is `sum_t e^{g_{t+1} + .. + g_T} B_t v_t^T`."""
-        z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC, sc = conv_prefill(self.conv1d, xBC, h)
-        x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h.dtype)
-        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
+        y, convs, (g, Bm, v) = self._mix(h, keep=True)
         later = g.flip(1).cumsum(1).flip(1) - g  # decay every later token applies to token t's write
         S = torch.einsum("bth,bthn,bthp->bhnp", later.exp(), Bm.to(g.dtype), v.to(g.dtype))
-        y, so = conv_prefill(self.o_conv1d, self._output(y, x, z), h)
-        return y, {"S": S, "conv": (sc, so)}
+        return y, {"S": S, "conv": convs}
 
     def step(self, h_t: torch.Tensor, state: dict):
         """One token `h_t [B, D]`: `S = e^{g} S + B v^T`, `y = C^T S` (scale 1), then as `forward`."""
