@@ -196,7 +196,11 @@ def test_dynamic_conv_headwise_triton_matches_float64_reference(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n_groups", [1, 2])
 def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
-    """Our Mamba-2 on fla's chunk_simple_gla equals its chunked torch reference (fp32), output and grads."""
+    """Our Mamba-2 on fla's chunk_simple_gla against a float64 run of its torch reference, output and every
+    gradient: as accurate as the torch reference at the same precision (within 4x, or under 5e-3 in fp32
+    and 2e-2 in bf16). fla's kernels take fp32 dots as TF32, so the fp32 yardstick is the torch reference
+    with TF32 matmuls; the gate gradients (dt_bias, A_log) are sums over all tokens with heavy cancellation
+    and carry most of the rounding."""
     from dcablate.models.mixers.mamba2 import Mamba2
     from dcablate.recipe import ConvSection
 
@@ -205,28 +209,37 @@ def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
                         conv_cfg=ConvSection(kind="static"), backend=b).cuda() for b in ("fla", "torch")}
     layers["torch"].load_state_dict(layers["fla"].state_dict())
     x = torch.randn(2, 100, 128, device="cuda")
+    ref = run_layer(layers["torch"].double(), x.double(), torch.float64)
+    layers["torch"].float()
     ours = run_layer(layers["fla"], x, dtype)
-    ref = run_layer(layers["torch"], x, torch.float32)
-    bound = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+    try:
+        yardstick = run_layer(layers["torch"], x, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    floor = 2e-2 if dtype == torch.bfloat16 else 5e-3
     for name in ref:
-        err = rel(ours[name], ref[name])
-        print(f"mamba2 {dtype} groups={n_groups} {name:16s} {err:.1e}")
-        assert err < bound, f"{name}: {err:.2e}"
+        err, base = rel(ours[name], ref[name]), rel(yardstick[name], ref[name])
+        print(f"mamba2 {dtype} groups={n_groups} {name:16s} fla {err:.1e}  torch reference {base:.1e}")
+        assert err < max(floor, 4 * base), f"{name}: {err:.2e} (torch reference at this precision: {base:.2e})"
 
 
-@pytest.mark.parametrize("n_groups", [1, 2])
-def test_mamba2_fla_path_matches_fla_layer(n_groups):
+def test_mamba2_fla_path_matches_fla_layer():
     """Our Mamba-2 (fla chunk_simple_gla) equals fla.layers.Mamba2 (its torch path on CUDA, no mamba_ssm)
-    with the same weights, fp32, output and every gradient."""
+    with the same weights, fp32, output and every gradient. n_groups = 1 only: with more groups fla 0.6.0's
+    torch path maps head h to group h % G, not mamba_ssm's h // (H / G) (shown on CPU in
+    tests/test_mamba2.py); our n_groups > 1 is checked against the torch reference above and, on CPU,
+    against a token-by-token recurrence under mamba_ssm's rule."""
     from fla.layers import Mamba2 as FlaMamba2
 
     from dcablate.models.mixers.mamba2 import Mamba2
     from dcablate.recipe import ConvSection
 
-    torch.manual_seed(10 + n_groups)
-    theirs = FlaMamba2(num_heads=8, head_dim=32, hidden_size=128, state_size=16, expand=2, n_groups=n_groups,
+    torch.manual_seed(11)
+    theirs = FlaMamba2(num_heads=8, head_dim=32, hidden_size=128, state_size=16, expand=2, n_groups=1,
                        chunk_size=64).cuda()
-    ours = Mamba2(128, head_dim=32, state_size=16, expand=2, n_groups=n_groups,
+    ours = Mamba2(128, head_dim=32, state_size=16, expand=2, n_groups=1,
                   conv_cfg=ConvSection(kind="static"), backend="fla").cuda()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 100, 128, device="cuda", requires_grad=True)
@@ -238,7 +251,7 @@ def test_mamba2_fla_path_matches_fla_layer(n_groups):
                                                              for n, _ in theirs.named_parameters())])
     errs = {"y": rel(y_ours, y_theirs)}
     errs.update({n: rel(a, b) for (n, _), a, b in zip([("x", None), *theirs.named_parameters()], g_ours, g_theirs)})
-    print(f"mamba2 vs fla layer groups={n_groups}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    print("mamba2 vs fla layer: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert all(e < 5e-3 for e in errs.values()), errs
 
 
@@ -276,3 +289,26 @@ def test_fused_linear_cross_entropy_matches_plain(dtype):
             assert err < bound, f"{reduction} {n}: {err:.1e}"
         print(f"fused CE {dtype} {reduction}: loss {losses[0].item():.5f} vs {losses[1].item():.5f}")
     assert lm.FUSED_CE_MIN_VOCAB <= 8192
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_swiglu_matches_torch(dtype):
+    """fla's fused SwiGLU (our CUDA path) equals silu(gate) * up in fp64, output and both gradients, on an
+    odd width and a strided (non-contiguous) gate."""
+    from dcablate.models.activations import swiglu
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    both = torch.randn(3, 37, 2 * 333, device="cuda", generator=g).to(dtype)
+    gate = both[..., :333].detach().requires_grad_()  # rows strided by 666
+    up = torch.randn(3, 37, 333, device="cuda", generator=g).to(dtype).requires_grad_()
+    assert not gate.is_contiguous()
+    out = swiglu(gate, up)
+    cot = torch.randn(out.shape, device="cuda", generator=g)
+    grads = torch.autograd.grad((out.float() * cot).sum(), [gate, up])
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    ref = torch.nn.functional.silu(g64) * u64
+    grads64 = torch.autograd.grad((ref * cot.double()).sum(), [g64, u64])
+    bound = 1e-6 if dtype == torch.float32 else 1e-2
+    errs = {"out": rel(out, ref), "gate": rel(grads[0], grads64[0]), "up": rel(grads[1], grads64[1])}
+    print(f"fused swiglu {dtype}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert all(e < bound for e in errs.values()), errs

@@ -27,17 +27,23 @@ def test_simple_gla_chunked_equals_recurrence(T, chunk):
                                simple_gla_recurrence(q, k, v, logdecay, 0.7), rtol=1e-10, atol=1e-10)
 
 
-def test_matches_fla_mamba2_torch_path():
+def fla_mamba2_on_cpu(n_groups: int):
+    """fla.layers.Mamba2 in float64 whose gated norm and SiLU (Triton kernels) are swapped for torch
+    references, so its torch path runs on CPU."""
     fla_layers = pytest.importorskip("fla.layers")
     from fla.modules.norm.layernorm_gated import rms_norm_ref
 
-    torch.manual_seed(0)
-    theirs = fla_layers.Mamba2(num_heads=4, head_dim=16, hidden_size=32, state_size=8, expand=2, n_groups=1,
+    theirs = fla_layers.Mamba2(num_heads=4, head_dim=16, hidden_size=32, state_size=8, expand=2, n_groups=n_groups,
                                chunk_size=16).double()
-    # fla's gated norm and its SiLU are Triton kernels; on CPU use torch references of them
     theirs.act = F.silu
     theirs.norm.forward = lambda x, z: rms_norm_ref(x, theirs.norm.weight, None, z=z, eps=theirs.norm.eps,
                                                     group_size=theirs.norm.group_size, norm_before_gate=False)
+    return theirs
+
+
+def test_matches_fla_mamba2_torch_path():
+    torch.manual_seed(0)
+    theirs = fla_mamba2_on_cpu(n_groups=1)
     ours = Mamba2(32, head_dim=16, state_size=8, expand=2, n_groups=1, conv_cfg=conv_cfg()).double()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     x = torch.randn(2, 37, 32, dtype=torch.float64, requires_grad=True)
@@ -54,8 +60,10 @@ def test_matches_fla_mamba2_torch_path():
         assert rel < 1e-5, f"gradient of {name}: relative error {rel:.1e}"
 
 
-def naive_mamba2(m: Mamba2, h: torch.Tensor) -> torch.Tensor:
-    """Per head, token by token, written from the SSD equations; head h reads group h // (H / G)."""
+def naive_mamba2(m: Mamba2, h: torch.Tensor, group_of=None) -> torch.Tensor:
+    """Per head, token by token, written from the SSD equations; head h reads group `group_of(h)`,
+    by default mamba_ssm's h // (H / G)."""
+    group_of = group_of or (lambda head: head // (m.n_heads // m.n_groups))
     B, T, _ = h.shape
     z, xBC, dt = m.in_proj(h).split([m.d_inner, m.conv_dim, m.n_heads], dim=-1)
     xBC = F.silu(m.conv1d(xBC, h))
@@ -66,7 +74,7 @@ def naive_mamba2(m: Mamba2, h: torch.Tensor) -> torch.Tensor:
     A = -m.A_log.exp()
     y = torch.zeros_like(x)
     for head in range(m.n_heads):
-        group = head // (m.n_heads // m.n_groups)
+        group = group_of(head)
         state = x.new_zeros(B, m.head_dim, m.d_state)
         for t in range(T):
             state = torch.exp(A[head] * dt[:, t, head])[:, None, None] * state + \
@@ -89,3 +97,21 @@ def test_matches_naive_recurrence_with_group_rule(n_groups, kind):
         m.conv1d = torch.nn.Identity()
         m.conv1d.forward = lambda x, h=None: x
     torch.testing.assert_close(m(h), naive_mamba2(m, h), rtol=1e-9, atol=1e-10)
+
+
+def test_fla_torch_path_tiles_heads_over_groups():
+    """fla 0.6.0's `Mamba2.torch_forward` maps head h to group h % G (`B.repeat`), not mamba_ssm's h // (H/G)
+    that we follow: with n_groups = 2 it equals the recurrence under the tiling rule and differs from ours.
+    This is why the GPU comparison with fla's layer uses n_groups = 1."""
+    torch.manual_seed(3)
+    theirs = fla_mamba2_on_cpu(n_groups=2)
+    ours = Mamba2(32, head_dim=16, state_size=8, expand=2, n_groups=2, conv_cfg=conv_cfg()).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    h = torch.randn(2, 21, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y_theirs = theirs.torch_forward(h)[0]
+        tiled = naive_mamba2(ours, h, group_of=lambda head: head % ours.n_groups)
+        y_ours = ours(h)
+    torch.testing.assert_close(y_theirs, tiled, rtol=1e-4, atol=2e-6)  # fla computes the SSD in fp32
+    torch.testing.assert_close(y_ours, naive_mamba2(ours, h), rtol=1e-9, atol=1e-10)
+    assert (y_ours - y_theirs).norm() > 1e-2 * y_theirs.norm()

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcablate.models.conv import DynamicShortConv, StaticShortConv
-from dcablate.models.moe import MoE, moe_aux_loss, moe_load_stats
+from dcablate.models.moe import MoE, expert_counts, moe_aux_loss, moe_load_stats
 
 
 def make(d=16, E=4, k=2, f=8, score="softmax", shared=False, conv=None, seed=0, dtype=torch.float64, **kw):
@@ -267,7 +267,9 @@ def grouped_vs_loop(m, x, dtype=None, autocast=False):
     _, _, experts, weights = m.route(flat)
     cot = torch.randn(flat.shape, generator=torch.Generator(device=x.device).manual_seed(1), device=x.device)
     results = []
-    paths = (lambda: m._experts_grouped(flat, experts, weights, dtype), lambda: m._experts_loop(flat, experts, weights))
+    counts = expert_counts(experts.reshape(-1), m.n_experts)
+    paths = (lambda: m._experts_grouped(flat, experts, weights, counts, dtype),
+             lambda: m._experts_loop(flat, experts, weights))
     for fn in paths:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = fn()
@@ -318,3 +320,9 @@ def test_grouped_equals_loop_cuda_bf16(shared):
     m.backend = "torch"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert m._grouped_dtype(x) is None
+
+
+def test_expert_counts_equal_bincount():
+    flat = torch.randint(0, 7, (1000,))
+    flat[:3] = 6
+    assert torch.equal(expert_counts(flat, 9), torch.bincount(flat, minlength=9))

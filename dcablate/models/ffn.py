@@ -6,9 +6,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..recipe import swiglu_hidden
+from .activations import swiglu
 from .conv import conv_prefill, conv_step, make_conv
 from .moe import MoE
 
@@ -19,6 +19,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, conv_cfg=None, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
@@ -37,7 +38,7 @@ class SwiGLU(nn.Module):
     def _mlp(self, x: torch.Tensor, keep: bool):
         gate, sg = conv_prefill(self.gate_conv1d, self.gate_proj(x), x, keep)
         up, su = conv_prefill(self.up_conv1d, self.up_proj(x), x, keep)
-        y, sd = conv_prefill(self.down_conv1d, self.down_proj(F.silu(gate) * up), x, keep)
+        y, sd = conv_prefill(self.down_conv1d, self.down_proj(swiglu(gate, up, self.backend)), x, keep)
         return y, (sg, su, sd)
 
     def step(self, x_t: torch.Tensor, state):
@@ -45,7 +46,7 @@ class SwiGLU(nn.Module):
         sg, su, sd = state
         gate, sg = conv_step(self.gate_conv1d, self.gate_proj(x_t), x_t, sg)
         up, su = conv_step(self.up_conv1d, self.up_proj(x_t), x_t, su)
-        y, sd = conv_step(self.down_conv1d, self.down_proj(F.silu(gate) * up), x_t, sd)
+        y, sd = conv_step(self.down_conv1d, self.down_proj(swiglu(gate, up, self.backend)), x_t, sd)
         return y, (sg, su, sd)
 
 

@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activations import swiglu
 from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -73,17 +74,42 @@ class _PermuteRows(torch.autograd.Function):
         return grad[inv], None, None
 
 
+class _GatherPairs(torch.autograd.Function):
+    """Token rows for the (token, slot) pairs in expert order: `x[order // k]` for `x [N, D]`, where pair
+    p = token * k + slot. The gradient puts rows back in pair order with the inverse permutation (a
+    gather) and sums each token's k slots: no atomics, deterministic."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x[torch.div(order, k, rounding_mode="floor")]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].unflatten(0, (-1, ctx.k)).sum(1), None, None, None
+
+
+def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert `[E]` (int64). Not `torch.bincount`: on CUDA it reads the maximum back to
+    the host, a sync in every forward."""
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat_experts.device)
+    return counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+
+
 class SharedExpert(nn.Module):
     """Dense SwiGLU `down(silu(gate(x)) * up(x))`, applied to every token."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, backend: str = "auto"):
         super().__init__()
+        self.backend = backend
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
 
 
 class MoE(nn.Module):
@@ -102,7 +128,7 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
-        self.shared_expert = SharedExpert(d_model, d_expert) if shared_expert else None
+        self.shared_expert = SharedExpert(d_model, d_expert, backend) if shared_expert else None
         # all_linear: one conv after the MoE output (see the module docstring); None otherwise
         self.down_conv1d = make_conv(conv_cfg, "down", d_model, d_model, backend)
         self.last_aux: dict[str, torch.Tensor] = {}
@@ -133,9 +159,9 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         return logits, scores, experts, weights
 
-    def _aux(self, logits: torch.Tensor, scores: torch.Tensor, experts: torch.Tensor) -> None:
+    def _aux(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
         E = self.n_experts
-        counts = torch.bincount(experts.reshape(-1), minlength=E).to(scores.dtype)
+        counts = counts.to(scores.dtype)
         f = counts / counts.sum()
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         P = probs.mean(0)
@@ -168,27 +194,26 @@ class MoE(nn.Module):
             out.index_add_(0, idx, ye.to(out.dtype))
         return out
 
-    def _experts_grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+    def _experts_grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                          dtype: torch.dtype | None = None) -> torch.Tensor:
         """Same function as `_experts_loop` with three grouped GEMMs over the (token, slot) pairs sorted by
-        expert (offsets = cumulative counts, int32; empty experts are empty groups); matmuls in `dtype`
-        (default: x's). The routing weight scales each pair's hidden activation before the down GEMM,
-        and the k slots are summed in the weights' dtype. Rows move by permutations whose backward is
-        the inverse permutation (`_PermuteRows`), not an atomic scatter: deterministic and cheaper."""
+        expert (offsets = cumulative `counts`, int32; empty experts are empty groups); matmuls in `dtype`
+        (default: x's). Rows move by gathers whose backward is a gather too (`_GatherPairs`,
+        `_PermuteRows`), never an atomic scatter; SwiGLU is one fused kernel each way on CUDA; the routing
+        weights scale the experts' D-wide outputs (not the F-wide hidden) inside one batched matmul that
+        also sums each token's k slots with fp32 accumulation."""
         N, k = experts.shape
         dtype = dtype or x.dtype
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)                     # pair p = token * k + slot
+        order = torch.argsort(experts.reshape(-1), stable=True)          # pair p = token * k + slot
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        offs = torch.cumsum(torch.bincount(flat, minlength=self.n_experts), 0).to(torch.int32)
-        xs = _PermuteRows.apply(x.to(dtype).repeat_interleave(k, dim=0), order, inverse)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        xs = _GatherPairs.apply(x.to(dtype), order, inverse, k)
         gate = _grouped_mm(xs, self.w_gate.to(dtype), offs=offs)
         up = _grouped_mm(xs, self.w_up.to(dtype), offs=offs)
-        w = weights.reshape(-1)[order].to(dtype)[:, None]
-        ys = _grouped_mm(F.silu(gate) * up * w, self.w_down.to(dtype), offs=offs)
+        ys = _grouped_mm(swiglu(gate, up, self.backend), self.w_down.to(dtype), offs=offs)
         ys = _PermuteRows.apply(ys, inverse, order).view(N, k, self.d_model)
-        return ys.sum(1, dtype=weights.dtype)
+        return torch.bmm(weights.to(dtype).view(N, 1, k), ys).view(N, self.d_model)
 
     def _grouped_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """bf16 when the grouped-GEMM path applies to `x`, else None (use the loop)."""
@@ -224,17 +249,18 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.d_model)
         logits, scores, experts, weights = self.route(flat)
-        self._aux(logits, scores, experts)
+        counts = expert_counts(experts.reshape(-1), self.n_experts)
+        self._aux(logits, scores, counts)
         dtype = self._grouped_dtype(flat)
         if dtype is not None:
-            out = self._experts_grouped(flat, experts, weights, dtype)
+            out = self._experts_grouped(flat, experts, weights, counts, dtype)
         else:
             out = self._experts_loop(flat, experts, weights)
         if out is None:  # no tokens
             out = flat.new_zeros(flat.shape)
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
-        # experts accumulate in the routing dtype (>= fp32); hand back the residual stream's dtype
+        # hand back the residual stream's dtype
         return out.to(x.dtype).reshape(shape)
 
     # ----------------------------------------------------------------------------------- stats

@@ -1,0 +1,12 @@
+"""Shared pytest hooks."""
+
+import os
+import sys
+
+
+def pytest_runtest_logreport(report):
+    """With DCABLATE_INSTAFAIL=1, print a failure's traceback as soon as it happens: GPU runs go through a
+    time limit that can kill pytest before its summary."""
+    if report.failed and os.environ.get("DCABLATE_INSTAFAIL"):
+        sys.stdout.write(f"\n---- {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
+        sys.stdout.flush()
