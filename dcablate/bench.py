@@ -166,7 +166,8 @@ def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
 
 def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) -> list[tuple]:
     """Mamba-2 (ours, fla chunk_simple_gla) vs `fla.layers.Mamba2` (its torch fallback: no mamba_ssm)
-    vs a Gated DeltaNet layer of the same inner width, forward + backward in bf16 autocast."""
+    vs a Gated DeltaNet layer of the same inner width, forward + backward in bf16 autocast; ours with the
+    SSD in fp32 (the default) and in bf16 (`ssd_precision = "input"`)."""
     _need_cuda("mixer")
     from fla.layers import Mamba2 as FlaMamba2
 
@@ -179,11 +180,13 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
     head_dim, state, expand = 64, 64, 2
     heads = expand * d_model // head_dim
     ours = Mamba2(d_model, head_dim=head_dim, state_size=state, expand=expand, conv_cfg=static, backend="fla")
+    ours_bf16 = Mamba2(d_model, head_dim=head_dim, state_size=state, expand=expand, conv_cfg=static, backend="fla",
+                       ssd_precision="input")
     theirs = FlaMamba2(num_heads=heads, head_dim=head_dim, hidden_size=d_model, state_size=state, expand=expand,
                        n_groups=1, chunk_size=256)
     gdn = GatedDeltaNet(d_model, n_heads=heads // 2, head_dim=head_dim, expand_v=2.0, conv_cfg=static, backend="fla")
-    variants = {"Mamba-2 (ours, fla chunk_simple_gla)": ours, "Gated DeltaNet (ours, fla chunk)": gdn,
-                "Mamba-2 (fla.layers.Mamba2 fallback)": theirs}
+    variants = {"Mamba-2 (ours, fla chunk_simple_gla)": ours, "Mamba-2 (ours, SSD in bf16)": ours_bf16,
+                "Gated DeltaNet (ours, fla chunk)": gdn, "Mamba-2 (fla.layers.Mamba2 fallback)": theirs}
     print(f"B{batch} T{seq_len} d_model {d_model}, Mamba-2 heads {heads}x{head_dim} state {state}; "
           f"GDN {heads // 2} heads, k {head_dim}, v {2 * head_dim}; static conv W4 on both")
     print(f"{'variant':40s} {'batch':>5s} {'params':>10s} {'fwd+bwd ms':>11s} {'ms @B' + str(batch):>10s}")
@@ -208,8 +211,9 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
         print(f"{label:40s} {b:5d} {params:10,d} {ms:11.2f} {ms * batch / b:10.2f}", flush=True)
         module.cpu()
         torch.cuda.empty_cache()
-    ours_ms, gdn_ms, fla_ms = (r[4] for r in rows)
-    print(f"fla fallback / ours = {fla_ms / ours_ms:.1f}x   ours / GDN = {ours_ms / gdn_ms:.2f}x")
+    ours_ms, bf16_ms, gdn_ms, fla_ms = (r[4] for r in rows)
+    print(f"fla fallback / ours = {fla_ms / ours_ms:.1f}x   ours / GDN = {ours_ms / gdn_ms:.2f}x   "
+          f"SSD in fp32 / in bf16 = {ours_ms / bf16_ms:.2f}x")
     return rows
 
 

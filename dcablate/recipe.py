@@ -83,6 +83,9 @@ class Mamba2Section:
     state_size: int = _f(64, "SSM state size N per head (B and C width per group)", min=1)
     expand: int = _f(2, "inner width = expand * d_model", min=1)
     n_groups: int = _f(1, "groups of B/C shared by heads; head h reads group h // (heads / n_groups)", min=1)
+    ssd_precision: str = _f("fp32", "dtype of the SSD's q/k/v on CUDA: fp32 (TF32 dots) or the input's (faster; "
+                            "fla's bf16 backward gives dt_bias/A_log gradients with errors larger than themselves)",
+                            choices=("fp32", "input"))
 
 
 @dataclass

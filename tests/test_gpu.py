@@ -197,10 +197,12 @@ def test_dynamic_conv_headwise_triton_matches_float64_reference(case, dtype):
 @pytest.mark.parametrize("n_groups", [1, 2])
 def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
     """Our Mamba-2 on fla's chunk_simple_gla against a float64 run of its torch reference, output and every
-    gradient: as accurate as the torch reference at the same precision (within 4x, or under 5e-3 in fp32
-    and 2e-2 in bf16). fla's kernels take fp32 dots as TF32, so the fp32 yardstick is the torch reference
-    with TF32 matmuls; the gate gradients (dt_bias, A_log) are sums over all tokens with heavy cancellation
-    and carry most of the rounding."""
+    gradient: as accurate as the torch reference at the same precision (within 4x, or under 2e-2 in bf16
+    and, in fp32, 1e-2 for the gate gradients and 1e-4 for the rest). fla's kernels take fp32 dots as
+    TF32, so the fp32 yardstick is the torch reference with TF32 matmuls; the gate gradients (dt_bias,
+    A_log) are sums over all tokens with heavy cancellation and carry most of the rounding. The SSD runs
+    in fp32 (the default `ssd_precision`): with bf16 q/k/v, fla's backward gave dt_bias gradients off by
+    6.5x and 20x their size (n_groups 1, 2; H100, 2026-11-26)."""
     from dcablate.models.mixers.mamba2 import Mamba2
     from dcablate.recipe import ConvSection
 
@@ -218,8 +220,8 @@ def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
         yardstick = run_layer(layers["torch"], x, dtype)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    floor = 2e-2 if dtype == torch.bfloat16 else 5e-3
     for name in ref:
+        floor = 2e-2 if dtype == torch.bfloat16 else 1e-2 if name in ("dt_bias", "A_log") else 1e-4
         err, base = rel(ours[name], ref[name]), rel(yardstick[name], ref[name])
         print(f"mamba2 {dtype} groups={n_groups} {name:16s} fla {err:.1e}  torch reference {base:.1e}")
         assert err < max(floor, 4 * base), f"{name}: {err:.2e} (torch reference at this precision: {base:.2e})"

@@ -361,7 +361,8 @@ def test_resume_on_cuda(tmp_path, monkeypatch, capsys, precision):
     assert run_cli(monkeypatch, capsys, cwd, *on_cuda)[0] == 130
     monkeypatch.undo()
     rc, out, err = run_cli(monkeypatch, capsys, cwd, *on_cuda)
-    assert rc == 0 and "from step 7" in out
+    # on CUDA the prefetcher draws batch n + 1 while step n runs: the signal lands during step 6
+    assert rc == 0 and "from step 6" in out
     a, b = outcome(cwd / "out/t"), outcome(ref / "out/t")
     exact = a["records"] == b["records"] and all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     print(f"cuda {precision}: resumed run bit-identical to the uninterrupted one: {exact}")

@@ -53,12 +53,16 @@ def simple_gla_chunked(q, k, v, g, scale: float, chunk_size: int = 64) -> torch.
     return torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T].transpose(1, 2)
 
 
-def simple_gla(q, k, v, g, scale: float, backend: str = "auto") -> torch.Tensor:
-    """o [B, T, H, V] in v's dtype."""
+def simple_gla(q, k, v, g, scale: float, backend: str = "auto", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """o [B, T, H, V] in v's dtype. `compute_dtype` (fla path only): the dtype fla's kernel gets q, k, v
+    in; fp32 makes its dots TF32, which keeps the gradient of g accurate where bf16 inputs do not."""
     if use_fla(q, backend):
         require_fla()
         from fla.ops.simple_gla import chunk_simple_gla
 
+        dtype = v.dtype
+        if compute_dtype is not None:
+            q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
         o, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale)
-        return o
+        return o.to(dtype)
     return simple_gla_chunked(q, k, v, g, scale).to(v.dtype)

@@ -53,25 +53,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.moe_combine import moe_combine
 from .activations import swiglu
 from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-class _PermuteRows(torch.autograd.Function):
-    """`x[perm]` for a permutation `perm` with inverse `inv`: the gradient is `grad[inv]`, a gather,
-    where plain indexing would scatter-add with atomics."""
-
-    @staticmethod
-    def forward(ctx, x, perm, inv):
-        ctx.save_for_backward(inv)
-        return x[perm]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inv,) = ctx.saved_tensors
-        return grad[inv], None, None
 
 
 class _GatherPairs(torch.autograd.Function):
@@ -198,10 +184,10 @@ class MoE(nn.Module):
                          dtype: torch.dtype | None = None) -> torch.Tensor:
         """Same function as `_experts_loop` with three grouped GEMMs over the (token, slot) pairs sorted by
         expert (offsets = cumulative `counts`, int32; empty experts are empty groups); matmuls in `dtype`
-        (default: x's). Rows move by gathers whose backward is a gather too (`_GatherPairs`,
-        `_PermuteRows`), never an atomic scatter; SwiGLU is one fused kernel each way on CUDA; the routing
-        weights scale the experts' D-wide outputs (not the F-wide hidden) inside one batched matmul that
-        also sums each token's k slots with fp32 accumulation."""
+        (default: x's). Token rows are gathered once per pair (`_GatherPairs`, whose backward is a gather
+        too, never an atomic scatter); SwiGLU is one fused kernel each way on CUDA; `moe_combine` weights
+        the experts' D-wide outputs (not the F-wide hidden) and sums each token's k slots in one pass, fp32
+        accumulation, output in the weights' dtype (>= fp32)."""
         N, k = experts.shape
         dtype = dtype or x.dtype
         order = torch.argsort(experts.reshape(-1), stable=True)          # pair p = token * k + slot
@@ -212,8 +198,7 @@ class MoE(nn.Module):
         gate = _grouped_mm(xs, self.w_gate.to(dtype), offs=offs)
         up = _grouped_mm(xs, self.w_up.to(dtype), offs=offs)
         ys = _grouped_mm(swiglu(gate, up, self.backend), self.w_down.to(dtype), offs=offs)
-        ys = _PermuteRows.apply(ys, inverse, order).view(N, k, self.d_model)
-        return torch.bmm(weights.to(dtype).view(N, 1, k), ys).view(N, self.d_model)
+        return moe_combine(ys, inverse.view(N, k), weights)
 
     def _grouped_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """bf16 when the grouped-GEMM path applies to `x`, else None (use the loop)."""

@@ -39,14 +39,14 @@ class GroupedGatedRMSNorm(nn.Module):
 
 class Mamba2(nn.Module):
     def __init__(self, d_model: int, head_dim: int = 64, state_size: int = 64, expand: int = 2, n_groups: int = 1,
-                 conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto"):
+                 conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto", ssd_precision: str = "fp32"):
         super().__init__()
         self.d_inner = expand * d_model
         if self.d_inner % head_dim:
             raise ValueError(f"expand * d_model = {self.d_inner} is not divisible by head_dim {head_dim}")
         self.head_dim, self.d_state, self.n_groups = head_dim, state_size, n_groups
         self.n_heads = self.d_inner // head_dim
-        self.backend = backend
+        self.backend, self.ssd_precision = backend, ssd_precision
         self.conv_dim = self.d_inner + 2 * n_groups * state_size
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         # the conv on the xBC stream; Mamba's SiLU follows it here, not inside it (`activation = "none"`
@@ -67,7 +67,8 @@ class Mamba2(nn.Module):
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "Mamba2":
         c = m.mamba2
-        return cls(m.d_model, c.head_dim, c.state_size, c.expand, c.n_groups, m.conv, m.norm_eps, m.backend)
+        return cls(m.d_model, c.head_dim, c.state_size, c.expand, c.n_groups, m.conv, m.norm_eps, m.backend,
+                   c.ssd_precision)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self._mix(h, keep=False)[0]
@@ -78,7 +79,8 @@ class Mamba2(nn.Module):
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xBC, sc = conv_prefill(self.conv1d, xBC, h, keep)
         x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h.dtype)
-        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend)
+        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend,
+                       compute_dtype=torch.float32 if self.ssd_precision == "fp32" else None)
         y, so = conv_prefill(self.o_conv1d, self._output(y, x, z), h, keep)
         return y, (sc, so), (g, Bm, v)
 
