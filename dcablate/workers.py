@@ -1,21 +1,28 @@
 """Sweeps over worker processes: `dcablate run RECIPE --per-gpu N [--gpus 0,1] | --workers N`.
 
-The parent (`run_sweep`) hands each run still to train to a free slot, one slot per (GPU, 1..N) or N CPU
-slots, and starts a worker for it: `python -m dcablate.workers RECIPE --set ... --index I ...` with
-CUDA_VISIBLE_DEVICES set to the slot's GPU and stdout/stderr going to RUN_DIR/worker.log. The worker
-expands the same recipe with the same overrides, takes grid point I and refuses to train unless its name
-and digest are the ones the parent planned, so it trains exactly what the in-process path would train
-(and the run directory's resume / changed-recipe checks apply unchanged).
+The parent (`run_sweep`) keeps one worker process per slot, one slot per (GPU, 1..N) or N CPU slots:
+`python -m dcablate.workers RECIPE --set ...` with CUDA_VISIBLE_DEVICES set to the slot's GPU. A worker
+serves many runs, one at a time: it reads a run (point index, name, digest, run directory) from its stdin,
+trains it with its output going to RUN_DIR/worker.log, and answers with one result line. Importing torch
+and fla, starting CUDA and autotuning Triton kernels is thus paid once per worker, not once per run (for
+small MQAR runs that start-up took four times the training). The worker expands the same recipe with the
+same overrides, takes the point and refuses to train unless its name and digest are the ones the parent
+planned, so it trains exactly what the in-process path would train (and the run directory's resume /
+changed-recipe checks apply unchanged).
 
-A failing worker does not stop the others; failures are reported at the end (exit code and the last line
-of the log) and the command exits non-zero. SIGINT/SIGTERM in the parent are forwarded once to every
-worker (each saves a checkpoint and exits; rerunning resumes); workers run in their own session so that a
-Ctrl-C in the terminal reaches them only through the parent.
+A failing run does not stop the others; its worker exits (a fresh process, and a fresh CUDA context, takes
+the slot's next run) and failures are reported at the end (exit code and the last line of the log) and
+the command exits non-zero. SIGINT/SIGTERM in the parent are forwarded once to every busy worker (each
+saves a checkpoint and exits; rerunning resumes); workers run in their own session so that a Ctrl-C in
+the terminal reaches them only through the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -30,6 +37,7 @@ from .errors import UserError
 from .tables import headline_result
 
 LOG_NAME = "worker.log"
+RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -129,10 +137,18 @@ class Job:
     digest: str
     task_kind: str = "mqar"  # picks the headline metric of its result line
     slot: Slot | None = None
-    proc: subprocess.Popen | None = None
     started: float = 0.0
-    log: object = None
+
+
+@dataclass
+class Worker:
+    """A worker process on a slot, and the run it is training (None when idle)."""
+
+    slot: Slot
+    proc: subprocess.Popen
+    job: Job | None = None
     signals_sent: int = 0
+    retiring: bool = False  # its last run failed: it exits, and a fresh worker takes the slot
 
 
 @dataclass
@@ -178,72 +194,127 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(job: Job, recipe_ref: str, overrides: list[str]) -> None:
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    job.log = open(job.run_dir / LOG_NAME, "a")
-    job.log.write(f"=== dcablate worker on {job.slot.label} ({time.strftime('%Y-%m-%d %H:%M:%S')}): "
-                  f"point {job.index} {job.name}\n")
-    job.log.flush()
-    cmd = [sys.executable, "-m", "dcablate.workers", recipe_ref, "--index", str(job.index), "--name", job.name,
-           "--digest", job.digest, "--run-dir", str(job.run_dir)]
+def start_worker(slot: Slot, recipe_ref: str, overrides: list[str], events: queue.Queue) -> Worker:
+    """A worker process on `slot`; a thread turns its stdout lines into `(worker, line)` events, then
+    `(worker, None)` when it exits."""
+    cmd = [sys.executable, "-m", "dcablate.workers", recipe_ref]
     for o in overrides:
         cmd += ["--set", o]
-    job.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=job.log, stderr=subprocess.STDOUT,
-                                env=worker_env(job.slot), start_new_session=True,
-                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-    job.started = time.time()
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, env=worker_env(slot), start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    worker = Worker(slot, proc)
+
+    def read() -> None:
+        for line in proc.stdout:
+            events.put((worker, line))
+        events.put((worker, None))
+
+    threading.Thread(target=read, daemon=True).start()
+    return worker
+
+
+def assign(worker: Worker, job: Job) -> None:
+    """Hand `job` to an idle worker (a worker that died meanwhile reports itself through its events)."""
+    job.slot, job.started, worker.job = worker.slot, time.time(), job
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(job.run_dir / LOG_NAME, "a") as log:
+        log.write(f"=== dcablate worker {worker.proc.pid} on {job.slot.label} ({time.strftime('%Y-%m-%d %H:%M:%S')}): "
+                  f"point {job.index} {job.name}\n")
+    request = {"index": job.index, "name": job.name, "digest": job.digest, "run_dir": str(job.run_dir)}
+    try:
+        worker.proc.stdin.write(json.dumps(request) + "\n")
+        worker.proc.stdin.flush()
+    except OSError:
+        pass
+
+
+def release(worker: Worker) -> None:
+    """Close an idle worker's stdin: it exits once it has read everything."""
+    with contextlib.suppress(OSError):
+        worker.proc.stdin.close()
 
 
 def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], total: int,
               read_summary) -> Outcome:
     """Train `jobs` on `slots`, printing one line per finished run; returns what happened to each."""
-    pending, running, out = list(jobs), [], Outcome()
+    pending, out, events = list(jobs), Outcome(), queue.Queue()
+    workers: list[Worker] = []
+    empty = list(slots)  # slots without a live worker
     caught: list[int] = []
+    done = 0
 
     def handler(signum, frame):
         caught.append(signum)
 
+    def finish(job: Job, code: int) -> None:
+        nonlocal done
+        done += 1
+        elapsed, prefix = time.time() - job.started, f"[{done}/{total}] {job.name}"
+        if code == 0 and (job.run_dir / "summary.json").is_file():
+            summary = read_summary(job.run_dir)
+            out.summaries[job.index] = summary
+            click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.slot.label})")
+        elif caught and code in (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+            out.interrupted.append(job)
+            click.echo(f"{prefix}  stopped ({job.slot.label}): {last_line(job.run_dir / LOG_NAME)}")
+        else:
+            out.failed.append((job, exit_code(code), last_line(job.run_dir / LOG_NAME)))
+            click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.slot.label}); "
+                       f"see {job.run_dir / LOG_NAME}")
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
-    free = list(slots)
-    done = 0
     click.echo(f"training {len(jobs)} run{'s' if len(jobs) != 1 else ''} on {len(slots)} workers "
                f"({describe_slots(slots)}); logs in RUN_DIR/{LOG_NAME}")
     try:
-        while pending or running:
-            while pending and free and not caught:
-                job = pending.pop(0)
-                job.slot = free.pop(0)
-                start(job, recipe_ref, overrides)
-                running.append(job)
-            if caught and not running:
+        while True:
+            if not caught:
+                for w in workers:
+                    if w.job is None and not w.retiring and pending:
+                        assign(w, pending.pop(0))
+                while pending and empty:
+                    w = start_worker(empty.pop(0), recipe_ref, overrides, events)
+                    workers.append(w)
+                    assign(w, pending.pop(0))
+            if caught or not pending:
+                for w in workers:
+                    if w.job is None:
+                        release(w)
+            busy = [w for w in workers if w.job is not None]
+            if not busy and (caught or not pending):
                 break
-            forward(running, caught)
-            time.sleep(0.1)
-            for job in [j for j in running if j.proc.poll() is not None]:
-                running.remove(job)
-                free.append(job.slot)
-                job.log.close()
-                code, elapsed = job.proc.returncode, time.time() - job.started
-                done += 1
-                prefix = f"[{done}/{total}] {job.name}"
-                if code == 0 and (job.run_dir / "summary.json").is_file():
-                    summary = read_summary(job.run_dir)
-                    out.summaries[job.index] = summary
-                    click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, "
-                               f"{job.slot.label})")
-                elif caught and code in (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
-                    out.interrupted.append(job)
-                    click.echo(f"{prefix}  stopped ({job.slot.label}): {last_line(job.run_dir / LOG_NAME)}")
-                else:
-                    out.failed.append((job, exit_code(code), last_line(job.run_dir / LOG_NAME)))
-                    click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.slot.label}); "
-                               f"see {job.run_dir / LOG_NAME}")
+            forward(busy, caught)
+            try:
+                w, line = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:  # the worker exited: its run (if any) ends with the exit code
+                w.proc.wait()
+                workers.remove(w)
+                empty.append(w.slot)
+                if w.job is not None:
+                    job, w.job = w.job, None
+                    finish(job, w.proc.returncode)
+            elif line.startswith(RESULT) and w.job is not None:
+                job, w.job = w.job, None
+                code = json.loads(line[len(RESULT):])["code"]
+                w.retiring = code != 0
+                finish(job, code)
+            elif w.job is not None and line.strip():  # stray output outside a run's redirection
+                with open(w.job.run_dir / LOG_NAME, "a") as log:
+                    log.write(line)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        for job in running:  # only left here by an exception in this loop: do not leave orphans behind
-            job.proc.terminate()
+        for w in workers:
+            release(w)
+        deadline = time.time() + 30
+        for w in workers:  # idle ones exit at once; any still busy was left by an exception: no orphans
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.time()) if w.job is None else 0.1)
+            except subprocess.TimeoutExpired:
+                w.proc.terminate()
     out.not_started = len(pending)
     out.signal = caught[0] if caught else None
     return out
@@ -259,15 +330,14 @@ def exit_code(code: int) -> str:
     return str(code)
 
 
-def forward(running: list[Job], caught: list[int]) -> None:
-    """Send each worker every signal the parent caught, once: the first checkpoints, a second stops at once."""
-    for job in running:
-        while job.signals_sent < len(caught):
-            try:
-                job.proc.send_signal(caught[job.signals_sent])
-            except OSError:
-                pass
-            job.signals_sent += 1
+def forward(busy: list[Worker], caught: list[int]) -> None:
+    """Send each busy worker every signal the parent caught, once: the first checkpoints, a second stops at
+    once."""
+    for w in busy:
+        while w.signals_sent < len(caught):
+            with contextlib.suppress(OSError):
+                w.proc.send_signal(caught[w.signals_sent])
+            w.signals_sent += 1
 
 
 def describe_slots(slots: list[Slot]) -> str:
@@ -280,31 +350,41 @@ def describe_slots(slots: list[Slot]) -> str:
 # ----------------------------------------------------------------------------------------- worker
 
 
-def worker_main(argv: list[str]) -> int:
-    """`python -m dcablate.workers RECIPE --index I --name NAME --digest D --run-dir DIR [--set K=V ...]`."""
-    import argparse
+@contextlib.contextmanager
+def output_to(path: Path):
+    """This process's stdout and stderr (file descriptors 1 and 2, so warnings and child output too) go to
+    `path` (appended) inside the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
-    ap = argparse.ArgumentParser(prog="python -m dcablate.workers", description="Train one point of a sweep "
-                                 "(started by `dcablate run --per-gpu/--workers`).")
-    ap.add_argument("recipe")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--index", type=int, required=True)
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--digest", required=True)
-    ap.add_argument("--run-dir", required=True)
-    args = ap.parse_args(argv)
+
+def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name: str, digest: str,
+                run_dir: Path) -> int:
+    """Train point `index` of the recipe into `run_dir` (as planned by the parent); the exit status."""
     try:
         from . import recipe as recipes
         from .cli import run_state
 
-        _, points = recipes.expand(args.recipe, args.overrides)
-        if not 0 <= args.index < len(points):
-            raise UserError(f"{args.recipe}: has {len(points)} points now, not point {args.index}")
-        name, r = points[args.index]
-        if name != args.name or r.digest() != args.digest:
-            raise UserError(f"{args.recipe}: point {args.index} is now {name or r.run.name} (recipe {r.digest()}), "
-                            f"not {args.name} (recipe {args.digest}); was the recipe edited during the sweep?")
-        run_dir = Path(args.run_dir)
+        _, points = recipes.expand(recipe_ref, overrides)
+        if not 0 <= index < len(points):
+            raise UserError(f"{recipe_ref}: has {len(points)} points now, not point {index}")
+        name, r = points[index]
+        if name != expected_name or r.digest() != digest:
+            raise UserError(f"{recipe_ref}: point {index} is now {name or r.run.name} (recipe {r.digest()}), "
+                            f"not {expected_name} (recipe {digest}); was the recipe edited during the sweep?")
         if run_state(run_dir, r) == "finished":
             click.echo(f"{run_dir}: finished earlier, not retrained")
             return 0
@@ -323,6 +403,48 @@ def worker_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted")
         return 130
+
+
+def worker_main(argv: list[str]) -> int:
+    """`python -m dcablate.workers RECIPE [--set K=V ...]`: train the runs named on stdin, one JSON line
+    each, answering each with a result line on stdout; exit at the end of stdin or after a failed run."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dcablate.workers", description="Train points of a sweep, one "
+                                 "per stdin line (started by `dcablate run --per-gpu/--workers`).")
+    ap.add_argument("recipe")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+
+    def interrupted(signum, frame):  # while idle; a run installs its own handlers (checkpoint, then stop)
+        raise KeyboardInterrupt
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, interrupted)
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    try:
+        for line in sys.stdin:
+            job = json.loads(line)
+            run_dir = Path(job["run_dir"])
+            with output_to(run_dir / LOG_NAME):
+                code = train_point(args.recipe, args.overrides, job["index"], job["name"], job["digest"], run_dir)
+                release_memory()
+            results.write(f"{RESULT}{json.dumps({'index': job['index'], 'code': code})}\n")
+            if code != 0:
+                return code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def release_memory() -> None:
+    """Between runs: drop the last run's tensors and hand cached CUDA memory back (other workers share the GPU)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -95,6 +96,15 @@ def test_workers_match_in_process_report_failures_and_skip_finished(sweep, capsy
     assert main(["run", "w.toml", "--workers", "2"]) == 0  # all finished: nothing starts
     out = capsys.readouterr().out
     assert out.count("finished earlier") == 4 and "workers" not in out
+
+
+def test_a_worker_serves_several_runs(sweep, capsys):
+    """Start-up (imports, CUDA, kernel autotuning) is paid once per worker: 4 runs on 2 workers, 2 processes."""
+    assert main(["run", "w.toml", "--workers", "2"]) == 0
+    root = sweep / "out" / "w"
+    pids = [re.search(r"=== dcablate worker (\d+) on cpu", (root / n / "worker.log").read_text()).group(1)
+            for n in NAMES]
+    assert len(set(pids)) == 2 and all(pids.count(p) == 2 for p in pids)
 
 
 def test_sigterm_is_forwarded_and_the_sweep_resumes(sweep):
