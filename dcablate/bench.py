@@ -127,11 +127,16 @@ def main(argv=None):
 
 
 def time_train_step(module, x: torch.Tensor, dy: torch.Tensor) -> float:
-    """Median ms of forward + backward under bf16 autocast (fp32 parameters, as training runs);
-    gradients accumulate into `.grad`, which costs what a real step's first micro-batch costs."""
+    """Median ms of forward + backward under bf16 autocast (fp32 parameters, as training runs). Gradients
+    are dropped before each call (as `zero_grad(set_to_none=True)` does in a training step), so the
+    backward writes them fresh instead of adding into last call's."""
     import triton
 
+    params = [p for p in module.parameters() if p.requires_grad]
+
     def step():
+        for t in (x, *params):
+            t.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = module(x)
         out = out[0] if isinstance(out, tuple) else out
