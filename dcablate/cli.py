@@ -177,7 +177,7 @@ def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> No
     for job, code, line in out.failed:
         click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / parallel.LOG_NAME}]", err=True)
     if out.signal_name:
-        raise Stop(f"interrupted ({out.signal_name}): {len(out.interrupted)} runs stopped with a checkpoint, "
+        raise Stop(f"interrupted ({out.signal_name}): {len(out.interrupted)} runs stopped (checkpointed if training had begun), "
                    f"{out.not_started} not started, {len(out.failed)} failed; run the same command to resume",
                    128 + out.signal)
     if out.failed:

@@ -38,6 +38,7 @@ from .tables import headline_result
 
 LOG_NAME = "worker.log"
 RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -201,14 +202,16 @@ def start_worker(slot: Slot, recipe_ref: str, overrides: list[str], events: queu
     for o in overrides:
         cmd += ["--set", o]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, env=worker_env(slot), start_new_session=True,
+                            errors="replace", bufsize=1, env=worker_env(slot), start_new_session=True,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     worker = Worker(slot, proc)
 
     def read() -> None:
-        for line in proc.stdout:
-            events.put((worker, line))
-        events.put((worker, None))
+        try:
+            for line in proc.stdout:
+                events.put((worker, line))
+        finally:  # whatever ends the reading, the parent must learn that this worker is gone
+            events.put((worker, None))
 
     threading.Thread(target=read, daemon=True).start()
     return worker
@@ -305,8 +308,6 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
                 with open(w.job.run_dir / LOG_NAME, "a") as log:
                     log.write(line)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         for w in workers:
             release(w)
         deadline = time.time() + 30
@@ -315,6 +316,8 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
                 w.proc.wait(timeout=max(0.1, deadline - time.time()) if w.job is None else 0.1)
             except subprocess.TimeoutExpired:
                 w.proc.terminate()
+        for s, h in previous.items():  # only now: a signal while workers wind down is still ours
+            signal.signal(s, h)
     out.not_started = len(pending)
     out.signal = caught[0] if caught else None
     return out
@@ -390,11 +393,19 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
             return 0
         from .train import Stop, train  # torch reads OMP_NUM_THREADS (set per worker by the parent)
 
+        pending = signal.sigpending() & STOP_SIGNALS  # came while this worker was idle or loading
+        if pending:
+            signum = min(pending)
+            click.echo(f"interrupted ({signal.Signals(signum).name}) before training started")
+            return 128 + signum
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
             summary = train(r, run_dir, quiet=True)
         except Stop as e:
             click.echo(str(e))
             return e.code
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         click.echo(f"-> {run_dir}  {headline_result(summary, r.task.kind)}")
         return 0
     except UserError as e:
@@ -416,24 +427,26 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
 
-    def interrupted(signum, frame):  # while idle; a run installs its own handlers (checkpoint, then stop)
-        raise KeyboardInterrupt
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, interrupted)
+    # SIGINT/SIGTERM reach a worker only inside `train`, which saves a checkpoint on the first and then
+    # restores these defaults, so that a second one stops at once. Outside a run they stay pending (the
+    # parent forwards signals to busy workers only, and ends idle ones by closing their stdin), so a
+    # finished run is never reported as stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     results = os.fdopen(os.dup(1), "w", buffering=1)
-    try:
-        for line in sys.stdin:
-            job = json.loads(line)
-            run_dir = Path(job["run_dir"])
-            with output_to(run_dir / LOG_NAME):
-                code = train_point(args.recipe, args.overrides, job["index"], job["name"], job["digest"], run_dir)
-                release_memory()
-            results.write(f"{RESULT}{json.dumps({'index': job['index'], 'code': code})}\n")
-            if code != 0:
-                return code
-    except KeyboardInterrupt:
-        return 130
+    jobs = os.fdopen(os.dup(0), "r")
+    with open(os.devnull) as devnull:  # a run that reads stdin gets end-of-file, not the job pipe
+        os.dup2(devnull.fileno(), 0)
+    for line in jobs:
+        job = json.loads(line)
+        run_dir = Path(job["run_dir"])
+        with output_to(run_dir / LOG_NAME):
+            code = train_point(args.recipe, args.overrides, job["index"], job["name"], job["digest"], run_dir)
+            release_memory()
+        results.write(f"{RESULT}{json.dumps({'index': job['index'], 'code': code})}\n")
+        if code != 0:
+            return code
     return 0
 
 

@@ -104,7 +104,7 @@ def test_a_worker_serves_several_runs(sweep, capsys):
     root = sweep / "out" / "w"
     pids = [re.search(r"=== dcablate worker (\d+) on cpu", (root / n / "worker.log").read_text()).group(1)
             for n in NAMES]
-    assert len(set(pids)) == 2 and all(pids.count(p) == 2 for p in pids)
+    assert len(set(pids)) == 2  # the runs go to whichever worker is free first
 
 
 def test_sigterm_is_forwarded_and_the_sweep_resumes(sweep):
@@ -120,7 +120,7 @@ def test_sigterm_is_forwarded_and_the_sweep_resumes(sweep):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, (out, err)
-    assert "interrupted (SIGTERM): 2 runs stopped with a checkpoint, 2 not started" in err
+    assert "interrupted (SIGTERM): 2 runs stopped (checkpointed if training had begun), 2 not started" in err
     assert out.count("stopped (cpu): interrupted (SIGTERM) at step") == 2
     started = [n for n in NAMES if (root / n / "checkpoints").is_dir()]
     assert started == NAMES[:2] and all(list((root / n / "checkpoints").glob("step-*.pt")) for n in started)

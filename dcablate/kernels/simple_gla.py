@@ -62,6 +62,7 @@ def simple_gla(q, k, v, g, scale: float, backend: str = "auto", compute_dtype: t
 
         dtype = v.dtype
         if compute_dtype is not None:
+            compute_dtype = torch.promote_types(dtype, compute_dtype)  # never below the input's precision
             q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
         o, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale)
         return o.to(dtype)
