@@ -2,14 +2,11 @@
 gradcheck; the Triton kernels against the reference through Triton's CPU interpreter (a subprocess, since
 the interpreter is chosen when the kernels are defined) and, with the `gpu` marker, on CUDA."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from dcablate.kernels.moe_combine import moe_combine, moe_combine_reference
+from triton_interpreter import run_interpreted
 
 SHAPES = [(5, 2, 300), (7, 3, 1030), (3, 1, 16), (1, 2, 2049)]  # N, k, D: odd widths, D over one block
 
@@ -62,12 +59,7 @@ print("ok")
 
 
 def test_triton_kernels_in_the_interpreter():
-    pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 @pytest.mark.gpu

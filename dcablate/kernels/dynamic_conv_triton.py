@@ -301,7 +301,10 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, fused_backward=False):
     """`fused_backward=True` (opt-in, 16-bit inputs on CUDA only): the one-pass backward. On an H100
     (2026-11-26) it matched the float64 reference in bf16 and fp16 but raised in fp32 in the 3 of 5 test
-    cases that have a static filter S and no varlen (cause not established), and it was slower than the split backward at the paper's shape."""
+    cases that have a static filter S and no varlen (cause not established: the same kernel is exact in fp32
+    under Triton's CPU interpreter, tests/test_dynamic_conv_interpreted.py, which points at compilation,
+    e.g. on-chip memory for fp32 tiles, not at the math), and it was slower than the split backward at the
+    paper's shape."""
     if fused_backward and x.is_cuda and x.dtype == torch.float32:
         raise ValueError("fused_backward=True supports bf16/fp16 inputs on CUDA; use the default split backward")
     fn = DynamicConvLowRankFusedBackward if fused_backward else DynamicConvLowRank
