@@ -184,9 +184,8 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
     static = ConvSection(kind="static")
     head_dim, state, expand = 64, 64, 2
     heads = expand * d_model // head_dim
-    ours = Mamba2(d_model, head_dim=head_dim, state_size=state, expand=expand, conv_cfg=static, backend="fla")
-    ours_bf16 = Mamba2(d_model, head_dim=head_dim, state_size=state, expand=expand, conv_cfg=static, backend="fla",
-                       ssd_precision="input")
+    ours, ours_bf16 = (Mamba2(d_model, head_dim=head_dim, state_size=state, expand=expand, conv_cfg=static,
+                              backend="fla", ssd_precision=p) for p in ("fp32", "input"))
     theirs = FlaMamba2(num_heads=heads, head_dim=head_dim, hidden_size=d_model, state_size=state, expand=expand,
                        n_groups=1, chunk_size=256)
     gdn = GatedDeltaNet(d_model, n_heads=heads // 2, head_dim=head_dim, expand_v=2.0, conv_cfg=static, backend="fla")

@@ -269,7 +269,7 @@ def grouped_vs_loop(m, x, dtype=None, autocast=False):
     results = []
     counts = expert_counts(experts.reshape(-1), m.n_experts)
     paths = (lambda: m._experts_grouped(flat, experts, weights, counts, dtype),
-             lambda: m._experts_loop(flat, experts, weights))
+             lambda: m._experts_loop(flat, experts, weights, counts))
     for fn in paths:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = fn()

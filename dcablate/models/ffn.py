@@ -10,12 +10,11 @@ import torch.nn as nn
 from ..recipe import swiglu_hidden
 from .activations import swiglu
 from .conv import conv_prefill, conv_step, make_conv
-from .moe import MoE
 
 
 class SwiGLU(nn.Module):
     """With `placement = "all_linear"` a conv follows each of gate, up and down; their filters are
-    generated from the MLP's normalised input."""
+    generated from the MLP's normalised input. Without `conv_cfg`, a plain SwiGLU (the MoE's shared expert)."""
 
     def __init__(self, d_model: int, hidden: int, conv_cfg=None, backend: str = "auto"):
         super().__init__()
@@ -54,6 +53,8 @@ def build_ffn(m) -> nn.Module | None:
     if m.ffn == "none":
         return None
     if m.ffn == "moe":
+        from .moe import MoE  # moe.py builds its shared expert from SwiGLU: imported here, not at the top
+
         o = m.moe
         return MoE(m.d_model, o.n_experts, o.top_k, o.d_expert or swiglu_hidden(m.d_model, m.ffn_hidden), o.score,
                    o.shared_expert, m.conv, m.backend, renormalize=o.renormalize, init_std=m.init_std,

@@ -18,8 +18,8 @@ same function:
                         used on CUDA in bf16 (autocast or bf16 input) when D and F keep 16-byte strides.
     `_experts_loop`     a loop over experts (gather, SwiGLU, weighted `index_add_`): the CPU path,
                         the `backend = "torch"` path and the test oracle.
-The optional shared expert is a dense SwiGLU of width F (`shared_expert.{gate,up,down}_proj`,
-plain nn.Linear) applied to every token and added.
+The optional shared expert is the dense MLP's `SwiGLU` of width F without convs
+(`shared_expert.{gate,up,down}_proj`, plain nn.Linear), applied to every token and added.
 
 Auxiliary losses (computed in every forward, kept with their graph in `self.last_aux`):
     load_balance = E * sum_e f_e * P_e     (Switch Transformer): f_e = share of the N*k routed
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..kernels.moe_combine import moe_combine
 from .activations import swiglu
 from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
+from .ffn import SwiGLU
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -84,20 +85,6 @@ def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
 
 
-class SharedExpert(nn.Module):
-    """Dense SwiGLU `down(silu(gate(x)) * up(x))`, applied to every token."""
-
-    def __init__(self, d_model: int, hidden: int, backend: str = "auto"):
-        super().__init__()
-        self.backend = backend
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.backend))
-
-
 class MoE(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, d_expert: int, score: str = "softmax",
                  shared_expert: bool = False, conv_cfg=None, backend: str = "auto", *,
@@ -114,7 +101,7 @@ class MoE(nn.Module):
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
-        self.shared_expert = SharedExpert(d_model, d_expert, backend) if shared_expert else None
+        self.shared_expert = SwiGLU(d_model, d_expert, None, backend) if shared_expert else None
         # all_linear: one conv after the MoE output (see the module docstring); None otherwise
         self.down_conv1d = make_conv(conv_cfg, "down", d_model, d_model, backend)
         self.last_aux: dict[str, torch.Tensor] = {}
@@ -157,14 +144,15 @@ class MoE(nn.Module):
 
     # ----------------------------------------------------------------------------------- experts
 
-    def _experts_loop(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _experts_loop(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                      counts: torch.Tensor) -> torch.Tensor:
         """`sum_j weights[t, j] * expert_{experts[t, j]}(x[t])` for `x [N, D]`, one expert at a time."""
         N, k = experts.shape
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = torch.arange(N, device=x.device).repeat_interleave(k)[order]
         w = weights.reshape(-1)[order]
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        counts = counts.tolist()
         out = None
         start = 0
         for e, c in enumerate(counts):
@@ -240,7 +228,7 @@ class MoE(nn.Module):
         if dtype is not None:
             out = self._experts_grouped(flat, experts, weights, counts, dtype)
         else:
-            out = self._experts_loop(flat, experts, weights)
+            out = self._experts_loop(flat, experts, weights, counts)
         if out is None:  # no tokens
             out = flat.new_zeros(flat.shape)
         if self.shared_expert is not None:
