@@ -25,8 +25,9 @@ from pathlib import Path
 def train(recipe: str, nproc: int, steps: int, overrides: list[str], out: Path) -> tuple[float, Path]:
     """One `dcablate run` with N processes; returns (wall seconds, its run directory)."""
     name = f"dp{nproc}"
-    sets = [*overrides, f"run.out_dir={out}", f"run.name={name}", f"train.steps={steps}", "log.every=1",
-            f"eval.every={steps}", "checkpoint.every=0", "log.progress=false"]
+    # a short run keeps the recipe's schedule shape: warm-up at most a sixth of it (a --set may change it)
+    sets = [f"train.warmup_steps={steps // 6}", *overrides, f"run.out_dir={out}", f"run.name={name}",
+            f"train.steps={steps}", "log.every=1", f"eval.every={steps}", "checkpoint.every=0", "log.progress=false"]
     cmd = [sys.executable, "-m", "dcablate", "run", recipe, "--quiet", "--nproc", str(nproc)]
     for s in sets:
         cmd += ["--set", s]
