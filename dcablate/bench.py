@@ -82,8 +82,8 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
         e = x.element_size()
         floor_fwd = (2 * B * T * D + B * T * R) * e                  # read x, z; write y
         floor_bwd = (3 * B * T * D + 2 * B * T * R) * e              # read x, dy, z; write dx, dz
-        variants = {"dynamic (ours, Triton)": (dynamic_conv_lowrank_triton, (x, z, U, S, True)),
-                    "dynamic (ours, fused bwd)": (dynamic_conv_lowrank_triton, (x, z, U, S, True, None, True))}
+        variants = {f"dynamic (ours, {impl})": (lambda *a, impl=impl: dynamic_conv_lowrank_triton(*a, impl=impl),
+                                                (x, z, U, S, True)) for impl in ("wide", "split", "fused")}
         static = ShortConvolution(D, W, activation=None).cuda()
         variants["static (fla ShortConvolution)"] = (lambda x: static(x)[0], (x,))
         if not skip_reference:
@@ -94,7 +94,7 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
             gbps = floor / ((fwd + bwd) * 1e-3) / 1e9
             rows.append((name, label, fwd, bwd, fwd + bwd, gbps, floor / (gbps_copy * 1e9) * 1e3))
         if breakdown:
-            split_bwd = next(r[3] for r in rows if r[0] == name and r[1] == "dynamic (ours, Triton)")
+            split_bwd = next(r[3] for r in rows if r[0] == name and r[1] == "dynamic (ours, split)")
             parts = backward_breakdown(x, z, U, S, dy, W)
             rest = split_bwd - sum(parts.values())
             print(f"{name}: split backward {split_bwd:.3f} ms = " + " + ".join(
@@ -106,7 +106,7 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
               f"{total / floor_ms:8.2f}")
     by = {(n, l): t for n, l, _, _, t, _, _ in rows}
     for name in SHAPES:
-        ratio = by[(name, "dynamic (ours, Triton)")] / by[(name, "static (fla ShortConvolution)")]
+        ratio = by[(name, "dynamic (ours, wide)")] / by[(name, "static (fla ShortConvolution)")]
         print(f"{name}: dynamic (ours) / static (fla) total time = {ratio:.2f}")
     return rows
 

@@ -1,4 +1,4 @@
-"""The dynamic short conv's Triton kernels (low-rank with the split and the fused backward, head-wise) against
+"""The dynamic short conv's Triton kernels (low-rank: wide, split and fused; head-wise) against
 the float64 reference, run on CPU through Triton's interpreter: fp32, outputs and every gradient, on the
 shapes the issue names (T = 1 and 7, D = 300, R = 1, 7, 15, 16, W = 2 to 8, with and without S and the
 residual, varlen). The GPU suite (tests/test_gpu.py) runs the same kernels compiled, in bf16/fp16 too."""
@@ -28,8 +28,9 @@ def cu_of(lens):
 
 LOWRANK = [(2, 1, 64, 15, 4, True, True, None), (1, 7, 300, 1, 2, False, False, None),
            (2, 37, 100, 7, 8, True, True, None), (2, 40, 128, 15, 4, True, False, None),
-           (1, 30, 96, 16, 3, True, True, [10, 1, 15, 4])]
-for fused in (False, True):
+           (1, 30, 96, 16, 3, True, True, [10, 1, 15, 4]), (2, 70, 33, 15, 8, True, True, None),
+           (1, 130, 20, 16, 3, True, False, None), (1, 40, 130, 17, 5, True, True, [3, 30, 7])]
+for impl in ("wide", "split", "fused"):
     for i, (B, T, D, R, W, with_S, residual, lens) in enumerate(LOWRANK):
         g = torch.Generator().manual_seed(i)
         cu = cu_of(lens)
@@ -37,8 +38,8 @@ for fused in (False, True):
                0.3 * torch.randn(R, W, D, generator=g)] + ([torch.randn(W, D, generator=g)] if with_S else [])
         ins = [t.requires_grad_() for t in ins]
         S_of = lambda a: a[3] if with_S else None
-        check(("fused" if fused else "split", B, T, D, R, W, with_S, residual, lens),
-              lambda *a: dynamic_conv_lowrank_triton(a[0], a[1], a[2], S_of(a), residual, cu, fused_backward=fused),
+        check((impl, B, T, D, R, W, with_S, residual, lens),
+              lambda *a: dynamic_conv_lowrank_triton(a[0], a[1], a[2], S_of(a), residual, cu, impl=impl),
               lambda *a: dynamic_conv_lowrank_reference(a[0], a[1], a[2], S_of(a), None, residual, cu), ins, i)
 
 HEADWISE = [(2, 40, 300, 3, 8, True, True, None), (1, 7, 64, 64, 2, False, False, None),
