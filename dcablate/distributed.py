@@ -157,6 +157,17 @@ def micro_chunks(n: int, micro: int, w: int | None = None) -> int:
 # ----------------------------------------------------------------------------------------- models
 
 
+def _no_buffer_sync(ddp_class) -> dict:
+    """DDP's switch for not broadcasting buffers before each forward (our models register none, so it would
+    be a wasted collective): `forward_sync_buffers` in newer torch, which deprecates `broadcast_buffers`;
+    the GPU image's torch 2.11 knows only the old name."""
+    import inspect
+
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class).parameters \
+        else "broadcast_buffers"
+    return {name: False}
+
+
 def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.nn.Module:
     """The module the training step calls: `model` itself without ranks, DDP around it, or `model` sharded
     in place by FSDP2 (each block, then the root, which holds the embedding, final norm and tied head)."""
@@ -166,7 +177,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids, forward_sync_buffers=False)
+        return DDP(model, device_ids=ids, **_no_buffer_sync(DDP))
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

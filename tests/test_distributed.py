@@ -261,3 +261,19 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     state = checkpoint.load(saved[0][1])
     assert state["step"] == step >= 3 and state["data"]["batches"] == step
     assert records(cwd / "out" / "t")[-1]["step"] == step  # rank 0 logged every step it trained
+
+
+def test_buffer_sync_switch_follows_the_installed_torch():
+    """torch 2.11 (the GPU image) has only `broadcast_buffers`; newer torch renames it `forward_sync_buffers`."""
+    from dcablate.distributed import _no_buffer_sync
+
+    class OldDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            pass
+
+    class NewDDP:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=True):
+            pass
+
+    assert _no_buffer_sync(OldDDP) == {"broadcast_buffers": False}
+    assert _no_buffer_sync(NewDDP) == {"forward_sync_buffers": False}
