@@ -186,6 +186,13 @@ def test_z_loss_by_hand():
     assert m.last_aux["z_loss"].requires_grad and m.last_aux["load_balance"].requires_grad
 
 
+def test_empty_batch_gives_finite_zero_aux_losses():
+    m = make(E=4, k=2)
+    y = m(torch.randn(0, 5, 16, dtype=torch.float64))
+    assert y.shape == (0, 5, 16)
+    assert m.last_aux["load_balance"].item() == 0 and m.last_aux["z_loss"].item() == 0
+
+
 def test_load_stats_sum_to_one_and_model_helpers():
     model = nn.Sequential(make(E=4, k=2), make(E=4, k=1, seed=1))
     assert moe_aux_loss(model, 0.01, 0.001) is None and moe_load_stats(model) == {}

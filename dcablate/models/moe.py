@@ -135,11 +135,12 @@ class MoE(nn.Module):
     def _aux(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
         E = self.n_experts
         counts = counts.to(scores.dtype)
-        f = counts / counts.sum()
+        n = max(scores.shape[0], 1)  # an empty batch gives zero losses, not 0/0
+        f = counts / counts.sum().clamp_min(1)
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        P = probs.mean(0)
+        P = probs.sum(0) / n
         self.last_aux = {"load_balance": E * (f * P).sum(),
-                         "z_loss": torch.logsumexp(logits, dim=-1).square().mean()}
+                         "z_loss": torch.logsumexp(logits, dim=-1).square().sum() / n}
         self.last_load = f.detach()
 
     # ----------------------------------------------------------------------------------- experts
