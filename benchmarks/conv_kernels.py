@@ -1,14 +1,12 @@
-"""Launch-config sweep of the low-rank dynamic conv kernels: which tile sizes and warps are fastest on this card.
+"""Launch-config sweep of the low-rank dynamic conv's split kernels: which tiles and warps are fastest here.
 
     python benchmarks/conv_kernels.py [--dtype bfloat16] [--shape paper|gdn_q|gdn_v|all]     (CUDA needed)
 
-For each shape it times, in one process on one card (median of triton.testing.do_bench):
-- the forward: the per-lag kernel (`_dyn_conv_fwd`) and the wide kernel over a grid of (BT, BD, warps, stages);
-- the backward: the split pair (dx/dz kernel + dU/dS kernel) and the wide one-pass kernel over a grid of
-  (BT, BD, warps, programs),
-each with its error against a float64 run of the torch reference (so a config that compiles wrongly shows),
-and against the bytes floor (read x, z, write y; read x, dy, z, write dx, dz) at the copy bandwidth measured
-in the same run. Prints one table per shape, fastest first.
+For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward kernel,
+the dx/dz kernel and the dU/dS kernel over a grid of (BT, BD, warps), the default config marked `*`, each with
+its error against a float64 run of the torch reference (a config that compiles wrongly shows) and its time
+against that kernel's bytes floor at the copy bandwidth measured in the same run. Prints one table per shape,
+fastest first.
 """
 
 from __future__ import annotations
@@ -55,56 +53,59 @@ def main(argv=None) -> None:
         y64 = dynamic_conv_lowrank_reference(*ins64, None, True)
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
         e = x.element_size()
-        floor_fwd = (2 * B * T * D + B * T * R) * e / (copy * 1e9) * 1e3
-        floor_bwd = (3 * B * T * D + 2 * B * T * R) * e / (copy * 1e9) * 1e3
         rows = []
+        BR = max(16, triton.next_power_of_2(R))
+        default = K._block_sizes(D, R)[:2]
+        f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
+        f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
+        f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
 
-        def fwd_row(label, fn):
+        def row(part, label, fn, check, floor_bytes):
             try:
-                err = rel(fn(), y64)
-                rows.append(("fwd", label, do_bench(fn, return_mode="median"), floor_fwd, err))
+                err = check(fn())
+                rows.append((part, label, do_bench(fn, return_mode="median"), floor_bytes / (copy * 1e9) * 1e3, err))
             except Exception as exc:  # a config the compiler refuses (e.g. out of shared memory)
-                rows.append(("fwd", label, float("nan"), floor_fwd, f"{type(exc).__name__}"))
+                rows.append((part, label, float("nan"), 1.0, type(exc).__name__))
 
-        def bwd_row(label, fn):
-            try:
-                out = fn()
-                err = max(rel(a, b) for a, b in zip(out, grads64))
-                rows.append(("bwd", label, do_bench(fn, return_mode="median"), floor_bwd, err))
-            except Exception as exc:
-                rows.append(("bwd", label, float("nan"), floor_bwd, f"{type(exc).__name__}"))
+        for BT, BD, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
+            mark = "*" if (BT, BD, warps) == (*default, 4) else ""
+            grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+            kw = dict(W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, RESIDUAL=True, VARLEN=False, PREC=prec, num_warps=warps)
 
-        def per_lag_fwd():
-            BT, BD, BR = K._block_sizes(D, R)
-            y = torch.empty_like(x)
-            K._dyn_conv_fwd[(triton.cdiv(D, BD), triton.cdiv(T, BT), B)](
-                x, z, U, S, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, RESIDUAL=True, VARLEN=False,
-                PREC=prec)
-            return y
+            def fwd():
+                y = torch.empty_like(x)
+                K._dyn_conv_fwd[grid](x, z, U, S, y, pos, T, D, R, **kw)
+                return y
 
-        def split_bwd():
-            dx, dz = K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec)
-            dU, dS = K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec)
-            return dx, dz, dU, dS
+            def dxdz():
+                dx = torch.empty_like(x)
+                dz = torch.zeros(B, T, R, device="cuda", dtype=torch.float32)
+                K._dyn_conv_bwd_dx_dz[grid](x, z, U, S, dy, dx, dz, pos, T, D, R, **kw)
+                return dx, dz
 
-        fwd_row("per-lag BT64 BD64 w4", per_lag_fwd)
-        for BT, BD, warps, stages in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2)):
-            fwd_row(f"wide BT{BT} BD{BD} w{warps} s{stages}",
-                    lambda: K.lowrank_fwd_wide(x, z, U, S, pos, True, False, prec, BT, BD, warps, stages))
-        bwd_row("split (dx/dz + dU/dS)", split_bwd)
-        for BT, BD, warps, programs in itertools.product((16, 32, 64), (32, 64), (4, 8), (512, 1024, 2048)):
-            bwd_row(f"wide BT{BT} BD{BD} w{warps} p{programs}",
-                    lambda: K.lowrank_bwd_wide(x, z, U, S, dy, pos, True, False, prec, BT, BD, warps, 2, programs))
-        print(f"\n{name} B{B} T{T} D{D} W{W} R{R}: fwd floor {floor_fwd:.3f} ms, bwd floor {floor_bwd:.3f} ms")
-        print(f"{'pass':4s} {'kernel / config':34s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
-        for part in ("fwd", "bwd"):
+            row("fwd", f"BT{BT} BD{BD} w{warps}{mark}", fwd, lambda y: rel(y, y64), f_fwd)
+            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark}", dxdz,
+                lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
+            if BT <= 64:
+                def dUdS():
+                    dU = torch.zeros(R, W, D, device="cuda", dtype=torch.float32)
+                    dS = torch.zeros(W, D, device="cuda", dtype=torch.float32)
+                    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(1024, B * W * triton.cdiv(D, BD))))
+                    tps = triton.cdiv(triton.cdiv(T, splits), BT) * BT
+                    K._dyn_conv_bwd_dU_dS[(triton.cdiv(D, BD), W, B * triton.cdiv(T, tps))](
+                        x, z, dy, dU, dS, pos, T, D, R, tps, W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, VARLEN=False,
+                        PREC=prec, num_warps=warps)
+                    return dU, dS
+
+                row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark}", dUdS,
+                    lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
+        print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
+        print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
+        for part in ("fwd", "dx/dz", "dU/dS"):
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
-            for _, label, ms, floor, err in mine[:12] + [r for r in mine[12:] if not r[1].startswith("wide")]:
+            for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
-                print(f"{part:4s} {label:34s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
-            failed = [r[1] for r in mine if not isinstance(r[4], float)]
-            if failed:
-                print(f"{part} configs that did not compile or run: {', '.join(failed)}")
+                print(f"{part:6s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
         print(flush=True)
 
 

@@ -1,20 +1,19 @@
 """Triton kernels for the low-rank dynamic short conv: `y_t = sum_k (z_t·U_k + S_k) ⊙ x_{t-k} (+ x_t)`.
 
-The per-token filter `z_t·U_k` is formed on chip and never written to memory. Three implementations
-(`dynamic_conv_lowrank_triton(..., impl=)`), all checked against the float64 reference:
+The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never written to memory.
 
-- "wide" (default): all W lags of a D-block sit side by side as the columns of one tile. The forward forms
-  every lag's filter with one dot and sums the lags on chip; the one-pass backward walks a run of tokens per
-  program, reads x and dy once, gets dz and dU/dS for every lag from one dot each (dU, dS stay on chip for
-  the whole run) and dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k] from the later tokens' filters.
-- "split": a per-lag forward (grid D-blocks × T-blocks × B), a dx/dz kernel on the same grid, and a weight
-  gradient kernel (grid D-blocks × W × B·splits) that reads x and dy once per lag.
-- "fused": the per-lag forward and a one-pass backward keeping dU/dS per lag in a [W, R, BD] tile.
+- forward  (grid D-blocks × T-blocks × B): y.
+- backward (same grid): dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k], re-forming the filters
+  of the later tokens, and dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T, added across D-blocks atomically.
+- weight gradients (grid D-blocks × W × B·splits): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and
+  dS_k = sum_t dy_t ⊙ x_{t-k}, accumulated over a range of tokens on chip, then added atomically.
+- an alternative one-pass backward (`impl="fused"`) does all four gradients together.
 
-dz sums over D-blocks and dU/dS over token runs with atomic adds. Packed variable-length batches pass `pos`
-(each token's offset within its own sequence): a tap reaches `x_{t-k}` only when `pos_t >= k`. Accumulation
-is fp32; the dots run in IEEE fp32 for fp32 inputs and TF32 otherwise. An activation, when asked for, is
-applied by the caller in torch.
+A third layout, every lag of a D-block side by side in one wide tile (one dot for all filters, x and dy read
+once in the backward), was tried and timed on an H100 on 2026-11-26: no faster (docs/benchmarks.md), so it
+is not kept. Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap
+reaches `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs
+and TF32 otherwise. An activation, when asked for, is applied by the caller in torch.
 """
 
 from __future__ import annotations
@@ -195,97 +194,6 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
         tl.atomic_add(dS + lag[:, None] * D + d[None, :], dS_acc, mask=(lag[:, None] < W) & md[None, :])
 
 
-# ---- "wide" kernels: all W lags of a D-block side by side as columns j = k·BD + (d - d0) of one tile, so the
-# filters of every lag come from one dot (z_t · U[:, all lags, d-block]) and the weight gradients of every lag
-# from one dot (z^T · dK), with x and dy read from memory once per program.
-
-
-@triton.jit
-def _wide_cols(pid_d, W: tl.constexpr, WP: tl.constexpr, BD: tl.constexpr, D):
-    """Column j of a wide tile: its lag, its channel, and whether it is real (lag < W, channel < D)."""
-    j = tl.arange(0, WP * BD)
-    lag = j // BD
-    dj = pid_d * BD + j % BD
-    return lag, dj, (lag < W) & (dj < D)
-
-
-@triton.jit
-def _wide_x(x, b, T, t, p, lag, dj, D, mt, mj):
-    """x_{t-k}[d] for every (row t, column (k, d)) of a wide tile, 0 before the sequence start."""
-    ok = mt[:, None] & mj[None, :] & (p[:, None] >= lag[None, :])
-    return tl.load(x + (b * T + t[:, None] - lag[None, :]) * D + dj[None, :], mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _dyn_conv_fwd_wide(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr,
-                       BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                       VARLEN: tl.constexpr, PREC: tl.constexpr):
-    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    mt, md, mr = t < T, d < D, r < R
-    lag, dj, mj = _wide_cols(pid_d, W, WP, BD, D)
-    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    zt = _rows(z, b, T, t, r, R, mt, mr)
-    Uw = tl.load(U + (r[:, None] * W + lag[None, :]) * D + dj[None, :], mask=mr[:, None] & mj[None, :],
-                 other=0.0).to(tl.float32)                                      # [BR, W·BD]
-    K = tl.dot(zt, Uw, input_precision=PREC)                                    # K_t[k, d] for every lag
-    if HAS_S:
-        K += tl.load(S + lag * D + dj, mask=mj, other=0.0).to(tl.float32)[None, :]
-    acc = tl.sum(tl.reshape(K * _wide_x(x, b, T, t, p, lag, dj, D, mt, mj), (BT, WP, BD)), axis=1)
-    if RESIDUAL:
-        acc += _rows(x, b, T, t, d, D, mt, md)
-    tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
-
-
-# dx, dz, dU, dS in one pass over a run of tokens; dU and dS of every lag stay on chip as one wide tile
-@triton.jit
-def _dyn_conv_bwd_wide(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr,
-                       WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr,
-                       RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    pid_d, pid_s = tl.program_id(0), tl.program_id(1)
-    n_splits = tl.cdiv(T, tokens_per_split)
-    b, split = pid_s // n_splits, pid_s % n_splits
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    md, mr = d < D, r < R
-    lag, dj, mj = _wide_cols(pid_d, W, WP, BD, D)
-    UwT = tl.load(U + (r[None, :] * W + lag[:, None]) * D + dj[:, None], mask=mj[:, None] & mr[None, :],
-                  other=0.0).to(tl.float32)                                     # [W·BD, BR]
-    dUw = tl.zeros([BR, WP * BD], dtype=tl.float32)
-    dSw = tl.zeros([WP * BD], dtype=tl.float32)
-    start = split * tokens_per_split
-    for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
-        t = t0 + tl.arange(0, BT)
-        mt = t < T
-        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-        # dK_t[k, d] = dy_t[d] x_{t-k}[d], every lag at once
-        dyw = tl.load(dy + (b * T + t[:, None]) * D + dj[None, :], mask=mt[:, None] & mj[None, :],
-                      other=0.0).to(tl.float32)
-        g = dyw * _wide_x(x, b, T, t, p, lag, dj, D, mt, mj)
-        zt = _rows(z, b, T, t, r, R, mt, mr)
-        dUw += tl.dot(tl.trans(zt), g, input_precision=PREC)
-        if HAS_S:
-            dSw += tl.sum(g, axis=0)
-        tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], tl.dot(g, UwT, input_precision=PREC),
-                      mask=mt[:, None] & mr[None, :])
-        # dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k]
-        dx_acc = _rows(dy, b, T, t, d, D, mt, md) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
-        for k in tl.static_range(W):
-            tk = t + k
-            mk = _ahead_ok(pos, tk, T, k, VARLEN)
-            K = tl.dot(_rows(z, b, T, tk, r, R, mk, mr), _u_tap(U, k, r, d, W, D, mr, md), input_precision=PREC)
-            if HAS_S:
-                K += _tap(S, k, d, D, md)
-            dx_acc += _rows(dy, b, T, tk, d, D, mk, md) * K
-        tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
-                 mask=mt[:, None] & md[None, :])
-    tl.atomic_add(dU + (r[:, None] * W + lag[None, :]) * D + dj[None, :], dUw, mask=mr[:, None] & mj[None, :])
-    if HAS_S:
-        tl.atomic_add(dS + lag * D + dj, dSw, mask=mj)
-
-
 def _block_sizes(D: int, R: int) -> tuple[int, int, int]:
     BR = max(16, triton.next_power_of_2(R))
     BD = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
@@ -364,69 +272,6 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     return dU, dS
 
 
-def wide_block(D: int, W: int) -> int:
-    """BD of the wide kernels: W·BD columns per tile (256 at W ≤ 4), never wider than D needs."""
-    WP = triton.next_power_of_2(W)
-    return min(max(16, 256 // WP), max(16, triton.next_power_of_2(D)))
-
-
-def lowrank_fwd_wide(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, BT: int = 32, BD: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2):
-    B, T, D = x.shape
-    R, W = U.shape[0], U.shape[1]
-    BD = BD or wide_block(D, W)
-    BR = max(16, triton.next_power_of_2(R))
-    y = torch.empty_like(x)
-    grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
-    _dyn_conv_fwd_wide[grid](x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, WP=triton.next_power_of_2(W),
-                             BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec,
-                             num_warps=num_warps, num_stages=num_stages)
-    return y
-
-
-def lowrank_bwd_wide(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, BT: int = 32,
-                     BD: int | None = None, num_warps: int = 8, num_stages: int = 2, programs: int = 1024):
-    """dx (input dtype), dz, dU, dS (fp32) in one kernel; `programs` ≈ how many token runs × D-blocks."""
-    B, T, D = x.shape
-    R, W = U.shape[0], U.shape[1]
-    BD = BD or wide_block(D, W)
-    BR = max(16, triton.next_power_of_2(R))
-    dx = torch.empty_like(x)
-    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
-    dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
-    dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-    n_d = triton.cdiv(D, BD)
-    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(programs, n_d * B)))
-    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-    splits = triton.cdiv(T, tokens_per_split)
-    _dyn_conv_bwd_wide[(n_d, B * splits)](
-        x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split, W=W,
-        WP=triton.next_power_of_2(W), BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen,
-        PREC=prec, num_warps=num_warps, num_stages=num_stages)
-    return dx, dz, dU, dS
-
-
-class DynamicConvLowRankWide(torch.autograd.Function):
-    """The wide kernels: same contract as DynamicConvLowRank."""
-
-    @staticmethod
-    def forward(ctx, x, z, U, S, residual: bool, cu_seqlens):
-        x, z, U = x.contiguous(), z.contiguous(), U.contiguous()
-        S = S.contiguous() if S is not None else None
-        pos = positions(cu_seqlens, x.shape[1]) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
-        prec = dot_precision(x.dtype)
-        y = lowrank_fwd_wide(x, z, U, S, pos, residual, cu_seqlens is not None, prec)
-        ctx.save_for_backward(x, z, U, S, pos)
-        ctx.residual, ctx.varlen, ctx.prec = residual, cu_seqlens is not None, prec
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, z, U, S, pos = ctx.saved_tensors
-        dx, dz, dU, dS = lowrank_bwd_wide(x, z, U, S, dy.contiguous(), pos, ctx.residual, ctx.varlen, ctx.prec)
-        return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
-
-
 class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
     """Same forward; one backward kernel per (D-block, token run) that also keeps dU and dS on chip
     across its tokens, so x and dy are read once instead of once per lag. Opt-in: on an H100 it was slower
@@ -455,16 +300,16 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
 
-IMPLS = {"wide": DynamicConvLowRankWide, "split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
+IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
 
 
-def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "wide"):
-    """`impl` picks the kernels: "wide" (default; every lag in one tile, one-pass backward), "split" (per-lag
-    forward, two-kernel backward) or "fused" (per-lag forward, one-pass backward with a [W, R, BD] tile; 16-bit
-    inputs on CUDA only: on an H100 (2026-11-26) it raised in fp32 in 3 of 5 test cases, though it is exact in
-    fp32 under Triton's CPU interpreter, which points at compilation, not the math)."""
+def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
+    """`impl` picks the backward: "split" (default; a dx/dz kernel and a dU/dS kernel) or "fused" (one pass
+    keeping dU/dS per lag in a [W, R, BD] tile; 16-bit inputs on CUDA only: on an H100 (2026-11-26) it raised
+    in fp32 in 3 of 5 test cases, though it is exact in fp32 under Triton's CPU interpreter, which points at
+    compilation, not the math; and it was slower than "split" at the paper's shape)."""
     if impl == "fused" and x.is_cuda and x.dtype == torch.float32:
-        raise ValueError("impl='fused' supports bf16/fp16 inputs on CUDA; use 'wide' or 'split'")
+        raise ValueError("impl='fused' supports bf16/fp16 inputs on CUDA; use 'split'")
     return IMPLS[impl].apply(x, z, U, S, residual, cu_seqlens)
 
 
