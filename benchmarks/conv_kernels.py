@@ -55,7 +55,8 @@ def main(argv=None) -> None:
         e = x.element_size()
         rows = []
         BR = max(16, triton.next_power_of_2(R))
-        default = K._block_sizes(D, R)[:2]
+        defaults = {"fwd": K._block_sizes(D, R, BT=K.FWD_BT)[:2], "dx/dz": K._block_sizes(D, R)[:2],
+                    "dU/dS": K._block_sizes(D, R, BD=K.DUDS_BD)[:2]}
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
                 rows.append((part, label, float("nan"), 1.0, type(exc).__name__))
 
         for BT, BD, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
-            mark = "*" if (BT, BD, warps) == (*default, 4) else ""
+            mark = {part: "*" if (BT, BD, warps) == (*tiles, 4) else "" for part, tiles in defaults.items()}
             grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
             kw = dict(W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, RESIDUAL=True, VARLEN=False, PREC=prec, num_warps=warps)
 
@@ -83,8 +84,8 @@ def main(argv=None) -> None:
                 K._dyn_conv_bwd_dx_dz[grid](x, z, U, S, dy, dx, dz, pos, T, D, R, **kw)
                 return dx, dz
 
-            row("fwd", f"BT{BT} BD{BD} w{warps}{mark}", fwd, lambda y: rel(y, y64), f_fwd)
-            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark}", dxdz,
+            row("fwd", f"BT{BT} BD{BD} w{warps}{mark['fwd']}", fwd, lambda y: rel(y, y64), f_fwd)
+            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}", dxdz,
                 lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
             if BT <= 64:
                 def dUdS():
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
                         PREC=prec, num_warps=warps)
                     return dU, dS
 
-                row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark}", dUdS,
+                row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}", dUdS,
                     lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
         print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")

@@ -194,10 +194,17 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
         tl.atomic_add(dS + lag[:, None] * D + d[None, :], dS_acc, mask=(lag[:, None] < W) & md[None, :])
 
 
-def _block_sizes(D: int, R: int) -> tuple[int, int, int]:
+def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, int]:
+    """(BT, BD, BR): tokens × channels per program and R padded for the dots; BD shrinks for narrow D."""
     BR = max(16, triton.next_power_of_2(R))
-    BD = 64 if D >= 64 else max(16, triton.next_power_of_2(D))
-    return 64, BD, BR
+    BD = BD if D >= BD else max(16, triton.next_power_of_2(D))
+    return BT, BD, BR
+
+
+# Tiles per kernel, from a sweep on an H100 (benchmarks/conv_kernels.py, 2026-11-26; docs/benchmarks.md):
+# the forward is fastest with 128 tokens per program, the weight-gradient kernel with 32 channels.
+FWD_BT = 128
+DUDS_BD = 32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -222,7 +229,7 @@ class DynamicConvLowRank(torch.autograd.Function):
         B, T, D = x.shape
         R, W = U.shape[0], U.shape[1]
         pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
-        BT, BD, BR = _block_sizes(D, R)
+        BT, BD, BR = _block_sizes(D, R, BT=FWD_BT)
         prec = dot_precision(x.dtype)
         y = torch.empty_like(x)
         grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
@@ -259,7 +266,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
-    BT, BD, BR = _block_sizes(D, R)
+    BT, BD, BR = _block_sizes(D, R, BD=DUDS_BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
     # enough programs to fill the GPU (~1024), each summing a run of tokens on chip
