@@ -5,8 +5,10 @@
 Each N trains the recipe from scratch for `--steps` steps into a temporary run directory (logging every
 step, no evaluation before the end, no checkpoints), then reads `metrics.jsonl`: tokens/s is the median
 of the logged rates after `--skip` warm-up steps (rank 0 logs the global batch's tokens), and the loss
-curve is compared step by step with the first N's. Prints one table; run it on one machine, one card
-kind. NCCL_NVLS_ENABLE=0 is set for the children, as docs/distributed.md asks.
+curve is compared step by step with the first N's (`--repeat` trains the first N twice, so the gap between
+two identical runs, GPU kernels' nondeterminism amplified by training, shows what "matches" can mean).
+Prints one table and the loss at a few steps; run it on one machine, one card kind. NCCL_NVLS_ENABLE=0 is
+set for the children, as docs/distributed.md asks.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ import time
 from pathlib import Path
 
 
-def train(recipe: str, nproc: int, steps: int, overrides: list[str], out: Path) -> tuple[float, Path]:
-    """One `dcablate run` with N processes; returns (wall seconds, its run directory)."""
-    name = f"dp{nproc}"
+def train(recipe: str, nproc: int, steps: int, overrides: list[str], out: Path, name: str) -> tuple[float, Path]:
+    """One `dcablate run` with N processes into `out/name`; returns (wall seconds, its run directory)."""
     # a short run keeps the recipe's schedule shape: warm-up at most a sixth of it (a --set may change it)
     sets = [f"train.warmup_steps={steps // 6}", *overrides, f"run.out_dir={out}", f"run.name={name}",
             f"train.steps={steps}", "log.every=1", f"eval.every={steps}", "checkpoint.every=0", "log.progress=false"]
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc", default="1,2", help="comma-separated process counts (default 1,2)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of tokens/s (default 10)")
+    ap.add_argument("--repeat", action="store_true",
+                    help="run the first count twice: the loss gap between identical runs is the noise floor")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     counts = [int(n) for n in args.nproc.split(",")]
@@ -61,21 +64,29 @@ def main(argv=None) -> None:
         versions = f"torch {torch.__version__}"
     except ImportError:
         card, versions = "?", ""
+    runs = [(n, f"dp{n}") for n in counts]
+    if args.repeat:  # the first count once more: how far two identical runs drift apart (kernel nondeterminism)
+        runs.insert(1, (counts[0], f"dp{counts[0]}_again"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in counts:
-            wall, run_dir = train(args.recipe, n, args.steps, args.overrides, Path(tmp))
-            rows.append((n, wall, read_train(run_dir)))
-    base = {r["step"]: r["loss"] for r in rows[0][2]}
+        for n, name in runs:
+            wall, run_dir = train(args.recipe, n, args.steps, args.overrides, Path(tmp), name)
+            rows.append((name, n, wall, read_train(run_dir)))
+    base = {r["step"]: r["loss"] for r in rows[0][3]}
     print(f"\n{args.recipe} {' '.join(args.overrides)}  card: {card}  {versions}  steps {args.steps}")
-    print(f"{'nproc':>5s} {'tokens/s':>12s} {'speed-up':>9s} {'wall s':>8s} {'max |loss - loss(nproc ' + str(counts[0]) + ')|':>30s}")
+    print(f"{'run':>10s} {'nproc':>5s} {'tokens/s':>12s} {'speed-up':>9s} {'wall s':>8s} "
+          f"{'max |loss - loss(' + rows[0][0] + ')|':>26s}")
     first_rate = None
-    for n, wall, train_rows in rows:
+    for name, n, wall, train_rows in rows:
         rate = statistics.median(r["tokens_per_s"] for r in train_rows if r["step"] > args.skip)
         first_rate = first_rate or rate
         diff = max(abs(r["loss"] - base[r["step"]]) for r in train_rows if r["step"] in base)
-        print(f"{n:5d} {rate:12,.0f} {rate / first_rate:8.2f}x {wall:8.1f} {diff:30.2e}")
-
+        print(f"{name:>10s} {n:5d} {rate:12,.0f} {rate / first_rate:8.2f}x {wall:8.1f} {diff:26.2e}")
+    shown = sorted({1, 2, 5, *range(10, args.steps + 1, 10), args.steps})
+    print("\nloss at step " + " ".join(f"{s:>7d}" for s in shown))
+    for name, _, _, train_rows in rows:
+        by_step = {r["step"]: r["loss"] for r in train_rows}
+        print(f"{name:>12s} " + " ".join(f"{by_step[s]:7.3f}" if s in by_step else "      -" for s in shown))
 
 if __name__ == "__main__":
     main()

@@ -177,7 +177,8 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device) -> torch.n
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids, **_no_buffer_sync(DDP))
+        # gradients as views into DDP's communication buckets: no copy into and out of them each step
+        return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **_no_buffer_sync(DDP))
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
