@@ -59,9 +59,21 @@ def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W: tl.constexpr, mt, md, mr, HAS_S: tl.constexpr,
+             PREC: tl.constexpr):
+    """acc + (z_t·U_k + S_k) ⊙ x_{t-k}: one lag of the forward."""
+    K = tl.dot(zt, _u_tap(U, k, r, d, W, D, mr, md), input_precision=PREC)
+    if HAS_S:
+        K += _tap(S, k, d, D, md)
+    return acc + K * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+
+
+# ROLLED: loop over the lags at run time instead of unrolling them, so that only one lag's tiles are
+# live at a time (unrolled, the compiler hoists every lag's loads: 234-255 registers per thread on an H100)
+@triton.jit
 def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                   BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, ROLLED: tl.constexpr = False):
     pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     d = pid_d * BD + tl.arange(0, BD)
@@ -69,24 +81,36 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr
     mt, md, mr = t < T, d < D, r < R
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
     zt = _rows(z, b, T, t, r, R, mt, mr)
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for k in tl.static_range(W):
-        Uk = _u_tap(U, k, r, d, W, D, mr, md)
-        K = tl.dot(zt, Uk, input_precision=PREC)
-        if HAS_S:
-            K += _tap(S, k, d, D, md)
-        ok = mt & (p >= k)
-        xs = _rows(x, b, T, t - k, d, D, ok, md)
-        acc += K * xs
-        if RESIDUAL and k == 0:
-            acc += xs
+    acc = _rows(x, b, T, t, d, D, mt, md) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+    if ROLLED:
+        for k in tl.range(0, W):
+            acc = _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W, mt, md, mr, HAS_S, PREC)
+    else:
+        for k in tl.static_range(W):
+            acc = _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W, mt, md, mr, HAS_S, PREC)
     tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
+
+
+@triton.jit
+def _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W: tl.constexpr, mt, md, mr,
+             HAS_S: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """One lag of dx and dz: dz_t += (dy_t ⊙ x_{t-k})·U_k^T, dx_t += dy_{t+k} ⊙ K_{t+k}[k] (t+k in t's sequence)."""
+    Uk = _u_tap(U, k, r, d, W, D, mr, md)
+    xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+    dz_acc += tl.dot(dy_t * xs, tl.trans(Uk), input_precision=PREC)
+    tk = t + k
+    mk = _ahead_ok(pos, tk, T, k, VARLEN)
+    K = tl.dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, input_precision=PREC)
+    if HAS_S:
+        K += _tap(S, k, d, D, md)
+    dx_acc += _rows(dy, b, T, tk, d, D, mk, md) * K
+    return dx_acc, dz_acc
 
 
 @triton.jit
 def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                        VARLEN: tl.constexpr, PREC: tl.constexpr):
+                        VARLEN: tl.constexpr, PREC: tl.constexpr, ROLLED: tl.constexpr = False):
     pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     d = pid_d * BD + tl.arange(0, BD)
@@ -96,21 +120,14 @@ def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, B
     dy_t = _rows(dy, b, T, t, d, D, mt, md)
     dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
     dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
-    for k in tl.static_range(W):
-        Uk = _u_tap(U, k, r, d, W, D, mr, md)
-        # dz_t += (dy_t ⊙ x_{t-k}) · U_k^T
-        ok = mt & (p >= k)
-        xs = _rows(x, b, T, t - k, d, D, ok, md)
-        dz_acc += tl.dot(dy_t * xs, tl.trans(Uk), input_precision=PREC)
-        # dx_t += dy_{t+k} ⊙ K_{t+k}[k]  (only when t+k is in t's sequence)
-        tk = t + k
-        mk = _ahead_ok(pos, tk, T, k, VARLEN)
-        zk = _rows(z, b, T, tk, r, R, mk, mr)
-        K = tl.dot(zk, Uk, input_precision=PREC)
-        if HAS_S:
-            K += _tap(S, k, d, D, md)
-        dyk = _rows(dy, b, T, tk, d, D, mk, md)
-        dx_acc += dyk * K
+    if ROLLED:
+        for k in tl.range(0, W):
+            dx_acc, dz_acc = _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W,
+                                      mt, md, mr, HAS_S, VARLEN, PREC)
+    else:
+        for k in tl.static_range(W):
+            dx_acc, dz_acc = _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W,
+                                      mt, md, mr, HAS_S, VARLEN, PREC)
     tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
     tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
 
@@ -205,6 +222,7 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
 # the forward is fastest with 128 tokens per program, the weight-gradient kernel with 32 channels.
 FWD_BT = 128
 DUDS_BD = 32
+ROLLED = False  # the forward's and dx/dz kernel's lag loop: unrolled (False) or at run time (True)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -234,7 +252,8 @@ class DynamicConvLowRank(torch.autograd.Function):
         y = torch.empty_like(x)
         grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
         _dyn_conv_fwd[grid](x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR,
-                            HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None, PREC=prec)
+                            HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None, PREC=prec,
+                            ROLLED=ROLLED)
         ctx.save_for_backward(x, z, U, S, pos)
         ctx.residual, ctx.varlen, ctx.prec = residual, cu_seqlens is not None, prec
         return y
@@ -258,7 +277,7 @@ def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: s
     dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
     _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
-                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec, ROLLED=ROLLED)
     return dx, dz
 
 
