@@ -5,7 +5,8 @@
 Each N trains the recipe from scratch for `--steps` steps into a temporary run directory (logging every
 step, no evaluation before the end, no checkpoints), then reads `metrics.jsonl`: tokens/s is the median
 of the logged rates after `--skip` warm-up steps (rank 0 logs the global batch's tokens), and the loss
-curve is compared step by step with the first N's (`--repeat` trains the first N twice, so the gap between
+curve is compared step by step with the first N's (`--weak B` gives each process B examples instead, so
+tokens/s shows weak scaling and the losses differ by design; `--repeat` trains the first N twice, so the gap between
 two identical runs, GPU kernels' nondeterminism amplified by training, shows what "matches" can mean).
 Prints one table and the loss at a few steps; run it on one machine, one card kind. NCCL_NVLS_ENABLE=0 is
 set for the children, as docs/distributed.md asks.
@@ -50,6 +51,8 @@ def main(argv=None) -> None:
     ap.add_argument("--nproc", default="1,2", help="comma-separated process counts (default 1,2)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of tokens/s (default 10)")
+    ap.add_argument("--weak", type=int, default=0, metavar="B",
+                    help="weak scaling: B examples per process (train.batch_size = B x N); loss curves then differ")
     ap.add_argument("--repeat", action="store_true",
                     help="run the first count twice: the loss gap between identical runs is the noise floor")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -70,10 +73,12 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n, name in runs:
-            wall, run_dir = train(args.recipe, n, args.steps, args.overrides, Path(tmp), name)
+            sets = args.overrides + ([f"train.batch_size={args.weak * n}"] if args.weak else [])
+            wall, run_dir = train(args.recipe, n, args.steps, sets, Path(tmp), name)
             rows.append((name, n, wall, read_train(run_dir)))
     base = {r["step"]: r["loss"] for r in rows[0][3]}
-    print(f"\n{args.recipe} {' '.join(args.overrides)}  card: {card}  {versions}  steps {args.steps}")
+    scaling = f"weak scaling, {args.weak} examples per process" if args.weak else "same global batch"
+    print(f"\n{args.recipe} {' '.join(args.overrides)}  card: {card}  {versions}  steps {args.steps}  ({scaling})")
     print(f"{'run':>10s} {'nproc':>5s} {'tokens/s':>12s} {'speed-up':>9s} {'wall s':>8s} "
           f"{'max |loss - loss(' + rows[0][0] + ')|':>26s}")
     first_rate = None
