@@ -3,7 +3,7 @@
     python benchmarks/conv_kernels.py [--dtype bfloat16] [--shape paper|gdn_q|gdn_v|all]     (CUDA needed)
 
 For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward kernel,
-the dx/dz kernel and the dU/dS kernel over a grid of (BT, BD, warps, lag loop unrolled or rolled), the default config marked `*`, each with
+the dx/dz kernel and the dU/dS kernel over a grid of (BT, BD, warps), the default config marked `*`, each with
 its error against a float64 run of the torch reference (a config that compiles wrongly shows) and its time
 against that kernel's bytes floor at the copy bandwidth measured in the same run. Prints one table per shape,
 fastest first.
@@ -68,13 +68,10 @@ def main(argv=None) -> None:
             except Exception as exc:  # a config the compiler refuses (e.g. out of shared memory)
                 rows.append((part, label, float("nan"), 1.0, type(exc).__name__))
 
-        for BT, BD, warps, rolled in itertools.product((64, 128), (32, 64), (4, 8), (False, True)):
-            mark = {part: "*" if (BT, BD, warps) == (*tiles, 4) and (part == "dU/dS" or rolled == K.ROLLED) else ""
-                    for part, tiles in defaults.items()}
+        for BT, BD, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
+            mark = {part: "*" if (BT, BD, warps) == (*tiles, 4) else "" for part, tiles in defaults.items()}
             grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
-            kw = dict(W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, RESIDUAL=True, VARLEN=False, PREC=prec, num_warps=warps,
-                      ROLLED=rolled)
-            roll = " rolled" if rolled else ""
+            kw = dict(W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, RESIDUAL=True, VARLEN=False, PREC=prec, num_warps=warps)
 
             def fwd():
                 y = torch.empty_like(x)
@@ -87,10 +84,10 @@ def main(argv=None) -> None:
                 K._dyn_conv_bwd_dx_dz[grid](x, z, U, S, dy, dx, dz, pos, T, D, R, **kw)
                 return dx, dz
 
-            row("fwd", f"BT{BT} BD{BD} w{warps}{roll}{mark['fwd']}", fwd, lambda y: rel(y, y64), f_fwd)
-            row("dx/dz", f"BT{BT} BD{BD} w{warps}{roll}{mark['dx/dz']}", dxdz,
+            row("fwd", f"BT{BT} BD{BD} w{warps}{mark['fwd']}", fwd, lambda y: rel(y, y64), f_fwd)
+            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}", dxdz,
                 lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
-            if BT == 64 and not rolled:
+            if BT <= 64:
                 def dUdS():
                     dU = torch.zeros(R, W, D, device="cuda", dtype=torch.float32)
                     dS = torch.zeros(W, D, device="cuda", dtype=torch.float32)
@@ -104,12 +101,12 @@ def main(argv=None) -> None:
                 row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}", dUdS,
                     lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
-        print(f"{'kernel':6s} {'config':23s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
+        print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
         for part in ("fwd", "dx/dz", "dU/dS"):
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
             for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
-                print(f"{part:6s} {label:23s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
+                print(f"{part:6s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
         print(flush=True)
 
 

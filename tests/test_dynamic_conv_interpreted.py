@@ -30,9 +30,7 @@ LOWRANK = [(2, 1, 64, 15, 4, True, True, None), (1, 7, 300, 1, 2, False, False, 
            (2, 37, 100, 7, 8, True, True, None), (2, 40, 128, 15, 4, True, False, None),
            (1, 30, 96, 16, 3, True, True, [10, 1, 15, 4]), (2, 70, 33, 15, 8, True, True, None),
            (1, 130, 20, 16, 3, True, False, None), (1, 40, 130, 17, 5, True, True, [3, 30, 7])]
-import dcablate.kernels.dynamic_conv_triton as kernels
-for impl, rolled in (("split", False), ("split", True), ("fused", False)):
-    kernels.ROLLED = rolled  # the lag loop unrolled, or at run time
+for impl in ("split", "fused"):
     for i, (B, T, D, R, W, with_S, residual, lens) in enumerate(LOWRANK):
         g = torch.Generator().manual_seed(i)
         cu = cu_of(lens)
@@ -40,7 +38,7 @@ for impl, rolled in (("split", False), ("split", True), ("fused", False)):
                0.3 * torch.randn(R, W, D, generator=g)] + ([torch.randn(W, D, generator=g)] if with_S else [])
         ins = [t.requires_grad_() for t in ins]
         S_of = lambda a: a[3] if with_S else None
-        check((impl, rolled, B, T, D, R, W, with_S, residual, lens),
+        check((impl, B, T, D, R, W, with_S, residual, lens),
               lambda *a: dynamic_conv_lowrank_triton(a[0], a[1], a[2], S_of(a), residual, cu, impl=impl),
               lambda *a: dynamic_conv_lowrank_reference(a[0], a[1], a[2], S_of(a), None, residual, cu), ins, i)
 

@@ -68,12 +68,10 @@ def _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W: tl.constexpr, mt, md, 
     return acc + K * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
 
 
-# ROLLED: loop over the lags at run time instead of unrolling them, so that only one lag's tiles are
-# live at a time (unrolled, the compiler hoists every lag's loads: 234-255 registers per thread on an H100)
 @triton.jit
 def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                   BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr,
-                  PREC: tl.constexpr, ROLLED: tl.constexpr = False):
+                  PREC: tl.constexpr):
     pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     d = pid_d * BD + tl.arange(0, BD)
@@ -82,12 +80,8 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
     zt = _rows(z, b, T, t, r, R, mt, mr)
     acc = _rows(x, b, T, t, d, D, mt, md) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
-    if ROLLED:
-        for k in tl.range(0, W):
-            acc = _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W, mt, md, mr, HAS_S, PREC)
-    else:
-        for k in tl.static_range(W):
-            acc = _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W, mt, md, mr, HAS_S, PREC)
+    for k in tl.static_range(W):
+        acc = _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W, mt, md, mr, HAS_S, PREC)
     tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
 
 
@@ -110,7 +104,7 @@ def _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, 
 @triton.jit
 def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                        VARLEN: tl.constexpr, PREC: tl.constexpr, ROLLED: tl.constexpr = False):
+                        VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     d = pid_d * BD + tl.arange(0, BD)
@@ -120,14 +114,9 @@ def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, B
     dy_t = _rows(dy, b, T, t, d, D, mt, md)
     dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
     dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
-    if ROLLED:
-        for k in tl.range(0, W):
-            dx_acc, dz_acc = _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W,
-                                      mt, md, mr, HAS_S, VARLEN, PREC)
-    else:
-        for k in tl.static_range(W):
-            dx_acc, dz_acc = _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W,
-                                      mt, md, mr, HAS_S, VARLEN, PREC)
+    for k in tl.static_range(W):
+        dx_acc, dz_acc = _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W,
+                                  mt, md, mr, HAS_S, VARLEN, PREC)
     tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
     tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
 
@@ -219,10 +208,10 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
 
 
 # Tiles per kernel, from a sweep on an H100 (benchmarks/conv_kernels.py, 2026-11-26; docs/benchmarks.md):
-# the forward is fastest with 128 tokens per program, the weight-gradient kernel with 32 channels.
+# the forward is fastest with 128 tokens per program, the weight-gradient kernel with 32 channels. A lag
+# loop run at run time instead of unrolled (fewer live registers) was slower in every kernel and shape.
 FWD_BT = 128
 DUDS_BD = 32
-ROLLED = False  # the forward's and dx/dz kernel's lag loop: unrolled (False) or at run time (True)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -252,8 +241,7 @@ class DynamicConvLowRank(torch.autograd.Function):
         y = torch.empty_like(x)
         grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
         _dyn_conv_fwd[grid](x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR,
-                            HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None, PREC=prec,
-                            ROLLED=ROLLED)
+                            HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None, PREC=prec)
         ctx.save_for_backward(x, z, U, S, pos)
         ctx.residual, ctx.varlen, ctx.prec = residual, cu_seqlens is not None, prec
         return y
@@ -277,7 +265,7 @@ def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: s
     dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
     _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
-                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec, ROLLED=ROLLED)
+                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
     return dx, dz
 
 
