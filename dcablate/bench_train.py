@@ -287,7 +287,7 @@ def bench_fla(r, warmup: int, steps: int) -> dict:
 
 
 def fmt_row(row: dict, first: dict | None) -> dict:
-    out = {"variant": row["variant"], "params": f"{row['params']:,}"}
+    out = {"variant": row["variant"], "active params": f"{row['params']:,}"}  # = all parameters without MoE
     if row.get("oom"):
         return {**out, "step ms": "OOM"}
     out["step ms"] = f"{row['step_ms']:.2f}"
@@ -325,7 +325,9 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
     rows = []
     for label, r in points:
         shape = f"batch {r.train.batch_size}" + (f" x T {r.task.lm.seq_len}" if r.task.kind == "lm" else "")
-        click.echo(f"  {label}: {r.model.mixer}, conv {r.model.conv.kind}/{r.model.conv.placement}, "
+        ffn = (f"moe {r.model.moe.n_experts} experts top-{r.model.moe.top_k}" if r.model.ffn == "moe"
+               else r.model.ffn)
+        click.echo(f"  {label}: {r.model.mixer}, {ffn}, conv {r.model.conv.kind}/{r.model.conv.placement}, "
                    f"d_model {r.model.d_model} x {r.model.n_layers} layers, {shape}, "
                    f"precision {r.train.precision}, micro-batch {r.train.micro_batch_size or 'off'}")
         try:
