@@ -198,6 +198,14 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
             if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
 
 
+def keys_added_since(saved: dict, new: dict) -> list[str]:
+    """`key = value` for each result-relevant key of `new` that a run's saved recipe does not hold: the recipe
+    schema gained it after the run started, so a resume takes today's default for it."""
+    a, b = _flat(saved), _flat(new)
+    return [f"{k} = {json.dumps(v)}" for k, v in sorted(b.items())
+            if k not in a and v is not None and not k.startswith(RESUME_FREE)]
+
+
 def describe_changes(changes: list[str], most: int = 4) -> str:
     more = f", and {len(changes) - most} more" if len(changes) > most else ""
     return ", ".join(changes[:most]) + more

@@ -38,7 +38,9 @@ def fresh_dir(path: Path) -> Path:
 
 def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
-    from .checkpoint import describe_changes, recipe_changes
+    import tomllib
+
+    from .checkpoint import describe_changes, keys_added_since, recipe_changes
 
     if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
         raise UserError(f"{sweep_root}: holds a single run, not this sweep; use --force-new for a fresh directory")
@@ -59,7 +61,13 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     if changes:
         raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); use "
                         f"--force-new to train it in a fresh directory")
-    return "finished" if (run_dir / "summary.json").is_file() else "resume"
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    added = keys_added_since(tomllib.loads(recipe_file.read_text()), r.to_dict())  # parsed fine just above
+    if added:  # loading the old recipe filled them with today's defaults: say so rather than resume silently
+        click.echo(f"warning: {recipe_file} predates recipe keys now set to their defaults: "
+                   f"{describe_changes(added)}; resuming with these values", err=True)
+    return "resume"
 
 
 def read_summary(run_dir: Path) -> dict:

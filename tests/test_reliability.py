@@ -136,6 +136,22 @@ def test_changed_recipe_is_refused_with_a_diff_unless_force_new(tmp_path, monkey
     assert (cwd / "out/t-2/summary.json").is_file() and (cwd / "out/t/summary.json").is_file()
 
 
+def test_resuming_a_run_older_than_a_recipe_key_says_which_defaults_it_gets(tmp_path, monkeypatch, capsys):
+    """A key added to the schema after a run started is filled with today's default on resume: warned, not silent."""
+    cwd = setup_dir(tmp_path)
+    signal_at(monkeypatch, 3)
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 130
+    monkeypatch.undo()
+    saved = cwd / "out/t/recipe.toml"
+    lines = saved.read_text().splitlines()
+    assert sum(line.startswith("ssd_precision") for line in lines) == 1
+    saved.write_text("\n".join(line for line in lines if not line.startswith("ssd_precision")) + "\n")
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
+    assert rc == 0 and "resuming out/t from step 3" in out
+    assert err == f"warning: {Path('out/t/recipe.toml')} predates recipe keys now set to their defaults: " \
+                  'model.mamba2.ssd_precision = "fp32"; resuming with these values\n'
+
+
 def test_sweep_points_resume_or_skip_independently(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path, RECIPE + '[sweep]\n"train.lr" = [1e-3, 2e-3]\n')
     signal_at(monkeypatch, 24 + 5)  # the first point finishes (24 batches), the second stops at its step 5
