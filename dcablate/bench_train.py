@@ -183,6 +183,7 @@ def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_t
 def bench_variant(label: str, r, warmup: int, steps: int) -> dict:
     """One variant through the real training step; its row."""
     from .info import costs
+    from .models.moe import moe_load_stats
     from .train import NullLog, Prefetcher, Trainer, check_runtime
 
     device = check_runtime(r)
@@ -199,6 +200,8 @@ def bench_variant(label: str, r, warmup: int, steps: int) -> dict:
     try:
         times, tokens, scored = time_steps(trainer.train_step, batches, device, warmup, steps)
         trainer.flush()  # a non-finite step stops here as it would stop a run
+        # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
+        max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
     finally:
         params = info.params.get("active", info.params["total"])
         del trainer, batches
@@ -206,7 +209,7 @@ def bench_variant(label: str, r, warmup: int, steps: int) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     head = info.head_flops_per_token * (scored / tokens if scored else 1.0)
-    return row_of(label, params, times, tokens, info.flops_per_token + head, device)
+    return {**row_of(label, params, times, tokens, info.flops_per_token + head, device), "max_load": max_load}
 
 
 # ----------------------------------------------------------------------------------------- fla reference
@@ -294,6 +297,8 @@ def fmt_row(row: dict, first: dict | None) -> dict:
     out["tokens/s"] = f"{row['tokens_per_s']:,.0f}"
     out["MFU"] = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     out["peak mem"] = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
+    if row.get("max_load") is not None:  # MoE: tokens of the busiest expert over the mean, last step, mean of layers
+        out["max/mean expert load"] = f"{row['max_load']:.2f}"
     if first is not None:
         ok = not first.get("oom")
         out["step time vs first"] = f"{row['step_ms'] / first['step_ms']:.3f}x" if ok else "n/a"

@@ -104,6 +104,20 @@ def test_lm_recipe_steps_on_random_tokens_without_its_corpus(tmp_path, monkeypat
     assert float(row[3].replace(",", "")) > 0  # tokens/s
 
 
+def test_moe_variants_show_their_routing_balance(tmp_path, monkeypatch, capsys):
+    """A dropless MoE's step time follows its busiest expert: the table shows max/mean load per MoE variant."""
+    moe = TINY.replace('mixer = "gated_deltanet"', 'mixer = "gated_deltanet"\nffn = "moe"')
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, moe, "--compare", "none: model.conv.kind=none",
+                         "--compare", "dense: model.ffn=mlp")
+    assert rc == 0, err
+    assert "gated_deltanet, moe 8 experts top-2," in out and "gated_deltanet, mlp," in out
+    header = next(line for line in out.splitlines() if line.startswith("variant"))
+    assert "max/mean expert load" in header and "active params" in header
+    rows = table(out)
+    assert 1.0 <= float(rows["none"][6]) <= 8.0  # between perfectly balanced and one expert taking every token
+    assert rows["dense"][6] == "-"  # no load for the dense model
+
+
 def test_sweep_points_are_variants(tmp_path, monkeypatch, capsys):
     rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY + '[sweep]\n"model.conv.kind" = ["none", "static"]\n')
     assert rc == 0, err
