@@ -54,9 +54,7 @@ def main(argv=None) -> None:
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
         e = x.element_size()
         rows = []
-        BR = max(16, triton.next_power_of_2(R))
-        defaults = {"fwd": K._block_sizes(D, R, BT=K.FWD_BT)[:2], "dx/dz": K._block_sizes(D, R)[:2],
-                    "dU/dS": K._block_sizes(D, R, BD=K.DUDS_BD)[:2]}
+        defaults = {"fwd": (K.FWD_BT, 64), "dx/dz": (64, 64), "dU/dS": (64, K.DUDS_BD)}  # the launchers' tiles
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
@@ -70,35 +68,15 @@ def main(argv=None) -> None:
 
         for BT, BD, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
             mark = {part: "*" if (BT, BD, warps) == (*tiles, 4) else "" for part, tiles in defaults.items()}
-            grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
-            kw = dict(W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, RESIDUAL=True, VARLEN=False, PREC=prec, num_warps=warps)
-
-            def fwd():
-                y = torch.empty_like(x)
-                K._dyn_conv_fwd[grid](x, z, U, S, y, pos, T, D, R, **kw)
-                return y
-
-            def dxdz():
-                dx = torch.empty_like(x)
-                dz = torch.zeros(B, T, R, device="cuda", dtype=torch.float32)
-                K._dyn_conv_bwd_dx_dz[grid](x, z, U, S, dy, dx, dz, pos, T, D, R, **kw)
-                return dx, dz
-
-            row("fwd", f"BT{BT} BD{BD} w{warps}{mark['fwd']}", fwd, lambda y: rel(y, y64), f_fwd)
-            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}", dxdz,
+            tiles = dict(BT=BT, BD=BD, num_warps=warps)
+            row("fwd", f"BT{BT} BD{BD} w{warps}{mark['fwd']}",
+                lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, prec, **tiles), lambda y: rel(y, y64), f_fwd)
+            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}",
+                lambda: K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec, **tiles),
                 lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
             if BT <= 64:
-                def dUdS():
-                    dU = torch.zeros(R, W, D, device="cuda", dtype=torch.float32)
-                    dS = torch.zeros(W, D, device="cuda", dtype=torch.float32)
-                    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(1024, B * W * triton.cdiv(D, BD))))
-                    tps = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-                    K._dyn_conv_bwd_dU_dS[(triton.cdiv(D, BD), W, B * triton.cdiv(T, tps))](
-                        x, z, dy, dU, dS, pos, T, D, R, tps, W=W, BT=BT, BD=BD, BR=BR, HAS_S=True, VARLEN=False,
-                        PREC=prec, num_warps=warps)
-                    return dU, dS
-
-                row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}", dUdS,
+                row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}",
+                    lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles),
                     lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
         print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")

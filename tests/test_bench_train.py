@@ -14,30 +14,17 @@ from dcablate import checkpoint
 from dcablate import recipe as R
 from dcablate.cli import main
 from faults import nan_at
-from tiny_recipes import run_cli, tiny_mqar
+from tiny_recipes import merge, run_cli, tiny_mqar
 
-TINY = """\
-# tiny MQAR bench
-[run]
-name = "tiny"
-device = "cpu"
-[model]
-mixer = "gated_deltanet"
-d_model = 32
-n_layers = 1
-[train]
-batch_size = 4
-[task.mqar]
-vocab_size = 64
-[[task.mqar.train]]
-seq_len = 32
-num_kv_pairs = 4
-num_examples = 64
-[[task.mqar.test]]
-seq_len = 32
-num_kv_pairs = 4
-num_examples = 16
-"""
+def tiny(**sections) -> str:
+    """The tiny MQAR bench recipe: tiny_recipes' base with one GDN layer, batch 4, 32-token sequences."""
+    own = dict(run={"name": "tiny"}, model={"mixer": "gated_deltanet", "n_layers": 1}, train={"batch_size": 4},
+               task={"mqar": {"train": [{"seq_len": 32, "num_kv_pairs": 4, "num_examples": 64}],
+                              "test": [{"seq_len": 32, "num_kv_pairs": 4, "num_examples": 16}]}})
+    return tiny_mqar(**merge(own, sections))
+
+
+TINY = tiny()
 
 TINY_LM = """\
 # tiny LM bench: the corpus does not exist, the bench steps on random tokens
@@ -106,7 +93,7 @@ def test_lm_recipe_steps_on_random_tokens_without_its_corpus(tmp_path, monkeypat
 
 def test_moe_variants_show_their_routing_balance(tmp_path, monkeypatch, capsys):
     """A dropless MoE's step time follows its busiest expert: the table shows max/mean load per MoE variant."""
-    moe = TINY.replace('mixer = "gated_deltanet"', 'mixer = "gated_deltanet"\nffn = "moe"')
+    moe = tiny(model={"ffn": "moe"})
     rc, out, err = bench(monkeypatch, capsys, tmp_path, moe, "--compare", "none: model.conv.kind=none",
                          "--compare", "dense: model.ffn=mlp")
     assert rc == 0, err
@@ -158,7 +145,7 @@ def test_fla_reference_on_cuda(tmp_path, monkeypatch, capsys):
     """On a card: MFU and peak memory are filled in, and fla's GDN LM is timed on the same batches."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    text = TINY.replace('device = "cpu"', 'device = "cuda"').replace("n_layers = 1", 'n_layers = 1\nffn = "mlp"')
+    text = tiny(run={"device": "cuda"}, model={"ffn": "mlp"})
     rc, out, err = bench(monkeypatch, capsys, tmp_path, text, "--fla-reference", "--compare",
                          "none: model.conv.kind=none", "--compare", "static: model.conv.kind=static")
     assert rc == 0, err

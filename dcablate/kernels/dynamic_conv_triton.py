@@ -233,15 +233,9 @@ class DynamicConvLowRank(torch.autograd.Function):
     def forward(ctx, x, z, U, S, residual: bool, cu_seqlens):
         x, z, U = x.contiguous(), z.contiguous(), U.contiguous()
         S = S.contiguous() if S is not None else None
-        B, T, D = x.shape
-        R, W = U.shape[0], U.shape[1]
-        pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
-        BT, BD, BR = _block_sizes(D, R, BT=FWD_BT)
+        pos = positions(cu_seqlens, x.shape[1]) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
         prec = dot_precision(x.dtype)
-        y = torch.empty_like(x)
-        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
-        _dyn_conv_fwd[grid](x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR,
-                            HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None, PREC=prec)
+        y = lowrank_fwd(x, z, U, S, pos, residual, cu_seqlens is not None, prec)
         ctx.save_for_backward(x, z, U, S, pos)
         ctx.residual, ctx.varlen, ctx.prec = residual, cu_seqlens is not None, prec
         return y
@@ -255,25 +249,44 @@ class DynamicConvLowRank(torch.autograd.Function):
         return (dx, dz.to(z.dtype), dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
 
 
-def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str):
-    """The split backward's first kernel: dx (input dtype) and dz (fp32, summed over D-blocks atomically).
-    Separate from the autograd Function so `dcablate bench conv --breakdown` can time it alone."""
+# The three launchers of the split kernels take their tiles (default: the tuned ones) so that
+# `benchmarks/conv_kernels.py` can sweep them and `dcablate bench conv --breakdown` time each alone.
+
+
+def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, BT: int = FWD_BT, BD: int = 64,
+                num_warps: int = 4):
+    """The forward kernel: y (input dtype) from contiguous x, z, U, S."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1]
-    BT, BD, BR = _block_sizes(D, R)
+    BT, BD, BR = _block_sizes(D, R, BT, BD)
+    y = torch.empty_like(x)
+    _dyn_conv_fwd[(triton.cdiv(D, BD), triton.cdiv(T, BT), B)](
+        x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None,
+        RESIDUAL=residual, VARLEN=varlen, PREC=prec, num_warps=num_warps)
+    return y
+
+
+def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, BT: int = 64, BD: int = 64,
+                      num_warps: int = 4):
+    """The split backward's first kernel: dx (input dtype) and dz (fp32, summed over D-blocks atomically)."""
+    B, T, D = x.shape
+    R, W = U.shape[0], U.shape[1]
+    BT, BD, BR = _block_sizes(D, R, BT, BD)
     dx = torch.empty_like(x)
     dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
     _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
-                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec,
+                              num_warps=num_warps)
     return dx, dz
 
 
-def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str):
+def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = 64,
+                      BD: int = DUDS_BD, num_warps: int = 4):
     """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
-    BT, BD, BR = _block_sizes(D, R, BD=DUDS_BD)
+    BT, BD, BR = _block_sizes(D, R, BT, BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
     # enough programs to fill the GPU (~1024), each summing a run of tokens on chip
@@ -282,7 +295,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     splits = triton.cdiv(T, tokens_per_split)
     grid = (triton.cdiv(D, BD), W, B * splits)
     _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
-                              HAS_S=has_S, VARLEN=varlen, PREC=prec)
+                              HAS_S=has_S, VARLEN=varlen, PREC=prec, num_warps=num_warps)
     return dU, dS
 
 
