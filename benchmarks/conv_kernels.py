@@ -78,13 +78,24 @@ def main(argv=None) -> None:
                 row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}",
                     lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles),
                     lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
+            if BT <= 64 and BD <= 64:
+                row("dU/dS lags", f"BT{BT} BD{BD} w{warps}",
+                    lambda: K.lowrank_bwd_dU_dS_lags(x, z, dy, pos, W, True, False, prec, **tiles),
+                    lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
+        if prec != K.dot_precision(torch.float32):  # the default tiles with TF32 dots: what the precision buys
+            row("fwd", "tf32 (default)", lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, "tf32"),
+                lambda y: rel(y, y64), f_fwd)
+            row("dx/dz", "tf32 (default)", lambda: K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, "tf32"),
+                lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
+            row("dU/dS", "tf32 (default)", lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, "tf32"),
+                lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
-        print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
-        for part in ("fwd", "dx/dz", "dU/dS"):
+        print(f"{'kernel':10s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
+        for part in ("fwd", "dx/dz", "dU/dS", "dU/dS lags"):
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
             for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
-                print(f"{part:6s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
+                print(f"{part:10s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
         print(flush=True)
 
 

@@ -30,7 +30,7 @@ LOWRANK = [(2, 1, 64, 15, 4, True, True, None), (1, 7, 300, 1, 2, False, False, 
            (2, 37, 100, 7, 8, True, True, None), (2, 40, 128, 15, 4, True, False, None),
            (1, 30, 96, 16, 3, True, True, [10, 1, 15, 4]), (2, 70, 33, 15, 8, True, True, None),
            (1, 130, 20, 16, 3, True, False, None), (1, 40, 130, 17, 5, True, True, [3, 30, 7])]
-for impl in ("split", "fused"):
+for impl in ("split", "fused", "lags"):
     for i, (B, T, D, R, W, with_S, residual, lens) in enumerate(LOWRANK):
         g = torch.Generator().manual_seed(i)
         cu = cu_of(lens)

@@ -12,8 +12,8 @@ The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never 
 A third layout, every lag of a D-block side by side in one wide tile (one dot for all filters, x and dy read
 once in the backward), was tried and timed on an H100 on 2026-11-26: no faster (docs/benchmarks.md), so it
 is not kept. Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap
-reaches `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs
-and TF32 otherwise. An activation, when asked for, is applied by the caller in torch.
+reaches `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs,
+on bf16 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is applied by the caller in torch.
 """
 
 from __future__ import annotations
@@ -50,6 +50,17 @@ def _g_tap(G, b, T, rows, head, H, W, k, row_ok, md):
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation. PREC "bf16" (bf16 inputs): operands in bf16, which holds bf16 inputs
+    exactly and halves the operands' shared-memory traffic against TF32; otherwise tl.dot's precision."""
+    if PREC == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
 def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
     """Rows t whose token t+k exists and lies in t's own sequence (its tap k reaches back to t)."""
     ok = tk < T
@@ -62,7 +73,7 @@ def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
 def _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W: tl.constexpr, mt, md, mr, HAS_S: tl.constexpr,
              PREC: tl.constexpr):
     """acc + (z_t·U_k + S_k) ⊙ x_{t-k}: one lag of the forward."""
-    K = tl.dot(zt, _u_tap(U, k, r, d, W, D, mr, md), input_precision=PREC)
+    K = _dot(zt, _u_tap(U, k, r, d, W, D, mr, md), PREC)
     if HAS_S:
         K += _tap(S, k, d, D, md)
     return acc + K * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
@@ -91,10 +102,10 @@ def _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, 
     """One lag of dx and dz: dz_t += (dy_t ⊙ x_{t-k})·U_k^T, dx_t += dy_{t+k} ⊙ K_{t+k}[k] (t+k in t's sequence)."""
     Uk = _u_tap(U, k, r, d, W, D, mr, md)
     xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
-    dz_acc += tl.dot(dy_t * xs, tl.trans(Uk), input_precision=PREC)
+    dz_acc += _dot(dy_t * xs, tl.trans(Uk), PREC)
     tk = t + k
     mk = _ahead_ok(pos, tk, T, k, VARLEN)
-    K = tl.dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, input_precision=PREC)
+    K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
     if HAS_S:
         K += _tap(S, k, d, D, md)
     dx_acc += _rows(dy, b, T, tk, d, D, mk, md) * K
@@ -143,12 +154,50 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
         dy_t = _rows(dy, b, T, t, d, D, mt, md)
         g = dy_t * xs                     # dK_t[k, d]
         zt = _rows(z, b, T, t, r, R, mt, mr)
-        dU_acc += tl.dot(tl.trans(zt), g, input_precision=PREC)
+        dU_acc += _dot(tl.trans(zt), g, PREC)
         if HAS_S:
             dS_acc += tl.sum(g, axis=0)
     tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc, mask=mr[:, None] & md[None, :])
     if HAS_S:
         tl.atomic_add(dS + k * D + d, dS_acc, mask=md)
+
+
+@triton.jit
+def _add_at(accs, k: tl.constexpr, v):
+    """accs[k] + v in a tuple of per-lag accumulators (k known at compile time)."""
+    return accs[:k] + (accs[k] + v,) + accs[k + 1:]
+
+
+@triton.jit
+def _dyn_conv_bwd_dU_dS_lags(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr, BT: tl.constexpr,
+                             BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
+                             PREC: tl.constexpr):
+    """dU and dS for every lag of a D-block in one program (grid D-blocks × B·splits): dy_t and z_t are read
+    once per token tile instead of once per lag; W accumulators of [BR, BD] stay on chip."""
+    pid_d, pid_s = tl.program_id(0), tl.program_id(1)
+    n_splits = tl.cdiv(T, tokens_per_split)
+    b, split = pid_s // n_splits, pid_s % n_splits
+    d = pid_d * BD + tl.arange(0, BD)
+    r = tl.arange(0, BR)
+    md, mr = d < D, r < R
+    dU_acc = (tl.zeros([BR, BD], dtype=tl.float32),) * W
+    dS_acc = (tl.zeros([BD], dtype=tl.float32),) * W
+    start = split * tokens_per_split
+    for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
+        t = t0 + tl.arange(0, BT)
+        mt = t < T
+        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+        dy_t = _rows(dy, b, T, t, d, D, mt, md)
+        zt = tl.trans(_rows(z, b, T, t, r, R, mt, mr))
+        for k in tl.static_range(W):
+            g = dy_t * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)     # dK_t[k, d]
+            dU_acc = _add_at(dU_acc, k, _dot(zt, g, PREC))
+            if HAS_S:
+                dS_acc = _add_at(dS_acc, k, tl.sum(g, axis=0))
+    for k in tl.static_range(W):
+        tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc[k], mask=mr[:, None] & md[None, :])
+        if HAS_S:
+            tl.atomic_add(dS + k * D + d, dS_acc[k], mask=md)
 
 
 # dx, dz, dU, dS in one pass; dU and dS accumulate per lag in [WP, BR, BD] / [WP, BD] tiles on chip
@@ -179,14 +228,14 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
             ok = mt & (p >= k)
             xs = _rows(x, b, T, t - k, d, D, ok, md)
             g = dy_t * xs                                     # dK_t[k, :]
-            dz_acc += tl.dot(g, tl.trans(Uk), input_precision=PREC)
-            dU_acc += tl.where(lag[:, None, None] == k, tl.dot(tl.trans(zt), g, input_precision=PREC)[None, :, :], 0.0)
+            dz_acc += _dot(g, tl.trans(Uk), PREC)
+            dU_acc += tl.where(lag[:, None, None] == k, _dot(tl.trans(zt), g, PREC)[None, :, :], 0.0)
             if HAS_S:
                 dS_acc += tl.where(lag[:, None] == k, tl.sum(g, axis=0)[None, :], 0.0)
             tk = t + k
             mk = _ahead_ok(pos, tk, T, k, VARLEN)
             zk = _rows(z, b, T, tk, r, R, mk, mr)
-            K = tl.dot(zk, Uk, input_precision=PREC)
+            K = _dot(zk, Uk, PREC)
             if HAS_S:
                 K += _tap(S, k, d, D, md)
             dyk = _rows(dy, b, T, tk, d, D, mk, md)
@@ -215,8 +264,10 @@ DUDS_BD = 32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """The kernels' `tl.dot` precision: IEEE fp32 for fp32 inputs (the 1e-5 target), TF32 for 16-bit ones."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The kernels' dot precision: IEEE fp32 for fp32 inputs (the 1e-5 target), bf16 operands for bf16 inputs
+    (exact for them; on an H100 the forward took 0.116 instead of 0.130 ms with TF32, 2026-11-26), TF32 for
+    fp16 (whose products dy·x would underflow in fp16 for small gradients)."""
+    return {torch.float32: "ieee", torch.bfloat16: "bf16"}.get(dtype, "tf32")
 
 
 def positions(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
@@ -299,6 +350,23 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     return dU, dS
 
 
+def lowrank_bwd_dU_dS_lags(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = 64,
+                           BD: int = DUDS_BD, num_warps: int = 4, programs: int = 1024):
+    """`lowrank_bwd_dU_dS` with every lag in one program (dy and z read once per token tile)."""
+    B, T, D = x.shape
+    R = z.shape[-1]
+    BT, BD, BR = _block_sizes(D, R, BT, BD)
+    dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
+    dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
+    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(programs, B * triton.cdiv(D, BD))))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
+    splits = triton.cdiv(T, tokens_per_split)
+    _dyn_conv_bwd_dU_dS_lags[(triton.cdiv(D, BD), B * splits)](
+        x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen,
+        PREC=prec, num_warps=num_warps)
+    return dU, dS
+
+
 class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
     """Same forward; one backward kernel per (D-block, token run) that also keeps dU and dS on chip
     across its tokens, so x and dy are read once instead of once per lag. Opt-in: on an H100 it was slower
@@ -327,7 +395,19 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
 
-IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
+class DynamicConvLowRankLagsBackward(DynamicConvLowRank):
+    """Same forward and dx/dz kernel; dU/dS from `lowrank_bwd_dU_dS_lags` (all lags per program)."""
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, U, S, pos = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx, dz = lowrank_bwd_dx_dz(x, z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
+        dU, dS = lowrank_bwd_dU_dS_lags(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
+        return (dx, dz.to(z.dtype), dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
+
+
+IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward, "lags": DynamicConvLowRankLagsBackward}
 
 
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
