@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
         e = x.element_size()
         rows = []
-        defaults = {"fwd": (K.FWD_BT, 64), "dx/dz": (64, 64), "dU/dS": (64, K.DUDS_BD)}  # the launchers' tiles
+        defaults = {"fwd": K.FWD_TILE, "dx/dz": K.DXDZ_TILE, "dU/dS": K.DUDS_TILE}  # the launchers' tiles
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
@@ -78,10 +78,6 @@ def main(argv=None) -> None:
                 row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}",
                     lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles),
                     lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
-            if BT <= 64 and BD <= 64:
-                row("dU/dS lags", f"BT{BT} BD{BD} w{warps}",
-                    lambda: K.lowrank_bwd_dU_dS_lags(x, z, dy, pos, W, True, False, prec, **tiles),
-                    lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         if prec != K.dot_precision(torch.float32):  # the default tiles with TF32 dots: what the precision buys
             row("fwd", "tf32 (default)", lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, "tf32"),
                 lambda y: rel(y, y64), f_fwd)
@@ -90,12 +86,12 @@ def main(argv=None) -> None:
             row("dU/dS", "tf32 (default)", lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, "tf32"),
                 lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
-        print(f"{'kernel':10s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
-        for part in ("fwd", "dx/dz", "dU/dS", "dU/dS lags"):
+        print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
+        for part in ("fwd", "dx/dz", "dU/dS"):
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
             for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
-                print(f"{part:10s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
+                print(f"{part:6s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
         print(flush=True)
 
 

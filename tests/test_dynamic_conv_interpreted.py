@@ -1,7 +1,9 @@
 """The dynamic short conv's Triton kernels (low-rank with the split and the fused backward, head-wise) against
 the float64 reference, run on CPU through Triton's interpreter: fp32, outputs and every gradient, on the
 shapes the issue names (T = 1 and 7, D = 300, R = 1, 7, 15, 16, W = 2 to 8, with and without S and the
-residual, varlen). The GPU suite (tests/test_gpu.py) runs the same kernels compiled, in bf16/fp16 too."""
+residual, varlen). The GPU suite (tests/test_gpu.py) runs the same kernels compiled, in bf16/fp16 too: bf16
+inputs take bf16 dots, which the interpreter computes wrongly (Triton 3.9 returns ~1e10 for a 16×16 bf16
+tl.dot on CPU), so that path is checked on the GPU only."""
 
 from triton_interpreter import run_interpreted
 
@@ -30,7 +32,7 @@ LOWRANK = [(2, 1, 64, 15, 4, True, True, None), (1, 7, 300, 1, 2, False, False, 
            (2, 37, 100, 7, 8, True, True, None), (2, 40, 128, 15, 4, True, False, None),
            (1, 30, 96, 16, 3, True, True, [10, 1, 15, 4]), (2, 70, 33, 15, 8, True, True, None),
            (1, 130, 20, 16, 3, True, False, None), (1, 40, 130, 17, 5, True, True, [3, 30, 7])]
-for impl in ("split", "fused", "lags"):
+for impl in ("split", "fused"):
     for i, (B, T, D, R, W, with_S, residual, lens) in enumerate(LOWRANK):
         g = torch.Generator().manual_seed(i)
         cu = cu_of(lens)

@@ -162,44 +162,6 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
         tl.atomic_add(dS + k * D + d, dS_acc, mask=md)
 
 
-@triton.jit
-def _add_at(accs, k: tl.constexpr, v):
-    """accs[k] + v in a tuple of per-lag accumulators (k known at compile time)."""
-    return accs[:k] + (accs[k] + v,) + accs[k + 1:]
-
-
-@triton.jit
-def _dyn_conv_bwd_dU_dS_lags(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr, BT: tl.constexpr,
-                             BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
-                             PREC: tl.constexpr):
-    """dU and dS for every lag of a D-block in one program (grid D-blocks × B·splits): dy_t and z_t are read
-    once per token tile instead of once per lag; W accumulators of [BR, BD] stay on chip."""
-    pid_d, pid_s = tl.program_id(0), tl.program_id(1)
-    n_splits = tl.cdiv(T, tokens_per_split)
-    b, split = pid_s // n_splits, pid_s % n_splits
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    md, mr = d < D, r < R
-    dU_acc = (tl.zeros([BR, BD], dtype=tl.float32),) * W
-    dS_acc = (tl.zeros([BD], dtype=tl.float32),) * W
-    start = split * tokens_per_split
-    for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
-        t = t0 + tl.arange(0, BT)
-        mt = t < T
-        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-        dy_t = _rows(dy, b, T, t, d, D, mt, md)
-        zt = tl.trans(_rows(z, b, T, t, r, R, mt, mr))
-        for k in tl.static_range(W):
-            g = dy_t * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)     # dK_t[k, d]
-            dU_acc = _add_at(dU_acc, k, _dot(zt, g, PREC))
-            if HAS_S:
-                dS_acc = _add_at(dS_acc, k, tl.sum(g, axis=0))
-    for k in tl.static_range(W):
-        tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc[k], mask=mr[:, None] & md[None, :])
-        if HAS_S:
-            tl.atomic_add(dS + k * D + d, dS_acc[k], mask=md)
-
-
 # dx, dz, dU, dS in one pass; dU and dS accumulate per lag in [WP, BR, BD] / [WP, BD] tiles on chip
 @triton.jit
 def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr,
@@ -256,11 +218,13 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
     return BT, BD, BR
 
 
-# Tiles per kernel, from a sweep on an H100 (benchmarks/conv_kernels.py, 2026-11-26; docs/benchmarks.md):
-# the forward is fastest with 128 tokens per program, the weight-gradient kernel with 32 channels. A lag
-# loop run at run time instead of unrolled (fewer live registers) was slower in every kernel and shape.
-FWD_BT = 128
-DUDS_BD = 32
+# Tiles (tokens BT × channels BD) per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py,
+# 2026-11-26; docs/benchmarks.md): forward and dx/dz 64 × 128, dU/dS 64 × 32. A lag loop run at run time
+# instead of unrolled (fewer live registers) was slower in every kernel and shape, and so was a dU/dS kernel
+# holding every lag's accumulator in one program (dy read once instead of once per lag).
+FWD_TILE = (64, 128)
+DXDZ_TILE = (64, 128)
+DUDS_TILE = (64, 32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -304,7 +268,7 @@ class DynamicConvLowRank(torch.autograd.Function):
 # `benchmarks/conv_kernels.py` can sweep them and `dcablate bench conv --breakdown` time each alone.
 
 
-def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, BT: int = FWD_BT, BD: int = 64,
+def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, BT: int = FWD_TILE[0], BD: int = FWD_TILE[1],
                 num_warps: int = 4):
     """The forward kernel: y (input dtype) from contiguous x, z, U, S."""
     B, T, D = x.shape
@@ -317,7 +281,8 @@ def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, BT: in
     return y
 
 
-def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, BT: int = 64, BD: int = 64,
+def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, BT: int = DXDZ_TILE[0],
+                      BD: int = DXDZ_TILE[1],
                       num_warps: int = 4):
     """The split backward's first kernel: dx (input dtype) and dz (fp32, summed over D-blocks atomically)."""
     B, T, D = x.shape
@@ -332,8 +297,8 @@ def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: s
     return dx, dz
 
 
-def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = 64,
-                      BD: int = DUDS_BD, num_warps: int = 4):
+def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = DUDS_TILE[0],
+                      BD: int = DUDS_TILE[1], num_warps: int = 4):
     """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
@@ -347,23 +312,6 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     grid = (triton.cdiv(D, BD), W, B * splits)
     _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
                               HAS_S=has_S, VARLEN=varlen, PREC=prec, num_warps=num_warps)
-    return dU, dS
-
-
-def lowrank_bwd_dU_dS_lags(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = 64,
-                           BD: int = DUDS_BD, num_warps: int = 4, programs: int = 1024):
-    """`lowrank_bwd_dU_dS` with every lag in one program (dy and z read once per token tile)."""
-    B, T, D = x.shape
-    R = z.shape[-1]
-    BT, BD, BR = _block_sizes(D, R, BT, BD)
-    dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
-    dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(programs, B * triton.cdiv(D, BD))))
-    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-    splits = triton.cdiv(T, tokens_per_split)
-    _dyn_conv_bwd_dU_dS_lags[(triton.cdiv(D, BD), B * splits)](
-        x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen,
-        PREC=prec, num_warps=num_warps)
     return dU, dS
 
 
@@ -395,19 +343,7 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
 
-class DynamicConvLowRankLagsBackward(DynamicConvLowRank):
-    """Same forward and dx/dz kernel; dU/dS from `lowrank_bwd_dU_dS_lags` (all lags per program)."""
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, z, U, S, pos = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx, dz = lowrank_bwd_dx_dz(x, z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
-        dU, dS = lowrank_bwd_dU_dS_lags(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
-        return (dx, dz.to(z.dtype), dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
-
-
-IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward, "lags": DynamicConvLowRankLagsBackward}
+IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
 
 
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
