@@ -180,8 +180,9 @@ def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_t
     return {"variant": label, "params": params, "step_ms": ms, "tokens_per_s": tok_s, "mfu": mfu, "peak_gib": mem}
 
 
-def bench_variant(label: str, r, warmup: int, steps: int) -> dict:
-    """One variant through the real training step; its row."""
+def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False) -> dict:
+    """One variant through the real training step; its row. `profile`: then print the kernels that take
+    its step time (a few more steps under torch.profiler, CUDA only)."""
     from .info import costs
     from .models.moe import moe_load_stats
     from .train import NullLog, Prefetcher, Trainer, check_runtime
@@ -200,6 +201,10 @@ def bench_variant(label: str, r, warmup: int, steps: int) -> dict:
     try:
         times, tokens, scored = time_steps(trainer.train_step, batches, device, warmup, steps)
         trainer.flush()  # a non-finite step stops here as it would stop a run
+        if profile and device.type == "cuda":
+            from .bench import print_profile
+
+            print_profile(label, lambda: trainer.train_step(*next(batches)), steps=3, rows=30)
         # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
         max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
     finally:
@@ -307,7 +312,7 @@ def fmt_row(row: dict, first: dict | None) -> dict:
 
 
 def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] = (), steps: int = 20,
-                    warmup: int = 5, fla_reference: bool = False) -> list[dict]:
+                    warmup: int = 5, fla_reference: bool = False, profile: bool = False) -> list[dict]:
     """Time every variant's training step; prints the table and returns its rows."""
     points = variants_of(recipe, list(overrides), list(compare))
     if fla_reference:
@@ -336,7 +341,7 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
                    f"d_model {r.model.d_model} x {r.model.n_layers} layers, {shape}, "
                    f"precision {r.train.precision}, micro-batch {r.train.micro_batch_size or 'off'}")
         try:
-            rows.append(bench_variant(label, r, warmup, steps))
+            rows.append(bench_variant(label, r, warmup, steps, profile))
         except torch.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()

@@ -346,11 +346,12 @@ def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--fla-reference", is_flag=True,
               help="Also time fla's GatedDeltaNetForCausalLM with the recipe's config (CUDA, GDN recipes).")
-def bench_train(recipe, overrides, compare, steps, warmup, fla_reference):
+@click.option("--profile", is_flag=True, help="Also print the kernels that take each variant's step time (CUDA).")
+def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profile):
     """Training-step time, tokens/s, MFU and peak memory of RECIPE (each --compare variant or sweep point)."""
     from .bench_train import train_benchmark
 
-    train_benchmark(recipe, list(overrides), list(compare), steps, warmup, fla_reference)
+    train_benchmark(recipe, list(overrides), list(compare), steps, warmup, fla_reference, profile)
 
 
 @cli.command()
