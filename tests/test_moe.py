@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcablate.models.conv import DynamicShortConv, StaticShortConv
-from dcablate.models.moe import MoE, expert_counts, moe_aux_loss, moe_load_stats
+from dcablate.models.moe import MoE, _GatherPairs, expert_counts, moe_aux_loss, moe_load_stats
 
 
 def make(d=16, E=4, k=2, f=8, score="softmax", shared=False, conv=None, seed=0, dtype=torch.float64, **kw):
@@ -327,6 +327,88 @@ def test_grouped_equals_loop_cuda_bf16(shared):
     m.backend = "torch"
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert m._grouped_dtype(x) is None
+
+
+def combine_in_bf16_vs_cast_after(m, x, dtype=None):
+    """`_experts_grouped` asking its combine for bf16, and its fp32 combine cast to bf16 afterwards (what
+    `_mix` did before): outputs and gradients (input, expert weights, routing weights)."""
+    flat = x.reshape(-1, m.d_model)
+    _, _, experts, weights = m.route(flat)
+    counts = expert_counts(experts.reshape(-1), m.n_experts)
+    cot = torch.randn(flat.shape, generator=torch.Generator(device=x.device).manual_seed(1), device=x.device)
+    results = []
+    for out_dtype in (torch.bfloat16, None):
+        out = m._experts_grouped(flat, experts, weights, counts, dtype, out_dtype)
+        assert out.dtype == (out_dtype or torch.float32)
+        out = out.to(torch.bfloat16)
+        wrt = [x, m.w_gate, m.w_up, m.w_down, weights]
+        results.append([out, *torch.autograd.grad((out.float() * cot).sum(), wrt, retain_graph=True)])
+    return results
+
+
+def test_combine_out_dtype_rounds_once_cpu():
+    """Same bits either way: the fp32 sum is rounded to bf16 once, and the gradient reaching the combine is
+    the same bf16 values."""
+    m = make(d=16, E=4, k=2, f=8, dtype=torch.float32)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    try:
+        narrow, wide = combine_in_bf16_vs_cast_after(m, x)
+    except (RuntimeError, NotImplementedError) as e:  # a torch without the CPU fallback
+        pytest.skip(f"torch._grouped_mm does not run on CPU here: {e}")
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+
+
+def gather_pairs_gradient(N, k, D, dtype, device):
+    """x's gradient through `_GatherPairs`, and the torch expression (gather, then sum of each token's k
+    rows) it replaces on CUDA."""
+    g = torch.Generator().manual_seed(0)
+    order = torch.argsort(torch.randint(0, 5, (N * k,), generator=g), stable=True).to(device)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(N * k, device=device)
+    x = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_()
+    grad = torch.randn(N * k, D, generator=g).to(device, dtype)
+    xs = _GatherPairs.apply(x, order, inverse, k)
+    assert torch.equal(xs, x[order // k])
+    (gx,) = torch.autograd.grad(xs, x, grad)
+    return gx, grad[inverse].unflatten(0, (-1, k)).sum(1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gather_pairs_gradient_cpu(k):
+    gx, expected = gather_pairs_gradient(9, k, 12, torch.float32, "cpu")
+    assert torch.equal(gx, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(9, 1, 12), (33, 2, 64), (4096, 2, 1024), (100, 3, 1030)],
+                         ids=lambda s: "N{}_k{}_D{}".format(*s))
+def test_gather_pairs_gradient_cuda(shape, dtype):
+    """On CUDA the gradient is the combine kernel with unit weights: the torch expression to rounding."""
+    gx, expected = gather_pairs_gradient(*shape, dtype, "cuda")
+    assert gx.dtype == dtype
+    torch.testing.assert_close(gx, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_combine_out_dtype_rounds_once_cuda():
+    """A bf16 residual stream: the combine stores bf16 itself, with the same bits (output and gradients) as
+    its fp32 output cast afterwards, and the layer hands back exactly that."""
+    torch.manual_seed(0)
+    m = MoE(64, 8, 2, 128, "softmax", False, None, "auto").cuda().bfloat16()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.1)
+    x = torch.randn(4, 33, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert m._grouped_dtype(x) == torch.bfloat16
+    narrow, wide = combine_in_bf16_vs_cast_after(m, x, torch.bfloat16)
+    for a, b in zip(narrow, wide):
+        assert torch.equal(a, b)
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.reshape(narrow[0].shape), narrow[0])
 
 
 def test_expert_counts_equal_bincount():

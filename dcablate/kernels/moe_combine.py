@@ -7,7 +7,11 @@ every row of `dys` exactly once: `dys[rows[n, j]] = w[n, j] * dout[n]`, `dw[n, j
 On CUDA one Triton kernel each way does the gather, the weighting and the sum (torch would take a
 gather, a broadcast multiply and a reduction, each a full pass over `[N, k, D]`, and its batched-matmul
 form of the same thing runs as N tiny GEMMs); the torch reference is the CPU path and the test oracle.
-Accumulation is fp32; `out` and `dw` come back in the weights' dtype promoted to at least fp32.
+Accumulation is fp32; `out` comes back in `out_dtype` (default: the weights' dtype promoted to at least
+fp32; a bf16 caller asks for bf16 and saves a cast pass each way), `dw` in w's dtype, `dys` in ys's.
+
+`sum_rows(ys, rows)` is the same sum with unit weights, `out[n] = sum_j ys[rows[n, j]]` in ys's dtype: the
+backward of the MoE's gather of token rows into pair order, on CUDA the forward kernel without weights.
 """
 
 from __future__ import annotations
@@ -15,26 +19,42 @@ from __future__ import annotations
 import torch
 
 
-def moe_combine_reference(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _out_dtype(w: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
+    return out_dtype or torch.promote_types(w.dtype, torch.float32)
+
+
+def moe_combine_reference(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     acc = torch.promote_types(w.dtype, torch.float32)
-    return (ys[rows].to(acc) * w.to(acc)[..., None]).sum(1)
+    return (ys[rows].to(acc) * w.to(acc)[..., None]).sum(1).to(_out_dtype(w, out_dtype))
 
 
-def moe_combine(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`[N, D]` from `ys [N·k, D]`, `rows [N, k]` (a permutation of ys's rows) and `w [N, k]`."""
+def moe_combine(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`[N, D]` in `out_dtype` from `ys [N·k, D]`, `rows [N, k]` (a permutation of ys's rows) and `w [N, k]`."""
     if ys.is_cuda:
-        return _MoECombine.apply(ys, rows, w)
-    return moe_combine_reference(ys, rows, w)
+        return _MoECombine.apply(ys, rows, w, out_dtype)
+    return moe_combine_reference(ys, rows, w, out_dtype)
+
+
+def sum_rows(ys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`out[n] = sum_j ys[rows[n, j]]`, `[N, D]` in ys's dtype (not differentiable). On CUDA one kernel
+    accumulating in fp32, instead of materialising the `[N, k, D]` gather and reducing it."""
+    if ys.is_cuda:
+        from .moe_combine_triton import combine_fwd
+
+        return combine_fwd(ys.contiguous(), rows.contiguous(), None, ys.dtype)
+    return ys[rows].sum(1)
 
 
 class _MoECombine(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ys, rows, w):
+    def forward(ctx, ys, rows, w, out_dtype):
         from .moe_combine_triton import combine_fwd
 
         ys, rows = ys.contiguous(), rows.contiguous()
         ctx.save_for_backward(ys, rows, w)
-        return combine_fwd(ys, rows, w.contiguous())
+        return combine_fwd(ys, rows, w.contiguous(), _out_dtype(w, out_dtype))
 
     @staticmethod
     def backward(ctx, dout):
@@ -42,4 +62,4 @@ class _MoECombine(torch.autograd.Function):
 
         ys, rows, w = ctx.saved_tensors
         dys, dw = combine_bwd(dout.contiguous(), ys, rows, w.contiguous())
-        return dys, None, dw.to(w.dtype)
+        return dys, None, dw.to(w.dtype), None

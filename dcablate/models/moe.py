@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.moe_combine import moe_combine
+from ..kernels.moe_combine import moe_combine, sum_rows
 from .activations import swiglu
 from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
 from .ffn import SwiGLU
@@ -63,8 +63,9 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 class _GatherPairs(torch.autograd.Function):
     """Token rows for the (token, slot) pairs in expert order: `x[order // k]` for `x [N, D]`, where pair
-    p = token * k + slot. The gradient puts rows back in pair order with the inverse permutation (a
-    gather) and sums each token's k slots: no atomics, deterministic."""
+    p = token * k + slot. The gradient sums each token's k rows, found through the inverse permutation
+    (`sum_rows`: one fp32-accumulating kernel on CUDA, a gather and a sum on CPU): no atomics,
+    deterministic."""
 
     @staticmethod
     def forward(ctx, x, order, inverse, k):
@@ -75,7 +76,7 @@ class _GatherPairs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse].unflatten(0, (-1, ctx.k)).sum(1), None, None, None
+        return sum_rows(grad, inverse.view(-1, ctx.k)), None, None, None
 
 
 def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -170,13 +171,13 @@ class MoE(nn.Module):
         return out
 
     def _experts_grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
-                         dtype: torch.dtype | None = None) -> torch.Tensor:
+                         dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Same function as `_experts_loop` with three grouped GEMMs over the (token, slot) pairs sorted by
         expert (offsets = cumulative `counts`, int32; empty experts are empty groups); matmuls in `dtype`
-        (default: x's). Token rows are gathered once per pair (`_GatherPairs`, whose backward is a gather
-        too, never an atomic scatter); SwiGLU is one fused kernel each way on CUDA; `moe_combine` weights
+        (default: x's). Token rows are gathered once per pair (`_GatherPairs`, whose backward is a gathered
+        sum, never an atomic scatter); SwiGLU is one fused kernel each way on CUDA; `moe_combine` weights
         the experts' D-wide outputs (not the F-wide hidden) and sums each token's k slots in one pass, fp32
-        accumulation, output in the weights' dtype (>= fp32)."""
+        accumulation, output in `out_dtype` (default: the weights' dtype, >= fp32)."""
         N, k = experts.shape
         dtype = dtype or x.dtype
         order = torch.argsort(experts.reshape(-1), stable=True)          # pair p = token * k + slot
@@ -187,7 +188,7 @@ class MoE(nn.Module):
         gate = _grouped_mm(xs, self.w_gate.to(dtype), offs=offs)
         up = _grouped_mm(xs, self.w_up.to(dtype), offs=offs)
         ys = _grouped_mm(swiglu(gate, up, self.backend), self.w_down.to(dtype), offs=offs)
-        return moe_combine(ys, inverse.view(N, k), weights)
+        return moe_combine(ys, inverse.view(N, k), weights, out_dtype)
 
     def _grouped_dtype(self, x: torch.Tensor) -> torch.dtype | None:
         """bf16 when the grouped-GEMM path applies to `x`, else None (use the loop)."""
@@ -227,7 +228,10 @@ class MoE(nn.Module):
         self._aux(logits, scores, counts)
         dtype = self._grouped_dtype(flat)
         if dtype is not None:
-            out = self._experts_grouped(flat, experts, weights, counts, dtype)
+            # the combine rounds once, straight to the dtype handed back; with a shared expert the two
+            # terms are summed in the combine's fp32 first, as in the loop
+            out_dtype = x.dtype if self.shared_expert is None else None
+            out = self._experts_grouped(flat, experts, weights, counts, dtype, out_dtype)
         else:
             out = self._experts_loop(flat, experts, weights, counts)
         if out is None:  # no tokens
