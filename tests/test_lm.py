@@ -390,3 +390,19 @@ def test_dense_lm_loss_equals_gathered_loss(reduction):
     torch.testing.assert_close(out[False][0], out[True][0])
     for a, b in zip(out[False][1], out[True][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_tf32_only_inside_and_only_under_autocast():
+    """The fused loss's fp32 weight-gradient GEMMs get TF32 under autocast, and the setting is restored
+    (also after an exception); fp32 training keeps full fp32."""
+    from dcablate.models.lm import tf32_under_autocast
+
+    before = torch.get_float32_matmul_precision()
+    with tf32_under_autocast("cpu"):
+        assert torch.get_float32_matmul_precision() == before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with tf32_under_autocast("cpu"):
+            assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(RuntimeError), tf32_under_autocast("cpu"):
+            raise RuntimeError("inside")
+    assert torch.get_float32_matmul_precision() == before

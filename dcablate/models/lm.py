@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -19,6 +20,25 @@ def scored(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.
     """Hidden states `[N, D]` and targets `[N]` of the scored positions (target != -100)."""
     mask = targets != -100
     return h[mask], targets[mask]
+
+
+@contextlib.contextmanager
+def tf32_under_autocast(device_type: str):
+    """TF32 for fp32 matmuls inside, only under (bf16/fp16) autocast. fla's fused linear cross-entropy
+    accumulates the head's weight gradient with fp32 `addmm(..., out=)`, which autocast does not touch: on
+    CUDA cores that took 32 ms of a 167 ms step of the 125M GDN LM (H100, 2026-11-26). A plain head under
+    autocast would run that GEMM on 16-bit operands, so TF32 is no less precise than the unfused path;
+    fp32 training (no autocast) keeps full fp32. The loss computes every gradient in its forward, so
+    scoping the call covers them."""
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class Block(nn.Module):
@@ -100,8 +120,9 @@ class LanguageModel(nn.Module):
         if self.use_fused_ce(h):
             from fla.modules import FusedLinearCrossEntropyLoss
 
-            return FusedLinearCrossEntropyLoss(ignore_index=-100, reduction=reduction)(
-                h, targets, self.lm_head.weight).float()
+            with tf32_under_autocast(h.device.type):
+                return FusedLinearCrossEntropyLoss(ignore_index=-100, reduction=reduction)(
+                    h, targets, self.lm_head.weight).float()
         return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=-100, reduction=reduction)
 
     def use_fused_ce(self, h: torch.Tensor) -> bool:
