@@ -111,3 +111,24 @@ def test_generation_falls_back_to_full_recompute_without_a_cache_path(monkeypatc
     monkeypatch.delattr(GatedDeltaNet, "step")  # a mixer with no decode path
     assert not model.supports_cache()
     assert list(sample_ids(model, prompt, 6, 16, temperature=0)) == want
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "attention"])
+@pytest.mark.parametrize("conv", ["lowrank_all", "headwise_all", "static_all"])
+def test_joint_generators_equal_one_generator_per_conv(mixer, conv, monkeypatch):
+    """q/k/v (and the MLP's gate/up) generate their filters in one GEMM over the concatenated generator
+    weights: the same loss and gradients as one generator call per conv."""
+    import dcablate.models.conv as conv_mod
+
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    results = []
+    for joint in (True, False):
+        if not joint:
+            monkeypatch.setattr(conv_mod, "joint_generators", lambda convs, h: [None] * len(convs))
+        model = tiny(mixer, conv, ffn="mlp")
+        loss = model(ids, ids)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((loss, grads))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-12, atol=0)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-14) for a, b in zip(g1, g2))

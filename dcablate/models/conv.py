@@ -87,8 +87,9 @@ class DynamicShortConv(nn.Module):
             bound = 1 / math.sqrt(self.width)
             nn.init.uniform_(self.S, -bound, bound)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        g = self.generator(h)
+    def forward(self, x: torch.Tensor, h: torch.Tensor, g: torch.Tensor | None = None) -> torch.Tensor:
+        """`g`: this conv's generator output `generator(h)` when the caller computed it (`joint_generators`)."""
+        g = self.generator(h) if g is None else g
         if self.heads:
             G = g.view(*g.shape[:-1], self.heads, self.width)
             return dynamic_conv_headwise(x, G, self.S, self.activation, self.residual, backend=self.backend)
@@ -165,12 +166,31 @@ def conv_or_identity(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor) -
 # that tail, then each decode step slides it by one token.
 
 
-def conv_prefill(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor, keep: bool = True):
+def conv_prefill(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor, keep: bool = True,
+                 g: torch.Tensor | None = None):
     """`conv_or_identity` over a whole prompt `x [B, T, D]` that also returns the conv's decode state
-    (None with `keep=False`: a mixer's training forward shares its code with prefill, not the state)."""
-    if conv is None or not keep:
-        return conv_or_identity(conv, x, h), None
-    return conv(x, h), conv_state(x, conv.width)
+    (None with `keep=False`: a mixer's training forward shares its code with prefill, not the state).
+    `g`: a dynamic conv's generator output, when computed jointly with its siblings'."""
+    y = conv_or_identity(conv, x, h) if g is None else conv(x, h, g)
+    return y, (conv_state(x, conv.width) if conv is not None and keep else None)
+
+
+def joint_generators(convs, h: torch.Tensor) -> list[torch.Tensor | None]:
+    """Generator outputs of the dynamic convs among `convs` that share the input `h` (a block's q/k/v, or
+    gate/up), from one GEMM over the concatenated generator weights: one pass over `h`, which autocast also
+    casts once instead of once per generator. None for the other convs, and for all when fewer than two
+    are dynamic (nothing to share)."""
+    dynamic = [c for c in convs if isinstance(c, DynamicShortConv)]
+    if len(dynamic) < 2:
+        return [None] * len(convs)
+    weight = torch.cat([c.generator.weight for c in dynamic])
+    parts = iter(torch.nn.functional.linear(h, weight).split([c.generator.out_features for c in dynamic], -1))
+    return [next(parts) if isinstance(c, DynamicShortConv) else None for c in convs]
+
+
+def conv_prefill_joint(convs, xs, h: torch.Tensor, keep: bool = True) -> list[tuple]:
+    """`conv_prefill` of several streams whose convs generate their filters from the same `h`."""
+    return [conv_prefill(c, x, h, keep, g) for c, x, g in zip(convs, xs, joint_generators(convs, h))]
 
 
 def conv_step(conv: nn.Module | None, x_t: torch.Tensor, h_t: torch.Tensor, state: torch.Tensor | None):

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..recipe import swiglu_hidden
 from .activations import swiglu
-from .conv import conv_prefill, conv_step, make_conv
+from .conv import conv_prefill, conv_prefill_joint, conv_step, make_conv
 
 
 class SwiGLU(nn.Module):
@@ -35,8 +35,8 @@ class SwiGLU(nn.Module):
         return self._mlp(x, keep=True)
 
     def _mlp(self, x: torch.Tensor, keep: bool):
-        gate, sg = conv_prefill(self.gate_conv1d, self.gate_proj(x), x, keep)
-        up, su = conv_prefill(self.up_conv1d, self.up_proj(x), x, keep)
+        (gate, sg), (up, su) = conv_prefill_joint((self.gate_conv1d, self.up_conv1d),
+                                                  (self.gate_proj(x), self.up_proj(x)), x, keep)
         y, sd = conv_prefill(self.down_conv1d, self.down_proj(swiglu(gate, up, self.backend)), x, keep)
         return y, (sg, su, sd)
 

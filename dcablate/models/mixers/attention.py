@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conv import conv_prefill, conv_step, make_conv
+from ..conv import conv_prefill, conv_prefill_joint, conv_step, make_conv
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, start: int = 0):
@@ -51,8 +51,9 @@ class Attention(nn.Module):
         """Causal attention over `h [B, T, D]` -> (output, (post-RoPE keys, values `[B, H, T, Dh]`, the
         q/k/v/o conv states: None unless `keep`))."""
         B, T, _ = h.shape
-        projections = ((self.q_conv1d, self.q_proj), (self.k_conv1d, self.k_proj), (self.v_conv1d, self.v_proj))
-        (q, sq), (k, sk), (v, sv) = (conv_prefill(conv, proj(h), h, keep) for conv, proj in projections)
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        xs = (self.q_proj(h), self.k_proj(h), self.v_proj(h))
+        (q, sq), (k, sk), (v, sv) = conv_prefill_joint(convs, xs, h, keep)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))
         key = (T, h.device)
         if key not in self._rope:  # one table per length and device, not one per forward

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ...kernels.gated_delta_rule import (delta_rule_recurrence, delta_rule_step, gated_delta_rule, gdn_gates,
                                           l2_normalize)
 from ...kernels.gated_norm import gated_rms_norm
-from ..conv import conv_or_identity, conv_prefill, conv_step, make_conv
+from ..conv import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step, make_conv
 
 
 class GatedRMSNorm(nn.Module):
@@ -81,7 +81,7 @@ class GatedDeltaNet(nn.Module):
         xs = (self.q_proj(h), self.k_proj(h), self.v_proj(h))
         if self.q_conv1d is None:  # fla's layer without short convs
             return (*self._heads(*(F.silu(x) for x in xs)), (None, None, None))
-        (q, sq), (k, sk), (v, sv) = (conv_prefill(c, x, h, keep) for c, x in zip(self._qkv_convs(), xs))
+        (q, sq), (k, sk), (v, sv) = conv_prefill_joint(self._qkv_convs(), xs, h, keep)
         return (*self._heads(q, k, v), (sq, sk, sv))
 
     def _core_inputs(self, q, k, v):
