@@ -162,10 +162,17 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
         tl.atomic_add(dS + k * D + d, dS_acc, mask=md)
 
 
-# dx, dz, dU, dS in one pass; dU and dS accumulate per lag in [WP, BR, BD] / [WP, BD] tiles on chip
+@triton.jit
+def _add_at(accs, k: tl.constexpr, v):
+    """accs[k] + v in a tuple of per-lag accumulators (k known at compile time): each lag's [BR, BD] tile
+    stays in the dot's own layout, with no select over a [W, BR, BD] block."""
+    return accs[:k] + (accs[k] + v,) + accs[k + 1:]
+
+
+# dx, dz, dU, dS in one pass; dU and dS accumulate per lag in tuples of [BR, BD] / [BD] tiles on chip
 @triton.jit
 def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr,
-                        WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr,
+                        BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr,
                         RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid_d, pid_s = tl.program_id(0), tl.program_id(1)
     n_splits = tl.cdiv(T, tokens_per_split)
@@ -173,9 +180,8 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
-    lag = tl.arange(0, WP)
-    dU_acc = tl.zeros([WP, BR, BD], dtype=tl.float32)
-    dS_acc = tl.zeros([WP, BD], dtype=tl.float32)
+    dU_acc = (tl.zeros([BR, BD], dtype=tl.float32),) * W
+    dS_acc = (tl.zeros([BD], dtype=tl.float32),) * W
     start = split * tokens_per_split
     for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
         t = t0 + tl.arange(0, BT)
@@ -187,28 +193,24 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
         dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
         for k in tl.static_range(W):
             Uk = _u_tap(U, k, r, d, W, D, mr, md)
-            ok = mt & (p >= k)
-            xs = _rows(x, b, T, t - k, d, D, ok, md)
-            g = dy_t * xs                                     # dK_t[k, :]
+            g = dy_t * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)      # dK_t[k, :]
             dz_acc += _dot(g, tl.trans(Uk), PREC)
-            dU_acc += tl.where(lag[:, None, None] == k, _dot(tl.trans(zt), g, PREC)[None, :, :], 0.0)
+            dU_acc = _add_at(dU_acc, k, _dot(tl.trans(zt), g, PREC))
             if HAS_S:
-                dS_acc += tl.where(lag[:, None] == k, tl.sum(g, axis=0)[None, :], 0.0)
+                dS_acc = _add_at(dS_acc, k, tl.sum(g, axis=0))
             tk = t + k
             mk = _ahead_ok(pos, tk, T, k, VARLEN)
-            zk = _rows(z, b, T, tk, r, R, mk, mr)
-            K = _dot(zk, Uk, PREC)
+            K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
             if HAS_S:
                 K += _tap(S, k, d, D, md)
-            dyk = _rows(dy, b, T, tk, d, D, mk, md)
-            dx_acc += dyk * K
+            dx_acc += _rows(dy, b, T, tk, d, D, mk, md) * K
         tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
                  mask=mt[:, None] & md[None, :])
         tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
-    mu = (lag[:, None, None] < W) & mr[None, :, None] & md[None, None, :]
-    tl.atomic_add(dU + (r[None, :, None] * W + lag[:, None, None]) * D + d[None, None, :], dU_acc, mask=mu)
-    if HAS_S:
-        tl.atomic_add(dS + lag[:, None] * D + d[None, :], dS_acc, mask=(lag[:, None] < W) & md[None, :])
+    for k in tl.static_range(W):
+        tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc[k], mask=mr[:, None] & md[None, :])
+        if HAS_S:
+            tl.atomic_add(dS + k * D + d, dS_acc[k], mask=md)
 
 
 def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, int]:
@@ -338,7 +340,7 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         splits = triton.cdiv(T, tokens_per_split)
         _dyn_conv_bwd_fused[(n_d, B * splits)](
             x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split,
-            W=W, WP=triton.next_power_of_2(W), BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
             VARLEN=ctx.varlen, PREC=ctx.prec)
         return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
