@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
         e = x.element_size()
         rows = []
-        defaults = {"fwd": K.FWD_TILE, "dx/dz": K.DXDZ_TILE, "dU/dS": K.DUDS_TILE}  # the launchers' tiles
+        defaults = {"fwd": (*K.FWD_TILE, 4), "dx/dz": (*K.DXDZ_TILE, 4), "dU/dS": (*K.DUDS_TILE, K.DUDS_WARPS)}  # the launchers' tiles
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
@@ -67,17 +67,16 @@ def main(argv=None) -> None:
                 rows.append((part, label, float("nan"), 1.0, type(exc).__name__))
 
         for BT, BD, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
-            mark = {part: "*" if (BT, BD, warps) == (*tiles, 4) else "" for part, tiles in defaults.items()}
+            mark = {part: "*" if (BT, BD, warps) == config else "" for part, config in defaults.items()}
             tiles = dict(BT=BT, BD=BD, num_warps=warps)
             row("fwd", f"BT{BT} BD{BD} w{warps}{mark['fwd']}",
                 lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, prec, **tiles), lambda y: rel(y, y64), f_fwd)
             row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}",
                 lambda: K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec, **tiles),
                 lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
-            if BT <= 64:
-                row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}",
-                    lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles),
-                    lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
+            row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}",
+                lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles),
+                lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         if prec != K.dot_precision(torch.float32):  # the default tiles with TF32 dots: what the precision buys
             row("fwd", "tf32 (default)", lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, "tf32"),
                 lambda y: rel(y, y64), f_fwd)

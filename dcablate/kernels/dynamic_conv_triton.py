@@ -136,14 +136,18 @@ def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, B
 def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
                         PREC: tl.constexpr):
+    """dU_k^T [BD, BR] += g^T z over a run of tokens, g = dy_t ⊙ x_{t-k}: the channel block is the dot's M
+    dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k sums g element-wise
+    in a [BT, BD] tile and reduces its rows once at the end: a row reduction per token tile (through shared
+    memory, across warps) made this kernel 2.2-2.4x slower on an H100 (2026-11-26)."""
     pid_d, k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_splits = tl.cdiv(T, tokens_per_split)
     b, split = pid_s // n_splits, pid_s % n_splits
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
-    dU_acc = tl.zeros([BR, BD], dtype=tl.float32)
-    dS_acc = tl.zeros([BD], dtype=tl.float32)
+    dU_acc = tl.zeros([BD, BR], dtype=tl.float32)
+    dS_acc = tl.zeros([BT, BD], dtype=tl.float32)
     start = split * tokens_per_split
     for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
         t = t0 + tl.arange(0, BT)
@@ -153,13 +157,12 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
         xs = _rows(x, b, T, t - k, d, D, ok, md)
         dy_t = _rows(dy, b, T, t, d, D, mt, md)
         g = dy_t * xs                     # dK_t[k, d]
-        zt = _rows(z, b, T, t, r, R, mt, mr)
-        dU_acc += _dot(tl.trans(zt), g, PREC)
+        dU_acc += _dot(tl.trans(g), _rows(z, b, T, t, r, R, mt, mr), PREC)
         if HAS_S:
-            dS_acc += tl.sum(g, axis=0)
-    tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc, mask=mr[:, None] & md[None, :])
+            dS_acc += g
+    tl.atomic_add(dU + (r[None, :] * W + k) * D + d[:, None], dU_acc, mask=mr[None, :] & md[:, None])
     if HAS_S:
-        tl.atomic_add(dS + k * D + d, dS_acc, mask=md)
+        tl.atomic_add(dS + k * D + d, tl.sum(dS_acc, axis=0), mask=md)
 
 
 @triton.jit
@@ -221,12 +224,13 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
 
 
 # Tiles (tokens BT × channels BD) per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py,
-# 2026-11-26; docs/benchmarks.md): forward and dx/dz 64 × 128, dU/dS 64 × 32. A lag loop run at run time
+# 2026-11-26; docs/benchmarks.md): forward and dx/dz 64 × 128 (4 warps), dU/dS 32 × 128 (8 warps). A lag loop run at run time
 # instead of unrolled (fewer live registers) was slower in every kernel and shape, and so was a dU/dS kernel
 # holding every lag's accumulator in one program (dy read once instead of once per lag).
 FWD_TILE = (64, 128)
 DXDZ_TILE = (64, 128)
-DUDS_TILE = (64, 32)
+DUDS_TILE = (32, 128)
+DUDS_WARPS = 8
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -300,15 +304,15 @@ def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: s
 
 
 def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = DUDS_TILE[0],
-                      BD: int = DUDS_TILE[1], num_warps: int = 4):
+                      BD: int = DUDS_TILE[1], num_warps: int = DUDS_WARPS, programs: int = 512):
     """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
     BT, BD, BR = _block_sizes(D, R, BT, BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-    # enough programs to fill the GPU (~1024), each summing a run of tokens on chip
-    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(1024, B * W * triton.cdiv(D, BD))))
+    # about `programs` programs (a few per SM), each summing a run of tokens on chip
+    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(programs, B * W * triton.cdiv(D, BD))))
     tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
     splits = triton.cdiv(T, tokens_per_split)
     grid = (triton.cdiv(D, BD), W, B * splits)
