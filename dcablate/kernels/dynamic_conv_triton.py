@@ -134,12 +134,13 @@ def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, B
 
 @triton.jit
 def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
-                        PREC: tl.constexpr):
+                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, S_IN_DOT: tl.constexpr,
+                        VARLEN: tl.constexpr, PREC: tl.constexpr):
     """dU_k^T [BD, BR] += g^T z over a run of tokens, g = dy_t ⊙ x_{t-k}: the channel block is the dot's M
-    dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k sums g element-wise
-    in a [BT, BD] tile and reduces its rows once at the end: a row reduction per token tile (through shared
-    memory, across warps) made this kernel 2.2-2.4x slower on an H100 (2026-11-26)."""
+    dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k = sum_t g: with a
+    spare padding column in z (`S_IN_DOT`, R < BR) that column is set to 1 and the dot sums it; otherwise g
+    is added element-wise into a [BT, BD] tile whose rows are reduced once at the end. Reducing g's rows
+    per token tile (across warps, through shared memory) made this kernel 2-2.4x slower on an H100."""
     pid_d, k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_splits = tl.cdiv(T, tokens_per_split)
     b, split = pid_s // n_splits, pid_s % n_splits
@@ -157,12 +158,19 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
         xs = _rows(x, b, T, t - k, d, D, ok, md)
         dy_t = _rows(dy, b, T, t, d, D, mt, md)
         g = dy_t * xs                     # dK_t[k, d]
-        dU_acc += _dot(tl.trans(g), _rows(z, b, T, t, r, R, mt, mr), PREC)
-        if HAS_S:
+        zt = _rows(z, b, T, t, r, R, mt, mr)
+        if S_IN_DOT:
+            zt = tl.where(r[None, :] == R, 1.0, zt)
+        dU_acc += _dot(tl.trans(g), zt, PREC)
+        if HAS_S and not S_IN_DOT:
             dS_acc += g
     tl.atomic_add(dU + (r[None, :] * W + k) * D + d[:, None], dU_acc, mask=mr[None, :] & md[:, None])
     if HAS_S:
-        tl.atomic_add(dS + k * D + d, tl.sum(dS_acc, axis=0), mask=md)
+        if S_IN_DOT:
+            dS_k = tl.sum(tl.where(r[None, :] == R, dU_acc, 0.0), axis=1)
+        else:
+            dS_k = tl.sum(dS_acc, axis=0)
+        tl.atomic_add(dS + k * D + d, dS_k, mask=md)
 
 
 @triton.jit
@@ -224,13 +232,13 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
 
 
 # Tiles (tokens BT × channels BD) per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py,
-# 2026-11-26; docs/benchmarks.md): forward and dx/dz 64 × 128 (4 warps), dU/dS 32 × 128 (8 warps). A lag loop run at run time
+# 2026-11-26; docs/benchmarks.md): forward, dx/dz and dU/dS 64 × 128, 64 × 128 and 32 × 128, 4 warps. A lag loop run at run time
 # instead of unrolled (fewer live registers) was slower in every kernel and shape, and so was a dU/dS kernel
 # holding every lag's accumulator in one program (dy read once instead of once per lag).
 FWD_TILE = (64, 128)
 DXDZ_TILE = (64, 128)
 DUDS_TILE = (32, 128)
-DUDS_WARPS = 8
+DUDS_WARPS = 4
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -317,7 +325,8 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     splits = triton.cdiv(T, tokens_per_split)
     grid = (triton.cdiv(D, BD), W, B * splits)
     _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
-                              HAS_S=has_S, VARLEN=varlen, PREC=prec, num_warps=num_warps)
+                              HAS_S=has_S, S_IN_DOT=has_S and R < BR, VARLEN=varlen, PREC=prec,
+                              num_warps=num_warps)
     return dU, dS
 
 
