@@ -363,9 +363,9 @@ IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
 
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
     """`impl` picks the backward: "split" (default; a dx/dz kernel and a dU/dS kernel) or "fused" (one pass
-    keeping dU/dS per lag in a [W, R, BD] tile; 16-bit inputs on CUDA only: on an H100 (2026-11-26) it raised
-    in fp32 in 3 of 5 test cases, though it is exact in fp32 under Triton's CPU interpreter, which points at
-    compilation, not the math; and it was slower than "split" at the paper's shape)."""
+    keeping dU/dS per lag on chip; 16-bit inputs on CUDA only: with IEEE fp32 dots its software-pipelined loop
+    asks for ~245 KB of shared memory, more than an H100 has (it raised there in 3 of 5 test cases; compiled
+    offline for sm_90, 2026-11-26); and it is slower than "split" at the paper's shape)."""
     if impl == "fused" and x.is_cuda and x.dtype == torch.float32:
         raise ValueError("impl='fused' supports bf16/fp16 inputs on CUDA; use 'split'")
     return IMPLS[impl].apply(x, z, U, S, residual, cu_seqlens)
