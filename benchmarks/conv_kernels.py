@@ -56,7 +56,8 @@ def main(argv=None) -> None:
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
         e = x.element_size()
         rows = []
-        defaults = {"fwd": (*K.FWD_TILE, 4), "dx/dz": (*K.DXDZ_TILE, 4), "dU/dS": (*K.DUDS_TILE, K.DUDS_WARPS)}  # the launchers' tiles
+        # the launchers' tiles and warps
+        defaults = {"fwd": (*K.FWD_TILE, 4), "dx/dz": (*K.DXDZ_TILE, 4), "dU/dS": (*K.DUDS_TILE, K.DUDS_WARPS)}
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z

@@ -13,7 +13,8 @@ A third layout, every lag of a D-block side by side in one wide tile (one dot fo
 once in the backward), was tried and timed on an H100 on 2026-11-26: no faster (docs/benchmarks.md), so it
 is not kept. Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap
 reaches `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs,
-on bf16 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is applied by the caller in torch.
+on bf16 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is
+applied by the caller in torch.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
     dU_acc = tl.zeros([BD, BR], dtype=tl.float32)
-    dS_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    dS_acc = tl.zeros([BT, BD], dtype=tl.float32)  # unused with S_IN_DOT (the compiler drops it)
     start = split * tokens_per_split
     for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
         t = t0 + tl.arange(0, BT)
@@ -231,8 +232,8 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
     return BT, BD, BR
 
 
-# Tiles (tokens BT × channels BD) per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py,
-# 2026-11-26; docs/benchmarks.md): forward, dx/dz and dU/dS 64 × 128, 64 × 128 and 32 × 128, 4 warps. A lag loop run at run time
+# Tiles (tokens BT × channels BD) per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py
+# and one-off variant sweeps, 2026-11-26; docs/benchmarks.md), all with 4 warps. A lag loop run at run time
 # instead of unrolled (fewer live registers) was slower in every kernel and shape, and so was a dU/dS kernel
 # holding every lag's accumulator in one program (dy read once instead of once per lag).
 FWD_TILE = (64, 128)
