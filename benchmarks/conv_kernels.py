@@ -77,9 +77,10 @@ def main(argv=None) -> None:
             row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}",
                 lambda: K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec, **tiles),
                 lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
-            row("dU/dS", f"BT{BT} BD{BD} w{warps}{mark['dU/dS']}",
-                lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles),
-                lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
+            for stages in (1, 2, 3):  # its token loop is software-pipelined (3: Triton's default)
+                row("dU/dS", f"BT{BT} BD{BD} w{warps} s{stages}{mark['dU/dS'] if stages == 3 else ''}",
+                    lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles, num_stages=stages),
+                    lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
         if prec != K.dot_precision(torch.float32):  # the default tiles with TF32 dots: what the precision buys
             row("fwd", "tf32 (default)", lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, "tf32"),
                 lambda y: rel(y, y64), f_fwd)

@@ -313,7 +313,7 @@ def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: s
 
 
 def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = DUDS_TILE[0],
-                      BD: int = DUDS_TILE[1], num_warps: int = DUDS_WARPS, programs: int = 512):
+                      BD: int = DUDS_TILE[1], num_warps: int = DUDS_WARPS, programs: int = 512, num_stages: int = 3):
     """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
@@ -327,7 +327,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     grid = (triton.cdiv(D, BD), W, B * splits)
     _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
                               HAS_S=has_S, S_IN_DOT=has_S and R < BR, VARLEN=varlen, PREC=prec,
-                              num_warps=num_warps)
+                              num_warps=num_warps, num_stages=num_stages)
     return dU, dS
 
 
