@@ -98,18 +98,25 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
+def _dx_lag(dx_acc, z, Uk, S, dy, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
+            PREC: tl.constexpr):
+    """dx_t += dy_{t+k} ⊙ K_{t+k}[k], re-forming the later token's lag-k filter (t+k in t's sequence)."""
+    tk = t + k
+    mk = _ahead_ok(pos, tk, T, k, VARLEN)
+    K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
+    if HAS_S:
+        K += _tap(S, k, d, D, md)
+    return dx_acc + _rows(dy, b, T, tk, d, D, mk, md) * K
+
+
+@triton.jit
 def _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W: tl.constexpr, mt, md, mr,
              HAS_S: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
     """One lag of dx and dz: dz_t += (dy_t ⊙ x_{t-k})·U_k^T, dx_t += dy_{t+k} ⊙ K_{t+k}[k] (t+k in t's sequence)."""
     Uk = _u_tap(U, k, r, d, W, D, mr, md)
     xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
     dz_acc += _dot(dy_t * xs, tl.trans(Uk), PREC)
-    tk = t + k
-    mk = _ahead_ok(pos, tk, T, k, VARLEN)
-    K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
-    if HAS_S:
-        K += _tap(S, k, d, D, md)
-    dx_acc += _rows(dy, b, T, tk, d, D, mk, md) * K
+    dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
     return dx_acc, dz_acc
 
 
@@ -210,12 +217,7 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
             dU_acc = _add_at(dU_acc, k, _dot(tl.trans(zt), g, PREC))
             if HAS_S:
                 dS_acc = _add_at(dS_acc, k, tl.sum(g, axis=0))
-            tk = t + k
-            mk = _ahead_ok(pos, tk, T, k, VARLEN)
-            K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
-            if HAS_S:
-                K += _tap(S, k, d, D, md)
-            dx_acc += _rows(dy, b, T, tk, d, D, mk, md) * K
+            dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
         tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
                  mask=mt[:, None] & md[None, :])
         tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
@@ -240,6 +242,13 @@ FWD_TILE = (64, 128)
 DXDZ_TILE = (64, 128)
 DUDS_TILE = (32, 128)
 DUDS_WARPS = 4
+
+
+def _token_runs(T: int, BT: int, wanted: int) -> tuple[int, int]:
+    """(runs, tokens per run): T split into about `wanted` runs (at least one) of whole BT-token tiles."""
+    splits = max(1, min(triton.cdiv(T, BT), wanted))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
+    return triton.cdiv(T, tokens_per_split), tokens_per_split
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -321,9 +330,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
     # about `programs` programs (a few per SM), each summing a run of tokens on chip
-    splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(programs, B * W * triton.cdiv(D, BD))))
-    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-    splits = triton.cdiv(T, tokens_per_split)
+    splits, tokens_per_split = _token_runs(T, BT, triton.cdiv(programs, B * W * triton.cdiv(D, BD)))
     grid = (triton.cdiv(D, BD), W, B * splits)
     _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
                               HAS_S=has_S, S_IN_DOT=has_S and R < BR, VARLEN=varlen, PREC=prec,
@@ -349,9 +356,7 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
         n_d = triton.cdiv(D, BD)
         # ~512 programs (a few per SM), each walking a run of tokens with its dU/dS on chip
-        splits = max(1, min(triton.cdiv(T, BT), triton.cdiv(512, n_d * B)))
-        tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-        splits = triton.cdiv(T, tokens_per_split)
+        splits, tokens_per_split = _token_runs(T, BT, triton.cdiv(512, n_d * B))
         _dyn_conv_bwd_fused[(n_d, B * splits)](
             x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split,
             W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
