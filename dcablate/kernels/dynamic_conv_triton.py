@@ -71,13 +71,12 @@ def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W: tl.constexpr, mt, md, mr, HAS_S: tl.constexpr,
-             PREC: tl.constexpr):
-    """acc + (z_t·U_k + S_k) ⊙ x_{t-k}: one lag of the forward."""
+def _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W: tl.constexpr, md, mr, HAS_S: tl.constexpr, PREC: tl.constexpr):
+    """acc + (z_t·U_k + S_k) ⊙ x_{t-k}: one lag of the forward (xs = x_{t-k}, loaded by the caller)."""
     K = _dot(zt, _u_tap(U, k, r, d, W, D, mr, md), PREC)
     if HAS_S:
         K += _tap(S, k, d, D, md)
-    return acc + K * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+    return acc + K * xs
 
 
 @triton.jit
@@ -91,22 +90,26 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr
     mt, md, mr = t < T, d < D, r < R
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
     zt = _rows(z, b, T, t, r, R, mt, mr)
-    acc = _rows(x, b, T, t, d, D, mt, md) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+    x_t = _rows(x, b, T, t, d, D, mt, md)  # lag 0 and the residual share one load (the compiler keeps two)
+    acc = x_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
     for k in tl.static_range(W):
-        acc = _fwd_lag(acc, x, zt, U, S, b, T, t, p, d, r, k, D, W, mt, md, mr, HAS_S, PREC)
+        xs = x_t if k == 0 else _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+        acc = _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W, md, mr, HAS_S, PREC)
     tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
 
 
 @triton.jit
-def _dx_lag(dx_acc, z, Uk, S, dy, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
-            PREC: tl.constexpr):
-    """dx_t += dy_{t+k} ⊙ K_{t+k}[k], re-forming the later token's lag-k filter (t+k in t's sequence)."""
+def _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k: tl.constexpr, D, R, md, mr, HAS_S: tl.constexpr,
+            VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """dx_t += dy_{t+k} ⊙ K_{t+k}[k], re-forming the later token's lag-k filter (t+k in t's sequence);
+    lag 0 reuses the caller's dy_t tile."""
     tk = t + k
     mk = _ahead_ok(pos, tk, T, k, VARLEN)
     K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
     if HAS_S:
         K += _tap(S, k, d, D, md)
-    return dx_acc + _rows(dy, b, T, tk, d, D, mk, md) * K
+    dyk = dy_t if k == 0 else _rows(dy, b, T, tk, d, D, mk, md)
+    return dx_acc + dyk * K
 
 
 @triton.jit
@@ -116,7 +119,7 @@ def _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, 
     Uk = _u_tap(U, k, r, d, W, D, mr, md)
     xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
     dz_acc += _dot(dy_t * xs, tl.trans(Uk), PREC)
-    dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
+    dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
     return dx_acc, dz_acc
 
 
@@ -217,7 +220,7 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
             dU_acc = _add_at(dU_acc, k, _dot(tl.trans(zt), g, PREC))
             if HAS_S:
                 dS_acc = _add_at(dS_acc, k, tl.sum(g, axis=0))
-            dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
+            dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
         tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
                  mask=mt[:, None] & md[None, :])
         tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
