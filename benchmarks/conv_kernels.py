@@ -2,8 +2,8 @@
 
     python benchmarks/conv_kernels.py [--dtype bfloat16] [--shape paper|gdn_q|gdn_v|all]     (CUDA needed)
 
-For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward kernel,
-the dx/dz kernel and the dU/dS kernel over a grid of (BT, BD, warps), the default config marked `*`, each with
+For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward, dx, dz
+and dU/dS kernels over a grid of launches (BT, BD, warps, pipeline stages, programs), the default marked `*`, each with
 its error against a float64 run of the torch reference (a config that compiles wrongly shows) and its time
 against that kernel's bytes floor at the copy bandwidth measured in the same run. Prints one table per shape,
 fastest first.
@@ -56,45 +56,58 @@ def main(argv=None) -> None:
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
         e = x.element_size()
         rows = []
-        # the launchers' tiles and warps
-        defaults = {"fwd": (*K.FWD_TILE, 4), "dx/dz": (*K.DXDZ_TILE, 4), "dU/dS": (*K.DUDS_TILE, K.DUDS_WARPS)}
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
-        f_dx = (3 * B * T * D + B * T * R) * e + 4 * B * T * R        # read x, dy, z; write dx, dz (fp32)
+        f_dx = (2 * B * T * D + B * T * R) * e                        # read dy, z; write dx
+        f_dz = (2 * B * T * D + B * T * R) * e                        # read x, dy; write dz
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
 
-        def row(part, label, fn, check, floor_bytes):
+        def row(part, launch, fn, check, floor_bytes, label=None):
+            default = launch == {"fwd": K.FWD, "dx": K.DX, "dz": K.DZ, "dU/dS": K.DUDS}[part]
+            label = label or (f"BT{launch.BT} BD{launch.BD} w{launch.warps} s{launch.stages}"
+                              + (f" p{launch.programs}" if launch.programs else "") + ("*" if default else ""))
             try:
                 err = check(fn())
                 rows.append((part, label, do_bench(fn, return_mode="median"), floor_bytes / (copy * 1e9) * 1e3, err))
             except Exception as exc:  # a config the compiler refuses (e.g. out of shared memory)
                 rows.append((part, label, float("nan"), 1.0, type(exc).__name__))
 
-        for BT, BD, warps in itertools.product((32, 64, 128), (32, 64, 128), (4, 8)):
-            mark = {part: "*" if (BT, BD, warps) == config else "" for part, config in defaults.items()}
-            tiles = dict(BT=BT, BD=BD, num_warps=warps)
-            row("fwd", f"BT{BT} BD{BD} w{warps}{mark['fwd']}",
-                lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, prec, **tiles), lambda y: rel(y, y64), f_fwd)
-            row("dx/dz", f"BT{BT} BD{BD} w{warps}{mark['dx/dz']}",
-                lambda: K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec, **tiles),
-                lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
-            for stages in (1, 2, 3):  # its token loop is software-pipelined (3: Triton's default)
-                row("dU/dS", f"BT{BT} BD{BD} w{warps} s{stages}{mark['dU/dS'] if stages == 3 else ''}",
-                    lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec, **tiles, num_stages=stages),
-                    lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
-        if prec != K.dot_precision(torch.float32):  # the default tiles with TF32 dots: what the precision buys
-            row("fwd", "tf32 (default)", lambda: K.lowrank_fwd(x, z, U, S, pos, True, False, "tf32"),
-                lambda y: rel(y, y64), f_fwd)
-            row("dx/dz", "tf32 (default)", lambda: K.lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, "tf32"),
-                lambda o: max(rel(o[0], grads64[0]), rel(o[1], grads64[1])), f_dx)
-            row("dU/dS", "tf32 (default)", lambda: K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, "tf32"),
-                lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)
+        def fwd(launch, p=prec):
+            return K.lowrank_fwd(x, z, U, S, pos, True, False, p, launch)
+
+        def dx(launch, p=prec):
+            return K.lowrank_bwd_dx(z, U, S, dy, pos, True, False, p, launch)
+
+        def dz(launch, p=prec):
+            return K.lowrank_bwd_dz(x, U, dy, pos, False, p, torch.float32, launch)
+
+        def duds(launch, p=prec):
+            return K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, p, launch)
+
+        checks = {"fwd": (fwd, lambda y: rel(y, y64), f_fwd), "dx": (dx, lambda o: rel(o, grads64[0]), f_dx),
+                  "dz": (dz, lambda o: rel(o, grads64[1]), f_dz),
+                  "dU/dS": (duds, lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)}
+        for (BT, BD, warps), stages in itertools.product(
+                ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)), (1, 2, 3)):
+            for part in ("fwd", "dx"):  # walk token runs: a few programs per SM, or more
+                for programs in (264, 1056):
+                    fn, check, floor = checks[part]
+                    launch = K.Launch(BT, BD, warps, stages, programs)
+                    row(part, launch, lambda: fn(launch), check, floor)
+            launch = K.Launch(BT, BD, warps, stages)  # dz: one token tile per program, walking all of D
+            row("dz", launch, lambda: dz(launch), *checks["dz"][1:])
+            launch = K.Launch(BT, BD, warps, stages, 512)
+            row("dU/dS", launch, lambda: duds(launch), *checks["dU/dS"][1:])
+        if prec != K.dot_precision(torch.float32):  # the default launches with TF32 dots: what the precision buys
+            for part, default in (("fwd", K.FWD), ("dx", K.DX), ("dz", K.DZ), ("dU/dS", K.DUDS)):
+                fn, check, floor = checks[part]
+                row(part, None, lambda: fn(default, "tf32"), check, floor, label="tf32 (default)")
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
-        print(f"{'kernel':6s} {'config':16s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
-        for part in ("fwd", "dx/dz", "dU/dS"):
+        print(f"{'kernel':6s} {'config':22s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
+        for part in ("fwd", "dx", "dz", "dU/dS"):
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
             for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
-                print(f"{part:6s} {label:16s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
+                print(f"{part:6s} {label:22s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
         print(flush=True)
 
 

@@ -48,15 +48,15 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
     """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs."""
     import triton
 
-    from .kernels.dynamic_conv_triton import dot_precision, lowrank_bwd_dU_dS, lowrank_bwd_dx_dz
+    from .kernels.dynamic_conv_triton import dot_precision, lowrank_bwd_dU_dS, lowrank_bwd_dx, lowrank_bwd_dz
 
     x, z, U, S = (t.detach().contiguous() for t in (x, z, U, S))
     pos = x.new_empty(1, dtype=torch.int32)
     prec = dot_precision(x.dtype)
-    return {"dx/dz kernel": triton.testing.do_bench(
-                lambda: lowrank_bwd_dx_dz(x, z, U, S, dy, pos, True, False, prec), return_mode="median"),
-            "dU/dS kernel": triton.testing.do_bench(
-                lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec), return_mode="median")}
+    kernels = {"dx kernel": lambda: lowrank_bwd_dx(z, U, S, dy, pos, True, False, prec),
+               "dz kernel": lambda: lowrank_bwd_dz(x, U, dy, pos, False, prec, z.dtype),
+               "dU/dS kernel": lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec)}
+    return {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in kernels.items()}
 
 
 def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, breakdown: bool = False) -> list[tuple]:

@@ -2,22 +2,28 @@
 
 The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never written to memory.
 
-- forward  (grid D-blocks × T-blocks × B): y.
-- backward (same grid): dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k], re-forming the filters
-  of the later tokens, and dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T, added across D-blocks atomically.
-- weight gradients (grid D-blocks × W × B·splits): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and
-  dS_k = sum_t dy_t ⊙ x_{t-k}, accumulated over a range of tokens on chip, then added atomically.
+- forward  (grid D-blocks × token runs): y, walking a run of token tiles.
+- dx       (same grid): dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k], re-forming the filters of the
+  later tokens.
+- dz       (grid token tiles × B): dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T, each program summing over all of D.
+- dU, dS   (grid D-blocks × W × token runs): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and dS_k = sum_t dy_t ⊙ x_{t-k},
+  accumulated over a run of tokens on chip, then added atomically.
 - an alternative one-pass backward (`impl="fused"`) does all four gradients together.
 
-A third layout, every lag of a D-block side by side in one wide tile (one dot for all filters, x and dy read
-once in the backward), was tried and timed on an H100 on 2026-11-26: no faster (docs/benchmarks.md), so it
-is not kept. Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap
-reaches `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs,
-on bf16 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is
-applied by the caller in torch.
+Programs that walk several token (or channel) tiles let Triton software-pipeline their loads: the next
+tiles' x / dy arrive in shared memory while the current one computes, and the dots read them from there in
+the layout they need. On an H100 this made the forward 1.2-1.4x and dx (split from dz) 2.3x faster than
+one tile per program (docs/benchmarks.md, session 6). Two layouts were tried and dropped: every lag of a
+D-block side by side in one wide tile, and dz added inside the dU/dS kernel (3.7x slower: per-lag atomics).
+Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap reaches
+`x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs, on bf16
+operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is applied
+by the caller in torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -80,22 +86,35 @@ def _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W: tl.constexpr, md, mr, HAS_S: tl.c
 
 
 @triton.jit
-def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                  BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr,
-                  PREC: tl.constexpr):
-    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
+def _run_of(pid, T, tokens_per_run):
+    """(batch, first token, end token) of program `pid`'s run of tokens."""
+    n_runs = tl.cdiv(T, tokens_per_run)
+    b, run = pid // n_runs, pid % n_runs
+    start = run * tokens_per_run
+    return b, start, tl.minimum(start + tokens_per_run, T)
+
+
+@triton.jit
+def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
+                  BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
+                  VARLEN: tl.constexpr, PREC: tl.constexpr):
+    pid_d = tl.program_id(0)
+    b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
-    mt, md, mr = t < T, d < D, r < R
-    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    zt = _rows(z, b, T, t, r, R, mt, mr)
-    x_t = _rows(x, b, T, t, d, D, mt, md)  # lag 0 and the residual share one load (the compiler keeps two)
-    acc = x_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
-    for k in tl.static_range(W):
-        xs = x_t if k == 0 else _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
-        acc = _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W, md, mr, HAS_S, PREC)
-    tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty), mask=mt[:, None] & md[None, :])
+    md, mr = d < D, r < R
+    for t0 in range(start, end, BT):
+        t = t0 + tl.arange(0, BT)
+        mt = t < T
+        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+        zt = _rows(z, b, T, t, r, R, mt, mr)
+        x_t = _rows(x, b, T, t, d, D, mt, md)  # lag 0 and the residual share one load (the compiler keeps two)
+        acc = x_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+        for k in tl.static_range(W):
+            xs = x_t if k == 0 else _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+            acc = _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W, md, mr, HAS_S, PREC)
+        tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty),
+                 mask=mt[:, None] & md[None, :])
 
 
 @triton.jit
@@ -113,38 +132,50 @@ def _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k: tl.constexpr, D, 
 
 
 @triton.jit
-def _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W: tl.constexpr, mt, md, mr,
-             HAS_S: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """One lag of dx and dz: dz_t += (dy_t ⊙ x_{t-k})·U_k^T, dx_t += dy_{t+k} ⊙ K_{t+k}[k] (t+k in t's sequence)."""
-    Uk = _u_tap(U, k, r, d, W, D, mr, md)
-    xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
-    dz_acc += _dot(dy_t * xs, tl.trans(Uk), PREC)
-    dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
-    return dx_acc, dz_acc
-
-
-@triton.jit
-def _dyn_conv_bwd_dx_dz(x, z, U, S, dy, dx, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                        VARLEN: tl.constexpr, PREC: tl.constexpr):
-    pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
+def _dyn_conv_bwd_dx(z, U, S, dy, dx, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
+                     BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
+                     VARLEN: tl.constexpr, PREC: tl.constexpr):
+    pid_d = tl.program_id(0)
+    b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
-    mt, md, mr = t < T, d < D, r < R
-    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    dy_t = _rows(dy, b, T, t, d, D, mt, md)
-    dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
-    dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
-    for k in tl.static_range(W):
-        dx_acc, dz_acc = _bwd_lag(dx_acc, dz_acc, x, z, U, S, dy, dy_t, pos, b, T, t, p, d, r, k, D, R, W,
-                                  mt, md, mr, HAS_S, VARLEN, PREC)
-    tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
-    tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
+    md, mr = d < D, r < R
+    for t0 in range(start, end, BT):
+        t = t0 + tl.arange(0, BT)
+        mt = t < T
+        dy_t = _rows(dy, b, T, t, d, D, mt, md)
+        dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+        for k in tl.static_range(W):
+            Uk = _u_tap(U, k, r, d, W, D, mr, md)
+            dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
+        tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
+                 mask=mt[:, None] & md[None, :])
 
 
 @triton.jit
-def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr, BT: tl.constexpr,
+def _dyn_conv_bwd_dz(x, U, dy, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     BR: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T: like a GEMM's K loop, each program sums over all of D, so dz is
+    written once (no atomics, no zero-fill)."""
+    pid_t, b = tl.program_id(0), tl.program_id(1)
+    t = pid_t * BT + tl.arange(0, BT)
+    r = tl.arange(0, BR)
+    mt, mr = t < T, r < R
+    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+    acc = tl.zeros([BT, BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        md = d < D
+        dy_t = _rows(dy, b, T, t, d, D, mt, md)
+        for k in tl.static_range(W):
+            xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+            UkT = tl.load(U + (r[None, :] * W + k) * D + d[:, None], mask=mr[None, :] & md[:, None], other=0.0)
+            acc += _dot(dy_t * xs, UkT.to(tl.float32), PREC)
+    tl.store(dz + (b * T + t[:, None]) * R + r[None, :], acc.to(dz.dtype.element_ty), mask=mt[:, None] & mr[None, :])
+
+
+@triton.jit
+def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, S_IN_DOT: tl.constexpr,
                         VARLEN: tl.constexpr, PREC: tl.constexpr):
     """dU_k^T [BD, BR] += g^T z over a run of tokens, g = dy_t ⊙ x_{t-k}: the channel block is the dot's M
@@ -152,16 +183,14 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W: tl.
     spare padding column in z (`S_IN_DOT`, R < BR) that column is set to 1 and the dot sums it; otherwise g
     is added element-wise into a [BT, BD] tile whose rows are reduced once at the end. Reducing g's rows
     per token tile (across warps, through shared memory) made this kernel 2-2.4x slower on an H100."""
-    pid_d, k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n_splits = tl.cdiv(T, tokens_per_split)
-    b, split = pid_s // n_splits, pid_s % n_splits
+    pid_d, k = tl.program_id(0), tl.program_id(1)
+    b, start, end = _run_of(tl.program_id(2), T, tokens_per_run)
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
     dU_acc = tl.zeros([BD, BR], dtype=tl.float32)
     dS_acc = tl.zeros([BT, BD], dtype=tl.float32)  # unused with S_IN_DOT (the compiler drops it)
-    start = split * tokens_per_split
-    for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
+    for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
         p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
@@ -193,19 +222,17 @@ def _add_at(accs, k: tl.constexpr, v):
 
 # dx, dz, dU, dS in one pass; dU and dS accumulate per lag in tuples of [BR, BD] / [BD] tiles on chip
 @triton.jit
-def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split, W: tl.constexpr,
+def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_run, W: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr,
                         RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    pid_d, pid_s = tl.program_id(0), tl.program_id(1)
-    n_splits = tl.cdiv(T, tokens_per_split)
-    b, split = pid_s // n_splits, pid_s % n_splits
+    pid_d = tl.program_id(0)
+    b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
     dU_acc = (tl.zeros([BR, BD], dtype=tl.float32),) * W
     dS_acc = (tl.zeros([BD], dtype=tl.float32),) * W
-    start = split * tokens_per_split
-    for t0 in range(start, tl.minimum(start + tokens_per_split, T), BT):
+    for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
         p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
@@ -237,21 +264,42 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
     return BT, BD, BR
 
 
-# Tiles (tokens BT × channels BD) per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py
-# and one-off variant sweeps, 2026-11-26; docs/benchmarks.md), all with 4 warps. A lag loop run at run time
-# instead of unrolled (fewer live registers) was slower in every kernel and shape, and so was a dU/dS kernel
-# holding every lag's accumulator in one program (dy read once instead of once per lag).
-FWD_TILE = (64, 128)
-DXDZ_TILE = (64, 128)
-DUDS_TILE = (32, 128)
-DUDS_WARPS = 4
+@dataclass(frozen=True)
+class Launch:
+    """How a kernel is launched: BT tokens × BD channels per tile, warps, software-pipeline depth, and about
+    how many programs share the tokens (0: the kernel's grid does not walk token runs)."""
+    BT: int
+    BD: int
+    warps: int = 4
+    stages: int = 3
+    programs: int = 0
+
+
+# Per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py and one-off variant sweeps,
+# 2026-11-26; docs/benchmarks.md). A lag loop run at run time instead of unrolled (fewer live registers) was
+# slower in every kernel and shape, and so was a dU/dS kernel holding every lag's accumulator in one program.
+FWD = Launch(32, 64, programs=264)
+DX = Launch(32, 128, programs=1056)
+DZ = Launch(64, 64)
+DUDS = Launch(32, 128, programs=512)
+
+
+def _launch(kernel, grid, args, launch: Launch, **constexprs):
+    """kernel[grid](*args) with `launch`'s warps and pipeline depth, or a shallower pipeline where the card's
+    shared memory cannot hold that one (the tiles were chosen on an H100; the results do not change)."""
+    for stages in range(launch.stages, 0, -1):
+        try:
+            return kernel[grid](*args, **constexprs, num_warps=launch.warps, num_stages=stages)
+        except triton.runtime.errors.OutOfResources:
+            if stages == 1:
+                raise
 
 
 def _token_runs(T: int, BT: int, wanted: int) -> tuple[int, int]:
     """(runs, tokens per run): T split into about `wanted` runs (at least one) of whole BT-token tiles."""
-    splits = max(1, min(triton.cdiv(T, BT), wanted))
-    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
-    return triton.cdiv(T, tokens_per_split), tokens_per_split
+    runs = max(1, min(triton.cdiv(T, BT), wanted))
+    tokens_per_run = triton.cdiv(triton.cdiv(T, runs), BT) * BT
+    return triton.cdiv(T, tokens_per_run), tokens_per_run
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -286,58 +334,71 @@ class DynamicConvLowRank(torch.autograd.Function):
     def backward(ctx, dy):
         x, z, U, S, pos = ctx.saved_tensors
         dy = dy.contiguous()
-        dx, dz = lowrank_bwd_dx_dz(x, z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
+        dx = lowrank_bwd_dx(z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
+        dz = lowrank_bwd_dz(x, U, dy, pos, ctx.varlen, ctx.prec, z.dtype)
         dU, dS = lowrank_bwd_dU_dS(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
-        return (dx, dz.to(z.dtype), dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
+        return (dx, dz, dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
 
 
-# The three launchers of the split kernels take their tiles (default: the tuned ones) so that
+# The launchers of the split kernels take a `Launch` (default: the tuned one) so that
 # `benchmarks/conv_kernels.py` can sweep them and `dcablate bench conv --breakdown` time each alone.
 
 
-def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, BT: int = FWD_TILE[0], BD: int = FWD_TILE[1],
-                num_warps: int = 4):
+def _runs_grid(B: int, T: int, per_run: int, launch: Launch) -> tuple[int, int]:
+    """(programs along B × tokens, tokens per run) for about `launch.programs` programs in all, `per_run`
+    of them per run of tokens (its D-blocks, or D-blocks × lags)."""
+    runs, tokens_per_run = _token_runs(T, launch.BT, triton.cdiv(launch.programs, B * per_run))
+    return B * runs, tokens_per_run
+
+
+def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch: Launch = FWD):
     """The forward kernel: y (input dtype) from contiguous x, z, U, S."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1]
-    BT, BD, BR = _block_sizes(D, R, BT, BD)
+    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     y = torch.empty_like(x)
-    _dyn_conv_fwd[(triton.cdiv(D, BD), triton.cdiv(T, BT), B)](
-        x, z, U, S if S is not None else U, y, pos, T, D, R, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None,
-        RESIDUAL=residual, VARLEN=varlen, PREC=prec, num_warps=num_warps)
+    n_d = triton.cdiv(D, BD)
+    runs, tokens_per_run = _runs_grid(B, T, n_d, launch)
+    _launch(_dyn_conv_fwd, (n_d, runs), (x, z, U, S if S is not None else U, y, pos, T, D, R, tokens_per_run),
+            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
     return y
 
 
-def lowrank_bwd_dx_dz(x, z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, BT: int = DXDZ_TILE[0],
-                      BD: int = DXDZ_TILE[1],
-                      num_warps: int = 4):
-    """The split backward's first kernel: dx (input dtype) and dz (fp32, summed over D-blocks atomically)."""
+def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, launch: Launch = DX):
+    """dx (dy's dtype) from contiguous z, U, S, dy."""
+    B, T, D = dy.shape
+    R, W = U.shape[0], U.shape[1]
+    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
+    dx = torch.empty_like(dy)
+    n_d = triton.cdiv(D, BD)
+    runs, tokens_per_run = _runs_grid(B, T, n_d, launch)
+    _launch(_dyn_conv_bwd_dx, (n_d, runs), (z, U, S if S is not None else U, dy, dx, pos, T, D, R, tokens_per_run),
+            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+    return dx
+
+
+def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtype, launch: Launch = DZ):
+    """dz [B, T, R] in `out_dtype` from contiguous x, U, dy (fp32 sums over all of D inside the kernel)."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1]
-    BT, BD, BR = _block_sizes(D, R, BT, BD)
-    dx = torch.empty_like(x)
-    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
-    _dyn_conv_bwd_dx_dz[grid](x, z, U, S if S is not None else U, dy, dx, dz, pos, T, D, R, W=W, BT=BT, BD=BD,
-                              BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec,
-                              num_warps=num_warps)
-    return dx, dz
+    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
+    dz = torch.empty(B, T, R, device=x.device, dtype=out_dtype)
+    _launch(_dyn_conv_bwd_dz, (triton.cdiv(T, BT), B), (x, U, dy, dz, pos, T, D, R), launch,
+            W=W, BT=BT, BD=BD, BR=BR, VARLEN=varlen, PREC=prec)
+    return dz
 
 
-def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, BT: int = DUDS_TILE[0],
-                      BD: int = DUDS_TILE[1], num_warps: int = DUDS_WARPS, programs: int = 512, num_stages: int = 3):
-    """The split backward's second kernel: dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
+def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch = DUDS):
+    """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
-    BT, BD, BR = _block_sizes(D, R, BT, BD)
+    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-    # about `programs` programs (a few per SM), each summing a run of tokens on chip
-    splits, tokens_per_split = _token_runs(T, BT, triton.cdiv(programs, B * W * triton.cdiv(D, BD)))
-    grid = (triton.cdiv(D, BD), W, B * splits)
-    _dyn_conv_bwd_dU_dS[grid](x, z, dy, dU, dS, pos, T, D, R, tokens_per_split, W=W, BT=BT, BD=BD, BR=BR,
-                              HAS_S=has_S, S_IN_DOT=has_S and R < BR, VARLEN=varlen, PREC=prec,
-                              num_warps=num_warps, num_stages=num_stages)
+    n_d = triton.cdiv(D, BD)
+    runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
+    _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, S_IN_DOT=has_S and R < BR, VARLEN=varlen, PREC=prec)
     return dU, dS
 
 
@@ -359,9 +420,9 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
         n_d = triton.cdiv(D, BD)
         # ~512 programs (a few per SM), each walking a run of tokens with its dU/dS on chip
-        splits, tokens_per_split = _token_runs(T, BT, triton.cdiv(512, n_d * B))
-        _dyn_conv_bwd_fused[(n_d, B * splits)](
-            x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_split,
+        runs, tokens_per_run = _token_runs(T, BT, triton.cdiv(512, n_d * B))
+        _dyn_conv_bwd_fused[(n_d, B * runs)](
+            x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_run,
             W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
             VARLEN=ctx.varlen, PREC=ctx.prec)
         return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
@@ -371,7 +432,7 @@ IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
 
 
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
-    """`impl` picks the backward: "split" (default; a dx/dz kernel and a dU/dS kernel) or "fused" (one pass
+    """`impl` picks the backward: "split" (default; dx, dz and dU/dS kernels) or "fused" (one pass
     keeping dU/dS per lag on chip; 16-bit inputs on CUDA only: with IEEE fp32 dots its software-pipelined loop
     asks for ~245 KB of shared memory, more than an H100 has (it raised there in 3 of 5 test cases; compiled
     offline for sm_90, 2026-11-26); and it is slower than "split" at the paper's shape)."""
