@@ -54,6 +54,7 @@ def main(argv=None) -> None:
         ins64 = [t.double().requires_grad_() for t in (x, z, U, S)]
         y64 = dynamic_conv_lowrank_reference(*ins64, None, True)
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
+        U = K.basis_for_dots(U, prec)  # as the autograd function passes it (after the float64 run above)
         e = x.element_size()
         rows = []
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y

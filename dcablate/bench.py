@@ -48,11 +48,13 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
     """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs."""
     import triton
 
-    from .kernels.dynamic_conv_triton import dot_precision, lowrank_bwd_dU_dS, lowrank_bwd_dx, lowrank_bwd_dz
+    from .kernels.dynamic_conv_triton import (basis_for_dots, dot_precision, lowrank_bwd_dU_dS, lowrank_bwd_dx,
+                                              lowrank_bwd_dz)
 
     x, z, U, S = (t.detach().contiguous() for t in (x, z, U, S))
     pos = x.new_empty(1, dtype=torch.int32)
     prec = dot_precision(x.dtype)
+    U = basis_for_dots(U, prec)
     kernels = {"dx kernel": lambda: lowrank_bwd_dx(z, U, S, dy, pos, True, False, prec),
                "dz kernel": lambda: lowrank_bwd_dz(x, U, dy, pos, False, prec, z.dtype),
                "dU/dS kernel": lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec)}

@@ -279,9 +279,9 @@ class Launch:
 # 2026-11-26; docs/benchmarks.md). A lag loop run at run time instead of unrolled (fewer live registers) was
 # slower in every kernel and shape, and so was a dU/dS kernel holding every lag's accumulator in one program.
 FWD = Launch(32, 64, programs=264)
-DX = Launch(32, 128, programs=1056)
-DZ = Launch(64, 64)
-DUDS = Launch(32, 128, programs=512)
+DX = Launch(32, 128, stages=2, programs=1056)
+DZ = Launch(128, 64, warps=8)
+DUDS = Launch(32, 128, stages=2, programs=512)
 
 
 def _launch(kernel, grid, args, launch: Launch, **constexprs):
@@ -309,6 +309,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return {torch.float32: "ieee", torch.bfloat16: "bf16"}.get(dtype, "tf32")
 
 
+def basis_for_dots(U: torch.Tensor, prec: str) -> torch.Tensor:
+    """The filter basis U as the kernels take it: U only enters their dots, which with bf16 operands round it
+    to bf16 anyway, so it is cast once per call and every tile loads half the bytes (the same values; the
+    static taps S are added in fp32 and stay as given)."""
+    return U.to(torch.bfloat16).contiguous() if prec == "bf16" else U.contiguous()
+
+
 def positions(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """Each packed token's offset within its own sequence (int32 [T])."""
     cu = cu_seqlens.long()
@@ -321,10 +328,12 @@ class DynamicConvLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, z, U, S, residual: bool, cu_seqlens):
-        x, z, U = x.contiguous(), z.contiguous(), U.contiguous()
+        x, z = x.contiguous(), z.contiguous()
         S = S.contiguous() if S is not None else None
         pos = positions(cu_seqlens, x.shape[1]) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
         prec = dot_precision(x.dtype)
+        ctx.u_dtype = U.dtype
+        U = basis_for_dots(U, prec)
         y = lowrank_fwd(x, z, U, S, pos, residual, cu_seqlens is not None, prec)
         ctx.save_for_backward(x, z, U, S, pos)
         ctx.residual, ctx.varlen, ctx.prec = residual, cu_seqlens is not None, prec
@@ -337,7 +346,7 @@ class DynamicConvLowRank(torch.autograd.Function):
         dx = lowrank_bwd_dx(z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
         dz = lowrank_bwd_dz(x, U, dy, pos, ctx.varlen, ctx.prec, z.dtype)
         dU, dS = lowrank_bwd_dU_dS(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
-        return (dx, dz, dU.to(U.dtype), dS.to(S.dtype) if S is not None else None, None, None)
+        return (dx, dz, dU.to(ctx.u_dtype), dS.to(S.dtype) if S is not None else None, None, None)
 
 
 # The launchers of the split kernels take a `Launch` (default: the tuned one) so that
@@ -425,7 +434,7 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
             x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_run,
             W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
             VARLEN=ctx.varlen, PREC=ctx.prec)
-        return dx, dz.to(z.dtype), dU.to(U.dtype), (dS.to(S.dtype) if S is not None else None), None, None
+        return dx, dz.to(z.dtype), dU.to(ctx.u_dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
 
 IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
