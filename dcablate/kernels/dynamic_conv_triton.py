@@ -280,8 +280,9 @@ class Launch:
 # slower in every kernel and shape, and so was a dU/dS kernel holding every lag's accumulator in one program.
 FWD = Launch(32, 64, programs=264)
 DX = Launch(32, 128, stages=2, programs=1056)
-DZ = Launch(128, 64, warps=8)
-DUDS = Launch(32, 128, stages=2, programs=512)
+DZ = Launch(128, 64, warps=8)  # halved down to 32 tokens (4 warps) while that leaves fewer programs than SMs
+DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot (R < 16)
+DUDS_ELEMENTWISE_DS = Launch(32, 128, stages=3, programs=512)  # dS summed element-wise (R = 16, 32, ...)
 
 
 def _launch(kernel, grid, args, launch: Launch, **constexprs):
@@ -386,10 +387,21 @@ def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, la
     return dx
 
 
-def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtype, launch: Launch = DZ):
+def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
+    """DZ, with fewer tokens per program where B·T is too small to give every SM one (one program per token
+    tile here, each walking all of D)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    launch = DZ
+    while launch.BT > 32 and B * triton.cdiv(T, launch.BT) < sms:
+        launch = Launch(launch.BT // 2, launch.BD, 4, launch.stages)
+    return launch
+
+
+def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtype, launch: Launch | None = None):
     """dz [B, T, R] in `out_dtype` from contiguous x, U, dy (fp32 sums over all of D inside the kernel)."""
     B, T, D = x.shape
     R, W = U.shape[0], U.shape[1]
+    launch = launch or _dz_launch(B, T, x.device)
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     dz = torch.empty(B, T, R, device=x.device, dtype=out_dtype)
     _launch(_dyn_conv_bwd_dz, (triton.cdiv(T, BT), B), (x, U, dy, dz, pos, T, D, R), launch,
@@ -397,17 +409,19 @@ def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtyp
     return dz
 
 
-def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch = DUDS):
+def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None):
     """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S)."""
     B, T, D = x.shape
     R = z.shape[-1]
+    s_in_dot = has_S and R < max(16, triton.next_power_of_2(R))
+    launch = launch or (DUDS if s_in_dot or not has_S else DUDS_ELEMENTWISE_DS)
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
     n_d = triton.cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
     _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, S_IN_DOT=has_S and R < BR, VARLEN=varlen, PREC=prec)
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, S_IN_DOT=s_in_dot, VARLEN=varlen, PREC=prec)
     return dU, dS
 
 
