@@ -10,10 +10,10 @@ The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never 
   accumulated over a run of tokens on chip, then added atomically.
 - an alternative one-pass backward (`impl="fused"`) does all four gradients together.
 
-Programs that walk several token (or channel) tiles let Triton software-pipeline their loads: the next
-tiles' x / dy arrive in shared memory while the current one computes, and the dots read them from there in
-the layout they need. On an H100 this made the forward 1.2-1.4x and dx (split from dz) 2.3x faster than
-one tile per program (docs/benchmarks.md, session 6). Two layouts were tried and dropped: every lag of a
+Programs walk runs of token (or channel) tiles, load the filter taps once, and keep small tiles (fewer live
+registers: more programs per SM); the dx kernel also prefetches its next tile by hand. On H100s this cut
+the time of the forward plus dx and dz by about 30% at the GDN-125M shapes against session 5's forward and
+joint dx/dz kernel (docs/benchmarks.md, session 6). Two layouts were tried and dropped: every lag of a
 D-block side by side in one wide tile, and dz added inside the dU/dS kernel (3.7x slower: per-lag atomics).
 Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap reaches
 `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs, on bf16
@@ -77,21 +77,34 @@ def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W: tl.constexpr, md, mr, HAS_S: tl.constexpr, PREC: tl.constexpr):
-    """acc + (z_t·U_k + S_k) ⊙ x_{t-k}: one lag of the forward (xs = x_{t-k}, loaded by the caller)."""
-    K = _dot(zt, _u_tap(U, k, r, d, W, D, mr, md), PREC)
-    if HAS_S:
-        K += _tap(S, k, d, D, md)
-    return acc + K * xs
-
-
-@triton.jit
 def _run_of(pid, T, tokens_per_run):
     """(batch, first token, end token) of program `pid`'s run of tokens."""
     n_runs = tl.cdiv(T, tokens_per_run)
     b, run = pid // n_runs, pid % n_runs
     start = run * tokens_per_run
     return b, start, tl.minimum(start + tokens_per_run, T)
+
+
+@triton.jit
+def _taps(U, S, r, d, W: tl.constexpr, D, mr, md, HAS_S: tl.constexpr):
+    """Every lag's U tap ([BR, BD], U's dtype) and S tap ([1, BD] fp32, or an empty tuple without S), loaded
+    once per program: inside the token loop Triton reloaded them on every tile."""
+    Us = ()
+    Ss = ()
+    for k in tl.static_range(W):
+        Us = Us + (_u_tap(U, k, r, d, W, D, mr, md).to(U.dtype.element_ty),)
+        if HAS_S:
+            Ss = Ss + (_tap(S, k, d, D, md),)
+    return Us, Ss
+
+
+@triton.jit
+def _filter(zk, Us, Ss, k: tl.constexpr, HAS_S: tl.constexpr, PREC: tl.constexpr):
+    """The lag-k filters z·U_k (+ S_k) of a tile of tokens, fp32 [BT, BD]."""
+    K = _dot(zk.to(tl.float32), Us[k].to(tl.float32), PREC)
+    if HAS_S:
+        K += Ss[k]
+    return K
 
 
 @triton.jit
@@ -103,6 +116,7 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, 
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
+    Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
@@ -112,7 +126,7 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, 
         acc = x_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
         for k in tl.static_range(W):
             xs = x_t if k == 0 else _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
-            acc = _fwd_lag(acc, xs, zt, U, S, k, d, r, D, W, md, mr, HAS_S, PREC)
+            acc += _filter(zt, Us, Ss, k, HAS_S, PREC) * xs
         tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty),
                  mask=mt[:, None] & md[None, :])
 
@@ -132,24 +146,43 @@ def _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k: tl.constexpr, D, 
 
 
 @triton.jit
+def _ahead_tiles(z, dy, pos, b, T, t, d, r, D, R, W: tl.constexpr, mt, md, mr, VARLEN: tl.constexpr):
+    """For each lag k, the tiles z_{t+k} and dy_{t+k} (in their own dtypes) that dx_t needs; zero where t+k
+    is past the run or outside t's sequence."""
+    Z = ()
+    G = ()
+    for k in tl.static_range(W):
+        tk = t + k
+        ok = (_ahead_ok(pos, tk, T, k, VARLEN) & mt)[:, None]
+        Z = Z + (tl.load(z + (b * T + tk[:, None]) * R + r[None, :], mask=ok & mr[None, :], other=0.0),)
+        G = G + (tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=ok & md[None, :], other=0.0),)
+    return Z, G
+
+
+@triton.jit
 def _dyn_conv_bwd_dx(z, U, S, dy, dx, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
                      BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
                      VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ (z_{t+k}·U_k + S_k). Prefetches by hand: the next tile's
+    z/dy loads are issued before this tile's math and carried into the next iteration (Triton's pipeliner
+    left them alone; on an H100 this was 10-29% faster, docs/benchmarks.md)."""
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d = pid_d * BD + tl.arange(0, BD)
     r = tl.arange(0, BR)
     md, mr = d < D, r < R
+    Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
+    t = start + tl.arange(0, BT)
+    Z, G = _ahead_tiles(z, dy, pos, b, T, t, d, r, D, R, W, t < end, md, mr, VARLEN)
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
-        mt = t < T
-        dy_t = _rows(dy, b, T, t, d, D, mt, md)
-        dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+        Z_next, G_next = _ahead_tiles(z, dy, pos, b, T, t + BT, d, r, D, R, W, t + BT < end, md, mr, VARLEN)
+        dx_acc = G[0].to(tl.float32) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
         for k in tl.static_range(W):
-            Uk = _u_tap(U, k, r, d, W, D, mr, md)
-            dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
+            dx_acc += G[k].to(tl.float32) * _filter(Z[k], Us, Ss, k, HAS_S, PREC)
         tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
-                 mask=mt[:, None] & md[None, :])
+                 mask=(t < end)[:, None] & md[None, :])
+        Z, G = Z_next, G_next
 
 
 @triton.jit
@@ -278,8 +311,8 @@ class Launch:
 # Per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py and one-off variant sweeps,
 # 2026-11-26; docs/benchmarks.md). A lag loop run at run time instead of unrolled (fewer live registers) was
 # slower in every kernel and shape, and so was a dU/dS kernel holding every lag's accumulator in one program.
-FWD = Launch(32, 64, programs=264)
-DX = Launch(32, 128, stages=2, programs=1056)
+FWD = Launch(32, 64, stages=1, programs=264)
+DX = Launch(32, 64, stages=1, programs=1056)  # prefetches by hand
 DZ = Launch(128, 64, warps=8)  # halved down to 32 tokens (4 warps) while that leaves fewer programs than SMs
 DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot (R < 16)
 DUDS_ELEMENTWISE_DS = Launch(64, 64, stages=1, programs=512)  # dS summed element-wise (R = 16, 32, ...):
