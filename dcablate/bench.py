@@ -169,6 +169,14 @@ def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
         torch.cuda.synchronize()
     print(f"\n{label}: GPU time per kernel over {steps} steps")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    # the same steps again with the host ops and their input shapes: which op (and tensor) launched them
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n{label}: GPU time per host op and input shapes over {steps} steps (self time: kernels it launched)")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=rows,
+                                                              max_name_column_width=40, max_shapes_column_width=90))
 
 
 def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) -> list[tuple]:
