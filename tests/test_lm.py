@@ -406,3 +406,38 @@ def test_tf32_only_inside_and_only_under_autocast():
         with pytest.raises(RuntimeError), tf32_under_autocast("cpu"):
             raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize("mixer, ffn, conv", [("gated_deltanet", "mlp", "dynamic"), ("mamba2", "mlp", "static"),
+                                              ("attention", "moe", "dynamic")])
+def test_matmul_inputs_are_cast_once_with_the_same_forward(mixer, ffn, conv, monkeypatch):
+    """Under autocast the block hands mixers and MLPs that only matmul their input a 16-bit copy, cast once:
+    the loss is the one autocast gives when every projection casts the fp32 input itself, and the gradients
+    (whose per-consumer parts now meet in bf16) stay close. The MoE keeps its fp32 input (its router)."""
+    from dcablate.info import build_model
+    from dcablate.models import lm
+
+    r = recipes.build({"model": {"mixer": mixer, "ffn": ffn, "d_model": 32, "n_heads": 2, "n_layers": 2,
+                                 "conv": {"kind": conv, "placement": "all_linear"}},
+                       "task": {"kind": "lm", "lm": {"data": "x", "seq_len": 16}}})
+    torch.manual_seed(0)
+    model = build_model(r, 257)
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
+    seen = []
+    model.blocks[0].mixer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    model.blocks[0].ffn.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, ids.roll(-1, 1))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    once, grads_once = loss_and_grads()
+    assert seen == [torch.bfloat16, torch.float32 if ffn == "moe" else torch.bfloat16]
+    monkeypatch.setattr(lm, "as_matmul_input", lambda module, h: h)
+    per_consumer, grads = loss_and_grads()
+    assert once == per_consumer
+    for a, b in zip(grads_once, grads):
+        assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6

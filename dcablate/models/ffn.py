@@ -16,6 +16,8 @@ class SwiGLU(nn.Module):
     """With `placement = "all_linear"` a conv follows each of gate, up and down; their filters are
     generated from the MLP's normalised input. Without `conv_cfg`, a plain SwiGLU (the MoE's shared expert)."""
 
+    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+
     def __init__(self, d_model: int, hidden: int, conv_cfg=None, backend: str = "auto"):
         super().__init__()
         self.backend = backend

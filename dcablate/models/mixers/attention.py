@@ -24,6 +24,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+
     def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_theta: float = 10000.0,
                  conv_cfg=None, backend: str = "auto"):
         super().__init__()

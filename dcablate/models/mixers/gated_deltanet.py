@@ -33,6 +33,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class GatedDeltaNet(nn.Module):
+    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+
     def __init__(self, d_model: int, n_heads: int, head_dim: int, expand_v: float = 1.0, use_gate: bool = True,
                  allow_neg_eigval: bool = False, conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()

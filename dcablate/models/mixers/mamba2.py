@@ -38,6 +38,8 @@ class GroupedGatedRMSNorm(nn.Module):
 
 
 class Mamba2(nn.Module):
+    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+
     def __init__(self, d_model: int, head_dim: int = 64, state_size: int = 64, expand: int = 2, n_groups: int = 1,
                  conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto", ssd_precision: str = "fp32"):
         super().__init__()
