@@ -158,7 +158,8 @@ def _need_cuda(what: str) -> None:
 
 
 def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
-    """The kernels that take a step's GPU time (torch.profiler, `steps` steps after one warm-up)."""
+    """The kernels that take a step's GPU time, then the host ops (with input shapes) that launched them
+    (torch.profiler, `steps` steps after one warm-up, twice)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()

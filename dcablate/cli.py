@@ -329,7 +329,8 @@ def bench_mixer(batch, seq_len, d_model):
 @layer_shape(min_d_model=16)
 @click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--profile", is_flag=True, help="Also print the kernels that take each variant's step time.")
+@click.option("--profile", is_flag=True,
+              help="Also print the kernels, and the host ops with their input shapes, that take each variant's step time.")
 def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
     """MoE vs a dense SwiGLU MLP with the same active parameters (fwd+bwd and AdamW step, bf16)."""
     from .bench import moe_benchmark
@@ -346,7 +347,8 @@ def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
 @click.option("--fla-reference", is_flag=True,
               help="Also time fla's GatedDeltaNetForCausalLM with the recipe's config (CUDA, GDN recipes).")
-@click.option("--profile", is_flag=True, help="Also print the kernels that take each variant's step time (CUDA).")
+@click.option("--profile", is_flag=True, help="Also print the kernels, and the host ops with their input shapes, that "
+              "take each variant's step time (CUDA).")
 def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profile):
     """Training-step time, tokens/s, MFU and peak memory of RECIPE (each --compare variant or sweep point)."""
     from .bench_train import train_benchmark
