@@ -395,30 +395,29 @@ def _runs_grid(B: int, T: int, per_run: int, launch: Launch) -> tuple[int, int]:
     return B * runs, tokens_per_run
 
 
-def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch: Launch = FWD):
-    """The forward kernel: y (input dtype) from contiguous x, z, U, S."""
-    B, T, D = x.shape
+def _launch_over_runs(kernel, ins, out, pos, U, S, residual: bool, varlen: bool, prec: str, launch: Launch):
+    """Launch a kernel shaped like the forward (grid D-blocks × token runs; arguments `*ins, out, pos, T, D,
+    R, tokens_per_run`) that writes `out [B, T, D]`."""
+    B, T, D = out.shape
     R, W = U.shape[0], U.shape[1]
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    y = torch.empty_like(x)
     n_d = triton.cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d, launch)
-    _launch(_dyn_conv_fwd, (n_d, runs), (x, z, U, S if S is not None else U, y, pos, T, D, R, tokens_per_run),
-            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
-    return y
+    _launch(kernel, (n_d, runs), (*ins, out, pos, T, D, R, tokens_per_run), launch, W=W, BT=BT, BD=BD, BR=BR,
+            HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+    return out
+
+
+def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch: Launch = FWD):
+    """The forward kernel: y (input dtype) from contiguous x, z, U, S."""
+    return _launch_over_runs(_dyn_conv_fwd, (x, z, U, S if S is not None else U), torch.empty_like(x), pos, U, S,
+                             residual, varlen, prec, launch)
 
 
 def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, launch: Launch = DX):
     """dx (dy's dtype) from contiguous z, U, S, dy."""
-    B, T, D = dy.shape
-    R, W = U.shape[0], U.shape[1]
-    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    dx = torch.empty_like(dy)
-    n_d = triton.cdiv(D, BD)
-    runs, tokens_per_run = _runs_grid(B, T, n_d, launch)
-    _launch(_dyn_conv_bwd_dx, (n_d, runs), (z, U, S if S is not None else U, dy, dx, pos, T, D, R, tokens_per_run),
-            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
-    return dx
+    return _launch_over_runs(_dyn_conv_bwd_dx, (z, U, S if S is not None else U, dy), torch.empty_like(dy), pos, U,
+                             S, residual, varlen, prec, launch)
 
 
 def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
