@@ -54,17 +54,18 @@ def main(argv=None) -> None:
         ins64 = [t.double().requires_grad_() for t in (x, z, U, S)]
         y64 = dynamic_conv_lowrank_reference(*ins64, None, True)
         grads64 = torch.autograd.grad(y64, ins64, dy.double())
-        U = K.basis_for_dots(U, prec)  # as the autograd function passes it (after the float64 run above)
+        # U as the autograd function passes it to the kernels, per dot precision (after the float64 run)
+        U_for = {p: K.basis_for_dots(U, p) for p in (prec, "tf32")}
         e = x.element_size()
         rows = []
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (2 * B * T * D + B * T * R) * e                        # read dy, z; write dx
-        f_dz = (2 * B * T * D + B * T * R) * e                        # read x, dy; write dz
+        f_dz = 2 * B * T * D * e + 4 * B * T * R                     # read x, dy; write dz (fp32 here)
         f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
 
         def row(part, launch, fn, check, floor_bytes, label=None):
             default = launch == {"fwd": K.FWD, "dx": K.DX, "dz": K._dz_launch(B, T, x.device),
-                                 "dU/dS": K.DUDS if R < 16 else K.DUDS_ELEMENTWISE_DS}[part]
+                                 "dU/dS": K.duds_launch(R, True)}[part]
             label = label or (f"BT{launch.BT} BD{launch.BD} w{launch.warps} s{launch.stages}"
                               + (f" p{launch.programs}" if launch.programs else "") + ("*" if default else ""))
             try:
@@ -74,13 +75,13 @@ def main(argv=None) -> None:
                 rows.append((part, label, float("nan"), 1.0, type(exc).__name__))
 
         def fwd(launch, p=prec):
-            return K.lowrank_fwd(x, z, U, S, pos, True, False, p, launch or K.FWD)
+            return K.lowrank_fwd(x, z, U_for[p], S, pos, True, False, p, launch)
 
         def dx(launch, p=prec):
-            return K.lowrank_bwd_dx(z, U, S, dy, pos, True, False, p, launch or K.DX)
+            return K.lowrank_bwd_dx(z, U_for[p], S, dy, pos, True, False, p, launch)
 
         def dz(launch, p=prec):
-            return K.lowrank_bwd_dz(x, U, dy, pos, False, p, torch.float32, launch)
+            return K.lowrank_bwd_dz(x, U_for[p], dy, pos, False, p, torch.float32, launch)
 
         def duds(launch, p=prec):
             return K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, p, launch)

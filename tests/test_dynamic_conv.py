@@ -201,10 +201,17 @@ def test_kernel_launch_falls_back_to_a_shallower_pipeline():
                 return run
         return Kernel()
 
+    x = torch.zeros(1)
     calls = []
-    assert _launch(fake_kernel(1, calls), (1,), ("a",), Launch(32, 64, stages=3), BT=32) == (("a",), {"BT": 32})
+    kernel = fake_kernel(1, calls)
+    assert _launch(kernel, (1,), (x,), Launch(32, 64, stages=3), BT=32) == ((x,), {"BT": 32})
     assert calls == [3, 2, 1]
+    _launch(kernel, (1,), (x,), Launch(32, 64, stages=3), BT=32)
+    assert calls == [3, 2, 1, 1]  # the depth that fit is remembered
     calls = []
     with pytest.raises(OutOfResources):
-        _launch(fake_kernel(0, calls), (1,), (), Launch(32, 64, stages=2))
+        _launch(fake_kernel(0, calls), (1,), (x,), Launch(32, 64, stages=2))
     assert calls == [2, 1]
+    for bad in (dict(BT=24, BD=64), dict(BT=32, BD=8), dict(BT=32, BD=64, stages=0)):
+        with pytest.raises(ValueError, match="Launch"):
+            Launch(**bad)

@@ -62,3 +62,43 @@ print("ok")
 
 def test_dynamic_conv_kernels_in_the_interpreter():
     run_interpreted(SCRIPT)
+
+
+LAUNCHES_SCRIPT = """
+import torch
+from dcablate.kernels import dynamic_conv_triton as K
+from dcablate.kernels.dynamic_conv_reference import dynamic_conv_lowrank_reference
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+# one run per (batch, D-block): each program walks several token tiles, so the dx kernel's prefetched tiles
+# are carried across iterations, and the dz kernel runs at the default's 128-token tile
+ONE_RUN = K.Launch(16, 16, programs=1)
+for i, (B, T, D, R, W, with_S, residual, lens) in enumerate([
+        (2, 100, 40, 7, 4, True, True, None), (1, 77, 20, 16, 3, True, False, None),
+        (1, 90, 24, 5, 8, False, True, [10, 1, 30, 49]), (1, 1, 16, 15, 2, True, True, None)]):
+    g = torch.Generator().manual_seed(20 + i)
+    x, z, dy = torch.randn(B, T, D, generator=g), torch.randn(B, T, R, generator=g), torch.randn(B, T, D, generator=g)
+    U = 0.3 * torch.randn(R, W, D, generator=g)
+    S = torch.randn(W, D, generator=g) if with_S else None
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist()) if lens else None
+    pos = K.positions(cu, T) if lens else x.new_empty(1, dtype=torch.int32)
+    ins64 = [t.double().requires_grad_() for t in (x, z, U)] + ([S.double().requires_grad_()] if with_S else [])
+    y64 = dynamic_conv_lowrank_reference(*ins64[:3], ins64[3] if with_S else None, None, residual, cu)
+    grads64 = torch.autograd.grad(y64, ins64, dy.double())
+    varlen = lens is not None
+    errs = [rel(K.lowrank_fwd(x, z, U, S, pos, residual, varlen, "ieee", ONE_RUN), y64),
+            rel(K.lowrank_bwd_dx(z, U, S, dy, pos, residual, varlen, "ieee", ONE_RUN), grads64[0]),
+            rel(K.lowrank_bwd_dz(x, U, dy, pos, varlen, "ieee", torch.float32, K.DZ), grads64[1]),
+            rel(K.lowrank_bwd_dU_dS(x, z, dy, pos, W, with_S, varlen, "ieee", K.Launch(16, 16, programs=1))[0],
+                grads64[2])]
+    assert max(errs) < 1e-5, (i, errs)
+print("ok")
+"""
+
+
+def test_kernels_walking_long_token_runs_in_the_interpreter():
+    """The launches the GPU uses at the GDN-125M shapes walk ~11 token tiles per program, which the small test
+    shapes never do at the default launches: here each program walks a whole sequence."""
+    run_interpreted(LAUNCHES_SCRIPT)

@@ -10,11 +10,12 @@ The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never 
   accumulated over a run of tokens on chip, then added atomically.
 - an alternative one-pass backward (`impl="fused"`) does all four gradients together.
 
-Programs walk runs of token (or channel) tiles, load the filter taps once, and keep small tiles (fewer live
-registers: more programs per SM); the dx kernel also prefetches its next tile by hand. On H100s this cut
-the time of the forward plus dx and dz by about 30% at the GDN-125M shapes against session 5's forward and
-joint dx/dz kernel (docs/benchmarks.md, session 6). Two layouts were tried and dropped: every lag of a
-D-block side by side in one wide tile, and dz added inside the dU/dS kernel (3.7x slower: per-lag atomics).
+Programs walk runs of token (or channel) tiles and keep small tiles (fewer live registers: more programs
+per SM); the forward and dx load their filter taps once per program, and dx prefetches its next tile by
+hand. On H100s this cut the time of the forward plus dx and dz by about 30% at the GDN-125M shapes against
+session 5's forward and joint dx/dz kernel (docs/benchmarks.md, session 6). Two layouts were tried and
+dropped: every lag of a D-block side by side in one wide tile, and dz added inside the dU/dS kernel (3.7x
+slower: per-lag atomics).
 Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap reaches
 `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs, on bf16
 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is applied
@@ -147,8 +148,8 @@ def _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k: tl.constexpr, D, 
 
 @triton.jit
 def _ahead_tiles(z, dy, pos, b, T, t, d, r, D, R, W: tl.constexpr, mt, md, mr, VARLEN: tl.constexpr):
-    """For each lag k, the tiles z_{t+k} and dy_{t+k} (in their own dtypes) that dx_t needs; zero where t+k
-    is past the run or outside t's sequence."""
+    """For each lag k, the tiles z_{t+k} and dy_{t+k} (in their own dtypes) that dx_t needs; zero for rows t
+    outside the run (`mt`) and where t+k is past T or outside t's sequence (t+k may lie in the next run)."""
     Z = ()
     G = ()
     for k in tl.static_range(W):
@@ -165,7 +166,8 @@ def _dyn_conv_bwd_dx(z, U, S, dy, dx, pos, T, D, R, tokens_per_run, W: tl.conste
                      VARLEN: tl.constexpr, PREC: tl.constexpr):
     """dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ (z_{t+k}·U_k + S_k). Prefetches by hand: the next tile's
     z/dy loads are issued before this tile's math and carried into the next iteration (Triton's pipeliner
-    left them alone; on an H100 this was 10-29% faster, docs/benchmarks.md)."""
+    left them alone; on an H100 this was 10% faster at the paper's shape and 23-29% at the GDN-125M ones,
+    docs/benchmarks.md)."""
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d = pid_d * BD + tl.arange(0, BD)
@@ -307,6 +309,14 @@ class Launch:
     stages: int = 3
     programs: int = 0
 
+    def __post_init__(self):
+        for name in ("BT", "BD"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"Launch.{name} must be a power of two >= 16, got {size}")
+        if self.warps < 1 or self.stages < 1 or self.programs < 0:
+            raise ValueError(f"Launch needs warps >= 1, stages >= 1 and programs >= 0: {self}")
+
 
 # Per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py and one-off variant sweeps,
 # 2026-11-26; docs/benchmarks.md). A lag loop run at run time instead of unrolled (fewer live registers) was
@@ -314,17 +324,25 @@ class Launch:
 FWD = Launch(32, 64, stages=1, programs=264)
 DX = Launch(32, 64, stages=1, programs=1056)  # prefetches by hand
 DZ = Launch(128, 64, warps=8)  # halved down to 32 tokens (4 warps) while that leaves fewer programs than SMs
-DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot (R < 16)
+DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot (R below its padded size BR, e.g. 15)
 DUDS_ELEMENTWISE_DS = Launch(64, 64, stages=1, programs=512)  # dS summed element-wise (R = 16, 32, ...):
 # software-pipelining this path's loads made it slower at every tile (paper shape: 0.145 ms unpipelined, 0.215 at 3 stages)
 
 
+_STAGES_THAT_FIT: dict = {}  # (kernel, launch, constexprs, device) -> pipeline depth that compiled there
+
+
 def _launch(kernel, grid, args, launch: Launch, **constexprs):
     """kernel[grid](*args) with `launch`'s warps and pipeline depth, or a shallower pipeline where the card's
-    shared memory cannot hold that one (the tiles were chosen on an H100; the results do not change)."""
-    for stages in range(launch.stages, 0, -1):
+    shared memory cannot hold that one (the tiles were chosen on an H100; the results do not change). The
+    depth that fits is remembered, so a smaller card pays the failed compile once, not on every call."""
+    device = args[0].device
+    key = (kernel, launch, tuple(sorted(constexprs.items())), device.type, device.index)
+    for stages in range(_STAGES_THAT_FIT.get(key, launch.stages), 0, -1):
         try:
-            return kernel[grid](*args, **constexprs, num_warps=launch.warps, num_stages=stages)
+            out = kernel[grid](*args, **constexprs, num_warps=launch.warps, num_stages=stages)
+            _STAGES_THAT_FIT[key] = stages
+            return out
         except triton.runtime.errors.OutOfResources:
             if stages == 1:
                 raise
@@ -408,16 +426,16 @@ def _launch_over_runs(kernel, ins, out, pos, U, S, residual: bool, varlen: bool,
     return out
 
 
-def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch: Launch = FWD):
-    """The forward kernel: y (input dtype) from contiguous x, z, U, S."""
+def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch: Launch | None = None):
+    """The forward kernel: y (input dtype) from contiguous x, z, U, S (`launch` None: FWD)."""
     return _launch_over_runs(_dyn_conv_fwd, (x, z, U, S if S is not None else U), torch.empty_like(x), pos, U, S,
-                             residual, varlen, prec, launch)
+                             residual, varlen, prec, launch or FWD)
 
 
-def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, launch: Launch = DX):
-    """dx (dy's dtype) from contiguous z, U, S, dy."""
+def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, launch: Launch | None = None):
+    """dx (dy's dtype) from contiguous z, U, S, dy (`launch` None: DX)."""
     return _launch_over_runs(_dyn_conv_bwd_dx, (z, U, S if S is not None else U, dy), torch.empty_like(dy), pos, U,
-                             S, residual, varlen, prec, launch)
+                             S, residual, varlen, prec, launch or DX)
 
 
 def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
@@ -442,13 +460,23 @@ def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtyp
     return dz
 
 
+def _ds_from_dot(R: int) -> bool:
+    """Whether the dU/dS kernel takes dS from its dot, through a padding column of z (R below its padded size)."""
+    return R < max(16, triton.next_power_of_2(R))
+
+
+def duds_launch(R: int, has_S: bool) -> Launch:
+    """The tuned dU/dS launch for its dS path."""
+    return DUDS if not has_S or _ds_from_dot(R) else DUDS_ELEMENTWISE_DS
+
+
 def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None):
     """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S); `launch` None picks the tuned one for the
     kernel's dS path."""
     B, T, D = x.shape
     R = z.shape[-1]
-    s_in_dot = has_S and R < max(16, triton.next_power_of_2(R))
-    launch = launch or (DUDS if s_in_dot or not has_S else DUDS_ELEMENTWISE_DS)
+    s_in_dot = has_S and _ds_from_dot(R)
+    launch = launch or duds_launch(R, has_S)
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
@@ -462,7 +490,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
 class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
     """Same forward; one backward kernel per (D-block, token run) that also keeps dU and dS on chip
     across its tokens, so x and dy are read once instead of once per lag. Opt-in: on an H100 it was slower
-    than the two-kernel backward at the paper's shape (docs/benchmarks.md)."""
+    than the split backward at the paper's shape (docs/benchmarks.md)."""
 
     @staticmethod
     def backward(ctx, dy):
