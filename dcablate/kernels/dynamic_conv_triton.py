@@ -24,6 +24,7 @@ by the caller in torch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,14 @@ def _run_of(pid, T, tokens_per_run):
 
 
 @triton.jit
+def _channels(pid_d, BD: tl.constexpr, BR: tl.constexpr, D, R):
+    """Program `pid_d`'s channel block d and the padded rank range r, with their masks."""
+    d = pid_d * BD + tl.arange(0, BD)
+    r = tl.arange(0, BR)
+    return d, r, d < D, r < R
+
+
+@triton.jit
 def _taps(U, S, r, d, W: tl.constexpr, D, mr, md, HAS_S: tl.constexpr):
     """Every lag's U tap ([BR, BD], U's dtype) and S tap ([1, BD] fp32, or an empty tuple without S), loaded
     once per program: inside the token loop Triton reloaded them on every tile."""
@@ -114,9 +123,7 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, 
                   VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    md, mr = d < D, r < R
+    d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
@@ -170,9 +177,7 @@ def _dyn_conv_bwd_dx(z, U, S, dy, dx, pos, T, D, R, tokens_per_run, W: tl.conste
     docs/benchmarks.md)."""
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    md, mr = d < D, r < R
+    d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
     t = start + tl.arange(0, BT)
     Z, G = _ahead_tiles(z, dy, pos, b, T, t, d, r, D, R, W, t < end, md, mr, VARLEN)
@@ -220,9 +225,7 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.co
     per token tile (across warps, through shared memory) made this kernel 2-2.4x slower on an H100."""
     pid_d, k = tl.program_id(0), tl.program_id(1)
     b, start, end = _run_of(tl.program_id(2), T, tokens_per_run)
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    md, mr = d < D, r < R
+    d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     dU_acc = tl.zeros([BD, BR], dtype=tl.float32)
     dS_acc = tl.zeros([BT, BD], dtype=tl.float32)  # unused with S_IN_DOT (the compiler drops it)
     for t0 in range(start, end, BT):
@@ -262,9 +265,7 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
                         RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
-    d = pid_d * BD + tl.arange(0, BD)
-    r = tl.arange(0, BR)
-    md, mr = d < D, r < R
+    d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     dU_acc = (tl.zeros([BR, BD], dtype=tl.float32),) * W
     dS_acc = (tl.zeros([BD], dtype=tl.float32),) * W
     for t0 in range(start, end, BT):
@@ -329,23 +330,29 @@ DUDS_ELEMENTWISE_DS = Launch(64, 64, stages=1, programs=512)  # dS summed elemen
 # software-pipelining this path's loads made it slower at every tile (paper shape: 0.145 ms unpipelined, 0.215 at 3 stages)
 
 
-_STAGES_THAT_FIT: dict = {}  # (kernel, launch, constexprs, device) -> pipeline depth that compiled there
+_SHALLOWER: dict = {}  # (kernel, launch, constexprs, device) -> the shallower pipeline depth that fit there
 
 
 def _launch(kernel, grid, args, launch: Launch, **constexprs):
     """kernel[grid](*args) with `launch`'s warps and pipeline depth, or a shallower pipeline where the card's
-    shared memory cannot hold that one (the tiles were chosen on an H100; the results do not change). The
-    depth that fits is remembered, so a smaller card pays the failed compile once, not on every call."""
-    device = args[0].device
-    key = (kernel, launch, tuple(sorted(constexprs.items())), device.type, device.index)
-    for stages in range(_STAGES_THAT_FIT.get(key, launch.stages), 0, -1):
+    shared memory cannot hold that one (the tiles were chosen on an H100; the results do not change). A
+    depth that had to shrink is remembered, so a smaller card pays the failed compile once, not on every
+    call; where the tuned depth fits (the memo stays empty) a launch does no extra work."""
+    def key():
+        device = args[0].device
+        return kernel, launch, tuple(sorted(constexprs.items())), device.type, device.index
+
+    depth = _SHALLOWER.get(key(), launch.stages) if _SHALLOWER else launch.stages
+    for stages in range(depth, 0, -1):
         try:
             out = kernel[grid](*args, **constexprs, num_warps=launch.warps, num_stages=stages)
-            _STAGES_THAT_FIT[key] = stages
-            return out
         except triton.runtime.errors.OutOfResources:
             if stages == 1:
                 raise
+            continue
+        if stages != launch.stages:
+            _SHALLOWER[key()] = stages
+        return out
 
 
 def _token_runs(T: int, BT: int, wanted: int) -> tuple[int, int]:
@@ -438,10 +445,15 @@ def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, la
                              S, residual, varlen, prec, launch or DX)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+
+
 def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
     """DZ, with fewer tokens per program where B·T is too small to give every SM one (one program per token
     tile here, each walking all of D)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    sms = _sm_count(device.index) if device.type == "cuda" else 132
     launch = DZ
     while launch.BT > 32 and B * triton.cdiv(T, launch.BT) < sms:
         launch = Launch(launch.BT // 2, launch.BD, 4, launch.stages)
