@@ -73,7 +73,7 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 # one run per (batch, D-block): each program walks several token tiles, so the dx kernel's prefetched tiles
-# are carried across iterations, and the dz kernel runs at its default's 128-token tile
+# are carried across iterations, and the dz kernel runs at the default's 128-token tile
 ONE_RUN = K.Launch(16, 16, programs=1)
 for i, (B, T, D, R, W, with_S, residual, lens) in enumerate([
         (2, 100, 40, 7, 4, True, True, None), (1, 77, 20, 16, 3, True, False, None),
@@ -93,10 +93,6 @@ for i, (B, T, D, R, W, with_S, residual, lens) in enumerate([
             rel(K.lowrank_bwd_dz(x, U, dy, pos, varlen, "ieee", torch.float32, K.DZ), grads64[1]),
             rel(K.lowrank_bwd_dU_dS(x, z, dy, pos, W, with_S, varlen, "ieee", K.Launch(16, 16, programs=1))[0],
                 grads64[2])]
-    # the joint dz/dU/dS kernel: groups of two 16-channel blocks (dz summed over a group's blocks in place,
-    # then over the groups), each program walking a whole sequence
-    dz, dU, dS = K.lowrank_bwd_dz_dU_dS(x, z, U, dy, pos, with_S, varlen, "ieee", ONE_RUN, channels=32)
-    errs += [rel(dz, grads64[1]), rel(dU, grads64[2])] + ([rel(dS, grads64[3])] if with_S else [])
     assert max(errs) < 1e-5, (i, errs)
 print("ok")
 """

@@ -40,25 +40,6 @@ def _rows(ptr, b, T, rows, cols, n_cols, row_ok, col_ok):
 
 
 @triton.jit
-def _tile(ptr, b, T, rows, cols, n_cols, row_ok, col_ok):
-    """`_rows` in the tensor's own dtype."""
-    ptrs = ptr + (b * T + rows[:, None]) * n_cols + cols[None, :]
-    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _operand(v, PREC: tl.constexpr):
-    """A dot operand and the factors of a product that only feeds dots: kept in bf16 for bf16 dots (a product of
-    two bf16 values rounded to bf16 once is what the fp32 product cast for the dot gives, in half the
-    registers), fp32 otherwise (fp16 products of small gradients would underflow)."""
-    if PREC == "bf16":
-        out = v.to(tl.bfloat16)
-    else:
-        out = v.to(tl.float32)
-    return out
-
-
-@triton.jit
 def _tap(S, k, d, D, md):
     """The static filter's lag-k tap as a [1, BD] row."""
     return tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
@@ -271,56 +252,6 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.co
 
 
 @triton.jit
-def _dyn_conv_bwd_dz_dU_dS(x, z, U, dy, dz_part, dUS, pos, T, D, R, group_stride, channels_per_group, tokens_per_run,
-                          W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                          HAS_S: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """dz, dU and dS in one pass over x and dy: all three are sums of g_k = dy_t ⊙ x_{t-k}, namely
-    dz_t = sum_k g_k·U_k^T, dU_k = sum_t z_t^T g_k and dS_k = sum_t g_k (z's padding column R set to 1, so the
-    dU dot sums it into row R of `dUS [R+1, W, D]`). A program owns a channel group × a run of tokens and walks
-    the group's channel blocks, each over the whole run: dU/dS accumulate on chip per lag and are added
-    atomically once per block; dz accumulates over the blocks in the program's own rows of its group's fp32
-    slice of `dz_part` (read-modify-write, no atomics), and the caller sums the groups."""
-    grp = tl.program_id(0)
-    b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
-    r = tl.arange(0, BR)
-    mr = r < R
-    d_lo = grp * channels_per_group
-    d_hi = tl.minimum(d_lo + channels_per_group, D)
-    part = dz_part + grp * group_stride
-    for d0 in range(d_lo, d_hi, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < d_hi
-        # U [R, W, D] and dUS [R+1, W, D] at (r, k, d) as a [BD, BR] tile: one offset tensor for every lag (the
-        # compiler hoists loop-invariant pointer tensors, and one per lag cost registers in both loops)
-        rd = d[:, None] + r[None, :] * (W * D)
-        UT = ()
-        for k in tl.static_range(W):
-            UT = UT + (tl.load(U + (rd + k * D), mask=mr[None, :] & md[:, None], other=0.0),)
-        dU_acc = (tl.zeros([BD, BR], dtype=tl.float32),) * W
-        for t0 in range(start, end, BT):
-            t = t0 + tl.arange(0, BT)
-            mt = t < end
-            p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-            dy_t = _operand(_tile(dy, b, T, t, d, D, mt, md), PREC)
-            zt = _operand(_tile(z, b, T, t, r, R, mt, mr), PREC)
-            if HAS_S:
-                zt = tl.where(r[None, :] == R, 1.0, zt).to(zt.dtype)
-            dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
-            for k in tl.static_range(W):
-                g = dy_t * _operand(_tile(x, b, T, t - k, d, D, mt & (p >= k), md), PREC)
-                dz_acc += _dot(g, _operand(UT[k], PREC), PREC)
-                dU_acc = _add_at(dU_acc, k, _dot(tl.trans(g), zt, PREC))
-            rows = part + (b * T + t[:, None]) * R + r[None, :]
-            m = mt[:, None] & mr[None, :]
-            tl.debug_barrier()  # this block's threads see the rows they stored for the previous channel block
-            dz_acc += tl.load(rows, mask=m & (r * 0 + d0 > d_lo)[None, :], other=0.0)  # not the group's first block
-            tl.store(rows, dz_acc, mask=m)
-        dU_rows = (r <= R) if HAS_S else mr
-        for k in tl.static_range(W):
-            tl.atomic_add(dUS + (rd + k * D), dU_acc[k], mask=dU_rows[None, :] & md[:, None], sem="relaxed")
-
-
-@triton.jit
 def _add_at(accs, k: tl.constexpr, v):
     """accs[k] + v in a tuple of per-lag accumulators (k known at compile time): each lag's [BR, BD] tile
     stays in the dot's own layout, with no select over a [W, BR, BD] block."""
@@ -473,7 +404,8 @@ class DynamicConvLowRank(torch.autograd.Function):
         x, z, U, S, pos = ctx.saved_tensors
         dy = dy.contiguous()
         dx = lowrank_bwd_dx(z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
-        dz, dU, dS = lowrank_bwd_dz_dU_dS(x, z, U, dy, pos, S is not None, ctx.varlen, ctx.prec)
+        dz = lowrank_bwd_dz(x, U, dy, pos, ctx.varlen, ctx.prec, z.dtype)
+        dU, dS = lowrank_bwd_dU_dS(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
         return (dx, dz, dU.to(ctx.u_dtype), dS.to(S.dtype) if S is not None else None, None, None)
 
 
@@ -565,30 +497,6 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
             W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, S_IN_DOT=s_in_dot, VARLEN=varlen, PREC=prec)
     return dU, dS
-
-
-DZ_DUDS = Launch(64, 64, warps=8, stages=1, programs=264)
-DZ_DUDS_CHANNELS = 512  # channels per group: dz's partial sums are one fp32 [B, T, R] per group
-
-
-def lowrank_bwd_dz_dU_dS(x, z, U, dy, pos, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None,
-                         channels: int | None = None):
-    """(dz in z's dtype, dU [R, W, D] fp32, dS [W, D] fp32, zeros without S) from contiguous x, z, U, dy in one
-    kernel (`launch` None: DZ_DUDS; `channels` per group None: DZ_DUDS_CHANNELS)."""
-    B, T, D = x.shape
-    R, W = U.shape[0], U.shape[1]
-    launch = launch or DZ_DUDS
-    BT, BD, BR = _block_sizes(D, R + has_S, launch.BT, launch.BD)
-    channels = max(BD, (channels or DZ_DUDS_CHANNELS) // BD * BD)
-    groups = triton.cdiv(D, channels)
-    runs, tokens_per_run = _runs_grid(B, T, groups, launch)
-    dz_part = torch.empty(groups, B, T, R, device=x.device, dtype=torch.float32)
-    dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)  # row R: dS
-    _launch(_dyn_conv_bwd_dz_dU_dS, (groups, runs),
-            (x, z, U, dy, dz_part, dUS, pos, T, D, R, B * T * R, channels, tokens_per_run), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec)
-    dz = dz_part[0] if groups == 1 else dz_part.sum(0)
-    return dz.to(z.dtype), dUS[:R], dUS[R]
 
 
 class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
