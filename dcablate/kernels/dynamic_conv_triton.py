@@ -118,39 +118,25 @@ def _filter(zk, Us, Ss, k: tl.constexpr, HAS_S: tl.constexpr, PREC: tl.constexpr
 
 
 @triton.jit
-def _behind_tiles(x, z, pos, b, T, t, d, r, D, R, W: tl.constexpr, mt, md, mr, VARLEN: tl.constexpr):
-    """The tiles y_t needs, in their own dtypes: z_t and, for each lag k, x_{t-k}; zero for rows t outside the
-    run (`mt`) and where t-k is before t's sequence (t-k may lie in the previous run)."""
-    p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    X = ()
-    for k in tl.static_range(W):
-        ok = (mt & (p >= k))[:, None]
-        X = X + (tl.load(x + (b * T + t[:, None] - k) * D + d[None, :], mask=ok & md[None, :], other=0.0),)
-    Z = tl.load(z + (b * T + t[:, None]) * R + r[None, :], mask=mt[:, None] & mr[None, :], other=0.0)
-    return Z, X
-
-
-@triton.jit
 def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
                   BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
                   VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """y_t = sum_k (z_t·U_k + S_k) ⊙ x_{t-k} (+ x_t), prefetching by hand like dx: the next tile's z/x loads are
-    issued before this tile's math and carried into the next iteration."""
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
-    t = start + tl.arange(0, BT)
-    Z, X = _behind_tiles(x, z, pos, b, T, t, d, r, D, R, W, t < end, md, mr, VARLEN)
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
-        Z_next, X_next = _behind_tiles(x, z, pos, b, T, t + BT, d, r, D, R, W, t + BT < end, md, mr, VARLEN)
-        acc = X[0].to(tl.float32) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+        mt = t < T
+        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
+        zt = _rows(z, b, T, t, r, R, mt, mr)
+        x_t = _rows(x, b, T, t, d, D, mt, md)  # lag 0 and the residual share one load (the compiler keeps two)
+        acc = x_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
         for k in tl.static_range(W):
-            acc += _filter(Z, Us, Ss, k, HAS_S, PREC) * X[k].to(tl.float32)
+            xs = x_t if k == 0 else _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
+            acc += _filter(zt, Us, Ss, k, HAS_S, PREC) * xs
         tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty),
-                 mask=(t < end)[:, None] & md[None, :])
-        Z, X = Z_next, X_next
+                 mask=mt[:, None] & md[None, :])
 
 
 @triton.jit
