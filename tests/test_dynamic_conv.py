@@ -215,3 +215,15 @@ def test_kernel_launch_falls_back_to_a_shallower_pipeline():
     for bad in (dict(BT=24, BD=64), dict(BT=32, BD=8), dict(BT=32, BD=64, stages=0)):
         with pytest.raises(ValueError, match="Launch"):
             Launch(**bad)
+
+
+def test_host_tile_arithmetic_matches_triton():
+    """The kernels' host-side cdiv/next_power_of_2 (plain Python: triton's are constexpr functions, slow to call
+    from the host) give triton's values."""
+    triton = pytest.importorskip("triton")
+    from dcablate.kernels import cdiv, next_power_of_2
+
+    for n in range(1, 5000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for b in (1, 3, 16, 64, 128, 4096):
+            assert cdiv(n, b) == triton.cdiv(n, b)

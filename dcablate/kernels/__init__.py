@@ -29,3 +29,19 @@ def require_fla():
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise UserError(f"CUDA path needs flash-linear-attention: pip install 'dcablate[cuda]' ({e})") from None
     return fla
+
+
+# Host-side tile arithmetic. `triton.cdiv` and `triton.next_power_of_2` are constexpr functions, whose Python
+# calls unwrap their arguments (~7 µs each on a CPU here): the dynamic conv's forward and backward made about
+# 40 such calls per conv, more than half of their Python time outside the kernel launches, on the host that
+# bounds the training step on some machines (docs/benchmarks.md, session 7).
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 
 @triton.jit
 def _rows(ptr, b, T, rows, cols, n_cols, row_ok, col_ok):
@@ -295,8 +297,8 @@ def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per
 
 def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, int]:
     """(BT, BD, BR): tokens × channels per program and R padded for the dots; BD shrinks for narrow D."""
-    BR = max(16, triton.next_power_of_2(R))
-    BD = BD if D >= BD else max(16, triton.next_power_of_2(D))
+    BR = max(16, next_power_of_2(R))
+    BD = BD if D >= BD else max(16, next_power_of_2(D))
     return BT, BD, BR
 
 
@@ -357,9 +359,9 @@ def _launch(kernel, grid, args, launch: Launch, **constexprs):
 
 def _token_runs(T: int, BT: int, wanted: int) -> tuple[int, int]:
     """(runs, tokens per run): T split into about `wanted` runs (at least one) of whole BT-token tiles."""
-    runs = max(1, min(triton.cdiv(T, BT), wanted))
-    tokens_per_run = triton.cdiv(triton.cdiv(T, runs), BT) * BT
-    return triton.cdiv(T, tokens_per_run), tokens_per_run
+    runs = max(1, min(cdiv(T, BT), wanted))
+    tokens_per_run = cdiv(cdiv(T, runs), BT) * BT
+    return cdiv(T, tokens_per_run), tokens_per_run
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -416,7 +418,7 @@ class DynamicConvLowRank(torch.autograd.Function):
 def _runs_grid(B: int, T: int, per_run: int, launch: Launch) -> tuple[int, int]:
     """(programs along B × tokens, tokens per run) for about `launch.programs` programs in all, `per_run`
     of them per run of tokens (its D-blocks, or D-blocks × lags)."""
-    runs, tokens_per_run = _token_runs(T, launch.BT, triton.cdiv(launch.programs, B * per_run))
+    runs, tokens_per_run = _token_runs(T, launch.BT, cdiv(launch.programs, B * per_run))
     return B * runs, tokens_per_run
 
 
@@ -426,7 +428,7 @@ def _launch_over_runs(kernel, ins, out, pos, U, S, residual: bool, varlen: bool,
     B, T, D = out.shape
     R, W = U.shape[0], U.shape[1]
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    n_d = triton.cdiv(D, BD)
+    n_d = cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d, launch)
     _launch(kernel, (n_d, runs), (*ins, out, pos, T, D, R, tokens_per_run), launch, W=W, BT=BT, BD=BD, BR=BR,
             HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
@@ -455,7 +457,7 @@ def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
     tile here, each walking all of D)."""
     sms = _sm_count(device.index) if device.type == "cuda" else 132
     launch = DZ
-    while launch.BT > 32 and B * triton.cdiv(T, launch.BT) < sms:
+    while launch.BT > 32 and B * cdiv(T, launch.BT) < sms:
         launch = Launch(launch.BT // 2, launch.BD, 4, launch.stages)
     return launch
 
@@ -467,14 +469,14 @@ def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtyp
     launch = launch or _dz_launch(B, T, x.device)
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     dz = torch.empty(B, T, R, device=x.device, dtype=out_dtype)
-    _launch(_dyn_conv_bwd_dz, (triton.cdiv(T, BT), B), (x, U, dy, dz, pos, T, D, R), launch,
+    _launch(_dyn_conv_bwd_dz, (cdiv(T, BT), B), (x, U, dy, dz, pos, T, D, R), launch,
             W=W, BT=BT, BD=BD, BR=BR, VARLEN=varlen, PREC=prec)
     return dz
 
 
 def _ds_from_dot(R: int) -> bool:
     """Whether the dU/dS kernel takes dS from its dot, through a padding column of z (R below its padded size)."""
-    return R < max(16, triton.next_power_of_2(R))
+    return R < max(16, next_power_of_2(R))
 
 
 def duds_launch(R: int, has_S: bool) -> Launch:
@@ -492,7 +494,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
     dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
     dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-    n_d = triton.cdiv(D, BD)
+    n_d = cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
     _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
             W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, S_IN_DOT=s_in_dot, VARLEN=varlen, PREC=prec)
@@ -515,9 +517,9 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
         dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
         dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-        n_d = triton.cdiv(D, BD)
+        n_d = cdiv(D, BD)
         # ~512 programs (a few per SM), each walking a run of tokens with its dU/dS on chip
-        runs, tokens_per_run = _token_runs(T, BT, triton.cdiv(512, n_d * B))
+        runs, tokens_per_run = _token_runs(T, BT, cdiv(512, n_d * B))
         _dyn_conv_bwd_fused[(n_d, B * runs)](
             x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_run,
             W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
@@ -606,7 +608,7 @@ class DynamicConvHeadwise(torch.autograd.Function):
         pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
         BT, BD, _ = _block_sizes(D, 1)
         y = torch.empty_like(x)
-        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+        grid = (cdiv(D, BD), cdiv(T, BT), B)
         _dyn_conv_hw_fwd[grid](x, G, S if S is not None else x, y, pos, T, D, H, W=W, BT=BT, BD=BD,
                                HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None)
         ctx.save_for_backward(x, G, S, pos)
@@ -623,7 +625,7 @@ class DynamicConvHeadwise(torch.autograd.Function):
         dx = torch.empty_like(x)
         dG = torch.zeros(G.shape, device=x.device, dtype=torch.float32)
         dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
-        grid = (triton.cdiv(D, BD), triton.cdiv(T, BT), B)
+        grid = (cdiv(D, BD), cdiv(T, BT), B)
         _dyn_conv_hw_bwd[grid](x, G, S if S is not None else x, dy, dx, dG, dS, pos, T, D, H, W=W, BT=BT, BD=BD,
                                HAS_S=S is not None, RESIDUAL=ctx.residual, VARLEN=ctx.varlen)
         return dx, dG.to(G.dtype), (dS.to(S.dtype) if S is not None else None), None, None

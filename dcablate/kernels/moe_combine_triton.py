@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 
 @triton.jit
 def _combine_fwd_kernel(ys, rows, w, out, D, K: tl.constexpr, BLOCK_D: tl.constexpr, WEIGHTED: tl.constexpr):
@@ -48,7 +50,7 @@ def _combine_bwd_kernel(dout, ys, rows, w, dys, dw, D, K: tl.constexpr, BLOCK_D:
 
 
 def _block(D: int) -> int:
-    return min(1024, triton.next_power_of_2(max(D, 16)))
+    return min(1024, next_power_of_2(max(D, 16)))
 
 
 def combine_fwd(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -59,7 +61,7 @@ def combine_fwd(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None, ou
     if N == 0:
         return out
     block = _block(D)
-    _combine_fwd_kernel[(N, triton.cdiv(D, block))](ys, rows, w, out, D, K=K, BLOCK_D=block,
+    _combine_fwd_kernel[(N, cdiv(D, block))](ys, rows, w, out, D, K=K, BLOCK_D=block,
                                                     WEIGHTED=w is not None, num_warps=4)
     return out
 
