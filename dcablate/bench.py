@@ -157,6 +157,16 @@ def _need_cuda(what: str) -> None:
         raise UserError(f"bench {what} needs a CUDA device (it times GPU kernels)")
 
 
+def gpu_busy_line(label: str, kernel_ms: float, step_ms: float) -> str:
+    """Whether the GPU or the host set the pace of the profiled steps: the kernels' summed time per step
+    against the step's span on the GPU. On some H100 machines the GDN-125M step with convs left the GPU idle
+    45-67 ms per step, without convs 2 ms (docs/benchmarks.md, session 7)."""
+    idle = max(0.0, 1 - kernel_ms / step_ms) if step_ms > 0 else 0.0
+    verdict = "the host sets the pace" if idle > 0.1 else "the GPU sets the pace"
+    return (f"{label}: kernels {kernel_ms:.2f} ms per step of {step_ms:.2f} ms (profiled steps): GPU idle "
+            f"{100 * idle:.0f}% of the step, {verdict}")
+
+
 def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
     """The kernels that take a step's GPU time, then the host ops (with input shapes) that launched them
     (torch.profiler, `steps` steps after one warm-up, twice)."""
@@ -164,12 +174,18 @@ def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
 
     step()
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
         for _ in range(steps):
             step()
+        end.record()
         torch.cuda.synchronize()
     print(f"\n{label}: GPU time per kernel over {steps} steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    averages = prof.key_averages()
+    print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    kernel_ms = sum(e.self_device_time_total for e in averages) / 1e3
+    print(gpu_busy_line(label, kernel_ms / steps, start.elapsed_time(end) / steps))
     # the same steps again with the host ops and their input shapes: which op (and tensor) launched them
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):

@@ -378,6 +378,17 @@ def basis_for_dots(U: torch.Tensor, prec: str) -> torch.Tensor:
     return U.to(torch.bfloat16).contiguous() if prec == "bf16" else U.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _no_positions(device: torch.device) -> torch.Tensor:
+    """The `pos` argument of a launch without `cu_seqlens` (the kernels never read it), allocated once per device."""
+    return torch.empty(1, device=device, dtype=torch.int32)
+
+
+def positions_arg(cu_seqlens: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """`positions` of a packed batch, or the unused placeholder without `cu_seqlens`."""
+    return positions(cu_seqlens, x.shape[1]) if cu_seqlens is not None else _no_positions(x.device)
+
+
 def positions(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """Each packed token's offset within its own sequence (int32 [T])."""
     cu = cu_seqlens.long()
@@ -392,7 +403,7 @@ class DynamicConvLowRank(torch.autograd.Function):
     def forward(ctx, x, z, U, S, residual: bool, cu_seqlens):
         x, z = x.contiguous(), z.contiguous()
         S = S.contiguous() if S is not None else None
-        pos = positions(cu_seqlens, x.shape[1]) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
+        pos = positions_arg(cu_seqlens, x)
         prec = dot_precision(x.dtype)
         ctx.u_dtype = U.dtype
         U = basis_for_dots(U, prec)
@@ -492,8 +503,8 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     s_in_dot = has_S and _ds_from_dot(R)
     launch = launch or duds_launch(R, has_S)
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
-    dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
+    dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)  # one zero-fill for both: row R is dS
+    dU, dS = dUS[:R], dUS[R]
     n_d = cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
     _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
@@ -605,7 +616,7 @@ class DynamicConvHeadwise(torch.autograd.Function):
         S = S.contiguous() if S is not None else None
         B, T, D = x.shape
         H, W = G.shape[-2:]
-        pos = positions(cu_seqlens, T) if cu_seqlens is not None else x.new_empty(1, dtype=torch.int32)
+        pos = positions_arg(cu_seqlens, x)
         BT, BD, _ = _block_sizes(D, 1)
         y = torch.empty_like(x)
         grid = (cdiv(D, BD), cdiv(T, BT), B)
