@@ -157,19 +157,21 @@ def _need_cuda(what: str) -> None:
         raise UserError(f"bench {what} needs a CUDA device (it times GPU kernels)")
 
 
-def gpu_busy_line(label: str, kernel_ms: float, step_ms: float) -> str:
-    """Whether the GPU or the host set the pace of the profiled steps: the kernels' summed time per step
-    against the step's span on the GPU. On some H100 machines the GDN-125M step with convs left the GPU idle
-    45-67 ms per step, without convs 2 ms (docs/benchmarks.md, session 7)."""
+def gpu_busy_line(label: str, kernel_ms: float, step_ms: float, source: str) -> str:
+    """Whether the GPU or the host sets the pace: the kernels' summed time per step against the step time.
+    On some H100 machines the GDN-125M step with convs left the GPU idle 45-67 ms per step, without convs 2 ms
+    (docs/benchmarks.md, session 7). `source` says which step time: the profiler slows the host (121 ->
+    144 ms per step without convs on an H100), so the timed steps' median is the fair one when there is one."""
     idle = max(0.0, 1 - kernel_ms / step_ms) if step_ms > 0 else 0.0
     verdict = "the host sets the pace" if idle > 0.1 else "the GPU sets the pace"
-    return (f"{label}: kernels {kernel_ms:.2f} ms per step of {step_ms:.2f} ms (profiled steps): GPU idle "
+    return (f"{label}: kernels {kernel_ms:.2f} ms per step of {step_ms:.2f} ms ({source}): GPU idle "
             f"{100 * idle:.0f}% of the step, {verdict}")
 
 
-def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
+def print_profile(label: str, step, steps: int = 5, rows: int = 15, step_ms: float | None = None) -> None:
     """The kernels that take a step's GPU time, then the host ops (with input shapes) that launched them
-    (torch.profiler, `steps` steps after one warm-up, twice)."""
+    (torch.profiler, `steps` steps after one warm-up, twice), and whether the GPU or the host sets the pace
+    against `step_ms` (the unprofiled step time; None: the profiled steps' own)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -184,8 +186,11 @@ def print_profile(label: str, step, steps: int = 5, rows: int = 15) -> None:
     print(f"\n{label}: GPU time per kernel over {steps} steps")
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
-    kernel_ms = sum(e.self_device_time_total for e in averages) / 1e3
-    print(gpu_busy_line(label, kernel_ms / steps, start.elapsed_time(end) / steps))
+    kernel_ms = sum(e.self_device_time_total for e in averages) / 1e3 / steps
+    if step_ms is None:
+        print(gpu_busy_line(label, kernel_ms, start.elapsed_time(end) / steps, "profiled steps, host slowed"))
+    else:
+        print(gpu_busy_line(label, kernel_ms, step_ms, "median of the timed steps"))
     # the same steps again with the host ops and their input shapes: which op (and tensor) launched them
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):

@@ -23,6 +23,8 @@ def test_bench_moe_rejects_bad_top_k(capsys):
 def test_gpu_busy_line_says_who_sets_the_pace():
     from dcablate.bench import gpu_busy_line
 
-    assert gpu_busy_line("static", 127.4, 194.34).endswith("GPU idle 34% of the step, the host sets the pace")
-    assert gpu_busy_line("none", 119.5, 121.88).endswith("GPU idle 2% of the step, the GPU sets the pace")
-    assert "GPU idle 0%" in gpu_busy_line("overlap", 130.0, 120.0)  # overlapping kernels: no negative idle
+    line = gpu_busy_line("static", 127.4, 194.34, "median of the timed steps")
+    assert line == ("static: kernels 127.40 ms per step of 194.34 ms (median of the timed steps): GPU idle 34% "
+                    "of the step, the host sets the pace")
+    assert gpu_busy_line("none", 119.5, 121.88, "x").endswith("GPU idle 2% of the step, the GPU sets the pace")
+    assert "GPU idle 0%" in gpu_busy_line("overlap", 130.0, 120.0, "x")  # overlapping kernels: no negative idle
