@@ -348,7 +348,7 @@ def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
 @click.option("--fla-reference", is_flag=True,
               help="Also time fla's GatedDeltaNetForCausalLM with the recipe's config (CUDA, GDN recipes).")
 @click.option("--profile", is_flag=True, help="Also print the kernels, and the host ops with their input shapes, that "
-              "take each variant's step time (CUDA).")
+              "take each variant's step time, and whether the GPU or the host sets its pace (CUDA).")
 def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profile):
     """Training-step time, tokens/s, MFU and peak memory of RECIPE (each --compare variant or sweep point)."""
     from .bench_train import train_benchmark
