@@ -283,7 +283,7 @@ def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_ex
             opt.step()
         ms = triton.testing.do_bench(step, return_mode="median")
         if profile:
-            print_profile(label, step)
+            print_profile(label, step, step_ms=ms)
         fb = time_train_step(module, x, dy)
         active = sum(p.numel() for p in module.parameters()) if module is dense else \
             top_k * 3 * d_model * d_expert + d_model * n_experts

@@ -227,3 +227,15 @@ def test_host_tile_arithmetic_matches_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n)
         for b in (1, 3, 16, 64, 128, 4096):
             assert cdiv(n, b) == triton.cdiv(n, b)
+
+
+def test_the_cached_positions_placeholder_can_be_saved_for_backward():
+    """The placeholder `pos` is cached per device and saved for backward: made under inference mode it would be
+    an inference tensor, and every later training call on that device would fail to save it."""
+    from dcablate.kernels.dynamic_conv_triton import _no_positions
+
+    _no_positions.cache_clear()
+    with torch.inference_mode():
+        pos = _no_positions(torch.device("cpu"))
+    assert not pos.is_inference()
+    _no_positions.cache_clear()

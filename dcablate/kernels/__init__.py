@@ -32,8 +32,8 @@ def require_fla():
 
 
 # Host-side tile arithmetic. `triton.cdiv` and `triton.next_power_of_2` are constexpr functions, whose Python
-# calls unwrap their arguments (~7 µs each on a CPU here): the dynamic conv's forward and backward made about
-# 40 such calls per conv, more than half of their Python time outside the kernel launches, on the host that
+# calls unwrap their arguments (~4-7 µs each on a CPU here): the dynamic conv's forward and backward made 26
+# such calls per conv, more than half of their Python time outside the kernel launches, on the host that
 # bounds the training step on some machines (docs/benchmarks.md, session 7).
 
 

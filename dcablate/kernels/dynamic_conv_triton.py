@@ -380,8 +380,10 @@ def basis_for_dots(U: torch.Tensor, prec: str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _no_positions(device: torch.device) -> torch.Tensor:
-    """The `pos` argument of a launch without `cu_seqlens` (the kernels never read it), allocated once per device."""
-    return torch.empty(1, device=device, dtype=torch.int32)
+    """The `pos` argument of a launch without `cu_seqlens` (the kernels never read it), allocated once per device;
+    outside inference mode even when first asked for inside it, since training saves it for backward."""
+    with torch.inference_mode(False):
+        return torch.empty(1, device=device, dtype=torch.int32)
 
 
 def positions_arg(cu_seqlens: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
