@@ -44,25 +44,6 @@ def time_fwd_bwd(fn, inputs, dy):
     return fwd, bwd
 
 
-def time_fwd_bwd_graphed(fn, inputs, dy) -> float | str:
-    """Median ms of forward + backward replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`): the
-    GPU's time alone. Plain do_bench times one call at a time with the GPU otherwise idle, so a host slower
-    than the kernels shows in it; on three H100 machines our backward's time outside the kernels was
-    -0.03 to 0.27 ms at the paper's shape (docs/benchmarks.md, session 7). Returns the reason when the call
-    cannot be captured."""
-    import triton
-
-    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def fwd_bwd():
-        torch.autograd.grad(fn(*inputs), grads, dy)
-    try:
-        return triton.testing.do_bench_cudagraph(fwd_bwd, return_mode="median")
-    except Exception as e:  # a variant that cannot run inside a CUDA graph: say so in its row
-        torch.cuda.synchronize()
-        return f"n/a ({type(e).__name__})"
-
-
 def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
     """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs."""
     import triton
@@ -113,8 +94,7 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
             fwd, bwd = time_fwd_bwd(fn, inputs, dy)
             floor = (floor_fwd + floor_bwd) if "dynamic" in label else 5 * B * T * D * e
             gbps = floor / ((fwd + bwd) * 1e-3) / 1e9
-            graphed = time_fwd_bwd_graphed(fn, inputs, dy)
-            rows.append((name, label, fwd, bwd, fwd + bwd, gbps, floor / (gbps_copy * 1e9) * 1e3, graphed))
+            rows.append((name, label, fwd, bwd, fwd + bwd, gbps, floor / (gbps_copy * 1e9) * 1e3))
         if breakdown:
             split_bwd = next(r[3] for r in rows if r[0] == name and r[1] == "dynamic (ours, split)")
             parts = backward_breakdown(x, z, U, S, dy, W)
@@ -122,17 +102,14 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
             print(f"{name}: split backward {split_bwd:.3f} ms = " + " + ".join(
                 f"{k} {v:.3f}" for k, v in parts.items()) + f" + the rest (zero-fills, casts, autograd) {rest:.3f}")
     print(f"\n{'shape':30s} {'variant':30s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s} {'GB/s':>7s} "
-          f"{'floor ms':>9s} {'x floor':>8s} {'graphed':>8s} {'x floor':>8s}")
-    for name, label, fwd, bwd, total, gbps, floor_ms, graphed in rows:
-        graph_cols = (f"{graphed:8.3f} {graphed / floor_ms:8.2f}" if isinstance(graphed, float) else f"{graphed:>17s}")
+          f"{'floor ms':>9s} {'x floor':>8s}")
+    for name, label, fwd, bwd, total, gbps, floor_ms in rows:
         print(f"{name:30s} {label:30s} {fwd:8.3f} {bwd:8.3f} {total:8.3f} {gbps:7.0f} {floor_ms:9.3f} "
-              f"{total / floor_ms:8.2f} {graph_cols}")
-    print("graphed: forward + backward replayed from a CUDA graph, the GPU's time without the host's")
-    by = {(n, l): (t, g) for n, l, _, _, t, _, _, g in rows}
+              f"{total / floor_ms:8.2f}")
+    by = {(n, l): t for n, l, _, _, t, _, _ in rows}
     for name in SHAPES:
-        (ours, ours_g), (fla, fla_g) = by[(name, "dynamic (ours, split)")], by[(name, "static (fla ShortConvolution)")]
-        graphed = f", graphed {ours_g / fla_g:.2f}" if isinstance(ours_g, float) and isinstance(fla_g, float) else ""
-        print(f"{name}: dynamic (ours) / static (fla) total time = {ours / fla:.2f}{graphed}")
+        ratio = by[(name, "dynamic (ours, split)")] / by[(name, "static (fla ShortConvolution)")]
+        print(f"{name}: dynamic (ours) / static (fla) total time = {ratio:.2f}")
     return rows
 
 
