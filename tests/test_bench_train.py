@@ -168,8 +168,10 @@ def test_fla_config_mirrors_the_recipe():
     from dcablate.bench_train import fla_config
 
     _, points = R.expand("bench/gdn_125m")
-    assert [(r.model.conv.kind, r.model.conv.placement) for _, r in points] == \
-        [("none", "qkv"), ("static", "qkv"), ("dynamic", "qkv"), ("static", "all_linear"), ("dynamic", "all_linear")]
+    five = [("none", "qkv"), ("static", "qkv"), ("dynamic", "qkv"), ("static", "all_linear"), ("dynamic", "all_linear")]
+    assert [(r.model.conv.kind, r.model.conv.placement) for _, r in points] == five
+    for name in ("bench/mamba2_120m", "bench/gdn_moe_125m"):  # the same five points, through `extends`
+        assert [(r.model.conv.kind, r.model.conv.placement) for _, r in R.expand(name)[1]] == five
     c = fla_config(points[1][1], 32000)
     assert (c.hidden_size, c.num_hidden_layers, c.num_heads, c.head_dim, c.expand_v) == (768, 12, 6, 128, 2.0)
     assert c.use_short_conv and c.conv_size == 4 and c.intermediate_size == 2048 and c.vocab_size == 32000
