@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         U = torch.randn(R, W, D, device="cuda", generator=g) * 0.1
         S = torch.randn(W, D, device="cuda", generator=g) * 0.5
         dy = torch.randn(B, T, D, device="cuda", generator=g).to(dtype)
-        pos = x.new_empty(1, dtype=torch.int32)
+        pos = K.positions_arg(None, x)
         prec = K.dot_precision(dtype)
         ins64 = [t.double().requires_grad_() for t in (x, z, U, S)]
         y64 = dynamic_conv_lowrank_reference(*ins64, None, True)

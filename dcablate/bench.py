@@ -49,10 +49,10 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
     import triton
 
     from .kernels.dynamic_conv_triton import (basis_for_dots, dot_precision, lowrank_bwd_dU_dS, lowrank_bwd_dx,
-                                              lowrank_bwd_dz)
+                                              lowrank_bwd_dz, positions_arg)
 
     x, z, U, S = (t.detach().contiguous() for t in (x, z, U, S))
-    pos = x.new_empty(1, dtype=torch.int32)
+    pos = positions_arg(None, x)
     prec = dot_precision(x.dtype)
     U = basis_for_dots(U, prec)
     kernels = {"dx kernel": lambda: lowrank_bwd_dx(z, U, S, dy, pos, True, False, prec),
@@ -168,29 +168,23 @@ def gpu_busy_line(label: str, kernel_ms: float, step_ms: float, source: str) -> 
             f"{100 * idle:.0f}% of the step, {verdict}")
 
 
-def print_profile(label: str, step, steps: int = 5, rows: int = 15, step_ms: float | None = None) -> None:
+def print_profile(label: str, step, step_ms: float, steps: int = 5, rows: int = 15) -> None:
     """The kernels that take a step's GPU time, then the host ops (with input shapes) that launched them
     (torch.profiler, `steps` steps after one warm-up, twice), and whether the GPU or the host sets the pace
-    against `step_ms` (the unprofiled step time; None: the profiled steps' own)."""
+    against `step_ms`, the unprofiled step time."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        start.record()
         for _ in range(steps):
             step()
-        end.record()
         torch.cuda.synchronize()
     print(f"\n{label}: GPU time per kernel over {steps} steps")
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
     kernel_ms = sum(e.self_device_time_total for e in averages) / 1e3 / steps
-    if step_ms is None:
-        print(gpu_busy_line(label, kernel_ms, start.elapsed_time(end) / steps, "profiled steps, host slowed"))
-    else:
-        print(gpu_busy_line(label, kernel_ms, step_ms, "median of the timed steps"))
+    print(gpu_busy_line(label, kernel_ms, step_ms, "median of the timed steps"))
     # the same steps again with the host ops and their input shapes: which op (and tensor) launched them
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
@@ -283,7 +277,7 @@ def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_ex
             opt.step()
         ms = triton.testing.do_bench(step, return_mode="median")
         if profile:
-            print_profile(label, step, step_ms=ms)
+            print_profile(label, step, ms)
         fb = time_train_step(module, x, dy)
         active = sum(p.numel() for p in module.parameters()) if module is dense else \
             top_k * 3 * d_model * d_expert + d_model * n_experts

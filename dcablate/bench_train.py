@@ -204,8 +204,8 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
         if profile and device.type == "cuda":
             from .bench import print_profile
 
-            print_profile(label, lambda: trainer.train_step(*next(batches)), steps=3, rows=30,
-                          step_ms=statistics.median(times))
+            print_profile(label, lambda: trainer.train_step(*next(batches)), statistics.median(times), steps=3,
+                          rows=30)
         # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
         max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
     finally:

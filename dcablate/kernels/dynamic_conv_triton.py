@@ -465,6 +465,7 @@ def _sm_count(index: int | None) -> int:
     return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
     """DZ, with fewer tokens per program where B·T is too small to give every SM one (one program per token
     tile here, each walking all of D)."""
@@ -497,6 +498,13 @@ def duds_launch(R: int, has_S: bool) -> Launch:
     return DUDS if not has_S or _ds_from_dot(R) else DUDS_ELEMENTWISE_DS
 
 
+def _weight_grads(R: int, W: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed fp32 dU [R, W, D] and dS [W, D] for the kernels to add into: views of one buffer (row R is dS),
+    so one zero-fill per backward."""
+    dUS = torch.zeros(R + 1, W, D, device=device, dtype=torch.float32)
+    return dUS[:R], dUS[R]
+
+
 def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None):
     """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S); `launch` None picks the tuned one for the
     kernel's dS path."""
@@ -505,8 +513,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     s_in_dot = has_S and _ds_from_dot(R)
     launch = launch or duds_launch(R, has_S)
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)  # one zero-fill for both: row R is dS
-    dU, dS = dUS[:R], dUS[R]
+    dU, dS = _weight_grads(R, W, D, x.device)
     n_d = cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
     _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
@@ -528,8 +535,7 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
         BT, BD, BR = _block_sizes(D, R)
         dx = torch.empty_like(x)
         dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
-        dU = torch.zeros(R, W, D, device=x.device, dtype=torch.float32)
-        dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
+        dU, dS = _weight_grads(R, W, D, x.device)
         n_d = cdiv(D, BD)
         # ~512 programs (a few per SM), each walking a run of tokens with its dU/dS on chip
         runs, tokens_per_run = _token_runs(T, BT, cdiv(512, n_d * B))
