@@ -208,6 +208,7 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
                           rows=30)
         # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
         max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
+        graphs = trainer.graphs.captured if trainer.graphs is not None else 0
     finally:
         params = info.params.get("active", info.params["total"])
         del trainer, batches
@@ -215,7 +216,8 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     head = info.head_flops_per_token * (scored / tokens if scored else 1.0)
-    return {**row_of(label, params, times, tokens, info.flops_per_token + head, device), "max_load": max_load}
+    return {**row_of(label, params, times, tokens, info.flops_per_token + head, device), "max_load": max_load,
+            "graphs": graphs}
 
 
 # ----------------------------------------------------------------------------------------- fla reference
@@ -309,6 +311,7 @@ def fmt_row(row: dict, first: dict | None) -> dict:
         ok = not first.get("oom")
         out["step time vs first"] = f"{row['step_ms'] / first['step_ms']:.3f}x" if ok else "n/a"
         out["tokens/s vs first"] = f"{row['tokens_per_s'] / first['tokens_per_s']:.3f}x" if ok else "n/a"
+    out["CUDA graph"] = "yes" if row.get("graphs") else "no"  # train.cuda_graph; fla's model steps eagerly
     return out
 
 
@@ -340,7 +343,8 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
                else r.model.ffn)
         click.echo(f"  {label}: {r.model.mixer}, {ffn}, conv {r.model.conv.kind}/{r.model.conv.placement}, "
                    f"d_model {r.model.d_model} x {r.model.n_layers} layers, {shape}, "
-                   f"precision {r.train.precision}, micro-batch {r.train.micro_batch_size or 'off'}")
+                   f"precision {r.train.precision}, micro-batch {r.train.micro_batch_size or 'off'}, "
+                   f"CUDA graph {r.train.cuda_graph}")
         try:
             rows.append(bench_variant(label, r, warmup, steps, profile))
         except torch.OutOfMemoryError:

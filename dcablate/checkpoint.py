@@ -177,7 +177,7 @@ def locked(run_dir: Path):
 
 # Keys a resume may change: they decide how a run is carried out or logged, not its results.
 RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.oom_retry", "train.nonfinite", "train.parallel",
-               "eval.batch_size")
+               "train.cuda_graph", "eval.batch_size")
 
 
 def _flat(node, prefix: str = "") -> dict:

@@ -210,6 +210,9 @@ class TrainSection:
     parallel: str = _f("ddp", "several processes (torchrun or `dcablate run --nproc N`): `ddp` keeps a full model on "
                        "every rank, `fsdp` shards parameters, gradients and optimizer state (FSDP2)",
                        choices=("ddp", "fsdp"))
+    cuda_graph: str = _f("auto", "replay the training step as a CUDA graph: `auto` = when the run allows it (CUDA, "
+                         "one process, fused AdamW), `on` = required (an error otherwise), `off` = eager steps",
+                         choices=("auto", "on", "off"))
 
 
 @dataclass

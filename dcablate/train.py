@@ -34,7 +34,8 @@ from . import distributed as ddp
 from .errors import UserError
 from .info import build_model, costs
 from .logs import MetricsLog
-from .models.moe import moe_aux_loss, moe_load_stats
+from .graph_step import CaptureFailed, GraphedSteps
+from .models.moe import moe_aux_loss, moe_load_stats, moe_routing_state
 from .tasks import build_task
 
 
@@ -202,6 +203,18 @@ def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
     return value >= target if higher_is_better else value <= target
 
 
+def graphs_allowed(choice: str, device: torch.device, deferred: bool) -> bool:
+    """Whether the training step runs as CUDA graphs (`train.cuda_graph`); "on" where it cannot is a UserError."""
+    if choice == "off":
+        return False
+    reason = ("needs a CUDA device" if device.type != "cuda" else
+              "needs one process (DDP/FSDP steps are not captured)" if ddp.active() else
+              "needs the fused AdamW's deferred non-finite check" if not deferred else None)
+    if reason is not None and choice == "on":
+        raise UserError(f"train.cuda_graph = \"on\" {reason}; use \"auto\" (graphs where possible) or \"off\"")
+    return reason is None
+
+
 class Trainer:
     """One run: built fresh, or restored from a checkpoint, then stepped to the end."""
 
@@ -233,6 +246,10 @@ class Trainer:
         self.deferred = bool(self.optimizer.defaults.get("fused")) and not self.fsdp
         self.micro = recipe.train.micro_batch_size  # halved at run time on CUDA OOM (train.oom_retry)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.graphs = None
+        if graphs_allowed(recipe.train.cuda_graph, device, self.deferred):
+            self.graphs = GraphedSteps(self.deferred_step, self.optimizer, lambda: moe_routing_state(self.net),
+                                       strict=recipe.train.cuda_graph == "on", warn=lambda line: click.echo(line, err=True))
 
     # ------------------------------------------------------------------------------------- state
 
@@ -338,14 +355,46 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over micro-batches (the loss weighted by scored targets, so the sum equals the
-        full-batch mean), clip, and step unless the loss or gradient is not finite.
+        full-batch mean), clip, and step unless the loss or gradient is not finite; then the scheduler.
 
         `x, y` is the global batch. With several ranks each takes its rows (`distributed.local_rows`), cut
         into micro-batches; the losses are normalised by the global count of scored targets and scaled by
         the number of ranks, which DDP/FSDP divide the reduced gradient by, so the gradient is the
         one-process full-batch gradient. Every rank makes the same number of passes (a rank short of rows
-        runs an empty pass: a real row at weight 0), so the ranks' collectives stay matched."""
-        t = self.recipe.train
+        runs an empty pass: a real row at weight 0), so the ranks' collectives stay matched.
+
+        With CUDA graphs (`train.cuda_graph`) the deferred step is captured and replayed (`graph_step.py`)."""
+        if self.deferred:  # the update is skipped on the device; `flush` reports it later
+            step = self.graphs if self.graphs is not None else self.deferred_step
+            try:
+                bad, loss, grad_norm = step(x, y).unbind()
+            except CaptureFailed as e:
+                raise Stop(f"error: {e}; set train.cuda_graph = \"auto\" or \"off\" to train without graphs", 1) \
+                    from None
+            self.pending.append((self.step + 1, bad, loss, grad_norm))
+        else:
+            loss, grad_norm = self.backward(x, y)
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            if ddp.all_max(int(bad)):  # one decision for all ranks
+                self.nonfinite(self.step + 1, loss.item(), grad_norm.item())
+            else:
+                self.optimizer.step()
+        self.scheduler.step()
+        return loss, grad_norm
+
+    def deferred_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step with no host sync: (skipped, loss, gradient norm) as one device tensor; the fused AdamW
+        skips a non-finite update through `found_inf`."""
+        loss, grad_norm = self.backward(x, y)
+        bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        if ddp.active():  # one decision for all ranks, still on the device
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        self.optimizer.found_inf = bad
+        self.optimizer.step()
+        return torch.stack([bad, loss.float(), grad_norm.float()])
+
+    def backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of the batch (micro-batches halved on CUDA OOM when allowed), clipped: (loss, norm)."""
         while True:
             try:
                 loss = self.accumulate(x, y)
@@ -353,22 +402,14 @@ class Trainer:
             except torch.OutOfMemoryError:
                 if not self.shrink_micro_batch(len(x)):
                     raise
-        clip = t.grad_clip if t.grad_clip > 0 else math.inf
+        clip = self.recipe.train.grad_clip if self.recipe.train.grad_clip > 0 else math.inf
         grad_norm = ddp.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        if self.deferred:  # the update is skipped on the device; `flush` reports it later
-            bad = bad.float()
-            if ddp.active():  # one decision for all ranks, still on the device
-                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-            self.optimizer.found_inf = bad
-            self.optimizer.step()
-            self.pending.append((self.step + 1, bad, loss, grad_norm))
-        elif ddp.all_max(int(bad)):  # one decision for all ranks
-            self.nonfinite(self.step + 1, loss.item(), grad_norm.item())
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
         return loss, grad_norm
+
+    def zero_grads(self) -> None:
+        """Zero the gradients: dropped (set to None) for memory, except under CUDA graphs, which need the
+        gradients at fixed addresses for the whole run."""
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
     def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Zero the gradients, then forward/backward this rank's rows in micro-batches of `self.micro`;
@@ -384,7 +425,7 @@ class Trainer:
         if passes > 1 or world > 1:  # a device tensor when the batch is already there: no host sync
             n_scored = (y != -100).sum()
             n_scored = n_scored if n_scored.is_cuda else int(n_scored)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grads()
         loss = torch.zeros((), device=self.device)
         for i, (xs, ys) in enumerate(chunks):
             empty = xs is None
@@ -420,7 +461,7 @@ class Trainer:
             raise Stop(f"error: CUDA out of memory while {self.phase}, even with micro-batches of one example; "
                        f"use a smaller model or shorter sequences", 1) from None
         self.micro = old // 2
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grads()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         click.echo(f"CUDA out of memory in step {self.step + 1} at micro-batch {old}; retrying with micro-batch "
@@ -444,7 +485,7 @@ class Trainer:
         """Step `step` (1-based) had a non-finite loss or gradient and did not update the weights."""
         what = f"loss {loss}, gradient norm {grad_norm}"
         if self.recipe.train.nonfinite == "skip":
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grads()
             self.skipped += 1
             self.log.write("skip", step, {"loss": loss, "grad_norm": grad_norm})
             return
@@ -564,6 +605,7 @@ class Trainer:
             "steps": self.step, "stopped_early": self.stopped_early, "skipped_steps": self.skipped,
             "wall_time_s": self.wall_time(), "final": final, "best": self.best, "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
+            "cuda_graphs": self.graphs.captured if self.graphs is not None else 0,
         }
         if ddp.active():
             summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel

@@ -73,13 +73,13 @@ def test_compare_prints_the_table_with_ratios(tmp_path, monkeypatch, capsys):
     assert rc == 0, err
     assert "card: cpu" in out and "2 warmup + 3 timed steps" in out
     header = next(line for line in out.splitlines() if line.startswith("variant"))
-    for column in ("step ms", "tokens/s", "MFU", "peak mem", "step time vs first", "tokens/s vs first"):
+    for column in ("step ms", "tokens/s", "MFU", "peak mem", "step time vs first", "tokens/s vs first", "CUDA graph"):
         assert column in header
     rows = table(out)
     assert list(rows) == ["none", "static"]
-    assert rows["none"][-2:] == ["1.000x", "1.000x"]
+    assert rows["none"][-3:] == ["1.000x", "1.000x", "no"]  # no CUDA graphs on CPU
     assert rows["none"][4:6] == ["n/a", "n/a"]  # MFU and peak memory on CPU
-    assert float(rows["static"][2]) > 0 and rows["static"][-1].endswith("x")
+    assert float(rows["static"][2]) > 0 and rows["static"][-2].endswith("x")
     assert int(rows["static"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the conv's weights
 
 

@@ -316,12 +316,14 @@ def test_fused_swiglu_matches_torch(dtype):
     assert all(e < bound for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("graph", ["off", "on"])
 @pytest.mark.parametrize("conv", ["static", "dynamic"])
 @pytest.mark.parametrize("ffn", ["mlp", "moe"])
-def test_training_step_never_waits_for_the_host(conv, ffn):
+def test_training_step_never_waits_for_the_host(conv, ffn, graph):
     """Issue 9's "no host syncs in the step": a whole training step (bf16 autocast, fla kernels, fused CE,
     AdamW, for MoE the routing) under `torch.cuda.set_sync_debug_mode("error")` raises on any call that
-    synchronises the host. Found none on an H100 for GDN + MoE with static convs (2026-11-26)."""
+    synchronises the host. Found none on an H100 for GDN + MoE with static convs (2026-11-26). With
+    `train.cuda_graph = "on"` the checked step is a graph replay (copy the batch in, replay, copy out)."""
     from pathlib import Path
 
     from dcablate.bench_train import bench_task, variants_of
@@ -329,7 +331,7 @@ def test_training_step_never_waits_for_the_host(conv, ffn):
 
     recipe = "bench/gdn_moe_125m" if ffn == "moe" else "bench/gdn_125m"
     (_, r), = variants_of(recipe, ["sweep={}", "model.n_layers=2", "train.batch_size=2", "task.lm.seq_len=256",
-                                   f"model.conv.kind={conv}"], [])
+                                   f"model.conv.kind={conv}", f"train.cuda_graph={graph}"], [])
     device = check_runtime(r)
     task = bench_task(r)
     trainer = Trainer(r, Path("unused"), device, True, [], task=task)
@@ -346,3 +348,4 @@ def test_training_step_never_waits_for_the_host(conv, ffn):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+    assert (trainer.graphs is not None and trainer.graphs.captured == 1) == (graph == "on")

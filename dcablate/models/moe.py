@@ -49,6 +49,8 @@ module's init, so a caller wanting GPT-2's residual scaling passes `down_std`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -290,6 +292,19 @@ def moe_aux_loss(model: nn.Module, load_balance_coef: float, z_loss_coef: float)
     lb = torch.stack([m.last_aux["load_balance"] for m in layers]).mean()
     z = torch.stack([m.last_aux["z_loss"] for m in layers]).mean()
     return load_balance_coef * lb + z_loss_coef * z
+
+
+def moe_routing_state(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back every MoE layer's `last_load` and `last_aux` as they are now. A CUDA graph
+    rewrites the tensors it captured at each replay, but an eager forward in between (an evaluation) rebinds
+    the attributes to its own tensors; restoring them after each replay keeps logging and the aux loss
+    pointed at the graph's."""
+    saved = [(m, m.last_load, m.last_aux) for m in moe_layers(model)]
+
+    def restore() -> None:
+        for m, load, aux in saved:
+            m.last_load, m.last_aux = load, aux
+    return restore
 
 
 def moe_load_stats(model: nn.Module) -> dict[str, float]:

@@ -1,0 +1,113 @@
+"""The training step as CUDA graphs: captured once per batch shape, then replayed.
+
+Why: a step launches thousands of kernels (fla's Gated DeltaNet, the convolutions, the optimizer), and on
+some machines the host cannot issue them as fast as the GPU runs them: a profile showed the GPU idle for
+45-67 ms of a 190 ms step (docs/benchmarks.md, session 7). A replay issues the whole step with one call.
+The graph runs the kernels the eager step runs, on the same inputs, so the numbers do not change.
+
+What capture needs, and how it is arranged here:
+- the step never waits on the GPU: the trainer's deferred non-finite check (fused AdamW skips a bad
+  update on the device) is the step captured;
+- fixed addresses: each batch is copied into the graph's input buffers; the gradients stay allocated
+  for the whole run (zeroed in place, never set to None); the learning rate is a device tensor that
+  takes the scheduler's value before each replay;
+- a step's result outlives the next replay: (skipped, loss, gradient norm) is copied out after each
+  replay, and state the model keeps from its last forward (MoE routing statistics) is pointed back at
+  the graph's tensors (an evaluation in between replaces it).
+
+Each batch shape runs eagerly the first time it is seen (Triton autotuning and compilation happen
+there, outside capture), is captured the second time, and replays from then on. MQAR draws each batch
+from one segment, so it has a graph per segment length; all graphs share one memory pool (they never
+run at once).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+MAX_GRAPHS = 8  # batch shapes beyond this many run eagerly (each graph holds its own inputs and outputs)
+
+
+class CaptureFailed(RuntimeError):
+    """Capturing the step failed; the message says at which shape and why."""
+
+
+class _Captured:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x.clone(), y.clone()  # the graph's inputs: each replay copies the batch in
+        self.graph = torch.cuda.CUDAGraph()
+        self.out: torch.Tensor | None = None
+        self.restore: Callable[[], None] = lambda: None
+
+
+class GraphedSteps:
+    """`step(x, y)` -> [3] tensor (skipped, loss, gradient norm), run through CUDA graphs.
+
+    `body(x, y)` is the eager step: zero the gradients in place, forward/backward, clip, optimizer step
+    with `found_inf`; it must return the [3] tensor without a host sync. `keep_state()` returns a function
+    that restores model state a forward leaves behind (see module doc). With `strict`, a failed capture
+    raises `CaptureFailed`; otherwise `warn` gets one line and every later step runs eagerly."""
+
+    def __init__(self, body: Callable, optimizer: torch.optim.Optimizer, keep_state: Callable[[], Callable[[], None]],
+                 strict: bool, warn: Callable[[str], None]):
+        self.body, self.optimizer, self.keep_state, self.strict, self.warn = body, optimizer, keep_state, strict, warn
+        device = optimizer.param_groups[0]["params"][0].device
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
+        self.graphs: dict[tuple, _Captured] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None
+        self.failed = False
+
+    @property
+    def captured(self) -> int:
+        return len(self.graphs)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if self.failed or key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+                self.seen.add(key)
+                return self.body(x, y)
+            graph = self.capture(key, x, y)
+            if graph is None:
+                return self.body(x, y)
+        return self.replay(graph, x, y)
+
+    def capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor) -> _Captured | None:
+        """Record the step for this shape (nothing runs yet); None after a failure that is not strict."""
+        c = _Captured(x, y)
+        floats = [group["lr"] for group in self.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            group["lr"] = lr  # the fused AdamW reads the tensor at each replay
+            group["capturable"] = True  # AdamW refuses capture otherwise (a checkpoint may have reset it)
+        torch.cuda.synchronize()
+        try:
+            with torch.cuda.graph(c.graph, pool=self.pool):
+                c.out = self.body(c.x, c.y)
+        except Exception as e:  # an op that cannot be captured, or out of memory while capturing
+            self.failed = True
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            line = f"CUDA graph capture of the training step failed for batch shape {list(x.shape)}: {reason}"
+            if self.strict:
+                raise CaptureFailed(line) from e
+            self.warn(f"{line}; training continues without CUDA graphs (same results, more host time)")
+            return None
+        finally:
+            for group, lr in zip(self.optimizer.param_groups, floats):
+                group["lr"] = lr  # the scheduler and checkpoints keep working with floats
+        c.restore = self.keep_state()
+        self.pool = self.pool if self.pool is not None else c.graph.pool()
+        self.graphs[key] = c
+        return c
+
+    def replay(self, c: _Captured, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
+            lr.fill_(group["lr"])
+        c.x.copy_(x, non_blocking=True)
+        c.y.copy_(y, non_blocking=True)
+        c.graph.replay()
+        c.restore()
+        return c.out.clone()
