@@ -185,7 +185,7 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
     its step time (a few more steps under torch.profiler, CUDA only)."""
     from .info import costs
     from .models.moe import moe_load_stats
-    from .train import NullLog, Prefetcher, Trainer, check_runtime
+    from .train import NullLog, Prefetcher, ScoredCounts, Trainer, check_runtime
 
     device = check_runtime(r)
     task = bench_task(r)
@@ -196,16 +196,21 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
     trainer.shrink_micro_batch = lambda batch: False  # a bench times the recipe's micro-batch or reports OOM
     seq_len = train_seq_len(r, task)
     info = costs(trainer.net, seq_len)
-    batches = Prefetcher(task.train_batches(r.train.batch_size, seed=r.run.seed), device)
+    counts = ScoredCounts() if trainer.net.gather_scored else None  # as `Trainer.loop` steps MQAR
+    source = task.train_batches(r.train.batch_size, seed=r.run.seed)
+    batches = Prefetcher(counts.wrap(source) if counts else source, device)
+
+    def step(x, y):
+        return trainer.train_step(x, y, counts.pop() if counts else None)
+
     trainer.model.train()
     try:
-        times, tokens, scored = time_steps(trainer.train_step, batches, device, warmup, steps)
+        times, tokens, scored = time_steps(step, batches, device, warmup, steps)
         trainer.flush()  # a non-finite step stops here as it would stop a run
         if profile and device.type == "cuda":
             from .bench import print_profile
 
-            print_profile(label, lambda: trainer.train_step(*next(batches)), statistics.median(times), steps=3,
-                          rows=30)
+            print_profile(label, lambda: step(*next(batches)), statistics.median(times), steps=3, rows=30)
         # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
         max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
         graphs = trainer.graphs.captured if trainer.graphs is not None else 0

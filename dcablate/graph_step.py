@@ -17,8 +17,8 @@ What capture needs, and how it is arranged here:
 
 Each batch shape runs eagerly the first time it is seen (Triton autotuning and compilation happen
 there, outside capture), is captured the second time, and replays from then on. MQAR draws each batch
-from one segment, so it has a graph per segment length; all graphs share one memory pool (they never
-run at once).
+from one segment, and its loss gathers the scored positions by a count the host knows, so it has a graph
+per segment (length and key-value pairs); all graphs share one memory pool (they never run at once).
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ MAX_GRAPHS = 8  # batch shapes beyond this many run eagerly (each graph holds it
 
 class CaptureFailed(RuntimeError):
     """Capturing the step failed; the message says at which shape and why."""
+
+
+def first_cause(e: BaseException) -> str:
+    """The first line of the error that broke the capture: ending a broken capture raises its own error
+    ("operation failed due to a previous error during capture") with the real one as its context."""
+    while e.__context__ is not None and "previous error during capture" in str(e):
+        e = e.__context__
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 class _Captured:
@@ -64,8 +73,10 @@ class GraphedSteps:
     def captured(self) -> int:
         return len(self.graphs)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> torch.Tensor:
+        """The step on this batch; `extra` (hashable) is whatever else the body's Python reads from the host
+        and a graph bakes in (MQAR: the scored targets per row)."""
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra)
         graph = self.graphs.get(key)
         if graph is None:
             if self.failed or key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
@@ -89,7 +100,7 @@ class GraphedSteps:
                 c.out = self.body(c.x, c.y)
         except Exception as e:  # an op that cannot be captured, or out of memory while capturing
             self.failed = True
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_cause(e)
             line = f"CUDA graph capture of the training step failed for batch shape {list(x.shape)}: {reason}"
             if self.strict:
                 raise CaptureFailed(line) from e

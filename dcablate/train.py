@@ -14,6 +14,7 @@ alone writes the run directory and evaluates, and every stop decision is taken c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -35,7 +36,7 @@ from .errors import UserError
 from .info import build_model, costs
 from .logs import MetricsLog
 from .graph_step import CaptureFailed, GraphedSteps
-from .models.moe import moe_aux_loss, moe_load_stats, moe_routing_state
+from .models.moe import moe_aux_loss, moe_detach_aux, moe_load_stats, moe_routing_state
 from .tasks import build_task
 
 
@@ -186,6 +187,23 @@ class Prefetcher:
         return batch
 
 
+class ScoredCounts:
+    """Each batch's scored targets per row (target != -100), counted on its CPU copy as it is drawn and
+    handed out in the same order. MQAR's loss gathers the scored positions; knowing how many there are on
+    the host spares a GPU->host sync per step and lets the step be captured as a CUDA graph."""
+
+    def __init__(self):
+        self.queue: collections.deque[torch.Tensor] = collections.deque()
+
+    def wrap(self, batches):
+        for x, y in batches:
+            self.queue.append((y != -100).sum(-1))
+            yield x, y
+
+    def pop(self) -> torch.Tensor:
+        return self.queue.popleft()
+
+
 class NullLog:
     """The metrics sink of ranks other than 0: rank 0 alone writes the run directory."""
 
@@ -246,6 +264,7 @@ class Trainer:
         self.deferred = bool(self.optimizer.defaults.get("fused")) and not self.fsdp
         self.micro = recipe.train.micro_batch_size  # halved at run time on CUDA OOM (train.oom_retry)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.row_scored: torch.Tensor | None = None  # the current batch's, see `train_step`
         self.graphs = None
         if graphs_allowed(recipe.train.cuda_graph, device, self.deferred):
             self.graphs = GraphedSteps(self.deferred_step, self.optimizer, lambda: moe_routing_state(self.net),
@@ -353,7 +372,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- steps
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, row_scored: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over micro-batches (the loss weighted by scored targets, so the sum equals the
         full-batch mean), clip, and step unless the loss or gradient is not finite; then the scheduler.
 
@@ -363,11 +383,18 @@ class Trainer:
         one-process full-batch gradient. Every rank makes the same number of passes (a rank short of rows
         runs an empty pass: a real row at weight 0), so the ranks' collectives stay matched.
 
-        With CUDA graphs (`train.cuda_graph`) the deferred step is captured and replayed (`graph_step.py`)."""
+        `row_scored` (CPU, [B]): each row's count of scored targets, when known (`ScoredCounts`); MQAR's loss
+        then gathers them without a host sync. With CUDA graphs (`train.cuda_graph`) the deferred step is
+        captured and replayed (`graph_step.py`), one graph per batch shape and scored counts."""
+        self.row_scored = row_scored
         if self.deferred:  # the update is skipped on the device; `flush` reports it later
-            step = self.graphs if self.graphs is not None else self.deferred_step
             try:
-                bad, loss, grad_norm = step(x, y).unbind()
+                if self.graphs is not None:
+                    key = None if row_scored is None else tuple(row_scored.tolist())
+                    out = self.graphs(x, y, key)
+                else:
+                    out = self.deferred_step(x, y)
+                bad, loss, grad_norm = out.unbind()
             except CaptureFailed as e:
                 raise Stop(f"error: {e}; set train.cuda_graph = \"auto\" or \"off\" to train without graphs", 1) \
                     from None
@@ -421,32 +448,42 @@ class Trainer:
         size = self.micro or max(len(lx), 1)
         chunks: list = list(zip(lx.split(size), ly.split(size)))
         chunks += [(None, None)] * (passes - len(chunks))
+        counts = [None] * passes  # scored targets per pass, when known on the host (`row_scored`)
+        if self.row_scored is not None:
+            counts = [int(c.sum()) for c in self.row_scored[rows].split(size)]
+            counts += [int(self.row_scored[0])] * (passes - len(counts))  # an empty pass runs row 0
         n_scored = None
         if passes > 1 or world > 1:  # a device tensor when the batch is already there: no host sync
             n_scored = (y != -100).sum()
             n_scored = n_scored if n_scored.is_cuda else int(n_scored)
         self.zero_grads()
         loss = torch.zeros((), device=self.device)
-        for i, (xs, ys) in enumerate(chunks):
-            empty = xs is None
-            if empty:
-                xs, ys = x[:1], y[:1]
-            xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
-            with ddp.no_sync(self.model, last=i == len(chunks) - 1):
-                with self.autocast():
-                    if n_scored is None:
-                        part = self.model(xs, ys)
-                    else:
-                        part = self.model(xs, ys, reduction="sum") / n_scored
-                aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
-                    self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
-                scale = 0.0 if empty else float(world)
-                objective = part * scale if world > 1 or empty else part
-                if aux is not None:  # aux: this micro-batch's share of the global batch
-                    objective = objective + aux * (scale * len(xs) / len(x))
-                objective.backward()
-            if not empty:
-                loss += part.detach()  # the logged loss stays pure cross-entropy
+        try:
+            for i, (xs, ys) in enumerate(chunks):
+                empty = xs is None
+                if empty:
+                    xs, ys = x[:1], y[:1]
+                xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
+                self.net.scored_count = counts[i]
+                with ddp.no_sync(self.model, last=i == len(chunks) - 1):
+                    with self.autocast():
+                        if n_scored is None:
+                            part = self.model(xs, ys)
+                        else:
+                            part = self.model(xs, ys, reduction="sum") / n_scored
+                    aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
+                        self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
+                    scale = 0.0 if empty else float(world)
+                    objective = part * scale if world > 1 or empty else part
+                    if aux is not None:  # aux: this micro-batch's share of the global batch
+                        objective = objective + aux * (scale * len(xs) / len(x))
+                    objective.backward()
+                    if aux is not None:
+                        moe_detach_aux(self.model)
+                if not empty:
+                    loss += part.detach()  # the logged loss stays pure cross-entropy
+        finally:
+            self.net.scored_count = None  # evaluation's forwards count for themselves
         ddp.sum_(loss)
         return loss
 
@@ -549,7 +586,9 @@ class Trainer:
 
     def loop(self) -> None:
         recipe, t = self.recipe, self.recipe.train
-        batches = Prefetcher(self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step), self.device)
+        batches = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step)
+        counts = ScoredCounts() if self.net.gather_scored else None
+        batches = Prefetcher(counts.wrap(batches) if counts else batches, self.device)
         bar = tqdm(total=t.steps, initial=self.step, disable=self.quiet or not recipe.log.progress or not self.main,
                    dynamic_ncols=True, leave=False, desc=recipe.run.name)
         tokens_since, time_since, postfix = 0, time.time(), {}
@@ -558,7 +597,7 @@ class Trainer:
             self.check_signal()
             self.phase = f"training step {self.step + 1}"
             x, y = next(batches)
-            loss, grad_norm = self.train_step(x, y)
+            loss, grad_norm = self.train_step(x, y, counts.pop() if counts else None)
             self.step += 1
             tokens_since += x.numel()
             bar.update(1)

@@ -52,18 +52,26 @@ def lm_trainer(graph: str, overrides: list[str]):
 
 
 def step_all(trainer, batches) -> list[torch.Tensor]:
+    """Step through `batches`: (loss, gradient norm) per step. Under graphs, each replay's device learning
+    rate must be the scheduler's rate for that step."""
     out = []
     for x, y in batches:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        captured = trainer.graphs.captured if trainer.graphs is not None else 0
         loss, grad_norm = trainer.train_step(x.cuda(), y.cuda())
+        if captured:  # this step was a replay
+            assert trainer.graphs.lrs[0].item() == pytest.approx(lr, rel=1e-6)
         trainer.step += 1
         out.append(torch.stack([loss, grad_norm]))
     trainer.flush()
     return torch.stack(out).cpu()
 
 
-def max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(((p - q).norm() / q.norm().clamp_min(1e-12)).item()
-               for p, q in zip(a.parameters(), b.parameters()))
+def weights_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """|a - b| / |b| over all parameters at once (zero-initialised ones such as the dynamic convs' U make a
+    per-tensor ratio meaningless early in training)."""
+    diff = sum((p.float() - q.float()).square().sum() for p, q in zip(a.parameters(), b.parameters()))
+    return (diff / sum(q.float().square().sum() for q in b.parameters())).sqrt().item()
 
 
 CASES = {  # name: (recipe, overrides)
@@ -79,10 +87,10 @@ CASES = {  # name: (recipe, overrides)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_graphed_training_equals_eager_training(case):
-    """Eight steps with graphs (one eager, one capture, six replays) against eight eager steps from the same
-    weights on the same batches: the losses, gradient norms and final weights agree (the learning rate
-    changes every step in warmup, so a stale rate, stale inputs or gradients not zeroed would show), and
-    exactly one graph was captured. For MoE the routing statistics after an evaluation-style forward in
+    """Eight steps with graphs (one eager, then a capture and seven replays) against eight eager steps from the
+    same weights on the same batches: the losses, gradient norms and final weights agree up to float rounding
+    (stale inputs would change the loss, gradients not zeroed the norm, a stale learning rate the weights;
+    each replay's rate is also checked), and exactly one graph was captured. For MoE the routing statistics after an evaluation-style forward in
     between still describe the last training step."""
     from dcablate.models.moe import moe_load_stats
 
@@ -101,9 +109,11 @@ def test_graphed_training_equals_eager_training(case):
     b = torch.cat([b, step_all(graphed, data[5:])])
     assert graphed.graphs is not None and graphed.graphs.captured == 1
     assert eager.graphs is None
-    print(f"{case}: losses {a[:, 0].tolist()} vs {b[:, 0].tolist()}; weights rel {max_rel(graphed.net, eager.net):.1e}")
-    torch.testing.assert_close(b, a, rtol=2e-3, atol=1e-5)
-    assert max_rel(graphed.net, eager.net) < 1e-2
+    rel = weights_rel(graphed.net, eager.net)
+    print(f"{case}: losses {a[:, 0].tolist()} vs {b[:, 0].tolist()}; grad norms {a[:, 1].tolist()} vs "
+          f"{b[:, 1].tolist()}; weights rel {rel:.1e}")
+    torch.testing.assert_close(b, a, rtol=5e-4, atol=1e-6)  # another batch's loss differs by ~5e-3
+    assert rel < 1e-3
     sa, sb = moe_load_stats(eager.net), moe_load_stats(graphed.net)
     assert sa.keys() == sb.keys()
     for k in sa:

@@ -441,3 +441,24 @@ def test_matmul_inputs_are_cast_once_with_the_same_forward(mixer, ffn, conv, mon
     assert once == per_consumer
     for a, b in zip(grads_once, grads):
         assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scored_gather_by_host_count_equals_the_boolean_mask(seed):
+    """MQAR's loss gathers the scored positions; given their count (read on the batch's CPU copy) the gather
+    needs no host sync. Same rows in the same order as the boolean mask, and the same gradient."""
+    from dcablate.models.lm import scored
+
+    g = torch.Generator().manual_seed(seed)
+    B, T, D = 3, 1 + seed * 7, 5
+    h = torch.randn(B, T, D, generator=g, requires_grad=True)
+    targets = torch.randint(0, 9, (B, T), generator=g)
+    targets[torch.rand(B, T, generator=g) < 0.6] = -100
+    count = int((targets != -100).sum())
+    ha, ta = scored(h, targets)
+    hb, tb = scored(h, targets, count)
+    assert torch.equal(ta, tb) and torch.equal(ha, hb)
+    w = torch.randn(ha.shape, generator=g)
+    (ga,) = torch.autograd.grad((ha * w).sum(), h)
+    (gb,) = torch.autograd.grad((hb * w).sum(), h)
+    assert torch.equal(ga, gb)

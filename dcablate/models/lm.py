@@ -16,10 +16,19 @@ RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layer
 FUSED_CE_MIN_VOCAB = 4096  # below this the logits are small and F.cross_entropy is as fast
 
 
-def scored(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states `[N, D]` and targets `[N]` of the scored positions (target != -100)."""
+def scored(h: torch.Tensor, targets: torch.Tensor, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states `[N, D]` and targets `[N]` of the scored positions (target != -100), in order.
+
+    A boolean mask makes the host wait for the GPU to count them; given their `count` (read on the batch's
+    CPU copy) the positions are gathered without that wait, so the step can also be a CUDA graph."""
     mask = targets != -100
-    return h[mask], targets[mask]
+    if count is None:
+        return h[mask], targets[mask]
+    flat = mask.flatten()
+    slot = torch.where(flat, flat.cumsum(0) - 1, count)  # the k-th scored position to slot k, the rest to a spare
+    order = torch.arange(flat.numel(), device=flat.device)
+    index = torch.empty(count + 1, dtype=torch.long, device=flat.device).scatter_(0, slot, order)[:count]
+    return h.flatten(0, -2)[index], targets.flatten()[index]
 
 
 @contextlib.contextmanager
@@ -101,6 +110,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config, self.vocab_size = m, vocab_size
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
+        self.scored_count: int | None = None  # their number in the next forward's targets, when the trainer knows it
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
@@ -131,7 +141,7 @@ class LanguageModel(nn.Module):
             return self.lm_head(self.hidden(input_ids))
         h = self.hidden(input_ids)
         if self.gather_scored:  # MQAR: a handful of scored positions, gathered before the vocabulary-wide head
-            h, targets = scored(h, targets)
+            h, targets = scored(h, targets, self.scored_count)
         else:  # LM: nearly every position counts; ignore_index skips the rest without the gather's host sync
             h, targets = h.flatten(0, -2), targets.flatten()
         if self.use_fused_ce(h):

@@ -294,6 +294,14 @@ def moe_aux_loss(model: nn.Module, load_balance_coef: float, z_loss_coef: float)
     return load_balance_coef * lb + z_loss_coef * z
 
 
+def moe_detach_aux(model: nn.Module) -> None:
+    """Keep only the values of the auxiliary losses once the backward has used them: the autograd graph they
+    hold would outlive the step, and a CUDA graph capture must not meet the previous step's graph (its
+    gradient accumulators run on the stream of the step that made them)."""
+    for m in moe_layers(model):
+        m.last_aux = {k: v.detach() for k, v in m.last_aux.items()}
+
+
 def moe_routing_state(model: nn.Module) -> Callable[[], None]:
     """A function that puts back every MoE layer's `last_load` and `last_aux` as they are now. A CUDA graph
     rewrites the tensors it captured at each replay, but an eager forward in between (an evaluation) rebinds
