@@ -96,7 +96,8 @@ class GraphedSteps:
             group["capturable"] = True  # AdamW refuses capture otherwise (a checkpoint may have reset it)
         torch.cuda.synchronize()
         try:
-            with torch.cuda.graph(c.graph, pool=self.pool):
+            # thread_local: only this thread's calls are checked (a log writer's thread may use CUDA meanwhile)
+            with torch.cuda.graph(c.graph, pool=self.pool, capture_error_mode="thread_local"):
                 c.out = self.body(c.x, c.y)
         except Exception as e:  # an op that cannot be captured, or out of memory while capturing
             self.failed = True

@@ -150,3 +150,28 @@ def test_mqar_run_captures_a_graph_per_segment_length(tmp_path):
     off, on = results["off"]["final"], results["on"]["final"]
     print(f"mqar eager {off} graphed {on}")
     assert on["overall"] == pytest.approx(off["overall"], abs=0.03)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_failed_capture_under_auto_trains_on_eagerly(capsys):
+    """A step that reads a value back to the host cannot be captured: under "auto" the run says so in one line
+    and its steps stay the eager ones (same losses as an eager trainer's)."""
+    overrides = ["bench/gdn_125m", "model.conv.kind=dynamic"]
+    eager, task = lm_trainer("off", overrides)
+    graphed, _ = lm_trainer("auto", overrides)
+    body = graphed.graphs.body
+
+    def syncing_body(x, y):
+        float(x.float().mean())  # a host sync: illegal while capturing
+        return body(x, y)
+
+    graphed.graphs.body = syncing_body
+    batches = task.train_batches(2, seed=5)
+    data = [next(batches) for _ in range(4)]
+    a, b = step_all(eager, data), step_all(graphed, data)
+    err = capsys.readouterr().err
+    assert "CUDA graph capture of the training step failed for batch shape [2, 256]" in err
+    assert "training continues without CUDA graphs" in err
+    assert graphed.graphs.captured == 0 and graphed.graphs.failed
+    torch.testing.assert_close(b, a, rtol=5e-4, atol=1e-6)
