@@ -95,11 +95,18 @@ class GraphedSteps:
             group["lr"] = lr  # the fused AdamW reads the tensor at each replay
             group["capturable"] = True  # AdamW refuses capture otherwise (a checkpoint may have reset it)
         torch.cuda.synchronize()
+        stream = torch.cuda.current_stream()
+        generator = torch.cuda.default_generators[stream.device.index]
+        rng = generator.clone_state()
         try:
             # thread_local: only this thread's calls are checked (a log writer's thread may use CUDA meanwhile)
             with torch.cuda.graph(c.graph, pool=self.pool, capture_error_mode="thread_local"):
                 c.out = self.body(c.x, c.y)
         except Exception as e:  # an op that cannot be captured, or out of memory while capturing
+            # a broken capture leaves its side stream current and the CUDA generator in capture mode (the next
+            # random op would fail): put both back as they were
+            torch.cuda.set_stream(stream)
+            generator.graphsafe_set_state(rng)
             self.failed = True
             reason = first_cause(e)
             line = f"CUDA graph capture of the training step failed for batch shape {list(x.shape)}: {reason}"

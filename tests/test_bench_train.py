@@ -60,7 +60,7 @@ def table(out: str) -> dict[str, list[str]]:
     head = next(i for i, line in enumerate(lines) if line.startswith("variant"))
     rows = {}
     for line in lines[head + 2:]:
-        if not line.strip():
+        if not line.strip() or " tokens/s = " in line:  # the table ends; --fla-reference's ratio lines follow
             break
         cells = re.split(r"\s{2,}", line.strip())
         rows[cells[0]] = cells

@@ -175,3 +175,6 @@ def test_a_failed_capture_under_auto_trains_on_eagerly(capsys):
     assert "training continues without CUDA graphs" in err
     assert graphed.graphs.captured == 0 and graphed.graphs.failed
     torch.testing.assert_close(b, a, rtol=5e-4, atol=1e-6)
+    # the broken capture left nothing behind: the default stream is current, random numbers still work
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.randn(3, device="cuda")
