@@ -344,7 +344,8 @@ def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
 @click.option("--compare", multiple=True, metavar='"NAME: K=V,K=V"',
               help="A variant: the recipe with these overrides (repeatable; ratios are against the first).")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Timed steps per variant.")
-@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first (more while a CUDA-graphed variant still "
+              "has batch shapes to capture).")
 @click.option("--fla-reference", is_flag=True,
               help="Also time fla's GatedDeltaNetForCausalLM with the recipe's config (CUDA, GDN recipes).")
 @click.option("--profile", is_flag=True, help="Also print the kernels, and the host ops with their input shapes, that "

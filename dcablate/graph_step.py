@@ -73,6 +73,12 @@ class GraphedSteps:
     def captured(self) -> int:
         return len(self.graphs)
 
+    @property
+    def settled(self) -> bool:
+        """Every batch shape seen so far replays (or none will be captured): no more eager steps or captures
+        are due for these shapes."""
+        return self.failed or len(self.graphs) >= min(len(self.seen), MAX_GRAPHS)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> torch.Tensor:
         """The step on this batch; `extra` (hashable) is whatever else the body's Python reads from the host
         and a graph bakes in (MQAR: the scored targets per row)."""

@@ -33,6 +33,39 @@ def test_a_bad_choice_names_the_allowed_ones():
         R.build(merge(BASE, {"train": {"cuda_graph": "yes"}}))
 
 
+def test_first_sighting_of_a_shape_runs_eagerly_and_is_not_settled():
+    """Each batch shape runs eagerly the first time (Triton autotunes outside capture); until it has its graph
+    the steps are not settled, so `bench train` keeps warming up."""
+    from dcablate.graph_step import GraphedSteps
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    calls = []
+    graphs = GraphedSteps(lambda x, y: calls.append(x.shape) or torch.zeros(3), opt, lambda: (lambda: None),
+                          strict=False, warn=print)
+    assert graphs.settled  # nothing seen yet
+    graphs(torch.zeros(2, 5), torch.zeros(2, 5))
+    assert calls == [torch.Size([2, 5])] and graphs.captured == 0 and not graphs.settled
+    graphs.failed = True  # after a failed capture every step is eager: nothing left to wait for
+    assert graphs.settled
+
+
+def test_bench_warmup_runs_on_until_settled():
+    from dcablate.bench_train import MAX_SETTLE_STEPS, time_steps
+
+    def batches():
+        while True:
+            yield torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
+
+    ran = []
+    times, tokens, _ = time_steps(lambda x, y: ran.append(1), batches(), torch.device("cpu"), warmup=2, steps=3,
+                                  settled=lambda: len(ran) >= 7)
+    assert len(ran) == 7 + 3 and len(times) == 3 and tokens == 3 * 8
+    ran.clear()
+    time_steps(lambda x, y: ran.append(1), batches(), torch.device("cpu"), warmup=1, steps=1, settled=lambda: False)
+    assert len(ran) == 1 + MAX_SETTLE_STEPS + 1  # bounded: a variant that never settles is still timed
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
