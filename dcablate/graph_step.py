@@ -3,7 +3,8 @@
 Why: a step launches thousands of kernels (fla's Gated DeltaNet, the convolutions, the optimizer), and on
 some machines the host cannot issue them as fast as the GPU runs them: a profile showed the GPU idle for
 45-67 ms of a 190 ms step (docs/benchmarks.md, session 7). A replay issues the whole step with one call.
-The graph runs the kernels the eager step runs, on the same inputs, so the numbers do not change.
+The graph runs the kernels the eager step runs, on the same inputs, so the numbers are the same up to float
+rounding (the learning rate reaches the fused AdamW as a float32 tensor instead of a Python float).
 
 What capture needs, and how it is arranged here:
 - the step never waits on the GPU: the trainer's deferred non-finite check (fused AdamW skips a bad
@@ -23,6 +24,7 @@ per segment (length and key-value pairs); all graphs share one memory pool (they
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -85,21 +87,52 @@ class GraphedSteps:
         key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra)
         graph = self.graphs.get(key)
         if graph is None:
-            if self.failed or key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+            if key not in self.seen and not self.failed:  # first sighting: eager, and checked for host waits
                 self.seen.add(key)
+                return self.eager_checked(x, y)
+            if self.failed or len(self.graphs) >= MAX_GRAPHS:
                 return self.body(x, y)
             graph = self.capture(key, x, y)
             if graph is None:
                 return self.body(x, y)
         return self.replay(graph, x, y)
 
+    def eager_checked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The eager step, watched for operations that make the host wait on the GPU: those cannot be
+        captured, and a capture they break keeps its memory pool reserved for good (torch 2.11), so such a
+        step is never captured."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if x.is_cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = self.body(x, y)
+            finally:
+                if x.is_cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+        waits = [str(w.message).strip().splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        for w in caught:  # everything else is passed on as it would have been shown
+            if "synchroniz" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if waits:
+            self.fail(f"CUDA graph capture of the training step skipped for batch shape {list(x.shape)}: the step "
+                      f"waits on the GPU ({waits[0]})")
+        return out
+
+    def fail(self, line: str, cause: BaseException | None = None) -> None:
+        """No more captures: `strict` raises `CaptureFailed`, otherwise one warning line."""
+        self.failed = True
+        if self.strict:
+            raise CaptureFailed(line) from cause
+        self.warn(f"{line}; training continues without CUDA graphs (same results, more host time)")
+
     def capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor) -> _Captured | None:
         """Record the step for this shape (nothing runs yet); None after a failure that is not strict."""
         c = _Captured(x, y)
-        floats = [group["lr"] for group in self.optimizer.param_groups]
+        saved = [(group["lr"], group["capturable"]) for group in self.optimizer.param_groups]
         for group, lr in zip(self.optimizer.param_groups, self.lrs):
             group["lr"] = lr  # the fused AdamW reads the tensor at each replay
-            group["capturable"] = True  # AdamW refuses capture otherwise (a checkpoint may have reset it)
+            group["capturable"] = True  # AdamW refuses capture otherwise; its fused kernel is the same
         torch.cuda.synchronize()
         stream = torch.cuda.current_stream()
         generator = torch.cuda.default_generators[stream.device.index]
@@ -113,16 +146,13 @@ class GraphedSteps:
             # random op would fail): put both back as they were
             torch.cuda.set_stream(stream)
             generator.graphsafe_set_state(rng)
-            self.failed = True
-            reason = first_cause(e)
-            line = f"CUDA graph capture of the training step failed for batch shape {list(x.shape)}: {reason}"
-            if self.strict:
-                raise CaptureFailed(line) from e
-            self.warn(f"{line}; training continues without CUDA graphs (same results, more host time)")
+            self.fail(f"CUDA graph capture of the training step failed for batch shape {list(x.shape)}: "
+                      f"{first_cause(e)}", e)
             return None
-        finally:
-            for group, lr in zip(self.optimizer.param_groups, floats):
-                group["lr"] = lr  # the scheduler and checkpoints keep working with floats
+        finally:  # the scheduler, checkpoints and eager steps keep the float rate (and no warning that a
+            # capturable optimizer steps outside a capture)
+            for group, (lr, capturable) in zip(self.optimizer.param_groups, saved):
+                group["lr"], group["capturable"] = lr, capturable
         c.restore = self.keep_state()
         self.pool = self.pool if self.pool is not None else c.graph.pool()
         self.graphs[key] = c

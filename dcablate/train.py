@@ -427,6 +427,9 @@ class Trainer:
                 loss = self.accumulate(x, y)
                 break
             except torch.OutOfMemoryError:
+                # while capturing, let the capture fail cleanly: the eager step that follows halves the micro-batch
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
                 if not self.shrink_micro_batch(len(x)):
                     raise
         clip = self.recipe.train.grad_clip if self.recipe.train.grad_clip > 0 else math.inf
@@ -572,9 +575,11 @@ class Trainer:
             self.check_signal()
             return self.finish()
         except torch.OutOfMemoryError:
+            graphs = ("; the captured CUDA graphs keep the training step's memory reserved, so "
+                      "train.cuda_graph = \"off\" also frees room") if self.graphs is not None and self.graphs.captured else ""
             raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
                        f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
-                       f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating", 1) from None
+                       f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating{graphs}", 1) from None
         except OSError as e:  # a full disk or a vanished directory while writing logs: one line, not a trace
             if e.errno is None:
                 raise

@@ -27,7 +27,7 @@ def scored(h: torch.Tensor, targets: torch.Tensor, count: int | None = None) -> 
     flat = mask.flatten()
     slot = torch.where(flat, flat.cumsum(0) - 1, count)  # the k-th scored position to slot k, the rest to a spare
     order = torch.arange(flat.numel(), device=flat.device)
-    index = torch.empty(count + 1, dtype=torch.long, device=flat.device).scatter_(0, slot, order)[:count]
+    index = torch.zeros(count + 1, dtype=torch.long, device=flat.device).scatter_(0, slot, order)[:count]
     return h.flatten(0, -2)[index], targets.flatten()[index]
 
 
