@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 
 MAX_GRAPHS = 8  # batch shapes beyond this many run eagerly (each graph holds its own inputs and outputs)
+SYNC_WARNING = "synchronizing CUDA operation"  # in torch's warning in sync debug mode "warn"
+DEBUG_MODE_NOTE = "Synchronization debug mode is a prototype feature"  # torch's (once per process) on turning it on
 
 
 class CaptureFailed(RuntimeError):
@@ -110,9 +112,9 @@ class GraphedSteps:
             finally:
                 if x.is_cuda:
                     torch.cuda.set_sync_debug_mode(0)
-        waits = [str(w.message).strip().splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-        for w in caught:  # everything else is passed on as it would have been shown
-            if "synchroniz" not in str(w.message):
+        waits = [str(w.message).strip().splitlines()[0] for w in caught if SYNC_WARNING in str(w.message)]
+        for w in caught:  # the step's other warnings are passed on; torch's note on the debug mode itself is not
+            if SYNC_WARNING not in str(w.message) and DEBUG_MODE_NOTE not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if waits:
             self.fail(f"CUDA graph capture of the training step skipped for batch shape {list(x.shape)}: the step "
