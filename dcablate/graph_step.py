@@ -105,13 +105,14 @@ class GraphedSteps:
         step is never captured."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if x.is_cuda:
+            before = torch.cuda.get_sync_debug_mode() if x.is_cuda else None
+            if x.is_cuda and before == 0:  # a mode the user set (e.g. "error") is left as it is
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 out = self.body(x, y)
             finally:
                 if x.is_cuda:
-                    torch.cuda.set_sync_debug_mode(0)
+                    torch.cuda.set_sync_debug_mode(before)
         waits = [str(w.message).strip().splitlines()[0] for w in caught if SYNC_WARNING in str(w.message)]
         for w in caught:  # the step's other warnings are passed on; torch's note on the debug mode itself is not
             if SYNC_WARNING not in str(w.message) and DEBUG_MODE_NOTE not in str(w.message):
