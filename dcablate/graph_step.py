@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 MAX_GRAPHS = 8  # batch shapes beyond this many run eagerly (each graph holds its own inputs and outputs)
-SYNC_WARNING = "synchronizing CUDA operation"  # in torch's warning in sync debug mode "warn"
-DEBUG_MODE_NOTE = "Synchronization debug mode is a prototype feature"  # torch's (once per process) on turning it on
+SYNC_WARNING = "synchronizing CUDA operation"  # part of the warning torch gives in sync debug mode "warn"
+DEBUG_MODE_NOTE = "Synchronization debug mode is a prototype feature"  # torch says once when the mode is turned on
 
 
 class CaptureFailed(RuntimeError):
