@@ -588,6 +588,9 @@ class Trainer:
         finally:
             if self.log is not None:
                 self.log.close()
+            # the graphs hold their memory pool and refer back to this trainer (their body is its step): drop
+            # them now, so a sweep training runs one after another in this process gets the memory back at once
+            self.graphs = None
 
     def loop(self) -> None:
         recipe, t = self.recipe, self.recipe.train
