@@ -35,12 +35,16 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / ms / 1e6
 
 
+def _grad_inputs(inputs) -> list[torch.Tensor]:
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
 def time_fwd_bwd(fn, inputs, dy):
     import triton
 
     fwd = triton.testing.do_bench(lambda: fn(*inputs), return_mode="median")
     y = fn(*inputs)
-    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = _grad_inputs(inputs)
     bwd = triton.testing.do_bench(lambda: torch.autograd.grad(y, grads, dy, retain_graph=True), return_mode="median")
     return fwd, bwd
 
@@ -50,7 +54,7 @@ def time_graphed_fwd_bwd(fn, inputs, dy) -> float:
     training step (`train.cuda_graph`), with no host launch time in it."""
     import triton
 
-    grads = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = _grad_inputs(inputs)
 
     def fwd_bwd():
         torch.autograd.grad(fn(*inputs), grads, dy)

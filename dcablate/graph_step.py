@@ -58,8 +58,8 @@ class _Captured:
 class GraphedSteps:
     """`step(x, y)` -> [3] tensor (skipped, loss, gradient norm), run through CUDA graphs.
 
-    `body(x, y)` is the eager step: zero the gradients in place, forward/backward, clip, optimizer step
-    with `found_inf`; it must return the [3] tensor without a host sync. `keep_state()` returns a function
+    `body(x, y, extra)` is the eager step: zero the gradients in place, forward/backward, clip, optimizer
+    step with `found_inf`; it must return the [3] tensor without a host sync. `keep_state()` returns a function
     that restores model state a forward leaves behind (see module doc). With `strict`, a failed capture
     raises `CaptureFailed`; otherwise `warn` gets one line and every later step runs eagerly."""
 
@@ -84,35 +84,35 @@ class GraphedSteps:
         return self.failed or len(self.graphs) >= min(len(self.seen), MAX_GRAPHS)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> torch.Tensor:
-        """The step on this batch; `extra` (hashable) is whatever else the body's Python reads from the host
-        and a graph bakes in (MQAR: the scored targets per row)."""
+        """The step on this batch; `extra` (hashable) is the body's third argument, host values that a graph
+        bakes in (MQAR: the scored targets per row), so it is part of the graph's key."""
         key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra)
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen and not self.failed:  # first sighting: eager, and checked for host waits
                 self.seen.add(key)
-                return self.eager_checked(x, y)
+                return self.eager_checked(x, y, extra)
             if self.failed or len(self.graphs) >= MAX_GRAPHS:
-                return self.body(x, y)
-            graph = self.capture(key, x, y)
+                return self.body(x, y, extra)
+            graph = self.capture(key, x, y, extra)
             if graph is None:
-                return self.body(x, y)
+                return self.body(x, y, extra)
         return self.replay(graph, x, y)
 
-    def eager_checked(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eager_checked(self, x: torch.Tensor, y: torch.Tensor, extra) -> torch.Tensor:
         """The eager step, watched for operations that make the host wait on the GPU: those cannot be
         captured, and a capture they break keeps its memory pool reserved for good (torch 2.11), so such a
         step is never captured."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            before = torch.cuda.get_sync_debug_mode() if x.is_cuda else None
-            if x.is_cuda and before == 0:  # a mode the user set (e.g. "error") is left as it is
+            watch = x.is_cuda and torch.cuda.get_sync_debug_mode() == 0  # a mode the user set is left as it is
+            if watch:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                out = self.body(x, y)
+                out = self.body(x, y, extra)
             finally:
-                if x.is_cuda:
-                    torch.cuda.set_sync_debug_mode(before)
+                if watch:
+                    torch.cuda.set_sync_debug_mode(0)
         waits = [str(w.message).strip().splitlines()[0] for w in caught if SYNC_WARNING in str(w.message)]
         for w in caught:  # the step's other warnings are passed on; torch's note on the debug mode itself is not
             if SYNC_WARNING not in str(w.message) and DEBUG_MODE_NOTE not in str(w.message):
@@ -129,7 +129,7 @@ class GraphedSteps:
             raise CaptureFailed(line) from cause
         self.warn(f"{line}; training continues without CUDA graphs (same results, more host time)")
 
-    def capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor) -> _Captured | None:
+    def capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor, extra) -> _Captured | None:
         """Record the step for this shape (nothing runs yet); None after a failure that is not strict."""
         c = _Captured(x, y)
         saved = [(group["lr"], group["capturable"]) for group in self.optimizer.param_groups]
@@ -143,7 +143,7 @@ class GraphedSteps:
         try:
             # thread_local: only this thread's calls are checked (a log writer's thread may use CUDA meanwhile)
             with torch.cuda.graph(c.graph, pool=self.pool, capture_error_mode="thread_local"):
-                c.out = self.body(c.x, c.y)
+                c.out = self.body(c.x, c.y, extra)
         except Exception as e:  # an op that cannot be captured, or out of memory while capturing
             # a broken capture leaves its side stream current and the CUDA generator in capture mode (the next
             # random op would fail): put both back as they were

@@ -193,14 +193,14 @@ class ScoredCounts:
     the host spares a GPU->host sync per step and lets the step be captured as a CUDA graph."""
 
     def __init__(self):
-        self.queue: collections.deque[torch.Tensor] = collections.deque()
+        self.queue: collections.deque[tuple[int, ...]] = collections.deque()
 
     def wrap(self, batches):
         for x, y in batches:
-            self.queue.append((y != -100).sum(-1))
+            self.queue.append(tuple((y != -100).sum(-1).tolist()))
             yield x, y
 
-    def pop(self) -> torch.Tensor:
+    def pop(self) -> tuple[int, ...]:
         return self.queue.popleft()
 
 
@@ -264,7 +264,6 @@ class Trainer:
         self.deferred = bool(self.optimizer.defaults.get("fused")) and not self.fsdp
         self.micro = recipe.train.micro_batch_size  # halved at run time on CUDA OOM (train.oom_retry)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self.row_scored: torch.Tensor | None = None  # the current batch's, see `train_step`
         self.graphs = None
         if graphs_allowed(recipe.train.cuda_graph, device, self.deferred):
             self.graphs = GraphedSteps(self.deferred_step, self.optimizer, lambda: moe_routing_state(self.net),
@@ -372,7 +371,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- steps
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, row_scored: torch.Tensor | None = None
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward/backward over micro-batches (the loss weighted by scored targets, so the sum equals the
         full-batch mean), clip, and step unless the loss or gradient is not finite; then the scheduler.
@@ -383,24 +382,19 @@ class Trainer:
         one-process full-batch gradient. Every rank makes the same number of passes (a rank short of rows
         runs an empty pass: a real row at weight 0), so the ranks' collectives stay matched.
 
-        `row_scored` (CPU, [B]): each row's count of scored targets, when known (`ScoredCounts`); MQAR's loss
-        then gathers them without a host sync. With CUDA graphs (`train.cuda_graph`) the deferred step is
-        captured and replayed (`graph_step.py`), one graph per batch shape and scored counts."""
-        self.row_scored = row_scored
+        `row_scored`: each row's count of scored targets, when known on the host (`ScoredCounts`); MQAR's
+        loss then gathers them without a host sync. With CUDA graphs (`train.cuda_graph`) the deferred step
+        is captured and replayed (`graph_step.py`), one graph per batch shape and scored counts."""
         if self.deferred:  # the update is skipped on the device; `flush` reports it later
+            step = self.graphs if self.graphs is not None else self.deferred_step
             try:
-                if self.graphs is not None:
-                    key = None if row_scored is None else tuple(row_scored.tolist())
-                    out = self.graphs(x, y, key)
-                else:
-                    out = self.deferred_step(x, y)
-                bad, loss, grad_norm = out.unbind()
+                bad, loss, grad_norm = step(x, y, row_scored).unbind()
             except CaptureFailed as e:
                 raise Stop(f"error: {e}; set train.cuda_graph = \"auto\" or \"off\" to train without graphs", 1) \
                     from None
             self.pending.append((self.step + 1, bad, loss, grad_norm))
         else:
-            loss, grad_norm = self.backward(x, y)
+            loss, grad_norm = self.backward(x, y, row_scored)
             bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
             if ddp.all_max(int(bad)):  # one decision for all ranks
                 self.nonfinite(self.step + 1, loss.item(), grad_norm.item())
@@ -409,10 +403,11 @@ class Trainer:
         self.scheduler.step()
         return loss, grad_norm
 
-    def deferred_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def deferred_step(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
+                      ) -> torch.Tensor:
         """The step with no host sync: (skipped, loss, gradient norm) as one device tensor; the fused AdamW
         skips a non-finite update through `found_inf`."""
-        loss, grad_norm = self.backward(x, y)
+        loss, grad_norm = self.backward(x, y, row_scored)
         bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
         if ddp.active():  # one decision for all ranks, still on the device
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
@@ -420,11 +415,12 @@ class Trainer:
         self.optimizer.step()
         return torch.stack([bad, loss.float(), grad_norm.float()])
 
-    def backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of the batch (micro-batches halved on CUDA OOM when allowed), clipped: (loss, norm)."""
         while True:
             try:
-                loss = self.accumulate(x, y)
+                loss = self.accumulate(x, y, row_scored)
                 break
             except torch.OutOfMemoryError:
                 # while capturing, let the capture fail cleanly: the eager step that follows halves the micro-batch
@@ -441,7 +437,8 @@ class Trainer:
         gradients at fixed addresses for the whole run."""
         self.optimizer.zero_grad(set_to_none=self.graphs is None)
 
-    def accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
+                   ) -> torch.Tensor:
         """Zero the gradients, then forward/backward this rank's rows in micro-batches of `self.micro`;
         returns the summed (logged) loss."""
         world = ddp.world()
@@ -452,41 +449,38 @@ class Trainer:
         chunks: list = list(zip(lx.split(size), ly.split(size)))
         chunks += [(None, None)] * (passes - len(chunks))
         counts = [None] * passes  # scored targets per pass, when known on the host (`row_scored`)
-        if self.row_scored is not None:
-            counts = [int(c.sum()) for c in self.row_scored[rows].split(size)]
-            counts += [int(self.row_scored[0])] * (passes - len(counts))  # an empty pass runs row 0
+        if row_scored is not None:
+            local = row_scored[rows]
+            counts = [sum(local[i:i + size]) for i in range(0, len(local), size)]
+            counts += [row_scored[0]] * (passes - len(counts))  # an empty pass runs row 0
         n_scored = None
         if passes > 1 or world > 1:  # a device tensor when the batch is already there: no host sync
             n_scored = (y != -100).sum()
             n_scored = n_scored if n_scored.is_cuda else int(n_scored)
         self.zero_grads()
         loss = torch.zeros((), device=self.device)
-        try:
-            for i, (xs, ys) in enumerate(chunks):
-                empty = xs is None
-                if empty:
-                    xs, ys = x[:1], y[:1]
-                xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
-                self.net.scored_count = counts[i]
-                with ddp.no_sync(self.model, last=i == len(chunks) - 1):
-                    with self.autocast():
-                        if n_scored is None:
-                            part = self.model(xs, ys)
-                        else:
-                            part = self.model(xs, ys, reduction="sum") / n_scored
-                    aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
-                        self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
-                    scale = 0.0 if empty else float(world)
-                    objective = part * scale if world > 1 or empty else part
-                    if aux is not None:  # aux: this micro-batch's share of the global batch
-                        objective = objective + aux * (scale * len(xs) / len(x))
-                    objective.backward()
-                    if aux is not None:
-                        moe_detach_aux(self.model)
-                if not empty:
-                    loss += part.detach()  # the logged loss stays pure cross-entropy
-        finally:
-            self.net.scored_count = None  # evaluation's forwards count for themselves
+        for i, (xs, ys) in enumerate(chunks):
+            empty = xs is None
+            if empty:
+                xs, ys = x[:1], y[:1]
+            xs, ys = xs.to(self.device, non_blocking=True), ys.to(self.device, non_blocking=True)
+            with ddp.no_sync(self.model, last=i == len(chunks) - 1):
+                with self.autocast():
+                    if n_scored is None:
+                        part = self.model(xs, ys, scored_count=counts[i])
+                    else:
+                        part = self.model(xs, ys, reduction="sum", scored_count=counts[i]) / n_scored
+                aux = None if self.recipe.model.ffn != "moe" else moe_aux_loss(
+                    self.model, self.recipe.model.moe.load_balance_coef, self.recipe.model.moe.z_loss_coef)
+                scale = 0.0 if empty else float(world)
+                objective = part * scale if world > 1 or empty else part
+                if aux is not None:  # aux: this micro-batch's share of the global batch
+                    objective = objective + aux * (scale * len(xs) / len(x))
+                objective.backward()
+                if aux is not None:
+                    moe_detach_aux(self.model)
+            if not empty:
+                loss += part.detach()  # the logged loss stays pure cross-entropy
         ddp.sum_(loss)
         return loss
 

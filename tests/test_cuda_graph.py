@@ -41,7 +41,7 @@ def test_first_sighting_of_a_shape_runs_eagerly_and_is_not_settled():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([w], lr=1e-3)
     calls = []
-    graphs = GraphedSteps(lambda x, y: calls.append(x.shape) or torch.zeros(3), opt, lambda: (lambda: None),
+    graphs = GraphedSteps(lambda x, y, extra: calls.append(x.shape) or torch.zeros(3), opt, lambda: (lambda: None),
                           strict=False, warn=print)
     assert graphs.settled  # nothing seen yet
     graphs(torch.zeros(2, 5), torch.zeros(2, 5))
@@ -65,14 +65,14 @@ def test_a_step_that_waits_on_the_gpu_is_never_captured():
 
     from dcablate.graph_step import CaptureFailed, GraphedSteps
 
-    def body(x, y):
+    def body(x, y, extra):
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
                       "synchronizing operations")  # torch's note when the mode is first turned on: not a wait
         warnings.warn("called a synchronizing CUDA operation")  # what torch's "warn" mode raises
         warnings.warn("something else", UserWarning)
         return torch.zeros(3)
 
-    quiet = GraphedSteps(lambda x, y: _note_only(), torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))]),
+    quiet = GraphedSteps(lambda x, y, extra: _note_only(), torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))]),
                          lambda: (lambda: None), strict=True, warn=print)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the note is swallowed, not passed on, and does not count as a wait
@@ -241,10 +241,10 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_under_auto(when, capsy
     graphed, _ = lm_trainer("auto", overrides)
     body = graphed.graphs.body
 
-    def syncing_body(x, y):
+    def syncing_body(x, y, extra):
         if when == "always" or torch.cuda.is_current_stream_capturing():
             float(x.float().mean())  # a host sync: illegal while capturing
-        return body(x, y)
+        return body(x, y, extra)
 
     graphed.graphs.body = syncing_body
     batches = task.train_batches(2, seed=5)

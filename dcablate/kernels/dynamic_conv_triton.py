@@ -461,15 +461,10 @@ def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, la
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
 def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
     """DZ, with fewer tokens per program where B·T is too small to give every SM one (one program per token
     tile here, each walking all of D)."""
-    sms = _sm_count(device.index) if device.type == "cuda" else 132
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
     launch = DZ
     while launch.BT > 32 and B * cdiv(T, launch.BT) < sms:
         launch = Launch(launch.BT // 2, launch.BD, 4, launch.stages)

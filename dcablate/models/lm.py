@@ -110,7 +110,6 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.config, self.vocab_size = m, vocab_size
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
-        self.scored_count: int | None = None  # their number in the next forward's targets, when the trainer knows it
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
@@ -133,15 +132,16 @@ class LanguageModel(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", scored_count: int | None = None) -> torch.Tensor:
         """Logits `[B, T, V]`, or with `targets` the cross-entropy over the scored positions
         (target != -100), `mean` or `sum`, in fp32. The loss goes through `forward` so that wrappers
-        such as DDP see the call that produces the gradients."""
+        such as DDP see the call that produces the gradients. `scored_count`: how many targets are scored,
+        when the caller knows it on the host (see `scored`)."""
         if targets is None:
             return self.lm_head(self.hidden(input_ids))
         h = self.hidden(input_ids)
         if self.gather_scored:  # MQAR: a handful of scored positions, gathered before the vocabulary-wide head
-            h, targets = scored(h, targets, self.scored_count)
+            h, targets = scored(h, targets, scored_count)
         else:  # LM: nearly every position counts; ignore_index skips the rest without the gather's host sync
             h, targets = h.flatten(0, -2), targets.flatten()
         if self.use_fused_ce(h):
