@@ -359,24 +359,28 @@ def test_combine_out_dtype_rounds_once_cpu():
         assert torch.equal(a, b)
 
 
-def gather_pairs_gradient(N, k, D, dtype, device):
-    """x's gradient through `_GatherPairs`, and the torch expression (gather, then sum of each token's k
-    rows) it replaces on CUDA."""
+def gather_pairs_gradient(N, k, D, dtype, device, pair_dtype=None):
+    """x's gradient through `_GatherPairs` (pairs in `pair_dtype`, default x's), and the torch expression
+    (gather, then sum of each token's k rows in fp32) it replaces on CUDA."""
     g = torch.Generator().manual_seed(0)
     order = torch.argsort(torch.randint(0, 5, (N * k,), generator=g), stable=True).to(device)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(N * k, device=device)
     x = torch.randn(N, D, generator=g).to(device, dtype).requires_grad_()
-    grad = torch.randn(N * k, D, generator=g).to(device, dtype)
-    xs = _GatherPairs.apply(x, order, inverse, k)
-    assert torch.equal(xs, x[order // k])
+    pair_dtype = pair_dtype or dtype
+    grad = torch.randn(N * k, D, generator=g).to(device, pair_dtype)
+    xs = _GatherPairs.apply(x, order, inverse, k, pair_dtype)
+    assert xs.dtype == pair_dtype and torch.equal(xs, x[order // k].to(pair_dtype))
     (gx,) = torch.autograd.grad(xs, x, grad)
-    return gx, grad[inverse].unflatten(0, (-1, k)).sum(1)
+    assert gx.dtype == dtype
+    return gx, grad[inverse].unflatten(0, (-1, k)).float().sum(1).to(dtype)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_gather_pairs_gradient_cpu(k):
     gx, expected = gather_pairs_gradient(9, k, 12, torch.float32, "cpu")
+    assert torch.equal(gx, expected)
+    gx, expected = gather_pairs_gradient(9, k, 12, torch.float32, "cpu", torch.bfloat16)  # fp32 x, bf16 GEMMs
     assert torch.equal(gx, expected)
 
 
@@ -386,10 +390,13 @@ def test_gather_pairs_gradient_cpu(k):
 @pytest.mark.parametrize("shape", [(9, 1, 12), (33, 2, 64), (4096, 2, 1024), (100, 3, 1030)],
                          ids=lambda s: "N{}_k{}_D{}".format(*s))
 def test_gather_pairs_gradient_cuda(shape, dtype):
-    """On CUDA the gradient is the combine kernel with unit weights: the torch expression to rounding."""
+    """On CUDA the gather and the gradient are the combine kernel with unit weights: the torch expression to
+    rounding; also fp32 tokens gathered into bf16 pairs (the cast in the gather's pass)."""
     gx, expected = gather_pairs_gradient(*shape, dtype, "cuda")
-    assert gx.dtype == dtype
     torch.testing.assert_close(gx, expected)
+    if dtype == torch.float32:
+        gx, expected = gather_pairs_gradient(*shape, dtype, "cuda", torch.bfloat16)
+        torch.testing.assert_close(gx, expected)
 
 
 @pytest.mark.gpu

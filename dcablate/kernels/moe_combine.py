@@ -10,8 +10,9 @@ form of the same thing runs as N tiny GEMMs); the torch reference is the CPU pat
 Accumulation is fp32; `out` comes back in `out_dtype` (default: the weights' dtype promoted to at least
 fp32; a bf16 caller asks for bf16 and saves a cast pass each way), `dw` in w's dtype, `dys` in ys's.
 
-`sum_rows(ys, rows)` is the same sum with unit weights, `out[n] = sum_j ys[rows[n, j]]` in ys's dtype: the
-backward of the MoE's gather of token rows into pair order, on CUDA the forward kernel without weights.
+`sum_rows(ys, rows)` is the same sum with unit weights, `out[n] = sum_j ys[rows[n, j]]` in ys's dtype (or a
+given one): the backward of the MoE's gather of token rows into pair order, and with one slot that gather
+itself (cast on the way); on CUDA the forward kernel without weights.
 """
 
 from __future__ import annotations
@@ -37,14 +38,19 @@ def moe_combine(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
     return moe_combine_reference(ys, rows, w, out_dtype)
 
 
-def sum_rows(ys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """`out[n] = sum_j ys[rows[n, j]]`, `[N, D]` in ys's dtype (not differentiable). On CUDA one kernel
-    accumulating in fp32, instead of materialising the `[N, k, D]` gather and reducing it."""
+def sum_rows(ys: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`out[n] = sum_j ys[rows[n, j]]`, `[N, D]` in `out_dtype` (default ys's; not differentiable). On CUDA
+    one kernel accumulating in fp32, instead of materialising the `[N, k, D]` gather and reducing it.
+    With one slot (`rows [N, 1]`) it is a gather of rows that also casts them, in one pass."""
+    out_dtype = out_dtype or ys.dtype
     if ys.is_cuda:
         from .moe_combine_triton import combine_fwd
 
-        return combine_fwd(ys.contiguous(), rows.contiguous(), None, ys.dtype)
-    return ys[rows].sum(1)
+        return combine_fwd(ys.contiguous(), rows.contiguous(), None, out_dtype)
+    if rows.shape[1] == 1:
+        return ys[rows[:, 0]].to(out_dtype)
+    acc = torch.promote_types(ys.dtype, torch.float32)
+    return ys[rows].to(acc).sum(1).to(out_dtype)
 
 
 class _MoECombine(torch.autograd.Function):

@@ -13,8 +13,8 @@ Switch-style top-1 routing where the weight is the raw score.
 Experts are SwiGLU, stored stacked: `w_gate [E, D, F]`, `w_up [E, D, F]`, `w_down [E, F, D]`;
 expert e computes `(silu(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`. Two implementations of the
 same function:
-    `_experts_grouped`  pairs sorted by expert, one grouped GEMM per projection
-                        (`torch.nn.functional.grouped_mm`, or `torch._grouped_mm` on older torch);
+    `_experts_grouped`  pairs sorted by expert, two grouped GEMMs (gate and up packed into one, then down;
+                        `torch.nn.functional.grouped_mm`, or `torch._grouped_mm` on older torch);
                         used on CUDA in bf16 (autocast or bf16 input) when D and F keep 16-byte strides.
     `_experts_loop`     a loop over experts (gather, SwiGLU, weighted `index_add_`): the CPU path,
                         the `backend = "torch"` path and the test oracle.
@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.moe_combine import moe_combine, sum_rows
-from .activations import swiglu
+from ..kernels.moe_experts import expert_weights, swiglu_packed
 from .conv import conv_or_identity, conv_prefill, conv_step, make_conv
 from .ffn import SwiGLU
 
@@ -64,21 +64,22 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 class _GatherPairs(torch.autograd.Function):
-    """Token rows for the (token, slot) pairs in expert order: `x[order // k]` for `x [N, D]`, where pair
-    p = token * k + slot. The gradient sums each token's k rows, found through the inverse permutation
-    (`sum_rows`: one fp32-accumulating kernel on CUDA, a gather and a sum on CPU): no atomics,
-    deterministic."""
+    """Token rows for the (token, slot) pairs in expert order, in the GEMMs' `dtype`: `x[order // k]` for
+    `x [N, D]`, where pair p = token * k + slot; cast in the same pass as the gather (`sum_rows` with one
+    slot), so an fp32 x is not first cast whole. The gradient, in x's dtype, sums each token's k rows, found
+    through the inverse permutation (`sum_rows`: one fp32-accumulating kernel on CUDA, a gather and a sum on
+    CPU): no atomics, deterministic."""
 
     @staticmethod
-    def forward(ctx, x, order, inverse, k):
+    def forward(ctx, x, order, inverse, k, dtype=None):
         ctx.save_for_backward(inverse)
-        ctx.k = k
-        return x[torch.div(order, k, rounding_mode="floor")]
+        ctx.k, ctx.dtype = k, x.dtype
+        return sum_rows(x, torch.div(order, k, rounding_mode="floor").view(-1, 1), dtype or x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        return sum_rows(grad, inverse.view(-1, ctx.k)), None, None, None
+        return sum_rows(grad, inverse.view(-1, ctx.k), ctx.dtype), None, None, None, None
 
 
 def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -174,10 +175,11 @@ class MoE(nn.Module):
 
     def _experts_grouped(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                          dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Same function as `_experts_loop` with three grouped GEMMs over the (token, slot) pairs sorted by
-        expert (offsets = cumulative `counts`, int32; empty experts are empty groups); matmuls in `dtype`
-        (default: x's). Token rows are gathered once per pair (`_GatherPairs`, whose backward is a gathered
-        sum, never an atomic scatter); SwiGLU is one fused kernel each way on CUDA; `moe_combine` weights
+        """Same function as `_experts_loop` with two grouped GEMMs over the (token, slot) pairs sorted by
+        expert (offsets = cumulative `counts`, int32; empty experts are empty groups): gate and up packed into
+        one `[E, D, 2F]` weight (`expert_weights`), then down; matmuls in `dtype` (default: x's). Token rows are
+        gathered once per pair (`_GatherPairs`, whose backward is a gathered sum, never an atomic scatter);
+        SwiGLU is one fused kernel each way on CUDA (`swiglu_packed`); `moe_combine` weights
         the experts' D-wide outputs (not the F-wide hidden) and sums each token's k slots in one pass, fp32
         accumulation, output in `out_dtype` (default: the weights' dtype, >= fp32)."""
         N, k = experts.shape
@@ -186,10 +188,10 @@ class MoE(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        xs = _GatherPairs.apply(x.to(dtype), order, inverse, k)
-        gate = _grouped_mm(xs, self.w_gate.to(dtype), offs=offs)
-        up = _grouped_mm(xs, self.w_up.to(dtype), offs=offs)
-        ys = _grouped_mm(swiglu(gate, up, self.backend), self.w_down.to(dtype), offs=offs)
+        xs = _GatherPairs.apply(x, order, inverse, k, dtype)
+        w_gu, w_down = expert_weights(self.w_gate, self.w_up, self.w_down, dtype)
+        gu = _grouped_mm(xs, w_gu, offs=offs)                            # [M, 2F] = [gate | up]
+        ys = _grouped_mm(swiglu_packed(gu, self.backend), w_down, offs=offs)
         return moe_combine(ys, inverse.view(N, k), weights, out_dtype)
 
     def _grouped_dtype(self, x: torch.Tensor) -> torch.dtype | None:
