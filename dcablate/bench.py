@@ -266,10 +266,13 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
     return rows
 
 
-def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_experts: int = 8,
+def moe_benchmark(batches=(8, 16), seq_len: int = 2048, d_model: int = 1024, n_experts: int = 8,
                   top_k: int = 2, profile: bool = False) -> list[tuple]:
     """MoE (grouped GEMM) vs a dense SwiGLU MLP with the same active parameters (hidden = top_k x
-    d_expert), forward + backward + AdamW step, bf16 autocast over fp32 parameters."""
+    d_expert), forward + backward + AdamW step, bf16 autocast over fp32 parameters, at each batch size.
+    The MoE holds E / top_k times the dense parameters (4x at 8 experts top-2): their AdamW step and weight
+    casts cost the same at any batch, so the step's ratio depends on the tokens per step. `profile`
+    profiles the first batch size."""
     _need_cuda("moe")
     import triton
 
@@ -281,29 +284,37 @@ def moe_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024, n_ex
     d_expert = swiglu_hidden(d_model, 0)
     moe = MoE(d_model, n_experts, top_k, d_expert).cuda()
     dense = SwiGLU(d_model, top_k * d_expert).cuda()
-    x = torch.randn(batch, seq_len, d_model, device="cuda", requires_grad=True)
-    dy = torch.randn(batch, seq_len, d_model, device="cuda", dtype=torch.bfloat16)
+    variants = ((f"MoE {n_experts} experts top-{top_k} (grouped GEMM)", moe),
+                (f"dense SwiGLU hidden {top_k * d_expert}", dense))
     rows = []
-    for label, module in ((f"MoE {n_experts} experts top-{top_k} (grouped GEMM)", moe),
-                          (f"dense SwiGLU hidden {top_k * d_expert}", dense)):
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+    for n, batch in enumerate(batches):
+        x = torch.randn(batch, seq_len, d_model, device="cuda", requires_grad=True)
+        dy = torch.randn(batch, seq_len, d_model, device="cuda", dtype=torch.bfloat16)
+        for label, module in variants:
+            opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = module(x)
-            out.backward(dy)
-            opt.step()
-        ms = triton.testing.do_bench(step, return_mode="median")
-        if profile:
-            print_profile(label, step, ms)
-        fb = time_train_step(module, x, dy)
-        active = sum(p.numel() for p in module.parameters()) if module is dense else \
-            top_k * 3 * d_model * d_expert + d_model * n_experts
-        rows.append((label, sum(p.numel() for p in module.parameters()), active, fb, ms))
-    print(f"\nB{batch} T{seq_len} d_model {d_model}, d_expert {d_expert}")
-    print(f"{'variant':40s} {'params':>12s} {'active':>12s} {'fwd+bwd ms':>11s} {'step ms':>9s}")
-    for label, params, active, fb, ms in rows:
-        print(f"{label:40s} {params:12,d} {active:12,d} {fb:11.2f} {ms:9.2f}")
-    print(f"MoE / dense: fwd+bwd {rows[0][3] / rows[1][3]:.2f}x, step {rows[0][4] / rows[1][4]:.2f}x")
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = module(x)
+                out.backward(dy)
+                opt.step()
+            ms = triton.testing.do_bench(step, return_mode="median")
+            if profile and n == 0:
+                print_profile(label, step, ms)
+            fb = time_train_step(module, x, dy)
+            active = sum(p.numel() for p in module.parameters()) if module is dense else \
+                top_k * 3 * d_model * d_expert + d_model * n_experts
+            rows.append((label, batch, sum(p.numel() for p in module.parameters()), active, fb, ms))
+            del opt
+        del x, dy
+        torch.cuda.empty_cache()
+    print(f"\nT{seq_len} d_model {d_model}, d_expert {d_expert}")
+    print(f"{'variant':40s} {'batch':>5s} {'tokens':>7s} {'params':>12s} {'active':>12s} {'fwd+bwd ms':>11s} "
+          f"{'step ms':>9s}")
+    for label, batch, params, active, fb, ms in rows:
+        print(f"{label:40s} {batch:5d} {batch * seq_len:7d} {params:12,d} {active:12,d} {fb:11.2f} {ms:9.2f}")
+    for moe_row, dense_row in zip(rows[::2], rows[1::2]):
+        print(f"MoE / dense at {moe_row[1] * seq_len} tokens per step: fwd+bwd {moe_row[4] / dense_row[4]:.2f}x, "
+              f"step {moe_row[5] / dense_row[5]:.2f}x")
     return rows

@@ -327,15 +327,20 @@ def bench_mixer(batch, seq_len, d_model):
 
 @bench.command(name="moe")
 @layer_shape(min_d_model=16)
+@click.option("--also-batch", type=click.IntRange(min=1), multiple=True, default=[16], show_default=True,
+              help="More batch sizes to time after --batch: the optimizer step's share shrinks as the tokens per "
+                   "step grow (repeatable).")
 @click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--profile", is_flag=True,
-              help="Also print the kernels, and the host ops with their input shapes, that take each variant's step time.")
-def bench_moe(batch, seq_len, d_model, experts, top_k, profile):
+              help="Also print the kernels, and the host ops with their input shapes, that take each variant's step "
+                   "time (at --batch).")
+def bench_moe(batch, seq_len, d_model, also_batch, experts, top_k, profile):
     """MoE vs a dense SwiGLU MLP with the same active parameters (fwd+bwd and AdamW step, bf16)."""
     from .bench import moe_benchmark
 
-    moe_benchmark(batch, seq_len, d_model, experts, top_k, profile)
+    batches = list(dict.fromkeys([batch, *also_batch]))
+    moe_benchmark(batches, seq_len, d_model, experts, top_k, profile)
 
 
 @bench.command(name="train")
