@@ -329,7 +329,7 @@ def bench_mixer(batch, seq_len, d_model):
 @layer_shape(min_d_model=16)
 @click.option("--also-batch", type=click.IntRange(min=1), multiple=True, default=[16], show_default=True,
               help="More batch sizes to time after --batch: the optimizer step's share shrinks as the tokens per "
-                   "step grow (repeatable).")
+                   "step grow (repeatable; give --batch's own value to time only --batch).")
 @click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--profile", is_flag=True,

@@ -218,18 +218,17 @@ def _dyn_conv_bwd_dz(x, U, dy, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constex
 
 @triton.jit
 def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, S_IN_DOT: tl.constexpr,
-                        VARLEN: tl.constexpr, PREC: tl.constexpr):
+                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
+                        PREC: tl.constexpr):
     """dU_k^T [BD, BR] += g^T z over a run of tokens, g = dy_t ⊙ x_{t-k}: the channel block is the dot's M
-    dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k = sum_t g: with a
-    spare padding column in z (`S_IN_DOT`, R < BR) that column is set to 1 and the dot sums it; otherwise g
-    is added element-wise into a [BT, BD] tile whose rows are reduced once at the end. Reducing g's rows
-    per token tile (across warps, through shared memory) made this kernel 2-2.4x slower on an H100."""
+    dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k = sum_t g comes from the
+    same dot: z's column R (a padding column, BR > R) is set to 1. Summing g element-wise instead kept g in
+    registers and its loads out of the software pipeline: 1.5x slower at R = 16 on an H100 (session 9), and
+    reducing g's rows per token tile (across warps, through shared memory) 2-2.4x slower."""
     pid_d, k = tl.program_id(0), tl.program_id(1)
     b, start, end = _run_of(tl.program_id(2), T, tokens_per_run)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     dU_acc = tl.zeros([BD, BR], dtype=tl.float32)
-    dS_acc = tl.zeros([BT, BD], dtype=tl.float32)  # unused with S_IN_DOT (the compiler drops it)
     for t0 in range(start, end, BT):
         t = t0 + tl.arange(0, BT)
         mt = t < T
@@ -239,17 +238,12 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.co
         dy_t = _rows(dy, b, T, t, d, D, mt, md)
         g = dy_t * xs                     # dK_t[k, d]
         zt = _rows(z, b, T, t, r, R, mt, mr)
-        if S_IN_DOT:
+        if HAS_S:
             zt = tl.where(r[None, :] == R, 1.0, zt)
         dU_acc += _dot(tl.trans(g), zt, PREC)
-        if HAS_S and not S_IN_DOT:
-            dS_acc += g
     tl.atomic_add(dU + (r[None, :] * W + k) * D + d[:, None], dU_acc, mask=mr[None, :] & md[:, None])
     if HAS_S:
-        if S_IN_DOT:
-            dS_k = tl.sum(tl.where(r[None, :] == R, dU_acc, 0.0), axis=1)
-        else:
-            dS_k = tl.sum(dS_acc, axis=0)
+        dS_k = tl.sum(tl.where(r[None, :] == R, dU_acc, 0.0), axis=1)
         tl.atomic_add(dS + k * D + d, dS_k, mask=md)
 
 
@@ -327,9 +321,7 @@ class Launch:
 FWD = Launch(32, 64, stages=1, programs=264)
 DX = Launch(32, 64, stages=1, programs=1056)  # prefetches by hand
 DZ = Launch(128, 64, warps=8)  # halved down to 32 tokens (4 warps) while that leaves fewer programs than SMs
-DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot (R below its padded size BR, e.g. 15)
-DUDS_ELEMENTWISE_DS = Launch(64, 64, stages=1, programs=512)  # dS summed element-wise (R = 16, 32, ...):
-# software-pipelining this path's loads made it slower at every tile (paper shape: 0.145 ms unpipelined, 0.215 at 3 stages)
+DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot through z's padding column of ones
 
 
 _SHALLOWER: dict = {}  # (kernel, launch, constexprs, device) -> the shallower pipeline depth that fit there
@@ -483,16 +475,6 @@ def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtyp
     return dz
 
 
-def _ds_from_dot(R: int) -> bool:
-    """Whether the dU/dS kernel takes dS from its dot, through a padding column of z (R below its padded size)."""
-    return R < max(16, next_power_of_2(R))
-
-
-def duds_launch(R: int, has_S: bool) -> Launch:
-    """The tuned dU/dS launch for its dS path."""
-    return DUDS if not has_S or _ds_from_dot(R) else DUDS_ELEMENTWISE_DS
-
-
 def _weight_grads(R: int, W: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Zeroed fp32 dU [R, W, D] and dS [W, D] for the kernels to add into: views of one buffer (row R is dS),
     so one zero-fill per backward."""
@@ -505,14 +487,13 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     kernel's dS path."""
     B, T, D = x.shape
     R = z.shape[-1]
-    s_in_dot = has_S and _ds_from_dot(R)
-    launch = launch or duds_launch(R, has_S)
-    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
+    launch = launch or DUDS
+    BT, BD, BR = _block_sizes(D, R + 1 if has_S else R, launch.BT, launch.BD)  # + z's column of ones for dS
     dU, dS = _weight_grads(R, W, D, x.device)
     n_d = cdiv(D, BD)
     runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
     _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, S_IN_DOT=s_in_dot, VARLEN=varlen, PREC=prec)
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec)
     return dU, dS
 
 

@@ -63,6 +63,7 @@ class _ExpertWeights(torch.autograd.Function):
         return gu, down
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_gu, d_down):
         from .moe_experts_triton import cast_rows
 
@@ -92,6 +93,7 @@ class _SwiGLUPacked(torch.autograd.Function):
         return swiglu_packed_fwd(gu)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
         from .moe_experts_triton import swiglu_packed_bwd
 

@@ -17,6 +17,8 @@ import triton.language as tl
 from . import cdiv
 
 _BLOCK = 2048
+# Offsets are int64 (`program_id(0).to(tl.int64)`): the packed SwiGLU of a 64k-token step is 2^28 elements
+# already, and a larger batch or F would overflow int32 pointer arithmetic.
 
 
 @triton.jit

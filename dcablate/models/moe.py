@@ -77,6 +77,7 @@ class _GatherPairs(torch.autograd.Function):
         return sum_rows(x, torch.div(order, k, rounding_mode="floor").view(-1, 1), dtype or x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         return sum_rows(grad, inverse.view(-1, ctx.k), ctx.dtype), None, None, None, None
