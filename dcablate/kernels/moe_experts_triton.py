@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_power_of_2
+from . import cdiv
 
 _BLOCK = 2048
 # Offsets are int64 (`program_id(0).to(tl.int64)`): the packed SwiGLU of a 64k-token step is 2^28 elements
@@ -22,11 +22,10 @@ _BLOCK = 2048
 
 
 @triton.jit
-def _cast_rows_kernel(src, dst, cols, src_stride, dst_stride, BLOCK: tl.constexpr):
-    # a (row, column block) grid: contiguous columns with no per-element division, so loads and stores vectorise
-    row = tl.program_id(0).to(tl.int64)
-    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = col < cols
+def _cast_rows_kernel(src, dst, n, cols, src_stride, dst_stride, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n
+    row, col = idx // cols, idx % cols
     v = tl.load(src + row * src_stride + col, mask=ok)
     tl.store(dst + row * dst_stride + col, v.to(dst.dtype.element_ty), mask=ok)
 
@@ -35,10 +34,10 @@ def cast_rows(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """Copy 2-D `src` into 2-D `dst` (same shape, unit column stride each), converting the dtype."""
     rows, cols = src.shape
     assert dst.shape == src.shape and src.stride(1) == 1 and dst.stride(1) == 1
-    if rows and cols:
-        block = max(16, min(1024, next_power_of_2(cols)))
-        _cast_rows_kernel[(rows, cdiv(cols, block))](src, dst, cols, src.stride(0), dst.stride(0), BLOCK=block,
-                                                      num_warps=4)
+    n = rows * cols
+    if n:
+        _cast_rows_kernel[(cdiv(n, _BLOCK),)](src, dst, n, cols, src.stride(0), dst.stride(0), BLOCK=_BLOCK,
+                                             num_warps=8)
     return dst
 
 
