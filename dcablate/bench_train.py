@@ -156,8 +156,9 @@ MAX_SETTLE_STEPS = 200  # untimed steps beyond --warmup while a variant still ca
 
 def time_steps(step, batches, device: torch.device, warmup: int, steps: int,
                settled=lambda: True) -> tuple[list[float], int, int]:
-    """Run `step(x, y)` `warmup` times, and on while `settled()` is false (at most MAX_SETTLE_STEPS more), then
-    `steps` timed times: per-step ms, tokens and scored targets of the timed steps."""
+    """Run `step(*batch)` (a batch: `x, y`, and whatever else `batches` hands out with them) `warmup` times, and
+    on while `settled()` is false (at most MAX_SETTLE_STEPS more), then `steps` timed times: per-step ms, tokens
+    and scored targets of the timed steps."""
     for _ in range(warmup):
         step(*next(batches))
     for _ in range(MAX_SETTLE_STEPS):
@@ -168,9 +169,10 @@ def time_steps(step, batches, device: torch.device, warmup: int, steps: int,
     mark, elapsed = clock(device)
     marks, tokens, scored = [], 0, torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(steps):
-        x, y = next(batches)
+        batch = next(batches)
+        x, y = batch[:2]
         start = mark()
-        step(x, y)
+        step(*batch)
         marks.append((start, mark()))
         tokens += x.numel()
         scored += (y != -100).sum()  # on the device: read once at the end
@@ -193,7 +195,7 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
     its step time (a few more steps under torch.profiler, CUDA only)."""
     from .info import costs
     from .models.moe import moe_load_stats
-    from .train import NullLog, Prefetcher, ScoredCounts, Trainer, check_runtime
+    from .train import NullLog, Trainer, check_runtime
 
     device = check_runtime(r)
     task = bench_task(r)
@@ -204,23 +206,17 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
     trainer.shrink_micro_batch = lambda batch: False  # a bench times the recipe's micro-batch or reports OOM
     seq_len = train_seq_len(r, task)
     info = costs(trainer.net, seq_len)
-    counts = ScoredCounts() if trainer.net.gather_scored else None  # as `Trainer.loop` steps MQAR
-    source = task.train_batches(r.train.batch_size, seed=r.run.seed)
-    batches = Prefetcher(counts.wrap(source) if counts else source, device)
-
-    def step(x, y):
-        return trainer.train_step(x, y, counts.pop() if counts else None)
-
+    batches = trainer.batches(task.train_batches(r.train.batch_size, seed=r.run.seed))  # as `Trainer.loop` draws them
     trainer.model.train()
     try:
         # graphed variants are timed once every batch shape seen has its graph (MQAR: one per segment)
-        times, tokens, scored = time_steps(step, batches, device, warmup, steps,
+        times, tokens, scored = time_steps(trainer.train_step, batches, device, warmup, steps,
                                            settled=lambda: trainer.graphs is None or trainer.graphs.settled)
         trainer.flush()  # a non-finite step stops here as it would stop a run
         if profile and device.type == "cuda":
             from .bench import print_profile
 
-            print_profile(label, lambda: step(*next(batches)), statistics.median(times), steps=3, rows=30)
+            print_profile(label, lambda: trainer.train_step(*next(batches)), statistics.median(times), steps=3, rows=30)
         # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
         max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
         graphs = trainer.graphs.captured if trainer.graphs is not None else 0

@@ -586,11 +586,16 @@ class Trainer:
             # them now, so a sweep training runs one after another in this process gets the memory back at once
             self.graphs = None
 
+    def batches(self, source):
+        """`(x, y, row_scored)` for each batch of `source`, prefetched to the device; `row_scored` (the argument
+        of `train_step`) is each row's scored-target count when MQAR's loss gathers them, else None."""
+        counts = ScoredCounts() if self.net.gather_scored else None
+        for x, y in Prefetcher(counts.wrap(source) if counts else source, self.device):
+            yield x, y, counts.pop() if counts else None
+
     def loop(self) -> None:
         recipe, t = self.recipe, self.recipe.train
-        batches = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step)
-        counts = ScoredCounts() if self.net.gather_scored else None
-        batches = Prefetcher(counts.wrap(batches) if counts else batches, self.device)
+        batches = self.batches(self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=self.step))
         bar = tqdm(total=t.steps, initial=self.step, disable=self.quiet or not recipe.log.progress or not self.main,
                    dynamic_ncols=True, leave=False, desc=recipe.run.name)
         tokens_since, time_since, postfix = 0, time.time(), {}
@@ -598,8 +603,8 @@ class Trainer:
         while not self.done and self.step < t.steps:
             self.check_signal()
             self.phase = f"training step {self.step + 1}"
-            x, y = next(batches)
-            loss, grad_norm = self.train_step(x, y, counts.pop() if counts else None)
+            x, y, row_scored = next(batches)
+            loss, grad_norm = self.train_step(x, y, row_scored)
             self.step += 1
             tokens_since += x.numel()
             bar.update(1)

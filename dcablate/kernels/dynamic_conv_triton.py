@@ -483,8 +483,7 @@ def _weight_grads(R: int, W: int, D: int, device: torch.device) -> tuple[torch.T
 
 
 def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None):
-    """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S); `launch` None picks the tuned one for the
-    kernel's dS path."""
+    """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S); `launch` None is the tuned DUDS."""
     B, T, D = x.shape
     R = z.shape[-1]
     launch = launch or DUDS

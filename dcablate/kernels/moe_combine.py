@@ -47,8 +47,6 @@ def sum_rows(ys: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype | None
         from .moe_combine_triton import combine_fwd
 
         return combine_fwd(ys.contiguous(), rows.contiguous(), None, out_dtype)
-    if rows.shape[1] == 1:
-        return ys[rows[:, 0]].to(out_dtype)
     acc = torch.promote_types(ys.dtype, torch.float32)
     return ys[rows].to(acc).sum(1).to(out_dtype)
 
