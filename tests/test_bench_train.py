@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcablate import checkpoint
-from dcablate import recipe as R
+from dcablate.training import checkpoint
+from dcablate.config import recipe as R
 from dcablate.cli import main
 from faults import nan_at
 from tiny_recipes import merge, run_cli, tiny_mqar
@@ -156,7 +156,7 @@ def test_fla_reference_on_cuda(tmp_path, monkeypatch, capsys):
 
 
 def test_compare_splits_only_top_level_commas():
-    from dcablate.bench_train import parse_compare
+    from dcablate.bench.train import parse_compare
 
     assert parse_compare("dyn: model.conv.kind=dynamic, sweep.zip=[['a', 'b']]") == \
         ("dyn", ["model.conv.kind=dynamic", "sweep.zip=[['a', 'b']]"])
@@ -165,7 +165,7 @@ def test_compare_splits_only_top_level_commas():
 
 def test_fla_config_mirrors_the_recipe():
     pytest.importorskip("fla")
-    from dcablate.bench_train import fla_config
+    from dcablate.bench.train import fla_config
 
     _, points = R.expand("bench/gdn_125m")
     five = [("none", "qkv"), ("static", "qkv"), ("dynamic", "qkv"), ("static", "all_linear"), ("dynamic", "all_linear")]
@@ -184,7 +184,7 @@ def test_fla_config_mirrors_the_recipe():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_prefetcher_yields_the_same_batches_in_order(device):
-    from dcablate.train import Prefetcher
+    from dcablate.training.trainer import Prefetcher
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -197,7 +197,7 @@ def test_prefetcher_yields_the_same_batches_in_order(device):
 
 
 def test_prefetcher_reads_one_batch_ahead_at_most():
-    from dcablate.train import Prefetcher
+    from dcablate.training.trainer import Prefetcher
 
     drawn = []
 
@@ -217,7 +217,7 @@ RECIPE = tiny_mqar(train={"steps": 12}, log={"every": 4})
 
 def use_fused(monkeypatch):
     """Train with a fused AdamW on CPU too: the step then takes the path it takes on CUDA."""
-    import dcablate.train as T
+    import dcablate.training.trainer as T
 
     def make_optimizer(model, t, device):
         opt = original(model, t, device)
@@ -228,7 +228,7 @@ def use_fused(monkeypatch):
 
 
 def trainer_for(tmp_path, nonfinite: str):
-    from dcablate.train import NullLog, Trainer
+    from dcablate.training.trainer import NullLog, Trainer
 
     r = R.build({**tomllib.loads(RECIPE), "train": {"steps": 4, "warmup_steps": 0, "nonfinite": nonfinite}})
     trainer = Trainer(r, tmp_path, torch.device("cpu"), True, [])
@@ -238,7 +238,7 @@ def trainer_for(tmp_path, nonfinite: str):
 
 @pytest.mark.parametrize("nonfinite", ["stop", "skip"])
 def test_fused_step_skips_a_nonfinite_update_on_the_device(tmp_path, monkeypatch, nonfinite):
-    from dcablate.train import Stop
+    from dcablate.training.trainer import Stop
 
     use_fused(monkeypatch)
     trainer = trainer_for(tmp_path, nonfinite)

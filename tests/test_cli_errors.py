@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import dcablate.recipe as R
+import dcablate.config.recipe as R
 from dcablate.cli import main
 
 # A valid recipe; runs (if any slipped through) would land in ./out, which every case checks is never created.
@@ -255,7 +255,7 @@ def _ckpt(payload) -> bytes:
 
 
 def _weights(**changes) -> dict:
-    from dcablate.info import build_model
+    from dcablate.models.costs import build_model
 
     return build_model(_resolved(**changes), 64).state_dict()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcablate.errors import UserError
-from dcablate.train import graphs_allowed
+from dcablate.training.trainer import graphs_allowed
 
 def test_auto_and_off_train_eagerly_on_cpu():
     cpu = torch.device("cpu")
@@ -26,7 +26,7 @@ def test_on_refuses_a_step_that_syncs():
 
 
 def test_a_bad_choice_names_the_allowed_ones():
-    from dcablate import recipe as R
+    from dcablate.config import recipe as R
     from tiny_recipes import BASE, merge
 
     with pytest.raises(UserError, match="train.cuda_graph.*auto.*on.*off"):
@@ -36,7 +36,7 @@ def test_a_bad_choice_names_the_allowed_ones():
 def test_first_sighting_of_a_shape_runs_eagerly_and_is_not_settled():
     """Each batch shape runs eagerly the first time (Triton autotunes outside capture); until it has its graph
     the steps are not settled, so `bench train` keeps warming up."""
-    from dcablate.graph_step import GraphedSteps
+    from dcablate.training.graphs import GraphedSteps
 
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.AdamW([w], lr=1e-3)
@@ -63,7 +63,7 @@ def test_a_step_that_waits_on_the_gpu_is_never_captured():
     captured (and a broken capture would keep its memory reserved), so it is not tried; other warnings pass."""
     import warnings
 
-    from dcablate.graph_step import CaptureFailed, GraphedSteps
+    from dcablate.training.graphs import CaptureFailed, GraphedSteps
 
     def body(x, y, extra):
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
@@ -94,7 +94,7 @@ def test_a_step_that_waits_on_the_gpu_is_never_captured():
 
 
 def test_bench_warmup_runs_on_until_settled():
-    from dcablate.bench_train import MAX_SETTLE_STEPS, time_steps
+    from dcablate.bench.train import MAX_SETTLE_STEPS, time_steps
 
     def batches():
         while True:
@@ -114,8 +114,8 @@ def test_bench_warmup_runs_on_until_settled():
 
 def lm_trainer(graph: str, overrides: list[str]):
     """A small bench-recipe LM trainer (random tokens of the recipe's shape) with `train.cuda_graph`."""
-    from dcablate.bench_train import bench_task, variants_of
-    from dcablate.train import NullLog, Trainer, check_runtime
+    from dcablate.bench.train import bench_task, variants_of
+    from dcablate.training.trainer import NullLog, Trainer, check_runtime
 
     (_, r), = variants_of(overrides[0], ["sweep={}", "model.n_layers=2", "train.batch_size=2",
                                          "task.lm.seq_len=256", "train.warmup_steps=50",
@@ -168,7 +168,7 @@ def test_graphed_training_equals_eager_training(case):
     (stale inputs would change the loss, gradients not zeroed the norm, a stale learning rate the weights;
     each replay's rate is also checked), and exactly one graph was captured. For MoE the routing statistics after an evaluation-style forward in
     between still describe the last training step."""
-    from dcablate.models.moe import moe_load_stats
+    from dcablate.models.channel.moe import moe_load_stats
 
     overrides = CASES[case]
     eager, task = lm_trainer("off", overrides)
@@ -204,8 +204,8 @@ def test_mqar_run_captures_a_graph_per_segment_length(tmp_path):
     host bound is worst)."""
     import json
 
-    from dcablate import recipe as R
-    from dcablate.train import train
+    from dcablate.config import recipe as R
+    from dcablate.training.trainer import train
     from tiny_recipes import BASE, merge
 
     results = {}

@@ -4,10 +4,10 @@ position, and the same greedy text as decoding by full recompute, for every mixe
 import pytest
 import torch
 
-from dcablate import recipe as recipes
-from dcablate.info import build_model
+from dcablate.config import recipe as recipes
+from dcablate.models.costs import build_model
 from dcablate.models.conv import DynamicShortConv
-from dcablate.tasks.generate import sample_ids
+from dcablate.tasks.lm.generate import sample_ids
 
 VOCAB = 23
 CONVS = {

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcablate import checkpoint
+from dcablate.training import checkpoint
 from dcablate.cli import main
-from dcablate.distributed import local_rows, micro_chunks
+from dcablate.training.distributed import local_rows, micro_chunks
 from tiny_recipes import merge, run_in, setup_dir, tiny_mqar
 
 SEGMENT = {"seq_len": 16, "num_kv_pairs": 2}
@@ -265,7 +265,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
 
 def test_buffer_sync_switch_follows_the_installed_torch():
     """torch 2.11 (the GPU image) has only `broadcast_buffers`; newer torch renames it `forward_sync_buffers`."""
-    from dcablate.distributed import _no_buffer_sync
+    from dcablate.training.distributed import _no_buffer_sync
 
     class OldDDP:
         def __init__(self, module, device_ids=None, broadcast_buffers=True):

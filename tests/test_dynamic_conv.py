@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from dcablate import recipe as recipes
-from dcablate.kernels.dynamic_conv_reference import (dynamic_conv_headwise_reference, dynamic_conv_lowrank_reference,
+from dcablate.config import recipe as recipes
+from dcablate.kernels.dynamic_conv.naive import (dynamic_conv_headwise_reference, dynamic_conv_lowrank_reference,
                                                      dynamic_conv_step, filter_at_token)
 from dcablate.models.conv import DynamicShortConv, StaticShortConv
 
@@ -121,7 +121,7 @@ def test_module_at_init_is_static_conv_plus_identity(heads):
 
 
 def test_lm_init_keeps_the_zero_generator():
-    from dcablate.info import build_model
+    from dcablate.models.costs import build_model
 
     r = recipes.build({"model": {"mixer": "attention", "d_model": 32, "conv": {"kind": "dynamic", "heads": 4}}})
     model = build_model(r, 64)
@@ -132,8 +132,8 @@ def test_lm_init_keeps_the_zero_generator():
 @pytest.mark.parametrize("mixer", ["attention", "gated_deltanet"])
 @pytest.mark.parametrize("placement,heads", [("qkv", 0), ("all_linear", 0), ("all_linear", 4)])
 def test_placements_build_count_and_train(tmp_path, mixer, placement, heads):
-    from dcablate.info import build_model, costs
-    from dcablate.train import train
+    from dcablate.models.costs import build_model, costs
+    from dcablate.training.trainer import train
 
     D, W, R, L = 32, 4, 5, 2
     data = {"run": {"name": "p", "out_dir": str(tmp_path)},
@@ -188,7 +188,7 @@ def test_kernel_launch_falls_back_to_a_shallower_pipeline():
     pytest.importorskip("triton")
     from triton.runtime.errors import OutOfResources
 
-    from dcablate.kernels.dynamic_conv_triton import Launch, _launch
+    from dcablate.kernels.dynamic_conv.kernel import Launch, _launch
 
     def fake_kernel(fits_at: int, calls: list):
         class Kernel:
@@ -232,7 +232,7 @@ def test_host_tile_arithmetic_matches_triton():
 def test_the_cached_positions_placeholder_can_be_saved_for_backward():
     """The placeholder `pos` is cached per device and saved for backward: made under inference mode it would be
     an inference tensor, and every later training call on that device would fail to save it."""
-    from dcablate.kernels.dynamic_conv_triton import _no_positions
+    from dcablate.kernels.dynamic_conv.kernel import _no_positions
 
     _no_positions.cache_clear()
     with torch.inference_mode():

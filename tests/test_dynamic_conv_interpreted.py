@@ -9,8 +9,8 @@ from triton_interpreter import run_interpreted
 
 SCRIPT = """
 import torch
-from dcablate.kernels.dynamic_conv_reference import dynamic_conv_headwise_reference, dynamic_conv_lowrank_reference
-from dcablate.kernels.dynamic_conv_triton import dynamic_conv_headwise_triton, dynamic_conv_lowrank_triton
+from dcablate.kernels.dynamic_conv.naive import dynamic_conv_headwise_reference, dynamic_conv_lowrank_reference
+from dcablate.kernels.dynamic_conv.kernel import dynamic_conv_headwise_triton, dynamic_conv_lowrank_triton
 
 def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -66,8 +66,8 @@ def test_dynamic_conv_kernels_in_the_interpreter():
 
 LAUNCHES_SCRIPT = """
 import torch
-from dcablate.kernels import dynamic_conv_triton as K
-from dcablate.kernels.dynamic_conv_reference import dynamic_conv_lowrank_reference
+from dcablate.kernels.dynamic_conv import kernel as K
+from dcablate.kernels.dynamic_conv.naive import dynamic_conv_lowrank_reference
 
 def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -42,7 +42,7 @@ def test_gated_deltanet_matches_fla_layer(shape, dtype):
     from fla.layers import GatedDeltaNet as FlaGDN
 
     from dcablate.models.mixers.gated_deltanet import GatedDeltaNet
-    from dcablate.recipe import ConvSection
+    from dcablate.config.recipe import ConvSection
 
     B, T, D, H, K, ev = shape
     torch.manual_seed(T)
@@ -92,8 +92,8 @@ def test_static_conv_matches_reference(width, dtype, activation):
 @pytest.mark.parametrize("mixer", ["attention", "gated_deltanet"])
 def test_model_cuda_step_matches_reference(mixer):
     """A bf16 training step of the whole model on fla kernels: loss close to the fp32 torch reference."""
-    from dcablate.info import build_model
-    from dcablate.recipe import build
+    from dcablate.models.costs import build_model
+    from dcablate.config.recipe import build
 
     losses = {}
     for backend in ("auto", "torch"):
@@ -126,8 +126,8 @@ DYN_CASES = [  # B, T, D, R, W, with S, residual, varlen lengths
 def test_dynamic_conv_triton_matches_float64_reference(case, dtype, impl):
     import itertools
 
-    from dcablate.kernels.dynamic_conv_reference import dynamic_conv_lowrank_reference
-    from dcablate.kernels.dynamic_conv_triton import dynamic_conv_lowrank_triton
+    from dcablate.kernels.dynamic_conv.naive import dynamic_conv_lowrank_reference
+    from dcablate.kernels.dynamic_conv.kernel import dynamic_conv_lowrank_triton
 
     B, T, D, R, W, with_S, residual, lengths = case
     if impl == "fused" and dtype == torch.float32:  # refused (raised on an H100, see the kernel's docstring)
@@ -172,8 +172,8 @@ def test_dynamic_conv_module_on_cuda_matches_cpu_path():
 @pytest.mark.parametrize("case", [(2, 1000, 300, 3, 8, True, True), (1, 7, 64, 64, 2, False, False),
                                   (4, 256, 128, 8, 4, True, True)], ids=lambda c: "B{}_T{}_D{}_H{}_W{}_S{}_res{}".format(*c))
 def test_dynamic_conv_headwise_triton_matches_float64_reference(case, dtype):
-    from dcablate.kernels.dynamic_conv_reference import dynamic_conv_headwise_reference
-    from dcablate.kernels.dynamic_conv_triton import dynamic_conv_headwise_triton
+    from dcablate.kernels.dynamic_conv.naive import dynamic_conv_headwise_reference
+    from dcablate.kernels.dynamic_conv.kernel import dynamic_conv_headwise_triton
 
     B, T, D, H, W, with_S, residual = case
     g = torch.Generator(device="cuda").manual_seed(T + D + H)
@@ -204,7 +204,7 @@ def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
     in fp32 (the default `ssd_precision`): with bf16 q/k/v, fla's backward gave dt_bias gradients off by
     6.5x and 20x their size (n_groups 1, 2; H100, 2026-11-26)."""
     from dcablate.models.mixers.mamba2 import Mamba2
-    from dcablate.recipe import ConvSection
+    from dcablate.config.recipe import ConvSection
 
     torch.manual_seed(n_groups)
     layers = {b: Mamba2(128, head_dim=32, state_size=16, expand=2, n_groups=n_groups,
@@ -236,7 +236,7 @@ def test_mamba2_fla_path_matches_fla_layer():
     from fla.layers import Mamba2 as FlaMamba2
 
     from dcablate.models.mixers.mamba2 import Mamba2
-    from dcablate.recipe import ConvSection
+    from dcablate.config.recipe import ConvSection
 
     torch.manual_seed(11)
     theirs = FlaMamba2(num_heads=8, head_dim=32, hidden_size=128, state_size=16, expand=2, n_groups=1,
@@ -262,8 +262,8 @@ def test_fused_linear_cross_entropy_matches_plain(dtype):
     """A large-vocabulary LM's loss through fla's fused linear CE equals logits + F.cross_entropy,
     loss and every gradient, mean and sum, with ignored positions."""
     import dcablate.models.lm as lm
-    from dcablate import recipe as R
-    from dcablate.info import build_model
+    from dcablate.config import recipe as R
+    from dcablate.models.costs import build_model
 
     r = R.build({"run": {"name": "ce"}, "model": {"mixer": "attention", "d_model": 64, "n_layers": 1,
                                                    "n_heads": 2},
@@ -326,8 +326,8 @@ def test_training_step_never_waits_for_the_host(conv, ffn, graph):
     `train.cuda_graph = "on"` the checked step is a graph replay (copy the batch in, replay, copy out)."""
     from pathlib import Path
 
-    from dcablate.bench_train import bench_task, variants_of
-    from dcablate.train import NullLog, Prefetcher, Trainer, check_runtime
+    from dcablate.bench.train import bench_task, variants_of
+    from dcablate.training.trainer import NullLog, Prefetcher, Trainer, check_runtime
 
     recipe = "bench/gdn_moe_125m" if ffn == "moe" else "bench/gdn_125m"
     (_, r), = variants_of(recipe, ["sweep={}", "model.n_layers=2", "train.batch_size=2", "task.lm.seq_len=256",

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from dcablate import recipe as recipes
+from dcablate.config import recipe as recipes
 from dcablate.cli import main
 from dcablate.errors import UserError
 from dcablate.tasks import build_task
-from dcablate.tasks.lm import LMTask, bits_per_byte
-from dcablate.tasks.lm_data import (ByteTokenizer, load_corpus, packed_batches, read_documents, source_files,
+from dcablate.tasks.lm.task import LMTask, bits_per_byte
+from dcablate.tasks.lm.data import (ByteTokenizer, load_corpus, packed_batches, read_documents, source_files,
                                     split_documents, windows)
-from dcablate.train import reached
+from dcablate.training.trainer import reached
 
 WORDS = "the cat sat on a mat while small dogs ran past green hills and rivers under grey skies".split()
 
@@ -265,7 +265,7 @@ def test_bpe_is_trained_cached_and_counts_bytes(tmp_path):
 
 
 def test_bpe_from_a_tokenizer_file_and_bpb_agrees_with_bytes(tmp_path):
-    from dcablate.tasks.lm_data import train_bpe
+    from dcablate.tasks.lm.data import train_bpe
 
     folder = write_txt(tmp_path / "txt", make_docs(10, words=80))
     train_bpe(make_docs(10, words=80), 290).save(str(tmp_path / "tokenizer.json"))
@@ -293,8 +293,8 @@ def test_bpe_vocabulary_too_small_is_a_recipe_error(tmp_path, capsys):
 
 
 def test_generation_greedy_matches_a_manual_full_recompute_and_cli_streams(tmp_path, capsys):
-    from dcablate.info import build_model
-    from dcablate.tasks.generate import sample_ids, stream_text
+    from dcablate.models.costs import build_model
+    from dcablate.tasks.lm.generate import sample_ids, stream_text
 
     r = recipes.build({"model": {"mixer": "gated_deltanet", "d_model": 32, "n_heads": 2, "n_layers": 1},
                        "task": {"kind": "lm", "lm": {"data": "x", "seq_len": 8}}})
@@ -370,7 +370,7 @@ def test_eval_on_other_text_keeps_the_runs_bpe(tmp_path):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_dense_lm_loss_equals_gathered_loss(reduction):
     """LM models skip the scored-position gather (no host sync) and use ignore_index: same loss, same grads."""
-    from dcablate.info import build_model
+    from dcablate.models.costs import build_model
 
     r = recipes.build({"model": {"mixer": "attention", "d_model": 16, "n_heads": 2, "n_layers": 1},
                        "task": {"kind": "lm", "lm": {"data": "x", "seq_len": 8}}})
@@ -414,7 +414,7 @@ def test_matmul_inputs_are_cast_once_with_the_same_forward(mixer, ffn, conv, mon
     """Under autocast the block hands mixers and MLPs that only matmul their input a 16-bit copy, cast once:
     the loss is the one autocast gives when every projection casts the fp32 input itself, and the gradients
     (whose per-consumer parts now meet in bf16) stay close. The MoE keeps its fp32 input (its router)."""
-    from dcablate.info import build_model
+    from dcablate.models.costs import build_model
     from dcablate.models import lm
 
     r = recipes.build({"model": {"mixer": mixer, "ffn": ffn, "d_model": 32, "n_heads": 2, "n_layers": 2,

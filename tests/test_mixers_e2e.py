@@ -2,10 +2,10 @@
 
 import pytest
 
-from dcablate import recipe as recipes
-from dcablate.info import build_model, costs
-from dcablate.logs import read_metrics
-from dcablate.train import train
+from dcablate.config import recipe as recipes
+from dcablate.models.costs import build_model, costs
+from dcablate.training.logs import read_metrics
+from dcablate.training.trainer import train
 
 
 def tiny(tmp_path, model: dict) -> recipes.Recipe:
@@ -58,7 +58,7 @@ def test_moe_aux_loss_reaches_the_router(tmp_path):
     r = tiny(tmp_path, {"ffn": "moe", "moe": {"n_experts": 2, "top_k": 2, "load_balance_coef": 1.0,
                                               "z_loss_coef": 1.0}})
     model = build_model(r, 64)
-    from dcablate.models.moe import moe_aux_loss
+    from dcablate.models.channel.moe import moe_aux_loss
     model.hidden(torch.randint(0, 64, (2, 16)))
     moe_aux_loss(model, 1.0, 1.0).backward()
     routers = [m.router.weight.grad for m in model.modules() if hasattr(m, "router")]

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcablate.models.conv import DynamicShortConv, StaticShortConv
-from dcablate.models.moe import MoE, _GatherPairs, expert_counts, moe_aux_loss, moe_load_stats
+from dcablate.models.channel.moe import MoE, _GatherPairs, expert_counts, moe_aux_loss, moe_load_stats
 
 
 def make(d=16, E=4, k=2, f=8, score="softmax", shared=False, conv=None, seed=0, dtype=torch.float64, **kw):

@@ -66,7 +66,7 @@ def test_sum_rows_is_the_combine_with_unit_weights():
 INTERPRETED = """
 import torch
 from dcablate.kernels.moe_combine import _MoECombine, moe_combine_reference
-from dcablate.kernels.moe_combine_triton import combine_bwd, combine_fwd
+from dcablate.kernels.moe_combine.kernel import combine_bwd, combine_fwd
 from tests.test_moe_combine import OUT_DTYPES, SHAPES, inputs
 def close(out, ref):
     # fp32 agrees to rounding, bf16 to one unit in the last place: the interpreter truncates fp32 -> bf16

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcablate.tasks.mqar import (
+from dcablate.tasks.mqar.data import (
     SPLIT_TEST,
     SPLIT_TRAIN,
     AccuracyMeter,

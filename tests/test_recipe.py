@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dcablate import recipe as R
+from dcablate.config import recipe as R
 from dcablate.errors import RecipeError, UserError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcablate import checkpoint
+from dcablate.training import checkpoint
 from dcablate.tasks import MQARTask
 from faults import nan_at, oom_above
 from tiny_recipes import run_cli, run_in, setup_dir, tiny_mqar
@@ -83,7 +83,7 @@ def signal_at(monkeypatch, batch: int, sig=signal.SIGINT) -> None:
 
 
 def test_data_stream_restarts_at_any_position():
-    from dcablate.tasks.mqar import MQARData, Segment
+    from dcablate.tasks.mqar.data import MQARData, Segment
 
     data = MQARData([Segment(16, 2, 100), Segment(32, 4, 40)], [Segment(16, 2, 8)], vocab_size=64)
     full = data.train_batches(16, seed=3)
@@ -252,7 +252,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, 
 
 
 def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
-    from dcablate.logs import MetricsLog
+    from dcablate.training.logs import MetricsLog
 
     real = MetricsLog.write
 
@@ -286,8 +286,8 @@ def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, ca
 
 
 def test_nonfinite_skip_leaves_the_weights_untouched(tmp_path, monkeypatch, capsys):
-    from dcablate import recipe as R
-    from dcablate.train import Trainer, signals_caught
+    from dcablate.config import recipe as R
+    from dcablate.training.trainer import Trainer, signals_caught
 
     r = R.build({**tomllib.loads(RECIPE), "train": {"steps": 2, "warmup_steps": 0, "nonfinite": "skip"}})
     nan_at(monkeypatch, 2)
@@ -344,8 +344,8 @@ def test_out_of_memory_at_one_example_stops_with_one_line(tmp_path, monkeypatch,
 @pytest.mark.parametrize("micro", [4, 5])
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, micro):
     """4 micro-batches of 4, or 5+5+5+1: the same steps as one batch of 16, up to float rounding."""
-    from dcablate import recipe as R
-    from dcablate.train import Trainer, signals_caught
+    from dcablate.config import recipe as R
+    from dcablate.training.trainer import Trainer, signals_caught
 
     def three_steps(micro_batch_size):
         data = tomllib.loads(RECIPE)
@@ -432,7 +432,7 @@ def test_checkpoint_write_order_never_leaves_a_payload_without_its_checksum(tmp_
 
 SERVER = textwrap.dedent("""
     import json, os, signal, sys
-    import dcablate.checkpoint, dcablate.cli, dcablate.train  # torch imported once; no torch op runs here
+    import dcablate.training.checkpoint, dcablate.cli, dcablate.training.trainer  # torch imported once; no torch op runs here
     import torch._dynamo  # what torch.optim imports on first use: 2 s a process otherwise
     from dcablate.tasks import MQARTask
     print("ready", flush=True)
@@ -448,7 +448,7 @@ SERVER = textwrap.dedent("""
             if count[0] == nth and hook.get("when", "before") == when:
                 os.kill(os.getpid(), signal.SIGKILL)
         if kind == "write":  # half of the bytes reach the disk, then the kill
-            real = dcablate.checkpoint._write
+            real = dcablate.training.checkpoint._write
             def write(path, data):
                 count[0] += 1
                 if count[0] == nth:
@@ -457,9 +457,9 @@ SERVER = textwrap.dedent("""
                         f.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
                 real(path, data)
-            dcablate.checkpoint._write = write
+            dcablate.training.checkpoint._write = write
         elif kind in ("replace", "unlink"):
-            owner = os if kind == "replace" else dcablate.checkpoint.Path
+            owner = os if kind == "replace" else dcablate.training.checkpoint.Path
             real = getattr(owner, kind)
             def wrapped(*a, **k):
                 tick("before")

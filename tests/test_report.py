@@ -8,9 +8,9 @@ import statistics
 
 import pytest
 
-from dcablate import recipe as recipes
+from dcablate.config import recipe as recipes
 from dcablate.cli import main
-from dcablate.report import write_report
+from dcablate.runs.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from dcablate import recipe as R
+from dcablate.config import recipe as R
 from dcablate.cli import main
 from dcablate.errors import RecipeError
 

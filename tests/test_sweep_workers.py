@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from dcablate.cli import main
-from dcablate.workers import parse_gpus, plan_slots
+from dcablate.runs.workers import parse_gpus, plan_slots
 
 SWEEP = """\
 [run]
@@ -162,7 +162,7 @@ def test_plan_slots():
 
 
 def test_gpu_pinning_maps_through_cuda_visible_devices(monkeypatch):
-    from dcablate.workers import worker_env
+    from dcablate.runs.workers import worker_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     slots = plan_slots(1, [0, 2], None, uses_cuda=True, cuda_count=3, to_train=4)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from dcablate import recipe as recipes
+from dcablate.config import recipe as recipes
 from dcablate.cli import main
-from dcablate.logs import read_metrics
-from dcablate.train import lr_lambda, train
+from dcablate.training.logs import read_metrics
+from dcablate.training.trainer import lr_lambda, train
 
 
 def tiny(tmp_path, **sections) -> recipes.Recipe:
@@ -160,7 +160,7 @@ def test_recipes_command_lists_quickstart(capsys):
 
 
 def test_info_counts_conv_separately():
-    from dcablate.info import build_model, costs
+    from dcablate.models.costs import build_model, costs
 
     base = {"model": {"mixer": "gated_deltanet", "d_model": 64, "n_heads": 2}}
     plain = costs(build_model(recipes.build(base), 256, "meta"), 64)

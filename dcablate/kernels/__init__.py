@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from dcablate.errors import UserError
 
 
 def use_fla(x: torch.Tensor, backend: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import require_fla, use_fla
+from dcablate.kernels import require_fla, use_fla
 
 
 def gated_rms_norm_reference(x, gate, weight, eps: float):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import require_fla, use_fla
+from dcablate.kernels import require_fla, use_fla
 
 
 def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, activation: str | None, bias=None) -> torch.Tensor:

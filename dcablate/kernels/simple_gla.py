@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from . import require_fla, use_fla
+from dcablate.kernels import require_fla, use_fla
 
 
 def simple_gla_recurrence(q, k, v, g, scale: float) -> torch.Tensor:

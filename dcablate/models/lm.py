@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ffn import build_ffn
-from .mixers import build_mixer
+from dcablate.models.channel.mlp import build_ffn
+from dcablate.models.mixers import build_mixer
 
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layers), as GPT-2
 FUSED_CE_MIN_VOCAB = 4096  # below this the logits are small and F.cross_entropy is as fast

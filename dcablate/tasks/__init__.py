@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .mqar import AccuracyMeter, MQARData, Segment
+from dcablate.tasks.mqar.data import AccuracyMeter, MQARData, Segment
 
 
 class MQARTask:
@@ -60,7 +60,7 @@ def build_task(task_cfg, train: bool = True, test_segments=None, data: str | Non
     if task_cfg.kind == "mqar":
         return MQARTask(task_cfg.mqar, train=train, test_segments=test_segments)
     if task_cfg.kind == "lm":
-        from .lm import LMTask
+        from dcablate.tasks.lm.task import LMTask
 
         return LMTask(task_cfg.lm, train=train, data=data)
     raise ValueError(f"unknown task {task_cfg.kind!r}")  # the recipe schema rejects this earlier

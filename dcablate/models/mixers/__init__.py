@@ -5,10 +5,10 @@ Adding a mixer = a new file here plus one line in `MIXERS`.
 
 from __future__ import annotations
 
-from .attention import Attention
-from .gated_deltanet import GatedDeltaNet
-from .mamba2 import Mamba2
-from .short_conv import ShortConvMixer
+from dcablate.models.mixers.attention import Attention
+from dcablate.models.mixers.gated_deltanet import GatedDeltaNet
+from dcablate.models.mixers.mamba2 import Mamba2
+from dcablate.models.mixers.short_conv import ShortConvMixer
 
 MIXERS = {
     "attention": Attention,

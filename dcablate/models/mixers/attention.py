@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..conv import conv_prefill, conv_prefill_joint, conv_step, make_conv
+from dcablate.models.conv import conv_prefill, conv_prefill_joint, conv_step, make_conv
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, start: int = 0):

@@ -14,10 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.gated_delta_rule import (delta_rule_recurrence, delta_rule_step, gated_delta_rule, gdn_gates,
-                                          l2_normalize)
-from ...kernels.gated_norm import gated_rms_norm
-from ..conv import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step, make_conv
+from dcablate.kernels.gated_delta_rule import (
+    delta_rule_recurrence,
+    delta_rule_step,
+    gated_delta_rule,
+    gdn_gates,
+    l2_normalize,
+)
+from dcablate.kernels.gated_norm import gated_rms_norm
+from dcablate.models.conv import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step, make_conv
 
 
 class GatedRMSNorm(nn.Module):

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...kernels.simple_gla import simple_gla
-from ..conv import conv_prefill, conv_step, make_conv
+from dcablate.kernels.simple_gla import simple_gla
+from dcablate.models.conv import conv_prefill, conv_step, make_conv
 
 
 class GroupedGatedRMSNorm(nn.Module):

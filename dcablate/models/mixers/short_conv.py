@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from ..conv import conv_prefill, conv_step, make_conv
+from dcablate.models.conv import conv_prefill, conv_step, make_conv
 
 
 class ShortConvMixer(nn.Module):

@@ -1,0 +1,381 @@
+"""Training-step speed of whole recipes: step time, tokens/s, model FLOPs utilisation, peak memory.
+
+    dcablate bench train RECIPE [--set K=V] [--compare "NAME: K=V,K=V" ...] [--fla-reference]
+    python benchmarks/train_step.py RECIPE ...                                  (the same)
+
+Every variant (a `--compare` entry, or a grid point of the recipe's [sweep]) is built as training builds
+it (`train.Trainer`: model, AdamW, autocast, `train_step`, the batch prefetcher) and stepped in this one
+process: `--warmup` steps, then `--steps` timed ones (CUDA events on CUDA, perf_counter on CPU). LM
+recipes step on random tokens of the task's shape, so no corpus is needed. `--fla-reference` also times
+`fla.models.GatedDeltaNetForCausalLM` with the recipe's config on the same batches (CUDA only).
+Compare rows only within one run on one card.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import click
+import torch
+
+from dcablate.config import recipe as recipes
+from dcablate.errors import UserError
+from dcablate.runs.tables import format_table
+
+MAX_VARIANTS = 16
+
+# dense bf16 tensor-core peak (FLOP/s) by device name; the first matching substring wins
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak, or None (CPU, or a card not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """`text` split at `sep` outside brackets, braces and quotes (TOML values may hold commas)."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_compare(spec: str) -> tuple[str, list[str]]:
+    """`"NAME: K=V,K=V"` (or just `"K=V,K=V"`) -> (name, overrides); an empty list means the recipe as is."""
+    name, _, rest = spec.partition(":")
+    if not rest or "=" in name:
+        name, rest = spec, spec
+    name, overrides = name.strip(), split_top_level(rest)
+    if not name:
+        raise UserError(f"--compare {spec!r}: give a name, e.g. --compare \"static: model.conv.kind=static\"")
+    for o in overrides:
+        if "=" not in o:
+            raise UserError(f"--compare {spec!r}: {o!r} is not KEY=VALUE")
+    return name, overrides
+
+
+def variants_of(recipe: str, overrides: list[str], compare: list[str]) -> list[tuple[str, object]]:
+    """(name, resolved recipe) for each variant: each --compare entry (or the recipe alone) times the
+    recipe's grid points."""
+    specs = [parse_compare(c) for c in compare] or [("", [])]
+    names = [n for n, _ in specs]
+    if len(set(names)) < len(names):
+        raise UserError(f"--compare: two variants are named {next(n for n in names if names.count(n) > 1)!r}")
+    out = []
+    for name, extra in specs:
+        try:
+            _, points = recipes.expand(recipe, list(overrides) + extra)
+        except UserError as e:
+            raise UserError(f"--compare {name!r}: {e}" if name else str(e)) from None
+        for point, r in points:
+            label = " / ".join(x for x in (name, point) if x) or r.run.name
+            out.append((label, r))
+        if len(out) > MAX_VARIANTS:
+            break
+    if len(out) > MAX_VARIANTS:
+        raise UserError(f"bench train: more than {MAX_VARIANTS} variants (--compare entries x [sweep] grid "
+                        f"points); bench fewer at a time, e.g. --set to pin a sweep axis")
+    return out
+
+
+class RandomTokens:
+    """An LM task's batch shape without its corpus: uniform random tokens over the tokenizer's vocabulary."""
+
+    kind, headline, higher_is_better = "lm", "bpb", False
+
+    def __init__(self, cfg):
+        from dcablate.tasks.lm.data import tokenizer_vocab_size
+
+        self.cfg, self.vocab_size = cfg, tokenizer_vocab_size(cfg)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    def train_batches(self, batch_size: int, seed: int, start: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            t = torch.randint(0, self.vocab_size, (batch_size, self.cfg.seq_len + 1), generator=g)
+            yield t[:, :-1], t[:, 1:]
+
+
+def bench_task(r):
+    if r.task.kind == "lm":
+        return RandomTokens(r.task.lm)
+    from dcablate.tasks import build_task
+
+    return build_task(r.task)
+
+
+def train_seq_len(r, task) -> int:
+    """The sequence length the training batches have (MQAR: the longest training segment)."""
+    return r.task.lm.seq_len if r.task.kind == "lm" else max(s.seq_len for s in task.train_segments)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clock(device: torch.device):
+    """(mark, elapsed ms between two marks): CUDA events on the GPU (the step is asynchronous), the
+    wall clock on CPU."""
+    if device.type == "cuda":
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return mark, lambda a, b: a.elapsed_time(b)
+    return time.perf_counter, lambda a, b: (b - a) * 1e3
+
+
+MAX_SETTLE_STEPS = 200  # untimed steps beyond --warmup while a variant still captures CUDA graphs
+
+
+def time_steps(step, batches, device: torch.device, warmup: int, steps: int,
+               settled=lambda: True) -> tuple[list[float], int, int]:
+    """Run `step(*batch)` (a batch: `x, y`, and whatever else `batches` hands out with them) `warmup` times, and
+    on while `settled()` is false (at most MAX_SETTLE_STEPS more), then `steps` timed times: per-step ms, tokens
+    and scored targets of the timed steps."""
+    for _ in range(warmup):
+        step(*next(batches))
+    for _ in range(MAX_SETTLE_STEPS):
+        if settled():
+            break
+        step(*next(batches))
+    synchronize(device)
+    mark, elapsed = clock(device)
+    marks, tokens, scored = [], 0, torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(steps):
+        batch = next(batches)
+        x, y = batch[:2]
+        start = mark()
+        step(*batch)
+        marks.append((start, mark()))
+        tokens += x.numel()
+        scored += (y != -100).sum()  # on the device: read once at the end
+    synchronize(device)
+    return [elapsed(a, b) for a, b in marks], tokens, int(scored)
+
+
+def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_token: float | None,
+           device: torch.device) -> dict:
+    ms = statistics.median(times)
+    tok_s = tokens / len(times) / (ms / 1e3)
+    peak = peak_flops(device)
+    mfu = 3 * flops_per_token * tok_s / peak if peak and flops_per_token else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"variant": label, "params": params, "step_ms": ms, "tokens_per_s": tok_s, "mfu": mfu, "peak_gib": mem}
+
+
+def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False) -> dict:
+    """One variant through the real training step; its row. `profile`: then print the kernels that take
+    its step time (a few more steps under torch.profiler, CUDA only)."""
+    from dcablate.models.costs import costs
+    from dcablate.models.channel.moe import moe_load_stats
+    from dcablate.training.trainer import NullLog, Trainer, check_runtime
+
+    device = check_runtime(r)
+    task = bench_task(r)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Trainer(r, Path("bench-train-unused"), device, True, [], task=task)
+    trainer.log = NullLog()
+    trainer.shrink_micro_batch = lambda batch: False  # a bench times the recipe's micro-batch or reports OOM
+    seq_len = train_seq_len(r, task)
+    info = costs(trainer.net, seq_len)
+    batches = trainer.batches(task.train_batches(r.train.batch_size, seed=r.run.seed))  # as `Trainer.loop` draws them
+    trainer.model.train()
+    try:
+        # graphed variants are timed once every batch shape seen has its graph (MQAR: one per segment)
+        times, tokens, scored = time_steps(trainer.train_step, batches, device, warmup, steps,
+                                           settled=lambda: trainer.graphs is None or trainer.graphs.settled)
+        trainer.flush()  # a non-finite step stops here as it would stop a run
+        if profile and device.type == "cuda":
+            from dcablate.bench.kernels import print_profile
+
+            print_profile(label, lambda: trainer.train_step(*next(batches)), statistics.median(times), steps=3, rows=30)
+        # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
+        max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
+        graphs = trainer.graphs.captured if trainer.graphs is not None else 0
+    finally:
+        params = info.params.get("active", info.params["total"])
+        del trainer, batches
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    head = info.head_flops_per_token * (scored / tokens if scored else 1.0)
+    return {**row_of(label, params, times, tokens, info.flops_per_token + head, device), "max_load": max_load,
+            "graphs": graphs}
+
+
+# ----------------------------------------------------------------------------------------- fla reference
+
+
+def fla_config(r, vocab_size: int):
+    """`fla.models.GatedDeltaNetConfig` with the recipe's model (fla's blocks: GDN mixer + SwiGLU MLP)."""
+    from fla.models import GatedDeltaNetConfig
+
+    from dcablate.models.lm import FUSED_CE_MIN_VOCAB
+    from dcablate.config.recipe import swiglu_hidden
+
+    m = r.model
+    linear_ce = vocab_size >= FUSED_CE_MIN_VOCAB  # the loss our model uses on CUDA
+    with warnings.catch_warnings():  # fla warns that the fused linear cross-entropy is on: we want it
+        warnings.simplefilter("ignore", UserWarning)
+        return GatedDeltaNetConfig(
+            attn_mode="chunk", hidden_size=m.d_model, num_hidden_layers=m.n_layers, num_heads=m.n_heads,
+            head_dim=m.head_dim or m.d_model // m.n_heads, expand_v=m.gated_deltanet.expand_v,
+            use_gate=m.gated_deltanet.use_gate, allow_neg_eigval=m.gated_deltanet.allow_neg_eigval,
+            use_short_conv=m.conv.kind != "none", conv_size=m.conv.width,
+            intermediate_size=swiglu_hidden(m.d_model, m.ffn_hidden), hidden_act="swish", norm_eps=m.norm_eps,
+            vocab_size=vocab_size, tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std,
+            fuse_norm=True, fuse_swiglu=True, fuse_cross_entropy=not linear_ce, fuse_linear_cross_entropy=linear_ce,
+            use_cache=False,
+        )
+
+
+def check_fla_reference(points) -> None:
+    if not torch.cuda.is_available():
+        raise UserError("--fla-reference needs a CUDA device (fla's kernels are Triton)")
+    for label, r in points:
+        if r.model.mixer != "gated_deltanet" or r.model.ffn != "mlp":
+            raise UserError(f"--fla-reference: {label or r.run.name} has model.mixer = {r.model.mixer!r}, "
+                            f"model.ffn = {r.model.ffn!r}; fla's GatedDeltaNetForCausalLM needs "
+                            f"\"gated_deltanet\" and \"mlp\"")
+
+
+def bench_fla(r, warmup: int, steps: int) -> dict:
+    """fla's GDN LM with the recipe's config, batches, AdamW (fused) and clipping, bf16 autocast."""
+    from fla.models import GatedDeltaNetForCausalLM
+
+    from dcablate.training.trainer import Prefetcher, make_optimizer, seed_everything
+
+    device = torch.device("cuda")
+    seed_everything(r.run.seed)
+    task = bench_task(r)
+    torch.cuda.reset_peak_memory_stats(device)
+    model = GatedDeltaNetForCausalLM(fla_config(r, r.model.vocab_size or task.vocab_size)).to(device)
+    held = {"model": model, "optimizer": make_optimizer(model, r.train, device)}  # dropped before empty_cache
+    params, clip = sum(p.numel() for p in model.parameters()), r.train.grad_clip
+    del model
+
+    def step(x, y):
+        model, optimizer = held["model"], held["optimizer"]
+        labels = torch.cat([x[:, :1], y[:, :-1]], 1)  # fla shifts labels itself: it scores T-1 per row
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=labels).loss
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+    held["model"].train()
+    batches = Prefetcher(task.train_batches(r.train.batch_size, seed=r.run.seed), device)
+    try:
+        times, tokens, _ = time_steps(step, batches, device, warmup, steps)
+    finally:
+        held.clear()
+        del batches
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row_of("fla GatedDeltaNetForCausalLM", params, times, tokens, None, device)
+
+
+# ----------------------------------------------------------------------------------------- the command
+
+
+def fmt_row(row: dict, first: dict | None) -> dict:
+    out = {"variant": row["variant"], "active params": f"{row['params']:,}"}  # = all parameters without MoE
+    if row.get("oom"):
+        return {**out, "step ms": "OOM"}
+    out["step ms"] = f"{row['step_ms']:.2f}"
+    out["tokens/s"] = f"{row['tokens_per_s']:,.0f}"
+    out["MFU"] = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+    out["peak mem"] = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
+    if row.get("max_load") is not None:  # MoE: tokens of the busiest expert over the mean, last step, mean of layers
+        out["max/mean expert load"] = f"{row['max_load']:.2f}"
+    if first is not None:
+        ok = not first.get("oom")
+        out["step time vs first"] = f"{row['step_ms'] / first['step_ms']:.3f}x" if ok else "n/a"
+        out["tokens/s vs first"] = f"{row['tokens_per_s'] / first['tokens_per_s']:.3f}x" if ok else "n/a"
+    out["CUDA graph"] = "yes" if row.get("graphs") else "no"  # train.cuda_graph; fla's model steps eagerly
+    return out
+
+
+def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] = (), steps: int = 20,
+                    warmup: int = 5, fla_reference: bool = False, profile: bool = False) -> list[dict]:
+    """Time every variant's training step; prints the table and returns its rows."""
+    points = variants_of(recipe, list(overrides), list(compare))
+    if fla_reference:
+        check_fla_reference(points)
+    from dcablate.training.trainer import check_runtime
+
+    devices = {check_runtime(r).type for _, r in points}  # device and backend errors before any timing
+    device = torch.device(devices.pop()) if len(devices) == 1 else None
+    if device is None:
+        raise UserError("bench train: the variants resolve to different devices; pin run.device with --set")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = peak_flops(device)
+    click.echo(f"card: {card}  torch {torch.__version__}  peak bf16 {peak / 1e12:.0f} TFLOP/s" if peak else
+               f"card: {card}  torch {torch.__version__}  (MFU n/a: peak FLOP/s unknown for this device)")
+    click.echo(f"{warmup} warmup + {steps} timed steps per variant; median step time; MFU = 3 x forward FLOPs "
+               f"per token (dcablate info) x tokens/s / peak")
+    if any(r.task.kind == "lm" for _, r in points):
+        click.echo("LM variants step on random tokens of the task's shape (batch_size x seq_len); the corpus "
+                   "is not read")
+    rows = []
+    for label, r in points:
+        shape = f"batch {r.train.batch_size}" + (f" x T {r.task.lm.seq_len}" if r.task.kind == "lm" else "")
+        ffn = (f"moe {r.model.moe.n_experts} experts top-{r.model.moe.top_k}" if r.model.ffn == "moe"
+               else r.model.ffn)
+        click.echo(f"  {label}: {r.model.mixer}, {ffn}, conv {r.model.conv.kind}/{r.model.conv.placement}, "
+                   f"d_model {r.model.d_model} x {r.model.n_layers} layers, {shape}, "
+                   f"precision {r.train.precision}, micro-batch {r.train.micro_batch_size or 'off'}, "
+                   f"CUDA graph {r.train.cuda_graph}")
+        try:
+            rows.append(bench_variant(label, r, warmup, steps, profile))
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows.append({"variant": label, "params": 0, "oom": True})
+    refs: dict = {}  # fla config and batch shape -> its row: one reference per distinct one
+    if fla_reference:
+        for (label, r), row in zip(points, rows):
+            task = bench_task(r)
+            key = (repr(fla_config(r, r.model.vocab_size or task.vocab_size).to_dict()), r.train.batch_size,
+                   train_seq_len(r, task))
+            if key not in refs:
+                refs[key] = {**bench_fla(r, warmup, steps), "variant": f"fla GatedDeltaNetForCausalLM (as {label})"}
+            row["fla"] = refs[key]
+    first = rows[0] if len(rows) > 1 else None
+    click.echo("")
+    click.echo(format_table([fmt_row(row, first) for row in rows + list(refs.values())]))
+    for row in rows:
+        if "fla" in row and not row.get("oom"):
+            click.echo(f"{row['variant']}: tokens/s = {row['tokens_per_s'] / row['fla']['tokens_per_s']:.3f}x "
+                       f"{row['fla']['variant']}")
+    return rows

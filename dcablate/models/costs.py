@@ -1,0 +1,84 @@
+"""What a recipe's model costs: parameters per component, recurrent state, FLOPs per token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dcablate.models.lm import LanguageModel
+from dcablate.models.channel.moe import MoE
+
+CONV_SUFFIX = "_conv1d"
+
+
+def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
+    with torch.device(device):
+        model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
+    model.gather_scored = recipe.task.kind == "mqar"  # LM scores (nearly) every position
+    return model
+
+
+def component(name: str) -> str:
+    """Which table row a parameter belongs to."""
+    parts = name.split(".")
+    if parts[0] == "embed":
+        return "embedding"
+    if parts[0] == "lm_head":
+        return "lm_head"
+    if parts[0] == "norm":
+        return "norms"
+    if parts[0] == "blocks":
+        sub = parts[2]
+        if sub in ("mixer_norm", "ffn_norm"):
+            return "norms"
+        return "conv" if parts[3].endswith(CONV_SUFFIX) else sub
+    return parts[0]
+
+
+def parameter_table(model: nn.Module) -> dict[str, int]:
+    """Parameters per component; tied weights are counted once (under the embedding)."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
+        counts[component(name)] = counts.get(component(name), 0) + p.numel()
+    counts["total"] = sum(counts.values())
+    counts["non_embedding"] = counts["total"] - counts.get("embedding", 0) - counts.get("lm_head", 0)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if moes:  # parameters one token touches: the router, its top-k experts, the shared expert
+        idle = sum(sum(p.numel() for p in m.parameters()) - m.active_params() for m in moes)
+        counts["active"] = counts["total"] - idle
+    return counts
+
+
+@dataclass
+class Costs:
+    params: dict[str, int]
+    state_floats: int          # per sequence, at `seq_len`
+    seq_len: int
+    flops_per_token: int       # forward, without the LM head
+    head_flops_per_token: int  # forward, per scored token
+
+
+def costs(model: LanguageModel, seq_len: int) -> Costs:
+    params = parameter_table(model)
+    matmul = sum(m.weight.numel() for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear))
+    mixers = [b.mixer for b in model.blocks]
+    convs = [m for n, m in model.blocks.named_modules() if n.endswith(CONV_SUFFIX)]
+    flops = 2 * matmul + sum(c.flops_per_token() for c in convs) + sum(m.flops_per_token(seq_len) for m in mixers)
+    flops += sum(m.routed_flops_per_token() for m in model.modules() if isinstance(m, MoE))
+    conv_history = sum((c.width - 1) * c.dim for c in convs)  # the last W-1 inputs of every conv
+    return Costs(
+        params=params,
+        state_floats=sum(m.state_size(seq_len) for m in mixers) + conv_history,
+        seq_len=seq_len,
+        flops_per_token=flops,
+        head_flops_per_token=2 * model.lm_head.weight.numel(),
+    )
+
+
+def human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"

@@ -1,0 +1,298 @@
+"""`dcablate report DIR`: tables and figures over every run below DIR (docs/sweeps.md).
+
+A run is a directory holding `recipe.toml`; it is finished when it also holds `summary.json`. Its
+variant is (mixer, conv kind, conv placement, ffn) and its grid point (d_model, lr, seed), all read
+from the resolved recipe. The score of a run is `summary.json`'s `best` evaluation: the highest
+overall MQAR accuracy during training (Zoology's convention), or for language modelling the lowest
+validation bits per byte; per width, the learning rate with the best mean score over seeds is
+selected, and its mean ± std over seeds reported. MQAR and LM runs below one folder get a section each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import tomllib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dcablate.config import recipe as recipes
+from dcablate.errors import RecipeError, UserError
+from dcablate.training.logs import _records
+from dcablate.runs.tables import HEADLINE
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What a task's runs are scored by."""
+    key: str                 # in summary.json's `best` and the eval records
+    higher_is_better: bool
+    label: str
+    bounded: bool            # in [0, 1] (accuracy): fixed axis limits
+
+
+METRICS = {"mqar": Metric(HEADLINE["mqar"], True, "overall MQAR accuracy", True),
+           "lm": Metric(HEADLINE["lm"], False, "validation bits per byte", False)}
+
+
+@dataclass
+class Run:
+    path: Path
+    variant: tuple[str, str, str, str]  # mixer, conv kind, conv placement, ffn
+    d_model: int
+    lr: float
+    seed: int
+    task: str = "mqar"
+    summary: dict | None = None  # None = unfinished
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score) of each evaluation
+
+    @property
+    def score(self) -> float:
+        return self.summary["best"][METRICS[self.task].key]
+
+
+@dataclass
+class Cell:
+    """Runs of one (variant, d_model, lr) over seeds."""
+    runs: list[Run]
+
+    def mean(self, key: str = "overall") -> float:
+        return statistics.fmean(r.summary["best"].get(key, float("nan")) for r in self.runs)
+
+    def std(self, key: str = "overall") -> float | None:
+        """Sample standard deviation over seeds; None with one seed."""
+        values = [r.summary["best"].get(key, float("nan")) for r in self.runs]
+        return statistics.stdev(values) if len(values) > 1 else None
+
+
+def variant_name(v: tuple) -> str:
+    mixer, kind, placement, ffn = v
+    conv = "conv=none" if kind == "none" else f"conv={kind}@{placement}"
+    return f"{mixer} {conv}" + ("" if ffn == "none" else f" ffn={ffn}")
+
+
+def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Every MQAR and LM run directory below `root` (finished or not), and those skipped: files that could
+    not be read."""
+    if not root.is_dir():
+        raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
+    runs, bad = [], []
+    for recipe_file in sorted(root.rglob("recipe.toml")):
+        run_dir = recipe_file.parent
+        try:
+            r = recipes.build(tomllib.loads(recipe_file.read_text()), default_source=str(recipe_file))
+        except (OSError, ValueError, RecipeError) as e:
+            bad.append((run_dir, f"recipe.toml: {e}"))
+            continue
+        if r.task.kind not in METRICS:
+            bad.append((run_dir, f"task.kind = {r.task.kind!r}: reports cover {', '.join(METRICS)} runs"))
+            continue
+        m = r.model
+        mixer = "+".join(m.mixer) if isinstance(m.mixer, list) else m.mixer
+        placement = "-" if m.conv.kind == "none" else m.conv.placement  # no conv: placement is moot
+        run = Run(run_dir, (mixer, m.conv.kind, placement, m.ffn), m.d_model, r.train.lr, r.run.seed, r.task.kind)
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            try:
+                run.summary = json.loads(summary_file.read_text())
+                run.score  # noqa: B018 - checks the field is there
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                bad.append((run_dir, f"summary.json: {e!r}"))
+                continue
+        key = METRICS[run.task].key
+        run.curve = [(rec["step"], rec[key]) for _, rec in _records(run_dir / "metrics.jsonl")
+                     if rec.get("kind") == "eval" and key in rec]
+        runs.append(run)
+    if not runs and not bad:
+        raise UserError(f"{root}: no runs below it (no recipe.toml found)")
+    return runs, bad
+
+
+def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:
+    """(variant, d_model) -> lr -> Cell, finished runs only."""
+    cells: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.summary is not None:
+            cells[(run.variant, run.d_model)][run.lr].append(run)
+    return {k: {lr: Cell(rs) for lr, rs in sorted(by_lr.items())} for k, by_lr in sorted(cells.items())}
+
+
+def best_lr(by_lr: dict[float, Cell], metric: Metric = METRICS["mqar"]) -> float:
+    """The learning rate with the best mean score over seeds (the smaller lr on a tie)."""
+    sign = 1 if metric.higher_is_better else -1
+    return max(by_lr, key=lambda lr: (sign * by_lr[lr].mean(metric.key), -lr))
+
+
+def segments_of(runs: list[Run], metric: Metric = METRICS["mqar"]) -> list[str]:
+    """The other evaluation columns in the order of the first finished run's evaluation: MQAR's test
+    segments (`T64_kv4`, ...), LM's loss and perplexity."""
+    skip = {"step", metric.key} | ({"loss"} if metric.bounded else set())
+    keys: dict[str, None] = {}
+    for run in runs:
+        if run.summary is not None:
+            keys.update((k, None) for k in run.summary["best"] if k not in skip)
+    return list(keys)
+
+
+def ranking(table: dict[tuple, dict[float, Cell]],
+            metric: Metric = METRICS["mqar"]) -> list[tuple[tuple, float, list[int]]]:
+    """Variants by the mean over widths of their best-over-lr score, best first."""
+    per_variant: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+    for (variant, d_model), by_lr in table.items():
+        per_variant[variant].append((d_model, by_lr[best_lr(by_lr, metric)].mean(metric.key)))
+    rows = [(v, statistics.fmean(s for _, s in ws), [d for d, _ in ws]) for v, ws in per_variant.items()]
+    return sorted(rows, key=lambda row: -row[1] if metric.higher_is_better else row[1])
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def write_report(root: Path) -> dict[str, Path]:
+    """Write report.md, report.csv and the PNG figures into `root`; returns the written files by kind."""
+    try:
+        return _write_report(Path(root))
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise UserError(f"{e.filename or root}: cannot write the report: {e.strerror}") from None
+
+
+def _write_report(root: Path) -> dict[str, Path]:
+    runs, bad = find_runs(root)
+    by_task = {task: [r for r in runs if r.task == task] for task in METRICS}
+    unfinished = [r for r in runs if r.summary is None]
+    out = {"md": root / "report.md", "csv": root / "report.csv"}
+    lines = [f"# Report: {root}", "",
+             f"{len(runs) - len(unfinished)} finished runs, {len(unfinished)} unfinished"
+             + (f", {len(bad)} skipped" if bad else "") + ".", ""]
+
+    tasks = {task: (METRICS[task], aggregate(rs), segments_of(rs, METRICS[task]))
+             for task, rs in by_task.items() if rs}
+    all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
+    with open(out["csv"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
+                    "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
+                    "params"])
+        for task, (metric, table, segs) in tasks.items():
+            for (variant, d_model), by_lr in table.items():
+                chosen = best_lr(by_lr, metric)
+                for lr, cell in by_lr.items():
+                    std = cell.std(metric.key)
+                    first = cell.runs[0].summary
+                    w.writerow([task, variant_name(variant), *variant, d_model, lr, len(cell.runs),
+                                cell.mean(metric.key), "" if std is None else std, lr == chosen,
+                                *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
+                                first.get("state_floats", ""), first.get("params", {}).get("total", "")])
+    for task, (metric, table, segs) in tasks.items():
+        figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
+        out.update(figures)
+        lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1)
+
+    if unfinished:
+        lines += ["## Unfinished (no summary.json)", ""] + [f"- `{r.path.relative_to(root)}`" for r in unfinished]
+        lines += [""]
+    if bad:
+        lines += ["## Skipped", ""] + [f"- `{p.relative_to(root)}`: {why}" for p, why in bad] + [""]
+    lines += ["TensorBoard: `tensorboard --logdir " + str(root) + "` compares the runs' final metrics in the "
+              "HPARAMS tab.", ""]
+    out["md"].write_text("\n".join(lines))
+    return out
+
+
+def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool) -> list[str]:
+    """The markdown of one task's runs: how they are scored, the ranking, a table per variant, figures."""
+    better = "highest" if metric.higher_is_better else "lowest"
+    lines = ([f"# {'MQAR' if task == 'mqar' else 'Language modelling'}", ""] if titled else [])
+    lines += [f"Score = {metric.label} of each run's best evaluation (`summary.json` `best`, the {better}); per "
+              "width the learning rate with the best mean score over seeds is chosen; mean ± sample std over "
+              "seeds.", ""]
+    if not table:
+        return lines
+    lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
+    lines += _md_table(["rank", "variant", "score", "widths"],
+                       [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))]
+                        for i, (v, s, ds) in enumerate(ranking(table, metric))])
+    for variant in dict.fromkeys(v for v, _ in table):
+        lines += [f"## {variant_name(variant)}", ""]
+        rows = []
+        for (v, d_model), by_lr in table.items():
+            if v != variant:
+                continue
+            lr = best_lr(by_lr, metric)
+            cell = by_lr[lr]
+            rows.append([d_model, f"{lr:g}", len(cell.runs), _pm(cell.mean(metric.key), cell.std(metric.key)),
+                         *(_pm(cell.mean(seg), cell.std(seg)) for seg in segs),
+                         cell.runs[0].summary.get("state_floats", "")])
+        lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, "state floats"], rows)
+    lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
+    return lines
+
+
+def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: str = "") -> dict[str, Path]:
+    """Score vs d_model (MQAR: one panel per test segment), score vs recurrent-state size, and the
+    validation curves of the best lr per width; LM files carry the `lm_` prefix."""
+    if not table:
+        return {}
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(v for v, _ in table))
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    best = {key: by_lr[best_lr(by_lr, metric)] for key, by_lr in table.items()}
+    ylim = (-0.02, 1.02) if metric.bounded else None
+    short = "accuracy" if metric.bounded else metric.key
+    files = {}
+
+    panels = (segs or [metric.key]) if metric.bounded else [metric.key]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, seg in zip(axes[0], panels):
+        for v in variants:
+            pts = sorted((d, c.mean(seg)) for (vv, d), c in best.items() if vv == v)
+            ax.plot([d for d, _ in pts], [a for _, a in pts], "o-", color=colors[v], label=variant_name(v))
+        ax.set_xscale("log", base=2)
+        ax.set(title=seg, xlabel="d_model", ylim=ylim)
+    axes[0][0].set_ylabel(f"{'MQAR accuracy' if metric.bounded else metric.label} (best lr)")
+    files[f"{prefix}{short}_vs_d_model"] = _save(fig, axes[0][-1], root / f"{prefix}{short}_vs_d_model.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for v in variants:
+        pts = sorted((c.runs[0].summary.get("state_floats", 0), c.mean(metric.key))
+                     for (vv, _), c in best.items() if vv == v)
+        ax.plot([s for s, _ in pts], [a for _, a in pts], "o-", color=colors[v], label=variant_name(v))
+    ax.set_xscale("log")
+    ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)", ylim=ylim)
+    files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")
+
+    widths = sorted({d for _, d in table})
+    fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.6), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], widths):
+        for v in variants:
+            cell = best.get((v, d))
+            for i, run in enumerate(r for r in (cell.runs if cell else []) if r.curve):
+                ax.plot(*zip(*run.curve), color=colors[v], alpha=0.8, label=variant_name(v) if i == 0 else None)
+        ax.set(title=f"d_model={d} (best lr)", xlabel="step", ylim=ylim)
+    axes[0][0].set_ylabel(metric.label)
+    files[f"{prefix}validation_curves"] = _save(fig, axes[0][-1], root / f"{prefix}validation_curves.png")
+    return files
+
+
+def _save(fig, legend_ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    legend_ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,211 @@
+"""Run-directory safety: checkpoints that survive any crash, a lock, and what a resume may change.
+
+`checkpoints/` holds `step-000040.pt` (the full training state; the last `checkpoint.keep` are kept) and
+`final.pt` (model weights, for `dcablate eval`). Every `X.pt` has a sidecar `X.pt.sha256` in `sha256sum`
+format, so a truncated or corrupt file is detected before torch reads it.
+
+Write order: payload and sidecar to `.tmp` files (flushed, fsynced); an old payload of the same name is
+removed; the sidecar is renamed into place, then the payload. A crash at any moment therefore leaves
+either no `X.pt` or a complete one whose sidecar matches; the `.tmp` leftovers are swept on resume.
+A full disk fails while writing the `.tmp` files, before anything old is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+from dcablate.errors import UserError
+
+STEP_FILE = re.compile(r"step-(\d+)\.pt")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, truncated, corrupt or not a checkpoint at all."""
+
+
+class WriteError(Exception):
+    """Writing a checkpoint failed (e.g. ENOSPC); nothing that existed before was touched."""
+
+    def __init__(self, path: Path, error: OSError):
+        self.path, self.error = path, error
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a small text file (recipe, summary, metrics) in one step: readers see old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write(tmp, text.encode())
+    os.replace(tmp, path)
+
+
+def save(path: Path, payload: dict) -> None:
+    """Write `payload` to `path` atomically with its sha256 sidecar; raises WriteError (old files intact)."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    tmp, side, side_tmp = path.with_name(path.name + ".tmp"), sidecar(path), path.with_name(path.name + ".sha256.tmp")
+    try:
+        _write(tmp, data)
+        _write(side_tmp, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise WriteError(path, e) from None
+    path.unlink(missing_ok=True)  # never a new sidecar beside an old payload
+    os.replace(side_tmp, side)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load(path: Path) -> dict:
+    """Read a checkpoint, checking its sidecar checksum when there is one; CheckpointError if unusable."""
+    import torch
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint here (did the run finish?)")
+    data = path.read_bytes()
+    side = sidecar(path)
+    if side.is_file():
+        expected = (side.read_text(errors="replace").split() or [""])[0]
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt file)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # a torn or foreign file: say which, never a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path}: not a dcablate checkpoint")
+    return state
+
+
+# ----------------------------------------------------------------------------------------- step files
+
+
+def step_path(folder: Path, step: int) -> Path:
+    return folder / f"step-{step:06d}.pt"
+
+
+def step_files(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step checkpoint, oldest first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := STEP_FILE.fullmatch(p.name))]
+    return sorted(found)
+
+
+def sweep_leftovers(folder: Path) -> None:
+    """Remove `.tmp` files and orphan sidecars that an interrupted save or prune left behind."""
+    for p in folder.glob("*.tmp"):
+        p.unlink(missing_ok=True)
+    for p in folder.glob("*.pt.sha256"):
+        if not p.with_name(p.name.removesuffix(".sha256")).exists():
+            p.unlink(missing_ok=True)
+
+
+def latest_good(folder: Path, warn) -> tuple[dict | None, Path | None]:
+    """The newest step checkpoint that verifies; bad ones are reported via `warn` and moved aside."""
+    for _, path in reversed(step_files(folder)):
+        try:
+            return load(path), path
+        except CheckpointError as e:
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            sidecar(path).unlink(missing_ok=True)
+            warn(f"warning: {e}; moved it to {aside.name} and using the previous checkpoint")
+    return None, None
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` step checkpoints (payload removed before its sidecar)."""
+    for _, path in step_files(folder)[:-keep]:
+        path.unlink(missing_ok=True)
+        sidecar(path).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------- run directory
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold `run_dir/.lock` (flock) for the whole run: a second process writing here is refused."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{run_dir}: another dcablate process (pid {holder}) is writing to this run directory") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # closing releases the lock; the kernel does the same if the process is killed
+
+
+# Keys a resume may change: they decide how a run is carried out or logged, not its results.
+RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.oom_retry", "train.nonfinite", "train.parallel",
+               "train.cuda_graph", "eval.batch_size")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict) and k != "sweep":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every result-relevant key that differs between two resolved recipes."""
+    a, b = _flat(old), _flat(new)
+    show = lambda v: "(unset)" if v is None else (s if len(s := json.dumps(v)) <= 40 else s[:37] + "...")
+    return [f"{k}: {show(a.get(k))} -> {show(b.get(k))}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
+
+
+def keys_added_since(saved: dict, new: dict) -> list[str]:
+    """`key = value` for each result-relevant key of `new` that a run's saved recipe does not hold: the recipe
+    schema gained it after the run started, so a resume takes today's default for it."""
+    a, b = _flat(saved), _flat(new)
+    return [f"{k} = {json.dumps(v)}" for k, v in sorted(b.items())
+            if k not in a and v is not None and not k.startswith(RESUME_FREE)]
+
+
+def describe_changes(changes: list[str], most: int = 4) -> str:
+    more = f", and {len(changes) - most} more" if len(changes) > most else ""
+    return ", ".join(changes[:most]) + more
