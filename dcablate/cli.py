@@ -1,4 +1,4 @@
-"""`dcablate` command line: run, eval, info, report, recipes.
+"""`dcablate` command line: run, eval, info, report, config.
 
 Every user mistake ends as one line on stderr and exit code 2 (see `main`).
 """
@@ -13,7 +13,9 @@ from pathlib import Path
 import click
 
 from dcablate import __version__
-from dcablate.config import recipe as recipes
+from dcablate import config
+from dcablate.registry import Names
+from dcablate.tasks import TASKS, task_class
 from dcablate.errors import UserError
 from dcablate.runs.tables import format_table, headline_result
 
@@ -56,7 +58,7 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
             return "new"  # a run killed before it wrote anything
         raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
                         f"fresh directory")
-    old = recipes.load(str(recipe_file))
+    old = config.load(str(recipe_file))
     changes = recipe_changes(old.to_dict(), r.to_dict())
     if changes:
         raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); use "
@@ -104,7 +106,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
     from dcablate.runs import workers as parallel
 
     gpu_list = parallel.check_flags(per_gpu, gpus, workers)
-    base, points = recipes.expand(recipe, list(overrides))
+    base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():
         new_root = fresh_dir(root)
@@ -216,7 +218,7 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
 
 
 @cli.command(name="eval")
-@click.option("--task", "task_kind", type=click.Choice(["mqar", "lm"]), required=True, help="What to measure.")
+@click.option("--task", "task_kind", type=click.Choice(Names(lambda: TASKS)), required=True, help="What to measure.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
               "the run's validation split.")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
@@ -229,35 +231,24 @@ def eval_(task_kind, run_dir, overrides, data):
         raise UserError(f"{run_dir}: no such run directory")
     if not recipe_path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
-    r = recipes.load(str(recipe_path), list(overrides))
+    r = config.load(str(recipe_path), list(overrides))
     if r.task.kind != task_kind:
         raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}'")
 
-    from dcablate.training import checkpoint
     from dcablate.tasks import build_task
+    from dcablate.training import checkpoint
     from dcablate.training.trainer import autocast_for, check_runtime
 
     device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
-    if data is not None and task_kind != "lm":
-        raise UserError("--data applies to --task lm only")
     task = build_task(r.task, train=False, data=data)
     model = trained_model(run_dir, r, state, task.vocab_size, device)
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
     out = run_dir / "eval" / f"{task_kind}.json"
     out.parent.mkdir(exist_ok=True)
-    if task_kind == "lm":
-        out.write_text(json.dumps({"task": task_kind, "step": state["step"], "data": data or r.task.lm.data,
-                                   "overrides": list(overrides), "metrics": metrics}, indent=2) + "\n")
-        click.echo(f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.3f}   "
-                   f"bits/byte {metrics['bpb']:.4f}   written to {out}")
-        return
-    segments = [{"seq_len": s.seq_len, "num_kv_pairs": s.num_kv_pairs, "num_examples": s.num_examples}
-                for s in task.test_segments]
-    out.write_text(json.dumps({"task": task_kind, "step": state["step"], "segments": segments,
+    out.write_text(json.dumps({"task": task_kind, "step": state["step"], **task.eval_record(),
                                "overrides": list(overrides), "metrics": metrics}, indent=2) + "\n")
-    click.echo(format_table([{"segment": k, "accuracy": v} for k, v in metrics.items() if k != "loss"]))
-    click.echo(f"loss {metrics['loss']:.4f}   written to {out}")
+    click.echo(f"{task.describe(metrics)}   written to {out}")
 
 
 @cli.command()
@@ -267,15 +258,9 @@ def info(recipe, overrides):
     """Parameters per component, recurrent-state size and FLOPs per token of RECIPE's model."""
     from dcablate.models.costs import build_model, costs, human
 
-    base, points = recipes.expand(recipe, list(overrides))
+    base, points = config.expand(recipe, list(overrides))
     for name, r in points:
-        if r.task.kind == "lm":
-            from dcablate.tasks.lm.data import tokenizer_vocab_size
-
-            seq_len, vocab = r.task.lm.seq_len, tokenizer_vocab_size(r.task.lm)
-        else:
-            q = r.task.mqar
-            seq_len, vocab = max(s.seq_len for s in q.train + q.test), q.vocab_size
+        seq_len, vocab = task_class(r.task.kind).shape(getattr(r.task, r.task.kind, None))
         model = build_model(r, vocab, device="meta")
         c = costs(model, seq_len)
         title = f"{r.run.name}{' / ' + name if name else ''}: {r.model.mixer}, conv={r.model.conv.kind}, " \
@@ -384,7 +369,7 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     """Stream text sampled from a trained language model (task.kind = "lm")."""
     if not (run_dir / "recipe.toml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
-    r = recipes.load(str(run_dir / "recipe.toml"))
+    r = config.load(str(run_dir / "recipe.toml"))
     if r.task.kind != "lm":
         raise UserError(f"{run_dir}: generate needs a language model; this run was trained on "
                         f"task.kind = '{r.task.kind}'")
@@ -432,7 +417,7 @@ def data_get(name, directory):
 def list_recipes():
     """List the recipes shipped with dcablate (run one by name: dcablate run NAME)."""
     rows = []
-    for name, path in recipes.shipped_recipes().items():
+    for name, path in config.shipped_recipes().items():
         first = path.read_text().splitlines()[0] if path.read_text() else ""
         rows.append({"name": name, "what": first.lstrip("# ").strip()})
     click.echo(format_table(rows))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import dcablate.config.recipe as R
+import dcablate.config as R
 from dcablate.cli import main
 
 # A valid recipe; runs (if any slipped through) would land in ./out, which every case checks is never created.

@@ -4,9 +4,9 @@ position, and the same greedy text as decoding by full recompute, for every mixe
 import pytest
 import torch
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.models.costs import build_model
-from dcablate.models.conv import DynamicShortConv
+from dcablate.models.conv.dynamic import DynamicShortConv
 from dcablate.tasks.lm.generate import sample_ids
 
 VOCAB = 23

@@ -5,10 +5,11 @@ import itertools
 import pytest
 import torch
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.kernels.dynamic_conv.naive import (dynamic_conv_headwise_reference, dynamic_conv_lowrank_reference,
                                                      dynamic_conv_step, filter_at_token)
-from dcablate.models.conv import DynamicShortConv, StaticShortConv
+from dcablate.models.conv.dynamic import DynamicShortConv
+from dcablate.models.conv.static import StaticShortConv
 
 
 def explicit(x, K, activation=None, residual=True):

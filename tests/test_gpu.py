@@ -42,7 +42,7 @@ def test_gated_deltanet_matches_fla_layer(shape, dtype):
     from fla.layers import GatedDeltaNet as FlaGDN
 
     from dcablate.models.mixers.gated_deltanet import GatedDeltaNet
-    from dcablate.config.recipe import ConvSection
+    from dcablate.config.schema import ConvSection
 
     B, T, D, H, K, ev = shape
     torch.manual_seed(T)
@@ -93,7 +93,7 @@ def test_static_conv_matches_reference(width, dtype, activation):
 def test_model_cuda_step_matches_reference(mixer):
     """A bf16 training step of the whole model on fla kernels: loss close to the fp32 torch reference."""
     from dcablate.models.costs import build_model
-    from dcablate.config.recipe import build
+    from dcablate.config import build
 
     losses = {}
     for backend in ("auto", "torch"):
@@ -156,7 +156,7 @@ def test_dynamic_conv_triton_matches_float64_reference(case, dtype, impl):
 
 
 def test_dynamic_conv_module_on_cuda_matches_cpu_path():
-    from dcablate.models.conv import DynamicShortConv
+    from dcablate.models.conv.dynamic import DynamicShortConv
 
     torch.manual_seed(0)
     conv = DynamicShortConv(dim=96, gen_dim=64, width=4, rank=15, activation="silu").cuda()
@@ -204,7 +204,7 @@ def test_mamba2_fla_path_matches_torch_reference(dtype, n_groups):
     in fp32 (the default `ssd_precision`): with bf16 q/k/v, fla's backward gave dt_bias gradients off by
     6.5x and 20x their size (n_groups 1, 2; H100, 2026-11-26)."""
     from dcablate.models.mixers.mamba2 import Mamba2
-    from dcablate.config.recipe import ConvSection
+    from dcablate.config.schema import ConvSection
 
     torch.manual_seed(n_groups)
     layers = {b: Mamba2(128, head_dim=32, state_size=16, expand=2, n_groups=n_groups,
@@ -236,7 +236,7 @@ def test_mamba2_fla_path_matches_fla_layer():
     from fla.layers import Mamba2 as FlaMamba2
 
     from dcablate.models.mixers.mamba2 import Mamba2
-    from dcablate.config.recipe import ConvSection
+    from dcablate.config.schema import ConvSection
 
     torch.manual_seed(11)
     theirs = FlaMamba2(num_heads=8, head_dim=32, hidden_size=128, state_size=16, expand=2, n_groups=1,
@@ -262,7 +262,7 @@ def test_fused_linear_cross_entropy_matches_plain(dtype):
     """A large-vocabulary LM's loss through fla's fused linear CE equals logits + F.cross_entropy,
     loss and every gradient, mean and sum, with ignored positions."""
     import dcablate.models.lm as lm
-    from dcablate.config import recipe as R
+    from dcablate import config as R
     from dcablate.models.costs import build_model
 
     r = R.build({"run": {"name": "ce"}, "model": {"mixer": "attention", "d_model": 64, "n_layers": 1,

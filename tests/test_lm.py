@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.cli import main
 from dcablate.errors import UserError
 from dcablate.tasks import build_task

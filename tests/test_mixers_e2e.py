@@ -2,7 +2,7 @@
 
 import pytest
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.models.costs import build_model, costs
 from dcablate.training.logs import read_metrics
 from dcablate.training.trainer import train

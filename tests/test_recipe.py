@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dcablate.config import recipe as R
+from dcablate import config as R
 from dcablate.errors import RecipeError, UserError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
@@ -229,7 +229,7 @@ def test_extends_from_the_recipes_own_folder_by_relative_name(tmp_path, monkeypa
 
 def test_extends_a_shipped_recipe_by_name(tmp_path, monkeypatch):
     shipped = write(tmp_path / "pkg" / "fakebase.toml", "[model]\nd_model = 96\n")
-    monkeypatch.setattr(R, "shipped_recipes", lambda: {"fakebase": shipped})
+    monkeypatch.setattr("dcablate.config.loading.shipped_recipes", lambda: {"fakebase": shipped})
     child = write(tmp_path / "child.toml", 'extends = "fakebase"\n[train]\nsteps = 7\nwarmup_steps = 0\n')
     r = R.load(str(child))
     assert (r.model.d_model, r.train.steps) == (96, 7)

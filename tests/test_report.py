@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.cli import main
 from dcablate.runs.report import write_report
 

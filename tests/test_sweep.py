@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from dcablate.config import recipe as R
+from dcablate import config as R
 from dcablate.cli import main
 from dcablate.errors import RecipeError
 

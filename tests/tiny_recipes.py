@@ -8,7 +8,7 @@ import copy
 import os
 from pathlib import Path
 
-from dcablate.config import recipe as R
+from dcablate import config as R
 
 BASE = {
     "run": {"name": "t", "out_dir": "out", "device": "cpu"},

@@ -1,0 +1,29 @@
+"""Recipes: the TOML a researcher writes, resolved into a typed, checked `Recipe` (torch-free).
+
+The recipe is the single source of truth for a run: everything that changes results lives in it.
+`schema.py` holds the core sections and assembles the components' sections from the registries,
+`loading.py` reads files, `extends` and `--set` overrides and checks them, `sweep.py` expands a `[sweep]`
+into its grid, `toml_out.py` writes a resolved recipe back. `docs/recipes.md` documents each key; a test
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dcablate.config.fields import option, section
+from dcablate.config.loading import (build, check_sweep, expand, find_recipe, load, load_raw, parse_override,
+                                  shipped_recipes)
+from dcablate.config.schema import conv_streams
+from dcablate.config.sweep import ZIP_KEY, sweep_axes
+from dcablate.config.toml_out import dumps_toml
+
+
+def __getattr__(name: str):
+    if name in ("Recipe", "ModelSection", "TaskSection"):  # assembled from the registries when first asked for
+        from dcablate.config import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "conv_streams", "dumps_toml", "expand", "find_recipe", "load",
+           "load_raw", "option", "parse_override", "section", "shipped_recipes", "sweep_axes"]

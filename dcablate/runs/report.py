@@ -18,10 +18,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
-from dcablate.runs.tables import HEADLINE
+from dcablate.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,10 @@ class Metric:
     bounded: bool            # in [0, 1] (accuracy): fixed axis limits
 
 
-METRICS = {"mqar": Metric(HEADLINE["mqar"], True, "overall MQAR accuracy", True),
-           "lm": Metric(HEADLINE["lm"], False, "validation bits per byte", False)}
+def metric_of(task: str) -> Metric:
+    """The headline metric of a registered task, as its spec declares it."""
+    spec = TASKS.get(task)
+    return Metric(spec.headline, spec.higher_is_better, spec.headline_label or spec.headline, spec.bounded)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Run:
 
     @property
     def score(self) -> float:
-        return self.summary["best"][METRICS[self.task].key]
+        return self.summary["best"][metric_of(self.task).key]
 
 
 @dataclass
@@ -86,9 +88,6 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         except (OSError, ValueError, RecipeError) as e:
             bad.append((run_dir, f"recipe.toml: {e}"))
             continue
-        if r.task.kind not in METRICS:
-            bad.append((run_dir, f"task.kind = {r.task.kind!r}: reports cover {', '.join(METRICS)} runs"))
-            continue
         m = r.model
         mixer = "+".join(m.mixer) if isinstance(m.mixer, list) else m.mixer
         placement = "-" if m.conv.kind == "none" else m.conv.placement  # no conv: placement is moot
@@ -101,7 +100,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 bad.append((run_dir, f"summary.json: {e!r}"))
                 continue
-        key = METRICS[run.task].key
+        key = metric_of(run.task).key
         run.curve = [(rec["step"], rec[key]) for _, rec in _records(run_dir / "metrics.jsonl")
                      if rec.get("kind") == "eval" and key in rec]
         runs.append(run)
@@ -119,13 +118,13 @@ def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:
     return {k: {lr: Cell(rs) for lr, rs in sorted(by_lr.items())} for k, by_lr in sorted(cells.items())}
 
 
-def best_lr(by_lr: dict[float, Cell], metric: Metric = METRICS["mqar"]) -> float:
+def best_lr(by_lr: dict[float, Cell], metric: Metric) -> float:
     """The learning rate with the best mean score over seeds (the smaller lr on a tie)."""
     sign = 1 if metric.higher_is_better else -1
     return max(by_lr, key=lambda lr: (sign * by_lr[lr].mean(metric.key), -lr))
 
 
-def segments_of(runs: list[Run], metric: Metric = METRICS["mqar"]) -> list[str]:
+def segments_of(runs: list[Run], metric: Metric) -> list[str]:
     """The other evaluation columns in the order of the first finished run's evaluation: MQAR's test
     segments (`T64_kv4`, ...), LM's loss and perplexity."""
     skip = {"step", metric.key} | ({"loss"} if metric.bounded else set())
@@ -137,7 +136,7 @@ def segments_of(runs: list[Run], metric: Metric = METRICS["mqar"]) -> list[str]:
 
 
 def ranking(table: dict[tuple, dict[float, Cell]],
-            metric: Metric = METRICS["mqar"]) -> list[tuple[tuple, float, list[int]]]:
+            metric: Metric) -> list[tuple[tuple, float, list[int]]]:
     """Variants by the mean over widths of their best-over-lr score, best first."""
     per_variant: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
     for (variant, d_model), by_lr in table.items():
@@ -168,14 +167,14 @@ def write_report(root: Path) -> dict[str, Path]:
 
 def _write_report(root: Path) -> dict[str, Path]:
     runs, bad = find_runs(root)
-    by_task = {task: [r for r in runs if r.task == task] for task in METRICS}
+    by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names()}
     unfinished = [r for r in runs if r.summary is None]
     out = {"md": root / "report.md", "csv": root / "report.csv"}
     lines = [f"# Report: {root}", "",
              f"{len(runs) - len(unfinished)} finished runs, {len(unfinished)} unfinished"
              + (f", {len(bad)} skipped" if bad else "") + ".", ""]
 
-    tasks = {task: (METRICS[task], aggregate(rs), segments_of(rs, METRICS[task]))
+    tasks = {task: (metric_of(task), aggregate(rs), segments_of(rs, metric_of(task)))
              for task, rs in by_task.items() if rs}
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
     with open(out["csv"], "w", newline="") as f:
@@ -194,6 +193,7 @@ def _write_report(root: Path) -> dict[str, Path]:
                                 *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
                                 first.get("state_floats", ""), first.get("params", {}).get("total", "")])
     for task, (metric, table, segs) in tasks.items():
+        # MQAR's figures keep their unprefixed names; every other task's carry its name
         figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
         out.update(figures)
         lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1)

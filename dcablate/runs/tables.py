@@ -29,10 +29,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-HEADLINE = {"mqar": "overall", "lm": "bpb"}  # the metric a finished run is summarised by, per task kind
-
-
 def headline_result(summary: dict, task_kind: str) -> str:
     """`overall 0.987 in 12.3s` (MQAR) or `bpb 1.237 in 128.1s` (LM): a finished run's one-line result."""
-    head = HEADLINE[task_kind]
+    from dcablate.tasks import TASKS
+
+    head = TASKS.get(task_kind).headline
     return f"{head} {summary['final'].get(head, float('nan')):.3f} in {summary['wall_time_s']:.1f}s"

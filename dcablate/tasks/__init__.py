@@ -1,66 +1,125 @@
-"""Tasks: data plus metrics behind one interface (`train_batches`, `evaluate`, `vocab_size`)."""
+"""Tasks: data plus metrics behind one interface, and the registry of them.
+
+A task is one `Task` subclass (torch is imported by its module only) plus one `register_task(TaskSpec(...))`
+with its torch-free spec: its recipe section `task.<name>`, checks, and the headline metric that early
+stopping, run tables and reports read. The package's own, `mqar` and `lm`, register in their folders'
+`spec.py`.
+"""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
-from dcablate.tasks.mqar.data import AccuracyMeter, MQARData, Segment
+from dcablate.registry import Registry, resolve
 
 
-class MQARTask:
-    """Multi-query associative recall (DESIGN.md §4): accuracy per (T, kv) segment and overall."""
+def _no_check(recipe, fail) -> None:
+    pass
 
-    kind = "mqar"
-    headline = "overall"  # the metric early stopping and tables read
-    higher_is_better = True  # LM's headline (bits per byte) is lower-is-better
 
-    def __init__(self, cfg, train: bool = True, test_segments=None):
-        self.cfg = cfg
-        to_segments = lambda specs: [Segment(s.seq_len, s.num_kv_pairs, s.num_examples) for s in specs]
-        self.train_segments = to_segments(cfg.train) if train else []
-        self.test_segments = to_segments(test_segments if test_segments is not None else cfg.test)
-        self.data = MQARData(self.train_segments, self.test_segments, cfg.vocab_size, cfg.power_a, cfg.filler,
-                             cfg.data_seed)
+@dataclass(frozen=True)
+class TaskSpec:
+    """name              the value of `task.kind`
+    task              the `Task` subclass, or `"module:Class"` imported when a run builds it
+    headline          the metric a run is summarised, early-stopped and ranked by
+    higher_is_better  the headline's direction (accuracy: True; bits per byte: False)
+    headline_label    how reports name the headline
+    bounded           the headline lies in [0, 1] (figures fix their axis)
+    sparse_targets    only a few positions per sequence are scored: the loss gathers them before the
+                      vocabulary-wide head (MQAR), instead of scoring every position (LM)
+    options           the dataclass of the task's recipe section `task.<name>` (None: no options)
+    options_doc       that section's one-line doc
+    check             `(recipe, fail)`: choices valid alone but not together; `fail(key, message)`"""
+    name: str
+    task: object
+    headline: str
+    higher_is_better: bool
+    headline_label: str = ""
+    bounded: bool = False
+    sparse_targets: bool = False
+    options: type | None = None
+    options_doc: str = ""
+    check: Callable = _no_check
+
+
+class Task:
+    """The interface a training run and `dcablate eval` use. `spec` is set by `build_task`.
+
+    Subclasses implement `__init__(options, train=True, data=None)` (`options`: the recipe's `task.<name>`
+    section; `train=False` skips building training data; `data`: other data to evaluate on, from
+    `dcablate eval --data`, for tasks that read data), and the methods below."""
+
+    spec: TaskSpec
+
+    @property
+    def headline(self) -> str:
+        return self.spec.headline
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.spec.higher_is_better
 
     @property
     def vocab_size(self) -> int:
-        return self.cfg.vocab_size
+        """Token ids run over [0, vocab_size)."""
+        raise NotImplementedError
 
     @property
     def max_seq_len(self) -> int:
-        return max(s.seq_len for s in self.train_segments + self.test_segments)
+        """The longest sequence training or evaluation feeds the model."""
+        raise NotImplementedError
 
-    def train_batches(self, batch_size: int, seed: int, start: int = 0):
-        """Endless (inputs, targets) batches, each from one segment; `start` skips that many (resume)."""
-        for _, x, y in self.data.train_batches(batch_size, seed, start):
-            yield x, y
+    @property
+    def train_seq_len(self) -> int:
+        """The length of the training batches' sequences (the longest, when they vary)."""
+        raise NotImplementedError
 
-    @torch.no_grad()
+    @classmethod
+    def shape(cls, options) -> tuple[int, int]:
+        """(sequence length, vocabulary) of a recipe's task without building its data (`dcablate info`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_benchmark(cls, options) -> "Task":
+        """A task whose `train_batches` have this task's shapes, for `dcablate bench train` (default: itself)."""
+        return cls(options)
+
+    def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple]:
+        """Endless `(inputs [B, T], targets [B, T])` int64 batches (target -100: not scored), the same for a
+        given `seed`; `start` skips that many batches (resume)."""
+        raise NotImplementedError
+
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
-        was_training = model.training
-        model.eval()
-        meter = AccuracyMeter(self.test_segments)
-        loss_sum, n_scored = 0.0, 0
-        for j, x, y in self.data.test_batches(batch_size):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast():
-                logits, targets = model.scored_logits(x, y)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            n_scored += targets.numel()
-            predictions = torch.full_like(y, -1)
-            predictions[y != -100] = logits.argmax(-1)
-            meter.update(j, predictions, y)
-        model.train(was_training)
-        return {**meter.result(), "loss": loss_sum / max(n_scored, 1)}
+        """Metrics of `model` on the held-out data; holds the headline metric and `loss`."""
+        raise NotImplementedError
+
+    def eval_record(self) -> dict:
+        """What `dcablate eval` writes beside the metrics to say what was evaluated (test segments, data)."""
+        return {}
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        """`dcablate eval`'s lines for `metrics`."""
+        return "   ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def build_task(task_cfg, train: bool = True, test_segments=None, data: str | None = None):
-    """The recipe's task; `data` replaces task.lm.data (dcablate eval --data)."""
-    if task_cfg.kind == "mqar":
-        return MQARTask(task_cfg.mqar, train=train, test_segments=test_segments)
-    if task_cfg.kind == "lm":
-        from dcablate.tasks.lm.task import LMTask
+TASKS: Registry[TaskSpec] = Registry("task", ("dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec"))
 
-        return LMTask(task_cfg.lm, train=train, data=data)
-    raise ValueError(f"unknown task {task_cfg.kind!r}")  # the recipe schema rejects this earlier
+
+def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
+    return TASKS.register(spec, replace)
+
+
+def task_class(kind: str) -> type:
+    return resolve(TASKS.get(kind).task)
+
+
+def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False) -> Task:
+    """The recipe's task (`task_cfg`: its `[task]` section); `data` replaces what the task evaluates on
+    (`dcablate eval --data`); `benchmark`: the task's benchmark stand-in (`Task.for_benchmark`)."""
+    spec = TASKS.get(task_cfg.kind)
+    cls = resolve(spec.task)
+    options = getattr(task_cfg, spec.name, None)
+    task = cls.for_benchmark(options) if benchmark else cls(options, train=train, data=data)
+    task.spec = spec
+    return task

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcablate.models.conv import conv_prefill, conv_prefill_joint, conv_step, make_conv
+from dcablate.models.conv import make_conv
+from dcablate.models.conv.streams import conv_prefill, conv_prefill_joint, conv_step
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, start: int = 0):
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         self.q_conv1d = make_conv(conv_cfg, "q", inner, d_model, backend)
         self.k_conv1d = make_conv(conv_cfg, "k", inner, d_model, backend)
         self.v_conv1d = make_conv(conv_cfg, "v", inner, d_model, backend)
-        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend)
+        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend, placement="all_linear")
 
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "Attention":

@@ -22,7 +22,8 @@ from dcablate.kernels.gated_delta_rule import (
     l2_normalize,
 )
 from dcablate.kernels.gated_norm import gated_rms_norm
-from dcablate.models.conv import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step, make_conv
+from dcablate.models.conv import make_conv
+from dcablate.models.conv.streams import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step
 
 
 class GatedRMSNorm(nn.Module):
@@ -63,7 +64,7 @@ class GatedDeltaNet(nn.Module):
         self.q_conv1d = make_conv(conv_cfg, "q", self.key_dim, d_model, backend)
         self.k_conv1d = make_conv(conv_cfg, "k", self.key_dim, d_model, backend)
         self.v_conv1d = make_conv(conv_cfg, "v", self.value_dim, d_model, backend)
-        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend)
+        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend, placement="all_linear")
         if use_gate:
             self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(self.head_v_dim, norm_eps, backend)

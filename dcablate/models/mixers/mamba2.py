@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcablate.kernels.simple_gla import simple_gla
-from dcablate.models.conv import conv_prefill, conv_step, make_conv
+from dcablate.models.conv import make_conv
+from dcablate.models.conv.streams import conv_prefill, conv_step
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -53,7 +54,7 @@ class Mamba2(nn.Module):
         self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
         # the conv on the xBC stream; Mamba's SiLU follows it here, not inside it (`activation = "none"`
         # in the recipe drops it, an ablation knob for dynamic convs)
-        self.conv1d = make_conv(conv_cfg, "q", self.conv_dim, d_model, backend, activation="none", bias=True)
+        self.conv1d = make_conv(conv_cfg, "xbc", self.conv_dim, d_model, backend, activation="none", bias=True)
         self.xbc_act = conv_cfg is None or conv_cfg.kind == "none" or conv_cfg.activation != "none"
         # fla's init: dt ~ logU(1e-3, 1e-1) through the inverse softplus, A ~ U(1, 16)
         dt = torch.exp(torch.rand(self.n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
@@ -64,7 +65,7 @@ class Mamba2(nn.Module):
             p._no_weight_decay = True
         self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // n_groups, norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
-        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend)
+        self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend, placement="all_linear")
 
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "Mamba2":

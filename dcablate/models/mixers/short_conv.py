@@ -12,7 +12,8 @@ import dataclasses
 import torch
 import torch.nn as nn
 
-from dcablate.models.conv import conv_prefill, conv_step, make_conv
+from dcablate.models.conv import make_conv
+from dcablate.models.conv.streams import conv_prefill, conv_step
 
 
 class ShortConvMixer(nn.Module):
@@ -20,7 +21,7 @@ class ShortConvMixer(nn.Module):
         super().__init__()
         if conv_cfg.kind == "none":
             conv_cfg = dataclasses.replace(conv_cfg, kind="static")
-        self.x_conv1d = make_conv(conv_cfg, "q", d_model, d_model, backend)
+        self.x_conv1d = make_conv(conv_cfg, "x", d_model, d_model, backend)
 
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "ShortConvMixer":

@@ -13,20 +13,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcablate.tasks.lm.data import load_corpus, packed_batches, windows
+from dcablate.tasks import Task
+from dcablate.tasks.lm.data import load_corpus, packed_batches, tokenizer_vocab_size, windows
 
 
 def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / (math.log(2) * total_bytes) if total_bytes else float("nan")
 
 
-class LMTask:
-    kind = "lm"
-    headline = "bpb"  # validation bits per byte
-    higher_is_better = False
+class LMTask(Task):
+    """Next-token prediction on a text corpus: `loss`, `perplexity` and `bpb` (bits per byte) on the
+    validation split (or on all of `data`)."""
 
     def __init__(self, cfg, train: bool = True, data: str | None = None):
-        self.cfg = cfg
+        self.cfg, self.data = cfg, data
         if data is not None:  # evaluate on other text (dcablate eval --data) with the run's tokenizer
             import dataclasses
             if cfg.tokenizer == "bpe" and not cfg.tokenizer_file:  # the BPE trained on the run's text
@@ -45,6 +45,18 @@ class LMTask:
     @property
     def max_seq_len(self) -> int:
         return self.cfg.seq_len
+
+    @property
+    def train_seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    @classmethod
+    def shape(cls, options) -> tuple[int, int]:
+        return options.seq_len, tokenizer_vocab_size(options)
+
+    @classmethod
+    def for_benchmark(cls, options) -> "RandomTokens":
+        return RandomTokens(options)
 
     def train_batches(self, batch_size: int, seed: int, start: int = 0):
         for w in packed_batches(self.corpus.train, self.cfg.seq_len, batch_size, seed, start):
@@ -76,3 +88,27 @@ class LMTask:
         model.train(was_training)
         loss = nats / max(n_tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
+
+    def eval_record(self) -> dict:
+        return {"data": self.data or self.cfg.data}
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.3f}   bits/byte {metrics['bpb']:.4f}"
+
+
+class RandomTokens(LMTask):
+    """An LM task's batch shape without its corpus: uniform random tokens over the tokenizer's vocabulary
+    (`dcablate bench train` times steps, not learning)."""
+
+    def __init__(self, cfg):
+        self.cfg, self._vocab_size = cfg, tokenizer_vocab_size(cfg)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def train_batches(self, batch_size: int, seed: int, start: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            t = torch.randint(0, self.vocab_size, (batch_size, self.cfg.seq_len + 1), generator=g)
+            yield t[:, :-1], t[:, 1:]

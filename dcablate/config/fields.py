@@ -1,0 +1,23 @@
+"""Schema fields of a recipe: a default, a one-line doc, and the allowed values.
+
+Components that own a recipe section (a mixer's `model.<name>`, a task's `task.<name>`) declare it as a
+dataclass of these fields; `docs/recipes.md` documents every one (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+
+def option(default, doc: str, *, choices=None, min=None, max=None, min_open=False, factory=None, or_list=False):
+    """A recipe key: `default`, one-line `doc`, allowed `choices` (any container, e.g. a registry's names)
+    and range; `or_list` also takes a non-empty list of such values."""
+    meta = {"doc": doc, "choices": choices, "min": min, "max": max, "min_open": min_open, "or_list": or_list}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls, doc: str):
+    """A sub-table of the recipe: the dataclass `cls` with its defaults."""
+    return field(default_factory=cls, metadata={"doc": doc})

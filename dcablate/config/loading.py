@@ -1,0 +1,341 @@
+"""Loading a recipe: TOML files, `extends`, `--set` overrides, typing against the schema, checks.
+
+Loading resolves `extends` (deep merge, paths relative to the extending file, cycles rejected), applies
+`--set key=value` overrides (values parsed as TOML, a bare word read as a string), checks every key
+against the schema (`schema.py`) and reports the first problem as one line naming the file (or `--set`)
+and the dotted key path. Checks that span keys come from the core here and from each registered
+component's spec.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import tomllib
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dcablate.config import schema
+from dcablate.config.schema import conv_streams
+from dcablate.config.sweep import ZIP_KEY, check_zip, grid, sweep_axes
+from dcablate.errors import RecipeError, UserError, did_you_mean
+from dcablate.models.channel import CHANNELS
+from dcablate.models.mixers import MIXERS
+from dcablate.tasks import TASKS
+
+
+RECIPE_SUFFIX = ".toml"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes that ship with the package, by name (path relative to the recipes folder, no suffix)."""
+    try:
+        root = Path(str(resources.files("dcablate.recipes")))
+    except ModuleNotFoundError:  # a source checkout on PYTHONPATH, not installed
+        root = Path(__file__).resolve().parent.parent / "recipes"
+    return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob(f"*{RECIPE_SUFFIX}"))}
+
+
+def find_recipe(ref: str) -> Path:
+    """A recipe by path, or by the name of a shipped recipe."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = ref.removesuffix(RECIPE_SUFFIX)
+    if name in shipped:
+        return shipped[name]
+    if path.exists():
+        raise UserError(f"{ref}: not a file")
+    raise UserError(f"{ref}: no such recipe file or shipped recipe{did_you_mean(name, shipped)}; "
+                    f"`dcablate recipes` lists the shipped ones")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: not UTF-8 text (byte {e.start})") from None
+
+
+def _merge(base: dict, over: dict, origins: dict, over_source: str, prefix: str = "") -> dict:
+    """Deep-merge `over` into a copy of `base`; tables merge, everything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origins, over_source, path + ".")
+        else:
+            out[key] = value
+            _mark(origins, path, value, over_source)
+    return out
+
+
+def _mark(origins: dict, path: str, value, source: str) -> None:
+    origins[path] = source
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _mark(origins, f"{path}.{k}", v, source)
+
+
+def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise RecipeError(str(chain[-1]), "extends", f"cycle: {cycle}")
+    data = _read_toml(path)
+    parent_ref = data.pop("extends", None)
+    if parent_ref is None:
+        base = {}
+    else:
+        if not isinstance(parent_ref, str):
+            raise RecipeError(str(path), "extends", f"must be a string path, got {type(parent_ref).__name__}")
+        parent = (path.parent / parent_ref)
+        if not parent.is_file():
+            shipped = shipped_recipes()
+            if parent_ref.removesuffix(RECIPE_SUFFIX) not in shipped:
+                raise RecipeError(str(path), "extends", f"no such file: {parent}")
+            parent = shipped[parent_ref.removesuffix(RECIPE_SUFFIX)]
+        base = _load_raw(parent, origins, (*chain, path))
+    return _merge(base, data, origins, str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value); the value is TOML, a bare word is a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=3e-3")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if any(ch in raw for ch in "[]{}\"'=") or not raw:
+            raise UserError(f"--set {text}: value is not valid TOML") from None
+        value = raw
+    return key, value
+
+
+def _set_path(data: dict, dotted: str, value, origins: dict, source: str) -> None:
+    node = data
+    parts = dotted.split(".")
+    if parts[0] == "sweep" and len(parts) > 1:
+        parts = ["sweep", ".".join(parts[1:])]  # sweep keys are themselves dotted recipe paths
+    for i, part in enumerate(parts[:-1]):
+        if part not in node:
+            origins[".".join(parts[: i + 1])] = source
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise RecipeError(source, ".".join(parts[: i + 1]), "is a value, not a table")
+        node = nxt
+    node[parts[-1]] = value
+    _mark(origins, dotted, value, source)
+
+
+def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
+    """Resolve extends and --set; returns (raw dict, key origins, recipe path)."""
+    path = find_recipe(ref)
+    origins: dict[str, str] = {}
+    data = _load_raw(path, origins)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value, origins, "--set")
+    if isinstance(data.get("sweep"), dict):
+        data["sweep"] = _flatten(data["sweep"])
+    return data, origins, path
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    """`[sweep] model.d_model = [..]` parses as nested tables; sweep keys are dotted paths."""
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def expand(ref: str, overrides: list[str] = ()) -> tuple:
+    """The base recipe and its grid points as (point name, recipe); one point, named "", without a sweep."""
+    data, origins, path = load_raw(ref, overrides)
+    base = build(data, origins, str(path))
+    if not base.sweep:
+        return base, [("", base)]
+    points = []
+    for name, pairs in grid(base.sweep):
+        point = copy.deepcopy(data)
+        point.pop("sweep")
+        for key, value in pairs:
+            _set_path(point, key, value, {}, str(path))
+        points.append((name, build(point, origins, str(path))))
+    return base, points
+
+
+def load(ref: str, overrides: list[str] = ()):
+    """Load, resolve and validate one recipe (its `[sweep]` table kept, not expanded)."""
+    data, origins, path = load_raw(ref, overrides)
+    return build(data, origins, str(path))
+
+
+def build(data: dict, origins: dict | None = None, default_source: str = "<recipe>"):
+    """A resolved, checked `Recipe` from a raw recipe dict; `origins` maps dotted keys to where they were set."""
+    origins = origins or {}
+    recipe = _build_dataclass(schema.Recipe, data, "", origins, default_source)
+    check_sweep(recipe, data, origins, default_source)
+    _check_consistency(recipe, origins, default_source)
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _src(origins: dict, path: str, default: str) -> str:
+    """The file that set `path` (or its closest set parent)."""
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path[: path.rindex("[")] if path.endswith("]") else path.rpartition(".")[0]
+    return default
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
+    if not isinstance(data, dict):
+        raise RecipeError(_src(origins, prefix.rstrip("."), default), prefix.rstrip("."),
+                          f"must be a table, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            path = f"{prefix}{key}"
+            allowed = ", ".join(names)
+            raise RecipeError(_src(origins, path, default), path,
+                              f"unknown key{did_you_mean(key, names)}; allowed here: {allowed}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        path = f"{prefix}{f.name}"
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], f, path, origins, default)
+    return cls(**kwargs)
+
+
+def _describe(value) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(tp, value, f, path: str, origins: dict, default: str):
+    src = _src(origins, path, default)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, path + ".", origins, default)
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]: None is the default ("auto"), a given value must be an X
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(tp, value, f, path, origins, default)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list) or not value:
+            raise RecipeError(src, path, f"must be a non-empty list of tables, got {_describe(value)}")
+        return [_coerce(item_tp, v, f, f"{path}[{i}]", origins, default) for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(src, path, f"must be a table, got {_describe(value)}")
+        return value
+    if f.metadata.get("or_list") and isinstance(value, list):  # one value, or a list of them
+        if not value:
+            raise RecipeError(src, path, "must be a value or a non-empty list of values, got an empty list")
+        single = dataclasses.field(metadata={**f.metadata, "or_list": False})
+        return [_coerce(tp, v, single, f"{path}[{i}]", origins, default) for i, v in enumerate(value)]
+    ok = (isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))) or (
+        tp is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {_describe(value)}")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise RecipeError(src, path, f"must be a finite number, got {value}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        allowed = "|".join(meta["choices"])
+        raise RecipeError(src, path, f"'{value}' is not one of {allowed}{did_you_mean(value, meta['choices'])}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
+        op = ">" if meta.get("min_open") else ">="
+        raise RecipeError(src, path, f"must be {op} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise RecipeError(src, path, f"must be <= {hi}, got {value}")
+    return value
+
+
+def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> None:
+    if not cond:
+        raise RecipeError(_src(origins, path, default), path, message)
+
+
+def _check_consistency(r, origins: dict, src: str) -> None:
+    """Choices that are valid alone but not together: the core's here, each component's in its spec."""
+    m = r.model
+    if m.head_dim == 0:
+        _check(m.d_model % m.n_heads == 0, origins, src, "model.n_heads",
+               f"d_model {m.d_model} is not divisible by n_heads {m.n_heads} (or set model.head_dim)")
+
+    def fail(key: str, message: str) -> None:
+        raise RecipeError(_src(origins, key, src), key, message)
+
+    for name in m.mixers:
+        MIXERS.get(name).check(m, fail)
+    CHANNELS.get(m.ffn).check(m, fail)
+    if m.conv.kind == "dynamic" and m.conv.heads:
+        for stream, dim in (sd for layer in range(m.cycle) for sd in conv_streams(m, layer)):
+            _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
+                   f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
+    TASKS.get(r.task.kind).check(r, fail)
+    _check(r.train.warmup_steps <= r.train.steps, origins, src, "train.warmup_steps",
+           f"{r.train.warmup_steps} is more than train.steps {r.train.steps}")
+    _check(r.train.micro_batch_size <= r.train.batch_size, origins, src, "train.micro_batch_size",
+           f"{r.train.micro_batch_size} is more than train.batch_size {r.train.batch_size}")
+
+
+def check_sweep(r, data: dict, origins: dict, src: str) -> None:
+    """Every `[sweep]` key is a non-empty list and every value of every axis makes a valid recipe."""
+    for key, values in r.sweep.items():
+        path = f"sweep.{key}"
+        where = _src(origins, path, src)
+        if key == ZIP_KEY:
+            continue
+        if not isinstance(values, list) or not values:
+            raise RecipeError(where, path, f"must be a non-empty list of values, got {_describe(values)}")
+        if key == "sweep" or key.startswith("sweep."):
+            raise RecipeError(where, path, "a sweep cannot sweep itself")
+    check_zip(r.sweep, _src(origins, f"sweep.{ZIP_KEY}", src))
+    for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
+        path = f"sweep.{keys[0]}" if len(keys) == 1 else f"sweep.{ZIP_KEY}"
+        where = _src(origins, path, src)
+        for values in points:
+            trial = copy.deepcopy(data)
+            trial.pop("sweep", None)
+            for key, value in zip(keys, values):
+                _set_path(trial, key, value, {}, where)
+            try:
+                build(trial, {}, where)
+            except RecipeError as e:
+                what = f"value {values[0]!r}" if len(keys) == 1 else \
+                    "values " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
+                raise RecipeError(where, path, f"{what}: {str(e).split(': ', 2)[-1]}") from None

@@ -1,0 +1,118 @@
+"""Registries of the pluggable components: token mixers, channel mixers, conv kinds and tasks.
+
+A component is one file that defines it plus one `register(...)` call with its spec. A spec is plain,
+torch-free data (its name, its recipe section, its checks, ...) and names the torch code that builds it
+as `"module:attribute"`, imported only when a model or task is built: loading and validating a recipe
+never imports torch.
+
+Components outside the package are plugins: the modules named in `DCABLATE_PLUGINS` (comma-separated,
+importable from the working directory or the Python path) are imported the first time any registry is
+read; each registers its components when imported. Sweep workers and torchrun ranks inherit the
+variable, so a plugin works wherever a recipe runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Callable, Generic, Iterator, TypeVar
+
+from dcablate.errors import UserError
+
+PLUGINS_ENV = "DCABLATE_PLUGINS"
+
+Spec = TypeVar("Spec")
+
+generation = 0  # bumped on every (un)registration: the recipe schema is rebuilt when it changes
+_plugins_loaded: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import the modules named in `DCABLATE_PLUGINS` (once each)."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        if name in _plugins_loaded:
+            continue
+        _plugins_loaded.add(name)
+        if "" not in sys.path and os.getcwd() not in sys.path:  # `dcablate` scripts do not put the cwd on the path
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            _plugins_loaded.discard(name)
+            raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e})") from None
+
+
+def resolve(target):
+    """A `"module:attribute"` reference -> the attribute; anything else is returned as it is."""
+    if not isinstance(target, str):
+        return target
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class Registry(Generic[Spec]):
+    """Specs by name, in registration order: the package's own first, then the plugins'. `builtins` names
+    the torch-free modules whose import registers the package's own components; they are imported on the
+    first read, by name, so that they may import the registry without an import cycle."""
+
+    def __init__(self, what: str, builtins: tuple[str, ...]):
+        self.what, self.builtins = what, builtins
+        self._specs: dict[str, Spec] = {}
+
+    def register(self, spec: Spec, replace: bool = False) -> Spec:
+        """Add `spec` (anything with a `name`); a second spec of the same name is an error unless `replace`."""
+        global generation
+        if spec.name in self._specs and not replace:
+            raise ValueError(f"a {self.what} named {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+        generation += 1
+        return spec
+
+    def unregister(self, name: str) -> None:
+        global generation
+        del self._specs[name]
+        generation += 1
+
+    def _ready(self) -> dict[str, Spec]:
+        for module in self.builtins:
+            importlib.import_module(module)
+        load_plugins()
+        return self._specs
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._ready())
+
+    def specs(self) -> list[Spec]:
+        return list(self._ready().values())
+
+    def get(self, name: str) -> Spec:
+        try:
+            return self._ready()[name]
+        except KeyError:  # the recipe schema checks choices first; this is for code that asks directly
+            raise KeyError(f"no {self.what} named {name!r}; registered: {', '.join(self._specs)}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ready()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+class Names:
+    """The names in a registry as a recipe field's `choices`: read when a recipe is checked, so plugins
+    registered after the schema was written count. `loader` returns the registry (imported lazily: the
+    registries import the schema's field helper)."""
+
+    def __init__(self, loader: Callable[[], Registry]):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loader().names())
+
+    def __contains__(self, name) -> bool:
+        return name in self.loader()
+
+    def __len__(self) -> int:
+        return len(self.loader().names())

@@ -1,0 +1,43 @@
+"""Language modelling's recipe section `task.lm`, its checks and its registration (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcablate.config.fields import option
+from dcablate.tasks import TaskSpec, register_task
+
+BYTE_VOCAB = 257  # 256 bytes and the document separator
+
+
+@dataclass
+class LMSection:
+    data: str = option("", "the text: a .txt/.jsonl/.parquet file, a folder of them or a glob")
+    text_field: str = option("text", "the text field of .jsonl lines and the text column of .parquet files")
+    tokenizer: str = option("byte", "byte = UTF-8 bytes plus a document separator (vocabulary 257); bpe = byte-level "
+                            "BPE through `tokenizers`, trained on the training split or loaded from tokenizer_file",
+                            choices=("byte", "bpe"))
+    vocab_size: int = option(4096, "vocabulary of a BPE tokenizer trained here (256 bytes + separator + merges)",
+                             min=257)
+    tokenizer_file: str = option("", "a tokenizer.json to load instead of training BPE (tokenizer = \"bpe\")")
+    seq_len: int = option(256, "tokens per packed training and validation sequence", min=1)
+    val_fraction: float = option(0.05, "share of documents held out for validation (at least one)",
+                                 min=0.0, max=1.0, min_open=True)
+    split_seed: int = option(0, "seed of the deterministic train/validation split by document", min=0)
+    eval_sequences: int = option(0, "validation sequences evaluated; 0 = all", min=0)
+    cache_dir: str = option("", "tokenized-shard cache; empty = $DCABLATE_CACHE or ~/.cache/dcablate")
+
+
+def check(recipe, fail) -> None:
+    lm, m = recipe.task.lm, recipe.model
+    if not lm.data:
+        fail("task.lm.data", "task.kind = 'lm' needs the text to train on")
+    if m.vocab_size and not lm.tokenizer_file:
+        need = BYTE_VOCAB if lm.tokenizer == "byte" else lm.vocab_size
+        if m.vocab_size < need:
+            fail("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({need})")
+
+
+register_task(TaskSpec("lm", "dcablate.tasks.lm.task:LMTask", headline="bpb", higher_is_better=False,
+                       headline_label="validation bits per byte", options=LMSection,
+                       options_doc="language-modelling options", check=check))

@@ -1,0 +1,58 @@
+"""MQAR's recipe section `task.mqar`, its checks and its registration (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dcablate.config.fields import option
+from dcablate.tasks import TaskSpec, register_task
+
+
+@dataclass
+class SegmentSpec:
+    seq_len: int = option(64, "tokens per example (T); even", min=2)
+    num_kv_pairs: int = option(4, "key-value pairs per example; 4 * num_kv_pairs <= seq_len", min=1)
+    num_examples: int = option(1000, "examples in this segment", min=1)
+
+
+def _default_train_segments():
+    return [SegmentSpec(64, 4, 20000)]
+
+
+def _default_test_segments():
+    return [SegmentSpec(64, 4, 1000)]
+
+
+@dataclass
+class MQARSection:
+    vocab_size: int = option(8192, "vocabulary; keys from [1, V/2), values from [V/2, V); token 0 reserved", min=4)
+    power_a: float = option(0.01, "query slot i drawn with probability proportional to i^(power_a - 1)",
+                            min=0.0, max=1.0, min_open=True)
+    filler: str = option("random", "tokens between queries: uniform over the vocabulary, or 0",
+                         choices=("random", "zero"))
+    data_seed: int = option(0, "seed of the generated data, separate from run.seed so every model of a sweep "
+                            "sees the same examples", min=0)
+    train: list[SegmentSpec] = option(None, "training segments", factory=_default_train_segments)
+    test: list[SegmentSpec] = option(None, "test segments; may be longer than any training segment",
+                                     factory=_default_test_segments)
+
+
+def check(recipe, fail) -> None:
+    q = recipe.task.mqar
+    for split in ("train", "test"):
+        for i, seg in enumerate(getattr(q, split)):
+            path = f"task.mqar.{split}[{i}]"
+            if seg.seq_len % 2:
+                fail(f"{path}.seq_len", f"must be even, got {seg.seq_len}")
+            if 4 * seg.num_kv_pairs > seg.seq_len:
+                fail(f"{path}.num_kv_pairs", f"4 * num_kv_pairs ({4 * seg.num_kv_pairs}) must be <= seq_len "
+                     f"({seg.seq_len})")
+            if seg.num_kv_pairs >= q.vocab_size // 2:
+                fail(f"{path}.num_kv_pairs", f"needs fewer than vocab_size/2 = {q.vocab_size // 2} distinct keys")
+    if recipe.model.vocab_size and recipe.model.vocab_size < q.vocab_size:
+        fail("model.vocab_size", f"{recipe.model.vocab_size} is smaller than task.mqar.vocab_size {q.vocab_size}")
+
+
+register_task(TaskSpec("mqar", "dcablate.tasks.mqar.task:MQARTask", headline="overall", higher_is_better=True,
+                       headline_label="overall MQAR accuracy", bounded=True, sparse_targets=True,
+                       options=MQARSection, options_doc="MQAR options", check=check))
