@@ -31,10 +31,10 @@ def require_fla():
     return fla
 
 
-# Host-side tile arithmetic. `triton.cdiv` and `triton.next_power_of_2` are constexpr functions, whose Python
-# calls unwrap their arguments (~4-7 µs each on a CPU here): the dynamic conv's forward and backward made 26
-# such calls per conv, more than half of their Python time outside the kernel launches, on the host that
-# bounds the training step on some machines (docs/benchmarks.md, session 7).
+# Host-side tile arithmetic in plain Python. `triton.cdiv` and `triton.next_power_of_2` are constexpr
+# functions whose Python calls unwrap their arguments (microseconds each): a dynamic conv's forward and
+# backward need 26 such calls, which counts where the host sets the pace of an eager training step
+# (docs/benchmarks.md).
 
 
 def cdiv(a: int, b: int) -> int:

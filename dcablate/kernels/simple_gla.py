@@ -4,7 +4,7 @@ Per head, with state `S [K, V]` and log-decay `g_t` (a scalar per head and token
 
     S_t = exp(g_t) S_{t-1} + k_t v_t^T          o_t = S_t^T (scale * q_t)
 
-Mamba-2 maps onto it with q = C, k = B, v = x·dt, g = A·dt, scale = 1 (DESIGN.md §3).
+Mamba-2 maps onto it with q = C, k = B, v = x·dt, g = A·dt, scale = 1 (docs/design.md).
 """
 
 from __future__ import annotations

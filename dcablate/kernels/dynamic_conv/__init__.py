@@ -1,6 +1,6 @@
 """Dynamic short convolution: the entry points models call.
 
-Both parameterisations run our Triton kernels on CUDA (`dynamic_conv_triton.py`: the low-rank
+Both parameterisations run our Triton kernels on CUDA (`kernel.py`: the low-rank
 filter is formed on chip, the head-wise one gathered from G) and the pure-torch reference on CPU.
 An activation, when asked for, is applied in torch between the conv and the residual.
 """

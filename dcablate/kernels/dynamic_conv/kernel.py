@@ -12,10 +12,9 @@ The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never 
 
 Programs walk runs of token (or channel) tiles and keep small tiles (fewer live registers: more programs
 per SM); the forward and dx load their filter taps once per program, and dx prefetches its next tile by
-hand. On H100s this cut the time of the forward plus dx and dz by about 30% at the GDN-125M shapes against
-session 5's forward and joint dx/dz kernel (docs/benchmarks.md, session 6). Two layouts were tried and
-dropped: every lag of a D-block side by side in one wide tile, and dz added inside the dU/dS kernel (3.7x
-slower: per-lag atomics).
+hand. Layouts measured and not used (every lag of a D-block side by side in one wide tile, dz added inside
+the dU/dS kernel with per-lag atomics, dz, dU and dS in one kernel, ...) are listed with their times in
+docs/benchmarks.md.
 Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap reaches
 `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs, on bf16
 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is applied
@@ -175,8 +174,7 @@ def _dyn_conv_bwd_dx(z, U, S, dy, dx, pos, T, D, R, tokens_per_run, W: tl.conste
                      VARLEN: tl.constexpr, PREC: tl.constexpr):
     """dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ (z_{t+k}·U_k + S_k). Prefetches by hand: the next tile's
     z/dy loads are issued before this tile's math and carried into the next iteration (Triton's pipeliner
-    left them alone; on an H100 this was 10% faster at the paper's shape and 23-29% at the GDN-125M ones,
-    docs/benchmarks.md)."""
+    leaves them alone: they feed element-wise math, not dots)."""
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
@@ -222,9 +220,9 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.co
                         PREC: tl.constexpr):
     """dU_k^T [BD, BR] += g^T z over a run of tokens, g = dy_t ⊙ x_{t-k}: the channel block is the dot's M
     dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k = sum_t g comes from the
-    same dot: z's column R (a padding column, BR > R) is set to 1. Summing g element-wise instead kept g in
-    registers and its loads out of the software pipeline: 1.5x slower at R = 16 on an H100 (session 9), and
-    reducing g's rows per token tile (across warps, through shared memory) 2-2.4x slower."""
+    same dot: z's column R (a padding column, BR > R) is set to 1, so R = 16 pads to 32. Summing g
+    element-wise instead keeps g in registers and its loads out of the software pipeline, and reducing g's
+    rows per token tile (across warps, through shared memory) costs more still (docs/benchmarks.md)."""
     pid_d, k = tl.program_id(0), tl.program_id(1)
     b, start, end = _run_of(tl.program_id(2), T, tokens_per_run)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
@@ -315,9 +313,9 @@ class Launch:
             raise ValueError(f"Launch needs warps >= 1, stages >= 1 and programs >= 0: {self}")
 
 
-# Per kernel, from sweeps on an H100 with bf16 dots (benchmarks/conv_kernels.py and one-off variant sweeps,
-# 2026-11-26; docs/benchmarks.md). A lag loop run at run time instead of unrolled (fewer live registers) was
-# slower in every kernel and shape, and so was a dU/dS kernel holding every lag's accumulator in one program.
+# Per kernel, from launch sweeps with bf16 dots (benchmarks/conv_kernels.py; times in docs/benchmarks.md).
+# The lag loops are unrolled: a loop run at run time (fewer live registers) is slower in every kernel and
+# shape, and so is a dU/dS program holding every lag's accumulator instead of one lag's.
 FWD = Launch(32, 64, stages=1, programs=264)
 DX = Launch(32, 64, stages=1, programs=1056)  # prefetches by hand
 DZ = Launch(128, 64, warps=8)  # halved down to 32 tokens (4 warps) while that leaves fewer programs than SMs
@@ -358,7 +356,7 @@ def _token_runs(T: int, BT: int, wanted: int) -> tuple[int, int]:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """The kernels' dot precision: IEEE fp32 for fp32 inputs (the 1e-5 target), bf16 operands for bf16 inputs
-    (exact for them; on an H100 the forward took 0.116 instead of 0.130 ms with TF32, 2026-11-26), TF32 for
+    (exact for them, and half the operand bytes of TF32 through shared memory), TF32 for
     fp16 (whose products dy·x would underflow in fp16 for small gradients)."""
     return {torch.float32: "ieee", torch.bfloat16: "bf16"}.get(dtype, "tf32")
 
@@ -498,8 +496,8 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
 
 class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
     """Same forward; one backward kernel per (D-block, token run) that also keeps dU and dS on chip
-    across its tokens, so x and dy are read once instead of once per lag. Opt-in: on an H100 it was slower
-    than the split backward at the paper's shape (docs/benchmarks.md)."""
+    across its tokens, so x and dy are read once instead of once per lag. Opt-in: slower than the split
+    backward at the paper's shape (docs/benchmarks.md)."""
 
     @staticmethod
     def backward(ctx, dy):
@@ -527,8 +525,8 @@ IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
     """`impl` picks the backward: "split" (default; dx, dz and dU/dS kernels) or "fused" (one pass
     keeping dU/dS per lag on chip; 16-bit inputs on CUDA only: with IEEE fp32 dots its software-pipelined loop
-    asks for ~245 KB of shared memory, more than an H100 has (it raised there in 3 of 5 test cases; compiled
-    offline for sm_90, 2026-11-26); and it is slower than "split" at the paper's shape)."""
+    asks for ~245 KB of shared memory, more than an H100 has; and it is slower than "split" at the paper's
+    shape)."""
     if impl == "fused" and x.is_cuda and x.dtype == torch.float32:
         raise ValueError("impl='fused' supports bf16/fp16 inputs on CUDA; use 'split'")
     return IMPLS[impl].apply(x, z, U, S, residual, cu_seqlens)

@@ -4,7 +4,7 @@ For a stream `x [B, T, D]` and per-token filters `K_t [W, D]` (lag k = 0 is the 
 
     y_t[d] = act(sum_{k<W} K_t[k, d] x_{t-k}[d]) (+ x_t[d] with the residual)     x_{<0} = 0
 
-Two ways to make the filter (DESIGN.md §2):
+Two ways to make the filter (docs/design.md, "Short convolutions"):
 - low-rank:  `K_t[k, d] = sum_r z_t[r] U[r, k, d] + S[k, d]`  with `z [B, T, R]`, `U [R, W, D]`;
 - head-wise: `K_t[k, d] = G_t[d // (D/H), k] + S[k, d]`          with `G [B, T, H, W]`.
 

@@ -1,4 +1,4 @@
-"""Triton kernels of `moe_combine` (see moe_combine.py for the function): one program per token.
+"""Triton kernels of `moe_combine` (see `dcablate.kernels.moe_combine` for the function): one program per token.
 
 - forward: out[n] = sum_j w[n, j] * ys[rows[n, j]], over D in blocks, accumulated in fp32 and stored in
   out's dtype (so a bf16 caller gets bf16 without a separate cast pass). Without weights

@@ -1,9 +1,9 @@
-"""Triton kernels of moe_experts.py: both are memory-bound elementwise passes, vectorised.
+"""Triton kernels of `dcablate.kernels.moe_experts`: both are memory-bound elementwise passes, vectorised.
 
 - `cast_rows`: dst[r, c] = src[r, c] in dst's dtype, for `rows x cols` with any row strides: packs the
   fp32 gate and up weights side by side into one bf16 `[E, D, 2F]` buffer, and splits its gradient back.
-  (At 8 x 1024 x 2736 on an H100: 50-54 µs either way, 2.5-2.7 TB/s; torch's dtype-changing `copy_` takes
-  51 µs fp32 -> bf16 but 74-84 µs bf16 -> fp32.)
+  It runs near copy bandwidth either way, where torch's dtype-changing `copy_` is much slower from bf16 to
+  fp32 than back (times in docs/benchmarks.md).
 - `swiglu_packed_fwd/bwd`: silu(g) * u for gu = [g | u] (`[M, 2F]`), fp32 inside; the backward writes
   [dg | du] into one `[M, 2F]` tensor, the gradient of the single gate/up GEMM's output.
 """
