@@ -1,4 +1,4 @@
-"""Dynamic short conv speed table (see dcablate/bench.py); also `dcablate bench conv`."""
+"""Dynamic short conv speed table (see dcablate/bench/kernels.py); also `dcablate bench conv`."""
 
 from dcablate.bench.kernels import main
 

@@ -1,4 +1,4 @@
-"""Training-step speed of recipes (see dcablate/bench_train.py); the same as `dcablate bench train ARGS`."""
+"""Training-step speed of recipes (see dcablate/bench/train.py); the same as `dcablate bench train ARGS`."""
 
 import sys
 

@@ -8,15 +8,18 @@ import torch
 import torch.nn as nn
 
 from dcablate.models.lm import LanguageModel
+from dcablate.tasks import TASKS
 from dcablate.models.channel.moe import MoE
 
 CONV_SUFFIX = "_conv1d"
 
 
 def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
+    """The recipe's model with `model.vocab_size` (or the task's `vocab_size`) embedding rows, on `device`
+    (`"meta"`: shapes only, for counting)."""
     with torch.device(device):
         model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
-    model.gather_scored = recipe.task.kind == "mqar"  # LM scores (nearly) every position
+    model.gather_scored = TASKS.get(recipe.task.kind).sparse_targets  # LM scores (nearly) every position
     return model
 
 

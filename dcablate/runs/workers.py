@@ -13,7 +13,7 @@ changed-recipe checks apply unchanged).
 A failing run does not stop the others; its worker exits (a fresh process, and a fresh CUDA context, takes
 the slot's next run) and failures are reported at the end (exit code and the last line of the log) and
 the command exits non-zero. SIGINT/SIGTERM in the parent are forwarded once to every busy worker (each
-saves a checkpoint and exits; rerunning resumes); workers run in their own session so that a Ctrl-C in
+saves a checkpoint and exits; rerunning resumes); workers run detached from the terminal's process group so that a Ctrl-C in
 the terminal reaches them only through the parent.
 """
 
@@ -91,9 +91,8 @@ def plan_slots(per_gpu: int | None, gpus: list[int] | None, workers: int | None,
 
     GPU sweeps: one slot per (GPU, 1..per_gpu) over `gpus` (default: every visible GPU), used when that
     makes more than one slot or `--gpus` picks the cards. CPU sweeps: `workers` (or `per_gpu`) slots.
-    Never more slots than runs to train. Raises UserError for flags that do not fit this machine."""
-    if workers is not None and per_gpu is not None:
-        raise UserError("--workers and --per-gpu: give one (--workers N is N CPU workers, --per-gpu N is N runs per GPU)")
+    Never more slots than runs to train. Raises UserError for flags that do not fit this machine (`check_flags`
+    has ruled out --workers with --per-gpu)."""
     if uses_cuda:
         if workers is not None:
             raise UserError(f"--workers {workers}: is for sweeps on CPU; this one trains on CUDA, use --per-gpu N "
@@ -378,7 +377,7 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
                 run_dir: Path) -> int:
     """Train point `index` of the recipe into `run_dir` (as planned by the parent); the exit status."""
     try:
-        from dcablate.config import recipe as recipes
+        from dcablate import config as recipes
         from dcablate.cli import run_state
 
         _, points = recipes.expand(recipe_ref, overrides)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_prefill, conv_prefill_joint, conv_step
+from dcablate.models.mixers.base import TokenMixer
 
 
 def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.float32, start: int = 0):
@@ -24,8 +25,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-class Attention(nn.Module):
-    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+class Attention(TokenMixer):
+    supports_cache = True
+    matmul_input_only = True
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, rope_theta: float = 10000.0,
                  conv_cfg=None, backend: str = "auto"):

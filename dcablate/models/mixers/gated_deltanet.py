@@ -24,6 +24,7 @@ from dcablate.kernels.gated_delta_rule import (
 from dcablate.kernels.gated_norm import gated_rms_norm
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step
+from dcablate.models.mixers.base import TokenMixer
 
 
 class GatedRMSNorm(nn.Module):
@@ -38,8 +39,9 @@ class GatedRMSNorm(nn.Module):
         return gated_rms_norm(x, gate, self.weight, self.eps, self.backend)
 
 
-class GatedDeltaNet(nn.Module):
-    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+class GatedDeltaNet(TokenMixer):
+    supports_cache = True
+    matmul_input_only = True
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, expand_v: float = 1.0, use_gate: bool = True,
                  allow_neg_eigval: bool = False, conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto"):

@@ -3,7 +3,7 @@
 Parameters (`in_proj conv1d dt_bias A_log D norm out_proj`) match fla's layer, so weights move
 between them. `in_proj` makes `[z | xBC | dt]`; the short conv (none, static with bias as fla's
 `conv1d`, or dynamic) runs on the concatenated `xBC` stream, then SiLU; the SSD is fla's
-`chunk_simple_gla` on CUDA with q = C, k = B, v = x·dt, g = A·dt, scale = 1 (DESIGN.md §3), then
+`chunk_simple_gla` on CUDA with q = C, k = B, v = x·dt, g = A·dt, scale = 1 (docs/design.md), then
 `y += D·x`, a grouped gated RMSNorm `norm(y · silu(z))` and `out_proj`. With `n_groups > 1`
 head h reads group `h // (H / n_groups)` (mamba_ssm's rule).
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from dcablate.kernels.simple_gla import simple_gla
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_prefill, conv_step
+from dcablate.models.mixers.base import TokenMixer
 
 
 class GroupedGatedRMSNorm(nn.Module):
@@ -38,8 +39,9 @@ class GroupedGatedRMSNorm(nn.Module):
         return (y * self.weight.to(acc)).to(x.dtype)
 
 
-class Mamba2(nn.Module):
-    matmul_input_only = True  # the block input feeds only matmuls (projections, generators): lm.as_matmul_input
+class Mamba2(TokenMixer):
+    supports_cache = True
+    matmul_input_only = True
 
     def __init__(self, d_model: int, head_dim: int = 64, state_size: int = 64, expand: int = 2, n_groups: int = 1,
                  conv_cfg=None, norm_eps: float = 1e-5, backend: str = "auto", ssd_precision: str = "fp32"):

@@ -14,9 +14,12 @@ import torch.nn as nn
 
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_prefill, conv_step
+from dcablate.models.mixers.base import TokenMixer
 
 
-class ShortConvMixer(nn.Module):
+class ShortConvMixer(TokenMixer):
+    supports_cache = True
+
     def __init__(self, d_model: int, conv_cfg, backend: str = "auto"):
         super().__init__()
         if conv_cfg.kind == "none":
