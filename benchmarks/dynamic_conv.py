@@ -1,6 +1,8 @@
-"""Dynamic short conv speed table (see dcablate/bench/kernels.py); also `dcablate bench conv`."""
+"""Dynamic short conv speed table (see dcablate/bench/kernels.py); the same as `dcablate bench conv ARGS`."""
 
-from dcablate.bench.kernels import main
+import sys
+
+from dcablate.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["bench", "conv", *sys.argv[1:]]))

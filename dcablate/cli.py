@@ -127,7 +127,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         return
-    from dcablate.training.trainer import check_runtime, train  # torch import deferred so --help and validation stay fast
+    from dcablate.training.loop import train  # torch import deferred so --help and validation stay fast
+    from dcablate.training.runtime import check_runtime
 
     if nproc:  # --nproc N: this command again under torchrun
         from dcablate.training.distributed import relaunch
@@ -168,7 +169,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
 def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> None:
     """`run` over worker processes (dcablate/workers.py): the same run directories, lines and table."""
     from dcablate.runs import workers as parallel
-    from dcablate.training.trainer import Stop
+    from dcablate.training.runtime import Stop
 
     for name, _, run_dir, state in plan:
         if state == "finished":
@@ -207,7 +208,7 @@ def result_row(name: str, summary: dict) -> dict:
 def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
     """The recipe's model with a checkpoint's weights, on `device`; a mismatch is a one-line error."""
     from dcablate.models.costs import build_model
-    from dcablate.training.trainer import first_line
+    from dcablate.training.checkpoint import first_line
 
     try:
         model = build_model(recipe, state.get("vocab_size", vocab_size))
@@ -237,7 +238,7 @@ def eval_(task_kind, run_dir, overrides, data):
 
     from dcablate.tasks import build_task
     from dcablate.training import checkpoint
-    from dcablate.training.trainer import autocast_for, check_runtime
+    from dcablate.training.runtime import autocast_for, check_runtime
 
     device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
@@ -378,7 +379,7 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     from dcablate.training import checkpoint
     from dcablate.tasks import build_task
     from dcablate.tasks.lm.generate import sample_ids, stream_text
-    from dcablate.training.trainer import check_runtime
+    from dcablate.training.runtime import check_runtime
 
     device = check_runtime(r)
     final = run_dir / "checkpoints" / "final.pt"
@@ -424,7 +425,20 @@ def list_recipes():
 
 
 def main(argv=None) -> int:
-    """Entry point: user errors become one line and exit 2."""
+    """Entry point: user errors become one line and exit 2. The library's own lines (logger "dcablate":
+    notes such as "resuming ..." on stdout, warnings on stderr) are echoed as they come."""
+    import logging
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            click.echo(self.format(record), err=record.levelno >= logging.WARNING)
+
+    library = logging.getLogger("dcablate")
+    if not any(h.get_name() == "dcablate-cli" for h in library.handlers):  # main may run many times in a process
+        echo = Echo()
+        echo.set_name("dcablate-cli")
+        library.addHandler(echo)
+    library.setLevel(logging.INFO)
     try:
         cli.main(args=argv, prog_name="dcablate", standalone_mode=False)
     except UserError as e:
@@ -447,8 +461,8 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except Exception as e:  # a run that stopped on a fault (train.Stop): its line says what and where
-        train = sys.modules.get("dcablate.training.trainer")  # only loaded (with torch) once a run started
-        if train is None or not isinstance(e, train.Stop):
+        runtime = sys.modules.get("dcablate.training.runtime")  # only loaded (with torch) once a run started
+        if runtime is None or not isinstance(e, runtime.Stop):
             raise
         click.echo(str(e), err=True)
         return e.code

@@ -1,5 +1,5 @@
 """`dcablate bench train` on CPU, the batch prefetcher, and the training step without host syncs
-(a fused AdamW skips a non-finite step on the device; `Trainer.flush` reports it later)."""
+(a fused AdamW skips a non-finite step on the device; `TrainStep.flush` reports it later)."""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def test_fla_config_mirrors_the_recipe():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_prefetcher_yields_the_same_batches_in_order(device):
-    from dcablate.training.trainer import Prefetcher
+    from dcablate.training.batches import Prefetcher
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
@@ -197,7 +197,7 @@ def test_prefetcher_yields_the_same_batches_in_order(device):
 
 
 def test_prefetcher_reads_one_batch_ahead_at_most():
-    from dcablate.training.trainer import Prefetcher
+    from dcablate.training.batches import Prefetcher
 
     drawn = []
 
@@ -217,52 +217,54 @@ RECIPE = tiny_mqar(train={"steps": 12}, log={"every": 4})
 
 def use_fused(monkeypatch):
     """Train with a fused AdamW on CPU too: the step then takes the path it takes on CUDA."""
-    import dcablate.training.trainer as T
+    import dcablate.training.step as S
 
     def make_optimizer(model, t, device):
         opt = original(model, t, device)
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
-    original = T.make_optimizer
-    monkeypatch.setattr(T, "make_optimizer", make_optimizer)
+    original = S.make_optimizer
+    monkeypatch.setattr(S, "make_optimizer", make_optimizer)
 
 
-def trainer_for(tmp_path, nonfinite: str):
-    from dcablate.training.trainer import NullLog, Trainer
+def step_for(nonfinite: str):
+    """The training step of the tiny recipe's model on CPU, and its task."""
+    from dcablate.models.costs import build_model
+    from dcablate.tasks import build_task
+    from dcablate.training.runtime import seed_everything
+    from dcablate.training.step import TrainStep
 
     r = R.build({**tomllib.loads(RECIPE), "train": {"steps": 4, "warmup_steps": 0, "nonfinite": nonfinite}})
-    trainer = Trainer(r, tmp_path, torch.device("cpu"), True, [])
-    trainer.log = NullLog()
-    return trainer
+    seed_everything(r.run.seed)
+    task = build_task(r.task)
+    return TrainStep(build_model(r, task.vocab_size), r.train, torch.device("cpu")), task
 
 
 @pytest.mark.parametrize("nonfinite", ["stop", "skip"])
-def test_fused_step_skips_a_nonfinite_update_on_the_device(tmp_path, monkeypatch, nonfinite):
-    from dcablate.training.trainer import Stop
+def test_fused_step_skips_a_nonfinite_update_on_the_device(monkeypatch, nonfinite):
+    from dcablate.training.runtime import Stop
 
     use_fused(monkeypatch)
-    trainer = trainer_for(tmp_path, nonfinite)
-    assert trainer.deferred
+    step, task = step_for(nonfinite)
+    assert step.deferred
     nan_at(monkeypatch, 2)
-    batches = trainer.task.train_batches(16, seed=0)
-    trainer.train_step(*next(batches))
-    trainer.step += 1
-    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    steps_before = [s["step"].clone() for s in trainer.optimizer.state.values()]
-    loss, _ = trainer.train_step(*next(batches))  # no exception, no count yet: nothing was read back
-    trainer.step += 1
-    assert not torch.isfinite(loss) and trainer.skipped == 0 and len(trainer.pending) == 2
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    assert [s["step"] for s in trainer.optimizer.state.values()] == steps_before
-    trainer.train_step(*next(batches))  # a good step after it updates again
-    assert not all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    batches = task.train_batches(16, seed=0)
+    step(*next(batches))
+    before = {k: v.clone() for k, v in step.net.state_dict().items()}
+    steps_before = [s["step"].clone() for s in step.optimizer.state.values()]
+    loss, _ = step(*next(batches))  # no exception, no count yet: nothing was read back
+    assert not torch.isfinite(loss) and step.skipped == 0 and len(step.pending) == 2
+    assert all(torch.equal(before[k], v) for k, v in step.net.state_dict().items())
+    assert [s["step"] for s in step.optimizer.state.values()] == steps_before
+    step(*next(batches))  # a good step after it updates again
+    assert not all(torch.equal(before[k], v) for k, v in step.net.state_dict().items())
     if nonfinite == "stop":
         with pytest.raises(Stop, match=r"^error: non-finite loss nan, gradient norm nan at step 2; no checkpoint"):
-            trainer.flush()
+            step.flush()
     else:
-        trainer.flush()
-        assert trainer.skipped == 1
-    assert trainer.pending == []
+        step.flush()
+        assert step.skipped == 1
+    assert step.pending == []
 
 
 def test_fused_run_stops_at_the_nonfinite_step_before_saving_later_ones(tmp_path, monkeypatch, capsys):

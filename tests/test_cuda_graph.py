@@ -1,13 +1,11 @@
 """`train.cuda_graph`: the training step captured and replayed as CUDA graphs trains exactly as the eager
 step does (GPU), and the recipe key's choices and refusals (CPU)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from dcablate.errors import UserError
-from dcablate.training.trainer import graphs_allowed
+from dcablate.training.step import graphs_allowed
 
 def test_auto_and_off_train_eagerly_on_cpu():
     cpu = torch.device("cpu")
@@ -113,18 +111,22 @@ def test_bench_warmup_runs_on_until_settled():
 
 
 def lm_trainer(graph: str, overrides: list[str]):
-    """A small bench-recipe LM trainer (random tokens of the recipe's shape) with `train.cuda_graph`."""
+    """A small bench-recipe LM's training step (random tokens of the recipe's shape) with `train.cuda_graph`,
+    and its task."""
     from dcablate.bench.train import bench_task, variants_of
-    from dcablate.training.trainer import NullLog, Trainer, check_runtime
+    from dcablate.models.costs import build_model
+    from dcablate.training.runtime import check_runtime, seed_everything
+    from dcablate.training.step import TrainStep
 
     (_, r), = variants_of(overrides[0], ["sweep={}", "model.n_layers=2", "train.batch_size=2",
                                          "task.lm.seq_len=256", "train.warmup_steps=50",
                                          f"train.cuda_graph={graph}", *overrides[1:]], [])
     task = bench_task(r)
-    trainer = Trainer(r, Path("unused"), check_runtime(r), True, [], task=task)
-    trainer.log = NullLog()
-    trainer.model.train()
-    return trainer, task
+    device = check_runtime(r)
+    seed_everything(r.run.seed)
+    step = TrainStep(build_model(r, task.vocab_size).to(device), r.train, device)
+    step.net.train()
+    return step, task
 
 
 def step_all(trainer, batches) -> list[torch.Tensor]:
@@ -133,11 +135,10 @@ def step_all(trainer, batches) -> list[torch.Tensor]:
     out = []
     for x, y in batches:
         lr = trainer.optimizer.param_groups[0]["lr"]
-        captured = trainer.graphs.captured if trainer.graphs is not None else 0
-        loss, grad_norm = trainer.train_step(x.cuda(), y.cuda())
+        captured = trainer.captured
+        loss, grad_norm = trainer(x.cuda(), y.cuda())
         if captured:  # this step was a replay
             assert trainer.graphs.lrs[0].item() == pytest.approx(lr, rel=1e-6)
-        trainer.step += 1
         out.append(torch.stack([loss, grad_norm]))
     trainer.flush()
     return torch.stack(out).cpu()
@@ -205,7 +206,7 @@ def test_mqar_run_captures_a_graph_per_segment_length(tmp_path):
     import json
 
     from dcablate.config import recipe as R
-    from dcablate.training.trainer import train
+    from dcablate.training.loop import train
     from tiny_recipes import BASE, merge
 
     results = {}
@@ -231,7 +232,7 @@ def test_mqar_run_captures_a_graph_per_segment_length(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("when", ["always", "capturing"])
-def test_a_step_that_cannot_be_captured_trains_on_eagerly_under_auto(when, capsys):
+def test_a_step_that_cannot_be_captured_trains_on_eagerly_under_auto(when, caplog):
     """A step that reads a value back to the host cannot be captured. `always`: the first (eager) sighting
     finds the wait under torch's sync debug mode and no capture is tried. `capturing`: the wait happens only
     inside the capture, which then fails. Either way "auto" says so in one line, the steps stay the eager
@@ -250,7 +251,7 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_under_auto(when, capsy
     batches = task.train_batches(2, seed=5)
     data = [next(batches) for _ in range(4)]
     a, b = step_all(eager, data), step_all(graphed, data)
-    err = capsys.readouterr().err
+    err = caplog.text  # the warning goes to the "dcablate" logger (the CLI prints it on stderr)
     what = "skipped" if when == "always" else "failed"
     assert f"CUDA graph capture of the training step {what} for batch shape [2, 256]" in err
     assert "training continues without CUDA graphs" in err

@@ -134,7 +134,7 @@ def test_lm_init_keeps_the_zero_generator():
 @pytest.mark.parametrize("placement,heads", [("qkv", 0), ("all_linear", 0), ("all_linear", 4)])
 def test_placements_build_count_and_train(tmp_path, mixer, placement, heads):
     from dcablate.models.costs import build_model, costs
-    from dcablate.training.trainer import train
+    from dcablate.training.loop import train
 
     D, W, R, L = 32, 4, 5, 2
     data = {"run": {"name": "p", "out_dir": str(tmp_path)},

@@ -17,7 +17,7 @@ from dcablate.tasks import build_task
 from dcablate.tasks.lm.task import LMTask, bits_per_byte
 from dcablate.tasks.lm.data import (ByteTokenizer, load_corpus, packed_batches, read_documents, source_files,
                                     split_documents, windows)
-from dcablate.training.trainer import reached
+from dcablate.training.loop import reached
 
 WORDS = "the cat sat on a mat while small dogs ran past green hills and rivers under grey skies".split()
 

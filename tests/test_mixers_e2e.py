@@ -5,7 +5,7 @@ import pytest
 from dcablate import config as recipes
 from dcablate.models.costs import build_model, costs
 from dcablate.training.logs import read_metrics
-from dcablate.training.trainer import train
+from dcablate.training.loop import train
 
 
 def tiny(tmp_path, model: dict) -> recipes.Recipe:

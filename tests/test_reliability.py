@@ -285,21 +285,30 @@ def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, ca
     assert [r["step"] for r in records(cwd / "out/t") if r["kind"] == "skip"] == [7]
 
 
+def cpu_step(r):
+    """The training step of recipe `r`'s model on CPU, built as a run builds it, and its task."""
+    from dcablate.models.costs import build_model
+    from dcablate.tasks import build_task
+    from dcablate.training.runtime import seed_everything
+    from dcablate.training.step import TrainStep
+
+    seed_everything(r.run.seed)
+    task = build_task(r.task)
+    return TrainStep(build_model(r, task.vocab_size), r.train, torch.device("cpu")), task
+
+
 def test_nonfinite_skip_leaves_the_weights_untouched(tmp_path, monkeypatch, capsys):
     from dcablate.config import recipe as R
-    from dcablate.training.trainer import Trainer, signals_caught
 
     r = R.build({**tomllib.loads(RECIPE), "train": {"steps": 2, "warmup_steps": 0, "nonfinite": "skip"}})
     nan_at(monkeypatch, 2)
-    with signals_caught() as caught:
-        trainer = Trainer(r, tmp_path, torch.device("cpu"), True, caught)
-        trainer.log = type("Log", (), {"write": lambda *a: None})()
-        batches = trainer.task.train_batches(16, seed=0)
-        trainer.train_step(*next(batches))
-        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-        loss, _ = trainer.train_step(*next(batches))
-    assert not torch.isfinite(loss) and trainer.skipped == 1
-    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    step, task = cpu_step(r)
+    batches = task.train_batches(16, seed=0)
+    step(*next(batches))
+    before = {k: v.clone() for k, v in step.net.state_dict().items()}
+    loss, _ = step(*next(batches))
+    assert not torch.isfinite(loss) and step.skipped == 1
+    assert all(torch.equal(before[k], v) for k, v in step.net.state_dict().items())
 
 
 def test_cuda_out_of_memory_suggests_micro_batches(tmp_path, monkeypatch, capsys):
@@ -345,16 +354,14 @@ def test_out_of_memory_at_one_example_stops_with_one_line(tmp_path, monkeypatch,
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, micro):
     """4 micro-batches of 4, or 5+5+5+1: the same steps as one batch of 16, up to float rounding."""
     from dcablate.config import recipe as R
-    from dcablate.training.trainer import Trainer, signals_caught
 
     def three_steps(micro_batch_size):
         data = tomllib.loads(RECIPE)
         data["train"].update(micro_batch_size=micro_batch_size, grad_clip=0.5)
-        with signals_caught() as caught:
-            trainer = Trainer(R.build(data), tmp_path, torch.device("cpu"), True, caught)
-            batches = trainer.task.train_batches(16, seed=0)
-            losses = [trainer.train_step(*next(batches))[0].item() for _ in range(3)]
-        return losses, trainer.model.state_dict()
+        step, task = cpu_step(R.build(data))
+        batches = task.train_batches(16, seed=0)
+        losses = [step(*next(batches))[0].item() for _ in range(3)]
+        return losses, step.net.state_dict()
 
     full_losses, full = three_steps(0)
     micro_losses, accumulated = three_steps(micro)
@@ -432,7 +439,7 @@ def test_checkpoint_write_order_never_leaves_a_payload_without_its_checksum(tmp_
 
 SERVER = textwrap.dedent("""
     import json, os, signal, sys
-    import dcablate.training.checkpoint, dcablate.cli, dcablate.training.trainer  # torch imported once; no torch op runs here
+    import dcablate.training.checkpoint, dcablate.cli, dcablate.training.loop  # torch imported once; no torch op runs here
     import torch._dynamo  # what torch.optim imports on first use: 2 s a process otherwise
     from dcablate.tasks import MQARTask
     print("ready", flush=True)

@@ -9,7 +9,8 @@ import torch
 from dcablate.config import recipe as recipes
 from dcablate.cli import main
 from dcablate.training.logs import read_metrics
-from dcablate.training.trainer import lr_lambda, train
+from dcablate.training.loop import train
+from dcablate.training.optim import lr_lambda
 
 
 def tiny(tmp_path, **sections) -> recipes.Recipe:

@@ -11,8 +11,6 @@ compare rows only within one run on one card.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from dcablate.errors import UserError
@@ -138,18 +136,6 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--skip-reference", action="store_true", help="do not time the torch reference")
-    parser.add_argument("--breakdown", action="store_true", help="also time each kernel of the split backward")
-    args = parser.parse_args(argv)
-    try:
-        conv_benchmark(args.dtype, args.skip_reference, args.breakdown)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 # ----------------------------------------------------------------------------------- layers
 
 
@@ -185,7 +171,7 @@ def _need_cuda(what: str) -> None:
 def gpu_busy_line(label: str, kernel_ms: float, step_ms: float, source: str) -> str:
     """Whether the GPU or the host sets the pace: the kernels' summed time per step against the step time.
     On some H100 machines the GDN-125M step with convs left the GPU idle 45-67 ms per step, without convs 2 ms
-    (docs/benchmarks.md, session 7). `source` says which step time: the profiler slows the host (121 ->
+    (docs/benchmarks.md). `source` says which step time: the profiler slows the host (121 ->
     144 ms per step without convs on an H100), so the timed steps' median is the fair one when there is one."""
     idle = max(0.0, 1 - kernel_ms / step_ms) if step_ms > 0 else 0.0
     verdict = "the host sets the pace" if idle > 0.1 else "the GPU sets the pace"

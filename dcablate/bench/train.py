@@ -4,10 +4,11 @@
     python benchmarks/train_step.py RECIPE ...                                  (the same)
 
 Every variant (a `--compare` entry, or a grid point of the recipe's [sweep]) is built as training builds
-it (`train.Trainer`: model, AdamW, autocast, `train_step`, the batch prefetcher) and stepped in this one
-process: `--warmup` steps, then `--steps` timed ones (CUDA events on CUDA, perf_counter on CPU). LM
-recipes step on random tokens of the task's shape, so no corpus is needed. `--fla-reference` also times
-`fla.models.GatedDeltaNetForCausalLM` with the recipe's config on the same batches (CUDA only).
+it (the seeded model, `step.TrainStep` with its AdamW, autocast and CUDA graphs, the batch prefetcher) and
+stepped in this one process: `--warmup` steps, then `--steps` timed ones (CUDA events on CUDA,
+perf_counter on CPU). LM recipes step on random tokens of the task's shape, so no corpus is needed.
+`--fla-reference` also times `fla.models.GatedDeltaNetForCausalLM` with the recipe's config on the same
+batches (CUDA only).
 Compare rows only within one run on one card.
 """
 
@@ -17,7 +18,6 @@ import gc
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import click
 import torch
@@ -191,38 +191,40 @@ def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_t
 
 
 def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False) -> dict:
-    """One variant through the real training step; its row. `profile`: then print the kernels that take
-    its step time (a few more steps under torch.profiler, CUDA only)."""
-    from dcablate.models.costs import costs
-    from dcablate.models.channel.moe import moe_load_stats
-    from dcablate.training.trainer import NullLog, Trainer, check_runtime
+    """One variant through the real training step (`step.TrainStep`, on batches prefetched as a run draws
+    them); its row. `profile`: then print the kernels that take its step time (a few more steps under
+    torch.profiler, CUDA only)."""
+    from dcablate.models.costs import build_model, costs
+    from dcablate.training.batches import device_batches
+    from dcablate.training.runtime import check_runtime, seed_everything
+    from dcablate.training.step import TrainStep
 
     device = check_runtime(r)
     task = bench_task(r)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = Trainer(r, Path("bench-train-unused"), device, True, [], task=task)
-    trainer.log = NullLog()
-    trainer.shrink_micro_batch = lambda batch: False  # a bench times the recipe's micro-batch or reports OOM
-    seq_len = train_seq_len(r, task)
-    info = costs(trainer.net, seq_len)
-    batches = trainer.batches(task.train_batches(r.train.batch_size, seed=r.run.seed))  # as `Trainer.loop` draws them
-    trainer.model.train()
+    seed_everything(r.run.seed)
+    net = build_model(r, task.vocab_size).to(device)
+    # a bench times the recipe's micro-batch or reports the OOM: no halving
+    step = TrainStep(net, r.train, device, oom_retry=False)
+    info = costs(net, train_seq_len(r, task))
+    batches = device_batches(task.train_batches(r.train.batch_size, seed=r.run.seed), device, net.gather_scored)
+    net.train()
     try:
         # graphed variants are timed once every batch shape seen has its graph (MQAR: one per segment)
-        times, tokens, scored = time_steps(trainer.train_step, batches, device, warmup, steps,
-                                           settled=lambda: trainer.graphs is None or trainer.graphs.settled)
-        trainer.flush()  # a non-finite step stops here as it would stop a run
+        times, tokens, scored = time_steps(step, batches, device, warmup, steps, settled=lambda: step.settled)
+        step.flush()  # a non-finite step stops here as it would stop a run
         if profile and device.type == "cuda":
             from dcablate.bench.kernels import print_profile
 
-            print_profile(label, lambda: trainer.train_step(*next(batches)), statistics.median(times), steps=3, rows=30)
+            print_profile(label, lambda: step(*next(batches)), statistics.median(times), steps=3, rows=30)
         # a dropless MoE's step time follows its busiest expert, so variants are compared with their routing
-        max_load = moe_load_stats(trainer.net).get("moe/max_load_ratio")
-        graphs = trainer.graphs.captured if trainer.graphs is not None else 0
+        max_load = net.load_stats().get("moe/max_load_ratio")
+        graphs = step.captured
     finally:
         params = info.params.get("active", info.params["total"])
-        del trainer, batches
+        step.release()
+        del step, net, batches
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -271,7 +273,9 @@ def bench_fla(r, warmup: int, steps: int) -> dict:
     """fla's GDN LM with the recipe's config, batches, AdamW (fused) and clipping, bf16 autocast."""
     from fla.models import GatedDeltaNetForCausalLM
 
-    from dcablate.training.trainer import Prefetcher, make_optimizer, seed_everything
+    from dcablate.training.batches import Prefetcher
+    from dcablate.training.optim import make_optimizer
+    from dcablate.training.runtime import seed_everything
 
     device = torch.device("cuda")
     seed_everything(r.run.seed)
@@ -332,7 +336,7 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
     points = variants_of(recipe, list(overrides), list(compare))
     if fla_reference:
         check_fla_reference(points)
-    from dcablate.training.trainer import check_runtime
+    from dcablate.training.runtime import check_runtime
 
     devices = {check_runtime(r).type for _, r in points}  # device and backend errors before any timing
     device = torch.device(devices.pop()) if len(devices) == 1 else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,7 @@ def scored(h: torch.Tensor, targets: torch.Tensor, count: int | None = None) -> 
 def tf32_under_autocast(device_type: str):
     """TF32 for fp32 matmuls inside, only under (bf16/fp16) autocast. fla's fused linear cross-entropy
     accumulates the head's weight gradient with fp32 `addmm(..., out=)`, which autocast does not touch: on
-    CUDA cores that took 32 ms of a 167 ms step of the 125M GDN LM (H100, 2026-11-26). A plain head under
+    CUDA cores that took 32 ms of a 167 ms step of the 125M GDN LM (measured on an H100). A plain head under
     autocast would run that GEMM on 16-bit operands, so TF32 is no less precise than the unfused path;
     fp32 training (no autocast) keeps full fp32. The loss computes every gradient in its forward, so
     scoping the call covers them."""
@@ -55,7 +56,7 @@ def as_matmul_input(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     as a matmul input (`matmul_input_only`), which autocast would cast anyway, once per consumer. The
     forward values are the same. In the backward the consumers' gradients then meet in the 16-bit dtype
     and are cast to fp32 once; otherwise each of them is cast to fp32 before they are summed. In the
-    ~125M GDN LM's step (H100, 2026-11-26) those casts and fp32 sums took 23 of 142 ms."""
+    ~125M GDN LM's step (measured on an H100) those casts and fp32 sums took 23 of 142 ms."""
     if getattr(module, "matmul_input_only", False) and torch.is_autocast_enabled(h.device.type):
         return h.to(torch.get_autocast_dtype(h.device.type))
     return h
@@ -106,9 +107,16 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
+    """`input_ids [B, T]` -> logits `[B, T, V]`, or the loss against `targets [B, T]` (see `forward`).
+
+    Training asks the model, not its layers, for what the channel mixers' last forward left behind (the
+    hooks below): a channel-mixer class may define the class methods `aux_loss(layers)` (a scalar tensor
+    or None: its auxiliary losses over all its layers, already weighted) and `load_stats(layers)` (log
+    scalars), and the methods `detach_aux()` and `routing_state()`. MoE does; a plain MLP needs none."""
+
     def __init__(self, m, vocab_size: int):
         super().__init__()
-        self.config, self.vocab_size = m, vocab_size
+        self.vocab_size = vocab_size
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
@@ -162,6 +170,54 @@ class LanguageModel(nn.Module):
         positions, and the vocabulary-wide head is most of a small model's work."""
         h, targets = scored(self.hidden(input_ids), targets)
         return self.lm_head(h), targets
+
+    # ---------------------------------------------------------------------------------- channel-mixer hooks
+
+    def _channel_mixers(self, hook: str) -> dict[type, list[nn.Module]]:
+        """The blocks' channel mixers that have `hook`, grouped by class, in block order."""
+        kinds: dict[type, list[nn.Module]] = {}
+        for block in self.blocks:
+            if block.ffn is not None and hasattr(block.ffn, hook):
+                kinds.setdefault(type(block.ffn), []).append(block.ffn)
+        return kinds
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss of the last forward (MoE: weighted load-balancing and router z-losses, means
+        over layers), a scalar tensor that still carries the forward's graph, to be added to the training
+        objective; None when no channel mixer has one."""
+        total = None
+        for kind, layers in self._channel_mixers("aux_loss").items():
+            loss = kind.aux_loss(layers)
+            if loss is not None:
+                total = loss if total is None else total + loss
+        return total
+
+    def detach_aux(self) -> None:
+        """Drop the autograd graph the auxiliary losses hold, once the backward has used it (the values
+        stay for logging)."""
+        for layers in self._channel_mixers("detach_aux").values():
+            for layer in layers:
+                layer.detach_aux()
+
+    def routing_state(self) -> Callable[[], None]:
+        """A function that puts back the state the channel mixers' last forward left (MoE: routing
+        statistics and auxiliary losses) as it is now; CUDA graphs call it after each replay, so that
+        state points at the graph's tensors again after an eager forward in between."""
+        restores = [layer.routing_state() for layers in self._channel_mixers("routing_state").values()
+                    for layer in layers]
+
+        def restore() -> None:
+            for r in restores:
+                r()
+        return restore
+
+    def load_stats(self) -> dict[str, float]:
+        """Scalars for logging from the channel mixers' last forward (MoE: `moe/...` expert loads, load
+        entropy, aux losses); empty when none reports any."""
+        out: dict[str, float] = {}
+        for kind, layers in self._channel_mixers("load_stats").items():
+            out.update(kind.load_stats(layers))
+        return out
 
     # ---------------------------------------------------------------------------------- decoding
     # Cached decoding for `generate`: `prefill` runs the prompt once (in parallel) and returns every

@@ -390,7 +390,8 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
         if run_state(run_dir, r) == "finished":
             click.echo(f"{run_dir}: finished earlier, not retrained")
             return 0
-        from dcablate.training.trainer import Stop, train  # torch reads OMP_NUM_THREADS (set per worker by the parent)
+        from dcablate.training.loop import train  # torch reads OMP_NUM_THREADS (set per worker by the parent)
+        from dcablate.training.runtime import Stop
 
         pending = signal.sigpending() & STOP_SIGNALS  # came while this worker was idle or loading
         if pending:

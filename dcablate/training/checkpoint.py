@@ -108,6 +108,13 @@ def load(path: Path) -> dict:
     return state
 
 
+def first_line(e: Exception) -> str:
+    """The telling line of the error torch raises when a checkpoint's weights do not fit a model
+    (load_state_dict puts it second)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+
+
 # ----------------------------------------------------------------------------------------- step files
 
 

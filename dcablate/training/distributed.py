@@ -109,15 +109,6 @@ def broadcast(obj, src: int = 0):
     return box[0]
 
 
-def all_sum(values: list[float]) -> list[float]:
-    """Element-wise sum over ranks, in float64."""
-    if not active():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over ranks, in place (a no-op without ranks)."""
     if active():

@@ -2,13 +2,13 @@
 
 Why: a step launches thousands of kernels (fla's Gated DeltaNet, the convolutions, the optimizer), and on
 some machines the host cannot issue them as fast as the GPU runs them: a profile showed the GPU idle for
-45-67 ms of a 190 ms step (docs/benchmarks.md, session 7). A replay issues the whole step with one call.
+45-67 ms of a 190 ms step (docs/benchmarks.md). A replay issues the whole step with one call.
 The graph runs the kernels the eager step runs, on the same inputs, so the numbers are the same up to float
 rounding (the learning rate reaches the fused AdamW as a float32 tensor instead of a Python float).
 
 What capture needs, and how it is arranged here:
-- the step never waits on the GPU: the trainer's deferred non-finite check (fused AdamW skips a bad
-  update on the device) is the step captured;
+- the step never waits on the GPU: the deferred non-finite check of `step.TrainStep` (fused AdamW skips
+  a bad update on the device) is the step captured;
 - fixed addresses: each batch is copied into the graph's input buffers; the gradients stay allocated
   for the whole run (zeroed in place, never set to None); the learning rate is a device tensor that
   takes the scheduler's value before each replay;

@@ -24,7 +24,7 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # TensorBoard hides events at or after purge_step that an earlier, interrupted session wrote
+            # TensorBoard hides events at or after purge_step that an earlier, interrupted attempt wrote
             purge = None if not (run_dir / "tb").exists() else (0 if resume_step is None else resume_step + 1)
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
 
@@ -48,6 +48,18 @@ class MetricsLog:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLog:
+    """The metrics sink of ranks other than 0: rank 0 alone writes the run directory."""
+
+    def write(self, *args) -> None:
+        pass
+
+    text = hparams = write
+
+    def close(self) -> None:
+        pass
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

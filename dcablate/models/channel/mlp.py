@@ -60,5 +60,6 @@ def build_ffn(m) -> nn.Module | None:
         o = m.moe
         return MoE(m.d_model, o.n_experts, o.top_k, o.d_expert or swiglu_hidden(m.d_model, m.ffn_hidden), o.score,
                    o.shared_expert, m.conv, m.backend, renormalize=o.renormalize, init_std=m.init_std,
-                   down_std=m.init_std / math.sqrt(2 * m.n_layers))
+                   down_std=m.init_std / math.sqrt(2 * m.n_layers), load_balance_coef=o.load_balance_coef,
+                   z_loss_coef=o.z_loss_coef)
     return SwiGLU(m.d_model, swiglu_hidden(m.d_model, m.ffn_hidden), m.conv, m.backend)

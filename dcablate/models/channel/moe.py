@@ -27,9 +27,11 @@ Auxiliary losses (computed in every forward, kept with their graph in `self.last
                    the router probability of e (softmax), or of the scores normalised over experts
                    (sigmoid). 1 for perfectly uniform routing, up to E when one expert takes all.
     z_loss       = mean_t logsumexp(logits_t)^2 (ST-MoE router z-loss).
-`moe_aux_loss(model)` averages them over a model's MoE layers. Detached statistics of the last
-forward: `last_load` ([E], share of assignments per expert, sums to 1), `load_entropy` (nats, log E
-when uniform) and `max_load_ratio` (max / mean load, 1 when uniform); `moe_load_stats(model)`
+`MoE.aux_loss(layers)` averages each over a model's MoE layers and weights the means by the layers'
+`load_balance_coef` and `z_loss_coef` (the recipe's `model.moe` coefficients); `LanguageModel.aux_loss`
+asks it, so training adds the result to the loss without knowing about MoE. Detached statistics of the
+last forward: `last_load` ([E], share of assignments per expert, sums to 1), `load_entropy` (nats,
+log E when uniform) and `max_load_ratio` (max / mean load, 1 when uniform); `MoE.load_stats(layers)`
 gathers them for logging.
 
 Short convolutions and `placement = "all_linear"`: experts get no convs of their own. A token's
@@ -93,7 +95,8 @@ def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
 class MoE(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, d_expert: int, score: str = "softmax",
                  shared_expert: bool = False, conv_cfg=None, backend: str = "auto", *,
-                 renormalize: bool = True, init_std: float = 0.02, down_std: float | None = None):
+                 renormalize: bool = True, init_std: float = 0.02, down_std: float | None = None,
+                 load_balance_coef: float = 0.01, z_loss_coef: float = 0.001):
         super().__init__()
         if score not in ("softmax", "sigmoid"):
             raise ValueError(f"score must be softmax or sigmoid, got {score!r}")
@@ -102,6 +105,7 @@ class MoE(nn.Module):
         self.d_model, self.n_experts, self.top_k, self.d_expert = d_model, n_experts, top_k, d_expert
         self.score, self.renormalize, self.backend = score, renormalize, backend
         self.init_std, self.down_std = init_std, init_std if down_std is None else down_std
+        self.load_balance_coef, self.z_loss_coef = load_balance_coef, z_loss_coef  # weights in `aux_loss`
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
@@ -246,6 +250,58 @@ class MoE(nn.Module):
         # hand back the residual stream's dtype
         return out.to(x.dtype).reshape(shape)
 
+    # ----------------------------------------------------------------------------------- training hooks
+    # What `LanguageModel.aux_loss / detach_aux / routing_state / load_stats` ask of a channel mixer. The
+    # class methods summarise all MoE layers of a model at once: the losses and statistics are means over
+    # layers.
+
+    @classmethod
+    def aux_loss(cls, layers: list[MoE]) -> torch.Tensor | None:
+        """`load_balance_coef * mean_layers(load_balance) + z_loss_coef * mean_layers(z_loss)` (a scalar
+        tensor with the forward's graph) from the layers' last forward, weighted by their own coefficients;
+        None before a forward. The layers of one model share the coefficients (one recipe sets them)."""
+        coefs = {(m.load_balance_coef, m.z_loss_coef) for m in layers}
+        if len(coefs) > 1:
+            raise ValueError(f"MoE layers with different auxiliary loss coefficients: {sorted(coefs)}")
+        return weighted_aux_loss(layers, *coefs.pop()) if coefs else None
+
+    def detach_aux(self) -> None:
+        """Keep only the values of the auxiliary losses once the backward has used them: the autograd graph they
+        hold would outlive the step, and a CUDA graph capture must not meet the previous step's graph (its
+        gradient accumulators run on the stream of the step that made them)."""
+        self.last_aux = {k: v.detach() for k, v in self.last_aux.items()}
+
+    def routing_state(self) -> Callable[[], None]:
+        """A function that puts back `last_load` and `last_aux` as they are now. A CUDA graph rewrites the
+        tensors it captured at each replay, but an eager forward in between (an evaluation) rebinds the
+        attributes to its own tensors; restoring them after each replay keeps logging and the aux loss
+        pointed at the graph's."""
+        load, aux = self.last_load, self.last_aux
+
+        def restore() -> None:
+            self.last_load, self.last_aux = load, aux
+        return restore
+
+    @classmethod
+    def load_stats(cls, layers: list[MoE]) -> dict[str, float]:
+        """Scalars for logging from the layers' last forward, keyed `moe/L{i}/...` (i counts the layers that
+        ran): per-expert load `expert{e}`, `load_entropy`, `max_load_ratio`, `load_balance`, `z_loss`; plus
+        means over layers under `moe/...`. Empty before a forward."""
+        out: dict[str, float] = {}
+        layers = [m for m in layers if m.last_load is not None]
+        for i, m in enumerate(layers):
+            for e, v in enumerate(m.last_load.float().tolist()):
+                out[f"moe/L{i}/expert{e}"] = v
+            out[f"moe/L{i}/load_entropy"] = m.load_entropy.item()
+            out[f"moe/L{i}/max_load_ratio"] = m.max_load_ratio.item()
+            for key, v in m.last_aux.items():
+                out[f"moe/L{i}/{key}"] = v.detach().item()
+        if layers:
+            for key in ("load_entropy", "max_load_ratio", "load_balance", "z_loss"):
+                vals = [out[f"moe/L{i}/{key}"] for i in range(len(layers))]
+                out[f"moe/{key}"] = sum(vals) / len(vals)
+        return out
+
     # ----------------------------------------------------------------------------------- stats
 
     @property
@@ -286,10 +342,10 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def moe_aux_loss(model: nn.Module, load_balance_coef: float, z_loss_coef: float) -> torch.Tensor | None:
-    """`coef_lb * mean_layers(load_balance) + coef_z * mean_layers(z_loss)` from each MoE's last forward;
-    None when the model has no MoE layer (or no forward has run)."""
-    layers = [m for m in moe_layers(model) if m.last_aux]
+def weighted_aux_loss(layers: list[MoE], load_balance_coef: float, z_loss_coef: float) -> torch.Tensor | None:
+    """`coef_lb * mean_layers(load_balance) + coef_z * mean_layers(z_loss)` over the layers that have run a
+    forward; None when none has."""
+    layers = [m for m in layers if m.last_aux]
     if not layers:
         return None
     lb = torch.stack([m.last_aux["load_balance"] for m in layers]).mean()
@@ -297,42 +353,11 @@ def moe_aux_loss(model: nn.Module, load_balance_coef: float, z_loss_coef: float)
     return load_balance_coef * lb + z_loss_coef * z
 
 
-def moe_detach_aux(model: nn.Module) -> None:
-    """Keep only the values of the auxiliary losses once the backward has used them: the autograd graph they
-    hold would outlive the step, and a CUDA graph capture must not meet the previous step's graph (its
-    gradient accumulators run on the stream of the step that made them)."""
-    for m in moe_layers(model):
-        m.last_aux = {k: v.detach() for k, v in m.last_aux.items()}
-
-
-def moe_routing_state(model: nn.Module) -> Callable[[], None]:
-    """A function that puts back every MoE layer's `last_load` and `last_aux` as they are now. A CUDA graph
-    rewrites the tensors it captured at each replay, but an eager forward in between (an evaluation) rebinds
-    the attributes to its own tensors; restoring them after each replay keeps logging and the aux loss
-    pointed at the graph's."""
-    saved = [(m, m.last_load, m.last_aux) for m in moe_layers(model)]
-
-    def restore() -> None:
-        for m, load, aux in saved:
-            m.last_load, m.last_aux = load, aux
-    return restore
+def moe_aux_loss(model: nn.Module, load_balance_coef: float, z_loss_coef: float) -> torch.Tensor | None:
+    """`weighted_aux_loss` over every MoE layer in `model`, with the given coefficients."""
+    return weighted_aux_loss(moe_layers(model), load_balance_coef, z_loss_coef)
 
 
 def moe_load_stats(model: nn.Module) -> dict[str, float]:
-    """Scalars for logging from each MoE's last forward, keyed `moe/L{i}/...` (i counts MoE layers):
-    per-expert load `expert{e}`, `load_entropy`, `max_load_ratio`, `load_balance`, `z_loss`; plus
-    means over layers under `moe/...`. Empty without MoE layers."""
-    out: dict[str, float] = {}
-    layers = [m for m in moe_layers(model) if m.last_load is not None]
-    for i, m in enumerate(layers):
-        for e, v in enumerate(m.last_load.float().tolist()):
-            out[f"moe/L{i}/expert{e}"] = v
-        out[f"moe/L{i}/load_entropy"] = m.load_entropy.item()
-        out[f"moe/L{i}/max_load_ratio"] = m.max_load_ratio.item()
-        for key, v in m.last_aux.items():
-            out[f"moe/L{i}/{key}"] = v.detach().item()
-    if layers:
-        for key in ("load_entropy", "max_load_ratio", "load_balance", "z_loss"):
-            vals = [out[f"moe/L{i}/{key}"] for i in range(len(layers))]
-            out[f"moe/{key}"] = sum(vals) / len(vals)
-    return out
+    """`MoE.load_stats` over every MoE layer in `model`; empty without MoE layers."""
+    return MoE.load_stats(moe_layers(model))

@@ -1,0 +1,219 @@
+"""The training loop: one call of `train` trains one resolved recipe into one run directory.
+
+The run directory holds `recipe.toml`, `metrics.jsonl`, `tb/`, `checkpoints/` (`step-*.pt` and `final.pt`)
+and `summary.json`, written last: it marks the run finished. A run directory that already holds checkpoints
+is resumed from its newest good one (state.py). Faults (signals, non-finite loss, CUDA OOM, a full disk)
+end the run with a `Stop` whose one-line message says what happened and where the last good checkpoint is.
+
+Under torchrun (several ranks, see distributed.py and docs/distributed.md) every rank draws the same
+global batch and trains on its slice; the step's gradient is the one-process full-batch gradient, rank 0
+alone writes the run directory and evaluates, and every stop decision is taken collectively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dcablate.models.costs import build_model, costs
+from dcablate.tasks import build_task
+from dcablate.training import checkpoint
+from dcablate.training import distributed as ddp
+from dcablate.training.batches import device_batches
+from dcablate.training.logs import MetricsLog, NullLog
+from dcablate.training.runtime import Stop, autocast_for, check_runtime, seed_everything, signals_caught
+from dcablate.training.state import RunState
+from dcablate.training.step import NonFiniteStep, TrainStep
+
+
+def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
+    """Train `recipe` into `run_dir`, resuming from its newest good checkpoint if it has one; the summary
+    (also written to `run_dir/summary.json`). `quiet` hides the progress bar. Raises `Stop` when the run
+    ends early on a fault or a signal, `UserError` for what the recipe or run directory rules out."""
+    device = check_runtime(recipe)
+    several = ddp.setup()
+    device = ddp.device_for(device)
+    lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
+    with lock, signals_caught(once=not several) as caught:
+        return Run(recipe, run_dir, device, quiet, caught).run()
+
+
+def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
+    """Early stopping: the headline metric reached `target` (>= for accuracy, <= for bits per byte)."""
+    return value >= target if higher_is_better else value <= target
+
+
+def hparams_of(recipe) -> dict:
+    """The recipe's scalar knobs, flattened, for TensorBoard's hparams view."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif not isinstance(v, list):
+                out[f"{prefix}{k}"] = v
+    walk({k: v for k, v in recipe.to_dict().items() if k != "sweep"}, "")
+    return out
+
+
+class Run:
+    """One run: built fresh, or restored from a checkpoint, then stepped to the end. `caught` collects the
+    signals that `signals_caught` intercepted."""
+
+    def __init__(self, recipe, run_dir: Path, device: torch.device, quiet: bool, caught: list[int]):
+        self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
+        started = time.time()
+        self.autocast = autocast_for(device, recipe.train.precision)
+        seed_everything(recipe.run.seed)
+        self.task = build_task(recipe.task)
+        self.net = build_model(recipe, self.task.vocab_size)  # the LanguageModel (sharded in place by FSDP)
+        self.info = costs(self.net, self.task.max_seq_len)
+        self.net.to(device)
+        self.main = ddp.is_main()
+        self.fsdp = ddp.active() and recipe.train.parallel == "fsdp"
+        # FSDP2 shards the model: rank 0 evaluates a full copy that gets the gathered weights before each use
+        self.eval_net = copy.deepcopy(self.net) if self.fsdp and self.main else None
+        self.model = ddp.wrap(self.net, recipe.train.parallel, device)  # what the training step calls
+        self.log: MetricsLog | NullLog = NullLog()  # the metrics sink, opened by `run`
+        self.step = TrainStep(self.net, recipe.train, device, model=self.model, fsdp=self.fsdp,
+                              record=lambda kind, step, values: self.log.write(kind, step, values))
+        self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.step, started)
+        self.phase = "starting"  # for error messages: what the run was doing
+
+    def run(self) -> dict:
+        recipe, t = self.recipe, self.recipe.train
+        try:
+            if self.main:
+                checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
+            resumed = self.state.restore()
+            if self.main:
+                self.log = MetricsLog(self.run_dir, recipe.log.tensorboard,
+                                      resume_step=self.state.step if resumed else None)
+            if not resumed:
+                self.log.text("recipe", "```toml\n" + recipe.to_toml() + "\n```")
+                self.log.text("parameters", "\n".join(f"{k}: {v:,}" for k, v in self.info.params.items()))
+                self.log.write("params", 0, {k: float(v) for k, v in self.info.params.items()})
+            self.loop()
+            self.check_signal()
+            return self.finish()
+        except NonFiniteStep as e:
+            raise Stop(e.message(self.state.kept()), 1) from None
+        except torch.OutOfMemoryError:
+            graphs = ("; the captured CUDA graphs keep the training step's memory reserved, so "
+                      "train.cuda_graph = \"off\" also frees room") if self.step.captured else ""
+            raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
+                       f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
+                       f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating{graphs}", 1) from None
+        except OSError as e:  # a full disk or a vanished directory while writing logs: one line, not a trace
+            if e.errno is None:
+                raise
+            saved = self.state.saved
+            kept = f"the checkpoint {saved} is intact" if saved else "no checkpoint yet"
+            raise Stop(f"error: {e.filename or self.run_dir}: {e.strerror}; {kept}", 1) from None
+        finally:
+            self.log.close()
+            self.step.release()  # the graphs' memory back now, for the next run of a sweep in this process
+
+    def check_signal(self) -> None:
+        """Save and stop after a SIGINT/SIGTERM; with several ranks, as soon as any rank caught one."""
+        signum = ddp.all_max(self.caught[0] if self.caught else 0)
+        if signum:
+            self.state.save()
+            name = signal.Signals(signum).name
+            raise Stop(f"interrupted ({name}) at step {self.state.step}; checkpoint saved to {self.state.saved}; "
+                       f"run the same command to resume", 128 + signum)
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if getattr(self.task, "higher_is_better", True) else a < b
+
+    def evaluate(self) -> dict:
+        """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank."""
+        self.step.flush()
+        state = self.state
+        self.phase = f"evaluating at step {state.step}"
+        net = self.net
+        if self.fsdp:
+            weights = ddp.model_state(self.model)  # collective
+            if self.main:
+                self.eval_net.load_state_dict(weights)
+                net = self.eval_net
+        metrics = None
+        if self.main:
+            metrics = self.task.evaluate(net, self.device, self.recipe.eval.batch_size, self.autocast)
+        metrics = ddp.broadcast(metrics)
+        self.log.write("eval", state.step, metrics)
+        state.history.append({"step": state.step, **metrics})
+        if state.best is None or self.better(metrics[self.task.headline], state.best[self.task.headline]):
+            state.best = {"step": state.step, **metrics}
+        return metrics
+
+    def loop(self) -> None:
+        recipe, t, state = self.recipe, self.recipe.train, self.state
+        source = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step)
+        batches = device_batches(source, self.device, self.net.gather_scored)
+        bar = tqdm(total=t.steps, initial=state.step, disable=self.quiet or not recipe.log.progress or not self.main,
+                   dynamic_ncols=True, leave=False, desc=recipe.run.name)
+        tokens_since, time_since, postfix = 0, time.time(), {}
+        self.model.train()
+        while not state.done and state.step < t.steps:
+            self.check_signal()
+            self.phase = f"training step {state.step + 1}"
+            x, y, row_scored = next(batches)
+            loss, grad_norm = self.step(x, y, row_scored)
+            tokens_since += x.numel()
+            bar.update(1)
+            if state.step % recipe.log.every == 0 or state.step == t.steps:
+                self.step.flush()  # reads the losses anyway: the one host sync of these steps
+                elapsed = time.time() - time_since
+                record = {"loss": loss.item(), "lr": self.step.scheduler.get_last_lr()[0],
+                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / max(elapsed, 1e-9),
+                          **self.net.load_stats()}
+                self.log.write("train", state.step, record)
+                postfix["loss"] = f"{record['loss']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                tokens_since, time_since = 0, time.time()
+            if state.step % recipe.eval.every == 0 or state.step == t.steps:
+                metrics = self.evaluate()
+                postfix[self.task.headline] = f"{metrics[self.task.headline]:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                if recipe.eval.early_stop and reached(metrics[self.task.headline], recipe.eval.early_stop,
+                                                      getattr(self.task, "higher_is_better", True)):
+                    state.stopped_early, state.done = state.step < t.steps, True
+            every = recipe.checkpoint.every
+            if every and state.step % every == 0 and not state.done and state.step < t.steps:
+                state.save()
+        self.step.flush()
+        bar.close()
+
+    def finish(self) -> dict:
+        """Final evaluation, the end checkpoint, `final.pt` and `summary.json` (written last: it marks the
+        run finished)."""
+        state, recipe = self.state, self.recipe
+        if not state.history or state.history[-1]["step"] != state.step:
+            self.evaluate()
+        state.done = True
+        state.save()
+        final = state.history[-1]
+        state.save_final()
+        summary = {
+            "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "steps": state.step, "stopped_early": state.stopped_early, "skipped_steps": self.step.skipped,
+            "wall_time_s": state.wall_time(), "final": final, "best": state.best, "params": self.info.params,
+            "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
+            "cuda_graphs": self.step.captured,
+        }
+        if ddp.active():
+            summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel
+        self.log.hparams(hparams_of(recipe), {k: v for k, v in final.items() if k != "step"})
+        if self.main:
+            checkpoint.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary

@@ -1,0 +1,35 @@
+"""The optimizer and learning-rate schedule of a run: AdamW, linear warmup, then cosine or constant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_lambda(t):
+    """Multiplier of the peak lr at step `s` (0-based): linear warmup, then cosine to the floor or constant."""
+    def f(s: int) -> float:
+        if s < t.warmup_steps:
+            return (s + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = (s - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no decay on vectors (norms, biases, A_log, dt_bias) or parameters flagged `_no_weight_decay`."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_lambda(t)` on `optimizer`, stepped once per training step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))

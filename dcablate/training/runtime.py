@@ -1,0 +1,95 @@
+"""What a run needs from the machine and the process: the device, autocast, seeds and RNG state, signals, and
+the `Stop` exception that ends a run with a one-line message."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+
+import numpy as np
+import torch
+
+from dcablate.errors import UserError
+
+
+class Stop(Exception):
+    """The run stopped before its end for a reason the user must see; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`run.device` ("auto", "cuda" or "cpu") as a device of this machine; "cuda" without one is a UserError."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("run.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def check_runtime(recipe) -> torch.device:
+    """The device a recipe trains on; raises UserError for what only this machine can rule out."""
+    device = resolve_device(recipe.run.device)
+    if recipe.model.backend == "fla" and device.type != "cuda":
+        raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A factory of autocast contexts: bf16 on CUDA by default, plain fp32 on CPU."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every random generator a run draws from (Python, numpy, torch, CUDA), for a checkpoint."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back `rng_state()`; the CUDA generators only where this machine has as many devices."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def signals_caught(once: bool = True):
+    """SIGINT/SIGTERM set a flag (the loop saves and stops at the next step); a second one acts at once.
+
+    With `once=False` (several ranks) later signals are only recorded: torchrun forwards the terminal's
+    Ctrl-C to its workers a second time, which must not cut the checkpoint being saved."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        caught.append(signum)
+        if once:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
