@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dcablate.tasks.mqar.spec import segment_problem
+
 __all__ = [
     "IGNORE_INDEX",
     "SPLIT_TRAIN",
@@ -68,28 +70,20 @@ class Segment:
         return f"T{self.seq_len}_kv{self.num_kv_pairs}"
 
 
-def _check_shape(seq_len: int, num_kv_pairs: int) -> None:
-    if seq_len <= 0 or seq_len % 2 != 0:
-        raise ValueError(f"MQAR seq_len must be a positive even number, got {seq_len}")
+def _check_shape(seq_len: int, num_kv_pairs: int, vocab_size: int | None = None) -> None:
+    if seq_len <= 0:
+        raise ValueError(f"MQAR seq_len must be positive, got {seq_len}")
     if num_kv_pairs < 1:
         raise ValueError(f"MQAR num_kv_pairs must be >= 1, got {num_kv_pairs}")
-    if 4 * num_kv_pairs > seq_len:
-        raise ValueError(
-            f"MQAR needs 4 * num_kv_pairs <= seq_len (context of 2*kv tokens plus room for kv "
-            f"queries), got seq_len={seq_len}, num_kv_pairs={num_kv_pairs}"
-        )
+    problem = segment_problem(seq_len, num_kv_pairs, vocab_size)  # the rules the recipe check applies
+    if problem is not None:
+        raise ValueError(f"MQAR {problem[0]} {problem[1]} (seq_len={seq_len}, num_kv_pairs={num_kv_pairs})")
 
 
 def _check_args(segment: Segment, vocab_size: int, power_a: float, filler: str) -> None:
-    _check_shape(segment.seq_len, segment.num_kv_pairs)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 4:
         raise ValueError(f"MQAR vocab_size must be an int >= 4, got {vocab_size!r}")
-    half = vocab_size // 2
-    if not segment.num_kv_pairs < half:
-        raise ValueError(
-            f"MQAR needs num_kv_pairs < vocab_size/2 (keys are distinct tokens from [1, V/2)), got "
-            f"num_kv_pairs={segment.num_kv_pairs}, vocab_size={vocab_size}"
-        )
+    _check_shape(segment.seq_len, segment.num_kv_pairs, vocab_size)
     if not (np.isfinite(power_a) and power_a > 0):
         raise ValueError(f"MQAR power_a must be a positive finite number, got {power_a!r}")
     if filler not in FILLERS:

@@ -37,18 +37,25 @@ class MQARSection:
                                      factory=_default_test_segments)
 
 
+def segment_problem(seq_len: int, num_kv_pairs: int, vocab_size: int | None = None) -> tuple[str, str] | None:
+    """(field, what is wrong) for a segment MQAR cannot generate, else None: an example is 2·kv context tokens
+    then room for kv queries in an even length, with kv distinct keys from [1, V/2)."""
+    if seq_len % 2:
+        return "seq_len", f"must be even, got {seq_len}"
+    if 4 * num_kv_pairs > seq_len:
+        return "num_kv_pairs", f"4 * num_kv_pairs ({4 * num_kv_pairs}) must be <= seq_len ({seq_len})"
+    if vocab_size is not None and num_kv_pairs >= vocab_size // 2:
+        return "num_kv_pairs", f"needs fewer than vocab_size/2 = {vocab_size // 2} distinct keys"
+    return None
+
+
 def check(recipe, fail) -> None:
     q = recipe.task.mqar
     for split in ("train", "test"):
         for i, seg in enumerate(getattr(q, split)):
-            path = f"task.mqar.{split}[{i}]"
-            if seg.seq_len % 2:
-                fail(f"{path}.seq_len", f"must be even, got {seg.seq_len}")
-            if 4 * seg.num_kv_pairs > seg.seq_len:
-                fail(f"{path}.num_kv_pairs", f"4 * num_kv_pairs ({4 * seg.num_kv_pairs}) must be <= seq_len "
-                     f"({seg.seq_len})")
-            if seg.num_kv_pairs >= q.vocab_size // 2:
-                fail(f"{path}.num_kv_pairs", f"needs fewer than vocab_size/2 = {q.vocab_size // 2} distinct keys")
+            problem = segment_problem(seg.seq_len, seg.num_kv_pairs, q.vocab_size)
+            if problem is not None:
+                fail(f"task.mqar.{split}[{i}].{problem[0]}", problem[1])
     if recipe.model.vocab_size and recipe.model.vocab_size < q.vocab_size:
         fail("model.vocab_size", f"{recipe.model.vocab_size} is smaller than task.mqar.vocab_size {q.vocab_size}")
 
