@@ -83,12 +83,14 @@ class Run:
         self.eval_net = copy.deepcopy(self.net) if self.fsdp and self.main else None
         self.model = ddp.wrap(self.net, recipe.train.parallel, device)  # what the training step calls
         self.log: MetricsLog | NullLog = NullLog()  # the metrics sink, opened by `run`
-        self.step = TrainStep(self.net, recipe.train, device, model=self.model, fsdp=self.fsdp,
-                              record=lambda kind, step, values: self.log.write(kind, step, values))
-        self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.step, started)
+        self.train_step = TrainStep(self.net, recipe.train, device, model=self.model, fsdp=self.fsdp,
+                                    record=lambda kind, step, values: self.log.write(kind, step, values))
+        self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started)
         self.phase = "starting"  # for error messages: what the run was doing
 
     def run(self) -> dict:
+        """Restore the newest good checkpoint if any, train to the end, finish; the summary. A fault ends
+        the run with a one-line `Stop`."""
         recipe, t = self.recipe, self.recipe.train
         try:
             if self.main:
@@ -108,7 +110,7 @@ class Run:
             raise Stop(e.message(self.state.kept()), 1) from None
         except torch.OutOfMemoryError:
             graphs = ("; the captured CUDA graphs keep the training step's memory reserved, so "
-                      "train.cuda_graph = \"off\" also frees room") if self.step.captured else ""
+                      "train.cuda_graph = \"off\" also frees room") if self.train_step.captured else ""
             raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
                        f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
                        f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating{graphs}", 1) from None
@@ -120,7 +122,7 @@ class Run:
             raise Stop(f"error: {e.filename or self.run_dir}: {e.strerror}; {kept}", 1) from None
         finally:
             self.log.close()
-            self.step.release()  # the graphs' memory back now, for the next run of a sweep in this process
+            self.train_step.release()  # the graphs' memory back now, for the next run of a sweep in this process
 
     def check_signal(self) -> None:
         """Save and stop after a SIGINT/SIGTERM; with several ranks, as soon as any rank caught one."""
@@ -136,7 +138,7 @@ class Run:
 
     def evaluate(self) -> dict:
         """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank."""
-        self.step.flush()
+        self.train_step.flush()
         state = self.state
         self.phase = f"evaluating at step {state.step}"
         net = self.net
@@ -156,6 +158,8 @@ class Run:
         return metrics
 
     def loop(self) -> None:
+        """Step until `train.steps` or an early stop: log every `log.every` steps, evaluate every `eval.every`,
+        save a step checkpoint every `checkpoint.every`, and stop at a caught signal."""
         recipe, t, state = self.recipe, self.recipe.train, self.state
         source = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step)
         batches = device_batches(source, self.device, self.net.gather_scored)
@@ -167,13 +171,13 @@ class Run:
             self.check_signal()
             self.phase = f"training step {state.step + 1}"
             x, y, row_scored = next(batches)
-            loss, grad_norm = self.step(x, y, row_scored)
+            loss, grad_norm = self.train_step(x, y, row_scored)
             tokens_since += x.numel()
             bar.update(1)
             if state.step % recipe.log.every == 0 or state.step == t.steps:
-                self.step.flush()  # reads the losses anyway: the one host sync of these steps
+                self.train_step.flush()  # reads the losses anyway: the one host sync of these steps
                 elapsed = time.time() - time_since
-                record = {"loss": loss.item(), "lr": self.step.scheduler.get_last_lr()[0],
+                record = {"loss": loss.item(), "lr": self.train_step.scheduler.get_last_lr()[0],
                           "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / max(elapsed, 1e-9),
                           **self.net.load_stats()}
                 self.log.write("train", state.step, record)
@@ -190,7 +194,7 @@ class Run:
             every = recipe.checkpoint.every
             if every and state.step % every == 0 and not state.done and state.step < t.steps:
                 state.save()
-        self.step.flush()
+        self.train_step.flush()
         bar.close()
 
     def finish(self) -> dict:
@@ -206,10 +210,10 @@ class Run:
         summary = {
             "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "steps": state.step, "stopped_early": state.stopped_early, "skipped_steps": self.step.skipped,
+            "steps": state.step, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
             "wall_time_s": state.wall_time(), "final": final, "best": state.best, "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
-            "cuda_graphs": self.step.captured,
+            "cuda_graphs": self.train_step.captured,
         }
         if ddp.active():
             summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel
