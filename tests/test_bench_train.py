@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dcablate.training import checkpoint
-from dcablate.config import recipe as R
+from dcablate import config as R
 from dcablate.cli import main
 from faults import nan_at
 from tiny_recipes import merge, run_cli, tiny_mqar

@@ -24,7 +24,7 @@ def test_on_refuses_a_step_that_syncs():
 
 
 def test_a_bad_choice_names_the_allowed_ones():
-    from dcablate.config import recipe as R
+    from dcablate import config as R
     from tiny_recipes import BASE, merge
 
     with pytest.raises(UserError, match="train.cuda_graph.*auto.*on.*off"):
@@ -205,7 +205,7 @@ def test_mqar_run_captures_a_graph_per_segment_length(tmp_path):
     host bound is worst)."""
     import json
 
-    from dcablate.config import recipe as R
+    from dcablate import config as R
     from dcablate.training.loop import train
     from tiny_recipes import BASE, merge
 

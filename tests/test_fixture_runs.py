@@ -113,7 +113,7 @@ def test_eval_of_a_finished_run(fixture_dir):
 
 @pytest.mark.parametrize("run, checkpoint", [("finished", "final.pt"), ("interrupted", "step-000004.pt")])
 def test_checkpoint_parameter_names_match_the_model(fixture_dir, run, checkpoint):
-    from dcablate.config import recipe as recipes
+    from dcablate import config as recipes
 
     try:
         from dcablate.models.costs import build_model

@@ -72,7 +72,9 @@ def test_shipped_recipes_sweep_conv_kinds(name):
 
 
 def test_hybrid_stack_cycles_mixers_and_trains(tmp_path):
-    from dcablate.models.mixers import Attention, GatedDeltaNet, ShortConvMixer
+    from dcablate.models.mixers.attention import Attention
+    from dcablate.models.mixers.gated_deltanet import GatedDeltaNet
+    from dcablate.models.mixers.short_conv import ShortConvMixer
 
     r = tiny(tmp_path, {"mixer": ["short_conv", "gated_deltanet", "attention"], "n_layers": 4,
                         "conv": {"kind": "dynamic", "rank": 3}})

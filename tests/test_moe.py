@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcablate.models.conv import DynamicShortConv, StaticShortConv
+from dcablate.models.conv.dynamic import DynamicShortConv
+from dcablate.models.conv.static import StaticShortConv
 from dcablate.models.channel.moe import MoE, _GatherPairs, expert_counts, moe_aux_loss, moe_load_stats
 
 
@@ -231,7 +232,7 @@ def test_active_params(shared):
         hand = D * E + k * 3 * D * Fd + (3 * D * Fd if shared else 0) + conv_params
         assert m.active_params() == hand
         assert m.active_params() < total == hand + (E - k) * 3 * D * Fd
-        assert m.routed_flops_per_token() == 2 * k * 3 * D * Fd
+        assert m.extra_flops_per_token() == 2 * k * 3 * D * Fd
 
 
 def test_all_linear_adds_one_conv_after_the_moe():

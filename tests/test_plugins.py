@@ -205,7 +205,7 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     assert "running_mean, conv=gated_shift" in capsys.readouterr().out
     assert main(["run", "toy.toml", "--quiet"]) == 0
     summary = json.loads(Path("runs/toy/summary.json").read_text())
-    assert summary["steps"] == 60 and summary["params"]["conv"] == 2 * 2 * 32  # a gate per layer and stream
+    assert summary["steps"] == 60 and summary["params"]["conv"] == 2 * 32  # a gate per channel of each layer's v stream
     assert summary["final"]["accuracy"] > 0.5  # one token back: the conv alone solves it; chance is 1/8
     assert "accuracy" in capsys.readouterr().out  # the run's one-line result reads the task's headline
     assert main(["eval", "--task", "previous_token", "--run", "runs/toy"]) == 0
@@ -220,6 +220,9 @@ def test_unregistered_names_are_refused_with_the_registered_ones(tmp_path, monke
 
     monkeypatch.chdir(tmp_path)
     Path("toy.toml").write_text(RECIPE)
+    assert main(["run", "toy.toml", "--dry-run"]) == 2  # its section is not a recipe section without it
+    assert "toy.toml: model.running_mean: unknown key" in capsys.readouterr().err
+    Path("toy.toml").write_text(RECIPE.replace("[model.running_mean]\ndecay = 1.0\n", ""))
     assert main(["run", "toy.toml", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "model.mixer: 'running_mean' is not one of attention|gated_deltanet|mamba2|short_conv" in err
@@ -228,7 +231,7 @@ def test_unregistered_names_are_refused_with_the_registered_ones(tmp_path, monke
 def test_a_plugin_module_registers_in_another_process(tmp_path):
     """`DCABLATE_PLUGINS=module` makes the CLI import it first: here this very file, run as a plugin."""
     (tmp_path / "toy_plugin.py").write_text(Path(__file__).read_text() + "\n\nregister_all()\n")
-    (tmp_path / "toy.toml").write_text(RECIPE.replace("steps = 60", "steps = 4").replace("every = 30", "every = 4"))
+    (tmp_path / "toy.toml").write_text(RECIPE.replace("steps = 60", "steps = 4").replace("warmup_steps = 5", "warmup_steps = 1").replace("every = 30", "every = 4"))
     env = {**os.environ, "DCABLATE_PLUGINS": "toy_plugin"}
     done = subprocess.run([sys.executable, "-m", "dcablate", "run", "toy.toml", "--quiet"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from dcablate.training import checkpoint
-from dcablate.tasks import MQARTask
+from dcablate.tasks.mqar.task import MQARTask
 from faults import nan_at, oom_above
 from tiny_recipes import run_cli, run_in, setup_dir, tiny_mqar
 
@@ -298,7 +298,7 @@ def cpu_step(r):
 
 
 def test_nonfinite_skip_leaves_the_weights_untouched(tmp_path, monkeypatch, capsys):
-    from dcablate.config import recipe as R
+    from dcablate import config as R
 
     r = R.build({**tomllib.loads(RECIPE), "train": {"steps": 2, "warmup_steps": 0, "nonfinite": "skip"}})
     nan_at(monkeypatch, 2)
@@ -353,7 +353,7 @@ def test_out_of_memory_at_one_example_stops_with_one_line(tmp_path, monkeypatch,
 @pytest.mark.parametrize("micro", [4, 5])
 def test_gradient_accumulation_equals_the_full_batch(tmp_path, micro):
     """4 micro-batches of 4, or 5+5+5+1: the same steps as one batch of 16, up to float rounding."""
-    from dcablate.config import recipe as R
+    from dcablate import config as R
 
     def three_steps(micro_batch_size):
         data = tomllib.loads(RECIPE)
@@ -441,7 +441,7 @@ SERVER = textwrap.dedent("""
     import json, os, signal, sys
     import dcablate.training.checkpoint, dcablate.cli, dcablate.training.loop  # torch imported once; no torch op runs here
     import torch._dynamo  # what torch.optim imports on first use: 2 s a process otherwise
-    from dcablate.tasks import MQARTask
+    from dcablate.tasks.mqar.task import MQARTask
     print("ready", flush=True)
 
     def arm(hook):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.cli import main
 from dcablate.training.logs import read_metrics
 from dcablate.training.loop import train
@@ -90,7 +90,7 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_early_stop(tmp_path, monkeypatch):
-    from dcablate.tasks import MQARTask
+    from dcablate.tasks.mqar.task import MQARTask
 
     evaluate = MQARTask.evaluate
     perfect_from_step_4 = lambda self, model, *a: {**evaluate(self, model, *a), "overall": float(calls.append(1) or

@@ -215,7 +215,7 @@ def mixer_benchmark(batch: int = 8, seq_len: int = 2048, d_model: int = 1024) ->
 
     from dcablate.models.mixers.gated_deltanet import GatedDeltaNet
     from dcablate.models.mixers.mamba2 import Mamba2
-    from dcablate.config.recipe import ConvSection
+    from dcablate.config.schema import ConvSection
 
     _header("mixers")
     static = ConvSection(kind="static")
@@ -270,7 +270,7 @@ def moe_benchmark(batches=(8, 16), seq_len: int = 2048, d_model: int = 1024, n_e
 
     from dcablate.models.channel.mlp import SwiGLU
     from dcablate.models.channel.moe import MoE
-    from dcablate.config.recipe import swiglu_hidden
+    from dcablate.models.channel.specs import swiglu_hidden
 
     _header("MoE")
     d_expert = swiglu_hidden(d_model, 0)

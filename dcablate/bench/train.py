@@ -22,7 +22,7 @@ import warnings
 import click
 import torch
 
-from dcablate.config import recipe as recipes
+from dcablate import config as recipes
 from dcablate.errors import UserError
 from dcablate.runs.tables import format_table
 
@@ -241,7 +241,7 @@ def fla_config(r, vocab_size: int):
     from fla.models import GatedDeltaNetConfig
 
     from dcablate.models.lm import FUSED_CE_MIN_VOCAB
-    from dcablate.config.recipe import swiglu_hidden
+    from dcablate.models.channel.specs import swiglu_hidden
 
     m = r.model
     linear_ce = vocab_size >= FUSED_CE_MIN_VOCAB  # the loss our model uses on CUDA

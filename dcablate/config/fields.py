@@ -21,3 +21,14 @@ def option(default, doc: str, *, choices=None, min=None, max=None, min_open=Fals
 def section(cls, doc: str):
     """A sub-table of the recipe: the dataclass `cls` with its defaults."""
     return field(default_factory=cls, metadata={"doc": doc})
+
+
+def describe_value(value) -> str:
+    """How an error message names a value it did not expect."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"

@@ -21,6 +21,7 @@ from typing import Any
 from dcablate.config import schema
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import ZIP_KEY, check_zip, grid, sweep_axes
+from dcablate.config.fields import describe_value
 from dcablate.errors import RecipeError, UserError, did_you_mean
 from dcablate.models.channel import CHANNELS
 from dcablate.models.mixers import MIXERS
@@ -35,7 +36,7 @@ def shipped_recipes() -> dict[str, Path]:
     try:
         root = Path(str(resources.files("dcablate.recipes")))
     except ModuleNotFoundError:  # a source checkout on PYTHONPATH, not installed
-        root = Path(__file__).resolve().parent.parent / "recipes"
+        root = Path(__file__).resolve().parents[2] / "recipes"
     return {str(p.relative_to(root).with_suffix("")): p for p in sorted(root.rglob(f"*{RECIPE_SUFFIX}"))}
 
 
@@ -213,7 +214,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
     if not isinstance(data, dict):
         raise RecipeError(_src(origins, prefix.rstrip("."), default), prefix.rstrip("."),
-                          f"must be a table, got {_describe(data)}")
+                          f"must be a table, got {describe_value(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -231,16 +232,6 @@ def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
     return cls(**kwargs)
 
 
-def _describe(value) -> str:
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"
-
-
 def _coerce(tp, value, f, path: str, origins: dict, default: str):
     src = _src(origins, path, default)
     if dataclasses.is_dataclass(tp):
@@ -252,11 +243,11 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list) or not value:
-            raise RecipeError(src, path, f"must be a non-empty list of tables, got {_describe(value)}")
+            raise RecipeError(src, path, f"must be a non-empty list of tables, got {describe_value(value)}")
         return [_coerce(item_tp, v, f, f"{path}[{i}]", origins, default) for i, v in enumerate(value)]
     if tp is dict:
         if not isinstance(value, dict):
-            raise RecipeError(src, path, f"must be a table, got {_describe(value)}")
+            raise RecipeError(src, path, f"must be a table, got {describe_value(value)}")
         return value
     if f.metadata.get("or_list") and isinstance(value, list):  # one value, or a list of them
         if not value:
@@ -266,7 +257,7 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
     ok = (isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))) or (
         tp is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {_describe(value)}")
+        raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {describe_value(value)}")
     if tp is float:
         value = float(value)
         if not math.isfinite(value):
@@ -321,7 +312,7 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
         if key == ZIP_KEY:
             continue
         if not isinstance(values, list) or not values:
-            raise RecipeError(where, path, f"must be a non-empty list of values, got {_describe(values)}")
+            raise RecipeError(where, path, f"must be a non-empty list of values, got {describe_value(values)}")
         if key == "sweep" or key.startswith("sweep."):
             raise RecipeError(where, path, "a sweep cannot sweep itself")
     check_zip(r.sweep, _src(origins, f"sweep.{ZIP_KEY}", src))

@@ -191,6 +191,7 @@ def _assemble() -> dict:
     if _built["generation"] == registry.generation:
         return _built
     mixer_specs, channel_specs, task_specs = _mixers().specs(), _channels().specs(), _tasks().specs()
+    _convs().names()  # every registry's built-ins registered before the generation is read
     model = dataclasses.make_dataclass(
         "ModelSection", _component_sections(mixer_specs + channel_specs), bases=(ModelCore,))
     task = dataclasses.make_dataclass("TaskSection", _component_sections(task_specs), bases=(TaskCore,))

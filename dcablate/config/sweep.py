@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 
+from dcablate.config.fields import describe_value
 from dcablate.errors import RecipeError, did_you_mean
 
 ZIP_KEY = "zip"  # [sweep] zip = [["train.lr", "model.d_model"]]: those keys advance together
@@ -46,7 +47,7 @@ def check_zip(sweep: dict, where: str) -> None:
     path = f"sweep.{ZIP_KEY}"
     if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
         raise RecipeError(where, path, f'must be a list of lists of swept keys, e.g. [["train.lr", '
-                          f'"model.d_model"]], got {_describe(groups)}')
+                          f'"model.d_model"]], got {describe_value(groups)}')
     seen: set = set()
     for g in groups:
         if len(g) < 2 or not all(isinstance(k, str) for k in g):

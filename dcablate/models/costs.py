@@ -9,7 +9,6 @@ import torch.nn as nn
 
 from dcablate.models.lm import LanguageModel
 from dcablate.tasks import TASKS
-from dcablate.models.channel.moe import MoE
 
 CONV_SUFFIX = "_conv1d"
 
@@ -47,9 +46,9 @@ def parameter_table(model: nn.Module) -> dict[str, int]:
         counts[component(name)] = counts.get(component(name), 0) + p.numel()
     counts["total"] = sum(counts.values())
     counts["non_embedding"] = counts["total"] - counts.get("embedding", 0) - counts.get("lm_head", 0)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    if moes:  # parameters one token touches: the router, its top-k experts, the shared expert
-        idle = sum(sum(p.numel() for p in m.parameters()) - m.active_params() for m in moes)
+    ffns = [b.ffn for b in model.blocks if b.ffn is not None]
+    idle = sum(sum(p.numel() for p in f.parameters()) - f.active_params() for f in ffns)
+    if idle:  # parameters one token touches (MoE: the router, its top-k experts, the shared expert)
         counts["active"] = counts["total"] - idle
     return counts
 
@@ -69,7 +68,7 @@ def costs(model: LanguageModel, seq_len: int) -> Costs:
     mixers = [b.mixer for b in model.blocks]
     convs = [m for n, m in model.blocks.named_modules() if n.endswith(CONV_SUFFIX)]
     flops = 2 * matmul + sum(c.flops_per_token() for c in convs) + sum(m.flops_per_token(seq_len) for m in mixers)
-    flops += sum(m.routed_flops_per_token() for m in model.modules() if isinstance(m, MoE))
+    flops += sum(b.ffn.extra_flops_per_token() for b in model.blocks if b.ffn is not None)
     conv_history = sum((c.width - 1) * c.dim for c in convs)  # the last W-1 inputs of every conv
     return Costs(
         params=params,

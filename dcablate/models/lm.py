@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcablate.models.channel.mlp import build_ffn
+from dcablate.models.channel import build_channel_mixer
+from dcablate.models.channel.base import ChannelMixer
 from dcablate.models.mixers import build_mixer
 
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layers), as GPT-2
@@ -57,7 +58,7 @@ def as_matmul_input(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     forward values are the same. In the backward the consumers' gradients then meet in the 16-bit dtype
     and are cast to fp32 once; otherwise each of them is cast to fp32 before they are summed. In the
     ~125M GDN LM's step (measured on an H100) those casts and fp32 sums took 23 of 142 ms."""
-    if getattr(module, "matmul_input_only", False) and torch.is_autocast_enabled(h.device.type):
+    if module.matmul_input_only and torch.is_autocast_enabled(h.device.type):
         return h.to(torch.get_autocast_dtype(h.device.type))
     return h
 
@@ -67,7 +68,7 @@ class Block(nn.Module):
         super().__init__()
         self.mixer_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
         self.mixer = build_mixer(m, layer_idx)
-        self.ffn = build_ffn(m)
+        self.ffn = build_channel_mixer(m)
         self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps) if self.ffn is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,16 +104,15 @@ class Block(nn.Module):
         return x_t, (mixer_cache, ffn_cache)
 
     def supports_cache(self) -> bool:
-        return all(hasattr(m, "prefill") and hasattr(m, "step") for m in (self.mixer, self.ffn) if m is not None)
+        return all(m.supports_cache for m in (self.mixer, self.ffn) if m is not None)
 
 
 class LanguageModel(nn.Module):
     """`input_ids [B, T]` -> logits `[B, T, V]`, or the loss against `targets [B, T]` (see `forward`).
 
-    Training asks the model, not its layers, for what the channel mixers' last forward left behind (the
-    hooks below): a channel-mixer class may define the class methods `aux_loss(layers)` (a scalar tensor
-    or None: its auxiliary losses over all its layers, already weighted) and `load_stats(layers)` (log
-    scalars), and the methods `detach_aux()` and `routing_state()`. MoE does; a plain MLP needs none."""
+    Training asks the model, not its layers, for what the channel mixers' last forward left behind: the
+    hooks of `dcablate.models.channel.base.ChannelMixer` (auxiliary losses, routing state, log scalars),
+    which MoE implements and a plain MLP leaves at their defaults."""
 
     def __init__(self, m, vocab_size: int):
         super().__init__()
@@ -173,11 +173,11 @@ class LanguageModel(nn.Module):
 
     # ---------------------------------------------------------------------------------- channel-mixer hooks
 
-    def _channel_mixers(self, hook: str) -> dict[type, list[nn.Module]]:
-        """The blocks' channel mixers that have `hook`, grouped by class, in block order."""
-        kinds: dict[type, list[nn.Module]] = {}
+    def _channel_mixers(self) -> dict[type, list[ChannelMixer]]:
+        """The blocks' channel mixers, grouped by class, in block order."""
+        kinds: dict[type, list[ChannelMixer]] = {}
         for block in self.blocks:
-            if block.ffn is not None and hasattr(block.ffn, hook):
+            if block.ffn is not None:
                 kinds.setdefault(type(block.ffn), []).append(block.ffn)
         return kinds
 
@@ -186,7 +186,7 @@ class LanguageModel(nn.Module):
         over layers), a scalar tensor that still carries the forward's graph, to be added to the training
         objective; None when no channel mixer has one."""
         total = None
-        for kind, layers in self._channel_mixers("aux_loss").items():
+        for kind, layers in self._channel_mixers().items():
             loss = kind.aux_loss(layers)
             if loss is not None:
                 total = loss if total is None else total + loss
@@ -195,7 +195,7 @@ class LanguageModel(nn.Module):
     def detach_aux(self) -> None:
         """Drop the autograd graph the auxiliary losses hold, once the backward has used it (the values
         stay for logging)."""
-        for layers in self._channel_mixers("detach_aux").values():
+        for layers in self._channel_mixers().values():
             for layer in layers:
                 layer.detach_aux()
 
@@ -203,7 +203,7 @@ class LanguageModel(nn.Module):
         """A function that puts back the state the channel mixers' last forward left (MoE: routing
         statistics and auxiliary losses) as it is now; CUDA graphs call it after each replay, so that
         state points at the graph's tensors again after an eager forward in between."""
-        restores = [layer.routing_state() for layers in self._channel_mixers("routing_state").values()
+        restores = [layer.routing_state() for layers in self._channel_mixers().values()
                     for layer in layers]
 
         def restore() -> None:
@@ -215,7 +215,7 @@ class LanguageModel(nn.Module):
         """Scalars for logging from the channel mixers' last forward (MoE: `moe/...` expert loads, load
         entropy, aux losses); empty when none reports any."""
         out: dict[str, float] = {}
-        for kind, layers in self._channel_mixers("load_stats").items():
+        for kind, layers in self._channel_mixers().items():
             out.update(kind.load_stats(layers))
         return out
 

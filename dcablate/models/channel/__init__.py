@@ -2,7 +2,7 @@
 
 A channel mixer maps `x [B, T, D] -> [B, T, D]` position-wise (bar its `all_linear` convs) and may add
 auxiliary losses through the hooks of `dcablate.models.lm.LanguageModel`. Adding one = a file with its
-module (built by `layer(model section)`) plus one `register_channel_mixer(ChannelSpec(...))`; the
+`base.ChannelMixer` subclass plus one `register_channel_mixer(ChannelSpec(...))`; the
 package's own are in `specs.py`. Torch-free.
 """
 
@@ -24,8 +24,8 @@ def _no_check(m, fail) -> None:
 
 @dataclass(frozen=True)
 class ChannelSpec:
-    """name: the value of `model.ffn`; layer: `(model section) -> module` (or `"module:function"`), None for
-    no channel mixer; conv_streams: `(model section) -> [(stream, channels)]` that `all_linear` covers;
+    """name: the value of `model.ffn`; layer: the `ChannelMixer` subclass (or `"module:Class"`) whose
+    `from_config(model section)` builds it, None for no channel mixer; conv_streams: `(model section) -> [(stream, channels)]` that `all_linear` covers;
     options / options_doc: its recipe section `model.<name>`; check: `(model section, fail)`."""
     name: str
     layer: object
@@ -45,4 +45,4 @@ def register_channel_mixer(spec: ChannelSpec, replace: bool = False) -> ChannelS
 def build_channel_mixer(model_cfg):
     """The channel mixer of every block (None for `model.ffn = "none"`)."""
     layer = CHANNELS.get(model_cfg.ffn).layer
-    return None if layer is None else resolve(layer)(model_cfg)
+    return None if layer is None else resolve(layer).from_config(model_cfg)

@@ -51,6 +51,7 @@ module's init, so a caller wanting GPT-2's residual scaling passes `down_std`.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -59,8 +60,11 @@ import torch.nn.functional as F
 
 from dcablate.kernels.moe_combine import moe_combine, sum_rows
 from dcablate.kernels.moe_experts import expert_weights, swiglu_packed
-from dcablate.models.conv import conv_or_identity, conv_prefill, conv_step, make_conv
+from dcablate.models.conv import make_conv
+from dcablate.models.conv.streams import conv_or_identity, conv_prefill, conv_step
+from dcablate.models.channel.base import ChannelMixer
 from dcablate.models.channel.mlp import SwiGLU
+from dcablate.models.channel.specs import swiglu_hidden
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -92,7 +96,9 @@ def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
 
 
-class MoE(nn.Module):
+class MoE(ChannelMixer):
+    supports_cache = True
+
     def __init__(self, d_model: int, n_experts: int, top_k: int, d_expert: int, score: str = "softmax",
                  shared_expert: bool = False, conv_cfg=None, backend: str = "auto", *,
                  renormalize: bool = True, init_std: float = 0.02, down_std: float | None = None,
@@ -112,7 +118,7 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         self.shared_expert = SwiGLU(d_model, d_expert, None, backend) if shared_expert else None
         # all_linear: one conv after the MoE output (see the module docstring); None otherwise
-        self.down_conv1d = make_conv(conv_cfg, "down", d_model, d_model, backend)
+        self.down_conv1d = make_conv(conv_cfg, "down", d_model, d_model, backend, placement="all_linear")
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_load: torch.Tensor | None = None
         self.reset_parameters()
@@ -215,6 +221,14 @@ class MoE(nn.Module):
         return dtype
 
     # ----------------------------------------------------------------------------------- forward
+
+    @classmethod
+    def from_config(cls, m) -> "MoE":
+        o = m.moe
+        return cls(m.d_model, o.n_experts, o.top_k, o.d_expert or swiglu_hidden(m.d_model, m.ffn_hidden), o.score,
+                   o.shared_expert, m.conv, m.backend, renormalize=o.renormalize, init_std=m.init_std,
+                   down_std=m.init_std / math.sqrt(2 * m.n_layers), load_balance_coef=o.load_balance_coef,
+                   z_loss_coef=o.z_loss_coef)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_or_identity(self.down_conv1d, self._mix(x), x)
@@ -324,7 +338,7 @@ class MoE(nn.Module):
                 n += sum(p.numel() for p in mod.parameters())
         return n
 
-    def routed_flops_per_token(self) -> int:
+    def extra_flops_per_token(self) -> int:
         """Forward FLOPs of the routed experts' matmuls per token (`2 * top_k * 3 * D * F`). The router and
         the shared expert are nn.Linear (counted by a generic sum over Linear weights), the conv by its
         own `flops_per_token`."""

@@ -37,7 +37,7 @@ def check_moe(m, fail) -> None:
 
 
 register_channel_mixer(ChannelSpec("none", None))
-register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:build_ffn", mlp_streams))
+register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:SwiGLU", mlp_streams))
 # one conv after the whole MoE output (experts see sequences with holes: see models/channel/moe.py)
-register_channel_mixer(ChannelSpec("moe", "dcablate.models.channel.mlp:build_ffn", lambda m: [("down", m.d_model)],
+register_channel_mixer(ChannelSpec("moe", "dcablate.models.channel.moe:MoE", lambda m: [("down", m.d_model)],
                                    MoESection, "mixture-of-experts options (model.ffn = \"moe\")", check_moe))
