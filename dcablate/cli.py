@@ -12,12 +12,28 @@ from pathlib import Path
 
 import click
 
-from dcablate import __version__
-from dcablate import config
-from dcablate.registry import Names
-from dcablate.tasks import TASKS, task_class
-from dcablate.errors import UserError
+from dcablate import __version__, config
+from dcablate.errors import UserError, did_you_mean
+from dcablate.registry import Registry
+from dcablate.runs.directories import echo_library_logs, fresh_dir, read_summary, run_state
 from dcablate.runs.tables import format_table, headline_result
+from dcablate.tasks import TASKS, task_class
+
+class RegisteredName(click.ParamType):
+    """A name in a registry, read when the option is parsed (plugins registered since import count)."""
+
+    def __init__(self, registry: Registry):
+        self.registry, self.name = registry, registry.what
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self.registry.names()) + "]"
+
+    def convert(self, value, param, ctx):
+        names = self.registry.names()
+        if value in names:
+            return value
+        self.fail(f"{value!r} is not one of {', '.join(map(repr, names))}{did_you_mean(value, names)}.", param, ctx)
+
 
 SET_HELP = "Override a recipe key, e.g. --set train.lr=3e-3 (value parsed as TOML; repeatable)."
 
@@ -26,58 +42,6 @@ SET_HELP = "Override a recipe key, e.g. --set train.lr=3e-3 (value parsed as TOM
 @click.version_option(__version__, prog_name="dcablate")
 def cli():
     """Architecture ablations on linear RNNs and MoE models with static and dynamic short convolutions."""
-
-
-def fresh_dir(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... if it exists: --force-new never touches an old run."""
-    if not path.exists():
-        return path
-    n = 2
-    while path.with_name(f"{path.name}-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}-{n}")
-
-
-def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
-    """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
-    import tomllib
-
-    from dcablate.training.checkpoint import describe_changes, keys_added_since, recipe_changes
-
-    if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
-        raise UserError(f"{sweep_root}: holds a single run, not this sweep; use --force-new for a fresh directory")
-    if not run_dir.exists():
-        return "new"
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: exists and is not a directory; pick another run.name or run.out_dir")
-    recipe_file = run_dir / "recipe.toml"
-    if not recipe_file.is_file():
-        leftovers = {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} - {".lock", "checkpoints",
-                                                                                              "worker.log"}
-        if not leftovers and not any((run_dir / "checkpoints").glob("step-*.pt")):
-            return "new"  # a run killed before it wrote anything
-        raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
-                        f"fresh directory")
-    old = config.load(str(recipe_file))
-    changes = recipe_changes(old.to_dict(), r.to_dict())
-    if changes:
-        raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); use "
-                        f"--force-new to train it in a fresh directory")
-    if (run_dir / "summary.json").is_file():
-        return "finished"
-    added = keys_added_since(tomllib.loads(recipe_file.read_text()), r.to_dict())  # parsed fine just above
-    if added:  # loading the old recipe filled them with today's defaults: say so rather than resume silently
-        click.echo(f"warning: {recipe_file} predates recipe keys now set to their defaults: "
-                   f"{describe_changes(added)}; resuming with these values", err=True)
-    return "resume"
-
-
-def read_summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); move it away to finish the run again") from None
 
 
 @cli.command()
@@ -219,7 +183,7 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
 
 
 @cli.command(name="eval")
-@click.option("--task", "task_kind", type=click.Choice(Names(lambda: TASKS)), required=True, help="What to measure.")
+@click.option("--task", "task_kind", type=RegisteredName(TASKS), required=True, help="What to measure.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
               "the run's validation split.")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
@@ -427,18 +391,7 @@ def list_recipes():
 def main(argv=None) -> int:
     """Entry point: user errors become one line and exit 2. The library's own lines (logger "dcablate":
     notes such as "resuming ..." on stdout, warnings on stderr) are echoed as they come."""
-    import logging
-
-    class Echo(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            click.echo(self.format(record), err=record.levelno >= logging.WARNING)
-
-    library = logging.getLogger("dcablate")
-    if not any(h.get_name() == "dcablate-cli" for h in library.handlers):  # main may run many times in a process
-        echo = Echo()
-        echo.set_name("dcablate-cli")
-        library.addHandler(echo)
-    library.setLevel(logging.INFO)
+    echo_library_logs()
     try:
         cli.main(args=argv, prog_name="dcablate", standalone_mode=False)
     except UserError as e:

@@ -25,6 +25,7 @@ import torch
 from dcablate import config as recipes
 from dcablate.errors import UserError
 from dcablate.runs.tables import format_table
+from dcablate.tasks import build_task
 
 MAX_VARIANTS = 16
 
@@ -100,38 +101,10 @@ def variants_of(recipe: str, overrides: list[str], compare: list[str]) -> list[t
     return out
 
 
-class RandomTokens:
-    """An LM task's batch shape without its corpus: uniform random tokens over the tokenizer's vocabulary."""
-
-    kind, headline, higher_is_better = "lm", "bpb", False
-
-    def __init__(self, cfg):
-        from dcablate.tasks.lm.data import tokenizer_vocab_size
-
-        self.cfg, self.vocab_size = cfg, tokenizer_vocab_size(cfg)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.cfg.seq_len
-
-    def train_batches(self, batch_size: int, seed: int, start: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            t = torch.randint(0, self.vocab_size, (batch_size, self.cfg.seq_len + 1), generator=g)
-            yield t[:, :-1], t[:, 1:]
-
-
 def bench_task(r):
-    if r.task.kind == "lm":
-        return RandomTokens(r.task.lm)
-    from dcablate.tasks import build_task
+    """The recipe's task as `bench train` steps on it (`Task.for_benchmark`: LM reads no corpus)."""
+    return build_task(r.task, benchmark=True)
 
-    return build_task(r.task)
-
-
-def train_seq_len(r, task) -> int:
-    """The sequence length the training batches have (MQAR: the longest training segment)."""
-    return r.task.lm.seq_len if r.task.kind == "lm" else max(s.seq_len for s in task.train_segments)
 
 
 def synchronize(device: torch.device) -> None:
@@ -190,7 +163,7 @@ def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_t
     return {"variant": label, "params": params, "step_ms": ms, "tokens_per_s": tok_s, "mfu": mfu, "peak_gib": mem}
 
 
-def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False) -> dict:
+def bench_variant(label: str, r, task, warmup: int, steps: int, profile: bool = False) -> dict:
     """One variant through the real training step (`step.TrainStep`, on batches prefetched as a run draws
     them); its row. `profile`: then print the kernels that take its step time (a few more steps under
     torch.profiler, CUDA only)."""
@@ -200,14 +173,13 @@ def bench_variant(label: str, r, warmup: int, steps: int, profile: bool = False)
     from dcablate.training.step import TrainStep
 
     device = check_runtime(r)
-    task = bench_task(r)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(r.run.seed)
     net = build_model(r, task.vocab_size).to(device)
     # a bench times the recipe's micro-batch or reports the OOM: no halving
     step = TrainStep(net, r.train, device, oom_retry=False)
-    info = costs(net, train_seq_len(r, task))
+    info = costs(net, task.train_seq_len)
     batches = device_batches(task.train_batches(r.train.batch_size, seed=r.run.seed), device, net.gather_scored)
     net.train()
     try:
@@ -348,12 +320,12 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
                f"card: {card}  torch {torch.__version__}  (MFU n/a: peak FLOP/s unknown for this device)")
     click.echo(f"{warmup} warmup + {steps} timed steps per variant; median step time; MFU = 3 x forward FLOPs "
                f"per token (dcablate info) x tokens/s / peak")
-    if any(r.task.kind == "lm" for _, r in points):
-        click.echo("LM variants step on random tokens of the task's shape (batch_size x seq_len); the corpus "
-                   "is not read")
+    tasks = [bench_task(r) for _, r in points]
+    for note in dict.fromkeys(t.benchmark_note for t in tasks if t.benchmark_note):
+        click.echo(note)
     rows = []
-    for label, r in points:
-        shape = f"batch {r.train.batch_size}" + (f" x T {r.task.lm.seq_len}" if r.task.kind == "lm" else "")
+    for (label, r), task in zip(points, tasks):
+        shape = f"batch {r.train.batch_size} x T {task.train_seq_len}"
         ffn = (f"moe {r.model.moe.n_experts} experts top-{r.model.moe.top_k}" if r.model.ffn == "moe"
                else r.model.ffn)
         click.echo(f"  {label}: {r.model.mixer}, {ffn}, conv {r.model.conv.kind}/{r.model.conv.placement}, "
@@ -361,17 +333,16 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
                    f"precision {r.train.precision}, micro-batch {r.train.micro_batch_size or 'off'}, "
                    f"CUDA graph {r.train.cuda_graph}")
         try:
-            rows.append(bench_variant(label, r, warmup, steps, profile))
+            rows.append(bench_variant(label, r, task, warmup, steps, profile))
         except torch.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
             rows.append({"variant": label, "params": 0, "oom": True})
     refs: dict = {}  # fla config and batch shape -> its row: one reference per distinct one
     if fla_reference:
-        for (label, r), row in zip(points, rows):
-            task = bench_task(r)
+        for (label, r), task, row in zip(points, tasks, rows):
             key = (repr(fla_config(r, r.model.vocab_size or task.vocab_size).to_dict()), r.train.batch_size,
-                   train_seq_len(r, task))
+                   task.train_seq_len)
             if key not in refs:
                 refs[key] = {**bench_fla(r, warmup, steps), "variant": f"fla GatedDeltaNetForCausalLM (as {label})"}
             row["fla"] = refs[key]

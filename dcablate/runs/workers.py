@@ -378,7 +378,7 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
     """Train point `index` of the recipe into `run_dir` (as planned by the parent); the exit status."""
     try:
         from dcablate import config as recipes
-        from dcablate.cli import run_state
+        from dcablate.runs.directories import run_state
 
         _, points = recipes.expand(recipe_ref, overrides)
         if not 0 <= index < len(points):
@@ -426,6 +426,9 @@ def worker_main(argv: list[str]) -> int:
     ap.add_argument("recipe")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
+    from dcablate.runs.directories import echo_library_logs
+
+    echo_library_logs()
 
     # SIGINT/SIGTERM reach a worker only inside `train`, which saves a checkpoint on the first and then
     # restores these defaults, so that a second one stops at once. Outside a run they stay pending (the

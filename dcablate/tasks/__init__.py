@@ -51,6 +51,7 @@ class Task:
     `dcablate eval --data`, for tasks that read data), and the methods below."""
 
     spec: TaskSpec
+    benchmark_note: str | None = None  # what `bench train` says of this task's batches, when they are stand-ins
 
     @property
     def headline(self) -> str:

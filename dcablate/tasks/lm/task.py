@@ -100,6 +100,9 @@ class RandomTokens(LMTask):
     """An LM task's batch shape without its corpus: uniform random tokens over the tokenizer's vocabulary
     (`dcablate bench train` times steps, not learning)."""
 
+    benchmark_note = ("LM variants step on random tokens of the task's shape (batch_size x seq_len); the corpus "
+                      "is not read")
+
     def __init__(self, cfg):
         self.cfg, self._vocab_size = cfg, tokenizer_vocab_size(cfg)
 

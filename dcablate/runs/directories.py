@@ -1,0 +1,82 @@
+"""Run directories: whether a recipe's directory is new, to resume or finished, and the library's lines.
+
+A run directory holds `recipe.toml` from its first step and `summary.json` once finished; a different
+recipe never trains into an existing one (see docs/design.md, "Run directory and exact resume").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tomllib
+from pathlib import Path
+
+import click
+
+from dcablate import config
+from dcablate.errors import UserError
+from dcablate.training.checkpoint import describe_changes, keys_added_since, recipe_changes
+
+
+def fresh_dir(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... if it exists: --force-new never touches an old run."""
+    if not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
+    """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
+    if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
+        raise UserError(f"{sweep_root}: holds a single run, not this sweep; use --force-new for a fresh directory")
+    if not run_dir.exists():
+        return "new"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: exists and is not a directory; pick another run.name or run.out_dir")
+    recipe_file = run_dir / "recipe.toml"
+    if not recipe_file.is_file():
+        leftovers = {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} - {".lock", "checkpoints",
+                                                                                              "worker.log"}
+        if not leftovers and not any((run_dir / "checkpoints").glob("step-*.pt")):
+            return "new"  # a run killed before it wrote anything
+        raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
+                        f"fresh directory")
+    old = config.load(str(recipe_file))
+    changes = recipe_changes(old.to_dict(), r.to_dict())
+    if changes:
+        raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); use "
+                        f"--force-new to train it in a fresh directory")
+    if (run_dir / "summary.json").is_file():
+        return "finished"
+    added = keys_added_since(tomllib.loads(recipe_file.read_text()), r.to_dict())  # parsed fine just above
+    if added:  # loading the old recipe filled them with today's defaults: say so rather than resume silently
+        click.echo(f"warning: {recipe_file} predates recipe keys now set to their defaults: "
+                   f"{describe_changes(added)}; resuming with these values", err=True)
+    return "resume"
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); move it away to finish the run again") from None
+
+
+def echo_library_logs() -> None:
+    """Print the library's lines (logger "dcablate": notes such as "resuming ..." on stdout, warnings on
+    stderr) as they come; once per process, however often the CLI's `main` or a sweep worker calls it."""
+
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            click.echo(self.format(record), err=record.levelno >= logging.WARNING)
+
+    library = logging.getLogger("dcablate")
+    if not any(h.get_name() == "dcablate-cli" for h in library.handlers):
+        echo = Echo()
+        echo.set_name("dcablate-cli")
+        library.addHandler(echo)
+    library.setLevel(logging.INFO)
