@@ -320,32 +320,32 @@ def test_fused_swiglu_matches_torch(dtype):
 @pytest.mark.parametrize("conv", ["static", "dynamic"])
 @pytest.mark.parametrize("ffn", ["mlp", "moe"])
 def test_training_step_never_waits_for_the_host(conv, ffn, graph):
-    """Issue 9's "no host syncs in the step": a whole training step (bf16 autocast, fla kernels, fused CE,
-    AdamW, for MoE the routing) under `torch.cuda.set_sync_debug_mode("error")` raises on any call that
-    synchronises the host. Found none on an H100 for GDN + MoE with static convs (2026-11-26). With
-    `train.cuda_graph = "on"` the checked step is a graph replay (copy the batch in, replay, copy out)."""
-    from pathlib import Path
-
+    """No host syncs in the step: a whole training step (bf16 autocast, fla kernels, fused CE, AdamW, for
+    MoE the routing) under `torch.cuda.set_sync_debug_mode("error")` raises on any call that synchronises
+    the host. With `train.cuda_graph = "on"` the checked step is a graph replay (copy the batch in, replay,
+    copy out)."""
     from dcablate.bench.train import bench_task, variants_of
-    from dcablate.training.trainer import NullLog, Prefetcher, Trainer, check_runtime
+    from dcablate.models.costs import build_model
+    from dcablate.training.batches import Prefetcher
+    from dcablate.training.runtime import check_runtime
+    from dcablate.training.step import TrainStep
 
     recipe = "bench/gdn_moe_125m" if ffn == "moe" else "bench/gdn_125m"
     (_, r), = variants_of(recipe, ["sweep={}", "model.n_layers=2", "train.batch_size=2", "task.lm.seq_len=256",
                                    f"model.conv.kind={conv}", f"train.cuda_graph={graph}"], [])
     device = check_runtime(r)
     task = bench_task(r)
-    trainer = Trainer(r, Path("unused"), device, True, [], task=task)
-    trainer.log = NullLog()
+    step = TrainStep(build_model(r, task.vocab_size).to(device), r.train, device)
     batches = Prefetcher(task.train_batches(r.train.batch_size, seed=0), device)
-    trainer.model.train()
+    step.net.train()
     for _ in range(3):  # first steps compile, autotune and allocate
-        trainer.train_step(*next(batches))
+        step(*next(batches))
     x, y = next(batches)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        trainer.train_step(x, y)
+        step(x, y)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-    assert (trainer.graphs is not None and trainer.graphs.captured == 1) == (graph == "on")
+    assert (step.captured == 1) == (graph == "on")
