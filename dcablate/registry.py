@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
 
 from dcablate.errors import UserError
@@ -42,6 +43,28 @@ def load_plugins() -> None:
         except ImportError as e:
             _plugins_loaded.discard(name)
             raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e})") from None
+
+
+def _no_check(recipe, fail) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What every registered component declares (the registries' own specs add to it).
+
+    name         the recipe value that selects it (`model.mixer`, `model.ffn`, `model.conv.kind`, `task.kind`)
+    impl         the class that implements it, or `"module:Class"` (imported when it is built), or None
+                 where the name means "nothing" (`ffn = "none"`, `conv.kind = "none"`)
+    options      the dataclass of its own recipe section (`model.<name>`, `task.<name>`), or None
+    options_doc  that section's one-line doc
+    check        `(recipe, fail) -> None`: choices valid alone but not together; calls `fail(key, message)`
+                 with the dotted recipe key at fault"""
+    name: str
+    impl: object
+    options: type | None = None
+    options_doc: str = ""
+    check: Callable = _no_check
 
 
 def resolve(target):

@@ -133,12 +133,12 @@ class PreviousToken(Task):
 
 
 SPECS = [
-    (register_mixer, MixerSpec("running_mean", RunningMean, lambda m: [("v", m.d_model)], RunningMeanOptions,
-                               "running-mean mixer options")),
+    (register_mixer, MixerSpec("running_mean", RunningMean, RunningMeanOptions, "running-mean mixer options",
+                               conv_streams=lambda m: [("v", m.d_model)])),
     (register_conv, ConvKindSpec("gated_shift", GatedShift)),
-    (register_task, TaskSpec("previous_token", PreviousToken, headline="accuracy", higher_is_better=True,
-                             headline_label="previous-token accuracy", bounded=True, options=PreviousTokenOptions,
-                             options_doc="previous-token task options")),
+    (register_task, TaskSpec("previous_token", PreviousToken, PreviousTokenOptions, "previous-token task options",
+                             headline="accuracy", higher_is_better=True, headline_label="previous-token accuracy",
+                             bounded=True)),
 ]
 
 

@@ -291,8 +291,8 @@ def _check_consistency(r, origins: dict, src: str) -> None:
         raise RecipeError(_src(origins, key, src), key, message)
 
     for name in m.mixers:
-        MIXERS.get(name).check(m, fail)
-    CHANNELS.get(m.ffn).check(m, fail)
+        MIXERS.get(name).check(r, fail)
+    CHANNELS.get(m.ffn).check(r, fail)
     if m.conv.kind == "dynamic" and m.conv.heads:
         for stream, dim in (sd for layer in range(m.cycle) for sd in conv_streams(m, layer)):
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",

@@ -8,39 +8,27 @@ stopping, run tables and reports read. The package's own, `mqar` and `lm`, regis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Iterator
 
-from dcablate.registry import Registry, resolve
-
-
-def _no_check(recipe, fail) -> None:
-    pass
+from dcablate.registry import ComponentSpec, Registry, resolve
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """name              the value of `task.kind`
-    task              the `Task` subclass, or `"module:Class"` imported when a run builds it
+class TaskSpec(ComponentSpec):
+    """A task (`task.kind`): `impl` is its `Task` subclass.
+
     headline          the metric a run is summarised, early-stopped and ranked by
     higher_is_better  the headline's direction (accuracy: True; bits per byte: False)
     headline_label    how reports name the headline
     bounded           the headline lies in [0, 1] (figures fix their axis)
     sparse_targets    only a few positions per sequence are scored: the loss gathers them before the
-                      vocabulary-wide head (MQAR), instead of scoring every position (LM)
-    options           the dataclass of the task's recipe section `task.<name>` (None: no options)
-    options_doc       that section's one-line doc
-    check             `(recipe, fail)`: choices valid alone but not together; `fail(key, message)`"""
-    name: str
-    task: object
-    headline: str
-    higher_is_better: bool
-    headline_label: str = ""
-    bounded: bool = False
-    sparse_targets: bool = False
-    options: type | None = None
-    options_doc: str = ""
-    check: Callable = _no_check
+                      vocabulary-wide head (MQAR), instead of scoring every position (LM)"""
+    headline: str = field(kw_only=True)
+    higher_is_better: bool = field(kw_only=True)
+    headline_label: str = field(default="", kw_only=True)
+    bounded: bool = field(default=False, kw_only=True)
+    sparse_targets: bool = field(default=False, kw_only=True)
 
 
 class Task:
@@ -112,14 +100,14 @@ def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
 
 
 def task_class(kind: str) -> type:
-    return resolve(TASKS.get(kind).task)
+    return resolve(TASKS.get(kind).impl)
 
 
 def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False) -> Task:
     """The recipe's task (`task_cfg`: its `[task]` section); `data` replaces what the task evaluates on
     (`dcablate eval --data`); `benchmark`: the task's benchmark stand-in (`Task.for_benchmark`)."""
     spec = TASKS.get(task_cfg.kind)
-    cls = resolve(spec.task)
+    cls = resolve(spec.impl)
     options = getattr(task_cfg, spec.name, None)
     task = cls.for_benchmark(options) if benchmark else cls(options, train=train, data=data)
     task.spec = spec

@@ -8,31 +8,22 @@ package's own are in `specs.py`. Torch-free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from dcablate.registry import Registry, resolve
+from dcablate.registry import ComponentSpec, Registry, resolve
 
 
 def _no_streams(m) -> list:
     return []
 
 
-def _no_check(m, fail) -> None:
-    pass
-
-
 @dataclass(frozen=True)
-class ChannelSpec:
-    """name: the value of `model.ffn`; layer: the `ChannelMixer` subclass (or `"module:Class"`) whose
-    `from_config(model section)` builds it, None for no channel mixer; conv_streams: `(model section) -> [(stream, channels)]` that `all_linear` covers;
-    options / options_doc: its recipe section `model.<name>`; check: `(model section, fail)`."""
-    name: str
-    layer: object
-    conv_streams: Callable = _no_streams
-    options: type | None = None
-    options_doc: str = ""
-    check: Callable = _no_check
+class ChannelSpec(ComponentSpec):
+    """A channel mixer (`model.ffn`): `impl` is its `ChannelMixer` subclass, whose `from_config(model
+    section)` builds it (None for `none`); `conv_streams(model section) -> [(stream, channels)]` the streams
+    `all_linear` covers."""
+    conv_streams: Callable = field(default=_no_streams, kw_only=True)
 
 
 CHANNELS: Registry[ChannelSpec] = Registry("channel mixer", ("dcablate.models.channel.specs",))
@@ -44,5 +35,5 @@ def register_channel_mixer(spec: ChannelSpec, replace: bool = False) -> ChannelS
 
 def build_channel_mixer(model_cfg):
     """The channel mixer of every block (None for `model.ffn = "none"`)."""
-    layer = CHANNELS.get(model_cfg.ffn).layer
-    return None if layer is None else resolve(layer).from_config(model_cfg)
+    impl = CHANNELS.get(model_cfg.ffn).impl
+    return None if impl is None else resolve(impl).from_config(model_cfg)

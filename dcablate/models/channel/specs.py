@@ -31,13 +31,15 @@ def mlp_streams(m) -> list[tuple[str, int]]:
     return [("gate", hidden), ("up", hidden), ("down", m.d_model)]
 
 
-def check_moe(m, fail) -> None:
-    if m.moe.top_k > m.moe.n_experts:
-        fail("model.moe.top_k", f"top_k {m.moe.top_k} exceeds n_experts {m.moe.n_experts}")
+def check_moe(r, fail) -> None:
+    o = r.model.moe
+    if o.top_k > o.n_experts:
+        fail("model.moe.top_k", f"top_k {o.top_k} exceeds n_experts {o.n_experts}")
 
 
 register_channel_mixer(ChannelSpec("none", None))
-register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:SwiGLU", mlp_streams))
+register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:SwiGLU", conv_streams=mlp_streams))
 # one conv after the whole MoE output (experts see sequences with holes: see models/channel/moe.py)
-register_channel_mixer(ChannelSpec("moe", "dcablate.models.channel.moe:MoE", lambda m: [("down", m.d_model)],
-                                   MoESection, "mixture-of-experts options (model.ffn = \"moe\")", check_moe))
+register_channel_mixer(ChannelSpec("moe", "dcablate.models.channel.moe:MoE", MoESection,
+                                   "mixture-of-experts options (model.ffn = \"moe\")", check_moe,
+                                   conv_streams=lambda m: [("down", m.d_model)]))

@@ -11,20 +11,18 @@ imported when a model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dcablate.registry import Registry, resolve
+from dcablate.registry import ComponentSpec, Registry, resolve
 
 
 @dataclass(frozen=True)
-class ConvKindSpec:
-    """name: the value of `model.conv.kind`; layer: the module class (or `"module:Class"`) whose
-    `from_config(conv_cfg, dim, gen_dim, activation, residual, backend, bias)` builds one conv, None for
-    no conv; activation / residual: what `model.conv.activation = "auto"` and an unset `residual` mean."""
-    name: str
-    layer: object
-    activation: str | None = None
-    residual: bool = False
+class ConvKindSpec(ComponentSpec):
+    """A conv kind (`model.conv.kind`): `impl` is the module class whose `from_config(conv_cfg, dim, gen_dim,
+    activation, residual, backend, bias)` builds one conv (None: no conv); `activation` / `residual` are what
+    `model.conv.activation = "auto"` and an unset `model.conv.residual` mean for it."""
+    activation: str | None = field(default=None, kw_only=True)
+    residual: bool = field(default=False, kw_only=True)
 
 
 CONV_KINDS: Registry[ConvKindSpec] = Registry("conv kind", ("dcablate.models.conv.specs",))
@@ -51,8 +49,8 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
     if conv_cfg is None:
         return None
     spec = CONV_KINDS.get(conv_cfg.kind)
-    if spec.layer is None or (placement != "qkv" and conv_cfg.placement != "all_linear"):
+    if spec.impl is None or (placement != "qkv" and conv_cfg.placement != "all_linear"):
         return None
     act = conv_activation(conv_cfg.kind, activation or conv_cfg.activation)
     residual = conv_cfg.residual if conv_cfg.residual is not None else spec.residual
-    return resolve(spec.layer).from_config(conv_cfg, dim, gen_dim, act, residual, backend, bias)
+    return resolve(spec.impl).from_config(conv_cfg, dim, gen_dim, act, residual, backend, bias)

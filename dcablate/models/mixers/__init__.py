@@ -8,35 +8,18 @@ This module and the specs are torch-free: recipes are checked without importing 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from dcablate.registry import Registry, resolve
-
-
-def _no_check(m, fail) -> None:
-    pass
+from dcablate.registry import ComponentSpec, Registry, resolve
 
 
 @dataclass(frozen=True)
-class MixerSpec:
-    """What the recipe and the model builder know of a token mixer.
-
-    name          the value of `model.mixer`
-    layer         the `TokenMixer` subclass, or `"module:Class"` imported when a model is built
-    conv_streams  `(model section) -> [(stream, channels), ...]`: the streams a `qkv` conv placement covers
-                  (q, k, v for attention-like mixers), named as the layer names its convs (`make_conv`)
-    options       the dataclass of the mixer's own recipe section `model.<name>`, or None
-    options_doc   that section's one-line doc
-    check         `(model section, fail) -> None`: choices valid alone but not together; calls
-                  `fail(key, message)` with the dotted recipe key at fault
-    """
-    name: str
-    layer: object
-    conv_streams: Callable
-    options: type | None = None
-    options_doc: str = ""
-    check: Callable = _no_check
+class MixerSpec(ComponentSpec):
+    """A token mixer: `impl` is its `TokenMixer` subclass; `conv_streams(model section) -> [(stream,
+    channels), ...]` the streams a `qkv` conv placement covers (q, k, v for attention-like mixers), named as
+    the layer names them to `make_conv`."""
+    conv_streams: Callable = field(kw_only=True)
 
 
 MIXERS: Registry[MixerSpec] = Registry("token mixer", ("dcablate.models.mixers.specs",))
@@ -48,4 +31,4 @@ def register_mixer(spec: MixerSpec, replace: bool = False) -> MixerSpec:
 
 def build_mixer(model_cfg, layer_idx: int):
     """The mixer of block `layer_idx` (`model.mixer` may list several, applied cyclically)."""
-    return resolve(MIXERS.get(model_cfg.mixer_at(layer_idx)).layer).from_config(model_cfg, layer_idx)
+    return resolve(MIXERS.get(model_cfg.mixer_at(layer_idx)).impl).from_config(model_cfg, layer_idx)

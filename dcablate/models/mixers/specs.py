@@ -21,13 +21,14 @@ class AttentionSection:
     rope_theta: float = option(10000.0, "RoPE base frequency", min=1.0)
 
 
-def check_attention(m, fail) -> None:
+def check_attention(r, fail) -> None:
+    m = r.model
     if m.head_size % 2:
         fail("model.head_dim", f"RoPE needs an even head dim, got {m.head_size}")
 
 
-register_mixer(MixerSpec("attention", "dcablate.models.mixers.attention:Attention", qkv_streams,
-                         AttentionSection, "attention options", check_attention))
+register_mixer(MixerSpec("attention", "dcablate.models.mixers.attention:Attention", AttentionSection,
+                         "attention options", check_attention, conv_streams=qkv_streams))
 
 
 # ------------------------------------------------------------------------------------------ Gated DeltaNet
@@ -48,15 +49,16 @@ def gdn_streams(m) -> list[tuple[str, int]]:
     return qkv_streams(m, m.n_heads * int(round(gdn_value_head_dim(m))))
 
 
-def check_gdn(m, fail) -> None:
+def check_gdn(r, fail) -> None:
+    m = r.model
     hv = gdn_value_head_dim(m)
     if abs(hv - round(hv)) >= 1e-6:
         fail("model.gated_deltanet.expand_v",
              f"head_dim {m.head_size} * expand_v {m.gated_deltanet.expand_v} is not an integer")
 
 
-register_mixer(MixerSpec("gated_deltanet", "dcablate.models.mixers.gated_deltanet:GatedDeltaNet", gdn_streams,
-                         GatedDeltaNetSection, "Gated DeltaNet options", check_gdn))
+register_mixer(MixerSpec("gated_deltanet", "dcablate.models.mixers.gated_deltanet:GatedDeltaNet",
+                         GatedDeltaNetSection, "Gated DeltaNet options", check_gdn, conv_streams=gdn_streams))
 
 
 # ------------------------------------------------------------------------------------------ Mamba-2
@@ -79,8 +81,8 @@ def mamba2_streams(m) -> list[tuple[str, int]]:
     return [("xbc", c.expand * m.d_model + 2 * c.n_groups * c.state_size)]
 
 
-def check_mamba2(m, fail) -> None:
-    c = m.mamba2
+def check_mamba2(r, fail) -> None:
+    m, c = r.model, r.model.mamba2
     inner = c.expand * m.d_model
     if inner % c.head_dim:
         fail("model.mamba2.head_dim", f"expand * d_model = {inner} is not divisible by head_dim {c.head_dim}")
@@ -88,12 +90,12 @@ def check_mamba2(m, fail) -> None:
         fail("model.mamba2.n_groups", f"{c.n_groups} groups do not divide the {inner // c.head_dim} heads")
 
 
-register_mixer(MixerSpec("mamba2", "dcablate.models.mixers.mamba2:Mamba2", mamba2_streams, Mamba2Section,
-                         "Mamba-2 options", check_mamba2))
+register_mixer(MixerSpec("mamba2", "dcablate.models.mixers.mamba2:Mamba2", Mamba2Section, "Mamba-2 options",
+                         check_mamba2, conv_streams=mamba2_streams))
 
 
 # ------------------------------------------------------------------------------------------ conv only
 
 
 register_mixer(MixerSpec("short_conv", "dcablate.models.mixers.short_conv:ShortConvMixer",
-                         lambda m: [("x", m.d_model)]))
+                         conv_streams=lambda m: [("x", m.d_model)]))

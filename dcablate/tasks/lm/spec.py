@@ -38,6 +38,5 @@ def check(recipe, fail) -> None:
             fail("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({need})")
 
 
-register_task(TaskSpec("lm", "dcablate.tasks.lm.task:LMTask", headline="bpb", higher_is_better=False,
-                       headline_label="validation bits per byte", options=LMSection,
-                       options_doc="language-modelling options", check=check))
+register_task(TaskSpec("lm", "dcablate.tasks.lm.task:LMTask", LMSection, "language-modelling options", check,
+                       headline="bpb", higher_is_better=False, headline_label="validation bits per byte"))

@@ -60,6 +60,6 @@ def check(recipe, fail) -> None:
         fail("model.vocab_size", f"{recipe.model.vocab_size} is smaller than task.mqar.vocab_size {q.vocab_size}")
 
 
-register_task(TaskSpec("mqar", "dcablate.tasks.mqar.task:MQARTask", headline="overall", higher_is_better=True,
-                       headline_label="overall MQAR accuracy", bounded=True, sparse_targets=True,
-                       options=MQARSection, options_doc="MQAR options", check=check))
+register_task(TaskSpec("mqar", "dcablate.tasks.mqar.task:MQARTask", MQARSection, "MQAR options", check,
+                       headline="overall", higher_is_better=True, headline_label="overall MQAR accuracy",
+                       bounded=True, sparse_targets=True))
