@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_interpreted(script: str, timeout: int = 600) -> str:
     """The script's stdout; fails the test with its stderr unless it exits 0 and prints `ok` last."""
     pytest.importorskip("triton")
-    path = os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])  # scripts import tests.<folder>.<module>
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)

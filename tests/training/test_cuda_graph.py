@@ -1,5 +1,6 @@
 """`train.cuda_graph`: the training step captured and replayed as CUDA graphs trains exactly as the eager
-step does (GPU), and the recipe key's choices and refusals (CPU)."""
+step does (GPU), and the recipe key's choices and refusals (CPU); a whole training step, graphed or eager,
+never waits for the host (GPU)."""
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_on_refuses_a_step_that_syncs():
 
 def test_a_bad_choice_names_the_allowed_ones():
     from dcablate import config as R
-    from tiny_recipes import BASE, merge
+    from tests.tiny_recipes import BASE, merge
 
     with pytest.raises(UserError, match="train.cuda_graph.*auto.*on.*off"):
         R.build(merge(BASE, {"train": {"cuda_graph": "yes"}}))
@@ -207,7 +208,7 @@ def test_mqar_run_captures_a_graph_per_segment_length(tmp_path):
 
     from dcablate import config as R
     from dcablate.training.loop import train
-    from tiny_recipes import BASE, merge
+    from tests.tiny_recipes import BASE, merge
 
     results = {}
     for graph in ("off", "on"):
@@ -259,3 +260,40 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_under_auto(when, caplo
     torch.testing.assert_close(b, a, rtol=5e-4, atol=1e-6)
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.randn(3, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graph", ["off", "on"])
+@pytest.mark.parametrize("conv", ["static", "dynamic"])
+@pytest.mark.parametrize("ffn", ["mlp", "moe"])
+def test_training_step_never_waits_for_the_host(conv, ffn, graph):
+    """No host syncs in the step: a whole training step (bf16 autocast, fla kernels, fused CE, AdamW, for
+    MoE the routing) under `torch.cuda.set_sync_debug_mode("error")` raises on any call that synchronises
+    the host. With `train.cuda_graph = "on"` the checked step is a graph replay (copy the batch in, replay,
+    copy out)."""
+    from dcablate.bench.train import bench_task, variants_of
+    from dcablate.models.costs import build_model
+    from dcablate.training.batches import Prefetcher
+    from dcablate.training.runtime import check_runtime
+    from dcablate.training.step import TrainStep
+
+    recipe = "bench/gdn_moe_125m" if ffn == "moe" else "bench/gdn_125m"
+    (_, r), = variants_of(recipe, ["sweep={}", "model.n_layers=2", "train.batch_size=2", "task.lm.seq_len=256",
+                                   f"model.conv.kind={conv}", f"train.cuda_graph={graph}"], [])
+    device = check_runtime(r)
+    task = bench_task(r)
+    step = TrainStep(build_model(r, task.vocab_size).to(device), r.train, device)
+    batches = Prefetcher(task.train_batches(r.train.batch_size, seed=0), device)
+    step.net.train()
+    for _ in range(3):  # first steps compile, autotune and allocate
+        step(*next(batches))
+    x, y = next(batches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert (step.captured == 1) == (graph == "on")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcablate.kernels.moe_combine import moe_combine, moe_combine_reference, sum_rows
-from triton_interpreter import run_interpreted
+from tests.triton_interpreter import run_interpreted
 
 OUT_DTYPES = [None, torch.float32, torch.bfloat16]
 OUT_IDS = ["out_default", "out_fp32", "out_bf16"]
@@ -67,7 +67,7 @@ INTERPRETED = """
 import torch
 from dcablate.kernels.moe_combine import _MoECombine, moe_combine_reference
 from dcablate.kernels.moe_combine.kernel import combine_bwd, combine_fwd
-from tests.test_moe_combine import OUT_DTYPES, SHAPES, inputs
+from tests.kernels.test_moe_combine import OUT_DTYPES, SHAPES, inputs
 def close(out, ref):
     # fp32 agrees to rounding, bf16 to one unit in the last place: the interpreter truncates fp32 -> bf16
     tol = 1e-6 if out.dtype == torch.float32 else 2 ** -7

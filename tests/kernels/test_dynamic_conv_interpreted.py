@@ -1,11 +1,11 @@
 """The dynamic short conv's Triton kernels (low-rank with the split and the fused backward, head-wise) against
 the float64 reference, run on CPU through Triton's interpreter: fp32, outputs and every gradient, on the
 shapes the issue names (T = 1 and 7, D = 300, R = 1, 7, 15, 16, W = 2 to 8, with and without S and the
-residual, varlen). The GPU suite (tests/test_gpu.py) runs the same kernels compiled, in bf16/fp16 too: bf16
-inputs take bf16 dots, which the interpreter computes wrongly (Triton 3.9 returns ~1e10 for a 16×16 bf16
-tl.dot on CPU), so that path is checked on the GPU only."""
+residual, varlen). The GPU tests in tests/kernels/test_dynamic_conv.py run the same kernels compiled, in
+bf16/fp16 too: bf16 inputs take bf16 dots, which the interpreter computes wrongly (Triton 3.9 returns ~1e10
+for a 16×16 bf16 tl.dot on CPU), so that path is checked on the GPU only."""
 
-from triton_interpreter import run_interpreted
+from tests.triton_interpreter import run_interpreted
 
 SCRIPT = """
 import torch

@@ -108,7 +108,7 @@ def test_a_worker_serves_several_runs(sweep, capsys):
 
 
 def test_sigterm_is_forwarded_and_the_sweep_resumes(sweep):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-m", "dcablate.cli", "run", "w.toml", "--workers", "2",
            "--set", "train.steps=100000", "--set", "eval.every=100000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -25,7 +25,7 @@ import torch
 from dcablate.training import checkpoint
 from dcablate.cli import main
 from dcablate.training.distributed import local_rows, micro_chunks
-from tiny_recipes import merge, run_in, setup_dir, tiny_mqar
+from tests.tiny_recipes import merge, run_in, setup_dir, tiny_mqar
 
 SEGMENT = {"seq_len": 16, "num_kv_pairs": 2}
 SMALL = dict(model={"d_model": 16}, train={"steps": 6, "precision": "fp32", "lr": 3e-3}, eval={"every": 3},

@@ -15,7 +15,7 @@ import pytest
 from dcablate import config as R
 from dcablate.errors import RecipeError, UserError
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 
 
 # ----------------------------------------------------------------------------------------- schema walk

@@ -1,4 +1,5 @@
-"""The pure-torch references: chunked GDN == recurrence == fla's own torch reference; static conv."""
+"""The pure-torch references: chunked GDN == recurrence == fla's own torch reference; static conv (and, on
+a GPU, fla's static conv kernel against it)."""
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from dcablate.kernels.gated_delta_rule import (delta_rule_chunked, delta_rule_recurrence, gated_delta_rule,
                                                gated_delta_rule_reference, l2_normalize)
 from dcablate.kernels.short_conv import short_conv_reference
+from tests.gpu_compare import rel
 
 
 def random_gdn_inputs(B, T, H, K, V, seed, dtype=torch.float64):
@@ -106,3 +108,26 @@ def test_backend_fla_on_cpu_is_a_user_error():
     from dcablate.kernels.short_conv import short_conv
     with pytest.raises(UserError, match="needs a CUDA device"):
         short_conv(x, torch.randn(2, 1, 4), None, backend="fla")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width,activation", [(3, "silu"), (4, "silu"), (4, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_static_conv_matches_reference(width, dtype, activation):
+    from dcablate.kernels.short_conv import short_conv
+
+    torch.manual_seed(width)
+    x = torch.randn(3, 77, 96, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.rand(96, 1, width, device="cuda") - 0.5).requires_grad_()
+    outs = {}
+    for backend in ("fla", "torch"):
+        xin = x if backend == "fla" else x.detach().float().requires_grad_()
+        y = short_conv(xin, w, activation, backend=backend)
+        gx, gw = torch.autograd.grad((y.float() * torch.cos(torch.arange(y.numel(), device="cuda")).view_as(y)).sum(),
+                                     (xin, w))
+        outs[backend] = (y, gx, gw)
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b, what in zip(outs["fla"], outs["torch"], ("y", "dx", "dw")):
+        print(f"static conv W={width} {activation} {dtype} {what}: {rel(a, b):.1e}")
+        assert rel(a, b) < bound, f"{what}: {rel(a, b):.2e}"

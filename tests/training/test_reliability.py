@@ -26,8 +26,8 @@ import torch
 
 from dcablate.training import checkpoint
 from dcablate.tasks.mqar.task import MQARTask
-from faults import nan_at, oom_above
-from tiny_recipes import run_cli, run_in, setup_dir, tiny_mqar
+from tests.faults import nan_at, oom_above
+from tests.tiny_recipes import run_cli, run_in, setup_dir, tiny_mqar
 
 RECIPE = tiny_mqar()
 

@@ -13,8 +13,8 @@ import torch
 from dcablate.training import checkpoint
 from dcablate import config as R
 from dcablate.cli import main
-from faults import nan_at
-from tiny_recipes import merge, run_cli, tiny_mqar
+from tests.faults import nan_at
+from tests.tiny_recipes import merge, run_cli, tiny_mqar
 
 def tiny(**sections) -> str:
     """The tiny MQAR bench recipe: tiny_recipes' base with one GDN layer, batch 4, 32-token sequences."""

@@ -13,7 +13,7 @@ from dcablate.kernels.moe_experts import (
     swiglu_packed,
     swiglu_packed_reference,
 )
-from triton_interpreter import run_interpreted
+from tests.triton_interpreter import run_interpreted
 
 WEIGHT_SHAPES = [(1, 1, 1), (3, 5, 7), (2, 16, 1030), (5, 3, 2049)]  # E, D, F
 SWIGLU_SHAPES = [(0, 4), (1, 1), (7, 5), (33, 300), (3, 2049)]  # M, F
@@ -65,7 +65,7 @@ def test_torch_forms_are_cat_cast_and_silu_times_up():
 
 INTERPRETED = """
 import torch
-from tests.test_moe_experts import SWIGLU_SHAPES, WEIGHT_SHAPES, check_expert_weights, check_swiglu
+from tests.kernels.test_moe_experts import SWIGLU_SHAPES, WEIGHT_SHAPES, check_expert_weights, check_swiglu
 for i, shape in enumerate(WEIGHT_SHAPES):
     for dtype in (torch.float32, torch.bfloat16):
         check_expert_weights(*shape, dtype, "cpu", seed=i)

@@ -18,6 +18,7 @@ from dcablate.tasks.lm.task import LMTask, bits_per_byte
 from dcablate.tasks.lm.data import (ByteTokenizer, load_corpus, packed_batches, read_documents, source_files,
                                     split_documents, windows)
 from dcablate.training.loop import reached
+from tests.gpu_compare import rel
 
 WORDS = "the cat sat on a mat while small dogs ran past green hills and rivers under grey skies".split()
 
@@ -406,6 +407,44 @@ def test_tf32_only_inside_and_only_under_autocast():
         with pytest.raises(RuntimeError), tf32_under_autocast("cpu"):
             raise RuntimeError("inside")
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_linear_cross_entropy_matches_plain(dtype):
+    """A large-vocabulary LM's loss through fla's fused linear CE equals logits + F.cross_entropy,
+    loss and every gradient, mean and sum, with ignored positions."""
+    import dcablate.models.lm as lm
+    from dcablate import config as R
+    from dcablate.models.costs import build_model
+
+    r = R.build({"run": {"name": "ce"}, "model": {"mixer": "attention", "d_model": 64, "n_layers": 1,
+                                                   "n_heads": 2},
+                 "task": {"kind": "mqar"}})
+    torch.manual_seed(0)
+    model = build_model(r, 8192).cuda()
+    x = torch.randint(0, 8192, (3, 50), device="cuda")
+    y = torch.randint(0, 8192, (3, 50), device="cuda")
+    y[:, :7] = -100
+    for reduction in ("mean", "sum"):
+        losses, grads = [], []
+        for fused in (True, False):
+            model.use_fused_ce = (lambda h: True) if fused else (lambda h: False)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = model(x, y, reduction=reduction)
+            model.zero_grad()
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        del model.use_fused_ce
+        bound = 1e-5 if dtype == torch.float32 else 2e-2
+        assert rel(losses[0], losses[1]) < bound
+        for n in grads[1]:
+            err = rel(grads[0][n], grads[1][n])
+            assert err < bound, f"{reduction} {n}: {err:.1e}"
+        print(f"fused CE {dtype} {reduction}: loss {losses[0].item():.5f} vs {losses[1].item():.5f}")
+    assert lm.FUSED_CE_MIN_VOCAB <= 8192
 
 
 @pytest.mark.parametrize("mixer, ffn, conv", [("gated_deltanet", "mlp", "dynamic"), ("mamba2", "mlp", "static"),
