@@ -221,9 +221,11 @@ def __getattr__(name: str):
 
 def conv_streams(m, layer: int = 0) -> list[tuple[str, int]]:
     """(stream, channels) of every stream the conv placement covers in block `layer` of model section `m`:
-    the token mixer's input streams, and with `all_linear` its output `o` and the channel mixer's streams."""
-    streams = list(_mixers().get(m.mixer_at(layer)).conv_streams(m))
+    the token mixer's input streams, and with `all_linear` its output `o` (when it has one) and the channel
+    mixer's streams."""
+    mixer = _mixers().get(m.mixer_at(layer))
+    streams = list(mixer.conv_streams(m))
     if m.conv.placement == "all_linear":
-        streams.append(("o", m.d_model))
+        streams += [("o", m.d_model)] if mixer.output_conv else []
         streams += _channels().get(m.ffn).conv_streams(m)
     return streams

@@ -223,7 +223,7 @@ class LanguageModel(nn.Module):
     # Cached decoding for `generate`: `prefill` runs the prompt once (in parallel) and returns every
     # block's cache (attention: keys and values; Gated DeltaNet / Mamba-2: the recurrent state; every
     # short conv: its last W-1 inputs); `step` then costs one token per call instead of a forward over
-    # the whole context. The logits equal `forward`'s at every position (tests/test_decode.py).
+    # the whole context. The logits equal `forward`'s at every position (tests/models/test_decode.py).
 
     def supports_cache(self) -> bool:
         """Whether every mixer and FFN implements `prefill`/`step`; otherwise decode by full recompute."""
