@@ -17,7 +17,7 @@ from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs.directories import echo_library_logs, fresh_dir, read_summary, run_state
 from dcablate.runs.tables import format_table, headline_result
-from dcablate.tasks import TASKS, task_class
+from dcablate.tasks import TASKS, task_class, task_options
 
 class RegisteredName(click.ParamType):
     """A name in a registry, read when the option is parsed (plugins registered since import count)."""
@@ -225,7 +225,7 @@ def info(recipe, overrides):
 
     base, points = config.expand(recipe, list(overrides))
     for name, r in points:
-        seq_len, vocab = task_class(r.task.kind).shape(getattr(r.task, r.task.kind, None))
+        seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
         model = build_model(r, vocab, device="meta")
         c = costs(model, seq_len)
         title = f"{r.run.name}{' / ' + name if name else ''}: {r.model.mixer}, conv={r.model.conv.kind}, " \

@@ -103,12 +103,17 @@ def task_class(kind: str) -> type:
     return resolve(TASKS.get(kind).impl)
 
 
+def task_options(task_cfg):
+    """The recipe's options of its task (`task.<kind>`), or None for a task without a section."""
+    return getattr(task_cfg, task_cfg.kind, None)
+
+
 def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False) -> Task:
     """The recipe's task (`task_cfg`: its `[task]` section); `data` replaces what the task evaluates on
     (`dcablate eval --data`); `benchmark`: the task's benchmark stand-in (`Task.for_benchmark`)."""
     spec = TASKS.get(task_cfg.kind)
     cls = resolve(spec.impl)
-    options = getattr(task_cfg, spec.name, None)
+    options = task_options(task_cfg)
     task = cls.for_benchmark(options) if benchmark else cls(options, train=train, data=data)
     task.spec = spec
     return task

@@ -134,7 +134,7 @@ class Run:
                        f"run the same command to resume", 128 + signum)
 
     def better(self, a: float, b: float) -> bool:
-        return a > b if getattr(self.task, "higher_is_better", True) else a < b
+        return a > b if self.task.higher_is_better else a < b
 
     def evaluate(self) -> dict:
         """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank."""
@@ -189,7 +189,7 @@ class Run:
                 postfix[self.task.headline] = f"{metrics[self.task.headline]:.3f}"
                 bar.set_postfix(postfix, refresh=False)
                 if recipe.eval.early_stop and reached(metrics[self.task.headline], recipe.eval.early_stop,
-                                                      getattr(self.task, "higher_is_better", True)):
+                                                      self.task.higher_is_better):
                     state.stopped_early, state.done = state.step < t.steps, True
             every = recipe.checkpoint.every
             if every and state.step % every == 0 and not state.done and state.step < t.steps:
