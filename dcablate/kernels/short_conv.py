@@ -22,6 +22,8 @@ def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, activation: str 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None, backend: str = "auto",
                bias=None) -> torch.Tensor:
+    """x [B, T, D], weight [D, 1, W], bias [D] or None -> y [B, T, D], the causal depthwise conv (then SiLU if
+    asked): fla's Triton `causal_conv1d` on CUDA, `short_conv_reference` otherwise."""
     if use_fla(x, backend):
         require_fla()
         from fla.modules.causal_conv1d import causal_conv1d

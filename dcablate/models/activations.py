@@ -20,6 +20,7 @@ def _fla_swiglu():
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up, element-wise over equal shapes `[..., F]`; fla's fused kernel on CUDA when available."""
     if backend != "torch" and gate.is_cuda and gate.dtype == up.dtype and gate.shape == up.shape:
         fused = _fla_swiglu()
         if fused is not None:

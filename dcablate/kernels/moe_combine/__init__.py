@@ -26,6 +26,7 @@ def _out_dtype(w: torch.Tensor, out_dtype: torch.dtype | None) -> torch.dtype:
 
 def moe_combine_reference(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ys [M, D], rows [N, k], w [N, k] -> out [N, D] = sum_j w[:, j] * ys[rows[:, j]] (torch; the oracle)."""
     acc = torch.promote_types(w.dtype, torch.float32)
     return (ys[rows].to(acc) * w.to(acc)[..., None]).sum(1).to(_out_dtype(w, out_dtype))
 

@@ -67,6 +67,7 @@ def combine_fwd(ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor | None, ou
 
 
 def combine_bwd(dout: torch.Tensor, ys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor):
+    """dout [N, D], ys [M, D], rows [N, k], w [N, k] -> (dys [M, D], dw [N, k] in fp32) in one kernel launch."""
     N, K = rows.shape
     D = ys.shape[1]
     dys = torch.empty_like(ys)

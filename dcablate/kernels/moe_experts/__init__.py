@@ -32,6 +32,7 @@ def expert_weights(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tenso
 
 
 def swiglu_packed_reference(gu: torch.Tensor) -> torch.Tensor:
+    """gu [M, 2F] = [gate | up] -> silu(gate) * up [M, F] (torch; the oracle)."""
     f = gu.shape[-1] // 2
     return F.silu(gu[..., :f]) * gu[..., f:]
 

@@ -13,6 +13,7 @@ from dcablate.models.conv.dynamic import DynamicShortConv
 
 
 def conv_or_identity(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The stream `x [B, T, D]` through its conv (filters from `h [B, T, D_in]`), or unchanged without one."""
     return x if conv is None else conv(x, h)
 
 
