@@ -64,6 +64,35 @@ def hparams_of(recipe) -> dict:
     return out
 
 
+class ComputeCount:
+    """Tokens trained and training FLOPs so far. A step's FLOPs are 3 × its forward FLOPs (the backward
+    taken as twice the forward, the convention MFU uses too), counted as `dcablate info` counts them: the
+    blocks' FLOPs per token at the batch's own length (attention's quadratic term, the recurrences, every
+    conv and filter generator) times its tokens, plus the LM head's at the positions it computes (all of
+    them, or only the scored ones where the task gathers them). Evaluation is not counted."""
+
+    def __init__(self, net, tokens: int = 0, flops: int = 0):
+        self.net, self.tokens, self.flops = net, tokens, flops
+        self.per_length: dict[int, tuple[int, int]] = {}
+
+    def add(self, rows: int, length: int, head_positions: int) -> None:
+        if length not in self.per_length:
+            c = costs(self.net, length)
+            self.per_length[length] = (c.flops_per_token, c.head_flops_per_token)
+        blocks, head = self.per_length[length]
+        self.tokens += rows * length
+        self.flops += 3 * (blocks * rows * length + head * head_positions)
+
+    def state(self) -> dict:
+        return {"tokens": self.tokens, "flops": self.flops}
+
+    def replay(self, batches, steps: int, gather_scored: bool) -> None:
+        """Count the first `steps` batches of a run's data stream (host tensors `(x, y)`): for a checkpoint
+        written before runs kept this count."""
+        for _, (x, y) in zip(range(steps), batches):
+            self.add(x.shape[0], x.shape[1], int((y != -100).sum()) if gather_scored else y.numel())
+
+
 class Run:
     """One run: built fresh, or restored from a checkpoint, then stepped to the end. `caught` collects the
     signals that `signals_caught` intercepted."""
@@ -85,7 +114,9 @@ class Run:
         self.log: MetricsLog | NullLog = NullLog()  # the metrics sink, opened by `run`
         self.train_step = TrainStep(self.net, recipe.train, device, model=self.model, fsdp=self.fsdp,
                                     record=lambda kind, step, values: self.log.write(kind, step, values))
-        self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started)
+        self.compute = ComputeCount(self.net)
+        self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started,
+                              self.compute.state)
         self.phase = "starting"  # for error messages: what the run was doing
 
     def run(self) -> dict:
@@ -96,6 +127,8 @@ class Run:
             if self.main:
                 checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
             resumed = self.state.restore()
+            if resumed:
+                self.restore_compute()
             if self.main:
                 self.log = MetricsLog(self.run_dir, recipe.log.tensorboard,
                                       resume_step=self.state.step if resumed else None)
@@ -123,6 +156,16 @@ class Run:
         finally:
             self.log.close()
             self.train_step.release()  # the graphs' memory back now, for the next run of a sweep in this process
+
+    def restore_compute(self) -> None:
+        """The tokens and FLOPs of the steps before the resume: from the checkpoint, or counted again."""
+        kept = self.state.restored_compute
+        if kept is not None:
+            self.compute.tokens, self.compute.flops = kept["tokens"], kept["flops"]
+        else:
+            t = self.recipe.train
+            self.compute.replay(self.task.train_batches(t.batch_size, seed=self.recipe.run.seed), self.state.step,
+                                self.net.gather_scored)
 
     def check_signal(self) -> None:
         """Save and stop after a SIGINT/SIGTERM; with several ranks, as soon as any rank caught one."""
@@ -173,6 +216,7 @@ class Run:
             x, y, row_scored = next(batches)
             loss, grad_norm = self.train_step(x, y, row_scored)
             tokens_since += x.numel()
+            self.compute.add(x.shape[0], x.shape[1], sum(row_scored) if row_scored is not None else y.numel())
             bar.update(1)
             if state.step % recipe.log.every == 0 or state.step == t.steps:
                 self.train_step.flush()  # reads the losses anyway: the one host sync of these steps
@@ -213,6 +257,7 @@ class Run:
             "steps": state.step, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
             "wall_time_s": state.wall_time(), "final": final, "best": state.best, "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
+            "tokens": self.compute.tokens, "train_flops": self.compute.flops,
             "cuda_graphs": self.train_step.captured,
         }
         if ddp.active():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from dcablate.errors import UserError
 from dcablate.training import checkpoint
@@ -30,7 +31,8 @@ class RunState:
     the rest here: `done`, `stopped_early`, the evaluation `history` and `best`, the wall time spent before
     the last resume (`wall_before`), and `saved`, the newest good step checkpoint on disk."""
 
-    def __init__(self, recipe, run_dir: Path, model, vocab_size: int, train_step: TrainStep, started: float):
+    def __init__(self, recipe, run_dir: Path, model, vocab_size: int, train_step: TrainStep, started: float,
+                 compute: Callable[[], dict]):
         self.recipe, self.run_dir, self.ckpt_dir = recipe, run_dir, run_dir / "checkpoints"
         self.model, self.vocab_size, self.train_step = model, vocab_size, train_step
         self.started, self.wall_before = started, 0.0
@@ -39,6 +41,8 @@ class RunState:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.saved: Path | None = None
+        self.compute = compute  # the tokens and training FLOPs so far, read when a checkpoint is written
+        self.restored_compute: dict | None = None  # theirs in the checkpoint resumed (None: from before runs kept them)
 
     @property
     def step(self) -> int:
@@ -67,7 +71,7 @@ class RunState:
             "data": {"batches": self.step}, "rng": rng_state(), "recipe": self.recipe.to_dict(),
             "recipe_hash": self.recipe.digest(), "vocab_size": self.vocab_size, "history": self.history,
             "best": self.best, "stopped_early": self.stopped_early, "skipped_steps": step.skipped,
-            "wall_time_s": self.wall_time(),
+            "wall_time_s": self.wall_time(), "compute": self.compute(),
         }
 
     def newest_checkpoint(self) -> tuple[dict | None, Path | None]:
@@ -111,6 +115,7 @@ class RunState:
             step.taken, self.done, self.stopped_early = state["step"], state["done"], state["stopped_early"]
             self.history, self.best, step.skipped = state["history"], state["best"], state["skipped_steps"]
             self.wall_before = state["wall_time_s"]
+            self.restored_compute = state.get("compute")
             set_rng_state(state["rng"])
         except KeyError as e:
             raise UserError(f"{path}: not a step checkpoint (no {e})") from None

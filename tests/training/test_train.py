@@ -172,3 +172,38 @@ def test_info_counts_conv_separately():
     assert conv.params["mixer"] == plain.params["mixer"]
     assert conv.state_floats - plain.state_floats == 2 * 3 * (64 + 64 + 64)
     assert plain.state_floats == 2 * 2 * 32 * 32  # layers x heads x K x V
+
+
+def test_summary_counts_tokens_and_training_flops(tmp_path):
+    """`tokens` and `train_flops` in summary.json: 3 × (blocks' FLOPs per token at the batch's length × tokens
+    + the LM head's FLOPs × the positions it computes: MQAR's scored targets only), and the same after a
+    resume, whether the checkpoint kept the count or predates it (then the data stream is counted again)."""
+    import shutil
+
+    from dcablate.models.costs import build_model, costs
+    from dcablate.tasks import build_task
+    from dcablate.training import checkpoint
+
+    r = tiny(tmp_path, checkpoint={"every": 2}, train={"steps": 6, "batch_size": 16, "warmup_steps": 2})
+    summary = train(r, tmp_path / "t", quiet=True)
+    task = build_task(r.task)
+    c = costs(build_model(r, task.vocab_size), 16)
+    scored = sum(int((y != -100).sum()) for _, (x, y) in zip(range(6), task.train_batches(16, seed=r.run.seed)))
+    assert summary["tokens"] == 6 * 16 * 16
+    assert summary["train_flops"] == 3 * (c.flops_per_token * 6 * 16 * 16 + c.head_flops_per_token * scored)
+
+    for keep_count in (True, False):
+        run = tmp_path / f"resumed-{keep_count}"
+        shutil.copytree(tmp_path / "t", run)
+        (run / "summary.json").unlink()
+        for name in ("final.pt", "step-000006.pt"):
+            for f in (run / "checkpoints").glob(name + "*"):
+                f.unlink()
+        if not keep_count:  # as a checkpoint written before runs counted compute
+            path = run / "checkpoints" / "step-000004.pt"
+            state = checkpoint.load(path)
+            del state["compute"]
+            checkpoint.save(path, state)
+        resumed = train(r, run, quiet=True)
+        assert (resumed["tokens"], resumed["train_flops"]) == (summary["tokens"], summary["train_flops"])
+        assert resumed["final"] == summary["final"]
