@@ -1,0 +1,416 @@
+"""Scaling-law fits behind "compute multipliers": how much training compute a variant saves.
+
+A variant with compute multiplier `m` reaches the baseline's loss with `1/m` of the baseline's training
+FLOPs (`m = 1.33`: the baseline needs 1.33x the compute for the same loss). It is estimated from finished
+runs of every variant at several sizes with one joint fit,
+
+    L = E + A · (m_v · C) ** (-alpha)          (m_baseline = 1)
+
+sharing the irreducible loss `E`, the scale `A` and the exponent `alpha` between the variants; a variant
+only shifts the curve along the compute axis, so `m_v` reads as "effective compute per FLOP". The same
+fit with the parameter count `N` in place of `C` gives a parameter multiplier (`parameter_multiplier`),
+and `wall_clock_multiplier` converts the compute multiplier to training time.
+
+Objective: least squares on the relative residuals `(L_i - L̂_i) / L_i`, i.e. least squares on `L` with
+fixed weights `1 / L_i²`. To first order this is least squares on `log L`: a size's seed-to-seed
+scatter is roughly a fixed fraction of its loss, and the answer does not depend on the loss unit (nats or
+bits). It is not least squares on `log(L - E)`, which would blow up the scatter of the largest runs
+whenever `E` comes close to their loss.
+
+Method (numpy only, deterministic):
+1. Variable projection on a grid. For fixed `(alpha, E)` the model is linear in one coefficient per
+   variant, `B_v = A · m_v**(-alpha)`: `L_i - E = B_v · C_i**(-alpha)`, so each `B_v` has a closed form
+   (weighted least squares through the origin) and the leftover cost is a function of `(alpha, E)`
+   alone. It is evaluated on a grid of `alpha` in [0.005, 3] (log-spaced) and `E` in [0, 0.995 · min L].
+2. Levenberg–Marquardt from the best grid point, on all parameters `(E, log A, alpha, log m_v)` with an
+   analytic Jacobian, to machine precision. `E` is kept >= 0 (a cross-entropy cannot fall below zero):
+   when the free optimum has `E < 0`, the fit is redone with `E = 0` fixed.
+
+(On the grid, `A = B_baseline` and `m_v = (B_baseline / B_v)**(1/alpha)`, which starts step 2.)
+A multiplier is only as good as the shared-exponent assumption: a variant that changes the slope of
+its curve, not just its position, gets a multiplier that depends on the sizes it was run at.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dcablate.errors import UserError, did_you_mean
+
+CI_LEVEL = 0.90  # bootstrap percentile interval: the 5th and 95th percentiles
+MIN_BASELINE_SIZES = 3  # E, A and alpha need at least three distinct baseline sizes
+MIN_VARIANT_POINTS = 2
+MAX_LOG_MULTIPLIER = math.log(1e9)  # a fitted multiplier outside [1e-9, 1e9] means the variant's curve ran off
+
+AXES = {"compute": "training FLOPs", "params": "parameter count"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One finished run. `compute` is its training FLOPs and `loss` its final validation loss; `params`
+    (parameter count) is needed for the parameter multiplier, `tokens_per_s` (measured training
+    throughput) and `tokens` (training tokens, so that FLOPs per token = compute / tokens) for the
+    wall-clock multiplier."""
+
+    variant: str
+    compute: float
+    loss: float
+    seed: int = 0
+    params: int | None = None
+    tokens_per_s: float | None = None
+    tokens: float | None = None
+
+
+@dataclass
+class Fit:
+    """The joint fit `L = E + A · (m_v · x)**(-alpha)`, with `x` the training FLOPs (`axis = "compute"`)
+    or the parameter count (`axis = "params"`).
+
+    `compute_range[v]` is the (min, max) of `x` over the runs of `v` that were fitted, `points[v]` their
+    number and `seeds[v]` their distinct seeds; `rms` is the root mean square of the relative residuals
+    `(L - L̂) / L`; `e_at_bound` says that `E` was pinned at 0."""
+
+    baseline: str
+    E: float
+    A: float
+    alpha: float
+    multipliers: dict[str, float]
+    compute_range: dict[str, tuple[float, float]]
+    points: dict[str, int]
+    seeds: dict[str, tuple[int, ...]]
+    axis: str = "compute"
+    rms: float = 0.0
+    e_at_bound: bool = False
+
+    def predict(self, variant: str, x):
+        """`L̂ = E + A · (m_v · x)**(-alpha)`: the fitted loss of `variant` at compute (or parameters) `x`;
+        a float for a scalar `x`, an array for an array."""
+        m = self._multiplier(variant)
+        # exp(log A - alpha log(m x)) rather than A * (...): A itself can be ~1e20 for FLOPs
+        out = self.E + np.exp(math.log(self.A) - self.alpha * np.log(m * np.asarray(x, dtype=float)))
+        return float(out) if np.ndim(out) == 0 else out
+
+    def compute_for_loss(self, variant: str, loss):
+        """The inverse of `predict`: `x = ((L - E) / A)**(-1/alpha) / m_v`, the compute (or parameters)
+        `variant` needs to reach `loss`; `inf` for a loss at or below `E`, which no compute reaches."""
+        m = self._multiplier(variant)
+        gap = np.asarray(loss, dtype=float) - self.E
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.where(gap > 0, np.exp((math.log(self.A) - np.log(np.where(gap > 0, gap, 1.0)))
+                                           / self.alpha) / m, np.inf)
+        return float(out) if np.ndim(out) == 0 else out
+
+    def _multiplier(self, variant: str) -> float:
+        if variant not in self.multipliers:
+            raise UserError(f"no fitted variant '{variant}'{did_you_mean(variant, self.multipliers)}")
+        return self.multipliers[variant]
+
+
+# ----------------------------------------------------------------------------------------- the fit
+
+
+def fit_joint(points: Iterable[Point], baseline: str, *, axis: str = "compute") -> Fit:
+    """Fit `L = E + A · (m_v · C)**(-alpha)` jointly over all variants, `m_baseline = 1` (see the module
+    docstring for the objective and the method). `axis = "params"` fits against the parameter count
+    instead of the compute (`parameter_multiplier`). Raises `UserError` when the baseline has fewer than
+    3 distinct sizes, a variant fewer than 2 runs, or a loss does not fall as the size grows."""
+    data = _Data.of(list(points), baseline, axis)
+    theta, e_fixed, cost = _solve(data.t, data.loss, data.group, len(data.variants), names=data.variants)
+    return data.fit_of(theta, e_fixed, cost)
+
+
+def parameter_multiplier(points: Iterable[Point], baseline: str) -> Fit:
+    """The parameter-matched comparison: the same joint fit with the parameter count `N` in place of the
+    compute, `L = E + A · (m_v · N)**(-alpha)`. Its `multipliers` say how many times more parameters the
+    baseline needs for a variant's loss (every point needs `params`)."""
+    return fit_joint(points, baseline, axis="params")
+
+
+def bootstrap(points: Iterable[Point], baseline: str, n: int = 200, seed: int = 0, *,
+              axis: str = "compute") -> dict[str, tuple[float, float]]:
+    """90% percentile bootstrap intervals of every variant's multiplier: `{variant: (low, high)}`, the
+    baseline's being (1, 1).
+
+    Resampling unit: a cluster is one (variant, size) cell with all its seeds. Each resample draws, for
+    every variant separately, as many clusters as the variant has, with replacement, and refits. Seeds of
+    one size are not independent evidence about the curve (they share the size's hyper-parameters and
+    data), so they move together; with one seed per size this is plain resampling of runs. A resample
+    whose fit fails (no decreasing curve) is redrawn; more than `n` failures raise `UserError`.
+    Deterministic for a given `seed` (numpy's PCG64), whatever the order of `points`."""
+    data = _Data.of(list(points), baseline, axis)
+    k = len(data.variants)
+    theta0, _, _ = _solve(data.t, data.loss, data.group, k, names=data.variants)
+    # clusters[v]: index arrays of the points of variant v at each of its sizes, in a canonical order
+    clusters = []
+    for v in range(k):
+        idx = np.flatnonzero(data.group == v)
+        sizes = np.unique(data.x[idx])
+        clusters.append([idx[data.x[idx] == s] for s in sizes])
+    rng = np.random.default_rng(seed)
+    draws: list[np.ndarray] = []
+    failures = 0
+    while len(draws) < n:
+        chosen = [c[j] for c in clusters for j in rng.integers(0, len(c), size=len(c))]
+        idx = np.concatenate(chosen)
+        try:
+            # warm start at the full-data fit: a resample's optimum lies close to it, and it skips the grid
+            theta, _, _ = _solve(data.t[idx], data.loss[idx], data.group[idx], k, start=theta0)
+        except UserError:
+            failures += 1
+            if failures > n:
+                raise UserError(f"bootstrap: {failures} of the resampled fits failed; the scaling fit is "
+                                f"too unstable for intervals") from None
+            continue
+        draws.append(np.exp(theta[3:]))
+    m = np.array(draws).reshape(n, k - 1)
+    tail = 100 * (1 - CI_LEVEL) / 2
+    low, high = np.percentile(m, tail, axis=0), np.percentile(m, 100 - tail, axis=0)
+    out = {data.variants[0]: (1.0, 1.0)}
+    out.update({v: (float(lo), float(hi)) for v, lo, hi in zip(data.variants[1:], low, high)})
+    return out
+
+
+def wall_clock_multiplier(fit: Fit, points: Iterable[Point]) -> dict[str, float]:
+    """The compute multiplier in training time: `m_v · R_v / R_baseline`, where `R` is a variant's mean
+    training throughput in FLOPs per second over its runs, a run's being `tokens_per_s · compute / tokens`
+    (its tokens per second times its FLOPs per token).
+
+    Meaning: the baseline needs `m_v` times the FLOPs, i.e. `m_v · R_v / R_b` times the wall-clock time
+    of the variant, to reach the same loss on the same hardware. A dynamic conv adds little compute but
+    runs at a lower FLOPs/s (memory-bound kernels), so its wall-clock multiplier is below its compute
+    multiplier; a value below 1 means the baseline gets there sooner. Only runs with both `tokens_per_s`
+    and `tokens` count; variants without any (or all of them when the baseline has none) are left out.
+    The mean is over whichever sizes each variant ran, so compare variants run at the same sizes."""
+    if fit.axis != "compute":
+        raise ValueError("wall_clock_multiplier needs a fit against compute, not parameters")
+    rates: dict[str, list[float]] = {}
+    for p in points:
+        if p.variant in fit.multipliers and p.tokens_per_s and p.tokens:
+            rates.setdefault(p.variant, []).append(p.tokens_per_s * p.compute / p.tokens)
+    if fit.baseline not in rates:
+        return {}
+    base = float(np.mean(rates[fit.baseline]))
+    return {v: fit.multipliers[v] * float(np.mean(r)) / base for v, r in rates.items()}
+
+
+def multiplier_table(points: Iterable[Point], baseline: str, n_boot: int = 200, seed: int = 0) -> list[dict]:
+    """One row per variant (the baseline first): `variant`, `multiplier` (compute), `ci_low`, `ci_high`
+    (90% bootstrap, `n_boot` resamples), `param_multiplier` (None unless every run has `params`),
+    `wall_clock_multiplier` (None without throughput), `points`, `seeds`, and `extrapolated`.
+
+    `extrapolated` is True when the variant's fitted compute range, moved onto the baseline's axis (times
+    `m_v`), does not overlap the baseline's fitted range: no loss was reached by runs of both, so the
+    multiplier rests on the fitted curve shape alone."""
+    points = list(points)
+    fit = fit_joint(points, baseline)
+    ci = bootstrap(points, baseline, n=n_boot, seed=seed) if n_boot else {}
+    param = None
+    if all(p.params is not None for p in points):
+        param = parameter_multiplier(points, baseline).multipliers
+    wall = wall_clock_multiplier(fit, points)
+    b_lo, b_hi = fit.compute_range[baseline]
+    rows = []
+    for v, m in fit.multipliers.items():
+        lo, hi = fit.compute_range[v]
+        rows.append({
+            "variant": v,
+            "multiplier": m,
+            "ci_low": ci.get(v, (None, None))[0],
+            "ci_high": ci.get(v, (None, None))[1],
+            "param_multiplier": None if param is None else param[v],
+            "wall_clock_multiplier": wall.get(v),
+            "points": fit.points[v],
+            "seeds": len(fit.seeds[v]),
+            "extrapolated": bool(m * hi < b_lo or m * lo > b_hi),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- internals
+
+
+@dataclass
+class _Data:
+    """The points as arrays: `group` indexes `variants` (the baseline is 0, the rest sorted by name), `x`
+    is the fitted axis and `t = log(x / x_ref)`, centred on the baseline's geometric-mean size so that
+    `log A` and `alpha` are not nearly collinear in the Jacobian (log FLOPs is ~45 at every size)."""
+
+    baseline: str
+    axis: str
+    variants: list[str]
+    group: np.ndarray
+    x: np.ndarray
+    loss: np.ndarray
+    seed: np.ndarray
+    x_ref: float
+
+    @property
+    def t(self) -> np.ndarray:
+        return np.log(self.x / self.x_ref)
+
+    @classmethod
+    def of(cls, points: Sequence[Point], baseline: str, axis: str) -> "_Data":
+        if axis not in AXES:
+            raise ValueError(f"axis must be one of {sorted(AXES)}, not {axis!r}")
+        if not points:
+            raise UserError("scaling fit: no runs to fit")
+        names = sorted({p.variant for p in points})
+        if baseline not in names:
+            raise UserError(f"scaling fit: the baseline variant '{baseline}' has no runs"
+                            f"{did_you_mean(baseline, names)}")
+        variants = [baseline] + [v for v in names if v != baseline]
+        index = {v: i for i, v in enumerate(variants)}
+        for p in points:
+            x = p.compute if axis == "compute" else p.params
+            if x is None:
+                raise UserError(f"scaling fit against {AXES[axis]}: a run of '{p.variant}' (seed {p.seed}) "
+                                f"has no parameter count")
+            if not (math.isfinite(x) and x > 0 and math.isfinite(p.loss) and p.loss > 0):
+                raise UserError(f"scaling fit: a run of '{p.variant}' has {axis}={x!r}, loss={p.loss!r}; "
+                                f"both must be finite and positive")
+        # a canonical order, so that results (and bootstrap draws) do not depend on the input order
+        order = sorted(points, key=lambda p: (index[p.variant], p.compute if axis == "compute" else p.params,
+                                              p.seed, p.loss))
+        group = np.array([index[p.variant] for p in order])
+        x = np.array([float(p.compute if axis == "compute" else p.params) for p in order])
+        for v in variants:
+            count = int(np.sum(group == index[v]))
+            if count < MIN_VARIANT_POINTS:
+                raise UserError(f"scaling fit: variant '{v}' has {count} run(s); at least "
+                                f"{MIN_VARIANT_POINTS} are needed")
+        sizes = np.unique(x[group == 0])
+        if len(sizes) < MIN_BASELINE_SIZES:
+            raise UserError(f"scaling fit: the baseline '{baseline}' has runs at {len(sizes)} distinct "
+                            f"{AXES[axis]} value(s); at least {MIN_BASELINE_SIZES} are needed to fit E, A and alpha")
+        return cls(baseline, axis, variants, group, x, np.array([p.loss for p in order], dtype=float),
+                   np.array([p.seed for p in order]), float(np.exp(np.mean(np.log(sizes)))))
+
+    def fit_of(self, theta: np.ndarray, e_fixed: bool, cost: float) -> Fit:
+        e, log_a, alpha = theta[:3]
+        multipliers = {self.variants[0]: 1.0}
+        multipliers.update({v: float(np.exp(u)) for v, u in zip(self.variants[1:], theta[3:])})
+        ranges, counts, seeds = {}, {}, {}
+        for i, v in enumerate(self.variants):
+            mask = self.group == i
+            ranges[v] = (float(self.x[mask].min()), float(self.x[mask].max()))
+            counts[v] = int(mask.sum())
+            seeds[v] = tuple(sorted({int(s) for s in self.seed[mask]}))
+        return Fit(baseline=self.baseline, E=float(e), A=float(np.exp(log_a + alpha * math.log(self.x_ref))),
+                   alpha=float(alpha), multipliers=multipliers, compute_range=ranges, points=counts,
+                   seeds=seeds, axis=self.axis, rms=math.sqrt(cost / len(self.loss)), e_at_bound=e_fixed)
+
+
+# The parameter vector is theta = [E, a, alpha, u_1 .. u_{k-1}] with a = log A at t = 0 (x = x_ref) and
+# u_v = log m_v; the model is L̂_i = E + exp(a - alpha · (t_i + u_{g_i})), u_0 = 0.
+
+
+def _solve(t: np.ndarray, loss: np.ndarray, group: np.ndarray, k: int, start: np.ndarray | None = None,
+           names: Sequence[str] = ()) -> tuple[np.ndarray, bool, float]:
+    """(theta, E pinned at 0?, cost) minimising sum ((L - L̂) / L)²; from `start`, else from the grid
+    (`names` of the groups, for the error message)."""
+    theta = _grid_start(t, loss, group, k) if start is None else start.copy()
+    theta, cost = _levenberg_marquardt(theta, t, loss, group, k, fix_e=False)
+    e_fixed = False
+    if theta[0] < 0:
+        # the free optimum lies below the bound E >= 0; the constrained optimum is on the bound
+        theta[0] = 0.0
+        theta, cost = _levenberg_marquardt(theta, t, loss, group, k, fix_e=True)
+        e_fixed = True
+    if not (np.all(np.isfinite(theta[:3])) and theta[2] > 0):
+        raise UserError("scaling fit failed: no curve with a loss falling as the size grows fits these runs")
+    # a variant whose loss does not fall is "fitted" by sliding its curve off to m -> 0 or infinity, where
+    # it is flat; a multiplier beyond 1e9 either way is that, not a measurement
+    lost = [v for v in range(1, k) if not abs(theta[2 + v]) <= MAX_LOG_MULTIPLIER]
+    if lost:
+        raise UserError(f"scaling fit: no finite multiplier fits variant {', '.join(_name(names, v) for v in lost)}"
+                        f" (its loss does not fall as the size grows like the baseline's)")
+    return theta, e_fixed, cost
+
+
+def _name(names: Sequence[str], v: int) -> str:
+    return f"'{names[v]}'" if v < len(names) else f"#{v}"
+
+
+def _grid_start(t: np.ndarray, loss: np.ndarray, group: np.ndarray, k: int) -> np.ndarray:
+    """Variable projection on an (alpha, E) grid: the best start for Levenberg–Marquardt, which on its own
+    can wander off along the long E-alpha valley of a scaling fit."""
+    w = 1.0 / loss**2
+    alphas = np.geomspace(0.005, 3.0, 100)
+    es = loss.min() * np.linspace(0.0, 0.995, 100)
+    onehot = (group[:, None] == np.arange(k)[None, :]).astype(float)  # [n, k]
+    f = np.exp(-alphas[:, None] * t[None, :])  # [Ga, n]: x**-alpha, up to the constant folded into B
+    y = loss[None, :] - es[:, None]  # [Ge, n]: L - E
+    # weighted least squares through the origin, per variant: B = sum(w y f) / sum(w f²)
+    sff = (w * f * f) @ onehot  # [Ga, k]
+    syf = (y[:, None, :] * (w * f)[None]) @ onehot  # [Ge, Ga, k]
+    syy = (w * y * y) @ onehot  # [Ge, k]
+    b = syf / sff[None]
+    cost = (syy[:, None, :] - syf * b).sum(-1)
+    # E close to min L leaves some L - E < 0 and can make a B negative: no m_v there. The E = 0 row always
+    # has every B > 0 (L > 0, f > 0), so some grid point is finite
+    cost[(b <= 0).any(-1)] = np.inf
+    ie, ia = np.unravel_index(np.argmin(cost), cost.shape)
+    alpha, bv = alphas[ia], b[ie, ia]
+    # B_v = A · m_v**-alpha (at t = 0)  =>  a = log B_0,  u_v = (log B_0 - log B_v) / alpha
+    return np.concatenate([[es[ie], math.log(bv[0]), alpha], (math.log(bv[0]) - np.log(bv[1:])) / alpha])
+
+
+def _residuals(theta, t, loss, group):
+    u = np.concatenate([[0.0], theta[3:]])
+    s = t + u[group]  # log of the effective size m_v · x / x_ref
+    with np.errstate(over="ignore", invalid="ignore"):  # a wild trial step: its inf cost refuses it
+        p = np.exp(theta[1] - theta[2] * s)  # the reducible loss A · (m_v x)**-alpha
+        return (loss - theta[0] - p) / loss, p, s
+
+
+def _jacobian(theta, loss, group, k, p, s):
+    """d r / d theta for r = (L - E - exp(a - alpha s)) / L."""
+    jac = np.zeros((len(loss), 2 + k))
+    jac[:, 0] = -1.0 / loss
+    jac[:, 1] = -p / loss
+    jac[:, 2] = p * s / loss
+    rows = np.flatnonzero(group > 0)
+    jac[rows, 2 + group[rows]] = theta[2] * p[rows] / loss[rows]
+    return jac
+
+
+def _levenberg_marquardt(theta, t, loss, group, k, *, fix_e: bool, max_iter: int = 300):
+    """Minimise sum r² with Marquardt's scaled damping; `fix_e` keeps theta[0] where it is. Steps that
+    make alpha <= 0 are refused like steps that raise the cost: the model needs a falling curve."""
+    free = np.arange(1 if fix_e else 0, 2 + k)
+    r, p, s = _residuals(theta, t, loss, group)
+    cost = float(r @ r)
+    lam = 1e-3
+    for _ in range(max_iter):
+        jac = _jacobian(theta, loss, group, k, p, s)[:, free]
+        grad, hess = jac.T @ r, jac.T @ jac
+        scale = np.maximum(np.diag(hess), 1e-30)  # a column of zeros (a variant with no points) stays solvable
+        accepted = False
+        while lam < 1e16:
+            try:
+                step = np.linalg.solve(hess + lam * np.diag(scale), -grad)
+            except np.linalg.LinAlgError:
+                lam *= 10
+                continue
+            trial = theta.copy()
+            trial[free] += step
+            if trial[2] > 0 and np.all(np.isfinite(trial)):
+                r_new, p_new, s_new = _residuals(trial, t, loss, group)
+                new_cost = float(r_new @ r_new)
+                if np.isfinite(new_cost) and new_cost <= cost:
+                    accepted = True
+                    break
+            lam *= 10
+        if not accepted:
+            break  # no step lowers the cost: a minimum, to machine precision
+        converged = (cost - new_cost <= 1e-15 * cost + 1e-300
+                     and np.max(np.abs(step) / (np.abs(trial[free]) + 1e-8)) < 1e-10)
+        theta, r, p, s, cost = trial, r_new, p_new, s_new, new_cost
+        lam = max(lam / 10, 1e-12)
+        if converged or cost < 1e-28:
+            break
+    return theta, cost
