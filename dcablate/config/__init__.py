@@ -10,8 +10,8 @@ keeps the two in step.
 from __future__ import annotations
 
 from dcablate.config.fields import option, section
-from dcablate.config.loading import (build, check_sweep, expand, find_recipe, load, load_raw, parse_override,
-                                  shipped_recipes)
+from dcablate.config.loading import (build, check_sweep, completed, expand, find_recipe, load, load_raw,
+                                  parse_override, shipped_recipes)
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import ZIP_KEY, sweep_axes
 from dcablate.config.toml_out import dumps_toml
@@ -25,5 +25,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "conv_streams", "dumps_toml", "expand", "find_recipe", "load",
+__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "expand", "find_recipe", "load",
            "load_raw", "option", "parse_override", "section", "shipped_recipes", "sweep_axes"]

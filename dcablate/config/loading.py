@@ -280,6 +280,19 @@ def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> 
         raise RecipeError(_src(origins, path, default), path, message)
 
 
+def completed(saved: dict) -> dict:
+    """A resolved recipe that an older version saved (in a checkpoint), with the keys added since at their
+    defaults, so that comparing it with today's recipe shows only real changes. One that no longer builds
+    is returned as it is: the comparison then names what differs."""
+    def drop_unset(node):
+        return {k: drop_unset(v) if isinstance(v, dict) else v for k, v in node.items() if v is not None}
+
+    try:
+        return build(drop_unset(saved)).to_dict()
+    except UserError:
+        return saved
+
+
 def _check_consistency(r, origins: dict, src: str) -> None:
     """Choices that are valid alone but not together: the core's here, each component's in its spec."""
     m = r.model
@@ -298,8 +311,12 @@ def _check_consistency(r, origins: dict, src: str) -> None:
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
                    f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
     TASKS.get(r.task.kind).check(r, fail)
-    _check(r.train.warmup_steps <= r.train.steps, origins, src, "train.warmup_steps",
-           f"{r.train.warmup_steps} is more than train.steps {r.train.steps}")
+    t = r.train
+    _check(not (t.tokens and t.tokens_per_param), origins, src, "train.tokens_per_param",
+           f"give one token budget: train.tokens = {t.tokens} is set too")
+    if not (t.tokens or t.tokens_per_param):  # with a token budget the steps are known when the model is built
+        _check(t.warmup_steps <= t.steps, origins, src, "train.warmup_steps",
+               f"{t.warmup_steps} is more than train.steps {t.steps}")
     _check(r.train.micro_batch_size <= r.train.batch_size, origins, src, "train.micro_batch_size",
            f"{r.train.micro_batch_size} is more than train.batch_size {r.train.batch_size}")
 

@@ -112,7 +112,12 @@ class TaskCore:
 
 @dataclass
 class TrainSection:
-    steps: int = option(1000, "optimizer steps (upper bound when early stopping)", min=1)
+    steps: int = option(1000, "optimizer steps (upper bound when early stopping); a token budget below replaces it",
+                        min=1)
+    tokens: int = option(0, "training budget in tokens: steps = tokens / (batch_size x training sequence length), "
+                         "rounded up; 0 = train.steps", min=0)
+    tokens_per_param: float = option(0.0, "training budget in tokens per non-embedding parameter (20 is "
+                                     "Chinchilla's): steps as for train.tokens; 0 = off", min=0.0)
     batch_size: int = option(64, "examples per step", min=1)
     lr: float = option(1e-3, "peak learning rate", min=0.0, min_open=True)
     schedule: str = option("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import signal
 import time
@@ -28,6 +29,7 @@ from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
 from dcablate.training.batches import device_batches
 from dcablate.training.logs import MetricsLog, NullLog
+from dcablate.training.optim import planned_steps
 from dcablate.training.runtime import Stop, autocast_for, check_runtime, seed_everything, signals_caught
 from dcablate.training.state import RunState
 from dcablate.training.step import NonFiniteStep, TrainStep
@@ -112,7 +114,10 @@ class Run:
         self.eval_net = copy.deepcopy(self.net) if self.fsdp and self.main else None
         self.model = ddp.wrap(self.net, recipe.train.parallel, device)  # what the training step calls
         self.log: MetricsLog | NullLog = NullLog()  # the metrics sink, opened by `run`
-        self.train_step = TrainStep(self.net, recipe.train, device, model=self.model, fsdp=self.fsdp,
+        # the training section with the steps a token budget comes to (the recipe itself stays as written)
+        self.train_cfg = dataclasses.replace(recipe.train, steps=planned_steps(
+            recipe.train, recipe.train.batch_size * self.task.train_seq_len, self.info.params["non_embedding"]))
+        self.train_step = TrainStep(self.net, self.train_cfg, device, model=self.model, fsdp=self.fsdp,
                                     record=lambda kind, step, values: self.log.write(kind, step, values))
         self.compute = ComputeCount(self.net)
         self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started,
@@ -122,7 +127,7 @@ class Run:
     def run(self) -> dict:
         """Restore the newest good checkpoint if any, train to the end, finish; the summary. A fault ends
         the run with a one-line `Stop`."""
-        recipe, t = self.recipe, self.recipe.train
+        recipe, t = self.recipe, self.train_cfg
         try:
             if self.main:
                 checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
@@ -163,7 +168,7 @@ class Run:
         if kept is not None:
             self.compute.tokens, self.compute.flops = kept["tokens"], kept["flops"]
         else:
-            t = self.recipe.train
+            t = self.train_cfg
             self.compute.replay(self.task.train_batches(t.batch_size, seed=self.recipe.run.seed), self.state.step,
                                 self.net.gather_scored)
 
@@ -203,7 +208,7 @@ class Run:
     def loop(self) -> None:
         """Step until `train.steps` or an early stop: log every `log.every` steps, evaluate every `eval.every`,
         save a step checkpoint every `checkpoint.every`, and stop at a caught signal."""
-        recipe, t, state = self.recipe, self.recipe.train, self.state
+        recipe, t, state = self.recipe, self.train_cfg, self.state
         source = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step)
         batches = device_batches(source, self.device, self.net.gather_scored)
         bar = tqdm(total=t.steps, initial=state.step, disable=self.quiet or not recipe.log.progress or not self.main,
@@ -254,7 +259,7 @@ class Run:
         summary = {
             "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "steps": state.step, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
+            "steps": state.step, "planned_steps": self.train_cfg.steps, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
             "wall_time_s": state.wall_time(), "final": final, "best": state.best, "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from dcablate.errors import UserError
+
 
 def lr_lambda(t):
     """Multiplier of the peak lr at step `s` (0-based): linear warmup, then cosine to the floor or constant."""
@@ -33,3 +35,18 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
 def make_scheduler(optimizer: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
     """`lr_lambda(t)` on `optimizer`, stepped once per training step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+
+
+def planned_steps(t, tokens_per_step: int, non_embedding_params: int) -> int:
+    """The optimizer steps of training section `t`: `t.steps`, or the token budget (`t.tokens`, or
+    `t.tokens_per_param` x the model's non-embedding parameters) over the tokens of one step, rounded up.
+    A budget that leaves fewer steps than the warmup is a UserError naming the budget key."""
+    if not (t.tokens or t.tokens_per_param):
+        return t.steps
+    key, budget = ("train.tokens", t.tokens) if t.tokens else \
+        ("train.tokens_per_param", math.ceil(t.tokens_per_param * non_embedding_params))
+    steps = max(1, -(-budget // tokens_per_step))
+    if steps < t.warmup_steps:
+        raise UserError(f"{key}: a budget of {budget:,} tokens is {steps} steps of {tokens_per_step:,} tokens, fewer "
+                        f"than train.warmup_steps {t.warmup_steps}")
+    return steps

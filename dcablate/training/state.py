@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from dcablate import config
 from dcablate.errors import UserError
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
@@ -81,7 +82,7 @@ class RunState:
         state, path = checkpoint.latest_good(self.ckpt_dir, warn=log.warning)
         if state is None:
             return None, None
-        changes = checkpoint.recipe_changes(state.get("recipe", {}), self.recipe.to_dict())
+        changes = checkpoint.recipe_changes(config.completed(state.get("recipe", {})), self.recipe.to_dict())
         if changes:
             raise UserError(f"{path}: written by another recipe ({checkpoint.describe_changes(changes)}); "
                             f"use --force-new to start a fresh run directory")

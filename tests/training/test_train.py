@@ -207,3 +207,38 @@ def test_summary_counts_tokens_and_training_flops(tmp_path):
         resumed = train(r, run, quiet=True)
         assert (resumed["tokens"], resumed["train_flops"]) == (summary["tokens"], summary["train_flops"])
         assert resumed["final"] == summary["final"]
+
+
+def test_a_token_budget_sets_the_steps(tmp_path):
+    """`train.tokens` and `train.tokens_per_param` replace `train.steps`: ceil(budget / tokens per step)."""
+    from dcablate.models.costs import build_model, costs
+
+    r = tiny(tmp_path, train={"tokens": 5000, "batch_size": 16, "warmup_steps": 2}, eval={"every": 100})
+    summary = train(r, tmp_path / "tokens", quiet=True)
+    assert summary["planned_steps"] == summary["steps"] == math.ceil(5000 / (16 * 16)) == 20
+    assert summary["tokens"] == 20 * 16 * 16
+
+    r = tiny(tmp_path, train={"tokens_per_param": 0.5, "batch_size": 16, "warmup_steps": 2}, eval={"every": 100})
+    non_embedding = costs(build_model(r, 64), 16).params["non_embedding"]
+    summary = train(r, tmp_path / "per_param", quiet=True)
+    assert summary["steps"] == math.ceil(0.5 * non_embedding / (16 * 16))
+    assert (tmp_path / "per_param" / "recipe.toml").read_text().count("tokens_per_param = 0.5") == 1
+
+
+@pytest.mark.parametrize("train_keys, test_keys, want", [
+    ({"tokens": 100, "tokens_per_param": 2.0}, None, "train.tokens_per_param: give one token budget"),
+    ({"tokens": 64, "warmup_steps": 2}, None, "train.tokens: a budget of 64 tokens is 1 steps of 256 tokens, fewer "
+                                              "than train.warmup_steps 2"),
+    ({"tokens": 5000}, [{"seq_len": 16, "num_kv_pairs": 2, "num_examples": 64},
+                        {"seq_len": 32, "num_kv_pairs": 2, "num_examples": 64}],
+     "train.tokens: a token budget needs one training length; task.mqar.train has [16, 32]"),
+], ids=["both", "below-warmup", "mqar-mixed-lengths"])
+def test_token_budget_errors_are_one_line(tmp_path, monkeypatch, capsys, train_keys, test_keys, want):
+    from tests.tiny_recipes import tiny_mqar
+
+    task = {"mqar": {"train": test_keys}} if test_keys else {}
+    (tmp_path / "r.toml").write_text(tiny_mqar(train={"batch_size": 16, **train_keys}, **({"task": task} if task else {})))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.toml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert want in err and "Traceback" not in err

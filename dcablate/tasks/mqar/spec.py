@@ -56,6 +56,10 @@ def check(recipe, fail) -> None:
             problem = segment_problem(seg.seq_len, seg.num_kv_pairs, q.vocab_size)
             if problem is not None:
                 fail(f"task.mqar.{split}[{i}].{problem[0]}", problem[1])
+    lengths = sorted({seg.seq_len for seg in q.train})
+    if (recipe.train.tokens or recipe.train.tokens_per_param) and len(lengths) > 1:
+        fail("train.tokens" if recipe.train.tokens else "train.tokens_per_param",
+             f"a token budget needs one training length; task.mqar.train has {lengths}")
     if recipe.model.vocab_size and recipe.model.vocab_size < q.vocab_size:
         fail("model.vocab_size", f"{recipe.model.vocab_size} is smaller than task.mqar.vocab_size {q.vocab_size}")
 
