@@ -124,7 +124,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         else:
             summary = train(r, run_dir, quiet=quiet)
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
-        rows.append(result_row(name or r.run.name, summary))
+        rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
     click.echo(format_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
@@ -144,7 +144,7 @@ def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> No
     for i, (name, r, run_dir, state) in enumerate(plan):
         summary = read_summary(run_dir) if state == "finished" else out.summaries.get(i)
         if summary is not None:
-            rows.append(result_row(name or r.run.name, summary))
+            rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
     if rows:
         click.echo(format_table(rows))
@@ -160,12 +160,13 @@ def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> No
                    f"finished; fix the cause and run the same command to train the failed ones", 1)
 
 
-def result_row(name: str, summary: dict) -> dict:
-    final = summary["final"]
+def result_row(name: str, summary: dict, task_kind: str) -> dict:
+    """A run's line in the results table: size, steps, time, its final metrics, the task's headline last."""
+    final, headline = summary["final"], TASKS.get(task_kind).headline
     row = {"run": name, "params": summary["params"]["total"], "steps": summary["steps"],
            "time_s": summary["wall_time_s"]}
-    row.update({k: v for k, v in final.items() if k not in ("step", "loss", "overall")})
-    row["overall"] = final.get("overall")
+    row.update({k: v for k, v in final.items() if k not in ("step", "loss", headline)})
+    row[headline] = final.get(headline)
     return row
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
+from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
 
@@ -197,6 +198,10 @@ def _write_report(root: Path) -> dict[str, Path]:
         figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
         out.update(figures)
         lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1)
+        compute_lines, compute_figures = compute_section(root, table, lambda by_lr: best_lr(by_lr, metric),
+                                                         variant_name, prefix="" if task == "mqar" else f"{task}_")
+        lines += compute_lines
+        out.update(compute_figures)
 
     if unfinished:
         lines += ["## Unfinished (no summary.json)", ""] + [f"- `{r.path.relative_to(root)}`" for r in unfinished]

@@ -1,0 +1,72 @@
+"""`dcablate report`'s compute section on hand-made LM ladders whose losses follow a known scaling law."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from dcablate import config
+from dcablate.cli import main
+
+E, A, ALPHA = 1.2, 40.0, 0.3
+TRUE = {"conv=none": 1.0, "conv=static@qkv": 1.2, "conv=dynamic@qkv": 1.5}
+WIDTHS = (32, 48, 64, 96)
+
+
+def make_ladder(root, mixer="attention", seeds=(0, 1)):
+    """One run per (conv variant, width, seed): compute 6 N D with D = 20 N, loss from the law (1% apart over
+    seeds), throughput lower for the dynamic conv."""
+    for variant, m in TRUE.items():
+        kind, _, placement = variant.removeprefix("conv=").partition("@")
+        for d in WIDTHS:
+            for seed in seeds:
+                run_dir = root / f"{mixer}-{kind}-{d}-{seed}"
+                run_dir.mkdir(parents=True)
+                r = config.build({"run": {"seed": seed}, "task": {"kind": "lm", "lm": {"data": "text"}},
+                                  "model": {"mixer": mixer, "d_model": d, "conv": {"kind": kind,
+                                                                                   "placement": placement or "qkv"}}})
+                (run_dir / "recipe.toml").write_text(r.to_toml())
+                params = 24 * d * d
+                tokens = 20 * params
+                compute = 6.0 * params * tokens
+                loss = (E + A * (m * compute) ** -ALPHA) * (1.0 + 0.01 * seed)
+                tokens_per_s = 1000.0 if kind != "dynamic" else 800.0
+                final = {"step": 10, "loss": loss, "perplexity": 1.0, "bpb": loss / 0.69}
+                records = [{"kind": "train", "step": 10, "loss": loss, "tokens_per_s": tokens_per_s},
+                           {"kind": "eval", **final}]
+                (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+                (run_dir / "summary.json").write_text(json.dumps({
+                    "best": final, "final": final, "params": {"total": params + 1000, "non_embedding": params},
+                    "steps": 10, "wall_time_s": 1.0, "tokens": tokens, "train_flops": compute,
+                    "state_floats": 1000 * d}))
+
+
+def test_report_fits_the_compute_multipliers(tmp_path):
+    make_ladder(tmp_path / "ladder")
+    assert main(["report", str(tmp_path / "ladder")]) == 0
+    md = (tmp_path / "ladder" / "report.md").read_text()
+    assert "## Compute: attention" in md
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| attention (conv=\S+) \| ([\d.]+) \| ([\d.]+) – ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| (\d+) \|",
+        md, re.M)}
+    assert set(rows) == set(TRUE)
+    for variant, m in TRUE.items():
+        multiplier, low, high, _, wall, runs, seeds = rows[variant]
+        assert abs(float(multiplier) - m) < 0.02 * m  # the seed offset is the same for every variant
+        assert float(low) <= float(multiplier) <= float(high)
+        assert (int(runs), int(seeds)) == (len(WIDTHS) * 2, 2)
+    # wall clock: the dynamic conv's 20% lower throughput takes 20% off its compute multiplier
+    assert abs(float(rows["conv=dynamic@qkv"][4]) - 0.8 * float(rows["conv=dynamic@qkv"][0])) < 0.011
+    assert (tmp_path / "ladder" / "lm_loss_vs_compute_attention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_compute_section_without_a_ladder(tmp_path):
+    """Runs of one size (a usual sweep) get no compute section."""
+    make_ladder(tmp_path / "one", seeds=(0,))
+    for run_dir in (tmp_path / "one").iterdir():
+        if not run_dir.name.endswith(("-32-0", "-48-0")):
+            for f in run_dir.iterdir():
+                f.unlink()
+            run_dir.rmdir()
+    assert main(["report", str(tmp_path / "one")]) == 0
+    assert "## Compute" not in (tmp_path / "one" / "report.md").read_text()
