@@ -21,6 +21,7 @@ from pathlib import Path
 from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
+from dcablate.models.conv import CONV_KINDS, conv_activation
 from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
@@ -76,6 +77,20 @@ def variant_name(v: tuple) -> str:
     return f"{mixer} {conv}" + ("" if ffn == "none" else f" ffn={ffn}")
 
 
+def conv_label(conv) -> str:
+    """The conv kind, with its form when it is not the kind's own (`static[act=none,residual]`: a static conv in
+    the dynamic one's form, the control that separates the filter from the form)."""
+    spec = CONV_KINDS.get(conv.kind)
+    if spec.impl is None:
+        return conv.kind
+    form = []
+    if conv_activation(conv.kind, conv.activation) != spec.activation:
+        form.append(f"act={conv.activation}")
+    if conv.residual is not None and conv.residual != spec.residual:
+        form.append("residual" if conv.residual else "no residual")
+    return conv.kind + (f"[{','.join(form)}]" if form else "")
+
+
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every MQAR and LM run directory below `root` (finished or not), and those skipped: files that could
     not be read."""
@@ -92,7 +107,8 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         m = r.model
         mixer = "+".join(m.mixer) if isinstance(m.mixer, list) else m.mixer
         placement = "-" if m.conv.kind == "none" else m.conv.placement  # no conv: placement is moot
-        run = Run(run_dir, (mixer, m.conv.kind, placement, m.ffn), m.d_model, r.train.lr, r.run.seed, r.task.kind)
+        run = Run(run_dir, (mixer, conv_label(m.conv), placement, m.ffn), m.d_model, r.train.lr, r.run.seed,
+                  r.task.kind)
         summary_file = run_dir / "summary.json"
         if summary_file.is_file():
             try:

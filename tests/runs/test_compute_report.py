@@ -70,3 +70,16 @@ def test_no_compute_section_without_a_ladder(tmp_path):
             run_dir.rmdir()
     assert main(["report", str(tmp_path / "one")]) == 0
     assert "## Compute" not in (tmp_path / "one" / "report.md").read_text()
+
+
+def test_a_static_conv_in_the_dynamic_form_is_its_own_variant(tmp_path):
+    """`activation = "none"`, `residual = true` on a static conv (the control for the dynamic conv's form) is
+    reported apart from fla's static form, under a label that says so."""
+    from dcablate.runs.report import find_runs
+
+    for name, conv in (("fla-form", {"kind": "static"}),
+                       ("dynamic-form", {"kind": "static", "activation": "none", "residual": True})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.toml").write_text(config.build({"model": {"conv": conv}}).to_toml())
+    runs, _ = find_runs(tmp_path)
+    assert sorted(r.variant[1] for r in runs) == ["static", "static[act=none,residual]"]
