@@ -83,3 +83,32 @@ def test_a_static_conv_in_the_dynamic_form_is_its_own_variant(tmp_path):
         (tmp_path / name / "recipe.toml").write_text(config.build({"model": {"conv": conv}}).to_toml())
     runs, _ = find_runs(tmp_path)
     assert sorted(r.variant[1] for r in runs) == ["static", "static[act=none,residual]"]
+
+
+def test_the_shipped_ladder_runs_and_reports_on_cpu(tmp_path, monkeypatch, capsys):
+    """`lm/scaling_tiny` end to end on a small generated corpus, at smaller sizes: token budgets give each size
+    its steps, every run records its FLOPs, and the report writes the compute section and its figure."""
+    import random
+
+    rng = random.Random(0)
+    words = ["the", "a", "list", "of", "value", "returns", "object", "module", "function", "is", "in", "to"]
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(600)) + ".\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "lm/scaling_tiny", "--quiet", "--set", f"task.lm.data={corpus}",
+                 "--set", "sweep.model.d_model=[16, 24, 32]", "--set", "task.lm.seq_len=32",
+                 "--set", "train.warmup_steps=5", "--set", "task.lm.eval_sequences=16",
+                 "--set", "train.tokens_per_param=4"]) == 0
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("summary.json")]
+    assert len(summaries) == 12
+    for s in summaries:
+        assert s["steps"] == s["planned_steps"] == -(-4 * s["params"]["non_embedding"] // (16 * 32))
+        assert s["tokens"] == s["steps"] * 16 * 32 and s["train_flops"] > 3 * s["flops_per_token"] * s["tokens"]
+    capsys.readouterr()
+    assert main(["report", "runs/lm_scaling_tiny"]) == 0
+    md = (tmp_path / "runs" / "lm_scaling_tiny" / "report.md").read_text()
+    assert "## Compute: attention + mlp" in md
+    assert "| attention conv=static[act=none,residual]@qkv ffn=mlp | " in md  # a fitted row, not "Not fitted"
+    assert (tmp_path / "runs" / "lm_scaling_tiny" / "lm_loss_vs_compute_attention_mlp.png").is_file()
