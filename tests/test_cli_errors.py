@@ -121,6 +121,11 @@ CASES = [
         "'atention' is not one of attention|gated_deltanet", "did you mean 'attention'"),
     bad("bad-device", '[run]\ndevice = "gpu"\n', "r.toml: run.device", "'gpu' is not one of auto|cpu|cuda"),
     bad("bad-conv-kind", '[model.conv]\nkind = "dynamc"\n', "r.toml: model.conv.kind", "not one of none|static"),
+    # --- run directories stay inside run.out_dir
+    bad("run-name-escapes", '[run]\nname = "../../escape"\n', "r.toml: run.name",
+        "'../../escape' must name a folder inside run.out_dir"),
+    bad("run-name-empty", '[run]\nname = ""\n', "r.toml: run.name", "must name a folder inside run.out_dir"),
+    bad("run-name-absolute", '[run]\nname = "/tmp/x"\n', "r.toml: run.name", "must name a folder inside"),
     # --- cross-key checks
     bad("d-model-not-divisible", "[model]\nd_model = 65\n", "r.toml: model.n_heads",
         "d_model 65 is not divisible by n_heads 2"),

@@ -295,6 +295,10 @@ def completed(saved: dict) -> dict:
 
 def _check_consistency(r, origins: dict, src: str) -> None:
     """Choices that are valid alone but not together: the core's here, each component's in its spec."""
+    name = Path(r.run.name)
+    _check(bool(r.run.name.strip()) and not name.is_absolute() and ".." not in name.parts and name != Path("."),
+           origins, src, "run.name", f"{r.run.name!r} must name a folder inside run.out_dir (not empty, absolute "
+           f"or with '..')")
     m = r.model
     if m.head_dim == 0:
         _check(m.d_model % m.n_heads == 0, origins, src, "model.n_heads",

@@ -219,6 +219,7 @@ def _write_report(root: Path) -> dict[str, Path]:
         lines += compute_lines
         out.update(compute_figures)
 
+    lines += _software(runs)
     if unfinished:
         lines += ["## Unfinished (no summary.json)", ""] + [f"- `{r.path.relative_to(root)}`" for r in unfinished]
         lines += [""]
@@ -228,6 +229,21 @@ def _write_report(root: Path) -> dict[str, Path]:
               "HPARAMS tab.", ""]
     out["md"].write_text("\n".join(lines))
     return out
+
+
+def _software(runs: list[Run]) -> list[str]:
+    """What made the finished runs: each distinct combination of versions and card, with how many runs."""
+    seen: dict[str, int] = defaultdict(int)
+    for run in runs:
+        if run.summary is not None and run.summary.get("versions"):
+            v, card = run.summary["versions"], run.summary.get("device_name", "?")
+            commit = f" (commit {v['git_commit'][:10]})" if v.get("git_commit") else ""
+            stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "flash-linear-attention", "cuda") if v.get(k))
+            seen[f"dcablate {v.get('dcablate')}{commit}, {stack}; {card}"
+                 + (f" (compute capability {v['gpu_capability']})" if v.get("gpu_capability") else "")] += 1
+    if not seen:
+        return []
+    return ["## Software", ""] + [f"- {line}: {n} runs" for line, n in seen.items()] + [""]
 
 
 def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool) -> list[str]:

@@ -30,7 +30,8 @@ from dcablate.training import distributed as ddp
 from dcablate.training.batches import device_batches
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
-from dcablate.training.runtime import Stop, autocast_for, check_runtime, seed_everything, signals_caught
+from dcablate.training.runtime import (Stop, autocast_for, check_runtime, seed_everything, signals_caught,
+                                       software_versions)
 from dcablate.training.state import RunState
 from dcablate.training.step import NonFiniteStep, TrainStep
 
@@ -263,7 +264,7 @@ class Run:
             "wall_time_s": state.wall_time(), "final": final, "best": state.best, "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,
-            "cuda_graphs": self.train_step.captured,
+            "cuda_graphs": self.train_step.captured, "versions": software_versions(self.device),
         }
         if ddp.active():
             summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel

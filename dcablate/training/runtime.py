@@ -93,3 +93,31 @@ def signals_caught(once: bool = True):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def software_versions(device: torch.device) -> dict:
+    """What made a run, for `summary.json`: dcablate's version (and git commit, when it runs from a checkout),
+    torch, Triton and fla (None when not installed), CUDA, and the GPU's compute capability."""
+    import importlib.metadata
+    import subprocess
+    from pathlib import Path
+
+    from dcablate import __version__
+
+    def installed(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    package = Path(__file__).resolve().parents[1]
+    try:  # a commit only for a checkout of dcablate itself, not for a repository it happens to be installed in
+        top, commit = (subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, text=True,
+                                      capture_output=True, timeout=10).stdout.split() + [None, None])[:2]
+        commit = commit if top and Path(top) / "dcablate" == package else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return {"dcablate": __version__, "git_commit": commit, "torch": torch.__version__, "triton": installed("triton"),
+            "flash-linear-attention": installed("flash-linear-attention"), "cuda": torch.version.cuda,
+            "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None}

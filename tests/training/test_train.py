@@ -242,3 +242,16 @@ def test_token_budget_errors_are_one_line(tmp_path, monkeypatch, capsys, train_k
     assert main(["run", "r.toml", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert want in err and "Traceback" not in err
+
+
+def test_a_run_records_what_made_it(tmp_path, capsys):
+    """summary.json names the software (dcablate and its commit in a checkout, torch, Triton, fla, CUDA) and
+    `dcablate report` lists it."""
+    import dcablate
+
+    summary = train(tiny(tmp_path, train={"steps": 2, "warmup_steps": 1}), tmp_path / "t", quiet=True)
+    v = summary["versions"]
+    assert (v["dcablate"], v["torch"]) == (dcablate.__version__, torch.__version__)
+    assert v["gpu_capability"] is None and v["cuda"] == torch.version.cuda
+    assert main(["report", str(tmp_path)]) == 0
+    assert f"- dcablate {dcablate.__version__}" in (tmp_path / "report.md").read_text()
