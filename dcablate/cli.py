@@ -15,7 +15,7 @@ import click
 from dcablate import __version__, config
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
-from dcablate.runs.directories import echo_library_logs, fresh_dir, read_summary, run_state
+from dcablate.runs.directories import echo_library_logs, fresh_dir, fresh_file, read_summary, run_state
 from dcablate.runs.tables import format_table, headline_result
 from dcablate.tasks import TASKS, task_class, task_options
 
@@ -191,7 +191,7 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help=SET_HELP + " E.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, num_examples=500}]'.")
 def eval_(task_kind, run_dir, overrides, data):
-    """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json."""
+    """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...)."""
     recipe_path = run_dir / "recipe.toml"
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
@@ -210,8 +210,8 @@ def eval_(task_kind, run_dir, overrides, data):
     task = build_task(r.task, train=False, data=data)
     model = trained_model(run_dir, r, state, task.vocab_size, device)
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
-    out = run_dir / "eval" / f"{task_kind}.json"
-    out.parent.mkdir(exist_ok=True)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    out = fresh_file(run_dir / "eval" / f"{task_kind}.json")  # every evaluation kept: mqar.json, mqar-2.json, ...
     out.write_text(json.dumps({"task": task_kind, "step": state["step"], **task.eval_record(),
                                "overrides": list(overrides), "metrics": metrics}, indent=2) + "\n")
     click.echo(f"{task.describe(metrics)}   written to {out}")

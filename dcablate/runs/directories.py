@@ -20,12 +20,21 @@ from dcablate.training.checkpoint import describe_changes, keys_added_since, rec
 
 def fresh_dir(path: Path) -> Path:
     """`path`, or `path-2`, `path-3`, ... if it exists: --force-new never touches an old run."""
+    return _fresh(path, lambda n: path.with_name(f"{path.name}-{n}"))
+
+
+def fresh_file(path: Path) -> Path:
+    """`name.json`, or `name-2.json`, `name-3.json`, ... if it exists: a second evaluation never replaces the first."""
+    return _fresh(path, lambda n: path.with_name(f"{path.stem}-{n}{path.suffix}"))
+
+
+def _fresh(path: Path, numbered) -> Path:
     if not path.exists():
         return path
     n = 2
-    while path.with_name(f"{path.name}-{n}").exists():
+    while numbered(n).exists():
         n += 1
-    return path.with_name(f"{path.name}-{n}")
+    return numbered(n)
 
 
 def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:

@@ -142,10 +142,12 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert "T48_kv3" in capsys.readouterr().out
     result = json.loads((run_dir / "eval" / "mqar.json").read_text())
     assert set(result["metrics"]) == {"T48_kv3", "overall", "loss"} and result["step"] == 6
-    # evaluating on the recipe's own segments reproduces the run's final numbers
+    # evaluating on the recipe's own segments reproduces the run's final numbers, in a file of its own: the
+    # first evaluation is kept
     assert main(["eval", "--task", "mqar", "--run", str(run_dir)]) == 0
     final = json.loads((run_dir / "summary.json").read_text())["final"]
-    again = json.loads((run_dir / "eval" / "mqar.json").read_text())["metrics"]
+    again = json.loads((run_dir / "eval" / "mqar-2.json").read_text())["metrics"]
+    assert json.loads((run_dir / "eval" / "mqar.json").read_text()) == result
     assert again["overall"] == pytest.approx(final["overall"]) and again["loss"] == pytest.approx(final["loss"])
 
     capsys.readouterr()
