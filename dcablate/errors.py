@@ -16,7 +16,7 @@ class RecipeError(UserError):
     """A bad recipe value: names the file and the dotted key path."""
 
     def __init__(self, source: str, key: str, message: str):
-        self.source, self.key = source, key
+        self.source, self.key, self.message = source, key, message
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
 

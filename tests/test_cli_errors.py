@@ -130,7 +130,7 @@ CASES = [
     bad("d-model-not-divisible", "[model]\nd_model = 65\n", "r.toml: model.n_heads",
         "d_model 65 is not divisible by n_heads 2"),
     bad("odd-head-dim", "[model]\nhead_dim = 7\n", "r.toml: model.head_dim", "RoPE needs an even head dim, got 7"),
-    bad("odd-derived-head-dim", "[model]\nd_model = 6\nn_heads = 2\n", "model.head_dim", "even head dim, got 3"),
+    bad("odd-derived-head-dim", "[model]\nd_model = 6\nn_heads = 2\n", "r.toml: model.d_model", "even head dim, got 3 = d_model / n_heads"),
     bad("expand-v-fraction", '[model]\nmixer = "gated_deltanet"\nhead_dim = 3\nd_model = 64\n'
                              "[model.gated_deltanet]\nexpand_v = 0.5\n",
         "r.toml: model.gated_deltanet.expand_v", "is not an integer"),
@@ -435,3 +435,25 @@ def test_cli_error_end_to_end(case_id, how, tmp_path, monkeypatch):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([*cmd, *case.argv], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     _check(case, proc.returncode, proc.stdout, proc.stderr, tmp_path)
+
+
+def test_a_short_run_clamps_the_files_warmup_and_says_so(tmp_path, monkeypatch, capsys):
+    """`--set train.steps=N` below the recipe file's warmup: the run warms up over N steps, says so once, and
+    its recipe.toml records it; the same contradiction inside one file stays an error (see the table)."""
+    (tmp_path / "r.toml").write_text(OK.replace("steps = 2\nwarmup_steps = 0\n", "steps = 50\nwarmup_steps = 20\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.toml", "--quiet", "--set", "train.steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("train.warmup_steps 20 (") == 1 and "is more than train.steps 3 (--set)" in err
+    saved = list((tmp_path / "out").rglob("recipe.toml"))
+    assert saved and all("warmup_steps = 3" in p.read_text() for p in saved)
+
+
+def test_a_sweep_point_error_names_the_key_the_user_set(tmp_path, monkeypatch, capsys):
+    """A --set value that no sweep point can take is blamed on --set and its key, not on the sweep axis."""
+    (tmp_path / "r.toml").write_text(OK + '[sweep]\n"model.conv.kind" = ["none", "static"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.toml", "--dry-run", "--set", "model.d_model=30"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set: model.d_model: RoPE needs an even head dim, got 15")
+    assert "(with sweep.model.conv.kind = 'none')" in err

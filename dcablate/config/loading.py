@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import tomllib
 import typing
@@ -191,6 +192,7 @@ def build(data: dict, origins: dict | None = None, default_source: str = "<recip
     """A resolved, checked `Recipe` from a raw recipe dict; `origins` maps dotted keys to where they were set."""
     origins = origins or {}
     recipe = _build_dataclass(schema.Recipe, data, "", origins, default_source)
+    _fit_warmup(recipe, origins, default_source)
     check_sweep(recipe, data, origins, default_source)
     _check_consistency(recipe, origins, default_source)
     return recipe
@@ -280,6 +282,25 @@ def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> 
         raise RecipeError(_src(origins, path, default), path, message)
 
 
+_said: set[str] = set()
+
+
+def _fit_warmup(r, origins: dict, src: str) -> None:
+    """A warmup longer than the run, from another place than the steps (`--set train.steps=30` on a recipe
+    with 50 warmup steps: a short smoke run), is clamped to the steps and said once; from the same place it
+    is a contradiction and `_check_consistency` refuses it."""
+    t = r.train
+    where_w, where_s = _src(origins, "train.warmup_steps", src), _src(origins, "train.steps", src)
+    if t.tokens or t.tokens_per_param or t.warmup_steps <= t.steps or where_w == where_s:
+        return
+    note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
+            f"warming up over {t.steps} steps")
+    if note not in _said:
+        _said.add(note)
+        logging.getLogger("dcablate").warning(f"note: {note}")
+    t.warmup_steps = t.steps
+
+
 def completed(saved: dict) -> dict:
     """A resolved recipe that an older version saved (in a checkpoint), with the keys added since at their
     defaults, so that comparing it with today's recipe shows only real changes. One that no longer builds
@@ -340,14 +361,17 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
     for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
         path = f"sweep.{keys[0]}" if len(keys) == 1 else f"sweep.{ZIP_KEY}"
         where = _src(origins, path, src)
+        swept = f"{where} [{path}]"  # marks the keys this axis sets, to tell whose fault an error is
         for values in points:
-            trial = copy.deepcopy(data)
+            trial, trial_origins = copy.deepcopy(data), dict(origins)
             trial.pop("sweep", None)
             for key, value in zip(keys, values):
-                _set_path(trial, key, value, {}, where)
+                _set_path(trial, key, value, trial_origins, swept)
+            what = f"value {values[0]!r}" if len(keys) == 1 else \
+                "values " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
             try:
-                build(trial, {}, where)
+                build(trial, trial_origins, src)
             except RecipeError as e:
-                what = f"value {values[0]!r}" if len(keys) == 1 else \
-                    "values " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
-                raise RecipeError(where, path, f"{what}: {str(e).split(': ', 2)[-1]}") from None
+                if e.source == swept:  # the swept value itself is at fault
+                    raise RecipeError(where, path, f"{what}: {e.message}") from None
+                raise RecipeError(e.source, e.key, f"{e.message} (with {path} = {what.split(' ', 1)[1]})") from None

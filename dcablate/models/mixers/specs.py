@@ -23,8 +23,9 @@ class AttentionSection:
 
 def check_attention(r, fail) -> None:
     m = r.model
-    if m.head_size % 2:
-        fail("model.head_dim", f"RoPE needs an even head dim, got {m.head_size}")
+    if m.head_size % 2:  # blame the key that made the head dim: head_dim, or d_model / n_heads
+        fail("model.head_dim" if m.head_dim else "model.d_model",
+             f"RoPE needs an even head dim, got {m.head_size}" + ("" if m.head_dim else f" = d_model / n_heads"))
 
 
 register_mixer(MixerSpec("attention", "dcablate.models.mixers.attention:Attention", AttentionSection,
