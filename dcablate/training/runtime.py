@@ -4,6 +4,7 @@ the `Stop` exception that ends a run with a one-line message."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import signal
 import threading
@@ -95,9 +96,10 @@ def signals_caught(once: bool = True):
             signal.signal(s, h)
 
 
-def software_versions(device: torch.device) -> dict:
-    """What made a run, for `summary.json`: dcablate's version (and git commit, when it runs from a checkout),
-    torch, Triton and fla (None when not installed), CUDA, and the GPU's compute capability."""
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> dict:
+    """dcablate's version and git commit (in a checkout of dcablate itself), torch, Triton, fla and CUDA: the
+    same for every run of a process, so read once."""
     import importlib.metadata
     import subprocess
     from pathlib import Path
@@ -117,7 +119,11 @@ def software_versions(device: torch.device) -> dict:
         commit = commit if top and Path(top) / "dcablate" == package else None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     return {"dcablate": __version__, "git_commit": commit, "torch": torch.__version__, "triton": installed("triton"),
-            "flash-linear-attention": installed("flash-linear-attention"), "cuda": torch.version.cuda,
-            "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None}
+            "flash-linear-attention": installed("flash-linear-attention"), "cuda": torch.version.cuda}
+
+
+def software_versions(device: torch.device) -> dict:
+    """What made a run, for `summary.json`: the installed versions and the GPU's compute capability."""
+    gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return {**_installed_versions(), "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None}

@@ -15,13 +15,13 @@ class MQARTask(Task):
     """Multi-query associative recall (Zoology's setup; docs/design.md): accuracy per (T, kv) segment
     (`T64_kv4`, ...) and `overall`, over the scored positions."""
 
-    def __init__(self, cfg, train: bool = True, data: str | None = None, test_segments=None):
+    def __init__(self, cfg, train: bool = True, data: str | None = None):
         if data is not None:
             raise UserError("--data applies to --task lm only")
         self.cfg = cfg
         to_segments = lambda specs: [Segment(s.seq_len, s.num_kv_pairs, s.num_examples) for s in specs]
         self.train_segments = to_segments(cfg.train) if train else []
-        self.test_segments = to_segments(test_segments if test_segments is not None else cfg.test)
+        self.test_segments = to_segments(cfg.test)
         self.data = MQARData(self.train_segments, self.test_segments, cfg.vocab_size, cfg.power_a, cfg.filler,
                              cfg.data_seed)
 
