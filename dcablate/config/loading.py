@@ -4,7 +4,8 @@ Loading resolves `extends` (deep merge, paths relative to the extending file, cy
 `--set key=value` overrides (values parsed as TOML, a bare word read as a string), checks every key
 against the schema (`schema.py`) and reports the first problem as one line naming the file (or `--set`)
 and the dotted key path. Checks that span keys come from the core here and from each registered
-component's spec.
+component's spec. A field whose metadata has a `resolve` function gets its checked value through it
+(the LM task makes its paths absolute, so a run's saved recipe works from any directory).
 """
 
 from __future__ import annotations
@@ -274,6 +275,8 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         raise RecipeError(src, path, f"must be {op} {lo}, got {value}")
     if hi is not None and value > hi:
         raise RecipeError(src, path, f"must be <= {hi}, got {value}")
+    if meta.get("resolve"):  # a component's normal form of the value, e.g. a relative path made absolute
+        value = meta["resolve"](value)
     return value
 
 

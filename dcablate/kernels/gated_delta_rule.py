@@ -57,8 +57,9 @@ def delta_rule_recurrence(q, k, v, g, beta, scale: float, return_state: bool = F
     return (o, S) if return_state else o
 
 
-def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64) -> torch.Tensor:
-    """The same function as `delta_rule_recurrence`, computed chunk-parallel in fp32 (the CPU path).
+def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64, return_state: bool = False):
+    """The same function as `delta_rule_recurrence`, computed chunk-parallel in fp32 (the CPU path): o
+    `[B, T, H, V]`, and with `return_state` also the final state `[B, H, K, V]`.
 
     Within a chunk with cumulative log-decay `G` and chunk-start state `S0`, the state is
     `S_t = e^{G_t} S0 + sum_{i<=t} e^{G_t-G_i} k_i u_i^T` where the new values `u` solve the unit
@@ -98,31 +99,36 @@ def delta_rule_chunked(q, k, v, g, beta, scale: float, chunk_size: int = 64) -> 
         u = U[:, :, c] - W[:, :, c] @ S
         outs.append(q_decayed[:, :, c] @ S + scores[:, :, c] @ u)
         S = G[:, :, c, -1].exp()[..., None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ u
-    o = torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T]
-    return o.transpose(1, 2)
+    o = torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T].transpose(1, 2)
+    return (o, S) if return_state else o  # the padding left S as the last real token made it
 
 
 def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: bool = False,
-                               chunked: bool = True):
-    """Reference of the full op from raw inputs (q, k un-normalised, a, b raw); fp32 inside."""
+                               chunked: bool = True, output_final_state: bool = False):
+    """Reference of the full op from raw inputs (q, k un-normalised, a, b raw); fp32 inside. o in v's dtype,
+    and with `output_final_state` also the final state `[B, H, K, V]` in fp32 (fp64 for fp64 inputs)."""
     g, beta = gdn_gates(a, b, A_log, dt_bias, allow_neg_eigval)
     dt = torch.promote_types(q.dtype, torch.float32)
     q, k = l2_normalize(q.to(dt)), l2_normalize(k.to(dt))
     core = delta_rule_chunked if chunked else delta_rule_recurrence
-    o = core(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)
-    return o.to(v.dtype)
+    o, S = core(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, return_state=True)
+    return (o.to(v.dtype), S) if output_final_state else o.to(v.dtype)
 
 
-def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: bool = False, backend: str = "auto"):
-    """q, k [B, T, H, K]; v [B, T, H, V]; a, b [B, T, H] raw; returns o [B, T, H, V]."""
+def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: bool = False, backend: str = "auto",
+                     output_final_state: bool = False):
+    """q, k [B, T, H, K]; v [B, T, H, V]; a, b [B, T, H] raw; returns o [B, T, H, V], and with
+    `output_final_state` (a decoder's prefill) also the state after the last token, `[B, H, K, V]` in fp32
+    or wider: fla's chunk kernel hands it back on CUDA, the chunked reference elsewhere."""
     if use_fla(q, backend):
         require_fla()
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        o, _ = chunk_gated_delta_rule(
+        o, S = chunk_gated_delta_rule(
             q=q, k=k, v=v, g=a, beta=b,
             use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=allow_neg_eigval,
-            use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+            use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, output_final_state=output_final_state,
         )
-        return o
-    return gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval)
+        return (o, S) if output_final_state else o
+    return gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval,
+                                      output_final_state=output_final_state)

@@ -14,8 +14,9 @@ import torch
 from dcablate.kernels import require_fla, use_fla
 
 
-def simple_gla_recurrence(q, k, v, g, scale: float) -> torch.Tensor:
-    """Token by token (the oracle). q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] -> o [B, T, H, V]."""
+def simple_gla_recurrence(q, k, v, g, scale: float, return_state: bool = False):
+    """Token by token (the oracle). q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] -> o [B, T, H, V] in the
+    accumulation dtype, and with `return_state` also the final state `[B, H, K, V]`."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q, k, v, g = (t.to(acc) for t in (q, k, v, g))
     B, T, H, K = k.shape
@@ -24,11 +25,13 @@ def simple_gla_recurrence(q, k, v, g, scale: float) -> torch.Tensor:
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None] + k[:, t, :, :, None] * v[:, t, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
-    return torch.stack(outs, dim=1)
+    o = torch.stack(outs, dim=1)
+    return (o, S) if return_state else o
 
 
-def simple_gla_chunked(q, k, v, g, scale: float, chunk_size: int = 64) -> torch.Tensor:
-    """The same function, chunk-parallel: intra-chunk decayed attention plus the carried state."""
+def simple_gla_chunked(q, k, v, g, scale: float, chunk_size: int = 64, return_state: bool = False):
+    """The same function, chunk-parallel: intra-chunk decayed attention plus the carried state (padded
+    tokens have k = v = 0 and g = 0, so they leave the final state as the last real token made it)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     q, k, v, g = (t.to(acc).transpose(1, 2) for t in (q, k, v, g))  # [B, H, T, .]
     B, H, T, K = k.shape
@@ -50,20 +53,25 @@ def simple_gla_chunked(q, k, v, g, scale: float, chunk_size: int = 64) -> torch.
     for c in range(n):
         outs.append(intra[:, :, c] + q_decayed[:, :, c] @ S)
         S = G[:, :, c, -1].exp()[..., None, None] * S + k_to_end[:, :, c].transpose(-1, -2) @ v[:, :, c]
-    return torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T].transpose(1, 2)
+    o = torch.stack(outs, dim=2).reshape(B, H, n * C, -1)[:, :, :T].transpose(1, 2)
+    return (o, S) if return_state else o
 
 
-def simple_gla(q, k, v, g, scale: float, backend: str = "auto", compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """o [B, T, H, V] in v's dtype. `compute_dtype` (fla path only): the dtype fla's kernel gets q, k, v
-    in; fp32 makes its dots TF32, which keeps the gradient of g accurate where bf16 inputs do not."""
+def simple_gla(q, k, v, g, scale: float, backend: str = "auto", compute_dtype: torch.dtype | None = None,
+               output_final_state: bool = False):
+    """o [B, T, H, V] in v's dtype, and with `output_final_state` (a decoder's prefill) also the state after
+    the last token, `[B, H, K, V]` in fp32 or wider: fla's chunk kernel hands it back on CUDA, the chunked
+    torch form elsewhere. `compute_dtype` (fla path only): the dtype fla's kernel gets q, k, v in; fp32 makes
+    its dots TF32, which keeps the gradient of g accurate where bf16 inputs do not."""
+    dtype = v.dtype
     if use_fla(q, backend):
         require_fla()
         from fla.ops.simple_gla import chunk_simple_gla
 
-        dtype = v.dtype
         if compute_dtype is not None:
             compute_dtype = torch.promote_types(dtype, compute_dtype)  # never below the input's precision
             q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
-        o, _ = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale)
-        return o.to(dtype)
-    return simple_gla_chunked(q, k, v, g, scale).to(v.dtype)
+        o, S = chunk_simple_gla(q=q, k=k, v=v, g=g, scale=scale, output_final_state=output_final_state)
+    else:
+        o, S = simple_gla_chunked(q, k, v, g, scale, return_state=True)
+    return (o.to(dtype), S) if output_final_state else o.to(dtype)

@@ -9,6 +9,7 @@ stopping, run tables and reports read. The package's own, `mqar` and `lm`, regis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 from dcablate.registry import ComponentSpec, Registry, resolve
@@ -91,6 +92,15 @@ class Task:
         """`dcablate eval`'s lines for `metrics`."""
         return "   ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
+    def keep(self, run_dir: Path) -> None:
+        """Write into a run directory what evaluating and sampling the run needs besides its recipe and
+        checkpoints (the LM task: its BPE tokenizer), so that the run stands alone. The training loop calls
+        it once the run has started or resumed. Default: nothing."""
+
+    def use_run(self, run_dir: Path) -> None:
+        """Read back what `keep` wrote; `build_task(..., run_dir=...)` calls it (`dcablate eval`, `generate`).
+        Default: nothing."""
+
 
 TASKS: Registry[TaskSpec] = Registry("task", ("dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec"))
 
@@ -108,12 +118,16 @@ def task_options(task_cfg):
     return getattr(task_cfg, task_cfg.kind, None)
 
 
-def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False) -> Task:
+def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False,
+               run_dir: Path | None = None) -> Task:
     """The recipe's task (`task_cfg`: its `[task]` section); `data` replaces what the task evaluates on
-    (`dcablate eval --data`); `benchmark`: the task's benchmark stand-in (`Task.for_benchmark`)."""
+    (`dcablate eval --data`); `benchmark`: the task's benchmark stand-in (`Task.for_benchmark`); `run_dir`:
+    the finished run it evaluates or samples, whose kept files it reads (`Task.use_run`)."""
     spec = TASKS.get(task_cfg.kind)
     cls = resolve(spec.impl)
     options = task_options(task_cfg)
     task = cls.for_benchmark(options) if benchmark else cls(options, train=train, data=data)
     task.spec = spec
+    if run_dir is not None:
+        task.use_run(Path(run_dir))
     return task

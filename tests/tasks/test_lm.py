@@ -335,6 +335,26 @@ def test_generation_greedy_matches_a_manual_full_recompute_and_cli_streams(tmp_p
     assert "not a run directory" in err
 
 
+def test_generation_measures_its_speed():
+    """`Speed` counts every sampled token (a final separator too) and times the prefill apart from the steps."""
+    from dcablate.models.costs import build_model
+    from dcablate.tasks.lm.generate import Speed, sample_ids
+
+    r = recipes.build({"model": {"mixer": "gated_deltanet", "d_model": 16, "n_heads": 2, "n_layers": 1},
+                       "task": {"kind": "lm", "lm": {"data": "x", "seq_len": 8}}})
+    torch.manual_seed(0)
+    model = build_model(r, 257)
+    speed = Speed()
+    got = list(sample_ids(model, [256, 104, 105, 33, 10], 6, context=4, temperature=0, speed=speed))
+    assert len(got) == speed.tokens == 6 and speed.prompt_tokens == 4  # the prompt cut to its last 4 tokens
+    assert speed.prefill_s > 0 and speed.decode_s > 0
+    assert speed.tokens_per_s == pytest.approx(5 / speed.decode_s)
+    assert "6 tokens in" in speed.describe() and "tokens/s decoding" in speed.describe()
+    stop = Speed()
+    assert list(sample_ids(model, [256, 104, 105, 33, 10], 6, 4, temperature=0, stop_id=got[0], speed=stop)) == []
+    assert stop.tokens == 1 and stop.decode_s == 0 and stop.tokens_per_s == pytest.approx(1 / stop.prefill_s)
+
+
 # ----------------------------------------------------------------------------------------- hf: sources
 
 

@@ -14,13 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcablate.kernels.gated_delta_rule import (
-    delta_rule_recurrence,
-    delta_rule_step,
-    gated_delta_rule,
-    gdn_gates,
-    l2_normalize,
-)
+from dcablate.kernels.gated_delta_rule import delta_rule_step, gated_delta_rule, gdn_gates, l2_normalize
 from dcablate.kernels.gated_norm import gated_rms_norm
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_or_identity, conv_prefill, conv_prefill_joint, conv_step
@@ -114,13 +108,12 @@ class GatedDeltaNet(TokenMixer):
 
     def prefill(self, h: torch.Tensor, window: int | None = None):
         """`forward` over a prompt `h [B, T, D]`, also returning the decode state (no window: the state
-        has a fixed size). Projections and convs run in parallel over the prompt; the delta rule is
-        the token-by-token recurrence, since the chunked kernels do not hand back their final state."""
+        has a fixed size). All of it runs in parallel over the prompt: the delta rule is the chunked op
+        of `forward` (fla's kernel on CUDA), which also hands back the state after the last token."""
         q, k, v, (sq, sk, sv) = self._streams(h, keep=True)
-        g, beta = gdn_gates(self.a_proj(h), self.b_proj(h), self.A_log, self.dt_bias, self.allow_neg_eigval)
-        o, S = delta_rule_recurrence(*self._core_inputs(q, k, v), g, beta, self.head_k_dim ** -0.5,
-                                     return_state=True)
-        y, so = conv_prefill(self.o_conv1d, self._output(o.to(v.dtype), h), h)
+        o, S = gated_delta_rule(q, k, v, self.a_proj(h), self.b_proj(h), self.A_log, self.dt_bias,
+                                self.allow_neg_eigval, self.backend, output_final_state=True)
+        y, so = conv_prefill(self.o_conv1d, self._output(o, h), h)
         return y, {"S": S, "conv": (sq, sk, sv, so)}
 
     def step(self, h_t: torch.Tensor, state: dict):

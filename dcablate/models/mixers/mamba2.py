@@ -79,15 +79,16 @@ class Mamba2(TokenMixer):
         return self._mix(h, keep=False)[0]
 
     def _mix(self, h: torch.Tensor, keep: bool):
-        """The layer over `h [B, T, D]` -> (output, the xBC and o conv states (None unless `keep`), and the
-        SSD's g, B, v, from which `prefill` forms the final state)."""
+        """The layer over `h [B, T, D]` -> (output, and with `keep` the decode state: the SSM state after the
+        last token and the xBC and o conv states; None without)."""
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
         xBC, sc = conv_prefill(self.conv1d, xBC, h, keep)
         x, Bm, Cm, g, v = self._ssm_inputs(xBC, dt, h.dtype)
-        y = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend,
-                       compute_dtype=torch.float32 if self.ssd_precision == "fp32" else None)
+        out = simple_gla(Cm, Bm, v, g, scale=1.0, backend=self.backend, output_final_state=keep,
+                         compute_dtype=torch.float32 if self.ssd_precision == "fp32" else None)
+        y, S = out if keep else (out, None)
         y, so = conv_prefill(self.o_conv1d, self._output(y, x, z), h, keep)
-        return y, (sc, so), (g, Bm, v)
+        return y, ({"S": S, "conv": (sc, so)} if keep else None)
 
     def _ssm_inputs(self, xBC: torch.Tensor, dt: torch.Tensor, dtype: torch.dtype):
         """The conv'd `xBC` and raw `dt` `[..., .]` -> per-head x, B, C `[..., H, .]`, log-decay g `[..., H]`
@@ -114,11 +115,9 @@ class Mamba2(TokenMixer):
 
     def prefill(self, h: torch.Tensor, window: int | None = None):
         """`forward` over a prompt `h [B, T, D]`, also returning the decode state (no window: the state
-        has a fixed size). All parallel: the final state is `sum_t e^{g_{t+1} + .. + g_T} B_t v_t^T`."""
-        y, convs, (g, Bm, v) = self._mix(h, keep=True)
-        later = g.flip(1).cumsum(1).flip(1) - g  # decay every later token applies to token t's write
-        S = torch.einsum("bth,bthn,bthp->bhnp", later.exp(), Bm.to(g.dtype), v.to(g.dtype))
-        return y, {"S": S, "conv": convs}
+        has a fixed size). All parallel: the SSD is the chunked op of `forward` (fla's `chunk_simple_gla`
+        on CUDA), which also hands back the state after the last token."""
+        return self._mix(h, keep=True)
 
     def step(self, h_t: torch.Tensor, state: dict):
         """One token `h_t [B, D]`: `S = e^{g} S + B v^T`, `y = C^T S` (scale 1), then as `forward`."""

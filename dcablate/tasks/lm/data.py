@@ -46,10 +46,11 @@ def default_cache_dir(configured: str = "") -> Path:
 # ----------------------------------------------------------------------------------------- sources
 
 
-def source_files(data: str) -> list[Path]:
-    """The files a `task.lm.data` value names, sorted; UserError when there are none."""
+def source_files(data: str, where: str = "task.lm.data") -> list[Path]:
+    """The files a `task.lm.data` value names, sorted; UserError when there are none. `where` names the
+    setting in messages (the key and the file that set it, or a flag)."""
     if not data:
-        raise UserError("task.lm.data: no data given (a .txt/.jsonl/.parquet file, a folder or a glob)")
+        raise UserError(f"{where}: no data given (a .txt/.jsonl/.parquet file, a folder or a glob)")
     path = Path(data).expanduser()
     if any(c in data for c in "*?["):
         files = [Path(p) for p in sorted(globlib.glob(str(path), recursive=True)) if Path(p).is_file()]
@@ -61,9 +62,9 @@ def source_files(data: str) -> list[Path]:
         files = [path]
         what = ""
     else:
-        raise UserError(f"{data}: no such file or folder")
+        raise UserError(f"{where}: {data}: no such file or folder")
     if not files:
-        raise UserError(f"{data}: {what}")
+        raise UserError(f"{where}: {data}: {what}")
     for f in files:
         if f.suffix not in SUFFIXES:
             raise UserError(f"{f}: unknown text format '{f.suffix}' (expected one of {', '.join(SUFFIXES)})")
@@ -273,23 +274,27 @@ def train_bpe(docs: list[str], vocab_size: int):
     return tok
 
 
+def read_tokenizer_file(path: Path, where: str = "task.lm.tokenizer_file") -> BPETokenizer:
+    """A `tokenizer.json` as a `BPETokenizer`; UserError naming `where` when it is missing or no tokenizer."""
+    from tokenizers import Tokenizer
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{where}: {path}: no such file")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
+        raise UserError(f"{where}: {path}: not a tokenizer.json ({str(e).splitlines()[0]})") from None
+    return BPETokenizer(tok, str(path.resolve()))
+
+
 def build_tokenizer(cfg, cache_root: Path | None = None, source_hash: str = "", train_docs=None):
     """The recipe's tokenizer. A BPE tokenizer trained here is cached under `cache_root/tokenizers` by
     (source, split, vocabulary size); `train_docs` is a callable giving the training documents."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer_file:
-        from tokenizers import Tokenizer
-
-        path = Path(cfg.tokenizer_file).expanduser()
-        if not path.is_file():
-            raise UserError(f"task.lm.tokenizer_file: {path}: no such file")
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises its own Exception subclass for a bad file
-            raise UserError(f"task.lm.tokenizer_file: {path}: not a tokenizer.json ({str(e).splitlines()[0]})") \
-                from None
-        return BPETokenizer(tok, str(path.resolve()))
+        return read_tokenizer_file(cfg.tokenizer_file)
     from tokenizers import Tokenizer
 
     key = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, "source": source_hash, "vocab": cfg.vocab_size,
@@ -341,8 +346,10 @@ def _dtype(vocab_size: int):
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-def load_corpus(cfg) -> Corpus:
-    """Tokenized train and validation streams of `cfg` (a task.lm section), from the cache or built."""
+def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
+    """Tokenized train and validation streams of `cfg` (a task.lm section), from the cache or built.
+    `tokenizer`: use this one (a run's kept tokenizer) instead of the recipe's; `where` names the data's
+    setting in messages."""
     if cfg.data.startswith("hf:"):
         ds = load_hf(cfg.data[3:], cfg.text_field, default_cache_dir(cfg.cache_dir) / "hf")
         source_hash = hashlib.sha256(f"hf|{ds._fingerprint}|{cfg.text_field}".encode()).hexdigest()
@@ -353,7 +360,7 @@ def load_corpus(cfg) -> Corpus:
                 raise UserError(f"{cfg.data}: empty corpus (no text)")
             return docs
     else:
-        files = source_files(cfg.data)
+        files = source_files(cfg.data, where)
         source_hash = fingerprint(files, cfg.text_field)
         read = lambda: read_documents(files, cfg.text_field)
     root = default_cache_dir(cfg.cache_dir) / "lm"
@@ -364,7 +371,7 @@ def load_corpus(cfg) -> Corpus:
             split_cache.extend(split_documents(read(), cfg.val_fraction, cfg.split_seed))
         return split_cache
 
-    tok = build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
+    tok = tokenizer if tokenizer is not None else build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
     d = root / cache_key(source_hash, tok.spec(), cfg)
     meta_path = d / "meta.json"
     reused = meta_path.is_file()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
@@ -10,22 +11,42 @@ from dcablate.tasks import TaskSpec, register_task
 BYTE_VOCAB = 257  # 256 bytes and the document separator
 
 
+def absolute_path(value: str) -> str:
+    """A path (file, folder or glob; `~` expanded) made absolute against the working directory; empty stays
+    empty. The recipe a run saves then finds its text and files from any directory."""
+    return os.path.abspath(os.path.expanduser(value)) if value else value
+
+
+def absolute_source(value: str) -> str:
+    """`task.lm.data` in its absolute form: a path as `absolute_path`; `hf:NAME` only when NAME is a local
+    file or folder (as `load_hf` reads it), since a hub id is no path."""
+    if value.startswith("hf:"):
+        name = value[3:]
+        return "hf:" + absolute_path(name) if name and os.path.exists(os.path.expanduser(name)) else value
+    return absolute_path(value)
+
+
+def path_option(default: str, doc: str, resolve=absolute_path):
+    """A recipe key holding a path, resolved when the recipe is loaded (`resolve` in the field's metadata)."""
+    return field(default=default, metadata={**option(default, doc).metadata, "resolve": resolve})
+
+
 @dataclass
 class LMSection:
-    data: str = option("", "the text: a .txt/.jsonl/.parquet file, a folder of them or a glob")
+    data: str = path_option("", "the text: a .txt/.jsonl/.parquet file, a folder of them or a glob", absolute_source)
     text_field: str = option("text", "the text field of .jsonl lines and the text column of .parquet files")
     tokenizer: str = option("byte", "byte = UTF-8 bytes plus a document separator (vocabulary 257); bpe = byte-level "
                             "BPE through `tokenizers`, trained on the training split or loaded from tokenizer_file",
                             choices=("byte", "bpe"))
     vocab_size: int = option(4096, "vocabulary of a BPE tokenizer trained here (256 bytes + separator + merges)",
                              min=257)
-    tokenizer_file: str = option("", "a tokenizer.json to load instead of training BPE (tokenizer = \"bpe\")")
+    tokenizer_file: str = path_option("", "a tokenizer.json to load instead of training BPE (tokenizer = \"bpe\")")
     seq_len: int = option(256, "tokens per packed training and validation sequence", min=1)
     val_fraction: float = option(0.05, "share of documents held out for validation (at least one)",
                                  min=0.0, max=1.0, min_open=True)
     split_seed: int = option(0, "seed of the deterministic train/validation split by document", min=0)
     eval_sequences: int = option(0, "validation sequences evaluated; 0 = all", min=0)
-    cache_dir: str = option("", "tokenized-shard cache; empty = $DCABLATE_CACHE or ~/.cache/dcablate")
+    cache_dir: str = path_option("", "tokenized-shard cache; empty = $DCABLATE_CACHE or ~/.cache/dcablate")
 
 
 def check(recipe, fail) -> None:

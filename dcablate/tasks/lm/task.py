@@ -7,14 +7,22 @@ does not depend on the tokenizer, so byte-level and BPE runs compare.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcablate.errors import UserError
 from dcablate.tasks import Task
-from dcablate.tasks.lm.data import load_corpus, packed_batches, tokenizer_vocab_size, windows
+from dcablate.tasks.lm.data import (BPETokenizer, Corpus, build_tokenizer, load_corpus, packed_batches,
+                                    read_tokenizer_file, tokenizer_vocab_size, windows)
+from dcablate.tasks.lm.spec import absolute_source
+
+KEPT_TOKENIZER = "tokenizer.json"  # a BPE run's tokenizer, kept in its run directory
 
 
 def bits_per_byte(total_nats: float, total_bytes: int) -> float:
@@ -23,20 +31,83 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
 
 class LMTask(Task):
     """Next-token prediction on a text corpus: `loss`, `perplexity` and `bpb` (bits per byte) on the
-    validation split (or on all of `data`)."""
+    validation split (or on all of `data`).
+
+    For training the text is read when the task is built; otherwise (`train=False`) the text and the
+    tokenizer are read on first use, so sampling a byte-level run, or a BPE run that kept its tokenizer
+    (`use_run`), needs neither the text nor the cache."""
 
     def __init__(self, cfg, train: bool = True, data: str | None = None):
-        self.cfg, self.data = cfg, data
-        if data is not None:  # evaluate on other text (dcablate eval --data) with the run's tokenizer
-            import dataclasses
-            if cfg.tokenizer == "bpe" and not cfg.tokenizer_file:  # the BPE trained on the run's text
-                cfg = dataclasses.replace(cfg, tokenizer_file=load_corpus(cfg).tokenizer.path)
-            cfg = dataclasses.replace(cfg, data=data)
-        self.corpus = load_corpus(cfg)
-        self.tokenizer = self.corpus.tokenizer
-        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes)
-        # the evaluated stream: the validation split, or all of the given text for `eval --data`
-        self.eval_stream = self.corpus.val if data is None else np.concatenate([self.corpus.train, self.corpus.val])
+        self.cfg = cfg
+        self.data = absolute_source(data) if data is not None else None  # `dcablate eval --data`
+        self.where = "task.lm.data"  # how messages name the setting of the text
+        self._tokenizer = None
+        self._corpus: Corpus | None = None
+        if train:  # a bad data source stops a run before it starts
+            self.corpus
+
+    # ------------------------------------------------------------------------ a run's own files
+
+    def use_run(self, run_dir: Path) -> None:
+        """Evaluate or sample the run in `run_dir` with the tokenizer it kept (runs made before runs kept one
+        rebuild it from the recipe, which needs the text); messages about the text name the run's recipe."""
+        run_dir = Path(run_dir)
+        self.where = f"task.lm.data (in {run_dir / 'recipe.toml'})"
+        kept = run_dir / KEPT_TOKENIZER
+        if self.cfg.tokenizer == "bpe" and kept.is_file():
+            self._tokenizer = read_tokenizer_file(kept, f"{run_dir}: the run's tokenizer")
+
+    def keep(self, run_dir: Path) -> None:
+        """Write a BPE tokenizer into the run directory as `tokenizer.json` (the byte tokenizer is no file),
+        so that the run evaluates and samples without the cache or a tokenizer_file kept elsewhere. A kept
+        tokenizer that differs from the recipe's is refused, never replaced."""
+        tok = self.tokenizer
+        if not isinstance(tok, BPETokenizer):
+            return
+        path = Path(run_dir) / KEPT_TOKENIZER
+        if path.is_file():
+            if read_tokenizer_file(path, f"{run_dir}: the run's tokenizer").spec() != tok.spec():
+                raise UserError(f"{path}: this run was trained with another tokenizer than task.lm gives now (its "
+                                f"text or tokenizer_file changed?); --force-new starts a fresh run directory")
+            return
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed into place
+        tok.tok.save(str(tmp))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------ text and tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.cfg.tokenizer == "byte" or self.cfg.tokenizer_file:
+                self._tokenizer = build_tokenizer(self.cfg)  # needs no text
+            elif self.data is None:
+                self._tokenizer = self.corpus.tokenizer
+            else:  # the BPE trained on the run's own text, to read the other text with
+                self._tokenizer = load_corpus(self.cfg, where=self.where).tokenizer
+        return self._tokenizer
+
+    @property
+    def corpus(self) -> Corpus:
+        """The tokenized train and validation streams of the run's text, or of `data`."""
+        if self._corpus is None:
+            if self.data is None:
+                self._corpus = load_corpus(self.cfg, self._tokenizer, self.where)
+                self._tokenizer = self._corpus.tokenizer
+            else:
+                self._corpus = load_corpus(dataclasses.replace(self.cfg, data=self.data), self.tokenizer, "--data")
+        return self._corpus
+
+    @property
+    def token_bytes(self) -> torch.Tensor:
+        """`[vocab]` UTF-8 bytes each token stands for."""
+        return torch.from_numpy(self.tokenizer.token_bytes)
+
+    @property
+    def eval_stream(self) -> np.ndarray:
+        """The evaluated token stream: the validation split, or all of `data` (`eval --data`)."""
+        c = self.corpus
+        return c.val if self.data is None else np.concatenate([c.train, c.val])
 
     @property
     def vocab_size(self) -> int:
@@ -76,6 +147,7 @@ class LMTask(Task):
         w = self.val_windows()
         if w.shape[0] == 0:  # validation shorter than one window: score it as one shorter sequence
             w = np.asarray(self.eval_stream)[None, :]
+        token_bytes = self.token_bytes
         nats, n_tokens, n_bytes = 0.0, 0, 0
         for i in range(0, w.shape[0], batch_size):
             t = torch.from_numpy(w[i:i + batch_size].astype(np.int64))
@@ -84,7 +156,7 @@ class LMTask(Task):
                 logits = model(x)
             nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             n_tokens += y.numel()
-            n_bytes += int(self.token_bytes[y.cpu()].sum())
+            n_bytes += int(token_bytes[y.cpu()].sum())
         model.train(was_training)
         loss = nats / max(n_tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
