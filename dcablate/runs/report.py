@@ -51,6 +51,7 @@ class Run:
     task: str = "mqar"
     summary: dict | None = None  # None = unfinished
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score) of each evaluation
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each train record
 
     @property
     def score(self) -> float:
@@ -118,8 +119,9 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
                 bad.append((run_dir, f"summary.json: {e!r}"))
                 continue
         key = metric_of(run.task).key
-        run.curve = [(rec["step"], rec[key]) for _, rec in _records(run_dir / "metrics.jsonl")
-                     if rec.get("kind") == "eval" and key in rec]
+        records = [rec for _, rec in _records(run_dir / "metrics.jsonl")]
+        run.curve = [(rec["step"], rec[key]) for rec in records if rec.get("kind") == "eval" and key in rec]
+        run.train_curve = [(rec["step"], rec["loss"]) for rec in records if rec.get("kind") == "train" and "loss" in rec]
         runs.append(run)
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
@@ -277,7 +279,7 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
 
 def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: str = "") -> dict[str, Path]:
     """Score vs d_model (MQAR: one panel per test segment), score vs recurrent-state size, and the
-    validation curves of the best lr per width; LM files carry the `lm_` prefix."""
+    validation and training-loss curves of the best lr per width; LM files carry the `lm_` prefix."""
     if not table:
         return {}
     import matplotlib
@@ -313,16 +315,28 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
     files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")
 
     widths = sorted({d for _, d in table})
+    files[f"{prefix}validation_curves"] = _curves(root / f"{prefix}validation_curves.png", best, widths, variants,
+                                                  colors, metric.label, lambda run: run.curve, ylim)
+    if any(r.train_curve for cell in best.values() for r in cell.runs):
+        files[f"{prefix}training_loss"] = _curves(root / f"{prefix}training_loss.png", best, widths, variants, colors,
+                                                  "training loss", lambda run: run.train_curve)
+    return files
+
+
+def _curves(path: Path, best: dict, widths: list[int], variants: list, colors: dict, ylabel: str, curve,
+            ylim=None) -> Path:
+    """One panel per d_model: `curve(run)` (step, value) of the best-lr runs of every variant, a line per seed."""
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3.6), squeeze=False, sharey=True)
     for ax, d in zip(axes[0], widths):
         for v in variants:
             cell = best.get((v, d))
-            for i, run in enumerate(r for r in (cell.runs if cell else []) if r.curve):
-                ax.plot(*zip(*run.curve), color=colors[v], alpha=0.8, label=variant_name(v) if i == 0 else None)
+            for i, run in enumerate(r for r in (cell.runs if cell else []) if curve(r)):
+                ax.plot(*zip(*curve(run)), color=colors[v], alpha=0.8, label=variant_name(v) if i == 0 else None)
         ax.set(title=f"d_model={d} (best lr)", xlabel="step", ylim=ylim)
-    axes[0][0].set_ylabel(metric.label)
-    files[f"{prefix}validation_curves"] = _save(fig, axes[0][-1], root / f"{prefix}validation_curves.png")
-    return files
+    axes[0][0].set_ylabel(ylabel)
+    return _save(fig, axes[0][-1], path)
 
 
 def _save(fig, legend_ax, path: Path) -> Path:

@@ -12,9 +12,15 @@ changed-recipe checks apply unchanged).
 
 A failing run does not stop the others; its worker exits (a fresh process, and a fresh CUDA context, takes
 the slot's next run) and failures are reported at the end (exit code and the last line of the log) and
-the command exits non-zero. SIGINT/SIGTERM in the parent are forwarded once to every busy worker (each
-saves a checkpoint and exits; rerunning resumes); workers run detached from the terminal's process group so that a Ctrl-C in
-the terminal reaches them only through the parent.
+the command exits non-zero. The parent prints a line per finished run with the sweep's progress and ETA,
+and a status line every few minutes while none finishes.
+
+Stopping: SIGINT/SIGTERM in the parent are forwarded once to every busy worker (each saves a checkpoint and
+exits; rerunning resumes); a repeat of the same signal within a second counts once (`timeout` signals the
+process and then its process group). A worker still busy `DCABLATE_STOP_GRACE_S` seconds (default 20) after
+the signal gets it a second time, which stops it at once (it resumes from its previous checkpoint), and
+one still alive 5 s later is killed, so the command exits within 30 s. Workers run detached from the
+terminal's process group so that a Ctrl-C in the terminal reaches them only through the parent.
 """
 
 from __future__ import annotations
@@ -34,11 +40,18 @@ from pathlib import Path
 import click
 
 from dcablate.errors import UserError
+from dcablate.runs.progress import SweepProgress
 from dcablate.runs.tables import headline_result
+from dcablate.training.signals import REPEAT_S
 
 LOG_NAME = "worker.log"
 RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+GRACE_ENV = "DCABLATE_STOP_GRACE_S"
+STOP_GRACE_S = 20.0  # after a stop signal, how long busy workers get to save a checkpoint
+KILL_AFTER_S = 5.0  # then, after the second signal, how long before a worker still alive is killed
+STATUS_EVERY_S = 300.0  # a status line this often while no run finishes
+STOPPED_CODES = (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------- flags
@@ -152,6 +165,25 @@ class Worker:
 
 
 @dataclass
+class Stopping:
+    """The parent's stop signals: `caught` in order (a quick repeat of the same one counted once), when the
+    first came and the last counted one (`time.monotonic()`), and what the deadline has done since."""
+
+    caught: list = field(default_factory=list)
+    first: float = 0.0
+    last: float = 0.0
+    forced: bool = False  # busy workers got the signal a second time
+    killed: bool = False  # workers still alive after that were killed
+
+    def handler(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.caught and self.caught[-1] == signum and now - self.last < REPEAT_S:
+            return  # the same signal again at once (`timeout` sends it to the process and to its group)
+        self.first, self.last = self.first or now, now
+        self.caught.append(signum)
+
+
+@dataclass
 class Outcome:
     summaries: dict = field(default_factory=dict)  # index -> summary of runs finished now
     failed: list = field(default_factory=list)  # (job, exit code, last log line)
@@ -237,38 +269,54 @@ def release(worker: Worker) -> None:
         worker.proc.stdin.close()
 
 
+def stop_grace() -> float:
+    """`DCABLATE_STOP_GRACE_S` (seconds, default 20): how long busy workers get to checkpoint after a stop signal."""
+    raw = os.environ.get(GRACE_ENV)
+    if raw is None:
+        return STOP_GRACE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 600:
+        raise UserError(f"{GRACE_ENV}={raw!r} (environment): must be a number of seconds from 0 to 600")
+    return value
+
+
 def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], total: int,
               read_summary) -> Outcome:
     """Train `jobs` on `slots`, printing one line per finished run; returns what happened to each."""
     pending, out, events = list(jobs), Outcome(), queue.Queue()
     workers: list[Worker] = []
     empty = list(slots)  # slots without a live worker
-    caught: list[int] = []
-    done = 0
-
-    def handler(signum, frame):
-        caught.append(signum)
+    stop = Stopping()
+    caught = stop.caught
+    progress = SweepProgress(total)
+    grace = stop_grace()
 
     def finish(job: Job, code: int) -> None:
-        nonlocal done
-        done += 1
-        elapsed, prefix = time.time() - job.started, f"[{done}/{total}] {job.name}"
+        elapsed, prefix = time.time() - job.started, f"[{progress.done + 1}/{total}] {job.name}"
+        progress.finished()
         if code == 0 and (job.run_dir / "summary.json").is_file():
             summary = read_summary(job.run_dir)
             out.summaries[job.index] = summary
-            click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.slot.label})")
-        elif caught and code in (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM):
+            click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.slot.label})"
+                       f"  [{progress.status()}]")
+        elif caught and code in STOPPED_CODES:
             out.interrupted.append(job)
-            click.echo(f"{prefix}  stopped ({job.slot.label}): {last_line(job.run_dir / LOG_NAME)}")
+            why = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
+                f"ended by {exit_code(code)} before it saved a checkpoint; it resumes from its previous one"
+            click.echo(f"{prefix}  stopped ({job.slot.label}): {why}")
         else:
             out.failed.append((job, exit_code(code), last_line(job.run_dir / LOG_NAME)))
             click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.slot.label}); "
-                       f"see {job.run_dir / LOG_NAME}")
+                       f"see {job.run_dir / LOG_NAME}  [{progress.status()}]")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} \
+    previous = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)} \
         if threading.current_thread() is threading.main_thread() else {}
     click.echo(f"training {len(jobs)} run{'s' if len(jobs) != 1 else ''} on {len(slots)} workers "
                f"({describe_slots(slots)}); logs in RUN_DIR/{LOG_NAME}")
+    last_status = time.time()
     try:
         while True:
             if not caught:
@@ -286,7 +334,12 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
             busy = [w for w in workers if w.job is not None]
             if not busy and (caught or not pending):
                 break
+            if caught:
+                enforce_deadline(busy, stop, grace)
             forward(busy, caught)
+            if not caught and time.time() - last_status >= STATUS_EVERY_S:
+                click.echo(f"... {len(busy)} training ({', '.join(w.job.name for w in busy)})  [{progress.status()}]")
+                last_status = time.time()
             try:
                 w, line = events.get(timeout=0.1)
             except queue.Empty:
@@ -298,11 +351,13 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
                 if w.job is not None:
                     job, w.job = w.job, None
                     finish(job, w.proc.returncode)
+                    last_status = time.time()
             elif line.startswith(RESULT) and w.job is not None:
                 job, w.job = w.job, None
                 code = json.loads(line[len(RESULT):])["code"]
                 w.retiring = code != 0
                 finish(job, code)
+                last_status = time.time()
             elif w.job is not None and line.strip():  # stray output outside a run's redirection
                 with open(w.job.run_dir / LOG_NAME, "a") as log:
                     log.write(line)
@@ -320,6 +375,23 @@ def run_sweep(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: lis
     out.not_started = len(pending)
     out.signal = caught[0] if caught else None
     return out
+
+
+def enforce_deadline(busy: list[Worker], stop: Stopping, grace: float) -> None:
+    """Bound the stop: `grace` seconds after the first signal, busy workers get it a second time (they stop at
+    once); `KILL_AFTER_S` later, any still alive is killed."""
+    waited, caught = time.monotonic() - stop.first, stop.caught
+    if waited >= grace and not stop.forced and len(caught) == 1:
+        stop.forced = True
+        click.echo(f"{len(busy)} run{'s' if len(busy) != 1 else ''} still busy {grace:g}s after "
+                   f"{signal.Signals(caught[0]).name} ({', '.join(w.job.name for w in busy)}): stopping "
+                   f"{'it' if len(busy) == 1 else 'them'} at once; each resumes from its last checkpoint")
+        caught.append(caught[0])
+    if waited >= grace + KILL_AFTER_S and not stop.killed:
+        stop.killed = True
+        for w in busy:
+            with contextlib.suppress(OSError):
+                w.proc.kill()
 
 
 def exit_code(code: int) -> str:
@@ -400,7 +472,7 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
             return 128 + signum
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
-            summary = train(r, run_dir, quiet=True)
+            summary = train(r, run_dir)  # its progress lines go to the log (recipe's log.progress)
         except Stop as e:
             click.echo(str(e))
             return e.code

@@ -1,4 +1,10 @@
-"""Metrics sinks of a run: `metrics.jsonl` (one JSON object per record) and TensorBoard's `tb/`."""
+"""Metrics sinks of a run: `metrics.jsonl` (one JSON object per record) and TensorBoard's `tb/`.
+
+Everything TensorBoard shows of a run is in its own `tb/` log: the scalars, the recipe as text and its
+hyperparameters (written when the run starts, so a run stopped early has them too). No experiment summary
+is written: TensorBoard then builds the HPARAMS table from all runs under its `--logdir`, with a column for
+every hyperparameter any run has and every scalar as a metric, so runs of different mixers compare in one
+table."""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ class MetricsLog:
         if path.exists() or kept:
             write_atomic(path, "".join(kept))
         self.file = open(path, "a", buffering=1)
-        self.tb = None
+        self.tb, self.end_marker = None, None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -31,6 +37,11 @@ class MetricsLog:
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         """One record, e.g. kind="train" {loss, lr, ...} or kind="eval" {T64_kv4, overall, loss}."""
         self.file.write(json.dumps({"kind": kind, "step": step, "time": round(time.time(), 3), **values}) + "\n")
+        self.scalars(kind, step, values)
+
+    def scalars(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars `kind/key` only: measurements of the wall clock and the machine (step time,
+        memory), which would make `metrics.jsonl` differ between a run and its resumed self."""
         if self.tb is not None:
             for key, value in values.items():
                 self.tb.add_scalar(f"{kind}/{key}", value, step)
@@ -39,10 +50,22 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.add_text(tag, body)
 
-    def hparams(self, hparams: dict, metrics: dict[str, float]) -> None:
-        if self.tb is not None:
-            clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-            self.tb.add_hparams(clean, {f"hparam/{k}": v for k, v in metrics.items()}, run_name="hparams")
+    def hparams(self, values: dict[str, int | float | str | bool]) -> None:
+        """The run's hyperparameters (`hparams.applicable`) as the hparams plugin's start record, in this run's
+        own log. Booleans are written as "true"/"false" (TensorBoard would show them as 1.0/0.0)."""
+        if self.tb is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        clean = {k: ("true" if v else "false") if isinstance(v, bool) else v for k, v in values.items()}
+        _, start, self.end_marker = hparams(clean, {})
+        self.tb._get_file_writer().add_summary(start)
+        self.tb.flush()  # on disk now: a run killed before its first scalars are flushed still has them
+
+    def ended(self) -> None:
+        """Mark the run finished in the HPARAMS table (a run stopped early shows no status there)."""
+        if self.tb is not None and self.end_marker is not None:
+            self.tb._get_file_writer().add_summary(self.end_marker)
 
     def close(self) -> None:
         self.file.close()
@@ -56,7 +79,7 @@ class NullLog:
     def write(self, *args) -> None:
         pass
 
-    text = hparams = write
+    scalars = text = hparams = ended = write
 
     def close(self) -> None:
         pass

@@ -21,50 +21,46 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dcablate.models.costs import build_model, costs
 from dcablate.tasks import build_task
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
 from dcablate.training.batches import device_batches
+from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
-from dcablate.training.runtime import (Stop, autocast_for, check_runtime, seed_everything, signals_caught,
-                                       software_versions)
+from dcablate.training.progress import Progress
+from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
+                                       set_rng_state, software_versions)
+from dcablate.training.signals import CaughtSignals, Interrupted, signals_caught
 from dcablate.training.state import RunState
 from dcablate.training.step import NonFiniteStep, TrainStep
 
 
-def train(recipe, run_dir: Path, quiet: bool = False) -> dict:
+def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) -> dict:
     """Train `recipe` into `run_dir`, resuming from its newest good checkpoint if it has one; the summary
-    (also written to `run_dir/summary.json`). `quiet` hides the progress bar. Raises `Stop` when the run
+    (also written to `run_dir/summary.json`). `quiet` hides the progress (progress.py), which is labelled
+    `label` (default: the run directory's name, which for a sweep is the point). Raises `Stop` when the run
     ends early on a fault or a signal, `UserError` for what the recipe or run directory rules out."""
     device = check_runtime(recipe)
     several = ddp.setup()
     device = ddp.device_for(device)
     lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
     with lock, signals_caught(once=not several) as caught:
-        return Run(recipe, run_dir, device, quiet, caught).run()
+        try:
+            with caught.interruptible(not several):  # building the task and model changes nothing on disk
+                run = Run(recipe, run_dir, device, quiet, caught, label or run_dir.name)
+        except Interrupted as e:
+            raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
+                       f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
+                       128 + e.signum) from None
+        return run.run()
 
 
 def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
     """Early stopping: the headline metric reached `target` (>= for accuracy, <= for bits per byte)."""
     return value >= target if higher_is_better else value <= target
-
-
-def hparams_of(recipe) -> dict:
-    """The recipe's scalar knobs, flattened, for TensorBoard's hparams view."""
-    out = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif not isinstance(v, list):
-                out[f"{prefix}{k}"] = v
-    walk({k: v for k, v in recipe.to_dict().items() if k != "sweep"}, "")
-    return out
 
 
 class ComputeCount:
@@ -98,10 +94,12 @@ class ComputeCount:
 
 class Run:
     """One run: built fresh, or restored from a checkpoint, then stepped to the end. `caught` collects the
-    signals that `signals_caught` intercepted."""
+    signals that `signals_caught` intercepted; `label` names the run in its progress lines."""
 
-    def __init__(self, recipe, run_dir: Path, device: torch.device, quiet: bool, caught: list[int]):
+    def __init__(self, recipe, run_dir: Path, device: torch.device, quiet: bool, caught: CaughtSignals,
+                 label: str = ""):
         self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
+        self.label = label or run_dir.name
         started = time.time()
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
@@ -119,7 +117,8 @@ class Run:
         self.train_cfg = dataclasses.replace(recipe.train, steps=planned_steps(
             recipe.train, recipe.train.batch_size * self.task.train_seq_len, self.info.params["non_embedding"]))
         self.train_step = TrainStep(self.net, self.train_cfg, device, model=self.model, fsdp=self.fsdp,
-                                    record=lambda kind, step, values: self.log.write(kind, step, values))
+                                    record=lambda kind, step, values: self.log.write(kind, step, values),
+                                    interruptible=caught.interruptible)
         self.compute = ComputeCount(self.net)
         self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started,
                               self.compute.state)
@@ -133,6 +132,8 @@ class Run:
             if self.main:
                 checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
             resumed = self.state.restore()
+            if self.main:
+                self.task.keep(self.run_dir)  # what eval and generate need besides the checkpoint (LM: tokenizer)
             if resumed:
                 self.restore_compute()
             if self.main:
@@ -142,9 +143,13 @@ class Run:
                 self.log.text("recipe", "```toml\n" + recipe.to_toml() + "\n```")
                 self.log.text("parameters", "\n".join(f"{k}: {v:,}" for k, v in self.info.params.items()))
                 self.log.write("params", 0, {k: float(v) for k, v in self.info.params.items()})
+            self.log.hparams(applicable(recipe))  # at every start: a run stopped early has them too
             self.loop()
             self.check_signal()
             return self.finish()
+        except Interrupted:  # a signal cut an evaluation or a step's passes: save the state before it, stop
+            self.check_signal()
+            raise
         except NonFiniteStep as e:
             raise Stop(e.message(self.state.kept()), 1) from None
         except torch.OutOfMemoryError:
@@ -186,7 +191,11 @@ class Run:
         return a > b if self.task.higher_is_better else a < b
 
     def evaluate(self) -> dict:
-        """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank."""
+        """Evaluate on rank 0 (the same numbers as one process) and share the metrics with every rank.
+
+        In one process a signal ends the evaluation at once (`Interrupted`) with the random state put back
+        as it was before it: the step's checkpoint then lacks this evaluation, and the resumed run makes it
+        first (`loop`), so it ends as the uninterrupted run would."""
         self.train_step.flush()
         state = self.state
         self.phase = f"evaluating at step {state.step}"
@@ -198,7 +207,13 @@ class Run:
                 net = self.eval_net
         metrics = None
         if self.main:
-            metrics = self.task.evaluate(net, self.device, self.recipe.eval.batch_size, self.autocast)
+            before = rng_state()
+            try:
+                with self.caught.interruptible(not ddp.active(), pending=True):
+                    metrics = self.task.evaluate(net, self.device, self.recipe.eval.batch_size, self.autocast)
+            except Interrupted:
+                set_rng_state(before)
+                raise
         metrics = ddp.broadcast(metrics)
         self.log.write("eval", state.step, metrics)
         state.history.append({"step": state.step, **metrics})
@@ -206,46 +221,65 @@ class Run:
             state.best = {"step": state.step, **metrics}
         return metrics
 
+    def due_eval(self, step: int) -> bool:
+        return step % self.recipe.eval.every == 0 or step == self.train_cfg.steps
+
+    def eval_and_stop_early(self, progress: Progress) -> None:
+        """Evaluate, show it, and end the run when early stopping's target is reached."""
+        recipe, state, t = self.recipe, self.state, self.train_cfg
+        metrics = self.evaluate()
+        progress.eval(state.step, metrics, self.task.headline)
+        if recipe.eval.early_stop and reached(metrics[self.task.headline], recipe.eval.early_stop,
+                                              self.task.higher_is_better):
+            state.stopped_early, state.done = state.step < t.steps, True
+
     def loop(self) -> None:
         """Step until `train.steps` or an early stop: log every `log.every` steps, evaluate every `eval.every`,
-        save a step checkpoint every `checkpoint.every`, and stop at a caught signal."""
+        save a step checkpoint every `checkpoint.every`, and stop at a caught signal. A run resumed from a
+        checkpoint whose evaluation a signal cut short makes that evaluation first."""
         recipe, t, state = self.recipe, self.train_cfg, self.state
         source = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step)
         batches = device_batches(source, self.device, self.net.gather_scored)
-        bar = tqdm(total=t.steps, initial=state.step, disable=self.quiet or not recipe.log.progress or not self.main,
-                   dynamic_ncols=True, leave=False, desc=recipe.run.name)
-        tokens_since, time_since, postfix = 0, time.time(), {}
+        progress = Progress(self.label, t.steps, state.step,
+                            enabled=not self.quiet and recipe.log.progress and self.main)
         self.model.train()
-        while not state.done and state.step < t.steps:
-            self.check_signal()
-            self.phase = f"training step {state.step + 1}"
-            x, y, row_scored = next(batches)
-            loss, grad_norm = self.train_step(x, y, row_scored)
-            tokens_since += x.numel()
-            self.compute.add(x.shape[0], x.shape[1], sum(row_scored) if row_scored is not None else y.numel())
-            bar.update(1)
-            if state.step % recipe.log.every == 0 or state.step == t.steps:
-                self.train_step.flush()  # reads the losses anyway: the one host sync of these steps
-                elapsed = time.time() - time_since
-                record = {"loss": loss.item(), "lr": self.train_step.scheduler.get_last_lr()[0],
-                          "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / max(elapsed, 1e-9),
-                          **self.net.load_stats()}
-                self.log.write("train", state.step, record)
-                postfix["loss"] = f"{record['loss']:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                tokens_since, time_since = 0, time.time()
-            if state.step % recipe.eval.every == 0 or state.step == t.steps:
-                metrics = self.evaluate()
-                postfix[self.task.headline] = f"{metrics[self.task.headline]:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                if recipe.eval.early_stop and reached(metrics[self.task.headline], recipe.eval.early_stop,
-                                                      self.task.higher_is_better):
-                    state.stopped_early, state.done = state.step < t.steps, True
-            every = recipe.checkpoint.every
-            if every and state.step % every == 0 and not state.done and state.step < t.steps:
-                state.save()
-        self.train_step.flush()
-        bar.close()
+        try:
+            if state.step and not state.done and self.due_eval(state.step) and \
+                    (not state.history or state.history[-1]["step"] != state.step):
+                self.eval_and_stop_early(progress)
+            # since the last train record: steps, tokens, seconds spent evaluating and saving (not training)
+            steps_since, tokens_since, time_since, paused = 0, 0, time.time(), 0.0
+            while not state.done and state.step < t.steps:
+                self.check_signal()
+                self.phase = f"training step {state.step + 1}"
+                x, y, row_scored = next(batches)
+                loss, grad_norm = self.train_step(x, y, row_scored)
+                steps_since, tokens_since = steps_since + 1, tokens_since + x.numel()
+                self.compute.add(x.shape[0], x.shape[1], sum(row_scored) if row_scored is not None else y.numel())
+                progress.advance()
+                if state.step % recipe.log.every == 0 or state.step == t.steps:
+                    self.train_step.flush()  # reads the losses anyway: the one host sync of these steps
+                    elapsed = max(time.time() - time_since - paused, 1e-9)
+                    record = {"loss": loss.item(), "lr": self.train_step.scheduler.get_last_lr()[0],
+                              "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / elapsed,
+                              "tokens": self.compute.tokens, **self.net.load_stats()}
+                    self.log.write("train", state.step, record)
+                    memory = memory_gib(self.device)
+                    self.log.scalars("train", state.step, {"step_time_s": elapsed / steps_since, **memory})
+                    progress.train(state.step, record, memory.get("gpu_mem_peak_gib"))
+                    steps_since, tokens_since, time_since, paused = 0, 0, time.time(), 0.0
+                if self.due_eval(state.step):
+                    began = time.time()
+                    self.eval_and_stop_early(progress)
+                    paused += time.time() - began
+                every = recipe.checkpoint.every
+                if every and state.step % every == 0 and not state.done and state.step < t.steps:
+                    began = time.time()
+                    state.save()
+                    paused += time.time() - began
+            self.train_step.flush()
+        finally:
+            progress.close()
 
     def finish(self) -> dict:
         """Final evaluation, the end checkpoint, `final.pt` and `summary.json` (written last: it marks the
@@ -268,7 +302,7 @@ class Run:
         }
         if ddp.active():
             summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel
-        self.log.hparams(hparams_of(recipe), {k: v for k, v in final.items() if k != "step"})
+        self.log.ended()
         if self.main:
             checkpoint.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

@@ -1,13 +1,14 @@
-"""What a run needs from the machine and the process: the device, autocast, seeds and RNG state, signals, and
-the `Stop` exception that ends a run with a one-line message."""
+"""What a run needs from the machine and the process: the device, autocast, seeds and RNG state, memory
+figures, the installed versions, and the `Stop` exception that ends a run with a one-line message (signals
+are in signals.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import random
-import signal
-import threading
+import resource
+import sys
 
 import numpy as np
 import torch
@@ -48,6 +49,18 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def memory_gib(device: torch.device) -> dict[str, float]:
+    """Memory in GiB for the logs: the process's peak resident host memory, and on CUDA the peak allocated
+    since the last call (the peak is reset) and what the caching allocator holds now."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {"host_mem_peak_gib": kib / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)}
+    if device.type == "cuda":
+        out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        out["gpu_mem_reserved_gib"] = torch.cuda.memory_reserved(device) / 2 ** 30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -67,33 +80,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def signals_caught(once: bool = True):
-    """SIGINT/SIGTERM set a flag (the loop saves and stops at the next step); a second one acts at once.
-
-    With `once=False` (several ranks) later signals are only recorded: torchrun forwards the terminal's
-    Ctrl-C to its workers a second time, which must not cut the checkpoint being saved."""
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        caught.append(signum)
-        if once:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield caught
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 @functools.lru_cache(maxsize=1)

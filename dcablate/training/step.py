@@ -13,9 +13,10 @@ The step reports through the "dcablate" logger (the OOM retry line, graph captur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -58,6 +59,10 @@ def no_record(kind: str, step: int, values: dict) -> None:
     pass
 
 
+def never_interrupted(allowed: bool = True) -> ContextManager:
+    return contextlib.nullcontext()
+
+
 class TrainStep:
     """`step(x, y, row_scored=None)` -> (loss, grad_norm), two scalar tensors on the device: one optimizer
     step of `net` on the global batch `x, y [B, T]` (targets -100 are not scored), then the scheduler's.
@@ -65,16 +70,19 @@ class TrainStep:
     `net` is the LanguageModel; `model` what the forward calls (`net` itself in one process, its DDP
     wrapper or FSDP2-sharded self under torchrun; `fsdp` says which). `train` is the recipe's `[train]`
     section. `oom_retry` overrides `train.oom_retry` (a benchmark times the recipe's micro-batch or reports
-    the OOM). `record(kind, step, values)` receives the step's metrics records.
+    the OOM). `record(kind, step, values)` receives the step's metrics records. `interruptible(allowed)` is the
+    run's `CaughtSignals.interruptible`: the forward and backward passes may end at a signal, since until
+    the optimizer step nothing a checkpoint holds has changed (not while a CUDA graph is being captured).
 
     `taken` counts the steps taken (a resumed run sets it from its checkpoint), `skipped` the non-finite
     ones skipped under `train.nonfinite = "skip"`."""
 
     def __init__(self, net: torch.nn.Module, train, device: torch.device, *, model: torch.nn.Module | None = None,
                  fsdp: bool = False, oom_retry: bool | None = None,
-                 record: Callable[[str, int, dict], None] = no_record):
+                 record: Callable[[str, int, dict], None] = no_record,
+                 interruptible: Callable[[bool], ContextManager] = never_interrupted):
         self.net, self.model = net, net if model is None else model
-        self.train, self.device, self.record = train, device, record
+        self.train, self.device, self.record, self.interruptible = train, device, record, interruptible
         self.autocast = autocast_for(device, train.precision)
         self.optimizer = make_optimizer(net, train, device)
         self.scheduler = make_scheduler(self.optimizer, train)
@@ -155,16 +163,19 @@ class TrainStep:
     def backward(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of the batch (micro-batches halved on CUDA OOM when allowed), clipped: (loss, norm)."""
-        while True:
-            try:
-                loss = self.accumulate(x, y, row_scored)
-                break
-            except torch.OutOfMemoryError:
-                # while capturing, let the capture fail cleanly: the eager step that follows halves the micro-batch
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise
-                if not self.shrink_micro_batch(len(x)):
-                    raise
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        with self.interruptible(not capturing and not ddp.active()):
+            while True:
+                try:
+                    loss = self.accumulate(x, y, row_scored)
+                    break
+                except torch.OutOfMemoryError:
+                    # while capturing, let the capture fail cleanly: the eager step that follows halves the
+                    # micro-batch
+                    if capturing:
+                        raise
+                    if not self.shrink_micro_batch(len(x)):
+                        raise
         clip = self.train.grad_clip if self.train.grad_clip > 0 else math.inf
         grad_norm = ddp.full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         return loss, grad_norm

@@ -107,11 +107,34 @@ def test_markdown_ranking_tables_and_unfinished(report):
 def test_figures_are_png(report):
     files = report
     pngs = [p for p in files.values() if p.suffix == ".png"]
-    assert {p.name for p in pngs} == {"accuracy_vs_d_model.png", "accuracy_vs_state.png", "validation_curves.png"}
+    assert {p.name for p in pngs} == {"accuracy_vs_d_model.png", "accuracy_vs_state.png", "validation_curves.png",
+                                      "training_loss.png"}
     for p in pngs:
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, p
         assert f"]({p.name})" in files["md"].read_text()
+
+
+def test_training_loss_figure_plots_the_train_records(tmp_path, monkeypatch):
+    """The training-loss figure draws each best-lr run's `train` records (step, loss); runs without any get none."""
+    import matplotlib.axes
+
+    root = tmp_path / "sweep"
+    run = make_run(root, "a", best=(0.6, 0.2, 0.4))
+    evals = json.dumps({"kind": "eval", "step": 30, "overall": 0.4, "loss": 1.0}) + "\n"
+    (run / "metrics.jsonl").write_text(evals + "".join(json.dumps({"kind": "train", "step": s, "loss": l}) + "\n"
+                                                       for s, l in ((10, 4.0), (20, 3.0), (30, 2.5))))
+    plotted = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: plotted.append(
+        (ax.get_ylabel(), a[:2])) or plot(ax, *a, **k))
+    files = write_report(root)
+    assert files["training_loss"].read_bytes()[:8] == PNG_MAGIC
+    assert "![training_loss](training_loss.png)" in files["md"].read_text()
+    assert ((10, 20, 30), (4.0, 3.0, 2.5)) in [xy for _, xy in plotted]
+    (run / "metrics.jsonl").write_text(evals)  # no train records: no training-loss figure
+    (root / "training_loss.png").unlink()
+    assert "training_loss" not in write_report(root) and not (root / "training_loss.png").exists()
 
 
 def test_only_unfinished_runs_still_reports(tmp_path):

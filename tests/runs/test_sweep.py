@@ -73,7 +73,7 @@ def hparams_session(run_dir) -> dict:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import metadata
 
-    for path in (run_dir / "tb" / "hparams").glob("events.out.tfevents.*"):
+    for path in (run_dir / "tb").glob("events.out.tfevents.*"):
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 if value.tag == metadata.SESSION_START_INFO_TAG:

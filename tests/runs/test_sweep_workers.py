@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dcablate.cli import main
+from dcablate.training import checkpoint
 from dcablate.runs.workers import parse_gpus, plan_slots
 
 SWEEP = """\
@@ -99,33 +100,130 @@ def test_workers_match_in_process_report_failures_and_skip_finished(sweep, capsy
 
 
 def test_a_worker_serves_several_runs(sweep, capsys):
-    """Start-up (imports, CUDA, kernel autotuning) is paid once per worker: 4 runs on 2 workers, 2 processes."""
-    assert main(["run", "w.toml", "--workers", "2"]) == 0
+    """Start-up (imports, CUDA, kernel autotuning) is paid once per worker: 4 runs on 2 workers, 2 processes.
+    Each finished run's line shows the sweep's progress and ETA; each worker.log holds plain progress lines."""
+    assert main(["run", "w.toml", "--workers", "2", "--set", "log.progress=true"]) == 0
+    out = capsys.readouterr().out
+    status = re.findall(r"^\[(\d)/4\] .*  \[sweep (\d)/4, \d:\d\d:\d\d elapsed, eta \d:\d\d:\d\d\]$", out, flags=re.M)
+    assert status == [(str(k), str(k)) for k in range(1, 5)], out
     root = sweep / "out" / "w"
+    for n in NAMES:
+        log = (root / n / "worker.log").read_text()
+        assert "\r" not in log and f"{n}  step 6/6 (100%)  loss " in log and f"{n}  eval at step 6: overall " in log
     pids = [re.search(r"=== dcablate worker (\d+) on cpu", (root / n / "worker.log").read_text()).group(1)
             for n in NAMES]
     assert len(set(pids)) == 2  # the runs go to whichever worker is free first
 
 
-def test_sigterm_is_forwarded_and_the_sweep_resumes(sweep):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "dcablate.cli", "run", "w.toml", "--workers", "2",
-           "--set", "train.steps=100000", "--set", "eval.every=100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+SLOW_PLUGIN = """\
+import os, time
+from dcablate.tasks.mqar.task import MQARTask
+from dcablate.training import loop
+
+if os.environ.get("SLOW_STEP_S"):  # every training batch takes this long to draw
+    delay, draw = float(os.environ["SLOW_STEP_S"]), MQARTask.train_batches
+
+    def train_batches(self, *args, **kwargs):
+        for item in draw(self, *args, **kwargs):
+            time.sleep(delay)
+            yield item
+    MQARTask.train_batches = train_batches
+
+if os.environ.get("STUCK_AT_STEP"):  # after this step, the loop sleeps where a signal does not end it
+    stuck, add = int(os.environ["STUCK_AT_STEP"]), loop.ComputeCount.add
+
+    def add_then_sleep(self, *args):
+        add(self, *args)
+        if self.tokens // (args[0] * args[1]) == stuck:
+            time.sleep(120)
+    loop.ComputeCount.add = add_then_sleep
+"""
+
+
+def start_sweep(sweep: Path, env: dict, *sets: str) -> subprocess.Popen:
+    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "DCABLATE_PLUGINS": "slow_plugin",
+           **env}
+    cmd = [sys.executable, "-m", "dcablate.cli", "run", "w.toml", "--workers", "2", *sets]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.1)
+    assert condition()
+
+
+def test_sigterm_stops_the_sweep_checkpointed_within_seconds_and_a_rerun_resumes(sweep, capsys):
+    """SIGTERM twice at once (as `timeout` sends it: to the process, then to its group): the two busy workers
+    save a checkpoint, the command exits 143 within seconds, and rerunning resumes both and trains the rest."""
     root = sweep / "out" / "w"
-    deadline = time.time() + 60
-    while time.time() < deadline and sum((root / n / "metrics.jsonl").is_file() for n in NAMES) < 2:
-        time.sleep(0.2)
+    sets = ("--set", "train.steps=120", "--set", "eval.every=40", "--set", "checkpoint.every=20")
+    proc = start_sweep(sweep, {"SLOW_STEP_S": "0.06"}, *sets)
+    wait_for(lambda: sum((root / n / "metrics.jsonl").is_file() for n in NAMES) >= 2)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
     out, err = proc.communicate(timeout=60)
+    assert time.time() - signalled < 30
     assert proc.returncode == 128 + signal.SIGTERM, (out, err)
     assert "interrupted (SIGTERM): 2 runs stopped (checkpointed if training had begun), 2 not started" in err
-    assert out.count("stopped (cpu): interrupted (SIGTERM) at step") == 2
+    assert out.count("stopped (cpu): interrupted (SIGTERM) at step") == 2, out
     started = [n for n in NAMES if (root / n / "checkpoints").is_dir()]
-    assert started == NAMES[:2] and all(list((root / n / "checkpoints").glob("step-*.pt")) for n in started)
-    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env)
+    assert started == NAMES[:2]
+    steps = {n: checkpoint.load(max((root / n / "checkpoints").glob("step-*.pt")))["step"] for n in started}
+    assert all(0 < s < 120 for s in steps.values()), steps
+
+    assert main(["run", "w.toml", "--workers", "2", *sets]) == 0  # at full speed now
+    out = capsys.readouterr().out
+    assert "training 4 runs on 2 workers" in out and out.count("overall") >= 4
+    for n in started:
+        assert f"resuming out/w/{n} from step {steps[n]}" in (root / n / "worker.log").read_text()
+    assert all(json.loads((root / n / "summary.json").read_text())["steps"] == 120 for n in NAMES)
+
+
+def test_a_worker_that_does_not_stop_in_time_is_stopped_at_once(sweep):
+    """A worker stuck where a signal cannot end it: after the grace period it gets the signal again and dies;
+    the command still exits 143 promptly, and the run resumes from its previous checkpoint."""
+    root = sweep / "out" / "w"
+    sets = ("--set", "train.steps=300", "--set", "checkpoint.every=2")
+    proc = start_sweep(sweep, {"STUCK_AT_STEP": "3", "DCABLATE_STOP_GRACE_S": "1"}, *sets)
+    wait_for(lambda: all((root / n / "checkpoints" / "step-000002.pt").is_file() for n in NAMES[:2]))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - signalled < 10 and proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert f"2 runs still busy 1s after SIGTERM ({NAMES[0]}, {NAMES[1]}): stopping them at once" in out, out
+    assert out.count("stopped (cpu): ended by -15 (SIGTERM) before it saved a checkpoint") == 2, out
+    dry = subprocess.run([sys.executable, "-m", "dcablate.cli", "run", "w.toml", *sets, "--dry-run"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert dry.returncode == 0 and dry.stdout.count("  resume") == 2
+
+
+def test_stop_grace_from_the_environment(monkeypatch):
+    from dcablate.errors import UserError
+    from dcablate.runs.workers import STOP_GRACE_S, stop_grace
+
+    assert stop_grace() == STOP_GRACE_S
+    monkeypatch.setenv("DCABLATE_STOP_GRACE_S", "2.5")
+    assert stop_grace() == 2.5
+    monkeypatch.setenv("DCABLATE_STOP_GRACE_S", "soon")
+    with pytest.raises(UserError, match="DCABLATE_STOP_GRACE_S='soon' \\(environment\\): must be a number of seconds"):
+        stop_grace()
+
+
+def test_sweep_progress():
+    from dcablate.runs.progress import SweepProgress
+
+    progress = SweepProgress(4)
+    assert progress.heading(0, 5, "a") == "[1/5] a"
+    progress.started -= 60
+    progress.finished()
+    assert progress.status() == "sweep 1/4, 0:01:00 elapsed, eta 0:03:00"
+    assert progress.heading(1, 5, "b") == "[2/5] b  [sweep 1/4, 0:01:00 elapsed, eta 0:03:00]"
 
 
 @pytest.mark.parametrize("flags, fragment", [
