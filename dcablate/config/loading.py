@@ -270,11 +270,12 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         allowed = "|".join(meta["choices"])
         raise RecipeError(src, path, f"'{value}' is not one of {allowed}{did_you_mean(value, meta['choices'])}")
     lo, hi = meta.get("min"), meta.get("max")
+    low = None if lo is None else f"{'>' if meta.get('min_open') else '>='} {lo}"
+    both = f" (allowed: {low} and <= {hi})" if lo is not None and hi is not None else ""
     if lo is not None and (value < lo or (meta.get("min_open") and value == lo)):
-        op = ">" if meta.get("min_open") else ">="
-        raise RecipeError(src, path, f"must be {op} {lo}, got {value}")
+        raise RecipeError(src, path, f"must be {low}, got {value}{both}")
     if hi is not None and value > hi:
-        raise RecipeError(src, path, f"must be <= {hi}, got {value}")
+        raise RecipeError(src, path, f"must be <= {hi}, got {value}{both}")
     if meta.get("resolve"):  # a component's normal form of the value, e.g. a relative path made absolute
         value = meta["resolve"](value)
     return value

@@ -39,10 +39,19 @@ def _tasks():
     return TASKS
 
 
+# Upper bounds of counts, far beyond any real run, so that a typo (an extra zero, 2**70) is an error naming the
+# allowed range instead of a run that never ends, a seed NumPy rejects, or an allocation that fails.
+MAX_STEPS = 10 ** 9                # optimizer steps, and the step counts of warmup, logging, evaluation, saving
+MAX_TOKENS = 10 ** 15              # a training budget in tokens
+MAX_BATCH = 2 ** 20                # examples per step or per evaluation batch
+MAX_SEED = 2 ** 32 - 1             # NumPy's legacy seed range
+MAX_LAYERS = 1024
+
+
 @dataclass
 class RunSection:
     name: str = option("run", "run name: the run directory is `out_dir/name`")
-    seed: int = option(0, "seed for model initialisation and dropout-free training randomness", min=0)
+    seed: int = option(0, "seed for model initialisation and dropout-free training randomness", min=0, max=MAX_SEED)
     out_dir: str = option("runs", "parent folder of run directories (relative to the working directory)")
     device: str = option("auto", "where to train: `auto` picks cuda when available", choices=("auto", "cpu", "cuda"))
 
@@ -72,7 +81,7 @@ class ModelCore:
     mixer: str = option("attention", "token mixer of every block, or a list of them applied cyclically over the "
                         "layers", choices=Names(_mixers), or_list=True)
     d_model: int = option(128, "residual stream width", min=1)
-    n_layers: int = option(2, "number of blocks", min=1)
+    n_layers: int = option(2, "number of blocks", min=1, max=MAX_LAYERS)
     n_heads: int = option(2, "heads of the token mixer", min=1)
     head_dim: int = option(0, "q/k head dim; 0 = d_model / n_heads", min=0)
     ffn: str = option("none", "channel mixer after each token mixer", choices=Names(_channels))
@@ -113,15 +122,15 @@ class TaskCore:
 @dataclass
 class TrainSection:
     steps: int = option(1000, "optimizer steps (upper bound when early stopping); a token budget below replaces it",
-                        min=1)
+                        min=1, max=MAX_STEPS)
     tokens: int = option(0, "training budget in tokens: steps = tokens / (batch_size x training sequence length), "
-                         "rounded up; 0 = train.steps", min=0)
+                         "rounded up; 0 = train.steps", min=0, max=MAX_TOKENS)
     tokens_per_param: float = option(0.0, "training budget in tokens per non-embedding parameter (20 is "
-                                     "Chinchilla's): steps as for train.tokens; 0 = off", min=0.0)
-    batch_size: int = option(64, "examples per step", min=1)
+                                     "Chinchilla's): steps as for train.tokens; 0 = off", min=0.0, max=1e6)
+    batch_size: int = option(64, "examples per step", min=1, max=MAX_BATCH)
     lr: float = option(1e-3, "peak learning rate", min=0.0, min_open=True)
     schedule: str = option("cosine", "learning-rate schedule after warmup", choices=("cosine", "constant"))
-    warmup_steps: int = option(100, "linear warmup from 0 to lr", min=0)
+    warmup_steps: int = option(100, "linear warmup from 0 to lr", min=0, max=MAX_STEPS)
     min_lr_ratio: float = option(0.0, "cosine floor as a fraction of lr", min=0.0, max=1.0)
     weight_decay: float = option(0.1, "AdamW weight decay (not on norms, biases, A_log, dt_bias)", min=0.0)
     beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
@@ -130,7 +139,7 @@ class TrainSection:
     precision: str = option("auto", "`auto` = bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     micro_batch_size: int = option(0, "examples per forward/backward pass; gradients of batch_size / "
                                    "micro_batch_size passes are accumulated into one step (0 = batch_size, no "
-                                   "accumulation)", min=0)
+                                   "accumulation)", min=0, max=MAX_BATCH)
     oom_retry: bool = option(True, "on a CUDA out-of-memory error in a training step (one process), halve the "
                              "micro-batch and retry the step, down to 1 example (printed and logged as "
                              "`micro_batch`)")
@@ -146,23 +155,23 @@ class TrainSection:
 
 @dataclass
 class EvalSection:
-    every: int = option(200, "evaluate every N steps (and always at the end)", min=1)
-    batch_size: int = option(256, "examples per evaluation batch", min=1)
+    every: int = option(200, "evaluate every N steps (and always at the end)", min=1, max=MAX_STEPS)
+    batch_size: int = option(256, "examples per evaluation batch", min=1, max=MAX_BATCH)
     early_stop: float = option(0.99, "stop when overall test accuracy reaches this; 0 turns early stopping off",
                                min=0.0, max=1.0)
 
 
 @dataclass
 class LogSection:
-    every: int = option(10, "write train metrics every N steps", min=1)
+    every: int = option(10, "write train metrics every N steps", min=1, max=MAX_STEPS)
     tensorboard: bool = option(True, "write TensorBoard event files to the run's tb/ folder")
-    progress: bool = option(True, "show a progress bar with loss and ETA")
+    progress: bool = option(True, "show progress: a bar on a terminal, plain lines when the output is a file or pipe")
 
 
 @dataclass
 class CheckpointSection:
     every: int = option(100, "save the full training state every N steps (and always at the end); 0 = only at the "
-                        "end and on SIGINT/SIGTERM", min=0)
+                        "end and on SIGINT/SIGTERM", min=0, max=MAX_STEPS)
     keep: int = option(2, "step checkpoints kept (the newest); older ones are deleted", min=1)
 
 

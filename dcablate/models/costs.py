@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from dcablate.errors import UserError
 from dcablate.models.lm import LanguageModel
 from dcablate.tasks import TASKS
 
@@ -15,9 +16,19 @@ CONV_SUFFIX = "_conv1d"
 
 def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
     """The recipe's model with `model.vocab_size` (or the task's `vocab_size`) embedding rows, on `device`
-    (`"meta"`: shapes only, for counting)."""
-    with torch.device(device):
-        model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
+    (`"meta"`: shapes only, for counting). Memory running out while the weights are allocated is a UserError
+    (the size check before a run, `memory.check_fits`, catches most such models with their keys)."""
+    from dcablate.models.memory import allocation_failed
+
+    try:
+        with torch.device(device):
+            model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
+    except (RuntimeError, MemoryError) as e:
+        if not (isinstance(e, MemoryError) or allocation_failed(e)):
+            raise
+        raise UserError(f"model: not enough memory for the weights of this model (model.d_model = "
+                        f"{recipe.model.d_model}, model.n_layers = {recipe.model.n_layers}) on {device}; make it "
+                        f"smaller") from None
     model.gather_scored = TASKS.get(recipe.task.kind).sparse_targets  # LM scores (nearly) every position
     return model
 

@@ -6,6 +6,7 @@ recipe never trains into an existing one (see docs/design.md, "Run directory and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tomllib
@@ -23,9 +24,8 @@ def fresh_dir(path: Path) -> Path:
     return _fresh(path, lambda n: path.with_name(f"{path.name}-{n}"))
 
 
-def fresh_file(path: Path) -> Path:
-    """`name.json`, or `name-2.json`, `name-3.json`, ... if it exists: a second evaluation never replaces the first."""
-    return _fresh(path, lambda n: path.with_name(f"{path.stem}-{n}{path.suffix}"))
+def _numbered_file(path: Path):
+    return lambda n: path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
 def _fresh(path: Path, numbered) -> Path:
@@ -35,6 +35,50 @@ def _fresh(path: Path, numbered) -> Path:
     while numbered(n).exists():
         n += 1
     return numbered(n)
+
+
+def save_new_file(path: Path, text: str) -> Path:
+    """Write `text` to `path`, or to `name-2.json`, `name-3.json`, ... if it exists (a second evaluation never
+    replaces the first), creating the folder; the path written. The name is claimed with an exclusive create,
+    so two processes saving at once never write into one file. Raises OSError (a read-only or full disk) with
+    no partial file left behind."""
+    path.parent.mkdir(exist_ok=True)
+    numbered, n = _numbered_file(path), 1
+    while True:
+        target = path if n == 1 else numbered(n)
+        try:
+            f = open(target, "x")
+        except FileExistsError:
+            n += 1
+            continue
+        try:
+            with f:
+                f.write(text)
+        except OSError:
+            target.unlink(missing_ok=True)  # ours, and incomplete
+            raise
+        return target
+
+
+@contextlib.contextmanager
+def made_here(path: Path):
+    """Create the folder `path` (and missing parents) for the block; if the block fails, remove again those of
+    them that this call created and that are still empty, so a command that never started a run leaves no
+    empty folders behind. A folder that cannot be created is a UserError naming `run.out_dir`."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"run.out_dir: cannot create {path}: {e.strerror}") from None
+    try:
+        yield
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                break
+        raise
 
 
 def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:

@@ -8,6 +8,10 @@ Write order: payload and sidecar to `.tmp` files (flushed, fsynced); an old payl
 removed; the sidecar is renamed into place, then the payload. A crash at any moment therefore leaves
 either no `X.pt` or a complete one whose sidecar matches; the `.tmp` leftovers are swept on resume.
 A full disk fails while writing the `.tmp` files, before anything old is touched.
+
+Reading never runs code from the file: checkpoints are unpickled with torch's weights-only loader, which
+builds tensors and plain containers only, plus the few types listed in `SAFE_TYPES`; a file that holds any
+other pickled object is refused (`ForeignObject`), so a run directory someone else made is safe to load.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, truncated, corrupt or not a checkpoint at all."""
+
+
+class ForeignObject(CheckpointError):
+    """A checkpoint holding a pickled object no dcablate checkpoint holds: refused unread, since unpickling it
+    could run arbitrary code. Not a corrupt file, so a resume stops on it instead of moving it aside."""
 
 
 class WriteError(Exception):
@@ -86,8 +95,35 @@ def save(path: Path, payload: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def safe_types() -> list:
+    """What a checkpoint holds besides tensors, numbers, strings and plain containers (which torch's
+    weights-only loader builds anyway): NumPy's random state in a step checkpoint's `rng` (a tuple whose key
+    array is a uint32 `ndarray`, pickled through NumPy's `_reconstruct` and a `dtype`, whose class NumPy >= 1.25
+    names `numpy.dtypes.UInt32DType`). `_reconstruct` is also listed under NumPy 1's module name, so runs written
+    with NumPy 1 load under NumPy 2."""
+    import numpy as np
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    types = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
+    if torch.__version__ >= "2.6":  # (object, pickled name) pairs are understood from torch 2.6 on
+        types += [(_reconstruct, f"{p}.multiarray._reconstruct") for p in ("numpy.core", "numpy._core")]
+    return types
+
+
+# what torch's weights-only loader says when a file asks for an object outside the allowlist (other failures,
+# such as a malformed pickle, are a damaged file)
+_FOREIGN = ("unsupported global", "trying to call reduce for unrecognized function", "can only create new object",
+            "can only build tensor")
+_FOREIGN_NAME = re.compile(r"GLOBAL ([\w.]+)|<class '([\w.]+)'>")
+
+
 def load(path: Path) -> dict:
-    """Read a checkpoint, checking its sidecar checksum when there is one; CheckpointError if unusable."""
+    """Read a checkpoint, checking its sidecar checksum when there is one; CheckpointError if unusable,
+    ForeignObject (a CheckpointError) if it holds a pickled object outside `safe_types()`."""
     import torch
 
     if not path.is_file():
@@ -99,9 +135,18 @@ def load(path: Path) -> dict:
         if hashlib.sha256(data).hexdigest() != expected:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt file)")
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:  # a torn or foreign file: say which, never a traceback
-        first = (str(e).strip().splitlines() or [""])[0]
+        with torch.serialization.safe_globals(safe_types()):
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn, foreign or unsafe file: say which, never a traceback
+        text = str(e).strip()
+        if any(marker in text.lower() for marker in _FOREIGN):
+            found = _FOREIGN_NAME.search(text)
+            what = f"a pickled `{found.group(1) or found.group(2)}`" if found else "a pickled object"
+            raise ForeignObject(f"{path}: refused: it holds {what}, which no dcablate checkpoint holds, and "
+                                f"loading it could run code; load only checkpoints written by dcablate") from None
+        # torch's weights-only failures open with advice to load unsafely; the reason is on a later line
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        first = (reason.splitlines() or [""])[0]
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CheckpointError(f"{path}: not a dcablate checkpoint")
@@ -138,10 +183,13 @@ def sweep_leftovers(folder: Path) -> None:
 
 
 def latest_good(folder: Path, warn) -> tuple[dict | None, Path | None]:
-    """The newest step checkpoint that verifies; bad ones are reported via `warn` and moved aside."""
+    """The newest step checkpoint that verifies; bad ones are reported via `warn` and moved aside. One holding a
+    foreign object is not bad luck but someone else's file: it stops the resume (ForeignObject)."""
     for _, path in reversed(step_files(folder)):
         try:
             return load(path), path
+        except ForeignObject:
+            raise
         except CheckpointError as e:
             aside = path.with_name(path.name + ".corrupt")
             os.replace(path, aside)
@@ -162,9 +210,18 @@ def prune(folder: Path, keep: int) -> None:
 
 @contextlib.contextmanager
 def locked(run_dir: Path):
-    """Hold `run_dir/.lock` (flock) for the whole run: a second process writing here is refused."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    f = open(run_dir / ".lock", "a+")
+    """Hold `run_dir/.lock` (flock) for the whole run: a second process writing here is refused, and a directory
+    that cannot be written (read-only, no permission) is a UserError before anything starts. If the run fails
+    before writing anything, the lock file and the directory are removed again where this call created them."""
+    made = not run_dir.exists()
+    lock = run_dir / ".lock"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        had_lock = lock.exists()
+        f = open(lock, "a+")
+    except OSError as e:
+        raise UserError(f"{run_dir}: cannot write the run directory ({e.strerror or e}); it must be writable to "
+                        f"train or resume") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -172,14 +229,31 @@ def locked(run_dir: Path):
         holder = f.read().strip() or "?"
         f.close()
         raise UserError(f"{run_dir}: another dcablate process (pid {holder}) is writing to this run directory") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
     try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
         yield
+    except BaseException:
+        if not had_lock:  # still holding the lock: nobody else can be starting here meanwhile
+            _remove_if_unused(run_dir, lock, made)
+        raise
     finally:
         f.close()  # closing releases the lock; the kernel does the same if the process is killed
+
+
+def _remove_if_unused(run_dir: Path, lock: Path, made_dir: bool) -> None:
+    """Remove the lock file this run created, and the run directory if this run created it, when the run left
+    nothing else there (it failed before its first write: a model too large, data that does not load, ...)."""
+    try:
+        if any(p != lock for p in run_dir.iterdir()):
+            return
+        lock.unlink()
+        if made_dir:
+            run_dir.rmdir()
+    except OSError:  # a leftover lock is harmless: the next run takes it over
+        pass
 
 
 # Keys a resume may change: they decide how a run is carried out or logged, not its results.

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dcablate.config.schema import MAX_STEPS
 from dcablate.errors import UserError
 
 
@@ -46,6 +47,9 @@ def planned_steps(t, tokens_per_step: int, non_embedding_params: int) -> int:
     key, budget = ("train.tokens", t.tokens) if t.tokens else \
         ("train.tokens_per_param", math.ceil(t.tokens_per_param * non_embedding_params))
     steps = max(1, -(-budget // tokens_per_step))
+    if steps > MAX_STEPS:
+        raise UserError(f"{key}: a budget of {budget:,} tokens is {steps:,} steps of {tokens_per_step:,} tokens, more "
+                        f"than the {MAX_STEPS:,} steps a run may take")
     if steps < t.warmup_steps:
         raise UserError(f"{key}: a budget of {budget:,} tokens is {steps} steps of {tokens_per_step:,} tokens, fewer "
                         f"than train.warmup_steps {t.warmup_steps}")

@@ -426,7 +426,7 @@ def _rich_recipe() -> R.Recipe:
                           "train": [{"seq_len": 32, "num_kv_pairs": 2, "num_examples": 10},
                                     {"seq_len": 64, "num_kv_pairs": 8}],
                           "test": [{"seq_len": 128, "num_kv_pairs": 16, "num_examples": 7}]}},
-        "train": {"steps": 20, "warmup_steps": 5, "lr": 1, "schedule": "constant"},
+        "train": {"steps": 20, "warmup_steps": 5, "batch_size": 8, "lr": 1, "schedule": "constant"},
         "eval": {"early_stop": 0},
         "sweep": {"model.conv.kind": ["none", "static"], "train.lr": [1e-3, 0.5],
                   "model.tie_embeddings": [True, False],

@@ -521,3 +521,13 @@ def test_scored_gather_by_host_count_equals_the_boolean_mask(seed):
     (ga,) = torch.autograd.grad((ha * w).sum(), h)
     (gb,) = torch.autograd.grad((hb * w).sum(), h)
     assert torch.equal(ga, gb)
+
+
+def test_a_batch_larger_than_the_training_windows_is_refused_not_shrunk():
+    from dcablate.errors import UserError
+    from dcablate.tasks.lm.data import packed_batches
+
+    stream = np.arange(41, dtype=np.int32)  # 40 // 8 = 5 windows of seq_len 8
+    assert next(packed_batches(stream, 8, 5, seed=0)).shape == (5, 9)
+    with pytest.raises(UserError, match=r"train.batch_size: 6 is more than the 5 training windows"):
+        next(packed_batches(stream, 8, 6, seed=0))

@@ -43,9 +43,8 @@ zip = [["model.ffn", "train.micro_batch_size"]]
 """
 DDP_POINTS = ("ffn=none,micro_batch_size=0", "ffn=moe,micro_batch_size=4")
 
-# FSDP2: a segment smaller than the batch gives 3-row batches, split 2 + 1 over the ranks; seed=1 is
-# resumed by 2 ranks from a 1-process checkpoint
-FSDP_RECIPE = tiny_mqar(**SMALL, task={"mqar": {
+# FSDP2: 3-row batches, split 2 + 1 over the ranks; seed=1 is resumed by 2 ranks from a 1-process checkpoint
+FSDP_RECIPE = tiny_mqar(**merge(SMALL, {"train": {"batch_size": 3}}), task={"mqar": {
     "train": [{**SEGMENT, "num_examples": 128}, {**SEGMENT, "num_examples": 3}],
     "test": [{**SEGMENT, "num_examples": 32}]}}) + """
 [sweep]

@@ -5,14 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dcablate.config.fields import option
+from dcablate.errors import RecipeError
 from dcablate.tasks import TaskSpec, register_task
+
+# all of a segment's examples are generated in memory, as int16 or int32 tokens
+MAX_EXAMPLES = 10 ** 7
+MAX_SEQ_LEN = 2 ** 20
+MAX_VOCAB = 2 ** 24
 
 
 @dataclass
 class SegmentSpec:
-    seq_len: int = option(64, "tokens per example (T); even", min=2)
+    seq_len: int = option(64, "tokens per example (T); even", min=2, max=MAX_SEQ_LEN)
     num_kv_pairs: int = option(4, "key-value pairs per example; 4 * num_kv_pairs <= seq_len", min=1)
-    num_examples: int = option(1000, "examples in this segment", min=1)
+    num_examples: int = option(1000, "examples in this segment", min=1, max=MAX_EXAMPLES)
 
 
 def _default_train_segments():
@@ -25,7 +31,8 @@ def _default_test_segments():
 
 @dataclass
 class MQARSection:
-    vocab_size: int = option(8192, "vocabulary; keys from [1, V/2), values from [V/2, V); token 0 reserved", min=4)
+    vocab_size: int = option(8192, "vocabulary; keys from [1, V/2), values from [V/2, V); token 0 reserved", min=4,
+                             max=MAX_VOCAB)
     power_a: float = option(0.01, "query slot i drawn with probability proportional to i^(power_a - 1)",
                             min=0.0, max=1.0, min_open=True)
     filler: str = option("random", "tokens between queries: uniform over the vocabulary, or 0",
@@ -49,6 +56,15 @@ def segment_problem(seq_len: int, num_kv_pairs: int, vocab_size: int | None = No
     return None
 
 
+def where(fail, key: str) -> str:
+    """Where the user set `key`, as the recipe's checks name it: `fail` raises the RecipeError that says so."""
+    try:
+        fail(key, "")
+    except RecipeError as e:
+        return e.source
+    return "the recipe"
+
+
 def check(recipe, fail) -> None:
     q = recipe.task.mqar
     for split in ("train", "test"):
@@ -56,6 +72,13 @@ def check(recipe, fail) -> None:
             problem = segment_problem(seg.seq_len, seg.num_kv_pairs, q.vocab_size)
             if problem is not None:
                 fail(f"task.mqar.{split}[{i}].{problem[0]}", problem[1])
+    batch = recipe.train.batch_size
+    for i, seg in enumerate(q.train):  # a smaller segment would silently give smaller batches
+        if seg.num_examples < batch:
+            key = f"task.mqar.train[{i}].num_examples"
+            fail("train.batch_size", f"{batch} is more than the {seg.num_examples} training examples of "
+                 f"task.mqar.train[{i}] ({key} = {seg.num_examples}, set in {where(fail, key)}); lower "
+                 f"train.batch_size or add examples")
     lengths = sorted({seg.seq_len for seg in q.train})
     if (recipe.train.tokens or recipe.train.tokens_per_param) and len(lengths) > 1:
         fail("train.tokens" if recipe.train.tokens else "train.tokens_per_param",
