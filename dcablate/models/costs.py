@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from dcablate.errors import UserError
 from dcablate.models.lm import LanguageModel
-from dcablate.tasks import TASKS
+from dcablate.tasks import TASKS, task_head
 
 CONV_SUFFIX = "_conv1d"
 
@@ -22,7 +22,8 @@ def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
 
     try:
         with torch.device(device):
-            model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size)
+            model = LanguageModel(recipe.model, recipe.model.vocab_size or vocab_size,
+                                  task_head=task_head(recipe.task, recipe.model.d_model))
     except (RuntimeError, MemoryError) as e:
         if not (isinstance(e, MemoryError) or allocation_failed(e)):
             raise

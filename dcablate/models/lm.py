@@ -112,15 +112,21 @@ class LanguageModel(nn.Module):
 
     Training asks the model, not its layers, for what the channel mixers' last forward left behind: the
     hooks of `dcablate.models.channel.base.ChannelMixer` (auxiliary losses, routing state, log scalars),
-    which MoE implements and a plain MLP leaves at their defaults."""
+    which MoE implements and a plain MLP leaves at their defaults.
 
-    def __init__(self, m, vocab_size: int):
+    `task_head`: a task's own module between the final hidden states and the LM head (`Task.head`), e.g.
+    compression's decoder, which reads one position and writes every position. It maps `[B, T, D]` to
+    `[B, T', D]`, one row per target position (`targets [B, T']`); it is part of the weights (trained,
+    checkpointed, counted) and applies to `forward`, not to cached decoding."""
+
+    def __init__(self, m, vocab_size: int, task_head: nn.Module | None = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
         self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.task_head = task_head  # set before the init below, which then covers its linear layers too
         self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
         self._init_weights(m.init_std, m.n_layers)
         if m.tie_embeddings:
@@ -139,6 +145,11 @@ class LanguageModel(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads `[B, T', D]`: the final hidden states, through the task head if there is one."""
+        h = self.hidden(input_ids)
+        return h if self.task_head is None else self.task_head(h)
+
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean", scored_count: int | None = None) -> torch.Tensor:
         """Logits `[B, T, V]`, or with `targets` the cross-entropy over the scored positions
@@ -146,8 +157,8 @@ class LanguageModel(nn.Module):
         such as DDP see the call that produces the gradients. `scored_count`: how many targets are scored,
         when the caller knows it on the host (see `scored`)."""
         if targets is None:
-            return self.lm_head(self.hidden(input_ids))
-        h = self.hidden(input_ids)
+            return self.lm_head(self.features(input_ids))
+        h = self.features(input_ids)
         if self.gather_scored:  # MQAR: a handful of scored positions, gathered before the vocabulary-wide head
             h, targets = scored(h, targets, scored_count)
         else:  # LM: nearly every position counts; ignore_index skips the rest without the gather's host sync
@@ -168,7 +179,7 @@ class LanguageModel(nn.Module):
     def scored_logits(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and targets at scored positions only (target != -100): MQAR scores a handful of
         positions, and the vocabulary-wide head is most of a small model's work."""
-        h, targets = scored(self.hidden(input_ids), targets)
+        h, targets = scored(self.features(input_ids), targets)
         return self.lm_head(h), targets
 
     # ---------------------------------------------------------------------------------- channel-mixer hooks

@@ -2,8 +2,9 @@
 
 A task is one `Task` subclass (torch is imported by its module only) plus one `register_task(TaskSpec(...))`
 with its torch-free spec: its recipe section `task.<name>`, checks, and the headline metric that early
-stopping, run tables and reports read. The package's own, `mqar` and `lm`, register in their folders'
-`spec.py`.
+stopping, run tables and reports read. The package's own register in their folders' `spec.py`: `mqar`, `lm`
+and the synthetic suite (`recall`, `fuzzy_recall`, `noisy_recall`, `selective_copy`, `compression`,
+`memorization`; docs/tasks.md), whose shared parts are in `synthetic/`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def head(cls, options, d_model: int):
+        """The task's own module between the model's final hidden states `[B, T, D]` and its LM head, or None
+        (the default: the LM head reads every position). It becomes part of the model
+        (`LanguageModel(task_head=...)`, through `task_head`): compression's decoder reads the hidden state
+        at the aggregation token and writes one row per position to reconstruct, `[B, T, D]`."""
+        return None
+
+    @classmethod
     def for_benchmark(cls, options) -> "Task":
         """A task whose `train_batches` have this task's shapes, for `dcablate bench train` (default: itself)."""
         return cls(options)
@@ -102,7 +111,10 @@ class Task:
         Default: nothing."""
 
 
-TASKS: Registry[TaskSpec] = Registry("task", ("dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec"))
+TASKS: Registry[TaskSpec] = Registry("task", (
+    "dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec",
+    "dcablate.tasks.recall.spec", "dcablate.tasks.fuzzy_recall.spec", "dcablate.tasks.noisy_recall.spec",
+    "dcablate.tasks.selective_copy.spec", "dcablate.tasks.compression.spec", "dcablate.tasks.memorization.spec"))
 
 
 def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
@@ -116,6 +128,12 @@ def task_class(kind: str) -> type:
 def task_options(task_cfg):
     """The recipe's options of its task (`task.<kind>`), or None for a task without a section."""
     return getattr(task_cfg, task_cfg.kind, None)
+
+
+def task_head(task_cfg, d_model: int):
+    """The module the recipe's task puts between the model's hidden states and its LM head (`Task.head`),
+    or None; `build_model` passes it to the `LanguageModel`."""
+    return task_class(task_cfg.kind).head(task_options(task_cfg), d_model)
 
 
 def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False,

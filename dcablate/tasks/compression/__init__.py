@@ -1,0 +1,1 @@
+"""Compression (docs/tasks.md): a sequence squeezed into its last token, decoded from there."""

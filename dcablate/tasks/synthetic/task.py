@@ -1,0 +1,98 @@
+"""The `Task` base class of the synthetic suite: a fixed training set, a disjoint test set (data.py), and
+accuracy over the scored positions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcablate.errors import UserError
+from dcablate.models.lm import scored
+from dcablate.tasks import Task
+from dcablate.tasks.synthetic.data import CHUNK, IGNORE_INDEX, SuiteData, TooFewDistinct
+
+
+class SuiteTask(Task):
+    """A suite task: subclasses set `kind` (their `task.kind`, which names their recipe section) and
+    implement `make(rng, rows, train) -> (inputs [rows, T], targets [rows, T])` int64, target -100 where
+    a position is not scored. Every example has `cfg.seq_len` tokens from `[0, cfg.vocab_size)`.
+
+    Metrics: `accuracy`, the fraction of all scored test positions whose most likely token is the target
+    (every scored token counts once), and `loss`, the mean cross-entropy over them."""
+
+    kind = ""
+    chunk = CHUNK  # rows per generator call (data.py); a generator with large intermediates asks for fewer
+
+    def __init__(self, cfg, train: bool = True, data: str | None = None):
+        if data is not None:
+            raise UserError("--data applies to --task lm only")
+        self.cfg = cfg
+        self._data: SuiteData | None = None
+
+    def make(self, rng: np.random.Generator, rows: int, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def data(self) -> SuiteData:
+        """Both splits, generated on first use (the test set needs the training set to stay disjoint from it)."""
+        if self._data is None:
+            c = self.cfg
+            try:
+                self._data = SuiteData(self.make, c.num_train_examples, c.num_test_examples, c.data_seed,
+                                       c.vocab_size, chunk=self.chunk)
+            except TooFewDistinct as e:
+                raise UserError(f"task.{self.kind}: {e}: the setting has too few distinct examples for a test "
+                                f"set disjoint from training; raise task.{self.kind}.vocab_size or seq_len, or "
+                                f"lower num_train_examples") from None
+        return self._data
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    @property
+    def train_seq_len(self) -> int:
+        return self.cfg.seq_len
+
+    @classmethod
+    def shape(cls, options) -> tuple[int, int]:
+        return options.seq_len, options.vocab_size
+
+    def train_batches(self, batch_size: int, seed: int, start: int = 0):
+        return self.data.train_batches(batch_size, seed, start)
+
+    @torch.no_grad()
+    def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
+        """Accuracy and mean loss over every scored position of the test set. The sums stay on the device until
+        the end; which positions are scored is read on each batch's CPU copy, so no batch waits for the GPU."""
+        was_training = model.training
+        model.eval()
+        correct = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_scored = 0
+        for x, y in self.data.test_batches(batch_size):
+            count = int((y != IGNORE_INDEX).sum())
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                h, targets = scored(model.features(x), y, count)  # [count, D], [count]
+                logits = model.lm_head(h)  # [count, V]
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+            correct += (logits.argmax(-1) == targets).sum().double()
+            n_scored += count
+        model.train(was_training)
+        n = max(n_scored, 1)
+        return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
+
+    def eval_record(self) -> dict:
+        return {"setting": dataclasses.asdict(self.cfg), "test_examples": len(self.data.test[0]),
+                "scored_positions": int((self.data.test[1] != IGNORE_INDEX).sum())}
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"accuracy {metrics['accuracy']:.4f}   loss {metrics['loss']:.4f}"
