@@ -15,8 +15,11 @@ cache, so compilation is not charged to the first N (autotuning still happens on
 With the defaults (16 runs of 300 steps) the four sweeps take a few minutes on one H100; run the N values
 in separate commands (`--per-gpu 1`, `--per-gpu 2,4,8`) where a command has a time limit.
 
-Prints the device, the software and a table: workers, wall time, runs per minute, speed-up vs N = 1,
-the mean per-run training time (from each summary.json) and the mean final accuracy.
+Prints the device, the software and two tables: workers, wall time, runs per minute, speed-up vs N = 1,
+the mean per-run time (each summary.json's `wall_time_s`) and the mean final accuracy; then where a run's
+time went, as the mean over each N's runs of summary.json's `time_s` (setup, data, compile, train, eval,
+checkpoint, total; docs/benchmarks.md says what each part holds). The sweep's runs share their MQAR data
+(`<out_dir>/.data/`): its first runs generate it, and the others read it, which the `data` column shows.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+PARTS = ("setup", "data", "compile", "train", "eval", "checkpoint", "total")  # summary.json's time_s
 
 
 def recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, examples: int, batch_size: int,
@@ -66,6 +70,12 @@ def dcablate(args: list[str], log: Path, env: dict) -> tuple[int, float]:
         code = subprocess.call([sys.executable, "-m", "dcablate.cli", "run", *args], stdout=f,
                                stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return code, time.perf_counter() - t0
+
+
+def mean_breakdown(summaries: list[dict]) -> dict[str, float] | None:
+    """The mean of the runs' `time_s` per part; None when no summary has one."""
+    timed = [s["time_s"] for s in summaries if "time_s" in s]
+    return {k: sum(t[k] for t in timed) / len(timed) for k in PARTS} if timed else None
 
 
 def device_line() -> tuple[str, int]:
@@ -135,6 +145,7 @@ def main() -> None:
                 "runs": len(summaries), "wall_s": wall, "runs_per_min": 60 * len(summaries) / wall,
                 "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
                 "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
+                "time_s": mean_breakdown(summaries),
             })
             r = rows[-1]
             print(f"N={n}: {r['runs']} runs in {wall:.1f}s ({r['runs_per_min']:.2f} runs/min)", flush=True)
@@ -150,6 +161,12 @@ def main() -> None:
         speed = f"{r['runs_per_min'] / first:.2f}x" if first else "-"
         print(f"| {r['per_gpu']} | {r['workers']} | {r['runs']} | {r['wall_s']:.1f} | {r['runs_per_min']:.2f} | "
               f"{speed} | {r['run_s']:.1f} | {r['acc']:.3f} |")
+    print("\nmean seconds per run, by phase (summary.json time_s):\n")
+    print("| runs per GPU | " + " | ".join(PARTS) + " |")
+    print("| --- |" + " --- |" * len(PARTS))
+    for r in rows:
+        parts = r["time_s"]
+        print(f"| {r['per_gpu']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS) + " |")
     print(f"\n{time.strftime('%Y-%m-%d')}; {device}")
 
 

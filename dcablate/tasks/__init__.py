@@ -110,6 +110,11 @@ class Task:
         """Read back what `keep` wrote; `build_task(..., run_dir=...)` calls it (`dcablate eval`, `generate`).
         Default: nothing."""
 
+    def share_data(self, folder: Path) -> None:
+        """Generate the task's data once into `folder` (shared by every run under one `run.out_dir`) or read it
+        from there; the training loop calls it once the model is on its device. Default: nothing (the task makes
+        its data itself)."""
+
 
 TASKS: Registry[TaskSpec] = Registry("task", (
     "dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec",

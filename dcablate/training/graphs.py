@@ -83,10 +83,20 @@ class GraphedSteps:
         are due for these shapes."""
         return self.failed or len(self.graphs) >= min(len(self.seen), MAX_GRAPHS)
 
+    @staticmethod
+    def key(x: torch.Tensor, y: torch.Tensor, extra=None) -> tuple:
+        return tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra
+
+    def will_capture(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> bool:
+        """Whether the step on this batch captures a graph (its second sighting), rather than replaying one or
+        running eagerly."""
+        key = self.key(x, y, extra)
+        return not self.failed and key in self.seen and key not in self.graphs and len(self.graphs) < MAX_GRAPHS
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> torch.Tensor:
         """The step on this batch; `extra` (hashable) is the body's third argument, host values that a graph
         bakes in (MQAR: the scored targets per row), so it is part of the graph's key."""
-        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra)
+        key = self.key(x, y, extra)
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen and not self.failed:  # first sighting: eager, and checked for host waits

@@ -1,7 +1,9 @@
 """The training loop: one call of `train` trains one resolved recipe into one run directory.
 
 The run directory holds `recipe.toml`, `metrics.jsonl`, `tb/`, `checkpoints/` (`step-*.pt` and `final.pt`)
-and `summary.json`, written last: it marks the run finished. A run directory that already holds checkpoints
+and `summary.json`, written last: it marks the run finished; its `time_s` says where the wall time went
+(timing.py). Tasks that generate their data share it between the runs under one `run.out_dir` through
+`<run.out_dir>/.data/` (`share_data`, MQAR). A run directory that already holds checkpoints
 is resumed from its newest good one (state.py). Faults (signals, non-finite loss, CUDA OOM, a full disk)
 end the run with a `Stop` whose one-line message says what happened and where the last good checkpoint is.
 
@@ -22,7 +24,9 @@ from pathlib import Path
 
 import torch
 
+from dcablate.errors import UserError
 from dcablate.models.costs import build_model, costs
+from dcablate.models.memory import allocation_failed
 from dcablate.tasks import build_task
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
@@ -36,6 +40,7 @@ from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory
 from dcablate.training.signals import CaughtSignals, Interrupted, signals_caught
 from dcablate.training.state import RunState
 from dcablate.training.step import NonFiniteStep, TrainStep
+from dcablate.training.timing import PhaseClock
 
 
 def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) -> dict:
@@ -56,6 +61,13 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                        f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
                        128 + e.signum) from None
         return run.run()
+
+
+def shared_data_dir(recipe, run_dir: Path) -> Path:
+    """Where the runs under `run.out_dir` (the points of a sweep, and single runs) share generated data:
+    `<run.out_dir>/.data`; beside the run directory when it lies outside `run.out_dir`."""
+    out, run = Path(recipe.run.out_dir).resolve(), Path(run_dir).resolve()
+    return (out if out in run.parents else run.parent) / ".data"
 
 
 def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
@@ -101,12 +113,18 @@ class Run:
         self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
         self.label = label or run_dir.name
         started = time.time()
+        # where the wall time goes; on CUDA a change of phase waits for the GPU, so its work is charged right
+        self.clock = PhaseClock(sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else
+                                (lambda: None))
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
-        self.task = build_task(recipe.task)
+        with self.clock.phase("data"):  # LM reads and tokenizes its text here; MQAR's data comes below
+            self.task = build_task(recipe.task)
         self.net = build_model(recipe, self.task.vocab_size)  # the LanguageModel (sharded in place by FSDP)
         self.info = costs(self.net, self.task.max_seq_len)
-        self.net.to(device)
+        self.to_device()
+        with self.clock.phase("data"):  # after the model: a model that does not fit writes nothing
+            self.task.share_data(shared_data_dir(recipe, run_dir))
         self.main = ddp.is_main()
         self.fsdp = ddp.active() and recipe.train.parallel == "fsdp"
         # FSDP2 shards the model: rank 0 evaluates a full copy that gets the gathered weights before each use
@@ -119,10 +137,24 @@ class Run:
         self.train_step = TrainStep(self.net, self.train_cfg, device, model=self.model, fsdp=self.fsdp,
                                     record=lambda kind, step, values: self.log.write(kind, step, values),
                                     interruptible=caught.interruptible)
+        self.clock.warmup = self.train_step.warmup
         self.compute = ComputeCount(self.net)
         self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started,
-                              self.compute.state)
+                              self.compute.state, self.clock.parts)
         self.phase = "starting"  # for error messages: what the run was doing
+
+    def to_device(self) -> None:
+        """Move the model to the run's device; memory running out there is a UserError, as in `build_model`."""
+        try:
+            self.net.to(self.device)
+        except (RuntimeError, MemoryError) as e:
+            if not (isinstance(e, MemoryError) or allocation_failed(e)):
+                raise
+            m = self.recipe.model
+            raise UserError(f"model: not enough memory on {self.device} for the weights of this model "
+                            f"(model.d_model = {m.d_model}, model.n_layers = {m.n_layers}); make it smaller, or "
+                            f"free the device's memory (other processes; fewer runs per GPU with --per-gpu)") \
+                from None
 
     def run(self) -> dict:
         """Restore the newest good checkpoint if any, train to the end, finish; the summary. A fault ends
@@ -131,7 +163,10 @@ class Run:
         try:
             if self.main:
                 checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
-            resumed = self.state.restore()
+            with self.clock.phase("checkpoint"):
+                resumed = self.state.restore()
+            if resumed:
+                self.clock.resume(self.state.restored_times, self.state.wall_before)
             if self.main:
                 self.task.keep(self.run_dir)  # what eval and generate need besides the checkpoint (LM: tokenizer)
             if resumed:
@@ -182,7 +217,8 @@ class Run:
         """Save and stop after a SIGINT/SIGTERM; with several ranks, as soon as any rank caught one."""
         signum = ddp.all_max(self.caught[0] if self.caught else 0)
         if signum:
-            self.state.save()
+            with self.clock.phase("checkpoint"):
+                self.state.save()
             name = signal.Signals(signum).name
             raise Stop(f"interrupted ({name}) at step {self.state.step}; checkpoint saved to {self.state.saved}; "
                        f"run the same command to resume", 128 + signum)
@@ -196,6 +232,10 @@ class Run:
         In one process a signal ends the evaluation at once (`Interrupted`) with the random state put back
         as it was before it: the step's checkpoint then lacks this evaluation, and the resumed run makes it
         first (`loop`), so it ends as the uninterrupted run would."""
+        with self.clock.phase("eval"):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         self.train_step.flush()
         state = self.state
         self.phase = f"evaluating at step {state.step}"
@@ -237,6 +277,10 @@ class Run:
         """Step until `train.steps` or an early stop: log every `log.every` steps, evaluate every `eval.every`,
         save a step checkpoint every `checkpoint.every`, and stop at a caught signal. A run resumed from a
         checkpoint whose evaluation a signal cut short makes that evaluation first."""
+        with self.clock.phase("steps"):
+            self._loop()
+
+    def _loop(self) -> None:
         recipe, t, state = self.recipe, self.train_cfg, self.state
         source = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step)
         batches = device_batches(source, self.device, self.net.gather_scored)
@@ -275,7 +319,8 @@ class Run:
                 every = recipe.checkpoint.every
                 if every and state.step % every == 0 and not state.done and state.step < t.steps:
                     began = time.time()
-                    state.save()
+                    with self.clock.phase("checkpoint"):
+                        state.save()
                     paused += time.time() - began
             self.train_step.flush()
         finally:
@@ -288,14 +333,16 @@ class Run:
         if not state.history or state.history[-1]["step"] != state.step:
             self.evaluate()
         state.done = True
-        state.save()
+        with self.clock.phase("checkpoint"):
+            state.save()
+            state.save_final()
         final = state.history[-1]
-        state.save_final()
         summary = {
             "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "steps": state.step, "planned_steps": self.train_cfg.steps, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
-            "wall_time_s": state.wall_time(), "final": final, "best": state.best, "params": self.info.params,
+            "wall_time_s": state.wall_time(), "time_s": self.clock.parts(), "final": final, "best": state.best,
+            "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,
             "cuda_graphs": self.train_step.captured, "versions": software_versions(self.device),

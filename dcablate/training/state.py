@@ -30,10 +30,11 @@ class RunState:
 
     The step count and the skipped steps live in `train_step` (with the optimizer and scheduler it owns);
     the rest here: `done`, `stopped_early`, the evaluation `history` and `best`, the wall time spent before
-    the last resume (`wall_before`), and `saved`, the newest good step checkpoint on disk."""
+    the last resume (`wall_before`) and its breakdown (`restored_times`), and `saved`, the newest good
+    step checkpoint on disk."""
 
     def __init__(self, recipe, run_dir: Path, model, vocab_size: int, train_step: TrainStep, started: float,
-                 compute: Callable[[], dict]):
+                 compute: Callable[[], dict], times: Callable[[], dict] = dict):
         self.recipe, self.run_dir, self.ckpt_dir = recipe, run_dir, run_dir / "checkpoints"
         self.model, self.vocab_size, self.train_step = model, vocab_size, train_step
         self.started, self.wall_before = started, 0.0
@@ -44,6 +45,8 @@ class RunState:
         self.saved: Path | None = None
         self.compute = compute  # the tokens and training FLOPs so far, read when a checkpoint is written
         self.restored_compute: dict | None = None  # theirs in the checkpoint resumed (None: from before runs kept them)
+        self.times = times  # where the wall time went so far (timing.py), read when a checkpoint is written
+        self.restored_times: dict | None = None  # theirs in the checkpoint resumed (None: from before runs kept them)
 
     @property
     def step(self) -> int:
@@ -72,7 +75,7 @@ class RunState:
             "data": {"batches": self.step}, "rng": rng_state(), "recipe": self.recipe.to_dict(),
             "recipe_hash": self.recipe.digest(), "vocab_size": self.vocab_size, "history": self.history,
             "best": self.best, "stopped_early": self.stopped_early, "skipped_steps": step.skipped,
-            "wall_time_s": self.wall_time(), "compute": self.compute(),
+            "wall_time_s": self.wall_time(), "compute": self.compute(), "time_s": self.times(),
         }
 
     def newest_checkpoint(self) -> tuple[dict | None, Path | None]:
@@ -117,6 +120,7 @@ class RunState:
             self.history, self.best, step.skipped = state["history"], state["best"], state["skipped_steps"]
             self.wall_before = state["wall_time_s"]
             self.restored_compute = state.get("compute")
+            self.restored_times = state.get("time_s")
             set_rng_state(state["rng"])
         except KeyError as e:
             raise UserError(f"{path}: not a step checkpoint (no {e})") from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from typing import Callable, ContextManager
 
 import torch
@@ -75,7 +76,8 @@ class TrainStep:
     the optimizer step nothing a checkpoint holds has changed (not while a CUDA graph is being captured).
 
     `taken` counts the steps taken (a resumed run sets it from its checkpoint), `skipped` the non-finite
-    ones skipped under `train.nonfinite = "skip"`."""
+    ones skipped under `train.nonfinite = "skip"`. `warmup()` says how long the steps that compiled or
+    captured took (timing.py's `compile`)."""
 
     def __init__(self, net: torch.nn.Module, train, device: torch.device, *, model: torch.nn.Module | None = None,
                  fsdp: bool = False, oom_retry: bool | None = None,
@@ -95,6 +97,9 @@ class TrainStep:
         self.micro = train.micro_batch_size  # halved at run time on CUDA OOM (train.oom_retry)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.graphs: GraphedSteps | None = None
+        # the steps that compiled (a batch shape's first) or captured a graph: seconds, count; and all steps
+        self.shapes: set[tuple] = set()
+        self.warm_s, self.warm_steps, self.calls = 0.0, 0, 0
         if graphs_allowed(train.cuda_graph, device, self.deferred):
             self.graphs = GraphedSteps(self.deferred_step, self.optimizer, net.routing_state,
                                        strict=train.cuda_graph == "on", warn=log.warning)
@@ -108,6 +113,22 @@ class TrainStep:
     def settled(self) -> bool:
         """No more eager steps or captures are due for the batch shapes seen so far (always, without graphs)."""
         return self.graphs is None or self.graphs.settled
+
+    def warmup(self) -> tuple[float, int, int]:
+        """(seconds of this object's steps that compiled or captured, their number, all its steps)."""
+        return self.warm_s, self.warm_steps, self.calls
+
+    def warming(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None) -> bool:
+        """Whether the step on this batch compiles (the first of its shape: Triton compiles and autotunes,
+        torch allocates) or captures a CUDA graph; noted as seen."""
+        shape = (tuple(x.shape), tuple(y.shape))
+        first = shape not in self.shapes
+        self.shapes.add(shape)
+        return first or (self.graphs is not None and self.graphs.will_capture(x, y, row_scored))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def release(self) -> None:
         """Drop the CUDA graphs: they hold their memory pool and refer back to this step (their body), so
@@ -127,7 +148,25 @@ class TrainStep:
 
         `row_scored`: each row's count of scored targets, when known on the host (`batches.ScoredCounts`);
         MQAR's loss then gathers them without a host sync. With CUDA graphs (`train.cuda_graph`) the deferred
-        step is captured and replayed (graphs.py), one graph per batch shape and scored counts."""
+        step is captured and replayed (graphs.py), one graph per batch shape and scored counts.
+
+        A step that compiles or captures (`warming`) is timed, waiting for the GPU before and after it; no
+        other step waits."""
+        warming = self.warming(x, y, row_scored)
+        if warming:
+            self.sync()
+            began = time.perf_counter()
+        loss, grad_norm = self.take(x, y, row_scored)
+        if warming:
+            self.sync()
+            self.warm_s += time.perf_counter() - began
+            self.warm_steps += 1
+        self.calls += 1
+        return loss, grad_norm
+
+    def take(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step of `__call__`, untimed."""
         number = self.taken + 1
         if self.deferred:  # the update is skipped on the device; `flush` reports it later
             step = self.graphs if self.graphs is not None else self.deferred_step

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from dcablate.tasks.mqar.cache import Entry, file_name, load_shared
 from dcablate.tasks.mqar.spec import segment_problem
 
 __all__ = [
@@ -44,6 +46,9 @@ FILLERS = ("random", "zero")
 # Examples are generated in chunks of this many rows (bounded memory). Fixed so that results never
 # depend on anything but the arguments; changing it changes the generated data.
 _CHUNK = 1024
+# Part of every cached segment's name (cache.py): raise it when a seed's data changes in a way that the
+# other parts of the name and the check of a file's first rows would not notice.
+CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -135,9 +140,11 @@ def _sample_slots(rng: np.random.Generator, rows: int, k: int, log_w: np.ndarray
 
 
 def _generate_compact(
-    segment: Segment, vocab_size: int, seed, power_a: float, filler: str
+    segment: Segment, vocab_size: int, seed, power_a: float, filler: str,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Like generate_segment but targets are stored in the compact token dtype too."""
+    """Like generate_segment but targets are stored in the compact token dtype too; `out`: the two [N, T]
+    arrays to write into (a memory-mapped cache file) instead of new ones."""
     _check_args(segment, vocab_size, power_a, filler)
     T, kv, N = segment.seq_len, segment.num_kv_pairs, segment.num_examples
     half = vocab_size // 2
@@ -147,8 +154,7 @@ def _generate_compact(
     rng = np.random.default_rng(ss)
 
     log_w = (power_a - 1.0) * np.log(np.arange(1, n_slots + 1, dtype=np.float64))
-    inputs = np.empty((N, T), dtype=dtype)
-    targets = np.empty((N, T), dtype=dtype)
+    inputs, targets = out if out is not None else (np.empty((N, T), dtype=dtype), np.empty((N, T), dtype=dtype))
     for start in range(0, N, _CHUNK):
         c = min(_CHUNK, N - start)
         keys = _sample_distinct(rng, c, kv, half - 1) + 1  # [1, V/2)
@@ -202,7 +208,10 @@ class MQARData:
     Train and test use disjoint seed streams: segment j of split s uses
     ``np.random.SeedSequence([data_seed, s, j])``, so train/test never share a seed and every model in a
     sweep with the same data_seed sees identical data. Tokens and targets are stored compactly and
-    returned as torch int64 per batch."""
+    returned as torch int64 per batch.
+
+    With ``cache_dir`` each segment is read memory-mapped from a file there, generated and written first
+    by whichever run needs it first (cache.py); the arrays are the ones generated in memory, bit for bit."""
 
     def __init__(
         self,
@@ -212,6 +221,7 @@ class MQARData:
         power_a: float = 0.01,
         filler: str = "random",
         data_seed: int = 0,
+        cache_dir: Path | None = None,
     ) -> None:
         self.train = list(train)
         self.test = list(test)
@@ -222,12 +232,38 @@ class MQARData:
         # Validate everything before spending time generating.
         for seg in self.train + self.test:
             _check_args(seg, vocab_size, power_a, filler)
-        self.train_data = [self._make(SPLIT_TRAIN, j, seg) for j, seg in enumerate(self.train)]
-        self.test_data = [self._make(SPLIT_TEST, j, seg) for j, seg in enumerate(self.test)]
+        wanted = [(SPLIT_TRAIN, j, seg) for j, seg in enumerate(self.train)] + \
+                 [(SPLIT_TEST, j, seg) for j, seg in enumerate(self.test)]
+        made = None
+        if cache_dir is not None:
+            arrays = load_shared(Path(cache_dir), [self.cache_entry(*w) for w in wanted])
+            made = None if arrays is None else [(a[0], a[1]) for a in arrays]
+        if made is None:
+            made = [self._make(*w) for w in wanted]
+        self.train_data = made[: len(self.train)]  # (inputs [N, T], targets [N, T]) per segment
+        self.test_data = made[len(self.train):]
 
-    def _make(self, split: int, j: int, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+    def _make(self, split: int, j: int, seg: Segment, out: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         ss = np.random.SeedSequence([self.data_seed, split, j])
-        return _generate_compact(seg, self.vocab_size, ss, self.power_a, self.filler)
+        return _generate_compact(seg, self.vocab_size, ss, self.power_a, self.filler, out)
+
+    def cache_entry(self, split: int, j: int, seg: Segment) -> Entry:
+        """Segment j of `split` as a cache file `[2, N, T]` (inputs, targets), named by a digest of all that
+        decides its tokens: the generator's arguments, its seed, and the chunking and format that fix
+        how the seed is drawn from."""
+        what = {"format": CACHE_FORMAT, "chunk": _CHUNK, "vocab_size": int(self.vocab_size),
+                "power_a": float(self.power_a).hex(), "filler": self.filler,
+                "seed": [int(self.data_seed), split, j], "seq_len": int(seg.seq_len),
+                "num_kv_pairs": int(seg.num_kv_pairs), "num_examples": int(seg.num_examples)}
+        part = "train" if split == SPLIT_TRAIN else "test"
+        # the first chunk of a segment is drawn before the rest: a segment of that many examples equals it
+        first = Segment(seg.seq_len, seg.num_kv_pairs, min(seg.num_examples, _CHUNK))
+        return Entry(
+            name=file_name(f"mqar-{part}{j}-{seg.name}-n{seg.num_examples}", what),
+            shape=(2, seg.num_examples, seg.seq_len), dtype=token_dtype(self.vocab_size),
+            fill=lambda a: self._make(split, j, seg, out=(a[0], a[1])),
+            head=lambda: np.stack(self._make(split, j, first)))
 
     def _epoch_plan(self, batch_size: int, rng: np.random.Generator | None):
         plan: list[tuple[int, np.ndarray]] = []
@@ -292,7 +328,8 @@ class AccuracyMeter:
     For each example: mean over its scored positions of (pred == target); segment accuracy = mean over
     its examples; overall = mean over all examples seen (example-weighted). Examples without any scored
     position are ignored. Segments that received no examples are omitted from result(); segments sharing
-    a name are merged under that name."""
+    a name are merged under that name. `update` takes a batch's predictions; `add` a sum already made on
+    the device, which stays there until `result` reads all of them back at once."""
 
     def __init__(self, segments: Sequence[Segment]) -> None:
         self.segments = list(segments)
@@ -322,10 +359,22 @@ class AccuracyMeter:
         self._sum[segment_index] += float(acc.sum())
         self._count[segment_index] += int(keep.sum())
 
+    def add(self, segment_index: int, accuracy_sum: torch.Tensor, examples: int) -> None:
+        """Add `examples` examples whose per-example accuracies sum to `accuracy_sum` (a float64 scalar tensor,
+        on any device; not read until `result`)."""
+        if not 0 <= segment_index < len(self.segments):
+            raise IndexError(f"segment_index {segment_index} out of range for {len(self.segments)} segments")
+        if examples:
+            self._sum[segment_index] = self._sum[segment_index] + accuracy_sum
+            self._count[segment_index] += examples
+
     def result(self) -> dict[str, float]:
+        tensors = [s for s in self._sum if isinstance(s, torch.Tensor)]
+        device_sums = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+        host = [next(device_sums) if isinstance(s, torch.Tensor) else s for s in self._sum]  # one read-back
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for seg, s, c in zip(self.segments, self._sum, self._count):
+        for seg, s, c in zip(self.segments, host, self._count):
             if c == 0:
                 continue
             sums[seg.name] = sums.get(seg.name, 0.0) + s

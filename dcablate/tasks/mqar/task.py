@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from dcablate.errors import UserError
+from dcablate.models.lm import scored
 from dcablate.runs.tables import format_table
 from dcablate.tasks import Task
-from dcablate.tasks.mqar.data import AccuracyMeter, MQARData, Segment
+from dcablate.tasks.mqar.data import IGNORE_INDEX, AccuracyMeter, MQARData, Segment
 
 
 class MQARTask(Task):
     """Multi-query associative recall (Zoology's setup; docs/design.md): accuracy per (T, kv) segment
-    (`T64_kv4`, ...) and `overall`, over the scored positions."""
+    (`T64_kv4`, ...) and `overall`, over the scored positions.
+
+    The data is generated on first use, or by `share_data`, which a training run calls with a folder the
+    runs of its sweep share, so that each segment is generated once (cache.py)."""
 
     def __init__(self, cfg, train: bool = True, data: str | None = None):
         if data is not None:
@@ -22,8 +28,23 @@ class MQARTask(Task):
         to_segments = lambda specs: [Segment(s.seq_len, s.num_kv_pairs, s.num_examples) for s in specs]
         self.train_segments = to_segments(cfg.train) if train else []
         self.test_segments = to_segments(cfg.test)
-        self.data = MQARData(self.train_segments, self.test_segments, cfg.vocab_size, cfg.power_a, cfg.filler,
-                             cfg.data_seed)
+        self._data: MQARData | None = None
+
+    @property
+    def data(self) -> MQARData:
+        if self._data is None:
+            self._data = self._make_data(None)
+        return self._data
+
+    def share_data(self, folder: Path) -> None:
+        """Get the data now, through the files in `folder`: read there when a run with equal `task.mqar` data
+        settings wrote them, generated and written there otherwise (the same arrays either way)."""
+        self._data = self._make_data(Path(folder))
+
+    def _make_data(self, cache_dir: Path | None) -> MQARData:
+        cfg = self.cfg
+        return MQARData(self.train_segments, self.test_segments, cfg.vocab_size, cfg.power_a, cfg.filler,
+                        cfg.data_seed, cache_dir=cache_dir)
 
     @property
     def vocab_size(self) -> int:
@@ -48,21 +69,32 @@ class MQARTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
+        """Accuracy per segment and `overall`, and the mean loss over the scored positions. The sums stay on the
+        device and are read back once at the end: what a batch's scored positions are is read on its CPU
+        copy, so no batch makes the host wait for the GPU."""
         was_training = model.training
         model.eval()
         meter = AccuracyMeter(self.test_segments)
-        loss_sum, n_scored = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_scored = 0
         for j, x, y in self.data.test_batches(batch_size):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            mask = y != IGNORE_INDEX  # [b, T], on the host
+            per_row = mask.sum(1)  # [b]
+            count = int(per_row.sum())
+            rows = mask.nonzero()[:, 0]  # [count]: the row of each scored position, in the order `scored` takes
+            x, y, rows, per_row_d = (t.to(device, non_blocking=True) for t in (x, y, rows, per_row))
             with autocast():
-                logits, targets = model.scored_logits(x, y)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            n_scored += targets.numel()
-            predictions = torch.full_like(y, -1)
-            predictions[y != -100] = logits.argmax(-1)
-            meter.update(j, predictions, y)
+                h, targets = scored(model.hidden(x), y, count)  # [count, D], [count]
+                logits = model.lm_head(h)  # [count, V]
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").double()
+            n_scored += count
+            hits = (logits.argmax(-1) == targets).double()  # [count]
+            correct = torch.zeros(len(x), dtype=torch.float64, device=device).index_add_(0, rows, hits)  # [b]
+            kept = (per_row > 0).nonzero()[:, 0]  # examples without a scored position are not counted
+            kept_d = kept.to(device, non_blocking=True)
+            meter.add(j, (correct[kept_d] / per_row_d[kept_d].double()).sum(), len(kept))
         model.train(was_training)
-        return {**meter.result(), "loss": loss_sum / max(n_scored, 1)}
+        return {**meter.result(), "loss": loss_sum.item() / max(n_scored, 1)}
 
     def eval_record(self) -> dict:
         return {"segments": [{"seq_len": s.seq_len, "num_kv_pairs": s.num_kv_pairs, "num_examples": s.num_examples}
