@@ -17,6 +17,7 @@ from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
                                        save_new_file)
+from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS
 from dcablate.runs.tables import format_table, headline_result
 from dcablate.tasks import TASKS, task_class, task_options
 
@@ -52,25 +53,48 @@ def cli():
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--force-new", is_flag=True,
               help="Train from scratch in a fresh directory (NAME-2, ...) if NAME exists; nothing is deleted.")
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
+              help="Where a sweep's runs train: worker processes on this machine, Ray actors (--address), or a "
+                   "Slurm job array (docs/sweeps.md).")
 @click.option("--per-gpu", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Sweeps: train N runs at a time on each GPU, each in its own worker process (default 1; "
-                   "with several GPUs visible, one worker per GPU). On CPU: N worker processes.")
+              help="Sweeps: train N runs at a time on each GPU, each in its own worker (default: from the GPU's "
+                   "memory and the CPU cores, at most 8). On CPU: N worker processes.")
 @click.option("--gpus", default=None, metavar="0,1,...",
               help="Sweeps: the GPUs to spread runs over (indices as CUDA numbers them; default: all visible).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU sweeps: train N runs at a time in worker processes (torch threads split between them).")
+              help="CPU sweeps: train N runs at a time in worker processes (default: one per 4 cores).")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train each run data-parallel over N processes (one per GPU) through torchrun; "
                    "train.parallel picks DDP or FSDP2 (docs/distributed.md).")
-def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, nproc):
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray: the cluster to attach to (auto, HOST:PORT or ray://HOST:PORT; default: start a local Ray "
+                   "instance).")
+@click.option("--retries", type=click.IntRange(min=0), default=None, metavar="N",
+              help=f"Ray, Slurm: train a run again up to N times when its worker or job is lost (default "
+                   f"{DEFAULT_RETRIES}); a run that fails on its own error is not retried.")
+@click.option("--partition", default=None, metavar="NAME", help="Slurm: the partition to submit to.")
+@click.option("--time", "time_min", type=click.IntRange(min=1), default=None, metavar="MINUTES",
+              help=f"Slurm: each task's time limit (default {DEFAULT_TIME_MIN}); a longer run checkpoints and is "
+                   f"requeued.")
+@click.option("--gpus-per-task", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Slurm: GPUs per task (default: 1 on CUDA, 0 on CPU).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Slurm: CPU cores per task (default 4).")
+@click.option("--slurm", "slurm_params", multiple=True, metavar="KEY=VALUE",
+              help="Slurm: another submitit parameter, e.g. --slurm slurm_account=proj --slurm mem_gb=32 (repeatable).")
+@click.option("--no-wait", is_flag=True, help="Slurm: return once the job array is submitted.")
+def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, workers, nproc, address, retries,
+        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
-    as finished; a changed recipe is refused unless --force-new. Runs of a sweep are spread over
-    all visible GPUs (one worker each, --per-gpu N for more); each worker logs to RUN_DIR/worker.log."""
-    from dcablate.runs import workers as parallel
+    as finished; a changed recipe is refused unless --force-new. The runs of a sweep train several at
+    a time, as many as the GPUs' memory and the CPU cores allow (--per-gpu, --workers to choose), or on a
+    Ray cluster or through Slurm (--launcher); each worker logs to RUN_DIR/worker.log."""
+    from dcablate.runs.launchers import SlurmOptions, check_flags
 
-    gpu_list = parallel.check_flags(per_gpu, gpus, workers)
+    slurm = SlurmOptions(partition, time_min, gpus_per_task, cpus_per_task, list(slurm_params), not no_wait)
+    gpu_list = check_flags(launcher, per_gpu, gpus, workers, nproc, address, retries, slurm)
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():
@@ -83,6 +107,9 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         run_dir = root / name if name else root
         plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # under torchrun: one model over all ranks
+    if distributed and launcher != "local":
+        raise UserError(f"--launcher {launcher}: this process was started by torchrun (WORLD_SIZE="
+                        f"{os.environ['WORLD_SIZE']}), which trains one run; drop --launcher")
     if distributed:  # every rank follows rank 0's directories
         from dcablate.training.distributed import broadcast, setup
 
@@ -100,18 +127,63 @@ def run(recipe, overrides, dry_run, quiet, force_new, per_gpu, gpus, workers, np
         relaunch(nproc, recipe, list(overrides), quiet, force_new, [check_runtime(r) for _, r in points],
                  any(v is not None for v in (per_gpu, gpus, workers)))
 
-    devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
+    to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
+    if launcher == "local":
+        devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
+        check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model ends here, nothing written
+        uses_cuda = any(d.type == "cuda" for d in devices)
+    else:  # the cluster's nodes have the devices, and each worker checks its own
+        uses_cuda = cluster_cuda([r for _, r in points])
+    with made_here(root):  # a command that fails before any run wrote a file leaves no empty folders
+        slots = []
+        if launcher == "local" and not distributed:
+            slots = local_slots(plan, to_train, uses_cuda, per_gpu, gpu_list, workers)
+        if not to_train or (launcher == "local" and not slots):
+            return train_here(plan, root, quiet)
+        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launcher, slots, uses_cuda, address,
+                           per_gpu, workers, retries, slurm)
+
+
+def cluster_cuda(recipes) -> bool | None:
+    """Whether a sweep on a cluster asks for GPUs: True when a point sets run.device = "cuda", False when all set
+    "cpu", None for "auto" (Ray: where the cluster has GPUs; Slurm: when --gpus-per-task gives some)."""
+    devices = {r.run.device for r in recipes}
+    if "cuda" in devices:
+        return True
+    return False if devices == {"cpu"} else None
+
+
+def local_slots(plan, to_train: list[int], uses_cuda: bool, per_gpu, gpu_list, workers) -> list:
+    """The local launcher's worker slots ([]: train in this process). Without --per-gpu/--workers the count
+    comes from this machine's capacity, printed with its reason."""
     import torch
 
-    to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
-    check_sizes(recipe, list(overrides), plan, to_train, devices)  # a model too large ends here, nothing written
-    slots = None if distributed else parallel.plan_slots(  # no sweep workers under torchrun
-        per_gpu, gpu_list, workers, any(d.type == "cuda" for d in devices),
-        torch.cuda.device_count() if torch.cuda.is_available() else 0, len(to_train))
-    with made_here(root):  # a command that fails before any run wrote a file leaves no empty folders
-        if slots:
-            return run_with_workers(recipe, list(overrides), plan, to_train, slots, root)
-        train_here(plan, root, quiet)
+    from dcablate.runs.launchers.slots import plan_slots
+
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    default = 1
+    if len(to_train) > 1 and per_gpu is None and workers is None:
+        chosen = [g for g in gpu_list if g < cuda_count] if gpu_list is not None else list(range(cuda_count))
+        default, line = default_count(plan, to_train, uses_cuda, chosen)  # a --gpus beyond them: plan_slots says
+        click.echo(f"workers: {line}")
+    return plan_slots(per_gpu, gpu_list, workers, uses_cuda, cuda_count, len(to_train), default)
+
+
+def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], count_cores: bool = True):
+    """(runs per GPU (CUDA, over the CUDA devices `gpus`) or CPU workers, the line saying why) from this machine's
+    capacity for the largest run still to train; `count_cores` False leaves the CPU cores out."""
+    import torch
+
+    from dcablate.models.memory import free_host_bytes
+    from dcablate.runs.launchers import capacity
+    from dcablate.runs.launchers.slots import cpu_count
+
+    need = max(capacity.estimate_bytes(capacity.run_shape(plan[i][1]), uses_cuda) for i in to_train)
+    if uses_cuda:
+        memory = min(torch.cuda.get_device_properties(g).total_memory for g in gpus) if gpus else None
+        return capacity.default_count(True, need, cpu_count() if count_cores else None, gpus=len(gpus),
+                                      gpu_bytes=memory)
+    return capacity.default_count(False, need, cpu_count(), host_bytes=free_host_bytes())
 
 
 def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], devices) -> None:
@@ -131,6 +203,7 @@ def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], de
 
 def train_here(plan, root: Path, quiet: bool) -> None:
     """`run` in this process, one run after another: a line per run, then the results table."""
+    from dcablate.runs.launchers.outcome import result_row
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
 
@@ -152,44 +225,43 @@ def train_here(plan, root: Path, quiet: bool) -> None:
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
 
 
-def run_with_workers(recipe, overrides, plan, to_train, slots, root: Path) -> None:
-    """`run` over worker processes (dcablate/workers.py): the same run directories, lines and table."""
-    from dcablate.runs import workers as parallel
-    from dcablate.training.runtime import Stop
+def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: str, slots, uses_cuda: bool | None,
+                       address, per_gpu, workers, retries, slurm) -> None:
+    """`run` over workers (local processes, Ray actors or Slurm tasks): the same run directories, lines and
+    table whichever launcher trains them."""
+    from dcablate.runs.launchers import outcome
 
-    for name, _, run_dir, state in plan:
-        if state == "finished":
-            click.echo(f"{name}: {run_dir} finished earlier, not retrained (--force-new trains it again)")
-    jobs = [parallel.Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind) for i in to_train]
-    out = parallel.run_sweep(recipe, overrides, jobs, slots, len(to_train), read_summary)
-    rows = []
-    for i, (name, r, run_dir, state) in enumerate(plan):
-        summary = read_summary(run_dir) if state == "finished" else out.summaries.get(i)
-        if summary is not None:
-            rows.append(result_row(name or r.run.name, summary, r.task.kind))
-    click.echo("")
-    if rows:
-        click.echo(format_table(rows))
-    click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
-    for job, code, line in out.failed:
-        click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / parallel.LOG_NAME}]", err=True)
-    if out.signal_name:
-        raise Stop(f"interrupted ({out.signal_name}): {len(out.interrupted)} runs stopped (checkpointed if training had begun), "
-                   f"{out.not_started} not started, {len(out.failed)} failed; run the same command to resume",
-                   128 + out.signal)
-    if out.failed:
-        raise Stop(f"error: {len(out.failed)} of {len(to_train)} runs failed (listed above); the others "
-                   f"finished; fix the cause and run the same command to train the failed ones", 1)
+    outcome.announce_finished(plan)
+    jobs = outcome.jobs_for(plan, to_train)
+    if launcher == "local":
+        from dcablate.runs.launchers import local
+
+        out = local.launch(recipe, overrides, jobs, slots)
+    elif launcher == "ray":
+        from dcablate.runs.launchers import ray
+
+        default = ray_default_per_gpu(plan, to_train, uses_cuda) if per_gpu is None else 1
+        out = ray.launch(recipe, overrides, jobs, uses_cuda, address, per_gpu, workers, default,
+                         DEFAULT_RETRIES if retries is None else retries)
+    else:
+        from dcablate.runs.launchers import slurm as slurm_launcher
+
+        out = slurm_launcher.launch(recipe, overrides, jobs, uses_cuda, slurm, root, retries)
+        if out is None:  # --no-wait
+            return
+    outcome.report(plan, to_train, out, root)
 
 
-def result_row(name: str, summary: dict, task_kind: str) -> dict:
-    """A run's line in the results table: size, steps, time, its final metrics, the task's headline last."""
-    final, headline = summary["final"], TASKS.get(task_kind).headline
-    row = {"run": name, "params": summary["params"]["total"], "steps": summary["steps"],
-           "time_s": summary["wall_time_s"]}
-    row.update({k: v for k, v in final.items() if k not in ("step", "loss", headline)})
-    row[headline] = final.get(headline)
-    return row
+def ray_default_per_gpu(plan, to_train: list[int], uses_cuda: bool | None) -> int:
+    """Runs per GPU on a Ray cluster without --per-gpu: from this machine's first GPU if it has one (cluster nodes
+    are usually alike), else 1. Ray's CPU requests (one per GPU worker) bound it by the nodes' cores."""
+    import torch
+
+    if uses_cuda is False or not torch.cuda.is_available():
+        return 1
+    n, line = default_count(plan, to_train, True, [0], count_cores=False)
+    click.echo(f"workers: {line}")
+    return n
 
 
 def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):

@@ -18,7 +18,7 @@ import pytest
 
 from dcablate.cli import main
 from dcablate.training import checkpoint
-from dcablate.runs.workers import parse_gpus, plan_slots
+from dcablate.runs.launchers.slots import parse_gpus, plan_slots
 
 SWEEP = """\
 [run]
@@ -205,7 +205,7 @@ def test_a_worker_that_does_not_stop_in_time_is_stopped_at_once(sweep):
 
 def test_stop_grace_from_the_environment(monkeypatch):
     from dcablate.errors import UserError
-    from dcablate.runs.workers import STOP_GRACE_S, stop_grace
+    from dcablate.runs.launchers.scheduler import STOP_GRACE_S, stop_grace
 
     assert stop_grace() == STOP_GRACE_S
     monkeypatch.setenv("DCABLATE_STOP_GRACE_S", "2.5")
@@ -260,7 +260,7 @@ def test_plan_slots():
 
 
 def test_gpu_pinning_maps_through_cuda_visible_devices(monkeypatch):
-    from dcablate.runs.workers import worker_env
+    from dcablate.runs.launchers.local import worker_env
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     slots = plan_slots(1, [0, 2], None, uses_cuda=True, cuda_count=3, to_train=4)

@@ -1,0 +1,153 @@
+"""What every launcher reports, in the same words: a line per run as it ends (with the sweep's progress), then
+the results table, the failures and the exit status (`report`)."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from dcablate.runs.directories import read_summary
+from dcablate.runs.launchers.point import LOG_NAME
+from dcablate.runs.progress import SweepProgress
+from dcablate.runs.tables import format_table, headline_result
+
+STOPPED_CODES = (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
+
+
+@dataclass
+class Job:
+    """A run to train: its point in the expanded sweep, where it goes and the recipe digest it must have."""
+
+    index: int  # the point's position in the expanded sweep
+    name: str
+    run_dir: Path
+    digest: str
+    task_kind: str = "mqar"  # picks the headline metric of its result line
+    label: str = ""  # where it is training ("cpu", "gpu 1", "ray 0.25 GPU", "slurm 1234_0")
+    started: float = 0.0
+
+    def request(self) -> dict:
+        """What the process that trains it needs (`point.run_job`); plain data, so any launcher can send it."""
+        return {"index": self.index, "name": self.name, "digest": self.digest, "run_dir": str(self.run_dir)}
+
+
+def jobs_for(plan, to_train: list[int]) -> list[Job]:
+    """The `Job`s of the planned points (name, recipe, run_dir, state) still to train."""
+    return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind) for i in to_train]
+
+
+@dataclass
+class Outcome:
+    summaries: dict = field(default_factory=dict)  # index -> summary of runs finished now
+    failed: list = field(default_factory=list)  # (job, exit code, last log line)
+    interrupted: list = field(default_factory=list)  # jobs stopped by a stop signal
+    not_started: int = 0
+    signal: int | None = None  # the first SIGINT/SIGTERM the command caught
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signal is None else signal.Signals(self.signal).name
+
+
+def last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1] if lines else "(empty log)"
+
+
+def exit_code(code: int) -> str:
+    """`1`, or `-9 (SIGKILL)` for a worker killed by a signal (e.g. by the kernel's out-of-memory killer)."""
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
+class Reporter:
+    """The line for each run as it ends, `total` runs in all, into `out`; `stopping()` tells whether the command
+    is stopping on a signal (a run that then ends with a signal's status was stopped, not failed)."""
+
+    def __init__(self, total: int, out: Outcome, stopping):
+        self.progress, self.out, self.stopping = SweepProgress(total), out, stopping
+        self.total = total
+
+    def finish(self, job: Job, code: int, why: str | None = None) -> None:
+        """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
+        elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.name}"
+        self.progress.finished()
+        if code == 0 and (job.run_dir / "summary.json").is_file():
+            summary = read_summary(job.run_dir)
+            self.out.summaries[job.index] = summary
+            click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.label})"
+                       f"  [{self.progress.status()}]")
+        elif self.stopping() and code in STOPPED_CODES:
+            self.out.interrupted.append(job)
+            reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
+                f"ended by {exit_code(code)} before it saved a checkpoint; it resumes from its previous one"
+            click.echo(f"{prefix}  stopped ({job.label}): {reason}")
+        else:
+            self.out.failed.append((job, exit_code(code), why or last_line(job.run_dir / LOG_NAME)))
+            click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.label}); "
+                       f"see {job.run_dir / LOG_NAME}  [{self.progress.status()}]")
+
+
+def note(job: Job, line: str) -> None:
+    """A line at the end of the run's worker.log, written by the command (so that a failure's report, which
+    quotes the log's last line, says what happened to a worker that could not say it)."""
+    try:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(job.run_dir / LOG_NAME, "a") as log:
+            log.write(line + "\n")
+    except OSError:
+        pass
+
+
+def announce_finished(plan) -> None:
+    for name, _, run_dir, state in plan:
+        if state == "finished":
+            click.echo(f"{name}: {run_dir} finished earlier, not retrained (--force-new trains it again)")
+
+
+def result_row(name: str, summary: dict, task_kind: str) -> dict:
+    """A run's line in the results table: size, steps, time, its final metrics, the task's headline last."""
+    from dcablate.tasks import TASKS
+
+    final, headline = summary["final"], TASKS.get(task_kind).headline
+    row = {"run": name, "params": summary["params"]["total"], "steps": summary["steps"],
+           "time_s": summary["wall_time_s"]}
+    row.update({k: v for k, v in final.items() if k not in ("step", "loss", headline)})
+    row[headline] = final.get(headline)
+    return row
+
+
+def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
+    """The results table of every finished run, the failures, and a `Stop` (exit status) for a sweep that was
+    stopped or had failures."""
+    from dcablate.training.runtime import Stop
+
+    rows = []
+    for i, (name, r, run_dir, state) in enumerate(plan):
+        summary = read_summary(run_dir) if state == "finished" else out.summaries.get(i)
+        if summary is not None:
+            rows.append(result_row(name or r.run.name, summary, r.task.kind))
+    click.echo("")
+    if rows:
+        click.echo(format_table(rows))
+    click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
+    for job, code, line in out.failed:
+        click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
+    if out.signal_name:
+        raise Stop(f"interrupted ({out.signal_name}): {len(out.interrupted)} runs stopped (checkpointed if training "
+                   f"had begun), {out.not_started} not started, {len(out.failed)} failed; run the same command to "
+                   f"resume", 128 + out.signal)
+    if out.failed:
+        raise Stop(f"error: {len(out.failed)} of {len(to_train)} runs failed (listed above); the others "
+                   f"finished; fix the cause and run the same command to train the failed ones", 1)

@@ -1,0 +1,143 @@
+"""One run of a sweep, trained where a launcher put it (a local worker process, a Ray actor, a Slurm array task).
+
+Every launcher hands a run over as a request (`Job.request()`: point index, name, recipe digest, run directory)
+and the process that trains it calls `run_job`: the same header and output redirection into
+RUN_DIR/worker.log, the same checks and the same `train` as the in-process loop, so a run's directory does not
+depend on which launcher trained it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import click
+
+from dcablate.errors import UserError
+from dcablate.runs.tables import headline_result
+
+LOG_NAME = "worker.log"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def output_to(path: Path):
+    """This process's stdout and stderr (file descriptors 1 and 2, so warnings and child output too) go to
+    `path` (appended) inside the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name: str, digest: str,
+                run_dir: Path) -> int:
+    """Train point `index` of the recipe into `run_dir` (as the launching command planned it); the exit status.
+
+    SIGINT/SIGTERM must be blocked on entry (`signals_blocked`): they are let through only while `train` runs,
+    which saves a checkpoint on the first; one that came earlier ends the call before training starts."""
+    try:
+        from dcablate import config as recipes
+        from dcablate.runs.directories import run_state
+
+        _, points = recipes.expand(recipe_ref, overrides)
+        if not 0 <= index < len(points):
+            raise UserError(f"{recipe_ref}: has {len(points)} points now, not point {index}")
+        name, r = points[index]
+        if name != expected_name or r.digest() != digest:
+            raise UserError(f"{recipe_ref}: point {index} is now {name or r.run.name} (recipe {r.digest()}), "
+                            f"not {expected_name} (recipe {digest}); was the recipe edited during the sweep?")
+        if run_state(run_dir, r) == "finished":
+            click.echo(f"{run_dir}: finished earlier, not retrained")
+            return 0
+        from dcablate.training.loop import train  # torch reads OMP_NUM_THREADS (set per worker by its launcher)
+        from dcablate.training.runtime import Stop
+
+        pending = signal.sigpending() & STOP_SIGNALS  # came while this worker was idle or loading
+        if pending:
+            signum = min(pending)
+            click.echo(f"interrupted ({signal.Signals(signum).name}) before training started")
+            return 128 + signum
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            summary = train(r, run_dir)  # its progress lines go to the log (recipe's log.progress)
+        except Stop as e:
+            click.echo(str(e))
+            return e.code
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        click.echo(f"-> {run_dir}  {headline_result(summary, r.task.kind)}")
+        return 0
+    except UserError as e:
+        click.echo(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted")
+        return 130
+
+
+@contextlib.contextmanager
+def signals_blocked():
+    """SIGINT/SIGTERM held pending inside the block (as `train_point` expects); the previous mask after it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def run_job(recipe_ref: str, overrides: list[str], request: dict, where: str) -> int:
+    """Train the run `request` names (`Job.request()`) with this process's output appended to RUN_DIR/worker.log
+    after a header naming the process and `where` it runs; the exit status (a crash is its traceback in the
+    log and status 1, so that every launcher reports it alike). Call with SIGINT/SIGTERM blocked."""
+    run_dir = Path(request["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with output_to(run_dir / LOG_NAME):
+        click.echo(f"=== dcablate worker {os.getpid()} on {where} ({time.strftime('%Y-%m-%d %H:%M:%S')}): "
+                   f"point {request['index']} {request['name']}")
+        try:
+            code = train_point(recipe_ref, overrides, request["index"], request["name"], request["digest"], run_dir)
+        except Exception:  # a bug, not a fault the loop knows: its traceback is the log's last word
+            traceback.print_exc()
+            code = 1
+        release_memory()
+    return code
+
+
+def enter_directory(cwd: str) -> str | None:
+    """A launcher's worker works where the command was run (relative recipe paths and run.out_dir mean the
+    same there) and imports plugin modules from there, as `python -m` would; what is wrong when it cannot."""
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        return (f"{cwd}: cannot work in the command's directory on this node ({e.strerror}); the nodes must see "
+                f"it at the same path (a shared filesystem)")
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return None
+
+
+def release_memory() -> None:
+    """Between runs: drop the last run's tensors and hand cached CUDA memory back (other workers share the GPU)."""
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

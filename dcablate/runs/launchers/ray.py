@@ -1,0 +1,255 @@
+"""The Ray launcher: `dcablate run RECIPE --launcher ray [--address ADDR]`.
+
+A Ray actor (`SweepWorker`) per slot plays the local launcher's worker process: the shared slot loop
+(`scheduler.py`) hands it one run at a time and it trains it through `point.run_job`, so the run directories,
+worker.log, resume and changed-recipe checks, result lines and table are the local launcher's. Actors rather
+than one Ray task per run because an actor keeps its process, and so its imports, CUDA context and autotuned
+kernels, for the whole sweep, and its GPU too: a reused task process would have started CUDA on the first
+task's GPU, which is why Ray gives GPU tasks a fresh process each by default.
+
+Packing: on CUDA an actor asks for `1/per_gpu` of a GPU and one CPU, on CPU for `threads` CPUs (Ray then sets
+OMP_NUM_THREADS to that). Retries: an actor lost to its node or process dying is restarted and its run tried
+again from its checkpoint (`--retries`, Ray's max_restarts and max_task_retries); a run that ends with an error
+of its own returns a status, which is never retried. Stopping: a stop signal reaches the actor's process as a
+real signal, sent by a small task on the actor's node, so the run checkpoints exactly as a local worker's does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+
+import click
+
+from dcablate.errors import UserError
+from dcablate.runs.launchers import INSTALL
+from dcablate.runs.launchers.capacity import CPU_THREADS_PER_RUN
+from dcablate.runs.launchers.outcome import Job, note
+from dcablate.runs.launchers.point import STOP_SIGNALS, enter_directory, run_job
+from dcablate.runs.launchers.scheduler import Worker, run_sweep
+
+CONNECT_TIMEOUT_S = 5.0
+ACTOR = "SweepWorker"  # in the actor process's title (`ray::SweepWorker`): a signal goes to no other process
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--launcher ray: Ray is not installed; {INSTALL} installs it") from None
+    return ray
+
+
+@dataclass
+class RaySlot:
+    """What one actor asks Ray for."""
+
+    cpus: float
+    gpus: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"ray {self.gpus:.3g} GPU" if self.gpus else f"ray {self.cpus:g} CPU"
+
+
+def ray_slots(nodes: list[dict], uses_cuda: bool, per_gpu: int | None, workers: int | None, default_per_gpu: int,
+              to_train: int) -> list[RaySlot]:
+    """The actors for `to_train` runs on a cluster whose live nodes have `nodes` resources ({"CPU": 8, "GPU": 2}),
+    as many as fit at once. CUDA: `per_gpu` (or `default_per_gpu`) actors per GPU, one CPU each. CPU: `workers`
+    actors (default: as many as fit at `CPU_THREADS_PER_RUN` threads), the cores split between them."""
+    cpus = [int(n.get("CPU", 0)) for n in nodes]
+    if uses_cuda:
+        if workers is not None:
+            raise UserError(f"--workers {workers}: is for sweeps on CPU; this one trains on CUDA, use --per-gpu N "
+                            f"instead")
+        n = per_gpu or default_per_gpu
+        fit = sum(min(int(n * n_res.get("GPU", 0) + 1e-6), c) for n_res, c in zip(nodes, cpus))
+        if not fit:
+            raise UserError("--launcher ray: the Ray cluster has no GPU with a CPU free to feed it; this sweep trains "
+                            "on CUDA (run.device)")
+        return [RaySlot(1, 1 / n) for _ in range(min(fit, to_train))]
+    n = workers if workers is not None else per_gpu
+    if not any(cpus):
+        raise UserError("--launcher ray: the Ray cluster has no CPU to train on")
+    threads = min(CPU_THREADS_PER_RUN, max(cpus)) if n is None else max(1, min(max(cpus), sum(cpus) // n))
+    fit = sum(c // threads for c in cpus)
+    return [RaySlot(threads) for _ in range(min(fit, n or fit, to_train))]
+
+
+class SweepWorker:
+    """The actor's class (made a Ray actor by `launch`, so that this module imports without Ray): trains runs
+    as a local worker process does, from the directory the command was run in."""
+
+    def __init__(self, cwd: str, where: str):
+        import ray
+
+        self.problem = enter_directory(cwd)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # as in a local worker: signals reach only `train`
+        from dcablate.runs.directories import echo_library_logs
+
+        echo_library_logs()
+        self.where = f"{where} on node {ray.util.get_node_ip_address()}"
+
+    def ready(self) -> tuple[int, str]:
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def train(self, recipe_ref: str, overrides: list[str], request: dict) -> int | str:
+        """The run's exit status, or what keeps this actor from training (the command writes it to the log)."""
+        return self.problem or run_job(recipe_ref, overrides, request, self.where)
+
+
+def signal_process(pid: int, signum: int) -> bool:
+    """A Ray task on the actor's node: `signum` to `pid` if it still is a sweep worker (a restarted actor has
+    a new process, and the old number may be another's by now)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if ACTOR.encode() not in f.read():
+                return False
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # no /proc here: trust the number
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        return False
+    return True
+
+
+class RayWorker(Worker):
+    """An actor on a `RaySlot`; a thread per run waits for its result."""
+
+    def __init__(self, slot: RaySlot, events: queue.Queue, remote, recipe_ref: str, overrides: list[str]):
+        import ray
+
+        super().__init__(slot, events)
+        self.ray, self.remote, self.recipe_ref, self.overrides = ray, remote, recipe_ref, overrides
+        self.actor = remote.actor.options(num_cpus=slot.cpus, num_gpus=slot.gpus, max_restarts=remote.retries,
+                                          max_task_retries=remote.retries,
+                                          runtime_env=remote.runtime_env).remote(os.getcwd(), slot.label)
+        self.info = self.actor.ready.remote()
+        self.ref = None
+        self.released = self.killed = False
+
+    def assign(self, job: Job) -> None:
+        self.ref = ref = self.actor.train.remote(self.recipe_ref, self.overrides, job.request())
+        threading.Thread(target=self._wait, args=(ref, job), daemon=True).start()
+
+    def _wait(self, ref, job: Job) -> None:
+        ray = self.ray
+        try:
+            code = ray.get(ref)
+            if isinstance(code, str):  # the actor could not start the run: say why where the run's log is
+                note(job, f"error: {code}")
+                code = 2
+            self.events.put((self, "result", code))
+        except ray.exceptions.TaskCancelledError:  # stopped before it started
+            self.events.put((self, "exit", 128 + signal.SIGTERM))
+        except ray.exceptions.RayError as e:  # the actor died and was not (or no more) restarted
+            if not self.killed:
+                note(job, f"ray: the worker died ({first_line(e)})")
+            self.events.put((self, "exit", -signal.SIGKILL))
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.kill()
+            self.events.put((self, "exit", 0))
+
+    def signal(self, signum: int) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        ray = self.ray
+        try:
+            started, _ = ray.wait([self.info], timeout=0)
+            if not started:  # the actor is still waiting for resources: its run never starts
+                ray.cancel(self.ref)
+                return
+            pid, node = ray.get(self.info)
+            self.remote.signal.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+                                       num_cpus=0).remote(pid, signum)
+        except ray.exceptions.RayError:
+            pass  # the actor is gone: its run reports itself
+
+    def kill(self) -> None:
+        self.killed = True
+        try:
+            self.ray.kill(self.actor, no_restart=True)
+        except self.ray.exceptions.RayError:
+            pass  # gone already
+
+    def close(self, deadline: float) -> None:
+        self.kill()
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class Remote:
+    """The Ray handles a sweep needs: the actor class, the signalling task, retries and the runtime environment."""
+
+    def __init__(self, ray, retries: int):
+        self.actor = ray.remote(SweepWorker)
+        self.signal = ray.remote(signal_process)
+        self.retries = retries
+        # plugins and settings that workers must share; the rest of the environment is the node's own
+        env = {k: v for k, v in os.environ.items() if k.startswith("DCABLATE_")}
+        self.runtime_env = {"env_vars": env} if env else None
+
+
+def reachable(address: str) -> None:
+    """UserError at once when `address` is HOST:PORT and nothing answers there (Ray itself keeps trying for
+    minutes); `auto` and `ray://` addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                        f"`ray start --head` or leave --address out for a local Ray instance") from None
+
+
+def connect(ray, address: str | None) -> str:
+    """Start a local Ray instance (`address` None, and no RAY_ADDRESS in the environment, which Ray would
+    attach to) or attach to a cluster; a description of where."""
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address is None:
+            ray.init(include_dashboard=False, **quiet)
+            return "a local Ray instance"
+        reachable(address)
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+        raise UserError(f"--address {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
+    return f"the Ray cluster at {address}"
+
+
+def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bool | None, address: str | None,
+           per_gpu: int | None, workers: int | None, default_per_gpu: int, retries: int):
+    """Train `jobs` on Ray actors (see the module's docstring); the `Outcome`. `uses_cuda` None (run.device =
+    "auto"): on GPUs if the cluster has any."""
+    ray = import_ray()
+    where = connect(ray, address)
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if uses_cuda is None:
+            uses_cuda = any(n.get("GPU", 0) for n in nodes)
+        slots = ray_slots(nodes, uses_cuda, per_gpu, workers, default_per_gpu, len(jobs))
+        remote = Remote(ray, retries)
+        click.echo(f"ray: {len(nodes)} node{'s' if len(nodes) != 1 else ''} in {where}")
+        return run_sweep(jobs, slots, lambda slot, events: RayWorker(slot, events, remote, recipe_ref, overrides),
+                         len(jobs))
+    finally:
+        ray.shutdown()

@@ -1,0 +1,280 @@
+"""The Slurm launcher: `dcablate run RECIPE --launcher slurm [--partition P] [--time MIN] ...`.
+
+The runs still to train go to Slurm as one job array through submitit (its files under `<sweep>/.submitit`):
+each array task is a `PointJob` that trains one run through `point.run_job`, so the run directories,
+worker.log, resume and changed-recipe checks are the local launcher's. The command then waits, printing the
+same line per run and the same table (`--no-wait` returns after submitting).
+
+Time limits: Slurm warns a job before its limit with submitit's signal (SIGUSR2, `--slurm
+slurm_signal_delay_s=S` seconds before). The run then saves a checkpoint as on SIGTERM and submitit requeues
+the task, which resumes from that checkpoint, so a run may be longer than `--time`. Retries: a task that ends
+without a result (its node failed, it was killed) is submitted again, `--retries` times; a run that ends with
+an error of its own returns a status, which is never retried. Stopping the command: running tasks get SIGTERM
+(each saves a checkpoint), pending ones are cancelled, and after the grace period all are cancelled.
+
+`DCABLATE_SLURM_CLUSTER=local` runs the array with submitit's local executor instead (a process per task on
+this machine, all at once): a trial of a Slurm sweep without Slurm, and what the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import click
+
+from dcablate.errors import UserError
+from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, INSTALL, SlurmOptions
+from dcablate.runs.launchers.capacity import CPU_THREADS_PER_RUN
+from dcablate.runs.launchers.outcome import Job, Outcome, Reporter, note
+from dcablate.runs.launchers.point import LOG_NAME, enter_directory, run_job, signals_blocked
+from dcablate.runs.launchers.scheduler import KILL_AFTER_S, STATUS_EVERY_S, Stopping, stop_grace
+
+CLUSTER_ENV = "DCABLATE_SLURM_CLUSTER"
+MAX_TIMEOUTS = 50  # requeues at a time limit before submitit gives up (each resumes exactly: no harm in many)
+GPU_TASK_CPUS = 4  # CPUs per task of a CUDA sweep: one feeds the GPU, the rest prepare data and write logs
+
+
+def import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"--launcher slurm: submitit is not installed; {INSTALL} installs it") from None
+    return submitit
+
+
+def preempt_signal() -> int:
+    """The signal submitit asks Slurm to send before the time limit (`SUBMITIT_PREEMPT_SIGNAL`, default USR2)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+
+
+class PointJob:
+    """What an array task runs (pickled by submitit): one run of the sweep, from the directory the command was
+    run in. Checkpointable in submitit's sense: `checkpoint` gives the same call again, so a requeued task
+    resumes the run."""
+
+    def __init__(self, recipe_ref: str, overrides: list[str], cwd: str):
+        self.recipe_ref, self.overrides, self.cwd = recipe_ref, overrides, cwd
+
+    def __call__(self, request: dict) -> int | str:
+        """The run's exit status, or what keeps this task from training (the command writes it to the log)."""
+        import socket
+
+        import submitit
+
+        problem = enter_directory(self.cwd)
+        if problem:
+            return problem
+        from dcablate.runs.directories import echo_library_logs
+
+        echo_library_logs()
+        env = submitit.JobEnvironment()
+        usr, warned = preempt_signal(), []
+        requeue = signal.getsignal(usr)  # submitit's: checkpoint (this object's `checkpoint`), requeue, exit
+
+        def near_limit(signum, frame) -> None:  # save a checkpoint as on SIGTERM first
+            warned.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(usr, near_limit)
+        with signals_blocked():
+            code = run_job(self.recipe_ref, self.overrides, request, f"slurm job {env.job_id} on {socket.gethostname()}")
+        signal.signal(usr, requeue)
+        if warned and code != 0 and callable(requeue):
+            with open(Path(request["run_dir"]) / LOG_NAME, "a") as log:
+                log.write(f"slurm: time limit near ({signal.Signals(warned[0]).name}): requeued; the run resumes "
+                          f"from its checkpoint\n")
+            requeue(warned[0], None)  # exits this process when it requeues
+        return code
+
+    def checkpoint(self, request: dict):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, request)
+
+
+def parse_params(params: list[str]) -> dict:
+    """`--slurm KEY=VALUE` pairs as submitit parameters (values read as TOML, else kept as text)."""
+    out = {}
+    for item in params:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UserError(f"--slurm {item}: expected KEY=VALUE, e.g. --slurm slurm_account=myproject")
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def executor_for(folder: Path, options: SlurmOptions, uses_cuda: bool, name: str):
+    """submitit's AutoExecutor for the sweep's array and the parameters it was given; UserError for a bad
+    `--slurm`."""
+    submitit = import_submitit()
+    cluster = os.environ.get(CLUSTER_ENV, "slurm")
+    if cluster not in ("slurm", "local"):
+        raise UserError(f"{CLUSTER_ENV}={cluster!r} (environment): must be 'slurm' or 'local'")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError(f"--launcher slurm: Slurm's sbatch is not on this machine's PATH; run the command on a "
+                        f"Slurm login node ({CLUSTER_ENV}=local tries the sweep with submitit's local executor)")
+    created = not folder.exists()
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **{f"{cluster}_max_num_timeout": MAX_TIMEOUTS})
+    try:
+        params = set_parameters(executor, options, uses_cuda, name)
+    except UserError:
+        if created:  # submitit's empty folders, made just now: a refused command leaves nothing behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return executor, params
+
+
+def set_parameters(executor, options: SlurmOptions, uses_cuda: bool, name: str) -> dict:
+    """The array's parameters (returned): the launcher's flags and defaults, then `--slurm KEY=VALUE`."""
+    params = {"name": f"dcablate-{name}", "timeout_min": options.time_min or DEFAULT_TIME_MIN, "nodes": 1,
+              "tasks_per_node": 1,
+              "gpus_per_node": options.gpus_per_task if options.gpus_per_task is not None else int(uses_cuda),
+              "cpus_per_task": options.cpus_per_task or (GPU_TASK_CPUS if uses_cuda else CPU_THREADS_PER_RUN)}
+    if options.partition:
+        params["slurm_partition"] = options.partition
+    extra = parse_params(options.params)
+    params.update(extra)
+    try:
+        executor.update_parameters(**params)
+    except (NameError, AssertionError, ValueError, TypeError) as e:
+        given = [f"{k}={v!r}" for k, v in extra.items()]
+        raise UserError(f"--slurm {' '.join(given) or '(none)'}: submitit refuses the parameters "
+                        f"({str(e).strip().splitlines()[0]}); generic ones are timeout_min, mem_gb, cpus_per_task, "
+                        f"gpus_per_node, ..., Slurm's start with slurm_ (slurm_account, slurm_qos, ...)") from None
+    return params
+
+
+def signal_job(handle, signum: int) -> None:
+    """`signum` to the processes of a running task (the run saves a checkpoint on SIGTERM)."""
+    process = getattr(handle, "_process", None)  # submitit's local executor: its controller forwards SIGTERM
+    if process is not None:
+        try:
+            process.send_signal(signum)
+        except OSError:
+            pass
+        return
+    subprocess.run(["scancel", f"--signal={signal.Signals(signum).name[3:]}", str(handle.job_id)],
+                   capture_output=True)
+
+
+def pending(handle) -> bool:
+    try:
+        return str(handle.state).upper().startswith("PENDING")
+    except Exception:  # an unreadable state is no reason to stop stopping
+        return False
+
+
+def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bool | None, options: SlurmOptions,
+           root: Path, retries: int | None) -> Outcome | None:
+    """Submit `jobs` as one Slurm array and wait for them (None with `--no-wait`); the `Outcome`. `uses_cuda`
+    None (run.device = "auto"): GPUs only if `--gpus-per-task` asks for some."""
+    if uses_cuda is None:
+        uses_cuda = bool(options.gpus_per_task)
+    folder = root / ".submitit"
+    executor, params = executor_for(folder, options, uses_cuda, root.name)
+    fn = PointJob(recipe_ref, overrides, os.getcwd())
+    retries = DEFAULT_RETRIES if retries is None else retries
+    try:
+        handles = executor.map_array(fn, [job.request() for job in jobs])
+    except Exception as e:  # sbatch refused (partition, account, limits; submitit wraps it variously): its words
+        raise UserError(f"--launcher slurm: submitting the job array failed: {last_words(e)}") from None
+    array = str(handles[0].job_id).split("_")[0] if handles else "-"
+    click.echo(f"submitted {len(jobs)} run{'s' if len(jobs) != 1 else ''} as job array {array} ({executor.cluster}; "
+               f"per task {params['gpus_per_node']} GPU, {params['cpus_per_task']} CPUs, {params['timeout_min']} min); "
+               f"logs in RUN_DIR/{LOG_NAME}, Slurm's in {folder}")
+    for job, handle in zip(jobs, handles):
+        job.label, job.started = f"slurm {handle.job_id}", time.time()
+    if not options.wait:
+        click.echo("not waiting (--no-wait): `dcablate run ... --dry-run` shows which runs have finished; do not "
+                   "rerun the command while the jobs run (it would submit the unfinished runs again)")
+        return None
+    return wait(executor, fn, list(zip(jobs, handles)), retries)
+
+
+def wait(executor, fn, live: list, retries: int) -> Outcome:
+    """Poll the tasks until every one has ended, reporting each; SIGINT/SIGTERM stop them (module docstring)."""
+    from submitit.core.utils import UncompletedJobError  # FailedJobError (the task raised) is one too
+
+    out, stop = Outcome(), Stopping()
+    reporter = Reporter(len(live), out, lambda: bool(stop.caught))
+    grace, attempts = stop_grace(), {job.index: 0 for job, _ in live}
+    poll = 1.0 if executor.cluster == "local" else 5.0
+    cancelled: set[int] = set()
+    signalled = killed = False
+    last_status = time.time()
+    previous = stop.install()
+    try:
+        while live:
+            if stop.caught:
+                waited = time.monotonic() - stop.first
+                if not signalled:
+                    signalled = True
+                    for job, handle in live:
+                        if pending(handle):
+                            cancelled.add(job.index)
+                            handle.cancel(check=False)
+                        else:
+                            signal_job(handle, signal.SIGTERM)
+                if (waited >= grace or len(stop.caught) > 1) and not killed:
+                    killed = True
+                    for _, handle in live:
+                        handle.cancel(check=False)
+                if waited >= grace + KILL_AFTER_S + 30:  # the cluster did not confirm: stop waiting
+                    break
+            still = []
+            for job, handle in live:
+                if not handle.done():
+                    still.append((job, handle))
+                    continue
+                try:
+                    code = handle.result()
+                    if isinstance(code, str):  # the task could not start the run: say why where its log is
+                        note(job, f"error: {code}")
+                        code = 2
+                except UncompletedJobError as e:  # no result: the task was lost, killed or cancelled
+                    if job.index in cancelled:
+                        continue
+                    if stop.caught:
+                        code = -signal.SIGKILL
+                    elif attempts[job.index] < retries:
+                        attempts[job.index] += 1
+                        again = executor.submit(fn, job.request())
+                        note(job, f"slurm: job {handle.job_id} ended without a result ({last_words(e)}); submitted "
+                                  f"again as job {again.job_id}")
+                        job.label = f"slurm {again.job_id}"
+                        still.append((job, again))
+                        continue
+                    else:
+                        note(job, f"slurm: job {handle.job_id} ended without a result ({last_words(e)})")
+                        code = -signal.SIGKILL
+                reporter.finish(job, code)
+                last_status = time.time()
+            live = still
+            if live and not stop.caught and time.time() - last_status >= STATUS_EVERY_S:
+                click.echo(f"... {len(live)} job{'s' if len(live) != 1 else ''} not finished  "
+                           f"[{reporter.progress.status()}]")
+                last_status = time.time()
+            if live:
+                time.sleep(poll)
+    finally:
+        Stopping.restore(previous)
+    out.not_started = len(cancelled)
+    out.interrupted += [job for job, _ in live]
+    out.signal = stop.caught[0] if stop.caught else None
+    return out
+
+
+def last_words(e: BaseException) -> str:
+    """The last line of submitit's error (its first lines are a traceback or a header)."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(e).__name__

@@ -1,0 +1,92 @@
+"""What the launcher tests share: a 2-point CPU sweep, an in-process reference of it, and the parts of a run
+directory that must not depend on the launcher that trained it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SWEEP = """\
+[run]
+name = "w"
+out_dir = "out"
+device = "cpu"
+[model]
+mixer = "attention"
+n_heads = 2
+d_model = 16
+[task.mqar]
+vocab_size = 64
+train = [{ seq_len = 16, num_kv_pairs = 2, num_examples = 128 }]
+test = [{ seq_len = 16, num_kv_pairs = 2, num_examples = 32 }]
+[train]
+steps = 6
+batch_size = 8
+warmup_steps = 1
+[eval]
+every = 3
+[log]
+every = 2
+progress = false
+tensorboard = false
+[sweep]
+"model.conv.kind" = ["none", "static"]
+"""
+NAMES = ["conv.kind=none", "conv.kind=static"]
+ROOT = Path(__file__).resolve().parents[2]
+
+# a plugin the workers import (from the command's directory): with slow.json there, training batches after
+# the first `fast` ones take `delay` seconds each to draw, so a test can stop a sweep mid-run
+SLOW_PLUGIN = """\
+import json, os, time
+from dcablate.tasks.mqar.task import MQARTask
+
+draw = MQARTask.train_batches
+
+def train_batches(self, batch_size, seed, start=0):
+    slow = json.load(open("slow.json")) if os.path.exists("slow.json") else None
+    for i, item in enumerate(draw(self, batch_size, seed, start)):
+        if slow and start == 0 and i >= slow["fast"]:
+            time.sleep(slow["delay"])
+        yield item
+MQARTask.train_batches = train_batches
+"""
+
+
+def deterministic(run_dir: Path) -> dict:
+    """What a run computed: its summary's results and its metrics records, without times and speeds."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    drop = {"time", "tokens_per_s", "step_time_s"}
+    return {"final": summary["final"], "best": summary["best"], "steps": summary["steps"],
+            "params": summary["params"], "records": [{k: v for k, v in r.items() if k not in drop} for r in records]}
+
+
+def results(root: Path, names=NAMES) -> dict:
+    return {n: deterministic(root / n) for n in names}
+
+
+def report_text(root: Path) -> tuple[str, str]:
+    """`dcablate report ROOT`'s report.md (its folder name made neutral) and report.csv."""
+    from dcablate.cli import main
+
+    assert main(["report", str(root)]) == 0
+    return (root / "report.md").read_text().replace(str(root), "ROOT"), (root / "report.csv").read_text()
+
+
+def start_command(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`dcablate run w.toml ARGS` as its own process (so that a test can signal it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "dcablate.cli", "run", "w.toml", *args], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(condition, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.1)
+    assert condition()

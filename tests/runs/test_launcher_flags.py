@@ -1,0 +1,160 @@
+"""Launcher flags that do not fit together, or a launcher that cannot start, end in one line (exit 2) before
+anything is written; the default worker count follows the machine's capacity (faked numbers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from dcablate.cli import main
+from dcablate.errors import UserError
+from dcablate.runs.launchers.capacity import GIB, RunShape, default_count, estimate_bytes, run_shape
+from dcablate.runs.launchers.ray import ray_slots
+from dcablate.runs.launchers.slots import plan_slots
+from tests.runs.launcher_helpers import SWEEP
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.toml").write_text(SWEEP)
+    return tmp_path
+
+
+def one_line_error(sweep, capsys, args: list[str], fragment: str) -> None:
+    assert main(["run", "w.toml", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+    assert not (sweep / "out").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--address", "auto"], "--address auto: names a Ray cluster; it needs --launcher ray"),
+    (["--partition", "gpu"], "--partition: is an option of the Slurm launcher; it needs --launcher slurm"),
+    (["--launcher", "ray", "--no-wait"], "--no-wait: is an option of the Slurm launcher"),
+    (["--retries", "2"], "--retries 2: retries runs whose Ray worker or Slurm job was lost"),
+    (["--launcher", "ray", "--nproc", "2"], "--nproc 2: trains one run over several processes"),
+    (["--launcher", "ray", "--gpus", "0"], "--gpus 0: picks GPUs of this machine for the local launcher; under "
+                                           "--launcher ray Ray assigns the GPUs"),
+    (["--launcher", "slurm", "--per-gpu", "2"], "--per-gpu: the Slurm launcher trains each run as its own array task"),
+    (["--launcher", "slurm", "--workers", "2"], "--workers: the Slurm launcher trains each run as its own array"),
+    (["--launcher", "mpi"], "Invalid value for '--launcher': 'mpi' is not one of 'local', 'ray', 'slurm'"),
+], ids=["address", "partition", "no-wait", "retries", "nproc", "gpus", "slurm-per-gpu", "slurm-workers", "unknown"])
+def test_flag_combinations(sweep, capsys, flags, fragment):
+    for extra in ([], ["--dry-run"]):  # checked before the recipe is read: a dry run checks them too
+        one_line_error(sweep, capsys, flags + extra, fragment)
+
+
+@pytest.mark.parametrize("launcher, package", [("ray", "Ray"), ("slurm", "submitit")])
+def test_a_launcher_whose_package_is_missing_names_the_extra(sweep, capsys, monkeypatch, launcher, package):
+    real = importlib.util.find_spec
+    module = {"ray": "ray", "slurm": "submitit"}[launcher]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    one_line_error(sweep, capsys, ["--launcher", launcher],
+                   f"--launcher {launcher}: {package} is not installed; pip install 'dcablate[cluster]' installs it")
+
+
+def test_ray_address_where_nothing_answers(sweep, capsys):
+    pytest.importorskip("ray")
+    one_line_error(sweep, capsys, ["--launcher", "ray", "--address", "127.0.0.1:1"],
+                   "--address 127.0.0.1:1: no Ray cluster answers there")
+
+
+def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp_path):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch
+    monkeypatch.delenv("DCABLATE_SLURM_CLUSTER", raising=False)
+    one_line_error(sweep, capsys, ["--launcher", "slurm"], "--launcher slurm: Slurm's sbatch is not on this "
+                   "machine's PATH; run the command on a Slurm login node (DCABLATE_SLURM_CLUSTER=local tries")
+    monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "pbs")
+    one_line_error(sweep, capsys, ["--launcher", "slurm"],
+                   "DCABLATE_SLURM_CLUSTER='pbs' (environment): must be 'slurm' or 'local'")
+    monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "local")
+    one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "slurm_acount=x"],
+                   "--slurm slurm_acount='x': submitit refuses the parameters (Unknown argument 'acount'")
+    one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "account"],
+                   "--slurm account: expected KEY=VALUE, e.g. --slurm slurm_account=myproject")
+
+
+def test_default_count_on_cuda_from_memory_cores_and_the_cap():
+    n, line = default_count(True, 20 * GIB, cores=64, gpus=1, gpu_bytes=80 * GIB)
+    assert n == 3 and line.startswith("3 runs per GPU on 1 GPU: a run needs about 20.0 GiB of the 80.0 GiB per GPU "
+                                      "(room for 3), 64 CPU cores feed it, at most 8 per GPU (--per-gpu N to choose)")
+    assert default_count(True, GIB, cores=8, gpus=4, gpu_bytes=140 * GIB)[0] == 2  # 2 cores per GPU
+    assert default_count(True, GIB, cores=128, gpus=1, gpu_bytes=140 * GIB)[0] == 8  # the cap
+    assert default_count(True, 200 * GIB, cores=16, gpus=1, gpu_bytes=80 * GIB)[0] == 1  # never below one
+
+
+def test_default_count_on_cpu_from_cores_and_memory():
+    n, line = default_count(False, GIB, cores=2, host_bytes=64 * GIB)
+    assert n == 1 and line == ("one run at a time in this process: 2 CPU cores at 4 threads per run (--workers N to "
+                               "train several at once)")
+    n, line = default_count(False, GIB, cores=32, host_bytes=64 * GIB)
+    assert n == 8 and line == "8 CPU workers: 32 cores at 4 threads per run (--workers N to choose)"
+    n, line = default_count(False, 4 * GIB, cores=32, host_bytes=10 * GIB)
+    assert n == 2 and "host memory for 2 runs of about 4.0 GiB" in line
+
+
+def test_estimate_counts_weights_activations_head_and_context():
+    shape = RunShape(params=1000, d_model=64, n_layers=2, micro_batch=8, eval_batch=16, seq_len=32, vocab=100)
+    cpu = 16 * 1000 + 96 * 8 * 32 * 64 * 2 + 12 * 8 * 32 * 100 + 4 * 16 * 32 * 100
+    assert estimate_bytes(shape, cuda=False) == cpu and estimate_bytes(shape, cuda=True) == cpu + GIB
+
+
+def test_run_shape_of_a_recipe():
+    from dcablate import config
+
+    _, r = config.expand("quickstart", [])[1][0]
+    shape = run_shape(r)
+    assert shape.d_model == r.model.d_model and shape.micro_batch == r.train.batch_size and shape.params > 0
+
+
+def test_plan_slots_with_a_capacity_default():
+    assert [s.gpu for s in plan_slots(None, None, None, True, cuda_count=1, to_train=8, default=4)] == [0] * 4
+    assert [s.gpu for s in plan_slots(None, None, None, True, cuda_count=2, to_train=3, default=4)] == [0, 1, 0]
+    assert len(plan_slots(None, None, None, False, cuda_count=0, to_train=8, default=3)) == 3
+    assert plan_slots(None, None, None, False, cuda_count=0, to_train=8, default=1) == []  # in-process
+    assert len(plan_slots(2, None, None, True, cuda_count=1, to_train=8, default=8)) == 2  # the flag wins
+
+
+def test_the_cli_says_how_many_workers_and_why(sweep, capsys, monkeypatch):
+    monkeypatch.setattr("dcablate.runs.launchers.slots.cpu_count", lambda: 2)
+    assert main(["run", "w.toml", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("workers: one run at a time in this process: 2 CPU cores at 4 threads per run ")
+    assert main(["run", "w.toml", "--quiet", "--force-new", "--set", "train.steps=2"]) == 0  # not for a lone run
+    assert main(["run", "w.toml", "--quiet", "--workers", "1"]) == 0  # nor when a flag chose
+    assert "workers:" not in capsys.readouterr().out.split("\n", 2)[2]
+
+
+def test_ray_slots():
+    cpu_nodes = [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert [s.cpus for s in ray_slots(cpu_nodes, False, None, None, 1, to_train=4)] == [1, 1]
+    assert [s.cpus for s in ray_slots([{"CPU": 16}], False, None, None, 1, to_train=8)] == [4] * 4
+    assert [s.cpus for s in ray_slots([{"CPU": 16}], False, None, 2, 1, to_train=8)] == [8, 8]
+    assert len(ray_slots([{"CPU": 16}], False, None, 32, 1, to_train=64)) == 16
+    assert len(ray_slots([{"CPU": 16}], False, None, None, 1, to_train=2)) == 2  # no idle actors
+    gpu = ray_slots([{"CPU": 16, "GPU": 2}], True, 4, None, 1, to_train=20)
+    assert len(gpu) == 8 and gpu[0].gpus == 0.25 and gpu[0].label == "ray 0.25 GPU"
+    assert len(ray_slots([{"CPU": 16, "GPU": 2}], True, 16, None, 1, to_train=64)) == 16  # one CPU per actor
+    assert len(ray_slots([{"CPU": 8, "GPU": 1}, {"CPU": 8}], True, None, None, 3, to_train=64)) == 3  # the default
+    with pytest.raises(UserError, match="the Ray cluster has no GPU"):
+        ray_slots(cpu_nodes, True, None, None, 1, to_train=4)
+    with pytest.raises(UserError, match="--workers 2: is for sweeps on CPU"):
+        ray_slots([{"CPU": 16, "GPU": 2}], True, None, 2, 1, to_train=4)
+
+
+def test_a_worker_that_cannot_enter_the_commands_directory_says_why(tmp_path):
+    from dcablate.runs.launchers.point import enter_directory
+
+    here = os.getcwd()
+    problem = enter_directory(str(tmp_path / "not-on-this-node"))
+    assert "not-on-this-node: cannot work in the command's directory on this node" in problem
+    assert "shared filesystem" in problem and os.getcwd() == here
+
+
+def test_default_count_for_ray_leaves_the_cores_to_ray():
+    n, line = default_count(True, GIB, cores=None, gpus=1, gpu_bytes=80 * GIB)
+    assert n == 8 and "CPU cores" not in line

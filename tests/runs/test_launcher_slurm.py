@@ -1,0 +1,142 @@
+"""`dcablate run --launcher slurm` through submitit's local executor on CPU (DCABLATE_SLURM_CLUSTER=local): the
+same run directories, results and report as the local launcher; a task warned of its time limit checkpoints,
+is requeued and resumes; SIGTERM stops the array and the same command resumes it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+
+import pytest
+
+from tests.runs.launcher_helpers import (NAMES, SLOW_PLUGIN, SWEEP, report_text, results, start_command,
+                                         wait_for)
+
+pytest.importorskip("submitit")
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "local")
+    (tmp_path / "w.toml").write_text(SWEEP)
+    return tmp_path
+
+
+def test_slurm_array_matches_the_local_launcher(sweep, capsys):
+    from dcablate.cli import main
+
+    assert main(["run", "w.toml", "--quiet", "--set", 'run.out_dir="local"']) == 0
+    capsys.readouterr()
+    assert main(["run", "w.toml", "--launcher", "slurm", "--time", "10"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"submitted 2 runs as job array \d+ \(local; per task 0 GPU, 4 CPUs, 10 min\); logs in "
+                     r"RUN_DIR/worker.log, Slurm's in out/w/.submitit", out), out
+    assert sum(line.startswith(("[1/2] ", "[2/2] ")) and "s wall, slurm " in line for line in out.splitlines()) == 2
+    local, remote = sweep / "local" / "w", sweep / "out" / "w"
+    assert sorted(p.name for p in remote.iterdir()) == [".submitit"] + NAMES
+    assert results(remote) == results(local)
+    for n in NAMES:
+        log = (remote / n / "worker.log").read_text()
+        assert log.startswith("=== dcablate worker ") and " on slurm job " in log and f"-> out/w/{n}" in log
+    assert all(n in out.split("\n\n", 1)[1] for n in NAMES)
+    assert report_text(remote) == report_text(local)
+
+    assert main(["run", "w.toml", "--launcher", "slurm"]) == 0  # all finished: nothing is submitted
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, not retrained") == 2 and "submitted" not in out
+
+
+def test_a_task_warned_of_its_time_limit_checkpoints_and_is_requeued(sweep, capsys, monkeypatch):
+    """SIGUSR2 (what Slurm sends before the limit) to a training task: the run saves a checkpoint, submitit
+    requeues the task, and the requeued task resumes the run and finishes it, all in one command."""
+    from dcablate.cli import main
+
+    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    (sweep / "slow.json").write_text('{"fast": 4, "delay": 0.3}')
+    monkeypatch.setenv("DCABLATE_PLUGINS", "slow_plugin")
+    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
+    root, name = sweep / "out" / "w", NAMES[0]
+    sets = ("--set", "train.steps=40", "--set", "checkpoint.every=4")
+
+    def warn() -> None:
+        wait_for(lambda: (root / name / "checkpoints" / "step-000004.pt").is_file())
+        pid = re.search(r"=== dcablate worker (\d+) ", (root / name / "worker.log").read_text()).group(1)
+        os.kill(int(pid), signal.SIGUSR2)
+
+    warner = threading.Thread(target=warn, daemon=True)
+    warner.start()
+    assert main(["run", "w.toml", "--launcher", "slurm", *sets]) == 0
+    warner.join(timeout=5)
+    out = capsys.readouterr().out
+    assert "[1/1] conv.kind=none  overall " in out
+    log = (root / name / "worker.log").read_text()
+    assert "interrupted (SIGTERM) at step" in log and "slurm: time limit near (SIGUSR2): requeued" in log
+    assert log.count("=== dcablate worker ") == 2 and f"resuming out/w/{name} from step" in log
+    assert results(root, [name])[name]["steps"] == 40
+
+
+def test_sigterm_stops_the_array_and_the_same_command_resumes(sweep, capsys):
+    from dcablate.cli import main
+
+    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    (sweep / "slow.json").write_text('{"fast": 4, "delay": 0.3}')
+    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
+    root, name = sweep / "out" / "w", NAMES[0]
+    sets = ("--set", "train.steps=40", "--set", "checkpoint.every=4")
+    proc = start_command(sweep, "--launcher", "slurm", *sets, env={"DCABLATE_PLUGINS": "slow_plugin"})
+    wait_for(lambda: (root / name / "checkpoints" / "step-000004.pt").is_file())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, (out, err)
+    assert "[1/1] conv.kind=none  stopped (slurm " in out and "interrupted (SIGTERM) at step" in out, out
+    assert "interrupted (SIGTERM): 1 runs stopped (checkpointed if training had begun), 0 not started" in err
+
+    (sweep / "slow.json").unlink()
+    assert main(["run", "w.toml", "--launcher", "slurm", *sets]) == 0
+    capsys.readouterr()
+    assert f"resuming out/w/{name} from step" in (root / name / "worker.log").read_text()
+    assert results(root, [name])[name]["steps"] == 40
+
+
+def test_no_wait_returns_once_submitted(sweep, capsys):
+    from dcablate.cli import main
+
+    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
+    assert main(["run", "w.toml", "--launcher", "slurm", "--no-wait"]) == 0
+    out = capsys.readouterr().out
+    assert "submitted 1 run as job array" in out and "not waiting (--no-wait)" in out and "run directory" not in out
+    summary = sweep / "out" / "w" / NAMES[0] / "summary.json"
+    wait_for(summary.is_file)  # the task trains on after the command returned
+    wait_for(lambda: "-> out/w/" in (summary.parent / "worker.log").read_text())
+    assert main(["run", "w.toml", "--dry-run"]) == 0 and "finished" in capsys.readouterr().out
+
+
+def test_a_task_lost_without_a_result_is_submitted_again(sweep, capsys, monkeypatch):
+    """A task killed outright (no result, as when its node fails): the command submits it again (--retries 1),
+    and the new task resumes the run from its checkpoint."""
+    from dcablate.cli import main
+
+    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
+    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    (sweep / "slow.json").write_text('{"fast": 4, "delay": 0.3}')
+    monkeypatch.setenv("DCABLATE_PLUGINS", "slow_plugin")
+    root, name = sweep / "out" / "w", NAMES[0]
+
+    def kill() -> None:
+        wait_for(lambda: (root / name / "checkpoints" / "step-000004.pt").is_file())
+        (sweep / "slow.json").unlink()
+        os.kill(int(re.search(r"=== dcablate worker (\d+) ", (root / name / "worker.log").read_text()).group(1)),
+                signal.SIGKILL)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    assert main(["run", "w.toml", "--launcher", "slurm", "--set", "train.steps=40", "--set", "checkpoint.every=4"]) == 0
+    killer.join(timeout=5)
+    assert "[1/1] conv.kind=none  overall " in capsys.readouterr().out
+    log = (root / name / "worker.log").read_text()
+    assert re.search(r"slurm: job \d+ ended without a result \(.*\); submitted again as job \d+", log), log
+    assert log.count("=== dcablate worker ") == 2 and f"resuming out/w/{name} from step" in log
+    assert results(root, [name])[name]["steps"] == 40
