@@ -475,8 +475,8 @@ def data_get(name, directory):
     """Download corpus NAME and unpack it as text files (see docs/lm.md).
 
     python-docs (~11 MB) and debian-docs (~124 MB of English from eleven packages) are built from Debian
-    packages fetched with `apt-get download`: they need a Debian-based system and access to a Debian archive
-    (or a local mirror apt is configured for)."""
+    packages fetched with `apt-get download`: they need a Debian-based system and network access to a
+    Debian archive (or a local mirror apt is configured for)."""
     from dcablate.tasks.lm.corpus import get_corpus
 
     folder = get_corpus(name, directory)
