@@ -5,7 +5,8 @@ variant is (mixer, conv kind, conv placement, ffn) and its grid point (d_model, 
 from the resolved recipe. The score of a run is `summary.json`'s `best` evaluation: the highest
 overall MQAR accuracy during training (Zoology's convention), or for language modelling the lowest
 validation bits per byte; per width, the learning rate with the best mean score over seeds is
-selected, and its mean ± std over seeds reported. MQAR and LM runs below one folder get a section each.
+selected, and its mean ± std over seeds reported, with how soon the runs reached target values of the metric
+(`efficiency.py`) and their parameter count. MQAR and LM runs below one folder get a section each.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
+from dcablate.runs import efficiency
 from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
@@ -52,6 +54,7 @@ class Run:
     summary: dict | None = None  # None = unfinished
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score) of each evaluation
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each train record
+    tokens_seen: list[tuple[int, int]] = field(default_factory=list)  # (step, training tokens so far), train records
 
     @property
     def score(self) -> float:
@@ -122,6 +125,8 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         records = [rec for _, rec in _records(run_dir / "metrics.jsonl")]
         run.curve = [(rec["step"], rec[key]) for rec in records if rec.get("kind") == "eval" and key in rec]
         run.train_curve = [(rec["step"], rec["loss"]) for rec in records if rec.get("kind") == "train" and "loss" in rec]
+        run.tokens_seen = [(rec["step"], rec["tokens"]) for rec in records
+                           if rec.get("kind") == "train" and "tokens" in rec]
         runs.append(run)
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
@@ -164,6 +169,11 @@ def ranking(table: dict[tuple, dict[float, Cell]],
     return sorted(rows, key=lambda row: -row[1] if metric.higher_is_better else row[1])
 
 
+def _params(summary: dict) -> str:
+    total = summary.get("params", {}).get("total")
+    return "" if total is None else f"{total:,}"
+
+
 def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
@@ -174,17 +184,19 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
-def write_report(root: Path) -> dict[str, Path]:
-    """Write report.md, report.csv and the PNG figures into `root`; returns the written files by kind."""
+def write_report(root: Path, targets: tuple[float, ...] | None = None) -> dict[str, Path]:
+    """Write report.md, report.csv and the PNG figures into `root`; returns the written files by kind. `targets`:
+    the values of the headline metric whose first reaching the tables give (default: 0.5, 0.9 and 0.99 for
+    accuracy, none for bits per byte)."""
     try:
-        return _write_report(Path(root))
+        return _write_report(Path(root), None if targets is None else tuple(targets))
     except OSError as e:
         if e.errno is None:
             raise
         raise UserError(f"{e.filename or root}: cannot write the report: {e.strerror}") from None
 
 
-def _write_report(root: Path) -> dict[str, Path]:
+def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path]:
     runs, bad = find_runs(root)
     by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names()}
     unfinished = [r for r in runs if r.summary is None]
@@ -195,27 +207,37 @@ def _write_report(root: Path) -> dict[str, Path]:
 
     tasks = {task: (metric_of(task), aggregate(rs), segments_of(rs, metric_of(task)))
              for task, rs in by_task.items() if rs}
+    targets = {task: efficiency.targets_for(metric, asked) for task, (metric, _, _) in tasks.items()}
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
+    all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
     with open(out["csv"], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
                     "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
-                    "params"])
+                    "params", *(f"{k}{t:g}" for t in all_targets
+                                for k in ("steps_to_", "tokens_to_", "seeds_reached_"))])
         for task, (metric, table, segs) in tasks.items():
             for (variant, d_model), by_lr in table.items():
                 chosen = best_lr(by_lr, metric)
                 for lr, cell in by_lr.items():
                     std = cell.std(metric.key)
                     first = cell.runs[0].summary
+                    speed = []
+                    for t in all_targets:
+                        if t not in targets[task]:
+                            speed += ["", "", ""]
+                            continue
+                        r = efficiency.reached(cell.runs, t, metric.higher_is_better)
+                        speed += ["" if r.steps is None else r.steps, "" if r.tokens is None else r.tokens, r.count]
                     w.writerow([task, variant_name(variant), *variant, d_model, lr, len(cell.runs),
                                 cell.mean(metric.key), "" if std is None else std, lr == chosen,
                                 *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
-                                first.get("state_floats", ""), first.get("params", {}).get("total", "")])
+                                first.get("state_floats", ""), first.get("params", {}).get("total", ""), *speed])
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
         figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
         out.update(figures)
-        lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1)
+        lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1, targets=targets[task])
         compute_lines, compute_figures = compute_section(root, table, lambda by_lr: best_lr(by_lr, metric),
                                                          variant_name, prefix="" if task == "mqar" else f"{task}_")
         lines += compute_lines
@@ -248,13 +270,22 @@ def _software(runs: list[Run]) -> list[str]:
     return ["## Software", ""] + [f"- {line}: {n} runs" for line, n in seen.items()] + [""]
 
 
-def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool) -> list[str]:
-    """The markdown of one task's runs: how they are scored, the ranking, a table per variant, figures."""
+def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool,
+             targets: tuple[float, ...] = ()) -> list[str]:
+    """The markdown of one task's runs: how they are scored, the ranking, a table per variant (with the steps to
+    each of `targets`), figures."""
     better = "highest" if metric.higher_is_better else "lowest"
     lines = ([f"# {'MQAR' if task == 'mqar' else 'Language modelling'}", ""] if titled else [])
     lines += [f"Score = {metric.label} of each run's best evaluation (`summary.json` `best`, the {better}); per "
               "width the learning rate with the best mean score over seeds is chosen; mean ± sample std over "
-              "seeds.", ""]
+              "seeds. Params: all parameters of the model, a dynamic conv's filter generator (`W_in`, `U`) "
+              "included.", ""]
+    if targets:
+        reach = "at or above" if metric.higher_is_better else "at or below"
+        lines += [f"Sample efficiency: `steps to X` is the first evaluation step at which {metric.key} was {reach} X "
+                  "(its resolution is `eval.every`), with the training tokens seen by then; the median over seeds "
+                  "at the chosen learning rate, a seed that never got there counting as slowest (`not reached` "
+                  "when half the seeds or more never did; `k/n seeds` says how many did).", ""]
     if not table:
         return lines
     lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
@@ -271,8 +302,10 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
             cell = by_lr[lr]
             rows.append([d_model, f"{lr:g}", len(cell.runs), _pm(cell.mean(metric.key), cell.std(metric.key)),
                          *(_pm(cell.mean(seg), cell.std(seg)) for seg in segs),
-                         cell.runs[0].summary.get("state_floats", "")])
-        lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, "state floats"], rows)
+                         *(efficiency.reached(cell.runs, t, metric.higher_is_better).text() for t in targets),
+                         cell.runs[0].summary.get("state_floats", ""), _params(cell.runs[0].summary)])
+        lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *map(efficiency.column, targets),
+                            "state floats", "params"], rows)
     lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
     return lines
 

@@ -99,8 +99,10 @@ def test_markdown_ranking_tables_and_unfinished(report):
                      "short_conv+gated_deltanet conv=static@all_linear"]
     assert "| 1 | short_conv+gated_deltanet conv=static@qkv | 1.000 | 64 |" in ranking
     assert "| 2 | attention conv=none | 0.750 | 64, 128 |" in ranking
-    assert "| 64 | 0.01 | 2 | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.400 ± 0.141 | 1000 |" in md
-    assert "| 128 | 0.001 | 1 | 0.900 | 1.000 | 0.800 | 4000 |" in md
+    # then steps to 0.5 / 0.9 / 0.99 (every curve is 0.2 at step 10, 0.5 at 20), state floats, total params
+    assert "| 64 | 0.01 | 2 | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.400 ± 0.141 | 20 | not reached | not reached | 1000 " \
+           "| 12,345 |" in md
+    assert "| 128 | 0.001 | 1 | 0.900 | 1.000 | 0.800 | 20 | not reached | not reached | 4000 | 12,345 |" in md
     assert "## Unfinished" in md and "`unfinished`" in md
 
 
@@ -198,7 +200,7 @@ def test_lm_runs_are_scored_by_lowest_bpb_beside_mqar(tmp_path):
     assert "# MQAR" in md and "# Language modelling" in md
     lm = md[md.index("# Language modelling"):]
     assert "| 1 | attention conv=none | 1.200 | 128 |" in lm and "| 2 | gated_deltanet conv=none | 1.300 | 128 |" in lm
-    assert "| 128 | 0.003 | 1 | 1.200 | 0.600 | 3.000 | 10 |" in lm
+    assert "| 128 | 0.003 | 1 | 1.200 | 0.600 | 3.000 | 10 | 1 |" in lm  # no default targets for bpb
     rows = read_csv(files["csv"])
     lm_rows = {float(r["lr"]): r for r in rows if r["task"] == "lm" and r["mixer"] == "attention"}
     assert (lm_rows[1e-3]["best_lr"], lm_rows[3e-3]["best_lr"]) == ("False", "True")
