@@ -413,11 +413,14 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
 
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-def report(directory):
+@click.option("--target", "targets", type=float, multiple=True, metavar="X",
+              help="A headline-metric value for the sample-efficiency columns (repeatable; default 0.5, 0.9 and "
+                   "0.99 for accuracy, none for bits per byte).")
+def report(directory, targets):
     """Tables (report.md, report.csv) and PNG figures over every run below DIRECTORY, written into it."""
     from dcablate.runs.report import write_report
 
-    files = write_report(directory)
+    files = write_report(directory, targets=targets or None)
     for path in files.values():
         click.echo(f"wrote {path}")
 
