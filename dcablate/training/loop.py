@@ -291,8 +291,9 @@ class Run:
             if state.step and not state.done and self.due_eval(state.step) and \
                     (not state.history or state.history[-1]["step"] != state.step):
                 self.eval_and_stop_early(progress)
-            # since the last train record: steps, tokens, seconds spent evaluating and saving (not training)
-            steps_since, tokens_since, time_since, paused = 0, 0, time.time(), 0.0
+            # since the last train record: steps, tokens, and the clock's stepping time (evaluations and
+            # checkpoints are phases of their own, so they are not in it)
+            steps_since, tokens_since, stepping_since = 0, 0, self.clock.seconds("steps")
             while not state.done and state.step < t.steps:
                 self.check_signal()
                 self.phase = f"training step {state.step + 1}"
@@ -303,7 +304,7 @@ class Run:
                 progress.advance()
                 if state.step % recipe.log.every == 0 or state.step == t.steps:
                     self.train_step.flush()  # reads the losses anyway: the one host sync of these steps
-                    elapsed = max(time.time() - time_since - paused, 1e-9)
+                    elapsed = max(self.clock.seconds("steps") - stepping_since, 1e-9)
                     record = {"loss": loss.item(), "lr": self.train_step.scheduler.get_last_lr()[0],
                               "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / elapsed,
                               "tokens": self.compute.tokens, **self.net.load_stats()}
@@ -311,17 +312,13 @@ class Run:
                     memory = memory_gib(self.device)
                     self.log.scalars("train", state.step, {"step_time_s": elapsed / steps_since, **memory})
                     progress.train(state.step, record, memory.get("gpu_mem_peak_gib"))
-                    steps_since, tokens_since, time_since, paused = 0, 0, time.time(), 0.0
+                    steps_since, tokens_since, stepping_since = 0, 0, self.clock.seconds("steps")
                 if self.due_eval(state.step):
-                    began = time.time()
                     self.eval_and_stop_early(progress)
-                    paused += time.time() - began
                 every = recipe.checkpoint.every
                 if every and state.step % every == 0 and not state.done and state.step < t.steps:
-                    began = time.time()
                     with self.clock.phase("checkpoint"):
                         state.save()
-                    paused += time.time() - began
             self.train_step.flush()
         finally:
             progress.close()

@@ -66,6 +66,10 @@ class PhaseClock:
             raise
         self.switch(previous)
 
+    def seconds(self, phase: str) -> float:
+        """This call's wall time in `phase` so far, the running phase included (no wait for the device)."""
+        return self.spent[phase] + (time.perf_counter() - self.since if self.current == phase else 0.0)
+
     def resume(self, before: dict | None, wall_before: float) -> None:
         """Add the parts a checkpoint kept (`parts()` of the calls before this one). None: a checkpoint from
         before runs kept them; only this call is broken down, and `total` adds the earlier calls' wall time
