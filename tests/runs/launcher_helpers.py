@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,3 +93,28 @@ def wait_for(condition, timeout: float = 90) -> None:
     while time.time() < deadline and not condition():
         time.sleep(0.1)
     assert condition()
+
+
+def worker_pid(run_dir: Path) -> int:
+    """The process that trains `run_dir` (its worker.log's banner)."""
+    return int(re.search(r"=== dcablate worker (\d+) ", (run_dir / "worker.log").read_text()).group(1))
+
+
+def kill_worker_mid_run(sweep: Path, monkeypatch, delay: float) -> tuple[Path, threading.Thread]:
+    """One-point sweep whose steps slow to `delay` s after step 4 (SLOW_PLUGIN); a started thread SIGKILLs the
+    run's worker once step 4's checkpoint exists (and lets the retried run go fast). The run's directory and
+    the thread."""
+    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
+    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    (sweep / "slow.json").write_text(json.dumps({"fast": 4, "delay": delay}))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "slow_plugin")
+    run_dir = sweep / "out" / "w" / NAMES[0]
+
+    def kill() -> None:
+        wait_for(lambda: (run_dir / "checkpoints" / "step-000004.pt").is_file())
+        (sweep / "slow.json").unlink()
+        os.kill(worker_pid(run_dir), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    return run_dir, killer

@@ -3,15 +3,12 @@ report as the local launcher, a rerun trains nothing, and a sweep stopped by SIG
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import signal
-import threading
 
 import pytest
 
-from tests.runs.launcher_helpers import (NAMES, SLOW_PLUGIN, SWEEP, report_text, results, start_command,
+from tests.runs.launcher_helpers import (NAMES, kill_worker_mid_run, SLOW_PLUGIN, SWEEP, report_text, results, start_command,
                                          wait_for)
 
 ray = pytest.importorskip("ray")
@@ -93,20 +90,8 @@ def test_an_actor_killed_mid_run_is_restarted_and_its_run_resumes(sweep, cluster
     run again (--retries 1), which resumes from its checkpoint; the command succeeds."""
     from dcablate.cli import main
 
-    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
-    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
-    (sweep / "slow.json").write_text('{"fast": 4, "delay": 0.2}')
-    monkeypatch.setenv("DCABLATE_PLUGINS", "slow_plugin")
-    root, name = sweep / "out" / "w", NAMES[0]
-
-    def kill() -> None:
-        wait_for(lambda: (root / name / "checkpoints" / "step-000004.pt").is_file())
-        (sweep / "slow.json").unlink()
-        os.kill(int(re.search(r"=== dcablate worker (\d+) ", (root / name / "worker.log").read_text()).group(1)),
-                signal.SIGKILL)
-
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
+    run_dir, killer = kill_worker_mid_run(sweep, monkeypatch, delay=0.2)
+    root, name = run_dir.parent, run_dir.name
     assert main(["run", "w.toml", "--launcher", "ray", "--address", cluster, "--set", "train.steps=40",
                  "--set", "checkpoint.every=4"]) == 0
     killer.join(timeout=5)

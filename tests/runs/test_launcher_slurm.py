@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from tests.runs.launcher_helpers import (NAMES, SLOW_PLUGIN, SWEEP, report_text, results, start_command,
+from tests.runs.launcher_helpers import (NAMES, kill_worker_mid_run, worker_pid, SLOW_PLUGIN, SWEEP, report_text, results, start_command,
                                          wait_for)
 
 pytest.importorskip("submitit")
@@ -63,8 +63,7 @@ def test_a_task_warned_of_its_time_limit_checkpoints_and_is_requeued(sweep, caps
 
     def warn() -> None:
         wait_for(lambda: (root / name / "checkpoints" / "step-000004.pt").is_file())
-        pid = re.search(r"=== dcablate worker (\d+) ", (root / name / "worker.log").read_text()).group(1)
-        os.kill(int(pid), signal.SIGUSR2)
+        os.kill(worker_pid(root / name), signal.SIGUSR2)
 
     warner = threading.Thread(target=warn, daemon=True)
     warner.start()
@@ -119,20 +118,8 @@ def test_a_task_lost_without_a_result_is_submitted_again(sweep, capsys, monkeypa
     and the new task resumes the run from its checkpoint."""
     from dcablate.cli import main
 
-    (sweep / "w.toml").write_text(SWEEP.replace('["none", "static"]', '["none"]'))
-    (sweep / "slow_plugin.py").write_text(SLOW_PLUGIN)
-    (sweep / "slow.json").write_text('{"fast": 4, "delay": 0.3}')
-    monkeypatch.setenv("DCABLATE_PLUGINS", "slow_plugin")
-    root, name = sweep / "out" / "w", NAMES[0]
-
-    def kill() -> None:
-        wait_for(lambda: (root / name / "checkpoints" / "step-000004.pt").is_file())
-        (sweep / "slow.json").unlink()
-        os.kill(int(re.search(r"=== dcablate worker (\d+) ", (root / name / "worker.log").read_text()).group(1)),
-                signal.SIGKILL)
-
-    killer = threading.Thread(target=kill, daemon=True)
-    killer.start()
+    run_dir, killer = kill_worker_mid_run(sweep, monkeypatch, delay=0.3)
+    root, name = run_dir.parent, run_dir.name
     assert main(["run", "w.toml", "--launcher", "slurm", "--set", "train.steps=40", "--set", "checkpoint.every=4"]) == 0
     killer.join(timeout=5)
     assert "[1/1] conv.kind=none  overall " in capsys.readouterr().out
