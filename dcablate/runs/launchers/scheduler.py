@@ -110,8 +110,10 @@ def stop_grace() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= 600:
-        raise UserError(f"{GRACE_ENV}={raw!r} (environment): must be a number of seconds from 0 to 600")
+    # the signal sent again after the grace must not fall in the window where a repeat counts once
+    if not 2 * REPEAT_S <= value <= 600:
+        raise UserError(f"{GRACE_ENV}={raw!r} (environment): must be a number of seconds from {2 * REPEAT_S:g} "
+                        f"to 600 (a signal repeated within {REPEAT_S:g} s counts once)")
     return value
 
 
