@@ -346,11 +346,19 @@ def bench():
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--skip-reference", is_flag=True, help="Do not time the pure-torch reference.")
 @click.option("--breakdown", is_flag=True, help="Also time each kernel of the split backward alone.")
-def bench_conv(dtype, skip_reference, breakdown):
+@click.option("--against", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Also compare with the reference lowrank.py in DIR (the paper's kernel, e.g. a clone of "
+                   "github.com/OliverSieberling/dynamic-conv1d): graphed, eager and forward times, ours/theirs, and "
+                   "both errors against float64 at every shape. Without CUDA: errors only, at --shape shapes.")
+@click.option("--shape", "shapes", multiple=True, metavar='"B4 T4096 D2048 W4 R15+S"',
+              help="Time this shape instead of the default ones (repeatable; '+S': with a static filter).")
+def bench_conv(dtype, skip_reference, breakdown, against, shapes):
     """Dynamic conv kernels vs fla's static ShortConvolution vs the torch reference (fwd, bwd, GB/s)."""
+    from dcablate.bench.conv_shapes import parse_shape
     from dcablate.bench.kernels import conv_benchmark
 
-    conv_benchmark(dtype, skip_reference, breakdown)
+    parsed = list(dict.fromkeys(parse_shape(s) for s in shapes))
+    conv_benchmark(dtype, skip_reference, breakdown, against, parsed or None)
 
 
 def layer_shape(min_d_model: int):

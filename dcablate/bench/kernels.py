@@ -2,26 +2,22 @@
 
     dcablate bench conv        or        python benchmarks/dynamic_conv.py      (CUDA + fla needed)
 
-For each shape: forward, backward and total time (median of triton.testing.do_bench, host launch time
-included), the achieved bandwidth against the bytes floor (each input read once, each output written once)
-and against a device-to-device copy measured in the same run, and forward + backward replayed as a CUDA
-graph ("graphed": the GPU time alone, as in a training step under `train.cuda_graph`). Prints one table;
-compare rows only within one run on one card.
+For each shape (`conv_shapes.py`: the paper's, the bench recipes' conv widths, two small ones; or `--shape`):
+forward, backward and total time (median of triton.testing.do_bench, host launch time included), the
+achieved bandwidth against the bytes floor (each input read once, each output written once) and against a
+device-to-device copy measured in the same run, and forward + backward replayed as a CUDA graph ("graphed":
+the GPU time alone, as in a training step under `train.cuda_graph`). Prints one table; compare rows only
+within one run on one card. `--against DIR` adds a table of ours against a reference
+implementation loaded from DIR (`against.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dcablate.bench.conv_shapes import ConvShape, default_shapes
 from dcablate.errors import UserError
 from dcablate.kernels.dynamic_conv.naive import dynamic_conv_lowrank_reference
-
-SHAPES = {  # name: B, T, D, W, R
-    "paper B4 T4096 D2048 W4 R16": (4, 4096, 2048, 4, 16),
-    "MQAR B64 T256 D128 W4 R15": (64, 256, 128, 4, 15),
-    "odd B3 T1000 D300 W3 R7": (3, 1000, 300, 3, 7),
-}
-
 
 def copy_bandwidth() -> float:
     """Device-to-device copy in GB/s (bytes read + written), the practical memory ceiling."""
@@ -60,7 +56,7 @@ def time_graphed_fwd_bwd(fn, inputs, dy) -> float:
 
 
 def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
-    """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs."""
+    """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs (S may be None)."""
     import triton
 
     from dcablate.kernels.dynamic_conv.kernel import (
@@ -72,41 +68,69 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
         positions_arg,
     )
 
-    x, z, U, S = (t.detach().contiguous() for t in (x, z, U, S))
+    x, z, U = (t.detach().contiguous() for t in (x, z, U))
+    S = S.detach().contiguous() if S is not None else None
     pos = positions_arg(None, x)
     prec = dot_precision(x.dtype)
     U = basis_for_dots(U, prec)
     kernels = {"dx kernel": lambda: lowrank_bwd_dx(z, U, S, dy, pos, True, False, prec),
                "dz kernel": lambda: lowrank_bwd_dz(x, U, dy, pos, False, prec, z.dtype),
-               "dU/dS kernel": lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, prec)}
+               "dU/dS kernel": lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, S is not None, False, prec)}
     return {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in kernels.items()}
 
 
-def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, breakdown: bool = False) -> list[tuple]:
-    """Time every variant at every shape; prints the table and returns its rows."""
+def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, breakdown: bool = False,
+                   against=None, shapes: list[ConvShape] | None = None) -> list[tuple]:
+    """Time every variant at every shape (`shapes`, default `default_shapes()`); prints the table and returns
+    its rows. `against`: a folder with a reference `lowrank.py` (`against.py`) to compare with at the same
+    shapes; without CUDA that comparison (errors only) is all that runs, and only at shapes given."""
+    dtype = getattr(torch, dtype_name)
+    reference = None
+    if against is not None:
+        from dcablate.bench.against import against_benchmark, load_reference
+
+        reference = load_reference(against)  # a bad folder ends here, before anything is timed
+        if not torch.cuda.is_available():
+            if not shapes:
+                raise UserError("bench conv --against without CUDA only checks the errors, and only at the shapes "
+                                "--shape names (the default shapes are too large for a CPU); add --shape, e.g. "
+                                "--shape 'B2 T64 D32 W4 R15+S'")
+            against_benchmark(against, shapes, dtype, reference)
+            return []
     _need_cuda("conv")
+    shapes = shapes or default_shapes()
+    rows = _time_variants(shapes, dtype, dtype_name, skip_reference, breakdown)
+    if reference is not None:
+        against_benchmark(against, shapes, dtype, reference)
+    return rows
+
+
+def _time_variants(shapes: list[ConvShape], dtype: torch.dtype, dtype_name: str, skip_reference: bool,
+                   breakdown: bool) -> list[tuple]:
+    """The speed table: ours (split and fused backward), fla's static conv and the torch reference."""
     import triton
     from fla.modules import ShortConvolution
 
     from dcablate.kernels.dynamic_conv.kernel import dynamic_conv_lowrank_triton
 
-    dtype = getattr(torch, dtype_name)
     gbps_copy = copy_bandwidth()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"dtype {dtype_name}  copy {gbps_copy:.0f} GB/s")
     rows = []
-    for name, (B, T, D, W, R) in SHAPES.items():
+    for shape in shapes:
+        name, (B, T, D, W, R) = shape.dims, (shape.B, shape.T, shape.D, shape.W, shape.R)
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(B, T, D, device="cuda", dtype=dtype, generator=g, requires_grad=True)
         z = torch.randn(B, T, R, device="cuda", dtype=dtype, generator=g, requires_grad=True)
         U = (torch.randn(R, W, D, device="cuda", generator=g) * 0.1).requires_grad_()
-        S = (torch.randn(W, D, device="cuda", generator=g) * 0.5).requires_grad_()
+        S = (torch.randn(W, D, device="cuda", generator=g) * 0.5).requires_grad_() if shape.has_S else None
         dy = torch.randn(B, T, D, device="cuda", dtype=dtype, generator=g)
         e = x.element_size()
         floor_fwd = (2 * B * T * D + B * T * R) * e                  # read x, z; write y
         floor_bwd = (3 * B * T * D + 2 * B * T * R) * e              # read x, dy, z; write dx, dz
         variants = {f"dynamic (ours, {impl})": (lambda *a, impl=impl: dynamic_conv_lowrank_triton(*a, impl=impl),
-                                                (x, z, U, S, True)) for impl in ("split", "fused")}
+                                                (x, z, U, S, True))
+                    for impl in ("split", "fused") if impl == "split" or dtype != torch.float32}  # fused: 16-bit only
         static = ShortConvolution(D, W, activation=None).cuda()
         variants["static (fla ShortConvolution)"] = (lambda x: static(x)[0], (x,))
         if not skip_reference:
@@ -123,15 +147,20 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
             rest = split_bwd - sum(parts.values())
             print(f"{name}: split backward {split_bwd:.3f} ms = " + " + ".join(
                 f"{k} {v:.3f}" for k, v in parts.items()) + f" + the rest (zero-fills, casts, autograd) {rest:.3f}")
-    print(f"\n{'shape':30s} {'variant':30s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s} {'GB/s':>7s} "
+        del x, z, U, S, dy, variants  # the next shape allocates its own
+        torch.cuda.empty_cache()
+    width = max(30, *(len(s.dims) for s in shapes))
+    print(f"\n{'shape':{width}s} {'variant':30s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s} {'GB/s':>7s} "
           f"{'floor ms':>9s} {'x floor':>8s} {'graphed':>8s} {'x floor':>8s}")
     for name, label, fwd, bwd, total, gbps, floor_ms, graphed in rows:
-        print(f"{name:30s} {label:30s} {fwd:8.3f} {bwd:8.3f} {total:8.3f} {gbps:7.0f} {floor_ms:9.3f} "
+        print(f"{name:{width}s} {label:30s} {fwd:8.3f} {bwd:8.3f} {total:8.3f} {gbps:7.0f} {floor_ms:9.3f} "
               f"{total / floor_ms:8.2f} {graphed:8.3f} {graphed / floor_ms:8.2f}")
     by = {(r[0], r[1]): (r[4], r[7]) for r in rows}  # (shape, variant): (total, graphed)
-    for name in SHAPES:
+    for shape in shapes:
+        name = shape.dims
         (ours, ours_g), (fla, fla_g) = by[(name, "dynamic (ours, split)")], by[(name, "static (fla ShortConvolution)")]
-        print(f"{name}: dynamic (ours) / static (fla) total time = {ours / fla:.2f}; graphed (GPU time alone) = "
+        label = name if shape.name == name else f"{name} ({shape.name})"
+        print(f"{label}: dynamic (ours) / static (fla) total time = {ours / fla:.2f}; graphed (GPU time alone) = "
               f"{ours_g / fla_g:.2f}")
     return rows
 
