@@ -2,6 +2,7 @@
 
     python benchmarks/sweep_throughput.py                      # GPU: N = 1, 2, 4, 8 per visible GPU, 16 runs
     python benchmarks/sweep_throughput.py --gpus 0             # one card only
+    python benchmarks/sweep_throughput.py --per-gpu 8 --sweep-warmup on,off      # the kernel warm-up's effect
     python benchmarks/sweep_throughput.py --per-gpu 1,2 --runs 4 --steps 5 --examples 512   # CPU smoke check
 
 The sweep (generated, `d_model` <= 128): 2-layer models, conv none/static on q/k/v x d_model 64/128 x
@@ -9,14 +10,22 @@ runs/4 learning rates (1e-3 ... 1e-2), MQAR T=64/4 kv and T=128/8 kv, a fixed nu
 stopping, one evaluation at the end) so that every N does the same work. Each N trains the whole sweep
 from scratch into its own temporary folder through the real command (a subprocess: `python -m
 dcablate.cli run RECIPE --per-gpu N`), timed from start to exit. N = 1 on a single GPU is the plain
-in-process loop (no workers). Before the timed runs one short warm-up run fills Triton's on-disk kernel
-cache, so compilation is not charged to the first N (autotuning still happens once per process).
+in-process loop (no workers).
+
+Kernel caches: by default (`--kernel-cache fresh`) each sweep gets its own empty Triton cache
+(`TRITON_CACHE_DIR` in its folder), so every N pays compiling and autotuning as on a fresh machine and no N
+profits from an earlier one. `--kernel-cache shared` uses your Triton cache instead, filled first by one
+short untimed run (`--no-prerun` skips it), which leaves only what that run did not compile to the sweeps.
+A CUDA sweep over workers compiles and autotunes its kernels once before its workers start (docs/sweeps.md);
+`--sweep-warmup on,off` times each N both with and without that warm-up (`DCABLATE_WARMUP`), and the table
+shows the warm-up's seconds (the command's `warm-up: done in` line).
 
 With the defaults (16 runs of 300 steps) the four sweeps take a few minutes on one H100; run the N values
 in separate commands (`--per-gpu 1`, `--per-gpu 2,4,8`) where a command has a time limit.
 
-Prints the device, the software and two tables: workers, wall time, runs per minute, speed-up vs N = 1,
-the mean per-run time (each summary.json's `wall_time_s`) and the mean final accuracy; then where a run's
+Prints the device, the software and two tables: workers, whether the kernel warm-up ran and its seconds, wall
+time, runs per minute, speed-up vs the first row, the mean per-run time (each summary.json's `wall_time_s`)
+and the mean final accuracy; then where a run's
 time went, as the mean over each N's runs of summary.json's `time_s` (setup, data, compile, train, eval,
 checkpoint, total; docs/benchmarks.md says what each part holds). The sweep's runs share their MQAR data
 (`<out_dir>/.data/`): its first runs generate it, and the others read it, which the `data` column shows.
@@ -28,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +82,12 @@ def dcablate(args: list[str], log: Path, env: dict) -> tuple[int, float]:
     return code, time.perf_counter() - t0
 
 
+def warmup_seconds(log: Path) -> float | None:
+    """The kernel warm-up's seconds, from the command's `warm-up: done in 12.3s` line; None without one."""
+    found = re.findall(r"^warm-up: done in ([\d.]+)s$", log.read_text(errors="replace"), flags=re.M)
+    return float(found[-1]) if found else None
+
+
 def mean_breakdown(summaries: list[dict]) -> dict[str, float] | None:
     """The mean of the runs' `time_s` per part; None when no summary has one."""
     timed = [s["time_s"] for s in summaries if "time_s" in s]
@@ -105,13 +121,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--examples", type=int, default=10000, help="training examples per segment")
     ap.add_argument("--mixer", default="attention", help="model.mixer (e.g. gated_deltanet; default attention)")
-    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    ap.add_argument("--kernel-cache", choices=("fresh", "shared"), default="fresh",
+                    help="fresh: an empty Triton cache per sweep (a fresh machine; default); shared: yours")
+    ap.add_argument("--no-prerun", action="store_true",
+                    help="with --kernel-cache shared: skip the untimed run that fills the cache first")
+    ap.add_argument("--sweep-warmup", default="on",
+                    help="the command's kernel warm-up: on, off or on,off (a row each; default on)")
     ap.add_argument("--keep", default=None, help="keep the run folders under this directory")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
     if args.runs < 4 or args.runs % 4:
         ap.error("--runs must be 4 or a multiple of 4")
     ns = [int(x) for x in args.per_gpu.split(",")]
+    warmups = [w.strip() for w in args.sweep_warmup.split(",")]
+    if not warmups or any(w not in ("on", "off") for w in warmups):
+        ap.error("--sweep-warmup takes on, off or on,off")
 
     device, n_gpus = device_line()
     gpus = len(args.gpus.split(",")) if args.gpus else max(n_gpus, 1)
@@ -120,53 +144,65 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     print(f"device: {device}")
     print(f"sweep: {args.runs} runs ({args.mixer}, conv none/static, d_model 64/128), {args.steps} steps of "
-          f"{args.batch_size}, {args.examples} examples per training segment; folders under {base}")
+          f"{args.batch_size}, {args.examples} examples per training segment; folders under {base}; "
+          f"{'an empty Triton cache per sweep' if args.kernel_cache == 'fresh' else 'your Triton cache'}")
     gpu_flag = ["--gpus", args.gpus] if args.gpus else []
     try:
-        if not args.no_warmup:
-            warm = base / "warmup.toml"
-            warm.write_text(recipe_text("warmup", base / "warmup", args.mixer, 4, 2, 256, 8, sweep=False))
-            code, secs = dcablate([str(warm), "--quiet"], base / "warmup.log", env)
-            print(f"warm-up run: {secs:.1f}s (exit {code})")
+        if args.kernel_cache == "shared" and not args.no_prerun:
+            warm = base / "prerun.toml"
+            warm.write_text(recipe_text("prerun", base / "prerun", args.mixer, 4, 2, 256, 8, sweep=False))
+            code, secs = dcablate([str(warm), "--quiet"], base / "prerun.log", env)
+            print(f"untimed run filling the kernel cache: {secs:.1f}s (exit {code})")
         rows = []
         for n in ns:
-            recipe = base / f"n{n}.toml"
-            recipe.write_text(recipe_text("sweep", base / f"n{n}", args.mixer, args.runs, args.steps, args.examples,
-                                          args.batch_size))
-            log = base / f"n{n}.log"
-            code, wall = dcablate([str(recipe), "--quiet", "--per-gpu", str(n), *gpu_flag], log, env)
-            summaries = [json.loads(p.read_text()) for p in (base / f"n{n}" / "sweep").glob("*/summary.json")]
-            if code != 0:
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                print(f"N={n}: exit {code}; see {log}: " + " | ".join(tail))
-            workers = min(gpus * n, args.runs)
-            rows.append({
-                "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else workers,
-                "runs": len(summaries), "wall_s": wall, "runs_per_min": 60 * len(summaries) / wall,
-                "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
-                "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
-                "time_s": mean_breakdown(summaries),
-            })
-            r = rows[-1]
-            print(f"N={n}: {r['runs']} runs in {wall:.1f}s ({r['runs_per_min']:.2f} runs/min)", flush=True)
+            for w in warmups:
+                tag = f"n{n}" + (f"-warmup-{w}" if len(warmups) > 1 else "")
+                recipe = base / f"{tag}.toml"
+                recipe.write_text(recipe_text("sweep", base / tag, args.mixer, args.runs, args.steps, args.examples,
+                                              args.batch_size))
+                run_env = dict(env, DCABLATE_WARMUP="1" if w == "on" else "0")
+                if args.kernel_cache == "fresh":
+                    run_env["TRITON_CACHE_DIR"] = str(base / tag / "triton-cache")
+                log = base / f"{tag}.log"
+                code, wall = dcablate([str(recipe), "--quiet", "--per-gpu", str(n), *gpu_flag], log, run_env)
+                summaries = [json.loads(p.read_text()) for p in (base / tag / "sweep").glob("*/summary.json")]
+                if code != 0:
+                    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                    print(f"N={n}: exit {code}; see {log}: " + " | ".join(tail))
+                workers = min(gpus * n, args.runs)
+                rows.append({
+                    "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else workers,
+                    "warmup": w, "warmup_s": warmup_seconds(log),
+                    "runs": len(summaries), "wall_s": wall, "runs_per_min": 60 * len(summaries) / wall,
+                    "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
+                    "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
+                    "time_s": mean_breakdown(summaries),
+                })
+                r = rows[-1]
+                warmed = f", warm-up {r['warmup_s']:.1f}s of it" if r["warmup_s"] is not None else ""
+                print(f"N={n}, warm-up {w}: {r['runs']} runs in {wall:.1f}s{warmed} ({r['runs_per_min']:.2f} "
+                      f"runs/min)", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
     first = rows[0]["runs_per_min"] if rows and rows[0]["runs_per_min"] else None
-    print(f"\n| runs per GPU | workers | runs | wall s | runs/min | speed-up vs N={ns[0]} | mean run s | "
-          f"mean final acc |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    # the warm-up runs only for sweeps over workers on CUDA: "-" where it did not run
+    show = lambda r: f"{r['warmup_s']:.1f}" if r["warmup_s"] is not None else "-"
+    print("\n| runs per GPU | workers | kernel warm-up | warm-up s | runs | wall s | runs/min | speed-up vs first "
+          "row | mean run s | mean final acc |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         speed = f"{r['runs_per_min'] / first:.2f}x" if first else "-"
-        print(f"| {r['per_gpu']} | {r['workers']} | {r['runs']} | {r['wall_s']:.1f} | {r['runs_per_min']:.2f} | "
-              f"{speed} | {r['run_s']:.1f} | {r['acc']:.3f} |")
+        print(f"| {r['per_gpu']} | {r['workers']} | {r['warmup']} | {show(r)} | {r['runs']} | {r['wall_s']:.1f} | "
+              f"{r['runs_per_min']:.2f} | {speed} | {r['run_s']:.1f} | {r['acc']:.3f} |")
     print("\nmean seconds per run, by phase (summary.json time_s):\n")
-    print("| runs per GPU | " + " | ".join(PARTS) + " |")
-    print("| --- |" + " --- |" * len(PARTS))
+    print("| runs per GPU | kernel warm-up | " + " | ".join(PARTS) + " |")
+    print("| --- | --- |" + " --- |" * len(PARTS))
     for r in rows:
         parts = r["time_s"]
-        print(f"| {r['per_gpu']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS) + " |")
+        print(f"| {r['per_gpu']} | {r['warmup']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS)
+              + " |")
     print(f"\n{time.strftime('%Y-%m-%d')}; {device}")
 
 

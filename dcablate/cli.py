@@ -83,8 +83,11 @@ def cli():
 @click.option("--slurm", "slurm_params", multiple=True, metavar="KEY=VALUE",
               help="Slurm: another submitit parameter, e.g. --slurm slurm_account=proj --slurm mem_gb=32 (repeatable).")
 @click.option("--no-wait", is_flag=True, help="Slurm: return once the job array is submitted.")
+@click.option("--warmup/--no-warmup", "warmup", default=None,
+              help="CUDA sweeps on local workers: compile and autotune the kernels once, in one process, before the "
+                   "workers start (default: on; DCABLATE_WARMUP=0 turns it off).")
 def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, workers, nproc, address, retries,
-        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait):
+        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait, warmup):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
@@ -95,6 +98,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
 
     slurm = SlurmOptions(partition, time_min, gpus_per_task, cpus_per_task, list(slurm_params), not no_wait)
     gpu_list = check_flags(launcher, per_gpu, gpus, workers, nproc, address, retries, slurm)
+    if warmup is not None and launcher != "local":
+        flag = "--warmup" if warmup else "--no-warmup"
+        raise UserError(f"{flag}: the kernel warm-up belongs to the local launcher's workers; --launcher {launcher} "
+                        f"compiles on each worker")
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():
@@ -141,7 +148,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         if not to_train or (launcher == "local" and not slots):
             return train_here(plan, root, quiet)
         sweep_over_workers(recipe, list(overrides), plan, to_train, root, launcher, slots, uses_cuda, address,
-                           per_gpu, workers, retries, slurm)
+                           per_gpu, workers, retries, slurm, warmup)
 
 
 def cluster_cuda(recipes) -> bool | None:
@@ -226,7 +233,7 @@ def train_here(plan, root: Path, quiet: bool) -> None:
 
 
 def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: str, slots, uses_cuda: bool | None,
-                       address, per_gpu, workers, retries, slurm) -> None:
+                       address, per_gpu, workers, retries, slurm, warmup: bool | None = None) -> None:
     """`run` over workers (local processes, Ray actors or Slurm tasks): the same run directories, lines and
     table whichever launcher trains them."""
     from dcablate.runs.launchers import outcome
@@ -236,7 +243,7 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: 
     if launcher == "local":
         from dcablate.runs.launchers import local
 
-        out = local.launch(recipe, overrides, jobs, slots)
+        out = local.launch(recipe, overrides, jobs, slots, warm=warmup)
     elif launcher == "ray":
         from dcablate.runs.launchers import ray
 

@@ -173,8 +173,12 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     base = build(data, origins, str(path))
     if not base.sweep:
         return base, [("", base)]
-    points = []
+    points, seen = [], {}
     for name, pairs in grid(base.sweep):
+        if name in seen:  # two points would share one run directory
+            raise RecipeError(str(path), "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
+                              f"(the same values); make each point's swept values differ")
+        seen[name] = len(points)
         point = copy.deepcopy(data)
         point.pop("sweep")
         for key, value in pairs:

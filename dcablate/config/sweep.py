@@ -30,7 +30,8 @@ def sweep_axes(sweep: dict) -> list[tuple[list[str], list[tuple]]]:
 
 
 def short_key(key: str) -> str:
-    return key.split(".", 1)[1] if key.split(".")[0] in ("model", "train", "run", "task", "eval") else key
+    head, dot, rest = key.partition(".")
+    return rest if dot and head in ("model", "train", "run", "task", "eval") else key
 
 
 def value_name(value) -> str:
@@ -39,6 +40,13 @@ def value_name(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def name_parts(key: str, value) -> list[str]:
+    """The `key=value` parts of a point's name for one swept key. A swept table (a whole section, e.g.
+    `task.recall = [{}, {seq_len = 512}]`) names the keys it sets (`recall.seq_len=512`) and an empty one
+    nothing, so names stay readable and free of braces, quotes and spaces."""
+    if isinstance(value, dict):
+        return [part for sub, v in value.items() for part in name_parts(f"{key}.{sub}", v)]
+    return [f"{short_key(key)}={value_name(value)}"]
 
 
 def check_zip(sweep: dict, where: str) -> None:
@@ -70,5 +78,6 @@ def grid(sweep: dict) -> list[tuple[str, list[tuple[str, object]]]]:
     points = []
     for combo in itertools.product(*(values for _, values in axes)):
         pairs = [(k, v) for (keys, _), values in zip(axes, combo) for k, v in zip(keys, values)]
-        points.append((",".join(f"{short_key(k)}={value_name(v)}" for k, v in pairs), pairs))
+        # a point whose every swept value is an empty table has no parts: it is the sweep's defaults
+        points.append((",".join(part for k, v in pairs for part in name_parts(k, v)) or "defaults", pairs))
     return points

@@ -6,7 +6,8 @@ from the resolved recipe. The score of a run is `summary.json`'s `best` evaluati
 overall MQAR accuracy during training (Zoology's convention), or for language modelling the lowest
 validation bits per byte; per width, the learning rate with the best mean score over seeds is
 selected, and its mean ± std over seeds reported, with how soon the runs reached target values of the metric
-(`efficiency.py`) and their parameter count. MQAR and LM runs below one folder get a section each.
+(`efficiency.py`) and their parameter count. MQAR and LM runs below one folder get a section each; runs of
+the synthetic suite's tasks are scored by its protocol instead (`suite.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
-from dcablate.runs import efficiency
+from dcablate.runs import efficiency, suite
 from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
@@ -198,7 +199,7 @@ def write_report(root: Path, targets: tuple[float, ...] | None = None) -> dict[s
 
 def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path]:
     runs, bad = find_runs(root)
-    by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names()}
+    by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names() if not suite.is_suite_task(task)}
     unfinished = [r for r in runs if r.summary is None]
     out = {"md": root / "report.md", "csv": root / "report.csv"}
     lines = [f"# Report: {root}", "",
@@ -233,15 +234,19 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
                                 cell.mean(metric.key), "" if std is None else std, lr == chosen,
                                 *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
                                 first.get("state_floats", ""), first.get("params", {}).get("total", ""), *speed])
+    suite_lines, suite_files = suite.suite_section(root, runs)  # the suite's tasks have their own analysis
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
         figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
         out.update(figures)
-        lines += _section(task, table, segs, metric, figures, titled=len(tasks) > 1, targets=targets[task])
+        lines += _section(task, table, segs, metric, figures, titled=len(tasks) + bool(suite_lines) > 1,
+                          targets=targets[task])
         compute_lines, compute_figures = compute_section(root, table, lambda by_lr: best_lr(by_lr, metric),
                                                          variant_name, prefix="" if task == "mqar" else f"{task}_")
         lines += compute_lines
         out.update(compute_figures)
+    lines += suite_lines
+    out.update(suite_files)
 
     lines += _software(runs)
     if unfinished:

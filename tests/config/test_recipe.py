@@ -391,6 +391,18 @@ def test_sweep_names_keep_other_sections_and_write_booleans_lowercase(tmp_path):
                                       "log.every=5,tie_embeddings=false,mqar.vocab_size=64"]
 
 
+def test_swept_tables_name_the_keys_they_set_and_empty_ones_nothing(tmp_path):
+    path = write(tmp_path / "r.toml", '[sweep]\n"task.mqar" = [{}, {vocab_size = 64, filler = "zero"}]\n')
+    _, points = R.expand(str(path))
+    assert [n for n, _ in points] == ["defaults", "mqar.vocab_size=64,mqar.filler=zero"]
+
+
+def test_two_points_with_one_name_are_refused(tmp_path):
+    path = write(tmp_path / "r.toml", '[sweep]\n"model.d_model" = [64, 64]\n')
+    with pytest.raises(RecipeError, match=r"sweep: points 0 and 1 both get the name 'd_model=64'"):
+        R.expand(str(path))
+
+
 def test_sweep_from_set_overrides(tmp_path):
     path = write(tmp_path / "r.toml", SWEEP_QUOTED)
     _, points = R.expand(str(path), ["sweep.train.lr=[0.01]", "sweep.model.d_model=[64, 256]"])

@@ -3,7 +3,7 @@ through `point.run_job` and reports through `outcome.py`; they differ only in wh
 
 | launcher | where | module |
 | --- | --- | --- |
-| `local` (default) | worker processes on this machine, or this process | `local.py`, `slots.py`, `capacity.py` |
+| `local` (default) | worker processes on this machine, or this process | `local.py`, `slots.py`, `capacity.py`, `warmup.py` |
 | `ray` | Ray actors on a local Ray instance or a cluster | `ray.py` |
 | `slurm` | a Slurm job array through submitit | `slurm.py` |
 
@@ -57,6 +57,10 @@ def check_flags(launcher: str, per_gpu: int | None, gpus: str | None, workers: i
     slurm_flags = slurm.given()
     if slurm_flags and launcher != "slurm":
         raise UserError(f"{slurm_flags[0]}: is an option of the Slurm launcher; it needs --launcher slurm")
+    if launcher == "local":
+        from dcablate.runs.launchers.warmup import choice
+
+        choice()  # a bad DCABLATE_WARMUP ends the command here, before the recipe is read
     if retries is not None and launcher == "local":
         raise UserError(f"--retries {retries}: retries runs whose Ray worker or Slurm job was lost; the local "
                         f"launcher reports a failed run instead (rerun the command); it needs --launcher ray or slurm")

@@ -3,10 +3,13 @@
 Each worker is `python -m dcablate.runs.launchers.local RECIPE --set ...` with CUDA_VISIBLE_DEVICES set to its
 slot's GPU. It serves many runs, one at a time: it reads a run (`Job.request()` as JSON) from its stdin, trains
 it through `point.run_job` (output into RUN_DIR/worker.log) and answers with one result line. Importing torch
-and fla, starting CUDA and autotuning Triton kernels is thus paid once per worker, not once per run (for small
-MQAR runs that start-up took four times the training). After a failed run the worker exits, and a fresh one
+and fla and starting CUDA is thus paid once per worker, not once per run (for small MQAR runs that start-up
+took four times the training). After a failed run the worker exits, and a fresh one
 takes the slot. Workers run detached from the terminal's process group, so that a Ctrl-C in the terminal
 reaches them only through the command (`scheduler.py` forwards it), and get SIGTERM if the command dies.
+
+On a CUDA sweep the kernels are compiled and autotuned once, in one process, before the workers start
+(`warmup.py`); the workers then load them from Triton's on-disk cache, which they all share with it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import sys
 import threading
 from pathlib import Path
 
+from dcablate.runs.launchers import warmup
 from dcablate.runs.launchers.outcome import Job
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.runs.launchers.scheduler import Worker, run_sweep
-from dcablate.runs.launchers.slots import Slot
+from dcablate.runs.launchers.slots import Slot, cpu_count
 
 RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
 MODULE = "dcablate.runs.launchers.local"
@@ -39,6 +43,8 @@ def worker_env(slot: Slot) -> dict:
     package_root = str(Path(__file__).resolve().parents[3])  # importable even without an install
     env["PYTHONPATH"] = os.pathsep.join([package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
+    if slot.gpu is not None:  # one kernel cache for the warm-up and every worker, autotuning results included
+        env = warmup.cache_env(env)
     return env
 
 
@@ -104,8 +110,14 @@ class LocalWorker(Worker):
             self.proc.terminate()
 
 
-def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot]):
-    """Train `jobs` on local worker processes, one per slot; the `Outcome`."""
+def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], warm: bool | None = None):
+    """Train `jobs` on local worker processes, one per slot; the `Outcome`. On a CUDA sweep the kernels of `jobs`
+    are first compiled and autotuned once (`warmup.py`) unless `warm` (`--warmup/--no-warmup`, default
+    `DCABLATE_WARMUP`) says not to."""
+    if jobs and warmup.wanted(warm, slots):
+        first = slots[0]  # alone on its GPU, with every core for compiling
+        env = worker_env(Slot(first.gpu, first.physical, threads=cpu_count()))
+        warmup.warm_up(recipe_ref, overrides, jobs, first.label, env)
     return run_sweep(jobs, slots, lambda slot, events: LocalWorker(slot, events, recipe_ref, overrides), len(jobs))
 
 

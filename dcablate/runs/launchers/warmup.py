@@ -1,0 +1,368 @@
+"""Compile and autotune a CUDA sweep's kernels once per machine, before the local launcher's workers start.
+
+Without this, every worker of `dcablate run RECIPE --per-gpu 8` compiles fla's and our Triton kernels itself,
+all at the same moment (eight processes fighting over the CPU cores) and autotunes them concurrently on one GPU
+(slow, and the timings the autotuner compares are noisy). Instead one process, alone on the first slot's GPU,
+takes each distinct *kernel signature* of the runs still to train and builds that point's task and model as a
+run does, then runs one training step (forward, backward, AdamW) per distinct training batch shape and one
+evaluation. Triton writes the compiled kernels into its on-disk cache and the autotuner its choices
+(fla 0.6 passes `cache_results=True` to its autotuners, `FLA_CACHE_RESULTS=1` by default;
+`TRITON_CACHE_AUTOTUNING=1` does the same for any other autotuner), so the workers load both from disk.
+Workers and warm-up get the same `TRITON_CACHE_DIR` (yours, or Triton's default `~/.triton/cache`) and the
+same environment otherwise: the autotuner's disk key holds Triton's cache-invalidating variables.
+
+**Signatures.** Two points share one when their resolved recipes differ only in keys that cannot change which
+kernels are compiled or which autotuning keys they meet (`FREE`: the seed, learning rate and its schedule,
+weight decay, the step budget, when to evaluate, log or save, the data's seed, ...). Every other key counts,
+so a key wrongly counted costs one extra warm-up, never a missed one.
+
+**Batch shapes, honestly.** The warm-up uses each run's own batch shapes, not a tiny batch: Triton specialises
+every integer argument on being 1 and on divisibility by 16, and some of fla's autotuning keys hold the batch
+size (`chunk_local_cumsum`'s `B`) or the number of rows (`NB` = rows / 65536 in its norms), so a smaller
+batch would compile and tune other variants than the runs use. The step count is one per shape; the training
+batch shapes are found by drawing batches until no new one has appeared for a while (`STABLE_DRAWS`).
+
+**What it cannot change.** The warm-up is its own process: it saves nothing, writes nothing into any run
+directory and cannot touch a run's random state. It does write the task's shared data (`<run.out_dir>/.data`,
+the same arrays a run would write there itself). On a GPU the autotuner's choice is one process's measurement
+instead of each worker's own, which can change the last bits of a run as a rerun of autotuning would; on CPU
+(where there is nothing to compile and the warm-up is skipped) `ON_CPU` forces it for the tests, which check
+that the run directories are unchanged.
+
+A failed warm-up of a signature is reported in one line and its runs compile on their own; a stop signal
+during the warm-up ends the command (nothing has trained yet). Output of the warm-up process goes to
+`<sweep>/warmup.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from dcablate.errors import UserError
+
+if TYPE_CHECKING:
+    from dcablate.runs.launchers.outcome import Job
+
+ENV = "DCABLATE_WARMUP"  # "0"/"off" skips the warm-up, "1"/"on" (the default) keeps it
+MODULE = "dcablate.runs.launchers.warmup"
+RESULT = "@@dcablate-warmup "  # prefix of the warm-up process's result lines on its stdout
+LOG_NAME = "warmup.log"
+ON_CPU = False  # tests: warm CPU sweeps up too (nothing is compiled there; shows that results do not change)
+STABLE_DRAWS = 32  # training batches drawn without a new shape before the shapes count as all seen
+MAX_DRAWS = 1024
+KILL_AFTER_S = 5.0  # after a stop signal, how long the warm-up process gets before it is killed
+
+# Keys that cannot change which kernels a run compiles or which autotuning keys they meet: where and under
+# which name it runs, its random seed and the data's, the optimizer's scalars (the fused AdamW is one CUDA
+# kernel whatever they are), the step budget and schedule, when it evaluates, logs and saves, and how it reacts
+# to faults. CUDA graphs are captured per process, so the warm-up never captures (and `cuda_graph` is free).
+FREE = ("run.name", "run.out_dir", "run.seed", "train.steps", "train.tokens", "train.tokens_per_param", "train.lr",
+        "train.schedule", "train.warmup_steps", "train.min_lr_ratio", "train.weight_decay", "train.beta1",
+        "train.beta2", "train.grad_clip", "train.oom_retry", "train.nonfinite", "train.parallel",
+        "train.cuda_graph", "eval.every", "eval.early_stop", "model.init_std", "log.", "checkpoint.", "sweep.")
+FREE_SUFFIXES = (".data_seed",)  # a task's data seed: other tokens, same shapes
+
+
+def choice(flag: bool | None = None) -> bool:
+    """Whether to warm up: `flag` (`--warmup/--no-warmup`) when given, else `DCABLATE_WARMUP` (default on)."""
+    if flag is not None:
+        return flag
+    raw = os.environ.get(ENV)
+    if raw is None or raw.strip().lower() in ("1", "on", "true", "yes"):
+        return True
+    if raw.strip().lower() in ("0", "off", "false", "no"):
+        return False
+    raise UserError(f"{ENV}={raw!r} (environment): must be 1 or on (compile and autotune a CUDA sweep's kernels once "
+                    f"before its workers start, the default) or 0 or off (each worker compiles its own)")
+
+
+def wanted(flag: bool | None, slots: list) -> bool:
+    """Whether the local launcher warms up before starting workers on `slots`: on GPU slots unless switched off
+    (`choice`); never on CPU, where nothing is compiled (unless `ON_CPU`)."""
+    return bool(slots) and choice(flag) and (slots[0].gpu is not None or ON_CPU)
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def signature(recipe) -> str:
+    """A short hash of what decides the kernels a resolved recipe compiles: every key but `FREE`'s."""
+    flat = _flatten(recipe.to_dict())
+    kept = {k: v for k, v in flat.items() if not k.startswith(FREE) and not k.endswith(FREE_SUFFIXES)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Signature:
+    """One warm-up: the first of the runs to train (a `Job`) with this signature stands for all `runs`."""
+
+    job: Job
+    runs: int = 1
+
+
+def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[Signature]:
+    """The distinct kernel signatures of `jobs` (the runs still to train, in grid order), each with the first job
+    that has it."""
+    from dcablate import config as recipes
+
+    _, points = recipes.expand(recipe_ref, overrides)
+    seen: dict[str, Signature] = {}
+    for job in jobs:
+        key = signature(points[job.index][1])
+        if key in seen:
+            seen[key].runs += 1
+        else:
+            seen[key] = Signature(job)
+    return list(seen.values())
+
+
+def cache_dir() -> str:
+    """Triton's kernel cache folder as Triton would choose it (`TRITON_CACHE_DIR`, else `TRITON_HOME` or the
+    home folder, then `.triton/cache`), without importing Triton."""
+    given = os.environ.get("TRITON_CACHE_DIR")
+    if given:
+        return given
+    return os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~/"), ".triton", "cache")
+
+
+def cache_env(env: dict) -> dict:
+    """`env` with the Triton cache the warm-up and every worker share named explicitly, and autotuning results
+    kept on disk (a value you set yourself is kept)."""
+    env = dict(env)
+    env["TRITON_CACHE_DIR"] = cache_dir()
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    env.setdefault("FLA_CACHE_RESULTS", "1")
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the warm-up process before exec: SIGTERM when the command dies (Linux), so it never holds a GPU alone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], where: str, env: dict) -> float:
+    """Warm up every kernel signature of `jobs` in one process (`python -m dcablate.runs.launchers.warmup`) with
+    environment `env` (the first slot's: its GPU), printing a line per signature and one at the end; the
+    seconds it took. A signature whose warm-up fails is reported and left to its runs; a SIGINT/SIGTERM ends
+    the command with a `Stop` (nothing has trained)."""
+    from dcablate.runs.launchers.scheduler import Stopping
+
+    chosen = signatures(recipe_ref, overrides, jobs)
+    root = jobs[0].run_dir.parent
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / LOG_NAME
+    click.echo(f"warm-up: {len(chosen)} kernel signature{'s' if len(chosen) != 1 else ''} among {len(jobs)} runs, "
+               f"compiled and autotuned once on {where} before the workers start (Triton cache "
+               f"{env.get('TRITON_CACHE_DIR', cache_dir())}; output in {log}; --no-warmup or {ENV}=0 skips it)")
+    began = time.time()
+    cmd = [sys.executable, "-m", MODULE, recipe_ref, "--log", str(log), "--where", where]
+    for o in overrides:
+        cmd += ["--set", o]
+    if ON_CPU:
+        cmd.append("--cpu-too")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    with contextlib.suppress(OSError):  # a process that died at once says so through its exit code below
+        for s in chosen:
+            proc.stdin.write(json.dumps({**s.job.request(), "runs": s.runs}) + "\n")
+        proc.stdin.close()
+    stop = Stopping()
+    previous = stop.install()
+    done, stray = set(), []
+    try:
+        while True:
+            if stop.caught:
+                end(proc)
+                from dcablate.training.runtime import Stop
+
+                name = signal.Signals(stop.caught[0]).name
+                raise Stop(f"interrupted ({name}) during the warm-up, before any run trained; run the same command "
+                           f"to start the sweep", 128 + stop.caught[0])
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            if not line.startswith(RESULT):
+                stray.append(line.strip())  # a crash before the output went to the log
+                continue
+            r = json.loads(line[len(RESULT):])
+            done.add(r["index"])
+            runs = f" ({r['runs']} runs)" if r["runs"] > 1 else ""
+            if r["error"]:
+                click.echo(f"warm-up: {r['name']}{runs} failed: {r['error']}; its runs compile on their own")
+            elif r["seconds"] is None:
+                click.echo(f"warm-up: {r['name']}{runs} trains on CPU: nothing to compile")
+            else:
+                click.echo(f"warm-up: {r['name']}{runs} ready in {r['seconds']:.1f}s")
+        code = proc.wait()
+    finally:
+        Stopping.restore(previous)
+    missed = [s for s in chosen if s.job.index not in done]
+    if missed:
+        why = next((s for s in reversed(stray) if s), None) or f"see {log}"
+        click.echo(f"warm-up: the warm-up process ended with exit code {code} before {len(missed)} signature"
+                   f"{'s' if len(missed) != 1 else ''} ({why}); their runs compile on their own")
+    seconds = time.time() - began
+    click.echo(f"warm-up: done in {seconds:.1f}s")
+    return seconds
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Stop the warm-up process: SIGTERM, then SIGKILL after `KILL_AFTER_S`."""
+    with contextlib.suppress(OSError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=KILL_AFTER_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
+
+
+def training_shapes(batches):
+    """The first batch of each distinct shape of a task's endless training stream `(x [B, T], y [B, T])`: drawn
+    until `STABLE_DRAWS` batches in a row brought no new shape (at most `MAX_DRAWS`)."""
+    shapes, since_new = set(), 0
+    for drawn, (x, y) in enumerate(batches):
+        shape = (tuple(x.shape), tuple(y.shape))
+        if shape in shapes:
+            since_new += 1
+        else:
+            shapes.add(shape)
+            since_new = 0
+            yield x, y
+        if since_new >= STABLE_DRAWS or drawn + 1 >= MAX_DRAWS:
+            return
+
+
+def warm(recipe, run_dir: Path, cpu_too: bool = False) -> float | None:
+    """Compile and autotune what a run of `recipe` compiles: its task and model built as `training.loop` builds
+    them, one training step per training batch shape, one evaluation; seconds taken, None for a run on CPU
+    (unless `cpu_too`). Nothing is saved; the task's shared data goes where the run would put it."""
+    import dataclasses
+
+    import torch
+
+    from dcablate.models.costs import build_model
+    from dcablate.tasks import build_task
+    from dcablate.training.batches import device_batches
+    from dcablate.training.loop import shared_data_dir
+    from dcablate.training.runtime import autocast_for, check_runtime, seed_everything
+    from dcablate.training.step import TrainStep
+
+    device = check_runtime(recipe)
+    if device.type != "cuda" and not cpu_too:
+        return None
+    began = time.perf_counter()
+    seed_everything(recipe.run.seed)
+    task = build_task(recipe.task)
+    net = build_model(recipe, task.vocab_size).to(device)
+    task.share_data(shared_data_dir(recipe, run_dir))
+    # eager steps (graphs are captured per process), and a non-finite step of untrained weights is no fault here
+    train = dataclasses.replace(recipe.train, cuda_graph="off", nonfinite="skip")
+    step = TrainStep(net, train, device)
+    source = training_shapes(task.train_batches(recipe.train.batch_size, seed=recipe.run.seed))
+    for x, y, row_scored in device_batches(source, device, net.gather_scored):
+        step(x, y, row_scored)
+    task.evaluate(net, device, recipe.eval.batch_size, autocast_for(device, recipe.train.precision))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - began
+
+
+def warm_point(recipe_ref: str, overrides: list[str], request: dict, cpu_too: bool) -> dict:
+    """Warm up the point `request` names (`Job.request()` and `runs`): its result line's fields."""
+    from dcablate import config as recipes
+    from dcablate.runs.launchers.point import release_memory
+
+    result = {"index": request["index"], "name": request["name"], "runs": request.get("runs", 1),
+              "seconds": None, "error": None}
+    click.echo(f"--- warm-up of point {request['index']} {request['name']} "
+               f"({time.strftime('%Y-%m-%d %H:%M:%S')})")
+    try:
+        _, points = recipes.expand(recipe_ref, overrides)
+        name, r = points[request["index"]]
+        if name != request["name"] or r.digest() != request["digest"]:
+            raise UserError(f"{recipe_ref}: point {request['index']} is now {name} (recipe {r.digest()}), not "
+                            f"{request['name']}; was the recipe edited meanwhile?")
+        result["seconds"] = warm(r, Path(request["run_dir"]), cpu_too)
+    except Exception as e:  # any failure only means the runs compile on their own: say what it was
+        traceback.print_exc()
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        result["error"] = f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+    finally:
+        release_memory()
+    click.echo(f"--- {'failed: ' + result['error'] if result['error'] else 'done'}")
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """`python -m dcablate.runs.launchers.warmup RECIPE --log PATH [--set K=V ...]`: warm up the points named on
+    stdin (one `Job.request()` JSON line each), answering each with a result line on stdout; all other output
+    is appended to the log."""
+    import argparse
+
+    from dcablate.runs.launchers.point import output_to
+
+    ap = argparse.ArgumentParser(prog=f"python -m {MODULE}", description="Compile and autotune the kernels of "
+                                 "sweep points before the sweep's workers start (started by `dcablate run`).")
+    ap.add_argument("recipe")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--where", default="")
+    ap.add_argument("--cpu-too", action="store_true")
+    args = ap.parse_args(argv)
+    results = os.fdopen(os.dup(1), "w", buffering=1)
+    requests = [json.loads(line) for line in sys.stdin if line.strip()]
+    with output_to(Path(args.log)):
+        from dcablate.runs.directories import echo_library_logs
+
+        echo_library_logs()
+        click.echo(f"=== dcablate warm-up {os.getpid()} on {args.where} ({time.strftime('%Y-%m-%d %H:%M:%S')}): "
+                   f"{len(requests)} kernel signature{'s' if len(requests) != 1 else ''}, Triton cache {cache_dir()}")
+        for request in requests:
+            result = warm_point(args.recipe, args.overrides, request, args.cpu_too)
+            results.write(f"{RESULT}{json.dumps(result)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

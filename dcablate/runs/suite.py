@@ -1,0 +1,378 @@
+"""The synthetic suite's part of `dcablate report`: task scores and suite scores under the MAD protocol.
+
+A suite run is one of the six synthetic tasks (docs/tasks.md) at one *setting* (its task section, the data
+seed aside) and one point of the protocol's grid (learning rate, weight decay, and the steps tied to the
+training-set size). Everything else that differs between runs is the *variant* being compared (mixer,
+conv, width, ...). Scores, as MAD defines them:
+
+    setting result = the best grid point's accuracy (the point with the best mean over seeds)
+    task score     = mean over the task's settings of the setting results
+    suite score    = mean over the tasks of the task scores
+
+With several seeds (`run.seed`, or the task's `data_seed`) each seed gets its own suite score from the
+chosen grid points, and the report gives their mean ± sample std and min..max. With LM ladders in the same
+tree, each variant's compute multiplier (`scaling.py`, fitted as the report's compute section does) is
+plotted against its suite score.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import tomllib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcablate.training.checkpoint import RESUME_FREE
+
+SUITE_TASKS = ("recall", "fuzzy_recall", "noisy_recall", "selective_copy", "compression", "memorization")
+
+# the protocol's own keys: a run's grid point (steps and warmup follow the training-set size) and its seed
+GRID_KEYS = ("train.lr", "train.weight_decay", "train.steps", "train.warmup_steps")
+SEED_KEYS = ("run.seed",)
+# keys that name or place a run, or cannot change its result
+NOT_VARIANT = RESUME_FREE + ("run.name", "run.out_dir", "run.device", "task.kind", "sweep")
+# how the report's variant tuple (mixer, conv, placement, ffn) is read from the recipe: already in the name
+NAMED = ("model.mixer", "model.conv.kind", "model.conv.placement", "model.conv.activation", "model.conv.residual",
+         "model.ffn")
+
+
+def is_suite_task(task: str) -> bool:
+    return task in SUITE_TASKS
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One finished suite run, as the protocol sees it."""
+    path: Path
+    variant: tuple           # the report's (mixer, conv, placement, ffn), then (key, value) pairs of other differences
+    task: str
+    setting: tuple           # ((key, value), ...) of the task section, data_seed aside
+    grid: tuple              # values of GRID_KEYS
+    seed: tuple              # (run.seed, task data_seed)
+    accuracy: float
+
+
+@dataclass
+class Best:
+    """A setting's result for one variant: the runs (one per seed) of its best grid point."""
+    grid: tuple
+    by_seed: dict[tuple, float]
+    grid_points: int         # grid points that were tried
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.by_seed.values())
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.by_seed.values()) if len(self.by_seed) > 1 else None
+
+
+@dataclass
+class Scores:
+    """One variant's results: `best[task][setting]`, the task scores, the suite score and its spread."""
+    variant: tuple
+    best: dict[str, dict[tuple, Best]]
+    task_scores: dict[str, float]
+    suite: float
+    per_seed: dict[tuple, float]  # suite score of each seed (a seed missing at a chosen point counts as its mean)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.per_seed.values()) if len(self.per_seed) > 1 else None
+
+
+# ----------------------------------------------------------------------------------------- analysis
+
+
+def _flat(node: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in node.items():
+        if isinstance(v, dict) and k != "sweep":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _frozen(value):
+    """A recipe value as a hashable one (lists of tables, such as MQAR's segments, become tuples)."""
+    if isinstance(value, dict):
+        return tuple((k, _frozen(v)) for k, v in sorted(value.items()))
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def collect(runs: list) -> list[SuiteRun]:
+    """The finished suite runs among report `Run`s (`runs.report.find_runs`), with their variant, setting, grid
+    point and seed read from each run's `recipe.toml`. A key that differs between runs of one report variant
+    (and is neither the protocol's nor a run's name or place) joins the variant: `d_model=64`."""
+    from dcablate.runs.report import metric_of
+
+    rows = []
+    for run in runs:
+        if run.summary is None or not is_suite_task(run.task):
+            continue
+        flat = {k: _frozen(v) for k, v in _flat(tomllib.loads((run.path / "recipe.toml").read_text())).items()}
+        rows.append((run, flat))
+    values: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for run, flat in rows:
+        for key, value in flat.items():
+            values[run.variant][key].add(value)
+    out = []
+    for run, flat in rows:
+        section = f"task.{run.task}."
+        extra = tuple((key, flat[key]) for key in sorted(values[run.variant])
+                      if len(values[run.variant][key]) > 1 and not _protocol(key) and key not in NAMED)
+        setting = tuple((k[len(section):], v) for k, v in sorted(flat.items())
+                        if k.startswith(section) and k != f"{section}data_seed")
+        out.append(SuiteRun(run.path, (*run.variant, *extra), run.task, setting,
+                            tuple(flat.get(k) for k in GRID_KEYS),
+                            (flat.get("run.seed"), flat.get(f"{section}data_seed")),
+                            float(run.summary["best"][metric_of(run.task).key])))
+    return out
+
+
+def _protocol(key: str) -> bool:
+    return key.startswith("task.") or key in GRID_KEYS or key in SEED_KEYS or key.startswith(NOT_VARIANT)
+
+
+def best_per_setting(runs: list[SuiteRun], higher_is_better: bool = True) -> dict[tuple, dict[str, dict[tuple, Best]]]:
+    """variant -> task -> setting -> the setting's `Best`: the grid point whose mean over seeds is best (on a
+    tie the first in sorted order, so the smaller learning rate)."""
+    cells: dict[tuple, dict[tuple, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in runs:
+        cells[(r.variant, r.task, r.setting)][r.grid][r.seed] = r.accuracy
+    out: dict = defaultdict(lambda: defaultdict(dict))
+    sign = 1 if higher_is_better else -1
+    for (variant, task, setting), by_grid in sorted(cells.items(), key=lambda kv: repr(kv[0])):
+        grids = sorted(by_grid, key=lambda g: tuple((x is None, x) for x in g))
+        chosen = max(grids, key=lambda g: (sign * statistics.fmean(by_grid[g].values()), -grids.index(g)))
+        out[variant][task][setting] = Best(chosen, by_grid[chosen], len(by_grid))
+    return out
+
+
+def scores(best: dict[tuple, dict[str, dict[tuple, Best]]]) -> list[Scores]:
+    """Task and suite scores per variant (best first)."""
+    out = []
+    for variant, tasks in best.items():
+        task_scores = {t: statistics.fmean(b.mean for b in settings.values()) for t, settings in tasks.items()}
+        seeds = sorted({s for settings in tasks.values() for b in settings.values() for s in b.by_seed}, key=repr)
+        per_seed = {s: statistics.fmean(statistics.fmean(b.by_seed.get(s, b.mean) for b in settings.values())
+                                        for settings in tasks.values()) for s in seeds}
+        out.append(Scores(variant, tasks, task_scores, statistics.fmean(task_scores.values()), per_seed))
+    return sorted(out, key=lambda s: -s.suite)
+
+
+def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
+    """(task, setting) -> `baseline` or the knobs it changes (`seq_len=512`): a knob is a key that differs
+    between a task's settings, and its baseline value the one most of the settings have (MAD changes one
+    knob at a time, so the baseline's values are the common ones)."""
+    settings: dict[str, set] = defaultdict(set)
+    for r in runs:
+        settings[r.task].add(r.setting)
+    labels = {}
+    for task, these in settings.items():
+        counts: dict[str, Counter] = defaultdict(Counter)
+        for setting in these:
+            for k, v in setting:
+                counts[k][v] += 1
+        mode = {k: max(c, key=lambda v: (c[v], -_order(v))) for k, c in counts.items() if len(c) > 1}
+        for setting in these:
+            changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting
+                       if k in mode and v != mode[k]]
+            labels[(task, setting)] = ", ".join(changed) or "baseline"
+    return labels
+
+
+def _order(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def variant_label(variant: tuple) -> str:
+    from dcablate.runs.report import variant_name
+
+    extra = " ".join(f"{k.split('.', 1)[1] if k.startswith('model.') else k}={v}" for k, v in variant[4:])
+    return variant_name(variant[:4]) + (f" {extra}" if extra else "")
+
+
+def grid_label(grid: tuple) -> str:
+    lr, wd, steps, _ = grid
+    return f"lr {lr:g}, wd {wd:g}" + ("" if steps is None else f", {steps} steps")
+
+
+# ----------------------------------------------------------------------------------------- compute multipliers
+
+
+def compute_multipliers(runs: list) -> dict[tuple, float]:
+    """The report variant tuple -> compute multiplier of the LM ladders among `runs` (the fit of the report's
+    compute section: per mixer, against its conv-free ladder); {} when there are none or no fit succeeds."""
+    from dcablate.errors import UserError
+    from dcablate.runs import compute_report, scaling
+    from dcablate.runs.report import aggregate, best_lr, metric_of, variant_name
+
+    lm = [r for r in runs if r.task == "lm"]
+    if not lm:
+        return {}
+    metric = metric_of("lm")
+    table = aggregate(lm)
+    names = {variant_name(v): v for v, _ in table}
+    out = {}
+    for points in compute_report.points_by_group(table, lambda by_lr: best_lr(by_lr, metric), variant_name).values():
+        baseline = compute_report.baseline_of(points)
+        if baseline is None or len({p.params or p.compute for p in points if p.variant == baseline}) \
+                < scaling.MIN_BASELINE_SIZES:
+            continue
+        try:
+            fit = scaling.fit_joint(points, baseline)
+        except UserError:
+            continue
+        out.update({names[name]: m for name, m in fit.multipliers.items()})
+    return out
+
+
+def multiplier_of(variant: tuple, multipliers: dict[tuple, float]) -> float | None:
+    """A suite variant's multiplier: the LM variant with the same (mixer, conv, placement, ffn), else the only
+    one with the same (mixer, conv, placement) (a ladder without an MLP for a suite with one)."""
+    if variant[:4] in multipliers:
+        return multipliers[variant[:4]]
+    near = [m for v, m in multipliers.items() if v[:3] == variant[:3]]
+    return near[0] if len(near) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------- the report section
+
+
+def suite_section(root: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
+    """Markdown lines and files (`suite.csv`, figures) of the suite runs among `runs` ([] and {} when none)."""
+    suite_runs = collect(runs)
+    if not suite_runs:
+        return [], {}
+    labels = setting_labels(suite_runs)
+    table = scores(best_per_setting(suite_runs))
+    tasks = [t for t in SUITE_TASKS if any(t in s.best for s in table)]
+    n_seeds = max(len(s.per_seed) for s in table)
+    multipliers = compute_multipliers(runs)
+
+    lines = ["# Synthetic task suite", "",
+             "MAD protocol (docs/tasks.md): a setting's result is the test accuracy (`summary.json` `best`) of its "
+             "best grid point (learning rate × weight decay; the point with the best mean over seeds), a task "
+             "score the mean over the task's settings, the suite score the mean of the task scores. A variant is "
+             "everything that differs between runs except the task settings, the grid and the seeds."
+             + (" Spread over seeds: mean ± sample std (min..max of the per-seed suite scores)." if n_seeds > 1
+                else ""), ""]
+    header = ["rank", "variant", "suite score", "tasks", "seeds", *tasks]
+    rows = []
+    for i, s in enumerate(table):
+        spread = _pm(s.suite, s.std) + (f" ({min(s.per_seed.values()):.3f}..{max(s.per_seed.values()):.3f})"
+                                        if s.std is not None else "")
+        rows.append([i + 1, variant_label(s.variant), spread, f"{len(s.task_scores)}/{len(SUITE_TASKS)}",
+                     len(s.per_seed), *(f"{s.task_scores[t]:.3f}" if t in s.task_scores else "-" for t in tasks)])
+    lines += ["## Suite score", ""] + _md_table(header, rows)
+    if any(len(s.task_scores) < len(SUITE_TASKS) for s in table):
+        lines += [f"A suite score over fewer than {len(SUITE_TASKS)} tasks is the mean of those it has.", ""]
+
+    for task in tasks:
+        settings = sorted({r.setting for r in suite_runs if r.task == task},
+                          key=lambda st: (labels[(task, st)] != "baseline", labels[(task, st)]))
+        have = [s for s in table if task in s.best]
+        lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value).", ""]
+        body = []
+        for st in settings:
+            cells = []
+            for s in have:
+                b = s.best[task].get(st)
+                cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid)}")
+            body.append([labels[(task, st)], *cells])
+        body.append(["**task score**", *(f"**{s.task_scores[task]:.3f}**"
+                                        + ("" if len(s.best[task]) == len(settings)
+                                           else f" ({len(s.best[task])}/{len(settings)} settings)") for s in have)])
+        lines += _md_table(["setting", *(variant_label(s.variant) for s in have)], body)
+
+    files = {"suite_csv": _write_csv(root / "suite.csv", table, labels)}
+    files["suite_scores"] = _bars(root / "suite_scores.png", table, tasks)
+    lines += ["## Figures", "", "![suite scores](suite_scores.png)", ""]
+    points = [(s, multiplier_of(s.variant, multipliers)) for s in table]
+    points = [(s, m) for s, m in points if m is not None]
+    if points:
+        files["suite_vs_compute"] = _versus_compute(root / "suite_vs_compute_multiplier.png", points)
+        lines += ["Suite score against the compute multiplier of the same variant on the LM ladders in this tree "
+                  "(the compute section's fit):", "", "![suite score vs compute multiplier]"
+                  "(suite_vs_compute_multiplier.png)", ""]
+    return lines, files
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
+
+
+def _md_table(header: list, rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
+
+
+def _write_csv(path: Path, table: list[Scores], labels: dict) -> Path:
+    """One row per (variant, task, setting) with its chosen grid point, one per task score, one per suite score."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "task", "setting", "setting_keys", "accuracy_mean", "accuracy_std", "seeds", "lr",
+                    "weight_decay", "steps", "grid_points"])
+        for s in table:
+            name = variant_label(s.variant)
+            for task, settings in s.best.items():
+                for st, b in settings.items():
+                    w.writerow([name, task, labels[(task, st)], json.dumps(dict(st)), b.mean,
+                                "" if b.std is None else b.std, len(b.by_seed), b.grid[0], b.grid[1], b.grid[2],
+                                b.grid_points])
+                w.writerow([name, task, "task score", "", s.task_scores[task], "", "", "", "", "", ""])
+            w.writerow([name, "suite", "suite score", "", s.suite, "" if s.std is None else s.std, len(s.per_seed),
+                        "", "", "", ""])
+    return path
+
+
+def _bars(path: Path, table: list[Scores], tasks: list[str]) -> Path:
+    """Grouped bars: a group per task and one for the suite score, a bar per variant (error bars: std over
+    seeds of the suite score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = [*tasks, "suite"]
+    width = 0.8 / len(table)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 0.4 * len(table)), 3.8))
+    x = np.arange(len(groups))
+    for i, s in enumerate(table):
+        heights = [s.task_scores.get(t, np.nan) for t in tasks] + [s.suite]
+        err = [0.0] * len(tasks) + [s.std or 0.0]
+        ax.bar(x + (i - (len(table) - 1) / 2) * width, heights, width, yerr=err, capsize=2,
+               color=plt.cm.tab10(i % 10), label=variant_label(s.variant))
+    ax.set_xticks(x, groups, rotation=20)
+    ax.set(ylabel="score (accuracy)", ylim=(0, 1.02), title="task scores and suite score")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _versus_compute(path: Path, points: list[tuple[Scores, float]]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (s, m) in enumerate(points):
+        ax.errorbar([m], [s.suite], yerr=[s.std or 0.0], fmt="o", color=plt.cm.tab10(i % 10),
+                    label=variant_label(s.variant))
+    ax.axvline(1.0, color="0.7", lw=0.8)  # the conv-free ladder's own multiplier
+    ax.set(xlabel="compute multiplier on the LM ladder (the conv-free baseline = 1)", ylabel="suite score", title="suite score vs compute multiplier")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
