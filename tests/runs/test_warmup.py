@@ -89,6 +89,23 @@ def test_points_differing_in_lr_seed_or_weight_decay_share_a_signature(sweep):
     assert warmup.signature(points[0][1]) != warmup.signature(config.expand("g.toml", [])[1][0][1])
     _, points = config.expand("w.toml", [])
     assert len({warmup.signature(r) for _, r in points}) == 2  # conv none / static
+    assert len({warmup.family(r) for _, r in points}) == 1  # ... of one family: the same mixer kernels
+
+
+def test_families_are_shared_out_whole_over_the_processes(sweep):
+    grid = ('"model.d_model" = [16, 32, 48]\n"model.conv.kind" = ["none", "static", "dynamic"]\n'
+            '"model.conv.placement" = ["qkv", "qkv", "all_linear"]\nzip = [["model.conv.kind", '
+            '"model.conv.placement"]]\n')
+    (sweep / "f.toml").write_text(SWEEP.split("[sweep]")[0] + "[sweep]\n" + grid)
+    chosen = warmup.signatures("f.toml", [], jobs_of("f.toml"))
+    assert len(chosen) == 9 and len({s.family for s in chosen}) == 3
+    for processes, sizes in ((8, [3, 3, 3]), (2, [6, 3]), (1, [9])):
+        shares = warmup.share_out(chosen, processes)
+        assert [len(share) for share in shares] == sizes
+        # a family never split, and its signatures kept in grid order
+        assert all(len({s.family for s in share}) == len(share) // 3 for share in shares)
+        assert all(all(a.job.index < b.job.index for a, b in zip(share, share[1:])
+                       if a.family == b.family) for share in shares)
 
 
 def test_switch_and_where_it_applies(sweep, monkeypatch, capsys):
@@ -142,7 +159,8 @@ def test_once_per_signature_before_the_workers_never_for_finished_runs_results_u
     first = lines.index(next(ln for ln in lines if ln.startswith("training 2 runs on 2 workers")))
     warm = [ln for ln in lines if ln.startswith("warm-up: ")]
     assert all(lines.index(ln) < first for ln in warm)  # all of it before any worker starts
-    assert warm[0].startswith("warm-up: 1 kernel signature among 2 runs, compiled and autotuned once on cpu")
+    assert warm[0].startswith("warm-up: 1 kernel signature (1 family) among 2 runs, compiled and autotuned once in "
+                              "1 process on cpu")
     assert re.fullmatch(r"warm-up: conv\.kind=static,lr=0\.001 \(2 runs\) ready in \d+\.\ds", warm[1])
     assert re.fullmatch(r"warm-up: done in \d+\.\ds", warm[2]) and len(warm) == 3
     log = (root / warmup.LOG_NAME).read_text()
@@ -154,7 +172,7 @@ def test_warmup_writes_nothing_into_run_directories_and_a_failure_only_reports(s
     monkeypatch.setattr(warmup, "ON_CPU", True)
     jobs = jobs_of("w.toml")
     jobs[2].digest = "0" * 16  # the recipe "changed": this signature's warm-up fails, the other one works
-    seconds = warmup.warm_up("w.toml", [], jobs, "cpu", local.worker_env(Slot(None)))
+    seconds = warmup.warm_up("w.toml", [], jobs, [("cpu", local.worker_env(Slot(None)))])
     out = capsys.readouterr().out
     assert seconds > 0 and "warm-up: conv.kind=none,lr=0.001 (2 runs) ready in" in out
     assert "warm-up: conv.kind=static,lr=0.001 (2 runs) failed: UserError: w.toml: point 2 is now " in out
@@ -192,7 +210,7 @@ def test_a_stop_signal_during_the_warmup_ends_the_command(sweep, monkeypatch):
 
     threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(Stop) as stopped:
-        warmup.warm_up("w.toml", [], jobs_of("w.toml"), "cpu", env)
+        warmup.warm_up("w.toml", [], jobs_of("w.toml"), [("cpu", env)])
     assert stopped.value.code == 130 and "interrupted (SIGINT) during the warm-up, before any run trained" in \
         str(stopped.value)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handler is back
@@ -207,3 +225,15 @@ def test_no_warmup_flag_turns_it_off_and_belongs_to_the_local_launcher(sweep, mo
     assert main(["run", "w.toml", "--launcher", "ray", "--no-warmup", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: --no-warmup: the kernel warm-up belongs to the local")
+
+
+def test_two_families_warm_up_in_two_processes_at_once(sweep, monkeypatch, capsys):
+    monkeypatch.setattr(warmup, "ON_CPU", True)
+    (sweep / "d.toml").write_text(SWEEP.split("[sweep]")[0] + '[sweep]\n"model.d_model" = [16, 32]\n')
+    place = ("cpu", local.worker_env(Slot(None)))
+    warmup.warm_up("d.toml", [], jobs_of("d.toml"), [place, place, place])
+    out = capsys.readouterr().out
+    assert "warm-up: 2 kernel signatures (2 families) among 2 runs, compiled and autotuned once in 2 processes" in out
+    assert "warm-up: d_model=16 ready in" in out and "warm-up: d_model=32 ready in" in out
+    log = (sweep / "out" / "w" / warmup.LOG_NAME).read_text()
+    assert log.count("=== dcablate warm-up") == 2 and log.count("--- done") == 2

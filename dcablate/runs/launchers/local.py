@@ -115,9 +115,9 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[S
     are first compiled and autotuned once (`warmup.py`) unless `warm` (`--warmup/--no-warmup`, default
     `DCABLATE_WARMUP`) says not to."""
     if jobs and warmup.wanted(warm, slots):
-        first = slots[0]  # alone on its GPU, with every core for compiling
-        env = worker_env(Slot(first.gpu, first.physical, threads=cpu_count()))
-        warmup.warm_up(recipe_ref, overrides, jobs, first.label, env)
+        threads = max(1, cpu_count() // len(slots))  # the warm-up uses at most one process per slot
+        places = [(s.label, worker_env(Slot(s.gpu, s.physical, threads=threads))) for s in slots]
+        warmup.warm_up(recipe_ref, overrides, jobs, places)
     return run_sweep(jobs, slots, lambda slot, events: LocalWorker(slot, events, recipe_ref, overrides), len(jobs))
 
 

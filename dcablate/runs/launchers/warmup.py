@@ -76,6 +76,7 @@ FREE = ("run.name", "run.out_dir", "run.seed", "train.steps", "train.tokens", "t
         "train.beta2", "train.grad_clip", "train.oom_retry", "train.nonfinite", "train.parallel",
         "train.cuda_graph", "eval.every", "eval.early_stop", "model.init_std", "log.", "checkpoint.", "sweep.")
 FREE_SUFFIXES = (".data_seed",)  # a task's data seed: other tokens, same shapes
+FAMILY_FREE = ("model.conv.",)  # what may differ inside one family (see `family`)
 
 
 def choice(flag: bool | None = None) -> bool:
@@ -107,11 +108,18 @@ def _flatten(node: dict, prefix: str = "") -> dict:
     return out
 
 
-def signature(recipe) -> str:
-    """A short hash of what decides the kernels a resolved recipe compiles: every key but `FREE`'s."""
+def signature(recipe, free: tuple[str, ...] = FREE) -> str:
+    """A short hash of what decides the kernels a resolved recipe compiles: every key but `free`'s."""
     flat = _flatten(recipe.to_dict())
-    kept = {k: v for k, v in flat.items() if not k.startswith(FREE) and not k.endswith(FREE_SUFFIXES)}
+    kept = {k: v for k, v in flat.items() if not k.startswith(free) and not k.endswith(FREE_SUFFIXES)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def family(recipe) -> str:
+    """The signature without the short conv's keys: points of one family share the mixer's kernels (fla's, which
+    are specialised on the head dimensions and take minutes to compile and autotune) and differ only in the
+    conv kernels (seconds)."""
+    return signature(recipe, FREE + FAMILY_FREE)
 
 
 @dataclass
@@ -120,6 +128,7 @@ class Signature:
 
     job: Job
     runs: int = 1
+    family: str = ""
 
 
 def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[Signature]:
@@ -130,12 +139,26 @@ def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[S
     _, points = recipes.expand(recipe_ref, overrides)
     seen: dict[str, Signature] = {}
     for job in jobs:
-        key = signature(points[job.index][1])
+        recipe = points[job.index][1]
+        key = signature(recipe)
         if key in seen:
             seen[key].runs += 1
         else:
-            seen[key] = Signature(job)
+            seen[key] = Signature(job, family=family(recipe))
     return list(seen.values())
+
+
+def share_out(chosen: list[Signature], processes: int) -> list[list[Signature]]:
+    """`chosen` spread over at most `processes` warm-up processes, a family never split (its first signature
+    compiles the mixer's kernels that the others then load) and the families dealt largest first to the
+    process with the fewest signatures so far."""
+    families: dict[str, list[Signature]] = {}
+    for s in chosen:
+        families.setdefault(s.family, []).append(s)
+    shares: list[list[Signature]] = [[] for _ in range(max(1, min(processes, len(families))))]
+    for members in sorted(families.values(), key=len, reverse=True):
+        min(shares, key=len).extend(members)
+    return shares
 
 
 def cache_dir() -> str:
@@ -167,48 +190,40 @@ def _die_with_parent() -> None:
         pass
 
 
-def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], where: str, env: dict) -> float:
-    """Warm up every kernel signature of `jobs` in one process (`python -m dcablate.runs.launchers.warmup`) with
-    environment `env` (the first slot's: its GPU), printing a line per signature and one at the end; the
-    seconds it took. A signature whose warm-up fails is reported and left to its runs; a SIGINT/SIGTERM ends
-    the command with a `Stop` (nothing has trained)."""
+def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], places: list[tuple[str, dict]]) -> float:
+    """Warm up every kernel signature of `jobs`, one family per process (`python -m
+    dcablate.runs.launchers.warmup`), up to one process per place in `places` ((label, environment): its GPU
+    and threads), printing a line per signature and one at the end; the seconds it took. Families compile at
+    the same time (a Triton compile keeps one core busy, and fla's kernels of one head dimension take minutes);
+    inside a family the signatures go one after another, so the mixer's kernels are compiled once. A signature
+    whose warm-up fails is reported and left to its runs; a SIGINT/SIGTERM ends the command with a `Stop`
+    (nothing has trained)."""
     from dcablate.runs.launchers.scheduler import Stopping
 
     chosen = signatures(recipe_ref, overrides, jobs)
+    shares = share_out(chosen, len(places))
     root = jobs[0].run_dir.parent
     root.mkdir(parents=True, exist_ok=True)
     log = root / LOG_NAME
-    click.echo(f"warm-up: {len(chosen)} kernel signature{'s' if len(chosen) != 1 else ''} among {len(jobs)} runs, "
-               f"compiled and autotuned once on {where} before the workers start (Triton cache "
-               f"{env.get('TRITON_CACHE_DIR', cache_dir())}; output in {log}; --no-warmup or {ENV}=0 skips it)")
+    where = ", ".join(dict.fromkeys(label for label, _ in places[:len(shares)]))
+    n_fam = len({s.family for s in chosen})
+    click.echo(f"warm-up: {len(chosen)} kernel signature{'s' if len(chosen) != 1 else ''} ({n_fam} "
+               f"famil{'ies' if n_fam != 1 else 'y'}) among {len(jobs)} runs, compiled and autotuned once in "
+               f"{len(shares)} process{'es' if len(shares) != 1 else ''} on {where} before the workers start "
+               f"(Triton cache {places[0][1].get('TRITON_CACHE_DIR', cache_dir())}; output in {log}; --no-warmup "
+               f"or {ENV}=0 skips it)")
     began = time.time()
-    cmd = [sys.executable, "-m", MODULE, recipe_ref, "--log", str(log), "--where", where]
-    for o in overrides:
-        cmd += ["--set", o]
-    if ON_CPU:
-        cmd.append("--cpu-too")
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1, env=env, start_new_session=True,
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     lines: queue.Queue = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    with contextlib.suppress(OSError):  # a process that died at once says so through its exit code below
-        for s in chosen:
-            proc.stdin.write(json.dumps({**s.job.request(), "runs": s.runs}) + "\n")
-        proc.stdin.close()
+    procs = [start(recipe_ref, overrides, share, log, label, env, lines)
+             for share, (label, env) in zip(shares, places)]
     stop = Stopping()
     previous = stop.install()
-    done, stray = set(), []
+    done, stray, open_ = set(), [], len(procs)
     try:
-        while True:
+        while open_:
             if stop.caught:
-                end(proc)
+                for proc in procs:
+                    end(proc)
                 from dcablate.training.runtime import Stop
 
                 name = signal.Signals(stop.caught[0]).name
@@ -219,7 +234,8 @@ def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], where: str, 
             except queue.Empty:
                 continue
             if line is None:
-                break
+                open_ -= 1
+                continue
             if not line.startswith(RESULT):
                 stray.append(line.strip())  # a crash before the output went to the log
                 continue
@@ -232,17 +248,43 @@ def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], where: str, 
                 click.echo(f"warm-up: {r['name']}{runs} trains on CPU: nothing to compile")
             else:
                 click.echo(f"warm-up: {r['name']}{runs} ready in {r['seconds']:.1f}s")
-        code = proc.wait()
+        codes = [proc.wait() for proc in procs]
     finally:
         Stopping.restore(previous)
     missed = [s for s in chosen if s.job.index not in done]
     if missed:
         why = next((s for s in reversed(stray) if s), None) or f"see {log}"
-        click.echo(f"warm-up: the warm-up process ended with exit code {code} before {len(missed)} signature"
+        code = next((c for c in codes if c), 0)
+        click.echo(f"warm-up: a warm-up process ended with exit code {code} before {len(missed)} signature"
                    f"{'s' if len(missed) != 1 else ''} ({why}); their runs compile on their own")
     seconds = time.time() - began
     click.echo(f"warm-up: done in {seconds:.1f}s")
     return seconds
+
+
+def start(recipe_ref: str, overrides: list[str], share: list[Signature], log: Path, where: str, env: dict,
+          lines: queue.Queue) -> subprocess.Popen:
+    """One warm-up process for the signatures `share`, its output lines fed into `lines` (None at its end)."""
+    cmd = [sys.executable, "-m", MODULE, recipe_ref, "--log", str(log), "--where", where]
+    for o in overrides:
+        cmd += ["--set", o]
+    if ON_CPU:
+        cmd.append("--cpu-too")
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1, env=env, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    with contextlib.suppress(OSError):  # a process that died at once says so through its exit code
+        for s in share:
+            proc.stdin.write(json.dumps({**s.job.request(), "runs": s.runs}) + "\n")
+        proc.stdin.close()
+    return proc
 
 
 def end(proc: subprocess.Popen) -> None:
