@@ -11,7 +11,13 @@ from dcablate.errors import UserError
 from dcablate.models.lm import LanguageModel
 from dcablate.tasks import TASKS, task_head
 
-CONV_SUFFIX = "_conv1d"
+CONV_SUFFIX = "_conv1d"  # q_conv1d, o_conv1d, ...; Mamba-2's xBC conv keeps fla's name, `conv1d`
+
+
+def is_conv(module_name: str) -> bool:
+    """Whether the module at dotted `module_name` is a short conv."""
+    last = module_name.rsplit(".", 1)[-1]
+    return last == "conv1d" or last.endswith(CONV_SUFFIX)
 
 
 def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
@@ -47,7 +53,7 @@ def component(name: str) -> str:
         sub = parts[2]
         if sub in ("mixer_norm", "ffn_norm"):
             return "norms"
-        return "conv" if parts[3].endswith(CONV_SUFFIX) else sub
+        return "conv" if is_conv(parts[3]) else sub
     return parts[0]
 
 
@@ -78,7 +84,7 @@ def costs(model: LanguageModel, seq_len: int) -> Costs:
     params = parameter_table(model)
     matmul = sum(m.weight.numel() for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear))
     mixers = [b.mixer for b in model.blocks]
-    convs = [m for n, m in model.blocks.named_modules() if n.endswith(CONV_SUFFIX)]
+    convs = [m for n, m in model.blocks.named_modules() if is_conv(n)]
     flops = 2 * matmul + sum(c.flops_per_token() for c in convs) + sum(m.flops_per_token(seq_len) for m in mixers)
     flops += sum(b.ffn.extra_flops_per_token() for b in model.blocks if b.ffn is not None)
     conv_history = sum((c.width - 1) * c.dim for c in convs)  # the last W-1 inputs of every conv

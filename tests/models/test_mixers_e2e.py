@@ -33,6 +33,13 @@ def test_mamba2_trains_with_every_conv(tmp_path, kind, placement):
     summary = train(r, tmp_path / "t", quiet=True)
     assert summary["steps"] == 4
     assert summary["state_floats"] == costs(model, 16).state_floats
+    # every conv, the xBC one under fla's name `conv1d` too, is counted as a conv: parameters and history
+    conv_params = sum(p.numel() for name, p in model.named_parameters() if "conv1d" in name)
+    assert costs(model, 16).params.get("conv", 0) == conv_params
+    history = sum((m.width - 1) * m.dim for name, m in model.named_modules() if name.endswith("conv1d"))
+    bare = costs(build_model(tiny(tmp_path, {"mixer": "mamba2", "mamba2": {"head_dim": 16, "state_size": 8,
+                                                                        "n_groups": 2}}), 64), 16)
+    assert costs(model, 16).state_floats - bare.state_floats == history
 
 
 def test_moe_trains_logs_expert_load_and_counts_active(tmp_path):
