@@ -13,6 +13,7 @@ the synthetic suite's tasks are scored by its protocol instead (`suite.py`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 import tomllib
@@ -97,11 +98,12 @@ def conv_label(conv) -> str:
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Every MQAR and LM run directory below `root` (finished or not), and those skipped: files that could
-    not be read."""
+    """Every run directory below `root` (finished or not), and those skipped: files that could not be read, and
+    a run equal to one already found (the same resolved recipe but for its name and place, seed included, e.g.
+    one sweep run twice into two folders), which would otherwise count twice as if it were another seed."""
     if not root.is_dir():
         raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
-    runs, bad = [], []
+    runs, bad, seen = [], [], {}
     for recipe_file in sorted(root.rglob("recipe.toml")):
         run_dir = recipe_file.parent
         try:
@@ -128,7 +130,17 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         run.train_curve = [(rec["step"], rec["loss"]) for rec in records if rec.get("kind") == "train" and "loss" in rec]
         run.tokens_seen = [(rec["step"], rec["tokens"]) for rec in records
                            if rec.get("kind") == "train" and "tokens" in rec]
-        runs.append(run)
+        same = dataclasses.replace(r, run=dataclasses.replace(r.run, name="", out_dir="")).digest()
+        first = seen.get(same)
+        if first is None:
+            seen[same] = len(runs)
+            runs.append(run)
+            continue
+        kept = runs[first]
+        if kept.summary is None and run.summary is not None:  # the finished one counts
+            runs[first], run, kept = run, kept, run
+        bad.append((run.path, f"the same run as `{kept.path.relative_to(root)}` (equal recipes but for run.name "
+                              f"and run.out_dir); counted once"))
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
     return runs, bad

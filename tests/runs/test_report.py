@@ -208,3 +208,16 @@ def test_lm_runs_are_scored_by_lowest_bpb_beside_mqar(tmp_path):
     names = {p.name for p in files.values() if p.suffix == ".png"}
     assert {"lm_bpb_vs_d_model.png", "lm_bpb_vs_state.png", "lm_validation_curves.png",
             "accuracy_vs_d_model.png", "validation_curves.png"} <= names
+
+
+def test_a_run_twice_in_the_tree_counts_once_the_finished_copy(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root, "first/copy", lr=1e-3, seed=0, best=None)  # unfinished, found first
+    make_run(root, "second/copy", lr=1e-3, seed=0, best=(0.6, 0.2, 0.40))  # the same recipe, finished
+    make_run(root, "other_seed", lr=1e-3, seed=1, best=(0.8, 0.4, 0.60))
+    files = write_report(root)
+    md = files["md"].read_text()
+    assert "2 finished runs, 0 unfinished, 1 skipped" in md
+    assert "`first/copy`: the same run as `second/copy`" in md
+    (row,) = read_csv(files["csv"])
+    assert row["seeds"] == "2" and float(row["score_mean"]) == pytest.approx(0.5)
