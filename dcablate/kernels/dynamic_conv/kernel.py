@@ -9,6 +9,8 @@ The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never 
 - dU, dS   (grid D-blocks × W × token runs): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and dS_k = sum_t dy_t ⊙ x_{t-k},
   accumulated over a run of tokens on chip, then added atomically.
 - an alternative one-pass backward (`impl="fused"`) does all four gradients together.
+- candidate designs under test (`candidates.py`, timed against these by `benchmarks/conv_candidates.py`) run
+  where `impl` or $DCABLATE_CONV_IMPL names them; unset, the kernels above run.
 
 Programs walk runs of token (or channel) tiles and keep small tiles (fewer live registers: more programs
 per SM); the forward and dx load their filter taps once per program, and dx prefetches its next tile by
@@ -24,12 +26,14 @@ by the caller in torch.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from dcablate.errors import UserError
 from dcablate.kernels import cdiv, next_power_of_2
 
 
@@ -520,15 +524,37 @@ class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
 
 
 IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
+IMPL_ENV = "DCABLATE_CONV_IMPL"  # names the implementation where the caller does not (benchmarks, A/B runs)
 
 
-def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str = "split"):
-    """`impl` picks the backward: "split" (default; dx, dz and dU/dS kernels) or "fused" (one pass
-    keeping dU/dS per lag on chip; 16-bit inputs on CUDA only: with IEEE fp32 dots its software-pipelined loop
-    asks for ~245 KB of shared memory, more than an H100 has; and it is slower than "split" at the paper's
-    shape)."""
+def impl_from_env() -> str:
+    """$DCABLATE_CONV_IMPL, or "split" when it is unset or empty; a name that is neither in IMPLS nor a
+    candidate (`candidates.parse_plan`) is one UserError line."""
+    name = os.environ.get(IMPL_ENV, "").strip() or "split"
+    if name not in IMPLS:
+        from dcablate.kernels.dynamic_conv.candidates import CANDIDATES, parse_plan
+
+        try:
+            parse_plan(name)
+        except ValueError:
+            raise UserError(f"{IMPL_ENV}={name!r}: expected one of {', '.join([*IMPLS, *CANDIDATES])} (candidate "
+                            f"parts may be joined by '+'), or unset for the default 'split'") from None
+    return name
+
+
+def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str | None = None):
+    """`impl` picks the kernels (None: $DCABLATE_CONV_IMPL, unset means "split"): "split" (the default;
+    forward, then dx, dz and dU/dS kernels), "fused" (one backward pass keeping dU/dS per lag on chip; 16-bit
+    inputs on CUDA only: with IEEE fp32 dots its software-pipelined loop asks for ~245 KB of shared memory, more
+    than an H100 has; and it is slower than "split" at the paper's shape), or a candidate design under test
+    (`candidates.py`: "narrow", "tile", "dudz" and their combinations such as "tile+dudz")."""
+    impl = impl or impl_from_env()
     if impl == "fused" and x.is_cuda and x.dtype == torch.float32:
         raise ValueError("impl='fused' supports bf16/fp16 inputs on CUDA; use 'split'")
+    if impl not in IMPLS:
+        from dcablate.kernels.dynamic_conv.candidates import dynamic_conv_lowrank_candidate, parse_plan
+
+        return dynamic_conv_lowrank_candidate(x, z, U, S, residual, cu_seqlens, parse_plan(impl))
     return IMPLS[impl].apply(x, z, U, S, residual, cu_seqlens)
 
 
