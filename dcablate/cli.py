@@ -501,6 +501,52 @@ def data_get(name, directory):
     click.echo(f"corpus {name} ready in {folder}")
 
 
+@cli.group()
+def kernels():
+    """Kernel configurations tuned per GPU model, so that fla skips its autotuning (docs/sweeps.md)."""
+
+
+@kernels.command(name="export-tuning")
+@click.option("--triton-cache", "caches", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="A Triton cache folder to read autotuning results from (repeatable; default: TRITON_CACHE_DIR, "
+                   "else ~/.triton/cache, the folder sweeps and their warm-up use).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Where to write (merged with what it holds; default: the package's "
+                   "dcablate/kernels/tuned/<GPU>/, which runs on that GPU model take).")
+@click.option("--gpu-name", default=None, metavar="NAME",
+              help="The GPU model the results were measured on, as torch names it (e.g. 'NVIDIA H200'; default: "
+                   "CUDA device 0's name, so needed on a machine without CUDA).")
+def kernels_export_tuning(caches, out, gpu_name):
+    """Convert the autotuning results of fla's kernels in a Triton cache into fla's config files for one GPU
+    model (run on the machine that tuned them, e.g. after a sweep's kernel warm-up)."""
+    from dcablate.kernels.tuned.export import default_out, export
+    from dcablate.runs.launchers.warmup import cache_dir
+
+    if gpu_name is not None and not gpu_name.strip():
+        raise UserError("--gpu-name: empty; give the GPU model as torch names it, e.g. 'NVIDIA H200'")
+    if not caches:
+        default = Path(cache_dir())
+        if not default.is_dir():
+            raise UserError(f"Triton cache {default} (TRITON_CACHE_DIR, else ~/.triton/cache): no such folder; name "
+                            f"the folder that holds the autotuning results with --triton-cache DIR")
+        caches = (default,)
+    for c in caches:
+        if not c.is_dir():
+            raise UserError(f"--triton-cache {c}: no such folder")
+    if gpu_name is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu-name: no CUDA device here to name the GPU the results were measured on; give "
+                            "--gpu-name, e.g. 'NVIDIA H200'")
+        gpu_name = torch.cuda.get_device_name(0)
+    target = out if out is not None else default_out(gpu_name)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {target}: is a file, not a folder")
+    for line in export(list(caches), target, gpu_name).lines():
+        click.echo(line)
+
+
 @cli.command(name="recipes")
 def list_recipes():
     """List the recipes shipped with dcablate, each with the first sentence of its opening comment (run one by

@@ -34,10 +34,16 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def check_runtime(recipe) -> torch.device:
-    """The device a recipe trains on; raises UserError for what only this machine can rule out."""
+    """The device a recipe trains on; raises UserError for what only this machine can rule out. On CUDA, before
+    fla is first imported, points fla at the kernel configs shipped for this GPU (`kernels/tuned/activate.py`)
+    and says so in one line."""
     device = resolve_device(recipe.run.device)
     if recipe.model.backend == "fla" and device.type != "cuda":
         raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
+    if device.type == "cuda":
+        from dcablate.kernels.tuned import activate
+
+        activate.activate(activate.gpu_name(device))
     return device
 
 
@@ -110,6 +116,10 @@ def _installed_versions() -> dict:
 
 
 def software_versions(device: torch.device) -> dict:
-    """What made a run, for `summary.json`: the installed versions and the GPU's compute capability."""
+    """What made a run, for `summary.json`: the installed versions, the GPU's compute capability and where fla
+    took kernel configs from (`kernel_configs`: `strict: <folder>`, None when it autotuned everything)."""
+    from dcablate.kernels.tuned.activate import in_use
+
     gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    return {**_installed_versions(), "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None}
+    return {**_installed_versions(), "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None,
+            "kernel_configs": in_use() if device.type == "cuda" else None}

@@ -171,13 +171,17 @@ def cache_dir() -> str:
 
 
 def cache_env(env: dict) -> dict:
-    """`env` with the Triton cache the warm-up and every worker share named explicitly, and autotuning results
-    kept on disk (a value you set yourself is kept)."""
+    """`env` (a GPU worker's or the warm-up's, `CUDA_VISIBLE_DEVICES` naming its card) with the Triton cache the
+    warm-up and every worker share named explicitly, autotuning results kept on disk, and fla pointed at the
+    kernel configs shipped for that card's model (`kernels/tuned/activate.py`; a value you set yourself is
+    kept)."""
+    from dcablate.kernels.tuned import activate
+
     env = dict(env)
     env["TRITON_CACHE_DIR"] = cache_dir()
     env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     env.setdefault("FLA_CACHE_RESULTS", "1")
-    return env
+    return activate.with_configs(env, activate.gpu_name_for(env))
 
 
 def _die_with_parent() -> None:

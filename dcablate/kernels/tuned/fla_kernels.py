@@ -1,0 +1,92 @@
+"""Which of fla's Triton kernels take a configuration from a file: those decorated with `fla_cache_autotune`.
+
+Found in two steps. fla's source is read (not imported) for the functions under that decorator, which gives
+each such kernel's name and the module defining it; then only the modules of the names asked for are imported,
+for the kernel objects themselves (`CachedAutotuner`: their `keys` and candidate `configs`). A kernel's name is
+all that links it to its config file and to Triton's autotuning results, and a few names are used twice in fla
+(`chunk_fwd_kernel_o`, `recompute_w_u_fwd_kernel`, `prepare_wy_repr_bwd_kernel` also name kernels of other ops
+under Triton's plain `autotune`); `export.py` checks each result against the kernel before taking it.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+import importlib.util
+from pathlib import Path
+
+DECORATOR = "fla_cache_autotune"
+
+
+def fla_source() -> Path | None:
+    """fla's package folder, found without importing it; None when fla is not installed."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _decorated(tree: ast.AST) -> list[str]:
+    """The names of the functions in `tree` with a `fla_cache_autotune(...)` decorator."""
+    names = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for d in node.decorator_list:
+            f = d.func if isinstance(d, ast.Call) else d
+            if (f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)) == DECORATOR:
+                names.append(node.name)
+    return names
+
+
+@functools.cache
+def cached_kernel_modules() -> dict[str, tuple[str, ...]]:
+    """Kernel name -> the fla modules that define a kernel of that name under `fla_cache_autotune`; empty
+    without fla. Reads fla's source only."""
+    root = fla_source()
+    if root is None:
+        return {}
+    found: dict[str, list[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text(errors="replace")
+        if DECORATOR not in text or (path.name == "cache.py" and path.parent.name == "utils"):
+            continue  # fla/ops/utils/cache.py defines the decorator
+        try:
+            tree = ast.parse(text, str(path))
+        except SyntaxError:
+            continue
+        module = ".".join(("fla",) + path.relative_to(root).with_suffix("").parts)
+        for name in _decorated(tree):
+            found.setdefault(name, []).append(module.removesuffix(".__init__"))
+    return {name: tuple(modules) for name, modules in found.items()}
+
+
+def unwrap(obj):
+    """The `CachedAutotuner` inside a kernel object (under `triton.heuristics` wrappers), or None."""
+    from fla.ops.utils.cache import CachedAutotuner
+
+    seen = 0
+    while obj is not None and not isinstance(obj, CachedAutotuner) and seen < 8:
+        obj, seen = getattr(obj, "fn", None), seen + 1
+    return obj if isinstance(obj, CachedAutotuner) else None
+
+
+def cached_kernels(names) -> tuple[dict[str, list], dict[str, str]]:
+    """For the kernel names `names`: (name -> fla's `CachedAutotuner` objects of that name, module -> why it
+    could not be imported). Names fla never looks up are absent from the first."""
+    modules = cached_kernel_modules()
+    wanted = {m for n in names for m in modules.get(n, ())}
+    kernels: dict[str, list] = {}
+    failed: dict[str, str] = {}
+    for module_name in sorted(wanted):
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # a module that needs what this machine lacks: its kernels are left out
+            failed[module_name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            continue
+        for value in vars(module).values():
+            kernel = unwrap(value)
+            if kernel is not None and kernel.kernel_name in names and kernel not in kernels.get(kernel.kernel_name, []):
+                kernels.setdefault(kernel.kernel_name, []).append(kernel)
+    return kernels, failed
