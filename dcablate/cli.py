@@ -84,8 +84,8 @@ def cli():
               help="Slurm: another submitit parameter, e.g. --slurm slurm_account=proj --slurm mem_gb=32 (repeatable).")
 @click.option("--no-wait", is_flag=True, help="Slurm: return once the job array is submitted.")
 @click.option("--warmup/--no-warmup", "warmup", default=None,
-              help="CUDA sweeps on local workers: compile and autotune the kernels once, in one process, before the "
-                   "workers start (default: on; DCABLATE_WARMUP=0 turns it off).")
+              help="CUDA sweeps on local workers or Ray: compile and autotune the kernels once (per Ray node) before "
+                   "the workers start (default: on; DCABLATE_WARMUP=0 turns it off).")
 def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, workers, nproc, address, retries,
         partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait, warmup):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
@@ -98,10 +98,14 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
 
     slurm = SlurmOptions(partition, time_min, gpus_per_task, cpus_per_task, list(slurm_params), not no_wait)
     gpu_list = check_flags(launcher, per_gpu, gpus, workers, nproc, address, retries, slurm)
-    if warmup is not None and launcher != "local":
+    if warmup is not None and launcher == "slurm":
         flag = "--warmup" if warmup else "--no-warmup"
-        raise UserError(f"{flag}: the kernel warm-up belongs to the local launcher's workers; --launcher {launcher} "
-                        f"compiles on each worker")
+        raise UserError(f"{flag}: the kernel warm-up runs before the local launcher's workers or on each Ray node; "
+                        f"--launcher slurm compiles in each array task")
+    if launcher == "ray":
+        from dcablate.runs.launchers.warmup import choice
+
+        choice(warmup)  # a bad DCABLATE_WARMUP ends the command here, before Ray starts
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():
@@ -249,7 +253,7 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: 
 
         default = ray_default_per_gpu(plan, to_train, uses_cuda) if per_gpu is None else 1
         out = ray.launch(recipe, overrides, jobs, uses_cuda, address, per_gpu, workers, default,
-                         DEFAULT_RETRIES if retries is None else retries)
+                         DEFAULT_RETRIES if retries is None else retries, warm=warmup)
     else:
         from dcablate.runs.launchers import slurm as slurm_launcher
 

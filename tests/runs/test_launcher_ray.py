@@ -99,3 +99,102 @@ def test_an_actor_killed_mid_run_is_restarted_and_its_run_resumes(sweep, cluster
     log = (root / name / "worker.log").read_text()
     assert log.count("=== dcablate worker ") == 2 and f"resuming out/w/{name} from step" in log
     assert results(root, [name])[name]["steps"] == 40
+
+
+def test_warmup_runs_once_per_node_before_the_actors_and_changes_no_result(sweep, cluster, capsys, monkeypatch):
+    """Forced on CPU (`warmup.ON_CPU`): a Ray task per node warms both signatures up before any actor starts; the
+    run directories are the local launcher's bit for bit; --no-warmup skips it."""
+    import re
+
+    from dcablate.cli import main
+    from dcablate.runs.launchers import warmup
+
+    monkeypatch.delenv(warmup.ENV, raising=False)
+    assert main(["run", "w.toml", "--quiet", "--set", 'run.out_dir="local"']) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(warmup, "ON_CPU", True)
+    assert main(["run", "w.toml", "--launcher", "ray", "--address", cluster]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = lines.index(next(ln for ln in lines if ln.startswith("training 2 runs on 2 workers")))
+    warm = [ln for ln in lines if ln.startswith("warm-up: ")]
+    assert all(lines.index(ln) < first for ln in warm)  # all of it before any actor starts
+    assert warm[0].startswith("warm-up: 2 kernel signatures (1 family) among 2 runs, compiled and autotuned once on "
+                              "each of the 2 nodes that can host a worker, before the actors start")
+    for n in NAMES:  # each node warms each signature
+        assert sum(bool(re.fullmatch(rf"warm-up: node \S+ {re.escape(n)} ready in \d+\.\ds", ln)) for ln in warm) == 2
+    assert sum(bool(re.fullmatch(r"warm-up: node \S+ done in \d+\.\ds", ln)) for ln in warm) == 2
+    assert re.fullmatch(r"warm-up: done in \d+\.\ds", warm[-1]) and len(warm) == 1 + 4 + 2 + 1
+    local, remote = sweep / "local" / "w", sweep / "out" / "w"
+    log = (remote / warmup.LOG_NAME).read_text()
+    assert log.count("=== dcablate warm-up") == 2 and log.count(" on cpu on node ") == 2 and log.count("--- done") == 4
+    assert results(remote) == results(local)  # fp32 on CPU: bit for bit
+
+    shutil.rmtree(remote)
+    assert main(["run", "w.toml", "--launcher", "ray", "--address", cluster, "--no-warmup"]) == 0
+    assert "warm-up" not in capsys.readouterr().out and not (remote / warmup.LOG_NAME).exists()
+    assert results(remote) == results(local)
+
+
+# only in a warm-up process: the command (this test's process) imports the plugin too
+SLEEP_IN_WARMUP = """\
+import sys, time
+from dcablate.tasks.mqar.task import MQARTask
+
+def train_batches(self, batch_size, seed, start=0):
+    time.sleep(60)
+    yield from ()
+if sys.argv and sys.argv[0].endswith("warmup.py"):
+    MQARTask.train_batches = train_batches
+"""
+
+
+def test_a_stop_signal_during_the_ray_warmup_ends_the_command(sweep, cluster, capsys, monkeypatch):
+    """The nodes' warm-up processes sleep in their first point (a plugin); SIGINT to the command cancels the
+    tasks and ends it at once, before any actor started."""
+    import os
+    import threading
+    import time
+
+    from dcablate.cli import main
+    from dcablate.runs.launchers import warmup
+
+    (sweep / "warm_sleep_plugin.py").write_text(SLEEP_IN_WARMUP)
+    monkeypatch.setenv("DCABLATE_PLUGINS", "warm_sleep_plugin")
+    monkeypatch.delenv(warmup.ENV, raising=False)
+    monkeypatch.setattr(warmup, "ON_CPU", True)
+    log = sweep / "out" / "w" / warmup.LOG_NAME
+
+    def interrupt() -> None:
+        wait_for(lambda: log.is_file() and log.read_text().count("--- warm-up of point 0") == 2)
+        seen.append(len(warmup_processes_in(sweep)))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    seen = []
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    began = time.time()
+    assert main(["run", "w.toml", "--launcher", "ray", "--address", cluster]) == 130
+    assert time.time() - began < 50 and seen == [2]  # one warm-up process per node was at work
+    captured = capsys.readouterr()
+    assert "interrupted (SIGINT) during the warm-up, before any run trained" in captured.err
+    assert "training 2 runs" not in captured.out
+    assert sorted(p.name for p in (sweep / "out" / "w").iterdir()) == [warmup.LOG_NAME]  # no run directory
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    wait_for(lambda: not warmup_processes_in(sweep), timeout=15)  # the cancelled tasks took theirs with them
+
+
+def warmup_processes_in(cwd) -> list[int]:
+    """The warm-up processes (`python -m dcablate.runs.launchers.warmup`) working in `cwd`."""
+    import os
+    from pathlib import Path
+
+    from dcablate.runs.launchers import warmup
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if warmup.MODULE.encode() in (entry / "cmdline").read_bytes() and os.readlink(entry / "cwd") == str(cwd):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found

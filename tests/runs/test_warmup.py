@@ -216,15 +216,21 @@ def test_a_stop_signal_during_the_warmup_ends_the_command(sweep, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handler is back
 
 
-def test_no_warmup_flag_turns_it_off_and_belongs_to_the_local_launcher(sweep, monkeypatch, capsys):
+def test_no_warmup_flag_turns_it_off_and_is_refused_by_slurm(sweep, monkeypatch, capsys):
     monkeypatch.setattr(warmup, "ON_CPU", True)  # would warm up on CPU without the flag
     assert main(["run", "w.toml", "--workers", "2", "--no-warmup", "--quiet"]) == 0
     assert "warm-up" not in capsys.readouterr().out and not (sweep / "out" / "w" / warmup.LOG_NAME).exists()
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip("the launcher check needs ray installed")
-    assert main(["run", "w.toml", "--launcher", "ray", "--no-warmup", "--dry-run"]) == 2
+    if importlib.util.find_spec("submitit") is None:
+        pytest.skip("the launcher check needs submitit installed")
+    assert main(["run", "w.toml", "--launcher", "slurm", "--no-warmup", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("error: --no-warmup: the kernel warm-up belongs to the local")
+    assert err.count("\n") == 0 and err.startswith("error: --no-warmup: the kernel warm-up runs before the local "
+                                                   "launcher's workers or on each Ray node; --launcher slurm")
+    if importlib.util.find_spec("ray") is not None:  # Ray warms up per node: the flag is its own
+        assert main(["run", "w.toml", "--launcher", "ray", "--no-warmup", "--dry-run"]) == 0
+        monkeypatch.setenv(warmup.ENV, "sometimes")
+        assert main(["run", "w.toml", "--launcher", "ray", "--dry-run"]) == 2
+        assert capsys.readouterr().err.strip().startswith("error: DCABLATE_WARMUP='sometimes' (environment)")
 
 
 def test_two_families_warm_up_in_two_processes_at_once(sweep, monkeypatch, capsys):

@@ -57,7 +57,7 @@ def check_flags(launcher: str, per_gpu: int | None, gpus: str | None, workers: i
     slurm_flags = slurm.given()
     if slurm_flags and launcher != "slurm":
         raise UserError(f"{slurm_flags[0]}: is an option of the Slurm launcher; it needs --launcher slurm")
-    if launcher == "local":
+    if launcher in ("local", "ray"):
         from dcablate.runs.launchers.warmup import choice
 
         choice()  # a bad DCABLATE_WARMUP ends the command here, before the recipe is read

@@ -12,21 +12,28 @@ OMP_NUM_THREADS to that). Retries: an actor lost to its node or process dying is
 again from its checkpoint (`--retries`, Ray's max_restarts and max_task_retries); a run that ends with an error
 of its own returns a status, which is never retried. Stopping: a stop signal reaches the actor's process as a
 real signal, sent by a small task on the actor's node, so the run checkpoints exactly as a local worker's does.
+
+Warm-up: on a CUDA sweep, before any actor starts, one Ray task per node that can host actors (pinned to it,
+holding the GPUs and CPUs those actors would) compiles and autotunes the sweep's kernel signatures into that
+node's Triton cache (`warmup.warm_here`, the local launcher's code); the actors then load them from there, with
+the same cache environment (`warmup.cache_env`). The nodes warm up at the same time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import click
 
 from dcablate.errors import UserError
-from dcablate.runs.launchers import INSTALL
+from dcablate.runs.launchers import INSTALL, warmup
 from dcablate.runs.launchers.capacity import CPU_THREADS_PER_RUN
 from dcablate.runs.launchers.outcome import Job, note
 from dcablate.runs.launchers.point import STOP_SIGNALS, enter_directory, run_job
@@ -56,6 +63,14 @@ class RaySlot:
         return f"ray {self.gpus:.3g} GPU" if self.gpus else f"ray {self.cpus:g} CPU"
 
 
+def actors_fit(resources: dict, slot: RaySlot) -> int:
+    """How many actors of `slot`'s size a node with `resources` ({"CPU": 8, "GPU": 2}) holds at once."""
+    fit = int(resources.get("CPU", 0) / slot.cpus + 1e-6)
+    if slot.gpus:
+        fit = min(fit, int(resources.get("GPU", 0) / slot.gpus + 1e-6))
+    return fit
+
+
 def ray_slots(nodes: list[dict], uses_cuda: bool, per_gpu: int | None, workers: int | None, default_per_gpu: int,
               to_train: int) -> list[RaySlot]:
     """The actors for `to_train` runs on a cluster whose live nodes have `nodes` resources ({"CPU": 8, "GPU": 2}),
@@ -67,7 +82,7 @@ def ray_slots(nodes: list[dict], uses_cuda: bool, per_gpu: int | None, workers: 
             raise UserError(f"--workers {workers}: is for sweeps on CPU; this one trains on CUDA, use --per-gpu N "
                             f"instead")
         n = per_gpu or default_per_gpu
-        fit = sum(min(int(n * n_res.get("GPU", 0) + 1e-6), c) for n_res, c in zip(nodes, cpus))
+        fit = sum(actors_fit(n_res, RaySlot(1, 1 / n)) for n_res in nodes)
         if not fit:
             raise UserError("--launcher ray: the Ray cluster has no GPU with a CPU free to feed it; this sweep trains "
                             "on CUDA (run.device)")
@@ -76,7 +91,7 @@ def ray_slots(nodes: list[dict], uses_cuda: bool, per_gpu: int | None, workers: 
     if not any(cpus):
         raise UserError("--launcher ray: the Ray cluster has no CPU to train on")
     threads = min(CPU_THREADS_PER_RUN, max(cpus)) if n is None else max(1, min(max(cpus), sum(cpus) // n))
-    fit = sum(c // threads for c in cpus)
+    fit = sum(actors_fit(n_res, RaySlot(threads)) for n_res in nodes)
     return [RaySlot(threads) for _ in range(min(fit, n or fit, to_train))]
 
 
@@ -88,6 +103,8 @@ class SweepWorker:
         import ray
 
         self.problem = enter_directory(cwd)
+        if ray.get_gpu_ids():  # the Triton cache the node's warm-up filled, before anything imports Triton or fla
+            os.environ.update(warmup.cache_env(os.environ))
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # as in a local worker: signals reach only `train`
         from dcablate.runs.directories import echo_library_logs
 
@@ -120,6 +137,84 @@ def signal_process(pid: int, signum: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def warm_node(cwd: str, recipe_ref: str, overrides: list[str], shares: list, log: str, threads: int,
+              cpu_too: bool) -> dict:
+    """A Ray task pinned to one node: the warm-up of `shares` (lists of `warmup.Signature`, one process each, on
+    this task's GPUs in turn, `threads` threads each) with the environment a worker gets there. Its `ip`, the
+    `results` (`warmup.warm_point`'s fields), what went `missed` (None: nothing) and its `seconds`."""
+    import ray
+
+    from dcablate.runs.launchers.local import worker_env
+    from dcablate.runs.launchers.slots import Slot
+
+    began = time.time()
+    ip = ray.util.get_node_ip_address()
+    problem = enter_directory(cwd)
+    results: list[dict] = []
+    if problem is None:
+        gpus = [str(g) for g in ray.get_gpu_ids()]
+        slots = [Slot(k % len(gpus), gpus[k % len(gpus)], threads) if gpus else Slot(None, threads=threads)
+                 for k in range(len(shares))]
+        places = [(f"{s.label} on node {ip}", worker_env(s)) for s in slots]
+        problem = warmup.warm_here(recipe_ref, overrides, shares, log, places, cpu_too, results.append)
+    return {"ip": ip, "results": results, "missed": problem, "seconds": time.time() - began}
+
+
+def warm_nodes(ray, remote: Remote, recipe_ref: str, overrides: list[str], jobs: list[Job], nodes: list[dict],
+               slot: RaySlot) -> float:
+    """The warm-up on every live node of `nodes` (`ray.nodes()` entries) that holds an actor of `slot`'s size, at
+    the same time, a task per node (`warm_node`) asking for what its actors would: a line per signature and node,
+    one per node and one at the end; the seconds it took. A failed node is reported and its runs compile on their
+    own; a SIGINT/SIGTERM cancels the tasks and ends the command with a `Stop` (nothing has trained)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from dcablate.runs.launchers.scheduler import Stopping
+
+    chosen = warmup.signatures(recipe_ref, overrides, jobs)
+    log = warmup.log_path(jobs)
+    hosts = [(n, fit) for n in nodes if (fit := actors_fit(n["Resources"], slot))]
+    click.echo(f"warm-up: {warmup.counts(chosen, jobs)}, compiled and autotuned once on each of the {len(hosts)} "
+               f"node{'s' if len(hosts) != 1 else ''} that can host a worker, before the actors start (on each node "
+               f"in the Triton cache its workers use; output in {log}; --no-warmup or {warmup.ENV}=0 skips it)")
+    began = time.time()
+    refs = {}
+    for node, fit in hosts:
+        shares = warmup.share_out(chosen, fit)
+        threads = max(1, int(node["Resources"].get("CPU", 1)) // fit)  # as the local launcher's
+        ref = remote.warm.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False), max_retries=0,
+            num_cpus=fit * slot.cpus, num_gpus=math.ceil(fit * slot.gpus - 1e-6), runtime_env=remote.runtime_env,
+        ).remote(os.getcwd(), recipe_ref, overrides, shares, str(log), threads, warmup.ON_CPU)
+        refs[ref] = node.get("NodeManagerAddress", node["NodeID"][:8])
+    stop = Stopping()
+    previous = stop.install()
+    try:
+        pending = list(refs)
+        while pending:
+            if stop.caught:
+                for ref in pending:  # force: the task's process dies, and its warm-up processes with it
+                    ray.cancel(ref, force=True)
+                raise warmup.stopped(stop)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.1)
+            for ref in ready:
+                ip = refs[ref]
+                try:
+                    got = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    click.echo(f"warm-up: node {ip} failed ({first_line(e)}); its runs compile on their own")
+                    continue
+                for r in got["results"]:
+                    click.echo(warmup.line_for(r, f"node {ip} "))
+                if got["missed"]:
+                    click.echo(f"warm-up: node {ip} {got['missed']}")
+                click.echo(f"warm-up: node {ip} done in {got['seconds']:.1f}s")
+    finally:
+        Stopping.restore(previous)
+    seconds = time.time() - began
+    click.echo(f"warm-up: done in {seconds:.1f}s")
+    return seconds
 
 
 class RayWorker(Worker):
@@ -199,6 +294,7 @@ class Remote:
     def __init__(self, ray, retries: int):
         self.actor = ray.remote(SweepWorker)
         self.signal = ray.remote(signal_process)
+        self.warm = ray.remote(warm_node)
         self.retries = retries
         # plugins and settings that workers must share; the rest of the environment is the node's own
         env = {k: v for k, v in os.environ.items() if k.startswith("DCABLATE_")}
@@ -237,18 +333,22 @@ def connect(ray, address: str | None) -> str:
 
 
 def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bool | None, address: str | None,
-           per_gpu: int | None, workers: int | None, default_per_gpu: int, retries: int):
+           per_gpu: int | None, workers: int | None, default_per_gpu: int, retries: int, warm: bool | None = None):
     """Train `jobs` on Ray actors (see the module's docstring); the `Outcome`. `uses_cuda` None (run.device =
-    "auto"): on GPUs if the cluster has any."""
+    "auto"): on GPUs if the cluster has any. On CUDA the kernels are first compiled and autotuned once per node
+    (`warm_nodes`) unless `warm` (`--warmup/--no-warmup`, default `DCABLATE_WARMUP`) says not to."""
     ray = import_ray()
     where = connect(ray, address)
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        nodes = [n["Resources"] for n in alive]
         if uses_cuda is None:
             uses_cuda = any(n.get("GPU", 0) for n in nodes)
         slots = ray_slots(nodes, uses_cuda, per_gpu, workers, default_per_gpu, len(jobs))
         remote = Remote(ray, retries)
         click.echo(f"ray: {len(nodes)} node{'s' if len(nodes) != 1 else ''} in {where}")
+        if jobs and warmup.wanted_for(warm, uses_cuda):
+            warm_nodes(ray, remote, recipe_ref, overrides, jobs, alive, slots[0])
         return run_sweep(jobs, slots, lambda slot, events: RayWorker(slot, events, remote, recipe_ref, overrides),
                          len(jobs))
     finally:

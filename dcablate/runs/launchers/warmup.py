@@ -1,4 +1,4 @@
-"""Compile and autotune a CUDA sweep's kernels once per machine, before the local launcher's workers start.
+"""Compile and autotune a CUDA sweep's kernels once per machine, before the sweep's workers start.
 
 Without this, every worker of `dcablate run RECIPE --per-gpu 8` compiles fla's and our Triton kernels itself,
 all at the same moment (eight processes fighting over the CPU cores) and autotunes them concurrently on one GPU
@@ -32,6 +32,11 @@ that the run directories are unchanged.
 A failed warm-up of a signature is reported in one line and its runs compile on their own; a stop signal
 during the warm-up ends the command (nothing has trained yet). Output of the warm-up process goes to
 `<sweep>/warmup.log`.
+
+**Where.** The local launcher calls `warm_up` (this machine, a process per family on the slots' GPUs). The Ray
+launcher runs `warm_here`, the same processes, in one Ray task per node that can host its actors, holding the
+GPUs and CPUs those actors would, with the Triton cache environment they get (`cache_env`); the nodes warm up
+at the same time, and each node's lines are printed when it has finished (`ray.py`).
 """
 
 from __future__ import annotations
@@ -95,7 +100,22 @@ def choice(flag: bool | None = None) -> bool:
 def wanted(flag: bool | None, slots: list) -> bool:
     """Whether the local launcher warms up before starting workers on `slots`: on GPU slots unless switched off
     (`choice`); never on CPU, where nothing is compiled (unless `ON_CPU`)."""
-    return bool(slots) and choice(flag) and (slots[0].gpu is not None or ON_CPU)
+    return bool(slots) and wanted_for(flag, slots[0].gpu is not None)
+
+
+def wanted_for(flag: bool | None, uses_cuda: bool) -> bool:
+    """Whether a sweep that trains on CUDA (`uses_cuda`) or on CPU warms up: `choice`, and never on CPU (unless
+    `ON_CPU`)."""
+    return choice(flag) and (uses_cuda or ON_CPU)
+
+
+def stopped(stop) -> Exception:
+    """The `Stop` that ends the command after `stop` (a `scheduler.Stopping`) caught a signal during the warm-up."""
+    from dcablate.training.runtime import Stop
+
+    name = signal.Signals(stop.caught[0]).name
+    return Stop(f"interrupted ({name}) during the warm-up, before any run trained; run the same command to start "
+                f"the sweep", 128 + stop.caught[0])
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:
@@ -195,7 +215,7 @@ def _die_with_parent() -> None:
 
 
 def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], places: list[tuple[str, dict]]) -> float:
-    """Warm up every kernel signature of `jobs`, one family per process (`python -m
+    """Warm up every kernel signature of `jobs` on this machine, one family per process (`python -m
     dcablate.runs.launchers.warmup`), up to one process per place in `places` ((label, environment): its GPU
     and threads), printing a line per signature and one at the end; the seconds it took. Families compile at
     the same time (a Triton compile keeps one core busy, and fla's kernels of one head dimension take minutes);
@@ -206,73 +226,100 @@ def warm_up(recipe_ref: str, overrides: list[str], jobs: list[Job], places: list
 
     chosen = signatures(recipe_ref, overrides, jobs)
     shares = share_out(chosen, len(places))
-    root = jobs[0].run_dir.parent
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / LOG_NAME
+    log = log_path(jobs)
     where = ", ".join(dict.fromkeys(label for label, _ in places[:len(shares)]))
-    n_fam = len({s.family for s in chosen})
-    click.echo(f"warm-up: {len(chosen)} kernel signature{'s' if len(chosen) != 1 else ''} ({n_fam} "
-               f"famil{'ies' if n_fam != 1 else 'y'}) among {len(jobs)} runs, compiled and autotuned once in "
-               f"{len(shares)} process{'es' if len(shares) != 1 else ''} on {where} before the workers start "
+    click.echo(f"warm-up: {counts(chosen, jobs)}, compiled and autotuned once in {len(shares)} "
+               f"process{'es' if len(shares) != 1 else ''} on {where} before the workers start "
                f"(Triton cache {places[0][1].get('TRITON_CACHE_DIR', cache_dir())}; output in {log}; --no-warmup "
                f"or {ENV}=0 skips it)")
     began = time.time()
-    lines: queue.Queue = queue.Queue()
-    procs = [start(recipe_ref, overrides, share, log, label, env, lines)
-             for share, (label, env) in zip(shares, places)]
     stop = Stopping()
     previous = stop.install()
+    try:
+        missed = warm_here(recipe_ref, overrides, shares, log, places, ON_CPU, lambda r: click.echo(line_for(r)),
+                           stop)
+    finally:
+        Stopping.restore(previous)
+    if missed:
+        click.echo(f"warm-up: {missed}")
+    seconds = time.time() - began
+    click.echo(f"warm-up: done in {seconds:.1f}s")
+    return seconds
+
+
+def counts(chosen: list[Signature], jobs: list[Job]) -> str:
+    """`3 kernel signatures (2 families) among 80 runs`, for the warm-up's first line."""
+    n_fam = len({s.family for s in chosen})
+    return (f"{len(chosen)} kernel signature{'s' if len(chosen) != 1 else ''} ({n_fam} "
+            f"famil{'ies' if n_fam != 1 else 'y'}) among {len(jobs)} runs")
+
+
+def log_path(jobs: list[Job]) -> Path:
+    """`<sweep>/warmup.log` (the sweep's folder made if need be), where every warm-up process appends."""
+    root = jobs[0].run_dir.parent
+    root.mkdir(parents=True, exist_ok=True)
+    return root / LOG_NAME
+
+
+def line_for(result: dict, node: str = "") -> str:
+    """The command's line for one warm-up result (`warm_point`'s fields); `node` ("node 10.0.0.3 ") names where
+    it ran when the warm-up runs on several machines."""
+    runs = f" ({result['runs']} runs)" if result["runs"] > 1 else ""
+    if result["error"]:
+        return f"warm-up: {node}{result['name']}{runs} failed: {result['error']}; its runs compile on their own"
+    if result["seconds"] is None:
+        return f"warm-up: {node}{result['name']}{runs} trains on CPU: nothing to compile"
+    return f"warm-up: {node}{result['name']}{runs} ready in {result['seconds']:.1f}s"
+
+
+def warm_here(recipe_ref: str, overrides: list[str], shares: list[list[Signature]], log: Path,
+              places: list[tuple[str, dict]], cpu_too: bool, report, stop=None) -> str | None:
+    """The warm-up on this machine (the command's, or a Ray node's): a process per share of signatures on its
+    place, `report(result)` called with each result as it comes (`warm_point`'s fields), the processes ended and a
+    `Stop` raised once `stop` (a `scheduler.Stopping`, None: never) has caught a signal. What went missing (a
+    process that died before answering for all its signatures), None when nothing did."""
+    lines: queue.Queue = queue.Queue()
+    procs = [start(recipe_ref, overrides, share, log, label, env, lines, cpu_too)
+             for share, (label, env) in zip(shares, places)]
     done, stray, open_ = set(), [], len(procs)
     try:
         while open_:
-            if stop.caught:
-                for proc in procs:
-                    end(proc)
-                from dcablate.training.runtime import Stop
-
-                name = signal.Signals(stop.caught[0]).name
-                raise Stop(f"interrupted ({name}) during the warm-up, before any run trained; run the same command "
-                           f"to start the sweep", 128 + stop.caught[0])
+            if stop is not None and stop.caught:
+                raise stopped(stop)
             try:
                 line = lines.get(timeout=0.1)
             except queue.Empty:
                 continue
             if line is None:
                 open_ -= 1
-                continue
-            if not line.startswith(RESULT):
+            elif not line.startswith(RESULT):
                 stray.append(line.strip())  # a crash before the output went to the log
-                continue
-            r = json.loads(line[len(RESULT):])
-            done.add(r["index"])
-            runs = f" ({r['runs']} runs)" if r["runs"] > 1 else ""
-            if r["error"]:
-                click.echo(f"warm-up: {r['name']}{runs} failed: {r['error']}; its runs compile on their own")
-            elif r["seconds"] is None:
-                click.echo(f"warm-up: {r['name']}{runs} trains on CPU: nothing to compile")
             else:
-                click.echo(f"warm-up: {r['name']}{runs} ready in {r['seconds']:.1f}s")
+                r = json.loads(line[len(RESULT):])
+                done.add(r["index"])
+                report(r)
         codes = [proc.wait() for proc in procs]
-    finally:
-        Stopping.restore(previous)
-    missed = [s for s in chosen if s.job.index not in done]
-    if missed:
-        why = next((s for s in reversed(stray) if s), None) or f"see {log}"
-        code = next((c for c in codes if c), 0)
-        click.echo(f"warm-up: a warm-up process ended with exit code {code} before {len(missed)} signature"
-                   f"{'s' if len(missed) != 1 else ''} ({why}); their runs compile on their own")
-    seconds = time.time() - began
-    click.echo(f"warm-up: done in {seconds:.1f}s")
-    return seconds
+    finally:  # a stop, or any failure here: no warm-up process outlives its command
+        for proc in procs:
+            if proc.poll() is None:
+                end(proc)
+    missed = [s for share in shares for s in share if s.job.index not in done]
+    if not missed:
+        return None
+    why = next((s for s in reversed(stray) if s), None) or f"see {log}"
+    code = next((c for c in codes if c), 0)
+    return (f"a warm-up process ended with exit code {code} before {len(missed)} signature"
+            f"{'s' if len(missed) != 1 else ''} ({why}); their runs compile on their own")
 
 
 def start(recipe_ref: str, overrides: list[str], share: list[Signature], log: Path, where: str, env: dict,
-          lines: queue.Queue) -> subprocess.Popen:
-    """One warm-up process for the signatures `share`, its output lines fed into `lines` (None at its end)."""
+          lines: queue.Queue, cpu_too: bool = False) -> subprocess.Popen:
+    """One warm-up process for the signatures `share`, its output lines fed into `lines` (None at its end);
+    `cpu_too` warms CPU points up too (`ON_CPU` of the command that asked)."""
     cmd = [sys.executable, "-m", MODULE, recipe_ref, "--log", str(log), "--where", where]
     for o in overrides:
         cmd += ["--set", o]
-    if ON_CPU:
+    if cpu_too:
         cmd.append("--cpu-too")
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace", bufsize=1, env=env, start_new_session=True,
