@@ -71,12 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_impls(names: list[str]) -> list[str]:
     names = names or ["split", *CANDIDATES]
     for name in names:
-        if name in ("split", "fused"):
+        if name == "split":
             continue
         try:
             parse_plan(name)
         except ValueError as e:
-            raise UserError(f"--impl {name!r}: {e}; or split, fused") from None
+            raise UserError(f"--impl {name!r}: {e}; or split") from None
     return list(dict.fromkeys(names))
 
 

@@ -107,7 +107,7 @@ def conv_benchmark(dtype_name: str = "bfloat16", skip_reference: bool = False, b
 
 def _time_variants(shapes: list[ConvShape], dtype: torch.dtype, dtype_name: str, skip_reference: bool,
                    breakdown: bool) -> list[tuple]:
-    """The speed table: ours (split and fused backward), fla's static conv and the torch reference."""
+    """The speed table: ours, fla's static conv and the torch reference."""
     import triton
     from fla.modules import ShortConvolution
 
@@ -128,9 +128,8 @@ def _time_variants(shapes: list[ConvShape], dtype: torch.dtype, dtype_name: str,
         e = x.element_size()
         floor_fwd = (2 * B * T * D + B * T * R) * e                  # read x, z; write y
         floor_bwd = (3 * B * T * D + 2 * B * T * R) * e              # read x, dy, z; write dx, dz
-        variants = {f"dynamic (ours, {impl})": (lambda *a, impl=impl: dynamic_conv_lowrank_triton(*a, impl=impl),
-                                                (x, z, U, S, True))
-                    for impl in ("split", "fused") if impl == "split" or dtype != torch.float32}  # fused: 16-bit only
+        variants = {"dynamic (ours, split)": (lambda *a: dynamic_conv_lowrank_triton(*a, impl="split"),
+                                              (x, z, U, S, True))}
         static = ShortConvolution(D, W, activation=None).cuda()
         variants["static (fla ShortConvolution)"] = (lambda x: static(x)[0], (x,))
         if not skip_reference:

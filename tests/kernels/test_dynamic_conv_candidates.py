@@ -147,11 +147,11 @@ def test_impl_env_var_selects_and_refuses_in_one_line(monkeypatch):
 
     monkeypatch.delenv(IMPL_ENV, raising=False)
     assert impl_from_env() == "split"
-    for name in ("fused", "tile+dudz", " narrow "):
+    for name in ("split", "tile+dudz", " narrow "):
         monkeypatch.setenv(IMPL_ENV, name)
         assert impl_from_env() == name.strip()
     monkeypatch.setenv(IMPL_ENV, "tlie")
-    with pytest.raises(UserError, match=r"DCABLATE_CONV_IMPL='tlie': expected one of split, fused, narrow"):
+    with pytest.raises(UserError, match=r"DCABLATE_CONV_IMPL='tlie': expected one of split, narrow"):
         impl_from_env()
 
 

@@ -1,4 +1,4 @@
-"""The dynamic short conv's Triton kernels (low-rank with the split and the fused backward, head-wise) against
+"""The dynamic short conv's Triton kernels (low-rank, head-wise) against
 the float64 reference, run on CPU through Triton's interpreter: fp32, outputs and every gradient, on the
 shapes the issue names (T = 1 and 7, D = 300, R = 1, 7, 15, 16, W = 2 to 8, with and without S and the
 residual, varlen). The GPU tests in tests/kernels/test_dynamic_conv.py run the same kernels compiled, in
@@ -32,7 +32,7 @@ LOWRANK = [(2, 1, 64, 15, 4, True, True, None), (1, 7, 300, 1, 2, False, False, 
            (2, 37, 100, 7, 8, True, True, None), (2, 40, 128, 15, 4, True, False, None),
            (1, 30, 96, 16, 3, True, True, [10, 1, 15, 4]), (2, 70, 33, 15, 8, True, True, None),
            (1, 130, 20, 16, 3, True, False, None), (1, 40, 130, 17, 5, True, True, [3, 30, 7])]
-for impl in ("split", "fused"):
+for impl in ("split",):
     for i, (B, T, D, R, W, with_S, residual, lens) in enumerate(LOWRANK):
         g = torch.Generator().manual_seed(i)
         cu = cu_of(lens)

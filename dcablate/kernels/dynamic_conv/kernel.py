@@ -8,7 +8,6 @@ The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never 
 - dz       (grid token tiles × B): dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T, each program summing over all of D.
 - dU, dS   (grid D-blocks × W × token runs): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and dS_k = sum_t dy_t ⊙ x_{t-k},
   accumulated over a run of tokens on chip, then added atomically.
-- an alternative one-pass backward (`impl="fused"`) does all four gradients together.
 - candidate designs under test (`candidates.py`, timed against these by `benchmarks/conv_candidates.py`) run
   where `impl` or $DCABLATE_CONV_IMPL names them; unset, the kernels above run.
 
@@ -249,48 +248,6 @@ def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.co
         tl.atomic_add(dS + k * D + d, dS_k, mask=md)
 
 
-@triton.jit
-def _add_at(accs, k: tl.constexpr, v):
-    """accs[k] + v in a tuple of per-lag accumulators (k known at compile time): each lag's [BR, BD] tile
-    stays in the dot's own layout, with no select over a [W, BR, BD] block."""
-    return accs[:k] + (accs[k] + v,) + accs[k + 1:]
-
-
-# dx, dz, dU, dS in one pass; dU and dS accumulate per lag in tuples of [BR, BD] / [BD] tiles on chip
-@triton.jit
-def _dyn_conv_bwd_fused(x, z, U, S, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_run, W: tl.constexpr,
-                        BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr,
-                        RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    pid_d = tl.program_id(0)
-    b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
-    d, r, md, mr = _channels(pid_d, BD, BR, D, R)
-    dU_acc = (tl.zeros([BR, BD], dtype=tl.float32),) * W
-    dS_acc = (tl.zeros([BD], dtype=tl.float32),) * W
-    for t0 in range(start, end, BT):
-        t = t0 + tl.arange(0, BT)
-        mt = t < T
-        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-        dy_t = _rows(dy, b, T, t, d, D, mt, md)
-        zt = _rows(z, b, T, t, r, R, mt, mr)
-        dx_acc = dy_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
-        dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
-        for k in tl.static_range(W):
-            Uk = _u_tap(U, k, r, d, W, D, mr, md)
-            g = dy_t * _rows(x, b, T, t - k, d, D, mt & (p >= k), md)      # dK_t[k, :]
-            dz_acc += _dot(g, tl.trans(Uk), PREC)
-            dU_acc = _add_at(dU_acc, k, _dot(tl.trans(zt), g, PREC))
-            if HAS_S:
-                dS_acc = _add_at(dS_acc, k, tl.sum(g, axis=0))
-            dx_acc = _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k, D, R, md, mr, HAS_S, VARLEN, PREC)
-        tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
-                 mask=mt[:, None] & md[None, :])
-        tl.atomic_add(dz + (b * T + t[:, None]) * R + r[None, :], dz_acc, mask=mt[:, None] & mr[None, :])
-    for k in tl.static_range(W):
-        tl.atomic_add(dU + (r[:, None] * W + k) * D + d[None, :], dU_acc[k], mask=mr[:, None] & md[None, :])
-        if HAS_S:
-            tl.atomic_add(dS + k * D + d, dS_acc[k], mask=md)
-
-
 def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, int]:
     """(BT, BD, BR): tokens × channels per program and R padded for the dots; BD shrinks for narrow D."""
     BR = max(16, next_power_of_2(R))
@@ -498,32 +455,7 @@ def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: st
     return dU, dS
 
 
-class DynamicConvLowRankFusedBackward(DynamicConvLowRank):
-    """Same forward; one backward kernel per (D-block, token run) that also keeps dU and dS on chip
-    across its tokens, so x and dy are read once instead of once per lag. Opt-in: slower than the split
-    backward at the paper's shape (docs/benchmarks.md)."""
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, z, U, S, pos = ctx.saved_tensors
-        dy = dy.contiguous()
-        B, T, D = x.shape
-        R, W = U.shape[:2]
-        BT, BD, BR = _block_sizes(D, R)
-        dx = torch.empty_like(x)
-        dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32)
-        dU, dS = _weight_grads(R, W, D, x.device)
-        n_d = cdiv(D, BD)
-        # ~512 programs (a few per SM), each walking a run of tokens with its dU/dS on chip
-        runs, tokens_per_run = _token_runs(T, BT, cdiv(512, n_d * B))
-        _dyn_conv_bwd_fused[(n_d, B * runs)](
-            x, z, U, S if S is not None else U, dy, dx, dz, dU, dS, pos, T, D, R, tokens_per_run,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=ctx.residual,
-            VARLEN=ctx.varlen, PREC=ctx.prec)
-        return dx, dz.to(z.dtype), dU.to(ctx.u_dtype), (dS.to(S.dtype) if S is not None else None), None, None
-
-
-IMPLS = {"split": DynamicConvLowRank, "fused": DynamicConvLowRankFusedBackward}
+IMPLS = {"split": DynamicConvLowRank}
 IMPL_ENV = "DCABLATE_CONV_IMPL"  # names the implementation where the caller does not (benchmarks, A/B runs)
 
 
@@ -544,13 +476,9 @@ def impl_from_env() -> str:
 
 def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str | None = None):
     """`impl` picks the kernels (None: $DCABLATE_CONV_IMPL, unset means "split"): "split" (the default;
-    forward, then dx, dz and dU/dS kernels), "fused" (one backward pass keeping dU/dS per lag on chip; 16-bit
-    inputs on CUDA only: with IEEE fp32 dots its software-pipelined loop asks for ~245 KB of shared memory, more
-    than an H100 has; and it is slower than "split" at the paper's shape), or a candidate design under test
+    forward, then dx, dz and dU/dS kernels), or a candidate design under test
     (`candidates.py`: "narrow", "tile", "dudz" and their combinations such as "tile+dudz")."""
     impl = impl or impl_from_env()
-    if impl == "fused" and x.is_cuda and x.dtype == torch.float32:
-        raise ValueError("impl='fused' supports bf16/fp16 inputs on CUDA; use 'split'")
     if impl not in IMPLS:
         from dcablate.kernels.dynamic_conv.candidates import dynamic_conv_lowrank_candidate, parse_plan
 
