@@ -10,7 +10,7 @@ keeps the two in step.
 from __future__ import annotations
 
 from dcablate.config.fields import option, section
-from dcablate.config.loading import (build, check_sweep, completed, expand, find_recipe, load, load_raw,
+from dcablate.config.loading import (build, check_sweep, completed, expand, find_recipe, flatten, load, load_raw,
                                   parse_override, shipped_recipes)
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import ZIP_KEY, sweep_axes

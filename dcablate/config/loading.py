@@ -152,16 +152,17 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
         key, value = parse_override(text)
         _set_path(data, key, value, origins, "--set")
     if isinstance(data.get("sweep"), dict):
-        data["sweep"] = _flatten(data["sweep"])
+        data["sweep"] = flatten(data["sweep"])
     return data, origins, path
 
 
-def _flatten(table: dict, prefix: str = "") -> dict:
-    """`[sweep] model.d_model = [..]` parses as nested tables; sweep keys are dotted paths."""
+def flatten(table: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
+    """Nested tables as one table of dotted keys (`{"model": {"d_model": 64}}` -> `{"model.d_model": 64}`); a
+    table under a key in `whole` stays one value. `[sweep] model.d_model = [..]` parses as nested tables too."""
     out = {}
     for k, v in table.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+        if isinstance(v, dict) and k not in whole:
+            out.update(flatten(v, f"{prefix}{k}.", whole))
         else:
             out[f"{prefix}{k}"] = v
     return out

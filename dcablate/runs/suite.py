@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcablate.config import flatten
 from dcablate.training.checkpoint import RESUME_FREE
 
 SUITE_TASKS = ("recall", "fuzzy_recall", "noisy_recall", "selective_copy", "compression", "memorization")
@@ -88,16 +89,6 @@ class Scores:
 # ----------------------------------------------------------------------------------------- analysis
 
 
-def _flat(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict) and k != "sweep":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _frozen(value):
     """A recipe value as a hashable one (lists of tables, such as MQAR's segments, become tuples)."""
     if isinstance(value, dict):
@@ -115,7 +106,8 @@ def collect(runs: list) -> list[SuiteRun]:
     for run in runs:
         if run.summary is None or not is_suite_task(run.task):
             continue
-        flat = {k: _frozen(v) for k, v in _flat(tomllib.loads((run.path / "recipe.toml").read_text())).items()}
+        recipe = tomllib.loads((run.path / "recipe.toml").read_text())
+        flat = {k: _frozen(v) for k, v in flatten(recipe, whole=("sweep",)).items()}
         rows.append((run, flat))
     values: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
     for run, flat in rows:

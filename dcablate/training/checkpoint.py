@@ -261,14 +261,10 @@ RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.oom_retry
                "train.cuda_graph", "eval.batch_size")
 
 
-def _flat(node, prefix: str = "") -> dict:
-    out = {}
-    for k, v in node.items():
-        if isinstance(v, dict) and k != "sweep":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flat(node: dict) -> dict:
+    from dcablate.config import flatten
+
+    return flatten(node, whole=("sweep",))
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:

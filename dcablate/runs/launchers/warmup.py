@@ -118,19 +118,11 @@ def stopped(stop) -> Exception:
                 f"the sweep", 128 + stop.caught[0])
 
 
-def _flatten(node: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def signature(recipe, free: tuple[str, ...] = FREE) -> str:
     """A short hash of what decides the kernels a resolved recipe compiles: every key but `free`'s."""
-    flat = _flatten(recipe.to_dict())
+    from dcablate.config import flatten
+
+    flat = flatten(recipe.to_dict())
     kept = {k: v for k, v in flat.items() if not k.startswith(free) and not k.endswith(FREE_SUFFIXES)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
