@@ -25,5 +25,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "expand", "find_recipe", "load",
+__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "expand", "find_recipe", "flatten", "load",
            "load_raw", "option", "parse_override", "section", "shipped_recipes", "sweep_axes"]
