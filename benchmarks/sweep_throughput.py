@@ -3,6 +3,7 @@
     python benchmarks/sweep_throughput.py                      # GPU: N = 1, 2, 4, 8 per visible GPU, 16 runs
     python benchmarks/sweep_throughput.py --gpus 0             # one card only
     python benchmarks/sweep_throughput.py --per-gpu 8 --sweep-warmup on,off      # the kernel warm-up's effect
+    python benchmarks/sweep_throughput.py --per-gpu 1,8 --sweep-mps on,off --mixer gated_deltanet   # MPS's effect
     python benchmarks/sweep_throughput.py --per-gpu 1,2 --runs 4 --steps 5 --examples 512   # CPU smoke check
 
 The sweep (generated, `d_model` <= 128): 2-layer models, conv none/static on q/k/v x d_model 64/128 x
@@ -18,14 +19,21 @@ profits from an earlier one. `--kernel-cache shared` uses your Triton cache inst
 short untimed run (`--no-prerun` skips it), which leaves only what that run did not compile to the sweeps.
 A CUDA sweep over workers compiles and autotunes its kernels once before its workers start (docs/sweeps.md);
 `--sweep-warmup on,off` times each N both with and without that warm-up (`DCABLATE_WARMUP`), and the table
-shows the warm-up's seconds (the command's `warm-up: done in` line).
+shows the warm-up's seconds (the command's `warm-up: done in` line). `--sweep-mps on,off` does the same for
+MPS (`DCABLATE_MPS`; default auto, what the command does by default): workers sharing a GPU run their kernels
+side by side through an MPS daemon, or take turns on the card.
+
+GPU busy: while a sweep runs, `nvidia-smi` is asked every second for each used GPU's utilization (the share of
+the last sample period in which a kernel was running on it); the table gives the mean over the sweep's wall time
+and its GPUs, "-" where `nvidia-smi` is missing. Under MPS a card counts as busy while any worker's kernel runs,
+however few SMs it fills.
 
 With the defaults (16 runs of 300 steps) the four sweeps take a few minutes on one H100; run the N values
 in separate commands (`--per-gpu 1`, `--per-gpu 2,4,8`) where a command has a time limit.
 
-Prints the device, the software and two tables: workers, whether the kernel warm-up ran and its seconds, wall
-time, runs per minute, speed-up vs the first row, the mean per-run time (each summary.json's `wall_time_s`)
-and the mean final accuracy; then where a run's
+Prints the device, the software and two tables: workers, whether the kernel warm-up ran and its seconds, MPS,
+wall time, runs per hour, speed-up vs the first row, the GPU busy fraction, the mean per-run time (each
+summary.json's `wall_time_s`) and the mean final accuracy; then where a run's
 time went, as the mean over each N's runs of summary.json's `time_s` (setup, data, compile, train, eval,
 checkpoint, total; docs/benchmarks.md says what each part holds). The sweep's runs share their MQAR data
 (`<out_dir>/.data/`): its first runs generate it, and the others read it, which the `data` column shows.
@@ -42,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +97,13 @@ def warmup_seconds(log: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def mps_used(log: Path, mode: str) -> str:
+    """`on` when the command started MPS for its workers (its `MPS: the workers ...` line), else `off (<mode>)`
+    (e.g. `off (auto)`: asked for where it could not or need not start)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "on" if "MPS: the workers on each GPU run their kernels side by side" in text else f"off ({mode})"
+
+
 def mean_breakdown(summaries: list[dict]) -> dict[str, float] | None:
     """The mean of the runs' `time_s` per part; None when no summary has one."""
     timed = [s["time_s"] for s in summaries if "time_s" in s]
@@ -112,6 +128,40 @@ def device_line() -> tuple[str, int]:
     return f"CPU, {cores} cores ({sw})", 0
 
 
+class BusySampler:
+    """Samples the utilization of GPUs `gpus` (nvidia-smi indices; None: all) every `period` seconds in a thread;
+    `mean()` is the mean percentage over the samples and GPUs, or None without nvidia-smi."""
+
+    def __init__(self, gpus: str | None, period: float = 1.0):
+        self.gpus, self.period, self.samples = gpus, period, []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        if self.gpus:
+            cmd.insert(1, f"--id={self.gpus}")
+        while not self.stop_event.wait(self.period):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+                self.samples += [float(v) for v in out.split() if v.strip().replace(".", "", 1).isdigit()]
+            except (OSError, subprocess.SubprocessError):
+                return
+
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-gpu", default="1,2,4,8", help="comma-separated N values (default 1,2,4,8)")
@@ -127,6 +177,8 @@ def main() -> None:
                     help="with --kernel-cache shared: skip the untimed run that fills the cache first")
     ap.add_argument("--sweep-warmup", default="on",
                     help="the command's kernel warm-up: on, off or on,off (a row each; default on)")
+    ap.add_argument("--sweep-mps", default="auto",
+                    help="MPS for workers sharing a GPU: auto, on, off or a list such as on,off (default auto)")
     ap.add_argument("--keep", default=None, help="keep the run folders under this directory")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
@@ -136,6 +188,9 @@ def main() -> None:
     warmups = [w.strip() for w in args.sweep_warmup.split(",")]
     if not warmups or any(w not in ("on", "off") for w in warmups):
         ap.error("--sweep-warmup takes on, off or on,off")
+    mps_modes = [m.strip() for m in args.sweep_mps.split(",")]
+    if not mps_modes or any(m not in ("auto", "on", "off") for m in mps_modes):
+        ap.error("--sweep-mps takes auto, on, off or a comma-separated list of them")
 
     device, n_gpus = device_line()
     gpus = len(args.gpus.split(",")) if args.gpus else max(n_gpus, 1)
@@ -154,54 +209,57 @@ def main() -> None:
             code, secs = dcablate([str(warm), "--quiet"], base / "prerun.log", env)
             print(f"untimed run filling the kernel cache: {secs:.1f}s (exit {code})")
         rows = []
-        for n in ns:
-            for w in warmups:
-                tag = f"n{n}" + (f"-warmup-{w}" if len(warmups) > 1 else "")
-                recipe = base / f"{tag}.toml"
-                recipe.write_text(recipe_text("sweep", base / tag, args.mixer, args.runs, args.steps, args.examples,
-                                              args.batch_size))
-                run_env = dict(env, DCABLATE_WARMUP="1" if w == "on" else "0")
-                if args.kernel_cache == "fresh":
-                    run_env["TRITON_CACHE_DIR"] = str(base / tag / "triton-cache")
-                log = base / f"{tag}.log"
+        for n, w, m in [(n, w, m) for n in ns for w in warmups for m in mps_modes]:
+            tag = (f"n{n}" + (f"-warmup-{w}" if len(warmups) > 1 else "")
+                   + (f"-mps-{m}" if len(mps_modes) > 1 else ""))
+            recipe = base / f"{tag}.toml"
+            recipe.write_text(recipe_text("sweep", base / tag, args.mixer, args.runs, args.steps, args.examples,
+                                          args.batch_size))
+            run_env = dict(env, DCABLATE_WARMUP="1" if w == "on" else "0", DCABLATE_MPS=m)
+            if args.kernel_cache == "fresh":
+                run_env["TRITON_CACHE_DIR"] = str(base / tag / "triton-cache")
+            log = base / f"{tag}.log"
+            with BusySampler(args.gpus) as busy:
                 code, wall = dcablate([str(recipe), "--quiet", "--per-gpu", str(n), *gpu_flag], log, run_env)
-                summaries = [json.loads(p.read_text()) for p in (base / tag / "sweep").glob("*/summary.json")]
-                if code != 0:
-                    tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                    print(f"N={n}: exit {code}; see {log}: " + " | ".join(tail))
-                workers = min(gpus * n, args.runs)
-                rows.append({
-                    "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else workers,
-                    "warmup": w, "warmup_s": warmup_seconds(log),
-                    "runs": len(summaries), "wall_s": wall, "runs_per_min": 60 * len(summaries) / wall,
-                    "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
-                    "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
-                    "time_s": mean_breakdown(summaries),
-                })
-                r = rows[-1]
-                warmed = f", warm-up {r['warmup_s']:.1f}s of it" if r["warmup_s"] is not None else ""
-                print(f"N={n}, warm-up {w}: {r['runs']} runs in {wall:.1f}s{warmed} ({r['runs_per_min']:.2f} "
-                      f"runs/min)", flush=True)
+            summaries = [json.loads(p.read_text()) for p in (base / tag / "sweep").glob("*/summary.json")]
+            if code != 0:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                print(f"N={n}: exit {code}; see {log}: " + " | ".join(tail))
+            workers = min(gpus * n, args.runs)
+            rows.append({
+                "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else workers,
+                "warmup": w, "warmup_s": warmup_seconds(log), "mps": mps_used(log, m), "busy": busy.mean(),
+                "runs": len(summaries), "wall_s": wall, "runs_per_hour": 3600 * len(summaries) / wall,
+                "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
+                "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
+                "time_s": mean_breakdown(summaries),
+            })
+            r = rows[-1]
+            warmed = f", warm-up {r['warmup_s']:.1f}s of it" if r["warmup_s"] is not None else ""
+            print(f"N={n}, warm-up {w}, MPS {r['mps']}: {r['runs']} runs in {wall:.1f}s{warmed} "
+                  f"({r['runs_per_hour']:.0f} runs/hour)", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    first = rows[0]["runs_per_min"] if rows and rows[0]["runs_per_min"] else None
+    first = rows[0]["runs_per_hour"] if rows and rows[0]["runs_per_hour"] else None
     # the warm-up runs only for sweeps over workers on CUDA: "-" where it did not run
     show = lambda r: f"{r['warmup_s']:.1f}" if r["warmup_s"] is not None else "-"
-    print("\n| runs per GPU | workers | kernel warm-up | warm-up s | runs | wall s | runs/min | speed-up vs first "
-          "row | mean run s | mean final acc |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    busy_pct = lambda r: f"{r['busy']:.0f}%" if r["busy"] is not None else "-"
+    print("\n| runs per GPU | workers | kernel warm-up | warm-up s | MPS | runs | wall s | runs/hour | speed-up vs "
+          "first row | GPU busy | mean run s | mean final acc |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        speed = f"{r['runs_per_min'] / first:.2f}x" if first else "-"
-        print(f"| {r['per_gpu']} | {r['workers']} | {r['warmup']} | {show(r)} | {r['runs']} | {r['wall_s']:.1f} | "
-              f"{r['runs_per_min']:.2f} | {speed} | {r['run_s']:.1f} | {r['acc']:.3f} |")
+        speed = f"{r['runs_per_hour'] / first:.2f}x" if first else "-"
+        print(f"| {r['per_gpu']} | {r['workers']} | {r['warmup']} | {show(r)} | {r['mps']} | {r['runs']} | "
+              f"{r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {speed} | {busy_pct(r)} | {r['run_s']:.1f} | "
+              f"{r['acc']:.3f} |")
     print("\nmean seconds per run, by phase (summary.json time_s):\n")
-    print("| runs per GPU | kernel warm-up | " + " | ".join(PARTS) + " |")
-    print("| --- | --- |" + " --- |" * len(PARTS))
+    print("| runs per GPU | kernel warm-up | MPS | " + " | ".join(PARTS) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(PARTS))
     for r in rows:
         parts = r["time_s"]
-        print(f"| {r['per_gpu']} | {r['warmup']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS)
+        print(f"| {r['per_gpu']} | {r['warmup']} | {r['mps']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS)
               + " |")
     print(f"\n{time.strftime('%Y-%m-%d')}; {device}")
 

@@ -86,8 +86,12 @@ def cli():
 @click.option("--warmup/--no-warmup", "warmup", default=None,
               help="CUDA sweeps on local workers or Ray: compile and autotune the kernels once (per Ray node) before "
                    "the workers start (default: on; DCABLATE_WARMUP=0 turns it off).")
+@click.option("--mps/--no-mps", "use_mps", default=None,
+              help="Local CUDA sweeps with several runs per GPU: run them through an MPS daemon of the sweep, so "
+                   "their kernels share the card at once instead of taking turns (default: where MPS works; "
+                   "DCABLATE_MPS=auto|on|off).")
 def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, workers, nproc, address, retries,
-        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait, warmup):
+        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait, warmup, use_mps):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
@@ -102,6 +106,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         flag = "--warmup" if warmup else "--no-warmup"
         raise UserError(f"{flag}: the kernel warm-up runs before the local launcher's workers or on each Ray node; "
                         f"--launcher slurm compiles in each array task")
+    if use_mps is not None and launcher != "local":
+        flag = "--mps" if use_mps else "--no-mps"
+        raise UserError(f"{flag}: MPS is started by the local launcher for its workers; under --launcher {launcher} "
+                        f"the cluster's GPUs are shared as its scheduler sets them up")
     if launcher == "ray":
         from dcablate.runs.launchers.warmup import choice
 
@@ -152,7 +160,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         if not to_train or (launcher == "local" and not slots):
             return train_here(plan, root, quiet)
         sweep_over_workers(recipe, list(overrides), plan, to_train, root, launcher, slots, uses_cuda, address,
-                           per_gpu, workers, retries, slurm, warmup)
+                           per_gpu, workers, retries, slurm, warmup, use_mps)
 
 
 def cluster_cuda(recipes) -> bool | None:
@@ -237,7 +245,8 @@ def train_here(plan, root: Path, quiet: bool) -> None:
 
 
 def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: str, slots, uses_cuda: bool | None,
-                       address, per_gpu, workers, retries, slurm, warmup: bool | None = None) -> None:
+                       address, per_gpu, workers, retries, slurm, warmup: bool | None = None,
+                       use_mps: bool | None = None) -> None:
     """`run` over workers (local processes, Ray actors or Slurm tasks): the same run directories, lines and
     table whichever launcher trains them."""
     from dcablate.runs.launchers import outcome
@@ -247,7 +256,7 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: 
     if launcher == "local":
         from dcablate.runs.launchers import local
 
-        out = local.launch(recipe, overrides, jobs, slots, warm=warmup)
+        out = local.launch(recipe, overrides, jobs, slots, warm=warmup, use_mps=use_mps)
     elif launcher == "ray":
         from dcablate.runs.launchers import ray
 

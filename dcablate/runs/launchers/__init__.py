@@ -3,7 +3,7 @@ through `point.run_job` and reports through `outcome.py`; they differ only in wh
 
 | launcher | where | module |
 | --- | --- | --- |
-| `local` (default) | worker processes on this machine, or this process | `local.py`, `slots.py`, `capacity.py`, `warmup.py` |
+| `local` (default) | processes on this machine, or this one | `local.py`, `slots.py`, `capacity.py`, `warmup.py`, `mps.py` |
 | `ray` | Ray actors on a local Ray instance or a cluster | `ray.py` |
 | `slurm` | a Slurm job array through submitit | `slurm.py` |
 
@@ -61,6 +61,10 @@ def check_flags(launcher: str, per_gpu: int | None, gpus: str | None, workers: i
         from dcablate.runs.launchers.warmup import choice
 
         choice()  # a bad DCABLATE_WARMUP ends the command here, before the recipe is read
+    if launcher == "local":
+        from dcablate.runs.launchers import mps
+
+        mps.choice()  # and a bad DCABLATE_MPS
     if retries is not None and launcher == "local":
         raise UserError(f"--retries {retries}: retries runs whose Ray worker or Slurm job was lost; the local "
                         f"launcher reports a failed run instead (rerun the command); it needs --launcher ray or slurm")

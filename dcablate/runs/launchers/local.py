@@ -24,7 +24,9 @@ import sys
 import threading
 from pathlib import Path
 
-from dcablate.runs.launchers import warmup
+import click
+
+from dcablate.runs.launchers import mps, warmup
 from dcablate.runs.launchers.outcome import Job
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.runs.launchers.scheduler import Worker, run_sweep
@@ -34,7 +36,8 @@ RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
 MODULE = "dcablate.runs.launchers.local"
 
 
-def worker_env(slot: Slot) -> dict:
+def worker_env(slot: Slot, daemon: mps.Daemon | None = None) -> dict:
+    """The environment of a worker (or warm-up process) on `slot`, a client of the sweep's MPS `daemon` if any."""
     env = dict(os.environ)
     if slot.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot.physical
@@ -45,6 +48,8 @@ def worker_env(slot: Slot) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     if slot.gpu is not None:  # one kernel cache for the warm-up and every worker, autotuning results included
         env = warmup.cache_env(env)
+    if daemon is not None and slot.gpu is not None:
+        env = daemon.client_env(env, slot.gpu)
     return env
 
 
@@ -61,13 +66,14 @@ def _die_with_parent() -> None:
 class LocalWorker(Worker):
     """A worker process on this machine; a thread turns its stdout into events."""
 
-    def __init__(self, slot: Slot, events: queue.Queue, recipe_ref: str, overrides: list[str]):
+    def __init__(self, slot: Slot, events: queue.Queue, recipe_ref: str, overrides: list[str],
+                 daemon: mps.Daemon | None = None):
         super().__init__(slot, events)
         cmd = [sys.executable, "-m", MODULE, recipe_ref]
         for o in overrides:
             cmd += ["--set", o]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, errors="replace", bufsize=1, env=worker_env(slot),
+                                     text=True, errors="replace", bufsize=1, env=worker_env(slot, daemon),
                                      start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         threading.Thread(target=self._read, daemon=True).start()
@@ -110,15 +116,23 @@ class LocalWorker(Worker):
             self.proc.terminate()
 
 
-def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], warm: bool | None = None):
-    """Train `jobs` on local worker processes, one per slot; the `Outcome`. On a CUDA sweep the kernels of `jobs`
-    are first compiled and autotuned once (`warmup.py`) unless `warm` (`--warmup/--no-warmup`, default
-    `DCABLATE_WARMUP`) says not to."""
-    if jobs and warmup.wanted(warm, slots):
-        threads = max(1, cpu_count() // len(slots))  # the warm-up uses at most one process per slot
-        places = [(s.label, worker_env(Slot(s.gpu, s.physical, threads=threads))) for s in slots]
-        warmup.warm_up(recipe_ref, overrides, jobs, places)
-    return run_sweep(jobs, slots, lambda slot, events: LocalWorker(slot, events, recipe_ref, overrides), len(jobs))
+def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], warm: bool | None = None,
+           use_mps: bool | None = None):
+    """Train `jobs` on local worker processes, one per slot; the `Outcome`. Where several share a GPU they run
+    through an MPS daemon of this sweep (`mps.py`) unless `use_mps` (`--mps/--no-mps`, default `DCABLATE_MPS`)
+    says not to. On a CUDA sweep the kernels of `jobs` are first compiled and autotuned once (`warmup.py`)
+    unless `warm` (`--warmup/--no-warmup`, default `DCABLATE_WARMUP`) says not to."""
+    daemon = mps.start(mps.choice(use_mps), slots, click.echo, mps.named_by(use_mps)) if jobs else None
+    try:
+        if jobs and warmup.wanted(warm, slots):
+            threads = max(1, cpu_count() // len(slots))  # the warm-up uses at most one process per slot
+            places = [(s.label, worker_env(Slot(s.gpu, s.physical, threads=threads), daemon)) for s in slots]
+            warmup.warm_up(recipe_ref, overrides, jobs, places)
+        return run_sweep(jobs, slots, lambda slot, events: LocalWorker(slot, events, recipe_ref, overrides, daemon),
+                         len(jobs))
+    finally:
+        if daemon is not None:
+            daemon.stop()
 
 
 def worker_main(argv: list[str]) -> int:
