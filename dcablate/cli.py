@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from dcablate import __version__, config
+from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
@@ -120,14 +122,55 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; writing to {new_root}")
         root = new_root
+    launch = Launch(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps)
+    train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new)
+    if BEST_LR_SEEDS_KEY not in base.sweep:
+        return
+    from dcablate.runs.best_lr import second_stage
+
+    stage = second_stage(base.sweep, points, root)
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank trains what rank 0 read from the run directories
+        from dcablate.training.distributed import broadcast
+
+        stage = broadcast(stage)
+    click.echo("")
+    for line in stage.lines(base.sweep[BEST_LR_SEEDS_KEY]):
+        click.echo(line)
+    if stage.override is not None:
+        more = [*overrides, stage.override]
+        second_base, second_points = config.expand(recipe, more)
+        train_stage(recipe, more, second_base, second_points, root, launch, dry_run, quiet, force_new)
+
+
+@dataclass
+class Launch:
+    """`run`'s flags that say where and how the runs train."""
+
+    launcher: str
+    gpu_list: list[int] | None
+    per_gpu: int | None
+    gpus: str | None
+    workers: int | None
+    nproc: int | None
+    address: str | None
+    retries: int | None
+    slurm: object
+    warmup: bool | None
+    use_mps: bool | None
+
+
+def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: Launch, dry_run: bool,
+                quiet: bool, force_new: bool) -> None:
+    """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
+    still to train, in this process or over the launcher's workers."""
     sweep_root = root if base.sweep else None
     plan = []
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
         plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # under torchrun: one model over all ranks
-    if distributed and launcher != "local":
-        raise UserError(f"--launcher {launcher}: this process was started by torchrun (WORLD_SIZE="
+    if distributed and launch.launcher != "local":
+        raise UserError(f"--launcher {launch.launcher}: this process was started by torchrun (WORLD_SIZE="
                         f"{os.environ['WORLD_SIZE']}), which trains one run; drop --launcher")
     if distributed:  # every rank follows rank 0's directories
         from dcablate.training.distributed import broadcast, setup
@@ -140,14 +183,14 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         return
     from dcablate.training.runtime import check_runtime  # torch imported only now: --help and validation stay fast
 
-    if nproc:  # --nproc N: this command again under torchrun
+    if launch.nproc:  # --nproc N: this command again under torchrun
         from dcablate.training.distributed import relaunch
 
-        relaunch(nproc, recipe, list(overrides), quiet, force_new, [check_runtime(r) for _, r in points],
-                 any(v is not None for v in (per_gpu, gpus, workers)))
+        relaunch(launch.nproc, recipe, list(overrides), quiet, force_new, [check_runtime(r) for _, r in points],
+                 any(v is not None for v in (launch.per_gpu, launch.gpus, launch.workers)))
 
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
-    if launcher == "local":
+    if launch.launcher == "local":
         devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
         check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model ends here, nothing written
         uses_cuda = any(d.type == "cuda" for d in devices)
@@ -155,12 +198,13 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         uses_cuda = cluster_cuda([r for _, r in points])
     with made_here(root):  # a command that fails before any run wrote a file leaves no empty folders
         slots = []
-        if launcher == "local" and not distributed:
-            slots = local_slots(plan, to_train, uses_cuda, per_gpu, gpu_list, workers)
-        if not to_train or (launcher == "local" and not slots):
+        if launch.launcher == "local" and not distributed:
+            slots = local_slots(plan, to_train, uses_cuda, launch.per_gpu, launch.gpu_list, launch.workers)
+        if not to_train or (launch.launcher == "local" and not slots):
             return train_here(plan, root, quiet)
-        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launcher, slots, uses_cuda, address,
-                           per_gpu, workers, retries, slurm, warmup, use_mps)
+        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch.launcher, slots, uses_cuda,
+                           launch.address, launch.per_gpu, launch.workers, launch.retries, launch.slurm,
+                           launch.warmup, launch.use_mps)
 
 
 def cluster_cuda(recipes) -> bool | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 from dcablate.config import schema
 from dcablate.config.schema import conv_streams
-from dcablate.config.sweep import ZIP_KEY, check_zip, grid, sweep_axes
+from dcablate.config.sweep import BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, grid, sweep_axes
 from dcablate.config.fields import describe_value
 from dcablate.errors import RecipeError, UserError, did_you_mean
 from dcablate.models.channel import CHANNELS
@@ -360,13 +360,14 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
     for key, values in r.sweep.items():
         path = f"sweep.{key}"
         where = _src(origins, path, src)
-        if key == ZIP_KEY:
+        if key in RESERVED:
             continue
         if not isinstance(values, list) or not values:
             raise RecipeError(where, path, f"must be a non-empty list of values, got {describe_value(values)}")
         if key == "sweep" or key.startswith("sweep."):
             raise RecipeError(where, path, "a sweep cannot sweep itself")
     check_zip(r.sweep, _src(origins, f"sweep.{ZIP_KEY}", src))
+    check_best_lr_seeds(r.sweep, r.run.seed, _src(origins, f"sweep.{BEST_LR_SEEDS_KEY}", src))
     for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
         path = f"sweep.{keys[0]}" if len(keys) == 1 else f"sweep.{ZIP_KEY}"
         where = _src(origins, path, src)

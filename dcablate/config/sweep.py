@@ -13,6 +13,9 @@ from dcablate.config.fields import describe_value
 from dcablate.errors import RecipeError, did_you_mean
 
 ZIP_KEY = "zip"  # [sweep] zip = [["train.lr", "model.d_model"]]: those keys advance together
+BEST_LR_SEEDS_KEY = "best_lr_seeds"  # [sweep] best_lr_seeds = [1, 2]: more seeds at each cell's best lr
+RESERVED = (ZIP_KEY, BEST_LR_SEEDS_KEY)  # [sweep] keys that are options of the sweep, not axes
+LR_KEY, SEED_KEY = "train.lr", "run.seed"
 
 
 def sweep_axes(sweep: dict) -> list[tuple[list[str], list[tuple]]]:
@@ -21,7 +24,7 @@ def sweep_axes(sweep: dict) -> list[tuple[list[str], list[tuple]]]:
     group_of = {k: g for g in sweep.get(ZIP_KEY, []) for k in g}
     axes, seen = [], set()
     for key in sweep:
-        if key == ZIP_KEY or key in seen:
+        if key in RESERVED or key in seen:
             continue
         keys = group_of.get(key, [key])
         seen.update(keys)
@@ -61,8 +64,9 @@ def check_zip(sweep: dict, where: str) -> None:
         if len(g) < 2 or not all(isinstance(k, str) for k in g):
             raise RecipeError(where, path, f"each group must list at least two keys (strings), got {g!r}")
         for k in g:
-            if k not in sweep or k == ZIP_KEY:
-                raise RecipeError(where, path, f"'{k}' is not a key of [sweep]{did_you_mean(k, list(sweep))}")
+            if k not in sweep or k in RESERVED:
+                axes = [key for key in sweep if key not in RESERVED]
+                raise RecipeError(where, path, f"'{k}' is not a key of [sweep]{did_you_mean(k, axes)}")
             if k in seen:
                 raise RecipeError(where, path, f"'{k}' is in two zip groups")
             seen.add(k)
@@ -70,6 +74,29 @@ def check_zip(sweep: dict, where: str) -> None:
         if len(set(lengths.values())) > 1:
             raise RecipeError(where, path, "zipped keys need lists of equal length, got " +
                               ", ".join(f"{k}: {n}" for k, n in lengths.items()))
+
+
+def check_best_lr_seeds(sweep: dict, base_seed: int, where: str) -> None:
+    """`sweep.best_lr_seeds`: distinct seeds (integers >= 0), none of them a seed of the grid itself, in a sweep
+    of `train.lr` (whose best value per cell they are trained at)."""
+    if BEST_LR_SEEDS_KEY not in sweep:
+        return
+    seeds = sweep[BEST_LR_SEEDS_KEY]
+    path = f"sweep.{BEST_LR_SEEDS_KEY}"
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                            for x in seeds):
+        raise RecipeError(where, path, f"must be a non-empty list of seeds (integers >= 0), e.g. [1, 2], got "
+                          f"{describe_value(seeds)}")
+    if len(set(seeds)) != len(seeds):
+        raise RecipeError(where, path, f"lists a seed twice: {seeds}")
+    if LR_KEY not in sweep:
+        raise RecipeError(where, path, f"trains more seeds at each cell's best learning rate, so the sweep must "
+                          f"sweep {LR_KEY}; it sweeps {', '.join(k for k in sweep if k not in RESERVED) or 'nothing'}")
+    grid_seeds = sweep.get(SEED_KEY, [base_seed])
+    clash = sorted(set(seeds) & set(grid_seeds) if isinstance(grid_seeds, list) else ())
+    if clash:
+        raise RecipeError(where, path, f"seed {clash[0]} is already a seed of the grid ({SEED_KEY} = "
+                          f"{grid_seeds if SEED_KEY in sweep else base_seed}); list only new seeds")
 
 
 def grid(sweep: dict) -> list[tuple[str, list[tuple[str, object]]]]:

@@ -10,6 +10,11 @@ def dumps_toml(data: dict) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
+def toml_value(v) -> str:
+    """One TOML value (inline tables and arrays included), e.g. for a `--set KEY=VALUE` override."""
+    return _value(v)
+
+
 def _is_table_list(v) -> bool:
     return isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
 

@@ -1,0 +1,94 @@
+"""`[sweep] best_lr_seeds`: more seeds at each cell's best learning rate, once the grid has trained.
+
+A grid over `train.lr` spends one seed per learning rate; error bars need several seeds, but only at the
+learning rate a report will show. So `dcablate run` trains the grid first, then, per *cell* (the grid points
+that differ only in `train.lr` and `run.seed`), picks the learning rate with the best mean score over the
+grid's seeds, as `dcablate report` does (the headline metric of the task, e.g. MQAR's best overall accuracy or
+an LM's lowest bits per byte; the smaller lr on a tie), and trains that point again with each listed seed.
+
+The second stage is the same recipe with one more override, `sweep=<table>`: every swept key and `run.seed`
+zipped into one axis that lists exactly the chosen points. So its runs are ordinary sweep points (named as
+the grid names them, plus `seed=S`) that every launcher trains and resumes as any other, and rerunning the
+command resumes both stages. A cell with a run unfinished or failed is not decided; the command says so, and
+rerunning it after the grid has finished trains those cells' seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcablate.config.sweep import BEST_LR_SEEDS_KEY, LR_KEY, RESERVED, SEED_KEY, grid
+from dcablate.config.toml_out import toml_value
+
+
+@dataclass
+class Stage:
+    """The second stage: the override that makes it (None when no cell is decided) and what to tell the user."""
+
+    override: str | None
+    decided: int
+    undecided: list[str]  # a point name of each undecided cell
+    runs: int
+
+    def lines(self, seeds: list[int]) -> list[str]:
+        out = []
+        if self.decided:
+            out.append(f"best_lr_seeds: {self.decided} cell{'s' if self.decided != 1 else ''} decided; seed"
+                       f"{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))} at each one's best learning "
+                       f"rate: {self.runs} run{'s' if self.runs != 1 else ''}")
+        if self.undecided:
+            out.append(f"best_lr_seeds: {len(self.undecided)} cell{'s' if len(self.undecided) != 1 else ''} not "
+                       f"decided yet, a run of {'each' if len(self.undecided) != 1 else 'it'} unfinished or failed "
+                       f"(e.g. {self.undecided[0]}); run the same command again once they have finished")
+        return out
+
+
+def score(run_dir: Path, task_kind: str) -> float | None:
+    """The run's score as the report takes it (`summary.json`'s best value of the task's headline metric), or
+    None when the run has not finished."""
+    from dcablate.runs.report import metric_of
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return float(summary["best"][metric_of(task_kind).key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def second_stage(sweep: dict, points: list, root: Path) -> Stage:
+    """The second stage of a sweep whose table `sweep` lists `best_lr_seeds`, from its grid `points` ((name,
+    resolved recipe) as `config.expand` gives them) trained into `root/<name>`."""
+    from dcablate.runs.report import metric_of
+
+    seeds = sweep[BEST_LR_SEEDS_KEY]
+    named = grid(sweep)  # the same order as `points`, with each point's swept (key, value) pairs
+    cells: dict[str, dict[float, list]] = {}
+    for (name, r), (_, pairs) in zip(points, named, strict=True):
+        cell = ",".join(f"{k}={v!r}" for k, v in pairs if k not in (LR_KEY, SEED_KEY))
+        cells.setdefault(cell, {}).setdefault(r.train.lr, []).append((name, r, pairs))
+    keys = [k for k in sweep if k not in RESERVED and k != SEED_KEY] + [SEED_KEY]
+    chosen: list[dict] = []
+    undecided: list[str] = []
+    for by_lr in cells.values():
+        means = {}
+        for lr, members in by_lr.items():
+            scores = [score(root / name, r.task.kind) for name, r, _ in members]
+            if any(s is None for s in scores):
+                break
+            means[lr] = sum(scores) / len(scores)
+        else:
+            first = next(iter(by_lr.values()))[0][1]
+            sign = 1 if metric_of(first.task.kind).higher_is_better else -1
+            best = max(sorted(means), key=lambda lr: sign * means[lr])  # sorted + max: the smaller lr on a tie
+            pairs = dict(by_lr[best][0][2])
+            chosen += [{**pairs, SEED_KEY: seed} for seed in seeds]
+            continue
+        undecided.append(next(iter(by_lr.values()))[0][0])
+    override = None
+    if chosen:
+        table = {k: [point[k] for point in chosen] for k in keys}
+        table["zip"] = [keys]
+        override = f"sweep={toml_value(table)}"
+    return Stage(override, len(cells) - len(undecided), undecided, len(chosen))

@@ -1,0 +1,131 @@
+"""`[sweep] best_lr_seeds` (`runs/best_lr.py`): after the grid, each cell's best learning rate (by the report's
+score) is trained again with the listed seeds, as ordinary sweep points that resume and report like any other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dcablate import config
+from dcablate.cli import main
+from dcablate.runs.best_lr import second_stage
+from dcablate.runs.report import aggregate, find_runs
+from tests.runs.launcher_helpers import SWEEP
+
+GRID = SWEEP.split("[sweep]")[0] + """[sweep]
+"model.conv.kind" = ["none", "static"]
+"train.lr" = [1e-4, 3e-2]
+best_lr_seeds = [1, 2]
+"""
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "g.toml").write_text(GRID)
+    return tmp_path
+
+
+def fake_finished(root: Path, name: str, value: float, key: str = "overall") -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "summary.json").write_text(json.dumps({"best": {key: value}}))
+
+
+def test_each_cell_takes_its_best_lr_and_a_tie_the_smaller(sweep):
+    base, points = config.expand("g.toml")
+    root = sweep / "out" / "w"
+    fake_finished(root, "conv.kind=none,lr=0.0001", 0.30)
+    fake_finished(root, "conv.kind=none,lr=0.03", 0.80)
+    fake_finished(root, "conv.kind=static,lr=0.0001", 0.50)
+    fake_finished(root, "conv.kind=static,lr=0.03", 0.50)
+    stage = second_stage(base.sweep, points, root)
+    assert (stage.decided, stage.undecided, stage.runs) == (2, [], 4)
+    _, second = config.expand("g.toml", [stage.override])
+    assert [name for name, _ in second] == ["conv.kind=none,lr=0.03,seed=1", "conv.kind=none,lr=0.03,seed=2",
+                                            "conv.kind=static,lr=0.0001,seed=1", "conv.kind=static,lr=0.0001,seed=2"]
+    assert [(r.model.conv.kind, r.train.lr, r.run.seed) for _, r in second] == [
+        ("none", 0.03, 1), ("none", 0.03, 2), ("static", 0.0001, 1), ("static", 0.0001, 2)]
+    assert all(not r.sweep for _, r in second)  # the points are plain runs, as the grid's are
+
+
+def test_a_cell_with_a_run_unfinished_waits(sweep):
+    base, points = config.expand("g.toml")
+    root = sweep / "out" / "w"
+    fake_finished(root, "conv.kind=none,lr=0.0001", 0.30)
+    fake_finished(root, "conv.kind=none,lr=0.03", 0.80)
+    fake_finished(root, "conv.kind=static,lr=0.0001", 0.50)
+    stage = second_stage(base.sweep, points, root)
+    assert (stage.decided, stage.undecided, stage.runs) == (1, ["conv.kind=static,lr=0.0001"], 2)
+    lines = stage.lines([1, 2])
+    assert lines[0] == "best_lr_seeds: 1 cell decided; seeds 1, 2 at each one's best learning rate: 2 runs"
+    assert lines[1].startswith("best_lr_seeds: 1 cell not decided yet, a run of it unfinished or failed "
+                               "(e.g. conv.kind=static,lr=0.0001)")
+    (root / "conv.kind=none,lr=0.03" / "summary.json").unlink()
+    assert second_stage(base.sweep, points, root).override is None
+
+
+def test_lower_is_better_for_lm_and_grid_seeds_are_averaged(sweep, monkeypatch):
+    text = GRID.replace('best_lr_seeds = [1, 2]', '"run.seed" = [0, 1]\nbest_lr_seeds = [5]')
+    (sweep / "g.toml").write_text(text)
+    base, points = config.expand("g.toml")
+    root = sweep / "out" / "w"
+    for kind, lr, seed, value in [("none", "0.0001", 0, 0.9), ("none", "0.0001", 1, 0.1),  # mean 0.5
+                                  ("none", "0.03", 0, 0.6), ("none", "0.03", 1, 0.6),      # mean 0.6: best
+                                  ("static", "0.0001", 0, 0.2), ("static", "0.0001", 1, 0.2),
+                                  ("static", "0.03", 0, 0.1), ("static", "0.03", 1, 0.1)]:
+        fake_finished(root, f"conv.kind={kind},lr={lr},seed={seed}", value)
+    stage = second_stage(base.sweep, points, root)
+    _, second = config.expand("g.toml", [stage.override])
+    assert [name for name, _ in second] == ["conv.kind=none,lr=0.03,seed=5", "conv.kind=static,lr=0.0001,seed=5"]
+    # the same numbers read as a lower-is-better score (an LM's bits per byte) choose the other learning rates
+    from dcablate.runs import report
+
+    monkeypatch.setattr(report, "metric_of", lambda kind: report.Metric("overall", False, "bits per byte", False))
+    stage = second_stage(base.sweep, points, root)
+    _, second = config.expand("g.toml", [stage.override])
+    assert [name for name, _ in second] == ["conv.kind=none,lr=0.0001,seed=5", "conv.kind=static,lr=0.03,seed=5"]
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("[0]", "seed 0 is already a seed of the grid (run.seed = 0); list only new seeds"),
+    ("[1, 1]", "lists a seed twice: [1, 1]"),
+    ("[-1]", "must be a non-empty list of seeds (integers >= 0)"),
+    ("3", "must be a non-empty list of seeds"),
+])
+def test_bad_values_are_one_line(sweep, capsys, value, fragment):
+    assert main(["run", "g.toml", "--set", f"sweep.best_lr_seeds={value}", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set: sweep.best_lr_seeds: ") and fragment in err and err.count("\n") == 1
+
+
+def test_without_an_lr_axis_it_says_what_is_swept(sweep, capsys):
+    (sweep / "g.toml").write_text(GRID.replace('"train.lr" = [1e-4, 3e-2]\n', ""))
+    assert main(["run", "g.toml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "g.toml: sweep.best_lr_seeds: trains more seeds at each cell's best learning rate, so the sweep must " \
+           "sweep train.lr; it sweeps model.conv.kind" in err
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_one_command_trains_the_grid_then_the_seeds_and_the_report_pools_them(sweep, capsys, workers):
+    assert main(["run", "g.toml", "--quiet", *workers]) == 0
+    out = capsys.readouterr().out
+    assert "best_lr_seeds: 2 cells decided; seeds 1, 2 at each one's best learning rate: 4 runs" in out
+    root = sweep / "out" / "w"
+    seeded = sorted(p.name for p in root.iterdir() if p.name.endswith(("seed=1", "seed=2")))
+    assert len(seeded) == 4 and all((root / n / "summary.json").is_file() for n in seeded)
+    runs, skipped = find_runs(root)
+    assert not skipped and len(runs) == 8
+    table = aggregate(runs)
+    for (variant, _), by_lr in table.items():
+        counts = sorted(len(cell.runs) for cell in by_lr.values())
+        assert counts == [1, 3], (variant, counts)  # the best lr has the grid's seed and two more
+    # a rerun trains nothing: both stages finished
+    assert main(["run", "g.toml", "--quiet", *workers]) == 0
+    again = capsys.readouterr().out
+    assert again.count("finished earlier") + again.count("finished") >= 8
+    assert main(["run", "g.toml", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert sum(line.endswith("finished") for line in listed.splitlines()) == 8
