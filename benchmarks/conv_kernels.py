@@ -1,12 +1,13 @@
-"""Launch-config sweep of the low-rank dynamic conv's split kernels: which tiles and warps are fastest here.
+"""Launch-config sweep of the low-rank dynamic conv's kernels: which tiles and warps are fastest here.
 
     python benchmarks/conv_kernels.py [--dtype bfloat16] [--shape paper|gdn_q|gdn_v|all]     (CUDA needed)
 
-For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward, dx, dz
-and dU/dS kernels over a grid of launches (BT, BD, warps, pipeline stages, programs), the default marked `*`, each with
-its error against a float64 run of the torch reference (a config that compiles wrongly shows) and its time
-against that kernel's bytes floor at the copy bandwidth measured in the same run. Prints one table per shape,
-fastest first.
+For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward, dx and
+dz/dU/dS kernels over a grid of launches (BT, BD, warps, pipeline stages, programs), each with its error against
+a float64 run of the torch reference (a config that compiles wrongly shows) and its time against that kernel's
+bytes floor at the copy bandwidth measured in the same run. `*` marks the forward's default and the launches the
+backward kernels pick among by timing (`DX_LAUNCHES`, `DUDZ_LAUNCHES`). Prints one table per shape, fastest
+first.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import itertools
 import torch
 
 # B, T, D, W, R: the paper's shape (R 16), and the GDN-125M q/k and v streams at the recipes' default rank 15
-# (with R < 16 the dU/dS kernel takes dS from its dot through z's padding column)
+# (with R < 16 the dz/dU/dS kernel takes dS from its dot through z's padding column)
 SHAPES = {"paper": (4, 4096, 2048, 4, 16), "gdn_q": (16, 2048, 768, 4, 15), "gdn_v": (16, 2048, 1536, 4, 15)}
 
 
@@ -60,14 +61,14 @@ def main(argv=None) -> None:
         rows = []
         f_fwd = (2 * B * T * D + B * T * R) * e                       # read x, z; write y
         f_dx = (2 * B * T * D + B * T * R) * e                        # read dy, z; write dx
-        f_dz = 2 * B * T * D * e + 4 * B * T * R                     # read x, dy; write dz (fp32 here)
-        f_du = (2 * B * T * D + B * T * R) * e                        # read x, dy, z
+        f_dudz = (2 * B * T * D + 2 * B * T * R) * e                  # read x, dy, z; write dz
+        defaults = {"fwd": {K.FWD}, "dx": set(K.fitted(K.DX_LAUNCHES, D)),
+                    "dz/dU/dS": set(K.fitted(K.DUDZ_LAUNCHES, D))}
 
         def row(part, launch, fn, check, floor_bytes, label=None):
-            default = launch == {"fwd": K.FWD, "dx": K.DX, "dz": K._dz_launch(B, T, x.device),
-                                 "dU/dS": K.DUDS}[part]
             label = label or (f"BT{launch.BT} BD{launch.BD} w{launch.warps} s{launch.stages}"
-                              + (f" p{launch.programs}" if launch.programs else "") + ("*" if default else ""))
+                              + (f" p{launch.programs}" if launch.programs else "")
+                              + ("*" if launch in defaults[part] else ""))
             try:
                 err = check(fn())
                 rows.append((part, label, do_bench(fn, return_mode="median"), floor_bytes / (copy * 1e9) * 1e3, err))
@@ -80,37 +81,35 @@ def main(argv=None) -> None:
         def dx(launch, p=prec):
             return K.lowrank_bwd_dx(z, U_for[p], S, dy, pos, True, False, p, launch)
 
-        def dz(launch, p=prec):
-            return K.lowrank_bwd_dz(x, U_for[p], dy, pos, False, p, torch.float32, launch)
-
-        def duds(launch, p=prec):
-            return K.lowrank_bwd_dU_dS(x, z, dy, pos, W, True, False, p, launch)
+        def dudz(launch, p=prec):
+            return K.lowrank_bwd_dudz(x, z, U_for[p], dy, pos, True, False, p, launch)
 
         checks = {"fwd": (fwd, lambda y: rel(y, y64), f_fwd), "dx": (dx, lambda o: rel(o, grads64[0]), f_dx),
-                  "dz": (dz, lambda o: rel(o, grads64[1]), f_dz),
-                  "dU/dS": (duds, lambda o: max(rel(o[0], grads64[2]), rel(o[1], grads64[3])), f_du)}
+                  "dz/dU/dS": (dudz, lambda o: max(rel(a, b) for a, b in zip(o, grads64[1:])), f_dudz)}
         for (BT, BD, warps), stages in itertools.product(
                 ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)), (1, 2, 3)):
-            for part in ("fwd", "dx"):  # walk token runs: a few programs per SM, or more
-                for programs in (264, 1056):
-                    fn, check, floor = checks[part]
-                    launch = K.Launch(BT, BD, warps, stages, programs)
-                    row(part, launch, lambda: fn(launch), check, floor)
-            launch = K.Launch(BT, BD, warps, stages)  # dz: one token tile per program, walking all of D
-            row("dz", launch, lambda: dz(launch), *checks["dz"][1:])
-            launch = K.Launch(BT, BD, warps, stages, 512)
-            row("dU/dS", launch, lambda: duds(launch), *checks["dU/dS"][1:])
+            for programs in (264, 1056):  # the forward walks token runs: a few programs per SM, or more
+                launch = K.Launch(BT, BD, warps, stages, programs)
+                row("fwd", launch, lambda: fwd(launch), *checks["fwd"][1:])
+        for (BT, BD, warps), stages in itertools.product(  # dx: one tile per program
+                ((16, 64, 2), (32, 32, 1), (32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 8)), (1, 2)):
+            launch = K.Launch(BT, BD, warps, stages)
+            row("dx", launch, lambda: dx(launch), *checks["dx"][1:])
+        for (BT, BD, warps), stages, programs in itertools.product(  # one token tile per program; programs: slice D
+                ((32, 64, 2), (64, 64, 4), (128, 64, 8), (64, 128, 8)), (1, 2), (0, 528, 1056)):
+            launch = K.Launch(BT, BD, warps, stages, programs)
+            row("dz/dU/dS", launch, lambda: dudz(launch), *checks["dz/dU/dS"][1:])
         if prec != K.dot_precision(torch.float32):  # the default launches with TF32 dots: what the precision buys
-            for part in ("fwd", "dx", "dz", "dU/dS"):
+            for part in ("fwd", "dx", "dz/dU/dS"):
                 fn, check, floor = checks[part]
                 row(part, None, lambda: fn(None, "tf32"), check, floor, label="tf32 (default)")
-        print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the default config)")
-        print(f"{'kernel':6s} {'config':22s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
-        for part in ("fwd", "dx", "dz", "dU/dS"):
+        print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the forward's default, the launches the backward picks among)")
+        print(f"{'kernel':8s} {'config':22s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
+        for part in ("fwd", "dx", "dz/dU/dS"):
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
             for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
-                print(f"{part:6s} {label:22s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
+                print(f"{part:8s} {label:22s} {ms:8.3f} {ms / floor:8.2f} {err_s}")
         print(flush=True)
 
 

@@ -409,7 +409,7 @@ def bench():
 @bench.command(name="conv")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--skip-reference", is_flag=True, help="Do not time the pure-torch reference.")
-@click.option("--breakdown", is_flag=True, help="Also time each kernel of the split backward alone.")
+@click.option("--breakdown", is_flag=True, help="Also time each backward kernel (dx; dz/dU/dS) alone.")
 @click.option("--against", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Also compare with the reference lowrank.py in DIR (the paper's kernel, e.g. a clone of "
                    "github.com/OliverSieberling/dynamic-conv1d): graphed, eager and forward times, ours/theirs, and "

@@ -55,16 +55,16 @@ def time_graphed_fwd_bwd(fn, inputs, dy) -> float:
     return triton.testing.do_bench_cudagraph(fwd_bwd, return_mode="median")
 
 
-def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
-    """Median ms of each kernel of the split low-rank backward, launched alone on the same inputs (S may be None)."""
+def backward_breakdown(x, z, U, S, dy) -> dict[str, float]:
+    """Median ms of each kernel of the low-rank backward (dx; dz, dU and dS), launched alone on the same inputs
+    at the launches the backward picked (S may be None)."""
     import triton
 
     from dcablate.kernels.dynamic_conv.kernel import (
         basis_for_dots,
         dot_precision,
-        lowrank_bwd_dU_dS,
+        lowrank_bwd_dudz,
         lowrank_bwd_dx,
-        lowrank_bwd_dz,
         positions_arg,
     )
 
@@ -74,8 +74,7 @@ def backward_breakdown(x, z, U, S, dy, W: int) -> dict[str, float]:
     prec = dot_precision(x.dtype)
     U = basis_for_dots(U, prec)
     kernels = {"dx kernel": lambda: lowrank_bwd_dx(z, U, S, dy, pos, True, False, prec),
-               "dz kernel": lambda: lowrank_bwd_dz(x, U, dy, pos, False, prec, z.dtype),
-               "dU/dS kernel": lambda: lowrank_bwd_dU_dS(x, z, dy, pos, W, S is not None, False, prec)}
+               "dz/dU/dS kernel": lambda: lowrank_bwd_dudz(x, z, U, dy, pos, S is not None, False, prec)}
     return {name: triton.testing.do_bench(fn, return_mode="median") for name, fn in kernels.items()}
 
 
@@ -128,8 +127,7 @@ def _time_variants(shapes: list[ConvShape], dtype: torch.dtype, dtype_name: str,
         e = x.element_size()
         floor_fwd = (2 * B * T * D + B * T * R) * e                  # read x, z; write y
         floor_bwd = (3 * B * T * D + 2 * B * T * R) * e              # read x, dy, z; write dx, dz
-        variants = {"dynamic (ours, split)": (lambda *a: dynamic_conv_lowrank_triton(*a, impl="split"),
-                                              (x, z, U, S, True))}
+        variants = {"dynamic (ours, split)": (dynamic_conv_lowrank_triton, (x, z, U, S, True))}
         static = ShortConvolution(D, W, activation=None).cuda()
         variants["static (fla ShortConvolution)"] = (lambda x: static(x)[0], (x,))
         if not skip_reference:
@@ -141,10 +139,10 @@ def _time_variants(shapes: list[ConvShape], dtype: torch.dtype, dtype_name: str,
             gbps = floor / ((fwd + bwd) * 1e-3) / 1e9
             rows.append((name, label, fwd, bwd, fwd + bwd, gbps, floor / (gbps_copy * 1e9) * 1e3, graphed))
         if breakdown:
-            split_bwd = next(r[3] for r in rows if r[0] == name and r[1] == "dynamic (ours, split)")
-            parts = backward_breakdown(x, z, U, S, dy, W)
-            rest = split_bwd - sum(parts.values())
-            print(f"{name}: split backward {split_bwd:.3f} ms = " + " + ".join(
+            ours_bwd = next(r[3] for r in rows if r[0] == name and r[1] == "dynamic (ours, split)")
+            parts = backward_breakdown(x, z, U, S, dy)
+            rest = ours_bwd - sum(parts.values())
+            print(f"{name}: backward {ours_bwd:.3f} ms = " + " + ".join(
                 f"{k} {v:.3f}" for k, v in parts.items()) + f" + the rest (zero-fills, casts, autograd) {rest:.3f}")
         del x, z, U, S, dy, variants  # the next shape allocates its own
         torch.cuda.empty_cache()

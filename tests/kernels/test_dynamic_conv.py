@@ -271,7 +271,7 @@ def test_dynamic_conv_triton_matches_float64_reference(case, dtype):
     S = torch.randn(W, D, device="cuda", generator=g) if with_S else None
     cu = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda") if lengths else None
     ins = [t.requires_grad_() for t in (x, z, U, S) if t is not None]
-    y = dynamic_conv_lowrank_triton(x, z, U, S, residual, cu, impl="split")
+    y = dynamic_conv_lowrank_triton(x, z, U, S, residual, cu)
     cot = torch.randn(y.shape, device="cuda", generator=g)
     grads = torch.autograd.grad((y.float() * cot).sum(), ins)
     ins64 = [t.detach().double().requires_grad_() for t in ins]

@@ -1,21 +1,22 @@
 """Triton kernels for the low-rank dynamic short conv: `y_t = sum_k (z_t·U_k + S_k) ⊙ x_{t-k} (+ x_t)`.
 
-The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never written to memory.
+The per-token filter `z_t·U_k` is formed on chip, one lag at a time, and never written to memory. One forward
+kernel and two backward kernels:
 
-- forward  (grid D-blocks × token runs): y, walking a run of token tiles.
-- dx       (same grid): dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k], re-forming the filters of the
-  later tokens.
-- dz       (grid token tiles × B): dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T, each program summing over all of D.
-- dU, dS   (grid D-blocks × W × token runs): dU_k = sum_t z_t^T (dy_t ⊙ x_{t-k}) and dS_k = sum_t dy_t ⊙ x_{t-k},
-  accumulated over a run of tokens on chip, then added atomically.
-- candidate designs under test (`candidates.py`, timed against these by `benchmarks/conv_candidates.py`) run
-  where `impl` or $DCABLATE_CONV_IMPL names them; unset, the kernels above run.
+- forward  (grid D-blocks × token runs): y, each program walking a run of token tiles with the filter taps of
+  its channels loaded once.
+- dx       (one [BT, BD] tile per program; grid channel blocks × token tiles × B, the channel block fastest, so
+  programs running together share their z rows): dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ K_{t+k}[k],
+  re-forming the filters of the later tokens; every load of the tile is issued before its first dot.
+- dz, dU, dS in one kernel (one program per token tile, walking all of D or a slice of it): g = dy_t ⊙ x_{t-k}
+  is formed once per channel block and lag and feeds two dots: dz_t += g·U_kᵀ, summed on chip (added
+  atomically when D is sliced over programs), and [dU_k; dS_k] += [z_t, 1]ᵀ·g, added atomically (dS through a
+  padding column of z set to 1). x and dy are read once per token tile, not once per lag.
 
-Programs walk runs of token (or channel) tiles and keep small tiles (fewer live registers: more programs
-per SM); the forward and dx load their filter taps once per program, and dx prefetches its next tile by
-hand. Layouts measured and not used (every lag of a D-block side by side in one wide tile, dz added inside
-the dU/dS kernel with per-lag atomics, dz, dU and dS in one kernel, ...) are listed with their times in
-docs/benchmarks.md.
+The forward's launch is fixed (`FWD`); each backward kernel's launch is picked by timing among a few
+(`DX_LAUNCHES`, `DUDZ_LAUNCHES`) the first time a problem is seen on CUDA (`tuning.py`). Layouts measured and
+not used (every lag of a D-block side by side in one wide tile, the whole backward in one kernel, a
+one-tile forward, ...) are listed with their times in docs/benchmarks.md.
 Packed variable-length batches pass `pos` (each token's offset within its own sequence): a tap reaches
 `x_{t-k}` only when `pos_t >= k`. Accumulation is fp32; the dots run in IEEE fp32 for fp32 inputs, on bf16
 operands for bf16 inputs and in TF32 for fp16 (`dot_precision`). An activation, when asked for, is applied
@@ -25,34 +26,40 @@ by the caller in torch.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from dcablate.errors import UserError
 from dcablate.kernels import cdiv, next_power_of_2
+from dcablate.kernels.dynamic_conv import tuning
+
+
+@triton.jit
+def _load(ptr, b, T, rows, cols, n_cols, row_ok, col_ok):
+    """A tile of a contiguous [B, T, n_cols] tensor in its own dtype: batch b, the given rows and columns, 0
+    where masked."""
+    return tl.load(ptr + (b * T + rows[:, None]) * n_cols + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                   other=0.0)
 
 
 @triton.jit
 def _rows(ptr, b, T, rows, cols, n_cols, row_ok, col_ok):
-    """fp32 tile of a contiguous [B, T, n_cols] tensor: batch b, the given rows and columns, 0 where masked."""
-    ptrs = ptr + (b * T + rows[:, None]) * n_cols + cols[None, :]
-    return tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    """`_load`'s tile in fp32."""
+    return _load(ptr, b, T, rows, cols, n_cols, row_ok, col_ok).to(tl.float32)
 
 
 @triton.jit
 def _tap(S, k, d, D, md):
-    """The static filter's lag-k tap as a [1, BD] row."""
+    """The static filter's lag-k tap as an fp32 [1, BD] row."""
     return tl.load(S + k * D + d, mask=md, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
-def _u_tap(U, k, r, d, W, D, mr, md):
-    """U[:, k, d-block] of the low-rank filter basis `U [R, W, D]` as an fp32 [BR, BD] tile."""
-    return tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0).to(tl.float32)
+def _basis(U, k, r, d, W, D, mr, md):
+    """U[:, k, d-block] of the low-rank filter basis `U [R, W, D]` in U's dtype, [BR, BD]."""
+    return tl.load(U + (r[:, None] * W + k) * D + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
 
 
 @triton.jit
@@ -63,13 +70,25 @@ def _g_tap(G, b, T, rows, head, H, W, k, row_ok, md):
 
 
 @triton.jit
-def _dot(a, b, PREC: tl.constexpr):
+def _mm(a, b, PREC: tl.constexpr):
     """a @ b with fp32 accumulation. PREC "bf16" (bf16 inputs): operands in bf16, which holds bf16 inputs
-    exactly and halves the operands' shared-memory traffic against TF32; otherwise tl.dot's precision."""
+    exactly and halves the operands' shared-memory traffic against TF32; otherwise fp32 operands at tl.dot's
+    precision PREC ("ieee" for fp32 inputs, "tf32" for fp16)."""
     if PREC == "bf16":
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else:
-        out = tl.dot(a, b, input_precision=PREC)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _prod(a, b, PREC: tl.constexpr):
+    """a ⊙ b as the dots take it: in bf16 for PREC "bf16" (the fp32 product of two bf16 numbers is exact, so
+    this is the value the fp32 product rounds to), else in fp32 (fp16 products dy·x would underflow)."""
+    if PREC == "bf16":
+        out = a.to(tl.bfloat16) * b.to(tl.bfloat16)
+    else:
+        out = a.to(tl.float32) * b.to(tl.float32)
     return out
 
 
@@ -92,6 +111,15 @@ def _run_of(pid, T, tokens_per_run):
 
 
 @triton.jit
+def _tile_of(n_d, n_t, BT: tl.constexpr):
+    """(batch, token rows, channel block) of this program in a one-tile-per-program grid; the channel block
+    varies fastest, so programs running together share their z rows."""
+    pid = tl.program_id(0)
+    rest = pid // n_d
+    return rest // n_t, (rest % n_t) * BT + tl.arange(0, BT), pid % n_d
+
+
+@triton.jit
 def _channels(pid_d, BD: tl.constexpr, BR: tl.constexpr, D, R):
     """Program `pid_d`'s channel block d and the padded rank range r, with their masks."""
     d = pid_d * BD + tl.arange(0, BD)
@@ -106,19 +134,10 @@ def _taps(U, S, r, d, W: tl.constexpr, D, mr, md, HAS_S: tl.constexpr):
     Us = ()
     Ss = ()
     for k in tl.static_range(W):
-        Us = Us + (_u_tap(U, k, r, d, W, D, mr, md).to(U.dtype.element_ty),)
+        Us = Us + (_basis(U, k, r, d, W, D, mr, md),)
         if HAS_S:
             Ss = Ss + (_tap(S, k, d, D, md),)
     return Us, Ss
-
-
-@triton.jit
-def _filter(zk, Us, Ss, k: tl.constexpr, HAS_S: tl.constexpr, PREC: tl.constexpr):
-    """The lag-k filters z·U_k (+ S_k) of a tile of tokens, fp32 [BT, BD]."""
-    K = _dot(zk.to(tl.float32), Us[k].to(tl.float32), PREC)
-    if HAS_S:
-        K += Ss[k]
-    return K
 
 
 @triton.jit
@@ -138,114 +157,79 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, 
         acc = x_t if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
         for k in tl.static_range(W):
             xs = x_t if k == 0 else _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
-            acc += _filter(zt, Us, Ss, k, HAS_S, PREC) * xs
+            K = _mm(zt, Us[k], PREC)
+            if HAS_S:
+                K += Ss[k]
+            acc += K * xs
         tl.store(y + (b * T + t[:, None]) * D + d[None, :], acc.to(y.dtype.element_ty),
                  mask=mt[:, None] & md[None, :])
 
 
-@triton.jit
-def _dx_lag(dx_acc, z, Uk, S, dy, dy_t, pos, b, T, t, d, r, k: tl.constexpr, D, R, md, mr, HAS_S: tl.constexpr,
-            VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """dx_t += dy_{t+k} ⊙ K_{t+k}[k], re-forming the later token's lag-k filter (t+k in t's sequence);
-    lag 0 reuses the caller's dy_t tile."""
-    tk = t + k
-    mk = _ahead_ok(pos, tk, T, k, VARLEN)
-    K = _dot(_rows(z, b, T, tk, r, R, mk, mr), Uk, PREC)
-    if HAS_S:
-        K += _tap(S, k, d, D, md)
-    dyk = dy_t if k == 0 else _rows(dy, b, T, tk, d, D, mk, md)
-    return dx_acc + dyk * K
-
-
-@triton.jit
-def _ahead_tiles(z, dy, pos, b, T, t, d, r, D, R, W: tl.constexpr, mt, md, mr, VARLEN: tl.constexpr):
-    """For each lag k, the tiles z_{t+k} and dy_{t+k} (in their own dtypes) that dx_t needs; zero for rows t
-    outside the run (`mt`) and where t+k is past T or outside t's sequence (t+k may lie in the next run)."""
-    Z = ()
-    G = ()
-    for k in tl.static_range(W):
-        tk = t + k
-        ok = (_ahead_ok(pos, tk, T, k, VARLEN) & mt)[:, None]
-        Z = Z + (tl.load(z + (b * T + tk[:, None]) * R + r[None, :], mask=ok & mr[None, :], other=0.0),)
-        G = G + (tl.load(dy + (b * T + tk[:, None]) * D + d[None, :], mask=ok & md[None, :], other=0.0),)
-    return Z, G
-
-
-@triton.jit
-def _dyn_conv_bwd_dx(z, U, S, dy, dx, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
-                     BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                     VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ (z_{t+k}·U_k + S_k). Prefetches by hand: the next tile's
-    z/dy loads are issued before this tile's math and carried into the next iteration (Triton's pipeliner
-    leaves them alone: they feed element-wise math, not dots)."""
-    pid_d = tl.program_id(0)
-    b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
+# T and the grid's tile counts only index rows: not specialising them on divisibility keeps one binary per
+# family of shapes (the widths' D, which aligns the rows, stays specialised)
+@triton.jit(do_not_specialize=["T", "n_t", "n_d"])
+def _dyn_conv_bwd_dx_tile(z, U, S, dy, dx, pos, T, D, R, n_t, n_d, W: tl.constexpr, BT: tl.constexpr,
+                          BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
+                          VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ (z_{t+k}·U_k + S_k) for one [BT, BD] tile; all loads first
+    (rows t+k past T or outside t's sequence read as 0)."""
+    b, t, pid_d = _tile_of(n_d, n_t, BT)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
-    Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
-    t = start + tl.arange(0, BT)
-    Z, G = _ahead_tiles(z, dy, pos, b, T, t, d, r, D, R, W, t < end, md, mr, VARLEN)
-    for t0 in range(start, end, BT):
-        t = t0 + tl.arange(0, BT)
-        Z_next, G_next = _ahead_tiles(z, dy, pos, b, T, t + BT, d, r, D, R, W, t + BT < end, md, mr, VARLEN)
-        dx_acc = G[0].to(tl.float32) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
-        for k in tl.static_range(W):
-            dx_acc += G[k].to(tl.float32) * _filter(Z[k], Us, Ss, k, HAS_S, PREC)
-        tl.store(dx + (b * T + t[:, None]) * D + d[None, :], dx_acc.to(dx.dtype.element_ty),
-                 mask=(t < end)[:, None] & md[None, :])
-        Z, G = Z_next, G_next
+    mt = t < T
+    Zs = ()
+    Gs = ()
+    Us = ()
+    for k in tl.static_range(W):
+        ok = _ahead_ok(pos, t + k, T, k, VARLEN)
+        Zs = Zs + (_load(z, b, T, t + k, r, R, ok, mr),)
+        Gs = Gs + (_load(dy, b, T, t + k, d, D, ok, md),)
+        Us = Us + (_basis(U, k, r, d, W, D, mr, md),)
+    acc = Gs[0].to(tl.float32) if RESIDUAL else tl.zeros([BT, BD], dtype=tl.float32)
+    for k in tl.static_range(W):
+        K = _mm(Zs[k], Us[k], PREC)
+        if HAS_S:
+            K += _tap(S, k, d, D, md)
+        acc += K * Gs[k].to(tl.float32)
+    tl.store(dx + (b * T + t[:, None]) * D + d[None, :], acc.to(dx.dtype.element_ty), mask=mt[:, None] & md[None, :])
 
 
-@triton.jit
-def _dyn_conv_bwd_dz(x, U, dy, dz, pos, T, D, R, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     BR: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """dz_t = sum_k (dy_t ⊙ x_{t-k})·U_k^T: like a GEMM's K loop, each program sums over all of D, so dz is
-    written once (no atomics, no zero-fill)."""
-    pid_t, b = tl.program_id(0), tl.program_id(1)
-    t = pid_t * BT + tl.arange(0, BT)
+@triton.jit(do_not_specialize=["T", "n_t"])
+def _dyn_conv_bwd_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: tl.constexpr, BT: tl.constexpr,
+                       BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
+                       PREC: tl.constexpr, ATOMIC_DZ: tl.constexpr):
+    """For one token tile and the channels [d_lo, d_lo + d_per): g = dy_t ⊙ x_{t-k} per channel block and
+    lag, dz_t += g·U_kᵀ (summed on chip; added atomically when D is sliced over programs) and
+    dUS[:, k, d-block] += [z_t, 1]ᵀ·g atomically (`dUS [R+1, W, D]`: rows < R are dU, row R is dS)."""
+    tile = tl.program_id(0)
+    b = tile // n_t
+    t = (tile % n_t) * BT + tl.arange(0, BT)
+    d_lo = tl.program_id(1) * d_per
+    d_hi = tl.minimum(d_lo + d_per, D)
     r = tl.arange(0, BR)
     mt, mr = t < T, r < R
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-    acc = tl.zeros([BT, BR], dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        md = d < D
-        dy_t = _rows(dy, b, T, t, d, D, mt, md)
-        for k in tl.static_range(W):
-            xs = _rows(x, b, T, t - k, d, D, mt & (p >= k), md)
-            UkT = tl.load(U + (r[None, :] * W + k) * D + d[:, None], mask=mr[None, :] & md[:, None], other=0.0)
-            acc += _dot(dy_t * xs, UkT.to(tl.float32), PREC)
-    tl.store(dz + (b * T + t[:, None]) * R + r[None, :], acc.to(dz.dtype.element_ty), mask=mt[:, None] & mr[None, :])
-
-
-@triton.jit
-def _dyn_conv_bwd_dU_dS(x, z, dy, dU, dS, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
-                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
-                        PREC: tl.constexpr):
-    """dU_k^T [BD, BR] += g^T z over a run of tokens, g = dy_t ⊙ x_{t-k}: the channel block is the dot's M
-    dimension (large enough for Hopper's warp-group MMA; R, 15 or 16, is not). dS_k = sum_t g comes from the
-    same dot: z's column R (a padding column, BR > R) is set to 1, so R = 16 pads to 32. Summing g
-    element-wise instead keeps g in registers and its loads out of the software pipeline, and reducing g's
-    rows per token tile (across warps, through shared memory) costs more still (docs/benchmarks.md)."""
-    pid_d, k = tl.program_id(0), tl.program_id(1)
-    b, start, end = _run_of(tl.program_id(2), T, tokens_per_run)
-    d, r, md, mr = _channels(pid_d, BD, BR, D, R)
-    dU_acc = tl.zeros([BD, BR], dtype=tl.float32)
-    for t0 in range(start, end, BT):
-        t = t0 + tl.arange(0, BT)
-        mt = t < T
-        p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
-        ok = mt & (p >= k)
-        xs = _rows(x, b, T, t - k, d, D, ok, md)
-        dy_t = _rows(dy, b, T, t, d, D, mt, md)
-        g = dy_t * xs                     # dK_t[k, d]
-        zt = _rows(z, b, T, t, r, R, mt, mr)
-        if HAS_S:
-            zt = tl.where(r[None, :] == R, 1.0, zt)
-        dU_acc += _dot(tl.trans(g), zt, PREC)
-    tl.atomic_add(dU + (r[None, :] * W + k) * D + d[:, None], dU_acc, mask=mr[None, :] & md[:, None])
+    zt = _load(z, b, T, t, r, R, mt, mr)
     if HAS_S:
-        dS_k = tl.sum(tl.where(r[None, :] == R, dU_acc, 0.0), axis=1)
-        tl.atomic_add(dS + k * D + d, dS_k, mask=md)
+        zt = tl.where(r[None, :] == R, tl.full([BT, BR], 1.0, zt.dtype), zt)
+        rows_out = r < R + 1
+    else:
+        rows_out = mr
+    zT = tl.trans(zt)
+    dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BD):
+        d = d0 + tl.arange(0, BD)
+        md = d < d_hi
+        dy_t = _load(dy, b, T, t, d, D, mt, md)
+        for k in tl.static_range(W):
+            g = _prod(dy_t, _load(x, b, T, t - k, d, D, mt & (p >= k), md), PREC)
+            dz_acc += _mm(g, tl.trans(_basis(U, k, r, d, W, D, mr, md)), PREC)
+            tl.atomic_add(dUS + (r[:, None] * W + k) * D + d[None, :], _mm(zT, g, PREC),
+                          mask=rows_out[:, None] & md[None, :], sem="relaxed")
+    out = dz + (b * T + t[:, None]) * R + r[None, :]
+    if ATOMIC_DZ:
+        tl.atomic_add(out, dz_acc, mask=mt[:, None] & mr[None, :], sem="relaxed")
+    else:
+        tl.store(out, dz_acc.to(dz.dtype.element_ty), mask=mt[:, None] & mr[None, :])
 
 
 def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, int]:
@@ -258,7 +242,8 @@ def _block_sizes(D: int, R: int, BT: int = 64, BD: int = 64) -> tuple[int, int, 
 @dataclass(frozen=True)
 class Launch:
     """How a kernel is launched: BT tokens × BD channels per tile, warps, software-pipeline depth, and about
-    how many programs share the tokens (0: the kernel's grid does not walk token runs)."""
+    how many programs share the tokens (the forward: its runs of tokens; the dz/dU/dS kernel: slices of D;
+    0: one run, no slicing)."""
     BT: int
     BD: int
     warps: int = 4
@@ -274,13 +259,17 @@ class Launch:
             raise ValueError(f"Launch needs warps >= 1, stages >= 1 and programs >= 0: {self}")
 
 
-# Per kernel, from launch sweeps with bf16 dots (benchmarks/conv_kernels.py; times in docs/benchmarks.md).
-# The lag loops are unrolled: a loop run at run time (fewer live registers) is slower in every kernel and
-# shape, and so is a dU/dS program holding every lag's accumulator instead of one lag's.
+# The forward's launch, from launch sweeps with bf16 dots (benchmarks/conv_kernels.py; times in
+# docs/benchmarks.md). Its lag loop is unrolled: a loop run at run time (fewer live registers) was slower.
 FWD = Launch(32, 64, stages=1, programs=264)
-DX = Launch(32, 64, stages=1, programs=1056)  # prefetches by hand
-DZ = Launch(128, 64, warps=8)  # halved down to 32 tokens (4 warps) while that leaves fewer programs than SMs
-DUDS = Launch(32, 128, stages=2, programs=512)  # dS from the dot through z's padding column of ones
+# The backward kernels pick among these by timing (`tuning.pick`); the first is used where nothing can be timed
+# (Triton's interpreter, a CUDA graph being captured). Chosen from the sm_90 compile of each kernel (bf16, W 4,
+# R 15 + S) as launches that spill no registers; the first of each is what an H200 picked at most bench
+# conv shapes (docs/benchmarks.md).
+DX_LAUNCHES = (Launch(32, 128, 4, 1), Launch(32, 64, 2, 1), Launch(32, 32, 1, 1), Launch(16, 64, 2, 1),
+               Launch(64, 64, 4, 1))
+DUDZ_LAUNCHES = (Launch(128, 64, 8, 2), Launch(64, 64, 4, 2), Launch(32, 64, 2, 2), Launch(64, 64, 4, 1),
+                 Launch(64, 64, 4, 2, programs=528), Launch(32, 64, 2, 2, programs=1056))  # programs: slice D
 
 
 _SHALLOWER: dict = {}  # (kernel, launch, constexprs, device) -> the shallower pipeline depth that fit there
@@ -370,120 +359,89 @@ class DynamicConvLowRank(torch.autograd.Function):
         x, z, U, S, pos = ctx.saved_tensors
         dy = dy.contiguous()
         dx = lowrank_bwd_dx(z, U, S, dy, pos, ctx.residual, ctx.varlen, ctx.prec)
-        dz = lowrank_bwd_dz(x, U, dy, pos, ctx.varlen, ctx.prec, z.dtype)
-        dU, dS = lowrank_bwd_dU_dS(x, z, dy, pos, U.shape[1], S is not None, ctx.varlen, ctx.prec)
-        return (dx, dz, dU.to(ctx.u_dtype), dS.to(S.dtype) if S is not None else None, None, None)
+        dz, dU, dS = lowrank_bwd_dudz(x, z, U, dy, pos, S is not None, ctx.varlen, ctx.prec)
+        return dx, dz, dU.to(ctx.u_dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
 
-# The launchers of the split kernels take a `Launch` (default: the tuned one) so that
-# `benchmarks/conv_kernels.py` can sweep them and `dcablate bench conv --breakdown` time each alone.
-
-
-def _runs_grid(B: int, T: int, per_run: int, launch: Launch) -> tuple[int, int]:
-    """(programs along B × tokens, tokens per run) for about `launch.programs` programs in all, `per_run`
-    of them per run of tokens (its D-blocks, or D-blocks × lags)."""
-    runs, tokens_per_run = _token_runs(T, launch.BT, cdiv(launch.programs, B * per_run))
-    return B * runs, tokens_per_run
-
-
-def _launch_over_runs(kernel, ins, out, pos, U, S, residual: bool, varlen: bool, prec: str, launch: Launch):
-    """Launch a kernel shaped like the forward (grid D-blocks × token runs; arguments `*ins, out, pos, T, D,
-    R, tokens_per_run`) that writes `out [B, T, D]`."""
-    B, T, D = out.shape
-    R, W = U.shape[0], U.shape[1]
-    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    n_d = cdiv(D, BD)
-    runs, tokens_per_run = _runs_grid(B, T, n_d, launch)
-    _launch(kernel, (n_d, runs), (*ins, out, pos, T, D, R, tokens_per_run), launch, W=W, BT=BT, BD=BD, BR=BR,
-            HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
-    return out
+# The launchers take a `Launch` (default: FWD, or the one picked by timing) so that `benchmarks/conv_kernels.py`
+# can sweep them, `dcablate bench conv --breakdown` time each alone and the tests run every launch.
 
 
 def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch: Launch | None = None):
-    """The forward kernel: y (input dtype) from contiguous x, z, U, S (`launch` None: FWD)."""
-    return _launch_over_runs(_dyn_conv_fwd, (x, z, U, S if S is not None else U), torch.empty_like(x), pos, U, S,
-                             residual, varlen, prec, launch or FWD)
+    """y (x's dtype) from contiguous x, z, U, S (or None) (`launch` None: FWD): grid D-blocks × runs of token
+    tiles, about `launch.programs` programs in all."""
+    launch = launch or FWD
+    B, T, D = x.shape
+    R, W = U.shape[:2]
+    BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
+    n_d = cdiv(D, BD)
+    runs, tokens_per_run = _token_runs(T, BT, cdiv(launch.programs, B * n_d))
+    y = torch.empty_like(x)
+    _launch(_dyn_conv_fwd, (n_d, B * runs), (x, z, U, S if S is not None else U, y, pos, T, D, R, tokens_per_run),
+            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+    return y
 
 
 def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, launch: Launch | None = None):
-    """dx (dy's dtype) from contiguous z, U, S, dy (`launch` None: DX)."""
-    return _launch_over_runs(_dyn_conv_bwd_dx, (z, U, S if S is not None else U, dy), torch.empty_like(dy), pos, U,
-                             S, residual, varlen, prec, launch or DX)
-
-
-@functools.lru_cache(maxsize=None)
-def _dz_launch(B: int, T: int, device: torch.device) -> Launch:
-    """DZ, with fewer tokens per program where B·T is too small to give every SM one (one program per token
-    tile here, each walking all of D)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    launch = DZ
-    while launch.BT > 32 and B * cdiv(T, launch.BT) < sms:
-        launch = Launch(launch.BT // 2, launch.BD, 4, launch.stages)
-    return launch
-
-
-def lowrank_bwd_dz(x, U, dy, pos, varlen: bool, prec: str, out_dtype: torch.dtype, launch: Launch | None = None):
-    """dz [B, T, R] in `out_dtype` from contiguous x, U, dy (fp32 sums over all of D inside the kernel)."""
-    B, T, D = x.shape
-    R, W = U.shape[0], U.shape[1]
-    launch = launch or _dz_launch(B, T, x.device)
+    """dx (dy's dtype) from contiguous z, U, S (or None), dy, one tile per program (`launch` None: the fastest
+    of DX_LAUNCHES for this problem, `tuning.pick`)."""
+    if launch is None:
+        return _picked("dx", _problem(dy, U, S is not None, residual, varlen, prec), DX_LAUNCHES,
+                       lambda l: lowrank_bwd_dx(z, U, S, dy, pos, residual, varlen, prec, l), dy)
+    B, T, D = dy.shape
+    R, W = U.shape[:2]
     BT, BD, BR = _block_sizes(D, R, launch.BT, launch.BD)
-    dz = torch.empty(B, T, R, device=x.device, dtype=out_dtype)
-    _launch(_dyn_conv_bwd_dz, (cdiv(T, BT), B), (x, U, dy, dz, pos, T, D, R), launch,
-            W=W, BT=BT, BD=BD, BR=BR, VARLEN=varlen, PREC=prec)
-    return dz
+    n_t, n_d = cdiv(T, BT), cdiv(D, BD)
+    dx = torch.empty_like(dy)
+    _launch(_dyn_conv_bwd_dx_tile, (B * n_t * n_d,),
+            (z, U, S if S is not None else U, dy, dx, pos, T, D, R, n_t, n_d), launch,
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+    return dx
 
 
-def _weight_grads(R: int, W: int, D: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed fp32 dU [R, W, D] and dS [W, D] for the kernels to add into: views of one buffer (row R is dS),
-    so one zero-fill per backward."""
-    dUS = torch.zeros(R + 1, W, D, device=device, dtype=torch.float32)
-    return dUS[:R], dUS[R]
-
-
-def lowrank_bwd_dU_dS(x, z, dy, pos, W: int, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None):
-    """dU [R, W, D] and dS [W, D] in fp32 (dS is zeros without S); `launch` None is the tuned DUDS."""
+def lowrank_bwd_dudz(x, z, U, dy, pos, has_S: bool, varlen: bool, prec: str, launch: Launch | None = None):
+    """(dz in z's dtype, dU [R, W, D] fp32, dS [W, D] fp32: zeros without S) in one kernel (`launch` None: the
+    fastest of DUDZ_LAUNCHES for this problem, `tuning.pick`). `launch.programs` > 0 slices D over enough
+    programs to make about that many (dz then goes through an fp32 buffer)."""
+    if launch is None:
+        return _picked("dz/dU/dS", _problem(x, U, has_S, False, varlen, prec), DUDZ_LAUNCHES,
+                       lambda l: lowrank_bwd_dudz(x, z, U, dy, pos, has_S, varlen, prec, l), x)
     B, T, D = x.shape
-    R = z.shape[-1]
-    launch = launch or DUDS
+    R, W = U.shape[:2]
     BT, BD, BR = _block_sizes(D, R + 1 if has_S else R, launch.BT, launch.BD)  # + z's column of ones for dS
-    dU, dS = _weight_grads(R, W, D, x.device)
-    n_d = cdiv(D, BD)
-    runs, tokens_per_run = _runs_grid(B, T, n_d * W, launch)
-    _launch(_dyn_conv_bwd_dU_dS, (n_d, W, runs), (x, z, dy, dU, dS, pos, T, D, R, tokens_per_run), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec)
-    return dU, dS
+    n_t, n_d = cdiv(T, BT), cdiv(D, BD)
+    slices = max(1, min(n_d, cdiv(launch.programs, B * n_t))) if launch.programs else 1
+    d_per = cdiv(n_d, slices) * BD
+    slices = cdiv(D, d_per)
+    dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)  # one zero-fill: row R is dS
+    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if slices > 1 else torch.empty_like(z)
+    _launch(_dyn_conv_bwd_dudz, (B * n_t, slices), (x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per), launch,
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=slices > 1)
+    return dz.to(z.dtype), dUS[:R], dUS[R]
 
 
-IMPLS = {"split": DynamicConvLowRank}
-IMPL_ENV = "DCABLATE_CONV_IMPL"  # names the implementation where the caller does not (benchmarks, A/B runs)
+def _problem(x, U, has_S: bool, residual: bool, varlen: bool, prec: str) -> tuple:
+    """What decides which launch is fastest (the picker's key): the shapes, the flags and the dtype."""
+    return (*x.shape, *U.shape[:2], has_S, residual, varlen, prec, x.dtype)
 
 
-def impl_from_env() -> str:
-    """$DCABLATE_CONV_IMPL, or "split" when it is unset or empty; a name that is neither in IMPLS nor a
-    candidate (`candidates.parse_plan`) is one UserError line."""
-    name = os.environ.get(IMPL_ENV, "").strip() or "split"
-    if name not in IMPLS:
-        from dcablate.kernels.dynamic_conv.candidates import CANDIDATES, parse_plan
-
-        try:
-            parse_plan(name)
-        except ValueError:
-            raise UserError(f"{IMPL_ENV}={name!r}: expected one of {', '.join([*IMPLS, *CANDIDATES])} (candidate "
-                            f"parts may be joined by '+'), or unset for the default 'split'") from None
-    return name
+def fitted(launches, D: int) -> list:
+    """The launches with BD clamped as `_block_sizes` clamps it at this D, so launches that coincide at a
+    narrow D are timed once."""
+    cap = max(16, next_power_of_2(D))
+    return [launch if launch.BD <= cap else Launch(launch.BT, cap, launch.warps, launch.stages, launch.programs)
+            for launch in launches]
 
 
-def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None, impl: str | None = None):
-    """`impl` picks the kernels (None: $DCABLATE_CONV_IMPL, unset means "split"): "split" (the default;
-    forward, then dx, dz and dU/dS kernels), or a candidate design under test
-    (`candidates.py`: "narrow", "tile", "dudz" and their combinations such as "tile+dudz")."""
-    impl = impl or impl_from_env()
-    if impl not in IMPLS:
-        from dcablate.kernels.dynamic_conv.candidates import dynamic_conv_lowrank_candidate, parse_plan
+def _picked(name: str, problem: tuple, launches, run, x: torch.Tensor):
+    """run(the launch `tuning.pick` chose among `launches` for kernel `name` on `problem`)."""
+    return run(tuning.pick(name, problem, fitted(launches, x.shape[-1]), run, x.device))
 
-        return dynamic_conv_lowrank_candidate(x, z, U, S, residual, cu_seqlens, parse_plan(impl))
-    return IMPLS[impl].apply(x, z, U, S, residual, cu_seqlens)
+
+def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqlens=None):
+    """x [B, T, D], z [B, T, R], U [R, W, D], S [W, D] or None -> y [B, T, D] on our kernels, with the
+    residual when `residual`; `cu_seqlens` [N + 1] (sequence starts) for N sequences packed along T."""
+    return DynamicConvLowRank.apply(x, z, U, S, residual, cu_seqlens)
 
 
 # ----------------------------------------------------------------------------- head-wise filters
