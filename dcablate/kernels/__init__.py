@@ -6,6 +6,8 @@ The reference is the CPU path and the test oracle; the fla/Triton path is the CU
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dcablate.errors import UserError
@@ -45,3 +47,12 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def triton_cache_dir() -> str:
+    """Triton's kernel cache folder as Triton would choose it (`TRITON_CACHE_DIR`, else `TRITON_HOME` or the
+    home folder, then `.triton/cache`), without importing Triton."""
+    given = os.environ.get("TRITON_CACHE_DIR")
+    if given:
+        return given
+    return os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~/"), ".triton", "cache")

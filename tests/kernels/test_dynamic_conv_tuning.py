@@ -1,10 +1,24 @@
 """`tuning.pick`, which chooses the dynamic conv's backward launches by timing them (faked here: no GPU)."""
 
+import json
+
 import pytest
 import torch
 
 
-def test_pick_times_each_launch_once_and_skips_failures(monkeypatch):
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """No picks in memory, picks on disk under a fresh Triton cache, and a fake GPU model name."""
+    from dcablate.kernels.dynamic_conv import tuning
+
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    model = ["NVIDIA H200"]
+    monkeypatch.setattr(tuning, "gpu_model", lambda device: model[0])
+    return model
+
+
+def test_pick_times_each_launch_once_and_skips_failures(monkeypatch, isolated):
     """`tuning.pick`: the fastest launch, timed once per problem; launches that raise are skipped; off CUDA the
     first launch, untimed; while a CUDA graph is being captured the first launch, and nothing is remembered."""
     triton = pytest.importorskip("triton")
@@ -25,7 +39,6 @@ def test_pick_times_each_launch_once_and_skips_failures(monkeypatch):
     capturing = [False]
     monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(tuning, "_PICKED", {})
     cuda = torch.device("cuda", 0)
     assert tuning.pick("k", (1,), ["a", "bad", "b", "c", "b"], run, cuda) == "b"
     assert timed == ["a", "bad", "b", "c"]
@@ -39,3 +52,31 @@ def test_pick_times_each_launch_once_and_skips_failures(monkeypatch):
     assert set(tuning.picked()) == {("k", (1,), 0), ("k", (2,), 0), ("k", (5,), 0)}
     with pytest.raises(RuntimeError, match="shared memory"):
         tuning.pick("k", (4,), ["bad", "bad2"], lambda l: run("bad"), cuda)
+
+
+def test_a_pick_is_kept_on_disk_for_other_processes_of_the_same_gpu_model(monkeypatch, isolated, tmp_path):
+    """Another process (memory cleared) sharing the Triton cache takes the pick without timing; another GPU
+    model, or a launch list that no longer holds the pick, times again; an unwritable cache only costs time."""
+    triton = pytest.importorskip("triton")
+    from dcablate.kernels.dynamic_conv import tuning
+
+    timed = []
+    times = {"a": 2.0, "b": 1.0, "c": 0.5}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    run = lambda launch: timed.append(launch) or times[launch]  # noqa: E731
+    cuda = torch.device("cuda", 0)
+    assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed == ["a", "b"]
+    files = list((tmp_path / "triton" / tuning.FOLDER).glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["launch"] == repr("b")
+    monkeypatch.setattr(tuning, "_PICKED", {})  # a new process
+    assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and len(timed) == 2
+    assert tuning.pick("dx", (4, 64, "bf16"), ["a", "c"], run, torch.device("cuda", 1)) == "c"  # "b" is gone
+    assert timed[2:] == ["a", "c"]
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    isolated[0] = "NVIDIA H100 80GB HBM3"
+    assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed[4:] == ["a", "b"]
+    monkeypatch.setattr(tuning, "_PICKED", {})
+    (tmp_path / "blocked").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "blocked"))
+    assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed[6:] == ["a", "b"]

@@ -174,12 +174,10 @@ def share_out(chosen: list[Signature], processes: int) -> list[list[Signature]]:
 
 
 def cache_dir() -> str:
-    """Triton's kernel cache folder as Triton would choose it (`TRITON_CACHE_DIR`, else `TRITON_HOME` or the
-    home folder, then `.triton/cache`), without importing Triton."""
-    given = os.environ.get("TRITON_CACHE_DIR")
-    if given:
-        return given
-    return os.path.join(os.environ.get("TRITON_HOME") or os.path.expanduser("~/"), ".triton", "cache")
+    """Triton's kernel cache folder (`kernels.triton_cache_dir`), which the warm-up and the workers share."""
+    from dcablate.kernels import triton_cache_dir
+
+    return triton_cache_dir()
 
 
 def cache_env(env: dict) -> dict:
