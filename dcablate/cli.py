@@ -122,7 +122,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; writing to {new_root}")
         root = new_root
-    launch = Launch(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps)
+    launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps)
     train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new)
     if BEST_LR_SEEDS_KEY not in base.sweep:
         return
@@ -143,7 +143,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
 
 
 @dataclass
-class Launch:
+class LaunchOptions:
     """`run`'s flags that say where and how the runs train."""
 
     launcher: str
@@ -159,7 +159,7 @@ class Launch:
     use_mps: bool | None
 
 
-def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: Launch, dry_run: bool,
+def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
                 quiet: bool, force_new: bool) -> None:
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
     still to train, in this process or over the launcher's workers."""

@@ -44,7 +44,7 @@ CONTROL = "nvidia-cuda-mps-control"
 MODES = ("auto", "on", "off")
 PIPE_VAR, LOG_VAR = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
 START_TIMEOUT_S = 30
-PROBE_TIMEOUT_S = 180  # the probe imports torch and starts CUDA through the server
+PROBE_TIMEOUT_S = 90  # seconds for the probe to import torch and start CUDA through the server (a few, normally)
 # a CUDA context made through the server, and a kernel run on it
 PROBE = "import torch; x = torch.ones(1024, device='cuda'); assert float((x + x).sum()) == 2048.0"
 
