@@ -1,6 +1,7 @@
 """Launch-config sweep of the low-rank dynamic conv's kernels: which tiles and warps are fastest here.
 
-    python benchmarks/conv_kernels.py [--dtype bfloat16] [--shape paper|gdn_q|gdn_v|all]     (CUDA needed)
+    python benchmarks/conv_kernels.py [--dtype bfloat16] [--shape paper|gdn_q|gdn_v|all] [--part fwd|dx|dudz|all]
+                                                                                                   (CUDA needed)
 
 For each shape it times, in one process on one card (median of triton.testing.do_bench), the forward, dx and
 dz/dU/dS kernels over a grid of launches (BT, BD, warps, pipeline stages, programs), each with its error against
@@ -30,6 +31,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--shape", default="all", choices=[*SHAPES, "all"])
+    ap.add_argument("--part", default="all", choices=["fwd", "dx", "dudz", "all"],
+                    help="which kernel's launches to sweep (default all)")
     args = ap.parse_args(argv)
     import triton
     from triton.testing import do_bench
@@ -39,6 +42,8 @@ def main(argv=None) -> None:
     from dcablate.kernels.dynamic_conv.naive import dynamic_conv_lowrank_reference
 
     dtype = getattr(torch, args.dtype)
+    parts = {"fwd": "fwd", "dx": "dx", "dudz": "dz/dU/dS"}  # --part: the kernel's name in the tables
+    swept = list(parts.values()) if args.part == "all" else [parts[args.part]]
     copy = copy_bandwidth()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"dtype {args.dtype}  copy {copy:.0f} GB/s", flush=True)
@@ -86,26 +91,30 @@ def main(argv=None) -> None:
 
         checks = {"fwd": (fwd, lambda y: rel(y, y64), f_fwd), "dx": (dx, lambda o: rel(o, grads64[0]), f_dx),
                   "dz/dU/dS": (dudz, lambda o: max(rel(a, b) for a, b in zip(o, grads64[1:])), f_dudz)}
-        for (BT, BD, warps), stages in itertools.product(
-                ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (128, 64, 8)), (1, 2, 3)):
-            for programs in (264, 1056):  # the forward walks token runs: a few programs per SM, or more
-                launch = K.Launch(BT, BD, warps, stages, programs)
-                row("fwd", launch, lambda: fwd(launch), *checks["fwd"][1:])
+        # the forward walks runs of token tiles, about `programs` of them: a few programs per SM, or (16896) about
+        # one tile each at the paper's shape; the 1- and 2-warp tiles are the paper kernel's forward launches
+        for (BT, BD, warps), stages, programs in itertools.product(
+                ((32, 64, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (16, 64, 1), (32, 32, 1), (32, 64, 1),
+                 (32, 64, 2)), (1, 2, 3), (264, 1056, 4224, 16896)) if "fwd" in swept else ():
+            launch = K.Launch(BT, BD, warps, stages, programs)
+            row("fwd", launch, lambda: fwd(launch), *checks["fwd"][1:])
         for (BT, BD, warps), stages in itertools.product(  # dx: one tile per program
-                ((16, 64, 2), (32, 32, 1), (32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 8)), (1, 2)):
+                ((16, 64, 2), (32, 32, 1), (32, 64, 2), (32, 128, 4), (64, 64, 4), (64, 128, 8)),
+                (1, 2)) if "dx" in swept else ():
             launch = K.Launch(BT, BD, warps, stages)
             row("dx", launch, lambda: dx(launch), *checks["dx"][1:])
         for (BT, BD, warps), stages, programs in itertools.product(  # one token tile per program; programs: slice D
-                ((32, 64, 2), (64, 64, 4), (128, 64, 8), (64, 128, 8)), (1, 2), (0, 528, 1056)):
+                ((32, 64, 2), (64, 64, 4), (128, 64, 8), (64, 128, 8)), (1, 2),
+                (0, 528, 1056)) if "dz/dU/dS" in swept else ():
             launch = K.Launch(BT, BD, warps, stages, programs)
             row("dz/dU/dS", launch, lambda: dudz(launch), *checks["dz/dU/dS"][1:])
         if prec != K.dot_precision(torch.float32):  # the default launches with TF32 dots: what the precision buys
-            for part in ("fwd", "dx", "dz/dU/dS"):
+            for part in swept:
                 fn, check, floor = checks[part]
                 row(part, None, lambda: fn(None, "tf32"), check, floor, label="tf32 (default)")
         print(f"\n{name} B{B} T{T} D{D} W{W} R{R}  (* = the forward's default, the launches the backward picks among)")
         print(f"{'kernel':8s} {'config':22s} {'ms':>8s} {'x floor':>8s} {'rel err':>9s}")
-        for part in ("fwd", "dx", "dz/dU/dS"):
+        for part in swept:
             mine = sorted((r for r in rows if r[0] == part), key=lambda r: (r[2] != r[2], r[2]))
             for _, label, ms, floor, err in mine:
                 err_s = f"{err:9.1e}" if isinstance(err, float) else f"{err:>9s}"
