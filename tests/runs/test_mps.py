@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -212,3 +213,30 @@ def test_a_cpu_sweep_with_mps_asked_for_trains_as_before(sweep, capsys):
     assert "MPS" not in out
     summaries = list(Path(sweep).rglob("summary.json"))
     assert summaries and all(json.loads(p.read_text())["final"] for p in summaries)
+
+
+@pytest.mark.gpu
+def test_a_cuda_sweep_through_mps_trains_what_it_trains_without(sweep, capsys):
+    """On a GPU with MPS: two workers on one card run through the sweep's daemon (its line is printed, it is
+    stopped afterwards) and train the same runs as two time-sliced workers, up to GPU rounding."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if shutil.which(mps.CONTROL) is None:
+        pytest.skip(f"{mps.CONTROL} is not installed here")
+    on_cuda = ["--set", "run.device=cuda", "--per-gpu", "2", "--quiet"]
+    assert main(["run", "w.toml", *on_cuda, "--mps"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("MPS: "))
+    assert line.startswith("MPS: the workers on each GPU run their kernels side by side"), out
+    pipe = Path(line.split("(pipes in ")[1].split(";")[0])
+    assert not pipe.exists()  # the daemon's folder is gone: it was stopped
+    with_mps = {p.parent.name: json.loads(p.read_text()) for p in (sweep / "out" / "w").glob("*/summary.json")}
+    assert main(["run", "w.toml", *on_cuda, "--no-mps", "--force-new"]) == 0
+    assert "MPS" not in capsys.readouterr().out
+    without = {p.parent.name: json.loads(p.read_text()) for p in (sweep / "out" / "w-2").glob("*/summary.json")}
+    assert sorted(with_mps) == sorted(without) and len(with_mps) == 2
+    for name in with_mps:
+        for key, value in without[name]["final"].items():
+            assert with_mps[name]["final"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), (name, key)
