@@ -327,6 +327,14 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
     return lines
 
 
+def _line(ax, pts: list[tuple], color, label: str) -> None:
+    """One variant's line through (x, mean, std or None) points, with ± std error bars where a point has
+    several seeds."""
+    xs, ys, stds = zip(*pts)
+    yerr = [0.0 if sd is None else sd for sd in stds] if any(sd is not None for sd in stds) else None
+    ax.errorbar(xs, ys, yerr=yerr, fmt="o-", capsize=3, color=color, label=label)
+
+
 def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: str = "") -> dict[str, Path]:
     """Score vs d_model (MQAR: one panel per test segment), score vs recurrent-state size, and the
     validation and training-loss curves of the best lr per width; LM files carry the `lm_` prefix."""
@@ -348,8 +356,8 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, seg in zip(axes[0], panels):
         for v in variants:
-            pts = sorted((d, c.mean(seg)) for (vv, d), c in best.items() if vv == v)
-            ax.plot([d for d, _ in pts], [a for _, a in pts], "o-", color=colors[v], label=variant_name(v))
+            pts = sorted((d, c.mean(seg), c.std(seg)) for (vv, d), c in best.items() if vv == v)
+            _line(ax, pts, colors[v], variant_name(v))
         ax.set_xscale("log", base=2)
         ax.set(title=seg, xlabel="d_model", ylim=ylim)
     axes[0][0].set_ylabel(f"{'MQAR accuracy' if metric.bounded else metric.label} (best lr)")
@@ -357,9 +365,9 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for v in variants:
-        pts = sorted((c.runs[0].summary.get("state_floats", 0), c.mean(metric.key))
+        pts = sorted((c.runs[0].summary.get("state_floats", 0), c.mean(metric.key), c.std(metric.key))
                      for (vv, _), c in best.items() if vv == v)
-        ax.plot([s for s, _ in pts], [a for _, a in pts], "o-", color=colors[v], label=variant_name(v))
+        _line(ax, pts, colors[v], variant_name(v))
     ax.set_xscale("log")
     ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)", ylim=ylim)
     files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")

@@ -117,6 +117,25 @@ def test_figures_are_png(report):
         assert f"]({p.name})" in files["md"].read_text()
 
 
+def test_score_figures_carry_std_over_seeds_as_error_bars(tmp_path, monkeypatch):
+    """accuracy_vs_d_model and accuracy_vs_state: the best lr's mean over seeds, ± its std where a point has
+    several seeds (0 where it has one), and no error bars where no point has more than one."""
+    import matplotlib.axes
+
+    drawn = []
+    errorbar = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, **k: drawn.append(
+        (tuple(x), tuple(y), k.get("yerr"))) or errorbar(ax, x, y, **k))
+    write_report(make_grid(tmp_path))
+    sd = statistics.stdev([0.9, 0.7])  # T64_kv4 of attention's chosen lr at d_model 64, two seeds
+    by_d_model = [d for d in drawn if d[0] == (64, 128)]  # attention: d_model 64 (two seeds) and 128 (one)
+    assert by_d_model[0][1] == pytest.approx((0.8, 1.0)) and by_d_model[0][2] == pytest.approx([sd, 0.0])
+    by_state = [d for d in drawn if d[0] == (1000, 4000)]  # overall accuracy vs the state sizes
+    assert by_state[0][1] == pytest.approx((0.6, 0.9)) and by_state[0][2] == pytest.approx([sd, 0.0])
+    one_seed = [d for d in drawn if d[0] in ((64,), (1000,))]  # gated_deltanet: one seed per point, no bars
+    assert one_seed and all(d[2] is None for d in one_seed)
+
+
 def test_training_loss_figure_plots_the_train_records(tmp_path, monkeypatch):
     """The training-loss figure draws each best-lr run's `train` records (step, loss); runs without any get none."""
     import matplotlib.axes
