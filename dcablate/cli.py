@@ -19,7 +19,7 @@ from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
                                        save_new_file)
-from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS
+from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import format_table, headline_result
 from dcablate.tasks import TASKS, task_class, task_options
 
@@ -100,7 +100,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     as finished; a changed recipe is refused unless --force-new. The runs of a sweep train several at
     a time, as many as the GPUs' memory and the CPU cores allow (--per-gpu, --workers to choose), or on a
     Ray cluster or through Slurm (--launcher); each worker logs to RUN_DIR/worker.log."""
-    from dcablate.runs.launchers import SlurmOptions, check_flags
+    from dcablate.runs.launchers import check_flags
 
     slurm = SlurmOptions(partition, time_min, gpus_per_task, cpus_per_task, list(slurm_params), not no_wait)
     gpu_list = check_flags(launcher, per_gpu, gpus, workers, nproc, address, retries, slurm)
@@ -154,7 +154,7 @@ class LaunchOptions:
     nproc: int | None
     address: str | None
     retries: int | None
-    slurm: object
+    slurm: SlurmOptions
     warmup: bool | None
     use_mps: bool | None
 
@@ -202,9 +202,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
             slots = local_slots(plan, to_train, uses_cuda, launch.per_gpu, launch.gpu_list, launch.workers)
         if not to_train or (launch.launcher == "local" and not slots):
             return train_here(plan, root, quiet)
-        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch.launcher, slots, uses_cuda,
-                           launch.address, launch.per_gpu, launch.workers, launch.retries, launch.slurm,
-                           launch.warmup, launch.use_mps)
+        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda)
 
 
 def cluster_cuda(recipes) -> bool | None:
@@ -288,29 +286,29 @@ def train_here(plan, root: Path, quiet: bool) -> None:
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
 
 
-def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launcher: str, slots, uses_cuda: bool | None,
-                       address, per_gpu, workers, retries, slurm, warmup: bool | None = None,
-                       use_mps: bool | None = None) -> None:
+def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: LaunchOptions, slots,
+                       uses_cuda: bool | None) -> None:
     """`run` over workers (local processes, Ray actors or Slurm tasks): the same run directories, lines and
     table whichever launcher trains them."""
     from dcablate.runs.launchers import outcome
 
     outcome.announce_finished(plan)
     jobs = outcome.jobs_for(plan, to_train)
-    if launcher == "local":
+    if launch.launcher == "local":
         from dcablate.runs.launchers import local
 
-        out = local.launch(recipe, overrides, jobs, slots, warm=warmup, use_mps=use_mps)
-    elif launcher == "ray":
+        out = local.launch(recipe, overrides, jobs, slots, warm=launch.warmup, use_mps=launch.use_mps)
+    elif launch.launcher == "ray":
         from dcablate.runs.launchers import ray
 
+        per_gpu = launch.per_gpu
         default = ray_default_per_gpu(plan, to_train, uses_cuda) if per_gpu is None else 1
-        out = ray.launch(recipe, overrides, jobs, uses_cuda, address, per_gpu, workers, default,
-                         DEFAULT_RETRIES if retries is None else retries, warm=warmup)
+        out = ray.launch(recipe, overrides, jobs, uses_cuda, launch.address, per_gpu, launch.workers, default,
+                         DEFAULT_RETRIES if launch.retries is None else launch.retries, warm=launch.warmup)
     else:
         from dcablate.runs.launchers import slurm as slurm_launcher
 
-        out = slurm_launcher.launch(recipe, overrides, jobs, uses_cuda, slurm, root, retries)
+        out = slurm_launcher.launch(recipe, overrides, jobs, uses_cuda, launch.slurm, root, launch.retries)
         if out is None:  # --no-wait
             return
     outcome.report(plan, to_train, out, root)
