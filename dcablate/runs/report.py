@@ -156,9 +156,18 @@ def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:
 
 
 def best_lr(by_lr: dict[float, Cell], metric: Metric) -> float:
-    """The learning rate with the best mean score over seeds (the smaller lr on a tie)."""
+    """The learning rate with the best mean score over the seeds that every learning rate of the cell has (over
+    all its seeds where they share none); the smaller lr on a tie. Choosing on the shared seeds keeps seeds
+    added at one learning rate only (`sweep.best_lr_seeds`) from changing which one is chosen: they measure the
+    choice, they do not make it."""
     sign = 1 if metric.higher_is_better else -1
-    return max(by_lr, key=lambda lr: (sign * by_lr[lr].mean(metric.key), -lr))
+    shared = set.intersection(*({r.seed for r in cell.runs} for cell in by_lr.values()))
+
+    def score(cell: Cell) -> float:
+        runs = [r for r in cell.runs if r.seed in shared] or cell.runs
+        return statistics.fmean(r.summary["best"].get(metric.key, float("nan")) for r in runs)
+
+    return max(by_lr, key=lambda lr: (sign * score(by_lr[lr]), -lr))
 
 
 def segments_of(runs: list[Run], metric: Metric) -> list[str]:

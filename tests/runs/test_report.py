@@ -81,6 +81,21 @@ def test_best_over_lr_mean_and_std_over_seeds(report):
     assert one_seed["score_std"] == "" and one_seed["state_floats"] == "4000"
 
 
+def test_seeds_added_at_one_lr_measure_the_choice_but_do_not_make_it(tmp_path):
+    """The lr is chosen on the seeds every lr has (here seed 0: 1e-3 wins, 0.9 against 0.8); the seeds added
+    at the chosen lr (`sweep.best_lr_seeds`) then give its mean and std, even where their mean falls below
+    another lr's single seed."""
+    root = tmp_path / "sweep"
+    make_run(root, "lo/s0", lr=1e-3, seed=0, best=(0.9, 0.9, 0.90))
+    make_run(root, "lo/s1", lr=1e-3, seed=1, best=(0.6, 0.6, 0.60))
+    make_run(root, "lo/s2", lr=1e-3, seed=2, best=(0.6, 0.6, 0.60))  # mean 0.70 over three seeds
+    make_run(root, "hi/s0", lr=1e-2, seed=0, best=(0.8, 0.8, 0.80))
+    rows = {float(r["lr"]): r for r in read_csv(write_report(root)["csv"])}
+    assert (rows[1e-3]["best_lr"], rows[1e-2]["best_lr"]) == ("True", "False")
+    assert rows[1e-3]["seeds"] == "3" and float(rows[1e-3]["score_mean"]) == pytest.approx(0.7)
+    assert float(rows[1e-3]["score_std"]) == pytest.approx(statistics.stdev([0.9, 0.6, 0.6]))
+
+
 def test_variants_from_recipe_mixer_lists_and_placement(report):
     rows = read_csv(report["csv"])
     variants = {r["variant"] for r in rows}
