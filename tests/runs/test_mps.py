@@ -136,14 +136,26 @@ def test_no_control_program_falls_back_under_auto_and_is_an_error_under_on(monke
 
 def test_a_daemon_that_does_not_start_is_left_behind_cleanly(control, monkeypatch, tmp_path):
     monkeypatch.setenv("FAKE_START_RC", "1")
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    folder = tmp_path / "mps"
+    monkeypatch.setattr(mps, "_folder", lambda: folder.mkdir() or folder)
     said = []
     assert mps.start("auto", SHARED, said.append, run=probing(True, [])) is None
     assert said[0].startswith("MPS: not used, nvidia-cuda-mps-control -d exited with 1")
-    assert list((tmp_path / "tmp").iterdir()) == []  # its folder removed
+    assert not folder.exists()  # its folder removed
     with pytest.raises(UserError, match=r"^--mps: nvidia-cuda-mps-control -d exited with 1"):
         mps.start("on", SHARED, said.append)
+
+
+def test_a_temporary_directory_too_deep_for_sockets_gives_way_to_tmp(control, monkeypatch, tmp_path):
+    deep = tmp_path / ("d" * 80)
+    deep.mkdir()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.setattr(mps.tempfile, "tempdir", None)  # tempfile reads TMPDIR once and caches it
+    daemon = mps.start("on", SHARED, lambda line: None, run=probing(True, []))
+    try:
+        assert daemon.root.parent == Path("/tmp") and list(deep.iterdir()) == []
+    finally:
+        daemon.stop()
 
 
 def test_a_failed_probe_stops_the_daemon_and_says_what_failed(control):

@@ -44,6 +44,7 @@ CONTROL = "nvidia-cuda-mps-control"
 MODES = ("auto", "on", "off")
 PIPE_VAR, LOG_VAR = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
 START_TIMEOUT_S = 30
+SOCKET_DIR_MAX = 60  # characters of the daemon's folder: its sockets' paths (below pipe/) must stay under ~100
 PROBE_TIMEOUT_S = 90  # seconds for the probe to import torch and start CUDA through the server (a few, normally)
 # a CUDA context made through the server, and a kernel run on it
 PROBE = "import torch; x = torch.ones(1024, device='cuda'); assert float((x + x).sum()) == 2048.0"
@@ -133,8 +134,7 @@ def start(mode: str, slots, say: Callable[[str], None], where: str = "--mps",
     control = shutil.which(CONTROL, path=environ.get("PATH"))
     if control is None:
         return _without(mode, f"{CONTROL} is not on PATH (it comes with NVIDIA's driver utilities)", say, where)
-    root = Path(tempfile.mkdtemp(prefix="dcablate-mps-"))  # short: the server's sockets live here
-    daemon = Daemon(control, root)
+    daemon = Daemon(control, _folder())
     daemon.pipe_dir.mkdir()
     daemon.log_dir.mkdir()
     why = _start(daemon, environ, run) or _probe(daemon, environ, slots[0].gpu, run)
@@ -144,6 +144,16 @@ def start(mode: str, slots, say: Callable[[str], None], where: str = "--mps",
     say(f"MPS: the workers on each GPU run their kernels side by side through an MPS daemon of this sweep "
         f"(pipes in {daemon.pipe_dir}; --no-mps or {ENV}=off to time-slice instead)")
     return daemon
+
+
+def _folder() -> Path:
+    """A fresh folder for the daemon's pipes and logs: in the temporary directory, or in /tmp where that path
+    would be too long for the server's UNIX sockets (about 100 bytes at most)."""
+    root = Path(tempfile.mkdtemp(prefix="dcablate-mps-"))
+    if len(str(root)) > SOCKET_DIR_MAX and Path("/tmp").is_dir():
+        root.rmdir()
+        root = Path(tempfile.mkdtemp(prefix="dcablate-mps-", dir="/tmp"))
+    return root
 
 
 def _start(daemon: Daemon, environ: dict, run: Callable) -> str | None:
