@@ -28,18 +28,18 @@ def sweep(tmp_path, monkeypatch):
     return tmp_path
 
 
-def fake_finished(root: Path, name: str, value: float, key: str = "overall") -> None:
-    (root / name).mkdir(parents=True, exist_ok=True)
-    (root / name / "summary.json").write_text(json.dumps({"best": {key: value}}))
+def fake_finished(root: Path, scores: dict[str, float], key: str = "overall") -> None:
+    """Run folders of the grid under `root` that look finished: {point name: best score}."""
+    for name, value in scores.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "summary.json").write_text(json.dumps({"best": {key: value}}))
 
 
 def test_each_cell_takes_its_best_lr_and_a_tie_the_smaller(sweep):
     base, points = config.expand("g.toml")
     root = sweep / "out" / "w"
-    fake_finished(root, "conv.kind=none,lr=0.0001", 0.30)
-    fake_finished(root, "conv.kind=none,lr=0.03", 0.80)
-    fake_finished(root, "conv.kind=static,lr=0.0001", 0.50)
-    fake_finished(root, "conv.kind=static,lr=0.03", 0.50)
+    fake_finished(root, {"conv.kind=none,lr=0.0001": 0.30, "conv.kind=none,lr=0.03": 0.80,
+                         "conv.kind=static,lr=0.0001": 0.50, "conv.kind=static,lr=0.03": 0.50})
     stage = second_stage(base.sweep, points, root)
     assert (stage.decided, stage.undecided, stage.runs) == (2, [], 4)
     _, second = config.expand("g.toml", [stage.override])
@@ -53,9 +53,8 @@ def test_each_cell_takes_its_best_lr_and_a_tie_the_smaller(sweep):
 def test_a_cell_with_a_run_unfinished_waits(sweep):
     base, points = config.expand("g.toml")
     root = sweep / "out" / "w"
-    fake_finished(root, "conv.kind=none,lr=0.0001", 0.30)
-    fake_finished(root, "conv.kind=none,lr=0.03", 0.80)
-    fake_finished(root, "conv.kind=static,lr=0.0001", 0.50)
+    fake_finished(root, {"conv.kind=none,lr=0.0001": 0.30, "conv.kind=none,lr=0.03": 0.80,
+                         "conv.kind=static,lr=0.0001": 0.50})
     stage = second_stage(base.sweep, points, root)
     assert (stage.decided, stage.undecided, stage.runs) == (1, ["conv.kind=static,lr=0.0001"], 2)
     lines = stage.lines([1, 2])
@@ -75,7 +74,7 @@ def test_lower_is_better_for_lm_and_grid_seeds_are_averaged(sweep, monkeypatch):
                                   ("none", "0.03", 0, 0.6), ("none", "0.03", 1, 0.6),      # mean 0.6: best
                                   ("static", "0.0001", 0, 0.2), ("static", "0.0001", 1, 0.2),
                                   ("static", "0.03", 0, 0.1), ("static", "0.03", 1, 0.1)]:
-        fake_finished(root, f"conv.kind={kind},lr={lr},seed={seed}", value)
+        fake_finished(root, {f"conv.kind={kind},lr={lr},seed={seed}": value})
     stage = second_stage(base.sweep, points, root)
     _, second = config.expand("g.toml", [stage.override])
     assert [name for name, _ in second] == ["conv.kind=none,lr=0.03,seed=5", "conv.kind=static,lr=0.0001,seed=5"]
