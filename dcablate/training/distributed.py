@@ -80,9 +80,20 @@ def setup() -> bool:
     return True
 
 
+EXIT_BARRIER_S = 30  # how long a rank leaving waits for the others at exit before it goes anyway
+
+
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: wait (a while, not forever: a rank may have failed) until every rank is leaving too, then leave
+    the process group. Without the wait, a rank that tears its connections down first can abort a neighbour
+    still using them ("terminate called without an active exception" at exit)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_S))
+    except Exception:  # noqa: BLE001 - a rank that is gone or failed: nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def device_for(device: torch.device) -> torch.device:
