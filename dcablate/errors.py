@@ -25,3 +25,20 @@ def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+ON, OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def env_switch(environ, name: str, default: str, allowed: str, modes: tuple[str, ...] = ()) -> str:
+    """The value of the environment switch `name` in `environ`: "on" or "off" (1/true/yes and 0/false/no alike,
+    any case), one of the other `modes`, or `default` when it is unset or blank. Anything else is a UserError
+    whose line says what is `allowed`."""
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    value = "on" if value in ON else "off" if value in OFF else value
+    if value not in ("on", "off", *modes):
+        raise UserError(f"{name}={raw!r} (environment): must be {allowed}")
+    return value

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from dcablate.errors import UserError
+from dcablate.errors import env_switch
 from dcablate.kernels.tuned import MANIFEST, ROOT, sanitize_gpu_name
 
 SWITCH = "DCABLATE_TUNED_CONFIGS"  # "0"/"off" keeps fla autotuning everything
@@ -39,13 +39,8 @@ log = logging.getLogger("dcablate")
 
 def enabled(environ: Mapping[str, str]) -> bool:
     """`DCABLATE_TUNED_CONFIGS`: on unless 0/off; another value is a UserError."""
-    raw = environ.get(SWITCH)
-    if raw is None or raw.strip().lower() in ("1", "on", "true", "yes"):
-        return True
-    if raw.strip().lower() in ("0", "off", "false", "no"):
-        return False
-    raise UserError(f"{SWITCH}={raw!r} (environment): must be 1 or on (fla takes the kernel configs shipped for this "
-                    f"GPU, the default) or 0 or off (fla autotunes every kernel)")
+    return env_switch(environ, SWITCH, "on", "1 or on (fla takes the kernel configs shipped for this GPU, the "
+                      "default) or 0 or off (fla autotunes every kernel)") == "on"
 
 
 @dataclass(frozen=True)

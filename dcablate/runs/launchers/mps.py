@@ -37,11 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from dcablate.errors import UserError
+from dcablate.errors import UserError, env_switch
 
 ENV = "DCABLATE_MPS"
 CONTROL = "nvidia-cuda-mps-control"
-MODES = ("auto", "on", "off")
 PIPE_VAR, LOG_VAR = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"
 START_TIMEOUT_S = 30
 SOCKET_DIR_MAX = 60  # characters of the daemon's folder: its sockets' paths (below pipe/) must stay under ~100
@@ -54,15 +53,9 @@ def choice(flag: bool | None = None, environ: Mapping[str, str] | None = None) -
     """`auto`, `on` or `off`: `flag` (`--mps/--no-mps`) when given, else `DCABLATE_MPS` (default auto)."""
     if flag is not None:
         return "on" if flag else "off"
-    raw = (os.environ if environ is None else environ).get(ENV)
-    if raw is None or not raw.strip():
-        return "auto"
-    value = raw.strip().lower()
-    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
-    if value not in MODES:
-        raise UserError(f"{ENV}={raw!r} (environment): must be auto (MPS when a GPU has more than one worker and MPS "
-                        f"works here, the default), on (the same, and an error where it does not) or off")
-    return value
+    return env_switch(os.environ if environ is None else environ, ENV, "auto", "auto (MPS when a GPU has more than "
+                      "one worker and MPS works here, the default), on (the same, and an error where it does not) or "
+                      "off", modes=("auto",))
 
 
 def named_by(flag: bool | None) -> str:

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from dcablate.errors import UserError
+from dcablate.errors import UserError, env_switch
 
 if TYPE_CHECKING:
     from dcablate.runs.launchers.outcome import Job
@@ -88,13 +88,8 @@ def choice(flag: bool | None = None) -> bool:
     """Whether to warm up: `flag` (`--warmup/--no-warmup`) when given, else `DCABLATE_WARMUP` (default on)."""
     if flag is not None:
         return flag
-    raw = os.environ.get(ENV)
-    if raw is None or raw.strip().lower() in ("1", "on", "true", "yes"):
-        return True
-    if raw.strip().lower() in ("0", "off", "false", "no"):
-        return False
-    raise UserError(f"{ENV}={raw!r} (environment): must be 1 or on (compile and autotune a CUDA sweep's kernels once "
-                    f"before its workers start, the default) or 0 or off (each worker compiles its own)")
+    return env_switch(os.environ, ENV, "on", "1 or on (compile and autotune a CUDA sweep's kernels once before its "
+                      "workers start, the default) or 0 or off (each worker compiles its own)") == "on"
 
 
 def wanted(flag: bool | None, slots: list) -> bool:
