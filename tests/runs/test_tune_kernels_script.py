@@ -18,13 +18,18 @@ pytest.importorskip("fla")
 FIXTURES = ROOT / "tests" / "kernels" / "fixtures" / "tritoncache"
 
 
-def test_warm_up_then_export(tmp_path):
+def tune(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    """`benchmarks/tune_kernels.py` on a tiny recipe (CPU), its Triton cache a copy of the fixture results."""
     (tmp_path / "r.toml").write_text(tiny_mqar(train={"steps": 2, "batch_size": 8}))
     shutil.copytree(FIXTURES, tmp_path / "cache")
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_kernels.py"), "r.toml", "--cpu-too",
-                           "--processes", "1", "--out", "tuned", "--gpu-name", "NVIDIA H200", "--work", "work",
-                           "--logs", "logs"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_kernels.py"), "r.toml", "--cpu-too",
+                           "--processes", "1", *flags, "--out", "tuned", "--gpu-name", "NVIDIA H200", "--work", "work"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_warm_up_then_export(tmp_path):
+    done = tune(tmp_path, "--logs", "logs")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[r.toml] warm-up: done in" in done.stdout and "r.toml exit 0" in done.stdout
     assert "export: exported 4 autotuning results of 2 fla kernels for NVIDIA_H200" in done.stdout
@@ -35,12 +40,7 @@ def test_warm_up_then_export(tmp_path):
 
 
 def test_the_budget_stops_the_warm_up_and_what_is_on_disk_is_exported(tmp_path):
-    (tmp_path / "r.toml").write_text(tiny_mqar(train={"steps": 2, "batch_size": 8}))
-    shutil.copytree(FIXTURES, tmp_path / "cache")
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_kernels.py"), "r.toml", "--cpu-too",
-                           "--processes", "1", "--budget", "0", "--out", "tuned", "--gpu-name", "NVIDIA H200",
-                           "--work", "work"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    done = tune(tmp_path, "--budget", "0")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[r.toml] budget of 0s spent: stopping its warm-up" in done.stdout
     assert "r.toml stopped at the budget" in done.stdout
