@@ -4,6 +4,7 @@
     python benchmarks/sweep_throughput.py --gpus 0             # one card only
     python benchmarks/sweep_throughput.py --per-gpu 8 --sweep-warmup on,off      # the kernel warm-up's effect
     python benchmarks/sweep_throughput.py --per-gpu 1,8 --sweep-mps on,off --mixer gated_deltanet   # MPS's effect
+    python benchmarks/sweep_throughput.py --per-gpu 8 --runs-per-worker 1,8 --sweep-mps off   # runs in threads
     python benchmarks/sweep_throughput.py --per-gpu 1,2 --runs 4 --steps 5 --examples 512   # CPU smoke check
 
 The sweep (generated, `d_model` <= 128): 2-layer models, conv none/static on q/k/v x d_model 64/128 x
@@ -21,7 +22,9 @@ A CUDA sweep over workers compiles and autotunes its kernels once before its wor
 `--sweep-warmup on,off` times each N both with and without that warm-up (`DCABLATE_WARMUP`), and the table
 shows the warm-up's seconds (the command's `warm-up: done in` line). `--sweep-mps on,off` does the same for
 MPS (`DCABLATE_MPS`; default auto, what the command does by default): workers sharing a GPU run their kernels
-side by side through an MPS daemon, or take turns on the card.
+side by side through an MPS daemon, or take turns on the card. `--runs-per-worker 1,8` times each N with a
+process per run and with up to K runs per process in threads (`dcablate run --runs-per-worker K`; skipped
+where N = 1 trains in-process).
 
 GPU busy: while a sweep runs, `nvidia-smi` is asked every second for each used GPU's utilization (the share of
 the last sample period in which a kernel was running on it); the table gives the mean over the sweep's wall time
@@ -179,6 +182,8 @@ def main() -> None:
                     help="the command's kernel warm-up: on, off or on,off (a row each; default on)")
     ap.add_argument("--sweep-mps", default="auto",
                     help="MPS for workers sharing a GPU: auto, on, off or a list such as on,off (default auto)")
+    ap.add_argument("--runs-per-worker", default="1",
+                    help="runs per worker process (threads): K or a list such as 1,8 (default 1)")
     ap.add_argument("--keep", default=None, help="keep the run folders under this directory")
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
@@ -191,6 +196,9 @@ def main() -> None:
     mps_modes = [m.strip() for m in args.sweep_mps.split(",")]
     if not mps_modes or any(m not in ("auto", "on", "off") for m in mps_modes):
         ap.error("--sweep-mps takes auto, on, off or a comma-separated list of them")
+    packs = [int(k) for k in args.runs_per_worker.split(",")]
+    if any(k < 1 for k in packs):
+        ap.error("--runs-per-worker takes positive integers")
 
     device, n_gpus = device_line()
     gpus = len(args.gpus.split(",")) if args.gpus else max(n_gpus, 1)
@@ -209,9 +217,12 @@ def main() -> None:
             code, secs = dcablate([str(warm), "--quiet"], base / "prerun.log", env)
             print(f"untimed run filling the kernel cache: {secs:.1f}s (exit {code})")
         rows = []
-        for n, w, m in [(n, w, m) for n in ns for w in warmups for m in mps_modes]:
+        for n, w, m, k in [(n, w, m, k) for n in ns for w in warmups for m in mps_modes for k in packs]:
+            workers = min(gpus * n, args.runs)
+            if k > 1 and workers == 1 and not args.gpus:
+                continue  # one run at a time, in-process: nothing to pack
             tag = (f"n{n}" + (f"-warmup-{w}" if len(warmups) > 1 else "")
-                   + (f"-mps-{m}" if len(mps_modes) > 1 else ""))
+                   + (f"-mps-{m}" if len(mps_modes) > 1 else "") + (f"-k{k}" if len(packs) > 1 else ""))
             recipe = base / f"{tag}.toml"
             recipe.write_text(recipe_text("sweep", base / tag, args.mixer, args.runs, args.steps, args.examples,
                                           args.batch_size))
@@ -220,14 +231,16 @@ def main() -> None:
                 run_env["TRITON_CACHE_DIR"] = str(base / tag / "triton-cache")
             log = base / f"{tag}.log"
             with BusySampler(args.gpus) as busy:
-                code, wall = dcablate([str(recipe), "--quiet", "--per-gpu", str(n), *gpu_flag], log, run_env)
+                pack = ["--runs-per-worker", str(k)] if k > 1 else []
+                code, wall = dcablate([str(recipe), "--quiet", "--per-gpu", str(n), *gpu_flag, *pack], log, run_env)
             summaries = [json.loads(p.read_text()) for p in (base / tag / "sweep").glob("*/summary.json")]
             if code != 0:
                 tail = log.read_text(errors="replace").strip().splitlines()[-3:]
                 print(f"N={n}: exit {code}; see {log}: " + " | ".join(tail))
-            workers = min(gpus * n, args.runs)
+            processes = sum(-(-min(n, args.runs // gpus) // k) for _ in range(gpus))
             rows.append({
-                "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else workers,
+                "per_gpu": n, "workers": "in-process" if workers == 1 and not args.gpus else
+                (workers if k == 1 else f"{workers} in {processes} process{'es' if processes != 1 else ''}"),
                 "warmup": w, "warmup_s": warmup_seconds(log), "mps": mps_used(log, m), "busy": busy.mean(),
                 "runs": len(summaries), "wall_s": wall, "runs_per_hour": 3600 * len(summaries) / wall,
                 "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
@@ -236,7 +249,7 @@ def main() -> None:
             })
             r = rows[-1]
             warmed = f", warm-up {r['warmup_s']:.1f}s of it" if r["warmup_s"] is not None else ""
-            print(f"N={n}, warm-up {w}, MPS {r['mps']}: {r['runs']} runs in {wall:.1f}s{warmed} "
+            print(f"N={n}, warm-up {w}, MPS {r['mps']}, {k} per worker: {r['runs']} runs in {wall:.1f}s{warmed} "
                   f"({r['runs_per_hour']:.0f} runs/hour)", flush=True)
     finally:
         if not args.keep:
@@ -255,11 +268,11 @@ def main() -> None:
               f"{r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {speed} | {busy_pct(r)} | {r['run_s']:.1f} | "
               f"{r['acc']:.3f} |")
     print("\nmean seconds per run, by phase (summary.json time_s):\n")
-    print("| runs per GPU | kernel warm-up | MPS | " + " | ".join(PARTS) + " |")
-    print("| --- | --- | --- |" + " --- |" * len(PARTS))
+    print("| runs per GPU | workers | kernel warm-up | MPS | " + " | ".join(PARTS) + " |")
+    print("| --- | --- | --- | --- |" + " --- |" * len(PARTS))
     for r in rows:
         parts = r["time_s"]
-        print(f"| {r['per_gpu']} | {r['warmup']} | {r['mps']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS)
+        print(f"| {r['per_gpu']} | {r['workers']} | {r['warmup']} | {r['mps']} | " + " | ".join(f"{parts[k]:.2f}" if parts else "-" for k in PARTS)
               + " |")
     print(f"\n{time.strftime('%Y-%m-%d')}; {device}")
 

@@ -92,8 +92,12 @@ def cli():
               help="Local CUDA sweeps with several runs per GPU: run them through an MPS daemon of the sweep, so "
                    "their kernels share the card at once instead of taking turns (default: where MPS works; "
                    "DCABLATE_MPS=auto|on|off).")
+@click.option("--runs-per-worker", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Local sweeps: train up to K of a GPU's runs at once in one worker process, each in its own thread "
+                   "and CUDA stream, so that their steps overlap on the card without MPS (default 1: a process per "
+                   "run).")
 def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, workers, nproc, address, retries,
-        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait, warmup, use_mps):
+        partition, time_min, gpus_per_task, cpus_per_task, slurm_params, no_wait, warmup, use_mps, runs_per_worker):
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
@@ -112,6 +116,9 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         flag = "--mps" if use_mps else "--no-mps"
         raise UserError(f"{flag}: MPS is started by the local launcher for its workers; under --launcher {launcher} "
                         f"the cluster's GPUs are shared as its scheduler sets them up")
+    if runs_per_worker is not None and launcher != "local":
+        raise UserError(f"--runs-per-worker {runs_per_worker}: packs the local launcher's runs into its worker "
+                        f"processes; under --launcher {launcher} each run has a worker of its own")
     if launcher == "ray":
         from dcablate.runs.launchers.warmup import choice
 
@@ -122,7 +129,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; writing to {new_root}")
         root = new_root
-    launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps)
+    launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps,
+                           runs_per_worker)
     train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new)
     if BEST_LR_SEEDS_KEY not in base.sweep:
         return
@@ -157,6 +165,7 @@ class LaunchOptions:
     slurm: SlurmOptions
     warmup: bool | None
     use_mps: bool | None
+    runs_per_worker: int | None = None
 
 
 def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
@@ -201,6 +210,10 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
         if launch.launcher == "local" and not distributed:
             slots = local_slots(plan, to_train, uses_cuda, launch.per_gpu, launch.gpu_list, launch.workers)
         if not to_train or (launch.launcher == "local" and not slots):
+            if len(to_train) > 1 and (launch.runs_per_worker or 1) > 1:
+                raise UserError(f"--runs-per-worker {launch.runs_per_worker}: packs runs trained at once into fewer "
+                                f"processes, and this command trains one run at a time in this process; ask for "
+                                f"more at once with --per-gpu N (CUDA) or --workers N (CPU)")
             return train_here(plan, root, quiet)
         sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda)
 
@@ -297,7 +310,8 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: La
     if launch.launcher == "local":
         from dcablate.runs.launchers import local
 
-        out = local.launch(recipe, overrides, jobs, slots, warm=launch.warmup, use_mps=launch.use_mps)
+        out = local.launch(recipe, overrides, jobs, slots, warm=launch.warmup, use_mps=launch.use_mps,
+                           runs_per_worker=launch.runs_per_worker or 1)
     elif launch.launcher == "ray":
         from dcablate.runs.launchers import ray
 

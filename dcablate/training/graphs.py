@@ -24,6 +24,8 @@ per segment (length and key-value pairs); all graphs share one memory pool (they
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from typing import Callable
 
@@ -45,6 +47,27 @@ def first_cause(e: BaseException) -> str:
         e = e.__context__
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def warnings_of_this_thread():
+    """Like `warnings.catch_warnings(record=True)` with every warning shown: the list yielded fills with the
+    warnings this thread raises in the block. Other threads' warnings (runs trained at once in this process,
+    packing.py) are shown as before, except the host-wait warnings that the sync debug mode, global to the
+    process, makes them raise meanwhile: those speak of this thread's check, not of their steps, and are dropped."""
+    me, recorded = threading.get_ident(), []
+    with warnings.catch_warnings():  # puts the filters and `showwarning` back at the end
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if threading.get_ident() == me:
+                recorded.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+            elif SYNC_WARNING not in str(message):
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield recorded
 
 
 class _Captured:
@@ -87,6 +110,10 @@ class GraphedSteps:
     def key(x: torch.Tensor, y: torch.Tensor, extra=None) -> tuple:
         return tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra
 
+    def replays(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> bool:
+        """Whether the step on this batch replays a captured graph (nothing compiles, captures or runs eagerly)."""
+        return self.key(x, y, extra) in self.graphs
+
     def will_capture(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> bool:
         """Whether the step on this batch captures a graph (its second sighting), rather than replaying one or
         running eagerly."""
@@ -113,8 +140,7 @@ class GraphedSteps:
         """The eager step, watched for operations that make the host wait on the GPU: those cannot be
         captured, and a capture they break keeps its memory pool reserved for good (torch 2.11), so such a
         step is never captured."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings_of_this_thread() as caught:
             watch = x.is_cuda and torch.cuda.get_sync_debug_mode() == 0  # a mode the user set is left as it is
             if watch:
                 torch.cuda.set_sync_debug_mode("warn")

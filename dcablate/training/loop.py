@@ -34,6 +34,7 @@ from dcablate.training.batches import device_batches
 from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
+from dcablate.training.packing import one_at_a_time, own_stream
 from dcablate.training.progress import Progress
 from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
                                        set_rng_state, software_versions)
@@ -48,13 +49,15 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
     (also written to `run_dir/summary.json`). `quiet` hides the progress (progress.py), which is labelled
     `label` (default: the run directory's name, which for a sweep is the point). Raises `Stop` when the run
     ends early on a fault or a signal, `UserError` for what the recipe or run directory rules out."""
-    device = check_runtime(recipe)
+    with one_at_a_time():
+        device = check_runtime(recipe)
     several = ddp.setup()
     device = ddp.device_for(device)
     lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
-    with lock, signals_caught(once=not several) as caught:
+    with lock, signals_caught(once=not several) as caught, own_stream(device):
         try:
-            with caught.interruptible(not several):  # building the task and model changes nothing on disk
+            # building the task and model changes nothing on disk; it seeds the process's generators
+            with caught.interruptible(not several), one_at_a_time():
                 run = Run(recipe, run_dir, device, quiet, caught, label or run_dir.name)
         except Interrupted as e:
             raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
@@ -113,9 +116,10 @@ class Run:
         self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
         self.label = label or run_dir.name
         started = time.time()
-        # where the wall time goes; on CUDA a change of phase waits for the GPU, so its work is charged right
-        self.clock = PhaseClock(sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else
-                                (lambda: None))
+        # where the wall time goes; on CUDA a change of phase waits for the run's stream, so its work is charged
+        # right (and not the work of other runs trained at once in this process)
+        self.clock = PhaseClock(sync=(lambda: torch.cuda.current_stream(device).synchronize())
+                                if device.type == "cuda" else (lambda: None))
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
         with self.clock.phase("data"):  # LM reads and tokenizes its text here; MQAR's data comes below
@@ -163,7 +167,7 @@ class Run:
         try:
             if self.main:
                 checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
-            with self.clock.phase("checkpoint"):
+            with self.clock.phase("checkpoint"), one_at_a_time():  # it sets the process's generators
                 resumed = self.state.restore()
             if resumed:
                 self.clock.resume(self.state.restored_times, self.state.wall_before)
@@ -201,7 +205,8 @@ class Run:
             raise Stop(f"error: {e.filename or self.run_dir}: {e.strerror}; {kept}", 1) from None
         finally:
             self.log.close()
-            self.train_step.release()  # the graphs' memory back now, for the next run of a sweep in this process
+            with one_at_a_time():
+                self.train_step.release()  # the graphs' memory back now, for the next run of a sweep in this process
 
     def restore_compute(self) -> None:
         """The tokens and FLOPs of the steps before the resume: from the checkpoint, or counted again."""
@@ -232,7 +237,7 @@ class Run:
         In one process a signal ends the evaluation at once (`Interrupted`) with the random state put back
         as it was before it: the step's checkpoint then lacks this evaluation, and the resumed run makes it
         first (`loop`), so it ends as the uninterrupted run would."""
-        with self.clock.phase("eval"):
+        with self.clock.phase("eval"), one_at_a_time():
             return self._evaluate()
 
     def _evaluate(self) -> dict:

@@ -5,6 +5,11 @@ The loop checks for a caught signal between steps. Phases that change nothing a 
 the run, an evaluation, a step's forward and backward passes) are interruptible: there the signal ends the
 phase at once, so that a long one (data generation, Triton autotuning a new shape, a large evaluation) does
 not hold up the stop.
+
+Only the main thread receives signals. A run trained in another thread (a packed sweep worker,
+`runs/launchers/threads.py`) registers its `CaughtSignals` here instead, and the main thread hands each
+signal to every registered run (`deliver`); such a run stops at its next step (a signal cannot cut a phase of
+another thread short).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import threading
 import time
 
 REPEAT_S = 1.0  # a repeat of the same signal within this many seconds counts once
+
+_in_threads: dict = {}  # id -> the CaughtSignals of the runs training in threads other than the main one now
+_in_threads_lock = threading.Lock()
 
 
 class Interrupted(BaseException):
@@ -72,7 +80,13 @@ def signals_caught(once: bool = True):
     Ctrl-C to its workers a second time, which must not cut the checkpoint being saved either."""
     caught = CaughtSignals()
     if threading.current_thread() is not threading.main_thread():
-        yield caught
+        with _in_threads_lock:
+            _in_threads[id(caught)] = caught
+        try:
+            yield caught
+        finally:
+            with _in_threads_lock:
+                _in_threads.pop(id(caught), None)
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -99,3 +113,17 @@ def signals_caught(once: bool = True):
         yield caught
     finally:
         restore()
+
+
+def deliver(signum: int) -> int:
+    """Hand `signum` (caught by the main thread) to every run training in another thread of this process: each
+    saves a checkpoint and stops at its next step. A repeat within `REPEAT_S` counts once. How many runs got it."""
+    now = time.monotonic()
+    with _in_threads_lock:
+        runs = list(_in_threads.values())
+    for caught in runs:
+        if caught and caught[-1] == signum and now - caught.last < REPEAT_S:
+            continue
+        caught.last = now
+        caught.append(signum)
+    return len(runs)

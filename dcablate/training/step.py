@@ -25,6 +25,7 @@ from dcablate.errors import UserError
 from dcablate.training import distributed as ddp
 from dcablate.training.graphs import CaptureFailed, GraphedSteps
 from dcablate.training.optim import make_optimizer, make_scheduler
+from dcablate.training.packing import one_at_a_time
 from dcablate.training.runtime import Stop, autocast_for
 
 log = logging.getLogger("dcablate")
@@ -127,8 +128,9 @@ class TrainStep:
         return first or (self.graphs is not None and self.graphs.will_capture(x, y, row_scored))
 
     def sync(self) -> None:
+        """Wait for this step's GPU work (its stream's; other runs of the process may use streams of their own)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
 
     def release(self) -> None:
         """Drop the CUDA graphs: they hold their memory pool and refer back to this step (their body), so
@@ -153,14 +155,18 @@ class TrainStep:
         A step that compiles or captures (`warming`) is timed, waiting for the GPU before and after it; no
         other step waits."""
         warming = self.warming(x, y, row_scored)
-        if warming:
-            self.sync()
-            began = time.perf_counter()
-        loss, grad_norm = self.take(x, y, row_scored)
-        if warming:
-            self.sync()
-            self.warm_s += time.perf_counter() - began
-            self.warm_steps += 1
+        # where runs train at once in one process (packing.py), only a CUDA graph's replay runs beside the others
+        replay = self.graphs is not None and self.graphs.replays(x, y, row_scored)
+        alone = warming or (self.device.type == "cuda" and not replay)
+        with one_at_a_time() if alone else contextlib.nullcontext():
+            if warming:
+                self.sync()
+                began = time.perf_counter()
+            loss, grad_norm = self.take(x, y, row_scored)
+            if warming:
+                self.sync()
+                self.warm_s += time.perf_counter() - began
+                self.warm_steps += 1
         self.calls += 1
         return loss, grad_norm
 

@@ -180,9 +180,17 @@ def test_the_launcher_gives_its_daemon_to_every_worker_and_the_warm_up_and_stops
     monkeypatch.setattr(local.warmup, "warm_up", lambda ref, ov, jobs, places: events.append(
         ("warm", [env[mps.PIPE_VAR] for _, env in places])))
     built = []
-    monkeypatch.setattr(local, "LocalWorker", lambda slot, ev, ref, ov, d: built.append(d))
 
-    def sweep(jobs, slots, make, n):
+    class FakeProcess:
+        def __init__(self, slot, ev, ref, ov, d, capacity):
+            built.append(d)
+
+        def join(self, member):
+            pass
+
+    monkeypatch.setattr(local, "WorkerProcess", FakeProcess)
+
+    def sweep(jobs, slots, make, n, where=""):
         make(slots[0], None)
         raise RuntimeError("a sweep that ends badly")
 

@@ -5,7 +5,9 @@ slot's GPU. It serves many runs, one at a time: it reads a run (`Job.request()` 
 it through `point.run_job` (output into RUN_DIR/worker.log) and answers with one result line. Importing torch
 and fla and starting CUDA is thus paid once per worker, not once per run (for small MQAR runs that start-up
 took four times the training). After a failed run the worker exits, and a fresh one
-takes the slot. Workers run detached from the terminal's process group, so that a Ctrl-C in the terminal
+takes the slot. With `--runs-per-worker K` a worker process hosts up to K slots of its GPU and trains their
+runs at once, in threads (threads.py); the scheduler still sees one worker per slot (`LocalWorker`), each
+a handle on its `WorkerProcess`. Workers run detached from the terminal's process group, so that a Ctrl-C in the terminal
 reaches them only through the command (`scheduler.py` forwards it), and get SIGTERM if the command dies.
 
 On a CUDA sweep the kernels are compiled and autotuned once, in one process, before the workers start
@@ -63,43 +65,96 @@ def _die_with_parent() -> None:
         pass
 
 
-class LocalWorker(Worker):
-    """A worker process on this machine; a thread turns its stdout into events."""
+class WorkerProcess:
+    """A worker process on `slot`'s GPU (or the CPU) hosting up to `capacity` runs at once (`--runs-per-worker`:
+    threads, threads.py; 1: one run at a time). Each run it holds belongs to one of its `members`, the
+    scheduler's `LocalWorker`s; a thread turns its stdout into their events."""
 
     def __init__(self, slot: Slot, events: queue.Queue, recipe_ref: str, overrides: list[str],
-                 daemon: mps.Daemon | None = None):
-        super().__init__(slot, events)
+                 daemon: mps.Daemon | None, capacity: int):
+        self.slot, self.events, self.capacity = slot, events, capacity
+        self.members: list[LocalWorker] = []
+        self.lock = threading.Lock()  # members: changed by the scheduler, read by the stdout thread
+        self.accepting = True  # takes new members: not after one of its runs failed, nor once its stdin closed
+        self.signals_sent = 0
         cmd = [sys.executable, "-m", MODULE, recipe_ref]
         for o in overrides:
             cmd += ["--set", o]
+        if capacity > 1:
+            cmd += ["--runs-at-once", str(capacity)]
+        env = worker_env(slot, daemon)
+        if capacity > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(slot.threads * capacity)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, errors="replace", bufsize=1, env=worker_env(slot, daemon),
-                                     start_new_session=True,
+                                     text=True, errors="replace", bufsize=1, env=env, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         threading.Thread(target=self._read, daemon=True).start()
+
+    def has_room(self, slot: Slot) -> bool:
+        with self.lock:
+            return self.accepting and self.slot.gpu == slot.gpu and len(self.members) < self.capacity
+
+    def join(self, member: LocalWorker) -> None:
+        with self.lock:
+            self.members.append(member)
+
+    def _member(self, index: int | None = None):
+        """The member training run `index` (None: the first busy one, else the first)."""
+        with self.lock:
+            busy = [m for m in self.members if m.job is not None]
+            if index is not None:
+                return next((m for m in busy if m.job.index == index), None)
+            return (busy or self.members or [None])[0]
 
     def _read(self) -> None:
         try:
             for line in self.proc.stdout:
                 if line.startswith(RESULT):
-                    self.events.put((self, "result", json.loads(line[len(RESULT):])["code"]))
+                    result = json.loads(line[len(RESULT):])
+                    member = self._member(result["index"])
+                    if member is not None:
+                        self.events.put((member, "result", result["code"]))
                 else:
-                    self.events.put((self, "line", line))
-        finally:  # whatever ends the reading, the scheduler must learn that this worker is gone
-            self.events.put((self, "exit", self.proc.wait()))
+                    member = self._member()
+                    if member is not None:
+                        self.events.put((member, "line", line))
+        finally:  # whatever ends the reading, the scheduler must learn that these workers are gone
+            code = self.proc.wait()
+            with self.lock:
+                members, self.members = list(self.members), []
+            for m in members:
+                self.events.put((m, "exit", code))
 
-    def assign(self, job: Job) -> None:
+    def send(self, job: Job) -> None:
         try:
             self.proc.stdin.write(json.dumps({**job.request(), "where": job.label}) + "\n")
             self.proc.stdin.flush()
         except OSError:
             pass  # a worker that died meanwhile reports itself through its events
 
-    def release(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()  # it exits once it has read everything
+    def leave(self, member: LocalWorker) -> None:
+        """`member` (idle) wants no more runs. A member retired after a failed run leaves at once, and the
+        process takes no new members; when every member has asked to go, stdin closes and the process exits
+        once its runs have ended."""
+        gone = False
+        with self.lock:
+            if member.retiring:
+                self.accepting = False
+                if len(self.members) > 1 and member in self.members:
+                    self.members.remove(member)  # the others' runs go on; its slot is free now
+                    gone = True
+            if all(m.released for m in self.members):
+                self.accepting = False
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()  # it exits once it has read everything
+        if gone:
+            self.events.put((member, "exit", 0))
 
-    def signal(self, signum: int) -> None:
+    def signal(self, nth: int, signum: int) -> None:
+        """The scheduler's `nth` stop signal, once per process however many of its members are busy."""
+        if nth < self.signals_sent:
+            return
+        self.signals_sent = nth + 1
         with contextlib.suppress(OSError):
             self.proc.send_signal(signum)
 
@@ -116,23 +171,79 @@ class LocalWorker(Worker):
             self.proc.terminate()
 
 
+class LocalWorker(Worker):
+    """A slot's worker: one run at a time, trained by a `WorkerProcess` (its own, or one it shares with other
+    slots of the same GPU under `--runs-per-worker`)."""
+
+    def __init__(self, slot: Slot, events: queue.Queue, process: WorkerProcess):
+        super().__init__(slot, events)
+        self.process, self.released = process, False
+        process.join(self)
+
+    def assign(self, job: Job) -> None:
+        self.process.send(job)
+
+    def release(self) -> None:
+        self.released = True
+        self.process.leave(self)
+
+    def signal(self, signum: int) -> None:
+        self.process.signal(self.signals_sent, signum)
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def close(self, deadline: float) -> None:
+        self.process.close(deadline)
+
+
+def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | None, runs_per_worker: int):
+    """`start(slot, events)` for the scheduler: a `LocalWorker` on a process of that GPU with room for another run,
+    or on a new one."""
+    processes: list[WorkerProcess] = []
+
+    def start(slot: Slot, events: queue.Queue) -> LocalWorker:
+        process = next((p for p in processes if p.events is events and p.has_room(slot)), None)
+        if process is None:
+            process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker)
+            processes.append(process)
+        return LocalWorker(slot, events, process)
+
+    return start
+
+
 def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], warm: bool | None = None,
-           use_mps: bool | None = None):
-    """Train `jobs` on local worker processes, one per slot; the `Outcome`. Where several share a GPU they run
-    through an MPS daemon of this sweep (`mps.py`) unless `use_mps` (`--mps/--no-mps`, default `DCABLATE_MPS`)
-    says not to. On a CUDA sweep the kernels of `jobs` are first compiled and autotuned once (`warmup.py`)
-    unless `warm` (`--warmup/--no-warmup`, default `DCABLATE_WARMUP`) says not to."""
-    daemon = mps.start(mps.choice(use_mps), slots, click.echo, mps.named_by(use_mps)) if jobs else None
+           use_mps: bool | None = None, runs_per_worker: int = 1):
+    """Train `jobs` on local workers, one per slot, each in a process of its own or, with `runs_per_worker` K,
+    up to K slots of a GPU in one process (threads.py); the `Outcome`. Where several processes share a GPU they
+    run through an MPS daemon of this sweep (`mps.py`) unless `use_mps` (`--mps/--no-mps`, default
+    `DCABLATE_MPS`) says not to. On a CUDA sweep the kernels of `jobs` are first compiled and autotuned once
+    (`warmup.py`) unless `warm` (`--warmup/--no-warmup`, default `DCABLATE_WARMUP`) says not to."""
+    hosts = processes_of(slots, runs_per_worker)
+    daemon = mps.start(mps.choice(use_mps), hosts, click.echo, mps.named_by(use_mps)) if jobs else None
     try:
         if jobs and warmup.wanted(warm, slots):
             threads = max(1, cpu_count() // len(slots))  # the warm-up uses at most one process per slot
             places = [(s.label, worker_env(Slot(s.gpu, s.physical, threads=threads), daemon)) for s in slots]
             warmup.warm_up(recipe_ref, overrides, jobs, places)
-        return run_sweep(jobs, slots, lambda slot, events: LocalWorker(slot, events, recipe_ref, overrides, daemon),
-                         len(jobs))
+        where = "" if runs_per_worker == 1 or len(hosts) == len(slots) else \
+            f" in {len(hosts)} process{'es' if len(hosts) != 1 else ''} (--runs-per-worker {runs_per_worker})"
+        return run_sweep(jobs, slots, worker_factory(recipe_ref, overrides, daemon, runs_per_worker), len(jobs),
+                         where)
     finally:
         if daemon is not None:
             daemon.stop()
+
+
+def processes_of(slots: list[Slot], runs_per_worker: int) -> list[Slot]:
+    """One slot per worker process when each process hosts up to `runs_per_worker` of a GPU's slots (the CPU's
+    alike): what MPS has to serve."""
+    hosts, count = [], {}
+    for s in slots:
+        if count.get(s.gpu, 0) % runs_per_worker == 0:
+            hosts.append(s)
+        count[s.gpu] = count.get(s.gpu, 0) + 1
+    return hosts
 
 
 def worker_main(argv: list[str]) -> int:
@@ -144,9 +255,18 @@ def worker_main(argv: list[str]) -> int:
                                  "line (started by `dcablate run` with several workers).")
     ap.add_argument("recipe")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--runs-at-once", type=int, default=1, help="train up to this many runs at once, in threads")
     args = ap.parse_args(argv)
     from dcablate.runs.directories import echo_library_logs
 
+    if args.runs_at_once > 1:
+        from dcablate.runs.launchers import threads
+
+        results, jobs = os.fdopen(os.dup(1), "w", buffering=1), os.fdopen(os.dup(0), "r")
+        with open(os.devnull) as devnull:  # a run that reads stdin gets end-of-file, not the job pipe
+            os.dup2(devnull.fileno(), 0)
+        echo_library_logs()
+        return threads.serve(args.recipe, args.overrides, jobs, results, args.runs_at_once, RESULT)
     echo_library_logs()
 
     # SIGINT/SIGTERM reach a worker only inside `train`, which saves a checkpoint on the first and then

@@ -180,5 +180,6 @@ def _probe(daemon: Daemon, environ: dict, gpu: int, run: Callable) -> str | None
 def _without(mode: str, why: str, say: Callable[[str], None], where: str) -> None:
     if mode == "on":
         raise UserError(f"{where}: {why}; without MPS the workers of a GPU take turns on it (--no-mps)")
-    say(f"MPS: not used, {why}; the workers of each GPU take turns on it (--no-mps or {ENV}=off silences this)")
+    say(f"MPS: not used, {why}; the workers of each GPU take turns on it (--runs-per-worker N trains N runs side "
+        f"by side in one worker instead; --no-mps or {ENV}=off silences this)")
     return None

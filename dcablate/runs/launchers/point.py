@@ -46,12 +46,34 @@ def output_to(path: Path):
             os.close(saved[1])
 
 
+class BlockedSignals:
+    """How a process that trains one run at a time takes stop signals: SIGINT/SIGTERM are blocked
+    (`signals_blocked`) except while `train` runs, so one that comes between runs stays pending."""
+
+    @staticmethod
+    def pending() -> int | None:
+        """A stop signal that came before training started, if any."""
+        pending = signal.sigpending() & STOP_SIGNALS
+        return min(pending) if pending else None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def let_through():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name: str, digest: str,
-                run_dir: Path) -> int:
+                run_dir: Path, signals=BlockedSignals) -> int:
     """Train point `index` of the recipe into `run_dir` (as the launching command planned it); the exit status.
 
-    SIGINT/SIGTERM must be blocked on entry (`signals_blocked`): they are let through only while `train` runs,
-    which saves a checkpoint on the first; one that came earlier ends the call before training starts."""
+    `signals` says how stop signals reach the run (`BlockedSignals`, or a packed worker's, threads.py). With
+    `BlockedSignals`, SIGINT/SIGTERM must be blocked on entry (`signals_blocked`): they are let through only
+    while `train` runs, which saves a checkpoint on the first; one that came earlier ends the call before
+    training starts."""
     try:
         from dcablate import config as recipes
         from dcablate.runs.directories import run_state
@@ -69,19 +91,16 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
         from dcablate.training.loop import train  # torch reads OMP_NUM_THREADS (set per worker by its launcher)
         from dcablate.training.runtime import Stop
 
-        pending = signal.sigpending() & STOP_SIGNALS  # came while this worker was idle or loading
-        if pending:
-            signum = min(pending)
+        signum = signals.pending()  # came while this worker was idle or loading
+        if signum:
             click.echo(f"interrupted ({signal.Signals(signum).name}) before training started")
             return 128 + signum
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         try:
-            summary = train(r, run_dir)  # its progress lines go to the log (recipe's log.progress)
+            with signals.let_through():
+                summary = train(r, run_dir)  # its progress lines go to the log (recipe's log.progress)
         except Stop as e:
             click.echo(str(e))
             return e.code
-        finally:
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         click.echo(f"-> {run_dir}  {headline_result(summary, r.task.kind)}")
         return 0
     except UserError as e:
@@ -102,17 +121,21 @@ def signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def run_job(recipe_ref: str, overrides: list[str], request: dict, where: str) -> int:
+def run_job(recipe_ref: str, overrides: list[str], request: dict, where: str, output=output_to,
+            signals=BlockedSignals) -> int:
     """Train the run `request` names (`Job.request()`) with this process's output appended to RUN_DIR/worker.log
     after a header naming the process and `where` it runs; the exit status (a crash is its traceback in the
-    log and status 1, so that every launcher reports it alike). Call with SIGINT/SIGTERM blocked."""
+    log and status 1, so that every launcher reports it alike). `output(path)` redirects the output (a packed
+    worker's runs redirect their thread's, threads.py); `signals` as in `train_point` (with the default, call
+    with SIGINT/SIGTERM blocked)."""
     run_dir = Path(request["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    with output_to(run_dir / LOG_NAME):
+    with output(run_dir / LOG_NAME):
         click.echo(f"=== dcablate worker {os.getpid()} on {where} ({time.strftime('%Y-%m-%d %H:%M:%S')}): "
                    f"point {request['index']} {request['name']}")
         try:
-            code = train_point(recipe_ref, overrides, request["index"], request["name"], request["digest"], run_dir)
+            code = train_point(recipe_ref, overrides, request["index"], request["name"], request["digest"], run_dir,
+                               signals)
         except Exception:  # a bug, not a fault the loop knows: its traceback is the log's last word
             traceback.print_exc()
             code = 1
@@ -137,7 +160,10 @@ def release_memory() -> None:
     """Between runs: drop the last run's tensors and hand cached CUDA memory back (other workers share the GPU)."""
     import gc
 
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    from dcablate.training.packing import one_at_a_time
+
+    with one_at_a_time():  # not while another run of this process captures a CUDA graph
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
