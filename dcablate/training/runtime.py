@@ -40,11 +40,42 @@ def check_runtime(recipe) -> torch.device:
     device = resolve_device(recipe.run.device)
     if recipe.model.backend == "fla" and device.type != "cuda":
         raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
+    if device.type == "cuda" and recipe.model.backend != "torch":
+        problem = triton_problem(recipe.model.mixer, torch.cuda.get_device_capability(device), _triton_version())
+        if problem:
+            raise UserError(problem)
     if device.type == "cuda":
         from dcablate.kernels.tuned import activate
 
         activate.activate(activate.gpu_name(device))
     return device
+
+
+HOPPER_MIN_TRITON = (3, 7, 1)  # fla's Gated DeltaNet / Mamba-2 backward is wrong on Hopper below it (fla #640)
+
+
+def _triton_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def triton_problem(mixer: str, capability: tuple[int, int], version: str | None) -> str | None:
+    """Why fla's kernels for `mixer` must not train on a GPU of compute `capability` with Triton `version`, or
+    None: on Hopper (9.x) fla's Gated DeltaNet and Mamba-2 backward passes give wrong gradients below Triton 3.7.1,
+    silently."""
+    if mixer not in ("gated_deltanet", "mamba2") or capability[0] != 9 or version is None:
+        return None
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
+    if parts >= HOPPER_MIN_TRITON:
+        return None
+    need = ".".join(map(str, HOPPER_MIN_TRITON))
+    return (f"model.mixer = {mixer!r} on a Hopper GPU (compute {capability[0]}.{capability[1]}) with Triton {version}: "
+            f"fla's backward gives wrong gradients below Triton {need} (fla issue #640); install triton>={need} "
+            f"(pip install 'dcablate[cuda]'), or set model.backend = 'torch' (slow)")
 
 
 def autocast_for(device: torch.device, precision: str):
