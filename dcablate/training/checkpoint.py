@@ -267,12 +267,29 @@ def _flat(node: dict) -> dict:
     return flatten(node, whole=("sweep",))
 
 
+# Keys holding paths, saved absolute (tasks/lm/spec.py): the same files under another checkout or machine
+PATH_KEYS = ("task.lm.data", "task.lm.tokenizer_file", "task.lm.cache_dir")
+
+
+def moved(old, new) -> bool:
+    """Whether path `old` (saved by a run) and `new` name the same files moved elsewhere: `old` does not exist here
+    (the run was made in another directory or on another machine) and both end in the same two names, as
+    `/work/repo/data/debian-docs` and `/root/repo/data/debian-docs` do."""
+    if not (isinstance(old, str) and isinstance(new, str) and old and new):
+        return False
+    strip = lambda v: v[3:] if v.startswith("hf:") else v
+    a, b = Path(strip(old)), Path(strip(new))
+    return old.startswith("hf:") == new.startswith("hf:") and not a.exists() and a.parts[-2:] == b.parts[-2:]
+
+
 def recipe_changes(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every result-relevant key that differs between two resolved recipes."""
+    """`key: old -> new` for every result-relevant key that differs between two resolved recipes (a data path
+    that only `moved` does not count)."""
     a, b = _flat(old), _flat(new)
     show = lambda v: "(unset)" if v is None else (s if len(s := json.dumps(v)) <= 40 else s[:37] + "...")
     return [f"{k}: {show(a.get(k))} -> {show(b.get(k))}" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)]
+            if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)
+            and not (k in PATH_KEYS and moved(a.get(k), b.get(k)))]
 
 
 def keys_added_since(saved: dict, new: dict) -> list[str]:
