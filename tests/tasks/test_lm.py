@@ -265,6 +265,33 @@ def test_bpe_is_trained_cached_and_counts_bytes(tmp_path):
     assert other.directory != first.directory and other.tokenizer.vocab_size <= 280
 
 
+def test_runs_starting_together_train_the_bpe_once(tmp_path, monkeypatch):
+    """Several threads (a worker's packed runs; processes alike, through the same file lock) loading one corpus at
+    once: one trains the BPE and tokenizes, the others wait and reuse its cache entry."""
+    import threading
+
+    from dcablate.tasks.lm import data as lm_data
+
+    folder = write_txt(tmp_path / "txt", make_docs(20, words=100))
+    cfg = lm_cfg(tmp_path, folder, tokenizer="bpe", vocab_size=300)
+    trained, train_bpe = [], lm_data.train_bpe
+
+    def counted(*args, **kwargs):
+        trained.append(1)
+        return train_bpe(*args, **kwargs)
+
+    monkeypatch.setattr(lm_data, "train_bpe", counted)
+    corpora = []
+    threads = [threading.Thread(target=lambda: corpora.append(load_corpus(cfg))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trained) == 1 and len(corpora) == 3
+    assert sorted(c.reused for c in corpora) == [False, True, True]
+    assert len({c.directory for c in corpora}) == 1
+
+
 def test_bpe_from_a_tokenizer_file_and_bpb_agrees_with_bytes(tmp_path):
     from dcablate.tasks.lm.data import train_bpe
 

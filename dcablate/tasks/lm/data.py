@@ -17,6 +17,8 @@ file changes the key. Training sequences are windows of `seq_len + 1` tokens at 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob as globlib
 import hashlib
 import json
@@ -371,6 +373,31 @@ def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
             split_cache.extend(split_documents(read(), cfg.val_fraction, cfg.split_seed))
         return split_cache
 
+    with building(root, source_hash):  # processes (and a worker's threads) needing the same entry build it once
+        return _load_or_build(cfg, tokenizer, root, source_hash, splits)
+
+
+@contextlib.contextmanager
+def building(root: Path, source_hash: str):
+    """Inside the block, no other process or thread builds the cache entries of this source under `root`: the
+    runs of a sweep that start together (and the kernel warm-up's processes) wait for the first to train the BPE
+    and tokenize the text, then read its entry, instead of each doing it again. Without a writable cache folder,
+    no lock (nothing would be written anyway)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / f".build-{source_hash[:24]}.lock", "a+")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_or_build(cfg, tokenizer, root: Path, source_hash: str, splits) -> Corpus:
     tok = tokenizer if tokenizer is not None else build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
     d = root / cache_key(source_hash, tok.spec(), cfg)
     meta_path = d / "meta.json"
