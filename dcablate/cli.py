@@ -353,8 +353,12 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
     return model.to(device)
 
 
+EVAL_SETTABLE = ("task.", "eval.", "run.device", "model.backend", "train.precision")  # what eval may --set
+
+
 @cli.command(name="eval")
-@click.option("--task", "task_kind", type=RegisteredName(TASKS), required=True, help="What to measure.")
+@click.option("--task", "task_kind", type=RegisteredName(TASKS), default=None,
+              help="What to measure (default: the task the run was trained on).")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
               "the run's validation split.")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
@@ -366,8 +370,16 @@ def eval_(task_kind, run_dir, overrides, data):
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     if not recipe_path.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
+        below = sorted(p.parent for p in run_dir.glob("*/recipe.toml"))
+        hint = f"; it holds {len(below)} run{'s' if len(below) != 1 else ''}, e.g. --run '{below[0]}'" if below else ""
+        raise UserError(f"{run_dir}: not a run directory (no recipe.toml){hint}")
+    for o in overrides:
+        key = o.partition("=")[0].strip()
+        if not key.startswith(EVAL_SETTABLE):
+            raise UserError(f"--set {o}: eval re-measures a trained run and cannot change how it was trained or its "
+                            f"model; it takes {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_SETTABLE)}")
     r = config.load(str(recipe_path), list(overrides))
+    task_kind = task_kind or r.task.kind
     if r.task.kind != task_kind:
         raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}'")
 

@@ -161,6 +161,9 @@ CASES = [
     Case("recipe-is-a-directory", ["run", "somedir", *DRY], ("somedir: not a file",), dirs=("somedir",)),
     # --- extends
     bad("extends-missing", 'extends = "base.toml"\n', "r.toml: extends: no such file", "base.toml"),
+    bad("extends-a-copied-shipped-recipe", 'extends = "mqar_base.toml"\n', "r.toml: extends: no such file",
+        '(did you mean extends = "paper/mqar_base"?)'),
+    bad("extends-misspelled-shipped", 'extends = "quickstartt"\n', '(did you mean extends = "quickstart"?)'),
     Case("extends-cycle", ["run", "a.toml", *DRY], ("b.toml: extends: cycle: a.toml -> b.toml -> a.toml",),
          files={"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'}),
     bad("extends-self", 'extends = "r.toml"\n', "r.toml: extends: cycle: r.toml -> r.toml"),
@@ -198,6 +201,12 @@ CASES = [
     bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
     bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),
     bad_set("set-sweep-not-a-table", ["sweep=3"], "--set: sweep: must be a table"),
+    Case("set-a-swept-key", ["run", "r.toml", *DRY, "--set", "model.d_model=48"],
+         ("--set model.d_model=48: model.d_model is swept ([sweep] in ", "r.toml: [32, 64])",
+          "--set 'sweep.model.d_model=[...]'"), files={"r.toml": OK + '[sweep]\n"model.d_model" = [32, 64]\n'}),
+    Case("info-set-a-swept-key", ["info", "r.toml", "--set", "model.d_model=48"],
+         ("--set model.d_model=48: model.d_model is swept",),
+         files={"r.toml": OK + '[sweep.model]\nd_model = [32, 64]\n'}),
     # --- eval
     Case("eval-missing-run-dir", ["eval", "--task", "mqar", "--run", "nope"], ("nope: no such run directory",)),
     Case("eval-dir-without-recipe", ["eval", "--task", "mqar", "--run", "somedir"],
@@ -209,7 +218,12 @@ CASES = [
     Case("eval-bad-set", ["eval", "--task", "mqar", "--run", "rd", "--set", "task.mqar.test=[{seq_len=63}]"],
          ("--set", "task.mqar.test", "seq_len", "must be even"), files={"rd/recipe.toml": OK}),
     Case("eval-bad-task", ["eval", "--task", "text", "--run", "rd"], ("Invalid value for '--task'", "'text'")),
-    Case("eval-missing-task", ["eval", "--run", "rd"], ("Missing option '--task'",)),
+    Case("eval-without-task-reads-the-runs", ["eval", "--run", "rd"], ("final.pt: no checkpoint here",),
+         files={"rd/recipe.toml": OK}),
+    Case("eval-set-a-training-key", ["eval", "--run", "rd", "--set", "train.lr=1"],
+         ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.*"), files={"rd/recipe.toml": OK}),
+    Case("eval-a-sweep-folder", ["eval", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds 1 run, "
+         "e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
     # --- info
     Case("info-bad-recipe", ["info", "r.toml"], ("r.toml: model.d_modle", "did you mean 'd_model'"),
          files={"r.toml": "[model]\nd_modle = 64\n"}),

@@ -97,7 +97,7 @@ def variants_of(recipe: str, overrides: list[str], compare: list[str]) -> list[t
             break
     if len(out) > MAX_VARIANTS:
         raise UserError(f"bench train: more than {MAX_VARIANTS} variants (--compare entries x [sweep] grid "
-                        f"points); bench fewer at a time, e.g. --set to pin a sweep axis")
+                        f"points); bench fewer at a time, e.g. --set 'sweep.KEY=[VALUE]' to pin a sweep axis")
     return out
 
 

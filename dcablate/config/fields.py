@@ -30,5 +30,5 @@ def describe_value(value) -> str:
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
     return f"{type(value).__name__} {value!r}"

@@ -57,6 +57,17 @@ def find_recipe(ref: str) -> Path:
                     f"`dcablate recipes` lists the shipped ones")
 
 
+def _shipped_hint(ref: str, shipped: dict[str, Path]) -> str:
+    """` (did you mean extends = "paper/mqar_base"?)` for an `extends` that names a shipped recipe by its file name
+    only (a shipped recipe copied out of its folder) or misspells one; '' when nothing is close."""
+    name = ref.removesuffix(RECIPE_SUFFIX)
+    same_file = [n for n in shipped if Path(n).name == Path(name).name]
+    if len(same_file) == 1:
+        return f' (did you mean extends = "{same_file[0]}"?)'
+    close = did_you_mean(name, shipped)
+    return close.replace("(did you mean '", '(did you mean extends = "').replace("'?)", '"?)') if close else ""
+
+
 def _read_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
@@ -105,7 +116,8 @@ def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict:
         if not parent.is_file():
             shipped = shipped_recipes()
             if parent_ref.removesuffix(RECIPE_SUFFIX) not in shipped:
-                raise RecipeError(str(path), "extends", f"no such file: {parent}")
+                raise RecipeError(str(path), "extends", f"no such file: {parent}, nor a shipped recipe of that name"
+                                  f"{_shipped_hint(parent_ref, shipped)}")
             parent = shipped[parent_ref.removesuffix(RECIPE_SUFFIX)]
         base = _load_raw(parent, origins, (*chain, path))
     return _merge(base, data, origins, str(path))
@@ -148,12 +160,26 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
     path = find_recipe(ref)
     origins: dict[str, str] = {}
     data = _load_raw(path, origins)
+    set_keys = []
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value, origins, "--set")
+        set_keys.append((key, text))
     if isinstance(data.get("sweep"), dict):
         data["sweep"] = flatten(data["sweep"])
+        _check_not_swept(data["sweep"], set_keys, origins, path)
     return data, origins, path
+
+
+def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str]], origins: dict, path: Path) -> None:
+    """A `--set` of a key the sweep sets at every point would be overridden by it: a UserError, naming the axis."""
+    for key, text in set_keys:
+        if key in sweep and key not in RESERVED:
+            where = origins.get(f"sweep.{key}", str(path))
+            values = str(sweep[key]) if len(str(sweep[key])) <= 60 else str(sweep[key])[:57] + "..."
+            raise UserError(f"--set {text}: {key} is swept ([sweep] in {where}: {values}), and "
+                            f"the sweep sets it at every point; set the axis instead (--set 'sweep.{key}=[...]'), "
+                            f"or drop the sweep (--set 'sweep={{}}')")
 
 
 def flatten(table: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
@@ -303,7 +329,7 @@ def _fit_warmup(r, origins: dict, src: str) -> None:
     if t.tokens or t.tokens_per_param or t.warmup_steps <= t.steps or where_w == where_s:
         return
     note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
-            f"warming up over {t.steps} steps")
+            f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}")
     if note not in _said:
         _said.add(note)
         logging.getLogger("dcablate").warning(f"note: {note}")

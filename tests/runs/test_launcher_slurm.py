@@ -91,7 +91,7 @@ def test_sigterm_stops_the_array_and_the_same_command_resumes(sweep, capsys):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, (out, err)
     assert "[1/1] conv.kind=none  stopped (slurm " in out and "interrupted (SIGTERM) at step" in out, out
-    assert "interrupted (SIGTERM): 1 runs stopped (checkpointed if training had begun), 0 not started" in err
+    assert "interrupted (SIGTERM): 1 run stopped (checkpointed if training had begun), 0 not started" in err
 
     (sweep / "slow.json").unlink()
     assert main(["run", "w.toml", "--launcher", "slurm", *sets]) == 0

@@ -53,6 +53,11 @@ class Outcome:
         return None if self.signal is None else signal.Signals(self.signal).name
 
 
+def plural(n: int, noun: str) -> str:
+    """`1 run`, `2 runs`."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def last_line(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
@@ -145,9 +150,9 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
     for job, code, line in out.failed:
         click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
     if out.signal_name:
-        raise Stop(f"interrupted ({out.signal_name}): {len(out.interrupted)} runs stopped (checkpointed if training "
-                   f"had begun), {out.not_started} not started, {len(out.failed)} failed; run the same command to "
-                   f"resume", 128 + out.signal)
+        raise Stop(f"interrupted ({out.signal_name}): {plural(len(out.interrupted), 'run')} stopped (checkpointed "
+                   f"if training had begun), {out.not_started} not started, {len(out.failed)} failed; run the same "
+                   f"command to resume", 128 + out.signal)
     if out.failed:
         raise Stop(f"error: {len(out.failed)} of {len(to_train)} runs failed (listed above); the others "
                    f"finished; fix the cause and run the same command to train the failed ones", 1)
