@@ -89,8 +89,8 @@ def test_default_count_on_cuda_from_memory_cores_and_the_cap():
 
 def test_default_count_on_cpu_from_cores_and_memory():
     n, line = default_count(False, GIB, cores=2, host_bytes=64 * GIB)
-    assert n == 1 and line == ("one run at a time in this process: 2 CPU cores at 4 threads per run (--workers N to "
-                               "train several at once)")
+    assert n == 1 and line == ("one run at a time in this process, on all 2 CPU cores (workers pay off from 4 cores "
+                               "per run; --workers N to train several at once)")
     n, line = default_count(False, GIB, cores=32, host_bytes=64 * GIB)
     assert n == 8 and line == "8 CPU workers: 32 cores at 4 threads per run (--workers N to choose)"
     n, line = default_count(False, 4 * GIB, cores=32, host_bytes=10 * GIB)
@@ -123,7 +123,7 @@ def test_the_cli_says_how_many_workers_and_why(sweep, capsys, monkeypatch):
     monkeypatch.setattr("dcablate.runs.launchers.slots.cpu_count", lambda: 2)
     assert main(["run", "w.toml", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("workers: one run at a time in this process: 2 CPU cores at 4 threads per run ")
+    assert out.startswith("workers: one run at a time in this process, on all 2 CPU cores (workers pay off ")
     assert main(["run", "w.toml", "--quiet", "--force-new", "--set", "train.steps=2"]) == 0  # not for a lone run
     assert main(["run", "w.toml", "--quiet", "--workers", "1"]) == 0  # nor when a flag chose
     assert "workers:" not in capsys.readouterr().out.split("\n", 2)[2]

@@ -80,7 +80,7 @@ def default_count(uses_cuda: bool, run_bytes: int, cores: int | None, gpus: int 
     n = max(1, min(by_cores, by_memory))
     memory = f", host memory for {by_memory} runs of about {gib(run_bytes)}" if by_memory < by_cores else ""
     if n == 1:
-        return 1, (f"one run at a time in this process: {cores} CPU core{'s' if cores != 1 else ''} at "
-                   f"{CPU_THREADS_PER_RUN} threads per run{memory} (--workers N to train several at once)")
+        return 1, (f"one run at a time in this process, on all {cores} CPU core{'s' if cores != 1 else ''} (workers "
+                   f"pay off from {CPU_THREADS_PER_RUN} cores per run{memory}; --workers N to train several at once)")
     return n, (f"{n} CPU workers: {cores} cores at {CPU_THREADS_PER_RUN} threads per run{memory} "
                f"(--workers N to choose)")
