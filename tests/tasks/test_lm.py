@@ -558,3 +558,16 @@ def test_a_batch_larger_than_the_training_windows_is_refused_not_shrunk():
     assert next(packed_batches(stream, 8, 5, seed=0)).shape == (5, 9)
     with pytest.raises(UserError, match=r"train.batch_size: 6 is more than the 5 training windows"):
         next(packed_batches(stream, 8, 6, seed=0))
+
+
+def test_a_missing_shipped_corpus_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as e:
+        source_files(str(tmp_path / "data" / "python-docs"))
+    assert str(e.value).endswith("no such file or folder; `dcablate data get python-docs` downloads it there")
+    with pytest.raises(UserError) as e:
+        source_files(str(tmp_path / "elsewhere" / "debian-docs"))
+    assert f"`dcablate data get debian-docs --dir {tmp_path / 'elsewhere' / 'debian-docs'}`" in str(e.value)
+    with pytest.raises(UserError) as e:
+        source_files(str(tmp_path / "my-text"))
+    assert str(e.value).endswith("my-text: no such file or folder")

@@ -64,7 +64,12 @@ def source_files(data: str, where: str = "task.lm.data") -> list[Path]:
         files = [path]
         what = ""
     else:
-        raise UserError(f"{where}: {data}: no such file or folder")
+        from dcablate.tasks.lm.corpus import CORPORA
+
+        here = path.resolve() == (Path("data") / path.name).resolve()
+        fetch = "" if path.name not in CORPORA else \
+            f"; `dcablate data get {path.name}{'' if here else f' --dir {data}'}` downloads it there"
+        raise UserError(f"{where}: {data}: no such file or folder{fetch}")
     if not files:
         raise UserError(f"{where}: {data}: {what}")
     for f in files:
