@@ -1,89 +1,124 @@
 """The compute section of `dcablate report`: loss against training FLOPs, and each variant's compute
-multiplier against its mixer's conv-free baseline (`scaling.py` does the fits).
+multiplier against its conv-free baseline (`scaling.py` does the fits, `multipliers.py` the table and its checks,
+`compute_points.py` chooses the runs).
 
-It appears when the runs of one mixer (and channel mixer) come in at least three sizes with their
-training FLOPs recorded (`summary.json` `train_flops`). For each size and variant the runs of the best
-learning rate are used, all their seeds; the loss is the final validation loss.
+It appears for each conv-free ladder that ran at three sizes or more with its training FLOPs recorded
+(`summary.json` `train_flops`). The loss is the final validation loss.
 """
 
 from __future__ import annotations
 
-import statistics
-from collections import defaultdict
 from pathlib import Path
 
 from dcablate.errors import UserError
-from dcablate.runs import scaling
-from dcablate.training.logs import _records
+from dcablate.runs import compute_points, multipliers, scaling
 
 
-def _tokens_per_s(run) -> float | None:
-    """The run's mean training throughput over its logged steps."""
-    rates = [rec["tokens_per_s"] for _, rec in _records(run.path / "metrics.jsonl")
-             if rec.get("kind") == "train" and "tokens_per_s" in rec]
-    return statistics.fmean(rates) if rates else None
-
-
-def points_by_group(table: dict, pick_lr, variant_name) -> dict[tuple[str, str], list[scaling.Point]]:
-    """`(mixer, ffn) -> points` from a report table `(variant, d_model) -> lr -> Cell` (finished runs), the
-    best learning rate's runs of each cell, those that recorded their training FLOPs."""
-    groups: dict[tuple[str, str], list[scaling.Point]] = defaultdict(list)
-    for (variant, _), by_lr in table.items():
-        mixer, _, _, ffn = variant
-        for run in by_lr[pick_lr(by_lr)].runs:
-            s = run.summary
-            if not s.get("train_flops") or "loss" not in s["final"]:
-                continue
-            groups[(mixer, ffn)].append(scaling.Point(
-                variant_name(variant), float(s["train_flops"]), float(s["final"]["loss"]), run.seed,
-                s["params"].get("non_embedding"), _tokens_per_s(run), float(s["tokens"])))
-    return groups
-
-
-def baseline_of(points: list[scaling.Point]) -> str | None:
-    """The variant without a conv, when the group has one."""
-    names = sorted({p.variant for p in points})
-    return next((v for v in names if v.split(" ")[1] == "conv=none"), None)
-
-
-def compute_section(root: Path, table: dict, pick_lr, variant_name, prefix: str = ""
-                    ) -> tuple[list[str], dict[str, Path]]:
-    """Markdown lines and figure files of the compute analysis: one part per mixer whose conv-free baseline
-    ran at 3 sizes or more ([] and {} when none did). `pick_lr(by_lr)` chooses a cell's learning rate,
-    `variant_name(variant)` names a variant."""
+def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str], dict[str, Path]]:
+    """Markdown lines and figure files of the compute analysis of a report table `(variant, d_model) -> lr ->
+    Cell`: one part per conv-free baseline that ran at 3 sizes or more ([] and {} when none did)."""
     lines: list[str] = []
     files: dict[str, Path] = {}
-    for (mixer, ffn), points in sorted(points_by_group(table, pick_lr, variant_name).items()):
-        baseline = baseline_of(points)
-        sizes = {p.params or p.compute for p in points if p.variant == baseline}
-        if baseline is None or len(sizes) < scaling.MIN_BASELINE_SIZES:
+    for group in compute_points.groups(table):
+        base = [p for p in group.points if p.variant == group.baseline]
+        if len({p.compute for p in base}) < scaling.MIN_BASELINE_SIZES:
             continue
-        title = mixer + ("" if ffn == "none" else f" + {ffn}")
-        lines += [f"## Compute: {title}", ""]
+        lines += [f"## Compute: {group.title}", ""]
         try:
-            rows = scaling.multiplier_table(points, baseline)
-            fit = scaling.fit_joint(points, baseline)
+            result = multipliers.compare(group.points, group.baseline)
         except UserError as e:
-            lines += [f"Not fitted: {e}", ""]
+            lines += [f"Not fitted: {e}", ""] + [f"- {n}" for n in group.notes] + ([""] if group.notes else [])
             continue
-        lines += [f"Joint fit `L = E + A·(m·C)^(-α)` over {len(points)} runs, the baseline at {len(sizes)} sizes: "
-                  f"E = {fit.E:.3f}, α = {fit.alpha:.3f}, rms relative residual {fit.rms:.2%}"
-                  + (" (E pinned at 0)" if fit.e_at_bound else "") + f"; baseline `{baseline}`. A multiplier "
-                  f"m means the baseline needs m× the training FLOPs for the same validation loss; the "
-                  f"interval is a 90% bootstrap over sizes and seeds; wall-clock: the same in training time, "
-                  f"from the measured tokens/s.", ""]
-        lines += ["| variant | compute multiplier | 90% interval | parameter multiplier | wall-clock multiplier | "
-                  "runs | seeds | note |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.2f} – {r['ci_high']:.2f}"
-            fmt = lambda x: "-" if x is None else f"{x:.2f}"
-            note = "outside the fitted range" if r["extrapolated"] else ""
-            lines.append(f"| {r['variant']} | {r['multiplier']:.2f} | {ci} | {fmt(r['param_multiplier'])} | "
-                         f"{fmt(r['wall_clock_multiplier'])} | {r['points']} | {r['seeds']} | {note} |")
-        name = f"{prefix}loss_vs_compute_{mixer}" + ("" if ffn == "none" else f"_{ffn}")
-        files[name] = _figure(root / f"{name}.png", fit, points, title)
-        lines += ["", f"![loss vs compute]({name}.png)", ""]
+        lines += _text(group, result) + _table(group, result) + _notes(group, result)
+        name = f"{prefix}loss_vs_compute_{group.slug}"
+        files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title)
+        lines += [f"![loss vs compute]({name}.png)", ""]
     return lines, files
+
+
+def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
+    fit = result.fit
+    used = sum(fit.points.values())
+    sizes = len({p.compute for p in group.points if p.variant == group.baseline})
+    return [
+        f"Joint fit `L = E + A·(m·C)^(-α)` over {used} runs, the baseline at {sizes} sizes: E = {fit.E:.3f}, "
+        f"α = {fit.alpha:.3f}, rms relative residual {fit.rms:.2%}" + (" (E pinned at 0)" if fit.e_at_bound else "")
+        + f"; baseline `{group.baseline}`. A multiplier m means the baseline needs m× the training FLOPs for the "
+        f"same final validation loss (C: training FLOPs, L: final validation loss).", "",
+        f"Runs: per variant and size, the learning rate with the lowest mean final validation loss over the seeds "
+        f"every learning rate has; where it has more seeds than those (`sweep.best_lr_seeds`), only those "
+        f"held-out seeds are fitted, else the chosen runs themselves, each then the minimum over the learning "
+        f"rates (column lr choice).", "",
+        f"Interval: 90% percentile bootstrap, {multipliers.N_BOOT} resamples. A resample draws, for every variant "
+        f"separately, as many of its sizes as it ran, with replacement, each drawn size bringing the runs of all "
+        f"its seeds, and redoes the joint fit (E, A, α and every m); only for variants run at "
+        f"{scaling.MIN_INTERVAL_SIZES} sizes or more (the others are left out of the resamples). Parameter "
+        f"multiplier: the same fit against non-embedding parameters (active ones for an MoE). Wall-clock: m times "
+        f"the variant's training throughput in FLOPs/s over the baseline's, the geometric mean of the ratios at "
+        f"the sizes both ran (`summary.json` tokens / `time_s.train`).", ""]
+
+
+def _table(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
+    lines = ["| variant | compute multiplier | 90% interval | parameter multiplier | wall-clock multiplier | sizes | "
+             "runs | seeds per size | lr choice | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for r in result.rows:
+        ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.2f} – {r['ci_high']:.2f}"
+        low, high = r["per_size"]
+        per_size = str(low) if low == high else f"{low}–{high}"
+        flags = []
+        if r["variant"] != group.baseline and r["extrapolated"]:
+            flags.append(f"outside the baseline's range: {r['inside']:.0%} of runs inside")
+        if r["param_extrapolated"] and r["variant"] != group.baseline:
+            flags.append(f"parameters outside the baseline's range: {r['param_inside']:.0%} inside")
+        if r["slope_differs"]:
+            flags.append("own slope differs")
+        lines.append(f"| {r['variant']} | {r['multiplier']:.2f} | {ci} | {fmt(r['param_multiplier'])} | "
+                     f"{fmt(r['wall_clock_multiplier'])} | {r['sizes']} | {r['points']} | {per_size} | "
+                     f"{_how(group.how.get(r['variant']))} | {'; '.join(flags)} |")
+    return lines + [""]
+
+
+def _how(how) -> str:
+    """The lr column: how the variant's cells chose their runs, `held-out seeds` or `min over 4 lrs` (with how
+    many sizes when they differ)."""
+    if not how:
+        return ""
+    if len(how) == 1:
+        return next(iter(how))
+    return ", ".join(f"{kind} ({n} sizes)" for kind, n in sorted(how.items()))
+
+
+def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
+    """The notes below the table: what left a number out, and the flags explained."""
+    out = []
+    for r in result.rows:
+        v = r["variant"]
+        if r["ci_note"]:
+            out.append(f"`{v}`: no interval ({r['ci_note']}).")
+        if r["slope"] is not None and v != group.baseline:
+            s = r["slope"]
+            change = r["slope_change"]
+            text = (f"`{v}`: fitted with its own exponent, α = {s.alpha:.3f} (joint {result.fit.alpha:.3f}); its "
+                    f"loss-matched multiplier is {s.m_at_high_loss:.2f} at the baseline's largest loss and "
+                    f"{s.m_at_low_loss:.2f} at its smallest")
+            if change is not None:
+                text += f" (90% interval of the ratio {change[0]:.2f} – {change[1]:.2f})"
+            if r["slope_differs"]:
+                out.append(text + ": the multiplier changes with scale; the joint fit's m is the one at the "
+                                  "variant's own sizes.")
+        if r["wall_clock_multiplier"] is not None and len(r["wall_devices"]) > 1:
+            out.append(f"`{v}`: wall-clock from runs on different devices ({', '.join(r['wall_devices'])}).")
+    for v, why in result.dropped.items():
+        out.append(f"`{v}`: not fitted: {why}.")
+    if result.param_note and result.param_fit is None:
+        out.append(f"No parameter multiplier: {result.param_note}.")
+    out += group.notes
+    if any(r["extrapolated"] or r["param_extrapolated"] for r in result.rows):
+        out.append("Outside the baseline's range: fewer than half of the variant's runs, moved onto the "
+                   "baseline's axis (m × C), lie within the baseline's fitted sizes, so its multiplier rests "
+                   "mostly on the fitted curve's shape beyond the baseline's runs.")
+    return (["Notes:", ""] + [f"- {n}" for n in out] + [""]) if out else []
 
 
 def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: str) -> Path:
@@ -99,10 +134,11 @@ def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: st
         mine = [p for p in points if p.variant == v]
         color = colors[i % len(colors)]
         ax.scatter([p.compute for p in mine], [p.loss for p in mine], color=color, s=14, label=v)
-        lo, hi = fit.compute_range[v]
-        xs = np.geomspace(lo / 1.5, hi * 1.5, 50)
-        ax.plot(xs, fit.predict(v, xs), color=color, lw=1, alpha=0.8)
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss (nats/token)",
+        if v in fit.compute_range:  # a variant left out of the fit has its runs but no curve
+            lo, hi = fit.compute_range[v]
+            xs = np.geomspace(lo / 1.5, hi * 1.5, 50)
+            ax.plot(xs, fit.predict(v, xs), color=color, lw=1, alpha=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="final validation loss (nats/token)",
            title=f"{title}: loss vs compute (fit: E={fit.E:.2f}, α={fit.alpha:.2f})")
     ax.legend(fontsize=7)
     fig.tight_layout()

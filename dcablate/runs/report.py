@@ -1,8 +1,9 @@
 """`dcablate report DIR`: tables and figures over every run below DIR (docs/sweeps.md).
 
 A run is a directory holding `recipe.toml`; it is finished when it also holds `summary.json`. Its
-variant is (mixer, conv kind, conv placement, ffn) and its grid point (d_model, lr, seed), all read
-from the resolved recipe. The score of a run is `summary.json`'s `best` evaluation: the highest
+variant is (mixer, conv kind, conv placement, ffn) plus any other recipe key that differs between runs of that
+name (`variants.py`: `conv.rank=4`), and its grid point (d_model, lr, seed), all read from the resolved
+recipe. The score of a run is `summary.json`'s `best` evaluation: the highest
 overall MQAR accuracy during training (Zoology's convention), or for language modelling the lowest
 validation bits per byte; per width, the learning rate with the best mean score over seeds is
 selected, and its mean ± std over seeds reported, with how soon the runs reached target values of the metric
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import statistics
 import tomllib
 from collections import defaultdict
@@ -25,7 +27,7 @@ from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
-from dcablate.runs import efficiency, suite
+from dcablate.runs import efficiency, suite, variants
 from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
@@ -48,7 +50,7 @@ def metric_of(task: str) -> Metric:
 @dataclass
 class Run:
     path: Path
-    variant: tuple[str, str, str, str]  # mixer, conv kind, conv placement, ffn
+    variant: tuple  # mixer, conv kind, conv placement, ffn, then (key, value) pairs of other differences
     d_model: int
     lr: float
     seed: int
@@ -57,6 +59,7 @@ class Run:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score) of each evaluation
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each train record
     tokens_seen: list[tuple[int, int]] = field(default_factory=list)  # (step, training tokens so far), train records
+    recipe: dict = field(default_factory=dict)  # the flat keys that shape the run (variants.recipe_keys)
 
     @property
     def score(self) -> float:
@@ -73,14 +76,19 @@ class Cell:
 
     def std(self, key: str = "overall") -> float | None:
         """Sample standard deviation over seeds; None with one seed."""
-        values = [r.summary["best"].get(key, float("nan")) for r in self.runs]
-        return statistics.stdev(values) if len(values) > 1 else None
+        values = [float(r.summary["best"].get(key, float("nan"))) for r in self.runs]
+        if len(values) < 2:
+            return None
+        # statistics.stdev fails on a NaN (a diverged run); its spread is undefined, not an error
+        return statistics.stdev(values) if all(map(math.isfinite, values)) else float("nan")
 
 
 def variant_name(v: tuple) -> str:
-    mixer, kind, placement, ffn = v
+    """`gated_deltanet conv=dynamic@qkv ffn=mlp conv.rank=4`: the name, then the variant's other keys."""
+    mixer, kind, placement, ffn = v[:4]
     conv = "conv=none" if kind == "none" else f"conv={kind}@{placement}"
-    return f"{mixer} {conv}" + ("" if ffn == "none" else f" ffn={ffn}")
+    extra = variants.label(v[4:])
+    return f"{mixer} {conv}" + ("" if ffn == "none" else f" ffn={ffn}") + (f" {extra}" if extra else "")
 
 
 def conv_label(conv) -> str:
@@ -115,7 +123,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         mixer = "+".join(m.mixer) if isinstance(m.mixer, list) else m.mixer
         placement = "-" if m.conv.kind == "none" else m.conv.placement  # no conv: placement is moot
         run = Run(run_dir, (mixer, conv_label(m.conv), placement, m.ffn), m.d_model, r.train.lr, r.run.seed,
-                  r.task.kind)
+                  r.task.kind, recipe=variants.recipe_keys(r))
         summary_file = run_dir / "summary.json"
         if summary_file.is_file():
             try:
@@ -143,6 +151,12 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
                               f"and run.out_dir); counted once"))
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
+    # finished runs only (an unfinished one is listed by its folder); the suite's tasks name their variants by
+    # their own protocol (suite.collect)
+    tables = [run for run in runs if run.summary is not None and not suite.is_suite_task(run.task)]
+    for run, extra in zip(tables, variants.ladder_extras(tables, lambda run: (run.task, run.variant),
+                                                         lambda run: run.recipe)):
+        run.variant = (*run.variant, *extra)
     return runs, bad
 
 
@@ -152,22 +166,30 @@ def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:
     for run in runs:
         if run.summary is not None:
             cells[(run.variant, run.d_model)][run.lr].append(run)
-    return {k: {lr: Cell(rs) for lr, rs in sorted(by_lr.items())} for k, by_lr in sorted(cells.items())}
+    return {k: {lr: Cell(rs) for lr, rs in sorted(by_lr.items())}
+            for k, by_lr in sorted(cells.items(), key=lambda kv: (variants.sort_key(kv[0][0]), kv[0][1]))}
 
 
-def best_lr(by_lr: dict[float, Cell], metric: Metric) -> float:
+def shared_seeds(by_lr: dict[float, Cell]) -> set[int]:
+    """The seeds that every learning rate of a cell has."""
+    return set.intersection(*({r.seed for r in cell.runs} for cell in by_lr.values()))
+
+
+def best_lr(by_lr: dict[float, Cell], metric: Metric, record: str = "best") -> float:
     """The learning rate with the best mean score over the seeds that every learning rate of the cell has (over
-    all its seeds where they share none); the smaller lr on a tie. Choosing on the shared seeds keeps seeds
-    added at one learning rate only (`sweep.best_lr_seeds`) from changing which one is chosen: they measure the
-    choice, they do not make it."""
+    all its seeds where they share none); the smaller lr on a tie. A score is `summary.json[record][metric.key]`;
+    a missing or non-finite one (a diverged run) makes its learning rate's mean the worst. Choosing on the shared
+    seeds keeps seeds added at one learning rate only (`sweep.best_lr_seeds`) from changing which one is chosen:
+    they measure the choice, they do not make it."""
     sign = 1 if metric.higher_is_better else -1
-    shared = set.intersection(*({r.seed for r in cell.runs} for cell in by_lr.values()))
+    shared = shared_seeds(by_lr)
 
     def score(cell: Cell) -> float:
         runs = [r for r in cell.runs if r.seed in shared] or cell.runs
-        return statistics.fmean(r.summary["best"].get(metric.key, float("nan")) for r in runs)
+        mean = statistics.fmean(float(r.summary[record].get(metric.key, float("nan"))) for r in runs)
+        return sign * mean if math.isfinite(mean) else -math.inf
 
-    return max(by_lr, key=lambda lr: (sign * score(by_lr[lr]), -lr))
+    return max(by_lr, key=lambda lr: (score(by_lr[lr]), -lr))
 
 
 def segments_of(runs: list[Run], metric: Metric) -> list[str]:
@@ -251,7 +273,7 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
                             continue
                         r = efficiency.reached(cell.runs, t, metric.higher_is_better)
                         speed += ["" if r.steps is None else r.steps, "" if r.tokens is None else r.tokens, r.count]
-                    w.writerow([task, variant_name(variant), *variant, d_model, lr, len(cell.runs),
+                    w.writerow([task, variant_name(variant), *variant[:4], d_model, lr, len(cell.runs),
                                 cell.mean(metric.key), "" if std is None else std, lr == chosen,
                                 *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
                                 first.get("state_floats", ""), first.get("params", {}).get("total", ""), *speed])
@@ -262,8 +284,7 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
         out.update(figures)
         lines += _section(task, table, segs, metric, figures, titled=len(tasks) + bool(suite_lines) > 1,
                           targets=targets[task])
-        compute_lines, compute_figures = compute_section(root, table, lambda by_lr: best_lr(by_lr, metric),
-                                                         variant_name, prefix="" if task == "mqar" else f"{task}_")
+        compute_lines, compute_figures = compute_section(root, table, prefix="" if task == "mqar" else f"{task}_")
         lines += compute_lines
         out.update(compute_figures)
     lines += suite_lines

@@ -8,8 +8,8 @@ runs of every variant at several sizes with one joint fit,
 
 sharing the irreducible loss `E`, the scale `A` and the exponent `alpha` between the variants; a variant
 only shifts the curve along the compute axis, so `m_v` reads as "effective compute per FLOP". The same
-fit with the parameter count `N` in place of `C` gives a parameter multiplier (`parameter_multiplier`),
-and `wall_clock_multiplier` converts the compute multiplier to training time.
+fit with the parameter count `N` in place of `C` gives a parameter multiplier (`parameter_multiplier`);
+`multipliers.py` builds the report's table on these fits (wall-clock multipliers, the checks).
 
 Objective: least squares on the relative residuals `(L_i - L̂_i) / L_i`, i.e. least squares on `L` with
 fixed weights `1 / L_i²`. To first order this is least squares on `log L`: a size's seed-to-seed
@@ -28,7 +28,8 @@ Method (numpy only, deterministic):
 
 (On the grid, `A = B_baseline` and `m_v = (B_baseline / B_v)**(1/alpha)`, which starts step 2.)
 A multiplier is only as good as the shared-exponent assumption: a variant that changes the slope of
-its curve, not just its position, gets a multiplier that depends on the sizes it was run at.
+its curve, not just its position, gets a multiplier that depends on the sizes it was run at;
+`multipliers.py` checks it (and the rest of what the report says about a multiplier).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from dcablate.errors import UserError, did_you_mean
 CI_LEVEL = 0.90  # bootstrap percentile interval: the 5th and 95th percentiles
 MIN_BASELINE_SIZES = 3  # E, A and alpha need at least three distinct baseline sizes
 MIN_VARIANT_POINTS = 2
+# a variant's interval needs this many distinct sizes: resampling one or two sizes gives the same one or two
+# sizes back in most draws, and an interval far too narrow
+MIN_INTERVAL_SIZES = 3
 MAX_LOG_MULTIPLIER = math.log(1e9)  # a fitted multiplier outside [1e-9, 1e9] means the variant's curve ran off
 
 AXES = {"compute": "training FLOPs", "params": "parameter count"}
@@ -53,8 +57,9 @@ AXES = {"compute": "training FLOPs", "params": "parameter count"}
 class Point:
     """One finished run. `compute` is its training FLOPs and `loss` its final validation loss; `params`
     (parameter count) is needed for the parameter multiplier, `tokens_per_s` (measured training
-    throughput) and `tokens` (training tokens, so that FLOPs per token = compute / tokens) for the
-    wall-clock multiplier."""
+    throughput), `tokens` (training tokens, so that FLOPs per token = compute / tokens) and `size` (what
+    makes two variants' runs the same size, e.g. `d_model`) for the wall-clock multiplier; `device` names the
+    hardware the throughput was measured on."""
 
     variant: str
     compute: float
@@ -63,6 +68,8 @@ class Point:
     params: int | None = None
     tokens_per_s: float | None = None
     tokens: float | None = None
+    size: object = None
+    device: str | None = None
 
 
 @dataclass
@@ -132,105 +139,131 @@ def parameter_multiplier(points: Iterable[Point], baseline: str) -> Fit:
 
 def bootstrap(points: Iterable[Point], baseline: str, n: int = 200, seed: int = 0, *,
               axis: str = "compute") -> dict[str, tuple[float, float]]:
-    """90% percentile bootstrap intervals of every variant's multiplier: `{variant: (low, high)}`, the
-    baseline's being (1, 1).
+    """90% percentile bootstrap intervals of the multipliers: `{variant: (low, high)}`, the baseline's being
+    (1, 1), for the variants with runs at `MIN_INTERVAL_SIZES` (3) distinct sizes or more; the others get
+    none and are left out of the resamples.
 
     Resampling unit: a cluster is one (variant, size) cell with all its seeds. Each resample draws, for
-    every variant separately, as many clusters as the variant has, with replacement, and refits. Seeds of
-    one size are not independent evidence about the curve (they share the size's hyper-parameters and
-    data), so they move together; with one seed per size this is plain resampling of runs. A resample
-    whose fit fails (no decreasing curve) is redrawn; more than `n` failures raise `UserError`.
-    Deterministic for a given `seed` (numpy's PCG64), whatever the order of `points`."""
-    data = _Data.of(list(points), baseline, axis)
-    k = len(data.variants)
-    theta0, _, _ = _solve(data.t, data.loss, data.group, k, names=data.variants)
-    # clusters[v]: index arrays of the points of variant v at each of its sizes, in a canonical order
-    clusters = []
-    for v in range(k):
-        idx = np.flatnonzero(data.group == v)
-        sizes = np.unique(data.x[idx])
-        clusters.append([idx[data.x[idx] == s] for s in sizes])
-    rng = np.random.default_rng(seed)
-    draws: list[np.ndarray] = []
-    failures = 0
-    while len(draws) < n:
-        chosen = [c[j] for c in clusters for j in rng.integers(0, len(c), size=len(c))]
-        idx = np.concatenate(chosen)
-        try:
-            # warm start at the full-data fit: a resample's optimum lies close to it, and it skips the grid
-            theta, _, _ = _solve(data.t[idx], data.loss[idx], data.group[idx], k, start=theta0)
-        except UserError:
-            failures += 1
-            if failures > n:
-                raise UserError(f"bootstrap: {failures} of the resampled fits failed; the scaling fit is "
-                                f"too unstable for intervals") from None
-            continue
-        draws.append(np.exp(theta[3:]))
-    m = np.array(draws).reshape(n, k - 1)
-    tail = 100 * (1 - CI_LEVEL) / 2
-    low, high = np.percentile(m, tail, axis=0), np.percentile(m, 100 - tail, axis=0)
-    out = {data.variants[0]: (1.0, 1.0)}
-    out.update({v: (float(lo), float(hi)) for v, lo, hi in zip(data.variants[1:], low, high)})
-    return out
+    every variant separately, as many clusters as the variant has, with replacement, and redoes the joint
+    fit (E, A, alpha and every multiplier). Seeds of one size are not independent evidence about the curve
+    (they share the size's hyper-parameters and data), so they move together; with one seed per size this
+    is plain resampling of runs. A resample whose fit fails (no decreasing curve) is redrawn; more than `n`
+    failures raise `UserError`. Deterministic for a given `seed` (numpy's PCG64), whatever the order of
+    `points`."""
+    return _Draws.of(list(points), baseline, n, seed, axis).intervals()[0]
 
 
-def wall_clock_multiplier(fit: Fit, points: Iterable[Point]) -> dict[str, float]:
-    """The compute multiplier in training time: `m_v · R_v / R_baseline`, where `R` is a variant's mean
-    training throughput in FLOPs per second over its runs, a run's being `tokens_per_s · compute / tokens`
-    (its tokens per second times its FLOPs per token).
-
-    Meaning: the baseline needs `m_v` times the FLOPs, i.e. `m_v · R_v / R_b` times the wall-clock time
-    of the variant, to reach the same loss on the same hardware. A dynamic conv adds little compute but
-    runs at a lower FLOPs/s (memory-bound kernels), so its wall-clock multiplier is below its compute
-    multiplier; a value below 1 means the baseline gets there sooner. Only runs with both `tokens_per_s`
-    and `tokens` count; variants without any (or all of them when the baseline has none) are left out.
-    The mean is over whichever sizes each variant ran, so compare variants run at the same sizes."""
-    if fit.axis != "compute":
-        raise ValueError("wall_clock_multiplier needs a fit against compute, not parameters")
-    rates: dict[str, list[float]] = {}
-    for p in points:
-        if p.variant in fit.multipliers and p.tokens_per_s and p.tokens:
-            rates.setdefault(p.variant, []).append(p.tokens_per_s * p.compute / p.tokens)
-    if fit.baseline not in rates:
-        return {}
-    base = float(np.mean(rates[fit.baseline]))
-    return {v: fit.multipliers[v] * float(np.mean(r)) / base for v, r in rates.items()}
+def intervals(points: Iterable[Point], baseline: str, n: int, seed: int = 0, fit: Fit | None = None
+              ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+    """`bootstrap`'s multiplier intervals and, from the same resamples, each variant's 90% interval of the
+    change of its loss-matched multiplier across the baseline's losses (`multipliers.own_slope`: the factor
+    `m_at_low_loss / m_at_high_loss`, for variants at 4 sizes or more). `fit`: the joint fit of `points` (against
+    compute), which saves a fit."""
+    return _Draws.of(list(points), baseline, n, seed, "compute", fit).intervals()
 
 
-def multiplier_table(points: Iterable[Point], baseline: str, n_boot: int = 200, seed: int = 0) -> list[dict]:
-    """One row per variant (the baseline first): `variant`, `multiplier` (compute), `ci_low`, `ci_high`
-    (90% bootstrap, `n_boot` resamples), `param_multiplier` (None unless every run has `params`),
-    `wall_clock_multiplier` (None without throughput), `points`, `seeds`, and `extrapolated`.
+@dataclass
+class _Draws:
+    """The bootstrap's resampled fits: `m[i, j]` the multiplier of `variants[j + 1]` in resample i, `change[i,
+    j]` the log of its loss-matched multiplier at the baseline's smallest loss over the one at its largest, from
+    the variant refitted with its own exponent (`slope_refit`; NaN where a resample holds fewer than 3 of the
+    variant's sizes)."""
 
-    `extrapolated` is True when the variant's fitted compute range, moved onto the baseline's axis (times
-    `m_v`), does not overlap the baseline's fitted range: no loss was reached by runs of both, so the
-    multiplier rests on the fitted curve shape alone."""
-    points = list(points)
-    fit = fit_joint(points, baseline)
-    ci = bootstrap(points, baseline, n=n_boot, seed=seed) if n_boot else {}
-    param = None
-    if all(p.params is not None for p in points):
-        param = parameter_multiplier(points, baseline).multipliers
-    wall = wall_clock_multiplier(fit, points)
-    b_lo, b_hi = fit.compute_range[baseline]
-    rows = []
-    for v, m in fit.multipliers.items():
-        lo, hi = fit.compute_range[v]
-        rows.append({
-            "variant": v,
-            "multiplier": m,
-            "ci_low": ci.get(v, (None, None))[0],
-            "ci_high": ci.get(v, (None, None))[1],
-            "param_multiplier": None if param is None else param[v],
-            "wall_clock_multiplier": wall.get(v),
-            "points": fit.points[v],
-            "seeds": len(fit.seeds[v]),
-            "extrapolated": bool(m * hi < b_lo or m * lo > b_hi),
-        })
-    return rows
+    variants: list[str]
+    m: np.ndarray
+    change: np.ndarray
+
+    @classmethod
+    def of(cls, points: list[Point], baseline: str, n: int, seed: int, axis: str, fit: Fit | None = None
+           ) -> "_Draws":
+        """`n` resamples of `points`; `fit`, the joint fit of all of them when the caller has it, starts the
+        fit of the resampled variants' points close to its optimum (no grid search)."""
+        x = (lambda p: p.compute) if axis == "compute" else (lambda p: p.params)
+        sizes: dict[str, set] = {}
+        for p in points:
+            sizes.setdefault(p.variant, set()).add(x(p))
+        points = [p for p in points if p.variant == baseline or len(sizes[p.variant]) >= MIN_INTERVAL_SIZES]
+        data = _Data.of(points, baseline, axis)
+        k = len(data.variants)
+        start = None
+        if fit is not None:
+            start = np.array([fit.E, math.log(fit.A) - fit.alpha * math.log(data.x_ref), fit.alpha]
+                             + [math.log(fit.multipliers[v]) for v in data.variants[1:]])
+        theta0, _, _ = _solve(data.t, data.loss, data.group, k, start=start, names=data.variants)
+        # clusters[v]: index arrays of the points of variant v at each of its sizes, in a canonical order
+        clusters = []
+        for v in range(k):
+            idx = np.flatnonzero(data.group == v)
+            clusters.append([idx[data.x[idx] == s] for s in np.unique(data.x[idx])])
+        rng = np.random.default_rng(seed)
+        draws, changes = [], []
+        failures = 0
+        while len(draws) < n:
+            idx = np.concatenate([c[j] for c in clusters for j in rng.integers(0, len(c), size=len(c))])
+            t, loss, group = data.t[idx], data.loss[idx], data.group[idx]
+            try:
+                # warm start at the full-data fit: a resample's optimum lies close to it, and it skips the grid
+                theta, _, _ = _solve(t, loss, group, k, start=theta0)
+            except UserError:
+                failures += 1
+                if failures > n:
+                    raise UserError(f"bootstrap: {failures} of the resampled fits failed; the scaling fit is "
+                                    f"too unstable for intervals") from None
+                continue
+            draws.append(np.exp(theta[3:]))
+            t_b = t[group == 0]
+            change = []
+            for v in range(1, k):
+                mine = group == v
+                slope = slope_refit(theta, v, t[mine], loss[mine], t_b.min(), t_b.max())
+                change.append(np.nan if slope is None else slope[2] - slope[1])
+            changes.append(change)
+        return cls(data.variants, np.array(draws).reshape(n, k - 1), np.array(changes, dtype=float).reshape(n, k - 1))
+
+    def intervals(self) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
+        """The 90% percentile intervals of the multipliers (the baseline's (1, 1)) and of the slope changes
+        (as factors, `exp(change)`, over the resamples where it is defined; none for a variant where it is not
+        in half of them or more, i.e. in practice below 4 sizes)."""
+        tail = 100 * (1 - CI_LEVEL) / 2
+        low, high = np.percentile(self.m, tail, axis=0), np.percentile(self.m, 100 - tail, axis=0)
+        out = {self.variants[0]: (1.0, 1.0)}
+        out.update({v: (float(lo), float(hi)) for v, lo, hi in zip(self.variants[1:], low, high)})
+        changes = {}
+        for j, v in enumerate(self.variants[1:]):
+            c = self.change[:, j]
+            c = c[np.isfinite(c)]
+            # at 3 sizes only ~1 resample in 5 holds all three: too few, and all alike, for an interval
+            if len(c) >= len(self.change) / 2:
+                changes[v] = (float(np.exp(np.percentile(c, tail))), float(np.exp(np.percentile(c, 100 - tail))))
+        return out, changes
+
+
+def slope_refit(theta: np.ndarray, v: int, t: np.ndarray, loss: np.ndarray, t_lo: float, t_hi: float
+                ) -> tuple[float, float, float] | None:
+    """(alpha_v, log m at the baseline's loss at t_lo, log m at its loss at t_hi) of variant `v` (theta[2 + v]
+    its log multiplier) refitted alone on its points (t, loss) with E = theta[0] fixed; None with fewer than
+    `MIN_INTERVAL_SIZES` distinct t or no falling curve."""
+    centre = np.unique(t)
+    if len(centre) < MIN_INTERVAL_SIZES:
+        return None
+    c = float(np.mean(centre))  # centred, as the joint fit is, so that B and alpha_v are not collinear
+    e, a, alpha, u = theta[0], theta[1], theta[2], theta[2 + v]
+    start = np.array([e, a - alpha * (c + u), alpha])
+    own, _ = _levenberg_marquardt(start, t - c, loss, np.zeros(len(t), dtype=int), 1, fix_e=True)
+    if not (np.all(np.isfinite(own)) and own[2] > 0):
+        return None
+
+    def log_m(t_base: float) -> float:
+        gap = a - alpha * t_base  # log of the baseline's reducible loss there, L - E
+        return t_base - (c + (own[1] - gap) / own[2])  # log x_baseline - log x_variant for that loss
+
+    return float(own[2]), log_m(t_lo), log_m(t_hi)
 
 
 # ----------------------------------------------------------------------------------------- internals
+
+
+
 
 
 @dataclass
@@ -326,9 +359,18 @@ def _solve(t: np.ndarray, loss: np.ndarray, group: np.ndarray, k: int, start: np
     # it is flat; a multiplier beyond 1e9 either way is that, not a measurement
     lost = [v for v in range(1, k) if not abs(theta[2 + v]) <= MAX_LOG_MULTIPLIER]
     if lost:
-        raise UserError(f"scaling fit: no finite multiplier fits variant {', '.join(_name(names, v) for v in lost)}"
-                        f" (its loss does not fall as the size grows like the baseline's)")
+        raise Unplaced(f"scaling fit: no finite multiplier fits variant {', '.join(_name(names, v) for v in lost)}"
+                        f" (its loss does not fall as the size grows like the baseline's)",
+                        [names[v] for v in lost if v < len(names)])
     return theta, e_fixed, cost
+
+
+class Unplaced(UserError):
+    """The joint fit slid these variants' curves off to a multiplier of 0 or infinity."""
+
+    def __init__(self, message: str, variants: list[str]):
+        super().__init__(message)
+        self.variants = variants
 
 
 def _name(names: Sequence[str], v: int) -> str:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-import tomllib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcablate.config import flatten
+from dcablate.runs import variants
 from dcablate.training.checkpoint import RESUME_FREE
 
 SUITE_TASKS = ("recall", "fuzzy_recall", "noisy_recall", "selective_copy", "compression", "memorization")
@@ -35,9 +34,6 @@ GRID_KEYS = ("train.lr", "train.weight_decay", "train.steps", "train.warmup_step
 SEED_KEYS = ("run.seed",)
 # keys that name or place a run, or cannot change its result
 NOT_VARIANT = RESUME_FREE + ("run.name", "run.out_dir", "run.device", "task.kind", "sweep")
-# how the report's variant tuple (mixer, conv, placement, ffn) is read from the recipe: already in the name
-NAMED = ("model.mixer", "model.conv.kind", "model.conv.placement", "model.conv.activation", "model.conv.residual",
-         "model.ffn")
 
 
 def is_suite_task(task: str) -> bool:
@@ -89,35 +85,18 @@ class Scores:
 # ----------------------------------------------------------------------------------------- analysis
 
 
-def _frozen(value):
-    """A recipe value as a hashable one (lists of tables, such as MQAR's segments, become tuples)."""
-    if isinstance(value, dict):
-        return tuple((k, _frozen(v)) for k, v in sorted(value.items()))
-    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
-
-
 def collect(runs: list) -> list[SuiteRun]:
     """The finished suite runs among report `Run`s (`runs.report.find_runs`), with their variant, setting, grid
-    point and seed read from each run's `recipe.toml`. A key that differs between runs of one report variant
-    (and is neither the protocol's nor a run's name or place) joins the variant: `d_model=64`."""
+    point and seed read from each run's resolved recipe (`Run.recipe`). A key that differs between runs of one
+    report variant (and is neither the protocol's nor a run's name or place) joins the variant: `d_model=64`
+    (`variants.extras`, shared with the report's tables)."""
     from dcablate.runs.report import metric_of
 
-    rows = []
-    for run in runs:
-        if run.summary is None or not is_suite_task(run.task):
-            continue
-        recipe = tomllib.loads((run.path / "recipe.toml").read_text())
-        flat = {k: _frozen(v) for k, v in flatten(recipe, whole=("sweep",)).items()}
-        rows.append((run, flat))
-    values: dict[tuple, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-    for run, flat in rows:
-        for key, value in flat.items():
-            values[run.variant][key].add(value)
+    mine = [run for run in runs if run.summary is not None and is_suite_task(run.task)]
     out = []
-    for run, flat in rows:
+    for run, extra in zip(mine, variants.extras(mine, lambda run: run.variant, lambda run: run.recipe, _protocol)):
+        flat = run.recipe
         section = f"task.{run.task}."
-        extra = tuple((key, flat[key]) for key in sorted(values[run.variant])
-                      if len(values[run.variant][key]) > 1 and not _protocol(key) and key not in NAMED)
         setting = tuple((k[len(section):], v) for k, v in sorted(flat.items())
                         if k.startswith(section) and k != f"{section}data_seed")
         out.append(SuiteRun(run.path, (*run.variant, *extra), run.task, setting,
@@ -186,8 +165,7 @@ def _order(value) -> float:
 def variant_label(variant: tuple) -> str:
     from dcablate.runs.report import variant_name
 
-    extra = " ".join(f"{k.split('.', 1)[1] if k.startswith('model.') else k}={v}" for k, v in variant[4:])
-    return variant_name(variant[:4]) + (f" {extra}" if extra else "")
+    return variant_name(variant)
 
 
 def grid_label(grid: tuple) -> str:
@@ -200,25 +178,23 @@ def grid_label(grid: tuple) -> str:
 
 def compute_multipliers(runs: list) -> dict[tuple, float]:
     """The report variant tuple -> compute multiplier of the LM ladders among `runs` (the fit of the report's
-    compute section: per mixer, against its conv-free ladder); {} when there are none or no fit succeeds."""
+    compute section, `compute_points.groups` and `multipliers.compare`: against each conv-free ladder); {} when there
+    are none or no fit succeeds."""
     from dcablate.errors import UserError
-    from dcablate.runs import compute_report, scaling
-    from dcablate.runs.report import aggregate, best_lr, metric_of, variant_name
+    from dcablate.runs import compute_points, multipliers, scaling
+    from dcablate.runs.report import aggregate, variant_name
 
     lm = [r for r in runs if r.task == "lm"]
     if not lm:
         return {}
-    metric = metric_of("lm")
     table = aggregate(lm)
     names = {variant_name(v): v for v, _ in table}
     out = {}
-    for points in compute_report.points_by_group(table, lambda by_lr: best_lr(by_lr, metric), variant_name).values():
-        baseline = compute_report.baseline_of(points)
-        if baseline is None or len({p.params or p.compute for p in points if p.variant == baseline}) \
-                < scaling.MIN_BASELINE_SIZES:
+    for group in compute_points.groups(table):
+        if len({p.compute for p in group.points if p.variant == group.baseline}) < scaling.MIN_BASELINE_SIZES:
             continue
         try:
-            fit = scaling.fit_joint(points, baseline)
+            fit = multipliers.compare(group.points, group.baseline, n_boot=0).fit
         except UserError:
             continue
         out.update({names[name]: m for name, m in fit.multipliers.items()})
@@ -226,12 +202,16 @@ def compute_multipliers(runs: list) -> dict[tuple, float]:
 
 
 def multiplier_of(variant: tuple, multipliers: dict[tuple, float]) -> float | None:
-    """A suite variant's multiplier: the LM variant with the same (mixer, conv, placement, ffn), else the only
-    one with the same (mixer, conv, placement) (a ladder without an MLP for a suite with one)."""
-    if variant[:4] in multipliers:
-        return multipliers[variant[:4]]
-    near = [m for v, m in multipliers.items() if v[:3] == variant[:3]]
-    return near[0] if len(near) == 1 else None
+    """A suite variant's multiplier: the LM variant with the same name and keys, else the only one with the same
+    (mixer, conv, placement, ffn), else the only one with the same (mixer, conv, placement) (a ladder without an
+    MLP for a suite with one)."""
+    if variant in multipliers:
+        return multipliers[variant]
+    for width in (4, 3):
+        near = [m for v, m in multipliers.items() if v[:width] == variant[:width]]
+        if near:
+            return near[0] if len(near) == 1 else None
+    return None
 
 
 # ----------------------------------------------------------------------------------------- the report section

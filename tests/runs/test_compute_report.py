@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from dcablate import config
 from dcablate.cli import main
 
@@ -47,14 +49,16 @@ def test_report_fits_the_compute_multipliers(tmp_path):
     md = (tmp_path / "ladder" / "report.md").read_text()
     assert "## Compute: attention" in md
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
-        r"^\| attention (conv=\S+) \| ([\d.]+) \| ([\d.]+) – ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| (\d+) \|",
-        md, re.M)}
+        r"^\| attention (conv=\S+) \| ([\d.]+) \| ([\d.]+) – ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \| (\d+) \| "
+        r"(\d+) \| one lr \|", md, re.M)}
     assert set(rows) == set(TRUE)
     for variant, m in TRUE.items():
-        multiplier, low, high, _, wall, runs, seeds = rows[variant]
+        multiplier, low, high, _, wall, sizes, runs, per_size = rows[variant]
         assert abs(float(multiplier) - m) < 0.02 * m  # the seed offset is the same for every variant
         assert float(low) <= float(multiplier) <= float(high)
-        assert (int(runs), int(seeds)) == (len(WIDTHS) * 2, 2)
+        assert (int(sizes), int(runs), int(per_size)) == (len(WIDTHS), len(WIDTHS) * 2, 2)
+    assert "Interval: 90% percentile bootstrap, 1000 resamples. A resample draws, for every variant separately, " \
+           "as many of its sizes as it ran, with replacement, each drawn size bringing the runs of all its seeds" in md
     # wall clock: the dynamic conv's 20% lower throughput takes 20% off its compute multiplier
     assert abs(float(rows["conv=dynamic@qkv"][4]) - 0.8 * float(rows["conv=dynamic@qkv"][0])) < 0.011
     assert (tmp_path / "ladder" / "lm_loss_vs_compute_attention.png").read_bytes()[:4] == b"\x89PNG"
@@ -112,3 +116,188 @@ def test_the_shipped_ladder_runs_and_reports_on_cpu(tmp_path, monkeypatch, capsy
     assert "## Compute: attention + mlp" in md
     assert "| attention conv=static[act=none,residual]@qkv ffn=mlp | " in md  # a fitted row, not "Not fitted"
     assert (tmp_path / "runs" / "lm_scaling_tiny" / "lm_loss_vs_compute_attention_mlp.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------- hand-made ladders
+
+LADDER = (32, 48, 64, 96)
+
+
+def write_run(root, name, *, m=1.0, conv=None, d=64, seed=0, lr=1e-3, model=None, train=None, final_loss=None,
+              best_bpb=None, summary=None):
+    """One finished LM run whose final loss follows the law at `m` (times 1 + 0.01 · seed) unless `final_loss`
+    is given; `model` / `train` add recipe keys, `summary` summary.json keys."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    r = config.build({"run": {"seed": seed}, "task": {"kind": "lm", "lm": {"data": "text"}},
+                      "train": {"lr": lr, **(train or {})},
+                      "model": {"d_model": d, "conv": conv or {"kind": "none"}, **(model or {})}})
+    (run_dir / "recipe.toml").write_text(r.to_toml())
+    params = 24 * d * d
+    compute = 6.0 * params * 20 * params
+    loss = (E + A * (m * compute) ** -ALPHA) * (1.0 + 0.01 * seed) if final_loss is None else final_loss
+    final = {"step": 10, "loss": loss, "perplexity": 1.0, "bpb": loss / 0.69}
+    best = {**final, "bpb": best_bpb} if best_bpb is not None else final
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **final}) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({
+        "best": best, "final": final, "params": {"total": params + 1000, "non_embedding": params}, "steps": 10,
+        "wall_time_s": 1.0, "tokens": 20 * params, "train_flops": compute, "state_floats": 1, **(summary or {})}))
+    return run_dir
+
+
+def compute_rows(md: str) -> dict[str, list[str]]:
+    """The compute table's rows by variant: the cells after the name."""
+    part = md[md.index("## Compute"):]
+    table = part[part.index("| variant |"):].split("\n\n")[0].splitlines()[2:]
+    return {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in (row.split("|") for row in table)}
+
+
+def report_md(root) -> str:
+    assert main(["report", str(root)]) == 0
+    return (root / "report.md").read_text()
+
+
+def test_ladders_that_differ_in_a_conv_key_are_two_variants(tmp_path):
+    """Two dynamic-conv ladders that differ only in `model.conv.rank` (4: m = 1.2, 15: m = 1.6) are two variants
+    named by the key, each with its own multiplier, in the tables and the compute section; the conv-free
+    baseline (whose recipe has no conv options) stays `attention conv=none`."""
+    for d in LADDER:
+        write_run(tmp_path, f"none-{d}", d=d)
+        write_run(tmp_path, f"r4-{d}", d=d, m=1.2, conv={"kind": "dynamic", "rank": 4})
+        write_run(tmp_path, f"r15-{d}", d=d, m=1.6, conv={"kind": "dynamic", "rank": 15})
+    md = report_md(tmp_path)
+    rows = compute_rows(md)
+    assert set(rows) == {"attention conv=none", "attention conv=dynamic@qkv conv.rank=4",
+                         "attention conv=dynamic@qkv conv.rank=15"}
+    assert float(rows["attention conv=dynamic@qkv conv.rank=4"][0]) == pytest.approx(1.2, abs=0.005)
+    assert float(rows["attention conv=dynamic@qkv conv.rank=15"][0]) == pytest.approx(1.6, abs=0.005)
+    assert "## attention conv=dynamic@qkv conv.rank=4" in md and "## attention conv=dynamic@qkv conv.rank=15" in md
+
+
+def test_keys_zipped_with_the_size_stay_in_the_size(tmp_path):
+    """n_layers and n_heads zipped with d_model (and a warm-up per size) are the size point, not a variant: the
+    names stay as they were."""
+    layers = dict(zip(LADDER, (1, 2, 3, 4)))
+    for d in LADDER:
+        for kind, m in (("none", 1.0), ("dynamic", 1.4)):
+            write_run(tmp_path, f"{kind}-{d}", d=d, m=m, conv={"kind": kind},
+                      model={"n_layers": layers[d], "n_heads": 1 if d < 64 else 2},
+                      train={"warmup_steps": 10 * layers[d]})
+    rows = compute_rows(report_md(tmp_path))
+    assert set(rows) == {"attention conv=none", "attention conv=dynamic@qkv"}
+    assert rows["attention conv=dynamic@qkv"][4:7] == ["4", "4", "1"]  # sizes, runs, seeds per size
+
+
+def test_two_token_budgets_are_two_ladders_each_against_its_baseline(tmp_path):
+    """A key outside the conv that differs for every variant (the token budget) splits the ladders: a compute
+    section per budget, each variant against the conv-free ladder of its own budget."""
+    for budget, shift in ((10.0, 1.0), (20.0, 2.0)):
+        for d in LADDER:
+            for kind, m in (("none", 1.0), ("static", 1.25)):
+                write_run(tmp_path, f"{budget}-{kind}-{d}", d=d, m=m * shift, conv={"kind": kind},
+                          train={"tokens_per_param": budget})
+    md = report_md(tmp_path)
+    assert "## Compute: attention (train.tokens_per_param=10)" in md
+    assert "## Compute: attention (train.tokens_per_param=20)" in md
+    for part in md.split("## Compute: ")[1:]:
+        rows = compute_rows("## Compute" + part)
+        assert len(rows) == 2
+        static = next(v for k, v in rows.items() if "static" in k)
+        assert float(static[0]) == pytest.approx(1.25, abs=0.005)
+    assert (tmp_path / "lm_loss_vs_compute_attention_train.tokens_per_param=20.png").is_file()
+
+
+def test_held_out_seeds_are_fitted_and_the_lr_is_chosen_on_the_final_loss(tmp_path):
+    """Two learning rates share seed 0; the dynamic conv's chosen lr has seeds 1 and 2 besides
+    (`sweep.best_lr_seeds`): only those are fitted. The baseline has no extra seeds: its points are minima over
+    2 lrs, which the table says. The lr is chosen on the final loss (fitted), not the best bpb: at lr 1e-2 the
+    best bpb is lower, the final loss higher."""
+    for d in LADDER:
+        for lr, worse in ((1e-3, 1.0), (1e-2, 1.05)):
+            write_run(tmp_path, f"none-{d}-{lr}", d=d, lr=lr, final_loss=(E + A * (6.0 * 24 * d * d * 20 * 24 * d * d)
+                                                                         ** -ALPHA) * worse, best_bpb=0.1 / worse)
+            # seed 0 of the dynamic conv: a lucky draw (5% low) at the chosen lr, which the fit must not see
+            write_run(tmp_path, f"dyn-{d}-{lr}", d=d, lr=lr, conv={"kind": "dynamic"},
+                      final_loss=(E + A * (1.5 * 6.0 * 24 * d * d * 20 * 24 * d * d) ** -ALPHA) * worse * 0.95)
+        for seed in (1, 2):
+            write_run(tmp_path, f"dyn-{d}-s{seed}", d=d, lr=1e-3, seed=seed, conv={"kind": "dynamic"},
+                      final_loss=E + A * (1.5 * 6.0 * 24 * d * d * 20 * 24 * d * d) ** -ALPHA)
+    md = report_md(tmp_path)
+    rows = compute_rows(md)
+    base, dyn = rows["attention conv=none"], rows["attention conv=dynamic@qkv"]
+    assert base[4:8] == ["4", "4", "1", "min over 2 lrs"]
+    assert dyn[4:8] == ["4", "8", "2", "held-out seeds"]
+    assert float(dyn[0]) == pytest.approx(1.5, abs=0.005)  # seed 0's luck would make it several times that
+    # the lr with the higher final loss (1e-2) was not chosen for the fit, though its best bpb is lower
+    assert "best lr" in md and "| 32 | 0.01 |" in md  # the tables still choose on bpb
+
+
+def test_runs_without_a_finite_loss_are_left_out_with_a_note(tmp_path):
+    for d in LADDER:
+        write_run(tmp_path, f"none-{d}", d=d)
+        write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+    write_run(tmp_path, "dyn-64-s1", d=64, seed=1, conv={"kind": "dynamic"}, final_loss=float("nan"))
+    md = report_md(tmp_path)
+    rows = compute_rows(md)
+    assert float(rows["attention conv=dynamic@qkv"][0]) == pytest.approx(1.5, abs=0.005)
+    assert "- `attention conv=dynamic@qkv`: left out 1 run whose final loss is missing or not finite " \
+           "(d_model 64 seed 1)." in md
+
+
+def test_a_variant_with_too_few_runs_or_sizes_keeps_the_section(tmp_path, monkeypatch):
+    """A variant with one run is dropped with a note; one at 2 sizes gets its multiplier but `-` for the
+    interval, with the reason; the others are fitted as usual, with one joint fit against compute."""
+    from dcablate.runs import scaling
+
+    for d in LADDER:
+        write_run(tmp_path, f"none-{d}", d=d)
+        write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+    write_run(tmp_path, "static-64", d=64, m=1.2, conv={"kind": "static"})
+    for d in (48, 64):
+        write_run(tmp_path, f"all-{d}", d=d, m=1.3, conv={"kind": "static", "placement": "all_linear"})
+    calls = []
+    original = scaling.fit_joint
+    monkeypatch.setattr(scaling, "fit_joint",
+                        lambda *a, **k: calls.append(k.get("axis", "compute")) or original(*a, **k))
+    md = report_md(tmp_path)
+    assert calls.count("compute") == 1
+    rows = compute_rows(md)
+    assert "Not fitted" not in md and "attention conv=static@qkv" not in rows
+    assert "- `attention conv=static@qkv`: not fitted: 1 run; at least 2 are needed." in md
+    two = rows["attention conv=static@all_linear"]
+    assert float(two[0]) == pytest.approx(1.3, abs=0.005) and two[1] == "-" and two[4:7] == ["2", "2", "1"]
+    assert "- `attention conv=static@all_linear`: no interval (runs at 2 sizes; an interval needs 3)." in md
+    assert rows["attention conv=dynamic@qkv"][1] != "-"
+
+
+def test_wall_clock_from_train_time_and_devices(tmp_path):
+    """Throughput is `tokens / time_s.train`: a long compile does not count. The dynamic conv trains at 0.8x the
+    baseline's tokens/s (the same FLOPs per token here) but compiled 100 s longer: wall-clock = 0.8 m. Its
+    largest run came from another device, which a note says."""
+    for d in LADDER:
+        tokens = 20 * 24 * d * d
+        write_run(tmp_path, f"none-{d}", d=d, summary={"time_s": {"compile": 5.0, "train": tokens / 1000.0},
+                                                       "device_name": "NVIDIA H100"})
+        write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"},
+                  summary={"time_s": {"compile": 105.0, "train": tokens / 800.0},
+                           "device_name": "NVIDIA H200" if d == 96 else "NVIDIA H100"})
+    md = report_md(tmp_path)
+    dyn = compute_rows(md)["attention conv=dynamic@qkv"]
+    assert float(dyn[3]) == pytest.approx(0.8 * float(dyn[0]), abs=0.006)
+    assert "- `attention conv=dynamic@qkv`: wall-clock from runs on different devices (NVIDIA H100, NVIDIA H200)." in md
+
+
+def test_throughput_falls_back_to_the_logged_rates(tmp_path):
+    from types import SimpleNamespace
+
+    from dcablate.runs.compute_points import fitted_params, tokens_per_s
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "tokens_per_s": v}) + "\n"
+                                                   for s, v in ((1, 500.0), (2, 1500.0))))
+    assert tokens_per_s(SimpleNamespace(path=run_dir, summary={"tokens": 10_000})) == 1000.0
+    assert tokens_per_s(SimpleNamespace(path=run_dir, summary={"tokens": 10_000, "time_s": {"train": 5.0}})) == 2000.0
+    # an MoE: the parameter fit counts the active non-embedding parameters
+    assert fitted_params({"params": {"total": 1000, "non_embedding": 800, "active": 600}}) == 400
+    assert fitted_params({"params": {"total": 1000, "non_embedding": 800}}) == 800

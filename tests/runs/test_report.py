@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 
 import pytest
 
 from dcablate import config as recipes
 from dcablate.cli import main
-from dcablate.runs.report import write_report
+from dcablate.runs import variants
+from dcablate.runs.report import Cell, best_lr, find_runs, metric_of, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(root, name, *, mixer="attention", kind="none", placement="qkv", d_model=64, lr=1e-3, seed=0,
-             best=None, final=None, state_floats=1000, curve=((10, 0.2), (20, 0.5))):
+             best=None, final=None, state_floats=1000, curve=((10, 0.2), (20, 0.5)), model=None):
     """A run directory: recipe.toml through the real recipe code, summary.json (unless best is None) and
-    metrics.jsonl written by hand."""
+    metrics.jsonl written by hand; `model` adds model keys."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     r = recipes.build({"run": {"seed": seed}, "train": {"lr": lr},
-                       "model": {"mixer": mixer, "d_model": d_model, "conv": {"kind": kind, "placement": placement}}})
+                       "model": {"mixer": mixer, "d_model": d_model, "conv": {"kind": kind, "placement": placement},
+                                 **(model or {})}})
     (run_dir / "recipe.toml").write_text(r.to_toml())
     records = [{"kind": "train", "step": 5, "loss": 3.0}] + [
         {"kind": "eval", "step": s, "T64_kv4": a, "overall": a, "loss": 1.0} for s, a in curve]
@@ -255,3 +258,63 @@ def test_a_run_twice_in_the_tree_counts_once_the_finished_copy(tmp_path):
     assert "`first/copy`: the same run as `second/copy`" in md
     (row,) = read_csv(files["csv"])
     assert row["seeds"] == "2" and float(row["score_mean"]) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------- variants and lr choice
+
+
+def test_runs_that_differ_in_another_key_are_not_pooled(tmp_path):
+    """Two static convs of different widths at the same d_model and lr were pooled as two seeds of one variant;
+    they are two variants now, named by the key, in the tables and the csv."""
+    root = tmp_path / "sweep"
+    make_run(root, "w4", kind="static", best=(0.9, 0.9, 0.9), model={"conv": {"kind": "static", "width": 4}})
+    make_run(root, "w2", kind="static", best=(0.5, 0.5, 0.5), model={"conv": {"kind": "static", "width": 2}})
+    make_run(root, "none", best=(0.1, 0.1, 0.1))
+    files = write_report(root)
+    rows = {r["variant"]: r for r in read_csv(files["csv"])}
+    assert set(rows) == {"attention conv=static@qkv conv.width=4", "attention conv=static@qkv conv.width=2",
+                         "attention conv=none"}
+    assert rows["attention conv=static@qkv conv.width=2"]["seeds"] == "1"
+    assert rows["attention conv=static@qkv conv.width=2"]["conv_kind"] == "static"
+    assert "## attention conv=static@qkv conv.width=4" in files["md"].read_text()
+
+
+def test_a_key_is_a_size_key_when_it_follows_d_model():
+    """`extras`: n_layers set per d_model follows the size; a key with two values at one d_model is a variant
+    key; a free key (the seed) never is; the names already give the conv kind."""
+    runs = [{"model.d_model": d, "model.n_layers": n, "model.conv.rank": r, "run.seed": s, "model.conv.kind": "x"}
+            for d, n in ((32, 2), (64, 4)) for r in (4, 15) for s in (0, 1)]
+    got = variants.ladder_extras(runs, lambda run: "one name", lambda run: run)
+    assert got == [(("model.conv.rank", r["model.conv.rank"]),) for r in runs]
+    assert variants.label(got[0] + (("train.lr", 0.003), ("model.x", None))) == "conv.rank=4 train.lr=0.003 x=unset"
+    named = [("attention", "static", "qkv", "none", ("model.x", v)) for v in ("unset", 4, 15)]
+    assert sorted(named, key=variants.sort_key) == [named[1], named[2], named[0]]  # never compares 4 < "unset"
+    mixed = runs + [{**runs[0], "model.n_layers": 3}]  # a third depth at d_model 32: no longer the size's
+    assert dict(variants.ladder_extras(mixed, lambda run: 0, lambda run: run)[-1]) == {"model.conv.rank": 4,
+                                                                                      "model.n_layers": 3}
+
+
+def test_non_finite_scores_are_the_worst():
+    """A NaN score (a diverged evaluation) at one learning rate: its mean is the worst, whichever direction is
+    better (before, max() over (NaN, ...) keys kept the NaN lr when it came first)."""
+    from types import SimpleNamespace as NS
+
+    def run(seed, value):
+        return NS(seed=seed, summary={"best": {"bpb": value, "overall": value}})
+
+    by_lr = {1e-3: Cell([run(0, float("nan")), run(1, 1.10)]), 3e-3: Cell([run(0, 1.00), run(1, 1.01)])}
+    assert best_lr(by_lr, metric_of("lm")) == 3e-3
+    by_lr = {1e-3: Cell([run(0, float("nan")), run(1, 0.9)]), 3e-3: Cell([run(0, 0.5), run(1, 0.4)])}
+    assert best_lr(by_lr, metric_of("mqar")) == 3e-3
+    assert math.isnan(Cell([run(0, float("nan")), run(1, 0.5)]).std("overall"))  # statistics.stdev raised
+
+
+def test_a_diverged_run_does_not_break_the_report(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root, "lo/s0", lr=1e-3, seed=0, best=(0.5, 0.5, float("nan")))
+    make_run(root, "lo/s1", lr=1e-3, seed=1, best=(0.5, 0.5, 0.9))
+    make_run(root, "hi/s0", lr=1e-2, seed=0, best=(0.5, 0.5, 0.6))
+    make_run(root, "hi/s1", lr=1e-2, seed=1, best=(0.5, 0.5, 0.7))
+    rows = {float(r["lr"]): r for r in read_csv(write_report(root)["csv"])}
+    assert (rows[1e-3]["best_lr"], rows[1e-2]["best_lr"]) == ("False", "True")
+    assert find_runs(root)[0][0].variant == ("attention", "none", "-", "none")

@@ -1,6 +1,7 @@
-"""The compute-multiplier fits of `dcablate.runs.scaling` on synthetic runs drawn from a known scaling law
-`L = E + A · (m_v · C)**(-alpha)`: recovery of alpha and the multipliers, bootstrap intervals, the
-parameter-matched and wall-clock multipliers, the extrapolation flag and the one-line errors."""
+"""The compute-multiplier fits of `dcablate.runs.scaling` and the table of `dcablate.runs.multipliers` on
+synthetic runs drawn from a known scaling law `L = E + A · (m_v · C)**(-alpha)`: recovery of alpha and the
+multipliers, bootstrap intervals, the parameter-matched and wall-clock multipliers, the checks (extrapolation,
+own slope, too few sizes) and the one-line errors."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 
 from dcablate.errors import UserError
-from dcablate.runs.scaling import (Point, bootstrap, fit_joint, multiplier_table, parameter_multiplier,
-                                   wall_clock_multiplier)
+from dcablate.runs import multipliers, scaling
+from dcablate.runs.multipliers import compare, multiplier_table, own_slope, wall_clock, wall_clock_multiplier
+from dcablate.runs.scaling import Point, bootstrap, fit_joint, parameter_multiplier
 
 E, A, ALPHA = 1.7, 1.9e5, 0.3  # L runs from ~3.2 at 1e17 FLOPs down to ~2.1 at 1e19
 TRUE = {"baseline": 1.0, "static": 1.33, "dynamic": 1.60, "worse": 0.8}
@@ -123,7 +125,8 @@ def test_wall_clock_multiplier_by_hand():
     for p in runs(multipliers={"baseline": 1.0, "dynamic": 1.6, "static": 1.33}):
         if p.variant in speed:
             per_token, tps = speed[p.variant]
-            p = Point(p.variant, p.compute, p.loss, p.seed, tokens_per_s=tps, tokens=p.compute / per_token)
+            p = Point(p.variant, p.compute, p.loss, p.seed, tokens_per_s=tps, tokens=p.compute / per_token,
+                      size=p.compute)
         points.append(p)
     # a run without throughput is left out of the mean, not counted as zero
     points.append(Point("dynamic", 1e17, law(1.6, 1e17), seed=9))
@@ -150,15 +153,17 @@ def test_multiplier_table_and_extrapolation_flag():
     rows = multiplier_table(points, "baseline", n_boot=20)
     assert [r["variant"] for r in rows] == ["baseline", "dynamic", "far", "huge"]
     by = {r["variant"]: r for r in rows}
-    assert set(by["dynamic"]) == {"variant", "multiplier", "ci_low", "ci_high", "param_multiplier",
-                                  "wall_clock_multiplier", "points", "seeds", "extrapolated"}
+    assert {"variant", "multiplier", "ci_low", "ci_high", "param_multiplier", "wall_clock_multiplier", "points",
+            "seeds", "sizes", "per_size", "inside", "extrapolated"} <= set(by["dynamic"])
     assert by["baseline"]["multiplier"] == 1.0 and (by["baseline"]["ci_low"], by["baseline"]["ci_high"]) == (1, 1)
     assert by["dynamic"]["multiplier"] == pytest.approx(1.6, rel=1e-6)
     assert by["dynamic"]["ci_low"] <= 1.6 <= by["dynamic"]["ci_high"]
     assert by["far"]["multiplier"] == pytest.approx(1.0, rel=1e-6)
     assert by["huge"]["multiplier"] == pytest.approx(1000.0, rel=1e-6)
     assert (by["far"]["points"], by["far"]["seeds"]) == (6, 2)
+    assert (by["far"]["sizes"], by["far"]["per_size"]) == (3, (2, 2))
     assert [by[v]["extrapolated"] for v in ("baseline", "dynamic", "far", "huge")] == [False, False, True, True]
+    assert (by["dynamic"]["inside"], by["far"]["inside"]) == (0.8, 0.0)  # 1.6 x 1e19 is past the baseline's end
 
 
 def test_e_stays_non_negative():
@@ -190,3 +195,108 @@ def test_rising_loss_is_a_user_error():
     points += [Point("rising", c, 2.0 + 0.1 * np.log10(c / 1e17)) for c in SIZES]
     with pytest.raises(UserError, match="variant .rising. .its loss does not fall"):
         fit_joint(points, "baseline")
+
+
+# ----------------------------------------------------------------------------------------- the checks of `compare`
+
+
+def test_an_interval_needs_three_sizes():
+    """A variant at 2 sizes (3 seeds each) gets no interval, and a note why; one at 5 sizes gets one. Resampling
+    two sizes hands the same two back in half the draws: such intervals covered the truth far less than 90%."""
+    points = runs(multipliers={"baseline": 1.0, "three": 1.3}, noise=0.003)
+    points += [Point("two", c, law(1.5, c), seed=s) for c in SIZES[1:3] for s in SEEDS]
+    assert set(bootstrap(points, "baseline", n=20)) == {"baseline", "three"}
+    rows = {r["variant"]: r for r in compare(points, "baseline", n_boot=50).rows}
+    assert rows["two"]["ci_low"] is None and rows["two"]["ci_high"] is None
+    assert rows["two"]["ci_note"] == "runs at 2 sizes; an interval needs 3"
+    assert rows["two"]["multiplier"] == pytest.approx(1.5, rel=0.02)
+    assert rows["three"]["ci_low"] < 1.3 < rows["three"]["ci_high"] and rows["three"]["ci_note"] == ""
+    assert multipliers.N_BOOT == 1000
+
+
+def test_a_failed_bootstrap_leaves_the_multipliers(monkeypatch):
+    def fail(*args, **kwargs):
+        raise UserError("bootstrap: 51 of the resampled fits failed; the scaling fit is too unstable for intervals")
+
+    monkeypatch.setattr(scaling, "intervals", fail)
+    result = compare(runs(multipliers={"baseline": 1.0, "dynamic": 1.6}), "baseline", n_boot=50)
+    dynamic = result.rows[1]
+    assert dynamic["multiplier"] == pytest.approx(1.6) and dynamic["ci_low"] is None
+    assert dynamic["ci_note"].startswith("bootstrap: 51 of the resampled fits failed")
+
+
+def test_extrapolation_is_the_share_of_runs_inside_the_baseline_range():
+    """m = 30 at the baseline's sizes: its runs match baseline losses at 3e18..3e20, so 2 of its 5 runs lie in
+    the baseline's 1e17..1e19 (the two smallest), and it is flagged; the parameter fit is flagged alike."""
+    points = [Point(v, c, law(m, c), seed=0, params=int(c / 1e9))
+              for v, m in (("baseline", 1.0), ("far", 30.0), ("near", 1.6)) for c in SIZES]
+    rows = {r["variant"]: r for r in compare(points, "baseline", n_boot=0).rows}
+    assert rows["far"]["multiplier"] == pytest.approx(30.0, rel=1e-6)
+    assert rows["far"]["inside"] == pytest.approx(0.4) and rows["far"]["extrapolated"]
+    assert rows["near"]["inside"] == pytest.approx(0.8) and not rows["near"]["extrapolated"]
+    assert rows["far"]["param_inside"] == pytest.approx(0.4) and rows["far"]["param_extrapolated"]
+    assert not rows["near"]["param_extrapolated"]
+
+
+def test_a_variant_with_its_own_slope_is_flagged():
+    """The variant's exponent is 0.32 against the baseline's 0.30 (loss-matched multiplier 1.3 at 1e18, 1.12 at
+    1e17, 1.52 at 1e19): the joint fit's single m hides it; its own-exponent refit shows the multiplier growing
+    over the baseline's losses, and the bootstrap interval of that change leaves out 1. A variant sharing the
+    exponent, with 0.3% noise, is not flagged."""
+    a_v = A * 1.3 ** -ALPHA * 1e18 ** (0.32 - ALPHA)
+    points = [Point("baseline", c, law(1.0, c)) for c in SIZES] + [Point("steeper", c, E + a_v * c ** -0.32)
+                                                                    for c in SIZES]
+    points += [Point("same", c, law(1.3, c) * float(np.exp(0.003 * z)))
+               for c, z in zip(SIZES, np.random.default_rng(3).standard_normal(len(SIZES)))]
+    result = compare(points, "baseline", n_boot=200)
+    rows = {r["variant"]: r for r in result.rows}
+    steeper = rows["steeper"]
+    assert steeper["slope"].alpha > result.fit.alpha
+    assert steeper["slope"].m_at_low_loss > steeper["slope"].m_at_high_loss * 1.1
+    assert steeper["slope_change"][0] > 1.0 and steeper["slope_differs"]
+    assert rows["same"]["slope_change"][0] < 1.0 < rows["same"]["slope_change"][1]
+    assert not rows["same"]["slope_differs"] and rows["baseline"]["slope"] is None
+    # the refit alone: with the joint fit's E (and the baseline's curve) at the truth it recovers the exponent
+    # and the true loss-matched multipliers at the baseline's ends, 1e17 and 1e19
+    fit = fit_joint([p for p in points if p.variant != "same"], "baseline")
+    fit.E, fit.A, fit.alpha = E, A, ALPHA
+    slope = own_slope(fit, points, "steeper")
+    truth = [c / ((law(1.0, c) - E) / a_v) ** (-1 / 0.32) for c in (1e17, 1e19)]
+    assert slope.alpha == pytest.approx(0.32, rel=1e-6)
+    assert (slope.m_at_high_loss, slope.m_at_low_loss) == pytest.approx(truth, rel=1e-5)
+    assert own_slope(fit, [p for p in points if p.compute < 1e18], "steeper") is None  # 2 sizes
+
+
+def test_wall_clock_is_the_geometric_mean_of_per_size_ratios():
+    """Throughput in FLOPs/s grows with the size. The baseline ran 5 sizes, the variant only the 3 smallest, at
+    0.8x the baseline's throughput at each; the wall-clock factor is 0.8, where a mean over whatever sizes each
+    ran compared the variant's small sizes with the baseline's large ones."""
+    fast = {c: 1e11 * (i + 1) for i, c in enumerate(SIZES)}  # FLOPs/s of the baseline at each size
+    points = [Point("baseline", c, law(1.0, c), s, tokens_per_s=fast[c] / 6e8, tokens=c / 6e8, size=i,
+                    device="H100") for i, c in enumerate(SIZES) for s in (0, 1)]
+    points += [Point("dynamic", c, law(1.6, c), 0, tokens_per_s=0.8 * fast[c] / 6.3e8, tokens=c / 6.3e8, size=i,
+                     device="H100" if i else "H200") for i, c in enumerate(SIZES[:3])]
+    fit = fit_joint(points, "baseline")
+    wall = wall_clock(fit, points)["dynamic"]
+    assert wall.ratio == pytest.approx(0.8) and wall.multiplier == pytest.approx(0.8 * fit.multipliers["dynamic"])
+    assert wall.sizes == 3 and wall.devices == ("H100", "H200")
+    assert wall_clock_multiplier(fit, points)["baseline"] == pytest.approx(1.0)
+    # without a size in common there is nothing to compare
+    other = [Point(p.variant, p.compute, p.loss, p.seed, tokens_per_s=p.tokens_per_s, tokens=p.tokens,
+                   size=None if p.variant == "dynamic" else p.size) for p in points]
+    assert "dynamic" not in wall_clock(fit, other)
+
+
+def test_a_variant_that_cannot_be_fitted_is_dropped_not_the_table():
+    """One run, or a loss that rises with the size: that variant is left out with the reason, the others keep
+    their multipliers; the baseline failing still raises."""
+    points = runs(multipliers={"baseline": 1.0, "dynamic": 1.6}, sizes=SIZES[:4])
+    points += [Point("single", 1e18, 2.5)]
+    points += [Point("rising", c, 2.0 + 0.1 * np.log10(c / 1e17)) for c in SIZES]
+    result = compare(points, "baseline", n_boot=20)
+    assert [r["variant"] for r in result.rows] == ["baseline", "dynamic"]
+    assert result.rows[1]["multiplier"] == pytest.approx(1.6, rel=1e-6)
+    assert result.dropped == {"single": "1 run; at least 2 are needed",
+                              "rising": "its loss does not fall with the size like the baseline's"}
+    with pytest.raises(UserError, match="1 distinct training FLOPs"):
+        compare([p for p in points if p.variant != "baseline" or p.compute < 3e17], "baseline", n_boot=0)

@@ -132,6 +132,18 @@ def test_suite_score_against_the_compute_multiplier_of_an_lm_ladder(tmp_path):
     assert multipliers[("attention", "none", "-", "none")] == 1.0
 
 
+def test_a_suite_variant_finds_its_ladder_among_variants_with_other_keys():
+    """LM variants carry their other differing keys (`conv.rank=4`): a suite variant takes the one with the same
+    keys, else the only one of its name, and none when two of its name differ only in keys it lacks."""
+    dyn = ("attention", "dynamic", "qkv", "none")
+    ladders = {("attention", "none", "-", "none"): 1.0, (*dyn, ("model.conv.rank", 4)): 1.2,
+               (*dyn, ("model.conv.rank", 15)): 1.6, ("attention", "static", "qkv", "mlp"): 1.1}
+    assert suite.multiplier_of((*dyn, ("model.conv.rank", 15)), ladders) == 1.6
+    assert suite.multiplier_of(dyn, ladders) is None  # rank 4 or 15?
+    assert suite.multiplier_of(("attention", "none", "-", "none", ("model.d_model", 64)), ladders) == 1.0
+    assert suite.multiplier_of(("attention", "static", "qkv", "none"), ladders) == 1.1  # a ladder with an MLP
+
+
 # ----------------------------------------------------------------------------------------- a real tiny suite
 
 TINY = {

@@ -1,0 +1,154 @@
+"""Which runs the compute section of `dcablate report` fits (`compute_report.py`), as `scaling.Point`s.
+
+Per (variant, size) cell one learning rate is used: the one with the lowest mean *final* validation loss over
+the seeds every learning rate of the cell has (`report.best_lr` on `summary.json` `final.loss`), the quantity
+the scaling law is fitted to. (The report's tables choose on the task's score, an LM's best bits per byte;
+the two agree whenever the best evaluation is the final one, as with one evaluation at the end.)
+
+Choosing the lowest of several noisy losses and then fitting that same loss favours the variant whose
+learning rates are the most alike (the winner's curse). So when the chosen learning rate has seeds that not
+every learning rate has (`sweep.best_lr_seeds`: seeds trained after the choice), only those held-out seeds'
+runs are fitted; otherwise the fitted points are minima over the cell's learning rates, and the report says
+so.
+
+The runs are grouped by their conv-free baseline: the variants of one mixer and channel mixer (and of the same
+other recipe keys, when a report holds several ladders, e.g. two token budgets) against the `conv=none` one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from dcablate.runs import scaling, variants
+from dcablate.training.logs import _records
+
+HELD_OUT = "held-out seeds"
+ONE_LR = "one lr"
+
+
+@dataclass
+class Group:
+    """The runs of one compute fit: `points` (every variant's, the baseline's included), `baseline` (the
+    conv-free variant's name), how each variant's cells chose their runs (`how[variant]`: `HELD_OUT`, `ONE_LR`
+    or `min over n lrs`, counted over its sizes) and notes on runs left out."""
+
+    title: str
+    slug: str
+    baseline: str
+    points: list[scaling.Point] = field(default_factory=list)
+    how: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    notes: list[str] = field(default_factory=list)
+
+
+def choose(by_lr: dict) -> tuple[float, list, str]:
+    """(lr, runs, how) of one cell `lr -> report.Cell`: the learning rate with the lowest mean final loss over
+    the shared seeds, and its runs to fit: the held-out seeds' where it has any (`HELD_OUT`), else all of them
+    (`ONE_LR`, or `min over n lrs`)."""
+    from dcablate.runs.report import Metric, best_lr, shared_seeds
+
+    lr = best_lr(by_lr, Metric("loss", False, "final validation loss", False), record="final")
+    runs = by_lr[lr].runs
+    if len(by_lr) == 1:
+        return lr, runs, ONE_LR
+    shared = shared_seeds(by_lr)
+    held = [r for r in runs if r.seed not in shared] if shared else []
+    return (lr, held, HELD_OUT) if held else (lr, runs, f"min over {len(by_lr)} lrs")
+
+
+def tokens_per_s(run) -> float | None:
+    """The run's training throughput: `summary.json` `tokens / time_s.train` (the training steps alone: no
+    compilation, evaluation or checkpoints); for a summary without `time_s`, the mean of its logged rates."""
+    s = run.summary
+    train_s = (s.get("time_s") or {}).get("train")
+    if train_s and s.get("tokens"):
+        return float(s["tokens"]) / float(train_s)
+    rates = [rec["tokens_per_s"] for _, rec in _records(run.path / "metrics.jsonl")
+             if rec.get("kind") == "train" and "tokens_per_s" in rec]
+    return statistics.fmean(rates) if rates else None
+
+
+def fitted_params(summary: dict) -> int | None:
+    """The parameter count the parameter fit uses: non-embedding parameters, only the active ones for an MoE
+    (`params.active` counts what one token touches, embeddings included, so the idle experts come off)."""
+    params = summary.get("params", {})
+    n = params.get("non_embedding")
+    if n is None or "active" not in params:
+        return n
+    return n - (params["total"] - params["active"])
+
+
+def groups(table: dict) -> list[Group]:
+    """The compute fits of a report table `(variant, d_model) -> lr -> Cell` (finished runs): one `Group` per
+    conv-free variant, holding the runs that recorded their training FLOPs (`summary.json` `train_flops`).
+    A variant joins the baseline of its mixer and channel mixer whose other recipe keys (conv options aside)
+    match its own, or the only baseline there is; a group without any is left out."""
+    from dcablate.runs.report import variant_name
+
+    family: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))  # (mixer, ffn) -> variant -> cells
+    for (variant, d_model), by_lr in table.items():
+        family[(variant[0], variant[3])][variant].append(by_lr)
+    out = []
+    for (mixer, ffn), members in sorted(family.items()):
+        bases = {_others(v): v for v in members if v[1] == "none"}
+        found: dict[tuple, Group] = {}
+        unmatched = []
+        for variant, cells in sorted(members.items(), key=lambda kv: variant_name(kv[0])):
+            key = _others(variant)
+            base = bases.get(key) or (next(iter(bases.values())) if len(bases) == 1 else None)
+            if base is None:
+                unmatched.append(variant)
+                continue
+            if base not in found:
+                extra = variants.label(_others(base))
+                title = mixer + ("" if ffn == "none" else f" + {ffn}") + (f" ({extra})" if extra else "")
+                slug = mixer + ("" if ffn == "none" else f"_{ffn}") + (f"_{_slug(extra)}" if extra else "")
+                found[base] = Group(title, slug, variant_name(base))
+            _add(found[base], variant_name(variant), cells)
+        for group in found.values():
+            if unmatched:
+                group.notes.append(f"Not compared: {', '.join(f'`{variant_name(v)}`' for v in unmatched)} (no "
+                                   f"conv-free variant with the same other recipe keys).")
+            if group.points:
+                out.append(group)
+    return out
+
+
+def _others(variant: tuple) -> tuple:
+    """The variant's extra recipe keys but the conv's: what its baseline must share."""
+    return tuple((k, v) for k, v in variant[4:] if not k.startswith("model.conv."))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text)
+
+
+def _add(group: Group, name: str, cells: list) -> None:
+    """The chosen runs of `name`'s cells as points of `group`, with the notes on the runs left out."""
+    nonfinite, no_flops = [], 0
+    for by_lr in cells:
+        _, runs, how = choose(by_lr)
+        kept = 0
+        for run in runs:
+            s = run.summary
+            if not s.get("train_flops"):
+                no_flops += 1
+                continue
+            loss = s.get("final", {}).get("loss")
+            if loss is None or not math.isfinite(float(loss)):
+                nonfinite.append(f"d_model {run.d_model} seed {run.seed}")
+                continue
+            group.points.append(scaling.Point(
+                name, float(s["train_flops"]), float(loss), run.seed, fitted_params(s), tokens_per_s(run),
+                float(s["tokens"]) if s.get("tokens") else None, run.d_model, s.get("device_name")))
+            kept += 1
+        if kept:
+            group.how[name][how] += 1
+    if nonfinite:
+        group.notes.append(f"`{name}`: left out {len(nonfinite)} run{'s' if len(nonfinite) > 1 else ''} whose final "
+                           f"loss is missing or not finite ({', '.join(nonfinite)}).")
+    if no_flops and any(p.variant == name for p in group.points):
+        group.notes.append(f"`{name}`: left out {no_flops} run{'s' if no_flops > 1 else ''} without `train_flops`.")
