@@ -30,8 +30,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def headline_result(summary: dict, task_kind: str) -> str:
-    """`overall 0.987 in 12.3s` (MQAR) or `bpb 1.237 in 128.1s` (LM): a finished run's one-line result."""
+    """`overall 0.987 in 12.3s` (MQAR) or `bpb 1.237 in 128.1s` (LM): a finished run's one-line result, with
+    `, stopped early at step 400 of 600` when early stopping ended it."""
     from dcablate.tasks import TASKS
 
     head = TASKS.get(task_kind).headline
-    return f"{head} {summary['final'].get(head, float('nan')):.3f} in {summary['wall_time_s']:.1f}s"
+    early = f", stopped early at step {summary['steps']} of {summary['planned_steps']}" \
+        if summary.get("stopped_early") and "planned_steps" in summary else ""
+    return f"{head} {summary['final'].get(head, float('nan')):.3f} in {summary['wall_time_s']:.1f}s{early}"
