@@ -97,6 +97,23 @@ def test_a_second_signal_ends_the_worker_at_once(sweep):
     assert out.count("stopped (cpu): ended by -15 (SIGTERM) before it saved a checkpoint") == 2, out
 
 
+def test_a_worker_killed_mid_run_fails_its_runs_and_a_fresh_one_trains_the_rest(sweep):
+    """SIGKILL of a worker holding two runs (the out-of-memory killer, say): both are reported failed, and the
+    sweep's other runs go to a new process rather than to the dead one."""
+    import os
+
+    root = sweep / "out" / "w"
+    sets = ("--set", "train.steps=60", "--set", "checkpoint.every=10")
+    proc = start_sweep(sweep, {"SLOW_STEP_S": "0.05"}, "--runs-per-worker", "2", *sets)
+    wait_for(lambda: all((root / n / "metrics.jsonl").is_file() for n in NAMES[:2]))
+    os.kill(int(pids(root, NAMES[:1])[0]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (out, err)
+    assert out.count("FAILED with exit code -9 (SIGKILL)") == 2, out
+    assert all((root / n / "summary.json").is_file() for n in NAMES[2:])
+    assert len(set(pids(root))) == 2
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--runs-per-worker", "2", "--launcher", "slurm"], "--runs-per-worker 2: packs the local launcher's runs"),
     (["--runs-per-worker", "2", "--workers", "1"], "--runs-per-worker 2: packs runs trained at once into fewer"),

@@ -75,7 +75,7 @@ class WorkerProcess:
         self.slot, self.events, self.capacity = slot, events, capacity
         self.members: list[LocalWorker] = []
         self.lock = threading.Lock()  # members: changed by the scheduler, read by the stdout thread
-        self.accepting = True  # takes new members: not after one of its runs failed, nor once its stdin closed
+        self.accepting = True  # takes new members: not after one of its runs failed, once its stdin closed or it ended
         self.signals_sent = 0
         cmd = [sys.executable, "-m", MODULE, recipe_ref]
         for o in overrides:
@@ -121,7 +121,7 @@ class WorkerProcess:
         finally:  # whatever ends the reading, the scheduler must learn that these workers are gone
             code = self.proc.wait()
             with self.lock:
-                members, self.members = list(self.members), []
+                members, self.members, self.accepting = list(self.members), [], False
             for m in members:
                 self.events.put((m, "exit", code))
 
@@ -203,7 +203,7 @@ def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | N
     processes: list[WorkerProcess] = []
 
     def start(slot: Slot, events: queue.Queue) -> LocalWorker:
-        process = next((p for p in processes if p.events is events and p.has_room(slot)), None)
+        process = next((p for p in processes if p.has_room(slot)), None)
         if process is None:
             process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker)
             processes.append(process)
