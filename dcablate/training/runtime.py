@@ -40,7 +40,7 @@ def check_runtime(recipe) -> torch.device:
     device = resolve_device(recipe.run.device)
     if recipe.model.backend == "fla" and device.type != "cuda":
         raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
-    if device.type == "cuda" and recipe.model.backend != "torch":
+    if device.type == "cuda" and recipe.model.backend != "torch" and recipe.model.mixer in HOPPER_MIXERS:
         problem = triton_problem(recipe.model.mixer, torch.cuda.get_device_capability(device), _triton_version())
         if problem:
             raise UserError(problem)
@@ -52,6 +52,7 @@ def check_runtime(recipe) -> torch.device:
 
 
 HOPPER_MIN_TRITON = (3, 7, 1)  # fla's Gated DeltaNet / Mamba-2 backward is wrong on Hopper below it (fla #640)
+HOPPER_MIXERS = ("gated_deltanet", "mamba2")
 
 
 def _triton_version() -> str | None:
@@ -67,7 +68,7 @@ def triton_problem(mixer: str, capability: tuple[int, int], version: str | None)
     """Why fla's kernels for `mixer` must not train on a GPU of compute `capability` with Triton `version`, or
     None: on Hopper (9.x) fla's Gated DeltaNet and Mamba-2 backward passes give wrong gradients below Triton 3.7.1,
     silently."""
-    if mixer not in ("gated_deltanet", "mamba2") or capability[0] != 9 or version is None:
+    if mixer not in HOPPER_MIXERS or capability[0] != 9 or version is None:
         return None
     parts = tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
     if parts >= HOPPER_MIN_TRITON:

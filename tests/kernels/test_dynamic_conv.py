@@ -163,7 +163,7 @@ def test_one_set_switches_conv_kind():
     for kind in ("none", "static", "dynamic"):
         base, points = recipes.expand("quickstart", [f"sweep.model.conv.kind=[\"{kind}\"]"])
         assert {p.model.conv.kind for _, p in points} == {kind}
-        assert recipes.load("quickstart", [f"model.conv.kind={kind}"]).model.conv.kind == kind
+        assert recipes.load("quickstart", ["sweep={}", f"model.conv.kind={kind}"]).model.conv.kind == kind
 
 
 @pytest.mark.parametrize("make", [
