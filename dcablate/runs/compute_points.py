@@ -128,12 +128,13 @@ def _slug(text: str) -> str:
 
 def _add(group: Group, name: str, cells: list) -> None:
     """The chosen runs of `name`'s cells as points of `group`, with the notes on the runs left out."""
-    nonfinite, no_flops = [], 0
+    nonfinite, no_flops, shared = [], 0, 1
     for by_lr in cells:
         _, runs, how = choose(by_lr)
         kept = 0
         for run in runs:
             s = run.summary
+            shared = max(shared, s.get("runs_on_device", 1))
             if not s.get("train_flops"):
                 no_flops += 1
                 continue
@@ -147,6 +148,10 @@ def _add(group: Group, name: str, cells: list) -> None:
             kept += 1
         if kept:
             group.how[name][how] += 1
+    if shared > 1:
+        group.notes.append(f"`{name}`: its throughput was measured with up to {shared} runs at once on a device "
+                           f"(`summary.json` runs_on_device), so its wall-clock multiplier compares rates under "
+                           f"contention; train one run per device (--per-gpu 1) for a clean one.")
     if nonfinite:
         group.notes.append(f"`{name}`: left out {len(nonfinite)} run{'s' if len(nonfinite) > 1 else ''} whose final "
                            f"loss is missing or not finite ({', '.join(nonfinite)}).")

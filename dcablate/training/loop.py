@@ -34,7 +34,7 @@ from dcablate.training.batches import device_batches
 from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
-from dcablate.training.packing import one_at_a_time, own_stream
+from dcablate.training.packing import one_at_a_time, own_stream, runs_on_device
 from dcablate.training.progress import Progress
 from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
                                        set_rng_state, software_versions)
@@ -347,7 +347,8 @@ class Run:
             "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,
-            "cuda_graphs": self.train_step.captured, "versions": software_versions(self.device),
+            "cuda_graphs": self.train_step.captured, "runs_on_device": runs_on_device(),
+            "versions": software_versions(self.device),
         }
         if ddp.active():
             summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel

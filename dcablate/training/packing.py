@@ -22,6 +22,7 @@ In a process that trains one run at a time the lock is never contended and costs
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 _EAGER = threading.RLock()
@@ -49,3 +50,16 @@ def own_stream(device):
 
     with torch.cuda.stream(torch.cuda.Stream(device)):
         yield
+
+
+RUNS_ON_DEVICE_ENV = "DCABLATE_RUNS_ON_DEVICE"  # set by the launchers that train several runs per device
+
+
+def runs_on_device() -> int:
+    """How many runs the launcher trains at once on this run's device (the local launcher's slots on its GPU, or
+    its CPU workers; Ray's actors per GPU): 1 for a run trained alone. Its throughput was measured beside that many
+    runs, which a wall-clock comparison must know."""
+    try:
+        return max(1, int(os.environ.get(RUNS_ON_DEVICE_ENV, "1")))
+    except ValueError:
+        return 1

@@ -287,6 +287,18 @@ def test_wall_clock_from_train_time_and_devices(tmp_path):
     assert "- `attention conv=dynamic@qkv`: wall-clock from runs on different devices (NVIDIA H100, NVIDIA H200)." in md
 
 
+def test_throughput_measured_beside_other_runs_is_noted(tmp_path):
+    """Runs trained four at a time on a device (`summary.json` runs_on_device): the wall-clock column compares
+    contended rates, and the note says so for each variant that had such runs."""
+    for d in LADDER:
+        write_run(tmp_path, f"none-{d}", d=d, summary={"runs_on_device": 4})
+        write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"}, summary={"runs_on_device": 1})
+    md = report_md(tmp_path)
+    assert ("- `attention conv=none`: its throughput was measured with up to 4 runs at once on a device "
+            "(`summary.json` runs_on_device)") in md
+    assert "`attention conv=dynamic@qkv`: its throughput was measured" not in md
+
+
 def test_throughput_falls_back_to_the_logged_rates(tmp_path):
     from types import SimpleNamespace
 

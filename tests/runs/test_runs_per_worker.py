@@ -40,6 +40,8 @@ def test_runs_in_threads_match_in_process_each_with_its_own_log(sweep, capsys):
     root = sweep / "out" / "w"
     assert finals(root) == expected  # fp32 on CPU: bit-for-bit the in-process runs
     assert len(set(pids(root))) == 1
+    runs_at_once = lambda r: {json.loads(p.read_text())["runs_on_device"] for p in r.glob("*/summary.json")}
+    assert runs_at_once(root) == {4} and runs_at_once(sweep / "inproc" / "w") == {1}
     for n in NAMES:  # each log holds its own run's lines and no other run's
         log = (root / n / "worker.log").read_text()
         assert f"{n}  step 6/6 (100%)" in log and log.count("-> out/w/") == 1

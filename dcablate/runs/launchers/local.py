@@ -33,6 +33,7 @@ from dcablate.runs.launchers.outcome import Job
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.runs.launchers.scheduler import Worker, run_sweep
 from dcablate.runs.launchers.slots import Slot, cpu_count
+from dcablate.training.packing import RUNS_ON_DEVICE_ENV
 
 RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
 MODULE = "dcablate.runs.launchers.local"
@@ -71,7 +72,7 @@ class WorkerProcess:
     scheduler's `LocalWorker`s; a thread turns its stdout into their events."""
 
     def __init__(self, slot: Slot, events: queue.Queue, recipe_ref: str, overrides: list[str],
-                 daemon: mps.Daemon | None, capacity: int):
+                 daemon: mps.Daemon | None, capacity: int, beside: int = 1):
         self.slot, self.events, self.capacity = slot, events, capacity
         self.members: list[LocalWorker] = []
         self.lock = threading.Lock()  # members: changed by the scheduler, read by the stdout thread
@@ -82,7 +83,7 @@ class WorkerProcess:
             cmd += ["--set", o]
         if capacity > 1:
             cmd += ["--runs-at-once", str(capacity)]
-        env = worker_env(slot, daemon)
+        env = {**worker_env(slot, daemon), RUNS_ON_DEVICE_ENV: str(beside)}  # runs at once on its device
         if capacity > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(slot.threads * capacity)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -197,15 +198,17 @@ class LocalWorker(Worker):
         self.process.close(deadline)
 
 
-def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | None, runs_per_worker: int):
+def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | None, runs_per_worker: int,
+                   slots: list[Slot]):
     """`start(slot, events)` for the scheduler: a `LocalWorker` on a process of that GPU with room for another run,
-    or on a new one."""
+    or on a new one. `slots`: all of the sweep's, to tell each worker how many runs share its device."""
     processes: list[WorkerProcess] = []
+    beside = {gpu: sum(s.gpu == gpu for s in slots) for gpu in {s.gpu for s in slots}}
 
     def start(slot: Slot, events: queue.Queue) -> LocalWorker:
         process = next((p for p in processes if p.has_room(slot)), None)
         if process is None:
-            process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker)
+            process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker, beside[slot.gpu])
             processes.append(process)
         return LocalWorker(slot, events, process)
 
@@ -228,7 +231,7 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[S
             warmup.warm_up(recipe_ref, overrides, jobs, places)
         where = "" if runs_per_worker == 1 or len(hosts) == len(slots) else \
             f" in {len(hosts)} process{'es' if len(hosts) != 1 else ''} (--runs-per-worker {runs_per_worker})"
-        return run_sweep(jobs, slots, worker_factory(recipe_ref, overrides, daemon, runs_per_worker), len(jobs),
+        return run_sweep(jobs, slots, worker_factory(recipe_ref, overrides, daemon, runs_per_worker, slots), len(jobs),
                          where)
     finally:
         if daemon is not None:

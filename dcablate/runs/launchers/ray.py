@@ -38,6 +38,7 @@ from dcablate.runs.launchers.capacity import CPU_THREADS_PER_RUN
 from dcablate.runs.launchers.outcome import Job, note
 from dcablate.runs.launchers.point import STOP_SIGNALS, enter_directory, run_job
 from dcablate.runs.launchers.scheduler import Worker, run_sweep
+from dcablate.training.packing import RUNS_ON_DEVICE_ENV
 
 CONNECT_TIMEOUT_S = 5.0
 ACTOR = "SweepWorker"  # in the actor process's title (`ray::SweepWorker`): a signal goes to no other process
@@ -291,13 +292,16 @@ def first_line(e: BaseException) -> str:
 class Remote:
     """The Ray handles a sweep needs: the actor class, the signalling task, retries and the runtime environment."""
 
-    def __init__(self, ray, retries: int):
+    def __init__(self, ray, retries: int, beside: int = 1):
         self.actor = ray.remote(SweepWorker)
         self.signal = ray.remote(signal_process)
         self.warm = ray.remote(warm_node)
         self.retries = retries
-        # plugins and settings that workers must share; the rest of the environment is the node's own
+        # plugins and settings that workers must share; the rest of the environment is the node's own; and how
+        # many actors share a GPU (the runs' summaries record it beside their throughput)
         env = {k: v for k, v in os.environ.items() if k.startswith("DCABLATE_")}
+        if beside > 1:
+            env[RUNS_ON_DEVICE_ENV] = str(beside)
         self.runtime_env = {"env_vars": env} if env else None
 
 
@@ -345,7 +349,8 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bo
         if uses_cuda is None:
             uses_cuda = any(n.get("GPU", 0) for n in nodes)
         slots = ray_slots(nodes, uses_cuda, per_gpu, workers, default_per_gpu, len(jobs))
-        remote = Remote(ray, retries)
+        beside = round(1 / slots[0].gpus) if slots and uses_cuda and 0 < slots[0].gpus < 1 else 1
+        remote = Remote(ray, retries, beside)
         click.echo(f"ray: {len(nodes)} node{'s' if len(nodes) != 1 else ''} in {where}")
         if jobs and warmup.wanted_for(warm, uses_cuda):
             warm_nodes(ray, remote, recipe_ref, overrides, jobs, alive, slots[0])
