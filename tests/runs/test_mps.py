@@ -182,7 +182,7 @@ def test_the_launcher_gives_its_daemon_to_every_worker_and_the_warm_up_and_stops
     built = []
 
     class FakeProcess:
-        def __init__(self, slot, ev, ref, ov, d, capacity):
+        def __init__(self, slot, ev, ref, ov, d, capacity, beside=1):
             built.append(d)
 
         def join(self, member):
