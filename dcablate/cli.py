@@ -186,6 +186,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
 
         setup()
         root, plan = broadcast((root, plan))
+    to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
+    check_budgets(plan, to_train)  # a budget too short for its warmup would fail in each run, after the start-up
     if dry_run:
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
@@ -198,7 +200,6 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
         relaunch(launch.nproc, recipe, list(overrides), quiet, force_new, [check_runtime(r) for _, r in points],
                  any(v is not None for v in (launch.per_gpu, launch.gpus, launch.workers)))
 
-    to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
     if launch.launcher == "local":
         devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
         check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model ends here, nothing written
@@ -271,6 +272,26 @@ def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], de
         vocab = task_class(r.task.kind).shape(task_options(r.task))[1]
         try:
             check_fits(r, vocab, devices[i], origins)
+        except UserError as e:
+            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
+
+
+def check_budgets(plan, to_train: list[int]) -> None:
+    """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
+    its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
+    built on the meta device), and a UserError names the point otherwise."""
+    from dcablate.models.costs import build_model, costs
+    from dcablate.training.optim import planned_steps
+
+    for i in to_train:
+        name, r = plan[i][0], plan[i][1]
+        t = r.train
+        if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
+            continue
+        seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
+        params = costs(build_model(r, vocab, device="meta"), seq_len).params["non_embedding"]
+        try:
+            planned_steps(t, t.batch_size * seq_len, params)
         except UserError as e:
             raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
 

@@ -207,6 +207,9 @@ CASES = [
     Case("info-set-a-swept-key", ["info", "r.toml", "--set", "model.d_model=48"],
          ("--set model.d_model=48: model.d_model is swept",),
          files={"r.toml": OK + '[sweep.model]\nd_model = [32, 64]\n'}),
+    Case("budget-shorter-than-warmup-at-dry-run", ["run", "lm/scaling_tiny", *DRY, "--set", "train.tokens_per_param=0.01"],
+         ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: train.tokens_per_param: "
+          "a budget of 268 tokens is 1 step of 1,024 tokens, fewer than train.warmup_steps 20",)),
     # --- eval
     Case("eval-missing-run-dir", ["eval", "--task", "mqar", "--run", "nope"], ("nope: no such run directory",)),
     Case("eval-dir-without-recipe", ["eval", "--task", "mqar", "--run", "somedir"],

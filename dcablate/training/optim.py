@@ -51,6 +51,7 @@ def planned_steps(t, tokens_per_step: int, non_embedding_params: int) -> int:
         raise UserError(f"{key}: a budget of {budget:,} tokens is {steps:,} steps of {tokens_per_step:,} tokens, more "
                         f"than the {MAX_STEPS:,} steps a run may take")
     if steps < t.warmup_steps:
-        raise UserError(f"{key}: a budget of {budget:,} tokens is {steps} steps of {tokens_per_step:,} tokens, fewer "
+        raise UserError(f"{key}: a budget of {budget:,} tokens is {steps} step{'s' if steps != 1 else ''} of "
+                        f"{tokens_per_step:,} tokens, fewer "
                         f"than train.warmup_steps {t.warmup_steps}")
     return steps

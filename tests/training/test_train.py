@@ -229,7 +229,7 @@ def test_a_token_budget_sets_the_steps(tmp_path):
 
 @pytest.mark.parametrize("train_keys, test_keys, want", [
     ({"tokens": 100, "tokens_per_param": 2.0}, None, "train.tokens_per_param: give one token budget"),
-    ({"tokens": 64, "warmup_steps": 2}, None, "train.tokens: a budget of 64 tokens is 1 steps of 256 tokens, fewer "
+    ({"tokens": 64, "warmup_steps": 2}, None, "train.tokens: a budget of 64 tokens is 1 step of 256 tokens, fewer "
                                               "than train.warmup_steps 2"),
     ({"tokens": 5000}, [{"seq_len": 16, "num_kv_pairs": 2, "num_examples": 64},
                         {"seq_len": 32, "num_kv_pairs": 2, "num_examples": 64}],
