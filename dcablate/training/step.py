@@ -156,8 +156,8 @@ class TrainStep:
         other step waits."""
         warming = self.warming(x, y, row_scored)
         # where runs train at once in one process (packing.py), only a CUDA graph's replay runs beside the others
-        replay = self.graphs is not None and self.graphs.replays(x, y, row_scored)
-        alone = warming or (self.device.type == "cuda" and not replay)
+        alone = warming or (self.device.type == "cuda" and not (self.graphs is not None
+                                                                and self.graphs.replays(x, y, row_scored)))
         with one_at_a_time() if alone else contextlib.nullcontext():
             if warming:
                 self.sync()

@@ -184,13 +184,15 @@ def test_sigterm_stops_the_sweep_checkpointed_within_seconds_and_a_rerun_resumes
     assert all(json.loads((root / n / "summary.json").read_text())["steps"] == 120 for n in NAMES)
 
 
-def test_a_worker_that_does_not_stop_in_time_is_stopped_at_once(sweep):
-    """A worker stuck where a signal cannot end it: after the grace period it gets the signal again and dies;
-    the command still exits 143 promptly, and the run resumes from its previous checkpoint."""
+@pytest.mark.parametrize("pack", [(), ("--runs-per-worker", "2")], ids=["a process each", "both in one process"])
+def test_a_worker_that_does_not_stop_in_time_is_stopped_at_once(sweep, pack):
+    """A worker stuck where a signal cannot end it: after the grace period it gets the signal again and dies
+    (with both of its runs when it holds two, `--runs-per-worker`); the command still exits 143 promptly, and the
+    runs resume from their previous checkpoints."""
     root = sweep / "out" / "w"
     sets = ("--set", "train.steps=300", "--set", "checkpoint.every=2")
     # a grace beyond the 1 s in which a repeated signal counts once, so the second SIGTERM is not taken for a repeat
-    proc = start_sweep(sweep, {"STUCK_AT_STEP": "3", "DCABLATE_STOP_GRACE_S": "2"}, *sets)
+    proc = start_sweep(sweep, {"STUCK_AT_STEP": "3", "DCABLATE_STOP_GRACE_S": "2"}, *pack, *sets)
     wait_for(lambda: all((root / n / "checkpoints" / "step-000002.pt").is_file() for n in NAMES[:2]))
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
