@@ -34,7 +34,8 @@ ONE_LR = "one lr"
 class Group:
     """The runs of one compute fit: `points` (every variant's, the baseline's included), `baseline` (the
     conv-free variant's name), how each variant's cells chose their runs (`how[variant]`: `HELD_OUT`, `ONE_LR`
-    or `min over n lrs`, counted over its sizes) and notes on runs left out."""
+    or `min over n lrs`, counted over its sizes), notes on runs left out, the variants whose throughput was
+    measured beside other runs (`contended`) and how many of each variant's fitted runs stopped early."""
 
     title: str
     slug: str
@@ -42,6 +43,8 @@ class Group:
     points: list[scaling.Point] = field(default_factory=list)
     how: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     notes: list[str] = field(default_factory=list)
+    contended: dict[str, int] = field(default_factory=dict)  # variant -> most runs at once on its runs' devices
+    stopped_early: Counter = field(default_factory=Counter)  # variant -> fitted runs that stopped early
 
 
 def choose(by_lr: dict) -> tuple[float, list, str]:
@@ -145,13 +148,12 @@ def _add(group: Group, name: str, cells: list) -> None:
             group.points.append(scaling.Point(
                 name, float(s["train_flops"]), float(loss), run.seed, fitted_params(s), tokens_per_s(run),
                 float(s["tokens"]) if s.get("tokens") else None, run.d_model, s.get("device_name")))
+            group.stopped_early[name] += bool(s.get("stopped_early"))
             kept += 1
         if kept:
             group.how[name][how] += 1
     if shared > 1:
-        group.notes.append(f"`{name}`: its throughput was measured with up to {shared} runs at once on a device "
-                           f"(`summary.json` runs_on_device), so its wall-clock multiplier compares rates under "
-                           f"contention; train one run per device (--per-gpu 1) for a clean one.")
+        group.contended[name] = shared
     if nonfinite:
         group.notes.append(f"`{name}`: left out {len(nonfinite)} run{'s' if len(nonfinite) > 1 else ''} whose final "
                            f"loss is missing or not finite ({', '.join(nonfinite)}).")

@@ -13,6 +13,8 @@ from pathlib import Path
 from dcablate.errors import UserError
 from dcablate.runs import compute_points, multipliers, scaling
 
+POOR_FIT_RMS = 0.2  # an rms relative residual above this: the curve does not describe the runs it was fitted to
+
 
 def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str], dict[str, Path]]:
     """Markdown lines and figure files of the compute analysis of a report table `(variant, d_model) -> lr ->
@@ -29,7 +31,7 @@ def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str
         except UserError as e:
             lines += [f"Not fitted: {e}", ""] + [f"- {n}" for n in group.notes] + ([""] if group.notes else [])
             continue
-        lines += _text(group, result) + _table(group, result) + _notes(group, result)
+        lines += _text(group, result) + _cautions(group, result) + _table(group, result) + _notes(group, result)
         name = f"{prefix}loss_vs_compute_{group.slug}"
         files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title)
         lines += [f"![loss vs compute]({name}.png)", ""]
@@ -56,6 +58,25 @@ def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[s
         f"multiplier: the same fit against non-embedding parameters (active ones for an MoE). Wall-clock: m times "
         f"the variant's training throughput in FLOPs/s over the baseline's, the geometric mean of the ratios at "
         f"the sizes both ran (`summary.json` tokens / `time_s.train`).", ""]
+
+
+def _cautions(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
+    """Warnings that make every multiplier below doubtful, in bold before the table: a fit that does not describe
+    its runs, and fitted runs that stopped early (their FLOPs are what reaching the target took, not a budget,
+    so the points do not trace loss against compute)."""
+    out = []
+    if result.fit.rms > POOR_FIT_RMS:
+        out.append(f"**The fit does not describe these runs** (rms relative residual {result.fit.rms:.0%}, above "
+                   f"{POOR_FIT_RMS:.0%}): read the multipliers below as unreliable.")
+    early = sum(group.stopped_early.values())
+    if early:
+        fitted = len(group.points)
+        out.append(f"**{early} of the {fitted} fitted runs stopped early** (`eval.early_stop`): their training FLOPs "
+                   f"are what reaching the target took, not a budget the variants share, and their final loss is "
+                   f"the loss at that step, so these points do not trace loss against compute. For a compute "
+                   f"multiplier train every run to its budget (`--set eval.early_stop=0`, a `lm/scaling_*` or "
+                   f"`paper/lm_scaling_*` ladder); the steps-to-target columns above compare early-stopped runs.")
+    return [line for text in out for line in (text, "")]
 
 
 def _table(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
@@ -114,6 +135,13 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
     if result.param_note and result.param_fit is None:
         out.append(f"No parameter multiplier: {result.param_note}.")
     out += group.notes
+    if group.contended:
+        most = max(group.contended.values())
+        which = ("every variant's" if len(group.contended) == len({p.variant for p in group.points}) else
+                 ", ".join(f"`{v}`'s" for v in sorted(group.contended)))
+        out.append(f"Wall-clock: {which} throughput was measured with up to {most} runs at once on a device "
+                   f"(`summary.json` runs_on_device), so the wall-clock multipliers compare rates under contention; "
+                   f"train one run per device (--per-gpu 1) for clean ones.")
     if any(r["extrapolated"] or r["param_extrapolated"] for r in result.rows):
         out.append("Outside the baseline's range: fewer than half of the variant's runs, moved onto the "
                    "baseline's axis (m × C), lie within the baseline's fitted sizes, so its multiplier rests "

@@ -441,8 +441,9 @@ def _levenberg_marquardt(theta, t, loss, group, k, *, fix_e: bool, max_iter: int
             trial = theta.copy()
             trial[free] += step
             if trial[2] > 0 and np.all(np.isfinite(trial)):
-                r_new, p_new, s_new = _residuals(trial, t, loss, group)
-                new_cost = float(r_new @ r_new)
+                with np.errstate(over="ignore", invalid="ignore"):  # a wild trial step: its cost is inf, refused
+                    r_new, p_new, s_new = _residuals(trial, t, loss, group)
+                    new_cost = float(r_new @ r_new)
                 if np.isfinite(new_cost) and new_cost <= cost:
                     accepted = True
                     break

@@ -289,14 +289,41 @@ def test_wall_clock_from_train_time_and_devices(tmp_path):
 
 def test_throughput_measured_beside_other_runs_is_noted(tmp_path):
     """Runs trained four at a time on a device (`summary.json` runs_on_device): the wall-clock column compares
-    contended rates, and the note says so for each variant that had such runs."""
+    contended rates, and one note names the variants that had such runs."""
     for d in LADDER:
         write_run(tmp_path, f"none-{d}", d=d, summary={"runs_on_device": 4})
         write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"}, summary={"runs_on_device": 1})
     md = report_md(tmp_path)
-    assert ("- `attention conv=none`: its throughput was measured with up to 4 runs at once on a device "
+    assert ("- Wall-clock: `attention conv=none`'s throughput was measured with up to 4 runs at once on a device "
             "(`summary.json` runs_on_device)") in md
-    assert "`attention conv=dynamic@qkv`: its throughput was measured" not in md
+    assert "conv=dynamic@qkv`'s throughput" not in md
+    for d in LADDER:
+        (tmp_path / f"dyn-{d}" / "summary.json").write_text((tmp_path / f"dyn-{d}" / "summary.json").read_text()
+                                                            .replace('"runs_on_device": 1', '"runs_on_device": 8'))
+    md = report_md(tmp_path)
+    assert md.count("runs_on_device") == 1
+    assert "- Wall-clock: every variant's throughput was measured with up to 8 runs at once on a device" in md
+
+
+def test_early_stopped_runs_and_a_poor_fit_are_flagged_before_the_table(tmp_path):
+    """An MQAR-like grid: runs that stopped early at a target accuracy do not trace loss against compute, and
+    losses that no power law follows give a fit that does not describe them; both are said in bold before the
+    multiplier table, and neither is said of a clean ladder."""
+    for d in LADDER:
+        write_run(tmp_path / "clean", f"none-{d}", d=d)
+        write_run(tmp_path / "clean", f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+    md = report_md(tmp_path / "clean")
+    assert "stopped early" not in md and "does not describe" not in md
+    wild = {32: 3.0, 48: 0.5, 64: 4.0, 96: 0.2}
+    for d in LADDER:
+        write_run(tmp_path / "grid", f"none-{d}", d=d, final_loss=wild[d])
+        write_run(tmp_path / "grid", f"dyn-{d}", d=d, conv={"kind": "dynamic"}, final_loss=wild[d] / 2,
+                  summary={"stopped_early": d > 48})
+    md = report_md(tmp_path / "grid")
+    section = md[md.index("## Compute"):]
+    table = section.index("| variant | compute multiplier")
+    assert 0 < section.index("**The fit does not describe these runs** (rms relative residual") < table
+    assert 0 < section.index("**2 of the 8 fitted runs stopped early** (`eval.early_stop`)") < table
 
 
 def test_throughput_falls_back_to_the_logged_rates(tmp_path):
