@@ -381,6 +381,30 @@ def _check_consistency(r, origins: dict, src: str) -> None:
            f"{r.train.micro_batch_size} is more than train.batch_size {r.train.batch_size}")
 
 
+def recipe_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe can set (`model.conv.kind`, ...), the registered components' sections included."""
+    cls = cls or schema.Recipe
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += recipe_keys(kind, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _key_hint(key: str) -> str:
+    """' (did you mean 'model.mixer'?)' for a dotted key that is not a recipe key: the recipe key ending in the same
+    name (a section left out), else the closest spelling."""
+    keys = recipe_keys()
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    if len(same_leaf) == 1:
+        return f" (did you mean '{same_leaf[0]}'?)"
+    return did_you_mean(key, same_leaf or keys)
+
+
 def check_sweep(r, data: dict, origins: dict, src: str) -> None:
     """Every `[sweep]` key is a non-empty list and every value of every axis makes a valid recipe."""
     for key, values in r.sweep.items():
@@ -408,6 +432,9 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             try:
                 build(trial, trial_origins, src)
             except RecipeError as e:
+                unknown = [k for k in keys if k == e.key or k.startswith(f"{e.key}.")]
+                if e.source == swept and e.message.startswith("unknown key") and unknown:
+                    raise RecipeError(where, f"sweep.{unknown[0]}", f"not a recipe key{_key_hint(unknown[0])}") from None
                 if e.source == swept:  # the swept value itself is at fault
                     raise RecipeError(where, path, f"{what}: {e.message}") from None
                 raise RecipeError(e.source, e.key, f"{e.message} (with {path} = {what.split(' ', 1)[1]})") from None
