@@ -229,9 +229,9 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def write_report(root: Path, targets: tuple[float, ...] | None = None) -> dict[str, Path]:
-    """Write report.md, report.csv and the PNG figures into `root`; returns the written files by kind. `targets`:
-    the values of the headline metric whose first reaching the tables give (default: 0.5, 0.9 and 0.99 for
-    accuracy, none for bits per byte)."""
+    """Write report.md, report.csv (when there are MQAR or LM runs), suite.csv (suite runs) and the PNG figures
+    into `root`; returns the written files by kind. `targets`: the values of the headline metric whose first
+    reaching the tables give (default: 0.5, 0.9 and 0.99 for accuracy, none for bits per byte)."""
     try:
         return _write_report(Path(root), None if targets is None else tuple(targets))
     except OSError as e:
@@ -244,7 +244,7 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
     runs, bad = find_runs(root)
     by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names() if not suite.is_suite_task(task)}
     unfinished = [r for r in runs if r.summary is None]
-    out = {"md": root / "report.md", "csv": root / "report.csv"}
+    out = {"md": root / "report.md"}
     lines = [f"# Report: {root}", "",
              f"{len(runs) - len(unfinished)} finished runs, {len(unfinished)} unfinished"
              + (f", {len(bad)} skipped" if bad else "") + ".", ""]
@@ -252,31 +252,9 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
     tasks = {task: (metric_of(task), aggregate(rs), segments_of(rs, metric_of(task)))
              for task, rs in by_task.items() if rs}
     targets = {task: efficiency.targets_for(metric, asked) for task, (metric, _, _) in tasks.items()}
-    all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
-    all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
-    with open(out["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
-                    "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
-                    "params", *(f"{k}{t:g}" for t in all_targets
-                                for k in ("steps_to_", "tokens_to_", "seeds_reached_"))])
-        for task, (metric, table, segs) in tasks.items():
-            for (variant, d_model), by_lr in table.items():
-                chosen = best_lr(by_lr, metric)
-                for lr, cell in by_lr.items():
-                    std = cell.std(metric.key)
-                    first = cell.runs[0].summary
-                    speed = []
-                    for t in all_targets:
-                        if t not in targets[task]:
-                            speed += ["", "", ""]
-                            continue
-                        r = efficiency.reached(cell.runs, t, metric.higher_is_better)
-                        speed += ["" if r.steps is None else r.steps, "" if r.tokens is None else r.tokens, r.count]
-                    w.writerow([task, variant_name(variant), *variant[:4], d_model, lr, len(cell.runs),
-                                cell.mean(metric.key), "" if std is None else std, lr == chosen,
-                                *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
-                                first.get("state_floats", ""), first.get("params", {}).get("total", ""), *speed])
+    if tasks:
+        out["csv"] = _write_csv(root / "report.csv", *_csv_rows(tasks, targets))
+    csv_note = [] if tasks else _no_csv(root / "report.csv")
     suite_lines, suite_files = suite.suite_section(root, runs)  # the suite's tasks have their own analysis
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
@@ -289,6 +267,7 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
         out.update(compute_figures)
     lines += suite_lines
     out.update(suite_files)
+    lines += csv_note
 
     lines += _software(runs)
     if unfinished:
@@ -300,6 +279,59 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
               "HPARAMS tab.", ""]
     out["md"].write_text("\n".join(lines))
     return out
+
+
+def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
+    """report.csv's header and rows: one row per (task, variant, d_model, lr) of the MQAR and LM tables (the
+    suite's tasks have no such grid; their numbers go to suite.csv)."""
+    all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
+    all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
+    header = ["task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
+              "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
+              "params", *(f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "seeds_reached_"))]
+    rows = []
+    for task, (metric, table, segs) in tasks.items():
+        for (variant, d_model), by_lr in table.items():
+            chosen = best_lr(by_lr, metric)
+            for lr, cell in by_lr.items():
+                std = cell.std(metric.key)
+                first = cell.runs[0].summary
+                speed = []
+                for t in all_targets:
+                    if t not in targets[task]:
+                        speed += ["", "", ""]
+                        continue
+                    r = efficiency.reached(cell.runs, t, metric.higher_is_better)
+                    speed += ["" if r.steps is None else r.steps, "" if r.tokens is None else r.tokens, r.count]
+                rows.append([task, variant_name(variant), *variant[:4], d_model, lr, len(cell.runs),
+                             cell.mean(metric.key), "" if std is None else std, lr == chosen,
+                             *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
+                             first.get("state_floats", ""), first.get("params", {}).get("total", ""), *speed])
+    return header, rows
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def _no_csv(path: Path) -> list[str]:
+    """A tree without MQAR or LM runs (the suite's alone) has no rows for report.csv, which is not written: a bare
+    header must not pass for a result (the suite's numbers are in suite.csv). A header-only report.csv left by an
+    earlier report holds nothing and is removed; one with rows is kept, and report.md says it is not this
+    report's. Returns report.md's lines about it."""
+    if not path.is_file():
+        return []
+    with open(path, newline="", errors="replace") as f:
+        old = list(csv.reader(f))
+    if len(old) <= 1:
+        path.unlink()
+        return []
+    return [f"`{path.name}` in this folder is from an earlier report and was left as it was: this one has no MQAR "
+            "or LM runs to tabulate.", ""]
 
 
 def _software(runs: list[Run]) -> list[str]:

@@ -158,6 +158,11 @@ def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
     return labels
 
 
+def in_report_order(settings, task: str, labels: dict[tuple[str, tuple], str]) -> list[tuple]:
+    """A task's settings as the report lists them: the baseline first, then by label."""
+    return sorted(settings, key=lambda st: (labels[(task, st)] != "baseline", labels[(task, st)]))
+
+
 def _order(value) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
@@ -234,7 +239,9 @@ def suite_section(root: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
              "score the mean over the task's settings, the suite score the mean of the task scores. A variant is "
              "everything that differs between runs except the task settings, the grid and the seeds."
              + (" Spread over seeds: mean ± sample std (min..max of the per-seed suite scores)." if n_seeds > 1
-                else ""), ""]
+                else "")
+             + " The numbers of these tables are in `suite.csv` (a row per variant × task × setting, per task score "
+               "and per suite score).", ""]
     header = ["rank", "variant", "suite score", "tasks", "seeds", *tasks]
     rows = []
     for i, s in enumerate(table):
@@ -247,8 +254,7 @@ def suite_section(root: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
         lines += [f"A suite score over fewer than {len(SUITE_TASKS)} tasks is the mean of those it has.", ""]
 
     for task in tasks:
-        settings = sorted({r.setting for r in suite_runs if r.task == task},
-                          key=lambda st: (labels[(task, st)] != "baseline", labels[(task, st)]))
+        settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)
         have = [s for s in table if task in s.best]
         lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value).", ""]
         body = []
@@ -285,28 +291,78 @@ def _md_table(header: list, rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
+CSV_COLUMNS = ["row", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "task", "setting", "setting_keys",
+               "score_mean", "score_std", "score_min", "score_max", "seeds", "lr", "weight_decay", "steps",
+               "grid_points"]
+
+
 def _write_csv(path: Path, table: list[Scores], labels: dict) -> Path:
-    """One row per (variant, task, setting) with its chosen grid point, one per task score, one per suite score."""
+    """suite.csv, the numbers of report.md's suite tables (`CSV_COLUMNS`). `row` says what a row is: `setting` (a
+    (variant, task, setting) with its chosen grid point; score = accuracy, min/max over seeds), `task score` (the
+    mean over the task's settings) or `suite score` (task `suite`; std, min and max over the per-seed suite
+    scores). Columns that do not apply to a row are empty."""
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["variant", "task", "setting", "setting_keys", "accuracy_mean", "accuracy_std", "seeds", "lr",
-                    "weight_decay", "steps", "grid_points"])
+        w = csv.DictWriter(f, CSV_COLUMNS, restval="")
+        w.writeheader()
         for s in table:
-            name = variant_label(s.variant)
-            for task, settings in s.best.items():
-                for st, b in settings.items():
-                    w.writerow([name, task, labels[(task, st)], json.dumps(dict(st)), b.mean,
-                                "" if b.std is None else b.std, len(b.by_seed), b.grid[0], b.grid[1], b.grid[2],
-                                b.grid_points])
-                w.writerow([name, task, "task score", "", s.task_scores[task], "", "", "", "", "", ""])
-            w.writerow([name, "suite", "suite score", "", s.suite, "" if s.std is None else s.std, len(s.per_seed),
-                        "", "", "", ""])
+            who = {"variant": variant_label(s.variant), **dict(zip(CSV_COLUMNS[2:6], s.variant[:4]))}
+            for task in (t for t in SUITE_TASKS if t in s.best):  # report.md's order of tasks and settings
+                settings = s.best[task]
+                for st in in_report_order(settings, task, labels):
+                    b = settings[st]
+                    w.writerow({"row": "setting", **who, "task": task, "setting": labels[(task, st)],
+                                "setting_keys": json.dumps(dict(st)), **_spread(b.mean, b.std, b.by_seed),
+                                "seeds": len(b.by_seed), "lr": b.grid[0], "weight_decay": b.grid[1],
+                                "steps": "" if b.grid[2] is None else b.grid[2], "grid_points": b.grid_points})
+                w.writerow({"row": "task score", **who, "task": task, "score_mean": s.task_scores[task],
+                            "seeds": len({seed for b in settings.values() for seed in b.by_seed})})
+            w.writerow({"row": "suite score", **who, "task": "suite", **_spread(s.suite, s.std, s.per_seed),
+                        "seeds": len(s.per_seed)})
+    return path
+
+
+def _spread(mean: float, std: float | None, by_seed: dict) -> dict:
+    return {"score_mean": mean, "score_std": "" if std is None else std, "score_min": min(by_seed.values()),
+            "score_max": max(by_seed.values())}
+
+
+def _legend_below(fig, ax, fontsize: int = 7):
+    """Put `ax`'s legend under the axes, in as many columns as the figure's width holds (the figure widens for
+    a single entry wider than itself), and make the figure taller by the legend's height, so that the legend
+    covers no bar, point, tick label or title whatever the number and length of the variant names."""
+    handles, names = ax.get_legend_handles_labels()
+    renderer = fig.canvas.get_renderer()
+    for ncol in range(len(names), 0, -1):
+        legend = fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol,
+                            fontsize=fontsize, frameon=False)
+        box = legend.get_window_extent(renderer)
+        if box.width <= 0.98 * fig.bbox.width:
+            break
+        if ncol == 1:
+            fig.set_figwidth((box.width / 0.98) / fig.dpi)
+            break
+        legend.remove()
+    height = box.height / fig.dpi + 0.1  # inches, with a little air above the legend
+    fig.set_figheight(fig.get_figheight() + height)
+    fig.tight_layout(rect=(0, height / fig.get_figheight(), 1, 1))
+    return legend
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
 def _bars(path: Path, table: list[Scores], tasks: list[str]) -> Path:
+    return _save(_bars_figure(table, tasks), path)
+
+
+def _bars_figure(table: list[Scores], tasks: list[str]):
     """Grouped bars: a group per task and one for the suite score, a bar per variant (error bars: std over
-    seeds of the suite score)."""
+    seeds of the suite score); the legend below the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,14 +380,16 @@ def _bars(path: Path, table: list[Scores], tasks: list[str]) -> Path:
                color=plt.cm.tab10(i % 10), label=variant_label(s.variant))
     ax.set_xticks(x, groups, rotation=20)
     ax.set(ylabel="score (accuracy)", ylim=(0, 1.02), title="task scores and suite score")
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _legend_below(fig, ax)
+    return fig
 
 
 def _versus_compute(path: Path, points: list[tuple[Scores, float]]) -> Path:
+    return _save(_versus_compute_figure(points), path)
+
+
+def _versus_compute_figure(points: list[tuple[Scores, float]]):
+    """A point per variant: its suite score (error bar: std over seeds) at its compute multiplier."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -342,9 +400,7 @@ def _versus_compute(path: Path, points: list[tuple[Scores, float]]) -> Path:
         ax.errorbar([m], [s.suite], yerr=[s.std or 0.0], fmt="o", color=plt.cm.tab10(i % 10),
                     label=variant_label(s.variant))
     ax.axvline(1.0, color="0.7", lw=0.8)  # the conv-free ladder's own multiplier
-    ax.set(xlabel="compute multiplier on the LM ladder (the conv-free baseline = 1)", ylabel="suite score", title="suite score vs compute multiplier")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.set(xlabel="compute multiplier on the LM ladder (the conv-free baseline = 1)", ylabel="suite score",
+           title="suite score vs compute multiplier")
+    _legend_below(fig, ax)
+    return fig

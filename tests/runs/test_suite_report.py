@@ -5,6 +5,7 @@ suite trained on CPU through `dcablate run`."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import statistics
@@ -15,7 +16,7 @@ import pytest
 from dcablate import config
 from dcablate.cli import main
 from dcablate.runs import suite
-from dcablate.runs.report import find_runs
+from dcablate.runs.report import find_runs, write_report
 from tests.runs.test_compute_report import make_ladder
 from tests.tiny_recipes import merge
 
@@ -99,11 +100,137 @@ def test_report_gives_the_suite_tables_scores_and_figure(tmp_path):
     assert "![suite scores](suite_scores.png)" in md
     assert "suite_vs_compute" not in md  # no LM ladder here
     rows = list(csv.DictReader(open(root / "suite.csv")))
-    suite_rows = {r["variant"]: float(r["accuracy_mean"]) for r in rows if r["task"] == "suite"}
+    suite_rows = {r["variant"]: float(r["score_mean"]) for r in rows if r["row"] == "suite score"}
     assert suite_rows == pytest.approx({"attention conv=none": expected["none"],
                                         "attention conv=static@qkv": expected["static"]}, abs=1e-9)
     # suite runs get no generic accuracy-vs-d_model section
     assert "## Ranking" not in md and not (root / "recall_accuracy_vs_d_model.png").exists()
+
+
+def test_a_suite_only_report_writes_its_numbers_to_suite_csv_and_no_empty_report_csv(tmp_path):
+    """report.csv's rows are MQAR and LM grid cells: a tree of suite runs only gets none (not a bare header; one
+    left by an earlier report goes), and suite.csv holds every number of report.md's suite tables."""
+    root = tmp_path / "s"
+    expected = make_suite(root, seeds=(0, 1))
+    (root / "report.csv").write_text("task,variant,mixer,conv_kind\n")  # an empty one from an earlier report
+    assert main(["report", str(root)]) == 0 and not (root / "report.csv").exists()
+    files = write_report(root)
+    assert "csv" not in files and files["suite_csv"] == root / "suite.csv"
+    rows = list(csv.DictReader(open(root / "suite.csv")))
+    assert list(rows[0]) == suite.CSV_COLUMNS
+    # per variant: recall's 3 settings and its task score, memorization's 1 and its task score, the suite score
+    assert [(r["row"], r["task"], r["setting"]) for r in rows if r["conv_kind"] == "none"] == [
+        ("setting", "recall", "baseline"), ("setting", "recall", "seq_len=256"), ("setting", "recall", "vocab_size=32"),
+        ("task score", "recall", ""), ("setting", "memorization", "baseline"), ("task score", "memorization", ""),
+        ("suite score", "suite", "")]
+    static = {(r["row"], r["task"], r["setting"]): r for r in rows if r["variant"] == "attention conv=static@qkv"}
+    cell = static[("setting", "recall", "vocab_size=32")]  # v=1, i=1, best grid point: 0.2+0.1+0.05+0.3 (+0.01 seed 1)
+    assert (cell["mixer"], cell["conv_kind"], cell["conv_placement"], cell["ffn"]) == ("attention", "static", "qkv",
+                                                                                      "none")
+    assert float(cell["score_mean"]) == pytest.approx(0.655)
+    assert float(cell["score_std"]) == pytest.approx(statistics.stdev([0.65, 0.66]))
+    assert (float(cell["score_min"]), float(cell["score_max"])) == pytest.approx((0.65, 0.66))
+    assert (cell["seeds"], float(cell["lr"]), float(cell["weight_decay"]), cell["steps"], cell["grid_points"]) == (
+        "2", 3e-3, 0.1, "100", "4")
+    assert json.loads(cell["setting_keys"])["vocab_size"] == 32
+    assert float(static[("task score", "recall", "")]["score_mean"]) == pytest.approx(0.655)
+    assert float(static[("task score", "memorization", "")]["score_mean"]) == pytest.approx(0.605)
+    total = static[("suite score", "suite", "")]
+    assert float(total["score_mean"]) == pytest.approx(expected["static"])
+    assert (float(total["score_min"]), float(total["score_max"])) == pytest.approx((0.625, 0.635))
+    assert "`suite.csv`" in (root / "report.md").read_text()
+
+
+def test_a_report_csv_with_rows_from_an_earlier_report_is_kept_and_said_to_be_stale(tmp_path):
+    root = tmp_path / "s"
+    make_run(root, "a", "recall", 0.5)
+    old = "task,variant\nmqar,attention conv=none\n"
+    (root / "report.csv").write_text(old)
+    files = write_report(root)
+    assert "csv" not in files and (root / "report.csv").read_text() == old
+    assert "`report.csv` in this folder is from an earlier report" in files["md"].read_text()
+
+
+def test_a_mixed_tree_puts_mqar_in_report_csv_and_the_suite_in_suite_csv(tmp_path):
+    root = tmp_path / "t"
+    make_run(root / "suite", "a", "recall", 0.5)
+    make_run(root / "mqar", "b", "mqar", 0.7)
+    summary = root / "mqar" / "b" / "summary.json"
+    data = json.loads(summary.read_text())
+    data["best"]["overall"] = data["final"]["overall"] = 0.7  # MQAR's headline metric
+    data["state_floats"] = 1024
+    summary.write_text(json.dumps(data))
+    files = write_report(root)
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert [(r["task"], float(r["score_mean"])) for r in rows] == [("mqar", 0.7)]
+    assert [r["row"] for r in csv.DictReader(open(files["suite_csv"]))] == ["setting", "task score", "suite score"]
+
+
+LONG = ("gated_deltanet", "mamba2", "attention")
+
+
+def fake_scores(n: int) -> list:
+    """`n` variants with long names (`gated_deltanet conv=dynamic@all_linear ffn=mlp d_model=256`), every task
+    scored near the top of the axis, where a legend inside the axes would sit on the bars."""
+    table = []
+    for i in range(n):
+        variant = (LONG[i // 2 % 3], ("dynamic", "static")[i % 2], "all_linear", "mlp", ("model.d_model", 64 * (i + 1)))
+        task_scores = {t: 0.9 + 0.01 * i for t in suite.SUITE_TASKS}
+        table.append(suite.Scores(variant, {t: {} for t in suite.SUITE_TASKS}, task_scores, 0.95,
+                                  {(0, None): 0.94, (1, None): 0.96}))
+    return table
+
+
+def assert_legend_clear_of_axes(fig):
+    """The legend lies inside the figure (nothing cut off when saved) and meets neither the axes' data area nor
+    its tick labels, axis labels and title."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    legend = ax.get_legend() or fig.legends[0]
+    box = legend.get_window_extent(renderer)
+    assert not box.overlaps(ax.get_window_extent(renderer)), (box, ax.get_window_extent(renderer))
+    assert not box.overlaps(ax.get_tightbbox(renderer))
+    whole = fig.bbox
+    assert whole.x0 - 1 <= box.x0 and box.x1 <= whole.x1 + 1 and whole.y0 - 1 <= box.y0 and box.y1 <= whole.y1 + 1
+    assert len(legend.get_texts()) == len(ax.get_legend_handles_labels()[1])
+
+
+@pytest.mark.parametrize("n", [2, 3, 6])
+def test_the_suite_scores_legend_covers_no_bar(n):
+    import matplotlib.pyplot as plt
+
+    table = fake_scores(n)
+    assert "gated_deltanet conv=dynamic@all_linear" in suite.variant_label(table[0].variant)
+    fig = suite._bars_figure(table, list(suite.SUITE_TASKS))
+    try:
+        assert_legend_clear_of_axes(fig)
+    finally:
+        plt.close(fig)
+
+
+def test_a_single_variant_wider_than_the_figure_widens_it(tmp_path):
+    import matplotlib.pyplot as plt
+
+    table = fake_scores(1)
+    table[0] = suite.Scores((*table[0].variant, ("model.conv.rank", 4), ("train.batch_size", 512),
+                             ("model.conv.width", 8), ("model.n_layers", 12), ("model.n_heads", 16)),
+                            *dataclasses.astuple(table[0])[1:])
+    fig = suite._bars_figure(table, ["recall"])
+    try:
+        assert_legend_clear_of_axes(fig)
+    finally:
+        plt.close(fig)
+
+
+def test_the_suite_vs_compute_legend_covers_no_point():
+    import matplotlib.pyplot as plt
+
+    fig = suite._versus_compute_figure([(s, 1.0 + 0.1 * i) for i, s in enumerate(fake_scores(4))])
+    try:
+        assert_legend_clear_of_axes(fig)
+    finally:
+        plt.close(fig)
 
 
 def test_a_key_that_differs_within_a_variant_joins_its_name(tmp_path):
