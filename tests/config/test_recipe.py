@@ -413,7 +413,7 @@ def test_sweep_from_set_overrides(tmp_path):
 @pytest.mark.parametrize("text, key, fragment", [
     ('[sweep]\n"model.mixer" = ["attention", "atention"]\n', "sweep.model.mixer", "did you mean 'attention'"),
     ("[sweep.model]\nd_model = [64, 65]\n", "sweep.model.d_model", "not divisible by n_heads"),
-    ('[sweep]\n"model.d_modle" = [64]\n', "sweep.model.d_modle", "did you mean 'd_model'"),
+    ('[sweep]\n"model.d_modle" = [64]\n', "sweep.model.d_modle", "not a recipe key (did you mean 'model.d_model'?)"),
     ('[sweep]\n"train.steps" = [1000, 0]\n', "sweep.train.steps", "must be >= 1"),
     ('[sweep]\n"model.d_model" = 64\n', "sweep.model.d_model", "non-empty list"),
     ('[sweep]\n"model.d_model" = []\n', "sweep.model.d_model", "non-empty list"),
