@@ -17,11 +17,12 @@ from dcablate import __version__, config
 from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
+from dcablate.runs import preflight
 from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
                                        save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import format_table, headline_result
-from dcablate.tasks import TASKS, task_class, task_options
+from dcablate.tasks import TASKS
 
 class RegisteredName(click.ParamType):
     """A name in a registry, read when the option is parsed (plugins registered since import count)."""
@@ -187,7 +188,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
         setup()
         root, plan = broadcast((root, plan))
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
-    check_budgets(plan, to_train)  # a budget too short for its warmup would fail in each run, after the start-up
+    preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
@@ -202,7 +203,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
 
     if launch.launcher == "local":
         devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
-        check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model ends here, nothing written
+        preflight.check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model: nothing written
         uses_cuda = any(d.type == "cuda" for d in devices)
     else:  # the cluster's nodes have the devices, and each worker checks its own
         uses_cuda = cluster_cuda([r for _, r in points])
@@ -259,41 +260,6 @@ def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], c
         return capacity.default_count(True, need, cpu_count() if count_cores else None, gpus=len(gpus),
                                       gpu_bytes=memory)
     return capacity.default_count(False, need, cpu_count(), host_bytes=free_host_bytes())
-
-
-def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], devices) -> None:
-    """Every model about to train fits this machine (its weights against the free memory); a UserError naming
-    the size keys and where they were set otherwise."""
-    from dcablate.models.memory import check_fits
-
-    origins = config.load_raw(recipe, overrides)[1]
-    for i in to_train:
-        name, r = plan[i][0], plan[i][1]
-        vocab = task_class(r.task.kind).shape(task_options(r.task))[1]
-        try:
-            check_fits(r, vocab, devices[i], origins)
-        except UserError as e:
-            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
-
-
-def check_budgets(plan, to_train: list[int]) -> None:
-    """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
-    its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
-    built on the meta device), and a UserError names the point otherwise."""
-    from dcablate.models.costs import build_model, costs
-    from dcablate.training.optim import planned_steps
-
-    for i in to_train:
-        name, r = plan[i][0], plan[i][1]
-        t = r.train
-        if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
-            continue
-        seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
-        params = costs(build_model(r, vocab, device="meta"), seq_len).params["non_embedding"]
-        try:
-            planned_steps(t, t.batch_size * seq_len, params)
-        except UserError as e:
-            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
 
 
 def train_here(plan, root: Path, quiet: bool) -> None:
@@ -427,23 +393,14 @@ def eval_(task_kind, run_dir, overrides, data):
 @cli.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def info(recipe, overrides):
-    """Parameters per component, recurrent-state size and FLOPs per token of RECIPE's model."""
-    from dcablate.models.costs import build_model, costs, human
+@click.option("--detail", is_flag=True,
+              help="Sweeps: after the table, each distinct model's parameters per component, state and FLOPs, with "
+                   "the points that build it.")
+def info(recipe, overrides, detail):
+    """Parameters, recurrent-state size and FLOPs per token of RECIPE's model; a sweep: a row per distinct model."""
+    from dcablate.models.describe import describe
 
-    base, points = config.expand(recipe, list(overrides))
-    for name, r in points:
-        seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
-        model = build_model(r, vocab, device="meta")
-        c = costs(model, seq_len)
-        title = f"{r.run.name}{' / ' + name if name else ''}: {r.model.mixer}, conv={r.model.conv.kind}, " \
-                f"d_model={r.model.d_model}, n_layers={r.model.n_layers}"
-        click.echo(title)
-        click.echo(format_table([{"component": k, "parameters": f"{v:,}"} for k, v in c.params.items()]))
-        click.echo(f"recurrent state per sequence at T={seq_len}: {human(c.state_floats)} floats "
-                   f"({human(2 * c.state_floats)}B in bf16)")
-        click.echo(f"forward FLOPs per token: {human(c.flops_per_token)} (blocks) + "
-                   f"{human(c.head_flops_per_token)} (LM head, per scored token); training ~3x\n")
+    click.echo(describe(recipe, list(overrides), detail))
 
 
 @cli.group()
@@ -534,7 +491,8 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
               help="A headline-metric value for the sample-efficiency columns (repeatable; default 0.5, 0.9 and "
                    "0.99 for accuracy, none for bits per byte).")
 def report(directory, targets):
-    """Tables (report.md, report.csv) and PNG figures over every run below DIRECTORY, written into it."""
+    """Tables (report.md; report.csv for MQAR/LM runs, suite.csv for the task suite) and PNG figures over every run
+    below DIRECTORY, written into it."""
     from dcablate.runs.report import write_report
 
     files = write_report(directory, targets=targets or None)
@@ -650,13 +608,18 @@ def kernels_export_tuning(caches, out, gpu_name):
 
 
 @cli.command(name="recipes")
-def list_recipes():
-    """List the recipes shipped with dcablate, each with the first sentence of its opening comment (run one by
-    name: dcablate run NAME)."""
-    from dcablate.config.summary import first_sentence
+@click.argument("name", required=False)
+def list_recipes(name):
+    """List the recipes shipped with dcablate, each with the first sentence of its opening comment, wrapped to the
+    terminal's width; with NAME, print that recipe's file (its whole description and TOML). Run one by name:
+    dcablate run NAME."""
+    from dcablate.config import listing
 
-    rows = [{"name": name, "what": first_sentence(path.read_text())} for name, path in config.shipped_recipes().items()]
-    click.echo(format_table(rows))
+    if name is not None:
+        path = listing.shipped_recipe(name)
+        click.echo(f"# {path}\n{path.read_text()}", nl=False)
+        return
+    click.echo(listing.recipes_table(listing.shipped_rows(), listing.output_width(sys.stdout)))
 
 
 def main(argv=None) -> int:

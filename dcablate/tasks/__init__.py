@@ -72,6 +72,21 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def inputs(cls, options) -> dict[str, str]:
+        """What training reads from outside the recipe, by the recipe key that names it (the LM task:
+        `{"task.lm.data": "/data/python-docs"}`). `dcablate run` and `--dry-run` pass each distinct key and value
+        of the runs about to train to `check_input` once, before any run starts (`dcablate/runs/preflight.py`).
+        Default: nothing."""
+        return {}
+
+    @classmethod
+    def check_input(cls, key: str, value: str, where: str) -> None:
+        """Raise a UserError whose line starts with `where` (the file, `--set` or sweep table that set `key`, and
+        the key) and says how to fix it when `value` cannot be read: missing, unreadable, holding nothing the task
+        reads. Checks only what needs no network and no reading of the whole input: it runs whenever a sweep
+        starts. Default: nothing."""
+
+    @classmethod
     def head(cls, options, d_model: int):
         """The task's own module between the model's final hidden states `[B, T, D]` and its LM head, or None
         (the default: the LM head reads every position). It becomes part of the model

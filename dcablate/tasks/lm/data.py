@@ -74,7 +74,7 @@ def source_files(data: str, where: str = "task.lm.data") -> list[Path]:
         raise UserError(f"{where}: {data}: {what}")
     for f in files:
         if f.suffix not in SUFFIXES:
-            raise UserError(f"{f}: unknown text format '{f.suffix}' (expected one of {', '.join(SUFFIXES)})")
+            raise UserError(f"{where}: {f}: unknown text format '{f.suffix}' (expected one of {', '.join(SUFFIXES)})")
     return files
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dcablate.errors import UserError
 from dcablate.tasks import Task
+from dcablate.tasks.lm import inputs as lm_inputs
 from dcablate.tasks.lm.data import (BPETokenizer, Corpus, build_tokenizer, load_corpus, packed_batches,
                                     read_tokenizer_file, tokenizer_vocab_size, windows)
 from dcablate.tasks.lm.spec import absolute_source
@@ -124,6 +125,14 @@ class LMTask(Task):
     @classmethod
     def shape(cls, options) -> tuple[int, int]:
         return options.seq_len, tokenizer_vocab_size(options)
+
+    @classmethod
+    def inputs(cls, options) -> dict[str, str]:
+        return lm_inputs.inputs(options)
+
+    @classmethod
+    def check_input(cls, key: str, value: str, where: str) -> None:
+        lm_inputs.check_input(key, value, where)
 
     @classmethod
     def for_benchmark(cls, options) -> "RandomTokens":

@@ -1,0 +1,102 @@
+"""Checks before a sweep starts: a mistake that would fail every run it touches is found when `dcablate run` (or
+`--dry-run`) starts, before a worker starts or a file is written, and ends the command with one line naming the
+key, where it was set and, where it touches only some runs, the sweep point. Only the runs about to train are
+checked: a finished run needs neither its data nor its budget again.
+
+- `check_budgets`: an LM token budget gives at least the warmup's steps;
+- `check_inputs`: what each task reads from outside the recipe (`Task.inputs`, `Task.check_input`: the LM
+  task's text and tokenizer file), each distinct key and value once per sweep;
+- `check_sizes` (a real run only: it needs the devices): every model fits this machine.
+
+`plan` is `train_stage`'s list of `(point name, recipe, run directory, state)`, `to_train` the indices of its
+runs still to train.
+"""
+
+from __future__ import annotations
+
+from dcablate import config
+from dcablate.errors import UserError
+from dcablate.tasks import task_class, task_options
+
+
+def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> None:
+    """The checks that need no device: the recipe's own numbers (token budgets), then the files outside it that the
+    runs read."""
+    check_budgets(plan, to_train)
+    _, origins, path = config.load_raw(recipe, overrides)
+    check_inputs(plan, to_train, origins, str(path))
+
+
+def set_where(key: str, origins: dict, recipe_file: str) -> str:
+    """`SOURCE: KEY` for an error line: the file or `--set` that set `key` (or the closest table holding it); for
+    a swept key the one that set its `[sweep]` list, as `SOURCE: sweep.KEY`."""
+    if f"sweep.{key}" in origins:
+        return f"{origins['sweep.' + key]}: sweep.{key}"
+    path = key
+    while path:
+        if path in origins:
+            return f"{origins[path]}: {key}"
+        path = path.rpartition(".")[0]
+    return f"{recipe_file}: {key}"
+
+
+def points_named(names: list[str], runs: int) -> str:
+    """`sweep point NAME: ` (`... (and N more): `) for an error touching only the points `names` of `runs` runs to
+    train; "" when it touches all of them (or the recipe has no sweep)."""
+    if len(names) == runs or not names[0]:
+        return ""
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"sweep point {names[0]}{more}: "
+
+
+def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str) -> None:
+    """Every file or folder the runs about to train read can be read (`Task.check_input`), each distinct
+    (task, key, value) checked once however many points share it; a UserError otherwise."""
+    users: dict[tuple[str, str, str], list[str]] = {}  # (task kind, key, value) -> the points reading it
+    for i in to_train:
+        name, r = plan[i][0], plan[i][1]
+        for key, value in task_class(r.task.kind).inputs(task_options(r.task)).items():
+            users.setdefault((r.task.kind, key, value), []).append(name)
+    for (kind, key, value), names in users.items():
+        try:
+            task_class(kind).check_input(key, value, set_where(key, origins, recipe_file))
+        except UserError as e:
+            raise UserError(f"{points_named(names, len(to_train))}{e}") from None
+
+
+def check_budgets(plan, to_train: list[int]) -> None:
+    """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
+    its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
+    built on the meta device), and a UserError names the point otherwise."""
+    from dcablate.models.costs import build_model, costs
+    from dcablate.training.optim import planned_steps
+
+    for i in to_train:
+        name, r = plan[i][0], plan[i][1]
+        t = r.train
+        if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
+            continue
+        try:
+            seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
+        except UserError:  # a tokenizer file that cannot be read: `check_inputs` names it and where it was set
+            continue
+        params = costs(build_model(r, vocab, device="meta"), seq_len).params["non_embedding"]
+        try:
+            planned_steps(t, t.batch_size * seq_len, params)
+        except UserError as e:
+            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
+
+
+def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], devices) -> None:
+    """Every model about to train fits this machine (its weights against the free memory; `devices[i]` is point
+    i's device); a UserError naming the size keys and where they were set otherwise."""
+    from dcablate.models.memory import check_fits
+
+    origins = config.load_raw(recipe, overrides)[1]
+    for i in to_train:
+        name, r = plan[i][0], plan[i][1]
+        vocab = task_class(r.task.kind).shape(task_options(r.task))[1]
+        try:
+            check_fits(r, vocab, devices[i], origins)
+        except UserError as e:
+            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None

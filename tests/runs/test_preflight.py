@@ -1,0 +1,150 @@
+"""A data source that cannot be read is found when `dcablate run` (and `--dry-run`) starts, not in the first run:
+one line naming the key, where it was set (file, --set or sweep table), the sweep point when only some points read
+it, and the fix; exit 2, nothing written, no worker started. Each distinct source is checked once per sweep, and
+only for the runs about to train: a finished run whose corpus moved away is reported, not refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dcablate import config as recipes
+from dcablate.cli import main
+from dcablate.runs.preflight import points_named, set_where
+from dcablate.tasks.lm.task import LMTask
+from tests.tasks.test_lm import make_docs, write_txt
+
+
+def lm_recipe(data: str, sweep: dict | None = None, **lm) -> str:
+    """A 1-layer attention LM over `data` (a few steps on CPU), its token cache under ./cache."""
+    return recipes.dumps_toml({
+        "run": {"name": "lm", "out_dir": "out", "device": "cpu"},
+        "model": {"mixer": "attention", "d_model": 16, "n_heads": 2, "n_layers": 1},
+        "task": {"kind": "lm", "lm": {"data": data, "cache_dir": "cache", "seq_len": 16, "val_fraction": 0.25,
+                                      **lm}},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 0}, "eval": {"early_stop": 0.0},
+        "log": {"progress": False, "tensorboard": False},
+        **({"sweep": sweep} if sweep else {})})
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, out, err
+
+
+def one_error_line(rc: int, err: str) -> str:
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A working directory holding text/ (12 documents) and r.toml reading it, with a 3-point learning-rate sweep."""
+    monkeypatch.chdir(tmp_path)
+    write_txt(tmp_path / "text", make_docs(12, words=40))
+    (tmp_path / "r.toml").write_text(lm_recipe("text", sweep={"train.lr": [1e-3, 2e-3, 3e-3]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_missing_text_ends_the_command_at_its_start(work, capsys, dry_run):
+    missing = work / "nowhere" / "x.txt"
+    more = ["--dry-run"] if dry_run else ["--quiet", "--workers", "2"]  # a real sweep would start 2 workers
+    rc, out, err = cli(capsys, "run", "r.toml", "--set", f"task.lm.data={missing}", *more)
+    line = one_error_line(rc, err)
+    assert line == (f"error: --set: task.lm.data: {missing}: no such file or folder; point it at a "
+                    f".txt/.jsonl/.parquet file, a folder of them or a glob")
+    assert out == "" and not (work / "out").exists() and not (work / "cache").exists()
+
+
+def test_the_file_that_set_the_text_is_named(work, capsys):
+    (work / "r.toml").write_text(lm_recipe("gone.jsonl"))
+    line = one_error_line(*cli(capsys, "run", "r.toml", "--dry-run")[::2])
+    assert line.startswith(f"error: {work / 'r.toml'}: task.lm.data: {work / 'gone.jsonl'}: no such file or folder")
+
+
+def test_a_shipped_corpus_not_yet_fetched_says_how_to_get_it(work, capsys):
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.data=data/python-docs")
+    assert one_error_line(rc, err) == (f"error: --set: task.lm.data: {work / 'data' / 'python-docs'}: no such file "
+                                       f"or folder; `dcablate data get python-docs` downloads it there")
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.data=elsewhere/debian-docs")
+    assert f"`dcablate data get debian-docs --dir {work / 'elsewhere' / 'debian-docs'}`" in one_error_line(rc, err)
+
+
+def test_a_good_text_lists_the_runs_as_before_checking_it_once(work, capsys, monkeypatch):
+    seen = []
+    check = LMTask.check_input.__func__
+    monkeypatch.setattr(LMTask, "check_input", classmethod(lambda cls, *a: (seen.append(a), check(cls, *a))))
+    rc, out, err = cli(capsys, "run", "r.toml", "--dry-run")
+    assert rc == 0 and err == ""
+    assert [line.split("  ")[0] for line in out.splitlines()] == [
+        str(Path("out") / "lm" / f"lr={lr}") for lr in ("0.001", "0.002", "0.003")]
+    assert seen == [("task.lm.data", str(work / "text"), f"{work / 'r.toml'}: task.lm.data")]  # once, not per point
+
+
+def test_a_swept_text_names_the_points_that_read_it(work, capsys):
+    (work / "r.toml").write_text(lm_recipe("text", sweep={"task.lm.data": ["text", "gone"], "train.lr": [1e-3, 2e-3]}))
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run")
+    line = one_error_line(rc, err)
+    assert line.startswith("error: sweep point ") and "(and 1 more): " in line and "lr=0.001" in line
+    assert line.endswith(f"{work / 'r.toml'}: sweep.task.lm.data: {work / 'gone'}: no such file or folder; point it "
+                         f"at a .txt/.jsonl/.parquet file, a folder of them or a glob")
+
+
+def test_a_bpe_tokenizer_file_is_checked_too(work, capsys):
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.tokenizer=bpe",
+                     "--set", "task.lm.tokenizer_file=tok/missing.json")
+    assert one_error_line(rc, err) == f"error: --set: task.lm.tokenizer_file: {work / 'tok' / 'missing.json'}: no such file"
+    # a byte-level run does not read it
+    assert cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.tokenizer_file=tok/missing.json")[0] == 0
+
+
+def test_a_finished_run_whose_corpus_moved_is_reported_not_refused(tmp_path, monkeypatch, capsys):
+    """Runs trained in one checkout, the checkout moved and its corpus gone: the finished run is reported without
+    its text, and only a run still to train is refused for it, before anything starts."""
+    first = tmp_path / "first"
+    write_txt(first / "data" / "corpus", make_docs(12, words=40))
+    (first / "r.toml").write_text(lm_recipe("data/corpus", sweep={"train.lr": [1e-3]}, cache_dir=str(tmp_path / "c")))
+    monkeypatch.chdir(first)
+    assert cli(capsys, "run", "r.toml", "--quiet")[0] == 0
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    shutil.rmtree(moved / "data")
+    monkeypatch.chdir(moved)
+
+    rc, out, err = cli(capsys, "run", "r.toml", "--quiet")
+    assert rc == 0 and "finished earlier, not retrained" in out, err
+    assert cli(capsys, "run", "r.toml", "--dry-run")[0] == 0
+
+    bigger = "sweep.train.lr=[1e-3, 2e-3]"  # one point more, which needs the text
+    for more in (["--dry-run"], ["--quiet"]):
+        rc, _, err = cli(capsys, "run", "r.toml", "--set", bigger, *more)
+        assert f"r.toml: task.lm.data: {moved / 'data' / 'corpus'}: no such file or folder" in one_error_line(rc, err)
+    assert sorted(p.name for p in (moved / "out" / "lm").iterdir()) == ["lr=0.001"]
+
+
+def test_where_and_which_points():
+    origins = {"task.lm": "a.toml", "sweep.task.lm.tokenizer_file": "--set"}
+    assert set_where("task.lm.data", origins, "r.toml") == "a.toml: task.lm.data"  # set with its table
+    assert set_where("task.lm.tokenizer_file", origins, "r.toml") == "--set: sweep.task.lm.tokenizer_file"
+    assert set_where("task.lm.data", {}, "r.toml") == "r.toml: task.lm.data"
+    assert points_named(["lr=1"], 1) == "" and points_named([""], 1) == ""
+    assert points_named(["lr=1"], 2) == "sweep point lr=1: "
+    assert points_named(["lr=1", "lr=2"], 3) == "sweep point lr=1 (and 1 more): "
+
+
+def test_a_budget_is_checked_before_the_text_and_a_tokenizer_file_is_named_where_set(work, capsys):
+    """A token budget shorter than the warmup is the recipe's own mistake and comes first; a token-budget run whose
+    BPE tokenizer file is missing is refused for the file, naming where it was set (not by the budget check)."""
+    short = ["--set", "train.tokens_per_param=0.001", "--set", "train.steps=40", "--set", "train.warmup_steps=20"]
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.data=gone", *short)
+    assert "train.tokens_per_param" in one_error_line(rc, err)
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.tokenizer=bpe",
+                     "--set", "task.lm.tokenizer_file=t.json", *short)
+    assert one_error_line(rc, err) == f"error: --set: task.lm.tokenizer_file: {work / 't.json'}: no such file"

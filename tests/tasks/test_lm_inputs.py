@@ -1,0 +1,84 @@
+"""The LM task's inputs checked before a sweep starts (`dcablate.tasks.lm.inputs`): what a `task.lm` section reads,
+and each form of text source checked without reading it (and without the network for `hf:`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from dcablate import config as recipes
+from dcablate.errors import UserError
+from dcablate.tasks.lm import inputs
+from dcablate.tasks.lm.task import LMTask
+from tests.tasks.test_lm import make_docs, write_txt
+
+WHERE = "r.toml: task.lm.data"
+
+
+def lm(**keys):
+    return recipes.build({"task": {"kind": "lm", "lm": {"data": "x.txt", **keys}}}).task.lm
+
+
+def refused(data: str) -> str:
+    with pytest.raises(UserError) as e:
+        LMTask.check_input("task.lm.data", data, WHERE)
+    line = str(e.value)
+    assert line.startswith(WHERE + ": ") and "\n" not in line
+    return line
+
+
+def test_what_a_section_reads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert LMTask.inputs(lm()) == {"task.lm.data": str(tmp_path / "x.txt")}
+    assert LMTask.inputs(lm(tokenizer_file="t.json")) == {"task.lm.data": str(tmp_path / "x.txt")}  # byte: unread
+    assert LMTask.inputs(lm(tokenizer="bpe", tokenizer_file="t.json")) == {
+        "task.lm.data": str(tmp_path / "x.txt"), "task.lm.tokenizer_file": str(tmp_path / "t.json")}
+
+
+def test_every_form_of_local_text(tmp_path):
+    folder = write_txt(tmp_path / "text", make_docs(3))
+    for good in (folder, folder / "doc000.txt", f"{folder}/*.txt"):
+        LMTask.check_input("task.lm.data", str(good), WHERE)
+    assert refused(str(tmp_path / "nope")).endswith("no such file or folder; point it at a .txt/.jsonl/.parquet "
+                                                   "file, a folder of them or a glob")
+    assert refused(f"{folder}/*.jsonl").endswith("matches no files")
+    (tmp_path / "empty").mkdir()
+    assert refused(str(tmp_path / "empty")).endswith("holds no .txt/.jsonl/.parquet files")
+    (tmp_path / "t.csv").write_text("a,b\n")
+    assert "unknown text format '.csv'" in refused(str(tmp_path / "t.csv"))
+
+
+def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
+    folder = write_txt(tmp_path / "text", make_docs(3))
+    real = os.access
+    monkeypatch.setattr(inputs.os, "access", lambda p, mode: real(p, mode) and os.path.basename(p) != "doc001.txt")
+    assert refused(str(folder)) == f"{WHERE}: {folder / 'doc001.txt'}: cannot read (permission denied); make the " \
+                                   f"text readable by this user"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any folder")
+def test_an_unreadable_folder_is_named(tmp_path):
+    folder = write_txt(tmp_path / "text", make_docs(3))
+    hidden = write_txt(folder / "more", make_docs(2, seed=1))
+    hidden.chmod(0)
+    try:
+        assert f"{hidden}: cannot read the folder" in refused(str(folder))
+    finally:
+        hidden.chmod(0o755)
+
+
+def test_hf_sources_need_only_the_library(monkeypatch):
+    LMTask.check_input("task.lm.data", "hf:someone/some-dataset", WHERE)  # a hub id: not looked up
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a))
+    assert refused("hf:someone/some-dataset").endswith("hf: sources need the datasets library "
+                                                       "(pip install -e \".[hf]\")")
+
+
+def test_a_tokenizer_file_that_is_none(tmp_path):
+    bad = tmp_path / "t.json"
+    bad.write_text("{}")
+    with pytest.raises(UserError, match=r"^--set: task.lm.tokenizer_file: .*t.json: not a tokenizer.json"):
+        LMTask.check_input("task.lm.tokenizer_file", str(bad), "--set: task.lm.tokenizer_file")
