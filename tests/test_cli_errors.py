@@ -199,6 +199,10 @@ CASES = [
         "did you mean 'model.d_model'"),
     bad("sweep-key-without-its-section", '[sweep]\nmixer = ["attention"]\n', "r.toml: sweep.mixer: not a recipe key "
         "(did you mean 'model.mixer'?)"),
+    bad("sweep-key-of-the-recipes-task", '[sweep]\nvocab_size = [64]\n', "r.toml: sweep.vocab_size: not a recipe key "
+        "(did you mean 'task.mqar.vocab_size'?)"),
+    bad("sweep-key-through-a-value", '[sweep]\n"train.lr.x" = [1]\n', "r.toml: sweep.train.lr.x: not a recipe key "
+        "(train.lr: is a value, not a table)"),
     bad("sweep-nested-key-without-its-section", '[sweep]\n"conv.kind" = ["static"]\n',
         "r.toml: sweep.conv.kind: not a recipe key (did you mean 'model.conv.kind'?)"),
     bad("sweep-not-a-table", "sweep = 3\n", "r.toml: sweep: must be a table"),

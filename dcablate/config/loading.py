@@ -395,14 +395,25 @@ def recipe_keys(cls=None, prefix: str = "") -> list[str]:
     return out
 
 
-def _key_hint(key: str) -> str:
+def _key_hint(key: str, r=None) -> str:
     """' (did you mean 'model.mixer'?)' for a dotted key that is not a recipe key: the recipe key ending in the same
-    name (a section left out), else the closest spelling."""
+    name (a section left out), else the closest spelling; keys of the recipe `r`'s own task and components first
+    (`task.mqar.vocab_size` before `model.vocab_size`'s namesakes in other tasks' sections)."""
     keys = recipe_keys()
-    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    if r is not None:
+        others = {f"task.{t}." for t in TASKS.names() if t != r.task.kind}
+        others |= {f"model.{c}." for c in (*MIXERS.names(), *CHANNELS.names()) if c not in (r.model.mixer, r.model.ffn)}
+        keys = [k for k in keys if not any(k.startswith(o) for o in others)]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.endswith(f".{key}")] or [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if r is not None and len(same_leaf) > 1:  # the task's own key before a general one of the same name
+        own = [k for k in same_leaf if k.startswith(f"task.{r.task.kind}.")]
+        same_leaf = own or same_leaf
     if len(same_leaf) == 1:
         return f" (did you mean '{same_leaf[0]}'?)"
-    return did_you_mean(key, same_leaf or keys)
+    if same_leaf:
+        return f" (did you mean one of {', '.join(repr(k) for k in same_leaf)}?)"
+    return did_you_mean(key, keys)
 
 
 def check_sweep(r, data: dict, origins: dict, src: str) -> None:
@@ -426,7 +437,10 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             trial, trial_origins = copy.deepcopy(data), dict(origins)
             trial.pop("sweep", None)
             for key, value in zip(keys, values):
-                _set_path(trial, key, value, trial_origins, swept)
+                try:
+                    _set_path(trial, key, value, trial_origins, swept)
+                except RecipeError as e:  # a key that runs through a value (`train.lr.x`)
+                    raise RecipeError(where, f"sweep.{key}", f"not a recipe key ({e.key}: {e.message})") from None
             what = f"value {values[0]!r}" if len(keys) == 1 else \
                 "values " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
             try:
@@ -434,7 +448,11 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             except RecipeError as e:
                 unknown = [k for k in keys if k == e.key or k.startswith(f"{e.key}.")]
                 if e.source == swept and e.message.startswith("unknown key") and unknown:
-                    raise RecipeError(where, f"sweep.{unknown[0]}", f"not a recipe key{_key_hint(unknown[0])}") from None
+                    raise RecipeError(where, f"sweep.{unknown[0]}", f"not a recipe key{_key_hint(unknown[0], r)}") from None
+                through = [k for k in keys if k.startswith(f"{e.key}.")]
+                if e.source == swept and through and "got a table" in e.message:  # `train.lr.x`: lr is a value
+                    raise RecipeError(where, f"sweep.{through[0]}", f"not a recipe key ({e.key}: is a value, not a "
+                                      f"table)") from None
                 if e.source == swept:  # the swept value itself is at fault
                     raise RecipeError(where, path, f"{what}: {e.message}") from None
                 raise RecipeError(e.source, e.key, f"{e.message} (with {path} = {what.split(' ', 1)[1]})") from None

@@ -152,7 +152,7 @@ def _add(group: Group, name: str, cells: list) -> None:
             kept += 1
         if kept:
             group.how[name][how] += 1
-    if shared > 1:
+    if shared > 1 and any(p.variant == name for p in group.points):
         group.contended[name] = shared
     if nonfinite:
         group.notes.append(f"`{name}`: left out {len(nonfinite)} run{'s' if len(nonfinite) > 1 else ''} whose final "

@@ -137,7 +137,7 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
     out += group.notes
     if group.contended:
         most = max(group.contended.values())
-        which = ("every variant's" if len(group.contended) == len({p.variant for p in group.points}) else
+        which = ("every variant's" if set(group.contended) >= {p.variant for p in group.points} else
                  ", ".join(f"`{v}`'s" for v in sorted(group.contended)))
         out.append(f"Wall-clock: {which} throughput was measured with up to {most} runs at once on a device "
                    f"(`summary.json` runs_on_device), so the wall-clock multipliers compare rates under contention; "

@@ -24,12 +24,19 @@ def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> 
     runs read."""
     check_budgets(plan, to_train)
     _, origins, path = config.load_raw(recipe, overrides)
-    check_inputs(plan, to_train, origins, str(path))
+    swept = tuple(config.load(recipe, overrides).sweep)
+    check_inputs(plan, to_train, origins, str(path), swept)
 
 
-def set_where(key: str, origins: dict, recipe_file: str) -> str:
+def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> str:
     """`SOURCE: KEY` for an error line: the file or `--set` that set `key` (or the closest table holding it); for
-    a swept key the one that set its `[sweep]` list, as `SOURCE: sweep.KEY`."""
+    a key a sweep sets (itself, or a table above it among the `swept` keys: `"task.lm" = [{...}, ...]`) the one
+    that set that `[sweep]` list, as `SOURCE: sweep.SWEPT_KEY`."""
+    path = key
+    while path:
+        if path in swept and f"sweep.{path}" in origins:
+            return f"{origins['sweep.' + path]}: sweep.{path}"
+        path = path.rpartition(".")[0]
     if f"sweep.{key}" in origins:
         return f"{origins['sweep.' + key]}: sweep.{key}"
     path = key
@@ -49,7 +56,7 @@ def points_named(names: list[str], runs: int) -> str:
     return f"sweep point {names[0]}{more}: "
 
 
-def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str) -> None:
+def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> None:
     """Every file or folder the runs about to train read can be read (`Task.check_input`), each distinct
     (task, key, value) checked once however many points share it; a UserError otherwise."""
     users: dict[tuple[str, str, str], list[str]] = {}  # (task kind, key, value) -> the points reading it
@@ -59,7 +66,7 @@ def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str) -> 
             users.setdefault((r.task.kind, key, value), []).append(name)
     for (kind, key, value), names in users.items():
         try:
-            task_class(kind).check_input(key, value, set_where(key, origins, recipe_file))
+            task_class(kind).check_input(key, value, set_where(key, origins, recipe_file, swept))
         except UserError as e:
             raise UserError(f"{points_named(names, len(to_train))}{e}") from None
 

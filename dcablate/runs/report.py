@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -281,13 +282,15 @@ def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path
     return out
 
 
+CSV_KEY_COLUMNS = ("task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds")
+
+
 def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
     """report.csv's header and rows: one row per (task, variant, d_model, lr) of the MQAR and LM tables (the
     suite's tasks have no such grid; their numbers go to suite.csv)."""
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
     all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
-    header = ["task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds",
-              "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
+    header = [*CSV_KEY_COLUMNS, "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
               "params", *(f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "seeds_reached_"))]
     rows = []
     for task, (metric, table, segs) in tasks.items():
@@ -320,17 +323,18 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 def _no_csv(path: Path) -> list[str]:
     """A tree without MQAR or LM runs (the suite's alone) has no rows for report.csv, which is not written: a bare
-    header must not pass for a result (the suite's numbers are in suite.csv). A header-only report.csv left by an
-    earlier report holds nothing and is removed; one with rows is kept, and report.md says it is not this
-    report's. Returns report.md's lines about it."""
+    header must not pass for a result (the suite's numbers are in suite.csv). A header-only report.csv that an
+    earlier report wrote (its header starts with `CSV_KEY_COLUMNS`) holds nothing and is removed; any other file
+    of that name, maybe the user's, is kept, and report.md says it is not this report's. Returns report.md's
+    lines about it."""
     if not path.is_file():
         return []
     with open(path, newline="", errors="replace") as f:
-        old = list(csv.reader(f))
-    if len(old) <= 1:
+        head = list(itertools.islice(csv.reader(f), 2))
+    if len(head) == 1 and head[0][:len(CSV_KEY_COLUMNS)] == list(CSV_KEY_COLUMNS):  # our own empty table
         path.unlink()
         return []
-    return [f"`{path.name}` in this folder is from an earlier report and was left as it was: this one has no MQAR "
+    return [f"`{path.name}` in this folder is not this report's and was left as it was: this report has no MQAR "
             "or LM runs to tabulate.", ""]
 
 

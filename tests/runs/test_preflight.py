@@ -134,6 +134,10 @@ def test_where_and_which_points():
     assert set_where("task.lm.data", origins, "r.toml") == "a.toml: task.lm.data"  # set with its table
     assert set_where("task.lm.tokenizer_file", origins, "r.toml") == "--set: sweep.task.lm.tokenizer_file"
     assert set_where("task.lm.data", {}, "r.toml") == "r.toml: task.lm.data"
+    # a sweep over the whole table: its list is where the path was set; a table mark alone claims nothing
+    swept_table = {"task.lm": "base.toml", "sweep.task.lm": "b.toml", "sweep.task": "b.toml"}
+    assert set_where("task.lm.data", swept_table, "r.toml", ("task.lm",)) == "b.toml: sweep.task.lm"
+    assert set_where("task.lm.data", swept_table, "r.toml", ("task.lm.seq_len",)) == "base.toml: task.lm.data"
     assert points_named(["lr=1"], 1) == "" and points_named([""], 1) == ""
     assert points_named(["lr=1"], 2) == "sweep point lr=1: "
     assert points_named(["lr=1", "lr=2"], 3) == "sweep point lr=1 (and 1 more): "

@@ -15,7 +15,7 @@ import pytest
 
 from dcablate import config
 from dcablate.cli import main
-from dcablate.runs import suite
+from dcablate.runs import report, suite
 from dcablate.runs.report import find_runs, write_report
 from tests.runs.test_compute_report import make_ladder
 from tests.tiny_recipes import merge
@@ -112,7 +112,10 @@ def test_a_suite_only_report_writes_its_numbers_to_suite_csv_and_no_empty_report
     left by an earlier report goes), and suite.csv holds every number of report.md's suite tables."""
     root = tmp_path / "s"
     expected = make_suite(root, seeds=(0, 1))
-    (root / "report.csv").write_text("task,variant,mixer,conv_kind\n")  # an empty one from an earlier report
+    (root / "report.csv").write_text("my notes on these runs\n")  # a file of the user's: kept, noted
+    assert main(["report", str(root)]) == 0 and (root / "report.csv").read_text() == "my notes on these runs\n"
+    assert "`report.csv` in this folder is not this report's" in (root / "report.md").read_text()
+    (root / "report.csv").write_text(",".join(report.CSV_KEY_COLUMNS) + ",score_mean\n")  # an earlier report's, empty
     assert main(["report", str(root)]) == 0 and not (root / "report.csv").exists()
     files = write_report(root)
     assert "csv" not in files and files["suite_csv"] == root / "suite.csv"
@@ -148,7 +151,7 @@ def test_a_report_csv_with_rows_from_an_earlier_report_is_kept_and_said_to_be_st
     (root / "report.csv").write_text(old)
     files = write_report(root)
     assert "csv" not in files and (root / "report.csv").read_text() == old
-    assert "`report.csv` in this folder is from an earlier report" in files["md"].read_text()
+    assert "`report.csv` in this folder is not this report's" in files["md"].read_text()
 
 
 def test_a_mixed_tree_puts_mqar_in_report_csv_and_the_suite_in_suite_csv(tmp_path):

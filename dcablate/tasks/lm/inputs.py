@@ -49,9 +49,9 @@ def check_text(data: str, where: str) -> None:
     path = Path(data).expanduser()
     if not any(c in data for c in GLOB) and not path.exists() and path.name not in CORPORA:
         raise UserError(f"{where}: {data}: no such file or folder; point it at {WHAT_TEXT}")
-    files = source_files(data, where)  # a shipped corpus not yet fetched: names its `dcablate data get`
-    if path.is_dir():
+    if path.is_dir():  # first: an unreadable folder would otherwise read as one without text files
         _check_folders(path, where)
+    files = source_files(data, where)  # a shipped corpus not yet fetched: names its `dcablate data get`
     for f in files:
         if not os.access(f, os.R_OK):
             raise UserError(f"{where}: {f}: cannot read (permission denied); make the text readable by this user")
