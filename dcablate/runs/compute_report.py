@@ -33,7 +33,9 @@ def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str
             continue
         lines += _text(group, result) + _cautions(group, result) + _table(group, result) + _notes(group, result)
         name = f"{prefix}loss_vs_compute_{group.slug}"
-        files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title)
+        doubt = [why for why, bad in (("poor fit", result.fit.rms > POOR_FIT_RMS),
+                                      ("runs stopped early", sum(group.stopped_early.values()) > 0)) if bad]
+        files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title, doubt)
         lines += [f"![loss vs compute]({name}.png)", ""]
     return lines, files
 
@@ -149,7 +151,9 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
     return (["Notes:", ""] + [f"- {n}" for n in out] + [""]) if out else []
 
 
-def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: str) -> Path:
+def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: str, doubt: list[str] = ()) -> Path:
+    """Loss against training FLOPs, a curve per fitted variant; `doubt` (the report's cautions, e.g. "runs
+    stopped early") goes under the title, so the figure does not travel without them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,6 +172,8 @@ def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: st
             ax.plot(xs, fit.predict(v, xs), color=color, lw=1, alpha=0.8)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="final validation loss (nats/token)",
            title=f"{title}: loss vs compute (fit: E={fit.E:.2f}, α={fit.alpha:.2f})")
+    if doubt:
+        ax.set_title(ax.get_title() + f"\nnot a compute comparison: {', '.join(doubt)}", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -305,7 +305,7 @@ def test_throughput_measured_beside_other_runs_is_noted(tmp_path):
     assert "- Wall-clock: every variant's throughput was measured with up to 8 runs at once on a device" in md
 
 
-def test_early_stopped_runs_and_a_poor_fit_are_flagged_before_the_table(tmp_path):
+def test_early_stopped_runs_and_a_poor_fit_are_flagged_before_the_table(tmp_path, monkeypatch):
     """An MQAR-like grid: runs that stopped early at a target accuracy do not trace loss against compute, and
     losses that no power law follows give a fit that does not describe them; both are said in bold before the
     multiplier table, and neither is said of a clean ladder."""
@@ -319,7 +319,15 @@ def test_early_stopped_runs_and_a_poor_fit_are_flagged_before_the_table(tmp_path
         write_run(tmp_path / "grid", f"none-{d}", d=d, final_loss=wild[d])
         write_run(tmp_path / "grid", f"dyn-{d}", d=d, conv={"kind": "dynamic"}, final_loss=wild[d] / 2,
                   summary={"stopped_early": d > 48})
+    import matplotlib.figure
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.extend(ax.get_title() for ax in fig.axes))
     md = report_md(tmp_path / "grid")
+    compute_titles = [t for t in titles if "loss vs compute" in t]  # the figure carries the cautions too
+    assert compute_titles and all(t.endswith("\nnot a compute comparison: poor fit, runs stopped early")
+                                  for t in compute_titles)
     section = md[md.index("## Compute"):]
     table = section.index("| variant | compute multiplier")
     assert 0 < section.index("**The fit does not describe these runs** (rms relative residual") < table
