@@ -58,15 +58,27 @@ def test_an_unreadable_file_is_named(tmp_path, monkeypatch):
                                    f"text readable by this user"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any folder")
-def test_an_unreadable_folder_is_named(tmp_path):
+def test_an_unreadable_folder_is_named(tmp_path, monkeypatch):
+    """A folder below the text that cannot be listed is named as such, before the files are looked for (a listing
+    that fails would otherwise read as a folder without text). Listing is refused by a stand-in for `os.scandir`,
+    since root (as in CI) lists any folder whatever its mode."""
     folder = write_txt(tmp_path / "text", make_docs(3))
     hidden = write_txt(folder / "more", make_docs(2, seed=1))
-    hidden.chmod(0)
-    try:
-        assert f"{hidden}: cannot read the folder" in refused(str(folder))
-    finally:
-        hidden.chmod(0o755)
+    real = os.scandir
+
+    refusing = set()
+
+    def scandir(path="."):
+        if os.fspath(path) in refusing:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for unreadable in (hidden, folder):  # a folder below the text, and the text's folder itself
+        refusing.clear()
+        refusing.add(str(unreadable))
+        assert refused(str(folder)) == f"{WHERE}: {unreadable}: cannot read the folder (Permission denied); make " \
+                                       f"the text readable by this user"
 
 
 def test_hf_sources_need_only_the_library(monkeypatch):
