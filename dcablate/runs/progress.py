@@ -1,5 +1,7 @@
 """How far a sweep is: runs finished out of those it trains, the time since it began, and an ETA from the
-pace so far (finished runs per second, so runs trained side by side by workers count as they come)."""
+pace so far (finished runs per second, so runs trained side by side by workers count as they come). Until as
+many runs have finished as train at once, that pace is no guide (the first run ends while the others of its
+round are nearly done too), so the ETA is then the finished runs' mean wall time times the rounds left."""
 
 from __future__ import annotations
 
@@ -9,18 +11,28 @@ from dcablate.training.progress import clock
 
 
 class SweepProgress:
-    """`total` runs to train (runs finished earlier not counted); `finished()` after each, ended any way."""
+    """`total` runs to train (runs finished earlier not counted), up to `at_once` of them side by side;
+    `finished(wall_s)` after each, ended any way, with its wall time where known."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.started = total, 0, time.time()
+    def __init__(self, total: int, at_once: int = 1):
+        self.total, self.at_once, self.done, self.started = total, max(1, at_once), 0, time.time()
+        self.walls: list[float] = []
 
-    def finished(self) -> None:
+    def finished(self, wall_s: float | None = None) -> None:
         self.done += 1
+        if wall_s is not None:
+            self.walls.append(wall_s)
 
     def status(self) -> str:
         """`sweep 3/8, 0:04:10 elapsed, eta 0:06:57` (the ETA once a run has finished)."""
         elapsed = time.time() - self.started
-        eta = clock(elapsed / self.done * (self.total - self.done)) if self.done else "?"
+        left = self.total - self.done
+        if not self.done:
+            eta = "?"
+        elif self.done < self.at_once and self.walls:  # the first round: rounds left x a run's mean wall time
+            eta = clock(sum(self.walls) / len(self.walls) * left / min(self.at_once, self.total))
+        else:
+            eta = clock(elapsed / self.done * left)
         return f"sweep {self.done}/{self.total}, {clock(elapsed)} elapsed, eta {eta}"
 
     def heading(self, index: int, count: int, name: str) -> str:

@@ -229,6 +229,22 @@ def test_sweep_progress():
     assert progress.heading(1, 5, "b") == "[2/5] b  [sweep 1/4, 0:01:00 elapsed, eta 0:03:00]"
 
 
+def test_sweep_progress_with_runs_side_by_side():
+    """80 runs, 8 at a time, each ~73 s: when the first ends, the other 7 of its round are nearly done, so the ETA
+    is the rounds left (79 runs / 8) times a run's wall time, not 79 times the time so far; from the end of the
+    first round on it is the pace (runs finished per second)."""
+    from dcablate.runs.progress import SweepProgress
+
+    progress = SweepProgress(80, at_once=8)
+    progress.started -= 73
+    progress.finished(72.8)
+    assert progress.status() == "sweep 1/80, 0:01:13 elapsed, eta 0:11:59"  # 72.8 x 79 / 8 = 719 s
+    for _ in range(7):
+        progress.finished(74.0)
+    progress.started -= 7  # 80 s in, 8 runs done: 10 s per run from here
+    assert progress.status() == "sweep 8/80, 0:01:20 elapsed, eta 0:12:00"
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--per-gpu", "0"], "Invalid value for '--per-gpu': 0 is not in the range x>=1"),
     (["--workers", "0"], "Invalid value for '--workers'"),

@@ -77,17 +77,18 @@ def exit_code(code: int) -> str:
 
 
 class Reporter:
-    """The line for each run as it ends, `total` runs in all, into `out`; `stopping()` tells whether the command
-    is stopping on a signal (a run that then ends with a signal's status was stopped, not failed)."""
+    """The line for each run as it ends, `total` runs in all (up to `at_once` side by side), into `out`; `stopping()`
+    tells whether the command is stopping on a signal (a run that then ends with a signal's status was stopped, not
+    failed)."""
 
-    def __init__(self, total: int, out: Outcome, stopping):
-        self.progress, self.out, self.stopping = SweepProgress(total), out, stopping
+    def __init__(self, total: int, out: Outcome, stopping, at_once: int = 1):
+        self.progress, self.out, self.stopping = SweepProgress(total, at_once), out, stopping
         self.total = total
 
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
         elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.name}"
-        self.progress.finished()
+        self.progress.finished(elapsed)
         if code == 0 and (job.run_dir / "summary.json").is_file():
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary

@@ -125,7 +125,7 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
     empty = list(slots)  # slots without a live worker
     stop = Stopping()
     caught = stop.caught
-    reporter = Reporter(total, out, lambda: bool(caught))
+    reporter = Reporter(total, out, lambda: bool(caught), at_once=len(slots))
     grace = stop_grace()
 
     def give(w: Worker, job: Job) -> None:
