@@ -2,7 +2,9 @@
 
 Runs that all end up at the same accuracy can still differ in how fast they got there, so the report gives,
 per target, the first evaluation at which the metric reached it (>= for accuracy, <= for bits per byte), in
-optimizer steps and in training tokens, and the median of that over seeds. A seed that never reached the
+optimizer steps, in training tokens and in training FLOPs (the tokens times the run's training FLOPs per token,
+`summary.json` `train_flops / tokens`: a conv that costs FLOPs per token pays for them here), and the median of
+that over seeds. A seed that never reached the
 target counts as infinitely slow: the median is "not reached" when half the seeds or more never did.
 Steps are those of the evaluations, so the resolution is `eval.every`.
 """
@@ -52,10 +54,18 @@ def tokens_at(step: int, seen: list[tuple[int, int]], summary: dict | None) -> i
     return None
 
 
+def flops_at(tokens: int | None, summary: dict | None) -> float | None:
+    """Training FLOPs after `tokens` training tokens: the run's FLOPs per training token (`summary.json`
+    `train_flops / tokens`) times `tokens`; None when either is unknown."""
+    if tokens is None or not summary or not summary.get("train_flops") or not summary.get("tokens"):
+        return None
+    return tokens * summary["train_flops"] / summary["tokens"]
+
+
 @dataclass(frozen=True)
 class Reached:
-    """One target over the seeds of a cell: each seed's (step, tokens) or None where it never reached it."""
-    per_seed: list[tuple[int, int | None] | None]
+    """One target over the seeds of a cell: each seed's (step, tokens, FLOPs) or None where it never reached it."""
+    per_seed: list[tuple[int, int | None, float | None] | None]
 
     @property
     def seeds(self) -> int:
@@ -82,6 +92,11 @@ class Reached:
         """Median over seeds of the training tokens at that step; None when not reached or not known."""
         return self._median(1) if self.steps is not None else None
 
+    @property
+    def flops(self) -> float | None:
+        """Median over seeds of the training FLOPs at that step; None when not reached or not known."""
+        return self._median(2) if self.steps is not None else None
+
     def text(self) -> str:
         """`1,500 (1.23M tok)`, with `2/3 seeds` when only some seeds reached the target; `not reached`."""
         seeds = f"{self.count}/{self.seeds} seeds" if 0 < self.count < self.seeds else ""
@@ -97,7 +112,11 @@ def reached(runs, target: float, higher_is_better: bool) -> Reached:
     per_seed = []
     for run in runs:
         step = first_reached(run.curve, target, higher_is_better)
-        per_seed.append(None if step is None else (step, tokens_at(step, run.tokens_seen, run.summary)))
+        if step is None:
+            per_seed.append(None)
+            continue
+        tokens = tokens_at(step, run.tokens_seen, run.summary)
+        per_seed.append((step, tokens, flops_at(tokens, run.summary)))
     return Reached(per_seed)
 
 

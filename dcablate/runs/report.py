@@ -291,7 +291,8 @@ def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
     all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
     header = [*CSV_KEY_COLUMNS, "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
-              "params", *(f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "seeds_reached_"))]
+              "params", *(f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "flops_to_",
+                                                                        "seeds_reached_"))]
     rows = []
     for task, (metric, table, segs) in tasks.items():
         for (variant, d_model), by_lr in table.items():
@@ -302,10 +303,11 @@ def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
                 speed = []
                 for t in all_targets:
                     if t not in targets[task]:
-                        speed += ["", "", ""]
+                        speed += ["", "", "", ""]
                         continue
                     r = efficiency.reached(cell.runs, t, metric.higher_is_better)
-                    speed += ["" if r.steps is None else r.steps, "" if r.tokens is None else r.tokens, r.count]
+                    speed += ["" if r.steps is None else r.steps, "" if r.tokens is None else r.tokens,
+                              "" if r.flops is None else r.flops, r.count]
                 rows.append([task, variant_name(variant), *variant[:4], d_model, lr, len(cell.runs),
                              cell.mean(metric.key), "" if std is None else std, lr == chosen,
                              *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
@@ -389,8 +391,38 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                          cell.runs[0].summary.get("state_floats", ""), _params(cell.runs[0].summary)])
         lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *map(efficiency.column, targets),
                             "state floats", "params"], rows)
+    lines += _flops_to_targets(table, metric, targets)
     lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
     return lines
+
+
+def _flops_to_targets(table: dict, metric: Metric, targets: tuple[float, ...]) -> list[str]:
+    """A table per target: the training FLOPs each variant (row) took to reach it at each width (column), at the
+    chosen learning rate (median over seeds, as the steps-to columns). A conv's cost per token is in these
+    numbers, so they compare variants by compute where runs stop early at the target and their final losses
+    cannot."""
+    widths = sorted({d for _, d in table})
+    variants = list(dict.fromkeys(v for v, _ in table))
+    out = []
+    for t in targets:
+        rows, known = [], False
+        for v in variants:
+            cells = []
+            for d in widths:
+                by_lr = table.get((v, d))
+                if by_lr is None:
+                    cells.append("-")
+                    continue
+                r = efficiency.reached(by_lr[best_lr(by_lr, metric)].runs, t, metric.higher_is_better)
+                known |= r.flops is not None
+                cells.append("not reached" if r.steps is None else "?" if r.flops is None else f"{r.flops:.3g}")
+            rows.append([variant_name(v), *cells])
+        if known:
+            out += [f"## Training FLOPs to {metric.key} {t:g}", "",
+                    f"The training FLOPs (`summary.json` train_flops per token × the tokens seen) at the step of "
+                    f"`steps to {t:g}`, at the chosen learning rate; the median over seeds.", ""]
+            out += _md_table(["variant", *(f"d_model {d}" for d in widths)], rows)
+    return out
 
 
 def _line(ax, pts: list[tuple], color, label: str) -> None:

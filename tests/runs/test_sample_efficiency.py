@@ -17,9 +17,10 @@ from dcablate.runs.report import metric_of, write_report
 TOKENS_PER_STEP = 4096
 
 
-def make_run(root, name, curve, *, kind="none", seed=0, task="mqar", tokens_logged=True):
+def make_run(root, name, curve, *, kind="none", seed=0, task="mqar", tokens_logged=True, flops_per_token=None):
     """A finished run whose eval records follow `curve` [(step, value)], with train records every 100 steps
-    carrying the running token count (`tokens_logged`), or none (then summary.json's tokens and steps)."""
+    carrying the running token count (`tokens_logged`), or none (then summary.json's tokens and steps); with
+    `flops_per_token`, summary.json's `train_flops` is that times its tokens."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     section = {"kind": "lm", "lm": {"data": "x"}} if task == "lm" else {}
@@ -36,7 +37,8 @@ def make_run(root, name, curve, *, kind="none", seed=0, task="mqar", tokens_logg
     rec = {"step": best[0], key: best[1], "loss": 1.0}
     (run_dir / "summary.json").write_text(json.dumps({
         "best": rec, "final": rec, "state_floats": 10, "params": {"total": 777}, "steps": last,
-        "tokens": last * TOKENS_PER_STEP, "wall_time_s": 1.0}))
+        "tokens": last * TOKENS_PER_STEP, "wall_time_s": 1.0,
+        **({"train_flops": flops_per_token * last * TOKENS_PER_STEP} if flops_per_token else {})}))
     return run_dir
 
 
@@ -153,8 +155,28 @@ def test_asked_targets_replace_the_defaults_and_apply_to_lm(tmp_path):
     assert "bpb was at or below X" in lm
     assert table_rows(lm, "attention conv=none")[0][-4:-2] == ["not reached", "200 (819k tok)"]
     header = next(csv.reader(open(files["csv"], newline="")))
-    assert header[-6:] == ["steps_to_0.7", "tokens_to_0.7", "seeds_reached_0.7",
-                           "steps_to_1.3", "tokens_to_1.3", "seeds_reached_1.3"]
+    assert header[-8:] == ["steps_to_0.7", "tokens_to_0.7", "flops_to_0.7", "seeds_reached_0.7",
+                           "steps_to_1.3", "tokens_to_1.3", "flops_to_1.3", "seeds_reached_1.3"]
+
+
+def test_flops_to_a_target_count_each_variants_cost_per_token(tmp_path):
+    """Two variants reach 0.9 at the same step, the dynamic conv at 1.5x the FLOPs per token: the FLOPs-to-target
+    table and report.csv charge it 1.5x the compute; a run without `train_flops` gives no table."""
+    root = tmp_path / "grid"
+    make_run(root, "static", [(100, 0.5), (200, 0.95)], kind="static", flops_per_token=1e6)
+    make_run(root, "dynamic", [(100, 0.5), (200, 0.95)], kind="dynamic", flops_per_token=1.5e6)
+    files = write_report(root)
+    md = files["md"].read_text()
+    tokens = 200 * TOKENS_PER_STEP
+    part = md[md.index("## Training FLOPs to overall 0.9\n"):].split("\n\n")[2]  # heading, text, table
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()[2:])}
+    assert rows == {"attention conv=static@qkv": [f"{1e6 * tokens:.3g}"],
+                    "attention conv=dynamic@qkv": [f"{1.5e6 * tokens:.3g}"]}
+    assert "## Training FLOPs to overall 0.99" not in md  # nobody reached it: no table
+    csv_rows = {r["conv_kind"]: r for r in read_csv(files["csv"])}
+    assert float(csv_rows["dynamic"]["flops_to_0.9"]) == pytest.approx(1.5 * float(csv_rows["static"]["flops_to_0.9"]))
+    make_run(tmp_path / "old", "static", [(100, 0.95)], kind="static")  # no train_flops: no FLOPs table
+    assert "Training FLOPs to" not in write_report(tmp_path / "old")["md"].read_text()
 
 
 def test_report_params_include_the_dynamic_conv_generator(tmp_path, monkeypatch):
