@@ -399,8 +399,13 @@ def eval_(task_kind, run_dir, overrides, data):
 def info(recipe, overrides, detail):
     """Parameters, recurrent-state size and FLOPs per token of RECIPE's model; a sweep: a row per distinct model."""
     from dcablate.models.describe import describe
+    from dcablate.runs.preflight import located
 
-    click.echo(describe(recipe, list(overrides), detail))
+    try:
+        text = describe(recipe, list(overrides), detail)
+    except UserError as e:  # a task's file (a BPE tokenizer) that cannot be read: say where the recipe set it
+        raise located(e, recipe, list(overrides)) from None
+    click.echo(text)
 
 
 @cli.group()

@@ -238,6 +238,10 @@ CASES = [
     # --- info
     Case("info-bad-recipe", ["info", "r.toml"], ("r.toml: model.d_modle", "did you mean 'd_model'"),
          files={"r.toml": "[model]\nd_modle = 64\n"}),
+    Case("info-bad-tokenizer-file-names-the-recipe", ["info", "r.toml"],
+         ("r.toml: task.lm.tokenizer_file: ", "bad.json: not a tokenizer.json"),
+         files={"r.toml": '[task]\nkind = "lm"\n[task.lm]\ndata = "x"\ntokenizer = "bpe"\n'
+                          'tokenizer_file = "bad.json"\n', "bad.json": '{"bad": 1}'}),
     Case("info-missing-recipe", ["info", "nope"], ("nope: no such recipe file",)),
     bad_set("info-bad-set", ["model.n_heads=3"], "--set: model.n_heads", "not divisible", cmd="info"),
     # --- command line

@@ -47,6 +47,17 @@ def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] 
     return f"{recipe_file}: {key}"
 
 
+def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
+    """`error` with where the recipe set its key in front, when its line starts with a bare task key and names no
+    place (`task.lm.tokenizer_file: PATH: not a tokenizer.json`, from building a task outside `check_inputs`);
+    else `error` itself."""
+    key, sep, rest = str(error).partition(": ")
+    if not sep or not key.startswith("task.") or " " in key:
+        return error
+    _, origins, path = config.load_raw(recipe, overrides)
+    return UserError(f"{set_where(key, origins, str(path), tuple(config.load(recipe, overrides).sweep))}: {rest}")
+
+
 def points_named(names: list[str], runs: int) -> str:
     """`sweep point NAME: ` (`... (and N more): `) for an error touching only the points `names` of `runs` runs to
     train; "" when it touches all of them (or the recipe has no sweep)."""
