@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -171,8 +172,8 @@ def test_the_launcher_gives_its_daemon_to_every_worker_and_the_warm_up_and_stops
         def client_env(self, env, gpu):
             return {**env, mps.PIPE_VAR: "/tmp/fake-pipe", "CUDA_VISIBLE_DEVICES": str(gpu)}
 
-        def stop(self):
-            events.append("stopped")
+        def stop(self, keep_logs_in=None):
+            events.append(("stopped", keep_logs_in))
 
     daemon = FakeDaemon()
     monkeypatch.setattr(mps, "start", lambda mode, slots, say, where: events.append(("start", mode)) or daemon)
@@ -195,9 +196,10 @@ def test_the_launcher_gives_its_daemon_to_every_worker_and_the_warm_up_and_stops
         raise RuntimeError("a sweep that ends badly")
 
     monkeypatch.setattr(local, "run_sweep", sweep)
+    job = SimpleNamespace(run_dir=Path("/sweep/point"))
     with pytest.raises(RuntimeError):
-        local.launch("r.toml", [], ["job"], SHARED, use_mps=True)
-    assert events == [("start", "on"), ("warm", ["/tmp/fake-pipe"] * 4), "stopped"]
+        local.launch("r.toml", [], [job], SHARED, use_mps=True)
+    assert events == [("start", "on"), ("warm", ["/tmp/fake-pipe"] * 4), ("stopped", Path("/sweep"))]
     assert built == [daemon]
 
 
@@ -262,3 +264,47 @@ def test_a_cuda_sweep_through_mps_trains_what_it_trains_without(sweep, capsys):
     for name in with_mps:
         for key, value in without[name]["final"].items():
             assert with_mps[name]["final"][key] == pytest.approx(value, rel=1e-3, abs=1e-3), (name, key)
+
+
+def answering(answers: dict[str, str | None]):
+    """A `run` standing in for the control program: the stdout it gives to each command (None: it fails)."""
+    def run(cmd, **kw):
+        out = answers[kw["input"].strip()]
+        return subprocess.CompletedProcess(cmd, 1 if out is None else 0, out or "", "")
+    return run
+
+
+def test_the_daemon_counts_the_processes_its_servers_serve(tmp_path):
+    daemon = mps.Daemon("nvidia-cuda-mps-control", tmp_path)
+    two_servers = {"get_server_list": "101\n202\n", "get_client_list 101": "11\n12\n13\n", "get_client_list 202": "21\n"}
+    assert daemon.clients(answering(two_servers)) == 4
+    assert daemon.clients(answering({"get_server_list": ""})) == 0  # no server yet: nobody went through it
+    assert daemon.clients(answering({"get_server_list": None})) is None
+
+
+def test_the_sweep_says_how_many_workers_went_through_mps_and_keeps_its_logs(tmp_path, capsys):
+    class Counting(mps.Daemon):
+        def clients(self, run=None):
+            return self.seen
+
+    daemon = Counting("control", tmp_path / "d")
+    for daemon.seen, line in ((8, "MPS: its server serves 8 client processes of the sweep's 8 worker processes\n"),
+                              (3, "MPS: its server serves 3 client processes of the sweep's 8 worker processes; 5 of "
+                                  "them not through it, so their kernels take turns\n"),
+                              (None, "MPS: the daemon did not say how many processes it serves")):
+        timer = local.mps_check(daemon, 8, after_s=0.0)
+        timer.join(5)
+        assert capsys.readouterr().out.startswith(line)
+    quiet = local.mps_check(None, 8, after_s=0.0)  # no daemon: nothing to say, nothing started
+    assert not quiet.is_alive() and capsys.readouterr().out == ""
+    quiet.cancel()
+    daemon.log_dir.mkdir(parents=True)
+    (daemon.log_dir / "control.log").write_text("NEW CLIENT 11\n")
+    (daemon.log_dir / "server.log").write_text("New client 11 connected\n")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    assert [p.name for p in daemon.keep_logs(sweep)] == ["mps-control.log", "mps-server.log"]
+    assert (sweep / "mps-control.log").read_text() == "NEW CLIENT 11\n"
+    daemon.keep_logs(sweep)  # a resumed sweep's next call: appended, nothing lost
+    assert (sweep / "mps-control.log").read_text() == "NEW CLIENT 11\n" * 2
+

@@ -215,6 +215,30 @@ def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | N
     return start
 
 
+MPS_CHECK_S = 60.0  # into training, when the sweep says how many processes its MPS daemon serves
+
+
+def mps_check(daemon: mps.Daemon | None, processes: int, after_s: float = MPS_CHECK_S) -> threading.Timer:
+    """A timer that, `after_s` seconds on, prints how many client processes `daemon` serves against the sweep's
+    `processes` worker processes (fewer: some workers did not go through it, and their kernels take turns on the
+    card); a timer that does nothing without a daemon. The caller cancels it."""
+    def say() -> None:
+        n = daemon.clients() if daemon is not None else None
+        if n is None:
+            click.echo("MPS: the daemon did not say how many processes it serves (its logs: mps-*.log in the sweep "
+                       "folder when it ends)")
+        else:
+            gap = "" if n >= processes else f"; {processes - n} of them not through it, so their kernels take turns"
+            click.echo(f"MPS: its server serves {n} client process{'es' if n != 1 else ''} of the sweep's "
+                       f"{processes} worker process{'es' if processes != 1 else ''}{gap}")
+
+    timer = threading.Timer(after_s, say if daemon is not None else (lambda: None))
+    timer.daemon = True
+    if daemon is not None:
+        timer.start()
+    return timer
+
+
 def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[Slot], warm: bool | None = None,
            use_mps: bool | None = None, runs_per_worker: int = 1):
     """Train `jobs` on local workers, one per slot, each in a process of its own or, with `runs_per_worker` K,
@@ -224,6 +248,7 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[S
     (`warmup.py`) unless `warm` (`--warmup/--no-warmup`, default `DCABLATE_WARMUP`) says not to."""
     hosts = processes_of(slots, runs_per_worker)
     daemon = mps.start(mps.choice(use_mps), hosts, click.echo, mps.named_by(use_mps)) if jobs else None
+    check = None
     try:
         if jobs and warmup.wanted(warm, slots):
             threads = max(1, cpu_count() // len(slots))  # the warm-up uses at most one process per slot
@@ -231,11 +256,14 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[S
             warmup.warm_up(recipe_ref, overrides, jobs, places)
         where = "" if runs_per_worker == 1 or len(hosts) == len(slots) else \
             f" in {len(hosts)} process{'es' if len(hosts) != 1 else ''} (--runs-per-worker {runs_per_worker})"
+        check = mps_check(daemon, len(hosts))
         return run_sweep(jobs, slots, worker_factory(recipe_ref, overrides, daemon, runs_per_worker, slots), len(jobs),
                          where)
     finally:
+        if check is not None:
+            check.cancel()
         if daemon is not None:
-            daemon.stop()
+            daemon.stop(keep_logs_in=jobs[0].run_dir.parent)
 
 
 def processes_of(slots: list[Slot], runs_per_worker: int) -> list[Slot]:

@@ -91,6 +91,43 @@ class Daemon:
         """`env` (a worker's) as a client of this daemon on the launcher's GPU `gpu`."""
         return {**env, **self.variables(), "CUDA_VISIBLE_DEVICES": str(gpu)}
 
+    def ask(self, command: str, run: Callable = subprocess.run) -> str | None:
+        """The control daemon's answer to `command` (e.g. `get_server_list`), or None when it gave none."""
+        try:
+            done = run([self.control], input=command + "\n", text=True, env={**os.environ, **self.variables()},
+                       capture_output=True, timeout=START_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    def clients(self, run: Callable = subprocess.run) -> int | None:
+        """How many client processes the daemon's servers serve now (`get_server_list`, then `get_client_list`
+        of each server); None when the daemon does not say."""
+        servers = self.ask("get_server_list", run)
+        if servers is None:
+            return None
+        total = 0
+        for pid in (w for w in servers.split() if w.isdigit()):
+            listed = self.ask(f"get_client_list {pid}", run)
+            if listed is None:
+                return None
+            total += sum(w.isdigit() for w in listed.split())
+        return total
+
+    def keep_logs(self, folder: Path) -> list[Path]:
+        """Append the daemon's logs (control.log, server.log) to `mps-<name>` in `folder`, before its own folder
+        goes: they record each client that connected, which tells whether the workers ran through it. Appended,
+        so a resumed sweep keeps the logs of its earlier calls."""
+        kept = []
+        for log in sorted(self.log_dir.glob("*.log")):
+            try:
+                with open(folder / f"mps-{log.name}", "a") as out:
+                    out.write(log.read_text(errors="replace"))
+                kept.append(folder / f"mps-{log.name}")
+            except OSError:
+                pass
+        return kept
+
     def last_log_line(self) -> str:
         try:
             lines = [ln.strip() for ln in (self.log_dir / "control.log").read_text(errors="replace").splitlines()]
@@ -99,8 +136,11 @@ class Daemon:
         lines = [ln for ln in lines if ln]
         return lines[-1] if lines else ""
 
-    def stop(self, run: Callable = subprocess.run) -> None:
-        """Ask the daemon to quit (it stops its server once the clients are gone) and remove its folder."""
+    def stop(self, run: Callable = subprocess.run, keep_logs_in: Path | None = None) -> None:
+        """Ask the daemon to quit (it stops its server once the clients are gone) and remove its folder, its logs
+        copied into `keep_logs_in` first where given."""
+        if keep_logs_in is not None and keep_logs_in.is_dir():
+            self.keep_logs(keep_logs_in)
         try:
             run([self.control], input="quit\n", text=True, env={**os.environ, **self.variables()},
                 capture_output=True, timeout=START_TIMEOUT_S)
