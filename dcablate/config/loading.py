@@ -448,7 +448,8 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             except RecipeError as e:
                 unknown = [k for k in keys if k == e.key or k.startswith(f"{e.key}.")]
                 if e.source == swept and e.message.startswith("unknown key") and unknown:
-                    raise RecipeError(where, f"sweep.{unknown[0]}", f"not a recipe key{_key_hint(unknown[0], r)}") from None
+                    hint = _key_hint(unknown[0], r)
+                    raise RecipeError(where, f"sweep.{unknown[0]}", f"not a recipe key{hint}") from None
                 through = [k for k in keys if k.startswith(f"{e.key}.")]
                 if e.source == swept and through and "got a table" in e.message:  # `train.lr.x`: lr is a value
                     raise RecipeError(where, f"sweep.{through[0]}", f"not a recipe key ({e.key}: is a value, not a "

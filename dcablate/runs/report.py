@@ -290,9 +290,9 @@ def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
     suite's tasks have no such grid; their numbers go to suite.csv)."""
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
     all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
-    header = [*CSV_KEY_COLUMNS, "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs), "state_floats",
-              "params", *(f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "flops_to_",
-                                                                        "seeds_reached_"))]
+    to_target = [f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "flops_to_", "seeds_reached_")]
+    header = [*CSV_KEY_COLUMNS, "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs),
+              "state_floats", "params", *to_target]
     rows = []
     for task, (metric, table, segs) in tasks.items():
         for (variant, d_model), by_lr in table.items():
