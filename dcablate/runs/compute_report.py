@@ -31,11 +31,11 @@ def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str
         except UserError as e:
             lines += [f"Not fitted: {e}", ""] + [f"- {n}" for n in group.notes] + ([""] if group.notes else [])
             continue
-        lines += _text(group, result) + _cautions(group, result) + _table(group, result) + _notes(group, result)
+        cautions = _cautions(group, result)
+        lines += _text(group, result) + [line for text in cautions.values() for line in (text, "")]
+        lines += _table(group, result) + _notes(group, result)
         name = f"{prefix}loss_vs_compute_{group.slug}"
-        doubt = [why for why, bad in (("poor fit", result.fit.rms > POOR_FIT_RMS),
-                                      ("runs stopped early", sum(group.stopped_early.values()) > 0)) if bad]
-        files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title, doubt)
+        files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title, list(cautions))
         lines += [f"![loss vs compute]({name}.png)", ""]
     return lines, files
 
@@ -62,23 +62,24 @@ def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[s
         f"the sizes both ran (`summary.json` tokens / `time_s.train`).", ""]
 
 
-def _cautions(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
-    """Warnings that make every multiplier below doubtful, in bold before the table: a fit that does not describe
-    its runs, and fitted runs that stopped early (their FLOPs are what reaching the target took, not a budget,
-    so the points do not trace loss against compute)."""
-    out = []
+def _cautions(group: compute_points.Group, result: multipliers.Comparison) -> dict[str, str]:
+    """Warnings that make every multiplier doubtful, as {short name for the figure: bold paragraph for before the
+    table}: a fit that does not describe its runs, and fitted runs that stopped early (their FLOPs are what
+    reaching the target took, not a budget, so the points do not trace loss against compute)."""
+    out = {}
     if result.fit.rms > POOR_FIT_RMS:
-        out.append(f"**The fit does not describe these runs** (rms relative residual {result.fit.rms:.0%}, above "
-                   f"{POOR_FIT_RMS:.0%}): read the multipliers below as unreliable.")
+        out["poor fit"] = (
+            f"**The fit does not describe these runs** (rms relative residual {result.fit.rms:.0%}, above "
+            f"{POOR_FIT_RMS:.0%}): read the multipliers below as unreliable.")
     early = sum(group.stopped_early.values())
     if early:
-        fitted = len(group.points)
-        out.append(f"**{early} of the {fitted} fitted runs stopped early** (`eval.early_stop`): their training FLOPs "
-                   f"are what reaching the target took, not a budget the variants share, and their final loss is "
-                   f"the loss at that step, so these points do not trace loss against compute. For a compute "
-                   f"multiplier train every run to its budget (`--set eval.early_stop=0`, a `lm/scaling_*` or "
-                   f"`paper/lm_scaling_*` ladder); the steps-to-target columns above compare early-stopped runs.")
-    return [line for text in out for line in (text, "")]
+        out["runs stopped early"] = (
+            f"**{early} of the {len(group.points)} fitted runs stopped early** (`eval.early_stop`): their training "
+            f"FLOPs are what reaching the target took, not a budget the variants share, and their final loss is the "
+            f"loss at that step, so these points do not trace loss against compute. For a compute multiplier train "
+            f"every run to its budget (`--set eval.early_stop=0`, a `lm/scaling_*` or `paper/lm_scaling_*` ladder); "
+            f"the steps-to-target columns above compare early-stopped runs.")
+    return out
 
 
 def _table(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:

@@ -85,22 +85,23 @@ def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str, swe
 def check_budgets(plan, to_train: list[int]) -> None:
     """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
     its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
-    built on the meta device), and a UserError names the point otherwise."""
-    from dcablate.models.costs import build_model, costs
+    built on the meta device, once per distinct model however many seeds or learning rates share it), and a
+    UserError names the point otherwise."""
+    from dcablate.models.describe import recipe_costs
     from dcablate.training.optim import planned_steps
 
+    cache: dict = {}
     for i in to_train:
         name, r = plan[i][0], plan[i][1]
         t = r.train
         if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
             continue
         try:
-            seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
+            c, _ = recipe_costs(r, cache)
         except UserError:  # a tokenizer file that cannot be read: `check_inputs` names it and where it was set
             continue
-        params = costs(build_model(r, vocab, device="meta"), seq_len).params["non_embedding"]
         try:
-            planned_steps(t, t.batch_size * seq_len, params)
+            planned_steps(t, t.batch_size * c.seq_len, c.params["non_embedding"])
         except UserError as e:
             raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
 
