@@ -8,7 +8,8 @@ RECIPE defaults to `paper/mqar_gated_deltanet` at its first grid point (d_model 
 and the like pick another); its `[sweep]` is dropped. Each model trains on its own seed's batches, as the runs of
 a sweep would. Before the timed steps every model takes enough steps to have seen each training batch shape
 twice (compiled, then captured; `--warmup` rounds); the table gives each model's captured graphs, which a
-shape first met in the timed rounds would change.
+shape first met in the timed rounds would change, and the non-finite steps (skipped, `train.nonfinite = "skip"`):
+the same models on one stream and on several should have the same (none).
 
 Processes sharing a GPU without MPS take turns on it (docs/sweeps.md), so a sweep's runs overlap on the card only
 through MPS or inside one process. This measures the second: with a stream each, the kernels of different
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    _, points = config.expand(args.recipe, [*args.overrides, f"run.device={device.type}"])
+    # a non-finite step is skipped and counted (the table's last column) rather than ending the timing: on a
+    # GPU, one where the same model on one stream has none points at a race between streams
+    _, points = config.expand(args.recipe, ["train.nonfinite=skip", *args.overrides, f"run.device={device.type}"])
     recipe = points[0][1]
     ks = [int(k) for k in args.models.split(",")]
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
@@ -92,20 +95,24 @@ def main(argv=None) -> int:
     for k in ks:
         models = [build(recipe, seed, device) for seed in range(k)]
         streams = [torch.cuda.Stream(device) for _ in range(k)] if cuda else [None] * k
+        skipped = lambda: sum(step.skipped for step, _ in models)
         timed(models, streams, args.warmup, device)  # every batch shape compiled, captured and replayed
+        bad_warm = skipped()
         one = timed(models, [None] * k, args.steps, device)
+        bad_one = skipped() - bad_warm
         each = timed(models, streams, args.steps, device)
-        rows.append((k, k * args.steps / one, k * args.steps / each, [step.captured for step, _ in models]))
+        rows.append((k, k * args.steps / one, k * args.steps / each, [step.captured for step, _ in models],
+                     (bad_warm, bad_one, skipped() - bad_warm - bad_one)))
         del models, streams
         if cuda:
             torch.cuda.empty_cache()
     base = rows[0][2]
     print("\n| models | steps/s, one stream | steps/s, a stream each | streams vs one stream | vs K = "
-          f"{rows[0][0]} | graphs per model |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for k, one, each, graphs in rows:
+          f"{rows[0][0]} | graphs per model | non-finite steps: warm-up (a stream each) / one stream / a stream each |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for k, one, each, graphs, bad in rows:
         print(f"| {k} | {one:.1f} | {each:.1f} | {each / one:.2f}x | {each / base:.2f}x | "
-              f"{'/'.join(map(str, sorted(set(graphs))))} |")
+              f"{'/'.join(map(str, sorted(set(graphs))))} | {' / '.join(map(str, bad))} |")
     print(f"\n{time.strftime('%Y-%m-%d')}; {name}")
     return 0
 

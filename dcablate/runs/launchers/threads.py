@@ -36,6 +36,12 @@ from pathlib import Path
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.training.signals import REPEAT_S, deliver
 
+# printed by a CUDA sweep with --runs-per-worker above 1 until the failure it names is understood and fixed
+CUDA_CAUTION = ("caution: --runs-per-worker above 1 on a GPU is not yet reliable: on the paper MQAR grid (eight "
+                "runs per process, one H200, 2026-12-05) a worker failed with a device-side assert and another "
+                "stopped stepping; docs/sweeps.md has the details. MPS (the default where it is installed) packs "
+                "runs without it")
+
 
 class ThreadOutput(io.TextIOBase):
     """A standard stream that writes to the file the current thread chose (`to`), or else to `fallback`."""
