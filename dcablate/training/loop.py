@@ -34,7 +34,7 @@ from dcablate.training.batches import device_batches
 from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
-from dcablate.training.packing import one_at_a_time, own_stream, runs_on_device
+from dcablate.training.packing import one_at_a_time, own_stream, own_turn, pass_turn, runs_on_device, waiting
 from dcablate.training.progress import Progress
 from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
                                        set_rng_state, software_versions)
@@ -54,7 +54,9 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
     several = ddp.setup()
     device = ddp.device_for(device)
     lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
-    with lock, signals_caught(once=not several) as caught, own_stream(device):
+    # a run in a thread of a packed worker takes turns with the others (packing.py); a stream of its own lets the
+    # GPU run their steps side by side
+    with lock, signals_caught(once=not several) as caught, own_turn(), own_stream(device):
         try:
             # building the task and model changes nothing on disk; it seeds the process's generators
             with caught.interruptible(not several), one_at_a_time():
@@ -64,6 +66,12 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                        f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
                        128 + e.signum) from None
         return run.run()
+
+
+def sync_stream(device) -> None:
+    """Wait for the run's own GPU work (its current stream); other runs of the process take turns meanwhile."""
+    with waiting():
+        torch.cuda.current_stream(device).synchronize()
 
 
 def shared_data_dir(recipe, run_dir: Path) -> Path:
@@ -118,8 +126,7 @@ class Run:
         started = time.time()
         # where the wall time goes; on CUDA a change of phase waits for the run's stream, so its work is charged
         # right (and not the work of other runs trained at once in this process)
-        self.clock = PhaseClock(sync=(lambda: torch.cuda.current_stream(device).synchronize())
-                                if device.type == "cuda" else (lambda: None))
+        self.clock = PhaseClock(sync=(lambda: sync_stream(device)) if device.type == "cuda" else (lambda: None))
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
         with self.clock.phase("data"):  # LM reads and tokenizes its text here; MQAR's data comes below
@@ -324,6 +331,7 @@ class Run:
                 if every and state.step % every == 0 and not state.done and state.step < t.steps:
                     with self.clock.phase("checkpoint"):
                         state.save()
+                pass_turn()  # the other runs of a packed worker queue their steps (packing.py)
             self.train_step.flush()
         finally:
             progress.close()

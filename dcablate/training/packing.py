@@ -2,35 +2,113 @@
 `--runs-per-worker K`, `runs/launchers/threads.py`).
 
 Such runs share what a process has once: the random generators that seed a model's weights, the CUDA
-graph capture machinery, Triton's autotuners (an autotuned kernel keeps the arguments of its current call on
-the shared kernel object) and dcablate's own launch picks. The parts of a run that touch those run one run at
-a time, under `one_at_a_time()`:
+graph capture machinery, the CUDA caching allocators, Triton's autotuners (an autotuned kernel keeps the
+arguments of its current call on the shared kernel object) and dcablate's own launch picks. None of these is
+made for several callers at once, so the runs take turns: a run's thread holds the process's turn
+(`Turns`) for all its work, and hands it on at the end of each training step (`pass_turn`) and while it
+waits for its GPU work (`waiting`). At any moment one thread issues CUDA work; the GPU still runs the
+runs side by side, because each run issues its work on a CUDA stream of its own (`own_stream`) and a
+captured step's replay returns as soon as it is queued. That is what stepping K models round-robin from one
+thread does (`benchmarks/stream_packing.py`), with a thread per run to keep each run's loop as it is alone.
+On CPU the steps run in turn too.
 
-- building a run (seeding, the task, the model) and restoring its checkpoint (which sets the generators);
-- every training step that is not a CUDA graph replay: the first step of a batch shape (Triton compiles,
-  autotunes, picks launches), the capture of its graph, and eager steps on CUDA;
-- evaluations (eager forward passes over shapes the training steps never used);
-- handing memory back between runs.
-
-What is left runs at once: the replays of captured training steps, each on its run's own CUDA stream
-(`own_stream`), which is where a small run spends its time, and the host work beside them (batches, logs,
-checkpoint files). On CPU the steps are eager and run at once too (no Triton there).
-
-In a process that trains one run at a time the lock is never contended and costs nothing.
+`one_at_a_time()` marks the parts that must not be interleaved with another run's work within a step even
+when a run does not hold the turn for its whole life (the main thread of a one-run process, where the turn
+is never contended and costs nothing): building a run, restoring its checkpoint, a batch shape's first step
+and capture, evaluations, handing memory back between runs.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
 
-_EAGER = threading.RLock()
+
+class Turns:
+    """A re-entrant lock handed on in the order it was asked for: `pass_turn` gives every thread waiting for
+    it one turn before its holder gets it back, so K runs stepping in K threads advance round-robin."""
+
+    def __init__(self):
+        self._changed = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._queue: collections.deque[int] = collections.deque()
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        with self._changed:
+            if self._owner == me:
+                self._depth += 1
+                return
+            self._wait_for_turn(me)
+            self._depth = 1
+
+    def release(self) -> None:
+        with self._changed:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("Turns.release by a thread that does not hold the turn")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._changed.notify_all()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def held(self) -> bool:
+        """Whether the calling thread holds the turn."""
+        return self._owner == threading.get_ident()
+
+    def waiting(self) -> int:
+        """How many threads wait for the turn."""
+        return len(self._queue)
+
+    def pass_turn(self) -> None:
+        """The holder lets every thread now waiting have its turn, then takes its own back at the same depth;
+        nothing when none waits or the caller does not hold the turn."""
+        if not self.held() or not self._queue:
+            return
+        with self.handed_back():
+            pass
+
+    @contextlib.contextmanager
+    def handed_back(self):
+        """Inside the block the caller does not hold the turn (at whatever depth it held it); after it, it does
+        again, behind the threads that asked meanwhile. A caller without the turn runs the block as it is."""
+        me = threading.get_ident()
+        with self._changed:
+            if self._owner != me:
+                depth = 0
+            else:
+                depth, self._owner, self._depth = self._depth, None, 0
+                self._changed.notify_all()
+        try:
+            yield
+        finally:
+            if depth:
+                with self._changed:
+                    self._wait_for_turn(me)
+                    self._depth = depth
+
+    def _wait_for_turn(self, me: int) -> None:  # with self._changed held
+        self._queue.append(me)
+        while self._owner is not None or self._queue[0] != me:
+            self._changed.wait()
+        self._queue.popleft()
+        self._owner = me
+        self._changed.notify_all()  # the next in line re-checks whether it is first now
 
 
-def one_at_a_time():
-    """A context manager: the block runs while no other run of this process is in such a block."""
-    return _EAGER
+_TURNS = Turns()
+
+
+def one_at_a_time() -> Turns:
+    """A context manager: the block runs while no other run of this process issues work (re-entrant)."""
+    return _TURNS
 
 
 def in_worker_thread() -> bool:
@@ -39,9 +117,32 @@ def in_worker_thread() -> bool:
 
 
 @contextlib.contextmanager
+def own_turn():
+    """A run trained in a worker thread holds the process's turn for the whole block, handing it on only at
+    `pass_turn` and `waiting`; in the main thread nothing changes."""
+    if not in_worker_thread():
+        yield
+        return
+    with _TURNS:
+        yield
+
+
+def pass_turn() -> None:
+    """End of a training step: let the other runs of this process queue theirs (nothing when none waits)."""
+    _TURNS.pass_turn()
+
+
+@contextlib.contextmanager
+def waiting():
+    """Around a wait for this run's own GPU work (a stream sync): the other runs take turns meanwhile."""
+    with _TURNS.handed_back():
+        yield
+
+
+@contextlib.contextmanager
 def own_stream(device):
     """Inside the block, a run trained in a worker thread issues its CUDA work on a stream of its own, so that
-    the replays of runs trained at once overlap on the GPU; in the main thread, or off CUDA, nothing changes
+    the steps of runs trained at once overlap on the GPU; in the main thread, or off CUDA, nothing changes
     (the current stream stays the default one)."""
     if device.type != "cuda" or not in_worker_thread():
         yield

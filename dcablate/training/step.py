@@ -25,7 +25,7 @@ from dcablate.errors import UserError
 from dcablate.training import distributed as ddp
 from dcablate.training.graphs import CaptureFailed, GraphedSteps
 from dcablate.training.optim import make_optimizer, make_scheduler
-from dcablate.training.packing import one_at_a_time
+from dcablate.training.packing import waiting
 from dcablate.training.runtime import Stop, autocast_for
 
 log = logging.getLogger("dcablate")
@@ -128,9 +128,11 @@ class TrainStep:
         return first or (self.graphs is not None and self.graphs.will_capture(x, y, row_scored))
 
     def sync(self) -> None:
-        """Wait for this step's GPU work (its stream's; other runs of the process may use streams of their own)."""
+        """Wait for this step's GPU work (its stream's; other runs of the process may use streams of their own,
+        and take turns meanwhile: packing.py)."""
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            with waiting():
+                torch.cuda.current_stream(self.device).synchronize()
 
     def release(self) -> None:
         """Drop the CUDA graphs: they hold their memory pool and refer back to this step (their body), so
@@ -155,18 +157,14 @@ class TrainStep:
         A step that compiles or captures (`warming`) is timed, waiting for the GPU before and after it; no
         other step waits."""
         warming = self.warming(x, y, row_scored)
-        # where runs train at once in one process (packing.py), only a CUDA graph's replay runs beside the others
-        alone = warming or (self.device.type == "cuda" and not (self.graphs is not None
-                                                                and self.graphs.replays(x, y, row_scored)))
-        with one_at_a_time() if alone else contextlib.nullcontext():
-            if warming:
-                self.sync()
-                began = time.perf_counter()
-            loss, grad_norm = self.take(x, y, row_scored)
-            if warming:
-                self.sync()
-                self.warm_s += time.perf_counter() - began
-                self.warm_steps += 1
+        if warming:
+            self.sync()
+            began = time.perf_counter()
+        loss, grad_norm = self.take(x, y, row_scored)
+        if warming:
+            self.sync()
+            self.warm_s += time.perf_counter() - began
+            self.warm_steps += 1
         self.calls += 1
         return loss, grad_norm
 
@@ -302,6 +300,7 @@ class TrainStep:
         first, or count and record each skipped one. Call it before anything reads or writes the weights."""
         if not self.pending:
             return
+        self.sync()  # the read below would wait anyway; this way the other runs of the process step meanwhile
         steps = [p[0] for p in self.pending]
         rows = torch.stack([torch.stack([b, l.float(), g.float()]) for _, b, l, g in self.pending]).tolist()
         self.pending = []

@@ -129,13 +129,16 @@ if os.environ.get("SLOW_STEP_S"):  # every training batch takes this long to dra
             yield item
     MQARTask.train_batches = train_batches
 
-if os.environ.get("STUCK_AT_STEP"):  # after this step, the loop sleeps where a signal does not end it
+if os.environ.get("STUCK_AT_STEP"):  # after this step, the loop sleeps where a signal does not end it, as a
+    # run waiting on a GPU that hangs would (a wait for its own stream: other runs of its process take turns)
+    from dcablate.training.packing import waiting
     stuck, add = int(os.environ["STUCK_AT_STEP"]), loop.ComputeCount.add
 
     def add_then_sleep(self, *args):
         add(self, *args)
         if self.tokens // (args[0] * args[1]) == stuck:
-            time.sleep(120)
+            with waiting():
+                time.sleep(120)
     loop.ComputeCount.add = add_then_sleep
 """
 

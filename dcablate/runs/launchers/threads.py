@@ -2,10 +2,9 @@
 (`dcablate run --runs-per-worker K`).
 
 Processes that share a GPU without MPS take turns on it: the card runs one process's kernels at a time. Threads
-of one process do not: each run issues its work on a CUDA stream of its own (`training/packing.py`), and the
-replays of their captured training steps run on the card side by side. What cannot run at once (building a
-model, a batch shape's first step and its capture, evaluations) runs one run at a time, under the process's
-lock (packing.py).
+of one process need not: each run issues its work on a CUDA stream of its own, so the kernels of their
+training steps can run on the card side by side. On the host the runs take turns (`training/packing.py`): one
+thread at a time issues work, handing on at the end of each step and while it waits for its GPU work.
 
 The worker reads runs from its stdin as the one-run worker does (local.py) and answers each with a result line
 naming the run, in whatever order they end. Each run's output goes to its own RUN_DIR/worker.log: the
@@ -36,11 +35,10 @@ from pathlib import Path
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.training.signals import REPEAT_S, deliver
 
-# printed by a CUDA sweep with --runs-per-worker above 1 until the failure it names is understood and fixed
-CUDA_CAUTION = ("caution: --runs-per-worker above 1 on a GPU is not yet reliable: on the paper MQAR grid (eight "
-                "runs per process, one H200, 2026-12-05) a worker failed with a device-side assert and another "
-                "stopped stepping; docs/sweeps.md has the details. MPS (the default where it is installed) packs "
-                "runs without it")
+# printed by a CUDA sweep with --runs-per-worker above 1 until a GPU check of this design passes
+CUDA_CAUTION = ("caution: --runs-per-worker above 1 has not yet been checked on a GPU in its present design (runs "
+                "taking turns on the host); the earlier design failed on the paper MQAR grid (docs/sweeps.md). MPS "
+                "(the default where it is installed) packs runs without it")
 
 
 class ThreadOutput(io.TextIOBase):

@@ -1,0 +1,106 @@
+"""`packing.Turns`: how runs trained in threads of one process take turns on the host (`--runs-per-worker`)."""
+
+import threading
+import time
+
+import pytest
+
+from dcablate.training.packing import Turns
+
+
+def wait_until(condition, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.001)
+
+
+def start_in_line(turns: Turns, bodies) -> list[threading.Thread]:
+    """Start a thread per body, each asking for the turn (held by the caller) only after the previous one
+    waits, so they queue in the order given."""
+    threads = []
+    for body in bodies:
+        threads.append(threading.Thread(target=body, daemon=True))
+        threads[-1].start()
+        wait_until(lambda n=len(threads): turns.waiting() == n)
+    return threads
+
+
+def test_steps_passed_on_go_round_robin_in_the_order_asked():
+    turns, order = Turns(), []
+
+    def run(name):
+        def body():
+            with turns:
+                for _ in range(4):
+                    order.append(name)
+                    turns.pass_turn()
+        return body
+
+    turns.acquire()
+    threads = start_in_line(turns, [run("a"), run("b"), run("c")])
+    turns.release()
+    for t in threads:
+        t.join(10)
+    assert order == list("abc" * 4)
+
+
+def test_the_turn_is_reentrant_and_another_thread_waits_for_the_last_release():
+    turns, got = Turns(), threading.Event()
+
+    def other():
+        with turns:
+            got.set()
+
+    turns.acquire()
+    turns.acquire()
+    start_in_line(turns, [other])
+    turns.release()
+    time.sleep(0.05)
+    assert not got.is_set() and turns.held()
+    turns.pass_turn()  # hands on at any depth and takes the turn back at the same depth
+    assert got.is_set() and turns.held()
+    turns.release()
+    assert not turns.held()
+
+
+def test_a_thread_waiting_for_its_gpu_work_lets_the_others_take_their_turns():
+    turns, order = Turns(), []
+    waiting = threading.Event()
+
+    def waiter():
+        with turns:
+            order.append("w: before")
+            with turns.handed_back():
+                waiting.set()
+                wait_until(lambda: "o" in order)
+            order.append("w: after")
+
+    def other():
+        waiting.wait(10)
+        with turns:
+            order.append("o")
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (waiter, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order == ["w: before", "o", "w: after"]
+
+
+def test_passing_without_the_turn_or_without_anyone_waiting_changes_nothing():
+    turns = Turns()
+    turns.pass_turn()
+    with turns.handed_back():
+        pass
+    assert not turns.held()
+    with turns:
+        turns.pass_turn()
+        assert turns.held()
+
+
+def test_only_the_holder_releases():
+    turns = Turns()
+    with pytest.raises(RuntimeError, match="does not hold the turn"):
+        turns.release()
