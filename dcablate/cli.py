@@ -128,7 +128,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     root = Path(base.run.out_dir) / base.run.name
     if force_new and root.exists():
         new_root = fresh_dir(root)
-        click.echo(f"{root} exists; writing to {new_root}")
+        click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")
         root = new_root
     launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps,
                            runs_per_worker)
@@ -174,10 +174,15 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
     still to train, in this process or over the launcher's workers."""
     sweep_root = root if base.sweep else None
-    plan = []
+    plan, refused = [], []
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
-        plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
+        try:
+            plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
+        except UserError as e:
+            if not dry_run or len(points) == 1:  # a dry run lists a sweep's refusals among its other points
+                raise
+            refused.append((r, run_dir, str(e).removeprefix(f"{run_dir}: ")))  # listed below, with the others
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # under torchrun: one model over all ranks
     if distributed and launch.launcher != "local":
         raise UserError(f"--launcher {launch.launcher}: this process was started by torchrun (WORLD_SIZE="
@@ -190,8 +195,18 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
     preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
+        if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
+            from dcablate.training.runtime import check_runtime
+
+            for _, r in points:
+                check_runtime(r)
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
+        for r, run_dir, why in refused:
+            click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")
+        if refused:
+            raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
+                            f"written")
         return
     from dcablate.training.runtime import check_runtime  # torch imported only now: --help and validation stay fast
 

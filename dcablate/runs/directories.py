@@ -95,6 +95,10 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
                                                                                               "worker.log"}
         if not leftovers and not any((run_dir / "checkpoints").glob("step-*.pt")):
             return "new"  # a run killed before it wrote anything
+        if any((d / "recipe.toml").is_file() for d in run_dir.iterdir() if d.is_dir()):
+            raise UserError(f"{run_dir}: holds the runs of a sweep, not a single run; to resume or extend that "
+                            f"sweep run its recipe again (the sweep's recipe, not a point's recipe.toml), or set "
+                            f"another run.name or use --force-new for a fresh directory")
         raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
                         f"fresh directory")
     old = config.load(str(recipe_file))

@@ -1,0 +1,59 @@
+"""`dcablate run --dry-run` says what the real command would do, refusals included, and writes nothing."""
+
+import pytest
+import torch
+
+from dcablate import config as recipes
+from dcablate.cli import main
+from tests.training.test_train import tiny
+
+
+def sweep_recipe(tmp_path):
+    path = tmp_path / "s.toml"
+    data = tiny(tmp_path).to_dict()
+    data["sweep"] = {"model.conv.kind": ["none", "static"]}
+    path.write_text(recipes.dumps_toml(data))
+    return path
+
+
+def test_a_changed_recipe_is_listed_as_refused_and_the_dry_run_fails(tmp_path, capsys):
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run", "--set", "train.steps=8"]) == 2
+    captured = capsys.readouterr()
+    for name in ("conv.kind=none", "conv.kind=static"):
+        assert (f"{tmp_path / 't' / name}  (recipe " in captured.out and "refused: recipe changed since this run "
+                "started (train.steps: 6 -> 8); use --force-new" in captured.out)
+    assert captured.err.strip().splitlines()[-1] == \
+        "error: 2 of 2 runs would be refused (listed above); nothing was written"
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("  finished") == 2
+
+
+def test_force_new_in_a_dry_run_says_where_it_would_write_and_writes_nothing(tmp_path, capsys):
+    path = sweep_recipe(tmp_path)
+    (tmp_path / "t").mkdir()
+    assert main(["run", str(path), "--dry-run", "--force-new"]) == 0
+    assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-2'}" in capsys.readouterr().out
+    assert not (tmp_path / "t-2").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused_by_the_dry_run_too(tmp_path, capsys):
+    assert main(["run", str(sweep_recipe(tmp_path)), "--dry-run", "--set", "run.device=cuda"]) == 2
+    assert "run.device = 'cuda' but no CUDA device is visible" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_points_recipe_names_the_sweep_folder_it_would_write_into(tmp_path, capsys):
+    """A point's own recipe.toml names the sweep's folder as its run directory: the refusal (one line, also in a
+    dry run of this single run) says what that folder is."""
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    for dry in ([], ["--dry-run"]):
+        assert main(["run", str(tmp_path / "t" / "conv.kind=none" / "recipe.toml"), *dry]) == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / 't'}: holds the runs of a sweep, not a single run; to " \
+            "resume or extend that sweep run its recipe again (the sweep's recipe, not a point's recipe.toml), or set " \
+            "another run.name or use --force-new for a fresh directory\n"
