@@ -360,12 +360,15 @@ EVAL_SETTABLE = ("task.", "eval.", "run.device", "model.backend", "train.precisi
 
 @cli.command(name="eval")
 @click.option("--task", "task_kind", type=RegisteredName(TASKS), default=None,
-              help="What to measure (default: the task the run was trained on).")
+              help="The run's task (the one it was trained on, also the default); named to make a script's intent "
+                   "explicit, as a run is measured only on its own task.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
               "the run's validation split.")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help=SET_HELP + " E.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, num_examples=500}]'.")
+              help="Override an evaluation key (task.*, eval.*, run.device, model.backend, train.precision; value "
+                   "parsed as TOML; repeatable), e.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, "
+                   "num_examples=500}]'.")
 def eval_(task_kind, run_dir, overrides, data):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...)."""
     recipe_path = run_dir / "recipe.toml"
@@ -383,7 +386,9 @@ def eval_(task_kind, run_dir, overrides, data):
     r = config.load(str(recipe_path), list(overrides))
     task_kind = task_kind or r.task.kind
     if r.task.kind != task_kind:
-        raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}'")
+        raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}' and is measured on "
+                        f"that task only (--task {r.task.kind}, or leave --task out); to measure another task, "
+                        f"train a run on it")
 
     from dcablate.tasks import build_task
     from dcablate.training import checkpoint

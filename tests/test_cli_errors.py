@@ -235,6 +235,9 @@ CASES = [
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.*"), files={"rd/recipe.toml": OK}),
     Case("eval-a-sweep-folder", ["eval", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds 1 run, "
          "e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
+    Case("eval-another-task", ["eval", "--run", "r", "--task", "lm"],
+         ("--task lm: this run was trained on task.kind = 'mqar' and is measured on that task only (--task mqar, or "
+          "leave --task out)",), files={"r/recipe.toml": OK}),
     # --- info
     Case("info-bad-recipe", ["info", "r.toml"], ("r.toml: model.d_modle", "did you mean 'd_model'"),
          files={"r.toml": "[model]\nd_modle = 64\n"}),

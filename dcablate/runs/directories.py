@@ -81,6 +81,9 @@ def made_here(path: Path):
         raise
 
 
+SCHEDULE_KEYS = ("train.steps:", "train.tokens:", "train.tokens_per_param:", "train.warmup_steps:")
+
+
 def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
     if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
@@ -104,8 +107,12 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     old = config.load(str(recipe_file))
     changes = recipe_changes(old.to_dict(), r.to_dict())
     if changes:
-        raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); use "
-                        f"--force-new to train it in a fresh directory")
+        # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
+        longer = all(c.startswith(SCHEDULE_KEYS) for c in changes)
+        raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); "
+                        + ("a run is not trained on past its planned steps, since its learning-rate schedule is "
+                           "laid out over them; " if longer else "")
+                        + "use --force-new to train it in a fresh directory")
     if (run_dir / "summary.json").is_file():
         return "finished"
     added = keys_added_since(tomllib.loads(recipe_file.read_text()), r.to_dict())  # parsed fine just above

@@ -24,7 +24,7 @@ def test_a_changed_recipe_is_listed_as_refused_and_the_dry_run_fails(tmp_path, c
     captured = capsys.readouterr()
     for name in ("conv.kind=none", "conv.kind=static"):
         assert (f"{tmp_path / 't' / name}  (recipe " in captured.out and "refused: recipe changed since this run "
-                "started (train.steps: 6 -> 8); use --force-new" in captured.out)
+                "started (train.steps: 6 -> 8); a run is not trained on past" in captured.out)
     assert captured.err.strip().splitlines()[-1] == \
         "error: 2 of 2 runs would be refused (listed above); nothing was written"
     assert main(["run", str(path), "--dry-run"]) == 0
@@ -57,3 +57,19 @@ def test_a_points_recipe_names_the_sweep_folder_it_would_write_into(tmp_path, ca
         assert capsys.readouterr().err == f"error: {tmp_path / 't'}: holds the runs of a sweep, not a single run; to " \
             "resume or extend that sweep run its recipe again (the sweep's recipe, not a point's recipe.toml), or set " \
             "another run.name or use --force-new for a fresh directory\n"
+
+
+def test_more_steps_for_a_trained_run_is_refused_and_the_refusal_says_why(tmp_path, capsys):
+    """Training on past the planned steps would not be the run a longer recipe trains (its schedule is laid out
+    over the steps): refused with the reason; another change is refused without it."""
+    path = tmp_path / "r.toml"
+    path.write_text(recipes.dumps_toml(tiny(tmp_path).to_dict()))
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--set", "train.steps=12"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 't'}: recipe changed since this run started (train.steps: 6 -> 12); a run is not "
+        "trained on past its planned steps, since its learning-rate schedule is laid out over them; use "
+        "--force-new to train it in a fresh directory\n")
+    assert main(["run", str(path), "--set", "train.lr=0.002"]) == 2
+    assert "schedule" not in capsys.readouterr().err
