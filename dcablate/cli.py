@@ -21,7 +21,7 @@ from dcablate.runs import preflight
 from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
                                        save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
-from dcablate.runs.tables import format_table, headline_result
+from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
 
 class RegisteredName(click.ParamType):
@@ -279,7 +279,7 @@ def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], c
 
 def train_here(plan, root: Path, quiet: bool) -> None:
     """`run` in this process, one run after another: a line per run, then the results table."""
-    from dcablate.runs.launchers.outcome import result_row
+    from dcablate.runs.launchers.outcome import result_row, results_table
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
 
@@ -297,7 +297,7 @@ def train_here(plan, root: Path, quiet: bool) -> None:
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
-    click.echo(format_table(rows))
+    click.echo(results_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
 
 

@@ -134,6 +134,12 @@ def result_row(name: str, summary: dict, task_kind: str) -> dict:
     return row
 
 
+def results_table(rows: list[dict]) -> str:
+    """The results table of finished runs (`result_row`s), with what its numbers are."""
+    return (format_table(rows) + "\n(each run's final evaluation; `dcablate report` scores each run by its best "
+            "evaluation, summary.json `best`)")
+
+
 def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
     """The results table of every finished run, the failures, and a `Stop` (exit status) for a sweep that was
     stopped or had failures."""
@@ -146,7 +152,7 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
             rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
     if rows:
-        click.echo(format_table(rows))
+        click.echo(results_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
     for job, code, line in out.failed:
         click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)

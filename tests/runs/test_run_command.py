@@ -1,4 +1,5 @@
-"""`dcablate run --dry-run` says what the real command would do, refusals included, and writes nothing."""
+"""`dcablate run` as a user meets it: `--dry-run` says what the real command would do (refusals included) and
+writes nothing; refusals say why; the results table says what its numbers are."""
 
 import pytest
 import torch
@@ -73,3 +74,12 @@ def test_more_steps_for_a_trained_run_is_refused_and_the_refusal_says_why(tmp_pa
         "--force-new to train it in a fresh directory\n")
     assert main(["run", str(path), "--set", "train.lr=0.002"]) == 2
     assert "schedule" not in capsys.readouterr().err
+
+
+def test_the_results_table_says_its_numbers_are_the_final_evaluation(tmp_path, capsys):
+    assert main(["run", str(sweep_recipe(tmp_path)), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("run "):out.index("run directory:")]
+    assert "conv.kind=none" in table and "conv.kind=static" in table
+    assert table.rstrip().endswith("(each run's final evaluation; `dcablate report` scores each run by its best "
+                                   "evaluation, summary.json `best`)")
