@@ -231,7 +231,10 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 raise UserError(f"--runs-per-worker {launch.runs_per_worker}: packs runs trained at once into fewer "
                                 f"processes, and this command trains one run at a time in this process; ask for "
                                 f"more at once with --per-gpu N (CUDA) or --workers N (CPU)")
-            return train_here(plan, root, quiet)
+            try:
+                return train_here(plan, root, quiet)
+            except UserError as e:  # text found wanting only once read (a one-line .jsonl): where the key was set
+                raise preflight.located(e, recipe, list(overrides)) from None
         sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda)
 
 

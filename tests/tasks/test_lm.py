@@ -411,7 +411,8 @@ def test_eval_on_other_text_keeps_the_runs_bpe(tmp_path):
     run_task = LMTask(cfg)
     eval_task = LMTask(cfg, data=str(other))
     assert eval_task.tokenizer.spec() == run_task.tokenizer.spec()
-    assert eval_task.eval_stream.size == eval_task.corpus.train.size + eval_task.corpus.val.size
+    assert np.array_equal(eval_task.eval_stream, run_task.tokenizer.encode_documents(
+        ["completely different words: zebra quartz", "xylophone jukebox"]))  # all of it, in order
     assert len(list((tmp_path / "cache" / "lm" / "tokenizers").glob("bpe-*.json"))) == 1
 
 

@@ -39,8 +39,11 @@ def test_what_a_section_reads(tmp_path, monkeypatch):
 
 def test_every_form_of_local_text(tmp_path):
     folder = write_txt(tmp_path / "text", make_docs(3))
-    for good in (folder, folder / "doc000.txt", f"{folder}/*.txt"):
+    for good in (folder, f"{folder}/*.txt", f"{folder}/doc00[01].txt"):
         LMTask.check_input("task.lm.data", str(good), WHERE)
+    # one .txt file is one document, which training cannot split: known without reading it
+    assert "one .txt file is one document; training needs at least 2 documents" in refused(str(folder / "doc000.txt"))
+    assert refused(f"{folder}/doc000.*").startswith(f"{WHERE}: {folder}/doc000.* (only doc000.txt): one .txt file")
     assert refused(str(tmp_path / "nope")).endswith("no such file or folder; point it at a .txt/.jsonl/.parquet "
                                                    "file, a folder of them or a glob")
     assert refused(f"{folder}/*.jsonl").endswith("matches no files")

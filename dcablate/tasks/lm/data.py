@@ -13,6 +13,11 @@ stored as a `.bin` file of uint16 (uint32 for vocabularies over 65535) under
 `cache_dir/lm/<key>/`, where `key` hashes the source files' contents, the tokenizer and the split
 settings. A second run with the same key memory-maps the files instead of tokenizing again; a changed
 file changes the key. Training sequences are windows of `seq_len + 1` tokens at stride `seq_len`.
+
+Text that is only scored (`dcablate eval --data`) is not split: `load_text` tokenizes all its documents, in
+source order, into one stream `all.bin`, cached the same way under a key without the split settings.
+
+Every message about the text starts with `where`, the setting that named it (`task.lm.data`, or `--data`).
 """
 
 from __future__ import annotations
@@ -78,13 +83,18 @@ def source_files(data: str, where: str = "task.lm.data") -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str = "text") -> list[str]:
+def read_documents(files: list[Path], text_field: str = "text", where: str = "task.lm.data") -> list[str]:
+    """The non-empty documents of `files`, in order; UserError starting with `where` when there are none."""
     docs: list[str] = []
     for f in files:
-        docs.extend(_read_file(f, text_field))
+        try:
+            docs.extend(_read_file(f, text_field))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
     docs = [d for d in docs if d]
     if not docs:
-        raise UserError(f"{files[0] if len(files) == 1 else str(len(files)) + ' files'}: empty corpus (no text)")
+        raise UserError(f"{where}: {files[0] if len(files) == 1 else str(len(files)) + ' files'}: "
+                        f"empty corpus (no text)")
     return docs
 
 
@@ -129,9 +139,16 @@ def _read_parquet(f: Path, text_field: str) -> list[str]:
     return [x for x in column if isinstance(x, str)]
 
 
-def load_hf(spec: str, text_field: str, cache_dir: Path | None = None):
+def load_hf(spec: str, text_field: str, cache_dir: Path | None = None, where: str = "task.lm.data"):
     """`hf:NAME[/CONFIG]` through `datasets`: NAME is a hub id (`owner/name`) or a local dataset folder or
     file; a third path part of a hub id is its config. Reads the dataset's `train` split."""
+    try:
+        return _load_hf(spec, text_field, cache_dir)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def _load_hf(spec: str, text_field: str, cache_dir: Path | None):
     try:
         import datasets
     except ImportError:
@@ -159,7 +176,7 @@ def load_hf(spec: str, text_field: str, cache_dir: Path | None = None):
     return ds
 
 
-def fingerprint(files: list[Path], text_field: str) -> str:
+def fingerprint(files: list[Path], text_field: str, where: str = "task.lm.data") -> str:
     """Content hash of the source: every file's bytes, in order, plus the field read."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}|{text_field}".encode())
     for f in files:
@@ -169,15 +186,20 @@ def fingerprint(files: list[Path], text_field: str) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
         except OSError as e:
-            raise UserError(f"{f}: cannot read: {e.strerror}") from None
+            raise UserError(f"{where}: {f}: cannot read: {e.strerror}") from None
     return h.hexdigest()
 
 
-def split_documents(docs: list[str], val_fraction: float, split_seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split by document: the documents with the smallest keyed hashes go to validation."""
+NEEDS_TWO = ("needs at least 2 documents to split into train and validation (split the text into several files, "
+             "or use .jsonl with one document per line)")
+
+
+def split_documents(docs: list[str], val_fraction: float, split_seed: int,
+                    where: str = "task.lm.data") -> tuple[list[str], list[str]]:
+    """Deterministic split by document: the documents with the smallest keyed hashes go to validation.
+    UserError starting with `where` (the setting that named the text) for fewer than 2 documents."""
     if len(docs) < 2:
-        raise UserError("task.lm.data: needs at least 2 documents to split into train and validation "
-                        "(split the text into several files, or use .jsonl with one document per line)")
+        raise UserError(f"{where}: {NEEDS_TWO}")
     n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
     keys = [hashlib.blake2b(d.encode("utf-8", "replace"), digest_size=8, key=str(split_seed).encode()).digest()
             for d in docs]
@@ -343,9 +365,28 @@ class Corpus:
     reused: bool
 
 
+@dataclass
+class Text:
+    """All of a text's documents, in source order and not split (`load_text`)."""
+
+    tokens: np.ndarray  # one flat token stream (memory-mapped), a separator before every document
+    tokenizer: object
+    directory: Path
+    reused: bool
+    documents: int
+    bytes: int  # UTF-8 bytes of the documents: what the tokens stand for
+
+
 def cache_key(source_hash: str, tokenizer_spec: str, cfg) -> str:
     blob = json.dumps({"v": FORMAT_VERSION, "source": source_hash, "tokenizer": tokenizer_spec,
                        "val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def text_key(source_hash: str, tokenizer_spec: str) -> str:
+    """The cache key of a text read whole: no split settings, so it differs from every `cache_key`."""
+    blob = json.dumps({"v": FORMAT_VERSION, "source": source_hash, "tokenizer": tokenizer_spec, "split": "none"},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -353,33 +394,56 @@ def _dtype(vocab_size: int):
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
-    """Tokenized train and validation streams of `cfg` (a task.lm section), from the cache or built.
-    `tokenizer`: use this one (a run's kept tokenizer) instead of the recipe's; `where` names the data's
-    setting in messages."""
+def _source(cfg, where: str):
+    """`(content hash, read)` of `cfg.data`; `read()` gives its non-empty documents in order."""
     if cfg.data.startswith("hf:"):
-        ds = load_hf(cfg.data[3:], cfg.text_field, default_cache_dir(cfg.cache_dir) / "hf")
+        ds = load_hf(cfg.data[3:], cfg.text_field, default_cache_dir(cfg.cache_dir) / "hf", where)
         source_hash = hashlib.sha256(f"hf|{ds._fingerprint}|{cfg.text_field}".encode()).hexdigest()
 
         def read():
             docs = [x for x in ds[cfg.text_field] if isinstance(x, str) and x]
             if not docs:
-                raise UserError(f"{cfg.data}: empty corpus (no text)")
+                raise UserError(f"{where}: {cfg.data}: empty corpus (no text)")
             return docs
-    else:
-        files = source_files(cfg.data, where)
-        source_hash = fingerprint(files, cfg.text_field)
-        read = lambda: read_documents(files, cfg.text_field)
+        return source_hash, read
+    files = source_files(cfg.data, where)
+    return fingerprint(files, cfg.text_field, where), lambda: read_documents(files, cfg.text_field, where)
+
+
+def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
+    """Tokenized train and validation streams of `cfg` (a task.lm section), from the cache or built.
+    `tokenizer`: use this one (a run's kept tokenizer) instead of the recipe's; `where` names the data's
+    setting in messages."""
+    source_hash, read = _source(cfg, where)
     root = default_cache_dir(cfg.cache_dir) / "lm"
     split_cache: list = []
 
     def splits():  # read and split the documents at most once, and only when something needs them
         if not split_cache:
-            split_cache.extend(split_documents(read(), cfg.val_fraction, cfg.split_seed))
+            split_cache.extend(split_documents(read(), cfg.val_fraction, cfg.split_seed, where))
         return split_cache
 
     with building(root, source_hash):  # processes (and a worker's threads) needing the same entry build it once
-        return _load_or_build(cfg, tokenizer, root, source_hash, splits)
+        tok = tokenizer if tokenizer is not None else build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
+        d = root / cache_key(source_hash, tok.spec(), cfg)
+        reused = _store(d, tok, cfg.data, lambda: dict(zip(("train", "val"), splits())))
+    dtype = np.dtype(json.loads((d / "meta.json").read_text())["dtype"])
+    return Corpus(np.memmap(d / "train.bin", dtype=dtype, mode="r"), np.memmap(d / "val.bin", dtype=dtype, mode="r"),
+                  tok, d, reused)
+
+
+def load_text(cfg, tokenizer, where: str = "--data") -> Text:
+    """All the documents of `cfg.data` (a task.lm section's source settings), in source order and not split, as
+    one token stream read with `tokenizer` (a run's): what `dcablate eval --data` scores, so a single document
+    is enough. Cached like the splits; `where` names the text's setting in messages."""
+    source_hash, read = _source(cfg, where)
+    root = default_cache_dir(cfg.cache_dir) / "lm"
+    with building(root, source_hash):
+        d = root / text_key(source_hash, tokenizer.spec())
+        reused = _store(d, tokenizer, cfg.data, lambda: {"all": read()})
+    meta = json.loads((d / "meta.json").read_text())
+    tokens = np.memmap(d / "all.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    return Text(tokens, tokenizer, d, reused, meta["documents"]["all"], meta["all_bytes"])
 
 
 @contextlib.contextmanager
@@ -402,40 +466,37 @@ def building(root: Path, source_hash: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _load_or_build(cfg, tokenizer, root: Path, source_hash: str, splits) -> Corpus:
-    tok = tokenizer if tokenizer is not None else build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
-    d = root / cache_key(source_hash, tok.spec(), cfg)
-    meta_path = d / "meta.json"
-    reused = meta_path.is_file()
-    if not reused:
-        train_docs, val_docs = splits()
+def _store(d: Path, tok, source: str, parts) -> bool:
+    """Cache entry `d`: a `<name>.bin` token stream per `{name: documents}` of `parts()` (called only when the
+    entry is not there yet) and `meta.json`, written in a temporary folder and renamed into place. Whether the
+    entry was there already."""
+    if (d / "meta.json").is_file():
+        return True
+    named = parts()
+    root = d.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    except OSError as e:
+        raise UserError(f"task.lm.cache_dir: cannot write {root}: {e.strerror}") from None
+    try:
+        meta = {"format": FORMAT_VERSION, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
+                "dtype": _dtype(tok.vocab_size).name, "source": source,
+                "documents": {name: len(docs) for name, docs in named.items()}}
+        for name, docs in named.items():
+            ids = tok.encode_documents(docs).astype(_dtype(tok.vocab_size), copy=False)
+            ids.tofile(tmp / f"{name}.bin")
+            meta[f"{name}_tokens"] = int(ids.size)
+            meta[f"{name}_bytes"] = sum(len(x.encode("utf-8", "replace")) for x in docs)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        except OSError as e:
-            raise UserError(f"task.lm.cache_dir: cannot write {root}: {e.strerror}") from None
-        try:
-            meta = {"format": FORMAT_VERSION, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
-                    "dtype": _dtype(tok.vocab_size).name, "source": cfg.data,
-                    "documents": {"train": len(train_docs), "val": len(val_docs)}}
-            for split, split_docs in (("train", train_docs), ("val", val_docs)):
-                ids = tok.encode_documents(split_docs).astype(_dtype(tok.vocab_size), copy=False)
-                ids.tofile(tmp / f"{split}.bin")
-                meta[f"{split}_tokens"] = int(ids.size)
-                meta[f"{split}_bytes"] = sum(len(x.encode("utf-8", "replace")) for x in split_docs)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            try:
-                os.replace(tmp, d)
-            except OSError:  # another process built the same entry first: use theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads(meta_path.read_text())
-    dtype = np.dtype(meta["dtype"])
-    train = np.memmap(d / "train.bin", dtype=dtype, mode="r")
-    val = np.memmap(d / "val.bin", dtype=dtype, mode="r")
-    return Corpus(train, val, tok, d, reused)
+            os.replace(tmp, d)
+        except OSError:  # another process built the same entry first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return False
 
 
 # ----------------------------------------------------------------------------------------- packing

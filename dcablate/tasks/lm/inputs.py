@@ -3,6 +3,8 @@
 
 The text is looked up as training would find it (`data.source_files`: the path exists, a folder holds text files,
 a glob matches, the suffixes are known) and every file and folder it covers must be readable; no text is read.
+A source that is one `.txt` file is one document, which training cannot split into train and validation: refused
+here, where the message can say where the key was set (other sources' document counts need their text read).
 An `hf:` source is loaded by `datasets`, from the hub or a local dataset, when the run starts: here only the
 library is looked for, since a hub id cannot be checked without the network.
 """
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 
 from dcablate.errors import UserError
-from dcablate.tasks.lm.data import read_tokenizer_file, source_files
+from dcablate.tasks.lm.data import NEEDS_TWO, read_tokenizer_file, source_files
 
 DATA, TOKENIZER_FILE = "task.lm.data", "task.lm.tokenizer_file"
 WHAT_TEXT = "a .txt/.jsonl/.parquet file, a folder of them or a glob"
@@ -55,6 +57,9 @@ def check_text(data: str, where: str) -> None:
     for f in files:
         if not os.access(f, os.R_OK):
             raise UserError(f"{where}: {f}: cannot read (permission denied); make the text readable by this user")
+    if len(files) == 1 and files[0].suffix == ".txt":
+        shown = data if str(files[0]) == data else f"{data} (only {files[0].name})"
+        raise UserError(f"{where}: {shown}: one .txt file is one document; training {NEEDS_TWO}")
 
 
 def _check_folders(root: Path, where: str) -> None:

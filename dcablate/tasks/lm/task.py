@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from dcablate.errors import UserError
 from dcablate.tasks import Task
 from dcablate.tasks.lm import inputs as lm_inputs
-from dcablate.tasks.lm.data import (BPETokenizer, Corpus, build_tokenizer, load_corpus, packed_batches,
-                                    read_tokenizer_file, tokenizer_vocab_size, windows)
+from dcablate.tasks.lm.data import (BPETokenizer, Corpus, Text, build_tokenizer, load_corpus, load_text,
+                                    packed_batches, read_tokenizer_file, tokenizer_vocab_size, windows)
 from dcablate.tasks.lm.spec import absolute_source
 
 KEPT_TOKENIZER = "tokenizer.json"  # a BPE run's tokenizer, kept in its run directory
@@ -32,7 +32,8 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
 
 class LMTask(Task):
     """Next-token prediction on a text corpus: `loss`, `perplexity` and `bpb` (bits per byte) on the
-    validation split (or on all of `data`).
+    validation split, or on all of `data` (`dcablate eval --data`: every document in order, not split, so one
+    document is enough; messages about it name `--data`).
 
     For training the text is read when the task is built; otherwise (`train=False`) the text and the
     tokenizer are read on first use, so sampling a byte-level run, or a BPE run that kept its tokenizer
@@ -44,6 +45,8 @@ class LMTask(Task):
         self.where = "task.lm.data"  # how messages name the setting of the text
         self._tokenizer = None
         self._corpus: Corpus | None = None
+        self._text: Text | None = None
+        self._scored: dict[str, int] = {}  # targets and bytes the last evaluation scored
         if train:  # a bad data source stops a run before it starts
             self.corpus
 
@@ -90,14 +93,18 @@ class LMTask(Task):
 
     @property
     def corpus(self) -> Corpus:
-        """The tokenized train and validation streams of the run's text, or of `data`."""
+        """The tokenized train and validation streams of the run's own text (`task.lm.data`)."""
         if self._corpus is None:
-            if self.data is None:
-                self._corpus = load_corpus(self.cfg, self._tokenizer, self.where)
-                self._tokenizer = self._corpus.tokenizer
-            else:
-                self._corpus = load_corpus(dataclasses.replace(self.cfg, data=self.data), self.tokenizer, "--data")
+            self._corpus = load_corpus(self.cfg, self._tokenizer, self.where)
+            self._tokenizer = self._corpus.tokenizer
         return self._corpus
+
+    @property
+    def text(self) -> Text:
+        """All of `data` (`eval --data`) as one token stream, read with the run's tokenizer."""
+        if self._text is None:
+            self._text = load_text(dataclasses.replace(self.cfg, data=self.data), self.tokenizer, "--data")
+        return self._text
 
     @property
     def token_bytes(self) -> torch.Tensor:
@@ -107,8 +114,7 @@ class LMTask(Task):
     @property
     def eval_stream(self) -> np.ndarray:
         """The evaluated token stream: the validation split, or all of `data` (`eval --data`)."""
-        c = self.corpus
-        return c.val if self.data is None else np.concatenate([c.train, c.val])
+        return self.corpus.val if self.data is None else self.text.tokens
 
     @property
     def vocab_size(self) -> int:
@@ -149,17 +155,28 @@ class LMTask(Task):
             w = w[: self.cfg.eval_sequences]
         return w
 
+    def eval_batches(self, batch_size: int):
+        """`[b, T + 1]` token arrays to score: batches of `val_windows`, T = seq_len. A stream shorter than one
+        window is one shorter sequence; with `data` (all of a text) the tokens after the last full window are
+        one more, so every token but the first is a target once."""
+        stream, w = self.eval_stream, self.val_windows()
+        if w.shape[0] == 0:
+            yield np.asarray(stream)[None, :]
+            return
+        for i in range(0, w.shape[0], batch_size):
+            yield w[i:i + batch_size]
+        rest = stream[w.shape[0] * self.cfg.seq_len:]  # starts at the last window's last target
+        if self.data is not None and w.shape[0] == windows(stream, self.cfg.seq_len).shape[0] and rest.size > 1:
+            yield np.asarray(rest)[None, :]
+
     @torch.no_grad()
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        w = self.val_windows()
-        if w.shape[0] == 0:  # validation shorter than one window: score it as one shorter sequence
-            w = np.asarray(self.eval_stream)[None, :]
         token_bytes = self.token_bytes
         nats, n_tokens, n_bytes = 0.0, 0, 0
-        for i in range(0, w.shape[0], batch_size):
-            t = torch.from_numpy(w[i:i + batch_size].astype(np.int64))
+        for batch in self.eval_batches(batch_size):
+            t = torch.from_numpy(batch.astype(np.int64))
             x, y = t[:, :-1].to(device), t[:, 1:].to(device)
             with autocast():
                 logits = model(x)
@@ -167,11 +184,13 @@ class LMTask(Task):
             n_tokens += y.numel()
             n_bytes += int(token_bytes[y.cpu()].sum())
         model.train(was_training)
+        self._scored = {"tokens": n_tokens, "bytes": n_bytes}
         loss = nats / max(n_tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
 
     def eval_record(self) -> dict:
-        return {"data": self.data or self.cfg.data}
+        """The text evaluated and, after `evaluate`, the targets and UTF-8 bytes it scored."""
+        return {"data": self.data or self.cfg.data, **({"scored": self._scored} if self._scored else {})}
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.3f}   bits/byte {metrics['bpb']:.4f}"
