@@ -663,6 +663,11 @@ def main(argv=None) -> int:
         click.echo(e.ctx.get_help())
         return 0
     except click.UsageError as e:
+        spaced = config.spaced_set(sys.argv[1:] if argv is None else list(argv)) \
+            if "unexpected extra argument" in e.format_message() else None
+        if spaced is not None:  # `--set KEY VALUE`: click reads VALUE as an extra argument
+            click.echo(f"error: {spaced}", err=True)
+            return 2
         hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
         click.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
         return 2

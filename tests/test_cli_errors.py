@@ -209,6 +209,9 @@ CASES = [
     bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
     bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),
     bad_set("set-sweep-not-a-table", ["sweep=3"], "--set: sweep: must be a table"),
+    Case("set-with-a-space", ["run", "r.toml", *DRY, "--set", "train.lr", "3e-3"],
+         ("--set train.lr 3e-3: expected KEY=VALUE as one argument, without spaces: --set train.lr=3e-3",),
+         files={"r.toml": OK}),
     Case("set-a-swept-key", ["run", "r.toml", *DRY, "--set", "model.d_model=48"],
          ("--set model.d_model=48: model.d_model is swept ([sweep] in ", "r.toml: [32, 64])",
           "--set 'sweep.model.d_model=[...]'"), files={"r.toml": OK + '[sweep]\n"model.d_model" = [32, 64]\n'}),
@@ -488,4 +491,4 @@ def test_a_sweep_point_error_names_the_key_the_user_set(tmp_path, monkeypatch, c
     assert main(["run", "r.toml", "--dry-run", "--set", "model.d_model=30"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --set: model.d_model: RoPE needs an even head dim, got 15")
-    assert "(with sweep.model.conv.kind = 'none')" in err
+    assert "(with " not in err  # every point fails alike: no point is named

@@ -2,9 +2,9 @@
 
 The recipe is the single source of truth for a run: everything that changes results lives in it.
 `schema.py` holds the core sections and assembles the components' sections from the registries,
-`loading.py` reads files, `extends` and `--set` overrides and checks them, `sweep.py` expands a `[sweep]`
-into its grid, `toml_out.py` writes a resolved recipe back. `docs/recipes.md` documents each key; a test
-keeps the two in step.
+`loading.py` reads files, `extends` and `--set` overrides (parsed in `overrides.py`) and checks them,
+`sweep.py` expands a `[sweep]` into its grid, `toml_out.py` writes a resolved recipe back.
+`docs/recipes.md` documents each key; a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dcablate.config.fields import option, section
 from dcablate.config.loading import (build, check_sweep, completed, expand, find_recipe, flatten, load, load_raw,
                                   parse_override, shipped_recipes)
+from dcablate.config.overrides import spaced_set
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import ZIP_KEY, sweep_axes
 from dcablate.config.toml_out import dumps_toml
@@ -26,4 +27,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "expand", "find_recipe", "flatten", "load",
-           "load_raw", "option", "parse_override", "section", "shipped_recipes", "sweep_axes"]
+           "load_raw", "option", "parse_override", "section", "shipped_recipes", "spaced_set", "sweep_axes"]

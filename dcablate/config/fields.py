@@ -6,6 +6,7 @@ dataclass of these fields; `docs/recipes.md` documents every one (a test keeps t
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import field
 
 
@@ -31,4 +32,8 @@ def describe_value(value) -> str:
         return "a table"
     if isinstance(value, list):
         return "a list" if value else "an empty list"
+    if isinstance(value, (datetime.date, datetime.time)):  # an unquoted 2024-01-01 or 10:00:00 is a TOML date
+        kind = "date-time" if isinstance(value, datetime.datetime) else \
+            "date" if isinstance(value, datetime.date) else "time"
+        return f"a TOML {kind} {value.isoformat()}"
     return f"{type(value).__name__} {value!r}"

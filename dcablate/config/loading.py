@@ -1,9 +1,9 @@
 """Loading a recipe: TOML files, `extends`, `--set` overrides, typing against the schema, checks.
 
 Loading resolves `extends` (deep merge, paths relative to the extending file, cycles rejected), applies
-`--set key=value` overrides (values parsed as TOML, a bare word read as a string), checks every key
-against the schema (`schema.py`) and reports the first problem as one line naming the file (or `--set`)
-and the dotted key path. Checks that span keys come from the core here and from each registered
+`--set key=value` overrides (parsed in `overrides.py`: values as TOML, a bare word read as a string),
+checks every key against the schema (`schema.py`) and reports the first problem as one line naming the
+file (or `--set`) and the dotted key path. Checks that span keys come from the core here and from each registered
 component's spec. A field whose metadata has a `resolve` function gets its checked value through it
 (the LM task makes its paths absolute, so a run's saved recipe works from any directory).
 """
@@ -18,12 +18,13 @@ import tomllib
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from dcablate.config import schema
 from dcablate.config.schema import conv_streams
-from dcablate.config.sweep import BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, grid, sweep_axes
+from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, clashing_keys,
+                                   grid, sweep_axes)
 from dcablate.config.fields import describe_value
+from dcablate.config.overrides import parse_override, quote_hint, typed_key
 from dcablate.errors import RecipeError, UserError, did_you_mean
 from dcablate.models.channel import CHANNELS
 from dcablate.models.mixers import MIXERS
@@ -123,22 +124,6 @@ def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict:
     return _merge(base, data, origins, str(path))
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", value); the value is TOML, a bare word is a string."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=3e-3")
-    raw = raw.strip()
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        if any(ch in raw for ch in "[]{}\"'=") or not raw:
-            raise UserError(f"--set {text}: value is not valid TOML") from None
-        value = raw
-    return key, value
-
-
 def _set_path(data: dict, dotted: str, value, origins: dict, source: str) -> None:
     node = data
     parts = dotted.split(".")
@@ -164,6 +149,9 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value, origins, "--set")
+        for old in [k for k in origins if isinstance(k, tuple) and (k[1] == key or k[1].startswith(f"{key}."))]:
+            del origins[old]  # a later --set of the key or a table above it replaced what was typed for it
+        origins[typed_key(key)] = text.partition("=")[2].strip()
         set_keys.append((key, text))
     if isinstance(data.get("sweep"), dict):
         data["sweep"] = flatten(data["sweep"])
@@ -201,9 +189,12 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     if not base.sweep:
         return base, [("", base)]
     points, seen = [], {}
+    blamed = clashing_keys(base.sweep) or [key for key in base.sweep if key not in RESERVED]
+    sources = {_src(origins, f"sweep.{key}", str(path.resolve())) for key in blamed}
+    where = sources.pop() if len(sources) == 1 else str(path.resolve())  # the file (or --set) of those axes
     for name, pairs in grid(base.sweep):
         if name in seen:  # two points would share one run directory
-            raise RecipeError(str(path), "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
+            raise RecipeError(where, "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
                               f"(the same values); make each point's swept values differ")
         seen[name] = len(points)
         point = copy.deepcopy(data)
@@ -225,8 +216,9 @@ def build(data: dict, origins: dict | None = None, default_source: str = "<recip
     origins = origins or {}
     recipe = _build_dataclass(schema.Recipe, data, "", origins, default_source)
     _fit_warmup(recipe, origins, default_source)
-    check_sweep(recipe, data, origins, default_source)
+    # the recipe's own contradictions first: one that every sweep point shares is then named without a point
     _check_consistency(recipe, origins, default_source)
+    check_sweep(recipe, data, origins, default_source)
     return recipe
 
 
@@ -290,8 +282,13 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         return [_coerce(tp, v, single, f"{path}[{i}]", origins, default) for i, v in enumerate(value)]
     ok = (isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))) or (
         tp is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok and tp is str and f.metadata.get("choices"):
+        raise RecipeError(src, path, f"must be one of {'|'.join(f.metadata['choices'])}, got {describe_value(value)}")
     if not ok:
-        raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {describe_value(value)}")
+        hint = ""
+        if tp is str and not isinstance(value, (list, dict)):  # a name typed as a number, date or boolean
+            hint = quote_hint(path, value, origins.get(typed_key(path)) if src == "--set" else None)
+        raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {describe_value(value)}{hint}")
     if tp is float:
         value = float(value)
         if not math.isfinite(value):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 from dcablate.config.fields import describe_value
+from dcablate.config.toml_out import toml_value
 from dcablate.errors import RecipeError, did_you_mean
 
 ZIP_KEY = "zip"  # [sweep] zip = [["train.lr", "model.d_model"]]: those keys advance together
@@ -83,10 +84,12 @@ def check_best_lr_seeds(sweep: dict, base_seed: int, where: str) -> None:
         return
     seeds = sweep[BEST_LR_SEEDS_KEY]
     path = f"sweep.{BEST_LR_SEEDS_KEY}"
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                            for x in seeds):
-        raise RecipeError(where, path, f"must be a non-empty list of seeds (integers >= 0), e.g. [1, 2], got "
-                          f"{describe_value(seeds)}")
+    wanted = "must be a non-empty list of seeds (integers >= 0), e.g. [1, 2]"
+    if not isinstance(seeds, list) or not seeds:
+        raise RecipeError(where, path, f"{wanted}, got {describe_value(seeds)}")
+    for i, x in enumerate(seeds):
+        if not (isinstance(x, int) and not isinstance(x, bool) and x >= 0):
+            raise RecipeError(where, path, f"{wanted}; element {i} is {_describe_seed(x)}")
     if len(set(seeds)) != len(seeds):
         raise RecipeError(where, path, f"lists a seed twice: {seeds}")
     if LR_KEY not in sweep:
@@ -97,6 +100,27 @@ def check_best_lr_seeds(sweep: dict, base_seed: int, where: str) -> None:
     if clash:
         raise RecipeError(where, path, f"seed {clash[0]} is already a seed of the grid ({SEED_KEY} = "
                           f"{grid_seeds if SEED_KEY in sweep else base_seed}); list only new seeds")
+
+
+def _describe_seed(x) -> str:
+    """What a bad element of `sweep.best_lr_seeds` is, with the fix when it is a number in quotes."""
+    if isinstance(x, str):
+        fix = f" (write {x.strip()}, without quotes)" if x.strip().isdigit() else ""
+        return f"the string {toml_value(x)}{fix}"
+    if isinstance(x, int) and not isinstance(x, bool):
+        return f"{x}, below 0"
+    return describe_value(x)
+
+
+def clashing_keys(sweep: dict) -> list[str]:
+    """The swept keys of every axis with two values that name a point alike (`[64, 64]`, `[1, "1"]`): the
+    axes to blame when two grid points get one name."""
+    keys_out = []
+    for keys, values in sweep_axes(sweep):
+        names = [tuple(part for k, v in zip(keys, vals) for part in name_parts(k, v)) for vals in values]
+        if len(set(names)) < len(names):
+            keys_out += keys
+    return keys_out
 
 
 def grid(sweep: dict) -> list[tuple[str, list[tuple[str, object]]]]:
