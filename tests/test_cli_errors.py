@@ -492,3 +492,18 @@ def test_a_sweep_point_error_names_the_key_the_user_set(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("error: --set: model.d_model: RoPE needs an even head dim, got 15")
     assert "(with " not in err  # every point fails alike: no point is named
+
+
+def test_a_sweep_value_that_clashes_with_an_extended_recipe_is_blamed_on_the_axis(tmp_path, monkeypatch, capsys):
+    """A swept value that clashes with a key of a recipe the user's file extends (or with the named recipe, when
+    the axis comes from --set) is blamed where the user set the axis, naming the other key and its file."""
+    from dcablate.config.loading import shipped_recipes
+
+    (tmp_path / "s.toml").write_text('extends = "quickstart"\n[sweep]\n"task.mqar.vocab_size" = [256, 6]\n')
+    monkeypatch.chdir(tmp_path)
+    tail = (f"sweep.task.mqar.vocab_size: value 6: clashes with task.mqar.train[0].num_kv_pairs (from "
+            f"{shipped_recipes()['quickstart']}): needs fewer than vocab_size/2 = 3 distinct keys\n")
+    assert main(["run", "s.toml", "--dry-run"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 's.toml'}: {tail}"
+    assert main(["run", "quickstart", "--dry-run", "--set", "sweep.task.mqar.vocab_size=[256, 6]"]) == 2
+    assert capsys.readouterr().err == f"error: --set: {tail}"

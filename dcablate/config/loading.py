@@ -453,4 +453,9 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
                                       f"table)") from None
                 if e.source == swept:  # the swept value itself is at fault
                     raise RecipeError(where, path, f"{what}: {e.message}") from None
+                if e.source != "--set" and (e.source != src or where == "--set"):  # the clashing key comes from a
+                    # recipe this one extends (which the user may never have opened), or the axis is the user's
+                    # latest word (--set): the error goes where the axis was set
+                    raise RecipeError(where, path, f"{what}: clashes with {e.key} (from {e.source}): "
+                                      f"{e.message}") from None
                 raise RecipeError(e.source, e.key, f"{e.message} (with {path} = {what.split(' ', 1)[1]})") from None
