@@ -204,6 +204,11 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         for r, run_dir, why in refused:
             click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")
+        if len(points) > 1:
+            states = [p[3] for p in plan]
+            counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")
+                      if k in states] + ([f"{len(refused)} refused"] if refused else [])
+            click.echo(f"{len(points)} runs: {', '.join(counts)}")
         if refused:
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")

@@ -24,7 +24,8 @@ class SweepProgress:
             self.walls.append(wall_s)
 
     def status(self) -> str:
-        """`sweep 3/8, 0:04:10 elapsed, eta 0:06:57` (the ETA once a run has finished)."""
+        """`trained 3 of 8, 0:04:10 elapsed, eta 0:06:57`: runs ended of those this command trains (a rerun skips
+        finished ones, so the count differs from the points' numbering); the ETA once a run has finished."""
         elapsed = time.time() - self.started
         left = self.total - self.done
         if not self.done:
@@ -33,7 +34,7 @@ class SweepProgress:
             eta = clock(sum(self.walls) / len(self.walls) * left / min(self.at_once, self.total))
         else:
             eta = clock(elapsed / self.done * left)
-        return f"sweep {self.done}/{self.total}, {clock(elapsed)} elapsed, eta {eta}"
+        return f"trained {self.done} of {self.total}, {clock(elapsed)} elapsed, eta {eta}"
 
     def heading(self, index: int, count: int, name: str) -> str:
         """The line before point `index` (0-based) of `count` in an in-process sweep: `[2/4] NAME` and, once a

@@ -104,7 +104,7 @@ def test_a_worker_serves_several_runs(sweep, capsys):
     Each finished run's line shows the sweep's progress and ETA; each worker.log holds plain progress lines."""
     assert main(["run", "w.toml", "--workers", "2", "--set", "log.progress=true"]) == 0
     out = capsys.readouterr().out
-    status = re.findall(r"^\[(\d)/4\] .*  \[sweep (\d)/4, \d:\d\d:\d\d elapsed, eta \d:\d\d:\d\d\]$", out, flags=re.M)
+    status = re.findall(r"^\[(\d)/4\] .*  \[trained (\d) of 4, \d:\d\d:\d\d elapsed, eta \d:\d\d:\d\d\]$", out, flags=re.M)
     assert status == [(str(k), str(k)) for k in range(1, 5)], out
     root = sweep / "out" / "w"
     for n in NAMES:
@@ -228,8 +228,8 @@ def test_sweep_progress():
     assert progress.heading(0, 5, "a") == "[1/5] a"
     progress.started -= 60
     progress.finished()
-    assert progress.status() == "sweep 1/4, 0:01:00 elapsed, eta 0:03:00"
-    assert progress.heading(1, 5, "b") == "[2/5] b  [sweep 1/4, 0:01:00 elapsed, eta 0:03:00]"
+    assert progress.status() == "trained 1 of 4, 0:01:00 elapsed, eta 0:03:00"
+    assert progress.heading(1, 5, "b") == "[2/5] b  [trained 1 of 4, 0:01:00 elapsed, eta 0:03:00]"
 
 
 def test_sweep_progress_with_runs_side_by_side():
@@ -241,11 +241,11 @@ def test_sweep_progress_with_runs_side_by_side():
     progress = SweepProgress(80, at_once=8)
     progress.started -= 73
     progress.finished(72.8)
-    assert progress.status() == "sweep 1/80, 0:01:13 elapsed, eta 0:11:59"  # 72.8 x 79 / 8 = 719 s
+    assert progress.status() == "trained 1 of 80, 0:01:13 elapsed, eta 0:11:59"  # 72.8 x 79 / 8 = 719 s
     for _ in range(7):
         progress.finished(74.0)
     progress.started -= 7  # 80 s in, 8 runs done: 10 s per run from here
-    assert progress.status() == "sweep 8/80, 0:01:20 elapsed, eta 0:12:00"
+    assert progress.status() == "trained 8 of 80, 0:01:20 elapsed, eta 0:12:00"
 
 
 @pytest.mark.parametrize("flags, fragment", [
