@@ -208,7 +208,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
             states = [p[3] for p in plan]
             counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")
                       if k in states] + ([f"{len(refused)} refused"] if refused else [])
-            click.echo(f"{len(points)} runs: {', '.join(counts)}")
+            click.echo(f"{len(points)} runs: {', '.join(counts)}", err=True)  # stdout: a line per point
         if refused:
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")

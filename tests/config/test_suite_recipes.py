@@ -24,8 +24,10 @@ VARIANTS = {("none", "qkv"), ("static", "qkv"), ("dynamic", "qkv"), ("dynamic", 
 @pytest.mark.parametrize("name", SUITES)
 def test_dry_run_lists_every_point(name, capsys):
     assert main(["run", name, "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
     assert len(lines) == 400 and all("(recipe " in line for line in lines)
+    assert captured.err.splitlines()[-1] == "400 runs: 400 new"
     assert max(len(Path(line.split()[0]).name) for line in lines) < 255  # a run directory's name must fit
 
 

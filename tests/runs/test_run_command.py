@@ -26,12 +26,12 @@ def test_a_changed_recipe_is_listed_as_refused_and_the_dry_run_fails(tmp_path, c
     for name in ("conv.kind=none", "conv.kind=static"):
         assert (f"{tmp_path / 't' / name}  (recipe " in captured.out and "refused: recipe changed since this run "
                 "started (train.steps: 6 -> 8); a run is not trained on past" in captured.out)
-    assert captured.out.endswith("2 runs: 2 refused\n")
+    assert "2 runs: 2 refused\n" in captured.err
     assert captured.err.strip().splitlines()[-1] == \
         "error: 2 of 2 runs would be refused (listed above); nothing was written"
     assert main(["run", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("  finished") == 2 and out.endswith("2 runs: 2 finished\n")
+    captured = capsys.readouterr()
+    assert captured.out.count("  finished") == 2 and captured.err == "2 runs: 2 finished\n"
 
 
 def test_force_new_in_a_dry_run_says_where_it_would_write_and_writes_nothing(tmp_path, capsys):
