@@ -523,12 +523,15 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
 @click.option("--target", "targets", type=float, multiple=True, metavar="X",
               help="A headline-metric value for the sample-efficiency columns (repeatable; default 0.5, 0.9 and "
                    "0.99 for accuracy, none for bits per byte).")
-def report(directory, targets):
+@click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Write the report's files into DIR (created if missing) instead of DIRECTORY.")
+def report(directory, targets, out):
     """Tables (report.md; report.csv for MQAR/LM runs, suite.csv for the task suite) and PNG figures over every run
-    below DIRECTORY, written into it."""
+    below DIRECTORY, written into it (or --out DIR). A rerun replaces the files an earlier report wrote, never a
+    file it did not write or one edited since."""
     from dcablate.runs.report import write_report
 
-    files = write_report(directory, targets=targets or None)
+    files = write_report(directory, targets=targets or None, out=out)
     for path in files.values():
         click.echo(f"wrote {path}")
 

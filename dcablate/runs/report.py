@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
 import json
 import math
 import statistics
@@ -28,7 +27,7 @@ from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
-from dcablate.runs import efficiency, suite, variants
+from dcablate.runs import efficiency, report_files, suite, variants
 from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
@@ -148,7 +147,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         kept = runs[first]
         if kept.summary is None and run.summary is not None:  # the finished one counts
             runs[first], run, kept = run, kept, run
-        bad.append((run.path, f"the same run as `{kept.path.relative_to(root)}` (equal recipes but for run.name "
+        bad.append((run.path, f"the same run as `{shown(kept.path, root)}` (equal recipes but for run.name "
                               f"and run.out_dir); counted once"))
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
@@ -229,57 +228,88 @@ def _md_table(header: list[str], rows: list[list]) -> list[str]:
     return lines + [""]
 
 
-def write_report(root: Path, targets: tuple[float, ...] | None = None) -> dict[str, Path]:
+def shown(path: Path, root: Path) -> str:
+    """How report.md names a run directory: its path below `root`, or `root` as given when it is the run."""
+    rel = path.relative_to(root)
+    return str(root) if rel == Path(".") else str(rel)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def write_report(root: Path, targets: tuple[float, ...] | None = None, out: Path | None = None) -> dict[str, Path]:
     """Write report.md, report.csv (when there are MQAR or LM runs), suite.csv (suite runs) and the PNG figures
-    into `root`; returns the written files by kind. `targets`: the values of the headline metric whose first
-    reaching the tables give (default: 0.5, 0.9 and 0.99 for accuracy, none for bits per byte)."""
+    over the runs below `root` into `out` (default `root`); returns the written files by kind. `targets`: the
+    values of the headline metric whose first reaching the tables give (default: 0.5, 0.9 and 0.99 for accuracy,
+    none for bits per byte). The report replaces only files it wrote itself and that are unchanged since
+    (`report_files`); any other file in its way is a UserError before anything is written."""
+    root = Path(root)
     try:
-        return _write_report(Path(root), None if targets is None else tuple(targets))
+        return _write_report(root, root if out is None else Path(out), None if targets is None else tuple(targets))
     except OSError as e:
         if e.errno is None:
             raise
         raise UserError(f"{e.filename or root}: cannot write the report: {e.strerror}") from None
 
 
-def _write_report(root: Path, asked: tuple[float, ...] | None) -> dict[str, Path]:
+def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dict[str, Path]:
     runs, bad = find_runs(root)
     by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names() if not suite.is_suite_task(task)}
-    unfinished = [r for r in runs if r.summary is None]
-    out = {"md": root / "report.md"}
-    lines = [f"# Report: {root}", "",
-             f"{len(runs) - len(unfinished)} finished runs, {len(unfinished)} unfinished"
-             + (f", {len(bad)} skipped" if bad else "") + ".", ""]
-
     tasks = {task: (metric_of(task), aggregate(rs), segments_of(rs, metric_of(task)))
              for task, rs in by_task.items() if rs}
     targets = {task: efficiency.targets_for(metric, asked) for task, (metric, _, _) in tasks.items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    folder = report_files.Folder(out, {"report.csv": CSV_KEY_COLUMNS, "suite.csv": tuple(suite.CSV_COLUMNS)})
+    # the files whose names are known before the figures are drawn: refused before the slow part
+    has_suite = any(suite.is_suite_task(r.task) and r.summary is not None for r in runs)
+    folder.refuse_foreign(["report.md", *(["report.csv"] if tasks else []), *(["suite.csv"] if has_suite else [])])
+    with report_files.staging(out) as stage:
+        written = _write_files(root, stage, runs, bad, tasks, targets, folder)
+        # a report.csv of an earlier report goes when this one has no rows for it; one of the user's stays
+        folder.publish(stage, remove=[] if "csv" in written or not folder.is_own("report.csv") else ["report.csv"])
+    return {kind: out / path.name for kind, path in written.items()}
+
+
+def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dict, targets: dict,
+                 folder: report_files.Folder) -> dict[str, Path]:
+    """Every file of the report over the runs below `root`, written into `stage`, by kind."""
+    unfinished = [r for r in runs if r.summary is None]
+    finished = len(runs) - len(unfinished)
+    files = {"md": stage / "report.md"}
+    lines = [report_files.MARKER, f"# Report: {root}", "",
+             f"{_count(finished, 'finished run')}, {len(unfinished)} unfinished"
+             + (f", {len(bad)} skipped" if bad else "") + ".", ""]
+    if not finished and unfinished:
+        lines += ["No run has finished yet: the tables and figures come with the runs' `summary.json`.", ""]
     if tasks:
-        out["csv"] = _write_csv(root / "report.csv", *_csv_rows(tasks, targets))
-    csv_note = [] if tasks else _no_csv(root / "report.csv")
-    suite_lines, suite_files = suite.suite_section(root, runs)  # the suite's tasks have their own analysis
+        files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
+    csv_note = [] if tasks else _no_csv(folder)
+    suite_lines, suite_files = suite.suite_section(stage, runs)  # the suite's tasks have their own analysis
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
-        figures = _figures(root, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
-        out.update(figures)
+        figures = _figures(stage, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
+        files.update(figures)
         lines += _section(task, table, segs, metric, figures, titled=len(tasks) + bool(suite_lines) > 1,
                           targets=targets[task])
-        compute_lines, compute_figures = compute_section(root, table, prefix="" if task == "mqar" else f"{task}_")
+        compute_lines, compute_figures = compute_section(stage, table, prefix="" if task == "mqar" else f"{task}_")
         lines += compute_lines
-        out.update(compute_figures)
+        files.update(compute_figures)
     lines += suite_lines
-    out.update(suite_files)
+    files.update(suite_files)
     lines += csv_note
 
     lines += _software(runs)
     if unfinished:
-        lines += ["## Unfinished (no summary.json)", ""] + [f"- `{r.path.relative_to(root)}`" for r in unfinished]
+        lines += ["## Unfinished (no summary.json)", ""] + [f"- `{shown(r.path, root)}`" for r in unfinished]
         lines += [""]
     if bad:
-        lines += ["## Skipped", ""] + [f"- `{p.relative_to(root)}`: {why}" for p, why in bad] + [""]
+        lines += ["## Skipped", ""] + [f"- `{shown(p, root)}`: {why}" for p, why in bad] + [""]
     lines += ["TensorBoard: `tensorboard --logdir " + str(root) + "` compares the runs' final metrics in the "
               "HPARAMS tab.", ""]
-    out["md"].write_text("\n".join(lines))
-    return out
+    files["md"].write_text("\n".join(lines))
+    return files
 
 
 CSV_KEY_COLUMNS = ("task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds")
@@ -323,20 +353,14 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def _no_csv(path: Path) -> list[str]:
+def _no_csv(folder: report_files.Folder) -> list[str]:
     """A tree without MQAR or LM runs (the suite's alone) has no rows for report.csv, which is not written: a bare
-    header must not pass for a result (the suite's numbers are in suite.csv). A header-only report.csv that an
-    earlier report wrote (its header starts with `CSV_KEY_COLUMNS`) holds nothing and is removed; any other file
-    of that name, maybe the user's, is kept, and report.md says it is not this report's. Returns report.md's
-    lines about it."""
-    if not path.is_file():
+    header must not pass for a result (the suite's numbers are in suite.csv). A report.csv that an earlier report
+    wrote is removed (`Folder.publish`); any other file of that name, maybe the user's, is kept, and report.md says
+    it is not this report's. Returns report.md's lines about it."""
+    if folder.is_own("report.csv"):
         return []
-    with open(path, newline="", errors="replace") as f:
-        head = list(itertools.islice(csv.reader(f), 2))
-    if len(head) == 1 and head[0][:len(CSV_KEY_COLUMNS)] == list(CSV_KEY_COLUMNS):  # our own empty table
-        path.unlink()
-        return []
-    return [f"`{path.name}` in this folder is not this report's and was left as it was: this report has no MQAR "
+    return ["`report.csv` in this folder is not this report's and was left as it was: this report has no MQAR "
             "or LM runs to tabulate.", ""]
 
 
@@ -352,7 +376,7 @@ def _software(runs: list[Run]) -> list[str]:
                  + (f" (compute capability {v['gpu_capability']})" if v.get("gpu_capability") else "")] += 1
     if not seen:
         return []
-    return ["## Software", ""] + [f"- {line}: {n} runs" for line, n in seen.items()] + [""]
+    return ["## Software", ""] + [f"- {line}: {_count(n, 'run')}" for line, n in seen.items()] + [""]
 
 
 def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool,

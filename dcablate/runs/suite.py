@@ -222,8 +222,9 @@ def multiplier_of(variant: tuple, multipliers: dict[tuple, float]) -> float | No
 # ----------------------------------------------------------------------------------------- the report section
 
 
-def suite_section(root: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
-    """Markdown lines and files (`suite.csv`, figures) of the suite runs among `runs` ([] and {} when none)."""
+def suite_section(out: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
+    """Markdown lines and files (`suite.csv`, figures; written into the folder `out`) of the suite runs among
+    `runs` ([] and {} when none)."""
     suite_runs = collect(runs)
     if not suite_runs:
         return [], {}
@@ -269,13 +270,13 @@ def suite_section(root: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
                                            else f" ({len(s.best[task])}/{len(settings)} settings)") for s in have)])
         lines += _md_table(["setting", *(variant_label(s.variant) for s in have)], body)
 
-    files = {"suite_csv": _write_csv(root / "suite.csv", table, labels)}
-    files["suite_scores"] = _bars(root / "suite_scores.png", table, tasks)
+    files = {"suite_csv": _write_csv(out / "suite.csv", table, labels)}
+    files["suite_scores"] = _bars(out / "suite_scores.png", table, tasks)
     lines += ["## Figures", "", "![suite scores](suite_scores.png)", ""]
     points = [(s, multiplier_of(s.variant, multipliers)) for s in table]
     points = [(s, m) for s, m in points if m is not None]
     if points:
-        files["suite_vs_compute"] = _versus_compute(root / "suite_vs_compute_multiplier.png", points)
+        files["suite_vs_compute"] = _versus_compute(out / "suite_vs_compute_multiplier.png", points)
         lines += ["Suite score against the compute multiplier of the same variant on the LM ladders in this tree "
                   "(the compute section's fit):", "", "![suite score vs compute multiplier]"
                   "(suite_vs_compute_multiplier.png)", ""]
