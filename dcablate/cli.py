@@ -60,12 +60,13 @@ def cli():
               help="Where a sweep's runs train: worker processes on this machine, Ray actors (--address), or a "
                    "Slurm job array (docs/sweeps.md).")
 @click.option("--per-gpu", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Sweeps: train N runs at a time on each GPU, each in its own worker (default: from the GPU's "
-                   "memory and the CPU cores, at most 8). On CPU: N worker processes.")
+              help="GPU sweeps: train N runs at a time on each GPU, each in its own worker (default: from the "
+                   "GPU's memory and the CPU cores, at most 8). On a CPU-only sweep it means what --workers N does.")
 @click.option("--gpus", default=None, metavar="0,1,...",
               help="Sweeps: the GPUs to spread runs over (indices as CUDA numbers them; default: all visible).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU sweeps: train N runs at a time in worker processes (default: one per 4 cores).")
+              help="CPU sweeps: train N runs at a time in worker processes (default: one per 4 cores; on a CPU-only "
+                   "sweep --per-gpu N is the same).")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
               help="Train each run data-parallel over N processes (one per GPU) through torchrun; "
                    "train.parallel picks DDP or FSDP2 (docs/distributed.md).")
