@@ -6,7 +6,8 @@ graph capture machinery, the CUDA caching allocators, Triton's autotuners (an au
 arguments of its current call on the shared kernel object) and dcablate's own launch picks. None of these is
 made for several callers at once, so the runs take turns: a run's thread holds the process's turn
 (`Turns`) for all its work, and hands it on at the end of each training step (`pass_turn`) and while it
-waits for its GPU work (`waiting`). At any moment one thread issues CUDA work; the GPU still runs the
+waits for its GPU work (`waiting`), but never inside a block that must not be interleaved with other runs
+(`one_at_a_time`: building a run seeds the process's generators and then draws its weights from them). At any moment one thread issues CUDA work; the GPU still runs the
 runs side by side, because each run issues its work on a CUDA stream of its own (`own_stream`) and a
 captured step's replay returns as soon as it is queued. That is what stepping K models round-robin from one
 thread does (`benchmarks/stream_packing.py`), with a thread per run to keep each run's loop as it is alone.
@@ -68,8 +69,8 @@ class Turns:
         return len(self._queue)
 
     def pass_turn(self) -> None:
-        """The holder lets every thread now waiting have its turn, then takes its own back at the same depth;
-        nothing when none waits or the caller does not hold the turn."""
+        """The holder lets every thread now waiting have its turn, then takes its own back; nothing when none
+        waits, when the caller does not hold the turn, or holds it more than once (see `handed_back`)."""
         if not self.held() or not self._queue:
             return
         with self.handed_back():
@@ -77,14 +78,16 @@ class Turns:
 
     @contextlib.contextmanager
     def handed_back(self):
-        """Inside the block the caller does not hold the turn (at whatever depth it held it); after it, it does
-        again, behind the threads that asked meanwhile. A caller without the turn runs the block as it is."""
+        """Inside the block the caller does not hold the turn; after it, it does again, behind the threads that
+        asked meanwhile. Only a turn held once is handed back: a caller inside a nested hold (a block that must
+        not be interleaved with other runs, `one_at_a_time`) keeps it, and so does the block; a caller without
+        the turn runs the block as it is."""
         me = threading.get_ident()
         with self._changed:
-            if self._owner != me:
+            if self._owner != me or self._depth != 1:
                 depth = 0
             else:
-                depth, self._owner, self._depth = self._depth, None, 0
+                depth, self._owner, self._depth = 1, None, 0
                 self._changed.notify_all()
         try:
             yield

@@ -45,6 +45,28 @@ def test_steps_passed_on_go_round_robin_in_the_order_asked():
     assert order == list("abc" * 4)
 
 
+def test_a_nested_hold_is_not_handed_back_while_waiting_or_passing():
+    """Inside a block that must not be interleaved with other runs (a nested hold: building a run seeds the
+    generators, then draws from them), a wait for the GPU keeps the turn."""
+    turns, order = Turns(), []
+
+    def other():
+        with turns:
+            order.append("other")
+
+    turns.acquire()
+    start_in_line(turns, [other])
+    with turns:  # one_at_a_time() inside the run's own hold
+        with turns.handed_back():
+            time.sleep(0.05)
+        turns.pass_turn()
+        order.append("nested block done")
+    with turns.handed_back():  # the run's own hold alone: handed on
+        wait_until(lambda: "other" in order)
+    turns.release()
+    assert order == ["nested block done", "other"]
+
+
 def test_the_turn_is_reentrant_and_another_thread_waits_for_the_last_release():
     turns, got = Turns(), threading.Event()
 
@@ -58,7 +80,7 @@ def test_the_turn_is_reentrant_and_another_thread_waits_for_the_last_release():
     turns.release()
     time.sleep(0.05)
     assert not got.is_set() and turns.held()
-    turns.pass_turn()  # hands on at any depth and takes the turn back at the same depth
+    turns.pass_turn()  # held once now: handed on, and taken back
     assert got.is_set() and turns.held()
     turns.release()
     assert not turns.held()
