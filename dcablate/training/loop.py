@@ -69,9 +69,12 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
 
 
 def sync_stream(device) -> None:
-    """Wait for the run's own GPU work (its current stream); other runs of the process take turns meanwhile."""
+    """Wait for the run's own GPU work (its current stream); other runs of the process take turns meanwhile. On
+    CPU there is nothing to wait for, but the turn is handed on all the same, so that packed runs on CPU take
+    the turns they take on a GPU (the tests check packed runs against runs alone there)."""
     with waiting():
-        torch.cuda.current_stream(device).synchronize()
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
 
 def shared_data_dir(recipe, run_dir: Path) -> Path:
@@ -126,7 +129,7 @@ class Run:
         started = time.time()
         # where the wall time goes; on CUDA a change of phase waits for the run's stream, so its work is charged
         # right (and not the work of other runs trained at once in this process)
-        self.clock = PhaseClock(sync=(lambda: sync_stream(device)) if device.type == "cuda" else (lambda: None))
+        self.clock = PhaseClock(sync=lambda: sync_stream(device))
         self.autocast = autocast_for(device, recipe.train.precision)
         seed_everything(recipe.run.seed)
         with self.clock.phase("data"):  # LM reads and tokenizes its text here; MQAR's data comes below

@@ -129,9 +129,9 @@ class TrainStep:
 
     def sync(self) -> None:
         """Wait for this step's GPU work (its stream's; other runs of the process may use streams of their own,
-        and take turns meanwhile: packing.py)."""
-        if self.device.type == "cuda":
-            with waiting():
+        and take turns meanwhile: packing.py; on CPU the turn is handed on as on a GPU)."""
+        with waiting():
+            if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
 
     def release(self) -> None:
