@@ -197,10 +197,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
         if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
-            from dcablate.training.runtime import check_runtime
-
-            for _, r in points:
-                check_runtime(r)
+            preflight.device_checked(recipe, overrides, points)
         for _, r, run_dir, state in plan:
             click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
         for r, run_dir, why in refused:
@@ -223,7 +220,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                  any(v is not None for v in (launch.per_gpu, launch.gpus, launch.workers)))
 
     if launch.launcher == "local":
-        devices = [check_runtime(r) for _, r in points]  # device and backend problems end the command here
+        devices = preflight.device_checked(recipe, overrides, points)  # device and backend problems end it here
         preflight.check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model: nothing written
         uses_cuda = any(d.type == "cuda" for d in devices)
     else:  # the cluster's nodes have the devices, and each worker checks its own

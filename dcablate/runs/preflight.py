@@ -58,6 +58,25 @@ def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
     return UserError(f"{set_where(key, origins, str(path), tuple(config.load(recipe, overrides).sweep))}: {rest}")
 
 
+def device_checked(recipe: str, overrides: list[str], points) -> list:
+    """`check_runtime` of every point's recipe (`points`: (name, recipe) pairs): the device each trains on. A
+    device or backend this machine rules out is one line led by where the key was set (`--set: run.device =
+    'cuda' but no CUDA device is visible; ...`)."""
+    from dcablate.training.runtime import check_runtime
+
+    try:
+        return [check_runtime(r) for _, r in points]
+    except UserError as e:
+        key = str(e).split(" ", 1)[0]
+        if key not in ("run.device", "model.backend"):
+            raise
+        _, origins, path = config.load_raw(recipe, overrides)
+        swept = tuple(config.load(recipe, overrides).sweep)
+        where = set_where(key, origins, str(path), swept)  # `SOURCE: KEY`, or `SOURCE: sweep.KEY` for a swept key
+        source, _, named = where.rpartition(": ")
+        raise UserError(f"{source}: {e}" if named == key else f"{where}: {e}") from None
+
+
 def points_named(names: list[str], runs: int) -> str:
     """`sweep point NAME: ` (`... (and N more): `) for an error touching only the points `names` of `runs` runs to
     train; "" when it touches all of them (or the recipe has no sweep)."""

@@ -44,8 +44,18 @@ def test_force_new_in_a_dry_run_says_where_it_would_write_and_writes_nothing(tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_device_this_machine_lacks_is_refused_by_the_dry_run_too(tmp_path, capsys):
-    assert main(["run", str(sweep_recipe(tmp_path)), "--dry-run", "--set", "run.device=cuda"]) == 2
-    assert "run.device = 'cuda' but no CUDA device is visible" in capsys.readouterr().err
+    """Led by where the key was set: --set, the recipe file, or the sweep that sets it."""
+    path = sweep_recipe(tmp_path)
+    line = "run.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'\n"
+    for dry in (["--dry-run"], []):
+        assert main(["run", str(path), *dry, "--set", "run.device=cuda"]) == 2
+        assert capsys.readouterr().err == f"error: --set: {line}"
+    assert main(["run", str(path), "--dry-run", "--set", 'sweep.run.device=["cpu", "cuda"]']) == 2
+    assert capsys.readouterr().err == f"error: --set: sweep.run.device: {line}"
+    data = tiny(tmp_path, run={"device": "cuda"}).to_dict()
+    (tmp_path / "c.toml").write_text(recipes.dumps_toml(data))
+    assert main(["run", str(tmp_path / "c.toml")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'c.toml'}: {line}"
     assert not (tmp_path / "t").exists()
 
 
