@@ -228,6 +228,7 @@ def test_no_warmup_flag_turns_it_off_and_is_refused_by_slurm(sweep, monkeypatch,
                                                    "launcher's workers or on each Ray node; --launcher slurm")
     if importlib.util.find_spec("ray") is not None:  # Ray warms up per node: the flag is its own
         assert main(["run", "w.toml", "--launcher", "ray", "--no-warmup", "--dry-run"]) == 0
+        capsys.readouterr()
         monkeypatch.setenv(warmup.ENV, "sometimes")
         assert main(["run", "w.toml", "--launcher", "ray", "--dry-run"]) == 2
         assert capsys.readouterr().err.strip().startswith("error: DCABLATE_WARMUP='sometimes' (environment)")
