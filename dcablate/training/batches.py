@@ -8,6 +8,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from dcablate.training.packing import in_worker_thread, thread_stream
+
 
 class Prefetcher:
     """The batches of an iterator; on CUDA each is copied to the device (pinned memory, a side stream)
@@ -15,7 +17,9 @@ class Prefetcher:
 
     def __init__(self, batches, device: torch.device):
         self.batches, self.device = iter(batches), device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = None
+        if device.type == "cuda":  # a packed worker's thread keeps its own (packing.py), others draw one
+            self.stream = thread_stream(device, "prefetch") if in_worker_thread() else torch.cuda.Stream(device)
         self.next = self._load() if self.stream is not None else None
 
     def _load(self):

@@ -177,8 +177,12 @@ class GraphedSteps:
         generator = torch.cuda.default_generators[stream.device.index]
         rng = generator.clone_state()
         try:
-            # thread_local: only this thread's calls are checked (a log writer's thread may use CUDA meanwhile)
-            with torch.cuda.graph(c.graph, pool=self.pool, capture_error_mode="thread_local"):
+            # thread_local: only this thread's calls are checked (a log writer's thread, or another run of a packed
+            # worker waiting for its own stream, may use CUDA meanwhile). A run with a stream of its own captures
+            # on it (torch's shared capture stream could be another run's stream too: packing.thread_stream); on
+            # the default stream, which cannot be captured, torch's capture stream is used
+            own = None if stream == torch.cuda.default_stream(stream.device) else stream
+            with torch.cuda.graph(c.graph, pool=self.pool, stream=own, capture_error_mode="thread_local"):
                 c.out = self.body(c.x, c.y, extra)
         except Exception as e:  # an op that cannot be captured, or out of memory while capturing
             # a broken capture leaves its side stream current and the CUDA generator in capture mode (the next

@@ -34,7 +34,8 @@ from dcablate.training.batches import device_batches
 from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
-from dcablate.training.packing import one_at_a_time, own_stream, own_turn, pass_turn, runs_on_device, waiting
+from dcablate.training.packing import (host_work, one_at_a_time, own_stream, own_turn, pass_turn, runs_on_device,
+                                       waiting)
 from dcablate.training.progress import Progress
 from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
                                        set_rng_state, software_versions)
@@ -49,23 +50,25 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
     (also written to `run_dir/summary.json`). `quiet` hides the progress (progress.py), which is labelled
     `label` (default: the run directory's name, which for a sweep is the point). Raises `Stop` when the run
     ends early on a fault or a signal, `UserError` for what the recipe or run directory rules out."""
-    with one_at_a_time():
-        device = check_runtime(recipe)
     several = ddp.setup()
-    device = ddp.device_for(device)
-    lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
-    # a run in a thread of a packed worker takes turns with the others (packing.py); a stream of its own lets the
-    # GPU run their steps side by side
-    with lock, signals_caught(once=not several) as caught, own_turn(), own_stream(device):
-        try:
-            # building the task and model changes nothing on disk; it seeds the process's generators
-            with caught.interruptible(not several), one_at_a_time():
-                run = Run(recipe, run_dir, device, quiet, caught, label or run_dir.name)
-        except Interrupted as e:
-            raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
-                       f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
-                       128 + e.signum) from None
-        return run.run()
+    # signals first: a run of a packed worker may wait a while for its turn (packing.py), and a stop signal that
+    # comes meanwhile must reach it
+    with signals_caught(once=not several) as caught:
+        with one_at_a_time():
+            device = ddp.device_for(check_runtime(recipe))
+        lock = checkpoint.locked(run_dir) if ddp.is_main() else contextlib.nullcontext()
+        # a run in a thread of a packed worker takes turns with the others; a stream of its own lets the GPU run
+        # their steps side by side
+        with lock, own_turn(), own_stream(device):
+            try:
+                # building the task and model changes nothing on disk; it seeds the process's generators
+                with caught.interruptible(not several), one_at_a_time():
+                    run = Run(recipe, run_dir, device, quiet, caught, label or run_dir.name)
+            except Interrupted as e:
+                raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
+                           f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
+                           128 + e.signum) from None
+            return run.run()
 
 
 def sync_stream(device) -> None:
@@ -131,13 +134,15 @@ class Run:
         # right (and not the work of other runs trained at once in this process)
         self.clock = PhaseClock(sync=lambda: sync_stream(device))
         self.autocast = autocast_for(device, recipe.train.precision)
-        seed_everything(recipe.run.seed)
-        with self.clock.phase("data"):  # LM reads and tokenizes its text here; MQAR's data comes below
+        # a task's data uses generators of its own, not the process's: other runs of a packed worker go on while
+        # it is read or made (packing.py), and the seeding below is followed at once by the weights it decides
+        with self.clock.phase("data"), host_work():  # LM reads and tokenizes its text here; MQAR's data comes below
             self.task = build_task(recipe.task)
+        seed_everything(recipe.run.seed)
         self.net = build_model(recipe, self.task.vocab_size)  # the LanguageModel (sharded in place by FSDP)
         self.info = costs(self.net, self.task.max_seq_len)
         self.to_device()
-        with self.clock.phase("data"):  # after the model: a model that does not fit writes nothing
+        with self.clock.phase("data"), host_work():  # after the model: a model that does not fit writes nothing
             self.task.share_data(shared_data_dir(recipe, run_dir))
         self.main = ddp.is_main()
         self.fsdp = ddp.active() and recipe.train.parallel == "fsdp"

@@ -77,6 +77,27 @@ class Turns:
             pass
 
     @contextlib.contextmanager
+    def released(self):
+        """Inside the block the caller does not hold the turn at all, even inside nested holds; after it, it holds
+        it again at the same depth, behind the threads that asked meanwhile. For host work inside a nested hold
+        that uses none of what the turn guards (no CUDA, no process-wide generators): reading or generating a
+        task's data, waiting for another process to write it."""
+        me = threading.get_ident()
+        with self._changed:
+            if self._owner != me:
+                depth = 0
+            else:
+                depth, self._owner, self._depth = self._depth, None, 0
+                self._changed.notify_all()
+        try:
+            yield
+        finally:
+            if depth:
+                with self._changed:
+                    self._wait_for_turn(me)
+                    self._depth = depth
+
+    @contextlib.contextmanager
     def handed_back(self):
         """Inside the block the caller does not hold the turn; after it, it does again, behind the threads that
         asked meanwhile. Only a turn held once is handed back: a caller inside a nested hold (a block that must
@@ -99,8 +120,13 @@ class Turns:
 
     def _wait_for_turn(self, me: int) -> None:  # with self._changed held
         self._queue.append(me)
-        while self._owner is not None or self._queue[0] != me:
-            self._changed.wait()
+        try:
+            while self._owner is not None or self._queue[0] != me:
+                self._changed.wait()
+        except BaseException:  # out of the line, or the threads behind would wait for this one forever
+            self._queue.remove(me)
+            self._changed.notify_all()
+            raise
         self._queue.popleft()
         self._owner = me
         self._changed.notify_all()  # the next in line re-checks whether it is first now
@@ -135,11 +161,36 @@ def pass_turn() -> None:
     _TURNS.pass_turn()
 
 
+def host_work():
+    """Around host-only work inside a nested hold (a task's data): the other runs of the process go on meanwhile
+    (`Turns.released`)."""
+    return _TURNS.released()
+
+
 @contextlib.contextmanager
 def waiting():
     """Around a wait for this run's own GPU work (a stream sync): the other runs take turns meanwhile."""
     with _TURNS.handed_back():
         yield
+
+
+_streams = threading.local()
+
+
+def thread_stream(device, role: str):
+    """The CUDA stream `role` ("run", "prefetch") of this worker thread on `device`, made once and kept for every
+    run the thread trains. torch hands out streams from a pool of 32 per priority, round-robin: a stream drawn
+    anew for each run would, in a worker serving many runs, come back as the stream of a run still training in
+    another thread (or of torch's capture stream), and a capture on it would record the other run's work."""
+    import torch
+
+    kept = getattr(_streams, "by_key", None)
+    if kept is None:
+        kept = _streams.by_key = {}
+    key = (device.index, role)
+    if key not in kept:
+        kept[key] = torch.cuda.Stream(device, priority=-1 if role == "prefetch" else 0)
+    return kept[key]
 
 
 @contextlib.contextmanager
@@ -152,7 +203,7 @@ def own_stream(device):
         return
     import torch
 
-    with torch.cuda.stream(torch.cuda.Stream(device)):
+    with torch.cuda.stream(thread_stream(device, "run")):
         yield
 
 

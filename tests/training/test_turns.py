@@ -126,3 +126,23 @@ def test_only_the_holder_releases():
     turns = Turns()
     with pytest.raises(RuntimeError, match="does not hold the turn"):
         turns.release()
+
+
+def test_host_work_inside_a_nested_hold_lets_the_others_go_on():
+    """`released`: a task's data read or made inside the build (a nested hold) does not stall the other runs."""
+    turns, order = Turns(), []
+
+    def other():
+        with turns:
+            order.append("other")
+
+    turns.acquire()
+    start_in_line(turns, [other])
+    with turns:
+        with turns.released():
+            wait_until(lambda: "other" in order)
+            assert not turns.held()
+        assert turns.held()
+        order.append("build done")
+    turns.release()
+    assert order == ["other", "build done"] and not turns.held()

@@ -139,7 +139,10 @@ def run_job(recipe_ref: str, overrides: list[str], request: dict, where: str, ou
         except Exception:  # a bug, not a fault the loop knows: its traceback is the log's last word
             traceback.print_exc()
             code = 1
-        release_memory()
+        try:
+            release_memory()
+        except Exception:  # a CUDA error (a device-side assert) stays with the context: the run's status stands
+            traceback.print_exc()
     return code
 
 

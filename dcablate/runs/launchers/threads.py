@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
@@ -137,7 +138,11 @@ def serve(recipe: str, overrides: list[str], jobs, results, runs: int, result_pr
 
     def train() -> None:
         while (request := requests.get()) is not None:
-            code = run_job(recipe, overrides, request, request["where"], outputs.to, signals)
+            try:
+                code = run_job(recipe, overrides, request, request["where"], outputs.to, signals)
+            except BaseException:  # the run's result line is what frees its slot: without it the sweep waits forever
+                traceback.print_exc()
+                code = 1
             with answer:
                 results.write(f"{result_prefix}{json.dumps({'index': request['index'], 'code': code})}\n")
                 results.flush()
