@@ -219,9 +219,11 @@ class Run:
             kept = f"the checkpoint {saved} is intact" if saved else "no checkpoint yet"
             raise Stop(f"error: {e.filename or self.run_dir}: {e.strerror}; {kept}", 1) from None
         finally:
-            self.log.close()
-            with one_at_a_time():
-                self.train_step.release()  # the graphs' memory back now, for the next run of a sweep in this process
+            try:
+                with one_at_a_time():
+                    self.train_step.release()  # the graphs' memory back now, for the next run of a sweep in this process
+            finally:
+                self.log.close()
 
     def restore_compute(self) -> None:
         """The tokens and FLOPs of the steps before the resume: from the checkpoint, or counted again."""

@@ -136,7 +136,12 @@ class TrainStep:
 
     def release(self) -> None:
         """Drop the CUDA graphs: they hold their memory pool and refer back to this step (their body), so
-        runs trained one after another in one process get the memory back at once."""
+        runs trained one after another in one process get the memory back at once. The graphs are destroyed
+        here, by the caller (under the process's turn where runs are packed), not later by the garbage
+        collector in whatever thread it runs, perhaps during another run's capture."""
+        if self.graphs is not None:
+            self.graphs.graphs.clear()
+            self.graphs.pool = None
         self.graphs = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None
