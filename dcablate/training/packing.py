@@ -76,39 +76,28 @@ class Turns:
         with self.handed_back():
             pass
 
-    @contextlib.contextmanager
     def released(self):
-        """Inside the block the caller does not hold the turn at all, even inside nested holds; after it, it holds
-        it again at the same depth, behind the threads that asked meanwhile. For host work inside a nested hold
-        that uses none of what the turn guards (no CUDA, no process-wide generators): reading or generating a
-        task's data, waiting for another process to write it."""
+        """A context manager: inside the block the caller does not hold the turn at all, even inside nested holds;
+        after it, it holds it again at the same depth, behind the threads that asked meanwhile. For host work
+        inside a nested hold that uses none of what the turn guards (no CUDA, no process-wide generators):
+        reading or generating a task's data, waiting for another process to write it."""
+        return self._let_go(nested_too=True)
+
+    def handed_back(self):
+        """A context manager: inside the block the caller does not hold the turn; after it, it does again, behind
+        the threads that asked meanwhile. Only a turn held once is handed back: a caller inside a nested hold (a
+        block that must not be interleaved with other runs, `one_at_a_time`) keeps it, and so does the block; a
+        caller without the turn runs the block as it is."""
+        return self._let_go(nested_too=False)
+
+    @contextlib.contextmanager
+    def _let_go(self, nested_too: bool):
         me = threading.get_ident()
         with self._changed:
-            if self._owner != me:
+            if self._owner != me or (self._depth != 1 and not nested_too):
                 depth = 0
             else:
                 depth, self._owner, self._depth = self._depth, None, 0
-                self._changed.notify_all()
-        try:
-            yield
-        finally:
-            if depth:
-                with self._changed:
-                    self._wait_for_turn(me)
-                    self._depth = depth
-
-    @contextlib.contextmanager
-    def handed_back(self):
-        """Inside the block the caller does not hold the turn; after it, it does again, behind the threads that
-        asked meanwhile. Only a turn held once is handed back: a caller inside a nested hold (a block that must
-        not be interleaved with other runs, `one_at_a_time`) keeps it, and so does the block; a caller without
-        the turn runs the block as it is."""
-        me = threading.get_ident()
-        with self._changed:
-            if self._owner != me or self._depth != 1:
-                depth = 0
-            else:
-                depth, self._owner, self._depth = 1, None, 0
                 self._changed.notify_all()
         try:
             yield
