@@ -110,10 +110,6 @@ class GraphedSteps:
     def key(x: torch.Tensor, y: torch.Tensor, extra=None) -> tuple:
         return tuple(x.shape), x.dtype, tuple(y.shape), y.dtype, extra
 
-    def replays(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> bool:
-        """Whether the step on this batch replays a captured graph (nothing compiles, captures or runs eagerly)."""
-        return self.key(x, y, extra) in self.graphs
-
     def will_capture(self, x: torch.Tensor, y: torch.Tensor, extra=None) -> bool:
         """Whether the step on this batch captures a graph (its second sighting), rather than replaying one or
         running eagerly."""

@@ -35,7 +35,7 @@ from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
 from dcablate.training.packing import (host_work, one_at_a_time, own_stream, own_turn, pass_turn, runs_on_device,
-                                       waiting)
+                                       wait_for_stream)
 from dcablate.training.progress import Progress
 from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
                                        set_rng_state, software_versions)
@@ -69,15 +69,6 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                            f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
                            128 + e.signum) from None
             return run.run()
-
-
-def sync_stream(device) -> None:
-    """Wait for the run's own GPU work (its current stream); other runs of the process take turns meanwhile. On
-    CPU there is nothing to wait for, but the turn is handed on all the same, so that packed runs on CPU take
-    the turns they take on a GPU (the tests check packed runs against runs alone there)."""
-    with waiting():
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
 
 
 def shared_data_dir(recipe, run_dir: Path) -> Path:
@@ -132,7 +123,7 @@ class Run:
         started = time.time()
         # where the wall time goes; on CUDA a change of phase waits for the run's stream, so its work is charged
         # right (and not the work of other runs trained at once in this process)
-        self.clock = PhaseClock(sync=lambda: sync_stream(device))
+        self.clock = PhaseClock(sync=lambda: wait_for_stream(device))
         self.autocast = autocast_for(device, recipe.train.precision)
         # a task's data uses generators of its own, not the process's: other runs of a packed worker go on while
         # it is read or made (packing.py), and the seeding below is followed at once by the weights it decides

@@ -163,6 +163,17 @@ def waiting():
         yield
 
 
+def wait_for_stream(device) -> None:
+    """Wait for the run's own GPU work (its current stream on `device`); other runs of the process take turns
+    meanwhile. On CPU there is nothing to wait for, but the turn is handed on all the same, so that packed runs
+    on CPU take the turns they take on a GPU (the tests check packed runs against runs alone there)."""
+    with waiting():
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.current_stream(device).synchronize()
+
+
 _streams = threading.local()
 
 

@@ -25,7 +25,7 @@ from dcablate.errors import UserError
 from dcablate.training import distributed as ddp
 from dcablate.training.graphs import CaptureFailed, GraphedSteps
 from dcablate.training.optim import make_optimizer, make_scheduler
-from dcablate.training.packing import waiting
+from dcablate.training.packing import wait_for_stream
 from dcablate.training.runtime import Stop, autocast_for
 
 log = logging.getLogger("dcablate")
@@ -129,10 +129,8 @@ class TrainStep:
 
     def sync(self) -> None:
         """Wait for this step's GPU work (its stream's; other runs of the process may use streams of their own,
-        and take turns meanwhile: packing.py; on CPU the turn is handed on as on a GPU)."""
-        with waiting():
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+        and take turns meanwhile: packing.py)."""
+        wait_for_stream(self.device)
 
     def release(self) -> None:
         """Drop the CUDA graphs: they hold their memory pool and refer back to this step (their body), so
