@@ -7,32 +7,11 @@ import pytest
 from dcablate.cli import main
 from dcablate.config.overrides import parse_override, quote_words, spaced_set
 from dcablate.errors import UserError
+from tests.test_cli_errors import OK
 
-# a sweep over the mixer and conv kind, small enough to dry-run in a moment
-SWEEP = """\
-[run]
-out_dir = "out"
-name = "s"
-[model]
-d_model = 32
-[train]
-steps = 2
-warmup_steps = 0
-batch_size = 4
-[task.mqar]
-vocab_size = 64
-[[task.mqar.train]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 32
-[[task.mqar.test]]
-seq_len = 16
-num_kv_pairs = 2
-num_examples = 32
-[sweep]
-"model.mixer" = ["attention", "gated_deltanet"]
-"train.lr" = [1e-3, 3e-3]
-"""
+# the small recipe of the CLI error tests, swept over the mixer and the learning rate (a dry run takes a moment)
+SWEEP = OK.replace('out_dir = "out"\n', 'out_dir = "out"\nname = "s"\n', 1) + \
+    '[sweep]\n"model.mixer" = ["attention", "gated_deltanet"]\n"train.lr" = [1e-3, 3e-3]\n'
 
 
 @pytest.fixture
