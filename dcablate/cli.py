@@ -18,8 +18,8 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_state,
-                                       save_new_file)
+from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_dir_named,
+                                       run_state, save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -103,7 +103,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     """Train RECIPE (a path or the name of a shipped recipe); a [sweep] trains one run per grid point.
 
     If the run directory exists, the run resumes from its newest good checkpoint, or is reported
-    as finished; a changed recipe is refused unless --force-new. The runs of a sweep train several at
+    as finished; a changed recipe is refused unless --force-new. RECIPE may also be a run directory (a
+    sweep's point too) or its recipe.toml: that run resumes where it is. The runs of a sweep train several at
     a time, as many as the GPUs' memory and the CPU cores allow (--per-gpu, --workers to choose), or on a
     Ray cluster or through Slurm (--launcher); each worker logs to RUN_DIR/worker.log."""
     from dcablate.runs.launchers import check_flags
@@ -127,6 +128,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         choice(warmup)  # a bad DCABLATE_WARMUP ends the command here, before Ray starts
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
+    moved = any(o.split("=", 1)[0].strip() in ("run.out_dir", "run.name") for o in overrides)
+    here = None if force_new or moved or base.sweep else run_dir_named(recipe)
+    if here is not None:  # a run directory (a sweep's point too) resumes where it is
+        root = here
     if force_new and root.exists():
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")

@@ -52,8 +52,8 @@ def find_recipe(ref: str) -> Path:
     name = ref.removesuffix(RECIPE_SUFFIX)
     if name in shipped:
         return shipped[name]
-    if path.is_dir() and (path / "recipe.toml").is_file():
-        raise UserError(f"{ref}: a run directory, not a recipe; its recipe is {path / 'recipe.toml'}")
+    if path.is_dir() and (path / "recipe.toml").is_file():  # `dcablate run DIR` resumes it (cli.run)
+        return path / "recipe.toml"
     if path.is_dir() and any(path.glob("*/recipe.toml")):
         raise UserError(f"{ref}: the run directory of a sweep, not a recipe; run the sweep's recipe again to resume "
                         f"it, or `dcablate report {ref}` for its results")

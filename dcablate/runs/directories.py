@@ -81,6 +81,21 @@ def made_here(path: Path):
         raise
 
 
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")  # a folder with recipe.toml and one of these is a run
+
+
+def run_dir_named(ref: str) -> Path | None:
+    """The run directory that `dcablate run REF` names, to be resumed where it is: REF is a run directory (a
+    folder holding its resolved `recipe.toml` and what training wrote beside it) or that directory's
+    `recipe.toml`; None for any other recipe. A sweep point's recipe names the sweep's folder in `run.out_dir`
+    and `run.name`, not the point's, so it is run in its own folder rather than where those keys point."""
+    path = Path(ref)
+    folder = path if path.is_dir() else path.parent if path.name == "recipe.toml" and path.is_file() else None
+    if folder is None or not (folder / "recipe.toml").is_file():
+        return None
+    return folder if any((folder / name).exists() for name in RUN_FILES) else None
+
+
 SCHEDULE_KEYS = ("train.steps:", "train.tokens:", "train.tokens_per_param:", "train.warmup_steps:")
 
 
@@ -100,8 +115,8 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
             return "new"  # a run killed before it wrote anything
         if any((d / "recipe.toml").is_file() for d in run_dir.iterdir() if d.is_dir()):
             raise UserError(f"{run_dir}: holds the runs of a sweep, not a single run; to resume or extend that "
-                            f"sweep run its recipe again (the sweep's recipe, not a point's recipe.toml), or set "
-                            f"another run.name or use --force-new for a fresh directory")
+                            f"sweep run its recipe again (`dcablate run {run_dir}/POINT` resumes one point), or "
+                            f"set another run.name or use --force-new for a fresh directory")
         raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
                         f"fresh directory")
     old = config.load(str(recipe_file))

@@ -59,17 +59,27 @@ def test_a_device_this_machine_lacks_is_refused_by_the_dry_run_too(tmp_path, cap
     assert not (tmp_path / "t").exists()
 
 
-def test_a_points_recipe_names_the_sweep_folder_it_would_write_into(tmp_path, capsys):
-    """A point's own recipe.toml names the sweep's folder as its run directory: the refusal (one line, also in a
-    dry run of this single run) says what that folder is."""
+def test_the_sweep_folder_refusal_says_how_to_resume_one_point(tmp_path, capsys):
+    """A sweep's folder is not a single run's: the refusal (one line, also in a dry run) says how to resume the
+    sweep, or one point of it."""
     path = sweep_recipe(tmp_path)
     assert main(["run", str(path), "--quiet"]) == 0
     capsys.readouterr()
+    single = tmp_path / "single.toml"
+    single.write_text(recipes.dumps_toml(tiny(tmp_path).to_dict()))  # run.name "t": the sweep's folder
     for dry in ([], ["--dry-run"]):
-        assert main(["run", str(tmp_path / "t" / "conv.kind=none" / "recipe.toml"), *dry]) == 2
+        assert main(["run", str(single), *dry]) == 2
         assert capsys.readouterr().err == f"error: {tmp_path / 't'}: holds the runs of a sweep, not a single run; to " \
-            "resume or extend that sweep run its recipe again (the sweep's recipe, not a point's recipe.toml), or set " \
-            "another run.name or use --force-new for a fresh directory\n"
+            f"resume or extend that sweep run its recipe again (`dcablate run {tmp_path / 't'}/POINT` resumes one " \
+            "point), or set another run.name or use --force-new for a fresh directory\n"
+
+
+def test_force_new_on_a_point_trains_its_recipe_afresh_beside_the_sweep(tmp_path, capsys):
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "t" / "conv.kind=none"), "--force-new", "--dry-run"]) == 0
+    assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-2'}" in capsys.readouterr().out
 
 
 def test_more_steps_for_a_trained_run_is_refused_and_the_refusal_says_why(tmp_path, capsys):

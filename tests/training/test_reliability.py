@@ -165,6 +165,39 @@ def test_sweep_points_resume_or_skip_independently(tmp_path, monkeypatch, capsys
     assert out.count("lr=0.00") >= 4  # both points in the results table
 
 
+def test_a_sweep_point_resumes_in_its_own_folder_from_its_directory_or_recipe(tmp_path, monkeypatch, capsys):
+    """`dcablate run POINT_DIR` (or POINT_DIR/recipe.toml, from any folder) resumes that point where it is, though
+    its recipe's run.out_dir and run.name name the sweep's folder; the other point is left as it was."""
+    from dcablate.cli import main
+
+    def run_from(folder, *args):
+        monkeypatch.chdir(folder)
+        rc = main(["run", "--quiet", *args])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return rc, out, err
+
+    cwd = setup_dir(tmp_path / "exp", RECIPE + '[sweep]\n"train.lr" = [1e-3, 2e-3]\n')
+    signal_at(monkeypatch, 24 + 5)  # the first point finishes, the second stops at its step 5
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 130
+    monkeypatch.undo()
+    first = {p: p.read_bytes() for p in (cwd / "out/t/lr=0.001").rglob("*") if p.is_file() and p.name != ".lock"}
+    point = cwd / "out/t/lr=0.002"
+    rc, out, err = run_from(tmp_path, str(point / "recipe.toml"), "--dry-run")
+    assert rc == 0 and out.strip() == f"{point}  (recipe {out.split('(recipe ')[1].split(')')[0]})  resume", out
+    rc, out, err = run_from(tmp_path, str(point), "--set", "train.lr=0.003")
+    assert rc == 2 and err.startswith(f"error: {point}: recipe changed since this run started (train.lr: "), err
+    rc, out, err = run_from(tmp_path, str(point))  # another folder than the sweep's
+    assert rc == 0, err
+    assert f"resuming {point} from step 5" in out
+    assert (point / "summary.json").is_file() and not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (cwd / "out/t").iterdir() if not p.name.startswith(".")) == \
+        ["lr=0.001", "lr=0.002"]
+    assert {p: p.read_bytes() for p in first} == first
+    rc, out, err = run_from(tmp_path, str(point / "recipe.toml"))
+    assert rc == 0 and "finished" in out, out
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, monkeypatch, capsys, reference):
     cwd = setup_dir(tmp_path, tiny_mqar(checkpoint={"keep": 3}))
     signal_at(monkeypatch, 10)
