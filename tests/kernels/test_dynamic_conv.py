@@ -323,3 +323,45 @@ def test_dynamic_conv_headwise_triton_matches_float64_reference(case, dtype):
     errs = {"y": rel(y, y64), **{n: rel(a, b) for n, a, b in zip("xGS", grads, grads64)}}
     print(f"headwise conv {dtype} {case}: " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert all(e < bound for e in errs.values()), errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tensors_of_2_31_elements_equal_their_halves():
+    """x [2, 2**19, 2048] in bf16 (2**31 elements, 4 GiB): int32 offsets would wrap in the second sequence. Each
+    kernel on the whole (64-bit offsets) gives what it gives on each sequence alone (int32 offsets, checked
+    against float64 by the tests above): y, dx and dz bit for bit, dU and dS up to the order of their fp32
+    atomic sums."""
+    from dcablate.kernels.dynamic_conv import kernel as K
+
+    B, T, D, R, W = 2, 2**19, 2048, 15, 4
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    dy = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    z = torch.randn(B, T, R, device="cuda", dtype=torch.bfloat16, generator=g)
+    U = K.basis_for_dots(torch.randn(R, W, D, device="cuda", generator=g) / R ** 0.5, "bf16")
+    S = torch.randn(W, D, device="cuda", generator=g)
+    assert K.wide_offsets(x) and not K.wide_offsets(x[:1])
+    pos, dudz = K.positions_arg(None, x), K.DUDZ_LAUNCHES[0]
+    assert not dudz.programs  # dz summed on chip in one program per token tile: the same order whole or halved
+
+    def run(kernel, b):
+        if kernel == "y":
+            return K.lowrank_fwd(x[b], z[b], U, S, pos, True, False, "bf16")
+        if kernel == "dx":
+            return K.lowrank_bwd_dx(z[b], U, S, dy[b], pos, True, False, "bf16", K.DX_LAUNCHES[0])
+        return K.lowrank_bwd_dudz(x[b], z[b], U, dy[b], pos, True, False, "bf16", dudz)
+
+    for kernel in ("y", "dx"):
+        whole = run(kernel, slice(None))
+        for b in range(B):
+            assert torch.equal(whole[b], run(kernel, slice(b, b + 1))[0]), (kernel, b)
+        del whole
+    dz, dU, dS = run("dudz", slice(None))
+    halves = [run("dudz", slice(b, b + 1)) for b in range(B)]
+    for b in range(B):
+        assert torch.equal(dz[b], halves[b][0][0]), ("dz", b)
+    assert rel(dU, halves[0][1] + halves[1][1]) < 1e-5 and rel(dS, halves[0][2] + halves[1][2]) < 1e-5
+    torch.cuda.synchronize()

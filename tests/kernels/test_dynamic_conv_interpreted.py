@@ -204,3 +204,48 @@ for name, got, want in zip(("dx", "dz", "dU", "dS"), grads, grads64):
     check(name, got, want, torch.float32)
 print("ok")
 """)
+
+
+def test_the_int64_offsets_path_in_the_interpreter():
+    """Every kernel (low-rank and head-wise, forward and backward, packed sequences) with its 64-bit row offsets,
+    forced on at these small shapes: the same results as the float64 reference. A real tensor of 2**31 elements
+    is the GPU test's (test_dynamic_conv.py)."""
+    run_interpreted(COMMON + """
+from dcablate.kernels.dynamic_conv.naive import dynamic_conv_headwise_reference
+K.INT32_ELEMENTS = 1
+seen = []
+real_launch = K._launch
+K._launch = lambda kernel, grid, args, launch, **c: seen.append(c["WIDE"]) or real_launch(kernel, grid, args, launch,
+                                                                                          **c)
+for i, (B, T, D, R, W, with_S, residual, lens) in enumerate([(2, 37, 100, 7, 3, True, True, None),
+                                                             (1, 40, 64, 15, 4, True, False, [3, 30, 7])]):
+    x, z, U, S, dy, cu = problem(B, T, D, R, W, with_S, lens, torch.float32, 30 + i)
+    ins = [t.requires_grad_() for t in (x, z, U, S)]
+    y = K.dynamic_conv_lowrank_triton(x, z, U, S, residual, cu)
+    grads = torch.autograd.grad(y, ins, dy)
+    y64, grads64 = oracle(x, z, U, S, dy, cu, residual)
+    for name, got, want in zip(("y", "dx", "dz", "dU", "dS"), (y, *grads), (y64, *grads64)):
+        check((name, i), got, want, torch.float32)
+assert seen == [True] * 6, seen
+x, G, S = (torch.randn(2, 30, 96, requires_grad=True), torch.randn(2, 30, 8, 4, requires_grad=True),
+           torch.randn(4, 96, requires_grad=True))
+cu = torch.tensor([0, 10, 11, 30])
+y = K.dynamic_conv_headwise_triton(x[:1], G[:1], S, True, cu)
+dy = torch.randn(y.shape)
+grads = torch.autograd.grad(y, (x, G, S), dy)
+ins64 = [t.detach().double().requires_grad_() for t in (x, G, S)]
+y64 = dynamic_conv_headwise_reference(ins64[0][:1], ins64[1][:1], ins64[2], None, True, cu)
+for name, got, want in zip(("y", "dx", "dG", "dS"), (y, *grads),
+                           (y64, *torch.autograd.grad(y64, ins64, dy.double()))):
+    check(("headwise", name), got, want, torch.float32)
+print("ok")
+""")
+
+
+def test_int64_offsets_are_taken_from_2_31_elements_on():
+    import torch
+
+    from dcablate.kernels.dynamic_conv.kernel import wide_offsets
+
+    small, edge = torch.empty(1, 2**20, 2**11 - 1, device="meta"), torch.empty(1, 2**20, 2**11, device="meta")
+    assert not wide_offsets(small) and wide_offsets(edge) and wide_offsets(small, edge)

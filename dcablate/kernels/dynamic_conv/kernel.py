@@ -93,6 +93,15 @@ def _prod(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _rows_index(t, WIDE: tl.constexpr):
+    """Token rows `t` as the kernels index memory with them: int64 when a tensor holds 2**31 elements or more
+    (`WIDE`), where int32 offsets `(b·T + t)·D` would wrap; int32 otherwise (half the address registers)."""
+    if WIDE:
+        t = t.to(tl.int64)
+    return t
+
+
+@triton.jit
 def _ahead_ok(pos, tk, T, k, VARLEN: tl.constexpr):
     """Rows t whose token t+k exists and lies in t's own sequence (its tap k reaches back to t)."""
     ok = tk < T
@@ -111,12 +120,12 @@ def _run_of(pid, T, tokens_per_run):
 
 
 @triton.jit
-def _tile_of(n_d, n_t, BT: tl.constexpr):
+def _tile_of(n_d, n_t, BT: tl.constexpr, WIDE: tl.constexpr):
     """(batch, token rows, channel block) of this program in a one-tile-per-program grid; the channel block
     varies fastest, so programs running together share their z rows."""
     pid = tl.program_id(0)
     rest = pid // n_d
-    return rest // n_t, (rest % n_t) * BT + tl.arange(0, BT), pid % n_d
+    return rest // n_t, _rows_index((rest % n_t) * BT + tl.arange(0, BT), WIDE), pid % n_d
 
 
 @triton.jit
@@ -143,13 +152,13 @@ def _taps(U, S, r, d, W: tl.constexpr, D, mr, md, HAS_S: tl.constexpr):
 @triton.jit
 def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, BT: tl.constexpr,
                   BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                  VARLEN: tl.constexpr, PREC: tl.constexpr):
+                  VARLEN: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     pid_d = tl.program_id(0)
     b, start, end = _run_of(tl.program_id(1), T, tokens_per_run)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     Us, Ss = _taps(U, S, r, d, W, D, mr, md, HAS_S)
     for t0 in range(start, end, BT):
-        t = t0 + tl.arange(0, BT)
+        t = _rows_index(t0 + tl.arange(0, BT), WIDE)
         mt = t < T
         p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
         zt = _rows(z, b, T, t, r, R, mt, mr)
@@ -170,10 +179,10 @@ def _dyn_conv_fwd(x, z, U, S, y, pos, T, D, R, tokens_per_run, W: tl.constexpr, 
 @triton.jit(do_not_specialize=["T", "n_t", "n_d"])
 def _dyn_conv_bwd_dx_tile(z, U, S, dy, dx, pos, T, D, R, n_t, n_d, W: tl.constexpr, BT: tl.constexpr,
                           BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, RESIDUAL: tl.constexpr,
-                          VARLEN: tl.constexpr, PREC: tl.constexpr):
+                          VARLEN: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """dx_t = dy_t (residual) + sum_k dy_{t+k} ⊙ (z_{t+k}·U_k + S_k) for one [BT, BD] tile; all loads first
     (rows t+k past T or outside t's sequence read as 0)."""
-    b, t, pid_d = _tile_of(n_d, n_t, BT)
+    b, t, pid_d = _tile_of(n_d, n_t, BT, WIDE)
     d, r, md, mr = _channels(pid_d, BD, BR, D, R)
     mt = t < T
     Zs = ()
@@ -196,13 +205,13 @@ def _dyn_conv_bwd_dx_tile(z, U, S, dy, dx, pos, T, D, R, n_t, n_d, W: tl.constex
 @triton.jit(do_not_specialize=["T", "n_t"])
 def _dyn_conv_bwd_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: tl.constexpr, BT: tl.constexpr,
                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
-                       PREC: tl.constexpr, ATOMIC_DZ: tl.constexpr):
+                       PREC: tl.constexpr, ATOMIC_DZ: tl.constexpr, WIDE: tl.constexpr):
     """For one token tile and the channels [d_lo, d_lo + d_per): g = dy_t ⊙ x_{t-k} per channel block and
     lag, dz_t += g·U_kᵀ (summed on chip; added atomically when D is sliced over programs) and
     dUS[:, k, d-block] += [z_t, 1]ᵀ·g atomically (`dUS [R+1, W, D]`: rows < R are dU, row R is dS)."""
     tile = tl.program_id(0)
     b = tile // n_t
-    t = (tile % n_t) * BT + tl.arange(0, BT)
+    t = _rows_index((tile % n_t) * BT + tl.arange(0, BT), WIDE)
     d_lo = tl.program_id(1) * d_per
     d_hi = tl.minimum(d_lo + d_per, D)
     r = tl.arange(0, BR)
@@ -297,6 +306,15 @@ def _launch(kernel, grid, args, launch: Launch, **constexprs):
         return out
 
 
+INT32_ELEMENTS = 2**31  # a kernel indexes a tensor of this many elements or more with int64 offsets
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels must index these [B, T, ...] tensors (each from its own first element) with int64
+    offsets (`WIDE`): one of them holds 2**31 elements or more."""
+    return any(t.numel() >= INT32_ELEMENTS for t in tensors)
+
+
 def _token_runs(T: int, BT: int, wanted: int) -> tuple[int, int]:
     """(runs, tokens per run): T split into about `wanted` runs (at least one) of whole BT-token tiles."""
     runs = max(1, min(cdiv(T, BT), wanted))
@@ -378,7 +396,8 @@ def lowrank_fwd(x, z, U, S, pos, residual: bool, varlen: bool, prec: str, launch
     runs, tokens_per_run = _token_runs(T, BT, cdiv(launch.programs, B * n_d))
     y = torch.empty_like(x)
     _launch(_dyn_conv_fwd, (n_d, B * runs), (x, z, U, S if S is not None else U, y, pos, T, D, R, tokens_per_run),
-            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec,
+            WIDE=wide_offsets(x, z))
     return y
 
 
@@ -395,7 +414,8 @@ def lowrank_bwd_dx(z, U, S, dy, pos, residual: bool, varlen: bool, prec: str, la
     dx = torch.empty_like(dy)
     _launch(_dyn_conv_bwd_dx_tile, (B * n_t * n_d,),
             (z, U, S if S is not None else U, dy, dx, pos, T, D, R, n_t, n_d), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec)
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=S is not None, RESIDUAL=residual, VARLEN=varlen, PREC=prec,
+            WIDE=wide_offsets(dy, z))
     return dx
 
 
@@ -416,7 +436,8 @@ def lowrank_bwd_dudz(x, z, U, dy, pos, has_S: bool, varlen: bool, prec: str, lau
     dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)  # one zero-fill: row R is dS
     dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if slices > 1 else torch.empty_like(z)
     _launch(_dyn_conv_bwd_dudz, (B * n_t, slices), (x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=slices > 1)
+            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=slices > 1,
+            WIDE=wide_offsets(x, z))
     return dz.to(z.dtype), dUS[:R], dUS[R]
 
 
@@ -450,9 +471,9 @@ def dynamic_conv_lowrank_triton(x, z, U, S=None, residual: bool = True, cu_seqle
 
 @triton.jit
 def _dyn_conv_hw_fwd(x, G, S, y, pos, T, D, H, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr):
+                     HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
+    t = _rows_index(pid_t * BT + tl.arange(0, BT), WIDE)
     d = pid_d * BD + tl.arange(0, BD)
     mt, md = t < T, d < D
     head = d // (D // H)
@@ -472,9 +493,9 @@ def _dyn_conv_hw_fwd(x, G, S, y, pos, T, D, H, W: tl.constexpr, BT: tl.constexpr
 
 @triton.jit
 def _dyn_conv_hw_bwd(x, G, S, dy, dx, dG, dS, pos, T, D, H, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr):
+                     HAS_S: tl.constexpr, RESIDUAL: tl.constexpr, VARLEN: tl.constexpr, WIDE: tl.constexpr):
     pid_d, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t = pid_t * BT + tl.arange(0, BT)
+    t = _rows_index(pid_t * BT + tl.arange(0, BT), WIDE)
     d = pid_d * BD + tl.arange(0, BD)
     mt, md = t < T, d < D
     head = d // (D // H)
@@ -514,7 +535,8 @@ class DynamicConvHeadwise(torch.autograd.Function):
         y = torch.empty_like(x)
         grid = (cdiv(D, BD), cdiv(T, BT), B)
         _dyn_conv_hw_fwd[grid](x, G, S if S is not None else x, y, pos, T, D, H, W=W, BT=BT, BD=BD,
-                               HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None)
+                               HAS_S=S is not None, RESIDUAL=residual, VARLEN=cu_seqlens is not None,
+                               WIDE=wide_offsets(x, G))
         ctx.save_for_backward(x, G, S, pos)
         ctx.residual, ctx.varlen = residual, cu_seqlens is not None
         return y
@@ -531,7 +553,8 @@ class DynamicConvHeadwise(torch.autograd.Function):
         dS = torch.zeros(W, D, device=x.device, dtype=torch.float32)
         grid = (cdiv(D, BD), cdiv(T, BT), B)
         _dyn_conv_hw_bwd[grid](x, G, S if S is not None else x, dy, dx, dG, dS, pos, T, D, H, W=W, BT=BT, BD=BD,
-                               HAS_S=S is not None, RESIDUAL=ctx.residual, VARLEN=ctx.varlen)
+                               HAS_S=S is not None, RESIDUAL=ctx.residual, VARLEN=ctx.varlen,
+                               WIDE=wide_offsets(x, G))
         return dx, dG.to(G.dtype), (dS.to(S.dtype) if S is not None else None), None, None
 
 
