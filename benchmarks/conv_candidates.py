@@ -77,7 +77,7 @@ def _window_conv(src, z, U, S, out, pos, T, D, R, tokens_per_run, W: gl.constexp
                  BD: gl.constexpr, BR: gl.constexpr, ROWS: gl.constexpr, HALO: gl.constexpr, HAS_S: gl.constexpr,
                  RESIDUAL: gl.constexpr, VARLEN: gl.constexpr, AHEAD: gl.constexpr, WARPS_T: gl.constexpr,
                  WARPS_D: gl.constexpr, STAGES: gl.constexpr, SWIZZLE: gl.constexpr, ASYNC: gl.constexpr,
-                 COPY_T: gl.constexpr, LAGS: gl.constexpr):
+                 COPY_T: gl.constexpr, LAGS: gl.constexpr, PHASES: gl.constexpr):
     """out [B, T, D] over one channel block and a run of token tiles:
     forward (AHEAD False): out_t = sum_k (z_t·U_k + S_k) ⊙ x_{t-k} [pos_t >= k] (+ x_t)
     dx      (AHEAD True):  out_t = sum_k (z_{t+k}·U_k + S_k) ⊙ dy_{t+k} [t+k < T, pos_{t+k} >= k] (+ dy_t)
@@ -96,9 +96,9 @@ def _window_conv(src, z, U, S, out, pos, T, D, R, tokens_per_run, W: gl.constexp
     copy_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[COPY_T, 32 // COPY_T],
                                             warps_per_cta=[WARPS_T * WARPS_D, 1], order=[1, 0])
     if SWIZZLE:
-        # 16-byte groups of a row XORed with the row (mod 8): the 8 rows a warp reads at once in the accumulator
-        # layout fall on distinct banks (16-bit reads, each one wavefront)
-        win_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        # 16-byte groups of a row XORed with the row (mod PHASES, the row's groups up to 8): the 8 rows a warp
+        # reads at once in the accumulator layout fall on distinct banks from 64 channels on
+        win_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, PHASES, [1, 0])
     else:
         # plain rows: a row's channel pairs stay adjacent (32-bit reads), but at 64 or more channels the 8 rows
         # of a read share four banks (an 8-way conflict)
@@ -212,7 +212,7 @@ def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, 
                                   RESIDUAL=residual, VARLEN=varlen, AHEAD=ahead, WARPS_T=warps // warps_d,
                                   WARPS_D=warps_d, STAGES=stages, SWIZZLE=swizzle,
                                   ASYNC=D % 8 == 0 and src.data_ptr() % 16 == 0, COPY_T=max(1, 32 // (BD // 8)),
-                                  LAGS=lags, num_warps=warps)
+                                  LAGS=lags, PHASES=min(8, BD // 8), num_warps=warps)
     return out
 
 

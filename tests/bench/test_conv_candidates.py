@@ -29,7 +29,8 @@ def test_the_window_kernels_compile_for_sm90(lags, ahead, varlen, aligned):
            "D": "i32", "R": "i32", "tokens_per_run": "i32"}
     const = dict(W=4, BT=BT, BD=BD, BR=16, ROWS=triton.next_power_of_2(BT + module.HALO), HALO=module.HALO,
                  HAS_S=True, RESIDUAL=True, VARLEN=varlen, AHEAD=ahead, WARPS_T=1, WARPS_D=warps, STAGES=stages,
-                 SWIZZLE=swizzle, ASYNC=aligned, COPY_T=32 // (BD // 8), LAGS=lags)
+                 SWIZZLE=swizzle, ASYNC=aligned, COPY_T=32 // (BD // 8), LAGS=lags,
+                 PHASES=min(8, BD // 8))
     names = [*sig, *const]
     aligned_args = ["src", "z", "U", "S", "out", "pos"] + (["D"] if aligned else [])
     source = GluonASTSource(module._window_conv, {**sig, **{k: "constexpr" for k in const}},
