@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcablate.kernels.rms_norm import rms_norm
 from dcablate.models.channel import build_channel_mixer
 from dcablate.models.channel.base import ChannelMixer
 from dcablate.models.mixers import build_mixer
@@ -63,13 +64,25 @@ def as_matmul_input(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (its parameter, init and checkpoints) that runs fla's kernel on CUDA under model.backend "auto"
+    or "fla" (`kernels.rms_norm`)."""
+
+    def __init__(self, dim: int, eps: float, backend: str = "auto"):
+        super().__init__(dim, eps=eps)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.backend)
+
+
 class Block(nn.Module):
     def __init__(self, m, layer_idx: int):
         super().__init__()
-        self.mixer_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.mixer_norm = RMSNorm(m.d_model, m.norm_eps, m.backend)
         self.mixer = build_mixer(m, layer_idx)
         self.ffn = build_channel_mixer(m)
-        self.ffn_norm = nn.RMSNorm(m.d_model, eps=m.norm_eps) if self.ffn is not None else None
+        self.ffn_norm = RMSNorm(m.d_model, m.norm_eps, m.backend) if self.ffn is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self._mixer_input(x))
@@ -125,7 +138,7 @@ class LanguageModel(nn.Module):
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
-        self.norm = nn.RMSNorm(m.d_model, eps=m.norm_eps)
+        self.norm = RMSNorm(m.d_model, m.norm_eps, m.backend)
         self.task_head = task_head  # set before the init below, which then covers its linear layers too
         self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
         self._init_weights(m.init_std, m.n_layers)

@@ -131,3 +131,26 @@ def test_static_conv_matches_reference(width, dtype, activation):
     for a, b, what in zip(outs["fla"], outs["torch"], ("y", "dx", "dw")):
         print(f"static conv W={width} {activation} {dtype} {what}: {rel(a, b):.1e}")
         assert rel(a, b) < bound, f"{what}: {rel(a, b):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(4, 100, 64), (2, 77, 768), (3, 5, 40)], ids=["d64", "d768", "odd"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_rms_norm_on_fla_matches_torch(shape, autocast):
+    """The model's norms on fla's kernel (CUDA) against torch's: output, input gradient and weight gradient."""
+    from dcablate.kernels.rms_norm import rms_norm
+
+    torch.manual_seed(shape[-1])
+    x = torch.randn(*shape, device="cuda", requires_grad=True)
+    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).requires_grad_()
+    cot = torch.randn(shape, device="cuda")
+    outs = {}
+    for backend in ("fla", "torch"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = rms_norm(x, w, 1e-5, backend)
+        outs[backend] = (y, *torch.autograd.grad((y.float() * cot).sum(), (x, w)))
+    assert outs["fla"][0].dtype == outs["torch"][0].dtype
+    for a, b, what in zip(outs["fla"], outs["torch"], ("y", "dx", "dw")):
+        print(f"rms norm {shape} autocast={autocast} {what}: {rel(a, b):.1e}")
+        assert rel(a, b) < 1e-5, f"{what}: {rel(a, b):.2e}"
