@@ -1,6 +1,7 @@
 """Candidate designs for the dynamic-conv kernels, timed against the shipped ones and the paper's kernel.
 
-    python benchmarks/conv_candidates.py [--against DIR] [--shape paper|gdn_q|...|all] [--dtype bfloat16]
+    python benchmarks/conv_candidates.py [--against DIR] [--shape paper,MQAR,...|all] [--dtype bfloat16] [--quick]
+                                         [--no-check]
 
 `window` (forward and dx, written in Gluon, Triton's layout-explicit dialect): a program copies the rows its
 token tile reads, halo included, into shared memory once (`cp.async`), and reads each lag's rows from there
@@ -32,7 +33,9 @@ from dcablate.kernels.dynamic_conv import kernel as K
 
 # cp.async from global to shared memory: `async_load` from Triton 3.9 on, `async_copy_global_to_shared` before
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-HALO = 16  # rows of the window before (forward) or after (dx) the tile: taps of width W <= HALO + 1
+# the widest halo a window may hold (rows before the tile in the forward, after it in dx): a launch holds W - 1
+# rows, the taps its lags reach, so W <= HALO + 1
+HALO = 16
 
 
 @gluon.jit
@@ -191,6 +194,8 @@ def _window_conv(src, z, U, S, out, pos, T, D, R, tokens_per_run, W: gl.constexp
                  mask=mt[:, None] & md[None, :])
         gl.barrier()  # every thread is done with this window before a later copy overwrites it
         i += 1
+    if ASYNC:
+        async_copy.wait_group(0)  # the last copy (zeros, of no tile) lands before the program ends
 
 
 def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, BT: int = 32, BD: int = 64,
@@ -200,6 +205,7 @@ def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, 
     B, T, D = src.shape
     R, W = U.shape[:2]
     assert src.dtype in (torch.bfloat16, torch.float16) and W <= HALO + 1
+    assert src.is_contiguous() and z.is_contiguous() and U.is_contiguous() and (S is None or S.is_contiguous())
     BR = max(16, next_power_of_2(R))
     BD = BD if D >= BD else max(16, next_power_of_2(D))
     n_d = cdiv(D, BD)
@@ -207,11 +213,13 @@ def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, 
     warps_d = min(warps, BD // 16)
     out = torch.empty_like(src)
     _window_conv[(n_d, B * runs)](src, z, U, S if S is not None else U, out, pos, T, D, R, tokens_per_run, W=W,
-                                  BT=BT, BD=BD, BR=BR, ROWS=next_power_of_2(BT + HALO), HALO=HALO,
+                                  BT=BT, BD=BD, BR=BR, ROWS=next_power_of_2(BT + W - 1), HALO=W - 1,
                                   HAS_S=S is not None,
                                   RESIDUAL=residual, VARLEN=varlen, AHEAD=ahead, WARPS_T=warps // warps_d,
                                   WARPS_D=warps_d, STAGES=stages, SWIZZLE=swizzle,
-                                  ASYNC=D % 8 == 0 and src.data_ptr() % 16 == 0, COPY_T=max(1, 32 // (BD // 8)),
+                                  # 16-byte cp.async needs rows the compiler knows are 16-byte aligned: the JIT
+                                  # marks D divisible by 16, never by 8 (D = 8 mod 16 fails to compile)
+                                  ASYNC=D % 16 == 0 and src.data_ptr() % 16 == 0, COPY_T=max(1, 32 // (BD // 8)),
                                   LAGS=lags, PHASES=min(8, BD // 8), num_warps=warps)
     return out
 
@@ -222,7 +230,7 @@ WINDOW_LAUNCHES = [(32, 64, 4, 2, True, False), (32, 64, 4, 2, True, True), (32,
                    (32, 64, 4, 2, False, False), (16, 64, 2, 2, True, False), (16, 64, 2, 2, True, True),
                    (32, 128, 4, 2, True, False), (32, 128, 4, 1, True, True), (64, 64, 4, 2, True, False),
                    (16, 32, 1, 2, True, False), (32, 32, 2, 2, True, True)]
-PROGRAMS = (264, 528, 1056, 0)  # about this many programs share the tokens (0: one tile per program)
+PROGRAMS = (264, 1056, 0)  # about this many programs share the tokens (0: one tile per program)
 
 # the odd shapes of the correctness check: B, T, D, R, W, with S, residual, packed lengths
 CHECKS = [(2, 37, 100, 7, 3, True, True, None), (1, 30, 96, 16, 4, True, False, [10, 1, 15, 4]),
@@ -236,7 +244,11 @@ def launch_name(BT, BD, warps, stages, swizzle, lags, programs) -> str:
 
 
 def rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    """The larger of the norm-wise and the element-wise (max |a - b| / max |b|) relative error: a wrong row
+    or two among thousands stays under 2e-2 norm-wise but not element-wise."""
+    diff, ref = a.double() - b.double(), b.double()
+    return max((diff.norm() / ref.norm().clamp_min(1e-30)).item(),
+               (diff.abs().max() / ref.abs().max().clamp_min(1e-30)).item())
 
 
 def problem(B, T, D, R, W, with_S, dtype, seed):
@@ -295,6 +307,9 @@ def main(argv=None) -> None:
     ap.add_argument("--against", type=Path, help="a folder with the paper's lowrank.py: its forward is timed too")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--quick", action="store_true", help="the first launch of each kind only")
+    ap.add_argument("--shape", default="all",
+                    help="the shapes to time: comma-separated parts of their names (paper, gdn, MQAR, odd, ...) or all")
+    ap.add_argument("--no-check", action="store_true", help="skip the odd-shape check (run it once per card)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     launches = WINDOW_LAUNCHES[:1] if args.quick else WINDOW_LAUNCHES
@@ -302,20 +317,25 @@ def main(argv=None) -> None:
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"dtype {args.dtype}", flush=True)
 
-    failures = check_odd_shapes(launches[:3], dtype)
-    print(f"odd shapes (T, D, R, W off powers of two, packed sequences), every launch against float64: "
-          f"{'all within 2e-2' if not failures else f'{len(failures)} failed'}", flush=True)
-    for line in failures[:40]:
-        print("  " + line)
+    if not args.no_check:
+        failures = check_odd_shapes(launches[:3], dtype)
+        print(f"odd shapes (T, D, R, W off powers of two, packed sequences), every launch against float64: "
+              f"{'all within 2e-2' if not failures else f'{len(failures)} failed'}", flush=True)
+        for line in failures[:40]:
+            print("  " + line)
+    wanted = [part.strip() for part in args.shape.split(",")] if args.shape != "all" else None
+    shapes = [s for s in default_shapes() if wanted is None or any(w and w in s.name for w in wanted)]
+    if not shapes:
+        raise SystemExit(f"--shape {args.shape!r}: none of {[s.name for s in default_shapes()]}")
 
     def time_us(fn) -> float:
-        return do_bench_cudagraph(fn, rep=50) * 1e3
+        return do_bench_cudagraph(fn, rep=25) * 1e3
 
     print("\ngraphed, µs (the best launch of the candidates, `window` or `lagcopy`; errors against float64)")
     print("| shape | fwd shipped | fwd candidate | best fwd launch | fwd paper | dx shipped | dx candidate | best dx "
           "launch | candidate/shipped fwd | candidate/shipped dx | candidate/paper fwd |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for shape in default_shapes():
+    for shape in shapes:
         x, z, U, S, dy = problem(shape.B, shape.T, shape.D, shape.R, shape.W, shape.has_S, dtype, 0)
         pos = K.positions_arg(None, x)
         prec = K.dot_precision(dtype)
@@ -343,7 +363,11 @@ def main(argv=None) -> None:
                     if kind not in best or us < best[kind][0]:
                         best[kind] = (us, err, name)
         paper_us = None
-        if paper is not None and shape.R + shape.has_S in (1, 2, 4, 8, 16, 32):
+        # their forward: tl.dot over R (+1 with S), a power of two of at least 16, and block pointers checked
+        # on no bound but T's loads (BD up to 64, BT 32): elsewhere it fails to compile or reads and writes
+        # out of bounds
+        if (paper is not None and shape.R + shape.has_S in (16, 32, 64) and shape.D % 64 == 0
+                and shape.T % 32 == 0):
             try:
                 call = lambda: reference_call(paper, x, z, U, S.to(dtype) if S is not None else None)  # noqa: E731
                 with torch.no_grad():
