@@ -3,17 +3,22 @@
     python benchmarks/conv_candidates.py [--against DIR] [--shape paper,MQAR,...|all] [--dtype bfloat16] [--quick]
                                          [--no-check]
 
-`window` (forward and dx, written in Gluon, Triton's layout-explicit dialect): a program copies the rows its
-token tile reads, halo included, into shared memory once (`cp.async`), and reads each lag's rows from there
-in the tensor cores' accumulator layout, where the filter `z_t·U_k` lands. The shipped kernels load each lag's
-rows from global memory (L2 hits for all but one) and move every one of them through shared memory to that
-layout (a `convert_layout`: a store, a barrier and a load per lag and tile); a static compile for sm_90 shows
-five such conversions per tile in the forward and nine in dx, while the paper's kernel, with one warp per
-program, pays them without CTA-wide barriers. `window` pays one shared-memory store per element and W loads.
+`window` and `lagcopy` (forward and dx, in Gluon, Triton's layout-explicit dialect): a program copies the rows
+its token tile reads into shared memory once (`cp.async`, double buffered) and reads each lag's rows from there
+in the tensor cores' accumulator layout, where the filter `z_t·U_k` lands: `window` copies the tile's rows and
+the W - 1 beyond them and gathers each lag's rows, `lagcopy` copies each lag's rows to a buffer of their own and
+reads them whole. The shipped kernels load each lag's rows from global memory (L2 hits for all but one) and
+move every one of them through shared memory to that layout (a `convert_layout`: a store, a barrier and a load
+per lag and tile); a static compile for sm_90 shows five such conversions per tile in the forward and nine in
+dx, while the paper's kernel, with one warp per program, pays them without CTA-wide barriers.
 
-Each candidate is checked against a float64 run of the reference at every shape (relative error of y and of
-dx) before it is timed: forward alone and dx alone, graphed (`triton.testing.do_bench_cudagraph`), beside the
-shipped kernels' and, with `--against`, the paper's forward. One table per kind of time; the decision and its
+`lagcopy` dz/dU/dS: per token tile and channel block, dy and the W lag-shifted rows of x are copied to shared
+memory once and read in the operand layouts of both dots (dz_t += g_k·U_kᵀ, [dU_k; dS_k] += [z, 1]ᵀ·g_k with
+g_k = dy_t ⊙ x_{t-k}), where the shipped kernel forms g_k in registers and converts it for each dot.
+
+Each candidate is checked against a float64 run of the reference at every shape (relative error of y, dx, dz,
+dU, dS) before it is timed: each kernel alone, graphed (`triton.testing.do_bench_cudagraph`), beside the shipped
+kernel that does its job and, with `--against`, the paper's forward. One table per kind of time; the decision and its
 numbers go to docs/benchmarks.md, and this file goes once its candidates are decided (kept or deleted).
 """
 
@@ -224,6 +229,155 @@ def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, 
     return out
 
 
+@gluon.jit
+def _copy_grads_block(bufs, stage, x, dy, base, t0, d0, d_hi, T, D, i_c, d_c, p_c, W: gl.constexpr,
+                      VARLEN: gl.constexpr, ASYNC: gl.constexpr, live):
+    """Copy channel block d0 of what a token tile at t0 reads into stage `stage` of `bufs` (W + 1 buffers of
+    [BT, BD]) as one commit group: buffer 0 holds dy_t, buffer 1 + k holds x_{t-k} (zeros where t - k < 0, where
+    t's own sequence starts after t - k, past T, past d_hi, or when not `live`)."""
+    d = d0 + d_c
+    t = t0 + i_c
+    cols = (d < d_hi)[None, :]
+    rows = (t < T) & live
+    _copy_block(bufs.index(stage * (W + 1)), dy + (base + t[:, None]) * D + d[None, :], rows[:, None] & cols, ASYNC)
+    for k in gl.static_range(W):
+        ok = rows & (t - k >= 0)
+        if VARLEN:
+            ok = ok & (p_c >= k)
+        _copy_block(bufs.index(stage * (W + 1) + 1 + k), x + (base + t[:, None] - k) * D + d[None, :],
+                    ok[:, None] & cols, ASYNC)
+    if ASYNC:
+        async_copy.commit_group()
+
+
+@gluon.jit
+def _copy_block(buf, ptrs, mask, ASYNC: gl.constexpr):
+    """ptrs' elements into `buf`, zeros where masked: by cp.async (left in flight) or loaded and stored now."""
+    if ASYNC:
+        async_load(buf, ptrs, mask=mask)
+    else:
+        buf.store(gl.load(ptrs, mask=mask, other=0.0))
+
+
+@gluon.jit
+def _lagcopy_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: gl.constexpr, BT: gl.constexpr,
+                  BD: gl.constexpr, BR: gl.constexpr, HAS_S: gl.constexpr, VARLEN: gl.constexpr, WARPS: gl.constexpr,
+                  STAGES: gl.constexpr, ASYNC: gl.constexpr, ATOMIC_DZ: gl.constexpr, COPY_T: gl.constexpr,
+                  PHASES: gl.constexpr):
+    """dz, dU and dS for one token tile and the channels [d_lo, d_lo + d_per), as the shipped `dudz` kernel:
+    g_k = dy_t ⊙ x_{t-k}; dz_t += g_k·U_kᵀ (summed on chip over the channel blocks; added atomically when D is
+    sliced over programs); dUS[:, k, d-block] += [z_t, 1]ᵀ·g_k atomically (`dUS [R+1, W, D]` fp32, row R is dS).
+    Each channel block's dy and the W lag-shifted rows of x are copied to shared memory once (cp.async, double
+    buffered over the channel blocks) and read from there in the two dots' operand layouts (ldmatrix), so g_k is
+    formed in each layout without a register-to-shared round trip."""
+    # dz [BT, BR]: the token rows over the warps; dUS_k [BR, BD]: the channels over the warps
+    mma_z: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    mma_u: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
+    a_z: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_z, k_width=2)
+    b_z: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_z, k_width=2)
+    a_u: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_u, k_width=2)
+    b_u: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_u, k_width=2)
+    copy_l: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[COPY_T, 32 // COPY_T],
+                                            warps_per_cta=[WARPS, 1], order=[1, 0])
+    smem_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, PHASES, [1, 0])
+
+    tile = gl.program_id(0)
+    b = tile // n_t
+    t0 = (tile % n_t) * BT
+    d_lo = gl.program_id(1) * d_per
+    d_hi = gl.minimum(d_lo + d_per, D)
+    base = b.to(gl.int64) * T
+
+    # [z_t, 1]ᵀ as the dUS dot's left operand [BR, BT]: row r < R is z's column r, row R (with S) is ones
+    r_au = gl.arange(0, BR, layout=gl.SliceLayout(1, a_u))
+    t_au = t0 + gl.arange(0, BT, layout=gl.SliceLayout(0, a_u))
+    zT = gl.load(z + (base + t_au[None, :]) * R + r_au[:, None], mask=(r_au[:, None] < R) & (t_au[None, :] < T),
+                 other=0.0)
+    if HAS_S:
+        ones = (r_au[:, None] == R) & (t_au[None, :] < T)
+        zT = gl.where(ones, gl.full([BR, BT], 1.0, zT.dtype, layout=a_u), zT)
+    r_bz = gl.arange(0, BR, layout=gl.SliceLayout(0, b_z))
+    d_bz = gl.arange(0, BD, layout=gl.SliceLayout(1, b_z))
+    r_u = gl.arange(0, BR, layout=gl.SliceLayout(1, mma_u))
+    d_u = gl.arange(0, BD, layout=gl.SliceLayout(0, mma_u))
+    rows_out = r_u < R + HAS_S
+
+    bufs = gl.allocate_shared_memory(dy.dtype.element_ty, [STAGES * (W + 1), BT, BD], smem_l)
+    i_c = gl.arange(0, BT, layout=gl.SliceLayout(1, copy_l))
+    d_c = gl.arange(0, BD, layout=gl.SliceLayout(0, copy_l))
+    if VARLEN:
+        p_c = gl.load(pos + t0 + i_c, mask=t0 + i_c < T, other=0)
+    else:
+        p_c = i_c
+    dz_acc = gl.zeros([BT, BR], gl.float32, layout=mma_z)
+    if STAGES == 2:
+        _copy_grads_block(bufs, 0, x, dy, base, t0, d_lo, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC, d_lo < d_hi)
+    i = 0
+    for d0 in range(d_lo, d_hi, BD):
+        if STAGES == 2:
+            nxt = d0 + BD
+            _copy_grads_block(bufs, (i + 1) % 2, x, dy, base, t0, nxt, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC,
+                              nxt < d_hi)
+            stage = i % 2
+            if ASYNC:
+                async_copy.wait_group(1)
+        else:
+            stage = 0
+            _copy_grads_block(bufs, 0, x, dy, base, t0, d0, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC, d0 < d_hi)
+            if ASYNC:
+                async_copy.wait_group(0)
+        gl.barrier()
+        dy_a = bufs.index(stage * (W + 1)).load(a_z)
+        dy_b = bufs.index(stage * (W + 1)).load(b_u)
+        for k in gl.static_range(W):
+            xk = bufs.index(stage * (W + 1) + 1 + k)
+            # dz_t += g_k · U_kᵀ, U_kᵀ [BD, BR] from U [R, W, D]
+            UkT = gl.load(U + (r_bz[None, :] * W + k) * D + (d0 + d_bz)[:, None],
+                          mask=(r_bz[None, :] < R) & ((d0 + d_bz) < d_hi)[:, None], other=0.0)
+            dz_acc = mma_v2(dy_a * xk.load(a_z), UkT, dz_acc)
+            # dUS[:, k, d-block] += [z, 1]ᵀ · g_k
+            dus = mma_v2(zT, dy_b * xk.load(b_u), gl.zeros([BR, BD], gl.float32, layout=mma_u))
+            d = d0 + d_u
+            gl.atomic_add(dUS + (r_u[:, None] * W + k) * D + d[None, :], dus,
+                          mask=rows_out[:, None] & (d < d_hi)[None, :], sem="relaxed")
+        gl.barrier()  # every thread is done with this stage before a later copy overwrites it
+        i += 1
+    if ASYNC:
+        async_copy.wait_group(0)
+    t_z = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma_z))
+    r_z = gl.arange(0, BR, layout=gl.SliceLayout(0, mma_z))
+    out = dz + (base + t_z[:, None]) * R + r_z[None, :]
+    ok = (t_z < T)[:, None] & (r_z < R)[None, :]
+    if ATOMIC_DZ:
+        gl.atomic_add(out, dz_acc, mask=ok, sem="relaxed")
+    else:
+        gl.store(out, dz_acc.to(dz.dtype.element_ty), mask=ok)
+
+
+def lagcopy_dudz_launch(x, z, U, dy, pos, has_S: bool, varlen: bool, BT: int = 64, BD: int = 64, warps: int = 4,
+                        stages: int = 2, programs: int = 0):
+    """(dz in z's dtype, dU [R, W, D] fp32, dS [W, D] fp32) of the `lagcopy` dz/dU/dS candidate; U [R, W, D] in
+    x's dtype; `programs` > 0 slices D over enough programs to make about that many (dz through an fp32 buffer)."""
+    B, T, D = x.shape
+    R, W = U.shape[:2]
+    assert x.dtype in (torch.bfloat16, torch.float16) and all(t.is_contiguous() for t in (x, z, U, dy))
+    BR = max(16, next_power_of_2(R + 1 if has_S else R))
+    BD = BD if D >= BD else max(16, next_power_of_2(D))
+    warps = max(1, min(warps, BD // 8, BT // 16))  # dz's rows and dUS's channels over the warps
+    n_t, n_d = cdiv(T, BT), cdiv(D, BD)
+    slices = max(1, min(n_d, cdiv(programs, B * n_t))) if programs else 1
+    d_per = cdiv(n_d, slices) * BD
+    slices = cdiv(D, d_per)
+    dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)
+    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if slices > 1 else torch.empty_like(z)
+    _lagcopy_dudz[(B * n_t, slices)](x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W=W, BT=BT, BD=BD, BR=BR,
+                                     HAS_S=has_S, VARLEN=varlen, WARPS=warps, STAGES=stages,
+                                     ASYNC=D % 16 == 0 and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0,
+                                     ATOMIC_DZ=slices > 1, COPY_T=max(1, 32 // (BD // 8)),
+                                     PHASES=min(8, BD // 8), num_warps=warps)
+    return dz.to(z.dtype), dUS[:R], dUS[R]
+
+
 # (BT, BD, warps, stages, swizzle, lags): the launches timed per shape; lags False is `window` (one window per
 # tile, rows gathered per lag), True `lagcopy` (a copy of the rows per lag, read whole)
 WINDOW_LAUNCHES = [(32, 64, 4, 2, True, False), (32, 64, 4, 2, True, True), (32, 64, 4, 1, True, False),
@@ -236,6 +390,15 @@ PROGRAMS = (264, 1056, 0)  # about this many programs share the tokens (0: one t
 CHECKS = [(2, 37, 100, 7, 3, True, True, None), (1, 30, 96, 16, 4, True, False, [10, 1, 15, 4]),
           (2, 1000, 300, 7, 3, True, True, None), (1, 40, 130, 17, 5, True, True, [3, 30, 7]),
           (3, 20, 16, 15, 8, False, True, None), (1, 1, 64, 1, 2, False, False, None)]
+
+
+# (BT, BD, warps, stages, programs) of the `lagcopy` dz/dU/dS kernel; programs > 0 slices D over programs
+DUDZ_LAUNCHES = [(64, 64, 4, 2, 0), (64, 64, 4, 1, 0), (128, 64, 8, 2, 0), (32, 64, 2, 2, 0), (64, 64, 4, 2, 528),
+                 (32, 64, 2, 2, 1056)]
+
+
+def dudz_name(BT, BD, warps, stages, programs) -> str:
+    return f"lagcopy {BT}x{BD} w{warps} st{stages} p{programs}"
 
 
 def launch_name(BT, BD, warps, stages, swizzle, lags, programs) -> str:
@@ -262,14 +425,21 @@ def problem(B, T, D, R, W, with_S, dtype, seed):
 
 
 def oracle(x, z, U, S, dy, residual, cu=None):
-    """y and dx of a float64 run of the reference."""
+    """y and the gradients {dx, dz, dU, dS (zeros without S)} of a float64 run of the reference."""
     from dcablate.kernels.dynamic_conv.naive import dynamic_conv_lowrank_reference
 
-    x64 = x.double().requires_grad_()
-    y64 = dynamic_conv_lowrank_reference(x64, z.double(), U.double(), S.double() if S is not None else None, None,
-                                         residual, cu)
-    dx64, = torch.autograd.grad(y64, x64, dy.double())
-    return y64.detach(), dx64
+    ins = [t.double().requires_grad_() for t in (x, z, U, S if S is not None else torch.zeros_like(U[0]))]
+    y64 = dynamic_conv_lowrank_reference(*ins[:3], ins[3] if S is not None else None, None, residual, cu)
+    grads = torch.autograd.grad(y64, ins, dy.double(), allow_unused=True)
+    return y64.detach(), {name: g if g is not None else torch.zeros_like(t)
+                          for name, g, t in zip(("dx", "dz", "dU", "dS"), grads, ins)}
+
+
+def dudz_error(got, want, has_S: bool) -> float:
+    """The worst relative error of (dz, dU, dS) against the oracle's gradients (dS only with S)."""
+    dz, dU, dS = got
+    errs = [rel(dz, want["dz"]), rel(dU, want["dU"])] + ([rel(dS, want["dS"])] if has_S else [])
+    return max(errs)
 
 
 def check_odd_shapes(launches, dtype) -> list[str]:
@@ -279,8 +449,19 @@ def check_odd_shapes(launches, dtype) -> list[str]:
     for i, (B, T, D, R, W, with_S, residual, lens) in enumerate(CHECKS):
         x, z, U, S, dy = problem(B, T, D, R, W, with_S, dtype, 100 + i)
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda") if lens else None
-        y64, dx64 = oracle(x, z, U, S, dy, residual, cu)
+        y64, grads64 = oracle(x, z, U, S, dy, residual, cu)
+        dx64 = grads64["dx"]
         pos = K.positions_arg(cu, x)
+        for BT, BD, warps, stages, programs in DUDZ_LAUNCHES[:3] + DUDZ_LAUNCHES[-1:]:
+            label = f"dz/dU/dS {dudz_name(BT, BD, warps, stages, programs)}"
+            try:
+                err = dudz_error(lagcopy_dudz_launch(x, z, U, dy, pos, with_S, cu is not None, BT, BD, warps, stages,
+                                                     programs), grads64, with_S)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"{label} at {CHECKS[i][:7]}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if not err < 2e-2:
+                failures.append(f"{label} at {CHECKS[i][:7]}: relative error {err:.2e}")
         for BT, BD, warps, stages, swizzle, lags in launches:
             for programs in (PROGRAMS[0], PROGRAMS[-1]):
                 for ahead, src, want in ((False, x, y64), (True, dy, dx64)):
@@ -331,6 +512,7 @@ def main(argv=None) -> None:
     def time_us(fn) -> float:
         return do_bench_cudagraph(fn, rep=25) * 1e3
 
+    dudz_rows = []
     print("\ngraphed, µs (the best launch of the candidates, `window` or `lagcopy`; errors against float64)")
     print("| shape | fwd shipped | fwd candidate | best fwd launch | fwd paper | dx shipped | dx candidate | best dx "
           "launch | candidate/shipped fwd | candidate/shipped dx | candidate/paper fwd |")
@@ -339,7 +521,8 @@ def main(argv=None) -> None:
         x, z, U, S, dy = problem(shape.B, shape.T, shape.D, shape.R, shape.W, shape.has_S, dtype, 0)
         pos = K.positions_arg(None, x)
         prec = K.dot_precision(dtype)
-        y64, dx64 = oracle(x, z, U, S, dy, True)
+        y64, grads64 = oracle(x, z, U, S, dy, True)
+        dx64 = grads64["dx"]
         Ud = K.basis_for_dots(U, prec)
         ship_fwd = lambda: K.lowrank_fwd(x, z, Ud, S, pos, True, False, prec)  # noqa: E731
         ship_dx = lambda: K.lowrank_bwd_dx(z, Ud, S, dy, pos, True, False, prec)  # noqa: E731
@@ -382,11 +565,35 @@ def main(argv=None) -> None:
         def ratio(a, b):
             return "—" if a is None or b is None or not b else f"{a / b:.2f}"
 
+        ship_dudz = lambda: K.lowrank_bwd_dudz(x, z, Ud, dy, pos, S is not None, False, prec)  # noqa: E731
+        ship_dudz()  # the picker's timing, outside the graph
+        dudz_cells = [(time_us(ship_dudz), dudz_error(ship_dudz(), grads64, S is not None)), None]
+        for BT, BD, warps, stages, programs in DUDZ_LAUNCHES:
+            run = (lambda l=(BT, BD, warps, stages, programs):
+                   lagcopy_dudz_launch(x, z, U, dy, pos, S is not None, False, *l))
+            name = dudz_name(BT, BD, warps, stages, programs)
+            try:
+                err = dudz_error(run(), grads64, S is not None)
+                us = time_us(run) if err < 2e-2 else float("inf")
+            except Exception as e:  # noqa: BLE001
+                print(f"  {shape.name}: {name}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            if dudz_cells[1] is None or us < dudz_cells[1][0]:
+                dudz_cells[1] = (us, err, name)
+        dudz_rows.append((shape, *dudz_cells))
         bf, bd = best.get("fwd"), best.get("dx")
         print(f"| {shape.name} {shape.dims} | {cell(cells['fwd shipped'])} | {cell(bf)} | {bf[2] if bf else '—'} | "
               f"{f'{paper_us:.1f}' if paper_us else '—'} | {cell(cells['dx shipped'])} | {cell(bd)} | "
               f"{bd[2] if bd else '—'} | {ratio(bf and bf[0], cells['fwd shipped'][0])} | "
               f"{ratio(bd and bd[0], cells['dx shipped'][0])} | {ratio(bf and bf[0], paper_us)} |", flush=True)
+
+    print("\ndz, dU and dS, graphed, µs (the best launch of `lagcopy`; the worst error of dz, dU, dS against float64)")
+    print("| shape | shipped | candidate | best launch | candidate/shipped |")
+    print("| --- | --- | --- | --- | --- |")
+    for shape, shipped, cand in dudz_rows:
+        print(f"| {shape.name} {shape.dims} | {shipped[0]:.1f} ({shipped[1]:.1e}) | "
+              f"{'—' if cand is None else f'{cand[0]:.1f} ({cand[1]:.1e})'} | {cand[2] if cand else '—'} | "
+              f"{'—' if cand is None else f'{cand[0] / shipped[0]:.2f}'} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`benchmarks/conv_candidates.py`: its Gluon kernels compile for sm_90 on this CPU (Triton's compiler and ptxas
-need no GPU), forward and dx, with and without packed sequences, by 16-byte async copies and by loads where a
+need no GPU), forward, dx and dz/dU/dS, with and without packed sequences, by 16-byte async copies and by loads where a
 row is not 16-byte aligned. Whether they compute the conv is the GPU run's odd-shape check against float64."""
 
 from __future__ import annotations
@@ -34,6 +34,30 @@ def test_the_window_kernels_compile_for_sm90(lags, ahead, varlen, aligned):
     names = [*sig, *const]
     aligned_args = ["src", "z", "U", "S", "out", "pos"] + (["D"] if aligned else [])
     source = GluonASTSource(module._window_conv, {**sig, **{k: "constexpr" for k in const}},
+                            constexprs={(names.index(k),): v for k, v in const.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned_args})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert compiled.asm["cubin"] and ("cp.async" in compiled.asm["ptx"]) == aligned
+
+
+@pytest.mark.parametrize("varlen,aligned", [(False, True), (True, False)], ids=["dense", "packed-unaligned"])
+def test_the_dudz_kernel_compiles_for_sm90(varlen, aligned):
+    pytest.importorskip("triton.experimental.gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    spec = importlib.util.spec_from_file_location("conv_candidates", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    BT, BD, warps, stages, _ = module.DUDZ_LAUNCHES[0]
+    sig = {"x": "*bf16", "z": "*bf16", "U": "*bf16", "dy": "*bf16", "dz": "*bf16", "dUS": "*fp32", "pos": "*i32",
+           "T": "i32", "D": "i32", "R": "i32", "n_t": "i32", "d_per": "i32"}
+    const = dict(W=4, BT=BT, BD=BD, BR=16, HAS_S=True, VARLEN=varlen, WARPS=warps, STAGES=stages, ASYNC=aligned,
+                 ATOMIC_DZ=False, COPY_T=32 // (BD // 8), PHASES=min(8, BD // 8))
+    names = [*sig, *const]
+    aligned_args = ["x", "z", "U", "dy", "dz", "dUS", "pos", "d_per"] + (["D"] if aligned else [])
+    source = GluonASTSource(module._lagcopy_dudz, {**sig, **{k: "constexpr" for k in const}},
                             constexprs={(names.index(k),): v for k, v in const.items()},
                             attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned_args})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
