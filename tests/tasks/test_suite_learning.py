@@ -136,3 +136,23 @@ def test_a_bad_suite_recipe_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert "r.toml: task.selective_copy.seq_len: 20 is less than 2 * num_tokens + 2 = 34" in err
+
+
+def test_a_setting_with_too_few_distinct_examples_writes_nothing_and_the_fixed_rerun_trains(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The suite's data is made in the run's data phase, before the run writes its directory: a setting that
+    cannot give a test set disjoint from training ends in one line, and the same run with a fixed setting is a
+    new run, not a changed one."""
+    from dcablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("r.toml").write_text(recipe_text("recall", {"vocab_size": 4, "seq_len": 4, "num_train_examples": 128,
+                                                     "num_test_examples": 64}, {"train": {"steps": 2, "warmup_steps": 1}}))
+    assert main(["run", "r.toml", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "generated test examples differ from every training example" in err, err
+    assert not any(Path("runs/t").glob("*.toml")) and not Path("runs/t/metrics.jsonl").exists()
+    assert main(["run", "r.toml", "--quiet", "--set", "task.recall.vocab_size=16",
+                 "--set", "task.recall.seq_len=32"]) == 0, capsys.readouterr().err
+    summary = json.loads(Path("runs/t/summary.json").read_text())
+    assert summary["time_s"]["data"] > 0

@@ -68,6 +68,12 @@ class SuiteTask(Task):
     def train_batches(self, batch_size: int, seed: int, start: int = 0):
         return self.data.train_batches(batch_size, seed, start)
 
+    def share_data(self, folder) -> None:
+        """Generate both splits now, in the run's data phase and before the run writes anything: a setting with
+        too few distinct examples then ends the run with nothing in its directory, and the time is counted as
+        data, not training. (Each run makes its own; `folder` is not used.)"""
+        self.data  # noqa: B018 - generated on first use
+
     @torch.no_grad()
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
         """Accuracy and mean loss over every scored position of the test set. The sums stay on the device until
