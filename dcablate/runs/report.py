@@ -481,7 +481,9 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
             pts = sorted((d, c.mean(seg), c.std(seg)) for (vv, d), c in best.items() if vv == v)
             _line(ax, pts, colors[v], variant_name(v))
         ax.set_xscale("log", base=2)
-        ax.set(title=seg, xlabel="d_model", ylim=ylim)
+        ax.set(title=seg, xlabel="d_model")
+        if ylim is not None:  # set(ylim=None) would end autoscaling: shared axes kept the first panel's range
+            ax.set_ylim(ylim)
     axes[0][0].set_ylabel(f"{'MQAR accuracy' if metric.bounded else metric.label} (best lr)")
     files[f"{prefix}{short}_vs_d_model"] = _save(fig, axes[0][-1], root / f"{prefix}{short}_vs_d_model.png")
 
@@ -491,7 +493,9 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
                      for (vv, _), c in best.items() if vv == v)
         _line(ax, pts, colors[v], variant_name(v))
     ax.set_xscale("log")
-    ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)", ylim=ylim)
+    ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)")
+    if ylim is not None:
+        ax.set_ylim(ylim)
     files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")
 
     widths = sorted({d for _, d in table})
@@ -513,8 +517,12 @@ def _curves(path: Path, best: dict, widths: list[int], variants: list, colors: d
         for v in variants:
             cell = best.get((v, d))
             for i, run in enumerate(r for r in (cell.runs if cell else []) if curve(r)):
-                ax.plot(*zip(*curve(run)), color=colors[v], alpha=0.8, label=variant_name(v) if i == 0 else None)
-        ax.set(title=f"d_model={d} (best lr)", xlabel="step", ylim=ylim)
+                points = curve(run)  # a run evaluated once is one point: a marker shows it where a line cannot
+                ax.plot(*zip(*points), color=colors[v], alpha=0.8, marker="o" if len(points) == 1 else None,
+                        label=variant_name(v) if i == 0 else None)
+        ax.set(title=f"d_model={d} (best lr)", xlabel="step")
+        if ylim is not None:
+            ax.set_ylim(ylim)
     axes[0][0].set_ylabel(ylabel)
     return _save(fig, axes[0][-1], path)
 

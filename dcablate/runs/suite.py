@@ -376,9 +376,10 @@ def _bars_figure(table: list[Scores], tasks: list[str]):
     x = np.arange(len(groups))
     for i, s in enumerate(table):
         heights = [s.task_scores.get(t, np.nan) for t in tasks] + [s.suite]
-        err = [0.0] * len(tasks) + [s.std or 0.0]
-        ax.bar(x + (i - (len(table) - 1) / 2) * width, heights, width, yerr=err, capsize=2,
-               color=plt.cm.tab10(i % 10), label=variant_label(s.variant))
+        # an error bar only on the suite score and only with a spread over seeds: zero-length caps read as one
+        err = [np.nan] * len(tasks) + [s.std if s.std else np.nan]
+        ax.bar(x + (i - (len(table) - 1) / 2) * width, heights, width, yerr=None if s.std is None else err,
+               capsize=2, color=plt.cm.tab10(i % 10), label=variant_label(s.variant))
     ax.set_xticks(x, groups, rotation=20)
     ax.set(ylabel="score (accuracy)", ylim=(0, 1.02), title="task scores and suite score")
     _legend_below(fig, ax)

@@ -318,3 +318,24 @@ def test_a_diverged_run_does_not_break_the_report(tmp_path):
     rows = {float(r["lr"]): r for r in read_csv(write_report(root)["csv"])}
     assert (rows[1e-3]["best_lr"], rows[1e-2]["best_lr"]) == ("False", "True")
     assert find_runs(root)[0][0].variant == ("attention", "none", "-", "none")
+
+
+def test_curve_panels_scale_to_their_own_data_and_show_a_run_evaluated_once(tmp_path, monkeypatch):
+    """Panels share their y axis, so each must autoscale: a fixed first panel cut off the wider models' curves. A
+    run evaluated once is a single point, drawn with a marker (a one-point line is invisible)."""
+    from types import SimpleNamespace
+
+    from dcablate.runs import report
+
+    kept = []
+    monkeypatch.setattr(report, "_save", lambda fig, legend_ax, path: kept.append(fig) or path)
+    variant = ("attention", "none")
+    runs = {32: [(0, 4.0), (100, 3.0)], 64: [(0, 2.0), (100, 1.0)]}
+    best = {(variant, d): SimpleNamespace(runs=[SimpleNamespace(curve=points)]) for d, points in runs.items()}
+    monkeypatch.setattr(report, "variant_name", lambda v: "none")
+    report._curves(tmp_path / "c.png", best, [32, 64], [variant], {variant: "C0"}, "loss", lambda run: run.curve)
+    bottom, top = kept[0].axes[0].get_ylim()
+    assert bottom <= 1.0 and top >= 4.0
+    once = {(variant, 32): SimpleNamespace(runs=[SimpleNamespace(curve=[(100, 3.0)])])}
+    report._curves(tmp_path / "d.png", once, [32], [variant], {variant: "C0"}, "loss", lambda run: run.curve)
+    assert kept[1].axes[0].lines[0].get_marker() == "o"
