@@ -230,22 +230,21 @@ def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, 
 
 
 @gluon.jit
-def _copy_grads_block(bufs, stage, x, dy, base, t0, d0, d_hi, T, D, i_c, d_c, p_c, W: gl.constexpr,
+def _copy_grads_block(dy_s, x_s, stage, x, dy, base, t0, d0, d_hi, T, D, i_c, d_c, p_c, W: gl.constexpr,
                       VARLEN: gl.constexpr, ASYNC: gl.constexpr, live):
-    """Copy channel block d0 of what a token tile at t0 reads into stage `stage` of `bufs` (W + 1 buffers of
-    [BT, BD]) as one commit group: buffer 0 holds dy_t, buffer 1 + k holds x_{t-k} (zeros where t - k < 0, where
-    t's own sequence starts after t - k, past T, past d_hi, or when not `live`)."""
+    """Copy channel block d0 of what a token tile at t0 reads into stage `stage` ([BT, BD]) of `dy_s` (dy_t) and
+    of each `x_s[k]` (x_{t-k}: zeros where t - k < 0, where t's own sequence starts after t - k, past T, past
+    d_hi, or when not `live`), as one commit group."""
     d = d0 + d_c
     t = t0 + i_c
     cols = (d < d_hi)[None, :]
     rows = (t < T) & live
-    _copy_block(bufs.index(stage * (W + 1)), dy + (base + t[:, None]) * D + d[None, :], rows[:, None] & cols, ASYNC)
+    _copy_block(dy_s.index(stage), dy + (base + t[:, None]) * D + d[None, :], rows[:, None] & cols, ASYNC)
     for k in gl.static_range(W):
         ok = rows & (t - k >= 0)
         if VARLEN:
             ok = ok & (p_c >= k)
-        _copy_block(bufs.index(stage * (W + 1) + 1 + k), x + (base + t[:, None] - k) * D + d[None, :],
-                    ok[:, None] & cols, ASYNC)
+        _copy_block(x_s[k].index(stage), x + (base + t[:, None] - k) * D + d[None, :], ok[:, None] & cols, ASYNC)
     if ASYNC:
         async_copy.commit_group()
 
@@ -302,7 +301,13 @@ def _lagcopy_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: gl.constexp
     d_u = gl.arange(0, BD, layout=gl.SliceLayout(0, mma_u))
     rows_out = r_u < R + HAS_S
 
-    bufs = gl.allocate_shared_memory(dy.dtype.element_ty, [STAGES * (W + 1), BT, BD], smem_l)
+    # dy's and each lag's rows in allocations of their own ([STAGES, BT, BD] each): copies into subviews of one
+    # allocation get a CTA barrier between each two (Triton 3.7's barrier analysis cannot tell the subviews
+    # apart), W more per channel block
+    dy_s = gl.allocate_shared_memory(dy.dtype.element_ty, [STAGES, BT, BD], smem_l)
+    x_s = ()
+    for k in gl.static_range(W):
+        x_s = x_s + (gl.allocate_shared_memory(x.dtype.element_ty, [STAGES, BT, BD], smem_l),)
     i_c = gl.arange(0, BT, layout=gl.SliceLayout(1, copy_l))
     d_c = gl.arange(0, BD, layout=gl.SliceLayout(0, copy_l))
     if VARLEN:
@@ -311,26 +316,27 @@ def _lagcopy_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: gl.constexp
         p_c = i_c
     dz_acc = gl.zeros([BT, BR], gl.float32, layout=mma_z)
     if STAGES == 2:
-        _copy_grads_block(bufs, 0, x, dy, base, t0, d_lo, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC, d_lo < d_hi)
+        _copy_grads_block(dy_s, x_s, 0, x, dy, base, t0, d_lo, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC, d_lo < d_hi)
     i = 0
     for d0 in range(d_lo, d_hi, BD):
+        gl.barrier()  # every thread is done with the stage the copy below overwrites (read last iteration)
         if STAGES == 2:
             nxt = d0 + BD
-            _copy_grads_block(bufs, (i + 1) % 2, x, dy, base, t0, nxt, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC,
+            _copy_grads_block(dy_s, x_s, (i + 1) % 2, x, dy, base, t0, nxt, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC,
                               nxt < d_hi)
             stage = i % 2
             if ASYNC:
                 async_copy.wait_group(1)
         else:
             stage = 0
-            _copy_grads_block(bufs, 0, x, dy, base, t0, d0, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC, d0 < d_hi)
+            _copy_grads_block(dy_s, x_s, 0, x, dy, base, t0, d0, d_hi, T, D, i_c, d_c, p_c, W, VARLEN, ASYNC, d0 < d_hi)
             if ASYNC:
                 async_copy.wait_group(0)
         gl.barrier()
-        dy_a = bufs.index(stage * (W + 1)).load(a_z)
-        dy_b = bufs.index(stage * (W + 1)).load(b_u)
+        dy_a = dy_s.index(stage).load(a_z)
+        dy_b = dy_s.index(stage).load(b_u)
         for k in gl.static_range(W):
-            xk = bufs.index(stage * (W + 1) + 1 + k)
+            xk = x_s[k].index(stage)
             # dz_t += g_k · U_kᵀ, U_kᵀ [BD, BR] from U [R, W, D]
             UkT = gl.load(U + (r_bz[None, :] * W + k) * D + (d0 + d_bz)[:, None],
                           mask=(r_bz[None, :] < R) & ((d0 + d_bz) < d_hi)[:, None], other=0.0)
@@ -340,7 +346,6 @@ def _lagcopy_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: gl.constexp
             d = d0 + d_u
             gl.atomic_add(dUS + (r_u[:, None] * W + k) * D + d[None, :], dus,
                           mask=rows_out[:, None] & (d < d_hi)[None, :], sem="relaxed")
-        gl.barrier()  # every thread is done with this stage before a later copy overwrites it
         i += 1
     if ASYNC:
         async_copy.wait_group(0)
