@@ -44,6 +44,7 @@ class Group:
     how: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     notes: list[str] = field(default_factory=list)
     contended: dict[str, int] = field(default_factory=dict)  # variant -> most runs at once on its runs' devices
+    unsteady: dict[str, float] = field(default_factory=dict)  # variant -> largest swing of a run's logged rate
     stopped_early: Counter = field(default_factory=Counter)  # variant -> fitted runs that stopped early
 
 
@@ -72,6 +73,18 @@ def tokens_per_s(run) -> float | None:
     rates = [rec["tokens_per_s"] for _, rec in _records(run.path / "metrics.jsonl")
              if rec.get("kind") == "train" and "tokens_per_s" in rec]
     return statistics.fmean(rates) if rates else None
+
+
+UNSTEADY = 2.0  # a run whose logged tokens/s varies more than this many times between its log lines
+
+
+def throughput_swing(run) -> float | None:
+    """How many times the fastest logged interval of a run's training outran its slowest (`metrics.jsonl`
+    tokens/s, the first interval left out: it holds the compilation); None with fewer than three intervals.
+    A steady run on a machine of its own stays near 1; another load coming and going shows here."""
+    rates = [rec["tokens_per_s"] for _, rec in _records(run.path / "metrics.jsonl")
+             if rec.get("kind") == "train" and rec.get("tokens_per_s")][1:]
+    return max(rates) / min(rates) if len(rates) >= 2 and min(rates) > 0 else None
 
 
 def fitted_params(summary: dict) -> int | None:
@@ -149,6 +162,9 @@ def _add(group: Group, name: str, cells: list) -> None:
                 name, float(s["train_flops"]), float(loss), run.seed, fitted_params(s), tokens_per_s(run),
                 float(s["tokens"]) if s.get("tokens") else None, run.d_model, s.get("device_name")))
             group.stopped_early[name] += bool(s.get("stopped_early"))
+            swing = throughput_swing(run)
+            if swing is not None and swing > UNSTEADY:
+                group.unsteady[name] = max(group.unsteady.get(name, 0.0), swing)
             kept += 1
         if kept:
             group.how[name][how] += 1

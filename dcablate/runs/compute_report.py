@@ -145,6 +145,11 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
         out.append(f"Wall-clock: {which} throughput was measured with up to {most} runs at once on a device "
                    f"(`summary.json` runs_on_device), so the wall-clock multipliers compare rates under contention; "
                    f"train one run per device (--per-gpu 1) for clean ones.")
+    if group.unsteady:
+        which = ", ".join(f"`{v}` (up to {swing:.0f}×)" for v, swing in sorted(group.unsteady.items()))
+        out.append(f"Wall-clock: the logged tokens/s varied within runs of {which}, as when other work shares the "
+                   f"machine now and then, so their wall-clock multipliers compare rates measured under changing "
+                   f"load; rerun them on a quiet machine for clean ones.")
     if any(r["extrapolated"] or r["param_extrapolated"] for r in result.rows):
         out.append("Outside the baseline's range: fewer than half of the variant's runs, moved onto the "
                    "baseline's axis (m × C), lie within the baseline's fitted sizes, so its multiplier rests "

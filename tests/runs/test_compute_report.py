@@ -305,6 +305,25 @@ def test_throughput_measured_beside_other_runs_is_noted(tmp_path):
     assert "- Wall-clock: every variant's throughput was measured with up to 8 runs at once on a device" in md
 
 
+def test_throughput_that_swings_within_runs_is_noted(tmp_path):
+    """A run whose logged tokens/s swings (another load on the machine came and went) makes its variant's
+    wall-clock multiplier a comparison of rates under changing load: one note names the variant and the swing;
+    the first logged interval (compilation) does not count, and a steady variant is not named."""
+    def log(run_dir, rates):
+        lines = [{"kind": "train", "step": 10 * (i + 1), "loss": 3.0, "tokens_per_s": r} for i, r in enumerate(rates)]
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in lines))
+
+    for d in LADDER:
+        log(write_run(tmp_path, f"none-{d}", d=d), [50.0, 1000.0, 980.0, 1010.0])  # slow first: compiling
+        log(write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"}),
+            [900.0, 900.0, 120.0, 880.0] if d == 48 else [900.0, 910.0, 890.0])
+    md = report_md(tmp_path)
+    assert ("- Wall-clock: the logged tokens/s varied within runs of `attention conv=dynamic@qkv` (up to 8×), as "
+            "when other work shares the machine now and then") in md
+    assert "`attention conv=none` (up to" not in md
+
+
 def test_early_stopped_runs_and_a_poor_fit_are_flagged_before_the_table(tmp_path, monkeypatch):
     """An MQAR-like grid: runs that stopped early at a target accuracy do not trace loss against compute, and
     losses that no power law follows give a fit that does not describe them; both are said in bold before the
