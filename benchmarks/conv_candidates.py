@@ -60,22 +60,23 @@ def _copy_rows(buf, src, base, first, T, D, i_c, d_c, n_rows, ASYNC: gl.constexp
 @gluon.jit
 def _copy_window(bufs, stage, src, base, t0, T, D, i_c, d_c, W: gl.constexpr, BT: gl.constexpr,
                  HALO: gl.constexpr, AHEAD: gl.constexpr, ASYNC: gl.constexpr, LAGS: gl.constexpr, live):
-    """Copy what the tile at t0 reads of src into stage `stage` of `bufs`, as one commit group. One window
-    (LAGS False): row i holds token t0 - HALO + i (forward) or t0 + i (dx). A copy per lag (LAGS): buffer k holds
-    the BT rows lag k reads, tokens t0 - k + j (forward) or t0 + k + j (dx)."""
+    """Copy what the tile at t0 reads of src into stage `stage` of `bufs` (a tuple of [STAGES, rows, BD]
+    allocations), as one commit group. One window (LAGS False, bufs[0]): row i holds token t0 - HALO + i (forward)
+    or t0 + i (dx). A copy per lag (LAGS): bufs[k] holds the BT rows lag k reads, tokens t0 - k + j (forward) or
+    t0 + k + j (dx); an allocation each, since Triton puts a barrier between two copies into one allocation."""
     if LAGS:
         for k in gl.static_range(W):
             if AHEAD:
                 first = t0 + k
             else:
                 first = t0 - k
-            _copy_rows(bufs.index(stage * W + k), src, base, first, T, D, i_c, d_c, BT, ASYNC, live)
+            _copy_rows(bufs[k].index(stage), src, base, first, T, D, i_c, d_c, BT, ASYNC, live)
     else:
         if AHEAD:
             first = t0
         else:
             first = t0 - HALO
-        _copy_rows(bufs.index(stage), src, base, first, T, D, i_c, d_c, BT + HALO, ASYNC, live)
+        _copy_rows(bufs[0].index(stage), src, base, first, T, D, i_c, d_c, BT + HALO, ASYNC, live)
     if ASYNC:
         async_copy.commit_group()
 
@@ -133,11 +134,13 @@ def _window_conv(src, z, U, S, out, pos, T, D, R, tokens_per_run, W: gl.constexp
             Ss = Ss + (gl.load(S + k * D + d, mask=md, other=0.0).to(gl.float32),)
     r_a = gl.arange(0, BR, layout=gl.SliceLayout(0, a_op))
 
+    windows = ()
     if LAGS:
-        windows = gl.allocate_shared_memory(src.dtype.element_ty, [STAGES * W, BT, BD], win_l)
+        for k in gl.static_range(W):
+            windows = windows + (gl.allocate_shared_memory(src.dtype.element_ty, [STAGES, BT, BD], win_l),)
         i_c = gl.arange(0, BT, layout=gl.SliceLayout(1, copy_l))
     else:
-        windows = gl.allocate_shared_memory(src.dtype.element_ty, [STAGES, ROWS, BD], win_l)
+        windows = windows + (gl.allocate_shared_memory(src.dtype.element_ty, [STAGES, ROWS, BD], win_l),)
         i_c = gl.arange(0, ROWS, layout=gl.SliceLayout(1, copy_l))
     d_c = pid_d * BD + gl.arange(0, BD, layout=gl.SliceLayout(0, copy_l))
     # lag k's rows of the window as a [BT, BD] index tensor (a subview of shared memory cannot start at a row
@@ -174,15 +177,15 @@ def _window_conv(src, z, U, S, out, pos, T, D, R, tokens_per_run, W: gl.constexp
                 zk = gl.load(z + (base + zrow[:, None]) * R + r_a[None, :],
                              mask=(zrow[:, None] < T) & (r_a[None, :] < R), other=0.0)
                 if LAGS:
-                    src_k = windows.index(stage * W + k).load(mma).to(gl.float32)
+                    src_k = windows[k].index(stage).load(mma).to(gl.float32)
                 else:
-                    src_k = windows.index(stage).gather(rows_w + k, axis=0).to(gl.float32)
+                    src_k = windows[0].index(stage).gather(rows_w + k, axis=0).to(gl.float32)
             else:
                 zk = z_t
                 if LAGS:
-                    src_k = windows.index(stage * W + k).load(mma).to(gl.float32)
+                    src_k = windows[k].index(stage).load(mma).to(gl.float32)
                 else:
-                    src_k = windows.index(stage).gather(rows_w + (HALO - k), axis=0).to(gl.float32)
+                    src_k = windows[0].index(stage).gather(rows_w + (HALO - k), axis=0).to(gl.float32)
             filt = mma_v2(zk, Us[k], gl.zeros([BT, BD], gl.float32, layout=mma))
             if HAS_S:
                 filt += Ss[k][None, :]
