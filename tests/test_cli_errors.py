@@ -486,6 +486,19 @@ def test_a_short_run_clamps_the_files_warmup_and_says_so(tmp_path, monkeypatch, 
     assert saved and all("warmup_steps = 3" in p.read_text() for p in saved)
 
 
+def test_steps_set_to_the_files_warmup_say_the_run_never_decays(tmp_path, monkeypatch, capsys):
+    """`--set train.steps=N` equal to the recipe file's warmup: the whole run warms up; one note says so (the
+    learning rate would otherwise end at its peak with no word)."""
+    (tmp_path / "r.toml").write_text(OK.replace("steps = 2\nwarmup_steps = 0\n", "steps = 50\nwarmup_steps = 3\n"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "r.toml", "--quiet", "--dry-run", "--set", "train.steps=3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: train.warmup_steps 3 (") == 1 and "equals train.steps 3 (--set): the whole run warms " \
+        "up, so the learning rate never decays" in err, err
+    assert main(["run", "r.toml", "--quiet", "--dry-run", "--set", "train.steps=4"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_a_sweep_point_error_names_the_key_the_user_set(tmp_path, monkeypatch, capsys):
     """A --set value that no sweep point can take is blamed on --set and its key, not on the sweep axis."""
     (tmp_path / "r.toml").write_text(OK + '[sweep]\n"model.conv.kind" = ["none", "static"]\n')

@@ -325,13 +325,18 @@ _said: set[str] = set()
 def _fit_warmup(r, origins: dict, src: str) -> None:
     """A warmup longer than the run, from another place than the steps (`--set train.steps=30` on a recipe
     with 50 warmup steps: a short smoke run), is clamped to the steps and said once; from the same place it
-    is a contradiction and `_check_consistency` refuses it."""
+    is a contradiction and `_check_consistency` refuses it. One as long as the run, from another place, is
+    said once too (the learning rate would never decay)."""
     t = r.train
     where_w, where_s = _src(origins, "train.warmup_steps", src), _src(origins, "train.steps", src)
-    if t.tokens or t.tokens_per_param or t.warmup_steps <= t.steps or where_w == where_s:
+    if t.tokens or t.tokens_per_param or t.warmup_steps < t.steps or where_w == where_s:
         return
-    note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
-            f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}")
+    if t.warmup_steps == t.steps:
+        note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) equals train.steps {t.steps} ({where_s}): the whole "
+                f"run warms up, so the learning rate never decays; set train.warmup_steps lower for a schedule")
+    else:
+        note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
+                f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}")
     if note not in _said:
         _said.add(note)
         logging.getLogger("dcablate").warning(f"note: {note}")
