@@ -499,6 +499,21 @@ def test_steps_set_to_the_files_warmup_say_the_run_never_decays(tmp_path, monkey
     assert "note:" not in capsys.readouterr().err
 
 
+def test_settings_of_a_task_no_run_trains_on_are_said_and_an_axis_over_them_refused(tmp_path, monkeypatch, capsys):
+    """`task.recall.*` on an MQAR recipe does nothing: one note says so; a sweep axis over it would train the same
+    run once per value, so it is refused, led by where it was set. A recipe that sweeps task.kind is silent."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "quickstart", "--dry-run", "--set", "task.recall.seq_len=33"]) == 0
+    err = capsys.readouterr().err
+    assert "note: task.recall is set (--set) but task.kind is 'mqar': its settings do nothing for these runs" in err
+    assert main(["run", "quickstart", "--dry-run", "--set", "sweep.task.recall.seq_len=[32, 64]"]) == 2
+    assert capsys.readouterr().err == ("error: --set: sweep.task.recall.seq_len: task.kind is 'mqar' at every point, "
+                                       "so this axis changes nothing (each of its values would train the same run); "
+                                       "drop it, or sweep task.kind too\n")
+    assert main(["run", "paper/suite_attention", "--dry-run"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_a_sweep_point_error_names_the_key_the_user_set(tmp_path, monkeypatch, capsys):
     """A --set value that no sweep point can take is blamed on --set and its key, not on the sweep axis."""
     (tmp_path / "r.toml").write_text(OK + '[sweep]\n"model.conv.kind" = ["none", "static"]\n')

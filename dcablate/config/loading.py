@@ -192,6 +192,7 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     data, origins, path = load_raw(ref, overrides)
     base = build(data, origins, str(path))
     if not base.sweep:
+        _unused_tasks(base, data, origins, str(path.resolve()), {base.task.kind}, {})
         return base, [("", base)]
     points, seen = [], {}
     blamed = clashing_keys(base.sweep) or [key for key in base.sweep if key not in RESERVED]
@@ -207,7 +208,35 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
         for key, value in pairs:
             _set_path(point, key, value, {}, str(path))
         points.append((name, build(point, origins, str(path))))
+    _unused_tasks(base, data, origins, str(path.resolve()), {r.task.kind for _, r in points}, base.sweep)
     return base, points
+
+
+def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sweep: dict) -> None:
+    """Settings of a task no run trains on (`task.recall.*` where every point's task.kind is mqar): a sweep axis
+    over them is refused, since each of its values would train the same run; a section that differs from its
+    defaults is said once, since it does nothing (a saved run's recipe.toml holds every section at its defaults).
+    A recipe that sweeps task.kind uses each kind's section in the points of that kind."""
+    named = [*(data.get("task") or {}), *(key.split(".")[1] for key in sweep if key.startswith("task.") and
+                                          key.count(".") >= 1)]
+    unused = [t for t in dict.fromkeys(named) if t != "kind" and t in TASKS.names() and t not in kinds]
+    kind = " / ".join(sorted(kinds))
+    for task in unused:
+        for key in sweep:
+            if key == f"task.{task}" or key.startswith(f"task.{task}."):
+                raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
+                                  f"task.kind is {kind!r} at every point, so this axis changes nothing (each of its "
+                                  f"values would train the same run); drop it, or sweep task.kind too")
+        section = getattr(base.task, task)
+        if task not in (data.get("task") or {}) or section == type(section)():
+            continue
+        set_here = sorted({_src(origins, k, src) for k in origins if isinstance(k, str) and
+                           (k == f"task.{task}" or k.startswith(f"task.{task}."))}) or [src]
+        note = (f"task.{task} is set ({', '.join(set_here)}) but task.kind is {kind!r}: its settings do nothing "
+                f"for these runs")
+        if note not in _said:
+            _said.add(note)
+            logging.getLogger("dcablate").warning(f"note: {note}")
 
 
 def load(ref: str, overrides: list[str] = ()):
