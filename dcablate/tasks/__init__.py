@@ -125,6 +125,11 @@ class Task:
         """Read back what `keep` wrote; `build_task(..., run_dir=...)` calls it (`dcablate eval`, `generate`).
         Default: nothing."""
 
+    def data_record(self) -> dict:
+        """What the run's data was, for `summary.json` `data` (the LM task: its text and a digest of its bytes, so
+        that a rerun on another version of a corpus shows); {} writes nothing. Default: {}."""
+        return {}
+
     def share_data(self, folder: Path) -> None:
         """Generate the task's data once into `folder` (shared by every run under one `run.out_dir`) or read it
         from there; the training loop calls it once the model is on its device. Default: nothing (the task makes

@@ -358,6 +358,7 @@ class Run:
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,
             "cuda_graphs": self.train_step.captured, "runs_on_device": runs_on_device(),
             "versions": software_versions(self.device),
+            **({"data": data} if (data := self.task.data_record()) else {}),
         }
         if ddp.active():
             summary["ranks"], summary["parallel"] = ddp.world(), recipe.train.parallel

@@ -107,3 +107,16 @@ def test_a_kept_tokenizer_is_never_replaced(tmp_path):
     empty.mkdir()
     byte.keep(empty)
     assert not any(empty.iterdir())
+
+
+def test_the_summary_names_the_text_and_a_digest_of_its_bytes(tmp_path, monkeypatch):
+    """`summary.json` `data`: the text's path and the sha256 of its bytes, so a rerun on another version of a
+    corpus (the same path, other documents) shows where its numbers part from the first run's."""
+    from dcablate.tasks.lm.data import fingerprint
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    run_dir = _train(tmp_path, "byte")
+    data = json.loads((run_dir / "summary.json").read_text())["data"]
+    files = sorted((tmp_path / "work" / "text").glob("*.txt"))
+    assert data == {"text": str(tmp_path / "work" / "text"), "text_sha256": fingerprint(files, "text")}

@@ -363,6 +363,7 @@ class Corpus:
     tokenizer: object
     directory: Path
     reused: bool
+    source_hash: str = ""  # sha256 of the source's bytes (`fingerprint`): which text this is, whatever its path
 
 
 @dataclass
@@ -429,7 +430,7 @@ def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
         reused = _store(d, tok, cfg.data, lambda: dict(zip(("train", "val"), splits())))
     dtype = np.dtype(json.loads((d / "meta.json").read_text())["dtype"])
     return Corpus(np.memmap(d / "train.bin", dtype=dtype, mode="r"), np.memmap(d / "val.bin", dtype=dtype, mode="r"),
-                  tok, d, reused)
+                  tok, d, reused, source_hash)
 
 
 def load_text(cfg, tokenizer, where: str = "--data") -> Text:

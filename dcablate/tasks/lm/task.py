@@ -188,6 +188,10 @@ class LMTask(Task):
         loss = nats / max(n_tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
 
+    def data_record(self) -> dict:
+        """The text trained on and the sha256 of its bytes (and of the field read, for jsonl/parquet)."""
+        return {"text": self.cfg.data, "text_sha256": self.corpus.source_hash}
+
     def eval_record(self) -> dict:
         """The text evaluated and, after `evaluate`, the targets and UTF-8 bytes it scored."""
         return {"data": self.data or self.cfg.data, **({"scored": self._scored} if self._scored else {})}
