@@ -31,7 +31,8 @@ def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> 
 def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> str:
     """`SOURCE: KEY` for an error line: the file or `--set` that set `key` (or the closest table holding it); for
     a key a sweep sets (itself, or a table above it among the `swept` keys: `"task.lm" = [{...}, ...]`) the one
-    that set that `[sweep]` list, as `SOURCE: sweep.SWEPT_KEY`."""
+    that set that `[sweep]` list, as `SOURCE: sweep.SWEPT_KEY`; for a table whose keys came from several places,
+    each of them (`FILE, --set, sweep.task.recall.seq_len (--set): task.recall`)."""
     path = key
     while path:
         if path in swept and f"sweep.{path}" in origins:
@@ -39,6 +40,12 @@ def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] 
         path = path.rpartition(".")[0]
     if f"sweep.{key}" in origins:
         return f"{origins['sweep.' + key]}: sweep.{key}"
+    # a table (`task.recall`) whose keys came from several places names them all, the sweep's axes by name
+    inner = [origins[k] for k in origins if isinstance(k, str) and k.startswith(f"{key}.")]
+    inner += [f"sweep.{k} ({origins['sweep.' + k]})" for k in swept if k.startswith(f"{key}.") and f"sweep.{k}" in origins]
+    places = list(dict.fromkeys(([origins[key]] if key in origins else []) + inner))
+    if len(places) > 1:
+        return f"{', '.join(places)}: {key}"
     path = key
     while path:
         if path in origins:

@@ -138,6 +138,12 @@ def test_where_and_which_points():
     swept_table = {"task.lm": "base.toml", "sweep.task.lm": "b.toml", "sweep.task": "b.toml"}
     assert set_where("task.lm.data", swept_table, "r.toml", ("task.lm",)) == "b.toml: sweep.task.lm"
     assert set_where("task.lm.data", swept_table, "r.toml", ("task.lm.seq_len",)) == "base.toml: task.lm.data"
+    # a table whose keys came from several places: each of them (a run's error about the whole section)
+    mixed = {"task.recall": "r.toml", "task.recall.vocab_size": "--set", "sweep.task.recall.seq_len": "--set"}
+    assert set_where("task.recall", mixed, "r.toml", ("task.recall.seq_len",)) == \
+        "r.toml, --set, sweep.task.recall.seq_len (--set): task.recall"
+    assert set_where("task.recall", {"task.recall": "r.toml", "task.recall.seq_len": "r.toml"}, "r.toml") == \
+        "r.toml: task.recall"
     assert points_named(["lr=1"], 1) == "" and points_named([""], 1) == ""
     assert points_named(["lr=1"], 2) == "sweep point lr=1: "
     assert points_named(["lr=1", "lr=2"], 3) == "sweep point lr=1 (and 1 more): "
