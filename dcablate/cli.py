@@ -18,8 +18,8 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, run_dir_named,
-                                       run_state, save_new_file)
+from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, record_command,
+                                       run_dir_named, run_state, save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -138,7 +138,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         root = new_root
     launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps,
                            runs_per_worker)
-    train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new)
+    train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
     if BEST_LR_SEEDS_KEY not in base.sweep:
         return
     from dcablate.runs.best_lr import second_stage
@@ -176,9 +176,20 @@ class LaunchOptions:
 
 
 def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                quiet: bool, force_new: bool) -> None:
+                quiet: bool, force_new: bool, record: bool = False) -> None:
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
-    still to train, in this process or over the launcher's workers."""
+    still to train, in this process or over the launcher's workers. `record`: a sweep's command line goes to its
+    folder's commands.log once the folder holds a run (a command that fails first leaves no folder)."""
+    try:
+        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new)
+    finally:
+        if (record and base.sweep and not dry_run and root.is_dir() and any(root.iterdir())
+                and os.environ.get("RANK", "0") == "0"):
+            record_command(root, ARGV)
+
+
+def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
+                 quiet: bool, force_new: bool) -> None:
     sweep_root = root if base.sweep else None
     plan, refused = [], []
     for name, r in points:  # every point checked before anything trains
@@ -661,10 +672,14 @@ def list_recipes(name):
     click.echo(listing.recipes_table(listing.shipped_rows(), listing.output_width(sys.stdout)))
 
 
+ARGV: list[str] = []  # this command's arguments, for a sweep folder's commands.log
+
+
 def main(argv=None) -> int:
     """Entry point: user errors become one line and exit 2. The library's own lines (logger "dcablate":
     notes such as "resuming ..." on stdout, warnings on stderr) are echoed as they come."""
     echo_library_logs()
+    ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         cli.main(args=argv, prog_name="dcablate", standalone_mode=False)
     except UserError as e:

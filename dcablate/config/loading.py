@@ -55,8 +55,11 @@ def find_recipe(ref: str) -> Path:
     if path.is_dir() and (path / "recipe.toml").is_file():  # `dcablate run DIR` resumes it (cli.run)
         return path / "recipe.toml"
     if path.is_dir() and any(path.glob("*/recipe.toml")):
+        from dcablate.runs.directories import last_command
+
+        last = last_command(path)
         raise UserError(f"{ref}: the run directory of a sweep, not a recipe; run the sweep's recipe again to resume "
-                        f"it, or `dcablate report {ref}` for its results")
+                        f"it{f' (last run as {last})' if last else ''}, or `dcablate report {ref}` for its results")
     if path.exists():
         raise UserError(f"{ref}: not a file")
     raise UserError(f"{ref}: no such recipe file or shipped recipe{did_you_mean(name, shipped)}; "

@@ -81,6 +81,34 @@ def made_here(path: Path):
         raise
 
 
+COMMANDS_LOG = "commands.log"  # in a sweep's folder: a line per `dcablate run` that trained into it
+
+
+def record_command(root: Path, argv: list[str]) -> None:
+    """Append to `root/commands.log` the time, the working directory and the `dcablate` command line that trained
+    into the sweep folder `root`: its points' recipes hold every resolved key, but not the recipe and `--set`s
+    that made the grid. Best effort: a folder that cannot take it changes nothing else."""
+    import shlex
+    import time
+
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{Path.cwd()}\t{shlex.join(['dcablate', *argv])}\n"
+    try:
+        with open(root / COMMANDS_LOG, "a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError:
+        pass
+
+
+def last_command(root: Path) -> str | None:
+    """`COMMAND` (in `CWD`) of the last line of `root/commands.log`, or None."""
+    try:
+        lines = (root / COMMANDS_LOG).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    parts = lines[-1].split("\t") if lines else []
+    return f"`{parts[2]}` (in {parts[1]})" if len(parts) == 3 else None
+
+
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")  # a folder with recipe.toml and one of these is a run
 
 

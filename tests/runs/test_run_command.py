@@ -105,3 +105,23 @@ def test_the_results_table_says_its_numbers_are_the_final_evaluation(tmp_path, c
     assert "conv.kind=none" in table and "conv.kind=static" in table
     assert table.rstrip().endswith("(each run's final evaluation; `dcablate report` scores each run by its best "
                                    "evaluation, summary.json `best`)")
+
+
+def test_a_sweep_folder_keeps_the_commands_that_trained_into_it(tmp_path, capsys, monkeypatch):
+    """Its points' recipes hold every resolved key, not the recipe and --sets that made the grid: commands.log
+    keeps each command line (not a dry run's, nor one that failed before any run wrote a file), and running the
+    folder says how it was last run."""
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert not (tmp_path / "t").exists()
+    assert main(["run", str(path), "--quiet", "--set", "train.lr=0.002"]) == 0
+    assert main(["run", str(path), "--quiet", "--set", "train.lr=0.002"]) == 0  # finished: a line all the same
+    lines = (tmp_path / "t" / "commands.log").read_text().splitlines()
+    assert len(lines) == 2 and all(line.split("\t")[1:] == [str(tmp_path), f"dcablate run {path} --quiet --set "
+                                                             f"train.lr=0.002"] for line in lines)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "t")]) == 2
+    assert (f"the run directory of a sweep, not a recipe; run the sweep's recipe again to resume it (last run as "
+            f"`dcablate run {path} --quiet --set train.lr=0.002` (in {tmp_path})), or `dcablate report") in \
+        capsys.readouterr().err
