@@ -183,8 +183,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     try:
         _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new)
     finally:
-        if (record and base.sweep and not dry_run and root.is_dir() and any(root.iterdir())
-                and os.environ.get("RANK", "0") == "0"):
+        if (record and base.sweep and not dry_run and os.environ.get("RANK", "0") == "0" and root.is_dir()
+                and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
             record_command(root, ARGV)
 
 

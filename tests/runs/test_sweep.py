@@ -119,7 +119,7 @@ def test_tiny_sweep_end_to_end_then_report(tmp_path, monkeypatch, capsys):
 
     assert main(["run", "s.toml", "--quiet"]) == 0
     root = tmp_path / "out" / "s"
-    runs = sorted(p.name for p in root.iterdir())
+    runs = sorted(p.name for p in root.iterdir() if p.name != "commands.log")  # the points
     assert runs == ["conv.kind=none,d_model=16,lr=0.001", "conv.kind=none,d_model=32,lr=0.003",
                     "conv.kind=static,d_model=16,lr=0.001", "conv.kind=static,d_model=32,lr=0.003"]
     capsys.readouterr()
@@ -130,7 +130,7 @@ def test_tiny_sweep_end_to_end_then_report(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.count("finished earlier, not retrained") == 4
 
     # TensorBoard's hparams view: every run wrote an hparams session with its grid values
-    for run in root.iterdir():
+    for run in (p for p in root.iterdir() if p.is_dir()):
         assert hparams_session(run)["model.conv.kind"] == run.name.split(",")[0].split("=")[1]
 
     assert main(["report", str(root)]) == 0

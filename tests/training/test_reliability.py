@@ -191,7 +191,7 @@ def test_a_sweep_point_resumes_in_its_own_folder_from_its_directory_or_recipe(tm
     assert rc == 0, err
     assert f"resuming {point} from step 5" in out
     assert (point / "summary.json").is_file() and not (tmp_path / "out").exists()
-    assert sorted(p.name for p in (cwd / "out/t").iterdir() if not p.name.startswith(".")) == \
+    assert sorted(p.name for p in (cwd / "out/t").iterdir() if p.is_dir() and not p.name.startswith(".")) == \
         ["lr=0.001", "lr=0.002"]
     assert {p: p.read_bytes() for p in first} == first
     rc, out, err = run_from(tmp_path, str(point / "recipe.toml"))
