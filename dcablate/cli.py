@@ -299,6 +299,13 @@ def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], c
     return capacity.default_count(False, need, cpu_count(), host_bytes=free_host_bytes())
 
 
+def not_a_run(run_dir: Path) -> UserError:
+    """`--run DIR` names no run: the error, with one of the runs DIR holds when it is a sweep's folder."""
+    below = sorted(p.parent for p in run_dir.glob("*/recipe.toml"))
+    hint = f"; it holds {len(below)} run{'s' if len(below) != 1 else ''}, e.g. --run '{below[0]}'" if below else ""
+    return UserError(f"{run_dir}: not a run directory (no recipe.toml){hint}")
+
+
 def train_here(plan, root: Path, quiet: bool) -> None:
     """`run` in this process, one run after another: a line per run, then the results table."""
     from dcablate.runs.launchers.outcome import result_row, results_table
@@ -397,9 +404,7 @@ def eval_(task_kind, run_dir, overrides, data):
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     if not recipe_path.is_file():
-        below = sorted(p.parent for p in run_dir.glob("*/recipe.toml"))
-        hint = f"; it holds {len(below)} run{'s' if len(below) != 1 else ''}, e.g. --run '{below[0]}'" if below else ""
-        raise UserError(f"{run_dir}: not a run directory (no recipe.toml){hint}")
+        raise not_a_run(run_dir)
     for o in overrides:
         key = o.partition("=")[0].strip()
         if not key.startswith(EVAL_SETTABLE):
@@ -560,7 +565,7 @@ def report(directory, targets, out):
 def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     """Stream text sampled from a trained language model (task.kind = "lm")."""
     if not (run_dir / "recipe.toml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no recipe.toml)")
+        raise not_a_run(run_dir)
     r = config.load(str(run_dir / "recipe.toml"))
     if r.task.kind != "lm":
         raise UserError(f"{run_dir}: generate needs a language model; this run was trained on "

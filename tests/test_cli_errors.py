@@ -238,6 +238,8 @@ CASES = [
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.*"), files={"rd/recipe.toml": OK}),
     Case("eval-a-sweep-folder", ["eval", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds 1 run, "
          "e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
+    Case("generate-a-sweep-folder", ["generate", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds "
+         "1 run, e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
     Case("run-a-sweep-directory", ["run", "sw"], ("sw: the run directory of a sweep, not a recipe; run the sweep's "
          "recipe again to resume it, or `dcablate report sw` for its results",), files={"sw/p/recipe.toml": OK}),
     Case("eval-another-task", ["eval", "--run", "r", "--task", "lm"],
