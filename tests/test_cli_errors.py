@@ -154,6 +154,8 @@ CASES = [
     # --- TOML syntax and files
     bad("invalid-toml", "[model]\nd_model = \n", "r.toml: not valid TOML", "line 2"),
     bad("duplicate-key", "[model]\nd_model = 64\nd_model = 32\n", "r.toml: not valid TOML"),
+    bad("unquoted-string", "[model]\nmixer = attention\n", "r.toml: not valid TOML: Invalid value (at line 2, column 9)"
+        ' (a string needs quotes: mixer = "attention")'),
     bad("not-utf8", b'[run]\nname = "\xff"\n', "r.toml", "UTF-8"),
     Case("missing-recipe", ["run", "nope.toml", *DRY], ("nope.toml: no such recipe file or shipped recipe",)),
     Case("missing-recipe-did-you-mean-shipped", ["run", "quickstrat", *DRY],

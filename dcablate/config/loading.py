@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 import tomllib
 import typing
 from importlib import resources
@@ -84,9 +85,31 @@ def _read_toml(path: Path) -> dict:
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}") from None
+        raise UserError(f"{path}: not valid TOML: {e}{_bare_word_hint(path, str(e))}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid TOML: not UTF-8 text (byte {e.start})") from None
+
+
+_AT = re.compile(r"\(at line (\d+), column (\d+)\)")
+_BARE = re.compile(r"[A-Za-z_][\w./:+-]*")
+
+
+def _bare_word_hint(path: Path, message: str) -> str:
+    """' (a string needs quotes: mixer = "attention")' when the TOML error points at an unquoted word as a
+    value (`mixer = attention`), which `--set` takes as a string but a recipe file cannot; else ''."""
+    at = _AT.search(message)
+    if at is None or not message.startswith("Invalid value"):
+        return ""
+    try:
+        line = path.read_text(encoding="utf-8").splitlines()[int(at.group(1)) - 1]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return ""
+    key, eq, _ = line.partition("=")
+    word = _BARE.match(line[int(at.group(2)) - 1:].rstrip())
+    if not eq or word is None or word.group() in ("true", "false", "inf", "nan"):
+        return ""
+    return f' (a string needs quotes: {key.strip()} = "{word.group()}")'
+
 
 
 def _merge(base: dict, over: dict, origins: dict, over_source: str, prefix: str = "") -> dict:
