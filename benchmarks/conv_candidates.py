@@ -206,6 +206,14 @@ def _window_conv(src, z, U, S, out, pos, T, D, R, tokens_per_run, W: gl.constexp
         async_copy.wait_group(0)  # the last copy (zeros, of no tile) lands before the program ends
 
 
+def copy_params(BD: int, D: int, *sources: torch.Tensor) -> dict:
+    """The copy's constexprs: ASYNC (16-byte cp.async needs rows the compiler knows are 16-byte aligned: the JIT
+    marks D divisible by 16, never by 8, and D = 8 mod 16 fails to compile), COPY_T (a warp's rows per copy, 16
+    bytes a lane) and PHASES (the swizzle's phases, at most a row's 16-byte groups)."""
+    return {"ASYNC": D % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in sources),
+            "COPY_T": max(1, 32 // (BD // 8)), "PHASES": min(8, BD // 8)}
+
+
 def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, BT: int = 32, BD: int = 64,
                   warps: int = 4, programs: int = 264, stages: int = 2, swizzle: bool = True, lags: bool = False):
     """The forward (`ahead` False: src = x) or dx (`ahead` True: src = dy) of the `window` candidate (`lags`: of
@@ -225,10 +233,7 @@ def window_launch(src, z, U, S, pos, residual: bool, varlen: bool, ahead: bool, 
                                   HAS_S=S is not None,
                                   RESIDUAL=residual, VARLEN=varlen, AHEAD=ahead, WARPS_T=warps // warps_d,
                                   WARPS_D=warps_d, STAGES=stages, SWIZZLE=swizzle,
-                                  # 16-byte cp.async needs rows the compiler knows are 16-byte aligned: the JIT
-                                  # marks D divisible by 16, never by 8 (D = 8 mod 16 fails to compile)
-                                  ASYNC=D % 16 == 0 and src.data_ptr() % 16 == 0, COPY_T=max(1, 32 // (BD // 8)),
-                                  LAGS=lags, PHASES=min(8, BD // 8), num_warps=warps)
+                                  **copy_params(BD, D, src), LAGS=lags, num_warps=warps)
     return out
 
 
@@ -380,9 +385,7 @@ def lagcopy_dudz_launch(x, z, U, dy, pos, has_S: bool, varlen: bool, BT: int = 6
     dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if slices > 1 else torch.empty_like(z)
     _lagcopy_dudz[(B * n_t, slices)](x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W=W, BT=BT, BD=BD, BR=BR,
                                      HAS_S=has_S, VARLEN=varlen, WARPS=warps, STAGES=stages,
-                                     ASYNC=D % 16 == 0 and x.data_ptr() % 16 == 0 and dy.data_ptr() % 16 == 0,
-                                     ATOMIC_DZ=slices > 1, COPY_T=max(1, 32 // (BD // 8)),
-                                     PHASES=min(8, BD // 8), num_warps=warps)
+                                     ATOMIC_DZ=slices > 1, **copy_params(BD, D, x, dy), num_warps=warps)
     return dz.to(z.dtype), dUS[:R], dUS[R]
 
 

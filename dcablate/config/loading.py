@@ -243,8 +243,7 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
     over them is refused, since each of its values would train the same run; a section that differs from its
     defaults is said once, since it does nothing (a saved run's recipe.toml holds every section at its defaults).
     A recipe that sweeps task.kind uses each kind's section in the points of that kind."""
-    named = [*(data.get("task") or {}), *(key.split(".")[1] for key in sweep if key.startswith("task.") and
-                                          key.count(".") >= 1)]
+    named = [*(data.get("task") or {}), *(key.split(".")[1] for key in sweep if key.startswith("task."))]
     unused = [t for t in dict.fromkeys(named) if t != "kind" and t in TASKS.names() and t not in kinds]
     kind = " / ".join(sorted(kinds))
     for task in unused:

@@ -26,6 +26,14 @@ def start_in_line(turns: Turns, bodies) -> list[threading.Thread]:
     return threads
 
 
+def records_its_turn(turns: Turns, order: list):
+    """Another run's body: takes the turn once and appends "other" to `order`."""
+    def other():
+        with turns:
+            order.append("other")
+    return other
+
+
 def test_steps_passed_on_go_round_robin_in_the_order_asked():
     turns, order = Turns(), []
 
@@ -49,13 +57,8 @@ def test_a_nested_hold_is_not_handed_back_while_waiting_or_passing():
     """Inside a block that must not be interleaved with other runs (a nested hold: building a run seeds the
     generators, then draws from them), a wait for the GPU keeps the turn."""
     turns, order = Turns(), []
-
-    def other():
-        with turns:
-            order.append("other")
-
     turns.acquire()
-    start_in_line(turns, [other])
+    start_in_line(turns, [records_its_turn(turns, order)])
     with turns:  # one_at_a_time() inside the run's own hold
         with turns.handed_back():
             time.sleep(0.05)
@@ -131,13 +134,8 @@ def test_only_the_holder_releases():
 def test_host_work_inside_a_nested_hold_lets_the_others_go_on():
     """`released`: a task's data read or made inside the build (a nested hold) does not stall the other runs."""
     turns, order = Turns(), []
-
-    def other():
-        with turns:
-            order.append("other")
-
     turns.acquire()
-    start_in_line(turns, [other])
+    start_in_line(turns, [records_its_turn(turns, order)])
     with turns:
         with turns.released():
             wait_until(lambda: "other" in order)
