@@ -307,12 +307,15 @@ def not_a_run(run_dir: Path) -> UserError:
 
 
 def train_here(plan, root: Path, quiet: bool) -> None:
-    """`run` in this process, one run after another: a line per run, then the results table."""
-    from dcablate.runs.launchers.outcome import result_row, results_table
+    """`run` in this process, one run after another: a line per run, then the results table. A run of a sweep
+    that fails (a non-finite step at a high learning rate, out of memory) does not stop the others, as with
+    workers: the failures are listed after the table and the exit status is 1; a stop signal stops the sweep."""
+    from dcablate.runs.launchers.outcome import STOPPED_CODES, result_row, results_table
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
+    from dcablate.training.runtime import Stop
 
-    rows, points = [], len(plan)
+    rows, failed, points = [], [], len(plan)
     sweep = SweepProgress(sum(state != "finished" for *_, state in plan))
     for i, (name, r, run_dir, state) in enumerate(plan):
         if points > 1:
@@ -321,13 +324,28 @@ def train_here(plan, root: Path, quiet: bool) -> None:
             summary = read_summary(run_dir)
             click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
         else:
-            summary = train(r, run_dir, quiet=quiet)
+            try:
+                summary = train(r, run_dir, quiet=quiet)
+            except Stop as e:
+                if points == 1 or e.code in STOPPED_CODES:
+                    raise
+                sweep.finished()
+                click.echo(f"  failed: {e}")
+                failed.append((name or r.run.name, e, run_dir))
+                continue
             sweep.finished()
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
-    click.echo(results_table(rows))
+    if rows:
+        click.echo(results_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
+    for label, e, run_dir in failed:
+        click.echo(f"failed: {label} (exit code {e.code}): {e}   [{run_dir}]", err=True)
+    if failed:
+        trained = sum(state != "finished" for *_, state in plan)
+        raise Stop(f"error: {len(failed)} of {trained} runs failed (listed above); the others finished; fix the "
+                   f"cause and run the same command to train the failed ones", 1)
 
 
 def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: LaunchOptions, slots,

@@ -284,6 +284,23 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, 
     assert_same(outcome(cwd / "out/t"), reference)
 
 
+def test_a_failed_point_of_an_in_process_sweep_leaves_the_others_training(tmp_path, monkeypatch, capsys):
+    """A point that diverges is listed as failed after the results table, as with workers; the next points
+    still train, and the exit status is 1."""
+    cwd = setup_dir(tmp_path, RECIPE + '[sweep]\n"train.lr" = [1e-3, 2e-3]\n')
+    nan_at(monkeypatch, 7)  # the first point's step 7
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
+    assert rc == 1
+    assert "failed: error: non-finite loss nan, gradient norm nan at step 7" in out
+    assert "[2/2] lr=0.002  [trained 1 of 2," in out and "-> out/t/lr=0.002" in out
+    lines = err.splitlines()
+    assert lines[0].startswith("failed: lr=0.001 (exit code 1): error: non-finite loss nan") \
+        and lines[0].endswith(f"[{Path('out/t/lr=0.001')}]")
+    assert lines[1] == ("error: 1 of 2 runs failed (listed above); the others finished; fix the cause and run the "
+                        "same command to train the failed ones")
+    assert (cwd / "out/t/lr=0.002/summary.json").exists() and not (cwd / "out/t/lr=0.001/summary.json").exists()
+
+
 def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
     from dcablate.training.logs import MetricsLog
 
