@@ -214,8 +214,11 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
     if dry_run:
         if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
             preflight.device_checked(recipe, overrides, points)
+        budgets: dict = {}
         for _, r, run_dir, state in plan:
-            click.echo(f"{run_dir}  (recipe {r.digest()}){'' if state == 'new' else '  ' + state}")
+            steps = preflight.budget_steps(r, budgets)
+            click.echo(f"{run_dir}  (recipe {r.digest()}){'  ' + steps if steps else ''}"
+                       f"{'' if state == 'new' else '  ' + state}")
         for r, run_dir, why in refused:
             click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")
         if len(points) > 1:

@@ -132,6 +132,25 @@ def check_budgets(plan, to_train: list[int]) -> None:
             raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
 
 
+def budget_steps(r, cache: dict) -> str:
+    """For `--dry-run`: an LM run's steps from its token budget (`1,221 steps of 4,096 tokens, train.tokens_per_param
+    20 = 5.0M tokens`), counted as `check_budgets` counts them; "" for a run whose recipe gives its steps."""
+    from dcablate.models.describe import recipe_costs
+    from dcablate.training.optim import planned_steps
+
+    t = r.train
+    if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
+        return ""
+    try:
+        c, _ = recipe_costs(r, cache)
+    except UserError:
+        return ""
+    per_step = t.batch_size * c.seq_len
+    steps = planned_steps(t, per_step, c.params["non_embedding"])
+    key = f"train.tokens {t.tokens:,}" if t.tokens else f"train.tokens_per_param {t.tokens_per_param:g}"
+    return f"{steps:,} steps of {per_step:,} tokens ({key}: {steps * per_step / 1e6:.1f}M tokens)"
+
+
 def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], devices) -> None:
     """Every model about to train fits this machine (its weights against the free memory; `devices[i]` is point
     i's device); a UserError naming the size keys and where they were set otherwise."""

@@ -158,3 +158,20 @@ def test_a_budget_is_checked_before_the_text_and_a_tokenizer_file_is_named_where
     rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.tokenizer=bpe",
                      "--set", "task.lm.tokenizer_file=t.json", *short)
     assert one_error_line(rc, err) == f"error: --set: task.lm.tokenizer_file: {work / 't.json'}: no such file"
+
+
+def test_a_dry_run_shows_the_steps_a_token_budget_gives_each_run(work, capsys):
+    """With a token budget the steps are known only once the model is counted: `--dry-run` shows them per run, as
+    the runs will count them; a run whose recipe gives its steps shows none."""
+    from dcablate.models.costs import build_model, costs
+
+    r = recipes.load("r.toml", ["--set", "train.tokens_per_param=5", "--set", "sweep={}"][1::2])
+    non_embedding = costs(build_model(r, 256), 16).params["non_embedding"]
+    steps = -(-5 * non_embedding // (4 * 16))
+    rc, out, _ = cli(capsys, "run", "r.toml", "--dry-run", "--set", "train.tokens_per_param=5")
+    lines = out.splitlines()
+    assert rc == 0 and len(lines) == 3
+    assert all(line.endswith(f"  {steps:,} steps of 64 tokens (train.tokens_per_param 5: "
+                             f"{steps * 64 / 1e6:.1f}M tokens)") for line in lines), lines
+    rc, out, _ = cli(capsys, "run", "r.toml", "--dry-run")
+    assert rc == 0 and all(line.endswith(")") for line in out.splitlines())
