@@ -528,10 +528,12 @@ def _curves(path: Path, best: dict, widths: list[int], variants: list, colors: d
 
 
 def _save(fig, legend_ax, path: Path) -> Path:
+    """Write `fig` with `legend_ax`'s legend to the right of that axis, where it covers no point ("best" inside
+    the axes still covered the LM ladders' points)."""
     import matplotlib.pyplot as plt
 
-    legend_ax.legend(fontsize=7, loc="best")
+    legend_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
