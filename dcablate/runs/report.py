@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dcablate import config as recipes
 from dcablate.errors import RecipeError, UserError
+from dcablate.training import failure
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
 from dcablate.runs import efficiency, report_files, suite, variants
@@ -56,6 +57,7 @@ class Run:
     seed: int
     task: str = "mqar"
     summary: dict | None = None  # None = unfinished
+    failure: dict | None = None  # failed.json of a run whose last attempt ended on an error (training/failure.py)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, score) of each evaluation
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each train record
     tokens_seen: list[tuple[int, int]] = field(default_factory=list)  # (step, training tokens so far), train records
@@ -125,6 +127,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         run = Run(run_dir, (mixer, conv_label(m.conv), placement, m.ffn), m.d_model, r.train.lr, r.run.seed,
                   r.task.kind, recipe=variants.recipe_keys(r))
         summary_file = run_dir / "summary.json"
+        run.failure = None if summary_file.is_file() else failure.read(run_dir)
         if summary_file.is_file():
             try:
                 run.summary = json.loads(summary_file.read_text())
@@ -275,13 +278,14 @@ def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dic
 def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dict, targets: dict,
                  folder: report_files.Folder) -> dict[str, Path]:
     """Every file of the report over the runs below `root`, written into `stage`, by kind."""
-    unfinished = [r for r in runs if r.summary is None]
-    finished = len(runs) - len(unfinished)
+    failed = [r for r in runs if r.summary is None and r.failure is not None]
+    unfinished = [r for r in runs if r.summary is None and r.failure is None]
+    finished = len(runs) - len(unfinished) - len(failed)
     files = {"md": stage / "report.md"}
     lines = [report_files.MARKER, f"# Report: {root}", "",
              f"{_count(finished, 'finished run')}, {len(unfinished)} unfinished"
-             + (f", {len(bad)} skipped" if bad else "") + ".", ""]
-    if not finished and unfinished:
+             + (f", {len(failed)} failed" if failed else "") + (f", {len(bad)} skipped" if bad else "") + ".", ""]
+    if not finished and (unfinished or failed):
         lines += ["No run has finished yet: the tables and figures come with the runs' `summary.json`.", ""]
     if tasks:
         files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
@@ -301,6 +305,10 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
     lines += csv_note
 
     lines += _software(runs)
+    if failed:  # their learning rates' cells rest on the other seeds, or are missing from the tables
+        lines += ["## Failed (the last attempt ended on an error; `failed.json`)", ""]
+        lines += [f"- `{shown(r.path, root)}` after {_count(r.failure.get('step', 0), 'step')}: {r.failure['error']}"
+                  for r in failed] + [""]
     if unfinished:
         lines += ["## Unfinished (no summary.json)", ""] + [f"- `{shown(r.path, root)}`" for r in unfinished]
         lines += [""]

@@ -30,6 +30,7 @@ from dcablate.models.memory import allocation_failed
 from dcablate.tasks import build_task
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
+from dcablate.training import failure
 from dcablate.training.batches import device_batches
 from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
@@ -68,7 +69,14 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                 raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
                            f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
                            128 + e.signum) from None
-            return run.run()
+            if ddp.is_main():
+                failure.clear(run_dir)
+            try:
+                return run.run()
+            except Stop as e:
+                if e.code == 1 and ddp.is_main():  # an error, not a stop signal (128 + signum)
+                    failure.record(run_dir, str(e), run.state.step)
+                raise
 
 
 def shared_data_dir(recipe, run_dir: Path) -> Path:

@@ -661,3 +661,30 @@ def test_console_script_sigterm(tmp_path):
     assert len(err.splitlines()) == 1 and err.startswith("interrupted (SIGTERM) at step ")
     saved = Path(err.split("checkpoint saved to ")[1].split(";")[0])
     assert checkpoint.load(cwd / saved)["step"] == int(err.split("at step ")[1].split(";")[0])
+
+
+def test_a_failed_run_says_so_in_its_folder_and_the_report_lists_it_until_it_is_retried(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`failed.json` keeps the error of a run's last attempt (an in-process sweep has no worker log);
+    `dcablate report` lists the run as failed with it, and the next attempt removes it."""
+    from dcablate.cli import main
+
+    cwd = setup_dir(tmp_path, RECIPE + '[sweep]\n"train.lr" = [1e-3, 2e-3]\n')
+    nan_at(monkeypatch, 7)
+    rc, _, _ = run_cli(monkeypatch, capsys, cwd)
+    assert rc == 1
+    record = json.loads((cwd / "out/t/lr=0.001/failed.json").read_text())
+    assert record["step"] == 6 and record["error"].startswith("error: non-finite loss nan, gradient norm nan at "
+                                                              "step 7; last good checkpoint")
+    assert not (cwd / "out/t/lr=0.002/failed.json").exists()
+    assert main(["report", "out/t"]) == 0
+    report = (cwd / "out/t/report.md").read_text()
+    assert "1 finished run, 0 unfinished, 1 failed." in report
+    assert "## Failed" in report and "- `lr=0.001` after 6 steps: error: non-finite loss nan" in report
+    assert "## Unfinished" not in report
+    monkeypatch.undo()
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    rc, _, err = run_cli(monkeypatch, capsys, cwd, "--set", "train.nonfinite=skip")  # resumes at step 6
+    assert rc == 0, err
+    assert not (cwd / "out/t/lr=0.001/failed.json").exists()
