@@ -302,6 +302,40 @@ def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], c
     return capacity.default_count(False, need, cpu_count(), host_bytes=free_host_bytes())
 
 
+def _bad_value(param, why: str):
+    """A click option's value refused in a callback (click's usual one-line usage error, exit 2)."""
+    raise click.BadParameter(why, param=param)
+
+
+def run_named(run_dir: Path) -> Path:
+    """`--run` of eval and generate: the run directory it names (its `recipe.toml` names it too); a missing path,
+    another file or a folder that is no run is one line."""
+    if run_dir.is_file() and run_dir.name == "recipe.toml":
+        run_dir = run_dir.parent
+    elif run_dir.is_file():
+        above = next((p for p in run_dir.parents if (p / "recipe.toml").is_file()), None)
+        hint = f" (the run directory is '{above}')" if above else ""
+        raise UserError(f"--run {run_dir}: is a file; --run takes a run directory{hint}")
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such run directory")
+    if not (run_dir / "recipe.toml").is_file():
+        raise not_a_run(run_dir)
+    return run_dir
+
+
+def final_state(run_dir: Path) -> dict:
+    """The final checkpoint of the run in `run_dir`; an unfinished run is one line saying how to finish it."""
+    from dcablate.training import checkpoint
+
+    final = run_dir / "checkpoints" / "final.pt"
+    if not final.is_file():
+        steps = checkpoint.step_files(run_dir / "checkpoints")
+        newest = f" (its newest checkpoint is step {steps[-1][0]})" if steps else ""
+        raise UserError(f"{run_dir}: unfinished{newest}, no final checkpoint; finish it with `dcablate run "
+                        f"{run_dir}`, then evaluate or sample it")
+    return checkpoint.load(final)
+
+
 def not_a_run(run_dir: Path) -> UserError:
     """`--run DIR` names no run: the error, with one of the runs DIR holds when it is a sweep's folder."""
     below = sorted(p.parent for p in run_dir.glob("*/recipe.toml"))
@@ -406,6 +440,8 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
 
 
 EVAL_SETTABLE = ("task.", "eval.", "run.device", "model.backend", "train.precision")  # what eval may --set
+# task keys that decide the tokens the model reads: changing them would score the model on inputs it never saw
+EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
 
 
 @cli.command(name="eval")
@@ -421,16 +457,20 @@ EVAL_SETTABLE = ("task.", "eval.", "run.device", "model.backend", "train.precisi
                    "num_examples=500}]'.")
 def eval_(task_kind, run_dir, overrides, data):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...)."""
+    run_dir = run_named(run_dir)
     recipe_path = run_dir / "recipe.toml"
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    if not recipe_path.is_file():
-        raise not_a_run(run_dir)
+    trained = config.load(str(recipe_path), [])
     for o in overrides:
         key = o.partition("=")[0].strip()
         if not key.startswith(EVAL_SETTABLE):
             raise UserError(f"--set {o}: eval re-measures a trained run and cannot change how it was trained or its "
                             f"model; it takes {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_SETTABLE)}")
+        if key == "task.kind":
+            raise UserError(f"--set {o}: a run is measured on the task it was trained on (task.kind = "
+                            f"'{trained.task.kind}'); to measure another task, train a run on it")
+        if key.startswith("task.") and key.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:
+            raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
+                            f"({key} as in {recipe_path})")
     r = config.load(str(recipe_path), list(overrides))
     task_kind = task_kind or r.task.kind
     if r.task.kind != task_kind:
@@ -438,13 +478,19 @@ def eval_(task_kind, run_dir, overrides, data):
                         f"that task only (--task {r.task.kind}, or leave --task out); to measure another task, "
                         f"train a run on it")
 
+    from dcablate.runs.preflight import device_checked, located
     from dcablate.tasks import build_task
-    from dcablate.training import checkpoint
-    from dcablate.training.runtime import autocast_for, check_runtime
+    from dcablate.training.runtime import autocast_for
 
-    device = check_runtime(r)
-    state = checkpoint.load(run_dir / "checkpoints" / "final.pt")
-    task = build_task(r.task, train=False, data=data, run_dir=run_dir)
+    device = device_checked(str(recipe_path), list(overrides), [(None, r)])[0]  # a --set device: named as such
+    state = final_state(run_dir)
+    try:
+        task = build_task(r.task, train=False, data=data, run_dir=run_dir)
+    except UserError as e:
+        raise located(e, str(recipe_path), list(overrides)) from None
+    if state.get("vocab_size", task.vocab_size) != task.vocab_size:  # whatever the settings, the inputs must fit
+        raise UserError(f"{run_dir}: the run's model reads {state['vocab_size']} token ids and task.{r.task.kind} "
+                        f"gives {task.vocab_size} now; eval cannot change the vocabulary")
     model = trained_model(run_dir, r, state, task.vocab_size, device)
     metrics = task.evaluate(model, device, r.eval.batch_size, autocast_for(device, r.train.precision))
     record = json.dumps({"task": task_kind, "step": state["step"], **task.eval_record(),
@@ -580,29 +626,26 @@ def report(directory, targets, out):
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished LM run directory.")
 @click.option("--prompt", default="", help="Text to continue (a new document when empty).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--temperature", type=click.FloatRange(min=0.0, max=1e6), default=0.8, show_default=True,
+              callback=lambda ctx, param, v: v if v == v else _bad_value(param, "nan is not a number"),
+              help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = the whole vocabulary.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     """Stream text sampled from a trained language model (task.kind = "lm")."""
-    if not (run_dir / "recipe.toml").is_file():
-        raise not_a_run(run_dir)
+    run_dir = run_named(run_dir)
     r = config.load(str(run_dir / "recipe.toml"))
     if r.task.kind != "lm":
         raise UserError(f"{run_dir}: generate needs a language model; this run was trained on "
                         f"task.kind = '{r.task.kind}'")
     import torch
 
-    from dcablate.training import checkpoint
     from dcablate.tasks import build_task
     from dcablate.tasks.lm.generate import Speed, sample_ids, stream_text
     from dcablate.training.runtime import check_runtime
 
     device = check_runtime(r)
-    final = run_dir / "checkpoints" / "final.pt"
-    if not final.is_file():
-        raise UserError(f"{run_dir}: no final checkpoint yet (finish the run first)")
-    state = checkpoint.load(final)
+    state = final_state(run_dir)
     tok = build_task(r.task, train=False, run_dir=run_dir).tokenizer
     model = trained_model(run_dir, r, state, tok.vocab_size, device)
     gen = torch.Generator().manual_seed(seed)

@@ -47,6 +47,9 @@ num_kv_pairs = 2
 num_examples = 32
 """
 
+# the same, a byte-level language model (generate's cases); its text is never read before the errors they test
+LM_OK = OK.split("[task.mqar]")[0] + '[task]\nkind = "lm"\n[task.lm]\ndata = "text.txt"\nseq_len = 16\n'
+
 DRY = ["--dry-run"]
 
 
@@ -228,13 +231,33 @@ CASES = [
     Case("eval-dir-without-recipe", ["eval", "--task", "mqar", "--run", "somedir"],
          ("somedir: not a run directory (no recipe.toml)",), dirs=("somedir",)),
     Case("eval-without-checkpoint", ["eval", "--task", "mqar", "--run", "rd"],
-         ("final.pt: no checkpoint here",), files={"rd/recipe.toml": OK}),
+         ("rd: unfinished, no final checkpoint; finish it with `dcablate run rd`, then evaluate or sample it",),
+         files={"rd/recipe.toml": OK}),
+    Case("eval-unfinished-run", ["eval", "--run", "rd"],
+         ("rd: unfinished (its newest checkpoint is step 4), no final checkpoint; finish it with `dcablate run rd`",),
+         files={"rd/recipe.toml": OK, "rd/checkpoints/step-000004.pt": "x"}),
+    Case("generate-unfinished-run", ["generate", "--run", "rd"],
+         ("rd: unfinished, no final checkpoint; finish it with `dcablate run rd`",),
+         files={"rd/recipe.toml": LM_OK}),
+    Case("generate-temperature-nan", ["generate", "--run", "rd", "--temperature", "nan"],
+         ("Invalid value for '--temperature': nan is not a number",), files={"rd/recipe.toml": LM_OK}),
+    Case("eval-run-is-the-runs-recipe", ["eval", "--run", "rd/recipe.toml"],
+         ("rd: unfinished, no final checkpoint",), files={"rd/recipe.toml": OK}),
+    Case("eval-run-is-a-file-of-a-run", ["eval", "--run", "rd/checkpoints/step-000004.pt"],
+         ("--run rd/checkpoints/step-000004.pt: is a file; --run takes a run directory (the run directory is 'rd')",),
+         files={"rd/recipe.toml": OK, "rd/checkpoints/step-000004.pt": "x"}),
+    Case("eval-set-task-kind", ["eval", "--run", "rd", "--set", "task.kind='recall'"],
+         ("--set task.kind='recall': a run is measured on the task it was trained on (task.kind = 'mqar')",),
+         files={"rd/recipe.toml": OK}),
+    Case("eval-set-vocab-size", ["eval", "--run", "rd", "--set", "task.mqar.vocab_size=1024"],
+         ("--set task.mqar.vocab_size=1024: decides the tokens the model was trained on; eval keeps the run's",),
+         files={"rd/recipe.toml": OK}),
     Case("eval-bad-recipe-in-run-dir", ["eval", "--task", "mqar", "--run", "rd"],
          ("recipe.toml: model.d_modle", "did you mean 'd_model'"), files={"rd/recipe.toml": "[model]\nd_modle = 1\n"}),
     Case("eval-bad-set", ["eval", "--task", "mqar", "--run", "rd", "--set", "task.mqar.test=[{seq_len=63}]"],
          ("--set", "task.mqar.test", "seq_len", "must be even"), files={"rd/recipe.toml": OK}),
     Case("eval-bad-task", ["eval", "--task", "text", "--run", "rd"], ("Invalid value for '--task'", "'text'")),
-    Case("eval-without-task-reads-the-runs", ["eval", "--run", "rd"], ("final.pt: no checkpoint here",),
+    Case("eval-without-task-reads-the-runs", ["eval", "--run", "rd"], ("rd: unfinished",),
          files={"rd/recipe.toml": OK}),
     Case("eval-set-a-training-key", ["eval", "--run", "rd", "--set", "train.lr=1"],
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.*"), files={"rd/recipe.toml": OK}),
@@ -380,7 +403,8 @@ CASES += [
     Case("eval-backend-fla-without-cuda", ["eval", "--task", "mqar", "--run", "rd", "--set", "model.backend=fla"],
          ("model.backend = 'fla' needs a CUDA device",), files={"rd/recipe.toml": OK, "rd/checkpoints/final.pt": FINAL},
          cpu_only=True),
-    Case("eval-run-is-a-file", ["eval", "--task", "mqar", "--run", "f.txt"], ("f.txt: no such run directory",),
+    Case("eval-run-is-a-file", ["eval", "--task", "mqar", "--run", "f.txt"], ("--run f.txt: is a file; --run takes a "
+                                                                           "run directory",),
          files={"f.txt": "x"}),
 ]
 
