@@ -366,7 +366,7 @@ def train_here(plan, root: Path, quiet: bool) -> None:
             except Stop as e:
                 if points == 1 or e.code in STOPPED_CODES:
                     raise
-                sweep.finished()
+                sweep.finished(failed=True)
                 click.echo(f"  failed: {e}")
                 failed.append((name or r.run.name, e, run_dir))
                 continue

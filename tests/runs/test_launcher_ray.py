@@ -3,6 +3,7 @@ report as the local launcher, a rerun trains nothing, and a sweep stopped by SIG
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 
@@ -30,6 +31,43 @@ def sweep(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "w.toml").write_text(SWEEP)
     return tmp_path
+
+
+def test_a_single_run_on_a_local_ray_instance(sweep, monkeypatch):
+    """Without --address the command starts a Ray instance of its own (in a Ray temp folder of its own here, so
+    that no other test's cluster is found instead): none of Ray's start-up warnings (that it turned token
+    authentication on) reach the terminal, and a recipe without a sweep has its line named by run.name."""
+    import tempfile
+
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # Ray's defaults, as a user has them
+        monkeypatch.delenv(name, raising=False)
+    (sweep / "w.toml").write_text(SWEEP.split("[sweep]")[0])
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths live below it
+    try:
+        proc = start_command(sweep, "--launcher", "ray", env={"RAY_TMPDIR": ray_tmp})
+        out, err = proc.communicate(timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, (out, err)
+    assert "ray: 1 node in a local Ray instance" in out, out
+    assert "training 1 run on 1 worker (ray " in out, out
+    assert re.search(r"^\[1/1\] w  overall \d\.\d{3} .*s wall, ray \d+ CPU\)  \[done 1 of 1, ", out, flags=re.M), out
+    assert "WARNING" not in err and "authentication" not in err, err
+
+
+def test_connect_hides_only_a_local_instances_warnings(monkeypatch):
+    """The "ray" logger shows errors only for a local instance; attached to a cluster, its warnings too."""
+    import logging
+
+    from dcablate.runs.launchers import ray as launcher
+
+    calls = []
+    fake = type("FakeRay", (), {"init": staticmethod(lambda **kw: calls.append(kw))})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert launcher.connect(fake, None) == "a local Ray instance"
+    assert launcher.connect(fake, "ray://head:10001") == "the Ray cluster at ray://head:10001"
+    assert [c["logging_level"] for c in calls] == [logging.ERROR, logging.WARNING]
+    assert all(c["log_to_driver"] is False for c in calls)
 
 
 def test_ray_sweep_matches_the_local_launcher(sweep, cluster, capsys):

@@ -76,6 +76,12 @@ def test_workers_match_in_process_report_failures_and_skip_finished(sweep, capsy
     assert "training 4 runs on 2 workers (cpu x2)" in out
     assert sum(line.startswith(f"[{k}/4] ") for k in range(1, 5) for line in out.splitlines()) == 4
     assert "FAILED with exit code 2 (cpu)" in out
+    # the progress counts the failed run among those done, and says it failed, on its line and every one after
+    lines = [ln for ln in out.splitlines() if re.match(r"\[\d/4\] ", ln)]
+    failed_at = next(k for k, ln in enumerate(lines) if "FAILED" in ln)
+    shown = [re.search(r"  \[(done \d of 4(?: \(\d failed\))?), \d:\d\d:\d\d elapsed, ", ln) for ln in lines]
+    assert [m and m.group(1) for m in shown] == \
+        [f"done {k + 1} of 4{' (1 failed)' if k >= failed_at else ''}" for k in range(4)], out
     assert f"failed: {NAMES[2]} (exit code 2): error: " in err and "another dcablate process" in err
     assert "error: 1 of 4 runs failed" in err
     table = out.split("\n\n", 1)[1]
@@ -104,7 +110,7 @@ def test_a_worker_serves_several_runs(sweep, capsys):
     Each finished run's line shows the sweep's progress and ETA; each worker.log holds plain progress lines."""
     assert main(["run", "w.toml", "--workers", "2", "--set", "log.progress=true"]) == 0
     out = capsys.readouterr().out
-    status = re.findall(r"^\[(\d)/4\] .*  \[trained (\d) of 4, \d:\d\d:\d\d elapsed, eta \d:\d\d:\d\d\]$", out, flags=re.M)
+    status = re.findall(r"^\[(\d)/4\] .*  \[done (\d) of 4, \d:\d\d:\d\d elapsed, eta \d:\d\d:\d\d\]$", out, flags=re.M)
     assert status == [(str(k), str(k)) for k in range(1, 5)], out
     root = sweep / "out" / "w"
     for n in NAMES:
@@ -228,8 +234,10 @@ def test_sweep_progress():
     assert progress.heading(0, 5, "a") == "[1/5] a"
     progress.started -= 60
     progress.finished()
-    assert progress.status() == "trained 1 of 4, 0:01:00 elapsed, eta 0:03:00"
-    assert progress.heading(1, 5, "b") == "[2/5] b  [trained 1 of 4, 0:01:00 elapsed, eta 0:03:00]"
+    assert progress.status() == "done 1 of 4, 0:01:00 elapsed, eta 0:03:00"
+    assert progress.heading(1, 5, "b") == "[2/5] b  [done 1 of 4, 0:01:00 elapsed, eta 0:03:00]"
+    progress.finished(failed=True)  # a failed run is done too, and said to have failed
+    assert progress.status() == "done 2 of 4 (1 failed), 0:01:00 elapsed, eta 0:01:00"
 
 
 def test_sweep_progress_with_runs_side_by_side():
@@ -241,11 +249,11 @@ def test_sweep_progress_with_runs_side_by_side():
     progress = SweepProgress(80, at_once=8)
     progress.started -= 73
     progress.finished(72.8)
-    assert progress.status() == "trained 1 of 80, 0:01:13 elapsed, eta 0:11:59"  # 72.8 x 79 / 8 = 719 s
+    assert progress.status() == "done 1 of 80, 0:01:13 elapsed, eta 0:11:59"  # 72.8 x 79 / 8 = 719 s
     for _ in range(7):
         progress.finished(74.0)
     progress.started -= 7  # 80 s in, 8 runs done: 10 s per run from here
-    assert progress.status() == "trained 8 of 80, 0:01:20 elapsed, eta 0:12:00"
+    assert progress.status() == "done 8 of 80, 0:01:20 elapsed, eta 0:12:00"
 
 
 @pytest.mark.parametrize("flags, fragment", [

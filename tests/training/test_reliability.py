@@ -292,7 +292,7 @@ def test_a_failed_point_of_an_in_process_sweep_leaves_the_others_training(tmp_pa
     rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 1
     assert "failed: error: non-finite loss nan, gradient norm nan at step 7" in out
-    assert "[2/2] lr=0.002  [trained 1 of 2," in out and "-> out/t/lr=0.002" in out
+    assert "[2/2] lr=0.002  [done 1 of 2 (1 failed)," in out and "-> out/t/lr=0.002" in out
     lines = err.splitlines()
     assert lines[0].startswith("failed: lr=0.001 (exit code 1): error: non-finite loss nan") \
         and lines[0].endswith(f"[{Path('out/t/lr=0.001')}]")

@@ -29,6 +29,10 @@ class Job:
     task_kind: str = "mqar"  # picks the headline metric of its result line
     label: str = ""  # where it is training ("cpu", "gpu 1", "ray 0.25 GPU", "slurm 1234_0")
     started: float = 0.0
+    title: str = ""  # the name its lines show: the point's, or a single run's run.name (its `name` is "")
+
+    def __post_init__(self):
+        self.title = self.title or self.name or self.run_dir.name
 
     def request(self) -> dict:
         """What the process that trains it needs (`point.run_job`); plain data, so any launcher can send it."""
@@ -37,7 +41,8 @@ class Job:
 
 def jobs_for(plan, to_train: list[int]) -> list[Job]:
     """The `Job`s of the planned points (name, recipe, run_dir, state) still to train."""
-    return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind) for i in to_train]
+    return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind,
+                title=plan[i][0] or plan[i][1].run.name) for i in to_train]
 
 
 @dataclass
@@ -87,19 +92,21 @@ class Reporter:
 
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
-        elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.name}"
-        self.progress.finished(elapsed)
+        elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.title}"
         if code == 0 and (job.run_dir / "summary.json").is_file():
+            self.progress.finished(elapsed)
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary
             click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.label})"
                        f"  [{self.progress.status()}]")
         elif self.stopping() and code in STOPPED_CODES:
+            self.progress.finished(elapsed)
             self.out.interrupted.append(job)
             reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
                 f"ended by {exit_code(code)} before it saved a checkpoint; it resumes from its previous one"
             click.echo(f"{prefix}  stopped ({job.label}): {reason}")
         else:
+            self.progress.finished(elapsed, failed=True)
             self.out.failed.append((job, exit_code(code), why or last_line(job.run_dir / LOG_NAME)))
             click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.label}); "
                        f"see {job.run_dir / LOG_NAME}  [{self.progress.status()}]")
@@ -155,7 +162,7 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
         click.echo(results_table(rows))
     click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
     for job, code, line in out.failed:
-        click.echo(f"failed: {job.name} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
+        click.echo(f"failed: {job.title} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
     if out.signal_name:
         raise Stop(f"interrupted ({out.signal_name}): {plural(len(out.interrupted), 'run')} stopped (checkpointed "
                    f"if training had begun), {out.not_started} not started, {len(out.failed)} failed; run the same "

@@ -322,15 +322,17 @@ def reachable(address: str) -> None:
 
 def connect(ray, address: str | None) -> str:
     """Start a local Ray instance (`address` None, and no RAY_ADDRESS in the environment, which Ray would
-    attach to) or attach to a cluster; a description of where."""
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    attach to) or attach to a cluster; a description of where. For a local instance the command's "ray" logger
+    shows errors only (`logging_level`), so that Ray's start-up warnings about an instance that lives and dies
+    with the command (Ray 2.60: that it turned token authentication on, its default now) stay out of the
+    terminal; a worker's failure still reaches the command as an exception (`RayWorker._wait`)."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address is None:
-            ray.init(include_dashboard=False, **quiet)
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
             return "a local Ray instance"
         reachable(address)
-        ray.init(address=address, **quiet)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         raise UserError(f"--address {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
     return f"the Ray cluster at {address}"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import click
 
 from dcablate.errors import UserError
-from dcablate.runs.launchers.outcome import Job, Outcome, Reporter
+from dcablate.runs.launchers.outcome import Job, Outcome, Reporter, plural
 from dcablate.runs.launchers.point import LOG_NAME
 from dcablate.runs.launchers.slots import describe_slots
 from dcablate.training.signals import REPEAT_S
@@ -133,7 +133,7 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
         w.assign(job)
 
     previous = stop.install()
-    click.echo(f"training {len(jobs)} run{'s' if len(jobs) != 1 else ''} on {len(slots)} workers "
+    click.echo(f"training {plural(len(jobs), 'run')} on {plural(len(slots), 'worker')} "
                f"({describe_slots(slots)}){where}; logs in RUN_DIR/{LOG_NAME}")
     last_status = time.time()
     try:
@@ -157,7 +157,7 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
                 enforce_deadline(busy, stop, grace)
             forward(busy, caught)
             if not caught and time.time() - last_status >= STATUS_EVERY_S:
-                click.echo(f"... {len(busy)} training ({', '.join(w.job.name for w in busy)})  "
+                click.echo(f"... {len(busy)} training ({', '.join(w.job.title for w in busy)})  "
                            f"[{reporter.progress.status()}]")
                 last_status = time.time()
             try:
@@ -200,8 +200,8 @@ def enforce_deadline(busy: list[Worker], stop: Stopping, grace: float) -> None:
     waited, caught = time.monotonic() - stop.first, stop.caught
     if waited >= grace and not stop.forced and len(caught) == 1:
         stop.forced = True
-        click.echo(f"{len(busy)} run{'s' if len(busy) != 1 else ''} still busy {grace:g}s after "
-                   f"{signal.Signals(caught[0]).name} ({', '.join(w.job.name for w in busy)}): stopping "
+        click.echo(f"{plural(len(busy), 'run')} still busy {grace:g}s after "
+                   f"{signal.Signals(caught[0]).name} ({', '.join(w.job.title for w in busy)}): stopping "
                    f"{'it' if len(busy) == 1 else 'them'} at once; each resumes from its last checkpoint")
         caught.append(caught[0])
     if waited >= grace + KILL_AFTER_S and not stop.killed:
