@@ -180,8 +180,8 @@ def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: st
            title=f"{title}: loss vs compute (fit: E={fit.E:.2f}, α={fit.alpha:.2f})")
     if doubt:
         ax.set_title(ax.get_title() + f"\nnot a compute comparison: {', '.join(doubt)}", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # off the points
     fig.tight_layout()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # off the points
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

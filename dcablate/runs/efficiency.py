@@ -29,8 +29,20 @@ def targets_for(metric, asked: tuple[float, ...] | None) -> tuple[float, ...]:
         for t in asked:
             if not math.isfinite(t):
                 raise UserError(f"--target {t}: a target is a finite value of the headline metric (e.g. 0.9)")
+
         return tuple(dict.fromkeys(asked))
     return DEFAULT_ACCURACY_TARGETS if metric.bounded and metric.higher_is_better else ()
+
+
+def check_reachable(metrics, asked: tuple[float, ...] | None) -> None:
+    """An asked target that none of the report's metrics can reach (above 1, or 0 or less, where every task is
+    scored by accuracy) is a UserError; in a tree of several tasks one list serves them all."""
+    if not asked or not metrics or not all(m.bounded for m in metrics):
+        return
+    for t in asked:
+        if math.isfinite(t) and not 0 < t <= 1:
+            raise UserError(f"--target {t:g}: {metrics[0].label} lies between 0 and 1, so no run reaches this; "
+                            f"give targets in (0, 1], e.g. --target 0.9")
 
 
 def first_reached(curve: list[tuple[int, float]], target: float, higher_is_better: bool) -> int | None:

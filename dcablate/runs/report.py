@@ -133,7 +133,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
                 run.summary = json.loads(summary_file.read_text())
                 run.score  # noqa: B018 - checks the field is there
             except (OSError, ValueError, KeyError, TypeError) as e:
-                bad.append((run_dir, f"summary.json: {e!r}"))
+                bad.append((run_dir, f"summary.json: {_unreadable(e)}"))
                 continue
         key = metric_of(run.task).key
         records = [rec for _, rec in _records(run_dir / "metrics.jsonl")]
@@ -237,6 +237,17 @@ def shown(path: Path, root: Path) -> str:
     return str(root) if rel == Path(".") else str(rel)
 
 
+def _unreadable(e: Exception) -> str:
+    """Why a summary.json could not be used, in words rather than an exception's repr."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, ValueError):
+        return f"not valid JSON ({e})"
+    if isinstance(e, KeyError):
+        return f"no {e} field where the score is read"
+    return f"not the summary of a run ({e})"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -248,6 +259,8 @@ def write_report(root: Path, targets: tuple[float, ...] | None = None, out: Path
     none for bits per byte). The report replaces only files it wrote itself and that are unchanged since
     (`report_files`); any other file in its way is a UserError before anything is written."""
     root = Path(root)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
     try:
         return _write_report(root, root if out is None else Path(out), None if targets is None else tuple(targets))
     except OSError as e:
@@ -261,6 +274,7 @@ def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dic
     by_task = {task: [r for r in runs if r.task == task] for task in TASKS.names() if not suite.is_suite_task(task)}
     tasks = {task: (metric_of(task), aggregate(rs), segments_of(rs, metric_of(task)))
              for task, rs in by_task.items() if rs}
+    efficiency.check_reachable([metric for metric, _, _ in tasks.values()], asked)
     targets = {task: efficiency.targets_for(metric, asked) for task, (metric, _, _) in tasks.items()}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -540,8 +554,8 @@ def _save(fig, legend_ax, path: Path) -> Path:
     the axes still covered the LM ladders' points)."""
     import matplotlib.pyplot as plt
 
+    fig.tight_layout()  # the panels first: a legend outside the axes leaves tight_layout no room to work with
     legend_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -11,6 +11,7 @@ import pytest
 
 from dcablate import config as recipes
 from dcablate.cli import main
+from dcablate.errors import UserError
 from dcablate.runs import variants
 from dcablate.runs.report import Cell, best_lr, find_runs, metric_of, write_report
 
@@ -206,7 +207,7 @@ def test_cli_report_writes_files(grid, capsys):
 def test_damaged_summary_is_skipped_not_fatal(grid):
     (grid / "a" / "w128" / "summary.json").write_text("{not json")
     md = write_report(grid)["md"].read_text()
-    assert "6 finished runs, 1 unfinished, 1 skipped" in md and "`a/w128`: summary.json" in md
+    assert "6 finished runs, 1 unfinished, 1 skipped" in md and "`a/w128`: summary.json: not valid JSON (" in md
 
 
 def make_lm_run(root, name, *, mixer="attention", lr=1e-3, seed=0, bpb=1.5, curve=((10, 2.0), (20, 1.5))):
@@ -339,3 +340,10 @@ def test_curve_panels_scale_to_their_own_data_and_show_a_run_evaluated_once(tmp_
     once = {(variant, 32): SimpleNamespace(runs=[SimpleNamespace(curve=[(100, 3.0)])])}
     report._curves(tmp_path / "d.png", once, [32], [variant], {variant: "C0"}, "loss", lambda run: run.curve)
     assert kept[1].axes[0].lines[0].get_marker() == "o"
+
+
+def test_an_out_that_is_a_file_is_one_line(grid, tmp_path):
+    (tmp_path / "notes.toml").write_text("x")
+    with pytest.raises(UserError, match=r"^--out .*notes.toml: is a file, not a folder$"):
+        write_report(grid, out=tmp_path / "notes.toml")
+    assert (tmp_path / "notes.toml").read_text() == "x"

@@ -200,3 +200,15 @@ def test_report_params_include_the_dynamic_conv_generator(tmp_path, monkeypatch)
     generator = sum(n for name, n in sizes.items() if name.endswith((".generator.weight", ".U")))
     assert generator > 0.2 * sum(sizes.values())  # at d_model 32 the generators are a large share
     assert table_rows(md, "attention conv=dynamic@qkv")[0][-1] == f"{sum(sizes.values()):,}"
+
+
+def test_a_target_no_accuracy_reaches_is_refused_unless_another_task_can(tmp_path):
+    """Accuracy lies in [0, 1]: `--target 2` on MQAR runs alone is one line, nothing written; in a tree with LM
+    runs one list serves both tasks, so it stands."""
+    root = tmp_path / "mqar"
+    make_run(root, "a", [(100, 0.6)])
+    with pytest.raises(UserError, match=r"^--target 2: .* lies between 0 and 1, so no run reaches this"):
+        write_report(root, targets=(0.9, 2.0))
+    assert not (root / "report.md").exists()
+    make_run(root, "lm", [(100, 2.0)], task="lm")
+    assert write_report(root, targets=(0.9, 2.0))["md"].is_file()
