@@ -277,12 +277,14 @@ def local_slots(plan, to_train: list[int], uses_cuda: bool, per_gpu, gpu_list, w
     from dcablate.runs.launchers.slots import plan_slots
 
     cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    default = 1
+    default, line = 1, None
     if len(to_train) > 1 and per_gpu is None and workers is None:
         chosen = [g for g in gpu_list if g < cuda_count] if gpu_list is not None else list(range(cuda_count))
         default, line = default_count(plan, to_train, uses_cuda, chosen)  # a --gpus beyond them: plan_slots says
+    slots = plan_slots(per_gpu, gpu_list, workers, uses_cuda, cuda_count, len(to_train), default)
+    if line:  # after the flags were found sound: a refusal is the command's only line
         click.echo(f"workers: {line}")
-    return plan_slots(per_gpu, gpu_list, workers, uses_cuda, cuda_count, len(to_train), default)
+    return slots
 
 
 def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], count_cores: bool = True):
@@ -439,7 +441,7 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
     return model.to(device)
 
 
-EVAL_SETTABLE = ("task.", "eval.", "run.device", "model.backend", "train.precision")  # what eval may --set
+EVAL_SETTABLE = ("task.", "eval.batch_size", "run.device", "model.backend", "train.precision")  # what eval may --set
 # task keys that decide the tokens the model reads: changing them would score the model on inputs it never saw
 EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
 
@@ -452,7 +454,7 @@ EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
               "the run's validation split.")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override an evaluation key (task.*, eval.*, run.device, model.backend, train.precision; value "
+              help="Override an evaluation key (task.*, eval.batch_size, run.device, model.backend, train.precision; value "
                    "parsed as TOML; repeatable), e.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, "
                    "num_examples=500}]'.")
 def eval_(task_kind, run_dir, overrides, data):

@@ -158,3 +158,10 @@ def test_a_worker_that_cannot_enter_the_commands_directory_says_why(tmp_path):
 def test_default_count_for_ray_leaves_the_cores_to_ray():
     n, line = default_count(True, GIB, cores=None, gpus=1, gpu_bytes=80 * GIB)
     assert n == 8 and "CPU cores" not in line
+
+
+def test_a_refused_gpus_flag_is_the_commands_only_output(sweep, capsys):
+    """The default worker count's line comes only once the flags are found sound (it preceded the error)."""
+    assert main(["run", "w.toml", "--gpus", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --gpus 0: ") and err.count("\n") == 1, (out, err)
