@@ -452,14 +452,33 @@ EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
                    "explicit, as a run is measured only on its own task.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
               "the run's validation split.")
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished run directory.")
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="A finished run directory, or a sweep's folder: each of its finished runs.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an evaluation key (task.*, eval.batch_size, run.device, model.backend, train.precision; value "
                    "parsed as TOML; repeatable), e.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, "
                    "num_examples=500}]'.")
 def eval_(task_kind, run_dir, overrides, data):
-    """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...)."""
-    run_dir = run_named(run_dir)
+    """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...). On
+    a sweep's folder, each finished run in turn (e.g. every variant at longer test segments)."""
+    points = sorted(p.parent for p in run_dir.glob("*/recipe.toml")) if run_dir.is_dir() else []
+    if not points or (run_dir / "recipe.toml").is_file():
+        evaluate_run(run_named(run_dir), task_kind, overrides, data)
+        return
+    finished = [p for p in points if (p / "checkpoints" / "final.pt").is_file()]
+    if not finished:
+        raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them with `dcablate run "
+                        f"{run_dir}`, then evaluate")
+    for i, point in enumerate(finished):
+        click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
+        evaluate_run(point, task_kind, overrides, data)
+    left = [p.name for p in points if p not in finished]
+    if left:
+        click.echo(f"not evaluated, unfinished: {', '.join(left)}")
+
+
+def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | None) -> None:
+    """`eval` of the run in `run_dir`: its result line, and its record saved under RUN/eval/."""
     recipe_path = run_dir / "recipe.toml"
     trained = config.load(str(recipe_path), [])
     for o in overrides:

@@ -261,8 +261,8 @@ CASES = [
          files={"rd/recipe.toml": OK}),
     Case("eval-set-a-training-key", ["eval", "--run", "rd", "--set", "train.lr=1"],
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.batch_size, run.device"), files={"rd/recipe.toml": OK}),
-    Case("eval-a-sweep-folder", ["eval", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds 1 run, "
-         "e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
+    Case("eval-a-sweep-folder-none-finished", ["eval", "--run", "sw"], ("sw: none of its 1 runs has finished; finish "
+         "them with `dcablate run sw`, then evaluate",), files={"sw/p/recipe.toml": OK}),
     Case("generate-a-sweep-folder", ["generate", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds "
          "1 run, e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
     Case("run-a-sweep-directory", ["run", "sw"], ("sw: the run directory of a sweep, not a recipe; run the sweep's "

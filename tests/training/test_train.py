@@ -150,6 +150,19 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert json.loads((run_dir / "eval" / "mqar.json").read_text()) == result
     assert again["overall"] == pytest.approx(final["overall"]) and again["loss"] == pytest.approx(final["loss"])
 
+    # the sweep's folder: each finished run in turn, its record in its own eval/
+    (tmp_path / "t" / "unfinished").mkdir()
+    (tmp_path / "t" / "unfinished" / "recipe.toml").write_text((run_dir / "recipe.toml").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "t"), "--set",
+                 "task.mqar.test=[{seq_len=48, num_kv_pairs=3, num_examples=8}]"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] conv.kind=none" in out and "[2/2] conv.kind=static" in out and out.count("T48_kv3") == 2
+    assert out.rstrip().endswith("not evaluated, unfinished: unfinished")
+    assert json.loads((tmp_path / "t" / "conv.kind=none" / "eval" / "mqar.json").read_text())["metrics"].keys() \
+        == {"T48_kv3", "overall", "loss"}
+    assert (run_dir / "eval" / "mqar-3.json").is_file()
+
     capsys.readouterr()
     assert main(["info", str(path)]) == 0
     out = capsys.readouterr().out
