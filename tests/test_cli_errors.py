@@ -190,6 +190,8 @@ CASES = [
     bad_set("set-wrong-type", ["train.steps=ten"], "--set: train.steps", "must be an integer, got str 'ten'"),
     bad_set("set-float-for-int", ["model.d_model=1e3"], "--set: model.d_model", "must be an integer"),
     bad_set("set-into-a-value", ["model.d_model.x=1"], "--set: model.d_model: is a value, not a table"),
+    bad_set("set-into-a-list", ["task.mqar.test.0.seq_len=128"], "--set: task.mqar.test: is a list, not a table; a "
+            "list is set whole: --set 'task.mqar.test=[{...}, ...]'"),
     bad_set("set-bad-segment", ["task.mqar.test=[{seq_len=64, nkv=3}]"], "--set: task.mqar.test[0].nkv",
             "unknown key"),
     bad_set("set-later-wins-but-still-validated", ["train.lr=1e-3", "train.lr=-1"], "--set: train.lr", "must be > 0"),

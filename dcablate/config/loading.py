@@ -165,7 +165,10 @@ def _set_path(data: dict, dotted: str, value, origins: dict, source: str) -> Non
             origins[".".join(parts[: i + 1])] = source
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            raise RecipeError(source, ".".join(parts[: i + 1]), "is a value, not a table")
+            at = ".".join(parts[: i + 1])
+            whole = (f"; a list is set whole: --set '{at}=[{{...}}, ...]'" if isinstance(nxt, list)
+                     and source == "--set" else "")
+            raise RecipeError(source, at, f"is a {'list' if isinstance(nxt, list) else 'value'}, not a table{whole}")
         node = nxt
     node[parts[-1]] = value
     _mark(origins, dotted, value, source)
