@@ -701,6 +701,18 @@ def data_get(name, directory):
     click.echo(f"corpus {name} ready in {folder}")
 
 
+@data.command(name="list")
+def data_list():
+    """The corpora `dcablate data get` builds: name, description, licences, and whether data/NAME holds it."""
+    from dcablate.tasks.lm.corpus import CORPORA, corpus_ready
+
+    for name, corpus in CORPORA.items():
+        here = Path("data") / name
+        state = f"ready in {here}" if corpus_ready(here) else f"not in {here} (dcablate data get {name})"
+        licences = ", ".join(dict.fromkeys(src.licence for src in corpus.sources))
+        click.echo(f"{name}: {corpus.description}\n  licences: {licences}\n  {state}")
+
+
 @cli.group()
 def kernels():
     """Kernel configurations tuned per GPU model, so that fla skips its autotuning (docs/sweeps.md)."""

@@ -41,3 +41,16 @@ def test_data_get_help_says_it_downloads(capsys):
     assert main(["data", "get", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "Download" in text and "network access" in text and "offline" not in text
+
+
+def test_data_list_names_each_corpus_its_licences_and_whether_it_is_here(tmp_path, monkeypatch, capsys):
+    from dcablate.tasks.lm.corpus import CORPORA
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "python-docs").mkdir(parents=True)
+    (tmp_path / "data" / "python-docs" / "a.txt").write_text("x")
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name}: " in out for name in CORPORA)
+    assert "licences: PSF License 2.0\n  ready in data/python-docs" in out
+    assert "not in data/debian-docs (dcablate data get debian-docs)" in out

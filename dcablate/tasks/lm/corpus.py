@@ -239,7 +239,8 @@ class _Tally:
     duplicates: int = 0
 
 
-def _ready(dest: Path) -> bool:
+def corpus_ready(dest: Path) -> bool:
+    """Whether `dest` holds a corpus already (any .txt file below it)."""
     return dest.is_dir() and any(dest.rglob("*.txt"))
 
 
@@ -258,7 +259,7 @@ def get_corpus(name: str, directory: Path | None = None) -> Path:
         raise UserError(f"unknown corpus '{name}'{did_you_mean(name, CORPORA)}; known: {', '.join(CORPORA)}")
     corpus = CORPORA[name]
     dest = Path(directory) if directory else Path("data") / name
-    if _ready(dest):
+    if corpus_ready(dest):
         log.info(f"{name}: {dest} already holds .txt files: kept as it is, nothing downloaded")
         return dest
     _check_destination(dest, f"--dir {dest}" if directory else f"{dest} (the default folder)")
