@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +214,9 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
     preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
         if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
-            preflight.device_checked(recipe, overrides, points)
+            devices = preflight.device_checked(recipe, overrides, points)
+            if not distributed:  # the worker flags too (their line is the real command's)
+                local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
         budgets: dict = {}
         for _, r, run_dir, state in plan:
             steps = preflight.budget_steps(r, budgets)
@@ -245,14 +248,12 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
     else:  # the cluster's nodes have the devices, and each worker checks its own
         uses_cuda = cluster_cuda([r for _, r in points])
     with made_here(root):  # a command that fails before any run wrote a file leaves no empty folders
-        slots = []
+        slots, line = [], None
         if launch.launcher == "local" and not distributed:
-            slots = local_slots(plan, to_train, uses_cuda, launch.per_gpu, launch.gpu_list, launch.workers)
+            slots, line = local_plan(plan, to_train, uses_cuda, launch)
+        if line:  # after the flags were found sound: a refusal is the command's only line
+            click.echo(f"workers: {line}")
         if not to_train or (launch.launcher == "local" and not slots):
-            if len(to_train) > 1 and (launch.runs_per_worker or 1) > 1:
-                raise UserError(f"--runs-per-worker {launch.runs_per_worker}: packs runs trained at once into fewer "
-                                f"processes, and this command trains one run at a time in this process; ask for "
-                                f"more at once with --per-gpu N (CUDA) or --workers N (CPU)")
             try:
                 return train_here(plan, root, quiet)
             except UserError as e:  # text found wanting only once read (a one-line .jsonl): where the key was set
@@ -269,9 +270,20 @@ def cluster_cuda(recipes) -> bool | None:
     return False if devices == {"cpu"} else None
 
 
-def local_slots(plan, to_train: list[int], uses_cuda: bool, per_gpu, gpu_list, workers) -> list:
-    """The local launcher's worker slots ([]: train in this process). Without --per-gpu/--workers the count
-    comes from this machine's capacity, printed with its reason."""
+def local_plan(plan, to_train: list[int], uses_cuda: bool, launch: LaunchOptions) -> tuple[list, str | None]:
+    """The local launcher's worker slots ([]: train in this process) and the line saying how many and why (None
+    where the flags gave the count); flags that do not fit this machine or each other are a UserError."""
+    slots, line = local_slots(plan, to_train, uses_cuda, launch.per_gpu, launch.gpu_list, launch.workers)
+    if not slots and len(to_train) > 1 and (launch.runs_per_worker or 1) > 1:
+        raise UserError(f"--runs-per-worker {launch.runs_per_worker}: packs runs trained at once into fewer "
+                        f"processes, and this command trains one run at a time in this process; ask for "
+                        f"more at once with --per-gpu N (CUDA) or --workers N (CPU)")
+    return slots, line
+
+
+def local_slots(plan, to_train: list[int], uses_cuda: bool, per_gpu, gpu_list, workers) -> tuple[list, str | None]:
+    """The local launcher's worker slots ([]: train in this process), and without --per-gpu/--workers the line
+    saying the count this machine's capacity gives and why."""
     import torch
 
     from dcablate.runs.launchers.slots import plan_slots
@@ -281,10 +293,7 @@ def local_slots(plan, to_train: list[int], uses_cuda: bool, per_gpu, gpu_list, w
     if len(to_train) > 1 and per_gpu is None and workers is None:
         chosen = [g for g in gpu_list if g < cuda_count] if gpu_list is not None else list(range(cuda_count))
         default, line = default_count(plan, to_train, uses_cuda, chosen)  # a --gpus beyond them: plan_slots says
-    slots = plan_slots(per_gpu, gpu_list, workers, uses_cuda, cuda_count, len(to_train), default)
-    if line:  # after the flags were found sound: a refusal is the command's only line
-        click.echo(f"workers: {line}")
-    return slots
+    return plan_slots(per_gpu, gpu_list, workers, uses_cuda, cuda_count, len(to_train), default), line
 
 
 def default_count(plan, to_train: list[int], uses_cuda: bool, gpus: list[int], count_cores: bool = True):
@@ -349,7 +358,7 @@ def train_here(plan, root: Path, quiet: bool) -> None:
     """`run` in this process, one run after another: a line per run, then the results table. A run of a sweep
     that fails (a non-finite step at a high learning rate, out of memory) does not stop the others, as with
     workers: the failures are listed after the table and the exit status is 1; a stop signal stops the sweep."""
-    from dcablate.runs.launchers.outcome import STOPPED_CODES, result_row, results_table
+    from dcablate.runs.launchers.outcome import result_row, results_table
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
     from dcablate.training.runtime import Stop
@@ -366,7 +375,7 @@ def train_here(plan, root: Path, quiet: bool) -> None:
             try:
                 summary = train(r, run_dir, quiet=quiet)
             except Stop as e:
-                if points == 1 or e.code in STOPPED_CODES:
+                if points == 1 or e.code != 1:  # a stop signal or a closed output stops the sweep; a fault, the run
                     raise
                 sweep.finished(failed=True)
                 click.echo(f"  failed: {e}")
@@ -812,6 +821,11 @@ def main(argv=None) -> int:
         runtime = sys.modules.get("dcablate.training.runtime")  # only loaded (with torch) once a run started
         if runtime is None or not isinstance(e, runtime.Stop):
             raise
+        if e.code == 128 + signal.SIGPIPE:  # stdout is gone: no flush of it at exit (Python's advice for EPIPE)
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):  # no file behind sys.stdout (captured): nothing to flush there
+                pass
         click.echo(str(e), err=True)
         return e.code
     return 0

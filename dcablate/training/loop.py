@@ -211,6 +211,12 @@ class Run:
             raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
                        f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
                        f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating{graphs}", 1) from None
+        except BrokenPipeError:  # the command's output was closed (`dcablate run ... | head`): a stop, not a fault
+            saved = self.state.saved
+            kept = f"the checkpoint {saved} is intact" if saved else "no checkpoint yet"
+            raise Stop(f"stopped: the output was closed (broken pipe) after step {self.state.step}; {kept}; run the "
+                       f"same command to resume (send the output to a file, or add --quiet, to keep it going)",
+                       128 + signal.SIGPIPE) from None
         except OSError as e:  # a full disk or a vanished directory while writing logs: one line, not a trace
             if e.errno is None:
                 raise

@@ -165,3 +165,17 @@ def test_a_refused_gpus_flag_is_the_commands_only_output(sweep, capsys):
     assert main(["run", "w.toml", "--gpus", "0"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: --gpus 0: ") and err.count("\n") == 1, (out, err)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--gpus", "0"], "--gpus 0: "),
+    (["--runs-per-worker", "2"], "--runs-per-worker 2: packs runs trained at once into fewer processes"),
+])
+def test_a_dry_run_refuses_the_worker_flags_the_real_command_refuses(sweep, capsys, flags, fragment):
+    if flags[0] == "--gpus" and __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    for dry in (["--dry-run"], []):
+        assert main(["run", "w.toml", *flags, *dry]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and "workers:" not in out, (out, err)
+    assert not (sweep / "out").exists()

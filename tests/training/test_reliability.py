@@ -316,6 +316,27 @@ def test_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
                               "out/t/checkpoints/step-000006.pt is intact\n"
 
 
+def test_a_closed_output_stops_the_run_as_sigpipe_would_not_as_a_fault(tmp_path, monkeypatch, capsys):
+    """`dcablate run ... | head`: the pipe closes under the progress lines. The run stops with exit 141 (128 +
+    SIGPIPE), says how to resume, and is not recorded as failed."""
+    from dcablate.training.logs import MetricsLog
+
+    real = MetricsLog.write
+
+    def write(self, kind, step, values):
+        if step == 8:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        real(self, kind, step, values)
+    monkeypatch.setattr(MetricsLog, "write", write)
+    cwd = setup_dir(tmp_path)
+    rc, out, err = run_cli(monkeypatch, capsys, cwd)
+    assert rc == 128 + signal.SIGPIPE
+    assert err == ("stopped: the output was closed (broken pipe) after step 8; the checkpoint "
+                   f"{Path('out/t/checkpoints/step-000006.pt')} is intact; run the same command to resume (send the "
+                   "output to a file, or add --quiet, to keep it going)\n")
+    assert not (cwd / "out/t/failed.json").exists()
+
+
 def test_nonfinite_loss_stops_with_the_step_and_a_hint(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path)
     nan_at(monkeypatch, 7)
