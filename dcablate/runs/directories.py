@@ -152,9 +152,12 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     if changes:
         # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
         longer = all(c.startswith(SCHEDULE_KEYS) for c in changes)
+        copy = _copy_with(run_dir, r, sweep_root)
         raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); "
                         + ("a run is not trained on past its planned steps, since its learning-rate schedule is "
                            "laid out over them; " if longer else "")
+                        + (f"{copy[0]} holds this recipe already (an earlier --force-new): add --set run.name="
+                           f"'{copy[1]}' to go on there, or " if copy else "")
                         + "use --force-new to train it in a fresh directory")
     if (run_dir / "summary.json").is_file():
         return "finished"
@@ -163,6 +166,23 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
         click.echo(f"warning: {recipe_file} predates recipe keys now set to their defaults: "
                    f"{describe_changes(added)}; resuming with these values", err=True)
     return "resume"
+
+
+def _copy_with(run_dir: Path, r, sweep_root: Path | None) -> tuple[Path, str] | None:
+    """A numbered copy (`NAME-2`, `NAME-3`, ... beside the run's or the sweep's folder, as --force-new makes them)
+    whose run directory holds recipe `r` unchanged: (that run directory, the run.name that trains there)."""
+    top = sweep_root if sweep_root is not None else run_dir
+    below = run_dir.relative_to(sweep_root) if sweep_root is not None else Path()
+    for other in sorted(top.parent.glob(f"{top.name}-*")):
+        if not other.name.removeprefix(f"{top.name}-").isdigit():
+            continue
+        recipe_file = other / below / "recipe.toml"
+        try:
+            if recipe_file.is_file() and not recipe_changes(config.load(str(recipe_file)).to_dict(), r.to_dict()):
+                return other / below, other.name
+        except UserError:  # a copy whose recipe no longer loads is no match
+            continue
+    return None
 
 
 def read_summary(run_dir: Path) -> dict:

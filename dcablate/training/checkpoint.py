@@ -256,9 +256,10 @@ def _remove_if_unused(run_dir: Path, lock: Path, made_dir: bool) -> None:
         pass
 
 
-# Keys a resume may change: they decide how a run is carried out or logged, not its results.
+# Keys a resume may change: they decide how a run is carried out, logged or where its folder is, not its results
+# (a copy made by --force-new, `NAME-2`, goes on under run.name = "NAME-2" though its recipe says "NAME").
 RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.oom_retry", "train.nonfinite", "train.parallel",
-               "train.cuda_graph", "eval.batch_size")
+               "train.cuda_graph", "eval.batch_size", "run.name", "run.out_dir")
 
 
 def _flat(node: dict) -> dict:

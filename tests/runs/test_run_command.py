@@ -125,3 +125,19 @@ def test_a_sweep_folder_keeps_the_commands_that_trained_into_it(tmp_path, capsys
     assert (f"the run directory of a sweep, not a recipe; run the sweep's recipe again to resume it (last run as "
             f"`dcablate run {path} --quiet --set train.lr=0.002` (in {tmp_path})), or `dcablate report") in \
         capsys.readouterr().err
+
+
+def test_a_changed_recipe_that_a_force_new_copy_holds_is_pointed_there_and_goes_on_under_its_name(tmp_path, capsys):
+    """After `--force-new` trained a changed sweep into `t-2`, the same command without it names `t-2` and the
+    run.name that goes on there (the copy's recipes keep run.name "t", which only says where a run lives)."""
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(path), "--quiet", "--set", "train.lr=2e-3", "--force-new"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--quiet", "--set", "train.lr=2e-3"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 't-2' / 'conv.kind=none'} holds this recipe already (an earlier --force-new): add --set " \
+           "run.name='t-2' to go on there, or use --force-new" in err, err
+    assert main(["run", str(path), "--quiet", "--set", "train.lr=2e-3", "--set", "run.name=t-2"]) == 0
+    assert capsys.readouterr().out.count("finished earlier, not retrained") == 2
+    assert not (tmp_path / "t-3").exists()
