@@ -22,8 +22,11 @@ class RecipeError(UserError):
 
 
 def did_you_mean(word: str, choices) -> str:
-    """' (did you mean 'x'?)' when a close match exists, else ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    """' (did you mean 'x'?)' when a close match exists, else ''. The one choice that starts with `word`, a name
+    cut short (`paper/mqar_gated` for `paper/mqar_gated_deltanet`), comes before spelling neighbours."""
+    word, choices = str(word), [str(c) for c in choices]
+    started = [c for c in choices if c.startswith(word) and c != word] if len(word) >= 3 else []
+    close = started if len(started) == 1 else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

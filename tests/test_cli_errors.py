@@ -190,6 +190,8 @@ CASES = [
     bad_set("set-wrong-type", ["train.steps=ten"], "--set: train.steps", "must be an integer, got str 'ten'"),
     bad_set("set-float-for-int", ["model.d_model=1e3"], "--set: model.d_model", "must be an integer"),
     bad_set("set-into-a-value", ["model.d_model.x=1"], "--set: model.d_model: is a value, not a table"),
+    bad_set("set-lm-task-without-text", ["task.kind=lm"], "--set: task.kind: 'lm' needs the text to train on: set "
+            "task.lm.data"),
     bad_set("set-into-a-list", ["task.mqar.test.0.seq_len=128"], "--set: task.mqar.test: is a list, not a table; a "
             "list is set whole: --set 'task.mqar.test=[{...}, ...]'"),
     bad_set("set-bad-segment", ["task.mqar.test=[{seq_len=64, nkv=3}]"], "--set: task.mqar.test[0].nkv",
@@ -267,8 +269,11 @@ CASES = [
          "them with `dcablate run sw`, then evaluate",), files={"sw/p/recipe.toml": OK}),
     Case("generate-a-sweep-folder", ["generate", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds "
          "1 run, e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
-    Case("run-a-sweep-directory", ["run", "sw"], ("sw: the run directory of a sweep, not a recipe; run the sweep's "
-         "recipe again to resume it, or `dcablate report sw` for its results",), files={"sw/p/recipe.toml": OK}),
+    Case("run-a-sweep-directory", ["run", "sw"], ("sw: the run directory of a sweep, not a recipe; give the sweep's "
+         "recipe or one point's folder (sw/POINT), or see its results with `dcablate report sw`",),
+         files={"sw/p/recipe.toml": OK}),
+    Case("info-a-sweep-directory", ["info", "sw"], ("sw: the run directory of a sweep, not a recipe; give the "
+         "sweep's recipe or one point's folder",), files={"sw/p/recipe.toml": OK}),
     Case("eval-another-task", ["eval", "--run", "r", "--task", "lm"],
          ("--task lm: this run was trained on task.kind = 'mqar' and is measured on that task only (--task mqar, or "
           "leave --task out)",), files={"r/recipe.toml": OK}),

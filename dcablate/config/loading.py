@@ -59,8 +59,9 @@ def find_recipe(ref: str) -> Path:
         from dcablate.runs.directories import last_command
 
         last = last_command(path)
-        raise UserError(f"{ref}: the run directory of a sweep, not a recipe; run the sweep's recipe again to resume "
-                        f"it{f' (last run as {last})' if last else ''}, or `dcablate report {ref}` for its results")
+        raise UserError(f"{ref}: the run directory of a sweep, not a recipe; give the sweep's recipe"
+                        f"{f' (last run as {last})' if last else ''} or one point's folder ({ref}/POINT), or see its "
+                        f"results with `dcablate report {ref}`")
     if path.exists():
         raise UserError(f"{ref}: not a file")
     raise UserError(f"{ref}: no such recipe file or shipped recipe{did_you_mean(name, shipped)}; "

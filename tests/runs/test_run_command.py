@@ -122,8 +122,8 @@ def test_a_sweep_folder_keeps_the_commands_that_trained_into_it(tmp_path, capsys
                                                              f"train.lr=0.002"] for line in lines)
     capsys.readouterr()
     assert main(["run", str(tmp_path / "t")]) == 2
-    assert (f"the run directory of a sweep, not a recipe; run the sweep's recipe again to resume it (last run as "
-            f"`dcablate run {path} --quiet --set train.lr=0.002` (in {tmp_path})), or `dcablate report") in \
+    assert (f"the run directory of a sweep, not a recipe; give the sweep's recipe (last run as `dcablate run "
+            f"{path} --quiet --set train.lr=0.002` (in {tmp_path})) or one point's folder") in \
         capsys.readouterr().err
 
 

@@ -51,8 +51,9 @@ class LMSection:
 
 def check(recipe, fail) -> None:
     lm, m = recipe.task.lm, recipe.model
-    if not lm.data:
-        fail("task.lm.data", "task.kind = 'lm' needs the text to train on")
+    if not lm.data:  # blamed on where the task was chosen: task.lm.data was set nowhere
+        fail("task.kind", "'lm' needs the text to train on: set task.lm.data (a .txt/.jsonl/.parquet file, a folder "
+                          "of them, a glob, or a corpus from `dcablate data get NAME`)")
     if m.vocab_size and not lm.tokenizer_file:
         need = BYTE_VOCAB if lm.tokenizer == "byte" else lm.vocab_size
         if m.vocab_size < need:
