@@ -53,8 +53,10 @@ def cli():
 @cli.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--dry-run", is_flag=True, help="Validate and list the runs without training.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True,
+              help="List the runs (new, to resume, finished) after every check the real command makes before "
+                   "training; writes nothing; exit 2 if any would be refused.")
+@click.option("--quiet", is_flag=True, help="No progress bar or progress lines; the result lines and table stay.")
 @click.option("--force-new", is_flag=True,
               help="Train from scratch in a fresh directory (NAME-2, ...) if NAME exists; nothing is deleted.")
 @click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
@@ -247,7 +249,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         uses_cuda = any(d.type == "cuda" for d in devices)
     else:  # the cluster's nodes have the devices, and each worker checks its own
         uses_cuda = cluster_cuda([r for _, r in points])
-    with made_here(root):  # a command that fails before any run wrote a file leaves no empty folders
+    out_dir_where = lambda: preflight.key_where("run.out_dir", recipe, overrides)  # noqa: E731
+    with made_here(root, out_dir_where):  # a command that fails before any run wrote a file leaves no empty folders
         slots, line = [], None
         if launch.launcher == "local" and not distributed:
             slots, line = local_plan(plan, to_train, uses_cuda, launch)
@@ -579,10 +582,12 @@ def bench_conv(dtype, skip_reference, breakdown, against, shapes):
 def layer_shape(min_d_model: int):
     """The `--batch --seq-len --d-model` options of the layer benchmarks (default: B8 T2048 d1024)."""
     def decorate(fn):
-        for option in reversed([click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True),
-                                click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True),
+        for option in reversed([click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True,
+                                             help="Sequences per pass."),
+                                click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+                                             help="Tokens per sequence."),
                                 click.option("--d-model", type=click.IntRange(min=min_d_model), default=1024,
-                                             show_default=True)]):
+                                             show_default=True, help="The layer's model width.")]):
             fn = option(fn)
         return fn
     return decorate
@@ -600,10 +605,11 @@ def bench_mixer(batch, seq_len, d_model):
 @bench.command(name="moe")
 @layer_shape(min_d_model=16)
 @click.option("--also-batch", type=click.IntRange(min=1), multiple=True, default=[16], show_default=True,
-              help="More batch sizes to time after --batch: the optimizer step's share shrinks as the tokens per "
-                   "step grow (repeatable; give --batch's own value to time only --batch).")
-@click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True)
+              help="Another batch size to time after --batch (repeatable): the optimizer step's share shrinks as "
+                   "the tokens per step grow. Giving --batch's own value times --batch alone.")
+@click.option("--experts", type=click.IntRange(min=1), default=8, show_default=True, help="Experts per MoE layer.")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Experts each token is routed to.")
 @click.option("--profile", is_flag=True,
               help="Also print the kernels, and the host ops with their input shapes, that take each variant's step "
                    "time (at --batch).")
@@ -655,12 +661,13 @@ def report(directory, targets, out):
 @cli.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished LM run directory.")
 @click.option("--prompt", default="", help="Text to continue (a new document when empty).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Tokens to sample at most (it stops earlier at a document's end).")
 @click.option("--temperature", type=click.FloatRange(min=0.0, max=1e6), default=0.8, show_default=True,
               callback=lambda ctx, param, v: v if v == v else _bad_value(param, "nan is not a number"),
               help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = the whole vocabulary.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling (same seed, same text).")
 def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
     """Stream text sampled from a trained language model (task.kind = "lm")."""
     run_dir = run_named(run_dir)

@@ -61,15 +61,16 @@ def save_new_file(path: Path, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def made_here(path: Path):
+def made_here(path: Path, where=lambda: "run.out_dir"):
     """Create the folder `path` (and missing parents) for the block; if the block fails, remove again those of
     them that this call created and that are still empty, so a command that never started a run leaves no
-    empty folders behind. A folder that cannot be created is a UserError naming `run.out_dir`."""
+    empty folders behind. A folder that cannot be created is a UserError led by `where()` (where run.out_dir
+    was set)."""
     created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"run.out_dir: cannot create {path}: {e.strerror}") from None
+        raise UserError(f"{where()}: cannot create {path}: {e.strerror}") from None
     try:
         yield
     except BaseException:

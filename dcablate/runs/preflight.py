@@ -65,6 +65,12 @@ def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
     return UserError(f"{set_where(key, origins, str(path), tuple(config.load(recipe, overrides).sweep))}: {rest}")
 
 
+def key_where(key: str, recipe: str, overrides: list[str]) -> str:
+    """`SOURCE: KEY`: where the recipe (its file, `extends`, a `--set`, a sweep axis) set `key`."""
+    _, origins, path = config.load_raw(recipe, overrides)
+    return set_where(key, origins, str(path), tuple(config.load(recipe, overrides).sweep))
+
+
 def device_checked(recipe: str, overrides: list[str], points) -> list:
     """`check_runtime` of every point's recipe (`points`: (name, recipe) pairs): the device each trains on. A
     device or backend this machine rules out is one line led by where the key was set (`--set: run.device =
