@@ -557,7 +557,8 @@ def info(recipe, overrides, detail):
 
 @cli.group()
 def bench():
-    """Speed benchmarks (GPU): print a table comparing variants in one run on one card."""
+    """Speed benchmarks: print a table comparing variants in one run on one card (conv, mixer, moe: GPU only;
+    train: also on CPU)."""
 
 
 @bench.command(name="conv")
