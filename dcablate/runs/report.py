@@ -70,8 +70,10 @@ class Run:
 
 @dataclass
 class Cell:
-    """Runs of one (variant, d_model, lr) over seeds."""
+    """Runs of one (variant, d_model, lr) over seeds; `diverged`: its runs that stopped on a non-finite step
+    (failed.json), which have no score but make the learning rate the worst choice."""
     runs: list[Run]
+    diverged: int = 0
 
     def mean(self, key: str = "overall") -> float:
         return statistics.fmean(r.summary["best"].get(key, float("nan")) for r in self.runs)
@@ -163,13 +165,23 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     return runs, bad
 
 
+def diverged(run: Run) -> bool:
+    """The run's last attempt stopped on a non-finite loss or gradient (`train.nonfinite = "stop"`)."""
+    return run.summary is None and run.failure is not None and run.failure["error"].startswith("error: non-finite")
+
+
 def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:
-    """(variant, d_model) -> lr -> Cell, finished runs only."""
+    """(variant, d_model) -> lr -> Cell of the finished runs, with the count of diverged ones beside them (a
+    learning rate whose every run diverged has no cell: it cannot be chosen)."""
     cells: dict[tuple, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if run.summary is not None:
             cells[(run.variant, run.d_model)][run.lr].append(run)
-    return {k: {lr: Cell(rs) for lr, rs in sorted(by_lr.items())}
+    lost = defaultdict(int)
+    for run in runs:
+        if diverged(run):
+            lost[(run.variant, run.d_model, run.lr)] += 1
+    return {k: {lr: Cell(rs, lost[(*k, lr)]) for lr, rs in sorted(by_lr.items())}
             for k, by_lr in sorted(cells.items(), key=lambda kv: (variants.sort_key(kv[0][0]), kv[0][1]))}
 
 
@@ -181,13 +193,16 @@ def shared_seeds(by_lr: dict[float, Cell]) -> set[int]:
 def best_lr(by_lr: dict[float, Cell], metric: Metric, record: str = "best") -> float:
     """The learning rate with the best mean score over the seeds that every learning rate of the cell has (over
     all its seeds where they share none); the smaller lr on a tie. A score is `summary.json[record][metric.key]`;
-    a missing or non-finite one (a diverged run) makes its learning rate's mean the worst. Choosing on the shared
+    a missing or non-finite one, or a seed that diverged (`Cell.diverged`), makes its learning rate the worst.
+    Choosing on the shared
     seeds keeps seeds added at one learning rate only (`sweep.best_lr_seeds`) from changing which one is chosen:
     they measure the choice, they do not make it."""
     sign = 1 if metric.higher_is_better else -1
     shared = shared_seeds(by_lr)
 
     def score(cell: Cell) -> float:
+        if cell.diverged:  # the mean of the seeds left would hide the ones lost
+            return -math.inf
         runs = [r for r in cell.runs if r.seed in shared] or cell.runs
         mean = statistics.fmean(float(r.summary[record].get(metric.key, float("nan"))) for r in runs)
         return sign * mean if math.isfinite(mean) else -math.inf

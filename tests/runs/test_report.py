@@ -13,7 +13,7 @@ from dcablate import config as recipes
 from dcablate.cli import main
 from dcablate.errors import UserError
 from dcablate.runs import variants
-from dcablate.runs.report import Cell, best_lr, find_runs, metric_of, write_report
+from dcablate.runs.report import Cell, aggregate, best_lr, find_runs, metric_of, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -308,6 +308,25 @@ def test_non_finite_scores_are_the_worst():
     by_lr = {1e-3: Cell([run(0, float("nan")), run(1, 0.9)]), 3e-3: Cell([run(0, 0.5), run(1, 0.4)])}
     assert best_lr(by_lr, metric_of("mqar")) == 3e-3
     assert math.isnan(Cell([run(0, float("nan")), run(1, 0.5)]).std("overall"))  # statistics.stdev raised
+
+
+def test_a_seed_that_diverged_makes_its_learning_rate_the_worst(tmp_path):
+    """A seed stopped on a non-finite step (its failed.json) leaves no score; the mean of the seeds left would
+    make that learning rate look best. It is the worst instead, and listed under Failed."""
+    root = tmp_path / "sweep"
+    make_run(root, "hi/s0", lr=1e-2, seed=0, best=(0.9, 0.9, 0.9))
+    make_run(root, "hi/s1", lr=1e-2, seed=1, best=(0.9, 0.9, 0.9))
+    lost = make_run(root, "hi/s2", lr=1e-2, seed=2)
+    (lost / "failed.json").write_text(json.dumps({"error": "error: non-finite loss nan, gradient norm nan at step "
+                                                           "7; no checkpoint yet", "step": 6}))
+    for seed in range(3):
+        make_run(root, f"lo/s{seed}", lr=1e-3, seed=seed, best=(0.5, 0.5, 0.5))
+    runs, _ = find_runs(root)
+    (by_lr,) = aggregate(runs).values()
+    assert (by_lr[1e-2].diverged, by_lr[1e-3].diverged) == (1, 0)
+    assert best_lr(by_lr, metric_of("mqar")) == 1e-3
+    md = write_report(root)["md"].read_text()
+    assert "- `hi/s2` after 6 steps: error: non-finite loss nan" in md
 
 
 def test_a_diverged_run_does_not_break_the_report(tmp_path):
