@@ -190,7 +190,7 @@ CASES = [
     bad_set("set-wrong-type", ["train.steps=ten"], "--set: train.steps", "must be an integer, got str 'ten'"),
     bad_set("set-float-for-int", ["model.d_model=1e3"], "--set: model.d_model", "must be an integer"),
     bad_set("set-into-a-value", ["model.d_model.x=1"], "--set: model.d_model: is a value, not a table"),
-    Case("out-dir-is-a-file", ["run", "ok.toml", "--quiet", "--set", "run.out_dir=afile"],
+    Case("out-dir-under-a-file-names-the-set", ["run", "ok.toml", "--quiet", "--set", "run.out_dir=afile"],
          ("--set: run.out_dir: cannot create afile/",), files={"afile": "x"}),
     bad_set("set-lm-task-without-text", ["task.kind=lm"], "--set: task.kind: 'lm' needs the text to train on: set "
             "task.lm.data"),
