@@ -592,6 +592,7 @@ def main(argv=None) -> None:
             if dudz_cells[1] is None or us < dudz_cells[1][0]:
                 dudz_cells[1] = (us, err, name)
         dudz_rows.append((shape, *dudz_cells))
+        print(f"  {shape.name} dz/dU/dS: {dudz_row(dudz_rows[-1])}", flush=True)  # kept if the call is cut short
         bf, bd = best.get("fwd"), best.get("dx")
         print(f"| {shape.name} {shape.dims} | {cell(cells['fwd shipped'])} | {cell(bf)} | {bf[2] if bf else '—'} | "
               f"{f'{paper_us:.1f}' if paper_us else '—'} | {cell(cells['dx shipped'])} | {cell(bd)} | "
@@ -601,10 +602,16 @@ def main(argv=None) -> None:
     print("\ndz, dU and dS, graphed, µs (the best launch of `lagcopy`; the worst error of dz, dU, dS against float64)")
     print("| shape | shipped | candidate | best launch | candidate/shipped |")
     print("| --- | --- | --- | --- | --- |")
-    for shape, shipped, cand in dudz_rows:
-        print(f"| {shape.name} {shape.dims} | {shipped[0]:.1f} ({shipped[1]:.1e}) | "
-              f"{'—' if cand is None else f'{cand[0]:.1f} ({cand[1]:.1e})'} | {cand[2] if cand else '—'} | "
-              f"{'—' if cand is None else f'{cand[0] / shipped[0]:.2f}'} |", flush=True)
+    for row in dudz_rows:
+        print(dudz_row(row), flush=True)
+
+
+def dudz_row(row) -> str:
+    """A row of the dz/dU/dS table: (shape, (shipped µs, error), (candidate µs, error, launch) or None)."""
+    shape, shipped, cand = row
+    return (f"| {shape.name} {shape.dims} | {shipped[0]:.1f} ({shipped[1]:.1e}) | "
+            f"{'—' if cand is None else f'{cand[0]:.1f} ({cand[1]:.1e})'} | {cand[2] if cand else '—'} | "
+            f"{'—' if cand is None else f'{cand[0] / shipped[0]:.2f}'} |")
 
 
 if __name__ == "__main__":
