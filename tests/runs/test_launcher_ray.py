@@ -56,7 +56,8 @@ def test_a_single_run_on_a_local_ray_instance(sweep, monkeypatch):
 
 
 def test_connect_hides_only_a_local_instances_warnings(monkeypatch):
-    """The "ray" logger shows errors only for a local instance; attached to a cluster, its warnings too."""
+    """The "ray" logger shows errors only for a local instance; attached to a cluster, its warnings too. Without
+    an address the command starts an instance of its own (`address="local"`), not one a `ray start` left."""
     import logging
 
     from dcablate.runs.launchers import ray as launcher
@@ -68,6 +69,7 @@ def test_connect_hides_only_a_local_instances_warnings(monkeypatch):
     assert launcher.connect(fake, "ray://head:10001") == "the Ray cluster at ray://head:10001"
     assert [c["logging_level"] for c in calls] == [logging.ERROR, logging.WARNING]
     assert all(c["log_to_driver"] is False for c in calls)
+    assert [c["address"] for c in calls] == ["local", "ray://head:10001"]
 
 
 def test_ray_sweep_matches_the_local_launcher(sweep, cluster, capsys):

@@ -329,7 +329,8 @@ def connect(ray, address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            # "local": a new instance of its own, not one a `ray start` left running (ray.init's default)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
             return "a local Ray instance"
         reachable(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
