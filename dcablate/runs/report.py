@@ -296,7 +296,8 @@ def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dic
     folder = report_files.Folder(out, {"report.csv": CSV_KEY_COLUMNS, "suite.csv": tuple(suite.CSV_COLUMNS)})
     # the files whose names are known before the figures are drawn: refused before the slow part
     has_suite = any(suite.is_suite_task(r.task) and r.summary is not None for r in runs)
-    folder.refuse_foreign(["report.md", *(["report.csv"] if tasks else []), *(["suite.csv"] if has_suite else [])])
+    has_rows = any(table for _, table, _ in tasks.values())  # finished MQAR or LM runs: report.csv's rows
+    folder.refuse_foreign(["report.md", *(["report.csv"] if has_rows else []), *(["suite.csv"] if has_suite else [])])
     with report_files.staging(out) as stage:
         written = _write_files(root, stage, runs, bad, tasks, targets, folder)
         # a report.csv of an earlier report goes when this one has no rows for it; one of the user's stays
@@ -316,9 +317,10 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
              + (f", {len(failed)} failed" if failed else "") + (f", {len(bad)} skipped" if bad else "") + ".", ""]
     if not finished and (unfinished or failed):
         lines += ["No run has finished yet: the tables and figures come with the runs' `summary.json`.", ""]
-    if tasks:
+    rows = any(table for _, table, _ in tasks.values())  # a finished MQAR or LM run: else a bare header
+    if rows:
         files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
-    csv_note = [] if tasks else _no_csv(folder)
+    csv_note = [] if rows else _no_csv(folder)
     suite_lines, suite_files = suite.suite_section(stage, runs)  # the suite's tasks have their own analysis
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
@@ -391,14 +393,15 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def _no_csv(folder: report_files.Folder) -> list[str]:
-    """A tree without MQAR or LM runs (the suite's alone) has no rows for report.csv, which is not written: a bare
+    """A tree without finished MQAR or LM runs (the suite's alone) has no rows for report.csv, which is not
+    written: a bare
     header must not pass for a result (the suite's numbers are in suite.csv). A report.csv that an earlier report
     wrote is removed (`Folder.publish`); any other file of that name, maybe the user's, is kept, and report.md says
     it is not this report's. Returns report.md's lines about it."""
     if folder.is_own("report.csv"):
         return []
-    return ["`report.csv` in this folder is not this report's and was left as it was: this report has no MQAR "
-            "or LM runs to tabulate.", ""]
+    return ["`report.csv` in this folder is not this report's and was left as it was: this report has no finished "
+            "MQAR or LM runs to tabulate.", ""]
 
 
 def _software(runs: list[Run]) -> list[str]:

@@ -177,11 +177,14 @@ def test_training_loss_figure_plots_the_train_records(tmp_path, monkeypatch):
     assert "training_loss" not in write_report(root) and not (root / "training_loss.png").exists()
 
 
-def test_only_unfinished_runs_still_reports(tmp_path):
+def test_only_unfinished_runs_still_reports_without_a_bare_csv_header(tmp_path):
+    """Before any run finishes there is nothing to tabulate: report.md says so, and no report.csv with a header
+    alone passes for a result."""
     make_run(tmp_path, "r", best=None)
     files = write_report(tmp_path)
-    assert "0 finished runs, 1 unfinished" in files["md"].read_text()
-    assert len(read_csv(files["csv"])) == 0
+    md = files["md"].read_text()
+    assert "0 finished runs, 1 unfinished" in md and "No run has finished yet" in md
+    assert "csv" not in files and not (tmp_path / "report.csv").exists()
 
 
 @pytest.mark.parametrize("setup, fragment", [
@@ -366,3 +369,4 @@ def test_an_out_that_is_a_file_is_one_line(grid, tmp_path):
     with pytest.raises(UserError, match=r"^--out .*notes.toml: is a file, not a folder$"):
         write_report(grid, out=tmp_path / "notes.toml")
     assert (tmp_path / "notes.toml").read_text() == "x"
+
