@@ -467,8 +467,8 @@ EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
 @click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
               help="A finished run directory, or a sweep's folder: each of its finished runs.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override an evaluation key (task.*, eval.batch_size, run.device, model.backend, train.precision; value "
-                   "parsed as TOML; repeatable), e.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, "
+              help="Override an evaluation key (task.*, eval.batch_size, run.device, model.backend, "
+                   "train.precision; value parsed as TOML; repeatable), e.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, "
                    "num_examples=500}]'.")
 def eval_(task_kind, run_dir, overrides, data):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...). On
@@ -479,8 +479,8 @@ def eval_(task_kind, run_dir, overrides, data):
         return
     finished = [p for p in points if (p / "checkpoints" / "final.pt").is_file()]
     if not finished:
-        raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them with `dcablate run "
-                        f"{run_dir}`, then evaluate")
+        raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them by running the "
+                        f"sweep's recipe again (`dcablate run {run_dir}/POINT` finishes one), then evaluate")
     for i, point in enumerate(finished):
         click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
         evaluate_run(point, task_kind, overrides, data)

@@ -268,7 +268,7 @@ CASES = [
     Case("eval-set-a-training-key", ["eval", "--run", "rd", "--set", "train.lr=1"],
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.batch_size, run.device"), files={"rd/recipe.toml": OK}),
     Case("eval-a-sweep-folder-none-finished", ["eval", "--run", "sw"], ("sw: none of its 1 runs has finished; finish "
-         "them with `dcablate run sw`, then evaluate",), files={"sw/p/recipe.toml": OK}),
+         "them by running the sweep's recipe again (`dcablate run sw/POINT` finishes one), then evaluate",), files={"sw/p/recipe.toml": OK}),
     Case("generate-a-sweep-folder", ["generate", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds "
          "1 run, e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
     Case("run-a-sweep-directory", ["run", "sw"], ("sw: the run directory of a sweep, not a recipe; give the sweep's "

@@ -167,7 +167,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
 
 def diverged(run: Run) -> bool:
     """The run's last attempt stopped on a non-finite loss or gradient (`train.nonfinite = "stop"`)."""
-    return run.summary is None and run.failure is not None and run.failure["error"].startswith("error: non-finite")
+    return run.summary is None and run.failure is not None and run.failure.get("diverged") is True
 
 
 def aggregate(runs: list[Run]) -> dict[tuple, dict[float, Cell]]:

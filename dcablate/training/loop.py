@@ -75,7 +75,7 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                 return run.run()
             except Stop as e:
                 if e.code == 1 and ddp.is_main():  # an error, not a stop signal (128 + signum)
-                    failure.record(run_dir, str(e), run.state.step)
+                    failure.record(run_dir, str(e), run.state.step, diverged=isinstance(e, NonFiniteStep))
                 raise
 
 
@@ -203,8 +203,8 @@ class Run:
         except Interrupted:  # a signal cut an evaluation or a step's passes: save the state before it, stop
             self.check_signal()
             raise
-        except NonFiniteStep as e:
-            raise Stop(e.message(self.state.kept()), 1) from None
+        except NonFiniteStep as e:  # said again with the run's last good checkpoint
+            raise NonFiniteStep(e.step, e.loss, e.grad_norm, self.state.kept()) from None
         except torch.OutOfMemoryError:
             graphs = ("; the captured CUDA graphs keep the training step's memory reserved, so "
                       "train.cuda_graph = \"off\" also frees room") if self.train_step.captured else ""

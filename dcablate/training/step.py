@@ -47,9 +47,9 @@ class NonFiniteStep(Stop):
     """Step `step` (1-based) had a non-finite loss or gradient under `train.nonfinite = "stop"`; it did not
     update the weights. A run says where its last good checkpoint is through `message(kept)`."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
+    def __init__(self, step: int, loss: float, grad_norm: float, kept: str = "no checkpoint yet"):
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
-        super().__init__(self.message("no checkpoint yet"), 1)
+        super().__init__(self.message(kept), 1)
 
     def message(self, kept: str) -> str:
         return (f"error: non-finite loss {self.loss}, gradient norm {self.grad_norm} at step {self.step}; {kept}; "

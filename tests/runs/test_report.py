@@ -321,7 +321,7 @@ def test_a_seed_that_diverged_makes_its_learning_rate_the_worst(tmp_path):
     make_run(root, "hi/s1", lr=1e-2, seed=1, best=(0.9, 0.9, 0.9))
     lost = make_run(root, "hi/s2", lr=1e-2, seed=2)
     (lost / "failed.json").write_text(json.dumps({"error": "error: non-finite loss nan, gradient norm nan at step "
-                                                           "7; no checkpoint yet", "step": 6}))
+                                                           "7; no checkpoint yet", "step": 6, "diverged": True}))
     for seed in range(3):
         make_run(root, f"lo/s{seed}", lr=1e-3, seed=seed, best=(0.5, 0.5, 0.5))
     runs, _ = find_runs(root)

@@ -695,7 +695,7 @@ def test_a_failed_run_says_so_in_its_folder_and_the_report_lists_it_until_it_is_
     rc, _, _ = run_cli(monkeypatch, capsys, cwd)
     assert rc == 1
     record = json.loads((cwd / "out/t/lr=0.001/failed.json").read_text())
-    assert record["step"] == 6 and record["error"].startswith("error: non-finite loss nan, gradient norm nan at "
+    assert record["step"] == 6 and record["diverged"] is True and record["error"].startswith("error: non-finite loss nan, gradient norm nan at "
                                                               "step 7; last good checkpoint")
     assert not (cwd / "out/t/lr=0.002/failed.json").exists()
     assert main(["report", "out/t"]) == 0
