@@ -730,6 +730,20 @@ def data_list():
         click.echo(f"{name}: {corpus.description}\n  licences: {licences}\n  {state}")
 
 
+def check_gpu_name(name: str) -> None:
+    """A `--gpu-name` that is the end of a GPU model the package has configs for, but not its whole name as torch
+    gives it ('H200' for 'NVIDIA H200'), would write configs into a folder no run reads: one line naming it."""
+    from dcablate.kernels.tuned import sanitize_gpu_name
+    from dcablate.kernels.tuned.export import ROOT
+
+    folder = sanitize_gpu_name(name)
+    known = [p.name for p in ROOT.iterdir() if p.is_dir() and (p / "manifest.json").is_file()]
+    longer = [k for k in known if k != folder and k.endswith(f"_{folder}")]
+    if folder not in known and longer:
+        raise UserError(f"--gpu-name {name}: runs read the configs of the name torch gives the GPU "
+                        f"(torch.cuda.get_device_name()); did you mean '{longer[0].replace('_', ' ')}'?")
+
+
 @cli.group()
 def kernels():
     """Kernel configurations tuned per GPU model, so that fla skips its autotuning (docs/sweeps.md)."""
@@ -753,6 +767,8 @@ def kernels_export_tuning(caches, out, gpu_name):
 
     if gpu_name is not None and not gpu_name.strip():
         raise UserError("--gpu-name: empty; give the GPU model as torch names it, e.g. 'NVIDIA H200'")
+    if gpu_name is not None:
+        check_gpu_name(gpu_name)
     if not caches:
         default = Path(cache_dir())
         if not default.is_dir():

@@ -192,6 +192,10 @@ CASES = [
     bad_set("set-into-a-value", ["model.d_model.x=1"], "--set: model.d_model: is a value, not a table"),
     Case("out-dir-under-a-file-names-the-set", ["run", "ok.toml", "--quiet", "--set", "run.out_dir=afile"],
          ("--set: run.out_dir: cannot create afile/",), files={"afile": "x"}),
+    Case("export-tuning-gpu-name-cut-short", ["kernels", "export-tuning", "--gpu-name", "H200", "--triton-cache",
+                                              "tc"],
+         ("--gpu-name H200: runs read the configs of the name torch gives the GPU", "did you mean 'NVIDIA H200'?"),
+         dirs=("tc",)),
     bad_set("set-lm-task-without-text", ["task.kind=lm"], "--set: task.kind: 'lm' needs the text to train on: set "
             "task.lm.data"),
     bad_set("set-into-a-list", ["task.mqar.test.0.seq_len=128"], "--set: task.mqar.test: is a list, not a table; a "
