@@ -299,14 +299,14 @@ def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dic
     has_rows = any(table for _, table, _ in tasks.values())  # finished MQAR or LM runs: report.csv's rows
     folder.refuse_foreign(["report.md", *(["report.csv"] if has_rows else []), *(["suite.csv"] if has_suite else [])])
     with report_files.staging(out) as stage:
-        written = _write_files(root, stage, runs, bad, tasks, targets, folder)
+        written = _write_files(root, stage, runs, bad, tasks, targets, folder, has_rows)
         # a report.csv of an earlier report goes when this one has no rows for it; one of the user's stays
         folder.publish(stage, remove=[] if "csv" in written or not folder.is_own("report.csv") else ["report.csv"])
     return {kind: out / path.name for kind, path in written.items()}
 
 
 def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dict, targets: dict,
-                 folder: report_files.Folder) -> dict[str, Path]:
+                 folder: report_files.Folder, has_rows: bool) -> dict[str, Path]:
     """Every file of the report over the runs below `root`, written into `stage`, by kind."""
     failed = [r for r in runs if r.summary is None and r.failure is not None]
     unfinished = [r for r in runs if r.summary is None and r.failure is None]
@@ -317,10 +317,9 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
              + (f", {len(failed)} failed" if failed else "") + (f", {len(bad)} skipped" if bad else "") + ".", ""]
     if not finished and (unfinished or failed):
         lines += ["No run has finished yet: the tables and figures come with the runs' `summary.json`.", ""]
-    rows = any(table for _, table, _ in tasks.values())  # a finished MQAR or LM run: else a bare header
-    if rows:
+    if has_rows:  # a finished MQAR or LM run: else report.csv would be a bare header
         files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
-    csv_note = [] if rows else _no_csv(folder)
+    csv_note = [] if has_rows else _no_csv(folder)
     suite_lines, suite_files = suite.suite_section(stage, runs)  # the suite's tasks have their own analysis
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
