@@ -1,8 +1,9 @@
 """How far a sweep is: runs ended (finished or failed) out of those it trains, how many failed, the time since
 it began, and an ETA from the pace so far (ended runs per second, so runs trained side by side by workers count
 as they come). Until as many runs have ended as train at once, that pace is no guide (the first run ends while
-the others of its round are nearly done too), so the ETA is then the ended runs' mean wall time times the rounds
-left."""
+the others of its round are nearly done too), so the ETA is then a run's mean wall time times the rounds left,
+where the runs still in the first round count with the time they have run so far: the runs that end first are
+the fast ones (stopped early), and their mean alone would promise too soon an end."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ class SweepProgress:
         if not self.done:
             eta = "?"
         elif self.done < self.at_once and self.walls:  # the first round: rounds left x a run's mean wall time
-            eta = clock(sum(self.walls) / len(self.walls) * left / min(self.at_once, self.total))
+            running = min(self.at_once, self.total) - self.done  # each has run about `elapsed` so far, at least
+            mean_wall = (sum(self.walls) + running * elapsed) / (len(self.walls) + running)
+            eta = clock(mean_wall * left / min(self.at_once, self.total))
         else:
             eta = clock(elapsed / self.done * left)
         failed = f" ({self.failed} failed)" if self.failed else ""

@@ -249,11 +249,24 @@ def test_sweep_progress_with_runs_side_by_side():
     progress = SweepProgress(80, at_once=8)
     progress.started -= 73
     progress.finished(72.8)
-    assert progress.status() == "done 1 of 80, 0:01:13 elapsed, eta 0:11:59"  # 72.8 x 79 / 8 = 719 s
+    # the 7 runs still going have run 73 s each: (72.8 + 7 x 73) / 8 x 79 / 8 = 720.6 s, shown rounded
+    assert progress.status() == "done 1 of 80, 0:01:13 elapsed, eta 0:12:01"
     for _ in range(7):
         progress.finished(74.0)
     progress.started -= 7  # 80 s in, 8 runs done: 10 s per run from here
     assert progress.status() == "done 8 of 80, 0:01:20 elapsed, eta 0:12:00"
+
+
+def test_sweep_progress_first_round_counts_the_runs_still_going():
+    """A run stopped early ends first: 8 at a time, one ends after 10 s while the other 7 have run 100 s. A run's
+    mean wall time is then at least (10 + 7 x 100) / 8 = 88.75 s, so the ETA is 88.75 x 79 / 8 = 876 s, not the
+    10 x 79 / 8 = 99 s that the ended run alone gives."""
+    from dcablate.runs.progress import SweepProgress
+
+    progress = SweepProgress(80, at_once=8)
+    progress.started -= 100
+    progress.finished(10.0)
+    assert progress.status() == "done 1 of 80, 0:01:40 elapsed, eta 0:14:36"
 
 
 @pytest.mark.parametrize("flags, fragment", [
