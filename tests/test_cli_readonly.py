@@ -78,7 +78,7 @@ def chmod_read_only():
 def unfinish(work: Path) -> Path:
     run_dir = work / "out" / "t"
     (run_dir / "summary.json").unlink()  # `run` now resumes it
-    (run_dir / ".lock").unlink()
+    assert not (run_dir / ".lock").exists()  # a finished run removed it
     return run_dir
 
 

@@ -212,35 +212,52 @@ def prune(folder: Path, keep: int) -> None:
 def locked(run_dir: Path):
     """Hold `run_dir/.lock` (flock) for the whole run: a second process writing here is refused, and a directory
     that cannot be written (read-only, no permission) is a UserError before anything starts. If the run fails
-    before writing anything, the lock file and the directory are removed again where this call created them."""
+    before writing anything, the lock file and the directory are removed again where this call created them; a
+    run that finished (summary.json written) removes the lock file, which only a run in progress needs."""
     made = not run_dir.exists()
     lock = run_dir / ".lock"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         had_lock = lock.exists()
-        f = open(lock, "a+")
+        f = _take(run_dir, lock)
     except OSError as e:
         raise UserError(f"{run_dir}: cannot write the run directory ({e.strerror or e}); it must be writable to "
                         f"train or resume") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise UserError(f"{run_dir}: another dcablate process (pid {holder}) is writing to this run directory") from None
     try:
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
+        if (run_dir / "summary.json").is_file():
+            lock.unlink(missing_ok=True)  # before closing: whoever opens `.lock` from now on makes a new file
     except BaseException:
         if not had_lock:  # still holding the lock: nobody else can be starting here meanwhile
             _remove_if_unused(run_dir, lock, made)
         raise
     finally:
         f.close()  # closing releases the lock; the kernel does the same if the process is killed
+
+
+def _take(run_dir: Path, lock: Path):
+    """`lock` opened and flocked; UserError naming the holder's pid if another process holds it. A file that a
+    finished run unlinked after this process opened it is no lock any more: then the new file is taken instead."""
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"{run_dir}: another dcablate process (pid {holder}) is writing to this run "
+                            f"directory") from None
+        try:
+            if os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
 
 
 def _remove_if_unused(run_dir: Path, lock: Path, made_dir: bool) -> None:

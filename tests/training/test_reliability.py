@@ -259,6 +259,33 @@ def test_second_writer_is_locked_out(tmp_path, monkeypatch, capsys):
     assert run_cli(monkeypatch, capsys, cwd)[0] == 0  # released: the run goes ahead
 
 
+def test_a_finished_run_leaves_no_lock_file(tmp_path, monkeypatch, capsys):
+    cwd = setup_dir(tmp_path)
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 0
+    assert (cwd / "out/t/summary.json").is_file() and not (cwd / "out/t/.lock").exists()
+
+
+def test_a_lock_file_unlinked_meanwhile_is_not_taken(tmp_path, monkeypatch):
+    """A process that opened `.lock` just before a finished run unlinked it would hold a lock on a file nobody
+    else sees: it must take the file now at that path instead."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    lock = run_dir / ".lock"
+    lock.write_text("4242\n")
+    real, calls = fcntl.flock, []
+
+    def flock(f, op):
+        if not calls:  # the holder finishes between this process's open and its flock
+            lock.unlink()
+        calls.append(f)
+        return real(f, op)
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", flock)
+    with checkpoint.locked(run_dir):
+        assert len(calls) == 2 and lock.read_text() == f"{os.getpid()}\n"
+        assert os.fstat(calls[1].fileno()).st_ino == os.stat(lock).st_ino
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, reference):
     cwd = setup_dir(tmp_path)
     real, calls = checkpoint._write, []
