@@ -35,9 +35,11 @@ def recipes_table(rows: list[tuple[str, str]], width: int | None) -> str:
     if width is not None and width - name_w - 2 < MIN_WHAT:  # too narrow for two columns: each under its name
         wrap = lambda text: textwrap.wrap(text, max(width - 4, MIN_WHAT), break_on_hyphens=False)
         return "\n".join("\n".join([name, *("    " + line for line in wrap(what))]) for name, what in rows)
+    # unwrapped (a pipe) the rule under `what` stops where a terminal's line would: the longest row sets no width
+    rule_w = min(what_w, (width or FALLBACK_WIDTH) - name_w - 2)
     if width is not None:
-        what_w = min(what_w, width - name_w - 2)
-    lines = [f"{'name'.ljust(name_w)}  what", f"{'-' * name_w}  {'-' * what_w}"]
+        what_w = rule_w
+    lines = [f"{'name'.ljust(name_w)}  what", f"{'-' * name_w}  {'-' * max(rule_w, len('what'))}"]
     for name, what in rows:
         parts = textwrap.wrap(what, what_w, break_on_hyphens=False) if width is not None else [what]
         parts = parts or [""]

@@ -45,6 +45,7 @@ def test_a_pipe_gets_one_line_per_recipe(capsys, monkeypatch):
     rc, out, _ = listing(capsys)
     assert rc == 0 and len(out.splitlines()) == 2 + len(config.shipped_recipes())
     assert max(map(len, out.splitlines())) > 200
+    assert len(out.splitlines()[1]) <= 100  # the rule under the header stops at the fallback width
 
 
 def test_a_narrow_terminal_puts_each_description_under_its_name():
