@@ -49,6 +49,9 @@ def losses(trainers, streams) -> list[torch.Tensor]:
     cuda = torch.device("cuda")
     feeds = [device_batches(iter(data), cuda, True) for _, data in trainers]
     out = [[] for _ in trainers]
+    # the trainers were built on the default stream: a side stream must not start on weights still being written
+    # (a packed run builds on its own stream instead, packing.own_stream)
+    torch.cuda.synchronize()
     for _ in range(STEPS):
         for k, ((step, _), stream, feed) in enumerate(zip(trainers, streams, feeds)):
             with on(stream):
