@@ -173,6 +173,11 @@ def variant_label(variant: tuple) -> str:
     return variant_name(variant)
 
 
+def grid_size(table: list[Scores], task: str) -> int:
+    """The grid points a setting of `task` has when its grid is complete: the most any variant's setting has."""
+    return max((b.grid_points for s in table for b in s.best.get(task, {}).values()), default=0)
+
+
 def grid_label(grid: tuple) -> str:
     lr, wd, steps, _ = grid
     return f"lr {lr:g}, wd {wd:g}" + ("" if steps is None else f", {steps} steps")
@@ -257,18 +262,24 @@ def suite_section(out: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
     for task in tasks:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)
         have = [s for s in table if task in s.best]
+        full = grid_size(table, task)
         lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value).", ""]
         body = []
         for st in settings:
             cells = []
             for s in have:
                 b = s.best[task].get(st)
-                cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid)}")
+                short = "" if b is None or b.grid_points >= full else f"<br>({b.grid_points}/{full} grid points)"
+                cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid)}{short}")
             body.append([labels[(task, st)], *cells])
         body.append(["**task score**", *(f"**{s.task_scores[task]:.3f}**"
                                         + ("" if len(s.best[task]) == len(settings)
                                            else f" ({len(s.best[task])}/{len(settings)} settings)") for s in have)])
         lines += _md_table(["setting", *(variant_label(s.variant) for s in have)], body)
+        if any(b.grid_points < full for s in have for b in s.best[task].values()):
+            lines += [f"A result marked (k/{full} grid points) comes from an unfinished grid: the other points "
+                      f"of that setting have not finished, so its best may still rise (rerun the sweep's command "
+                      f"to finish them).", ""]
 
     files = {"suite_csv": _write_csv(out / "suite.csv", table, labels)}
     files["suite_scores"] = _bars(out / "suite_scores.png", table, tasks)
@@ -370,7 +381,8 @@ def _bars_figure(table: list[Scores], tasks: list[str]):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    groups = [*tasks, "suite"]
+    # the suite bar says over how many tasks it averages when some are missing
+    groups = [*tasks, "suite" if len(tasks) == len(SUITE_TASKS) else f"suite ({len(tasks)}/{len(SUITE_TASKS)} tasks)"]
     width = 0.8 / len(table)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 0.4 * len(table)), 3.8))
     x = np.arange(len(groups))
@@ -402,7 +414,8 @@ def _versus_compute_figure(points: list[tuple[Scores, float]]):
         ax.errorbar([m], [s.suite], yerr=[s.std or 0.0], fmt="o", color=plt.cm.tab10(i % 10),
                     label=variant_label(s.variant))
     ax.axvline(1.0, color="0.7", lw=0.8)  # the conv-free ladder's own multiplier
+    # the whole score range, as in the bar figure: autoscaled, a difference in the third decimal filled the plot
     ax.set(xlabel="compute multiplier on the LM ladder (the conv-free baseline = 1)", ylabel="suite score",
-           title="suite score vs compute multiplier")
+           ylim=(0, 1.02), title="suite score vs compute multiplier")
     _legend_below(fig, ax)
     return fig

@@ -236,6 +236,39 @@ def test_the_suite_vs_compute_legend_covers_no_point():
         plt.close(fig)
 
 
+def test_the_suite_figures_show_the_whole_score_range_and_how_many_tasks_the_suite_bar_has():
+    import matplotlib.pyplot as plt
+
+    fig = suite._versus_compute_figure([(s, 1.0 + 0.1 * i) for i, s in enumerate(fake_scores(2))])
+    try:
+        assert fig.axes[0].get_ylim() == (0, 1.02)  # not autoscaled onto a difference in the third decimal
+    finally:
+        plt.close(fig)
+    for tasks, last in ((suite.SUITE_TASKS, "suite"), (suite.SUITE_TASKS[:3], "suite (3/6 tasks)")):
+        fig = suite._bars_figure(fake_scores(2), list(tasks))
+        try:
+            assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [*tasks, last]
+        finally:
+            plt.close(fig)
+
+
+def test_a_setting_whose_grid_is_unfinished_is_marked(tmp_path):
+    """An interrupted sweep: one setting has 1 of its 4 grid points. Its result is the best of what finished,
+    marked (1/4 grid points), with a line saying the best may still rise."""
+    root = tmp_path / "s"
+    make_suite(root)
+    for lr, wd in ((1e-3, 0.1), (3e-3, 0.0), (3e-3, 0.1)):
+        run_dir = root / f"none/recall/1/lr{lr}/wd{wd}/s0"
+        (run_dir / "summary.json").unlink()
+    assert main(["report", str(root)]) == 0
+    recall = (root / "report.md").read_text().split("## recall")[1].split("\n## ")[0]
+    marked = [line for line in recall.splitlines() if "grid points)" in line and line.startswith("|")]
+    assert len(marked) == 1 and marked[0].startswith("| vocab_size=32 |") and "(1/4 grid points)" in marked[0]
+    assert "comes from an unfinished grid" in recall
+    memorization = (root / "report.md").read_text().split("## memorization")[1].split("\n## ")[0]
+    assert "grid points" not in memorization
+
+
 def test_a_key_that_differs_within_a_variant_joins_its_name(tmp_path):
     """The same conv at two widths is two variants (`d_model=32`), while the grid and the settings are not."""
     root = tmp_path / "w"
