@@ -16,3 +16,11 @@ def test_a_prefix_of_several_names_or_a_misspelling_falls_back_to_the_closest():
     assert did_you_mean("d_s", names) == " (did you mean 'd_state'?)"
     assert did_you_mean("d_", names) == ""
     assert did_you_mean("zzz", names) == ""
+
+
+def test_other_names_for_a_choice_are_understood():
+    """'gpu' is nearer 'cpu' than 'cuda' by spelling; what was meant is known."""
+    assert did_you_mean("gpu", ["auto", "cpu", "cuda"]) == " (did you mean 'cuda'?)"
+    assert did_you_mean("GPU", ["auto", "cpu", "cuda"]) == " (did you mean 'cuda'?)"
+    assert did_you_mean("gdn", ["attention", "gated_deltanet", "mamba2"]) == " (did you mean 'gated_deltanet'?)"
+    assert did_you_mean("gpu", ["tokens", "steps"]) == ""  # an alias only where its meaning is a choice
