@@ -200,9 +200,14 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         try:
             plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
         except UserError as e:
-            if not dry_run or len(points) == 1:  # a dry run lists a sweep's refusals among its other points
-                raise
-            refused.append((r, run_dir, str(e).removeprefix(f"{run_dir}: ")))  # listed below, with the others
+            refused.append((name, r, run_dir, e))
+    if refused:
+        # what the refused points read first: a data path mistyped in a --set would fail in a fresh directory too,
+        # and is the mistake to fix, not the "recipe changed" that it also causes
+        preflight.check_plan(recipe, overrides, [(n, r, d, "new") for n, r, d, _ in refused], list(range(len(refused))))
+        if not dry_run or len(points) == 1:  # a dry run lists a sweep's refusals among its other points
+            raise refused[0][3]
+    refused = [(r, run_dir, str(e).removeprefix(f"{run_dir}: ")) for _, r, run_dir, e in refused]
     distributed = os.environ.get("WORLD_SIZE", "1") != "1"  # under torchrun: one model over all ranks
     if distributed and launch.launcher != "local":
         raise UserError(f"--launcher {launch.launcher}: this process was started by torchrun (WORLD_SIZE="

@@ -141,3 +141,20 @@ def test_a_changed_recipe_that_a_force_new_copy_holds_is_pointed_there_and_goes_
     assert main(["run", str(path), "--quiet", "--set", "train.lr=2e-3", "--set", "run.name=t-2"]) == 0
     assert capsys.readouterr().out.count("finished earlier, not retrained") == 2
     assert not (tmp_path / "t-3").exists()
+
+
+def test_a_missing_data_path_is_the_error_not_the_recipe_change_it_causes(tmp_path, capsys, monkeypatch):
+    """A --set pointing the runs of a trained sweep at text that does not exist: the path is what to fix (a fresh
+    directory would fail on it too), so it is the error, with or without --dry-run, rather than a refusal
+    suggesting --force-new."""
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    for dry in (["--dry-run"], []):
+        assert main(["run", str(path), *dry, "--set", "task.kind=lm", "--set", "task.lm.data=nowhere.txt"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.splitlines()[-1] == (
+            f"error: --set: task.lm.data: {tmp_path / 'nowhere.txt'}: no such file or folder; point it at a "
+            f".txt/.jsonl/.parquet file, a folder of them or a glob")
+        assert "refused" not in err and "--force-new" not in err
