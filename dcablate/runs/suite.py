@@ -173,6 +173,14 @@ def variant_label(variant: tuple) -> str:
     return variant_name(variant)
 
 
+def chance(task: str, setting: tuple) -> float | None:
+    """The accuracy of a uniform guess at a setting (the task's `TaskSpec.chance`), None if the task has none."""
+    from dcablate.tasks import TASKS
+
+    of = TASKS.get(task).chance
+    return None if of is None else of(dict(setting))
+
+
 def grid_size(table: list[Scores], task: str) -> int:
     """The grid points a setting of `task` has when its grid is complete: the most any variant's setting has."""
     return max((b.grid_points for s in table for b in s.best.get(task, {}).values()), default=0)
@@ -263,7 +271,8 @@ def suite_section(out: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)
         have = [s for s in table if task in s.best]
         full = grid_size(table, task)
-        lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value).", ""]
+        lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value); chance: "
+                  "the accuracy of a uniform guess among the tokens a scored position can hold.", ""]
         body = []
         for st in settings:
             cells = []
@@ -271,11 +280,12 @@ def suite_section(out: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
                 b = s.best[task].get(st)
                 short = "" if b is None or b.grid_points >= full else f"<br>({b.grid_points}/{full} grid points)"
                 cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid)}{short}")
-            body.append([labels[(task, st)], *cells])
-        body.append(["**task score**", *(f"**{s.task_scores[task]:.3f}**"
+            level = chance(task, st)
+            body.append([labels[(task, st)], "-" if level is None else f"{level:.3f}", *cells])
+        body.append(["**task score**", "", *(f"**{s.task_scores[task]:.3f}**"
                                         + ("" if len(s.best[task]) == len(settings)
                                            else f" ({len(s.best[task])}/{len(settings)} settings)") for s in have)])
-        lines += _md_table(["setting", *(variant_label(s.variant) for s in have)], body)
+        lines += _md_table(["setting", "chance", *(variant_label(s.variant) for s in have)], body)
         if any(b.grid_points < full for s in have for b in s.best[task].values()):
             lines += [f"A result marked (k/{full} grid points) comes from an unfinished grid: the other points "
                       f"of that setting have not finished, so its best may still rise (rerun the sweep's command "
@@ -305,7 +315,7 @@ def _md_table(header: list, rows: list[list]) -> list[str]:
 
 CSV_COLUMNS = ["row", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "task", "setting", "setting_keys",
                "score_mean", "score_std", "score_min", "score_max", "seeds", "lr", "weight_decay", "steps",
-               "grid_points"]
+               "grid_points", "chance"]
 
 
 def _write_csv(path: Path, table: list[Scores], labels: dict) -> Path:
@@ -325,12 +335,17 @@ def _write_csv(path: Path, table: list[Scores], labels: dict) -> Path:
                     w.writerow({"row": "setting", **who, "task": task, "setting": labels[(task, st)],
                                 "setting_keys": json.dumps(dict(st)), **_spread(b.mean, b.std, b.by_seed),
                                 "seeds": len(b.by_seed), "lr": b.grid[0], "weight_decay": b.grid[1],
-                                "steps": "" if b.grid[2] is None else b.grid[2], "grid_points": b.grid_points})
+                                "steps": "" if b.grid[2] is None else b.grid[2], "grid_points": b.grid_points,
+                                "chance": _blank(chance(task, st))})
                 w.writerow({"row": "task score", **who, "task": task, "score_mean": s.task_scores[task],
                             "seeds": len({seed for b in settings.values() for seed in b.by_seed})})
             w.writerow({"row": "suite score", **who, "task": "suite", **_spread(s.suite, s.std, s.per_seed),
                         "seeds": len(s.per_seed)})
     return path
+
+
+def _blank(value):
+    return "" if value is None else value
 
 
 def _spread(mean: float, std: float | None, by_seed: dict) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dcablate.registry import ComponentSpec, Registry, resolve
 
@@ -25,12 +25,15 @@ class TaskSpec(ComponentSpec):
     headline_label    how reports name the headline
     bounded           the headline lies in [0, 1] (figures fix their axis)
     sparse_targets    only a few positions per sequence are scored: the loss gathers them before the
-                      vocabulary-wide head (MQAR), instead of scoring every position (LM)"""
+                      vocabulary-wide head (MQAR), instead of scoring every position (LM)
+    chance            the headline a uniform guess among the tokens a scored position can hold scores, from the
+                      task section's values ({key: value}); None where it has no such meaning (LM)"""
     headline: str = field(kw_only=True)
     higher_is_better: bool = field(kw_only=True)
     headline_label: str = field(default="", kw_only=True)
     bounded: bool = field(default=False, kw_only=True)
     sparse_targets: bool = field(default=False, kw_only=True)
+    chance: Callable[[dict], float] | None = field(default=None, kw_only=True)
 
 
 class Task:

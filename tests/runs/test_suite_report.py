@@ -94,7 +94,7 @@ def test_report_gives_the_suite_tables_scores_and_figure(tmp_path):
     assert std == pytest.approx(0.01, abs=5e-4) and (low, high) == pytest.approx((mean - 0.01, mean + 0.01), abs=1e-3)
     assert "mean ± sample std" in md
     recall = md.split("## recall")[1].split("##")[0]
-    assert re.search(r"^\| baseline \| 0\.6\d+ ± 0\.010<br>lr 0\.003, wd 0\.1, 100 steps \|", recall, re.M), recall
+    assert re.search(r"^\| baseline \| 0\.125 \| 0\.6\d+ ± 0\.010<br>lr 0\.003, wd 0\.1, 100 steps \|", recall, re.M), recall
     assert "| **task score** |" in recall
     assert (root / "suite_scores.png").read_bytes()[:4] == PNG
     assert "![suite scores](suite_scores.png)" in md

@@ -32,7 +32,11 @@ def problems(o) -> list[tuple[str, str]]:
     return compression_problems(o.seq_len, o.vocab_size)
 
 
+def chance(o: dict) -> float:
+    """A uniform guess among the content tokens `[0, V - 1)`."""
+    return 1 / (o["vocab_size"] - 1)
+
 register_task(TaskSpec("compression", "dcablate.tasks.compression.task:CompressionTask", CompressionSection,
                        "compression options", spec_check("compression", problems),
                        headline="accuracy", higher_is_better=True, headline_label="compression accuracy",
-                       bounded=True))
+                       bounded=True, chance=chance))

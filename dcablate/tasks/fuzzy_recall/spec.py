@@ -51,7 +51,11 @@ def problems(o) -> list[tuple[str, str]]:
 
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
+def chance(o: dict) -> float:
+    """A uniform guess among the value tokens `[K, V - 1)`, `K = (V - 1) // 2`, per scored token."""
+    return 1 / (o["vocab_size"] - 1 - (o["vocab_size"] - 1) // 2)
+
 register_task(TaskSpec("fuzzy_recall", "dcablate.tasks.fuzzy_recall.task:FuzzyRecallTask", FuzzyRecallSection,
                        "fuzzy in-context recall options", spec_check("fuzzy_recall", problems),
                        headline="accuracy", higher_is_better=True,
-                       headline_label="fuzzy in-context recall accuracy", bounded=True))
+                       headline_label="fuzzy in-context recall accuracy", bounded=True, chance=chance))

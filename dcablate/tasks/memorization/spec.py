@@ -36,7 +36,11 @@ def problems(o) -> list[tuple[str, str]]:
     return memorization_problems(o.seq_len, o.vocab_size)
 
 
+def chance(o: dict) -> float:
+    """A uniform guess among the values `[K, V - 1)`, `K = (V - 1) // 2`."""
+    return 1 / (o["vocab_size"] - 1 - (o["vocab_size"] - 1) // 2)
+
 register_task(TaskSpec("memorization", "dcablate.tasks.memorization.task:MemorizationTask", MemorizationSection,
                        "memorization options", spec_check("memorization", problems),
                        headline="accuracy", higher_is_better=True, headline_label="memorization accuracy",
-                       bounded=True, sparse_targets=True))
+                       bounded=True, chance=chance, sparse_targets=True))

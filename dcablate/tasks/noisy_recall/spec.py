@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
-from dcablate.tasks.recall.spec import recall_problems
+from dcablate.tasks.recall.spec import recall_chance, recall_problems
 from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check
 
 
@@ -31,7 +31,10 @@ def problems(o) -> list[tuple[str, str]]:
 
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
+def chance(o: dict) -> float:
+    return recall_chance(o, o["noise_vocab_size"])
+
 register_task(TaskSpec("noisy_recall", "dcablate.tasks.noisy_recall.task:NoisyRecallTask", NoisyRecallSection,
                        "noisy in-context recall options", spec_check("noisy_recall", problems),
                        headline="accuracy", higher_is_better=True,
-                       headline_label="noisy in-context recall accuracy", bounded=True))
+                       headline_label="noisy in-context recall accuracy", bounded=True, chance=chance))

@@ -42,7 +42,12 @@ def problems(o) -> list[tuple[str, str]]:
 
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
+def recall_chance(o: dict, noise: int = 0) -> float:
+    """A uniform guess among the values `[K, V - N)`, `K = (V - N) // 2`."""
+    content = o["vocab_size"] - noise
+    return 1 / (content - content // 2)
+
 register_task(TaskSpec("recall", "dcablate.tasks.recall.task:RecallTask", RecallSection,
                        "in-context recall options", spec_check("recall", problems),
                        headline="accuracy", higher_is_better=True, headline_label="in-context recall accuracy",
-                       bounded=True))
+                       bounded=True, chance=recall_chance))

@@ -37,7 +37,11 @@ def problems(o) -> list[tuple[str, str]]:
     return selective_copy_problems(o.seq_len, o.vocab_size, o.num_tokens)
 
 
+def chance(o: dict) -> float:
+    """A uniform guess among the content tokens `[0, V - 2)`."""
+    return 1 / (o["vocab_size"] - 2)
+
 register_task(TaskSpec("selective_copy", "dcablate.tasks.selective_copy.task:SelectiveCopyTask",
                        SelectiveCopySection, "selective copying options", spec_check("selective_copy", problems),
                        headline="accuracy", higher_is_better=True, headline_label="selective copying accuracy",
-                       bounded=True, sparse_targets=True))
+                       bounded=True, chance=chance, sparse_targets=True))
