@@ -13,6 +13,9 @@ so.
 
 The runs are grouped by their conv-free baseline: the variants of one mixer and channel mixer (and of the same
 other recipe keys, when a report holds several ladders, e.g. two token budgets) against the `conv=none` one.
+
+A size is a model's shape (`size_of`: `d_model`, `n_layers`, `n_heads`, ...), not its training FLOPs: two seeds
+of one model whose FLOPs differ (one stopped early) are one size, each fitted at its own FLOPs.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ class Group:
     """The runs of one compute fit: `points` (every variant's, the baseline's included), `baseline` (the
     conv-free variant's name), how each variant's cells chose their runs (`how[variant]`: `HELD_OUT`, `ONE_LR`
     or `min over n lrs`, counted over its sizes), notes on runs left out, the variants whose throughput was
-    measured beside other runs (`contended`) and how many of each variant's fitted runs stopped early."""
+    measured beside other runs (`contended`) and how many of each variant's fitted runs stopped early;
+    `sizes`: the distinct model sizes among all the group's finished runs, fitted or not."""
 
     title: str
     slug: str
     baseline: str
+    sizes: set = field(default_factory=set)
     points: list[scaling.Point] = field(default_factory=list)
     how: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     notes: list[str] = field(default_factory=list)
@@ -87,6 +92,15 @@ def throughput_swing(run) -> float | None:
     return max(rates) / min(rates) if len(rates) >= 2 and min(rates) > 0 else None
 
 
+SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.head_dim", "model.ffn_hidden")
+
+
+def size_of(run) -> tuple:
+    """The run's model size, its shape (`SHAPE_KEYS` of its recipe; `d_model` first): what makes runs of one
+    variant the same size, and runs of two variants comparable in throughput (`scaling.Point.size`)."""
+    return (run.d_model, *(run.recipe.get(k) for k in SHAPE_KEYS[1:]))
+
+
 def fitted_params(summary: dict) -> int | None:
     """The parameter count the parameter fit uses: non-embedding parameters, only the active ones for an MoE
     (`params.active` counts what one token touches, embeddings included, so the idle experts come off)."""
@@ -97,11 +111,16 @@ def fitted_params(summary: dict) -> int | None:
     return n - (params["total"] - params["active"])
 
 
+def family_title(mixer: str, ffn: str, extra: str = "") -> str:
+    return mixer + ("" if ffn == "none" else f" + {ffn}") + (f" ({extra})" if extra else "")
+
+
 def groups(table: dict) -> list[Group]:
     """The compute fits of a report table `(variant, d_model) -> lr -> Cell` (finished runs): one `Group` per
-    conv-free variant, holding the runs that recorded their training FLOPs (`summary.json` `train_flops`).
-    A variant joins the baseline of its mixer and channel mixer whose other recipe keys (conv options aside)
-    match its own, or the only baseline there is; a group without any is left out."""
+    conv-free variant, holding the runs that recorded their training FLOPs (`summary.json` `train_flops`; a
+    group where none did has no points). A variant joins the baseline of its mixer and channel mixer whose other
+    recipe keys (conv options aside) match its own, or the only baseline there is; a variant without any is left
+    out (`without_baseline`)."""
     from dcablate.runs.report import variant_name
 
     family: dict[tuple, dict[tuple, list]] = defaultdict(lambda: defaultdict(list))  # (mixer, ffn) -> variant -> cells
@@ -120,17 +139,29 @@ def groups(table: dict) -> list[Group]:
                 continue
             if base not in found:
                 extra = variants.label(_others(base))
-                title = mixer + ("" if ffn == "none" else f" + {ffn}") + (f" ({extra})" if extra else "")
+                title = family_title(mixer, ffn, extra)
                 slug = mixer + ("" if ffn == "none" else f"_{ffn}") + (f"_{_slug(extra)}" if extra else "")
                 found[base] = Group(title, slug, variant_name(base))
             _add(found[base], variant_name(variant), cells)
+            found[base].sizes.update(size_of(run) for by_lr in cells for cell in by_lr.values() for run in cell.runs)
         for group in found.values():
             if unmatched:
                 group.notes.append(f"Not compared: {', '.join(f'`{variant_name(v)}`' for v in unmatched)} (no "
                                    f"conv-free variant with the same other recipe keys).")
-            if group.points:
-                out.append(group)
+            out.append(group)
     return out
+
+
+def without_baseline(table: dict) -> list[tuple[str, set]]:
+    """(title, model sizes) of each mixer and channel mixer of a report table that has no conv-free variant,
+    against which a compute fit would measure the others."""
+    family: dict[tuple, set] = defaultdict(set)
+    bases = set()
+    for (variant, _), by_lr in table.items():
+        family[(variant[0], variant[3])].update(size_of(run) for cell in by_lr.values() for run in cell.runs)
+        if variant[1] == "none":
+            bases.add((variant[0], variant[3]))
+    return [(family_title(*key), sizes) for key, sizes in sorted(family.items()) if key not in bases]
 
 
 def _others(variant: tuple) -> tuple:
@@ -160,7 +191,7 @@ def _add(group: Group, name: str, cells: list) -> None:
                 continue
             group.points.append(scaling.Point(
                 name, float(s["train_flops"]), float(loss), run.seed, fitted_params(s), tokens_per_s(run),
-                float(s["tokens"]) if s.get("tokens") else None, run.d_model, s.get("device_name")))
+                float(s["tokens"]) if s.get("tokens") else None, size_of(run), s.get("device_name")))
             group.stopped_early[name] += bool(s.get("stopped_early"))
             swing = throughput_swing(run)
             if swing is not None and swing > UNSTEADY:

@@ -3,7 +3,8 @@ multiplier against its conv-free baseline (`scaling.py` does the fits, `multipli
 `compute_points.py` chooses the runs).
 
 It appears for each conv-free ladder that ran at three sizes or more with its training FLOPs recorded
-(`summary.json` `train_flops`). The loss is the final validation loss.
+(`summary.json` `train_flops`). The loss is the final validation loss. Runs of several sizes that cannot be fitted
+get one line saying why (`no_fit`); the numbers of each fitted ladder also go to `multipliers.csv` (`csv_rows`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,31 @@ from dcablate.runs import compute_points, multipliers, scaling
 POOR_FIT_RMS = 0.2  # an rms relative residual above this: the curve does not describe the runs it was fitted to
 
 
-def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str], dict[str, Path]]:
-    """Markdown lines and figure files of the compute analysis of a report table `(variant, d_model) -> lr ->
-    Cell`: one part per conv-free baseline that ran at 3 sizes or more ([] and {} when none did)."""
+# multipliers.csv: one row per variant of each fitted ladder (`csv_rows`); its first columns are how the report
+# recognises the file as its own where its record is lost (`report_files`)
+CSV_COLUMNS = ("task", "ladder", "baseline", "variant", "compute_multiplier", "ci90_low", "ci90_high",
+               "param_multiplier", "wall_clock_multiplier", "sizes", "runs", "seeds", "seeds_per_size_min",
+               "seeds_per_size_max", "lr_choice", "E", "A", "alpha", "rms", "E_pinned", "param_E", "param_alpha",
+               "note")
+CSV_KEY_COLUMNS = CSV_COLUMNS[:5]
+
+
+def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str], dict[str, Path], list[dict]]:
+    """Markdown lines, figure files and `multipliers.csv` rows (`CSV_COLUMNS` but `task`) of the compute analysis
+    of a report table `(variant, d_model) -> lr -> Cell`: one part per conv-free baseline that ran at 3 sizes or
+    more, and a line per ladder of several sizes that cannot be fitted (`no_fit`); nothing for runs of one size."""
     lines: list[str] = []
     files: dict[str, Path] = {}
+    rows: list[dict] = []
+    for title, sizes in compute_points.without_baseline(table):
+        if len(sizes) > 1:
+            lines += [f"No compute fit for {title}: no conv-free variant (`conv=none`) to measure the others against.",
+                      ""]
     for group in compute_points.groups(table):
-        base = [p for p in group.points if p.variant == group.baseline]
-        if len({p.compute for p in base}) < scaling.MIN_BASELINE_SIZES:
+        why = no_fit(group)
+        if why is not None:  # runs of one size: no ladder was run, nothing to say
+            if why:
+                lines += [f"No compute fit for {group.title}: {why}.", ""]
             continue
         lines += [f"## Compute: {group.title}", ""]
         try:
@@ -31,19 +49,67 @@ def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str
         except UserError as e:
             lines += [f"Not fitted: {e}", ""] + [f"- {n}" for n in group.notes] + ([""] if group.notes else [])
             continue
+        rows += csv_rows(group, result)
         cautions = _cautions(group, result)
         lines += _text(group, result) + [line for text in cautions.values() for line in (text, "")]
         lines += _table(group, result) + _notes(group, result)
         name = f"{prefix}loss_vs_compute_{group.slug}"
         files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title, list(cautions))
         lines += [f"![loss vs compute]({name}.png)", ""]
-    return lines, files
+    return lines, files, rows
+
+
+def _sizes(points) -> list:
+    """The distinct model sizes of `points` (`scaling.size_key`), in order."""
+    return sorted({scaling.size_key(p) for p in points}, key=repr)
+
+
+def no_fit(group: compute_points.Group) -> str | None:
+    """Why `group` gets no compute fit, in a few words: None when it can be fitted, "" when its runs are all of
+    one size (no ladder was run: nothing to say)."""
+    if len(group.sizes) < 2:
+        return ""
+    if not group.points:
+        return "no run recorded its training FLOPs (`summary.json` `train_flops`)"
+    base = [p for p in group.points if p.variant == group.baseline]
+    if not base:
+        return f"the baseline `{group.baseline}` has no run with `train_flops` and a finite final loss"
+    n = len(_sizes(base))
+    if n >= scaling.MIN_BASELINE_SIZES:
+        return None
+    widths = ", ".join(map(str, sorted({p.size[0] for p in base})))  # compute_points: d_model first
+    return (f"the baseline `{group.baseline}` has {n} size{'' if n == 1 else 's'} (d_model {widths}), "
+            f"{scaling.MIN_BASELINE_SIZES} needed")
+
+
+def csv_rows(group: compute_points.Group, result: multipliers.Comparison) -> list[dict]:
+    """The rows of one fitted ladder in `multipliers.csv` (every `CSV_COLUMNS` key but `task`): each fitted
+    variant's multipliers, interval, counts and flags beside the fit's parameters, then each variant left out
+    (its numbers empty, the reason in `note`)."""
+    fit, pfit = result.fit, result.param_fit
+    shared = {"ladder": group.title, "baseline": group.baseline, "E": fit.E, "A": fit.A, "alpha": fit.alpha,
+              "rms": fit.rms, "E_pinned": fit.e_at_bound, "param_E": "" if pfit is None else pfit.E,
+              "param_alpha": "" if pfit is None else pfit.alpha}
+    blank = lambda x: "" if x is None else x  # noqa: E731
+    out = []
+    for r in result.rows:
+        notes = [*_flags(group, r), *([f"no interval: {r['ci_note']}"] if r["ci_note"] else [])]
+        out.append({**shared, "variant": r["variant"], "compute_multiplier": r["multiplier"],
+                    "ci90_low": blank(r["ci_low"]), "ci90_high": blank(r["ci_high"]),
+                    "param_multiplier": blank(r["param_multiplier"]),
+                    "wall_clock_multiplier": blank(r["wall_clock_multiplier"]), "sizes": r["sizes"],
+                    "runs": r["points"], "seeds": r["seeds"], "seeds_per_size_min": r["per_size"][0],
+                    "seeds_per_size_max": r["per_size"][1], "lr_choice": _how(group.how.get(r["variant"])),
+                    "note": "; ".join(notes)})
+    for v, why in result.dropped.items():
+        out.append({**shared, "variant": v, "lr_choice": _how(group.how.get(v)), "note": f"not fitted: {why}"})
+    return out
 
 
 def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
     fit = result.fit
     used = sum(fit.points.values())
-    sizes = len({p.compute for p in group.points if p.variant == group.baseline})
+    sizes = len(_sizes(p for p in group.points if p.variant == group.baseline))
     return [
         f"Joint fit `L = E + A·(m·C)^(-α)` over {used} runs, the baseline at {sizes} sizes: E = {fit.E:.3f}, "
         f"α = {fit.alpha:.3f}, rms relative residual {fit.rms:.2%}" + (" (E pinned at 0)" if fit.e_at_bound else "")
@@ -90,17 +156,23 @@ def _table(group: compute_points.Group, result: multipliers.Comparison) -> list[
         ci = "-" if r["ci_low"] is None else f"{r['ci_low']:.2f} – {r['ci_high']:.2f}"
         low, high = r["per_size"]
         per_size = str(low) if low == high else f"{low}–{high}"
-        flags = []
-        if r["variant"] != group.baseline and r["extrapolated"]:
-            flags.append(f"outside the baseline's range: {r['inside']:.0%} of runs inside")
-        if r["param_extrapolated"] and r["variant"] != group.baseline:
-            flags.append(f"parameters outside the baseline's range: {r['param_inside']:.0%} inside")
-        if r["slope_differs"]:
-            flags.append("own slope differs")
+        flags = _flags(group, r)
         lines.append(f"| {r['variant']} | {r['multiplier']:.2f} | {ci} | {fmt(r['param_multiplier'])} | "
                      f"{fmt(r['wall_clock_multiplier'])} | {r['sizes']} | {r['points']} | {per_size} | "
                      f"{_how(group.how.get(r['variant']))} | {'; '.join(flags)} |")
     return lines + [""]
+
+
+def _flags(group: compute_points.Group, r: dict) -> list[str]:
+    """The table's `note` column of row `r`: what makes its multiplier doubtful."""
+    flags = []
+    if r["variant"] != group.baseline and r["extrapolated"]:
+        flags.append(f"outside the baseline's range: {r['inside']:.0%} of runs inside")
+    if r["param_extrapolated"] and r["variant"] != group.baseline:
+        flags.append(f"parameters outside the baseline's range: {r['param_inside']:.0%} inside")
+    if r["slope_differs"]:
+        flags.append("own slope differs")
+    return flags
 
 
 def _how(how) -> str:

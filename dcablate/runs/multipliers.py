@@ -92,7 +92,8 @@ class Slope:
 
 
 def own_slope(fit: Fit, points: Iterable[Point], variant: str) -> Slope | None:
-    """`Slope` of `variant`; None with runs at fewer than 3 sizes or when its own fit finds no falling curve.
+    """`Slope` of `variant`; None with runs at fewer than 3 sizes (`scaling.size_key`) or when its own fit finds
+    no falling curve.
 
     The variant's runs are fitted alone as `L = E + B · x**(-alpha_v)` with `E` fixed at the joint fit's
     (two free parameters: a three-parameter fit to one variant's few sizes would trade E against alpha),
@@ -104,7 +105,8 @@ def own_slope(fit: Fit, points: Iterable[Point], variant: str) -> Slope | None:
     theta = np.array([fit.E, math.log(fit.A), fit.alpha, math.log(fit.multipliers[variant])])
     b_lo, b_hi = fit.compute_range[fit.baseline]
     slope = scaling.slope_refit(theta, 1, np.log([x(p) for p in mine]),
-                                np.array([p.loss for p in mine], dtype=float), math.log(b_lo), math.log(b_hi))
+                                np.array([p.loss for p in mine], dtype=float), math.log(b_lo), math.log(b_hi),
+                                sizes=len({scaling.size_key(p, fit.axis) for p in mine}))
     return None if slope is None else Slope(slope[0], math.exp(slope[1]), math.exp(slope[2]))
 
 
@@ -141,8 +143,9 @@ def compare(points: Iterable[Point], baseline: str, n_boot: int = N_BOOT, seed: 
     raises `UserError`. A row holds `variant`, `multiplier`, `ci_low`/`ci_high` (90% bootstrap, `n_boot`
     resamples; None, with `ci_note`, for fewer than 3 sizes or a failed bootstrap), `param_multiplier`,
     `param_inside` and `param_extrapolated` (the parameter fit's), `wall_clock_multiplier` with `wall_sizes`
-    and `wall_devices`, `points`, `seeds`, `sizes` (distinct sizes), `per_size` ((fewest, most) runs at a
-    size), `inside` (`inside_share`) and `extrapolated` (inside < one half), `slope` (`own_slope`, or None),
+    and `wall_devices`, `points`, `seeds`, `sizes` (distinct sizes, `scaling.size_key`: seeds of one model
+    are one size whatever their FLOPs), `per_size` ((fewest, most) runs at a size), `inside` (`inside_share`)
+    and `extrapolated` (inside < one half), `slope` (`own_slope`, or None),
     `slope_change` (the 90% bootstrap interval of `m_at_low_loss / m_at_high_loss`, or None) and
     `slope_differs` (that interval leaves out 1: the variant's own exponent is not the baseline's)."""
     points = list(points)
@@ -174,9 +177,9 @@ def compare(points: Iterable[Point], baseline: str, n_boot: int = N_BOOT, seed: 
     rows = []
     for v, m in fit.multipliers.items():
         mine = [p for p in kept if p.variant == v]
-        per_size: dict[float, int] = {}
+        per_size: dict[object, int] = {}
         for p in mine:
-            per_size[p.compute] = per_size.get(p.compute, 0) + 1
+            per_size[scaling.size_key(p)] = per_size.get(scaling.size_key(p), 0) + 1
         low, high = ci.get(v, (None, None))
         ci_note = ""
         if n_boot and low is None:

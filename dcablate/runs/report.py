@@ -7,8 +7,10 @@ recipe. The score of a run is `summary.json`'s `best` evaluation: the highest
 overall MQAR accuracy during training (Zoology's convention), or for language modelling the lowest
 validation bits per byte; per width, the learning rate with the best mean score over seeds is
 selected, and its mean ± std over seeds reported, with how soon the runs reached target values of the metric
-(`efficiency.py`) and their parameter count. MQAR and LM runs below one folder get a section each; runs of
-the synthetic suite's tasks are scored by its protocol instead (`suite.py`).
+(`efficiency.py`), their parameter count and the tokens and training FLOPs they trained on (the ranking compares
+at equal size: where that is not equal compute it says so). A ladder of sizes gets a compute section
+(`compute_report.py`), whose numbers also go to multipliers.csv. MQAR and LM runs below one folder get a section
+each; runs of the synthetic suite's tasks are scored by its protocol instead (`suite.py`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dcablate.errors import RecipeError, UserError
 from dcablate.training import failure
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
-from dcablate.runs import efficiency, report_files, suite, variants
+from dcablate.runs import compute_report, efficiency, report_files, suite, variants
 from dcablate.runs.compute_report import compute_section
 from dcablate.tasks import TASKS
 
@@ -77,6 +79,12 @@ class Cell:
 
     def mean(self, key: str = "overall") -> float:
         return statistics.fmean(r.summary["best"].get(key, float("nan")) for r in self.runs)
+
+    def spent(self, key: str) -> float | None:
+        """The mean over seeds of `summary.json` `key` (`tokens`, `train_flops`: what the runs trained on); None
+        when no run has it."""
+        values = [float(r.summary[key]) for r in self.runs if isinstance(r.summary.get(key), (int, float))]
+        return statistics.fmean(values) if values else None
 
     def std(self, key: str = "overall") -> float | None:
         """Sample standard deviation over seeds; None with one seed."""
@@ -236,6 +244,42 @@ def _params(summary: dict) -> str:
     return "" if total is None else f"{total:,}"
 
 
+def _int(value) -> str:
+    """A count as the tables write it, with thousands separators (`17,536`)."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _compact(value: float | None) -> str:
+    """A large number in three significant digits, `2.76e14` (`-` for None)."""
+    if value is None:
+        return "-"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _plain(value: float | None):
+    """A csv cell of a mean that is usually a whole number: the integer when it is one, "" for None."""
+    if value is None:
+        return ""
+    return int(value) if value.is_integer() else value
+
+
+SPENT = (("tokens", "tokens"), ("train_flops", "train FLOPs"))  # summary.json key, table column
+EQUAL_COMPUTE = 1.01  # training FLOPs this many times apart at one width: the runs did not train on equal compute
+
+
+def compute_gap(table: dict, metric: Metric) -> tuple[float, int] | None:
+    """(ratio, d_model) of the width where the variants' chosen runs (mean over seeds) differ most in training
+    FLOPs, max over min; None where no width has two variants with `train_flops`."""
+    at: dict[int, list[float]] = defaultdict(list)
+    for (_, d_model), by_lr in table.items():
+        flops = by_lr[best_lr(by_lr, metric)].spent("train_flops")
+        if flops:
+            at[d_model].append(flops)
+    gaps = [(max(fs) / min(fs), d) for d, fs in sorted(at.items()) if len(fs) > 1]
+    return max(gaps, key=lambda g: g[0]) if gaps else None
+
+
 def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f}"
 
@@ -268,11 +312,12 @@ def _count(n: int, noun: str) -> str:
 
 
 def write_report(root: Path, targets: tuple[float, ...] | None = None, out: Path | None = None) -> dict[str, Path]:
-    """Write report.md, report.csv (when there are MQAR or LM runs), suite.csv (suite runs) and the PNG figures
-    over the runs below `root` into `out` (default `root`); returns the written files by kind. `targets`: the
-    values of the headline metric whose first reaching the tables give (default: 0.5, 0.9 and 0.99 for accuracy,
-    none for bits per byte). The report replaces only files it wrote itself and that are unchanged since
-    (`report_files`); any other file in its way is a UserError before anything is written."""
+    """Write report.md, report.csv (when there are MQAR or LM runs), multipliers.csv (when a compute fit was
+    made), suite.csv (suite runs) and the PNG figures over the runs below `root` into `out` (default `root`);
+    returns the written files by kind. `targets`: the values of the headline metric whose first reaching the tables
+    give (default: 0.5, 0.9 and 0.99 for accuracy, none for bits per byte). The report replaces only files it
+    wrote itself and that are unchanged since (`report_files`); any other file in its way is a UserError before
+    anything is written."""
     root = Path(root)
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
@@ -293,15 +338,19 @@ def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dic
     targets = {task: efficiency.targets_for(metric, asked) for task, (metric, _, _) in tasks.items()}
 
     out.mkdir(parents=True, exist_ok=True)
-    folder = report_files.Folder(out, {"report.csv": CSV_KEY_COLUMNS, "suite.csv": tuple(suite.CSV_COLUMNS)})
+    folder = report_files.Folder(out, {"report.csv": CSV_KEY_COLUMNS, "suite.csv": tuple(suite.CSV_COLUMNS),
+                                       MULTIPLIERS_CSV: compute_report.CSV_KEY_COLUMNS})
     # the files whose names are known before the figures are drawn: refused before the slow part
     has_suite = any(suite.is_suite_task(r.task) and r.summary is not None for r in runs)
     has_rows = any(table for _, table, _ in tasks.values())  # finished MQAR or LM runs: report.csv's rows
     folder.refuse_foreign(["report.md", *(["report.csv"] if has_rows else []), *(["suite.csv"] if has_suite else [])])
     with report_files.staging(out) as stage:
         written = _write_files(root, stage, runs, bad, tasks, targets, folder, has_rows)
-        # a report.csv of an earlier report goes when this one has no rows for it; one of the user's stays
-        folder.publish(stage, remove=[] if "csv" in written or not folder.is_own("report.csv") else ["report.csv"])
+        # a report.csv or multipliers.csv of an earlier report goes when this one has no rows for it; one of the
+        # user's stays
+        remove = [name for kind, name in (("csv", "report.csv"), ("multipliers_csv", MULTIPLIERS_CSV))
+                  if kind not in written and folder.is_own(name)]
+        folder.publish(stage, remove=remove)
     return {kind: out / path.name for kind, path in written.items()}
 
 
@@ -321,15 +370,27 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
         files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
     csv_note = [] if has_rows else _no_csv(folder)
     suite_lines, suite_files = suite.suite_section(stage, runs)  # the suite's tasks have their own analysis
+    fitted = []  # multipliers.csv's rows
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name
-        figures = _figures(stage, table, segs, metric, prefix="" if task == "mqar" else f"{task}_")
+        prefix = "" if task == "mqar" else f"{task}_"
+        # the compute fit first: the ranking says whether one compares the variants at equal compute
+        compute_lines, compute_figures, compute_rows = compute_section(stage, table, prefix=prefix)
+        if compute_rows:  # a file of the user's in the way ends the report before the slow figures
+            folder.refuse_foreign([MULTIPLIERS_CSV])
+        figures = _figures(stage, table, segs, metric, prefix=prefix)
         files.update(figures)
         lines += _section(task, table, segs, metric, figures, titled=len(tasks) + bool(suite_lines) > 1,
-                          targets=targets[task])
-        compute_lines, compute_figures = compute_section(stage, table, prefix="" if task == "mqar" else f"{task}_")
+                          targets=targets[task], compute_fitted=bool(compute_rows))
         lines += compute_lines
         files.update(compute_figures)
+        fitted += [{"task": task, **row} for row in compute_rows]
+    if fitted:
+        files["multipliers_csv"] = _write_csv(stage / MULTIPLIERS_CSV, list(compute_report.CSV_COLUMNS),
+                                              [[row.get(c, "") for c in compute_report.CSV_COLUMNS] for row in fitted])
+    elif not folder.is_own(MULTIPLIERS_CSV):
+        csv_note += [f"`{MULTIPLIERS_CSV}` in this folder is not this report's and was left as it was: this report "
+                     "has no compute fit.", ""]
     lines += suite_lines
     files.update(suite_files)
     lines += csv_note
@@ -350,17 +411,19 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
     return files
 
 
+MULTIPLIERS_CSV = "multipliers.csv"  # the compute fits' numbers (compute_report.CSV_COLUMNS)
 CSV_KEY_COLUMNS = ("task", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "d_model", "lr", "seeds")
 
 
 def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
     """report.csv's header and rows: one row per (task, variant, d_model, lr) of the MQAR and LM tables (the
-    suite's tasks have no such grid; their numbers go to suite.csv)."""
+    suite's tasks have no such grid; their numbers go to suite.csv); `tokens` and `train_flops` are the means over
+    the row's seeds of what they trained on."""
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
     all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
     to_target = [f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "flops_to_", "seeds_reached_")]
     header = [*CSV_KEY_COLUMNS, "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs),
-              "state_floats", "params", *to_target]
+              "state_floats", "params", *(key for key, _ in SPENT), *to_target]
     rows = []
     for task, (metric, table, segs) in tasks.items():
         for (variant, d_model), by_lr in table.items():
@@ -379,7 +442,8 @@ def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
                 rows.append([task, variant_name(variant), *variant[:4], d_model, lr, len(cell.runs),
                              cell.mean(metric.key), "" if std is None else std, lr == chosen,
                              *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
-                             first.get("state_floats", ""), first.get("params", {}).get("total", ""), *speed])
+                             first.get("state_floats", ""), first.get("params", {}).get("total", ""),
+                             *(_plain(cell.spent(key)) for key, _ in SPENT), *speed])
     return header, rows
 
 
@@ -419,9 +483,11 @@ def _software(runs: list[Run]) -> list[str]:
 
 
 def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: dict, titled: bool,
-             targets: tuple[float, ...] = ()) -> list[str]:
-    """The markdown of one task's runs: how they are scored, the ranking, a table per variant (with the steps to
-    each of `targets`), figures."""
+             targets: tuple[float, ...] = (), compute_fitted: bool = False) -> list[str]:
+    """The markdown of one task's runs: how they are scored, the ranking (with a note when its runs differ in
+    training compute at one width; `compute_fitted`: a compute section follows that compares them at equal
+    compute), a table per variant (with the steps to each of `targets`, and the tokens and training FLOPs its
+    runs trained on), figures."""
     better = "highest" if metric.higher_is_better else "lowest"
     lines = ([f"# {'MQAR' if task == 'mqar' else 'Language modelling'}", ""] if titled else [])
     lines += [f"Score = {metric.label} of each run's best evaluation (`summary.json` `best`, the {better}); per "
@@ -436,10 +502,23 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                   "when half the seeds or more never did; `k/n seeds` says how many did).", ""]
     if not table:
         return lines
+    spent = [(key, column) for key, column in SPENT
+             if any(cell.spent(key) is not None for by_lr in table.values() for cell in by_lr.values())]
+    if spent:
+        columns = " and ".join(column for _, column in spent)
+        lines += [f"{columns[0].upper()}{columns[1:]}: what the chosen runs trained on (`summary.json` "
+                  f"{', '.join(f'`{key}`' for key, _ in spent)}; the mean over seeds).", ""]
     lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
     lines += _md_table(["rank", "variant", "score", "widths"],
                        [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))]
                         for i, (v, s, ds) in enumerate(ranking(table, metric))])
+    gap = compute_gap(table, metric)
+    if gap is not None and gap[0] > EQUAL_COMPUTE:
+        pointer = ("the Compute section below compares them at equal training FLOPs." if compute_fitted else
+                   "this report has no compute fit to compare them at equal training FLOPs.")
+        lines += [f"Equal size, not equal compute: at one d_model the variants' runs differ in training FLOPs (up to "
+                  f"{gap[0]:.2f}× at d_model {gap[1]}; columns tokens and train FLOPs below), so this ranking "
+                  f"compares them at equal size; {pointer}", ""]
     for variant in dict.fromkeys(v for v, _ in table):
         lines += [f"## {variant_name(variant)}", ""]
         rows = []
@@ -450,10 +529,11 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
             cell = by_lr[lr]
             rows.append([d_model, f"{lr:g}", len(cell.runs), _pm(cell.mean(metric.key), cell.std(metric.key)),
                          *(_pm(cell.mean(seg), cell.std(seg)) for seg in segs),
+                         *(_compact(cell.spent(key)) for key, _ in spent),
                          *(efficiency.reached(cell.runs, t, metric.higher_is_better).text() for t in targets),
-                         cell.runs[0].summary.get("state_floats", ""), _params(cell.runs[0].summary)])
-        lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *map(efficiency.column, targets),
-                            "state floats", "params"], rows)
+                         _int(cell.runs[0].summary.get("state_floats", "")), _params(cell.runs[0].summary)])
+        lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *(column for _, column in spent),
+                            *map(efficiency.column, targets), "state floats", "params"], rows)
     lines += _flops_to_targets(table, metric, targets)
     lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
     return lines

@@ -58,8 +58,12 @@ class Point:
     """One finished run. `compute` is its training FLOPs and `loss` its final validation loss; `params`
     (parameter count) is needed for the parameter multiplier, `tokens_per_s` (measured training
     throughput), `tokens` (training tokens, so that FLOPs per token = compute / tokens) and `size` (what
-    makes two variants' runs the same size, e.g. `d_model`) for the wall-clock multiplier; `device` names the
-    hardware the throughput was measured on."""
+    makes two runs the same size: the model's shape, e.g. `(d_model, n_layers, n_heads)`) for the wall-clock
+    multiplier; `device` names the hardware the throughput was measured on.
+
+    `size` is also what the fits count as a size (`size_key`): the sizes a variant ran at, the bootstrap's
+    clusters. Two seeds of one model whose FLOPs differ (a run stopped early) are one size with two computes;
+    without a `size`, each distinct compute (or parameter count) counts as a size."""
 
     variant: str
     compute: float
@@ -70,6 +74,14 @@ class Point:
     tokens: float | None = None
     size: object = None
     device: str | None = None
+
+
+def size_key(p: Point, axis: str = "compute") -> object:
+    """What makes `p` one size with other runs of its variant: `p.size` (the model's shape), or where it has none
+    its value on the fitted axis (its training FLOPs or parameter count)."""
+    if p.size is not None:
+        return ("size", p.size)
+    return ("x", p.compute if axis == "compute" else p.params)
 
 
 @dataclass
@@ -124,7 +136,7 @@ def fit_joint(points: Iterable[Point], baseline: str, *, axis: str = "compute") 
     """Fit `L = E + A · (m_v · C)**(-alpha)` jointly over all variants, `m_baseline = 1` (see the module
     docstring for the objective and the method). `axis = "params"` fits against the parameter count
     instead of the compute (`parameter_multiplier`). Raises `UserError` when the baseline has fewer than
-    3 distinct sizes, a variant fewer than 2 runs, or a loss does not fall as the size grows."""
+    3 distinct sizes (`size_key`), a variant fewer than 2 runs, or a loss does not fall as the size grows."""
     data = _Data.of(list(points), baseline, axis)
     theta, e_fixed, cost = _solve(data.t, data.loss, data.group, len(data.variants), names=data.variants)
     return data.fit_of(theta, e_fixed, cost)
@@ -143,7 +155,8 @@ def bootstrap(points: Iterable[Point], baseline: str, n: int = 200, seed: int = 
     (1, 1), for the variants with runs at `MIN_INTERVAL_SIZES` (3) distinct sizes or more; the others get
     none and are left out of the resamples.
 
-    Resampling unit: a cluster is one (variant, size) cell with all its seeds. Each resample draws, for
+    Resampling unit: a cluster is one (variant, size) cell with all its seeds (`size_key`: the model's shape,
+    so that seeds of one size whose FLOPs differ stay one cluster). Each resample draws, for
     every variant separately, as many clusters as the variant has, with replacement, and redoes the joint
     fit (E, A, alpha and every multiplier). Seeds of one size are not independent evidence about the curve
     (they share the size's hyper-parameters and data), so they move together; with one seed per size this
@@ -178,10 +191,9 @@ class _Draws:
            ) -> "_Draws":
         """`n` resamples of `points`; `fit`, the joint fit of all of them when the caller has it, starts the
         fit of the resampled variants' points close to its optimum (no grid search)."""
-        x = (lambda p: p.compute) if axis == "compute" else (lambda p: p.params)
         sizes: dict[str, set] = {}
         for p in points:
-            sizes.setdefault(p.variant, set()).add(x(p))
+            sizes.setdefault(p.variant, set()).add(size_key(p, axis))
         points = [p for p in points if p.variant == baseline or len(sizes[p.variant]) >= MIN_INTERVAL_SIZES]
         data = _Data.of(points, baseline, axis)
         k = len(data.variants)
@@ -194,13 +206,13 @@ class _Draws:
         clusters = []
         for v in range(k):
             idx = np.flatnonzero(data.group == v)
-            clusters.append([idx[data.x[idx] == s] for s in np.unique(data.x[idx])])
+            clusters.append([idx[data.size[idx] == s] for s in np.unique(data.size[idx])])
         rng = np.random.default_rng(seed)
         draws, changes = [], []
         failures = 0
         while len(draws) < n:
             idx = np.concatenate([c[j] for c in clusters for j in rng.integers(0, len(c), size=len(c))])
-            t, loss, group = data.t[idx], data.loss[idx], data.group[idx]
+            t, loss, group, size = data.t[idx], data.loss[idx], data.group[idx], data.size[idx]
             try:
                 # warm start at the full-data fit: a resample's optimum lies close to it, and it skips the grid
                 theta, _, _ = _solve(t, loss, group, k, start=theta0)
@@ -215,7 +227,8 @@ class _Draws:
             change = []
             for v in range(1, k):
                 mine = group == v
-                slope = slope_refit(theta, v, t[mine], loss[mine], t_b.min(), t_b.max())
+                slope = slope_refit(theta, v, t[mine], loss[mine], t_b.min(), t_b.max(),
+                                    sizes=len(np.unique(size[mine])))
                 change.append(np.nan if slope is None else slope[2] - slope[1])
             changes.append(change)
         return cls(data.variants, np.array(draws).reshape(n, k - 1), np.array(changes, dtype=float).reshape(n, k - 1))
@@ -238,13 +251,14 @@ class _Draws:
         return out, changes
 
 
-def slope_refit(theta: np.ndarray, v: int, t: np.ndarray, loss: np.ndarray, t_lo: float, t_hi: float
-                ) -> tuple[float, float, float] | None:
+def slope_refit(theta: np.ndarray, v: int, t: np.ndarray, loss: np.ndarray, t_lo: float, t_hi: float,
+                sizes: int | None = None) -> tuple[float, float, float] | None:
     """(alpha_v, log m at the baseline's loss at t_lo, log m at its loss at t_hi) of variant `v` (theta[2 + v]
     its log multiplier) refitted alone on its points (t, loss) with E = theta[0] fixed; None with fewer than
-    `MIN_INTERVAL_SIZES` distinct t or no falling curve."""
+    `MIN_INTERVAL_SIZES` sizes (`sizes`, the points' distinct sizes; by default their distinct t) or distinct t,
+    or no falling curve."""
     centre = np.unique(t)
-    if len(centre) < MIN_INTERVAL_SIZES:
+    if min(len(centre), len(centre) if sizes is None else sizes) < MIN_INTERVAL_SIZES:
         return None
     c = float(np.mean(centre))  # centred, as the joint fit is, so that B and alpha_v are not collinear
     e, a, alpha, u = theta[0], theta[1], theta[2], theta[2 + v]
@@ -270,7 +284,8 @@ def slope_refit(theta: np.ndarray, v: int, t: np.ndarray, loss: np.ndarray, t_lo
 class _Data:
     """The points as arrays: `group` indexes `variants` (the baseline is 0, the rest sorted by name), `x`
     is the fitted axis and `t = log(x / x_ref)`, centred on the baseline's geometric-mean size so that
-    `log A` and `alpha` are not nearly collinear in the Jacobian (log FLOPs is ~45 at every size)."""
+    `log A` and `alpha` are not nearly collinear in the Jacobian (log FLOPs is ~45 at every size); `size`
+    numbers each point's size (`size_key`), what the size counts and the bootstrap's clusters go by."""
 
     baseline: str
     axis: str
@@ -280,6 +295,7 @@ class _Data:
     loss: np.ndarray
     seed: np.ndarray
     x_ref: float
+    size: np.ndarray
 
     @property
     def t(self) -> np.ndarray:
@@ -310,17 +326,24 @@ class _Data:
                                               p.seed, p.loss))
         group = np.array([index[p.variant] for p in order])
         x = np.array([float(p.compute if axis == "compute" else p.params) for p in order])
+        numbers: dict[object, int] = {}  # a size's number: its first place in the canonical order
+        size = np.array([numbers.setdefault(size_key(p, axis), len(numbers)) for p in order])
         for v in variants:
             count = int(np.sum(group == index[v]))
             if count < MIN_VARIANT_POINTS:
                 raise UserError(f"scaling fit: variant '{v}' has {count} run(s); at least "
                                 f"{MIN_VARIANT_POINTS} are needed")
-        sizes = np.unique(x[group == 0])
-        if len(sizes) < MIN_BASELINE_SIZES:
-            raise UserError(f"scaling fit: the baseline '{baseline}' has runs at {len(sizes)} distinct "
+        xs = np.unique(x[group == 0])
+        if len(xs) < MIN_BASELINE_SIZES:
+            raise UserError(f"scaling fit: the baseline '{baseline}' has runs at {len(xs)} distinct "
                             f"{AXES[axis]} value(s); at least {MIN_BASELINE_SIZES} are needed to fit E, A and alpha")
+        n_sizes = len(np.unique(size[group == 0]))
+        if n_sizes < MIN_BASELINE_SIZES:  # more values than models: seeds of one model whose FLOPs differ
+            raise UserError(f"scaling fit: the baseline '{baseline}' has runs at {n_sizes} model size(s) (at "
+                            f"{len(xs)} distinct {AXES[axis]} values); at least {MIN_BASELINE_SIZES} sizes are "
+                            f"needed to fit E, A and alpha")
         return cls(baseline, axis, variants, group, x, np.array([p.loss for p in order], dtype=float),
-                   np.array([p.seed for p in order]), float(np.exp(np.mean(np.log(sizes)))))
+                   np.array([p.seed for p in order]), float(np.exp(np.mean(np.log(xs)))), size)
 
     def fit_of(self, theta: np.ndarray, e_fixed: bool, cost: float) -> Fit:
         e, log_a, alpha = theta[:3]

@@ -65,15 +65,38 @@ def test_report_fits_the_compute_multipliers(tmp_path):
 
 
 def test_no_compute_section_without_a_ladder(tmp_path):
-    """Runs of one size (a usual sweep) get no compute section."""
-    make_ladder(tmp_path / "one", seeds=(0,))
-    for run_dir in (tmp_path / "one").iterdir():
+    """Runs at two sizes get no compute section, but one line that says why; runs of one size (a usual sweep)
+    get neither."""
+    make_ladder(tmp_path / "two", seeds=(0,))
+    for run_dir in (tmp_path / "two").iterdir():
         if not run_dir.name.endswith(("-32-0", "-48-0")):
             for f in run_dir.iterdir():
                 f.unlink()
             run_dir.rmdir()
-    assert main(["report", str(tmp_path / "one")]) == 0
-    assert "## Compute" not in (tmp_path / "one" / "report.md").read_text()
+    assert main(["report", str(tmp_path / "two")]) == 0
+    md = (tmp_path / "two" / "report.md").read_text()
+    assert "## Compute" not in md
+    assert "\nNo compute fit for attention: the baseline `attention conv=none` has 2 sizes (d_model 32, 48), 3 " \
+           "needed.\n" in md
+    assert not (tmp_path / "two" / "multipliers.csv").exists()
+    for run_dir in (tmp_path / "two").iterdir():
+        if run_dir.name.endswith("-48-0"):
+            for f in run_dir.iterdir():
+                f.unlink()
+            run_dir.rmdir()
+    md = report_md(tmp_path / "two")
+    assert "## Compute" not in md and "compute fit" not in md
+
+
+def test_a_ladder_without_a_baseline_or_flops_says_why_it_has_no_fit(tmp_path):
+    """Several sizes but no conv-free variant, or no `train_flops` in the summaries: one line each says why."""
+    for d in LADDER:
+        write_run(tmp_path / "nobase", f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+        write_run(tmp_path / "noflops", f"none-{d}", d=d, summary={"train_flops": None})
+    assert "\nNo compute fit for attention: no conv-free variant (`conv=none`) to measure the others against.\n" \
+        in report_md(tmp_path / "nobase")
+    assert "\nNo compute fit for attention: no run recorded its training FLOPs (`summary.json` `train_flops`).\n" \
+        in report_md(tmp_path / "noflops")
 
 
 def test_a_static_conv_in_the_dynamic_form_is_its_own_variant(tmp_path):
@@ -367,3 +390,88 @@ def test_throughput_falls_back_to_the_logged_rates(tmp_path):
     # an MoE: the parameter fit counts the active non-embedding parameters
     assert fitted_params({"params": {"total": 1000, "non_embedding": 800, "active": 600}}) == 400
     assert fitted_params({"params": {"total": 1000, "non_embedding": 800}}) == 800
+
+
+# ----------------------------------------------------------------------------------------- sizes are models
+
+def flops_of(d: int) -> float:
+    return 6.0 * 24 * d * d * 20 * 24 * d * d
+
+
+def test_seeds_of_one_size_with_different_flops_are_one_size(tmp_path):
+    """Seed 1 of every size stopped at 80% of its budget: its FLOPs differ from seed 0's, but it is the same model,
+    so each variant ran at 4 sizes with 2 seeds each (not 8 sizes of 1), each run fitted at its own FLOPs."""
+    for d in LADDER:
+        for seed, share in ((0, 1.0), (1, 0.8)):
+            for kind, m in (("none", 1.0), ("dynamic", 1.5)):
+                c = share * flops_of(d)
+                write_run(tmp_path, f"{kind}-{d}-{seed}", d=d, seed=seed, conv={"kind": kind},
+                          final_loss=E + A * (m * c) ** -ALPHA,
+                          summary={"train_flops": c, "tokens": share * 20 * 24 * d * d})
+    md = report_md(tmp_path)
+    rows = compute_rows(md)
+    for variant in ("attention conv=none", "attention conv=dynamic@qkv"):
+        assert rows[variant][4:7] == ["4", "8", "2"], rows[variant]  # sizes, runs, seeds per size
+    assert float(rows["attention conv=dynamic@qkv"][0]) == pytest.approx(1.5, abs=0.005)
+    assert "the baseline at 4 sizes" in md
+
+
+def test_a_baseline_at_two_sizes_is_not_fitted_whatever_its_seeds_flops(tmp_path):
+    """Two sizes, two seeds each with different FLOPs (4 distinct FLOPs values): still 2 sizes, no fit."""
+    for d in (32, 48):
+        for seed, share in ((0, 1.0), (1, 0.7)):
+            for kind, m in (("none", 1.0), ("dynamic", 1.5)):
+                c = share * flops_of(d)
+                write_run(tmp_path, f"{kind}-{d}-{seed}", d=d, seed=seed, conv={"kind": kind},
+                          final_loss=E + A * (m * c) ** -ALPHA, summary={"train_flops": c})
+    md = report_md(tmp_path)
+    assert "## Compute" not in md
+    assert "No compute fit for attention: the baseline `attention conv=none` has 2 sizes (d_model 32, 48), 3 " \
+           "needed." in md
+
+
+def test_the_fits_count_sizes_by_model_not_by_flops():
+    """`scaling.Point.size` names the model: sizes, seeds per size, the interval's 3-size rule and the baseline's
+    3-size rule count models, and a bootstrap resample draws a size with all its seeds together."""
+    import math
+
+    import numpy as np
+
+    from dcablate.errors import UserError
+    from dcablate.runs import multipliers, scaling
+
+    def points(variant, m, sizes, shares=(1.0, 0.8)):
+        return [scaling.Point(variant, share * c, E + A * (m * share * c) ** -ALPHA * (1 + 0.002 * seed), seed,
+                              size=("model", i))
+                for i, c in enumerate(sizes) for seed, share in enumerate(shares)]
+
+    sizes = [flops_of(d) for d in LADDER]
+    pts = points("base", 1.0, sizes) + points("dyn", 1.5, sizes) + points("two", 1.2, sizes[:2])
+    drawn = []
+    solve = scaling._solve
+    def spy(t, loss, group, k, start=None, names=()):
+        drawn.append((t.copy(), group.copy()))
+        return solve(t, loss, group, k, start=start, names=names)
+    import unittest.mock
+    with unittest.mock.patch.object(scaling, "_solve", spy):
+        result = multipliers.compare(pts, "base", n_boot=30)
+    rows = {r["variant"]: r for r in result.rows}
+    assert (rows["base"]["sizes"], rows["base"]["per_size"]) == (4, (2, 2))
+    assert (rows["dyn"]["sizes"], rows["dyn"]["per_size"]) == (4, (2, 2))
+    assert rows["dyn"]["ci_low"] is not None and rows["dyn"]["multiplier"] == pytest.approx(1.5, rel=0.01)
+    # 4 distinct FLOPs, but 2 models: no interval
+    assert rows["two"]["ci_low"] is None and rows["two"]["ci_note"] == "runs at 2 sizes; an interval needs 3"
+    # in every resample each size's two seeds come together: the seed at 0.8 C as often as the one at C
+    resamples = [(t, g) for t, g in drawn[2:] if len(t) == 16]  # the bootstrap's (base and dyn, 8 runs each)
+    assert len(resamples) >= 30
+    for t, group in resamples:
+        for v in (0, 1):
+            values, counts = np.unique(np.round(t[group == v], 9), return_counts=True)
+            by_value = dict(zip(values, counts))
+            for value, count in by_value.items():
+                partner = np.round(value + math.log(0.8), 9)
+                if partner in by_value:
+                    assert by_value[partner] == count
+            assert len(by_value) % 2 == 0  # never one seed of a size without the other
+    with pytest.raises(UserError, match="2 model size"):
+        scaling.fit_joint(points("base", 1.0, sizes[:2]) + points("dyn", 1.5, sizes[:2]), "base")

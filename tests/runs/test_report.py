@@ -119,9 +119,9 @@ def test_markdown_ranking_tables_and_unfinished(report):
     assert "| 1 | short_conv+gated_deltanet conv=static@qkv | 1.000 | 64 |" in ranking
     assert "| 2 | attention conv=none | 0.750 | 64, 128 |" in ranking
     # then steps to 0.5 / 0.9 / 0.99 (every curve is 0.2 at step 10, 0.5 at 20), state floats, total params
-    assert "| 64 | 0.01 | 2 | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.400 ± 0.141 | 20 | not reached | not reached | 1000 " \
+    assert "| 64 | 0.01 | 2 | 0.600 ± 0.141 | 0.800 ± 0.141 | 0.400 ± 0.141 | 20 | not reached | not reached | 1,000 " \
            "| 12,345 |" in md
-    assert "| 128 | 0.001 | 1 | 0.900 | 1.000 | 0.800 | 20 | not reached | not reached | 4000 | 12,345 |" in md
+    assert "| 128 | 0.001 | 1 | 0.900 | 1.000 | 0.800 | 20 | not reached | not reached | 4,000 | 12,345 |" in md
     assert "## Unfinished" in md and "`unfinished`" in md
 
 

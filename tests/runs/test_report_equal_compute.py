@@ -1,0 +1,72 @@
+"""`dcablate report` on a ladder trained to a token budget (`train.tokens_per_param`): the tables compare variants at
+equal `d_model`, which is not equal training compute when a variant's extra parameters bought it more tokens. The
+tables and report.csv show what each trained on, and the ranking says when it is not a comparison at equal
+compute."""
+
+from __future__ import annotations
+
+import csv
+
+from tests.runs.test_compute_report import LADDER, report_md, write_run
+
+
+def ladder(root, dynamic_share=1.5, widths=LADDER):
+    """A conv-free and a dynamic-conv variant per width; the dynamic one trained `dynamic_share` times the tokens
+    and FLOPs of the baseline (its generator's parameters, times tokens per parameter)."""
+    for d in widths:
+        tokens, flops = 20 * 24 * d * d, 6.0 * 24 * d * d * 20 * 24 * d * d
+        write_run(root, f"none-{d}", d=d, summary={"tokens": tokens, "train_flops": flops, "state_floats": 137 * d})
+        write_run(root, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"},
+                  summary={"tokens": round(dynamic_share * tokens), "train_flops": dynamic_share * flops,
+                           "state_floats": 137 * d})
+
+
+def table_rows(md: str, variant: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of a variant's per-width table."""
+    part = md[md.index(f"## {variant}\n"):].split("\n\n")[1].splitlines()
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    return cells(part[0]), [cells(line) for line in part[2:]]
+
+
+def test_tables_and_csv_give_tokens_and_training_flops(tmp_path):
+    ladder(tmp_path)
+    md = report_md(tmp_path)
+    header, rows = table_rows(md, "attention conv=dynamic@qkv")
+    assert header == ["d_model", "best lr", "seeds", "bpb", "loss", "perplexity", "tokens", "train FLOPs",
+                      "state floats", "params"]
+    d64 = next(r for r in rows if r[0] == "64")
+    # 1.5 x 20 x 24 x 64² tokens = 2.95e6; 1.5 x 6 x (24 x 64²)² x 20 FLOPs = 1.74e12
+    assert d64[6:8] == ["2.95e6", "1.74e12"]
+    assert "Tokens and train FLOPs: what the chosen runs trained on (`summary.json` `tokens`, `train_flops`; the " \
+           "mean over seeds)." in md
+    with open(tmp_path / "report.csv", newline="") as f:
+        by_key = {(r["variant"], r["d_model"]): r for r in csv.DictReader(f)}
+    dyn, base = by_key[("attention conv=dynamic@qkv", "64")], by_key[("attention conv=none", "64")]
+    assert (int(dyn["tokens"]), int(base["tokens"])) == (round(1.5 * 20 * 24 * 64 * 64), 20 * 24 * 64 * 64)
+    assert float(dyn["train_flops"]) == 1.5 * float(base["train_flops"]) == 1.5 * 6.0 * (24 * 64 * 64) ** 2 * 20
+
+
+def test_the_ranking_says_when_it_is_not_a_comparison_at_equal_compute(tmp_path):
+    ladder(tmp_path / "budget")
+    md = report_md(tmp_path / "budget")
+    ranking = md[md.index("## Ranking"):md.index("## attention")]
+    assert ranking.rstrip().splitlines()[-1] == (
+        "Equal size, not equal compute: at one d_model the variants' runs differ in training FLOPs (up to 1.50× at "
+        "d_model 32; columns tokens and train FLOPs below), so this ranking compares them at equal size; the Compute "
+        "section below compares them at equal training FLOPs.")
+    assert "## Compute: attention" in md
+    # the same FLOPs at each width (a budget in steps, the conv's own FLOPs aside): no note
+    ladder(tmp_path / "steps", dynamic_share=1.0)
+    assert "not equal compute" not in report_md(tmp_path / "steps")
+    # no compute fit to point to (two widths): the note says so
+    ladder(tmp_path / "two", widths=(32, 48))
+    md = report_md(tmp_path / "two")
+    assert "so this ranking compares them at equal size; this report has no compute fit to compare them at equal " \
+           "training FLOPs." in md and "No compute fit for attention: the baseline" in md
+
+
+def test_state_floats_have_thousands_separators_like_params(tmp_path):
+    ladder(tmp_path)
+    header, rows = table_rows(report_md(tmp_path), "attention conv=none")
+    d64 = dict(zip(header, next(r for r in rows if r[0] == "64")))
+    assert (d64["state floats"], d64["params"]) == ("8,768", "99,304")
