@@ -188,7 +188,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     finally:
         if (record and base.sweep and not dry_run and os.environ.get("RANK", "0") == "0" and root.is_dir()
                 and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
-            record_command(root, ARGV)
+            record_command(root, ARGV, [name for name, _ in points])
 
 
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,

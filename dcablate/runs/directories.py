@@ -85,10 +85,15 @@ def made_here(path: Path, where=lambda: "run.out_dir"):
 COMMANDS_LOG = "commands.log"  # in a sweep's folder: a line per `dcablate run` that trained into it
 
 
-def record_command(root: Path, argv: list[str]) -> None:
+POINTS_FILE = "points.txt"  # in a sweep's folder: the points its last `dcablate run` planned, one per line
+
+
+def record_command(root: Path, argv: list[str], points: list[str] = ()) -> None:
     """Append to `root/commands.log` the time, the working directory and the `dcablate` command line that trained
     into the sweep folder `root`: its points' recipes hold every resolved key, but not the recipe and `--set`s
-    that made the grid. Best effort: a folder that cannot take it changes nothing else."""
+    that made the grid. With `points` (the grid's point names), `root/points.txt` holds them, so that a report
+    can tell the points of an interrupted sweep that never started. Best effort: a folder that cannot take it
+    changes nothing else."""
     import shlex
     import time
 
@@ -96,8 +101,27 @@ def record_command(root: Path, argv: list[str]) -> None:
     try:
         with open(root / COMMANDS_LOG, "a", encoding="utf-8") as f:
             f.write(line)
+        if points:
+            tmp = root / f"{POINTS_FILE}.tmp"
+            tmp.write_text("".join(f"{name}\n" for name in points), encoding="utf-8")
+            tmp.replace(root / POINTS_FILE)
     except OSError:
         pass
+
+
+def points_not_started(root: Path) -> dict[Path, list[str]]:
+    """Sweep folder -> the points its last command planned (`points.txt`) that hold no run yet (no recipe.toml),
+    for every sweep folder at or below `root`."""
+    out = {}
+    for listing in sorted(root.rglob(POINTS_FILE)):
+        try:
+            names = [n for n in listing.read_text(encoding="utf-8").splitlines() if n]
+        except OSError:
+            continue
+        missing = [n for n in names if not (listing.parent / n / "recipe.toml").is_file()]
+        if missing:
+            out[listing.parent] = missing
+    return out
 
 
 def last_command(root: Path) -> str | None:

@@ -32,6 +32,7 @@ from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
 from dcablate.runs import compute_report, efficiency, report_files, suite, variants
 from dcablate.runs.compute_report import compute_section
+from dcablate.runs.directories import last_command, points_not_started
 from dcablate.tasks import TASKS
 
 
@@ -360,10 +361,17 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
     failed = [r for r in runs if r.summary is None and r.failure is not None]
     unfinished = [r for r in runs if r.summary is None and r.failure is None]
     finished = len(runs) - len(unfinished) - len(failed)
+    not_started = points_not_started(root)
+    waiting = sum(map(len, not_started.values()))
     files = {"md": stage / "report.md"}
     lines = [report_files.MARKER, f"# Report: {root}", "",
              f"{_count(finished, 'finished run')}, {len(unfinished)} unfinished"
-             + (f", {len(failed)} failed" if failed else "") + (f", {len(bad)} skipped" if bad else "") + ".", ""]
+             + (f", {len(failed)} failed" if failed else "") + (f", {len(bad)} skipped" if bad else "")
+             + (f", {waiting} not started (of the points the sweep's last command planned)" if waiting else "")
+             + ".", ""]
+    if waiting:
+        lines += ["The sweep has not finished: the tables and figures below rest on the runs that have, and may change "
+                  "as the others do (see Not started).", ""]
     if not finished and (unfinished or failed):
         lines += ["No run has finished yet: the tables and figures come with the runs' `summary.json`.", ""]
     if has_rows:  # a finished MQAR or LM run: else report.csv would be a bare header
@@ -402,6 +410,14 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
                   for r in failed] + [""]
     if unfinished:
         lines += ["## Unfinished (no summary.json)", ""] + [f"- `{shown(r.path, root)}`" for r in unfinished]
+        lines += [""]
+    if waiting:
+        lines += ["## Not started", ""]
+        for folder, names in not_started.items():
+            command = last_command(folder)
+            shown_names = ", ".join(f"`{n}`" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            lines += [f"- `{shown(folder, root)}`: {_count(len(names), 'point')} ({shown_names})"
+                      + (f"; {command} trains them" if command else "")]
         lines += [""]
     if bad:
         lines += ["## Skipped", ""] + [f"- `{shown(p, root)}`: {why}" for p, why in bad] + [""]

@@ -36,7 +36,7 @@ def test_slurm_array_matches_the_local_launcher(sweep, capsys):
                      r"RUN_DIR/worker.log, Slurm's in out/w/.submitit", out), out
     assert sum(line.startswith(("[1/2] ", "[2/2] ")) and "s wall, slurm " in line for line in out.splitlines()) == 2
     local, remote = sweep / "local" / "w", sweep / "out" / "w"
-    assert sorted(p.name for p in remote.iterdir()) == [".submitit", "commands.log"] + NAMES
+    assert sorted(p.name for p in remote.iterdir()) == [".submitit", "commands.log"] + NAMES + ["points.txt"]
     assert results(remote) == results(local)
     for n in NAMES:
         log = (remote / n / "worker.log").read_text()

@@ -127,6 +127,30 @@ def test_a_sweep_folder_keeps_the_commands_that_trained_into_it(tmp_path, capsys
         capsys.readouterr().err
 
 
+def test_a_report_of_an_interrupted_sweep_names_the_points_not_started(tmp_path, capsys, monkeypatch):
+    """The sweep folder's points.txt holds the points its last command planned; a point with no run yet (the
+    sweep was stopped before it started) is counted in the report's first line and listed with the command that
+    trains it."""
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    root = tmp_path / "t"
+    assert (root / "points.txt").read_text() == "conv.kind=none\nconv.kind=static\n"
+    import shutil
+
+    shutil.rmtree(root / "conv.kind=static")  # as if the sweep had stopped before this point started
+    assert main(["report", str(root)]) == 0
+    md = (root / "report.md").read_text()
+    assert "1 finished run, 0 unfinished, 1 not started (of the points the sweep's last command planned)." in md
+    assert "The sweep has not finished" in md
+    not_started = md.split("## Not started")[1]
+    assert f"- `{root}`: 1 point (`conv.kind=static`); `dcablate run {path} --quiet` (in {tmp_path}) trains them" \
+        in not_started
+    assert main(["run", str(path), "--quiet"]) == 0 and main(["report", str(root)]) == 0
+    md = (root / "report.md").read_text()
+    assert "not started" not in md and "## Not started" not in md
+
+
 def test_a_changed_recipe_that_a_force_new_copy_holds_is_pointed_there_and_goes_on_under_its_name(tmp_path, capsys):
     """After `--force-new` trained a changed sweep into `t-2`, the same command without it names `t-2` and the
     run.name that goes on there (the copy's recipes keep run.name "t", which only says where a run lives)."""

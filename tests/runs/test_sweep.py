@@ -119,7 +119,7 @@ def test_tiny_sweep_end_to_end_then_report(tmp_path, monkeypatch, capsys):
 
     assert main(["run", "s.toml", "--quiet"]) == 0
     root = tmp_path / "out" / "s"
-    runs = sorted(p.name for p in root.iterdir() if p.name != "commands.log")  # the points
+    runs = sorted(p.name for p in root.iterdir() if p.is_dir())  # the points (not commands.log, points.txt)
     assert runs == ["conv.kind=none,d_model=16,lr=0.001", "conv.kind=none,d_model=32,lr=0.003",
                     "conv.kind=static,d_model=16,lr=0.001", "conv.kind=static,d_model=32,lr=0.003"]
     capsys.readouterr()
