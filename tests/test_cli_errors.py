@@ -233,6 +233,44 @@ CASES = [
     Case("info-set-a-swept-key", ["info", "r.toml", "--set", "model.d_model=48"],
          ("--set model.d_model=48: model.d_model is swept",),
          files={"r.toml": OK + '[sweep.model]\nd_model = [32, 64]\n'}),
+    Case("set-inside-a-swept-table", ["run", "paper/suite_attention", *DRY, "--set", "task.recall.vocab_size=32"],
+         ("--set task.recall.vocab_size=32: task.recall is swept as whole tables ([sweep] in ", "suite_base.toml: [{}, ",
+          "so the sweep would override this --set; set vocab_size in the sweep's tables instead, in a recipe of your "
+          'own (extends = "paper/suite_attention", [sweep] "task.recall" = [...]) or with --set '
+          "'sweep.task.recall=[...]', 25 values: it is zipped; or drop the sweep (--set 'sweep={}')")),
+    Case("set-inside-a-swept-table-of-a-file", ["run", "r.toml", *DRY, "--set", "task.mqar.vocab_size=256"],
+         ("--set task.mqar.vocab_size=256: task.mqar is swept as whole tables ([sweep] in ", "r.toml: [{'vocab_size'",
+          'extends = "r.toml"', "--set 'sweep.task.mqar=[...]';"),
+         files={"r.toml": OK + '[sweep]\n"task.mqar" = [{vocab_size = 64}, {vocab_size = 128}]\n'}),
+    Case("set-a-table-naming-a-swept-key", ["run", "r.toml", *DRY, "--set", 'model.conv={kind="static", width=3}'],
+         ('--set model.conv={kind="static", width=3}: sets model.conv.kind, which is swept ([sweep] in ',
+          "r.toml: ['none', 'static']), and the sweep sets it at every point; set the axis instead (--set "
+          "'sweep.model.conv.kind=[...]')"), files={"r.toml": OK + '[sweep]\n"model.conv.kind" = ["none", "static"]\n'}),
+    Case("set-a-table-naming-a-swept-table", ["run", "paper/suite_attention", *DRY, "--set",
+                                              "task={recall={seq_len=64}}"],
+         ("--set task={recall={seq_len=64}}: sets task.recall, which is swept ([sweep] in ", "suite_base.toml",
+          "(--set 'sweep.task.recall=[...]', 25 values: it is zipped)")),
+    Case("set-a-zipped-list-of-another-length", ["run", "paper/suite_attention", *DRY, "--set",
+                                                 'sweep.model.conv.kind=["none", "dynamic"]'],
+         ("error: --set: sweep.model.conv.kind: 2 values, but sweep.zip (", "suite_base.toml) zips it with "
+          "model.conv.placement (4 values); zipped keys need lists of equal length",)),
+    Case("set-a-zipped-list-shorter-than-its-two-partners", ["run", "lm/scaling_tiny", *DRY, "--set",
+                                                             'sweep.model.conv.kind=["none", "dynamic"]'],
+         ("error: --set: sweep.model.conv.kind: 2 values, but sweep.zip (", "scaling_tiny.toml) zips it with "
+          "model.conv.activation, model.conv.residual (4 values each)",)),
+    Case("child-zipped-list-of-another-length", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.task.recall: 1 value, but sweep.zip (", "suite_base.toml) zips it with task.kind, "
+          "task.fuzzy_recall, ", "train.steps (25 values each); zipped keys need lists of equal length"),
+         files={"r.toml": 'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = [{vocab_sise = 64}]\n'}),
+    Case("child-zipped-value-names-the-child", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.task.recall[1].vocab_sise: unknown key (did you mean 'vocab_size'?); allowed here: ",
+          "(zipped with task.kind='recall', train.steps=2000)"),
+         files={"r.toml": 'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = [{}, {vocab_sise = 64}'
+                          + ", {}" * 23 + "]\n"}),
+    Case("set-zipped-value-names-the-set", ["run", "paper/suite_attention", *DRY, "--set",
+                                            "sweep.task.recall=[{}, {vocab_size = 1}" + ", {}" * 23 + "]"],
+         ("error: --set: sweep.task.recall[1].vocab_size: must be >= 4, got 1",
+          "(zipped with task.kind='recall', train.steps=2000)")),
     Case("budget-shorter-than-warmup-at-dry-run", ["run", "lm/scaling_tiny", *DRY, "--set", "train.tokens_per_param=0.01"],
          ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: train.tokens_per_param: "
           "a budget of 268 tokens is 1 step of 1,024 tokens, fewer than train.warmup_steps 20",)),

@@ -187,22 +187,57 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
         for old in [k for k in origins if isinstance(k, tuple) and (k[1] == key or k[1].startswith(f"{key}."))]:
             del origins[old]  # a later --set of the key or a table above it replaced what was typed for it
         origins[typed_key(key)] = text.partition("=")[2].strip()
-        set_keys.append((key, text))
+        set_keys.append((key, text, value))
     if isinstance(data.get("sweep"), dict):
         data["sweep"] = flatten(data["sweep"])
-        _check_not_swept(data["sweep"], set_keys, origins, path)
+        _check_not_swept(data["sweep"], set_keys, origins, ref, path)
     return data, origins, path
 
 
-def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str]], origins: dict, path: Path) -> None:
-    """A `--set` of a key the sweep sets at every point would be overridden by it: a UserError, naming the axis."""
-    for key, text in set_keys:
-        if key in sweep and key not in RESERVED:
-            where = origins.get(f"sweep.{key}", str(path))
-            values = str(sweep[key]) if len(str(sweep[key])) <= 60 else str(sweep[key])[:57] + "..."
-            raise UserError(f"--set {text}: {key} is swept ([sweep] in {where}: {values}), and "
-                            f"the sweep sets it at every point; set the axis instead (--set 'sweep.{key}=[...]'), "
-                            f"or drop the sweep (--set 'sweep={{}}')")
+def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origins: dict, ref: str,
+                     path: Path) -> None:
+    """A `--set` that the sweep would override at every point is a UserError naming the axis and where it was set:
+    one of a swept key, of a key inside a swept table (`task.recall.vocab_size` where the sweep sets `task.recall`
+    whole), or of a table whose value names a swept key (`model.conv={kind="none"}` where `model.conv.kind` is
+    swept)."""
+    for key, text, value in set_keys:
+        if key == "sweep" or key.startswith("sweep."):
+            continue
+        for axis, values in sweep.items():
+            if axis in RESERVED:
+                continue
+            inside = key.startswith(f"{axis}.")
+            above = axis.startswith(f"{key}.") and _names(value, axis[len(key) + 1:])
+            if key != axis and not inside and not above:
+                continue
+            where = origins.get(f"sweep.{axis}", str(path))
+            shown = str(values) if len(str(values)) <= 60 else str(values)[:57] + "..."
+            swept_in = "by --set" if where == "--set" else f"[sweep] in {where}"
+            groups = sweep.get(ZIP_KEY)
+            zipped = [g for g in groups if isinstance(g, list) and axis in g] if isinstance(groups, list) else []
+            count = (f", {len(values)} value{'s' if len(values) != 1 else ''}: it is zipped"
+                     if zipped and isinstance(values, list) else "")
+            drop = "or drop the sweep (--set 'sweep={}')"
+            if inside and isinstance(values, list) and any(isinstance(v, dict) for v in values):
+                sub = key[len(axis) + 1:]
+                recipe = ref if Path(ref).is_file() else ref.removesuffix(RECIPE_SUFFIX)  # a file, or a shipped name
+                raise UserError(f"--set {text}: {axis} is swept as whole tables ({swept_in}: {shown}), and each "
+                                f"point's table replaces {axis}, so the sweep would override this --set; set {sub} "
+                                f"in the sweep's tables instead, in a recipe of your own (extends = \"{recipe}\", "
+                                f"[sweep] \"{axis}\" = [...]) or with --set 'sweep.{axis}=[...]'{count}; {drop}")
+            what = (f"{key} is swept" if key == axis else f"sets {axis}, which is swept" if above else
+                    f"{key} is inside {axis}, which is swept")
+            raise UserError(f"--set {text}: {what} ({swept_in}: {shown}), and the sweep sets it at every point; "
+                            f"set the axis instead (--set 'sweep.{axis}=[...]'{count}), {drop}")
+
+
+def _names(value, sub: str) -> bool:
+    """Whether the table `value` (a `--set` of a table) sets the dotted key `sub` or a table above it."""
+    for part in sub.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
 
 
 def flatten(table: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
@@ -227,7 +262,8 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     points, seen = [], {}
     blamed = clashing_keys(base.sweep) or [key for key in base.sweep if key not in RESERVED]
     sources = {_src(origins, f"sweep.{key}", str(path.resolve())) for key in blamed}
-    where = sources.pop() if len(sources) == 1 else str(path.resolve())  # the file (or --set) of those axes
+    # the file (or --set) of those axes; of axes from several, the user's latest word: --set, else the named recipe
+    where = sources.pop() if len(sources) == 1 else "--set" if "--set" in sources else str(path.resolve())
     for name, pairs in grid(base.sweep):
         if name in seen:  # two points would share one run directory
             raise RecipeError(where, "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
@@ -492,34 +528,49 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             raise RecipeError(where, path, f"must be a non-empty list of values, got {describe_value(values)}")
         if key == "sweep" or key.startswith("sweep."):
             raise RecipeError(where, path, "a sweep cannot sweep itself")
-    check_zip(r.sweep, _src(origins, f"sweep.{ZIP_KEY}", src))
+    zip_src = _src(origins, f"sweep.{ZIP_KEY}", src)
+    sources = {key: _src(origins, f"sweep.{key}", src) for key in r.sweep if key not in RESERVED}
+    check_zip(r.sweep, zip_src, sources)
     check_best_lr_seeds(r.sweep, r.run.seed, _src(origins, f"sweep.{BEST_LR_SEEDS_KEY}", src))
     for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
         path = f"sweep.{keys[0]}" if len(keys) == 1 else f"sweep.{ZIP_KEY}"
-        where = _src(origins, path, src)
-        swept = f"{where} [{path}]"  # marks the keys this axis sets, to tell whose fault an error is
-        for values in points:
+        where = sources[keys[0]] if len(keys) == 1 else zip_src
+        # marks the keys this axis sets, to tell whose fault an error is: one mark per place that set them, so that
+        # keys set in one place still compare as set in one place (`_fit_warmup`)
+        mark_of = {k: f"{sources[k]} [{path}]" for k in keys}
+        marks = {m: [k for k in keys if mark_of[k] == m] for m in mark_of.values()}
+        for i, values in enumerate(points):
             trial, trial_origins = copy.deepcopy(data), dict(origins)
             trial.pop("sweep", None)
             for key, value in zip(keys, values):
                 try:
-                    _set_path(trial, key, value, trial_origins, swept)
+                    _set_path(trial, key, value, trial_origins, mark_of[key])
                 except RecipeError as e:  # a key that runs through a value (`train.lr.x`)
-                    raise RecipeError(where, f"sweep.{key}", f"not a recipe key ({e.key}: {e.message})") from None
+                    raise RecipeError(sources[key], f"sweep.{key}", f"not a recipe key ({e.key}: {e.message})") \
+                        from None
             what = f"value {values[0]!r}" if len(keys) == 1 else \
                 "values " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, values))
             try:
                 build(trial, trial_origins, src)
             except RecipeError as e:
                 unknown = [k for k in keys if k == e.key or k.startswith(f"{e.key}.")]
-                if e.source == swept and e.message.startswith("unknown key") and unknown:
+                if e.source in marks and e.message.startswith("unknown key") and unknown:
                     hint = _key_hint(unknown[0], r)
-                    raise RecipeError(where, f"sweep.{unknown[0]}", f"not a recipe key{hint}") from None
+                    raise RecipeError(sources[unknown[0]], f"sweep.{unknown[0]}", f"not a recipe key{hint}") from None
                 through = [k for k in keys if k.startswith(f"{e.key}.")]
-                if e.source == swept and through and "got a table" in e.message:  # `train.lr.x`: lr is a value
-                    raise RecipeError(where, f"sweep.{through[0]}", f"not a recipe key ({e.key}: is a value, not a "
-                                      f"table)") from None
-                if e.source == swept:  # the swept value itself is at fault
+                if e.source in marks and through and "got a table" in e.message:  # `train.lr.x`: lr is a value
+                    raise RecipeError(sources[through[0]], f"sweep.{through[0]}", f"not a recipe key ({e.key}: is a "
+                                      f"value, not a table)") from None
+                if e.source in marks and len(keys) > 1 and sources[marks[e.source][0]] != zip_src:
+                    # a zipped list set elsewhere than the zip (by --set, or in a recipe that extends the zip's):
+                    # the error goes to that list's value, where it was set
+                    key = next((k for k in marks[e.source] if e.key == k or e.key.startswith((f"{k}.", f"{k}["))),
+                               marks[e.source][0])
+                    inner = e.key[len(key):] if e.key.startswith((f"{key}.", f"{key}[")) else ""
+                    partners = ", ".join(f"{k}={v!r}" for k, v in zip(keys, values) if k != key and v != {})
+                    raise RecipeError(sources[key], f"sweep.{key}[{i}]{inner}", e.message +
+                                      (f" (zipped with {partners})" if partners else "")) from None
+                if e.source in marks:  # the swept value itself is at fault
                     raise RecipeError(where, path, f"{what}: {e.message}") from None
                 if e.source != "--set" and (e.source != src or where == "--set"):  # the clashing key comes from a
                     # recipe this one extends (which the user may never have opened), or the axis is the user's

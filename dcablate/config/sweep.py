@@ -53,8 +53,10 @@ def name_parts(key: str, value) -> list[str]:
     return [f"{short_key(key)}={value_name(value)}"]
 
 
-def check_zip(sweep: dict, where: str) -> None:
-    """`sweep.zip`: a list of groups, each a list of >= 2 swept keys with lists of equal length."""
+def check_zip(sweep: dict, where: str, sources: dict[str, str] | None = None) -> None:
+    """`sweep.zip`: a list of groups, each a list of >= 2 swept keys with lists of equal length. `where` set the
+    zip; `sources` maps a swept key to where its list was set: a list of another length set elsewhere than the zip
+    (by --set, or in a recipe that extends the zip's) is blamed there, under its own key."""
     groups = sweep.get(ZIP_KEY, [])
     path = f"sweep.{ZIP_KEY}"
     if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
@@ -72,9 +74,31 @@ def check_zip(sweep: dict, where: str) -> None:
                 raise RecipeError(where, path, f"'{k}' is in two zip groups")
             seen.add(k)
         lengths = {k: len(sweep[k]) for k in g}
-        if len(set(lengths.values())) > 1:
+        if len(set(lengths.values())) == 1:
+            continue
+        counts = {n: list(lengths.values()).count(n) for n in lengths.values()}
+        most = [n for n, c in counts.items() if c == max(counts.values())]
+        odd = [k for k in g if lengths[k] != most[0]] if len(most) == 1 else g
+        blamed = zip_blame(odd, sources or {}, where)
+        if blamed is None:
             raise RecipeError(where, path, "zipped keys need lists of equal length, got " +
                               ", ".join(f"{k}: {n}" for k, n in lengths.items()))
+        by_length: dict[int, list[str]] = {}
+        for k in g:
+            if k != blamed:
+                by_length.setdefault(lengths[k], []).append(k)
+        partners = "; ".join(f"{', '.join(ks)} ({n} value{'s' if n != 1 else ''}{' each' if len(ks) > 1 else ''})"
+                             for n, ks in by_length.items())
+        n = lengths[blamed]
+        raise RecipeError(sources[blamed], f"sweep.{blamed}", f"{n} value{'s' if n != 1 else ''}, but sweep.zip "
+                          f"({where}) zips it with {partners}; zipped keys need lists of equal length")
+
+
+def zip_blame(keys: list[str], sources: dict[str, str], zip_source: str) -> str | None:
+    """The key among `keys` (of one zip group) whose list was set elsewhere than the zip, by --set first; None when
+    the zip's source set them all (the group is then blamed as a whole, at `sweep.zip`)."""
+    elsewhere = [k for k in keys if sources.get(k, zip_source) != zip_source]
+    return next((k for k in elsewhere if sources[k] == "--set"), elsewhere[0] if elsewhere else None)
 
 
 def check_best_lr_seeds(sweep: dict, base_seed: int, where: str) -> None:

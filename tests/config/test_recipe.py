@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dcablate import config as R
+from dcablate.config.toml_out import toml_value
 from dcablate.errors import RecipeError, UserError
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
@@ -408,6 +409,86 @@ def test_sweep_from_set_overrides(tmp_path):
     _, points = R.expand(str(path), ["sweep.train.lr=[0.01]", "sweep.model.d_model=[64, 256]"])
     assert len(points) == 2 * 2 * 1 * 2
     assert points[0][0] == "mixer=attention,conv.kind=none,lr=0.01,d_model=64"
+
+
+def _suite_recall(**row1) -> list:
+    """The suite recipes' swept `task.recall` tables (`sweep."task.recall"`, 25 of them), row 1 replaced."""
+    rows = tomllib.loads(R.shipped_recipes()["paper/suite_base"].read_text())["sweep"]["task.recall"]
+    return [row1 if i == 1 else row for i, row in enumerate(rows)]
+
+
+def test_a_set_inside_a_swept_table_is_refused_and_the_ways_it_names_work(tmp_path, monkeypatch):
+    """The suite recipes sweep `task.recall` whole: a `--set task.recall.vocab_size` would be overridden at every
+    point, so it is refused, naming the axis and its file; the error's ways of setting it work."""
+    from dcablate.config import loading
+
+    monkeypatch.setattr(loading, "_said", set())  # the note of the last way (an unused task) is said here, not later
+    with pytest.raises(UserError) as e:
+        R.expand("paper/suite_attention", ["task.recall.vocab_size=32"])
+    line = str(e.value)
+    assert line.startswith("--set task.recall.vocab_size=32: task.recall is swept as whole tables ([sweep] in ")
+    assert "suite_base.toml" in line and "\n" not in line
+    rows = _suite_recall(vocab_size=32)
+    _, points = R.expand("paper/suite_attention", [f"sweep.task.recall={toml_value(rows)}"])
+    assert {r.task.recall.vocab_size for n, r in points if "recall.vocab_size=32" in n} == {32}
+    own = write(tmp_path / "mine.toml", f'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = {toml_value(rows)}\n')
+    assert any(r.task.recall.vocab_size == 32 for _, r in R.expand(str(own))[1])
+    base, points = R.expand("paper/suite_attention", ["sweep={}", "task.recall.vocab_size=32"])
+    assert base.task.recall.vocab_size == 32 and len(points) == 1
+
+
+def test_a_set_of_a_table_is_refused_only_where_it_names_a_swept_key(tmp_path):
+    path = write(tmp_path / "r.toml", '[sweep]\n"model.conv.kind" = ["none", "static"]\n')
+    with pytest.raises(UserError, match=r"^--set model.conv=\{kind=\"none\"\}: sets model.conv.kind, which is swept"):
+        R.expand(str(path), ['model.conv={kind="none"}'])
+    with pytest.raises(UserError, match=r"^--set model=\{conv=\{kind=\"none\"\}\}: sets model.conv.kind"):
+        R.expand(str(path), ['model={conv={kind="none"}}'])
+    _, points = R.expand(str(path), ["model.conv={width=3}"])  # the sweep still sets kind; width is taken
+    assert [(r.model.conv.kind, r.model.conv.width) for _, r in points] == [("none", 3), ("static", 3)]
+    with pytest.raises(UserError, match=r"^--set model.d_model=48: model.d_model is swept \(by --set: \[32, 64\]\)"):
+        R.expand(str(path), ["sweep.model.d_model=[32, 64]", "model.d_model=48"])
+
+
+ZIP_BASE = '[sweep]\n"model.d_model" = [64, 128]\n"train.lr" = [1e-3, 3e-3]\nzip = [["model.d_model", "train.lr"]]\n'
+
+
+@pytest.mark.parametrize("child, overrides, source, key, fragment", [
+    ('"train.lr" = [1e-3]\n', [], "r.toml", "sweep.train.lr",
+     "1 value, but sweep.zip ({base}) zips it with model.d_model (2 values); zipped keys need lists of equal length"),
+    ("", ["sweep.train.lr=[1e-3, 3e-3, 1e-2]"], "--set", "sweep.train.lr",
+     "3 values, but sweep.zip ({base}) zips it with model.d_model (2 values)"),
+    ('"train.lr" = [1e-3, -1]\n', [], "r.toml", "sweep.train.lr[1]", "must be > 0.0, got -1.0 (zipped with "
+     "model.d_model=128)"),
+    ("", ["sweep.model.d_model=[64, 96.5]"], "--set", "sweep.model.d_model[1]", "must be an integer, got float 96.5 "
+     "(zipped with train.lr=0.003)"),
+    ('"train.lr" = [1e-3]\n"model.d_model" = [64, 128, 256]\n', [], "r.toml", "sweep.model.d_model",
+     "3 values, but sweep.zip ({base}) zips it with train.lr (1 value)"),
+    ("", ["sweep.model.d_model=[64]", "sweep.train.lr=[1e-3, 3e-3, 1e-2]"], "--set", "sweep.model.d_model", "1 value"),
+], ids=["child-length", "set-length", "child-value", "set-value", "child-sets-both", "set-sets-both"])
+def test_zip_errors_blame_the_list_where_it_was_set(tmp_path, child, overrides, source, key, fragment):
+    """A zipped list of another length, or a zipped value no recipe takes, set elsewhere than the zip (in a recipe
+    that extends the zip's, or by --set) is blamed there under its own key, not on the zip's file."""
+    base = write(tmp_path / "base.toml", ZIP_BASE)
+    path = write(tmp_path / "r.toml", f'extends = "base.toml"\n[sweep]\n{child}')
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path), overrides)
+    where = str(path) if source == "r.toml" else source
+    assert (e.value.source, e.value.key) == (where, key) and fragment.format(base=base) in str(e.value)
+
+
+def test_zip_errors_of_lists_the_zips_file_set_name_the_zip(tmp_path):
+    """Where one file set the zip and all its lists, the group is blamed at `sweep.zip`, with every length or value."""
+    base = write(tmp_path / "base.toml", ZIP_BASE.replace("3e-3]", "]"))
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(write(tmp_path / "r.toml", 'extends = "base.toml"\n[model]\nd_model = 64\n')))
+    assert (e.value.source, e.value.key) == (str(base), "sweep.zip")
+    assert "zipped keys need lists of equal length, got model.d_model: 2, train.lr: 1" in str(e.value)
+
+
+def test_two_points_named_alike_through_a_set_axis_blame_the_set():
+    """Zipped axes from a file and a --set that make two points one name: the --set is named, not the recipe."""
+    with pytest.raises(RecipeError, match=r"^--set: sweep: points 0 and 4 both get the name"):
+        R.expand("paper/suite_attention", ["sweep.task.recall=[" + ", ".join(["{}"] * 25) + "]"])
 
 
 @pytest.mark.parametrize("text, key, fragment", [
