@@ -141,6 +141,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         root = new_root
     launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps,
                            runs_per_worker)
+    if BEST_LR_SEEDS_KEY in base.sweep:
+        from dcablate.runs.best_lr import check_second_stage
+
+        check_second_stage(recipe, list(overrides), base.sweep)
     train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
     if BEST_LR_SEEDS_KEY not in base.sweep:
         return

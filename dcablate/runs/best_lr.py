@@ -57,6 +57,36 @@ def score(run_dir: Path, task_kind: str) -> float | None:
         return None
 
 
+def stage_override(sweep: dict, chosen: list[dict]) -> str:
+    """`sweep=<table>`: the swept keys and `run.seed` zipped into one axis listing the `chosen` points."""
+    keys = [k for k in sweep if k not in RESERVED and k != SEED_KEY] + [SEED_KEY]
+    table = {k: [point[k] for point in chosen] for k in keys}
+    table["zip"] = [keys]
+    return f"sweep={toml_value(table)}"
+
+
+def check_second_stage(recipe: str, overrides: list[str], sweep: dict) -> None:
+    """Expand the second stage as it will be (its first point, first seed) before the grid trains: what it would
+    refuse (a `--set run.seed`, which its own axis of seeds overrides) ends the command now, not after the grid."""
+    from dcablate import config
+    from dcablate.errors import UserError
+
+    seeds = sweep[BEST_LR_SEEDS_KEY]
+    if SEED_KEY not in sweep:  # the grid's seed comes from the recipe or a --set; the second stage sweeps it
+        for o in overrides:
+            if o.split("=", 1)[0].strip() == SEED_KEY:
+                raise UserError(f"--set {o.strip()}: best_lr_seeds trains each cell's best learning rate again with "
+                                f"seeds {seeds} (sweeping {SEED_KEY}), which would override this --set; give the "
+                                f"grid's seed in the recipe, or sweep it: --set 'sweep.{SEED_KEY}="
+                                f"[{o.split('=', 1)[1].strip()}]'")
+    _, pairs = grid(sweep)[0]
+    try:
+        config.expand(recipe, [*overrides, stage_override(sweep, [{**dict(pairs), SEED_KEY: seeds[0]}])])
+    except UserError as e:
+        raise UserError(f"{e} (best_lr_seeds: its second stage sweeps run.seed at each cell's best learning rate, "
+                        f"after the grid)") from None
+
+
 def second_stage(sweep: dict, points: list, root: Path) -> Stage:
     """The second stage of a sweep whose table `sweep` lists `best_lr_seeds`, from its grid `points` ((name,
     resolved recipe) as `config.expand` gives them) trained into `root/<name>`."""
@@ -68,7 +98,6 @@ def second_stage(sweep: dict, points: list, root: Path) -> Stage:
     for (name, r), (_, pairs) in zip(points, named, strict=True):
         cell = ",".join(f"{k}={v!r}" for k, v in pairs if k not in (LR_KEY, SEED_KEY))
         cells.setdefault(cell, {}).setdefault(r.train.lr, []).append((name, r, pairs))
-    keys = [k for k in sweep if k not in RESERVED and k != SEED_KEY] + [SEED_KEY]
     chosen: list[dict] = []
     undecided: list[str] = []
     for by_lr in cells.values():
@@ -86,9 +115,5 @@ def second_stage(sweep: dict, points: list, root: Path) -> Stage:
             chosen += [{**pairs, SEED_KEY: seed} for seed in seeds]
             continue
         undecided.append(next(iter(by_lr.values()))[0][0])
-    override = None
-    if chosen:
-        table = {k: [point[k] for point in chosen] for k in keys}
-        table["zip"] = [keys]
-        override = f"sweep={toml_value(table)}"
+    override = stage_override(sweep, chosen) if chosen else None
     return Stage(override, len(cells) - len(undecided), undecided, len(chosen))

@@ -107,6 +107,18 @@ def test_without_an_lr_axis_it_says_what_is_swept(sweep, capsys):
            "sweep train.lr; it sweeps model.conv.kind" in err
 
 
+def test_a_set_seed_that_the_second_stage_would_override_is_refused_before_the_grid_trains(sweep, capsys):
+    """The second stage sweeps run.seed: a --set of it would end that stage after the whole grid had trained."""
+    for dry in (["--dry-run"], []):
+        assert main(["run", "g.toml", "--quiet", "--set", "run.seed=5", *dry]) == 2
+        assert capsys.readouterr().err == (
+            "error: --set run.seed=5: best_lr_seeds trains each cell's best learning rate again with seeds [1, 2] "
+            "(sweeping run.seed), which would override this --set; give the grid's seed in the recipe, or sweep "
+            "it: --set 'sweep.run.seed=[5]'\n")
+    assert not (sweep / "out").exists() and not any(sweep.glob("*/commands.log"))
+    assert main(["run", "g.toml", "--set", "sweep.run.seed=[5]", "--dry-run"]) == 0  # the way it says works
+
+
 @pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
 def test_one_command_trains_the_grid_then_the_seeds_and_the_report_pools_them(sweep, capsys, workers):
     assert main(["run", "g.toml", "--quiet", *workers]) == 0
