@@ -133,7 +133,8 @@ def _mark(origins: dict, path: str, value, source: str) -> None:
             _mark(origins, f"{path}.{k}", v, source)
 
 
-def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict:
+def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = (), order: list[str] | None = None) -> dict:
+    """The recipe at `path` with what it extends merged below it; `order` gets the files, the root ancestor first."""
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(p.name for p in (*chain, path))
@@ -152,7 +153,9 @@ def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = ()) -> dict:
                 raise RecipeError(str(path), "extends", f"no such file: {parent}, nor a shipped recipe of that name"
                                   f"{_shipped_hint(parent_ref, shipped)}")
             parent = shipped[parent_ref.removesuffix(RECIPE_SUFFIX)]
-        base = _load_raw(parent, origins, (*chain, path))
+        base = _load_raw(parent, origins, (*chain, path), order)
+    if order is not None:
+        order.append(str(path))
     return _merge(base, data, origins, str(path))
 
 
@@ -179,7 +182,8 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
     """Resolve extends and --set; returns (raw dict, key origins, recipe path)."""
     path = find_recipe(ref)
     origins: dict[str, str] = {}
-    data = _load_raw(path, origins)
+    order: list[str] = []
+    data = _load_raw(path, origins, order=order)
     set_keys = []
     for text in overrides:
         key, value = parse_override(text)
@@ -191,7 +195,32 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
     if isinstance(data.get("sweep"), dict):
         data["sweep"] = flatten(data["sweep"])
         _check_not_swept(data["sweep"], set_keys, origins, ref, path)
+        _check_files_not_swept(data["sweep"], origins, order)
     return data, origins, path
+
+
+def _check_files_not_swept(sweep: dict, origins: dict, order: list[str]) -> None:
+    """A key that a recipe sets while a recipe it extends sweeps it (the key itself, or a key inside a table the
+    sweep sets whole) is a RecipeError naming both: the sweep would override it at every point.
+    The same file setting a key and sweeping it gives the key a base value, as a parent's key under a child's
+    sweep does; those are fine."""
+    rank = {f: i for i, f in enumerate(order)}
+    for axis, values in sweep.items():
+        swept_in = origins.get(f"sweep.{axis}")
+        if axis in RESERVED or swept_in not in rank:  # set by --set: the user's latest word
+            continue
+        for key, where in origins.items():
+            if not isinstance(key, str) or key.startswith("sweep") or rank.get(where, -1) <= rank[swept_in]:
+                continue
+            if key == axis or key.startswith(f"{axis}."):  # (a table above the axis has the axis among its keys)
+                shown = str(values) if len(str(values)) <= 60 else str(values)[:57] + "..."
+                groups = sweep.get(ZIP_KEY)
+                zipped = isinstance(groups, list) and any(isinstance(g, list) and axis in g for g in groups)
+                size = (f"{len(values)} values: it is zipped" if zipped and isinstance(values, list)
+                        else "a list of one value for one")
+                raise RecipeError(where, key, f"{'is swept' if key == axis else f'is inside {axis}, which is swept'}: {swept_in} "
+                                  f"sweeps {axis} ({shown}), setting it at every point over this value; set the axis in "
+                                  f"this file's [sweep] instead (\"{axis}\" = [...], {size})")
 
 
 def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origins: dict, ref: str,

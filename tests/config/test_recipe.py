@@ -480,9 +480,33 @@ def test_zip_errors_of_lists_the_zips_file_set_name_the_zip(tmp_path):
     """Where one file set the zip and all its lists, the group is blamed at `sweep.zip`, with every length or value."""
     base = write(tmp_path / "base.toml", ZIP_BASE.replace("3e-3]", "]"))
     with pytest.raises(RecipeError) as e:
-        R.expand(str(write(tmp_path / "r.toml", 'extends = "base.toml"\n[model]\nd_model = 64\n')))
+        R.expand(str(write(tmp_path / "r.toml", 'extends = "base.toml"\n[model]\nn_layers = 3\n')))
     assert (e.value.source, e.value.key) == (str(base), "sweep.zip")
     assert "zipped keys need lists of equal length, got model.d_model: 2, train.lr: 1" in str(e.value)
+
+
+@pytest.mark.parametrize("child, key, fragment", [
+    ('[model]\nd_model = 32\n', "model.d_model",
+     "is swept: {base} sweeps model.d_model ([64, 128]), setting it at every point over this value; set the axis "
+     "in this file's [sweep] instead (\"model.d_model\" = [...], 2 values: it is zipped)"),
+    ('[train]\nlr = 1e-2\n', "train.lr", "is swept: {base} sweeps train.lr"),
+], ids=["swept-key", "other-swept-key"])
+def test_a_key_a_child_recipe_sets_under_its_parents_sweep_is_refused(tmp_path, child, key, fragment):
+    """The parent's sweep would set it at every point: the child's value would silently do nothing."""
+    base = write(tmp_path / "base.toml", ZIP_BASE)
+    path = write(tmp_path / "r.toml", 'extends = "base.toml"\n' + child)
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path))
+    assert (e.value.source, e.value.key) == (str(path.resolve()), key)
+    assert fragment.format(base=base.resolve()) in str(e.value)
+
+
+def test_a_key_the_same_file_sets_and_sweeps_is_its_base_value(tmp_path):
+    """A file's own key under its own sweep, and a parent's key under a child's sweep, are fine."""
+    path = write(tmp_path / "base.toml", '[model]\nd_model = 32\n' + ZIP_BASE)
+    assert len(R.expand(str(path))[1]) == 2
+    child = write(tmp_path / "r.toml", 'extends = "base.toml"\n[sweep]\n"model.d_model" = [64]\n"train.lr" = [1e-3]\n')
+    assert len(R.expand(str(child))[1]) == 1
 
 
 def test_two_points_named_alike_through_a_set_axis_blame_the_set():
