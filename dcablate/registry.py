@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -43,6 +44,18 @@ def load_plugins() -> None:
         except ImportError as e:
             _plugins_loaded.discard(name)
             raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e})") from None
+        except UserError:
+            _plugins_loaded.discard(name)
+            raise
+        except Exception as e:  # a mistake in the plugin itself (a spec without a field, a name taken): one line
+            _plugins_loaded.discard(name)
+            package = os.path.dirname(os.path.abspath(__file__))
+            frames = traceback.extract_tb(e.__traceback__)
+            # the plugin's own line (its call of register_mixer, say), not dcablate's that raised
+            frame = next((f for f in reversed(frames) if not os.path.abspath(f.filename).startswith(package)),
+                         frames[-1])
+            raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' failed while importing, at {frame.filename}:"
+                            f"{frame.lineno}: {type(e).__name__}: {e}") from None
 
 
 def _no_check(recipe, fail) -> None:

@@ -37,20 +37,21 @@ class RunningMeanOptions:
 
 
 class RunningMean(TokenMixer):
-    """`y_t = o(mean_{s<=t} conv(v(h))_s)`: causal, one value stream `v` with a conv on it."""
+    """`y_t = o(mean_{s<=t} conv(v(h))_s)`: causal, one value stream `v` with a conv on it (any attribute name:
+    the counts find the modules `make_conv` made)."""
 
     def __init__(self, d_model: int, conv_cfg, backend: str):
         super().__init__()
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
-        self.v_conv1d = make_conv(conv_cfg, "v", d_model, d_model, backend)
+        self.value_filter = make_conv(conv_cfg, "v", d_model, d_model, backend)
 
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "RunningMean":
         return cls(m.d_model, m.conv, m.backend)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        v = conv_or_identity(self.v_conv1d, self.v_proj(h), h)
+        v = conv_or_identity(self.value_filter, self.v_proj(h), h)
         steps = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=v.dtype)[None, :, None]
         return self.o_proj(v.cumsum(1) / steps)
 
@@ -206,6 +207,7 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     assert main(["run", "toy.toml", "--quiet"]) == 0
     summary = json.loads(Path("runs/toy/summary.json").read_text())
     assert summary["steps"] == 60 and summary["params"]["conv"] == 2 * 32  # a gate per channel of each layer's v stream
+    assert summary["state_floats"] == 2 * 32  # the conv's history: W - 1 = 1 input per channel, in 2 layers
     assert summary["final"]["accuracy"] > 0.5  # one token back: the conv alone solves it; chance is 1/8
     assert "accuracy" in capsys.readouterr().out  # the run's one-line result reads the task's headline
     assert main(["eval", "--task", "previous_token", "--run", "runs/toy"]) == 0
@@ -213,6 +215,43 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     assert record["metrics"] == {k: v for k, v in summary["final"].items() if k != "step"}
     assert main(["report", "runs"]) == 0
     assert "previous-token accuracy" in Path("runs/report.md").read_text()
+
+
+def test_a_mixers_convs_are_counted_whatever_their_attribute_names(registered):
+    """The conv row, the state and the FLOPs per token take in every module `make_conv` made: the toy mixer's
+    `value_filter` as the built-in mixers' `q_conv1d`."""
+    import tomllib
+
+    from dcablate import config
+    from dcablate.models.costs import build_model, costs
+
+    def counted(kind: str):
+        data = tomllib.loads(RECIPE)
+        data["model"]["conv"]["kind"] = kind
+        recipe = config.build(data)
+        return costs(build_model(recipe, 8), 12)
+
+    bare, shifted = counted("none"), counted("gated_shift")
+    assert shifted.params["conv"] == 2 * 32 and "conv" not in bare.params
+    assert shifted.state_floats - bare.state_floats == 2 * 32
+    assert shifted.flops_per_token - bare.flops_per_token == 2 * (2 * 32)  # GatedShift: 2 FLOPs per channel
+
+
+def test_a_conv_kind_without_what_the_counts_read_is_one_line(registered, tmp_path, monkeypatch, capsys):
+    from dcablate.cli import main
+    from dcablate.models.conv import CONV_KINDS
+
+    class NoCounts(GatedShift):
+        flops_per_token = property(lambda self: (_ for _ in ()).throw(AttributeError("flops_per_token")))
+
+    CONV_KINDS.register(ConvKindSpec("gated_shift", NoCounts), replace=True)
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE)
+    assert main(["info", "toy.toml"]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.conv.kind = 'gated_shift': its module (<class 'tests.test_plugins.test_a_conv_kind_without_what_"
+        "the_counts_read_is_one_line.<locals>.NoCounts'>) lacks flops_per_token; a conv kind's module gives `dim`, "
+        "`width` and `flops_per_token()`, which parameter, state and FLOP counts read\n")
 
 
 def test_unregistered_names_are_refused_with_the_registered_ones(tmp_path, monkeypatch, capsys):
@@ -237,3 +276,51 @@ def test_a_plugin_module_registers_in_another_process(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "runs/toy/summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ('register_mixer(MixerSpec("attention", object, None, "x", conv_streams=lambda m: []))\n',
+     "ValueError: a token mixer named 'attention' is already registered"),
+    ('register_mixer(MixerSpec("mine", object, None, "x"))\n',
+     "TypeError: MixerSpec.__init__() missing 1 required keyword-only argument: 'conv_streams'"),
+], ids=["name-taken", "spec-without-a-field"])
+def test_a_plugin_that_fails_while_importing_is_one_line_at_its_own_line(tmp_path, monkeypatch, capsys, source,
+                                                                          fragment):
+    from dcablate.cli import main
+
+    plugin = tmp_path / "broken_plugin.py"
+    plugin.write_text("from dcablate.models.mixers import MixerSpec, register_mixer\n" + source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "broken_plugin")
+    assert main(["info", "quickstart"]) == 2
+    assert capsys.readouterr().err == (f"error: DCABLATE_PLUGINS: plugin module 'broken_plugin' failed while "
+                                       f"importing, at {plugin}:2: {fragment}\n")
+
+
+def test_a_component_named_as_a_core_key_is_refused(tmp_path, monkeypatch, capsys):
+    """A mixer called `d_model` would replace the model's width key with its options section."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    register_mixer(MixerSpec("d_model", RunningMean, RunningMeanOptions, "x", conv_streams=lambda m: []))
+    try:
+        assert main(["info", "quickstart"]) == 2
+        assert capsys.readouterr().err == ("error: model.d_model: a registered component is named 'd_model', as a "
+                                           "key of [model] is; give it another name\n")
+    finally:
+        MIXERS.unregister("d_model")
+
+
+def test_a_conv_kind_with_an_options_section_is_refused(capsys):
+    """Conv kinds read [model.conv]; a section of their own would be accepted and then never read."""
+    from dcablate.cli import main
+    from dcablate.models.conv import CONV_KINDS
+
+    register_conv(ConvKindSpec("gated_shift_opts", GatedShift, RunningMeanOptions, "x"))
+    try:
+        assert main(["info", "quickstart"]) == 2
+        assert capsys.readouterr().err == (
+            "error: model.conv.kind = 'gated_shift_opts': a conv kind takes no options section of its own; its "
+            "module reads the [model.conv] keys (`from_config(conv_cfg, ...)`)\n")
+    finally:
+        CONV_KINDS.unregister("gated_shift_opts")

@@ -192,7 +192,16 @@ class RecipeMethods:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _component_sections(specs) -> list[tuple]:
+def _component_sections(specs, core: type, where: str) -> list[tuple]:
+    """The recipe sections of the components among `specs` that have options, as fields beside those of `core`
+    (`where.<name>`); a component named as one of `core`'s own keys would replace it: a UserError."""
+    from dcablate.errors import UserError
+
+    taken = {f.name for f in dataclasses.fields(core)}
+    for s in specs:
+        if s.name in taken:
+            raise UserError(f"{where}.{s.name}: a registered component is named {s.name!r}, as a key of "
+                            f"[{where}] is; give it another name")
     return [(s.name, s.options, section(s.options, s.options_doc)) for s in specs if s.options is not None]
 
 
@@ -205,10 +214,16 @@ def _assemble() -> dict:
     if _built["generation"] == registry.generation:
         return _built
     mixer_specs, channel_specs, task_specs = _mixers().specs(), _channels().specs(), _tasks().specs()
-    _convs().names()  # every registry's built-ins registered before the generation is read
+    for spec in _convs().specs():  # every registry's built-ins registered before the generation is read
+        if spec.options is not None:
+            from dcablate.errors import UserError
+
+            raise UserError(f"model.conv.kind = {spec.name!r}: a conv kind takes no options section of its own; "
+                            f"its module reads the [model.conv] keys (`from_config(conv_cfg, ...)`)")
     model = dataclasses.make_dataclass(
-        "ModelSection", _component_sections(mixer_specs + channel_specs), bases=(ModelCore,))
-    task = dataclasses.make_dataclass("TaskSection", _component_sections(task_specs), bases=(TaskCore,))
+        "ModelSection", _component_sections(mixer_specs + channel_specs, ModelCore, "model"), bases=(ModelCore,))
+    task = dataclasses.make_dataclass("TaskSection", _component_sections(task_specs, TaskCore, "task"),
+                                      bases=(TaskCore,))
     recipe = dataclasses.make_dataclass("Recipe", [
         ("run", RunSection, section(RunSection, "run identity and placement")),
         ("model", model, section(model, "the model")),

@@ -11,13 +11,7 @@ from dcablate.errors import UserError
 from dcablate.models.lm import LanguageModel
 from dcablate.tasks import TASKS, task_head
 
-CONV_SUFFIX = "_conv1d"  # q_conv1d, o_conv1d, ...; Mamba-2's xBC conv keeps fla's name, `conv1d`
-
-
-def is_conv(module_name: str) -> bool:
-    """Whether the module at dotted `module_name` is a short conv."""
-    last = module_name.rsplit(".", 1)[-1]
-    return last == "conv1d" or last.endswith(CONV_SUFFIX)
+from dcablate.models.conv import is_short_conv
 
 
 def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
@@ -40,8 +34,11 @@ def build_model(recipe, vocab_size: int, device="cpu") -> LanguageModel:
     return model
 
 
-def component(name: str) -> str:
-    """Which table row a parameter belongs to."""
+def component(name: str, convs: frozenset[str] = frozenset()) -> str:
+    """Which table row the parameter `name` belongs to; `convs`: the dotted names of the model's short convs
+    (`conv_names`), whose parameters are a row of their own."""
+    if any(name.startswith(f"{c}.") for c in convs):
+        return "conv"
     parts = name.split(".")
     if parts[0] == "embed":
         return "embedding"
@@ -53,15 +50,22 @@ def component(name: str) -> str:
         sub = parts[2]
         if sub in ("mixer_norm", "ffn_norm"):
             return "norms"
-        return "conv" if is_conv(parts[3]) else sub
+        return sub
     return parts[0]
+
+
+def conv_names(model: nn.Module) -> frozenset[str]:
+    """The dotted names of the short convs in `model` (the modules `make_conv` made, whatever they are called)."""
+    return frozenset(n for n, m in model.named_modules() if is_short_conv(m))
 
 
 def parameter_table(model: nn.Module) -> dict[str, int]:
     """Parameters per component; tied weights are counted once (under the embedding)."""
     counts: dict[str, int] = {}
+    convs = conv_names(model)
     for name, p in model.named_parameters():  # named_parameters skips the tied duplicate
-        counts[component(name)] = counts.get(component(name), 0) + p.numel()
+        row = component(name, convs)
+        counts[row] = counts.get(row, 0) + p.numel()
     counts["total"] = sum(counts.values())
     counts["non_embedding"] = counts["total"] - counts.get("embedding", 0) - counts.get("lm_head", 0)
     ffns = [b.ffn for b in model.blocks if b.ffn is not None]
@@ -84,7 +88,7 @@ def costs(model: LanguageModel, seq_len: int) -> Costs:
     params = parameter_table(model)
     matmul = sum(m.weight.numel() for n, m in model.blocks.named_modules() if isinstance(m, nn.Linear))
     mixers = [b.mixer for b in model.blocks]
-    convs = [m for n, m in model.blocks.named_modules() if is_conv(n)]
+    convs = [m for m in model.blocks.modules() if is_short_conv(m)]
     flops = 2 * matmul + sum(c.flops_per_token() for c in convs) + sum(m.flops_per_token(seq_len) for m in mixers)
     flops += sum(b.ffn.extra_flops_per_token() for b in model.blocks if b.ffn is not None)
     conv_history = sum((c.width - 1) * c.dim for c in convs)  # the last W-1 inputs of every conv

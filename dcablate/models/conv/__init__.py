@@ -53,4 +53,23 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
         return None
     act = conv_activation(conv_cfg.kind, activation or conv_cfg.activation)
     residual = conv_cfg.residual if conv_cfg.residual is not None else spec.residual
-    return resolve(spec.impl).from_config(conv_cfg, dim, gen_dim, act, residual, backend, bias)
+    conv = resolve(spec.impl).from_config(conv_cfg, dim, gen_dim, act, residual, backend, bias)
+    missing = [m for m in CONV_COUNTS if not hasattr(conv, m)]
+    if missing:
+        from dcablate.errors import UserError
+
+        raise UserError(f"model.conv.kind = {conv_cfg.kind!r}: its module ({spec.impl}) lacks "
+                        f"{', '.join(missing)}; a conv kind's module gives `dim`, `width` and `flops_per_token()`, "
+                        f"which parameter, state and FLOP counts read")
+    setattr(conv, SHORT_CONV, True)
+    return conv
+
+
+# what every conv module gives (dcablate info, summary.json and the compute report count convs by them)
+CONV_COUNTS = ("dim", "width", "flops_per_token")
+SHORT_CONV = "is_short_conv"  # set on each module make_conv returns: how the counts find a mixer's convs
+
+
+def is_short_conv(module) -> bool:
+    """Whether `module` is a short conv that `make_conv` made, whatever the attribute that holds it."""
+    return getattr(module, SHORT_CONV, False) is True
