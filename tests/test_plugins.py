@@ -260,7 +260,9 @@ def test_unregistered_names_are_refused_with_the_registered_ones(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     Path("toy.toml").write_text(RECIPE)
     assert main(["run", "toy.toml", "--dry-run"]) == 2  # its section is not a recipe section without it
-    assert "toy.toml: model.running_mean: unknown key" in capsys.readouterr().err
+    assert ("toy.toml: model.running_mean: unknown key; no registered mixer or channel mixer is named "
+            "'running_mean': if a plugin module provides it, name that module in DCABLATE_PLUGINS; allowed here:"
+            in capsys.readouterr().err)
     Path("toy.toml").write_text(RECIPE.replace("[model.running_mean]\ndecay = 1.0\n", ""))
     assert main(["run", "toy.toml", "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -324,3 +326,27 @@ def test_a_conv_kind_with_an_options_section_is_refused(capsys):
             "module reads the [model.conv] keys (`from_config(conv_cfg, ...)`)\n")
     finally:
         CONV_KINDS.unregister("gated_shift_opts")
+
+
+def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(registered, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """[B, 1, D] would broadcast over the residual without a word; the run ends on one line naming the mixer,
+    with failed.json, so the report lists it as failed rather than unfinished."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    class LastOnly(RunningMean):
+        def forward(self, h):
+            return super().forward(h)[:, -1:]
+
+    MIXERS.register(MixerSpec("running_mean", LastOnly, RunningMeanOptions, "x",
+                              conv_streams=lambda m: [("v", m.d_model)]), replace=True)
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE)
+    assert main(["run", "toy.toml", "--quiet"]) == 2
+    line = "model.mixer: LastOnly.forward returned shape (32, 1, 32) for an input of (32, 12, 32); a block's " \
+           "mixers map [B, T, D] to [B, T, D]"
+    assert capsys.readouterr().err == f"error: {line}\n"
+    assert json.loads(Path("runs/toy/failed.json").read_text())["error"] == line
+    assert main(["report", "runs"]) == 0
+    assert f"- `toy` after 0 steps: {line}" in Path("runs/report.md").read_text()

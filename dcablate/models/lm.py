@@ -76,6 +76,17 @@ class RMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps, self.backend)
 
 
+def same_shape(y: torch.Tensor, x: torch.Tensor, key: str, layer: nn.Module) -> torch.Tensor:
+    """`y` when it has `x`'s shape `[B, T, D]`; else a UserError naming the layer (a plugin's forward that returns
+    another shape would fail later without its name, or broadcast over the residual without a word)."""
+    if y.shape != x.shape:
+        from dcablate.errors import UserError
+
+        raise UserError(f"{key}: {type(layer).__name__}.forward returned shape {tuple(y.shape)} for an input of "
+                        f"{tuple(x.shape)}; a block's mixers map [B, T, D] to [B, T, D]")
+    return y
+
+
 class Block(nn.Module):
     def __init__(self, m, layer_idx: int):
         super().__init__()
@@ -85,9 +96,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(m.d_model, m.norm_eps, m.backend) if self.ffn is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self._mixer_input(x))
+        x = x + same_shape(self.mixer(self._mixer_input(x)), x, "model.mixer", self.mixer)
         if self.ffn is not None:
-            x = x + self.ffn(self._ffn_input(x))
+            x = x + same_shape(self.ffn(self._ffn_input(x)), x, "model.ffn", self.ffn)
         return x
 
     def _mixer_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,11 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                 if e.code == 1 and ddp.is_main():  # an error, not a stop signal (128 + signum)
                     failure.record(run_dir, str(e), run.state.step, diverged=isinstance(e, NonFiniteStep))
                 raise
+            except Exception as e:  # any other error ended the attempt too: the report lists it as failed
+                if ddp.is_main() and (run_dir / "recipe.toml").is_file():  # (one refused before it wrote stays none)
+                    failure.record(run_dir, str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}",
+                                   run.state.step)
+                raise
 
 
 def shared_data_dir(recipe, run_dir: Path) -> Path:
