@@ -204,8 +204,11 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     Path("toy.toml").write_text(RECIPE)
     assert main(["info", "toy.toml"]) == 0
     assert "running_mean, conv=gated_shift" in capsys.readouterr().out
+    monkeypatch.setenv("DCABLATE_PLUGINS", "toy_plugin_module")  # recorded as given (registered here already)
+    monkeypatch.setattr("dcablate.registry._plugins_loaded", {"toy_plugin_module"})
     assert main(["run", "toy.toml", "--quiet"]) == 0
     summary = json.loads(Path("runs/toy/summary.json").read_text())
+    assert summary["versions"]["plugins"] == ["toy_plugin_module"]
     assert summary["steps"] == 60 and summary["params"]["conv"] == 2 * 32  # a gate per channel of each layer's v stream
     assert summary["state_floats"] == 2 * 32  # the conv's history: W - 1 = 1 input per channel, in 2 layers
     assert summary["final"]["accuracy"] > 0.5  # one token back: the conv alone solves it; chance is 1/8
@@ -215,6 +218,7 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     assert record["metrics"] == {k: v for k, v in summary["final"].items() if k != "step"}
     assert main(["report", "runs"]) == 0
     assert "previous-token accuracy" in Path("runs/report.md").read_text()
+    assert "; plugins toy_plugin_module: 1 run" in Path("runs/report.md").read_text()
 
 
 def test_a_mixers_convs_are_counted_whatever_their_attribute_names(registered):

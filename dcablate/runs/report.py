@@ -491,8 +491,9 @@ def _software(runs: list[Run]) -> list[str]:
             v, card = run.summary["versions"], run.summary.get("device_name", "?")
             commit = f" (commit {v['git_commit'][:10]})" if v.get("git_commit") else ""
             stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "flash-linear-attention", "cuda") if v.get(k))
+            plugins = f"; plugins {', '.join(v['plugins'])}" if v.get("plugins") else ""
             seen[f"dcablate {v.get('dcablate')}{commit}, {stack}; {card}"
-                 + (f" (compute capability {v['gpu_capability']})" if v.get("gpu_capability") else "")] += 1
+                 + (f" (compute capability {v['gpu_capability']})" if v.get("gpu_capability") else "") + plugins] += 1
     if not seen:
         return []
     return ["## Software", ""] + [f"- {line}: {_count(n, 'run')}" for line, n in seen.items()] + [""]

@@ -267,6 +267,6 @@ def test_a_run_records_what_made_it(tmp_path, capsys):
     summary = train(tiny(tmp_path, train={"steps": 2, "warmup_steps": 1}), tmp_path / "t", quiet=True)
     v = summary["versions"]
     assert (v["dcablate"], v["torch"]) == (dcablate.__version__, torch.__version__)
-    assert v["gpu_capability"] is None and v["cuda"] == torch.version.cuda
+    assert v["gpu_capability"] is None and v["cuda"] == torch.version.cuda and v["plugins"] == []
     assert main(["report", str(tmp_path)]) == 0
     assert f"- dcablate {dcablate.__version__}" in (tmp_path / "report.md").read_text()
