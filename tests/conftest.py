@@ -10,3 +10,12 @@ def pytest_runtest_logreport(report):
     if report.failed and os.environ.get("DCABLATE_INSTAFAIL"):
         sys.stdout.write(f"\n---- {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
         sys.stdout.flush()
+
+
+def pytest_sessionstart(session):
+    """Python's own SIGINT handler, whatever the shell gave: a job started in the background by a
+    non-interactive shell inherits SIGINT ignored, and the tests of stop signals check that a command hands
+    back the handler it found (Python's, for anyone who runs dcablate from a terminal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
