@@ -213,14 +213,25 @@ def _check_files_not_swept(sweep: dict, origins: dict, order: list[str]) -> None
             if not isinstance(key, str) or key.startswith("sweep") or rank.get(where, -1) <= rank[swept_in]:
                 continue
             if key == axis or key.startswith(f"{axis}."):  # (a table above the axis has the axis among its keys)
-                shown = str(values) if len(str(values)) <= 60 else str(values)[:57] + "..."
-                groups = sweep.get(ZIP_KEY)
-                zipped = isinstance(groups, list) and any(isinstance(g, list) and axis in g for g in groups)
-                size = (f"{len(values)} values: it is zipped" if zipped and isinstance(values, list)
-                        else "a list of one value for one")
-                raise RecipeError(where, key, f"{'is swept' if key == axis else f'is inside {axis}, which is swept'}: {swept_in} "
-                                  f"sweeps {axis} ({shown}), setting it at every point over this value; set the axis in "
-                                  f"this file's [sweep] instead (\"{axis}\" = [...], {size})")
+                what = "is swept" if key == axis else f"is inside {axis}, which is swept"
+                size = _zipped(sweep, axis) or "a list of one value for one"
+                raise RecipeError(where, key, f"{what}: {swept_in} sweeps {axis} ({_shown(values)}), setting it at "
+                                  f"every point over this value; set the axis in this file's [sweep] instead "
+                                  f"(\"{axis}\" = [...], {size})")
+
+
+def _shown(values) -> str:
+    """A swept list as an error line quotes it: cut at 60 characters."""
+    return str(values) if len(str(values)) <= 60 else str(values)[:57] + "..."
+
+
+def _zipped(sweep: dict, axis: str) -> str:
+    """`N values: it is zipped` for an axis in one of the sweep's zip groups, else ""."""
+    groups, values = sweep.get(ZIP_KEY), sweep[axis]
+    zipped = isinstance(groups, list) and any(isinstance(g, list) and axis in g for g in groups)
+    if not zipped or not isinstance(values, list):
+        return ""
+    return f"{len(values)} value{'s' if len(values) != 1 else ''}: it is zipped"
 
 
 def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origins: dict, ref: str,
@@ -240,12 +251,9 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
             if key != axis and not inside and not above:
                 continue
             where = origins.get(f"sweep.{axis}", str(path))
-            shown = str(values) if len(str(values)) <= 60 else str(values)[:57] + "..."
+            shown = _shown(values)
             swept_in = "by --set" if where == "--set" else f"[sweep] in {where}"
-            groups = sweep.get(ZIP_KEY)
-            zipped = [g for g in groups if isinstance(g, list) and axis in g] if isinstance(groups, list) else []
-            count = (f", {len(values)} value{'s' if len(values) != 1 else ''}: it is zipped"
-                     if zipped and isinstance(values, list) else "")
+            count = f", {_zipped(sweep, axis)}" if _zipped(sweep, axis) else ""
             drop = "or drop the sweep (--set 'sweep={}')"
             if inside and isinstance(values, list) and any(isinstance(v, dict) for v in values):
                 sub = key[len(axis) + 1:]
