@@ -203,7 +203,11 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     monkeypatch.chdir(tmp_path)
     Path("toy.toml").write_text(RECIPE)
     assert main(["info", "toy.toml"]) == 0
-    assert "running_mean, conv=gated_shift" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "running_mean, conv=gated_shift" in out
+    assert out.rstrip().endswith("note: RunningMean keeps TokenMixer's state_size or flops_per_token, which count 0: "
+                                 "the state floats and FLOPs/token above leave out its own recurrence (implement "
+                                 "them to count it)")
     monkeypatch.setenv("DCABLATE_PLUGINS", "toy_plugin_module")  # recorded as given (registered here already)
     monkeypatch.setattr("dcablate.registry._plugins_loaded", {"toy_plugin_module"})
     assert main(["run", "toy.toml", "--quiet"]) == 0
@@ -236,6 +240,7 @@ def test_a_mixers_convs_are_counted_whatever_their_attribute_names(registered):
         return costs(build_model(recipe, 8), 12)
 
     bare, shifted = counted("none"), counted("gated_shift")
+    assert bare.unreported == ("RunningMean",)  # it keeps TokenMixer's state_size and flops_per_token
     assert shifted.params["conv"] == 2 * 32 and "conv" not in bare.params
     assert shifted.state_floats - bare.state_floats == 2 * 32
     assert shifted.flops_per_token - bare.flops_per_token == 2 * (2 * 32)  # GatedShift: 2 FLOPs per channel

@@ -82,6 +82,7 @@ class Costs:
     seq_len: int
     flops_per_token: int       # forward, without the LM head
     head_flops_per_token: int  # forward, per scored token
+    unreported: tuple[str, ...] = ()  # mixers that count their own state or FLOPs as 0 (no override)
 
 
 def costs(model: LanguageModel, seq_len: int) -> Costs:
@@ -98,7 +99,19 @@ def costs(model: LanguageModel, seq_len: int) -> Costs:
         seq_len=seq_len,
         flops_per_token=flops,
         head_flops_per_token=2 * model.lm_head.weight.numel(),
+        unreported=unreported(mixers),
     )
+
+
+def unreported(mixers) -> tuple[str, ...]:
+    """The classes among `mixers` that keep `TokenMixer`'s own `state_size` or `flops_per_token` (which count 0):
+    a plugin mixer whose recurrence the counts then leave out."""
+    from dcablate.models.mixers.base import TokenMixer
+
+    def counts_zero(m) -> bool:
+        return type(m).state_size is TokenMixer.state_size or type(m).flops_per_token is TokenMixer.flops_per_token
+
+    return tuple(dict.fromkeys(type(m).__name__ for m in mixers if isinstance(m, TokenMixer) and counts_zero(m)))
 
 
 def human(n: float) -> str:

@@ -58,14 +58,25 @@ def describe(recipe: str, overrides: list[str] = (), detail: bool = False) -> st
     base, points = config.expand(recipe, list(overrides))
     if not base.sweep:
         name, r = points[0]
-        return model_block(r, name, recipe_costs(r, {})[0])
+        c = recipe_costs(r, {})[0]
+        return model_block(r, name, c) + unreported_note([c])
     models = group_points(base, points)
     keys, with_vocab = distinguishing_columns(models)
     text = sweep_table(base.run.name, models, len(points), keys, with_vocab, detail)
     if detail:
         derived = {"vocab": with_vocab, "T": len({m.costs.seq_len for m in models}) > 1}
         text += "\n\n" + "\n".join(detail_block(m, keys, derived) for m in models).rstrip("\n")
-    return text
+    return text + unreported_note([m.costs for m in models])
+
+
+def unreported_note(costs_list: list[Costs]) -> str:
+    """A line under the output for mixers that do not count their own recurrence (`Costs.unreported`)."""
+    names = list(dict.fromkeys(n for c in costs_list for n in c.unreported))
+    if not names:
+        return ""
+    return (f"\nnote: {', '.join(names)} keep{'s' if len(names) == 1 else ''} TokenMixer's state_size or "
+            f"flops_per_token, which count 0: the state floats and FLOPs/token above leave out "
+            f"{'its' if len(names) == 1 else 'their'} own recurrence (implement them to count it)")
 
 
 def recipe_costs(r, cache: dict) -> tuple[Costs, int]:
