@@ -36,6 +36,7 @@ def chance(o: dict) -> float:
     """A uniform guess among the content tokens `[0, V - 1)`."""
     return 1 / (o["vocab_size"] - 1)
 
+
 register_task(TaskSpec("compression", "dcablate.tasks.compression.task:CompressionTask", CompressionSection,
                        "compression options", spec_check("compression", problems),
                        headline="accuracy", higher_is_better=True, headline_label="compression accuracy",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
-from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check
+from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check, value_chance
 
 ID_BITS = 62  # a key's id (data.py) packs its tokens into one int64
 
@@ -52,8 +52,8 @@ def problems(o) -> list[tuple[str, str]]:
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 def chance(o: dict) -> float:
-    """A uniform guess among the value tokens `[K, V - 1)`, `K = (V - 1) // 2`, per scored token."""
-    return 1 / (o["vocab_size"] - 1 - (o["vocab_size"] - 1) // 2)
+    return value_chance(o["vocab_size"], 1)  # token V - 1 pads; per scored token
+
 
 register_task(TaskSpec("fuzzy_recall", "dcablate.tasks.fuzzy_recall.task:FuzzyRecallTask", FuzzyRecallSection,
                        "fuzzy in-context recall options", spec_check("fuzzy_recall", problems),

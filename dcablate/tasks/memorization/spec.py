@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
-from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check
+from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check, value_chance
 
 
 @dataclass
@@ -37,8 +37,8 @@ def problems(o) -> list[tuple[str, str]]:
 
 
 def chance(o: dict) -> float:
-    """A uniform guess among the values `[K, V - 1)`, `K = (V - 1) // 2`."""
-    return 1 / (o["vocab_size"] - 1 - (o["vocab_size"] - 1) // 2)
+    return value_chance(o["vocab_size"], 1)  # token V - 1 is the insert token
+
 
 register_task(TaskSpec("memorization", "dcablate.tasks.memorization.task:MemorizationTask", MemorizationSection,
                        "memorization options", spec_check("memorization", problems),

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
-from dcablate.tasks.recall.spec import recall_chance, recall_problems
-from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check
+from dcablate.tasks.recall.spec import recall_problems
+from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check, value_chance
 
 
 @dataclass
@@ -32,7 +32,8 @@ def problems(o) -> list[tuple[str, str]]:
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 def chance(o: dict) -> float:
-    return recall_chance(o, o["noise_vocab_size"])
+    return value_chance(o["vocab_size"], o["noise_vocab_size"])
+
 
 register_task(TaskSpec("noisy_recall", "dcablate.tasks.noisy_recall.task:NoisyRecallTask", NoisyRecallSection,
                        "noisy in-context recall options", spec_check("noisy_recall", problems),

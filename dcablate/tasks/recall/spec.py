@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
-from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check
+from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check, value_chance
 
 
 @dataclass
@@ -42,12 +42,11 @@ def problems(o) -> list[tuple[str, str]]:
 
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
-def recall_chance(o: dict, noise: int = 0) -> float:
-    """A uniform guess among the values `[K, V - N)`, `K = (V - N) // 2`."""
-    content = o["vocab_size"] - noise
-    return 1 / (content - content // 2)
+def chance(o: dict) -> float:
+    return value_chance(o["vocab_size"])
+
 
 register_task(TaskSpec("recall", "dcablate.tasks.recall.task:RecallTask", RecallSection,
                        "in-context recall options", spec_check("recall", problems),
                        headline="accuracy", higher_is_better=True, headline_label="in-context recall accuracy",
-                       bounded=True, chance=recall_chance))
+                       bounded=True, chance=chance))

@@ -41,6 +41,7 @@ def chance(o: dict) -> float:
     """A uniform guess among the content tokens `[0, V - 2)`."""
     return 1 / (o["vocab_size"] - 2)
 
+
 register_task(TaskSpec("selective_copy", "dcablate.tasks.selective_copy.task:SelectiveCopyTask",
                        SelectiveCopySection, "selective copying options", spec_check("selective_copy", problems),
                        headline="accuracy", higher_is_better=True, headline_label="selective copying accuracy",

@@ -58,3 +58,11 @@ def spec_check(name: str, problems: Callable[[object], list[Problem]]):
         check_common(recipe, fail, name)
 
     return check
+
+
+def value_chance(vocab_size: int, reserved: int = 0) -> float:
+    """A uniform guess among the value tokens: the upper half `[K, V - reserved)`, `K = (V - reserved) // 2`, of
+    the tokens left when `reserved` of them (noise, padding, an insert token) are set aside. The recall tasks'
+    and memorization's `TaskSpec.chance`."""
+    content = vocab_size - reserved
+    return 1 / (content - content // 2)
