@@ -49,12 +49,12 @@ def problems(o) -> list[tuple[str, str]]:
     return fuzzy_problems(o.seq_len, o.vocab_size, o.max_key_len, o.max_value_len)
 
 
-# Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
-# CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 def chance(o: dict) -> float:
     return value_chance(o["vocab_size"], 1)  # token V - 1 pads; per scored token
 
 
+# Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
+# CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 register_task(TaskSpec("fuzzy_recall", "dcablate.tasks.fuzzy_recall.task:FuzzyRecallTask", FuzzyRecallSection,
                        "fuzzy in-context recall options", spec_check("fuzzy_recall", problems),
                        headline="accuracy", higher_is_better=True,

@@ -29,12 +29,12 @@ def problems(o) -> list[tuple[str, str]]:
     return recall_problems(o.seq_len, o.vocab_size, o.noise_vocab_size, o.noise_fraction)
 
 
-# Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
-# CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 def chance(o: dict) -> float:
     return value_chance(o["vocab_size"], o["noise_vocab_size"])
 
 
+# Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
+# CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 register_task(TaskSpec("noisy_recall", "dcablate.tasks.noisy_recall.task:NoisyRecallTask", NoisyRecallSection,
                        "noisy in-context recall options", spec_check("noisy_recall", problems),
                        headline="accuracy", higher_is_better=True,

@@ -40,12 +40,12 @@ def problems(o) -> list[tuple[str, str]]:
     return recall_problems(o.seq_len, o.vocab_size)
 
 
-# Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
-# CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 def chance(o: dict) -> float:
     return value_chance(o["vocab_size"])
 
 
+# Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
+# CUDA graph; the vocabularies are small, so the LM head over every position costs little.
 register_task(TaskSpec("recall", "dcablate.tasks.recall.task:RecallTask", RecallSection,
                        "in-context recall options", spec_check("recall", problems),
                        headline="accuracy", higher_is_better=True, headline_label="in-context recall accuracy",
