@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
+from dcablate.kernels.tuned.seed import seed
 
 
 def gated_rms_norm_reference(x, gate, weight, eps: float):
@@ -21,5 +22,6 @@ def gated_rms_norm(x, gate, weight, eps: float, backend: str = "auto"):
         require_fla()
         from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
+        seed("fla.modules.norm.fused_norm_gate")
         return rms_norm_gated(x=x, g=gate, weight=weight, bias=None, activation="swish", eps=eps)
     return gated_rms_norm_reference(x, gate, weight, eps)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
+from dcablate.kernels.tuned.seed import seed
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,5 +37,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
         require_fla()
         from fla.modules.norm.layernorm import rms_norm as fla_rms_norm
 
+        seed("fla.modules.norm.layernorm")
         return fla_rms_norm(x, weight, None, eps=eps)
     return rms_norm_reference(x, weight, eps)

@@ -28,10 +28,10 @@ def test_export_into_a_folder(tmp_path, capsys):
     out = tmp_path / "tuned" / "NVIDIA_H200"
     assert main(CMD + ["--triton-cache", str(tmp_path / "cache"), "--out", str(out), "--gpu-name", "NVIDIA H200"]) == 0
     said = capsys.readouterr().out
-    assert f"exported 4 autotuning results of 2 fla kernels for NVIDIA_H200 into {out}" in said
-    assert "left out 2 results of kernels that fla autotunes without a config file: layer_norm_fwd_kernel" in said
-    assert json.loads((out / "manifest.json").read_text())["kernels"] == {"chunk_fwd_kernel_o": 2,
-                                                                          "chunk_local_cumsum_scalar_kernel": 2}
+    assert f"exported 6 autotuning results of 3 fla kernels for NVIDIA_H200 into {out}" in said
+    assert "left out" not in said  # the norm's results too: dcablate seeds that kernel (seed.py)
+    assert json.loads((out / "manifest.json").read_text())["kernels"] == {
+        "chunk_fwd_kernel_o": 2, "chunk_local_cumsum_scalar_kernel": 2, "layer_norm_fwd_kernel": 2}
 
 
 def test_the_default_cache_is_triton_s(tmp_path, capsys, monkeypatch):
@@ -57,13 +57,13 @@ def test_no_results_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_results_fla_never_looks_up_are_one_line(tmp_path, capsys):
-    for path in FIXTURES.rglob("layer_norm_fwd_kernel.autotune.json"):
+def test_results_no_one_looks_up_are_one_line(tmp_path, capsys):
+    for path in FIXTURES.rglob("layer_norm_fwd_kernel.autotune.json"):  # as if of a kernel of another program
         (tmp_path / "cache" / path.parent.name).mkdir(parents=True)
-        shutil.copy(path, tmp_path / "cache" / path.parent.name)
+        shutil.copy(path, tmp_path / "cache" / path.parent.name / "my_own_kernel.autotune.json")
     assert main(CMD + ["--triton-cache", str(tmp_path / "cache"), "--gpu-name", "NVIDIA H200",
                        "--out", str(tmp_path / "o")]) == 2
-    one_error_line(capsys, "nothing to export", "layer_norm_fwd_kernel")
+    one_error_line(capsys, "nothing to export", "results only of kernels that take no config file", "my_own_kernel")
     assert not (tmp_path / "o").exists()
 
 

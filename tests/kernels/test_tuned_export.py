@@ -137,9 +137,10 @@ def test_real_results_merge_per_kernel_with_the_fastest_config(tmp_path, monkeyp
     cache = tmp_path / "cache"
     shutil.copytree(FIXTURES, cache)
     report = export([cache], tmp_path / "out", GPU)
-    assert report.kernels == {"chunk_fwd_kernel_o": 2, "chunk_local_cumsum_scalar_kernel": 2}
-    assert report.not_looked_up == {"layer_norm_fwd_kernel": 2}  # fla autotunes it without a config file
-    assert any("layer_norm_fwd_kernel" in line for line in report.lines())
+    # the norm's forward autotunes under Triton's plain autotune: exported too, for dcablate to seed (seed.py)
+    assert report.kernels == {"chunk_fwd_kernel_o": 2, "chunk_local_cumsum_scalar_kernel": 2,
+                              "layer_norm_fwd_kernel": 2}
+    assert report.not_looked_up == {}
     monkeypatch.setenv("FLA_CONFIG_DIR", str(tmp_path / "out"))
     monkeypatch.setattr(fla_cache, "FLA_CACHE_MODE", FlaCacheMode.STRICT)
     for path in sorted(cache.rglob("chunk_*.autotune.json")):

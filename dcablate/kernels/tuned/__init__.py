@@ -12,7 +12,9 @@ such files, one folder per GPU model (`<GPU name as fla sanitises it>/`, e.g. `N
   (`dcablate kernels export-tuning`);
 - `activate.py`: point fla at the folder for this GPU before fla is imported (`FLA_CONFIG_DIR`,
   `FLA_CACHE_MODE=strict`: exact autotuning keys only, any other shape still autotunes);
-  `DCABLATE_TUNED_CONFIGS=0` turns it off.
+  `DCABLATE_TUNED_CONFIGS=0` turns it off;
+- `seed.py`: the same files for fla's norm kernels, which autotune under Triton's plain `autotune` and read no
+  file: their entries go straight into the autotuners' caches.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Triton's autotuner does (the same arguments in the same order, then the same dty
 real kernel).
 
 **The conversion.** Per result, the best config is the one Triton itself would pick: the smallest timing
-(compared as Triton compares them, median first). Only kernels fla looks up are exported (`fla_kernels.py`),
+(compared as Triton compares them, median first). Only kernels that take a config are exported (`fla_kernels.py`:
+those fla looks up, and the norm kernels under Triton's plain `autotune` whose autotuners dcablate fills, `seed.py`),
 and a result must fit that kernel: its key as many values as the kernel has `key` names followed by dtype
 strings, its configs tuning the same parameters. Same-named kernels of other fla ops with the same key and
 parameters cannot be told apart by their results; dcablate never calls them, so a cache shared with other
@@ -107,7 +108,8 @@ def read_result(path: Path) -> Result:
 
 
 def misfit(result: Result, kernel) -> str | None:
-    """Why `result` cannot be a result of fla's `kernel` (a `CachedAutotuner`), or None when it fits."""
+    """Why `result` cannot be a result of fla's `kernel` (a `CachedAutotuner` or plain `Autotuner`), or None when it
+    fits."""
     values = 0
     while values < len(result.key) and not is_dtype(result.key[values]):
         values += 1
@@ -148,8 +150,8 @@ class Report:
                f"(fla {self.fla_version}, Triton {self.triton_version})"]
         if self.not_looked_up:
             n = sum(self.not_looked_up.values())
-            out.append(f"left out {n} result{'s' if n != 1 else ''} of kernels that fla autotunes without a config "
-                       f"file: {', '.join(sorted(self.not_looked_up))}")
+            out.append(f"left out {n} result{'s' if n != 1 else ''} of kernels that take no config file (neither fla "
+                       f"nor dcablate looks one up): {', '.join(sorted(self.not_looked_up))}")
         for kernel, why in sorted(self.misfits.items()):
             out.append(f"left out results of {kernel} that do not fit fla {self.fla_version}'s kernel: {why}")
         for kernel, why in sorted(self.unimportable.items()):
@@ -207,7 +209,7 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
     `out_dir/<kernel>.json`, merged with what `out_dir` holds (the newer measurement of a key wins), and write
     `out_dir/manifest.json`; what it did. UserError for a missing folder, no results, no fla, or an `out_dir`
     made for another GPU or fla version."""
-    from dcablate.kernels.tuned.fla_kernels import cached_kernel_modules, cached_kernels
+    from dcablate.kernels.tuned.fla_kernels import cached_kernel_modules, tuned_kernels
 
     fla_version = installed(FLA_DIST)
     if fla_version is None:
@@ -224,7 +226,7 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
     existing = _read_existing(out_dir, gpu, fla_version)
     report = Report(out_dir, gpu, fla_version, installed("triton"))
     names = {f.name[:-len(SUFFIX)] for f in files}
-    kernels, failed = cached_kernels(names)
+    kernels, failed = tuned_kernels(names)
     from fla.ops.utils.cache import AutotuneKey
 
     newest: dict[str, dict[str, tuple[Result, dict]]] = {}
@@ -261,7 +263,7 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
             why = f"fla's modules of the kernels found do not import here ({listed(report.unimportable)})"
         elif report.not_looked_up:
             names = ", ".join(sorted(report.not_looked_up))
-            why = f"results only of kernels fla autotunes without a config file ({names})"
+            why = f"results only of kernels that take no config file ({names})"
         else:
             why = f"no result fits fla's kernels ({listed(report.misfits)})"
         raise UserError(f"nothing to export from {', '.join(map(str, caches))}: {why}")

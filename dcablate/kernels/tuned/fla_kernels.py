@@ -1,4 +1,6 @@
-"""Which of fla's Triton kernels take a configuration from a file: those decorated with `fla_cache_autotune`.
+"""Which of fla's Triton kernels take a configuration from a file: those decorated with `fla_cache_autotune`, and
+the ones under Triton's plain `autotune` in the modules of `SEEDED_MODULES`, whose autotuners dcablate fills
+itself (`seed.py`).
 
 Found in two steps. fla's source is read (not imported) for the functions under that decorator, which gives
 each such kernel's name and the module defining it; then only the modules of the names asked for are imported,
@@ -17,6 +19,10 @@ import importlib.util
 from pathlib import Path
 
 DECORATOR = "fla_cache_autotune"
+# fla modules whose kernels autotune under Triton's plain `autotune` (no config file) and that dcablate's blocks
+# call: the RMSNorm and the gated RMSNorm. Their kernels specialise on the number of row blocks (`NB`), so a grid
+# of many batch shapes autotunes (compiles every candidate of) each of them dozens of times on a fresh machine.
+SEEDED_MODULES = ("fla.modules.norm.layernorm", "fla.modules.norm.fused_norm_gate")
 
 
 def fla_source() -> Path | None:
@@ -90,3 +96,53 @@ def cached_kernels(names) -> tuple[dict[str, list], dict[str, str]]:
             if kernel is not None and kernel.kernel_name in names and kernel not in kernels.get(kernel.kernel_name, []):
                 kernels.setdefault(kernel.kernel_name, []).append(kernel)
     return kernels, failed
+
+
+def jit_name(tuner) -> str:
+    """The name of the Triton function under an autotuner (what its `*.autotune.json` is named after)."""
+    fn, seen = tuner, 0
+    while hasattr(fn, "fn") and seen < 8:
+        fn, seen = fn.fn, seen + 1
+    return getattr(fn, "__name__", "")
+
+
+def plain_autotuners(module) -> dict[str, list]:
+    """Kernel name -> the autotuners under Triton's plain `autotune` (not fla's `CachedAutotuner`) that `module`
+    defines, looked for under `triton.heuristics` wrappers."""
+    from fla.ops.utils.cache import CachedAutotuner
+    from triton.runtime.autotuner import Autotuner
+
+    found: dict[str, list] = {}
+    for value in vars(module).values():
+        obj, seen = value, 0
+        while obj is not None and not isinstance(obj, Autotuner) and seen < 8:
+            obj, seen = getattr(obj, "fn", None), seen + 1
+        if isinstance(obj, Autotuner) and not isinstance(obj, CachedAutotuner):
+            name = jit_name(obj)
+            if obj not in found.get(name, []):
+                found.setdefault(name, []).append(obj)
+    return found
+
+
+def plain_kernels(names) -> tuple[dict[str, list], dict[str, str]]:
+    """For the kernel names `names`: (name -> the plain autotuners of that name in `SEEDED_MODULES`, module -> why
+    it could not be imported)."""
+    kernels: dict[str, list] = {}
+    failed: dict[str, str] = {}
+    for module_name in SEEDED_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # a module that needs what this machine lacks: its kernels are left out
+            failed[module_name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            continue
+        for name, tuners in plain_autotuners(module).items():
+            if name in names:
+                kernels.setdefault(name, []).extend(t for t in tuners if t not in kernels.get(name, []))
+    return kernels, failed
+
+
+def tuned_kernels(names) -> tuple[dict[str, list], dict[str, str]]:
+    """`cached_kernels` and then `plain_kernels` for the names the first does not know."""
+    kernels, failed = cached_kernels(names)
+    plain, failed_plain = plain_kernels({n for n in names if n not in kernels})
+    return {**kernels, **plain}, {**failed, **failed_plain}

@@ -1,0 +1,175 @@
+"""Shipped configs for fla's norm kernels (`dcablate/kernels/tuned/seed.py`): they autotune under Triton's plain
+`autotune`, which reads no config file, so dcablate fills their autotuners' caches. A call whose key was shipped
+runs that config and times nothing; any other key autotunes."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import types
+
+import pytest
+
+pytest.importorskip("fla")
+torch = pytest.importorskip("torch")
+
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from dcablate.kernels.tuned import ROOT  # noqa: E402
+from dcablate.kernels.tuned.export import export  # noqa: E402
+from dcablate.kernels.tuned.fla_kernels import SEEDED_MODULES, plain_autotuners, tuned_kernels  # noqa: E402
+from dcablate.kernels.tuned.seed import config_folder, seed_module  # noqa: E402
+
+H100 = ROOT / "NVIDIA_H100_80GB_HBM3"
+LAYERNORM = "fla.modules.norm.layernorm"
+
+
+class FakeTensor:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+
+class Timed(Exception):
+    """Raised where Triton's autotuner would time the candidates (its disk-cache check comes first)."""
+
+
+def fwd_args(D=64, NB=4, dtype=torch.bfloat16):
+    """The arguments fla's `layer_norm_fwd` passes for an RMSNorm without residual (bias, mean, residual None)."""
+    t, f = FakeTensor(dtype), FakeTensor(torch.float32)
+    return dict(x=t, y=t, w=FakeTensor(dtype), b=None, res=None, res_out=None, mean=None, rstd=f, eps=1e-5,
+                T=NB * 2048, G=1, D=D, BD=D, NB=NB, IS_RMS_NORM=True, HAS_RESIDUAL=False, STORE_RESIDUAL_OUT=False,
+                HAS_WEIGHT=True, HAS_BIAS=False)
+
+
+def fresh_forward_tuner() -> Autotuner:
+    """A copy of fla's RMSNorm forward autotuner with an empty cache, whose disk-cache check raises `Timed` (after
+    recording the key Triton built) and whose kernel records the config it is run with."""
+    (tuner,) = plain_autotuners(importlib.import_module(LAYERNORM))["layer_norm_fwd_kernel"]
+    tuner = copy.copy(tuner)
+    tuner.cache, tuner.cache_results, tuner.seen = {}, True, {}
+
+    def timed(tuning_key, configs, bench_fn):
+        tuner.seen["key"] = tuning_key
+        raise Timed
+
+    tuner.check_disk_cache = timed
+    return tuner
+
+
+def run_with(tuner, **kwargs) -> dict:
+    """Call `tuner` as `kernel[grid](**kwargs)` does; the kernel is not launched, its launch kwargs returned."""
+    launched = {}
+    inner = copy.copy(tuner.fn)
+    inner.run = lambda *a, **kw: launched.update(kw)
+    tuner = copy.copy(tuner)
+    tuner.fn = inner
+    tuner.run(grid=(1,), warmup=False, **kwargs)
+    return launched
+
+
+def triton_result(folder, name, key, timings):
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = [({"kwargs": kw, "num_warps": w, "num_ctas": 1, "num_stages": 3, "maxnreg": None, "pre_hook": None,
+                 "ir_override": None}, [t, t, t]) for (kw, w), t in timings]
+    (folder / f"{name}.autotune.json").write_text(json.dumps({"key": key, "configs_timings": configs}))
+
+
+def test_the_norm_kernels_are_found_as_plain_autotuners():
+    for module in SEEDED_MODULES:
+        found = plain_autotuners(importlib.import_module(module))
+        assert found and all(isinstance(t, Autotuner) and len(t.configs) > 1 for ts in found.values() for t in ts)
+    names = set(plain_autotuners(importlib.import_module(LAYERNORM)))
+    assert {"layer_norm_fwd_kernel", "layer_norm_bwd_kernel"} <= names
+
+
+def test_a_seeded_key_runs_its_config_without_timing_and_another_key_still_autotunes(tmp_path):
+    tuner = fresh_forward_tuner()
+    with pytest.raises(Timed):
+        tuner.run(grid=(1,), warmup=False, **fwd_args(NB=4))
+    key = tuner.seen["key"]
+    assert key[:2] == (64, 4) and "torch.bfloat16" in key
+    triton_result(tmp_path / "cache" / "A", "layer_norm_fwd_kernel", list(key),
+                  [(({"BT": 32}, 4), 0.02), (({"BT": 64}, 2), 0.01), (({"BT": 128}, 8), 0.03)])
+    out = tmp_path / "out"
+    report = export([tmp_path / "cache"], out, "NVIDIA H100 80GB HBM3")
+    assert report.kernels == {"layer_norm_fwd_kernel": 1} and not report.not_looked_up
+
+    tuner.seen.clear()
+    assert seed_module(types.SimpleNamespace(layer_norm_fwd_kernel=tuner), out) == 1
+    launched = run_with(tuner, **fwd_args(NB=4))
+    assert (launched["BT"], launched["num_warps"]) == (64, 2) and "key" not in tuner.seen  # nothing timed
+    with pytest.raises(Timed):  # another row count: another NB, not shipped
+        run_with(tuner, **fwd_args(NB=6))
+    with pytest.raises(Timed):  # another dtype
+        run_with(tuner, **fwd_args(NB=4, dtype=torch.float32))
+    assert seed_module(types.SimpleNamespace(layer_norm_fwd_kernel=tuner), out) == 0  # kept, not added twice
+
+
+def test_entries_that_do_not_fit_the_kernel_are_not_seeded(tmp_path):
+    tuner = fresh_forward_tuner()
+    entry = {"autotune_key": [64, 4, False, False, True, "torch.bfloat16"], "config": {
+        "kwargs": {"BK": 32}, "num_warps": 4, "num_stages": 3, "num_ctas": 1, "maxnreg": None, "ir_override": None}}
+    too_long = {**entry, "autotune_key": [64, 4, False, False, True, 1, 2, "torch.bfloat16"],
+                "config": {**entry["config"], "kwargs": {"BT": 32}}}
+    (tmp_path / "layer_norm_fwd_kernel.json").write_text(json.dumps({"autotune_entries": {"a": entry, "b": too_long}}))
+    assert seed_module(types.SimpleNamespace(layer_norm_fwd_kernel=tuner), tmp_path) == 0
+    assert tuner.cache == {}
+
+
+def test_every_shipped_norm_entry_seeds_fla_s_real_kernels(monkeypatch):
+    if not (H100 / "layer_norm_fwd_kernel.json").is_file():
+        pytest.skip("no norm configs shipped for the H100")
+    shipped = {p.stem: len(json.loads(p.read_text())["autotune_entries"]) for p in H100.glob("layer_norm*.json")}
+    kernels, failed = tuned_kernels(set(shipped))
+    assert not failed and set(kernels) == set(shipped)
+    total = 0
+    for module_name in SEEDED_MODULES:
+        module = importlib.import_module(module_name)
+        for tuners in plain_autotuners(module).values():
+            for tuner in tuners:
+                monkeypatch.setattr(tuner, "cache", {})  # the real kernels' caches, restored after the test
+        total += seed_module(module, H100)
+    assert total == sum(shipped.values())
+
+
+def test_nothing_is_seeded_while_fla_s_lookups_are_off(monkeypatch, tmp_path):
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    monkeypatch.setenv("FLA_CONFIG_DIR", str(tmp_path))
+    assert config_folder() is None
+    monkeypatch.setenv("FLA_CACHE_MODE", "disabled")
+    assert config_folder() is None
+    monkeypatch.setenv("FLA_CACHE_MODE", "strict")
+    assert config_folder() == tmp_path
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_shipped_rms_norm_key_runs_the_shipped_config_and_matches_the_reference(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from dcablate.kernels.rms_norm import rms_norm, rms_norm_reference
+    from dcablate.kernels.tuned.activate import gpu_name, shipped
+
+    s = shipped(gpu_name(0))
+    if s is None or not (s.folder / "layer_norm_fwd_kernel.json").is_file():
+        pytest.skip("no norm configs shipped for this GPU")
+    entries = json.loads((s.folder / "layer_norm_fwd_kernel.json").read_text())["autotune_entries"].values()
+    # an RMSNorm without residual: key D, NB, HAS_RESIDUAL, STORE_RESIDUAL_OUT, IS_RMS_NORM, then x, y, w, rstd
+    entry = next(e for e in entries if e["autotune_key"][2:5] == [False, False, True])
+    D, NB, dtypes = entry["autotune_key"][0], entry["autotune_key"][1], entry["autotune_key"][5:]
+    x_dtype, w_dtype = (getattr(torch, d.removeprefix("torch.")) for d in (dtypes[0], dtypes[2]))
+    module = importlib.import_module(LAYERNORM)
+    (tuner,) = plain_autotuners(module)["layer_norm_fwd_kernel"]
+    monkeypatch.setattr(tuner, "cache", {})
+    assert seed_module(module, s.folder) > 0
+
+    def timed(*args, **kwargs):
+        raise AssertionError("a shipped key was autotuned")
+
+    monkeypatch.setattr(tuner, "check_disk_cache", timed)
+    monkeypatch.setattr(tuner, "cache_results", True)
+    x = torch.randn(NB * 2048, D, device="cuda", dtype=x_dtype)
+    w = torch.randn(D, device="cuda", dtype=w_dtype)
+    y = rms_norm(x, w, 1e-5, backend="fla")
+    torch.testing.assert_close(y.float(), rms_norm_reference(x.float(), w.float(), 1e-5), rtol=2e-2, atol=2e-2)
+    assert tuner.cache[tuple(entry["autotune_key"])].kwargs == entry["config"]["kwargs"]
