@@ -245,6 +245,12 @@ def bench_fla(r, warmup: int, steps: int) -> dict:
     """fla's GDN LM with the recipe's config, batches, AdamW (fused) and clipping, bf16 autocast."""
     from fla.models import GatedDeltaNetForCausalLM
 
+    from dcablate.kernels.tuned.fla_kernels import SEEDED_MODULES
+    from dcablate.kernels.tuned.seed import seed
+
+    for module in SEEDED_MODULES:  # its norms take the shipped configs too, as ours do
+        seed(module)
+
     from dcablate.training.batches import Prefetcher
     from dcablate.training.optim import make_optimizer
     from dcablate.training.runtime import seed_everything

@@ -114,6 +114,10 @@ def test_entries_that_do_not_fit_the_kernel_are_not_seeded(tmp_path):
                 "config": {**entry["config"], "kwargs": {"BT": 32}}}
     (tmp_path / "layer_norm_fwd_kernel.json").write_text(json.dumps({"autotune_entries": {"a": entry, "b": too_long}}))
     assert seed_module(types.SimpleNamespace(layer_norm_fwd_kernel=tuner), tmp_path) == 0
+    nested = {**too_long, "autotune_key": [[64], 4, "torch.bfloat16"]}  # unhashable as a key
+    for entries in ([entry], {"a": nested, "b": "not an entry"}):
+        (tmp_path / "layer_norm_fwd_kernel.json").write_text(json.dumps({"autotune_entries": entries}))
+        assert seed_module(types.SimpleNamespace(layer_norm_fwd_kernel=tuner), tmp_path) == 0
     assert tuner.cache == {}
 
 
@@ -173,3 +177,60 @@ def test_on_cuda_a_shipped_rms_norm_key_runs_the_shipped_config_and_matches_the_
     y = rms_norm(x, w, 1e-5, backend="fla")
     torch.testing.assert_close(y.float(), rms_norm_reference(x.float(), w.float(), 1e-5), rtol=2e-2, atol=2e-2)
     assert tuner.cache[tuple(entry["autotune_key"])].kwargs == entry["config"]["kwargs"]
+
+
+INTERPRETED = r'''
+import json, torch
+import fla.modules.norm.layernorm as ln, fla.modules.norm.fused_norm_gate as fg
+ln.get_multiprocessor_count = fg.get_multiprocessor_count = lambda *a, **k: 8  # asks CUDA otherwise
+from dcablate.kernels.tuned.fla_kernels import plain_autotuners
+from dcablate.kernels.tuned.seed import seed
+
+added = seed("fla.modules.norm.layernorm") + seed("fla.modules.norm.fused_norm_gate")
+ran = {}
+for module in (ln, fg):
+    for name, tuners in plain_autotuners(module).items():
+        for tuner in tuners:
+            def timed(*a, _name=name, **k):
+                raise AssertionError(f"{_name} autotuned a shipped key")
+            tuner._bench = tuner.check_disk_cache = tuner.prune_configs = timed
+            launch = tuner.fn.run
+            def run(*a, _name=name, _tuner=tuner, _launch=launch, **k):
+                ran[_name] = [_tuner.best_config.kwargs, k.get("num_warps")]
+                return _launch(*a, **k)
+            tuner.fn.run = run
+torch.manual_seed(0)
+x = torch.randn(7000, 64, requires_grad=True)  # fp32, D 64, 4 blocks of 2048 rows: shipped forward and backward
+w = torch.randn(64, requires_grad=True)
+y = ln.rms_norm(x, w, None, eps=1e-5)
+y.sum().backward()
+ref = x.detach() * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-5) * w.detach()
+xg = torch.randn(1000, 32, dtype=torch.bfloat16, requires_grad=True)  # bf16, D 32, one block: shipped too
+g = torch.randn(1000, 32, dtype=torch.bfloat16, requires_grad=True)
+wg = torch.randn(32, requires_grad=True)
+yg = fg.rms_norm_gated(x=xg, g=g, weight=wg, bias=None, activation="swish", eps=1e-5)
+yg.float().sum().backward()
+print(json.dumps({"added": added, "ran": ran, "err": (y.detach() - ref).abs().max().item()}))
+'''
+
+
+def test_fla_s_real_norm_calls_at_shipped_keys_run_the_shipped_configs_and_time_nothing(tmp_path):
+    """fla's own RMSNorm and gated RMSNorm, forward and backward, under Triton's interpreter (CPU): the keys
+    Triton builds for these calls are the shipped ones, so no candidate is timed."""
+    import os
+    import subprocess
+    import sys
+
+    if not (H100 / "layer_norm_gated_bwd_kernel.json").is_file():
+        pytest.skip("no norm configs shipped for the H100")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FLA_CONFIG_DIR": str(H100), "FLA_CACHE_MODE": "strict"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["added"] == 76 and out["err"] < 1e-4
+    assert set(out["ran"]) == {"layer_norm_fwd_kernel", "layer_norm_bwd_kernel", "layer_norm_gated_fwd_kernel",
+                               "layer_norm_gated_bwd_kernel"}
+    for name, (kwargs, num_warps) in out["ran"].items():
+        entries = json.loads((H100 / f"{name}.json").read_text())["autotune_entries"].values()
+        assert any(e["config"]["kwargs"] == kwargs and e["config"]["num_warps"] == num_warps for e in entries), name

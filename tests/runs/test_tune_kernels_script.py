@@ -32,9 +32,11 @@ def test_warm_up_then_export(tmp_path):
     done = tune(tmp_path, "--logs", "logs")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[r.toml] warm-up: done in" in done.stdout and "r.toml exit 0" in done.stdout
-    assert "export: exported 4 autotuning results of 2 fla kernels for NVIDIA_H200" in done.stdout
+    # the fixture's two GDN kernels and the RMSNorm's forward (which dcablate seeds), two results each
+    assert "export: exported 6 autotuning results of 3 fla kernels for NVIDIA_H200" in done.stdout
     manifest = json.loads((tmp_path / "tuned" / "NVIDIA_H200" / "manifest.json").read_text())
-    assert {"chunk_fwd_kernel_o", "chunk_local_cumsum_scalar_kernel"} <= set(manifest["kernels"])
+    assert {"chunk_fwd_kernel_o", "chunk_local_cumsum_scalar_kernel", "layer_norm_fwd_kernel"} <= set(
+        manifest["kernels"])
     assert "=== dcablate warm-up" in (tmp_path / "logs" / "r.warmup.log").read_text()
     assert os.environ.get("DCABLATE_TUNED_CONFIGS") is None  # the switch is the script's own
 

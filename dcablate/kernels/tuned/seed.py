@@ -2,7 +2,7 @@
 
 fla looks a config file up only for its kernels under `fla_cache_autotune`. Its RMSNorm and gated RMSNorm kernels
 (`fla_kernels.SEEDED_MODULES`) use Triton's own autotuner instead, keyed on the width and on `NB`, the number of
-2048-row blocks of the call. A grid whose runs train and evaluate at many batch shapes meets dozens of keys, and
+row blocks of the call (2048 rows for the RMSNorm, 65,536 for the gated one). A grid whose runs train and evaluate at many batch shapes meets dozens of keys, and
 on a fresh machine each one compiles and times every candidate (9 for the forward kernel): on an H100 that was
 most of the paper MQAR grid's warm-up once the other kernels' configs were shipped (docs/benchmarks.md).
 
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import threading
 from pathlib import Path
+
+log = logging.getLogger("dcablate")
 
 _lock = threading.Lock()
 _seeded: set[str] = set()
@@ -35,52 +38,71 @@ def config_folder() -> Path | None:
     return Path(folder)
 
 
-def _fits(tuner, key: tuple, config) -> bool:
-    """Whether a shipped entry can be one of `tuner`'s results: as many values as its `key` names (then dtype
-    strings), a config over the parameters its candidates tune."""
+def _key(entry) -> tuple | None:
+    """A shipped entry's key as the tuple Triton looks up: values (ints, bools, ...) then dtype strings; None when
+    it is not of that form."""
+    key = entry.get("autotune_key") if isinstance(entry, dict) else None
+    if not isinstance(key, list) or not all(isinstance(v, (int, float, bool, str)) for v in key):
+        return None
+    return tuple(key)
+
+
+def _candidate(tuner, key: tuple, config: dict):
+    """The candidate of `tuner` that the entry (`key`, `config`) names, or None when the entry cannot be one of
+    its results: no more values than its `key` names (Triton leaves out the names a call does not pass), then
+    only dtype strings, and a config equal to one of its candidates (the candidate itself is what the cache
+    gets, so whatever Triton keeps on it, such as a pre-hook, stays)."""
     values = 0
     while values < len(key) and not (isinstance(key[values], str) and key[values].startswith("torch.")):
         values += 1
-    if values > len(tuner.keys) or not all(isinstance(v, str) for v in key[values:]):
-        return False
-    return tuple(sorted(config.kwargs)) in {tuple(sorted(c.kwargs)) for c in tuner.configs}
+    if values > len(tuner.keys) or values == 0 or not all(isinstance(v, str) for v in key[values:]):
+        return None
+    wanted = (dict(config.get("kwargs") or {}), config.get("num_warps", 4), config.get("num_stages", 3),
+              config.get("num_ctas", 1), config.get("maxnreg"))
+    for c in tuner.configs:
+        if (dict(c.kwargs), c.num_warps, c.num_stages, c.num_ctas, c.maxnreg) == wanted:
+            return c
+    return None
 
 
 def seed_module(module, folder: Path) -> int:
     """Fill the plain autotuners `module` defines with the entries of `folder/<kernel>.json` (keys already in a
-    cache are kept); how many entries were added."""
-    import triton
-
+    cache are kept; an unreadable file or entry is passed over); how many entries were added."""
     from dcablate.kernels.tuned.fla_kernels import plain_autotuners
 
     added = 0
     for name, tuners in plain_autotuners(module).items():
         try:
-            entries = json.loads((folder / f"{name}.json").read_text()).get("autotune_entries") or {}
+            entries = json.loads((folder / f"{name}.json").read_text()).get("autotune_entries")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue
-        for entry in entries.values():
-            try:
-                key = tuple(entry["autotune_key"])
-                config = triton.Config(**entry["config"])
-            except (KeyError, TypeError):
+        for entry in entries.values() if isinstance(entries, dict) else ():
+            key = _key(entry)
+            config = entry.get("config") if key is not None else None
+            if not isinstance(config, dict):
                 continue
             for tuner in tuners:
-                if key not in tuner.cache and _fits(tuner, key, config):
-                    tuner.cache[key] = config
+                candidate = _candidate(tuner, key, config)
+                if candidate is not None and key not in tuner.cache:
+                    tuner.cache[key] = candidate
                     added += 1
     return added
 
 
 def seed(module_name: str) -> int:
     """Once per process and module: seed the plain autotuners of fla's module `module_name` from the folder fla
-    reads configs from; entries added (0 when there is no such folder or it was done already)."""
+    reads configs from; entries added (0 when there is no such folder or it was done already). Never raises for
+    what the folder holds: a norm call must not fail over a config file."""
     if module_name in _seeded:
         return 0
     with _lock:  # runs of one worker share the process (threads)
         if module_name in _seeded:
             return 0
-        folder = config_folder()
-        added = seed_module(importlib.import_module(module_name), folder) if folder is not None else 0
-        _seeded.add(module_name)
-        return added
+        try:
+            folder = config_folder()
+            return seed_module(importlib.import_module(module_name), folder) if folder is not None else 0
+        except Exception as e:  # noqa: BLE001 - the kernels then autotune, as without shipped configs
+            log.warning("kernel configs: the norms' shipped configs were not used (%s: %s)", type(e).__name__, e)
+            return 0
+        finally:
+            _seeded.add(module_name)
