@@ -59,17 +59,22 @@ class RunningMean(TokenMixer):
 # ------------------------------------------------------------------------------------------ a conv kind
 
 
+@dataclass
+class GatedShiftOptions:
+    init_gate: float = option(0.5, "the gate's initial value", min=0.0)
+
+
 class GatedShift(nn.Module):
     """`y_t = x_t + g * x_{t-1}` with a learned per-channel gate `g` (a conv of width 2, h unused)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, init_gate: float = 0.5):
         super().__init__()
         self.dim, self.width = dim, 2
-        self.gate = nn.Parameter(torch.full((dim,), 0.5))
+        self.gate = nn.Parameter(torch.full((dim,), init_gate))
 
     @classmethod
     def from_config(cls, conv_cfg, dim, gen_dim, activation, residual, backend, bias=False) -> "GatedShift":
-        return cls(dim)
+        return cls(dim, conv_cfg.gated_shift.init_gate)  # its own section, [model.conv.gated_shift]
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.gate * F.pad(x, (0, 0, 1, 0))[:, :-1]
@@ -136,7 +141,7 @@ class PreviousToken(Task):
 SPECS = [
     (register_mixer, MixerSpec("running_mean", RunningMean, RunningMeanOptions, "running-mean mixer options",
                                conv_streams=lambda m: [("v", m.d_model)])),
-    (register_conv, ConvKindSpec("gated_shift", GatedShift)),
+    (register_conv, ConvKindSpec("gated_shift", GatedShift, GatedShiftOptions, "gated shift options")),
     (register_task, TaskSpec("previous_token", PreviousToken, PreviousTokenOptions, "previous-token task options",
                              headline="accuracy", higher_is_better=True, headline_label="previous-token accuracy",
                              bounded=True)),
@@ -160,6 +165,8 @@ n_layers = 2
 ffn = "mlp"
 [model.conv]
 kind = "gated_shift"
+[model.conv.gated_shift]
+init_gate = 0.5
 [model.running_mean]
 decay = 1.0
 [task]
@@ -253,7 +260,7 @@ def test_a_conv_kind_without_what_the_counts_read_is_one_line(registered, tmp_pa
     class NoCounts(GatedShift):
         flops_per_token = property(lambda self: (_ for _ in ()).throw(AttributeError("flops_per_token")))
 
-    CONV_KINDS.register(ConvKindSpec("gated_shift", NoCounts), replace=True)
+    CONV_KINDS.register(ConvKindSpec("gated_shift", NoCounts, GatedShiftOptions, "x"), replace=True)
     monkeypatch.chdir(tmp_path)
     Path("toy.toml").write_text(RECIPE)
     assert main(["info", "toy.toml"]) == 2
@@ -322,19 +329,41 @@ def test_a_component_named_as_a_core_key_is_refused(tmp_path, monkeypatch, capsy
         MIXERS.unregister("d_model")
 
 
-def test_a_conv_kind_with_an_options_section_is_refused(capsys):
-    """Conv kinds read [model.conv]; a section of their own would be accepted and then never read."""
+def test_a_conv_kind_s_own_section_reaches_its_module_and_is_checked(registered, tmp_path, monkeypatch, capsys):
+    """[model.conv.gated_shift] belongs to the toy conv kind: its keys reach `from_config`, `--set` sets them, a
+    misspelt one is one line."""
+    import tomllib
+
+    from dcablate import config
+    from dcablate.cli import main
+    from dcablate.models.costs import build_model
+
+    data = tomllib.loads(RECIPE)
+    data["model"]["conv"]["gated_shift"]["init_gate"] = 0.25
+    gates = [m.gate for m in build_model(config.build(data), 8).modules() if isinstance(m, GatedShift)]
+    assert gates and all(torch.equal(g, torch.full_like(g, 0.25)) for g in gates)
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE.replace("init_gate = 0.5", "init_gat = 0.5"))
+    assert main(["info", "toy.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.conv.gated_shift.init_gat" in err and "init_gate" in err, err
+    Path("toy.toml").write_text(RECIPE)
+    assert main(["info", "toy.toml", "--set", "model.conv.gated_shift.init_gate=-1"]) == 2
+    assert "model.conv.gated_shift.init_gate" in capsys.readouterr().err
+
+
+def test_a_conv_kind_named_as_a_conv_key_is_refused(capsys):
+    """A conv kind called `rank` would replace the dynamic conv's rank key with its options section."""
     from dcablate.cli import main
     from dcablate.models.conv import CONV_KINDS
 
-    register_conv(ConvKindSpec("gated_shift_opts", GatedShift, RunningMeanOptions, "x"))
+    register_conv(ConvKindSpec("rank", GatedShift, GatedShiftOptions, "x"))
     try:
         assert main(["info", "quickstart"]) == 2
-        assert capsys.readouterr().err == (
-            "error: model.conv.kind = 'gated_shift_opts': a conv kind takes no options section of its own; its "
-            "module reads the [model.conv] keys (`from_config(conv_cfg, ...)`)\n")
+        assert capsys.readouterr().err == ("error: model.conv.rank: a registered component is named 'rank', as a "
+                                           "key of [model.conv] is; give it another name\n")
     finally:
-        CONV_KINDS.unregister("gated_shift_opts")
+        CONV_KINDS.unregister("rank")
 
 
 def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(registered, tmp_path, monkeypatch,

@@ -2,9 +2,10 @@
 
 `model.mixer`, `model.ffn`, `model.conv.kind` and `task.kind` take the names registered in the token-mixer,
 channel-mixer, conv-kind and task registries; each registered component that owns options adds its
-section (`model.<mixer>`, `model.<channel mixer>`, `task.<task>`). The `Recipe` class is assembled from
-the registries when first asked for and again after a registration, so a plugin's section is a recipe
-section like any other. `Recipe`, `ModelSection` and `TaskSection` are read as attributes of this module.
+section (`model.<mixer>`, `model.<channel mixer>`, `model.conv.<conv kind>`, `task.<task>`). The `Recipe` class
+is assembled from the registries when first asked for and again after a registration, so a plugin's section is a
+recipe section like any other. `Recipe`, `ModelSection`, `ConvSection` and `TaskSection` are read as attributes of
+this module.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class RunSection:
 
 
 @dataclass
-class ConvSection:
+class ConvCore:
+    """The keys of `[model.conv]` every conv has; `ConvSection` adds the conv kinds' own sections after them."""
     kind: str = option("none", "short convolution on the mixer's streams: none, static (fla's ShortConvolution) or "
                        "dynamic (input-dependent filters, Sieberling et al. 2026)", choices=Names(_convs))
     placement: str = option("qkv", "which streams get a conv: `qkv` = the mixer's q, k, v projections; `all_linear` "
@@ -92,7 +94,7 @@ class ModelCore:
     init_std: float = option(0.02, "std of the normal init of linear and embedding weights", min=0.0, min_open=True)
     backend: str = option("auto", "kernels: `auto` = fla/Triton on CUDA and pure torch on CPU; `torch` forces the "
                           "reference everywhere; `fla` requires CUDA", choices=("auto", "torch", "fla"))
-    conv: ConvSection = section(ConvSection, "short convolution")
+    conv: ConvCore = section(ConvCore, "short convolution")  # ModelSection's is the assembled ConvSection
 
     def mixer_at(self, layer: int) -> str:
         """The token mixer of block `layer` (a list of mixers repeats over the layers)."""
@@ -213,15 +215,13 @@ def _assemble() -> dict:
 
     if _built["generation"] == registry.generation:
         return _built
+    # every registry's built-ins registered before the generation is read
     mixer_specs, channel_specs, task_specs = _mixers().specs(), _channels().specs(), _tasks().specs()
-    for spec in _convs().specs():  # every registry's built-ins registered before the generation is read
-        if spec.options is not None:
-            from dcablate.errors import UserError
-
-            raise UserError(f"model.conv.kind = {spec.name!r}: a conv kind takes no options section of its own; "
-                            f"its module reads the [model.conv] keys (`from_config(conv_cfg, ...)`)")
+    conv = dataclasses.make_dataclass("ConvSection", _component_sections(_convs().specs(), ConvCore, "model.conv"),
+                                      bases=(ConvCore,))
     model = dataclasses.make_dataclass(
-        "ModelSection", _component_sections(mixer_specs + channel_specs, ModelCore, "model"), bases=(ModelCore,))
+        "ModelSection", [("conv", conv, section(conv, "short convolution"))]
+        + _component_sections(mixer_specs + channel_specs, ModelCore, "model"), bases=(ModelCore,))
     task = dataclasses.make_dataclass("TaskSection", _component_sections(task_specs, TaskCore, "task"),
                                       bases=(TaskCore,))
     recipe = dataclasses.make_dataclass("Recipe", [
@@ -235,15 +235,16 @@ def _assemble() -> dict:
         ("sweep", dict, field(default_factory=dict, metadata={"doc": "grid: recipe path -> list of values; `zip` "
                                                                "lists groups of keys that advance together"})),
     ], bases=(RecipeMethods,))
-    for cls in (model, task, recipe):  # picklable (torchrun ranks receive resolved recipes) as this module's names
+    for cls in (conv, model, task, recipe):  # picklable (torchrun ranks receive resolved recipes) as this module's names
         cls.__module__ = __name__
     # read the generation after the registries loaded their built-ins and plugins
-    _built.update(generation=registry.generation, Recipe=recipe, ModelSection=model, TaskSection=task)
+    _built.update(generation=registry.generation, Recipe=recipe, ModelSection=model, ConvSection=conv,
+                  TaskSection=task)
     return _built
 
 
 def __getattr__(name: str):
-    if name in ("Recipe", "ModelSection", "TaskSection"):
+    if name in ("Recipe", "ModelSection", "ConvSection", "TaskSection"):
         return _assemble()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

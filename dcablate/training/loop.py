@@ -36,7 +36,7 @@ from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
 from dcablate.training.packing import (host_work, one_at_a_time, own_stream, own_turn, pass_turn, runs_on_device,
-                                       wait_for_stream)
+                                       turn_wait_seconds, wait_for_stream)
 from dcablate.training.progress import Progress
 from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
                                        set_rng_state, software_versions)
@@ -165,6 +165,9 @@ class Run:
         self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started,
                               self.compute.state, self.clock.parts)
         self.phase = "starting"  # for error messages: what the run was doing
+        # this call's training loop, seconds: drawing the next batch (host work, under the turn in a packed
+        # worker) and waiting for the other runs of the worker; summary.json `loop_s`
+        self.loop_s = {"batches": 0.0, "waiting_for_other_runs": 0.0}
 
     def to_device(self) -> None:
         """Move the model to the run's device; memory running out there is a UserError, as in `build_model`."""
@@ -319,6 +322,7 @@ class Run:
         progress = Progress(self.label, t.steps, state.step,
                             enabled=not self.quiet and recipe.log.progress and self.main)
         self.model.train()
+        waited_before = turn_wait_seconds()
         try:
             if state.step and not state.done and self.due_eval(state.step) and \
                     (not state.history or state.history[-1]["step"] != state.step):
@@ -329,7 +333,9 @@ class Run:
             while not state.done and state.step < t.steps:
                 self.check_signal()
                 self.phase = f"training step {state.step + 1}"
+                drawing = time.perf_counter()
                 x, y, row_scored = next(batches)
+                self.loop_s["batches"] += time.perf_counter() - drawing
                 loss, grad_norm = self.train_step(x, y, row_scored)
                 steps_since, tokens_since = steps_since + 1, tokens_since + x.numel()
                 self.compute.add(x.shape[0], x.shape[1], sum(row_scored) if row_scored is not None else y.numel())
@@ -354,6 +360,7 @@ class Run:
                 pass_turn()  # the other runs of a packed worker queue their steps (packing.py)
             self.train_step.flush()
         finally:
+            self.loop_s["waiting_for_other_runs"] += turn_wait_seconds() - waited_before
             progress.close()
 
     def finish(self) -> dict:
@@ -371,7 +378,8 @@ class Run:
             "name": recipe.run.name, "recipe_hash": recipe.digest(), "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "steps": state.step, "planned_steps": self.train_cfg.steps, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
-            "wall_time_s": state.wall_time(), "time_s": self.clock.parts(), "final": final, "best": state.best,
+            "wall_time_s": state.wall_time(), "time_s": self.clock.parts(),
+            "loop_s": {k: round(v, 3) for k, v in self.loop_s.items()}, "final": final, "best": state.best,
             "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import os
 import threading
+import time
 
 
 class Turns:
@@ -109,6 +110,7 @@ class Turns:
 
     def _wait_for_turn(self, me: int) -> None:  # with self._changed held
         self._queue.append(me)
+        since = time.perf_counter()
         try:
             while self._owner is not None or self._queue[0] != me:
                 self._changed.wait()
@@ -116,9 +118,20 @@ class Turns:
             self._queue.remove(me)
             self._changed.notify_all()
             raise
+        finally:
+            _waited.seconds = getattr(_waited, "seconds", 0.0) + time.perf_counter() - since
         self._queue.popleft()
         self._owner = me
         self._changed.notify_all()  # the next in line re-checks whether it is first now
+
+
+_waited = threading.local()  # `seconds`: how long this thread has waited for a turn, all `Turns` together
+
+
+def turn_wait_seconds() -> float:
+    """How long the calling thread has waited so far for the process's turn, i.e. for the other runs of its
+    worker (their steps, evaluations, checkpoints); 0 in a thread that never waited."""
+    return getattr(_waited, "seconds", 0.0)
 
 
 _TURNS = Turns()

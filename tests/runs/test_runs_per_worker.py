@@ -42,6 +42,10 @@ def test_runs_in_threads_match_in_process_each_with_its_own_log(sweep, capsys):
     assert len(set(pids(root))) == 1
     runs_at_once = lambda r: {json.loads(p.read_text())["runs_on_device"] for p in r.glob("*/summary.json")}
     assert runs_at_once(root) == {4} and runs_at_once(sweep / "inproc" / "w") == {1}
+    loop_s = lambda r: [json.loads(p.read_text())["loop_s"] for p in r.glob("*/summary.json")]
+    # packed runs wait for each other's steps; a run alone never waits; every run draws its batches
+    assert all(t["waiting_for_other_runs"] > 0 and t["batches"] > 0 for t in loop_s(root))
+    assert all(t["waiting_for_other_runs"] == 0 and t["batches"] > 0 for t in loop_s(sweep / "inproc" / "w"))
     for n in NAMES:  # each log holds its own run's lines and no other run's
         log = (root / n / "worker.log").read_text()
         assert f"{n}  step 6/6 (100%)" in log and log.count("-> out/w/") == 1

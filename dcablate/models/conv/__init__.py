@@ -19,8 +19,9 @@ from dcablate.registry import ComponentSpec, Registry, resolve
 @dataclass(frozen=True)
 class ConvKindSpec(ComponentSpec):
     """A conv kind (`model.conv.kind`): `impl` is the module class whose `from_config(conv_cfg, dim, gen_dim,
-    activation, residual, backend, bias)` builds one conv (None: no conv); `activation` / `residual` are what
-    `model.conv.activation = "auto"` and an unset `model.conv.residual` mean for it."""
+    activation, residual, backend, bias)` builds one conv (None: no conv); `options`, when given, is the dataclass
+    of its own section `[model.conv.<name>]`, which `from_config` reads as `conv_cfg.<name>`; `activation` /
+    `residual` are what `model.conv.activation = "auto"` and an unset `model.conv.residual` mean for it."""
     activation: str | None = field(default=None, kw_only=True)
     residual: bool = field(default=False, kw_only=True)
 
