@@ -266,8 +266,9 @@ class Run:
 
         In one process a signal ends the evaluation at once (`Interrupted`) with the random state put back
         as it was before it: the step's checkpoint then lacks this evaluation, and the resumed run makes it
-        first (`loop`), so it ends as the uninterrupted run would."""
-        with self.clock.phase("eval"), one_at_a_time():
+        first (`loop`), so it ends as the uninterrupted run would. In a packed worker the other runs step between
+        the evaluation's batches (the tasks iterate them `by_turns`)."""
+        with self.clock.phase("eval"):
             return self._evaluate()
 
     def _evaluate(self) -> dict:

@@ -16,7 +16,8 @@ On CPU the steps run in turn too.
 `one_at_a_time()` marks the parts that must not be interleaved with another run's work within a step even
 when a run does not hold the turn for its whole life (the main thread of a one-run process, where the turn
 is never contended and costs nothing): building a run, restoring its checkpoint, a batch shape's first step
-and capture, evaluations, handing memory back between runs.
+and capture, handing memory back between runs. An evaluation hands the turn on between its batches
+(`by_turns`), as training does between steps.
 """
 
 from __future__ import annotations
@@ -161,6 +162,17 @@ def own_turn():
 def pass_turn() -> None:
     """End of a training step: let the other runs of this process queue theirs (nothing when none waits)."""
     _TURNS.pass_turn()
+
+
+def by_turns(batches):
+    """A task's evaluation batches, as they are; in a run of a packed worker the other runs of the process queue
+    their work (a training step each) before each batch after the first. An evaluation runs eagerly and is
+    bound by its host, so holding the turn for all of it would leave the card to it alone while every other run
+    of the worker waits."""
+    for i, batch in enumerate(batches):
+        if i:
+            pass_turn()
+        yield batch
 
 
 def host_work():

@@ -144,3 +144,30 @@ def test_host_work_inside_a_nested_hold_lets_the_others_go_on():
         order.append("build done")
     turns.release()
     assert order == ["other", "build done"] and not turns.held()
+
+
+def test_an_evaluation_hands_the_turn_on_between_its_batches():
+    """A packed run's evaluation (eager, bound by its host) lets the other runs step between its batches, as a
+    run's training does between steps."""
+    from dcablate.training import packing
+
+    order = []
+
+    def evaluating():
+        with packing.own_turn():
+            for batch in packing.by_turns(["e1", "e2", "e3"]):
+                order.append(batch)
+
+    def stepping():
+        with packing.own_turn():
+            for _ in range(3):
+                order.append("step")
+                packing.pass_turn()
+
+    packing._TURNS.acquire()
+    threads = start_in_line(packing._TURNS, [evaluating, stepping])
+    packing._TURNS.release()
+    for t in threads:
+        t.join(10)
+    assert order == ["e1", "step", "e2", "step", "e3", "step"]
+    assert list(packing.by_turns(iter(range(3)))) == [0, 1, 2]  # outside a packed worker: the batches as they are

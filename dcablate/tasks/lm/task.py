@@ -22,6 +22,7 @@ from dcablate.tasks.lm import inputs as lm_inputs
 from dcablate.tasks.lm.data import (BPETokenizer, Corpus, Text, build_tokenizer, load_corpus, load_text,
                                     packed_batches, read_tokenizer_file, tokenizer_vocab_size, windows)
 from dcablate.tasks.lm.spec import absolute_source
+from dcablate.training.packing import by_turns
 
 KEPT_TOKENIZER = "tokenizer.json"  # a BPE run's tokenizer, kept in its run directory
 
@@ -175,7 +176,7 @@ class LMTask(Task):
         model.eval()
         token_bytes = self.token_bytes
         nats, n_tokens, n_bytes = 0.0, 0, 0
-        for batch in self.eval_batches(batch_size):
+        for batch in by_turns(self.eval_batches(batch_size)):
             t = torch.from_numpy(batch.astype(np.int64))
             x, y = t[:, :-1].to(device), t[:, 1:].to(device)
             with autocast():

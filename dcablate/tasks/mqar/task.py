@@ -12,6 +12,7 @@ from dcablate.models.lm import scored
 from dcablate.runs.tables import format_table
 from dcablate.tasks import Task
 from dcablate.tasks.mqar.data import IGNORE_INDEX, AccuracyMeter, MQARData, Segment
+from dcablate.training.packing import by_turns, wait_for_stream
 
 
 class MQARTask(Task):
@@ -77,7 +78,7 @@ class MQARTask(Task):
         meter = AccuracyMeter(self.test_segments)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_scored = 0
-        for j, x, y in self.data.test_batches(batch_size):
+        for j, x, y in by_turns(self.data.test_batches(batch_size)):
             mask = y != IGNORE_INDEX  # [b, T], on the host
             per_row = mask.sum(1)  # [b]
             count = int(per_row.sum())
@@ -94,6 +95,7 @@ class MQARTask(Task):
             kept_d = kept.to(device, non_blocking=True)
             meter.add(j, (correct[kept_d] / per_row_d[kept_d].double()).sum(), len(kept))
         model.train(was_training)
+        wait_for_stream(device)  # the read-back below waits for the GPU: other runs of the worker go on meanwhile
         return {**meter.result(), "loss": loss_sum.item() / max(n_scored, 1)}
 
     def eval_record(self) -> dict:
