@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
@@ -28,10 +29,18 @@ Spec = TypeVar("Spec")
 
 generation = 0  # bumped on every (un)registration: the recipe schema is rebuilt when it changes
 _plugins_loaded: set[str] = set()
+_plugins_lock = threading.RLock()  # re-entrant: a plugin's import reads registries, which load plugins
 
 
 def load_plugins() -> None:
-    """Import the modules named in `DCABLATE_PLUGINS` (once each)."""
+    """Import the modules named in `DCABLATE_PLUGINS` (once each). Threads of one process (the runs of a packed
+    worker) wait for the one importing: a plugin is marked loaded before its import ends, so without the lock
+    another thread would read a registry that lacks its components."""
+    with _plugins_lock:
+        _load_plugins()
+
+
+def _load_plugins() -> None:
     names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     for name in names:
         if name in _plugins_loaded:

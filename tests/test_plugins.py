@@ -296,6 +296,21 @@ def test_a_plugin_module_registers_in_another_process(tmp_path):
     assert json.loads((tmp_path / "runs/toy/summary.json").read_text())["steps"] == 4
 
 
+def test_a_plugin_s_runs_in_threads_of_one_packed_worker_all_train(tmp_path):
+    """The runs of a packed worker are threads of one process: none may find the plugin half imported by another
+    (its components missing from the registries, or torch partly initialised)."""
+    (tmp_path / "toy_plugin.py").write_text(Path(__file__).read_text() + "\n\nregister_all()\n")
+    short = RECIPE.replace("steps = 60", "steps = 4").replace("warmup_steps = 5", "warmup_steps = 1").replace(
+        "every = 30", "every = 4")
+    (tmp_path / "toy.toml").write_text(short + '\n[sweep]\n"run.seed" = [0, 1, 2, 3]\n')
+    env = {**os.environ, "DCABLATE_PLUGINS": "toy_plugin"}
+    done = subprocess.run([sys.executable, "-m", "dcablate", "run", "toy.toml", "--workers", "4", "--runs-per-worker",
+                           "4", "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summaries = sorted((tmp_path / "runs/toy").glob("*/summary.json"))
+    assert len(summaries) == 4 and all(json.loads(p.read_text())["steps"] == 4 for p in summaries)
+
+
 @pytest.mark.parametrize("source, fragment", [
     ('register_mixer(MixerSpec("attention", object, None, "x", conv_streams=lambda m: []))\n',
      "ValueError: a token mixer named 'attention' is already registered"),
@@ -350,6 +365,9 @@ def test_a_conv_kind_s_own_section_reaches_its_module_and_is_checked(registered,
     Path("toy.toml").write_text(RECIPE)
     assert main(["info", "toy.toml", "--set", "model.conv.gated_shift.init_gate=-1"]) == 2
     assert "model.conv.gated_shift.init_gate" in capsys.readouterr().err
+    Path("toy.toml").write_text(RECIPE.replace("[model.conv.gated_shift]", "[model.conv.gated_shifty]"))
+    assert main(["info", "toy.toml"]) == 2  # a kind's section whose kind is not registered: a plugin not loaded?
+    assert "no registered conv kind is named 'gated_shifty'" in capsys.readouterr().err
 
 
 def test_a_conv_kind_named_as_a_conv_key_is_refused(capsys):

@@ -384,9 +384,9 @@ def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
             path = f"{prefix}{key}"
             allowed = ", ".join(names)
             # a component's section whose component is not registered: most often a plugin not loaded
-            plugin = (f"; no registered {'mixer or channel mixer' if prefix == 'model.' else 'task'} is named "
-                      f"{key!r}: if a plugin module provides it, name that module in DCABLATE_PLUGINS"
-                      if prefix in ("model.", "task.") and isinstance(data[key], dict) else "")
+            component = {"model.": "mixer or channel mixer", "model.conv.": "conv kind", "task.": "task"}.get(prefix)
+            plugin = (f"; no registered {component} is named {key!r}: if a plugin module provides it, name that "
+                      f"module in DCABLATE_PLUGINS" if component and isinstance(data[key], dict) else "")
             raise RecipeError(_src(origins, path, default), path,
                               f"unknown key{did_you_mean(key, names)}{plugin}; allowed here: {allowed}")
     kwargs = {}

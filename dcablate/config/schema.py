@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import typing
 from dataclasses import dataclass, field
 
@@ -208,12 +209,20 @@ def _component_sections(specs, core: type, where: str) -> list[tuple]:
 
 
 _built: dict = {"generation": None}
+_assembling = threading.RLock()  # the runs of a packed worker are threads of one process
 
 
 def _assemble() -> dict:
     from dcablate import registry
 
     if _built["generation"] == registry.generation:
+        return _built
+    with _assembling:
+        return _assemble_now(registry)
+
+
+def _assemble_now(registry) -> dict:
+    if _built["generation"] == registry.generation:  # another thread built it meanwhile
         return _built
     # every registry's built-ins registered before the generation is read
     mixer_specs, channel_specs, task_specs = _mixers().specs(), _channels().specs(), _tasks().specs()

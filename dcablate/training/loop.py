@@ -165,9 +165,10 @@ class Run:
         self.state = RunState(recipe, run_dir, self.model, self.net.vocab_size, self.train_step, started,
                               self.compute.state, self.clock.parts)
         self.phase = "starting"  # for error messages: what the run was doing
-        # this call's training loop, seconds: drawing the next batch (host work, under the turn in a packed
-        # worker) and waiting for the other runs of the worker; summary.json `loop_s`
-        self.loop_s = {"batches": 0.0, "waiting_for_other_runs": 0.0}
+        # this call's training loop (its steps and the evaluations and checkpoints between them), seconds: in all,
+        # drawing the next batch (host work, under the turn in a packed worker) and waiting for the other runs
+        # of the worker; summary.json `loop_s`
+        self.loop_s = {"loop": 0.0, "batches": 0.0, "waiting_for_other_runs": 0.0}
 
     def to_device(self) -> None:
         """Move the model to the run's device; memory running out there is a UserError, as in `build_model`."""
@@ -323,7 +324,7 @@ class Run:
         progress = Progress(self.label, t.steps, state.step,
                             enabled=not self.quiet and recipe.log.progress and self.main)
         self.model.train()
-        waited_before = turn_wait_seconds()
+        waited_before, loop_start = turn_wait_seconds(), time.perf_counter()
         try:
             if state.step and not state.done and self.due_eval(state.step) and \
                     (not state.history or state.history[-1]["step"] != state.step):
@@ -362,6 +363,7 @@ class Run:
             self.train_step.flush()
         finally:
             self.loop_s["waiting_for_other_runs"] += turn_wait_seconds() - waited_before
+            self.loop_s["loop"] += time.perf_counter() - loop_start
             progress.close()
 
     def finish(self) -> dict:

@@ -15,8 +15,8 @@ On CPU the steps run in turn too.
 
 `one_at_a_time()` marks the parts that must not be interleaved with another run's work within a step even
 when a run does not hold the turn for its whole life (the main thread of a one-run process, where the turn
-is never contended and costs nothing): building a run, restoring its checkpoint, a batch shape's first step
-and capture, handing memory back between runs. An evaluation hands the turn on between its batches
+is never contended and costs nothing): building a run, restoring its checkpoint, handing memory back between
+runs. An evaluation hands the turn on between its batches
 (`by_turns`), as training does between steps.
 """
 
@@ -191,12 +191,13 @@ def waiting():
 def wait_for_stream(device) -> None:
     """Wait for the run's own GPU work (its current stream on `device`); other runs of the process take turns
     meanwhile. On CPU there is nothing to wait for, but the turn is handed on all the same, so that packed runs
-    on CPU take the turns they take on a GPU (the tests check packed runs against runs alone there)."""
+    on CPU take the turns they take on a GPU (the tests check packed runs against runs alone there). `device`: a
+    torch device or its name."""
     with waiting():
-        if device.type == "cuda":
+        if str(device).startswith("cuda"):
             import torch
 
-            torch.cuda.current_stream(device).synchronize()
+            torch.cuda.current_stream(torch.device(device)).synchronize()
 
 
 _streams = threading.local()

@@ -45,6 +45,7 @@ def test_runs_in_threads_match_in_process_each_with_its_own_log(sweep, capsys):
     loop_s = lambda r: [json.loads(p.read_text())["loop_s"] for p in r.glob("*/summary.json")]
     # packed runs wait for each other's steps; a run alone never waits; every run draws its batches
     assert all(t["waiting_for_other_runs"] > 0 and t["batches"] > 0 for t in loop_s(root))
+    assert all(t["loop"] >= t["waiting_for_other_runs"] + t["batches"] for t in loop_s(root))
     assert all(t["waiting_for_other_runs"] == 0 and t["batches"] > 0 for t in loop_s(sweep / "inproc" / "w"))
     for n in NAMES:  # each log holds its own run's lines and no other run's
         log = (root / n / "worker.log").read_text()

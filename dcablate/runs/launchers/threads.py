@@ -147,6 +147,13 @@ def serve(recipe: str, overrides: list[str], jobs, results, runs: int, result_pr
                 results.write(f"{result_prefix}{json.dumps({'index': request['index'], 'code': code})}\n")
                 results.flush()
 
+    # what every run needs, imported once here before the runs' threads start: a thread must not find torch or a
+    # plugin's components half imported by another
+    import torch  # noqa: F401
+
+    from dcablate.registry import load_plugins
+
+    load_plugins()
     threading.Thread(target=read, daemon=True).start()
     trainers = [threading.Thread(target=train, name=f"run-{k}", daemon=True) for k in range(runs)]
     for t in trainers:

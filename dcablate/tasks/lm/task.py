@@ -22,7 +22,7 @@ from dcablate.tasks.lm import inputs as lm_inputs
 from dcablate.tasks.lm.data import (BPETokenizer, Corpus, Text, build_tokenizer, load_corpus, load_text,
                                     packed_batches, read_tokenizer_file, tokenizer_vocab_size, windows)
 from dcablate.tasks.lm.spec import absolute_source
-from dcablate.training.packing import by_turns
+from dcablate.training.packing import by_turns, wait_for_stream
 
 KEPT_TOKENIZER = "tokenizer.json"  # a BPE run's tokenizer, kept in its run directory
 
@@ -175,16 +175,21 @@ class LMTask(Task):
         was_training = model.training
         model.eval()
         token_bytes = self.token_bytes
-        nats, n_tokens, n_bytes = 0.0, 0, 0
+        # the loss sum stays on the device until the end and the bytes are counted on each batch's CPU copy, so no
+        # batch waits for the GPU (float64 sums of the float32 batch losses, as adding them on the host did)
+        nats_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_tokens, n_bytes = 0, 0
         for batch in by_turns(self.eval_batches(batch_size)):
             t = torch.from_numpy(batch.astype(np.int64))
+            n_bytes += int(token_bytes[t[:, 1:]].sum())
             x, y = t[:, :-1].to(device), t[:, 1:].to(device)
             with autocast():
                 logits = model(x)
-            nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            nats_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
             n_tokens += y.numel()
-            n_bytes += int(token_bytes[y.cpu()].sum())
         model.train(was_training)
+        wait_for_stream(device)  # the read-back below waits for the GPU: other runs of the worker go on meanwhile
+        nats = nats_sum.item()
         self._scored = {"tokens": n_tokens, "bytes": n_bytes}
         loss = nats / max(n_tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
