@@ -234,3 +234,59 @@ def test_fla_s_real_norm_calls_at_shipped_keys_run_the_shipped_configs_and_time_
     for name, (kwargs, num_warps) in out["ran"].items():
         entries = json.loads((H100 / f"{name}.json").read_text())["autotune_entries"].values()
         assert any(e["config"]["kwargs"] == kwargs and e["config"]["num_warps"] == num_warps for e in entries), name
+
+
+UNSHIPPED = r"""
+import json, torch
+import fla.modules.norm.layernorm as ln, fla.modules.norm.fused_norm_gate as fg
+ln.get_multiprocessor_count = fg.get_multiprocessor_count = lambda *a, **k: 8
+from dcablate.kernels.tuned.fla_kernels import plain_autotuners
+from dcablate.kernels.tuned.seed import seed
+
+seed("fla.modules.norm.layernorm"); seed("fla.modules.norm.fused_norm_gate")
+timed, ran = {}, {}
+for module in (ln, fg):
+    for name, tuners in plain_autotuners(module).items():
+        for tuner in tuners:
+            def bench(*a, config, _name=name, **k):  # Triton's timing needs CUDA: record what it would time
+                timed.setdefault(_name, []).append([config.kwargs, config.num_warps])
+                return [1.0, 1.0, 1.0]
+            tuner._bench = bench
+            launch = tuner.fn.run
+            def run(*a, _name=name, _launch=launch, **k):
+                ran[_name] = [{n: v for n, v in k.items() if n in ("BT",)}, k.get("num_warps")]
+                return _launch(*a, **k)
+            tuner.fn.run = run
+x = torch.randn(3000, 48, requires_grad=True)  # D 48: no key of the grid has it
+ln.rms_norm(x, torch.randn(48, requires_grad=True), None, eps=1e-5).sum().backward()
+xg = torch.randn(500, 48, dtype=torch.bfloat16, requires_grad=True)
+g = torch.randn(500, 48, dtype=torch.bfloat16, requires_grad=True)
+fg.rms_norm_gated(x=xg, g=g, weight=torch.randn(48, requires_grad=True), bias=None, activation="swish",
+                  eps=1e-5).float().sum().backward()
+print(json.dumps({"timed": timed, "ran": ran}))
+"""
+
+
+@pytest.mark.parametrize("switch", ["on", "0"])
+def test_a_key_without_a_shipped_config_runs_the_default_candidate_untimed_against_others(tmp_path, switch):
+    """Another shape (here a width no grid has) compiles one candidate per norm kernel, not 6–9; with
+    DCABLATE_TUNED_CONFIGS=0 fla's candidates are all timed again."""
+    import os
+    import subprocess
+    import sys
+
+    from dcablate.kernels.tuned.seed import DEFAULTS
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FLA_CONFIG_DIR": str(H100), "FLA_CACHE_MODE": "strict",
+           "DCABLATE_TUNED_CONFIGS": switch}
+    done = subprocess.run([sys.executable, "-c", UNSHIPPED], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(out["ran"]) == set(DEFAULTS)
+    for name, (kwargs, num_warps) in DEFAULTS.items():
+        if switch == "on":  # Triton 3.7 times the one candidate left, later versions run it untimed
+            assert out["ran"][name] == [kwargs, num_warps], name
+            assert all(t == [kwargs, num_warps] for t in out["timed"].get(name, [])), name
+        else:
+            assert len(out["timed"][name]) > 1, name

@@ -2,16 +2,23 @@
 
 fla looks a config file up only for its kernels under `fla_cache_autotune`. Its RMSNorm and gated RMSNorm kernels
 (`fla_kernels.SEEDED_MODULES`) use Triton's own autotuner instead, keyed on the width and on `NB`, the number of
-row blocks of the call (2048 rows for the RMSNorm, 65,536 for the gated one). A grid whose runs train and evaluate at many batch shapes meets dozens of keys, and
-on a fresh machine each one compiles and times every candidate (9 for the forward kernel): on an H100 that was
-most of the paper MQAR grid's warm-up once the other kernels' configs were shipped (docs/benchmarks.md).
+row blocks of the call (2048 rows for the RMSNorm, 65,536 for the gated one). A grid whose runs train and
+evaluate at many batch shapes meets dozens of keys, and on a fresh machine each one compiles and times every
+candidate (9 for the forward kernel): on an H100 that was most of the paper MQAR grid's warm-up once the other
+kernels' configs were shipped (docs/benchmarks.md).
 
 So the files in the folder fla reads (`FLA_CONFIG_DIR`, set by `activate.py` for the shipped configs) also hold
 these kernels' entries, in fla's format, and `seed(module)` puts each entry into the kernel's autotuner cache
 (`Autotuner.cache`, keyed by the tuple Triton builds for a call: the `key` arguments' values, then the dtype of
 every tensor argument) before the first call. A call whose key was shipped compiles that one config and times
-nothing; any other key autotunes as before, as fla's strict mode does for its own kernels. Nothing is seeded
-while fla's lookups are off (`FLA_CACHE_MODE` unset or `disabled`, e.g. `DCABLATE_TUNED_CONFIGS=0`).
+nothing. Nothing is seeded while fla's lookups are off (`FLA_CACHE_MODE` unset or `disabled`, e.g.
+`DCABLATE_TUNED_CONFIGS=0`).
+
+A key without a shipped config (another GPU model, another recipe's batch shapes) would still compile and time
+every candidate. For these kernels that buys little: on an H100 one fixed candidate per kernel (`DEFAULTS`) came
+within 1.12–1.24× of the best at every one of the 76 keys measured, and within 1.01–1.09× on average, for kernels
+of 6–200 µs. So `seed` also narrows such a key's candidates to that one (`Autotuner.prune_configs`): it is
+compiled and run, never compared with others. `DCABLATE_TUNED_CONFIGS=0` leaves the candidates as fla has them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,15 @@ log = logging.getLogger("dcablate")
 
 _lock = threading.Lock()
 _seeded: set[str] = set()
+
+# kernel -> (kwargs, num_warps) of the candidate a key without a shipped config runs: the one whose worst ratio to
+# the best over the 76 keys measured on an H100 (paper/mqar_gated_deltanet, 2026-12-05) was the smallest
+DEFAULTS = {
+    "layer_norm_fwd_kernel": ({"BT": 32}, 8),
+    "layer_norm_bwd_kernel": ({"BT": 32}, 8),
+    "layer_norm_gated_fwd_kernel": ({"BT": 16}, 4),
+    "layer_norm_gated_bwd_kernel": ({"BT": 64}, 16),
+}
 
 
 def config_folder() -> Path | None:
@@ -89,6 +105,24 @@ def seed_module(module, folder: Path) -> int:
     return added
 
 
+def pin_defaults(module) -> list[str]:
+    """Narrow the candidates of `module`'s plain autotuners named in `DEFAULTS` to that one config for every key
+    not in their caches (Triton prunes only on a cache miss); the kernels pinned."""
+    from dcablate.kernels.tuned.fla_kernels import plain_autotuners
+
+    pinned = []
+    for name, tuners in plain_autotuners(module).items():
+        if name not in DEFAULTS:
+            continue
+        kwargs, num_warps = DEFAULTS[name]
+        for tuner in tuners:
+            chosen = next((c for c in tuner.configs if dict(c.kwargs) == kwargs and c.num_warps == num_warps), None)
+            if chosen is not None:
+                tuner.prune_configs = lambda _kwargs, _chosen=chosen: [_chosen]
+                pinned.append(name)
+    return pinned
+
+
 def seed(module_name: str) -> int:
     """Once per process and module: seed the plain autotuners of fla's module `module_name` from the folder fla
     reads configs from; entries added (0 when there is no such folder or it was done already). Never raises for
@@ -99,8 +133,12 @@ def seed(module_name: str) -> int:
         if module_name in _seeded:
             return 0
         try:
-            folder = config_folder()
-            return seed_module(importlib.import_module(module_name), folder) if folder is not None else 0
+            from dcablate.kernels.tuned.activate import enabled
+
+            module, folder = importlib.import_module(module_name), config_folder()
+            if enabled(os.environ):
+                pin_defaults(module)
+            return seed_module(module, folder) if folder is not None else 0
         except Exception as e:  # noqa: BLE001 - the kernels then autotune, as without shipped configs
             log.warning("kernel configs: the norms' shipped configs were not used (%s: %s)", type(e).__name__, e)
             return 0
