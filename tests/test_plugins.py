@@ -330,18 +330,27 @@ def test_a_plugin_that_fails_while_importing_is_one_line_at_its_own_line(tmp_pat
                                        f"importing, at {plugin}:2: {fragment}\n")
 
 
-def test_a_component_named_as_a_core_key_is_refused(tmp_path, monkeypatch, capsys):
-    """A mixer called `d_model` would replace the model's width key with its options section."""
-    from dcablate.cli import main
-    from dcablate.models.mixers import MIXERS
+@pytest.mark.parametrize("register, registry, spec, section", [
+    (register_mixer, "dcablate.models.mixers:MIXERS",
+     MixerSpec("d_model", RunningMean, RunningMeanOptions, "x", conv_streams=lambda m: []), "model"),
+    (register_conv, "dcablate.models.conv:CONV_KINDS", ConvKindSpec("rank", GatedShift, GatedShiftOptions, "x"),
+     "model.conv"),
+], ids=["mixer-named-d_model", "conv-kind-named-rank"])
+def test_a_component_named_as_a_core_key_is_refused(capsys, register, registry, spec, section):
+    """A mixer called `d_model` would replace the model's width key with its options section, a conv kind called
+    `rank` the dynamic conv's rank."""
+    import importlib
 
-    register_mixer(MixerSpec("d_model", RunningMean, RunningMeanOptions, "x", conv_streams=lambda m: []))
+    from dcablate.cli import main
+
+    module, name = registry.split(":")
+    register(spec)
     try:
         assert main(["info", "quickstart"]) == 2
-        assert capsys.readouterr().err == ("error: model.d_model: a registered component is named 'd_model', as a "
-                                           "key of [model] is; give it another name\n")
+        assert capsys.readouterr().err == (f"error: {section}.{spec.name}: a registered component is named "
+                                           f"{spec.name!r}, as a key of [{section}] is; give it another name\n")
     finally:
-        MIXERS.unregister("d_model")
+        getattr(importlib.import_module(module), name).unregister(spec.name)
 
 
 def test_a_conv_kind_s_own_section_reaches_its_module_and_is_checked(registered, tmp_path, monkeypatch, capsys):
@@ -368,20 +377,6 @@ def test_a_conv_kind_s_own_section_reaches_its_module_and_is_checked(registered,
     Path("toy.toml").write_text(RECIPE.replace("[model.conv.gated_shift]", "[model.conv.gated_shifty]"))
     assert main(["info", "toy.toml"]) == 2  # a kind's section whose kind is not registered: a plugin not loaded?
     assert "no registered conv kind is named 'gated_shifty'" in capsys.readouterr().err
-
-
-def test_a_conv_kind_named_as_a_conv_key_is_refused(capsys):
-    """A conv kind called `rank` would replace the dynamic conv's rank key with its options section."""
-    from dcablate.cli import main
-    from dcablate.models.conv import CONV_KINDS
-
-    register_conv(ConvKindSpec("rank", GatedShift, GatedShiftOptions, "x"))
-    try:
-        assert main(["info", "quickstart"]) == 2
-        assert capsys.readouterr().err == ("error: model.conv.rank: a registered component is named 'rank', as a "
-                                           "key of [model.conv] is; give it another name\n")
-    finally:
-        CONV_KINDS.unregister("rank")
 
 
 def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(registered, tmp_path, monkeypatch,
