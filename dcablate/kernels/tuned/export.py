@@ -53,10 +53,6 @@ def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def is_dtype(value) -> bool:
-    return isinstance(value, str) and value.startswith("torch.")
-
-
 @dataclasses.dataclass
 class Result:
     """One `*.autotune.json`: the kernel, its tuning key and the best of its timed configs."""
@@ -110,10 +106,9 @@ def read_result(path: Path) -> Result:
 def misfit(result: Result, kernel) -> str | None:
     """Why `result` cannot be a result of fla's `kernel` (a `CachedAutotuner` or plain `Autotuner`), or None when it
     fits."""
-    values = 0
-    while values < len(result.key) and not is_dtype(result.key[values]):
-        values += 1
-    if values > len(kernel.keys) or not all(is_dtype(v) for v in result.key[values:]):
+    from dcablate.kernels.tuned.fla_kernels import fits_keys
+
+    if not fits_keys(result.key, kernel):
         return f"its key {result.key} is not {len(kernel.keys)} values of {kernel.keys} and then dtypes"
     params = {tuple(sorted(c.kwargs)) for c in kernel.configs}
     other = [names for names in result.tuned if tuple(names) not in params]

@@ -68,14 +68,25 @@ def cached_kernel_modules() -> dict[str, tuple[str, ...]]:
     return {name: tuple(modules) for name, modules in found.items()}
 
 
-def unwrap(obj):
-    """The `CachedAutotuner` inside a kernel object (under `triton.heuristics` wrappers), or None."""
-    from fla.ops.utils.cache import CachedAutotuner
+def unwrap(obj, kind=None):
+    """The autotuner of class `kind` (default: fla's `CachedAutotuner`) inside a kernel object (under
+    `triton.heuristics` wrappers), or None."""
+    if kind is None:
+        from fla.ops.utils.cache import CachedAutotuner as kind
 
     seen = 0
-    while obj is not None and not isinstance(obj, CachedAutotuner) and seen < 8:
+    while obj is not None and not isinstance(obj, kind) and seen < 8:
         obj, seen = getattr(obj, "fn", None), seen + 1
-    return obj if isinstance(obj, CachedAutotuner) else None
+    return obj if isinstance(obj, kind) else None
+
+
+def fits_keys(key, tuner) -> bool:
+    """Whether the tuning key `key` can be one `tuner` builds: no more values than its `key` names (Triton leaves
+    out the names a call does not pass), then only dtype strings (`torch.float32`, ...)."""
+    values = 0
+    while values < len(key) and not (isinstance(key[values], str) and key[values].startswith("torch.")):
+        values += 1
+    return values <= len(tuner.keys) and all(isinstance(v, str) and v.startswith("torch.") for v in key[values:])
 
 
 def cached_kernels(names) -> tuple[dict[str, list], dict[str, str]]:
@@ -114,10 +125,8 @@ def plain_autotuners(module) -> dict[str, list]:
 
     found: dict[str, list] = {}
     for value in vars(module).values():
-        obj, seen = value, 0
-        while obj is not None and not isinstance(obj, Autotuner) and seen < 8:
-            obj, seen = getattr(obj, "fn", None), seen + 1
-        if isinstance(obj, Autotuner) and not isinstance(obj, CachedAutotuner):
+        obj = unwrap(value, Autotuner)
+        if obj is not None and not isinstance(obj, CachedAutotuner):
             name = jit_name(obj)
             if obj not in found.get(name, []):
                 found.setdefault(name, []).append(obj)

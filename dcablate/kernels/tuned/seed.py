@@ -65,13 +65,11 @@ def _key(entry) -> tuple | None:
 
 def _candidate(tuner, key: tuple, config: dict):
     """The candidate of `tuner` that the entry (`key`, `config`) names, or None when the entry cannot be one of
-    its results: no more values than its `key` names (Triton leaves out the names a call does not pass), then
-    only dtype strings, and a config equal to one of its candidates (the candidate itself is what the cache
-    gets, so whatever Triton keeps on it, such as a pre-hook, stays)."""
-    values = 0
-    while values < len(key) and not (isinstance(key[values], str) and key[values].startswith("torch.")):
-        values += 1
-    if values > len(tuner.keys) or values == 0 or not all(isinstance(v, str) for v in key[values:]):
+    its results: a key of its form (`fits_keys`) and a config equal to one of its candidates (the candidate itself
+    is what the cache gets, so whatever Triton keeps on it, such as a pre-hook, stays)."""
+    from dcablate.kernels.tuned.fla_kernels import fits_keys
+
+    if not key or isinstance(key[0], str) or not fits_keys(key, tuner):
         return None
     wanted = (dict(config.get("kwargs") or {}), config.get("num_warps", 4), config.get("num_stages", 3),
               config.get("num_ctas", 1), config.get("maxnreg"))
