@@ -220,6 +220,11 @@ CASES = [
         "(train.lr: is a value, not a table)"),
     bad("sweep-nested-key-without-its-section", '[sweep]\n"conv.kind" = ["static"]\n',
         "r.toml: sweep.conv.kind: not a recipe key (did you mean 'model.conv.kind'?)"),
+    bad("sweep-axis-of-an-unused-mixer", '[sweep]\n"model.gated_deltanet.expand_v" = [1, 2]\n',
+        "r.toml: sweep.model.gated_deltanet.expand_v: model.mixer is 'attention' at every point, so this axis "
+        "changes nothing (each of its values would train the same run); drop it, or sweep model.mixer too"),
+    bad("sweep-axis-of-an-unused-channel-mixer", '[sweep]\n"model.moe.top_k" = [1, 2]\n',
+        "r.toml: sweep.model.moe.top_k: model.ffn is 'none' at every point, so this axis changes nothing"),
     bad("sweep-not-a-table", "sweep = 3\n", "r.toml: sweep: must be a table"),
     bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
     bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),

@@ -374,6 +374,10 @@ def test_a_conv_kind_s_own_section_reaches_its_module_and_is_checked(registered,
     Path("toy.toml").write_text(RECIPE)
     assert main(["info", "toy.toml", "--set", "model.conv.gated_shift.init_gate=-1"]) == 2
     assert "model.conv.gated_shift.init_gate" in capsys.readouterr().err
+    swept = RECIPE.replace('kind = "gated_shift"', 'kind = "none"') + '[sweep]\n"model.conv.gated_shift.init_gate" = [0.1, 0.2]\n'
+    Path("toy.toml").write_text(swept)
+    assert main(["info", "toy.toml"]) == 2  # no point has the kind: each value would train the same run
+    assert "model.conv.kind is 'none' at every point, so this axis changes nothing" in capsys.readouterr().err
     Path("toy.toml").write_text(RECIPE.replace("[model.conv.gated_shift]", "[model.conv.gated_shifty]"))
     assert main(["info", "toy.toml"]) == 2  # a kind's section whose kind is not registered: a plugin not loaded?
     assert "no registered conv kind is named 'gated_shifty'" in capsys.readouterr().err

@@ -312,7 +312,35 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
             _set_path(point, key, value, {}, str(path))
         points.append((name, build(point, origins, str(path))))
     _unused_tasks(base, data, origins, str(path.resolve()), {r.task.kind for _, r in points}, base.sweep)
+    _unused_model_axes(origins, str(path.resolve()), [r for _, r in points], base.sweep)
     return base, points
+
+
+def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> None:
+    """A sweep axis over the section of a mixer, channel mixer or conv kind that no point uses
+    (`model.gated_deltanet.expand_v` where every point's mixer is attention): refused, since each of its values
+    would train the same run. A recipe that also sweeps the component uses the section in the points that have
+    it."""
+    from dcablate.models.conv import CONV_KINDS
+
+    for key in sweep:
+        parts = key.split(".")
+        if parts[0] != "model" or len(parts) < 2:
+            continue
+        if parts[1] == "conv" and len(parts) > 2 and parts[2] in CONV_KINDS.names():
+            what, used = "model.conv.kind", {r.model.conv.kind for r in recipes}
+            name = parts[2]
+        elif parts[1] in MIXERS.names():
+            what, used, name = "model.mixer", {m for r in recipes for m in r.model.mixers}, parts[1]
+        elif parts[1] in CHANNELS.names():
+            what, used, name = "model.ffn", {r.model.ffn for r in recipes}, parts[1]
+        else:
+            continue
+        if name not in used:
+            values = " / ".join(sorted(used))
+            raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
+                              f"{what} is {values!r} at every point, so this axis changes nothing (each of its "
+                              f"values would train the same run); drop it, or sweep {what} too")
 
 
 def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sweep: dict) -> None:
