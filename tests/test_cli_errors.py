@@ -225,6 +225,9 @@ CASES = [
         "changes nothing (each of its values would train the same run); drop it, or sweep model.mixer too"),
     bad("sweep-axis-of-an-unused-channel-mixer", '[sweep]\n"model.moe.top_k" = [1, 2]\n',
         "r.toml: sweep.model.moe.top_k: model.ffn is 'none' at every point, so this axis changes nothing"),
+    bad("sweep-axis-of-a-conv-key-no-kind-reads", '[model.conv]\nkind = "static"\n[sweep]\n"model.conv.rank" = [4, 8]\n',
+        "r.toml: sweep.model.conv.rank: model.conv.kind is 'static' at every point, which does not read "
+        "model.conv.rank, so this axis changes nothing"),
     bad("sweep-not-a-table", "sweep = 3\n", "r.toml: sweep: must be a table"),
     bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
     bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),

@@ -323,9 +323,19 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
     it."""
     from dcablate.models.conv import CONV_KINDS
 
+    kinds = {r.model.conv.kind for r in recipes}
     for key in sweep:
         parts = key.split(".")
         if parts[0] != "model" or len(parts) < 2:
+            continue
+        if parts[:2] == ["model", "conv"] and len(parts) == 3 and parts[2] in schema.ConvCore.__dataclass_fields__ \
+                and parts[2] != "kind":
+            reads = [CONV_KINDS.get(kind).reads for kind in sorted(kinds)]
+            if all(r is not None and parts[2] not in r for r in reads):
+                raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
+                                  f"model.conv.kind is {' / '.join(sorted(kinds))!r} at every point, which does not "
+                                  f"read {key}, so this axis changes nothing (each of its values would train the "
+                                  f"same run); drop it, or sweep model.conv.kind too")
             continue
         if parts[1] == "conv" and len(parts) > 2 and parts[2] in CONV_KINDS.names():
             what, used = "model.conv.kind", {r.model.conv.kind for r in recipes}

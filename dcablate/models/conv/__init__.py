@@ -21,9 +21,12 @@ class ConvKindSpec(ComponentSpec):
     """A conv kind (`model.conv.kind`): `impl` is the module class whose `from_config(conv_cfg, dim, gen_dim,
     activation, residual, backend, bias)` builds one conv (None: no conv); `options`, when given, is the dataclass
     of its own section `[model.conv.<name>]`, which `from_config` reads as `conv_cfg.<name>`; `activation` /
-    `residual` are what `model.conv.activation = "auto"` and an unset `model.conv.residual` mean for it."""
+    `residual` are what `model.conv.activation = "auto"` and an unset `model.conv.residual` mean for it; `reads`
+    names the `[model.conv]` keys besides `kind` that change what it builds (None: any may, as for a plugin's), so
+    that a sweep over a key no point's kind reads is refused (each value would train the same run)."""
     activation: str | None = field(default=None, kw_only=True)
     residual: bool = field(default=False, kw_only=True)
+    reads: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
 CONV_KINDS: Registry[ConvKindSpec] = Registry("conv kind", ("dcablate.models.conv.specs",))
