@@ -324,9 +324,10 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
     from dcablate.models.conv import CONV_KINDS
 
     kinds = {r.model.conv.kind for r in recipes}
-    for key in sweep:
+    for key, values in sweep.items():
         parts = key.split(".")
-        if parts[0] != "model" or len(parts) < 2:
+        if parts[0] != "model" or len(parts) < 2 or not isinstance(values, list) or \
+                len({repr(v) for v in values}) < 2:  # one value: nothing would train twice
             continue
         if parts[:2] == ["model", "conv"] and len(parts) == 3 and parts[2] in schema.ConvCore.__dataclass_fields__ \
                 and parts[2] != "kind":
