@@ -333,14 +333,10 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
                 and parts[2] != "kind":
             reads = [CONV_KINDS.get(kind).reads for kind in sorted(kinds)]
             if all(r is not None and parts[2] not in r for r in reads):
-                raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
-                                  f"model.conv.kind is {' / '.join(sorted(kinds))!r} at every point, which does not "
-                                  f"read {key}, so this axis changes nothing (each of its values would train the "
-                                  f"same run); drop it, or sweep model.conv.kind too")
+                _axis_changes_nothing(origins, src, key, "model.conv.kind", kinds, f", which does not read {key}")
             continue
         if parts[1] == "conv" and len(parts) > 2 and parts[2] in CONV_KINDS.names():
-            what, used = "model.conv.kind", {r.model.conv.kind for r in recipes}
-            name = parts[2]
+            what, used, name = "model.conv.kind", kinds, parts[2]
         elif parts[1] in MIXERS.names():
             what, used, name = "model.mixer", {m for r in recipes for m in r.model.mixers}, parts[1]
         elif parts[1] in CHANNELS.names():
@@ -348,10 +344,14 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
         else:
             continue
         if name not in used:
-            values = " / ".join(sorted(used))
-            raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
-                              f"{what} is {values!r} at every point, so this axis changes nothing (each of its "
-                              f"values would train the same run); drop it, or sweep {what} too")
+            _axis_changes_nothing(origins, src, key, what, used)
+
+
+def _axis_changes_nothing(origins: dict, src: str, key: str, what: str, values: set[str], why: str = "") -> None:
+    """Refuse the sweep axis `key`: `what` takes only `values` over the points, none of which uses it."""
+    raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
+                      f"{what} is {' / '.join(sorted(values))!r} at every point{why}, so this axis changes nothing "
+                      f"(each of its values would train the same run); drop it, or sweep {what} too")
 
 
 def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sweep: dict) -> None:
@@ -365,9 +365,7 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
     for task in unused:
         for key in sweep:
             if key == f"task.{task}" or key.startswith(f"task.{task}."):
-                raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}",
-                                  f"task.kind is {kind!r} at every point, so this axis changes nothing (each of its "
-                                  f"values would train the same run); drop it, or sweep task.kind too")
+                _axis_changes_nothing(origins, src, key, "task.kind", kinds)
         section = getattr(base.task, task)
         if task not in (data.get("task") or {}) or section == type(section)():
             continue

@@ -16,8 +16,7 @@ On CPU the steps run in turn too.
 `one_at_a_time()` marks the parts that must not be interleaved with another run's work within a step even
 when a run does not hold the turn for its whole life (the main thread of a one-run process, where the turn
 is never contended and costs nothing): building a run, restoring its checkpoint, handing memory back between
-runs. An evaluation hands the turn on between its batches
-(`by_turns`), as training does between steps.
+runs. An evaluation hands the turn on between its batches (`by_turns`), as training does between steps.
 """
 
 from __future__ import annotations
