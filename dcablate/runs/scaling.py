@@ -256,7 +256,8 @@ def slope_refit(theta: np.ndarray, v: int, t: np.ndarray, loss: np.ndarray, t_lo
     """(alpha_v, log m at the baseline's loss at t_lo, log m at its loss at t_hi) of variant `v` (theta[2 + v]
     its log multiplier) refitted alone on its points (t, loss) with E = theta[0] fixed; None with fewer than
     `MIN_INTERVAL_SIZES` sizes (`sizes`, the points' distinct sizes; by default their distinct t) or distinct t,
-    or no falling curve."""
+    or no falling curve: an exponent that is not positive, or one so near zero that a multiplier read off the
+    curve leaves [1e-9, 1e9] (`MAX_LOG_MULTIPLIER`) (a flat curve's loss-matched multiplier runs to infinity)."""
     centre = np.unique(t)
     if min(len(centre), len(centre) if sizes is None else sizes) < MIN_INTERVAL_SIZES:
         return None
@@ -271,7 +272,10 @@ def slope_refit(theta: np.ndarray, v: int, t: np.ndarray, loss: np.ndarray, t_lo
         gap = a - alpha * t_base  # log of the baseline's reducible loss there, L - E
         return t_base - (c + (own[1] - gap) / own[2])  # log x_baseline - log x_variant for that loss
 
-    return float(own[2]), log_m(t_lo), log_m(t_hi)
+    at_lo, at_hi = log_m(t_lo), log_m(t_hi)
+    if not all(math.isfinite(m) and abs(m) <= MAX_LOG_MULTIPLIER for m in (at_lo, at_hi)):
+        return None
+    return float(own[2]), at_lo, at_hi
 
 
 # ----------------------------------------------------------------------------------------- internals

@@ -267,6 +267,21 @@ def test_a_variant_with_its_own_slope_is_flagged():
     assert own_slope(fit, [p for p in points if p.compute < 1e18], "steeper") is None  # 2 sizes
 
 
+def test_a_flat_own_curve_has_no_slope_rather_than_an_overflow():
+    """A variant whose loss does not fall with its size (an MQAR grid's d_model 512 run that learned less than
+    its d_model 128 one) refits to an exponent near zero, whose loss-matched multipliers run to 1e15 and past
+    what a float holds: that is no falling curve (None), not a report that stops on an OverflowError. The
+    numbers are the joint fit and runs of the H100 attention grid where it happened."""
+    theta = np.array([6.85682754e-03, 1.41119434e+01, 5.69295515e-01, 2.49620084e+00])
+    t, loss = np.array([31.74, 31.73, 32.05, 34.3]), np.array([0.064, 0.009, 0.031, 0.023])
+    assert scaling.slope_refit(theta, 1, t, loss, 30.3, 34.3) is None
+    # a curve that falls is still refitted on the same joint fit
+    falling = np.exp(theta[1] - theta[2] * (t + theta[3])) * np.array([1.0, 1.0, 1.01, 0.99]) + theta[0]
+    slope = scaling.slope_refit(theta, 1, t, falling, 30.3, 34.3)
+    assert slope is not None and slope[0] == pytest.approx(theta[2], rel=0.2)
+    assert abs(slope[1] - theta[3]) < 0.5 and abs(slope[2] - theta[3]) < 0.5
+
+
 def test_wall_clock_is_the_geometric_mean_of_per_size_ratios():
     """Throughput in FLOPs/s grows with the size. The baseline ran 5 sizes, the variant only the 3 smallest, at
     0.8x the baseline's throughput at each; the wall-clock factor is 0.8, where a mean over whatever sizes each
