@@ -186,6 +186,25 @@ def test_results_that_do_not_fit_fla_s_kernel_are_left_out(tmp_path):
     assert r.kernels == {name: 1} and name in r.misfits
 
 
+def test_a_result_that_timed_one_candidate_is_not_shipped(tmp_path):
+    """A norm key that `seed.py` narrowed to its fixed candidate still leaves a result file, with that one
+    candidate's timing: nothing was compared, so it is left out (and said so), not shipped as a measured best.
+    A result of the same kernel that compared two candidates is exported beside it."""
+    name = "layer_norm_fwd_kernel"
+    key = [64, 29, False, False, True] + ["torch.float32"] * 4
+    timed = [64, 30, False, False, True] + ["torch.float32"] * 4
+    triton_result(tmp_path / "c" / "A", name, key, [(({"BT": 32}, 8, 3), 0.05)])
+    triton_result(tmp_path / "c" / "B", name, timed, [(({"BT": 32}, 8, 3), 0.05), (({"BT": 16}, 4, 3), 0.04)])
+    r = export([tmp_path / "c"], tmp_path / "out", GPU)
+    assert r.kernels == {name: 1} and r.single == {name: 1} and r.results == 1
+    entries = json.loads((tmp_path / "out" / f"{name}.json").read_text())["autotune_entries"]
+    assert list(entries) == [AutotuneKey.key_hash(timed)]
+    assert any("timed one candidate" in line for line in r.lines())
+    (tmp_path / "c" / "B" / f"{name}.autotune.json").unlink()
+    with pytest.raises(UserError, match="every result timed one candidate"):
+        export([tmp_path / "c"], tmp_path / "out2", GPU)
+
+
 def test_an_output_folder_of_another_fla_version_or_gpu_is_refused(tmp_path):
     shutil.copytree(FIXTURES, tmp_path / "cache")
     out = tmp_path / "out"

@@ -17,7 +17,9 @@ real kernel).
 (compared as Triton compares them, median first). Only kernels that take a config are exported (`fla_kernels.py`:
 those fla looks up, and the norm kernels under Triton's plain `autotune` whose autotuners dcablate fills, `seed.py`),
 and a result must fit that kernel: its key as many values as the kernel has `key` names followed by dtype
-strings, its configs tuning the same parameters. Same-named kernels of other fla ops with the same key and
+strings, its configs tuning the same parameters. A result that timed one candidate compared nothing (a key
+`seed.py` narrowed to its fixed candidate, or candidates pruned to one) and is left out: shipping it would
+present an untimed default as a measured best. Same-named kernels of other fla ops with the same key and
 parameters cannot be told apart by their results; dcablate never calls them, so a cache shared with other
 fla programs could at worst contribute a config from the same candidates. Entries already in the output folder
 are kept; for a key measured again the newer measurement (the result file's time) wins. Every entry records
@@ -135,6 +137,7 @@ class Report:
     misfits: dict = dataclasses.field(default_factory=dict)  # kernel -> why (first case)
     unreadable: dict = dataclasses.field(default_factory=dict)  # path -> why
     unimportable: dict = dataclasses.field(default_factory=dict)  # kernel -> why its fla module did not import
+    single: dict = dataclasses.field(default_factory=dict)  # kernel -> results that timed one candidate only
 
     def lines(self) -> list[str]:
         total = sum(self.kernels.values())
@@ -147,6 +150,11 @@ class Report:
             n = sum(self.not_looked_up.values())
             out.append(f"left out {n} result{'s' if n != 1 else ''} of kernels that take no config file (neither fla "
                        f"nor dcablate looks one up): {', '.join(sorted(self.not_looked_up))}")
+        if self.single:
+            n = sum(self.single.values())
+            out.append(f"left out {n} result{'s' if n != 1 else ''} that timed one candidate and compared nothing "
+                       f"(dcablate's fixed norm candidates, or candidates pruned to one): "
+                       f"{', '.join(f'{k} {v}' for k, v in sorted(self.single.items()))}")
         for kernel, why in sorted(self.misfits.items()):
             out.append(f"left out results of {kernel} that do not fit fla {self.fla_version}'s kernel: {why}")
         for kernel, why in sorted(self.unimportable.items()):
@@ -239,6 +247,9 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
         except ValueError as e:
             report.unreadable[str(path)] = str(e)
             continue
+        if len(result.tuned) < 2:
+            report.single[name] = report.single.get(name, 0) + 1
+            continue
         whys = [misfit(result, k) for k in kernels[name]]
         if all(whys):
             report.misfits.setdefault(name, whys[0])
@@ -254,7 +265,9 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
         def listed(d: dict) -> str:
             return "; ".join(f"{k}: {w}" for k, w in sorted(d.items()))
 
-        if report.unimportable:
+        if report.single and not (report.unimportable or report.not_looked_up or report.misfits):
+            why = f"every result timed one candidate and compared nothing ({listed(report.single)})"
+        elif report.unimportable:
             why = f"fla's modules of the kernels found do not import here ({listed(report.unimportable)})"
         elif report.not_looked_up:
             names = ", ".join(sorted(report.not_looked_up))
