@@ -33,7 +33,6 @@ from dcablate.runs.launchers.outcome import Job
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.runs.launchers.scheduler import Worker, run_sweep
 from dcablate.runs.launchers.slots import Slot, cpu_count
-from dcablate.runs.launchers.threads import CUDA_CAUTION
 from dcablate.training.packing import RUNS_ON_DEVICE_ENV
 
 RESULT = "@@dcablate-result "  # prefix of a worker's result lines on its stdout
@@ -257,8 +256,6 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], slots: list[S
             warmup.warm_up(recipe_ref, overrides, jobs, places)
         where = "" if runs_per_worker == 1 or len(hosts) == len(slots) else \
             f" in {len(hosts)} process{'es' if len(hosts) != 1 else ''} (--runs-per-worker {runs_per_worker})"
-        if runs_per_worker > 1 and any(s.gpu is not None for s in slots):
-            click.echo(CUDA_CAUTION)
         check = mps_check(daemon, len(hosts))
         return run_sweep(jobs, slots, worker_factory(recipe_ref, overrides, daemon, runs_per_worker, slots), len(jobs),
                          where)

@@ -36,12 +36,6 @@ from pathlib import Path
 from dcablate.runs.launchers.point import STOP_SIGNALS, run_job
 from dcablate.training.signals import REPEAT_S, deliver
 
-# printed by a CUDA sweep with --runs-per-worker above 1 until this design has trained a whole paper grid
-CUDA_CAUTION = ("caution: --runs-per-worker above 1 passes its GPU tests in its present design (runs taking turns "
-                "on the host) but has not yet trained a whole paper grid, where the earlier design failed "
-                "(docs/sweeps.md). MPS (the default where it is installed) packs runs without it")
-
-
 class ThreadOutput(io.TextIOBase):
     """A standard stream that writes to the file the current thread chose (`to`), or else to `fallback`."""
 
