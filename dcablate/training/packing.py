@@ -30,17 +30,23 @@ import time
 
 class Turns:
     """A re-entrant lock handed on in the order it was asked for: `pass_turn` gives every thread waiting for
-    it one turn before its holder gets it back, so K runs stepping in K threads advance round-robin."""
+    it one turn before its holder gets it back, so K runs stepping in K threads advance round-robin.
+
+    A free turn wakes only the first thread in line (each waiting thread sleeps on a condition of its own, all on
+    one lock), not every waiting thread: with K runs, waking all K - 1 at each hand-over made them take the GIL
+    in turn only to find they were not first, 2.5 times the cost of a hand-over at K = 8 (`benchmarks/
+    turn_handover.py`, docs/benchmarks.md)."""
 
     def __init__(self):
-        self._changed = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
         self._queue: collections.deque[int] = collections.deque()
+        self._wakers: dict[int, threading.Condition] = {}  # thread id -> the condition it waits on
 
     def acquire(self) -> None:
         me = threading.get_ident()
-        with self._changed:
+        with self._lock:
             if self._owner == me:
                 self._depth += 1
                 return
@@ -48,13 +54,13 @@ class Turns:
             self._depth = 1
 
     def release(self) -> None:
-        with self._changed:
+        with self._lock:
             if self._owner != threading.get_ident():
                 raise RuntimeError("Turns.release by a thread that does not hold the turn")
             self._depth -= 1
             if self._depth == 0:
                 self._owner = None
-                self._changed.notify_all()
+                self._wake_first()
 
     __enter__ = acquire
 
@@ -94,35 +100,47 @@ class Turns:
     @contextlib.contextmanager
     def _let_go(self, nested_too: bool):
         me = threading.get_ident()
-        with self._changed:
+        with self._lock:
             if self._owner != me or (self._depth != 1 and not nested_too):
                 depth = 0
             else:
                 depth, self._owner, self._depth = self._depth, None, 0
-                self._changed.notify_all()
+                self._wake_first()
         try:
             yield
         finally:
             if depth:
-                with self._changed:
+                with self._lock:
                     self._wait_for_turn(me)
                     self._depth = depth
 
-    def _wait_for_turn(self, me: int) -> None:  # with self._changed held
+    def _wake_first(self) -> None:  # with self._lock held
+        """A free turn wakes the first thread in line, and only it."""
+        if self._owner is None and self._queue:
+            self._wakers[self._queue[0]].notify()
+
+    def _waker(self, me: int) -> threading.Condition:  # with self._lock held
+        """The condition thread `me` waits on for its turn, made on its first wait and kept."""
+        waker = self._wakers.get(me)
+        if waker is None:
+            waker = self._wakers[me] = threading.Condition(self._lock)
+        return waker
+
+    def _wait_for_turn(self, me: int) -> None:  # with self._lock held
+        waker = self._waker(me)
         self._queue.append(me)
         since = time.perf_counter()
         try:
             while self._owner is not None or self._queue[0] != me:
-                self._changed.wait()
+                waker.wait()
         except BaseException:  # out of the line, or the threads behind would wait for this one forever
             self._queue.remove(me)
-            self._changed.notify_all()
+            self._wake_first()
             raise
         finally:
             _waited.seconds = getattr(_waited, "seconds", 0.0) + time.perf_counter() - since
         self._queue.popleft()
         self._owner = me
-        self._changed.notify_all()  # the next in line re-checks whether it is first now
 
 
 _waited = threading.local()  # `seconds`: how long this thread has waited for a turn, all `Turns` together

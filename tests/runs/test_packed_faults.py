@@ -52,14 +52,16 @@ def test_a_job_that_raises_past_run_job_still_answers_and_frees_its_thread(monke
 
 def test_a_thread_that_leaves_the_line_does_not_block_those_behind_it():
     turns, got = Turns(), threading.Event()
-    real_wait = turns._changed.wait
+    real_waker = turns._waker
 
-    def wait(timeout=None):
-        if threading.current_thread().name == "leaves":
+    class Leaving:  # the waiting thread's condition, whose wait ends in an exception
+        def wait(self, timeout=None):
             raise KeyboardInterrupt
-        return real_wait(timeout)
 
-    turns._changed.wait = wait
+    def waker(me):
+        return Leaving() if threading.current_thread().name == "leaves" else real_waker(me)
+
+    turns._waker = waker
     turns.acquire()
     leaver = threading.Thread(target=lambda: pytest.raises(KeyboardInterrupt, turns.acquire), name="leaves")
     leaver.start()
@@ -68,6 +70,42 @@ def test_a_thread_that_leaves_the_line_does_not_block_those_behind_it():
     later.start()
     time.sleep(0.05)
     turns.release()
+    assert got.wait(5) and turns.waiting() == 0
+
+
+def test_a_thread_woken_for_its_turn_that_leaves_wakes_the_next_in_line():
+    """A free turn wakes only the first thread in line; if that thread leaves the line instead of taking the turn
+    (an exception as it wakes), it wakes the next one, which would otherwise sleep with the turn free."""
+    turns, got = Turns(), threading.Event()
+    real_waker = turns._waker
+
+    class LeavingOnWake:  # waits for real, then leaves as it wakes
+        def __init__(self, real):
+            self.real = real
+
+        def wait(self, timeout=None):
+            self.real.wait(timeout)
+            raise KeyboardInterrupt
+
+        def notify(self):
+            self.real.notify()
+
+    def waker(me):
+        real = real_waker(me)
+        return LeavingOnWake(real) if threading.current_thread().name == "leaves" else real
+
+    turns._waker = waker
+    turns.acquire()
+    leaver = threading.Thread(target=lambda: pytest.raises(KeyboardInterrupt, turns.acquire), name="leaves")
+    leaver.start()
+    while turns.waiting() < 1:
+        time.sleep(0.001)
+    later = threading.Thread(target=lambda: (turns.acquire(), got.set(), turns.release()), daemon=True)
+    later.start()
+    while turns.waiting() < 2:
+        time.sleep(0.001)
+    turns.release()  # wakes the leaver only; it leaves and must wake `later`
+    leaver.join(5)
     assert got.wait(5) and turns.waiting() == 0
 
 
