@@ -10,8 +10,8 @@ The recipe is the single source of truth for a run: everything that changes resu
 from __future__ import annotations
 
 from dcablate.config.fields import option, section
-from dcablate.config.loading import (build, check_sweep, completed, expand, find_recipe, flatten, load, load_raw,
-                                  parse_override, shipped_recipes)
+from dcablate.config.loading import (build, check_sweep, completed, effective, expand, find_recipe, flatten, load,
+                                  load_raw, parse_override, shipped_recipes)
 from dcablate.config.overrides import spaced_set
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import ZIP_KEY, sweep_axes
@@ -26,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "expand", "find_recipe", "flatten", "load",
+__all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "effective", "expand", "find_recipe", "flatten", "load",
            "load_raw", "option", "parse_override", "section", "shipped_recipes", "spaced_set", "sweep_axes"]

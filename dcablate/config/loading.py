@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -313,7 +314,60 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
         points.append((name, build(point, origins, str(path))))
     _unused_tasks(base, data, origins, str(path.resolve()), {r.task.kind for _, r in points}, base.sweep)
     _unused_model_axes(origins, str(path.resolve()), [r for _, r in points], base.sweep)
-    return base, points
+    return base, _without_repeats(points)
+
+
+def effective(recipe) -> dict:
+    """What of `recipe` its run reads, as a dict: `recipe.to_dict()` without the sections of the mixers, channel
+    mixers, conv kinds and tasks it does not use, nor the `[model.conv]` keys its conv kind does not read
+    (`ConvKindSpec.reads`). Two recipes with equal effective dicts train the same run."""
+    from dcablate.models.conv import CONV_KINDS
+
+    d = recipe.to_dict()
+    model, conv = d["model"], d["model"]["conv"]
+    used = set(recipe.model.mixers) | {recipe.model.ffn}
+    for name in [*MIXERS.names(), *CHANNELS.names()]:
+        if name not in used:
+            model.pop(name, None)
+    kind = recipe.model.conv.kind
+    for name in CONV_KINDS.names():
+        if name != kind:
+            conv.pop(name, None)
+    reads = CONV_KINDS.get(kind).reads if kind in CONV_KINDS.names() else None
+    if reads is not None:
+        for key in schema.ConvCore.__dataclass_fields__:
+            if key != "kind" and key not in reads:
+                conv.pop(key, None)
+    for name in TASKS.names():
+        if name != recipe.task.kind:
+            d["task"].pop(name, None)
+    return d
+
+
+def _without_repeats(points: list) -> list:
+    """The sweep's points less those that would train the same run as an earlier point (`effective`): a sweep
+    over a mixer's option beside a sweep over mixers (`model.gated_deltanet.expand_v` x `model.mixer`) gives the
+    attention points each value of an option they do not read. Each such run trains once, under the first
+    point's name, and a note says which points were left out; trained twice, it would also count twice in the
+    report, as if it were two seeds."""
+    kept, first, repeats = [], {}, []
+    for name, recipe in points:
+        key = json.dumps(effective(recipe), sort_keys=True, default=repr)
+        if key in first:
+            repeats.append((name, first[key]))
+            continue
+        first[key] = name
+        kept.append((name, recipe))
+    if repeats:
+        shown = "; ".join(f"{name} (as {same})" for name, same in repeats[:3])
+        more = f"; and {len(repeats) - 3} more" if len(repeats) > 3 else ""
+        note = (f"{len(repeats)} of the sweep's {len(points)} points would train the same run as an earlier point "
+                f"(they differ only in settings their mixer, channel mixer, conv kind or task does not read), so "
+                f"each such run trains once: left out {shown}{more}")
+        if note not in _said:
+            _said.add(note)
+            logging.getLogger("dcablate").warning(f"note: {note}")
+    return kept
 
 
 def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> None:

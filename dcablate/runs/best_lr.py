@@ -93,9 +93,10 @@ def second_stage(sweep: dict, points: list, root: Path) -> Stage:
     from dcablate.runs.report import metric_of
 
     seeds = sweep[BEST_LR_SEEDS_KEY]
-    named = grid(sweep)  # the same order as `points`, with each point's swept (key, value) pairs
+    pairs_of = dict(grid(sweep))  # each point's swept (key, value) pairs, by name (`points` may leave some out)
     cells: dict[str, dict[float, list]] = {}
-    for (name, r), (_, pairs) in zip(points, named, strict=True):
+    for name, r in points:
+        pairs = pairs_of[name]
         cell = ",".join(f"{k}={v!r}" for k, v in pairs if k not in (LR_KEY, SEED_KEY))
         cells.setdefault(cell, {}).setdefault(r.train.lr, []).append((name, r, pairs))
     chosen: list[dict] = []

@@ -50,6 +50,20 @@ def test_each_cell_takes_its_best_lr_and_a_tie_the_smaller(sweep):
     assert all(not r.sweep for _, r in second)  # the points are plain runs, as the grid's are
 
 
+def test_a_grid_with_points_left_out_as_repeats_still_gets_its_second_stage(sweep):
+    """`config.expand` leaves out points that would train the same run as another (the attention point of a
+    Gated DeltaNet option); the second stage pairs the points it kept with their swept values by name."""
+    (sweep / "r.toml").write_text(GRID.replace('"model.conv.kind" = ["none", "static"]',
+                                               '"model.mixer" = ["attention", "gated_deltanet"]\n'
+                                               '"model.gated_deltanet.expand_v" = [1.0, 2.0]'))
+    base, points = config.expand("r.toml")
+    assert len(points) == 3 * 2  # attention once, Gated DeltaNet at both expand_v; two lrs each
+    root = sweep / "out" / "w"
+    fake_finished(root, {name: 0.1 + 0.1 * i for i, (name, _) in enumerate(points)})
+    stage = second_stage(base.sweep, points, root)
+    assert (stage.decided, stage.undecided, stage.runs) == (3, [], 6)
+
+
 def test_a_cell_with_a_run_unfinished_waits(sweep):
     base, points = config.expand("g.toml")
     root = sweep / "out" / "w"

@@ -39,6 +39,29 @@ def test_zipped_axes_advance_together(tmp_path):
     assert R.build(tomllib.loads(base.to_toml())).sweep == base.sweep  # round trip keeps the zip
 
 
+def test_points_that_would_train_the_same_run_train_once(tmp_path, caplog):
+    """A mixer's option swept beside the mixers: the attention points do not read it, so they would train the
+    same run once per value (and count as that many runs in the report); each trains once, under the first
+    point's name, with a note. Likewise a conv key that one kind reads and another does not."""
+    path = write(tmp_path / "m.toml", '[sweep]\n"model.mixer" = ["attention", "gated_deltanet"]\n'
+                                      '"model.gated_deltanet.expand_v" = [1.0, 2.0]\n')
+    with caplog.at_level("WARNING", logger="dcablate"):
+        _, points = R.expand(str(path))
+    assert [n for n, _ in points] == ["mixer=attention,gated_deltanet.expand_v=1.0",
+                                      "mixer=gated_deltanet,gated_deltanet.expand_v=1.0",
+                                      "mixer=gated_deltanet,gated_deltanet.expand_v=2.0"]
+    assert "left out mixer=attention,gated_deltanet.expand_v=2.0 (as mixer=attention,gated_deltanet.expand_v=1.0)" \
+        in caplog.text
+    path = write(tmp_path / "c.toml", '[sweep]\n"model.conv.kind" = ["none", "static", "dynamic"]\n'
+                                      '"model.conv.rank" = [4, 8]\n"run.seed" = [0, 1]\n')
+    _, points = R.expand(str(path))
+    kinds = [(r.model.conv.kind, r.model.conv.rank, r.run.seed) for _, r in points]
+    assert kinds == [("none", 4, 0), ("none", 4, 1), ("static", 4, 0), ("static", 4, 1),
+                     ("dynamic", 4, 0), ("dynamic", 4, 1), ("dynamic", 8, 0), ("dynamic", 8, 1)]  # seeds stay
+    assert R.effective(points[0][1]) != R.effective(points[2][1])
+    assert "gated_deltanet" not in R.effective(points[0][1])["model"]  # attention's run reads no such section
+
+
 def test_zip_from_set_and_as_nested_table(tmp_path):
     path = write(tmp_path / "r.toml", '[sweep.model]\nd_model = [64, 96]\nn_heads = [2, 3]\n')
     with pytest.raises(RecipeError):  # n_heads 3 alone does not divide the base d_model
