@@ -317,10 +317,20 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     return base, _without_repeats(points)
 
 
+def conv_kinds_built(recipe) -> set[str]:
+    """The conv kinds `recipe`'s model builds: `model.conv.kind`, and where that is none, the kind a mixer that is
+    itself a conv builds instead (`MixerSpec.conv_when_none`: short_conv's static conv)."""
+    kind = recipe.model.conv.kind
+    if kind != "none":
+        return {kind}
+    return {"none"} | {MIXERS.get(m).conv_when_none for m in recipe.model.mixers if MIXERS.get(m).conv_when_none}
+
+
 def effective(recipe) -> dict:
     """What of `recipe` its run reads, as a dict: `recipe.to_dict()` without the sections of the mixers, channel
     mixers, conv kinds and tasks it does not use, nor the `[model.conv]` keys its conv kind does not read
-    (`ConvKindSpec.reads`). Two recipes with equal effective dicts train the same run."""
+    (`ConvKindSpec.reads`; of every kind the model builds, `conv_kinds_built`). Two recipes with equal effective
+    dicts train the same run."""
     from dcablate.models.conv import CONV_KINDS
 
     d = recipe.to_dict()
@@ -329,14 +339,14 @@ def effective(recipe) -> dict:
     for name in [*MIXERS.names(), *CHANNELS.names()]:
         if name not in used:
             model.pop(name, None)
-    kind = recipe.model.conv.kind
+    built = conv_kinds_built(recipe)
     for name in CONV_KINDS.names():
-        if name != kind:
+        if name not in built:
             conv.pop(name, None)
-    reads = CONV_KINDS.get(kind).reads if kind in CONV_KINDS.names() else None
-    if reads is not None:
+    reads = [CONV_KINDS.get(k).reads if k in CONV_KINDS.names() else None for k in built]
+    if None not in reads:  # a kind without `reads` may read any key
         for key in schema.ConvCore.__dataclass_fields__:
-            if key != "kind" and key not in reads:
+            if key != "kind" and not any(key in r for r in reads):
                 conv.pop(key, None)
     for name in TASKS.names():
         if name != recipe.task.kind:
@@ -377,7 +387,7 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
     it."""
     from dcablate.models.conv import CONV_KINDS
 
-    kinds = {r.model.conv.kind for r in recipes}
+    kinds = {k for r in recipes for k in conv_kinds_built(r)}
     for key, values in sweep.items():
         parts = key.split(".")
         if parts[0] != "model" or len(parts) < 2 or not isinstance(values, list) or \

@@ -62,6 +62,20 @@ def test_points_that_would_train_the_same_run_train_once(tmp_path, caplog):
     assert "gated_deltanet" not in R.effective(points[0][1])["model"]  # attention's run reads no such section
 
 
+def test_a_mixer_that_is_a_conv_reads_the_conv_keys_without_a_conv_kind(tmp_path):
+    """short_conv builds a static conv where model.conv.kind is none, so with it in the model the conv's width is
+    read even at kind none: those points are different runs, neither left out as repeats nor refused as an axis
+    that changes nothing."""
+    path = write(tmp_path / "s.toml", '[model]\nmixer = ["short_conv", "gated_deltanet"]\n[sweep]\n'
+                                      '"model.conv.kind" = ["none", "dynamic"]\n"model.conv.width" = [2, 4]\n')
+    _, points = R.expand(str(path))
+    assert [(r.model.conv.kind, r.model.conv.width) for _, r in points] == [
+        ("none", 2), ("none", 4), ("dynamic", 2), ("dynamic", 4)]
+    path = write(tmp_path / "w.toml", '[model]\nmixer = ["short_conv", "attention"]\n[sweep]\n'
+                                      '"model.conv.width" = [2, 4]\n')
+    assert len(R.expand(str(path))[1]) == 2
+
+
 def test_zip_from_set_and_as_nested_table(tmp_path):
     path = write(tmp_path / "r.toml", '[sweep.model]\nd_model = [64, 96]\nn_heads = [2, 3]\n')
     with pytest.raises(RecipeError):  # n_heads 3 alone does not divide the base d_model

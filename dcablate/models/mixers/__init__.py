@@ -18,9 +18,12 @@ from dcablate.registry import ComponentSpec, Registry, resolve
 class MixerSpec(ComponentSpec):
     """A token mixer: `impl` is its `TokenMixer` subclass; `conv_streams(model section) -> [(stream,
     channels), ...]` the streams a `qkv` conv placement covers (q, k, v for attention-like mixers), named as
-    the layer names them to `make_conv`; `output_conv`: whether `all_linear` adds a conv on its output `o`."""
+    the layer names them to `make_conv`; `output_conv`: whether `all_linear` adds a conv on its output `o`;
+    `conv_when_none`: the conv kind a mixer that is itself a conv builds where `model.conv.kind` is none (so a
+    sweep knows that such a recipe still reads the `[model.conv]` keys of that kind)."""
     conv_streams: Callable = field(kw_only=True)
     output_conv: bool = field(default=True, kw_only=True)
+    conv_when_none: str | None = field(default=None, kw_only=True)
 
 
 MIXERS: Registry[MixerSpec] = Registry("token mixer", ("dcablate.models.mixers.specs",))

@@ -22,8 +22,10 @@ class ShortConvMixer(TokenMixer):
 
     def __init__(self, d_model: int, conv_cfg, backend: str = "auto"):
         super().__init__()
-        if conv_cfg.kind == "none":
-            conv_cfg = dataclasses.replace(conv_cfg, kind="static")
+        if conv_cfg.kind == "none":  # the conv is the whole mixer (its spec's conv_when_none)
+            from dcablate.models.mixers import MIXERS
+
+            conv_cfg = dataclasses.replace(conv_cfg, kind=MIXERS.get("short_conv").conv_when_none)
         self.x_conv1d = make_conv(conv_cfg, "x", d_model, d_model, backend)
 
     @classmethod

@@ -99,4 +99,4 @@ register_mixer(MixerSpec("mamba2", "dcablate.models.mixers.mamba2:Mamba2", Mamba
 
 
 register_mixer(MixerSpec("short_conv", "dcablate.models.mixers.short_conv:ShortConvMixer",
-                         conv_streams=lambda m: [("x", m.d_model)], output_conv=False))
+                         conv_streams=lambda m: [("x", m.d_model)], output_conv=False, conv_when_none="static"))
