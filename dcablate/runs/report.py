@@ -594,8 +594,9 @@ def _line(ax, pts: list[tuple], color, label: str) -> None:
 
 
 def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: str = "") -> dict[str, Path]:
-    """Score vs d_model (MQAR: one panel per test segment), score vs recurrent-state size, and the
-    validation and training-loss curves of the best lr per width; LM files carry the `lm_` prefix."""
+    """Score vs d_model (MQAR: one panel per test segment), MQAR accuracy per test segment (with two or more:
+    `accuracy_by_level`), score vs recurrent-state size, and the validation and training-loss curves of the best
+    lr per width; LM files carry the `lm_` prefix."""
     if not table:
         return {}
     import matplotlib
@@ -622,6 +623,9 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
             ax.set_ylim(ylim)
     axes[0][0].set_ylabel(f"{'MQAR accuracy' if metric.bounded else metric.label} (best lr)")
     files[f"{prefix}{short}_vs_d_model"] = _save(fig, axes[0][-1], root / f"{prefix}{short}_vs_d_model.png")
+    if metric.bounded and len(segs) > 1:
+        files[f"{prefix}accuracy_by_level"] = _by_level(root / f"{prefix}accuracy_by_level.png", best, segs, variants,
+                                                        colors)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for v in variants:
@@ -641,6 +645,28 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
         files[f"{prefix}training_loss"] = _curves(root / f"{prefix}training_loss.png", best, widths, variants, colors,
                                                   "training loss", lambda run: run.train_curve)
     return files
+
+
+def _by_level(path: Path, best: dict, segs: list[str], variants: list, colors: dict) -> Path:
+    """One panel per d_model: the accuracy of each test segment (the task's difficulty levels, in the recipe's
+    order) at the best lr, a line per variant, ± its std over seeds where it has several: where variants part
+    ways along a difficulty ladder."""
+    import matplotlib.pyplot as plt
+
+    widths = sorted({d for _, d in best})
+    fig, axes = plt.subplots(1, len(widths), figsize=(max(4.0, 0.6 * len(segs) + 1.5) * len(widths), 3.8),
+                             squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], widths):
+        ax.set(title=f"d_model={d} (best lr)", xlabel="test segment")
+        for v in variants:
+            cell = best.get((v, d))
+            if cell is not None:
+                _line(ax, [(i, cell.mean(seg), cell.std(seg)) for i, seg in enumerate(segs)], colors[v],
+                      variant_name(v))
+        ax.set_xticks(range(len(segs)), segs, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0][0].set_ylabel("MQAR accuracy")
+    return _save(fig, axes[0][-1], path)
 
 
 def _curves(path: Path, best: dict, widths: list[int], variants: list, colors: dict, ylabel: str, curve,

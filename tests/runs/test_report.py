@@ -128,8 +128,8 @@ def test_markdown_ranking_tables_and_unfinished(report):
 def test_figures_are_png(report):
     files = report
     pngs = [p for p in files.values() if p.suffix == ".png"]
-    assert {p.name for p in pngs} == {"accuracy_vs_d_model.png", "accuracy_vs_state.png", "validation_curves.png",
-                                      "training_loss.png"}
+    assert {p.name for p in pngs} == {"accuracy_vs_d_model.png", "accuracy_by_level.png", "accuracy_vs_state.png",
+                                      "validation_curves.png", "training_loss.png"}
     for p in pngs:
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000, p
@@ -153,6 +153,24 @@ def test_score_figures_carry_std_over_seeds_as_error_bars(tmp_path, monkeypatch)
     assert by_state[0][1] == pytest.approx((0.6, 0.9)) and by_state[0][2] == pytest.approx([sd, 0.0])
     one_seed = [d for d in drawn if d[0] in ((64,), (1000,))]  # gated_deltanet: one seed per point, no bars
     assert one_seed and all(d[2] is None for d in one_seed)
+
+
+def test_accuracy_by_level_draws_each_segment_at_the_best_lr(tmp_path, monkeypatch):
+    """accuracy_by_level: per width, a variant's accuracy on each test segment (in the recipe's order) at the
+    chosen lr, ± its std over seeds."""
+    import matplotlib.axes
+
+    drawn = []
+    errorbar = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, x, y, **k: drawn.append(
+        (ax.get_title(), tuple(x), tuple(y), k.get("yerr"))) or errorbar(ax, x, y, **k))
+    files = write_report(make_grid(tmp_path))
+    assert "![accuracy_by_level](accuracy_by_level.png)" in files["md"].read_text()
+    by_level = [d for d in drawn if d[0].startswith("d_model=") and d[1] == (0, 1)]
+    sd = statistics.stdev([0.9, 0.7])
+    # attention at d_model 64, the chosen lr's two seeds: T64_kv4 0.8 ± sd, the other segment 0.4 ± its sd
+    assert ("d_model=64 (best lr)", (0, 1)) == by_level[0][:2]
+    assert by_level[0][2] == pytest.approx((0.8, 0.4)) and by_level[0][3][0] == pytest.approx(sd)
 
 
 def test_training_loss_figure_plots_the_train_records(tmp_path, monkeypatch):
