@@ -586,6 +586,26 @@ def test_steps_set_to_the_files_warmup_say_the_run_never_decays(tmp_path, monkey
     assert "note:" not in capsys.readouterr().err
 
 
+def test_model_settings_no_run_reads_are_said_once(tmp_path, monkeypatch, capsys):
+    """A mixer's section beside another mixer, or a [model.conv] key that no point's conv kind reads, does
+    nothing: one note each, naming where it was set. Read by some point (a swept mixer, a dynamic conv), or set
+    only in a base recipe the named one extends (bench/mamba2_120m over gdn_125m's [model.gated_deltanet]), they
+    are silent."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "quickstart", "--dry-run", "--set", "model.conv.rank=4", "--set",
+                 "model.mamba2.state_size=32"]) == 0
+    err = capsys.readouterr().err
+    assert "note: model.conv.rank is set (--set) but no conv kind of these runs (none / static) reads it: it does " \
+           "nothing for these runs" in err
+    assert "note: model.mamba2 is set (--set) but model.mixer is 'attention / gated_deltanet': it does nothing " \
+           "for these runs" in err
+    assert main(["run", "quickstart", "--dry-run", "--set", "model.gated_deltanet.expand_v=2.0", "--set",
+                 "sweep.model.conv.kind=[\"none\", \"dynamic\"]", "--set", "model.conv.rank=8"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["info", "bench/mamba2_120m"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_settings_of_a_task_no_run_trains_on_are_said_and_an_axis_over_them_refused(tmp_path, monkeypatch, capsys):
     """`task.recall.*` on an MQAR recipe does nothing: one note says so; a sweep axis over it would train the same
     run once per value, so it is refused, led by where it was set. A recipe that sweeps task.kind is silent."""

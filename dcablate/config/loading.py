@@ -296,6 +296,7 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     base = build(data, origins, str(path))
     if not base.sweep:
         _unused_tasks(base, data, origins, str(path.resolve()), {base.task.kind}, {})
+        _unused_model_settings(data, origins, str(path.resolve()), [base])
         return base, [("", base)]
     points, seen = [], {}
     blamed = clashing_keys(base.sweep) or [key for key in base.sweep if key not in RESERVED]
@@ -314,6 +315,7 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
         points.append((name, build(point, origins, str(path))))
     _unused_tasks(base, data, origins, str(path.resolve()), {r.task.kind for _, r in points}, base.sweep)
     _unused_model_axes(origins, str(path.resolve()), [r for _, r in points], base.sweep)
+    _unused_model_settings(data, origins, str(path.resolve()), [r for _, r in points])
     return base, _without_repeats(points)
 
 
@@ -409,6 +411,40 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
             continue
         if name not in used:
             _axis_changes_nothing(origins, src, key, what, used)
+
+
+def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -> None:
+    """Model settings the recipe sets that no run reads, said once each in a note (as a task's, `_unused_tasks`):
+    the section of a mixer, channel mixer or conv kind that no point builds (`[model.gated_deltanet]` beside
+    `mixer = "attention"`), and a `[model.conv]` key that no point's conv kind reads (`rank` where every conv is
+    static), where the named recipe or a --set sets it. Sweep axes over them are refused instead
+    (`_unused_model_axes`)."""
+    from dcablate.models.conv import CONV_KINDS
+
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    conv = model.get("conv") if isinstance(model.get("conv"), dict) else {}
+    kinds = {k for r in recipes for k in conv_kinds_built(r)}
+    shown = " / ".join(sorted({r.model.conv.kind for r in recipes}))
+    notes = []
+    for name, what, used in (("mixer", "model.mixer", {m for r in recipes for m in r.model.mixers}),
+                             ("ffn", "model.ffn", {r.model.ffn for r in recipes})):
+        names = MIXERS.names() if name == "mixer" else CHANNELS.names()
+        values = " / ".join(sorted(used))
+        notes += [(f"model.{n}", f"{what} is {values!r}") for n in model if n in names and n not in used]
+    notes += [(f"model.conv.{n}", f"model.conv.kind is {shown!r}") for n in conv
+              if n in CONV_KINDS.names() and n not in kinds]
+    reads = [CONV_KINDS.get(k).reads for k in kinds if k in CONV_KINDS.names()]
+    if reads and None not in reads:
+        notes += [(f"model.conv.{n}", f"no conv kind of these runs ({shown}) reads it") for n in conv
+                  if n in schema.ConvCore.__dataclass_fields__ and n != "kind" and not any(n in r for r in reads)]
+    for key, why in notes:
+        where = _src(origins, key, src)
+        if where not in (src, "--set"):  # a base recipe (`extends`) may configure components its children do not use
+            continue
+        note = f"{key} is set ({where}) but {why}: it does nothing for these runs"
+        if note not in _said:
+            _said.add(note)
+            logging.getLogger("dcablate").warning(f"note: {note}")
 
 
 def _axis_changes_nothing(origins: dict, src: str, key: str, what: str, values: set[str], why: str = "") -> None:
