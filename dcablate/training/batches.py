@@ -11,21 +11,38 @@ import torch
 from dcablate.training.packing import in_worker_thread, thread_stream
 
 
+_END = object()  # a drawn-ahead "batch" that says the iterator is exhausted
+
+
 class Prefetcher:
     """The batches of an iterator; on CUDA each is copied to the device (pinned memory, a side stream)
-    while the previous step runs, so the step never waits on a host-to-device copy. On CPU a pass-through."""
+    while the previous step runs, so the step never waits on a host-to-device copy. On CPU a pass-through.
+
+    `draw_ahead()` draws the next batch from the iterator on the host only (no CUDA call), to be copied when
+    its turn comes: a run of a packed worker does it while the other runs hold the process's turn (packing.py),
+    so the part of a batch that needs no GPU is off the turn that every run's GPU work waits for."""
 
     def __init__(self, batches, device: torch.device):
         self.batches, self.device = iter(batches), device
+        self.drawn = None  # a batch drawn ahead on the host (or _END), not yet handed on
         self.stream = None
         if device.type == "cuda":  # a packed worker's thread keeps its own (packing.py), others draw one
             self.stream = thread_stream(device, "prefetch") if in_worker_thread() else torch.cuda.Stream(device)
         self.next = self._load() if self.stream is not None else None
 
+    def draw_ahead(self) -> None:
+        """Draw the iterator's next batch now, on the host, unless one is drawn already."""
+        if self.drawn is None:
+            self.drawn = next(self.batches, _END)
+
+    def _draw(self):
+        """The next batch of the iterator (the one drawn ahead, if any); _END when there is none."""
+        batch, self.drawn = (self.drawn, None) if self.drawn is not None else (next(self.batches, _END), None)
+        return batch
+
     def _load(self):
-        try:
-            batch = next(self.batches)
-        except StopIteration:
+        batch = self._draw()
+        if batch is _END:
             return None
         # a contiguous pinned copy (LM batches are overlapping views of one window): the copy to the device
         # is then one asynchronous transfer
@@ -38,7 +55,10 @@ class Prefetcher:
 
     def __next__(self):
         if self.stream is None:
-            return next(self.batches)
+            batch = self._draw()
+            if batch is _END:
+                raise StopIteration
+            return batch
         if self.next is None:
             raise StopIteration
         batch, current = self.next, torch.cuda.current_stream(self.device)
@@ -66,11 +86,28 @@ class ScoredCounts:
         return self.queue.popleft()
 
 
-def device_batches(source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, count_scored: bool
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]]:
+class DeviceBatches:
     """`(x [B, T], y [B, T], row_scored)` for each batch `(x, y)` of `source`, prefetched to `device`;
     `row_scored` (the third argument of `TrainStep`) is each row's count of scored targets when `count_scored`
-    (the model's loss gathers them: `LanguageModel.gather_scored`), else None."""
-    counts = ScoredCounts() if count_scored else None
-    for x, y in Prefetcher(counts.wrap(source) if counts else source, device):
-        yield x, y, counts.pop() if counts else None
+    (the model's loss gathers them: `LanguageModel.gather_scored`), else None. `draw_ahead()`: the next batch's
+    host part (drawing it, counting its scored targets) now, as `Prefetcher.draw_ahead`."""
+
+    def __init__(self, source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, count_scored: bool):
+        self.counts = ScoredCounts() if count_scored else None
+        self.prefetcher = Prefetcher(self.counts.wrap(source) if self.counts else source, device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]:
+        x, y = next(self.prefetcher)
+        return x, y, self.counts.pop() if self.counts else None
+
+    def draw_ahead(self) -> None:
+        self.prefetcher.draw_ahead()
+
+
+def device_batches(source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                   count_scored: bool) -> DeviceBatches:
+    """`DeviceBatches` of `source` on `device`."""
+    return DeviceBatches(source, device, count_scored)

@@ -325,6 +325,11 @@ class Run:
                             enabled=not self.quiet and recipe.log.progress and self.main)
         self.model.train()
         waited_before, loop_start = turn_wait_seconds(), time.perf_counter()
+
+        def draw_ahead() -> None:
+            drawing = time.perf_counter()
+            batches.draw_ahead()
+            self.loop_s["batches"] += time.perf_counter() - drawing
         try:
             if state.step and not state.done and self.due_eval(state.step) and \
                     (not state.history or state.history[-1]["step"] != state.step):
@@ -359,7 +364,9 @@ class Run:
                 if every and state.step % every == 0 and not state.done and state.step < t.steps:
                     with self.clock.phase("checkpoint"):
                         state.save()
-                pass_turn()  # the other runs of a packed worker queue their steps (packing.py)
+                # the other runs of a packed worker take their turns while this one draws its next batch on the
+                # host (packing.py)
+                pass_turn(while_away=draw_ahead)
             self.train_step.flush()
         finally:
             self.loop_s["waiting_for_other_runs"] += turn_wait_seconds() - waited_before

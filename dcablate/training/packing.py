@@ -75,13 +75,16 @@ class Turns:
         """How many threads wait for the turn."""
         return len(self._queue)
 
-    def pass_turn(self) -> None:
+    def pass_turn(self, while_away=None) -> None:
         """The holder lets every thread now waiting have its turn, then takes its own back; nothing when none
-        waits, when the caller does not hold the turn, or holds it more than once (see `handed_back`)."""
-        if not self.held() or not self._queue:
+        waits, when the caller does not hold the turn, or holds it more than once (see `handed_back`).
+        `while_away()`, if given, runs after the turn is let go and before the caller queues for it again; it
+        runs only then (whether or not another thread waits), never in place."""
+        if not self.held() or (not self._queue and while_away is None) or self._depth != 1:
             return
         with self.handed_back():
-            pass
+            if while_away is not None:
+                while_away()
 
     def released(self):
         """A context manager: inside the block the caller does not hold the turn at all, even inside nested holds;
@@ -176,9 +179,12 @@ def own_turn():
         yield
 
 
-def pass_turn() -> None:
-    """End of a training step: let the other runs of this process queue theirs (nothing when none waits)."""
-    _TURNS.pass_turn()
+def pass_turn(while_away=None) -> None:
+    """End of a training step: let the other runs of this process queue theirs (nothing when none waits).
+    `while_away`: host work of this run (no CUDA call, no process-wide generator: drawing its next batch) done
+    while the others hold the turn, this run then queueing behind them; a run that holds no turn to hand on (a
+    run alone, in the main thread) skips it and does that work when it needs it."""
+    _TURNS.pass_turn(while_away)
 
 
 def by_turns(batches):

@@ -1,0 +1,84 @@
+"""A packed run draws its next batch on the host while the other runs of its worker hold the turn
+(`packing.pass_turn(while_away=...)`, `DeviceBatches.draw_ahead`): the batches and their scored counts come out
+in the same order as without drawing ahead, and the drawing happens off the turn, only where there is a turn to
+hand on."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from dcablate.training import packing
+from dcablate.training.batches import DeviceBatches, Prefetcher
+from dcablate.training.packing import Turns
+
+CPU = torch.device("cpu")
+
+
+def source(n=5):
+    for i in range(n):
+        y = torch.full((2, 8), -100)
+        y[:, : i + 1] = i  # row counts of scored targets: i + 1
+        yield torch.full((2, 8), i), y
+
+
+def test_drawing_ahead_keeps_the_order_and_the_counts():
+    plain = [(x[0, 0].item(), counts) for x, _, counts in DeviceBatches(source(), CPU, True)]
+    batches, ahead = DeviceBatches(source(), CPU, True), []
+    for i in range(5):
+        if i % 2:
+            batches.draw_ahead()
+            batches.draw_ahead()  # a second call before the next batch draws nothing more
+        x, _, counts = next(batches)
+        ahead.append((x[0, 0].item(), counts))
+    assert ahead == plain == [(i, (i + 1, i + 1)) for i in range(5)]
+    batches.draw_ahead()  # past the end: the iterator still ends
+    assert next(batches, None) is None
+
+
+def test_a_prefetcher_draws_ahead_only_when_asked():
+    drawn = []
+
+    def counted():
+        for item in source(3):
+            drawn.append(1)
+            yield item
+
+    p = Prefetcher(counted(), CPU)
+    assert drawn == []  # on CPU nothing is drawn before it is needed
+    p.draw_ahead()
+    assert len(drawn) == 1 and next(p)[0][0, 0].item() == 0 and len(drawn) == 1
+
+
+def test_the_work_while_away_runs_off_the_turn_and_only_with_a_turn_to_hand_on(monkeypatch):
+    turns = Turns()
+    monkeypatch.setattr(packing, "_TURNS", turns)
+    seen = []
+    packing.pass_turn(while_away=lambda: seen.append("main"))  # no turn held: nothing to do meanwhile
+    assert seen == []
+    other_ran = threading.Event()
+
+    def other():
+        with turns:
+            other_ran.set()
+
+    def run():
+        with turns:
+            waiter = threading.Thread(target=other)
+            waiter.start()
+            while turns.waiting() < 1:
+                pass
+
+            def away():  # the other run takes its turn while this one is away
+                seen.append(("held", turns.held()))
+                assert other_ran.wait(5)
+
+            packing.pass_turn(while_away=away)
+            seen.append(("back", turns.held()))
+            waiter.join(5)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert seen == [("held", False), ("back", True)] and other_ran.is_set()
