@@ -33,6 +33,7 @@ from dcablate.models.conv import CONV_KINDS, conv_activation
 from dcablate.runs import compute_report, efficiency, report_files, suite, variants
 from dcablate.runs.compute_report import compute_section
 from dcablate.runs.directories import last_command, points_not_started
+from dcablate.runs.time_report import time_lines
 from dcablate.tasks import TASKS
 
 
@@ -403,6 +404,7 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
     files.update(suite_files)
     lines += csv_note
 
+    lines += time_lines([r.summary for r in runs if r.summary is not None])
     lines += _software(runs)
     if failed:  # their learning rates' cells rest on the other seeds, or are missing from the tables
         lines += ["## Failed (the last attempt ended on an error; `failed.json`)", ""]

@@ -166,9 +166,9 @@ class Run:
                               self.compute.state, self.clock.parts)
         self.phase = "starting"  # for error messages: what the run was doing
         # this call's training loop (its steps and the evaluations and checkpoints between them), seconds: in all,
-        # drawing the next batch (host work, under the turn in a packed worker) and waiting for the other runs
-        # of the worker; summary.json `loop_s`
-        self.loop_s = {"loop": 0.0, "batches": 0.0, "waiting_for_other_runs": 0.0}
+        # drawing the next batch and waiting for the other runs of a packed worker; and the steps it trained;
+        # summary.json `loop_s`
+        self.loop_s = {"loop": 0.0, "batches": 0.0, "waiting_for_other_runs": 0.0, "steps": 0}
 
     def to_device(self) -> None:
         """Move the model to the run's device; memory running out there is a UserError, as in `build_model`."""
@@ -344,6 +344,7 @@ class Run:
                 x, y, row_scored = next(batches)
                 self.loop_s["batches"] += time.perf_counter() - drawing
                 loss, grad_norm = self.train_step(x, y, row_scored)
+                self.loop_s["steps"] += 1
                 steps_since, tokens_since = steps_since + 1, tokens_since + x.numel()
                 self.compute.add(x.shape[0], x.shape[1], sum(row_scored) if row_scored is not None else y.numel())
                 progress.advance()
