@@ -93,8 +93,15 @@ class DeviceBatches:
     host part (drawing it, counting its scored targets) now, as `Prefetcher.draw_ahead`."""
 
     def __init__(self, source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device, count_scored: bool):
+        self.source, self.device = source, device
         self.counts = ScoredCounts() if count_scored else None
-        self.prefetcher = Prefetcher(self.counts.wrap(source) if self.counts else source, device)
+        self._prefetcher: Prefetcher | None = None  # made on first use: nothing is drawn or copied before
+
+    @property
+    def prefetcher(self) -> Prefetcher:
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(self.counts.wrap(self.source) if self.counts else self.source, self.device)
+        return self._prefetcher
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None]]:
         return self
@@ -104,7 +111,10 @@ class DeviceBatches:
         return x, y, self.counts.pop() if self.counts else None
 
     def draw_ahead(self) -> None:
-        self.prefetcher.draw_ahead()
+        """The next batch's host part now (a CUDA run's first use still copies under the caller's turn: only a
+        prefetcher already made draws ahead)."""
+        if self._prefetcher is not None:
+            self._prefetcher.draw_ahead()
 
 
 def device_batches(source: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,

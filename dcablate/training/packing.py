@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import os
 import threading
 import time
@@ -30,7 +31,8 @@ import time
 
 class Turns:
     """A re-entrant lock handed on in the order it was asked for: `pass_turn` gives every thread waiting for
-    it one turn before its holder gets it back, so K runs stepping in K threads advance round-robin.
+    it one turn before its holder gets it back, so K runs stepping in K threads advance round-robin (a run that
+    does host work while away, `pass_turn(while_away)`, queues again once that work is done).
 
     A free turn wakes only the first thread in line (each waiting thread sleeps on a condition of its own, all on
     one lock), not every waiting thread: with K runs, waking all K - 1 at each hand-over made them take the GIL
@@ -84,7 +86,8 @@ class Turns:
             return
         with self.handed_back():
             if while_away is not None:
-                while_away()
+                with no_collection():
+                    while_away()
 
     def released(self):
         """A context manager: inside the block the caller does not hold the turn at all, even inside nested holds;
@@ -144,6 +147,30 @@ class Turns:
             _waited.seconds = getattr(_waited, "seconds", 0.0) + time.perf_counter() - since
         self._queue.popleft()
         self._owner = me
+
+
+_gc_lock = threading.Lock()
+_gc_holds = {"count": 0, "was_enabled": True}
+
+
+@contextlib.contextmanager
+def no_collection():
+    """Inside the block Python's cyclic garbage collector does not run, in any thread (it is process-wide). Code
+    run off the turn uses it: a collection there could free another run's CUDA tensors while a run captures a
+    CUDA graph (collections happen under the turn: `release_memory`). Nested and concurrent blocks count; the
+    collector comes back as it was when the last one ends."""
+    with _gc_lock:
+        if _gc_holds["count"] == 0:
+            _gc_holds["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _gc_holds["count"] += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holds["count"] -= 1
+            if _gc_holds["count"] == 0 and _gc_holds["was_enabled"]:
+                gc.enable()
 
 
 _waited = threading.local()  # `seconds`: how long this thread has waited for a turn, all `Turns` together

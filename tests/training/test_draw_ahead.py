@@ -82,3 +82,48 @@ def test_the_work_while_away_runs_off_the_turn_and_only_with_a_turn_to_hand_on(m
     t.start()
     t.join(10)
     assert seen == [("held", False), ("back", True)] and other_ran.is_set()
+
+
+def test_no_collection_while_away_and_the_collector_comes_back_as_it_was():
+    """Off the turn the cyclic garbage collector is held off (a collection there could free another run's CUDA
+    tensors during its graph capture); nested holds count, and a collector the user had turned off stays off."""
+    import gc
+
+    assert gc.isenabled()
+    with packing.no_collection():
+        with packing.no_collection():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with packing.no_collection():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    turns, states = Turns(), []
+
+    def run():
+        with turns:
+            turns.pass_turn(while_away=lambda: states.append(gc.isenabled()))
+        states.append(gc.isenabled())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(5)
+    assert states == [False, True]
+
+
+def test_a_device_batches_draws_nothing_before_it_is_used():
+    drawn = []
+
+    def counted():
+        for item in source(2):
+            drawn.append(1)
+            yield item
+
+    batches = DeviceBatches(counted(), CPU, True)
+    batches.draw_ahead()  # before the first batch: nothing to draw ahead of
+    assert drawn == []
+    assert next(batches)[2] == (1, 1) and len(drawn) == 1
