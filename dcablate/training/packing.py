@@ -66,7 +66,9 @@ class Turns:
 
     __enter__ = acquire
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and not self.held():  # the turn was lost on the way out (a wait to get it back
+            return  # raised, `_let_go`): that error goes on, not a release of a turn this thread does not hold
         self.release()
 
     def held(self) -> bool:

@@ -109,6 +109,32 @@ def test_a_thread_woken_for_its_turn_that_leaves_wakes_the_next_in_line():
     assert got.wait(5) and turns.waiting() == 0
 
 
+def test_an_error_while_waiting_to_get_the_turn_back_is_the_error_raised():
+    """A wait to take the turn back after handing it on (`handed_back`) that raises leaves the thread without the
+    turn; the enclosing `with turns` lets that error go on instead of replacing it with a release error."""
+    turns = Turns()
+    real_waker = turns._waker
+
+    class Interrupted:
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt
+
+    def run():
+        with turns:
+            other = threading.Thread(target=lambda: (turns.acquire(), time.sleep(0.05), turns.release()))
+            other.start()
+            while turns.waiting() < 1:
+                time.sleep(0.001)
+            turns._waker = lambda me: Interrupted() if me == threading.get_ident() else real_waker(me)
+            with turns.handed_back():
+                time.sleep(0.01)  # the other thread takes the turn; this one's wait to get it back raises
+        other.join(5)
+
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert not turns.held() and turns.waiting() == 0
+
+
 def test_a_stop_signal_reaches_a_run_still_waiting_for_its_turn_to_start(tmp_path):
     """A packed run that waits for the turn (another run holds it) is already listening for stop signals: one
     delivered meanwhile stops it at the start, and it trains no step."""
