@@ -37,15 +37,16 @@ def test_drawing_ahead_keeps_the_order_and_the_counts():
     assert next(batches, None) is None
 
 
+def counted(n: int, drawn: list):
+    """`source(n)`, noting each batch drawn in `drawn`."""
+    for item in source(n):
+        drawn.append(1)
+        yield item
+
+
 def test_a_prefetcher_draws_ahead_only_when_asked():
     drawn = []
-
-    def counted():
-        for item in source(3):
-            drawn.append(1)
-            yield item
-
-    p = Prefetcher(counted(), CPU)
+    p = Prefetcher(counted(3, drawn), CPU)
     assert drawn == []  # on CPU nothing is drawn before it is needed
     p.draw_ahead()
     assert len(drawn) == 1 and next(p)[0][0, 0].item() == 0 and len(drawn) == 1
@@ -117,13 +118,7 @@ def test_no_collection_while_away_and_the_collector_comes_back_as_it_was():
 
 def test_a_device_batches_draws_nothing_before_it_is_used():
     drawn = []
-
-    def counted():
-        for item in source(2):
-            drawn.append(1)
-            yield item
-
-    batches = DeviceBatches(counted(), CPU, True)
+    batches = DeviceBatches(counted(2, drawn), CPU, True)
     batches.draw_ahead()  # before the first batch: nothing to draw ahead of
     assert drawn == []
     assert next(batches)[2] == (1, 1) and len(drawn) == 1
