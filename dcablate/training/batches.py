@@ -37,7 +37,8 @@ class Prefetcher:
 
     def _draw(self):
         """The next batch of the iterator (the one drawn ahead, if any); _END when there is none."""
-        batch, self.drawn = (self.drawn, None) if self.drawn is not None else (next(self.batches, _END), None)
+        batch = self.drawn if self.drawn is not None else next(self.batches, _END)
+        self.drawn = None
         return batch
 
     def _load(self):
