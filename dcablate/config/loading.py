@@ -417,12 +417,16 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
     """Model settings the recipe sets that no run reads, said once each in a note (as a task's, `_unused_tasks`):
     the section of a mixer, channel mixer or conv kind that no point builds (`[model.gated_deltanet]` beside
     `mixer = "attention"`), and a `[model.conv]` key that no point's conv kind reads (`rank` where every conv is
-    static), where the named recipe or a --set sets it. Sweep axes over them are refused instead
-    (`_unused_model_axes`)."""
+    static), where the named recipe or a --set sets it to other than its default. Sweep axes over them are refused
+    instead (`_unused_model_axes`)."""
     from dcablate.models.conv import CONV_KINDS
 
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
     conv = model.get("conv") if isinstance(model.get("conv"), dict) else {}
+    first = recipes[0].model  # a setting that is not swept is the same at every point
+    # only what differs from its default does anything: a saved run's recipe.toml writes every key out
+    changed = lambda value: value != type(value)()  # noqa: E731
+    conv_defaults = type(first.conv)()
     kinds = {k for r in recipes for k in conv_kinds_built(r)}
     shown = " / ".join(sorted({r.model.conv.kind for r in recipes}))
     notes = []
@@ -430,13 +434,15 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
                              ("ffn", "model.ffn", {r.model.ffn for r in recipes})):
         names = MIXERS.names() if name == "mixer" else CHANNELS.names()
         values = " / ".join(sorted(used))
-        notes += [(f"model.{n}", f"{what} is {values!r}") for n in model if n in names and n not in used]
+        notes += [(f"model.{n}", f"{what} is {values!r}") for n in model
+                  if n in names and n not in used and changed(getattr(first, n))]
     notes += [(f"model.conv.{n}", f"model.conv.kind is {shown!r}") for n in conv
-              if n in CONV_KINDS.names() and n not in kinds]
+              if n in CONV_KINDS.names() and n not in kinds and changed(getattr(first.conv, n))]
     reads = [CONV_KINDS.get(k).reads for k in kinds if k in CONV_KINDS.names()]
     if reads and None not in reads:
         notes += [(f"model.conv.{n}", f"no conv kind of these runs ({shown}) reads it") for n in conv
-                  if n in schema.ConvCore.__dataclass_fields__ and n != "kind" and not any(n in r for r in reads)]
+                  if n in schema.ConvCore.__dataclass_fields__ and n != "kind" and not any(n in r for r in reads)
+                  and getattr(first.conv, n) != getattr(conv_defaults, n)]
     for key, why in notes:
         where = _src(origins, key, src)
         if where not in (src, "--set"):  # a base recipe (`extends`) may configure components its children do not use

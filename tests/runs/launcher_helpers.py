@@ -74,11 +74,17 @@ def results(root: Path, names=NAMES) -> dict:
 
 
 def report_text(root: Path) -> tuple[str, str]:
-    """`dcablate report ROOT`'s report.md (its folder name made neutral) and report.csv."""
+    """`dcablate report ROOT`'s report.md (its folder name made neutral, without the measured times of "Where the
+    time went", which no two trainings share) and report.csv."""
+    import re
+
     from dcablate.cli import main
 
     assert main(["report", str(root)]) == 0
-    return (root / "report.md").read_text().replace(str(root), "ROOT"), (root / "report.csv").read_text()
+    md = (root / "report.md").read_text().replace(str(root), "ROOT")
+    md, timed = re.subn(r"## Where the time went\n.*?(?=\n## )", "## Where the time went\n", md, flags=re.S)
+    assert timed == 1, "the report has no time section to leave out"
+    return md, (root / "report.csv").read_text()
 
 
 def start_command(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
