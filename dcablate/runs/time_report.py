@@ -34,12 +34,15 @@ def time_lines(summaries: list[dict]) -> list[str]:
     if loops and loop > 0 and steps > 0:
         waiting = sum(ls.get("waiting_for_other_runs", 0.0) for ls, _ in loops)
         batches = sum(ls.get("batches", 0.0) for ls, _ in loops)
+        ahead = sum(ls.get("drawing_ahead", 0.0) for ls, _ in loops)
         at_once = sorted({s.get("runs_on_device", 1) for s in summaries})
         counted = "steps in all" if all("steps" in ls for ls, _ in loops) else \
             "steps in all, some runs' whole step counts where their loop did not record its own (a resumed run's " \
             "earlier calls included: a lower bound per step)"
         lines += [f"Training loops (`loop_s`, the last call of each run: {steps:,} {counted}; runs at once per "
                   f"device: {', '.join(map(str, at_once))}): {100 * waiting / loop:.1f}% of the loops' time waited "
-                  f"for the other runs of a packed worker; drawing batches took {1e3 * batches / steps:.2f} ms per "
-                  f"step ({100 * batches / loop:.1f}% of the loops).", ""]
+                  f"for the other runs of a packed worker; taking the next batch took {1e3 * batches / steps:.2f} ms "
+                  f"per step ({100 * batches / loop:.1f}% of the loops)"
+                  + (f", and drawing batches ahead off the turn {1e3 * ahead / steps:.2f} ms" if ahead else "") + ".",
+                  ""]
     return lines

@@ -166,9 +166,10 @@ class Run:
                               self.compute.state, self.clock.parts)
         self.phase = "starting"  # for error messages: what the run was doing
         # this call's training loop (its steps and the evaluations and checkpoints between them), seconds: in all,
-        # drawing the next batch and waiting for the other runs of a packed worker; and the steps it trained;
-        # summary.json `loop_s`
-        self.loop_s = {"loop": 0.0, "batches": 0.0, "waiting_for_other_runs": 0.0, "steps": 0}
+        # taking the next batch (under the turn in a packed worker: its copy to the device, and its draw when not
+        # drawn ahead), drawing batches ahead off the turn (packed workers) and waiting for the other runs of the
+        # worker; and the steps it trained; summary.json `loop_s`
+        self.loop_s = {"loop": 0.0, "batches": 0.0, "drawing_ahead": 0.0, "waiting_for_other_runs": 0.0, "steps": 0}
 
     def to_device(self) -> None:
         """Move the model to the run's device; memory running out there is a UserError, as in `build_model`."""
@@ -329,7 +330,7 @@ class Run:
         def draw_ahead() -> None:
             drawing = time.perf_counter()
             batches.draw_ahead()
-            self.loop_s["batches"] += time.perf_counter() - drawing
+            self.loop_s["drawing_ahead"] += time.perf_counter() - drawing
         try:
             if state.step and not state.done and self.due_eval(state.step) and \
                     (not state.history or state.history[-1]["step"] != state.step):

@@ -399,13 +399,15 @@ def test_where_the_time_went_sums_the_phases_and_the_packed_loops(tmp_path):
         summary = json.loads((run / "summary.json").read_text())
         summary["time_s"] = {"setup": 1.0, "data": 1.0, "compile": 0.0, "train": 6.0, "eval": 2.0, "checkpoint": 0.0,
                              "total": 10.0}
-        summary["loop_s"] = {"loop": 8.0, "batches": 0.1, "waiting_for_other_runs": 4.0, "steps": 50}
+        summary["loop_s"] = {"loop": 8.0, "batches": 0.1, "drawing_ahead": 0.05, "waiting_for_other_runs": 4.0,
+                             "steps": 50}
         summary["runs_on_device"] = 2
         (run / "summary.json").write_text(json.dumps(summary))
     md = write_report(root)["md"].read_text()
     assert "| train | 12.0 | 60.0% | 6.00 |" in md and "| total | 20.0 | 100.0% | 10.00 |" in md
     assert ("100 steps in all; runs at once per device: 2): 50.0% of the loops' time waited for the other runs of "
-            "a packed worker; drawing batches took 2.00 ms per step (1.2% of the loops).") in md
+            "a packed worker; taking the next batch took 2.00 ms per step (1.2% of the loops), and drawing batches "
+            "ahead off the turn 1.00 ms.") in md
     plain = tmp_path / "plain"
     make_run(plain, "a", best=(0.6, 0.2, 0.4))
     assert "## Where the time went" not in write_report(plain)["md"].read_text()

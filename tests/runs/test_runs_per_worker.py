@@ -43,10 +43,12 @@ def test_runs_in_threads_match_in_process_each_with_its_own_log(sweep, capsys):
     runs_at_once = lambda r: {json.loads(p.read_text())["runs_on_device"] for p in r.glob("*/summary.json")}
     assert runs_at_once(root) == {4} and runs_at_once(sweep / "inproc" / "w") == {1}
     loop_s = lambda r: [json.loads(p.read_text())["loop_s"] for p in r.glob("*/summary.json")]
-    # packed runs wait for each other's steps; a run alone never waits; every run draws its batches
-    assert all(t["waiting_for_other_runs"] > 0 and t["batches"] > 0 for t in loop_s(root))
-    assert all(t["loop"] >= t["waiting_for_other_runs"] + t["batches"] for t in loop_s(root))
-    assert all(t["waiting_for_other_runs"] == 0 and t["batches"] > 0 for t in loop_s(sweep / "inproc" / "w"))
+    # packed runs wait for each other's steps and draw their batches ahead, off the turn (all but the first)
+    assert all(t["waiting_for_other_runs"] > 0 and t["drawing_ahead"] > 0 for t in loop_s(root))
+    assert all(t["loop"] >= t["waiting_for_other_runs"] + t["batches"] + t["drawing_ahead"] for t in loop_s(root))
+    # a run alone never waits and never draws ahead (it has no turn to hand on); it trains its 6 steps in one loop
+    assert all(t["waiting_for_other_runs"] == 0 and t["batches"] > 0 and t["drawing_ahead"] == 0 and t["steps"] == 6
+               for t in loop_s(sweep / "inproc" / "w"))
     for n in NAMES:  # each log holds its own run's lines and no other run's
         log = (root / n / "worker.log").read_text()
         assert f"{n}  step 6/6 (100%)" in log and log.count("-> out/w/") == 1
