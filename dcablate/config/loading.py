@@ -328,6 +328,20 @@ def conv_kinds_built(recipe) -> set[str]:
     return {"none"} | {MIXERS.get(m).conv_when_none for m in recipe.model.mixers if MIXERS.get(m).conv_when_none}
 
 
+def conv_keys_read(kinds) -> set[str] | None:
+    """The `[model.conv]` keys that the conv kinds `kinds` read between them (`ConvKindSpec.reads`); None when one
+    of them may read any key (no `reads`, or a kind not registered)."""
+    from dcablate.models.conv import CONV_KINDS
+
+    read: set[str] = set()
+    for kind in kinds:
+        reads = CONV_KINDS.get(kind).reads if kind in CONV_KINDS.names() else None
+        if reads is None:
+            return None
+        read.update(reads)
+    return read
+
+
 def effective(recipe) -> dict:
     """What of `recipe` its run reads, as a dict: `recipe.to_dict()` without the sections of the mixers, channel
     mixers, conv kinds and tasks it does not use, nor the `[model.conv]` keys its conv kind does not read
@@ -345,10 +359,10 @@ def effective(recipe) -> dict:
     for name in CONV_KINDS.names():
         if name not in built:
             conv.pop(name, None)
-    reads = [CONV_KINDS.get(k).reads if k in CONV_KINDS.names() else None for k in built]
-    if None not in reads:  # a kind without `reads` may read any key
+    read = conv_keys_read(built)
+    if read is not None:
         for key in schema.ConvCore.__dataclass_fields__:
-            if key != "kind" and not any(key in r for r in reads):
+            if key != "kind" and key not in read:
                 conv.pop(key, None)
     for name in TASKS.names():
         if name != recipe.task.kind:
@@ -376,9 +390,7 @@ def _without_repeats(points: list) -> list:
         note = (f"{len(repeats)} of the sweep's {len(points)} points would train the same run as an earlier point "
                 f"(they differ only in settings their mixer, channel mixer, conv kind or task does not read), so "
                 f"each such run trains once: left out {shown}{more}")
-        if note not in _said:
-            _said.add(note)
-            logging.getLogger("dcablate").warning(f"note: {note}")
+        _say_once(note)
     return kept
 
 
@@ -397,8 +409,8 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
             continue
         if parts[:2] == ["model", "conv"] and len(parts) == 3 and parts[2] in schema.ConvCore.__dataclass_fields__ \
                 and parts[2] != "kind":
-            reads = [CONV_KINDS.get(kind).reads for kind in sorted(kinds)]
-            if all(r is not None and parts[2] not in r for r in reads):
+            read = conv_keys_read(kinds)
+            if read is not None and parts[2] not in read:
                 _axis_changes_nothing(origins, src, key, "model.conv.kind", kinds, f", which does not read {key}")
             continue
         if parts[1] == "conv" and len(parts) > 2 and parts[2] in CONV_KINDS.names():
@@ -438,19 +450,17 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
                   if n in names and n not in used and changed(getattr(first, n))]
     notes += [(f"model.conv.{n}", f"model.conv.kind is {shown!r}") for n in conv
               if n in CONV_KINDS.names() and n not in kinds and changed(getattr(first.conv, n))]
-    reads = [CONV_KINDS.get(k).reads for k in kinds if k in CONV_KINDS.names()]
-    if reads and None not in reads:
+    read = conv_keys_read(kinds)
+    if read is not None:
         notes += [(f"model.conv.{n}", f"no conv kind of these runs ({shown}) reads it") for n in conv
-                  if n in schema.ConvCore.__dataclass_fields__ and n != "kind" and not any(n in r for r in reads)
+                  if n in schema.ConvCore.__dataclass_fields__ and n != "kind" and n not in read
                   and getattr(first.conv, n) != getattr(conv_defaults, n)]
     for key, why in notes:
         where = _src(origins, key, src)
         if where not in (src, "--set"):  # a base recipe (`extends`) may configure components its children do not use
             continue
         note = f"{key} is set ({where}) but {why}: it does nothing for these runs"
-        if note not in _said:
-            _said.add(note)
-            logging.getLogger("dcablate").warning(f"note: {note}")
+        _say_once(note)
 
 
 def _axis_changes_nothing(origins: dict, src: str, key: str, what: str, values: set[str], why: str = "") -> None:
@@ -479,9 +489,7 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
                            (k == f"task.{task}" or k.startswith(f"task.{task}."))}) or [src]
         note = (f"task.{task} is set ({', '.join(set_here)}) but task.kind is {kind!r}: its settings do nothing "
                 f"for these runs")
-        if note not in _said:
-            _said.add(note)
-            logging.getLogger("dcablate").warning(f"note: {note}")
+        _say_once(note)
 
 
 def load(ref: str, overrides: list[str] = ()):
@@ -600,6 +608,14 @@ def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> 
 _said: set[str] = set()
 
 
+def _say_once(note: str) -> None:
+    """A `note:` line on the log, the first time this process meets it (recipes are loaded again per point and
+    per worker)."""
+    if note not in _said:
+        _said.add(note)
+        logging.getLogger("dcablate").warning(f"note: {note}")
+
+
 def _fit_warmup(r, origins: dict, src: str) -> None:
     """A warmup longer than the run, from another place than the steps (`--set train.steps=30` on a recipe
     with 50 warmup steps: a short smoke run), is clamped to the steps and said once; from the same place it
@@ -615,9 +631,7 @@ def _fit_warmup(r, origins: dict, src: str) -> None:
     else:
         note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
                 f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}")
-    if note not in _said:
-        _said.add(note)
-        logging.getLogger("dcablate").warning(f"note: {note}")
+    _say_once(note)
     t.warmup_steps = t.steps
 
 

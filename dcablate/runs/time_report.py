@@ -4,7 +4,7 @@ other runs, drawing batches) per step."""
 
 from __future__ import annotations
 
-PHASES = ("setup", "data", "compile", "train", "eval", "checkpoint")  # summary.json time_s, then its "total"
+from dcablate.training.timing import PARTS  # summary.json time_s's phases, then its "total"
 
 
 def time_lines(summaries: list[dict]) -> list[str]:
@@ -20,7 +20,7 @@ def time_lines(summaries: list[dict]) -> list[str]:
              "trained a run; a run of a packed worker counts the other runs' turns in the phase it waited in, so "
              "the sum exceeds the wall time by about the runs trained at once).", "",
              "| phase | seconds, all runs | share | mean per run |", "|---|---|---|---|"]
-    for phase in (*PHASES, "total"):
+    for phase in (*PARTS, "total"):
         seconds = sum(t.get(phase, 0.0) for t in timed)
         share = f"{100 * seconds / total:.1f}%" if total > 0 else "-"
         lines.append(f"| {phase} | {seconds:,.1f} | {share} | {seconds / n:,.2f} |")
