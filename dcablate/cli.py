@@ -567,7 +567,7 @@ def info(recipe, overrides, detail):
 @cli.group()
 def bench():
     """Speed benchmarks: print a table comparing variants in one run on one card (conv, mixer, moe: GPU only;
-    train: also on CPU)."""
+    train, throughput: also on CPU)."""
 
 
 @bench.command(name="conv")
@@ -648,6 +648,21 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
     from dcablate.bench.train import train_benchmark
 
     train_benchmark(recipe, list(overrides), list(compare), steps, warmup, fla_reference, profile)
+
+
+@bench.command(name="throughput")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Timed steps per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Untimed steps first (more while a CUDA-graphed model still has batch shapes to capture).")
+@click.option("--again", is_flag=True, help="Also time the models already measured on this card (the file keeps "
+                                            "every measurement; the report reads the newest).")
+def bench_throughput(directory, steps, warmup, again):
+    """Time each model of the finished runs below DIRECTORY alone on this card, for the report's wall-clock
+    multipliers: runs trained side by side measured each other. Writes each run's throughput.json."""
+    from dcablate.bench.throughput import measure
+
+    measure(directory, steps, warmup, again)
 
 
 @cli.command()

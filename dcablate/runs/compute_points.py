@@ -20,13 +20,14 @@ of one model whose FLOPs differ (one stopped early) are one size, each fitted at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from dcablate.runs import scaling, variants
+from dcablate.runs import scaling, throughput, variants
 from dcablate.training.logs import _records
 
 HELD_OUT = "held-out seeds"
@@ -51,6 +52,8 @@ class Group:
     contended: dict[str, int] = field(default_factory=dict)  # variant -> most runs at once on its runs' devices
     unsteady: dict[str, float] = field(default_factory=dict)  # variant -> largest swing of a run's logged rate
     stopped_early: Counter = field(default_factory=Counter)  # variant -> fitted runs that stopped early
+    alone: list = field(default_factory=list)  # per point: its run's throughput measured alone (`throughput.newest`)
+    rates: str = "training"  # the wall-clock rates: each run's own ("training") or all measured alone ("alone")
 
 
 def choose(by_lr: dict) -> tuple[float, list, str]:
@@ -145,11 +148,24 @@ def groups(table: dict) -> list[Group]:
             _add(found[base], variant_name(variant), cells)
             found[base].sizes.update(size_of(run) for by_lr in cells for cell in by_lr.values() for run in cell.runs)
         for group in found.values():
+            _settle_rates(group)
             if unmatched:
                 group.notes.append(f"Not compared: {', '.join(f'`{variant_name(v)}`' for v in unmatched)} (no "
                                    f"conv-free variant with the same other recipe keys).")
             out.append(group)
     return out
+
+
+def _settle_rates(group: Group) -> None:
+    """The wall-clock rates come from one source: when every fitted run has a throughput measured alone
+    (`dcablate bench throughput`), those replace the runs' own (and with them the cautions about how the own ones
+    were measured); otherwise each run's own throughput counts, measured while it trained."""
+    if group.points and all(m is not None for m in group.alone):
+        group.points = [dataclasses.replace(p, tokens_per_s=m.tokens_per_s, device=m.device_name)
+                        for p, m in zip(group.points, group.alone)]
+        group.rates = "alone"
+        group.contended.clear()
+        group.unsteady.clear()
 
 
 def without_baseline(table: dict) -> list[tuple[str, set]]:
@@ -192,6 +208,7 @@ def _add(group: Group, name: str, cells: list) -> None:
             group.points.append(scaling.Point(
                 name, float(s["train_flops"]), float(loss), run.seed, fitted_params(s), tokens_per_s(run),
                 float(s["tokens"]) if s.get("tokens") else None, size_of(run), s.get("device_name")))
+            group.alone.append(throughput.newest(run.path))
             group.stopped_early[name] += bool(s.get("stopped_early"))
             swing = throughput_swing(run)
             if swing is not None and swing > UNSTEADY:

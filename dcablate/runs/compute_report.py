@@ -210,23 +210,42 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
     if result.param_note and result.param_fit is None:
         out.append(f"No parameter multiplier: {result.param_note}.")
     out += group.notes
+    out += _rate_notes(group)
     if group.contended:
         most = max(group.contended.values())
         which = ("every variant's" if set(group.contended) >= {p.variant for p in group.points} else
                  ", ".join(f"`{v}`'s" for v in sorted(group.contended)))
         out.append(f"Wall-clock: {which} throughput was measured with up to {most} runs at once on a device "
                    f"(`summary.json` runs_on_device), so the wall-clock multipliers compare rates under contention; "
-                   f"train one run per device (--per-gpu 1) for clean ones.")
+                   f"time each model alone with `dcablate bench throughput` on this folder (the report then "
+                   f"uses those rates), or train one run per device (--per-gpu 1).")
     if group.unsteady:
         which = ", ".join(f"`{v}` (up to {swing:.0f}×)" for v, swing in sorted(group.unsteady.items()))
         out.append(f"Wall-clock: the logged tokens/s varied within runs of {which}, as when other work shares the "
                    f"machine now and then, so their wall-clock multipliers compare rates measured under changing "
-                   f"load; rerun them on a quiet machine for clean ones.")
+                   f"load; time each model alone with `dcablate bench throughput` on this folder, or rerun them on "
+                   f"a quiet machine.")
     if any(r["extrapolated"] or r["param_extrapolated"] for r in result.rows):
         out.append("Outside the baseline's range: fewer than half of the variant's runs, moved onto the "
                    "baseline's axis (m × C), lie within the baseline's fitted sizes, so its multiplier rests "
                    "mostly on the fitted curve's shape beyond the baseline's runs.")
     return (["Notes:", ""] + [f"- {n}" for n in out] + [""]) if out else []
+
+
+def _rate_notes(group: compute_points.Group) -> list[str]:
+    """Where the wall-clock multipliers' throughputs come from, when not (only) from the runs' own training."""
+    measured = [m for m in group.alone if m is not None]
+    if group.rates == "alone":
+        devices = ", ".join(sorted({m.device_name for m in measured}))
+        days = sorted({m.date[:10] for m in measured})
+        when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+        return [f"Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate "
+                f"bench throughput` ({devices}, {when}), not while the runs trained."]
+    if measured:
+        return [f"Wall-clock: {len(measured)} of {len(group.alone)} fitted runs have a throughput measured alone "
+                f"(`throughput.json`); as some lack one, every run's own training throughput is used. `dcablate "
+                f"bench throughput` on this folder measures the rest."]
+    return []
 
 
 def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: str, doubt: list[str] = ()) -> Path:

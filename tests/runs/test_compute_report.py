@@ -328,6 +328,32 @@ def test_throughput_measured_beside_other_runs_is_noted(tmp_path):
     assert "- Wall-clock: every variant's throughput was measured with up to 8 runs at once on a device" in md
 
 
+def test_throughput_measured_alone_replaces_the_runs_own(tmp_path):
+    """Runs trained four at a time, then each model timed alone (`dcablate bench throughput` writes throughput.json):
+    the wall-clock multipliers use the rates measured alone (the newest of each run's), a note says so and the
+    caution about contention goes. With one run unmeasured, every run's own rate counts again and a note says how
+    many are measured."""
+    from dcablate.runs import throughput
+
+    for d in LADDER:
+        for name, m, conv, rate in (("none", 1.0, None, 1000.0), ("dyn", 1.5, {"kind": "dynamic"}, 800.0)):
+            run = write_run(tmp_path, f"{name}-{d}", d=d, m=m, conv=conv, summary={"runs_on_device": 4})
+            throughput.append(run, {"tokens_per_s": 5.0, "device_name": "NVIDIA H100", "date": "2026-12-01T09:00"})
+            throughput.append(run, {"tokens_per_s": rate, "device_name": "NVIDIA H100", "date": "2026-12-06T10:00"})
+    md = report_md(tmp_path)
+    dyn = compute_rows(md)["attention conv=dynamic@qkv"]
+    assert float(dyn[3]) == pytest.approx(0.8 * float(dyn[0]), abs=0.006)
+    assert ("- Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate bench "
+            "throughput` (NVIDIA H100, 2026-12-06), not while the runs trained.") in md
+    assert "runs_on_device" not in md
+
+    (tmp_path / "dyn-48" / throughput.FILE).unlink()
+    md = report_md(tmp_path)
+    assert ("- Wall-clock: 7 of 8 fitted runs have a throughput measured alone (`throughput.json`); as some lack "
+            "one, every run's own training throughput is used.") in md
+    assert "(`summary.json` runs_on_device)" in md and "measured alone, one model at a time" not in md
+
+
 def test_throughput_that_swings_within_runs_is_noted(tmp_path):
     """A run whose logged tokens/s swings (another load on the machine came and went) makes its variant's
     wall-clock multiplier a comparison of rates under changing load: one note names the variant and the swing;
