@@ -368,7 +368,7 @@ class Run:
                         state.save()
                 # the other runs of a packed worker take their turns while this one draws its next batch on the
                 # host (packing.py)
-                pass_turn(while_away=draw_ahead if not state.done and state.step < t.steps else None)
+                pass_turn(while_away=draw_ahead if not state.done and state.step < t.steps and not self.caught else None)
             self.train_step.flush()
         finally:
             self.loop_s["waiting_for_other_runs"] += turn_wait_seconds() - waited_before
