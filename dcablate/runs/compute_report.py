@@ -125,7 +125,11 @@ def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[s
         f"{scaling.MIN_INTERVAL_SIZES} sizes or more (the others are left out of the resamples). Parameter "
         f"multiplier: the same fit against non-embedding parameters (active ones for an MoE). Wall-clock: m times "
         f"the variant's training throughput in FLOPs/s over the baseline's, the geometric mean of the ratios at "
-        f"the sizes both ran (`summary.json` tokens / `time_s.train`).", ""]
+        f"the sizes both ran ({RATE_SOURCE[group.rates]}).", ""]
+
+
+RATE_SOURCE = {"training": "`summary.json` tokens / `time_s.train`",
+               "alone": "each model timed alone by `dcablate bench throughput`, the runs' `throughput.json`"}
 
 
 def _cautions(group: compute_points.Group, result: multipliers.Comparison) -> dict[str, str]:

@@ -346,12 +346,14 @@ def test_throughput_measured_alone_replaces_the_runs_own(tmp_path):
     assert ("- Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate bench "
             "throughput` (NVIDIA H100, 2026-12-06), not while the runs trained.") in md
     assert "runs_on_device" not in md
+    assert "the sizes both ran (each model timed alone by `dcablate bench throughput`, the runs' `throughput.json`)" in md
 
     (tmp_path / "dyn-48" / throughput.FILE).unlink()
     md = report_md(tmp_path)
     assert ("- Wall-clock: 7 of 8 fitted runs have a throughput measured alone (`throughput.json`); as some lack "
             "one, every run's own training throughput is used.") in md
     assert "(`summary.json` runs_on_device)" in md and "measured alone, one model at a time" not in md
+    assert "the sizes both ran (`summary.json` tokens / `time_s.train`)" in md
 
 
 def test_throughput_that_swings_within_runs_is_noted(tmp_path):
