@@ -28,6 +28,8 @@ import os
 import threading
 import time
 
+from dcablate.training.signals import interrupt_point
+
 
 class Turns:
     """A re-entrant lock handed on in the order it was asked for: `pass_turn` gives every thread waiting for
@@ -220,10 +222,12 @@ def by_turns(batches):
     """A task's evaluation batches, as they are; in a run of a packed worker the other runs of the process queue
     their work (a training step each) before each batch after the first. An evaluation runs eagerly and is
     bound by its host, so holding the turn for all of it would leave the card to it alone while every other run
-    of the worker waits."""
+    of the worker waits. A stop signal that came meanwhile ends the evaluation there (`signals.interrupt_point`):
+    the run then saves its checkpoint and stops within the signal's grace, as a run alone does."""
     for i, batch in enumerate(batches):
         if i:
             pass_turn()
+            interrupt_point()
         yield batch
 
 

@@ -60,12 +60,39 @@ class CaughtSignals(list):
             yield
             return
         self.depth += 1
+        blocks = _blocks_of_this_thread()
+        blocks.append((self, 0 if pending else len(self)))
         try:
             if pending and self:
                 raise Interrupted(self[0])
             yield
         finally:
+            blocks.pop()
             self.depth -= 1
+
+
+_threads = threading.local()
+
+
+def _blocks_of_this_thread() -> list:
+    """The interruptible blocks this thread is in, innermost last: (CaughtSignals, how many it held on entry that
+    do not interrupt the block)."""
+    blocks = getattr(_threads, "blocks", None)
+    if blocks is None:
+        blocks = _threads.blocks = []
+    return blocks
+
+
+def interrupt_point() -> None:
+    """Raise `Interrupted` if this thread is inside an interruptible block and a signal came that interrupts it.
+    In the main thread the signal handler raises at once; a run in another thread of a packed worker gets its
+    signals through `deliver`, which cannot raise in it, so such a run checks here between steps of a long
+    phase (an evaluation's batches, `packing.by_turns`) and stops within the stop signal's grace."""
+    blocks = getattr(_threads, "blocks", None)
+    if blocks:
+        caught, before = blocks[-1]
+        if len(caught) > before:
+            raise Interrupted(caught[before])
 
 
 @contextlib.contextmanager

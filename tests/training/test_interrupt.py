@@ -107,3 +107,46 @@ def test_signals_caught_counts_a_quick_repeat_once_and_a_later_one_acts_at_once(
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_handed_to_a_thread_ends_its_evaluation_between_batches():
+    """A run in a thread of a packed worker gets its signals through `deliver`, which cannot raise in it: its
+    evaluation (`by_turns`) stops at the next batch. An interruptible block without `pending` is not cut by a
+    signal caught before it began, only by a later one; outside any block nothing is raised."""
+    import threading
+
+    from dcablate.training.packing import by_turns
+    from dcablate.training.signals import deliver, interrupt_point
+
+    outcome: dict = {}
+    ready, go = threading.Event(), threading.Event()
+
+    def run():
+        seen = []
+        with signals_caught() as caught:  # in a thread: registered for `deliver`
+            try:
+                with caught.interruptible(pending=True):
+                    for batch in by_turns(range(6)):
+                        seen.append(batch)
+                        if batch == 1:
+                            ready.set()
+                            go.wait(10)
+            except Interrupted as e:
+                outcome["interrupted"] = e.signum
+            interrupt_point()  # outside a block: nothing
+            with caught.interruptible():  # the signal came before this block: it goes on
+                interrupt_point()
+                caught.append(signal.SIGINT)
+                try:
+                    interrupt_point()
+                except Interrupted as e:
+                    outcome["later"] = e.signum
+        outcome["seen"] = seen
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert ready.wait(10)
+    assert deliver(signal.SIGTERM) >= 1
+    go.set()
+    thread.join(10)
+    assert outcome == {"interrupted": signal.SIGTERM, "later": signal.SIGINT, "seen": [0, 1]}
