@@ -184,6 +184,17 @@ CASES = [
     bad_set("set-empty-key", ["=3"], "--set =3: expected KEY=VALUE"),
     bad_set("set-unknown-key", ["model.d_modle=64"], "--set: model.d_modle: unknown key", "did you mean 'd_model'"),
     bad_set("set-unknown-section", ["modle.d_model=64"], "--set: modle: unknown key", "did you mean 'model'"),
+    # a key put in the wrong section: its whole path, not a neighbour's spelling ('state_size' is not 'vocab_size')
+    bad_set("set-key-of-a-component-section", ["model.state_size=16"],
+            "--set: model.state_size: unknown key (did you mean 'model.mamba2.state_size'?)"),
+    bad_set("set-key-without-its-section", ["steps=10"], "--set: steps: unknown key (did you mean 'train.steps'?)"),
+    bad_set("set-key-by-another-tools-name", ["train.learning_rate=1e-3"],
+            "--set: train.learning_rate: unknown key (did you mean 'lr'?)"),
+    bad_set("set-key-of-many-sections", ["model.seq_len=64"],
+            "--set: model.seq_len: unknown key ('seq_len' is a key of", "sections, such as 'task."),
+    bad_set("set-a-list-where-a-sweep-was-meant", ["train.lr=[1e-3, 3e-3]"],
+            "--set: train.lr: must be a number, got a list; to train one run per value, sweep it: "
+            "--set 'sweep.train.lr=[...]'"),
     bad_set("set-bad-toml-value", ["model.mixer=[attention"], "--set model.mixer=[attention: value is not valid TOML"),
     bad_set("set-empty-value", ["train.lr="], "--set train.lr=: value is not valid TOML"),
     bad_set("set-bad-choice", ["model.mixer=atention"], "--set: model.mixer", "did you mean 'attention'"),

@@ -539,7 +539,7 @@ def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
             plugin = (f"; no registered {component} is named {key!r}: if a plugin module provides it, name that "
                       f"module in DCABLATE_PLUGINS" if component and isinstance(data[key], dict) else "")
             raise RecipeError(_src(origins, path, default), path,
-                              f"unknown key{did_you_mean(key, names)}{plugin}; allowed here: {allowed}")
+                              f"unknown key{_unknown_key_hint(prefix, key, names)}{plugin}; allowed here: {allowed}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -573,10 +573,13 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         return [_coerce(tp, v, single, f"{path}[{i}]", origins, default) for i, v in enumerate(value)]
     ok = (isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))) or (
         tp is float and isinstance(value, int) and not isinstance(value, bool))
+    sweep_hint = (f"; to train one run per value, sweep it: --set 'sweep.{path}=[...]' or [sweep] \"{path}\" = "
+                  f"[...]" if isinstance(value, list) and "[" not in path else "")
     if not ok and tp is str and f.metadata.get("choices"):
-        raise RecipeError(src, path, f"must be one of {'|'.join(f.metadata['choices'])}, got {describe_value(value)}")
+        raise RecipeError(src, path, f"must be one of {'|'.join(f.metadata['choices'])}, got "
+                                     f"{describe_value(value)}{sweep_hint}")
     if not ok:
-        hint = ""
+        hint = sweep_hint
         if tp is str and not isinstance(value, (list, dict)):  # a name typed as a number, date or boolean
             hint = quote_hint(path, value, origins.get(typed_key(path)) if src == "--set" else None)
         raise RecipeError(src, path, f"must be {_TYPE_NAMES[tp]}, got {describe_value(value)}{hint}")
@@ -692,6 +695,33 @@ def recipe_keys(cls=None, prefix: str = "") -> list[str]:
         else:
             out.append(f"{prefix}{f.name}")
     return out
+
+
+# names other tools give a recipe key (the last part of its path)
+KEY_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "seq_length": "seq_len", "max_seq_len": "seq_len",
+               "max_steps": "steps", "num_steps": "steps", "num_layers": "n_layers", "n_layer": "n_layers",
+               "num_heads": "n_heads", "n_head": "n_heads", "hidden_size": "d_model", "dim": "d_model",
+               "batch": "batch_size", "bs": "batch_size", "mixer_type": "mixer"}
+
+
+def _unknown_key_hint(prefix: str, key: str, names: list[str]) -> str:
+    """' (did you mean ...?)' for `key`, not a key of the section at `prefix` (whose keys are `names`): its other
+    name here (`KEY_ALIASES`); else the recipe key or section of that name in another section, with its whole
+    path (`model.state_size` -> 'model.mamba2.state_size', `steps` -> 'train.steps'), when at most three
+    are; else the closest spelling here."""
+    alias = KEY_ALIASES.get(key.lower())
+    if alias in names:
+        return f" (did you mean '{alias}'?)"
+    keys = recipe_keys()
+    paths = keys + sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})  # keys and sections
+    leaf, here = alias or key, prefix + key
+    elsewhere = [k for k in paths if k.rsplit(".", 1)[-1] == leaf and k != here]
+    if 1 <= len(elsewhere) <= 3:
+        return f" (did you mean {' or '.join(repr(k) for k in elsewhere)}?)"
+    close = did_you_mean(key, names)
+    if close or not elsewhere:
+        return close
+    return f" ('{leaf}' is a key of {len(elsewhere)} sections, such as '{elsewhere[0]}')"
 
 
 def _key_hint(key: str, r=None) -> str:
