@@ -192,6 +192,8 @@ CASES = [
             "--set: train.learning_rate: unknown key (did you mean 'lr'?)"),
     bad_set("set-key-of-many-sections", ["model.seq_len=64"],
             "--set: model.seq_len: unknown key ('seq_len' is a key of", "sections, such as 'task."),
+    bad_set("set-warmup-beyond-the-files-steps", ["train.warmup_steps=5"],
+            "--set: train.warmup_steps: 5 is more than train.steps 2"),
     bad_set("set-a-list-where-a-sweep-was-meant", ["train.lr=[1e-3, 3e-3]"],
             "--set: train.lr: must be a number, got a list; to train one run per value, sweep it: "
             "--set 'sweep.train.lr=[...]'"),

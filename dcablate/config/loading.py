@@ -622,11 +622,14 @@ def _say_once(note: str) -> None:
 def _fit_warmup(r, origins: dict, src: str) -> None:
     """A warmup longer than the run, from another place than the steps (`--set train.steps=30` on a recipe
     with 50 warmup steps: a short smoke run), is clamped to the steps and said once; from the same place it
-    is a contradiction and `_check_consistency` refuses it. One as long as the run, from another place, is
-    said once too (the learning rate would never decay)."""
+    is a contradiction and `_check_consistency` refuses it, as is a warmup asked for on the command line
+    (`--set train.warmup_steps`) beyond the file's steps: what was asked is not changed silently. One as long
+    as the run, from another place, is said once too (the learning rate would never decay)."""
     t = r.train
     where_w, where_s = _src(origins, "train.warmup_steps", src), _src(origins, "train.steps", src)
     if t.tokens or t.tokens_per_param or t.warmup_steps < t.steps or where_w == where_s:
+        return
+    if t.warmup_steps > t.steps and where_w == "--set":
         return
     if t.warmup_steps == t.steps:
         note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) equals train.steps {t.steps} ({where_s}): the whole "
