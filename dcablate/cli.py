@@ -186,23 +186,34 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 quiet: bool, force_new: bool, record: bool = False) -> None:
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
     still to train, in this process or over the launcher's workers. `record`: a sweep's command line goes to its
-    folder's commands.log once the folder holds a run (a command that fails first leaves no folder)."""
+    folder's commands.log, with the time it started, once its runs began to train (a command refused before,
+    such as one whose recipe changed, trained nothing and is not recorded)."""
+    import time
+
+    began, started = time.time(), []
     try:
-        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new)
+        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new, started)
     finally:
-        if (record and base.sweep and not dry_run and os.environ.get("RANK", "0") == "0" and root.is_dir()
+        if (record and started and base.sweep and os.environ.get("RANK", "0") == "0" and root.is_dir()
                 and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
-            record_command(root, ARGV, [name for name, _ in points])
+            record_command(root, ARGV, [name for name, _ in points], when=began)
 
 
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                 quiet: bool, force_new: bool) -> None:
+                 quiet: bool, force_new: bool, started: list) -> None:
+    """`train_stage`; `started` gets an entry once the runs begin to train."""
+    from dcablate.training.checkpoint import lock_holder
+
     sweep_root = root if base.sweep else None
     plan, refused = [], []
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
         try:
-            plan.append((name, r, run_dir, run_state(run_dir, r, sweep_root)))
+            state = run_state(run_dir, r, sweep_root)
+            holder = lock_holder(run_dir) if state == "resume" else None
+            if holder:
+                raise UserError(f"{run_dir}: another dcablate process (pid {holder}) is writing to this run directory")
+            plan.append((name, r, run_dir, state))
         except UserError as e:
             refused.append((name, r, run_dir, e))
     if refused:
@@ -265,6 +276,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             slots, line = local_plan(plan, to_train, uses_cuda, launch)
         if line:  # after the flags were found sound: a refusal is the command's only line
             click.echo(f"workers: {line}")
+        started.append(True)
         if not to_train or (launch.launcher == "local" and not slots):
             try:
                 return train_here(plan, root, quiet)

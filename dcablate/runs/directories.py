@@ -88,8 +88,9 @@ COMMANDS_LOG = "commands.log"  # in a sweep's folder: a line per `dcablate run` 
 POINTS_FILE = "points.txt"  # in a sweep's folder: the points its last `dcablate run` planned, one per line
 
 
-def record_command(root: Path, argv: list[str], points: list[str] = ()) -> None:
-    """Append to `root/commands.log` the time, the working directory and the `dcablate` command line that trained
+def record_command(root: Path, argv: list[str], points: list[str] = (), when: float | None = None) -> None:
+    """Append to `root/commands.log` the time (`when`, default now), the working directory and the `dcablate`
+    command line that trained
     into the sweep folder `root`: its points' recipes hold every resolved key, but not the recipe and `--set`s
     that made the grid. With `points` (the grid's point names), `root/points.txt` holds them, so that a report
     can tell the points of an interrupted sweep that never started. Best effort: a folder that cannot take it
@@ -97,7 +98,7 @@ def record_command(root: Path, argv: list[str], points: list[str] = ()) -> None:
     import shlex
     import time
 
-    line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{Path.cwd()}\t{shlex.join(['dcablate', *argv])}\n"
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))}\t{Path.cwd()}\t{shlex.join(['dcablate', *argv])}\n"
     try:
         with open(root / COMMANDS_LOG, "a", encoding="utf-8") as f:
             f.write(line)

@@ -239,6 +239,24 @@ def locked(run_dir: Path):
         f.close()  # closing releases the lock; the kernel does the same if the process is killed
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid (as written in `.lock`, "?" when unreadable) of another process training in `run_dir` now, or
+    None: a check before planning a run there, which `locked` makes again when the run starts. Takes nothing:
+    the lock, where free, is let go at once."""
+    lock = run_dir / ".lock"
+    try:
+        f = open(lock)
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def _take(run_dir: Path, lock: Path):
     """`lock` opened and flocked; UserError naming the holder's pid if another process holds it. A file that a
     finished run unlinked after this process opened it is no lock any more: then the new file is taken instead."""

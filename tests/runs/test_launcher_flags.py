@@ -68,6 +68,8 @@ def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp
     monkeypatch.delenv("DCABLATE_SLURM_CLUSTER", raising=False)
     one_line_error(sweep, capsys, ["--launcher", "slurm"], "--launcher slurm: Slurm's sbatch is not on this "
                    "machine's PATH; run the command on a Slurm login node (DCABLATE_SLURM_CLUSTER=local tries")
+    one_line_error(sweep, capsys, ["--launcher", "slurm", "--dry-run"], "--launcher slurm: Slurm's sbatch is not "
+                   "on this machine's PATH")  # the dry run says what the command would refuse
     monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "pbs")
     one_line_error(sweep, capsys, ["--launcher", "slurm"],
                    "DCABLATE_SLURM_CLUSTER='pbs' (environment): must be 'slurm' or 'local'")

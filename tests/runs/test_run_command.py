@@ -182,3 +182,35 @@ def test_a_missing_data_path_is_the_error_not_the_recipe_change_it_causes(tmp_pa
             f"error: --set: task.lm.data: {tmp_path / 'nowhere.txt'}: no such file or folder; point it at a "
             f".txt/.jsonl/.parquet file, a folder of them or a glob")
         assert "refused" not in err and "--force-new" not in err
+
+
+def test_a_run_another_process_is_training_is_refused_at_planning_and_no_command_is_logged(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A point left to resume whose run directory another process holds (`.lock`): the dry run lists it as
+    refused, as the real command refuses it before anything trains; refused commands (that one, a changed
+    recipe) leave no line in commands.log; once the lock is free the sweep resumes and logs its command."""
+    import fcntl
+
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    point = tmp_path / "t" / "conv.kind=static"
+    (point / "summary.json").unlink()  # unfinished now: to resume
+    log = tmp_path / "t" / "commands.log"
+    logged = log.read_text()
+    capsys.readouterr()
+    with open(point / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        assert main(["run", str(path), "--dry-run"]) == 2
+        out = capsys.readouterr().out
+        assert f"{point}  (recipe " in out and "refused: another dcablate process (pid 4242) is writing to this run " \
+                                               "directory" in out
+        assert main(["run", str(path), "--quiet"]) == 2
+        assert capsys.readouterr().err == f"error: {point}: another dcablate process (pid 4242) is writing to " \
+                                          f"this run directory\n"
+    assert main(["run", str(path), "--quiet", "--set", "train.steps=8"]) == 2  # recipe changed: refused
+    assert log.read_text() == logged
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert (point / "summary.json").is_file() and len(log.read_text().splitlines()) == len(logged.splitlines()) + 1

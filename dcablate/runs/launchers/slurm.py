@@ -48,6 +48,19 @@ def import_submitit():
     return submitit
 
 
+def cluster_kind() -> str:
+    """Where the array goes: "slurm", or "local" (`DCABLATE_SLURM_CLUSTER=local`: submitit's local executor); a
+    UserError for another value, or for Slurm on a machine without `sbatch` (checked before the recipe is read,
+    so a dry run says it too)."""
+    cluster = os.environ.get(CLUSTER_ENV, "slurm")
+    if cluster not in ("slurm", "local"):
+        raise UserError(f"{CLUSTER_ENV}={cluster!r} (environment): must be 'slurm' or 'local'")
+    if cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError(f"--launcher slurm: Slurm's sbatch is not on this machine's PATH; run the command on a "
+                        f"Slurm login node ({CLUSTER_ENV}=local tries the sweep with submitit's local executor)")
+    return cluster
+
+
 def preempt_signal() -> int:
     """The signal submitit asks Slurm to send before the time limit (`SUBMITIT_PREEMPT_SIGNAL`, default USR2)."""
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
@@ -117,12 +130,7 @@ def executor_for(folder: Path, options: SlurmOptions, uses_cuda: bool, name: str
     """submitit's AutoExecutor for the sweep's array and the parameters it was given; UserError for a bad
     `--slurm`."""
     submitit = import_submitit()
-    cluster = os.environ.get(CLUSTER_ENV, "slurm")
-    if cluster not in ("slurm", "local"):
-        raise UserError(f"{CLUSTER_ENV}={cluster!r} (environment): must be 'slurm' or 'local'")
-    if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise UserError(f"--launcher slurm: Slurm's sbatch is not on this machine's PATH; run the command on a "
-                        f"Slurm login node ({CLUSTER_ENV}=local tries the sweep with submitit's local executor)")
+    cluster = cluster_kind()
     created = not folder.exists()
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **{f"{cluster}_max_num_timeout": MAX_TIMEOUTS})
     try:
