@@ -241,6 +241,9 @@ CASES = [
     bad("sweep-axis-of-a-conv-key-no-kind-reads", '[model.conv]\nkind = "static"\n[sweep]\n"model.conv.rank" = [4, 8]\n',
         "r.toml: sweep.model.conv.rank: model.conv.kind is 'static' at every point, which does not read "
         "model.conv.rank, so this axis changes nothing"),
+    bad("sweep-axis-of-a-model-key-no-component-reads", '[model]\nmixer = "mamba2"\nffn = "none"\n[sweep]\n'
+        '"model.n_heads" = [2, 4]\n', "r.toml: sweep.model.n_heads: model.mixer / model.ffn is 'mamba2 / none' at "
+        "every point, none of which reads model.n_heads, so this axis changes nothing"),
     bad("sweep-not-a-table", "sweep = 3\n", "r.toml: sweep: must be a table"),
     bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
     bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),
@@ -612,6 +615,10 @@ def test_model_settings_no_run_reads_are_said_once(tmp_path, monkeypatch, capsys
            "nothing for these runs" in err
     assert "note: model.mamba2 is set (--set) but model.mixer is 'attention / gated_deltanet': it does nothing " \
            "for these runs" in err
+    assert main(["run", "quickstart", "--dry-run", "--set", "model.mixer=mamba2", "--set", "sweep={}",
+                 "--set", "model.n_heads=4"]) == 0
+    assert "note: model.n_heads is set (--set) but no component of these runs (ffn none / mamba2) reads it: it " \
+           "does nothing for these runs" in capsys.readouterr().err
     assert main(["run", "quickstart", "--dry-run", "--set", "model.gated_deltanet.expand_v=2.0", "--set",
                  "sweep.model.conv.kind=[\"none\", \"dynamic\"]", "--set", "model.conv.rank=8"]) == 0
     assert "note:" not in capsys.readouterr().err

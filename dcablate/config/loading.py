@@ -342,11 +342,30 @@ def conv_keys_read(kinds) -> set[str] | None:
     return read
 
 
+# `[model]` keys that only some mixers or channel mixers read (their specs' `model_keys` say which): attention and
+# Gated DeltaNet's heads, the dense MLP's (and MoE experts') width; Mamba-2 sizes its heads in its own section
+COMPONENT_MODEL_KEYS = ("n_heads", "head_dim", "ffn_hidden")
+
+
+def model_keys_read(recipe) -> set[str] | None:
+    """Which of `COMPONENT_MODEL_KEYS` the recipe's mixers and channel mixer read between them (`model_keys` of
+    their specs); None when one of them may read any (a spec without `model_keys`, or one not registered)."""
+    read: set[str] = set()
+    specs = [MIXERS.get(m) if m in MIXERS.names() else None for m in recipe.model.mixers]
+    specs.append(CHANNELS.get(recipe.model.ffn) if recipe.model.ffn in CHANNELS.names() else None)
+    for spec in specs:
+        if spec is None or spec.model_keys is None:
+            return None
+        read.update(spec.model_keys)
+    return read
+
+
 def effective(recipe) -> dict:
     """What of `recipe` its run reads, as a dict: `recipe.to_dict()` without the sections of the mixers, channel
     mixers, conv kinds and tasks it does not use, nor the `[model.conv]` keys its conv kind does not read
-    (`ConvKindSpec.reads`; of every kind the model builds, `conv_kinds_built`). Two recipes with equal effective
-    dicts train the same run."""
+    (`ConvKindSpec.reads`; of every kind the model builds, `conv_kinds_built`), nor the `[model]` keys its
+    components do not read (`model_keys_read`: `n_heads` of a Mamba-2, `ffn_hidden` without a channel mixer). Two
+    recipes with equal effective dicts train the same run."""
     from dcablate.models.conv import CONV_KINDS
 
     d = recipe.to_dict()
@@ -364,6 +383,11 @@ def effective(recipe) -> dict:
         for key in schema.ConvCore.__dataclass_fields__:
             if key != "kind" and key not in read:
                 conv.pop(key, None)
+    used_keys = model_keys_read(recipe)
+    if used_keys is not None:
+        for key in COMPONENT_MODEL_KEYS:
+            if key not in used_keys:
+                model.pop(key, None)
     for name in TASKS.names():
         if name != recipe.task.kind:
             d["task"].pop(name, None)
@@ -413,6 +437,13 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
             if read is not None and parts[2] not in read:
                 _axis_changes_nothing(origins, src, key, "model.conv.kind", kinds, f", which does not read {key}")
             continue
+        if len(parts) == 2 and parts[1] in COMPONENT_MODEL_KEYS:
+            reads = [model_keys_read(r) for r in recipes]
+            if all(read is not None and parts[1] not in read for read in reads):
+                used = {m for r in recipes for m in r.model.mixers} | {r.model.ffn for r in recipes}
+                _axis_changes_nothing(origins, src, key, "model.mixer / model.ffn", used,
+                                      f", none of which reads {key}")
+            continue
         if parts[1] == "conv" and len(parts) > 2 and parts[2] in CONV_KINDS.names():
             what, used, name = "model.conv.kind", kinds, parts[2]
         elif parts[1] in MIXERS.names():
@@ -455,6 +486,11 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
         notes += [(f"model.conv.{n}", f"no conv kind of these runs ({shown}) reads it") for n in conv
                   if n in schema.ConvCore.__dataclass_fields__ and n != "kind" and n not in read
                   and getattr(first.conv, n) != getattr(conv_defaults, n)]
+    reads = [model_keys_read(r) for r in recipes]
+    components = " / ".join(sorted({m for r in recipes for m in r.model.mixers} | {f"ffn {r.model.ffn}" for r in recipes}))
+    notes += [(f"model.{n}", f"no component of these runs ({components}) reads it") for n in model
+              if n in COMPONENT_MODEL_KEYS and all(read is not None and n not in read for read in reads)
+              and getattr(first, n) != getattr(type(first)(), n)]
     for key, why in notes:
         where = _src(origins, key, src)
         if where not in (src, "--set"):  # a base recipe (`extends`) may configure components its children do not use
@@ -661,7 +697,8 @@ def _check_consistency(r, origins: dict, src: str) -> None:
            origins, src, "run.name", f"{r.run.name!r} must name a folder inside run.out_dir (not empty, absolute "
            f"or with '..')")
     m = r.model
-    if m.head_dim == 0:
+    heads_read = model_keys_read(r)
+    if m.head_dim == 0 and (heads_read is None or "n_heads" in heads_read):
         _check(m.d_model % m.n_heads == 0, origins, src, "model.n_heads",
                f"d_model {m.d_model} is not divisible by n_heads {m.n_heads} (or set model.head_dim)")
 

@@ -62,6 +62,24 @@ def test_points_that_would_train_the_same_run_train_once(tmp_path, caplog):
     assert "gated_deltanet" not in R.effective(points[0][1])["model"]  # attention's run reads no such section
 
 
+def test_model_keys_a_mixer_does_not_read_make_no_new_run(tmp_path, caplog):
+    """Mamba-2 sizes its heads in its own section, so `model.n_heads` swept beside the mixers makes new runs of
+    attention only; a hybrid with attention reads it. A channel mixer `none` reads no `model.ffn_hidden`."""
+    path = write(tmp_path / "m.toml", '[sweep]\n"model.mixer" = ["mamba2", "attention"]\n"model.n_heads" = [2, 4]\n')
+    with caplog.at_level("WARNING", logger="dcablate"):
+        _, points = R.expand(str(path))
+    assert [n for n, _ in points] == ["mixer=mamba2,n_heads=2", "mixer=attention,n_heads=2",
+                                      "mixer=attention,n_heads=4"]
+    assert "left out mixer=mamba2,n_heads=4 (as mixer=mamba2,n_heads=2)" in caplog.text
+    path = write(tmp_path / "h.toml", '[model]\nmixer = ["mamba2", "attention"]\n[sweep]\n"model.n_heads" = [2, 4]\n')
+    assert len(R.expand(str(path))[1]) == 2
+    path = write(tmp_path / "f.toml", '[sweep]\n"model.ffn" = ["none", "mlp"]\n"model.ffn_hidden" = [64, 128]\n')
+    assert [n for n, _ in R.expand(str(path))[1]] == ["ffn=none,ffn_hidden=64", "ffn=mlp,ffn_hidden=64",
+                                                      "ffn=mlp,ffn_hidden=128"]
+    mamba = R.build({"model": {"mixer": "mamba2", "d_model": 30, "n_heads": 4, "mamba2": {"head_dim": 10}}})
+    assert "n_heads" not in R.effective(mamba)["model"]  # and d_model 30 with 4 heads is no contradiction for it
+
+
 def test_a_mixer_that_is_a_conv_reads_the_conv_keys_without_a_conv_kind(tmp_path):
     """short_conv builds a static conv where model.conv.kind is none, so with it in the model the conv's width is
     read even at kind none: those points are different runs, neither left out as repeats nor refused as an axis

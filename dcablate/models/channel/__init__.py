@@ -22,8 +22,10 @@ def _no_streams(m) -> list:
 class ChannelSpec(ComponentSpec):
     """A channel mixer (`model.ffn`): `impl` is its `ChannelMixer` subclass, whose `from_config(model
     section)` builds it (None for `none`); `conv_streams(model section) -> [(stream, channels)]` the streams
-    `all_linear` covers."""
+    `all_linear` covers; `model_keys`: which of the `[model]` keys that only some components read it reads
+    (`MixerSpec.model_keys`); None = any of them."""
     conv_streams: Callable = field(default=_no_streams, kw_only=True)
+    model_keys: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
 CHANNELS: Registry[ChannelSpec] = Registry("channel mixer", ("dcablate.models.channel.specs",))

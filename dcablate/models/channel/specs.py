@@ -37,9 +37,10 @@ def check_moe(r, fail) -> None:
         fail("model.moe.top_k", f"top_k {o.top_k} exceeds n_experts {o.n_experts}")
 
 
-register_channel_mixer(ChannelSpec("none", None))
-register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:SwiGLU", conv_streams=mlp_streams))
+register_channel_mixer(ChannelSpec("none", None, model_keys=()))
+register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:SwiGLU", conv_streams=mlp_streams,
+                                   model_keys=("ffn_hidden",)))
 # one conv after the whole MoE output (experts see sequences with holes: see models/channel/moe.py)
 register_channel_mixer(ChannelSpec("moe", "dcablate.models.channel.moe:MoE", MoESection,
                                    "mixture-of-experts options (model.ffn = \"moe\")", check_moe,
-                                   conv_streams=lambda m: [("down", m.d_model)]))
+                                   conv_streams=lambda m: [("down", m.d_model)], model_keys=("ffn_hidden",)))

@@ -20,10 +20,13 @@ class MixerSpec(ComponentSpec):
     channels), ...]` the streams a `qkv` conv placement covers (q, k, v for attention-like mixers), named as
     the layer names them to `make_conv`; `output_conv`: whether `all_linear` adds a conv on its output `o`;
     `conv_when_none`: the conv kind a mixer that is itself a conv builds where `model.conv.kind` is none (so a
-    sweep knows that such a recipe still reads the `[model.conv]` keys of that kind)."""
+    sweep knows that such a recipe still reads the `[model.conv]` keys of that kind); `model_keys`: which of the
+    `[model]` keys that only some components read (`config.COMPONENT_MODEL_KEYS`: n_heads, head_dim,
+    ffn_hidden) it reads; None = any of them (so that a sweep over one is never taken for a repeat)."""
     conv_streams: Callable = field(kw_only=True)
     output_conv: bool = field(default=True, kw_only=True)
     conv_when_none: str | None = field(default=None, kw_only=True)
+    model_keys: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
 MIXERS: Registry[MixerSpec] = Registry("token mixer", ("dcablate.models.mixers.specs",))

@@ -29,7 +29,8 @@ def check_attention(r, fail) -> None:
 
 
 register_mixer(MixerSpec("attention", "dcablate.models.mixers.attention:Attention", AttentionSection,
-                         "attention options", check_attention, conv_streams=qkv_streams))
+                         "attention options", check_attention, conv_streams=qkv_streams,
+                         model_keys=("n_heads", "head_dim")))
 
 
 # ------------------------------------------------------------------------------------------ Gated DeltaNet
@@ -59,7 +60,8 @@ def check_gdn(r, fail) -> None:
 
 
 register_mixer(MixerSpec("gated_deltanet", "dcablate.models.mixers.gated_deltanet:GatedDeltaNet",
-                         GatedDeltaNetSection, "Gated DeltaNet options", check_gdn, conv_streams=gdn_streams))
+                         GatedDeltaNetSection, "Gated DeltaNet options", check_gdn, conv_streams=gdn_streams,
+                         model_keys=("n_heads", "head_dim")))
 
 
 # ------------------------------------------------------------------------------------------ Mamba-2
@@ -92,11 +94,12 @@ def check_mamba2(r, fail) -> None:
 
 
 register_mixer(MixerSpec("mamba2", "dcablate.models.mixers.mamba2:Mamba2", Mamba2Section, "Mamba-2 options",
-                         check_mamba2, conv_streams=mamba2_streams))
+                         check_mamba2, conv_streams=mamba2_streams, model_keys=()))  # heads: model.mamba2.head_dim
 
 
 # ------------------------------------------------------------------------------------------ conv only
 
 
 register_mixer(MixerSpec("short_conv", "dcablate.models.mixers.short_conv:ShortConvMixer",
-                         conv_streams=lambda m: [("x", m.d_model)], output_conv=False, conv_when_none="static"))
+                         conv_streams=lambda m: [("x", m.d_model)], output_conv=False, conv_when_none="static",
+                         model_keys=()))
