@@ -163,7 +163,8 @@ CASES = [
     Case("missing-recipe", ["run", "nope.toml", *DRY], ("nope.toml: no such recipe file or shipped recipe",)),
     Case("missing-recipe-did-you-mean-shipped", ["run", "quickstrat", *DRY],
          ("quickstrat: no such recipe file", "did you mean 'quickstart'"), shipped=("quickstart",)),
-    Case("recipe-is-a-directory", ["run", "somedir", *DRY], ("somedir: not a file",), dirs=("somedir",)),
+    Case("recipe-is-a-directory", ["run", "somedir", *DRY], ("somedir: a folder, not a recipe; give a recipe file "
+         "(.toml) or a shipped recipe's name",), dirs=("somedir",)),
     # --- extends
     bad("extends-missing", 'extends = "base.toml"\n', "r.toml: extends: no such file", "base.toml"),
     bad("extends-a-copied-shipped-recipe", 'extends = "mqar_base.toml"\n', "r.toml: extends: no such file",
@@ -337,11 +338,15 @@ CASES = [
          "them by running the sweep's recipe again (`dcablate run sw/POINT` finishes one), then evaluate",), files={"sw/p/recipe.toml": OK}),
     Case("generate-a-sweep-folder", ["generate", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds "
          "1 run, e.g. --run 'sw/p'",), files={"sw/p/recipe.toml": OK}),
-    Case("run-a-sweep-directory", ["run", "sw"], ("sw: the run directory of a sweep, not a recipe; give the sweep's "
-         "recipe or one point's folder (sw/POINT), or see its results with `dcablate report sw`",),
-         files={"sw/p/recipe.toml": OK}),
+    Case("run-a-sweep-directory", ["run", "sw/"], ("sw/: the run directory of a sweep, not a recipe; give the "
+         "sweep's recipe or one point's folder (sw/POINT), or see its results with `dcablate report sw`",),
+         files={"sw/p/recipe.toml": OK, "sw/points.txt": "p\n"}),
     Case("info-a-sweep-directory", ["info", "sw"], ("sw: the run directory of a sweep, not a recipe; give the "
-         "sweep's recipe or one point's folder",), files={"sw/p/recipe.toml": OK}),
+         "sweep's recipe or one point's folder",), files={"sw/p/recipe.toml": OK, "sw/points.txt": "p\n"}),
+    Case("run-a-folder-of-runs", ["run", "runs"], ("runs: a folder holding 2 run directories, not a recipe; give a "
+         "recipe (a .toml file or a shipped recipe's name, `dcablate recipes`), or one run's folder to resume it, or "
+         "see their results with `dcablate report runs`",),
+         files={"runs/a/recipe.toml": OK, "runs/sweep/p/recipe.toml": OK}),
     Case("eval-another-task", ["eval", "--run", "r", "--task", "lm"],
          ("--task lm: this run was trained on task.kind = 'mqar' and is measured on that task only (--task mqar, or "
           "leave --task out)",), files={"r/recipe.toml": OK}),

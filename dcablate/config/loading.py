@@ -56,13 +56,22 @@ def find_recipe(ref: str) -> Path:
         return shipped[name]
     if path.is_dir() and (path / "recipe.toml").is_file():  # `dcablate run DIR` resumes it (cli.run)
         return path / "recipe.toml"
-    if path.is_dir() and any(path.glob("*/recipe.toml")):
-        from dcablate.runs.directories import last_command
+    shown = ref.rstrip("/") or ref
+    if path.is_dir():
+        from dcablate.runs.directories import COMMANDS_LOG, POINTS_FILE, last_command
 
-        last = last_command(path)
-        raise UserError(f"{ref}: the run directory of a sweep, not a recipe; give the sweep's recipe"
-                        f"{f' (last run as {last})' if last else ''} or one point's folder ({ref}/POINT), or see its "
-                        f"results with `dcablate report {ref}`")
+        if (path / COMMANDS_LOG).is_file() or (path / POINTS_FILE).is_file():
+            last = last_command(path)
+            raise UserError(f"{ref}: the run directory of a sweep, not a recipe; give the sweep's recipe"
+                            f"{f' (last run as {last})' if last else ''} or one point's folder ({shown}/POINT), or "
+                            f"see its results with `dcablate report {shown}`")
+        runs = sum(1 for depth in range(1, 4) for _ in path.glob("*/" * depth + "recipe.toml"))  # not all of `~`
+        if runs:
+            raise UserError(f"{ref}: a folder holding {runs} run director{'ies' if runs > 1 else 'y'}, not a recipe; "
+                            f"give a recipe (a .toml file or a shipped recipe's name, `dcablate recipes`), or one "
+                            f"run's folder to resume it, or see their results with `dcablate report {shown}`")
+        raise UserError(f"{ref}: a folder, not a recipe; give a recipe file (.toml) or a shipped recipe's name "
+                        f"(`dcablate recipes` lists them)")
     if path.exists():
         raise UserError(f"{ref}: not a file")
     raise UserError(f"{ref}: no such recipe file or shipped recipe{did_you_mean(name, shipped)}; "
