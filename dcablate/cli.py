@@ -363,6 +363,9 @@ def final_state(run_dir: Path) -> dict:
     from dcablate.training import checkpoint
 
     final = run_dir / "checkpoints" / "final.pt"
+    if not final.is_file() and (run_dir / "summary.json").is_file():
+        raise UserError(f"{run_dir}: finished (summary.json), but its weights, checkpoints/final.pt, are not there "
+                        f"(a run copied without its .pt files has none); evaluating or sampling it needs them")
     if not final.is_file():
         steps = checkpoint.step_files(run_dir / "checkpoints")
         newest = f" (its newest checkpoint is step {steps[-1][0]})" if steps else ""

@@ -347,6 +347,8 @@ CASES = [
          "recipe (a .toml file or a shipped recipe's name, `dcablate recipes`), or one run's folder to resume it, or "
          "see their results with `dcablate report runs`",),
          files={"runs/a/recipe.toml": OK, "runs/sweep/p/recipe.toml": OK}),
+    Case("eval-a-finished-run-without-its-weights", ["eval", "--run", "r"], ("r: finished (summary.json), but its "
+         "weights, checkpoints/final.pt, are not there",), files={"r/recipe.toml": OK, "r/summary.json": "{}\n"}),
     Case("eval-another-task", ["eval", "--run", "r", "--task", "lm"],
          ("--task lm: this run was trained on task.kind = 'mqar' and is measured on that task only (--task mqar, or "
           "leave --task out)",), files={"r/recipe.toml": OK}),
