@@ -270,14 +270,24 @@ SPENT = (("tokens", "tokens"), ("train_flops", "train FLOPs"))  # summary.json k
 EQUAL_COMPUTE = 1.01  # training FLOPs this many times apart at one width: the runs did not train on equal compute
 
 
+def planned_flops(summary: dict) -> float | None:
+    """The run's training FLOPs had it trained all its planned steps: `train_flops` scaled by `planned_steps /
+    steps` (a run that stopped early at its target had the same budget as one that did not)."""
+    flops, steps, planned = summary.get("train_flops"), summary.get("steps"), summary.get("planned_steps")
+    if not flops:
+        return None
+    return float(flops) * planned / steps if steps and planned else float(flops)
+
+
 def compute_gap(table: dict, metric: Metric) -> tuple[float, int] | None:
-    """(ratio, d_model) of the width where the variants' chosen runs (mean over seeds) differ most in training
-    FLOPs, max over min; None where no width has two variants with `train_flops`."""
+    """(ratio, d_model) of the width where the variants' chosen runs (mean over seeds) differ most in planned
+    training FLOPs (`planned_flops`: their budgets, early stops aside), max over min; None where no width has two
+    variants with `train_flops`."""
     at: dict[int, list[float]] = defaultdict(list)
     for (_, d_model), by_lr in table.items():
-        flops = by_lr[best_lr(by_lr, metric)].spent("train_flops")
-        if flops:
-            at[d_model].append(flops)
+        planned = [f for r in by_lr[best_lr(by_lr, metric)].runs if (f := planned_flops(r.summary))]
+        if planned:
+            at[d_model].append(statistics.fmean(planned))
     gaps = [(max(fs) / min(fs), d) for d, fs in sorted(at.items()) if len(fs) > 1]
     return max(gaps, key=lambda g: g[0]) if gaps else None
 
@@ -535,9 +545,10 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
     if gap is not None and gap[0] > EQUAL_COMPUTE:
         pointer = ("the Compute section below compares them at equal training FLOPs." if compute_fitted else
                    "this report has no compute fit to compare them at equal training FLOPs.")
-        lines += [f"Equal size, not equal compute: at one d_model the variants' runs differ in training FLOPs (up to "
-                  f"{gap[0]:.2f}× at d_model {gap[1]}; columns tokens and train FLOPs below), so this ranking "
-                  f"compares them at equal size; {pointer}", ""]
+        lines += [f"Equal size, not equal compute: at one d_model the variants' training budgets differ in FLOPs (up "
+                  f"to {gap[0]:.2f}× at d_model {gap[1]}, runs that stopped early counted at their planned steps; "
+                  f"columns tokens and train FLOPs below), so this ranking compares them at equal size; {pointer}",
+                  ""]
     for variant in dict.fromkeys(v for v, _ in table):
         lines += [f"## {variant_name(variant)}", ""]
         rows = []

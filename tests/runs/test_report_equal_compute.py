@@ -51,13 +51,23 @@ def test_the_ranking_says_when_it_is_not_a_comparison_at_equal_compute(tmp_path)
     md = report_md(tmp_path / "budget")
     ranking = md[md.index("## Ranking"):md.index("## attention")]
     assert ranking.rstrip().splitlines()[-1] == (
-        "Equal size, not equal compute: at one d_model the variants' runs differ in training FLOPs (up to 1.50× at "
-        "d_model 32; columns tokens and train FLOPs below), so this ranking compares them at equal size; the Compute "
-        "section below compares them at equal training FLOPs.")
+        "Equal size, not equal compute: at one d_model the variants' training budgets differ in FLOPs (up to 1.50× "
+        "at d_model 32, runs that stopped early counted at their planned steps; columns tokens and train FLOPs "
+        "below), so this ranking compares them at equal size; the Compute section below compares them at equal "
+        "training FLOPs.")
     assert "## Compute: attention" in md
     # the same FLOPs at each width (a budget in steps, the conv's own FLOPs aside): no note
     ladder(tmp_path / "steps", dynamic_share=1.0)
     assert "not equal compute" not in report_md(tmp_path / "steps")
+    # the same budget, one variant stopped early at its target after 2 of its 3 planned steps: no note either
+    for d in LADDER:
+        tokens, flops = 20 * 24 * d * d, 6.0 * 24 * d * d * 20 * 24 * d * d
+        write_run(tmp_path / "early", f"none-{d}", d=d, summary={"tokens": tokens, "train_flops": flops,
+                                                                 "steps": 3, "planned_steps": 3})
+        write_run(tmp_path / "early", f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"},
+                  summary={"tokens": tokens * 2 // 3, "train_flops": flops * 2 / 3, "steps": 2, "planned_steps": 3,
+                           "stopped_early": True})
+    assert "not equal compute" not in report_md(tmp_path / "early")
     # no compute fit to point to (two widths): the note says so
     ladder(tmp_path / "two", widths=(32, 48))
     md = report_md(tmp_path / "two")
