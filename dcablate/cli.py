@@ -129,6 +129,10 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         from dcablate.runs.launchers.warmup import choice
 
         choice(warmup)  # a bad DCABLATE_WARMUP ends the command here, before Ray starts
+    if launcher == "slurm":  # after the flags: no sbatch here ends a dry run too, before the recipe is read
+        from dcablate.runs.launchers.slurm import cluster_kind
+
+        cluster_kind()
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     moved = any(o.split("=", 1)[0].strip() in ("run.out_dir", "run.name") for o in overrides)
@@ -210,7 +214,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         run_dir = root / name if name else root
         try:
             state = run_state(run_dir, r, sweep_root)
-            holder = lock_holder(run_dir) if state == "resume" else None
+            # rank 0 alone under torchrun: the other ranks follow its plan (broadcast below)
+            holder = lock_holder(run_dir) if state == "resume" and os.environ.get("RANK", "0") == "0" else None
             if holder:
                 raise UserError(f"{run_dir}: another dcablate process (pid {holder}) is writing to this run directory")
             plan.append((name, r, run_dir, state))

@@ -191,6 +191,12 @@ CASES = [
     bad_set("set-key-without-its-section", ["steps=10"], "--set: steps: unknown key (did you mean 'train.steps'?)"),
     bad_set("set-key-by-another-tools-name", ["train.learning_rate=1e-3"],
             "--set: train.learning_rate: unknown key (did you mean 'lr'?)"),
+    bad_set("set-key-spelled-close-to-one-here", ["model.heads=4"], "--set: model.heads: unknown key (did you mean "
+            "'n_heads'?)"),  # a close spelling in its own section before a namesake elsewhere (model.conv.heads)
+    bad_set("set-model-key-in-its-mixers-section", ["model.attention.heads=4"],
+            "--set: model.attention.heads: unknown key (did you mean 'model.n_heads'?)"),
+    bad_set("set-model-key-a-mixer-does-not-read", ["model.mamba2.n_heads=4"],
+            "--set: model.mamba2.n_heads: unknown key; allowed here: head_dim"),  # Mamba-2 reads no model.n_heads
     bad_set("set-key-of-many-sections", ["model.seq_len=64"],
             "--set: model.seq_len: unknown key ('seq_len' is a key of", "sections, such as 'task."),
     bad_set("set-warmup-beyond-the-files-steps", ["train.warmup_steps=5"],

@@ -6,7 +6,9 @@ so their own tokens/s compare variants under whatever shared the card with each.
 that differ only in what does not change a training step's work, such as the learning rate, the seed or the token
 budget, share one timing) is stepped alone through the real training step, as `dcablate bench train` steps it:
 the run's recipe, its batch shape, CUDA graphs as in training, `--warmup` untimed steps and then `--steps` timed
-ones (CUDA events on CUDA). LM runs step on random tokens of their shape, so no corpus is read.
+ones (CUDA events on CUDA); the rate is all timed tokens over all timed steps' time, so a task that mixes batch
+shapes (MQAR's segments) is timed over its mix. LM runs step on random tokens of their shape, so no corpus is
+read.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     click.echo(f"card: {card}  torch {torch.__version__}; {len(models)} models of "
                f"{sum(len(m) for m in models)} finished runs below {directory}; {warmup} warmup + {steps} timed "
-               f"steps per model, one model at a time, median step time")
+               f"steps per model, one model at a time; step ms: the median step, tokens/s: over all timed steps")
     rows = []
     for model in models:
         run, r = model[0]
@@ -107,7 +109,7 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
             rows.append({"model": label, "runs": len(model), "step ms": "OOM", "tokens/s": "", "CUDA graph": ""})
             continue
         measurement = {
-            "tokens_per_s": row["tokens_per_s"], "step_ms": row["step_ms"], "timed_steps": steps,
+            "tokens_per_s": row["tokens_per_s_overall"], "step_ms": row["step_ms"], "timed_steps": steps,
             "warmup_steps": warmup, "device_name": card, "torch": torch.__version__, "cuda_graph": bool(row["graphs"]),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs_of_this_model": len(model),
         }
@@ -118,7 +120,7 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
                 raise UserError(f"{shown(other.path, directory)}: cannot write {throughput.FILE}: "
                                 f"{e.strerror or e}") from None
         rows.append({"model": label, "runs": len(model), "step ms": f"{row['step_ms']:.2f}",
-                     "tokens/s": f"{row['tokens_per_s']:,.0f}", "CUDA graph": "yes" if row["graphs"] else "no"})
+                     "tokens/s": f"{row['tokens_per_s_overall']:,.0f}", "CUDA graph": "yes" if row["graphs"] else "no"})
         click.echo(f"  {label}: {row['step_ms']:.2f} ms per step ({shown(run.path, directory)} and "
                    f"{len(model) - 1} more)" if len(model) > 1 else f"  {label}: {row['step_ms']:.2f} ms per step")
     click.echo("")

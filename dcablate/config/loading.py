@@ -754,17 +754,36 @@ KEY_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "seq_length": "seq_l
 
 
 def _unknown_key_hint(prefix: str, key: str, names: list[str]) -> str:
-    """' (did you mean ...?)' for `key`, not a key of the section at `prefix` (whose keys are `names`): its other
-    name here (`KEY_ALIASES`); else the recipe key or section of that name in another section, with its whole
-    path (`model.state_size` -> 'model.mamba2.state_size', `steps` -> 'train.steps'), when at most three
-    are; else the closest spelling here."""
+    """' (did you mean ...?)' for `key`, not a key of the section at `prefix` (whose keys are `names`), first of:
+    its other name here (`KEY_ALIASES`); a close spelling here (`heads` -> 'n_heads'); the recipe key or section
+    of that name (or, at the top, of its other name) in another section, with its whole path (`model.state_size`
+    -> 'model.mamba2.state_size', `steps` -> 'train.steps'), when at most three are and it is read where the
+    user put it (not `model.n_heads` from inside `[model.mamba2]`, whose heads are its own); a looser spelling
+    here."""
+    import difflib
+
     alias = KEY_ALIASES.get(key.lower())
     if alias in names:
         return f" (did you mean '{alias}'?)"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
     keys = recipe_keys()
     paths = keys + sorted({k.rsplit(".", 1)[0] for k in keys if "." in k})  # keys and sections
-    leaf, here = alias or key, prefix + key
+    leaf, here = (alias or key) if not prefix else key, prefix + key
     elsewhere = [k for k in paths if k.rsplit(".", 1)[-1] == leaf and k != here]
+    component = prefix.split(".")[1] if prefix.startswith("model.") and prefix.count(".") == 2 else None
+    spec = MIXERS.get(component) if component in MIXERS.names() else \
+        CHANNELS.get(component) if component in CHANNELS.names() else None
+    if spec is not None:  # a component's section: the `[model]` keys it reads (`model.attention.heads`) first
+        own = spec.model_keys if spec.model_keys is not None else COMPONENT_MODEL_KEYS
+        near = [k for k in own if k == KEY_ALIASES.get(key.lower())] or \
+            difflib.get_close_matches(key, list(own), n=1, cutoff=0.8)
+        if near:
+            return f" (did you mean 'model.{near[0]}'?)"
+    if spec is not None and spec.model_keys is not None:  # and not the model keys it ignores
+        elsewhere = [k for k in elsewhere if not (k.startswith("model.") and k.count(".") == 1
+                                                  and k[6:] in COMPONENT_MODEL_KEYS and k[6:] not in spec.model_keys)]
     if 1 <= len(elsewhere) <= 3:
         return f" (did you mean {' or '.join(repr(k) for k in elsewhere)}?)"
     close = did_you_mean(key, names)

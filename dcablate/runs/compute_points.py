@@ -54,6 +54,7 @@ class Group:
     stopped_early: Counter = field(default_factory=Counter)  # variant -> fitted runs that stopped early
     alone: list = field(default_factory=list)  # per point: its run's throughput measured alone (`throughput.newest`)
     rates: str = "training"  # the wall-clock rates: each run's own ("training") or all measured alone ("alone")
+    trained_on: set = field(default_factory=set)  # with rates "alone": the devices the fitted runs trained on
 
 
 def choose(by_lr: dict) -> tuple[float, list, str]:
@@ -161,6 +162,7 @@ def _settle_rates(group: Group) -> None:
     (`dcablate bench throughput`), those replace the runs' own (and with them the cautions about how the own ones
     were measured); otherwise each run's own throughput counts, measured while it trained."""
     if group.points and all(m is not None for m in group.alone):
+        group.trained_on = {p.device for p in group.points if p.device}
         group.points = [dataclasses.replace(p, tokens_per_s=m.tokens_per_s, device=m.device_name)
                         for p, m in zip(group.points, group.alone)]
         group.rates = "alone"

@@ -243,8 +243,13 @@ def _rate_notes(group: compute_points.Group) -> list[str]:
         devices = ", ".join(sorted({m.device_name for m in measured}))
         days = sorted({m.date[:10] for m in measured})
         when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
-        return [f"Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate "
-                f"bench throughput` ({devices}, {when}), not while the runs trained."]
+        out = [f"Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate "
+               f"bench throughput` ({devices}, {when}), not while the runs trained."]
+        elsewhere = sorted({m.device_name for m in measured} - group.trained_on)
+        if elsewhere and group.trained_on:
+            out.append(f"Wall-clock: measured on {', '.join(elsewhere)}, while the runs trained on "
+                       f"{', '.join(sorted(group.trained_on))}: the wall-clock multipliers are of the card measured.")
+        return out
     if measured:
         return [f"Wall-clock: {len(measured)} of {len(group.alone)} fitted runs have a throughput measured alone "
                 f"(`throughput.json`); as some lack one, every run's own training throughput is used. `dcablate "

@@ -17,6 +17,7 @@ other pickled object is refused (`ForeignObject`), so a run directory someone el
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -241,8 +242,10 @@ def locked(run_dir: Path):
 
 def lock_holder(run_dir: Path) -> str | None:
     """The pid (as written in `.lock`, "?" when unreadable) of another process training in `run_dir` now, or
-    None: a check before planning a run there, which `locked` makes again when the run starts. Takes nothing:
-    the lock, where free, is let go at once."""
+    None: a check before planning a run there, which `locked` makes again when the run starts. It asks for a
+    shared lock, which only a training process's exclusive one refuses (two checks at once do not clash, and one
+    never keeps a starting run out), and lets it go at once; a lock it cannot ask for at all (a file system
+    without flock) counts as free, and `locked` decides."""
     lock = run_dir / ".lock"
     try:
         f = open(lock)
@@ -250,9 +253,9 @@ def lock_holder(run_dir: Path) -> str | None:
         return None
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return f.read().strip() or "?"
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            return (f.read().strip() or "?") if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
         fcntl.flock(f, fcntl.LOCK_UN)
     return None
 

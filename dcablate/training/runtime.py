@@ -41,8 +41,8 @@ def check_runtime(recipe) -> torch.device:
     device = resolve_device(recipe.run.device)
     if recipe.model.backend == "fla" and device.type != "cuda":
         raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
-    if device.type == "cuda" and recipe.model.backend != "torch" and recipe.model.mixer in HOPPER_MIXERS:
-        problem = triton_problem(recipe.model.mixer, torch.cuda.get_device_capability(device), _triton_version())
+    if device.type == "cuda" and recipe.model.backend != "torch":
+        problem = mixers_triton_problem(recipe, torch.cuda.get_device_capability(device), _triton_version())
         if problem:
             raise UserError(problem)
     if device.type == "cuda":
@@ -63,6 +63,11 @@ def _triton_version() -> str | None:
         return importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def mixers_triton_problem(recipe, capability: tuple[int, int], version: str | None) -> str | None:
+    """`triton_problem` of the first of the recipe's mixers that has one (a list of mixers: any of them)."""
+    return next((p for m in recipe.model.mixers if (p := triton_problem(m, capability, version))), None)
 
 
 def triton_problem(mixer: str, capability: tuple[int, int], version: str | None) -> str | None:

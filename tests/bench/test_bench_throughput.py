@@ -124,3 +124,14 @@ def test_appending_keeps_every_measurement_and_an_unreadable_file(tmp_path):
     # a measurement without a usable rate is passed over for the one before it
     throughput.append(tmp_path, {"tokens_per_s": float("nan"), "device_name": "D", "date": "d"})
     assert throughput.newest(tmp_path).device_name == "C"
+
+
+def test_the_rate_is_over_all_timed_steps_not_the_median_step():
+    """MQAR mixes batch shapes: two short steps and one long one train at 600 tokens over 6 ms, where the median
+    step (1 ms, 200 tokens) would say twice that."""
+    import torch
+
+    from dcablate.bench.train import row_of
+
+    row = row_of("x", 1, [1.0, 1.0, 4.0], 600, None, torch.device("cpu"))
+    assert row["tokens_per_s"] == 200_000 and row["tokens_per_s_overall"] == 100_000

@@ -337,7 +337,8 @@ def test_throughput_measured_alone_replaces_the_runs_own(tmp_path):
 
     for d in LADDER:
         for name, m, conv, rate in (("none", 1.0, None, 1000.0), ("dyn", 1.5, {"kind": "dynamic"}, 800.0)):
-            run = write_run(tmp_path, f"{name}-{d}", d=d, m=m, conv=conv, summary={"runs_on_device": 4})
+            run = write_run(tmp_path, f"{name}-{d}", d=d, m=m, conv=conv,
+                            summary={"runs_on_device": 4, "device_name": "NVIDIA H100"})
             throughput.append(run, {"tokens_per_s": 5.0, "device_name": "NVIDIA H100", "date": "2026-12-01T09:00"})
             throughput.append(run, {"tokens_per_s": rate, "device_name": "NVIDIA H100", "date": "2026-12-06T10:00"})
     md = report_md(tmp_path)
@@ -345,9 +346,14 @@ def test_throughput_measured_alone_replaces_the_runs_own(tmp_path):
     assert float(dyn[3]) == pytest.approx(0.8 * float(dyn[0]), abs=0.006)
     assert ("- Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate bench "
             "throughput` (NVIDIA H100, 2026-12-06), not while the runs trained.") in md
-    assert "runs_on_device" not in md
+    assert "runs_on_device" not in md and "while the runs trained on" not in md
     assert "the sizes both ran (each model timed alone by `dcablate bench throughput`, the runs' `throughput.json`)" in md
 
+    for run in tmp_path.iterdir():  # timed again elsewhere: the note says whose card the multipliers are of
+        if run.is_dir():
+            throughput.append(run, {"tokens_per_s": 2.0, "device_name": "cpu", "date": "2026-12-07T10:00"})
+    assert ("- Wall-clock: measured on cpu, while the runs trained on NVIDIA H100: the wall-clock multipliers are of "
+            "the card measured.") in report_md(tmp_path)
     (tmp_path / "dyn-48" / throughput.FILE).unlink()
     md = report_md(tmp_path)
     assert ("- Wall-clock: 7 of 8 fitted runs have a throughput measured alone (`throughput.json`); as some lack "

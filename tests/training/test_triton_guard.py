@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dcablate.training.runtime import triton_problem
+from dcablate import config as R
+from dcablate.training.runtime import mixers_triton_problem, triton_problem
 
 
 @pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba2"])
@@ -26,3 +27,10 @@ def test_hopper_with_an_old_triton_is_refused(mixer, version):
 ])
 def test_everything_else_passes(mixer, capability, version):
     assert triton_problem(mixer, capability, version) is None
+
+
+def test_a_list_of_mixers_is_refused_when_any_of_them_is():
+    hybrid = R.build({"model": {"mixer": ["attention", "mamba2"]}})
+    assert "model.mixer = 'mamba2'" in mixers_triton_problem(hybrid, (9, 0), "3.6.0")
+    assert mixers_triton_problem(hybrid, (9, 0), "3.7.1") is None
+    assert mixers_triton_problem(R.build({"model": {"mixer": ["attention"]}}), (9, 0), "3.6.0") is None

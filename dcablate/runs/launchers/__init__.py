@@ -84,8 +84,4 @@ def check_flags(launcher: str, per_gpu: int | None, gpus: str | None, workers: i
         module, name = PACKAGES[launcher]
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--launcher {launcher}: {name} is not installed; {INSTALL} installs it")
-        if launcher == "slurm":
-            from dcablate.runs.launchers.slurm import cluster_kind
-
-            cluster_kind()
     return parse_gpus(gpus)
