@@ -41,7 +41,8 @@ def check_runtime(recipe) -> torch.device:
     device = resolve_device(recipe.run.device)
     if recipe.model.backend == "fla" and device.type != "cuda":
         raise UserError("model.backend = 'fla' needs a CUDA device; use 'auto' or 'torch' on CPU")
-    if device.type == "cuda" and recipe.model.backend != "torch":
+    if device.type == "cuda" and recipe.model.backend != "torch" and \
+            any(m in HOPPER_MIXERS for m in recipe.model.mixers):
         problem = mixers_triton_problem(recipe, torch.cuda.get_device_capability(device), _triton_version())
         if problem:
             raise UserError(problem)
