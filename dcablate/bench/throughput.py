@@ -112,6 +112,7 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
             "tokens_per_s": row["tokens_per_s_overall"], "step_ms": row["step_ms"], "timed_steps": steps,
             "warmup_steps": warmup, "device_name": card, "torch": torch.__version__, "cuda_graph": bool(row["graphs"]),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "runs_of_this_model": len(model),
+            "swing": row["swing"],
         }
         for other, _ in model:
             try:
@@ -123,8 +124,14 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
                      "tokens/s": f"{row['tokens_per_s_overall']:,.0f}", "CUDA graph": "yes" if row["graphs"] else "no"})
         click.echo(f"  {label}: {row['step_ms']:.2f} ms per step ({shown(run.path, directory)} and "
                    f"{len(model) - 1} more)" if len(model) > 1 else f"  {label}: {row['step_ms']:.2f} ms per step")
+        if row["swing"] is not None and row["swing"] > throughput.UNSTEADY:
+            click.echo(f"  note: its steps took up to {row['swing']:.1f}x as long in one part of the timing as in "
+                       f"another: other work shares this machine, so its rate is not clean (--again on a quiet one)")
     click.echo("")
     click.echo(format_table(rows))
-    click.echo(f"wrote {throughput.FILE} into the runs' folders; `dcablate report {directory}` uses these rates for "
-               f"the wall-clock multipliers")
+    if any(r["tokens/s"] for r in rows):
+        click.echo(f"wrote {throughput.FILE} into the runs' folders; `dcablate report {directory}` uses these rates "
+                   f"for the wall-clock multipliers")
+    else:
+        click.echo(f"nothing new to time: every model was timed on this card before (--again times them anew)")
     return rows

@@ -164,7 +164,18 @@ def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_t
     # rate, where the median step is of one shape only
     overall = tokens / (sum(times) / 1e3)
     return {"variant": label, "params": params, "step_ms": ms, "tokens_per_s": tok_s, "tokens_per_s_overall": overall,
-            "mfu": mfu, "peak_gib": mem}
+            "swing": swing(times), "mfu": mfu, "peak_gib": mem}
+
+
+def swing(times: list[float], parts: int = 4) -> float | None:
+    """How many times the slowest of `parts` consecutive runs of the timed steps took per step against the
+    fastest: near 1 on a card or host of its own, far above when other work came and went (None with fewer
+    than two steps per part)."""
+    size = len(times) // parts
+    if size < 2:
+        return None
+    means = [sum(times[i * size:(i + 1) * size]) / size for i in range(parts)]
+    return max(means) / min(means) if min(means) > 0 else None
 
 
 def bench_variant(label: str, r, task, warmup: int, steps: int, profile: bool = False) -> dict:

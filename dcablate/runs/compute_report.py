@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dcablate.errors import UserError
-from dcablate.runs import compute_points, multipliers, scaling
+from dcablate.runs import compute_points, multipliers, scaling, throughput
 
 POOR_FIT_RMS = 0.2  # an rms relative residual above this: the curve does not describe the runs it was fitted to
 
@@ -245,6 +245,15 @@ def _rate_notes(group: compute_points.Group) -> list[str]:
         when = days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
         out = [f"Wall-clock: every fitted run's throughput was measured alone, one model at a time, by `dcablate "
                f"bench throughput` ({devices}, {when}), not while the runs trained."]
+        busy: dict[str, float] = {}
+        for p, m in zip(group.points, group.alone):
+            if m.swing is not None and m.swing > throughput.UNSTEADY:
+                busy[p.variant] = max(busy.get(p.variant, 0.0), m.swing)
+        if busy:
+            which = ", ".join(f"`{v}` (up to {x:.1f}×)" for v, x in sorted(busy.items()))
+            out.append(f"Wall-clock: the timings alone of {which} ran slower in one part than in another, as when "
+                       f"other work shares the machine, so their wall-clock multipliers are not clean; time them "
+                       f"again on a quiet machine (`dcablate bench throughput --again`).")
         elsewhere = sorted({m.device_name for m in measured} - group.trained_on)
         if elsewhere and group.trained_on:
             out.append(f"Wall-clock: measured on {', '.join(elsewhere)}, while the runs trained on "

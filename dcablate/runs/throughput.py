@@ -9,7 +9,7 @@ appended, none is replaced); the report reads the newest.
 
     {"measurements": [{"tokens_per_s": 1.2e6, "step_ms": 13.4, "timed_steps": 50, "warmup_steps": 10,
                        "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cuda_graph": true,
-                       "date": "2026-12-06T10:00:00+00:00", "runs_of_this_model": 4}]}
+                       "date": "2026-12-06T10:00:00+00:00", "runs_of_this_model": 4, "swing": 1.02}]}
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FILE = "throughput.json"
+UNSTEADY = 2.0  # a timing whose slowest part ran this many times slower per step than its fastest: a busy machine
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Measured:
     tokens_per_s: float
     device_name: str
     date: str
+    swing: float | None = None  # slowest over fastest part of the timing (`bench.train.swing`)
 
 
 def measurements(run_dir: Path) -> list[dict]:
@@ -47,7 +49,9 @@ def newest(run_dir: Path) -> Measured | None:
     for m in reversed(measurements(run_dir)):
         rate = m.get("tokens_per_s")
         if isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < float("inf"):
-            return Measured(float(rate), str(m.get("device_name") or "?"), str(m.get("date") or "?"))
+            swing = m.get("swing")
+            swing = float(swing) if isinstance(swing, (int, float)) and not isinstance(swing, bool) else None
+            return Measured(float(rate), str(m.get("device_name") or "?"), str(m.get("date") or "?"), swing)
     return None
 
 

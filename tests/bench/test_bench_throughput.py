@@ -63,11 +63,11 @@ def test_each_model_is_timed_once_and_written_into_its_runs(work, monkeypatch, c
         kind = R.load(str(run / "recipe.toml")).model.conv.kind
         by_kind.setdefault(kind, set()).add(json.dumps(m, sort_keys=True))
         assert m["device_name"] == "cpu" and m["timed_steps"] == 2 and m["runs_of_this_model"] == 2
-        assert m["tokens_per_s"] > 0 and m["step_ms"] > 0
+        assert m["tokens_per_s"] > 0 and m["step_ms"] > 0 and "swing" in m
     assert {k: len(v) for k, v in by_kind.items()} == {"none": 1, "dynamic": 1}  # one timing per model, shared
 
     rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2")
-    assert rc == 0 and out.count("measured before") == 2
+    assert rc == 0 and out.count("measured before") == 2 and "nothing new to time" in out
     assert all(len(throughput.measurements(run)) == 1 for run in runs)
     rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2", "--again")
     assert rc == 0 and "measured before" not in out
@@ -135,3 +135,7 @@ def test_the_rate_is_over_all_timed_steps_not_the_median_step():
 
     row = row_of("x", 1, [1.0, 1.0, 4.0], 600, None, torch.device("cpu"))
     assert row["tokens_per_s"] == 200_000 and row["tokens_per_s_overall"] == 100_000
+    assert row["swing"] is None  # too few steps to tell
+    from dcablate.bench.train import swing
+
+    assert swing([1.0] * 6 + [3.0, 5.0]) == 4.0  # the last quarter ran 4x slower per step: a busy machine
