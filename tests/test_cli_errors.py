@@ -639,6 +639,25 @@ def test_model_settings_no_run_reads_are_said_once(tmp_path, monkeypatch, capsys
     assert "note:" not in capsys.readouterr().err
 
 
+def test_core_and_task_keys_other_settings_leave_unread_are_said_once(tmp_path, monkeypatch, capsys):
+    """`train.steps` beside a token budget, and a BPE's `vocab_size` with byte tokens, do nothing: a note each when
+    set to other than the default; at the default (as a saved run's recipe.toml writes every key) nothing."""
+    (tmp_path / "text").mkdir()
+    for i in range(4):
+        (tmp_path / "text" / f"{i}.txt").write_text("some words of text to read\n" * 50)
+    (tmp_path / "lm.toml").write_text('[run]\ndevice = "cpu"\n[task]\nkind = "lm"\n[task.lm]\ndata = "text"\n'
+                                      'seq_len = 16\n[train]\ntokens_per_param = 1.0\nwarmup_steps = 0\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "lm.toml", "--dry-run", "--set", "train.steps=100", "--set", "task.lm.vocab_size=4000"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 2
+    assert "note: train.steps is set (--set) but the token budget (train.tokens_per_param) sets the steps: it does " \
+           "nothing for these runs" in err
+    assert "note: task.lm.vocab_size is set (--set) but task.lm.tokenizer is 'byte' (257 symbols)" in err
+    assert main(["run", "lm.toml", "--dry-run", "--set", "train.steps=1000", "--set", "task.lm.vocab_size=4096"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_settings_of_a_task_no_run_trains_on_are_said_and_an_axis_over_them_refused(tmp_path, monkeypatch, capsys):
     """`task.recall.*` on an MQAR recipe does nothing: one note says so; a sweep axis over it would train the same
     run once per value, so it is refused, led by where it was set. A recipe that sweeps task.kind is silent."""

@@ -500,12 +500,39 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
     notes += [(f"model.{n}", f"no component of these runs ({components}) reads it") for n in model
               if n in COMPONENT_MODEL_KEYS and all(read is not None and n not in read for read in reads)
               and getattr(first, n) != getattr(type(first)(), n)]
+    # a core or task key counts where the named recipe or a --set sets it to other than its default (a saved run's
+    # recipe.toml writes every key out)
+    notes += [(key, why) for key, why in _unread_keys(recipes)
+              if key in origins and _differs_from_default(recipes[0], key)]
     for key, why in notes:
         where = _src(origins, key, src)
         if where not in (src, "--set"):  # a base recipe (`extends`) may configure components its children do not use
             continue
         note = f"{key} is set ({where}) but {why}: it does nothing for these runs"
         _say_once(note)
+
+
+def _differs_from_default(recipe, key: str) -> bool:
+    """Whether the recipe's value of the dotted `key` differs from its section's default."""
+    *sections, name = key.split(".")
+    section = recipe
+    for part in sections:
+        section = getattr(section, part)
+    return getattr(section, name) != getattr(type(section)(), name)
+
+
+def _unread_keys(recipes: list) -> list[tuple[str, str]]:
+    """(key, why) of the core and task keys that every point's other settings leave unread: `train.steps` beside
+    a token budget, and what the task's spec says (`TaskSpec.unread`)."""
+    if not recipes:
+        return []
+    out = []
+    if all(r.train.tokens or r.train.tokens_per_param for r in recipes):
+        budget = "train.tokens" if recipes[0].train.tokens else "train.tokens_per_param"
+        out.append(("train.steps", f"the token budget ({budget}) sets the steps"))
+    found = [dict(TASKS.get(r.task.kind).unread(r)) if r.task.kind in TASKS.names() else {} for r in recipes]
+    out += [(key, why) for key, why in found[0].items() if all(key in f for f in found[1:])]
+    return out
 
 
 def _axis_changes_nothing(origins: dict, src: str, key: str, what: str, values: set[str], why: str = "") -> None:

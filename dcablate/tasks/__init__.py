@@ -27,13 +27,16 @@ class TaskSpec(ComponentSpec):
     sparse_targets    only a few positions per sequence are scored: the loss gathers them before the
                       vocabulary-wide head (MQAR), instead of scoring every position (LM)
     chance            the headline a uniform guess among the tokens a scored position can hold scores, from the
-                      task section's values ({key: value}); None where it has no such meaning (LM)"""
+                      task section's values ({key: value}); None where it has no such meaning (LM)
+    unread            `(recipe) -> [(key, why), ...]`: keys of its section that the recipe's other settings leave
+                      unread (LM's `vocab_size` with byte tokens); a setting of one gets a note"""
     headline: str = field(kw_only=True)
     higher_is_better: bool = field(kw_only=True)
     headline_label: str = field(default="", kw_only=True)
     bounded: bool = field(default=False, kw_only=True)
     sparse_targets: bool = field(default=False, kw_only=True)
     chance: Callable[[dict], float] | None = field(default=None, kw_only=True)
+    unread: Callable = field(default=lambda recipe: [], kw_only=True)
 
 
 class Task:

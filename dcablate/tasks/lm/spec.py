@@ -60,5 +60,18 @@ def check(recipe, fail) -> None:
             fail("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({need})")
 
 
+def unread(recipe) -> list[tuple[str, str]]:
+    """The tokenizer keys the recipe's tokenizer does not read: BPE's on byte tokens, `vocab_size` of a BPE loaded
+    from a file."""
+    lm = recipe.task.lm
+    if lm.tokenizer == "byte":
+        return [("task.lm.vocab_size", "task.lm.tokenizer is 'byte' (257 symbols)"),
+                ("task.lm.tokenizer_file", "task.lm.tokenizer is 'byte'")]
+    if lm.tokenizer_file:
+        return [("task.lm.vocab_size", "the BPE is loaded from task.lm.tokenizer_file, with its own vocabulary")]
+    return []
+
+
 register_task(TaskSpec("lm", "dcablate.tasks.lm.task:LMTask", LMSection, "language-modelling options", check,
-                       headline="bpb", higher_is_better=False, headline_label="validation bits per byte"))
+                       headline="bpb", higher_is_better=False, headline_label="validation bits per byte",
+                       unread=unread))
