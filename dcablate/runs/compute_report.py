@@ -209,6 +209,17 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
                                   "variant's own sizes.")
         if r["wall_clock_multiplier"] is not None and len(r["wall_devices"]) > 1:
             out.append(f"`{v}`: wall-clock from runs on different devices ({', '.join(r['wall_devices'])}).")
+    for r in result.rows:  # runs outside the range that no flag names (fewer than half of them)
+        if r["variant"] != group.baseline and not r["extrapolated"] and r["inside"] < 1.0 and r["points"]:
+            outside = round((1.0 - r["inside"]) * r["points"])
+            out.append(f"`{r['variant']}`: {outside} of its {r['points']} runs {'lies' if outside == 1 else 'lie'} "
+                       f"outside the baseline's fitted range (moved onto its axis, m × C), where the multiplier rests "
+                       f"on the fitted curve's shape.")
+    unchecked = [r["variant"] for r in result.rows if r["variant"] != group.baseline and r["slope_change"] is None]
+    if unchecked:
+        out.append(f"Not checked for {', '.join(f'`{v}`' for v in unchecked)}: whether a variant's own exponent "
+                   f"differs from the shared one (the check needs the variant at 4 sizes or more); an empty note "
+                   f"column does not rule it out.")
     for v, why in result.dropped.items():
         out.append(f"`{v}`: not fitted: {why}.")
     if result.param_note and result.param_fit is None:

@@ -513,3 +513,18 @@ def test_the_fits_count_sizes_by_model_not_by_flops():
             assert len(by_value) % 2 == 0  # never one seed of a size without the other
     with pytest.raises(UserError, match="2 model size"):
         scaling.fit_joint(points("base", 1.0, sizes[:2]) + points("dyn", 1.5, sizes[:2]), "base")
+
+
+def test_notes_say_which_checks_could_not_flag_a_variant(tmp_path):
+    """Three sizes: the own-exponent check (4 sizes) is not made, and a note says so instead of an empty note
+    column looking clean; a run beyond the baseline's range that the flag (fewer than half inside) does not name
+    is counted in a note."""
+    for d in LADDER[:3]:
+        write_run(tmp_path, f"none-{d}", d=d)
+        write_run(tmp_path, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+    md = report_md(tmp_path)
+    assert ("- `attention conv=dynamic@qkv`: 1 of its 3 runs lies outside the baseline's fitted range (moved onto its "
+            "axis, m × C), where the multiplier rests on the fitted curve's shape.") in md
+    assert ("- Not checked for `attention conv=dynamic@qkv`: whether a variant's own exponent differs from the shared "
+            "one (the check needs the variant at 4 sizes or more)") in md
+    assert "outside the baseline's range:" not in compute_rows(md)["attention conv=dynamic@qkv"][-1]
