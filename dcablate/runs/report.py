@@ -538,9 +538,14 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
         lines += [f"{columns[0].upper()}{columns[1:]}: what the chosen runs trained on (`summary.json` "
                   f"{', '.join(f'`{key}`' for key, _ in spent)}; the mean over seeds).", ""]
     lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
+    ranked = ranking(table, metric)
     lines += _md_table(["rank", "variant", "score", "widths"],
-                       [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))]
-                        for i, (v, s, ds) in enumerate(ranking(table, metric))])
+                       [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))] for i, (v, s, ds) in enumerate(ranked)])
+    if len({tuple(sorted(ds)) for _, _, ds in ranked}) > 1:
+        shared = sorted(set.intersection(*(set(ds) for _, _, ds in ranked)))
+        lines += [f"Not like for like: the variants' means are over different widths (column widths), and a "
+                  f"score changes with width; compare them at the widths all ran"
+                  f"{' (' + ', '.join(map(str, shared)) + ')' if shared else ' (none)'} in the tables below.", ""]
     gap = compute_gap(table, metric)
     if gap is not None and gap[0] > EQUAL_COMPUTE:
         pointer = ("the Compute section below compares them at equal training FLOPs." if compute_fitted else

@@ -80,3 +80,15 @@ def test_state_floats_have_thousands_separators_like_params(tmp_path):
     header, rows = table_rows(report_md(tmp_path), "attention conv=none")
     d64 = dict(zip(header, next(r for r in rows if r[0] == "64")))
     assert (d64["state floats"], d64["params"]) == ("8,768", "99,304")
+
+
+def test_the_ranking_says_when_its_means_are_over_different_widths(tmp_path):
+    for d in (32, 48):
+        write_run(tmp_path / "uneven", f"none-{d}", d=d)
+    for d in (32, 48, 64):
+        write_run(tmp_path / "uneven", f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+    md = report_md(tmp_path / "uneven")
+    assert ("Not like for like: the variants' means are over different widths (column widths), and a score changes "
+            "with width; compare them at the widths all ran (32, 48) in the tables below.") in md
+    ladder(tmp_path / "even")
+    assert "Not like for like" not in report_md(tmp_path / "even")
