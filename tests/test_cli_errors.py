@@ -303,8 +303,9 @@ CASES = [
          ("error: --set: sweep.task.recall[1].vocab_size: must be >= 4, got 1",
           "(zipped with task.kind='recall', train.steps=2000)")),
     Case("budget-shorter-than-warmup-at-dry-run", ["run", "lm/scaling_tiny", *DRY, "--set", "train.tokens_per_param=0.01"],
-         ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: train.tokens_per_param: "
-          "a budget of 268 tokens is 1 step of 1,024 tokens, fewer than train.warmup_steps 20",)),
+         ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: --set: "
+          "train.tokens_per_param: a budget of 268 tokens is 1 step of 1,024 tokens, fewer than train.warmup_steps 20; "
+          "raise the budget or lower train.warmup_steps",)),
     # --- eval
     Case("eval-missing-run-dir", ["eval", "--task", "mqar", "--run", "nope"], ("nope: no such run directory",)),
     Case("eval-dir-without-recipe", ["eval", "--task", "mqar", "--run", "somedir"],

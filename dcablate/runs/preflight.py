@@ -22,9 +22,9 @@ from dcablate.tasks import task_class, task_options
 def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> None:
     """The checks that need no device: the recipe's own numbers (token budgets), then the files outside it that the
     runs read."""
-    check_budgets(plan, to_train)
     _, origins, path = config.load_raw(recipe, overrides)
     swept = tuple(config.load(recipe, overrides).sweep)
+    check_budgets(plan, to_train, lambda key: set_where(key, origins, str(path), swept))
     check_inputs(plan, to_train, origins, str(path), swept)
 
 
@@ -114,11 +114,11 @@ def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str, swe
             raise UserError(f"{points_named(names, len(to_train))}{e}") from None
 
 
-def check_budgets(plan, to_train: list[int]) -> None:
+def check_budgets(plan, to_train: list[int], where=None) -> None:
     """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
     its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
     built on the meta device, once per distinct model however many seeds or learning rates share it), and a
-    UserError names the point otherwise."""
+    UserError names the point otherwise, and (`where(key) -> "SOURCE: KEY"`) where the budget was set."""
     from dcablate.models.describe import recipe_costs
     from dcablate.training.optim import planned_steps
 
@@ -135,7 +135,11 @@ def check_budgets(plan, to_train: list[int]) -> None:
         try:
             planned_steps(t, t.batch_size * c.seq_len, c.params["non_embedding"])
         except UserError as e:
-            raise UserError(f"sweep point {name}: {e}" if name else str(e)) from None
+            key = "train.tokens" if t.tokens else "train.tokens_per_param"
+            text = str(e)
+            if where is not None and text.startswith(f"{key}: "):
+                text = f"{where(key)}: {text.removeprefix(f'{key}: ')}"
+            raise UserError(f"sweep point {name}: {text}" if name else text) from None
 
 
 def budget_steps(r, cache: dict) -> str:
@@ -154,7 +158,9 @@ def budget_steps(r, cache: dict) -> str:
     per_step = t.batch_size * c.seq_len
     steps = planned_steps(t, per_step, c.params["non_embedding"])
     key = f"train.tokens {t.tokens:,}" if t.tokens else f"train.tokens_per_param {t.tokens_per_param:g}"
-    return f"{steps:,} steps of {per_step:,} tokens ({key}: {steps * per_step / 1e6:.1f}M tokens)"
+    total = steps * per_step
+    amount = f"{total / 1e6:.1f}M" if total >= 1e5 else f"{total:,}"
+    return f"{steps:,} steps of {per_step:,} tokens ({key}: {amount} tokens)"
 
 
 def check_sizes(recipe: str, overrides: list[str], plan, to_train: list[int], devices) -> None:

@@ -52,6 +52,6 @@ def planned_steps(t, tokens_per_step: int, non_embedding_params: int) -> int:
                         f"than the {MAX_STEPS:,} steps a run may take")
     if steps < t.warmup_steps:
         raise UserError(f"{key}: a budget of {budget:,} tokens is {steps} step{'s' if steps != 1 else ''} of "
-                        f"{tokens_per_step:,} tokens, fewer "
-                        f"than train.warmup_steps {t.warmup_steps}")
+                        f"{tokens_per_step:,} tokens, fewer than train.warmup_steps {t.warmup_steps}; raise the "
+                        f"budget or lower train.warmup_steps")
     return steps

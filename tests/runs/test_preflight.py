@@ -171,7 +171,9 @@ def test_a_dry_run_shows_the_steps_a_token_budget_gives_each_run(work, capsys):
     rc, out, _ = cli(capsys, "run", "r.toml", "--dry-run", "--set", "train.tokens_per_param=5")
     lines = out.splitlines()
     assert rc == 0 and len(lines) == 3
-    assert all(line.endswith(f"  {steps:,} steps of 64 tokens (train.tokens_per_param 5: "
-                             f"{steps * 64 / 1e6:.1f}M tokens)") for line in lines), lines
+    total = steps * 64
+    amount = f"{total / 1e6:.1f}M" if total >= 1e5 else f"{total:,}"  # a small budget is not "0.0M tokens"
+    assert all(line.endswith(f"  {steps:,} steps of 64 tokens (train.tokens_per_param 5: {amount} tokens)")
+               for line in lines), lines
     rc, out, _ = cli(capsys, "run", "r.toml", "--dry-run")
     assert rc == 0 and all(line.endswith(")") for line in out.splitlines())

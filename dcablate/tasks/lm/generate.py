@@ -38,7 +38,8 @@ class Speed:
         """One line, e.g. `200 tokens in 1.52 s, 131.9 tokens/s decoding (prompt of 12 tokens: first token after
         31.0 ms)`."""
         return (f"{self.tokens} tokens in {self.prefill_s + self.decode_s:.2f} s, {self.tokens_per_s:.1f} tokens/s "
-                f"decoding (prompt of {self.prompt_tokens} tokens: first token after {1e3 * self.prefill_s:.1f} ms)")
+                f"decoding (prompt of {self.prompt_tokens} token{'' if self.prompt_tokens == 1 else 's'}: first token "
+                f"after {1e3 * self.prefill_s:.1f} ms)")
 
 
 @torch.no_grad()
