@@ -52,6 +52,7 @@ class Group:
     contended: dict[str, int] = field(default_factory=dict)  # variant -> most runs at once on its runs' devices
     unsteady: dict[str, float] = field(default_factory=dict)  # variant -> largest swing of a run's logged rate
     stopped_early: Counter = field(default_factory=Counter)  # variant -> fitted runs that stopped early
+    unigram: list = field(default_factory=list)  # fitted runs no better than a unigram model: (variant, bpb, unigram)
     alone: list = field(default_factory=list)  # per point: its run's throughput measured alone (`throughput.newest`)
     rates: str = "training"  # the wall-clock rates: each run's own ("training") or all measured alone ("alone")
     trained_on: set = field(default_factory=set)  # with rates "alone": the devices the fitted runs trained on
@@ -211,6 +212,9 @@ def _add(group: Group, name: str, cells: list) -> None:
                 name, float(s["train_flops"]), float(loss), run.seed, fitted_params(s), tokens_per_s(run),
                 float(s["tokens"]) if s.get("tokens") else None, size_of(run), s.get("device_name")))
             group.alone.append(throughput.newest(run.path))
+            bpb, floor = s.get("final", {}).get("bpb"), (s.get("data") or {}).get("unigram_bpb")
+            if isinstance(bpb, (int, float)) and isinstance(floor, (int, float)) and bpb >= floor:
+                group.unigram.append((name, float(bpb), float(floor)))
             group.stopped_early[name] += bool(s.get("stopped_early"))
             swing = throughput_swing(run)
             if swing is not None and swing > UNSTEADY:

@@ -134,8 +134,9 @@ RATE_SOURCE = {"training": "`summary.json` tokens / `time_s.train`",
 
 def _cautions(group: compute_points.Group, result: multipliers.Comparison) -> dict[str, str]:
     """Warnings that make every multiplier doubtful, as {short name for the figure: bold paragraph for before the
-    table}: a fit that does not describe its runs, and fitted runs that stopped early (their FLOPs are what
-    reaching the target took, not a budget, so the points do not trace loss against compute)."""
+    table}: a fit that does not describe its runs, fitted runs that stopped early (their FLOPs are what reaching
+    the target took, not a budget, so the points do not trace loss against compute), and fitted runs no better than
+    a unigram model of their text (LM: they have not started to use the context)."""
     out = {}
     if result.fit.rms > POOR_FIT_RMS:
         out["poor fit"] = (
@@ -149,6 +150,14 @@ def _cautions(group: compute_points.Group, result: multipliers.Comparison) -> di
             f"loss at that step, so these points do not trace loss against compute. For a compute multiplier train "
             f"every run to its budget (`--set eval.early_stop=0`, a `lm/scaling_*` or `paper/lm_scaling_*` ladder); "
             f"the steps-to-target columns above compare early-stopped runs.")
+    if group.unigram:
+        worst = max(group.unigram, key=lambda u: u[1] - u[2])
+        out["runs no better than unigram"] = (
+            f"**{len(group.unigram)} of the {len(group.points)} fitted runs are no better than a unigram model of "
+            f"their text** (final bits per byte at or above what the training split's token frequencies score on the "
+            f"same validation targets, `summary.json` data.unigram_bpb; e.g. `{worst[0]}` {worst[1]:.3f} against "
+            f"{worst[2]:.3f}): they have not yet learned to use the context, so the curve through them says little "
+            f"about scaling. Train longer (a larger `train.tokens_per_param`) or drop the smallest sizes.")
     return out
 
 

@@ -133,6 +133,7 @@ def test_the_shipped_ladder_runs_and_reports_on_cpu(tmp_path, monkeypatch, capsy
     for s in summaries:
         assert s["steps"] == s["planned_steps"] == -(-4 * s["params"]["non_embedding"] // (16 * 32))
         assert s["tokens"] == s["steps"] * 16 * 32 and s["train_flops"] > 3 * s["flops_per_token"] * s["tokens"]
+        assert 0 < s["data"]["unigram_bpb"] < 8  # bytes: at most 8 bits each
     capsys.readouterr()
     assert main(["report", "runs/lm_scaling_tiny"]) == 0
     md = (tmp_path / "runs" / "lm_scaling_tiny" / "report.md").read_text()
@@ -528,3 +529,36 @@ def test_notes_say_which_checks_could_not_flag_a_variant(tmp_path):
     assert ("- Not checked for `attention conv=dynamic@qkv`: whether a variant's own exponent differs from the shared "
             "one (the check needs the variant at 4 sizes or more)") in md
     assert "outside the baseline's range:" not in compute_rows(md)["attention conv=dynamic@qkv"][-1]
+
+
+def test_runs_no_better_than_a_unigram_model_are_a_caution(tmp_path):
+    """LM runs record what a unigram model of their text scores (`summary.json` data.unigram_bpb); fitted runs at
+    or above it have not learned to use the context, and a bold caution before the table says how many."""
+    for floor, folder in ((1.0, "unlearned"), (5.0, "learned")):
+        for d in LADDER:
+            write_run(tmp_path / folder, f"none-{d}", d=d, summary={"data": {"unigram_bpb": floor}})
+            write_run(tmp_path / folder, f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"},
+                      summary={"data": {"unigram_bpb": floor}})
+    md = report_md(tmp_path / "unlearned")
+    assert "**8 of the 8 fitted runs are no better than a unigram model of their text**" in md
+    assert md.index("no better than a unigram") < md.index("| variant | compute multiplier")
+    assert "unigram" not in report_md(tmp_path / "learned")
+
+
+def test_an_lm_run_records_the_unigram_bits_per_byte_of_its_text(tmp_path):
+    """Byte tokens, a text of one repeated letter pair: the training split's frequencies give 'a' and 'b' each
+    about half (counts plus one), so about one bit per byte on the same text."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from dcablate.tasks.lm.task import LMTask
+
+    task = LMTask.__new__(LMTask)
+    tokens = np.array([256] + [97, 98] * 50_000, dtype=np.uint16)
+    token_bytes = np.ones(257, dtype=np.int64)
+    token_bytes[256] = 0
+    task._tokenizer = SimpleNamespace(token_bytes=token_bytes)
+    task._corpus = SimpleNamespace(train=tokens, val=tokens, tokenizer=task._tokenizer)
+    task.data, task.cfg = None, SimpleNamespace(seq_len=16, eval_sequences=0)
+    assert abs(task.unigram_bpb() - 1.0) < 0.02

@@ -195,8 +195,24 @@ class LMTask(Task):
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
 
     def data_record(self) -> dict:
-        """The text trained on and the sha256 of its bytes (and of the field read, for jsonl/parquet)."""
-        return {"text": self.cfg.data, "text_sha256": self.corpus.source_hash}
+        """The text trained on and the sha256 of its bytes (and of the field read, for jsonl/parquet), and
+        `unigram_bpb` (`unigram_bpb`): the bits per byte that ignoring context scores on the evaluated text."""
+        return {"text": self.cfg.data, "text_sha256": self.corpus.source_hash,
+                "unigram_bpb": round(self.unigram_bpb(), 4)}
+
+    def unigram_bpb(self) -> float:
+        """Bits per byte, on the targets an evaluation scores, of the training split's token frequencies (counts
+        plus one): a model that ignores context scores this, so a run at or above it has not yet learned to use
+        the context (the report says so of the runs a compute fit rests on)."""
+        token_bytes = self.tokenizer.token_bytes
+        counts = np.bincount(np.asarray(self.corpus.train), minlength=len(token_bytes)).astype(np.float64) + 1.0
+        log2p = np.log2(counts / counts.sum())
+        bits, n_bytes = 0.0, 0
+        for batch in self.eval_batches(1024):
+            targets = np.asarray(batch)[:, 1:]
+            bits -= float(log2p[targets].sum())
+            n_bytes += int(token_bytes[targets].sum())
+        return bits / n_bytes if n_bytes else float("nan")
 
     def eval_record(self) -> dict:
         """The text evaluated and, after `evaluate`, the targets and UTF-8 bytes it scored."""
