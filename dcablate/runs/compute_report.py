@@ -307,6 +307,14 @@ def _figure(path: Path, fit: scaling.Fit, points: list[scaling.Point], title: st
             ax.plot(xs, fit.predict(v, xs), color=color, lw=1, alpha=0.8)
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="final validation loss (nats/token)",
            title=f"{title}: loss vs compute (fit: E={fit.E:.2f}, α={fit.alpha:.2f})")
+    # losses span less than a decade: plain numbers on every tick; FLOPs: labels at 1, 2 and 5 of each decade only
+    # (matplotlib labels every minor tick of a short log axis, and those labels run into each other)
+    from matplotlib import ticker
+
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False))
     if doubt:
         ax.set_title(ax.get_title() + f"\nnot a compute comparison: {', '.join(doubt)}", fontsize=10)
     fig.tight_layout()
