@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -787,8 +788,6 @@ def _unknown_key_hint(prefix: str, key: str, names: list[str]) -> str:
     -> 'model.mamba2.state_size', `steps` -> 'train.steps'), when at most three are and it is read where the
     user put it (not `model.n_heads` from inside `[model.mamba2]`, whose heads are its own); a looser spelling
     here."""
-    import difflib
-
     alias = KEY_ALIASES.get(key.lower())
     if alias in names:
         return f" (did you mean '{alias}'?)"
