@@ -251,6 +251,9 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                        f"{'' if state == 'new' else '  ' + state}")
         for r, run_dir, why in refused:
             click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")
+        warmup = preflight.warmup_note([r for _, r, _, _ in plan], budgets)
+        if warmup:
+            click.echo(f"note: {warmup}", err=True)
         if len(points) > 1:
             states = [p[3] for p in plan]
             counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")

@@ -142,21 +142,48 @@ def check_budgets(plan, to_train: list[int], where=None) -> None:
             raise UserError(f"sweep point {name}: {text}" if name else text) from None
 
 
-def budget_steps(r, cache: dict) -> str:
-    """For `--dry-run`: an LM run's steps from its token budget (`1,221 steps of 4,096 tokens, train.tokens_per_param
-    20 = 5.0M tokens`), counted as `check_budgets` counts them; "" for a run whose recipe gives its steps."""
+def _budget(r, cache: dict) -> tuple[int, int] | None:
+    """(steps, tokens per step) of an LM run with a token budget, counted as `check_budgets` counts them; None for a
+    run whose recipe gives its steps."""
     from dcablate.models.describe import recipe_costs
     from dcablate.training.optim import planned_steps
 
     t = r.train
     if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
-        return ""
+        return None
     try:
         c, _ = recipe_costs(r, cache)
     except UserError:
-        return ""
+        return None
     per_step = t.batch_size * c.seq_len
-    steps = planned_steps(t, per_step, c.params["non_embedding"])
+    return planned_steps(t, per_step, c.params["non_embedding"]), per_step
+
+
+WARMUP_SHARE = 0.1  # a warmup this share of the shortest run's steps, with the longest 3x as long: said in a note
+
+
+def warmup_note(recipes, cache: dict) -> str | None:
+    """For `--dry-run` of a ladder with token budgets: a fixed `train.warmup_steps` that is a large share of the
+    shortest run and a small one of the longest, so the schedule's shape changes along the ladder; None otherwise."""
+    steps = {s[0]: r.train.warmup_steps for r in recipes if (s := _budget(r, cache))}
+    if len(steps) < 2 or not any(steps.values()):
+        return None
+    short, long = min(steps), max(steps)
+    if steps[short] < WARMUP_SHARE * short or long < 3 * short:
+        return None
+    return (f"train.warmup_steps {steps[short]} is {steps[short] / short:.0%} of the shortest run's {short:,} steps and "
+            f"{steps[long] / long:.0%} of the longest's {long:,}: the learning-rate schedule's shape changes along the "
+            f"ladder, and with it the losses a scaling fit reads")
+
+
+def budget_steps(r, cache: dict) -> str:
+    """For `--dry-run`: an LM run's steps from its token budget (`1,221 steps of 4,096 tokens, train.tokens_per_param
+    20 = 5.0M tokens`), counted as `check_budgets` counts them; "" for a run whose recipe gives its steps."""
+    budget = _budget(r, cache)
+    if budget is None:
+        return ""
+    t = r.train
+    steps, per_step = budget
     key = f"train.tokens {t.tokens:,}" if t.tokens else f"train.tokens_per_param {t.tokens_per_param:g}"
     total = steps * per_step
     amount = f"{total / 1e6:.1f}M" if total >= 1e5 else f"{total:,}"

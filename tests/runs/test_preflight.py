@@ -152,7 +152,7 @@ def test_where_and_which_points():
 def test_a_budget_is_checked_before_the_text_and_a_tokenizer_file_is_named_where_set(work, capsys):
     """A token budget shorter than the warmup is the recipe's own mistake and comes first; a token-budget run whose
     BPE tokenizer file is missing is refused for the file, naming where it was set (not by the budget check)."""
-    short = ["--set", "train.tokens_per_param=0.001", "--set", "train.steps=40", "--set", "train.warmup_steps=20"]
+    short = ["--set", "train.tokens_per_param=0.001", "--set", "train.steps=1000", "--set", "train.warmup_steps=20"]
     rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.data=gone", *short)
     assert "train.tokens_per_param" in one_error_line(rc, err)
     rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.tokenizer=bpe",
@@ -177,3 +177,20 @@ def test_a_dry_run_shows_the_steps_a_token_budget_gives_each_run(work, capsys):
                for line in lines), lines
     rc, out, _ = cli(capsys, "run", "r.toml", "--dry-run")
     assert rc == 0 and all(line.endswith(")") for line in out.splitlines())
+
+
+def test_a_dry_run_notes_a_warmup_that_is_a_large_share_of_the_shortest_run(tmp_path, monkeypatch, capsys):
+    """A token-budget ladder with a fixed warmup: the dry run says what share of the shortest and the longest run
+    the warmup is, when the shortest spends at least a tenth of its steps warming up and the longest is 3x as long."""
+    from dcablate.runs import preflight
+
+    base = {"task": {"kind": "lm", "lm": {"data": "text", "seq_len": 16}},
+            "train": {"tokens_per_param": 20.0, "batch_size": 4, "warmup_steps": 100}}
+    small, large = (recipes.build({**base, "model": {"d_model": d, "n_heads": 2}}) for d in (16, 64))
+    note = preflight.warmup_note([small, large], {})
+    assert note.startswith("train.warmup_steps 100 is 15% of the shortest run's 655 steps and 1% of the longest's 10,300") and "of the shortest run's" in note
+    assert "the learning-rate schedule's shape changes along the ladder" in note
+    assert preflight.warmup_note([small], {}) is None  # one size: nothing to compare
+    calm = [recipes.build({**base, "train": {**base["train"], "warmup_steps": 1},
+                           "model": {"d_model": d, "n_heads": 2}}) for d in (16, 64)]
+    assert preflight.warmup_note(calm, {}) is None
