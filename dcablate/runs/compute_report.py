@@ -112,7 +112,9 @@ def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[s
     sizes = len(_sizes(p for p in group.points if p.variant == group.baseline))
     return [
         f"Joint fit `L = E + A·(m·C)^(-α)` over {used} runs, the baseline at {sizes} sizes: E = {fit.E:.3f}, "
-        f"α = {fit.alpha:.3f}, rms relative residual {fit.rms:.2%}" + (" (E pinned at 0)" if fit.e_at_bound else "")
+        f"α = {fit.alpha:.3f}, rms relative residual {fit.rms:.2%}" + (
+            " (E pinned at 0: these runs show no loss floor, so the curve is a pure power law, which often means "
+            "the sizes are too small or too few to see one)" if fit.e_at_bound else "")
         + f"; baseline `{group.baseline}`. A multiplier m means the baseline needs m× the training FLOPs for the "
         f"same final validation loss (C: training FLOPs, L: final validation loss).", "",
         f"Runs: per variant and size, the learning rate with the lowest mean final validation loss over the seeds "
