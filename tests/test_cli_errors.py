@@ -643,6 +643,9 @@ def test_model_settings_no_run_reads_are_said_once(tmp_path, monkeypatch, capsys
 def test_core_and_task_keys_other_settings_leave_unread_are_said_once(tmp_path, monkeypatch, capsys):
     """`train.steps` beside a token budget, and a BPE's `vocab_size` with byte tokens, do nothing: a note each when
     set to other than the default; at the default (as a saved run's recipe.toml writes every key) nothing."""
+    from dcablate.config import loading
+
+    monkeypatch.setattr(loading, "_said", set())  # a note is said once per process: earlier tests may have said it
     (tmp_path / "text").mkdir()
     for i in range(4):
         (tmp_path / "text" / f"{i}.txt").write_text("some words of text to read\n" * 50)

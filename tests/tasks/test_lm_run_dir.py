@@ -119,4 +119,5 @@ def test_the_summary_names_the_text_and_a_digest_of_its_bytes(tmp_path, monkeypa
     run_dir = _train(tmp_path, "byte")
     data = json.loads((run_dir / "summary.json").read_text())["data"]
     files = sorted((tmp_path / "work" / "text").glob("*.txt"))
+    assert data.pop("unigram_bpb") > 0  # what the text's token frequencies score: the floor a model must beat
     assert data == {"text": str(tmp_path / "work" / "text"), "text_sha256": fingerprint(files, "text")}
