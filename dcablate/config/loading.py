@@ -374,8 +374,8 @@ def effective(recipe) -> dict:
     """What of `recipe` its run reads, as a dict: `recipe.to_dict()` without the sections of the mixers, channel
     mixers, conv kinds and tasks it does not use, nor the `[model.conv]` keys its conv kind does not read
     (`ConvKindSpec.reads`; of every kind the model builds, `conv_kinds_built`), nor the `[model]` keys its
-    components do not read (`model_keys_read`: `n_heads` of a Mamba-2, `ffn_hidden` without a channel mixer). Two
-    recipes with equal effective dicts train the same run."""
+    components do not read (`model_keys_read`: `n_heads` of a Mamba-2, `ffn_hidden` without a channel mixer), nor
+    `train.steps` where a token budget sets the steps. Two recipes with equal effective dicts train the same run."""
     from dcablate.models.conv import CONV_KINDS
 
     d = recipe.to_dict()
@@ -393,6 +393,8 @@ def effective(recipe) -> dict:
         for key in schema.ConvCore.__dataclass_fields__:
             if key != "kind" and key not in read:
                 conv.pop(key, None)
+    if recipe.train.tokens or recipe.train.tokens_per_param:
+        d["train"].pop("steps", None)
     used_keys = model_keys_read(recipe)
     if used_keys is not None:
         for key in COMPONENT_MODEL_KEYS:

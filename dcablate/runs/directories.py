@@ -16,7 +16,7 @@ import click
 
 from dcablate import config
 from dcablate.errors import UserError
-from dcablate.training.checkpoint import describe_changes, keys_added_since, recipe_changes
+from dcablate.training.checkpoint import describe_changes, keys_added_since, read_changes
 
 
 def fresh_dir(path: Path) -> Path:
@@ -174,7 +174,7 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
         raise UserError(f"{run_dir}: exists but is not a run directory (no recipe.toml); use --force-new for a "
                         f"fresh directory")
     old = config.load(str(recipe_file))
-    changes = recipe_changes(old.to_dict(), r.to_dict())
+    changes = read_changes(old, r)
     if changes:
         # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
         longer = all(c.startswith(SCHEDULE_KEYS) for c in changes)
@@ -204,7 +204,7 @@ def _copy_with(run_dir: Path, r, sweep_root: Path | None) -> tuple[Path, str] | 
             continue
         recipe_file = other / below / "recipe.toml"
         try:
-            if recipe_file.is_file() and not recipe_changes(config.load(str(recipe_file)).to_dict(), r.to_dict()):
+            if recipe_file.is_file() and not read_changes(config.load(str(recipe_file)), r):
                 return other / below, other.name
         except UserError:  # a copy whose recipe no longer loads is no match
             continue

@@ -331,6 +331,33 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
             and not (k in PATH_KEYS and moved(a.get(k), b.get(k)))]
 
 
+def read_changes(old, new) -> list[str]:
+    """`recipe_changes` of two resolved recipes, less the keys that neither run reads (`config.effective`: the
+    section of a mixer neither uses, `model.n_heads` of a Mamba-2, `train.steps` beside a token budget): such a
+    change trains the same run, so it does not stop a resume. `old` may be a recipe dict (a checkpoint's); one
+    that no longer builds is compared whole."""
+    from dcablate import config
+    from dcablate.errors import UserError
+
+    old_dict = old if isinstance(old, dict) else old.to_dict()
+    changes = recipe_changes(old_dict, new.to_dict())
+    if not changes:
+        return changes
+    try:
+        old_recipe = config.build(_set_keys(old_dict)) if isinstance(old, dict) else old
+    except (UserError, ValueError, TypeError):
+        return changes
+    read = set(_flat(config.effective(old_recipe))) | set(_flat(config.effective(new)))
+    return [c for c in changes if c.split(": ", 1)[0] in read]
+
+
+def _set_keys(node):
+    """A resolved recipe dict without its unset keys (None: "auto", which a recipe gives by leaving the key out)."""
+    if isinstance(node, dict):
+        return {k: _set_keys(v) for k, v in node.items() if v is not None}
+    return node
+
+
 def keys_added_since(saved: dict, new: dict) -> list[str]:
     """`key = value` for each result-relevant key of `new` that a run's saved recipe does not hold: the recipe
     schema gained it after the run started, so a resume takes today's default for it."""

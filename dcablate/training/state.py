@@ -85,7 +85,7 @@ class RunState:
         state, path = checkpoint.latest_good(self.ckpt_dir, warn=log.warning)
         if state is None:
             return None, None
-        changes = checkpoint.recipe_changes(config.completed(state.get("recipe", {})), self.recipe.to_dict())
+        changes = checkpoint.read_changes(config.completed(state.get("recipe", {})), self.recipe)
         if changes:
             raise UserError(f"{path}: written by another recipe ({checkpoint.describe_changes(changes)}); "
                             f"use --force-new to start a fresh run directory")

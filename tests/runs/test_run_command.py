@@ -214,3 +214,23 @@ def test_a_run_another_process_is_training_is_refused_at_planning_and_no_command
     assert log.read_text() == logged
     assert main(["run", str(path), "--quiet"]) == 0
     assert (point / "summary.json").is_file() and len(log.read_text().splitlines()) == len(logged.splitlines()) + 1
+
+
+def test_a_change_no_run_reads_neither_refuses_nor_retrains(tmp_path, capsys, monkeypatch):
+    """A changed key that the run does not read (the section of a mixer it does not use) trains the same run: the
+    finished sweep stays finished, and a run stopped at a step checkpoint resumes from it; a key it reads is still a
+    changed recipe."""
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run", "--set", "model.gated_deltanet.expand_v=2.0"]) == 0
+    assert capsys.readouterr().out.count("  finished") == 2
+    assert main(["run", str(path), "--dry-run", "--set", "train.lr=0.005"]) == 2
+    assert "recipe changed since this run started (train.lr" in capsys.readouterr().out
+    from dcablate.training.checkpoint import read_changes
+
+    r = recipes.load(str(path))
+    unused = recipes.load(str(path), ["model.gated_deltanet.expand_v=2.0"])
+    assert read_changes(r.to_dict(), unused) == []  # a checkpoint's recipe, as a dict
+    assert read_changes(r.to_dict(), recipes.load(str(path), ["train.lr=0.005"])) == ["train.lr: 0.001 -> 0.005"]
