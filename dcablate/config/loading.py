@@ -502,7 +502,7 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
     components = " / ".join(sorted({m for r in recipes for m in r.model.mixers} | {f"ffn {r.model.ffn}" for r in recipes}))
     notes += [(f"model.{n}", f"no component of these runs ({components}) reads it") for n in model
               if n in COMPONENT_MODEL_KEYS and all(read is not None and n not in read for read in reads)
-              and getattr(first, n) != getattr(type(first)(), n)]
+              and _differs_from_default(recipes[0], f"model.{n}")]
     # a core or task key counts where the named recipe or a --set sets it to other than its default (a saved run's
     # recipe.toml writes every key out)
     notes += [(key, why) for key, why in _unread_keys(recipes)

@@ -85,8 +85,6 @@ def tokens_per_s(run) -> float | None:
     return statistics.fmean(rates) if rates else None
 
 
-UNSTEADY = 2.0  # a run whose logged tokens/s varies more than this many times between its log lines
-
 
 def throughput_swing(run) -> float | None:
     """How many times the fastest logged interval of a run's training outran its slowest (`metrics.jsonl`
@@ -217,7 +215,7 @@ def _add(group: Group, name: str, cells: list) -> None:
                 group.unigram.append((name, float(bpb), float(floor)))
             group.stopped_early[name] += bool(s.get("stopped_early"))
             swing = throughput_swing(run)
-            if swing is not None and swing > UNSTEADY:
+            if swing is not None and swing > throughput.UNSTEADY:
                 group.unsteady[name] = max(group.unsteady.get(name, 0.0), swing)
             kept += 1
         if kept:

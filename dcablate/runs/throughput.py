@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FILE = "throughput.json"
-UNSTEADY = 2.0  # a timing whose slowest part ran this many times slower per step than its fastest: a busy machine
+UNSTEADY = 2.0  # a rate whose slowest part (a timing's quarter, a run's log interval) ran this many times slower than
+# its fastest: other work came and went on the machine
 
 
 @dataclass(frozen=True)
