@@ -85,7 +85,6 @@ def tokens_per_s(run) -> float | None:
     return statistics.fmean(rates) if rates else None
 
 
-
 def throughput_swing(run) -> float | None:
     """How many times the fastest logged interval of a run's training outran its slowest (`metrics.jsonl`
     tokens/s, the first interval left out: it holds the compilation); None with fewer than three intervals.
