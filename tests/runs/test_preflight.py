@@ -194,3 +194,21 @@ def test_a_dry_run_notes_a_warmup_that_is_a_large_share_of_the_shortest_run(tmp_
     calm = [recipes.build({**base, "train": {**base["train"], "warmup_steps": 1},
                            "model": {"d_model": d, "n_heads": 2}}) for d in (16, 64)]
     assert preflight.warmup_note(calm, {}) is None
+
+
+def test_a_sweep_hands_out_its_longest_runs_first():
+    """Workers take runs in order of planned steps, most first, ties in sweep order: a ladder's largest size
+    started last would run alone on a card the others have left."""
+    from dcablate.runs import preflight
+
+    lm = {"task": {"kind": "lm", "lm": {"data": "text", "seq_len": 16}},
+          "train": {"tokens_per_param": 20.0, "batch_size": 4, "warmup_steps": 1}}
+    small, large = (recipes.build({**lm, "model": {"d_model": d, "n_heads": 2}}) for d in (16, 64))
+    mqar = {"task": {"kind": "mqar"}, "model": {"n_heads": 2}}
+    short, long, wide = (recipes.build({**mqar, "train": {"steps": s}, "model": {"d_model": d, "n_heads": 2}})
+                         for s, d in ((1000, 32), (4000, 32), (1000, 256)))
+    plan = [(name, r, None, "new") for name, r in
+            [("small", small), ("large", large), ("short", short), ("long", long), ("wide", wide)]]
+    assert [preflight.steps_of(r, {}) for _, r, *_ in plan] == [655, 10300, 1000, 4000, 1000]
+    assert preflight.longest_first(plan, [0, 1, 2, 3, 4]) == [1, 3, 2, 4, 0]  # wide: as many steps as short
+    assert preflight.longest_first(plan, [4, 2, 0]) == [4, 2, 0]
