@@ -440,7 +440,7 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: La
     from dcablate.runs.preflight import longest_first
 
     outcome.announce_finished(plan)
-    jobs = outcome.jobs_for(plan, longest_first(plan, to_train))
+    jobs = outcome.jobs_for(plan, *longest_first(plan, to_train))
     if launch.launcher == "local":
         from dcablate.runs.launchers import local
 

@@ -165,15 +165,15 @@ def steps_of(r, cache: dict) -> int:
     return budget[0] if budget is not None else r.train.steps
 
 
-def longest_first(plan, to_train: list[int]) -> list[int]:
+def longest_first(plan, to_train: list[int]) -> tuple[list[int], dict[int, int]]:
     """`to_train` in the order a sweep hands its runs to workers: the most planned steps first, ties in sweep
-    order. A ladder's runs differ up to 15x in steps; started last, the longest would run alone on a card the
-    others have left, so a sweep on K workers would take up to twice its steps over K. Steps, not FLOPs: the
-    small models that share a card take about the same time per step whatever their width (a d_model 512 MQAR
-    step, 64x the FLOPs of a d_model 64 one, took 1.8x its time, eight runs at once)."""
+    order; and each point's planned steps. A ladder's runs differ up to 15x in steps; started last, the longest
+    would run alone on a card the others have left, so a sweep on K workers would take up to twice its steps over
+    K. Steps, not FLOPs: the small models that share a card take about the same time per step whatever their
+    width (a d_model 512 MQAR step, 64x the FLOPs of a d_model 64 one, took 1.8x its time, eight runs at once)."""
     cache: dict = {}
     steps = {i: steps_of(plan[i][1], cache) for i in to_train}
-    return sorted(to_train, key=lambda i: -steps[i])
+    return sorted(to_train, key=lambda i: -steps[i]), steps
 
 
 WARMUP_SHARE = 0.1  # a warmup this share of the shortest run's steps, with the longest 3x as long: said in a note

@@ -1,9 +1,10 @@
 """How far a sweep is: runs ended (finished or failed) out of those it trains, how many failed, the time since
-it began, and an ETA from the pace so far (ended runs per second, so runs trained side by side by workers count
-as they come). Until as many runs have ended as train at once, that pace is no guide (the first run ends while
-the others of its round are nearly done too), so the ETA is then a run's mean wall time times the rounds left,
-where the runs still in the first round count with the time they have run so far: the runs that end first are
-the fast ones (stopped early), and their mean alone would promise too soon an end."""
+it began, and an ETA from the pace so far. The pace is counted in the runs' planned steps where the sweep knows
+them (a ladder's runs differ up to 15x in length, and its longest start first), else in runs. Until as many runs
+have ended as train at once, that pace is no guide (the first run ends while the others of its round are nearly
+done too), so the ETA is then the time per step so far times the steps left, spread over the runs at once, where
+the runs still in the first round count with the time they have run so far: the runs that end first are the
+fast ones (stopped early), and their time alone would promise too soon an end."""
 
 from __future__ import annotations
 
@@ -13,20 +14,27 @@ from dcablate.training.progress import clock
 
 
 class SweepProgress:
-    """`total` runs to train (runs finished earlier not counted), up to `at_once` of them side by side;
-    `finished(wall_s, failed=...)` after each, ended any way, with its wall time where known and whether it
-    failed."""
+    """`total` runs to train (runs finished earlier not counted), up to `at_once` of them side by side, with
+    `steps` planned steps in all (None: the runs count alike); `finished(wall_s, failed=..., steps=...)` after
+    each, ended any way, with its wall time where known, whether it failed and its planned steps."""
 
-    def __init__(self, total: int, at_once: int = 1):
+    def __init__(self, total: int, at_once: int = 1, steps: int | None = None):
         self.total, self.at_once, self.done, self.started = total, max(1, at_once), 0, time.time()
         self.failed = 0
         self.walls: list[float] = []
+        self.by_steps = bool(steps)  # else a run counts 1
+        self.work_total = steps if steps else total
+        self.work_done = 0.0
+        self.work_walled = 0.0  # the steps of the runs in `walls`
 
-    def finished(self, wall_s: float | None = None, failed: bool = False) -> None:
+    def finished(self, wall_s: float | None = None, failed: bool = False, steps: int = 0) -> None:
         self.done += 1
         self.failed += bool(failed)
+        work = steps if self.by_steps else 1
+        self.work_done += work
         if wall_s is not None:
             self.walls.append(wall_s)
+            self.work_walled += work
 
     def status(self) -> str:
         """`done 3 of 8, 0:04:10 elapsed, eta 0:06:57`, or `done 3 of 8 (1 failed), ...`: runs ended, failed ones
@@ -34,14 +42,15 @@ class SweepProgress:
         numbering); the ETA once a run has ended."""
         elapsed = time.time() - self.started
         left = self.total - self.done
+        work_left = max(0.0, self.work_total - self.work_done)
         if not self.done:
             eta = "?"
-        elif self.done < self.at_once and self.walls:  # the first round: rounds left x a run's mean wall time
+        elif self.done < self.at_once and self.walls:  # the first round: time per step x steps left, spread
             running = min(self.at_once, self.total) - self.done  # each has run about `elapsed` so far, at least
-            mean_wall = (sum(self.walls) + running * elapsed) / (len(self.walls) + running)
-            eta = clock(mean_wall * left / min(self.at_once, self.total))
+            per_step = (sum(self.walls) + running * elapsed) / (self.work_walled + running * work_left / max(1, left))
+            eta = clock(per_step * work_left / min(self.at_once, self.total))
         else:
-            eta = clock(elapsed / self.done * left)
+            eta = clock(elapsed / self.work_done * work_left) if self.work_done else "?"
         failed = f" ({self.failed} failed)" if self.failed else ""
         return f"done {self.done} of {self.total}{failed}, {clock(elapsed)} elapsed, eta {eta}"
 

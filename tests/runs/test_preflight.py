@@ -210,5 +210,6 @@ def test_a_sweep_hands_out_its_longest_runs_first():
     plan = [(name, r, None, "new") for name, r in
             [("small", small), ("large", large), ("short", short), ("long", long), ("wide", wide)]]
     assert [preflight.steps_of(r, {}) for _, r, *_ in plan] == [655, 10300, 1000, 4000, 1000]
-    assert preflight.longest_first(plan, [0, 1, 2, 3, 4]) == [1, 3, 2, 4, 0]  # wide: as many steps as short
-    assert preflight.longest_first(plan, [4, 2, 0]) == [4, 2, 0]
+    order, steps = preflight.longest_first(plan, [0, 1, 2, 3, 4])
+    assert order == [1, 3, 2, 4, 0] and steps == {0: 655, 1: 10300, 2: 1000, 3: 4000, 4: 1000}  # wide: as short
+    assert preflight.longest_first(plan, [4, 2, 0])[0] == [4, 2, 0]

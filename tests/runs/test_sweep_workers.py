@@ -269,6 +269,21 @@ def test_sweep_progress_first_round_counts_the_runs_still_going():
     assert progress.status() == "done 1 of 80, 0:01:40 elapsed, eta 0:14:36"
 
 
+def test_sweep_progress_counts_planned_steps_when_the_runs_differ_in_length():
+    """A ladder, longest runs first: two runs of 1000 steps and two of 100, two at a time, 0.1 s a step. Once the
+    long ones have ended (100 s), 200 steps are left: 10 s, not the 100 s that two runs per 100 s would give.
+    In the first round the run still going counts as the mean run left (400 steps) for its 100 s."""
+    from dcablate.runs.progress import SweepProgress
+
+    progress = SweepProgress(4, at_once=2, steps=2200)
+    progress.started -= 100
+    progress.finished(100.0, steps=1000)
+    # (100 + 100) s / (1000 + 400) steps x 1200 steps left / 2 at once = 85.7 s
+    assert progress.status() == "done 1 of 4, 0:01:40 elapsed, eta 0:01:26"
+    progress.finished(100.0, steps=1000)
+    assert progress.status() == "done 2 of 4, 0:01:40 elapsed, eta 0:00:10"
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--per-gpu", "0"], "Invalid value for '--per-gpu': 0 is not in the range x>=1"),
     (["--workers", "0"], "Invalid value for '--workers'"),

@@ -30,6 +30,7 @@ class Job:
     label: str = ""  # where it is training ("cpu", "gpu 1", "ray 0.25 GPU", "slurm 1234_0")
     started: float = 0.0
     title: str = ""  # the name its lines show: the point's, or a single run's run.name (its `name` is "")
+    steps: int = 0  # its planned steps (0: not counted), for the sweep's ETA
 
     def __post_init__(self):
         self.title = self.title or self.name or self.run_dir.name
@@ -39,10 +40,11 @@ class Job:
         return {"index": self.index, "name": self.name, "digest": self.digest, "run_dir": str(self.run_dir)}
 
 
-def jobs_for(plan, to_train: list[int]) -> list[Job]:
-    """The `Job`s of the planned points (name, recipe, run_dir, state) still to train."""
+def jobs_for(plan, to_train: list[int], steps: dict | None = None) -> list[Job]:
+    """The `Job`s of the planned points (name, recipe, run_dir, state) still to train, in the order of `to_train`;
+    `steps`: each point's planned steps, where counted."""
     return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind,
-                title=plan[i][0] or plan[i][1].run.name) for i in to_train]
+                title=plan[i][0] or plan[i][1].run.name, steps=(steps or {}).get(i, 0)) for i in to_train]
 
 
 @dataclass
@@ -86,27 +88,27 @@ class Reporter:
     tells whether the command is stopping on a signal (a run that then ends with a signal's status was stopped, not
     failed)."""
 
-    def __init__(self, total: int, out: Outcome, stopping, at_once: int = 1):
-        self.progress, self.out, self.stopping = SweepProgress(total, at_once), out, stopping
+    def __init__(self, total: int, out: Outcome, stopping, at_once: int = 1, steps: int | None = None):
+        self.progress, self.out, self.stopping = SweepProgress(total, at_once, steps), out, stopping
         self.total = total
 
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
         elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.title}"
         if code == 0 and (job.run_dir / "summary.json").is_file():
-            self.progress.finished(elapsed)
+            self.progress.finished(elapsed, steps=job.steps)
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary
             click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.label})"
                        f"  [{self.progress.status()}]")
         elif self.stopping() and code in STOPPED_CODES:
-            self.progress.finished(elapsed)
+            self.progress.finished(elapsed, steps=job.steps)
             self.out.interrupted.append(job)
             reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
                 f"ended by {exit_code(code)} before it saved a checkpoint; it resumes from its previous one"
             click.echo(f"{prefix}  stopped ({job.label}): {reason}")
         else:
-            self.progress.finished(elapsed, failed=True)
+            self.progress.finished(elapsed, failed=True, steps=job.steps)
             self.out.failed.append((job, exit_code(code), why or last_line(job.run_dir / LOG_NAME)))
             click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.label}); "
                        f"see {job.run_dir / LOG_NAME}  [{self.progress.status()}]")

@@ -125,7 +125,8 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
     empty = list(slots)  # slots without a live worker
     stop = Stopping()
     caught = stop.caught
-    reporter = Reporter(total, out, lambda: bool(caught), at_once=len(slots))
+    steps = sum(j.steps for j in jobs) if jobs and all(j.steps for j in jobs) else None
+    reporter = Reporter(total, out, lambda: bool(caught), at_once=len(slots), steps=steps)
     grace = stop_grace()
 
     def give(w: Worker, job: Job) -> None:
