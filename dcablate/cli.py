@@ -436,7 +436,6 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: La
     """`run` over workers (local processes, Ray actors or Slurm tasks): the same run directories, lines and
     table whichever launcher trains them."""
     from dcablate.runs.launchers import outcome
-
     from dcablate.runs.preflight import longest_first
 
     outcome.announce_finished(plan)
