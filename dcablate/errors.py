@@ -21,6 +21,10 @@ class RecipeError(UserError):
         super().__init__(f"{where}: {message}")
 
 
+class UnregisteredSection(RecipeError):
+    """A recipe section of a component no registry holds (`[model.ema]`): most often a plugin not loaded."""
+
+
 # words people use for a choice that spelling alone does not lead to ('gpu' is closer to 'cpu' than to 'cuda')
 ALIASES = {"gpu": "cuda", "gdn": "gated_deltanet", "gated_delta_net": "gated_deltanet", "mamba": "mamba2",
            "bfloat16": "bf16", "float32": "fp32", "none": "off"}
@@ -28,12 +32,15 @@ ALIASES = {"gpu": "cuda", "gdn": "gated_deltanet", "gated_delta_net": "gated_del
 
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''. A known other name for a choice (`ALIASES`,
-    any case) comes first, then the one choice that starts with `word`, a name cut short (`paper/mqar_gated` for
+    any case) comes first, then the choice that differs only in case, the one choice that starts with `word`, a name cut short (`paper/mqar_gated` for
     `paper/mqar_gated_deltanet`), then spelling neighbours."""
     word, choices = str(word), [str(c) for c in choices]
     alias = ALIASES.get(word.lower())
     if alias in choices and alias != word:
         return f" (did you mean '{alias}'?)"
+    other_case = [c for c in choices if c.lower() == word.lower() and c != word]
+    if other_case:
+        return f" (did you mean '{other_case[0]}'?)"
     started = [c for c in choices if c.startswith(word) and c != word] if len(word) >= 3 else []
     close = started if len(started) == 1 else difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -13,6 +13,7 @@ variable, so a plugin works wherever a recipe runs.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
@@ -89,6 +90,32 @@ class ComponentSpec:
     check: Callable = _no_check
 
 
+def check_spec(spec, what: str) -> None:
+    """A ValueError when a recipe could not select or configure `spec`: its name must be a Python identifier (it
+    names the recipe section `[model.<name>]` or `[task.<name>]`), and every field of its options dataclass needs a
+    default (a recipe that leaves the section out gets the defaults)."""
+    if not isinstance(spec.name, str) or not spec.name.isidentifier():
+        raise ValueError(f"a {what} is named {spec.name!r}, which cannot name a recipe section: use letters, digits "
+                         f"and underscores, not starting with a digit (e.g. {_identifier(spec.name)!r})")
+    options = getattr(spec, "options", None)
+    if options is None:
+        return
+    if not dataclasses.is_dataclass(options):
+        raise ValueError(f"{what} {spec.name!r}: options must be a dataclass (its recipe section's keys), got "
+                         f"{options!r}")
+    bare = [f.name for f in dataclasses.fields(options)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if bare:
+        raise ValueError(f"{what} {spec.name!r}: option{'s' if len(bare) > 1 else ''} {', '.join(bare)} of "
+                         f"{options.__name__} need{'' if len(bare) > 1 else 's'} a default (a recipe without the "
+                         f"section uses the defaults; `dcablate.config.fields.option(default, doc)`)")
+
+
+def _identifier(name) -> str:
+    out = "".join(c if c.isalnum() or c == "_" else "_" for c in str(name)) or "my_component"
+    return out if not out[0].isdigit() else f"_{out}"
+
+
 def resolve(target):
     """A `"module:attribute"` reference -> the attribute; anything else is returned as it is."""
     if not isinstance(target, str):
@@ -100,17 +127,25 @@ def resolve(target):
 class Registry(Generic[Spec]):
     """Specs by name, in registration order: the package's own first, then the plugins'. `builtins` names
     the torch-free modules whose import registers the package's own components; they are imported on the
-    first read, by name, so that they may import the registry without an import cycle."""
+    first read, by name, so that they may import the registry without an import cycle. `impl_problem(class)`:
+    what keeps a spec's class from implementing the registry's interface (None: fine), checked on registration."""
 
-    def __init__(self, what: str, builtins: tuple[str, ...]):
+    def __init__(self, what: str, builtins: tuple[str, ...], impl_problem: Callable | None = None):
         self.what, self.builtins = what, builtins
+        self.impl_problem = impl_problem  # (class) -> what keeps it from implementing the interface, or None
         self._specs: dict[str, Spec] = {}
 
     def register(self, spec: Spec, replace: bool = False) -> Spec:
-        """Add `spec` (anything with a `name`); a second spec of the same name is an error unless `replace`."""
+        """Add `spec` (anything with a `name`); a second spec of the same name is an error unless `replace`, and so
+        is a spec a recipe could not name or configure (`check_spec`)."""
         global generation
         if spec.name in self._specs and not replace:
             raise ValueError(f"a {self.what} named {spec.name!r} is already registered")
+        check_spec(spec, self.what)
+        if self.impl_problem is not None and isinstance(spec.impl, type):  # "module:Class": checked when built
+            problem = self.impl_problem(spec.impl)
+            if problem:
+                raise ValueError(f"{self.what} {spec.name!r}: {problem}")
         self._specs[spec.name] = spec
         generation += 1
         return spec

@@ -230,6 +230,25 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     assert main(["report", "runs"]) == 0
     assert "previous-token accuracy" in Path("runs/report.md").read_text()
     assert "; plugins toy_plugin_module: 1 run" in Path("runs/report.md").read_text()
+    capsys.readouterr()
+    # without the plugin, the report refuses the run it cannot read instead of rewriting itself without it
+    from dcablate.models.conv import CONV_KINDS
+    from dcablate.models.mixers import MIXERS
+    from dcablate.tasks import TASKS
+
+    before = {f: Path("runs", f).read_bytes() for f in ("report.md", "report.csv")}
+    for registry, name in ((MIXERS, "running_mean"), (CONV_KINDS, "gated_shift"), (TASKS, "previous_token")):
+        registry.unregister(name)
+    try:
+        assert main(["report", "runs"]) == 2
+    finally:
+        register_all()
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs/toy/recipe.toml: ") and err.count("\n") == 1, err
+    assert "no registered mixer or channel mixer is named 'running_mean'" in err
+    assert err.endswith("; it was trained with DCABLATE_PLUGINS=toy_plugin_module; the report needs its components to "
+                        "read it, so nothing was written\n")
+    assert {f: Path("runs", f).read_bytes() for f in before} == before
 
 
 def test_a_mixers_convs_are_counted_whatever_their_attribute_names(registered):
@@ -328,6 +347,92 @@ def test_a_plugin_that_fails_while_importing_is_one_line_at_its_own_line(tmp_pat
     assert main(["info", "quickstart"]) == 2
     assert capsys.readouterr().err == (f"error: DCABLATE_PLUGINS: plugin module 'broken_plugin' failed while "
                                        f"importing, at {plugin}:2: {fragment}\n")
+
+
+BAD_MIXERS = """\
+from dataclasses import dataclass
+import torch.nn as nn
+from dcablate.models.mixers import MixerSpec, register_mixer
+from dcablate.models.mixers.base import TokenMixer
+
+@dataclass
+class Options:
+    decay: float
+
+class NotAMixer(nn.Module):
+    pass
+
+class NoForward(TokenMixer):
+    @classmethod
+    def from_config(cls, m, layer_idx):
+        return cls()
+
+class OneArgument(TokenMixer):
+    @classmethod
+    def from_config(cls, m):
+        return cls()
+
+    def forward(self, h):
+        return h
+
+"""
+
+
+@pytest.mark.parametrize("call, fragment", [
+    ('MixerSpec("my-ema", OneArgument, None, "x", conv_streams=lambda m: [])',
+     "ValueError: a token mixer is named 'my-ema', which cannot name a recipe section: use letters, digits and "
+     "underscores, not starting with a digit (e.g. 'my_ema')"),
+    ('MixerSpec("ema", NoForward, Options, "x", conv_streams=lambda m: [])',
+     "ValueError: token mixer 'ema': option decay of Options needs a default (a recipe without the section uses the "
+     "defaults; `dcablate.config.fields.option(default, doc)`)"),
+    ('MixerSpec("ema", NotAMixer, None, "x", conv_streams=lambda m: [])',
+     "ValueError: token mixer 'ema': NotAMixer is not a subclass of dcablate.models.mixers.base.TokenMixer"),
+    ('MixerSpec("ema", NoForward, None, "x", conv_streams=lambda m: [])',
+     "ValueError: token mixer 'ema': NoForward does not define forward (a TokenMixer defines from_config(cls, m, "
+     "layer_idx) and forward(self, h))"),
+    ('MixerSpec("ema", OneArgument, None, "x", conv_streams=lambda m: [])',
+     "ValueError: token mixer 'ema': OneArgument.from_config(m) cannot take (m, layer_idx): the [model] section "
+     "and the block's index"),
+], ids=["name-not-an-identifier", "option-without-default", "not-a-token-mixer", "no-forward", "from-config-args"])
+def test_a_mixer_a_recipe_could_not_use_is_refused_where_the_plugin_registers_it(tmp_path, monkeypatch, capsys, call,
+                                                                                 fragment):
+    from dcablate.cli import main
+
+    plugin = tmp_path / "bad_mixer_plugin.py"
+    plugin.write_text(BAD_MIXERS + f"register_mixer({call})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "bad_mixer_plugin")
+    assert main(["info", "quickstart"]) == 2
+    line = BAD_MIXERS.count("\n") + 1
+    assert capsys.readouterr().err == (f"error: DCABLATE_PLUGINS: plugin module 'bad_mixer_plugin' failed while "
+                                       f"importing, at {plugin}:{line}: {fragment}\n")
+
+
+def test_a_mixer_named_by_module_is_checked_when_a_model_is_built(registered, tmp_path, monkeypatch, capsys):
+    """`impl = "module:Class"` is imported only when a model is built: then a missing class, or one that is no
+    token mixer, is one line naming model.mixer; so is a forward that returns a tuple (as fla's layers do)."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    class TupleOut(RunningMean):
+        def forward(self, h):
+            return super().forward(h), None
+
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE)
+    for impl, line in [
+        ("tests.test_plugins:RunningMeen", "model.mixer = 'running_mean': its class 'tests.test_plugins:RunningMeen' "
+                                           "cannot be imported: module 'tests.test_plugins' has no attribute "
+                                           "'RunningMeen'"),
+        ("tests.test_plugins:GatedShift", "model.mixer = 'running_mean': GatedShift is not a subclass of "
+                                          "dcablate.models.mixers.base.TokenMixer"),
+        (TupleOut, "model.mixer: TupleOut.forward returned tuple, not a tensor; a block's mixers map [B, T, D] to "
+                   "one [B, T, D] tensor (fla's layers return a tuple: take its first)"),
+    ]:
+        MIXERS.register(MixerSpec("running_mean", impl, RunningMeanOptions, "x",
+                                  conv_streams=lambda m: [("v", m.d_model)]), replace=True)
+        assert main(["info", "toy.toml"] if isinstance(impl, str) else ["run", "toy.toml", "--quiet"]) == 2
+        assert capsys.readouterr().err == f"error: {line}\n"
 
 
 @pytest.mark.parametrize("register, registry, spec, section", [

@@ -79,6 +79,11 @@ class RMSNorm(nn.RMSNorm):
 def same_shape(y: torch.Tensor, x: torch.Tensor, key: str, layer: nn.Module) -> torch.Tensor:
     """`y` when it has `x`'s shape `[B, T, D]`; else a UserError naming the layer (a plugin's forward that returns
     another shape would fail later without its name, or broadcast over the residual without a word)."""
+    if not isinstance(y, torch.Tensor):
+        from dcablate.errors import UserError
+
+        raise UserError(f"{key}: {type(layer).__name__}.forward returned {type(y).__name__}, not a tensor; a block's "
+                        f"mixers map [B, T, D] to one [B, T, D] tensor (fla's layers return a tuple: take its first)")
     if y.shape != x.shape:
         from dcablate.errors import UserError
 

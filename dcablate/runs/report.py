@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcablate import config as recipes
-from dcablate.errors import RecipeError, UserError
+from dcablate.errors import RecipeError, UnregisteredSection, UserError
 from dcablate.training import failure
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
@@ -119,6 +119,15 @@ def conv_label(conv) -> str:
     return conv.kind + (f"[{','.join(form)}]" if form else "")
 
 
+def _trained_with(run_dir: Path) -> str:
+    """'; it was trained with DCABLATE_PLUGINS=a,b' from the run's summary.json, else ''."""
+    try:
+        plugins = json.loads((run_dir / "summary.json").read_text())["versions"]["plugins"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f"; it was trained with DCABLATE_PLUGINS={','.join(plugins)}" if plugins else ""
+
+
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run directory below `root` (finished or not), and those skipped: files that could not be read, and
     a run equal to one already found (the same resolved recipe but for its name and place, seed included, e.g.
@@ -130,6 +139,9 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         run_dir = recipe_file.parent
         try:
             r = recipes.build(tomllib.loads(recipe_file.read_text()), default_source=str(recipe_file))
+        except UnregisteredSection as e:  # a plugin's component: skipping its runs would rewrite the report without them
+            raise UserError(f"{e}{_trained_with(run_dir)}; the report needs its components to read it, so nothing "
+                            f"was written") from None
         except (OSError, ValueError, RecipeError) as e:
             bad.append((run_dir, f"recipe.toml: {e}"))
             continue

@@ -25,8 +25,12 @@ class DynamicShortConv(nn.Module):
                  static_filter: bool = True, activation: str | None = None, residual: bool = True,
                  backend: str = "auto"):
         super().__init__()
-        if heads and dim % heads:
-            raise ValueError(f"heads {heads} must divide dim {dim}")
+        if heads and dim % heads:  # the recipe check reads the widths a mixer's spec declares; this is the built one
+            from dcablate.errors import UserError
+
+            raise UserError(f"model.conv.heads = {heads} must divide the {dim} channels of every stream a conv "
+                            f"covers (a mixer whose spec's conv_streams declares other widths than it builds passes "
+                            f"the recipe check)")
         self.dim, self.width, self.rank, self.heads = dim, width, rank, heads
         self.activation, self.residual, self.backend = activation, residual, backend
         self.generator = nn.Linear(gen_dim, heads * width if heads else rank, bias=False)

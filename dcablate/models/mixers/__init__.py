@@ -8,6 +8,8 @@ This module and the specs are torch-free: recipes are checked without importing 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,13 +31,58 @@ class MixerSpec(ComponentSpec):
     model_keys: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
-MIXERS: Registry[MixerSpec] = Registry("token mixer", ("dcablate.models.mixers.specs",))
+MIXERS: Registry[MixerSpec] = Registry("token mixer", ("dcablate.models.mixers.specs",),
+                                       impl_problem=lambda cls: interface_problem(cls))
 
 
 def register_mixer(spec: MixerSpec, replace: bool = False) -> MixerSpec:
     return MIXERS.register(spec, replace)
 
 
+def interface_problem(cls) -> str | None:
+    """What keeps `cls` from being a token mixer (`base.TokenMixer`'s interface), or None."""
+    from dcablate.models.mixers.base import TokenMixer
+
+    name = getattr(cls, "__name__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, TokenMixer)):
+        return f"{name} is not a subclass of dcablate.models.mixers.base.TokenMixer"
+    missing = [f"{m}" for m, own in (("from_config", getattr(cls.from_config, "__func__", None)),
+                                     ("forward", cls.forward))
+               if own is getattr(getattr(TokenMixer, m), "__func__", getattr(TokenMixer, m))]
+    if missing:
+        return f"{name} does not define {' or '.join(missing)} (a TokenMixer defines from_config(cls, m, layer_idx) " \
+               f"and forward(self, h))"
+    try:
+        inspect.signature(cls.from_config).bind(None, 0)
+    except TypeError:
+        return f"{name}.from_config{inspect.signature(cls.from_config)} cannot take (m, layer_idx): the [model] " \
+               f"section and the block's index"
+    except ValueError:  # no signature to read (a builtin): let the call say
+        pass
+    return None
+
+
+def mixer_class(name: str) -> type:
+    """The checked `TokenMixer` subclass of the registered mixer `name`; a UserError naming `model.mixer` when its
+    `impl` cannot be imported or does not implement the interface."""
+    return _checked_class(MIXERS.get(name))
+
+
+@functools.cache  # by spec: a spec registered again under the same name is checked again
+def _checked_class(spec: MixerSpec) -> type:
+    from dcablate.errors import UserError
+
+    name = spec.name
+    try:
+        cls = resolve(spec.impl)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"model.mixer = {name!r}: its class {spec.impl!r} cannot be imported: {e}") from None
+    problem = interface_problem(cls)
+    if problem:
+        raise UserError(f"model.mixer = {name!r}: {problem}")
+    return cls
+
+
 def build_mixer(model_cfg, layer_idx: int):
     """The mixer of block `layer_idx` (`model.mixer` may list several, applied cyclically)."""
-    return resolve(MIXERS.get(model_cfg.mixer_at(layer_idx)).impl).from_config(model_cfg, layer_idx)
+    return mixer_class(model_cfg.mixer_at(layer_idx)).from_config(model_cfg, layer_idx)
