@@ -53,7 +53,9 @@ def _load_plugins() -> None:
             importlib.import_module(name)
         except ImportError as e:
             _plugins_loaded.discard(name)
-            raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e})") from None
+            hint = _module_hint(name) if isinstance(e, ModuleNotFoundError) and e.name and e.name in name else ""
+            # (a module the plugin itself imports that is missing: its own message says which)
+            raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e}){hint}") from None
         except UserError:
             _plugins_loaded.discard(name)
             raise
@@ -66,6 +68,24 @@ def _load_plugins() -> None:
                          frames[-1])
             raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' failed while importing, at {frame.filename}:"
                             f"{frame.lineno}: {type(e).__name__}: {e}") from None
+
+
+def _module_hint(name: str) -> str:
+    """What to write instead of `name`, a plugin module that cannot be found: a module name for a file's path,
+    commas between names, a module of the working directory spelt alike, or where modules are looked for."""
+    from pathlib import Path
+
+    from dcablate.errors import did_you_mean
+
+    if name.endswith(".py") or "/" in name or os.sep in name:
+        path = Path(name)
+        folder = path.parent.resolve()
+        place = "" if folder == Path.cwd().resolve() else f", with {folder} on PYTHONPATH"
+        return f"; name a module, not a file: {PLUGINS_ENV}={path.stem.split('.')[0]}{place}"
+    if any(c.isspace() for c in name):
+        return f"; separate modules with commas: {PLUGINS_ENV}={','.join(name.split())}"
+    close = did_you_mean(name, sorted(p.stem for p in Path.cwd().glob("*.py")))
+    return close or f"; plugin modules are imported from the working directory ({os.getcwd()}) or PYTHONPATH"
 
 
 def _no_check(recipe, fail) -> None:

@@ -510,3 +510,22 @@ def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(r
     assert json.loads(Path("runs/toy/failed.json").read_text())["error"] == line
     assert main(["report", "runs"]) == 0
     assert f"- `toy` after 0 steps: {line}" in Path("runs/report.md").read_text()
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("my_plugin.py", "; name a module, not a file: DCABLATE_PLUGINS=my_plugin"),
+    ("sub/my_plugin.py", "; name a module, not a file: DCABLATE_PLUGINS=my_plugin, with {tmp}/sub on PYTHONPATH"),
+    ("my_plugin other", "; separate modules with commas: DCABLATE_PLUGINS=my_plugin,other"),
+    ("my_plugn", " (did you mean 'my_plugin'?)"),
+    ("nothing_like_it", "; plugin modules are imported from the working directory ({tmp}) or PYTHONPATH"),
+], ids=["file", "path", "spaces", "typo", "elsewhere"])
+def test_a_plugin_module_not_found_says_what_to_write(tmp_path, monkeypatch, capsys, value, hint):
+    from dcablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("my_plugin.py").write_text("")
+    monkeypatch.setenv("DCABLATE_PLUGINS", value)
+    assert main(["info", "quickstart"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: DCABLATE_PLUGINS: cannot import plugin module '{value}' (No module named ")
+    assert err.endswith(hint.format(tmp=tmp_path) + "\n") and err.count("\n") == 1, err

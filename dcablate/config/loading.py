@@ -126,11 +126,12 @@ def _bare_word_hint(path: Path, message: str) -> str:
 
 
 def _merge(base: dict, over: dict, origins: dict, over_source: str, prefix: str = "") -> dict:
-    """Deep-merge `over` into a copy of `base`; tables merge, everything else replaces."""
+    """Deep-merge `over` into a copy of `base`; tables merge, everything else replaces, and so does an empty
+    `[sweep]` (a recipe's way to train one run of a sweeping recipe it extends)."""
     out = dict(base)
     for key, value in over.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not (path == "sweep" and not value):
             out[key] = _merge(out[key], value, origins, over_source, path + ".")
         else:
             out[key] = value

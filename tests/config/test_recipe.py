@@ -228,6 +228,16 @@ def test_extends_from_the_recipes_own_folder_by_relative_name(tmp_path, monkeypa
     assert (r.model.d_model, r.model.n_heads) == (64, 4)
 
 
+def test_an_empty_sweep_in_a_child_drops_the_parents_sweep(tmp_path):
+    """Tables merge, but an empty `[sweep]` replaces the parent's: a child's way to train one run of it; a child
+    sweeping its own keys still adds them to the parent's."""
+    write(tmp_path / "base.toml", '[sweep]\n"train.lr" = [1e-3, 3e-3]\n')
+    one = write(tmp_path / "one.toml", 'extends = "base.toml"\n[sweep]\n')
+    more = write(tmp_path / "more.toml", 'extends = "base.toml"\n[sweep]\n"run.seed" = [0, 1]\n')
+    assert R.load(str(one)).sweep == {}
+    assert R.load(str(more)).sweep == {"train.lr": [1e-3, 3e-3], "run.seed": [0, 1]}
+
+
 def test_extends_a_shipped_recipe_by_name(tmp_path, monkeypatch):
     shipped = write(tmp_path / "pkg" / "fakebase.toml", "[model]\nd_model = 96\n")
     monkeypatch.setattr("dcablate.config.loading.shipped_recipes", lambda: {"fakebase": shipped})
