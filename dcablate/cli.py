@@ -534,6 +534,10 @@ def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | No
         if key == "task.kind":
             raise UserError(f"--set {o}: a run is measured on the task it was trained on (task.kind = "
                             f"'{trained.task.kind}'); to measure another task, train a run on it")
+        section = key.split(".")[1] if key.count(".") >= 2 else None
+        if key.startswith("task.") and section in TASKS.names() and section != trained.task.kind:
+            raise UserError(f"--set {o}: this run's task is '{trained.task.kind}', so [task.{section}] does not "
+                            f"apply to it (its settings: task.{trained.task.kind}.*)")
         if key.startswith("task.") and key.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:
             raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
                             f"({key} as in {recipe_path})")

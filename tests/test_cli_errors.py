@@ -332,6 +332,11 @@ CASES = [
     Case("eval-set-vocab-size", ["eval", "--run", "rd", "--set", "task.mqar.vocab_size=1024"],
          ("--set task.mqar.vocab_size=1024: decides the tokens the model was trained on; eval keeps the run's",),
          files={"rd/recipe.toml": OK}),
+    Case("report-a-folder-spelt-close", ["report", "runs/tiny_suit"],
+         ("runs/tiny_suit: no such directory (did you mean 'runs/tiny_suite'?)",), dirs=("runs/tiny_suite",)),
+    Case("eval-set-another-tasks-key", ["eval", "--run", "rd", "--set", "task.recall.vocab_size=64"],
+         ("--set task.recall.vocab_size=64: this run's task is 'mqar', so [task.recall] does not apply to it (its "
+          "settings: task.mqar.*)",), files={"rd/recipe.toml": OK}),
     Case("eval-bad-recipe-in-run-dir", ["eval", "--task", "mqar", "--run", "rd"],
          ("recipe.toml: model.d_modle", "did you mean 'd_model'"), files={"rd/recipe.toml": "[model]\nd_modle = 1\n"}),
     Case("eval-bad-set", ["eval", "--task", "mqar", "--run", "rd", "--set", "task.mqar.test=[{seq_len=63}]"],

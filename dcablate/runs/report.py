@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import json
 import math
 import statistics
@@ -119,6 +120,17 @@ def conv_label(conv) -> str:
     return conv.kind + (f"[{','.join(form)}]" if form else "")
 
 
+def _near(path: Path) -> str:
+    """' (did you mean 'runs/x'?)' for a folder beside `path` spelt alike, else ''."""
+    parent = path.parent
+    try:
+        folders = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, folders, n=1, cutoff=0.75)
+    return f" (did you mean '{parent / close[0]}'?)" if close else ""
+
+
 def _trained_with(run_dir: Path) -> str:
     """'; it was trained with DCABLATE_PLUGINS=a,b' from the run's summary.json, else ''."""
     try:
@@ -133,7 +145,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     a run equal to one already found (the same resolved recipe but for its name and place, seed included, e.g.
     one sweep run twice into two folders), which would otherwise count twice as if it were another seed."""
     if not root.is_dir():
-        raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
+        raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}{_near(root)}")
     runs, bad, seen = [], [], {}
     for recipe_file in sorted(root.rglob("recipe.toml")):
         run_dir = recipe_file.parent
