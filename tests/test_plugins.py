@@ -312,7 +312,12 @@ def test_a_plugin_module_registers_in_another_process(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dcablate", "run", "toy.toml", "--quiet"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "runs/toy/summary.json").read_text())["steps"] == 4
+    summary = json.loads((tmp_path / "runs/toy/summary.json").read_text())
+    assert summary["steps"] == 4
+    import hashlib  # which version of the plugin's file trained it
+
+    digest = hashlib.sha256((tmp_path / "toy_plugin.py").read_bytes()).hexdigest()[:12]
+    assert summary["versions"]["plugin_digests"] == {"toy_plugin": digest}
 
 
 def test_a_plugin_s_runs_in_threads_of_one_packed_worker_all_train(tmp_path):

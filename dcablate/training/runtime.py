@@ -164,4 +164,19 @@ def software_versions(device: torch.device) -> dict:
     plugins = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
     return {**_installed_versions(), "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None,
             "kernel_configs": in_use() if device.type == "cuda" else None,
-            "plugins": plugins}  # the DCABLATE_PLUGINS modules: eval, report and a resume need them again
+            "plugins": plugins,  # the DCABLATE_PLUGINS modules: eval, report and a resume need them again
+            "plugin_digests": {n: module_digest(n) for n in plugins}}
+
+
+def module_digest(name: str) -> str | None:
+    """The first 12 hex digits of the sha256 of the imported module `name`'s file: which version of a plugin
+    trained a run (edited between the runs of a sweep, two of them would otherwise pass for one); None when it
+    has no file."""
+    import hashlib
+    import sys
+
+    path = getattr(sys.modules.get(name), "__file__", None)
+    try:
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()[:12] if path else None
+    except OSError:
+        return None
