@@ -97,6 +97,8 @@ CASES = [
     bad("unknown-key", "[model]\nd_modle = 64\n", "r.toml: model.d_modle: unknown key",
         "did you mean 'd_model'", "allowed here: mixer, d_model"),
     bad("unknown-nested-key", "[model.conv]\nwidht = 3\n", "r.toml: model.conv.widht", "did you mean 'width'"),
+    bad("task-key-of-the-chosen-kind", '[task]\nkind = "recall"\nseq_len = 64\n',
+        "r.toml: task.seq_len: unknown key (did you mean 'task.recall.seq_len'?)"),
     bad("unknown-key-dotted-form", "model.conv.knid = 'static'\n", "r.toml: model.conv.knid", "did you mean 'kind'"),
     # --- wrong types
     bad("str-for-int", '[model]\nd_model = "64"\n', "r.toml: model.d_model", "must be an integer", "str '64'"),

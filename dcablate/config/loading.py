@@ -617,7 +617,8 @@ def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
                       f"module in DCABLATE_PLUGINS" if component and isinstance(data[key], dict) else "")
             error = UnregisteredSection if plugin else RecipeError
             raise error(_src(origins, path, default), path,
-                        f"unknown key{_unknown_key_hint(prefix, key, names)}{plugin}; allowed here: {allowed}")
+                        f"unknown key{_unknown_key_hint(prefix, key, names, _chosen(prefix, data))}{plugin}; "
+                        f"allowed here: {allowed}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -789,13 +790,25 @@ KEY_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "seq_length": "seq_l
                "batch": "batch_size", "bs": "batch_size", "mixer_type": "mixer"}
 
 
-def _unknown_key_hint(prefix: str, key: str, names: list[str]) -> str:
+def _chosen(prefix: str, data: dict) -> tuple[str, ...]:
+    """The sections of the components a `[task]` or `[model]` table chooses (`task.recall.` for kind "recall"):
+    where a key of theirs left in the table belongs."""
+    if prefix == "task." and isinstance(data.get("kind"), str):
+        return (f"task.{data['kind']}.",)
+    if prefix == "model.":
+        mixers = data.get("mixer", [])
+        chosen = [*(mixers if isinstance(mixers, list) else [mixers]), data.get("ffn")]
+        return tuple(f"model.{c}." for c in chosen if isinstance(c, str))
+    return ()
+
+
+def _unknown_key_hint(prefix: str, key: str, names: list[str], chosen: tuple[str, ...] = ()) -> str:
     """' (did you mean ...?)' for `key`, not a key of the section at `prefix` (whose keys are `names`), first of:
     its other name here (`KEY_ALIASES`); a close spelling here (`heads` -> 'n_heads'); the recipe key or section
     of that name (or, at the top, of its other name) in another section, with its whole path (`model.state_size`
     -> 'model.mamba2.state_size', `steps` -> 'train.steps'), when at most three are and it is read where the
-    user put it (not `model.n_heads` from inside `[model.mamba2]`, whose heads are its own); a looser spelling
-    here."""
+    user put it (not `model.n_heads` from inside `[model.mamba2]`, whose heads are its own), the sections of
+    the components the table chooses (`chosen`) first; a looser spelling here."""
     alias = KEY_ALIASES.get(key.lower())
     if alias in names:
         return f" (did you mean '{alias}'?)"
@@ -818,6 +831,9 @@ def _unknown_key_hint(prefix: str, key: str, names: list[str]) -> str:
     if spec is not None and spec.model_keys is not None:  # and not the model keys it ignores
         elsewhere = [k for k in elsewhere if not (k.startswith("model.") and k.count(".") == 1
                                                   and k[6:] in COMPONENT_MODEL_KEYS and k[6:] not in spec.model_keys)]
+    own = [k for k in elsewhere if k.startswith(chosen)] if chosen else []
+    if own:  # the section of the task or mixer this table chooses: `[task] kind = "recall"` + seq_len
+        elsewhere = own
     if 1 <= len(elsewhere) <= 3:
         return f" (did you mean {' or '.join(repr(k) for k in elsewhere)}?)"
     close = did_you_mean(key, names)

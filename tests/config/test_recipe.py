@@ -479,7 +479,7 @@ def test_zip_errors_blame_the_list_where_it_was_set(tmp_path, child, overrides, 
     """A zipped list of another length, or a zipped value no recipe takes, set elsewhere than the zip (in a recipe
     that extends the zip's, or by --set) is blamed there under its own key, not on the zip's file."""
     base = write(tmp_path / "base.toml", ZIP_BASE)
-    path = write(tmp_path / "r.toml", f'extends = "base.toml"\n[sweep]\n{child}')
+    path = write(tmp_path / "r.toml", 'extends = "base.toml"\n' + (f"[sweep]\n{child}" if child else ""))
     with pytest.raises(RecipeError) as e:
         R.expand(str(path), overrides)
     where = str(path) if source == "r.toml" else source
