@@ -534,3 +534,21 @@ def test_a_plugin_module_not_found_says_what_to_write(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert err.startswith(f"error: DCABLATE_PLUGINS: cannot import plugin module '{value}' (No module named ")
     assert err.endswith(hint.format(tmp=tmp_path) + "\n") and err.count("\n") == 1, err
+
+
+def test_a_conv_on_a_stream_the_spec_does_not_declare_is_one_line(registered, tmp_path, monkeypatch, capsys):
+    """The recipe's checks (model.conv.heads must divide every stream) read the streams a spec declares; a mixer
+    that builds its convs on other streams or widths is named when the model is built."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE.replace('kind = "gated_shift"', 'kind = "static"'))
+    for streams, built in [(lambda m: [("v", 2 * m.d_model)], "'v' with 32 channels"),
+                           (lambda m: [("x", m.d_model)], "'v' with 32 channels")]:
+        MIXERS.register(MixerSpec("running_mean", RunningMean, RunningMeanOptions, "x", conv_streams=streams),
+                        replace=True)
+        assert main(["info", "toy.toml"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: model.mixer = 'running_mean': a conv was built on stream {built}, but the "
+                              f"specs' conv_streams declare ") and err.count("\n") == 1, err

@@ -10,9 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcablate.config.schema import conv_streams
 from dcablate.kernels.rms_norm import rms_norm
 from dcablate.models.channel import build_channel_mixer
 from dcablate.models.channel.base import ChannelMixer
+from dcablate.models.conv import check_streams
 from dcablate.models.mixers import build_mixer
 
 RESIDUAL_OUTPUTS = ("o_proj", "down_proj")  # scaled at init by 1/sqrt(2 n_layers), as GPT-2
@@ -154,6 +156,8 @@ class LanguageModel(nn.Module):
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
+        for i, block in enumerate(self.blocks[: m.cycle]):  # the other blocks repeat these
+            check_streams(block, conv_streams(m, i), m.mixer_at(i))
         self.norm = RMSNorm(m.d_model, m.norm_eps, m.backend)
         self.task_head = task_head  # set before the init below, which then covers its linear layers too
         self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)

@@ -66,7 +66,26 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
                         f"{', '.join(missing)}; a conv kind's module gives `dim`, `width` and `flops_per_token()`, "
                         f"which parameter, state and FLOP counts read")
     setattr(conv, SHORT_CONV, True)
+    conv.conv_stream = stream  # which declared stream it is (`check_streams`)
     return conv
+
+
+def check_streams(block, declared: list[tuple[str, int]], mixer: str) -> None:
+    """A UserError naming `model.mixer` when `block` built a conv on a stream, or of a width, that the specs'
+    `conv_streams` (`declared`: (stream, channels) of the block, `config.conv_streams`) do not declare: the recipe's
+    checks (`model.conv.heads` dividing every stream) and the counts read the declared ones."""
+    widths = dict(declared)
+    for module in block.modules():
+        if not is_short_conv(module) or not hasattr(module, "conv_stream"):
+            continue
+        stream, dim = module.conv_stream, module.dim
+        if widths.get(stream) != dim:
+            from dcablate.errors import UserError
+
+            listed = ", ".join(f"{s} ({d})" for s, d in declared) or "none"
+            raise UserError(f"model.mixer = {mixer!r}: a conv was built on stream {stream!r} with {dim} channels, but "
+                            f"the specs' conv_streams declare {listed} for this block; declare the streams the "
+                            f"layers pass to make_conv, with their widths")
 
 
 # what every conv module gives (dcablate info, summary.json and the compute report count convs by them)
