@@ -431,7 +431,7 @@ def test_a_mixer_named_by_module_is_checked_when_a_model_is_built(registered, tm
                                            "'RunningMeen'"),
         ("tests.test_plugins:GatedShift", "model.mixer = 'running_mean': GatedShift is not a subclass of "
                                           "dcablate.models.mixers.base.TokenMixer"),
-        (TupleOut, "model.mixer: TupleOut.forward returned tuple, not a tensor; a block's mixers map [B, T, D] to "
+        (TupleOut, "model.mixer: tests.test_plugins.TupleOut.forward returned tuple, not a tensor; a block's mixers map [B, T, D] to "
                    "one [B, T, D] tensor (fla's layers return a tuple: take its first)"),
     ]:
         MIXERS.register(MixerSpec("running_mean", impl, RunningMeanOptions, "x",
@@ -509,7 +509,7 @@ def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(r
     monkeypatch.chdir(tmp_path)
     Path("toy.toml").write_text(RECIPE)
     assert main(["run", "toy.toml", "--quiet"]) == 2
-    line = "model.mixer: LastOnly.forward returned shape (32, 1, 32) for an input of (32, 12, 32); a block's " \
+    line = "model.mixer: tests.test_plugins.LastOnly.forward returned shape (32, 1, 32) for an input of (32, 12, 32); a block's " \
            "mixers map [B, T, D] to [B, T, D]"
     assert capsys.readouterr().err == f"error: {line}\n"
     assert json.loads(Path("runs/toy/failed.json").read_text())["error"] == line

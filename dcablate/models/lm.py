@@ -78,18 +78,24 @@ class RMSNorm(nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps, self.backend)
 
 
+def _named(layer: nn.Module) -> str:
+    """`Class`, or `module.Class` for a class outside the package (a plugin's, so its file can be found)."""
+    cls = type(layer)
+    return cls.__name__ if cls.__module__.startswith("dcablate.") else f"{cls.__module__}.{cls.__name__}"
+
+
 def same_shape(y: torch.Tensor, x: torch.Tensor, key: str, layer: nn.Module) -> torch.Tensor:
     """`y` when it has `x`'s shape `[B, T, D]`; else a UserError naming the layer (a plugin's forward that returns
     another shape would fail later without its name, or broadcast over the residual without a word)."""
     if not isinstance(y, torch.Tensor):
         from dcablate.errors import UserError
 
-        raise UserError(f"{key}: {type(layer).__name__}.forward returned {type(y).__name__}, not a tensor; a block's "
+        raise UserError(f"{key}: {_named(layer)}.forward returned {type(y).__name__}, not a tensor; a block's "
                         f"mixers map [B, T, D] to one [B, T, D] tensor (fla's layers return a tuple: take its first)")
     if y.shape != x.shape:
         from dcablate.errors import UserError
 
-        raise UserError(f"{key}: {type(layer).__name__}.forward returned shape {tuple(y.shape)} for an input of "
+        raise UserError(f"{key}: {_named(layer)}.forward returned shape {tuple(y.shape)} for an input of "
                         f"{tuple(x.shape)}; a block's mixers map [B, T, D] to [B, T, D]")
     return y
 
