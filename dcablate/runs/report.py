@@ -734,12 +734,18 @@ def _curves(path: Path, best: dict, widths: list[int], variants: list, colors: d
 
 
 def _save(fig, legend_ax, path: Path) -> Path:
-    """Write `fig` with `legend_ax`'s legend to the right of that axis, where it covers no point ("best" inside
-    the axes still covered the LM ladders' points)."""
+    """Write `fig` with the legend of all its panels to the right of `legend_ax`, where it covers no point ("best"
+    inside the axes still covered the LM ladders' points)."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()  # the panels first: a legend outside the axes leaves tight_layout no room to work with
-    legend_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    entries: dict = {}  # every panel's lines, once per label: a variant may have runs in some panels only
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        legend_ax.legend(list(entries.values()), list(entries), fontsize=7, loc="upper left",
+                         bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
