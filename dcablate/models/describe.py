@@ -181,10 +181,14 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
     state = f"state floats (T={next(iter(seq_lens))})" if len(seq_lens) == 1 else "state floats"
     with_conv = any(m.costs.params.get("conv") for m in models)
     with_active = any("active" in m.costs.params for m in models)
+    # a sweep over tasks: which tasks each model serves (their vocabularies and lengths alone do not say)
+    with_tasks = "task.kind" in models[0].points[0].values and "task.kind" not in keys
     rows = []
     for m in models:
         c = m.costs
         row = {short_key(k): m.shown(k) for k in keys}
+        if with_tasks:
+            row["tasks"] = "/".join(UNSET if v is None else v for v in m.values("task.kind"))
         if with_vocab:
             row["vocab"] = m.vocab
         row["params"] = c.params["total"]

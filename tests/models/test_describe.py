@@ -134,7 +134,8 @@ def test_a_sweep_over_tasks_is_told_apart_by_vocabulary_and_length():
                                                    'sweep.model.conv.placement=["qkv"]'], detail=True)
     assert text.splitlines()[0].startswith("suite_gated_deltanet: 100 sweep points, 15 distinct models (task.kind, ")
     columns, rows = table(text)
-    assert columns[0] == "vocab" and "T" in columns and len(rows) == 15
+    assert columns[:2] == ["tasks", "vocab"] and "T" in columns and len(rows) == 15
+    assert {row[0] for row in rows} >= {"recall/fuzzy_recall", "memorization"}  # which tasks each model serves
     assert "suite_gated_deltanet / vocab=64,T=128: gated_deltanet" in text
     assert "task.kind = recall / fuzzy_recall" in text
 
