@@ -8,7 +8,6 @@ This module and the specs are torch-free: recipes are checked without importing 
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,9 +45,9 @@ def interface_problem(cls) -> str | None:
     name = getattr(cls, "__name__", repr(cls))
     if not (isinstance(cls, type) and issubclass(cls, TokenMixer)):
         return f"{name} is not a subclass of dcablate.models.mixers.base.TokenMixer"
-    missing = [f"{m}" for m, own in (("from_config", getattr(cls.from_config, "__func__", None)),
-                                     ("forward", cls.forward))
-               if own is getattr(getattr(TokenMixer, m), "__func__", getattr(TokenMixer, m))]
+    inherited = [("from_config", cls.from_config.__func__ is TokenMixer.from_config.__func__),
+                 ("forward", cls.forward is TokenMixer.forward)]
+    missing = [method for method, same in inherited if same]
     if missing:
         return f"{name} does not define {' or '.join(missing)} (a TokenMixer defines from_config(cls, m, layer_idx) " \
                f"and forward(self, h))"
@@ -65,10 +64,16 @@ def interface_problem(cls) -> str | None:
 def mixer_class(name: str) -> type:
     """The checked `TokenMixer` subclass of the registered mixer `name`; a UserError naming `model.mixer` when its
     `impl` cannot be imported or does not implement the interface."""
-    return _checked_class(MIXERS.get(name))
+    spec = MIXERS.get(name)
+    checked = _checked.get(name)
+    if checked is None or checked[0] is not spec:  # a spec registered again under the same name is checked again
+        _checked[name] = checked = (spec, _checked_class(spec))
+    return checked[1]
 
 
-@functools.cache  # by spec: a spec registered again under the same name is checked again
+_checked: dict[str, tuple[MixerSpec, type]] = {}
+
+
 def _checked_class(spec: MixerSpec) -> type:
     from dcablate.errors import UserError
 
