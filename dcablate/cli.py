@@ -514,16 +514,29 @@ def eval_(task_kind, run_dir, overrides, data):
     if not finished:
         raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them by running the "
                         f"sweep's recipe again (`dcablate run {run_dir}/POINT` finishes one), then evaluate")
+    kinds = {config.load(str(p / "recipe.toml"), []).task.kind for p in finished}
+    for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
+        section = _task_section(o)
+        if section is not None and section not in kinds:
+            raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
+                            f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
     for i, point in enumerate(finished):
         click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
-        evaluate_run(point, task_kind, overrides, data)
+        evaluate_run(point, task_kind, overrides, data, alone=False)
     left = [p.name for p in points if p not in finished]
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
 
 
-def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | None) -> None:
-    """`eval` of the run in `run_dir`: its result line, and its record saved under RUN/eval/."""
+def _task_section(override: str) -> str | None:
+    """The task whose section a `--set task.<task>.KEY=VALUE` sets, else None."""
+    parts = override.partition("=")[0].strip().split(".")
+    return parts[1] if len(parts) >= 3 and parts[0] == "task" and parts[1] in TASKS.names() else None
+
+
+def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | None, alone: bool = True) -> None:
+    """`eval` of the run in `run_dir`: its result line, and its record saved under RUN/eval/. `alone`: the run was
+    named itself, not one of a sweep folder's (where a setting of another task's section is for the other runs)."""
     recipe_path = run_dir / "recipe.toml"
     trained = config.load(str(recipe_path), [])
     for o in overrides:
@@ -534,8 +547,10 @@ def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | No
         if key == "task.kind":
             raise UserError(f"--set {o}: a run is measured on the task it was trained on (task.kind = "
                             f"'{trained.task.kind}'); to measure another task, train a run on it")
-        section = key.split(".")[1] if key.count(".") >= 2 else None
-        if key.startswith("task.") and section in TASKS.names() and section != trained.task.kind:
+        section = _task_section(o)
+        if section is not None and section != trained.task.kind:
+            if not alone:  # for the folder's runs of that task
+                continue
             raise UserError(f"--set {o}: this run's task is '{trained.task.kind}', so [task.{section}] does not "
                             f"apply to it (its settings: task.{trained.task.kind}.*)")
         if key.startswith("task.") and key.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:

@@ -21,10 +21,6 @@ class RecipeError(UserError):
         super().__init__(f"{where}: {message}")
 
 
-class UnregisteredSection(RecipeError):
-    """A recipe section of a component no registry holds (`[model.ema]`): most often a plugin not loaded."""
-
-
 # words people use for a choice that spelling alone does not lead to ('gpu' is closer to 'cpu' than to 'cuda')
 ALIASES = {"gpu": "cuda", "gdn": "gated_deltanet", "gated_delta_net": "gated_deltanet", "mamba": "mamba2",
            "bfloat16": "bf16", "float32": "fp32", "none": "off"}

@@ -53,8 +53,9 @@ def _load_plugins() -> None:
             importlib.import_module(name)
         except ImportError as e:
             _plugins_loaded.discard(name)
-            hint = _module_hint(name) if isinstance(e, ModuleNotFoundError) and e.name and e.name in name else ""
-            # (a module the plugin itself imports that is missing: its own message says which)
+            missing = e.name if isinstance(e, ModuleNotFoundError) else None
+            # the plugin itself, not a module it imports (whose own message says which)
+            hint = _module_hint(name) if missing and (name == missing or name.startswith(missing + ".")) else ""
             raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e}){hint}") from None
         except UserError:
             _plugins_loaded.discard(name)

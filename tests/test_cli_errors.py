@@ -339,6 +339,10 @@ CASES = [
     Case("eval-set-another-tasks-key", ["eval", "--run", "rd", "--set", "task.recall.vocab_size=64"],
          ("--set task.recall.vocab_size=64: this run's task is 'mqar', so [task.recall] does not apply to it (its "
           "settings: task.mqar.*)",), files={"rd/recipe.toml": OK}),
+    Case("eval-folder-set-a-task-none-has", ["eval", "--run", "sw", "--set", "task.recall.vocab_size=64"],
+         ("--set task.recall.vocab_size=64: no finished run below sw has task 'recall' (they have mqar), so "
+          "[task.recall] applies to none of them",),
+         files={"sw/p/recipe.toml": OK, "sw/p/checkpoints/final.pt": "x"}),
     Case("eval-bad-recipe-in-run-dir", ["eval", "--task", "mqar", "--run", "rd"],
          ("recipe.toml: model.d_modle", "did you mean 'd_model'"), files={"rd/recipe.toml": "[model]\nd_modle = 1\n"}),
     Case("eval-bad-set", ["eval", "--task", "mqar", "--run", "rd", "--set", "task.mqar.test=[{seq_len=63}]"],

@@ -246,8 +246,8 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("error: runs/toy/recipe.toml: ") and err.count("\n") == 1, err
     assert "no registered mixer or channel mixer is named 'running_mean'" in err
-    assert err.endswith("; it was trained with DCABLATE_PLUGINS=toy_plugin_module; the report needs its components to "
-                        "read it, so nothing was written\n")
+    assert err.endswith("; it was trained with DCABLATE_PLUGINS=toy_plugin_module: set it to read this run (nothing "
+                        "was written)\n")
     assert {f: Path("runs", f).read_bytes() for f in before} == before
 
 
@@ -552,3 +552,28 @@ def test_a_conv_on_a_stream_the_spec_does_not_declare_is_one_line(registered, tm
         err = capsys.readouterr().err
         assert err.startswith(f"error: model.mixer = 'running_mean': a conv was built on stream {built}, but the "
                               f"specs' conv_streams declare ") and err.count("\n") == 1, err
+
+
+def test_a_mixer_may_share_a_stream_name_with_the_mlp_and_build_from_a_staticmethod(tmp_path, monkeypatch, capsys):
+    """The checks compare (stream, width) pairs, so a mixer's `gate` beside the MLP's `gate` of another width
+    passes; `from_config` as a staticmethod is a mixer's own too."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    class GatedMean(RunningMean):
+        def __init__(self, d_model: int, conv_cfg, backend: str):
+            super().__init__(d_model, conv_cfg, backend)
+            self.value_filter = make_conv(conv_cfg, "gate", d_model, d_model, backend)
+
+        @staticmethod
+        def from_config(m, layer_idx):
+            return GatedMean(m.d_model, m.conv, m.backend)
+
+    register_mixer(MixerSpec("gated_mean", GatedMean, None, "x", conv_streams=lambda m: [("gate", m.d_model)]))
+    try:
+        monkeypatch.chdir(tmp_path)
+        Path("g.toml").write_text('[model]\nmixer = "gated_mean"\nd_model = 32\nffn = "mlp"\n'
+                                  '[model.conv]\nkind = "static"\nplacement = "all_linear"\n')
+        assert main(["info", "g.toml"]) == 0, capsys.readouterr().err
+    finally:
+        MIXERS.unregister("gated_mean")

@@ -28,7 +28,7 @@ from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_b
                                    grid, sweep_axes)
 from dcablate.config.fields import describe_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
-from dcablate.errors import RecipeError, UnregisteredSection, UserError, did_you_mean
+from dcablate.errors import RecipeError, UserError, did_you_mean
 from dcablate.registry import Names
 from dcablate.models.channel import CHANNELS
 from dcablate.models.mixers import MIXERS
@@ -615,10 +615,9 @@ def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
             component = {"model.": "mixer or channel mixer", "model.conv.": "conv kind", "task.": "task"}.get(prefix)
             plugin = (f"; no registered {component} is named {key!r}: if a plugin module provides it, name that "
                       f"module in DCABLATE_PLUGINS" if component and isinstance(data[key], dict) else "")
-            error = UnregisteredSection if plugin else RecipeError
-            raise error(_src(origins, path, default), path,
-                        f"unknown key{_unknown_key_hint(prefix, key, names, _chosen(prefix, data))}{plugin}; "
-                        f"allowed here: {allowed}")
+            raise RecipeError(_src(origins, path, default), path,
+                              f"unknown key{_unknown_key_hint(prefix, key, names, _chosen(prefix, data))}{plugin}; "
+                              f"allowed here: {allowed}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -670,8 +669,7 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
     if meta.get("choices") and value not in meta["choices"]:
         allowed, close = "|".join(meta["choices"]), did_you_mean(value, meta["choices"])
         if isinstance(meta["choices"], Names) and not close:  # a registry's names: most often a plugin not loaded
-            raise UnregisteredSection(src, path, f"'{value}' is not one of {allowed}; if a plugin module provides it, "
-                                                 f"name that module in DCABLATE_PLUGINS")
+            close = "; if a plugin module provides it, name that module in DCABLATE_PLUGINS"
         raise RecipeError(src, path, f"'{value}' is not one of {allowed}{close}")
     lo, hi = meta.get("min"), meta.get("max")
     low = None if lo is None else f"{'>' if meta.get('min_open') else '>='} {lo}"

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcablate import config as recipes
-from dcablate.errors import RecipeError, UnregisteredSection, UserError
+from dcablate.errors import RecipeError, UserError
 from dcablate.training import failure
 from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
@@ -132,12 +132,12 @@ def _near(path: Path) -> str:
 
 
 def _trained_with(run_dir: Path) -> str:
-    """'; it was trained with DCABLATE_PLUGINS=a,b' from the run's summary.json, else ''."""
+    """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it, else ''."""
     try:
         plugins = json.loads((run_dir / "summary.json").read_text())["versions"]["plugins"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    return f"; it was trained with DCABLATE_PLUGINS={','.join(plugins)}" if plugins else ""
+    return f"DCABLATE_PLUGINS={','.join(plugins)}" if plugins else ""
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -151,10 +151,11 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         run_dir = recipe_file.parent
         try:
             r = recipes.build(tomllib.loads(recipe_file.read_text()), default_source=str(recipe_file))
-        except UnregisteredSection as e:  # a plugin's component: skipping its runs would rewrite the report without them
-            raise UserError(f"{e}{_trained_with(run_dir)}; the report needs its components to read it, so nothing "
-                            f"was written") from None
         except (OSError, ValueError, RecipeError) as e:
+            plugins = _trained_with(run_dir)
+            if plugins and isinstance(e, RecipeError):  # most often its plugin not loaded: left out, the run would
+                raise UserError(f"{e}; it was trained with {plugins}: set it to read this run (nothing was "
+                                f"written)") from None  # vanish from a report rewritten without it
             bad.append((run_dir, f"recipe.toml: {e}"))
             continue
         m = r.model

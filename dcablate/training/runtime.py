@@ -169,14 +169,17 @@ def software_versions(device: torch.device) -> dict:
 
 
 def module_digest(name: str) -> str | None:
-    """The first 12 hex digits of the sha256 of the imported module `name`'s file: which version of a plugin
-    trained a run (edited between the runs of a sweep, two of them would otherwise pass for one); None when it
-    has no file."""
+    """The first 12 hex digits of the sha256 of the imported module `name`'s file (a package's `__init__.py`):
+    which version of a plugin trained a run (edited between the runs of a sweep, two of them would otherwise pass
+    for one); None when it has no file."""
     import hashlib
     import sys
 
     path = getattr(sys.modules.get(name), "__file__", None)
+    if not path:
+        return None
     try:
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()[:12] if path else None
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:12]
     except OSError:
         return None

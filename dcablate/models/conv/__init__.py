@@ -70,22 +70,24 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
     return conv
 
 
-def check_streams(block, declared: list[tuple[str, int]], mixer: str) -> None:
-    """A UserError naming `model.mixer` when `block` built a conv on a stream, or of a width, that the specs'
+def check_streams(block, declared: list[tuple[str, int]], keys: dict[str, str]) -> None:
+    """A UserError when a component of `block` built a conv on a stream, or of a width, that the specs'
     `conv_streams` (`declared`: (stream, channels) of the block, `config.conv_streams`) do not declare: the recipe's
-    checks (`model.conv.heads` dividing every stream) and the counts read the declared ones."""
-    widths = dict(declared)
-    for module in block.modules():
-        if not is_short_conv(module) or not hasattr(module, "conv_stream"):
-            continue
-        stream, dim = module.conv_stream, module.dim
-        if widths.get(stream) != dim:
-            from dcablate.errors import UserError
+    checks (`model.conv.heads` dividing every stream) and the counts read the declared ones. `keys`: the block's
+    attribute of each component -> its recipe setting (`{"mixer": "model.mixer = 'ema'"}`), which the error names."""
+    pairs = set(declared)
+    for attribute, key in keys.items():
+        component = getattr(block, attribute, None)
+        for module in component.modules() if component is not None else ():
+            if not is_short_conv(module) or not hasattr(module, "conv_stream"):
+                continue
+            if (module.conv_stream, module.dim) not in pairs:
+                from dcablate.errors import UserError
 
-            listed = ", ".join(f"{s} ({d})" for s, d in declared) or "none"
-            raise UserError(f"model.mixer = {mixer!r}: a conv was built on stream {stream!r} with {dim} channels, but "
-                            f"the specs' conv_streams declare {listed} for this block; declare the streams the "
-                            f"layers pass to make_conv, with their widths")
+                listed = ", ".join(f"{s} ({d})" for s, d in declared) or "none"
+                raise UserError(f"{key}: a conv was built on stream {module.conv_stream!r} with {module.dim} "
+                                f"channels, but the specs' conv_streams declare {listed} for this block; declare the "
+                                f"streams the layers pass to make_conv, with their widths")
 
 
 # what every conv module gives (dcablate info, summary.json and the compute report count convs by them)

@@ -45,9 +45,8 @@ def interface_problem(cls) -> str | None:
     name = getattr(cls, "__name__", repr(cls))
     if not (isinstance(cls, type) and issubclass(cls, TokenMixer)):
         return f"{name} is not a subclass of dcablate.models.mixers.base.TokenMixer"
-    inherited = [("from_config", cls.from_config.__func__ is TokenMixer.from_config.__func__),
-                 ("forward", cls.forward is TokenMixer.forward)]
-    missing = [method for method, same in inherited if same]
+    missing = [method for method in ("from_config", "forward")  # still TokenMixer's own (a staticmethod is fine)
+               if inspect.getattr_static(cls, method) is inspect.getattr_static(TokenMixer, method)]
     if missing:
         return f"{name} does not define {' or '.join(missing)} (a TokenMixer defines from_config(cls, m, layer_idx) " \
                f"and forward(self, h))"
