@@ -28,8 +28,8 @@ ALIASES = {"gpu": "cuda", "gdn": "gated_deltanet", "gated_delta_net": "gated_del
 
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''. A known other name for a choice (`ALIASES`,
-    any case) comes first, then the choice that differs only in case, the one choice that starts with `word`, a name cut short (`paper/mqar_gated` for
-    `paper/mqar_gated_deltanet`), then spelling neighbours."""
+    any case) comes first, then the choice that differs only in case, the one choice that starts with `word`, a
+    name cut short (`paper/mqar_gated` for `paper/mqar_gated_deltanet`), then spelling neighbours."""
     word, choices = str(word), [str(c) for c in choices]
     alias = ALIASES.get(word.lower())
     if alias in choices and alias != word:

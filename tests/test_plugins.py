@@ -431,8 +431,8 @@ def test_a_mixer_named_by_module_is_checked_when_a_model_is_built(registered, tm
                                            "'RunningMeen'"),
         ("tests.test_plugins:GatedShift", "model.mixer = 'running_mean': GatedShift is not a subclass of "
                                           "dcablate.models.mixers.base.TokenMixer"),
-        (TupleOut, "model.mixer: tests.test_plugins.TupleOut.forward returned tuple, not a tensor; a block's mixers map [B, T, D] to "
-                   "one [B, T, D] tensor (fla's layers return a tuple: take its first)"),
+        (TupleOut, "model.mixer: tests.test_plugins.TupleOut.forward returned tuple, not a tensor; a block's "
+                   "mixers map [B, T, D] to one [B, T, D] tensor (fla's layers return a tuple: take its first)"),
     ]:
         MIXERS.register(MixerSpec("running_mean", impl, RunningMeanOptions, "x",
                                   conv_streams=lambda m: [("v", m.d_model)]), replace=True)
@@ -509,8 +509,8 @@ def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(r
     monkeypatch.chdir(tmp_path)
     Path("toy.toml").write_text(RECIPE)
     assert main(["run", "toy.toml", "--quiet"]) == 2
-    line = "model.mixer: tests.test_plugins.LastOnly.forward returned shape (32, 1, 32) for an input of (32, 12, 32); a block's " \
-           "mixers map [B, T, D] to [B, T, D]"
+    line = "model.mixer: tests.test_plugins.LastOnly.forward returned shape (32, 1, 32) for an input of " \
+           "(32, 12, 32); a block's mixers map [B, T, D] to [B, T, D]"
     assert capsys.readouterr().err == f"error: {line}\n"
     assert json.loads(Path("runs/toy/failed.json").read_text())["error"] == line
     assert main(["report", "runs"]) == 0

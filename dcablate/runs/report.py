@@ -529,8 +529,8 @@ def _software(runs: list[Run]) -> list[str]:
             commit = f" (commit {v['git_commit'][:10]})" if v.get("git_commit") else ""
             stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "flash-linear-attention", "cuda") if v.get(k))
             digests = v.get("plugin_digests") or {}
-            plugins = (f"; plugins {', '.join(p + (f' (file {digests[p]})' if digests.get(p) else '') for p in v['plugins'])}"
-                       if v.get("plugins") else "")
+            named = [p + (f" (file {digests[p]})" if digests.get(p) else "") for p in v.get("plugins") or []]
+            plugins = f"; plugins {', '.join(named)}" if named else ""
             seen[f"dcablate {v.get('dcablate')}{commit}, {stack}; {card}"
                  + (f" (compute capability {v['gpu_capability']})" if v.get("gpu_capability") else "") + plugins] += 1
     if not seen:

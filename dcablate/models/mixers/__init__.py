@@ -81,6 +81,8 @@ def _checked_class(spec: MixerSpec) -> type:
         cls = resolve(spec.impl)
     except (ImportError, AttributeError) as e:
         raise UserError(f"model.mixer = {name!r}: its class {spec.impl!r} cannot be imported: {e}") from None
+    except Exception as e:  # its module fails while importing (a SyntaxError, a NameError at its top level)
+        raise UserError(f"model.mixer = {name!r}: importing {spec.impl!r} failed: {type(e).__name__}: {e}") from None
     problem = interface_problem(cls)
     if problem:
         raise UserError(f"model.mixer = {name!r}: {problem}")
