@@ -166,13 +166,19 @@ def steps_of(r, cache: dict) -> int:
 
 
 def longest_first(plan, to_train: list[int]) -> tuple[list[int], dict[int, int]]:
-    """`to_train` in the order a sweep hands its runs to workers: the most planned steps first, ties in sweep
-    order; and each point's planned steps. A ladder's runs differ up to 15x in steps; started last, the longest
+    """`to_train` in the order a sweep hands its runs to workers: the most planned steps left first (a resumed
+    run's since its newest checkpoint), ties in sweep order; and those steps of each point. A ladder's runs differ up to 15x in steps; started last, the longest
     would run alone on a card the others have left, so a sweep on K workers would take up to twice its steps over
     K. Steps, not FLOPs: the small models that share a card take about the same time per step whatever their
     width (a d_model 512 MQAR step, 64x the FLOPs of a d_model 64 one, took 1.8x its time, eight runs at once)."""
+    from dcablate.training.checkpoint import step_files
+
     cache: dict = {}
     steps = {i: steps_of(plan[i][1], cache) for i in to_train}
+    for i in to_train:  # a run resumed from its newest checkpoint has its steps since then left
+        saved = step_files(plan[i][2] / "checkpoints") if plan[i][3] == "resume" else []
+        if saved:
+            steps[i] = max(1, steps[i] - saved[-1][0])
     return sorted(to_train, key=lambda i: -steps[i]), steps
 
 

@@ -196,7 +196,7 @@ def test_a_dry_run_notes_a_warmup_that_is_a_large_share_of_the_shortest_run(tmp_
     assert preflight.warmup_note(calm, {}) is None
 
 
-def test_a_sweep_hands_out_its_longest_runs_first():
+def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     """Workers take runs in order of planned steps, most first, ties in sweep order: a ladder's largest size
     started last would run alone on a card the others have left."""
     from dcablate.runs import preflight
@@ -213,3 +213,8 @@ def test_a_sweep_hands_out_its_longest_runs_first():
     order, steps = preflight.longest_first(plan, [0, 1, 2, 3, 4])
     assert order == [1, 3, 2, 4, 0] and steps == {0: 655, 1: 10300, 2: 1000, 3: 4000, 4: 1000}  # wide: as short
     assert preflight.longest_first(plan, [4, 2, 0])[0] == [4, 2, 0]
+    (tmp_path / "checkpoints").mkdir()  # the long run resumes at step 3500 of 4000: 500 steps left
+    (tmp_path / "checkpoints" / "step-003500.pt").write_bytes(b"")
+    plan[3] = ("long", long, tmp_path, "resume")
+    order, steps = preflight.longest_first(plan, [0, 1, 2, 3, 4])
+    assert order == [1, 2, 4, 0, 3] and steps[3] == 500
