@@ -239,6 +239,7 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     before = {f: Path("runs", f).read_bytes() for f in ("report.md", "report.csv")}
     for registry, name in ((MIXERS, "running_mean"), (CONV_KINDS, "gated_shift"), (TASKS, "previous_token")):
         registry.unregister(name)
+    monkeypatch.delenv("DCABLATE_PLUGINS")
     try:
         assert main(["report", "runs"]) == 2
     finally:
