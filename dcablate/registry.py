@@ -41,9 +41,13 @@ def load_plugins() -> None:
         _load_plugins()
 
 
+def plugin_names() -> list[str]:
+    """The modules `DCABLATE_PLUGINS` names, in order."""
+    return [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+
+
 def _load_plugins() -> None:
-    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
-    for name in names:
+    for name in plugin_names():
         if name in _plugins_loaded:
             continue
         _plugins_loaded.add(name)

@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import statistics
 import tomllib
 from collections import defaultdict
@@ -134,14 +133,13 @@ def _near(path: Path) -> str:
 
 def _trained_with(run_dir: Path) -> str:
     """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it, when some of them are not loaded now; else ''."""
-    from dcablate.registry import PLUGINS_ENV
+    from dcablate.registry import PLUGINS_ENV, plugin_names
 
     try:
         plugins = json.loads((run_dir / "summary.json").read_text())["versions"]["plugins"]
     except (OSError, ValueError, KeyError, TypeError):
         return ""
-    loaded = {n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",")}
-    return f"{PLUGINS_ENV}={','.join(plugins)}" if plugins and not set(plugins) <= loaded else ""
+    return f"{PLUGINS_ENV}={','.join(plugins)}" if plugins and not set(plugins) <= set(plugin_names()) else ""
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 import resource
 import sys
@@ -158,10 +157,10 @@ def software_versions(device: torch.device) -> dict:
     """What made a run, for `summary.json`: the installed versions, the GPU's compute capability and where fla
     took kernel configs from (`kernel_configs`: `strict: <folder>`, None when it autotuned everything)."""
     from dcablate.kernels.tuned.activate import in_use
-    from dcablate.registry import PLUGINS_ENV
+    from dcablate.registry import plugin_names
 
     gpu = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    plugins = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    plugins = plugin_names()
     return {**_installed_versions(), "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None,
             "kernel_configs": in_use() if device.type == "cuda" else None,
             "plugins": plugins,  # the DCABLATE_PLUGINS modules: eval, report and a resume need them again

@@ -79,7 +79,7 @@ def check_streams(block, declared: list[tuple[str, int]], keys: dict[str, str]) 
     for attribute, key in keys.items():
         component = getattr(block, attribute, None)
         for module in component.modules() if component is not None else ():
-            if not is_short_conv(module) or not hasattr(module, "conv_stream"):
+            if not is_short_conv(module):
                 continue
             if (module.conv_stream, module.dim) not in pairs:
                 from dcablate.errors import UserError
