@@ -300,6 +300,18 @@ CASES = [
           "(zipped with task.kind='recall', train.steps=2000)"),
          files={"r.toml": 'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = [{}, {vocab_sise = 64}'
                           + ", {}" * 23 + "]\n"}),
+    Case("zipped-table-set-at-a-point-of-another-task", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.task.recall[4]: sets seq_len = 256 at a point whose task.kind is 'fuzzy_recall', which "
+          "does not read [task.recall], so it would do nothing; write {} there",),
+         files={"r.toml": 'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = [{}, {vocab_size = 64}, '
+                          '{seq_len = 512}, {num_train_examples = 1600}, '
+                          '{seq_len = 256}' + ", {}" * 20 + "]\n"}),
+    Case("zipped-table-set-at-a-point-of-another-mixer", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.model.gated_deltanet[0]: sets expand_v = 1.0 at a point whose model.mixer is 'attention', "
+          "which does not read [model.gated_deltanet], so it would do nothing; write {} there",),
+         files={"r.toml": 'extends = "paper/mqar_gpu_check"\n[sweep]\n"model.mixer" = ["attention", '
+                          '"gated_deltanet"]\n"model.gated_deltanet" = [{expand_v = 1.0}, {}]\n'
+                          'zip = [["model.mixer", "model.gated_deltanet"]]\n'}),
     Case("set-zipped-value-names-the-set", ["run", "paper/suite_attention", *DRY, "--set",
                                             "sweep.task.recall=[{}, {vocab_size = 1}" + ", {}" * 23 + "]"],
          ("error: --set: sweep.task.recall[1].vocab_size: must be >= 4, got 1",

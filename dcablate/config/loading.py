@@ -27,6 +27,7 @@ from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, clashing_keys,
                                    grid, sweep_axes)
 from dcablate.config.fields import describe_value
+from dcablate.config.toml_out import toml_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
 from dcablate.errors import RecipeError, UserError, did_you_mean
 from dcablate.registry import Names
@@ -325,6 +326,7 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
         for key, value in pairs:
             _set_path(point, key, value, {}, str(path))
         points.append((name, build(point, origins, str(path))))
+        _zipped_table_unread(origins, str(path.resolve()), base.sweep, pairs, points[-1][1])
     _unused_tasks(base, data, origins, str(path.resolve()), {r.task.kind for _, r in points}, base.sweep)
     _unused_model_axes(origins, str(path.resolve()), [r for _, r in points], base.sweep)
     _unused_model_settings(data, origins, str(path.resolve()), [r for _, r in points])
@@ -538,6 +540,33 @@ def _unread_keys(recipes: list) -> list[tuple[str, str]]:
     found = [dict(TASKS.get(r.task.kind).unread(r)) if r.task.kind in TASKS.names() else {} for r in recipes]
     out += [(key, why) for key, why in found[0].items() if all(key in f for f in found[1:])]
     return out
+
+
+def _zipped_table_unread(origins: dict, src: str, sweep: dict, pairs: list, recipe) -> None:
+    """A zip group's table (`task.recall = [{}, {seq_len = 512}, ...]` zipped with `task.kind`) that sets values
+    at a point whose run does not read that section (its task.kind, mixer or conv kind is another): refused, since
+    the values would do nothing there yet name the point, and a point renamed by such an edit would retrain a run
+    already trained. Such a point takes `{}`; a product axis (not zipped) may hold them, as it cannot avoid it."""
+    group_of = {k: group for group in sweep.get(ZIP_KEY, []) for k in group}
+    swept, read = dict(pairs), effective(recipe)
+    for key, value in pairs:
+        if key not in group_of or not isinstance(value, dict) or not value:
+            continue
+        node = read
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            parts = key.split(".")
+            chooser = ("task.kind", recipe.task.kind) if parts[0] == "task" else \
+                ("model.conv.kind", recipe.model.conv.kind) if parts[1] == "conv" else \
+                ("model.ffn", recipe.model.ffn) if parts[1] in CHANNELS.names() else \
+                ("model.mixer", "+".join(recipe.model.mixers))
+            setting = ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items())
+            group = group_of[key]
+            position = next(i for i in range(len(sweep[key])) if all(sweep[k][i] == swept[k] for k in group))
+            raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}[{position}]",
+                              f"sets {setting} at a point whose {chooser[0]} is {chooser[1]!r}, which does not "
+                              f"read [{key}], so it would do nothing; write {{}} there")
 
 
 def _axis_changes_nothing(origins: dict, src: str, key: str, what: str, values: set[str], why: str = "") -> None:
