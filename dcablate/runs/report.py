@@ -84,9 +84,10 @@ class Cell:
         return statistics.fmean(r.summary["best"].get(key, float("nan")) for r in self.runs)
 
     def spent(self, key: str) -> float | None:
-        """The mean over seeds of `summary.json` `key` (`tokens`, `train_flops`: what the runs trained on); None
-        when no run has it."""
-        values = [float(r.summary[key]) for r in self.runs if isinstance(r.summary.get(key), (int, float))]
+        """The mean over seeds of `summary.json` `key` (`tokens`, `train_flops`: what the runs trained on), or of
+        `passes` (tokens over the training split's, `data.train_tokens`: how many times an LM run read its text);
+        None when no run has it."""
+        values = [v for v in map(lambda r: _spent(r.summary, key), self.runs) if v is not None]
         return statistics.fmean(values) if values else None
 
     def std(self, key: str = "overall") -> float | None:
@@ -286,6 +287,11 @@ def _compact(value: float | None) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
+def _spent_cell(key: str, value: float | None) -> str:
+    """A table cell of what runs trained on: passes over the text to two decimals, tokens and FLOPs compact."""
+    return f"{value:.2f}" if key == "passes" and value is not None else _compact(value)
+
+
 def _plain(value: float | None):
     """A csv cell of a mean that is usually a whole number: the integer when it is one, "" for None."""
     if value is None:
@@ -293,8 +299,18 @@ def _plain(value: float | None):
     return int(value) if value.is_integer() else value
 
 
-SPENT = (("tokens", "tokens"), ("train_flops", "train FLOPs"))  # summary.json key, table column
+SPENT = (("tokens", "tokens"), ("passes", "passes"), ("train_flops", "train FLOPs"))  # summary.json key, column
 EQUAL_COMPUTE = 1.01  # training FLOPs this many times apart at one width: the runs did not train on equal compute
+
+
+def _spent(summary: dict, key: str) -> float | None:
+    """`summary[key]`, or for `passes` the run's tokens over its training split's (`data.train_tokens`, LM runs
+    since it was recorded); None when the run lacks it."""
+    if key == "passes":
+        tokens, split = summary.get("tokens"), (summary.get("data") or {}).get("train_tokens")
+        return float(tokens) / split if isinstance(tokens, (int, float)) and isinstance(split, int) and split else None
+    value = summary.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def planned_flops(summary: dict) -> float | None:
@@ -563,9 +579,12 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
     spent = [(key, column) for key, column in SPENT
              if any(cell.spent(key) is not None for by_lr in table.values() for cell in by_lr.values())]
     if spent:
-        columns = " and ".join(column for _, column in spent)
+        names = [column for _, column in spent]
+        columns = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        keys = [f"`{key}`" if key != "passes" else "`tokens` over `data.train_tokens`, the training split's"
+                for key, _ in spent]
         lines += [f"{columns[0].upper()}{columns[1:]}: what the chosen runs trained on (`summary.json` "
-                  f"{', '.join(f'`{key}`' for key, _ in spent)}; the mean over seeds).", ""]
+                  f"{', '.join(keys)}; the mean over seeds).", ""]
     lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
     ranked = ranking(table, metric)
     lines += _md_table(["rank", "variant", "score", "widths"],
@@ -593,7 +612,7 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
             cell = by_lr[lr]
             rows.append([d_model, f"{lr:g}", len(cell.runs), _pm(cell.mean(metric.key), cell.std(metric.key)),
                          *(_pm(cell.mean(seg), cell.std(seg)) for seg in segs),
-                         *(_compact(cell.spent(key)) for key, _ in spent),
+                         *(_spent_cell(key, cell.spent(key)) for key, _ in spent),
                          *(efficiency.reached(cell.runs, t, metric.higher_is_better).text() for t in targets),
                          _int(cell.runs[0].summary.get("state_floats", "")), _params(cell.runs[0].summary)])
         lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *(column for _, column in spent),

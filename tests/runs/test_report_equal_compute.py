@@ -46,6 +46,30 @@ def test_tables_and_csv_give_tokens_and_training_flops(tmp_path):
     assert float(dyn["train_flops"]) == 1.5 * float(base["train_flops"]) == 1.5 * 6.0 * (24 * 64 * 64) ** 2 * 20
 
 
+def test_passes_over_the_text_count_the_tokens_against_the_training_split(tmp_path):
+    """An LM run that records its training split's size (`data.train_tokens`) shows how many times it read the
+    text: tokens over that size, the mean over seeds, in the tables (two decimals) and report.csv."""
+    split = 10**6
+    for d in LADDER:
+        tokens = 20 * 24 * d * d
+        for seed in (0, 1):
+            write_run(tmp_path, f"none-{d}-{seed}", d=d, seed=seed,
+                      summary={"tokens": tokens + seed * 1000, "data": {"train_tokens": split}})
+    md = report_md(tmp_path)
+    header, rows = table_rows(md, "attention conv=none")
+    assert header[6:9] == ["tokens", "passes", "train FLOPs"]
+    d64 = next(r for r in rows if r[0] == "64")
+    assert d64[7] == f"{(20 * 24 * 64 * 64 + 500) / split:.2f}" == "1.97"
+    assert "Tokens, passes and train FLOPs: what the chosen runs trained on (`summary.json` `tokens`, `tokens` " \
+           "over `data.train_tokens`, the training split's, `train_flops`; the mean over seeds)." in md
+    with open(tmp_path / "report.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["d_model"] == "64")
+    assert float(row["passes"]) == (20 * 24 * 64 * 64 + 500) / split
+    # runs from before the record: no column
+    ladder(tmp_path / "old")
+    assert "passes" not in table_rows(report_md(tmp_path / "old"), "attention conv=none")[0]
+
+
 def test_the_ranking_says_when_it_is_not_a_comparison_at_equal_compute(tmp_path):
     ladder(tmp_path / "budget")
     md = report_md(tmp_path / "budget")

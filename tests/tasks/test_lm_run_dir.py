@@ -120,4 +120,6 @@ def test_the_summary_names_the_text_and_a_digest_of_its_bytes(tmp_path, monkeypa
     data = json.loads((run_dir / "summary.json").read_text())["data"]
     files = sorted((tmp_path / "work" / "text").glob("*.txt"))
     assert data.pop("unigram_bpb") > 0  # what the text's token frequencies score: the floor a model must beat
+    total = sum(f.stat().st_size for f in files)  # bytes, one token each; most documents are for training
+    assert 0.5 * total < data.pop("train_tokens") <= total + len(files)
     assert data == {"text": str(tmp_path / "work" / "text"), "text_sha256": fingerprint(files, "text")}

@@ -195,10 +195,11 @@ class LMTask(Task):
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes)}
 
     def data_record(self) -> dict:
-        """The text trained on and the sha256 of its bytes (and of the field read, for jsonl/parquet), and
+        """The text trained on and the sha256 of its bytes (and of the field read, for jsonl/parquet), the
+        training split's tokens (`train_tokens`: the report's passes over the text divide by it), and
         `unigram_bpb` (`unigram_bpb`): the bits per byte that ignoring context scores on the evaluated text."""
         return {"text": self.cfg.data, "text_sha256": self.corpus.source_hash,
-                "unigram_bpb": round(self.unigram_bpb(), 4)}
+                "train_tokens": int(len(self.corpus.train)), "unigram_bpb": round(self.unigram_bpb(), 4)}
 
     def unigram_bpb(self) -> float:
         """Bits per byte, on the targets an evaluation scores, of the training split's token frequencies (counts
