@@ -18,10 +18,10 @@ plotted against its suite score.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from dcablate.runs import variants
@@ -40,7 +40,7 @@ def is_suite_task(task: str) -> bool:
     return task in SUITE_TASKS
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SuiteRun:
     """One finished suite run, as the protocol sees it."""
     path: Path
@@ -52,7 +52,7 @@ class SuiteRun:
     accuracy: float
 
 
-@dataclass
+@dataclasses.dataclass
 class Best:
     """A setting's result for one variant: the runs (one per seed) of its best grid point."""
     grid: tuple
@@ -68,7 +68,7 @@ class Best:
         return statistics.stdev(self.by_seed.values()) if len(self.by_seed) > 1 else None
 
 
-@dataclass
+@dataclasses.dataclass
 class Scores:
     """One variant's results: `best[task][setting]`, the task scores, the suite score and its spread."""
     variant: tuple
@@ -139,8 +139,10 @@ def scores(best: dict[tuple, dict[str, dict[tuple, Best]]]) -> list[Scores]:
 
 def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
     """(task, setting) -> `baseline` or the knobs it changes (`seq_len=512`): a knob is a key that differs
-    between a task's settings, and its baseline value the one most of the settings have (MAD changes one
-    knob at a time, so the baseline's values are the common ones)."""
+    between a task's settings, and its baseline value the task section's default where a setting has it (the
+    shipped suites' `{}` is MAD's baseline), else the one most of the settings have (MAD changes one knob at a
+    time, so the baseline's values are the common ones). A task run at one setting alone is labelled by the keys
+    where it differs from the defaults: `baseline` only if it is the default setting."""
     settings: dict[str, set] = defaultdict(set)
     for r in runs:
         settings[r.task].add(r.setting)
@@ -150,7 +152,12 @@ def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
         for setting in these:
             for k, v in setting:
                 counts[k][v] += 1
-        mode = {k: max(c, key=lambda v: (c[v], -_order(v))) for k, c in counts.items() if len(c) > 1}
+        defaults = _section_defaults(task)
+        if len(these) == 1:
+            mode = {k: defaults[k] for k in counts if k in defaults}
+        else:
+            mode = {k: defaults[k] if k in defaults and defaults[k] in c else max(c, key=lambda v: (c[v], -_order(v)))
+                    for k, c in counts.items() if len(c) > 1}
         for setting in these:
             changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting
                        if k in mode and v != mode[k]]
@@ -161,6 +168,17 @@ def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
 def in_report_order(settings, task: str, labels: dict[tuple[str, tuple], str]) -> list[tuple]:
     """A task's settings as the report lists them: the baseline first, then by label."""
     return sorted(settings, key=lambda st: (labels[(task, st)] != "baseline", labels[(task, st)]))
+
+
+def _section_defaults(task: str) -> dict:
+    """The defaults of a registered task's recipe section (`{key: value}`), `{}` for a task not registered now."""
+    from dcablate.tasks import TASKS
+
+    if task not in TASKS.names() or TASKS.get(task).options is None:
+        return {}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TASKS.get(task).options)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
 
 def _order(value) -> float:

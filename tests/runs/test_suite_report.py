@@ -79,6 +79,28 @@ def test_scores_follow_the_protocol(tmp_path):
     assert labels == {"baseline", "vocab_size=32", "seq_len=256"}
 
 
+def test_setting_labels_count_from_the_task_defaults(tmp_path):
+    """A reduced suite: the one setting a task ran is `baseline` only if it is the section's defaults; where
+    the default setting is among several, it is the baseline even when another value is more common."""
+    def setting(task, changes):  # the whole section, as `collect` reads it from a run's recipe
+        section = vars(getattr(config.build({"task": {"kind": task, task: changes}}).task, task))
+        return tuple(sorted((k, v) for k, v in section.items() if k != "data_seed"))
+
+    def run(task, changes):
+        return suite.SuiteRun(tmp_path, ("attention",), task, setting(task, changes), (), (0,), 0.5)
+
+    labels = suite.setting_labels([run("recall", {"seq_len": 512}), run("memorization", {}),
+                                   run("selective_copy", {"vocab_size": 64}), run("selective_copy", {}),
+                                   run("selective_copy", {"vocab_size": 64, "seq_len": 1024})])
+    assert labels[("recall", setting("recall", {"seq_len": 512}))] == "seq_len=512"  # was "baseline"
+    assert labels[("memorization", setting("memorization", {}))] == "baseline"
+    assert labels[("selective_copy", setting("selective_copy", {}))] == "baseline"
+    # 64 is the more common vocabulary, but the default's setting is the baseline
+    assert labels[("selective_copy", setting("selective_copy", {"vocab_size": 64}))] == "vocab_size=64"
+    assert labels[("selective_copy", setting("selective_copy", {"vocab_size": 64, "seq_len": 1024}))] == \
+        "seq_len=1024, vocab_size=64"
+
+
 def test_report_gives_the_suite_tables_scores_and_figure(tmp_path):
     root = tmp_path / "s"
     expected = make_suite(root, seeds=(0, 1, 2))
