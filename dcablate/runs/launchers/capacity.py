@@ -46,15 +46,27 @@ def estimate_bytes(shape: RunShape, cuda: bool) -> int:
 
 
 def run_shape(r) -> RunShape:
-    """A resolved recipe's `RunShape` (its model built on the meta device: nothing is allocated)."""
+    """A resolved recipe's `RunShape` (its model built on the meta device: nothing is allocated; each distinct
+    model once per process, as a sweep's learning rates, seeds and task settings share a few models)."""
+    import torch
+
     from dcablate.models.costs import build_model
-    from dcablate.tasks import task_class, task_options
+    from dcablate.tasks import task_class, task_head, task_options
 
     seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
-    model = build_model(r, vocab, device="meta")
+    with torch.device("meta"):
+        head = task_head(r.task, r.model.d_model)  # a task's head (compression's) is part of the model
+    key = (repr(r.model), vocab, repr(head))
+    if key not in _params_and_vocab:
+        model = build_model(r, vocab, device="meta")
+        _params_and_vocab[key] = sum(p.numel() for p in model.parameters()), model.vocab_size
+    params, embeddings = _params_and_vocab[key]
     t = r.train
-    return RunShape(sum(p.numel() for p in model.parameters()), r.model.d_model, r.model.n_layers,
-                    t.micro_batch_size or t.batch_size, r.eval.batch_size, seq_len, model.vocab_size)
+    return RunShape(params, r.model.d_model, r.model.n_layers, t.micro_batch_size or t.batch_size,
+                    r.eval.batch_size, seq_len, embeddings)
+
+
+_params_and_vocab: dict[tuple, tuple[int, int]] = {}  # (model section, task vocabulary, head) -> run_shape's counts
 
 
 def gib(n: float) -> str:
