@@ -36,23 +36,42 @@ class SweepProgress:
             self.walls.append(wall_s)
             self.work_walled += work
 
-    def status(self) -> str:
+    def status(self, running: list[tuple[float, int]] | None = None) -> str:
         """`done 3 of 8, 0:04:10 elapsed, eta 0:06:57`, or `done 3 of 8 (1 failed), ...`: runs ended, failed ones
         too, of those this command trains (a rerun skips finished ones, so the count differs from the points'
-        numbering); the ETA once a run has ended."""
+        numbering); the ETA once a run has ended. `running`: (seconds it has run, planned steps) of each run in
+        flight, which after the first round count with the share of their work that time stands for."""
         elapsed = time.time() - self.started
         left = self.total - self.done
         work_left = max(0.0, self.work_total - self.work_done)
         if not self.done:
             eta = "?"
         elif self.done < self.at_once and self.walls:  # the first round: time per step x steps left, spread
-            running = min(self.at_once, self.total) - self.done  # each has run about `elapsed` so far, at least
-            per_step = (sum(self.walls) + running * elapsed) / (self.work_walled + running * work_left / max(1, left))
+            running_now = min(self.at_once, self.total) - self.done  # each has run about `elapsed` so far, at least
+            per_step = (sum(self.walls) + running_now * elapsed) / (self.work_walled + running_now * work_left /
+                                                                    max(1, left))
             eta = clock(per_step * work_left / min(self.at_once, self.total))
+        elif running and self.walls:
+            eta = clock(self._eta_with(running, work_left))
         else:
             eta = clock(elapsed / self.work_done * work_left) if self.work_done else "?"
         failed = f" ({self.failed} failed)" if self.failed else ""
         return f"done {self.done} of {self.total}{failed}, {clock(elapsed)} elapsed, eta {eta}"
+
+    def _eta_with(self, running: list[tuple[float, int]], work_left: float) -> float:
+        """Seconds left when the runs in flight have run `running` (seconds, planned steps) so far: a slot's time
+        per unit of work (a step, or a run where steps are not known) is the slot time spent over the work it
+        bought, the runs in flight credited with their time over that pace (at most their own work), which fixes
+        the pace in a few rounds; the work left is then spread over the slots, and no sooner than the run in
+        flight with the most left ends."""
+        spent = sum(self.walls) + sum(t for t, _ in running)
+        work = [steps if self.by_steps else 1 for _, steps in running]
+        credit = 0.0
+        for _ in range(20):
+            pace = spent / max(self.work_walled + credit, 1e-9)
+            credit = sum(min(w, t / pace) for (t, _), w in zip(running, work))
+        longest = max(w * pace - t for (t, _), w in zip(running, work))
+        return max(pace * max(0.0, work_left - credit) / self.at_once, longest, 0.0)
 
     def heading(self, index: int, count: int, name: str) -> str:
         """The line before point `index` (0-based) of `count` in an in-process sweep: `[2/4] NAME` and, once a

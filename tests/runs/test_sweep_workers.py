@@ -284,6 +284,26 @@ def test_sweep_progress_counts_planned_steps_when_the_runs_differ_in_length():
     assert progress.status() == "done 2 of 4, 0:01:40 elapsed, eta 0:00:10"
 
 
+def test_sweep_progress_credits_the_runs_in_flight_after_the_first_round():
+    """Two at a time, four runs of 1000 steps at 0.1 s a step: at 150 s the first two have ended (100 s each)
+    and the other two are half done. The time so far over the steps ended says 150 s are left; counting the runs
+    in flight with the work their 50 s stand for, 50 s are."""
+    from dcablate.runs.progress import SweepProgress
+
+    progress = SweepProgress(4, at_once=2, steps=4000)
+    progress.started -= 150
+    progress.finished(100.0, steps=1000)
+    progress.finished(100.0, steps=1000)
+    assert progress.status() == "done 2 of 4, 0:02:30 elapsed, eta 0:02:30"
+    assert progress.status([(50.0, 1000), (50.0, 1000)]) == "done 2 of 4, 0:02:30 elapsed, eta 0:00:50"
+    # one long run left in flight: no sooner than it ends, however little else is left
+    progress = SweepProgress(3, at_once=2, steps=3000)
+    progress.started -= 100
+    progress.finished(100.0, steps=500)
+    progress.finished(100.0, steps=500)
+    assert progress.status([(10.0, 2000)]) == "done 2 of 3, 0:01:40 elapsed, eta 0:06:30"
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--per-gpu", "0"], "Invalid value for '--per-gpu': 0 is not in the range x>=1"),
     (["--workers", "0"], "Invalid value for '--workers'"),

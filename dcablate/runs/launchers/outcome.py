@@ -88,9 +88,15 @@ class Reporter:
     tells whether the command is stopping on a signal (a run that then ends with a signal's status was stopped, not
     failed)."""
 
-    def __init__(self, total: int, out: Outcome, stopping, at_once: int = 1, steps: int | None = None):
+    def __init__(self, total: int, out: Outcome, stopping, at_once: int = 1, steps: int | None = None,
+                 running=lambda: None):
         self.progress, self.out, self.stopping = SweepProgress(total, at_once, steps), out, stopping
-        self.total = total
+        self.total, self.running = total, running
+
+    def status(self) -> str:
+        """The sweep's progress line, the runs in flight (`running()`: their seconds so far and planned steps)
+        credited with their part of the work."""
+        return self.progress.status(self.running())
 
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
@@ -100,7 +106,7 @@ class Reporter:
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary
             click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.label})"
-                       f"  [{self.progress.status()}]")
+                       f"  [{self.status()}]")
         elif self.stopping() and code in STOPPED_CODES:
             self.progress.finished(elapsed, steps=job.steps)
             self.out.interrupted.append(job)
@@ -111,7 +117,7 @@ class Reporter:
             self.progress.finished(elapsed, failed=True, steps=job.steps)
             self.out.failed.append((job, exit_code(code), why or last_line(job.run_dir / LOG_NAME)))
             click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.label}); "
-                       f"see {job.run_dir / LOG_NAME}  [{self.progress.status()}]")
+                       f"see {job.run_dir / LOG_NAME}  [{self.status()}]")
 
 
 def note(job: Job, line: str) -> None:

@@ -126,7 +126,8 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
     stop = Stopping()
     caught = stop.caught
     steps = sum(j.steps for j in jobs) if jobs and all(j.steps for j in jobs) else None
-    reporter = Reporter(total, out, lambda: bool(caught), at_once=len(slots), steps=steps)
+    reporter = Reporter(total, out, lambda: bool(caught), at_once=len(slots), steps=steps,
+                        running=lambda: [(time.time() - w.job.started, w.job.steps) for w in workers if w.job])
     grace = stop_grace()
 
     def give(w: Worker, job: Job) -> None:
@@ -159,7 +160,7 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
             forward(busy, caught)
             if not caught and time.time() - last_status >= STATUS_EVERY_S:
                 click.echo(f"... {len(busy)} training ({', '.join(w.job.title for w in busy)})  "
-                           f"[{reporter.progress.status()}]")
+                           f"[{reporter.status()}]")
                 last_status = time.time()
             try:
                 w, kind, value = events.get(timeout=0.1)
