@@ -22,7 +22,7 @@ POOR_FIT_RMS = 0.2  # an rms relative residual above this: the curve does not de
 CSV_COLUMNS = ("task", "ladder", "baseline", "variant", "compute_multiplier", "ci90_low", "ci90_high",
                "param_multiplier", "wall_clock_multiplier", "sizes", "runs", "seeds", "seeds_per_size_min",
                "seeds_per_size_max", "lr_choice", "E", "A", "alpha", "rms", "E_pinned", "param_E", "param_alpha",
-               "note")
+               "own_alpha", "m_at_smallest", "m_at_largest", "change_ci90_low", "change_ci90_high", "note")
 CSV_KEY_COLUMNS = CSV_COLUMNS[:5]
 
 
@@ -52,7 +52,7 @@ def compute_section(root: Path, table: dict, prefix: str = "") -> tuple[list[str
         rows += csv_rows(group, result)
         cautions = _cautions(group, result)
         lines += _text(group, result) + [line for text in cautions.values() for line in (text, "")]
-        lines += _table(group, result) + _notes(group, result)
+        lines += _table(group, result) + _scale_table(result) + _notes(group, result)
         name = f"{prefix}loss_vs_compute_{group.slug}"
         files[name] = _figure(root / f"{name}.png", result.fit, group.points, group.title, list(cautions))
         lines += [f"![loss vs compute]({name}.png)", ""]
@@ -100,10 +100,41 @@ def csv_rows(group: compute_points.Group, result: multipliers.Comparison) -> lis
                     "wall_clock_multiplier": blank(r["wall_clock_multiplier"]), "sizes": r["sizes"],
                     "runs": r["points"], "seeds": r["seeds"], "seeds_per_size_min": r["per_size"][0],
                     "seeds_per_size_max": r["per_size"][1], "lr_choice": _how(group.how.get(r["variant"])),
-                    "note": "; ".join(notes)})
+                    **_scale_cells(r), "note": "; ".join(notes)})
     for v, why in result.dropped.items():
         out.append({**shared, "variant": v, "lr_choice": _how(group.how.get(v)), "note": f"not fitted: {why}"})
     return out
+
+
+def _scale_cells(r: dict) -> dict:
+    """multipliers.csv's scale columns of row `r`: the own-exponent refit (`multipliers.Slope`) and the interval of
+    the change of its multiplier from the baseline's smallest size to its largest; empty where not fitted."""
+    s, change = r["slope"], r["slope_change"]
+    return {"own_alpha": "" if s is None else s.alpha, "m_at_smallest": "" if s is None else s.m_at_high_loss,
+            "m_at_largest": "" if s is None else s.m_at_low_loss,
+            "change_ci90_low": "" if change is None else change[0],
+            "change_ci90_high": "" if change is None else change[1]}
+
+
+def _scale_table(result: multipliers.Comparison) -> list[str]:
+    """The multiplier at either end of the baseline's sizes, from each variant refitted with its own exponent:
+    whether the advantage grows or shrinks with scale, which the joint fit's one m per variant cannot show."""
+    rows = [r for r in result.rows if r["slope"] is not None]
+    if not rows:
+        return []
+    lines = ["Multiplier with scale: each variant refitted alone with its own exponent (E kept at the joint fit's), "
+             "and its loss-matched multiplier read at the loss of the baseline's smallest and of its largest size; "
+             "under the joint fit's shared exponent both equal m. The change is their ratio (largest over "
+             "smallest), with its 90% bootstrap interval: an interval that leaves out 1 is flagged `own slope "
+             "differs` above.", "",
+             f"| variant | own α (joint {result.fit.alpha:.3f}) | m at the smallest size | m at the largest size | "
+             f"change | 90% interval |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        s, change = r["slope"], r["slope_change"]
+        ci = "-" if change is None else f"{change[0]:.2f} – {change[1]:.2f}"
+        lines.append(f"| {r['variant']} | {s.alpha:.3f} | {s.m_at_high_loss:.2f} | {s.m_at_low_loss:.2f} | "
+                     f"{s.m_at_low_loss / s.m_at_high_loss:.2f} | {ci} |")
+    return lines + [""]
 
 
 def _text(group: compute_points.Group, result: multipliers.Comparison) -> list[str]:
@@ -207,17 +238,11 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
         v = r["variant"]
         if r["ci_note"]:
             out.append(f"`{v}`: no interval ({r['ci_note']}).")
-        if r["slope"] is not None and v != group.baseline:
+        if r["slope_differs"] and v != group.baseline:
             s = r["slope"]
-            change = r["slope_change"]
-            text = (f"`{v}`: fitted with its own exponent, α = {s.alpha:.3f} (joint {result.fit.alpha:.3f}); its "
-                    f"loss-matched multiplier is {s.m_at_high_loss:.2f} at the baseline's largest loss and "
-                    f"{s.m_at_low_loss:.2f} at its smallest")
-            if change is not None:
-                text += f" (90% interval of the ratio {change[0]:.2f} – {change[1]:.2f})"
-            if r["slope_differs"]:
-                out.append(text + ": the multiplier changes with scale; the joint fit's m is the one at the "
-                                  "variant's own sizes.")
+            out.append(f"`{v}`: its multiplier changes with scale, from {s.m_at_high_loss:.2f} at the baseline's "
+                       f"smallest size to {s.m_at_low_loss:.2f} at its largest (the table above); the joint fit's m is "
+                       f"the one at the variant's own sizes.")
         if r["wall_clock_multiplier"] is not None and len(r["wall_devices"]) > 1:
             out.append(f"`{v}`: wall-clock from runs on different devices ({', '.join(r['wall_devices'])}).")
     for r in result.rows:  # runs outside the range that no flag names (fewer than half of them)

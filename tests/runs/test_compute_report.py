@@ -562,3 +562,45 @@ def test_an_lm_run_records_the_unigram_bits_per_byte_of_its_text(tmp_path):
     task._corpus = SimpleNamespace(train=tokens, val=tokens, tokenizer=task._tokenizer)
     task.data, task.cfg = None, SimpleNamespace(seq_len=16, eval_sequences=0)
     assert abs(task.unigram_bpb() - 1.0) < 0.02
+
+
+def test_the_multiplier_with_scale_table_reads_each_variant_at_both_ends(tmp_path):
+    """A variant whose loss falls faster than the baseline's (exponent 0.36 against 0.3) has an advantage that
+    grows with scale: the scale table gives it a steeper exponent than the joint fit's and a larger multiplier at
+    the baseline's largest size than at its smallest, flagged, with a note; a variant on the baseline's exponent
+    reads its m at both ends. multipliers.csv carries the same numbers."""
+    import csv
+
+    mid = 6.0 * (24 * 64 * 64) ** 2 * 20
+    a_steep = (A * (1.3 * mid) ** -ALPHA) * mid ** 0.36  # 1.3x the baseline's compute at d_model 64
+    for d in (32, 48, 64, 96, 128):
+        compute = 6.0 * (24 * d * d) ** 2 * 20
+        write_run(tmp_path / "steep", f"none-{d}", d=d)
+        write_run(tmp_path / "steep", f"static-{d}", d=d, conv={"kind": "static"},
+                  final_loss=E + a_steep * compute ** -0.36)
+        write_run(tmp_path / "same", f"none-{d}", d=d)
+        write_run(tmp_path / "same", f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"})
+
+    def scale_row(md, variant):
+        part = md[md.index("Multiplier with scale:"):].split("\n\n")[1].splitlines()
+        return next(line.strip("| ").split(" | ") for line in part if line.startswith(f"| {variant} |"))[1:]
+
+    md = report_md(tmp_path / "steep")
+    joint = float(re.search(r"own α \(joint ([\d.]+)\)", md).group(1))
+    alpha, small, large, change, ci = scale_row(md, "attention conv=static@qkv")
+    assert float(alpha) > joint + 0.02 and float(small) < 1.3 < float(large) and float(change) > 1.3
+    assert float(ci.split(" – ")[0]) > 1.0
+    assert "own slope differs" in compute_rows(md)["attention conv=static@qkv"][-1]
+    assert (f"- `attention conv=static@qkv`: its multiplier changes with scale, from {small} at the baseline's "
+            f"smallest size to {large} at its largest (the table above)") in md
+    with open(tmp_path / "steep" / "multipliers.csv", newline="") as f:
+        by_variant = {r["variant"]: r for r in csv.DictReader(f)}
+    assert float(by_variant["attention conv=static@qkv"]["own_alpha"]) == pytest.approx(float(alpha), abs=1e-3)
+    assert float(by_variant["attention conv=static@qkv"]["change_ci90_low"]) > 1.0
+    assert by_variant["attention conv=none"]["m_at_smallest"] == ""
+
+    md = report_md(tmp_path / "same")
+    _, small, large, change, _ = scale_row(md, "attention conv=dynamic@qkv")
+    assert float(small) == pytest.approx(1.5, abs=0.02) and float(large) == pytest.approx(1.5, abs=0.02)
+    assert "own slope differs" not in compute_rows(md)["attention conv=dynamic@qkv"][-1]
+    assert "changes with scale" not in md
