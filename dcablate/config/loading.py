@@ -546,21 +546,25 @@ def _zipped_table_unread(origins: dict, src: str, sweep: dict, pairs: list, reci
     """A zip group's table (`task.recall = [{}, {seq_len = 512}, ...]` zipped with `task.kind`) that sets values
     at a point whose run does not read that section (its task.kind, mixer or conv kind is another): refused, since
     the values would do nothing there yet name the point, and a point renamed by such an edit would retrain a run
-    already trained. Such a point takes `{}`; a product axis (not zipped) may hold them, as it cannot avoid it."""
+    already trained. Such a point takes `{}`. Only where the key that picks the section (task.kind, model.mixer,
+    model.ffn, model.conv.kind) is zipped with the table: as an axis of its own, it meets every value of the
+    table, which cannot avoid points that ignore it."""
     group_of = {k: group for group in sweep.get(ZIP_KEY, []) for k in group}
     swept, read = dict(pairs), effective(recipe)
     for key, value in pairs:
         if key not in group_of or not isinstance(value, dict) or not value:
             continue
+        parts = key.split(".")
+        chooser = ("task.kind", recipe.task.kind) if parts[0] == "task" else \
+            ("model.conv.kind", recipe.model.conv.kind) if parts[1:2] == ["conv"] else \
+            ("model.ffn", recipe.model.ffn) if parts[1:2] and parts[1] in CHANNELS.names() else \
+            ("model.mixer", "+".join(recipe.model.mixers))
+        if chooser[0] not in group_of[key] and not (chooser[0] == "model.mixer" and "model.mixers" in group_of[key]):
+            continue  # the section's user is an axis of its own: the table cannot avoid points that ignore it
         node = read
-        for part in key.split("."):
+        for part in parts:
             node = node.get(part) if isinstance(node, dict) else None
         if node is None:
-            parts = key.split(".")
-            chooser = ("task.kind", recipe.task.kind) if parts[0] == "task" else \
-                ("model.conv.kind", recipe.model.conv.kind) if parts[1] == "conv" else \
-                ("model.ffn", recipe.model.ffn) if parts[1] in CHANNELS.names() else \
-                ("model.mixer", "+".join(recipe.model.mixers))
             setting = ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items())
             group = group_of[key]
             position = next(i for i in range(len(sweep[key])) if all(sweep[k][i] == swept[k] for k in group))

@@ -495,6 +495,18 @@ def test_zip_errors_of_lists_the_zips_file_set_name_the_zip(tmp_path):
     assert "zipped keys need lists of equal length, got model.d_model: 2, train.lr: 1" in str(e.value)
 
 
+def test_a_zipped_table_whose_section_is_chosen_by_an_axis_of_its_own_may_hold_values_everywhere(tmp_path):
+    """`model.gated_deltanet` zipped with `model.d_model` (a setting per width) while `model.mixer` is an axis of
+    its own: every value meets the attention points too, and cannot avoid them, so it is not refused there (only
+    a table zipped with the key that chooses its section can write `{}` where that key chooses another)."""
+    path = write(tmp_path / "r.toml", 'extends = "quickstart"\n[sweep]\n"model.mixer" = ["attention", '
+                 '"gated_deltanet"]\n"model.d_model" = [64, 128]\n"model.gated_deltanet" = [{expand_v = 1.0}, '
+                 '{expand_v = 2.0}]\nzip = [["model.d_model", "model.gated_deltanet"]]\n')
+    _, points = R.expand(str(path))
+    gdn = [r for _, r in points if r.model.mixer == "gated_deltanet"]
+    assert {(r.model.d_model, r.model.gated_deltanet.expand_v) for r in gdn} == {(64, 1.0), (128, 2.0)}
+
+
 @pytest.mark.parametrize("child, key, fragment", [
     ('[model]\nd_model = 32\n', "model.d_model",
      "is swept: {base} sweeps model.d_model ([64, 128]), setting it at every point over this value; set the axis "

@@ -181,3 +181,29 @@ def test_a_dry_run_refuses_the_worker_flags_the_real_command_refuses(sweep, caps
         out, err = capsys.readouterr()
         assert err.startswith(f"error: {fragment}") and err.count("\n") == 1 and "workers:" not in out, (out, err)
     assert not (sweep / "out").exists()
+
+
+def test_run_shape_counts_each_model_once_but_tells_heads_of_other_shapes_apart(monkeypatch):
+    """`capacity.run_shape` builds each distinct model once per process; a task head that holds parameters of
+    its own, sized by a task option, is another model at each size even though its repr is the same."""
+    import torch
+    import torch.nn as nn
+
+    from dcablate import config
+    from dcablate.runs.launchers import capacity
+    from dcablate.tasks import task_class
+
+    class Positions(nn.Module):
+        def __init__(self, n, d):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(n, d))
+
+        def forward(self, h):
+            return h + self.pos[: h.shape[1]]
+
+    monkeypatch.setattr(task_class("compression"), "head", classmethod(lambda cls, o, d: Positions(o.seq_len, d)))
+    monkeypatch.setattr(capacity, "_params_and_vocab", {})
+    shapes = [capacity.run_shape(config.build({"task": {"kind": "compression", "compression": {"seq_len": t}}}))
+              for t in (32, 256, 32)]
+    assert shapes[1].params - shapes[0].params == (256 - 32) * shapes[0].d_model
+    assert shapes[2] == shapes[0] and len(capacity._params_and_vocab) == 2

@@ -50,13 +50,20 @@ def run_shape(r) -> RunShape:
     model once per process, as a sweep's learning rates, seeds and task settings share a few models)."""
     import torch
 
+    from dcablate.models.channel import CHANNELS
     from dcablate.models.costs import build_model
+    from dcablate.models.mixers import MIXERS
     from dcablate.tasks import task_class, task_head, task_options
 
     seq_len, vocab = task_class(r.task.kind).shape(task_options(r.task))
     with torch.device("meta"):
         head = task_head(r.task, r.model.d_model)  # a task's head (compression's) is part of the model
-    key = (repr(r.model), vocab, repr(head))
+    # a module's repr leaves out the shapes of parameters it holds itself; the specs' identities tell a component
+    # re-registered under its name (a plugin reloaded) from the one counted before
+    head_shapes = () if head is None else tuple((n, tuple(p.shape)) for n, p in head.named_parameters())
+    specs = tuple(id(MIXERS.get(m)) for m in r.model.mixers if m in MIXERS.names())
+    key = (repr(r.model), vocab, repr(head), head_shapes, specs,
+           id(CHANNELS.get(r.model.ffn)) if r.model.ffn in CHANNELS.names() else None)
     if key not in _params_and_vocab:
         model = build_model(r, vocab, device="meta")
         _params_and_vocab[key] = sum(p.numel() for p in model.parameters()), model.vocab_size
