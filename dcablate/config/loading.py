@@ -589,8 +589,10 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
     unused = [t for t in dict.fromkeys(named) if t != "kind" and t in TASKS.names() and t not in kinds]
     kind = " / ".join(sorted(kinds))
     for task in unused:
-        for key in sweep:
-            if key == f"task.{task}" or key.startswith(f"task.{task}."):
+        for key, values in sweep.items():
+            # one value trains nothing twice (a sweep that lists chosen points, as best_lr_seeds' second stage)
+            if (key == f"task.{task}" or key.startswith(f"task.{task}.")) and isinstance(values, list) and \
+                    len({repr(v) for v in values}) > 1:
                 _axis_changes_nothing(origins, src, key, "task.kind", kinds)
         section = getattr(base.task, task)
         if task not in (data.get("task") or {}) or section == type(section)():

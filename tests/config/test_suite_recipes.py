@@ -127,3 +127,12 @@ def test_a_conv_variant_changes_only_the_conv(name):
     shapes = {(r.model.mixer, r.model.d_model, r.model.n_heads, r.model.ffn, r.model.ffn_hidden,
                r.model.moe.d_expert, r.model.mamba2.state_size) for _, r in points}
     assert len(shapes) == 1, shapes
+
+
+def test_a_suite_takes_more_seeds_at_its_best_learning_rates(tmp_path, monkeypatch, capsys):
+    """`sweep.best_lr_seeds` on a suite: its second stage, checked before the grid trains from its first point
+    alone, lists one value of every zipped task table; a table of another task there is no axis that changes
+    nothing (it was refused as one)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "paper/suite_attention", "--dry-run", "--set", "sweep.best_lr_seeds=[1]"]) == 0
+    assert "best_lr_seeds: 200 cells not decided yet" in capsys.readouterr().out
