@@ -312,6 +312,10 @@ CASES = [
          files={"r.toml": 'extends = "paper/mqar_gpu_check"\n[sweep]\n"model.mixer" = ["attention", '
                           '"gated_deltanet"]\n"model.gated_deltanet" = [{expand_v = 1.0}, {}]\n'
                           'zip = [["model.mixer", "model.gated_deltanet"]]\n'}),
+    Case("sweep-combination-that-fails-names-the-point", ["run", "r.toml", *DRY],
+         ("r.toml: sweep: point mixer=attention,conv.kind=none,d_model=64,n_heads=3: model.n_heads: d_model 64 is not "
+          "divisible by n_heads 3 (or set model.head_dim)",),
+         files={"r.toml": 'extends = "quickstart"\n[sweep]\n"model.d_model" = [48, 64]\n"model.n_heads" = [3, 6]\n'}),
     Case("set-zipped-value-names-the-set", ["run", "paper/suite_attention", *DRY, "--set",
                                             "sweep.task.recall=[{}, {vocab_size = 1}" + ", {}" * 23 + "]"],
          ("error: --set: sweep.task.recall[1].vocab_size: must be >= 4, got 1",

@@ -325,7 +325,11 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
         point.pop("sweep")
         for key, value in pairs:
             _set_path(point, key, value, {}, str(path))
-        points.append((name, build(point, origins, str(path))))
+        try:
+            built = build(point, origins, str(path))
+        except RecipeError as e:  # each axis's values passed alone (`check_sweep`): this combination of them fails
+            raise RecipeError(where, "sweep", f"point {name}: {e.key}: {e.message}") from None
+        points.append((name, built))
         _zipped_table_unread(origins, str(path.resolve()), base.sweep, pairs, points[-1][1])
     _unused_tasks(base, data, origins, str(path.resolve()), {r.task.kind for _, r in points}, base.sweep)
     _unused_model_axes(origins, str(path.resolve()), [r for _, r in points], base.sweep)
@@ -896,6 +900,28 @@ def _key_hint(key: str, r=None) -> str:
     return did_you_mean(key, keys)
 
 
+def _valid_with_other_axes(sweep: dict, data: dict, origins: dict, src: str, values: dict, tries: int = 64) -> bool:
+    """Whether a grid point that takes an axis's `values` ({key: value}) makes a valid recipe: a value that clashes
+    with the base recipe may suit the values of the other axes it meets (each point is built, and its errors
+    named, when the sweep expands). The first `tries` such points are tried."""
+    tried = 0
+    for _, pairs in grid(sweep):
+        if any(dict(pairs).get(k) != v for k, v in values.items()) or len(pairs) == len(values):
+            continue
+        trial = copy.deepcopy(data)
+        trial.pop("sweep", None)
+        try:
+            for key, value in pairs:
+                _set_path(trial, key, value, {}, src)
+            build(trial, dict(origins), src)
+            return True
+        except RecipeError:
+            tried += 1
+            if tried >= tries:
+                return False
+    return False
+
+
 def check_sweep(r, data: dict, origins: dict, src: str) -> None:
     """Every `[sweep]` key is a non-empty list and every value of every axis makes a valid recipe."""
     for key, values in r.sweep.items():
@@ -932,6 +958,8 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             try:
                 build(trial, trial_origins, src)
             except RecipeError as e:
+                if _valid_with_other_axes(r.sweep, data, origins, src, dict(zip(keys, values))):
+                    continue  # `d_model = [48, 96]` x `n_heads = [3, 6]`: 3 heads fit 48, not the base's 128
                 unknown = [k for k in keys if k == e.key or k.startswith(f"{e.key}.")]
                 if e.source in marks and e.message.startswith("unknown key") and unknown:
                     hint = _key_hint(unknown[0], r)

@@ -495,6 +495,15 @@ def test_zip_errors_of_lists_the_zips_file_set_name_the_zip(tmp_path):
     assert "zipped keys need lists of equal length, got model.d_model: 2, train.lr: 1" in str(e.value)
 
 
+def test_axes_whose_values_fit_each_other_but_not_the_base_recipe_make_a_grid(tmp_path):
+    """`d_model = [48, 96]` x `n_heads = [3, 6]`: 3 heads do not divide the base recipe's d_model, but every point
+    of the grid is valid, so the sweep expands (each axis's values were checked against the base recipe alone)."""
+    path = write(tmp_path / "r.toml", 'extends = "quickstart"\n[sweep]\n"model.d_model" = [48, 96]\n'
+                 '"model.n_heads" = [3, 6]\n')
+    _, points = R.expand(str(path))
+    assert {(r.model.d_model, r.model.n_heads) for _, r in points} == {(48, 3), (48, 6), (96, 3), (96, 6)}
+
+
 def test_a_zipped_table_whose_section_is_chosen_by_an_axis_of_its_own_may_hold_values_everywhere(tmp_path):
     """`model.gated_deltanet` zipped with `model.d_model` (a setting per width) while `model.mixer` is an axis of
     its own: every value meets the attention points too, and cannot avoid them, so it is not refused there (only
