@@ -118,7 +118,8 @@ CASES = [
     bad("zero-lr", "[train]\nlr = 0\n", "r.toml: train.lr", "must be > 0.0"),
     bad("zero-steps", "[train]\nsteps = 0\nwarmup_steps = 0\n", "r.toml: train.steps", "must be >= 1, got 0"),
     bad("conv-width-9", "[model.conv]\nwidth = 9\n", "r.toml: model.conv.width", "must be <= 8, got 9"),
-    bad("early-stop-1.5", "[eval]\nearly_stop = 1.5\n", "r.toml: eval.early_stop", "must be <= 1.0, got 1.5"),
+    bad("early-stop-1.5", "[eval]\nearly_stop = 1.5\n", "r.toml: eval.early_stop",
+        "must be <= 1.0 for task 'mqar' (its headline, overall, lies in 0..1), got 1.5"),
     bad("negative-seed", "[run]\nseed = -1\n", "r.toml: run.seed", "must be >= 0"),
     bad("nan-lr", "[train]\nlr = nan\n", "r.toml: train.lr", "finite"),
     # --- choices, with did-you-mean

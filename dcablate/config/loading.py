@@ -618,6 +618,7 @@ def build(data: dict, origins: dict | None = None, default_source: str = "<recip
     """A resolved, checked `Recipe` from a raw recipe dict; `origins` maps dotted keys to where they were set."""
     origins = origins or {}
     recipe = _build_dataclass(schema.Recipe, data, "", origins, default_source)
+    _task_defaults(recipe, data)
     _fit_warmup(recipe, origins, default_source)
     # the recipe's own contradictions first: one that every sweep point shares is then named without a point
     _check_consistency(recipe, origins, default_source)
@@ -773,6 +774,19 @@ def completed(saved: dict) -> dict:
         return saved
 
 
+def _accuracy_headline(r) -> bool:
+    """Whether the recipe's task is summarised by an accuracy (a headline in [0, 1], higher better)."""
+    spec = TASKS.get(r.task.kind)
+    return spec.bounded and spec.higher_is_better
+
+
+def _task_defaults(r, data: dict) -> None:
+    """Defaults that follow the task: `eval.early_stop`'s 0.99 is an accuracy; a task summarised otherwise (LM's
+    bits per byte, lower better) trains all its steps unless the recipe names a target."""
+    if "early_stop" not in (data.get("eval") or {}) and r.task.kind in TASKS.names() and not _accuracy_headline(r):
+        r.eval.early_stop = 0.0
+
+
 def _check_consistency(r, origins: dict, src: str) -> None:
     """Choices that are valid alone but not together: the core's here, each component's in its spec."""
     name = Path(r.run.name)
@@ -796,6 +810,9 @@ def _check_consistency(r, origins: dict, src: str) -> None:
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
                    f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
     TASKS.get(r.task.kind).check(r, fail)
+    _check(r.eval.early_stop <= 1.0 or not TASKS.get(r.task.kind).bounded, origins, src, "eval.early_stop",
+           f"must be <= 1.0 for task {r.task.kind!r} (its headline, {TASKS.get(r.task.kind).headline}, lies in "
+           f"0..1), got {r.eval.early_stop:g}")
     t = r.train
     _check(not (t.tokens and t.tokens_per_param), origins, src, "train.tokens_per_param",
            f"give one token budget: train.tokens = {t.tokens} is set too")

@@ -160,8 +160,9 @@ class TrainSection:
 class EvalSection:
     every: int = option(200, "evaluate every N steps (and always at the end)", min=1, max=MAX_STEPS)
     batch_size: int = option(256, "examples per evaluation batch", min=1, max=MAX_BATCH)
-    early_stop: float = option(0.99, "stop when overall test accuracy reaches this; 0 turns early stopping off",
-                               min=0.0, max=1.0)
+    early_stop: float = option(0.99, "stop when the task's headline reaches this (accuracy: at or above it, at most "
+                               "1; LM bits per byte: at or below it); 0 turns early stopping off, the default for "
+                               "tasks whose headline is not an accuracy (LM)", min=0.0)
 
 
 @dataclass

@@ -170,6 +170,18 @@ def test_early_stopping_and_best_follow_the_metric_direction():
     assert reached(1.2, 1.5, higher_is_better=False) and not reached(1.6, 1.5, higher_is_better=False)
 
 
+def test_lm_runs_train_all_their_steps_unless_the_recipe_names_a_bits_per_byte_target():
+    """`eval.early_stop`'s default, 0.99, is an accuracy: an LM run (bits per byte, lower better) does not take it
+    as a target it would stop at, and may name one above 1, which an accuracy task refuses."""
+    lm = {"task": {"kind": "lm", "lm": {"data": "text"}}}
+    assert recipes.build(lm).eval.early_stop == 0.0
+    assert recipes.build({**lm, "eval": {"early_stop": 1.2}}).eval.early_stop == 1.2
+    assert recipes.build({**lm, "eval": {"early_stop": 0.99}}).eval.early_stop == 0.99  # set: kept
+    assert recipes.build({}).eval.early_stop == 0.99  # MQAR: accuracy
+    with pytest.raises(UserError, match="eval.early_stop: must be <= 1.0 for task 'recall'"):
+        recipes.build({"task": {"kind": "recall"}, "eval": {"early_stop": 1.2}})
+
+
 def test_lm_trains_and_bpb_falls_then_eval_on_other_text(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = write_txt(tmp_path / "txt", make_docs(30, words=80))
