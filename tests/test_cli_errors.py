@@ -317,6 +317,15 @@ CASES = [
          ("r.toml: sweep: point mixer=attention,conv.kind=none,d_model=64,n_heads=3: model.n_heads: d_model 64 is not "
           "divisible by n_heads 3 (or set model.head_dim)",),
          files={"r.toml": 'extends = "quickstart"\n[sweep]\n"model.d_model" = [48, 64]\n"model.n_heads" = [3, 6]\n'}),
+    Case("misspelt-axis-beside-a-parents-zip", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.model.conv.knd: not a recipe key (did you mean 'model.conv.kind'?)",),
+         files={"r.toml": 'extends = "quickstart"\n[sweep]\n"model.conv.knd" = ["none", "static", "dynamic"]\n'
+                          '"model.d_model" = [32, 48, 64]\nzip = [["model.conv.knd", "model.d_model"]]\n'}),
+    Case("misspelt-axis-the-zip-spells-right", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.model.conv.placment: not a recipe key (did you mean 'model.conv.placement'?)",),
+         files={"r.toml": 'extends = "quickstart"\n[sweep]\n"model.conv.kind" = ["none", "static"]\n'
+                          '"model.conv.placment" = ["qkv", "all_linear"]\n'
+                          'zip = [["model.conv.kind", "model.conv.placement"]]\n'}),
     Case("set-zipped-value-names-the-set", ["run", "paper/suite_attention", *DRY, "--set",
                                             "sweep.task.recall=[{}, {vocab_size = 1}" + ", {}" * 23 + "]"],
          ("error: --set: sweep.task.recall[1].vocab_size: must be >= 4, got 1",

@@ -952,6 +952,16 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             raise RecipeError(where, path, "a sweep cannot sweep itself")
     zip_src = _src(origins, f"sweep.{ZIP_KEY}", src)
     sources = {key: _src(origins, f"sweep.{key}", src) for key in r.sweep if key not in RESERVED}
+    for key in sources:  # a misspelt axis first: the zip's checks would blame its partners or suggest the typo
+        trial = copy.deepcopy(data)
+        trial.pop("sweep", None)
+        try:
+            _set_path(trial, key, r.sweep[key][0], {}, src)
+            _build_dataclass(schema.Recipe, trial, "", {}, src)
+        except RecipeError as e:
+            if e.message.startswith("unknown key") and (key == e.key or key.startswith(f"{e.key}.")):
+                raise RecipeError(sources[key], f"sweep.{key}", f"not a recipe key{_key_hint(key, r)}") from None
+            # any other error is the value's: the per-axis checks below name it
     check_zip(r.sweep, zip_src, sources)
     check_best_lr_seeds(r.sweep, r.run.seed, _src(origins, f"sweep.{BEST_LR_SEEDS_KEY}", src))
     for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
