@@ -218,6 +218,9 @@ def _flags(group: compute_points.Group, r: dict) -> list[str]:
         flags.append(f"parameters outside the baseline's range: {r['param_inside']:.0%} inside")
     if r["slope_differs"]:
         flags.append("own slope differs")
+    if r["variant"] != group.baseline and r["wall_clock_multiplier"] is not None and \
+            {r["variant"], group.baseline} & set(group.unsteady):
+        flags.append("wall-clock under changing load")
     return flags
 
 
@@ -272,10 +275,12 @@ def _notes(group: compute_points.Group, result: multipliers.Comparison) -> list[
                    f"uses those rates), or train one run per device (--per-gpu 1).")
     if group.unsteady:
         which = ", ".join(f"`{v}` (up to {swing:.0f}×)" for v, swing in sorted(group.unsteady.items()))
+        whose = ("every variant's wall-clock multiplier is a ratio to the baseline's rate, so all of them compare"
+                 if group.baseline in group.unsteady else "their wall-clock multipliers compare")
         out.append(f"Wall-clock: the logged tokens/s varied within runs of {which}, as when other work shares the "
-                   f"machine now and then, so their wall-clock multipliers compare rates measured under changing "
-                   f"load; time each model alone with `dcablate bench throughput` on this folder, or rerun them on "
-                   f"a quiet machine.")
+                   f"machine now and then, so {whose} rates measured under changing load (flag `wall-clock under "
+                   f"changing load`); time each model alone with `dcablate bench throughput` on this folder, or "
+                   f"rerun them on a quiet machine.")
     if any(r["extrapolated"] or r["param_extrapolated"] for r in result.rows):
         out.append("Outside the baseline's range: fewer than half of the variant's runs, moved onto the "
                    "baseline's axis (m × C), lie within the baseline's fitted sizes, so its multiplier rests "

@@ -382,8 +382,17 @@ def test_throughput_that_swings_within_runs_is_noted(tmp_path):
             [900.0, 900.0, 120.0, 880.0] if d == 48 else [900.0, 910.0, 890.0])
     md = report_md(tmp_path)
     assert ("- Wall-clock: the logged tokens/s varied within runs of `attention conv=dynamic@qkv` (up to 8×), as "
-            "when other work shares the machine now and then") in md
+            "when other work shares the machine now and then, so their wall-clock multipliers compare") in md
     assert "`attention conv=none` (up to" not in md
+    assert "wall-clock under changing load" in compute_rows(md)["attention conv=dynamic@qkv"][-1]
+    # the baseline's own rate swinging puts every variant's ratio in doubt, however steady the variant's runs
+    for d in LADDER:
+        log(write_run(tmp_path / "b", f"none-{d}", d=d), [50.0, 1000.0, 100.0, 1010.0] if d == 48 else
+            [50.0, 1000.0, 980.0])
+        log(write_run(tmp_path / "b", f"dyn-{d}", d=d, m=1.5, conv={"kind": "dynamic"}), [900.0, 910.0, 890.0])
+    md = report_md(tmp_path / "b")
+    assert "so every variant's wall-clock multiplier is a ratio to the baseline's rate" in md
+    assert "wall-clock under changing load" in compute_rows(md)["attention conv=dynamic@qkv"][-1]
 
 
 def test_early_stopped_runs_and_a_poor_fit_are_flagged_before_the_table(tmp_path, monkeypatch):
