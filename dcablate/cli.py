@@ -497,15 +497,23 @@ EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
                    "explicit, as a run is measured only on its own task.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
               "the run's validation split.")
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="A finished run directory, or a sweep's folder: each of its finished runs.")
+@click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
+              help="A finished run directory, or a sweep's folder: each of its finished runs (or give it as RUN).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override an evaluation key (task.*, eval.batch_size, run.device, model.backend, "
                    "train.precision; value parsed as TOML; repeatable), e.g. --set 'task.mqar.test=[{seq_len=256, num_kv_pairs=16, "
                    "num_examples=500}]'.")
-def eval_(task_kind, run_dir, overrides, data):
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+def eval_(task_kind, run_dir, overrides, data, run):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...). On
-    a sweep's folder, each finished run in turn (e.g. every variant at longer test segments)."""
+    a sweep's folder, each finished run in turn (e.g. every variant at longer test segments). RUN and --run name
+    the same thing; give one."""
+    if run is not None and run_dir is not None and run != run_dir:
+        raise UserError(f"eval: RUN {run} and --run {run_dir} name two folders; give one")
+    run_dir = run_dir if run_dir is not None else run
+    if run_dir is None:
+        raise UserError("eval: which run? give its directory (or a sweep's folder): `dcablate eval RUN` or "
+                        "`dcablate eval --run RUN`")
     points = sorted(p.parent for p in run_dir.glob("*/recipe.toml")) if run_dir.is_dir() else []
     if not points or (run_dir / "recipe.toml").is_file():
         evaluate_run(run_named(run_dir), task_kind, overrides, data)

@@ -112,6 +112,9 @@ def test_eval_of_a_finished_run(fixture_dir):
     want = expected("finished_eval_expected.json")
     assert result["metrics"] == want["metrics"]
     assert result["step"] == want["step"]
+    assert dcablate("eval", "runs/finished") == 0  # RUN given as an argument, as `report DIR` takes its folder
+    again = json.loads((eval_dir / "mqar-2.json").read_text())
+    assert again["metrics"] == want["metrics"]
 
 
 @pytest.mark.parametrize("run, checkpoint", [("finished", "final.pt"), ("interrupted", "step-000004.pt")])
