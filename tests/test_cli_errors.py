@@ -326,6 +326,9 @@ CASES = [
          files={"r.toml": 'extends = "quickstart"\n[sweep]\n"model.conv.kind" = ["none", "static"]\n'
                           '"model.conv.placment" = ["qkv", "all_linear"]\n'
                           'zip = [["model.conv.kind", "model.conv.placement"]]\n'}),
+    Case("one-value-axis-of-a-task-not-trained", ["run", "quickstart", *DRY, "--set", "sweep.task.recall.vocab_size=[64]"],
+         ("error: --set: sweep.task.recall.vocab_size: task.kind is 'mqar' at every point, so this axis changes "
+          "nothing",)),
     Case("set-zipped-value-names-the-set", ["run", "paper/suite_attention", *DRY, "--set",
                                             "sweep.task.recall=[{}, {vocab_size = 1}" + ", {}" * 23 + "]"],
          ("error: --set: sweep.task.recall[1].vocab_size: must be >= 4, got 1",

@@ -321,12 +321,9 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
             raise RecipeError(where, "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
                               f"(the same values); make each point's swept values differ")
         seen[name] = len(points)
-        point = copy.deepcopy(data)
-        point.pop("sweep")
-        for key, value in pairs:
-            _set_path(point, key, value, {}, str(path))
+        point, point_origins = _point_data(data, origins, base.sweep, pairs, str(path.resolve()))
         try:
-            built = build(point, origins, str(path))
+            built = build(point, point_origins, str(path))
         except RecipeError as e:  # each axis's values passed alone (`check_sweep`): this combination of them fails
             raise RecipeError(where, "sweep", f"point {name}: {e.key}: {e.message}") from None
         points.append((name, built))
@@ -593,10 +590,8 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
     unused = [t for t in dict.fromkeys(named) if t != "kind" and t in TASKS.names() and t not in kinds]
     kind = " / ".join(sorted(kinds))
     for task in unused:
-        for key, values in sweep.items():
-            # one value trains nothing twice (a sweep that lists chosen points, as best_lr_seeds' second stage)
-            if (key == f"task.{task}" or key.startswith(f"task.{task}.")) and isinstance(values, list) and \
-                    len({repr(v) for v in values}) > 1:
+        for key in sweep:
+            if key == f"task.{task}" or key.startswith(f"task.{task}."):
                 _axis_changes_nothing(origins, src, key, "task.kind", kinds)
         section = getattr(base.task, task)
         if task not in (data.get("task") or {}) or section == type(section)():
@@ -774,16 +769,11 @@ def completed(saved: dict) -> dict:
         return saved
 
 
-def _accuracy_headline(r) -> bool:
-    """Whether the recipe's task is summarised by an accuracy (a headline in [0, 1], higher better)."""
-    spec = TASKS.get(r.task.kind)
-    return spec.bounded and spec.higher_is_better
-
-
 def _task_defaults(r, data: dict) -> None:
-    """Defaults that follow the task: `eval.early_stop`'s 0.99 is an accuracy; a task summarised otherwise (LM's
-    bits per byte, lower better) trains all its steps unless the recipe names a target."""
-    if "early_stop" not in (data.get("eval") or {}) and r.task.kind in TASKS.names() and not _accuracy_headline(r):
+    """Defaults that follow the task: `eval.early_stop`'s 0.99 is an accuracy (a headline higher is better); a task
+    summarised by one lower is better (LM's bits per byte) trains all its steps unless the recipe names a target."""
+    if "early_stop" not in (data.get("eval") or {}) and r.task.kind in TASKS.names() and \
+            not TASKS.get(r.task.kind).higher_is_better:
         r.eval.early_stop = 0.0
 
 
@@ -810,7 +800,7 @@ def _check_consistency(r, origins: dict, src: str) -> None:
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
                    f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
     TASKS.get(r.task.kind).check(r, fail)
-    _check(r.eval.early_stop <= 1.0 or not TASKS.get(r.task.kind).bounded, origins, src, "eval.early_stop",
+    _check(r.eval.early_stop <= 1.0 or not TASKS.get(r.task.kind).higher_is_better, origins, src, "eval.early_stop",
            f"must be <= 1.0 for task {r.task.kind!r} (its headline, {TASKS.get(r.task.kind).headline}, lies in "
            f"0..1), got {r.eval.early_stop:g}")
     t = r.train
@@ -917,6 +907,20 @@ def _key_hint(key: str, r=None) -> str:
     return did_you_mean(key, keys)
 
 
+def _point_data(data: dict, origins: dict, sweep: dict, pairs: list, src: str) -> tuple[dict, dict]:
+    """A grid point's raw recipe (`data` less its sweep, with the point's swept `pairs` set) and its origins, each
+    swept key marked as its axis's (`FILE [sweep.KEY]`, `[sweep.zip]` for a zipped one), as `check_sweep` marks
+    them: a swept `train.steps` then comes from another place than the file's warm-up, which `_fit_warmup`
+    clamps with a note as for a plain `--set`."""
+    zipped = {k for group in sweep.get(ZIP_KEY, []) for k in group}
+    point, point_origins = copy.deepcopy(data), dict(origins)
+    point.pop("sweep", None)
+    for key, value in pairs:
+        axis = f"sweep.{ZIP_KEY}" if key in zipped else f"sweep.{key}"
+        _set_path(point, key, value, point_origins, f"{_src(origins, f'sweep.{key}', src)} [{axis}]")
+    return point, point_origins
+
+
 def _valid_with_other_axes(sweep: dict, data: dict, origins: dict, src: str, values: dict, tries: int = 64) -> bool:
     """Whether a grid point that takes an axis's `values` ({key: value}) makes a valid recipe: a value that clashes
     with the base recipe may suit the values of the other axes it meets (each point is built, and its errors
@@ -925,12 +929,9 @@ def _valid_with_other_axes(sweep: dict, data: dict, origins: dict, src: str, val
     for _, pairs in grid(sweep):
         if any(dict(pairs).get(k) != v for k, v in values.items()) or len(pairs) == len(values):
             continue
-        trial = copy.deepcopy(data)
-        trial.pop("sweep", None)
         try:
-            for key, value in pairs:
-                _set_path(trial, key, value, {}, src)
-            build(trial, dict(origins), src)
+            trial, trial_origins = _point_data(data, origins, sweep, pairs, src)
+            build(trial, trial_origins, src)
             return True
         except RecipeError:
             tried += 1

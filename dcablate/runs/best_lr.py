@@ -70,6 +70,7 @@ def check_second_stage(recipe: str, overrides: list[str], sweep: dict) -> None:
     refuse (a `--set run.seed`, which its own axis of seeds overrides) ends the command now, not after the grid."""
     from dcablate import config
     from dcablate.errors import UserError
+    from dcablate.tasks import TASKS
 
     seeds = sweep[BEST_LR_SEEDS_KEY]
     if SEED_KEY not in sweep:  # the grid's seed comes from the recipe or a --set; the second stage sweeps it
@@ -80,8 +81,12 @@ def check_second_stage(recipe: str, overrides: list[str], sweep: dict) -> None:
                                 f"grid's seed in the recipe, or sweep it: --set 'sweep.{SEED_KEY}="
                                 f"[{o.split('=', 1)[1].strip()}]'")
     _, pairs = grid(sweep)[0]
+    # the first point alone: the tables of the other tasks a suite zips are no axis of it (one value, unread)
+    kind = dict(pairs).get("task.kind") or config.load(recipe, overrides).task.kind
+    tasks = set(TASKS.names())
+    alone = {k: v for k, v in sweep.items() if not (k.startswith("task.") and k.split(".")[1] in tasks - {kind})}
     try:
-        config.expand(recipe, [*overrides, stage_override(sweep, [{**dict(pairs), SEED_KEY: seeds[0]}])])
+        config.expand(recipe, [*overrides, stage_override(alone, [{**dict(pairs), SEED_KEY: seeds[0]}])])
     except UserError as e:
         raise UserError(f"{e} (best_lr_seeds: its second stage sweeps run.seed at each cell's best learning rate, "
                         f"after the grid)") from None

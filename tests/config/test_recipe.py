@@ -504,6 +504,14 @@ def test_axes_whose_values_fit_each_other_but_not_the_base_recipe_make_a_grid(tm
     assert {(r.model.d_model, r.model.n_heads) for _, r in points} == {(48, 3), (48, 6), (96, 3), (96, 6)}
 
 
+def test_a_steps_axis_shorter_than_the_files_warmup_clamps_it_as_a_plain_set_does(capsys):
+    """`--set 'sweep.train.steps=[5, 1000]'` on a recipe warming up over 50 steps: the point of 5 steps comes from
+    the sweep, not from the file, so its warm-up is clamped with a note (it was refused after the note)."""
+    _, points = R.expand("quickstart", ["sweep.train.steps=[5, 1000]"])
+    assert {(r.train.steps, r.train.warmup_steps) for _, r in points} == {(5, 5), (1000, 50)}
+    assert "warming up over 5 steps" in capsys.readouterr().err
+
+
 def test_a_zipped_table_whose_section_is_chosen_by_an_axis_of_its_own_may_hold_values_everywhere(tmp_path):
     """`model.gated_deltanet` zipped with `model.d_model` (a setting per width) while `model.mixer` is an axis of
     its own: every value meets the attention points too, and cannot avoid them, so it is not refused there (only

@@ -182,6 +182,21 @@ def test_lm_runs_train_all_their_steps_unless_the_recipe_names_a_bits_per_byte_t
         recipes.build({"task": {"kind": "recall"}, "eval": {"early_stop": 1.2}})
 
 
+def test_a_task_whose_headline_is_higher_better_keeps_the_accuracy_default(monkeypatch):
+    """A plugin's accuracy task need not say its headline is bounded (that flag fixes figure axes): higher is
+    better is what makes 0.99 its default target, and a target above 1 is refused as for the built-in tasks."""
+    import dataclasses
+
+    from dcablate.tasks import TASKS
+
+    spec = TASKS.get("recall")
+    monkeypatch.setattr(TASKS, "get", lambda name, get=TASKS.get: dataclasses.replace(spec, bounded=False)
+                        if name == "recall" else get(name))
+    assert recipes.build({"task": {"kind": "recall"}}).eval.early_stop == 0.99
+    with pytest.raises(UserError, match="eval.early_stop: must be <= 1.0"):
+        recipes.build({"task": {"kind": "recall"}, "eval": {"early_stop": 5.0}})
+
+
 def test_lm_trains_and_bpb_falls_then_eval_on_other_text(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = write_txt(tmp_path / "txt", make_docs(30, words=80))
