@@ -179,9 +179,13 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
         # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
         longer = all(c.startswith(SCHEDULE_KEYS) for c in changes)
         copy = _copy_with(run_dir, r, sweep_root)
+        # an LM run from before early stopping's default followed the task (0.99 then read as a bpb target)
+        was_default = changes == ["eval.early_stop: 0.99 -> 0.0"] and r.task.kind == "lm"
         raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); "
                         + ("a run is not trained on past its planned steps, since its learning-rate schedule is "
                            "laid out over them; " if longer else "")
+                        + ("LM runs now leave early stopping off unless the recipe sets it: --set "
+                           "eval.early_stop=0.99 goes on as the run began, or " if was_default else "")
                         + (f"{copy[0]} holds this recipe already (an earlier --force-new): add --set run.name="
                            f"'{copy[1]}' to go on there, or " if copy else "")
                         + "use --force-new to train it in a fresh directory")

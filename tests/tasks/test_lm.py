@@ -599,3 +599,17 @@ def test_a_missing_shipped_corpus_says_how_to_get_it(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         source_files(str(tmp_path / "my-text"))
     assert str(e.value).endswith("my-text: no such file or folder")
+
+
+def test_an_lm_run_begun_with_the_old_default_says_how_to_go_on(tmp_path):
+    """An LM run whose saved recipe has early_stop 0.99 (the old default for every task), rerun from a recipe that
+    leaves the key out: the change is named, with the --set that goes on as the run began."""
+    from dcablate.runs.directories import run_state
+
+    lm = {"task": {"kind": "lm", "lm": {"data": str(tmp_path)}}}
+    (tmp_path / "recipe.toml").write_text(recipes.build({**lm, "eval": {"early_stop": 0.99}}).to_toml())
+    with pytest.raises(UserError, match=r"\(eval.early_stop: 0.99 -> 0.0\); LM runs now leave early stopping off "
+                                        r"unless the recipe sets it: --set eval.early_stop=0.99 goes on as the run "
+                                        r"began, or use --force-new"):
+        run_state(tmp_path, recipes.build(lm))
+    assert run_state(tmp_path, recipes.build({**lm, "eval": {"early_stop": 0.99}})) == "resume"
