@@ -350,17 +350,18 @@ def _bad_value(param, why: str):
     raise click.BadParameter(why, param=param)
 
 
-def run_named(run_dir: Path) -> Path:
-    """`--run` of eval and generate: the run directory it names (its `recipe.toml` names it too); a missing path,
-    another file or a folder that is no run is one line."""
+def run_named(run_dir: Path, flag: str = "--run") -> Path:
+    """`--run` of eval and generate (`flag` "": eval's RUN argument): the run directory it names (its
+    `recipe.toml` names it too); a missing path, another file or a folder that is no run is one line."""
+    given = f"{flag} {run_dir}" if flag else str(run_dir)
     if run_dir.is_file() and run_dir.name == "recipe.toml":
         run_dir = run_dir.parent
     elif run_dir.is_file():
         above = next((p for p in run_dir.parents if (p / "recipe.toml").is_file()), None)
         hint = f" (the run directory is '{above}')" if above else ""
-        raise UserError(f"--run {run_dir}: is a file; --run takes a run directory{hint}")
+        raise UserError(f"{given}: is a file; {flag or 'eval'} takes a run directory{hint}")
     if not run_dir.is_dir():
-        raise UserError(f"--run {run_dir}: no such run directory")
+        raise UserError(f"{given}: no such run directory")
     if not (run_dir / "recipe.toml").is_file():
         raise not_a_run(run_dir)
     return run_dir
@@ -508,15 +509,16 @@ def eval_(task_kind, run_dir, overrides, data, run):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...). On
     a sweep's folder, each finished run in turn (e.g. every variant at longer test segments). RUN and --run name
     the same thing; give one."""
-    if run is not None and run_dir is not None and run != run_dir:
+    if run is not None and run_dir is not None and run.resolve() != run_dir.resolve():
         raise UserError(f"eval: RUN {run} and --run {run_dir} name two folders; give one")
+    flag = "--run" if run_dir is not None else ""
     run_dir = run_dir if run_dir is not None else run
     if run_dir is None:
         raise UserError("eval: which run? give its directory (or a sweep's folder): `dcablate eval RUN` or "
                         "`dcablate eval --run RUN`")
     points = sorted(p.parent for p in run_dir.glob("*/recipe.toml")) if run_dir.is_dir() else []
     if not points or (run_dir / "recipe.toml").is_file():
-        evaluate_run(run_named(run_dir), task_kind, overrides, data)
+        evaluate_run(run_named(run_dir, flag), task_kind, overrides, data)
         return
     finished = [p for p in points if (p / "checkpoints" / "final.pt").is_file()]
     if not finished:

@@ -342,6 +342,7 @@ CASES = [
     Case("eval-without-a-run", ["eval", "--task", "mqar"], ("eval: which run? give its directory (or a sweep's "
                                                             "folder): `dcablate eval RUN` or `dcablate eval --run RUN`",)),
     Case("eval-two-runs", ["eval", "a", "--run", "b"], ("eval: RUN a and --run b name two folders; give one",)),
+    Case("eval-missing-run-argument", ["eval", "nope"], ("error: nope: no such run directory",)),
     Case("eval-dir-without-recipe", ["eval", "--task", "mqar", "--run", "somedir"],
          ("somedir: not a run directory (no recipe.toml)",), dirs=("somedir",)),
     Case("eval-without-checkpoint", ["eval", "--task", "mqar", "--run", "rd"],
