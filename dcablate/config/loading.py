@@ -954,10 +954,8 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
     zip_src = _src(origins, f"sweep.{ZIP_KEY}", src)
     sources = {key: _src(origins, f"sweep.{key}", src) for key in r.sweep if key not in RESERVED}
     for key in sources:  # a misspelt axis first: the zip's checks would blame its partners or suggest the typo
-        trial = copy.deepcopy(data)
-        trial.pop("sweep", None)
         try:
-            _set_path(trial, key, r.sweep[key][0], {}, src)
+            trial, _ = _point_data(data, origins, r.sweep, [(key, r.sweep[key][0])], src)
             _build_dataclass(schema.Recipe, trial, "", {}, src)
         except RecipeError as e:
             if e.message.startswith("unknown key") and (key == e.key or key.startswith(f"{e.key}.")):

@@ -87,7 +87,7 @@ class Cell:
         """The mean over seeds of `summary.json` `key` (`tokens`, `train_flops`: what the runs trained on), or of
         `passes` (tokens over the training split's, `data.train_tokens`: how many times an LM run read its text);
         None when no run has it."""
-        values = [v for v in map(lambda r: _spent(r.summary, key), self.runs) if v is not None]
+        values = [v for v in (_spent(r.summary, key) for r in self.runs) if v is not None]
         return statistics.fmean(values) if values else None
 
     def std(self, key: str = "overall") -> float | None:

@@ -171,14 +171,13 @@ def in_report_order(settings, task: str, labels: dict[tuple[str, tuple], str]) -
 
 
 def _section_defaults(task: str) -> dict:
-    """The defaults of a registered task's recipe section (`{key: value}`), `{}` for a task not registered now."""
+    """The defaults of a registered task's recipe section (`{key: value}`; every option has one, as the registry
+    checks), `{}` for a task not registered now."""
     from dcablate.tasks import TASKS
 
     if task not in TASKS.names() or TASKS.get(task).options is None:
         return {}
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TASKS.get(task).options)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return vars(TASKS.get(task).options())
 
 
 def _order(value) -> float:
