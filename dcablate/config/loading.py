@@ -141,6 +141,10 @@ def _merge(base: dict, over: dict, origins: dict, over_source: str, prefix: str 
 
 
 def _mark(origins: dict, path: str, value, source: str) -> None:
+    """`path` (and each key of a table value) set by `source`; what was set below `path` before is gone with the
+    value it replaces (`--set 'sweep={}'` leaves no `sweep.task.recall` behind to be blamed)."""
+    for stale in [k for k in origins if isinstance(k, str) and k.startswith(f"{path}.")]:
+        del origins[stale]
     origins[path] = source
     if isinstance(value, dict):
         for k, v in value.items():
@@ -917,7 +921,8 @@ def _point_data(data: dict, origins: dict, sweep: dict, pairs: list, src: str) -
     point.pop("sweep", None)
     for key, value in pairs:
         axis = f"sweep.{ZIP_KEY}" if key in zipped else f"sweep.{key}"
-        _set_path(point, key, value, point_origins, f"{_src(origins, f'sweep.{key}', src)} [{axis}]")
+        # a copy: a later axis setting a key inside this table (`task.recall.seq_len`) must not change the sweep's own
+        _set_path(point, key, copy.deepcopy(value), point_origins, f"{_src(origins, f'sweep.{key}', src)} [{axis}]")
     return point, point_origins
 
 

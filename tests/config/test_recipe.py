@@ -524,6 +524,23 @@ def test_a_zipped_table_whose_section_is_chosen_by_an_axis_of_its_own_may_hold_v
     assert {(r.model.d_model, r.model.gated_deltanet.expand_v) for r in gdn} == {(64, 1.0), (128, 2.0)}
 
 
+def test_an_axis_inside_a_zipped_table_leaves_the_sweeps_tables_as_written():
+    """`sweep.task.recall.seq_len` beside the suite's zipped `task.recall` tables: each point gets its own copy of
+    its table to set seq_len in, so the sweep's `{}` at a fuzzy-recall point stays `{}` (it was filled in, and that
+    point then refused as if the file had set seq_len there) and every recall point trains seq_len 256."""
+    base, points = R.expand("paper/suite_attention", ["sweep.task.recall.seq_len=[256]"])
+    assert base.sweep["task.recall"][4] == {} and base.sweep["task.recall"][2] == {"seq_len": 512}
+    assert {r.task.recall.seq_len for _, r in points if r.task.kind == "recall"} == {256}
+
+
+def test_a_table_set_whole_forgets_where_its_old_keys_came_from():
+    """`--set 'sweep={}'` replaces the file's sweep: no `sweep.task.recall` origin stays behind to be blamed for a
+    value the user set with `--set` (an error named the shipped file)."""
+    _, origins, _ = R.load_raw("paper/suite_attention", ["sweep={}", "task.recall={vocab_size=4}"])
+    assert not [k for k in origins if isinstance(k, str) and k.startswith("sweep.")]
+    assert origins["task.recall"] == origins["task.recall.vocab_size"] == "--set"
+
+
 @pytest.mark.parametrize("child, key, fragment", [
     ('[model]\nd_model = 32\n', "model.d_model",
      "is swept: {base} sweeps model.d_model ([64, 128]), setting it at every point over this value; set the axis "

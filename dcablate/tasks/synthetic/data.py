@@ -59,8 +59,8 @@ def generate(make: Make, n: int, seed: np.random.SeedSequence, train: bool, dtyp
         parts.append((x.astype(dtype), y.astype(dtype)))
         have += len(x)
         if have < n and made >= 10 * (n + chunk) and have * 10 < made:
-            raise TooFewDistinct(f"only {have} of {made} generated test examples differ from every training "
-                                 f"example")
+            raise TooFewDistinct(f"only {have} of {n} test examples could be drawn unlike every training example "
+                                 f"({made} tried)")
     inputs = np.concatenate([p[0] for p in parts])[:n]
     targets = np.concatenate([p[1] for p in parts])[:n]
     return inputs, targets
