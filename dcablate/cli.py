@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -836,7 +837,10 @@ def kernels():
 @click.option("--gpu-name", default=None, metavar="NAME",
               help="The GPU model the results were measured on, as torch names it (e.g. 'NVIDIA H200'; default: "
                    "CUDA device 0's name, so needed on a machine without CUDA).")
-def kernels_export_tuning(caches, out, gpu_name):
+@click.option("--triton-version", default=None, metavar="VERSION",
+              help="The Triton version that measured the results, recorded with them (default: the one installed "
+                   "here, so needed when exporting on another machine than the one that tuned).")
+def kernels_export_tuning(caches, out, gpu_name, triton_version):
     """Convert the autotuning results of fla's kernels in a Triton cache into fla's config files for one GPU
     model (run on the machine that tuned them, e.g. after a sweep's kernel warm-up)."""
     from dcablate.kernels.tuned.export import default_out, export
@@ -865,7 +869,9 @@ def kernels_export_tuning(caches, out, gpu_name):
     target = out if out is not None else default_out(gpu_name)
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {target}: is a file, not a folder")
-    for line in export(list(caches), target, gpu_name).lines():
+    if triton_version is not None and not re.fullmatch(r"\d+\.\d+(\.\d+)?\S*", triton_version):
+        raise UserError(f"--triton-version {triton_version!r}: not a version; give it as pip shows it, e.g. 3.7.1")
+    for line in export(list(caches), target, gpu_name, triton_version).lines():
         click.echo(line)
 
 

@@ -335,8 +335,15 @@ CASES = [
           "(zipped with task.kind='recall', train.steps=2000)")),
     Case("budget-shorter-than-warmup-at-dry-run", ["run", "lm/scaling_tiny", *DRY, "--set", "train.tokens_per_param=0.01"],
          ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: --set: "
-          "train.tokens_per_param: a budget of 268 tokens is 1 step of 1,024 tokens, fewer than train.warmup_steps 20; "
-          "raise the budget or lower train.warmup_steps",)),
+          "train.tokens_per_param: a budget of 268 tokens is 1 step of 1,024 tokens, fewer than train.warmup_steps 20 (",
+          "lm/scaling_tiny.toml); raise the budget or lower train.warmup_steps")),
+    Case("budget-shorter-than-a-set-warmup-names-the-set", ["run", "lm/scaling_tiny", *DRY, "--set",
+                                                             "train.warmup_steps=2000"],
+         ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: ", "lm/scaling_tiny.toml: "
+          "train.tokens_per_param: a budget of ", "fewer than train.warmup_steps 2000 (--set); raise the budget")),
+    Case("two-token-budgets-name-both-places", ["run", "lm/scaling_tiny", *DRY, "--set", "train.tokens=100000"],
+         ("lm/scaling_tiny.toml: train.tokens_per_param: give one token budget: train.tokens = 100000 is set too "
+          "(--set)",)),
     # --- eval
     Case("eval-missing-run-dir", ["eval", "--task", "mqar", "--run", "nope"], ("nope: no such run directory",)),
     Case("eval-without-a-run", ["eval", "--task", "mqar"], ("eval: which run? give its directory (or a sweep's "

@@ -808,8 +808,11 @@ def _check_consistency(r, origins: dict, src: str) -> None:
            f"must be <= 1.0 for task {r.task.kind!r} (its headline, {TASKS.get(r.task.kind).headline}, lies in "
            f"0..1), got {r.eval.early_stop:g}")
     t = r.train
-    _check(not (t.tokens and t.tokens_per_param), origins, src, "train.tokens_per_param",
-           f"give one token budget: train.tokens = {t.tokens} is set too")
+    if t.tokens and t.tokens_per_param:
+        other = _src(origins, "train.tokens", src)
+        elsewhere = f" ({other})" if other != _src(origins, "train.tokens_per_param", src) else ""
+        _check(False, origins, src, "train.tokens_per_param",
+               f"give one token budget: train.tokens = {t.tokens} is set too{elsewhere}")
     if not (t.tokens or t.tokens_per_param):  # with a token budget the steps are known when the model is built
         _check(t.warmup_steps <= t.steps, origins, src, "train.warmup_steps",
                f"{t.warmup_steps} is more than train.steps {t.steps}")

@@ -139,7 +139,16 @@ def check_budgets(plan, to_train: list[int], where=None) -> None:
             text = str(e)
             if where is not None and text.startswith(f"{key}: "):
                 text = f"{where(key)}: {text.removeprefix(f'{key}: ')}"
+                warmup, budget = _source_of(where, "train.warmup_steps"), _source_of(where, key)
+                if warmup != budget:  # the warm-up it falls short of was set elsewhere: say where
+                    text = text.replace(f"train.warmup_steps {t.warmup_steps}",
+                                        f"train.warmup_steps {t.warmup_steps} ({warmup})")
             raise UserError(f"sweep point {name}: {text}" if name else text) from None
+
+
+def _source_of(where, key: str) -> str:
+    """The place (file, `--set`, sweep) `where(key)` names, without the key after it."""
+    return where(key).removesuffix(f": {key}")
 
 
 def _budget(r, cache: dict) -> tuple[int, int] | None:

@@ -34,6 +34,21 @@ def test_export_into_a_folder(tmp_path, capsys):
         "chunk_fwd_kernel_o": 2, "chunk_local_cumsum_scalar_kernel": 2, "layer_norm_fwd_kernel": 2}
 
 
+def test_an_export_on_another_machine_records_the_triton_that_measured(tmp_path, capsys):
+    """Results carry no Triton version: one exported off the GPU machine names the version given, not this one's."""
+    shutil.copytree(FIXTURES, tmp_path / "cache")
+    out = tmp_path / "o"
+    assert main(CMD + ["--triton-cache", str(tmp_path / "cache"), "--out", str(out), "--gpu-name", "NVIDIA H200",
+                       "--triton-version", "3.7.1"]) == 0
+    assert "Triton 3.7.1" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["triton_version"] == "3.7.1"
+    entries = json.loads((out / "chunk_fwd_kernel_o.json").read_text())["autotune_entries"].values()
+    assert {e["triton_version"] for e in entries} == {"3.7.1"}
+    assert main(CMD + ["--triton-cache", str(tmp_path / "cache"), "--out", str(out), "--gpu-name", "NVIDIA H200",
+                       "--triton-version", "latest"]) == 2
+    one_error_line(capsys, "--triton-version 'latest': not a version")
+
+
 def test_the_default_cache_is_triton_s(tmp_path, capsys, monkeypatch):
     shutil.copytree(FIXTURES, tmp_path / "cache")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))

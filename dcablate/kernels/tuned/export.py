@@ -207,7 +207,7 @@ def result_files(caches: list[Path]) -> list[Path]:
     return sorted(p for c in caches for p in Path(c).rglob(f"*{SUFFIX}") if p.is_file())
 
 
-def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
+def export(caches: list[Path], out_dir: Path, gpu_name: str, triton_version: str | None = None) -> Report:
     """Convert every autotuning result under the Triton cache folders `caches` of a kernel fla looks up into
     `out_dir/<kernel>.json`, merged with what `out_dir` holds (the newer measurement of a key wins), and write
     `out_dir/manifest.json`; what it did. UserError for a missing folder, no results, no fla, or an `out_dir`
@@ -227,7 +227,8 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str) -> Report:
                         f"autotuner keeps its results (fla's do; TRITON_CACHE_AUTOTUNING=1 for all); train on CUDA "
                         f"first, e.g. a sweep (its kernel warm-up) or benchmarks/tune_kernels.py")
     existing = _read_existing(out_dir, gpu, fla_version)
-    report = Report(out_dir, gpu, fla_version, installed("triton"))
+    # the Triton that measured them: this machine's, unless exported elsewhere (results carry no version)
+    report = Report(out_dir, gpu, fla_version, triton_version or installed("triton"))
     names = {f.name[:-len(SUFFIX)] for f in files}
     kernels, failed = tuned_kernels(names)
     from fla.ops.utils.cache import AutotuneKey
