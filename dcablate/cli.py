@@ -531,9 +531,10 @@ def eval_(task_kind, run_dir, overrides, data, run):
         if section is not None and section not in kinds:
             raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
                             f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
-    for i, point in enumerate(finished):
+    settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
+    for i, (point, settings) in enumerate(zip(finished, settled)):
         click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
-        evaluate_run(point, task_kind, overrides, data, alone=False)
+        evaluate_run(point, task_kind, overrides, data, alone=False, settings=settings)
     left = [p.name for p in points if p not in finished]
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
@@ -545,11 +546,14 @@ def _task_section(override: str) -> str | None:
     return parts[1] if len(parts) >= 3 and parts[0] == "task" and parts[1] in TASKS.names() else None
 
 
-def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | None, alone: bool = True) -> None:
-    """`eval` of the run in `run_dir`: its result line, and its record saved under RUN/eval/. `alone`: the run was
-    named itself, not one of a sweep folder's (where a setting of another task's section is for the other runs)."""
+def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool = True) -> tuple:
+    """`(recipe, overrides, device)` that `eval` measures the run in `run_dir` with: its recipe with the `--set`
+    overrides that apply to it, each checked (a UserError naming it), and the device. `alone`: the run was named
+    itself, not one of a sweep folder's (where a setting of another task's section is for the other runs, and
+    left out of this one's)."""
     recipe_path = run_dir / "recipe.toml"
     trained = config.load(str(recipe_path), [])
+    applied = []
     for o in overrides:
         key = o.partition("=")[0].strip()
         if not key.startswith(EVAL_SETTABLE):
@@ -567,18 +571,28 @@ def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | No
         if key.startswith("task.") and key.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:
             raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
                             f"({key} as in {recipe_path})")
-    r = config.load(str(recipe_path), list(overrides))
-    task_kind = task_kind or r.task.kind
-    if r.task.kind != task_kind:
-        raise UserError(f"--task {task_kind}: this run was trained on task.kind = '{r.task.kind}' and is measured on "
-                        f"that task only (--task {r.task.kind}, or leave --task out); to measure another task, "
-                        f"train a run on it")
+        applied.append(o)
+    r = config.load(str(recipe_path), applied)
+    if task_kind is not None and r.task.kind != task_kind:
+        raise UserError(f"--task {task_kind}: {'this run' if alone else run_dir} was trained on task.kind = "
+                        f"'{r.task.kind}' and is measured on that task only (--task {r.task.kind}, or leave --task "
+                        f"out); to measure another task, train a run on it")
+    from dcablate.runs.preflight import device_checked
 
-    from dcablate.runs.preflight import device_checked, located
+    return r, applied, device_checked(str(recipe_path), applied, [(None, r)])[0]  # a --set device: named as such
+
+
+def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | None, alone: bool = True,
+                 settings: tuple | None = None) -> None:
+    """`eval` of the run in `run_dir`: its result line, and its record saved under RUN/eval/. `alone` as for
+    `eval_settings`; `settings`: what `eval_settings` gave for this run, when checked already."""
+    from dcablate.runs.preflight import located
     from dcablate.tasks import build_task
     from dcablate.training.runtime import autocast_for
 
-    device = device_checked(str(recipe_path), list(overrides), [(None, r)])[0]  # a --set device: named as such
+    recipe_path = run_dir / "recipe.toml"
+    r, overrides, device = settings or eval_settings(run_dir, task_kind, overrides, alone)
+    task_kind = r.task.kind
     state = final_state(run_dir)
     try:
         task = build_task(r.task, train=False, data=data, run_dir=run_dir)

@@ -431,7 +431,8 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
     if has_rows:  # a finished MQAR or LM run: else report.csv would be a bare header
         files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
     csv_note = [] if has_rows else _no_csv(folder)
-    suite_lines, suite_files = suite.suite_section(stage, runs)  # the suite's tasks have their own analysis
+    # the suite's tasks have their own analysis
+    suite_lines, suite_files = suite.suite_section(stage, runs, pending=bool(unfinished or failed or waiting))
     fitted = []  # multipliers.csv's rows
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name

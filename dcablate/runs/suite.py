@@ -252,9 +252,10 @@ def multiplier_of(variant: tuple, multipliers: dict[tuple, float]) -> float | No
 # ----------------------------------------------------------------------------------------- the report section
 
 
-def suite_section(out: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
+def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[str], dict[str, Path]]:
     """Markdown lines and files (`suite.csv`, figures; written into the folder `out`) of the suite runs among
-    `runs` ([] and {} when none)."""
+    `runs` ([] and {} when none). `pending`: the tree has runs or planned points that have not finished, so a
+    setting tried at fewer grid points than another may be waiting for them (else its sweep had fewer)."""
     suite_runs = collect(runs)
     if not suite_runs:
         return [], {}
@@ -287,7 +288,7 @@ def suite_section(out: Path, runs: list) -> tuple[list[str], dict[str, Path]]:
     for task in tasks:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)
         have = [s for s in table if task in s.best]
-        full = grid_size(table, task)
+        full = grid_size(table, task) if pending else 0  # all finished: a smaller grid is another sweep's, not unfinished
         lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value); chance: "
                   "the accuracy of a uniform guess among the tokens a scored position can hold.", ""]
         body = []

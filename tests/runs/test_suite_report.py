@@ -291,6 +291,17 @@ def test_a_setting_whose_grid_is_unfinished_is_marked(tmp_path):
     assert "grid points" not in memorization
 
 
+def test_a_finished_tree_marks_no_grid_unfinished_though_its_sweeps_tried_different_grids(tmp_path):
+    """Two finished sweeps reported together, one over 4 grid points per setting, one over 1: nothing is waiting to
+    finish, so no result is marked unfinished (it was: the smaller grid was read as the larger one interrupted)."""
+    root = tmp_path / "both"
+    make_suite(root / "a")
+    make_run(root / "b", "one", "recall", 0.6, lr=1e-3, conv="dynamic")
+    assert main(["report", str(root)]) == 0
+    text = (root / "report.md").read_text()
+    assert "0 unfinished" in text and "grid points)" not in text and "unfinished grid" not in text
+
+
 def test_a_key_that_differs_within_a_variant_joins_its_name(tmp_path):
     """The same conv at two widths is two variants (`d_model=32`), while the grid and the settings are not."""
     root = tmp_path / "w"
