@@ -241,6 +241,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
     preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
+        preflight.check_generated_data(recipe, overrides, plan, to_train)  # what each run's data phase would refuse
         if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
             devices = preflight.device_checked(recipe, overrides, points)
             if not distributed:  # the worker flags too (their line is the real command's)

@@ -307,6 +307,12 @@ CASES = [
          files={"r.toml": 'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = [{}, {vocab_size = 64}, '
                           '{seq_len = 512}, {num_train_examples = 1600}, '
                           '{seq_len = 256}' + ", {}" * 20 + "]\n"}),
+    Case("suite-setting-with-too-few-distinct-examples-at-dry-run", ["run", "paper/suite_attention", *DRY, "--set",
+         "sweep.task.recall=[{}, {vocab_size = 4, seq_len = 4}, {seq_len = 512}, {num_train_examples = 1600}"
+         + ", {}" * 21 + "]"],
+         ("error: sweep point conv.kind=none,conv.placement=qkv,kind=recall,recall.vocab_size=4,recall.seq_len=4,",
+          "(and 15 more): --set: sweep.task.recall: only 0 of 1280 test examples could be drawn unlike every "
+          "training example", "raise task.recall.vocab_size or seq_len")),
     Case("zipped-table-set-at-a-point-of-another-mixer", ["run", "r.toml", *DRY],
          ("r.toml: sweep.model.gated_deltanet[0]: sets expand_v = 1.0 at a point whose model.mixer is 'attention', "
           "which does not read [model.gated_deltanet], so it would do nothing; write {} there",),

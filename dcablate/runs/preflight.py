@@ -114,6 +114,23 @@ def check_inputs(plan, to_train: list[int], origins: dict, recipe_file: str, swe
             raise UserError(f"{points_named(names, len(to_train))}{e}") from None
 
 
+def check_generated_data(recipe: str, overrides: list[str], plan, to_train: list[int]) -> None:
+    """`Task.check_data` once per distinct task setting of the runs about to train (`--dry-run`: the data each run
+    makes in its data phase, made here and dropped); a UserError naming the points and where the setting was set."""
+    from dcablate.tasks import build_task
+
+    users: dict[str, tuple[object, list[str]]] = {}  # the task section as written -> (its recipe, the points)
+    for i in to_train:
+        name, r = plan[i][0], plan[i][1]
+        key = repr((r.task.kind, getattr(r.task, r.task.kind, None)))
+        users.setdefault(key, (r, []))[1].append(name)
+    for r, names in users.values():
+        try:
+            build_task(r.task, train=True).check_data()
+        except UserError as e:
+            raise UserError(f"{points_named(names, len(to_train))}{located(e, recipe, overrides)}") from None
+
+
 def check_budgets(plan, to_train: list[int], where=None) -> None:
     """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
     its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model

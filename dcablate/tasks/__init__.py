@@ -141,6 +141,12 @@ class Task:
         from there; the training loop calls it once the model is on its device. Default: nothing (the task makes
         its data itself)."""
 
+    def check_data(self) -> None:
+        """Make the data a run of this setting would make, writing nothing, and raise a UserError (its line starting
+        with the task's key, `task.<kind>: ...`) when the setting cannot give it; `dcablate run --dry-run` calls it
+        once per distinct setting of the runs it plans, so a setting that would stop a sweep midway is named before
+        any run starts. Default: nothing (a task whose data cannot fail so, or is read from files: `check_input`)."""
+
 
 TASKS: Registry[TaskSpec] = Registry("task", (
     "dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec",

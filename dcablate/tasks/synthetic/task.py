@@ -75,6 +75,10 @@ class SuiteTask(Task):
         data, not training. (Each run makes its own; `folder` is not used.)"""
         self.data  # noqa: B018 - generated on first use
 
+    def check_data(self) -> None:
+        """Both splits generated (a second or so per setting): too few distinct examples is a UserError."""
+        self.data  # noqa: B018 - generated on first use
+
     @torch.no_grad()
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
         """Accuracy and mean loss over every scored position of the test set. The sums stay on the device until
