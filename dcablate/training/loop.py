@@ -397,7 +397,8 @@ class Run:
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,
             "cuda_graphs": self.train_step.captured, "runs_on_device": runs_on_device(),
             # torch's CPU kernels split reductions by thread: fp32 results agree bit for bit at one thread count
-            **({"cpu_threads": torch.get_num_threads()} if self.device.type == "cpu" else {}),
+            **({"cpu_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+               if self.device.type == "cpu" else {}),
             "versions": software_versions(self.device),
             **({"data": data} if (data := self.task.data_record()) else {}),
         }

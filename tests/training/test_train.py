@@ -100,6 +100,7 @@ def test_early_stop(tmp_path, monkeypatch):
     summary = train(tiny(tmp_path, eval={"every": 2, "early_stop": 0.99}), tmp_path / "t", quiet=True)
     assert summary["stopped_early"] and summary["steps"] == 4 and summary["final"]["overall"] == 1.0
     assert summary["cpu_threads"] == torch.get_num_threads()  # fp32 CPU results agree bit for bit at one count
+    assert summary["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # and on one kind of CPU
 
 
 def test_gated_deltanet_trains_on_cpu(tmp_path):
