@@ -253,9 +253,10 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                        f"{'' if state == 'new' else '  ' + state}")
         for r, run_dir, why in refused:
             click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")
-        warmup = preflight.warmup_note([r for _, r, _, _ in plan], budgets)
-        if warmup:
-            click.echo(f"note: {warmup}", err=True)
+        for note in (preflight.warmup_note([r for _, r, _, _ in plan], budgets),
+                     preflight.ladder_note([r for _, r, _, _ in plan], budgets)):
+            if note:
+                click.echo(f"note: {note}", err=True)
         if len(points) > 1:
             states = [p[3] for p in plan]
             counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")
@@ -265,6 +266,9 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")
         return
+    ladder = None if quiet or distributed else preflight.ladder_note([p[1] for p in plan], {})  # once, not per rank
+    if ladder:
+        click.echo(f"note: {ladder}", err=True)
     from dcablate.training.runtime import check_runtime  # torch imported only now: --help and validation stay fast
 
     if launch.nproc:  # --nproc N: this command again under torchrun

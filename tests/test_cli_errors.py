@@ -380,6 +380,12 @@ CASES = [
     Case("eval-set-vocab-size", ["eval", "--run", "rd", "--set", "task.mqar.vocab_size=1024"],
          ("--set task.mqar.vocab_size=1024: decides the tokens the model was trained on; eval keeps the run's",),
          files={"rd/recipe.toml": OK}),
+    Case("report-a-recipe-name", ["report", "lm/scaling_tiny"],
+         ("lm/scaling_tiny: no such directory; a report reads run directories: recipe lm/scaling_tiny writes its runs "
+          "into runs/lm_scaling_tiny, none yet (`dcablate run lm/scaling_tiny`)",)),
+    Case("report-a-recipe-file-whose-runs-exist", ["report", "ok.toml"],
+         ("ok.toml: not a directory; a report reads run directories: recipe ok.toml writes its runs into ",
+          ": `dcablate report "), files={"ok.toml": OK.replace('out_dir = "out"', 'out_dir = "res"')}, dirs=("res/run",)),
     Case("report-a-folder-spelt-close", ["report", "runs/tiny_suit"],
          ("runs/tiny_suit: no such directory (did you mean 'runs/tiny_suite'?)",), dirs=("runs/tiny_suite",)),
     Case("eval-set-another-tasks-key", ["eval", "--run", "rd", "--set", "task.recall.vocab_size=64"],

@@ -225,6 +225,23 @@ def warmup_note(recipes, cache: dict) -> str | None:
             f"ladder, and with it the losses a scaling fit reads")
 
 
+def ladder_note(recipes, cache: dict) -> str | None:
+    """For a plan of LM runs on token budgets at several sizes (a compute ladder): that `dcablate report` will have
+    no compute fit, when the conv-free runs (its baseline) come at fewer than the sizes the fit needs; else None."""
+    from dcablate.runs.scaling import MIN_BASELINE_SIZES
+
+    sized = [r for r in recipes if _budget(r, cache)]
+    if len({(r.model.d_model, r.model.n_layers) for r in sized}) < 2:
+        return None  # one size: not a ladder
+    base = sorted({(r.model.d_model, r.model.n_layers) for r in sized if r.model.conv.kind == "none"})
+    if len(base) >= MIN_BASELINE_SIZES:
+        return None
+    have = (f"at {len(base)} ({', '.join(f'd_model {d} x {n} layers' for d, n in base)})" if base
+            else "at none (no point has model.conv.kind = \"none\")")
+    return (f"`dcablate report` fits compute multipliers against the conv-free runs at {MIN_BASELINE_SIZES} sizes "
+            f"or more, and this plan has them {have}: it will report the runs without a compute fit")
+
+
 def budget_steps(r, cache: dict) -> str:
     """For `--dry-run`: an LM run's steps from its token budget (`1,221 steps of 4,096 tokens, train.tokens_per_param
     20 = 5.0M tokens`), counted as `check_budgets` counts them; "" for a run whose recipe gives its steps."""

@@ -132,6 +132,24 @@ def _near(path: Path) -> str:
     return f" (did you mean '{parent / close[0]}'?)" if close else ""
 
 
+def _recipes_folder(ref: Path) -> str:
+    """'; a report reads run directories: recipe R writes its runs into DIR' when `ref` names a recipe (a file or a
+    shipped recipe's name) rather than the folder of its runs, else ''."""
+    from dcablate.config import loading
+
+    if ref.suffix != loading.RECIPE_SUFFIX and str(ref).removesuffix("/") not in loading.shipped_recipes():
+        return ""
+    try:
+        raw, _, _ = loading.load_raw(str(ref))
+        r = recipes.build(raw, default_source=str(ref))
+    except (UserError, RecipeError, OSError, ValueError):
+        return ""
+    folder = Path(r.run.out_dir) / r.run.name
+    if folder.is_dir():
+        return f"; a report reads run directories: recipe {ref} writes its runs into {folder}: `dcablate report {folder}`"
+    return f"; a report reads run directories: recipe {ref} writes its runs into {folder}, none yet (`dcablate run {ref}`)"
+
+
 def _trained_with(run_dir: Path) -> str:
     """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it, when some of them are not loaded now; else ''."""
     from dcablate.registry import PLUGINS_ENV, plugin_names
@@ -148,7 +166,8 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     a run equal to one already found (the same resolved recipe but for its name and place, seed included, e.g.
     one sweep run twice into two folders), which would otherwise count twice as if it were another seed."""
     if not root.is_dir():
-        raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}{_near(root)}")
+        raise UserError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}"
+                        f"{_recipes_folder(root) or _near(root)}")
     runs, bad, seen = [], [], {}
     for recipe_file in sorted(root.rglob("recipe.toml")):
         run_dir = recipe_file.parent

@@ -196,6 +196,28 @@ def test_a_dry_run_notes_a_warmup_that_is_a_large_share_of_the_shortest_run(tmp_
     assert preflight.warmup_note(calm, {}) is None
 
 
+def test_a_ladder_whose_conv_free_runs_come_at_too_few_sizes_for_a_fit_is_noted():
+    """Token budgets at several sizes: when the conv-free runs (the report's baseline) have fewer than 3 sizes, a
+    note says the report will have no compute fit; one size is no ladder, and 3 conv-free sizes need no note."""
+    from dcablate.runs import preflight
+
+    base = {"task": {"kind": "lm", "lm": {"data": "text", "seq_len": 16}},
+            "train": {"tokens_per_param": 20.0, "batch_size": 4, "warmup_steps": 1}}
+
+    def ladder(widths, kinds=("none", "dynamic")):
+        return [recipes.build({**base, "model": {"d_model": d, "n_heads": 2, "conv": {"kind": k}}})
+                for d in widths for k in kinds]
+
+    note = preflight.ladder_note(ladder((16, 32)), {})
+    assert note == ("`dcablate report` fits compute multipliers against the conv-free runs at 3 sizes or more, and "
+                    "this plan has them at 2 (d_model 16 x 2 layers, d_model 32 x 2 layers): it will report the runs "
+                    "without a compute fit")
+    assert "at none (no point has model.conv.kind = \"none\")" in preflight.ladder_note(ladder((16, 32, 48),
+                                                                                              ("dynamic",)), {})
+    assert preflight.ladder_note(ladder((16, 32, 48)), {}) is None
+    assert preflight.ladder_note(ladder((16,)), {}) is None
+
+
 def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     """Workers take runs in order of planned steps, most first, ties in sweep order: a ladder's largest size
     started last would run alone on a card the others have left."""
