@@ -249,7 +249,9 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         budgets: dict = {}
         for _, r, run_dir, state in plan:
             steps = preflight.budget_steps(r, budgets)
-            click.echo(f"{run_dir}  (recipe {r.digest()}){'  ' + steps if steps else ''}"
+            # a run already there is the one its folder holds (it may differ in keys it does not read): its hash
+            digest = r.digest() if state == "new" else config.load(str(run_dir / "recipe.toml"), []).digest()
+            click.echo(f"{run_dir}  (recipe {digest}){'  ' + steps if steps else ''}"
                        f"{'' if state == 'new' else '  ' + state}")
         for r, run_dir, why in refused:
             click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")

@@ -5,6 +5,7 @@ only for the runs about to train: a finished run whose corpus moved away is repo
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -177,6 +178,17 @@ def test_a_dry_run_shows_the_steps_a_token_budget_gives_each_run(work, capsys):
                for line in lines), lines
     rc, out, _ = cli(capsys, "run", "r.toml", "--dry-run")
     assert rc == 0 and all(line.endswith(")") for line in out.splitlines())
+
+
+def test_a_dry_run_shows_a_finished_runs_own_hash_when_the_plan_differs_only_in_keys_it_does_not_read(work, capsys):
+    """A token budget sets the steps, so `--set train.steps=...` changes no run: the point is finished, and the hash
+    shown is the one its summary.json records, not that of the recipe with the unread key changed."""
+    budget = ["--set", "train.tokens_per_param=5", "--set", "sweep={}", "--set", "train.warmup_steps=1"]
+    rc, _, err = cli(capsys, "run", "r.toml", "--quiet", *budget)
+    assert rc == 0, err
+    recorded = json.loads((work / "out" / "lm" / "summary.json").read_text())["recipe_hash"]
+    rc, out, err = cli(capsys, "run", "r.toml", "--dry-run", *budget, "--set", "train.steps=7")
+    assert rc == 0 and out.strip().endswith("finished") and f"(recipe {recorded})" in out, (out, err)
 
 
 def test_a_dry_run_notes_a_warmup_that_is_a_large_share_of_the_shortest_run(tmp_path, monkeypatch, capsys):
