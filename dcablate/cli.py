@@ -547,10 +547,20 @@ def eval_(task_kind, run_dir, overrides, data, run):
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
 
 
+def _table_keys(override: str) -> list[str]:
+    """The keys of a `--set KEY={...}` table value; [] for any other value (or one that does not parse: loading
+    the recipe names that)."""
+    try:
+        value = config.parse_override(override)[1]
+    except UserError:
+        return []
+    return list(value) if isinstance(value, dict) else []
+
+
 def _task_section(override: str) -> str | None:
     """The task whose section a `--set task.<task>.KEY=VALUE` sets, else None."""
     parts = override.partition("=")[0].strip().split(".")
-    return parts[1] if len(parts) >= 3 and parts[0] == "task" and parts[1] in TASKS.names() else None
+    return parts[1] if len(parts) >= 2 and parts[0] == "task" and parts[1] in TASKS.names() else None
 
 
 def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool = True) -> tuple:
@@ -575,9 +585,12 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
                 continue
             raise UserError(f"--set {o}: this run's task is '{trained.task.kind}', so [task.{section}] does not "
                             f"apply to it (its settings: task.{trained.task.kind}.*)")
-        if key.startswith("task.") and key.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:
-            raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
-                            f"({key} as in {recipe_path})")
+        # a key of the task's section, or the section set whole (`task.mqar={vocab_size=...}`)
+        named = [key] if key != f"task.{section}" else [f"{key}.{k}" for k in _table_keys(o)]
+        for k in named:
+            if k.startswith("task.") and k.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:
+                raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
+                                f"({k} as in {recipe_path})")
         applied.append(o)
     r = config.load(str(recipe_path), applied)
     if task_kind is not None and r.task.kind != task_kind:

@@ -395,6 +395,15 @@ CASES = [
          ("--set task.recall.vocab_size=64: no finished run below sw has task 'recall' (they have mqar), so "
           "[task.recall] applies to none of them",),
          files={"sw/p/recipe.toml": OK, "sw/p/checkpoints/final.pt": "x"}),
+    Case("eval-set-another-tasks-section-whole", ["eval", "--run", "rd", "--set", "task.recall={vocab_size=64}"],
+         ("--set task.recall={vocab_size=64}: this run's task is 'mqar', so [task.recall] does not apply to it",),
+         files={"rd/recipe.toml": OK}),
+    Case("eval-set-a-token-key-in-a-whole-section", ["eval", "--run", "rd", "--set", "task.mqar={vocab_size=1024}"],
+         ("--set task.mqar={vocab_size=1024}: decides the tokens the model was trained on; eval keeps the run's "
+          "(task.mqar.vocab_size as in",), files={"rd/recipe.toml": OK}),
+    Case("eval-folder-set-a-whole-section-none-has", ["eval", "sw", "--set", "task.recall={vocab_size=64}"],
+         ("--set task.recall={vocab_size=64}: no finished run below sw has task 'recall'",),
+         files={"sw/p/recipe.toml": OK, "sw/p/checkpoints/final.pt": "x"}),
     Case("eval-folder-bad-set", ["eval", "sw", "--set", "task.mqar.test=[{seq_len=63}]"],
          ("--set", "task.mqar.test", "seq_len", "must be even"),
          files={"sw/a/recipe.toml": OK, "sw/a/checkpoints/final.pt": "x", "sw/b/recipe.toml": OK,

@@ -143,8 +143,9 @@ def _merge(base: dict, over: dict, origins: dict, over_source: str, prefix: str 
 def _mark(origins: dict, path: str, value, source: str) -> None:
     """`path` (and each key of a table value) set by `source`; what was set below `path` before is gone with the
     value it replaces (`--set 'sweep={}'` leaves no `sweep.task.recall` behind to be blamed)."""
-    for stale in [k for k in origins if isinstance(k, str) and k.startswith(f"{path}.")]:
-        del origins[stale]
+    if not path.startswith("sweep."):  # a sweep axis is a list: `sweep.task.recall.seq_len` is no key inside
+        for stale in [k for k in origins if isinstance(k, str) and k.startswith(f"{path}.")]:  # `sweep.task.recall`
+            del origins[stale]
     origins[path] = source
     if isinstance(value, dict):
         for k, v in value.items():
@@ -922,7 +923,9 @@ def _point_data(data: dict, origins: dict, sweep: dict, pairs: list, src: str) -
     zipped = {k for group in sweep.get(ZIP_KEY, []) for k in group}
     point, point_origins = copy.deepcopy(data), dict(origins)
     point.pop("sweep", None)
-    for key, value in pairs:
+    # a whole table before the axes of keys inside it (`task.recall`, then `task.recall.seq_len`), whatever the
+    # sweep's order, so that the table does not replace what those axes set
+    for key, value in sorted(pairs, key=lambda kv: kv[0].count(".")):
         axis = f"sweep.{ZIP_KEY}" if key in zipped else f"sweep.{key}"
         # a copy: a later axis setting a key inside this table (`task.recall.seq_len`) must not change the sweep's own
         _set_path(point, key, copy.deepcopy(value), point_origins, f"{_src(origins, f'sweep.{key}', src)} [{axis}]")

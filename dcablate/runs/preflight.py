@@ -6,6 +6,8 @@ checked: a finished run needs neither its data nor its budget again.
 - `check_budgets`: an LM token budget gives at least the warmup's steps;
 - `check_inputs`: what each task reads from outside the recipe (`Task.inputs`, `Task.check_input`: the LM
   task's text and tokenizer file), each distinct key and value once per sweep;
+- `check_generated_data` (`--dry-run`): each distinct setting of a task that makes its data (`Task.check_data`:
+  the suite's disjoint test sets) can make it;
 - `check_sizes` (a real run only: it needs the devices): every model fits this machine.
 
 `plan` is `train_stage`'s list of `(point name, recipe, run directory, state)`, `to_train` the indices of its
@@ -14,9 +16,11 @@ runs still to train.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from dcablate import config
 from dcablate.errors import UserError
-from dcablate.tasks import task_class, task_options
+from dcablate.tasks import Task, task_class, task_options
 
 
 def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> None:
@@ -125,6 +129,8 @@ def check_generated_data(recipe: str, overrides: list[str], plan, to_train: list
         key = repr((r.task.kind, getattr(r.task, r.task.kind, None)))
         users.setdefault(key, (r, []))[1].append(name)
     for r, names in users.values():
+        if task_class(r.task.kind).check_data is Task.check_data:
+            continue  # nothing to make: building the task could read (and cache) its inputs, as the LM's text
         try:
             build_task(r.task, train=True).check_data()
         except UserError as e:
@@ -227,19 +233,27 @@ def warmup_note(recipes, cache: dict) -> str | None:
 
 def ladder_note(recipes, cache: dict) -> str | None:
     """For a plan of LM runs on token budgets at several sizes (a compute ladder): that `dcablate report` will have
-    no compute fit, when the conv-free runs (its baseline) come at fewer than the sizes the fit needs; else None."""
+    no compute fit for a mixer (and channel mixer) whose conv-free runs, the fit's baseline, come at fewer than the
+    sizes the fit needs; else None."""
     from dcablate.runs.scaling import MIN_BASELINE_SIZES
 
-    sized = [r for r in recipes if _budget(r, cache)]
-    if len({(r.model.d_model, r.model.n_layers) for r in sized}) < 2:
-        return None  # one size: not a ladder
-    base = sorted({(r.model.d_model, r.model.n_layers) for r in sized if r.model.conv.kind == "none"})
-    if len(base) >= MIN_BASELINE_SIZES:
+    sizes: dict[str, set] = defaultdict(set)  # a family's sizes; the report fits one ladder per mixer and ffn
+    base: dict[str, set] = defaultdict(set)
+    for r in recipes:
+        if _budget(r, cache):
+            m = r.model
+            family = "+".join(m.mixers) + ("" if m.ffn == "none" else f" + {m.ffn}")
+            size = (m.d_model, m.n_layers, m.n_heads)
+            sizes[family].add(size)
+            if m.conv.kind == "none":
+                base[family].add(size)
+    short = [f"{family} at {len(base[family])}" for family in sorted(sizes)
+             if len(sizes[family]) >= 2 and len(base[family]) < MIN_BASELINE_SIZES]  # one size: not a ladder
+    if not short:
         return None
-    have = (f"at {len(base)} ({', '.join(f'd_model {d} x {n} layers' for d, n in base)})" if base
-            else "at none (no point has model.conv.kind = \"none\")")
-    return (f"`dcablate report` fits compute multipliers against the conv-free runs at {MIN_BASELINE_SIZES} sizes "
-            f"or more, and this plan has them {have}: it will report the runs without a compute fit")
+    return (f"`dcablate report` fits compute multipliers against the conv-free runs (model.conv.kind = \"none\") "
+            f"at {MIN_BASELINE_SIZES} sizes or more, and this plan has them {', '.join(short)}: it will report "
+            f"{'that ladder' if len(short) == 1 else 'those ladders'} without a compute fit")
 
 
 def budget_steps(r, cache: dict) -> str:

@@ -451,7 +451,8 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
         files["csv"] = _write_csv(stage / "report.csv", *_csv_rows(tasks, targets))
     csv_note = [] if has_rows else _no_csv(folder)
     # the suite's tasks have their own analysis
-    suite_lines, suite_files = suite.suite_section(stage, runs, pending=bool(unfinished or failed or waiting))
+    pending = waiting or any(suite.is_suite_task(r.task) for r in unfinished + failed)  # a suite run yet to finish
+    suite_lines, suite_files = suite.suite_section(stage, runs, pending=bool(pending))
     fitted = []  # multipliers.csv's rows
     for task, (metric, table, segs) in tasks.items():
         # MQAR's figures keep their unprefixed names; every other task's carry its name

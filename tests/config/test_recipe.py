@@ -533,6 +533,31 @@ def test_an_axis_inside_a_zipped_table_leaves_the_sweeps_tables_as_written():
     assert {r.task.recall.seq_len for _, r in points if r.task.kind == "recall"} == {256}
 
 
+RECALL_BASE = ('[run]\nname = "b"\ndevice = "cpu"\n[model]\nd_model = 32\nn_heads = 2\nn_layers = 2\n'
+               '[task]\nkind = "recall"\n')
+
+
+def test_an_axis_of_a_key_listed_before_its_tables_axis_is_set_after_the_table(tmp_path):
+    """`task.recall.seq_len` swept in a parent, `task.recall` tables swept in its child: the table is set first at
+    every point, so the key's value is validated and trained (the table replaced it: -3 passed, 128 trained)."""
+    write(tmp_path / "par.toml", RECALL_BASE + '[sweep]\n"task.recall.seq_len" = [64]\n')
+    path = write(tmp_path / "ch.toml", 'extends = "par.toml"\n[sweep]\n"task.recall" = [{num_train_examples = 1000}]\n')
+    _, points = R.expand(str(path))
+    assert [(r.task.recall.seq_len, r.task.recall.num_train_examples) for _, r in points] == [(64, 1000)]
+    write(tmp_path / "par.toml", RECALL_BASE + '[sweep]\n"task.recall.seq_len" = [-3]\n')
+    with pytest.raises(RecipeError, match="must be >= 4, got -3"):
+        R.expand(str(path))
+
+
+def test_a_set_sweep_axis_keeps_the_origin_of_an_axis_of_a_key_inside_it(tmp_path):
+    """Sweep axes are flat: `--set sweep.task.recall=[...]` is no parent of the file's `task.recall.seq_len` axis, so
+    a child's `[task.recall] seq_len` under that parent axis is still refused as swept (it was let through)."""
+    write(tmp_path / "par.toml", RECALL_BASE + '[sweep]\n"task.recall.seq_len" = [32, 64]\n')
+    path = write(tmp_path / "ch.toml", 'extends = "par.toml"\n[task.recall]\nseq_len = 48\n')
+    with pytest.raises(RecipeError, match="is swept: .*par.toml sweeps task.recall.seq_len"):
+        R.expand(str(path), ["sweep.task.recall=[{num_train_examples=1000}]"])
+
+
 def test_a_table_set_whole_forgets_where_its_old_keys_came_from():
     """`--set 'sweep={}'` replaces the file's sweep: no `sweep.task.recall` origin stays behind to be blamed for a
     value the user set with `--set` (an error named the shipped file)."""

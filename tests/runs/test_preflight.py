@@ -208,6 +208,15 @@ def test_a_dry_run_notes_a_warmup_that_is_a_large_share_of_the_shortest_run(tmp_
     assert preflight.warmup_note(calm, {}) is None
 
 
+def test_a_dry_run_of_an_lm_sweep_reads_no_text_and_writes_no_cache(work, capsys):
+    """Only a task that makes its data checks it at the dry run (`Task.check_data`): the LM task's text is read,
+    tokenized and cached by the runs, never by `--dry-run` (which writes nothing)."""
+    rc, _, err = cli(capsys, "run", "r.toml", "--dry-run", "--set", "task.lm.tokenizer=bpe",
+                     "--set", "task.lm.vocab_size=300")
+    assert rc == 0, err
+    assert not (work / "cache").exists() and not (work / "out").exists()
+
+
 def test_a_ladder_whose_conv_free_runs_come_at_too_few_sizes_for_a_fit_is_noted():
     """Token budgets at several sizes: when the conv-free runs (the report's baseline) have fewer than 3 sizes, a
     note says the report will have no compute fit; one size is no ladder, and 3 conv-free sizes need no note."""
@@ -221,13 +230,18 @@ def test_a_ladder_whose_conv_free_runs_come_at_too_few_sizes_for_a_fit_is_noted(
                 for d in widths for k in kinds]
 
     note = preflight.ladder_note(ladder((16, 32)), {})
-    assert note == ("`dcablate report` fits compute multipliers against the conv-free runs at 3 sizes or more, and "
-                    "this plan has them at 2 (d_model 16 x 2 layers, d_model 32 x 2 layers): it will report the runs "
+    assert note == ("`dcablate report` fits compute multipliers against the conv-free runs (model.conv.kind = "
+                    "\"none\") at 3 sizes or more, and this plan has them attention at 2: it will report that ladder "
                     "without a compute fit")
-    assert "at none (no point has model.conv.kind = \"none\")" in preflight.ladder_note(ladder((16, 32, 48),
-                                                                                              ("dynamic",)), {})
+    assert "attention at 0" in preflight.ladder_note(ladder((16, 32, 48), ("dynamic",)), {})
     assert preflight.ladder_note(ladder((16, 32, 48)), {}) is None
     assert preflight.ladder_note(ladder((16,)), {}) is None
+    # the report fits one ladder per mixer: three conv-free sizes over two mixers are two ladders too short
+    mixed = [recipes.build({**base, "model": {"d_model": d, "n_heads": 2, "mixer": mixer, "conv": {"kind": k}}})
+             for d, mixer in ((16, "attention"), (32, "attention"), (48, "gated_deltanet"), (64, "gated_deltanet"))
+             for k in ("none", "dynamic")]
+    assert "attention at 2, gated_deltanet at 2: it will report those ladders" in \
+        preflight.ladder_note(mixed, {})
 
 
 def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
