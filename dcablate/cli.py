@@ -21,7 +21,7 @@ from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
 from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, record_command,
-                                       run_dir_named, run_state, save_new_file)
+                                       run_dir_named, run_directory_line, run_state, save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -431,7 +431,7 @@ def train_here(plan, root: Path, quiet: bool) -> None:
     click.echo("")
     if rows:
         click.echo(results_table(rows))
-    click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
+    click.echo(run_directory_line(root))
     for label, e, run_dir in failed:
         click.echo(f"failed: {label} (exit code {e.code}): {e}   [{run_dir}]", err=True)
     if failed:
@@ -927,6 +927,18 @@ def list_recipes(name):
 ARGV: list[str] = []  # this command's arguments, for a sweep folder's commands.log
 
 
+def _plugins_hint(error: UserError) -> str:
+    """'; it was trained with DCABLATE_PLUGINS=...' for a bad key in a run's own recipe.toml (`eval`, `generate`, a
+    resume, `info RUN`) when its summary.json names plugin modules not loaded now: most often the cause."""
+    from dcablate.errors import RecipeError
+    from dcablate.runs.directories import trained_with
+
+    if not isinstance(error, RecipeError) or Path(error.source).name != "recipe.toml" or "trained with" in str(error):
+        return ""
+    plugins = trained_with(Path(error.source).parent)
+    return f"; it was trained with {plugins}: set it to read this run" if plugins else ""
+
+
 def main(argv=None) -> int:
     """Entry point: user errors become one line and exit 2. The library's own lines (logger "dcablate":
     notes such as "resuming ..." on stdout, warnings on stderr) are echoed as they come."""
@@ -935,7 +947,7 @@ def main(argv=None) -> int:
     try:
         cli.main(args=argv, prog_name="dcablate", standalone_mode=False)
     except UserError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {e}{_plugins_hint(e)}", err=True)
         return 2
     except click.exceptions.NoArgsIsHelpError as e:  # plain `dcablate`: the help, not an error
         click.echo(e.ctx.get_help())

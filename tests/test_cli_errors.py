@@ -404,6 +404,11 @@ CASES = [
     Case("eval-folder-set-a-whole-section-none-has", ["eval", "sw", "--set", "task.recall={vocab_size=64}"],
          ("--set task.recall={vocab_size=64}: no finished run below sw has task 'recall'",),
          files={"sw/p/recipe.toml": OK, "sw/p/checkpoints/final.pt": "x"}),
+    Case("eval-a-run-of-a-plugin-not-loaded", ["eval", "rd"],
+         ("rd/recipe.toml: model.my_gla: unknown key", "; it was trained with DCABLATE_PLUGINS=my_gla: set it to "
+          "read this run"),
+         files={"rd/recipe.toml": OK + "[model.my_gla]\ndecay = 1.0\n",
+                "rd/summary.json": '{"versions": {"plugins": ["my_gla"]}}'}),
     Case("eval-folder-bad-set", ["eval", "sw", "--set", "task.mqar.test=[{seq_len=63}]"],
          ("--set", "task.mqar.test", "seq_len", "must be even"),
          files={"sw/a/recipe.toml": OK, "sw/a/checkpoints/final.pt": "x", "sw/b/recipe.toml": OK,
@@ -780,3 +785,22 @@ def test_a_sweep_value_that_clashes_with_an_extended_recipe_is_blamed_on_the_axi
     assert capsys.readouterr().err == f"error: {tmp_path / 's.toml'}: {tail}"
     assert main(["run", "quickstart", "--dry-run", "--set", "sweep.task.mqar.vocab_size=[256, 6]"]) == 2
     assert capsys.readouterr().err == f"error: --set: {tail}"
+
+
+def test_a_resume_under_an_edited_plugin_module_is_refused(tmp_path, monkeypatch, capsys):
+    """A checkpoint keeps the digests of the DCABLATE_PLUGINS modules that wrote it: resumed under an edited one, the
+    run would mix two versions of it under the new digest, so the resume is refused, naming the module."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.toml").write_text(OK)
+    (tmp_path / "edited_plugin.py").write_text("# a plugin module, edited since the checkpoint\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "edited_plugin")
+    (tmp_path / "prev/run/checkpoints").mkdir(parents=True)
+    (tmp_path / "prev/run/recipe.toml").write_text(PREV_TOML)
+    (tmp_path / "prev/run/checkpoints/step-000001.pt").write_bytes(_ckpt(
+        {"model": _weights(), "step": 1, "recipe": _resolved().to_dict(),
+         "plugin_digests": {"edited_plugin": "0123456789ab"}}))
+    assert main(PREV_RUN) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step-000001.pt: written with another version of a plugin module " \
+        "(edited_plugin 0123456789ab -> " in err and "restore it to resume, or use --force-new" in err, err

@@ -414,6 +414,55 @@ def test_a_mixer_a_recipe_could_not_use_is_refused_where_the_plugin_registers_it
                                        f"importing, at {plugin}:{line}: {fragment}\n")
 
 
+BAD_TASK = """\
+from dcablate.tasks import Task, TaskSpec, register_task
+
+
+class NoShape(Task):
+    vocab_size = max_seq_len = train_seq_len = 8
+
+    def train_batches(self, batch_size, seed, start=0):
+        yield from ()
+
+    def evaluate(self, model, device, batch_size, autocast):
+        return {"accuracy": 0.0}
+
+
+register_task(TaskSpec("copy_back", NoShape, None, "x", headline="accuracy", higher_is_better=True))
+"""
+
+
+def test_a_task_missing_part_of_the_interface_is_refused_where_the_plugin_registers_it(tmp_path, monkeypatch, capsys):
+    """A plugin task without `shape` (which `dcablate info` needs) is one line at registration, naming what a task
+    defines (it was a NotImplementedError traceback at the first `info`)."""
+    from dcablate.cli import main
+
+    (tmp_path / "bad_task_plugin.py").write_text(BAD_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "bad_task_plugin")
+    assert main(["info", "quickstart"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ValueError: task 'copy_back': NoShape does not define shape (a Task defines " in err
+
+
+def test_a_plugin_check_that_raises_is_one_line_naming_it(registered, tmp_path, monkeypatch, capsys):
+    """A bug in a plugin's `check` (an AttributeError on a renamed section) is one line naming the component, the
+    plugin's module and the exception, not a traceback."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    def broken(recipe, fail):
+        return recipe.model.running_meen.window
+
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE)
+    MIXERS.register(MixerSpec("running_mean", RunningMean, RunningMeanOptions, "x", check=broken,
+                              conv_streams=lambda m: [("v", m.d_model)]), replace=True)
+    assert main(["info", "toy.toml"]) == 2
+    assert capsys.readouterr().err == ("error: model.mixer = 'running_mean': the check of its plugin (tests.test_plugins)"
+                                       " raised AttributeError: 'ModelSection' object has no attribute 'running_meen'\n")
+
+
 def test_a_mixer_named_by_module_is_checked_when_a_model_is_built(registered, tmp_path, monkeypatch, capsys):
     """`impl = "module:Class"` is imported only when a model is built: then a missing class, or one that is no
     token mixer, is one line naming model.mixer; so is a forward that returns a tuple (as fla's layers do)."""

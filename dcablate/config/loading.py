@@ -629,6 +629,21 @@ def build(data: dict, origins: dict | None = None, default_source: str = "<recip
 # ----------------------------------------------------------------------------------------- validation
 
 
+def _plugin_check(spec, key: str, r, fail) -> None:
+    """`spec.check(r, fail)`; a plugin's check that raises something other than a UserError (a bug in it, e.g. an
+    AttributeError) is one line naming the component, its module and the exception (dcablate's own raise as is)."""
+    try:
+        spec.check(r, fail)
+    except UserError:
+        raise
+    except Exception as e:
+        module = getattr(spec.check, "__module__", None) or ""
+        if module.startswith("dcablate."):
+            raise
+        raise UserError(f"{key} = {spec.name!r}: the check of its plugin ({module}) raised {type(e).__name__}: "
+                        f"{e}") from None
+
+
 def _src(origins: dict, path: str, default: str) -> str:
     """The file that set `path` (or its closest set parent)."""
     while path:
@@ -798,13 +813,13 @@ def _check_consistency(r, origins: dict, src: str) -> None:
         raise RecipeError(_src(origins, key, src), key, message)
 
     for name in m.mixers:
-        MIXERS.get(name).check(r, fail)
-    CHANNELS.get(m.ffn).check(r, fail)
+        _plugin_check(MIXERS.get(name), "model.mixer", r, fail)
+    _plugin_check(CHANNELS.get(m.ffn), "model.ffn", r, fail)
     if m.conv.kind == "dynamic" and m.conv.heads:
         for stream, dim in (sd for layer in range(m.cycle) for sd in conv_streams(m, layer)):
             _check(dim % m.conv.heads == 0, origins, src, "model.conv.heads",
                    f"{m.conv.heads} heads do not divide the {stream} stream's {dim} channels")
-    TASKS.get(r.task.kind).check(r, fail)
+    _plugin_check(TASKS.get(r.task.kind), "task.kind", r, fail)
     _check(r.eval.early_stop <= 1.0 or not TASKS.get(r.task.kind).higher_is_better, origins, src, "eval.early_stop",
            f"must be <= 1.0 for task {r.task.kind!r} (its headline, {TASKS.get(r.task.kind).headline}, lies in "
            f"0..1), got {r.eval.early_stop:g}")

@@ -125,6 +125,24 @@ def points_not_started(root: Path) -> dict[Path, list[str]]:
     return out
 
 
+def run_directory_line(root: Path) -> str:
+    """The last line after a run or sweep: where its runs are, and the TensorBoard command when they logged there
+    (`log.tensorboard`, a `tb/` folder in the run or below)."""
+    logged = (root / "tb").is_dir() or any(root.glob("*/tb"))
+    return f"\nrun directory: {root}" + (f"   (tensorboard --logdir {root})" if logged else "")
+
+
+def trained_with(run_dir: Path) -> str:
+    """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it, when some of them are not loaded now; else ''."""
+    from dcablate.registry import PLUGINS_ENV, plugin_names
+
+    try:
+        plugins = json.loads((run_dir / "summary.json").read_text())["versions"]["plugins"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f"{PLUGINS_ENV}={','.join(plugins)}" if plugins and not set(plugins) <= set(plugin_names()) else ""
+
+
 def last_command(root: Path) -> str | None:
     """`COMMAND` (in `CWD`) of the last line of `root/commands.log`, or None."""
     try:

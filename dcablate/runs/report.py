@@ -33,7 +33,7 @@ from dcablate.training.logs import _records
 from dcablate.models.conv import CONV_KINDS, conv_activation
 from dcablate.runs import compute_report, efficiency, report_files, suite, variants
 from dcablate.runs.compute_report import compute_section
-from dcablate.runs.directories import last_command, points_not_started
+from dcablate.runs.directories import last_command, points_not_started, trained_with
 from dcablate.runs.time_report import time_lines
 from dcablate.tasks import TASKS
 
@@ -150,17 +150,6 @@ def _recipes_folder(ref: Path) -> str:
     return f"; a report reads run directories: recipe {ref} writes its runs into {folder}, none yet (`dcablate run {ref}`)"
 
 
-def _trained_with(run_dir: Path) -> str:
-    """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it, when some of them are not loaded now; else ''."""
-    from dcablate.registry import PLUGINS_ENV, plugin_names
-
-    try:
-        plugins = json.loads((run_dir / "summary.json").read_text())["versions"]["plugins"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    return f"{PLUGINS_ENV}={','.join(plugins)}" if plugins and not set(plugins) <= set(plugin_names()) else ""
-
-
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run directory below `root` (finished or not), and those skipped: files that could not be read, and
     a run equal to one already found (the same resolved recipe but for its name and place, seed included, e.g.
@@ -174,7 +163,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         try:
             r = recipes.build(tomllib.loads(recipe_file.read_text()), default_source=str(recipe_file))
         except (OSError, ValueError, RecipeError) as e:
-            plugins = _trained_with(run_dir)
+            plugins = trained_with(run_dir)
             if plugins and isinstance(e, RecipeError):  # most often its plugin not loaded: left out, the run would
                 raise UserError(f"{e}; it was trained with {plugins}: set it to read this run (nothing was "
                                 f"written)") from None  # vanish from a report rewritten without it
@@ -497,8 +486,9 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
         lines += [""]
     if bad:
         lines += ["## Skipped", ""] + [f"- `{shown(p, root)}`: {why}" for p, why in bad] + [""]
-    lines += ["TensorBoard: `tensorboard --logdir " + str(root) + "` compares the runs' final metrics in the "
-              "HPARAMS tab.", ""]
+    if any((r.path / "tb").is_dir() for r in runs):  # runs with log.tensorboard = false wrote none
+        lines += ["TensorBoard: `tensorboard --logdir " + str(root) + "` compares the runs' final metrics in the "
+                  "HPARAMS tab.", ""]
     files["md"].write_text("\n".join(lines))
     return files
 

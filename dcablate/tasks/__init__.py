@@ -148,10 +148,29 @@ class Task:
         any run starts. Default: nothing (a task whose data cannot fail so, or is read from files: `check_input`)."""
 
 
+REQUIRED = ("vocab_size", "max_seq_len", "train_seq_len", "shape", "train_batches", "evaluate")  # Task's own raise
+
+
+def interface_problem(cls) -> str | None:
+    """What keeps `cls` from being a task (`Task`'s interface: a subclass defining every member in `REQUIRED`), or
+    None."""
+    import inspect
+
+    name = getattr(cls, "__name__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        return f"{name} is not a subclass of dcablate.tasks.Task"
+    missing = [m for m in REQUIRED if inspect.getattr_static(cls, m, None) is inspect.getattr_static(Task, m)]
+    if missing:
+        return (f"{name} does not define {', '.join(missing)} (a Task defines the properties vocab_size, max_seq_len "
+                f"and train_seq_len, the classmethod shape(options) and the methods train_batches and evaluate)")
+    return None
+
+
 TASKS: Registry[TaskSpec] = Registry("task", (
     "dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec",
     "dcablate.tasks.recall.spec", "dcablate.tasks.fuzzy_recall.spec", "dcablate.tasks.noisy_recall.spec",
-    "dcablate.tasks.selective_copy.spec", "dcablate.tasks.compression.spec", "dcablate.tasks.memorization.spec"))
+    "dcablate.tasks.selective_copy.spec", "dcablate.tasks.compression.spec", "dcablate.tasks.memorization.spec"),
+    impl_problem=lambda cls: interface_problem(cls))
 
 
 def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
@@ -159,7 +178,23 @@ def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
 
 
 def task_class(kind: str) -> type:
-    return resolve(TASKS.get(kind).impl)
+    """The checked `Task` subclass of the registered task `kind`; a UserError naming `task.kind` when its `impl`
+    cannot be imported or does not implement the interface."""
+    from dcablate.errors import UserError
+
+    spec = TASKS.get(kind)
+    if isinstance(spec.impl, type):  # checked when registered
+        return spec.impl
+    try:
+        cls = resolve(spec.impl)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"task.kind = {kind!r}: its class {spec.impl!r} cannot be imported: {e}") from None
+    except Exception as e:  # its module fails while importing (a SyntaxError, a NameError at its top level)
+        raise UserError(f"task.kind = {kind!r}: importing {spec.impl!r} failed: {type(e).__name__}: {e}") from None
+    problem = interface_problem(cls)
+    if problem:
+        raise UserError(f"task.kind = {kind!r}: {problem}")
+    return cls
 
 
 def task_options(task_cfg):
@@ -179,7 +214,7 @@ def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark:
     (`dcablate eval --data`); `benchmark`: the task's benchmark stand-in (`Task.for_benchmark`); `run_dir`:
     the finished run it evaluates or samples, whose kept files it reads (`Task.use_run`)."""
     spec = TASKS.get(task_cfg.kind)
-    cls = resolve(spec.impl)
+    cls = task_class(task_cfg.kind)
     options = task_options(task_cfg)
     task = cls.for_benchmark(options) if benchmark else cls(options, train=train, data=data)
     task.spec = spec

@@ -164,7 +164,15 @@ def software_versions(device: torch.device) -> dict:
     return {**_installed_versions(), "gpu_capability": f"{gpu[0]}.{gpu[1]}" if gpu else None,
             "kernel_configs": in_use() if device.type == "cuda" else None,
             "plugins": plugins,  # the DCABLATE_PLUGINS modules: eval, report and a resume need them again
-            "plugin_digests": {n: module_digest(n) for n in plugins}}
+            "plugin_digests": plugin_digests()}
+
+
+def plugin_digests() -> dict[str, str | None]:
+    """`module_digest` of every `DCABLATE_PLUGINS` module: checkpoints keep them, and a resume under an edited plugin
+    is refused, so that one run never mixes two versions of a plugin under the last one's digest."""
+    from dcablate.registry import plugin_names
+
+    return {n: module_digest(n) for n in plugin_names()}
 
 
 def module_digest(name: str) -> str | None:

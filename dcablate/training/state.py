@@ -19,7 +19,7 @@ from dcablate import config
 from dcablate.errors import UserError
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
-from dcablate.training.runtime import Stop, rng_state, set_rng_state
+from dcablate.training.runtime import Stop, plugin_digests, rng_state, set_rng_state
 from dcablate.training.step import TrainStep
 
 log = logging.getLogger("dcablate")
@@ -76,6 +76,7 @@ class RunState:
             "recipe_hash": self.recipe.digest(), "vocab_size": self.vocab_size, "history": self.history,
             "best": self.best, "stopped_early": self.stopped_early, "skipped_steps": step.skipped,
             "wall_time_s": self.wall_time(), "compute": self.compute(), "time_s": self.times(),
+            "plugin_digests": plugin_digests(),
         }
 
     def newest_checkpoint(self) -> tuple[dict | None, Path | None]:
@@ -89,6 +90,13 @@ class RunState:
         if changes:
             raise UserError(f"{path}: written by another recipe ({checkpoint.describe_changes(changes)}); "
                             f"use --force-new to start a fresh run directory")
+        now = plugin_digests()
+        edited = [f"{name} {old} -> {now.get(name)}" for name, old in state.get("plugin_digests", {}).items()
+                  if old is not None and now.get(name) not in (None, old)]
+        if edited:  # the steps so far ran another version of it: one run would mix two versions under one digest
+            raise UserError(f"{path}: written with another version of a plugin module ({', '.join(edited)}: its file "
+                            f"was edited since this run started); restore it to resume, or use --force-new to "
+                            f"start a fresh run directory")
         return state, path
 
     def restore(self) -> bool:

@@ -234,3 +234,16 @@ def test_a_change_no_run_reads_neither_refuses_nor_retrains(tmp_path, capsys, mo
     unused = recipes.load(str(path), ["model.gated_deltanet.expand_v=2.0"])
     assert read_changes(r.to_dict(), unused) == []  # a checkpoint's recipe, as a dict
     assert read_changes(r.to_dict(), recipes.load(str(path), ["train.lr=0.005"])) == ["train.lr: 0.001 -> 0.005"]
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_the_tensorboard_command_is_offered_only_for_runs_that_logged_there(tmp_path, capsys, tensorboard):
+    """`log.tensorboard = false` writes no tb/ folder: neither the run's last line nor the report offers
+    `tensorboard --logdir` then."""
+    path = tmp_path / "s.toml"
+    path.write_text(recipes.dumps_toml(tiny(tmp_path, log={"tensorboard": tensorboard}).to_dict()))
+    assert main(["run", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"run directory: {tmp_path / 't'}" in out and ("tensorboard --logdir" in out) == tensorboard
+    assert main(["report", str(tmp_path / "t")]) == 0
+    assert ("tensorboard --logdir" in (tmp_path / "t" / "report.md").read_text()) == tensorboard

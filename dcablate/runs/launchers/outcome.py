@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dcablate.runs.directories import read_summary
+from dcablate.runs.directories import read_summary, run_directory_line
 from dcablate.runs.launchers.point import LOG_NAME
 from dcablate.runs.progress import SweepProgress
 from dcablate.runs.tables import format_table, headline_result
@@ -168,7 +168,7 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
     click.echo("")
     if rows:
         click.echo(results_table(rows))
-    click.echo(f"\nrun directory: {root}   (tensorboard --logdir {root})")
+    click.echo(run_directory_line(root))
     for job, code, line in out.failed:
         click.echo(f"failed: {job.title} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
     if out.signal_name:
