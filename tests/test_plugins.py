@@ -334,6 +334,9 @@ def test_a_plugin_s_runs_in_threads_of_one_packed_worker_all_train(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summaries = sorted((tmp_path / "runs/toy").glob("*/summary.json"))
     assert len(summaries) == 4 and all(json.loads(p.read_text())["steps"] == 4 for p in summaries)
+    # the logged command names the plugin modules, so it replays as written
+    assert (tmp_path / "runs/toy/commands.log").read_text().split("\t")[2].startswith(
+        "DCABLATE_PLUGINS=toy_plugin dcablate run toy.toml")
 
 
 @pytest.mark.parametrize("source, fragment", [

@@ -98,7 +98,11 @@ def record_command(root: Path, argv: list[str], points: list[str] = (), when: fl
     import shlex
     import time
 
-    line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))}\t{Path.cwd()}\t{shlex.join(['dcablate', *argv])}\n"
+    from dcablate.registry import PLUGINS_ENV, plugin_names
+
+    plugins = [f"{PLUGINS_ENV}={','.join(plugin_names())}"] if plugin_names() else []  # replayable as written
+    line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))}\t{Path.cwd()}\t"
+            f"{shlex.join([*plugins, 'dcablate', *argv])}\n")
     try:
         with open(root / COMMANDS_LOG, "a", encoding="utf-8") as f:
             f.write(line)
