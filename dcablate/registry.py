@@ -149,6 +149,24 @@ def resolve(target):
     return getattr(importlib.import_module(module), attribute)
 
 
+def checked_impl(spec, key: str, problem: Callable) -> type:
+    """The class `spec.impl` names, imported and checked: a UserError naming `key = 'name'` when it cannot be
+    imported, fails while importing, or `problem(cls)` says what keeps it from the registry's interface."""
+    from dcablate.errors import UserError
+
+    name = spec.name
+    try:
+        cls = resolve(spec.impl)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{key} = {name!r}: its class {spec.impl!r} cannot be imported: {e}") from None
+    except Exception as e:  # its module fails while importing (a SyntaxError, a NameError at its top level)
+        raise UserError(f"{key} = {name!r}: importing {spec.impl!r} failed: {type(e).__name__}: {e}") from None
+    why = problem(cls)
+    if why:
+        raise UserError(f"{key} = {name!r}: {why}")
+    return cls
+
+
 class Registry(Generic[Spec]):
     """Specs by name, in registration order: the package's own first, then the plugins'. `builtins` names
     the torch-free modules whose import registers the package's own components; they are imported on the

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dcablate.registry import ComponentSpec, Registry, resolve
+from dcablate.registry import ComponentSpec, Registry, checked_impl
 
 
 @dataclass(frozen=True)
@@ -179,22 +179,9 @@ def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:
 
 def task_class(kind: str) -> type:
     """The checked `Task` subclass of the registered task `kind`; a UserError naming `task.kind` when its `impl`
-    cannot be imported or does not implement the interface."""
-    from dcablate.errors import UserError
-
+    cannot be imported or does not implement the interface (a class given itself was checked when registered)."""
     spec = TASKS.get(kind)
-    if isinstance(spec.impl, type):  # checked when registered
-        return spec.impl
-    try:
-        cls = resolve(spec.impl)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"task.kind = {kind!r}: its class {spec.impl!r} cannot be imported: {e}") from None
-    except Exception as e:  # its module fails while importing (a SyntaxError, a NameError at its top level)
-        raise UserError(f"task.kind = {kind!r}: importing {spec.impl!r} failed: {type(e).__name__}: {e}") from None
-    problem = interface_problem(cls)
-    if problem:
-        raise UserError(f"task.kind = {kind!r}: {problem}")
-    return cls
+    return spec.impl if isinstance(spec.impl, type) else checked_impl(spec, "task.kind", interface_problem)
 
 
 def task_options(task_cfg):

@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dcablate.registry import ComponentSpec, Registry, resolve
+from dcablate.registry import ComponentSpec, Registry, checked_impl
 
 
 @dataclass(frozen=True)
@@ -74,19 +74,7 @@ _checked: dict[str, tuple[MixerSpec, type]] = {}
 
 
 def _checked_class(spec: MixerSpec) -> type:
-    from dcablate.errors import UserError
-
-    name = spec.name
-    try:
-        cls = resolve(spec.impl)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"model.mixer = {name!r}: its class {spec.impl!r} cannot be imported: {e}") from None
-    except Exception as e:  # its module fails while importing (a SyntaxError, a NameError at its top level)
-        raise UserError(f"model.mixer = {name!r}: importing {spec.impl!r} failed: {type(e).__name__}: {e}") from None
-    problem = interface_problem(cls)
-    if problem:
-        raise UserError(f"model.mixer = {name!r}: {problem}")
-    return cls
+    return checked_impl(spec, "model.mixer", interface_problem)
 
 
 def build_mixer(model_cfg, layer_idx: int):
