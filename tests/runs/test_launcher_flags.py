@@ -62,6 +62,38 @@ def test_ray_address_where_nothing_answers(sweep, capsys):
                    "--address 127.0.0.1:1: no Ray cluster answers there")
 
 
+def _server(reply: bytes):
+    """A one-connection TCP server on a free local port that reads the greeting and sends `reply`; its port."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(64)
+            conn.sendall(reply)
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_ray_address_where_something_else_answers(sweep, capsys, monkeypatch):
+    """An HTTP server (the dashboard's port) at --address or in RAY_ADDRESS: one line at once, naming where the
+    address came from (Ray itself waited for minutes); an HTTP/2 SETTINGS frame, as a gRPC server sends, passes."""
+    pytest.importorskip("ray")
+    from dcablate.runs.launchers.ray import reachable
+
+    port = _server(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    one_line_error(sweep, capsys, ["--launcher", "ray", "--address", f"127.0.0.1:{port}"],
+                   f"--address 127.0.0.1:{port}: something answers there, but not Ray's GCS")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_server(b'')}")
+    one_line_error(sweep, capsys, ["--launcher", "ray"], "or leave RAY_ADDRESS unset for a local Ray instance")
+    reachable(f"127.0.0.1:{_server(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))}")  # a gRPC server's first frame
+
+
 def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp_path):
     pytest.importorskip("submitit")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch

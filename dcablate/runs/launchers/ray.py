@@ -305,19 +305,32 @@ class Remote:
         self.runtime_env = {"env_vars": env} if env else None
 
 
-def reachable(address: str) -> None:
-    """UserError at once when `address` is HOST:PORT and nothing answers there (Ray itself keeps trying for
-    minutes); `auto` and `ray://` addresses are left to Ray."""
+# HTTP/2's client preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with a SETTINGS frame
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def reachable(address: str, flag: str = "--address") -> None:
+    """UserError at once when `address` is HOST:PORT and nothing answers there, or something that is not Ray's GCS
+    (a gRPC server) does, such as the dashboard's port 8265 (Ray itself keeps trying for minutes); `auto` and
+    `ray://` addresses are left to Ray. `flag` names where the address came from."""
     import socket
 
     host, sep, port = address.rpartition(":")
     if address == "auto" or "://" in address or not sep or not port.isdigit():
         return
+    fix = (f"start one with `ray start --head` and give its address (HOST:6379 by default), or leave "
+           f"{'RAY_ADDRESS unset' if flag == 'RAY_ADDRESS' else '--address out'} for a local Ray instance")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
+            conn.sendall(HTTP2_HELLO)
+            answer = conn.recv(9)
+    except socket.timeout:
+        answer = b""
     except OSError as e:
-        raise UserError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
-                        f"`ray start --head` or leave --address out for a local Ray instance") from None
+        raise UserError(f"{flag} {address}: no Ray cluster answers there ({e.strerror or e}); {fix}") from None
+    if len(answer) < 4 or answer[3] != 4:  # not an HTTP/2 SETTINGS frame
+        raise UserError(f"{flag} {address}: something answers there, but not Ray's GCS (it gave no HTTP/2 answer, "
+                        f"as a gRPC server does; the dashboard's port, 8265, is not the one to attach to); {fix}")
 
 
 def connect(ray, address: str | None) -> str:
@@ -326,16 +339,17 @@ def connect(ray, address: str | None) -> str:
     shows errors only (`logging_level`), so that Ray's start-up warnings about an instance that lives and dies
     with the command (Ray 2.60: that it turned token authentication on, its default now) stay out of the
     terminal; a worker's failure still reaches the command as an exception (`RayWorker._wait`)."""
+    flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     try:
         if address is None:
             # "local": a new instance of its own, not one a `ray start` left running (ray.init's default)
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
             return "a local Ray instance"
-        reachable(address)
+        reachable(address, flag)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise UserError(f"--address {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
+        raise UserError(f"{flag} {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
     return f"the Ray cluster at {address}"
 
 
