@@ -47,8 +47,9 @@ def test_runs_in_threads_match_in_process_each_with_its_own_log(sweep, capsys):
     assert all(t["waiting_for_other_runs"] > 0 and t["drawing_ahead"] > 0 for t in loop_s(root))
     assert all(t["loop"] >= t["waiting_for_other_runs"] + t["batches"] + t["drawing_ahead"] for t in loop_s(root))
     # a run alone never waits and never draws ahead (it has no turn to hand on); it trains its 6 steps in one loop
+    alone = loop_s(sweep / "inproc" / "w")
     assert all(t["waiting_for_other_runs"] == 0 and t["batches"] > 0 and t["drawing_ahead"] == 0 and t["steps"] == 6
-               for t in loop_s(sweep / "inproc" / "w"))
+               for t in alone), alone
     for n in NAMES:  # each log holds its own run's lines and no other run's
         log = (root / n / "worker.log").read_text()
         assert f"{n}  step 6/6 (100%)" in log and log.count("-> out/w/") == 1
