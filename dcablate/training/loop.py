@@ -391,7 +391,7 @@ class Run:
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "steps": state.step, "planned_steps": self.train_cfg.steps, "stopped_early": state.stopped_early, "skipped_steps": self.train_step.skipped,
             "wall_time_s": state.wall_time(), "time_s": self.clock.parts(),
-            "loop_s": {k: round(v, 3) for k, v in self.loop_s.items()}, "final": final, "best": state.best,
+            "loop_s": {k: round(v, 6) for k, v in self.loop_s.items()}, "final": final, "best": state.best,
             "params": self.info.params,
             "state_floats": self.info.state_floats, "flops_per_token": self.info.flops_per_token,
             "tokens": self.compute.tokens, "train_flops": self.compute.flops,
