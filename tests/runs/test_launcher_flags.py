@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 
 import pytest
 
@@ -92,6 +93,23 @@ def test_ray_address_where_something_else_answers(sweep, capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_server(b'')}")
     one_line_error(sweep, capsys, ["--launcher", "ray"], "or leave RAY_ADDRESS unset for a local Ray instance")
     reachable(f"127.0.0.1:{_server(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))}")  # a gRPC server's first frame
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_attaching_to_ray_exits_with_a_stopped_commands_code(capsys, signum, code):
+    """Ray's driver answers SIGTERM while it attaches with `sys.exit(15)`: the command exits 143 (SIGINT 130), as a
+    stopped command does everywhere else, and says where it was."""
+    from dcablate.runs.launchers.ray import connect
+
+    class Attaching:
+        def init(self, **_):
+            raise SystemExit(signum)
+
+    with pytest.raises(SystemExit) as e:
+        connect(Attaching(), "auto")
+    assert e.value.code == code
+    assert capsys.readouterr().err == (f"interrupted ({signal.Signals(signum).name}) while attaching to the Ray "
+                                       f"cluster at auto\n")
 
 
 def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp_path):

@@ -348,6 +348,12 @@ def connect(ray, address: str | None) -> str:
             return "a local Ray instance"
         reachable(address, flag)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    except SystemExit as e:  # Ray's driver exits with the bare signal number when one stops it while it attaches
+        if e.code in (signal.SIGINT, signal.SIGTERM):
+            click.echo(f"interrupted ({signal.Signals(e.code).name}) while attaching to the Ray cluster at {address}",
+                       err=True)
+            raise SystemExit(128 + e.code) from None  # a stopped command's code, as everywhere else: 130, 143
+        raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         raise UserError(f"{flag} {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
     return f"the Ray cluster at {address}"
