@@ -239,14 +239,13 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         setup()
         root, plan = broadcast((root, plan))
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
-    preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
+    budgets = preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
         preflight.check_generated_data(recipe, overrides, plan, to_train)  # what each run's data phase would refuse
         if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
             devices = preflight.device_checked(recipe, overrides, points)
             if not distributed:  # the worker flags too (their line is the real command's)
                 local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
-        budgets: dict = {}
         for _, r, run_dir, state in plan:
             steps = preflight.budget_steps(r, budgets)
             # a run already there is the one its folder holds (it may differ in keys it does not read): its hash
@@ -268,7 +267,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")
         return
-    ladder = None if quiet or distributed else preflight.ladder_note([p[1] for p in plan], {})  # once, not per rank
+    # once, not per rank
+    ladder = None if quiet or distributed else preflight.ladder_note([p[1] for p in plan], budgets)
     if ladder:
         click.echo(f"note: {ladder}", err=True)
     from dcablate.training.runtime import check_runtime  # torch imported only now: --help and validation stay fast

@@ -23,13 +23,15 @@ from dcablate.errors import UserError
 from dcablate.tasks import Task, task_class, task_options
 
 
-def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> None:
+def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> dict:
     """The checks that need no device: the recipe's own numbers (token budgets), then the files outside it that the
-    runs read."""
+    runs read. Returns the models' costs it counted (`recipe_costs`' cache), for the notes that count them again."""
     _, origins, path = config.load_raw(recipe, overrides)
     swept = tuple(config.load(recipe, overrides).sweep)
-    check_budgets(plan, to_train, lambda key: set_where(key, origins, str(path), swept))
+    cache: dict = {}
+    check_budgets(plan, to_train, lambda key: set_where(key, origins, str(path), swept), cache)
     check_inputs(plan, to_train, origins, str(path), swept)
+    return cache
 
 
 def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> str:
@@ -137,7 +139,7 @@ def check_generated_data(recipe: str, overrides: list[str], plan, to_train: list
             raise UserError(f"{points_named(names, len(to_train))}{located(e, recipe, overrides)}") from None
 
 
-def check_budgets(plan, to_train: list[int], where=None) -> None:
+def check_budgets(plan, to_train: list[int], where=None, cache: dict | None = None) -> None:
     """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
     its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
     built on the meta device, once per distinct model however many seeds or learning rates share it), and a
@@ -145,7 +147,7 @@ def check_budgets(plan, to_train: list[int], where=None) -> None:
     from dcablate.models.describe import recipe_costs
     from dcablate.training.optim import planned_steps
 
-    cache: dict = {}
+    cache = {} if cache is None else cache
     for i in to_train:
         name, r = plan[i][0], plan[i][1]
         t = r.train

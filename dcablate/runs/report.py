@@ -135,19 +135,17 @@ def _near(path: Path) -> str:
 def _recipes_folder(ref: Path) -> str:
     """'; a report reads run directories: recipe R writes its runs into DIR' when `ref` names a recipe (a file or a
     shipped recipe's name) rather than the folder of its runs, else ''."""
-    from dcablate.config import loading
+    from dcablate.config.loading import RECIPE_SUFFIX
 
-    if ref.suffix != loading.RECIPE_SUFFIX and str(ref).removesuffix("/") not in loading.shipped_recipes():
+    if ref.suffix != RECIPE_SUFFIX and str(ref).removesuffix("/") not in recipes.shipped_recipes():
         return ""
     try:
-        raw, _, _ = loading.load_raw(str(ref))
-        r = recipes.build(raw, default_source=str(ref))
-    except (UserError, RecipeError, OSError, ValueError):
+        r = recipes.load(str(ref))
+    except (UserError, OSError, ValueError):
         return ""
     folder = Path(r.run.out_dir) / r.run.name
-    if folder.is_dir():
-        return f"; a report reads run directories: recipe {ref} writes its runs into {folder}: `dcablate report {folder}`"
-    return f"; a report reads run directories: recipe {ref} writes its runs into {folder}, none yet (`dcablate run {ref}`)"
+    then = f": `dcablate report {folder}`" if folder.is_dir() else f", none yet (`dcablate run {ref}`)"
+    return f"; a report reads run directories: recipe {ref} writes its runs into {folder}{then}"
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
