@@ -239,13 +239,19 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         setup()
         root, plan = broadcast((root, plan))
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
+    devices, device_problem = None, None
+    if launch.launcher == "local" and not launch.nproc:  # a device this machine lacks: before any data is read
+        try:
+            devices = preflight.device_checked(recipe, overrides, points)
+        except UserError as e:
+            if not dry_run:
+                raise
+            device_problem = e  # a dry run still lists the plan: what a machine with that device would train
     budgets = preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
         preflight.check_generated_data(recipe, overrides, plan, to_train)  # what each run's data phase would refuse
-        if launch.launcher == "local" and not launch.nproc:  # what a run here would refuse before it starts
-            devices = preflight.device_checked(recipe, overrides, points)
-            if not distributed:  # the worker flags too (their line is the real command's)
-                local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
+        if devices is not None and not distributed:  # the worker flags too (their line is the real command's)
+            local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
         for _, r, run_dir, state in plan:
             steps = preflight.budget_steps(r, budgets)
             # a run already there is the one its folder holds (it may differ in keys it does not read): its hash
@@ -263,6 +269,9 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")
                       if k in states] + ([f"{len(refused)} refused"] if refused else [])
             click.echo(f"{len(points)} runs: {', '.join(counts)}", err=True)  # stdout: a line per point
+        if device_problem is not None:
+            raise UserError(f"{device_problem} (on this machine; the plan above is what one with that device "
+                            f"would train)")
         if refused:
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")
@@ -280,7 +289,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                  any(v is not None for v in (launch.per_gpu, launch.gpus, launch.workers)))
 
     if launch.launcher == "local":
-        devices = preflight.device_checked(recipe, overrides, points)  # device and backend problems end it here
+        if devices is None:  # not checked above (--nproc)
+            devices = preflight.device_checked(recipe, overrides, points)
         preflight.check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model: nothing written
         uses_cuda = any(d.type == "cuda" for d in devices)
     else:  # the cluster's nodes have the devices, and each worker checks its own
@@ -761,9 +771,10 @@ def bench_throughput(directory, steps, warmup, again):
 @click.option("--out", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Write the report's files into DIR (created if missing) instead of DIRECTORY.")
 def report(directory, targets, out):
-    """Tables (report.md; report.csv for MQAR/LM runs, suite.csv for the task suite) and PNG figures over every run
-    below DIRECTORY, written into it (or --out DIR). A rerun replaces the files an earlier report wrote, never a
-    file it did not write or one edited since."""
+    """Tables (report.md; report.csv for MQAR/LM runs, multipliers.csv where LM runs come at several sizes: the
+    compute multipliers; suite.csv for the task suite) and PNG figures over every run below DIRECTORY, written into
+    it (or --out DIR). A rerun replaces the files an earlier report wrote, never a file it did not write or one
+    edited since."""
     from dcablate.runs.report import write_report
 
     files = write_report(directory, targets=targets or None, out=out)

@@ -43,19 +43,25 @@ def test_force_new_in_a_dry_run_says_where_it_would_write_and_writes_nothing(tmp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_device_this_machine_lacks_is_refused_by_the_dry_run_too(tmp_path, capsys):
-    """Led by where the key was set: --set, the recipe file, or the sweep that sets it."""
+def test_a_device_this_machine_lacks_is_refused_and_the_dry_run_still_lists_the_plan(tmp_path, capsys):
+    """Led by where the key was set: --set, the recipe file, or the sweep that sets it. The run stops before
+    anything is read or written; a dry run (planning a GPU sweep on a laptop) lists the plan first and then
+    refuses, exit 2, naming what the plan is."""
     path = sweep_recipe(tmp_path)
-    line = "run.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'\n"
-    for dry in (["--dry-run"], []):
-        assert main(["run", str(path), *dry, "--set", "run.device=cuda"]) == 2
-        assert capsys.readouterr().err == f"error: --set: {line}"
+    line = "run.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'"
+    dry_tail = " (on this machine; the plan above is what one with that device would train)\n"
+    assert main(["run", str(path), "--set", "run.device=cuda"]) == 2
+    assert capsys.readouterr().err == f"error: --set: {line}\n"
+    assert main(["run", str(path), "--dry-run", "--set", "run.device=cuda"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count(f"{tmp_path / 't'}/conv.kind=") == 2
+    assert captured.err.splitlines()[-1] == f"error: --set: {line}{dry_tail.rstrip()}"
     assert main(["run", str(path), "--dry-run", "--set", 'sweep.run.device=["cpu", "cuda"]']) == 2
-    assert capsys.readouterr().err == f"error: --set: sweep.run.device: {line}"
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: --set: sweep.run.device: {line}{dry_tail.rstrip()}"
     data = tiny(tmp_path, run={"device": "cuda"}).to_dict()
     (tmp_path / "c.toml").write_text(recipes.dumps_toml(data))
     assert main(["run", str(tmp_path / "c.toml")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'c.toml'}: {line}"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'c.toml'}: {line}\n"
     assert not (tmp_path / "t").exists()
 
 
