@@ -313,12 +313,20 @@ PATH_KEYS = ("task.lm.data", "task.lm.tokenizer_file", "task.lm.cache_dir")
 def moved(old, new) -> bool:
     """Whether path `old` (saved by a run) and `new` name the same files moved elsewhere: `old` does not exist here
     (the run was made in another directory or on another machine) and both end in the same two names, as
-    `/work/repo/data/debian-docs` and `/root/repo/data/debian-docs` do."""
+    `/work/repo/data/debian-docs` and `/root/repo/data/debian-docs` do; or both exist as corpora made by `dcablate
+    data get` whose MANIFEST.md records the same content digest (one corpus fetched twice)."""
     if not (isinstance(old, str) and isinstance(new, str) and old and new):
         return False
     strip = lambda v: v[3:] if v.startswith("hf:") else v
     a, b = Path(strip(old)), Path(strip(new))
-    return old.startswith("hf:") == new.startswith("hf:") and not a.exists() and a.parts[-2:] == b.parts[-2:]
+    if old.startswith("hf:") != new.startswith("hf:"):
+        return False
+    if not a.exists():
+        return a.parts[-2:] == b.parts[-2:]
+    from dcablate.tasks.lm.corpus import recorded_digest
+
+    digest = recorded_digest(a) if a.is_dir() and b.is_dir() else None
+    return digest is not None and digest == recorded_digest(b)
 
 
 def recipe_changes(old: dict, new: dict) -> list[str]:

@@ -1,6 +1,7 @@
 """A run made under another checkout or on another machine names its data by a path that does not exist here;
 the same corpus under the same folder names (`.../data/debian-docs`) is the same data, so resuming or skipping
-the run is not refused as a recipe change. A path that still exists, or other names, is a change."""
+the run is not refused as a recipe change, and so is a second copy of a corpus made by `dcablate data get` whose
+MANIFEST.md records the same content digest. A path that still exists, or other names, is a change."""
 
 from __future__ import annotations
 
@@ -29,3 +30,23 @@ def test_other_data_is_a_change(tmp_path):
     assert not moved("/gone/data/python-docs", str(tmp_path / "data" / "debian-docs"))  # another corpus
     assert not moved("/gone/data/x.txt", "hf:/gone/data/x.txt")
     assert not moved("", str(new)) and not moved(None, str(new))
+
+
+def test_a_second_copy_of_a_fetched_corpus_is_no_change(tmp_path):
+    """Both folders exist (the runs' checkout and this one): the same recorded digest is the same text; another
+    digest, or a folder without a MANIFEST.md, is a change."""
+    from dcablate.tasks.lm.corpus import DIGEST_LINE
+
+    def corpus(where: str, digest: str | None):
+        folder = tmp_path / where / "data" / "debian-docs"
+        folder.mkdir(parents=True)
+        (folder / "a.txt").write_text("text")
+        if digest:
+            (folder / "MANIFEST.md").write_text(f"# debian-docs\n\n{DIGEST_LINE}`{digest}`\n")
+        return str(folder)
+
+    runs, mine, other, bare = (corpus("runs", "d68ca849"), corpus("mine", "d68ca849"), corpus("other", "0123abcd"),
+                               corpus("bare", None))
+    assert moved(runs, mine)
+    assert recipe_changes(recipe(runs), recipe(mine)) == []
+    assert not moved(runs, other) and not moved(runs, bare) and not moved(bare, runs)

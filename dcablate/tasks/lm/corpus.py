@@ -349,6 +349,20 @@ def content_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+DIGEST_LINE = "Content digest (sha256 over the paths and bytes of all documents): "
+
+
+def recorded_digest(folder: Path) -> str | None:
+    """The content digest a corpus made by `dcablate data get` records in its MANIFEST.md (`content_digest` at the
+    time it was made), or None for a folder without one: read, not recomputed, so comparing two copies is cheap."""
+    try:
+        text = (Path(folder) / "MANIFEST.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith(DIGEST_LINE)), None)
+    return line[len(DIGEST_LINE):].strip().strip("`") or None if line else None
+
+
 def manifest(corpus: Corpus, tallies: list[_Tally], folder: Path) -> str:
     """MANIFEST.md: what the corpus is, and per package its version, licence, documents and size."""
     lines = [f"# {corpus.name}", "", corpus.description[0].upper() + corpus.description[1:] + ".", "",
@@ -366,5 +380,5 @@ def manifest(corpus: Corpus, tallies: list[_Tally], folder: Path) -> str:
         lines.append(f"Documents under {corpus.min_chars} characters and exact duplicates of an earlier "
                      f"document are left out.")
     lines += list(corpus.notes)
-    lines += ["", f"Content digest (sha256 over the paths and bytes of all documents): `{content_digest(folder)}`", ""]
+    lines += ["", f"{DIGEST_LINE}`{content_digest(folder)}`", ""]
     return "\n".join(lines)
