@@ -844,11 +844,13 @@ def data_get(name, directory):
 @data.command(name="list")
 def data_list():
     """The corpora `dcablate data get` builds: name, description, licences, and whether data/NAME holds it."""
-    from dcablate.tasks.lm.corpus import CORPORA, corpus_ready
+    from dcablate.tasks.lm.corpus import CORPORA, corpus_ready, other_text
 
     for name, corpus in CORPORA.items():
         here = Path("data") / name
-        state = f"ready in {here}" if corpus_ready(here) else f"not in {here} (dcablate data get {name})"
+        other = other_text(here, name)
+        state = (f"not in {here}: it {other}" if other else f"ready in {here}" if corpus_ready(here) else
+                 f"not in {here} (dcablate data get {name})")
         licences = ", ".join(dict.fromkeys(src.licence for src in corpus.sources))
         click.echo(f"{name}: {corpus.description}\n  licences: {licences}\n  {state}")
 

@@ -49,6 +49,7 @@ def test_data_list_names_each_corpus_its_licences_and_whether_it_is_here(tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "python-docs").mkdir(parents=True)
     (tmp_path / "data" / "python-docs" / "a.txt").write_text("x")
+    (tmp_path / "data" / "python-docs" / "MANIFEST.md").write_text("# python-docs\n")
     assert main(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert all(f"{name}: " in out for name in CORPORA)

@@ -233,7 +233,7 @@ def test_get_is_deterministic_and_keeps_what_exists(tmp_path, tiny, caplog):
     (first / "text/a.txt").write_text("edited by the user")
     with caplog.at_level("INFO", logger="dcablate"):
         assert get_corpus("tiny", first) == first and len(tiny) == 4  # nothing downloaded again
-    assert "already holds .txt files: kept as it is" in caplog.text
+    assert "already holds it: kept as it is" in caplog.text
     assert (first / "text/a.txt").read_text() == "edited by the user"
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -293,3 +293,31 @@ def test_debian_docs_sources_are_documented():
     assert "debian-docs" in text
     for s in CORPORA["debian-docs"].sources:
         assert s.package.split("*")[0].rstrip("-.") in text, s.package
+
+
+def test_a_folder_of_other_text_is_refused_not_called_ready(tmp_path, monkeypatch, capsys):
+    """`data get NAME --dir X` where X holds another corpus, or .txt files it did not make, changes nothing and
+    says what X holds, exit 2; `data list` says the same of data/NAME."""
+    from dcablate.cli import main
+
+    other = tmp_path / "pydocs"
+    other.mkdir()
+    (other / "a.txt").write_text("text")
+    (other / "MANIFEST.md").write_text("# python-docs\n\nmade by dcablate data get\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("my own text")
+    assert main(["data", "get", "debian-docs", "--dir", str(other)]) == 2
+    assert capsys.readouterr().err == (f"error: --dir {other}: holds the corpus python-docs (its MANIFEST.md), not "
+                                       f"debian-docs; nothing downloaded, nothing changed: give a new or empty folder "
+                                       f"with --dir (or read that text with task.lm.data = \"{other}\")\n")
+    assert main(["data", "get", "debian-docs", "--dir", str(mine)]) == 2
+    assert "holds .txt files that `dcablate data get` did not make (no MANIFEST.md naming debian-docs)" in \
+        capsys.readouterr().err
+    assert (mine / "keep.txt").read_text() == "my own text" and sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    mine.rename(tmp_path / "data" / "debian-docs")
+    assert main(["data", "list"]) == 0
+    assert "not in data/debian-docs: it holds .txt files that `dcablate data get` did not make" in \
+        capsys.readouterr().out

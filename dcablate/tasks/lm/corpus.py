@@ -244,6 +244,27 @@ def corpus_ready(dest: Path) -> bool:
     return dest.is_dir() and any(dest.rglob("*.txt"))
 
 
+def made_as(dest: Path) -> str | None:
+    """The corpus `dcablate data get` made in `dest`, as its MANIFEST.md's title names it; None without one."""
+    try:
+        first = (dest / "MANIFEST.md").read_text(encoding="utf-8").split("\n", 1)[0]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return first[2:].strip() or None if first.startswith("# ") else None
+
+
+def other_text(dest: Path, name: str) -> str | None:
+    """For a folder holding .txt files: what it holds when that is not corpus `name` (another corpus, or text
+    `dcablate data get` did not make), as the end of a line; None when it holds `name` (or no .txt files)."""
+    if not corpus_ready(dest):
+        return None
+    made = made_as(dest)
+    if made == name:
+        return None
+    return (f"holds the corpus {made} (its MANIFEST.md), not {name}" if made else
+            f"holds .txt files that `dcablate data get` did not make (no MANIFEST.md naming {name})")
+
+
 def _check_destination(dest: Path, where: str) -> None:
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{where}: is a file, not a folder")
@@ -254,15 +275,21 @@ def _check_destination(dest: Path, where: str) -> None:
 
 def get_corpus(name: str, directory: Path | None = None) -> Path:
     """Download and convert corpus NAME into `directory` (default `data/NAME`); returns the folder.
-    A folder that already holds `.txt` files is returned as it is."""
+    A folder that already holds NAME (its MANIFEST.md says so) is returned as it is, edits and all; one holding
+    other text is a UserError."""
     if name not in CORPORA:
         raise UserError(f"unknown corpus '{name}'{did_you_mean(name, CORPORA)}; known: {', '.join(CORPORA)}")
     corpus = CORPORA[name]
     dest = Path(directory) if directory else Path("data") / name
+    where = f"--dir {dest}" if directory else f"{dest} (the default folder)"
+    other = other_text(dest, name)
+    if other:
+        raise UserError(f"{where}: {other}; nothing downloaded, nothing changed: give a new or empty folder with "
+                        f"--dir (or read that text with task.lm.data = \"{dest}\")")
     if corpus_ready(dest):
-        log.info(f"{name}: {dest} already holds .txt files: kept as it is, nothing downloaded")
+        log.info(f"{name}: {dest} already holds it: kept as it is, nothing downloaded")
         return dest
-    _check_destination(dest, f"--dir {dest}" if directory else f"{dest} (the default folder)")
+    _check_destination(dest, where)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.parent / f".{dest.name}.partial"
     if partial.exists():  # left by an interrupted get: ours, and incomplete
