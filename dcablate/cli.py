@@ -379,7 +379,9 @@ def run_named(run_dir: Path, flag: str = "--run") -> Path:
         hint = f" (the run directory is '{above}')" if above else ""
         raise UserError(f"{given}: is a file; {flag or 'eval'} takes a run directory{hint}")
     if not run_dir.is_dir():
-        raise UserError(f"{given}: no such run directory")
+        parent = run_dir.parent if run_dir.parent.is_dir() else None
+        near = did_you_mean(run_dir.name, [p.name for p in parent.iterdir() if p.is_dir()]) if parent else ""
+        raise UserError(f"{given}: no such run directory{near}")
     if not (run_dir / "recipe.toml").is_file():
         raise not_a_run(run_dir)
     return run_dir
@@ -549,12 +551,20 @@ def eval_(task_kind, run_dir, overrides, data, run):
             raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
                             f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
     settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
+    failed = []
     for i, (point, settings) in enumerate(zip(finished, settled)):
         click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
-        evaluate_run(point, task_kind, overrides, data, alone=False, settings=settings)
+        try:
+            evaluate_run(point, task_kind, overrides, data, alone=False, settings=settings)
+        except UserError as e:  # this run's files (a corrupt checkpoint, ...): the others are still measured
+            click.echo(f"error: {e}", err=True)
+            failed.append(point.name)
     left = [p.name for p in points if p not in finished]
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(finished)} finished runs could not be evaluated (said above): "
+                        f"{', '.join(failed)}")
 
 
 def _table_keys(override: str) -> list[str]:
@@ -583,6 +593,9 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
     applied = []
     for o in overrides:
         key = o.partition("=")[0].strip()
+        near = did_you_mean(key, [k for k in EVAL_SETTABLE if not k.endswith(".")])
+        if not key.startswith(EVAL_SETTABLE) and near and key not in config.flatten(trained.to_dict()):
+            raise UserError(f"--set {o}: no such key{near}")
         if not key.startswith(EVAL_SETTABLE):
             raise UserError(f"--set {o}: eval re-measures a trained run and cannot change how it was trained or its "
                             f"model; it takes {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in EVAL_SETTABLE)}")

@@ -426,6 +426,14 @@ CASES = [
          files={"rd/recipe.toml": OK}),
     Case("eval-set-a-training-key", ["eval", "--run", "rd", "--set", "train.lr=1"],
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.batch_size, run.device"), files={"rd/recipe.toml": OK}),
+    Case("eval-set-a-misspelled-key", ["eval", "--run", "rd", "--set", "eval.batchsize=1"],
+         ("--set eval.batchsize=1: no such key (did you mean 'eval.batch_size'?)",), files={"rd/recipe.toml": OK}),
+    Case("eval-a-misspelled-run-directory", ["eval", "sw/conv.kind=statc"],
+         ("sw/conv.kind=statc: no such run directory (did you mean 'conv.kind=static'?)",),
+         files={"sw/conv.kind=static/recipe.toml": OK, "sw/conv.kind=none/recipe.toml": OK}),
+    Case("info-a-misspelled-run-folder", ["info", "sw/conv.kind=nne"],
+         ("sw/conv.kind=nne: no such recipe file or shipped recipe (did you mean 'conv.kind=none'?)",),
+         files={"sw/conv.kind=static/recipe.toml": OK, "sw/conv.kind=none/recipe.toml": OK}),
     Case("eval-a-sweep-folder-none-finished", ["eval", "--run", "sw"], ("sw: none of its 1 runs has finished; finish "
          "them by running the sweep's recipe again (`dcablate run sw/POINT` finishes one), then evaluate",), files={"sw/p/recipe.toml": OK}),
     Case("generate-a-sweep-folder", ["generate", "--run", "sw"], ("sw: not a run directory (no recipe.toml); it holds "

@@ -77,8 +77,10 @@ def find_recipe(ref: str) -> Path:
                         f"(`dcablate recipes` lists them)")
     if path.exists():
         raise UserError(f"{ref}: not a file")
-    raise UserError(f"{ref}: no such recipe file or shipped recipe{did_you_mean(name, shipped)}; "
-                    f"`dcablate recipes` lists the shipped ones")
+    near = did_you_mean(name, shipped)
+    if not near and path.parent != Path(".") and path.parent.is_dir():  # a mistyped file or run folder beside others
+        near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
+    raise UserError(f"{ref}: no such recipe file or shipped recipe{near}; `dcablate recipes` lists the shipped ones")
 
 
 def _shipped_hint(ref: str, shipped: dict[str, Path]) -> str:

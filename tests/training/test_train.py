@@ -164,6 +164,17 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "t" / "conv.kind=none" / "eval" / "mqar.json").read_text())["metrics"].keys() \
         == {"T48_kv3", "overall", "loss"}
     assert (run_dir / "eval" / "mqar-3.json").is_file()
+    # a run whose checkpoint is damaged is named, and the others are still measured; exit 2 at the end
+    final_pt = tmp_path / "t" / "conv.kind=none" / "checkpoints" / "final.pt"
+    intact = final_pt.read_bytes()
+    final_pt.write_bytes(intact[: len(intact) // 2])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "t")]) == 2
+    captured = capsys.readouterr()
+    assert "[2/2] conv.kind=static" in captured.out and (run_dir / "eval" / "mqar-4.json").is_file()
+    assert captured.err.splitlines()[-1] == ("error: 1 of 2 finished runs could not be evaluated (said above): "
+                                             "conv.kind=none")
+    final_pt.write_bytes(intact)
 
     capsys.readouterr()
     assert main(["info", str(path)]) == 0
