@@ -527,8 +527,8 @@ EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 def eval_(task_kind, run_dir, overrides, data, run):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...). On
-    a sweep's folder, each finished run in turn (e.g. every variant at longer test segments). RUN and --run name
-    the same thing; give one."""
+    a sweep's folder, each finished run in turn (e.g. every variant at longer test segments), then their metrics
+    side by side, also written as FOLDER/eval/<task>.csv. RUN and --run name the same thing; give one."""
     if run is not None and run_dir is not None and run.resolve() != run_dir.resolve():
         raise UserError(f"eval: RUN {run} and --run {run_dir} name two folders; give one")
     flag = "--run" if run_dir is not None else ""
@@ -551,14 +551,24 @@ def eval_(task_kind, run_dir, overrides, data, run):
             raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
                             f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
     settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
-    failed = []
+    failed, rows = [], {}
     for i, (point, settings) in enumerate(zip(finished, settled)):
         click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
         try:
-            evaluate_run(point, task_kind, overrides, data, alone=False, settings=settings)
+            kind, metrics, out = evaluate_run(point, task_kind, overrides, data, alone=False, settings=settings)
         except UserError as e:  # this run's files (a corrupt checkpoint, ...): the others are still measured
             click.echo(f"error: {e}", err=True)
             failed.append(point.name)
+            continue
+        rows.setdefault(kind, []).append({"run": point.name, **metrics, "file": out.relative_to(run_dir).as_posix()})
+    from dcablate.runs.tables import format_table
+
+    for kind, table in rows.items():  # the runs side by side, as a table here and a CSV beside them
+        click.echo(f"\n{format_table(table)}")
+        try:
+            click.echo(f"written to {save_new_file(run_dir / 'eval' / f'{kind}.csv', csv_text(table))}")
+        except OSError as e:
+            click.echo(f"error: {run_dir / 'eval'}: cannot save the table ({e.strerror or e})", err=True)
     left = [p.name for p in points if p not in finished]
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
@@ -625,10 +635,24 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
     return r, applied, device_checked(str(recipe_path), applied, [(None, r)])[0]  # a --set device: named as such
 
 
+def csv_text(rows: list[dict]) -> str:
+    """`rows` (dicts, the columns in first-seen order) as CSV text."""
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | None, alone: bool = True,
-                 settings: tuple | None = None) -> None:
+                 settings: tuple | None = None) -> tuple[str, dict, Path]:
     """`eval` of the run in `run_dir`: its result line, and its record saved under RUN/eval/. `alone` as for
-    `eval_settings`; `settings`: what `eval_settings` gave for this run, when checked already."""
+    `eval_settings`; `settings`: what `eval_settings` gave for this run, when checked already. Returns (the task,
+    the metrics, the record's file)."""
     from dcablate.runs.preflight import located
     from dcablate.tasks import build_task
     from dcablate.training.runtime import autocast_for
@@ -655,6 +679,7 @@ def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | No
         raise UserError(f"{run_dir / 'eval'}: cannot save this evaluation ({e.strerror or e}); the result above "
                         f"was not written") from None
     click.echo(f"{task.describe(metrics)}   written to {out}")
+    return task_kind, metrics, out
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -159,10 +160,16 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert main(["eval", "--run", str(tmp_path / "t"), "--set",
                  "task.mqar.test=[{seq_len=48, num_kv_pairs=3, num_examples=8}]"]) == 0
     out = capsys.readouterr().out
-    assert "[1/2] conv.kind=none" in out and "[2/2] conv.kind=static" in out and out.count("T48_kv3") == 2
+    assert "[1/2] conv.kind=none" in out and "[2/2] conv.kind=static" in out and out.count("T48_kv3") == 3
     assert out.rstrip().endswith("not evaluated, unfinished: unfinished")
     assert json.loads((tmp_path / "t" / "conv.kind=none" / "eval" / "mqar.json").read_text())["metrics"].keys() \
         == {"T48_kv3", "overall", "loss"}
+    # the runs side by side: a table, and a CSV in the sweep folder's eval/ naming each run's record
+    table = (tmp_path / "t" / "eval" / "mqar.csv").read_text().splitlines()
+    assert table[0] == "run,T48_kv3,overall,loss,file" and len(table) == 3
+    assert table[1].startswith("conv.kind=none,") and table[1].endswith(",conv.kind=none/eval/mqar.json")
+    assert table[2].startswith("conv.kind=static,") and table[2].endswith(",conv.kind=static/eval/mqar-3.json")
+    assert re.search(r"^run +T48_kv3 +overall +loss +file$", out, re.M)
     assert (run_dir / "eval" / "mqar-3.json").is_file()
     # a run whose checkpoint is damaged is named, and the others are still measured; exit 2 at the end
     final_pt = tmp_path / "t" / "conv.kind=none" / "checkpoints" / "final.pt"
