@@ -306,4 +306,9 @@ def against_benchmark(folder: Path, shapes: list[ConvShape], dtype: torch.dtype,
     print(format_table(table_rows(results, dtype)))
     for line in failure_lines(results):
         print(line)
+    if results and all(theirs.failed for _, _, theirs in results):  # nothing was compared: not a result
+        cpu = "; without CUDA, a reference written for the GPU only (one that asserts x.is_cuda) cannot run: " \
+              "compare on a GPU" if device == "cpu" else ""
+        raise UserError(f"--against {folder}: the reference failed at every shape (above), so nothing was "
+                        f"compared{cpu}")
     return results

@@ -189,9 +189,15 @@ def _header(what: str) -> None:
     print(f"{what}  card: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
 
 
+ON_CPU_INSTEAD = {"conv": "; on CPU, `bench conv --against DIR --shape SHAPE` checks ours and a reference against "
+                          "float64 (errors, no times)",
+                  "mixer": "; on CPU, `bench train RECIPE` times whole training steps",
+                  "moe": "; on CPU, `bench train RECIPE` times whole training steps"}
+
+
 def _need_cuda(what: str) -> None:
     if not torch.cuda.is_available():
-        raise UserError(f"bench {what} needs a CUDA device (it times GPU kernels)")
+        raise UserError(f"bench {what} needs a CUDA device (it times GPU kernels){ON_CPU_INSTEAD.get(what, '')}")
 
 
 def gpu_busy_line(label: str, kernel_ms: float, step_ms: float, source: str) -> str:

@@ -13,6 +13,7 @@ def test_gpu_benchmarks_need_cuda(args, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: bench {args[1]} needs a CUDA device") and len(err.splitlines()) == 1
+    assert "; on CPU, `bench " in err  # what works without one
 
 
 def test_bench_moe_rejects_bad_top_k(capsys):

@@ -99,6 +99,19 @@ def test_against_marks_a_wrong_reference(capsys):
 
 
 @cpu_only
+def test_a_reference_that_fails_at_every_shape_is_no_result(tmp_path, capsys):
+    """A GPU-only reference (it asserts x.is_cuda) on CPU: the table says failed in every cell of theirs, and
+    the command ends with one line saying nothing was compared, exit 2."""
+    (tmp_path / "lowrank.py").write_text("def lowrank_dynamic_convolution(x, z, U, static_w=None, residual=False):\n"
+                                         "    assert x.is_cuda and x.is_contiguous()\n")
+    code, out, err = bench(capsys, tmp_path, shapes=["B1 T9 D8 W4 R16", "B2 T37 D24 W4 R15+S"])
+    assert code == 2 and row(out, "B1 T9 D8 W4 R16").count("theirs failed") == 2
+    assert err == (f"error: --against {tmp_path}: the reference failed at every shape (above), so nothing was "
+                   f"compared; without CUDA, a reference written for the GPU only (one that asserts x.is_cuda) "
+                   f"cannot run: compare on a GPU\n")
+
+
+@cpu_only
 def test_against_on_cpu_needs_shapes(capsys):
     code, out, err = bench(capsys, RIGHT, shapes=[])
     assert code == 2 and err.startswith("error: bench conv --against without CUDA") and "--shape" in err
