@@ -791,8 +791,9 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Timed steps per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
               help="Untimed steps first (more while a CUDA-graphed model still has batch shapes to capture).")
-@click.option("--again", is_flag=True, help="Also time the models already measured on this card (the file keeps "
-                                            "every measurement; the report reads the newest).")
+@click.option("--again", is_flag=True, help="Also time the models already measured on this card with at least "
+                                            "these --warmup and --steps (the file keeps every measurement; the "
+                                            "report reads the newest).")
 def bench_throughput(directory, steps, warmup, again):
     """Time each model of the finished runs below DIRECTORY alone on this card, for the report's wall-clock
     multipliers: runs trained side by side measured each other. Writes each run's throughput.json."""

@@ -73,7 +73,8 @@ def label_of(run) -> str:
 def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = False) -> list[dict]:
     """Time each model of the finished runs below `directory` alone (see the module's doc) and append the result
     to each of its runs' throughput.json; prints a table and returns its rows. Models whose every run already has
-    a measurement from this card are left as they are unless `again`."""
+    a measurement from this card with at least these warm-up and timed steps are left as they are (the table shows
+    that measurement) unless `again`."""
     import torch
 
     from dcablate.bench.train import bench_task, bench_variant
@@ -97,9 +98,14 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
     for model in models:
         run, r = model[0]
         label = label_of(run)
-        if not again and all((m := throughput.newest(other.path)) and m.device_name == card for other, _ in model):
-            rows.append({"model": label, "runs": len(model), "step ms": "measured before", "tokens/s": "",
-                         "CUDA graph": ""})
+        kept = [throughput.newest(other.path) for other, _ in model]
+        if not again and all(m and m.device_name == card and m.timed_steps >= steps and m.warmup_steps >= warmup
+                             for m in kept):  # a measurement at least as long as this one asks, on this card
+            m = kept[0]
+            rows.append({"model": label, "runs": len(model),
+                         "step ms": f"{m.step_ms:.2f}" if m.step_ms is not None else "?",
+                         "tokens/s": f"{m.tokens_per_s:,.0f}", "CUDA graph": "",
+                         "measured": f"before: {m.warmup_steps} + {m.timed_steps} steps, {m.date[:10]}"})
             continue
         try:
             row = bench_variant(label, r, bench_task(r), warmup, steps)
@@ -121,7 +127,8 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
                 raise UserError(f"{shown(other.path, directory)}: cannot write {throughput.FILE}: "
                                 f"{e.strerror or e}") from None
         rows.append({"model": label, "runs": len(model), "step ms": f"{row['step_ms']:.2f}",
-                     "tokens/s": f"{row['tokens_per_s_overall']:,.0f}", "CUDA graph": "yes" if row["graphs"] else "no"})
+                     "tokens/s": f"{row['tokens_per_s_overall']:,.0f}", "CUDA graph": "yes" if row["graphs"] else "no",
+                     "measured": "now"})
         click.echo(f"  {label}: {row['step_ms']:.2f} ms per step ({shown(run.path, directory)} and "
                    f"{len(model) - 1} more)" if len(model) > 1 else f"  {label}: {row['step_ms']:.2f} ms per step")
         if row["swing"] is not None and row["swing"] > throughput.UNSTEADY:
@@ -129,9 +136,10 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
                        f"another: other work shares this machine, so its rate is not clean (--again on a quiet one)")
     click.echo("")
     click.echo(format_table(rows))
-    if any(r["tokens/s"] for r in rows):
+    if any(r.get("measured") == "now" for r in rows):
         click.echo(f"wrote {throughput.FILE} into the runs' folders; `dcablate report {directory}` uses these rates "
                    f"for the wall-clock multipliers")
     else:
-        click.echo(f"nothing new to time: every model was timed on this card before (--again times them anew)")
+        click.echo(f"nothing new to time: every model was timed on this card before, with at least {warmup} + "
+                   f"{steps} steps (--again times them anew)")
     return rows

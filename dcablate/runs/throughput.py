@@ -31,6 +31,9 @@ class Measured:
     device_name: str
     date: str
     swing: float | None = None  # slowest over fastest part of the timing (`bench.train.swing`)
+    step_ms: float | None = None
+    timed_steps: int = 0  # 0: not recorded
+    warmup_steps: int = 0
 
 
 def measurements(run_dir: Path) -> list[dict]:
@@ -50,9 +53,11 @@ def newest(run_dir: Path) -> Measured | None:
     for m in reversed(measurements(run_dir)):
         rate = m.get("tokens_per_s")
         if isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < float("inf"):
-            swing = m.get("swing")
-            swing = float(swing) if isinstance(swing, (int, float)) and not isinstance(swing, bool) else None
-            return Measured(float(rate), str(m.get("device_name") or "?"), str(m.get("date") or "?"), swing)
+            number = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # noqa: E731
+            count = lambda v: int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0  # noqa: E731
+            return Measured(float(rate), str(m.get("device_name") or "?"), str(m.get("date") or "?"),
+                            number(m.get("swing")), number(m.get("step_ms")), count(m.get("timed_steps")),
+                            count(m.get("warmup_steps")))
     return None
 
 

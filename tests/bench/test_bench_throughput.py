@@ -67,11 +67,17 @@ def test_each_model_is_timed_once_and_written_into_its_runs(work, monkeypatch, c
     assert {k: len(v) for k, v in by_kind.items()} == {"none": 1, "dynamic": 1}  # one timing per model, shared
 
     rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2")
-    assert rc == 0 and out.count("measured before") == 2 and "nothing new to time" in out
+    assert rc == 0 and out.count("before: 1 + 2 steps, ") == 2 and "nothing new to time" in out
+    assert f"{found[runs[0]][0]['tokens_per_s']:,.0f}" in out  # the kept measurement is shown, not hidden
     assert all(len(throughput.measurements(run)) == 1 for run in runs)
+    # a longer timing than the kept one asks for is made: a short trial run does not stand for it
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "3")
+    assert rc == 0 and "before:" not in out and all(len(throughput.measurements(run)) == 2 for run in runs)
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2")
+    assert rc == 0 and out.count("before: 1 + 3 steps, ") == 2
     rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2", "--again")
-    assert rc == 0 and "measured before" not in out
-    assert all(len(throughput.measurements(run)) == 2 for run in runs)
+    assert rc == 0 and "before:" not in out
+    assert all(len(throughput.measurements(run)) == 3 for run in runs)
     newest = throughput.newest(runs[0])
     assert newest.tokens_per_s == throughput.measurements(runs[0])[-1]["tokens_per_s"]
 
