@@ -407,6 +407,10 @@ def not_a_run(run_dir: Path) -> UserError:
     """`--run DIR` names no run: the error, with one of the runs DIR holds when it is a sweep's folder."""
     below = sorted(p.parent for p in run_dir.glob("*/recipe.toml"))
     hint = f"; it holds {len(below)} run{'s' if len(below) != 1 else ''}, e.g. --run '{below[0]}'" if below else ""
+    sweeps = sorted({p.parent.parent for p in run_dir.glob("*/*/recipe.toml")}) if not below else []
+    if sweeps:  # a folder of sweeps (runs/): each is a folder to give
+        hint = (f"; it holds the runs of {len(sweeps)} sweep{'s' if len(sweeps) != 1 else ''} a level down, e.g. "
+                f"'{sweeps[0]}'")
     return UserError(f"{run_dir}: not a run directory (no recipe.toml){hint}")
 
 
@@ -929,6 +933,10 @@ def kernels():
 def kernels_export_tuning(caches, out, gpu_name, triton_version):
     """Convert the autotuning results of fla's kernels in a Triton cache into fla's config files for one GPU
     model (run on the machine that tuned them, e.g. after a sweep's kernel warm-up)."""
+    import warnings
+
+    # fla warns on import without a GPU; exporting reads its kernels' definitions only, which needs none
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform", category=UserWarning)
     from dcablate.kernels.tuned.export import default_out, export
     from dcablate.runs.launchers.warmup import cache_dir
 

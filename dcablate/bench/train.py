@@ -341,6 +341,11 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
                f"card: {card}  torch {torch.__version__}  (MFU n/a: peak FLOP/s unknown for this device)")
     click.echo(f"{warmup} warmup + {steps} timed steps per variant; median step time; MFU = 3 x forward FLOPs "
                f"per token (dcablate info) x tokens/s / peak")
+    if warmup == 0:
+        click.echo("note: --warmup 0: the first timed step pays first-call costs (allocation, kernel compilation, "
+                   "CUDA graph capture), so a variant's times are not its steady step")
+    if profile and device.type != "cuda":
+        click.echo("note: --profile: the kernel profile is of CUDA kernels; on CPU no profile is made")
     tasks = [bench_task(r) for _, r in points]
     for note in dict.fromkeys(t.benchmark_note for t in tasks if t.benchmark_note):
         click.echo(note)

@@ -83,6 +83,14 @@ def test_compare_prints_the_table_with_ratios(tmp_path, monkeypatch, capsys):
     assert int(rows["static"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the conv's weights
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notes of a CPU bench")
+def test_options_that_give_no_clean_time_or_nothing_on_cpu_are_said(tmp_path, monkeypatch, capsys):
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY, "--warmup", "0", "--steps", "1", "--profile")
+    assert rc == 0, err
+    assert "note: --warmup 0: the first timed step pays first-call costs" in out
+    assert "note: --profile: the kernel profile is of CUDA kernels; on CPU no profile is made" in out
+
+
 def test_lm_recipe_steps_on_random_tokens_without_its_corpus(tmp_path, monkeypatch, capsys):
     rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY_LM)
     assert rc == 0, err

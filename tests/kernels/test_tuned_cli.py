@@ -82,6 +82,16 @@ def test_results_no_one_looks_up_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_files_that_are_no_autotuning_result_are_named_as_such(tmp_path, capsys):
+    """Not "a kernel that takes no config file": a file whose text is no result is unreadable, whatever its name."""
+    (tmp_path / "cache" / "ABC").mkdir(parents=True)
+    (tmp_path / "cache" / "ABC" / "bad.autotune.json").write_text("not json")
+    assert main(CMD + ["--triton-cache", str(tmp_path / "cache"), "--gpu-name", "NVIDIA H200",
+                       "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "nothing to export", "no file is an autotuning result", "bad.autotune.json: unreadable")
+    assert not (tmp_path / "o").exists()
+
+
 def test_without_cuda_the_gpu_must_be_named(tmp_path, capsys, monkeypatch):
     import torch
 

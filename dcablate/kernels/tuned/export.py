@@ -236,17 +236,17 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str, triton_version: str
     newest: dict[str, dict[str, tuple[Result, dict]]] = {}
     for path in files:
         name = path.name[:-len(SUFFIX)]
+        try:  # a file that is no autotuning result is named as such, whatever kernel its name suggests
+            result = read_result(path)
+        except ValueError as e:
+            report.unreadable[str(path)] = str(e)
+            continue
         if name not in kernels:
             modules = cached_kernel_modules().get(name, ())
             if modules:  # fla looks it up, but its module does not import here
                 report.unimportable[name] = "; ".join(f"{m}: {failed.get(m, 'no such kernel')}" for m in modules)
             else:
                 report.not_looked_up[name] = report.not_looked_up.get(name, 0) + 1
-            continue
-        try:
-            result = read_result(path)
-        except ValueError as e:
-            report.unreadable[str(path)] = str(e)
             continue
         if len(result.tuned) < 2:
             report.single[name] = report.single.get(name, 0) + 1
@@ -266,7 +266,9 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str, triton_version: str
         def listed(d: dict) -> str:
             return "; ".join(f"{k}: {w}" for k, w in sorted(d.items()))
 
-        if report.single and not (report.unimportable or report.not_looked_up or report.misfits):
+        if report.unreadable and not (report.single or report.unimportable or report.not_looked_up or report.misfits):
+            why = f"no file is an autotuning result ({listed(report.unreadable)})"
+        elif report.single and not (report.unimportable or report.not_looked_up or report.misfits):
             why = f"every result timed one candidate and compared nothing ({listed(report.single)})"
         elif report.unimportable:
             why = f"fla's modules of the kernels found do not import here ({listed(report.unimportable)})"
