@@ -305,7 +305,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         started.append(True)
         if not to_train or (launch.launcher == "local" and not slots):
             try:
-                return train_here(plan, root, quiet)
+                return train_here(plan, root, quiet, by_flops=uses_cuda is False)
             except UserError as e:  # text found wanting only once read (a one-line .jsonl): where the key was set
                 raise preflight.located(e, recipe, list(overrides)) from None
         sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda)
@@ -414,17 +414,21 @@ def not_a_run(run_dir: Path) -> UserError:
     return UserError(f"{run_dir}: not a run directory (no recipe.toml){hint}")
 
 
-def train_here(plan, root: Path, quiet: bool) -> None:
+def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
     """`run` in this process, one run after another: a line per run, then the results table. A run of a sweep
     that fails (a non-finite step at a high learning rate, out of memory) does not stop the others, as with
-    workers: the failures are listed after the table and the exit status is 1; a stop signal stops the sweep."""
+    workers: the failures are listed after the table and the exit status is 1; a stop signal stops the sweep.
+    The ETA counts each run's planned work (`longest_first`; FLOPs too where `by_flops`: on CPU)."""
     from dcablate.runs.launchers.outcome import result_row, results_table
+    from dcablate.runs.preflight import longest_first
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
     from dcablate.training.runtime import Stop
 
     rows, failed, points = [], [], len(plan)
-    sweep = SweepProgress(sum(state != "finished" for *_, state in plan))
+    to_train = [i for i, (*_, state) in enumerate(plan) if state != "finished"]
+    work = longest_first(plan, to_train, by_flops)[1] if points > 1 else {}
+    sweep = SweepProgress(len(to_train), steps=sum(work.values()) or None)
     for i, (name, r, run_dir, state) in enumerate(plan):
         if points > 1:
             click.echo(sweep.heading(i, points, name))
@@ -437,11 +441,11 @@ def train_here(plan, root: Path, quiet: bool) -> None:
             except Stop as e:
                 if points == 1 or e.code != 1:  # a stop signal or a closed output stops the sweep; a fault, the run
                     raise
-                sweep.finished(failed=True)
+                sweep.finished(failed=True, steps=work.get(i, 0))
                 click.echo(f"  failed: {e}")
                 failed.append((name or r.run.name, e, run_dir))
                 continue
-            sweep.finished()
+            sweep.finished(steps=work.get(i, 0))
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         rows.append(result_row(name or r.run.name, summary, r.task.kind))
     click.echo("")
@@ -464,7 +468,7 @@ def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: La
     from dcablate.runs.preflight import longest_first
 
     outcome.announce_finished(plan)
-    jobs = outcome.jobs_for(plan, *longest_first(plan, to_train))
+    jobs = outcome.jobs_for(plan, *longest_first(plan, to_train, by_flops=uses_cuda is False))
     if launch.launcher == "local":
         from dcablate.runs.launchers import local
 

@@ -199,12 +199,15 @@ def steps_of(r, cache: dict) -> int:
     return budget[0] if budget is not None else r.train.steps
 
 
-def longest_first(plan, to_train: list[int]) -> tuple[list[int], dict[int, int]]:
-    """`to_train` in the order a sweep hands its runs to workers: the most planned steps left first (a resumed
-    run's since its newest checkpoint), ties in sweep order; and those steps of each point. A ladder's runs differ up to 15x in steps; started last, the longest
-    would run alone on a card the others have left, so a sweep on K workers would take up to twice its steps over
-    K. Steps, not FLOPs: the small models that share a card take about the same time per step whatever their
-    width (a d_model 512 MQAR step, 64x the FLOPs of a d_model 64 one, took 1.8x its time, eight runs at once)."""
+def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[list[int], dict[int, float]]:
+    """`to_train` in the order a sweep hands its runs to workers: the most planned steps left first (a resumed run's
+    since its newest checkpoint), ties in sweep order; and the work of each point, the unit of the sweep's ETA. A
+    ladder's runs differ up to 15x in steps; started last, the longest would run alone on a card the others have
+    left, so a sweep on K workers would take up to twice its steps over K. Steps, not FLOPs: the small models that
+    share a card take about the same time per step whatever their width (a d_model 512 MQAR step, 64x the FLOPs of
+    a d_model 64 one, took 1.8x its time, eight runs at once). On CPU (`by_flops`) a step takes time in proportion
+    to its FLOPs, so there the work the ETA counts is steps x FLOPs per step (`dcablate info`'s count)."""
+    from dcablate.models.describe import recipe_costs
     from dcablate.training.checkpoint import step_files
 
     cache: dict = {}
@@ -213,7 +216,15 @@ def longest_first(plan, to_train: list[int]) -> tuple[list[int], dict[int, int]]
         saved = step_files(plan[i][2] / "checkpoints") if plan[i][3] == "resume" else []
         if saved:
             steps[i] = max(1, steps[i] - saved[-1][0])
-    return sorted(to_train, key=lambda i: -steps[i]), steps
+    work: dict[int, float] = dict(steps)
+    for i in to_train if by_flops else ():
+        r = plan[i][1]
+        try:
+            c, _ = recipe_costs(r, cache)
+        except UserError:  # counted by its steps alone
+            continue
+        work[i] = steps[i] * (c.flops_per_token + c.head_flops_per_token) * r.train.batch_size * c.seq_len
+    return sorted(to_train, key=lambda i: -steps[i]), work
 
 
 WARMUP_SHARE = 0.1  # a warmup this share of the shortest run's steps, with the longest 3x as long: said in a note

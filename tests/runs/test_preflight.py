@@ -266,3 +266,11 @@ def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     plan[3] = ("long", long, tmp_path, "resume")
     order, steps = preflight.longest_first(plan, [0, 1, 2, 3, 4])
     assert order == [1, 2, 4, 0, 3] and steps[3] == 500
+    # on CPU a step's time follows its FLOPs: the wide run (d_model 256) is more work for the ETA than the short
+    # one of 32 (the order stays by steps, ties in sweep order)
+    from dcablate.models.describe import recipe_costs
+
+    order, work = preflight.longest_first(plan, [4, 2], by_flops=True)
+    per_step = {i: (c.flops_per_token + c.head_flops_per_token) * plan[i][1].train.batch_size * c.seq_len
+                for i in (2, 4) for c in [recipe_costs(plan[i][1], {})[0]]}
+    assert order == [4, 2] and work == {2: 1000 * per_step[2], 4: 1000 * per_step[4]} and work[4] > 4 * work[2]

@@ -30,7 +30,7 @@ class Job:
     label: str = ""  # where it is training ("cpu", "gpu 1", "ray 0.25 GPU", "slurm 1234_0")
     started: float = 0.0
     title: str = ""  # the name its lines show: the point's, or a single run's run.name (its `name` is "")
-    steps: int = 0  # its planned steps (0: not counted), for the sweep's ETA
+    steps: float = 0  # its planned work (steps, or FLOPs on CPU: `preflight.longest_first`; 0: not counted), for the ETA
 
     def __post_init__(self):
         self.title = self.title or self.name or self.run_dir.name
