@@ -240,7 +240,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         root, plan = broadcast((root, plan))
     to_train = [i for i, p in enumerate(plan) if p[3] != "finished"]
     devices, device_problem = None, None
-    if launch.launcher == "local" and not launch.nproc:  # a device this machine lacks: before any data is read
+    if launch.launcher == "local":  # a device this machine lacks: before any data is read (--nproc's ranks too)
         try:
             devices = preflight.device_checked(recipe, overrides, points)
         except UserError as e:
@@ -250,7 +250,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
     budgets = preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
         preflight.check_generated_data(recipe, overrides, plan, to_train)  # what each run's data phase would refuse
-        if devices is not None and not distributed:  # the worker flags too (their line is the real command's)
+        if devices is not None and not distributed and not launch.nproc:  # the worker flags (the real command's line)
             local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
         for _, r, run_dir, state in plan:
             steps = preflight.budget_steps(r, budgets)
@@ -270,8 +270,10 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                       if k in states] + ([f"{len(refused)} refused"] if refused else [])
             click.echo(f"{len(points)} runs: {', '.join(counts)}", err=True)  # stdout: a line per point
         if device_problem is not None:
+            also = (f"; and {len(refused)} of {len(points)} runs would be refused there too (listed above)"
+                    if refused else "")
             raise UserError(f"{device_problem} (on this machine; the plan above is what one with that device "
-                            f"would train)")
+                            f"would train){also}")
         if refused:
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")
@@ -289,8 +291,6 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                  any(v is not None for v in (launch.per_gpu, launch.gpus, launch.workers)))
 
     if launch.launcher == "local":
-        if devices is None:  # not checked above (--nproc)
-            devices = preflight.device_checked(recipe, overrides, points)
         preflight.check_sizes(recipe, list(overrides), plan, to_train, devices)  # too large a model: nothing written
         uses_cuda = any(d.type == "cuda" for d in devices)
     else:  # the cluster's nodes have the devices, and each worker checks its own
@@ -549,17 +549,26 @@ def eval_(task_kind, run_dir, overrides, data, run):
         evaluate_run(run_named(run_dir, flag), task_kind, overrides, data)
         return
     finished = [p for p in points if (p / "checkpoints" / "final.pt").is_file()]
+    left = [p.name for p in points if p not in finished]
     if not finished:
         raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them by running the "
                         f"sweep's recipe again (`dcablate run {run_dir}/POINT` finishes one), then evaluate")
-    kinds = {config.load(str(p / "recipe.toml"), []).task.kind for p in finished}
+    failed, rows, kinds = [], {}, set()
+    for p in list(finished):  # a run whose recipe.toml no longer loads is named; the others are still measured
+        try:
+            kinds.add(config.load(str(p / "recipe.toml"), []).task.kind)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            failed.append(p.name)
+            finished.remove(p)
+    if not finished:
+        raise UserError(f"{run_dir}: none of its finished runs could be read (said above): {', '.join(failed)}")
     for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
         section = _task_section(o)
         if section is not None and section not in kinds:
             raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
                             f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
     settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
-    failed, rows = [], {}
     for i, (point, settings) in enumerate(zip(finished, settled)):
         click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
         try:
@@ -577,11 +586,11 @@ def eval_(task_kind, run_dir, overrides, data, run):
             click.echo(f"written to {save_new_file(run_dir / 'eval' / f'{kind}.csv', csv_text(table))}")
         except OSError as e:
             click.echo(f"error: {run_dir / 'eval'}: cannot save the table ({e.strerror or e})", err=True)
-    left = [p.name for p in points if p not in finished]
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
     if failed:
-        raise UserError(f"{len(failed)} of {len(finished)} finished runs could not be evaluated (said above): "
+        total = len(points) - len(left)
+        raise UserError(f"{len(failed)} of {total} finished runs could not be evaluated (said above): "
                         f"{', '.join(failed)}")
 
 

@@ -136,10 +136,15 @@ def measure(directory: Path, steps: int = 50, warmup: int = 10, again: bool = Fa
                        f"another: other work shares this machine, so its rate is not clean (--again on a quiet one)")
     click.echo("")
     click.echo(format_table(rows))
+    oom = [r["model"] for r in rows if r["step ms"] == "OOM"]
     if any(r.get("measured") == "now" for r in rows):
         click.echo(f"wrote {throughput.FILE} into the runs' folders; `dcablate report {directory}` uses these rates "
                    f"for the wall-clock multipliers")
-    else:
+    elif not oom:
         click.echo(f"nothing new to time: every model was timed on this card before, with at least {warmup} + "
                    f"{steps} steps (--again times them anew)")
+    if oom:
+        raise UserError(f"{len(oom)} of {len(rows)} models ran out of memory on this card and have no rate "
+                        f"({', '.join(oom)}); while any fitted run lacks a rate measured alone, the report's wall-clock multipliers use the "
+                        f"runs' own training throughput")
     return rows

@@ -145,3 +145,19 @@ def test_the_rate_is_over_all_timed_steps_not_the_median_step():
     from dcablate.bench.train import swing
 
     assert swing([1.0] * 6 + [3.0, 5.0]) == 4.0  # the last quarter ran 4x slower per step: a busy machine
+
+
+def test_models_that_run_out_of_memory_end_with_one_line(work, monkeypatch, capsys):
+    """No "nothing new to time" when nothing could be timed: the models that ran out of memory are named, exit 2."""
+    import torch
+
+    import dcablate.bench.train as bench_train
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(bench_train, "bench_variant", oom)
+    rc, out, err = bench(monkeypatch, capsys, work, "out", "--warmup", "1", "--steps", "2")
+    assert rc == 2 and "nothing new to time" not in out and out.count("OOM") == 2
+    assert err.startswith("error: 2 of 2 models ran out of memory on this card and have no rate (")
+    assert len(err.strip().splitlines()) == 1

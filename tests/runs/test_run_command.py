@@ -56,6 +56,8 @@ def test_a_device_this_machine_lacks_is_refused_and_the_dry_run_still_lists_the_
     captured = capsys.readouterr()
     assert captured.out.count(f"{tmp_path / 't'}/conv.kind=") == 2
     assert captured.err.splitlines()[-1] == f"error: --set: {line}{dry_tail.rstrip()}"
+    assert main(["run", str(path), "--dry-run", "--nproc", "2", "--set", "run.device=cuda"]) == 2  # torchrun's too
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: --set: {line}{dry_tail.rstrip()}"
     assert main(["run", str(path), "--dry-run", "--set", 'sweep.run.device=["cpu", "cuda"]']) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: --set: sweep.run.device: {line}{dry_tail.rstrip()}"
     data = tiny(tmp_path, run={"device": "cuda"}).to_dict()
@@ -63,6 +65,17 @@ def test_a_device_this_machine_lacks_is_refused_and_the_dry_run_still_lists_the_
     assert main(["run", str(tmp_path / "c.toml")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'c.toml'}: {line}\n"
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_dry_run_missing_the_device_still_says_which_runs_would_be_refused(tmp_path, capsys):
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run", "--set", "train.steps=8", "--set", "run.device=cuda"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "(on this machine; the plan above is what one with that device would train); and 2 of 2 runs would be "
+        "refused there too (listed above)")
 
 
 def test_the_sweep_folder_refusal_says_how_to_resume_one_point(tmp_path, capsys):

@@ -317,7 +317,11 @@ def test_a_folder_of_other_text_is_refused_not_called_ready(tmp_path, monkeypatc
     assert (mine / "keep.txt").read_text() == "my own text" and sorted(p.name for p in mine.iterdir()) == ["keep.txt"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    mine.rename(tmp_path / "data" / "debian-docs")
+    other.rename(tmp_path / "data" / "debian-docs")
     assert main(["data", "list"]) == 0
-    assert "not in data/debian-docs: it holds .txt files that `dcablate data get` did not make" in \
+    assert "not in data/debian-docs: it holds the corpus python-docs (its MANIFEST.md), not debian-docs" in \
         capsys.readouterr().out
+    # a folder named for the corpus without a MANIFEST.md is how versions before 2026-12-04 made python-docs
+    mine.rename(tmp_path / "data" / "python-docs")
+    assert main(["data", "get", "python-docs"]) == 0 and "ready in data/python-docs" in capsys.readouterr().out
+    assert main(["data", "list"]) == 0 and "ready in data/python-docs" in capsys.readouterr().out

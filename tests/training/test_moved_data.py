@@ -37,16 +37,25 @@ def test_a_second_copy_of_a_fetched_corpus_is_no_change(tmp_path):
     digest, or a folder without a MANIFEST.md, is a change."""
     from dcablate.tasks.lm.corpus import DIGEST_LINE
 
-    def corpus(where: str, digest: str | None):
+    from dcablate.tasks.lm.corpus import content_digest
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("text")
+    digest = content_digest(text)
+
+    def corpus(where: str, recorded: str | None, document: str = "text"):
         folder = tmp_path / where / "data" / "debian-docs"
         folder.mkdir(parents=True)
-        (folder / "a.txt").write_text("text")
-        if digest:
-            (folder / "MANIFEST.md").write_text(f"# debian-docs\n\n{DIGEST_LINE}`{digest}`\n")
+        (folder / "a.txt").write_text(document)
+        if recorded:
+            (folder / "MANIFEST.md").write_text(f"# debian-docs\n\n{DIGEST_LINE}`{recorded}`\n")
         return str(folder)
 
-    runs, mine, other, bare = (corpus("runs", "d68ca849"), corpus("mine", "d68ca849"), corpus("other", "0123abcd"),
+    runs, mine, other, bare = (corpus("runs", digest), corpus("mine", digest), corpus("other", "0123abcd"),
                                corpus("bare", None))
+    edited = corpus("edited", digest, "text edited since it was fetched")
     assert moved(runs, mine)
     assert recipe_changes(recipe(runs), recipe(mine)) == []
     assert not moved(runs, other) and not moved(runs, bare) and not moved(bare, runs)
+    assert not moved(runs, edited)  # its MANIFEST.md says the same, its documents do not

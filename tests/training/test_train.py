@@ -182,6 +182,18 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert captured.err.splitlines()[-1] == ("error: 1 of 2 finished runs could not be evaluated (said above): "
                                              "conv.kind=none")
     final_pt.write_bytes(intact)
+    # a run whose recipe.toml no longer loads: named, the others measured
+    recipe_file = tmp_path / "t" / "conv.kind=none" / "recipe.toml"
+    kept_recipe = recipe_file.read_text()
+    recipe_file.write_text("not = [valid")
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "t")]) == 2
+    captured = capsys.readouterr()
+    assert "[1/1] conv.kind=static" in captured.out and "unfinished: unfinished" in captured.out
+    assert "conv.kind=none" not in captured.out.split("not evaluated, unfinished:")[-1]
+    assert captured.err.splitlines()[-1] == ("error: 1 of 2 finished runs could not be evaluated (said above): "
+                                             "conv.kind=none")
+    recipe_file.write_text(kept_recipe)
 
     capsys.readouterr()
     assert main(["info", str(path)]) == 0

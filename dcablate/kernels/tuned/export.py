@@ -84,6 +84,9 @@ def _timing(t) -> tuple:
     return tuple(float(v) for v in values)
 
 
+ALL_FAILED = "every config failed to run"
+
+
 def read_result(path: Path) -> Result:
     """The result file `path`; ValueError when it is not one Triton's autotuner writes, or every config failed."""
     try:
@@ -100,7 +103,7 @@ def read_result(path: Path) -> Result:
         timed.append((pair[0], _timing(pair[1])))
     config, timing = min(timed, key=lambda ct: ct[1])  # first of the fastest, as Triton's min() picks
     if not math.isfinite(timing[0]):
-        raise ValueError("every config failed to run")
+        raise ValueError(ALL_FAILED)
     return Result(path.name[:-len(SUFFIX)], data["key"], as_fla_config(config), list(timing),
                   utc(path.stat().st_mtime), path, [sorted((c.get("kwargs") or {})) for c, _ in timed])
 
@@ -239,8 +242,10 @@ def export(caches: list[Path], out_dir: Path, gpu_name: str, triton_version: str
         try:  # a file that is no autotuning result is named as such, whatever kernel its name suggests
             result = read_result(path)
         except ValueError as e:
-            report.unreadable[str(path)] = str(e)
-            continue
+            if name in kernels or str(e) != ALL_FAILED:
+                report.unreadable[str(path)] = str(e)
+                continue
+            # another program's kernel whose every config failed: a result all the same, of no kernel fla reads
         if name not in kernels:
             modules = cached_kernel_modules().get(name, ())
             if modules:  # fla looks it up, but its module does not import here

@@ -255,12 +255,13 @@ def made_as(dest: Path) -> str | None:
 
 def other_text(dest: Path, name: str) -> str | None:
     """For a folder holding .txt files: what it holds when that is not corpus `name` (another corpus, or text
-    `dcablate data get` did not make), as the end of a line; None when it holds `name` (or no .txt files)."""
+    `dcablate data get` did not make), as the end of a line; None when it holds `name` (its MANIFEST.md says so,
+    or it has none and is named `name`, as older versions made it) or no .txt files."""
     if not corpus_ready(dest):
         return None
     made = made_as(dest)
-    if made == name:
-        return None
+    if made == name or (made is None and dest.name == name):  # a folder of that name without a MANIFEST.md: as
+        return None  # dcablate made python-docs before it wrote one (2026-12-04)
     return (f"holds the corpus {made} (its MANIFEST.md), not {name}" if made else
             f"holds .txt files that `dcablate data get` did not make (no MANIFEST.md naming {name})")
 
