@@ -50,11 +50,13 @@ def _load_plugins() -> None:
     for name in plugin_names():
         if name in _plugins_loaded:
             continue
+        if name.endswith(".py") or name.startswith(".") or "/" in name or os.sep in name:  # a file, not a module
+            raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}'{_module_hint(name)}")
         _plugins_loaded.add(name)
         if "" not in sys.path and os.getcwd() not in sys.path:  # `dcablate` scripts do not put the cwd on the path
             sys.path.append(os.getcwd())
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except ImportError as e:
             _plugins_loaded.discard(name)
             missing = e.name if isinstance(e, ModuleNotFoundError) else None
@@ -64,6 +66,10 @@ def _load_plugins() -> None:
         except UserError:
             _plugins_loaded.discard(name)
             raise
+        except SyntaxError as e:  # its own file and line, not the import machinery's frame
+            _plugins_loaded.discard(name)
+            raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' failed while importing, at {e.filename}:"
+                            f"{e.lineno}: SyntaxError: {e.msg}") from None
         except Exception as e:  # a mistake in the plugin itself (a spec without a field, a name taken): one line
             _plugins_loaded.discard(name)
             package = os.path.dirname(os.path.abspath(__file__))
@@ -73,6 +79,13 @@ def _load_plugins() -> None:
                          frames[-1])
             raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' failed while importing, at {frame.filename}:"
                             f"{frame.lineno}: {type(e).__name__}: {e}") from None
+        local = os.path.join(os.getcwd(), f"{name}.py")
+        origin = getattr(module, "__file__", None)
+        if "." not in name and os.path.isfile(local) and (not origin or not os.path.samefile(origin, local)):
+            _plugins_loaded.discard(name)  # a module of the same name came first on the path (the standard library's)
+            raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' is also the name of another module "
+                            f"({origin or 'built into Python'}), which was imported instead of {local}; rename your "
+                            f"file (and the name in {PLUGINS_ENV})")
 
 
 def _module_hint(name: str) -> str:
@@ -182,6 +195,7 @@ class Registry(Generic[Spec]):
         """Add `spec` (anything with a `name`); a second spec of the same name is an error unless `replace`, and so
         is a spec a recipe could not name or configure (`check_spec`)."""
         global generation
+        self._import_builtins()  # a plugin's spec comes after the package's own, whichever registry was read first
         if spec.name in self._specs and not replace:
             raise ValueError(f"a {self.what} named {spec.name!r} is already registered")
         check_spec(spec, self.what)
@@ -198,9 +212,14 @@ class Registry(Generic[Spec]):
         del self._specs[name]
         generation += 1
 
-    def _ready(self) -> dict[str, Spec]:
+    def _import_builtins(self) -> None:
+        """Import the modules that register the package's own components (a module importing now, whose
+        registration asked, is found half-made in `sys.modules` and not imported again)."""
         for module in self.builtins:
             importlib.import_module(module)
+
+    def _ready(self) -> dict[str, Spec]:
+        self._import_builtins()
         load_plugins()
         return self._specs
 

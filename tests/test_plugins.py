@@ -79,6 +79,11 @@ class GatedShift(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.gate * F.pad(x, (0, 0, 1, 0))[:, :-1]
 
+    def step(self, x_t: torch.Tensor, h_t: torch.Tensor, state: torch.Tensor | None):
+        """Decoding: `x_t [B, D]`, the state `[B, D, W-1]` (the previous token), oldest first."""
+        previous = state[..., -1] if state is not None else torch.zeros_like(x_t)
+        return x_t + self.gate * previous, x_t.unsqueeze(-1)
+
     def flops_per_token(self) -> int:
         return 2 * self.dim
 
@@ -358,6 +363,28 @@ def test_a_plugin_that_fails_while_importing_is_one_line_at_its_own_line(tmp_pat
                                        f"importing, at {plugin}:2: {fragment}\n")
 
 
+@pytest.mark.parametrize("source, fragment", [
+    ("from dcablate.models.conv import ConvKindSpec, register_conv\nregister_conv(ConvKindSpec('static', 'x:y'))\n",
+     "a conv kind named 'static' is already registered"),
+    ("from dcablate.models.channel import ChannelSpec, register_channel_mixer\n"
+     "register_channel_mixer(ChannelSpec('mlp', 'x:y'))\n", "a channel mixer named 'mlp' is already registered"),
+    ("from dcablate.tasks import TaskSpec, register_task\n"
+     "register_task(TaskSpec('mqar', 'x:y', headline='overall', higher_is_better=True))\n",
+     "a task named 'mqar' is already registered"),
+], ids=["conv-kind", "channel-mixer", "task"])
+def test_a_plugin_taking_a_built_in_name_of_any_registry_is_one_line(tmp_path, source, fragment):
+    """In a fresh process, whichever registry is read first: a plugin that registers a name the package's own
+    components of another registry hold gets the one line at its own line, not a traceback from the package's
+    registration that then fails."""
+    (tmp_path / "taken.py").write_text(source)
+    env = {**os.environ, "DCABLATE_PLUGINS": "taken"}
+    done = subprocess.run([sys.executable, "-m", "dcablate", "info", "quickstart"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: DCABLATE_PLUGINS: plugin module 'taken' failed while importing, at "
+                                  f"{tmp_path / 'taken.py'}:2: ValueError: {fragment}")
+
+
 BAD_MIXERS = """\
 from dataclasses import dataclass
 import torch.nn as nn
@@ -546,6 +573,47 @@ def test_a_conv_kind_s_own_section_reaches_its_module_and_is_checked(registered,
     assert "no registered conv kind is named 'gated_shifty'" in capsys.readouterr().err
 
 
+def test_a_conv_kind_returning_another_shape_is_named(registered, tmp_path, monkeypatch, capsys):
+    """A conv that drops a token would fail later inside the mixer's kernel under the mixer's name: one line naming
+    the conv's class instead."""
+    from dcablate.cli import main
+    from dcablate.models.conv import CONV_KINDS
+
+    class DropsOne(GatedShift):
+        def forward(self, x, h=None):
+            return super().forward(x, h)[:, :-1]
+
+    CONV_KINDS.register(ConvKindSpec("gated_shift", DropsOne, GatedShiftOptions, "x"), replace=True)
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE)
+    assert main(["run", "toy.toml", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.conv.kind: tests.test_plugins.test_a_conv_kind_returning_another_shape_is_named.<locals>."
+        "DropsOne.forward returned shape (32, 11, 32) for a stream of (32, 12, 32); a conv maps its stream "
+        "[B, T, D] to [B, T, D]\n")
+
+
+def test_a_conv_kind_without_from_config_is_refused_where_it_registers_and_one_without_step_when_decoding():
+    from dcablate.errors import UserError
+    from dcablate.models.conv import CONV_KINDS
+    from dcablate.models.conv.streams import conv_step
+
+    class NoBuild(nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match=r"conv kind 'no_build': its module \(.*NoBuild'>\) has no "
+                                         r"from_config\(conv_cfg, dim, gen_dim, activation, residual, backend, bias\)"):
+        CONV_KINDS.register(ConvKindSpec("no_build", NoBuild))
+
+    class NoStep(GatedShift):
+        step = None
+
+    with pytest.raises(UserError, match=r"NoStep has no step\(x_t, h_t, state\) -> \(y_t, state\), which decoding"):
+        conv_step(NoStep(4), torch.zeros(2, 4), torch.zeros(2, 4), None)
+    y, state = conv_step(GatedShift(4), torch.ones(2, 4), torch.zeros(2, 4), torch.full((2, 4, 1), 2.0))
+    assert torch.equal(y, torch.full((2, 4), 2.0)) and torch.equal(state, torch.ones(2, 4, 1))
+
+
 def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(registered, tmp_path, monkeypatch,
                                                                                  capsys):
     """[B, 1, D] would broadcast over the residual without a word; the run ends on one line naming the mixer,
@@ -573,10 +641,11 @@ def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(r
 @pytest.mark.parametrize("value, hint", [
     ("my_plugin.py", "; name a module, not a file: DCABLATE_PLUGINS=my_plugin"),
     ("sub/my_plugin.py", "; name a module, not a file: DCABLATE_PLUGINS=my_plugin, with {tmp}/sub on PYTHONPATH"),
+    ("./my_plugin.py", "; name a module, not a file: DCABLATE_PLUGINS=my_plugin"),
     ("my_plugin other", "; separate modules with commas: DCABLATE_PLUGINS=my_plugin,other"),
     ("my_plugn", " (did you mean 'my_plugin'?)"),
     ("nothing_like_it", "; plugin modules are imported from the working directory ({tmp}) or PYTHONPATH"),
-], ids=["file", "path", "spaces", "typo", "elsewhere"])
+], ids=["file", "path", "dot-path", "spaces", "typo", "elsewhere"])
 def test_a_plugin_module_not_found_says_what_to_write(tmp_path, monkeypatch, capsys, value, hint):
     from dcablate.cli import main
 
@@ -585,8 +654,24 @@ def test_a_plugin_module_not_found_says_what_to_write(tmp_path, monkeypatch, cap
     monkeypatch.setenv("DCABLATE_PLUGINS", value)
     assert main(["info", "quickstart"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: DCABLATE_PLUGINS: cannot import plugin module '{value}' (No module named ")
+    found = "" if value.endswith(".py") else " (No module named "  # a file's path is not imported at all
+    assert err.startswith(f"error: DCABLATE_PLUGINS: cannot import plugin module '{value}'{found}")
     assert err.endswith(hint.format(tmp=tmp_path) + "\n") and err.count("\n") == 1, err
+
+
+def test_a_plugin_named_like_a_standard_library_module_or_with_a_syntax_error_is_one_line(tmp_path):
+    """`dcablate` puts the working directory last on the path: a plugin file `code.py` would lose to Python's
+    own `code` module without a word; a syntax error names the plugin's file and line."""
+    (tmp_path / "code.py").write_text("")
+    (tmp_path / "syn.py").write_text("x = 1\ndef f(:\n    pass\n")
+    for name, expect in (("code", "error: DCABLATE_PLUGINS: plugin module 'code' is also the name of another module ("),
+                         ("syn", f"error: DCABLATE_PLUGINS: plugin module 'syn' failed while importing, at "
+                                 f"{tmp_path / 'syn.py'}:2: SyntaxError: ")):
+        script = Path(sys.executable).parent / "dcablate"  # the console script, as users run it (not `python -m`)
+        done = subprocess.run([str(script), "info", "quickstart"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "DCABLATE_PLUGINS": name}, timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith(expect), done.stderr[-2000:]
+        assert done.stderr.count("\n") == 1
 
 
 def test_a_conv_on_a_stream_the_spec_does_not_declare_is_one_line(registered, tmp_path, monkeypatch, capsys):

@@ -30,7 +30,7 @@ from dcablate.config.fields import describe_value
 from dcablate.config.toml_out import toml_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
 from dcablate.errors import RecipeError, UserError, did_you_mean
-from dcablate.registry import Names
+from dcablate.registry import Names, plugin_names
 from dcablate.models.channel import CHANNELS
 from dcablate.models.mixers import MIXERS
 from dcablate.tasks import TASKS
@@ -727,6 +727,8 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
         allowed, close = "|".join(meta["choices"]), did_you_mean(value, meta["choices"])
         if isinstance(meta["choices"], Names) and not close:  # a registry's names: most often a plugin not loaded
             close = "; if a plugin module provides it, name that module in DCABLATE_PLUGINS"
+        elif isinstance(meta["choices"], Names) and not plugin_names():  # a plugin's kind is often named after a
+            close += "; or, if a plugin module provides it, name that module in DCABLATE_PLUGINS"  # built-in one
         raise RecipeError(src, path, f"'{value}' is not one of {allowed}{close}")
     lo, hi = meta.get("min"), meta.get("max")
     low = None if lo is None else f"{'>' if meta.get('min_open') else '>='} {lo}"

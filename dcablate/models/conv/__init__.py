@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcablate.registry import ComponentSpec, Registry, resolve
+from dcablate.registry import ComponentSpec, Registry, checked_impl
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,8 @@ class ConvKindSpec(ComponentSpec):
     reads: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
-CONV_KINDS: Registry[ConvKindSpec] = Registry("conv kind", ("dcablate.models.conv.specs",))
+CONV_KINDS: Registry[ConvKindSpec] = Registry("conv kind", ("dcablate.models.conv.specs",),
+                                              impl_problem=lambda cls: _impl_problem(cls))
 
 
 def register_conv(spec: ConvKindSpec, replace: bool = False) -> ConvKindSpec:
@@ -57,7 +58,8 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
         return None
     act = conv_activation(conv_cfg.kind, activation or conv_cfg.activation)
     residual = conv_cfg.residual if conv_cfg.residual is not None else spec.residual
-    conv = resolve(spec.impl).from_config(conv_cfg, dim, gen_dim, act, residual, backend, bias)
+    cls = checked_impl(spec, "model.conv.kind", _impl_problem)
+    conv = cls.from_config(conv_cfg, dim, gen_dim, act, residual, backend, bias)
     missing = [m for m in CONV_COUNTS if not hasattr(conv, m)]
     if missing:
         from dcablate.errors import UserError
@@ -88,6 +90,14 @@ def check_streams(block, declared: list[tuple[str, int]], keys: dict[str, str]) 
                 raise UserError(f"{key}: a conv was built on stream {module.conv_stream!r} with {module.dim} "
                                 f"channels, but the specs' conv_streams declare {listed} for this block; declare the "
                                 f"streams the layers pass to make_conv, with their widths")
+
+
+def _impl_problem(cls) -> str | None:
+    """What keeps `cls` from being a conv kind's module: it must build itself from the recipe."""
+    if not callable(getattr(cls, "from_config", None)):
+        return (f"its module ({cls}) has no from_config(conv_cfg, dim, gen_dim, activation, residual, backend, "
+                f"bias), which builds each conv")
+    return None
 
 
 # what every conv module gives (dcablate info, summary.json and the compute report count convs by them)

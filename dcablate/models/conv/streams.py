@@ -14,7 +14,19 @@ from dcablate.models.conv.dynamic import DynamicShortConv
 
 def conv_or_identity(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The stream `x [B, T, D]` through its conv (filters from `h [B, T, D_in]`), or unchanged without one."""
-    return x if conv is None else conv(x, h)
+    return x if conv is None else same_stream(conv(x, h), x, conv)
+
+
+def same_stream(y, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """`y` when it is a tensor of the stream's shape `[B, T, D]`; else a UserError naming the conv (a plugin conv
+    that returns another shape would fail later inside a mixer's kernel, under another component's name)."""
+    if isinstance(y, torch.Tensor) and y.shape == x.shape:
+        return y
+    from dcablate.errors import UserError
+
+    got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+    raise UserError(f"model.conv.kind: {type(conv).__module__}.{type(conv).__qualname__}.forward returned {got} for "
+                    f"a stream of {tuple(x.shape)}; a conv maps its stream [B, T, D] to [B, T, D]")
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -28,7 +40,7 @@ def conv_prefill(conv: nn.Module | None, x: torch.Tensor, h: torch.Tensor, keep:
     """`conv_or_identity` over a whole prompt `x [B, T, D]` that also returns the conv's decode state
     (None with `keep=False`: a mixer's training forward shares its code with prefill, not the state).
     `g`: a dynamic conv's generator output, when computed jointly with its siblings'."""
-    y = conv_or_identity(conv, x, h) if g is None else conv(x, h, g)
+    y = conv_or_identity(conv, x, h) if g is None else same_stream(conv(x, h, g), x, conv)
     return y, (conv_state(x, conv.width) if conv is not None and keep else None)
 
 
@@ -54,6 +66,12 @@ def conv_step(conv: nn.Module | None, x_t: torch.Tensor, h_t: torch.Tensor, stat
     """One token `x_t [B, D]` through the conv (identity without one) -> (y_t, new state)."""
     if conv is None:
         return x_t, None
+    if not callable(getattr(conv, "step", None)):
+        from dcablate.errors import UserError
+
+        raise UserError(f"model.conv.kind: {type(conv).__module__}.{type(conv).__qualname__} has no step(x_t, h_t, "
+                        f"state) -> (y_t, state), which decoding one token at a time needs (`dcablate generate`); "
+                        f"training and evaluation do not")
     return conv.step(x_t, h_t, state)
 
 
