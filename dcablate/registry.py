@@ -30,6 +30,8 @@ Spec = TypeVar("Spec")
 
 generation = 0  # bumped on every (un)registration: the recipe schema is rebuilt when it changes
 _plugins_loaded: set[str] = set()
+_importing: list[str] = []  # the plugin modules being imported now, innermost last
+_registered_by: dict[tuple[str, str], str] = {}  # (registry, component name) -> the plugin module that registered it
 _plugins_lock = threading.RLock()  # re-entrant: a plugin's import reads registries, which load plugins
 
 
@@ -55,6 +57,7 @@ def _load_plugins() -> None:
         _plugins_loaded.add(name)
         if "" not in sys.path and os.getcwd() not in sys.path:  # `dcablate` scripts do not put the cwd on the path
             sys.path.append(os.getcwd())
+        _importing.append(name)
         try:
             module = importlib.import_module(name)
         except ImportError as e:
@@ -79,6 +82,8 @@ def _load_plugins() -> None:
                          frames[-1])
             raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' failed while importing, at {frame.filename}:"
                             f"{frame.lineno}: {type(e).__name__}: {e}") from None
+        finally:
+            _importing.remove(name)
         local = os.path.join(os.getcwd(), f"{name}.py")
         origin = getattr(module, "__file__", None)
         if "." not in name and os.path.isfile(local) and (not origin or not os.path.samefile(origin, local)):
@@ -86,6 +91,17 @@ def _load_plugins() -> None:
             raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' is also the name of another module "
                             f"({origin or 'built into Python'}), which was imported instead of {local}; rename your "
                             f"file (and the name in {PLUGINS_ENV})")
+
+
+def plugins_registering() -> set[str]:
+    """The plugin modules that registered at least one component."""
+    return set(_registered_by.values())
+
+
+def plugin_of(registry: str, name: str) -> str | None:
+    """The `DCABLATE_PLUGINS` module that registered component `name` of `registry` (its `what`: "conv kind",
+    "task", ...), None for the package's own (or one registered outside a plugin's import)."""
+    return _registered_by.get((registry, name))
 
 
 def _module_hint(name: str) -> str:
@@ -204,6 +220,10 @@ class Registry(Generic[Spec]):
             if problem:
                 raise ValueError(f"{self.what} {spec.name!r}: {problem}")
         self._specs[spec.name] = spec
+        if _importing:
+            _registered_by[(self.what, spec.name)] = _importing[-1]
+        else:
+            _registered_by.pop((self.what, spec.name), None)
         generation += 1
         return spec
 

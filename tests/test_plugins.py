@@ -715,3 +715,29 @@ def test_a_mixer_may_share_a_stream_name_with_the_mlp_and_build_from_a_staticmet
         assert main(["info", "g.toml"]) == 0, capsys.readouterr().err
     finally:
         MIXERS.unregister("gated_mean")
+
+
+def test_a_run_keeps_the_digests_of_the_plugins_it_uses(tmp_path, monkeypatch):
+    """A resume is refused under an edited plugin only where the run selects one of its components (or the plugin
+    registered none, and may act otherwise): a sweep's static-conv baseline resumes while a plugin conv is edited."""
+    from dcablate import config, registry
+    from dcablate.models.conv import CONV_KINDS
+    from dcablate.training.runtime import module_digest, plugin_digests
+
+    (tmp_path / "shift_plugin.py").write_text(
+        "from tests.test_plugins import GatedShift\nfrom dcablate.models.conv import ConvKindSpec, register_conv\n"
+        "register_conv(ConvKindSpec('plugin_shift', GatedShift))\n")
+    (tmp_path / "quiet_plugin.py").write_text("# registers nothing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "shift_plugin,quiet_plugin")
+    try:
+        registry.load_plugins()
+        assert registry.plugin_of("conv kind", "plugin_shift") == "shift_plugin"
+        base, mine = (config.build({"model": {"conv": {"kind": kind}}}) for kind in ("static", "plugin_shift"))
+        assert plugin_digests(base) == {"quiet_plugin": module_digest("quiet_plugin")}
+        assert set(plugin_digests(mine)) == {"shift_plugin", "quiet_plugin"} and set(plugin_digests()) == \
+            {"shift_plugin", "quiet_plugin"}
+    finally:
+        CONV_KINDS.unregister("plugin_shift")
+        registry._registered_by.pop(("conv kind", "plugin_shift"), None)
+        registry._plugins_loaded.difference_update({"shift_plugin", "quiet_plugin"})

@@ -167,12 +167,23 @@ def software_versions(device: torch.device) -> dict:
             "plugin_digests": plugin_digests()}
 
 
-def plugin_digests() -> dict[str, str | None]:
-    """`module_digest` of every `DCABLATE_PLUGINS` module: checkpoints keep them, and a resume under an edited plugin
-    is refused, so that one run never mixes two versions of a plugin under the last one's digest."""
-    from dcablate.registry import plugin_names
+def plugin_digests(recipe=None) -> dict[str, str | None]:
+    """`module_digest` of every `DCABLATE_PLUGINS` module; with `recipe`, less the modules that registered
+    components and none that it selects (its mixers, channel mixer, conv kind, task). Checkpoints keep these, and a
+    resume under an edited plugin is refused, so that one run never mixes two versions of a plugin under the last
+    one's digest; a run that uses none of a plugin's components (a sweep's baseline beside a plugin conv) resumes
+    whatever its edits. A module that registered nothing may act in other ways: every run keeps its digest."""
+    from dcablate.registry import plugin_names, plugin_of, plugins_registering
 
-    return {n: module_digest(n) for n in plugin_names()}
+    names = plugin_names()
+    if recipe is not None:
+        m = recipe.model
+        chosen = [("token mixer", x) for x in m.mixers] + [("channel mixer", m.ffn), ("conv kind", m.conv.kind),
+                                                          ("task", recipe.task.kind)]
+        used = {plugin_of(registry, name) for registry, name in chosen}
+        registering = plugins_registering()
+        names = [n for n in names if n in used or n not in registering]
+    return {n: module_digest(n) for n in names}
 
 
 def module_digest(name: str) -> str | None:

@@ -76,7 +76,7 @@ class RunState:
             "recipe_hash": self.recipe.digest(), "vocab_size": self.vocab_size, "history": self.history,
             "best": self.best, "stopped_early": self.stopped_early, "skipped_steps": step.skipped,
             "wall_time_s": self.wall_time(), "compute": self.compute(), "time_s": self.times(),
-            "plugin_digests": plugin_digests(),
+            "plugin_digests": plugin_digests(self.recipe),
         }
 
     def newest_checkpoint(self) -> tuple[dict | None, Path | None]:
@@ -90,7 +90,7 @@ class RunState:
         if changes:
             raise UserError(f"{path}: written by another recipe ({checkpoint.describe_changes(changes)}); "
                             f"use --force-new to start a fresh run directory")
-        now = plugin_digests()
+        now = plugin_digests(self.recipe)
         edited = [f"{name} {old} -> {now.get(name)}" for name, old in state.get("plugin_digests", {}).items()
                   if old is not None and now.get(name) not in (None, old)]
         if edited:  # the steps so far ran another version of it: one run would mix two versions under one digest
