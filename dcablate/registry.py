@@ -122,6 +122,16 @@ def _module_hint(name: str) -> str:
     return close or f"; plugin modules are imported from the working directory ({os.getcwd()}) or PYTHONPATH"
 
 
+def core_keys(where: str, core: str) -> Callable[[], tuple[str, str]]:
+    """A registry's `section_keys`: the recipe section `where` and the keys of its schema class `core` (read when a
+    component registers: the schema imports the registries)."""
+    def keys() -> tuple[str, str]:
+        from dcablate.config import schema
+
+        return where, " ".join(f.name for f in dataclasses.fields(getattr(schema, core)))
+    return keys
+
+
 def _no_check(recipe, fail) -> None:
     pass
 
@@ -202,9 +212,13 @@ class Registry(Generic[Spec]):
     first read, by name, so that they may import the registry without an import cycle. `impl_problem(class)`:
     what keeps a spec's class from implementing the registry's interface (None: fine), checked on registration."""
 
-    def __init__(self, what: str, builtins: tuple[str, ...], impl_problem: Callable | None = None):
+    def __init__(self, what: str, builtins: tuple[str, ...], impl_problem: Callable | None = None,
+                 section_keys: Callable[[], tuple[str, str]] | None = None):
         self.what, self.builtins = what, builtins
         self.impl_problem = impl_problem  # (class) -> what keeps it from implementing the interface, or None
+        # () -> (the recipe section its components' sections sit in, e.g. "model.conv"; the section's own keys, space-
+        # separated): a component named as one of those keys would replace it
+        self.section_keys = section_keys
         self._specs: dict[str, Spec] = {}
 
     def register(self, spec: Spec, replace: bool = False) -> Spec:
@@ -215,6 +229,10 @@ class Registry(Generic[Spec]):
         if spec.name in self._specs and not replace:
             raise ValueError(f"a {self.what} named {spec.name!r} is already registered")
         check_spec(spec, self.what)
+        if self.section_keys is not None:
+            where, keys = self.section_keys()
+            if spec.name in keys.split():
+                raise ValueError(f"a {self.what} is named {spec.name!r}, as a key of [{where}] is; give it another name")
         if self.impl_problem is not None and isinstance(spec.impl, type):  # "module:Class": checked when built
             problem = self.impl_problem(spec.impl)
             if problem:

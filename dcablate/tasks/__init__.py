@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dcablate.registry import ComponentSpec, Registry, checked_impl
+from dcablate.registry import ComponentSpec, Registry, checked_impl, core_keys
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ TASKS: Registry[TaskSpec] = Registry("task", (
     "dcablate.tasks.mqar.spec", "dcablate.tasks.lm.spec",
     "dcablate.tasks.recall.spec", "dcablate.tasks.fuzzy_recall.spec", "dcablate.tasks.noisy_recall.spec",
     "dcablate.tasks.selective_copy.spec", "dcablate.tasks.compression.spec", "dcablate.tasks.memorization.spec"),
-    impl_problem=lambda cls: interface_problem(cls))
+    impl_problem=lambda cls: interface_problem(cls), section_keys=core_keys("task", "TaskCore"))
 
 
 def register_task(spec: TaskSpec, replace: bool = False) -> TaskSpec:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dcablate.registry import ComponentSpec, Registry, resolve
+from dcablate.registry import ComponentSpec, Registry, core_keys, resolve
 
 
 def _no_streams(m) -> list:
@@ -28,7 +28,8 @@ class ChannelSpec(ComponentSpec):
     model_keys: tuple[str, ...] | None = field(default=None, kw_only=True)
 
 
-CHANNELS: Registry[ChannelSpec] = Registry("channel mixer", ("dcablate.models.channel.specs",))
+CHANNELS: Registry[ChannelSpec] = Registry("channel mixer", ("dcablate.models.channel.specs",),
+                                           section_keys=core_keys("model", "ModelCore"))
 
 
 def register_channel_mixer(spec: ChannelSpec, replace: bool = False) -> ChannelSpec:

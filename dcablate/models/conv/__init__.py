@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dcablate.registry import ComponentSpec, Registry, checked_impl
+from dcablate.registry import ComponentSpec, Registry, checked_impl, core_keys
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class ConvKindSpec(ComponentSpec):
 
 
 CONV_KINDS: Registry[ConvKindSpec] = Registry("conv kind", ("dcablate.models.conv.specs",),
-                                              impl_problem=lambda cls: _impl_problem(cls))
+                                              impl_problem=lambda cls: _impl_problem(cls),
+                                              section_keys=core_keys("model.conv", "ConvCore"))
 
 
 def register_conv(spec: ConvKindSpec, replace: bool = False) -> ConvKindSpec:

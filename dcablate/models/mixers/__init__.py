@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from dcablate.registry import ComponentSpec, Registry, checked_impl
+from dcablate.registry import ComponentSpec, Registry, checked_impl, core_keys
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class MixerSpec(ComponentSpec):
 
 
 MIXERS: Registry[MixerSpec] = Registry("token mixer", ("dcablate.models.mixers.specs",),
-                                       impl_problem=lambda cls: interface_problem(cls))
+                                       impl_problem=lambda cls: interface_problem(cls),
+                                       section_keys=core_keys("model", "ModelCore"))
 
 
 def register_mixer(spec: MixerSpec, replace: bool = False) -> MixerSpec:
