@@ -220,12 +220,14 @@ class Registry(Generic[Spec]):
         # separated): a component named as one of those keys would replace it
         self.section_keys = section_keys
         self._specs: dict[str, Spec] = {}
+        self._in_builtins = False  # importing `builtins` now
 
     def register(self, spec: Spec, replace: bool = False) -> Spec:
         """Add `spec` (anything with a `name`); a second spec of the same name is an error unless `replace`, and so
         is a spec a recipe could not name or configure (`check_spec`)."""
         global generation
-        self._import_builtins()  # a plugin's spec comes after the package's own, whichever registry was read first
+        if _importing:  # a plugin's spec comes after the package's own, whichever registry was read first
+            self._import_builtins()
         if spec.name in self._specs and not replace:
             raise ValueError(f"a {self.what} named {spec.name!r} is already registered")
         check_spec(spec, self.what)
@@ -251,10 +253,16 @@ class Registry(Generic[Spec]):
         generation += 1
 
     def _import_builtins(self) -> None:
-        """Import the modules that register the package's own components (a module importing now, whose
-        registration asked, is found half-made in `sys.modules` and not imported again)."""
-        for module in self.builtins:
-            importlib.import_module(module)
+        """Import the modules that register the package's own components, in order (so their components keep
+        it); a registration while they import does not start this again."""
+        if self._in_builtins:
+            return
+        self._in_builtins = True
+        try:
+            for module in self.builtins:
+                importlib.import_module(module)
+        finally:
+            self._in_builtins = False
 
     def _ready(self) -> dict[str, Spec]:
         self._import_builtins()
