@@ -760,12 +760,15 @@ def _say_once(note: str) -> None:
 
 def _fit_warmup(r, origins: dict, src: str) -> None:
     """A warmup longer than the run, from another place than the steps (`--set train.steps=30` on a recipe
-    with 50 warmup steps: a short smoke run), is clamped to the steps and said once; from the same place it
+    with 50 warmup steps: a short smoke run) or the default (a recipe of 40 steps that leaves it out), is clamped
+    to the steps and said once; from the same place it
     is a contradiction and `_check_consistency` refuses it, as is a warmup asked for on the command line
     (`--set train.warmup_steps`) beyond the file's steps: what was asked is not changed silently. One as long
     as the run, from another place, is said once too (the learning rate would never decay)."""
     t = r.train
     where_w, where_s = _src(origins, "train.warmup_steps", src), _src(origins, "train.steps", src)
+    if "train.warmup_steps" not in origins:  # nobody asked for it: the default adapts to a short run
+        where_w = "the default"
     if t.tokens or t.tokens_per_param or t.warmup_steps < t.steps or where_w == where_s:
         return
     if t.warmup_steps > t.steps and where_w == "--set":

@@ -504,12 +504,24 @@ def test_axes_whose_values_fit_each_other_but_not_the_base_recipe_make_a_grid(tm
     assert {(r.model.d_model, r.model.n_heads) for _, r in points} == {(48, 3), (48, 6), (96, 3), (96, 6)}
 
 
-def test_a_steps_axis_shorter_than_the_files_warmup_clamps_it_as_a_plain_set_does(capsys):
+def test_a_steps_axis_shorter_than_the_files_warmup_clamps_it_as_a_plain_set_does(caplog):
     """`--set 'sweep.train.steps=[5, 1000]'` on a recipe warming up over 50 steps: the point of 5 steps comes from
     the sweep, not from the file, so its warm-up is clamped with a note (it was refused after the note)."""
-    _, points = R.expand("quickstart", ["sweep.train.steps=[5, 1000]"])
+    with caplog.at_level("WARNING", logger="dcablate"):
+        _, points = R.expand("quickstart", ["sweep.train.steps=[5, 1000]"])
     assert {(r.train.steps, r.train.warmup_steps) for _, r in points} == {(5, 5), (1000, 50)}
-    assert "warming up over 5 steps" in capsys.readouterr().err
+    assert "warming up over 5 steps" in caplog.text
+
+
+def test_a_default_warmup_longer_than_a_short_recipe_is_clamped_with_a_note(tmp_path, caplog):
+    """A recipe of 40 steps that leaves `train.warmup_steps` out: nobody asked for the default 100, so it is
+    clamped with a note naming it as the default (it was refused as if the file had set it)."""
+    path = tmp_path / "short.toml"
+    path.write_text("[train]\nsteps = 7\n")
+    with caplog.at_level("WARNING", logger="dcablate"):
+        r = R.load(str(path), [])
+    assert (r.train.steps, r.train.warmup_steps) == (7, 7)
+    assert "train.warmup_steps 100 (the default) is more than train.steps 7" in caplog.text
 
 
 def test_a_zipped_table_whose_section_is_chosen_by_an_axis_of_its_own_may_hold_values_everywhere(tmp_path):
