@@ -254,6 +254,9 @@ CASES = [
     bad("sweep-axis-of-a-model-key-no-component-reads", '[model]\nmixer = "mamba2"\nffn = "none"\n[sweep]\n'
         '"model.n_heads" = [2, 4]\n', "r.toml: sweep.model.n_heads: model.mixer / model.ffn is 'mamba2 / none' at "
         "every point, none of which reads model.n_heads, so this axis changes nothing"),
+    bad("sweep-axis-of-ffn-hidden-with-moe-experts-sized-apart", '[model]\nffn = "moe"\n[model.moe]\nd_expert = 32\n'
+        '[sweep]\n"model.ffn_hidden" = [64, 128]\n', "r.toml: sweep.model.ffn_hidden: model.mixer / model.ffn is "
+        "'attention / moe' at every point, none of which reads model.ffn_hidden, so this axis changes nothing"),
     bad("sweep-not-a-table", "sweep = 3\n", "r.toml: sweep: must be a table"),
     bad_set("set-sweep-not-a-list", ["sweep.train.lr=0.1"], "--set: sweep.train.lr", "non-empty list"),
     bad_set("set-sweep-itself", ["sweep.sweep=[1]"], "--set: sweep.sweep: a sweep cannot sweep itself"),

@@ -376,10 +376,18 @@ def model_keys_read(recipe) -> set[str] | None:
     specs = [MIXERS.get(m) if m in MIXERS.names() else None for m in recipe.model.mixers]
     specs.append(CHANNELS.get(recipe.model.ffn) if recipe.model.ffn in CHANNELS.names() else None)
     for spec in specs:
-        if spec is None or spec.model_keys is None:
+        keys = spec.model_keys(recipe.model) if spec is not None and callable(spec.model_keys) else \
+            (spec.model_keys if spec is not None else None)
+        if keys is None:
             return None
-        read.update(spec.model_keys)
+        read.update(keys)
     return read
+
+
+def declared_model_keys(spec) -> tuple[str, ...] | None:
+    """A spec's `model_keys` where no recipe is at hand (for hints): those it may read; a function of the model
+    section (`ffn_hidden` only while `moe.d_expert` is 0) counts as reading any."""
+    return None if callable(spec.model_keys) else spec.model_keys
 
 
 def effective(recipe) -> dict:
@@ -896,15 +904,16 @@ def _unknown_key_hint(prefix: str, key: str, names: list[str], chosen: tuple[str
     component = prefix.split(".")[1] if prefix.startswith("model.") and prefix.count(".") == 2 else None
     spec = MIXERS.get(component) if component in MIXERS.names() else \
         CHANNELS.get(component) if component in CHANNELS.names() else None
+    declared = declared_model_keys(spec) if spec is not None else None
     if spec is not None:  # a component's section: the `[model]` keys it reads (`model.attention.heads`) first
-        own = spec.model_keys if spec.model_keys is not None else COMPONENT_MODEL_KEYS
+        own = declared if declared is not None else COMPONENT_MODEL_KEYS
         near = [k for k in own if k == KEY_ALIASES.get(key.lower())] or \
             difflib.get_close_matches(key, list(own), n=1, cutoff=0.8)
         if near:
             return f" (did you mean 'model.{near[0]}'?)"
-    if spec is not None and spec.model_keys is not None:  # and not the model keys it ignores
+    if declared is not None:  # and not the model keys it ignores
         elsewhere = [k for k in elsewhere if not (k.startswith("model.") and k.count(".") == 1
-                                                  and k[6:] in COMPONENT_MODEL_KEYS and k[6:] not in spec.model_keys)]
+                                                  and k[6:] in COMPONENT_MODEL_KEYS and k[6:] not in declared)]
     own = [k for k in elsewhere if k.startswith(chosen)] if chosen else []
     if own:  # the section of the task or mixer this table chooses: `[task] kind = "recall"` + seq_len
         elsewhere = own

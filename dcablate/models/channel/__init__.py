@@ -23,9 +23,10 @@ class ChannelSpec(ComponentSpec):
     """A channel mixer (`model.ffn`): `impl` is its `ChannelMixer` subclass, whose `from_config(model
     section)` builds it (None for `none`); `conv_streams(model section) -> [(stream, channels)]` the streams
     `all_linear` covers; `model_keys`: which of the `[model]` keys that only some components read it reads
-    (`MixerSpec.model_keys`); None = any of them."""
+    (`MixerSpec.model_keys`), or a function of the model section giving them (MoE reads `ffn_hidden` only while
+    `moe.d_expert` is 0); None = any of them."""
     conv_streams: Callable = field(default=_no_streams, kw_only=True)
-    model_keys: tuple[str, ...] | None = field(default=None, kw_only=True)
+    model_keys: tuple[str, ...] | Callable | None = field(default=None, kw_only=True)
 
 
 CHANNELS: Registry[ChannelSpec] = Registry("channel mixer", ("dcablate.models.channel.specs",),

@@ -43,4 +43,5 @@ register_channel_mixer(ChannelSpec("mlp", "dcablate.models.channel.mlp:SwiGLU", 
 # one conv after the whole MoE output (experts see sequences with holes: see models/channel/moe.py)
 register_channel_mixer(ChannelSpec("moe", "dcablate.models.channel.moe:MoE", MoESection,
                                    "mixture-of-experts options (model.ffn = \"moe\")", check_moe,
-                                   conv_streams=lambda m: [("down", m.d_model)], model_keys=("ffn_hidden",)))
+                                   conv_streams=lambda m: [("down", m.d_model)],
+                                   model_keys=lambda m: ("ffn_hidden",) if m.moe.d_expert == 0 else ()))
