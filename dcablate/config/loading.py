@@ -376,18 +376,19 @@ def model_keys_read(recipe) -> set[str] | None:
     specs = [MIXERS.get(m) if m in MIXERS.names() else None for m in recipe.model.mixers]
     specs.append(CHANNELS.get(recipe.model.ffn) if recipe.model.ffn in CHANNELS.names() else None)
     for spec in specs:
-        keys = spec.model_keys(recipe.model) if spec is not None and callable(spec.model_keys) else \
-            (spec.model_keys if spec is not None else None)
+        keys = declared_model_keys(spec, recipe.model) if spec is not None else None
         if keys is None:
             return None
         read.update(keys)
     return read
 
 
-def declared_model_keys(spec) -> tuple[str, ...] | None:
-    """A spec's `model_keys` where no recipe is at hand (for hints): those it may read; a function of the model
-    section (`ffn_hidden` only while `moe.d_expert` is 0) counts as reading any."""
-    return None if callable(spec.model_keys) else spec.model_keys
+def declared_model_keys(spec, model=None) -> tuple[str, ...] | None:
+    """A spec's `model_keys` for the model section `model`; a function of the section (`ffn_hidden` only while
+    `moe.d_expert` is 0) counts as reading any where no section is at hand (for hints)."""
+    if callable(spec.model_keys):
+        return spec.model_keys(model) if model is not None else None
+    return spec.model_keys
 
 
 def effective(recipe) -> dict:

@@ -173,13 +173,17 @@ def plugin_digests(recipe=None) -> dict[str, str | None]:
     resume under an edited plugin is refused, so that one run never mixes two versions of a plugin under the last
     one's digest; a run that uses none of a plugin's components (a sweep's baseline beside a plugin conv) resumes
     whatever its edits. A module that registered nothing may act in other ways: every run keeps its digest."""
+    from dcablate.models.channel import CHANNELS
+    from dcablate.models.conv import CONV_KINDS
+    from dcablate.models.mixers import MIXERS
     from dcablate.registry import plugin_names, plugin_of, plugins_registering
+    from dcablate.tasks import TASKS
 
     names = plugin_names()
     if recipe is not None:
         m = recipe.model
-        chosen = [("token mixer", x) for x in m.mixers] + [("channel mixer", m.ffn), ("conv kind", m.conv.kind),
-                                                          ("task", recipe.task.kind)]
+        chosen = [(MIXERS.what, x) for x in m.mixers] + [(CHANNELS.what, m.ffn), (CONV_KINDS.what, m.conv.kind),
+                                                        (TASKS.what, recipe.task.kind)]
         used = {plugin_of(registry, name) for registry, name in chosen}
         registering = plugins_registering()
         names = [n for n in names if n in used or n not in registering]

@@ -244,13 +244,18 @@ def corpus_ready(dest: Path) -> bool:
     return dest.is_dir() and any(dest.rglob("*.txt"))
 
 
+def _manifest_lines(folder: Path) -> list[str]:
+    """The lines of the MANIFEST.md `dcablate data get` wrote into `folder`; [] without one."""
+    try:
+        return (Path(folder) / "MANIFEST.md").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
 def made_as(dest: Path) -> str | None:
     """The corpus `dcablate data get` made in `dest`, as its MANIFEST.md's title names it; None without one."""
-    try:
-        first = (dest / "MANIFEST.md").read_text(encoding="utf-8").split("\n", 1)[0]
-    except (OSError, UnicodeDecodeError):
-        return None
-    return first[2:].strip() or None if first.startswith("# ") else None
+    first = next(iter(_manifest_lines(dest)), "")
+    return (first[2:].strip() or None) if first.startswith("# ") else None
 
 
 def other_text(dest: Path, name: str) -> str | None:
@@ -383,12 +388,8 @@ DIGEST_LINE = "Content digest (sha256 over the paths and bytes of all documents)
 def recorded_digest(folder: Path) -> str | None:
     """The content digest a corpus made by `dcablate data get` records in its MANIFEST.md (`content_digest` at the
     time it was made), or None for a folder without one: read, not recomputed, so comparing two copies is cheap."""
-    try:
-        text = (Path(folder) / "MANIFEST.md").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None
-    line = next((ln for ln in text.splitlines() if ln.startswith(DIGEST_LINE)), None)
-    return line[len(DIGEST_LINE):].strip().strip("`") or None if line else None
+    line = next((ln for ln in _manifest_lines(folder) if ln.startswith(DIGEST_LINE)), None)
+    return (line[len(DIGEST_LINE):].strip().strip("`") or None) if line else None
 
 
 def manifest(corpus: Corpus, tallies: list[_Tally], folder: Path) -> str:
