@@ -6,12 +6,20 @@
     python benchmarks/sweep_throughput.py --per-gpu 1,8 --sweep-mps on,off --mixer gated_deltanet   # MPS's effect
     python benchmarks/sweep_throughput.py --per-gpu 8 --runs-per-worker 1,8 --sweep-mps off   # runs in threads
     python benchmarks/sweep_throughput.py --per-gpu 1,2 --runs 4 --steps 5 --examples 512   # CPU smoke check
+    python benchmarks/sweep_throughput.py --shape paper --mixer gated_deltanet --runs 32 --steps 500 \
+        --per-gpu 1,4,8x8,16x4 --kernel-cache shared       # the paper grid's widths and lengths; NxK: K per worker
 
 The sweep (generated, `d_model` <= 128): 2-layer models, conv none/static on q/k/v x d_model 64/128 x
 runs/4 learning rates (1e-3 ... 1e-2), MQAR T=64/4 kv and T=128/8 kv, a fixed number of steps (no early
-stopping, one evaluation at the end) so that every N does the same work. Each N trains the whole sweep
-from scratch into its own temporary folder through the real command (a subprocess: `python -m
-dcablate.cli run RECIPE --per-gpu N`), timed from start to exit. N = 1 on a single GPU is the plain
+stopping, one evaluation at the end) so that every N does the same work. `--shape paper` gives it the shape
+of the paper MQAR grids instead (`recipes/paper/mqar_base.toml`): conv none/dynamic on q/k/v x d_model
+64/128/256/512 x runs/8 learning rates, T = 64/128/256/512 with 4/8/16/64 kv pairs, batch 128 unless
+`--batch-size` says otherwise; still a fixed number of steps, so the rows compare packings on the same work.
+An item `NxK` of `--per-gpu` is N runs per GPU with K of them per worker process (`--runs-per-worker K`),
+so one command can compare, say, one run at a time with eight in one process and sixteen in four.
+
+Each N trains the whole sweep from scratch into its own temporary folder through the real command (a
+subprocess: `python -m dcablate.cli run RECIPE --per-gpu N`), timed from start to exit. N = 1 on a single GPU is the plain
 in-process loop (no workers).
 
 Kernel caches: by default (`--kernel-cache fresh`) each sweep gets its own empty Triton cache
@@ -35,7 +43,8 @@ With the defaults (16 runs of 300 steps) the four sweeps take a few minutes on o
 in separate commands (`--per-gpu 1`, `--per-gpu 2,4,8`) where a command has a time limit.
 
 Prints the device, the software and two tables: workers, whether the kernel warm-up ran and its seconds, MPS,
-wall time, runs per hour, speed-up vs the first row, the GPU busy fraction, the mean per-run time (each
+wall time, runs per hour, speed-up vs the first row, the GPU busy fraction, the milliseconds per step card-wide
+(the wall time less the kernel warm-up, over all the runs' steps), the mean per-run time (each
 summary.json's `wall_time_s`) and the mean final accuracy; then where a run's
 time went, as the mean over each N's runs of summary.json's `time_s` (setup, data, compile, train, eval,
 checkpoint, total; docs/benchmarks.md says what each part holds). The sweep's runs share their MQAR data
@@ -61,8 +70,13 @@ REPO = Path(__file__).resolve().parent.parent
 PARTS = ("setup", "data", "compile", "train", "eval", "checkpoint", "total")  # summary.json's time_s
 
 
+PAPER_SPLITS = ((64, 4), (128, 8), (256, 16), (512, 64))  # (seq_len, num_kv_pairs) of the paper grids
+
+
 def recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, examples: int, batch_size: int,
-                sweep: bool = True) -> str:
+                sweep: bool = True, shape: str = "small") -> str:
+    if shape == "paper":
+        return paper_recipe_text(name, out_dir, mixer, runs, steps, examples, batch_size, sweep)
     lines = [
         "[run]", f'name = "{name}"', f'out_dir = "{out_dir}"', "",
         "[model]", f'mixer = "{mixer}"', "n_layers = 2", "n_heads = 2", 'ffn = "none"', "d_model = 64", "",
@@ -84,6 +98,43 @@ def recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, exa
     else:
         lines += ["[model.conv]", 'kind = "static"']
     return "\n".join(lines) + "\n"
+
+
+def paper_recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, examples: int, batch_size: int,
+                      sweep: bool = True) -> str:
+    """The sweep in the paper grids' shape: conv none/dynamic on q/k/v x d_model 64..512 x runs/8 learning rates
+    (runs a multiple of 8; 1e-3 alone at 8), the four paper splits, `steps` steps, one evaluation at the end."""
+    split = lambda n: ", ".join(f"{{ seq_len = {t}, num_kv_pairs = {kv}, num_examples = {n} }}" for t, kv in PAPER_SPLITS)
+    lines = [
+        "[run]", f'name = "{name}"', f'out_dir = "{out_dir}"', "",
+        "[model]", f'mixer = "{mixer}"', "n_layers = 2", "n_heads = 2", 'ffn = "none"', "d_model = 64", "",
+        "[task.mqar]", "vocab_size = 8192", f"train = [{split(examples)}]", f"test = [{split(500)}]", "",
+        "[train]", "lr = 1e-3", f"steps = {steps}", f"batch_size = {batch_size}", f"warmup_steps = {max(1, steps // 10)}", "",
+        "[eval]", f"every = {steps}", "early_stop = 0", "",
+        "[log]", "progress = false", "every = 50", "",
+        "[checkpoint]", "every = 0", "",
+    ]
+    if sweep:
+        lines += ["[sweep]", '"model.conv.kind" = ["none", "dynamic"]', '"model.d_model" = [64, 128, 256, 512]']
+        if runs >= 16:  # runs / 8 learning rates, log-spaced from 1e-3 to 1e-2
+            lrs = [round(1e-3 * 10 ** (i / (runs // 8 - 1)), 6) for i in range(runs // 8)]
+            lines.append(f'"train.lr" = {lrs}')
+    else:
+        lines += ["[model.conv]", 'kind = "dynamic"']
+    return "\n".join(lines) + "\n"
+
+
+def packings(per_gpu: str, runs_per_worker: str) -> list[tuple[int, int]]:
+    """(runs per GPU, runs per worker) to time: each item of `per_gpu` (N, or NxK for K per worker) with each K of
+    `runs_per_worker` where the item names none. ValueError on a malformed item."""
+    ks = [int(k) for k in runs_per_worker.split(",")]
+    out = []
+    for item in per_gpu.split(","):
+        n, _, k = item.strip().lower().partition("x")
+        out += [(int(n), int(k))] if k else [(int(n), kk) for kk in ks]
+    if any(n < 1 or k < 1 for n, k in out):
+        raise ValueError("runs per GPU and per worker must be positive")
+    return out
 
 
 def dcablate(args: list[str], log: Path, env: dict) -> tuple[int, float]:
@@ -167,11 +218,14 @@ class BusySampler:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--per-gpu", default="1,2,4,8", help="comma-separated N values (default 1,2,4,8)")
+    ap.add_argument("--per-gpu", default="1,2,4,8",
+                    help="comma-separated N values, or NxK for N per GPU with K per worker (default 1,2,4,8)")
+    ap.add_argument("--shape", choices=("small", "paper"), default="small",
+                    help="small: d_model 64/128, T 64/128 (default); paper: the paper MQAR grids' widths and lengths")
     ap.add_argument("--gpus", default=None, help="passed to dcablate run --gpus (default: all visible)")
     ap.add_argument("--runs", type=int, default=16, help="runs in the sweep: 4, or a multiple of 4 >= 8")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 64, or 128 with --shape paper")
     ap.add_argument("--examples", type=int, default=10000, help="training examples per segment")
     ap.add_argument("--mixer", default="attention", help="model.mixer (e.g. gated_deltanet; default attention)")
     ap.add_argument("--kernel-cache", choices=("fresh", "shared"), default="fresh",
@@ -189,16 +243,21 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)
     if args.runs < 4 or args.runs % 4:
         ap.error("--runs must be 4 or a multiple of 4")
-    ns = [int(x) for x in args.per_gpu.split(",")]
+    if args.shape == "paper" and args.runs % 8:
+        ap.error("--shape paper: --runs must be a multiple of 8 (2 convs x 4 widths x learning rates)")
+    if args.batch_size is None:
+        args.batch_size = 128 if args.shape == "paper" else 64
     warmups = [w.strip() for w in args.sweep_warmup.split(",")]
     if not warmups or any(w not in ("on", "off") for w in warmups):
         ap.error("--sweep-warmup takes on, off or on,off")
     mps_modes = [m.strip() for m in args.sweep_mps.split(",")]
     if not mps_modes or any(m not in ("auto", "on", "off") for m in mps_modes):
         ap.error("--sweep-mps takes auto, on, off or a comma-separated list of them")
-    packs = [int(k) for k in args.runs_per_worker.split(",")]
-    if any(k < 1 for k in packs):
-        ap.error("--runs-per-worker takes positive integers")
+    try:
+        pairs = packings(args.per_gpu, args.runs_per_worker)
+    except ValueError:
+        ap.error("--per-gpu takes positive N or NxK, --runs-per-worker positive K (comma-separated)")
+    several_k = len({k for _, k in pairs}) > 1
 
     device, n_gpus = device_line()
     gpus = len(args.gpus.split(",")) if args.gpus else max(n_gpus, 1)
@@ -206,26 +265,29 @@ def main() -> None:
     base = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="sweep_throughput_"))
     base.mkdir(parents=True, exist_ok=True)
     print(f"device: {device}")
-    print(f"sweep: {args.runs} runs ({args.mixer}, conv none/static, d_model 64/128), {args.steps} steps of "
+    what = ("conv none/dynamic, d_model 64-512, T 64-512" if args.shape == "paper"
+            else "conv none/static, d_model 64/128")
+    print(f"sweep: {args.runs} runs ({args.mixer}, {what}), {args.steps} steps of "
           f"{args.batch_size}, {args.examples} examples per training segment; folders under {base}; "
           f"{'an empty Triton cache per sweep' if args.kernel_cache == 'fresh' else 'your Triton cache'}")
     gpu_flag = ["--gpus", args.gpus] if args.gpus else []
     try:
         if args.kernel_cache == "shared" and not args.no_prerun:
             warm = base / "prerun.toml"
-            warm.write_text(recipe_text("prerun", base / "prerun", args.mixer, 4, 2, 256, 8, sweep=False))
+            warm.write_text(recipe_text("prerun", base / "prerun", args.mixer, 4, 2, 256, 8, sweep=False,
+                                        shape=args.shape))
             code, secs = dcablate([str(warm), "--quiet"], base / "prerun.log", env)
             print(f"untimed run filling the kernel cache: {secs:.1f}s (exit {code})")
         rows = []
-        for n, w, m, k in [(n, w, m, k) for n in ns for w in warmups for m in mps_modes for k in packs]:
+        for n, w, m, k in [(n, w, m, k) for n, k in pairs for w in warmups for m in mps_modes]:
             workers = min(gpus * n, args.runs)
             if k > 1 and workers == 1 and not args.gpus:
                 continue  # one run at a time, in-process: nothing to pack
             tag = (f"n{n}" + (f"-warmup-{w}" if len(warmups) > 1 else "")
-                   + (f"-mps-{m}" if len(mps_modes) > 1 else "") + (f"-k{k}" if len(packs) > 1 else ""))
+                   + (f"-mps-{m}" if len(mps_modes) > 1 else "") + (f"-k{k}" if several_k else ""))
             recipe = base / f"{tag}.toml"
             recipe.write_text(recipe_text("sweep", base / tag, args.mixer, args.runs, args.steps, args.examples,
-                                          args.batch_size))
+                                          args.batch_size, shape=args.shape))
             run_env = dict(env, DCABLATE_WARMUP="1" if w == "on" else "0", DCABLATE_MPS=m)
             if args.kernel_cache == "fresh":
                 run_env["TRITON_CACHE_DIR"] = str(base / tag / "triton-cache")
@@ -244,6 +306,7 @@ def main() -> None:
                 "warmup": w, "warmup_s": warmup_seconds(log), "mps": mps_used(log, m), "busy": busy.mean(),
                 "runs": len(summaries), "wall_s": wall, "runs_per_hour": 3600 * len(summaries) / wall,
                 "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
+                "step_ms": 1000 * (wall - (warmup_seconds(log) or 0.0)) / max(1, sum(s["steps"] for s in summaries)),
                 "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
                 "time_s": mean_breakdown(summaries),
             })
@@ -260,12 +323,12 @@ def main() -> None:
     show = lambda r: f"{r['warmup_s']:.1f}" if r["warmup_s"] is not None else "-"
     busy_pct = lambda r: f"{r['busy']:.0f}%" if r["busy"] is not None else "-"
     print("\n| runs per GPU | workers | kernel warm-up | warm-up s | MPS | runs | wall s | runs/hour | speed-up vs "
-          "first row | GPU busy | mean run s | mean final acc |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "first row | GPU busy | ms per step, card-wide | mean run s | mean final acc |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         speed = f"{r['runs_per_hour'] / first:.2f}x" if first else "-"
         print(f"| {r['per_gpu']} | {r['workers']} | {r['warmup']} | {show(r)} | {r['mps']} | {r['runs']} | "
-              f"{r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {speed} | {busy_pct(r)} | {r['run_s']:.1f} | "
+              f"{r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {speed} | {busy_pct(r)} | {r['step_ms']:.2f} | {r['run_s']:.1f} | "
               f"{r['acc']:.3f} |")
     print("\nmean seconds per run, by phase (summary.json time_s):\n")
     print("| runs per GPU | workers | kernel warm-up | MPS | " + " | ".join(PARTS) + " |")

@@ -1,0 +1,48 @@
+"""`benchmarks/sweep_throughput.py`'s sweep recipes and its `--per-gpu N[xK]` items (the timing itself needs a GPU
+to mean anything; `.ci/gpu sweep-throughput` runs it)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dcablate import config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def script():
+    spec = importlib.util.spec_from_file_location("sweep_throughput", ROOT / "benchmarks" / "sweep_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_per_gpu_items_name_runs_per_worker_or_take_every_k():
+    packings = script().packings
+    assert packings("1,4,8x8,16x4", "1") == [(1, 1), (4, 1), (8, 8), (16, 4)]
+    assert packings("8", "1,8") == [(8, 1), (8, 8)]
+    assert packings("2X2", "1") == [(2, 2)]
+    for bad in ("0", "4x0", "x4", "four"):
+        with pytest.raises(ValueError):
+            packings(bad, "1")
+
+
+def test_paper_shape_sweeps_the_paper_widths_and_lengths(tmp_path):
+    recipe = tmp_path / "paper.toml"
+    recipe.write_text(script().recipe_text("sweep", tmp_path / "runs", "gated_deltanet", 32, 500, 1000, 128,
+                                           shape="paper"))
+    base, points = config.expand(str(recipe), [])
+    assert len(points) == 32
+    assert {r.model.d_model for _, r in points} == {64, 128, 256, 512}
+    assert {r.model.conv.kind for _, r in points} == {"none", "dynamic"}
+    assert sorted({r.train.lr for _, r in points}) == [0.001, 0.002154, 0.004642, 0.01]
+    mqar = base.task.mqar
+    assert [(s.seq_len, s.num_kv_pairs, s.num_examples) for s in mqar.train] == [
+        (64, 4, 1000), (128, 8, 1000), (256, 16, 1000), (512, 64, 1000)]
+    assert (base.train.steps, base.train.batch_size, base.eval.early_stop) == (500, 128, 0)
+    # the untimed run that fills the kernel cache: one model, no sweep
+    recipe.write_text(script().recipe_text("prerun", tmp_path / "pre", "gated_deltanet", 4, 2, 256, 8, sweep=False,
+                                           shape="paper"))
+    _, points = config.expand(str(recipe), [])
+    assert len(points) == 1 and points[0][1].model.conv.kind == "dynamic"
