@@ -150,9 +150,14 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         from dcablate.runs.best_lr import check_second_stage
 
         check_second_stage(recipe, list(overrides), base.sweep)
-    train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
     if BEST_LR_SEEDS_KEY not in base.sweep:
+        train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
         return
+    elsewhere = None  # a dry run's plan for a device this machine lacks: both stages listed, then the one line
+    try:
+        train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
+    except DeviceElsewhere as e:
+        elsewhere = e
     from dcablate.runs.best_lr import second_stage
 
     stage = second_stage(base.sweep, points, root)
@@ -161,12 +166,21 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
 
         stage = broadcast(stage)
     click.echo("")
-    for line in stage.lines(base.sweep[BEST_LR_SEEDS_KEY]):
+    for line in stage.lines(base.sweep[BEST_LR_SEEDS_KEY], dry_run):
         click.echo(line)
     if stage.override is not None:
         more = [*overrides, stage.override]
         second_base, second_points = config.expand(recipe, more)
-        train_stage(recipe, more, second_base, second_points, root, launch, dry_run, quiet, force_new)
+        try:
+            train_stage(recipe, more, second_base, second_points, root, launch, dry_run, quiet, force_new)
+        except DeviceElsewhere as e:
+            elsewhere = elsewhere or e
+    if elsewhere is not None:
+        raise elsewhere
+
+
+class DeviceElsewhere(UserError):
+    """A dry run's plan that needs a device this machine lacks: raised after the plan has been listed."""
 
 
 @dataclass
@@ -272,8 +286,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         if device_problem is not None:
             also = (f"; and {len(refused)} of {len(points)} runs would be refused there too (listed above)"
                     if refused else "")
-            raise UserError(f"{device_problem} (on this machine; the plan above is what one with that device "
-                            f"would train){also}")
+            raise DeviceElsewhere(f"{device_problem} (on this machine; the plan above is what one with that device "
+                                  f"would train){also}")
         if refused:
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")

@@ -32,15 +32,22 @@ class Stage:
     undecided: list[str]  # a point name of each undecided cell
     runs: int
 
-    def lines(self, seeds: list[int]) -> list[str]:
+    def lines(self, seeds: list[int], dry_run: bool = False) -> list[str]:
+        """What to tell the user; `dry_run`: of a plan, where undecided cells are those the grid will decide."""
         out = []
+        seed_words = f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}"
         if self.decided:
-            out.append(f"best_lr_seeds: {self.decided} cell{'s' if self.decided != 1 else ''} decided; seed"
-                       f"{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))} at each one's best learning "
-                       f"rate: {self.runs} run{'s' if self.runs != 1 else ''}")
-        if self.undecided:
-            out.append(f"best_lr_seeds: {len(self.undecided)} cell{'s' if len(self.undecided) != 1 else ''} not "
-                       f"decided yet, a run of {'each' if len(self.undecided) != 1 else 'it'} unfinished or failed "
+            out.append(f"best_lr_seeds: {self.decided} cell{'s' if self.decided != 1 else ''} decided; {seed_words} "
+                       f"at each one's best learning rate: {self.runs} run{'s' if self.runs != 1 else ''}")
+        n = len(self.undecided)
+        if n and dry_run:
+            more = n * len(seeds)
+            out.append(f"best_lr_seeds: then {seed_words} at the best learning rate of {'each of ' if n != 1 else ''}"
+                       f"{n} cell{'s' if n != 1 else ''} the grid has yet to finish: {more} more run"
+                       f"{'s' if more != 1 else ''}, chosen once {'they have' if n != 1 else 'it has'} trained")
+        elif n:
+            out.append(f"best_lr_seeds: {n} cell{'s' if n != 1 else ''} not "
+                       f"decided yet, a run of {'each' if n != 1 else 'it'} unfinished or failed "
                        f"(e.g. {self.undecided[0]}); run the same command again once they have finished")
         return out
 

@@ -154,3 +154,20 @@ def test_one_command_trains_the_grid_then_the_seeds_and_the_report_pools_them(sw
     assert main(["run", "g.toml", "--dry-run"]) == 0
     listed = capsys.readouterr().out
     assert sum(line.endswith("finished") for line in listed.splitlines()) == 8
+
+
+def test_a_dry_run_names_the_seeds_to_come_also_for_a_device_this_machine_lacks(sweep, capsys, monkeypatch):
+    assert main(["run", "g.toml", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert ("best_lr_seeds: then seeds 1, 2 at the best learning rate of each of 2 cells the grid has yet to "
+            "finish: 4 more runs, chosen once they have trained") in captured.out
+    assert "run the same command again" not in captured.out  # a plan, not a command that left work undone
+    # a plan for a GPU made on a CPU machine: both stages listed, then the device's one line (exit 2)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["run", "g.toml", "--dry-run", "--set", "run.device=cuda"]) == 2
+    captured = capsys.readouterr()
+    assert "4 more runs" in captured.out
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("error: --set: run.device = 'cuda' but no CUDA device is visible")
+    assert "the plan above is what one with that device would train" in err[-1]
+    assert not (sweep / "out").exists()  # a dry run writes nothing
