@@ -67,6 +67,21 @@ class Run:
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of each train record
     tokens_seen: list[tuple[int, int]] = field(default_factory=list)  # (step, training tokens so far), train records
     recipe: dict = field(default_factory=dict)  # the flat keys that shape the run (variants.recipe_keys)
+    max_load: list[float] = field(default_factory=list)  # MoE: `moe/max_load_ratio` of each train record
+
+    @property
+    def routing(self) -> float | None:
+        """MoE routing balance: the mean `moe/max_load_ratio` (the busiest expert's load over the mean load, mean
+        over the MoE layers; 1 when uniform) over the last quarter of the train records; None without MoE."""
+        if not self.max_load:
+            return None
+        tail = self.max_load[len(self.max_load) * 3 // 4:]
+        return sum(tail) / len(tail)
+
+    @property
+    def active_params(self) -> int | None:
+        """MoE: the parameters one token's forward uses (`summary.json` `params.active`); None without MoE."""
+        return (self.summary or {}).get("params", {}).get("active")
 
     @property
     def score(self) -> float:
@@ -187,6 +202,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         run.train_curve = [(rec["step"], rec["loss"]) for rec in records if rec.get("kind") == "train" and "loss" in rec]
         run.tokens_seen = [(rec["step"], rec["tokens"]) for rec in records
                            if rec.get("kind") == "train" and "tokens" in rec]
+        run.max_load = [rec[MAX_LOAD] for rec in records if rec.get("kind") == "train" and MAX_LOAD in rec]
         same = dataclasses.replace(r, run=dataclasses.replace(r.run, name="", out_dir="")).digest()
         first = seen.get(same)
         if first is None:
@@ -280,6 +296,10 @@ def _params(summary: dict) -> str:
     return "" if total is None else f"{total:,}"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _int(value) -> str:
     """A count as the tables write it, with thousands separators (`17,536`)."""
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
@@ -306,6 +326,18 @@ def _plain(value: float | None):
 
 
 SPENT = (("tokens", "tokens"), ("passes", "passes"), ("train_flops", "train FLOPs"))  # summary.json key, column
+MAX_LOAD = "moe/max_load_ratio"  # the train records' MoE balance (MoE.load_stats), mean over layers
+
+
+def _moe_columns(table: dict) -> tuple[bool, bool]:
+    """(any run of the table has active parameters, any has routing records): MoE's extra columns."""
+    runs = [run for by_lr in table.values() for cell in by_lr.values() for run in cell.runs]
+    return any(r.active_params is not None for r in runs), any(r.routing is not None for r in runs)
+
+
+def _mean_of(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 EQUAL_COMPUTE = 1.01  # training FLOPs this many times apart at one width: the runs did not train on equal compute
 
 
@@ -502,8 +534,11 @@ def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
     all_segs = list(dict.fromkeys(seg for _, _, segs in tasks.values() for seg in segs))
     all_targets = list(dict.fromkeys(t for ts in targets.values() for t in ts))
     to_target = [f"{k}{t:g}" for t in all_targets for k in ("steps_to_", "tokens_to_", "flops_to_", "seeds_reached_")]
+    moe = [_moe_columns(table) for _, table, _ in tasks.values()]
+    with_active, with_routing = any(a for a, _ in moe), any(r for _, r in moe)
     header = [*CSV_KEY_COLUMNS, "score_mean", "score_std", "best_lr", *(f"{seg}_mean" for seg in all_segs),
-              "state_floats", "params", *(key for key, _ in SPENT), *to_target]
+              "state_floats", "params", *(key for key, _ in SPENT), *to_target,
+              *(["active_params"] if with_active else []), *(["max_load_ratio"] if with_routing else [])]
     rows = []
     for task, (metric, table, segs) in tasks.items():
         for (variant, d_model), by_lr in table.items():
@@ -523,7 +558,9 @@ def _csv_rows(tasks: dict, targets: dict) -> tuple[list[str], list[list]]:
                              cell.mean(metric.key), "" if std is None else std, lr == chosen,
                              *(cell.mean(seg) if seg in segs else "" for seg in all_segs),
                              first.get("state_floats", ""), first.get("params", {}).get("total", ""),
-                             *(_plain(cell.spent(key)) for key, _ in SPENT), *speed])
+                             *(_plain(cell.spent(key)) for key, _ in SPENT), *speed,
+                             *([cell.runs[0].active_params or ""] if with_active else []),
+                             *([_plain(_mean_of([r.routing for r in cell.runs]))] if with_routing else [])])
     return header, rows
 
 
@@ -611,6 +648,13 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                   f"to {gap[0]:.2f}× at d_model {gap[1]}, runs that stopped early counted at their planned steps; "
                   f"columns tokens and train FLOPs below), so this ranking compares them at equal size; {pointer}",
                   ""]
+    with_active, with_routing = _moe_columns(table)
+    notes = (["`active params` are those one token uses (its top-k experts, not all of them)"] if with_active else []) \
+        + (["`max load ratio` is the busiest expert's share of the tokens over the mean share, averaged over the MoE "
+            "layers and the last quarter of the train records (1: balanced routing; the number of experts: one "
+            "expert takes every token)"] if with_routing else [])
+    if notes:
+        lines += [f"MoE: {'; '.join(notes)}.", ""]
     for variant in dict.fromkeys(v for v, _ in table):
         lines += [f"## {variant_name(variant)}", ""]
         rows = []
@@ -623,9 +667,13 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                          *(_pm(cell.mean(seg), cell.std(seg)) for seg in segs),
                          *(_spent_cell(key, cell.spent(key)) for key, _ in spent),
                          *(efficiency.reached(cell.runs, t, metric.higher_is_better).text() for t in targets),
-                         _int(cell.runs[0].summary.get("state_floats", "")), _params(cell.runs[0].summary)])
+                         _int(cell.runs[0].summary.get("state_floats", "")), _params(cell.runs[0].summary),
+                         *([_int(cell.runs[0].active_params or "")] if with_active else []),
+                         *([_ratio(_mean_of([r.routing for r in cell.runs]))] if with_routing else [])])
         lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *(column for _, column in spent),
-                            *map(efficiency.column, targets), "state floats", "params"], rows)
+                            *map(efficiency.column, targets), "state floats", "params",
+                            *(["active params"] if with_active else []),
+                            *(["max load ratio"] if with_routing else [])], rows)
     lines += _flops_to_targets(table, metric, targets)
     lines += ["## Figures", ""] + [f"![{k}]({p.name})" for k, p in figures.items()] + [""]
     return lines

@@ -19,14 +19,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def make_run(root, name, *, mixer="attention", kind="none", placement="qkv", d_model=64, lr=1e-3, seed=0,
-             best=None, final=None, state_floats=1000, curve=((10, 0.2), (20, 0.5)), model=None):
+             best=None, final=None, state_floats=1000, curve=((10, 0.2), (20, 0.5)), model=None, ffn=None):
     """A run directory: recipe.toml through the real recipe code, summary.json (unless best is None) and
     metrics.jsonl written by hand; `model` adds model keys."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     r = recipes.build({"run": {"seed": seed}, "train": {"lr": lr},
                        "model": {"mixer": mixer, "d_model": d_model, "conv": {"kind": kind, "placement": placement},
-                                 **(model or {})}})
+                                 **({"ffn": ffn} if ffn else {}), **(model or {})}})
     (run_dir / "recipe.toml").write_text(r.to_toml())
     records = [{"kind": "train", "step": 5, "loss": 3.0}] + [
         {"kind": "eval", "step": s, "T64_kv4": a, "overall": a, "loss": 1.0} for s, a in curve]
@@ -411,3 +411,28 @@ def test_where_the_time_went_sums_the_phases_and_the_packed_loops(tmp_path):
     plain = tmp_path / "plain"
     make_run(plain, "a", best=(0.6, 0.2, 0.4))
     assert "## Where the time went" not in write_report(plain)["md"].read_text()
+
+
+def test_moe_runs_show_active_parameters_and_routing_balance(tmp_path):
+    """MoE runs get two columns, md and csv: the parameters a token uses and the busiest expert's load over the
+    mean, averaged over the last quarter of the train records; runs without MoE get none."""
+    root = tmp_path / "sweep"
+    plain = make_run(tmp_path / "plain", "p", best=(0.5, 0.5, 0.5))
+    assert "max load ratio" not in write_report(plain.parent)["md"].read_text()
+    for seed, ratios in ((0, [3.0, 3.0, 3.0, 1.2]), (1, [5.0, 5.0, 5.0, 1.4])):  # last quarter: 1.2 and 1.4
+        run_dir = make_run(root, f"moe/s{seed}", mixer="gated_deltanet", ffn="moe", seed=seed,
+                           best=(0.9, 0.8, 0.85))
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary["params"] = {"total": 900_000, "active": 300_000}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            for i, ratio in enumerate(ratios):
+                f.write(json.dumps({"kind": "train", "step": 10 * (i + 1), "loss": 2.0,
+                                    "moe/max_load_ratio": ratio}) + "\n")
+    files = write_report(root)
+    md = files["md"].read_text()
+    assert "| state floats | params | active params | max load ratio |" in md
+    assert "| 900,000 | 300,000 | 1.30 |" in md
+    assert "`max load ratio` is the busiest expert's share" in md
+    row = read_csv(files["csv"])[0]
+    assert row["active_params"] == "300000" and float(row["max_load_ratio"]) == pytest.approx(1.3)
