@@ -79,10 +79,11 @@ class MQARTask(Task):
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_scored = 0
         for j, x, y in by_turns(self.data.test_batches(batch_size)):
-            mask = y != IGNORE_INDEX  # [b, T], on the host
-            per_row = mask.sum(1)  # [b]
+            # on the host, in NumPy (batches.scored_per_row says why)
+            mask = y.numpy() != IGNORE_INDEX  # [b, T]
+            per_row = torch.from_numpy(mask.sum(1))  # [b]
             count = int(per_row.sum())
-            rows = mask.nonzero()[:, 0]  # [count]: the row of each scored position, in the order `scored` takes
+            rows = torch.from_numpy(mask.nonzero()[0])  # [count]: the row of each scored position, in `scored`'s order
             x, y, rows, per_row_d = (t.to(device, non_blocking=True) for t in (x, y, rows, per_row))
             with autocast():
                 h, targets = scored(model.hidden(x), y, count)  # [count, D], [count]
