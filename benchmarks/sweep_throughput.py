@@ -11,10 +11,10 @@
 
 The sweep (generated, `d_model` <= 128): 2-layer models, conv none/static on q/k/v x d_model 64/128 x
 runs/4 learning rates (1e-3 ... 1e-2), MQAR T=64/4 kv and T=128/8 kv, a fixed number of steps (no early
-stopping, one evaluation at the end) so that every N does the same work. `--shape paper` gives it the shape
-of the paper MQAR grids instead (`recipes/paper/mqar_base.toml`): conv none/dynamic on q/k/v x d_model
-64/128/256/512 x runs/8 learning rates, T = 64/128/256/512 with 4/8/16/64 kv pairs, batch 128 unless
-`--batch-size` says otherwise; still a fixed number of steps, so the rows compare packings on the same work.
+stopping, one evaluation at the end) so that every N does the same work. `--shape paper` gives it the widths
+and lengths of the paper MQAR grids instead (`recipes/paper/mqar_base.toml`): conv none/dynamic on q/k/v x
+d_model 64/128/256/512 x runs/8 learning rates (1e-3 ... 1e-2), T = 64/128/256/512 with 4/8/16/64 kv pairs,
+batch 128 unless `--batch-size` says otherwise; still a fixed number of steps, so the rows compare packings on the same work.
 An item `NxK` of `--per-gpu` is N runs per GPU with K of them per worker process (`--runs-per-worker K`),
 so one command can compare, say, one run at a time with eight in one process and sixteen in four.
 
@@ -43,8 +43,9 @@ With the defaults (16 runs of 300 steps) the four sweeps take a few minutes on o
 in separate commands (`--per-gpu 1`, `--per-gpu 2,4,8`) where a command has a time limit.
 
 Prints the device, the software and two tables: workers, whether the kernel warm-up ran and its seconds, MPS,
-wall time, runs per hour, speed-up vs the first row, the GPU busy fraction, the milliseconds per step card-wide
-(the wall time less the kernel warm-up, over all the runs' steps), the mean per-run time (each
+wall time, runs per hour, speed-up vs the first row, the GPU busy fraction, the milliseconds per step of the
+whole sweep (its wall time less the kernel warm-up, over all its runs' steps: start-up, data, evaluations and
+checkpoints included, so the rows compare what a grid's wall time is made of), the mean per-run time (each
 summary.json's `wall_time_s`) and the mean final accuracy; then where a run's
 time went, as the mean over each N's runs of summary.json's `time_s` (setup, data, compile, train, eval,
 checkpoint, total; docs/benchmarks.md says what each part holds). The sweep's runs share their MQAR data
@@ -130,11 +131,13 @@ def packings(per_gpu: str, runs_per_worker: str) -> list[tuple[int, int]]:
     ks = [int(k) for k in runs_per_worker.split(",")]
     out = []
     for item in per_gpu.split(","):
-        n, _, k = item.strip().lower().partition("x")
-        out += [(int(n), int(k))] if k else [(int(n), kk) for kk in ks]
+        n, x, k = item.strip().lower().partition("x")
+        if x and not k:
+            raise ValueError(f"{item}: NxK needs K")
+        out += [(int(n), int(k))] if x else [(int(n), kk) for kk in ks]
     if any(n < 1 or k < 1 for n, k in out):
         raise ValueError("runs per GPU and per worker must be positive")
-    return out
+    return list(dict.fromkeys(out))  # a packing named twice is timed once (its folder would be reused)
 
 
 def dcablate(args: list[str], log: Path, env: dict) -> tuple[int, float]:
@@ -223,7 +226,8 @@ def main() -> None:
     ap.add_argument("--shape", choices=("small", "paper"), default="small",
                     help="small: d_model 64/128, T 64/128 (default); paper: the paper MQAR grids' widths and lengths")
     ap.add_argument("--gpus", default=None, help="passed to dcablate run --gpus (default: all visible)")
-    ap.add_argument("--runs", type=int, default=16, help="runs in the sweep: 4, or a multiple of 4 >= 8")
+    ap.add_argument("--runs", type=int, default=16,
+                    help="runs in the sweep: 4, or a multiple of 4 >= 8 (--shape paper: a multiple of 8)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=None, help="default 64, or 128 with --shape paper")
     ap.add_argument("--examples", type=int, default=10000, help="training examples per segment")
@@ -306,7 +310,8 @@ def main() -> None:
                 "warmup": w, "warmup_s": warmup_seconds(log), "mps": mps_used(log, m), "busy": busy.mean(),
                 "runs": len(summaries), "wall_s": wall, "runs_per_hour": 3600 * len(summaries) / wall,
                 "run_s": sum(s["wall_time_s"] for s in summaries) / max(1, len(summaries)),
-                "step_ms": 1000 * (wall - (warmup_seconds(log) or 0.0)) / max(1, sum(s["steps"] for s in summaries)),
+                "step_ms": (1000 * (wall - (warmup_seconds(log) or 0.0)) / sum(s["steps"] for s in summaries)
+                            if summaries else None),
                 "acc": sum(s["final"]["overall"] for s in summaries) / max(1, len(summaries)),
                 "time_s": mean_breakdown(summaries),
             })
@@ -322,13 +327,14 @@ def main() -> None:
     # the warm-up runs only for sweeps over workers on CUDA: "-" where it did not run
     show = lambda r: f"{r['warmup_s']:.1f}" if r["warmup_s"] is not None else "-"
     busy_pct = lambda r: f"{r['busy']:.0f}%" if r["busy"] is not None else "-"
+    step_ms = lambda r: f"{r['step_ms']:.2f}" if r["step_ms"] is not None else "-"
     print("\n| runs per GPU | workers | kernel warm-up | warm-up s | MPS | runs | wall s | runs/hour | speed-up vs "
-          "first row | GPU busy | ms per step, card-wide | mean run s | mean final acc |")
+          "first row | GPU busy | ms per step, whole sweep | mean run s | mean final acc |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         speed = f"{r['runs_per_hour'] / first:.2f}x" if first else "-"
         print(f"| {r['per_gpu']} | {r['workers']} | {r['warmup']} | {show(r)} | {r['mps']} | {r['runs']} | "
-              f"{r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {speed} | {busy_pct(r)} | {r['step_ms']:.2f} | {r['run_s']:.1f} | "
+              f"{r['wall_s']:.1f} | {r['runs_per_hour']:.0f} | {speed} | {busy_pct(r)} | {step_ms(r)} | {r['run_s']:.1f} | "
               f"{r['acc']:.3f} |")
     print("\nmean seconds per run, by phase (summary.json time_s):\n")
     print("| runs per GPU | workers | kernel warm-up | MPS | " + " | ".join(PARTS) + " |")

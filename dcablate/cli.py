@@ -20,7 +20,7 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (echo_library_logs, fresh_dir, made_here, read_summary, record_command,
+from dcablate.runs.directories import (add_points, echo_library_logs, fresh_dir, made_here, read_summary, record_command,
                                        run_dir_named, run_directory_line, run_state, save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
@@ -157,6 +157,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     try:
         train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
     except DeviceElsewhere as e:
+        if e.refused:  # with the device, the command would stop here: no second stage to show
+            raise
         elsewhere = e
     from dcablate.runs.best_lr import second_stage
 
@@ -172,15 +174,21 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         more = [*overrides, stage.override]
         second_base, second_points = config.expand(recipe, more)
         try:
-            train_stage(recipe, more, second_base, second_points, root, launch, dry_run, quiet, force_new)
+            train_stage(recipe, more, second_base, second_points, root, launch, dry_run, quiet, force_new,
+                        record="points")
         except DeviceElsewhere as e:
-            elsewhere = elsewhere or e
+            elsewhere = e if e.refused or elsewhere is None else elsewhere  # the one that names refusals
     if elsewhere is not None:
         raise elsewhere
 
 
 class DeviceElsewhere(UserError):
-    """A dry run's plan that needs a device this machine lacks: raised after the plan has been listed."""
+    """A dry run's plan that needs a device this machine lacks: raised after the plan has been listed; `refused`:
+    how many of the plan's runs would be refused on a machine with the device too."""
+
+    def __init__(self, message: str, refused: int = 0):
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass
@@ -202,11 +210,12 @@ class LaunchOptions:
 
 
 def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                quiet: bool, force_new: bool, record: bool = False) -> None:
+                quiet: bool, force_new: bool, record: bool | str = False) -> None:
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
     still to train, in this process or over the launcher's workers. `record`: a sweep's command line goes to its
-    folder's commands.log, with the time it started, once its runs began to train (a command refused before,
-    such as one whose recipe changed, trained nothing and is not recorded)."""
+    folder's commands.log, with the time it started, and its points to points.txt, once its runs began to train
+    (a command refused before, such as one whose recipe changed, trained nothing and is not recorded); "points":
+    only the points, added to those there (the second stage of the command the grid recorded)."""
     import time
 
     began, started = time.time(), []
@@ -215,7 +224,10 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     finally:
         if (record and started and base.sweep and os.environ.get("RANK", "0") == "0" and root.is_dir()
                 and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
-            record_command(root, ARGV, [name for name, _ in points], when=began)
+            if record == "points":
+                add_points(root, [name for name, _ in points])
+            else:
+                record_command(root, ARGV, [name for name, _ in points], when=began)
 
 
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
@@ -287,7 +299,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             also = (f"; and {len(refused)} of {len(points)} runs would be refused there too (listed above)"
                     if refused else "")
             raise DeviceElsewhere(f"{device_problem} (on this machine; the plan above is what one with that device "
-                                  f"would train){also}")
+                                  f"would train){also}", refused=len(refused))
         if refused:
             raise UserError(f"{len(refused)} of {len(points)} runs would be refused (listed above); nothing was "
                             f"written")

@@ -114,6 +114,20 @@ def record_command(root: Path, argv: list[str], points: list[str] = (), when: fl
         pass
 
 
+def add_points(root: Path, points: list[str]) -> None:
+    """Add `points` to `root/points.txt` after those there (a sweep's second stage, `sweep.best_lr_seeds`, whose
+    points the grid's command planned too). Best effort, as `record_command`."""
+    try:
+        listing = root / POINTS_FILE
+        known = listing.read_text(encoding="utf-8").splitlines() if listing.is_file() else []
+        names = list(dict.fromkeys([n for n in known if n] + list(points)))
+        tmp = root / f"{POINTS_FILE}.tmp"
+        tmp.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+        tmp.replace(listing)
+    except OSError:
+        pass
+
+
 def points_not_started(root: Path) -> dict[Path, list[str]]:
     """Sweep folder -> the points its last command planned (`points.txt`) that hold no run yet (no recipe.toml),
     for every sweep folder at or below `root`."""

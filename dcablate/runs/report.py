@@ -80,8 +80,10 @@ class Run:
 
     @property
     def active_params(self) -> int | None:
-        """MoE: the parameters one token's forward uses (`summary.json` `params.active`); None without MoE."""
-        return (self.summary or {}).get("params", {}).get("active")
+        """MoE: the parameters one token's forward uses (`summary.json` `params.active`, which a model whose
+        tokens use every expert (top_k = n_experts) leaves out: then all of them); None without MoE."""
+        params = (self.summary or {}).get("params", {})
+        return params.get("active", params.get("total") if self.variant[3] == "moe" else None)
 
     @property
     def score(self) -> float:
@@ -650,9 +652,10 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                   ""]
     with_active, with_routing = _moe_columns(table)
     notes = (["`active params` are those one token uses (its top-k experts, not all of them)"] if with_active else []) \
-        + (["`max load ratio` is the busiest expert's share of the tokens over the mean share, averaged over the MoE "
-            "layers and the last quarter of the train records (1: balanced routing; the number of experts: one "
-            "expert takes every token)"] if with_routing else [])
+        + (["`max load ratio` is the busiest expert's share of the routed (token, slot) assignments over the mean "
+            "share, averaged over the MoE layers and the last quarter of the train records (1: balanced routing; "
+            "n_experts / top_k at most, when every token sends one of its slots to the same expert)"]
+           if with_routing else [])
     if notes:
         lines += [f"MoE: {'; '.join(notes)}.", ""]
     for variant in dict.fromkeys(v for v, _ in table):
@@ -668,7 +671,7 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                          *(_spent_cell(key, cell.spent(key)) for key, _ in spent),
                          *(efficiency.reached(cell.runs, t, metric.higher_is_better).text() for t in targets),
                          _int(cell.runs[0].summary.get("state_floats", "")), _params(cell.runs[0].summary),
-                         *([_int(cell.runs[0].active_params or "")] if with_active else []),
+                         *([_int(cell.runs[0].active_params or "-")] if with_active else []),
                          *([_ratio(_mean_of([r.routing for r in cell.runs]))] if with_routing else [])])
         lines += _md_table(["d_model", "best lr", "seeds", metric.key, *segs, *(column for _, column in spent),
                             *map(efficiency.column, targets), "state floats", "params",

@@ -23,7 +23,8 @@ def test_per_gpu_items_name_runs_per_worker_or_take_every_k():
     assert packings("1,4,8x8,16x4", "1") == [(1, 1), (4, 1), (8, 8), (16, 4)]
     assert packings("8", "1,8") == [(8, 1), (8, 8)]
     assert packings("2X2", "1") == [(2, 2)]
-    for bad in ("0", "4x0", "x4", "four"):
+    assert packings("8,8x1", "1") == [(8, 1)]  # named twice: timed once (the second would reuse its folder)
+    for bad in ("0", "4x0", "x4", "four", "4x"):
         with pytest.raises(ValueError):
             packings(bad, "1")
 

@@ -171,3 +171,28 @@ def test_a_dry_run_names_the_seeds_to_come_also_for_a_device_this_machine_lacks(
     assert err[-1].startswith("error: --set: run.device = 'cuda' but no CUDA device is visible")
     assert "the plan above is what one with that device would train" in err[-1]
     assert not (sweep / "out").exists()  # a dry run writes nothing
+
+
+def test_the_seed_runs_are_planned_points_a_report_names_when_they_never_started(sweep, capsys):
+    assert main(["run", "g.toml", "--quiet"]) == 0
+    root = sweep / "out" / "w"
+    listed = (root / "points.txt").read_text().split()
+    seeded = [n for n in listed if n.endswith(("seed=1", "seed=2"))]
+    assert len(listed) == 8 and len(seeded) == 4  # the grid's 4 points, then the second stage's
+    import shutil
+
+    shutil.rmtree(root / seeded[-1])  # as if the command had stopped before this run began
+    capsys.readouterr()
+    assert main(["report", str(root)]) == 0
+    report = (root / "report.md").read_text()
+    assert seeded[-1] in report.split("not started", 1)[1]
+
+
+def test_a_dry_run_whose_grid_would_be_refused_shows_no_second_stage(sweep, capsys, monkeypatch):
+    assert main(["run", "g.toml", "--quiet"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["run", "g.toml", "--dry-run", "--set", "run.device=cuda", "--set", "train.steps=7"]) == 2
+    captured = capsys.readouterr()
+    assert "best_lr_seeds" not in captured.out  # the command with the device would stop at the grid's refusals
+    assert "and 4 of 4 runs would be refused there too" in captured.err

@@ -436,3 +436,14 @@ def test_moe_runs_show_active_parameters_and_routing_balance(tmp_path):
     assert "`max load ratio` is the busiest expert's share" in md
     row = read_csv(files["csv"])[0]
     assert row["active_params"] == "300000" and float(row["max_load_ratio"]) == pytest.approx(1.3)
+
+
+def test_moe_whose_tokens_use_every_expert_counts_all_its_parameters_active(tmp_path):
+    """top_k = n_experts: summary.json has no `params.active` (nothing idles), so the column shows the total; a
+    run without MoE in the same table shows "-"."""
+    root = tmp_path / "sweep"
+    make_run(root, "moe", mixer="gated_deltanet", ffn="moe", best=(0.9, 0.8, 0.85))
+    make_run(root, "mlp", mixer="gated_deltanet", ffn="mlp", best=(0.9, 0.8, 0.80))
+    md = write_report(root)["md"].read_text()
+    assert "| 12,345 | 12,345 |" in md  # params, active params of the MoE run
+    assert "| 12,345 | - |" in md  # the MLP run: no active-parameter count of its own

@@ -326,7 +326,8 @@ class MoE(ChannelMixer):
 
     @property
     def max_load_ratio(self) -> torch.Tensor:
-        """Max over mean expert load of the last forward; 1 when uniform, E when one expert takes all."""
+        """Max over mean expert load of the last forward (loads: shares of the N·top_k routed assignments); 1 when
+        uniform, E / top_k at most (a token's top_k slots go to distinct experts)."""
         return self.last_load.max() * self.n_experts
 
     def active_params(self) -> int:
