@@ -71,57 +71,38 @@ REPO = Path(__file__).resolve().parent.parent
 PARTS = ("setup", "data", "compile", "train", "eval", "checkpoint", "total")  # summary.json's time_s
 
 
-PAPER_SPLITS = ((64, 4), (128, 8), (256, 16), (512, 64))  # (seq_len, num_kv_pairs) of the paper grids
+SHAPES = {  # --shape: MQAR (seq_len, num_kv_pairs) splits, the conv kinds and widths swept, the lr without an lr axis
+    "small": {"splits": ((64, 4), (128, 8)), "convs": ("none", "static"), "widths": (64, 128), "lr": 3e-3},
+    "paper": {"splits": ((64, 4), (128, 8), (256, 16), (512, 64)), "convs": ("none", "dynamic"),
+              "widths": (64, 128, 256, 512), "lr": 1e-3},  # the paper grids' (recipes/paper/mqar_base.toml)
+}
 
 
 def recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, examples: int, batch_size: int,
                 sweep: bool = True, shape: str = "small") -> str:
-    if shape == "paper":
-        return paper_recipe_text(name, out_dir, mixer, runs, steps, examples, batch_size, sweep)
-    lines = [
-        "[run]", f'name = "{name}"', f'out_dir = "{out_dir}"', "",
-        "[model]", f'mixer = "{mixer}"', "n_layers = 2", "n_heads = 2", 'ffn = "none"', "d_model = 64", "",
-        "[task.mqar]", "vocab_size = 8192",
-        f"train = [{{ seq_len = 64, num_kv_pairs = 4, num_examples = {examples} }}, "
-        f"{{ seq_len = 128, num_kv_pairs = 8, num_examples = {examples} }}]",
-        "test = [{ seq_len = 64, num_kv_pairs = 4, num_examples = 500 }, "
-        "{ seq_len = 128, num_kv_pairs = 8, num_examples = 500 }]", "",
-        "[train]", "lr = 3e-3", f"steps = {steps}", f"batch_size = {batch_size}", f"warmup_steps = {max(1, steps // 10)}", "",
-        "[eval]", f"every = {steps}", "early_stop = 0", "",
-        "[log]", "progress = false", "every = 50", "",
-        "[checkpoint]", "every = 0", "",
-    ]
-    if sweep:
-        lines += ["[sweep]", '"model.conv.kind" = ["none", "static"]', '"model.d_model" = [64, 128]']
-        if runs >= 8:  # runs / 4 learning rates, log-spaced from 1e-3 to 1e-2
-            lrs = [round(1e-3 * 10 ** (i / (runs // 4 - 1)), 6) for i in range(runs // 4)]
-            lines.append(f'"train.lr" = {lrs}')
-    else:
-        lines += ["[model.conv]", 'kind = "static"']
-    return "\n".join(lines) + "\n"
-
-
-def paper_recipe_text(name: str, out_dir: Path, mixer: str, runs: int, steps: int, examples: int, batch_size: int,
-                      sweep: bool = True) -> str:
-    """The sweep in the paper grids' shape: conv none/dynamic on q/k/v x d_model 64..512 x runs/8 learning rates
-    (runs a multiple of 8; 1e-3 alone at 8), the four paper splits, `steps` steps, one evaluation at the end."""
-    split = lambda n: ", ".join(f"{{ seq_len = {t}, num_kv_pairs = {kv}, num_examples = {n} }}" for t, kv in PAPER_SPLITS)
+    """The sweep of `shape`: its conv kinds x widths x runs / (kinds x widths) learning rates log-spaced from 1e-3
+    to 1e-2 (one lr when that is 1), `steps` steps, one evaluation at the end; without `sweep`, one model with the
+    shape's conv (the untimed run that fills the kernel cache)."""
+    s = SHAPES[shape]
+    split = lambda n: ", ".join(f"{{ seq_len = {t}, num_kv_pairs = {kv}, num_examples = {n} }}" for t, kv in s["splits"])
     lines = [
         "[run]", f'name = "{name}"', f'out_dir = "{out_dir}"', "",
         "[model]", f'mixer = "{mixer}"', "n_layers = 2", "n_heads = 2", 'ffn = "none"', "d_model = 64", "",
         "[task.mqar]", "vocab_size = 8192", f"train = [{split(examples)}]", f"test = [{split(500)}]", "",
-        "[train]", "lr = 1e-3", f"steps = {steps}", f"batch_size = {batch_size}", f"warmup_steps = {max(1, steps // 10)}", "",
+        "[train]", f"lr = {s['lr']}", f"steps = {steps}", f"batch_size = {batch_size}",
+        f"warmup_steps = {max(1, steps // 10)}", "",
         "[eval]", f"every = {steps}", "early_stop = 0", "",
         "[log]", "progress = false", "every = 50", "",
         "[checkpoint]", "every = 0", "",
     ]
     if sweep:
-        lines += ["[sweep]", '"model.conv.kind" = ["none", "dynamic"]', '"model.d_model" = [64, 128, 256, 512]']
-        if runs >= 16:  # runs / 8 learning rates, log-spaced from 1e-3 to 1e-2
-            lrs = [round(1e-3 * 10 ** (i / (runs // 8 - 1)), 6) for i in range(runs // 8)]
-            lines.append(f'"train.lr" = {lrs}')
+        lines += ["[sweep]", f'"model.conv.kind" = {list(s["convs"])}'.replace("'", '"'),
+                  f'"model.d_model" = {list(s["widths"])}']
+        n_lr = runs // (len(s["convs"]) * len(s["widths"]))
+        if n_lr >= 2:
+            lines.append(f'"train.lr" = {[round(1e-3 * 10 ** (i / (n_lr - 1)), 6) for i in range(n_lr)]}')
     else:
-        lines += ["[model.conv]", 'kind = "dynamic"']
+        lines += ["[model.conv]", f'kind = "{s["convs"][1]}"']
     return "\n".join(lines) + "\n"
 
 

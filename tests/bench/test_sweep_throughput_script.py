@@ -47,3 +47,15 @@ def test_paper_shape_sweeps_the_paper_widths_and_lengths(tmp_path):
                                            shape="paper"))
     _, points = config.expand(str(recipe), [])
     assert len(points) == 1 and points[0][1].model.conv.kind == "dynamic"
+
+
+@pytest.mark.parametrize("runs, lrs", [(4, [0.003]), (16, [0.001, 0.002154, 0.004642, 0.01])])
+def test_small_shape_sweeps_static_convs_at_two_widths(tmp_path, runs, lrs):
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(script().recipe_text("sweep", tmp_path / "runs", "attention", runs, 300, 1000, 64))
+    base, points = config.expand(str(recipe), [])
+    assert len(points) == runs
+    assert {(r.model.conv.kind, r.model.d_model) for _, r in points} == {
+        ("none", 64), ("none", 128), ("static", 64), ("static", 128)}
+    assert sorted({r.train.lr for _, r in points}) == lrs
+    assert [s.seq_len for s in base.task.mqar.train] == [64, 128]
