@@ -1,8 +1,10 @@
-"""`batches.scored_per_row`: the host-side count of scored targets per row, in NumPy, equal to torch's."""
+"""`batches.scored_per_row`: the host-side count of scored targets per row, in NumPy, equal to torch's; and
+`batches.to_device`, the evaluations' copies to the device."""
 
+import pytest
 import torch
 
-from dcablate.training.batches import ScoredCounts, scored_per_row
+from dcablate.training.batches import ScoredCounts, scored_per_row, to_device
 
 
 def test_counts_equal_torch_on_contiguous_and_strided_batches():
@@ -28,3 +30,27 @@ def test_scored_counts_hand_out_each_batchs_counts_in_order():
     first, second = counts.pop(), counts.pop()
     assert first == (2, 0) and second == (3,)
     assert all(type(c) is int for c in first + second)  # plain ints: the step sums them on the host
+
+
+def test_to_device_on_cpu_is_to():
+    x, y = torch.arange(6).view(2, 3), torch.ones(4)
+    for device in ("cpu", torch.device("cpu")):
+        x2, y2 = to_device(device, x, y)
+        assert torch.equal(x2, x) and torch.equal(y2, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_device_on_cuda_copies_through_pinned_memory_asynchronously_and_exactly():
+    """The copies go on the current stream behind its earlier work, from pinned buffers the host may reuse:
+    a long kernel queued first, then many copies of distinct batches; every batch arrives intact."""
+    device = torch.device("cuda")
+    stream = torch.cuda.Stream()
+    batches = [torch.randint(0, 1000, (64, 257)) for _ in range(20)]
+    with torch.cuda.stream(stream):
+        a = torch.randn(4096, 4096, device=device)
+        for _ in range(10):
+            a = a @ a / 64  # keeps the stream busy while the host queues the copies
+        out = [to_device(device, b[:, :-1])[0] for b in batches]  # strided views, as the LM evaluation passes
+    stream.synchronize()
+    assert all(o.is_cuda and torch.equal(o.cpu(), b[:, :-1]) for o, b in zip(out, batches))

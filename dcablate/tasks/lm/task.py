@@ -22,6 +22,7 @@ from dcablate.tasks.lm import inputs as lm_inputs
 from dcablate.tasks.lm.data import (BPETokenizer, Corpus, Text, build_tokenizer, load_corpus, load_text,
                                     packed_batches, read_tokenizer_file, tokenizer_vocab_size, windows)
 from dcablate.tasks.lm.spec import absolute_source
+from dcablate.training.batches import to_device
 from dcablate.training.packing import by_turns, wait_for_stream
 
 KEPT_TOKENIZER = "tokenizer.json"  # a BPE run's tokenizer, kept in its run directory
@@ -174,15 +175,17 @@ class LMTask(Task):
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
         was_training = model.training
         model.eval()
-        token_bytes = self.token_bytes
-        # the loss sum stays on the device until the end and the bytes are counted on each batch's CPU copy, so no
-        # batch waits for the GPU (float64 sums of the float32 batch losses, as adding them on the host did)
+        token_bytes = self.tokenizer.token_bytes  # [V] int64
+        # the loss sum stays on the device until the end and the bytes are counted on each batch's CPU copy (in
+        # NumPy: batches.scored_per_row says why), so no batch waits for the GPU (float64 sums of the float32 batch
+        # losses, as adding them on the host did)
         nats_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_tokens, n_bytes = 0, 0
         for batch in by_turns(self.eval_batches(batch_size)):
-            t = torch.from_numpy(batch.astype(np.int64))
-            n_bytes += int(token_bytes[t[:, 1:]].sum())
-            x, y = t[:, :-1].to(device), t[:, 1:].to(device)
+            tokens = batch.astype(np.int64)
+            n_bytes += int(token_bytes[tokens[:, 1:]].sum())
+            t, = to_device(device, torch.from_numpy(tokens))
+            x, y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
             with autocast():
                 logits = model(x)
             nats_sum += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()

@@ -12,6 +12,7 @@ from dcablate.models.lm import scored
 from dcablate.runs.tables import format_table
 from dcablate.tasks import Task
 from dcablate.tasks.mqar.data import IGNORE_INDEX, AccuracyMeter, MQARData, Segment
+from dcablate.training.batches import to_device
 from dcablate.training.packing import by_turns, wait_for_stream
 
 
@@ -84,7 +85,7 @@ class MQARTask(Task):
             per_row = torch.from_numpy(mask.sum(1))  # [b]
             count = int(per_row.sum())
             rows = torch.from_numpy(mask.nonzero()[0])  # [count]: the row of each scored position, in `scored`'s order
-            x, y, rows, per_row_d = (t.to(device, non_blocking=True) for t in (x, y, rows, per_row))
+            x, y, rows, per_row_d = to_device(device, x, y, rows, per_row)
             with autocast():
                 h, targets = scored(model.hidden(x), y, count)  # [count, D], [count]
                 logits = model.lm_head(h)  # [count, V]
@@ -93,7 +94,7 @@ class MQARTask(Task):
             hits = (logits.argmax(-1) == targets).double()  # [count]
             correct = torch.zeros(len(x), dtype=torch.float64, device=device).index_add_(0, rows, hits)  # [b]
             kept = (per_row > 0).nonzero()[:, 0]  # examples without a scored position are not counted
-            kept_d = kept.to(device, non_blocking=True)
+            kept_d, = to_device(device, kept)
             meter.add(j, (correct[kept_d] / per_row_d[kept_d].double()).sum(), len(kept))
         model.train(was_training)
         wait_for_stream(device)  # the read-back below waits for the GPU: other runs of the worker go on meanwhile

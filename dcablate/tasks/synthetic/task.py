@@ -13,7 +13,7 @@ from dcablate.errors import UserError
 from dcablate.models.lm import scored
 from dcablate.tasks import Task
 from dcablate.tasks.synthetic.data import CHUNK, IGNORE_INDEX, SuiteData, TooFewDistinct
-from dcablate.training.batches import scored_per_row
+from dcablate.training.batches import scored_per_row, to_device
 from dcablate.training.packing import by_turns, wait_for_stream
 
 
@@ -91,7 +91,7 @@ class SuiteTask(Task):
         n_scored = 0
         for x, y in by_turns(self.data.test_batches(batch_size)):
             count = int(scored_per_row(y).sum())  # in NumPy: batches.scored_per_row says why
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(device, x, y)
             with autocast():
                 h, targets = scored(model.features(x), y, count)  # [count, D], [count]
                 logits = model.lm_head(h)  # [count, V]
