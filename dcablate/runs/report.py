@@ -298,6 +298,15 @@ def _params(summary: dict) -> str:
     return "" if total is None else f"{total:,}"
 
 
+def _shared_ranks(rows: list[tuple]) -> list[tuple[int, tuple]]:
+    """(rank, row) for rows sorted best first whose second item is the score as shown: rows that show the same
+    score share the rank of the first of them (1, 1, 3), so a tie is not ranked by the variants' names."""
+    out, first = [], {}
+    for i, row in enumerate(rows):
+        out.append((first.setdefault(row[1], i + 1), row))
+    return out
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -592,7 +601,8 @@ def _software(runs: list[Run]) -> list[str]:
     for run in runs:
         if run.summary is not None and run.summary.get("versions"):
             v, card = run.summary["versions"], run.summary.get("device_name", "?")
-            commit = f" (commit {v['git_commit'][:10]})" if v.get("git_commit") else ""
+            changed = ", with changes to dcablate/ not committed" if v.get("git_dirty") else ""
+            commit = f" (commit {v['git_commit'][:10]}{changed})" if v.get("git_commit") else ""
             stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "flash-linear-attention", "cuda") if v.get(k))
             digests = v.get("plugin_digests") or {}
             named = [p + (f" (file {digests[p]})" if digests.get(p) else "") for p in v.get("plugins") or []]
@@ -633,10 +643,12 @@ def _section(task: str, table: dict, segs: list[str], metric: Metric, figures: d
                 for key, _ in spent]
         lines += [f"{columns[0].upper()}{columns[1:]}: what the chosen runs trained on (`summary.json` "
                   f"{', '.join(keys)}; the mean over seeds).", ""]
-    lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first).", ""]
+    lines += ["## Ranking", "", f"Mean over widths of the best-over-lr score ({better} first; equal scores share a "
+              f"rank).", ""]
     ranked = ranking(table, metric)
     lines += _md_table(["rank", "variant", "score", "widths"],
-                       [[i + 1, variant_name(v), f"{s:.3f}", ", ".join(map(str, ds))] for i, (v, s, ds) in enumerate(ranked)])
+                       [[rank, variant_name(v), shown, ", ".join(map(str, ds))]
+                        for rank, (v, shown, ds) in _shared_ranks([(v, f"{s:.3f}", ds) for v, s, ds in ranked])])
     if len({tuple(sorted(ds)) for _, _, ds in ranked}) > 1:
         shared = sorted(set.intersection(*(set(ds) for _, _, ds in ranked)))
         lines += [f"Not like for like: the variants' means are over different widths (column widths), and a "

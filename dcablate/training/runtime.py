@@ -143,14 +143,20 @@ def _installed_versions() -> dict:
             return None
 
     package = Path(__file__).resolve().parents[1]
+    commit, dirty = None, None
     try:  # a commit only for a checkout of dcablate itself, not for a repository it happens to be installed in
         top, commit = (subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, text=True,
                                       capture_output=True, timeout=10).stdout.split() + [None, None])[:2]
         commit = commit if top and Path(top) / "dcablate" == package else None
+        if commit:  # the package's code differs from that commit: the commit alone does not say what ran
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "dcablate"],
+                                    cwd=top, text=True, capture_output=True, timeout=10)
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"dcablate": __version__, "git_commit": commit, "torch": torch.__version__, "triton": installed("triton"),
-            "flash-linear-attention": installed("flash-linear-attention"), "cuda": torch.version.cuda}
+        commit, dirty = None, None
+    return {"dcablate": __version__, "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__,
+            "triton": installed("triton"), "flash-linear-attention": installed("flash-linear-attention"),
+            "cuda": torch.version.cuda}
 
 
 def software_versions(device: torch.device) -> dict:

@@ -447,3 +447,14 @@ def test_moe_whose_tokens_use_every_expert_counts_all_its_parameters_active(tmp_
     md = write_report(root)["md"].read_text()
     assert "| 12,345 | 12,345 |" in md  # params, active params of the MoE run
     assert "| 12,345 | - |" in md  # the MLP run: no active-parameter count of its own
+
+
+def test_equal_scores_share_a_rank(tmp_path):
+    root = tmp_path / "sweep"
+    make_run(root, "none", best=(0.5, 0.5, 0.5))
+    make_run(root, "static", kind="static", best=(0.5, 0.5, 0.5))
+    make_run(root, "dynamic", kind="dynamic", best=(0.2, 0.2, 0.2))
+    md = write_report(root)["md"].read_text()
+    ranking = md.split("## Ranking", 1)[1].split("##", 1)[0]
+    ranks = [line.split("|")[1].strip() for line in ranking.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert ranks == ["1", "1", "3"]

@@ -300,5 +300,19 @@ def test_a_run_records_what_made_it(tmp_path, capsys):
     v = summary["versions"]
     assert (v["dcablate"], v["torch"]) == (dcablate.__version__, torch.__version__)
     assert v["gpu_capability"] is None and v["cuda"] == torch.version.cuda and v["plugins"] == []
+    if v["git_commit"] is not None:  # a checkout: whether its package code differs from the commit, as git says
+        import subprocess
+        from pathlib import Path
+
+        root = Path(dcablate.__file__).resolve().parents[1]
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "dcablate"], cwd=root,
+                                text=True, capture_output=True).stdout
+        assert v["git_dirty"] is bool(status.strip())
     assert main(["report", str(tmp_path)]) == 0
     assert f"- dcablate {dcablate.__version__}" in (tmp_path / "report.md").read_text()
+    summary_file = next(tmp_path.rglob("summary.json"))  # a run made from changed code says so in the report
+    edited = json.loads(summary_file.read_text())
+    edited["versions"].update(git_commit="0123456789abcdef", git_dirty=True)
+    summary_file.write_text(json.dumps(edited))
+    assert main(["report", str(tmp_path)]) == 0
+    assert "(commit 0123456789, with changes to dcablate/ not committed)" in (tmp_path / "report.md").read_text()
