@@ -349,6 +349,8 @@ def _moe_columns(table: dict) -> tuple[bool, bool]:
 def _mean_of(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
 EQUAL_COMPUTE = 1.01  # training FLOPs this many times apart at one width: the runs did not train on equal compute
 
 
