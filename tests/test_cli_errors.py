@@ -775,6 +775,19 @@ def test_settings_of_a_task_no_run_trains_on_are_said_and_an_axis_over_them_refu
                                        "drop it, or sweep task.kind too\n")
     assert main(["run", "paper/suite_attention", "--dry-run"]) == 0
     assert "note:" not in capsys.readouterr().err
+    # a recipe extending a suite drops a task's axis by giving it the section's defaults, {}, at every point
+    (tmp_path / "two.toml").write_text(
+        'extends = "suite/tiny"\n[sweep]\n"model.conv.kind" = ["none", "dynamic"]\n'
+        '"task.kind" = ["recall", "memorization"]\n"task.recall" = [{seq_len = 32}, {}]\n'
+        + "".join(f'"task.{t}" = [{{}}, {{}}]\n' for t in ("fuzzy_recall", "noisy_recall", "selective_copy",
+                                                           "compression"))
+        + '"task.memorization" = [{}, {vocab_size = 64}]\n')
+    assert main(["run", "two.toml", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("(recipe ") == 4  # two convs x two tasks
+    (tmp_path / "two.toml").write_text((tmp_path / "two.toml").read_text().replace(
+        '"task.compression" = [{}, {}]', '"task.compression" = [{}, {seq_len = 64}]'))
+    assert main(["run", "two.toml", "--dry-run"]) == 2  # a setting for a task no point trains: still refused
+    assert "compression" in capsys.readouterr().err
 
 
 def test_a_sweep_point_error_names_the_key_the_user_set(tmp_path, monkeypatch, capsys):

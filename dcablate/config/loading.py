@@ -607,6 +607,8 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
     kind = " / ".join(sorted(kinds))
     for task in unused:
         for key in sweep:
+            if key == f"task.{task}" and all(v == {} for v in sweep[key]):
+                continue  # the section's defaults at every point: how a recipe extending a suite drops a task
             if key == f"task.{task}" or key.startswith(f"task.{task}."):
                 _axis_changes_nothing(origins, src, key, "task.kind", kinds)
         section = getattr(base.task, task)

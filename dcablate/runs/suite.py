@@ -158,9 +158,11 @@ def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
         else:
             mode = {k: defaults[k] if k in defaults and defaults[k] in c else max(c, key=lambda v: (c[v], -_order(v)))
                     for k, c in counts.items() if len(c) > 1}
+        shown = lambda k, v: f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"  # noqa: E731
         for setting in these:
-            changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting
-                       if k in mode and v != mode[k]]
+            changed = [shown(k, v) for k, v in setting if k in mode and v != mode[k]]
+            if not changed:  # the common setting: `baseline` only where it is the default one, else its own keys
+                changed = [shown(k, v) for k, v in setting if k in defaults and v != defaults[k]]
             labels[(task, setting)] = ", ".join(changed) or "baseline"
     return labels
 

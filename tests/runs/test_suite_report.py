@@ -99,6 +99,11 @@ def test_setting_labels_count_from_the_task_defaults(tmp_path):
     assert labels[("selective_copy", setting("selective_copy", {"vocab_size": 64}))] == "vocab_size=64"
     assert labels[("selective_copy", setting("selective_copy", {"vocab_size": 64, "seq_len": 1024}))] == \
         "seq_len=1024, vocab_size=64"
+    # two settings, neither the default (two trees reported together): neither is called the baseline
+    small, large = {"seq_len": 32, "num_train_examples": 1000}, {"seq_len": 64, "num_train_examples": 2000}
+    labels = suite.setting_labels([run("recall", small), run("recall", large)])
+    assert labels[("recall", setting("recall", small))] == "num_train_examples=1000, seq_len=32"
+    assert labels[("recall", setting("recall", large))] == "num_train_examples=2000, seq_len=64"
 
 
 def test_report_gives_the_suite_tables_scores_and_figure(tmp_path):
