@@ -275,6 +275,10 @@ CASES = [
           "so the sweep would override this --set; set vocab_size in the sweep's tables instead, in a recipe of your "
           'own (extends = "paper/suite_attention", [sweep] "task.recall" = [...]) or with --set '
           "'sweep.task.recall=[...]', 25 values: it is zipped; or drop the sweep (--set 'sweep={}')")),
+    Case("set-a-misspelt-key-inside-a-swept-table", ["run", "paper/suite_attention", *DRY, "--set",
+                                                     "task.recall.vocab_sise=32"],
+         ("--set task.recall.vocab_sise=32: unknown key 'vocab_sise' in [task.recall] (did you mean 'vocab_size'?); "
+          "allowed there: vocab_size, seq_len, num_train_examples, num_test_examples, data_seed",)),
     Case("set-inside-a-swept-table-of-a-file", ["run", "r.toml", *DRY, "--set", "task.mqar.vocab_size=256"],
          ("--set task.mqar.vocab_size=256: task.mqar is swept as whole tables ([sweep] in ", "r.toml: [{'vocab_size'",
           'extends = "r.toml"', "--set 'sweep.task.mqar=[...]';"),

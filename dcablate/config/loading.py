@@ -278,6 +278,10 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
             drop = "or drop the sweep (--set 'sweep={}')"
             if inside and isinstance(values, list) and any(isinstance(v, dict) for v in values):
                 sub = key[len(axis) + 1:]
+                fields = _section_fields(axis)
+                if fields is not None and sub.split(".")[0] not in fields:  # a misspelt key: say so, not "sweep it"
+                    raise UserError(f"--set {text}: unknown key {sub.split('.')[0]!r} in [{axis}]"
+                                    f"{did_you_mean(sub.split('.')[0], fields)}; allowed there: {', '.join(fields)}")
                 recipe = ref if Path(ref).is_file() else ref.removesuffix(RECIPE_SUFFIX)  # a file, or a shipped name
                 raise UserError(f"--set {text}: {axis} is swept as whole tables ({swept_in}: {shown}), and each "
                                 f"point's table replaces {axis}, so the sweep would override this --set; set {sub} "
@@ -287,6 +291,17 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
                     f"{key} is inside {axis}, which is swept")
             raise UserError(f"--set {text}: {what} ({swept_in}: {shown}), and the sweep sets it at every point; "
                             f"set the axis instead (--set 'sweep.{axis}=[...]'{count}), {drop}")
+
+
+def _section_fields(path: str) -> list[str] | None:
+    """The keys of the recipe section at dotted `path` (`task.recall`), None where it is no section."""
+    cls = schema.Recipe
+    for part in path.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
 
 
 def _names(value, sub: str) -> bool:
