@@ -275,6 +275,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             device_problem = e  # a dry run still lists the plan: what a machine with that device would train
     budgets = preflight.check_plan(recipe, overrides, plan, to_train)  # what would fail in each run, after its start-up
     if dry_run:
+        check_launcher_flags(launch, points, root)
         preflight.check_generated_data(recipe, overrides, plan, to_train)  # what each run's data phase would refuse
         if devices is not None and not distributed and not launch.nproc:  # the worker flags (the real command's line)
             local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
@@ -335,6 +336,19 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             except UserError as e:  # text found wanting only once read (a one-line .jsonl): where the key was set
                 raise preflight.located(e, recipe, list(overrides)) from None
         sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda)
+
+
+def check_launcher_flags(launch: "LaunchOptions", points, root: Path) -> None:
+    """A dry run's checks of what a cluster launcher is given, as its real command makes them before submitting:
+    `--slurm KEY=VALUE` (submitit's parameters), `--address HOST:PORT` (something answers there, and it is Ray)."""
+    if launch.launcher == "slurm":
+        from dcablate.runs.launchers.slurm import check_options
+
+        check_options(launch.slurm, cluster_cuda([r for _, r in points]), root.name)
+    elif launch.launcher == "ray" and launch.address:
+        from dcablate.runs.launchers.ray import reachable
+
+        reachable(launch.address)
 
 
 def cluster_cuda(recipes) -> bool | None:

@@ -52,7 +52,9 @@ class NonFiniteStep(Stop):
         super().__init__(self.message(kept), 1)
 
     def message(self, kept: str) -> str:
-        return (f"error: non-finite loss {self.loss}, gradient norm {self.grad_norm} at step {self.step}; {kept}; "
+        what = (f"non-finite gradient norm {self.grad_norm} (loss {self.loss})" if math.isfinite(self.loss) else
+                f"non-finite loss {self.loss}, gradient norm {self.grad_norm}")
+        return (f"error: {what} at step {self.step}; {kept}; "
                 f"lower train.lr or set train.grad_clip (then --force-new), or set train.nonfinite = \"skip\" "
                 f"and rerun to resume")
 

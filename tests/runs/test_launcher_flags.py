@@ -59,8 +59,9 @@ def test_a_launcher_whose_package_is_missing_names_the_extra(sweep, capsys, monk
 
 def test_ray_address_where_nothing_answers(sweep, capsys):
     pytest.importorskip("ray")
-    one_line_error(sweep, capsys, ["--launcher", "ray", "--address", "127.0.0.1:1"],
-                   "--address 127.0.0.1:1: no Ray cluster answers there")
+    for dry in ([], ["--dry-run"]):
+        one_line_error(sweep, capsys, ["--launcher", "ray", "--address", "127.0.0.1:1", *dry],
+                       "--address 127.0.0.1:1: no Ray cluster answers there")
 
 
 def _server(reply: bytes):
@@ -112,6 +113,29 @@ def test_a_signal_while_attaching_to_ray_exits_with_a_stopped_commands_code(caps
                                        f"cluster at auto\n")
 
 
+def test_a_signal_while_a_local_ray_instance_starts_says_so_and_shuts_it_down(capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM while the command's own instance starts: the same exit codes, a line
+    naming the start, and `ray.shutdown()`, which stops the agents the start had begun (they outlived it)."""
+    from dcablate.runs.launchers import ray as launcher
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for stop, code, name in ((KeyboardInterrupt(), 130, "SIGINT"), (SystemExit(signal.SIGTERM), 143, "SIGTERM")):
+        shut = []
+
+        class Starting:
+            def init(self, **_):
+                raise stop
+
+            def shutdown(self):
+                shut.append(True)
+
+        monkeypatch.setattr(launcher, "import_ray", lambda: Starting())
+        with pytest.raises(SystemExit) as e:
+            launcher.launch("w.toml", [], [], False, None, None, None, 1, 0)
+        assert e.value.code == code and shut == [True]
+        assert capsys.readouterr().err == f"interrupted ({name}) while starting a local Ray instance\n"
+
+
 def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp_path):
     pytest.importorskip("submitit")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch
@@ -124,10 +148,13 @@ def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp
     one_line_error(sweep, capsys, ["--launcher", "slurm"],
                    "DCABLATE_SLURM_CLUSTER='pbs' (environment): must be 'slurm' or 'local'")
     monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "local")
-    one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "slurm_acount=x"],
-                   "--slurm slurm_acount='x': submitit refuses the parameters (Unknown argument 'acount'")
-    one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "account"],
-                   "--slurm account: expected KEY=VALUE, e.g. --slurm slurm_account=myproject")
+    for dry in ([], ["--dry-run"]):  # the dry run checks the parameters as the command does, submitting nothing
+        one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "slurm_acount=x", *dry],
+                       "--slurm slurm_acount='x': submitit refuses the parameters (Unknown argument 'acount'")
+        one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "account", *dry],
+                       "--slurm account: expected KEY=VALUE, e.g. --slurm slurm_account=myproject")
+    assert main(["run", "w.toml", "--launcher", "slurm", "--slurm", "mem_gb=4", "--dry-run"]) == 0
+    assert not (sweep / "out").exists()
 
 
 def test_default_count_on_cuda_from_memory_cores_and_the_cap():

@@ -736,3 +736,12 @@ def test_a_failed_run_says_so_in_its_folder_and_the_report_lists_it_until_it_is_
     rc, _, err = run_cli(monkeypatch, capsys, cwd, "--set", "train.nonfinite=skip")  # resumes at step 6
     assert rc == 0, err
     assert not (cwd / "out/t/lr=0.001/failed.json").exists()
+
+
+def test_a_step_whose_gradient_alone_is_non_finite_says_so():
+    from dcablate.training.step import NonFiniteStep
+
+    assert NonFiniteStep(7, 3.5, float("nan")).message("kept").startswith(
+        "error: non-finite gradient norm nan (loss 3.5) at step 7; kept;")
+    assert NonFiniteStep(7, float("inf"), float("nan")).message("kept").startswith(
+        "error: non-finite loss inf, gradient norm nan at step 7; kept;")

@@ -341,6 +341,7 @@ def connect(ray, address: str | None) -> str:
     terminal; a worker's failure still reaches the command as an exception (`RayWorker._wait`)."""
     flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
+    doing = "starting a local Ray instance" if address is None else f"attaching to the Ray cluster at {address}"
     try:
         if address is None:
             # "local": a new instance of its own, not one a `ray start` left running (ray.init's default)
@@ -348,11 +349,11 @@ def connect(ray, address: str | None) -> str:
             return "a local Ray instance"
         reachable(address, flag)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except SystemExit as e:  # Ray's driver exits with the bare signal number when one stops it while it attaches
-        if e.code in (signal.SIGINT, signal.SIGTERM):
-            click.echo(f"interrupted ({signal.Signals(e.code).name}) while attaching to the Ray cluster at {address}",
-                       err=True)
-            raise SystemExit(128 + e.code) from None  # a stopped command's code, as everywhere else: 130, 143
+    except (SystemExit, KeyboardInterrupt) as e:  # Ray's driver exits with the bare signal number when one stops
+        code = signal.SIGINT if isinstance(e, KeyboardInterrupt) else e.code  # it while it starts or attaches
+        if code in (signal.SIGINT, signal.SIGTERM):
+            click.echo(f"interrupted ({signal.Signals(code).name}) while {doing}", err=True)
+            raise SystemExit(128 + code) from None  # a stopped command's code, as everywhere else: 130, 143
         raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
         raise UserError(f"{flag} {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
@@ -365,8 +366,8 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bo
     "auto"): on GPUs if the cluster has any. On CUDA the kernels are first compiled and autotuned once per node
     (`warm_nodes`) unless `warm` (`--warmup/--no-warmup`, default `DCABLATE_WARMUP`) says not to."""
     ray = import_ray()
-    where = connect(ray, address)
-    try:
+    try:  # a local instance stopped while it starts leaves its agents running unless shut down here too
+        where = connect(ray, address)
         alive = [n for n in ray.nodes() if n.get("Alive")]
         nodes = [n["Resources"] for n in alive]
         if uses_cuda is None:

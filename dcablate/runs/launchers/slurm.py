@@ -142,6 +142,16 @@ def executor_for(folder: Path, options: SlurmOptions, uses_cuda: bool, name: str
     return executor, params
 
 
+def check_options(options: SlurmOptions, uses_cuda: bool | None, name: str) -> None:
+    """What `executor_for` refuses in the flags (`--slurm KEY=VALUE`), found without submitting anything and
+    without leaving a folder behind: a dry run's check."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        executor_for(Path(tmp) / ".submitit", options,
+                     bool(options.gpus_per_task) if uses_cuda is None else uses_cuda, name)
+
+
 def set_parameters(executor, options: SlurmOptions, uses_cuda: bool, name: str) -> dict:
     """The array's parameters (returned): the launcher's flags and defaults, then `--slurm KEY=VALUE`."""
     params = {"name": f"dcablate-{name}", "timeout_min": options.time_min or DEFAULT_TIME_MIN, "nodes": 1,
