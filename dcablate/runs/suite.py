@@ -200,6 +200,24 @@ def chance(task: str, setting: tuple) -> float | None:
     return None if of is None else of(dict(setting))
 
 
+def majority(run_dir: Path) -> float | None:
+    """The accuracy of always answering the most common scored target of the run's test set (rebuilt from its
+    recipe.toml): what knowing only the targets' frequencies scores, above a uniform guess where they are not
+    uniform (fuzzy recall's value tokens); None where the task cannot be rebuilt here (a plugin not loaded)."""
+    import numpy as np
+
+    from dcablate import config
+    from dcablate.tasks import build_task
+
+    try:
+        task = build_task(config.load(str(run_dir / "recipe.toml")).task, train=False)
+        targets = np.asarray(task.data.test[1])
+    except Exception:  # noqa: BLE001 - a column of the report, never a reason to fail it
+        return None
+    scored = targets[targets != -100]
+    return float(np.bincount(scored.ravel()).max() / scored.size) if scored.size else None
+
+
 def grid_size(table: list[Scores], task: str) -> int:
     """The grid points a setting of `task` has when its grid is complete: the most any variant's setting has."""
     return max((b.grid_points for s in table for b in s.best.get(task, {}).values()), default=0)
@@ -263,6 +281,10 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
         return [], {}
     labels = setting_labels(suite_runs)
     table = scores(best_per_setting(suite_runs))
+    majorities = {}  # (task, setting) -> `majority` of the test set of a run at that setting (runs there share it)
+    for r in suite_runs:
+        if (r.task, r.setting) not in majorities:
+            majorities[(r.task, r.setting)] = majority(r.path)
     tasks = [t for t in SUITE_TASKS if any(t in s.best for s in table)]
     n_seeds = max(len(s.per_seed) for s in table)
     multipliers = compute_multipliers(runs)
@@ -292,7 +314,8 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
         have = [s for s in table if task in s.best]
         full = grid_size(table, task) if pending else 0  # all finished: a smaller grid is another sweep's, not unfinished
         lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value); chance: "
-                  "the accuracy of a uniform guess among the tokens a scored position can hold.", ""]
+                  "the accuracy of a uniform guess among the tokens a scored position can hold; majority: that of "
+                  "always answering the test set's most common target.", ""]
         body = []
         for st in settings:
             cells = []
@@ -300,18 +323,19 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
                 b = s.best[task].get(st)
                 short = "" if b is None or b.grid_points >= full else f"<br>({b.grid_points}/{full} grid points)"
                 cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid)}{short}")
-            level = chance(task, st)
-            body.append([labels[(task, st)], "-" if level is None else f"{level:.3f}", *cells])
-        body.append(["**task score**", "", *(f"**{s.task_scores[task]:.3f}**"
+            level, most = chance(task, st), majorities.get((task, st))
+            body.append([labels[(task, st)], "-" if level is None else f"{level:.3f}",
+                         "-" if most is None else f"{most:.3f}", *cells])
+        body.append(["**task score**", "", "", *(f"**{s.task_scores[task]:.3f}**"
                                         + ("" if len(s.best[task]) == len(settings)
                                            else f" ({len(s.best[task])}/{len(settings)} settings)") for s in have)])
-        lines += _md_table(["setting", "chance", *(variant_label(s.variant) for s in have)], body)
+        lines += _md_table(["setting", "chance", "majority", *(variant_label(s.variant) for s in have)], body)
         if any(b.grid_points < full for s in have for b in s.best[task].values()):
             lines += [f"A result marked (k/{full} grid points) comes from an unfinished grid: the other points "
                       f"of that setting have not finished, so its best may still rise (rerun the sweep's command "
                       f"to finish them).", ""]
 
-    files = {"suite_csv": _write_csv(out / "suite.csv", table, labels)}
+    files = {"suite_csv": _write_csv(out / "suite.csv", table, labels, majorities)}
     files["suite_scores"] = _bars(out / "suite_scores.png", table, tasks)
     lines += ["## Figures", "", "![suite scores](suite_scores.png)", ""]
     points = [(s, multiplier_of(s.variant, multipliers)) for s in table]
@@ -335,10 +359,10 @@ def _md_table(header: list, rows: list[list]) -> list[str]:
 
 CSV_COLUMNS = ["row", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "task", "setting", "setting_keys",
                "score_mean", "score_std", "score_min", "score_max", "seeds", "lr", "weight_decay", "steps",
-               "grid_points", "chance"]
+               "grid_points", "chance", "majority"]
 
 
-def _write_csv(path: Path, table: list[Scores], labels: dict) -> Path:
+def _write_csv(path: Path, table: list[Scores], labels: dict, majorities: dict) -> Path:
     """suite.csv, the numbers of report.md's suite tables (`CSV_COLUMNS`). `row` says what a row is: `setting` (a
     (variant, task, setting) with its chosen grid point; score = accuracy, min/max over seeds), `task score` (the
     mean over the task's settings) or `suite score` (task `suite`; std, min and max over the per-seed suite
@@ -356,7 +380,7 @@ def _write_csv(path: Path, table: list[Scores], labels: dict) -> Path:
                                 "setting_keys": json.dumps(dict(st)), **_spread(b.mean, b.std, b.by_seed),
                                 "seeds": len(b.by_seed), "lr": b.grid[0], "weight_decay": b.grid[1],
                                 "steps": "" if b.grid[2] is None else b.grid[2], "grid_points": b.grid_points,
-                                "chance": _blank(chance(task, st))})
+                                "chance": _blank(chance(task, st)), "majority": _blank(majorities.get((task, st)))})
                 w.writerow({"row": "task score", **who, "task": task, "score_mean": s.task_scores[task],
                             "seeds": len({seed for b in settings.values() for seed in b.by_seed})})
             w.writerow({"row": "suite score", **who, "task": "suite", **_spread(s.suite, s.std, s.per_seed),

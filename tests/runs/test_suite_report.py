@@ -121,13 +121,26 @@ def test_report_gives_the_suite_tables_scores_and_figure(tmp_path):
     assert std == pytest.approx(0.01, abs=5e-4) and (low, high) == pytest.approx((mean - 0.01, mean + 0.01), abs=1e-3)
     assert "mean ± sample std" in md
     recall = md.split("## recall")[1].split("##")[0]
-    assert re.search(r"^\| baseline \| 0\.125 \| 0\.6\d+ ± 0\.010<br>lr 0\.003, wd 0\.1, 100 steps \|", recall, re.M), recall
+    found = re.search(r"^\| baseline \| 0\.125 \| (0\.\d+) \| 0\.6\d+ ± 0\.010<br>lr 0\.003, wd 0\.1, 100 steps \|",
+                      recall, re.M)
+    assert found, recall
+    # majority: always the test set's most common target, counted here from the task the run's recipe builds
+    import numpy as np
+
+    from dcablate.tasks import build_task
+
+    run_dir = next(p.parent for p in root.rglob("recipe.toml") if "/recall/0/" in str(p))
+    targets = np.asarray(build_task(config.load(str(run_dir / "recipe.toml")).task, train=False).data.test[1])
+    scored = targets[targets != -100]
+    assert float(found.group(1)) == pytest.approx(np.bincount(scored).max() / scored.size, abs=5e-4)
+    assert 0.125 <= float(found.group(1)) < 0.2  # recall's values are near uniform over its 8 value tokens
     assert "| **task score** |" in recall
     assert (root / "suite_scores.png").read_bytes()[:4] == PNG
     assert "![suite scores](suite_scores.png)" in md
     assert "suite_vs_compute" not in md  # no LM ladder here
     rows = list(csv.DictReader(open(root / "suite.csv")))
     suite_rows = {r["variant"]: float(r["score_mean"]) for r in rows if r["row"] == "suite score"}
+    assert all(0 < float(r["majority"]) <= 1 for r in rows if r["row"] == "setting")
     assert suite_rows == pytest.approx({"attention conv=none": expected["none"],
                                         "attention conv=static@qkv": expected["static"]}, abs=1e-9)
     # suite runs get no generic accuracy-vs-d_model section
