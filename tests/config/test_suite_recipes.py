@@ -135,4 +135,5 @@ def test_a_suite_takes_more_seeds_at_its_best_learning_rates(tmp_path, monkeypat
     nothing (it was refused as one)."""
     monkeypatch.chdir(tmp_path)
     assert main(["run", "paper/suite_attention", "--dry-run", "--set", "sweep.best_lr_seeds=[1]"]) == 0
-    assert "best_lr_seeds: 200 cells not decided yet" in capsys.readouterr().out
+    assert ("best_lr_seeds: then seed 1 at the best learning rate of each of 200 cells the grid has yet to finish: "
+            "200 more runs") in capsys.readouterr().out
