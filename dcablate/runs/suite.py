@@ -208,13 +208,14 @@ def majority(run_dir: Path) -> float | None:
 
     from dcablate import config
     from dcablate.tasks import build_task
+    from dcablate.training.batches import IGNORE_INDEX
 
     try:
         task = build_task(config.load(str(run_dir / "recipe.toml")).task, train=False)
         targets = np.asarray(task.data.test[1])
     except Exception:  # noqa: BLE001 - a column of the report, never a reason to fail it
         return None
-    scored = targets[targets != -100]
+    scored = targets[targets != IGNORE_INDEX]
     return float(np.bincount(scored.ravel()).max() / scored.size) if scored.size else None
 
 

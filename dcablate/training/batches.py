@@ -11,7 +11,7 @@ import torch
 
 from dcablate.training.packing import in_worker_thread, thread_stream
 
-IGNORE_INDEX = -100  # a target that is not scored
+IGNORE_INDEX = -100  # a target that is not scored (the tasks' data and the models' losses share it)
 
 
 def scored_per_row(targets: torch.Tensor) -> np.ndarray:
@@ -57,11 +57,10 @@ class Prefetcher:
         batch = self._draw()
         if batch is _END:
             return None
-        # a contiguous pinned copy (LM batches are overlapping views of one window): the copy to the device
-        # is then one asynchronous transfer; made by NumPy, single-threaded, for the reason `scored_per_row` gives
-        pinned = tuple(_pinned_copy(t) for t in batch)
+        # through contiguous pinned copies (LM batches are overlapping views of one window), each one asynchronous
+        # transfer on the side stream
         with torch.cuda.stream(self.stream):
-            return tuple(t.to(self.device, non_blocking=True) for t in pinned)
+            return to_device(self.device, *batch)
 
     def __iter__(self):
         return self
@@ -92,7 +91,8 @@ def to_device(device: torch.device | str, *tensors: torch.Tensor) -> tuple[torch
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor `t` in pinned memory."""
+    """A contiguous copy of CPU tensor `t` in pinned memory, made by NumPy, single-threaded (`scored_per_row` says
+    why)."""
     pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     np.copyto(pinned.numpy(), t.numpy())
     return pinned

@@ -27,6 +27,7 @@ import torch
 
 from dcablate.tasks.mqar.cache import Entry, file_name, load_shared
 from dcablate.tasks.mqar.spec import segment_problem
+from dcablate.training.batches import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -39,7 +40,6 @@ __all__ = [
     "AccuracyMeter",
 ]
 
-IGNORE_INDEX = -100
 SPLIT_TRAIN, SPLIT_TEST = 0, 1
 FILLERS = ("random", "zero")
 

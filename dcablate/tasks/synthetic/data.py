@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from dcablate.training.batches import IGNORE_INDEX
+
 SPLIT_TRAIN, SPLIT_TEST = 0, 1
 CHUNK = 1024  # rows per generator call; fixed, since changing it changes the data of a seed
 
