@@ -126,7 +126,8 @@ def best_per_setting(runs: list[SuiteRun], higher_is_better: bool = True) -> dic
 
 
 def scores(best: dict[tuple, dict[str, dict[tuple, Best]]]) -> list[Scores]:
-    """Task and suite scores per variant (best first)."""
+    """Task and suite scores per variant: those with more tasks first (a mean over fewer tasks is not comparable
+    with one over all), then best suite score first."""
     out = []
     for variant, tasks in best.items():
         task_scores = {t: statistics.fmean(b.mean for b in settings.values()) for t, settings in tasks.items()}
@@ -134,7 +135,7 @@ def scores(best: dict[tuple, dict[str, dict[tuple, Best]]]) -> list[Scores]:
         per_seed = {s: statistics.fmean(statistics.fmean(b.by_seed.get(s, b.mean) for b in settings.values())
                                         for settings in tasks.values()) for s in seeds}
         out.append(Scores(variant, tasks, task_scores, statistics.fmean(task_scores.values()), per_seed))
-    return sorted(out, key=lambda s: -s.suite)
+    return sorted(out, key=lambda s: (-len(s.task_scores), -s.suite))
 
 
 def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
@@ -308,7 +309,8 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
                      len(s.per_seed), *(f"{s.task_scores[t]:.3f}" if t in s.task_scores else "-" for t in tasks)])
     lines += ["## Suite score", ""] + _md_table(header, rows)
     if any(len(s.task_scores) < len(SUITE_TASKS) for s in table):
-        lines += [f"A suite score over fewer than {len(SUITE_TASKS)} tasks is the mean of those it has.", ""]
+        lines += [f"A suite score over fewer than {len(SUITE_TASKS)} tasks is the mean of those it has; such a variant "
+                  "ranks after every variant with more tasks.", ""]
 
     for task in tasks:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)

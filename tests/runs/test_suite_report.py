@@ -79,6 +79,15 @@ def test_scores_follow_the_protocol(tmp_path):
     assert labels == {"baseline", "vocab_size=32", "seq_len=256"}
 
 
+def test_a_variant_with_fewer_tasks_ranks_after_those_with_more(tmp_path):
+    """A third variant that ran only recall, and scored best there, still ranks after the two with both tasks."""
+    make_suite(tmp_path / "s")
+    make_run(tmp_path / "s", "dynamic/recall/0", "recall", 0.99, conv="dynamic")
+    table = suite.scores(suite.best_per_setting(suite.collect(find_runs(tmp_path / "s")[0])))
+    assert [s.variant[1] for s in table] == ["static", "none", "dynamic"]
+    assert table[2].suite > table[0].suite
+
+
 def test_setting_labels_count_from_the_task_defaults(tmp_path):
     """A reduced suite: the one setting a task ran is `baseline` only if it is the section's defaults; where
     the default setting is among several, it is the baseline even when another value is more common."""
