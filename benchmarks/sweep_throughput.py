@@ -60,6 +60,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,9 +124,17 @@ def packings(per_gpu: str, runs_per_worker: str) -> list[tuple[int, int]]:
 
 def dcablate(args: list[str], log: Path, env: dict) -> tuple[int, float]:
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.call([sys.executable, "-m", "dcablate.cli", "run", *args], stdout=f,
-                               stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    with open(log, "w") as f, subprocess.Popen([sys.executable, "-m", "dcablate.cli", "run", *args], stdout=f,
+                                               stderr=subprocess.STDOUT, env=env, cwd=REPO) as proc:
+        try:
+            code = proc.wait()
+        except BaseException:  # stopped (SIGTERM -> SystemExit): the sweep stops its workers too, as on Ctrl-C
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     return code, time.perf_counter() - t0
 
 
@@ -256,6 +265,8 @@ def main() -> None:
           f"{args.batch_size}, {args.examples} examples per training segment; folders under {base}; "
           f"{'an empty Triton cache per sweep' if args.kernel_cache == 'fresh' else 'your Triton cache'}")
     gpu_flag = ["--gpus", args.gpus] if args.gpus else []
+    rows: list[dict] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         if args.kernel_cache == "shared" and not args.no_prerun:
             warm = base / "prerun.toml"
@@ -263,7 +274,6 @@ def main() -> None:
                                         shape=args.shape))
             code, secs = dcablate([str(warm), "--quiet"], base / "prerun.log", env)
             print(f"untimed run filling the kernel cache: {secs:.1f}s (exit {code})")
-        rows = []
         for n, w, m, k in [(n, w, m, k) for n, k in pairs for w in warmups for m in mps_modes]:
             workers = min(gpus * n, args.runs)
             if k > 1 and workers == 1 and not args.gpus:
@@ -300,11 +310,17 @@ def main() -> None:
             warmed = f", warm-up {r['warmup_s']:.1f}s of it" if r["warmup_s"] is not None else ""
             print(f"N={n}, warm-up {w}, MPS {r['mps']}, {k} per worker: {r['runs']} runs in {wall:.1f}s{warmed} "
                   f"({r['runs_per_hour']:.0f} runs/hour)", flush=True)
-    finally:
+    finally:  # a time limit's SIGTERM lands here too: the rows finished so far still print
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
+        print_tables(rows, device)
 
-    first = rows[0]["runs_per_hour"] if rows and rows[0]["runs_per_hour"] else None
+
+def print_tables(rows: list[dict], device: str) -> None:
+    """The rows measured so far as markdown tables: throughput, then the mean phases of a run."""
+    if not rows:
+        return
+    first = rows[0]["runs_per_hour"] or None
     # the warm-up runs only for sweeps over workers on CUDA: "-" where it did not run
     show = lambda r: f"{r['warmup_s']:.1f}" if r["warmup_s"] is not None else "-"
     busy_pct = lambda r: f"{r['busy']:.0f}%" if r["busy"] is not None else "-"

@@ -59,3 +59,18 @@ def test_small_shape_sweeps_static_convs_at_two_widths(tmp_path, runs, lrs):
         ("none", 64), ("none", 128), ("static", 64), ("static", 128)}
     assert sorted({r.train.lr for _, r in points}) == lrs
     assert [s.seq_len for s in base.task.mqar.train] == [64, 128]
+
+
+def test_tables_print_the_rows_measured_so_far(capsys):
+    """`print_tables` runs in the script's `finally`, so a time limit's SIGTERM still leaves every finished row."""
+    row = {"per_gpu": 16, "workers": "16 in 4 processes", "warmup": "on", "warmup_s": 26.0, "mps": "on",
+           "busy": 40.2, "runs": 32, "wall_s": 115.1, "runs_per_hour": 1001.0, "run_s": 31.2, "step_ms": 6.96,
+           "acc": 0.004, "time_s": {k: 1.0 for k in script().PARTS}}
+    script().print_tables([], "a card")
+    assert capsys.readouterr().out == ""
+    script().print_tables([row, dict(row, per_gpu=1, workers="in-process", warmup_s=None, runs_per_hour=500.5)],
+                          "a card")
+    out = capsys.readouterr().out
+    assert "| 16 | 16 in 4 processes | on | 26.0 | on | 32 | 115.1 | 1001 | 1.00x | 40% | 6.96 | 31.2 | 0.004 |" in out
+    assert "| 1 | in-process | on | - | on | 32 | 115.1 | 500 | 0.50x |" in out
+    assert out.rstrip().endswith("a card")
