@@ -649,9 +649,39 @@ def build(data: dict, origins: dict | None = None, default_source: str = "<recip
     _task_defaults(recipe, data)
     _fit_warmup(recipe, origins, default_source)
     # the recipe's own contradictions first: one that every sweep point shares is then named without a point
-    _check_consistency(recipe, origins, default_source)
+    try:
+        _check_consistency(recipe, origins, default_source)
+    except RecipeError as contradiction:
+        if not any(key not in RESERVED for key in recipe.sweep):
+            raise
+        # the base's values of swept keys are no point's (`n_heads = 3` with `d_model` swept over [48, 96] and the
+        # default d_model 128): a contradiction only counts if no point resolves it; points that keep it are named
+        # when the sweep expands
+        try:
+            resolved = _valid_with_other_axes(recipe.sweep, data, origins, default_source, {})
+        except (TypeError, ValueError, AttributeError):  # a malformed sweep: check_sweep names it after this is fixed
+            resolved = False
+        if not resolved:
+            raise _at_first_point(recipe.sweep, data, origins, default_source, contradiction) from None
     check_sweep(recipe, data, origins, default_source)
     return recipe
+
+
+def _at_first_point(sweep: dict, data: dict, origins: dict, src: str, contradiction: RecipeError) -> RecipeError:
+    """What to say of the base recipe's `contradiction` when no grid point tried resolves it: the same, when the
+    sweep's first point fails alike (or the sweep is malformed); else that point's error, said as such (its values,
+    not the base's, which no point has)."""
+    try:
+        name, pairs = grid(sweep)[0]
+        build(*_point_data(data, origins, sweep, pairs, src), src)
+    except RecipeError as e:
+        if (e.key, e.message) == (contradiction.key, contradiction.message):
+            return contradiction
+        return RecipeError(e.source, e.key, f"{e.message} (at the sweep's first point, {name}; no other point tried "
+                                            f"fits either)")
+    except (TypeError, ValueError, AttributeError, IndexError):
+        pass
+    return contradiction
 
 
 # ----------------------------------------------------------------------------------------- validation

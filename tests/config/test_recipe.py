@@ -504,6 +504,29 @@ def test_axes_whose_values_fit_each_other_but_not_the_base_recipe_make_a_grid(tm
     assert {(r.model.d_model, r.model.n_heads) for _, r in points} == {(48, 3), (48, 6), (96, 3), (96, 6)}
 
 
+def test_a_fixed_setting_that_fits_every_swept_value_but_not_the_base_makes_a_grid(tmp_path):
+    """`n_heads = 3` with `d_model` swept over [48, 96, 144]: the default d_model 128 is no point's, so it does not
+    refuse the recipe (it did, pointing at a width the user never chose); a width that does not fit is named."""
+    path = write(tmp_path / "r.toml", 'extends = "quickstart"\n[model]\nn_heads = 3\n[sweep]\n'
+                 '"model.d_model" = [48, 96, 144]\n')
+    _, points = R.expand(str(path))
+    assert {(r.model.d_model, r.model.n_heads) for _, r in points} == {(48, 3), (96, 3), (144, 3)}
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path), ["sweep.model.d_model=[48, 100]"])
+    assert (e.value.source, e.value.key) == ("--set", "sweep.model.d_model")
+    assert "d_model 100 is not divisible by n_heads 3" in str(e.value)
+
+
+def test_a_fixed_setting_that_fits_no_swept_value_names_the_first_point_not_the_base(tmp_path):
+    path = write(tmp_path / "r.toml", 'extends = "quickstart"\n[model]\nn_heads = 5\n[sweep]\n'
+                 '"model.d_model" = [48, 96]\n')
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path))
+    assert (e.value.source, e.value.key) == (str(path), "model.n_heads")
+    assert "d_model 48 is not divisible by n_heads 5" in e.value.message and "128" not in e.value.message
+    assert "first point" in e.value.message and "d_model=48;" in e.value.message
+
+
 def test_a_steps_axis_shorter_than_the_files_warmup_clamps_it_as_a_plain_set_does(caplog):
     """`--set 'sweep.train.steps=[5, 1000]'` on a recipe warming up over 50 steps: the point of 5 steps comes from
     the sweep, not from the file, so its warm-up is clamped with a note (it was refused after the note)."""
