@@ -92,8 +92,10 @@ def csv_rows(group: compute_points.Group, result: multipliers.Comparison) -> lis
               "param_alpha": "" if pfit is None else pfit.alpha}
     blank = lambda x: "" if x is None else x  # noqa: E731
     out = []
+    # the report's bold cautions above the table hold for every row: a reader of the csv alone must see them too
+    ladder = [f"whole ladder: {name}" for name in _cautions(group, result)]
     for r in result.rows:
-        notes = [*_flags(group, r), *([f"no interval: {r['ci_note']}"] if r["ci_note"] else [])]
+        notes = [*_flags(group, r), *([f"no interval: {r['ci_note']}"] if r["ci_note"] else []), *ladder]
         out.append({**shared, "variant": r["variant"], "compute_multiplier": r["multiplier"],
                     "ci90_low": blank(r["ci_low"]), "ci90_high": blank(r["ci_high"]),
                     "param_multiplier": blank(r["param_multiplier"]),

@@ -260,12 +260,13 @@ def ladder_note(recipes, cache: dict) -> str | None:
             sizes[family].add(size)
             if m.conv.kind == "none":
                 base[family].add(size)
-    short = [f"{family} at {len(base[family])}" for family in sorted(sizes)
+    short = [f"{family} at {len(base[family])} size{'' if len(base[family]) == 1 else 's'}" for family in sorted(sizes)
              if len(sizes[family]) >= 2 and len(base[family]) < MIN_BASELINE_SIZES]  # one size: not a ladder
     if not short:
         return None
     return (f"`dcablate report` fits compute multipliers against the conv-free runs (model.conv.kind = \"none\") "
-            f"at {MIN_BASELINE_SIZES} sizes or more, and this plan has them {', '.join(short)}: it will report "
+            f"at {MIN_BASELINE_SIZES} sizes or more, and the runs this command trains have them {', '.join(short)}: "
+            f"it will report "
             f"{'that ladder' if len(short) == 1 else 'those ladders'} without a compute fit")
 
 

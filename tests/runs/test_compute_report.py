@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import json
 import re
 
@@ -552,6 +554,10 @@ def test_runs_no_better_than_a_unigram_model_are_a_caution(tmp_path):
     assert "**8 of the 8 fitted runs are no better than a unigram model of their text**" in md
     assert md.index("no better than a unigram") < md.index("| variant | compute multiplier")
     assert "unigram" not in report_md(tmp_path / "learned")
+    notes = {folder: [row["note"] for row in csv.DictReader(open(tmp_path / folder / "multipliers.csv"))]
+             for folder in ("unlearned", "learned")}  # the csv carries the caution on every row, as the table's title
+    assert notes["unlearned"] and all("whole ladder: runs no better than unigram" in n for n in notes["unlearned"])
+    assert not any("whole ladder" in n for n in notes["learned"])
 
 
 def test_an_lm_run_records_the_unigram_bits_per_byte_of_its_text(tmp_path):

@@ -231,16 +231,16 @@ def test_a_ladder_whose_conv_free_runs_come_at_too_few_sizes_for_a_fit_is_noted(
 
     note = preflight.ladder_note(ladder((16, 32)), {})
     assert note == ("`dcablate report` fits compute multipliers against the conv-free runs (model.conv.kind = "
-                    "\"none\") at 3 sizes or more, and this plan has them attention at 2: it will report that ladder "
-                    "without a compute fit")
-    assert "attention at 0" in preflight.ladder_note(ladder((16, 32, 48), ("dynamic",)), {})
+                    "\"none\") at 3 sizes or more, and the runs this command trains have them attention at 2 sizes: "
+                    "it will report that ladder without a compute fit")
+    assert "attention at 0 sizes" in preflight.ladder_note(ladder((16, 32, 48), ("dynamic",)), {})
     assert preflight.ladder_note(ladder((16, 32, 48)), {}) is None
     assert preflight.ladder_note(ladder((16,)), {}) is None
     # the report fits one ladder per mixer: three conv-free sizes over two mixers are two ladders too short
     mixed = [recipes.build({**base, "model": {"d_model": d, "n_heads": 2, "mixer": mixer, "conv": {"kind": k}}})
              for d, mixer in ((16, "attention"), (32, "attention"), (48, "gated_deltanet"), (64, "gated_deltanet"))
              for k in ("none", "dynamic")]
-    assert "attention at 2, gated_deltanet at 2: it will report those ladders" in \
+    assert "attention at 2 sizes, gated_deltanet at 2 sizes: it will report those ladders" in \
         preflight.ladder_note(mixed, {})
 
 
