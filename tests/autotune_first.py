@@ -4,8 +4,9 @@ The GPU tests call fla's kernels at many small, odd shapes (odd T, D, head count
 machine every new key of an autotuned kernel compiles and times each of its 3-25 candidates: minutes per test
 file, most of a GPU test run. The tests check values, not speed, and every candidate computes the same thing,
 so with `DCABLATE_TEST_AUTOTUNE=first` (`.ci/gpu tests` sets it) a key's candidates are tried in fla's order and
-the first one that compiles and runs is chosen; the rest are neither compiled nor timed. Keys with a shipped or
-cached config (`dcablate.kernels.tuned`) are cache hits and never reach this.
+the first one that compiles and runs is chosen; the rest are neither compiled nor timed, and nothing is written to
+Triton's on-disk autotuning cache. Keys with a shipped config (`dcablate.kernels.tuned`) or tuned earlier in the
+process are cache hits and never reach this.
 
 Loaded by `tests/conftest.py`; never imported by the package.
 """
@@ -41,11 +42,14 @@ def install(autotuner_class) -> None:
 
     def run(self, *args, **kwargs):
         outer = getattr(_state, "found", None)  # a kernel's pre-hook may launch another autotuned kernel
+        # a choice made this way must not reach Triton's on-disk autotuning cache (fla keeps results there), where
+        # a later benchmark or training run on the machine would take it for a tuned result
+        keep, self.cache_results = getattr(self, "cache_results", False), False
         _state.found = False
         try:
             return original_run(self, *args, **kwargs)
         finally:
-            _state.found = outer
+            _state.found, self.cache_results = outer, keep
 
     def bench(self, *args, config, **meta):
         if getattr(_state, "found", False):

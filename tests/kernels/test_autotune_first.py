@@ -12,10 +12,12 @@ class FakeAutotuner:
     """Triton's `Autotuner.run` in miniature: on a cache miss, `_bench` every candidate, keep the fastest."""
 
     def __init__(self, timings):
-        self.timings, self.benched, self.cache = timings, [], {}
+        self.timings, self.benched, self.cache, self.cache_results = timings, [], {}, True
+        self.cached_while_benching = []
 
     def _bench(self, *args, config, **meta):
         self.benched.append(config)
+        self.cached_while_benching.append(self.cache_results)
         return list(self.timings[config])
 
     def run(self, key):
@@ -38,6 +40,8 @@ def test_first_working_candidate_is_chosen_and_the_rest_never_benched():
     assert tuner.run("key") == "b" and tuner.benched == ["a", "b"]  # a cache hit benches nothing
     tuner.run("other key")
     assert tuner.benched == ["a", "b", "a", "b"]  # each key starts over
+    # Triton's disk cache of autotuning results stays off while choosing this way, and is as it was after
+    assert tuner.cached_while_benching == [False] * 4 and tuner.cache_results is True
 
 
 def test_install_twice_patches_once():
