@@ -243,7 +243,7 @@ def model_block(r, name: str, c: Costs) -> str:
         title,
         format_table([{"component": k, "parameters": f"{v:,}"} for k, v in c.params.items()]),
         f"recurrent state per sequence at T={c.seq_len}: {human(c.state_floats)} floats "
-        f"({human(2 * c.state_floats)}B in bf16)",
+        f"({human(4 * c.state_floats)}B in fp32, {human(2 * c.state_floats)}B in bf16)",
         f"forward FLOPs per token: {human(c.flops_per_token)} (blocks) + "
         f"{human(c.head_flops_per_token)} (LM head, per scored token); training ~3x\n",
     ])

@@ -200,8 +200,10 @@ def steps_of(r, cache: dict) -> int:
 
 
 def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[list[int], dict[int, float]]:
-    """`to_train` in the order a sweep hands its runs to workers: the most planned steps left first (a resumed run's
-    since its newest checkpoint), ties in sweep order; and the work of each point, the unit of the sweep's ETA. A
+    """`to_train` in the order a sweep hands its runs to workers: runs that resume from a checkpoint first (a sweep
+    stopped by a time limit, preemption or Ctrl-C finishes what it started before it starts anything new, so a
+    sweep cut again leaves as few runs half-done as it can), then the most planned steps left first (a resumed
+    run's since its newest checkpoint), ties in sweep order; and the work of each point, the unit of the sweep's ETA. A
     ladder's runs differ up to 15x in steps; started last, the longest would run alone on a card the others have
     left, so a sweep on K workers would take up to twice its steps over K. Steps, not FLOPs: the small models that
     share a card take about the same time per step whatever their width (a d_model 512 MQAR step, 64x the FLOPs of
@@ -212,10 +214,12 @@ def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[li
 
     cache: dict = {}
     steps = {i: steps_of(plan[i][1], cache) for i in to_train}
+    started = set()  # runs with a step checkpoint to resume from (a folder without one starts over)
     for i in to_train:  # a run resumed from its newest checkpoint has its steps since then left
         saved = step_files(plan[i][2] / "checkpoints") if plan[i][3] == "resume" else []
         if saved:
             steps[i] = max(1, steps[i] - saved[-1][0])
+            started.add(i)
     work: dict[int, float] = dict(steps)
     for i in to_train if by_flops else ():
         r = plan[i][1]
@@ -224,7 +228,7 @@ def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[li
         except UserError:  # counted by its steps alone
             continue
         work[i] = steps[i] * (c.flops_per_token + c.head_flops_per_token) * r.train.batch_size * c.seq_len
-    return sorted(to_train, key=lambda i: -steps[i]), work
+    return sorted(to_train, key=lambda i: (i not in started, -steps[i])), work
 
 
 WARMUP_SHARE = 0.1  # a warmup this share of the shortest run's steps, with the longest 3x as long: said in a note
@@ -265,8 +269,7 @@ def ladder_note(recipes, cache: dict) -> str | None:
     if not short:
         return None
     return (f"`dcablate report` fits compute multipliers against the conv-free runs (model.conv.kind = \"none\") "
-            f"at {MIN_BASELINE_SIZES} sizes or more, and the runs this command trains have them {', '.join(short)}: "
-            f"it will report "
+            f"at {MIN_BASELINE_SIZES} sizes or more, and this sweep has them {', '.join(short)}: it will report "
             f"{'that ladder' if len(short) == 1 else 'those ladders'} without a compute fit")
 
 

@@ -133,7 +133,7 @@ class Run:
                  label: str = ""):
         self.recipe, self.run_dir, self.device, self.quiet, self.caught = recipe, run_dir, device, quiet, caught
         self.label = label or run_dir.name
-        started = time.time()
+        started = time.perf_counter()  # the clock of the phases (timing.py): wall_time_s equals time_s.total
         # where the wall time goes; on CUDA a change of phase waits for the run's stream, so its work is charged
         # right (and not the work of other runs trained at once in this process)
         self.clock = PhaseClock(sync=lambda: wait_for_stream(device))

@@ -54,7 +54,7 @@ class RunState:
         return self.train_step.taken
 
     def wall_time(self) -> float:
-        return round(self.wall_before + time.time() - self.started, 2)
+        return round(self.wall_before + time.perf_counter() - self.started, 2)  # `started`: a perf_counter reading
 
     def kept(self) -> str:
         """Where the last good checkpoint is, for an error message."""

@@ -26,7 +26,7 @@ norms                 192
 mixer              32,768
 total              49,344
 non_embedding      32,960
-recurrent state per sequence at T=128: 32.77k floats (65.54kB in bf16)
+recurrent state per sequence at T=128: 32.77k floats (131.07kB in fp32, 65.54kB in bf16)
 forward FLOPs per token: 98.56k (blocks) + 32.77k (LM head, per scored token); training ~3x
 """
 

@@ -231,8 +231,8 @@ def test_a_ladder_whose_conv_free_runs_come_at_too_few_sizes_for_a_fit_is_noted(
 
     note = preflight.ladder_note(ladder((16, 32)), {})
     assert note == ("`dcablate report` fits compute multipliers against the conv-free runs (model.conv.kind = "
-                    "\"none\") at 3 sizes or more, and the runs this command trains have them attention at 2 sizes: "
-                    "it will report that ladder without a compute fit")
+                    "\"none\") at 3 sizes or more, and this sweep has them attention at 2 sizes: it will report that "
+                    "ladder without a compute fit")
     assert "attention at 0 sizes" in preflight.ladder_note(ladder((16, 32, 48), ("dynamic",)), {})
     assert preflight.ladder_note(ladder((16, 32, 48)), {}) is None
     assert preflight.ladder_note(ladder((16,)), {}) is None
@@ -246,7 +246,7 @@ def test_a_ladder_whose_conv_free_runs_come_at_too_few_sizes_for_a_fit_is_noted(
 
 def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     """Workers take runs in order of planned steps, most first, ties in sweep order: a ladder's largest size
-    started last would run alone on a card the others have left."""
+    started last would run alone on a card the others have left. Runs that resume come before all new ones."""
     from dcablate.runs import preflight
 
     lm = {"task": {"kind": "lm", "lm": {"data": "text", "seq_len": 16}},
@@ -265,7 +265,9 @@ def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     (tmp_path / "checkpoints" / "step-003500.pt").write_bytes(b"")
     plan[3] = ("long", long, tmp_path, "resume")
     order, steps = preflight.longest_first(plan, [0, 1, 2, 3, 4])
-    assert order == [1, 2, 4, 0, 3] and steps[3] == 500
+    assert order == [3, 1, 2, 4, 0] and steps[3] == 500  # what the sweep started is finished first
+    plan[0] = ("small", small, tmp_path / "no-checkpoint-yet", "resume")  # a folder with nothing to resume from
+    assert preflight.longest_first(plan, [0, 1, 2, 3, 4])[0] == [3, 1, 2, 4, 0]  # keeps its place by steps
     # on CPU a step's time follows its FLOPs: the wide run (d_model 256) is more work for the ETA than the short
     # one of 32 (the order stays by steps, ties in sweep order)
     from dcablate.models.describe import recipe_costs
