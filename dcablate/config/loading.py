@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import itertools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from pathlib import Path
 from dcablate.config import schema
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, clashing_keys,
-                                   grid, sweep_axes)
+                                   diagonal, grid, iter_grid, sweep_axes)
 from dcablate.config.fields import describe_value
 from dcablate.config.toml_out import toml_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
@@ -655,32 +656,46 @@ def build(data: dict, origins: dict | None = None, default_source: str = "<recip
         if not any(key not in RESERVED for key in recipe.sweep):
             raise
         # the base's values of swept keys are no point's (`n_heads = 3` with `d_model` swept over [48, 96] and the
-        # default d_model 128): a contradiction only counts if no point resolves it; points that keep it are named
-        # when the sweep expands
-        try:
-            resolved = _valid_with_other_axes(recipe.sweep, data, origins, default_source, {})
-        except (TypeError, ValueError, AttributeError):  # a malformed sweep: check_sweep names it after this is fixed
-            resolved = False
-        if not resolved:
+        # default d_model 128): a contradiction counts only if no point resolves it. The sweep's own form first (a
+        # misspelt or empty axis is the fault then); each axis's values are then checked on a point that resolves
+        # it, not on the base
+        check_sweep_form(recipe, data, origins, default_source)
+        resolving = _resolving_point(recipe.sweep, data, origins, default_source)
+        if resolving is None:
             raise _at_first_point(recipe.sweep, data, origins, default_source, contradiction) from None
+        check_sweep_axes(recipe, data, origins, default_source, resolving)
+        return recipe
     check_sweep(recipe, data, origins, default_source)
     return recipe
 
 
+RESOLVING_TRIES = 64  # grid points tried (after the diagonal) for one that resolves a base recipe's contradiction
+
+
+def _resolving_point(sweep: dict, data: dict, origins: dict, src: str) -> list | None:
+    """The pairs of a grid point that builds into a valid recipe, or None: the points where every axis moves at
+    once first (`diagonal`: each axis's every value soon), then the grid's first `RESOLVING_TRIES`."""
+    for _, pairs in itertools.chain(diagonal(sweep), itertools.islice(iter_grid(sweep), RESOLVING_TRIES)):
+        try:
+            build(*_point_data(data, origins, sweep, pairs, src), src)
+            return pairs
+        except RecipeError:
+            continue
+    return None
+
+
 def _at_first_point(sweep: dict, data: dict, origins: dict, src: str, contradiction: RecipeError) -> RecipeError:
     """What to say of the base recipe's `contradiction` when no grid point tried resolves it: the same, when the
-    sweep's first point fails alike (or the sweep is malformed); else that point's error, said as such (its values,
-    not the base's, which no point has)."""
+    sweep's first point fails alike; else that point's error, said as such (its values, not the base's, which no
+    point has)."""
+    name, pairs = next(iter_grid(sweep))
     try:
-        name, pairs = grid(sweep)[0]
         build(*_point_data(data, origins, sweep, pairs, src), src)
     except RecipeError as e:
         if (e.key, e.message) == (contradiction.key, contradiction.message):
             return contradiction
         return RecipeError(e.source, e.key, f"{e.message} (at the sweep's first point, {name}; no other point tried "
                                             f"fits either)")
-    except (TypeError, ValueError, AttributeError, IndexError):
-        pass
     return contradiction
 
 
@@ -1016,7 +1031,7 @@ def _valid_with_other_axes(sweep: dict, data: dict, origins: dict, src: str, val
     with the base recipe may suit the values of the other axes it meets (each point is built, and its errors
     named, when the sweep expands). The first `tries` such points are tried."""
     tried = 0
-    for _, pairs in grid(sweep):
+    for _, pairs in iter_grid(sweep):
         if any(dict(pairs).get(k) != v for k, v in values.items()) or len(pairs) == len(values):
             continue
         try:
@@ -1032,6 +1047,13 @@ def _valid_with_other_axes(sweep: dict, data: dict, origins: dict, src: str, val
 
 def check_sweep(r, data: dict, origins: dict, src: str) -> None:
     """Every `[sweep]` key is a non-empty list and every value of every axis makes a valid recipe."""
+    check_sweep_form(r, data, origins, src)
+    check_sweep_axes(r, data, origins, src)
+
+
+def check_sweep_form(r, data: dict, origins: dict, src: str) -> None:
+    """The sweep's form: each axis a non-empty list of values under a recipe key, the zip and `best_lr_seeds`
+    well made."""
     for key, values in r.sweep.items():
         path = f"sweep.{key}"
         where = _src(origins, path, src)
@@ -1053,6 +1075,13 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
             # any other error is the value's: the per-axis checks below name it
     check_zip(r.sweep, zip_src, sources)
     check_best_lr_seeds(r.sweep, r.run.seed, _src(origins, f"sweep.{BEST_LR_SEEDS_KEY}", src))
+
+
+def check_sweep_axes(r, data: dict, origins: dict, src: str, resolving: list | None = None) -> None:
+    """Every value of every axis makes a valid recipe with the rest of the recipe: the base's values of the other
+    keys, or where the base itself is contradictory those of `resolving`, a grid point that is not (pairs)."""
+    zip_src = _src(origins, f"sweep.{ZIP_KEY}", src)
+    sources = {key: _src(origins, f"sweep.{key}", src) for key in r.sweep if key not in RESERVED}
     for keys, points in sweep_axes(r.sweep):  # each point of each axis must itself be a valid recipe
         path = f"sweep.{keys[0]}" if len(keys) == 1 else f"sweep.{ZIP_KEY}"
         where = sources[keys[0]] if len(keys) == 1 else zip_src
@@ -1060,9 +1089,9 @@ def check_sweep(r, data: dict, origins: dict, src: str) -> None:
         # keys set in one place still compare as set in one place (`_fit_warmup`)
         mark_of = {k: f"{sources[k]} [{path}]" for k in keys}
         marks = {m: [k for k in keys if mark_of[k] == m] for m in mark_of.values()}
+        others = [(k, v) for k, v in resolving or () if k not in keys]
         for i, values in enumerate(points):
-            trial, trial_origins = copy.deepcopy(data), dict(origins)
-            trial.pop("sweep", None)
+            trial, trial_origins = _point_data(data, origins, r.sweep, others, src)
             for key, value in zip(keys, values):
                 try:
                     _set_path(trial, key, value, trial_origins, mark_of[key])

@@ -8,6 +8,7 @@ name (`d_model=64,lr=0.001`) is its run directory below the sweep's.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 from dcablate.config.fields import describe_value
 from dcablate.config.toml_out import toml_value
@@ -149,10 +150,26 @@ def clashing_keys(sweep: dict) -> list[str]:
 
 def grid(sweep: dict) -> list[tuple[str, list[tuple[str, object]]]]:
     """Every grid point as (name, [(key, value), ...]): the product of the axes, the last varying fastest."""
+    return list(iter_grid(sweep))
+
+
+def iter_grid(sweep: dict) -> Iterator[tuple[str, list[tuple[str, object]]]]:
+    """`grid`'s points one at a time, each made when asked for (a check that needs a few of a large grid)."""
     axes = sweep_axes(sweep)
-    points = []
     for combo in itertools.product(*(values for _, values in axes)):
-        pairs = [(k, v) for (keys, _), values in zip(axes, combo) for k, v in zip(keys, values)]
-        # a point whose every swept value is an empty table has no parts: it is the sweep's defaults
-        points.append((",".join(part for k, v in pairs for part in name_parts(k, v)) or "defaults", pairs))
-    return points
+        yield point_named([(k, v) for (keys, _), values in zip(axes, combo) for k, v in zip(keys, values)])
+
+
+def point_named(pairs: list[tuple[str, object]]) -> tuple[str, list[tuple[str, object]]]:
+    """(name, pairs) of a grid point; a point whose every swept value is an empty table has no parts: it is the
+    sweep's defaults."""
+    return ",".join(part for k, v in pairs for part in name_parts(k, v)) or "defaults", pairs
+
+
+def diagonal(sweep: dict) -> Iterator[tuple[str, list[tuple[str, object]]]]:
+    """Grid points in which every axis moves at once (point i takes value i mod n of each axis of n values):
+    every value of every axis in as many points as the longest axis has values, where the grid's own order
+    would try an axis's later values only after all combinations of the axes after it."""
+    axes = sweep_axes(sweep)
+    for i in range(max((len(values) for _, values in axes), default=0)):
+        yield point_named([(k, v) for keys, values in axes for k, v in zip(keys, values[i % len(values)])])

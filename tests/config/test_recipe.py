@@ -527,6 +527,38 @@ def test_a_fixed_setting_that_fits_no_swept_value_names_the_first_point_not_the_
     assert "first point" in e.value.message and "d_model=48;" in e.value.message
 
 
+BASE_THREE_HEADS = 'extends = "quickstart"\n[model]\nn_heads = 3\n[sweep]\n'  # quickstart's d_model 64: no 3 heads
+
+
+@pytest.mark.parametrize("axes, key, says", [
+    ('zip = [["model.d_model", "train.nope"]]\n"model.d_model" = [48, 96]\n', "sweep.zip",
+     "'train.nope' is not a key of [sweep]"),
+    ('"model.d_model" = [48, 96]\n"train.micro_batch_size" = [8, 99999]\n', "sweep.train.micro_batch_size",
+     "99999 is more than train.batch_size 64"),
+    ('"model.d_modl" = [48, 96]\n', "sweep.model.d_modl", "did you mean 'model.d_model'"),
+    ('"sweep.x" = [1]\n"model.d_model" = [48]\n', "sweep.sweep.x", "a sweep cannot sweep itself"),
+    ('"model.d_model" = 48\n', "sweep.model.d_model", "must be a non-empty list of values"),
+])
+def test_a_base_contradiction_the_sweep_resolves_leaves_each_axis_its_own_error(tmp_path, axes, key, says):
+    """Under a base that no point shares (3 heads of quickstart's d_model 64), a fault of the sweep itself or of
+    another axis's value is named as it would be under a consistent base, not as the base's width."""
+    path = write(tmp_path / "r.toml", BASE_THREE_HEADS + axes)
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path))
+    assert e.value.key == key and says in e.value.message and "d_model 64" not in e.value.message
+
+
+def test_a_resolving_width_late_in_a_large_grid_is_found(tmp_path):
+    """d_model 96 fits 3 heads, 50 does not; with 80 points of d_model 50 before the first of 96 in grid order,
+    the width 50 is still named as the axis's bad value (not 'no point fits'), and quickly."""
+    axes = ('"model.d_model" = [50, 96]\n"train.lr" = [1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 6e-3, 7e-3, 8e-3]\n'
+            '"run.seed" = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n')
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(write(tmp_path / "r.toml", BASE_THREE_HEADS + axes)))
+    assert "d_model 50 is not divisible by n_heads 3" in e.value.message and "no other point" not in e.value.message
+    assert "sweep.model.d_model" in str(e.value)  # the axis is named (as the key, or beside the clashing one)
+
+
 def test_a_steps_axis_shorter_than_the_files_warmup_clamps_it_as_a_plain_set_does(caplog):
     """`--set 'sweep.train.steps=[5, 1000]'` on a recipe warming up over 50 steps: the point of 5 steps comes from
     the sweep, not from the file, so its warm-up is clamped with a note (it was refused after the note)."""
