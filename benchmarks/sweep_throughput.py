@@ -310,10 +310,10 @@ def main() -> None:
             warmed = f", warm-up {r['warmup_s']:.1f}s of it" if r["warmup_s"] is not None else ""
             print(f"N={n}, warm-up {w}, MPS {r['mps']}, {k} per worker: {r['runs']} runs in {wall:.1f}s{warmed} "
                   f"({r['runs_per_hour']:.0f} runs/hour)", flush=True)
-    finally:  # a time limit's SIGTERM lands here too: the rows finished so far still print
+    finally:  # a time limit's SIGTERM lands here too: the rows finished so far still print, before the clean-up
+        print_tables(rows, device)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-        print_tables(rows, device)
 
 
 def print_tables(rows: list[dict], device: str) -> None:

@@ -104,7 +104,8 @@ def csv_rows(group: compute_points.Group, result: multipliers.Comparison) -> lis
                     "seeds_per_size_max": r["per_size"][1], "lr_choice": _how(group.how.get(r["variant"])),
                     **_scale_cells(r), "note": "; ".join(notes)})
     for v, why in result.dropped.items():
-        out.append({**shared, "variant": v, "lr_choice": _how(group.how.get(v)), "note": f"not fitted: {why}"})
+        out.append({**shared, "variant": v, "lr_choice": _how(group.how.get(v)),
+                    "note": "; ".join([f"not fitted: {why}", *ladder])})
     return out
 
 

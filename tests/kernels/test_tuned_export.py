@@ -195,8 +195,13 @@ def test_a_result_that_timed_one_candidate_is_not_shipped(tmp_path):
     timed = [64, 30, False, False, True] + ["torch.float32"] * 4
     triton_result(tmp_path / "c" / "A", name, key, [(({"BT": 32}, 8, 3), 0.05)])
     triton_result(tmp_path / "c" / "B", name, timed, [(({"BT": 32}, 8, 3), 0.05), (({"BT": 16}, 4, 3), 0.04)])
+    # one finite timing among several candidates (the others never timed, e.g. the GPU tests' first-candidate
+    # switch, or failed): nothing was compared either
+    untimed = [64, 31, False, False, True] + ["torch.float32"] * 4
+    triton_result(tmp_path / "c" / "C", name, untimed,
+                  [(({"BT": 32}, 8, 3), 0.05), (({"BT": 16}, 4, 3), float("inf")), (({"BT": 64}, 4, 3), float("inf"))])
     r = export([tmp_path / "c"], tmp_path / "out", GPU)
-    assert r.kernels == {name: 1} and r.single == {name: 1} and r.results == 1
+    assert r.kernels == {name: 1} and r.single == {name: 2} and r.results == 1
     entries = json.loads((tmp_path / "out" / f"{name}.json").read_text())["autotune_entries"]
     assert list(entries) == [AutotuneKey.key_hash(timed)]
     assert any("timed one candidate" in line for line in r.lines())

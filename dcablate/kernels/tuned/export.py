@@ -65,7 +65,7 @@ class Result:
     timing_ms: list
     measured: str
     path: Path
-    tuned: list  # the kwargs names of every timed config
+    tuned: list  # the kwargs names of every config timed (a failed one, or one left untimed, has an inf timing)
 
 
 def as_fla_config(config: dict) -> dict:
@@ -105,7 +105,8 @@ def read_result(path: Path) -> Result:
     if not math.isfinite(timing[0]):
         raise ValueError(ALL_FAILED)
     return Result(path.name[:-len(SUFFIX)], data["key"], as_fla_config(config), list(timing),
-                  utc(path.stat().st_mtime), path, [sorted((c.get("kwargs") or {})) for c, _ in timed])
+                  utc(path.stat().st_mtime), path,
+                  [sorted((c.get("kwargs") or {})) for c, t in timed if math.isfinite(t[0])])
 
 
 def misfit(result: Result, kernel) -> str | None:
