@@ -23,7 +23,8 @@ def pytest_sessionstart(session):
 
 
 def _autotune_first():
-    """`DCABLATE_TEST_AUTOTUNE=first`: autotuned kernels take their first working candidate (tests/autotune_first.py)."""
+    """`DCABLATE_TEST_AUTOTUNE=first`: autotuned kernels take their first working candidate
+    (tests/autotune_first.py)."""
     from tests import autotune_first
 
     if not autotune_first.wanted():
