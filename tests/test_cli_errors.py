@@ -744,6 +744,28 @@ def test_model_settings_no_run_reads_are_said_once(tmp_path, monkeypatch, capsys
     assert "note:" not in capsys.readouterr().err
 
 
+def test_a_runs_own_recipe_is_silent_about_what_its_point_left_unread(tmp_path, monkeypatch, capsys):
+    """A conv-free point of a zipped sweep writes `model.conv.residual = false` into its recipe.toml: resuming or
+    inspecting that run says nothing of it (the sweep set it), though a --set of an unread key is still noted."""
+    from dcablate.config import loading
+
+    monkeypatch.setattr(loading, "_said", set())
+    run_dir = tmp_path / "runs" / "point"
+    run_dir.mkdir(parents=True)
+    from dcablate import config
+
+    r = config.build({"model": {"conv": {"kind": "none", "residual": False}}})
+    (run_dir / "recipe.toml").write_text(r.to_toml())
+    (run_dir / "metrics.jsonl").write_text("")  # a run's folder: its record beside its recipe
+    assert main(["info", str(run_dir / "recipe.toml")]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert main(["info", str(run_dir / "recipe.toml"), "--set", "model.conv.rank=4"]) == 0
+    assert "note: model.conv.rank is set (--set)" in capsys.readouterr().err
+    (run_dir / "metrics.jsonl").unlink()  # the same file anywhere else is a recipe someone wrote
+    assert main(["info", str(run_dir / "recipe.toml")]) == 0
+    assert "note: model.conv.residual is set" in capsys.readouterr().err
+
+
 def test_core_and_task_keys_other_settings_leave_unread_are_said_once(tmp_path, monkeypatch, capsys):
     """`train.steps` beside a token budget, and a BPE's `vocab_size` with byte tokens, do nothing: a note each when
     set to other than the default; at the default (as a saved run's recipe.toml writes every key) nothing."""

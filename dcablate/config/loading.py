@@ -332,7 +332,7 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     base = build(data, origins, str(path))
     if not base.sweep:
         _unused_tasks(base, data, origins, str(path.resolve()), {base.task.kind}, {})
-        _unused_model_settings(data, origins, str(path.resolve()), [base])
+        _unused_model_settings(data, origins, str(path.resolve()), [base], file_chose=not _run_wrote(path))
         return base, [("", base)]
     points, seen = [], {}
     blamed = clashing_keys(base.sweep) or [key for key in base.sweep if key not in RESERVED]
@@ -505,12 +505,21 @@ def _unused_model_axes(origins: dict, src: str, recipes: list, sweep: dict) -> N
             _axis_changes_nothing(origins, src, key, what, used)
 
 
-def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -> None:
+def _run_wrote(path: Path) -> bool:
+    """Whether `path` is the `recipe.toml` a run wrote into its folder: every setting written out as its point
+    resolved it (a conv-free point of a zipped sweep keeps `model.conv.residual = false`), so a setting it leaves
+    unread is the sweep's doing, not a choice to point out when the run is resumed or inspected."""
+    from dcablate.runs.directories import RUN_FILES
+
+    return path.name == "recipe.toml" and any((path.parent / name).exists() for name in RUN_FILES)
+
+
+def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list, file_chose: bool = True) -> None:
     """Model settings the recipe sets that no run reads, said once each in a note (as a task's, `_unused_tasks`):
     the section of a mixer, channel mixer or conv kind that no point builds (`[model.gated_deltanet]` beside
     `mixer = "attention"`), and a `[model.conv]` key that no point's conv kind reads (`rank` where every conv is
-    static), where the named recipe or a --set sets it to other than its default. Sweep axes over them are refused
-    instead (`_unused_model_axes`)."""
+    static), where the named recipe (unless not `file_chose`: a run's own record) or a --set sets it to other
+    than its default. Sweep axes over them are refused instead (`_unused_model_axes`)."""
     from dcablate.models.conv import CONV_KINDS
 
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
@@ -546,8 +555,8 @@ def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list) -
               if key in origins and _differs_from_default(recipes[0], key)]
     for key, why in notes:
         where = _src(origins, key, src)
-        if where not in (src, "--set"):  # a base recipe (`extends`) may configure components its children do not use
-            continue
+        if where not in ((src, "--set") if file_chose else ("--set",)):  # a base recipe (`extends`) may configure
+            continue  # components its children do not use
         note = f"{key} is set ({where}) but {why}: it does nothing for these runs"
         _say_once(note)
 
