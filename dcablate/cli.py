@@ -458,9 +458,10 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
     """`run` in this process, one run after another: a line per run, then the results table. A run of a sweep
     that fails (a non-finite step at a high learning rate, out of memory) does not stop the others, as with
     workers: the failures are listed after the table and the exit status is 1; a stop signal stops the sweep.
-    The ETA counts each run's planned work (`longest_first`; FLOPs too where `by_flops`: on CPU)."""
+    Runs that resume from a checkpoint go first, the rest in sweep order (`resumed_first`). The ETA counts each
+    run's planned work (`longest_first`; FLOPs too where `by_flops`: on CPU)."""
     from dcablate.runs.launchers.outcome import result_row, results_table
-    from dcablate.runs.preflight import longest_first
+    from dcablate.runs.preflight import longest_first, resumed_first
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
     from dcablate.training.runtime import Stop
@@ -469,9 +470,10 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
     to_train = [i for i, (*_, state) in enumerate(plan) if state != "finished"]
     work = longest_first(plan, to_train, by_flops)[1] if points > 1 else {}
     sweep = SweepProgress(len(to_train), steps=sum(work.values()) or None)
-    for i, (name, r, run_dir, state) in enumerate(plan):
+    for position, i in enumerate(resumed_first(plan, list(range(points)))):  # what a stopped sweep began, first
+        name, r, run_dir, state = plan[i]
         if points > 1:
-            click.echo(sweep.heading(i, points, name))
+            click.echo(sweep.heading(position, points, name))
         if state == "finished":
             summary = read_summary(run_dir)
             click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")

@@ -199,6 +199,21 @@ def steps_of(r, cache: dict) -> int:
     return budget[0] if budget is not None else r.train.steps
 
 
+def resumes_from(point) -> int:
+    """The step a plan's point `(name, recipe, run_dir, state)` resumes from: its newest step checkpoint's; 0 for
+    a new run, or one whose folder has no checkpoint yet (it starts over)."""
+    from dcablate.training.checkpoint import step_files
+
+    saved = step_files(point[2] / "checkpoints") if point[3] == "resume" else []
+    return saved[-1][0] if saved else 0
+
+
+def resumed_first(plan, to_train: list[int]) -> list[int]:
+    """`to_train` with the runs that resume from a checkpoint first, each part in sweep order: the order of a sweep
+    trained in this process (one run at a time, so the longest need not go first; `longest_first` for workers)."""
+    return sorted(to_train, key=lambda i: not resumes_from(plan[i]))
+
+
 def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[list[int], dict[int, float]]:
     """`to_train` in the order a sweep hands its runs to workers: runs that resume from a checkpoint first (a sweep
     stopped by a time limit, preemption or Ctrl-C finishes what it started before it starts anything new, so a
@@ -210,15 +225,14 @@ def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[li
     a d_model 64 one, took 1.8x its time, eight runs at once). On CPU (`by_flops`) a step takes time in proportion
     to its FLOPs, so there the work the ETA counts is steps x FLOPs per step (`dcablate info`'s count)."""
     from dcablate.models.describe import recipe_costs
-    from dcablate.training.checkpoint import step_files
 
     cache: dict = {}
     steps = {i: steps_of(plan[i][1], cache) for i in to_train}
     started = set()  # runs with a step checkpoint to resume from (a folder without one starts over)
     for i in to_train:  # a run resumed from its newest checkpoint has its steps since then left
-        saved = step_files(plan[i][2] / "checkpoints") if plan[i][3] == "resume" else []
+        saved = resumes_from(plan[i])
         if saved:
-            steps[i] = max(1, steps[i] - saved[-1][0])
+            steps[i] = max(1, steps[i] - saved)
             started.add(i)
     work: dict[int, float] = dict(steps)
     for i in to_train if by_flops else ():

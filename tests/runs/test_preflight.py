@@ -276,3 +276,21 @@ def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     per_step = {i: (c.flops_per_token + c.head_flops_per_token) * plan[i][1].train.batch_size * c.seq_len
                 for i in (2, 4) for c in [recipe_costs(plan[i][1], {})[0]]}
     assert order == [4, 2] and work == {2: 1000 * per_step[2], 4: 1000 * per_step[4]} and work[4] > 4 * work[2]
+
+
+def test_a_sweep_in_this_process_trains_the_runs_it_began_first(tmp_path, monkeypatch, capsys):
+    """Two points trained in this process; the second then loses its summary (as if stopped after its last
+    checkpoint): the next command resumes it before anything else, and says so in its numbering."""
+    from tests.tiny_recipes import run_cli, setup_dir, tiny_mqar
+
+    cwd = setup_dir(tmp_path, tiny_mqar(train={"steps": 4}, sweep={"train.lr": [1e-3, 2e-3]}))
+    rc, out, _ = run_cli(monkeypatch, capsys, cwd)
+    assert rc == 0 and out.index("[1/2] lr=0.001") < out.index("[2/2] lr=0.002")
+    second = cwd / "out" / "t" / "lr=0.002"
+    (second / "summary.json").unlink()
+    (cwd / "out" / "t" / "lr=0.001" / "summary.json").unlink()
+    for step_file in (cwd / "out" / "t" / "lr=0.001" / "checkpoints").glob("step-*"):
+        step_file.unlink()  # the first has nothing to resume from: it starts over, after the second
+    rc, out, _ = run_cli(monkeypatch, capsys, cwd)
+    assert rc == 0 and "[1/2] lr=0.002" in out and "[2/2] lr=0.001" in out
+    assert (second / "summary.json").is_file()

@@ -209,7 +209,8 @@ def test_a_worker_that_does_not_stop_in_time_is_stopped_at_once(sweep, pack):
     out, err = proc.communicate(timeout=60)
     assert time.time() - signalled < 10 and proc.returncode == 128 + signal.SIGTERM, (out, err)
     assert f"2 runs still busy 2s after SIGTERM ({NAMES[0]}, {NAMES[1]}): stopping them at once" in out, out
-    assert out.count("stopped (cpu): ended by -15 (SIGTERM) before it saved a checkpoint") == 2, out
+    assert out.count("stopped (cpu): ended by -15 (SIGTERM) before it saved a checkpoint; it resumes from its "
+                     "previous one (step ") == 2, out
     dry = subprocess.run([sys.executable, "-m", "dcablate.cli", "run", "w.toml", *sets, "--dry-run"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert dry.returncode == 0 and dry.stdout.count("  resume") == 2

@@ -14,6 +14,7 @@ from dcablate.runs.directories import read_summary, run_directory_line
 from dcablate.runs.launchers.point import LOG_NAME
 from dcablate.runs.progress import SweepProgress
 from dcablate.runs.tables import format_table, headline_result
+from dcablate.training.checkpoint import step_files
 
 STOPPED_CODES = (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
 
@@ -110,8 +111,11 @@ class Reporter:
         elif self.stopping() and code in STOPPED_CODES:
             self.progress.finished(elapsed, steps=job.steps)
             self.out.interrupted.append(job)
+            saved = step_files(job.run_dir / "checkpoints")
             reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
-                f"ended by {exit_code(code)} before it saved a checkpoint; it resumes from its previous one"
+                f"ended by {exit_code(code)} before it saved a checkpoint; " + (
+                    f"it resumes from its previous one (step {saved[-1][0]})" if saved else
+                    "it had none yet, so it starts over")
             click.echo(f"{prefix}  stopped ({job.label}): {reason}")
         else:
             self.progress.finished(elapsed, failed=True, steps=job.steps)
@@ -168,7 +172,8 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
     click.echo("")
     if rows:
         click.echo(results_table(rows))
-    click.echo(run_directory_line(root))
+    if root.exists():  # a sweep stopped before any run wrote its folder has none to name
+        click.echo(run_directory_line(root))
     for job, code, line in out.failed:
         click.echo(f"failed: {job.title} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
     if out.signal_name:
