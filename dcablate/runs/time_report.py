@@ -15,10 +15,13 @@ def time_lines(summaries: list[dict]) -> list[str]:
         return []
     total = sum(t.get("total", 0.0) for t in timed)
     n = len(timed)
+    packed = any((s.get("loop_s") or {}).get("waiting_for_other_runs", 0) > 0 for s in summaries)
+    together = packed or any(s.get("runs_on_device", 1) > 1 for s in summaries)
     lines = ["## Where the time went", "",
              f"Over {n} finished run{'s' if n != 1 else ''} (`summary.json` `time_s`, summed over every call that "
-             "trained a run; a run of a packed worker counts the other runs' turns in the phase it waited in, so "
-             "the sum exceeds the wall time by about the runs trained at once).", "",
+             "trained a run"
+             + ("; a run of a packed worker counts the other runs' turns in the phase it waited in" if packed else "")
+             + (", so the sum exceeds the wall time by about the runs trained at once" if together else "") + ").", "",
              "| phase | seconds, all runs | share | mean per run |", "|---|---|---|---|"]
     for phase in (*PARTS, "total"):
         seconds = sum(t.get(phase, 0.0) for t in timed)

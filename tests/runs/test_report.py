@@ -408,6 +408,13 @@ def test_where_the_time_went_sums_the_phases_and_the_packed_loops(tmp_path):
     assert ("100 steps in all; runs at once per device: 2): 50.0% of the loops' time waited for the other runs of "
             "a packed worker; taking the next batch took 2.00 ms per step (1.2% of the loops), and drawing batches "
             "ahead off the turn 1.00 ms.") in md
+    assert "counts the other runs' turns" in md and "exceeds the wall time" in md
+    for name in ("a", "b"):  # one run at a time: neither caveat applies
+        summary = json.loads((root / name / "summary.json").read_text())
+        summary["loop_s"]["waiting_for_other_runs"], summary["runs_on_device"] = 0.0, 1
+        (root / name / "summary.json").write_text(json.dumps(summary))
+    md = write_report(root)["md"].read_text()
+    assert "(`summary.json` `time_s`, summed over every call that trained a run)." in md
     plain = tmp_path / "plain"
     make_run(plain, "a", best=(0.6, 0.2, 0.4))
     assert "## Where the time went" not in write_report(plain)["md"].read_text()
