@@ -509,9 +509,9 @@ def _run_wrote(path: Path) -> bool:
     """Whether `path` is the `recipe.toml` a run wrote into its folder: every setting written out as its point
     resolved it (a conv-free point of a zipped sweep keeps `model.conv.residual = false`), so a setting it leaves
     unread is the sweep's doing, not a choice to point out when the run is resumed or inspected."""
-    from dcablate.runs.directories import RUN_FILES
+    from dcablate.runs.directories import run_dir_named
 
-    return path.name == "recipe.toml" and any((path.parent / name).exists() for name in RUN_FILES)
+    return path.name == "recipe.toml" and run_dir_named(str(path)) is not None
 
 
 def _unused_model_settings(data: dict, origins: dict, src: str, recipes: list, file_chose: bool = True) -> None:
