@@ -230,6 +230,16 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 record_command(root, ARGV, [name for name, _ in points], when=began)
 
 
+def _state_line(point) -> str:
+    """A dry run's word on a point that is not new: `finished`, `resume from step 2,000`, or for a run whose folder
+    has no step checkpoint yet `resume (no checkpoint yet: starts over)`."""
+    state = point[3]
+    if state != "resume":
+        return state
+    step = preflight.resumes_from(point)
+    return f"resume from step {step:,}" if step else "resume (no checkpoint yet: starts over)"
+
+
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
                  quiet: bool, force_new: bool, started: list) -> None:
     """`train_stage`; `started` gets an entry once the runs begin to train."""
@@ -279,12 +289,13 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         preflight.check_generated_data(recipe, overrides, plan, to_train)  # what each run's data phase would refuse
         if devices is not None and not distributed and not launch.nproc:  # the worker flags (the real command's line)
             local_plan(plan, to_train, any(d.type == "cuda" for d in devices), launch)
-        for _, r, run_dir, state in plan:
+        for point in plan:
+            _, r, run_dir, state = point
             steps = preflight.budget_steps(r, budgets)
             # a run already there is the one its folder holds (it may differ in keys it does not read): its hash
             digest = r.digest() if state == "new" else config.load(str(run_dir / "recipe.toml"), []).digest()
             click.echo(f"{run_dir}  (recipe {digest}){'  ' + steps if steps else ''}"
-                       f"{'' if state == 'new' else '  ' + state}")
+                       f"{'' if state == 'new' else '  ' + _state_line(point)}")
         for r, run_dir, why in refused:
             click.echo(f"{run_dir}  (recipe {r.digest()})  refused: {why}")
         for note in (preflight.warmup_note([r for _, r, _, _ in plan], budgets),

@@ -215,7 +215,8 @@ def locked(run_dir: Path):
     """Hold `run_dir/.lock` (flock) for the whole run: a second process writing here is refused, and a directory
     that cannot be written (read-only, no permission) is a UserError before anything starts. If the run fails
     before writing anything, the lock file and the directory are removed again where this call created them; a
-    run that finished (summary.json written) removes the lock file, which only a run in progress needs."""
+    run that ends any other way (finished, stopped, failed) removes the lock file, which only a run in progress
+    needs; one that a killed process left behind is harmless (its flock went with the process)."""
     made = not run_dir.exists()
     lock = run_dir / ".lock"
     try:
@@ -231,13 +232,13 @@ def locked(run_dir: Path):
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
-        if (run_dir / "summary.json").is_file():
-            lock.unlink(missing_ok=True)  # before closing: whoever opens `.lock` from now on makes a new file
     except BaseException:
         if not had_lock:  # still holding the lock: nobody else can be starting here meanwhile
             _remove_if_unused(run_dir, lock, made)
         raise
     finally:
+        with contextlib.suppress(OSError):  # before closing: whoever opens `.lock` from now on makes a new file
+            lock.unlink(missing_ok=True)
         f.close()  # closing releases the lock; the kernel does the same if the process is killed
 
 

@@ -266,3 +266,26 @@ def test_the_tensorboard_command_is_offered_only_for_runs_that_logged_there(tmp_
     assert f"run directory: {tmp_path / 't'}" in out and ("tensorboard --logdir" in out) == tensorboard
     assert main(["report", str(tmp_path / "t")]) == 0
     assert ("tensorboard --logdir" in (tmp_path / "t" / "report.md").read_text()) == tensorboard
+
+
+def test_the_dry_run_says_from_which_step_each_run_resumes(tmp_path, capsys, monkeypatch):
+    """A run left with a step checkpoint resumes from it, one without a checkpoint starts over: the dry run says
+    which, as the worker's stop line does."""
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet", "--set", "checkpoint.every=2"]) == 0
+    root = tmp_path / "t"
+    kept, bare = root / "conv.kind=none", root / "conv.kind=static"
+    for point in (kept, bare):
+        (point / "summary.json").unlink()  # unfinished now: to resume
+    saved = sorted((kept / "checkpoints").glob("step-*.pt"))
+    assert len(saved) >= 2
+    saved[-1].unlink()  # the newest left is the one before
+    newest_left = int(saved[-2].stem.removeprefix("step-"))
+    for file in (bare / "checkpoints").glob("step-*.pt"):
+        file.unlink()
+    capsys.readouterr()
+    assert main(["run", str(path), "--dry-run", "--set", "checkpoint.every=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[-1] for line in lines] == [f"resume from step {newest_left}",
+                                                         "resume (no checkpoint yet: starts over)"]

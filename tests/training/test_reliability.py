@@ -184,7 +184,7 @@ def test_a_sweep_point_resumes_in_its_own_folder_from_its_directory_or_recipe(tm
     first = {p: p.read_bytes() for p in (cwd / "out/t/lr=0.001").rglob("*") if p.is_file() and p.name != ".lock"}
     point = cwd / "out/t/lr=0.002"
     rc, out, err = run_from(tmp_path, str(point / "recipe.toml"), "--dry-run")
-    assert rc == 0 and out.strip() == f"{point}  (recipe {out.split('(recipe ')[1].split(')')[0]})  resume", out
+    assert rc == 0 and out.strip() == f"{point}  (recipe {out.split('(recipe ')[1].split(')')[0]})  resume from step 5", out
     rc, out, err = run_from(tmp_path, str(point), "--set", "train.lr=0.003")
     assert rc == 2 and err.startswith(f"error: {point}: recipe changed since this run started (train.lr: "), err
     rc, out, err = run_from(tmp_path, str(point))  # another folder than the sweep's
