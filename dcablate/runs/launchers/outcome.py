@@ -12,6 +12,7 @@ import click
 
 from dcablate.runs.directories import read_summary, run_directory_line
 from dcablate.runs.launchers.point import LOG_NAME
+from dcablate.runs.preflight import resumes_from
 from dcablate.runs.progress import SweepProgress
 from dcablate.runs.tables import format_table, headline_result
 from dcablate.training.checkpoint import step_files
@@ -32,6 +33,7 @@ class Job:
     started: float = 0.0
     title: str = ""  # the name its lines show: the point's, or a single run's run.name (its `name` is "")
     steps: float = 0  # its planned work (steps, or FLOPs on CPU: `preflight.longest_first`; 0: not counted), for the ETA
+    resumes_from: int = 0  # the step checkpoint it goes on from (0: a new run, or one that starts over)
 
     def __post_init__(self):
         self.title = self.title or self.name or self.run_dir.name
@@ -45,7 +47,8 @@ def jobs_for(plan, to_train: list[int], steps: dict | None = None) -> list[Job]:
     """The `Job`s of the planned points (name, recipe, run_dir, state) still to train, in the order of `to_train`;
     `steps`: each point's planned steps, where counted."""
     return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind,
-                title=plan[i][0] or plan[i][1].run.name, steps=(steps or {}).get(i, 0)) for i in to_train]
+                title=plan[i][0] or plan[i][1].run.name, steps=(steps or {}).get(i, 0),
+                resumes_from=resumes_from(plan[i])) for i in to_train]
 
 
 @dataclass
@@ -102,14 +105,19 @@ class Reporter:
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
         elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.title}"
+        # a resumed run's time in this command is mostly its start and restore, for its few steps left: no guide to
+        # the pace of the runs still to come, so its time stays out of the ETA's pace (its steps count as done)
+        paced = None if job.resumes_from else elapsed
         if code == 0 and (job.run_dir / "summary.json").is_file():
-            self.progress.finished(elapsed, steps=job.steps)
+            self.progress.finished(paced, steps=job.steps)
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary
-            click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({elapsed:.1f}s wall, {job.label})"
+            # the headline's time is the run's, over every command that trained it; this is this command's
+            here = f"{elapsed:.1f}s wall" + (f" here, resumed from step {job.resumes_from:,}" if job.resumes_from else "")
+            click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({here}, {job.label})"
                        f"  [{self.status()}]")
         elif self.stopping() and code in STOPPED_CODES:
-            self.progress.finished(elapsed, steps=job.steps)
+            self.progress.finished(paced, steps=job.steps)
             self.out.interrupted.append(job)
             saved = step_files(job.run_dir / "checkpoints")
             reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
@@ -118,7 +126,7 @@ class Reporter:
                     "it had none yet, so it starts over")
             click.echo(f"{prefix}  stopped ({job.label}): {reason}")
         else:
-            self.progress.finished(elapsed, failed=True, steps=job.steps)
+            self.progress.finished(paced, failed=True, steps=job.steps)
             self.out.failed.append((job, exit_code(code), why or last_line(job.run_dir / LOG_NAME)))
             click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.label}); "
                        f"see {job.run_dir / LOG_NAME}  [{self.status()}]")
