@@ -126,8 +126,9 @@ def best_per_setting(runs: list[SuiteRun], higher_is_better: bool = True) -> dic
 
 
 def scores(best: dict[tuple, dict[str, dict[tuple, Best]]]) -> list[Scores]:
-    """Task and suite scores per variant: those with more tasks first (a mean over fewer tasks is not comparable
-    with one over all), then best suite score first."""
+    """Task and suite scores per variant, ranked among the variants with the same tasks (a mean over other tasks is
+    not comparable): groups with more tasks first, equally many by their best suite score, within a group best suite
+    score first."""
     out = []
     for variant, tasks in best.items():
         task_scores = {t: statistics.fmean(b.mean for b in settings.values()) for t, settings in tasks.items()}
@@ -135,7 +136,11 @@ def scores(best: dict[tuple, dict[str, dict[tuple, Best]]]) -> list[Scores]:
         per_seed = {s: statistics.fmean(statistics.fmean(b.by_seed.get(s, b.mean) for b in settings.values())
                                         for settings in tasks.values()) for s in seeds}
         out.append(Scores(variant, tasks, task_scores, statistics.fmean(task_scores.values()), per_seed))
-    return sorted(out, key=lambda s: (-len(s.task_scores), -s.suite))
+    group_best: dict[frozenset, float] = defaultdict(lambda: float("-inf"))
+    for s in out:
+        group_best[frozenset(s.task_scores)] = max(group_best[frozenset(s.task_scores)], s.suite)
+    return sorted(out, key=lambda s: (-len(s.task_scores), -group_best[frozenset(s.task_scores)],
+                                      sorted(s.task_scores), -s.suite))
 
 
 def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
@@ -310,7 +315,11 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
     lines += ["## Suite score", ""] + _md_table(header, rows)
     if any(len(s.task_scores) < len(SUITE_TASKS) for s in table):
         lines += [f"A suite score over fewer than {len(SUITE_TASKS)} tasks is the mean of those it has; such a variant "
-                  "ranks after every variant with more tasks.", ""]
+                  "ranks after every variant with more tasks"
+                  + (", and variants with as many but other tasks are ranked apart, those with the same tasks "
+                     "together: compare suite scores only among variants with the same tasks."
+                     if len({frozenset(s.task_scores) for s in table}) > len({len(s.task_scores) for s in table})
+                     else "."), ""]
 
     for task in tasks:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)

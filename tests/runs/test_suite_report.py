@@ -88,6 +88,23 @@ def test_a_variant_with_fewer_tasks_ranks_after_those_with_more(tmp_path):
     assert table[2].suite > table[0].suite
 
 
+def test_variants_with_as_many_but_other_tasks_are_ranked_apart(tmp_path):
+    """Two variants that each ran one other task are not interleaved with those that ran that task's partner: the
+    variants with the same tasks rank together (the group with the best score first), and the report says so."""
+    make_suite(tmp_path / "s")
+    make_run(tmp_path / "s", "dynamic/recall/0", "recall", 0.90, conv="dynamic")
+    make_run(tmp_path / "s", "dynamic_wide/memorization/0", "memorization", 0.95, conv="dynamic", d_model=32)
+    make_run(tmp_path / "s", "dynamic_narrow/recall/0", "recall", 0.40, conv="dynamic", d_model=16)
+    table = suite.scores(suite.best_per_setting(suite.collect(find_runs(tmp_path / "s")[0])))
+    tasks = [sorted(s.task_scores) for s in table]
+    assert tasks[:2] == [["memorization", "recall"]] * 2
+    # memorization's one variant scored 0.95, above recall's best 0.90: its group first, then recall's, best first
+    assert tasks[2:] == [["memorization"], ["recall"], ["recall"]]
+    assert [round(s.suite, 2) for s in table[2:]] == [0.95, 0.90, 0.40]
+    text = write_report(tmp_path / "s")["md"].read_text()
+    assert "compare suite scores only among variants with the same tasks" in text
+
+
 def test_setting_labels_count_from_the_task_defaults(tmp_path):
     """A reduced suite: the one setting a task ran is `baseline` only if it is the section's defaults; where
     the default setting is among several, it is the baseline even when another value is more common."""
