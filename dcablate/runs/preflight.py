@@ -200,12 +200,12 @@ def steps_of(r, cache: dict) -> int:
 
 
 def resumes_from(point) -> int:
-    """The step a plan's point `(name, recipe, run_dir, state)` resumes from: its newest step checkpoint's; 0 for
-    a new run, or one whose folder has no checkpoint yet (it starts over)."""
-    from dcablate.training.checkpoint import step_files
+    """The step a plan's point `(name, recipe, run_dir, state)` resumes from: its newest intact step checkpoint's
+    (`checkpoint.newest_intact_step`); 0 for a new run, or one whose folder has no usable checkpoint (it starts
+    over)."""
+    from dcablate.training.checkpoint import newest_intact_step
 
-    saved = step_files(point[2] / "checkpoints") if point[3] == "resume" else []
-    return saved[-1][0] if saved else 0
+    return newest_intact_step(point[2] / "checkpoints") if point[3] == "resume" else 0
 
 
 def resumed_first(plan, to_train: list[int]) -> list[int]:

@@ -4,9 +4,7 @@ them (a ladder's runs differ up to 15x in length, and its longest start first), 
 have ended as train at once, that pace is no guide (the first run ends while the others of its round are nearly
 done too), so the ETA is then the time per step so far times the steps left, spread over the runs at once, where
 the runs still in the first round count with the time they have run so far: the runs that end first are the
-fast ones (stopped early), and their time alone would promise too soon an end. A run resumed from a checkpoint
-ends without a wall time (its time is mostly start and restore, for its few steps left), so until a run that
-started fresh has ended a sweep on workers has no ETA."""
+fast ones (stopped early), and their time alone would promise too soon an end."""
 
 from __future__ import annotations
 
@@ -41,13 +39,12 @@ class SweepProgress:
     def status(self, running: list[tuple[float, int]] | None = None) -> str:
         """`done 3 of 8, 0:04:10 elapsed, eta 0:06:57`, or `done 3 of 8 (1 failed), ...`: runs ended, failed ones
         too, of those this command trains (a rerun skips finished ones, so the count differs from the points'
-        numbering); the ETA once a run has ended (on workers, a run with a wall time). `running`: (seconds it has
-        run, planned steps) of each run in flight, which after the first round count with the share of their work
-        that time stands for."""
+        numbering); the ETA once a run has ended. `running`: (seconds it has run, planned steps) of each run in
+        flight, which after the first round count with the share of their work that time stands for."""
         elapsed = time.time() - self.started
         left = self.total - self.done
         work_left = max(0.0, self.work_total - self.work_done)
-        if not self.done or (running is not None and not self.walls):  # no run with a pace has ended yet
+        if not self.done:
             eta = "?"
         elif self.done < self.at_once and self.walls:  # the first round: time per step x steps left, spread
             running_now = min(self.at_once, self.total) - self.done  # each has run about `elapsed` so far, at least

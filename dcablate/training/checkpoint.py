@@ -184,6 +184,35 @@ def sweep_leftovers(folder: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+_INTACT: dict[tuple, bool] = {}  # (path, size, mtime) -> whether its payload matches its sidecar
+
+
+def newest_intact_step(folder: Path) -> int:
+    """The step a resume would start from, found without loading anything: the newest step checkpoint whose
+    payload matches its sidecar checksum (one without a sidecar counts if it is not empty); 0 when none does.
+    `latest_good` decides when the run starts (it also refuses files that hash right but do not unpickle)."""
+    for step, path in reversed(step_files(folder)):
+        try:
+            info = path.stat()
+            key = (str(path), info.st_size, info.st_mtime_ns)
+            if key not in _INTACT:
+                side = sidecar(path)
+                if side.is_file():
+                    expected = (side.read_text(errors="replace").split() or [""])[0]
+                    digest = hashlib.sha256()
+                    with open(path, "rb") as f:
+                        for block in iter(lambda: f.read(1 << 24), b""):
+                            digest.update(block)
+                    _INTACT[key] = digest.hexdigest() == expected
+                else:
+                    _INTACT[key] = info.st_size > 0
+            if _INTACT[key]:
+                return step
+        except OSError:
+            continue
+    return 0
+
+
 def latest_good(folder: Path, warn) -> tuple[dict | None, Path | None]:
     """The newest step checkpoint that verifies; bad ones are reported via `warn` and moved aside. One holding a
     foreign object is not bad luck but someone else's file: it stops the resume (ForeignObject)."""
@@ -238,7 +267,8 @@ def locked(run_dir: Path):
         raise
     finally:
         with contextlib.suppress(OSError):  # before closing: whoever opens `.lock` from now on makes a new file
-            lock.unlink(missing_ok=True)
+            if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:  # still ours (not one a later run made)
+                lock.unlink()
         f.close()  # closing releases the lock; the kernel does the same if the process is killed
 
 

@@ -269,23 +269,25 @@ def test_the_tensorboard_command_is_offered_only_for_runs_that_logged_there(tmp_
 
 
 def test_the_dry_run_says_from_which_step_each_run_resumes(tmp_path, capsys, monkeypatch):
-    """A run left with a step checkpoint resumes from it, one without a checkpoint starts over: the dry run says
-    which, as the worker's stop line does."""
+    """A run left with a step checkpoint resumes from its newest intact one, one without a checkpoint starts over:
+    the dry run says which, as the worker's stop line does."""
     path = sweep_recipe(tmp_path)
     monkeypatch.chdir(tmp_path)
-    assert main(["run", str(path), "--quiet", "--set", "checkpoint.every=2"]) == 0
+    keep = ("--set", "checkpoint.every=2", "--set", "checkpoint.keep=3")
+    assert main(["run", str(path), "--quiet", *keep]) == 0
     root = tmp_path / "t"
     kept, bare = root / "conv.kind=none", root / "conv.kind=static"
     for point in (kept, bare):
         (point / "summary.json").unlink()  # unfinished now: to resume
     saved = sorted((kept / "checkpoints").glob("step-*.pt"))
-    assert len(saved) >= 2
-    saved[-1].unlink()  # the newest left is the one before
-    newest_left = int(saved[-2].stem.removeprefix("step-"))
+    assert len(saved) >= 3
+    saved[-1].unlink()
+    saved[-2].write_bytes(saved[-2].read_bytes()[:100])  # torn: its checksum fails, so the run takes the one before
+    newest_left = int(saved[-3].stem.removeprefix("step-"))
     for file in (bare / "checkpoints").glob("step-*.pt"):
         file.unlink()
     capsys.readouterr()
-    assert main(["run", str(path), "--dry-run", "--set", "checkpoint.every=2"]) == 0
+    assert main(["run", str(path), "--dry-run", *keep]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[-1] for line in lines] == [f"resume from step {newest_left}",
                                                          "resume (no checkpoint yet: starts over)"]

@@ -193,11 +193,8 @@ def test_sigterm_stops_the_sweep_checkpointed_within_seconds_and_a_rerun_resumes
         # its line's wall time is this command's, said beside the headline's time over both commands
         assert re.search(rf"\] {re.escape(n)}  overall .* in [\d.]+s  \([\d.]+s wall here, resumed from step {steps[n]}, "
                          rf"cpu\)", out), out
-    lines = [line for line in out.splitlines() if line.startswith("[")]
-    fresh = [line for line in lines if not any(n in line for n in started)]
+    fresh = [line for line in out.splitlines() if line.startswith("[") and not any(n in line for n in started)]
     assert len(fresh) == 2 and all("s wall, cpu)" in line for line in fresh), out
-    # the resumed runs end first, and their few steps in their start-up time are no pace for the fresh runs
-    assert [line.endswith(", eta ?]") for line in lines] == [True, True, False, False], out
     assert all(json.loads((root / n / "summary.json").read_text())["steps"] == 120 for n in NAMES)
 
 

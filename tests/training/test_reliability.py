@@ -286,6 +286,23 @@ def test_a_lock_file_unlinked_meanwhile_is_not_taken(tmp_path, monkeypatch):
         assert os.fstat(calls[1].fileno()).st_ino == os.stat(lock).st_ino
 
 
+def test_a_run_that_ends_removes_only_its_own_lock_file(tmp_path):
+    """A run that stops or fails removes its `.lock` as a finished one does; but a lock file made by a later run
+    after this one's was gone (a failed start removes its lock before it lets go of it) is that run's, and stays."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    lock = run_dir / ".lock"
+    with pytest.raises(KeyboardInterrupt), checkpoint.locked(run_dir):
+        (run_dir / "recipe.toml").write_text("")  # it wrote something: the folder stays
+        raise KeyboardInterrupt
+    assert not lock.exists() and (run_dir / "recipe.toml").is_file()
+    with pytest.raises(RuntimeError), checkpoint.locked(run_dir):
+        lock.unlink()  # meanwhile another run takes the folder: a new `.lock`, not this run's
+        lock.write_text("4242\n")
+        raise RuntimeError("failed")
+    assert lock.read_text() == "4242\n"
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, reference):
     cwd = setup_dir(tmp_path)
     real, calls = checkpoint._write, []

@@ -105,11 +105,8 @@ class Reporter:
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
         elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.title}"
-        # a resumed run's time in this command is mostly its start and restore, for its few steps left: no guide to
-        # the pace of the runs still to come, so its time stays out of the ETA's pace (its steps count as done)
-        paced = None if job.resumes_from else elapsed
         if code == 0 and (job.run_dir / "summary.json").is_file():
-            self.progress.finished(paced, steps=job.steps)
+            self.progress.finished(elapsed, steps=job.steps)
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary
             # the headline's time is the run's, over every command that trained it; this is this command's
@@ -117,7 +114,7 @@ class Reporter:
             click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({here}, {job.label})"
                        f"  [{self.status()}]")
         elif self.stopping() and code in STOPPED_CODES:
-            self.progress.finished(paced, steps=job.steps)
+            self.progress.finished(elapsed, steps=job.steps)
             self.out.interrupted.append(job)
             saved = step_files(job.run_dir / "checkpoints")
             reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
@@ -126,7 +123,7 @@ class Reporter:
                     "it had none yet, so it starts over")
             click.echo(f"{prefix}  stopped ({job.label}): {reason}")
         else:
-            self.progress.finished(paced, failed=True, steps=job.steps)
+            self.progress.finished(elapsed, failed=True, steps=job.steps)
             self.out.failed.append((job, exit_code(code), why or last_line(job.run_dir / LOG_NAME)))
             click.echo(f"{prefix}  FAILED with exit code {exit_code(code)} ({job.label}); "
                        f"see {job.run_dir / LOG_NAME}  [{self.status()}]")
