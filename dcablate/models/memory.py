@@ -83,9 +83,16 @@ def check_fits(recipe, vocab_size: int, device: torch.device, origins: dict) -> 
                     f"make the model smaller")
 
 
+# how a failed allocation reads when it is not torch's own OutOfMemoryError: the host allocator's, the CUDA
+# driver's (a context, stream or small tensor that cannot be had: torch.AcceleratorError) and cuBLAS's (its
+# handle and workspace, made at a run's first matmul)
+ALLOCATION_FAILED = ("can't allocate memory", "not enough memory", "CUDA error: out of memory",
+                     "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+
+
 def allocation_failed(error: BaseException) -> bool:
     """Whether `error` is torch failing to allocate memory (host or CUDA)."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in ALLOCATION_FAILED)

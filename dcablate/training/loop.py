@@ -38,8 +38,8 @@ from dcablate.training.optim import planned_steps
 from dcablate.training.packing import (host_work, one_at_a_time, own_stream, own_turn, pass_turn, runs_on_device,
                                        turn_wait_seconds, wait_for_stream)
 from dcablate.training.progress import Progress
-from dcablate.training.runtime import (Stop, autocast_for, check_runtime, memory_gib, rng_state, seed_everything,
-                                       set_rng_state, software_versions)
+from dcablate.training.runtime import (OutOfMemory, Stop, autocast_for, check_runtime, memory_gib, rng_state,
+                                       seed_everything, set_rng_state, software_versions)
 from dcablate.training.signals import CaughtSignals, Interrupted, signals_caught
 from dcablate.training.state import RunState
 from dcablate.training.step import NonFiniteStep, TrainStep
@@ -65,6 +65,12 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                 # building the task and model changes nothing on disk; it seeds the process's generators
                 with caught.interruptible(not several), one_at_a_time():
                     run = Run(recipe, run_dir, device, quiet, caught, label or run_dir.name)
+            except RuntimeError as e:  # the device's memory ran out before the model was there (a CUDA context,
+                # cuBLAS's handle, the graphs' buffers): one line, as in training
+                if device.type != "cuda" or not allocation_failed(e):
+                    raise
+                raise OutOfMemory(f"error: CUDA out of memory while starting the run (putting the model, its "
+                                  f"optimizer and its CUDA graphs' buffers on the device)") from None
             except Interrupted as e:
                 raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
                            f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
@@ -179,6 +185,9 @@ class Run:
             if not (isinstance(e, MemoryError) or allocation_failed(e)):
                 raise
             m = self.recipe.model
+            if self.device.type == "cuda" and runs_on_device() > 1:  # maybe the other runs' memory: not the recipe's
+                raise OutOfMemory(f"error: CUDA out of memory while putting the model on the device (model.d_model "
+                                  f"= {m.d_model}, model.n_layers = {m.n_layers})") from None
             raise UserError(f"model: not enough memory on {self.device} for the weights of this model "
                             f"(model.d_model = {m.d_model}, model.n_layers = {m.n_layers}); make it smaller, or "
                             f"free the device's memory (other processes; fewer runs per GPU with --per-gpu)") \
@@ -215,12 +224,15 @@ class Run:
             raise
         except NonFiniteStep as e:  # said again with the run's last good checkpoint
             raise NonFiniteStep(e.step, e.loss, e.grad_norm, self.state.kept()) from None
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError, or the CUDA driver or cuBLAS failing to allocate
+            if self.device.type != "cuda" or not allocation_failed(e):
+                raise
             graphs = ("; the captured CUDA graphs keep the training step's memory reserved, so "
                       "train.cuda_graph = \"off\" also frees room") if self.train_step.captured else ""
-            raise Stop(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a fraction "
-                       f"of train.batch_size ({t.batch_size}) to accumulate gradients over smaller micro-batches, "
-                       f"or lower eval.batch_size ({recipe.eval.batch_size}) if it was evaluating{graphs}", 1) from None
+            raise OutOfMemory(f"error: CUDA out of memory while {self.phase}; set train.micro_batch_size to a "
+                              f"fraction of train.batch_size ({t.batch_size}) to accumulate gradients over smaller "
+                              f"micro-batches, or lower eval.batch_size ({recipe.eval.batch_size}) if it was "
+                              f"evaluating{graphs}") from None
         except BrokenPipeError:  # the command's output was closed (`dcablate run ... | head`): a stop, not a fault
             saved = self.state.saved
             kept = f"the checkpoint {saved} is intact" if saved else "no checkpoint yet"

@@ -24,6 +24,24 @@ class Stop(Exception):
         self.code = code
 
 
+class OutOfMemory(Stop):
+    """A run stopped because its device's memory ran out (exit status 1). Where other runs of a sweep shared the
+    card, that may be their memory as much as its own: the sweep then trains it again with fewer beside it
+    (`launchers/scheduler.py`)."""
+
+    def __init__(self, message: str):
+        super().__init__(message + shared_device_hint(), 1)
+
+
+def shared_device_hint() -> str:
+    """`; 4 runs of this sweep shared the device ...` when the launcher trains several at once on it, else ''."""
+    from dcablate.training.packing import runs_on_device
+
+    n = runs_on_device()
+    return (f"; {n} runs of this sweep shared the device, and their memory counts too (fewer at once with "
+            f"--per-gpu)") if n > 1 else ""
+
+
 def resolve_device(choice: str) -> torch.device:
     """`run.device` ("auto", "cuda" or "cpu") as a device of this machine; "cuda" without one is a UserError."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):

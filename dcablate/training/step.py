@@ -26,7 +26,7 @@ from dcablate.training import distributed as ddp
 from dcablate.training.graphs import CaptureFailed, GraphedSteps
 from dcablate.training.optim import make_optimizer, make_scheduler
 from dcablate.training.packing import wait_for_stream
-from dcablate.training.runtime import Stop, autocast_for
+from dcablate.training.runtime import OutOfMemory, Stop, autocast_for
 
 log = logging.getLogger("dcablate")
 
@@ -289,8 +289,8 @@ class TrainStep:
             return False
         number = self.taken + 1
         if old <= 1:
-            raise Stop(f"error: CUDA out of memory while training step {number}, even with micro-batches of one "
-                       f"example; use a smaller model or shorter sequences", 1) from None
+            raise OutOfMemory(f"error: CUDA out of memory while training step {number}, even with micro-batches "
+                              f"of one example; use a smaller model or shorter sequences") from None
         self.micro = old // 2
         self.zero_grads()
         if self.device.type == "cuda":

@@ -94,3 +94,25 @@ def test_on_cuda_the_cards_memory_is_the_limit(tmp_path, monkeypatch):
     with pytest.raises(memory.UserError, match=r"more than the 0.0 GiB of the GPU's memory"):
         memory.check_fits(r, 64, torch.device("cuda"), {"model.d_model": "--set"})
     memory.check_fits(r, 64, torch.device("cpu"), {})  # the host has room
+
+
+def test_the_ways_an_allocation_fails_are_recognised(monkeypatch):
+    """torch's own OutOfMemoryError, and what the CUDA driver and cuBLAS raise when a context, a small tensor or
+    cuBLAS's handle cannot be had (seen on a card shared by 16 runs); other errors are not memory."""
+    import torch
+
+    from dcablate.training.packing import RUNS_ON_DEVICE_ENV
+    from dcablate.training.runtime import OutOfMemory
+
+    assert memory.allocation_failed(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert memory.allocation_failed(RuntimeError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation'"))
+    assert memory.allocation_failed(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                                 "`cublasCreate(handle)`"))
+    assert not memory.allocation_failed(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not memory.allocation_failed(ValueError("not enough memory"))
+    monkeypatch.delenv(RUNS_ON_DEVICE_ENV, raising=False)
+    assert str(OutOfMemory("error: CUDA out of memory while x")) == "error: CUDA out of memory while x"
+    monkeypatch.setenv(RUNS_ON_DEVICE_ENV, "16")
+    assert str(OutOfMemory("error: CUDA out of memory while x")) == (
+        "error: CUDA out of memory while x; 16 runs of this sweep shared the device, and their memory counts too "
+        "(fewer at once with --per-gpu)")

@@ -135,6 +135,20 @@ if os.environ.get("SLOW_STEP_S"):  # every training batch takes this long to dra
             yield item
     MQARTask.train_batches = train_batches
 
+if os.environ.get("OOM_ONCE"):  # the first run to reach step 3 runs out of device memory there, once in the sweep
+    from dcablate.training.runtime import OutOfMemory
+    add_step = loop.ComputeCount.add
+
+    def add_or_run_out(self, *args):
+        add_step(self, *args)
+        if self.tokens // (args[0] * args[1]) == 3:
+            try:
+                os.close(os.open(os.environ["OOM_ONCE"], os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
+            raise OutOfMemory("error: CUDA out of memory while training step 3 (injected)")
+    loop.ComputeCount.add = add_or_run_out
+
 if os.environ.get("STUCK_AT_STEP"):  # after this step, the loop sleeps where a signal does not end it, as a
     # run waiting on a GPU that hangs would (a wait for its own stream: other runs of its process take turns)
     from dcablate.training.packing import waiting
@@ -219,6 +233,32 @@ def test_a_worker_that_does_not_stop_in_time_is_stopped_at_once(sweep, pack):
     dry = subprocess.run([sys.executable, "-m", "dcablate.cli", "run", "w.toml", *sets, "--dry-run"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert dry.returncode == 0 and dry.stdout.count("  resume") == 2
+
+
+def test_a_run_out_of_memory_beside_others_trains_again_with_one_fewer(sweep):
+    """A run that runs out of device memory while another run shares its device is trained again, first in line
+    and from its checkpoint, with one slot fewer on that device for the rest of the sweep; the sweep then
+    finishes every run and exits 0. Alone on its device, the same failure is a failure (exit 1)."""
+    marker = sweep / "oom"
+    sets = ("--set", "train.steps=40", "--set", "checkpoint.every=2", "--set", "eval.every=20")
+    proc = start_sweep(sweep, {"OOM_ONCE": str(marker), "SLOW_STEP_S": "0.02"}, *sets)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (out, err)
+    retried = re.findall(r"^(\S+)  ran out of memory on cpu beside 1 other run: training it again with one run "
+                         r"fewer on that device \(1 at once there from now on\)$", out, flags=re.M)
+    assert len(retried) == 1 and retried[0] in NAMES, out
+    root = sweep / "out" / "w"
+    assert all(json.loads((root / n / "summary.json").read_text())["steps"] == 40 for n in NAMES)
+    assert f"resuming out/w/{retried[0]} from step 2" in (root / retried[0] / "worker.log").read_text()
+    assert re.search(rf"\] {re.escape(retried[0])}  overall .*resumed from step 2, cpu\)", out), out
+    assert "FAILED" not in out and out.count("overall") >= 4
+
+    marker.unlink()
+    shutil.rmtree(root)
+    proc = start_sweep(sweep, {"OOM_ONCE": str(marker)}, *sets[:2], "--workers", "1", "--set", "run.name=alone")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "ran out of memory" not in out, (out, err)
+    assert "  failed: error: CUDA out of memory while training step 3 (injected)" in out, (out, err)
 
 
 def test_stop_grace_from_the_environment(monkeypatch):

@@ -23,6 +23,9 @@ from dcablate.runs.tables import headline_result
 
 LOG_NAME = "worker.log"
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+# a worker's status for a run that stopped because its device's memory ran out (the command counts it as exit
+# status 1): the scheduler may train it again with fewer runs beside it
+OUT_OF_MEMORY = 3
 
 
 @contextlib.contextmanager
@@ -89,7 +92,7 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
             click.echo(f"{run_dir}: finished earlier, not retrained")
             return 0
         from dcablate.training.loop import train  # torch reads OMP_NUM_THREADS (set per worker by its launcher)
-        from dcablate.training.runtime import Stop
+        from dcablate.training.runtime import OutOfMemory, Stop
 
         signum = signals.pending()  # came while this worker was idle or loading
         if signum:
@@ -100,7 +103,7 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
                 summary = train(r, run_dir)  # its progress lines go to the log (recipe's log.progress)
         except Stop as e:
             click.echo(str(e))
-            return e.code
+            return OUT_OF_MEMORY if isinstance(e, OutOfMemory) else e.code
         click.echo(f"-> {run_dir}  {headline_result(summary, r.task.kind)}")
         return 0
     except UserError as e:

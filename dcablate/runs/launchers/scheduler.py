@@ -26,8 +26,9 @@ import click
 
 from dcablate.errors import UserError
 from dcablate.runs.launchers.outcome import Job, Outcome, Reporter, plural
-from dcablate.runs.launchers.point import LOG_NAME
+from dcablate.runs.launchers.point import LOG_NAME, OUT_OF_MEMORY
 from dcablate.runs.launchers.slots import describe_slots
+from dcablate.training.checkpoint import newest_intact_step
 from dcablate.training.signals import REPEAT_S
 
 GRACE_ENV = "DCABLATE_STOP_GRACE_S"
@@ -45,6 +46,7 @@ class Worker:
         self.job: Job | None = None
         self.signals_sent = 0
         self.retiring = False  # its last run failed: it goes, and a fresh worker takes the slot
+        self.dropped = False  # its run ran out of memory beside others: its slot stays empty from then on
 
     @property
     def label(self) -> str:
@@ -169,7 +171,8 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
             if kind == "exit":  # the worker is gone: its run (if any) ends with the exit code
                 if w in workers:
                     workers.remove(w)
-                    empty.append(w.slot)
+                    if not w.dropped:
+                        empty.append(w.slot)
                 if w.job is not None:
                     job, w.job = w.job, None
                     reporter.finish(job, value)
@@ -178,8 +181,11 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
                 job, w.job = w.job, None
                 if value != 0:  # a fresh process (and CUDA context) takes the slot's next run
                     w.retiring = True
+                    if value == OUT_OF_MEMORY and not caught and retry_with_fewer(w, job, workers, empty, pending):
+                        w.release()
+                        continue
                     w.release()
-                reporter.finish(job, value)
+                reporter.finish(job, 1 if value == OUT_OF_MEMORY else value)
                 last_status = time.time()
             elif kind == "line" and w.job is not None and value.strip():  # output outside a run's redirection
                 with open(w.job.run_dir / LOG_NAME, "a") as log:
@@ -194,6 +200,25 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
     out.not_started = len(pending)
     out.signal = caught[0] if caught else None
     return out
+
+
+def retry_with_fewer(w: Worker, job: Job, workers: list[Worker], empty: list, pending: list[Job]) -> bool:
+    """`job` ran out of device memory on `w`'s slot. If other runs were training on the same device, their memory
+    may be what it lacked: the slot is dropped for the rest of the sweep (one run fewer on that device) and the
+    job goes first in line again, from its newest checkpoint if it saved one; True then, and the command says so.
+    False when it ran alone there (its own size is the problem: it fails as any run does)."""
+    device = getattr(w.slot, "gpu", None)
+    beside = [x for x in workers if x is not w and x.job is not None and getattr(x.slot, "gpu", None) == device]
+    if not beside:
+        return False
+    w.dropped = True
+    job.resumes_from = newest_intact_step(job.run_dir / "checkpoints")
+    pending.insert(0, job)
+    left = sum(1 for x in workers if not x.dropped and getattr(x.slot, "gpu", None) == device) + \
+        sum(1 for s in empty if getattr(s, "gpu", None) == device)
+    click.echo(f"{job.title}  ran out of memory on {w.label} beside {plural(len(beside), 'other run')}: training it "
+               f"again with one run fewer on that device ({left} at once there from now on)")
+    return True
 
 
 def enforce_deadline(busy: list[Worker], stop: Stopping, grace: float) -> None:
