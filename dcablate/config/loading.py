@@ -25,8 +25,8 @@ from pathlib import Path
 
 from dcablate.config import schema
 from dcablate.config.schema import conv_streams
-from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, clashing_keys,
-                                   diagonal, grid, iter_grid, sweep_axes)
+from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, check_zip_form,
+                                   clashing_keys, diagonal, grid, iter_grid, sweep_axes)
 from dcablate.config.fields import describe_value
 from dcablate.config.toml_out import toml_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
@@ -1073,6 +1073,7 @@ def check_sweep_form(r, data: dict, origins: dict, src: str) -> None:
         if key == "sweep" or key.startswith("sweep."):
             raise RecipeError(where, path, "a sweep cannot sweep itself")
     zip_src = _src(origins, f"sweep.{ZIP_KEY}", src)
+    check_zip_form(r.sweep, zip_src)  # a point is made from the zip's groups below
     sources = {key: _src(origins, f"sweep.{key}", src) for key in r.sweep if key not in RESERVED}
     for key in sources:  # a misspelt axis first: the zip's checks would blame its partners or suggest the typo
         try:

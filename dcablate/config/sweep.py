@@ -54,15 +54,22 @@ def name_parts(key: str, value) -> list[str]:
     return [f"{short_key(key)}={value_name(value)}"]
 
 
+def check_zip_form(sweep: dict, where: str) -> list:
+    """`sweep.zip`'s groups, once it is a list of lists (anything else a RecipeError set at `where`): what must hold
+    before a grid point can be made at all."""
+    groups = sweep.get(ZIP_KEY, [])
+    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+        raise RecipeError(where, f"sweep.{ZIP_KEY}", f'must be a list of lists of swept keys, e.g. [["train.lr", '
+                          f'"model.d_model"]], got {describe_value(groups)}')
+    return groups
+
+
 def check_zip(sweep: dict, where: str, sources: dict[str, str] | None = None) -> None:
     """`sweep.zip`: a list of groups, each a list of >= 2 swept keys with lists of equal length. `where` set the
     zip; `sources` maps a swept key to where its list was set: a list of another length set elsewhere than the zip
     (by --set, or in a recipe that extends the zip's) is blamed there, under its own key."""
-    groups = sweep.get(ZIP_KEY, [])
+    groups = check_zip_form(sweep, where)
     path = f"sweep.{ZIP_KEY}"
-    if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-        raise RecipeError(where, path, f'must be a list of lists of swept keys, e.g. [["train.lr", '
-                          f'"model.d_model"]], got {describe_value(groups)}')
     seen: set = set()
     for g in groups:
         if len(g) < 2 or not all(isinstance(k, str) for k in g):

@@ -486,6 +486,19 @@ def test_zip_errors_blame_the_list_where_it_was_set(tmp_path, child, overrides, 
     assert (e.value.source, e.value.key) == (where, key) and fragment.format(base=base) in str(e.value)
 
 
+@pytest.mark.parametrize("zip_value, overrides", [("1", []), ("[1]", []), ('"train.lr"', []),
+                                                   (None, ["sweep.zip=1"])], ids=["int", "list-of-int", "str", "set"])
+def test_a_zip_that_is_no_list_of_lists_is_one_error_where_it_was_set(tmp_path, zip_value, overrides):
+    """The zip's form is checked before any grid point is made from it (an int zip was a TypeError traceback)."""
+    text = ZIP_BASE.replace('zip = [["model.d_model", "train.lr"]]\n', "" if zip_value is None else
+                            f"zip = {zip_value}\n")
+    path = write(tmp_path / "r.toml", text)
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path), overrides)
+    assert (e.value.source, e.value.key) == ("--set" if overrides else str(path), "sweep.zip")
+    assert "must be a list of lists of swept keys" in str(e.value)
+
+
 def test_zip_errors_of_lists_the_zips_file_set_name_the_zip(tmp_path):
     """Where one file set the zip and all its lists, the group is blamed at `sweep.zip`, with every length or value."""
     base = write(tmp_path / "base.toml", ZIP_BASE.replace("3e-3]", "]"))
