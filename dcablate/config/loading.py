@@ -859,7 +859,8 @@ def _fit_warmup(r, origins: dict, src: str) -> None:
     else:
         note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
                 f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}")
-    _say_once(note)
+    if origins:  # without them, a recipe read back as it was resolved (a run's recipe.toml): nothing to say about it
+        _say_once(note)
     t.warmup_steps = t.steps
 
 

@@ -465,3 +465,15 @@ def test_equal_scores_share_a_rank(tmp_path):
     ranking = md.split("## Ranking", 1)[1].split("##", 1)[0]
     ranks = [line.split("|")[1].strip() for line in ranking.splitlines() if line.startswith("| ") and "rank" not in line]
     assert ranks == ["1", "1", "3"]
+
+
+def test_reading_runs_back_says_nothing_about_their_warmup(tmp_path, capsys, monkeypatch):
+    """A run whose warmup was cut to its steps (`--set train.steps=2` on a recipe warming up over 2: said once,
+    when it ran) saved warmup == steps; the report reading it back has nothing to say about that schedule."""
+    from tests.tiny_recipes import run_cli, setup_dir
+
+    cwd = setup_dir(tmp_path)
+    assert run_cli(monkeypatch, capsys, cwd, "--set", "train.steps=2")[0] == 0
+    capsys.readouterr()
+    assert main(["report", str(cwd / "out")]) == 0
+    assert "warmup" not in capsys.readouterr().err
