@@ -354,6 +354,11 @@ CASES = [
                                                              "train.warmup_steps=2000"],
          ("sweep point conv.kind=none,conv.activation=auto,conv.residual=false,d_model=32: ", "lm/scaling_tiny.toml: "
           "train.tokens_per_param: a budget of ", "fewer than train.warmup_steps 2000 (--set); raise the budget")),
+    Case("mqar-budget-shorter-than-warmup-at-dry-run", ["run", "r.toml", *DRY, "--set", "train.tokens=100"],
+         ("sweep point conv.kind=none: --set: train.tokens: a budget of 100 tokens is 4 steps of 32 tokens, "
+          "fewer than train.warmup_steps 5 (", "r.toml); raise the budget or lower train.warmup_steps"),
+         files={"r.toml": OK.replace("steps = 2\nwarmup_steps = 0", "warmup_steps = 5").replace("batch_size = 4",
+                "batch_size = 2") + '[sweep]\n"model.conv.kind" = ["none", "static"]\n'}),
     Case("two-token-budgets-name-both-places", ["run", "lm/scaling_tiny", *DRY, "--set", "train.tokens=100000"],
          ("lm/scaling_tiny.toml: train.tokens_per_param: give one token budget: train.tokens = 100000 is set too "
           "(--set)",)),

@@ -140,7 +140,7 @@ def check_generated_data(recipe: str, overrides: list[str], plan, to_train: list
 
 
 def check_budgets(plan, to_train: list[int], where=None, cache: dict | None = None) -> None:
-    """Every LM run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
+    """Every run about to train with a token budget (`train.tokens`, `train.tokens_per_param`) gets at least
     its warmup's steps: the steps are counted as the run counts them (its non-embedding parameters, from the model
     built on the meta device, once per distinct model however many seeds or learning rates share it), and a
     UserError names the point otherwise, and (`where(key) -> "SOURCE: KEY"`) where the budget was set."""
@@ -151,14 +151,14 @@ def check_budgets(plan, to_train: list[int], where=None, cache: dict | None = No
     for i in to_train:
         name, r = plan[i][0], plan[i][1]
         t = r.train
-        if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
+        if not (t.tokens or t.tokens_per_param):
             continue
         try:
             c, _ = recipe_costs(r, cache)
         except UserError:  # a tokenizer file that cannot be read: `check_inputs` names it and where it was set
             continue
         try:
-            planned_steps(t, t.batch_size * c.seq_len, c.params["non_embedding"])
+            planned_steps(t, t.batch_size * train_length(r), c.params["non_embedding"])
         except UserError as e:
             key = "train.tokens" if t.tokens else "train.tokens_per_param"
             text = str(e)
@@ -177,20 +177,25 @@ def _source_of(where, key: str) -> str:
 
 
 def _budget(r, cache: dict) -> tuple[int, int] | None:
-    """(steps, tokens per step) of an LM run with a token budget, counted as `check_budgets` counts them; None for a
+    """(steps, tokens per step) of a run with a token budget, counted as `check_budgets` counts them; None for a
     run whose recipe gives its steps."""
     from dcablate.models.describe import recipe_costs
     from dcablate.training.optim import planned_steps
 
     t = r.train
-    if r.task.kind != "lm" or not (t.tokens or t.tokens_per_param):
+    if not (t.tokens or t.tokens_per_param):
         return None
     try:
         c, _ = recipe_costs(r, cache)
     except UserError:
         return None
-    per_step = t.batch_size * c.seq_len
+    per_step = t.batch_size * train_length(r)
     return planned_steps(t, per_step, c.params["non_embedding"]), per_step
+
+
+def train_length(r) -> int:
+    """The length of run `r`'s training sequences, as its task will train on them (`Task.train_length`)."""
+    return task_class(r.task.kind).train_length(task_options(r.task))
 
 
 def steps_of(r, cache: dict) -> int:

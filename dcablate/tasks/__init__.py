@@ -78,6 +78,13 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def train_length(cls, options) -> int:
+        """`train_seq_len` from a recipe's task options, without building the task (a token budget's steps are
+        counted in it before a run starts): the shape's length unless a task trains on shorter sequences than it
+        evaluates on."""
+        return cls.shape(options)[0]
+
+    @classmethod
     def inputs(cls, options) -> dict[str, str]:
         """What training reads from outside the recipe, by the recipe key that names it (the LM task:
         `{"task.lm.data": "/data/python-docs"}`). `dcablate run` and `--dry-run` pass each distinct key and value

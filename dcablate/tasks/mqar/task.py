@@ -64,6 +64,10 @@ class MQARTask(Task):
     def shape(cls, options) -> tuple[int, int]:
         return max(s.seq_len for s in options.train + options.test), options.vocab_size
 
+    @classmethod
+    def train_length(cls, options) -> int:
+        return max(s.seq_len for s in options.train)
+
     def train_batches(self, batch_size: int, seed: int, start: int = 0):
         """Endless (inputs, targets) batches, each from one segment; `start` skips that many (resume)."""
         for _, x, y in self.data.train_batches(batch_size, seed, start):
