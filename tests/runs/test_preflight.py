@@ -262,7 +262,7 @@ def test_a_sweep_hands_out_its_longest_runs_first(tmp_path):
     assert order == [1, 3, 2, 4, 0] and steps == {0: 655, 1: 10300, 2: 1000, 3: 4000, 4: 1000}  # wide: as short
     assert preflight.longest_first(plan, [4, 2, 0])[0] == [4, 2, 0]
     (tmp_path / "checkpoints").mkdir()  # the long run resumes at step 3500 of 4000: 500 steps left
-    (tmp_path / "checkpoints" / "step-003500.pt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step-003500.pt").write_bytes(b"a checkpoint")
     plan[3] = ("long", long, tmp_path, "resume")
     order, steps = preflight.longest_first(plan, [0, 1, 2, 3, 4])
     assert order == [3, 1, 2, 4, 0] and steps[3] == 500  # what the sweep started is finished first
