@@ -137,9 +137,12 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     moved = any(o.split("=", 1)[0].strip() in ("run.out_dir", "run.name") for o in overrides)
-    here = None if force_new or moved or base.sweep else run_dir_named(recipe)
-    if here is not None:  # a run directory (a sweep's point too) resumes where it is
-        root = here
+    here = None if moved or base.sweep else run_dir_named(recipe)
+    if here is not None:  # a run directory (a sweep's point too) resumes where it is, wherever the command runs
+        # --force-new: a fresh copy beside the run, or for a sweep's point beside the sweep's folder (a single run
+        # named as the recipe names it, never a folder of the working directory's)
+        root = here.parent if force_new and here.name != base.run.name and here.parent.name == base.run.name \
+            else here
     if force_new and root.exists():
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")
@@ -496,11 +499,12 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
                     raise
                 sweep.finished(failed=True, steps=work.get(i, 0))
                 click.echo(f"  failed: {e}")
-                failed.append((name or r.run.name, e, run_dir))
+                failed.append((name or run_dir.name, e, run_dir))
                 continue
             sweep.finished(steps=work.get(i, 0))
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
-        rows.append(result_row(name or r.run.name, summary, r.task.kind))
+        # a single run by its folder's name: a sweep's point resumed through its folder, a --force-new copy
+        rows.append(result_row(name or run_dir.name, summary, r.task.kind))
     click.echo("")
     if rows:
         click.echo(results_table(rows))

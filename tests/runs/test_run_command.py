@@ -291,3 +291,22 @@ def test_the_dry_run_says_from_which_step_each_run_resumes(tmp_path, capsys, mon
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("  ")[-1] for line in lines] == [f"resume from step {newest_left}",
                                                          "resume (no checkpoint yet: starts over)"]
+
+
+def test_force_new_on_a_points_folder_from_another_folder_writes_beside_the_sweep(tmp_path, capsys, monkeypatch):
+    """`dcablate run POINT_DIR --force-new` from another folder trains the fresh copy where it does from the sweep's
+    own folder (`t-2` beside the sweep `t`), not under the working folder; the results row names that folder."""
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    point = tmp_path / "t" / "conv.kind=static"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["run", str(point), "--force-new", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    copy = tmp_path / "t-2"
+    assert f"{tmp_path / 't'} exists; writing to {copy}" in out and (copy / "summary.json").is_file()
+    assert list(elsewhere.iterdir()) == []
+    assert any(line.startswith("t-2 ") for line in out.splitlines()), out

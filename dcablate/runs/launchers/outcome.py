@@ -31,7 +31,7 @@ class Job:
     task_kind: str = "mqar"  # picks the headline metric of its result line
     label: str = ""  # where it is training ("cpu", "gpu 1", "ray 0.25 GPU", "slurm 1234_0")
     started: float = 0.0
-    title: str = ""  # the name its lines show: the point's, or a single run's run.name (its `name` is "")
+    title: str = ""  # the name its lines show: the point's, or a single run's folder name (its `name` is "")
     steps: float = 0  # its planned work (steps, or FLOPs on CPU: `preflight.longest_first`; 0: not counted), for the ETA
     resumes_from: int = 0  # the step checkpoint it goes on from (0: a new run, or one that starts over)
 
@@ -47,7 +47,7 @@ def jobs_for(plan, to_train: list[int], steps: dict | None = None) -> list[Job]:
     """The `Job`s of the planned points (name, recipe, run_dir, state) still to train, in the order of `to_train`;
     `steps`: each point's planned steps, where counted."""
     return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind,
-                title=plan[i][0] or plan[i][1].run.name, steps=(steps or {}).get(i, 0),
+                title=plan[i][0] or plan[i][2].name, steps=(steps or {}).get(i, 0),
                 resumes_from=resumes_from(plan[i])) for i in to_train]
 
 
