@@ -858,7 +858,8 @@ def _fit_warmup(r, origins: dict, src: str) -> None:
                 f"run warms up, so the learning rate never decays; set train.warmup_steps lower for a schedule")
     else:
         note = (f"train.warmup_steps {t.warmup_steps} ({where_w}) is more than train.steps {t.steps} ({where_s}): "
-                f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}")
+                f"warming up over {t.steps} step{'s' if t.steps != 1 else ''}, the whole run, so the learning rate "
+                f"never decays; set train.warmup_steps lower for a schedule")
     if origins:  # without them, a recipe read back as it was resolved (a run's recipe.toml): nothing to say about it
         _say_once(note)
     t.warmup_steps = t.steps
@@ -1073,6 +1074,10 @@ def check_sweep_form(r, data: dict, origins: dict, src: str) -> None:
             raise RecipeError(where, path, f"must be a non-empty list of values, got {describe_value(values)}")
         if key == "sweep" or key.startswith("sweep."):
             raise RecipeError(where, path, "a sweep cannot sweep itself")
+        if key in ("run.out_dir", "run.name", "run"):  # the points are folders of the one run.out_dir/run.name
+            raise RecipeError(where, path, "the sweep's points are folders of one run directory (run.out_dir / "
+                                           "run.name), so where they go cannot be swept; run the recipe once per "
+                                           "folder with --set run.name=...")
     zip_src = _src(origins, f"sweep.{ZIP_KEY}", src)
     check_zip_form(r.sweep, zip_src)  # a point is made from the zip's groups below
     sources = {key: _src(origins, f"sweep.{key}", src) for key in r.sweep if key not in RESERVED}

@@ -189,6 +189,15 @@ def run_dir_named(ref: str) -> Path | None:
 SCHEDULE_KEYS = ("train.steps:", "train.tokens:", "train.tokens_per_param:", "train.warmup_steps:")
 
 
+def _grows(change: str) -> bool:
+    """Whether a `key: old -> new` change of a length (steps, a token budget) asks for more than before."""
+    try:
+        old, new = (float(v) for v in change.split(": ", 1)[1].split(" -> "))
+    except ValueError:
+        return False
+    return new > old
+
+
 def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
     if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
@@ -213,13 +222,17 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     changes = read_changes(old, r)
     if changes:
         # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
-        longer = all(c.startswith(SCHEDULE_KEYS) for c in changes)
+        schedule = all(c.startswith(SCHEDULE_KEYS) for c in changes)
+        lengths = [c for c in changes if not c.startswith("train.warmup_steps:")]
+        longer = schedule and bool(lengths) and all(_grows(c) for c in lengths)
         copy = _copy_with(run_dir, r, sweep_root)
         # an LM run from before early stopping's default followed the task (0.99 then read as a bpb target)
         was_default = changes == ["eval.early_stop: 0.99 -> 0.0"] and r.task.kind == "lm"
         raise UserError(f"{run_dir}: recipe changed since this run started ({describe_changes(changes)}); "
                         + ("a run is not trained on past its planned steps, since its learning-rate schedule is "
-                           "laid out over them; " if longer else "")
+                           "laid out over them; " if longer else
+                           "a run's learning-rate schedule is laid out over its planned steps and warm-up, so it is "
+                           "not trained on under another; " if schedule else "")
                         + ("LM runs now leave early stopping off unless the recipe sets it: --set "
                            "eval.early_stop=0.99 goes on as the run began, or " if was_default else "")
                         + (f"{copy[0]} holds this recipe already (an earlier --force-new): add --set run.name="

@@ -766,3 +766,14 @@ def test_shipped_recipe_names_match_their_paths():
     for name, path in SHIPPED.items():
         assert path.suffix == ".toml" and not name.endswith(".toml")
         assert path.with_suffix("").as_posix().endswith("/" + name), (name, path)
+
+
+@pytest.mark.parametrize("axis", ["run.out_dir", "run.name"])
+def test_where_the_points_go_cannot_be_swept(tmp_path, axis):
+    """Swept, run.out_dir or run.name trained identical runs into the sweep's one folder, their recipes saying
+    otherwise; refused where the axis was set."""
+    path = write(tmp_path / "r.toml", f'[sweep]\n"{axis}" = ["x", "y"]\n')
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path))
+    assert (e.value.source, e.value.key) == (str(path), f"sweep.{axis}")
+    assert "where they go cannot be swept" in str(e.value)

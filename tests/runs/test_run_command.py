@@ -113,6 +113,11 @@ def test_more_steps_for_a_trained_run_is_refused_and_the_refusal_says_why(tmp_pa
         f"error: {tmp_path / 't'}: recipe changed since this run started (train.steps: 6 -> 12); a run is not "
         "trained on past its planned steps, since its learning-rate schedule is laid out over them; use "
         "--force-new to train it in a fresh directory\n")
+    assert main(["run", str(path), "--set", "train.steps=3"]) == 2  # shorter: another schedule, not "past" it
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 't'}: recipe changed since this run started (train.steps: 6 -> 3); a run's "
+        "learning-rate schedule is laid out over its planned steps and warm-up, so it is not trained on under "
+        "another; use --force-new to train it in a fresh directory\n")
     assert main(["run", str(path), "--set", "train.lr=0.002"]) == 2
     assert "schedule" not in capsys.readouterr().err
 
