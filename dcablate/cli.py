@@ -452,6 +452,10 @@ def final_state(run_dir: Path) -> dict:
     if not final.is_file():
         steps = checkpoint.step_files(run_dir / "checkpoints")
         newest = f" (its newest checkpoint is step {steps[-1][0]})" if steps else ""
+        holder = checkpoint.lock_holder(run_dir)
+        if holder:
+            raise UserError(f"{run_dir}: unfinished{newest}, no final checkpoint: another dcablate process (pid "
+                            f"{holder}) is training it now; evaluate or sample it once it has finished")
         raise UserError(f"{run_dir}: unfinished{newest}, no final checkpoint; finish it with `dcablate run "
                         f"{run_dir}`, then evaluate or sample it")
     return checkpoint.load(final)

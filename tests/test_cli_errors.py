@@ -863,3 +863,23 @@ def test_a_resume_under_an_edited_plugin_module_is_refused(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "step-000001.pt: written with another version of a plugin module " \
         "(edited_plugin 0123456789ab -> " in err and "restore it to resume, or use --force-new" in err, err
+
+
+def test_eval_of_a_run_being_trained_says_who_is_training_it(tmp_path, monkeypatch, capsys):
+    """An unfinished run that another process holds (`.lock`) is being trained, not waiting to be finished."""
+    import fcntl
+
+    from dcablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rd" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "rd" / "recipe.toml").write_text(OK)
+    (tmp_path / "rd" / "checkpoints" / "step-000004.pt").write_text("x")
+    with open(tmp_path / "rd" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        assert main(["eval", "--run", "rd"]) == 2
+    assert capsys.readouterr().err == ("error: rd: unfinished (its newest checkpoint is step 4), no final checkpoint: "
+                                       "another dcablate process (pid 4242) is training it now; evaluate or sample it "
+                                       "once it has finished\n")

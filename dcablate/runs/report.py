@@ -214,8 +214,9 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
         kept = runs[first]
         if kept.summary is None and run.summary is not None:  # the finished one counts
             runs[first], run, kept = run, kept, run
-        bad.append((run.path, f"the same run as `{shown(kept.path, root)}` (equal recipes but for run.name "
-                              f"and run.out_dir); counted once"))
+        unfinished = "unfinished; " if run.summary is None else ""
+        bad.append((run.path, f"{unfinished}the same run as `{shown(kept.path, root)}` (equal recipes but for "
+                              f"run.name and run.out_dir); counted once"))
     if not runs and not bad:
         raise UserError(f"{root}: no runs below it (no recipe.toml found)")
     # finished runs only (an unfinished one is listed by its folder); the suite's tasks name their variants by

@@ -277,7 +277,7 @@ def test_a_run_twice_in_the_tree_counts_once_the_finished_copy(tmp_path):
     files = write_report(root)
     md = files["md"].read_text()
     assert "2 finished runs, 0 unfinished, 1 skipped" in md
-    assert "`first/copy`: the same run as `second/copy`" in md
+    assert "`first/copy`: unfinished; the same run as `second/copy`" in md
     (row,) = read_csv(files["csv"])
     assert row["seeds"] == "2" and float(row["score_mean"]) == pytest.approx(0.5)
 
