@@ -211,6 +211,9 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
                   f"within a model)"
     notes = ["state floats: recurrent state per sequence at T (attention: its KV cache); FLOPs/token: forward FLOPs "
              "per token of the blocks, without the LM head (training ~3x)"]
+    if with_active:
+        notes.append("active: the parameters one token uses (the routed top-k experts of each MoE layer), embedding "
+                     "and LM head included as in params; less the embedding it compares with non_embedding")
     if not detail:
         notes.append("--detail: each model's parameters per component, LM head FLOPs and the points that build it")
     return "\n".join([header, format_table(rows), *notes])

@@ -168,3 +168,16 @@ def test_the_info_command_prints_the_table_and_with_detail_the_blocks(capsys):
     assert capsys.readouterr().out.count(f"4 points: {LRS}") == 20
     assert main(["info", "quickstart", "--set", "sweep={}"]) == 0
     assert capsys.readouterr().out == QUICKSTART_BLOCK + "\n"
+
+
+def test_the_active_column_is_explained_where_it_is_shown(capsys):
+    """MoE grids get an `active` column, which counts the embedding as `params` does: the note under the table says
+    so; grids without MoE neither show nor explain it."""
+    from dcablate.cli import main
+
+    assert main(["info", "paper/mqar_moe"]) == 0
+    out = capsys.readouterr().out
+    assert " active " in out.splitlines()[1] and "\nactive: the parameters one token uses" in out
+    assert main(["info", MQAR]) == 0
+    out = capsys.readouterr().out
+    assert " active " not in out.splitlines()[1] and "active:" not in out
