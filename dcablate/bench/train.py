@@ -128,10 +128,10 @@ MAX_SETTLE_STEPS = 200  # untimed steps beyond --warmup while a variant still ca
 
 
 def time_steps(step, batches, device: torch.device, warmup: int, steps: int,
-               settled=lambda: True) -> tuple[list[float], int, int]:
+               settled=lambda: True, lengths: set | None = None) -> tuple[list[float], int, int]:
     """Run `step(*batch)` (a batch: `x, y`, and whatever else `batches` hands out with them) `warmup` times, and
     on while `settled()` is false (at most MAX_SETTLE_STEPS more), then `steps` timed times: per-step ms, tokens
-    and scored targets of the timed steps."""
+    and scored targets of the timed steps; `lengths` gets the timed batches' sequence lengths."""
     for _ in range(warmup):
         step(*next(batches))
     for _ in range(MAX_SETTLE_STEPS):
@@ -148,6 +148,8 @@ def time_steps(step, batches, device: torch.device, warmup: int, steps: int,
         step(*batch)
         marks.append((start, mark()))
         tokens += x.numel()
+        if lengths is not None:
+            lengths.add(x.shape[-1])
         scored += (y != -100).sum()  # on the device: read once at the end
     synchronize(device)
     return [elapsed(a, b) for a, b in marks], tokens, int(scored)
@@ -157,14 +159,15 @@ def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_t
            device: torch.device) -> dict:
     ms = statistics.median(times)
     tok_s = tokens / len(times) / (ms / 1e3)
+    mean_ms = statistics.fmean(times)  # where batch shapes vary (MQAR's lengths), what a step costs on average
     peak = peak_flops(device)
     mfu = 3 * flops_per_token * tok_s / peak if peak and flops_per_token else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # all timed tokens over all timed steps' time: a task that mixes batch shapes (MQAR's segments) trains at this
     # rate, where the median step is of one shape only
     overall = tokens / (sum(times) / 1e3)
-    return {"variant": label, "params": params, "step_ms": ms, "tokens_per_s": tok_s, "tokens_per_s_overall": overall,
-            "swing": swing(times), "mfu": mfu, "peak_gib": mem}
+    return {"variant": label, "params": params, "step_ms": ms, "step_ms_mean": mean_ms, "tokens_per_s": tok_s,
+            "tokens_per_s_overall": overall, "swing": swing(times), "mfu": mfu, "peak_gib": mem}
 
 
 def swing(times: list[float], parts: int = 4) -> float | None:
@@ -199,7 +202,9 @@ def bench_variant(label: str, r, task, warmup: int, steps: int, profile: bool = 
     net.train()
     try:
         # graphed variants are timed once every batch shape seen has its graph (MQAR: one per segment)
-        times, tokens, scored = time_steps(step, batches, device, warmup, steps, settled=lambda: step.settled)
+        lengths: set = set()
+        times, tokens, scored = time_steps(step, batches, device, warmup, steps, settled=lambda: step.settled,
+                                           lengths=lengths)
         step.flush()  # a non-finite step stops here as it would stop a run
         if profile and device.type == "cuda":
             from dcablate.bench.kernels import print_profile
@@ -216,8 +221,12 @@ def bench_variant(label: str, r, task, warmup: int, steps: int, profile: bool = 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     head = info.head_flops_per_token * (scored / tokens if scored else 1.0)
-    return {**row_of(label, params, times, tokens, info.flops_per_token + head, device), "max_load": max_load,
-            "graphs": graphs}
+    row = row_of(label, params, times, tokens, info.flops_per_token + head, device)
+    if len(lengths) > 1:  # the median step is of one length: the rate is the timed steps' over all their time
+        if row["mfu"] is not None:
+            row["mfu"] *= row["tokens_per_s_overall"] / row["tokens_per_s"]
+        row["tokens_per_s"] = row["tokens_per_s_overall"]
+    return {**row, "max_load": max_load, "graphs": graphs, "lengths": sorted(lengths)}
 
 
 # ----------------------------------------------------------------------------------------- fla reference
@@ -305,11 +314,13 @@ def bench_fla(r, warmup: int, steps: int) -> dict:
 # ----------------------------------------------------------------------------------------- the command
 
 
-def fmt_row(row: dict, first: dict | None) -> dict:
+def fmt_row(row: dict, first: dict | None, mixed: bool | None = None) -> dict:
     out = {"variant": row["variant"], "active params": f"{row['params']:,}"}  # = all parameters without MoE
     if row.get("oom"):
         return {**out, "step ms": "OOM"}
     out["step ms"] = f"{row['step_ms']:.2f}"
+    if mixed is not None:  # the median step is of one length; the mean is what the task's steps cost
+        out["mean step ms"] = f"{row['step_ms_mean']:.2f}" if len(row.get("lengths", ())) > 1 else ""
     out["tokens/s"] = f"{row['tokens_per_s']:,.0f}"
     out["MFU"] = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
     out["peak mem"] = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"
@@ -374,7 +385,13 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
             row["fla"] = refs[key]
     first = rows[0] if len(rows) > 1 else None
     click.echo("")
-    click.echo(format_table([fmt_row(row, first) for row in rows + list(refs.values())]))
+    mixed = any(len(row.get("lengths", ())) > 1 for row in rows) or None
+    if mixed:
+        click.echo("step ms: the median timed step; the task trains on sequences of several lengths "
+                   f"({', '.join(str(n) for n in sorted({n for row in rows for n in row.get('lengths', ())}))}), so "
+                   "the median is a step of one length, and mean step ms is what its steps cost on average; "
+                   "tokens/s and MFU are over all the timed steps")
+    click.echo(format_table([fmt_row(row, first, mixed) for row in rows + list(refs.values())]))
     for row in rows:
         if "fla" in row and not row.get("oom"):
             click.echo(f"{row['variant']}: tokens/s = {row['tokens_per_s'] / row['fla']['tokens_per_s']:.3f}x "

@@ -83,6 +83,29 @@ def test_compare_prints_the_table_with_ratios(tmp_path, monkeypatch, capsys):
     assert int(rows["static"][1].replace(",", "")) > int(rows["none"][1].replace(",", ""))  # the conv's weights
 
 
+def test_a_task_of_several_lengths_gets_its_mean_step_and_its_overall_rate(tmp_path, monkeypatch, capsys):
+    """MQAR trains on several lengths: the median step is of one of them, so the table adds the mean step and its
+    tokens/s is all timed tokens over all timed steps' time (the median step made it a length's rate)."""
+    import dcablate.bench.train as bench_train
+
+    rows = []
+    real = bench_train.fmt_row
+    monkeypatch.setattr(bench_train, "fmt_row", lambda row, *a: rows.append(row) or real(row, *a))
+    two = tiny(task={"mqar": {"train": [{"seq_len": 16, "num_kv_pairs": 2, "num_examples": 64},
+                                        {"seq_len": 32, "num_kv_pairs": 4, "num_examples": 64}]}})
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, two, "--steps", "8")
+    assert rc == 0, err
+    assert "the task trains on sequences of several lengths (16, 32), so the median is a step of one length" in out
+    header = next(line for line in out.splitlines() if line.startswith("variant"))
+    assert "  step ms  mean step ms  tokens/s" in header
+    (row,) = rows
+    assert row["lengths"] == [16, 32] and row["tokens_per_s"] == row["tokens_per_s_overall"]
+    rows.clear()
+    rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY)  # one length: no mean column, the median's rate
+    assert rc == 0 and "mean step ms" not in out and "several lengths" not in out
+    assert rows[0]["lengths"] == [32]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the notes of a CPU bench")
 def test_options_that_give_no_clean_time_or_nothing_on_cpu_are_said(tmp_path, monkeypatch, capsys):
     rc, out, err = bench(monkeypatch, capsys, tmp_path, TINY, "--warmup", "0", "--steps", "1", "--profile")
