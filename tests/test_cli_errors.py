@@ -186,6 +186,8 @@ CASES = [
     # --- --set
     bad_set("set-without-equals", ["train.lr"], "--set train.lr: expected KEY=VALUE"),
     bad_set("set-empty-key", ["=3"], "--set =3: expected KEY=VALUE"),
+    bad_set("set-dot-key", [".=1"], "--set .=1: '.' is no recipe key (dotted names, e.g. --set train.lr=3e-3)"),
+    bad_set("set-empty-part", ["train..lr=1"], "--set train..lr=1: 'train..lr' is no recipe key"),
     bad_set("set-unknown-key", ["model.d_modle=64"], "--set: model.d_modle: unknown key", "did you mean 'd_model'"),
     bad_set("set-unknown-section", ["modle.d_model=64"], "--set: modle: unknown key", "did you mean 'model'"),
     # a key put in the wrong section: its whole path, not a neighbour's spelling ('state_size' is not 'vocab_size')

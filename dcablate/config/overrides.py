@@ -37,6 +37,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key:
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=3e-3")
+    if any(not part for part in key.split(".")):  # `.`, `a..b`, `train.`: no key to set
+        raise UserError(f"--set {text}: '{key}' is no recipe key (dotted names, e.g. --set train.lr=3e-3)")
     raw = raw.strip()
     try:
         value = tomllib.loads(f"{SET_PREFIX}{raw}")["v"]
