@@ -508,10 +508,10 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
             sweep.finished(steps=work.get(i, 0))
             click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         # a single run by its folder's name: a sweep's point resumed through its folder, a --force-new copy
-        rows.append(result_row(name or run_dir.name, summary, r.task.kind))
+        rows.append((i, result_row(name or run_dir.name, summary, r.task.kind)))
     click.echo("")
     if rows:
-        click.echo(results_table(rows))
+        click.echo(results_table([row for _, row in sorted(rows, key=lambda ir: ir[0])]))  # in sweep order
     click.echo(run_directory_line(root))
     for label, e, run_dir in failed:
         click.echo(f"failed: {label} (exit code {e.code}): {e}   [{run_dir}]", err=True)

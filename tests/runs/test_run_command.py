@@ -315,3 +315,19 @@ def test_force_new_on_a_points_folder_from_another_folder_writes_beside_the_swee
     assert f"{tmp_path / 't'} exists; writing to {copy}" in out and (copy / "summary.json").is_file()
     assert list(elsewhere.iterdir()) == []
     assert any(line.startswith("t-2 ") for line in out.splitlines()), out
+
+
+def test_the_results_table_is_in_sweep_order_though_resumed_runs_train_first(tmp_path, capsys, monkeypatch):
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet", "--set", "checkpoint.every=2"]) == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "t" / "conv.kind=none")  # new now
+    (tmp_path / "t" / "conv.kind=static" / "summary.json").unlink()  # to resume: it trains first
+    capsys.readouterr()
+    assert main(["run", str(path), "--set", "checkpoint.every=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("[1/2] conv.kind=static") < out.index("[2/2] conv.kind=none")
+    table = out[out.index("\nrun "):]
+    assert table.index("\nconv.kind=none ") < table.index("\nconv.kind=static ")

@@ -173,7 +173,7 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
     for i, (name, r, run_dir, state) in enumerate(plan):
         summary = read_summary(run_dir) if state == "finished" else out.summaries.get(i)
         if summary is not None:
-            rows.append(result_row(name or r.run.name, summary, r.task.kind))
+            rows.append(result_row(name or run_dir.name, summary, r.task.kind))
     click.echo("")
     if rows:
         click.echo(results_table(rows))
