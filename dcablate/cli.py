@@ -441,6 +441,18 @@ def run_named(run_dir: Path, flag: str = "--run") -> Path:
     return run_dir
 
 
+def in_sweep_order(root: Path, points: list[Path]) -> list[Path]:
+    """A sweep folder's `points` in the order of its `points.txt` (the grid's, as its command planned them); those it
+    does not list after, by name."""
+    from dcablate.runs.directories import POINTS_FILE
+
+    try:
+        order = {name: i for i, name in enumerate((root / POINTS_FILE).read_text().splitlines())}
+    except OSError:
+        order = {}
+    return sorted(points, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+
 def final_state(run_dir: Path) -> dict:
     """The final checkpoint of the run in `run_dir`; an unfinished run is one line saying how to finish it."""
     from dcablate.training import checkpoint
@@ -605,7 +617,8 @@ def eval_(task_kind, run_dir, overrides, data, run):
     if run_dir is None:
         raise UserError("eval: which run? give its directory (or a sweep's folder): `dcablate eval RUN` or "
                         "`dcablate eval --run RUN`")
-    points = sorted(p.parent for p in run_dir.glob("*/recipe.toml")) if run_dir.is_dir() else []
+    points = in_sweep_order(run_dir, sorted(p.parent for p in run_dir.glob("*/recipe.toml"))) \
+        if run_dir.is_dir() else []
     if not points or (run_dir / "recipe.toml").is_file():
         evaluate_run(run_named(run_dir, flag), task_kind, overrides, data)
         return

@@ -331,3 +331,15 @@ def test_the_results_table_is_in_sweep_order_though_resumed_runs_train_first(tmp
     assert out.index("[1/2] conv.kind=static") < out.index("[2/2] conv.kind=none")
     table = out[out.index("\nrun "):]
     assert table.index("\nconv.kind=none ") < table.index("\nconv.kind=static ")
+
+
+def test_a_sweeps_points_are_taken_in_the_order_of_its_points_file(tmp_path):
+    """`dcablate eval SWEEP_DIR` goes through the points as the grid lists them (points.txt), not by name; points the
+    file does not list come after, by name."""
+    from dcablate.cli import in_sweep_order
+
+    (tmp_path / "points.txt").write_text("conv.kind=static\nconv.kind=none\n")
+    points = [tmp_path / n for n in ("conv.kind=none", "conv.kind=static", "extra")]
+    assert [p.name for p in in_sweep_order(tmp_path, points)] == ["conv.kind=static", "conv.kind=none", "extra"]
+    (tmp_path / "points.txt").unlink()
+    assert [p.name for p in in_sweep_order(tmp_path, points)] == ["conv.kind=none", "conv.kind=static", "extra"]
