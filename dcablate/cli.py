@@ -138,11 +138,12 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     root = Path(base.run.out_dir) / base.run.name
     moved = any(o.split("=", 1)[0].strip() in ("run.out_dir", "run.name") for o in overrides)
     here = None if moved or base.sweep else run_dir_named(recipe)
+    if here is not None and here.name in ("", ".."):  # `dcablate run .`: the folder by its name
+        here = here.resolve()
     if here is not None:  # a run directory (a sweep's point too) resumes where it is, wherever the command runs
         # --force-new: a fresh copy beside the run, or for a sweep's point beside the sweep's folder (a single run
         # named as the recipe names it, never a folder of the working directory's)
-        root = here.parent if force_new and here.name != base.run.name and here.parent.name == base.run.name \
-            else here
+        root = here.parent if force_new and is_sweep_point(here) else here
     if force_new and root.exists():
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")
@@ -439,6 +440,16 @@ def run_named(run_dir: Path, flag: str = "--run") -> Path:
     if not (run_dir / "recipe.toml").is_file():
         raise not_a_run(run_dir)
     return run_dir
+
+
+def is_sweep_point(run_dir: Path) -> bool:
+    """Whether `run_dir` is a point of the sweep whose folder holds it (listed in the folder's `points.txt`)."""
+    from dcablate.runs.directories import POINTS_FILE
+
+    try:
+        return run_dir.name in (run_dir.parent / POINTS_FILE).read_text().splitlines()
+    except OSError:
+        return False
 
 
 def in_sweep_order(root: Path, points: list[Path]) -> list[Path]:

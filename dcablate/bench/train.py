@@ -156,18 +156,20 @@ def time_steps(step, batches, device: torch.device, warmup: int, steps: int,
 
 
 def row_of(label: str, params: int, times: list[float], tokens: int, flops_per_token: float | None,
-           device: torch.device) -> dict:
+           device: torch.device, lengths: set = frozenset()) -> dict:
+    """A variant's row from its timed steps; `lengths`: the timed batches' sequence lengths. Where they vary, the
+    median step is of one length, so tokens/s and MFU are the timed steps' over all their time."""
     ms = statistics.median(times)
-    tok_s = tokens / len(times) / (ms / 1e3)
     mean_ms = statistics.fmean(times)  # where batch shapes vary (MQAR's lengths), what a step costs on average
-    peak = peak_flops(device)
-    mfu = 3 * flops_per_token * tok_s / peak if peak and flops_per_token else None
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # all timed tokens over all timed steps' time: a task that mixes batch shapes (MQAR's segments) trains at this
     # rate, where the median step is of one shape only
     overall = tokens / (sum(times) / 1e3)
-    return {"variant": label, "params": params, "step_ms": ms, "step_ms_mean": mean_ms, "tokens_per_s": tok_s,
-            "tokens_per_s_overall": overall, "swing": swing(times), "mfu": mfu, "peak_gib": mem}
+    tok_s = overall if len(lengths) > 1 else tokens / len(times) / (ms / 1e3)
+    peak = peak_flops(device)
+    mfu = 3 * flops_per_token * tok_s / peak if peak and flops_per_token else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"variant": label, "params": params, "step_ms": ms, "step_ms_mean": mean_ms, "lengths": sorted(lengths),
+            "tokens_per_s": tok_s, "tokens_per_s_overall": overall, "swing": swing(times), "mfu": mfu, "peak_gib": mem}
 
 
 def swing(times: list[float], parts: int = 4) -> float | None:
@@ -221,12 +223,8 @@ def bench_variant(label: str, r, task, warmup: int, steps: int, profile: bool = 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     head = info.head_flops_per_token * (scored / tokens if scored else 1.0)
-    row = row_of(label, params, times, tokens, info.flops_per_token + head, device)
-    if len(lengths) > 1:  # the median step is of one length: the rate is the timed steps' over all their time
-        if row["mfu"] is not None:
-            row["mfu"] *= row["tokens_per_s_overall"] / row["tokens_per_s"]
-        row["tokens_per_s"] = row["tokens_per_s_overall"]
-    return {**row, "max_load": max_load, "graphs": graphs, "lengths": sorted(lengths)}
+    return {**row_of(label, params, times, tokens, info.flops_per_token + head, device, lengths),
+            "max_load": max_load, "graphs": graphs}
 
 
 # ----------------------------------------------------------------------------------------- fla reference
@@ -302,13 +300,14 @@ def bench_fla(r, warmup: int, steps: int) -> dict:
     held["model"].train()
     batches = Prefetcher(task.train_batches(r.train.batch_size, seed=r.run.seed), device)
     try:
-        times, tokens, _ = time_steps(step, batches, device, warmup, steps)
+        lengths: set = set()
+        times, tokens, _ = time_steps(step, batches, device, warmup, steps, lengths=lengths)
     finally:
         held.clear()
         del batches
         gc.collect()
         torch.cuda.empty_cache()
-    return row_of("fla GatedDeltaNetForCausalLM", params, times, tokens, None, device)
+    return row_of("fla GatedDeltaNetForCausalLM", params, times, tokens, None, device, lengths)
 
 
 # ----------------------------------------------------------------------------------------- the command
@@ -328,7 +327,8 @@ def fmt_row(row: dict, first: dict | None, mixed: bool | None = None) -> dict:
         out["max/mean expert load"] = f"{row['max_load']:.2f}"
     if first is not None:
         ok = not first.get("oom")
-        out["step time vs first"] = f"{row['step_ms'] / first['step_ms']:.3f}x" if ok else "n/a"
+        key = "step_ms_mean" if mixed else "step_ms"  # lengths mixed: what the steps cost on average
+        out["step time vs first"] = f"{row[key] / first[key]:.3f}x" if ok else "n/a"
         out["tokens/s vs first"] = f"{row['tokens_per_s'] / first['tokens_per_s']:.3f}x" if ok else "n/a"
     out["CUDA graph"] = "yes" if row.get("graphs") else "no"  # train.cuda_graph; fla's model steps eagerly
     return out
@@ -390,7 +390,7 @@ def train_benchmark(recipe: str, overrides: list[str] = (), compare: list[str] =
         click.echo("step ms: the median timed step; the task trains on sequences of several lengths "
                    f"({', '.join(str(n) for n in sorted({n for row in rows for n in row.get('lengths', ())}))}), so "
                    "the median is a step of one length, and mean step ms is what its steps cost on average; "
-                   "tokens/s and MFU are over all the timed steps")
+                   "tokens/s, MFU and step time vs first are over all the timed steps")
     click.echo(format_table([fmt_row(row, first, mixed) for row in rows + list(refs.values())]))
     for row in rows:
         if "fla" in row and not row.get("oom"):

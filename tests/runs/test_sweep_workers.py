@@ -389,3 +389,52 @@ def test_gpu_pinning_maps_through_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     slots = plan_slots(1, [0, 2], None, uses_cuda=True, cuda_count=3, to_train=4)
     assert [worker_env(s)["CUDA_VISIBLE_DEVICES"] for s in slots] == ["4", "6"]
+
+
+def test_out_of_memory_retries_keep_a_slot_per_device_and_give_up_on_a_run_too_large(tmp_path, capsys):
+    """The scheduler's side, on stand-in workers: two runs out of memory at once on one card both go back in line
+    but only one slot goes (a card keeps one); the slots of other cards are not counted; a run retried
+    OOM_RETRIES times fails; Ray's actors (no local slot) are not retried here."""
+    from dcablate.runs.launchers.outcome import Job
+    from dcablate.runs.launchers.ray import RaySlot
+    from dcablate.runs.launchers.scheduler import OOM_RETRIES, Worker, retry_with_fewer
+    from dcablate.runs.launchers.slots import Slot
+
+    slots = [Slot(0, "0"), Slot(0, "0"), Slot(1, "1")]
+    workers = [Worker(s, None) for s in slots]
+    jobs = [Job(i, f"p{i}", tmp_path / f"p{i}", "d") for i in range(3)]
+    for w, job in zip(workers, jobs):
+        w.job = job
+    pending: list = []
+    workers[0].job = None  # its run ran out of memory beside p1
+    assert retry_with_fewer(workers[0], jobs[0], workers, [], pending, slots)
+    assert workers[0].dropped and pending == [jobs[0]] and slots[1].sharing == 1
+    workers[1].job = None  # p1 ran out at the same step: beside p0's dropped worker, but the card keeps its slot
+    assert retry_with_fewer(workers[1], jobs[1], workers, [], pending, slots)
+    assert not workers[1].dropped and pending == [jobs[1], jobs[0]]
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["p0  ran out of memory on gpu 0 beside 1 other run: training it again with one run fewer on that "
+                   "device (1 at once there from now on)",
+                   "p1  ran out of memory on gpu 0 beside 1 other run: training it again (1 at once there from now on)"]
+    jobs[2].oom_retries = OOM_RETRIES  # too large even after its retries: a failure
+    workers[1].job = jobs[1]
+    workers[2].job = None
+    workers.append(Worker(Slot(1, "1"), None))
+    workers[-1].job = jobs[0]
+    assert not retry_with_fewer(workers[2], jobs[2], workers, [], [], slots)
+    ray = [Worker(RaySlot(1, 0.5), None) for _ in range(2)]
+    ray[1].job = jobs[1]
+    assert not retry_with_fewer(ray[0], jobs[0], ray, [], [], [])
+
+
+def test_a_worker_reports_running_out_of_memory_as_a_failure_with_status_1(tmp_path, capsys):
+    """Status 3 is the worker's word for "out of memory" to the scheduler; every launcher's lines say exit code 1."""
+    from dcablate.runs.launchers.outcome import Job, Outcome, Reporter
+    from dcablate.runs.launchers.point import OUT_OF_MEMORY
+
+    out = Outcome()
+    reporter = Reporter(1, out, lambda: False)
+    job = Job(0, "p0", tmp_path / "p0", "d", label="slurm 1_0")
+    reporter.finish(job, OUT_OF_MEMORY, why="error: CUDA out of memory while training step 3")
+    assert "FAILED with exit code 1 (slurm 1_0)" in capsys.readouterr().out
+    assert out.failed[0][1] == "1"

@@ -208,7 +208,8 @@ def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | N
     def start(slot: Slot, events: queue.Queue) -> LocalWorker:
         process = next((p for p in processes if p.has_room(slot)), None)
         if process is None:
-            process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker, beside[slot.gpu])
+            process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker,
+                                    slot.sharing or beside[slot.gpu])
             processes.append(process)
         return LocalWorker(slot, events, process)
 

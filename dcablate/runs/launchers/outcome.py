@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from dcablate.runs.directories import read_summary, run_directory_line
-from dcablate.runs.launchers.point import LOG_NAME
+from dcablate.runs.launchers.point import LOG_NAME, OUT_OF_MEMORY
 from dcablate.runs.preflight import resumes_from
 from dcablate.runs.progress import SweepProgress
 from dcablate.runs.tables import format_table, headline_result
@@ -34,6 +34,7 @@ class Job:
     title: str = ""  # the name its lines show: the point's, or a single run's folder name (its `name` is "")
     steps: float = 0  # its planned work (steps, or FLOPs on CPU: `preflight.longest_first`; 0: not counted), for the ETA
     resumes_from: int = 0  # the step checkpoint it goes on from (0: a new run, or one that starts over)
+    oom_retries: int = 0  # times it ran out of device memory beside other runs and went back in line
 
     def __post_init__(self):
         self.title = self.title or self.name or self.run_dir.name
@@ -104,6 +105,7 @@ class Reporter:
 
     def finish(self, job: Job, code: int, why: str | None = None) -> None:
         """`job` ended with exit status `code`; `why` replaces the log's last line in a failure's report."""
+        code = 1 if code == OUT_OF_MEMORY else code  # a worker's word for it; to the user a failure as any other
         elapsed, prefix = time.time() - job.started, f"[{self.progress.done + 1}/{self.total}] {job.title}"
         if code == 0 and (job.run_dir / "summary.json").is_file():
             self.progress.finished(elapsed, steps=job.steps)

@@ -27,7 +27,8 @@ import click
 from dcablate.errors import UserError
 from dcablate.runs.launchers.outcome import Job, Outcome, Reporter, plural
 from dcablate.runs.launchers.point import LOG_NAME, OUT_OF_MEMORY
-from dcablate.runs.launchers.slots import describe_slots
+from dcablate.runs.launchers.slots import Slot, describe_slots
+from dcablate.training import failure
 from dcablate.training.checkpoint import newest_intact_step
 from dcablate.training.signals import REPEAT_S
 
@@ -181,11 +182,12 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
                 job, w.job = w.job, None
                 if value != 0:  # a fresh process (and CUDA context) takes the slot's next run
                     w.retiring = True
-                    if value == OUT_OF_MEMORY and not caught and retry_with_fewer(w, job, workers, empty, pending):
+                    if value == OUT_OF_MEMORY and not caught and retry_with_fewer(w, job, workers, empty, pending,
+                                                                                          slots):
                         w.release()
                         continue
                     w.release()
-                reporter.finish(job, 1 if value == OUT_OF_MEMORY else value)
+                reporter.finish(job, value)
                 last_status = time.time()
             elif kind == "line" and w.job is not None and value.strip():  # output outside a run's redirection
                 with open(w.job.run_dir / LOG_NAME, "a") as log:
@@ -202,22 +204,36 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
     return out
 
 
-def retry_with_fewer(w: Worker, job: Job, workers: list[Worker], empty: list, pending: list[Job]) -> bool:
-    """`job` ran out of device memory on `w`'s slot. If other runs were training on the same device, their memory
-    may be what it lacked: the slot is dropped for the rest of the sweep (one run fewer on that device) and the
-    job goes first in line again, from its newest checkpoint if it saved one; True then, and the command says so.
-    False when it ran alone there (its own size is the problem: it fails as any run does)."""
-    device = getattr(w.slot, "gpu", None)
-    beside = [x for x in workers if x is not w and x.job is not None and getattr(x.slot, "gpu", None) == device]
+OOM_RETRIES = 3  # a run that runs out of memory beside others more often than this does not fit: it fails
+
+
+def retry_with_fewer(w: Worker, job: Job, workers: list[Worker], empty: list, pending: list[Job],
+                     slots: list) -> bool:
+    """`job` ran out of device memory on `w`'s slot (a local worker's). If other runs were on the same device (or
+    had just run out there too), their memory may be what it lacked: the job goes first in line again, from its
+    newest checkpoint if it saved one, and the slot is dropped for the rest of the sweep (one run fewer on that
+    device, never none); True then, and the command says so. False when it ran alone there or has been retried
+    `OOM_RETRIES` times already: its own size is the problem, and it fails as any run does."""
+    if not isinstance(w.slot, Slot) or job.oom_retries >= OOM_RETRIES:  # Ray's actors: its scheduler places them
+        return False
+    device = w.slot.gpu
+    here = lambda x: isinstance(x.slot, Slot) and x.slot.gpu == device  # noqa: E731
+    beside = [x for x in workers if x is not w and here(x) and (x.job is not None or x.dropped)]
     if not beside:
         return False
-    w.dropped = True
+    live = sum(1 for x in workers if here(x) and not x.dropped) + sum(1 for s in empty if s.gpu == device)
+    if live > 1:
+        w.dropped, live = True, live - 1
+        for s in slots:  # the workers started from now on say how many runs share their device
+            if s.gpu == device:
+                s.sharing = live
+    job.oom_retries += 1
     job.resumes_from = newest_intact_step(job.run_dir / "checkpoints")
+    failure.clear(job.run_dir)  # not failed: it trains again
     pending.insert(0, job)
-    left = sum(1 for x in workers if not x.dropped and getattr(x.slot, "gpu", None) == device) + \
-        sum(1 for s in empty if getattr(s, "gpu", None) == device)
+    fewer = " with one run fewer on that device" if w.dropped else ""
     click.echo(f"{job.title}  ran out of memory on {w.label} beside {plural(len(beside), 'other run')}: training it "
-               f"again with one run fewer on that device ({left} at once there from now on)")
+               f"again{fewer} ({live} at once there from now on)")
     return True
 
 

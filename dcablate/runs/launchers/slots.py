@@ -32,6 +32,7 @@ class Slot:
     gpu: int | None
     physical: str | None = None  # the CUDA_VISIBLE_DEVICES entry of that GPU
     threads: int = 1
+    sharing: int | None = None  # runs at once on its device, once the sweep has dropped slots there (scheduler.py)
 
     @property
     def label(self) -> str:
