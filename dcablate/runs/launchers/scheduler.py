@@ -184,6 +184,8 @@ def run_sweep(jobs: list[Job], slots: list, start, total: int, where: str = "") 
                     w.retiring = True
                     if value == OUT_OF_MEMORY and not caught and retry_with_fewer(w, job, workers, empty, pending,
                                                                                           slots):
+                        if w.dropped:  # the ETA spreads the work left over the slots still there
+                            reporter.progress.at_once = max(1, reporter.progress.at_once - 1)
                         w.release()
                         continue
                     w.release()
