@@ -225,7 +225,7 @@ class Run:
         except NonFiniteStep as e:  # said again with the run's last good checkpoint
             raise NonFiniteStep(e.step, e.loss, e.grad_norm, self.state.kept()) from None
         except RuntimeError as e:  # torch.OutOfMemoryError, or the CUDA driver or cuBLAS failing to allocate
-            if self.device.type != "cuda" or not allocation_failed(e):
+            if not (isinstance(e, torch.OutOfMemoryError) or (self.device.type == "cuda" and allocation_failed(e))):
                 raise
             graphs = ("; the captured CUDA graphs keep the training step's memory reserved, so "
                       "train.cuda_graph = \"off\" also frees room") if self.train_step.captured else ""
