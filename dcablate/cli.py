@@ -20,8 +20,9 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (add_points, echo_library_logs, fresh_dir, made_here, read_summary, record_command,
-                                       run_dir_named, run_directory_line, run_state, save_new_file)
+from dcablate.runs.directories import (add_points, echo_library_logs, fresh_dir, made_here, planned_points,
+                                       read_summary, record_command, run_dir_named, run_directory_line, run_state,
+                                       save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -444,23 +445,13 @@ def run_named(run_dir: Path, flag: str = "--run") -> Path:
 
 def is_sweep_point(run_dir: Path) -> bool:
     """Whether `run_dir` is a point of the sweep whose folder holds it (listed in the folder's `points.txt`)."""
-    from dcablate.runs.directories import POINTS_FILE
-
-    try:
-        return run_dir.name in (run_dir.parent / POINTS_FILE).read_text().splitlines()
-    except OSError:
-        return False
+    return run_dir.name in planned_points(run_dir.parent)
 
 
 def in_sweep_order(root: Path, points: list[Path]) -> list[Path]:
     """A sweep folder's `points` in the order of its `points.txt` (the grid's, as its command planned them); those it
     does not list after, by name."""
-    from dcablate.runs.directories import POINTS_FILE
-
-    try:
-        order = {name: i for i, name in enumerate((root / POINTS_FILE).read_text().splitlines())}
-    except OSError:
-        order = {}
+    order = {name: i for i, name in enumerate(planned_points(root))}
     return sorted(points, key=lambda p: (order.get(p.name, len(order)), p.name))
 
 

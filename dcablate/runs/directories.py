@@ -128,15 +128,20 @@ def add_points(root: Path, points: list[str]) -> None:
         pass
 
 
+def planned_points(folder: Path) -> list[str]:
+    """The points a sweep folder's last command planned, in grid order (its `points.txt`); [] where it has none."""
+    try:
+        return [n for n in (folder / POINTS_FILE).read_text(encoding="utf-8").splitlines() if n]
+    except OSError:
+        return []
+
+
 def points_not_started(root: Path) -> dict[Path, list[str]]:
     """Sweep folder -> the points its last command planned (`points.txt`) that hold no run yet (no recipe.toml),
     for every sweep folder at or below `root`."""
     out = {}
     for listing in sorted(root.rglob(POINTS_FILE)):
-        try:
-            names = [n for n in listing.read_text(encoding="utf-8").splitlines() if n]
-        except OSError:
-            continue
+        names = planned_points(listing.parent)
         missing = [n for n in names if not (listing.parent / n / "recipe.toml").is_file()]
         if missing:
             out[listing.parent] = missing

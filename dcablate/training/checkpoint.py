@@ -123,6 +123,14 @@ _FOREIGN = ("unsupported global", "trying to call reduce for unrecognized functi
 _FOREIGN_NAME = re.compile(r"GLOBAL ([\w.]+)|<class '([\w.]+)'>")
 
 
+def expected_digest(path: Path) -> str | None:
+    """The sha256 hex digest `path`'s sidecar says its payload has; None without a sidecar."""
+    side = sidecar(path)
+    if not side.is_file():
+        return None
+    return (side.read_text(errors="replace").split() or [""])[0]
+
+
 def load(path: Path) -> dict:
     """Read a checkpoint, checking its sidecar checksum when there is one; CheckpointError if unusable,
     ForeignObject (a CheckpointError) if it holds a pickled object outside `safe_types()`."""
@@ -131,11 +139,9 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint here (did the run finish?)")
     data = path.read_bytes()
-    side = sidecar(path)
-    if side.is_file():
-        expected = (side.read_text(errors="replace").split() or [""])[0]
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt file)")
+    expected = expected_digest(path)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt file)")
     try:
         with torch.serialization.safe_globals(safe_types()):
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -196,9 +202,8 @@ def newest_intact_step(folder: Path) -> int:
             info = path.stat()
             key = (str(path), info.st_size, info.st_mtime_ns)
             if key not in _INTACT:
-                side = sidecar(path)
-                if side.is_file():
-                    expected = (side.read_text(errors="replace").split() or [""])[0]
+                expected = expected_digest(path)
+                if expected is not None:
                     digest = hashlib.sha256()
                     with open(path, "rb") as f:
                         for block in iter(lambda: f.read(1 << 24), b""):

@@ -112,7 +112,8 @@ class Reporter:
             summary = read_summary(job.run_dir)
             self.out.summaries[job.index] = summary
             # the headline's time is the run's, over every command that trained it; this is this command's
-            here = f"{elapsed:.1f}s wall" + (f" here, resumed from step {job.resumes_from:,}" if job.resumes_from else "")
+            here = f"{elapsed:.1f}s wall" + (f" here, resumed from step {job.resumes_from:,}"
+                                               if job.resumes_from else "")
             click.echo(f"{prefix}  {headline_result(summary, job.task_kind)}  ({here}, {job.label})"
                        f"  [{self.status()}]")
         elif self.stopping() and code in STOPPED_CODES:
