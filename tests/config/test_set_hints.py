@@ -57,8 +57,8 @@ def test_a_string_key_in_a_file_says_to_quote_it(recipe, capsys):
 
 
 def test_a_swept_string_value_says_to_quote_it(recipe, capsys):
-    assert error_line(capsys, "--set", "sweep.run.name=[1, 2]") == \
-        'error: --set: sweep.run.name: value 1: must be a string, got int 1 (quote it: "1")'
+    assert error_line(capsys, "--set", "sweep.task.lm.data=[1, 2]") == \
+        'error: --set: sweep.task.lm.data: value 1: must be a string, got int 1 (quote it: "1")'
 
 
 def test_a_key_with_choices_lists_them_rather_than_quoting(recipe, capsys):
