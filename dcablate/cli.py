@@ -144,7 +144,7 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     if here is not None:  # a run directory (a sweep's point too) resumes where it is, wherever the command runs
         # --force-new: a fresh copy beside the run, or for a sweep's point beside the sweep's folder (a single run
         # named as the recipe names it, never a folder of the working directory's)
-        root = here.parent if force_new and is_sweep_point(here) else here
+        root = here.resolve().parent if force_new and is_sweep_point(here) else here
     if force_new and root.exists():
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")

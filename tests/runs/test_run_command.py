@@ -315,6 +315,10 @@ def test_force_new_on_a_points_folder_from_another_folder_writes_beside_the_swee
     assert f"{tmp_path / 't'} exists; writing to {copy}" in out and (copy / "summary.json").is_file()
     assert list(elsewhere.iterdir()) == []
     assert any(line.startswith("t-2 ") for line in out.splitlines()), out
+    for cwd, given in ((tmp_path / "t", "conv.kind=none"), (tmp_path / "t" / "conv.kind=static", "../conv.kind=none")):
+        monkeypatch.chdir(cwd)  # the point named from inside the sweep's folder, or from a sibling point
+        assert main(["run", given, "--force-new", "--dry-run"]) == 0
+        assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-3'}" in capsys.readouterr().out
 
 
 def test_the_results_table_is_in_sweep_order_though_resumed_runs_train_first(tmp_path, capsys, monkeypatch):
