@@ -15,7 +15,7 @@ from dcablate.runs.launchers.point import LOG_NAME, OUT_OF_MEMORY
 from dcablate.runs.preflight import resumes_from
 from dcablate.runs.progress import SweepProgress
 from dcablate.runs.tables import format_table, headline_result
-from dcablate.training.checkpoint import step_files
+from dcablate.training.checkpoint import newest_intact_step
 
 STOPPED_CODES = (130, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL)
 
@@ -119,10 +119,12 @@ class Reporter:
         elif self.stopping() and code in STOPPED_CODES:
             self.progress.finished(elapsed, steps=job.steps)
             self.out.interrupted.append(job)
-            saved = step_files(job.run_dir / "checkpoints")
-            reason = last_line(job.run_dir / LOG_NAME) if code >= 0 else \
-                f"ended by {exit_code(code)} before it saved a checkpoint; " + (
-                    f"it resumes from its previous one (step {saved[-1][0]})" if saved else
+            if code >= 0:
+                reason = last_line(job.run_dir / LOG_NAME)
+            else:
+                saved = newest_intact_step(job.run_dir / "checkpoints")  # the step a resume would take
+                reason = f"ended by {exit_code(code)} before it saved a checkpoint; " + (
+                    f"it resumes from its previous one (step {saved})" if saved else
                     "it had none yet, so it starts over")
             click.echo(f"{prefix}  stopped ({job.label}): {reason}")
         else:
