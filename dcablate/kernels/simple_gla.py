@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from dcablate.kernels import require_fla, use_fla
+from dcablate.kernels.tuned.fla_kernels import SSD_STATE_MODULES
+from dcablate.kernels.tuned.seed import seed
 
 
 def simple_gla_recurrence(q, k, v, g, scale: float, return_state: bool = False):
@@ -68,6 +70,8 @@ def simple_gla(q, k, v, g, scale: float, backend: str = "auto", compute_dtype: t
         require_fla()
         from fla.ops.simple_gla import chunk_simple_gla
 
+        for module in SSD_STATE_MODULES:  # their kernels autotune 48 candidates a key unless a config was shipped
+            seed(module)
         if compute_dtype is not None:
             compute_dtype = torch.promote_types(dtype, compute_dtype)  # never below the input's precision
             q, k, v = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)

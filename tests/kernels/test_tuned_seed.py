@@ -18,7 +18,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from dcablate.kernels.tuned import ROOT  # noqa: E402
 from dcablate.kernels.tuned.export import export  # noqa: E402
-from dcablate.kernels.tuned.fla_kernels import SEEDED_MODULES, plain_autotuners, tuned_kernels  # noqa: E402
+from dcablate.kernels.tuned.fla_kernels import NORM_MODULES, SEEDED_MODULES, plain_autotuners, tuned_kernels  # noqa: E402
 from dcablate.kernels.tuned.seed import config_folder, seed_module  # noqa: E402
 
 H100 = ROOT / "NVIDIA_H100_80GB_HBM3"
@@ -75,12 +75,14 @@ def triton_result(folder, name, key, timings):
     (folder / f"{name}.autotune.json").write_text(json.dumps({"key": key, "configs_timings": configs}))
 
 
-def test_the_norm_kernels_are_found_as_plain_autotuners():
+def test_the_seeded_kernels_are_found_as_plain_autotuners():
     for module in SEEDED_MODULES:
         found = plain_autotuners(importlib.import_module(module))
         assert found and all(isinstance(t, Autotuner) and len(t.configs) > 1 for ts in found.values() for t in ts)
     names = set(plain_autotuners(importlib.import_module(LAYERNORM)))
     assert {"layer_norm_fwd_kernel", "layer_norm_bwd_kernel"} <= names
+    ssd = {n for m in SEEDED_MODULES if m not in NORM_MODULES for n in plain_autotuners(importlib.import_module(m))}
+    assert ssd == {"chunk_fwd_kernel_h", "chunk_bwd_kernel_dh", "chunk_bwd_kernel_dv"}  # fla_cache ones excluded
 
 
 def test_a_seeded_key_runs_its_config_without_timing_and_another_key_still_autotunes(tmp_path):
@@ -128,7 +130,7 @@ def test_every_shipped_norm_entry_seeds_fla_s_real_kernels(monkeypatch):
     kernels, failed = tuned_kernels(set(shipped))
     assert not failed and set(kernels) == set(shipped)
     total = 0
-    for module_name in SEEDED_MODULES:
+    for module_name in NORM_MODULES:
         module = importlib.import_module(module_name)
         for tuners in plain_autotuners(module).values():
             for tuner in tuners:
@@ -290,3 +292,65 @@ def test_a_key_without_a_shipped_config_runs_the_default_candidate_untimed_again
             assert all(t == [kwargs, num_warps] for t in out["timed"].get(name, [])), name
         else:
             assert len(out["timed"][name]) > 1, name
+
+
+SSD_ON_HOPPER = r'''
+import importlib, json, torch
+import fla.utils.hardware as hw
+hw.get_all_max_shared_mem = lambda: [hw.Backend.HOPPER.value]  # chunk_h builds its candidates from the card's
+hw.check_shared_mem.cache_clear()                                # shared memory at import: build them as an H100
+import fla.ops.common.chunk_h as ch                               # would (fla imported it already, so again)
+importlib.reload(ch)
+import fla.ops.common.chunk_o as co
+import dcablate.kernels.simple_gla as sg
+from dcablate.kernels.tuned.fla_kernels import SSD_STATE_MODULES, plain_autotuners
+from dcablate.kernels.tuned.seed import seed
+
+class Launched(Exception):
+    pass
+
+launched = {}
+for module in (ch, co):
+    for name, tuners in plain_autotuners(module).items():
+        for tuner in tuners:
+            def timed(*a, _name=name, **k):
+                raise AssertionError(f"{_name} autotuned a shipped key")
+            tuner._bench = tuner.check_disk_cache = timed
+            def run(*a, _name=name, _tuner=tuner, **k):  # the interpreter cannot run chunk_h: stop at its launch
+                launched[_name] = [_tuner.best_config.kwargs, k.get("num_warps"), k.get("num_stages")]
+                raise Launched
+            tuner.fn.run = run
+sg.use_fla = lambda *a: True  # dcablate's fla path (it seeds the modules), on CPU tensors
+B, T, H, D = 128, 64, 2, 64  # paper/mqar_mamba2 at d_model 128, T = 64: its SSD in fp32, as the model runs it
+q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+try:
+    sg.simple_gla(q, k, v, -torch.rand(B, T, H), 1.0)
+except Launched:
+    pass
+added = {n: len(t.cache) for m in (ch, co) for n, ts in plain_autotuners(m).items() for t in ts}
+print(json.dumps({"launched": launched, "added": added}))
+'''
+
+
+def test_mamba2_s_ssd_at_a_shipped_key_runs_the_shipped_state_config_and_times_nothing(tmp_path):
+    """Mamba-2's SSD through dcablate's `simple_gla` (Triton's interpreter, CPU; fla's candidates as on an H100):
+    its state kernels' autotuners hold every shipped entry, and the forward state kernel's call, at a key the
+    paper grid's warm-up tuned, takes the shipped config without timing a candidate."""
+    import os
+    import subprocess
+    import sys
+
+    names = ("chunk_fwd_kernel_h", "chunk_bwd_kernel_dh", "chunk_bwd_kernel_dv")
+    if not all((H100 / f"{n}.json").is_file() for n in names):
+        pytest.skip("no SSD state configs shipped for the H100")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FLA_CONFIG_DIR": str(H100), "FLA_CACHE_MODE": "strict"}
+    done = subprocess.run([sys.executable, "-c", SSD_ON_HOPPER], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    shipped = {n: json.loads((H100 / f"{n}.json").read_text())["autotune_entries"] for n in names}
+    assert out["added"] == {n: len(e) for n, e in shipped.items()}
+    kwargs, num_warps, num_stages = out["launched"]["chunk_fwd_kernel_h"]
+    (entry,) = shipped["chunk_fwd_kernel_h"].values()
+    assert (kwargs, num_warps, num_stages) == (entry["config"]["kwargs"], entry["config"]["num_warps"],
+                                               entry["config"]["num_stages"])

@@ -1,11 +1,13 @@
-"""Shipped configs for the fla kernels that autotune under Triton's plain `autotune`: the norms.
+"""Shipped configs for the fla kernels that autotune under Triton's plain `autotune`: the norms, and the state
+kernels of Mamba-2's SSD.
 
 fla looks a config file up only for its kernels under `fla_cache_autotune`. Its RMSNorm and gated RMSNorm kernels
-(`fla_kernels.SEEDED_MODULES`) use Triton's own autotuner instead, keyed on the width and on `NB`, the number of
-row blocks of the call (2048 rows for the RMSNorm, 65,536 for the gated one). A grid whose runs train and
-evaluate at many batch shapes meets dozens of keys, and on a fresh machine each one compiles and times every
-candidate (9 for the forward kernel): on an H100 that was most of the paper MQAR grid's warm-up once the other
-kernels' configs were shipped (docs/benchmarks.md).
+and the chunked state kernels that `chunk_simple_gla` runs (`fla_kernels.SEEDED_MODULES`) use Triton's own
+autotuner instead. The norms are keyed on the width and on `NB`, the number of row blocks of the call (2048 rows
+for the RMSNorm, 65,536 for the gated one): a grid whose runs train and evaluate at many batch shapes meets dozens
+of keys, and on a fresh machine each one compiles and times every candidate (9 for the forward kernel); on an H100
+that was most of the paper MQAR grid's warm-up once the other kernels' configs were shipped (docs/benchmarks.md).
+The SSD's state kernels meet few keys (their head sizes and dtypes), but each compiles and times 48 candidates.
 
 So the files in the folder fla reads (`FLA_CONFIG_DIR`, set by `activate.py` for the shipped configs) also hold
 these kernels' entries, in fla's format, and `seed(module)` puts each entry into the kernel's autotuner cache
@@ -15,10 +17,11 @@ nothing. Nothing is seeded while fla's lookups are off (`FLA_CACHE_MODE` unset o
 `DCABLATE_TUNED_CONFIGS=0`).
 
 A key without a shipped config (another GPU model, another recipe's batch shapes) would still compile and time
-every candidate. For these kernels that buys little: on an H100 one fixed candidate per kernel (`DEFAULTS`) came
+every candidate. For the norms that buys little: on an H100 one fixed candidate per kernel (`DEFAULTS`) came
 within 1.12–1.24× of the best at every one of the 76 keys measured, and within 1.01–1.09× on average, for kernels
 of 6–200 µs. So `seed` also narrows such a key's candidates to that one (`Autotuner.prune_configs`): it is
 compiled and run, never compared with others. `DCABLATE_TUNED_CONFIGS=0` leaves the candidates as fla has them.
+The SSD's kernels have no such default (their best was 9x faster than their worst): an unshipped key autotunes.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def pin_defaults(module) -> list[str]:
 def seed(module_name: str) -> int:
     """Once per process and module: seed the plain autotuners of fla's module `module_name` from the folder fla
     reads configs from; entries added (0 when there is no such folder or it was done already). Never raises for
-    what the folder holds: a norm call must not fail over a config file."""
+    what the folder holds: a kernel call must not fail over a config file."""
     if module_name in _seeded:
         return 0
     with _lock:  # runs of one worker share the process (threads)
@@ -138,7 +141,8 @@ def seed(module_name: str) -> int:
                 pin_defaults(module)
             return seed_module(module, folder) if folder is not None else 0
         except Exception as e:  # noqa: BLE001 - the kernels then autotune, as without shipped configs
-            log.warning("kernel configs: the norms' shipped configs were not used (%s: %s)", type(e).__name__, e)
+            log.warning("kernel configs: the shipped configs of %s were not used (%s: %s)", module_name,
+                        type(e).__name__, e)
             return 0
         finally:
             _seeded.add(module_name)
