@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcablate.kernels.gated_norm import grouped_gated_rms_norm
 from dcablate.kernels.simple_gla import simple_gla
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_prefill, conv_step
@@ -24,19 +25,15 @@ from dcablate.models.mixers.base import TokenMixer
 
 class GroupedGatedRMSNorm(nn.Module):
     """`rmsnorm(x · silu(z))` over groups of `group_size` channels, times `weight` (fla's RMSNormGated,
-    norm_before_gate=False)."""
+    norm_before_gate=False): x, z [..., dim] -> [..., dim] in x's dtype; one fused kernel on CUDA."""
 
-    def __init__(self, dim: int, group_size: int, eps: float):
+    def __init__(self, dim: int, group_size: int, eps: float, backend: str = "auto"):
         super().__init__()
-        self.group_size, self.eps = group_size, eps
+        self.group_size, self.eps, self.backend = group_size, eps, backend
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x, z):
-        acc = torch.promote_types(x.dtype, torch.float32)
-        y = x.to(acc) * F.silu(z.to(acc))
-        y = y.unflatten(-1, (-1, self.group_size))
-        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return (y * self.weight.to(acc)).to(x.dtype)
+        return grouped_gated_rms_norm(x, z, self.weight, self.group_size, self.eps, self.backend)
 
 
 class Mamba2(TokenMixer):
@@ -65,7 +62,7 @@ class Mamba2(TokenMixer):
         self.D = nn.Parameter(torch.ones(self.n_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
-        self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // n_groups, norm_eps)
+        self.norm = GroupedGatedRMSNorm(self.d_inner, self.d_inner // n_groups, norm_eps, backend)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         self.o_conv1d = make_conv(conv_cfg, "o", d_model, d_model, backend, placement="all_linear")
 
