@@ -20,7 +20,7 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (add_points, echo_library_logs, fresh_dir, made_here, planned_points,
+from dcablate.runs.directories import (POINTS_FILE, add_points, echo_library_logs, fresh_dir, made_here, planned_points,
                                        read_summary, record_command, run_dir_named, run_directory_line, run_state,
                                        save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
@@ -444,8 +444,11 @@ def run_named(run_dir: Path, flag: str = "--run") -> Path:
 
 
 def is_sweep_point(run_dir: Path) -> bool:
-    """Whether `run_dir` is a point of the sweep whose folder holds it (listed in the folder's `points.txt`)."""
-    return run_dir.name in planned_points(run_dir.parent)
+    """Whether `run_dir` is a point of the sweep whose folder holds it: listed in the folder's `points.txt`, or a
+    run directly inside a folder that has one (a point that a later, narrower command of the sweep left out)."""
+    if run_dir.name in planned_points(run_dir.parent):
+        return True
+    return (run_dir.parent / POINTS_FILE).is_file() and (run_dir / "recipe.toml").is_file()
 
 
 def in_sweep_order(root: Path, points: list[Path]) -> list[Path]:

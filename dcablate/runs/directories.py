@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tomllib
 from pathlib import Path
 
@@ -20,7 +21,12 @@ from dcablate.training.checkpoint import describe_changes, keys_added_since, rea
 
 
 def fresh_dir(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`, ... if it exists: --force-new never touches an old run."""
+    """`path`, or `path-2`, `path-3`, ... if it exists: --force-new never touches an old run. For an existing
+    numbered copy `NAME-2` of a `NAME` beside it, the next free `NAME-n` (a copy of a copy is the next copy, not
+    `NAME-2-2`)."""
+    copy_of = re.fullmatch(r"(.+)-(\d+)", path.name)
+    if copy_of and path.exists() and path.with_name(copy_of[1]).exists():
+        path = path.with_name(copy_of[1])
     return _fresh(path, lambda n: path.with_name(f"{path.name}-{n}"))
 
 

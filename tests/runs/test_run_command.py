@@ -6,6 +6,7 @@ import torch
 
 from dcablate import config as recipes
 from dcablate.cli import main
+from dcablate.runs.directories import fresh_dir
 from tests.training.test_train import tiny
 
 
@@ -98,6 +99,27 @@ def test_force_new_on_a_point_trains_its_recipe_afresh_beside_the_sweep(tmp_path
     assert main(["run", str(path), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["run", str(tmp_path / "t" / "conv.kind=none"), "--force-new", "--dry-run"]) == 0
+    assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-2'}" in capsys.readouterr().out
+
+
+def test_force_new_on_a_copy_writes_the_next_copy_not_a_copy_of_the_copy(tmp_path, capsys):
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(tmp_path / "t" / "conv.kind=none"), "--force-new", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "t-2"), "--force-new", "--dry-run"]) == 0
+    assert f"{tmp_path / 't-2'} exists; would write to {tmp_path / 't-3'}" in capsys.readouterr().out
+    (tmp_path / "u-2").mkdir()  # numbered by its owner, with no `u` beside it: not a copy
+    assert fresh_dir(tmp_path / "u-2") == tmp_path / "u-2-2"
+
+
+def test_force_new_on_a_point_a_narrower_rerun_left_out_still_writes_beside_the_sweep(tmp_path, capsys):
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(path), "--quiet", "--set", 'sweep={"model.conv.kind"=["none"]}']) == 0
+    assert (tmp_path / "t" / "points.txt").read_text() == "conv.kind=none\n"  # the last command's points
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "t" / "conv.kind=static"), "--force-new", "--dry-run"]) == 0
     assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-2'}" in capsys.readouterr().out
 
 
