@@ -270,7 +270,7 @@ def bench_fla(r, warmup: int, steps: int) -> dict:
     from dcablate.kernels.tuned.fla_kernels import SEEDED_MODULES
     from dcablate.kernels.tuned.seed import seed
 
-    for module in SEEDED_MODULES:  # its norms take the shipped configs too, as ours do
+    for module in SEEDED_MODULES:  # its norms (and any SSD) take the shipped configs too, as ours do
         seed(module)
 
     from dcablate.training.batches import Prefetcher

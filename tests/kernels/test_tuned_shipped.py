@@ -54,7 +54,7 @@ def test_fla_reads_every_shipped_file_and_its_configs_fit_the_kernel(folder):
     from dcablate.kernels.tuned.fla_kernels import tuned_kernels
 
     names = {p.stem for p in folder.glob("*.json") if p.name != MANIFEST}
-    kernels, failed = tuned_kernels(names)  # fla's lookups, and the norms dcablate seeds
+    kernels, failed = tuned_kernels(names)  # fla's lookups, and the kernels dcablate seeds
     assert not failed
     for path in sorted(folder.glob("*.json")):
         if path.name == MANIFEST:

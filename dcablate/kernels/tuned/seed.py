@@ -7,7 +7,8 @@ autotuner instead. The norms are keyed on the width and on `NB`, the number of r
 for the RMSNorm, 65,536 for the gated one): a grid whose runs train and evaluate at many batch shapes meets dozens
 of keys, and on a fresh machine each one compiles and times every candidate (9 for the forward kernel); on an H100
 that was most of the paper MQAR grid's warm-up once the other kernels' configs were shipped (docs/benchmarks.md).
-The SSD's state kernels meet few keys (their head sizes and dtypes), but each compiles and times 48 candidates.
+The SSD's state kernels meet few keys (chunk and head sizes and dtypes; `chunk_bwd_kernel_dv` also the number of
+heads), but the two that carry the state compile and time 48 candidates each.
 
 So the files in the folder fla reads (`FLA_CONFIG_DIR`, set by `activate.py` for the shipped configs) also hold
 these kernels' entries, in fla's format, and `seed(module)` puts each entry into the kernel's autotuner cache
@@ -21,7 +22,8 @@ every candidate. For the norms that buys little: on an H100 one fixed candidate 
 within 1.12–1.24× of the best at every one of the 76 keys measured, and within 1.01–1.09× on average, for kernels
 of 6–200 µs. So `seed` also narrows such a key's candidates to that one (`Autotuner.prune_configs`): it is
 compiled and run, never compared with others. `DCABLATE_TUNED_CONFIGS=0` leaves the candidates as fla has them.
-The SSD's kernels have no such default (their best was 9x faster than their worst): an unshipped key autotunes.
+The SSD's kernels have no such default (one key of each was measured, its best 9x faster than its worst): an
+unshipped key autotunes.
 """
 
 from __future__ import annotations
