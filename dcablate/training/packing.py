@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import gc
 import os
 import threading
@@ -290,13 +291,32 @@ def own_stream(device):
 
 
 RUNS_ON_DEVICE_ENV = "DCABLATE_RUNS_ON_DEVICE"  # set by the launchers that train several runs per device
+# the count a launcher sent with the run itself (`point.run_job`), where it can change during a sweep
+_RUNS_ON_DEVICE = contextvars.ContextVar("dcablate_runs_on_device", default=None)
 
 
 def runs_on_device() -> int:
     """How many runs the launcher trains at once on this run's device (the local launcher's slots on its GPU, or
     its CPU workers; Ray's actors per GPU): 1 for a run trained alone. Its throughput was measured beside that many
-    runs, which a wall-clock comparison must know."""
+    runs, which a wall-clock comparison must know. The count sent with the run (`runs_on_device_for`) when there
+    is one: the local launcher's drops a slot of a card where a run ran out of memory, and the runs started after
+    that on workers already running train beside one fewer; else the worker's environment."""
+    sent = _RUNS_ON_DEVICE.get()
+    if sent is not None:
+        return sent
     try:
         return max(1, int(os.environ.get(RUNS_ON_DEVICE_ENV, "1")))
     except ValueError:
         return 1
+
+
+@contextlib.contextmanager
+def runs_on_device_for(count):
+    """`runs_on_device()` is `count` (an int >= 1) inside, for this thread's run; None or another value keeps the
+    worker's environment."""
+    token = _RUNS_ON_DEVICE.set(count if isinstance(count, int) and not isinstance(count, bool) and count >= 1
+                                else None)
+    try:
+        yield
+    finally:
+        _RUNS_ON_DEVICE.reset(token)

@@ -250,6 +250,8 @@ def test_a_run_out_of_memory_beside_others_trains_again_with_one_fewer(sweep):
     root = sweep / "out" / "w"
     assert all(json.loads((root / n / "summary.json").read_text())["steps"] == 40 for n in NAMES)
     assert f"resuming out/w/{retried[0]} from step 2" in (root / retried[0] / "worker.log").read_text()
+    # trained again on the worker left, which started beside another: its summary counts the one it trained beside
+    assert json.loads((root / retried[0] / "summary.json").read_text())["runs_on_device"] == 1
     assert re.search(rf"\] {re.escape(retried[0])}  overall .*resumed from step 2, cpu\)", out), out
     assert "FAILED" not in out and out.count("overall") >= 4
 

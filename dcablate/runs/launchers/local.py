@@ -126,9 +126,10 @@ class WorkerProcess:
             for m in members:
                 self.events.put((m, "exit", code))
 
-    def send(self, job: Job) -> None:
+    def send(self, job: Job, runs_on_device: int) -> None:
         try:
-            self.proc.stdin.write(json.dumps({**job.request(), "where": job.label}) + "\n")
+            request = {**job.request(), "where": job.label, "runs_on_device": runs_on_device}
+            self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
         except OSError:
             pass  # a worker that died meanwhile reports itself through its events
@@ -176,13 +177,13 @@ class LocalWorker(Worker):
     """A slot's worker: one run at a time, trained by a `WorkerProcess` (its own, or one it shares with other
     slots of the same GPU under `--runs-per-worker`)."""
 
-    def __init__(self, slot: Slot, events: queue.Queue, process: WorkerProcess):
+    def __init__(self, slot: Slot, events: queue.Queue, process: WorkerProcess, beside: int):
         super().__init__(slot, events)
-        self.process, self.released = process, False
+        self.process, self.released, self.beside = process, False, beside
         process.join(self)
 
     def assign(self, job: Job) -> None:
-        self.process.send(job)
+        self.process.send(job, self.slot.sharing or self.beside)  # fewer once a slot of the card was dropped
 
     def release(self) -> None:
         self.released = True
@@ -211,7 +212,7 @@ def worker_factory(recipe_ref: str, overrides: list[str], daemon: mps.Daemon | N
             process = WorkerProcess(slot, events, recipe_ref, overrides, daemon, runs_per_worker,
                                     slot.sharing or beside[slot.gpu])
             processes.append(process)
-        return LocalWorker(slot, events, process)
+        return LocalWorker(slot, events, process, beside[slot.gpu])
 
     return start
 

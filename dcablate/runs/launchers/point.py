@@ -137,8 +137,11 @@ def run_job(recipe_ref: str, overrides: list[str], request: dict, where: str, ou
         click.echo(f"=== dcablate worker {os.getpid()} on {where} ({time.strftime('%Y-%m-%d %H:%M:%S')}): "
                    f"point {request['index']} {request['name']}")
         try:
-            code = train_point(recipe_ref, overrides, request["index"], request["name"], request["digest"], run_dir,
-                               signals)
+            from dcablate.training.packing import runs_on_device_for
+
+            with runs_on_device_for(request.get("runs_on_device")):  # the count as the run starts, where sent
+                code = train_point(recipe_ref, overrides, request["index"], request["name"], request["digest"],
+                                   run_dir, signals)
         except Exception:  # a bug, not a fault the loop knows: its traceback is the log's last word
             traceback.print_exc()
             code = 1
