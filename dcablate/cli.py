@@ -628,7 +628,13 @@ def eval_(task_kind, run_dir, overrides, data, run):
         evaluate_run(run_named(run_dir, flag), task_kind, overrides, data)
         return
     finished = [p for p in points if (p / "checkpoints" / "final.pt").is_file()]
-    left = [p.name for p in points if p not in finished]
+    # finished (summary.json) without their weights: a sweep copied without its .pt files
+    weightless = [p.name for p in points if p not in finished and (p / "summary.json").is_file()]
+    left = [p.name for p in points if p not in finished and p.name not in weightless]
+    if not finished and weightless:
+        raise UserError(f"{run_dir}: none of its {len(points)} runs has its weights: {len(weightless)} finished "
+                        f"(summary.json) without checkpoints/final.pt (a sweep copied without its .pt files has "
+                        f"none){f', {len(left)} unfinished' if left else ''}; evaluate them where they were trained")
     if not finished:
         raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them by running the "
                         f"sweep's recipe again (`dcablate run {run_dir}/POINT` finishes one), then evaluate")
@@ -665,10 +671,12 @@ def eval_(task_kind, run_dir, overrides, data, run):
             click.echo(f"written to {save_new_file(run_dir / 'eval' / f'{kind}.csv', csv_text(table))}")
         except OSError as e:
             click.echo(f"error: {run_dir / 'eval'}: cannot save the table ({e.strerror or e})", err=True)
+    if weightless:
+        click.echo(f"not evaluated, finished but without their weights (checkpoints/final.pt): {', '.join(weightless)}")
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
     if failed:
-        total = len(points) - len(left)
+        total = len(points) - len(left) - len(weightless)
         raise UserError(f"{len(failed)} of {total} finished runs could not be evaluated (said above): "
                         f"{', '.join(failed)}")
 

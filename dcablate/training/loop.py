@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ from dcablate.training.state import RunState
 from dcablate.training.step import NonFiniteStep, TrainStep
 from dcablate.training.timing import PhaseClock
 
+log = logging.getLogger("dcablate")
+
 
 def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) -> dict:
     """Train `recipe` into `run_dir`, resuming from its newest good checkpoint if it has one; the summary
@@ -61,6 +64,10 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
         # a run in a thread of a packed worker takes turns with the others; a stream of its own lets the GPU run
         # their steps side by side
         with lock, own_turn(), own_stream(device):
+            summary_file = run_dir / "summary.json"
+            if not several and summary_file.is_file():  # another process finished it between our plan and lock
+                log.info(f"{run_dir}: finished meanwhile by another dcablate process; not trained again")
+                return json.loads(summary_file.read_text())
             try:
                 # building the task and model changes nothing on disk; it seeds the process's generators
                 with caught.interruptible(not several), one_at_a_time():

@@ -120,6 +120,26 @@ def test_finished_run_is_reported_not_retrained(tmp_path, monkeypatch, capsys):
     assert before == {p: p.stat().st_mtime_ns for p in (cwd / "out/t").rglob("*")}
 
 
+def test_a_run_another_process_finished_after_the_plan_is_not_trained_again(tmp_path, monkeypatch, caplog):
+    """`dcablate run RUN_DIR` planned a resume while a sweep's worker was finishing that run: once it holds the
+    run's lock it finds summary.json and returns it, writing nothing (the worker's final.pt stays)."""
+    import logging
+
+    from dcablate import config
+    from dcablate.training.loop import train
+
+    cwd = setup_dir(tmp_path)
+    run_in(cwd)
+    run_dir = cwd / "out" / "t"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    monkeypatch.chdir(cwd)
+    with caplog.at_level(logging.INFO, logger="dcablate"):
+        summary = train(config.load(str(run_dir / "recipe.toml")), run_dir, quiet=True)
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    assert f"{run_dir}: finished meanwhile by another dcablate process; not trained again" in caplog.text
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+
+
 def test_changed_recipe_is_refused_with_a_diff_unless_force_new(tmp_path, monkeypatch, capsys):
     cwd = setup_dir(tmp_path)
     signal_at(monkeypatch, 3)

@@ -194,6 +194,22 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
     assert captured.err.splitlines()[-1] == ("error: 1 of 2 finished runs could not be evaluated (said above): "
                                              "conv.kind=none")
     recipe_file.write_text(kept_recipe)
+    # runs moved without their .pt files: finished, but nothing to evaluate; said so, not called unfinished
+    static_final = tmp_path / "t" / "conv.kind=static" / "checkpoints" / "final.pt"
+    static_final.rename(static_final.with_suffix(".kept"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out.rstrip().splitlines()
+    assert out[-2:] == ["not evaluated, finished but without their weights (checkpoints/final.pt): conv.kind=static",
+                        "not evaluated, unfinished: unfinished"]
+    final_pt.rename(final_pt.with_suffix(".kept"))
+    assert main(["eval", "--run", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 't'}: none of its 3 runs has its weights: 2 finished (summary.json) without "
+        "checkpoints/final.pt (a sweep copied without its .pt files has none), 1 unfinished; evaluate them where "
+        "they were trained\n")
+    for f in (final_pt, static_final):
+        f.with_suffix(".kept").rename(f)
 
     capsys.readouterr()
     assert main(["info", str(path)]) == 0
