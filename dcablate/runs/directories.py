@@ -89,30 +89,34 @@ def made_here(path: Path, where=lambda: "run.out_dir"):
 
 
 COMMANDS_LOG = "commands.log"  # in a sweep's folder: a line per `dcablate run` that trained into it
+NARROWER = "\t(some of the grid's points: points.txt kept)"  # ends the line of a command that planned no new point
 
 
-POINTS_FILE = "points.txt"  # in a sweep's folder: the points its last `dcablate run` planned, one per line
+POINTS_FILE = "points.txt"  # in a sweep's folder: the grid's points, one per line (`record_command`)
 
 
 def record_command(root: Path, argv: list[str], points: list[str] = (), when: float | None = None) -> None:
     """Append to `root/commands.log` the time (`when`, default now), the working directory and the `dcablate`
-    command line that trained
-    into the sweep folder `root`: its points' recipes hold every resolved key, but not the recipe and `--set`s
-    that made the grid. With `points` (the grid's point names), `root/points.txt` holds them, so that a report
-    can tell the points of an interrupted sweep that never started. Best effort: a folder that cannot take it
-    changes nothing else."""
+    command line that trained into the sweep folder `root`: its points' recipes hold every resolved key, but not
+    the recipe and `--set`s that made the grid. With `points` (the grid's point names), `root/points.txt` holds
+    them, so that a report can tell the points of an interrupted sweep that never started; a command that planned
+    only points the file lists already (a narrower rerun) leaves it as it is. Best effort: a folder that cannot
+    take it changes nothing else."""
     import shlex
     import time
 
     from dcablate.registry import PLUGINS_ENV, plugin_names
 
     plugins = [f"{PLUGINS_ENV}={','.join(plugin_names())}"] if plugin_names() else []  # replayable as written
+    # a narrower rerun (only points the folder lists already) keeps the list: the grid's other points are still to
+    # train, and a report must go on counting them (and name the command that plans them, not this one)
+    narrower = bool(points) and set(points) < set(planned_points(root))
     line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))}\t{Path.cwd()}\t"
-            f"{shlex.join([*plugins, 'dcablate', *argv])}\n")
+            f"{shlex.join([*plugins, 'dcablate', *argv])}{NARROWER if narrower else ''}\n")
     try:
         with open(root / COMMANDS_LOG, "a", encoding="utf-8") as f:
             f.write(line)
-        if points:
+        if points and not narrower:
             tmp = root / f"{POINTS_FILE}.tmp"
             tmp.write_text("".join(f"{name}\n" for name in points), encoding="utf-8")
             tmp.replace(root / POINTS_FILE)
@@ -135,7 +139,8 @@ def add_points(root: Path, points: list[str]) -> None:
 
 
 def planned_points(folder: Path) -> list[str]:
-    """The points a sweep folder's last command planned, in grid order (its `points.txt`); [] where it has none."""
+    """The points of a sweep folder's grid, in grid order (its `points.txt`: those of the last command that planned
+    any point the file did not list); [] where it has none."""
     try:
         return [n for n in (folder / POINTS_FILE).read_text(encoding="utf-8").splitlines() if n]
     except OSError:
@@ -143,7 +148,7 @@ def planned_points(folder: Path) -> list[str]:
 
 
 def points_not_started(root: Path) -> dict[Path, list[str]]:
-    """Sweep folder -> the points its last command planned (`points.txt`) that hold no run yet (no recipe.toml),
+    """Sweep folder -> the points of its grid (`points.txt`) that hold no run yet (no recipe.toml),
     for every sweep folder at or below `root`."""
     out = {}
     for listing in sorted(root.rglob(POINTS_FILE)):
@@ -173,13 +178,17 @@ def trained_with(run_dir: Path) -> str:
 
 
 def last_command(root: Path) -> str | None:
-    """`COMMAND` (in `CWD`) of the last line of `root/commands.log`, or None."""
+    """`COMMAND` (in `CWD`) of the newest line of `root/commands.log` that planned the grid of its `points.txt` (a
+    narrower rerun's line, which ends in `NARROWER`, is passed over), or None."""
     try:
         lines = (root / COMMANDS_LOG).read_text(encoding="utf-8").splitlines()
     except OSError:
         return None
-    parts = lines[-1].split("\t") if lines else []
-    return f"`{parts[2]}` (in {parts[1]})" if len(parts) == 3 else None
+    for line in reversed(lines):
+        parts = line.split("\t")
+        if len(parts) == 3:
+            return f"`{parts[2]}` (in {parts[1]})"
+    return None
 
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")  # a folder with recipe.toml and one of these is a run

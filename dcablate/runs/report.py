@@ -473,11 +473,12 @@ def _write_files(root: Path, stage: Path, runs: list[Run], bad: list, tasks: dic
     lines = [report_files.MARKER, f"# Report: {root}", "",
              f"{_count(finished, 'finished run')}, {len(unfinished)} unfinished"
              + (f", {len(failed)} failed" if failed else "") + (f", {len(bad)} skipped" if bad else "")
-             + (f", {waiting} not started (of the points the sweep's last command planned)" if waiting else "")
+             + (f", {waiting} not started (of the grid's points, `points.txt`)" if waiting else "")
              + ".", ""]
-    if waiting:
+    if waiting or (unfinished and finished):
+        sections = " and ".join(s for s, n in (("Unfinished", unfinished), ("Not started", waiting)) if n)
         lines += ["The sweep has not finished: the tables and figures below rest on the runs that have, and may change "
-                  "as the others do (see Not started).", ""]
+                  f"as the others do (see {sections}).", ""]
     if not finished and (unfinished or failed):
         lines += ["No run has finished yet: the tables and figures come with the runs' `summary.json`.", ""]
     if has_rows:  # a finished MQAR or LM run: else report.csv would be a bare header

@@ -113,11 +113,11 @@ def test_force_new_on_a_copy_writes_the_next_copy_not_a_copy_of_the_copy(tmp_pat
     assert fresh_dir(tmp_path / "u-2") == tmp_path / "u-2-2"
 
 
-def test_force_new_on_a_point_a_narrower_rerun_left_out_still_writes_beside_the_sweep(tmp_path, capsys):
+def test_force_new_on_a_point_another_grid_left_out_still_writes_beside_the_sweep(tmp_path, capsys):
     path = sweep_recipe(tmp_path)
     assert main(["run", str(path), "--quiet"]) == 0
-    assert main(["run", str(path), "--quiet", "--set", 'sweep={"model.conv.kind"=["none"]}']) == 0
-    assert (tmp_path / "t" / "points.txt").read_text() == "conv.kind=none\n"  # the last command's points
+    assert main(["run", str(path), "--quiet", "--set", 'sweep={"model.conv.kind"=["none", "dynamic"]}']) == 0
+    assert (tmp_path / "t" / "points.txt").read_text() == "conv.kind=none\nconv.kind=dynamic\n"  # another grid
     capsys.readouterr()
     assert main(["run", str(tmp_path / "t" / "conv.kind=static"), "--force-new", "--dry-run"]) == 0
     assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-2'}" in capsys.readouterr().out
@@ -187,11 +187,19 @@ def test_a_report_of_an_interrupted_sweep_names_the_points_not_started(tmp_path,
     shutil.rmtree(root / "conv.kind=static")  # as if the sweep had stopped before this point started
     assert main(["report", str(root)]) == 0
     md = (root / "report.md").read_text()
-    assert "1 finished run, 0 unfinished, 1 not started (of the points the sweep's last command planned)." in md
+    assert "1 finished run, 0 unfinished, 1 not started (of the grid's points, `points.txt`)." in md
     assert "The sweep has not finished" in md
     not_started = md.split("## Not started")[1]
     assert f"- `{root}`: 1 point (`conv.kind=static`); `dcablate run {path} --quiet` (in {tmp_path}) trains them" \
         in not_started
+    # a narrower rerun (one point) keeps the grid's points, and the report still names the command of the grid
+    narrower = ["run", str(path), "--quiet", "--set", 'sweep={"model.conv.kind"=["none"]}']
+    assert main(narrower) == 0 and main(["report", str(root)]) == 0
+    assert (root / "points.txt").read_text() == "conv.kind=none\nconv.kind=static\n"
+    assert (root / "commands.log").read_text().splitlines()[-1].endswith(
+        "\t(some of the grid's points: points.txt kept)")
+    md = (root / "report.md").read_text()
+    assert "1 not started" in md and f"`dcablate run {path} --quiet` (in {tmp_path}) trains them" in md
     assert main(["run", str(path), "--quiet"]) == 0 and main(["report", str(root)]) == 0
     md = (root / "report.md").read_text()
     assert "not started" not in md and "## Not started" not in md
