@@ -25,8 +25,8 @@ from pathlib import Path
 
 from dcablate.config import schema
 from dcablate.config.schema import conv_streams
-from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip, check_zip_form,
-                                   clashing_keys, diagonal, grid, iter_grid, sweep_axes)
+from dcablate.config.sweep import (BEST_LR_SEEDS_KEY, MAX_POINTS, RESERVED, ZIP_KEY, check_best_lr_seeds, check_zip,
+                                   check_zip_form, clashing_keys, diagonal, grid, grid_size, iter_grid, sweep_axes)
 from dcablate.config.fields import describe_value
 from dcablate.config.toml_out import toml_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
@@ -339,6 +339,12 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     sources = {_src(origins, f"sweep.{key}", str(path.resolve())) for key in blamed}
     # the file (or --set) of those axes; of axes from several, the user's latest word: --set, else the named recipe
     where = sources.pop() if len(sources) == 1 else "--set" if "--set" in sources else str(path.resolve())
+    size = grid_size(base.sweep)
+    if size > MAX_POINTS:  # refused before its points are built: a forgotten sweep.zip makes billions
+        lengths = " x ".join(str(len(values)) for _, values in sweep_axes(base.sweep))
+        zip_where = origins.get(f"sweep.{ZIP_KEY}")  # a zip that a --set emptied or changed is the likely cause
+        raise RecipeError(zip_where or where, "sweep", f"{size:,} points ({lengths}, the product of its axes), more than "
+                          f"{MAX_POINTS:,}; zip the axes that advance together (sweep.zip) or sweep fewer values")
     for name, pairs in grid(base.sweep):
         if name in seen:  # two points would share one run directory
             raise RecipeError(where, "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "

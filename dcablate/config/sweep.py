@@ -17,6 +17,10 @@ from dcablate.errors import RecipeError, did_you_mean
 ZIP_KEY = "zip"  # [sweep] zip = [["train.lr", "model.d_model"]]: those keys advance together
 BEST_LR_SEEDS_KEY = "best_lr_seeds"  # [sweep] best_lr_seeds = [1, 2]: more seeds at each cell's best lr
 RESERVED = (ZIP_KEY, BEST_LR_SEEDS_KEY)  # [sweep] keys that are options of the sweep, not axes
+MAX_POINTS = 10_000  # a grid larger than this is refused before its points are built (an axis left unzipped)
+# a point's name is its folder's: file systems take 255 bytes; a longer name keeps its start and a digest of all
+NAME_MAX_BYTES = 200
+NAME_DIGEST_CHARS = 12
 LR_KEY, SEED_KEY = "train.lr", "run.seed"
 
 
@@ -155,6 +159,14 @@ def clashing_keys(sweep: dict) -> list[str]:
     return keys_out
 
 
+def grid_size(sweep: dict) -> int:
+    """How many points the grid has (the product of its axes' lengths), without making them."""
+    size = 1
+    for _, values in sweep_axes(sweep):
+        size *= len(values)
+    return size
+
+
 def grid(sweep: dict) -> list[tuple[str, list[tuple[str, object]]]]:
     """Every grid point as (name, [(key, value), ...]): the product of the axes, the last varying fastest."""
     return list(iter_grid(sweep))
@@ -169,8 +181,17 @@ def iter_grid(sweep: dict) -> Iterator[tuple[str, list[tuple[str, object]]]]:
 
 def point_named(pairs: list[tuple[str, object]]) -> tuple[str, list[tuple[str, object]]]:
     """(name, pairs) of a grid point; a point whose every swept value is an empty table has no parts: it is the
-    sweep's defaults."""
-    return ",".join(part for k, v in pairs for part in name_parts(k, v)) or "defaults", pairs
+    sweep's defaults. A name over `NAME_MAX_BYTES` (UTF-8) keeps as much of its start as fits with `~` and the
+    first `NAME_DIGEST_CHARS` hex digits of the whole name's sha256: a folder name every file system takes, as
+    distinct as the names were, and the same on every machine."""
+    name = ",".join(part for k, v in pairs for part in name_parts(k, v)) or "defaults"
+    if len(name.encode()) > NAME_MAX_BYTES:
+        import hashlib
+
+        digest = hashlib.sha256(name.encode()).hexdigest()[:NAME_DIGEST_CHARS]
+        start = name.encode()[:NAME_MAX_BYTES - NAME_DIGEST_CHARS - 1].decode(errors="ignore")
+        name = f"{start}~{digest}"
+    return name, pairs
 
 
 def diagonal(sweep: dict) -> Iterator[tuple[str, list[tuple[str, object]]]]:

@@ -414,6 +414,27 @@ def test_two_points_with_one_name_are_refused(tmp_path):
         R.expand(str(path))
 
 
+def test_a_point_name_too_long_for_a_folder_keeps_its_start_and_a_digest_of_the_whole(tmp_path):
+    """File systems take folder names of 255 bytes: a long name (a swept task table written out) is cut to 200
+    bytes with a digest of the whole, so the points keep distinct names that are the same on every run."""
+    rows = ", ".join(f'{{vocab_size = {v}, seq_len = 512, num_train_examples = 1600, num_test_examples = 1000, '
+                     f'max_key_len = 3, max_value_len = 4, data_seed = 12345}}' for v in (64, 128))
+    path = write(tmp_path / "r.toml", f'[sweep]\n"task.kind" = ["fuzzy_recall"]\n"task.fuzzy_recall" = [{rows}]\n')
+    _, points = R.expand(str(path))
+    names = [n for n, _ in points]
+    assert len(set(names)) == 2 and all(len(n.encode()) == 200 and re.search(r"~[0-9a-f]{12}$", n) for n in names)
+    assert names[0].startswith("kind=fuzzy_recall,fuzzy_recall.vocab_size=64,") and names == [n for n, _ in
+                                                                                           R.expand(str(path))[1]]
+
+
+def test_a_grid_of_more_than_ten_thousand_points_is_refused_before_it_is_built(tmp_path):
+    path = write(tmp_path / "r.toml", '[sweep]\n"train.lr" = [' + ", ".join(f"{i}e-4" for i in range(1, 101))
+                 + ']\n"run.seed" = [' + ", ".join(str(i) for i in range(101)) + "]\n")
+    with pytest.raises(RecipeError, match=r"r\.toml: sweep: 10,100 points \(100 x 101, the product of its axes\), "
+                                          r"more than 10,000; zip the axes"):
+        R.expand(str(path))
+
+
 def test_sweep_from_set_overrides(tmp_path):
     path = write(tmp_path / "r.toml", SWEEP_QUOTED)
     _, points = R.expand(str(path), ["sweep.train.lr=[0.01]", "sweep.model.d_model=[64, 256]"])
