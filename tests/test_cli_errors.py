@@ -276,7 +276,8 @@ CASES = [
          ("--set task.recall.vocab_size=32: task.recall is swept as whole tables ([sweep] in ", "suite_base.toml: [{}, ",
           "so the sweep would override this --set; set vocab_size in the sweep's tables instead, in a recipe of your "
           'own (extends = "paper/suite_attention", [sweep] "task.recall" = [...]) or with --set '
-          "'sweep.task.recall=[...]', 25 values: it is zipped; or drop the sweep (--set 'sweep={}')")),
+          "'sweep.task.recall=[...]', 25 values: it is zipped; or drop the sweep (--set 'sweep={}' --set "
+          "'task.kind=\"recall\"': its sweep chooses the task)")),
     Case("set-a-misspelt-key-inside-a-swept-table", ["run", "paper/suite_attention", *DRY, "--set",
                                                      "task.recall.vocab_sise=32"],
          ("--set task.recall.vocab_sise=32: unknown key 'vocab_sise' in [task.recall] (did you mean 'vocab_size'?); "

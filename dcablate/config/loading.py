@@ -277,6 +277,10 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
             swept_in = "by --set" if where == "--set" else f"[sweep] in {where}"
             count = f", {_zipped(sweep, axis)}" if _zipped(sweep, axis) else ""
             drop = "or drop the sweep (--set 'sweep={}')"
+            if "task.kind" in sweep:  # without its sweep, such a recipe trains its own task.kind (MQAR by default)
+                task = axis.split(".")[1] if axis.startswith("task.") and axis != "task.kind" else None
+                drop = (f"or drop the sweep (--set 'sweep={{}}' --set 'task.kind=\"{task or 'KIND'}\"': its sweep "
+                        f"chooses the task)")
             if inside and isinstance(values, list) and any(isinstance(v, dict) for v in values):
                 sub = key[len(axis) + 1:]
                 fields = _section_fields(axis)
