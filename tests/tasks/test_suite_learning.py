@@ -138,6 +138,25 @@ def test_a_bad_suite_recipe_is_one_line(tmp_path, monkeypatch, capsys):
     assert "r.toml: task.selective_copy.seq_len: 20 is less than 2 * num_tokens + 2 = 34" in err
 
 
+def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, tmp_path, monkeypatch, capsys):
+    """`eval --set task.recall.seq_len=4` tests on short sequences: the test set must be unlike the run's own
+    training set (length 32), not unlike a training set of the new setting, which at length 4 holds every
+    example there is; and a changed num_train_examples leaves the test set as the run's recipe makes it."""
+    from dcablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    section = {"vocab_size": 4, "seq_len": 32, "num_train_examples": 128, "num_test_examples": 64}
+    Path("r.toml").write_text(recipe_text("recall", section, {"train": {"steps": 4, "warmup_steps": 1}}))
+    assert main(["run", "r.toml", "--quiet"]) == 0
+    final = json.loads(Path("runs/t/summary.json").read_text())["final"]
+    assert main(["eval", "--run", "runs/t", "--set", "task.recall.num_train_examples=32"]) == 0
+    record = json.loads(Path("runs/t/eval/recall.json").read_text())
+    assert record["metrics"] == {k: v for k, v in final.items() if k != "step"}  # the run's own test set
+    capsys.readouterr()
+    assert main(["eval", "--run", "runs/t", "--set", "task.recall.seq_len=4"]) == 0, capsys.readouterr().err
+    assert json.loads(Path("runs/t/eval/recall-2.json").read_text())["setting"]["seq_len"] == 4
+
+
 def test_a_setting_with_too_few_distinct_examples_writes_nothing_and_the_fixed_rerun_trains(tmp_path, monkeypatch,
                                                                                            capsys):
     """The suite's data is made in the run's data phase, before the run writes its directory: a setting that

@@ -67,17 +67,25 @@ def generate(make: Make, n: int, seed: np.random.SeedSequence, train: bool, dtyp
     return inputs, targets
 
 
+def training_set(make: Make, num_train: int, data_seed: int, vocab_size: int,
+                 chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The training set of a setting: `num_train` examples of its own generator stream."""
+    return generate(make, num_train, np.random.SeedSequence([data_seed, SPLIT_TRAIN]), True,
+                    token_dtype(vocab_size), chunk=chunk)
+
+
 class SuiteData:
     """The training set (`num_train` examples) and the test set (`num_test`) of one task setting, each
-    `(inputs [N, T], targets [N, T])` in the compact token dtype; batches come out as torch int64."""
+    `(inputs [N, T], targets [N, T])` in the compact token dtype; batches come out as torch int64. The test set
+    leaves out every input of the training set, or with `exclude` (row hashes, `row_hashes`) those: a run
+    evaluated at another setting is tested on examples unlike those it trained on."""
 
     def __init__(self, make: Make, num_train: int, num_test: int, data_seed: int, vocab_size: int,
-                 chunk: int = CHUNK):
+                 chunk: int = CHUNK, exclude: np.ndarray | None = None):
         dtype = token_dtype(vocab_size)
-        self.train = generate(make, num_train, np.random.SeedSequence([data_seed, SPLIT_TRAIN]), True, dtype,
-                              chunk=chunk)
+        self.train = training_set(make, num_train, data_seed, vocab_size, chunk)
         self.test = generate(make, num_test, np.random.SeedSequence([data_seed, SPLIT_TEST]), False, dtype,
-                             exclude=row_hashes(self.train[0]), chunk=chunk)
+                             exclude=row_hashes(self.train[0]) if exclude is None else exclude, chunk=chunk)
 
     def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless `(inputs, targets)` batches `[batch_size, T]`: epochs over the training set, each in the

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dcablate.errors import UserError
 from dcablate.models.lm import scored
 from dcablate.tasks import Task
-from dcablate.tasks.synthetic.data import CHUNK, IGNORE_INDEX, SuiteData, TooFewDistinct
+from dcablate.tasks.synthetic.data import CHUNK, IGNORE_INDEX, SuiteData, TooFewDistinct, row_hashes, training_set
 from dcablate.training.batches import scored_per_row, to_device
 from dcablate.training.packing import by_turns, wait_for_stream
 
@@ -33,6 +33,7 @@ class SuiteTask(Task):
             raise UserError("--data applies to --task lm only")
         self.cfg = cfg
         self._data: SuiteData | None = None
+        self.trained_cfg = None  # the options of the run evaluated (`use_run`), where they differ from `cfg`
 
     def make(self, rng: np.random.Generator, rows: int, train: bool) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -41,15 +42,35 @@ class SuiteTask(Task):
     def data(self) -> SuiteData:
         """Both splits, generated on first use (the test set needs the training set to stay disjoint from it)."""
         if self._data is None:
-            c = self.cfg
+            c, t = self.cfg, self.trained_cfg
             try:
+                exclude = None
+                if t is not None:  # evaluated at another setting: unlike what the run trained on, not this one's
+                    trained = type(self)(t)
+                    exclude = row_hashes(training_set(trained.make, t.num_train_examples, t.data_seed, t.vocab_size,
+                                                      trained.chunk)[0])
                 self._data = SuiteData(self.make, c.num_train_examples, c.num_test_examples, c.data_seed,
-                                       c.vocab_size, chunk=self.chunk)
+                                       c.vocab_size, chunk=self.chunk, exclude=exclude)
             except TooFewDistinct as e:
                 raise UserError(f"task.{self.kind}: {e}: the setting has too few distinct examples for a test "
                                 f"set disjoint from training; raise task.{self.kind}.vocab_size or seq_len, or "
                                 f"lower num_train_examples") from None
         return self._data
+
+    def use_run(self, run_dir) -> None:
+        """Evaluating a finished run: its own training options for this task (its recipe.toml), so that a test set
+        at other settings (`dcablate eval --set task.<kind>.seq_len=...`) leaves out the examples the run trained
+        on, not those another training set would hold."""
+        from dcablate import config
+        from dcablate.tasks import task_options
+
+        try:
+            trained = config.load(str(run_dir / "recipe.toml")).task
+        except (OSError, UserError):
+            return  # eval refuses such a run before it evaluates; nothing to change here
+        options = task_options(trained) if trained.kind == self.kind else None
+        if options is not None and options != self.cfg:
+            self.trained_cfg = options
 
     @property
     def vocab_size(self) -> int:
