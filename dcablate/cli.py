@@ -223,16 +223,17 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     only the points, added to those there (the second stage of the command the grid recorded)."""
     import time
 
-    began, started = time.time(), []
+    began, started, twins = time.time(), [], {}
     try:
-        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new, started)
+        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new, started, twins)
     finally:
         if (record and started and base.sweep and os.environ.get("RANK", "0") == "0" and root.is_dir()
                 and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
+            names = [twins.get(name, name) for name, _ in points]  # a point trained in its twin's folder: that
             if record == "points":
-                add_points(root, [name for name, _ in points])
+                add_points(root, names)
             else:
-                record_command(root, ARGV, [name for name, _ in points], when=began)
+                record_command(root, ARGV, names, when=began)
 
 
 def _state_line(point) -> str:
@@ -245,15 +246,40 @@ def _state_line(point) -> str:
     return f"resume from step {step:,}" if step else "resume (no checkpoint yet: starts over)"
 
 
+def same_run_folders(sweep_root: Path) -> dict[str, Path]:
+    """The runs in a sweep folder's point folders by what their recipes train (`config.effective`, as one sweep's
+    repeated points are found): a point that a command names otherwise (fewer swept keys, so a shorter name) is
+    the run one of them holds. A folder whose recipe.toml does not load is left out."""
+    from dcablate.config.loading import effective
+
+    found = {}
+    for folder in sorted(p for p in sweep_root.iterdir() if (p / "recipe.toml").is_file()) if sweep_root.is_dir() else ():
+        try:
+            found.setdefault(json.dumps(effective(config.load(str(folder / "recipe.toml"))), sort_keys=True,
+                                        default=repr), folder)
+        except UserError:
+            continue
+    return found
+
+
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                 quiet: bool, force_new: bool, started: list) -> None:
-    """`train_stage`; `started` gets an entry once the runs begin to train."""
+                 quiet: bool, force_new: bool, started: list, twins: dict) -> None:
+    """`train_stage`; `started` gets an entry once the runs begin to train; `twins`: point name -> the folder name
+    of the run it is, where an earlier command of the sweep trained it under another name."""
+    from dcablate.config.loading import effective
     from dcablate.training.checkpoint import lock_holder
 
     sweep_root = root if base.sweep else None
-    plan, refused = [], []
+    plan, refused, folders = [], [], None
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
+        if sweep_root is not None and name and not run_dir.exists() and not force_new:
+            if folders is None:
+                folders = same_run_folders(sweep_root)
+            twin = folders.get(json.dumps(effective(r), sort_keys=True, default=repr))
+            if twin is not None:  # the same run under another name (a narrower sweep names fewer keys)
+                click.echo(f"{name}: the same run as {twin.name} (the same recipe), whose folder holds it")
+                twins[name], run_dir = twin.name, twin
         try:
             state = run_state(run_dir, r, sweep_root)
             # rank 0 alone under torchrun: the other ranks follow its plan (broadcast below)

@@ -123,6 +123,30 @@ def test_force_new_on_a_point_another_grid_left_out_still_writes_beside_the_swee
     assert f"{tmp_path / 't'} exists; would write to {tmp_path / 't-2'}" in capsys.readouterr().out
 
 
+def test_a_rerun_that_names_a_point_otherwise_finds_the_run_its_folder_holds(tmp_path, capsys):
+    """A narrower sweep that leaves out a zipped key names its points with fewer keys: each is still the run an
+    earlier command trained (the same recipe), taken from that folder rather than trained again as a new one."""
+    path = tmp_path / "s.toml"
+    data = tiny(tmp_path).to_dict()
+    data["sweep"] = {"model.conv.kind": ["none", "static"], "model.conv.placement": ["qkv", "qkv"],
+                     "zip": [["model.conv.kind", "model.conv.placement"]]}
+    path.write_text(recipes.dumps_toml(data))
+    assert main(["run", str(path), "--quiet"]) == 0
+    root = tmp_path / "t"
+    before = {p: p.stat().st_mtime_ns for p in root.glob("*/**/*") if p.is_file()}  # the runs' files
+    capsys.readouterr()
+    narrower = ["run", str(path), "--set", 'sweep={"model.conv.kind"=["none", "static"]}']
+    assert main([*narrower, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "conv.kind=none: the same run as conv.kind=none,conv.placement=qkv (the same recipe)" in out
+    assert "conv.kind=static: the same run as conv.kind=static,conv.placement=qkv" in out and "new" not in out
+    assert main([*narrower, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, not retrained") == 2 and not (root / "conv.kind=none").exists()
+    assert (root / "points.txt").read_text() == "conv.kind=none,conv.placement=qkv\nconv.kind=static,conv.placement=qkv\n"
+    assert before == {p: p.stat().st_mtime_ns for p in root.glob("*/**/*") if p.is_file()}
+
+
 def test_more_steps_for_a_trained_run_is_refused_and_the_refusal_says_why(tmp_path, capsys):
     """Training on past the planned steps would not be the run a longer recipe trains (its schedule is laid out
     over the steps): refused with the reason; another change is refused without it."""
