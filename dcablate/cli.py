@@ -158,16 +158,17 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     if BEST_LR_SEEDS_KEY not in base.sweep:
         train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
         return
-    elsewhere = None  # a dry run's plan for a device this machine lacks: both stages listed, then the one line
+    elsewhere, twins = None, {}  # a dry run's plan for a device this machine lacks: both stages listed, then the line
     try:
-        train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
+        train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True,
+                    twins=twins)
     except DeviceElsewhere as e:
         if e.refused:  # with the device, the command would stop here: no second stage to show
             raise
         elsewhere = e
     from dcablate.runs.best_lr import second_stage
 
-    stage = second_stage(base.sweep, points, root)
+    stage = second_stage(base.sweep, points, root, twins)
     if os.environ.get("WORLD_SIZE", "1") != "1":  # every rank trains what rank 0 read from the run directories
         from dcablate.training.distributed import broadcast
 
@@ -215,7 +216,7 @@ class LaunchOptions:
 
 
 def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                quiet: bool, force_new: bool, record: bool | str = False) -> None:
+                quiet: bool, force_new: bool, record: bool | str = False, twins: dict | None = None) -> None:
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
     still to train, in this process or over the launcher's workers. `record`: a sweep's command line goes to its
     folder's commands.log, with the time it started, and its points to points.txt, once its runs began to train
@@ -223,7 +224,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     only the points, added to those there (the second stage of the command the grid recorded)."""
     import time
 
-    began, started, twins = time.time(), [], {}
+    began, started = time.time(), []
+    twins = {} if twins is None else twins  # the caller's, to read the points' folders from
     try:
         _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new, started, twins)
     finally:
@@ -233,7 +235,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
             if record == "points":
                 add_points(root, names)
             else:
-                record_command(root, ARGV, names, when=began)
+                # a best_lr_seeds command's second stage adds its points after: the grid's alone are no narrower rerun
+                record_command(root, ARGV, names, when=began, narrower=BEST_LR_SEEDS_KEY not in base.sweep)
 
 
 def _state_line(point) -> str:
@@ -246,17 +249,24 @@ def _state_line(point) -> str:
     return f"resume from step {step:,}" if step else "resume (no checkpoint yet: starts over)"
 
 
-def same_run_folders(sweep_root: Path) -> dict[str, Path]:
-    """The runs in a sweep folder's point folders by what their recipes train (`config.effective`, as one sweep's
-    repeated points are found): a point that a command names otherwise (fewer swept keys, so a shorter name) is
-    the run one of them holds. A folder whose recipe.toml does not load is left out."""
-    from dcablate.config.loading import effective
+def run_identity(r) -> str:
+    """What a recipe's run is, as a string: what it reads (`config.effective`, as one sweep's repeated points are
+    found) less the keys a resume may change (`checkpoint.RESUME_FREE`: logging, checkpoints, where it is)."""
+    from dcablate.config.loading import effective, flatten
+    from dcablate.training.checkpoint import RESUME_FREE
 
+    flat = flatten(effective(r))
+    return json.dumps({k: v for k, v in flat.items() if not k.startswith(RESUME_FREE)}, sort_keys=True, default=repr)
+
+
+def same_run_folders(sweep_root: Path) -> dict[str, Path]:
+    """The runs in a sweep folder's point folders by `run_identity`: a point that a command names otherwise
+    (fewer swept keys, so a shorter name) is the run one of them holds. A folder whose recipe.toml does not load
+    is left out."""
     found = {}
     for folder in sorted(p for p in sweep_root.iterdir() if (p / "recipe.toml").is_file()) if sweep_root.is_dir() else ():
         try:
-            found.setdefault(json.dumps(effective(config.load(str(folder / "recipe.toml"))), sort_keys=True,
-                                        default=repr), folder)
+            found.setdefault(run_identity(config.load(str(folder / "recipe.toml"))), folder)
         except UserError:
             continue
     return found
@@ -266,7 +276,6 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                  quiet: bool, force_new: bool, started: list, twins: dict) -> None:
     """`train_stage`; `started` gets an entry once the runs begin to train; `twins`: point name -> the folder name
     of the run it is, where an earlier command of the sweep trained it under another name."""
-    from dcablate.config.loading import effective
     from dcablate.training.checkpoint import lock_holder
 
     sweep_root = root if base.sweep else None
@@ -276,7 +285,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         if sweep_root is not None and name and not run_dir.exists() and not force_new:
             if folders is None:
                 folders = same_run_folders(sweep_root)
-            twin = folders.get(json.dumps(effective(r), sort_keys=True, default=repr))
+            twin = folders.get(run_identity(r))
             if twin is not None:  # the same run under another name (a narrower sweep names fewer keys)
                 click.echo(f"{name}: the same run as {twin.name} (the same recipe), whose folder holds it")
                 twins[name], run_dir = twin.name, twin

@@ -343,12 +343,6 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     sources = {_src(origins, f"sweep.{key}", str(path.resolve())) for key in blamed}
     # the file (or --set) of those axes; of axes from several, the user's latest word: --set, else the named recipe
     where = sources.pop() if len(sources) == 1 else "--set" if "--set" in sources else str(path.resolve())
-    size = grid_size(base.sweep)
-    if size > MAX_POINTS:  # refused before its points are built: a forgotten sweep.zip makes billions
-        lengths = " x ".join(str(len(values)) for _, values in sweep_axes(base.sweep))
-        zip_where = origins.get(f"sweep.{ZIP_KEY}")  # a zip that a --set emptied or changed is the likely cause
-        raise RecipeError(zip_where or where, "sweep", f"{size:,} points ({lengths}, the product of its axes), more than "
-                          f"{MAX_POINTS:,}; zip the axes that advance together (sweep.zip) or sweep fewer values")
     for name, pairs in grid(base.sweep):
         if name in seen:  # two points would share one run directory
             raise RecipeError(where, "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
@@ -1100,6 +1094,15 @@ def check_sweep_form(r, data: dict, origins: dict, src: str) -> None:
                 raise RecipeError(sources[key], f"sweep.{key}", f"not a recipe key{_key_hint(key, r)}") from None
             # any other error is the value's: the per-axis checks below name it
     check_zip(r.sweep, zip_src, sources)
+    size = grid_size(r.sweep)
+    if size > MAX_POINTS:  # before any check walks the points: a forgotten sweep.zip makes billions
+        lengths = " x ".join(str(len(values)) for _, values in sweep_axes(r.sweep))
+        # a zip that a --set emptied or changed is the likely cause; else the file (or --set) of the axes
+        axes = {sources[k] for k in sources}
+        where = origins.get(f"sweep.{ZIP_KEY}") or (axes.pop() if len(axes) == 1 else "--set" if "--set" in axes
+                                                     else src)
+        raise RecipeError(where, "sweep", f"{size:,} points ({lengths}, the product of its axes), more than "
+                          f"{MAX_POINTS:,}; zip the axes that advance together (sweep.zip) or sweep fewer values")
     check_best_lr_seeds(r.sweep, r.run.seed, _src(origins, f"sweep.{BEST_LR_SEEDS_KEY}", src))
 
 

@@ -99,9 +99,11 @@ def check_second_stage(recipe: str, overrides: list[str], sweep: dict) -> None:
                         f"after the grid)") from None
 
 
-def second_stage(sweep: dict, points: list, root: Path) -> Stage:
+def second_stage(sweep: dict, points: list, root: Path, twins: dict | None = None) -> Stage:
     """The second stage of a sweep whose table `sweep` lists `best_lr_seeds`, from its grid `points` ((name,
-    resolved recipe) as `config.expand` gives them) trained into `root/<name>`."""
+    resolved recipe) as `config.expand` gives them) trained into `root/<name>`, or for a point in `twins` into
+    the folder it names (the same run under another name, `cli.same_run_folders`)."""
+    twins = twins or {}
     from dcablate.runs.report import metric_of
 
     seeds = sweep[BEST_LR_SEEDS_KEY]
@@ -116,7 +118,7 @@ def second_stage(sweep: dict, points: list, root: Path) -> Stage:
     for by_lr in cells.values():
         means = {}
         for lr, members in by_lr.items():
-            scores = [score(root / name, r.task.kind) for name, r, _ in members]
+            scores = [score(root / twins.get(name, name), r.task.kind) for name, r, _ in members]
             if any(s is None for s in scores):
                 break
             means[lr] = sum(scores) / len(scores)

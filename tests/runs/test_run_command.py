@@ -145,6 +145,30 @@ def test_a_rerun_that_names_a_point_otherwise_finds_the_run_its_folder_holds(tmp
     assert out.count("finished earlier, not retrained") == 2 and not (root / "conv.kind=none").exists()
     assert (root / "points.txt").read_text() == "conv.kind=none,conv.placement=qkv\nconv.kind=static,conv.placement=qkv\n"
     assert before == {p: p.stat().st_mtime_ns for p in root.glob("*/**/*") if p.is_file()}
+    # keys a resume may change (checkpoints, logging) do not make it another run either
+    capsys.readouterr()
+    assert main([*narrower, "--dry-run", "--set", "checkpoint.every=3", "--set", "log.every=3"]) == 0
+    assert "conv.kind=none: the same run as conv.kind=none,conv.placement=qkv" in capsys.readouterr().out
+
+
+def test_best_lr_seeds_reads_the_cells_of_points_named_otherwise_and_a_rerun_is_no_narrower_one(tmp_path, capsys):
+    """The second stage scores each cell from the folders its points' runs are in (a narrower sweep's points are
+    runs that folders named otherwise hold); rerunning the same command is not a narrower rerun, though the
+    second stage's points were added to points.txt."""
+    path = tmp_path / "s.toml"
+    data = tiny(tmp_path).to_dict()
+    data["sweep"] = {"model.conv.kind": ["none", "static"], "model.conv.placement": ["qkv", "qkv"],
+                     "train.lr": [1e-3, 3e-3], "best_lr_seeds": [7],
+                     "zip": [["model.conv.kind", "model.conv.placement"]]}
+    path.write_text(recipes.dumps_toml(data))
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert not (tmp_path / "t" / "commands.log").read_text().splitlines()[-1].endswith("points.txt kept)")
+    capsys.readouterr()
+    narrower = 'sweep={"model.conv.kind"=["none", "static"], "train.lr"=[1e-3, 3e-3], best_lr_seeds=[7]}'
+    assert main(["run", str(path), "--quiet", "--set", narrower]) == 0
+    out = capsys.readouterr().out
+    assert "not decided yet" not in out and "2 cells" in out, out
 
 
 def test_more_steps_for_a_trained_run_is_refused_and_the_refusal_says_why(tmp_path, capsys):
