@@ -66,8 +66,13 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
         with lock, own_turn(), own_stream(device):
             summary_file = run_dir / "summary.json"
             if not several and summary_file.is_file():  # another process finished it between our plan and lock
-                log.info(f"{run_dir}: finished meanwhile by another dcablate process; not trained again")
-                return json.loads(summary_file.read_text())
+                try:
+                    finished = json.loads(summary_file.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                    finished = None  # not a summary this run can stand on: it trains, as planned
+                if isinstance(finished, dict):
+                    log.info(f"{run_dir}: finished meanwhile by another dcablate process; not trained again")
+                    return finished
             try:
                 # building the task and model changes nothing on disk; it seeds the process's generators
                 with caught.interruptible(not several), one_at_a_time():
