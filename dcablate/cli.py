@@ -21,8 +21,8 @@ from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
 from dcablate.runs.directories import (POINTS_FILE, add_points, echo_library_logs, fresh_dir, made_here, planned_points,
-                                       read_summary, record_command, run_dir_named, run_directory_line, run_state,
-                                       save_new_file)
+                                       read_summary, record_command, run_dir_named, run_directory_line, run_identity,
+                                       run_state, same_run_folders, save_new_file)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -231,7 +231,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     finally:
         if (record and started and base.sweep and os.environ.get("RANK", "0") == "0" and root.is_dir()
                 and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
-            names = [twins.get(name, name) for name, _ in points]  # a point trained in its twin's folder: that
+            names = [twins.get(name, name) for name, _ in points]  # a twin's point: the folder it trained in
             if record == "points":
                 add_points(root, names)
             else:
@@ -247,29 +247,6 @@ def _state_line(point) -> str:
         return state
     step = preflight.resumes_from(point)
     return f"resume from step {step:,}" if step else "resume (no checkpoint yet: starts over)"
-
-
-def run_identity(r) -> str:
-    """What a recipe's run is, as a string: what it reads (`config.effective`, as one sweep's repeated points are
-    found) less the keys a resume may change (`checkpoint.RESUME_FREE`: logging, checkpoints, where it is)."""
-    from dcablate.config.loading import effective, flatten
-    from dcablate.training.checkpoint import RESUME_FREE
-
-    flat = flatten(effective(r))
-    return json.dumps({k: v for k, v in flat.items() if not k.startswith(RESUME_FREE)}, sort_keys=True, default=repr)
-
-
-def same_run_folders(sweep_root: Path) -> dict[str, Path]:
-    """The runs in a sweep folder's point folders by `run_identity`: a point that a command names otherwise
-    (fewer swept keys, so a shorter name) is the run one of them holds. A folder whose recipe.toml does not load
-    is left out."""
-    found = {}
-    for folder in sorted(p for p in sweep_root.iterdir() if (p / "recipe.toml").is_file()) if sweep_root.is_dir() else ():
-        try:
-            found.setdefault(run_identity(config.load(str(folder / "recipe.toml"))), folder)
-        except UserError:
-            continue
-    return found
 
 
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,

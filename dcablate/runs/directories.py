@@ -88,7 +88,7 @@ def made_here(path: Path, where=lambda: "run.out_dir"):
         raise
 
 
-COMMANDS_LOG = "commands.log"  # in a sweep's folder: a line per `dcablate run` that trained into it
+COMMANDS_LOG = "commands.log"  # in a sweep's folder: a line per `dcablate run` of it that passed its checks
 NARROWER = "\t(some of the grid's points: points.txt kept)"  # ends the line of a command that planned no new point
 
 
@@ -218,6 +218,29 @@ def _grows(change: str) -> bool:
     except ValueError:
         return False
     return new > old
+
+
+def run_identity(r) -> str:
+    """What a recipe's run is, as a string: what it reads (`config.effective`, as one sweep's repeated points are
+    found) less the keys a resume may change (`checkpoint.RESUME_FREE`: logging, checkpoints, where it is)."""
+    from dcablate.config.loading import effective, flatten
+    from dcablate.training.checkpoint import RESUME_FREE
+
+    flat = flatten(effective(r))
+    return json.dumps({k: v for k, v in flat.items() if not k.startswith(RESUME_FREE)}, sort_keys=True, default=repr)
+
+
+def same_run_folders(sweep_root: Path) -> dict[str, Path]:
+    """The runs in a sweep folder's point folders by `run_identity`: a point that a command names otherwise
+    (fewer swept keys, so a shorter name) is the run one of them holds. A folder whose recipe.toml does not load
+    is left out."""
+    found = {}
+    for folder in sorted(p for p in sweep_root.iterdir() if (p / "recipe.toml").is_file()) if sweep_root.is_dir() else ():
+        try:
+            found.setdefault(run_identity(config.load(str(folder / "recipe.toml"))), folder)
+        except UserError:
+            continue
+    return found
 
 
 def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
