@@ -235,7 +235,8 @@ def same_run_folders(sweep_root: Path) -> dict[str, Path]:
     (fewer swept keys, so a shorter name) is the run one of them holds. A folder whose recipe.toml does not load
     is left out."""
     found = {}
-    for folder in sorted(p for p in sweep_root.iterdir() if (p / "recipe.toml").is_file()) if sweep_root.is_dir() else ():
+    folders = sorted(p for p in sweep_root.iterdir() if (p / "recipe.toml").is_file()) if sweep_root.is_dir() else []
+    for folder in folders:
         try:
             found.setdefault(run_identity(config.load(str(folder / "recipe.toml"))), folder)
         except UserError:
