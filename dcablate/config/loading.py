@@ -1008,10 +1008,15 @@ def _key_hint(key: str, r=None) -> str:
     name (a section left out), else the closest spelling; keys of the recipe `r`'s own task and components first
     (`task.mqar.vocab_size` before `model.vocab_size`'s namesakes in other tasks' sections)."""
     keys = recipe_keys()
+    keys = keys + sorted({k.rsplit(".", i)[0] for k in keys for i in range(1, k.count("."))} - set(keys))  # sections
     if r is not None:
-        others = {f"task.{t}." for t in TASKS.names() if t != r.task.kind}
-        others |= {f"model.{c}." for c in (*MIXERS.names(), *CHANNELS.names()) if c not in (r.model.mixer, r.model.ffn)}
-        keys = [k for k in keys if not any(k.startswith(o) for o in others)]
+        # a sweep that sets task.kind uses other tasks' sections (the suite recipes); one that sets the mixer, others'
+        swept = set(getattr(r, "sweep", {}) or {})
+        others = {f"task.{t}." for t in TASKS.names() if t != r.task.kind} if "task.kind" not in swept else set()
+        if "model.mixer" not in swept and "model.ffn" not in swept:
+            others |= {f"model.{c}." for c in (*MIXERS.names(), *CHANNELS.names())
+                       if c not in (r.model.mixer, r.model.ffn)}
+        keys = [k for k in keys if not any(f"{k}.".startswith(o) for o in others)]
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in keys if k.endswith(f".{key}")] or [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
     if r is not None and len(same_leaf) > 1:  # the task's own key before a general one of the same name

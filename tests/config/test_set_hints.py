@@ -174,3 +174,11 @@ def test_a_value_given_apart_from_its_key_is_recognised(argv, line):
 ])
 def test_other_extra_arguments_are_not_blamed_on_set(argv):
     assert spaced_set(["run", "s.toml", *argv]) is None
+
+
+def test_a_misspelt_swept_section_of_a_suite_recipe_gets_a_did_you_mean(tmp_path, capsys, monkeypatch):
+    """The suite recipes sweep whole task sections, other tasks' than the recipe's own task.kind (their sweep sets
+    it): a misspelt section is a recipe key too, and its hint looks among every task's sections."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "paper/suite_gated_deltanet", "--dry-run", "--set", "sweep.task.recal=[{}]"]) == 2
+    assert capsys.readouterr().err.strip().endswith("sweep.task.recal: not a recipe key (did you mean 'task.recall'?)")
