@@ -236,7 +236,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 add_points(root, names)
             else:
                 # a best_lr_seeds command's second stage adds its points after: the grid's alone are no narrower rerun
-                record_command(root, ARGV, names, when=began, narrower=BEST_LR_SEEDS_KEY not in base.sweep)
+                record_command(root, ARGV, names, when=began, keep_on_subset=BEST_LR_SEEDS_KEY not in base.sweep)
 
 
 def _state_line(point) -> str:

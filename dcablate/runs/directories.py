@@ -96,12 +96,12 @@ POINTS_FILE = "points.txt"  # in a sweep's folder: the grid's points, one per li
 
 
 def record_command(root: Path, argv: list[str], points: list[str] = (), when: float | None = None,
-                   narrower: bool = True) -> None:
+                   keep_on_subset: bool = True) -> None:
     """Append to `root/commands.log` the time (`when`, default now), the working directory and the `dcablate`
     command line that trained into the sweep folder `root`: its points' recipes hold every resolved key, but not
     the recipe and `--set`s that made the grid. With `points` (the grid's point names), `root/points.txt` holds
     them, so that a report can tell the points of an interrupted sweep that never started; a command that planned
-    only points the file lists already (a narrower rerun) leaves it as it is, unless `narrower` is False (a
+    only points the file lists already (a narrower rerun) leaves it as it is, unless `keep_on_subset` is False (a
     command that adds more points to the file after, whose grid alone is no narrower rerun). Best effort: a
     folder that cannot take it changes nothing else."""
     import shlex
@@ -112,7 +112,7 @@ def record_command(root: Path, argv: list[str], points: list[str] = (), when: fl
     plugins = [f"{PLUGINS_ENV}={','.join(plugin_names())}"] if plugin_names() else []  # replayable as written
     # a narrower rerun (only points the folder lists already) keeps the list: the grid's other points are still to
     # train, and a report must go on counting them (and name the command that plans them, not this one)
-    narrower = narrower and bool(points) and set(points) < set(planned_points(root))
+    narrower = keep_on_subset and bool(points) and set(points) < set(planned_points(root))
     line = (f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))}\t{Path.cwd()}\t"
             f"{shlex.join([*plugins, 'dcablate', *argv])}{NARROWER if narrower else ''}\n")
     try:
