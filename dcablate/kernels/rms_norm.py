@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
+from dcablate.kernels.members import over_members, per_member
 from dcablate.kernels.tuned.seed import seed
 
 
@@ -29,6 +30,7 @@ def _fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+@over_members(per_member)  # each member has its own weight over the whole row
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """x [..., D], weight [D] -> [..., D] in x's dtype (fp32 arithmetic), on fla's kernel where `backend` says.
     Under "auto" a CUDA model whose other parts need no fla (attention with an MLP) keeps torch's kernel when fla
