@@ -10,7 +10,8 @@ optimizer step (its own learning rate and weight decay, clipping and non-finite 
 would alone, up to float rounding.
 
 `Lockstep(nets).losses(x, y)` -> `[E]`: the members' losses on one batch; `.backward()` of their sum gives each
-member's parameters the gradient of its own loss. `LockstepStep` is the training step of such a group (CUDA
+member's parameters the gradient of its own loss (the members' weights and gradients live in stacked tensors, of
+which each member's parameters are views). `LockstepStep` is the training step of such a group (CUDA
 graphs on a GPU), with the deferred non-finite check of `step.TrainStep`.
 """
 
@@ -27,18 +28,23 @@ from dcablate.training.runtime import autocast_for
 
 
 class Lockstep:
-    """`nets`: E models of one architecture (the same parameter names and shapes), on one device."""
+    """`nets`: E models of one architecture (the same parameter names and shapes), on their device for good.
+
+    Each parameter of the members lives in one stacked tensor `[E, ...]` from here on: a member's parameter is a
+    view of its slice, and so is its gradient (`.grad`, kept allocated: zero it with `zero_grad`, never set it to
+    None). The batched forward reads the stacked tensors as they are, so no step copies weights in or gradients
+    out, while each member stays a model of its own (its optimizer steps its views, an evaluation or a checkpoint
+    reads them, `load_state_dict` copies into them). Moving a member to another device afterwards would take its
+    parameters out of the stack."""
 
     def __init__(self, nets: list[torch.nn.Module]):
         if not nets:
             raise ValueError("Lockstep needs at least one model")
         self.nets = list(nets)
-        self.names = [name for name, _ in nets[0].named_parameters()]
-        self.buffer_names = [name for name, _ in nets[0].named_buffers()]
-        first = {name: p.shape for name, p in nets[0].named_parameters()}
-        for i, net in enumerate(nets[1:], 1):
-            shapes = {name: p.shape for name, p in net.named_parameters()}
-            if shapes != first:
+        named = [dict(net.named_parameters()) for net in nets]
+        self.names = list(named[0])
+        for i, params in enumerate(named[1:], 1):
+            if {n: p.shape for n, p in params.items()} != {n: p.shape for n, p in named[0].items()}:
                 raise ValueError(f"Lockstep: model {i} differs from model 0 in its parameters")
         from dcablate.models.channel.base import ChannelMixer
 
@@ -46,24 +52,36 @@ class Lockstep:
         if any(kind.aux_loss is not ChannelMixer.aux_loss for kind in kinds):
             # their forward leaves routing state and auxiliary losses on the layers, which vmap cannot hand out
             raise ValueError("Lockstep: channel mixers with an auxiliary loss (MoE) are not supported")
+        self.params: dict[str, torch.Tensor] = {}
+        for name in self.names:
+            members = [params[name] for params in named]
+            stacked = torch.stack([p.detach() for p in members]).requires_grad_(members[0].requires_grad)
+            stacked.grad = torch.zeros_like(stacked)
+            for e, p in enumerate(members):
+                p.data = stacked.data[e]
+                p.grad = stacked.grad[e]
+            self.params[name] = stacked
+        self.buffer_names = [name for name, _ in nets[0].named_buffers()]
 
-    def stacked(self) -> tuple[dict, dict]:
-        """The members' parameters and buffers stacked along a new first dimension (differentiable: the backward
-        of the stack hands each member its own slice of the gradient)."""
-        params = [dict(net.named_parameters()) for net in self.nets]
+    def zero_grad(self) -> None:
+        """Zero every member's gradient in place (one kernel per stacked parameter)."""
+        for stacked in self.params.values():
+            stacked.grad.zero_()
+
+    def buffers(self) -> dict:
+        """The members' buffers stacked along a new first dimension (copies: models here have few, if any)."""
         buffers = [dict(net.named_buffers()) for net in self.nets]
-        return ({name: torch.stack([p[name] for p in params]) for name in self.names},
-                {name: torch.stack([b[name] for b in buffers]) for name in self.buffer_names})
+        return {name: torch.stack([b[name] for b in buffers]) for name in self.buffer_names}
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, scored_count: int | None = None) -> torch.Tensor:
-        """`x, y [B, T]` (one batch for all members) -> `[E]`, member e's mean loss (as `LanguageModel.forward`)."""
-        params, buffers = self.stacked()
+        """`x, y [B, T]` (one batch for all members) -> `[E]`, member e's mean loss (as `LanguageModel.forward`).
+        The backward of their sum adds each member's gradient to its `.grad`."""
         template = self.nets[0]
 
         def one(p, b):
             return functional_call(template, (p, b), (x, y), {"scored_count": scored_count})
 
-        return vmap(one, randomness="error")(params, buffers)
+        return vmap(one, randomness="error")(self.params, self.buffers())
 
 
 class LockstepStep:
@@ -94,8 +112,7 @@ class LockstepStep:
         return out
 
     def body(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None) -> torch.Tensor:
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=self.graphs is None)
+        self.lock.zero_grad()
         count = None if row_scored is None else int(sum(row_scored))
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.autocast():
