@@ -248,5 +248,9 @@ def model_block(r, name: str, c: Costs) -> str:
         f"recurrent state per sequence at T={c.seq_len}: {human(c.state_floats)} floats "
         f"({human(4 * c.state_floats)}B in fp32, {human(2 * c.state_floats)}B in bf16)",
         f"forward FLOPs per token: {human(c.flops_per_token)} (blocks) + "
-        f"{human(c.head_flops_per_token)} (LM head, per scored token); training ~3x\n",
+        f"{human(c.head_flops_per_token)} (LM head, per scored token); training ~3x",
+        *([f"active: the parameters one token uses, counted as total is (embedding and LM head included); "
+           f"{c.params['active'] - (c.params['total'] - c.params['non_embedding']):,} without the embedding, to "
+           f"compare with non_embedding"] if "active" in c.params else []),
+        "",
     ])

@@ -181,3 +181,15 @@ def test_the_active_column_is_explained_where_it_is_shown(capsys):
     assert main(["info", MQAR]) == 0
     out = capsys.readouterr().out
     assert " active " not in out.splitlines()[1] and "active:" not in out
+
+
+def test_one_moe_models_block_explains_its_active_row():
+    """A single MoE model's table has an `active` row counted as `total` is; the line under it gives the count
+    without the embedding, the one to set beside `non_embedding`."""
+    text = describe("paper/mqar_moe", ["sweep={}"])
+    rows = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in text.splitlines()
+            if line.split() and line.split()[0] in ("total", "non_embedding", "active")}
+    without = rows["active"] - (rows["total"] - rows["non_embedding"])
+    assert 0 < without < rows["non_embedding"]
+    assert "active: the parameters one token uses" in text and f"{without:,} without the embedding" in text
+    assert "active:" not in describe("paper/mqar_gated_deltanet", ["sweep={}"])
