@@ -608,6 +608,9 @@ def trained_model(run_dir: Path, recipe, state: dict, vocab_size: int, device):
 EVAL_SETTABLE = ("task.", "eval.batch_size", "run.device", "model.backend", "train.precision")  # what eval may --set
 # task keys that decide the tokens the model reads: changing them would score the model on inputs it never saw
 EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
+# task options that only make the training data (MQAR's training segments, a suite task's training-set size):
+# eval tests on the run's test setting, so a value here would change nothing it measures
+EVAL_TRAINING_KEYS = ("num_train_examples", "train")
 
 
 @cli.command(name="eval")
@@ -740,6 +743,10 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
             if k.startswith("task.") and k.rsplit(".", 1)[-1] in EVAL_TOKEN_KEYS:
                 raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
                                 f"({k} as in {recipe_path})")
+            option = k.split(".")[2].partition("[")[0] if k.count(".") >= 2 else ""
+            if k.startswith("task.") and option in EVAL_TRAINING_KEYS:
+                raise UserError(f"--set {o}: sets the run's training data, which eval does not read (it measures "
+                                f"the test set, drawn unlike the run's own training set); leave it out")
         applied.append(o)
     r = config.load(str(recipe_path), applied)
     if task_kind is not None and r.task.kind != task_kind:

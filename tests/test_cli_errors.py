@@ -395,6 +395,11 @@ CASES = [
     Case("eval-set-vocab-size", ["eval", "--run", "rd", "--set", "task.mqar.vocab_size=1024"],
          ("--set task.mqar.vocab_size=1024: decides the tokens the model was trained on; eval keeps the run's",),
          files={"rd/recipe.toml": OK}),
+    Case("eval-set-training-segments", ["eval", "--run", "rd", "--set",
+                                        "task.mqar.train=[{seq_len=64, num_kv_pairs=4, num_examples=64}]"],
+         ("--set task.mqar.train=[{seq_len=64, num_kv_pairs=4, num_examples=64}]: sets the run's training data, "
+          "which eval does not read (it measures the test set, drawn unlike the run's own training set); leave it "
+          "out",), files={"rd/recipe.toml": OK}),
     Case("report-a-recipe-name", ["report", "lm/scaling_tiny"],
          ("lm/scaling_tiny: no such directory; a report reads run directories: recipe lm/scaling_tiny writes its runs "
           "into runs/lm_scaling_tiny, none yet (`dcablate run lm/scaling_tiny`)",)),

@@ -141,7 +141,7 @@ def test_a_bad_suite_recipe_is_one_line(tmp_path, monkeypatch, capsys):
 def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, tmp_path, monkeypatch, capsys):
     """`eval --set task.recall.seq_len=4` tests on short sequences: the test set must be unlike the run's own
     training set (length 32), not unlike a training set of the new setting, which at length 4 holds every
-    example there is; and a changed num_train_examples leaves the test set as the run's recipe makes it."""
+    example there is. num_train_examples only makes training data, so eval refuses it in one line."""
     from dcablate.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -149,10 +149,13 @@ def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, 
     Path("r.toml").write_text(recipe_text("recall", section, {"train": {"steps": 4, "warmup_steps": 1}}))
     assert main(["run", "r.toml", "--quiet"]) == 0
     final = json.loads(Path("runs/t/summary.json").read_text())["final"]
-    assert main(["eval", "--run", "runs/t", "--set", "task.recall.num_train_examples=32"]) == 0
+    assert main(["eval", "--run", "runs/t"]) == 0
     record = json.loads(Path("runs/t/eval/recall.json").read_text())
     assert record["metrics"] == {k: v for k, v in final.items() if k != "step"}  # the run's own test set
     capsys.readouterr()
+    assert main(["eval", "--run", "runs/t", "--set", "task.recall.num_train_examples=32"]) == 2
+    assert "sets the run's training data, which eval does not read" in capsys.readouterr().err
+    assert not Path("runs/t/eval/recall-2.json").exists()
     assert main(["eval", "--run", "runs/t", "--set", "task.recall.seq_len=4"]) == 0, capsys.readouterr().err
     assert json.loads(Path("runs/t/eval/recall-2.json").read_text())["setting"]["seq_len"] == 4
 
