@@ -75,6 +75,7 @@ def compare(recipe, task, lrs: list[float], batches, warmup, device) -> dict:
 
     timed(together, warmup, device)
     lock_s, lock_losses = timed(together, batches, device)
+    lock.flush()  # the recipe's train.nonfinite: "stop" ends the script on a member's non-finite step, as alone
     apart = ((lock_losses - alone_losses).abs() / alone_losses.abs().clamp_min(1e-6)).max().item()
     graphs = lock.graphs.captured if lock.graphs is not None else 0
     return {"alone_ms": 1e3 * alone_s / len(batches), "lock_ms": 1e3 * lock_s / len(batches), "apart": apart,

@@ -76,24 +76,29 @@ def _member_first(value, dim, members: int):
 
 def over_members(rule: Callable) -> Callable:
     """Decorator: the entry point runs under `vmap` through `rule(fn, E, args, kwargs)`, where `args` maps the
-    entry point's positional parameters by name to their values (tensors with the member dimension first).
-    Called with batched tensors only as keyword arguments, it is an error: pass tensors positionally."""
+    entry point's positional parameters by name to their values (tensors with the member dimension first), whether
+    the caller passed them by position or by keyword (defaults filled in)."""
 
     def wrap(fn: Callable) -> Callable:
         import inspect
 
-        params = [p.name for p in inspect.signature(fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        signature = inspect.signature(fn)
+        positional = [p.name for p in signature.parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
         @functools.wraps(fn)
         def entry(*args, **kwargs):
-            if not any(_batched(a) for a in args):
-                if any(_batched(v) for v in kwargs.values()):
-                    raise TypeError(f"{fn.__name__}: under vmap pass tensors positionally (over_members)")
+            if not any(_batched(v) for v in (*args, *kwargs.values())):
                 return fn(*args, **kwargs)
-            # the positional parameters not given positionally take their keyword values (or defaults) in the rule
-            names = tuple(params[:len(args)])
-            return _OverMembers.apply(_Call(fn, rule, kwargs, names), *args)
+            # every parameter that can be positional becomes so (keywords and defaults included), so the rule sees
+            # each tensor by name and folds it; a tensor passed to a keyword-only parameter has no place in a rule
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = [bound.arguments[name] for name in positional]
+            rest = {k: v for k, v in bound.arguments.items() if k not in positional}
+            if any(isinstance(v, torch.Tensor) for v in rest.values()):
+                raise TypeError(f"{fn.__name__}: a tensor as a keyword-only argument under vmap (over_members)")
+            return _OverMembers.apply(_Call(fn, rule, rest, tuple(positional)), *values)
 
         entry.unbatched = fn  # the entry point itself, for tests that compare a rule with a loop
         return entry
@@ -159,6 +164,8 @@ def fold_into(dim: int, names: tuple[str, ...], params: tuple[str, ...] = (), ou
             if not isinstance(a, torch.Tensor):
                 call.append(a)
             elif name in names:  # [E, B, T, H, K] -> [B, T, E*H, K]
+                if not -(a.dim() - 1) <= dim < a.dim() - 1:
+                    raise ValueError(f"{fn.__name__}: dimension {dim} of {name!r}, which has {a.dim() - 1}")
                 at = dim % (a.dim() - 1)
                 call.append(a.movedim(0, at).flatten(at, at + 1))
             elif name in params:  # [E, H, ...] -> [E*H, ...]

@@ -90,7 +90,7 @@ class GraphedSteps:
                  keep_state: Callable[[], Callable[[], None]], strict: bool, warn: Callable[[str], None]):
         self.body, self.keep_state, self.strict, self.warn = body, keep_state, strict, warn
         # the optimizers the body steps (several: the members of a lockstep group, lockstep.py), group by group
-        self.param_groups = [g for o in (optimizer if isinstance(optimizer, list) else [optimizer])
+        self.param_groups = [g for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
                              for g in o.param_groups]
         device = self.param_groups[0]["params"][0].device
         self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.param_groups]

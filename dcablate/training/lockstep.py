@@ -23,6 +23,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from dcablate.training.graphs import GraphedSteps
+from dcablate.training.step import NonFiniteStep, graphs_allowed
 from dcablate.training.optim import make_optimizer, make_scheduler
 from dcablate.training.runtime import autocast_for
 
@@ -33,9 +34,10 @@ class Lockstep:
     Each parameter of the members lives in one stacked tensor `[E, ...]` from here on: a member's parameter is a
     view of its slice, and so is its gradient (`.grad`, kept allocated: zero it with `zero_grad`, never set it to
     None). The batched forward reads the stacked tensors as they are, so no step copies weights in or gradients
-    out, while each member stays a model of its own (its optimizer steps its views, an evaluation or a checkpoint
-    reads them, `load_state_dict` copies into them). Moving a member to another device afterwards would take its
-    parameters out of the stack."""
+    out, while each member stays a model of its own (its optimizer steps its views, an evaluation reads them,
+    `load_state_dict` copies into them). What breaks the link: moving or casting a member (`.to`), and setting its
+    gradients to None (`zero_grad(set_to_none=True)`). A checkpoint of a member must clone its tensors: `torch.save`
+    of a view writes the whole stacked storage, every member's weights."""
 
     def __init__(self, nets: list[torch.nn.Module]):
         if not nets:
@@ -49,7 +51,7 @@ class Lockstep:
         from dcablate.models.channel.base import ChannelMixer
 
         kinds = getattr(nets[0], "_channel_mixers", dict)()
-        if any(kind.aux_loss is not ChannelMixer.aux_loss for kind in kinds):
+        if any(kind.aux_loss.__func__ is not ChannelMixer.aux_loss.__func__ for kind in kinds):
             # their forward leaves routing state and auxiliary losses on the layers, which vmap cannot hand out
             raise ValueError("Lockstep: channel mixers with an auxiliary loss (MoE) are not supported")
         self.params: dict[str, torch.Tensor] = {}
@@ -86,7 +88,7 @@ class Lockstep:
 
 class LockstepStep:
     """`step(x, y, row_scored=None)` -> `[E, 3]` device tensor (skipped, loss, gradient norm per member): one
-    optimizer step of each member on one batch. `trains[e]` is member e's `[train]` section (its learning rate,
+    optimizer step of each member on one batch; `flush()` acts on the non-finite ones. `trains[e]` is member e's `[train]` section (its learning rate,
     weight decay, schedule, clipping); micro-batches, data parallelism and OOM retries are not part of it.
     On CUDA with `graphs` the step is captured and replayed as `TrainStep`'s is (graphs.py)."""
 
@@ -98,18 +100,42 @@ class LockstepStep:
         self.schedulers = [make_scheduler(o, t) for o, t in zip(self.optimizers, trains)]
         self.deferred = all(o.defaults.get("fused") for o in self.optimizers)
         self.graphs = None
-        if graphs and device.type == "cuda" and self.deferred:
+        choice = trains[0].cuda_graph if graphs else "off"
+        if graphs_allowed(choice, device, self.deferred):
             self.graphs = GraphedSteps(self.body, self.optimizers, lambda: (lambda: None), strict=True,
                                        warn=lambda line: None)
-        self.pending: list[torch.Tensor] = []
+        self.taken = 0
+        self.skipped = [0] * len(nets)
+        self.pending: list[tuple[int, torch.Tensor]] = []
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None) -> torch.Tensor:
         extra = None if row_scored is None else tuple(row_scored)
         out = self.graphs(x, y, extra) if self.graphs is not None else self.body(x, y, extra)
         for scheduler in self.schedulers:
             scheduler.step()
-        self.pending.append(out)
+        self.taken += 1
+        self.pending.append((self.taken, out))
         return out
+
+    def flush(self) -> None:
+        """Act on the non-finite steps since the last call (one host sync), member by member as `TrainStep.flush`
+        does for one model: count a skipped step under its `train.nonfinite = "skip"`, else raise
+        `NonFiniteStep` (its `member` attribute says whose); the other members' steps were not affected."""
+        if not self.pending:
+            return
+        steps = [step for step, _ in self.pending]
+        rows = torch.stack([out for _, out in self.pending]).tolist()  # [steps, E, 3]
+        self.pending = []
+        for step, members in zip(steps, rows):
+            for e, (bad, loss, grad_norm) in enumerate(members):
+                if not bad:
+                    continue
+                if self.trains[e].nonfinite == "skip":
+                    self.skipped[e] += 1
+                    continue
+                error = NonFiniteStep(step, loss, grad_norm)
+                error.member = e
+                raise error
 
     def body(self, x: torch.Tensor, y: torch.Tensor, row_scored: tuple[int, ...] | None = None) -> torch.Tensor:
         self.lock.zero_grad()

@@ -91,6 +91,12 @@ def test_headwise_dynamic_conv():
     compare_with_each_alone("gated_deltanet", "dynamic", "qkv", extra=("model.conv.heads=2",))
 
 
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "attention"])
+def test_models_with_an_mlp(mixer):
+    """A SwiGLU MLP after each mixer (the LM and suite recipes' blocks), convs after every linear layer."""
+    compare_with_each_alone(mixer, "dynamic", "all_linear", extra=("model.ffn=mlp",))
+
+
 def test_moe_is_refused():
     recipe, task = recipe_and_task("model.ffn=moe")
     with pytest.raises(ValueError, match="MoE"):
@@ -156,15 +162,27 @@ def test_rows_rule_refuses_an_argument_that_differs_between_members():
         vmap(scale)(x, torch.randn(3, 5))
 
 
-def test_keyword_tensors_under_vmap_are_refused():
+def test_tensors_passed_by_keyword_fold_as_positional_ones():
+    from dcablate.kernels.short_conv import short_conv
+
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(3, 2, 9, 6), torch.randn(3, 6, 1, 4), torch.randn(3, 6)
+    want = _per_member(short_conv.unbatched, (x, w, "silu", "auto", bias), 3)
+    assert torch.allclose(vmap(lambda x, w, b: short_conv(x, w, "silu", bias=b))(x, w, bias), want, atol=1e-6)
+    shared = bias[0]
+    want = _per_member(short_conv.unbatched, (x, w, "silu", "auto", shared.expand(3, 6)), 3)
+    assert torch.allclose(vmap(lambda x, w: short_conv(x, w, "silu", bias=shared))(x, w), want, atol=1e-6)
+
+
+def test_a_keyword_only_tensor_under_vmap_is_refused():
     from dcablate.kernels.members import over_members, per_member
 
     @over_members(per_member)
-    def f(x, w=None):
+    def f(x, *, w=None):
         return x if w is None else x * w
 
-    with pytest.raises(TypeError, match="positionally"):
-        vmap(lambda x: f(torch.ones(2), w=x))(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="keyword-only"):
+        vmap(lambda x: f(x, w=torch.ones(2)))(torch.randn(3, 2))
 
 
 def run_alone_and_in_lockstep(device: str, lrs=(1e-3, 3e-3, 1e-2), wds=(0.0, 0.1, 0.0), steps: int = 6, graphs=False,
@@ -226,3 +244,27 @@ def test_graphed_lockstep_step_trains_each_member_as_alone_on_gpu():
         assert not together[:, e, 0].any()
         for (name, p), q in zip(alone_nets[e].named_parameters(), lock_nets[e].parameters()):
             assert torch.allclose(p, q, rtol=1e-2, atol=1e-4), (e, name)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_members_non_finite_step_is_its_own(policy):
+    """One member's weights made NaN: its steps are non-finite and skipped on the device; `flush` stops on them
+    (`train.nonfinite = "stop"`, naming the member) or counts them ("skip"); the other members train on."""
+    from dcablate.training.step import NonFiniteStep
+
+    recipe, task = recipe_and_task(f"train.nonfinite={policy}")
+    nets = members(recipe, task, nudge=0.0)
+    with torch.no_grad():
+        nets[1].embed.weight.fill_(float("nan"))
+    lock = LockstepStep(nets, [recipe.train] * MEMBERS, torch.device("cpu"))
+    data = task.train_batches(recipe.train.batch_size, seed=0)
+    rows = torch.stack([lock(*next(data)) for _ in range(3)])
+    assert rows[:, 1, 0].all() and not rows[:, 0, 0].any() and not rows[:, 2, 0].any()
+    assert torch.isfinite(rows[:, [0, 2], 1]).all()
+    if policy == "stop":
+        with pytest.raises(NonFiniteStep) as caught:
+            lock.flush()
+        assert caught.value.member == 1 and caught.value.step == 1
+    else:
+        lock.flush()
+        assert lock.skipped == [0, 3, 0]
