@@ -53,7 +53,7 @@ def timed(step_all, batches, device) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, losses
 
 
-def compare(recipe, task, lrs: list[float], batches, warmup, device) -> dict:
+def compare(recipe, task, lrs: list[float], batches, warmup, device, profile: bool = False) -> dict:
     from dcablate.training.lockstep import LockstepStep
     from dcablate.training.step import TrainStep
 
@@ -65,6 +65,12 @@ def compare(recipe, task, lrs: list[float], batches, warmup, device) -> dict:
 
     timed(one_after_another, warmup, device)
     alone_s, alone_losses = timed(one_after_another, batches, device)
+    if profile and device.type == "cuda":
+        from dcablate.bench.kernels import print_profile
+
+        x, y, counts = batches[0]
+        print_profile("one member alone", lambda: alone[0](x, y, counts), 1e3 * alone_s / len(batches) / len(lrs),
+                      steps=3, rows=25)
     for step in alone:
         step.flush()
     del alone
@@ -76,6 +82,11 @@ def compare(recipe, task, lrs: list[float], batches, warmup, device) -> dict:
     timed(together, warmup, device)
     lock_s, lock_losses = timed(together, batches, device)
     lock.flush()  # the recipe's train.nonfinite: "stop" ends the script on a member's non-finite step, as alone
+    if profile and device.type == "cuda":
+        from dcablate.bench.kernels import print_profile
+
+        x, y, counts = batches[0]
+        print_profile("lockstep", lambda: lock(x, y, counts), 1e3 * lock_s / len(batches), steps=3, rows=25)
     apart = ((lock_losses - alone_losses).abs() / alone_losses.abs().clamp_min(1e-6)).max().item()
     graphs = lock.graphs.captured if lock.graphs is not None else 0
     return {"alone_ms": 1e3 * alone_s / len(batches), "lock_ms": 1e3 * lock_s / len(batches), "apart": apart,
@@ -91,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", default="1e-4,3.2e-4,1e-3,3.2e-3", help="the members' learning rates (E of them)")
     ap.add_argument("--steps", type=int, default=100, help="timed steps (default 100)")
     ap.add_argument("--warmup", type=int, default=40, help="untimed steps first (default 40)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the kernels of one member's step alone and of the lockstep step (CUDA)")
     args = ap.parse_args(argv)
     from dcablate import config
     from dcablate.tasks import build_task
@@ -121,10 +134,11 @@ def main(argv=None) -> int:
                 return out
 
             warmup, batches = draw(args.warmup), draw(args.steps)
-            r = compare(recipe, task, lrs, batches, warmup, device)
+            r = compare(recipe, task, lrs, batches, warmup, device, args.profile)
             rows.append((width, conv, r))
             print(f"d_model {width} conv {conv}: {r['alone_ms']:.2f} ms one after another, {r['lock_ms']:.2f} ms in "
-                  f"lockstep ({r['alone_ms'] / r['lock_ms']:.2f}x), losses apart {r['apart']:.1e}", flush=True)
+                  f"lockstep ({r['alone_ms'] / r['lock_ms']:.2f}x), losses apart {r['apart']:.1e}, lockstep graphs "
+                  f"{r['graphs']}", flush=True)
             if cuda:
                 torch.cuda.empty_cache()
     print(f"\n| d_model | conv | ms per step of all {len(lrs)}, one after another | in lockstep | speed-up | "
