@@ -121,19 +121,7 @@ def rows(*names: str) -> Callable:
     """Rule: the members are more rows of a batch. The tensors `names` (activations `[B, ...]`) become
     `[E*B, ...]`; every other tensor argument must be the same for all members (checked: an expanded view of
     one tensor), since the kernel takes one of it. Outputs `[E*B, ...]` go back to `[E, B, ...]`."""
-
-    def rule(fn, members: int, args: dict, kwargs: dict):
-        call = []
-        for name, a in args.items():
-            if not isinstance(a, torch.Tensor):
-                call.append(a)
-            elif name in names:
-                call.append(a.flatten(0, 1))
-            else:
-                call.append(_shared(a, name, fn))
-        return _split(fn(*call, **kwargs), members)
-
-    return rule
+    return fold_into(0, names)
 
 
 def _shared(a: torch.Tensor, name: str, fn) -> torch.Tensor:
@@ -142,12 +130,6 @@ def _shared(a: torch.Tensor, name: str, fn) -> torch.Tensor:
         raise NotImplementedError(f"{fn.__name__}: argument {name!r} differs between the members; this rule "
                                   f"takes it once (use per_member)")
     return a[0]
-
-
-def _split(out, members: int):
-    if isinstance(out, tuple):
-        return tuple(None if o is None else o.unflatten(0, (members, -1)) for o in out)
-    return out.unflatten(0, (members, -1))
 
 
 def fold_into(dim: int, names: tuple[str, ...], params: tuple[str, ...] = (), outputs: tuple[int, ...] = ()) -> Callable:
