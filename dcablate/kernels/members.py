@@ -109,9 +109,10 @@ def over_members(rule: Callable) -> Callable:
 def per_member(fn: Callable, members: int, args: dict, kwargs: dict):
     """Rule: one call per member on its slice of every tensor, outputs stacked (tuples element by element;
     None stays None). Always right; as many kernel launches as members."""
-    outs = []
-    for e in range(members):
-        outs.append(fn(*(a[e] if isinstance(a, torch.Tensor) else a for a in args.values()), **kwargs))
+    # unbind, not indexing: the backward of `a[e]` writes each member's gradient into a zero tensor of all
+    # members (E fills and copies of the whole tensor per argument), the backward of unbind stacks them once
+    slices = [a.unbind(0) if isinstance(a, torch.Tensor) else [a] * members for a in args.values()]
+    outs = [fn(*(s[e] for s in slices), **kwargs) for e in range(members)]
     if isinstance(outs[0], tuple):
         return tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs))
     return torch.stack(outs)
