@@ -88,8 +88,9 @@ class Lockstep:
 
 class LockstepStep:
     """`step(x, y, row_scored=None)` -> `[E, 3]` device tensor (skipped, loss, gradient norm per member): one
-    optimizer step of each member on one batch; `flush()` acts on the non-finite ones. `trains[e]` is member e's `[train]` section (its learning rate,
-    weight decay, schedule, clipping); micro-batches, data parallelism and OOM retries are not part of it.
+    optimizer step of each member on one batch; `flush()` acts on the non-finite ones. `trains[e]` is member e's
+    `[train]` section (its learning rate, weight decay, schedule, clipping); micro-batches, data parallelism and OOM
+    retries are not part of it.
     On CUDA with `graphs` the step is captured and replayed as `TrainStep`'s is (graphs.py)."""
 
     def __init__(self, nets: list[torch.nn.Module], trains: list, device: torch.device, graphs: bool = True):
