@@ -266,6 +266,12 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
                         f"fresh directory")
     old = config.load(str(recipe_file))
     changes = read_changes(old, r)
+    if changes and stopped_before_training(run_dir):
+        # an attempt that ended before its first step (a data file too small for the recipe, say) trained nothing:
+        # the fixed recipe starts the run over there, as the error's advice says, rather than in a copy
+        click.echo(f"{run_dir}: its last attempt stopped before its first step; starting it over with this recipe "
+                   f"({describe_changes(changes)})", err=True)
+        return "new"
     if changes:
         # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
         schedule = all(c.startswith(SCHEDULE_KEYS) for c in changes)
@@ -291,6 +297,16 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
         click.echo(f"warning: {recipe_file} predates recipe keys now set to their defaults: "
                    f"{describe_changes(added)}; resuming with these values", err=True)
     return "resume"
+
+
+def stopped_before_training(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` ended its last attempt on an error before its first step and has trained
+    nothing: `failed.json` at step 0, no checkpoint, no summary."""
+    from dcablate.training import failure
+
+    failed = failure.read(run_dir)
+    return (failed is not None and failed.get("step") == 0 and not (run_dir / "summary.json").exists()
+            and not any((run_dir / "checkpoints").glob("*.pt")))
 
 
 def _copy_with(run_dir: Path, r, sweep_root: Path | None) -> tuple[Path, str] | None:

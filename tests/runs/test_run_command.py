@@ -425,3 +425,26 @@ def test_a_sweeps_points_are_taken_in_the_order_of_its_points_file(tmp_path):
     assert [p.name for p in in_sweep_order(tmp_path, points)] == ["conv.kind=static", "conv.kind=none", "extra"]
     (tmp_path / "points.txt").unlink()
     assert [p.name for p in in_sweep_order(tmp_path, points)] == ["conv.kind=none", "conv.kind=static", "extra"]
+
+
+def test_a_run_that_stopped_before_its_first_step_takes_the_fixed_recipe(tmp_path, capsys):
+    """An attempt that failed before any step (failed.json at step 0, no checkpoint: a data file too small for the
+    recipe, say) trained nothing, so the recipe its error asks for starts the run over in its folder; once a
+    checkpoint exists, a changed recipe is refused as before."""
+    import json
+
+    path = tmp_path / "r.toml"
+    path.write_text(recipes.dumps_toml(tiny(tmp_path).to_dict()))
+    run = tmp_path / "t"
+    run.mkdir()
+    (run / "recipe.toml").write_text(recipes.dumps_toml(tiny(tmp_path, train={"steps": 4}).to_dict()))
+    (run / "failed.json").write_text(json.dumps({"error": "task.lm: too little text", "step": 0, "diverged": False}))
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert "its last attempt stopped before its first step; starting it over with this recipe (train.steps: 4 -> 6)" \
+        in capsys.readouterr().err
+    assert (run / "summary.json").is_file() and not (run / "failed.json").exists()
+    assert recipes.load(str(run / "recipe.toml")).train.steps == 6
+    (run / "summary.json").unlink()
+    (run / "failed.json").write_text(json.dumps({"error": "later", "step": 0, "diverged": False}))
+    assert main(["run", str(path), "--quiet", "--set", "train.steps=8"]) == 2  # it has checkpoints: refused
+    assert "recipe changed since this run started" in capsys.readouterr().err
