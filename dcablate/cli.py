@@ -611,6 +611,8 @@ EVAL_TOKEN_KEYS = ("vocab_size", "tokenizer", "tokenizer_file")
 # task options that only make the training data (MQAR's training segments, a suite task's training-set size):
 # eval tests on the run's test setting, so a value here would change nothing it measures
 EVAL_TRAINING_KEYS = ("num_train_examples", "train")
+# task options that split one text into the run's training and validation documents (LM)
+EVAL_SPLIT_KEYS = ("val_fraction", "split_seed")
 
 
 @cli.command(name="eval")
@@ -744,6 +746,10 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
                 raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
                                 f"({k} as in {recipe_path})")
             option = k.split(".")[2].partition("[")[0] if k.count(".") >= 2 else ""
+            if k.startswith("task.") and option in EVAL_SPLIT_KEYS:
+                raise UserError(f"--set {o}: decides which documents the run trained on and which it is tested on; "
+                                f"another split would test it on text it trained on, so eval keeps the run's ({k} as "
+                                f"in {recipe_path}; to test on other text: --data)")
             if k.startswith("task.") and option in EVAL_TRAINING_KEYS:
                 raise UserError(f"--set {o}: sets the run's training data, which eval does not read (it measures "
                                 f"the test set, drawn unlike the run's own training set); leave it out")

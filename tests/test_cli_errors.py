@@ -400,6 +400,10 @@ CASES = [
          ("--set task.mqar.train=[{seq_len=64, num_kv_pairs=4, num_examples=64}]: sets the run's training data, "
           "which eval does not read (it measures the test set, drawn unlike the run's own training set); leave it "
           "out",), files={"rd/recipe.toml": OK}),
+    Case("eval-set-the-lm-split", ["eval", "--run", "rd", "--set", "task.lm.split_seed=7"],
+         ("--set task.lm.split_seed=7: decides which documents the run trained on and which it is tested on; another "
+          "split would test it on text it trained on, so eval keeps the run's (task.lm.split_seed as in ",
+          "; to test on other text: --data)"), files={"rd/recipe.toml": LM_OK}),
     Case("report-a-recipe-name", ["report", "lm/scaling_tiny"],
          ("lm/scaling_tiny: no such directory; a report reads run directories: recipe lm/scaling_tiny writes its runs "
           "into runs/lm_scaling_tiny, none yet (`dcablate run lm/scaling_tiny`)",)),
