@@ -467,7 +467,14 @@ def in_sweep_order(root: Path, points: list[Path]) -> list[Path]:
     """A sweep folder's `points` in the order of its `points.txt` (the grid's, as its command planned them); those it
     does not list after, by name."""
     order = {name: i for i, name in enumerate(planned_points(root))}
-    return sorted(points, key=lambda p: (order.get(p.name, len(order)), p.name))
+    return sorted(points, key=lambda p: (order.get(p.name, len(order)) if p.parent == root else len(order),
+                                         p.relative_to(root).as_posix()))
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The run directories below `root` at any depth (a sweep's points; in a folder of several sweeps and runs, all
+    of theirs, as `dcablate report` reads them), the folder's own points in sweep order first."""
+    return in_sweep_order(root, sorted(p.parent for p in root.rglob("recipe.toml") if p.parent != root))
 
 
 def final_state(run_dir: Path) -> dict:
@@ -630,8 +637,9 @@ EVAL_SPLIT_KEYS = ("val_fraction", "split_seed")
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 def eval_(task_kind, run_dir, overrides, data, run):
     """Reload a run's final checkpoint and evaluate it; writes RUN/eval/<task>.json (then <task>-2.json, ...). On
-    a sweep's folder, each finished run in turn (e.g. every variant at longer test segments), then their metrics
-    side by side, also written as FOLDER/eval/<task>.csv. RUN and --run name the same thing; give one."""
+    a folder of runs (a sweep's, or one holding several sweeps and runs, at any depth), each finished run in turn
+    (e.g. every variant at longer test segments), then their metrics side by side, also written as
+    FOLDER/eval/<task>.csv. RUN and --run name the same thing; give one."""
     if run is not None and run_dir is not None and run.resolve() != run_dir.resolve():
         raise UserError(f"eval: RUN {run} and --run {run_dir} name two folders; give one")
     flag = "--run" if run_dir is not None else ""
@@ -639,15 +647,15 @@ def eval_(task_kind, run_dir, overrides, data, run):
     if run_dir is None:
         raise UserError("eval: which run? give its directory (or a sweep's folder): `dcablate eval RUN` or "
                         "`dcablate eval --run RUN`")
-    points = in_sweep_order(run_dir, sorted(p.parent for p in run_dir.glob("*/recipe.toml"))) \
-        if run_dir.is_dir() else []
+    points = run_folders(run_dir) if run_dir.is_dir() else []
     if not points or (run_dir / "recipe.toml").is_file():
         evaluate_run(run_named(run_dir, flag), task_kind, overrides, data)
         return
     finished = [p for p in points if (p / "checkpoints" / "final.pt").is_file()]
     # finished (summary.json) without their weights: a sweep copied without its .pt files
-    weightless = [p.name for p in points if p not in finished and (p / "summary.json").is_file()]
-    left = [p.name for p in points if p not in finished and p.name not in weightless]
+    named = {p: p.relative_to(run_dir).as_posix() for p in points}  # the run's folder below run_dir
+    weightless = [named[p] for p in points if p not in finished and (p / "summary.json").is_file()]
+    left = [named[p] for p in points if p not in finished and named[p] not in weightless]
     if not finished and weightless:
         raise UserError(f"{run_dir}: none of its {len(points)} runs has its weights: {len(weightless)} finished "
                         f"(summary.json) without checkpoints/final.pt (a sweep copied without its .pt files has "
@@ -661,7 +669,7 @@ def eval_(task_kind, run_dir, overrides, data, run):
             kinds.add(config.load(str(p / "recipe.toml"), []).task.kind)
         except UserError as e:
             click.echo(f"error: {e}", err=True)
-            failed.append(p.name)
+            failed.append(named[p])
             finished.remove(p)
     if not finished:
         raise UserError(f"{run_dir}: none of its finished runs could be read (said above): {', '.join(failed)}")
@@ -672,14 +680,14 @@ def eval_(task_kind, run_dir, overrides, data, run):
                             f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
     settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
     for i, (point, settings) in enumerate(zip(finished, settled)):
-        click.echo(f"[{i + 1}/{len(finished)}] {point.name}")
+        click.echo(f"[{i + 1}/{len(finished)}] {named[point]}")
         try:
             kind, metrics, out = evaluate_run(point, task_kind, overrides, data, alone=False, settings=settings)
         except UserError as e:  # this run's files (a corrupt checkpoint, ...): the others are still measured
             click.echo(f"error: {e}", err=True)
-            failed.append(point.name)
+            failed.append(named[point])
             continue
-        rows.setdefault(kind, []).append({"run": point.name, **metrics, "file": out.relative_to(run_dir).as_posix()})
+        rows.setdefault(kind, []).append({"run": named[point], **metrics, "file": out.relative_to(run_dir).as_posix()})
     from dcablate.runs.tables import format_table
 
     for kind, table in rows.items():  # the runs side by side, as a table here and a CSV beside them

@@ -332,3 +332,23 @@ def test_a_run_records_what_made_it(tmp_path, capsys):
     summary_file.write_text(json.dumps(edited))
     assert main(["report", str(tmp_path)]) == 0
     assert "(commit 0123456789, with changes to dcablate/ not committed)" in (tmp_path / "report.md").read_text()
+
+
+def test_eval_on_a_folder_of_sweeps_and_runs_reaches_every_run_below(tmp_path, capsys, monkeypatch):
+    """`eval FOLDER` reads what `report FOLDER` reads: a single run beside a sweep, and the sweep's points one
+    level further down, each named by its path below the folder."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs"
+    single = tiny(tmp_path, run={"out_dir": str(out), "name": "one"}).to_dict()
+    grid = tiny(tmp_path, run={"out_dir": str(out), "name": "sw"}).to_dict()
+    grid["sweep"] = {"model.conv.kind": ["none", "static"]}
+    for name, data in (("a.toml", single), ("b.toml", grid)):
+        (tmp_path / name).write_text(recipes.dumps_toml(data))
+        assert main(["run", str(tmp_path / name), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[1/3] one" in printed and "[2/3] sw/conv.kind=none" in printed and "[3/3] sw/conv.kind=static" in printed
+    rows = (out / "eval" / "mqar.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["one", "sw/conv.kind=none", "sw/conv.kind=static"]
+    assert (out / "sw" / "conv.kind=static" / "eval" / "mqar.json").is_file()
