@@ -622,6 +622,18 @@ EVAL_TRAINING_KEYS = ("num_train_examples", "train")
 EVAL_SPLIT_KEYS = ("val_fraction", "split_seed")
 
 
+def one_run(command: str, run: Path | None, run_dir: Path | None) -> tuple[Path, str]:
+    """The run a command names as RUN or as `--run` (the same folder if both), and the flag it came by ("--run" or
+    ""); a UserError when it names none or two."""
+    if run is not None and run_dir is not None and run.resolve() != run_dir.resolve():
+        raise UserError(f"{command}: RUN {run} and --run {run_dir} name two folders; give one")
+    if run_dir is None and run is None:
+        what = "its directory (or a sweep's folder)" if command == "eval" else "its directory"
+        raise UserError(f"{command}: which run? give {what}: `dcablate {command} RUN` or "
+                        f"`dcablate {command} --run RUN`")
+    return (run_dir, "--run") if run_dir is not None else (run, "")
+
+
 @cli.command(name="eval")
 @click.option("--task", "task_kind", type=RegisteredName(TASKS), default=None,
               help="The run's task (the one it was trained on, also the default); named to make a script's intent "
@@ -640,13 +652,7 @@ def eval_(task_kind, run_dir, overrides, data, run):
     a folder of runs (a sweep's, or one holding several sweeps and runs, at any depth), each finished run in turn
     (e.g. every variant at longer test segments), then their metrics side by side, also written as
     FOLDER/eval/<task>.csv. RUN and --run name the same thing; give one."""
-    if run is not None and run_dir is not None and run.resolve() != run_dir.resolve():
-        raise UserError(f"eval: RUN {run} and --run {run_dir} name two folders; give one")
-    flag = "--run" if run_dir is not None else ""
-    run_dir = run_dir if run_dir is not None else run
-    if run_dir is None:
-        raise UserError("eval: which run? give its directory (or a sweep's folder): `dcablate eval RUN` or "
-                        "`dcablate eval --run RUN`")
+    run_dir, flag = one_run("eval", run, run_dir)
     points = run_folders(run_dir) if run_dir.is_dir() else []
     if not points or (run_dir / "recipe.toml").is_file():
         evaluate_run(run_named(run_dir, flag), task_kind, overrides, data)
@@ -959,7 +965,8 @@ def report(directory, targets, out):
 
 
 @cli.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path), help="A finished LM run directory.")
+@click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
+              help="A finished LM run directory (or give it as RUN).")
 @click.option("--prompt", default="", help="Text to continue (a new document when empty).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=200, show_default=True,
               help="Tokens to sample at most (it stops earlier at a document's end).")
@@ -968,9 +975,11 @@ def report(directory, targets, out):
               help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0 = the whole vocabulary.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling (same seed, same text).")
-def generate(run_dir, prompt, max_tokens, temperature, top_k, seed):
-    """Stream text sampled from a trained language model (task.kind = "lm")."""
-    run_dir = run_named(run_dir)
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+def generate(run_dir, prompt, max_tokens, temperature, top_k, seed, run):
+    """Stream text sampled from a trained language model (task.kind = "lm"). RUN and --run name the same run;
+    give one."""
+    run_dir = run_named(*one_run("generate", run, run_dir))
     r = config.load(str(run_dir / "recipe.toml"))
     if r.task.kind != "lm":
         raise UserError(f"{run_dir}: generate needs a language model; this run was trained on "

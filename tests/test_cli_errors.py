@@ -458,9 +458,8 @@ CASES = [
     Case("info-a-misspelled-run-folder", ["info", "sw/conv.kind=nne"],
          ("sw/conv.kind=nne: no such recipe file or shipped recipe (did you mean 'conv.kind=none'?)",),
          files={"sw/conv.kind=static/recipe.toml": OK, "sw/conv.kind=none/recipe.toml": OK}),
-    Case("eval-a-folder-of-sweeps", ["eval", "runs"],
-         ("runs: not a run directory (no recipe.toml); it holds the runs of 2 sweeps a level down, e.g. "
-          "'runs/a'",),
+    Case("eval-a-folder-of-sweeps", ["eval", "runs"],  # every run below, as report reads them: none finished
+         ("runs: none of its 2 runs has finished; finish them by running the sweep's recipe again",),
          files={"runs/a/p/recipe.toml": OK, "runs/b/q/recipe.toml": OK}),
     Case("eval-a-sweep-folder-none-finished", ["eval", "--run", "sw"], ("sw: none of its 1 runs has finished; finish "
          "them by running the sweep's recipe again (`dcablate run sw/POINT` finishes one), then evaluate",), files={"sw/p/recipe.toml": OK}),

@@ -385,8 +385,15 @@ def test_generation_greedy_matches_a_manual_full_recompute_and_cli_streams(tmp_p
     assert main(["generate", "--run", str(tmp_path / "runs" / "g"), "--prompt", "the cat", "--max-tokens", "20",
                  "--top-k", "10"]) == 0
     assert capsys.readouterr().out.startswith("the cat")
+    # the run as an argument, as eval takes it: the same text for the same seed
+    assert main(["generate", str(tmp_path / "runs" / "g"), "--prompt", "the cat", "--max-tokens", "20",
+                 "--top-k", "10"]) == 0
+    assert capsys.readouterr().out.startswith("the cat")
     err = _one_line_exit_2(capsys, ["generate", "--run", str(tmp_path / "nope")])
     assert err.endswith("nope: no such run directory")
+    err = _one_line_exit_2(capsys, ["generate", "--prompt", "x"])
+    assert err == ("error: generate: which run? give its directory: `dcablate generate RUN` or "
+                   "`dcablate generate --run RUN`")
 
 
 def test_generation_measures_its_speed():

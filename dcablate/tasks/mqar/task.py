@@ -25,7 +25,8 @@ class MQARTask(Task):
 
     def __init__(self, cfg, train: bool = True, data: str | None = None):
         if data is not None:
-            raise UserError("--data applies to --task lm only")
+            raise UserError("--data evaluates on other text, which applies to language models (task.kind = 'lm') "
+                            "only; this run's task is 'mqar'")
         self.cfg = cfg
         to_segments = lambda specs: [Segment(s.seq_len, s.num_kv_pairs, s.num_examples) for s in specs]
         self.train_segments = to_segments(cfg.train) if train else []

@@ -30,7 +30,8 @@ class SuiteTask(Task):
 
     def __init__(self, cfg, train: bool = True, data: str | None = None):
         if data is not None:
-            raise UserError("--data applies to --task lm only")
+            raise UserError(f"--data evaluates on other text, which applies to language models (task.kind = 'lm') "
+                            f"only; this run's task is '{self.kind}'")
         self.cfg = cfg
         self._data: SuiteData | None = None
         self.trained_cfg = None  # the options of the run evaluated (`use_run`), where they differ from `cfg`
