@@ -55,6 +55,11 @@ def test_eval_data_scores_all_of_a_single_document(tmp_path, capsys):
         assert record["data"] == str(data)
         assert record["scored"] == {"tokens": len(TEXT.encode()), "bytes": len(TEXT.encode())}  # exactly the text
         assert all(math.isfinite(record["metrics"][k]) for k in ("loss", "perplexity", "bpb"))
+    # a cap on the windows scored is said on the line that gives the numbers
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", str(one), "--set", "task.lm.eval_sequences=2"]) == 0
+    windows = (len(TEXT.encode()) + 1 - 1) // 16  # the separator and the text's bytes, 17 tokens a window
+    assert f"(the first 2 of {windows:,} windows: task.lm.eval_sequences)" in capsys.readouterr().out
 
 
 def test_eval_data_is_the_documents_in_order_every_target_once(tmp_path):

@@ -77,6 +77,7 @@ def test_a_run_generates_and_evaluates_from_anywhere_with_what_it_kept(tokenizer
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: task.lm.data") and str(run / "recipe.toml") in err and "\n" not in err
     assert f"{tmp_path / 'work' / 'text'}: no such file or folder" in err
+    assert err.endswith("; `dcablate eval --data PATH` evaluates the run on other text")
     # other text is read with the run's own tokenizer; a relative --data is recorded absolute
     write_txt(elsewhere / "other", make_docs(3, seed=5))
     assert main(["eval", "--task", "lm", "--run", str(run), "--data", "other"]) == 0

@@ -49,6 +49,7 @@ class LMTask(Task):
         self._corpus: Corpus | None = None
         self._text: Text | None = None
         self._scored: dict[str, int] = {}  # targets and bytes the last evaluation scored
+        self._capped: tuple[int, int] | None = None  # (windows scored, windows there are) under eval_sequences
         if train:  # a bad data source stops a run before it starts
             self.corpus
 
@@ -97,7 +98,14 @@ class LMTask(Task):
     def corpus(self) -> Corpus:
         """The tokenized train and validation streams of the run's own text (`task.lm.data`)."""
         if self._corpus is None:
-            self._corpus = load_corpus(self.cfg, self._tokenizer, self.where)
+            try:
+                self._corpus = load_corpus(self.cfg, self._tokenizer, self.where)
+            except UserError as e:
+                gone = not any(c in self.cfg.data for c in "*?[") and not Path(self.cfg.data).expanduser().exists()
+                if self.where == "task.lm.data" or self.data is not None or not gone:
+                    raise
+                # evaluating a run whose text is gone: other text still serves
+                raise UserError(f"{e}; `dcablate eval --data PATH` evaluates the run on other text") from None
             self._tokenizer = self._corpus.tokenizer
         return self._corpus
 
@@ -153,7 +161,8 @@ class LMTask(Task):
 
     def val_windows(self) -> np.ndarray:
         w = windows(self.eval_stream, self.cfg.seq_len)
-        if self.cfg.eval_sequences:
+        if self.cfg.eval_sequences and len(w) > self.cfg.eval_sequences:
+            self._capped = (self.cfg.eval_sequences, len(w))
             w = w[: self.cfg.eval_sequences]
         return w
 
@@ -223,7 +232,10 @@ class LMTask(Task):
         return {"data": self.data or self.cfg.data, **({"scored": self._scored} if self._scored else {})}
 
     def describe(self, metrics: dict[str, float]) -> str:
-        return f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.3f}   bits/byte {metrics['bpb']:.4f}"
+        line = f"loss {metrics['loss']:.4f}   perplexity {metrics['perplexity']:.3f}   bits/byte {metrics['bpb']:.4f}"
+        if getattr(self, "_capped", None) is not None:  # the first windows only: say so where the numbers are read
+            line += f"   (the first {self._capped[0]:,} of {self._capped[1]:,} windows: task.lm.eval_sequences)"
+        return line
 
 
 class RandomTokens(LMTask):
