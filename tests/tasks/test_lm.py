@@ -620,3 +620,16 @@ def test_an_lm_run_begun_with_the_old_default_says_how_to_go_on(tmp_path):
                                         r"began, or use --force-new"):
         run_state(tmp_path, recipes.build(lm))
     assert run_state(tmp_path, recipes.build({**lm, "eval": {"early_stop": 0.99}})) == "resume"
+
+
+def test_runs_written_inside_the_text_folder_are_refused(tmp_path, capsys, monkeypatch):
+    """Every .jsonl below task.lm.data is read as text, a run's metrics.jsonl too: a run.out_dir inside that
+    folder is one line naming both keys, before anything is written; beside it, the same recipe is fine."""
+    monkeypatch.chdir(tmp_path)
+    folder = write_txt(tmp_path / "text", make_docs(4))
+    sets = ["--set", "sweep={}", "--set", f"task.lm.data={folder}", "--dry-run"]
+    err = _one_line_exit_2(capsys, ["run", "lm/python_docs_tiny", "--set", f"run.out_dir={folder / 'runs'}", *sets])
+    assert f"run.out_dir: {folder / 'runs'} lies inside the text folder task.lm.data ({folder})" in err
+    assert not (folder / "runs").exists()
+    capsys.readouterr()
+    assert main(["run", "lm/python_docs_tiny", "--set", f"run.out_dir={tmp_path / 'runs'}", *sets]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
@@ -54,6 +55,12 @@ def check(recipe, fail) -> None:
     if not lm.data:  # blamed on where the task was chosen: task.lm.data was set nowhere
         fail("task.kind", "'lm' needs the text to train on: set task.lm.data (a .txt/.jsonl/.parquet file, a folder "
                           "of them, a glob, or a corpus from `dcablate data get NAME`)")
+    if lm.data and not any(c in lm.data for c in "*?[") and not Path(lm.data).suffix:
+        text, out = Path(lm.data).expanduser().resolve(), Path(recipe.run.out_dir).expanduser().resolve()
+        if out == text or text in out.parents:  # the runs' own .jsonl files (metrics) would be read as text
+            fail("run.out_dir", f"{recipe.run.out_dir} lies inside the text folder task.lm.data ({lm.data}), whose "
+                                f".txt/.jsonl/.parquet files are all read as text, the runs' own metrics.jsonl "
+                                f"included; write the runs elsewhere")
     if m.vocab_size and not lm.tokenizer_file:
         need = BYTE_VOCAB if lm.tokenizer == "byte" else lm.vocab_size
         if m.vocab_size < need:
