@@ -222,8 +222,10 @@ def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     # finished runs only (an unfinished one is listed by its folder); the suite's tasks name their variants by
     # their own protocol (suite.collect)
     tables = [run for run in runs if run.summary is not None and not suite.is_suite_task(run.task)]
+    # a family: one task, mixer and channel mixer, whose conv variants a compute ladder sets beside its baseline
     for run, extra in zip(tables, variants.ladder_extras(tables, lambda run: (run.task, run.variant),
-                                                         lambda run: run.recipe)):
+                                                         lambda run: run.recipe,
+                                                         lambda run: (run.task, run.variant[0], run.variant[3]))):
         run.variant = (*run.variant, *extra)
     return runs, bad
 

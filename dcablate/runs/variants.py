@@ -5,8 +5,9 @@ A run's recipe keys are those that shape it (`training.hparams.applicable`: no o
 conv options without a conv, nothing that cannot change results, not the run's name, place or device). The
 report names a variant by (mixer, conv, placement, ffn) (`report.variant_name`); a recipe key that differs
 between runs of one such name, and is not one of the comparison's free keys, joins the variant with its value
-(`conv.rank=4`), so runs that differ in it are never pooled as if they were seeds. What is free depends on the
-comparison:
+(`conv.rank=4`), so runs that differ in it are never pooled as if they were seeds; in report tables and ladders a
+key outside the conv that differs among the runs of one task, mixer and channel mixer joins all their variants,
+so that a conv variant and its baseline carry the same keys. What is free depends on the comparison:
 
 - a report table or compute ladder (MQAR, LM): the seed, the learning rate, `model.d_model` (the size), and
   every key that follows the size, i.e. that takes one value per `d_model` among the runs of the name
@@ -37,27 +38,32 @@ def recipe_keys(recipe) -> dict[str, object]:
 
 
 def extras(items: Sequence, name: Callable, keys: Callable, free: Callable[[str], bool],
-           size: str | None = None) -> list[tuple[tuple[str, object], ...]]:
-    """For each of `items`, the `(key, value)` pairs that set it apart within its name: the keys whose value
-    differs among the items of one `name(item)` (`keys(item)` gives an item's flat recipe keys), less those in
-    `NAMED`, those `free(key)` accepts and, with `size`, those that follow it (one value per value of `size`).
+           size: str | None = None, family: Callable | None = None,
+           own: tuple[str, ...] = ("model.conv.",)) -> list[tuple[tuple[str, object], ...]]:
+    """For each of `items`, the `(key, value)` pairs that set it apart: the keys whose value differs among the
+    items of one `name(item)` (`keys(item)` gives an item's flat recipe keys), less those in `NAMED`, those
+    `free(key)` accepts and, with `size`, those that follow it (one value per value of `size`). With `family`,
+    also the keys but those starting with `own` that differ among the items of one `family(item)`: the variants
+    that a comparison sets side by side (a conv variant and its conv-free baseline) then carry the same keys, also
+    when runs of other settings share a name with some of them only (a folder holding several experiments).
     Sorted by key; () where nothing differs."""
-    groups: dict[object, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        groups[name(item)].append(i)
-    out: list[tuple] = [()] * len(items)
-    for members in groups.values():
-        flats = [keys(items[i]) for i in members]
-        varying = []
-        for key in sorted(set().union(*flats)):
-            if key in NAMED or key == size or free(key) or len({f.get(key) for f in flats}) < 2:
-                continue
-            if size is not None and _follows(flats, key, size):
-                continue
-            varying.append(key)
-        for i, flat in zip(members, flats):
-            out[i] = tuple((key, flat.get(key)) for key in varying)
-    return out
+    chosen: list[set[str]] = [set() for _ in items]
+    flats = [keys(item) for item in items]
+    for group_of, skip in ((name, ()), (family, own)):
+        if group_of is None:
+            continue
+        groups: dict[object, list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[group_of(item)].append(i)
+        for members in groups.values():
+            among = [flats[i] for i in members]
+            varying = {key for key in set().union(*among)
+                       if not (key in NAMED or key == size or key.startswith(skip) or free(key)
+                               or len({f.get(key) for f in among}) < 2
+                               or (size is not None and _follows(among, key, size)))}
+            for i in members:
+                chosen[i] |= varying
+    return [tuple((key, flat.get(key)) for key in sorted(keys_)) for flat, keys_ in zip(flats, chosen)]
 
 
 def _follows(flats: list[dict], key: str, size: str) -> bool:
@@ -70,10 +76,11 @@ def _follows(flats: list[dict], key: str, size: str) -> bool:
     return True
 
 
-def ladder_extras(items: Sequence, name: Callable, keys: Callable) -> list[tuple[tuple[str, object], ...]]:
+def ladder_extras(items: Sequence, name: Callable, keys: Callable,
+                  family: Callable | None = None) -> list[tuple[tuple[str, object], ...]]:
     """`extras` for report tables and compute ladders: free are the seed, the learning rate, the size
-    (`model.d_model`) and the keys that follow it."""
-    return extras(items, name, keys, lambda key: key in LADDER_FREE, size=SIZE_KEY)
+    (`model.d_model`) and the keys that follow it; `family`: the items a conv comparison sets side by side."""
+    return extras(items, name, keys, lambda key: key in LADDER_FREE, size=SIZE_KEY, family=family)
 
 
 def sort_key(variant: tuple) -> tuple:

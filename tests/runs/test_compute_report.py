@@ -619,3 +619,21 @@ def test_the_multiplier_with_scale_table_reads_each_variant_at_both_ends(tmp_pat
     assert float(small) == pytest.approx(1.5, abs=0.02) and float(large) == pytest.approx(1.5, abs=0.02)
     assert "own slope differs" not in compute_rows(md)["attention conv=dynamic@qkv"][-1]
     assert "changes with scale" not in md
+
+
+def test_a_ladder_beside_other_conv_free_runs_keeps_its_baseline(tmp_path):
+    """A report over a folder that holds a ladder and conv-free runs of other settings (other experiments in
+    `runs/`): the conv variants carry the keys that set their family's runs apart, as the baselines do, so the
+    ladder is compared against its own baseline; the other runs are a variant of their own."""
+    for d in LADDER:
+        write_run(tmp_path / "ladder", f"none-{d}", d=d, train={"warmup_steps": 10})
+        write_run(tmp_path / "ladder", f"static-{d}", d=d, m=1.25, conv={"kind": "static"},
+                  train={"warmup_steps": 10})
+    write_run(tmp_path / "other", "t1", d=LADDER[0], train={"warmup_steps": 3})
+    write_run(tmp_path / "other", "t2", d=LADDER[1], train={"warmup_steps": 5})
+    md = report_md(tmp_path)
+    assert "Not compared" not in md
+    section = md[md.index("## Compute: attention (train.warmup_steps=10)"):]
+    rows = compute_rows(section)
+    static = next(v for k, v in rows.items() if "static" in k)
+    assert float(static[0]) == pytest.approx(1.25, abs=0.005)
