@@ -46,7 +46,24 @@ class RegisteredName(click.ParamType):
 SET_HELP = "Override a recipe key, e.g. --set train.lr=3e-3 (value parsed as TOML; repeatable)."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# words other tools use for a command dcablate names otherwise
+COMMAND_SYNONYMS = {"list": "recipes", "ls": "recipes", "train": "run", "evaluate": "eval", "sample": "generate",
+                    "benchmark": "bench", "summary": "report"}
+
+
+class Commands(click.Group):
+    """dcablate's command group: an unknown command gets the one meant, by spelling or by another tool's word."""
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else ""
+        if args and not name.startswith("-") and self.get_command(ctx, name) is None:
+            meant = COMMAND_SYNONYMS.get(name)
+            hint = f" (did you mean '{meant}'?)" if meant else did_you_mean(name, self.list_commands(ctx))
+            ctx.fail(f"No such command {name!r}{hint}.")
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dcablate")
 def cli():
     """Architecture ablations on linear RNNs and MoE models with static and dynamic short convolutions."""

@@ -404,6 +404,8 @@ CASES = [
          ("--set task.lm.split_seed=7: decides which documents the run trained on and which it is tested on; another "
           "split would test it on text it trained on, so eval keeps the run's (task.lm.split_seed as in ",
           "; to test on other text: --data)"), files={"rd/recipe.toml": LM_OK}),
+    Case("a-command-by-another-tools-word", ["list"], ("No such command 'list' (did you mean 'recipes'?).",)),
+    Case("a-misspelt-command", ["evl", "rd"], ("No such command 'evl' (did you mean 'eval'?).",)),
     Case("report-a-recipe-name", ["report", "lm/scaling_tiny"],
          ("lm/scaling_tiny: no such directory; a report reads run directories: recipe lm/scaling_tiny writes its runs "
           "into runs/lm_scaling_tiny, none yet (`dcablate run lm/scaling_tiny`)",)),
