@@ -569,10 +569,11 @@ CASES += [
     Case("resume-changed-recipe", PREV_RUN, ("prev/run: recipe changed since this run started (train.lr: 0.002 -> "
                                              "0.001); use --force-new",),
          files={"prev/run/recipe.toml": _resolved(train__lr=2e-3).to_toml()}),
-    Case("resume-changed-recipe-many-keys", [*PREV_RUN, *DRY],
-         ("recipe changed", "model.d_model: 64 -> 32", "and 1 more"),
+    Case("resume-changed-recipe-many-keys", [*PREV_RUN, *DRY],  # past four changes, the rest by key: all named
+         ("recipe changed", "model.d_model: 64 -> 32", "run.seed: 4 -> 0, and 2 more keys (train.batch_size, "
+          "train.lr)"),
          files={"prev/run/recipe.toml": _resolved(train__lr=2e-3, model__d_model=64, model__n_layers=3,
-                                                  run__seed=4, eval__every=7).to_toml()}),
+                                                  run__seed=4, eval__every=7, train__batch_size=8).to_toml()}),
     Case("resume-run-dir-is-a-file", PREV_RUN, ("prev/run: exists and is not a directory",), files={"prev/run": "x"}),
     Case("resume-not-a-run-dir", PREV_RUN, ("prev/run: exists but is not a run directory (no recipe.toml)",),
          files={"prev/run/notes.txt": "mine"}),

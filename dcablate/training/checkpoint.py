@@ -422,5 +422,9 @@ def keys_added_since(saved: dict, new: dict) -> list[str]:
 
 
 def describe_changes(changes: list[str], most: int = 4) -> str:
-    more = f", and {len(changes) - most} more" if len(changes) > most else ""
-    return ", ".join(changes[:most]) + more
+    """`key: old -> new` changes, the first `most` in full and the keys of the rest, so every changed key is named
+    and the line stays short."""
+    if len(changes) <= most + 1:
+        return ", ".join(changes)
+    rest = [c.split(":", 1)[0] for c in changes[most:]]
+    return ", ".join(changes[:most]) + f", and {len(rest)} more keys ({', '.join(rest)})"
