@@ -483,9 +483,16 @@ def is_sweep_point(run_dir: Path) -> bool:
 def in_sweep_order(root: Path, points: list[Path]) -> list[Path]:
     """A sweep folder's `points` in the order of its `points.txt` (the grid's, as its command planned them); those it
     does not list after, by name."""
-    order = {name: i for i, name in enumerate(planned_points(root))}
-    return sorted(points, key=lambda p: (order.get(p.name, len(order)) if p.parent == root else len(order),
-                                         p.relative_to(root).as_posix()))
+    orders: dict[Path, dict[str, int]] = {}  # each sweep folder's planned points (a folder of sweeps holds several)
+    for p in points:
+        if p.parent not in orders:
+            orders[p.parent] = {name: i for i, name in enumerate(planned_points(p.parent))}
+
+    def key(p: Path) -> tuple:
+        order = orders[p.parent]
+        return p.parent != root, p.parent.relative_to(root).as_posix(), order.get(p.name, len(order)), p.name
+
+    return sorted(points, key=key)
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -786,6 +793,7 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
                                 f"the test set, drawn unlike the run's own training set); leave it out")
         applied.append(o)
     r = config.load(str(recipe_path), applied)
+    _kept_by_whole_sections(trained, r, applied, recipe_path)
     if task_kind is not None and r.task.kind != task_kind:
         raise UserError(f"--task {task_kind}: {'this run' if alone else run_dir} was trained on task.kind = "
                         f"'{r.task.kind}' and is measured on that task only (--task {r.task.kind}, or leave --task "
@@ -793,6 +801,22 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
     from dcablate.runs.preflight import device_checked
 
     return r, applied, device_checked(str(recipe_path), applied, [(None, r)])[0]  # a --set device: named as such
+
+
+def _kept_by_whole_sections(trained, r, applied: list[str], recipe_path: Path) -> None:
+    """A `--set task.<kind>={...}` table replaces the whole section, so a key it leaves out takes its default: one
+    that eval keeps as the run had it (its tokens, training data or split: refused when named) must not change
+    that way either."""
+    kind = trained.task.kind
+    whole = [o for o in applied if o.partition("=")[0].strip() == f"task.{kind}"]
+    old, new = getattr(trained.task, kind, None), getattr(r.task, kind, None)
+    if not whole or old is None or new is None:
+        return
+    for key in (*EVAL_TOKEN_KEYS, *EVAL_TRAINING_KEYS, *EVAL_SPLIT_KEYS):
+        if hasattr(old, key) and getattr(old, key) != getattr(new, key):
+            raise UserError(f"--set {whole[0]}: replaces the whole [task.{kind}] section, which leaves "
+                            f"task.{kind}.{key} at {getattr(new, key)!r} where the run had {getattr(old, key)!r} "
+                            f"({recipe_path}); eval keeps it: set the keys one by one (--set task.{kind}.KEY=...)")
 
 
 def csv_text(rows: list[dict]) -> str:

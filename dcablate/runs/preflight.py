@@ -31,7 +31,22 @@ def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> 
     cache: dict = {}
     check_budgets(plan, to_train, lambda key: set_where(key, origins, str(path), swept), cache)
     check_inputs(plan, to_train, origins, str(path), swept)
+    check_out_dirs(plan, to_train, origins, str(path), swept)
     return cache
+
+
+def check_out_dirs(plan, to_train: list[int], origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> None:
+    """No LM run about to train writes into its own text folder (its metrics.jsonl would be read as text by the
+    runs after it, and by its own evaluation); checked before training, not when a recipe loads, so that runs made
+    that way before still read."""
+    from dcablate.tasks.lm.spec import runs_inside_text
+
+    for i in to_train:
+        r = plan[i][1]
+        if r.task.kind == "lm" and runs_inside_text(r.task.lm.data, r.run.out_dir):
+            raise UserError(f"{set_where('run.out_dir', origins, recipe_file, swept)}: {r.run.out_dir} lies inside "
+                            f"the text folder task.lm.data ({r.task.lm.data}), whose .txt/.jsonl/.parquet files are "
+                            f"all read as text, the runs' own metrics.jsonl included; write the runs elsewhere")
 
 
 def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> str:

@@ -40,30 +40,32 @@ def recipe_keys(recipe) -> dict[str, object]:
 def extras(items: Sequence, name: Callable, keys: Callable, free: Callable[[str], bool],
            size: str | None = None, family: Callable | None = None,
            own: tuple[str, ...] = ("model.conv.",)) -> list[tuple[tuple[str, object], ...]]:
-    """For each of `items`, the `(key, value)` pairs that set it apart: the keys whose value differs among the
-    items of one `name(item)` (`keys(item)` gives an item's flat recipe keys), less those in `NAMED`, those
-    `free(key)` accepts and, with `size`, those that follow it (one value per value of `size`). With `family`,
-    also the keys but those starting with `own` that differ among the items of one `family(item)`: the variants
-    that a comparison sets side by side (a conv variant and its conv-free baseline) then carry the same keys, also
-    when runs of other settings share a name with some of them only (a folder holding several experiments).
-    Sorted by key; () where nothing differs."""
-    chosen: list[set[str]] = [set() for _ in items]
+    """For each of `items`, the `(key, value)` pairs that set it apart within its name: the keys whose value
+    differs among the items of one `name(item)` (`keys(item)` gives an item's flat recipe keys), less those in
+    `NAMED`, those `free(key)` accepts and, with `size`, those that follow it (one value per value of `size`).
+    With `family`, such a key found in any name of a `family(item)` (but the keys starting with `own`) sets apart
+    every item of that family: the variants a comparison sets side by side (a conv variant and its conv-free
+    baseline) then carry the same keys, also where runs of other settings share a name with some of them only (a
+    folder holding several experiments). Sorted by key; () where nothing differs."""
     flats = [keys(item) for item in items]
-    for group_of, skip in ((name, ()), (family, own)):
-        if group_of is None:
-            continue
-        groups: dict[object, list[int]] = defaultdict(list)
+    groups: dict[object, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        groups[name(item)].append(i)
+    chosen: list[set[str]] = [set() for _ in items]
+    for members in groups.values():
+        among = [flats[i] for i in members]
+        varying = {key for key in set().union(*among)
+                   if not (key in NAMED or key == size or free(key) or len({f.get(key) for f in among}) < 2
+                           or (size is not None and _follows(among, key, size)))}
+        for i in members:
+            chosen[i] |= varying
+    if family is not None:
+        kin: dict[object, set[str]] = defaultdict(set)
         for i, item in enumerate(items):
-            groups[group_of(item)].append(i)
-        for members in groups.values():
-            among = [flats[i] for i in members]
-            varying = {key for key in set().union(*among)
-                       if not (key in NAMED or key == size or key.startswith(skip) or free(key)
-                               or len({f.get(key) for f in among}) < 2
-                               or (size is not None and _follows(among, key, size)))}
-            for i in members:
-                chosen[i] |= varying
-    return [tuple((key, flat.get(key)) for key in sorted(keys_)) for flat, keys_ in zip(flats, chosen)]
+            kin[family(item)] |= {key for key in chosen[i] if not key.startswith(own)}
+        for i, item in enumerate(items):
+            chosen[i] |= kin[family(item)]
+    return [tuple((key, flat.get(key)) for key in sorted(picked)) for flat, picked in zip(flats, chosen)]
 
 
 def _follows(flats: list[dict], key: str, size: str) -> bool:

@@ -426,5 +426,5 @@ def describe_changes(changes: list[str], most: int = 4) -> str:
     and the line stays short."""
     if len(changes) <= most + 1:
         return ", ".join(changes)
-    rest = [c.split(":", 1)[0] for c in changes[most:]]
+    rest = [re.split(r":| = ", c, maxsplit=1)[0] for c in changes[most:]]  # `key: a -> b` or `key = value`
     return ", ".join(changes[:most]) + f", and {len(rest)} more keys ({', '.join(rest)})"

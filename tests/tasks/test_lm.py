@@ -633,3 +633,9 @@ def test_runs_written_inside_the_text_folder_are_refused(tmp_path, capsys, monke
     assert not (folder / "runs").exists()
     capsys.readouterr()
     assert main(["run", "lm/python_docs_tiny", "--set", f"run.out_dir={tmp_path / 'runs'}", *sets]) == 0
+    # a folder named with a dot is a folder too; a recipe written that way before still loads (its run reads)
+    dotted = write_txt(tmp_path / "text.v1", make_docs(4))
+    err = _one_line_exit_2(capsys, ["run", "lm/python_docs_tiny", "--set", f"run.out_dir={dotted / 'runs'}",
+                                    "--set", "sweep={}", "--set", f"task.lm.data={dotted}", "--dry-run"])
+    assert "lies inside the text folder" in err
+    assert recipes.build({"run": {"out_dir": str(folder / "runs")}, "task": {"kind": "lm", "lm": {"data": str(folder)}}})

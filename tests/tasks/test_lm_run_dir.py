@@ -86,7 +86,7 @@ def test_a_run_generates_and_evaluates_from_anywhere_with_what_it_kept(tokenizer
     assert capsys.readouterr().err.strip().endswith(f"--data: {elsewhere / 'missing'}: no such file or folder")
 
 
-def test_a_kept_tokenizer_is_never_replaced(tmp_path):
+def test_a_kept_tokenizer_is_never_replaced_once_weights_read_it(tmp_path):
     folder = write_txt(tmp_path / "txt", make_docs(12, words=60))
     cfg = lambda vocab: recipes.build({"task": {"kind": "lm", "lm": {
         "data": str(folder), "cache_dir": str(tmp_path / "c"), "tokenizer": "bpe", "vocab_size": vocab}}}).task.lm
@@ -96,9 +96,17 @@ def test_a_kept_tokenizer_is_never_replaced(tmp_path):
     task.keep(run)
     kept = (run / KEPT_TOKENIZER).read_text()
     task.keep(run)  # the same tokenizer again: nothing to do
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step-000002.pt").write_bytes(b"weights trained with the kept tokenizer")
     with pytest.raises(UserError, match="another tokenizer"):
         LMTask(cfg(280)).keep(run)
     assert (run / KEPT_TOKENIZER).read_text() == kept
+    # before any checkpoint (an attempt that stopped before its first step) no weights read it: the new one is kept
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / KEPT_TOKENIZER).write_text(kept)
+    LMTask(cfg(280)).keep(fresh)
+    assert (fresh / KEPT_TOKENIZER).read_text() != kept
     reread = LMTask(cfg(280), train=False)
     reread.use_run(run)  # a run evaluates with the tokenizer it kept, whatever the recipe would build now
     assert reread.tokenizer.spec() == task.tokenizer.spec()

@@ -155,6 +155,11 @@ def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, 
     capsys.readouterr()
     assert main(["eval", "--run", "runs/t", "--set", "task.recall.num_train_examples=32"]) == 2
     assert "sets the run's training data, which eval does not read" in capsys.readouterr().err
+    # the whole section as a table: the keys it leaves out would take their defaults, which eval refuses as well
+    assert main(["eval", "--run", "runs/t", "--set", "task.recall={seq_len=16, num_test_examples=64}"]) == 2
+    err = capsys.readouterr().err
+    assert "replaces the whole [task.recall] section, which leaves task.recall.vocab_size at " in err
+    assert "where the run had 4" in err and "set the keys one by one" in err
     assert not Path("runs/t/eval/recall-2.json").exists()
     assert main(["eval", "--run", "runs/t", "--set", "task.recall.seq_len=4"]) == 0, capsys.readouterr().err
     assert json.loads(Path("runs/t/eval/recall-2.json").read_text())["setting"]["seq_len"] == 4

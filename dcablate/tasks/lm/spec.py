@@ -55,16 +55,22 @@ def check(recipe, fail) -> None:
     if not lm.data:  # blamed on where the task was chosen: task.lm.data was set nowhere
         fail("task.kind", "'lm' needs the text to train on: set task.lm.data (a .txt/.jsonl/.parquet file, a folder "
                           "of them, a glob, or a corpus from `dcablate data get NAME`)")
-    if lm.data and not any(c in lm.data for c in "*?[") and not Path(lm.data).suffix:
-        text, out = Path(lm.data).expanduser().resolve(), Path(recipe.run.out_dir).expanduser().resolve()
-        if out == text or text in out.parents:  # the runs' own .jsonl files (metrics) would be read as text
-            fail("run.out_dir", f"{recipe.run.out_dir} lies inside the text folder task.lm.data ({lm.data}), whose "
-                                f".txt/.jsonl/.parquet files are all read as text, the runs' own metrics.jsonl "
-                                f"included; write the runs elsewhere")
     if m.vocab_size and not lm.tokenizer_file:
         need = BYTE_VOCAB if lm.tokenizer == "byte" else lm.vocab_size
         if m.vocab_size < need:
             fail("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({need})")
+
+
+def runs_inside_text(data: str, out_dir: str) -> bool:
+    """Whether runs written to `out_dir` would lie inside the text folder `data` (a `task.lm.data`), where every
+    .txt/.jsonl/.parquet file is read as text, the runs' own metrics.jsonl included. A glob or a file is no
+    folder to write into."""
+    if not data or any(c in data for c in "*?["):
+        return False
+    text, out = Path(data).expanduser().resolve(), Path(out_dir).expanduser().resolve()
+    if text.is_file() or (not text.exists() and text.suffix in (".txt", ".jsonl", ".parquet")):
+        return False
+    return out == text or text in out.parents
 
 
 def unread(recipe) -> list[tuple[str, str]]:

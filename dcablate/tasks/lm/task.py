@@ -67,12 +67,13 @@ class LMTask(Task):
     def keep(self, run_dir: Path) -> None:
         """Write a BPE tokenizer into the run directory as `tokenizer.json` (the byte tokenizer is no file),
         so that the run evaluates and samples without the cache or a tokenizer_file kept elsewhere. A kept
-        tokenizer that differs from the recipe's is refused, never replaced."""
+        tokenizer that differs from the recipe's is refused, never replaced, once the run has a checkpoint; before
+        that (an attempt that stopped before its first step, its text fixed since) no weights were trained with it."""
         tok = self.tokenizer
         if not isinstance(tok, BPETokenizer):
             return
         path = Path(run_dir) / KEPT_TOKENIZER
-        if path.is_file():
+        if path.is_file() and any((Path(run_dir) / "checkpoints").glob("*.pt")):
             if read_tokenizer_file(path, f"{run_dir}: the run's tokenizer").spec() != tok.spec():
                 raise UserError(f"{path}: this run was trained with another tokenizer than task.lm gives now (its "
                                 f"text or tokenizer_file changed?); --force-new starts a fresh run directory")
