@@ -693,16 +693,24 @@ def eval_(task_kind, run_dir, overrides, data, run):
     if not finished:
         raise UserError(f"{run_dir}: none of its {len(points)} runs has finished; finish them by running the "
                         f"sweep's recipe again (`dcablate run {run_dir}/POINT` finishes one), then evaluate")
-    failed, rows, kinds = [], {}, set()
+    failed, rows, kind_of = [], {}, {}
     for p in list(finished):  # a run whose recipe.toml no longer loads is named; the others are still measured
         try:
-            kinds.add(config.load(str(p / "recipe.toml"), []).task.kind)
+            kind_of[p] = config.load(str(p / "recipe.toml"), []).task.kind
         except UserError as e:
             click.echo(f"error: {e}", err=True)
             failed.append(named[p])
             finished.remove(p)
     if not finished:
         raise UserError(f"{run_dir}: none of its finished runs could be read (said above): {', '.join(failed)}")
+    kinds = set(kind_of.values())
+    # --task, or --data (LM text), picks the folder's runs of that task; the others are named, not refused
+    wanted, why = (task_kind, f"--task {task_kind}") if task_kind else ("lm", "--data") if data else (None, "")
+    other_tasks = [named[p] for p in finished if wanted and kind_of[p] != wanted]
+    if wanted and len(other_tasks) == len(finished):
+        raise UserError(f"{why}: no finished run below {run_dir} was trained on task '{wanted}' (they have "
+                        f"{', '.join(sorted(kinds))}){'; --data is text for LM runs' if why == '--data' else ''}")
+    finished = [p for p in finished if not wanted or kind_of[p] == wanted]
     for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
         section = _task_section(o)
         if section is not None and section not in kinds:
@@ -726,12 +734,14 @@ def eval_(task_kind, run_dir, overrides, data, run):
             click.echo(f"written to {save_new_file(run_dir / 'eval' / f'{kind}.csv', csv_text(table))}")
         except OSError as e:
             click.echo(f"error: {run_dir / 'eval'}: cannot save the table ({e.strerror or e})", err=True)
+    if other_tasks:
+        click.echo(f"not evaluated, trained on another task than {why} asks for: {', '.join(other_tasks)}")
     if weightless:
         click.echo(f"not evaluated, finished but without their weights (checkpoints/final.pt): {', '.join(weightless)}")
     if left:
         click.echo(f"not evaluated, unfinished: {', '.join(left)}")
     if failed:
-        total = len(points) - len(left) - len(weightless)
+        total = len(points) - len(left) - len(weightless) - len(other_tasks)
         raise UserError(f"{len(failed)} of {total} finished runs could not be evaluated (said above): "
                         f"{', '.join(failed)}")
 

@@ -112,3 +112,30 @@ def test_training_on_one_document_is_refused_naming_where_it_was_set(tmp_path, c
     assert "task.lm.data" in err and "at least 2 documents" in err
     with pytest.raises(UserError, match=r"^--data: needs at least 2"):
         split_documents(["one"], 0.1, 0, "--data")
+
+
+def test_eval_folder_with_data_takes_its_lm_runs_and_names_the_others(tmp_path, capsys):
+    """`eval FOLDER --data TEXT` over a folder holding LM and MQAR runs: the LM runs are scored on the text, the
+    MQAR run is named as not evaluated (--data is LM text), and the command succeeds; `--task mqar` picks the
+    other; a folder without any LM run is refused in one line."""
+    from tests.tiny_recipes import tiny_mqar
+
+    run = _train(tmp_path)
+    mqar = tmp_path / "mqar.toml"
+    mqar.write_text(tiny_mqar(run={"name": "recall", "out_dir": str(tmp_path / "runs")}))
+    assert main(["run", str(mqar), "--quiet"]) == 0
+    one = tmp_path / "one.txt"
+    one.write_text(TEXT, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "runs"), "--data", str(one)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] lm" in out and "not evaluated, trained on another task than --data asks for: recall" in out
+    assert json.loads((run / "eval" / "lm.json").read_text())["data"] == str(one)
+    assert not (tmp_path / "runs" / "recall" / "eval").exists()
+    assert main(["eval", str(tmp_path / "runs"), "--task", "mqar"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] recall" in out and "trained on another task than --task mqar asks for: lm" in out
+    (tmp_path / "only").mkdir()
+    (tmp_path / "runs" / "recall").rename(tmp_path / "only" / "recall")
+    err = _error(capsys, ["eval", str(tmp_path / "only"), "--data", str(one)])
+    assert err.startswith("--data: no finished run below") and "they have mqar" in err
