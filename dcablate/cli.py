@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,11 +57,26 @@ class Commands(click.Group):
 
     def resolve_command(self, ctx, args):
         name = args[0] if args else ""
+        if name == "help":  # `dcablate help [COMMAND]`, as git and pip take it: that command's --help
+            command = self.get_command(ctx, args[1]) if len(args) > 1 else None
+            if len(args) > 1 and command is None:
+                args = args[1:]  # an unknown command after help: the hint below names the one meant
+            else:
+                with click.Context(command, info_name=args[1], parent=ctx) if command else nullcontext(ctx) as c:
+                    click.echo(c.get_help())
+                ctx.exit(0)
+            name = args[0]
         if args and not name.startswith("-") and self.get_command(ctx, name) is None:
-            meant = COMMAND_SYNONYMS.get(name)
-            hint = f" (did you mean '{meant}'?)" if meant else did_you_mean(name, self.list_commands(ctx))
-            ctx.fail(f"No such command {name!r}{hint}.")
+            ctx.fail(f"No such command {name!r}{self.meant(ctx, name)}.")
         return super().resolve_command(ctx, args)
+
+    def meant(self, ctx, name: str) -> str:
+        """' (did you mean 'x'?)' for a misspelt command or another tool's word for one (`lsit` -> recipes)."""
+        if name in COMMAND_SYNONYMS:
+            return f" (did you mean '{COMMAND_SYNONYMS[name]}'?)"
+        near = did_you_mean(name, [*self.list_commands(ctx), *COMMAND_SYNONYMS, "help"])
+        word = near.partition("'")[2].rpartition("'")[0]
+        return f" (did you mean '{COMMAND_SYNONYMS[word]}'?)" if word in COMMAND_SYNONYMS else near
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})

@@ -406,6 +406,9 @@ CASES = [
           "; to test on other text: --data)"), files={"rd/recipe.toml": LM_OK}),
     Case("a-command-by-another-tools-word", ["list"], ("No such command 'list' (did you mean 'recipes'?).",)),
     Case("a-misspelt-command", ["evl", "rd"], ("No such command 'evl' (did you mean 'eval'?).",)),
+    Case("a-misspelt-word-of-another-tool", ["lsit"], ("No such command 'lsit' (did you mean 'recipes'?).",)),
+    Case("help-on-a-misspelt-command", ["help", "evl"], ("No such command 'evl' (did you mean 'eval'?).",)),
+    Case("a-misspelt-help", ["halp"], ("No such command 'halp' (did you mean 'help'?).",)),
     Case("report-a-recipe-name", ["report", "lm/scaling_tiny"],
          ("lm/scaling_tiny: no such directory; a report reads run directories: recipe lm/scaling_tiny writes its runs "
           "into runs/lm_scaling_tiny, none yet (`dcablate run lm/scaling_tiny`)",)),

@@ -189,3 +189,14 @@ def test_on_a_real_read_only_mount(work, tmp_path):
                       "not written"], p.stderr
     assert "overall" in p.stdout  # eval printed its result first
     assert files(run_dir) == before
+
+
+def test_help_as_a_command_gives_the_help(capsys):
+    """`dcablate help` and `dcablate help COMMAND` print what --help prints, exit 0 (as git and pip take them)."""
+    from dcablate.cli import main
+
+    for argv, flag in ((["help"], ["--help"]), (["help", "run"], ["run", "--help"])):
+        assert main(flag) == 0
+        want = capsys.readouterr().out
+        assert main(argv) == 0
+        assert capsys.readouterr().out == want
