@@ -300,7 +300,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                 click.echo(f"{name}: the same run as {twin.name} (the same recipe), whose folder holds it")
                 twins[name], run_dir = twin.name, twin
         try:
-            state = run_state(run_dir, r, sweep_root)
+            state = run_state(run_dir, r, sweep_root, dry_run)
             # rank 0 alone under torchrun: the other ranks follow its plan (broadcast below)
             holder = lock_holder(run_dir) if state == "resume" and os.environ.get("RANK", "0") == "0" else None
             if holder:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -244,8 +245,9 @@ def same_run_folders(sweep_root: Path) -> dict[str, Path]:
     return found
 
 
-def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
-    """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs."""
+def run_state(run_dir: Path, r, sweep_root: Path | None = None, dry_run: bool = False) -> str:
+    """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs. Its
+    notes are said once (rank 0 under torchrun), in a dry run as what would happen."""
     if sweep_root is not None and (sweep_root / "recipe.toml").is_file():
         raise UserError(f"{sweep_root}: holds a single run, not this sweep; use --force-new for a fresh directory")
     if not run_dir.exists():
@@ -269,8 +271,10 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     if changes and stopped_before_training(run_dir):
         # an attempt that ended before its first step (a data file too small for the recipe, say) trained nothing:
         # the fixed recipe starts the run over there, as the error's advice says, rather than in a copy
-        click.echo(f"{run_dir}: its last attempt stopped before its first step; starting it over with this recipe "
-                   f"({describe_changes(changes)})", err=True)
+        if os.environ.get("RANK", "0") == "0":
+            click.echo(f"{run_dir}: its last attempt stopped before its first step; "
+                       f"{'it would start' if dry_run else 'starting it'} over with this recipe "
+                       f"({describe_changes(changes)})", err=True)
         return "new"
     if changes:
         # a longer run is another run: the learning-rate schedule (warm-up, decay) is laid out over the planned steps
@@ -293,9 +297,11 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None) -> str:
     if (run_dir / "summary.json").is_file():
         return "finished"
     added = keys_added_since(tomllib.loads(recipe_file.read_text()), r.to_dict())  # parsed fine just above
-    if added:  # loading the old recipe filled them with today's defaults: say so rather than resume silently
+    if added and os.environ.get("RANK", "0") == "0":  # loading the old recipe filled them with today's defaults:
+        # say so rather than resume silently
         click.echo(f"warning: {recipe_file} predates recipe keys now set to their defaults: "
-                   f"{describe_changes(added)}; resuming with these values", err=True)
+                   f"{describe_changes(added)}; {'it would resume' if dry_run else 'resuming'} with these values",
+                   err=True)
     return "resume"
 
 

@@ -439,6 +439,9 @@ def test_a_run_that_stopped_before_its_first_step_takes_the_fixed_recipe(tmp_pat
     run.mkdir()
     (run / "recipe.toml").write_text(recipes.dumps_toml(tiny(tmp_path, train={"steps": 4}).to_dict()))
     (run / "failed.json").write_text(json.dumps({"error": "task.lm: too little text", "step": 0, "diverged": False}))
+    assert main(["run", str(path), "--quiet", "--dry-run"]) == 0  # said as what would happen; nothing written
+    assert "stopped before its first step; it would start over with this recipe" in capsys.readouterr().err
+    assert (run / "failed.json").is_file() and recipes.load(str(run / "recipe.toml")).train.steps == 4
     assert main(["run", str(path), "--quiet"]) == 0
     assert "its last attempt stopped before its first step; starting it over with this recipe (train.steps: 4 -> 6)" \
         in capsys.readouterr().err
