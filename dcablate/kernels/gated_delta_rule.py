@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
-from dcablate.kernels.members import fold_into, over_members
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -116,7 +115,6 @@ def gated_delta_rule_reference(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: 
     return (o.to(v.dtype), S) if output_final_state else o.to(v.dtype)
 
 
-@over_members(fold_into(2, names=("q", "k", "v", "a", "b"), params=("A_log", "dt_bias"), outputs=(2, 1)))
 def gated_delta_rule(q, k, v, a, b, A_log, dt_bias, allow_neg_eigval: bool = False, backend: str = "auto",
                      output_final_state: bool = False):
     """q, k [B, T, H, K]; v [B, T, H, V]; a, b [B, T, H] raw; returns o [B, T, H, V], and with

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
-from dcablate.kernels.members import fold_into, over_members, per_member
 from dcablate.kernels.tuned.seed import seed
 
 
@@ -23,7 +22,6 @@ def gated_rms_norm_reference(x, gate, weight, eps: float):
     return y.to(x.dtype)
 
 
-@over_members(per_member)  # one weight over each head's channels, per member
 def gated_rms_norm(x, gate, weight, eps: float, backend: str = "auto"):
     if gate is not None and use_fla(x, backend):
         require_fla()
@@ -44,7 +42,6 @@ def grouped_gated_rms_norm_reference(x, z, weight, group_size: int, eps: float):
     return (y * weight.to(acc)).to(x.dtype)
 
 
-@over_members(fold_into(-1, names=("x", "z"), params=("weight",)))  # groups never span two members
 def grouped_gated_rms_norm(x, z, weight, group_size: int, eps: float, backend: str = "auto"):
     """The same on CUDA as one fla kernel forward and one backward (fp32 inside; no autotuning), where torch's
     form runs a dozen elementwise kernels over fp32 copies and keeps several for the backward."""

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
-from dcablate.kernels.members import over_members
 from dcablate.kernels.tuned.seed import seed
 
 
@@ -30,19 +29,8 @@ def _fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-def _rows_then_weight(fn, members: int, args: dict, kwargs: dict) -> torch.Tensor:
-    """Rule for models stepped in lockstep (`kernels/members.py`): every member's rows normalised in one call
-    without a weight, then each member's own weight applied (the fused kernel takes one weight for all rows).
-    x `[E, ..., D]`, weight `[E, D]`."""
-    x, weight = args["x"], args["weight"]
-    y = fn(x.flatten(0, 1), None, args["eps"], args["backend"], **kwargs).unflatten(0, (members, -1))
-    return y * weight.view(members, *[1] * (x.dim() - 2), -1).to(y.dtype)
-
-
-@over_members(_rows_then_weight)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
-    """x [..., D], weight [D] (or None: no scale) -> [..., D] in x's dtype (fp32 arithmetic), on fla's kernel where
-    `backend` says.
+    """x [..., D], weight [D] -> [..., D] in x's dtype (fp32 arithmetic), on fla's kernel where `backend` says.
     Under "auto" a CUDA model whose other parts need no fla (attention with an MLP) keeps torch's kernel when fla
     is not installed: the same values, only a slower weight gradient at narrow widths."""
     if use_fla(x, backend) and (backend == "fla" or _fla_installed()):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from dcablate.kernels import require_fla, use_fla
-from dcablate.kernels.members import fold_into, over_members
 
 
 def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, activation: str | None, bias=None) -> torch.Tensor:
@@ -21,7 +20,6 @@ def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, activation: str 
     return F.silu(y) if activation == "silu" else y
 
 
-@over_members(fold_into(-1, names=("x",), params=("weight", "bias")))  # depthwise: members are more channels
 def short_conv(x: torch.Tensor, weight: torch.Tensor, activation: str | None, backend: str = "auto",
                bias=None) -> torch.Tensor:
     """x [B, T, D], weight [D, 1, W], bias [D] or None -> y [B, T, D], the causal depthwise conv (then SiLU if

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from dcablate.kernels import require_fla, use_fla
-from dcablate.kernels.members import over_members, rows
 from dcablate.kernels.tuned.fla_kernels import SSD_STATE_MODULES
 from dcablate.kernels.tuned.seed import seed
 
@@ -60,7 +59,6 @@ def simple_gla_chunked(q, k, v, g, scale: float, chunk_size: int = 64, return_st
     return (o, S) if return_state else o
 
 
-@over_members(rows("q", "k", "v", "g"))
 def simple_gla(q, k, v, g, scale: float, backend: str = "auto", compute_dtype: torch.dtype | None = None,
                output_final_state: bool = False):
     """o [B, T, H, V] in v's dtype, and with `output_final_state` (a decoder's prefill) also the state after

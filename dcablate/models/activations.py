@@ -9,8 +9,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from dcablate.kernels.members import over_members, rows
-
 
 @functools.cache
 def _fla_swiglu():
@@ -21,7 +19,6 @@ def _fla_swiglu():
     return swiglu
 
 
-@over_members(rows("gate", "up"))  # element-wise: lockstep members are more rows
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """silu(gate) * up, element-wise over equal shapes `[..., F]`; fla's fused kernel on CUDA when available."""
     if backend != "torch" and gate.is_cuda and gate.dtype == up.dtype and gate.shape == up.shape:

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dcablate.config.schema import conv_streams
-from dcablate.kernels.members import over_members, per_member
 from dcablate.kernels.rms_norm import rms_norm
 from dcablate.models.channel import build_channel_mixer
 from dcablate.models.channel.base import ChannelMixer
@@ -54,15 +53,6 @@ def tf32_under_autocast(device_type: str):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
-
-
-@over_members(per_member)
-def fused_linear_cross_entropy(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                               reduction: str) -> torch.Tensor:
-    """fla's fused linear cross-entropy of `h [N, D]` through the head `weight [V, D]` against `targets [N]`, fp32."""
-    from fla.modules import FusedLinearCrossEntropyLoss
-
-    return FusedLinearCrossEntropyLoss(ignore_index=-100, reduction=reduction)(h, targets, weight).float()
 
 
 def as_matmul_input(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -214,8 +204,11 @@ class LanguageModel(nn.Module):
         else:  # LM: nearly every position counts; ignore_index skips the rest without the gather's host sync
             h, targets = h.flatten(0, -2), targets.flatten()
         if self.use_fused_ce(h):
+            from fla.modules import FusedLinearCrossEntropyLoss
+
             with tf32_under_autocast(h.device.type):
-                return fused_linear_cross_entropy(h, targets, self.lm_head.weight, reduction)
+                return FusedLinearCrossEntropyLoss(ignore_index=-100, reduction=reduction)(
+                    h, targets, self.lm_head.weight).float()
         return F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=-100, reduction=reduction)
 
     def use_fused_ce(self, h: torch.Tensor) -> bool:

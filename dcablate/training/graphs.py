@@ -86,14 +86,11 @@ class GraphedSteps:
     that restores model state a forward leaves behind (see module doc). With `strict`, a failed capture
     raises `CaptureFailed`; otherwise `warn` gets one line and every later step runs eagerly."""
 
-    def __init__(self, body: Callable, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
-                 keep_state: Callable[[], Callable[[], None]], strict: bool, warn: Callable[[str], None]):
-        self.body, self.keep_state, self.strict, self.warn = body, keep_state, strict, warn
-        # the optimizers the body steps (several: the members of a lockstep group, lockstep.py), group by group
-        self.param_groups = [g for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])
-                             for g in o.param_groups]
-        device = self.param_groups[0]["params"][0].device
-        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.param_groups]
+    def __init__(self, body: Callable, optimizer: torch.optim.Optimizer, keep_state: Callable[[], Callable[[], None]],
+                 strict: bool, warn: Callable[[str], None]):
+        self.body, self.optimizer, self.keep_state, self.strict, self.warn = body, optimizer, keep_state, strict, warn
+        device = optimizer.param_groups[0]["params"][0].device
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
         self.graphs: dict[tuple, _Captured] = {}
         self.seen: set[tuple] = set()
         self.pool = None
@@ -167,8 +164,8 @@ class GraphedSteps:
     def capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor, extra) -> _Captured | None:
         """Record the step for this shape (nothing runs yet); None after a failure that is not strict."""
         c = _Captured(x, y)
-        saved = [(group["lr"], group["capturable"]) for group in self.param_groups]
-        for group, lr in zip(self.param_groups, self.lrs):
+        saved = [(group["lr"], group["capturable"]) for group in self.optimizer.param_groups]
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
             group["lr"] = lr  # the fused AdamW reads the tensor at each replay
             group["capturable"] = True  # AdamW refuses capture otherwise; its fused kernel is the same
         torch.cuda.synchronize()
@@ -193,7 +190,7 @@ class GraphedSteps:
             return None
         finally:  # the scheduler, checkpoints and eager steps keep the float rate (and no warning that a
             # capturable optimizer steps outside a capture)
-            for group, (lr, capturable) in zip(self.param_groups, saved):
+            for group, (lr, capturable) in zip(self.optimizer.param_groups, saved):
                 group["lr"], group["capturable"] = lr, capturable
         c.restore = self.keep_state()
         self.pool = self.pool if self.pool is not None else c.graph.pool()
@@ -201,7 +198,7 @@ class GraphedSteps:
         return c
 
     def replay(self, c: _Captured, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for group, lr in zip(self.param_groups, self.lrs):
+        for group, lr in zip(self.optimizer.param_groups, self.lrs):
             lr.fill_(group["lr"])
         c.x.copy_(x, non_blocking=True)
         c.y.copy_(y, non_blocking=True)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from dcablate.kernels import use_fla
-from dcablate.kernels.members import over_members, per_member
 from dcablate.kernels.dynamic_conv.naive import dynamic_conv_headwise_reference, dynamic_conv_lowrank_reference
 
 
-@over_members(per_member)  # each member forms its filters from its own U and S
 def dynamic_conv_lowrank(x, z, U, S=None, activation=None, residual=True, cu_seqlens=None, backend="auto"):
     """x [B, T, D], z [B, T, R], U [R, W, D], S [W, D] or None -> act(conv) (+ x)."""
     if not use_fla(x, backend):  # `fla` names the GPU kernel family: fla's and ours
@@ -25,7 +23,6 @@ def dynamic_conv_lowrank(x, z, U, S=None, activation=None, residual=True, cu_seq
                             residual)
 
 
-@over_members(per_member)
 def dynamic_conv_headwise(x, G, S=None, activation=None, residual=True, cu_seqlens=None, backend="auto"):
     """x [B, T, D], G [B, T, H, W], S [W, D] or None -> act(conv) (+ x)."""
     if not use_fla(x, backend):

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcablate.kernels.members import over_members, rows
 from dcablate.models.conv import make_conv
 from dcablate.models.conv.streams import conv_prefill, conv_prefill_joint, conv_step
 from dcablate.models.mixers.base import TokenMixer
@@ -17,12 +16,6 @@ def rotary_tables(seq_len: int, dim: int, theta: float, device, dtype=torch.floa
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     angles = torch.outer(torch.arange(start, start + seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-@over_members(rows("q", "k", "v"))  # models stepped in lockstep: their batches are more rows of one call
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v `[B, H, T, Dh]` -> `[B, H, T, Dh]`, causal: torch's SDPA (flash or cuDNN on CUDA)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,7 +66,7 @@ class Attention(TokenMixer):
         cos, sin = self._rope[key]
         q, k = (apply_rotary(t, cos, sin).transpose(1, 2) for t in (q, k))
         v = v.transpose(1, 2)
-        o = causal_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
         y, so = conv_prefill(self.o_conv1d, self.o_proj(o), h, keep)
         return y, (k, v, (sq, sk, sv, so))
 
