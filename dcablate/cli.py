@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +56,6 @@ class Commands(click.Group):
 
     def resolve_command(self, ctx, args):
         name = args[0] if args else ""
-        if name == "help":  # `dcablate help [COMMAND]`, as git and pip take it: that command's --help
-            command = self.get_command(ctx, args[1]) if len(args) > 1 else None
-            if len(args) > 1 and command is None:
-                args = args[1:]  # an unknown command after help: the hint below names the one meant
-            else:
-                with click.Context(command, info_name=args[1], parent=ctx) if command else nullcontext(ctx) as c:
-                    click.echo(c.get_help())
-                ctx.exit(0)
-            name = args[0]
         if args and not name.startswith("-") and self.get_command(ctx, name) is None:
             ctx.fail(f"No such command {name!r}{self.meant(ctx, name)}.")
         return super().resolve_command(ctx, args)
@@ -74,7 +64,7 @@ class Commands(click.Group):
         """' (did you mean 'x'?)' for a misspelt command or another tool's word for one (`lsit` -> recipes)."""
         if name in COMMAND_SYNONYMS:
             return f" (did you mean '{COMMAND_SYNONYMS[name]}'?)"
-        near = did_you_mean(name, [*self.list_commands(ctx), *COMMAND_SYNONYMS, "help"])
+        near = did_you_mean(name, [*self.list_commands(ctx), *COMMAND_SYNONYMS])
         word = near.partition("'")[2].rpartition("'")[0]
         return f" (did you mean '{COMMAND_SYNONYMS[word]}'?)" if word in COMMAND_SYNONYMS else near
 
@@ -83,6 +73,24 @@ class Commands(click.Group):
 @click.version_option(__version__, prog_name="dcablate")
 def cli():
     """Architecture ablations on linear RNNs and MoE models with static and dynamic short convolutions."""
+
+
+@cli.command(name="help")
+@click.argument("command", nargs=-1)
+@click.pass_context
+def help_(ctx, command):
+    """The help of dcablate, or of COMMAND (`dcablate help run`, `dcablate help bench train`): what --help prints."""
+    at = ctx.parent
+    for word in command:  # down the command path, as `dcablate bench train --help` would go
+        group = at.command
+        sub = group.get_command(at, word) if isinstance(group, click.Group) else None
+        if sub is None:
+            if not isinstance(group, click.Group):
+                ctx.fail(f"{at.command_path} takes no command; `dcablate help {' '.join(command[:-1])}` gives its help")
+            near = group.meant(at, word) if isinstance(group, Commands) else did_you_mean(word, group.list_commands(at))
+            ctx.fail(f"No such command {word!r}{near}.")
+        at = click.Context(sub, info_name=word, parent=at)
+    click.echo(at.get_help())
 
 
 @cli.command()
@@ -676,10 +684,10 @@ def one_run(command: str, run: Path | None, run_dir: Path | None) -> tuple[Path,
 
 @cli.command(name="eval")
 @click.option("--task", "task_kind", type=RegisteredName(TASKS), default=None,
-              help="The run's task (the one it was trained on, also the default); named to make a script's intent "
-                   "explicit, as a run is measured only on its own task.")
+              help="The run's task (the one it was trained on, also the default): a run is measured only on its own "
+                   "task. On a folder: evaluate its runs of this task, and name the others.")
 @click.option("--data", default=None, help="lm: evaluate on all of this text (file, folder or glob) instead of "
-              "the run's validation split.")
+              "the run's validation split. On a folder: its LM runs.")
 @click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
               help="A finished run directory, or a sweep's folder: each of its finished runs (or give it as RUN).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -719,16 +727,22 @@ def eval_(task_kind, run_dir, overrides, data, run):
             finished.remove(p)
     if not finished:
         raise UserError(f"{run_dir}: none of its finished runs could be read (said above): {', '.join(failed)}")
-    kinds = set(kind_of.values())
+    if data and task_kind not in (None, "lm"):
+        raise UserError(f"--data is text for LM runs and --task {task_kind} picks the {task_kind} runs; drop one")
     # --task, or --data (LM text), picks the folder's runs of that task; the others are named, not refused
     wanted, why = (task_kind, f"--task {task_kind}") if task_kind else ("lm", "--data") if data else (None, "")
     other_tasks = [named[p] for p in finished if wanted and kind_of[p] != wanted]
     if wanted and len(other_tasks) == len(finished):
+        note = "; --data is text for LM runs" if why == "--data" else ""
         raise UserError(f"{why}: no finished run below {run_dir} was trained on task '{wanted}' (they have "
-                        f"{', '.join(sorted(kinds))}){'; --data is text for LM runs' if why == '--data' else ''}")
+                        f"{', '.join(sorted(set(kind_of.values())))}){note}")
     finished = [p for p in finished if not wanted or kind_of[p] == wanted]
+    kinds = {kind_of[p] for p in finished}  # the tasks evaluated: a --set of another task's section applies to none
     for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
         section = _task_section(o)
+        if section is not None and section not in kinds and wanted:
+            raise UserError(f"--set {o}: {why} evaluates the {wanted} runs only, so [task.{section}] applies to none "
+                            f"of them")
         if section is not None and section not in kinds:
             raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
                             f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")

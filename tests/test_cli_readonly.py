@@ -200,3 +200,17 @@ def test_help_as_a_command_gives_the_help(capsys):
         want = capsys.readouterr().out
         assert main(argv) == 0
         assert capsys.readouterr().out == want
+
+
+def test_help_goes_down_the_command_path(capsys):
+    """`dcablate help bench train` is `dcablate bench train --help`; `help help` is help's own help; `help` is listed."""
+    from dcablate.cli import main
+
+    assert main(["bench", "train", "--help"]) == 0
+    want = capsys.readouterr().out
+    assert main(["help", "bench", "train"]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["help", "help"]) == 0
+    assert capsys.readouterr().out.startswith("Usage: dcablate help [OPTIONS] [COMMAND]...")
+    assert main(["help"]) == 0
+    assert "\n  help " in capsys.readouterr().out
