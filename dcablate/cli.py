@@ -729,23 +729,31 @@ def eval_(task_kind, run_dir, overrides, data, run):
         raise UserError(f"{run_dir}: none of its finished runs could be read (said above): {', '.join(failed)}")
     if data and task_kind not in (None, "lm"):
         raise UserError(f"--data is text for LM runs and --task {task_kind} picks the {task_kind} runs; drop one")
-    # --task, or --data (LM text), picks the folder's runs of that task; the others are named, not refused
+    all_kinds = set(kind_of.values())
+    sections = {}  # task -> its first --set: settings of a task section pick that task's runs
+    for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
+        section = _task_section(o)
+        if section is not None and section not in all_kinds:
+            raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
+                            f"{', '.join(sorted(all_kinds))}), so [task.{section}] applies to none of them")
+        if section is not None:
+            sections.setdefault(section, o)
+    # --task, --data (LM text) or a --set of task sections picks the folder's runs of that task (those tasks); the
+    # others are named, not evaluated again at the settings they had
     wanted, why = (task_kind, f"--task {task_kind}") if task_kind else ("lm", "--data") if data else (None, "")
-    other_tasks = [named[p] for p in finished if wanted and kind_of[p] != wanted]
+    for section, o in sections.items():
+        if wanted and section != wanted:
+            raise UserError(f"--set {o}: {why} evaluates the {wanted} runs only, so [task.{section}] applies to none "
+                            f"of them")
+    picked = {wanted} if wanted else set(sections) or all_kinds
+    other_tasks = [named[p] for p in finished if kind_of[p] not in picked]
     if wanted and len(other_tasks) == len(finished):
         note = "; --data is text for LM runs" if why == "--data" else ""
         raise UserError(f"{why}: no finished run below {run_dir} was trained on task '{wanted}' (they have "
-                        f"{', '.join(sorted(set(kind_of.values())))}){note}")
-    finished = [p for p in finished if not wanted or kind_of[p] == wanted]
-    kinds = {kind_of[p] for p in finished}  # the tasks evaluated: a --set of another task's section applies to none
-    for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
-        section = _task_section(o)
-        if section is not None and section not in kinds and wanted:
-            raise UserError(f"--set {o}: {why} evaluates the {wanted} runs only, so [task.{section}] applies to none "
-                            f"of them")
-        if section is not None and section not in kinds:
-            raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
-                            f"{', '.join(sorted(kinds))}), so [task.{section}] applies to none of them")
+                        f"{', '.join(sorted(all_kinds))}){note}")
+    finished = [p for p in finished if kind_of[p] in picked]
+    if not wanted and sections:
+        why = f"--set task.{'/'.join(sorted(sections))}.*"
     settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
     for i, (point, settings) in enumerate(zip(finished, settled)):
         click.echo(f"[{i + 1}/{len(finished)}] {named[point]}")
@@ -765,7 +773,7 @@ def eval_(task_kind, run_dir, overrides, data, run):
         except OSError as e:
             click.echo(f"error: {run_dir / 'eval'}: cannot save the table ({e.strerror or e})", err=True)
     if other_tasks:
-        click.echo(f"not evaluated, trained on another task than {why} asks for: {', '.join(other_tasks)}")
+        click.echo(f"not evaluated, another task than {why} picks: {', '.join(other_tasks)}")
     if weightless:
         click.echo(f"not evaluated, finished but without their weights (checkpoints/final.pt): {', '.join(weightless)}")
     if left:
@@ -828,6 +836,10 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
                 raise UserError(f"--set {o}: decides which documents the run trained on and which it is tested on; "
                                 f"another split would test it on text it trained on, so eval keeps the run's ({k} as "
                                 f"in {recipe_path}; to test on other text: --data)")
+            if k.startswith("task.") and option in TASKS.get(trained.task.kind).learned:
+                raise UserError(f"--set {o}: decides what the run learned (task '{trained.task.kind}': another value "
+                                f"asks it what it was never taught), so eval keeps the run's ({k} as in "
+                                f"{recipe_path})")
             if k.startswith("task.") and option in EVAL_TRAINING_KEYS:
                 raise UserError(f"--set {o}: sets the run's training data, which eval does not read (it measures "
                                 f"the test set, drawn unlike the run's own training set); leave it out")
@@ -852,7 +864,7 @@ def _kept_by_whole_sections(trained, r, applied: list[str], recipe_path: Path) -
     old, new = getattr(trained.task, kind, None), getattr(r.task, kind, None)
     if not whole or old is None or new is None:
         return
-    for key in (*EVAL_TOKEN_KEYS, *EVAL_TRAINING_KEYS, *EVAL_SPLIT_KEYS):
+    for key in (*EVAL_TOKEN_KEYS, *EVAL_TRAINING_KEYS, *EVAL_SPLIT_KEYS, *TASKS.get(kind).learned):
         if hasattr(old, key) and getattr(old, key) != getattr(new, key):
             raise UserError(f"--set {whole[0]}: replaces the whole [task.{kind}] section, which leaves "
                             f"task.{kind}.{key} at {getattr(new, key)!r} where the run had {getattr(old, key)!r} "

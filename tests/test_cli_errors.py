@@ -49,6 +49,7 @@ num_examples = 32
 
 # the same, a byte-level language model (generate's cases); its text is never read before the errors they test
 LM_OK = OK.split("[task.mqar]")[0] + '[task]\nkind = "lm"\n[task.lm]\ndata = "text.txt"\nseq_len = 16\n'
+MEMORIZATION_OK = OK.split("[task.mqar]")[0] + '[task]\nkind = "memorization"\n[task.memorization]\ndata_seed = 3\n'
 
 DRY = ["--dry-run"]
 
@@ -404,6 +405,12 @@ CASES = [
          ("--set task.lm.split_seed=7: decides which documents the run trained on and which it is tested on; another "
           "split would test it on text it trained on, so eval keeps the run's (task.lm.split_seed as in ",
           "; to test on other text: --data)"), files={"rd/recipe.toml": LM_OK}),
+    Case("eval-set-what-a-run-memorized", ["eval", "rd", "--set", "task.memorization.data_seed=7"],
+         ("--set task.memorization.data_seed=7: decides what the run learned (task 'memorization': another value asks "
+          "it what it was never taught), so eval keeps the run's (task.memorization.data_seed as in ",),
+         files={"rd/recipe.toml": MEMORIZATION_OK}),
+    Case("eval-whole-section-resets-what-a-run-memorized", ["eval", "rd", "--set", "task.memorization={seq_len=16}"],
+         ("leaves task.memorization.data_seed at 0 where the run had 3",), files={"rd/recipe.toml": MEMORIZATION_OK}),
     Case("a-command-by-another-tools-word", ["list"], ("No such command 'list' (did you mean 'recipes'?).",)),
     Case("a-misspelt-command", ["evl", "rd"], ("No such command 'evl' (did you mean 'eval'?).",)),
     Case("a-misspelt-word-of-another-tool", ["lsit"], ("No such command 'lsit' (did you mean 'recipes'?).",)),

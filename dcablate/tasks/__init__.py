@@ -29,7 +29,9 @@ class TaskSpec(ComponentSpec):
     chance            the headline a uniform guess among the tokens a scored position can hold scores, from the
                       task section's values ({key: value}); None where it has no such meaning (LM)
     unread            `(recipe) -> [(key, why), ...]`: keys of its section that the recipe's other settings leave
-                      unread (LM's `vocab_size` with byte tokens); a setting of one gets a note"""
+                      unread (LM's `vocab_size` with byte tokens); a setting of one gets a note
+    learned           keys of its section that fix what a trained model knows beyond its tokens (memorization's
+                      `data_seed`: the key-value map it memorized): `eval` keeps the run's values"""
     headline: str = field(kw_only=True)
     higher_is_better: bool = field(kw_only=True)
     headline_label: str = field(default="", kw_only=True)
@@ -37,6 +39,7 @@ class TaskSpec(ComponentSpec):
     sparse_targets: bool = field(default=False, kw_only=True)
     chance: Callable[[dict], float] | None = field(default=None, kw_only=True)
     unread: Callable = field(default=lambda recipe: [], kw_only=True)
+    learned: tuple[str, ...] = field(default=(), kw_only=True)
 
 
 class Task:

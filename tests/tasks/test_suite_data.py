@@ -164,3 +164,16 @@ def test_checking_a_suite_recipe_leaves_torch_unloaded():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_test_set_of_a_few_examples_repeated_is_a_user_error():
+    """Recall at V = 4, T = 6 with 64 training examples: test rows unlike every training row survive often enough,
+    but they are a handful of examples repeated over the 1280 test rows, which measures those few."""
+    task = build_task(suite_recipe("recall", vocab_size=4, seq_len=6, num_train_examples=64,
+                                   num_test_examples=1280).task)
+    with pytest.raises(UserError, match=r"task.recall: the 1280 test examples drawn unlike every training example "
+                                        r"are only \d+ distinct ones, repeated: .*lower num_train_examples or "
+                                        r"num_test_examples"):
+        task.data
+    ok = build_task(suite_recipe("recall", vocab_size=16, seq_len=32, num_train_examples=64).task).data
+    assert len(np.unique(ok.test[0], axis=0)) == len(ok.test[0])

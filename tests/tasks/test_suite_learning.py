@@ -183,3 +183,21 @@ def test_a_setting_with_too_few_distinct_examples_writes_nothing_and_the_fixed_r
                  "--set", "task.recall.seq_len=32"]) == 0, capsys.readouterr().err
     summary = json.loads(Path("runs/t/summary.json").read_text())
     assert summary["time_s"]["data"] > 0
+
+
+def test_eval_folder_with_a_task_setting_takes_that_tasks_runs(one_thread, tmp_path, monkeypatch, capsys):
+    """`eval FOLDER --set task.recall.KEY=...` over a suite folder measures its recall runs at the new setting and
+    names the others, instead of measuring them again at the settings they had."""
+    from dcablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    sections = {"recall": {"vocab_size": 16, "seq_len": 32}, "memorization": {"vocab_size": 32, "seq_len": 16}}
+    for kind, section in sections.items():
+        Path("r.toml").write_text(recipe_text(kind, section, {"run": {"name": kind}, "train": {"steps": 4, "warmup_steps": 1}}))
+        assert main(["run", "r.toml", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "runs", "--set", "task.recall.seq_len=64"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] recall" in out and "not evaluated, another task than --set task.recall.* picks: memorization" in out
+    assert json.loads(Path("runs/recall/eval/recall.json").read_text())["setting"]["seq_len"] == 64
+    assert not Path("runs/memorization/eval").exists()

@@ -43,4 +43,4 @@ def chance(o: dict) -> float:
 register_task(TaskSpec("memorization", "dcablate.tasks.memorization.task:MemorizationTask", MemorizationSection,
                        "memorization options", spec_check("memorization", problems),
                        headline="accuracy", higher_is_better=True, headline_label="memorization accuracy",
-                       bounded=True, chance=chance, sparse_targets=True))
+                       bounded=True, chance=chance, sparse_targets=True, learned=("data_seed",)))

@@ -46,8 +46,9 @@ def row_hashes(inputs: np.ndarray) -> np.ndarray:
 def generate(make: Make, n: int, seed: np.random.SeedSequence, train: bool, dtype: np.dtype,
              exclude: np.ndarray | None = None, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """`n` examples `(inputs [n, T], targets [n, T])` in `dtype`, from whole chunks of `chunk` rows of one
-    generator seeded by `seed`. `exclude`: row hashes (`row_hashes`) of inputs to leave out; raises
-    TooFewDistinct when fewer than one generated row in ten survives that."""
+    generator seeded by `seed`. `exclude`: row hashes (`row_hashes`) of inputs to leave out (the test split);
+    raises TooFewDistinct when fewer than one generated row in ten survives that, or when fewer than one in ten of
+    the `n` rows kept is distinct (a test set of a few examples repeated measures those few)."""
     rng = np.random.default_rng(seed)
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     have = made = 0
@@ -64,6 +65,11 @@ def generate(make: Make, n: int, seed: np.random.SeedSequence, train: bool, dtyp
                                  f"({made} tried)")
     inputs = np.concatenate([p[0] for p in parts])[:n]
     targets = np.concatenate([p[1] for p in parts])[:n]
+    if exclude is not None:
+        distinct = len(np.unique(row_hashes(inputs)))
+        if distinct * 10 < n:
+            raise TooFewDistinct(f"the {n} test examples drawn unlike every training example are only {distinct} "
+                                 f"distinct ones, repeated")
     return inputs, targets
 
 

@@ -53,9 +53,10 @@ class SuiteTask(Task):
                 self._data = SuiteData(self.make, c.num_train_examples, c.num_test_examples, c.data_seed,
                                        c.vocab_size, chunk=self.chunk, exclude=exclude)
             except TooFewDistinct as e:
+                fewer = "num_test_examples" if t is not None else "num_train_examples or num_test_examples"
                 raise UserError(f"task.{self.kind}: {e}: the setting has too few distinct examples for a test "
                                 f"set disjoint from training; raise task.{self.kind}.vocab_size or seq_len, or "
-                                f"lower num_train_examples") from None
+                                f"lower {fewer}") from None
         return self._data
 
     def use_run(self, run_dir) -> None:
