@@ -139,9 +139,9 @@ def test_a_bad_suite_recipe_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, tmp_path, monkeypatch, capsys):
-    """`eval --set task.recall.seq_len=4` tests on short sequences: the test set must be unlike the run's own
-    training set (length 32), not unlike a training set of the new setting, which at length 4 holds every
-    example there is. num_train_examples only makes training data, so eval refuses it in one line."""
+    """`eval --set task.recall.seq_len=6` tests on short sequences: the test set must be unlike the run's own
+    training set (length 32), not unlike a training set of the new setting, which at length 6 holds about every
+    example there is (20). num_train_examples only makes training data, so eval refuses it in one line."""
     from dcablate.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -161,8 +161,11 @@ def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, 
     assert "replaces the whole [task.recall] section, which leaves task.recall.vocab_size at " in err
     assert "where the run had 4" in err and "set the keys one by one" in err
     assert not Path("runs/t/eval/recall-2.json").exists()
-    assert main(["eval", "--run", "runs/t", "--set", "task.recall.seq_len=4"]) == 0, capsys.readouterr().err
-    assert json.loads(Path("runs/t/eval/recall-2.json").read_text())["setting"]["seq_len"] == 4
+    assert main(["eval", "--run", "runs/t", "--set", "task.recall.seq_len=6"]) == 0, capsys.readouterr().err
+    assert json.loads(Path("runs/t/eval/recall-2.json").read_text())["setting"]["seq_len"] == 6
+    # at length 4 there are 4 examples in all: 64 test rows of them measure those 4, and are refused
+    assert main(["eval", "--run", "runs/t", "--set", "task.recall.seq_len=4"]) == 2
+    assert "distinct ones, repeated" in capsys.readouterr().err
 
 
 def test_a_setting_with_too_few_distinct_examples_writes_nothing_and_the_fixed_rerun_trains(tmp_path, monkeypatch,
