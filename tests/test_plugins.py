@@ -38,13 +38,15 @@ class RunningMeanOptions:
 
 class RunningMean(TokenMixer):
     """`y_t = o(mean_{s<=t} conv(v(h))_s)`: causal, one value stream `v` with a conv on it (any attribute name:
-    the counts find the modules `make_conv` made)."""
+    the counts find the modules `make_conv` made), and under `all_linear` a conv after the output projection too
+    (the stream `o`, which the spec's default `output_conv=True` declares)."""
 
     def __init__(self, d_model: int, conv_cfg, backend: str):
         super().__init__()
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
         self.value_filter = make_conv(conv_cfg, "v", d_model, d_model, backend)
+        self.output_filter = make_conv(conv_cfg, "o", d_model, d_model, backend, placement="all_linear")
 
     @classmethod
     def from_config(cls, m, layer_idx: int) -> "RunningMean":
@@ -53,7 +55,7 @@ class RunningMean(TokenMixer):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         v = conv_or_identity(self.value_filter, self.v_proj(h), h)
         steps = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=v.dtype)[None, :, None]
-        return self.o_proj(v.cumsum(1) / steps)
+        return conv_or_identity(self.output_filter, self.o_proj(v.cumsum(1) / steps), h)
 
 
 # ------------------------------------------------------------------------------------------ a conv kind
@@ -736,3 +738,32 @@ def test_a_run_keeps_the_digests_of_the_plugins_it_uses(tmp_path, monkeypatch):
         CONV_KINDS.unregister("plugin_shift")
         registry._registered_by.pop(("conv kind", "plugin_shift"), None)
         registry._plugins_loaded.difference_update({"shift_plugin", "quiet_plugin"})
+
+
+def test_a_declared_stream_without_a_conv_is_refused(tmp_path, monkeypatch, capsys):
+    """A mixer that declares the output stream `o` (the spec's default `output_conv=True`) but builds no conv there
+    would leave `placement = "all_linear"` without effect while its runs are named `@all_linear`: refused in one
+    line; `output_conv=False` says it has none, and then all_linear covers its other streams only."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    class NoOutputConv(RunningMean):
+        def __init__(self, d_model: int, conv_cfg, backend: str):
+            super().__init__(d_model, conv_cfg, backend)
+            self.output_filter = None
+
+    monkeypatch.chdir(tmp_path)
+    Path("n.toml").write_text('[model]\nmixer = "no_output_conv"\nd_model = 32\n'
+                              '[model.conv]\nkind = "static"\nplacement = "all_linear"\n')
+    try:
+        for output_conv, rc in ((True, 2), (False, 0)):
+            MIXERS.register(MixerSpec("no_output_conv", NoOutputConv, None, "x", output_conv=output_conv,
+                                      conv_streams=lambda m: [("v", m.d_model)]), replace=True)
+            capsys.readouterr()
+            assert main(["info", "n.toml"]) == rc
+            err = capsys.readouterr().err
+            if rc:
+                assert err.startswith("error: model.mixer = 'no_output_conv', model.ffn = 'none': no conv was built on "
+                                      "the declared stream 'o' (32 channels)") and err.count("\n") == 1, err
+    finally:
+        MIXERS.unregister("no_output_conv")

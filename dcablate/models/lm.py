@@ -164,7 +164,7 @@ class LanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
         for i, block in enumerate(self.blocks[: m.cycle]):  # the other blocks repeat these
             check_streams(block, conv_streams(m, i), {"mixer": f"model.mixer = {m.mixer_at(i)!r}",
-                                                      "ffn": f"model.ffn = {m.ffn!r}"})
+                                                      "ffn": f"model.ffn = {m.ffn!r}"}, conv_on=m.conv.kind != "none")
         self.norm = RMSNorm(m.d_model, m.norm_eps, m.backend)
         self.task_head = task_head  # set before the init below, which then covers its linear layers too
         self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)

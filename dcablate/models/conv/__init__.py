@@ -73,12 +73,15 @@ def make_conv(conv_cfg, stream: str, dim: int, gen_dim: int, backend: str = "aut
     return conv
 
 
-def check_streams(block, declared: list[tuple[str, int]], keys: dict[str, str]) -> None:
+def check_streams(block, declared: list[tuple[str, int]], keys: dict[str, str], conv_on: bool = False) -> None:
     """A UserError when a component of `block` built a conv on a stream, or of a width, that the specs'
     `conv_streams` (`declared`: (stream, channels) of the block, `config.conv_streams`) do not declare: the recipe's
     checks (`model.conv.heads` dividing every stream) and the counts read the declared ones. `keys`: the block's
-    attribute of each component -> its recipe setting (`{"mixer": "model.mixer = 'ema'"}`), which the error names."""
+    attribute of each component -> its recipe setting (`{"mixer": "model.mixer = 'ema'"}`), which the error names.
+    `conv_on` (a conv kind other than none): also when a declared stream got no conv, which would leave a placement
+    or a stream of the recipe without effect while its runs are named as if it had one."""
     pairs = set(declared)
+    built = set()
     for attribute, key in keys.items():
         component = getattr(block, attribute, None)
         for module in component.modules() if component is not None else ():
@@ -91,6 +94,18 @@ def check_streams(block, declared: list[tuple[str, int]], keys: dict[str, str]) 
                 raise UserError(f"{key}: a conv was built on stream {module.conv_stream!r} with {module.dim} "
                                 f"channels, but the specs' conv_streams declare {listed} for this block; declare the "
                                 f"streams the layers pass to make_conv, with their widths")
+            built.add((module.conv_stream, module.dim))
+    unbuilt = [pair for pair in declared if pair not in built] if conv_on else []
+    if unbuilt:
+        from dcablate.errors import UserError
+
+        stream, dim = unbuilt[0]
+        output = (" (`o`: the mixer's output, which model.conv.placement = \"all_linear\" declares unless its spec sets "
+                  "output_conv=False; build it with make_conv(conv_cfg, \"o\", d_model, d_model, backend, "
+                  "placement=\"all_linear\"))") if stream == "o" else ""
+        raise UserError(f"{', '.join(keys.values())}: no conv was built on the declared stream {stream!r} ({dim} "
+                        f"channels){output}, so the recipe's conv would do nothing there; build it with make_conv, or "
+                        f"leave it out of the spec's conv_streams")
 
 
 def _impl_problem(cls) -> str | None:
