@@ -49,6 +49,9 @@ MIN_VARIANT_POINTS = 2
 # sizes back in most draws, and an interval far too narrow
 MIN_INTERVAL_SIZES = 3
 MAX_LOG_MULTIPLIER = math.log(1e9)  # a fitted multiplier outside [1e-9, 1e9] means the variant's curve ran off
+# the start grid's largest exponent is 3; a fit that runs far beyond it (loss down 32x per doubling at 5) draws a
+# step through a few points, which a baseline whose loss does not fall steadily with size gets, not a power law
+MAX_ALPHA = 5.0
 
 AXES = {"compute": "training FLOPs", "params": "parameter count"}
 
@@ -382,6 +385,9 @@ def _solve(t: np.ndarray, loss: np.ndarray, group: np.ndarray, k: int, start: np
         e_fixed = True
     if not (np.all(np.isfinite(theta[:3])) and theta[2] > 0):
         raise UserError("scaling fit failed: no curve with a loss falling as the size grows fits these runs")
+    if theta[2] > MAX_ALPHA:
+        raise UserError(f"scaling fit failed: the best curve falls as a step (alpha = {theta[2]:.1f}), not as a "
+                        f"power law: the baseline's loss does not fall steadily as the size grows")
     # a variant whose loss does not fall is "fitted" by sliding its curve off to m -> 0 or infinity, where
     # it is flat; a multiplier beyond 1e9 either way is that, not a measurement
     lost = [v for v in range(1, k) if not abs(theta[2 + v]) <= MAX_LOG_MULTIPLIER]

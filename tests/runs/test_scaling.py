@@ -197,6 +197,18 @@ def test_rising_loss_is_a_user_error():
         fit_joint(points, "baseline")
 
 
+def test_a_baseline_whose_loss_does_not_fall_steadily_is_not_fitted_as_a_step():
+    """Three baseline sizes with losses 3.67, 3.40, 3.55 (a small CPU sweep's): the least-squares curve is a
+    step (alpha in the tens, A overflowing to inf), which the report used to print as a fit; it is refused."""
+    sizes = (1e12, 2e12, 4e12)
+    points = [Point("baseline", c, loss, seed=s) for c, loss in zip(sizes, (3.67, 3.40, 3.55)) for s in (0, 1)]
+    points += [Point("static", c, loss, seed=0) for c, loss in zip(sizes, (3.60, 3.38, 3.50))]
+    with np.errstate(all="raise"):  # and no numpy warning on the way
+        with pytest.raises(UserError, match=r"falls as a step \(alpha = [\d.]+\), not as a power law") as info:
+            fit_joint(points, "baseline")
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------------------- the checks of `compare`
 
 
