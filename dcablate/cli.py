@@ -20,9 +20,9 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (POINTS_FILE, add_points, echo_library_logs, fresh_dir, made_here, planned_points,
-                                       read_summary, record_command, run_dir_named, run_directory_line, run_identity,
-                                       run_state, same_run_folders, save_new_file)
+from dcablate.runs.directories import (POINTS_FILE, add_points, echo_library_logs, fresh_dir, goes_on, made_here,
+                                       planned_points, read_summary, record_command, run_dir_named, run_directory_line,
+                                       run_identity, run_state, same_command, same_run_folders, save_new_file, went_to)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -186,9 +186,11 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         # --force-new: a fresh copy beside the run, or for a sweep's point beside the sweep's folder (a single run
         # named as the recipe names it, never a folder of the working directory's)
         root = here.resolve().parent if force_new and is_sweep_point(here) else here
+    went_to(None, ARGV, recipe, bool(base.sweep))  # (a process may run several commands: tests, a notebook)
     if force_new and root.exists():
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")
+        went_to(new_root, ARGV, recipe, bool(base.sweep))
         root = new_root
     launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps,
                            runs_per_worker)
@@ -277,7 +279,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 add_points(root, names)
             else:
                 # a best_lr_seeds command's second stage adds its points after: the grid's alone are no narrower rerun
-                record_command(root, ARGV, names, when=began, keep_on_subset=BEST_LR_SEEDS_KEY not in base.sweep)
+                record_command(root, goes_on() or ARGV, names, when=began,
+                               keep_on_subset=BEST_LR_SEEDS_KEY not in base.sweep)
 
 
 def _state_line(point) -> str:
@@ -602,7 +605,7 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
     if failed:
         trained = sum(state != "finished" for *_, state in plan)
         raise Stop(f"error: {len(failed)} of {trained} runs failed (listed above); the others finished; fix the "
-                   f"cause and run the same command to train the failed ones", 1)
+                   f"cause and run {same_command()} to train the failed ones", 1)
 
 
 def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: LaunchOptions, slots,

@@ -96,6 +96,46 @@ NARROWER = "\t(some of the grid's points: points.txt kept)"  # ends the line of 
 POINTS_FILE = "points.txt"  # in a sweep's folder: the grid's points, one per line (`record_command`)
 
 
+_GOES_ON: list[str] | None = None  # `dcablate run` arguments that go on in a copy --force-new made (`went_to`)
+
+
+def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> list[str] | None:
+    """After `dcablate run ... --force-new` made the fresh copy `copy`: the command's arguments that go on training
+    there (`argv` again would make yet another copy). A sweep's: without --force-new, with `--set run.name` naming
+    the copy; a single run's: the copy's own directory, which resumes where it is. Resume advice quotes them
+    (`same_command`), and a sweep's commands.log records them. `copy` None: no copy (the command's own advice)."""
+    global _GOES_ON
+    if copy is None:
+        _GOES_ON = None
+        return None
+    rest, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip or arg == "--force-new":
+            skip = False
+            continue
+        if not sweep and arg == "--set":  # the copy's recipe.toml holds them
+            skip = True
+            continue
+        if not sweep and arg.startswith("--set="):
+            continue
+        rest.append(str(copy) if not sweep and i > 0 and arg == recipe else arg)
+    _GOES_ON = [*rest, "--set", f"run.name={json.dumps(copy.name)}"] if sweep else rest
+    return _GOES_ON
+
+
+def goes_on() -> list[str] | None:
+    """The arguments `went_to` gave, None when no copy was made."""
+    return _GOES_ON
+
+
+def same_command() -> str:
+    """What resume advice tells to run: "the same command", or after --force-new made a copy the command that goes
+    on in it."""
+    import shlex
+
+    return "the same command" if _GOES_ON is None else f"`{shlex.join(['dcablate', *_GOES_ON])}`"
+
+
 def record_command(root: Path, argv: list[str], points: list[str] = (), when: float | None = None,
                    keep_on_subset: bool = True) -> None:
     """Append to `root/commands.log` the time (`when`, default now), the working directory and the `dcablate`

@@ -28,6 +28,7 @@ import torch
 from dcablate.errors import UserError
 from dcablate.models.costs import build_model, costs
 from dcablate.models.memory import allocation_failed
+from dcablate.runs.directories import same_command
 from dcablate.tasks import build_task
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
@@ -282,7 +283,7 @@ class Run:
                 self.state.save()
             name = signal.Signals(signum).name
             raise Stop(f"interrupted ({name}) at step {self.state.step}; checkpoint saved to {self.state.saved}; "
-                       f"run the same command to resume", 128 + signum)
+                       f"run {same_command()} to resume", 128 + signum)
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.task.higher_is_better else a < b

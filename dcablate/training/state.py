@@ -17,6 +17,7 @@ from typing import Callable
 
 from dcablate import config
 from dcablate.errors import UserError
+from dcablate.runs.directories import same_command
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
 from dcablate.training.runtime import Stop, plugin_digests, rng_state, set_rng_state
@@ -148,7 +149,7 @@ class RunState:
         error = self.write_on_main(path, self.state_dict())
         if error is not None:
             kept = f"the previous checkpoint {self.saved} is intact" if self.saved else "no earlier checkpoint"
-            raise Stop(f"error: {error}; {kept}; free some space and run the same command to resume", 1)
+            raise Stop(f"error: {error}; {kept}; free some space and run {same_command()} to resume", 1)
         self.saved = path
         if self.main:
             checkpoint.prune(self.ckpt_dir, self.recipe.checkpoint.keep)

@@ -451,3 +451,30 @@ def test_a_run_that_stopped_before_its_first_step_takes_the_fixed_recipe(tmp_pat
     (run / "failed.json").write_text(json.dumps({"error": "later", "step": 0, "diverged": False}))
     assert main(["run", str(path), "--quiet", "--set", "train.steps=8"]) == 2  # it has checkpoints: refused
     assert "recipe changed since this run started" in capsys.readouterr().err
+
+
+def test_a_force_new_copy_is_resumed_by_the_command_its_advice_names(tmp_path, capsys, monkeypatch):
+    """After --force-new made `t-2`, "the same command" would make `t-3`: the sweep's commands.log (which a report's
+    advice and a folder's error quote) and the resume advice name the command that goes on in `t-2` instead; run
+    again, it finds every point finished there."""
+    from dcablate.runs.directories import last_command, same_command
+
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    assert main(["run", str(path), "--quiet", "--force-new", "--set", "train.steps=6"]) == 0
+    want = f"dcablate run {path} --quiet --set train.steps=6 --set 'run.name=\"t-2\"'"
+    assert same_command() == f"`{want}`"
+    assert last_command(tmp_path / "t-2").startswith(f"`{want}` (in ")
+    capsys.readouterr()
+    argv = ["run", str(path), "--quiet", "--set", "train.steps=6", "--set", 'run.name="t-2"']
+    assert main(argv) == 0
+    assert not (tmp_path / "t-3").exists() and same_command() == "the same command"
+    assert main(["run", str(path), "--dry-run"]) == 0
+    assert "2 runs: 2 finished" in capsys.readouterr().err
+
+    # a single run's copy goes on as its own directory, which holds its recipe and --set values
+    single = tmp_path / "one.toml"
+    single.write_text(recipes.dumps_toml(tiny(tmp_path, run={"name": "one"}).to_dict()))
+    assert main(["run", str(single), "--quiet"]) == 0
+    assert main(["run", str(single), "--quiet", "--force-new", "--set", "train.steps=6"]) == 0
+    assert same_command() == f"`dcablate run {tmp_path / 'one-2'} --quiet`"

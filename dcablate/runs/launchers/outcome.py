@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dcablate.runs.directories import read_summary, run_directory_line
+from dcablate.runs.directories import read_summary, run_directory_line, same_command
 from dcablate.runs.launchers.point import LOG_NAME, OUT_OF_MEMORY
 from dcablate.runs.preflight import resumes_from
 from dcablate.runs.progress import SweepProgress
@@ -188,8 +188,8 @@ def report(plan, to_train: list[int], out: Outcome, root: Path) -> None:
         click.echo(f"failed: {job.title} (exit code {code}): {line}   [{job.run_dir / LOG_NAME}]", err=True)
     if out.signal_name:
         raise Stop(f"interrupted ({out.signal_name}): {plural(len(out.interrupted), 'run')} stopped (checkpointed "
-                   f"if training had begun), {out.not_started} not started, {len(out.failed)} failed; run the same "
-                   f"command to resume", 128 + out.signal)
+                   f"if training had begun), {out.not_started} not started, {len(out.failed)} failed; run "
+                   f"{same_command()} to resume", 128 + out.signal)
     if out.failed:
         raise Stop(f"error: {len(out.failed)} of {len(to_train)} runs failed (listed above); the others "
-                   f"finished; fix the cause and run the same command to train the failed ones", 1)
+                   f"finished; fix the cause and run {same_command()} to train the failed ones", 1)

@@ -106,10 +106,11 @@ def wanted_for(flag: bool | None, uses_cuda: bool) -> bool:
 
 def stopped(stop) -> Exception:
     """The `Stop` that ends the command after `stop` (a `scheduler.Stopping`) caught a signal during the warm-up."""
+    from dcablate.runs.directories import same_command
     from dcablate.training.runtime import Stop
 
     name = signal.Signals(stop.caught[0]).name
-    return Stop(f"interrupted ({name}) during the warm-up, before any run trained; run the same command to start "
+    return Stop(f"interrupted ({name}) during the warm-up, before any run trained; run {same_command()} to start "
                 f"the sweep", 128 + stop.caught[0])
 
 
