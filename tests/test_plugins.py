@@ -257,6 +257,17 @@ def test_toy_components_train_and_evaluate_through_a_recipe(registered, tmp_path
     assert err.endswith("; it was trained with DCABLATE_PLUGINS=toy_plugin_module: set it to read this run (nothing "
                         "was written)\n")
     assert {f: Path("runs", f).read_bytes() for f in before} == before
+    # a run with no summary.json yet (stopped, failed) says so too: its recipe.toml's first line names them
+    assert Path("runs/toy/recipe.toml").read_text().startswith("# trained with DCABLATE_PLUGINS=toy_plugin_module\n")
+    Path("runs/toy/summary.json").unlink()
+    for registry, name in ((MIXERS, "running_mean"), (CONV_KINDS, "gated_shift"), (TASKS, "previous_token")):
+        registry.unregister(name)
+    try:
+        assert main(["run", "runs/toy", "--quiet"]) == 2
+    finally:
+        register_all()
+    err = capsys.readouterr().err
+    assert err.endswith("; it was trained with DCABLATE_PLUGINS=toy_plugin_module: set it to read this run\n"), err
 
 
 def test_a_mixers_convs_are_counted_whatever_their_attribute_names(registered):
@@ -767,3 +778,44 @@ def test_a_declared_stream_without_a_conv_is_refused(tmp_path, monkeypatch, caps
                                       "the declared stream 'o' (32 channels)") and err.count("\n") == 1, err
     finally:
         MIXERS.unregister("no_output_conv")
+
+
+class FloatInputs(PreviousToken):
+    def _batch(self, n: int, g: torch.Generator):
+        x, y = super()._batch(n, g)
+        return x.float(), y
+
+
+class ShortTargets(PreviousToken):
+    def _batch(self, n: int, g: torch.Generator):
+        x, y = super()._batch(n, g)
+        return x, y[:, 1:]
+
+
+class NoHeadline(PreviousToken):
+    def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
+        metrics = super().evaluate(model, device, batch_size, autocast)
+        return {"acc": metrics["accuracy"], "loss": metrics["loss"]}
+
+
+@pytest.mark.parametrize("task,message", [
+    (FloatInputs, "task 'previous_token': train_batches yielded (float32 [32, 12], int64 [32, 12]); a task's batches "
+                  "are (inputs, targets), int64 CPU tensors [batch_size = 32, T], of the same shape"),
+    (ShortTargets, "task 'previous_token': train_batches yielded (int64 [32, 12], int64 [32, 11]); a task's batches "
+                   "are (inputs, targets), int64 CPU tensors [batch_size = 32, T], of the same shape"),
+    (NoHeadline, "task 'previous_token': evaluate returned acc, loss, without its headline metric 'accuracy' "
+                 "(TaskSpec.headline), which runs are summarised, early-stopped and ranked by"),
+], ids=["float-inputs", "short-targets", "no-headline"])
+def test_a_plugin_tasks_bad_batches_or_metrics_are_one_line(registered, tmp_path, monkeypatch, capsys, task, message):
+    """What a task hands the training loop is checked where it first arrives, naming the task, instead of failing
+    inside the model's embedding, its loss or the progress line."""
+    from dcablate.cli import main
+    from dcablate.tasks import TASKS
+
+    TASKS.register(TaskSpec("previous_token", task, PreviousTokenOptions, "previous-token task options",
+                            headline="accuracy", higher_is_better=True, bounded=True), replace=True)
+    monkeypatch.chdir(tmp_path)
+    Path("toy.toml").write_text(RECIPE)
+    assert main(["run", "toy.toml", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -209,14 +209,33 @@ def run_directory_line(root: Path) -> str:
     return f"\nrun directory: {root}" + (f"   (tensorboard --logdir {root})" if logged else "")
 
 
+PLUGINS_COMMENT = "# trained with "  # recipe.toml's first line when plugins were loaded: "# trained with NAME=a,b"
+
+
+def plugins_line() -> str:
+    """The comment a run's recipe.toml starts with when plugin modules are loaded, naming them, so that a run that
+    has no summary.json yet (stopped, failed) still says what reading it needs; '' without plugins."""
+    from dcablate.registry import PLUGINS_ENV, plugin_names
+
+    names = plugin_names()
+    return f"{PLUGINS_COMMENT}{PLUGINS_ENV}={','.join(names)}\n" if names else ""
+
+
 def trained_with(run_dir: Path) -> str:
-    """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it, when some of them are not loaded now; else ''."""
+    """'DCABLATE_PLUGINS=a,b' as the run's summary.json records it (or, before it has one, its recipe.toml's first
+    line), when some of them are not loaded now; else ''."""
     from dcablate.registry import PLUGINS_ENV, plugin_names
 
     try:
         plugins = json.loads((run_dir / "summary.json").read_text())["versions"]["plugins"]
     except (OSError, ValueError, KeyError, TypeError):
-        return ""
+        try:
+            with open(run_dir / "recipe.toml", encoding="utf-8") as f:
+                first = f.readline()
+        except OSError:
+            return ""
+        prefix = f"{PLUGINS_COMMENT}{PLUGINS_ENV}="
+        plugins = first.strip()[len(prefix):].split(",") if first.startswith(prefix) else []
     return f"{PLUGINS_ENV}={','.join(plugins)}" if plugins and not set(plugins) <= set(plugin_names()) else ""
 
 

@@ -23,6 +23,33 @@ def scored_per_row(targets: torch.Tensor) -> np.ndarray:
     return np.count_nonzero(targets.numpy() != IGNORE_INDEX, axis=-1)
 
 
+def checked_batches(source: Iterable, kind: str, batch_size: int, same_length: bool) -> Iterator:
+    """`source`'s batches, the first checked to be what the step takes: `(inputs, targets)`, both int64 tensors
+    `[batch_size, T]` on the host, of one length when `same_length` (no task head that maps the length); else a
+    UserError naming the task, where a plugin task's bad batch would fail deep inside the model."""
+    from dcablate.errors import UserError
+
+    def described(t) -> str:
+        return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}" if isinstance(t, torch.Tensor) \
+            else type(t).__name__
+
+    it = iter(source)
+    for i, batch in enumerate(it):
+        if i == 0:
+            pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+            x, y = batch if pair else (batch, None)
+            ok = pair and all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 2
+                              and t.shape[0] == batch_size and t.device.type == "cpu" for t in (x, y))
+            if ok and same_length and x.shape != y.shape:
+                ok = False
+            if not ok:
+                got = f"({described(x)}, {described(y)})" if pair else described(batch)
+                raise UserError(f"task '{kind}': train_batches yielded {got}; a task's batches are (inputs, "
+                                f"targets), int64 CPU tensors [batch_size = {batch_size}, T]"
+                                + (", of the same shape" if same_length else ""))
+        yield batch
+
+
 _END = object()  # a drawn-ahead "batch" that says the iterator is exhausted
 
 

@@ -28,12 +28,12 @@ import torch
 from dcablate.errors import UserError
 from dcablate.models.costs import build_model, costs
 from dcablate.models.memory import allocation_failed
-from dcablate.runs.directories import same_command
+from dcablate.runs.directories import plugins_line, same_command
 from dcablate.tasks import build_task
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
 from dcablate.training import failure
-from dcablate.training.batches import device_batches
+from dcablate.training.batches import checked_batches, device_batches
 from dcablate.training.hparams import applicable
 from dcablate.training.logs import MetricsLog, NullLog
 from dcablate.training.optim import planned_steps
@@ -212,7 +212,7 @@ class Run:
         recipe, t = self.recipe, self.train_cfg
         try:
             if self.main:
-                checkpoint.write_atomic(self.run_dir / "recipe.toml", recipe.to_toml())
+                checkpoint.write_atomic(self.run_dir / "recipe.toml", plugins_line() + recipe.to_toml())
             with self.clock.phase("checkpoint"), one_at_a_time():  # it sets the process's generators
                 resumed = self.state.restore()
             if resumed:
@@ -317,6 +317,12 @@ class Run:
             except Interrupted:
                 set_rng_state(before)
                 raise
+            missing = self.task.headline not in metrics if isinstance(metrics, dict) else True
+            if missing:
+                got = ", ".join(map(str, metrics)) if isinstance(metrics, dict) else type(metrics).__name__
+                raise UserError(f"task '{self.recipe.task.kind}': evaluate returned {got or 'nothing'}, without "
+                                f"its headline metric '{self.task.headline}' (TaskSpec.headline), which runs are "
+                                f"summarised, early-stopped and ranked by")
         metrics = ddp.broadcast(metrics)
         self.log.write("eval", state.step, metrics)
         state.history.append({"step": state.step, **metrics})
@@ -345,7 +351,8 @@ class Run:
 
     def _loop(self) -> None:
         recipe, t, state = self.recipe, self.train_cfg, self.state
-        source = self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step)
+        source = checked_batches(self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step),
+                                 recipe.task.kind, t.batch_size, same_length=self.net.task_head is None)
         batches = device_batches(source, self.device, self.net.gather_scored)
         progress = Progress(self.label, t.steps, state.step,
                             enabled=not self.quiet and recipe.log.progress and self.main)
