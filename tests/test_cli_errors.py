@@ -278,7 +278,11 @@ CASES = [
           "so the sweep would override this --set; set vocab_size in the sweep's tables instead, in a recipe of your "
           'own (extends = "paper/suite_attention", [sweep] "task.recall" = [...]) or with --set '
           "'sweep.task.recall=[...]', 25 values: it is zipped; or drop the sweep (--set 'sweep={}' --set "
-          "'task.kind=\"recall\"': its sweep chooses the task)")),
+          "'task.kind=\"recall\"' --set run.name=NAME: its sweep chooses the task)")),
+    Case("set-a-misspelt-value-of-a-swept-key", ["run", "suite/tiny", *DRY, "--set", "task.kind=recal"],
+         ("--set task.kind=recal: 'recal' is not one of mqar|lm|recall|", "(did you mean 'recall'?)")),
+    Case("a-shipped-recipe-without-its-folder", ["run", "tiny", *DRY],
+         ("tiny: no such recipe file or shipped recipe (did you mean 'suite/tiny'?)",)),
     Case("set-a-misspelt-key-inside-a-swept-table", ["run", "paper/suite_attention", *DRY, "--set",
                                                      "task.recall.vocab_sise=32"],
          ("--set task.recall.vocab_sise=32: unknown key 'vocab_sise' in [task.recall] (did you mean 'vocab_size'?); "

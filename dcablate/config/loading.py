@@ -79,6 +79,9 @@ def find_recipe(ref: str) -> Path:
     if path.exists():
         raise UserError(f"{ref}: not a file")
     near = did_you_mean(name, shipped)
+    tails = [n for n in shipped if n.rsplit("/", 1)[-1] == name]  # a shipped recipe named without its folder
+    if not near and tails:
+        near = f" (did you mean {' or '.join(repr(t) for t in sorted(tails))}?)"
     if not near and path.parent != Path(".") and path.parent.is_dir():  # a mistyped file or run folder beside others
         near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
     raise UserError(f"{ref}: no such recipe file or shipped recipe{near}; `dcablate recipes` lists the shipped ones")
@@ -272,15 +275,20 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
             above = axis.startswith(f"{key}.") and _names(value, axis[len(key) + 1:])
             if key != axis and not inside and not above:
                 continue
+            choices = _choices(key) if key == axis else None
+            if choices is not None and isinstance(value, str) and value not in choices:  # a typo first, not "swept"
+                raise UserError(f"--set {text}: {value!r} is not one of {'|'.join(choices)}"
+                                f"{did_you_mean(value, choices)}")
             where = origins.get(f"sweep.{axis}", str(path))
             shown = _shown(values)
             swept_in = "by --set" if where == "--set" else f"[sweep] in {where}"
             count = f", {_zipped(sweep, axis)}" if _zipped(sweep, axis) else ""
-            drop = "or drop the sweep (--set 'sweep={}')"
+            # without its sweep the recipe is one run, which its sweep's folder cannot hold: another run.name
+            drop = "or drop the sweep (--set 'sweep={}' --set run.name=NAME)"
             if "task.kind" in sweep:  # without its sweep, such a recipe trains its own task.kind (MQAR by default)
                 task = axis.split(".")[1] if axis.startswith("task.") and axis != "task.kind" else None
-                drop = (f"or drop the sweep (--set 'sweep={{}}' --set 'task.kind=\"{task or 'KIND'}\"': its sweep "
-                        f"chooses the task)")
+                drop = (f"or drop the sweep (--set 'sweep={{}}' --set 'task.kind=\"{task or 'KIND'}\"' --set "
+                        f"run.name=NAME: its sweep chooses the task)")
             if inside and isinstance(values, list) and any(isinstance(v, dict) for v in values):
                 sub = key[len(axis) + 1:]
                 fields = _section_fields(axis)
@@ -296,6 +304,21 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
                     f"{key} is inside {axis}, which is swept")
             raise UserError(f"--set {text}: {what} ({swept_in}: {shown}), and the sweep sets it at every point; "
                             f"set the axis instead (--set 'sweep.{axis}=[...]'{count}), {drop}")
+
+
+def _choices(path: str) -> list[str] | None:
+    """The allowed values of the recipe key at dotted `path` (`task.kind`: the registered tasks), None where the key
+    lists none."""
+    *section, name = path.split(".")
+    cls = schema.Recipe
+    for part in section:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    found = [f for f in dataclasses.fields(cls) if f.name == name] if dataclasses.is_dataclass(cls) else []
+    choices = found[0].metadata.get("choices") if found else None
+    return [str(c) for c in choices] if choices is not None else None
 
 
 def _section_fields(path: str) -> list[str] | None:
@@ -345,8 +368,9 @@ def expand(ref: str, overrides: list[str] = ()) -> tuple:
     where = sources.pop() if len(sources) == 1 else "--set" if "--set" in sources else str(path.resolve())
     for name, pairs in grid(base.sweep):
         if name in seen:  # two points would share one run directory
-            raise RecipeError(where, "sweep", f"points {seen[name]} and {len(points)} both get the name {name!r} "
-                              f"(the same values); make each point's swept values differ")
+            raise RecipeError(where, "sweep", f"points {seen[name] + 1} and {len(points) + 1} both get the name "
+                              f"{name!r} (the same values: an axis lists a value twice); make each point's swept "
+                              f"values differ")
         seen[name] = len(points)
         point, point_origins = _point_data(data, origins, base.sweep, pairs, str(path.resolve()))
         try:

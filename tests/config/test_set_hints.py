@@ -142,13 +142,13 @@ def test_two_points_with_one_name_name_the_file_by_its_full_path(recipe, capsys)
     (recipe.parent / "s9.toml").write_text(twice)
     assert main(["run", "s9.toml", "--dry-run"]) == 2
     assert capsys.readouterr().err == \
-        f"error: {recipe.parent / 's9.toml'}: sweep: points 0 and 1 both get the name 'mixer=attention,lr=0.001' " \
-        "(the same values); make each point's swept values differ\n"
+        f"error: {recipe.parent / 's9.toml'}: sweep: points 1 and 2 both get the name 'mixer=attention,lr=0.001' " \
+        "(the same values: an axis lists a value twice); make each point's swept values differ\n"
 
 
 def test_two_points_with_one_name_from_set_name_set(recipe, capsys):
     assert error_line(capsys, "--set", "sweep.train.lr=[0.1, 0.1]").startswith(
-        "error: --set: sweep: points 0 and 1 both get the name 'mixer=attention,lr=0.1'")
+        "error: --set: sweep: points 1 and 2 both get the name 'mixer=attention,lr=0.1'")
 
 
 @pytest.mark.parametrize("argv, line", [
