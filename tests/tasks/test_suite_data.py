@@ -177,3 +177,12 @@ def test_a_test_set_of_a_few_examples_repeated_is_a_user_error():
         task.data
     ok = build_task(suite_recipe("recall", vocab_size=16, seq_len=32, num_train_examples=64).task).data
     assert len(np.unique(ok.test[0], axis=0)) == len(ok.test[0])
+
+
+def test_a_test_set_unlike_another_training_set_does_not_make_its_own():
+    """Evaluating a run at another setting excludes the run's training rows: the new setting's own training set is
+    never read, so it is not made (at long sequences it takes a while)."""
+    make = lambda g, rows, train: (g.integers(0, 30000, (rows, 4)),) * 2  # noqa: E731
+    data = SuiteData(make, 100, 10, 0, 30000, chunk=64, exclude=np.array([], dtype=np.uint64))
+    assert data._train is None and len(data.test[0]) == 10
+    assert len(data.train[0]) == 100 and data._train is not None

@@ -89,9 +89,18 @@ class SuiteData:
     def __init__(self, make: Make, num_train: int, num_test: int, data_seed: int, vocab_size: int,
                  chunk: int = CHUNK, exclude: np.ndarray | None = None):
         dtype = token_dtype(vocab_size)
-        self.train = training_set(make, num_train, data_seed, vocab_size, chunk)
+        self._train = None
+        self._made = (make, num_train, data_seed, vocab_size, chunk)
         self.test = generate(make, num_test, np.random.SeedSequence([data_seed, SPLIT_TEST]), False, dtype,
                              exclude=row_hashes(self.train[0]) if exclude is None else exclude, chunk=chunk)
+
+    @property
+    def train(self) -> tuple[np.ndarray, np.ndarray]:
+        """The training set, made on first use: a run evaluated at another setting (`exclude`) never reads this
+        setting's own, which at long sequences takes a while to make."""
+        if self._train is None:
+            self._train = training_set(*self._made)
+        return self._train
 
     def train_batches(self, batch_size: int, seed: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless `(inputs, targets)` batches `[batch_size, T]`: epochs over the training set, each in the
