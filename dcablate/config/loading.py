@@ -1050,6 +1050,11 @@ def _key_hint(key: str, r=None) -> str:
         return f" (did you mean '{same_leaf[0]}'?)"
     if same_leaf:
         return f" (did you mean one of {', '.join(repr(k) for k in same_leaf)}?)"
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    leaves = [k[len(section) + 1:] for k in keys if k.startswith(f"{section}.") and "." not in k[len(section) + 1:]]
+    if leaves:  # a known section: its own keys by spelling (`train.foo` is no `train.lr`, however alike the paths)
+        near = did_you_mean(leaf, leaves)
+        return near.replace(" (did you mean '", f" (did you mean '{section}.", 1) if near else ""
     return did_you_mean(key, keys)
 
 

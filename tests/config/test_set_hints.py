@@ -182,3 +182,12 @@ def test_a_misspelt_swept_section_of_a_suite_recipe_gets_a_did_you_mean(tmp_path
     monkeypatch.chdir(tmp_path)
     assert main(["run", "paper/suite_gated_deltanet", "--dry-run", "--set", "sweep.task.recal=[{}]"]) == 2
     assert capsys.readouterr().err.strip().endswith("sweep.task.recal: not a recipe key (did you mean 'task.recall'?)")
+
+
+def test_a_key_of_a_known_section_is_matched_against_that_sections_keys():
+    """`train.foo` shares `train.` with `train.lr`, which made the whole paths alike enough for a did-you-mean;
+    within the section, 'foo' is like no key. A misspelt key of the section is still found."""
+    from dcablate.config.loading import _key_hint
+
+    assert _key_hint("train.foo") == ""
+    assert _key_hint("train.weight_decy") == " (did you mean 'train.weight_decay'?)"
