@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -63,9 +64,12 @@ def _load_plugins() -> None:
         except ImportError as e:
             _plugins_loaded.discard(name)
             missing = e.name if isinstance(e, ModuleNotFoundError) else None
-            # the plugin itself, not a module it imports (whose own message says which)
-            hint = _module_hint(name) if missing and (name == missing or name.startswith(missing + ".")) else ""
-            raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e}){hint}") from None
+            # the plugin itself, not a module it imports (whose own message says which, and the plugin's line)
+            itself = missing and (name == missing or name.startswith(missing + "."))
+            hint = _module_hint(name) if itself else ""
+            frame = None if itself else _plugin_frame(e, name)
+            at = f", at {frame.filename}:{frame.lineno}" if frame is not None else ""
+            raise UserError(f"{PLUGINS_ENV}: cannot import plugin module '{name}' ({e}){at}{hint}") from None
         except UserError:
             _plugins_loaded.discard(name)
             raise
@@ -75,11 +79,7 @@ def _load_plugins() -> None:
                             f"{e.lineno}: SyntaxError: {e.msg}") from None
         except Exception as e:  # a mistake in the plugin itself (a spec without a field, a name taken): one line
             _plugins_loaded.discard(name)
-            package = os.path.dirname(os.path.abspath(__file__))
-            frames = traceback.extract_tb(e.__traceback__)
-            # the plugin's own line (its call of register_mixer, say), not dcablate's that raised
-            frame = next((f for f in reversed(frames) if not os.path.abspath(f.filename).startswith(package)),
-                         frames[-1])
+            frame = _plugin_frame(e, name) or traceback.extract_tb(e.__traceback__)[-1]
             raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' failed while importing, at {frame.filename}:"
                             f"{frame.lineno}: {type(e).__name__}: {e}") from None
         finally:
@@ -91,6 +91,25 @@ def _load_plugins() -> None:
             raise UserError(f"{PLUGINS_ENV}: plugin module '{name}' is also the name of another module "
                             f"({origin or 'built into Python'}), which was imported instead of {local}; rename your "
                             f"file (and the name in {PLUGINS_ENV})")
+
+
+def _plugin_frame(error: BaseException, name: str):
+    """The frame of `error`'s traceback in the plugin module `name`'s own file (its call of register_mixer, its
+    import of a missing package), else the innermost outside dcablate and Python's import machinery and standard
+    library; None when there is none."""
+    frames = traceback.extract_tb(error.__traceback__)
+    try:
+        spec = importlib.util.find_spec(name)
+        origin = os.path.abspath(spec.origin) if spec is not None and spec.origin else None
+    except (ImportError, ValueError):
+        origin = None
+    own = [f for f in frames if origin and os.path.abspath(f.filename) == origin]
+    if own:
+        return own[-1]
+    skipped = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.__file__))
+    outside = [f for f in frames if not f.filename.startswith("<frozen")
+               and not os.path.abspath(f.filename).startswith(skipped)]
+    return outside[-1] if outside else None
 
 
 def plugins_registering() -> set[str]:

@@ -362,7 +362,9 @@ def test_a_plugin_s_runs_in_threads_of_one_packed_worker_all_train(tmp_path):
      "ValueError: a token mixer named 'attention' is already registered"),
     ('register_mixer(MixerSpec("mine", object, None, "x"))\n',
      "TypeError: MixerSpec.__init__() missing 1 required keyword-only argument: 'conv_streams'"),
-], ids=["name-taken", "spec-without-a-field"])
+    ("from dataclasses import dataclass\n@dataclass\nclass Options:\n    a: int = 1\n    b: int\n",
+     "TypeError: non-default argument 'b' follows default argument"),  # raised in the standard library
+], ids=["name-taken", "spec-without-a-field", "a-dataclass-the-standard-library-refuses"])
 def test_a_plugin_that_fails_while_importing_is_one_line_at_its_own_line(tmp_path, monkeypatch, capsys, source,
                                                                           fragment):
     from dcablate.cli import main
@@ -372,8 +374,21 @@ def test_a_plugin_that_fails_while_importing_is_one_line_at_its_own_line(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("DCABLATE_PLUGINS", "broken_plugin")
     assert main(["info", "quickstart"]) == 2
+    line = 2 if "dataclass" not in source else 3  # the plugin's own line: its call, or its decorated class
     assert capsys.readouterr().err == (f"error: DCABLATE_PLUGINS: plugin module 'broken_plugin' failed while "
-                                       f"importing, at {plugin}:2: {fragment}\n")
+                                       f"importing, at {plugin}:{line}: {fragment}\n")
+
+
+def test_a_plugin_importing_a_missing_package_names_its_line(tmp_path, monkeypatch, capsys):
+    from dcablate.cli import main
+
+    plugin = tmp_path / "needs_a_package.py"
+    plugin.write_text("import os\nimport not_a_package_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "needs_a_package")
+    assert main(["info", "quickstart"]) == 2
+    assert capsys.readouterr().err == ("error: DCABLATE_PLUGINS: cannot import plugin module 'needs_a_package' (No "
+                                       f"module named 'not_a_package_anywhere'), at {plugin}:2\n")
 
 
 @pytest.mark.parametrize("source, fragment", [
