@@ -834,3 +834,15 @@ def test_a_plugin_tasks_bad_batches_or_metrics_are_one_line(registered, tmp_path
     assert main(["run", "toy.toml", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_a_plugin_that_registers_nothing_is_named_where_its_component_is_missing(tmp_path, monkeypatch, capsys):
+    from dcablate.cli import main
+
+    (tmp_path / "registers_nothing.py").write_text("from dcablate.models.mixers import MixerSpec\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "registers_nothing")
+    assert main(["info", "quickstart", "--set", "model.mixer=retention", "--set", "sweep={}"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("; plugin module 'registers_nothing' registered nothing (a register_mixer, register_conv or "
+                        "register_task call at import)\n") and err.count("\n") == 1, err

@@ -31,7 +31,7 @@ from dcablate.config.fields import describe_value
 from dcablate.config.toml_out import toml_value
 from dcablate.config.overrides import parse_override, quote_hint, typed_key
 from dcablate.errors import RecipeError, UserError, did_you_mean
-from dcablate.registry import Names, plugin_names
+from dcablate.registry import Names, plugin_names, plugins_registering
 from dcablate.models.channel import CHANNELS
 from dcablate.models.mixers import MIXERS
 from dcablate.tasks import TASKS
@@ -278,7 +278,7 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
             choices = _choices(key) if key == axis else None
             if choices is not None and isinstance(value, str) and value not in choices:  # a typo first, not "swept"
                 raise UserError(f"--set {text}: {value!r} is not one of {'|'.join(choices)}"
-                                f"{did_you_mean(value, choices)}")
+                                f"{not_one_of(value, choices)}")
             where = origins.get(f"sweep.{axis}", str(path))
             shown = _shown(values)
             swept_in = "by --set" if where == "--set" else f"[sweep] in {where}"
@@ -306,7 +306,7 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
                             f"set the axis instead (--set 'sweep.{axis}=[...]'{count}), {drop}")
 
 
-def _choices(path: str) -> list[str] | None:
+def _choices(path: str):
     """The allowed values of the recipe key at dotted `path` (`task.kind`: the registered tasks), None where the key
     lists none."""
     *section, name = path.split(".")
@@ -317,8 +317,7 @@ def _choices(path: str) -> list[str] | None:
             return None
         cls = hints[part]
     found = [f for f in dataclasses.fields(cls) if f.name == name] if dataclasses.is_dataclass(cls) else []
-    choices = found[0].metadata.get("choices") if found else None
-    return [str(c) for c in choices] if choices is not None else None
+    return found[0].metadata.get("choices") if found else None
 
 
 def _section_fields(path: str) -> list[str] | None:
@@ -832,12 +831,8 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
             raise RecipeError(src, path, f"must be a finite number, got {value}")
     meta = f.metadata
     if meta.get("choices") and value not in meta["choices"]:
-        allowed, close = "|".join(meta["choices"]), did_you_mean(value, meta["choices"])
-        if isinstance(meta["choices"], Names) and not close:  # a registry's names: most often a plugin not loaded
-            close = "; if a plugin module provides it, name that module in DCABLATE_PLUGINS"
-        elif isinstance(meta["choices"], Names) and not plugin_names():  # a plugin's kind is often named after a
-            close += "; or, if a plugin module provides it, name that module in DCABLATE_PLUGINS"  # built-in one
-        raise RecipeError(src, path, f"'{value}' is not one of {allowed}{close}")
+        raise RecipeError(src, path, f"'{value}' is not one of {'|'.join(meta['choices'])}"
+                                     f"{not_one_of(value, meta['choices'])}")
     lo, hi = meta.get("min"), meta.get("max")
     low = None if lo is None else f"{'>' if meta.get('min_open') else '>='} {lo}"
     both = f" (allowed: {low} and <= {hi})" if lo is not None and hi is not None else ""
@@ -848,6 +843,21 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
     if meta.get("resolve"):  # a component's normal form of the value, e.g. a relative path made absolute
         value = meta["resolve"](value)
     return value
+
+
+def not_one_of(value, choices) -> str:
+    """What follows "'x' is not one of a|b|c": the close name, and for a registry's names (`Names`) where a plugin
+    would come in: one not loaded, or one loaded that registered nothing."""
+    close = did_you_mean(value, choices)
+    if isinstance(choices, Names) and not close:  # a registry's names: most often a plugin not loaded
+        close = "; if a plugin module provides it, name that module in DCABLATE_PLUGINS"
+    elif isinstance(choices, Names) and not plugin_names():  # a plugin's kind is often named after a built-in one
+        close += "; or, if a plugin module provides it, name that module in DCABLATE_PLUGINS"
+    idle = sorted(set(plugin_names()) - plugins_registering()) if isinstance(choices, Names) else []
+    if idle:  # a plugin loaded that registered nothing: most likely the one meant to provide this name
+        close += (f"; plugin module{'s' if len(idle) > 1 else ''} {', '.join(repr(m) for m in idle)} registered "
+                  f"nothing (a register_mixer, register_conv or register_task call at import)")
+    return close
 
 
 def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> None:
