@@ -190,8 +190,9 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     if force_new and root.exists():
         new_root = fresh_dir(root)
         click.echo(f"{root} exists; {'would write' if dry_run else 'writing'} to {new_root}")
-        went_to(new_root, ARGV, recipe, bool(base.sweep))
         root = new_root
+    if force_new:  # run again, the command would make a copy of what it trains now: the advice names this folder
+        went_to(root, ARGV, recipe, bool(base.sweep))
     launch = LaunchOptions(launcher, gpu_list, per_gpu, gpus, workers, nproc, address, retries, slurm, warmup, use_mps,
                            runs_per_worker)
     if BEST_LR_SEEDS_KEY in base.sweep:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import os
 import sys
 import threading
@@ -98,12 +97,9 @@ def _plugin_frame(error: BaseException, name: str):
     import of a missing package), else the innermost outside dcablate and Python's import machinery and standard
     library; None when there is none."""
     frames = traceback.extract_tb(error.__traceback__)
-    try:
-        spec = importlib.util.find_spec(name)
-        origin = os.path.abspath(spec.origin) if spec is not None and spec.origin else None
-    except (ImportError, ValueError):
-        origin = None
-    own = [f for f in frames if origin and os.path.abspath(f.filename) == origin]
+    # its file by the module's name (finding its spec would import a dotted module's packages again)
+    tails = (os.path.join(*name.split(".")) + ".py", os.path.join(*name.split("."), "__init__.py"))
+    own = [f for f in frames if os.path.abspath(f.filename).endswith(tuple(os.sep + t for t in tails))]
     if own:
         return own[-1]
     skipped = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.__file__))

@@ -846,3 +846,18 @@ def test_a_plugin_that_registers_nothing_is_named_where_its_component_is_missing
     err = capsys.readouterr().err
     assert err.endswith("; plugin module 'registers_nothing' registered nothing (a register_mixer, register_conv or "
                         "register_task call at import)\n") and err.count("\n") == 1, err
+
+
+def test_a_dotted_plugin_whose_package_fails_is_one_line_at_the_packages_line(tmp_path, monkeypatch, capsys):
+    """Naming the line must not import the package again (its __init__ would raise a second time, unhandled)."""
+    from dcablate.cli import main
+
+    (tmp_path / "failing_pkg").mkdir()
+    (tmp_path / "failing_pkg" / "__init__.py").write_text("import os\nraise RuntimeError('boom in init')\n")
+    (tmp_path / "failing_pkg" / "mod.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DCABLATE_PLUGINS", "failing_pkg.mod")
+    assert main(["info", "quickstart"]) == 2
+    assert capsys.readouterr().err == ("error: DCABLATE_PLUGINS: plugin module 'failing_pkg.mod' failed while "
+                                       f"importing, at {tmp_path / 'failing_pkg' / '__init__.py'}:2: RuntimeError: "
+                                       "boom in init\n")

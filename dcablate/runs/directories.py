@@ -108,7 +108,7 @@ def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> lis
     if copy is None:
         _GOES_ON = None
         return None
-    rest, skip = [], False
+    rest, skip, named = [], False, False
     for i, arg in enumerate(argv):
         if skip or arg == "--force-new":
             skip = False
@@ -118,7 +118,13 @@ def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> lis
             continue
         if not sweep and arg.startswith("--set="):
             continue
-        rest.append(str(copy) if not sweep and i > 0 and arg == recipe else arg)
+        if not sweep and not named and i > 0 and arg == recipe:  # the recipe argument: the copy's directory instead
+            named = True
+            arg = str(copy)
+        rest.append(arg)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1" and "--nproc" not in rest:  # a torchrun rank's own arguments lack the count its launch had
+        rest += ["--nproc", world]
     _GOES_ON = [*rest, "--set", f"run.name={json.dumps(copy.name)}"] if sweep else rest
     return _GOES_ON
 

@@ -142,6 +142,9 @@ def fit_joint(points: Iterable[Point], baseline: str, *, axis: str = "compute") 
     3 distinct sizes (`size_key`), a variant fewer than 2 runs, or a loss does not fall as the size grows."""
     data = _Data.of(list(points), baseline, axis)
     theta, e_fixed, cost = _solve(data.t, data.loss, data.group, len(data.variants), names=data.variants)
+    if theta[2] > MAX_ALPHA:  # the runs' own fit only: a bootstrap resample may draw a steep curve and still count
+        raise UserError(f"scaling fit failed: the best curve falls as a step (alpha = {theta[2]:.3g}), not as a "
+                        f"power law: the baseline's loss does not fall steadily as the size grows")
     return data.fit_of(theta, e_fixed, cost)
 
 
@@ -385,9 +388,6 @@ def _solve(t: np.ndarray, loss: np.ndarray, group: np.ndarray, k: int, start: np
         e_fixed = True
     if not (np.all(np.isfinite(theta[:3])) and theta[2] > 0):
         raise UserError("scaling fit failed: no curve with a loss falling as the size grows fits these runs")
-    if theta[2] > MAX_ALPHA:
-        raise UserError(f"scaling fit failed: the best curve falls as a step (alpha = {theta[2]:.1f}), not as a "
-                        f"power law: the baseline's loss does not fall steadily as the size grows")
     # a variant whose loss does not fall is "fitted" by sliding its curve off to m -> 0 or infinity, where
     # it is flat; a multiplier beyond 1e9 either way is that, not a measurement
     lost = [v for v in range(1, k) if not abs(theta[2 + v]) <= MAX_LOG_MULTIPLIER]

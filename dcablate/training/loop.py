@@ -85,8 +85,8 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                 raise OutOfMemory(f"error: CUDA out of memory while starting the run (putting the model, its "
                                   f"optimizer and its CUDA graphs' buffers on the device)") from None
             except Interrupted as e:
-                raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run the same "
-                           f"command to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
+                raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run "
+                           f"{same_command()} to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
                            128 + e.signum) from None
             if ddp.is_main():
                 failure.clear(run_dir)
@@ -249,8 +249,8 @@ class Run:
         except BrokenPipeError:  # the command's output was closed (`dcablate run ... | head`): a stop, not a fault
             saved = self.state.saved
             kept = f"the checkpoint {saved} is intact" if saved else "no checkpoint yet"
-            raise Stop(f"stopped: the output was closed (broken pipe) after step {self.state.step}; {kept}; run the "
-                       f"same command to resume (send the output to a file, or add --quiet, to keep it going)",
+            raise Stop(f"stopped: the output was closed (broken pipe) after step {self.state.step}; {kept}; run "
+                       f"{same_command()} to resume (send the output to a file, or add --quiet, to keep it going)",
                        128 + signal.SIGPIPE) from None
         except OSError as e:  # a full disk or a vanished directory while writing logs: one line, not a trace
             if e.errno is None:

@@ -161,8 +161,8 @@ class RunState:
             "recipe_hash": self.recipe.digest(), "vocab_size": self.vocab_size,
         })
         if error is not None:
-            raise Stop(f"error: {error}; the end checkpoint {self.saved} is intact; free some space and run the "
-                       f"same command to finish", 1)
+            raise Stop(f"error: {error}; the end checkpoint {self.saved} is intact; free some space and run "
+                       f"{same_command()} to finish", 1)
 
     def write_on_main(self, path: Path, payload: dict | None) -> str | None:
         """Rank 0 saves `payload` (built collectively) to `path`; every rank gets rank 0's write error, or

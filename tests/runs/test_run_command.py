@@ -478,3 +478,14 @@ def test_a_force_new_copy_is_resumed_by_the_command_its_advice_names(tmp_path, c
     assert main(["run", str(single), "--quiet"]) == 0
     assert main(["run", str(single), "--quiet", "--force-new", "--set", "train.steps=6"]) == 0
     assert same_command() == f"`dcablate run {tmp_path / 'one-2'} --quiet`"
+
+
+def test_force_new_on_a_name_not_taken_names_that_folder_in_its_advice(tmp_path):
+    """--force-new where nothing exists yet trains into the name itself; run again, it would make a copy, so the
+    advice names the command that goes on in the folder it trains now."""
+    from dcablate.runs.directories import same_command
+
+    path = sweep_recipe(tmp_path)
+    assert main(["run", str(path), "--quiet", "--force-new"]) == 0
+    assert same_command() == f"`dcablate run {path} --quiet --set 'run.name=\"t\"'`"
+    assert not (tmp_path / "t-2").exists()

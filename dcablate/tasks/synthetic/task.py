@@ -53,10 +53,12 @@ class SuiteTask(Task):
                 self._data = SuiteData(self.make, c.num_train_examples, c.num_test_examples, c.data_seed,
                                        c.vocab_size, chunk=self.chunk, exclude=exclude)
             except TooFewDistinct as e:
+                # under eval (another setting than the run's) the vocabulary and the training set are the run's
+                raise_ = "seq_len" if t is not None else "vocab_size or seq_len"
                 fewer = "num_test_examples" if t is not None else "num_train_examples or num_test_examples"
                 raise UserError(f"task.{self.kind}: {e}: the setting has too few distinct examples for a test "
-                                f"set disjoint from training; raise task.{self.kind}.vocab_size or seq_len, or "
-                                f"lower {fewer}") from None
+                                f"set disjoint from training; raise task.{self.kind}.{raise_}, or lower "
+                                f"{fewer}") from None
         return self._data
 
     def use_run(self, run_dir) -> None:
