@@ -731,33 +731,7 @@ def eval_(task_kind, run_dir, overrides, data, run):
             finished.remove(p)
     if not finished:
         raise UserError(f"{run_dir}: none of its finished runs could be read (said above): {', '.join(failed)}")
-    if data and task_kind not in (None, "lm"):
-        raise UserError(f"--data is text for LM runs and --task {task_kind} picks the {task_kind} runs; drop one")
-    all_kinds = set(kind_of.values())
-    sections = {}  # task -> its first --set: settings of a task section pick that task's runs
-    for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
-        section = _task_section(o)
-        if section is not None and section not in all_kinds:
-            raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
-                            f"{', '.join(sorted(all_kinds))}), so [task.{section}] applies to none of them")
-        if section is not None:
-            sections.setdefault(section, o)
-    # --task, --data (LM text) or a --set of task sections picks the folder's runs of that task (those tasks); the
-    # others are named, not evaluated again at the settings they had
-    wanted, why = (task_kind, f"--task {task_kind}") if task_kind else ("lm", "--data") if data else (None, "")
-    for section, o in sections.items():
-        if wanted and section != wanted:
-            raise UserError(f"--set {o}: {why} evaluates the {wanted} runs only, so [task.{section}] applies to none "
-                            f"of them")
-    picked = {wanted} if wanted else set(sections) or all_kinds
-    other_tasks = [named[p] for p in finished if kind_of[p] not in picked]
-    if wanted and len(other_tasks) == len(finished):
-        note = "; --data is text for LM runs" if why == "--data" else ""
-        raise UserError(f"{why}: no finished run below {run_dir} was trained on task '{wanted}' (they have "
-                        f"{', '.join(sorted(all_kinds))}){note}")
-    finished = [p for p in finished if kind_of[p] in picked]
-    if not wanted and sections:
-        why = f"--set task.{'/'.join(sorted(sections))}.*"
+    finished, other_tasks, why = _runs_of_the_task(run_dir, finished, kind_of, named, task_kind, data, overrides)
     settled = [eval_settings(p, task_kind, overrides, alone=False) for p in finished]  # refused before any is run
     for i, (point, settings) in enumerate(zip(finished, settled)):
         click.echo(f"[{i + 1}/{len(finished)}] {named[point]}")
@@ -786,6 +760,40 @@ def eval_(task_kind, run_dir, overrides, data, run):
         total = len(points) - len(left) - len(weightless) - len(other_tasks)
         raise UserError(f"{len(failed)} of {total} finished runs could not be evaluated (said above): "
                         f"{', '.join(failed)}")
+
+
+def _runs_of_the_task(run_dir: Path, finished: list[Path], kind_of: dict, named: dict, task_kind: str | None,
+                      data: str | None, overrides) -> tuple[list[Path], list[str], str]:
+    """`eval FOLDER`'s runs to evaluate, the names of those left out and the option that left them out: `--task`,
+    `--data` (LM text) or a `--set` of task sections picks the folder's runs of that task (those tasks), and the
+    others are named rather than evaluated again at the settings they had. Settings that would apply to no run are
+    refused here, before any run is evaluated."""
+    if data and task_kind not in (None, "lm"):
+        raise UserError(f"--data is text for LM runs and --task {task_kind} picks the {task_kind} runs; drop one")
+    all_kinds = set(kind_of.values())
+    sections = {}  # task -> its first --set: settings of a task section pick that task's runs
+    for o in overrides:  # a task's section no finished run reads: refused before any run is evaluated
+        section = _task_section(o)
+        if section is not None and section not in all_kinds:
+            raise UserError(f"--set {o}: no finished run below {run_dir} has task '{section}' (they have "
+                            f"{', '.join(sorted(all_kinds))}), so [task.{section}] applies to none of them")
+        if section is not None:
+            sections.setdefault(section, o)
+    wanted, why = (task_kind, f"--task {task_kind}") if task_kind else ("lm", "--data") if data else (None, "")
+    for section, o in sections.items():
+        if wanted and section != wanted:
+            raise UserError(f"--set {o}: {why} evaluates the {wanted} runs only, so [task.{section}] applies to none "
+                            f"of them")
+    picked = {wanted} if wanted else set(sections) or all_kinds
+    other_tasks = [named[p] for p in finished if kind_of[p] not in picked]
+    if wanted and len(other_tasks) == len(finished):
+        note = "; --data is text for LM runs" if why == "--data" else ""
+        raise UserError(f"{why}: no finished run below {run_dir} was trained on task '{wanted}' (they have "
+                        f"{', '.join(sorted(all_kinds))}){note}")
+    finished = [p for p in finished if kind_of[p] in picked]
+    if not wanted and sections:
+        why = f"--set task.{'/'.join(sorted(sections))}.*"
+    return finished, other_tasks, why
 
 
 def _table_keys(override: str) -> list[str]:
