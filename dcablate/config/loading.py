@@ -306,29 +306,30 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
                             f"set the axis instead (--set 'sweep.{axis}=[...]'{count}), {drop}")
 
 
-def _choices(path: str):
-    """The allowed values of the recipe key at dotted `path` (`task.kind`: the registered tasks), None where the key
-    lists none."""
-    *section, name = path.split(".")
+def _section_class(parts: list[str]):
+    """The dataclass of the recipe section at `parts` (`["task", "recall"]`), None where that is no section."""
     cls = schema.Recipe
-    for part in section:
+    for part in parts:
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         if part not in hints:
             return None
         cls = hints[part]
-    found = [f for f in dataclasses.fields(cls) if f.name == name] if dataclasses.is_dataclass(cls) else []
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def _choices(path: str):
+    """The allowed values of the recipe key at dotted `path` (`task.kind`: the registered tasks), None where the key
+    lists none."""
+    *section, name = path.split(".")
+    cls = _section_class(section)
+    found = [f for f in dataclasses.fields(cls) if f.name == name] if cls is not None else []
     return found[0].metadata.get("choices") if found else None
 
 
 def _section_fields(path: str) -> list[str] | None:
     """The keys of the recipe section at dotted `path` (`task.recall`), None where it is no section."""
-    cls = schema.Recipe
-    for part in path.split("."):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        if part not in hints:
-            return None
-        cls = hints[part]
-    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
+    cls = _section_class(path.split("."))
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None else None
 
 
 def _names(value, sub: str) -> bool:

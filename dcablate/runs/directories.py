@@ -99,7 +99,7 @@ POINTS_FILE = "points.txt"  # in a sweep's folder: the grid's points, one per li
 _GOES_ON: list[str] | None = None  # `dcablate run` arguments that go on in a copy --force-new made (`went_to`)
 
 
-def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> list[str] | None:
+def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> None:
     """After `dcablate run ... --force-new` made the fresh copy `copy`: the command's arguments that go on training
     there (`argv` again would make yet another copy). A sweep's: without --force-new, with `--set run.name` naming
     the copy; a single run's: the copy's own directory, which resumes where it is. Resume advice quotes them
@@ -107,7 +107,7 @@ def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> lis
     global _GOES_ON
     if copy is None:
         _GOES_ON = None
-        return None
+        return
     rest, skip, named = [], False, False
     for i, arg in enumerate(argv):
         if skip or arg == "--force-new":
@@ -126,7 +126,6 @@ def went_to(copy: Path | None, argv: list[str], recipe: str, sweep: bool) -> lis
     if world != "1" and "--nproc" not in rest:  # a torchrun rank's own arguments lack the count its launch had
         rest += ["--nproc", world]
     _GOES_ON = [*rest, "--set", f"run.name={json.dumps(copy.name)}"] if sweep else rest
-    return _GOES_ON
 
 
 def goes_on() -> list[str] | None:

@@ -34,20 +34,19 @@ def checked_batches(source: Iterable, kind: str, batch_size: int, same_length: b
             else type(t).__name__
 
     it = iter(source)
-    for i, batch in enumerate(it):
-        if i == 0:
-            pair = isinstance(batch, (tuple, list)) and len(batch) == 2
-            x, y = batch if pair else (batch, None)
-            ok = pair and all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 2
-                              and t.shape[0] == batch_size and t.device.type == "cpu" for t in (x, y))
-            if ok and same_length and x.shape != y.shape:
-                ok = False
-            if not ok:
-                got = f"({described(x)}, {described(y)})" if pair else described(batch)
-                raise UserError(f"task '{kind}': train_batches yielded {got}; a task's batches are (inputs, "
-                                f"targets), int64 CPU tensors [batch_size = {batch_size}, T]"
-                                + (", of the same shape" if same_length else ""))
+    for batch in it:  # the first batch only: the rest go through as they come, on the training loop's path
+        pair = isinstance(batch, (tuple, list)) and len(batch) == 2
+        x, y = batch if pair else (batch, None)
+        ok = pair and all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 2
+                          and t.shape[0] == batch_size and t.device.type == "cpu" for t in (x, y))
+        if not ok or (same_length and x.shape != y.shape):
+            got = f"({described(x)}, {described(y)})" if pair else described(batch)
+            raise UserError(f"task '{kind}': train_batches yielded {got}; a task's batches are (inputs, "
+                            f"targets), int64 CPU tensors [batch_size = {batch_size}, T]"
+                            + (", of the same shape" if same_length else ""))
         yield batch
+        break
+    yield from it
 
 
 _END = object()  # a drawn-ahead "batch" that says the iterator is exhausted

@@ -85,9 +85,9 @@ def train(recipe, run_dir: Path, quiet: bool = False, label: str | None = None) 
                 raise OutOfMemory(f"error: CUDA out of memory while starting the run (putting the model, its "
                                   f"optimizer and its CUDA graphs' buffers on the device)") from None
             except Interrupted as e:
+                again = "resume" if checkpoint.step_files(run_dir / "checkpoints") else "start it"
                 raise Stop(f"interrupted ({e.name}) while starting, before any step of this attempt; run "
-                           f"{same_command()} to {'resume' if checkpoint.step_files(run_dir / 'checkpoints') else 'start it'}",
-                           128 + e.signum) from None
+                           f"{same_command()} to {again}", 128 + e.signum) from None
             if ddp.is_main():
                 failure.clear(run_dir)
             try:
@@ -317,8 +317,7 @@ class Run:
             except Interrupted:
                 set_rng_state(before)
                 raise
-            missing = self.task.headline not in metrics if isinstance(metrics, dict) else True
-            if missing:
+            if not isinstance(metrics, dict) or self.task.headline not in metrics:
                 got = ", ".join(map(str, metrics)) if isinstance(metrics, dict) else type(metrics).__name__
                 raise UserError(f"task '{self.recipe.task.kind}': evaluate returned {got or 'nothing'}, without "
                                 f"its headline metric '{self.task.headline}' (TaskSpec.headline), which runs are "
