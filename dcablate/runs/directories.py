@@ -18,7 +18,7 @@ import click
 
 from dcablate import config
 from dcablate.errors import UserError
-from dcablate.training.checkpoint import describe_changes, keys_added_since, read_changes
+from dcablate.training.checkpoint import DEVICE_KEY, describe_changes, keys_added_since, read_changes
 
 
 def fresh_dir(path: Path) -> Path:
@@ -332,6 +332,8 @@ def run_state(run_dir: Path, r, sweep_root: Path | None = None, dry_run: bool = 
                         f"fresh directory")
     old = config.load(str(recipe_file))
     changes = read_changes(old, r)
+    if (run_dir / "summary.json").is_file():  # where a finished run trained does not change what it is
+        changes = [c for c in changes if not c.startswith(f"{DEVICE_KEY}:")]
     if changes and stopped_before_training(run_dir):
         # an attempt that ended before its first step (a data file too small for the recipe, say) trained nothing:
         # the fixed recipe starts the run over there, as the error's advice says, rather than in a copy

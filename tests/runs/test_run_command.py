@@ -338,6 +338,34 @@ def test_a_change_no_run_reads_neither_refuses_nor_retrains(tmp_path, capsys, mo
     assert read_changes(r.to_dict(), recipes.load(str(path), ["train.lr=0.005"])) == ["train.lr: 0.001 -> 0.005"]
 
 
+def test_where_a_finished_run_trained_is_no_change_and_auto_is_the_device_it_names(tmp_path, capsys, monkeypatch):
+    """A sweep trained with `run.device = "cuda"` is finished under "auto" or "cpu" too (the report counts such runs
+    as one run: `variants.PLACE`), so a second stage can be planned on another machine; an unfinished run's
+    device is still a change unless "auto" names that device here, which a resume must keep to go on exactly."""
+    from dcablate.training import checkpoint
+
+    path = sweep_recipe(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(path), "--quiet"]) == 0
+    for point in (tmp_path / "t").glob("conv.kind=*"):  # as if trained on a GPU machine
+        recipe = point / "recipe.toml"
+        recipe.write_text(recipe.read_text().replace('device = "auto"', 'device = "cuda"'))
+        assert 'device = "cuda"' in recipe.read_text()
+    capsys.readouterr()
+    for device in ("auto", "cpu"):
+        assert main(["run", str(path), "--dry-run", "--set", f"run.device={device}"]) == 0
+        assert capsys.readouterr().out.count("  finished") == 2
+    r = recipes.load(str(path))
+    on_cuda = recipes.load(str(path), ["run.device=cpu"]).to_dict()
+    on_cuda["run"]["device"] = "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert checkpoint.read_changes(on_cuda, r) == ['run.device: "cuda" -> "auto"']
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert checkpoint.read_changes(on_cuda, r) == []
+    assert checkpoint.read_changes(on_cuda, recipes.load(str(path), ["run.device=cpu"])) == [
+        'run.device: "cuda" -> "cpu"']
+
+
 @pytest.mark.parametrize("tensorboard", [True, False])
 def test_the_tensorboard_command_is_offered_only_for_runs_that_logged_there(tmp_path, capsys, tensorboard):
     """`log.tensorboard = false` writes no tb/ folder: neither the run's last line nor the report offers
