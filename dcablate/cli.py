@@ -906,9 +906,11 @@ def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | No
     from dcablate.training.runtime import autocast_for
 
     recipe_path = run_dir / "recipe.toml"
-    state = final_state(run_dir)  # no weights says more than a setting this machine cannot run
+    if (run_dir / "summary.json").is_file() and not (run_dir / "checkpoints" / "final.pt").is_file():
+        final_state(run_dir)  # a finished run without its weights: say so before what its settings need here
     r, overrides, device = settings or eval_settings(run_dir, task_kind, overrides, alone)
     task_kind = r.task.kind
+    state = final_state(run_dir)
     try:
         task = build_task(r.task, train=False, data=data, run_dir=run_dir)
     except UserError as e:

@@ -444,10 +444,13 @@ CASES = [
     Case("eval-folder-set-a-whole-section-none-has", ["eval", "sw", "--set", "task.recall={vocab_size=64}"],
          ("--set task.recall={vocab_size=64}: no finished run below sw has task 'recall'",),
          files={"sw/p/recipe.toml": OK, "sw/p/checkpoints/final.pt": "x"}),
+    Case("eval-a-gpu-run-without-its-weights", ["eval", "rd"],  # the weights first: no device would evaluate it
+         ("rd: finished (summary.json), but its weights, checkpoints/final.pt, are not there",),
+         files={"rd/recipe.toml": OK.replace('[run]\n', '[run]\ndevice = "cuda"\n'), "rd/summary.json": "{}"}),
     Case("eval-a-run-of-a-plugin-not-loaded", ["eval", "rd"],
          ("rd/recipe.toml: model.my_gla: unknown key", "; it was trained with DCABLATE_PLUGINS=my_gla: set it to "
           "read this run"),
-         files={"rd/recipe.toml": OK + "[model.my_gla]\ndecay = 1.0\n",
+         files={"rd/recipe.toml": OK + "[model.my_gla]\ndecay = 1.0\n", "rd/checkpoints/final.pt": "x",
                 "rd/summary.json": '{"versions": {"plugins": ["my_gla"]}}'}),
     Case("eval-folder-bad-set", ["eval", "sw", "--set", "task.mqar.test=[{seq_len=63}]"],
          ("--set", "task.mqar.test", "seq_len", "must be even"),

@@ -34,6 +34,9 @@ GRID_KEYS = ("train.lr", "train.weight_decay", "train.steps", "train.warmup_step
 SEED_KEYS = ("run.seed",)
 # keys that name or place a run, or cannot change its result
 NOT_VARIANT = RESUME_FREE + ("run.name", "run.out_dir", "run.device", "task.kind", "sweep")
+# keys of a suite task's section that size the test set, not the task's difficulty: a setting's label leaves them out
+# unless two settings differ in nothing else (`data_seed` is a seed, never part of a setting)
+NOT_KNOBS = ("num_test_examples",)
 
 
 def is_suite_task(task: str) -> bool:
@@ -50,6 +53,7 @@ class SuiteRun:
     grid: tuple              # values of GRID_KEYS
     seed: tuple              # (run.seed, task data_seed)
     accuracy: float
+    trained: tuple = (None, None)  # (steps trained, steps planned) from summary.json: fewer when it stopped early
 
 
 @dataclasses.dataclass
@@ -58,6 +62,7 @@ class Best:
     grid: tuple
     by_seed: dict[tuple, float]
     grid_points: int         # grid points that were tried
+    trained: dict[tuple, tuple] = dataclasses.field(default_factory=dict)  # seed -> SuiteRun.trained
 
     @property
     def mean(self) -> float:
@@ -102,7 +107,8 @@ def collect(runs: list) -> list[SuiteRun]:
         out.append(SuiteRun(run.path, (*run.variant, *extra), run.task, setting,
                             tuple(flat.get(k) for k in GRID_KEYS),
                             (flat.get("run.seed"), flat.get(f"{section}data_seed")),
-                            float(run.summary["best"][metric_of(run.task).key])))
+                            float(run.summary["best"][metric_of(run.task).key]),
+                            (run.summary.get("steps"), run.summary.get("planned_steps", flat.get("train.steps")))))
     return out
 
 
@@ -114,14 +120,17 @@ def best_per_setting(runs: list[SuiteRun], higher_is_better: bool = True) -> dic
     """variant -> task -> setting -> the setting's `Best`: the grid point whose mean over seeds is best (on a
     tie the first in sorted order, so the smaller learning rate)."""
     cells: dict[tuple, dict[tuple, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    trained: dict[tuple, dict[tuple, tuple]] = defaultdict(dict)  # (variant, task, setting, grid) -> seed -> steps
     for r in runs:
         cells[(r.variant, r.task, r.setting)][r.grid][r.seed] = r.accuracy
+        trained[(r.variant, r.task, r.setting, r.grid)][r.seed] = r.trained
     out: dict = defaultdict(lambda: defaultdict(dict))
     sign = 1 if higher_is_better else -1
     for (variant, task, setting), by_grid in sorted(cells.items(), key=lambda kv: repr(kv[0])):
         grids = sorted(by_grid, key=lambda g: tuple((x is None, x) for x in g))
         chosen = max(grids, key=lambda g: (sign * statistics.fmean(by_grid[g].values()), -grids.index(g)))
-        out[variant][task][setting] = Best(chosen, by_grid[chosen], len(by_grid))
+        out[variant][task][setting] = Best(chosen, by_grid[chosen], len(by_grid),
+                                           trained[(variant, task, setting, chosen)])
     return out
 
 
@@ -148,29 +157,48 @@ def setting_labels(runs: list[SuiteRun]) -> dict[tuple[str, tuple], str]:
     between a task's settings, and its baseline value the task section's default where a setting has it (the
     shipped suites' `{}` is MAD's baseline), else the one most of the settings have (MAD changes one knob at a
     time, so the baseline's values are the common ones). A task run at one setting alone is labelled by the keys
-    where it differs from the defaults: `baseline` only if it is the default setting."""
+    where it differs from the defaults: `baseline` only if it is the default setting. Keys that are no difficulty
+    knob (`NOT_KNOBS`: the test set's size) are left out, except where two settings differ in nothing else: those
+    two are labelled with them, so that no two settings share a label."""
     settings: dict[str, set] = defaultdict(set)
     for r in runs:
         settings[r.task].add(r.setting)
     labels = {}
     for task, these in settings.items():
-        counts: dict[str, Counter] = defaultdict(Counter)
-        for setting in these:
-            for k, v in setting:
-                counts[k][v] += 1
         defaults = _section_defaults(task)
-        if len(these) == 1:
-            mode = {k: defaults[k] for k in counts if k in defaults}
-        else:
-            mode = {k: defaults[k] if k in defaults and defaults[k] in c else max(c, key=lambda v: (c[v], -_order(v)))
-                    for k, c in counts.items() if len(c) > 1}
-        shown = lambda k, v: f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"  # noqa: E731
-        for setting in these:
-            changed = [shown(k, v) for k, v in setting if k in mode and v != mode[k]]
-            if not changed:  # the common setting: `baseline` only where it is the default one, else its own keys
-                changed = [shown(k, v) for k, v in setting if k in defaults and v != defaults[k]]
-            labels[(task, setting)] = ", ".join(changed) or "baseline"
+        full = _labels(these, defaults, ())
+        short = _labels(these, defaults, NOT_KNOBS)
+        shared = Counter(short.values())
+        mine = {st: short[st] if shared[short[st]] == 1 else full[st] for st in these}
+        if len(set(mine.values())) < len(these):  # a guard: the full labels never repeat (`_labels` says why)
+            mine = full
+        labels.update({(task, st): label for st, label in mine.items()})
     return labels
+
+
+def _labels(these: set, defaults: dict, hidden: tuple) -> dict[tuple, str]:
+    """`setting_labels` of one task's settings `these`, leaving the keys `hidden` out. Without hidden keys no two
+    settings get the same label: a label lists every key where a setting differs from the baseline values, so two
+    alike differ nowhere; the one setting at every baseline value lists its differences from the defaults, none
+    of which another setting can list (a key that varies shows only values other than the baseline's)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for setting in these:
+        for k, v in setting:
+            if k not in hidden:
+                counts[k][v] += 1
+    if len(these) == 1:
+        mode = {k: defaults[k] for k in counts if k in defaults}
+    else:
+        mode = {k: defaults[k] if k in defaults and defaults[k] in c else max(c, key=lambda v: (c[v], -_order(v)))
+                for k, c in counts.items() if len(c) > 1}
+    shown = lambda k, v: f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"  # noqa: E731
+    out = {}
+    for setting in these:
+        changed = [shown(k, v) for k, v in setting if k in mode and v != mode[k]]
+        if not changed:  # the common setting: `baseline` only where it is the default one, else its own keys
+            changed = [shown(k, v) for k, v in setting if k in defaults and k not in hidden and v != defaults[k]]
+        out[setting] = ", ".join(changed) or "baseline"
+    return out
 
 
 def in_report_order(settings, task: str, labels: dict[tuple[str, tuple], str]) -> list[tuple]:
@@ -230,9 +258,17 @@ def grid_size(table: list[Scores], task: str) -> int:
     return max((b.grid_points for s in table for b in s.best.get(task, {}).values()), default=0)
 
 
-def grid_label(grid: tuple) -> str:
+def grid_label(grid: tuple, trained: dict[tuple, tuple] | None = None) -> str:
+    """`lr 0.003, wd 0.1, 100 steps` for a grid point; with `trained` (`Best.trained`: seed -> (steps trained,
+    planned)) the steps its runs trained where early stopping ended them sooner: `50 of 100 steps`, or
+    `50..80 of 100 steps` over seeds that stopped at different steps."""
     lr, wd, steps, _ = grid
-    return f"lr {lr:g}, wd {wd:g}" + ("" if steps is None else f", {steps} steps")
+    done = sorted(t for t, _ in (trained or {}).values() if t is not None)
+    planned = max((p for _, p in (trained or {}).values() if p is not None), default=steps)
+    if done and planned is not None and done[0] < planned:
+        span = f"{done[0]}" if done[0] == done[-1] else f"{done[0]}..{done[-1]}"
+        return f"lr {lr:g}, wd {wd:g}, {span} of {planned} steps"
+    return f"lr {lr:g}, wd {wd:g}" + ("" if planned is None else f", {planned} steps")
 
 
 # ----------------------------------------------------------------------------------------- compute multipliers
@@ -334,7 +370,7 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
             for s in have:
                 b = s.best[task].get(st)
                 short = "" if b is None or b.grid_points >= full else f"<br>({b.grid_points}/{full} grid points)"
-                cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid)}{short}")
+                cells.append("-" if b is None else f"{_pm(b.mean, b.std)}<br>{grid_label(b.grid, b.trained)}{short}")
             level, most = chance(task, st), majorities.get((task, st))
             body.append([labels[(task, st)], "-" if level is None else f"{level:.3f}",
                          "-" if most is None else f"{most:.3f}", *cells])

@@ -30,8 +30,10 @@ class TaskSpec(ComponentSpec):
                       task section's values ({key: value}); None where it has no such meaning (LM)
     unread            `(recipe) -> [(key, why), ...]`: keys of its section that the recipe's other settings leave
                       unread (LM's `vocab_size` with byte tokens); a setting of one gets a note
-    learned           keys of its section that fix what a trained model knows beyond its tokens (memorization's
-                      `data_seed`: the key-value map it memorized): `eval` keeps the run's values"""
+    learned           keys of its section that fix what a trained model knows beyond its vocabulary size: the
+                      key-value map it memorized (memorization's `data_seed`) or the roles of its token ids (noisy
+                      recall's `noise_vocab_size`, which moves the bounds between keys, values and noise);
+                      `eval` keeps the run's values and refuses a `--set` of one"""
     headline: str = field(kw_only=True)
     higher_is_better: bool = field(kw_only=True)
     headline_label: str = field(default="", kw_only=True)

@@ -24,17 +24,20 @@ PNG = b"\x89PNG"
 
 
 def make_run(root: Path, name: str, task: str, accuracy: float, *, setting=None, lr=1e-3, wd=0.0, seed=0,
-             conv="none", d_model=64, steps=100):
+             conv="none", d_model=64, steps=100, trained=None):
+    """A finished run of `steps` planned steps; `trained`: the step early stopping ended it at."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     r = config.build({"run": {"seed": seed}, "task": {"kind": task, task: setting or {}},
                       "model": {"d_model": d_model, "conv": {"kind": conv}},
                       "train": {"lr": lr, "weight_decay": wd, "steps": steps, "warmup_steps": 10}})
     (run_dir / "recipe.toml").write_text(r.to_toml())
-    best = {"step": steps, "accuracy": accuracy, "loss": 1.0}
+    done = steps if trained is None else trained
+    best = {"step": done, "accuracy": accuracy, "loss": 1.0}
     (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "eval", **best}) + "\n")
     (run_dir / "summary.json").write_text(json.dumps({"best": best, "final": best, "params": {"total": 1},
-                                                      "steps": steps, "wall_time_s": 1.0}))
+                                                      "steps": done, "planned_steps": steps,
+                                                      "stopped_early": done < steps, "wall_time_s": 1.0}))
 
 
 def make_suite(root: Path, seeds=(0,)) -> dict[str, float]:
@@ -130,6 +133,52 @@ def test_setting_labels_count_from_the_task_defaults(tmp_path):
     labels = suite.setting_labels([run("recall", small), run("recall", large)])
     assert labels[("recall", setting("recall", small))] == "num_train_examples=1000, seq_len=32"
     assert labels[("recall", setting("recall", large))] == "num_train_examples=2000, seq_len=64"
+
+
+def test_the_test_set_size_is_no_knob_unless_it_alone_tells_two_settings_apart(tmp_path):
+    """`num_test_examples` sizes the test set: labels leave it out (suite/tiny's one recall setting read
+    `num_test_examples=256, num_train_examples=2000, seq_len=64`, and a baseline at 256 test examples
+    `num_test_examples=256`), but keep it for two settings that differ in nothing else, so that no two rows share
+    a label."""
+    def setting(task, changes):
+        section = vars(getattr(config.build({"task": {"kind": task, task: changes}}).task, task))
+        return tuple(sorted((k, v) for k, v in section.items() if k != "data_seed"))
+
+    def run(task, changes):
+        return suite.SuiteRun(tmp_path, ("attention",), task, setting(task, changes), (), (0,), 0.5)
+
+    tiny = {"seq_len": 16, "num_test_examples": 256}
+    assert suite.setting_labels([run("recall", tiny)]) == {("recall", setting("recall", tiny)): "seq_len=16"}
+    small, longer = {"num_test_examples": 256}, {"num_test_examples": 256, "seq_len": 256}
+    labels = suite.setting_labels([run("recall", small), run("recall", longer)])
+    assert labels == {("recall", setting("recall", small)): "baseline",
+                      ("recall", setting("recall", longer)): "seq_len=256"}
+    # the baseline twice, at the default 1280 test examples and at 500, beside a setting that changes a knob
+    alike = [{}, {"num_test_examples": 500}, {"vocab_size": 32}]
+    labels = suite.setting_labels([run("recall", changes) for changes in alike])
+    assert [labels[("recall", setting("recall", c))] for c in alike] == ["baseline", "num_test_examples=500",
+                                                                          "vocab_size=32"]
+    # neither at the default: both say theirs
+    both = [{"num_test_examples": 300}, {"num_test_examples": 500}]
+    labels = suite.setting_labels([run("recall", changes) for changes in both])
+    assert sorted(labels.values()) == ["num_test_examples=300", "num_test_examples=500"]
+
+
+def test_a_run_that_stopped_early_says_how_many_steps_it_trained(tmp_path):
+    """The chosen grid point's label gives the steps its runs trained, not only the steps planned: it read
+    `lr 0.003, wd 0.1, 100 steps` for a run that early stopping ended at step 50."""
+    root = tmp_path / "s"
+    make_run(root, "base/lo", "recall", 0.4, lr=1e-3)
+    make_run(root, "base/hi", "recall", 0.99, lr=3e-3, wd=0.1, trained=50)
+    for seed, trained in ((0, 40), (1, 60)):  # two seeds of the longer setting, stopped apart
+        make_run(root, f"long/s{seed}", "recall", 0.99, setting={"seq_len": 256}, lr=3e-3, seed=seed, trained=trained)
+    make_run(root, "wide", "recall", 0.7, setting={"vocab_size": 32}, lr=3e-3)  # trained all its steps
+    assert main(["report", str(root)]) == 0
+    recall = (root / "report.md").read_text().split("## recall")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in recall.splitlines() if line.startswith("| ")}
+    assert "<br>lr 0.003, wd 0.1, 50 of 100 steps |" in rows["baseline"]
+    assert "<br>lr 0.003, wd 0, 40..60 of 100 steps |" in rows["seq_len=256"]
+    assert "<br>lr 0.003, wd 0, 100 steps |" in rows["vocab_size=32"]
 
 
 def test_report_gives_the_suite_tables_scores_and_figure(tmp_path):

@@ -35,7 +35,11 @@ def chance(o: dict) -> float:
 
 # Not `sparse_targets`: the scored positions per row vary, so a gathered loss would give every batch its own
 # CUDA graph; the vocabularies are small, so the LM head over every position costs little.
+# `learned`: noise_vocab_size moves the bounds between keys, values and noise (V 32: keys [0, 8), values [8, 16),
+# noise [16, 32) at 16 noise tokens; keys [0, 12), values [12, 24) at 8), so another value at eval would score
+# the run on ids whose roles it never learned, as another vocab_size would.
 register_task(TaskSpec("noisy_recall", "dcablate.tasks.noisy_recall.task:NoisyRecallTask", NoisyRecallSection,
                        "noisy in-context recall options", spec_check("noisy_recall", problems),
                        headline="accuracy", higher_is_better=True,
-                       headline_label="noisy in-context recall accuracy", bounded=True, chance=chance))
+                       headline_label="noisy in-context recall accuracy", bounded=True, chance=chance,
+                       learned=("noise_vocab_size",)))
