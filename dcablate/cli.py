@@ -43,6 +43,19 @@ class RegisteredName(click.ParamType):
         self.fail(f"{value!r} is not one of {', '.join(map(repr, names))}{did_you_mean(value, names)}.", param, ctx)
 
 
+class Choice(click.Choice):
+    """click's Choice, whose refusal names the choice meant (`--launcher rya`: did you mean 'ray'?)."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            near = did_you_mean(value, self.choices)
+            if near:  # click's message ends in a full stop: the hint goes before it
+                e.message = f"{e.message.rstrip('.')}{near}."
+            raise
+
+
 SET_HELP = "Override a recipe key, e.g. --set train.lr=3e-3 (value parsed as TOML; repeatable)."
 
 
@@ -102,7 +115,7 @@ def help_(ctx, command):
 @click.option("--quiet", is_flag=True, help="No progress bar or progress lines; the result lines and table stay.")
 @click.option("--force-new", is_flag=True,
               help="Train from scratch in a fresh directory (NAME-2, ...) if NAME exists; nothing is deleted.")
-@click.option("--launcher", type=click.Choice(LAUNCHERS), default="local", show_default=True,
+@click.option("--launcher", type=Choice(LAUNCHERS), default="local", show_default=True,
               help="Where a sweep's runs train: worker processes on this machine, Ray actors (--address), or a "
                    "Slurm job array (docs/sweeps.md).")
 @click.option("--per-gpu", type=click.IntRange(min=1), default=None, metavar="N",
@@ -413,15 +426,19 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
 
 def check_launcher_flags(launch: "LaunchOptions", points, root: Path) -> None:
     """A dry run's checks of what a cluster launcher is given, as its real command makes them before submitting:
-    `--slurm KEY=VALUE` (submitit's parameters), `--address HOST:PORT` (something answers there, and it is Ray)."""
+    `--slurm KEY=VALUE` (submitit's parameters), `--address HOST:PORT` or RAY_ADDRESS (something answers there,
+    and it is Ray)."""
     if launch.launcher == "slurm":
         from dcablate.runs.launchers.slurm import check_options
 
         check_options(launch.slurm, cluster_cuda([r for _, r in points]), root.name)
-    elif launch.launcher == "ray" and launch.address:
+    elif launch.launcher == "ray":  # the address the real command attaches to: RAY_ADDRESS too, if no --address
+        from dcablate.runs.launchers import ray_address
         from dcablate.runs.launchers.ray import reachable
 
-        reachable(launch.address)
+        address, flag = ray_address(launch.address)
+        if address is not None:
+            reachable(address, flag)
 
 
 def cluster_cuda(recipes) -> bool | None:
@@ -957,7 +974,7 @@ def bench():
 
 
 @bench.command(name="conv")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--dtype", type=Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--skip-reference", is_flag=True, help="Do not time the pure-torch reference.")
 @click.option("--breakdown", is_flag=True, help="Also time each backward kernel (dx; dz/dU/dS) alone.")
 @click.option("--against", type=click.Path(path_type=Path), default=None, metavar="DIR",

@@ -42,7 +42,10 @@ def one_line_error(sweep, capsys, args: list[str], fragment: str) -> None:
     (["--launcher", "slurm", "--per-gpu", "2"], "--per-gpu: the Slurm launcher trains each run as its own array task"),
     (["--launcher", "slurm", "--workers", "2"], "--workers: the Slurm launcher trains each run as its own array"),
     (["--launcher", "mpi"], "Invalid value for '--launcher': 'mpi' is not one of 'local', 'ray', 'slurm'"),
-], ids=["address", "partition", "no-wait", "retries", "nproc", "gpus", "slurm-per-gpu", "slurm-workers", "unknown"])
+    (["--launcher", "rya"], "'rya' is not one of 'local', 'ray', 'slurm' (did you mean 'ray'?)."),
+    (["--address", ""], "--address '': names a Ray cluster; it needs --launcher ray"),
+], ids=["address", "partition", "no-wait", "retries", "nproc", "gpus", "slurm-per-gpu", "slurm-workers", "unknown",
+        "misspelt", "empty-address"])
 def test_flag_combinations(sweep, capsys, flags, fragment):
     for extra in ([], ["--dry-run"]):  # checked before the recipe is read: a dry run checks them too
         one_line_error(sweep, capsys, flags + extra, fragment)
@@ -62,6 +65,61 @@ def test_ray_address_where_nothing_answers(sweep, capsys):
     for dry in ([], ["--dry-run"]):
         one_line_error(sweep, capsys, ["--launcher", "ray", "--address", "127.0.0.1:1", *dry],
                        "--address 127.0.0.1:1: no Ray cluster answers there")
+
+
+@pytest.mark.parametrize("address, fragment", [
+    ("bogus", "--address bogus: no port; Ray's head listens on HOST:6379 unless `ray start --head --port` chose "
+              "another (did you mean 'bogus:6379'?)"),
+    ("127.0.0.1", "--address 127.0.0.1: no port; Ray's head listens on HOST:6379 (did you mean '127.0.0.1:6379'?)"),
+    ("atuo", "--address atuo: no port; Ray's head listens on HOST:6379 (did you mean 'auto'?)"),
+    ("127.0.0.1:99999", "--address 127.0.0.1:99999: '99999' is not a port (1 to 65535); give the address `ray start "
+                        "--head` printed (HOST:6379 by default)"),
+    ("", "--address '': is empty (an unset shell variable?); give the address `ray start --head` printed (HOST:6379 "
+         "by default), auto for this node's cluster or ray://HOST:PORT, or leave --address out for a local Ray "
+         "instance"),
+], ids=["no-port-name", "no-port-ip", "auto-misspelt", "port-range", "empty"])
+def test_a_ray_address_ray_cannot_take_is_refused_by_the_dry_run_too(sweep, capsys, address, fragment):
+    """An address Ray cannot attach to passed the dry run (exit 0) while the real command refused it, and an empty
+    one (`--address "$HEAD"`, HEAD unset) started a local Ray instance instead: both refuse it, before the recipe
+    is read, with the address meant where one is near."""
+    pytest.importorskip("ray")
+    fragment = fragment.replace("HOST:6379 (did", "HOST:6379 unless `ray start --head --port` chose another (did")
+    for dry in ([], ["--dry-run"]):
+        one_line_error(sweep, capsys, ["--launcher", "ray", "--address", address, *dry], fragment)
+
+
+def test_a_bad_ray_address_in_the_environment_is_refused_by_the_dry_run_too(sweep, capsys, monkeypatch):
+    """RAY_ADDRESS, which the real command attaches to, is what the dry run checks when --address is not given,
+    and the line says the address came from there; a blank one is unset, as Ray reads it."""
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    for dry in ([], ["--dry-run"]):
+        one_line_error(sweep, capsys, ["--launcher", "ray", *dry], "RAY_ADDRESS='127.0.0.1:1' (environment): no Ray "
+                       "cluster answers there")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1")
+    one_line_error(sweep, capsys, ["--launcher", "ray", "--dry-run"], "RAY_ADDRESS='127.0.0.1' (environment): no "
+                   "port; Ray's head listens on HOST:6379 unless `ray start --head --port` chose another (did you mean "
+                   "'127.0.0.1:6379'?)")
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    assert main(["run", "w.toml", "--launcher", "ray", "--dry-run"]) == 0  # a local instance, as without it
+    assert not (sweep / "out").exists()
+
+
+def test_connect_refuses_an_empty_address_before_ray_starts(monkeypatch):
+    """The launcher itself, not only the flag check: an empty --address is no address (a local instance)."""
+    from dcablate.runs.launchers.ray import connect
+
+    started = []
+
+    class Ray:
+        def init(self, **kwargs):
+            started.append(kwargs)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match=r"^--address '': is empty "):
+        connect(Ray(), "")
+    assert started == []
+    assert connect(Ray(), "local") == "a local Ray instance" and started[0]["address"] == "local"
 
 
 def _server(reply: bytes):
@@ -140,21 +198,118 @@ def test_slurm_without_sbatch_and_bad_parameters(sweep, capsys, monkeypatch, tmp
     pytest.importorskip("submitit")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch
     monkeypatch.delenv("DCABLATE_SLURM_CLUSTER", raising=False)
-    one_line_error(sweep, capsys, ["--launcher", "slurm"], "--launcher slurm: Slurm's sbatch is not on this "
+    one_line_error(sweep, capsys, ["--launcher", "slurm"], "--launcher slurm: Slurm's sbatch and srun are not on this "
                    "machine's PATH; run the command on a Slurm login node (DCABLATE_SLURM_CLUSTER=local tries")
-    one_line_error(sweep, capsys, ["--launcher", "slurm", "--dry-run"], "--launcher slurm: Slurm's sbatch is not "
-                   "on this machine's PATH")  # the dry run says what the command would refuse
+    one_line_error(sweep, capsys, ["--launcher", "slurm", "--dry-run"], "--launcher slurm: Slurm's sbatch and srun "
+                   "are not on this machine's PATH")  # the dry run says what the command would refuse
     monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "pbs")
     one_line_error(sweep, capsys, ["--launcher", "slurm"],
                    "DCABLATE_SLURM_CLUSTER='pbs' (environment): must be 'slurm' or 'local'")
+    monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "Local")
+    one_line_error(sweep, capsys, ["--launcher", "slurm"], "DCABLATE_SLURM_CLUSTER='Local' (environment): must be "
+                   "'slurm' or 'local' (did you mean 'local'?)")
     monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "local")
     for dry in ([], ["--dry-run"]):  # the dry run checks the parameters as the command does, submitting nothing
         one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "slurm_acount=x", *dry],
-                       "--slurm slurm_acount='x': submitit refuses the parameters (Unknown argument 'acount'")
+                       "--slurm slurm_acount=x: submitit takes no parameter 'slurm_acount' (did you mean "
+                       "'slurm_account'?); give submitit's mem_gb, or Slurm's own options with slurm_ before them")
         one_line_error(sweep, capsys, ["--launcher", "slurm", "--slurm", "account", *dry],
                        "--slurm account: expected KEY=VALUE, e.g. --slurm slurm_account=myproject")
     assert main(["run", "w.toml", "--launcher", "slurm", "--slurm", "mem_gb=4", "--dry-run"]) == 0
     assert not (sweep / "out").exists()
+
+
+def fake_slurm(tmp_path, monkeypatch, *tools: str) -> None:
+    """A PATH with only `tools` (sbatch, srun) of Slurm's, each a script that fails if called."""
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in tools:
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("DCABLATE_SLURM_CLUSTER", raising=False)
+
+
+@pytest.mark.parametrize("tools, missing", [(("sbatch",), "srun is not on this machine's PATH (submitit needs both; "
+                                             "sbatch is there)"),
+                                            (("srun",), "sbatch is not on this machine's PATH (submitit needs both; "
+                                             "srun is there)")])
+def test_slurm_with_sbatch_or_srun_alone_is_one_line(sweep, capsys, monkeypatch, tmp_path, tools, missing):
+    """submitit's Slurm executor takes `srun` on the PATH for the sign of a cluster: with sbatch alone the command
+    ended in its traceback (`RuntimeError: Could not detect "srun"`), a dry run too."""
+    pytest.importorskip("submitit")
+    fake_slurm(tmp_path, monkeypatch, *tools)
+    for dry in ([], ["--dry-run"]):
+        one_line_error(sweep, capsys, ["--launcher", "slurm", *dry], f"--launcher slurm: Slurm's {missing}; run the "
+                       f"command on a Slurm login node")
+
+
+def test_an_executor_submitit_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """Whatever submitit's executor refuses to start on (its RuntimeError), past dcablate's own check: one line,
+    and no folder left behind."""
+    pytest.importorskip("submitit")
+    from pathlib import Path
+
+    from dcablate.runs.launchers import SlurmOptions, slurm
+
+    fake_slurm(tmp_path, monkeypatch)  # no srun: submitit's executor refuses
+    monkeypatch.setattr(slurm, "cluster_kind", lambda: "slurm")
+    folder = Path(tmp_path) / ".submitit"
+    with pytest.raises(UserError, match=r"^--launcher slurm: submitit cannot submit to 'slurm' from this machine "
+                                        r"\(Could not detect \"srun\", are you indeed on a slurm cluster\?\); run the "
+                                        r"command on a Slurm login node"):
+        slurm.executor_for(folder, SlurmOptions(), False, "w")
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--partition", "cpu", "--time", "60", "--slurm", "slurm_partition=gpu", "--slurm", "slurm_time=30"],
+     "--slurm slurm_partition=gpu: sets the partition, which --partition sets (cpu here); give it as --partition gpu "
+     "instead"),
+    (["--time", "60", "--slurm", "slurm_time=30"],
+     "--slurm slurm_time=30: sets each task's time limit, which --time sets (60 here); give it as --time 30 instead"),
+    (["--slurm", "timeout_min=30"],
+     "--slurm timeout_min=30: sets each task's time limit, which --time sets (its default, 120, here); give it as "
+     "--time 30 instead"),
+    (["--slurm", 'slurm_time="1:00:00"'], "--slurm slurm_time=\"1:00:00\": sets each task's time limit, which --time "
+                                          "sets (its default, 120, here); give it as --time MINUTES instead"),
+    (["--slurm", "slurm_partition=gpu"], "--slurm slurm_partition=gpu: sets the partition, which --partition sets "
+                                         "(not given here: the cluster's default partition); give it as --partition "
+                                         "gpu instead"),
+    (["--slurm", "cpus_per_task=8"], "--slurm cpus_per_task=8: sets the CPU cores per task, which --cpus-per-task "
+                                     "sets (its default, 4, here); give it as --cpus-per-task 8 instead"),
+    (["--slurm", "slurm_cpus_per_task=8"], "which --cpus-per-task sets"),
+    (["--gpus-per-task", "1", "--slurm", "slurm_gpus_per_task=2"],
+     "--slurm slurm_gpus_per_task=2: sets the GPUs per task, which --gpus-per-task sets (1 here); give it as "
+     "--gpus-per-task 2 instead"),
+    (["--slurm", "gpus_per_node=1"], "which --gpus-per-task sets (its default, 0, here); give it as --gpus-per-task 1"),
+    (["--slurm", "slurm_num_gpus=1"], "which --gpus-per-task sets"),
+    (["--slurm", "slurm_gres=gpu:2"], "--slurm slurm_gres=gpu:2: sets the GPUs per task, which --gpus-per-task sets "
+                                      "(its default, 0, here); give it as --gpus-per-task N instead"),
+    (["--slurm", 'slurm_additional_parameters={time="1:00:00", reservation="r1"}'],
+     "--slurm slurm_additional_parameters={time=\"1:00:00\", reservation=\"r1\"}: its 'time' sets each task's time "
+     "limit, which --time sets"),
+    (["--slurm", "slurm_partiton=gpu"], "--slurm slurm_partiton=gpu: submitit takes no parameter 'slurm_partiton' "
+                                        "(did you mean --partition? slurm_partition is what it sets)"),
+    (["--slurm", "account=proj"], "--slurm account=proj: Slurm's own options take slurm_ before them (did you mean "
+                                  "'slurm_account'?)"),
+], ids=["both-given", "time", "time-default", "slurm-time-text", "partition-alone", "cpus", "cpus-slurm", "gpus",
+        "gpus-default", "num-gpus", "gres", "additional", "partition-misspelt", "unprefixed"])
+def test_a_slurm_key_that_a_flag_sets_is_refused_naming_the_flag(sweep, capsys, monkeypatch, flags, fragment):
+    """`--slurm slurm_time=30` won over `--time 60` (and over --time's default) unseen: the command said 60 min and
+    submitted 30. Such a key is refused, naming the flag to give instead, by the dry run too; so is Slurm's
+    `account` without the slurm_ that submitit took with a warning of its own (naming its source file)."""
+    pytest.importorskip("submitit")
+    import warnings
+
+    monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "local")
+    for dry in (["--dry-run"], []):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            one_line_error(sweep, capsys, ["--launcher", "slurm", *flags, *dry], fragment)
+        assert not [w for w in caught if "submitit" in w.filename], [str(w.message) for w in caught]
+    assert main(["run", "w.toml", "--launcher", "slurm", "--slurm", "slurm_gres=nvme:1", "--slurm",
+                 'slurm_additional_parameters={reservation="r1"}', "--dry-run"]) == 0  # no GPUs in either
 
 
 def test_default_count_on_cuda_from_memory_cores_and_the_cap():

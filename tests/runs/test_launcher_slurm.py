@@ -1,6 +1,7 @@
 """`dcablate run --launcher slurm` through submitit's local executor on CPU (DCABLATE_SLURM_CLUSTER=local): the
 same run directories, results and report as the local launcher; a task warned of its time limit checkpoints,
-is requeued and resumes; SIGTERM stops the array and the same command resumes it."""
+is requeued and resumes; SIGTERM stops the array and the same command resumes it. And through a fake sbatch,
+that the job script asks for what the command says it submits."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import re
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,42 @@ def test_a_task_lost_without_a_result_is_submitted_again(sweep, capsys, monkeypa
     assert re.search(r"slurm: job \d+ ended without a result \(.*\); submitted again as job \d+", log), log
     assert log.count("=== dcablate worker ") == 2 and f"resuming out/w/{name} from step" in log
     assert results(root, [name])[name]["steps"] == 40
+
+
+def fake_sbatch(tmp_path) -> Path:
+    """A PATH folder with an `sbatch` that keeps the job script it is given (as `script.sh` beside it) and says
+    it submitted job 4242, and an `srun` (submitit's sign of a Slurm cluster); the folder."""
+    import sys
+
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!{sys.executable}\nimport shutil, sys\n"
+                                    f"shutil.copy(sys.argv[-1], {str(bin_dir / 'script.sh')!r})\n"
+                                    f"print('Submitted batch job 4242')\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("flags, per_task, lines", [
+    ([], "0 GPU, 4 CPUs, 120 min", ["#SBATCH --cpus-per-task=4", "#SBATCH --time=120"]),
+    (["--partition", "cpu", "--time", "60", "--cpus-per-task", "2"], "0 GPU, 2 CPUs, 60 min",
+     ["#SBATCH --cpus-per-task=2", "#SBATCH --partition=cpu", "#SBATCH --time=60"]),
+    (["--gpus-per-task", "1"], "1 GPU, 4 CPUs, 120 min", ["#SBATCH --gpus-per-node=1"]),
+], ids=["cpu", "flags", "gpu"])
+def test_the_job_script_is_what_the_command_says_it_submits(sweep, capsys, monkeypatch, flags, per_task, lines):
+    """Through a fake sbatch that keeps the script: the headline's GPUs, CPUs and minutes are the script's, and a
+    CPU array asks for no GPUs at all rather than `--gpus-per-node=0`, which some clusters refuse."""
+    from dcablate.cli import main
+
+    bin_dir = fake_sbatch(sweep)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("DCABLATE_SLURM_CLUSTER")
+    assert main(["run", "w.toml", "--launcher", "slurm", "--no-wait", *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"submitted 2 runs as job array 4242 (slurm; per task {per_task}); " in out, out
+    script = (bin_dir / "script.sh").read_text().splitlines()
+    assert all(line in script for line in lines), script
+    assert ("#SBATCH --gpus-per-node=1" in script) == ("--gpus-per-task" in flags), script
+    assert not any("gpus" in line and "=0" in line for line in script), script

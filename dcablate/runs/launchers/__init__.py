@@ -14,9 +14,10 @@ recipe is read, so that `--dry-run` checks them too; it imports neither Ray nor 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
-from dcablate.errors import UserError
+from dcablate.errors import UserError, did_you_mean
 from dcablate.runs.launchers.slots import parse_gpus
 
 LAUNCHERS = ("local", "ray", "slurm")
@@ -24,6 +25,7 @@ PACKAGES = {"ray": ("ray", "Ray"), "slurm": ("submitit", "submitit")}
 INSTALL = "pip install 'dcablate[cluster]'"
 DEFAULT_RETRIES = 1
 DEFAULT_TIME_MIN = 120
+RAY_PORT = 6379  # the port of Ray's GCS that `ray start --head` opens unless told another
 
 
 @dataclass
@@ -53,7 +55,9 @@ def check_flags(launcher: str, per_gpu: int | None, gpus: str | None, workers: i
         raise UserError("--workers and --per-gpu: give one (--workers N is N CPU workers, --per-gpu N is N runs "
                         "per GPU)")
     if address is not None and launcher != "ray":
-        raise UserError(f"--address {address}: names a Ray cluster; it needs --launcher ray")
+        raise UserError(f"{address_named(address, '--address')}: names a Ray cluster; it needs --launcher ray")
+    if launcher == "ray":
+        ray_address(address)  # an address Ray cannot take (empty, no port) ends a dry run too
     slurm_flags = slurm.given()
     if slurm_flags and launcher != "slurm":
         raise UserError(f"{slurm_flags[0]}: is an option of the Slurm launcher; it needs --launcher slurm")
@@ -85,3 +89,50 @@ def check_flags(launcher: str, per_gpu: int | None, gpus: str | None, workers: i
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--launcher {launcher}: {name} is not installed; {INSTALL} installs it")
     return parse_gpus(gpus)
+
+
+def address_named(address: str, flag: str) -> str:
+    """Where a Ray address came from, for a line that refuses it: `--address HOST`, `RAY_ADDRESS='HOST'
+    (environment)`."""
+    if flag == "RAY_ADDRESS":
+        return f"RAY_ADDRESS={address!r} (environment)"
+    return f"--address {address if address.strip() else repr(address)}"
+
+
+def ray_leave(flag: str) -> str:
+    """How to have a local Ray instance instead of the address named by `flag`."""
+    return "leave RAY_ADDRESS unset" if flag == "RAY_ADDRESS" else "leave --address out"
+
+
+def ray_address(address: str | None) -> tuple[str | None, str]:
+    """The Ray cluster `--launcher ray` attaches to, and where it was named ("--address" or "RAY_ADDRESS"):
+    `--address`, else RAY_ADDRESS, which Ray would attach to (blank is unset, as Ray reads it), else None: a
+    local Ray instance of the command's own. A UserError for an address Ray cannot take (`checked_address`)."""
+    flag = "--address" if address is not None else "RAY_ADDRESS"
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address is not None and not address.strip():
+            address = None
+    return (None if address is None else checked_address(address, flag)), flag
+
+
+def checked_address(address: str, flag: str) -> str | None:
+    """`address`, named by `flag`, as the launcher gives it to Ray (`local`, Ray's word for an instance of the
+    command's own, is None, as no address is). A UserError for one Ray cannot take: empty (`--address "$HEAD"`
+    with HEAD unset started a local instance instead, without a word), HOST without a port or with a port that is
+    no number (the dry run passed them, as addresses it could not check)."""
+    said = address_named(address, flag)
+    fix = (f"give the address `ray start --head` printed (HOST:{RAY_PORT} by default), auto for this node's "
+           f"cluster or ray://HOST:PORT, or {ray_leave(flag)} for a local Ray instance")
+    if not address.strip():
+        raise UserError(f"{said}: is empty (an unset shell variable?); {fix}")
+    if address in ("auto", "local") or "://" in address:  # Ray's own words, and Ray Client's: left to Ray
+        return None if address == "local" else address
+    host, sep, port = address.rpartition(":")
+    if not sep or not port:
+        near = did_you_mean(address, ("auto", "local")) or f" (did you mean '{host or address}:{RAY_PORT}'?)"
+        raise UserError(f"{said}: no port; Ray's head listens on HOST:{RAY_PORT} unless `ray start --head "
+                        f"--port` chose another{near}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{said}: {port!r} is not a port (1 to 65535); {fix}")
+    return address

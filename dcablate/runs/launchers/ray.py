@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import click
 
 from dcablate.errors import UserError
-from dcablate.runs.launchers import INSTALL, warmup
+from dcablate.runs.launchers import (INSTALL, RAY_PORT, address_named, checked_address, ray_address, ray_leave,
+                                    warmup)
 from dcablate.runs.launchers.capacity import CPU_THREADS_PER_RUN
 from dcablate.runs.launchers.outcome import Job, note
 from dcablate.runs.launchers.point import STOP_SIGNALS, enter_directory, run_job
@@ -310,16 +311,19 @@ HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 
 
 
 def reachable(address: str, flag: str = "--address") -> None:
-    """UserError at once when `address` is HOST:PORT and nothing answers there, or something that is not Ray's GCS
-    (a gRPC server) does, such as the dashboard's port 8265 (Ray itself keeps trying for minutes); `auto` and
-    `ray://` addresses are left to Ray. `flag` names where the address came from."""
+    """UserError at once when `address` is of no form Ray takes (`checked_address`: empty, no port), or is HOST:PORT
+    and nothing answers there, or something that is not Ray's GCS (a gRPC server) does, such as the dashboard's
+    port 8265 (Ray itself keeps trying for minutes); `auto` and `ray://` addresses are left to Ray. `flag` names
+    where the address came from: "--address" or "RAY_ADDRESS"."""
     import socket
 
-    host, sep, port = address.rpartition(":")
-    if address == "auto" or "://" in address or not sep or not port.isdigit():
+    address = checked_address(address, flag)
+    if address is None or address == "auto" or "://" in address:
         return
-    fix = (f"start one with `ray start --head` and give its address (HOST:6379 by default), or leave "
-           f"{'RAY_ADDRESS unset' if flag == 'RAY_ADDRESS' else '--address out'} for a local Ray instance")
+    host, _, port = address.rpartition(":")
+    said = address_named(address, flag)
+    fix = (f"start one with `ray start --head` and give its address (HOST:{RAY_PORT} by default), or "
+           f"{ray_leave(flag)} for a local Ray instance")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
             conn.sendall(HTTP2_HELLO)
@@ -327,9 +331,9 @@ def reachable(address: str, flag: str = "--address") -> None:
     except socket.timeout:
         answer = b""
     except OSError as e:
-        raise UserError(f"{flag} {address}: no Ray cluster answers there ({e.strerror or e}); {fix}") from None
+        raise UserError(f"{said}: no Ray cluster answers there ({e.strerror or e}); {fix}") from None
     if len(answer) < 4 or answer[3] != 4:  # not an HTTP/2 SETTINGS frame
-        raise UserError(f"{flag} {address}: something answers there, but not Ray's GCS (it gave no HTTP/2 answer, "
+        raise UserError(f"{said}: something answers there, but not Ray's GCS (it gave no HTTP/2 answer, "
                         f"as a gRPC server does; the dashboard's port, 8265, is not the one to attach to); {fix}")
 
 
@@ -339,8 +343,7 @@ def connect(ray, address: str | None) -> str:
     shows errors only (`logging_level`), so that Ray's start-up warnings about an instance that lives and dies
     with the command (Ray 2.60: that it turned token authentication on, its default now) stay out of the
     terminal; a worker's failure still reaches the command as an exception (`RayWorker._wait`)."""
-    flag = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address, flag = ray_address(address)  # `--address ''` is refused, not read as no address
     doing = "starting a local Ray instance" if address is None else f"attaching to the Ray cluster at {address}"
     try:
         if address is None:
@@ -356,7 +359,8 @@ def connect(ray, address: str | None) -> str:
             raise SystemExit(128 + code) from None  # a stopped command's code, as everywhere else: 130, 143
         raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise UserError(f"{flag} {address}: cannot attach to a Ray cluster there ({first_line(e)})") from None
+        raise UserError(f"{address_named(address, flag)}: cannot attach to a Ray cluster there "
+                        f"({first_line(e)})") from None
     return f"the Ray cluster at {address}"
 
 

@@ -19,16 +19,18 @@ this machine, all at once): a trial of a Slurm sweep without Slurm, and what the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 import tomllib
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
-from dcablate.errors import UserError
+from dcablate.errors import UserError, did_you_mean
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, INSTALL, SlurmOptions
 from dcablate.runs.launchers.capacity import CPU_THREADS_PER_RUN
 from dcablate.runs.launchers.outcome import Job, Outcome, Reporter, note
@@ -50,13 +52,19 @@ def import_submitit():
 
 def cluster_kind() -> str:
     """Where the array goes: "slurm", or "local" (`DCABLATE_SLURM_CLUSTER=local`: submitit's local executor); a
-    UserError for another value, or for Slurm on a machine without `sbatch` (checked before the recipe is read,
-    so a dry run says it too)."""
+    UserError for another value, or for Slurm on a machine without `sbatch` or `srun` (checked before the recipe
+    is read, so a dry run says it too). submitit submits with sbatch but takes `srun` on the PATH for the sign of a
+    Slurm cluster (its executor refuses to start without it), so a machine with one alone is refused here too."""
     cluster = os.environ.get(CLUSTER_ENV, "slurm")
     if cluster not in ("slurm", "local"):
-        raise UserError(f"{CLUSTER_ENV}={cluster!r} (environment): must be 'slurm' or 'local'")
-    if cluster == "slurm" and shutil.which("sbatch") is None:
-        raise UserError(f"--launcher slurm: Slurm's sbatch is not on this machine's PATH; run the command on a "
+        raise UserError(f"{CLUSTER_ENV}={cluster!r} (environment): must be 'slurm' or 'local'"
+                        f"{did_you_mean(cluster, ('slurm', 'local'))}")
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None] if cluster == "slurm" else []
+    if missing:
+        what = " and ".join(missing) + (" are" if len(missing) > 1 else " is")
+        has = f" (submitit needs both; {'srun' if missing == ['sbatch'] else 'sbatch'} is there)" \
+            if len(missing) == 1 else ""
+        raise UserError(f"--launcher slurm: Slurm's {what} not on this machine's PATH{has}; run the command on a "
                         f"Slurm login node ({CLUSTER_ENV}=local tries the sweep with submitit's local executor)")
     return cluster
 
@@ -128,12 +136,18 @@ def parse_params(params: list[str]) -> dict:
 
 def executor_for(folder: Path, options: SlurmOptions, uses_cuda: bool, name: str):
     """submitit's AutoExecutor for the sweep's array and the parameters it was given; UserError for a bad
-    `--slurm`."""
+    `--slurm`, or for an executor submitit cannot start here (its RuntimeError names what it missed)."""
     submitit = import_submitit()
     cluster = cluster_kind()
     created = not folder.exists()
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **{f"{cluster}_max_num_timeout": MAX_TIMEOUTS})
     try:
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                                             **{f"{cluster}_max_num_timeout": MAX_TIMEOUTS})
+        except (RuntimeError, ValueError) as e:  # `cluster_kind` checks what submitit does; this is its word
+            raise UserError(f"--launcher slurm: submitit cannot submit to {cluster!r} from this machine "
+                            f"({last_words(e)}); run the command on a Slurm login node ({CLUSTER_ENV}=local tries "
+                            f"the sweep with submitit's local executor)") from None
         params = set_parameters(executor, options, uses_cuda, name)
     except UserError:
         if created:  # submitit's empty folders, made just now: a refused command leaves nothing behind
@@ -152,23 +166,121 @@ def check_options(options: SlurmOptions, uses_cuda: bool | None, name: str) -> N
                      bool(options.gpus_per_task) if uses_cuda is None else uses_cuda, name)
 
 
+# What a flag of the launcher sets, by the names submitit and Slurm give it (bare, after an executor's prefix as
+# in `slurm_time`, or as an sbatch option in slurm_additional_parameters): a `--slurm` key among them would win
+# over the flag, and over its default too, so that the headline said one thing and the script another
+# (`--time 60 --slurm slurm_time=30` submitted 30 minutes); it is refused, naming the flag to use.
+FLAG_KEYS = {"timeout_min": "--time", "time": "--time", "partition": "--partition", "cpus_per_task": "--cpus-per-task",
+             "gpus_per_node": "--gpus-per-task", "gpus_per_task": "--gpus-per-task", "num_gpus": "--gpus-per-task",
+             "gpus": "--gpus-per-task"}
+FLAG_SETS = {"--time": "each task's time limit", "--partition": "the partition", "--cpus-per-task": "the CPU cores "
+             "per task", "--gpus-per-task": "the GPUs per task"}
+MORE_KEYS = ("submitit's mem_gb, or Slurm's own options with slurm_ before them (slurm_account, slurm_qos, slurm_mem, "
+             "slurm_constraint, slurm_array_parallelism, ...)")
+
+
+def flag_of(key: str, value, prefixes) -> str | None:
+    """The launcher's flag that `key` (a `--slurm` key, or an sbatch option's name) with `value` sets, if any:
+    `slurm_gres=gpu:2` asks for GPUs, `slurm_gres=nvme:1` does not."""
+    head, _, rest = key.partition("_")
+    bare = (rest if head in prefixes and rest else key).replace("-", "_")
+    if bare == "gres":
+        return "--gpus-per-task" if re.search(r"(^|,)gpu(:|,|$)", str(value)) else None
+    return FLAG_KEYS.get(bare)
+
+
+def flag_now(flag: str, options: SlurmOptions, params: dict) -> str:
+    """What `flag` sets the array to, and whether it was given: `60 here`, `its default, 120, here`."""
+    given = {"--time": options.time_min, "--partition": options.partition, "--cpus-per-task": options.cpus_per_task,
+             "--gpus-per-task": options.gpus_per_task}[flag]
+    if given is not None:
+        return f"{given} here"
+    if flag == "--partition":
+        return "not given here: the cluster's default partition"
+    value = {"--time": params["timeout_min"], "--cpus-per-task": params["cpus_per_task"],
+             "--gpus-per-task": params.get("gpus_per_node", 0)}[flag]
+    return f"its default, {value}, here"
+
+
+class Keys(NamedTuple):
+    """What submitit takes in `--slurm` (`known_keys`)."""
+
+    prefixes: tuple[str, ...]  # its executors' names, before a key meant for one: slurm_, local_, debug_
+    taken: set[str]  # every key it takes
+    slurm: set[str]  # Slurm's own option names, without the slurm_ before them
+    meant: list[str]  # the keys a misspelt one is matched against: the generic ones and Slurm's
+
+
+def known_keys() -> Keys | None:
+    """What submitit takes, read from it; None where its internals differ from those read here (its own check,
+    in `update_parameters`, then stands alone)."""
+    try:
+        from submitit import AutoExecutor
+        from submitit.core import plugins
+
+        executors = plugins.get_executors()
+        generic = set(AutoExecutor._typed_parameters())
+        taken = set(generic)
+        for prefix, executor in executors.items():
+            taken |= {f"{prefix}_{arg}" for arg in set(executor._valid_parameters()) | generic}
+        slurm = set(executors["slurm"]._valid_parameters())
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return None
+    return Keys(tuple(executors), taken, slurm - generic, sorted(generic | {f"slurm_{arg}" for arg in slurm}))
+
+
+def check_keys(items: list[str], extra: dict, options: SlurmOptions, params: dict) -> None:
+    """UserError for a `--slurm` key that sets what a flag of the launcher sets (`FLAG_KEYS`), or that submitit
+    does not take, with the key meant: submitit's own refusal lists every key it takes (some 700 characters), and
+    it takes Slurm's `account` for `slurm_account` with a warning that names its own source file."""
+    keys = known_keys()
+    prefixes = keys.prefixes if keys else ("slurm", "local", "debug")
+    raw = {item.partition("=")[0].strip(): item for item in items}
+    for key, value in extra.items():
+        nested = isinstance(value, dict) and key.endswith("additional_parameters")  # sbatch options by name
+        for name, v in (value.items() if nested else [(key, value)]):
+            flag = flag_of(name, v, prefixes)
+            if flag is None:
+                continue
+            number = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            usable = isinstance(v, str) and v.strip() if flag == "--partition" else number  # not slurm_time="1:00:00"
+            as_flag = v if usable else {"--time": "MINUTES", "--partition": "NAME"}.get(flag, "N")
+            raise UserError(f"--slurm {raw[key]}: {f'its {name!r} ' if nested else ''}sets {FLAG_SETS[flag]}, "
+                            f"which {flag} sets ({flag_now(flag, options, params)}); give it as {flag} {as_flag} "
+                            f"instead")
+        if keys is None or key in keys.taken:
+            continue
+        if key in keys.slurm:  # unprefixed: submitit would take it, with a deprecation warning
+            raise UserError(f"--slurm {raw[key]}: Slurm's own options take slurm_ before them (did you mean "
+                            f"'slurm_{key}'?)")
+        near = did_you_mean(key, keys.meant)
+        meant = near.partition("'")[2].rpartition("'")[0]
+        flag = flag_of(meant, value, prefixes) if meant else None
+        near = f" (did you mean {flag}? {meant} is what it sets)" if flag else near
+        raise UserError(f"--slurm {raw[key]}: submitit takes no parameter {key!r}{near}; give {MORE_KEYS}")
+
+
 def set_parameters(executor, options: SlurmOptions, uses_cuda: bool, name: str) -> dict:
-    """The array's parameters (returned): the launcher's flags and defaults, then `--slurm KEY=VALUE`."""
+    """The array's parameters (returned): the launcher's flags and defaults, then `--slurm KEY=VALUE` (none that
+    sets what a flag sets: `check_keys`). No GPUs is no `gpus_per_node` key at all: submitit would write
+    `--gpus-per-node=0`, which some clusters refuse for a CPU partition."""
+    gpus = options.gpus_per_task if options.gpus_per_task is not None else int(uses_cuda)
     params = {"name": f"dcablate-{name}", "timeout_min": options.time_min or DEFAULT_TIME_MIN, "nodes": 1,
-              "tasks_per_node": 1,
-              "gpus_per_node": options.gpus_per_task if options.gpus_per_task is not None else int(uses_cuda),
+              "tasks_per_node": 1, **({"gpus_per_node": gpus} if gpus else {}),
               "cpus_per_task": options.cpus_per_task or (GPU_TASK_CPUS if uses_cuda else CPU_THREADS_PER_RUN)}
     if options.partition:
         params["slurm_partition"] = options.partition
     extra = parse_params(options.params)
+    check_keys(options.params, extra, options, params)
     params.update(extra)
     try:
         executor.update_parameters(**params)
     except (NameError, AssertionError, ValueError, TypeError) as e:
         given = [f"{k}={v!r}" for k, v in extra.items()]
-        raise UserError(f"--slurm {' '.join(given) or '(none)'}: submitit refuses the parameters "
-                        f"({str(e).strip().splitlines()[0]}); generic ones are timeout_min, mem_gb, cpus_per_task, "
-                        f"gpus_per_node, ..., Slurm's start with slurm_ (slurm_account, slurm_qos, ...)") from None
+        said = str(e).strip().splitlines()[0].partition(" Valid arguments:")[0] if str(e).strip() else type(e).__name__
+        more = f"; give {MORE_KEYS}" if isinstance(e, NameError) else ""  # a key it does not take
+        raise UserError(f"--slurm {' '.join(given) or '(none)'}: submitit refuses the parameters ({said}){more}") \
+            from None
     return params
 
 
@@ -208,7 +320,8 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bo
         raise UserError(f"--launcher slurm: submitting the job array failed: {last_words(e)}") from None
     array = str(handles[0].job_id).split("_")[0] if handles else "-"
     click.echo(f"submitted {len(jobs)} run{'s' if len(jobs) != 1 else ''} as job array {array} ({executor.cluster}; "
-               f"per task {params['gpus_per_node']} GPU, {params['cpus_per_task']} CPUs, {params['timeout_min']} min); "
+               f"per task {params.get('gpus_per_node', 0)} GPU, {params['cpus_per_task']} CPUs, "
+               f"{params['timeout_min']} min); "
                f"logs in RUN_DIR/{LOG_NAME}, Slurm's in {folder}")
     for job, handle in zip(jobs, handles):
         job.label, job.started = f"slurm {handle.job_id}", time.time()
