@@ -1055,7 +1055,8 @@ def bench_train(recipe, overrides, compare, steps, warmup, fla_reference, profil
 
 @bench.command(name="throughput")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True, help="Timed steps per model.")
+@click.option("--steps", type=click.IntRange(min=8), default=50, show_default=True,
+              help="Timed steps per model (at least 8: the report checks that their four quarters ran alike).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True,
               help="Untimed steps first (more while a CUDA-graphed model still has batch shapes to capture).")
 @click.option("--again", is_flag=True, help="Also time the models already measured on this card with at least "

@@ -33,8 +33,7 @@ def typed_key(key: str) -> tuple[str, str]:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", value); the value is TOML, a bare word is a string."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
+    key, sep, raw = _split_key(text)
     if not sep or not key:
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.lr=3e-3")
     if any(not part for part in key.split(".")):  # `.`, `a..b`, `train.`: no key to set
@@ -48,6 +47,30 @@ def parse_override(text: str) -> tuple[str, Any]:
             raise UserError(f"--set {text}: value is not valid TOML: {detail}") from None
         value = raw
     return key, value
+
+
+def _split_key(text: str) -> tuple[str, str, str]:
+    """`KEY=VALUE` -> (KEY as a dotted path, "=", VALUE). A key written with TOML's quotes, as a recipe's `[sweep]`
+    table writes its axes (`sweep."model.conv.kind"=[...]`), is the same path unquoted (`sweep.model.conv.kind`):
+    the quotes were read as part of the name, refused with a did-you-mean that looked like what was typed."""
+    if text[:1] not in "\"'" and not re.match(r"[^=]*\.\s*[\"']", text):
+        key, sep, raw = text.partition("=")
+        return key.strip(), sep, raw
+    match = re.match(r"""\s*((?:"(?:[^"\\]|\\.)*"|'[^']*'|[^=."']+)(?:\s*\.\s*(?:"(?:[^"\\]|\\.)*"|'[^']*'|[^=."']+))*)\s*=""",
+                     text)
+    if match:
+        try:
+            table = tomllib.loads(f"{match.group(1)} = 0")
+        except tomllib.TOMLDecodeError:
+            table = None
+        parts = []
+        while isinstance(table, dict) and len(table) == 1:
+            name, table = next(iter(table.items()))
+            parts.append(name)
+        if parts and table == 0:
+            return ".".join(parts), "=", text[match.end():]
+    key, sep, raw = text.partition("=")
+    return key.strip(), sep, raw
 
 
 def _parser_detail(error: tomllib.TOMLDecodeError, raw: str) -> str:

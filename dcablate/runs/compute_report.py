@@ -304,6 +304,13 @@ def _rate_notes(group: compute_points.Group) -> list[str]:
         for p, m in zip(group.points, group.alone):
             if m.swing is not None and m.swing > throughput.UNSTEADY:
                 busy[p.variant] = max(busy.get(p.variant, 0.0), m.swing)
+        unchecked = sorted({p.variant for p, m in zip(group.points, group.alone) if m.swing is None})
+        if unchecked:  # no swing: fewer than 8 timed steps (allowed before) or a record without it; one stalled
+            # step of five moved a rate 38x with no word
+            out.append(f"Wall-clock: the timings alone of {', '.join(f'`{v}`' for v in unchecked)} could not be "
+                       f"checked for other work slowing them (too few timed steps to compare, or timed by an older "
+                       f"dcablate), so their wall-clock multipliers may not be clean; time them again (`dcablate "
+                       f"bench throughput --again`).")
         if busy:
             which = ", ".join(f"`{v}` (up to {x:.1f}×)" for v, x in sorted(busy.items()))
             out.append(f"Wall-clock: the timings alone of {which} ran slower in one part than in another, as when "

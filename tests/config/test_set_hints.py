@@ -191,3 +191,16 @@ def test_a_key_of_a_known_section_is_matched_against_that_sections_keys():
 
     assert _key_hint("train.foo") == ""
     assert _key_hint("train.weight_decy") == " (did you mean 'train.weight_decay'?)"
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ('sweep."model.conv.kind"=["none", "dynamic"]', "sweep.model.conv.kind", ["none", "dynamic"]),
+    ("sweep.'train.lr' = [1e-3]", "sweep.train.lr", [1e-3]),
+    ('"train".lr=1', "train.lr", 1),
+    ('run.name="a=b"', "run.name", "a=b"),  # an `=` inside the value is the value's
+    ("task.mqar.train=[{seq_len=64}]", "task.mqar.train", [{"seq_len": 64}]),
+])
+def test_a_key_in_tomls_quotes_is_the_same_key_unquoted(text, key, value):
+    """A recipe's `[sweep]` table quotes its axes (`"model.conv.kind" = [...]`); the same form after --set was
+    refused as an unknown key whose did-you-mean looked like what was typed."""
+    assert parse_override(text) == (key, value)

@@ -357,6 +357,13 @@ def test_throughput_measured_alone_replaces_the_runs_own(tmp_path):
             throughput.append(run, {"tokens_per_s": 2.0, "device_name": "cpu", "date": "2026-12-07T10:00"})
     assert ("- Wall-clock: measured on cpu, while the runs trained on NVIDIA H100: the wall-clock multipliers are of "
             "the card measured.") in report_md(tmp_path)
+    assert ("- Wall-clock: the timings alone of `attention conv=dynamic@qkv`, `attention conv=none` could not be "
+            "checked for other work slowing them") in report_md(tmp_path)  # records without a swing: none measured
+    for run in tmp_path.iterdir():
+        if run.is_dir():
+            throughput.append(run, {"tokens_per_s": 2.0, "device_name": "cpu", "date": "2026-12-07T11:00",
+                                    "swing": 1.01})
+    assert "could not be checked" not in report_md(tmp_path)
     throughput.append(tmp_path / "dyn-64", {"tokens_per_s": 2.0, "device_name": "NVIDIA H100", "date": "2026-12-07",
                                             "swing": 3.4})  # timed on a busy machine
     assert ("- Wall-clock: the timings alone of `attention conv=dynamic@qkv` (up to 3.4×) ran slower in one part than "
