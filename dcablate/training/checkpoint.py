@@ -263,7 +263,7 @@ def locked(run_dir: Path):
     try:
         f.seek(0)
         f.truncate()
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{lock_text()}\n")
         f.flush()
         yield
     except BaseException:
@@ -275,6 +275,14 @@ def locked(run_dir: Path):
             if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:  # still ours (not one a later run made)
                 lock.unlink()
         f.close()  # closing releases the lock; the kernel does the same if the process is killed
+
+
+def lock_text() -> str:
+    """What a training process writes into its run's `.lock`, which a refused command then names: its pid, and the
+    machine it runs on (a Slurm task's or a Ray actor's is another machine than the command's)."""
+    import socket
+
+    return f"{os.getpid()} on {socket.gethostname()}"
 
 
 def lock_holder(run_dir: Path) -> str | None:

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -302,7 +303,7 @@ def test_a_lock_file_unlinked_meanwhile_is_not_taken(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.fcntl, "flock", flock)
     with checkpoint.locked(run_dir):
-        assert len(calls) == 2 and lock.read_text() == f"{os.getpid()}\n"
+        assert len(calls) == 2 and lock.read_text() == f"{os.getpid()} on {socket.gethostname()}\n"
         assert os.fstat(calls[1].fileno()).st_ino == os.stat(lock).st_ino
 
 

@@ -326,8 +326,9 @@ def launch(recipe_ref: str, overrides: list[str], jobs: list[Job], uses_cuda: bo
     for job, handle in zip(jobs, handles):
         job.label, job.started = f"slurm {handle.job_id}", time.time()
     if not options.wait:
-        click.echo("not waiting (--no-wait): `dcablate run ... --dry-run` shows which runs have finished; do not "
-                   "rerun the command while the jobs run (it would submit the unfinished runs again)")
+        click.echo("not waiting (--no-wait): `dcablate run ... --dry-run` shows which runs have finished (and "
+                   "refuses the ones a job is training now, naming its pid and node); do not rerun the command "
+                   "while the jobs run: it would submit the runs no job has started yet again")
         return None
     return wait(executor, fn, list(zip(jobs, handles)), retries)
 
