@@ -49,6 +49,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# a TOML key path before `=`: parts quoted ("a.b", 'a.b') or bare (no spaces, so the spaces around a dot are
+# matched in one way only), joined by dots
+_KEY_PART = r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|[^=."'\s]+)"""
+_KEY_PATH = re.compile(rf"\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
+
+
 def _split_key(text: str) -> tuple[str, str, str]:
     """`KEY=VALUE` -> (KEY as a dotted path, "=", VALUE). A key written with TOML's quotes, as a recipe's `[sweep]`
     table writes its axes (`sweep."model.conv.kind"=[...]`), is the same path unquoted (`sweep.model.conv.kind`):
@@ -56,8 +62,7 @@ def _split_key(text: str) -> tuple[str, str, str]:
     if text[:1] not in "\"'" and not re.match(r"[^=]*\.\s*[\"']", text):
         key, sep, raw = text.partition("=")
         return key.strip(), sep, raw
-    match = re.match(r"""\s*((?:"(?:[^"\\]|\\.)*"|'[^']*'|[^=."']+)(?:\s*\.\s*(?:"(?:[^"\\]|\\.)*"|'[^']*'|[^=."']+))*)\s*=""",
-                     text)
+    match = _KEY_PATH.match(text)
     if match:
         try:
             table = tomllib.loads(f"{match.group(1)} = 0")

@@ -391,20 +391,12 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
     show = lambda v: "(unset)" if v is None else (s if len(s := json.dumps(v)) <= 40 else s[:37] + "...")
     return [f"{k}: {show(a.get(k))} -> {show(b.get(k))}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE)
-            and not (k in PATH_KEYS and moved(a.get(k), b.get(k)))
-            and not (k == DEVICE_KEY and same_device(a.get(k), b.get(k)))]
+            and not (k in PATH_KEYS and moved(a.get(k), b.get(k)))]
 
 
+# where a run trains: a finished run's is no change to it (`runs.directories.run_state`); an unfinished run's is,
+# since what "auto" names depends on the machine that trains it, which a cluster launcher's planning host is not
 DEVICE_KEY = "run.device"
-
-
-def same_device(old, new) -> bool:
-    """Whether two `run.device` values train on the same kind of device on this machine ("auto" is "cuda" where
-    one is visible): a run started with "cuda" goes on under "auto" there, exactly as it began."""
-    import torch
-
-    kind = lambda v: "cuda" if v == "cuda" or (v in ("auto", None) and torch.cuda.is_available()) else "cpu"
-    return kind(old) == kind(new)
 
 
 def read_changes(old, new) -> list[str]:

@@ -204,3 +204,14 @@ def test_a_key_in_tomls_quotes_is_the_same_key_unquoted(text, key, value):
     """A recipe's `[sweep]` table quotes its axes (`"model.conv.kind" = [...]`); the same form after --set was
     refused as an unknown key whose did-you-mean looked like what was typed."""
     assert parse_override(text) == (key, value)
+
+
+def test_a_long_key_without_an_equals_sign_is_refused_at_once():
+    """The quoted-key reading must not backtrack over the spaces between a key's parts (seconds to minutes)."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_override('"x". a  . b  . c  . d  . e  . f  . g  . h  . i  . j  . k  .l')
+    assert time.perf_counter() - start < 1.0
+

@@ -242,7 +242,7 @@ def check_keys(items: list[str], extra: dict, options: SlurmOptions, params: dic
             flag = flag_of(name, v, prefixes)
             if flag is None:
                 continue
-            number = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            number = isinstance(v, int) and not isinstance(v, bool) and v >= (0 if flag == "--gpus-per-task" else 1)
             usable = isinstance(v, str) and v.strip() if flag == "--partition" else number  # not slurm_time="1:00:00"
             as_flag = v if usable else {"--time": "MINUTES", "--partition": "NAME"}.get(flag, "N")
             raise UserError(f"--slurm {raw[key]}: {f'its {name!r} ' if nested else ''}sets {FLAG_SETS[flag]}, "
