@@ -53,7 +53,7 @@ def test_each_model_is_timed_once_and_written_into_its_runs(work, monkeypatch, c
     runs = sorted(p.parent for p in (tmp_path / "out").rglob("summary.json"))
     assert len(runs) == 4
 
-    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2")
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "8")
     assert rc == 0
     assert "2 models of 4 finished runs below out" in out
     found = {run: throughput.measurements(run) for run in runs}
@@ -62,20 +62,20 @@ def test_each_model_is_timed_once_and_written_into_its_runs(work, monkeypatch, c
     for run, (m,) in found.items():
         kind = R.load(str(run / "recipe.toml")).model.conv.kind
         by_kind.setdefault(kind, set()).add(json.dumps(m, sort_keys=True))
-        assert m["device_name"] == "cpu" and m["timed_steps"] == 2 and m["runs_of_this_model"] == 2
+        assert m["device_name"] == "cpu" and m["timed_steps"] == 8 and m["runs_of_this_model"] == 2
         assert m["tokens_per_s"] > 0 and m["step_ms"] > 0 and "swing" in m
     assert {k: len(v) for k, v in by_kind.items()} == {"none": 1, "dynamic": 1}  # one timing per model, shared
 
-    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2")
-    assert rc == 0 and out.count("before: 1 + 2 steps, ") == 2 and "nothing new to time" in out
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "8")
+    assert rc == 0 and out.count("before: 1 + 8 steps, ") == 2 and "nothing new to time" in out
     assert f"{found[runs[0]][0]['tokens_per_s']:,.0f}" in out  # the kept measurement is shown, not hidden
     assert all(len(throughput.measurements(run)) == 1 for run in runs)
     # a longer timing than the kept one asks for is made: a short trial run does not stand for it
-    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "3")
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "9")
     assert rc == 0 and "before:" not in out and all(len(throughput.measurements(run)) == 2 for run in runs)
-    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2")
-    assert rc == 0 and out.count("before: 1 + 3 steps, ") == 2
-    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "2", "--again")
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "8")
+    assert rc == 0 and out.count("before: 1 + 9 steps, ") == 2
+    rc, out, _ = bench(monkeypatch, capsys, tmp_path, "out", "--warmup", "1", "--steps", "8", "--again")
     assert rc == 0 and "before:" not in out
     assert all(len(throughput.measurements(run)) == 3 for run in runs)
     newest = throughput.newest(runs[0])
@@ -87,7 +87,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(work, monkeypatch, caps
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(throughput, "append", refuse)
-    rc, _, err = bench(monkeypatch, capsys, work, "out", "--warmup", "1", "--steps", "2")
+    rc, _, err = bench(monkeypatch, capsys, work, "out", "--warmup", "1", "--steps", "8")
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "cannot write throughput.json: Read-only file system" in err
 
@@ -157,7 +157,7 @@ def test_models_that_run_out_of_memory_end_with_one_line(work, monkeypatch, caps
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(bench_train, "bench_variant", oom)
-    rc, out, err = bench(monkeypatch, capsys, work, "out", "--warmup", "1", "--steps", "2")
+    rc, out, err = bench(monkeypatch, capsys, work, "out", "--warmup", "1", "--steps", "8")
     assert rc == 2 and "nothing new to time" not in out and out.count("OOM") == 2
     assert err.startswith("error: 2 of 2 models ran out of memory on this card and have no rate (")
     assert len(err.strip().splitlines()) == 1
