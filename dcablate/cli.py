@@ -546,14 +546,19 @@ def run_folders(root: Path) -> list[Path]:
     return in_sweep_order(root, sorted(p.parent for p in root.rglob("recipe.toml") if p.parent != root))
 
 
+def check_weights_kept(run_dir: Path) -> None:
+    """UserError for a finished run (summary.json) whose weights, checkpoints/final.pt, are not there."""
+    if (run_dir / "summary.json").is_file() and not (run_dir / "checkpoints" / "final.pt").is_file():
+        raise UserError(f"{run_dir}: finished (summary.json), but its weights, checkpoints/final.pt, are not there "
+                        f"(a run copied without its .pt files has none); evaluating or sampling it needs them")
+
+
 def final_state(run_dir: Path) -> dict:
     """The final checkpoint of the run in `run_dir`; an unfinished run is one line saying how to finish it."""
     from dcablate.training import checkpoint
 
     final = run_dir / "checkpoints" / "final.pt"
-    if not final.is_file() and (run_dir / "summary.json").is_file():
-        raise UserError(f"{run_dir}: finished (summary.json), but its weights, checkpoints/final.pt, are not there "
-                        f"(a run copied without its .pt files has none); evaluating or sampling it needs them")
+    check_weights_kept(run_dir)
     if not final.is_file():
         steps = checkpoint.step_files(run_dir / "checkpoints")
         newest = f" (its newest checkpoint is step {steps[-1][0]})" if steps else ""
@@ -923,8 +928,7 @@ def evaluate_run(run_dir: Path, task_kind: str | None, overrides, data: str | No
     from dcablate.training.runtime import autocast_for
 
     recipe_path = run_dir / "recipe.toml"
-    if (run_dir / "summary.json").is_file() and not (run_dir / "checkpoints" / "final.pt").is_file():
-        final_state(run_dir)  # a finished run without its weights: say so before what its settings need here
+    check_weights_kept(run_dir)  # before what the run's settings need on this machine
     r, overrides, device = settings or eval_settings(run_dir, task_kind, overrides, alone)
     task_kind = r.task.kind
     state = final_state(run_dir)
