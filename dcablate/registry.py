@@ -235,6 +235,8 @@ class Registry(Generic[Spec]):
         # separated): a component named as one of those keys would replace it
         self.section_keys = section_keys
         self._specs: dict[str, Spec] = {}
+        self._rank: dict[str, int] = {}  # name -> the index in `builtins` of the module that registered it
+        self._sorted = True  # `_specs` is in the order of `_rank`, then of registration
         self._in_builtins = False  # importing `builtins` now
 
     def register(self, spec: Spec, replace: bool = False) -> Spec:
@@ -255,6 +257,9 @@ class Registry(Generic[Spec]):
             if problem:
                 raise ValueError(f"{self.what} {spec.name!r}: {problem}")
         self._specs[spec.name] = spec
+        if spec.name not in self._rank:  # a replaced spec keeps its place
+            self._rank[spec.name] = self._builtin_rank()
+        self._sorted = False
         if _importing:
             _registered_by[(self.what, spec.name)] = _importing[-1]
         else:
@@ -265,7 +270,20 @@ class Registry(Generic[Spec]):
     def unregister(self, name: str) -> None:
         global generation
         del self._specs[name]
+        self._rank.pop(name, None)
         generation += 1
+
+    def _builtin_rank(self) -> int:
+        """The index in `builtins` of the module whose import is registering a spec now (its frame on the stack),
+        or one past them for any other caller (a plugin, a test): the package's own components keep the order of
+        `builtins` even when code imports one of their modules before the registry is first read."""
+        frame = sys._getframe(2)
+        while frame is not None:
+            name = frame.f_globals.get("__name__")
+            if name in self.builtins:
+                return self.builtins.index(name)
+            frame = frame.f_back
+        return len(self.builtins)
 
     def _import_builtins(self) -> None:
         """Import the modules that register the package's own components, in order (so their components keep
@@ -282,6 +300,9 @@ class Registry(Generic[Spec]):
     def _ready(self) -> dict[str, Spec]:
         self._import_builtins()
         load_plugins()
+        if not self._sorted:  # a stable sort: within one rank, the order of registration
+            self._specs = dict(sorted(self._specs.items(), key=lambda item: self._rank[item[0]]))
+            self._sorted = True
         return self._specs
 
     def names(self) -> tuple[str, ...]:

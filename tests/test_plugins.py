@@ -545,7 +545,8 @@ def test_a_mixer_named_by_module_is_checked_when_a_model_is_built(registered, tm
         MIXERS.register(MixerSpec("running_mean", impl, RunningMeanOptions, "x",
                                   conv_streams=lambda m: [("v", m.d_model)]), replace=True)
         assert main(["info", "toy.toml"] if isinstance(impl, str) else ["run", "toy.toml", "--quiet"]) == 2
-        assert capsys.readouterr().err == f"error: {line}\n"
+        where = "" if isinstance(impl, str) else f"{tmp_path / 'toy.toml'}: "  # a run's error names the recipe too
+        assert capsys.readouterr().err == f"error: {where}{line}\n"
 
 
 @pytest.mark.parametrize("register, registry, spec, section", [
@@ -611,7 +612,7 @@ def test_a_conv_kind_returning_another_shape_is_named(registered, tmp_path, monk
     Path("toy.toml").write_text(RECIPE)
     assert main(["run", "toy.toml", "--quiet"]) == 2
     assert capsys.readouterr().err == (
-        "error: model.conv.kind: tests.test_plugins.test_a_conv_kind_returning_another_shape_is_named.<locals>."
+        f"error: {tmp_path / 'toy.toml'}: model.conv.kind: tests.test_plugins.test_a_conv_kind_returning_another_shape_is_named.<locals>."
         "DropsOne.forward returned shape (32, 11, 32) for a stream of (32, 12, 32); a conv maps its stream "
         "[B, T, D] to [B, T, D]\n")
 
@@ -655,7 +656,7 @@ def test_a_mixer_returning_another_shape_is_named_and_its_run_listed_as_failed(r
     assert main(["run", "toy.toml", "--quiet"]) == 2
     line = "model.mixer: tests.test_plugins.LastOnly.forward returned shape (32, 1, 32) for an input of " \
            "(32, 12, 32); a block's mixers map [B, T, D] to [B, T, D]"
-    assert capsys.readouterr().err == f"error: {line}\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'toy.toml'}: {line}\n"  # led by where the key was set
     assert json.loads(Path("runs/toy/failed.json").read_text())["error"] == line
     assert main(["report", "runs"]) == 0
     assert f"- `toy` after 0 steps: {line}" in Path("runs/report.md").read_text()
@@ -861,3 +862,13 @@ def test_a_dotted_plugin_whose_package_fails_is_one_line_at_the_packages_line(tm
     assert capsys.readouterr().err == ("error: DCABLATE_PLUGINS: plugin module 'failing_pkg.mod' failed while "
                                        f"importing, at {tmp_path / 'failing_pkg' / '__init__.py'}:2: RuntimeError: "
                                        "boom in init\n")
+
+
+def test_the_package_s_components_keep_their_order_whichever_module_was_imported_first():
+    """Importing one task's module (as a test or a plugin may) before the registry is read does not move that task
+    ahead of the others: choices and error lines list them in one order in every process."""
+    code = ("import dcablate.tasks.memorization.task, dcablate.tasks.lm.spec\n"
+            "from dcablate.tasks import TASKS\nprint(','.join(TASKS.names()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ("mqar,lm,recall,fuzzy_recall,noisy_recall,selective_copy,compression,"
+                                   "memorization")

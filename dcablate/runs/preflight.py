@@ -75,12 +75,17 @@ def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] 
     return f"{recipe_file}: {key}"
 
 
+# the recipe's sections whose keys an error found at training time may lead with (`sweep` is never one)
+LOCATED_SECTIONS = ("run", "model", "task", "train", "eval", "log", "checkpoint")
+
+
 def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
-    """`error` with where the recipe set its key in front, when its line starts with a bare task key and names no
-    place (`task.lm.tokenizer_file: PATH: not a tokenizer.json`, from building a task outside `check_inputs`);
-    else `error` itself."""
+    """`error` with where the recipe set its key in front, when its line starts with a bare recipe key and names no
+    place (`task.lm.tokenizer_file: PATH: not a tokenizer.json`, from building a task outside `check_inputs`;
+    `train.batch_size: 512 is more than the 113 training windows ...`, found once the text is tokenized); else
+    `error` itself."""
     key, sep, rest = str(error).partition(": ")
-    if not sep or not key.startswith("task.") or " " in key:
+    if not sep or " " in key or "." not in key or key.split(".", 1)[0] not in LOCATED_SECTIONS:
         return error
     _, origins, path = config.load_raw(recipe, overrides)
     return UserError(f"{set_where(key, origins, str(path), tuple(config.load(recipe, overrides).sweep))}: {rest}")

@@ -294,3 +294,32 @@ def test_a_sweep_in_this_process_trains_the_runs_it_began_first(tmp_path, monkey
     rc, out, _ = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0 and "[1/2] lr=0.002" in out and "[2/2] lr=0.001" in out
     assert (second / "summary.json").is_file()
+
+
+def test_a_batch_larger_than_the_text_found_at_training_names_where_the_batch_was_set(work, capsys):
+    """The windows of a text are counted once it is tokenized, in the run itself: the error still leads with the
+    file or --set that set the key it names, in this process and from a worker."""
+    (work / "r.toml").write_text(lm_recipe("text"))
+    rc, _, err = cli(capsys, "run", "r.toml", "--set", "train.batch_size=4096", "--quiet")
+    assert rc == 2 and err.splitlines()[-1].startswith("error: --set: train.batch_size: 4096 is more than the "), err
+    rc, _, err = cli(capsys, "run", "r.toml", "--set", "run.name=other", "--quiet")  # a good batch still trains
+    assert rc == 0, err
+
+
+def test_a_workers_error_line_is_led_by_where_the_recipe_set_its_key(work, capsys):
+    from dcablate.runs.launchers.point import train_point
+
+    (work / "r.toml").write_text(lm_recipe("text").replace("batch_size = 4\n", "batch_size = 4096\n"))
+    name, r = recipes.expand("r.toml", [])[1][0]
+    rc = train_point("r.toml", [], 0, name, r.digest(), work / "out" / "lm")
+    out = capsys.readouterr().out
+    assert rc == 2 and f"error: {work / 'r.toml'}: train.batch_size: 4096 is more than the " in out, out
+
+
+def test_only_a_line_led_by_a_recipe_key_is_located(work):
+    from dcablate.errors import UserError
+    from dcablate.runs.preflight import located
+
+    for text in ("sweep.train.lr: x", "--gpus 3: no such GPU", "train batch: x", "nodots: x", "no colon at all"):
+        assert str(located(UserError(text), "r.toml", [])) == text
+    assert str(located(UserError("eval.every: x"), "r.toml", ["eval.every=5"])) == "--set: eval.every: x"

@@ -107,11 +107,22 @@ def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name
         click.echo(f"-> {run_dir}  {headline_result(summary, r.task.kind)}")
         return 0
     except UserError as e:
-        click.echo(f"error: {e}")
+        click.echo(f"error: {_located(e, recipe_ref, overrides)}")
         return 2
     except KeyboardInterrupt:
         click.echo("interrupted")
         return 130
+
+
+def _located(error: UserError, recipe_ref: str, overrides: list[str]) -> UserError:
+    """`error` led by where the recipe set the key it names (`preflight.located`: a check that only training could
+    make, such as an LM text too short for the batch); `error` itself when the recipe no longer loads here."""
+    from dcablate.runs.preflight import located
+
+    try:
+        return located(error, recipe_ref, overrides)
+    except UserError:
+        return error
 
 
 @contextlib.contextmanager
