@@ -763,7 +763,9 @@ def eval_(task_kind, run_dir, overrides, data, run):
             click.echo(f"error: {e}", err=True)
             failed.append(named[point])
             continue
-        rows.setdefault(kind, []).append({"run": named[point], **metrics, "file": out.relative_to(run_dir).as_posix()})
+        text = {"data": data} if data else {}  # the CSV says what the runs were scored on, as each run's JSON does
+        rows.setdefault(kind, []).append({"run": named[point], **metrics, **text,
+                                          "file": out.relative_to(run_dir).as_posix()})
     from dcablate.runs.tables import format_table
 
     for kind, table in rows.items():  # the runs side by side, as a table here and a CSV beside them

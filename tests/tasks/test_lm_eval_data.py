@@ -2,6 +2,7 @@
 enough; every target is scored once (the tokens after the last full window too); messages about the text name
 `--data`. Training on one `.txt` document is refused before anything starts, naming where the key was set."""
 
+import csv
 import json
 import math
 from contextlib import nullcontext
@@ -131,6 +132,8 @@ def test_eval_folder_with_data_takes_its_lm_runs_and_names_the_others(tmp_path, 
     out = capsys.readouterr().out
     assert "[1/1] lm" in out and "not evaluated, another task than --data picks: recall" in out
     assert json.loads((run / "eval" / "lm.json").read_text())["data"] == str(one)
+    table = list(csv.DictReader((tmp_path / "runs" / "eval" / "lm.csv").open()))  # the text named beside the scores
+    assert [(row["run"], row["data"]) for row in table] == [("lm", str(one))]
     assert not (tmp_path / "runs" / "recall" / "eval").exists()
     assert main(["eval", str(tmp_path / "runs"), "--task", "mqar"]) == 0
     out = capsys.readouterr().out
