@@ -312,6 +312,21 @@ def test_a_slurm_key_that_a_flag_sets_is_refused_naming_the_flag(sweep, capsys, 
                  'slurm_additional_parameters={reservation="r1"}', "--dry-run"]) == 0  # no GPUs in either
 
 
+@pytest.mark.parametrize("flags", [["--slurm", "nodes=2"], ["--slurm", "slurm_ntasks_per_node=4"],
+                                   ["--slurm", "tasks_per_node=2"],
+                                   ["--slurm", 'slurm_additional_parameters={ntasks=2}']],
+                         ids=["nodes", "ntasks-per-node", "tasks-per-node", "additional-ntasks"])
+def test_a_slurm_key_that_would_start_a_run_several_times_is_refused(sweep, capsys, monkeypatch, flags):
+    """An array task trains one run in one process; `nodes=2` (or more tasks per node) had srun start that run's
+    training twice, both writing its directory. Refused, by the dry run too; a value of 1 is what the array asks."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("DCABLATE_SLURM_CLUSTER", "local")
+    for dry in (["--dry-run"], []):
+        one_line_error(sweep, capsys, ["--launcher", "slurm", *flags, *dry], "would start each array task's run as "
+                       "more than one process")
+    assert main(["run", "w.toml", "--launcher", "slurm", "--slurm", "nodes=1", "--dry-run"]) == 0
+
+
 def test_default_count_on_cuda_from_memory_cores_and_the_cap():
     n, line = default_count(True, 20 * GIB, cores=64, gpus=1, gpu_bytes=80 * GIB)
     assert n == 3 and line.startswith("3 runs per GPU on 1 GPU: a run needs about 20.0 GiB of the 80.0 GiB per GPU "

@@ -175,6 +175,9 @@ FLAG_KEYS = {"timeout_min": "--time", "time": "--time", "partition": "--partitio
              "gpus": "--gpus-per-task"}
 FLAG_SETS = {"--time": "each task's time limit", "--partition": "the partition", "--cpus-per-task": "the CPU cores "
              "per task", "--gpus-per-task": "the GPUs per task"}
+# How many processes an array task starts, over how many nodes: one run is one process (a task spreads nothing; the
+# array spreads the runs), so more would train one run several times over, into one run directory.
+ONE_PER_RUN = ("nodes", "tasks_per_node", "ntasks_per_node", "ntasks")
 MORE_KEYS = ("submitit's mem_gb, or Slurm's own options with slurm_ before them (slurm_account, slurm_qos, slurm_mem, "
              "slurm_constraint, slurm_array_parallelism, ...)")
 
@@ -239,6 +242,13 @@ def check_keys(items: list[str], extra: dict, options: SlurmOptions, params: dic
     for key, value in extra.items():
         nested = isinstance(value, dict) and key.endswith("additional_parameters")  # sbatch options by name
         for name, v in (value.items() if nested else [(key, value)]):
+            head, _, rest = name.partition("_")
+            bare = (rest if head in prefixes and rest else name).replace("-", "_")
+            if bare in ONE_PER_RUN and v != 1:
+                raise UserError(f"--slurm {raw[key]}: {f'its {name!r} ' if nested else ''}would start each array "
+                                f"task's run as more than one process (a run trains in one process on one node; "
+                                f"the array spreads the runs over the nodes), each writing the same run directory; "
+                                f"leave it out")
             flag = flag_of(name, v, prefixes)
             if flag is None:
                 continue
