@@ -868,6 +868,8 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
                 raise UserError(f"--set {o}: decides the tokens the model was trained on; eval keeps the run's "
                                 f"({k} as in {recipe_path})")
             option = k.split(".")[2].partition("[")[0] if k.count(".") >= 2 else ""
+            if k == "task.lm.data":
+                _check_eval_text(o, trained, recipe_path)
             if k.startswith("task.") and option in EVAL_SPLIT_KEYS:
                 raise UserError(f"--set {o}: decides which documents the run trained on and which it is tested on; "
                                 f"another split would test it on text it trained on, so eval keeps the run's ({k} as "
@@ -905,6 +907,19 @@ def _kept_by_whole_sections(trained, r, applied: list[str], recipe_path: Path) -
             raise UserError(f"--set {whole[0]}: replaces the whole [task.{kind}] section, which leaves "
                             f"task.{kind}.{key} at {getattr(new, key)!r} where the run had {getattr(old, key)!r} "
                             f"({recipe_path}); eval keeps it: set the keys one by one (--set task.{kind}.KEY=...)")
+
+
+def _check_eval_text(o: str, trained, recipe_path: Path) -> None:
+    """`eval --set task.lm.data=X` is the run's own text found elsewhere (the same path, or `moved` there), whose
+    validation documents it scores as the run did; any other text is refused for `--data`: as a recipe key it would
+    be split as the run's text was and only its validation share scored, silently a different measurement."""
+    from dcablate.training.checkpoint import moved
+
+    old = trained.task.lm.data
+    new = config.load(str(recipe_path), [o]).task.lm.data
+    if new != old and not moved(old, new):
+        raise UserError(f"--set {o}: eval would split that text as the run split its own ({old}) and score only "
+                        f"its validation share; to score all of another text give it as --data {new}")
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -409,6 +409,10 @@ CASES = [
          ("--set task.lm.split_seed=7: decides which documents the run trained on and which it is tested on; another "
           "split would test it on text it trained on, so eval keeps the run's (task.lm.split_seed as in ",
           "; to test on other text: --data)"), files={"rd/recipe.toml": LM_OK}),
+    Case("eval-set-another-lm-text", ["eval", "--run", "rd", "--set", "task.lm.data='other.txt'"],
+         ("--set task.lm.data='other.txt': eval would split that text as the run split its own (",
+          "and score only its validation share; to score all of another text give it as --data "),
+         files={"rd/recipe.toml": LM_OK}),
     Case("eval-set-what-a-run-memorized", ["eval", "rd", "--set", "task.memorization.data_seed=7"],
          ("--set task.memorization.data_seed=7: decides what the run learned (task 'memorization': another value asks "
           "it what it was never taught), so eval keeps the run's (task.memorization.data_seed as in ",),

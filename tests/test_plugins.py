@@ -808,6 +808,20 @@ class ShortTargets(PreviousToken):
         return x, y[:, 1:]
 
 
+class QueryTokenOutside(PreviousToken):  # an extra query token without the +1 in vocab_size
+    def _batch(self, n: int, g: torch.Generator):
+        x, y = super()._batch(n, g)
+        x[:, 0] = self.cfg.vocab_size
+        return x, y
+
+
+class TargetsBelowZero(PreviousToken):
+    def _batch(self, n: int, g: torch.Generator):
+        x, y = super()._batch(n, g)
+        y[:, 0] = -1
+        return x, y
+
+
 class NoHeadline(PreviousToken):
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
         metrics = super().evaluate(model, device, batch_size, autocast)
@@ -819,9 +833,13 @@ class NoHeadline(PreviousToken):
                   "are (inputs, targets), int64 CPU tensors [batch_size = 32, T], of the same shape"),
     (ShortTargets, "task 'previous_token': train_batches yielded (int64 [32, 12], int64 [32, 11]); a task's batches "
                    "are (inputs, targets), int64 CPU tensors [batch_size = 32, T], of the same shape"),
+    (QueryTokenOutside, "task 'previous_token': train_batches yielded inputs holding token id 8, outside the "
+                        "vocabulary of 8 (ids 0 to 7) that its vocab_size gives the model"),
+    (TargetsBelowZero, "task 'previous_token': train_batches yielded targets holding token id -1, outside the "
+                       "vocabulary of 8 (ids 0 to 7) that its vocab_size gives the model; unscored targets are -100"),
     (NoHeadline, "task 'previous_token': evaluate returned acc, loss, without its headline metric 'accuracy' "
                  "(TaskSpec.headline), which runs are summarised, early-stopped and ranked by"),
-], ids=["float-inputs", "short-targets", "no-headline"])
+], ids=["float-inputs", "short-targets", "id-past-the-vocabulary", "negative-target", "no-headline"])
 def test_a_plugin_tasks_bad_batches_or_metrics_are_one_line(registered, tmp_path, monkeypatch, capsys, task, message):
     """What a task hands the training loop is checked where it first arrives, naming the task, instead of failing
     inside the model's embedding, its loss or the progress line."""

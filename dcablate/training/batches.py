@@ -23,10 +23,13 @@ def scored_per_row(targets: torch.Tensor) -> np.ndarray:
     return np.count_nonzero(targets.numpy() != IGNORE_INDEX, axis=-1)
 
 
-def checked_batches(source: Iterable, kind: str, batch_size: int, same_length: bool) -> Iterator:
+def checked_batches(source: Iterable, kind: str, batch_size: int, same_length: bool,
+                    vocab_size: int | None = None) -> Iterator:
     """`source`'s batches, the first checked to be what the step takes: `(inputs, targets)`, both int64 tensors
-    `[batch_size, T]` on the host, of one length when `same_length` (no task head that maps the length); else a
-    UserError naming the task, where a plugin task's bad batch would fail deep inside the model."""
+    `[batch_size, T]` on the host, of one length when `same_length` (no task head that maps the length), their
+    token ids below the model's `vocab_size` (targets may be -100, unscored); else a UserError naming the task,
+    where a plugin task's bad batch would fail deep inside the model (an embedding's index error on the CPU, a
+    device-side assert on CUDA)."""
     from dcablate.errors import UserError
 
     def described(t) -> str:
@@ -44,9 +47,25 @@ def checked_batches(source: Iterable, kind: str, batch_size: int, same_length: b
             raise UserError(f"task '{kind}': train_batches yielded {got}; a task's batches are (inputs, "
                             f"targets), int64 CPU tensors [batch_size = {batch_size}, T]"
                             + (", of the same shape" if same_length else ""))
+        if vocab_size is not None:
+            _check_token_ids(kind, x, y, vocab_size)
         yield batch
         break
     yield from it
+
+
+def _check_token_ids(kind: str, inputs: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> None:
+    """A UserError when a batch holds a token id the model has no row for: below 0 or at least `vocab_size` (the
+    task's), -100 allowed among the targets."""
+    from dcablate.errors import UserError
+
+    scored = targets[targets != IGNORE_INDEX]
+    for name, ids in (("inputs", inputs), ("targets", scored)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise UserError(f"task '{kind}': train_batches yielded {name} holding token id {bad}, outside the "
+                            f"vocabulary of {vocab_size} (ids 0 to {vocab_size - 1}) that its vocab_size gives the "
+                            f"model" + ("; unscored targets are -100" if name == "targets" else ""))
 
 
 _END = object()  # a drawn-ahead "batch" that says the iterator is exhausted

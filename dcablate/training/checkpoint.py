@@ -340,9 +340,10 @@ def _remove_if_unused(run_dir: Path, lock: Path, made_dir: bool) -> None:
 
 
 # Keys a resume may change: they decide how a run is carried out, logged or where its folder is, not its results
-# (a copy made by --force-new, `NAME-2`, goes on under run.name = "NAME-2" though its recipe says "NAME").
+# (a copy made by --force-new, `NAME-2`, goes on under run.name = "NAME-2" though its recipe says "NAME"; the LM's
+# token cache is keyed by the text's content and the tokenizer, so where it lies changes no token).
 RESUME_FREE = ("checkpoint.", "log.", "train.micro_batch_size", "train.oom_retry", "train.nonfinite", "train.parallel",
-               "train.cuda_graph", "eval.batch_size", "run.name", "run.out_dir")
+               "train.cuda_graph", "eval.batch_size", "run.name", "run.out_dir", "task.lm.cache_dir")
 
 
 def _flat(node: dict) -> dict:

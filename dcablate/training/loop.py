@@ -351,7 +351,8 @@ class Run:
     def _loop(self) -> None:
         recipe, t, state = self.recipe, self.train_cfg, self.state
         source = checked_batches(self.task.train_batches(t.batch_size, seed=recipe.run.seed, start=state.step),
-                                 recipe.task.kind, t.batch_size, same_length=self.net.task_head is None)
+                                 recipe.task.kind, t.batch_size, same_length=self.net.task_head is None,
+                                 vocab_size=self.task.vocab_size)
         batches = device_batches(source, self.device, self.net.gather_scored)
         progress = Progress(self.label, t.steps, state.step,
                             enabled=not self.quiet and recipe.log.progress and self.main)

@@ -302,6 +302,9 @@ def test_a_batch_larger_than_the_text_found_at_training_names_where_the_batch_wa
     (work / "r.toml").write_text(lm_recipe("text"))
     rc, _, err = cli(capsys, "run", "r.toml", "--set", "train.batch_size=4096", "--quiet")
     assert rc == 2 and err.splitlines()[-1].startswith("error: --set: train.batch_size: 4096 is more than the "), err
+    rc, _, err = cli(capsys, "run", "r.toml", "--set", "task.lm.seq_len=100000", "--set", "run.name=long", "--quiet")
+    assert rc == 2 and err.splitlines()[-1].startswith("error: --set: task.lm.seq_len: 100000 needs 100001 tokens of "
+                                                       "training text, and the text of task.lm.data has "), err
     rc, _, err = cli(capsys, "run", "r.toml", "--set", "run.name=other", "--quiet")  # a good batch still trains
     assert rc == 0, err
 

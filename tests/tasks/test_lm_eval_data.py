@@ -142,3 +142,16 @@ def test_eval_folder_with_data_takes_its_lm_runs_and_names_the_others(tmp_path, 
     (tmp_path / "runs" / "recall").rename(tmp_path / "only" / "recall")
     err = _error(capsys, ["eval", str(tmp_path / "only"), "--data", str(one)])
     assert err.startswith("--data: no finished run below") and "they have mqar" in err
+
+
+def test_eval_takes_the_runs_own_text_as_task_lm_data_and_sends_another_to_data(tmp_path, capsys):
+    """`--set task.lm.data=` the run's own text scores its validation documents as before; another text would be
+    split as the run's was and only part of it scored, so it is refused for `--data`."""
+    run = _train(tmp_path)
+    own = recipes.load(str(run / "recipe.toml"), []).task.lm.data
+    assert main(["eval", "--run", str(run), "--set", f"task.lm.data='{own}'"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "one.txt"
+    other.write_text(TEXT, encoding="utf-8")
+    err = _error(capsys, ["eval", "--run", str(run), "--set", f"task.lm.data='{other}'"])
+    assert err.endswith(f"give it as --data {other}"), err

@@ -59,3 +59,11 @@ def test_a_second_copy_of_a_fetched_corpus_is_no_change(tmp_path):
     assert recipe_changes(recipe(runs), recipe(mine)) == []
     assert not moved(runs, other) and not moved(runs, bare) and not moved(bare, runs)
     assert not moved(runs, edited)  # its MANIFEST.md says the same, its documents do not
+
+
+def test_where_the_token_cache_lies_is_no_change(tmp_path):
+    """The cache is keyed by the text's content and the tokenizer: another `task.lm.cache_dir` (a recipe run from
+    another folder with a relative one, a cache moved to a larger disk) reads or makes the same tokens."""
+    a, b = recipe(str(tmp_path)), recipe(str(tmp_path))
+    a["task"]["lm"]["cache_dir"], b["task"]["lm"]["cache_dir"] = str(tmp_path / "cache"), str(tmp_path / "cache3")
+    assert recipe_changes(a, b) == []

@@ -518,8 +518,8 @@ def packed_batches(stream: np.ndarray, seq_len: int, batch_size: int, seed: int,
     w = windows(stream, seq_len)
     n = w.shape[0]
     if n == 0:
-        raise UserError(f"task.lm: the training text has {stream.size} tokens, fewer than seq_len + 1 = "
-                        f"{seq_len + 1}; lower task.lm.seq_len or add text")
+        raise UserError(f"task.lm.seq_len: {seq_len} needs {seq_len + 1} tokens of training text, and the text of "
+                        f"task.lm.data has {stream.size}; lower task.lm.seq_len or add text")
     if batch_size > n:  # a smaller batch than asked would change the run silently
         raise UserError(f"train.batch_size: {batch_size} is more than the {n} training windows of task.lm.seq_len "
                         f"{seq_len} in task.lm.data ({stream.size:,} tokens); lower train.batch_size or "
