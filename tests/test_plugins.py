@@ -867,6 +867,27 @@ def test_a_plugin_that_registers_nothing_is_named_where_its_component_is_missing
                         "register_task call at import)\n") and err.count("\n") == 1, err
 
 
+def test_a_section_of_a_component_no_loaded_plugin_registered_says_so(tmp_path, monkeypatch, capsys):
+    """`[model.runmean]` with its plugin module named in DCABLATE_PLUGINS but its register_mixer call forgotten: the
+    line said to name the module there, which it was; it says that the named modules registered none of that name."""
+    from dcablate.cli import main
+
+    (tmp_path / "forgot.py").write_text("from dcablate.models.mixers import MixerSpec\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    Path("r.toml").write_text('extends = "quickstart"\n[model.runmean]\ndecay = 0.5\n')
+    monkeypatch.setenv("DCABLATE_PLUGINS", "forgot")
+    assert main(["info", "r.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("no registered mixer or channel mixer is named 'runmean', and the plugin modules "
+                                     "of DCABLATE_PLUGINS ('forgot') registered none of that name ('forgot' "
+                                     "registered nothing at all): does its module call register_mixer or "
+                                     "register_channel_mixer when imported?") in err, err
+    monkeypatch.delenv("DCABLATE_PLUGINS")
+    assert main(["info", "r.toml"]) == 2
+    assert "if a plugin module provides it, name that module in DCABLATE_PLUGINS" in capsys.readouterr().err
+
+
 def test_a_dotted_plugin_whose_package_fails_is_one_line_at_the_packages_line(tmp_path, monkeypatch, capsys):
     """Naming the line must not import the package again (its __init__ would raise a second time, unhandled)."""
     from dcablate.cli import main
@@ -890,3 +911,40 @@ def test_the_package_s_components_keep_their_order_whichever_module_was_imported
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ("mqar,lm,recall,fuzzy_recall,noisy_recall,selective_copy,compression,"
                                    "memorization")
+
+
+def test_a_conv_on_a_model_that_declares_no_stream_for_it_is_refused(registered, tmp_path, monkeypatch, capsys):
+    """A mixer that convolves nothing, without a channel mixer: `model.conv.kind = "static"` built no conv, yet
+    `info` and the runs' names said conv=static (a sweep over kinds trained one model twice). Refused; the same
+    model without a conv builds."""
+    from dcablate.cli import main
+    from dcablate.models.mixers import MIXERS
+
+    class PlainMean(TokenMixer):  # convolves nothing
+        def __init__(self, d_model: int):
+            super().__init__()
+            self.o_proj = nn.Linear(d_model, d_model, bias=False)
+
+        @classmethod
+        def from_config(cls, m, layer_idx: int) -> "PlainMean":
+            return cls(m.d_model)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            steps = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype)[None, :, None]
+            return self.o_proj(h.cumsum(1) / steps)
+
+    MIXERS.register(MixerSpec("no_streams", PlainMean, RunningMeanOptions, "x", conv_streams=lambda m: [],
+                              output_conv=False))
+    try:
+        monkeypatch.chdir(tmp_path)
+        Path("toy.toml").write_text(RECIPE.replace('mixer = "running_mean"', 'mixer = "no_streams"')
+                                    .replace('ffn = "mlp"', 'ffn = "none"').replace("[model.running_mean]\n", "")
+                                    .replace("decay = 1.0\n", ""))
+        for placement in ("qkv", "all_linear"):
+            assert main(["info", "toy.toml", "--set", f"model.conv.placement={placement!r}"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: model.conv.kind = 'gated_shift': model.mixer = 'no_streams' with model.ffn "
+                                  f"= 'none' declares no stream for a conv at model.conv.placement = '{placement}'"), err
+        assert main(["info", "toy.toml", "--set", "model.conv.kind='none'"]) == 0
+    finally:
+        MIXERS.unregister("no_streams")

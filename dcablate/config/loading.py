@@ -778,8 +778,7 @@ def _build_dataclass(cls, data, prefix: str, origins: dict, default: str):
             allowed = ", ".join(names)
             # a component's section whose component is not registered: most often a plugin not loaded
             component = {"model.": "mixer or channel mixer", "model.conv.": "conv kind", "task.": "task"}.get(prefix)
-            plugin = (f"; no registered {component} is named {key!r}: if a plugin module provides it, name that "
-                      f"module in DCABLATE_PLUGINS" if component and isinstance(data[key], dict) else "")
+            plugin = _unregistered_hint(component, key) if component and isinstance(data[key], dict) else ""
             raise RecipeError(_src(origins, path, default), path,
                               f"unknown key{_unknown_key_hint(prefix, key, names, _chosen(prefix, data))}{plugin}; "
                               f"allowed here: {allowed}")
@@ -844,6 +843,22 @@ def _coerce(tp, value, f, path: str, origins: dict, default: str):
     if meta.get("resolve"):  # a component's normal form of the value, e.g. a relative path made absolute
         value = meta["resolve"](value)
     return value
+
+
+def _unregistered_hint(component: str, key: str) -> str:
+    """What follows an unknown recipe section named like a component (`[model.runmean]`): where a plugin would
+    register one of that name; when plugin modules are loaded already, that none of them registered it (naming
+    the module again would change nothing), and which of them registered nothing at all."""
+    if not plugin_names():
+        return (f"; no registered {component} is named {key!r}: if a plugin module provides it, name that module in "
+                f"DCABLATE_PLUGINS")
+    call = {"mixer or channel mixer": "register_mixer or register_channel_mixer", "conv kind": "register_conv",
+            "task": "register_task"}[component]
+    idle = sorted(set(plugin_names()) - plugins_registering())
+    named = ", ".join(repr(n) for n in plugin_names())
+    also = (f" ({', '.join(repr(n) for n in idle)} registered nothing at all)" if idle else "")
+    return (f"; no registered {component} is named {key!r}, and the plugin modules of DCABLATE_PLUGINS ({named}) "
+            f"registered none of that name{also}: does its module call {call} when imported?")
 
 
 def not_one_of(value, choices) -> str:

@@ -162,9 +162,19 @@ class LanguageModel(nn.Module):
         self.gather_scored = True  # the loss gathers scored positions first; build_model turns it off for LM
         self.embed = nn.Embedding(vocab_size, m.d_model)
         self.blocks = nn.ModuleList(Block(m, i) for i in range(m.n_layers))
+        declared = [conv_streams(m, i) for i in range(m.cycle)]
         for i, block in enumerate(self.blocks[: m.cycle]):  # the other blocks repeat these
-            check_streams(block, conv_streams(m, i), {"mixer": f"model.mixer = {m.mixer_at(i)!r}",
-                                                      "ffn": f"model.ffn = {m.ffn!r}"}, conv_on=m.conv.kind != "none")
+            check_streams(block, declared[i], {"mixer": f"model.mixer = {m.mixer_at(i)!r}",
+                                               "ffn": f"model.ffn = {m.ffn!r}"}, conv_on=m.conv.kind != "none")
+        if m.conv.kind != "none" and not any(declared):
+            from dcablate.errors import UserError
+
+            mixers = ", ".join(dict.fromkeys(repr(m.mixer_at(i)) for i in range(m.cycle)))
+            raise UserError(f"model.conv.kind = {m.conv.kind!r}: model.mixer = {mixers} with model.ffn = {m.ffn!r} "
+                            f"declares no stream for a conv at model.conv.placement = {m.conv.placement!r} (the "
+                            f"specs' conv_streams), so the conv would do nothing while its runs are named as if it "
+                            f"had one; set model.conv.kind = \"none\" for this model, or declare the streams its "
+                            f"layers pass to make_conv")
         self.norm = RMSNorm(m.d_model, m.norm_eps, m.backend)
         self.task_head = task_head  # set before the init below, which then covers its linear layers too
         self.lm_head = nn.Linear(m.d_model, vocab_size, bias=False)
