@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -946,5 +947,11 @@ def test_a_conv_on_a_model_that_declares_no_stream_for_it_is_refused(registered,
             assert err.startswith("error: model.conv.kind = 'gated_shift': model.mixer = 'no_streams' with model.ffn "
                                   f"= 'none' declares no stream for a conv at model.conv.placement = '{placement}'"), err
         assert main(["info", "toy.toml", "--set", "model.conv.kind='none'"]) == 0
+        # its runs keep no state the counts see (0 floats): the report draws no state axis for them, and no warning
+        assert main(["run", "toy.toml", "--set", "model.conv.kind='none'", "--set", "train.steps=4", "--quiet"]) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert main(["report", "runs"]) == 0
+        assert Path("runs/report.md").is_file() and not list(Path("runs").glob("*_vs_state.png"))
     finally:
         MIXERS.unregister("no_streams")

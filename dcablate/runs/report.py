@@ -771,16 +771,21 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
         files[f"{prefix}accuracy_by_level"] = _by_level(root / f"{prefix}accuracy_by_level.png", best, segs, variants,
                                                         colors)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for v in variants:
-        pts = sorted((c.runs[0].summary.get("state_floats", 0), c.mean(metric.key), c.std(metric.key))
-                     for (vv, _), c in best.items() if vv == v)
-        _line(ax, pts, colors[v], variant_name(v))
-    ax.set_xscale("log")
-    ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)")
-    if ylim is not None:
-        ax.set_ylim(ylim)
-    files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")
+    # against the recurrent state, where runs report one: a plugin mixer that gives no state_size counts 0, which a
+    # log axis cannot show (and matplotlib warns of), so such cells are left out, and the figure when all are
+    by_state = {v: sorted((c.runs[0].summary.get("state_floats") or 0, c.mean(metric.key), c.std(metric.key))
+                          for (vv, _), c in best.items() if vv == v) for v in variants}
+    by_state = {v: [p for p in pts if p[0] > 0] for v, pts in by_state.items()}
+    if any(by_state.values()):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for v in variants:
+            if by_state[v]:
+                _line(ax, by_state[v], colors[v], variant_name(v))
+        ax.set_xscale("log")
+        ax.set(xlabel="recurrent state (floats per sequence)", ylabel=f"{metric.label} (best lr)")
+        if ylim is not None:
+            ax.set_ylim(ylim)
+        files[f"{prefix}{short}_vs_state"] = _save(fig, ax, root / f"{prefix}{short}_vs_state.png")
 
     widths = sorted({d for _, d in table})
     files[f"{prefix}validation_curves"] = _curves(root / f"{prefix}validation_curves.png", best, widths, variants,
