@@ -16,6 +16,7 @@ runs still to train.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from dcablate import config
@@ -88,7 +89,18 @@ def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
     if not sep or " " in key or "." not in key or key.split(".", 1)[0] not in LOCATED_SECTIONS:
         return error
     _, origins, path = config.load_raw(recipe, overrides)
-    return UserError(f"{set_where(key, origins, str(path), tuple(config.load(recipe, overrides).sweep))}: {rest}")
+    resolved = config.load(recipe, overrides)
+    swept, keys = tuple(resolved.sweep), config.flatten(resolved.to_dict())
+    lead = set_where(key, origins, str(path), swept)
+    # other keys the line names, set elsewhere than the one it leads with: the one the user changed may be among
+    # them (a --set task.lm.seq_len that leaves too few windows for the file's train.batch_size)
+    source = lead.removesuffix(f": {key}")
+    others = []
+    for named in dict.fromkeys(re.findall(rf"\b(?:{'|'.join(LOCATED_SECTIONS)})\.[a-z_][a-z0-9_.]*[a-z0-9_]", rest)):
+        where = set_where(named, origins, str(path), swept).removesuffix(f": {named}")
+        if named != key and where != source and named in keys:
+            others.append(f"{named}: {where}")
+    return UserError(f"{lead}: {rest}" + (f" ({'; '.join(others)})" if others else ""))
 
 
 def key_where(key: str, recipe: str, overrides: list[str]) -> str:

@@ -326,3 +326,7 @@ def test_only_a_line_led_by_a_recipe_key_is_located(work):
     for text in ("sweep.train.lr: x", "--gpus 3: no such GPU", "train batch: x", "nodots: x", "no colon at all"):
         assert str(located(UserError(text), "r.toml", [])) == text
     assert str(located(UserError("eval.every: x"), "r.toml", ["eval.every=5"])) == "--set: eval.every: x"
+    # the other keys a line names, where they were set elsewhere: the one changed may be among them
+    line = "train.batch_size: 4 is more than the 1 training windows of task.lm.seq_len 64 in task.lm.data"
+    assert str(located(UserError(line), "r.toml", ["task.lm.seq_len=64"])) == \
+        f"{work / 'r.toml'}: {line} (task.lm.seq_len: --set)"
