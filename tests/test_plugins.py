@@ -823,6 +823,12 @@ class TargetsBelowZero(PreviousToken):
         return x, y
 
 
+class ShapeSaysOther(PreviousToken):  # shape() forgot the extra token its vocab_size counts
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size + 1
+
+
 class NoHeadline(PreviousToken):
     def evaluate(self, model, device, batch_size: int, autocast) -> dict[str, float]:
         metrics = super().evaluate(model, device, batch_size, autocast)
@@ -838,9 +844,12 @@ class NoHeadline(PreviousToken):
                         "vocabulary of 8 (ids 0 to 7) that its vocab_size gives the model"),
     (TargetsBelowZero, "task 'previous_token': train_batches yielded targets holding token id -1, outside the "
                        "vocabulary of 8 (ids 0 to 7) that its vocab_size gives the model; unscored targets are -100"),
+    (ShapeSaysOther, "task 'previous_token': shape(options) gives (sequence length, vocabulary) = (12, 8), but the "
+                     "built task has max_seq_len 12 and vocab_size 9; `dcablate info` and token budgets read shape()"),
     (NoHeadline, "task 'previous_token': evaluate returned acc, loss, without its headline metric 'accuracy' "
                  "(TaskSpec.headline), which runs are summarised, early-stopped and ranked by"),
-], ids=["float-inputs", "short-targets", "id-past-the-vocabulary", "negative-target", "no-headline"])
+], ids=["float-inputs", "short-targets", "id-past-the-vocabulary", "negative-target", "shape-disagrees",
+        "no-headline"])
 def test_a_plugin_tasks_bad_batches_or_metrics_are_one_line(registered, tmp_path, monkeypatch, capsys, task, message):
     """What a task hands the training loop is checked where it first arrives, naming the task, instead of failing
     inside the model's embedding, its loss or the progress line."""

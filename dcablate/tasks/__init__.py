@@ -207,6 +207,20 @@ def task_head(task_cfg, d_model: int):
     return task_class(task_cfg.kind).head(task_options(task_cfg), d_model)
 
 
+def check_shape(task: Task, task_cfg) -> None:
+    """A UserError when the built `task`'s `max_seq_len` and `vocab_size` are not what its class's `shape(options)`
+    says without data: `dcablate info` and the planning of token budgets read `shape`, so a plugin task whose two
+    disagree would be counted and planned as another model than the one its runs train."""
+    expected = type(task).shape(task_options(task_cfg))
+    built = (task.max_seq_len, task.vocab_size)
+    if tuple(expected) != built:
+        from dcablate.errors import UserError
+
+        raise UserError(f"task '{task_cfg.kind}': shape(options) gives (sequence length, vocabulary) = "
+                        f"{tuple(expected)}, but the built task has max_seq_len {built[0]} and vocab_size {built[1]}; "
+                        f"`dcablate info` and token budgets read shape(), so it must give what the task builds")
+
+
 def build_task(task_cfg, train: bool = True, data: str | None = None, benchmark: bool = False,
                run_dir: Path | None = None) -> Task:
     """The recipe's task (`task_cfg`: its `[task]` section); `data` replaces what the task evaluates on

@@ -29,7 +29,7 @@ from dcablate.errors import UserError
 from dcablate.models.costs import build_model, costs
 from dcablate.models.memory import allocation_failed
 from dcablate.runs.directories import plugins_line, same_command
-from dcablate.tasks import build_task
+from dcablate.tasks import build_task, check_shape
 from dcablate.training import checkpoint
 from dcablate.training import distributed as ddp
 from dcablate.training import failure
@@ -161,6 +161,7 @@ class Run:
         # it is read or made (packing.py), and the seeding below is followed at once by the weights it decides
         with self.clock.phase("data"), host_work():  # LM reads and tokenizes its text here; MQAR's data comes below
             self.task = build_task(recipe.task)
+        check_shape(self.task, recipe.task)
         seed_everything(recipe.run.seed)
         self.net = build_model(recipe, self.task.vocab_size)  # the LanguageModel (sharded in place by FSDP)
         self.info = costs(self.net, self.task.max_seq_len)
