@@ -3,7 +3,7 @@
 A recipe holds every registered component's section (`model.<mixer>`, `model.<channel mixer>`,
 `task.<task>`) whether the run uses it or not; only those the run selects are kept (the sections of the
 token mixers in `model.mixer`, of `model.ffn` and of `task.kind`), the conv's options only when it has a
-conv, and no key that cannot change the results (`log.*`, `checkpoint.*`, the micro-batch size, ... as
+conv, no task key its other settings leave unread (`TaskSpec.unread`), and no key that cannot change the results (`log.*`, `checkpoint.*`, the micro-batch size, ... as
 resume allows them to change), nor the run's name and folder (TensorBoard names the run by its folder).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from dcablate.models.conv import CONV_KINDS
+from dcablate.tasks import TASKS
 from dcablate.training.checkpoint import RESUME_FREE
 
 PLACE_KEYS = ("run.name", "run.out_dir")
@@ -31,7 +32,8 @@ def applicable(recipe) -> dict[str, int | float | str | bool]:
     for name in [k for k, v in task.items() if isinstance(v, dict) and k != recipe.task.kind]:
         del task[name]
     flat = _flatten(data)
-    return {k: v for k, v in flat.items() if not k.startswith(RESUME_FREE) and k not in PLACE_KEYS}
+    unread = {key for key, _ in TASKS.get(recipe.task.kind).unread(recipe)}  # LM's vocab_size with byte tokens
+    return {k: v for k, v in flat.items() if not k.startswith(RESUME_FREE) and k not in PLACE_KEYS and k not in unread}
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:

@@ -142,3 +142,7 @@ def test_applicable_keys_follow_the_components_in_use():
     assert not [k for k in hp if k.startswith(("model.attention.", "model.mamba2.", "task.mqar.", "sweep"))]
     assert not [k for k in hp if k in ("run.name", "run.out_dir", "train.micro_batch_size", "train.cuda_graph")]
     assert all(isinstance(v, (int, float, str, bool)) for v in hp.values())
+    # nor the task keys its other settings leave unread: the BPE's vocabulary of a byte-level run, the token cache
+    assert "task.lm.vocab_size" not in hp and "task.lm.cache_dir" not in hp and hp["task.lm.tokenizer"] == "byte"
+    bpe = recipes.build({"task": {"kind": "lm", "lm": {"data": "x", "tokenizer": "bpe", "vocab_size": 1024}}})
+    assert applicable(bpe)["task.lm.vocab_size"] == 1024
