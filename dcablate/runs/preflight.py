@@ -83,8 +83,9 @@ LOCATED_SECTIONS = ("run", "model", "task", "train", "eval", "log", "checkpoint"
 def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
     """`error` with where the recipe set its key in front, when its line starts with a bare recipe key and names no
     place (`task.lm.tokenizer_file: PATH: not a tokenizer.json`, from building a task outside `check_inputs`;
-    `train.batch_size: 512 is more than the 113 training windows ...`, found once the text is tokenized); else
-    `error` itself."""
+    `train.batch_size: 512 is more than the 113 training windows ...`, found once the text is tokenized), and
+    after it, where the other recipe keys it names were set when that is elsewhere (`(task.lm.seq_len: --set)`);
+    else `error` itself."""
     key, sep, rest = str(error).partition(": ")
     if not sep or " " in key or "." not in key or key.split(".", 1)[0] not in LOCATED_SECTIONS:
         return error
