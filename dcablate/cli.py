@@ -1312,11 +1312,9 @@ def main(argv=None) -> int:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C before a run's own handler was there to catch it
+        # (click turns it into Abort): said as a run says it, and 130 as everywhere else
+        click.echo("interrupted (SIGINT)", err=True)
         return 130
     except Exception as e:  # a run that stopped on a fault (train.Stop): its line says what and where
         runtime = sys.modules.get("dcablate.training.runtime")  # only loaded (with torch) once a run started

@@ -214,3 +214,19 @@ def test_help_goes_down_the_command_path(capsys):
     assert capsys.readouterr().out.startswith("Usage: dcablate help [OPTIONS] [COMMAND]...")
     assert main(["help"]) == 0
     assert "\n  help " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "Abort"])
+def test_ctrl_c_outside_a_runs_own_handler_is_one_line_and_130(monkeypatch, capsys, raised):
+    """Ctrl-C while a command starts (before a run's handler saves a checkpoint; click turns it into Abort) said
+    only "aborted"; it says it was interrupted, as a run's own line does, with the status of a SIGINT."""
+    import click
+
+    from dcablate import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt if raised == "KeyboardInterrupt" else click.exceptions.Abort()
+
+    monkeypatch.setattr(cli.cli, "main", interrupted)
+    assert cli.main(["recipes"]) == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT)\n"
