@@ -34,3 +34,23 @@ def _autotune_first():
     except ImportError:  # no Triton: nothing autotunes
         return
     autotune_first.install(Autotuner)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _signal_mask_kept():
+    """Every test hands back the signal mask it found: a test that leaves SIGINT/SIGTERM blocked (calling a worker's
+    `train_point` outside `signals_blocked`) makes every command a later test starts inherit the block and ignore
+    the signals it is sent, so the stop tests fail far from the cause. The leak is undone and the test that made it
+    fails."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    after = signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert after == before, f"the test left signals {sorted(s.name for s in after - before)} blocked"
