@@ -92,16 +92,13 @@ def located(error: UserError, recipe: str, overrides: list[str]) -> UserError:
     _, origins, path = config.load_raw(recipe, overrides)
     resolved = config.load(recipe, overrides)
     swept, keys = tuple(resolved.sweep), config.flatten(resolved.to_dict())
-    lead = set_where(key, origins, str(path), swept)
+    where = lambda k: set_where(k, origins, str(path), swept)  # noqa: E731
     # other keys the line names, set elsewhere than the one it leads with: the one the user changed may be among
     # them (a --set task.lm.seq_len that leaves too few windows for the file's train.batch_size)
-    source = lead.removesuffix(f": {key}")
-    others = []
-    for named in dict.fromkeys(re.findall(rf"\b(?:{'|'.join(LOCATED_SECTIONS)})\.[a-z_][a-z0-9_.]*[a-z0-9_]", rest)):
-        where = set_where(named, origins, str(path), swept).removesuffix(f": {named}")
-        if named != key and where != source and named in keys:
-            others.append(f"{named}: {where}")
-    return UserError(f"{lead}: {rest}" + (f" ({'; '.join(others)})" if others else ""))
+    named = dict.fromkeys(re.findall(rf"\b(?:{'|'.join(LOCATED_SECTIONS)})\.[a-z_][a-z0-9_.]*[a-z0-9_]", rest))
+    others = [f"{k}: {_source_of(where, k)}" for k in named
+              if k != key and k in keys and _source_of(where, k) != _source_of(where, key)]
+    return UserError(f"{where(key)}: {rest}" + (f" ({'; '.join(others)})" if others else ""))
 
 
 def key_where(key: str, recipe: str, overrides: list[str]) -> str:

@@ -773,9 +773,9 @@ def _figures(root: Path, table: dict, segs: list[str], metric: Metric, prefix: s
 
     # against the recurrent state, where runs report one: a plugin mixer that gives no state_size counts 0, which a
     # log axis cannot show (and matplotlib warns of), so such cells are left out, and the figure when all are
-    by_state = {v: sorted((c.runs[0].summary.get("state_floats") or 0, c.mean(metric.key), c.std(metric.key))
-                          for (vv, _), c in best.items() if vv == v) for v in variants}
-    by_state = {v: [p for p in pts if p[0] > 0] for v, pts in by_state.items()}
+    by_state = {v: sorted((c.runs[0].summary["state_floats"], c.mean(metric.key), c.std(metric.key))
+                          for (vv, _), c in best.items() if vv == v and c.runs[0].summary.get("state_floats"))
+                for v in variants}
     if any(by_state.values()):
         fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for v in variants:

@@ -182,11 +182,16 @@ MORE_KEYS = ("submitit's mem_gb, or Slurm's own options with slurm_ before them 
              "slurm_constraint, slurm_array_parallelism, ...)")
 
 
+def bare_key(key: str, prefixes) -> str:
+    """`key` without an executor's prefix (`slurm_time` -> `time`), dashes as underscores (an sbatch option's name)."""
+    head, _, rest = key.partition("_")
+    return (rest if head in prefixes and rest else key).replace("-", "_")
+
+
 def flag_of(key: str, value, prefixes) -> str | None:
     """The launcher's flag that `key` (a `--slurm` key, or an sbatch option's name) with `value` sets, if any:
     `slurm_gres=gpu:2` asks for GPUs, `slurm_gres=nvme:1` does not."""
-    head, _, rest = key.partition("_")
-    bare = (rest if head in prefixes and rest else key).replace("-", "_")
+    bare = bare_key(key, prefixes)
     if bare == "gres":
         return "--gpus-per-task" if re.search(r"(^|,)gpu(:|,|$)", str(value)) else None
     return FLAG_KEYS.get(bare)
@@ -242,9 +247,7 @@ def check_keys(items: list[str], extra: dict, options: SlurmOptions, params: dic
     for key, value in extra.items():
         nested = isinstance(value, dict) and key.endswith("additional_parameters")  # sbatch options by name
         for name, v in (value.items() if nested else [(key, value)]):
-            head, _, rest = name.partition("_")
-            bare = (rest if head in prefixes and rest else name).replace("-", "_")
-            if bare in ONE_PER_RUN and v != 1:
+            if bare_key(name, prefixes) in ONE_PER_RUN and v != 1:
                 raise UserError(f"--slurm {raw[key]}: {f'its {name!r} ' if nested else ''}would start each array "
                                 f"task's run as more than one process (a run trains in one process on one node; "
                                 f"the array spreads the runs over the nodes), each writing the same run directory; "
