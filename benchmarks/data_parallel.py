@@ -83,7 +83,8 @@ def main(argv=None) -> None:
           f"{'max |loss - loss(' + rows[0][0] + ')|':>26s}")
     first_rate = None
     for name, n, wall, train_rows in rows:
-        rate = statistics.median(r["tokens_per_s"] for r in train_rows if r["step"] > args.skip)
+        rate = statistics.median(r["tokens_per_s"] for r in train_rows
+                                 if r["step"] > args.skip and "tokens_per_s" in r)
         first_rate = first_rate or rate
         diff = max(abs(r["loss"] - base[r["step"]]) for r in train_rows if r["step"] in base)
         print(f"{name:>10s} {n:5d} {rate:12,.0f} {rate / first_rate:8.2f}x {wall:8.1f} {diff:26.2e}")

@@ -115,6 +115,33 @@ def reached(value: float, target: float, higher_is_better: bool = True) -> bool:
     return value >= target if higher_is_better else value <= target
 
 
+class Warming:
+    """The steps since the last train record that compiled or captured a CUDA graph (`TrainStep.warmup`): their
+    seconds, count and tokens, so that the logged rate is the training steps' own, as summary.json's `train`
+    time is. The first steps of every call compile, a resumed run's too: counted in, a resumed run's first
+    interval logged a rate tens of times below the others, which reads as a load that came and went."""
+
+    def __init__(self, step):
+        self.step = step
+        self.seconds_before, self.count_before = step.warmup()[:2]
+        self.steps = self.tokens = 0
+
+    def stepped(self, tokens: int) -> None:
+        """After a step of `tokens` tokens: they count as warming when the step compiled or captured."""
+        if self.step.warmup()[1] > self.count_before + self.steps:
+            self.steps += 1
+            self.tokens += tokens
+
+    def rates(self, seconds: float, steps: int, tokens: int) -> dict:
+        """`{tokens_per_s, step_time_s}` of an interval of `steps` steps and `tokens` tokens that took `seconds`,
+        without its warming steps; empty when every step of it warmed (a resumed run's first record, logged a
+        step after it resumed, has no training step to measure)."""
+        steady_s = seconds - (self.step.warmup()[0] - self.seconds_before)
+        if self.steps >= steps or steady_s <= 0:
+            return {}
+        return {"tokens_per_s": (tokens - self.tokens) / steady_s, "step_time_s": steady_s / (steps - self.steps)}
+
+
 class ComputeCount:
     """Tokens trained and training FLOPs so far. A step's FLOPs are 3 × its forward FLOPs (the backward
     taken as twice the forward, the convention MFU uses too), counted as `dcablate info` counts them: the
@@ -369,8 +396,11 @@ class Run:
                     (not state.history or state.history[-1]["step"] != state.step):
                 self.eval_and_stop_early(progress)
             # since the last train record: steps, tokens, and the clock's stepping time (evaluations and
-            # checkpoints are phases of their own, so they are not in it)
+            # checkpoints are phases of their own, so they are not in it); `warm` counts the steps that compiled
+            # or captured a graph (the first steps of every call, a resumed one's too), which the logged rate
+            # leaves out as summary.json's `train` time does
             steps_since, tokens_since, stepping_since = 0, 0, self.clock.seconds("steps")
+            warm = Warming(self.train_step)
             while not state.done and state.step < t.steps:
                 self.check_signal()
                 self.phase = f"training step {state.step + 1}"
@@ -380,19 +410,23 @@ class Run:
                 loss, grad_norm = self.train_step(x, y, row_scored)
                 self.loop_s["steps"] += 1
                 steps_since, tokens_since = steps_since + 1, tokens_since + x.numel()
+                warm.stepped(x.numel())
                 self.compute.add(x.shape[0], x.shape[1], sum(row_scored) if row_scored is not None else y.numel())
                 progress.advance()
                 if state.step % recipe.log.every == 0 or state.step == t.steps:
                     self.train_step.flush()  # reads the losses anyway: the one host sync of these steps
                     elapsed = max(self.clock.seconds("steps") - stepping_since, 1e-9)
+                    rates = warm.rates(elapsed, steps_since, tokens_since)
                     record = {"loss": loss.item(), "lr": self.train_step.scheduler.get_last_lr()[0],
-                              "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since / elapsed,
+                              "grad_norm": grad_norm.item(), **{k: rates[k] for k in rates if k == "tokens_per_s"},
                               "tokens": self.compute.tokens, **self.net.load_stats()}
                     self.log.write("train", state.step, record)
                     memory = memory_gib(self.device)
-                    self.log.scalars("train", state.step, {"step_time_s": elapsed / steps_since, **memory})
+                    self.log.scalars("train", state.step, {k: v for k, v in rates.items() if k == "step_time_s"} |
+                                     memory)
                     progress.train(state.step, record, memory.get("gpu_mem_peak_gib"))
                     steps_since, tokens_since, stepping_since = 0, 0, self.clock.seconds("steps")
+                    warm = Warming(self.train_step)
                 if self.due_eval(state.step):
                     self.eval_and_stop_early(progress)
                 every = recipe.checkpoint.every

@@ -60,7 +60,8 @@ class Progress:
             self.bar.update(1)
 
     def train(self, step: int, record: dict, memory_gib: float | None = None) -> None:
-        """A logged step: `record` holds loss, lr, tokens_per_s; `memory_gib` the GPU's peak, if any."""
+        """A logged step: `record` holds loss, lr and (unless every step since the last record compiled)
+        tokens_per_s; `memory_gib` the GPU's peak, if any."""
         if self.bar is not None:
             self.postfix["loss"] = f"{record['loss']:.3f}"
             self.bar.set_postfix(self.postfix, refresh=False)
@@ -76,8 +77,10 @@ class Progress:
         rate = (step - self.initial) / elapsed if elapsed > 0 else 0.0
         eta = clock((self.total - step) / rate) if rate > 0 else "?"
         mem = f"  mem {memory_gib:.2f} GiB" if memory_gib is not None else ""
+        # no rate when every step since the last record compiled (a resumed run's first record)
+        rate_text = f"{si(record['tokens_per_s'])} tok/s  " if "tokens_per_s" in record else ""
         self.echo(f"step {step}/{self.total} ({100 * step // max(self.total, 1)}%)  loss {record['loss']:.4f}  "
-                  f"lr {record['lr']:.2e}  {si(record['tokens_per_s'])} tok/s  elapsed {clock(elapsed)}  eta {eta}{mem}")
+                  f"lr {record['lr']:.2e}  {rate_text}elapsed {clock(elapsed)}  eta {eta}{mem}")
 
     def eval(self, step: int, metrics: dict[str, float], headline: str) -> None:
         """An evaluation: its headline metric first, then the others."""

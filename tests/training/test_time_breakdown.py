@@ -110,6 +110,61 @@ def test_a_resumed_run_adds_up_its_calls(tmp_path, monkeypatch, capsys):
     assert abs(t["total"] - summary["wall_time_s"]) < 0.1
 
 
+def train_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_the_logged_rate_leaves_out_the_steps_that_compiled_in_every_call(tmp_path, monkeypatch, capsys):
+    """tokens/s in metrics.jsonl is the training steps' own, as summary.json's `train` time is: the step that
+    compiled (here: slept 2 s, 100x a step) is left out of its interval, in a fresh run and in the first
+    interval of its resumed call (which made the report read a resumed run as one under a changing load)."""
+    cwd = setup_dir(tmp_path)  # tests/tiny_recipes: 24 steps, one training length, logs every 2
+    original, drawn = MQARTask.train_batches, []
+
+    def interrupted(self, batch_size, seed, start=0):
+        for item in original(self, batch_size, seed, start):
+            drawn.append(1)
+            if len(drawn) == 9:
+                import os
+                import signal
+                os.kill(os.getpid(), signal.SIGINT)
+            yield item
+    monkeypatch.setattr(MQARTask, "train_batches", interrupted)
+    slowed(monkeypatch, TrainStep, "take", 2.0, [], first_only=True)
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 130
+    monkeypatch.undo()
+    slowed(monkeypatch, TrainStep, "take", 2.0, [], first_only=True)  # the resumed call compiles again
+    assert run_cli(monkeypatch, capsys, cwd)[0] == 0
+    records = train_records(cwd / "out/t")
+    assert [r["step"] for r in records] == list(range(2, 25, 2))
+    # the record a step after the resume (step 9 -> 10) holds only the step that compiled: no rate
+    assert [r["step"] for r in records if "tokens_per_s" not in r] == [10]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    typical = sorted(rates)[len(rates) // 2]
+    # counted in, an interval holding the slow step would log about 1/50 of the typical rate
+    assert min(rates) > typical / 8, rates
+
+
+def test_warming_counts_the_interval_without_its_compiling_steps():
+    class Step:
+        seconds, count = 5.0, 3
+
+        def warmup(self):
+            return self.seconds, self.count, 0
+
+    step = Step()
+    warm = loop_module.Warming(step)
+    step.seconds, step.count = 6.5, 4  # a step of 100 tokens compiled for 1.5 s
+    warm.stepped(100)
+    warm.stepped(50)  # then steps that did not
+    warm.stepped(50)
+    assert warm.rates(2.0, 3, 200) == {"tokens_per_s": 200.0, "step_time_s": 0.25}
+    only = loop_module.Warming(step)
+    step.count = 5
+    only.stepped(10)
+    assert only.rates(1.0, 1, 10) == {}  # every step warmed: no rate to log
+
+
 class FakeTime:
     def __init__(self):
         self.now = 100.0
