@@ -216,9 +216,12 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True)
         return
     elsewhere, twins = None, {}  # a dry run's plan for a device this machine lacks: both stages listed, then the line
+    beside = None
+    if not dry_run and not launch.nproc and os.environ.get("WORLD_SIZE", "1") == "1":
+        beside = seeds_beside(recipe, list(overrides), base, points, root)
     try:
         train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True,
-                    twins=twins)
+                    twins=twins, beside=beside)
     except DeviceElsewhere as e:
         if e.refused:  # with the device, the command would stop here: no second stage to show
             raise
@@ -272,19 +275,40 @@ class LaunchOptions:
     runs_per_worker: int | None = None
 
 
+def seeds_beside(recipe: str, overrides: list[str], base, points, root: Path) -> tuple[str, list] | None:
+    """A `best_lr_seeds` sweep that goes on with its grid unfinished: (the override, the points) of the second
+    stage's runs at the cells the grid has decided already, to train beside the grid's runs still to train, so
+    that a few last runs of the grid do not hold the cards to themselves; None when no cell is decided yet or
+    every cell is (the grid has finished: its second stage follows as usual)."""
+    from dcablate.runs.best_lr import second_stage
+
+    stage = second_stage(base.sweep, points, root)
+    if stage.override is None or not stage.undecided:
+        return None
+    seeds = base.sweep[BEST_LR_SEEDS_KEY]
+    click.echo(f"best_lr_seeds: {stage.decided} of {stage.decided + len(stage.undecided)} cells decided already; "
+               f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))} at their best learning rates "
+               f"({stage.runs} run{'s' if stage.runs != 1 else ''}) train beside the grid's runs")
+    return stage.override, config.expand(recipe, [*overrides, stage.override])[1]
+
+
 def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                quiet: bool, force_new: bool, record: bool | str = False, twins: dict | None = None) -> None:
+                quiet: bool, force_new: bool, record: bool | str = False, twins: dict | None = None,
+                beside: tuple[str, list] | None = None) -> None:
     """Train (or with `dry_run` list) the grid `points` of `recipe` under `overrides` into `root`: the runs
     still to train, in this process or over the launcher's workers. `record`: a sweep's command line goes to its
     folder's commands.log, with the time it started, and its points to points.txt, once its runs began to train
     (a command refused before, such as one whose recipe changed, trained nothing and is not recorded); "points":
-    only the points, added to those there (the second stage of the command the grid recorded)."""
+    only the points, added to those there (the second stage of the command the grid recorded). `beside`:
+    (override, points) of another expansion whose points train with these, in one plan (`seeds_beside`); they
+    are added to points.txt after the grid's."""
     import time
 
     began, started = time.time(), []
     twins = {} if twins is None else twins  # the caller's, to read the points' folders from
     try:
-        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new, started, twins)
+        _train_stage(recipe, overrides, base, points, root, launch, dry_run, quiet, force_new, started, twins,
+                     beside)
     finally:
         if (record and started and base.sweep and os.environ.get("RANK", "0") == "0" and root.is_dir()
                 and any((p / "recipe.toml").is_file() for p in root.iterdir() if p.is_dir())):
@@ -295,6 +319,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 # a best_lr_seeds command's second stage adds its points after: the grid's alone are no narrower rerun
                 record_command(root, goes_on() or ARGV, names, when=began,
                                keep_on_subset=BEST_LR_SEEDS_KEY not in base.sweep)
+                if beside:
+                    add_points(root, [twins.get(name, name) for name, _ in beside[1]])
 
 
 def _state_line(point) -> str:
@@ -308,11 +334,17 @@ def _state_line(point) -> str:
 
 
 def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
-                 quiet: bool, force_new: bool, started: list, twins: dict) -> None:
+                 quiet: bool, force_new: bool, started: list, twins: dict, beside: tuple[str, list] | None = None
+                 ) -> None:
     """`train_stage`; `started` gets an entry once the runs begin to train; `twins`: point name -> the folder name
     of the run it is, where an earlier command of the sweep trained it under another name."""
     from dcablate.training.checkpoint import lock_holder
 
+    origins = {}  # plan index -> (index, overrides) of a point from `beside`'s expansion
+    if beside:
+        override, more = beside
+        origins = {len(points) + j: (j, (override,)) for j in range(len(more))}
+        points = [*points, *more]
     sweep_root = root if base.sweep else None
     plan, refused, folders = [], [], None
     for name, r in points:  # every point checked before anything trains
@@ -421,7 +453,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
                 return train_here(plan, root, quiet, by_flops=uses_cuda is False)
             except UserError as e:  # text found wanting only once read (a one-line .jsonl): where the key was set
                 raise preflight.located(e, recipe, list(overrides)) from None
-        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda)
+        sweep_over_workers(recipe, list(overrides), plan, to_train, root, launch, slots, uses_cuda, origins)
 
 
 def check_launcher_flags(launch: "LaunchOptions", points, root: Path) -> None:
@@ -632,14 +664,14 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
 
 
 def sweep_over_workers(recipe, overrides, plan, to_train, root: Path, launch: LaunchOptions, slots,
-                       uses_cuda: bool | None) -> None:
+                       uses_cuda: bool | None, origins: dict | None = None) -> None:
     """`run` over workers (local processes, Ray actors or Slurm tasks): the same run directories, lines and
-    table whichever launcher trains them."""
+    table whichever launcher trains them; `origins` as `outcome.jobs_for` takes it."""
     from dcablate.runs.launchers import outcome
     from dcablate.runs.preflight import longest_first
 
     outcome.announce_finished(plan)
-    jobs = outcome.jobs_for(plan, *longest_first(plan, to_train, by_flops=uses_cuda is False))
+    jobs = outcome.jobs_for(plan, *longest_first(plan, to_train, by_flops=uses_cuda is False), origins=origins)
     if launch.launcher == "local":
         from dcablate.runs.launchers import local
 

@@ -10,7 +10,9 @@ The second stage is the same recipe with one more override, `sweep=<table>`: eve
 zipped into one axis that lists exactly the chosen points. So its runs are ordinary sweep points (named as
 the grid names them, plus `seed=S`) that every launcher trains and resumes as any other, and rerunning the
 command resumes both stages. A cell with a run unfinished or failed is not decided; the command says so, and
-rerunning it after the grid has finished trains those cells' seeds.
+rerunning it after the grid has finished trains those cells' seeds. A command that goes on with a grid whose
+cells are partly decided trains the decided cells' seeds beside the grid's unfinished runs (`cli.seeds_beside`:
+its jobs carry their own expansion, `Job.origin`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ score) is trained again with the listed seeds, as ordinary sweep points that res
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,41 @@ def test_a_dry_run_whose_grid_would_be_refused_shows_no_second_stage(sweep, caps
     captured = capsys.readouterr()
     assert "best_lr_seeds" not in captured.out  # the command with the device would stop at the grid's refusals
     assert "and 4 of 4 runs would be refused there too" in captured.err
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+def test_a_grid_that_goes_on_trains_the_decided_cells_seeds_beside_its_unfinished_runs(sweep, capsys, monkeypatch,
+                                                                                         workers):
+    """A rerun whose grid has runs left does not let them hold the workers alone: the seeds of the cells the grid
+    has decided train in the same plan, the other cells' seeds once the grid has finished. Over workers, the
+    kernel warm-up (forced on CPU) warms the seeds' points too, from their own expansion."""
+    import shutil
+
+    from dcablate.runs.launchers import warmup
+
+    monkeypatch.setattr(warmup, "ON_CPU", bool(workers))
+    assert main(["run", "g.toml", "--quiet"]) == 0
+    root = sweep / "out" / "w"
+    seeded = sorted(p.name for p in root.iterdir() if p.name.endswith(("seed=1", "seed=2")))
+    unfinished = next(p.name for p in root.iterdir() if "static" in p.name and "seed=" not in p.name)
+    for name in [*seeded, unfinished]:
+        shutil.rmtree(root / name)  # the static cell undecided; no seed run trained yet
+    capsys.readouterr()
+    assert main(["run", "g.toml", *workers]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("best_lr_seeds: 2 cells decided", 1)
+    assert ("best_lr_seeds: 1 of 2 cells decided already; seeds 1, 2 at their best learning rates (2 runs) train "
+            "beside the grid's runs") in first
+    trained_first = [n for n in [*seeded, unfinished] if re.search(rf"\[\d+/\d+\] {re.escape(n)}(?=\s)", first)]
+    none_seeds = [n for n in seeded if "conv.kind=none" in n]
+    assert sorted(trained_first) == sorted([unfinished, *none_seeds]), first
+    static_seeds = [n for n in seeded if "conv.kind=static" in n]
+    assert all(re.search(rf"\[\d+/\d+\] {re.escape(n)}(?=\s)", second) for n in static_seeds), second
+    assert all((root / n / "summary.json").is_file() for n in [*seeded, unfinished])
+    if workers:  # the static grid run and the none cell's seeds: two signatures, one warmed from a seed's point
+        assert "warm-up: 2 kernel signatures (1 family) among 3 runs" in first
+        assert re.search(rf"warm-up: {re.escape(none_seeds[0])} \(2 runs\) ready in", first), first
+    listed = (root / "points.txt").read_text().split()
+    assert len(listed) == 8 and set(seeded) <= set(listed)
+    assert main(["run", "g.toml", "--dry-run"]) == 0
+    assert sum(line.endswith("finished") for line in capsys.readouterr().out.splitlines()) == 8

@@ -35,21 +35,29 @@ class Job:
     steps: float = 0  # its planned work (steps, or FLOPs on CPU: `preflight.longest_first`; 0: not counted), for the ETA
     resumes_from: int = 0  # the step checkpoint it goes on from (0: a new run, or one that starts over)
     oom_retries: int = 0  # times it ran out of device memory beside other runs and went back in line
+    # a point of another expansion than the command's (a second stage's, `sweep.best_lr_seeds`, trained beside the
+    # grid's runs): (its index there, the overrides beyond the command's that make it); `index` stays its place in
+    # the command's plan, which the launchers key their bookkeeping by
+    origin: tuple[int, tuple[str, ...]] | None = None
 
     def __post_init__(self):
         self.title = self.title or self.name or self.run_dir.name
 
     def request(self) -> dict:
         """What the process that trains it needs (`point.run_job`); plain data, so any launcher can send it."""
-        return {"index": self.index, "name": self.name, "digest": self.digest, "run_dir": str(self.run_dir)}
+        out = {"index": self.index, "name": self.name, "digest": self.digest, "run_dir": str(self.run_dir)}
+        if self.origin is not None:
+            out["point"] = {"index": self.origin[0], "overrides": list(self.origin[1])}
+        return out
 
 
-def jobs_for(plan, to_train: list[int], steps: dict | None = None) -> list[Job]:
+def jobs_for(plan, to_train: list[int], steps: dict | None = None, origins: dict | None = None) -> list[Job]:
     """The `Job`s of the planned points (name, recipe, run_dir, state) still to train, in the order of `to_train`;
-    `steps`: each point's planned steps, where counted."""
+    `steps`: each point's planned steps, where counted; `origins`: plan index -> `Job.origin` of the points that
+    come from another expansion than the command's."""
     return [Job(i, plan[i][0], plan[i][2], plan[i][1].digest(), plan[i][1].task.kind,
                 title=plan[i][0] or plan[i][2].name, steps=(steps or {}).get(i, 0),
-                resumes_from=resumes_from(plan[i])) for i in to_train]
+                resumes_from=resumes_from(plan[i]), origin=(origins or {}).get(i)) for i in to_train]
 
 
 @dataclass

@@ -69,6 +69,15 @@ class BlockedSignals:
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
+def point_of(request: dict, overrides: list[str]) -> tuple[int, list[str]]:
+    """(index, overrides) of the point `request` (`Job.request()`) names in the expansion that holds it: the
+    command's (`overrides`), or for a second stage's point its own (`Job.origin`)."""
+    origin = request.get("point")
+    if origin is None:
+        return request["index"], list(overrides)
+    return origin["index"], [*overrides, *origin["overrides"]]
+
+
 def train_point(recipe_ref: str, overrides: list[str], index: int, expected_name: str, digest: str,
                 run_dir: Path, signals=BlockedSignals) -> int:
     """Train point `index` of the recipe into `run_dir` (as the launching command planned it); the exit status.
@@ -151,8 +160,9 @@ def run_job(recipe_ref: str, overrides: list[str], request: dict, where: str, ou
             from dcablate.training.packing import runs_on_device_for
 
             with runs_on_device_for(request.get("runs_on_device")):  # the count as the run starts, where sent
-                code = train_point(recipe_ref, overrides, request["index"], request["name"], request["digest"],
-                                   run_dir, signals)
+                index, point_overrides = point_of(request, overrides)
+                code = train_point(recipe_ref, point_overrides, index, request["name"], request["digest"], run_dir,
+                                   signals)
         except Exception:  # a bug, not a fault the loop knows: its traceback is the log's last word
             traceback.print_exc()
             code = 1

@@ -144,10 +144,15 @@ def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[S
     that has it."""
     from dcablate import config as recipes
 
-    _, points = recipes.expand(recipe_ref, overrides)
+    from dcablate.runs.launchers.point import point_of
+
+    expansions: dict[tuple, list] = {}  # the overrides of an expansion -> its points
     seen: dict[str, Signature] = {}
     for job in jobs:
-        recipe = points[job.index][1]
+        index, point_overrides = point_of(job.request(), overrides)
+        if tuple(point_overrides) not in expansions:
+            expansions[tuple(point_overrides)] = recipes.expand(recipe_ref, point_overrides)[1]
+        recipe = expansions[tuple(point_overrides)][index][1]
         key = signature(recipe)
         if key in seen:
             seen[key].runs += 1
@@ -397,10 +402,13 @@ def warm_point(recipe_ref: str, overrides: list[str], request: dict, cpu_too: bo
     click.echo(f"--- warm-up of point {request['index']} {request['name']} "
                f"({time.strftime('%Y-%m-%d %H:%M:%S')})")
     try:
-        _, points = recipes.expand(recipe_ref, overrides)
-        name, r = points[request["index"]]
+        from dcablate.runs.launchers.point import point_of
+
+        index, point_overrides = point_of(request, overrides)
+        _, points = recipes.expand(recipe_ref, point_overrides)
+        name, r = points[index]
         if name != request["name"] or r.digest() != request["digest"]:
-            raise UserError(f"{recipe_ref}: point {request['index']} is now {name} (recipe {r.digest()}), not "
+            raise UserError(f"{recipe_ref}: point {index} is now {name} (recipe {r.digest()}), not "
                             f"{request['name']}; was the recipe edited meanwhile?")
         result["seconds"] = warm(r, Path(request["run_dir"]), cpu_too)
     except Exception as e:  # any failure only means the runs compile on their own: say what it was
