@@ -1142,6 +1142,31 @@ def report(directory, targets, out):
         click.echo(f"wrote {path}")
 
 
+@cli.command(name="pack")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="The archive to write, NAME.tar.xz (default: DIRECTORY's folder name + .tar.xz, here); an "
+                   "existing file is never replaced.")
+def pack_command(directory, out):
+    """Pack the records of the finished runs below DIRECTORY (a sweep or a run) into one .tar.xz, without
+    checkpoints: each run's recipe, summary, metrics, throughput and eval records, each sweep folder's
+    commands.log, points.txt, warmup.log and eval tables. Unpacked anywhere, `dcablate report` rebuilds the
+    report from it and `dcablate run` trains what it lacks (unfinished runs are left out and start over)."""
+    from dcablate.runs.pack import pack
+
+    packed = pack(directory, out)
+    size = packed.path.stat().st_size
+    click.echo(f"packed {packed.runs} finished run{'s' if packed.runs != 1 else ''} of {directory} into "
+               f"{packed.path} ({size / 2**20:.1f} MiB)")
+    if packed.left_out:
+        names = ", ".join(str(p.relative_to(directory)) for p in packed.left_out[:3])
+        more = f" and {len(packed.left_out) - 3} more" if len(packed.left_out) > 3 else ""
+        click.echo(f"left out {len(packed.left_out)} unfinished run{'s' if len(packed.left_out) != 1 else ''} "
+                   f"(no summary.json; unpacked, they train from the start): {names}{more}")
+    click.echo(f"unpack: tar -xJf {packed.path} -C FOLDER (then dcablate report FOLDER/"
+               f"{Path(directory).resolve().name})")
+
+
 @cli.command()
 @click.option("--run", "run_dir", default=None, type=click.Path(path_type=Path),
               help="A finished LM run directory (or give it as RUN).")
