@@ -217,7 +217,8 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         return
     elsewhere, twins = None, {}  # a dry run's plan for a device this machine lacks: both stages listed, then the line
     beside = None
-    if not dry_run and not launch.nproc and os.environ.get("WORLD_SIZE", "1") == "1":
+    # not with --no-wait: the second stage, planned at once after the grid's submission, would submit them again
+    if not dry_run and not launch.nproc and os.environ.get("WORLD_SIZE", "1") == "1" and launch.slurm.wait:
         beside = seeds_beside(recipe, list(overrides), base, points, root)
     try:
         train_stage(recipe, list(overrides), base, points, root, launch, dry_run, quiet, force_new, record=True,

@@ -168,3 +168,27 @@ def test_the_job_script_is_what_the_command_says_it_submits(sweep, capsys, monke
     assert all(line in script for line in lines), script
     assert ("#SBATCH --gpus-per-node=1" in script) == ("--gpus-per-task" in flags), script
     assert not any("gpus" in line and "=0" in line for line in script), script
+
+
+def test_the_seeds_of_decided_cells_go_in_the_grids_array(sweep, capsys):
+    """`sweep.best_lr_seeds` going on with a grid some cells of which are decided: their seeds are tasks of the
+    grid's array (each task expands its own point), the other cells' seeds a second array."""
+    import shutil
+
+    from dcablate.cli import main
+    from tests.runs.test_best_lr_seeds import GRID
+
+    (sweep / "g.toml").write_text(GRID.replace("best_lr_seeds = [1, 2]", "best_lr_seeds = [1]"))
+    root = sweep / "out" / "w"
+    assert main(["run", "g.toml", "--quiet"]) == 0
+    static = sorted(p.name for p in root.iterdir() if "static" in p.name)
+    for name in [*static, *(p.name for p in root.iterdir() if p.name.endswith("seed=1"))]:
+        shutil.rmtree(root / name, ignore_errors=True)  # the static cell from scratch, no seed run yet
+    capsys.readouterr()
+    assert main(["run", "g.toml", "--launcher", "slurm", "--time", "10"]) == 0
+    out = capsys.readouterr().out
+    arrays = re.findall(r"submitted (\d) runs? as job array", out)
+    assert arrays == ["3", "1"], out  # the static cell's 2 grid runs and the none cell's seed; then static's seed
+    seeded = [p for p in root.iterdir() if p.name.endswith("seed=1")]
+    assert len(seeded) == 2 and {"none", "static"} == {p.name.split(",")[0].split("=")[1] for p in seeded}
+    assert all((p / "summary.json").is_file() for p in root.iterdir() if p.name.startswith("conv."))
