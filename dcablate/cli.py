@@ -277,20 +277,42 @@ class LaunchOptions:
 
 
 def seeds_beside(recipe: str, overrides: list[str], base, points, root: Path) -> tuple[str, list] | None:
-    """A `best_lr_seeds` sweep that goes on with its grid unfinished: (the override, the points) of the second
-    stage's runs at the cells the grid has decided already, to train beside the grid's runs still to train, so
-    that a few last runs of the grid do not hold the cards to themselves; None when no cell is decided yet or
-    every cell is (the grid has finished: its second stage follows as usual)."""
+    """A `best_lr_seeds` sweep that goes on with its grid unfinished: (the override, [(index, point)]) of the
+    second stage's runs still to train at the cells the grid has decided already (each point with its index in
+    that override's expansion), to train beside the grid's runs still to train, so that a few last runs of the
+    grid do not hold the cards to themselves; None when no cell is decided yet, every cell is (the grid has
+    finished: its second stage follows as usual) or no such run is left. A run the second stage would refuse (its
+    folder holds another recipe, another process writes there) is left to it, so that it refuses it as before,
+    after the grid."""
     from dcablate.runs.best_lr import second_stage
 
     stage = second_stage(base.sweep, points, root)
     if stage.override is None or not stage.undecided:
         return None
+    more = config.expand(recipe, [*overrides, stage.override])[1]
+    kept = [(j, (name, r)) for j, (name, r) in enumerate(more) if _to_train_beside(root / name, r, root)]
+    if not kept:
+        return None
     seeds = base.sweep[BEST_LR_SEEDS_KEY]
     click.echo(f"best_lr_seeds: {stage.decided} of {stage.decided + len(stage.undecided)} cells decided already; "
                f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))} at their best learning rates "
-               f"({stage.runs} run{'s' if stage.runs != 1 else ''}) train beside the grid's runs")
-    return stage.override, config.expand(recipe, [*overrides, stage.override])[1]
+               f"({len(kept)} run{'s' if len(kept) != 1 else ''} to train) train beside the grid's runs")
+    return stage.override, kept
+
+
+def _to_train_beside(run_dir: Path, r, root: Path) -> bool:
+    """Whether a second stage's run is new or resumes without a refusal (its notes are left to its planning)."""
+    import contextlib
+    import io
+
+    from dcablate.training.checkpoint import lock_holder
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            state = run_state(run_dir, r, root)
+        except UserError:
+            return False
+    return state == "new" or (state == "resume" and not lock_holder(run_dir))
 
 
 def train_stage(recipe: str, overrides: list[str], base, points, root: Path, launch: LaunchOptions, dry_run: bool,
@@ -301,8 +323,8 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
     folder's commands.log, with the time it started, and its points to points.txt, once its runs began to train
     (a command refused before, such as one whose recipe changed, trained nothing and is not recorded); "points":
     only the points, added to those there (the second stage of the command the grid recorded). `beside`:
-    (override, points) of another expansion whose points train with these, in one plan (`seeds_beside`); they
-    are added to points.txt after the grid's."""
+    (override, [(index, point)]) of another expansion, points that train with these in one plan (`seeds_beside`);
+    they are added to points.txt after the grid's."""
     import time
 
     began, started = time.time(), []
@@ -321,7 +343,7 @@ def train_stage(recipe: str, overrides: list[str], base, points, root: Path, lau
                 record_command(root, goes_on() or ARGV, names, when=began,
                                keep_on_subset=BEST_LR_SEEDS_KEY not in base.sweep)
                 if beside:
-                    add_points(root, [twins.get(name, name) for name, _ in beside[1]])
+                    add_points(root, [twins.get(name, name) for _, (name, _) in beside[1]])
 
 
 def _state_line(point) -> str:
@@ -344,8 +366,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
     origins = {}  # plan index -> (index, overrides) of a point from `beside`'s expansion
     if beside:
         override, more = beside
-        origins = {len(points) + j: (j, (override,)) for j in range(len(more))}
-        points = [*points, *more]
+        origins = {len(points) + k: (j, (override,)) for k, (j, _) in enumerate(more)}
+        points = [*points, *(point for _, point in more)]
     sweep_root = root if base.sweep else None
     plan, refused, folders = [], [], None
     for name, r in points:  # every point checked before anything trains

@@ -220,8 +220,8 @@ def test_a_grid_that_goes_on_trains_the_decided_cells_seeds_beside_its_unfinishe
     assert main(["run", "g.toml", *workers]) == 0
     out = capsys.readouterr().out
     first, second = out.split("best_lr_seeds: 2 cells decided", 1)
-    assert ("best_lr_seeds: 1 of 2 cells decided already; seeds 1, 2 at their best learning rates (2 runs) train "
-            "beside the grid's runs") in first
+    assert ("best_lr_seeds: 1 of 2 cells decided already; seeds 1, 2 at their best learning rates (2 runs to "
+            "train) train beside the grid's runs") in first
     trained_first = [n for n in [*seeded, unfinished] if re.search(rf"\[\d+/\d+\] {re.escape(n)}(?=\s)", first)]
     none_seeds = [n for n in seeded if "conv.kind=none" in n]
     assert sorted(trained_first) == sorted([unfinished, *none_seeds]), first
@@ -235,3 +235,26 @@ def test_a_grid_that_goes_on_trains_the_decided_cells_seeds_beside_its_unfinishe
     assert len(listed) == 8 and set(seeded) <= set(listed)
     assert main(["run", "g.toml", "--dry-run"]) == 0
     assert sum(line.endswith("finished") for line in capsys.readouterr().out.splitlines()) == 8
+
+
+def test_a_seed_run_the_second_stage_would_refuse_is_left_to_it_and_the_grid_trains(sweep, capsys):
+    """Beside the grid go only seed runs that would train: one whose folder holds another recipe is refused by the
+    second stage, after the grid, as before (not the whole command before the grid trains)."""
+    import shutil
+
+    assert main(["run", "g.toml", "--quiet"]) == 0
+    root = sweep / "out" / "w"
+    seeded = sorted(p.name for p in root.iterdir() if p.name.endswith(("seed=1", "seed=2")))
+    unfinished = next(p.name for p in root.iterdir() if "static" in p.name and "seed=" not in p.name)
+    for name in [*seeded, unfinished]:
+        shutil.rmtree(root / name)
+    blocked = next(n for n in seeded if "conv.kind=none" in n)
+    (root / blocked).mkdir()
+    other = next(p for p in root.glob("conv.kind=none,*/recipe.toml") if p.parent.name != blocked)
+    (root / blocked / "recipe.toml").write_text(other.read_text())  # another run's recipe in the seed's folder
+    capsys.readouterr()
+    assert main(["run", "g.toml", "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert "(1 run to train) train beside the grid's runs" in captured.out
+    assert (root / unfinished / "summary.json").is_file()  # the grid trained
+    assert f"{blocked}: recipe changed since this run started" in captured.err
