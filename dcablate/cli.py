@@ -1179,8 +1179,9 @@ def pack_command(directory, out):
 
     packed = pack(directory, out)
     size = packed.path.stat().st_size
+    shown = f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{max(1, round(size / 2**10))} KiB"
     click.echo(f"packed {packed.runs} finished run{'s' if packed.runs != 1 else ''} of {directory} into "
-               f"{packed.path} ({size / 2**20:.1f} MiB)")
+               f"{packed.path} ({shown})")
     if packed.left_out:
         names = ", ".join(str(p.relative_to(directory)) for p in packed.left_out[:3])
         more = f" and {len(packed.left_out) - 3} more" if len(packed.left_out) > 3 else ""

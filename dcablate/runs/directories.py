@@ -246,7 +246,8 @@ def trained_with(run_dir: Path) -> str:
 
 def last_command(root: Path) -> str | None:
     """`COMMAND` (in `CWD`) of the newest line of `root/commands.log` that planned the grid of its `points.txt` (a
-    narrower rerun's line, which ends in `NARROWER`, is passed over), or None."""
+    narrower rerun's line, which ends in `NARROWER`, is passed over), or None. For a sweep folder moved since
+    (unpacked elsewhere, `dcablate pack`), CWD is where the command trains into it now (`command_folder`)."""
     try:
         lines = (root / COMMANDS_LOG).read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -254,8 +255,26 @@ def last_command(root: Path) -> str | None:
     for line in reversed(lines):
         parts = line.split("\t")
         if len(parts) == 3:
-            return f"`{parts[2]}` (in {parts[1]})"
+            return f"`{parts[2]}` (in {command_folder(root, parts[1])})"
     return None
+
+
+def command_folder(root: Path, recorded: str) -> str:
+    """The folder a sweep's command must run in to train into `root`: `recorded` (where it ran) while the runs'
+    relative `run.out_dir`/`run.name` (read from a point's recipe.toml) lead from there to `root`; else `root`
+    less that path, when it ends so (the folder was moved); else `recorded`."""
+    try:
+        recipe = next(root.glob("*/recipe.toml"))
+        run = tomllib.loads(recipe.read_text(encoding="utf-8")).get("run", {})
+        tail = Path(run["out_dir"]) / run["name"]
+    except (StopIteration, OSError, KeyError, TypeError, ValueError):
+        return recorded
+    here = root.resolve()
+    if tail.is_absolute() or (Path(recorded) / tail).resolve() == here:
+        return recorded
+    if here.parts[-len(tail.parts):] != tail.parts:
+        return recorded
+    return str(Path(*here.parts[:-len(tail.parts)]))
 
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json")  # a folder with recipe.toml and one of these is a run

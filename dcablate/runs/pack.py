@@ -63,13 +63,15 @@ def pack(root: Path, out: Path | None = None) -> Packed:
     runs = run_folders(root)
     if not runs:
         raise UserError(f"{root}: holds no run (no folder below it has a recipe.toml)")
-    out = Path(out) if out is not None else default_path(root)
+    given = out is not None
+    out = Path(out) if given else default_path(root)
+    flag = f"-o {out}" if given else f"{out} (the default archive name; -o FILE names another)"
     if not out.name.endswith(".tar.xz"):
-        raise UserError(f"-o {out}: the archive is xz-compressed tar; name it NAME.tar.xz")
+        raise UserError(f"{flag}: the archive is xz-compressed tar; name it NAME.tar.xz")
     if out.exists():
-        raise UserError(f"-o {out}: exists; pack never replaces a file (remove it, or name another)")
+        raise UserError(f"{flag}: exists; pack never replaces a file (remove it, or name another)")
     if out.resolve().is_relative_to(root.resolve()):
-        raise UserError(f"-o {out}: inside {root}, which it packs; write it elsewhere")
+        raise UserError(f"{flag}: inside {root}, which it packs; write it elsewhere")
     top = root.resolve().name
     finished = [r for r in runs if (r / "summary.json").is_file()]
     packed = Packed(out, len(finished), [r for r in runs if r not in finished])
@@ -90,7 +92,7 @@ def pack(root: Path, out: Path | None = None) -> Packed:
                 _add_tree(tar, root, top, run / RECORDS)
         tmp.replace(out)
     except OSError as e:
-        raise UserError(f"-o {out}: cannot write it: {e.strerror or e}") from None
+        raise UserError(f"{flag}: cannot write it: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return packed

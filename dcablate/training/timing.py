@@ -8,7 +8,7 @@ One phase runs at a time, so the parts add up to the total (up to rounding):
 - compile     the extra time of the steps that compiled or captured: the first step of each batch shape
               (Triton compiles and autotunes fla's kernels then, and torch allocates its buffers) and the
               step that captures its CUDA graph; extra = their wall time minus as many typical steps
-              (the mean of this call's other steps). Near zero on CPU
+              (the mean of this call's other steps). On CPU, the first step's torch first-call work
 - train       the training steps, the rest of their time: forward, backward, optimizer, fetching batches,
               logging
 - eval        evaluations, the final one included

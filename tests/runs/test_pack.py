@@ -3,6 +3,7 @@ elsewhere, the report rebuilds the same and `run` trains only what was left out.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_a_sweep_packs_its_finished_runs_records_and_rebuilds_elsewhere(trained,
     root, names, unfinished = trained
     assert main(["pack", "out/w"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("packed 3 finished runs of out/w into w.tar.xz (")
+    assert re.match(r"packed 3 finished runs of out/w into w\.tar\.xz \(\d+ KiB\)\n", out), out
     assert f"left out 1 unfinished run (no summary.json; unpacked, they train from the start): {unfinished.name}" \
         in out
     with tarfile.open(tmp_path / "w.tar.xz") as tar:
@@ -57,7 +58,10 @@ def test_a_sweep_packs_its_finished_runs_records_and_rebuilds_elsewhere(trained,
         tar.extractall(elsewhere, filter="data")
     assert main(["report", str(elsewhere / "w")]) == 0 and main(["report", str(root)]) == 0
     assert (elsewhere / "w" / "report.csv").read_text() == (root / "report.csv").read_text()
-    assert "3 finished runs, 0 unfinished, 1 not started" in (elsewhere / "w" / "report.md").read_text()
+    report = (elsewhere / "w" / "report.md").read_text()
+    assert "3 finished runs, 0 unfinished, 1 not started" in report
+    # the command that trains the rest runs where it trains into the unpacked folder, not where it first ran
+    assert f"`dcablate run g.toml --quiet` (in {(tmp_path / 'elsewhere').resolve()}) trains them" in report
     capsys.readouterr()
     shutil.copy(tmp_path / "g.toml", tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -89,8 +93,8 @@ def test_an_existing_file_is_never_replaced_and_an_unfinished_run_alone_packs_no
     _, _, unfinished = trained
     Path("w.tar.xz").write_text("mine")
     assert main(["pack", "out/w"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: -o w.tar.xz: exists; pack never replaces a file (remove it, "
-                                               "or name another)")
+    assert capsys.readouterr().err.strip() == ("error: w.tar.xz (the default archive name; -o FILE names another): "
+                                               "exists; pack never replaces a file (remove it, or name another)")
     assert Path("w.tar.xz").read_text() == "mine"
     assert main(["pack", str(unfinished), "-o", "u.tar.xz"]) == 2
     assert "none of its 1 runs has finished (no summary.json); nothing to pack" in capsys.readouterr().err
