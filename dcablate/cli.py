@@ -649,29 +649,34 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
     from dcablate.training.loop import train
     from dcablate.training.runtime import Stop
 
+    from dcablate.runs.launchers.outcome import announce_finished
+
     rows, failed, points = [], [], len(plan)
     to_train = [i for i, (*_, state) in enumerate(plan) if state != "finished"]
     work = longest_first(plan, to_train, by_flops)[1] if points > 1 else {}
     sweep = SweepProgress(len(to_train), steps=sum(work.values()) or None)
-    for position, i in enumerate(resumed_first(plan, list(range(points)))):  # what a stopped sweep began, first
-        name, r, run_dir, state = plan[i]
-        if points > 1:
-            click.echo(sweep.heading(position, points, name))
+    if points > 1:  # a line each, as over workers; the runs to train are numbered among themselves
+        announce_finished(plan)
+    for i, (name, r, run_dir, state) in enumerate(plan):
         if state == "finished":
-            summary = read_summary(run_dir)
-            click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
-        else:
-            try:
-                summary = train(r, run_dir, quiet=quiet)
-            except Stop as e:
-                if points == 1 or e.code != 1:  # a stop signal or a closed output stops the sweep; a fault, the run
-                    raise
-                sweep.finished(failed=True, steps=work.get(i, 0))
-                click.echo(f"  failed: {e}")
-                failed.append((name or run_dir.name, e, run_dir))
-                continue
-            sweep.finished(steps=work.get(i, 0))
-            click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
+            if points == 1:
+                click.echo(f"  {run_dir}: finished earlier, not retrained (--force-new trains it again)")
+            rows.append((i, result_row(name or run_dir.name, read_summary(run_dir), r.task.kind)))
+    for position, i in enumerate(resumed_first(plan, to_train)):  # what a stopped sweep began, first
+        name, r, run_dir, _ = plan[i]
+        if points > 1:
+            click.echo(sweep.heading(position, len(to_train), name))
+        try:
+            summary = train(r, run_dir, quiet=quiet)
+        except Stop as e:
+            if points == 1 or e.code != 1:  # a stop signal or a closed output stops the sweep; a fault, the run
+                raise
+            sweep.finished(failed=True, steps=work.get(i, 0))
+            click.echo(f"  failed: {e}")
+            failed.append((name or run_dir.name, e, run_dir))
+            continue
+        sweep.finished(steps=work.get(i, 0))
+        click.echo(f"  -> {run_dir}  {headline_result(summary, r.task.kind)}")
         # a single run by its folder's name: a sweep's point resumed through its folder, a --force-new copy
         rows.append((i, result_row(name or run_dir.name, summary, r.task.kind)))
     click.echo("")

@@ -182,7 +182,8 @@ def test_sweep_points_resume_or_skip_independently(tmp_path, monkeypatch, capsys
     monkeypatch.undo()
     rc, out, err = run_cli(monkeypatch, capsys, cwd)
     assert rc == 0, err
-    assert "out/t/lr=0.001: finished earlier" in out and "resuming out/t/lr=0.002 from step 5" in out
+    assert "lr=0.001: out/t/lr=0.001 finished earlier" in out and "resuming out/t/lr=0.002 from step 5" in out
+    assert "[1/1] lr=0.002" in out  # the runs to train are numbered among themselves
     assert out.count("lr=0.00") >= 4  # both points in the results table
 
 
