@@ -82,19 +82,25 @@ def test_each_phase_gets_the_time_spent_in_it(tmp_path, monkeypatch):
     assert 1.0 <= t["compile"] <= 1.5 + 2.0, t
 
 
-def test_a_resumed_run_adds_up_its_calls(tmp_path, monkeypatch, capsys):
-    cwd = setup_dir(tmp_path)  # tests/tiny_recipes: 24 steps, evaluations every 5, checkpoints every 2
+def interrupt_at(monkeypatch, batches: int) -> None:
+    """SIGINT to this process as the training loop draws its `batches`-th batch (counted over the process)."""
+    import os
+    import signal
+
     original, drawn = MQARTask.train_batches, []
 
     def interrupted(self, batch_size, seed, start=0):
         for item in original(self, batch_size, seed, start):
             drawn.append(1)
-            if len(drawn) == 7:
-                import os
-                import signal
+            if len(drawn) == batches:
                 os.kill(os.getpid(), signal.SIGINT)
             yield item
     monkeypatch.setattr(MQARTask, "train_batches", interrupted)
+
+
+def test_a_resumed_run_adds_up_its_calls(tmp_path, monkeypatch, capsys):
+    cwd = setup_dir(tmp_path)  # tests/tiny_recipes: 24 steps, evaluations every 5, checkpoints every 2
+    interrupt_at(monkeypatch, 7)
     slowed(monkeypatch, MQARTask, "evaluate", 0.3, [])
     assert run_cli(monkeypatch, capsys, cwd)[0] == 130
     kept = checkpoint.load(cwd / "out/t/checkpoints/step-000007.pt")["time_s"]
@@ -119,17 +125,7 @@ def test_the_logged_rate_leaves_out_the_steps_that_compiled_in_every_call(tmp_pa
     compiled (here: slept 2 s, 100x a step) is left out of its interval, in a fresh run and in the first
     interval of its resumed call (which made the report read a resumed run as one under a changing load)."""
     cwd = setup_dir(tmp_path)  # tests/tiny_recipes: 24 steps, one training length, logs every 2
-    original, drawn = MQARTask.train_batches, []
-
-    def interrupted(self, batch_size, seed, start=0):
-        for item in original(self, batch_size, seed, start):
-            drawn.append(1)
-            if len(drawn) == 9:
-                import os
-                import signal
-                os.kill(os.getpid(), signal.SIGINT)
-            yield item
-    monkeypatch.setattr(MQARTask, "train_batches", interrupted)
+    interrupt_at(monkeypatch, 9)
     slowed(monkeypatch, TrainStep, "take", 2.0, [], first_only=True)
     assert run_cli(monkeypatch, capsys, cwd)[0] == 130
     monkeypatch.undo()
