@@ -643,13 +643,11 @@ def train_here(plan, root: Path, quiet: bool, by_flops: bool = False) -> None:
     workers: the failures are listed after the table and the exit status is 1; a stop signal stops the sweep.
     Runs that resume from a checkpoint go first, the rest in sweep order (`resumed_first`). The ETA counts each
     run's planned work (`longest_first`; FLOPs too where `by_flops`: on CPU)."""
-    from dcablate.runs.launchers.outcome import result_row, results_table
+    from dcablate.runs.launchers.outcome import announce_finished, result_row, results_table
     from dcablate.runs.preflight import longest_first, resumed_first
     from dcablate.runs.progress import SweepProgress
     from dcablate.training.loop import train
     from dcablate.training.runtime import Stop
-
-    from dcablate.runs.launchers.outcome import announce_finished
 
     rows, failed, points = [], [], len(plan)
     to_train = [i for i, (*_, state) in enumerate(plan) if state != "finished"]
