@@ -234,12 +234,16 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
         from dcablate.training.distributed import broadcast
 
         stage = broadcast(stage)
-    click.echo("")
-    for line in stage.lines(base.sweep[BEST_LR_SEEDS_KEY], dry_run):
-        click.echo(line)
+    second_base, second_points = None, []
     if stage.override is not None:
         more = [*overrides, stage.override]
         second_base, second_points = config.expand(recipe, more)
+    click.echo("")
+    # of its runs, those trained already (beside the grid, or by an earlier command)
+    done = sum((root / twins.get(name, name) / "summary.json").is_file() for name, _ in second_points)
+    for line in stage.lines(base.sweep[BEST_LR_SEEDS_KEY], dry_run, done):
+        click.echo(line)
+    if stage.override is not None:
         try:
             train_stage(recipe, more, second_base, second_points, root, launch, dry_run, quiet, force_new,
                         record="points")

@@ -34,13 +34,15 @@ class Stage:
     undecided: list[str]  # a point name of each undecided cell
     runs: int
 
-    def lines(self, seeds: list[int], dry_run: bool = False) -> list[str]:
-        """What to tell the user; `dry_run`: of a plan, where undecided cells are those the grid will decide."""
+    def lines(self, seeds: list[int], dry_run: bool = False, finished: int = 0) -> list[str]:
+        """What to tell the user; `dry_run`: of a plan, where undecided cells are those the grid will decide;
+        `finished`: how many of the runs have finished already."""
         out = []
         seed_words = f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}"
         if self.decided:
             out.append(f"best_lr_seeds: {self.decided} cell{'s' if self.decided != 1 else ''} decided; {seed_words} "
-                       f"at each one's best learning rate: {self.runs} run{'s' if self.runs != 1 else ''}")
+                       f"at each one's best learning rate: {self.runs} run{'s' if self.runs != 1 else ''}"
+                       + (f" ({finished} finished already)" if finished else ""))
         n = len(self.undecided)
         if n and dry_run:
             more = n * len(seeds)

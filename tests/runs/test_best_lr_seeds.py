@@ -220,6 +220,7 @@ def test_a_grid_that_goes_on_trains_the_decided_cells_seeds_beside_its_unfinishe
     assert main(["run", "g.toml", *workers]) == 0
     out = capsys.readouterr().out
     first, second = out.split("best_lr_seeds: 2 cells decided", 1)
+    assert second.startswith("; seeds 1, 2 at each one's best learning rate: 4 runs (2 finished already)\n")
     assert ("best_lr_seeds: 1 of 2 cells decided already; seeds 1, 2 at their best learning rates (2 runs to "
             "train) train beside the grid's runs") in first
     trained_first = [n for n in [*seeded, unfinished] if re.search(rf"\[\d+/\d+\] {re.escape(n)}(?=\s)", first)]
