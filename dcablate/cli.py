@@ -290,11 +290,25 @@ def seeds_beside(recipe: str, overrides: list[str], base, points, root: Path) ->
     after the grid."""
     from dcablate.runs.best_lr import second_stage
 
-    stage = second_stage(base.sweep, points, root)
+    folders = None
+
+    def folder_of(name: str, r) -> Path:  # a point's folder, or the one that holds its run under another name
+        nonlocal folders
+        if (root / name).exists():
+            return root / name
+        folders = same_run_folders(root) if folders is None else folders
+        return folders.get(run_identity(r), root / name)
+
+    twins = {}
+    for name, r in points:
+        folder = folder_of(name, r)
+        if folder != root / name:
+            twins[name] = folder.name
+    stage = second_stage(base.sweep, points, root, twins)
     if stage.override is None or not stage.undecided:
         return None
     more = config.expand(recipe, [*overrides, stage.override])[1]
-    kept = [(j, (name, r)) for j, (name, r) in enumerate(more) if _to_train_beside(root / name, r, root)]
+    kept = [(j, (name, r)) for j, (name, r) in enumerate(more) if _to_train_beside(folder_of(name, r), r, root)]
     if not kept:
         return None
     seeds = base.sweep[BEST_LR_SEEDS_KEY]

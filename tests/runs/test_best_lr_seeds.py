@@ -259,3 +259,18 @@ def test_a_seed_run_the_second_stage_would_refuse_is_left_to_it_and_the_grid_tra
     assert "(1 run to train) train beside the grid's runs" in captured.out
     assert (root / unfinished / "summary.json").is_file()  # the grid trained
     assert f"{blocked}: recipe changed since this run started" in captured.err
+
+
+def test_cells_decided_by_runs_a_narrower_sweep_named_otherwise_count(sweep, capsys):
+    """A grid widened after a narrower sweep trained some of its cells (its folders named by fewer keys): those
+    cells are decided through the runs' folders as they are, so their seeds train beside the new cells' runs."""
+    assert main(["run", "g.toml", "--quiet", "--set", 'sweep={"train.lr" = [1e-4, 3e-2]}']) == 0
+    root = sweep / "out" / "w"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["lr=0.0001", "lr=0.03"]  # conv none's cell
+    capsys.readouterr()
+    assert main(["run", "g.toml", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert ("best_lr_seeds: 1 of 2 cells decided already; seeds 1, 2 at their best learning rates (2 runs to "
+            "train) train beside the grid's runs") in out
+    seeded = [p.name for p in root.iterdir() if "seed=" in p.name]
+    assert len(seeded) == 4 and all((root / n / "summary.json").is_file() for n in seeded)
