@@ -20,9 +20,9 @@ from dcablate.config.sweep import BEST_LR_SEEDS_KEY
 from dcablate.errors import UserError, did_you_mean
 from dcablate.registry import Registry
 from dcablate.runs import preflight
-from dcablate.runs.directories import (POINTS_FILE, add_points, echo_library_logs, fresh_dir, goes_on, made_here,
-                                       planned_points, read_summary, record_command, run_dir_named, run_directory_line,
-                                       run_identity, run_state, same_command, same_run_folders, save_new_file, went_to)
+from dcablate.runs.directories import (POINTS_FILE, TwinFolders, add_points, echo_library_logs, fresh_dir, goes_on,
+                                       made_here, planned_points, read_summary, record_command, run_dir_named,
+                                       run_directory_line, run_state, same_command, save_new_file, went_to)
 from dcablate.runs.launchers import DEFAULT_RETRIES, DEFAULT_TIME_MIN, LAUNCHERS, SlurmOptions
 from dcablate.runs.tables import headline_result
 from dcablate.tasks import TASKS
@@ -290,25 +290,14 @@ def seeds_beside(recipe: str, overrides: list[str], base, points, root: Path) ->
     after the grid."""
     from dcablate.runs.best_lr import second_stage
 
-    folders = None
-
-    def folder_of(name: str, r) -> Path:  # a point's folder, or the one that holds its run under another name
-        nonlocal folders
-        if (root / name).exists():
-            return root / name
-        folders = same_run_folders(root) if folders is None else folders
-        return folders.get(run_identity(r), root / name)
-
-    twins = {}
-    for name, r in points:
-        folder = folder_of(name, r)
-        if folder != root / name:
-            twins[name] = folder.name
+    held = TwinFolders(root)  # runs of the grid's cells trained under other names (a narrower sweep's)
+    twins = {name: twin.name for name, r in points if (twin := held.of(name, r)) is not None}
     stage = second_stage(base.sweep, points, root, twins)
     if stage.override is None or not stage.undecided:
         return None
     more = config.expand(recipe, [*overrides, stage.override])[1]
-    kept = [(j, (name, r)) for j, (name, r) in enumerate(more) if _to_train_beside(folder_of(name, r), r, root)]
+    kept = [(j, (name, r)) for j, (name, r) in enumerate(more)
+            if _to_train_beside(held.of(name, r) or root / name, r, root)]
     if not kept:
         return None
     seeds = base.sweep[BEST_LR_SEEDS_KEY]
@@ -387,16 +376,14 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
         origins = {len(points) + k: (j, (override,)) for k, (j, _) in enumerate(more)}
         points = [*points, *(point for _, point in more)]
     sweep_root = root if base.sweep else None
-    plan, refused, folders = [], [], None
+    held = TwinFolders(sweep_root) if sweep_root is not None and not force_new else None
+    plan, refused = [], []
     for name, r in points:  # every point checked before anything trains
         run_dir = root / name if name else root
-        if sweep_root is not None and name and not run_dir.exists() and not force_new:
-            if folders is None:
-                folders = same_run_folders(sweep_root)
-            twin = folders.get(run_identity(r))
-            if twin is not None:  # the same run under another name (a narrower sweep names fewer keys)
-                click.echo(f"{name}: the same run as {twin.name} (the same recipe), whose folder holds it")
-                twins[name], run_dir = twin.name, twin
+        twin = held.of(name, r) if held is not None and name else None
+        if twin is not None:  # the same run under another name (a narrower sweep names fewer keys)
+            click.echo(f"{name}: the same run as {twin.name} (the same recipe), whose folder holds it")
+            twins[name], run_dir = twin.name, twin
         try:
             state = run_state(run_dir, r, sweep_root, dry_run)
             # rank 0 alone under torchrun: the other ranks follow its plan (broadcast below)

@@ -106,7 +106,7 @@ def check_second_stage(recipe: str, overrides: list[str], sweep: dict) -> None:
 def second_stage(sweep: dict, points: list, root: Path, twins: dict | None = None) -> Stage:
     """The second stage of a sweep whose table `sweep` lists `best_lr_seeds`, from its grid `points` ((name,
     resolved recipe) as `config.expand` gives them) trained into `root/<name>`, or for a point in `twins` into
-    the folder it names (the same run under another name, `cli.same_run_folders`)."""
+    the folder it names (the same run under another name, `directories.same_run_folders`)."""
     twins = twins or {}
     from dcablate.runs.report import metric_of
 

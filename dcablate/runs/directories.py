@@ -328,6 +328,22 @@ def same_run_folders(sweep_root: Path) -> dict[str, Path]:
     return found
 
 
+class TwinFolders:
+    """Where a sweep's points' runs are held under other names (`same_run_folders`, read once, when first asked)."""
+
+    def __init__(self, sweep_root: Path):
+        self.root, self.found = sweep_root, None
+
+    def of(self, name: str, r) -> Path | None:
+        """The folder holding point `name`'s run `r` under another name; None when its own folder exists or no
+        folder holds it."""
+        if (self.root / name).exists():
+            return None
+        if self.found is None:
+            self.found = same_run_folders(self.root)
+        return self.found.get(run_identity(r))
+
+
 def run_state(run_dir: Path, r, sweep_root: Path | None = None, dry_run: bool = False) -> str:
     """`new`, `resume` or `finished` for training `r` into `run_dir`; UserError when that would mix two runs. Its
     notes are said once (rank 0 under torchrun), in a dry run as what would happen."""

@@ -98,14 +98,10 @@ def pack(root: Path, out: Path | None = None) -> Packed:
     return packed
 
 
-def _arcname(root: Path, top: str, path: Path) -> str:
-    rel = path.relative_to(root)
-    return top if str(rel) == "." else f"{top}/{rel.as_posix()}"
-
-
 def _add(tar: tarfile.TarFile, root: Path, top: str, path: Path) -> None:
+    """The file `path`, if it is there, under `top` at its place below `root`."""
     if path.is_file():
-        tar.add(path, arcname=_arcname(root, top, path), recursive=False)
+        tar.add(path, arcname=f"{top}/{path.relative_to(root).as_posix()}", recursive=False)
 
 
 def _add_tree(tar: tarfile.TarFile, root: Path, top: str, folder: Path) -> None:

@@ -150,9 +150,10 @@ def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[S
     seen: dict[str, Signature] = {}
     for job in jobs:
         index, point_overrides = point_of(job.request(), overrides)
-        if tuple(point_overrides) not in expansions:
-            expansions[tuple(point_overrides)] = recipes.expand(recipe_ref, point_overrides)[1]
-        recipe = expansions[tuple(point_overrides)][index][1]
+        key = tuple(point_overrides)
+        if key not in expansions:
+            expansions[key] = recipes.expand(recipe_ref, point_overrides)[1]
+        recipe = expansions[key][index][1]
         key = signature(recipe)
         if key in seen:
             seen[key].runs += 1
