@@ -325,7 +325,8 @@ CASES = [
     Case("suite-setting-with-too-few-distinct-examples-at-dry-run", ["run", "paper/suite_attention", *DRY, "--set",
          "sweep.task.recall=[{}, {vocab_size = 4, seq_len = 4}, {seq_len = 512}, {num_train_examples = 1600}"
          + ", {}" * 21 + "]"],
-         ("error: sweep point conv.kind=none,conv.placement=qkv,kind=recall,recall.vocab_size=4,recall.seq_len=4,",
+         ("error: sweep point kind=recall,recall.vocab_size=4,recall.seq_len=4,steps=2000,lr=0.001,weight_decay=0.0,"
+          "conv.kind=none,",
           "(and 15 more): --set: sweep.task.recall: only 0 of 1280 test examples could be drawn unlike every "
           "training example", "raise task.recall.vocab_size or seq_len")),
     Case("zipped-table-set-at-a-point-of-another-mixer", ["run", "r.toml", *DRY],
