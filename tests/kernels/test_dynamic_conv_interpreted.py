@@ -136,7 +136,10 @@ for i, (B, T, D, R, W, with_S, residual, lens) in enumerate([
 for i, (B, T, D, R, W, with_S, residual, lens, dtype) in enumerate([
         (2, 33, 100, 15, 4, True, True, None, torch.float32),
         (1, 30, 40, 16, 3, False, False, [12, 1, 17], torch.float32),
-        (1, 33, 100, 15, 4, True, False, [20, 13], torch.bfloat16)]):
+        (1, 33, 100, 15, 4, True, False, [20, 13], torch.bfloat16),
+        # whole channel blocks and R (+ S) filling the padded rank: the dz/dU/dS adds touch no padding
+        (2, 33, 128, 15, 4, True, True, None, torch.float32), (1, 30, 64, 16, 3, False, False, [12, 1, 17],
+                                                                torch.bfloat16)]):
     x, z, U, S, dy, cu = problem(B, T, D, R, W, with_S, lens, dtype, 10 + i)
     y64, grads64 = oracle(x, z, U, S, dy, cu, residual)
     varlen = cu is not None

@@ -80,3 +80,23 @@ def test_a_pick_is_kept_on_disk_for_other_processes_of_the_same_gpu_model(monkey
     (tmp_path / "blocked").write_text("a file where the cache folder should be")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "blocked"))
     assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed[6:] == ["a", "b"]
+
+
+def test_a_launch_added_to_the_list_is_timed_not_passed_over(monkeypatch, isolated):
+    """A pick on disk made among fewer launches is not reused when the list grows: the new launch could be the
+    fastest (the list is part of what a pick is kept under)."""
+    triton = pytest.importorskip("triton")
+    from dcablate.kernels.dynamic_conv import tuning
+
+    timed = []
+    times = {"a": 2.0, "b": 1.0, "c": 0.5}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    run = lambda launch: timed.append(launch) or times[launch]  # noqa: E731
+    cuda = torch.device("cuda", 0)
+    assert tuning.pick("dz/dU/dS", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed == ["a", "b"]
+    monkeypatch.setattr(tuning, "_PICKED", {})  # a new process, with a launch added
+    assert tuning.pick("dz/dU/dS", (4, 64, "bf16"), ["a", "b", "c"], run, cuda) == "c"
+    assert timed[2:] == ["a", "b", "c"]
+    monkeypatch.setattr(tuning, "_PICKED", {})  # the old list still finds its own pick
+    assert tuning.pick("dz/dU/dS", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and len(timed) == 5

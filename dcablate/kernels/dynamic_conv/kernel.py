@@ -203,26 +203,27 @@ def _dyn_conv_bwd_dx_tile(z, U, S, dy, dx, pos, T, D, R, n_t, n_d, W: tl.constex
 
 
 @triton.jit(do_not_specialize=["T", "n_t"])
-def _dyn_conv_bwd_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: tl.constexpr, BT: tl.constexpr,
+def _dyn_conv_bwd_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, D_pad, W: tl.constexpr, BT: tl.constexpr,
                        BD: tl.constexpr, BR: tl.constexpr, HAS_S: tl.constexpr, VARLEN: tl.constexpr,
                        PREC: tl.constexpr, ATOMIC_DZ: tl.constexpr, WIDE: tl.constexpr):
     """For one token tile and the channels [d_lo, d_lo + d_per): g = dy_t ⊙ x_{t-k} per channel block and
     lag, dz_t += g·U_kᵀ (summed on chip; added atomically when D is sliced over programs) and
-    dUS[:, k, d-block] += [z_t, 1]ᵀ·g atomically (`dUS [R+1, W, D]`: rows < R are dU, row R is dS)."""
+    dUS[:, k, d-block] += [z_t, 1]ᵀ·g atomically (`dUS [>= BR, W, D_pad]`, D padded to whole channel blocks:
+    rows < R are dU, row R is dS). The padding rows and columns take the zeros of the masked rank columns and
+    channels, so the adds need no mask: on sm_90 a masked atomic (a branch around each add), like a channel
+    loop that might run zero times, makes ptxas serialise the loop's warpgroup dots (its warning C7513)."""
     tile = tl.program_id(0)
     b = tile // n_t
     t = _rows_index((tile % n_t) * BT + tl.arange(0, BT), WIDE)
     d_lo = tl.program_id(1) * d_per
     d_hi = tl.minimum(d_lo + d_per, D)
+    tl.assume(d_hi > d_lo)  # every slice holds channels (the launcher makes no empty one)
     r = tl.arange(0, BR)
     mt, mr = t < T, r < R
     p = tl.load(pos + t, mask=mt, other=0) if VARLEN else t
     zt = _load(z, b, T, t, r, R, mt, mr)
     if HAS_S:
         zt = tl.where(r[None, :] == R, tl.full([BT, BR], 1.0, zt.dtype), zt)
-        rows_out = r < R + 1
-    else:
-        rows_out = mr
     zT = tl.trans(zt)
     dz_acc = tl.zeros([BT, BR], dtype=tl.float32)
     for d0 in range(d_lo, d_hi, BD):
@@ -232,8 +233,7 @@ def _dyn_conv_bwd_dudz(x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, W: tl.con
         for k in tl.static_range(W):
             g = _prod(dy_t, _load(x, b, T, t - k, d, D, mt & (p >= k), md), PREC)
             dz_acc += _mm(g, tl.trans(_basis(U, k, r, d, W, D, mr, md)), PREC)
-            tl.atomic_add(dUS + (r[:, None] * W + k) * D + d[None, :], _mm(zT, g, PREC),
-                          mask=rows_out[:, None] & md[None, :], sem="relaxed")
+            tl.atomic_add(dUS + (r[:, None] * W + k) * D_pad + d[None, :], _mm(zT, g, PREC), sem="relaxed")
     out = dz + (b * T + t[:, None]) * R + r[None, :]
     if ATOMIC_DZ:
         tl.atomic_add(out, dz_acc, mask=mt[:, None] & mr[None, :], sem="relaxed")
@@ -278,6 +278,7 @@ FWD = Launch(32, 64, stages=1, programs=264)
 DX_LAUNCHES = (Launch(32, 128, 4, 1), Launch(32, 64, 2, 1), Launch(32, 32, 1, 1), Launch(16, 64, 2, 1),
                Launch(64, 64, 4, 1))
 DUDZ_LAUNCHES = (Launch(128, 64, 8, 2), Launch(64, 64, 4, 2), Launch(32, 64, 2, 2), Launch(64, 64, 4, 1),
+                 Launch(128, 64, 8, 3), Launch(64, 64, 4, 3),  # 3 stages: the next tile's loads in flight
                  Launch(64, 64, 4, 2, programs=528), Launch(32, 64, 2, 2, programs=1056))  # programs: slice D
 
 
@@ -433,12 +434,13 @@ def lowrank_bwd_dudz(x, z, U, dy, pos, has_S: bool, varlen: bool, prec: str, lau
     slices = max(1, min(n_d, cdiv(launch.programs, B * n_t))) if launch.programs else 1
     d_per = cdiv(n_d, slices) * BD
     slices = cdiv(D, d_per)
-    dUS = torch.zeros(R + 1, W, D, device=x.device, dtype=torch.float32)  # one zero-fill: row R is dS
+    # one zero-fill: row R is dS; rows up to BR and channels up to whole blocks are padding the adds may touch
+    dUS = torch.zeros(max(BR, R + 1), W, n_d * BD, device=x.device, dtype=torch.float32)
     dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if slices > 1 else torch.empty_like(z)
-    _launch(_dyn_conv_bwd_dudz, (B * n_t, slices), (x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per), launch,
-            W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=slices > 1,
+    _launch(_dyn_conv_bwd_dudz, (B * n_t, slices), (x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, n_d * BD),
+            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=slices > 1,
             WIDE=wide_offsets(x, z))
-    return dz.to(z.dtype), dUS[:R], dUS[R]
+    return dz.to(z.dtype), dUS[:R, :, :D], dUS[R, :, :D]
 
 
 def _problem(x, U, has_S: bool, residual: bool, varlen: bool, prec: str) -> tuple:

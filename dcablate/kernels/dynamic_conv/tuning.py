@@ -10,7 +10,8 @@ CUDA graph is being captured, where nothing can be timed, the first launch is us
 The picks on disk live beside Triton's compiled kernels, in `<Triton cache>/dcablate-launches/` (one small
 JSON file each): a sweep's kernel warm-up times each problem once, and every worker sharing that cache takes
 the same launch instead of timing it again on a card its neighbours keep busy; a resumed run takes the launch
-its first part used. A pick on disk that names no launch among `launches` (the list changed) is timed again.
+its first part used. A pick is kept per list of launches: a list that changed (a launch added or dropped) is
+timed again, so a new launch is never passed over for a pick made without it.
 
 `run(launch)` must be safe to call repeatedly: it allocates its own outputs (kernels that add into a
 zeroed buffer get a fresh one each call), so timing leaves nothing behind.
@@ -42,7 +43,7 @@ def pick(name: str, problem: tuple, launches: Sequence, run: Callable, device: t
     launches = list(dict.fromkeys(launches))  # launches that coincide after clamping to the shape: time once
     if len(launches) == 1 or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return launches[0]
-    path = _pick_file(name, problem, device)
+    path = _pick_file(name, problem, launches, device)
     chosen = _read(path, launches)
     if chosen is None:
         chosen, times = _fastest(launches, run)
@@ -70,11 +71,12 @@ def gpu_model(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def _pick_file(name: str, problem: tuple, device: torch.device) -> Path:
-    """Where the pick of kernel `name` for `problem` on this GPU model and Triton version is kept."""
+def _pick_file(name: str, problem: tuple, launches: list, device: torch.device) -> Path:
+    """Where the pick of kernel `name` among `launches` for `problem` on this GPU model and Triton version is
+    kept."""
     import triton
 
-    what = repr((name, problem, gpu_model(device), triton.__version__))
+    what = repr((name, problem, tuple(launches), gpu_model(device), triton.__version__))
     return Path(triton_cache_dir()) / FOLDER / f"{hashlib.sha256(what.encode()).hexdigest()[:32]}.json"
 
 
