@@ -693,7 +693,7 @@ def test_a_key_the_same_file_sets_and_sweeps_is_its_base_value(tmp_path):
 
 def test_two_points_named_alike_through_a_set_axis_blame_the_set():
     """Zipped axes from a file and a --set that make two points one name: the --set is named, not the recipe."""
-    with pytest.raises(RecipeError, match=r"^--set: sweep: points 1 and 5 both get the name"):
+    with pytest.raises(RecipeError, match=r"^--set: sweep: points 1 and 17 both get the name"):
         R.expand("paper/suite_attention", ["sweep.task.recall=[" + ", ".join(["{}"] * 25) + "]"])
 
 
