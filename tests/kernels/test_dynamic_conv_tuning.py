@@ -54,18 +54,25 @@ def test_pick_times_each_launch_once_and_skips_failures(monkeypatch, isolated):
         tuning.pick("k", (4,), ["bad", "bad2"], lambda l: run("bad"), cuda)
 
 
-def test_a_pick_is_kept_on_disk_for_other_processes_of_the_same_gpu_model(monkeypatch, isolated, tmp_path):
-    """Another process (memory cleared) sharing the Triton cache takes the pick without timing; another GPU
-    model, or a launch list that no longer holds the pick, times again; an unwritable cache only costs time."""
+@pytest.fixture
+def fake_timing(monkeypatch):
+    """(the launches timed so far, a `run` whose time is fixed per launch: a 2, b 1, c 0.5, a CUDA device) with
+    Triton's timer and the capture check faked."""
     triton = pytest.importorskip("triton")
-    from dcablate.kernels.dynamic_conv import tuning
-
     timed = []
     times = {"a": 2.0, "b": 1.0, "c": 0.5}
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    run = lambda launch: timed.append(launch) or times[launch]  # noqa: E731
-    cuda = torch.device("cuda", 0)
+    return timed, lambda launch: timed.append(launch) or times[launch], torch.device("cuda", 0)
+
+
+def test_a_pick_is_kept_on_disk_for_other_processes_of_the_same_gpu_model(monkeypatch, isolated, tmp_path,
+                                                                           fake_timing):
+    """Another process (memory cleared) sharing the Triton cache takes the pick without timing; another GPU
+    model, or a launch list that no longer holds the pick, times again; an unwritable cache only costs time."""
+    from dcablate.kernels.dynamic_conv import tuning
+
+    timed, run, cuda = fake_timing
     assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed == ["a", "b"]
     files = list((tmp_path / "triton" / tuning.FOLDER).glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["launch"] == repr("b")
@@ -82,18 +89,12 @@ def test_a_pick_is_kept_on_disk_for_other_processes_of_the_same_gpu_model(monkey
     assert tuning.pick("dx", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed[6:] == ["a", "b"]
 
 
-def test_a_launch_added_to_the_list_is_timed_not_passed_over(monkeypatch, isolated):
+def test_a_launch_added_to_the_list_is_timed_not_passed_over(monkeypatch, isolated, fake_timing):
     """A pick on disk made among fewer launches is not reused when the list grows: the new launch could be the
     fastest (the list is part of what a pick is kept under)."""
-    triton = pytest.importorskip("triton")
     from dcablate.kernels.dynamic_conv import tuning
 
-    timed = []
-    times = {"a": 2.0, "b": 1.0, "c": 0.5}
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: fn())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    run = lambda launch: timed.append(launch) or times[launch]  # noqa: E731
-    cuda = torch.device("cuda", 0)
+    timed, run, cuda = fake_timing
     assert tuning.pick("dz/dU/dS", (4, 64, "bf16"), ["a", "b"], run, cuda) == "b" and timed == ["a", "b"]
     monkeypatch.setattr(tuning, "_PICKED", {})  # a new process, with a launch added
     assert tuning.pick("dz/dU/dS", (4, 64, "bf16"), ["a", "b", "c"], run, cuda) == "c"
