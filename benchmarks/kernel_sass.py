@@ -64,20 +64,17 @@ def problems(shape, kernels: list[str]):
                 n_d=cdiv(D, BD)), dict(common, BT=BT, BD=BD, BR=BR, RESIDUAL=True)
     if "dudz" in kernels:
         for launch in K.fitted(K.DUDZ_LAUNCHES, D):
-            BT, BD, BR = K._block_sizes(D, R + 1 if has_S else R, launch.BT, launch.BD)
-            n_t, n_d = cdiv(T, BT), cdiv(D, BD)
-            slices = max(1, min(n_d, cdiv(launch.programs, B * n_t))) if launch.programs else 1
-            d_per = cdiv(n_d, slices) * BD
-            sliced = cdiv(D, d_per) > 1
+            g = K.dudz_grid(B, T, D, R, has_S, launch)
             yield "dz/dU/dS", launch, K._dyn_conv_bwd_dudz, dict(
-                x="*bf16", z="*bf16", U="*bf16", dy="*bf16", dz="*fp32" if sliced else "*bf16", dUS="*fp32",
-                pos="*i32", T=T, D=D, R=R, n_t=n_t, d_per=d_per, D_pad=n_d * BD), dict(
-                common, BT=BT, BD=BD, BR=BR, ATOMIC_DZ=sliced)
+                x="*bf16", z="*bf16", U="*bf16", dy="*bf16", dz="*fp32" if g.slices > 1 else "*bf16", dUS="*fp32",
+                pos="*i32", T=T, D=D, R=R, n_t=g.n_t, d_per=g.d_per, D_pad=g.D_pad), dict(
+                common, BT=g.BT, BD=g.BD, BR=g.BR, ATOMIC_DZ=g.slices > 1)
 
 
 def compile_launch(kernel, args: dict, constants: dict, launch, arch: int, folder: Path) -> tuple[str, str, int]:
-    """(ptxas's report, the SASS, the shared memory it launches with) of `kernel` compiled for sm_`arch` as Triton's launcher would specialise it:
-    pointers 16-byte aligned, integer arguments divisible by 16 marked so unless the kernel asks not to."""
+    """(ptxas's report, the SASS, the shared memory it launches with) of `kernel` compiled for sm_`arch` as
+    Triton's launcher would specialise it: pointers 16-byte aligned, integer arguments divisible by 16 marked so
+    unless the kernel asks not to."""
     fn = jit_function(kernel)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

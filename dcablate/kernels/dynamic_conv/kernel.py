@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -429,18 +430,35 @@ def lowrank_bwd_dudz(x, z, U, dy, pos, has_S: bool, varlen: bool, prec: str, lau
                        lambda l: lowrank_bwd_dudz(x, z, U, dy, pos, has_S, varlen, prec, l), x)
     B, T, D = x.shape
     R, W = U.shape[:2]
-    BT, BD, BR = _block_sizes(D, R + 1 if has_S else R, launch.BT, launch.BD)  # + z's column of ones for dS
+    g = dudz_grid(B, T, D, R, has_S, launch)
+    # one zero-fill: row R is dS; rows up to BR and channels up to whole blocks are padding the adds may touch
+    dUS = torch.zeros(max(g.BR, R + 1), W, g.D_pad, device=x.device, dtype=torch.float32)
+    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if g.slices > 1 else torch.empty_like(z)
+    _launch(_dyn_conv_bwd_dudz, (B * g.n_t, g.slices), (x, z, U, dy, dz, dUS, pos, T, D, R, g.n_t, g.d_per, g.D_pad),
+            launch, W=W, BT=g.BT, BD=g.BD, BR=g.BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=g.slices > 1,
+            WIDE=wide_offsets(x, z))
+    return dz.to(z.dtype), dUS[:R, :, :D], dUS[R, :, :D]
+
+
+class DudzGrid(NamedTuple):
+    """How the dz/dU/dS kernel covers a problem: tile sizes, token tiles, slices of D with `d_per` channels
+    each, and D padded to whole channel blocks (the width of its dU/dS buffer)."""
+    BT: int
+    BD: int
+    BR: int
+    n_t: int
+    slices: int
+    d_per: int
+    D_pad: int
+
+
+def dudz_grid(B: int, T: int, D: int, R: int, has_S: bool, launch: Launch) -> DudzGrid:
+    """`DudzGrid` of `launch` at [B, T, D] with rank R (+ z's column of ones for dS)."""
+    BT, BD, BR = _block_sizes(D, R + 1 if has_S else R, launch.BT, launch.BD)
     n_t, n_d = cdiv(T, BT), cdiv(D, BD)
     slices = max(1, min(n_d, cdiv(launch.programs, B * n_t))) if launch.programs else 1
     d_per = cdiv(n_d, slices) * BD
-    slices = cdiv(D, d_per)
-    # one zero-fill: row R is dS; rows up to BR and channels up to whole blocks are padding the adds may touch
-    dUS = torch.zeros(max(BR, R + 1), W, n_d * BD, device=x.device, dtype=torch.float32)
-    dz = torch.zeros(B, T, R, device=x.device, dtype=torch.float32) if slices > 1 else torch.empty_like(z)
-    _launch(_dyn_conv_bwd_dudz, (B * n_t, slices), (x, z, U, dy, dz, dUS, pos, T, D, R, n_t, d_per, n_d * BD),
-            launch, W=W, BT=BT, BD=BD, BR=BR, HAS_S=has_S, VARLEN=varlen, PREC=prec, ATOMIC_DZ=slices > 1,
-            WIDE=wide_offsets(x, z))
-    return dz.to(z.dtype), dUS[:R, :, :D], dUS[R, :, :D]
+    return DudzGrid(BT, BD, BR, n_t, cdiv(D, d_per), d_per, n_d * BD)
 
 
 def _problem(x, U, has_S: bool, residual: bool, varlen: bool, prec: str) -> tuple:
