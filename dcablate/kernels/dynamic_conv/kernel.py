@@ -274,12 +274,14 @@ class Launch:
 FWD = Launch(32, 64, stages=1, programs=264)
 # The backward kernels pick among these by timing (`tuning.pick`); the first is used where nothing can be timed
 # (Triton's interpreter, a CUDA graph being captured). Chosen from the sm_90 compile of each kernel (bf16, W 4,
-# R 15 + S) as launches that spill no registers; the first of each is what an H200 picked at most bench
-# conv shapes (docs/benchmarks.md).
+# R 15 + S) as launches that spill no registers; the first of each is what the timing picked at most bench
+# conv shapes (dx: an H200; dz/dU/dS: an H100, where the 3-stage launches keep the next tile's loads in flight
+# and beat 2 stages by ~20% at the paper's and the models' widths; docs/benchmarks.md). A card with less shared
+# memory runs a 3-stage launch at 2 stages (`_launch`).
 DX_LAUNCHES = (Launch(32, 128, 4, 1), Launch(32, 64, 2, 1), Launch(32, 32, 1, 1), Launch(16, 64, 2, 1),
                Launch(64, 64, 4, 1))
-DUDZ_LAUNCHES = (Launch(128, 64, 8, 2), Launch(64, 64, 4, 2), Launch(32, 64, 2, 2), Launch(64, 64, 4, 1),
-                 Launch(128, 64, 8, 3), Launch(64, 64, 4, 3),  # 3 stages: the next tile's loads in flight
+DUDZ_LAUNCHES = (Launch(128, 64, 8, 3), Launch(64, 64, 4, 3), Launch(128, 64, 8, 2), Launch(64, 64, 4, 2),
+                 Launch(32, 64, 2, 2), Launch(64, 64, 4, 1),
                  Launch(64, 64, 4, 2, programs=528), Launch(32, 64, 2, 2, programs=1056))  # programs: slice D
 
 
