@@ -253,9 +253,15 @@ def majority(run_dir: Path) -> float | None:
     return float(np.bincount(scored.ravel()).max() / scored.size) if scored.size else None
 
 
-def grid_size(table: list[Scores], task: str) -> int:
-    """The grid points a setting of `task` has when its grid is complete: the most any variant's setting has."""
-    return max((b.grid_points for s in table for b in s.best.get(task, {}).values()), default=0)
+def grid_size(table: list[Scores], task: str, runs: list) -> int:
+    """The grid points a setting of `task` has when its grid is complete: the most any variant's setting has, or
+    the (learning rate, weight decay) pairs tried by any suite run of the report's `runs`, finished or not,
+    whichever is more. The second counts where a sweep stopped inside a task's first setting: the suites sweep
+    their settings first and the conv variant last, so every variant of that setting misses the same points, and
+    no other setting of the task has run to show what a whole grid is."""
+    tried = {(run.recipe.get("train.lr"), run.recipe.get("train.weight_decay")) for run in runs
+             if is_suite_task(run.task)}
+    return max([b.grid_points for s in table for b in s.best.get(task, {}).values()] + [len(tried)])
 
 
 def grid_label(grid: tuple, trained: dict[tuple, tuple] | None = None) -> str:
@@ -357,10 +363,12 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
                      if len({frozenset(s.task_scores) for s in table}) > len({len(s.task_scores) for s in table})
                      else "."), ""]
 
+    # all finished: a smaller grid is another sweep's, not unfinished
+    full_grid = {task: grid_size(table, task, runs) if pending else 0 for task in tasks}
     for task in tasks:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)
         have = [s for s in table if task in s.best]
-        full = grid_size(table, task) if pending else 0  # all finished: a smaller grid is another sweep's, not unfinished
+        full = full_grid[task]
         lines += [f"## {task}", "", "Best accuracy per setting over the grid (its point below the value); chance: "
                   "the accuracy of a uniform guess among the tokens a scored position can hold; majority: that of "
                   "always answering the test set's most common target.", ""]
@@ -383,7 +391,7 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
                       f"of that setting have not finished, so its best may still rise (rerun the sweep's command "
                       f"to finish them).", ""]
 
-    files = {"suite_csv": _write_csv(out / "suite.csv", table, labels, majorities)}
+    files = {"suite_csv": _write_csv(out / "suite.csv", table, labels, majorities, full_grid)}
     files["suite_scores"] = _bars(out / "suite_scores.png", table, tasks)
     lines += ["## Figures", "", "![suite scores](suite_scores.png)", ""]
     points = [(s, multiplier_of(s.variant, multipliers)) for s in table]
@@ -407,14 +415,16 @@ def _md_table(header: list, rows: list[list]) -> list[str]:
 
 CSV_COLUMNS = ["row", "variant", "mixer", "conv_kind", "conv_placement", "ffn", "task", "setting", "setting_keys",
                "score_mean", "score_std", "score_min", "score_max", "seeds", "lr", "weight_decay", "steps",
-               "grid_points", "chance", "majority"]
+               "grid_points", "grid_points_full", "chance", "majority"]
 
 
-def _write_csv(path: Path, table: list[Scores], labels: dict, majorities: dict) -> Path:
+def _write_csv(path: Path, table: list[Scores], labels: dict, majorities: dict, full_grid: dict[str, int]) -> Path:
     """suite.csv, the numbers of report.md's suite tables (`CSV_COLUMNS`). `row` says what a row is: `setting` (a
     (variant, task, setting) with its chosen grid point; score = accuracy, min/max over seeds), `task score` (the
     mean over the task's settings) or `suite score` (task `suite`; std, min and max over the per-seed suite
-    scores). Columns that do not apply to a row are empty."""
+    scores). `grid_points_full`: the grid points of the setting's whole grid where the tree has runs left to finish
+    (`full_grid`, task -> `grid_size`; fewer finished than that: the tables' `(k/N grid points)`), else its
+    `grid_points`. Columns that do not apply to a row are empty."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, CSV_COLUMNS, restval="")
         w.writeheader()
@@ -428,6 +438,7 @@ def _write_csv(path: Path, table: list[Scores], labels: dict, majorities: dict) 
                                 "setting_keys": json.dumps(dict(st)), **_spread(b.mean, b.std, b.by_seed),
                                 "seeds": len(b.by_seed), "lr": b.grid[0], "weight_decay": b.grid[1],
                                 "steps": "" if b.grid[2] is None else b.grid[2], "grid_points": b.grid_points,
+                                "grid_points_full": max(b.grid_points, full_grid.get(task, 0)),
                                 "chance": _blank(chance(task, st)), "majority": _blank(majorities.get((task, st)))})
                 w.writerow({"row": "task score", **who, "task": task, "score_mean": s.task_scores[task],
                             "seeds": len({seed for b in settings.values() for seed in b.by_seed})})

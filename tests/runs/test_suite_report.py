@@ -384,6 +384,26 @@ def test_a_setting_whose_grid_is_unfinished_is_marked(tmp_path):
     assert "grid points" not in memorization
 
 
+def test_a_task_cut_short_in_its_only_setting_is_marked_against_the_grid_the_other_tasks_tried(tmp_path):
+    """The suites sweep the conv variant last, so a sweep stopped inside a task's first setting leaves every variant
+    of it without the same grid points, and no other setting of the task shows the whole grid: the grid the other
+    tasks tried (lr x wd, 4 points) tells, in report.md and in suite.csv's `grid_points_full`."""
+    root = tmp_path / "s"
+    make_suite(root)
+    for conv in ("none", "static"):
+        for wd in (0.0, 0.1):
+            (root / f"{conv}/memorization/0/lr0.003/wd{wd}/s0/summary.json").unlink()  # stopped: unfinished runs
+    assert main(["report", str(root)]) == 0
+    memorization = (root / "report.md").read_text().split("## memorization")[1].split("\n## ")[0]
+    marked = [line for line in memorization.splitlines() if line.startswith("| baseline |")]
+    assert len(marked) == 1 and marked[0].count("(2/4 grid points)") == 2
+    assert "comes from an unfinished grid" in memorization
+    with open(root / "suite.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["row"] == "setting"]
+    full = {(r["task"], r["grid_points"], r["grid_points_full"]) for r in rows}
+    assert full == {("memorization", "2", "4"), ("recall", "4", "4")}
+
+
 def test_a_finished_tree_marks_no_grid_unfinished_though_its_sweeps_tried_different_grids(tmp_path):
     """Two finished sweeps reported together, one over 4 grid points per setting, one over 1: nothing is waiting to
     finish, so no result is marked unfinished (it was: the smaller grid was read as the larger one interrupted)."""
