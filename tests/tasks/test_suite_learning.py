@@ -138,6 +138,26 @@ def test_a_bad_suite_recipe_is_one_line(tmp_path, monkeypatch, capsys):
     assert "r.toml: task.selective_copy.seq_len: 20 is less than 2 * num_tokens + 2 = 34" in err
 
 
+@pytest.mark.parametrize("kind, in_file, changed, blamed", [
+    ("selective_copy", {"seq_len": 64}, "task.selective_copy.num_tokens=40",
+     "--set: task.selective_copy.num_tokens: 40 needs seq_len >= 2 * 40 + 2 = 82, and seq_len is 64"),
+    ("selective_copy", {"num_tokens": 16}, "task.selective_copy.seq_len=20",
+     "--set: task.selective_copy.seq_len: 20 is less than 2 * num_tokens + 2 = 34"),
+    ("fuzzy_recall", {"seq_len": 16}, "task.fuzzy_recall.max_key_len=6",
+     "--set: task.fuzzy_recall.max_key_len: 6 needs seq_len >= 2 * (max_key_len + max_value_len) = 18, and "
+     "seq_len is 16"),
+])
+def test_two_keys_at_odds_blame_the_one_set_by_set(tmp_path, monkeypatch, capsys, kind, in_file, changed, blamed):
+    """A --set that makes the file's other value too small is named, not the file's key the user did not touch."""
+    from dcablate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("r.toml").write_text(recipe_text(kind, in_file, {}))
+    assert main(["run", "r.toml", "--dry-run", "--set", changed]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and blamed in err, err
+
+
 def test_eval_at_another_setting_leaves_out_what_the_run_trained_on(one_thread, tmp_path, monkeypatch, capsys):
     """`eval --set task.recall.seq_len=6` tests on short sequences: the test set must be unlike the run's own
     training set (length 32), not unlike a training set of the new setting, which at length 6 holds about every

@@ -25,8 +25,8 @@ class FuzzyRecallSection:
     data_seed: int = option(0, "seed of the generated data, separate from run.seed", min=0)
 
 
-def fuzzy_problems(seq_len: int, vocab_size: int, max_key_len: int, max_value_len: int) -> list[tuple[str, str]]:
-    """(key, what is wrong) for a setting the generator cannot make."""
+def fuzzy_problems(seq_len: int, vocab_size: int, max_key_len: int, max_value_len: int) -> list[tuple]:
+    """(key, what is wrong[, (the other key, what is wrong said of it)]) for a setting the generator cannot make."""
     n_keys = (vocab_size - 1) // 2
     n_values = vocab_size - 1 - n_keys
     pair = max_key_len + max_value_len
@@ -40,12 +40,14 @@ def fuzzy_problems(seq_len: int, vocab_size: int, max_key_len: int, max_value_le
         out.append(("max_value_len", f"{max_value_len} is more than the {n_values} value tokens of vocab_size "
                     f"{vocab_size} (a value's tokens are distinct)"))
     if seq_len < 2 * pair:
-        out.append(("seq_len", f"{seq_len} is less than 2 * (max_key_len + max_value_len) = {2 * pair}: room for "
-                    f"a context pair and the query pair"))
+        why = "room for a context pair and the query pair"
+        lens = f"2 * (max_key_len + max_value_len) = {2 * pair}"
+        out.append(("seq_len", f"{seq_len} is less than {lens}: {why}",
+                    ("max_key_len", f"{max_key_len} needs seq_len >= {lens}, and seq_len is {seq_len}: {why}")))
     return out
 
 
-def problems(o) -> list[tuple[str, str]]:
+def problems(o) -> list[tuple]:
     return fuzzy_problems(o.seq_len, o.vocab_size, o.max_key_len, o.max_value_len)
 
 

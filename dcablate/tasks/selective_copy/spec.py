@@ -22,18 +22,20 @@ class SelectiveCopySection:
     data_seed: int = option(0, "seed of the generated data, separate from run.seed", min=0)
 
 
-def selective_copy_problems(seq_len: int, vocab_size: int, num_tokens: int) -> list[tuple[str, str]]:
-    """(key, what is wrong) for a setting the generator cannot make."""
+def selective_copy_problems(seq_len: int, vocab_size: int, num_tokens: int) -> list[tuple]:
+    """(key, what is wrong[, (the other key, what is wrong said of it)]) for a setting the generator cannot make."""
     out = []
     if vocab_size < 4:
         out.append(("vocab_size", f"{vocab_size} leaves fewer than 2 content tokens besides the blank and copy tokens"))
     if seq_len < 2 * num_tokens + 2:
-        out.append(("seq_len", f"{seq_len} is less than 2 * num_tokens + 2 = {2 * num_tokens + 2}: the tokens, at "
-                    f"least one blank among them, the copy token and the answer positions"))
+        why = "the tokens, at least one blank among them, the copy token and the answer positions"
+        out.append(("seq_len", f"{seq_len} is less than 2 * num_tokens + 2 = {2 * num_tokens + 2}: {why}",
+                    ("num_tokens", f"{num_tokens} needs seq_len >= 2 * {num_tokens} + 2 = {2 * num_tokens + 2}, "
+                                   f"and seq_len is {seq_len}: {why}")))
     return out
 
 
-def problems(o) -> list[tuple[str, str]]:
+def problems(o) -> list[tuple]:
     return selective_copy_problems(o.seq_len, o.vocab_size, o.num_tokens)
 
 

@@ -16,7 +16,9 @@ MAX_EXAMPLES = 10 ** 7
 MAX_SEQ_LEN = 2 ** 20
 MAX_VOCAB = 2 ** 24
 
-Problem = tuple[str, str]  # (the section's key at fault, what is wrong)
+# (the section's key at fault, what is wrong), or with a third item (another key, what is wrong said of it) where
+# two keys conflict: the one the user set by --set is blamed (`check_problems`)
+Problem = tuple
 
 
 def where(fail, key: str) -> str:
@@ -45,8 +47,14 @@ def check_common(recipe, fail, name: str) -> None:
 
 
 def check_problems(fail, name: str, problems: Iterable[Problem]) -> None:
-    """Fail on the first of a task's geometry `problems` (from its `problems(options)` function)."""
-    for key, message in problems:
+    """Fail on the first of a task's geometry `problems` (from its `problems(options)` function). A problem of two
+    keys names the other key when only that one comes from `--set` (`run --set`, `eval --set`): the value the user
+    just changed is the one to fix or to blame, not the recipe's."""
+    for key, message, *other in problems:
+        if other:
+            other_key, other_message = other[0]
+            if where(fail, f"task.{name}.{other_key}") == "--set" != where(fail, f"task.{name}.{key}"):
+                key, message = other_key, other_message
         fail(f"task.{name}.{key}", message)
 
 
