@@ -826,13 +826,17 @@ def eval_(task_kind, run_dir, overrides, data, run):
             click.echo(f"error: {e}", err=True)
             failed.append(named[point])
             continue
-        text = {"data": data} if data else {}  # the CSV says what the runs were scored on, as each run's JSON does
-        rows.setdefault(kind, []).append({"run": named[point], **metrics, **text,
+        # the CSV says what the runs were scored on and at which settings, as each run's JSON does
+        scored_on = {"data": data} if data else {}
+        if overrides:
+            scored_on["overrides"] = " ".join(overrides)
+        rows.setdefault(kind, []).append({"run": named[point], **metrics, **scored_on,
                                           "file": out.relative_to(run_dir).as_posix()})
     from dcablate.runs.tables import format_table
 
     for kind, table in rows.items():  # the runs side by side, as a table here and a CSV beside them
-        click.echo(f"\n{format_table(table)}")
+        shown = [{k: v for k, v in row.items() if k != "overrides"} for row in table]  # as typed just now
+        click.echo(f"\n{format_table(shown)}")
         try:
             click.echo(f"written to {save_new_file(run_dir / 'eval' / f'{kind}.csv', csv_text(table))}")
         except OSError as e:

@@ -166,7 +166,8 @@ def test_cli_run_sweep_eval_and_info(tmp_path, capsys, monkeypatch):
         == {"T48_kv3", "overall", "loss"}
     # the runs side by side: a table, and a CSV in the sweep folder's eval/ naming each run's record
     table = (tmp_path / "t" / "eval" / "mqar.csv").read_text().splitlines()
-    assert table[0] == "run,T48_kv3,overall,loss,file" and len(table) == 3
+    assert table[0] == "run,T48_kv3,overall,loss,overrides,file" and len(table) == 3
+    assert ',"task.mqar.test=[{seq_len=48, num_kv_pairs=3, num_examples=8}]",' in table[1]  # what they were scored at
     assert table[1].startswith("conv.kind=none,") and table[1].endswith(",conv.kind=none/eval/mqar.json")
     assert table[2].startswith("conv.kind=static,") and table[2].endswith(",conv.kind=static/eval/mqar-3.json")
     assert re.search(r"^run +T48_kv3 +overall +loss +file$", out, re.M)
