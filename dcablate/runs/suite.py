@@ -339,7 +339,8 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
     multipliers = compute_multipliers(runs)
 
     lines = ["# Synthetic task suite", "",
-             "MAD protocol (docs/tasks.md): a setting's result is the test accuracy (`summary.json` `best`) of its "
+             "MAD protocol (docs/tasks.md): a setting's result is the test accuracy (`summary.json` `best`: the best "
+             "of the run's evaluations while it trained, where `dcablate eval` scores its final weights) of its "
              "best grid point (learning rate × weight decay; the point with the best mean over seeds), a task "
              "score the mean over the task's settings, the suite score the mean of the task scores. A variant is "
              "everything that differs between runs except the task settings, the grid and the seeds."
