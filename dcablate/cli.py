@@ -441,7 +441,10 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             states = [p[3] for p in plan]
             counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")
                       if k in states] + ([f"{len(refused)} refused"] if refused else [])
-            click.echo(f"{len(points)} runs: {', '.join(counts)}", err=True)  # stdout: a line per point
+            steps, flops = preflight.plan_totals(plan, to_train)
+            flops_text = f", {flops:.2g} FLOPs".replace("e+", "e") if flops else ""
+            cost = f"; to train: {steps:,} steps{flops_text}" if to_train else ""
+            click.echo(f"{len(points)} runs: {', '.join(counts)}{cost}", err=True)  # stdout: a line per point
         if device_problem is not None:
             also = (f"; and {len(refused)} of {len(points)} runs would be refused there too (listed above)"
                     if refused else "")

@@ -234,6 +234,30 @@ def steps_of(r, cache: dict) -> int:
     return budget[0] if budget is not None else r.train.steps
 
 
+def plan_totals(plan, to_train: list[int]) -> tuple[int, float | None]:
+    """(planned optimizer steps, training FLOPs) of the points `to_train` of `plan`: each run's steps left (a
+    resumed run's since its newest checkpoint; early stops aside) and 3x the forward FLOPs of those steps
+    (`dcablate info`'s count: blocks and LM head), None where a model's FLOPs cannot be counted. What `--dry-run`
+    says a sweep will cost, so that a grid sized for a GPU is seen as such before it starts on a CPU."""
+    from dcablate.models.describe import recipe_costs
+
+    cache: dict = {}
+    steps, flops = 0, 0.0
+    for i in to_train:
+        r = plan[i][1]
+        left = max(1, steps_of(r, cache) - resumes_from(plan[i]))
+        steps += left
+        if flops is None:
+            continue
+        try:
+            c, _ = recipe_costs(r, cache)
+        except UserError:
+            flops = None
+            continue
+        flops += 3 * left * (c.flops_per_token + c.head_flops_per_token) * r.train.batch_size * c.seq_len
+    return steps, flops
+
+
 def resumes_from(point) -> int:
     """The step a plan's point `(name, recipe, run_dir, state)` resumes from: its newest intact step checkpoint's
     (`checkpoint.newest_intact_step`); 0 for a new run, or one whose folder has no usable checkpoint (it starts

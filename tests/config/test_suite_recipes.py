@@ -27,7 +27,9 @@ def test_dry_run_lists_every_point(name, capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert len(lines) == 400 and all("(recipe " in line for line in lines)
-    assert captured.err.splitlines()[-1] == "400 runs: 400 new"
+    # the cost: 36,450 steps per grid point and variant (suite_base.toml) x 4 grid points x 4 variants
+    cost = r"400 runs: 400 new; to train: 583,200 steps, \d(\.\d)?e1[5-7] FLOPs"
+    assert re.fullmatch(cost, captured.err.splitlines()[-1])
     assert max(len(Path(line.split()[0]).name) for line in lines) < 255  # a run directory's name must fit
 
 
