@@ -287,6 +287,10 @@ CASES = [
                                                      "task.recall.vocab_sise=32"],
          ("--set task.recall.vocab_sise=32: unknown key 'vocab_sise' in [task.recall] (did you mean 'vocab_size'?); "
           "allowed there: vocab_size, seq_len, num_train_examples, num_test_examples, data_seed",)),
+    Case("set-another-tasks-key-inside-a-swept-table", ["run", "paper/suite_attention", *DRY, "--set",
+                                                        "task.recall.noise_fraction=0.2"],
+         ("--set task.recall.noise_fraction=0.2: unknown key 'noise_fraction' in [task.recall] (did you mean "
+          "'task.noisy_recall.noise_fraction'?); allowed there: vocab_size, seq_len,",)),
     Case("set-inside-a-swept-table-of-a-file", ["run", "r.toml", *DRY, "--set", "task.mqar.vocab_size=256"],
          ("--set task.mqar.vocab_size=256: task.mqar is swept as whole tables ([sweep] in ", "r.toml: [{'vocab_size'",
           'extends = "r.toml"', "--set 'sweep.task.mqar=[...]';"),

@@ -294,7 +294,8 @@ def _check_not_swept(sweep: dict, set_keys: list[tuple[str, str, object]], origi
                 fields = _section_fields(axis)
                 if fields is not None and sub.split(".")[0] not in fields:  # a misspelt key: say so, not "sweep it"
                     raise UserError(f"--set {text}: unknown key {sub.split('.')[0]!r} in [{axis}]"
-                                    f"{did_you_mean(sub.split('.')[0], fields)}; allowed there: {', '.join(fields)}")
+                                    f"{_unknown_key_hint(f'{axis}.', sub.split('.')[0], fields)}; allowed there: "
+                                    f"{', '.join(fields)}")
                 recipe = ref if Path(ref).is_file() else ref.removesuffix(RECIPE_SUFFIX)  # a file, or a shipped name
                 raise UserError(f"--set {text}: {axis} is swept as whole tables ({swept_in}: {shown}), and each "
                                 f"point's table replaces {axis}, so the sweep would override this --set; set {sub} "
