@@ -441,9 +441,7 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             states = [p[3] for p in plan]
             counts = [f"{states.count(k)} {k if k != 'resume' else 'to resume'}" for k in ("new", "resume", "finished")
                       if k in states] + ([f"{len(refused)} refused"] if refused else [])
-            steps, flops = preflight.plan_totals(plan, to_train)
-            flops_text = f", {flops:.2g} FLOPs".replace("e+", "e") if flops else ""
-            cost = f"; to train: {steps:,} steps{flops_text}" if to_train else ""
+            cost = f"; to train: {preflight.cost_text(plan, to_train)}" if to_train else ""
             click.echo(f"{len(points)} runs: {', '.join(counts)}{cost}", err=True)  # stdout: a line per point
         if device_problem is not None:
             also = (f"; and {len(refused)} of {len(points)} runs would be refused there too (listed above)"
@@ -478,6 +476,8 @@ def _train_stage(recipe: str, overrides: list[str], base, points, root: Path, la
             slots, line = local_plan(plan, to_train, uses_cuda, launch)
         if line:  # after the flags were found sound: a refusal is the command's only line
             click.echo(f"workers: {line}")
+        if len(to_train) > 1 and not quiet and not distributed:  # what it will cost, before the first run's ETA
+            click.echo(f"to train: {len(to_train)} runs, {preflight.cost_text(plan, to_train)}")
         started.append(True)
         if not to_train or (launch.launcher == "local" and not slots):
             try:

@@ -258,6 +258,12 @@ def plan_totals(plan, to_train: list[int]) -> tuple[int, float | None]:
     return steps, flops
 
 
+def cost_text(plan, to_train: list[int]) -> str:
+    """`583,200 steps, 5.9e16 FLOPs`: `plan_totals` as the sweep's lines say it."""
+    steps, flops = plan_totals(plan, to_train)
+    return f"{steps:,} steps" + (f", {flops:.2g} FLOPs".replace("e+", "e") if flops else "")
+
+
 def resumes_from(point) -> int:
     """The step a plan's point `(name, recipe, run_dir, state)` resumes from: its newest intact step checkpoint's
     (`checkpoint.newest_intact_step`); 0 for a new run, or one whose folder has no usable checkpoint (it starts
