@@ -239,23 +239,27 @@ def plan_totals(plan, to_train: list[int]) -> tuple[int, float | None]:
     resumed run's since its newest checkpoint; early stops aside) and 3x the forward FLOPs of those steps
     (`dcablate info`'s count: blocks and LM head), None where a model's FLOPs cannot be counted. What `--dry-run`
     says a sweep will cost, so that a grid sized for a GPU is seen as such before it starts on a CPU."""
-    from dcablate.models.describe import recipe_costs
-
     cache: dict = {}
     steps, flops = 0, 0.0
     for i in to_train:
         r = plan[i][1]
         left = max(1, steps_of(r, cache) - resumes_from(plan[i]))
         steps += left
-        if flops is None:
-            continue
-        try:
-            c, _ = recipe_costs(r, cache)
-        except UserError:
-            flops = None
-            continue
-        flops += 3 * left * (c.flops_per_token + c.head_flops_per_token) * r.train.batch_size * c.seq_len
+        per_step = step_flops(r, cache) if flops is not None else None
+        flops = None if per_step is None else flops + 3 * left * per_step
     return steps, flops
+
+
+def step_flops(r, cache: dict) -> float | None:
+    """The forward FLOPs of one optimizer step of run `r` (`dcablate info`'s count per token, blocks and LM head,
+    times the tokens of a batch); None where its model's FLOPs cannot be counted."""
+    from dcablate.models.describe import recipe_costs
+
+    try:
+        c, _ = recipe_costs(r, cache)
+    except UserError:
+        return None
+    return (c.flops_per_token + c.head_flops_per_token) * r.train.batch_size * c.seq_len
 
 
 def cost_text(plan, to_train: list[int]) -> str:
@@ -289,8 +293,6 @@ def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[li
     share a card take about the same time per step whatever their width (a d_model 512 MQAR step, 64x the FLOPs of
     a d_model 64 one, took 1.8x its time, eight runs at once). On CPU (`by_flops`) a step takes time in proportion
     to its FLOPs, so there the work the ETA counts is steps x FLOPs per step (`dcablate info`'s count)."""
-    from dcablate.models.describe import recipe_costs
-
     cache: dict = {}
     steps = {i: steps_of(plan[i][1], cache) for i in to_train}
     started = set()  # runs with a step checkpoint to resume from (a folder without one starts over)
@@ -301,12 +303,9 @@ def longest_first(plan, to_train: list[int], by_flops: bool = False) -> tuple[li
             started.add(i)
     work: dict[int, float] = dict(steps)
     for i in to_train if by_flops else ():
-        r = plan[i][1]
-        try:
-            c, _ = recipe_costs(r, cache)
-        except UserError:  # counted by its steps alone
-            continue
-        work[i] = steps[i] * (c.flops_per_token + c.head_flops_per_token) * r.train.batch_size * c.seq_len
+        per_step = step_flops(plan[i][1], cache)
+        if per_step is not None:  # else counted by its steps alone
+            work[i] = steps[i] * per_step
     return sorted(to_train, key=lambda i: (i not in started, -steps[i])), work
 
 

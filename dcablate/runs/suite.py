@@ -253,15 +253,19 @@ def majority(run_dir: Path) -> float | None:
     return float(np.bincount(scored.ravel()).max() / scored.size) if scored.size else None
 
 
-def grid_size(table: list[Scores], task: str, runs: list) -> int:
+def tried_grid(runs: list) -> int:
+    """The (learning rate, weight decay) pairs tried by the suite runs among the report's `runs`, finished or not."""
+    return len({(run.recipe.get("train.lr"), run.recipe.get("train.weight_decay")) for run in runs
+                if is_suite_task(run.task)})
+
+
+def grid_size(table: list[Scores], task: str, tried: int) -> int:
     """The grid points a setting of `task` has when its grid is complete: the most any variant's setting has, or
-    the (learning rate, weight decay) pairs tried by any suite run of the report's `runs`, finished or not,
-    whichever is more. The second counts where a sweep stopped inside a task's first setting: the suites sweep
-    their settings first and the conv variant last, so every variant of that setting misses the same points, and
-    no other setting of the task has run to show what a whole grid is."""
-    tried = {(run.recipe.get("train.lr"), run.recipe.get("train.weight_decay")) for run in runs
-             if is_suite_task(run.task)}
-    return max([b.grid_points for s in table for b in s.best.get(task, {}).values()] + [len(tried)])
+    the grid the tree's suite runs `tried` (`tried_grid`), whichever is more. The second counts where a sweep
+    stopped inside a task's first setting: the suites sweep their settings first and the conv variant last, so
+    every variant of that setting misses the same points, and no other setting of the task has run to show what
+    a whole grid is."""
+    return max([b.grid_points for s in table for b in s.best.get(task, {}).values()] + [tried])
 
 
 def grid_label(grid: tuple, trained: dict[tuple, tuple] | None = None) -> str:
@@ -365,7 +369,8 @@ def suite_section(out: Path, runs: list, pending: bool = False) -> tuple[list[st
                      else "."), ""]
 
     # all finished: a smaller grid is another sweep's, not unfinished
-    full_grid = {task: grid_size(table, task, runs) if pending else 0 for task in tasks}
+    tried = tried_grid(runs) if pending else 0
+    full_grid = {task: grid_size(table, task, tried) if pending else 0 for task in tasks}
     for task in tasks:
         settings = in_report_order({r.setting for r in suite_runs if r.task == task}, task, labels)
         have = [s for s in table if task in s.best]
