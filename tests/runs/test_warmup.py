@@ -244,3 +244,47 @@ def test_two_families_warm_up_in_two_processes_at_once(sweep, monkeypatch, capsy
     assert "warm-up: d_model=16 ready in" in out and "warm-up: d_model=32 ready in" in out
     log = (sweep / "out" / "w" / warmup.LOG_NAME).read_text()
     assert log.count("=== dcablate warm-up") == 2 and log.count("--- done") == 2
+
+
+def test_signatures_warmed_up_into_a_cache_are_skipped_there_until_gpu_versions_or_code_change(sweep, monkeypatch,
+                                                                                               capsys):
+    """A mark per signature that warmed up (`warm_marks.py`), in the Triton cache, for one GPU model (here named
+    through FLA_GPU_NAME, as on a machine without CUDA), versions and code; a failed warm-up leaves none."""
+    from dcablate.runs.launchers import warm_marks
+
+    monkeypatch.setattr(warmup, "ON_CPU", True)
+    cache = sweep / "cache"
+    env = {**local.worker_env(Slot(None)), "TRITON_CACHE_DIR": str(cache), "FLA_GPU_NAME": "Test GPU"}
+    log = sweep / "out" / "w" / warmup.LOG_NAME
+
+    def warm_up(jobs, place_env=env) -> list[str]:
+        warmup.warm_up("w.toml", [], jobs, [("cpu", place_env)])
+        return [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warm-up: ")]
+
+    failing = jobs_of("w.toml")
+    failing[2].digest = "0" * 16  # conv static's warm-up fails: no mark for it
+    lines = warm_up(failing)
+    assert any("conv.kind=none,lr=0.001 (2 runs) ready in" in ln for ln in lines)
+    assert len(list((cache / warm_marks.FOLDER).iterdir())) == 1
+
+    lines = warm_up(jobs_of("w.toml"))
+    assert lines[1] == ("warm-up: 1 kernel signature (2 runs) warm already, skipped: an earlier warm-up put them "
+                        "into this Triton cache for this GPU model, these versions and this code")
+    assert "conv.kind=static,lr=0.001 (2 runs) ready in" in lines[2] and len(lines) == 4
+    assert log.read_text().count("--- warm-up of point") == 3  # none's point once, static's twice
+
+    lines = warm_up(jobs_of("w.toml"))  # both warm: no warm-up process at all
+    assert lines[1].startswith("warm-up: 2 kernel signatures (4 runs) warm already, skipped") and len(lines) == 3
+    assert re.fullmatch(r"warm-up: done in \d+\.\ds", lines[2])
+    assert log.read_text().count("--- warm-up of point") == 3
+
+    lines = warm_up(jobs_of("w.toml"), {**env, "FLA_GPU_NAME": "Other GPU"})  # another GPU model
+    assert sum("ready in" in ln for ln in lines) == 2 and not any("warm already" in ln for ln in lines)
+    monkeypatch.setattr(warm_marks, "code_digest", lambda: "edited")  # dcablate's code changed
+    assert sum("ready in" in ln for ln in warm_up(jobs_of("w.toml"))) == 2
+
+    marks = len(list((cache / warm_marks.FOLDER).iterdir()))
+    no_gpu = {k: v for k, v in env.items() if k != "FLA_GPU_NAME"}  # a model that cannot be told: never marked
+    assert sum("ready in" in ln for ln in warm_up(jobs_of("w.toml"), no_gpu)) == 2
+    assert sum("ready in" in ln for ln in warm_up(jobs_of("w.toml"), no_gpu)) == 2
+    assert len(list((cache / warm_marks.FOLDER).iterdir())) == marks

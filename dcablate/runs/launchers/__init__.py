@@ -3,7 +3,7 @@ through `point.run_job` and reports through `outcome.py`; they differ only in wh
 
 | launcher | where | module |
 | --- | --- | --- |
-| `local` (default) | processes on this machine (threads in them: `--runs-per-worker`), or this one | `local.py`, `threads.py`, `slots.py`, `capacity.py`, `warmup.py`, `mps.py` |
+| `local` (default) | processes on this machine (threads in them: `--runs-per-worker`), or this one | `local.py`, `threads.py`, `slots.py`, `capacity.py`, `warmup.py`, `warm_marks.py`, `mps.py` |
 | `ray` | Ray actors on a local Ray instance or a cluster | `ray.py` |
 | `slurm` | a Slurm job array through submitit | `slurm.py` |
 

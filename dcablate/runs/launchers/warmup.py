@@ -29,7 +29,8 @@ instead of each worker's own, which can change the last bits of a run as a rerun
 (where there is nothing to compile and the warm-up is skipped) `ON_CPU` forces it for the tests, which check
 that the run directories are unchanged.
 
-A failed warm-up of a signature is reported in one line and its runs compile on their own; a stop signal
+A signature warmed up once into a Triton cache is marked there and skipped by later commands that use the same
+cache, GPU model, versions and code (`warm_marks.py`). A failed warm-up of a signature is reported in one line and its runs compile on their own; a stop signal
 during the warm-up ends the command (nothing has trained yet). Output of the warm-up process goes to
 `<sweep>/warmup.log`.
 
@@ -59,6 +60,7 @@ from typing import TYPE_CHECKING
 import click
 
 from dcablate.errors import UserError, env_switch
+from dcablate.runs.launchers import warm_marks
 
 if TYPE_CHECKING:
     from dcablate.runs.launchers.outcome import Job
@@ -137,6 +139,7 @@ class Signature:
     job: Job
     runs: int = 1
     family: str = ""
+    key: str = ""  # `signature`'s hash, which names its mark once warm (`warm_marks.py`)
 
 
 def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[Signature]:
@@ -158,7 +161,7 @@ def signatures(recipe_ref: str, overrides: list[str], jobs: list[Job]) -> list[S
         if key in seen:
             seen[key].runs += 1
         else:
-            seen[key] = Signature(job, family=family(recipe))
+            seen[key] = Signature(job, family=family(recipe), key=key)
     return list(seen.values())
 
 
@@ -254,8 +257,14 @@ def log_path(jobs: list[Job]) -> Path:
 
 
 def line_for(result: dict, node: str = "") -> str:
-    """The command's line for one warm-up result (`warm_point`'s fields); `node` ("node 10.0.0.3 ") names where
-    it ran when the warm-up runs on several machines."""
+    """The command's line for one warm-up result (`warm_point`'s fields, or `warm_already` and `runs`: the
+    signatures skipped as warm); `node` ("node 10.0.0.3 ") names where it ran when the warm-up runs on several
+    machines."""
+    if "warm_already" in result:
+        n = result["warm_already"]
+        return (f"warm-up: {node}{n} kernel signature{'s' if n != 1 else ''} ({result['runs']} runs) warm already, "
+                f"skipped: an earlier warm-up put them into this Triton cache for this GPU model, these versions and "
+                f"this code")
     runs = f" ({result['runs']} runs)" if result["runs"] > 1 else ""
     if result["error"]:
         return f"warm-up: {node}{result['name']}{runs} failed: {result['error']}; its runs compile on their own"
@@ -268,11 +277,19 @@ def warm_here(recipe_ref: str, overrides: list[str], shares: list[list[Signature
               places: list[tuple[str, dict]], cpu_too: bool, report, stop=None) -> str | None:
     """The warm-up on this machine (the command's, or a Ray node's): a process per share of signatures on its
     place, `report(result)` called with each result as it comes (`warm_point`'s fields), the processes ended and a
-    `Stop` raised once `stop` (a `scheduler.Stopping`, None: never) has caught a signal. What went missing (a
-    process that died before answering for all its signatures), None when nothing did."""
+    `Stop` raised once `stop` (a `scheduler.Stopping`, None: never) has caught a signal. Signatures already warm
+    in their place's cache (`warm_marks.py`) are reported in one result and skipped; each one warmed up here is
+    marked. What went missing (a process that died before answering for all its signatures), None when nothing
+    did."""
+    placed = [(s, place) for share, place in zip(shares, places) for s in share]
+    warm = {id(s) for s, (_, env) in placed if warm_marks.is_warm(s.key, env)}
+    if warm:
+        report({"warm_already": len(warm), "runs": sum(s.runs for s, _ in placed if id(s) in warm)})
+    cold = [([s for s in share if id(s) not in warm], place) for share, place in zip(shares, places)]
+    cold = [(share, place) for share, place in cold if share]
+    where = {s.job.index: (s, env) for share, (_, env) in cold for s in share}
     lines: queue.Queue = queue.Queue()
-    procs = [start(recipe_ref, overrides, share, log, label, env, lines, cpu_too)
-             for share, (label, env) in zip(shares, places)]
+    procs = [start(recipe_ref, overrides, share, log, label, env, lines, cpu_too) for share, (label, env) in cold]
     done, stray, open_ = set(), [], len(procs)
     try:
         while open_:
@@ -289,13 +306,16 @@ def warm_here(recipe_ref: str, overrides: list[str], shares: list[list[Signature
             else:
                 r = json.loads(line[len(RESULT):])
                 done.add(r["index"])
+                if r["error"] is None and r["seconds"] is not None:
+                    signature, env = where[r["index"]]
+                    warm_marks.mark(signature.key, env, r["name"])
                 report(r)
         codes = [proc.wait() for proc in procs]
     finally:  # a stop, or any failure here: no warm-up process outlives its command
         for proc in procs:
             if proc.poll() is None:
                 end(proc)
-    missed = [s for share in shares for s in share if s.job.index not in done]
+    missed = [s for share, _ in cold for s in share if s.job.index not in done]
     if not missed:
         return None
     why = next((s for s in reversed(stray) if s), None) or f"see {log}"
