@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import time
@@ -42,22 +41,16 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def mark_name(signature: str, env: Mapping[str, str]) -> str | None:
     """The mark of `signature` warmed up by a process with environment `env` (its GPU as `cuda:0`); None when the
     GPU's model cannot be told (nothing is marked or skipped then)."""
     from dcablate.kernels.tuned import activate
+    from dcablate.kernels.tuned.export import installed
 
     gpu = activate.gpu_name_for(env)
     if not signature or not gpu:
         return None
-    what = {"signature": signature, "gpu": gpu, "versions": {d: _version(d) for d in DISTRIBUTIONS},
+    what = {"signature": signature, "gpu": gpu, "versions": {d: installed(d) for d in DISTRIBUTIONS},
             "code": code_digest(), "env": {k: v for k, v in env.items() if k.startswith(ENV_PREFIXES)}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
