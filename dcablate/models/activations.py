@@ -16,6 +16,9 @@ def _fla_swiglu():
         from fla.modules.activations import swiglu
     except Exception:  # fla or triton missing: the torch expression is the same function
         return None
+    from dcablate.kernels.tuned.seed import seed
+
+    seed("fla.modules.activations.ops")  # its autotuners take the configs shipped for this GPU model
     return swiglu
 
 

@@ -18,7 +18,14 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from dcablate.kernels.tuned import ROOT  # noqa: E402
 from dcablate.kernels.tuned.export import export  # noqa: E402
-from dcablate.kernels.tuned.fla_kernels import NORM_MODULES, SEEDED_MODULES, plain_autotuners, tuned_kernels  # noqa: E402
+from dcablate.kernels.tuned.fla_kernels import (  # noqa: E402
+    ACTIVATION_MODULES,
+    NORM_MODULES,
+    SEEDED_MODULES,
+    SSD_STATE_MODULES,
+    plain_autotuners,
+    tuned_kernels,
+)
 from dcablate.kernels.tuned.seed import config_folder, seed_module  # noqa: E402
 
 H100 = ROOT / "NVIDIA_H100_80GB_HBM3"
@@ -81,8 +88,10 @@ def test_the_seeded_kernels_are_found_as_plain_autotuners():
         assert found and all(isinstance(t, Autotuner) and len(t.configs) > 1 for ts in found.values() for t in ts)
     names = set(plain_autotuners(importlib.import_module(LAYERNORM)))
     assert {"layer_norm_fwd_kernel", "layer_norm_bwd_kernel"} <= names
-    ssd = {n for m in SEEDED_MODULES if m not in NORM_MODULES for n in plain_autotuners(importlib.import_module(m))}
+    ssd = {n for m in SSD_STATE_MODULES for n in plain_autotuners(importlib.import_module(m))}
     assert ssd == {"chunk_fwd_kernel_h", "chunk_bwd_kernel_dh", "chunk_bwd_kernel_dv"}  # fla_cache ones excluded
+    activations = {n for m in ACTIVATION_MODULES for n in plain_autotuners(importlib.import_module(m))}
+    assert {"swiglu_fwd_kernel", "swiglu_fwdbwd_kernel"} <= activations
 
 
 def test_a_seeded_key_runs_its_config_without_timing_and_another_key_still_autotunes(tmp_path):
@@ -137,6 +146,33 @@ def test_every_shipped_norm_entry_seeds_fla_s_real_kernels(monkeypatch):
                 monkeypatch.setattr(tuner, "cache", {})  # the real kernels' caches, restored after the test
         total += seed_module(module, H100)
     assert total == sum(shipped.values())
+
+
+def test_every_shipped_swiglu_entry_seeds_fla_s_real_kernels_which_dcablate_s_mlp_seeds(monkeypatch):
+    """The MLP's SwiGLU kernels (keyed on its hidden width): the H100's shipped entries fill fla's real autotuners,
+    and dcablate's fused SwiGLU seeds them when it first takes fla's function."""
+    from dcablate.kernels.tuned import seed as seeding
+    from dcablate.models import activations
+
+    shipped = {p.stem: len(json.loads(p.read_text())["autotune_entries"]) for p in H100.glob("swiglu*.json")}
+    assert set(shipped) == {"swiglu_fwd_kernel", "swiglu_fwdbwd_kernel"}
+    kernels, failed = tuned_kernels(set(shipped))
+    assert not failed and set(kernels) == set(shipped)
+    (module_name,) = ACTIVATION_MODULES
+    module = importlib.import_module(module_name)
+    for tuners in plain_autotuners(module).values():
+        for tuner in tuners:
+            monkeypatch.setattr(tuner, "cache", {})  # the real kernels' caches, restored after the test
+    assert seed_module(module, H100) == sum(shipped.values())
+    (tuner,) = plain_autotuners(module)["swiglu_fwd_kernel"]
+    assert [k[0] for k in tuner.cache] == [308]  # the suite's MLP width (ffn_hidden 308)
+
+    monkeypatch.setattr(seeding, "_seeded", set())
+    activations._fla_swiglu.cache_clear()
+    try:
+        assert activations._fla_swiglu() is not None and module_name in seeding._seeded
+    finally:
+        activations._fla_swiglu.cache_clear()
 
 
 def test_nothing_is_seeded_while_fla_s_lookups_are_off(monkeypatch, tmp_path):

@@ -1,5 +1,5 @@
-"""Shipped configs for the fla kernels that autotune under Triton's plain `autotune`: the norms, and the state
-kernels of Mamba-2's SSD.
+"""Shipped configs for the fla kernels that autotune under Triton's plain `autotune`: the norms, the state
+kernels of Mamba-2's SSD and the MLP's SwiGLU.
 
 fla looks a config file up only for its kernels under `fla_cache_autotune`. Its RMSNorm and gated RMSNorm kernels
 and the chunked state kernels that `chunk_simple_gla` runs (`fla_kernels.SEEDED_MODULES`) use Triton's own
@@ -22,8 +22,8 @@ every candidate. For the norms that buys little: on an H100 one fixed candidate 
 within 1.12–1.24× of the best at every one of the 76 keys measured, and within 1.01–1.09× on average, for kernels
 of 6–200 µs. So `seed` also narrows such a key's candidates to that one (`Autotuner.prune_configs`): it is
 compiled and run, never compared with others. `DCABLATE_TUNED_CONFIGS=0` leaves the candidates as fla has them.
-The SSD's kernels have no such default (one key of each was measured, its best 9x faster than its worst): an
-unshipped key autotunes.
+The SSD's and SwiGLU's kernels have no such default (one key of each was measured, its best 9x (SSD) and 31-70x
+(SwiGLU) faster than its worst): an unshipped key autotunes.
 """
 
 from __future__ import annotations
