@@ -390,3 +390,52 @@ def test_mamba2_s_ssd_at_a_shipped_key_runs_the_shipped_state_config_and_times_n
     (entry,) = shipped["chunk_fwd_kernel_h"].values()
     assert (kwargs, num_warps, num_stages) == (entry["config"]["kwargs"], entry["config"]["num_warps"],
                                                entry["config"]["num_stages"])
+
+
+SWIGLU_INTERPRETED = r'''
+import json, torch
+import fla.modules.activations.ops as act
+from fla.modules.activations import swiglu
+from dcablate.kernels.tuned.fla_kernels import plain_autotuners
+from dcablate.kernels.tuned.seed import seed
+
+added = seed("fla.modules.activations.ops")
+ran = {}
+for name, tuners in plain_autotuners(act).items():
+    for tuner in tuners:
+        def timed(*a, _name=name, **k):
+            raise AssertionError(f"{_name} autotuned a shipped key")
+        tuner._bench = tuner.check_disk_cache = tuner.prune_configs = timed
+        launch = tuner.fn.run
+        def run(*a, _name=name, _tuner=tuner, _launch=launch, **k):
+            ran[_name] = [_tuner.best_config.kwargs, k.get("num_warps")]
+            return _launch(*a, **k)
+        tuner.fn.run = run
+torch.manual_seed(0)
+gate = torch.randn(6, 308, dtype=torch.bfloat16, requires_grad=True)  # the suite MLP's width: shipped
+up = torch.randn(6, 308, dtype=torch.bfloat16, requires_grad=True)
+y = swiglu(gate, up)
+y.float().sum().backward()
+g, u = gate.detach().float(), up.detach().float()
+ref = torch.nn.functional.silu(g) * u
+print(json.dumps({"added": added, "ran": ran, "err": (y.detach().float() - ref).abs().max().item()}))
+'''
+
+
+def test_fla_s_real_swiglu_calls_at_the_shipped_width_run_the_shipped_configs_and_time_nothing(tmp_path):
+    """fla's SwiGLU forward and backward under Triton's interpreter (CPU) at the shipped width: the keys Triton
+    builds are the shipped ones, so no candidate is timed, and the result is silu(gate) * up."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FLA_CONFIG_DIR": str(H100), "FLA_CACHE_MODE": "strict"}
+    done = subprocess.run([sys.executable, "-c", SWIGLU_INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["added"] == 2 and out["err"] < 2e-2  # bf16 output
+    assert set(out["ran"]) == {"swiglu_fwd_kernel", "swiglu_fwdbwd_kernel"}
+    for name, (kwargs, num_warps) in out["ran"].items():
+        (entry,) = json.loads((H100 / f"{name}.json").read_text())["autotune_entries"].values()
+        assert entry["config"]["kwargs"] == kwargs and entry["config"]["num_warps"] == num_warps, name
