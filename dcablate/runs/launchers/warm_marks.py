@@ -83,4 +83,3 @@ def mark(signature: str, env: Mapping[str, str], point: str) -> None:
         tmp.replace(target)
     except OSError:
         pass
-

@@ -30,9 +30,9 @@ instead of each worker's own, which can change the last bits of a run as a rerun
 that the run directories are unchanged.
 
 A signature warmed up once into a Triton cache is marked there and skipped by later commands that use the same
-cache, GPU model, versions and code (`warm_marks.py`). A failed warm-up of a signature is reported in one line and its runs compile on their own; a stop signal
-during the warm-up ends the command (nothing has trained yet). Output of the warm-up process goes to
-`<sweep>/warmup.log`.
+cache, GPU model, versions and code (`warm_marks.py`). A failed warm-up of a signature is reported in one line
+and its runs compile on their own; a stop signal during the warm-up ends the command (nothing has trained yet).
+Output of the warm-up process goes to `<sweep>/warmup.log`.
 
 **Where.** The local launcher calls `warm_up` (this machine, a process per family on the slots' GPUs). The Ray
 launcher runs `warm_here`, the same processes, in one Ray task per node that can host its actors, holding the
