@@ -16,8 +16,8 @@ real kernel).
 **The conversion.** Per result, the best config is the one Triton itself would pick: the smallest timing
 (compared as Triton compares them, median first). Only kernels that take a config are exported (`fla_kernels.py`:
 those fla looks up, and the norm, SSD state and SwiGLU kernels under Triton's plain `autotune` whose autotuners
-dcablate fills, `seed.py`), and a result must fit that kernel: its key as many values as the kernel has `key` names followed by dtype
-strings, its configs tuning the same parameters. A result that timed one candidate compared nothing (a key
+dcablate fills, `seed.py`), and a result must fit that kernel: its key as many values as the kernel has `key`
+names followed by dtype strings, its configs tuning the same parameters. A result that timed one candidate compared nothing (a key
 `seed.py` narrowed to its fixed candidate, or candidates pruned to one) and is left out: shipping it would
 present an untimed default as a measured best. Same-named kernels of other fla ops with the same key and
 parameters cannot be told apart by their results; dcablate never calls them, so a cache shared with other
