@@ -217,26 +217,35 @@ def test_on_cuda_a_shipped_rms_norm_key_runs_the_shipped_config_and_matches_the_
     assert tuner.cache[tuple(entry["autotune_key"])].kwargs == entry["config"]["kwargs"]
 
 
-INTERPRETED = r'''
+# In a script under Triton's interpreter: `ran = watch(module, ...)` makes every plain autotuner of those modules
+# fail where it would time a candidate, and records in `ran` the config each kernel then runs with
+NOTHING_TIMED = r'''
+from dcablate.kernels.tuned.fla_kernels import plain_autotuners
+
+def watch(*modules):
+    ran = {}
+    for module in modules:
+        for name, tuners in plain_autotuners(module).items():
+            for tuner in tuners:
+                def timed(*a, _name=name, **k):
+                    raise AssertionError(f"{_name} autotuned a shipped key")
+                tuner._bench = tuner.check_disk_cache = tuner.prune_configs = timed
+                launch = tuner.fn.run
+                def run(*a, _name=name, _tuner=tuner, _launch=launch, **k):
+                    ran[_name] = [_tuner.best_config.kwargs, k.get("num_warps")]
+                    return _launch(*a, **k)
+                tuner.fn.run = run
+    return ran
+'''
+
+INTERPRETED = NOTHING_TIMED + r'''
 import json, torch
 import fla.modules.norm.layernorm as ln, fla.modules.norm.fused_norm_gate as fg
 ln.get_multiprocessor_count = fg.get_multiprocessor_count = lambda *a, **k: 8  # asks CUDA otherwise
-from dcablate.kernels.tuned.fla_kernels import plain_autotuners
 from dcablate.kernels.tuned.seed import seed
 
 added = seed("fla.modules.norm.layernorm") + seed("fla.modules.norm.fused_norm_gate")
-ran = {}
-for module in (ln, fg):
-    for name, tuners in plain_autotuners(module).items():
-        for tuner in tuners:
-            def timed(*a, _name=name, **k):
-                raise AssertionError(f"{_name} autotuned a shipped key")
-            tuner._bench = tuner.check_disk_cache = tuner.prune_configs = timed
-            launch = tuner.fn.run
-            def run(*a, _name=name, _tuner=tuner, _launch=launch, **k):
-                ran[_name] = [_tuner.best_config.kwargs, k.get("num_warps")]
-                return _launch(*a, **k)
-            tuner.fn.run = run
+ran = watch(ln, fg)
 torch.manual_seed(0)
 x = torch.randn(7000, 64, requires_grad=True)  # fp32, D 64, 4 blocks of 2048 rows: shipped forward and backward
 w = torch.randn(64, requires_grad=True)
@@ -392,25 +401,14 @@ def test_mamba2_s_ssd_at_a_shipped_key_runs_the_shipped_state_config_and_times_n
                                                entry["config"]["num_stages"])
 
 
-SWIGLU_INTERPRETED = r'''
+SWIGLU_INTERPRETED = NOTHING_TIMED + r'''
 import json, torch
 import fla.modules.activations.ops as act
 from fla.modules.activations import swiglu
-from dcablate.kernels.tuned.fla_kernels import plain_autotuners
 from dcablate.kernels.tuned.seed import seed
 
 added = seed("fla.modules.activations.ops")
-ran = {}
-for name, tuners in plain_autotuners(act).items():
-    for tuner in tuners:
-        def timed(*a, _name=name, **k):
-            raise AssertionError(f"{_name} autotuned a shipped key")
-        tuner._bench = tuner.check_disk_cache = tuner.prune_configs = timed
-        launch = tuner.fn.run
-        def run(*a, _name=name, _tuner=tuner, _launch=launch, **k):
-            ran[_name] = [_tuner.best_config.kwargs, k.get("num_warps")]
-            return _launch(*a, **k)
-        tuner.fn.run = run
+ran = watch(act)
 torch.manual_seed(0)
 gate = torch.randn(6, 308, dtype=torch.bfloat16, requires_grad=True)  # the suite MLP's width: shipped
 up = torch.randn(6, 308, dtype=torch.bfloat16, requires_grad=True)
