@@ -92,6 +92,8 @@ def check_zip(sweep: dict, where: str, sources: dict[str, str] | None = None) ->
         most = [n for n, c in counts.items() if c == max(counts.values())]
         odd = [k for k in g if lengths[k] != most[0]] if len(most) == 1 else g
         blamed = zip_blame(odd, sources or {}, where)
+        if blamed is None and len(odd) < len(g):
+            _blame_the_kept_list(g, odd, lengths, sources or {}, where)
         if blamed is None:
             raise RecipeError(where, path, "zipped keys need lists of equal length, got " +
                               ", ".join(f"{k}: {n}" for k, n in lengths.items()))
@@ -104,6 +106,23 @@ def check_zip(sweep: dict, where: str, sources: dict[str, str] | None = None) ->
         n = lengths[blamed]
         raise RecipeError(sources[blamed], f"sweep.{blamed}", f"{n} value{'s' if n != 1 else ''}, but sweep.zip "
                           f"({where}) zips it with {partners}; zipped keys need lists of equal length")
+
+
+def _blame_the_kept_list(group: list[str], odd: list[str], lengths: dict[str, int], sources: dict[str, str],
+                         zip_source: str) -> None:
+    """A recipe (or --set) that re-lists most of a zip group but leaves one list as the zip's file had it: blamed
+    where the other lists were set, under the key it left out, with the length it needs there."""
+    elsewhere = [k for k in group if sources.get(k, zip_source) != zip_source]
+    if not elsewhere:
+        return
+    source = next((sources[k] for k in elsewhere if sources[k] == "--set"), sources[elsewhere[0]])
+    here = [k for k in elsewhere if sources[k] == source]
+    n = lengths[here[0]]
+    kept = odd[0]
+    raise RecipeError(source, f"sweep.{kept}", f"keeps the {lengths[kept]} value{'s' if lengths[kept] != 1 else ''} "
+                      f"of {zip_source}, but sweep.zip zips it with {', '.join(here)} ({n} value{'s' if n != 1 else ''}"
+                      f"{' each' if len(here) > 1 else ''}, set here); set sweep.{kept} here too, with {n} "
+                      f"value{'s' if n != 1 else ''}")
 
 
 def zip_blame(keys: list[str], sources: dict[str, str], zip_source: str) -> str | None:

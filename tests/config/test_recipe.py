@@ -529,6 +529,24 @@ def test_zip_errors_of_lists_the_zips_file_set_name_the_zip(tmp_path):
     assert "zipped keys need lists of equal length, got model.d_model: 2, train.lr: 1" in str(e.value)
 
 
+def test_a_zip_list_left_as_the_zips_file_had_it_is_blamed_where_the_others_were_set(tmp_path):
+    """A recipe that re-lists most of an inherited zip group with new lengths but leaves one list out is told to set
+    that list too, at its own file (it was blamed at `sweep.zip` in the parent's file, which reads as a broken
+    shipped recipe)."""
+    base = write(tmp_path / "base.toml", ZIP_BASE.replace('zip = [["model.d_model", "train.lr"]]',
+                 '"model.n_layers" = [2, 3]\nzip = [["model.d_model", "train.lr", "model.n_layers"]]'))
+    path = write(tmp_path / "r.toml", 'extends = "base.toml"\n[sweep]\n"model.d_model" = [64, 96, 128]\n'
+                 '"train.lr" = [1e-3, 2e-3, 3e-3]\n')
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(path))
+    assert (e.value.source, e.value.key) == (str(path), "sweep.model.n_layers")
+    assert (f"keeps the 2 values of {base}, but sweep.zip zips it with model.d_model, train.lr (3 values each, set "
+            "here); set sweep.model.n_layers here too, with 3 values") in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        R.expand(str(tmp_path / "base.toml"), ["sweep.train.lr=[1e-3]", "sweep.model.d_model=[64]"])
+    assert (e.value.source, e.value.key) == ("--set", "sweep.model.n_layers")
+
+
 def test_axes_whose_values_fit_each_other_but_not_the_base_recipe_make_a_grid(tmp_path):
     """`d_model = [48, 96]` x `n_heads = [3, 6]`: 3 heads do not divide the base recipe's d_model, but every point
     of the grid is valid, so the sweep expands (each axis's values were checked against the base recipe alone)."""
