@@ -326,6 +326,16 @@ CASES = [
          files={"r.toml": 'extends = "paper/suite_attention"\n[sweep]\n"task.recall" = [{}, {vocab_size = 64}, '
                           '{seq_len = 512}, {num_train_examples = 1600}, '
                           '{seq_len = 256}' + ", {}" * 20 + "]\n"}),
+    Case("zipped-task-kind-reordered-by-set-blames-the-set", ["run", "suite/tiny", *DRY, "--set",
+         'sweep.task.kind=["fuzzy_recall", "recall", "noisy_recall", "selective_copy", "compression", "memorization"]'],
+         ("error: --set: sweep.task.kind[0]: is 'fuzzy_recall', but sweep.task.recall[0] (zipped with it, set in ",
+          "tiny.toml) sets seq_len = 64, ", "which a 'fuzzy_recall' point does not read; keep the zip's order, or set "
+          "sweep.task.recall here too")),
+    Case("zipped-task-kind-reordered-in-a-child-blames-the-child", ["run", "r.toml", *DRY],
+         ("r.toml: sweep.task.kind[0]: is 'fuzzy_recall', but sweep.task.recall[0] (zipped with it, set in ",
+          "tiny.toml) sets seq_len = 64, "),
+         files={"r.toml": 'extends = "suite/tiny"\n[sweep]\n"task.kind" = ["fuzzy_recall", "recall", '
+                          '"noisy_recall", "selective_copy", "compression", "memorization"]\n'}),
     Case("suite-setting-with-too-few-distinct-examples-at-dry-run", ["run", "paper/suite_attention", *DRY, "--set",
          "sweep.task.recall=[{}, {vocab_size = 4, seq_len = 4}, {seq_len = 512}, {num_train_examples = 1600}"
          + ", {}" * 21 + "]"],

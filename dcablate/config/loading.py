@@ -639,7 +639,17 @@ def _zipped_table_unread(origins: dict, src: str, sweep: dict, pairs: list, reci
             setting = ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items())
             group = group_of[key]
             position = next(i for i in range(len(sweep[key])) if all(sweep[k][i] == swept[k] for k in group))
-            raise RecipeError(_src(origins, f"sweep.{key}", src), f"sweep.{key}[{position}]",
+            table_src = _src(origins, f"sweep.{key}", src)
+            chooser_src = _src(origins, f"sweep.{chooser[0]}", src)
+            newer = chooser_src == "--set" or (chooser_src == src and table_src not in ("--set", src))
+            if newer and chooser[0] in group_of[key]:
+                # the picking list was edited after the table (task.kind reordered by --set or in the recipe run,
+                # the table left as a recipe it extends had it): blame the edit
+                raise RecipeError(chooser_src, f"sweep.{chooser[0]}[{position}]",
+                                  f"is {chooser[1]!r}, but sweep.{key}[{position}] (zipped with it, set in "
+                                  f"{table_src}) sets {setting}, which a {chooser[1]!r} point does not read; keep "
+                                  f"the zip's order, or set sweep.{key} here too")
+            raise RecipeError(table_src, f"sweep.{key}[{position}]",
                               f"sets {setting} at a point whose {chooser[0]} is {chooser[1]!r}, which does not "
                               f"read [{key}], so it would do nothing; write {{}} there")
 

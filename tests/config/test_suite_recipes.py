@@ -22,7 +22,8 @@ VARIANTS = {("none", "qkv"), ("static", "qkv"), ("dynamic", "qkv"), ("dynamic", 
 
 
 @pytest.mark.parametrize("name", SUITES)
-def test_dry_run_lists_every_point(name, capsys):
+def test_dry_run_lists_every_point(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ of the checkout may hold some of these runs already
     assert main(["run", name, "--dry-run"]) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
