@@ -22,6 +22,7 @@ from dcablate.tasks import task_class, task_options
 NOT_MODEL_KEYS = ("backend",)
 MAX_NAMED = 4  # keys the header line names as varying within a model; the rest are counted
 UNSET = "default"  # shown for a sub-key a point's swept table leaves out (a swept table replaces the section)
+NOT_READ = "-"  # shown for a key the model does not read (conv.placement of a model without a conv)
 
 
 @dataclass
@@ -186,7 +187,8 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
     rows = []
     for m in models:
         c = m.costs
-        row = {short_key(k): m.shown(k) for k in keys}
+        read = config.effective(m.recipe)
+        row = {short_key(k): m.shown(k) if reads(read, k) else NOT_READ for k in keys}
         if with_tasks:
             row["tasks"] = "/".join(UNSET if v is None else v for v in m.values("task.kind"))
         if with_vocab:
@@ -214,9 +216,24 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
     if with_active:
         notes.append("active: the parameters one token uses (the routed top-k experts of each MoE layer), embedding "
                      "and LM head included as in params; less the embedding it compares with non_embedding")
+    if any(NOT_READ in row.values() for row in rows):
+        notes.append(f"{NOT_READ}: a key the model does not read (the sweep sets it, but it changes nothing there)")
     if not detail:
         notes.append("--detail: each model's parameters per component, LM head FLOPs and the points that build it")
     return "\n".join([header, format_table(rows), *notes])
+
+
+def reads(read: dict, key: str) -> bool:
+    """Whether the swept dotted `key` (`model.conv.placement`) is in `read`, a run's `config.effective` dict;
+    keys outside the recipe's sections (`sweep.*`) count as read."""
+    node = read
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def detail_block(m: DistinctModel, keys: list[str], derived: dict[str, bool]) -> str:

@@ -51,10 +51,12 @@ def test_a_grid_prints_one_row_per_distinct_model(mqar_table):
     assert columns == ["conv.kind", "conv.placement", "d_model", "params", "non_embedding", "conv", "state", "floats",
                        "(T=512)", "FLOPs/token", "points"]
     assert len(rows) == 20 and all(row[-1] == "4" for row in rows)
-    assert [tuple(row[:3]) for row in rows[:5]] == [("none", "qkv", "64"), ("none", "qkv", "128"),
-                                                    ("none", "qkv", "256"), ("none", "qkv", "512"),
+    # a conv-free model reads no placement: "-", with the note that says so
+    assert [tuple(row[:3]) for row in rows[:5]] == [("none", "-", "64"), ("none", "-", "128"),
+                                                    ("none", "-", "256"), ("none", "-", "512"),
                                                     ("static", "qkv", "64")]
     assert all(row[5] == "0" for row in rows if row[0] == "none") and all(row[5] != "0" for row in rows[4:])
+    assert "-: a key the model does not read" in lines[-2]
     assert "--detail" in lines[-1] and len(lines) < 30  # was 944 lines: a block per point
 
 
