@@ -224,8 +224,8 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
 
 
 def reads(read: dict, key: str) -> bool:
-    """Whether the swept dotted `key` (`model.conv.placement`) is in `read`, a run's `config.effective` dict;
-    keys outside the recipe's sections (`sweep.*`) count as read."""
+    """Whether a run reads the swept dotted `key` (`model.conv.placement`), from `read`, its `config.effective`
+    dict: that dict leaves out the sections and keys the run does not read."""
     node = read
     for part in key.split("."):
         if not isinstance(node, dict):
