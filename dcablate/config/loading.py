@@ -436,6 +436,19 @@ def declared_model_keys(spec, model=None) -> tuple[str, ...] | None:
     return spec.model_keys
 
 
+def reads_key(read: dict, key: str) -> bool:
+    """Whether a run reads the dotted `key` (`model.conv.placement`, `task.recall`), from `read`, its
+    `effective` dict: that dict leaves out the sections and keys the run does not read."""
+    node = read
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def effective(recipe) -> dict:
     """What of `recipe` its run reads, as a dict: `recipe.to_dict()` without the sections of the mixers, channel
     mixers, conv kinds and tasks it does not use, nor the `[model.conv]` keys its conv kind does not read
@@ -632,10 +645,7 @@ def _zipped_table_unread(origins: dict, src: str, sweep: dict, pairs: list, reci
             ("model.mixer", "+".join(recipe.model.mixers))
         if chooser[0] not in group_of[key] and not (chooser[0] == "model.mixer" and "model.mixers" in group_of[key]):
             continue  # the section's user is an axis of its own: the table cannot avoid points that ignore it
-        node = read
-        for part in parts:
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is None:
+        if not reads_key(read, key):
             setting = ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items())
             group = group_of[key]
             position = next(i for i in range(len(sweep[key])) if all(sweep[k][i] == swept[k] for k in group))

@@ -188,7 +188,7 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
     for m in models:
         c = m.costs
         read = config.effective(m.recipe)
-        row = {short_key(k): m.shown(k) if reads(read, k) else NOT_READ for k in keys}
+        row = {short_key(k): m.shown(k) if config.reads_key(read, k) else NOT_READ for k in keys}
         if with_tasks:
             row["tasks"] = "/".join(UNSET if v is None else v for v in m.values("task.kind"))
         if with_vocab:
@@ -221,19 +221,6 @@ def sweep_table(run_name: str, models: list[DistinctModel], n_points: int, keys:
     if not detail:
         notes.append("--detail: each model's parameters per component, LM head FLOPs and the points that build it")
     return "\n".join([header, format_table(rows), *notes])
-
-
-def reads(read: dict, key: str) -> bool:
-    """Whether a run reads the swept dotted `key` (`model.conv.placement`), from `read`, its `config.effective`
-    dict: that dict leaves out the sections and keys the run does not read."""
-    node = read
-    for part in key.split("."):
-        if not isinstance(node, dict):
-            return True
-        if part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def detail_block(m: DistinctModel, keys: list[str], derived: dict[str, bool]) -> str:
