@@ -146,6 +146,12 @@ def test_a_bad_suite_recipe_is_one_line(tmp_path, monkeypatch, capsys):
     ("fuzzy_recall", {"seq_len": 16}, "task.fuzzy_recall.max_key_len=6",
      "--set: task.fuzzy_recall.max_key_len: 6 needs seq_len >= 2 * (max_key_len + max_value_len) = 18, and "
      "seq_len is 16"),
+    ("noisy_recall", {"vocab_size": 32}, "task.noisy_recall.noise_vocab_size=30",
+     "--set: task.noisy_recall.noise_vocab_size: vocab_size - noise_vocab_size = 2 leaves fewer than 4 key and "
+     "value tokens; at most 28 noise tokens fit vocab_size = 32"),
+    ("noisy_recall", {"noise_vocab_size": 16}, "task.noisy_recall.vocab_size=18",
+     "--set: task.noisy_recall.vocab_size: vocab_size - noise_vocab_size = 2 leaves fewer than 4 key and value "
+     "tokens"),
 ])
 def test_two_keys_at_odds_blame_the_one_set_by_set(tmp_path, monkeypatch, capsys, kind, in_file, changed, blamed):
     """A --set that makes the file's other value too small is named, not the file's key the user did not touch."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from dcablate.config.fields import option
 from dcablate.tasks import TaskSpec, register_task
-from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, spec_check, value_chance
+from dcablate.tasks.synthetic.spec import MAX_EXAMPLES, MAX_SEQ_LEN, MAX_VOCAB, Problem, spec_check, value_chance
 
 
 @dataclass
@@ -21,16 +21,21 @@ class RecallSection:
 
 
 def recall_problems(seq_len: int, vocab_size: int, noise_vocab_size: int = 0,
-                    noise_fraction: float = 0.0) -> list[tuple[str, str]]:
+                    noise_fraction: float = 0.0) -> list[Problem]:
     """(key, what is wrong) for a setting the generator cannot make: `T` even with a context pair and the
     query, at least two keys and two values, and a noise vocabulary when there is noise."""
     out = []
     if seq_len % 2 or seq_len < 4:
         out.append(("seq_len", f"must be even and >= 4 (a context pair and the query pair), got {seq_len}"))
     if vocab_size - noise_vocab_size < 4:
-        what = f"vocab_size - noise_vocab_size = {vocab_size - noise_vocab_size}" if noise_vocab_size \
-            else f"vocab_size = {vocab_size}"
-        out.append(("vocab_size", f"{what} leaves fewer than 4 key and value tokens"))
+        if noise_vocab_size:
+            # either key can be the one to change: the one the user just set is blamed (check_problems)
+            what = f"vocab_size - noise_vocab_size = {vocab_size - noise_vocab_size}"
+            out.append(("vocab_size", f"{what} leaves fewer than 4 key and value tokens",
+                        ("noise_vocab_size", f"{what} leaves fewer than 4 key and value tokens; at most "
+                                             f"{max(vocab_size - 4, 0)} noise tokens fit vocab_size = {vocab_size}")))
+        else:
+            out.append(("vocab_size", f"vocab_size = {vocab_size} leaves fewer than 4 key and value tokens"))
     if noise_fraction > 0 and noise_vocab_size < 1:
         out.append(("noise_vocab_size", f"must be >= 1 with noise_fraction = {noise_fraction}"))
     return out
