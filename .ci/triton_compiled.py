@@ -1,7 +1,7 @@
 """Carry Triton's compiled kernels from one GPU machine to the next, so a fresh machine loads them instead of
 compiling them again (fla's kernels and ours: minutes of a fresh machine's kernel warm-up).
 
-    python3 .ci/triton_compiled.py pack CACHE_DIR OUT.tar.xz [--max-mib 6]
+    python3 .ci/triton_compiled.py pack CACHE_DIR OUT.tar.xz [--max-mib 5]
     python3 .ci/triton_compiled.py unpack IN.tar.xz CACHE_DIR
 
 `pack` keeps what loading a kernel reads (each kernel's metadata `.json` and binary `.cubin`, the launchers'
@@ -93,7 +93,7 @@ def unpack(archive: Path, cache: Path) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "pack":
-        max_mib = float(argv[argv.index("--max-mib") + 1]) if "--max-mib" in argv else 6.0
+        max_mib = float(argv[argv.index("--max-mib") + 1]) if "--max-mib" in argv else 5.0
         return pack(Path(argv[1]), Path(argv[2]), max_mib)
     if len(argv) == 3 and argv[0] == "unpack":
         return unpack(Path(argv[1]), Path(argv[2]))
