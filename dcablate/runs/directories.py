@@ -67,6 +67,17 @@ def save_new_file(path: Path, text: str) -> Path:
         return target
 
 
+def why_not_creatable(path: Path) -> str | None:
+    """Why the folder `path` could not be made (or written, if it is there), without making it: a file in its
+    place or on its way, or a folder this user may not write; None when it could be."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 @contextlib.contextmanager
 def made_here(path: Path, where=lambda: "run.out_dir"):
     """Create the folder `path` (and missing parents) for the block; if the block fails, remove again those of

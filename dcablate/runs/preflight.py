@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from pathlib import Path
 
 from dcablate import config
 from dcablate.errors import UserError
@@ -40,14 +41,23 @@ def check_out_dirs(plan, to_train: list[int], origins: dict, recipe_file: str, s
     """No LM run about to train writes into its own text folder (its metrics.jsonl would be read as text by the
     runs after it, and by its own evaluation); checked before training, not when a recipe loads, so that runs made
     that way before still read."""
+    from dcablate.runs.directories import why_not_creatable
     from dcablate.tasks.lm.spec import runs_inside_text
 
+    where = lambda key: set_where(key, origins, recipe_file, swept)  # noqa: E731
+    for out_dir in dict.fromkeys(plan[i][1].run.out_dir for i in to_train):
+        why = why_not_creatable(Path(out_dir))
+        if why:  # what the real command finds when it makes the sweep's folder, found by a dry run too
+            raise UserError(f"{where('run.out_dir')}: cannot create {out_dir}: {why}")
     for i in to_train:
         r = plan[i][1]
         if r.task.kind == "lm" and runs_inside_text(r.task.lm.data, r.run.out_dir):
-            raise UserError(f"{set_where('run.out_dir', origins, recipe_file, swept)}: {r.run.out_dir} lies inside "
-                            f"the text folder task.lm.data ({r.task.lm.data}), whose .txt/.jsonl/.parquet files are "
-                            f"all read as text, the runs' own metrics.jsonl included; write the runs elsewhere")
+            read = "its .txt/.jsonl/.parquet files are all read as text, the runs' own metrics.jsonl included"
+            if _source_of(where, "task.lm.data") == "--set" != _source_of(where, "run.out_dir"):  # the user's edit
+                raise UserError(f"{where('task.lm.data')}: {r.task.lm.data} holds the runs' folder run.out_dir "
+                                f"({r.run.out_dir}), and {read}; give a folder of text alone")
+            raise UserError(f"{where('run.out_dir')}: {r.run.out_dir} lies inside the text folder task.lm.data "
+                            f"({r.task.lm.data}), whose {read.removeprefix('its ')}; write the runs elsewhere")
 
 
 def set_where(key: str, origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> str:

@@ -622,6 +622,51 @@ def test_an_lm_run_begun_with_the_old_default_says_how_to_go_on(tmp_path):
     assert run_state(tmp_path, recipes.build({**lm, "eval": {"early_stop": 0.99}})) == "resume"
 
 
+def test_a_text_folder_set_around_the_runs_blames_the_set(tmp_path, capsys, monkeypatch):
+    """`--set task.lm.data=runs` (the recipe leaves run.out_dir at `runs`) is the edit that put the runs inside
+    the text: the line leads with it, not with the run.out_dir the user never touched."""
+    monkeypatch.chdir(tmp_path)
+    write_txt(tmp_path / "runs", make_docs(4))
+    err = _one_line_exit_2(capsys, ["run", "lm/python_docs_tiny", "--set", "sweep={}", "--set", "task.lm.data=runs",
+                                    "--dry-run"])
+    assert err.startswith(f"error: --set: task.lm.data: {tmp_path / 'runs'} holds the runs' folder run.out_dir "
+                          f"(runs), and its .txt/.jsonl/.parquet files are all read as text"), err
+
+
+def test_a_dry_run_finds_an_out_dir_it_could_not_make(tmp_path, capsys, monkeypatch):
+    """A file where run.out_dir (or a folder above it) should be: the dry run says so as the real run would."""
+    monkeypatch.chdir(tmp_path)
+    folder = write_txt(tmp_path / "text", make_docs(4))
+    (tmp_path / "afile.txt").write_text("not a folder")
+    for out_dir in ("afile.txt", "afile.txt/below"):
+        err = _one_line_exit_2(capsys, ["run", "lm/python_docs_tiny", "--set", "sweep={}", "--set",
+                                        f"task.lm.data={folder}", "--set", f"run.out_dir={out_dir}", "--dry-run"])
+        assert err == f"error: --set: run.out_dir: cannot create {out_dir}: afile.txt is a file, not a folder", err
+
+
+@pytest.mark.parametrize("env, lead", [
+    ({"DCABLATE_CACHE": "afile.txt"}, "$DCABLATE_CACHE (task.lm.cache_dir unset)"),
+    ({"XDG_CACHE_HOME": "afile.txt"}, "$XDG_CACHE_HOME (task.lm.cache_dir and $DCABLATE_CACHE unset)"),
+])
+def test_an_unwritable_cache_names_what_chose_it(tmp_path, monkeypatch, env, lead):
+    """A cache folder chosen by the environment, not the recipe, is blamed on the environment variable."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DCABLATE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "afile.txt").write_text("not a folder")
+    folder = write_txt(tmp_path / "text", make_docs(4))
+    cfg = recipes.build({"task": {"kind": "lm", "lm": {"data": str(folder)}}}).task.lm
+    with pytest.raises(UserError) as e:
+        load_corpus(cfg)
+    assert str(e.value).startswith(f"{lead}: cannot write afile.txt"), str(e.value)
+    assert str(e.value).endswith("set task.lm.cache_dir or $DCABLATE_CACHE to a writable folder")
+    cfg = recipes.build({"task": {"kind": "lm", "lm": {"data": str(folder), "cache_dir": "afile.txt"}}}).task.lm
+    with pytest.raises(UserError, match=r"^task\.lm\.cache_dir: cannot write \S*afile.txt/lm: Not a directory$"):
+        load_corpus(cfg)
+
+
 def test_runs_written_inside_the_text_folder_are_refused(tmp_path, capsys, monkeypatch):
     """Every .jsonl below task.lm.data is read as text, a run's metrics.jsonl too: a run.out_dir inside that
     folder is one line naming both keys, before anything is written; beside it, the same recipe is fine."""

@@ -50,6 +50,21 @@ def default_cache_dir(configured: str = "") -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dcablate"
 
 
+def unwritable_cache(configured: str, folder: Path, reason: str) -> UserError:
+    """The error for a cache folder that cannot be written, led by what chose the folder: the recipe's
+    `task.lm.cache_dir` (where it was set is added later), else the environment variable or the default."""
+    if configured:
+        return UserError(f"task.lm.cache_dir: cannot write {folder}: {reason}")
+    if os.environ.get("DCABLATE_CACHE"):
+        chosen = "$DCABLATE_CACHE (task.lm.cache_dir unset)"
+    elif os.environ.get("XDG_CACHE_HOME"):
+        chosen = "$XDG_CACHE_HOME (task.lm.cache_dir and $DCABLATE_CACHE unset)"
+    else:
+        chosen = "the default cache ~/.cache/dcablate (task.lm.cache_dir and $DCABLATE_CACHE unset)"
+    return UserError(f"{chosen}: cannot write {folder}: {reason}; set task.lm.cache_dir or $DCABLATE_CACHE to a "
+                     f"writable folder")
+
+
 # ----------------------------------------------------------------------------------------- sources
 
 
@@ -340,7 +355,7 @@ def build_tokenizer(cfg, cache_root: Path | None = None, source_hash: str = "", 
             tok.save(str(tmp))
             os.replace(tmp, path)
         except OSError as e:
-            raise UserError(f"task.lm.cache_dir: cannot write {path.parent}: {e.strerror}") from None
+            raise unwritable_cache(cfg.cache_dir, path.parent, e.strerror) from None
     return BPETokenizer(tok, str(path) if path is not None else "trained BPE")
 
 
@@ -427,7 +442,7 @@ def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
     with building(root, source_hash):  # processes (and a worker's threads) needing the same entry build it once
         tok = tokenizer if tokenizer is not None else build_tokenizer(cfg, root, source_hash, lambda: splits()[0])
         d = root / cache_key(source_hash, tok.spec(), cfg)
-        reused = _store(d, tok, cfg.data, lambda: dict(zip(("train", "val"), splits())))
+        reused = _store(d, tok, cfg.data, lambda: dict(zip(("train", "val"), splits())), cfg.cache_dir)
     dtype = np.dtype(json.loads((d / "meta.json").read_text())["dtype"])
     return Corpus(np.memmap(d / "train.bin", dtype=dtype, mode="r"), np.memmap(d / "val.bin", dtype=dtype, mode="r"),
                   tok, d, reused, source_hash)
@@ -441,7 +456,7 @@ def load_text(cfg, tokenizer, where: str = "--data") -> Text:
     root = default_cache_dir(cfg.cache_dir) / "lm"
     with building(root, source_hash):
         d = root / text_key(source_hash, tokenizer.spec())
-        reused = _store(d, tokenizer, cfg.data, lambda: {"all": read()})
+        reused = _store(d, tokenizer, cfg.data, lambda: {"all": read()}, cfg.cache_dir)
     meta = json.loads((d / "meta.json").read_text())
     tokens = np.memmap(d / "all.bin", dtype=np.dtype(meta["dtype"]), mode="r")
     return Text(tokens, tokenizer, d, reused, meta["documents"]["all"], meta["all_bytes"])
@@ -467,10 +482,11 @@ def building(root: Path, source_hash: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _store(d: Path, tok, source: str, parts) -> bool:
+def _store(d: Path, tok, source: str, parts, configured_cache: str = "") -> bool:
     """Cache entry `d`: a `<name>.bin` token stream per `{name: documents}` of `parts()` (called only when the
     entry is not there yet) and `meta.json`, written in a temporary folder and renamed into place. Whether the
-    entry was there already."""
+    entry was there already. `configured_cache`: the recipe's task.lm.cache_dir, for the error when none can be
+    written."""
     if (d / "meta.json").is_file():
         return True
     named = parts()
@@ -479,7 +495,7 @@ def _store(d: Path, tok, source: str, parts) -> bool:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     except OSError as e:
-        raise UserError(f"task.lm.cache_dir: cannot write {root}: {e.strerror}") from None
+        raise unwritable_cache(configured_cache, root, e.strerror) from None
     try:
         meta = {"format": FORMAT_VERSION, "tokenizer": tok.spec(), "vocab_size": tok.vocab_size,
                 "dtype": _dtype(tok.vocab_size).name, "source": source,
