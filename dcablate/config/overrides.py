@@ -107,8 +107,10 @@ def quote_words(raw: str) -> str:
 
 def _quote_words_hint(key: str, raw: str) -> str:
     """'; quote the words: --set 'KEY=["a", "b"]'' when quoting the bare words of a list or inline table makes
-    it valid TOML; '' otherwise."""
+    it valid TOML, or a bare text holding '=' (`run.name=lr=3e-3`) quoted; '' otherwise."""
     if not raw.startswith(("[", "{")):
+        if "=" in raw and not any(ch in raw for ch in "\"'\n"):  # a folder name copied from a sweep (`lr=0.003`)
+            return f"; a text with '=' in it needs quotes: --set {shlex.quote(f'{key}={toml_value(raw)}')}"
         return ""
     fixed = quote_words(raw)
     try:

@@ -459,6 +459,10 @@ def _write_report(root: Path, out: Path, asked: tuple[float, ...] | None) -> dic
         # user's stays
         remove = [name for kind, name in (("csv", "report.csv"), ("multipliers_csv", MULTIPLIERS_CSV))
                   if kind not in written and folder.is_own(name)]
+        # so do its figures this one did not draw (a compute fit the runs no longer give): report.md shows none
+        drawn = {path.name for path in written.values()}
+        remove += [name for name in (folder.record or {})
+                   if name.endswith(".png") and name not in drawn and (out / name).is_file() and folder.is_own(name)]
         folder.publish(stage, remove=remove)
     return {kind: out / path.name for kind, path in written.items()}
 

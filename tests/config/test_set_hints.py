@@ -78,6 +78,13 @@ def test_a_list_of_bare_words_gets_the_parsers_message_and_the_quoted_form(recip
         """--set 'sweep.model.mixer=["attention", "gated_deltanet"]'"""
 
 
+def test_a_text_holding_an_equals_sign_gets_the_quoted_form(recipe, capsys):
+    """A sweep point's folder name (`tpp=2`) copied into run.name: the value to type, quoted."""
+    assert error_line(capsys, "--set", "run.name=tpp=2") == \
+        "error: --set run.name=tpp=2: value is not valid TOML: invalid value at character 1 ('tpp=2'); a text " \
+        """with '=' in it needs quotes: --set 'run.name="tpp=2"'"""
+
+
 def test_an_inline_table_keeps_its_keys_bare_and_quotes_its_words(recipe, capsys):
     assert error_line(capsys, "--set", "task.mqar.test=[{seq_len=16, filler=zero}]") == \
         "error: --set task.mqar.test=[{seq_len=16, filler=zero}]: value is not valid TOML: invalid value at " \

@@ -93,18 +93,23 @@ def test_a_rerun_replaces_the_reports_own_files_and_refuses_ones_edited_since(tm
     assert "my notes on this report" in files["md"].read_text()
 
 
-def test_a_figure_the_report_no_longer_draws_stays_its_own(tmp_path):
-    """A file an earlier report wrote and this one does not stays in the record while unchanged, so the report
-    that draws it again replaces it."""
+def test_a_figure_the_report_no_longer_draws_goes(tmp_path):
+    """A figure an earlier report drew and this one does not (its runs no longer give it) is removed with its
+    record entry, as report.md no longer shows it; one the user changed since stays theirs."""
     root = tmp_path / "mine"
     run = make_run(root, "r", best=(0.6, 0.4, 0.5))
     records = (run / "metrics.jsonl").read_text()
     assert "training_loss" in write_report(root)
     (run / "metrics.jsonl").write_text("".join(line + "\n" for line in records.splitlines() if '"train"' not in line))
     assert "training_loss" not in write_report(root)
-    assert "training_loss.png" in json.loads((root / report_files.RECORD).read_text())["files"]
+    assert not (root / "training_loss.png").exists()
+    assert "training_loss.png" not in json.loads((root / report_files.RECORD).read_text())["files"]
     (run / "metrics.jsonl").write_text(records)
     assert "training_loss" in write_report(root)
+    (root / "training_loss.png").write_bytes(b"my own figure")
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in records.splitlines() if '"train"' not in line))
+    write_report(root)
+    assert (root / "training_loss.png").read_bytes() == b"my own figure"
 
 
 @pytest.mark.parametrize("results, make", [

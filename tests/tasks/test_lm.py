@@ -251,7 +251,8 @@ def test_bad_inputs_give_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
     (tmp_path / "empty" / "b.txt").write_text("")
-    assert "empty corpus" in _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "empty"), "--quiet"])
+    err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "empty"), "--quiet"])
+    assert f"{tmp_path / 'empty'} (2 files): empty corpus (no text)" in err, err
     (tmp_path / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     err = _one_line_exit_2(capsys, ["run", _lm_recipe(tmp_path, tmp_path / "x.jsonl"), "--quiet"])
     assert "x.jsonl:2" in err and "'text'" in err

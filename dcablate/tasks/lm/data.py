@@ -98,8 +98,10 @@ def source_files(data: str, where: str = "task.lm.data") -> list[Path]:
     return files
 
 
-def read_documents(files: list[Path], text_field: str = "text", where: str = "task.lm.data") -> list[str]:
-    """The non-empty documents of `files`, in order; UserError starting with `where` when there are none."""
+def read_documents(files: list[Path], text_field: str = "text", where: str = "task.lm.data",
+                   given: str = "") -> list[str]:
+    """The non-empty documents of `files`, in order; UserError starting with `where` (and the folder or glob
+    `given` that named the files) when there are none."""
     docs: list[str] = []
     for f in files:
         try:
@@ -108,8 +110,8 @@ def read_documents(files: list[Path], text_field: str = "text", where: str = "ta
             raise UserError(f"{where}: {e}") from None
     docs = [d for d in docs if d]
     if not docs:
-        raise UserError(f"{where}: {files[0] if len(files) == 1 else str(len(files)) + ' files'}: "
-                        f"empty corpus (no text)")
+        named = files[0] if len(files) == 1 else f"{given} ({len(files)} files)" if given else f"{len(files)} files"
+        raise UserError(f"{where}: {named}: empty corpus (no text)")
     return docs
 
 
@@ -423,7 +425,7 @@ def _source(cfg, where: str):
             return docs
         return source_hash, read
     files = source_files(cfg.data, where)
-    return fingerprint(files, cfg.text_field, where), lambda: read_documents(files, cfg.text_field, where)
+    return fingerprint(files, cfg.text_field, where), lambda: read_documents(files, cfg.text_field, where, cfg.data)
 
 
 def load_corpus(cfg, tokenizer=None, where: str = "task.lm.data") -> Corpus:
