@@ -217,7 +217,7 @@ CASES = [
     bad_set("set-float-for-int", ["model.d_model=1e3"], "--set: model.d_model", "must be an integer"),
     bad_set("set-into-a-value", ["model.d_model.x=1"], "--set: model.d_model: is a value, not a table"),
     Case("out-dir-under-a-file-names-the-set", ["run", "ok.toml", "--quiet", "--set", "run.out_dir=afile"],
-         ("--set: run.out_dir: cannot create afile/",), files={"afile": "x"}),
+         ("--set: run.out_dir: cannot create afile: afile is a file, not a folder",), files={"afile": "x"}),
     Case("export-tuning-gpu-name-cut-short", ["kernels", "export-tuning", "--gpu-name", "H200", "--triton-cache",
                                               "tc"],
          ("--gpu-name H200: runs read the configs of the name torch gives the GPU", "did you mean 'NVIDIA H200'?"),

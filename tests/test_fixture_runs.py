@@ -82,6 +82,19 @@ def test_resume_from_the_run_directorys_recipe(fixture_dir, capsys):
     assert_resumed_to_the_end(fixture_dir, capsys.readouterr().out)
 
 
+def test_a_sweep_set_on_a_run_directory_is_refused(fixture_dir, capsys):
+    """`dcablate run RUN_DIR --set sweep...` would sweep into the folder the run's recipe names (a sweep's, whose
+    points.txt it would rewrite): one line asking for a folder of its own, nothing written."""
+    before = run_files(fixture_dir / "runs" / "finished")
+    assert dcablate("run", "runs/finished", "--set", "sweep.train.lr=[1e-3, 3e-3]", "--dry-run") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --set sweep.train.lr: runs/finished is a run directory, which goes on as the one run it is; a sweep "
+        "from its recipe needs a folder of its own: add --set run.name=NAME")
+    assert run_files(fixture_dir / "runs" / "finished") == before
+    assert dcablate("run", "runs/finished", "--set", "sweep.train.lr=[1e-3, 3e-3]", "--set", "run.name=lrs",
+                    "--dry-run") == 0
+
+
 def test_resume_from_the_original_recipe(fixture_dir, capsys):
     assert dcablate("run", "interrupted.toml", "--quiet") == 0
     assert_resumed_to_the_end(fixture_dir, capsys.readouterr().out)

@@ -165,6 +165,8 @@ def _load_raw(path: Path, origins: dict, chain: tuple[Path, ...] = (), order: li
         cycle = " -> ".join(p.name for p in (*chain, path))
         raise RecipeError(str(chain[-1]), "extends", f"cycle: {cycle}")
     data = _read_toml(path)
+    if isinstance(data.get("sweep"), dict):  # one form per file, so a child's axis replaces its parent's in either
+        data["sweep"] = _flat_sweep(data["sweep"], str(path))
     parent_ref = data.pop("extends", None)
     if parent_ref is None:
         base = {}
@@ -340,6 +342,19 @@ def _names(value, sub: str) -> bool:
             return False
         value = value[part]
     return True
+
+
+def _flat_sweep(sweep: dict, source: str) -> dict:
+    """A file's `[sweep]` table with dotted keys (`"model.conv.kind" = [..]` and `[sweep.model.conv] kind = [..]`
+    are one axis); a RecipeError where the file writes one axis in both forms, which TOML lets through."""
+    out: dict = {}
+    for key, value in sweep.items():
+        for dotted, axis in (flatten(value, f"{key}.") if isinstance(value, dict) else {key: value}).items():
+            if dotted in out:
+                raise RecipeError(source, f"sweep.{dotted}", "set twice in [sweep] (as a quoted dotted key and in a "
+                                  "table); keep one")
+            out[dotted] = axis
+    return out
 
 
 def flatten(table: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:

@@ -246,6 +246,21 @@ def test_extends_a_shipped_recipe_by_name(tmp_path, monkeypatch):
     assert (r.model.d_model, r.train.steps) == (96, 7)
 
 
+def test_a_sweep_axis_in_both_forms(tmp_path):
+    """`"model.conv.kind" = [..]` and `[sweep.model.conv] kind = [..]` are one axis: both in one file is an error
+    naming it; a child's axis replaces its parent's whichever form each wrote it in."""
+    both = write(tmp_path / "both.toml", '[sweep]\n"model.conv.kind" = ["none", "static"]\n'
+                                         '[sweep.model.conv]\nkind = ["dynamic"]\n')
+    with pytest.raises(RecipeError, match=r"both.toml: sweep.model.conv.kind: set twice in \[sweep\]"):
+        R.expand(str(both))
+    write(tmp_path / "parent.toml", '[sweep.model.conv]\nkind = ["none"]\n')
+    child = write(tmp_path / "child.toml", 'extends = "parent.toml"\n[sweep]\n"model.conv.kind" = ["static"]\n')
+    assert [r.model.conv.kind for _, r in R.expand(str(child))[1]] == ["static"]
+    write(tmp_path / "parent2.toml", '[sweep]\n"model.conv.kind" = ["none"]\n')
+    child = write(tmp_path / "child2.toml", 'extends = "parent2.toml"\n[sweep.model.conv]\nkind = ["dynamic"]\n')
+    assert [r.model.conv.kind for _, r in R.expand(str(child))[1]] == ["dynamic"]
+
+
 @pytest.mark.parametrize("files, start, names", [
     ({"a.toml": 'extends = "b.toml"', "b.toml": 'extends = "a.toml"'}, "a.toml", ["a.toml", "b.toml"]),
     ({"a.toml": 'extends = "a.toml"'}, "a.toml", ["a.toml"]),
