@@ -956,8 +956,9 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
                 raise UserError(f"--set {o}: sets the run's training data, which eval does not read (it measures "
                                 f"the test set, drawn unlike the run's own training set); leave it out")
         applied.append(o)
-    r = config.load(str(recipe_path), applied)
-    _kept_by_whole_sections(trained, r, applied, recipe_path)
+    with config.notes_held():  # a --set table's note, said only if eval keeps none of the keys it resets
+        r = config.load(str(recipe_path), applied)
+        _kept_by_whole_sections(trained, r, applied, recipe_path)
     if task_kind is not None and r.task.kind != task_kind:
         raise UserError(f"--task {task_kind}: {'this run' if alone else run_dir} was trained on task.kind = "
                         f"'{r.task.kind}' and is measured on that task only (--task {r.task.kind}, or leave --task "

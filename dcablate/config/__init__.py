@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dcablate.config.fields import option, section
 from dcablate.config.loading import (build, check_sweep, completed, effective, expand, find_recipe, flatten, load,
-                                  load_raw, parse_override, reads_key, shipped_recipes)
+                                  load_raw, notes_held, parse_override, reads_key, shipped_recipes)
 from dcablate.config.overrides import spaced_set
 from dcablate.config.schema import conv_streams
 from dcablate.config.sweep import ZIP_KEY, sweep_axes
@@ -27,5 +27,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "effective", "expand", "find_recipe", "flatten", "load",
-           "load_raw", "option", "parse_override", "reads_key", "section", "shipped_recipes", "spaced_set",
+           "load_raw", "notes_held", "option", "parse_override", "reads_key", "section", "shipped_recipes", "spaced_set",
            "sweep_axes"]

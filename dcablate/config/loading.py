@@ -10,6 +10,7 @@ component's spec. A field whose metadata has a `resolve` function gets its check
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -214,6 +215,7 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
     set_keys = []
     for text in overrides:
         key, value = parse_override(text)
+        _note_table_replaced(data, key, value, origins)
         _set_path(data, key, value, origins, "--set")
         for old in [k for k in origins if isinstance(k, tuple) and (k[1] == key or k[1].startswith(f"{key}."))]:
             del origins[old]  # a later --set of the key or a table above it replaced what was typed for it
@@ -224,6 +226,26 @@ def load_raw(ref: str, overrides: list[str] = ()) -> tuple[dict, dict, Path]:
         _check_not_swept(data["sweep"], set_keys, origins, ref, path)
         _check_files_not_swept(data["sweep"], origins, order)
     return data, origins, path
+
+
+def _note_table_replaced(data: dict, key: str, value, origins: dict) -> None:
+    """A note when `--set KEY={...}` replaces a table whose other keys the recipe set: those go back to their
+    defaults, which a user who meant to change one key does not expect (`--set 'model.moe={n_experts=2}'` on a
+    recipe with `d_expert = 32`). `--set 'sweep={}'` drops the sweep on purpose, and says nothing."""
+    if not isinstance(value, dict) or key.split(".")[0] == "sweep":
+        return
+    old = data
+    for part in key.split("."):
+        old = old.get(part) if isinstance(old, dict) else None
+    if not isinstance(old, dict):
+        return
+    lost = [f"{key}.{k}" for k in flatten(old) if not _names(value, k)]
+    if lost:
+        where = ", ".join(dict.fromkeys(str(origins.get(k, "the recipe")) for k in lost))
+        shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        back = "goes back to its default" if len(lost) == 1 else "go back to their defaults"
+        _say_once(f"--set {key}={{...}} replaces the whole table: {shown} (set in {where}) {back}; to change one "
+                  f"key and keep the rest, --set {key}.NAME=VALUE")
 
 
 def _check_files_not_swept(sweep: dict, origins: dict, order: list[str]) -> None:
@@ -370,7 +392,13 @@ def flatten(table: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
 
 
 def expand(ref: str, overrides: list[str] = ()) -> tuple:
-    """The base recipe and its grid points as (point name, recipe); one point, named "", without a sweep."""
+    """The base recipe and its grid points as (point name, recipe); one point, named "", without a sweep. Its
+    notes are said once every point has loaded: a recipe that fails ends in its error line alone."""
+    with notes_held():
+        return _expand(ref, overrides)
+
+
+def _expand(ref: str, overrides: list[str] = ()) -> tuple:
     data, origins, path = load_raw(ref, overrides)
     base = build(data, origins, str(path))
     if not base.sweep:
@@ -711,9 +739,11 @@ def _unused_tasks(base, data: dict, origins: dict, src: str, kinds: set[str], sw
 
 
 def load(ref: str, overrides: list[str] = ()):
-    """Load, resolve and validate one recipe (its `[sweep]` table kept, not expanded)."""
-    data, origins, path = load_raw(ref, overrides)
-    return build(data, origins, str(path))
+    """Load, resolve and validate one recipe (its `[sweep]` table kept, not expanded); its notes are said once it
+    has loaded."""
+    with notes_held():
+        data, origins, path = load_raw(ref, overrides)
+        return build(data, origins, str(path))
 
 
 def build(data: dict, origins: dict | None = None, default_source: str = "<recipe>"):
@@ -918,6 +948,7 @@ def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> 
 
 
 _said: set[str] = set()
+_held: list[str] | None = None  # notes kept back inside `notes_held`
 
 
 def _say_once(note: str) -> None:
@@ -925,7 +956,28 @@ def _say_once(note: str) -> None:
     per worker)."""
     if note not in _said:
         _said.add(note)
-        logging.getLogger("dcablate").warning(f"note: {note}")
+        if _held is not None:
+            _held.append(note)
+        else:
+            logging.getLogger("dcablate").warning(f"note: {note}")
+
+
+@contextlib.contextmanager
+def notes_held():
+    """The notes of recipes loaded inside the block are said when it ends without an error, and dropped with
+    the error otherwise, so that a command's checks after loading end in one line."""
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+        held = _held
+    finally:
+        _held = outer
+    for note in held:
+        if _held is not None:
+            _held.append(note)
+        else:
+            logging.getLogger("dcablate").warning(f"note: {note}")
 
 
 def _fit_warmup(r, origins: dict, src: str) -> None:

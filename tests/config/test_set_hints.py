@@ -222,3 +222,15 @@ def test_a_long_key_without_an_equals_sign_is_refused_at_once():
         parse_override('"x". a  . b  . c  . d  . e  . f  . g  . h  . i  . j  . k  .l')
     assert time.perf_counter() - start < 1.0
 
+
+
+def test_a_set_table_that_resets_the_recipes_keys_says_so(recipe, capsys):
+    """`--set 'train={lr=1e-3}'` replaces the whole table: the recipe's other train keys go back to their defaults.
+    That is said in a note (the run goes on as asked); `--set 'sweep={}'` drops the sweep on purpose, silently."""
+    assert main(["run", "s.toml", "--dry-run", "--set", "sweep={}", "--set", "train={lr=1e-3, steps=2, batch_size=4}"
+                 ]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: --set train={...} replaces the whole table: train.warmup_steps "
+                          f"(set in {recipe}) goes back to its default; to change one key and keep the rest, "
+                          "--set train.NAME=VALUE"), err
+    assert "sweep={...}" not in err
