@@ -511,6 +511,8 @@ def effective(recipe) -> dict:
         if name not in built:
             conv.pop(name, None)
     read = conv_keys_read(built)
+    if read is not None and recipe.model.conv.kind == "none":
+        read = read - {"placement"}  # a mixer's own conv (short_conv's) is its mixing op, on its stream at any placement
     if read is not None:
         for key in schema.ConvCore.__dataclass_fields__:
             if key != "kind" and key not in read:
@@ -1239,7 +1241,9 @@ def check_sweep_form(r, data: dict, origins: dict, src: str) -> None:
             _build_dataclass(schema.Recipe, trial, "", {}, src)
         except RecipeError as e:
             if e.message.startswith("unknown key") and (key == e.key or key.startswith(f"{e.key}.")):
-                raise RecipeError(sources[key], f"sweep.{key}", f"not a recipe key{_key_hint(key, r)}") from None
+                near = difflib.get_close_matches(key, RESERVED, n=1) if "." not in key else []  # the sweep's options
+                hint = f" (did you mean 'sweep.{near[0]}'?)" if near else _key_hint(key, r)
+                raise RecipeError(sources[key], f"sweep.{key}", f"not a recipe key{hint}") from None
             # any other error is the value's: the per-axis checks below name it
     check_zip(r.sweep, zip_src, sources)
     size = grid_size(r.sweep)

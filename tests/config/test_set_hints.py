@@ -234,3 +234,10 @@ def test_a_set_table_that_resets_the_recipes_keys_says_so(recipe, capsys):
                           f"(set in {recipe}) goes back to its default; to change one key and keep the rest, "
                           "--set train.NAME=VALUE"), err
     assert "sweep={...}" not in err
+
+
+@pytest.mark.parametrize("typed, meant", [("sweep.best_lr_seed=[1]", "sweep.best_lr_seeds"),
+                                          ('sweep.zips=[["model.mixer", "train.lr"]]', "sweep.zip")])
+def test_a_misspelt_sweep_option_gets_a_did_you_mean(recipe, capsys, typed, meant):
+    assert error_line(capsys, "--set", typed) == \
+        f"error: --set: {typed.split('=')[0]}: not a recipe key (did you mean '{meant}'?)"

@@ -92,6 +92,13 @@ def test_a_mixer_that_is_a_conv_reads_the_conv_keys_without_a_conv_kind(tmp_path
     path = write(tmp_path / "w.toml", '[model]\nmixer = ["short_conv", "attention"]\n[sweep]\n'
                                       '"model.conv.width" = [2, 4]\n')
     assert len(R.expand(str(path))[1]) == 2
+    # its own conv sits on its stream at any placement: at kind none, placement is read by nothing
+    path = write(tmp_path / "p.toml", '[model]\nmixer = "short_conv"\n[sweep]\n'
+                                      '"model.conv.kind" = ["none", "static"]\n'
+                                      '"model.conv.placement" = ["qkv", "all_linear"]\n')
+    assert [n for n, _ in R.expand(str(path))[1]] == [
+        "conv.kind=none,conv.placement=qkv", "conv.kind=static,conv.placement=qkv",
+        "conv.kind=static,conv.placement=all_linear"]
 
 
 def test_zip_from_set_and_as_nested_table(tmp_path):
