@@ -165,6 +165,8 @@ CASES = [
         ' (a string needs quotes: mixer = "attention")'),
     bad("not-utf8", b'[run]\nname = "\xff"\n', "r.toml", "UTF-8"),
     Case("missing-recipe", ["run", "nope.toml", *DRY], ("nope.toml: no such recipe file or shipped recipe",)),
+    Case("missing-recipe-did-you-mean-local", ["run", "mine.tom", *DRY],
+         ("mine.tom: no such recipe file or shipped recipe (did you mean 'mine.toml'?)",), files={"mine.toml": ""}),
     Case("missing-recipe-did-you-mean-shipped", ["run", "quickstrat", *DRY],
          ("quickstrat: no such recipe file", "did you mean 'quickstart'"), shipped=("quickstart",)),
     Case("recipe-is-a-directory", ["run", "somedir", *DRY], ("somedir: a folder, not a recipe; give a recipe file "

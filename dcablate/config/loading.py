@@ -83,8 +83,9 @@ def find_recipe(ref: str) -> Path:
     tails = [n for n in shipped if n.rsplit("/", 1)[-1] == name]  # a shipped recipe named without its folder
     if not near and tails:
         near = f" (did you mean {' or '.join(repr(t) for t in sorted(tails))}?)"
-    if not near and path.parent != Path(".") and path.parent.is_dir():  # a mistyped file or run folder beside others
-        near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()])
+    if not near and path.parent.is_dir():  # a mistyped file or run folder beside others (`my.tom` for my.toml)
+        near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()
+                                        if p.suffix == RECIPE_SUFFIX or p.is_dir() or path.parent != Path(".")])
     raise UserError(f"{ref}: no such recipe file or shipped recipe{near}; `dcablate recipes` lists the shipped ones")
 
 
