@@ -921,7 +921,10 @@ def eval_settings(run_dir: Path, task_kind: str | None, overrides, alone: bool =
     for o in overrides:
         key = o.partition("=")[0].strip()
         near = did_you_mean(key, [k for k in EVAL_SETTABLE if not k.endswith(".")])
-        if not key.startswith(EVAL_SETTABLE) and near and key not in config.flatten(trained.to_dict()):
+        flat = config.flatten(trained.to_dict())
+        if not key.startswith(EVAL_SETTABLE) and near and any(k.startswith(f"{key}.") for k in flat):
+            raise UserError(f"--set {o}: eval takes the keys of [{key}] one by one, not the whole table{near}")
+        if not key.startswith(EVAL_SETTABLE) and near and key not in flat:
             raise UserError(f"--set {o}: no such key{near}")
         if not key.startswith(EVAL_SETTABLE):
             raise UserError(f"--set {o}: eval re-measures a trained run and cannot change how it was trained or its "

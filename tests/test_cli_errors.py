@@ -502,6 +502,9 @@ CASES = [
          ("--set train.lr=1: eval re-measures a trained run", "it takes task.*, eval.batch_size, run.device"), files={"rd/recipe.toml": OK}),
     Case("eval-set-a-misspelled-key", ["eval", "--run", "rd", "--set", "eval.batchsize=1"],
          ("--set eval.batchsize=1: no such key (did you mean 'eval.batch_size'?)",), files={"rd/recipe.toml": OK}),
+    Case("eval-set-a-whole-section", ["eval", "--run", "rd", "--set", "eval={batch_size=8}"],
+         ("--set eval={batch_size=8}: eval takes the keys of [eval] one by one, not the whole table (did you mean "
+          "'eval.batch_size'?)",), files={"rd/recipe.toml": OK}),
     Case("eval-a-misspelled-run-directory", ["eval", "sw/conv.kind=statc"],
          ("sw/conv.kind=statc: no such run directory (did you mean 'conv.kind=static'?)",),
          files={"sw/conv.kind=static/recipe.toml": OK, "sw/conv.kind=none/recipe.toml": OK}),
