@@ -44,18 +44,23 @@ def short_key(key: str) -> str:
 
 
 def value_name(value) -> str:
+    """A swept value as a point's name shows it: a list's items joined by `+`, a table inside a list as its
+    `key-value` pairs joined by `_` (`seq_len-64_num_kv_pairs-4` for `{seq_len = 64, num_kv_pairs = 4}`)."""
     if isinstance(value, list):
         return "+".join(value_name(v) for v in value)
+    if isinstance(value, dict):
+        return "_".join(f"{k}-{value_name(v)}" for k, v in value.items()) or "defaults"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def name_parts(key: str, value) -> list[str]:
     """The `key=value` parts of a point's name for one swept key. A swept table (a whole section, e.g.
     `task.recall = [{}, {seq_len = 512}]`) names the keys it sets (`recall.seq_len=512`) and an empty one
-    nothing, so names stay readable and free of braces, quotes and spaces."""
+    nothing, so names stay readable and free of braces, quotes and spaces; a path's `/` becomes `_`, so that a
+    point is one folder (`lm.data=data_a` for `data/a`)."""
     if isinstance(value, dict):
         return [part for sub, v in value.items() for part in name_parts(f"{key}.{sub}", v)]
-    return [f"{short_key(key)}={value_name(value)}"]
+    return [f"{short_key(key)}={value_name(value).replace('/', '_')}"]
 
 
 def check_zip_form(sweep: dict, where: str) -> list:

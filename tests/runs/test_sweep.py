@@ -101,6 +101,21 @@ def test_a_mixer_that_is_a_conv_reads_the_conv_keys_without_a_conv_kind(tmp_path
         "conv.kind=static,conv.placement=all_linear"]
 
 
+def test_point_names_of_tables_in_lists_and_of_paths_are_one_plain_folder(tmp_path):
+    """A list of tables swept (`task.mqar.test`) names each table by its key-value pairs, not Python's repr with
+    braces, quotes and spaces; a path's `/` would make nested folders, so it is written `_`."""
+    from dcablate.config.sweep import name_parts
+
+    tests = [{"seq_len": 64, "num_kv_pairs": 4}]
+    assert name_parts("task.mqar.test", tests) == ["mqar.test=seq_len-64_num_kv_pairs-4"]
+    assert name_parts("task.lm.data", "data/a") == ["lm.data=data_a"]
+    path = write(tmp_path / "t.toml", '[sweep]\n"task.mqar.test" = [[{seq_len = 32, num_kv_pairs = 4}], '
+                                      '[{seq_len = 64, num_kv_pairs = 4}]]\n')
+    names = [n for n, _ in R.expand(str(path))[1]]
+    assert names == ["mqar.test=seq_len-32_num_kv_pairs-4", "mqar.test=seq_len-64_num_kv_pairs-4"]
+    assert not any(c in n for n in names for c in " '{}/")
+
+
 def test_zip_from_set_and_as_nested_table(tmp_path):
     path = write(tmp_path / "r.toml", '[sweep.model]\nd_model = [64, 96]\nn_heads = [2, 3]\n')
     with pytest.raises(RecipeError):  # n_heads 3 alone does not divide the base d_model
