@@ -27,5 +27,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["Recipe", "ZIP_KEY", "build", "check_sweep", "completed", "conv_streams", "dumps_toml", "effective", "expand", "find_recipe", "flatten", "load",
-           "load_raw", "notes_held", "option", "parse_override", "reads_key", "section", "shipped_recipes", "spaced_set",
-           "sweep_axes"]
+           "load_raw", "notes_held", "option", "parse_override", "reads_key", "section", "shipped_recipes",
+           "spaced_set", "sweep_axes"]

@@ -513,7 +513,7 @@ def effective(recipe) -> dict:
             conv.pop(name, None)
     read = conv_keys_read(built)
     if read is not None and recipe.model.conv.kind == "none":
-        read = read - {"placement"}  # a mixer's own conv (short_conv's) is its mixing op, on its stream at any placement
+        read = read - {"placement"}  # a mixer's own conv (short_conv's) sits on its stream at any placement
     if read is not None:
         for key in schema.ConvCore.__dataclass_fields__:
             if key != "kind" and key not in read:

@@ -68,14 +68,10 @@ def save_new_file(path: Path, text: str) -> Path:
 
 
 def why_not_creatable(path: Path) -> str | None:
-    """Why the folder `path` could not be made (or written, if it is there), without making it: a file in its
-    place or on its way, or a folder this user may not write; None when it could be."""
+    """Why the folder `path` could not be made, found without making it: a file in its place or on its way; None
+    otherwise (a folder that cannot be written is named by the command that writes it, with the system's word)."""
     existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
+    return None if existing.is_dir() else f"{existing} is a file, not a folder"
 
 
 @contextlib.contextmanager

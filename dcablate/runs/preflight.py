@@ -38,9 +38,9 @@ def check_plan(recipe: str, overrides: list[str], plan, to_train: list[int]) -> 
 
 
 def check_out_dirs(plan, to_train: list[int], origins: dict, recipe_file: str, swept: tuple[str, ...] = ()) -> None:
-    """No LM run about to train writes into its own text folder (its metrics.jsonl would be read as text by the
-    runs after it, and by its own evaluation); checked before training, not when a recipe loads, so that runs made
-    that way before still read."""
+    """Every run about to train has a `run.out_dir` that can be made (no file in its way), and no LM run writes
+    into its own text folder (its metrics.jsonl would be read as text by the runs after it, and by its own
+    evaluation); checked before training, not when a recipe loads, so that runs made that way before still read."""
     from dcablate.runs.directories import why_not_creatable
     from dcablate.tasks.lm.spec import runs_inside_text
 
