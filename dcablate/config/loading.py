@@ -11,6 +11,7 @@ component's spec. A field whose metadata has a `resolve` function gets its check
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -951,7 +952,7 @@ def _check(cond: bool, origins: dict, default: str, path: str, message: str) -> 
 
 
 _said: set[str] = set()
-_held: list[str] | None = None  # notes kept back inside `notes_held`
+_held: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("held_notes", default=None)  # per thread
 
 
 def _say_once(note: str) -> None:
@@ -959,28 +960,30 @@ def _say_once(note: str) -> None:
     per worker)."""
     if note not in _said:
         _said.add(note)
-        if _held is not None:
-            _held.append(note)
-        else:
-            logging.getLogger("dcablate").warning(f"note: {note}")
+        _say(note)
+
+
+def _say(note: str) -> None:
+    held = _held.get()
+    if held is not None:
+        held.append(note)
+    else:
+        logging.getLogger("dcablate").warning(f"note: {note}")
 
 
 @contextlib.contextmanager
 def notes_held():
-    """The notes of recipes loaded inside the block are said when it ends without an error, and dropped with
-    the error otherwise, so that a command's checks after loading end in one line."""
-    global _held
-    outer, _held = _held, []
+    """The notes of recipes loaded inside the block (in this thread: a worker loads its runs' recipes in threads)
+    are said when it ends without an error, and dropped with the error otherwise, so that a command's checks after
+    loading end in one line."""
+    held: list[str] = []
+    token = _held.set(held)
     try:
         yield
-        held = _held
     finally:
-        _held = outer
+        _held.reset(token)
     for note in held:
-        if _held is not None:
-            _held.append(note)
-        else:
-            logging.getLogger("dcablate").warning(f"note: {note}")
+        _say(note)
 
 
 def _fit_warmup(r, origins: dict, src: str) -> None:
