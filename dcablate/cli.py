@@ -192,8 +192,9 @@ def run(recipe, overrides, dry_run, quiet, force_new, launcher, per_gpu, gpus, w
     base, points = config.expand(recipe, list(overrides))
     root = Path(base.run.out_dir) / base.run.name
     moved = any(o.split("=", 1)[0].strip() in ("run.out_dir", "run.name") for o in overrides)
-    here = None if moved or base.sweep else run_dir_named(recipe)
-    if base.sweep and not moved and run_dir_named(recipe) is not None:  # its recipe names the run's (or sweep's) folder
+    named = run_dir_named(recipe)
+    here = None if moved or base.sweep else named
+    if base.sweep and not moved and named is not None:  # its recipe names the run's (or sweep's) folder
         swept = next((o.split("=", 1)[0].strip() for o in overrides if o.strip().startswith("sweep")), "sweep")
         raise UserError(f"--set {swept}: {recipe} is a run directory, which goes on as the one run it is; a sweep "
                         f"from its recipe needs a folder of its own: add --set run.name=NAME")
